@@ -1,0 +1,335 @@
+"""Safe loading of base models and PEFT adapters.
+
+safetensors only by default (memory-mapped, read tensor by tensor); pickle checkpoints (.bin/.pt) are refused
+unless the user passes --allow-pickle, and then read with torch.load(weights_only=True). No remote code is
+ever run: we read config.json ourselves and never call trust_remote_code paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lorafast_export.errors import InputError, UnsupportedError
+from lorafast_export.model.spec import ModelConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """Validate a safetensors file's framing before mmap-ing it; return the header. Names the file on error."""
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: file is empty. Re-download or re-save the checkpoint.")
+    if size < 8:
+        raise InputError(f"{path}: truncated ({size} bytes); not a safetensors file.")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 100_000_000:
+            raise InputError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size}).")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{path}: corrupt safetensors header (not JSON). Re-save the checkpoint.") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise InputError(
+            f"{path}: truncated: tensors need {8 + n + end} bytes but the file has {size}. "
+            "The download or copy was probably interrupted; fetch it again."
+        )
+    return header
+
+
+class WeightStore:
+    """Name → tensor access over one checkpoint (single or sharded safetensors, or pickle if allowed)."""
+
+    def __init__(self, files: list[Path], allow_pickle: bool = False):
+        self.files = files
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        for f in files:
+            if f.suffix in PICKLE_SUFFIXES:
+                self._load_pickle(f, allow_pickle)
+                continue
+            check_safetensors_header(f)
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own SafetensorError type
+                raise InputError(f"{f}: cannot be read as safetensors ({e}).") from None
+            self._handles[f] = h
+            for k in h.keys():
+                self._where[k] = f
+
+    def _load_pickle(self, f: Path, allow_pickle: bool) -> None:
+        if not allow_pickle:
+            raise InputError(
+                f"{f}: pickle checkpoints can run arbitrary code and are refused by default. "
+                "Convert it to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)."
+            )
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise InputError(f"{f}: cannot be loaded with weights_only=True ({type(e).__name__}: {e}).") from None
+        for k, v in sd.items():
+            self._pickled[k] = v
+            self._where[k] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise InputError(f"tensor {name!r} not found in {', '.join(str(f) for f in self.files)}.")
+        if name in self._pickled:
+            return self._pickled[name]
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except Exception as e:
+            raise InputError(f"{self._where[name]}: tensor {name!r} cannot be read ({e}).") from None
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+
+def _weight_files(d: Path, allow_pickle: bool) -> list[Path]:
+    idx = d / "model.safetensors.index.json"
+    if idx.exists():
+        try:
+            weight_map = json.loads(idx.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{idx}: not a valid safetensors index (needs a 'weight_map' object).") from None
+        files = sorted({d / v for v in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise InputError(f"{idx} names shard(s) that do not exist: {', '.join(missing)}.")
+        return files
+    single = sorted(d.glob("*.safetensors"))
+    if single:
+        return single
+    pickled = sorted(p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        if not allow_pickle:
+            raise InputError(
+                f"{d}: only pickle checkpoints ({', '.join(p.name for p in pickled)}) found; they are refused "
+                "by default. Convert to safetensors or pass --allow-pickle (read with weights_only=True)."
+            )
+        return pickled
+    raise InputError(f"{d}: no model weights found (expected model.safetensors or a sharded index).")
+
+
+@dataclass
+class ModelDir:
+    path: Path
+    config: ModelConfig
+    store: WeightStore
+    tokenizer_files: list[Path] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+
+def open_model(path: str | Path, allow_pickle: bool = False) -> ModelDir:
+    d = Path(path)
+    if not d.is_dir():
+        raise InputError(f"{d}: base model directory not found.")
+    cfg = ModelConfig.from_file(d / "config.json")
+    store = WeightStore(_weight_files(d, allow_pickle), allow_pickle)
+    _check_base_tensors(d, cfg, store)
+    toks = [d / n for n in TOKENIZER_FILES if (d / n).exists()]
+    return ModelDir(d, cfg, store, toks)
+
+
+def _check_base_tensors(d: Path, cfg: ModelConfig, store: WeightStore) -> None:
+    from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, linear_module_names
+
+    need = [EMBED, FINAL_NORM] + ([] if cfg.tie_word_embeddings else [LM_HEAD])
+    for i in range(cfg.num_layers):
+        need += [f"{m}.weight" for m in linear_module_names(i)]
+    missing = [n for n in need if n not in store]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise InputError(
+            f"{d}: checkpoint lacks tensor(s) {shown} required by its config.json "
+            f"({cfg.family}, {cfg.num_layers} layers). Is the checkpoint complete?"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+SUPPORTED_PEFT = ("LORA",)  # DoRA is LoRA with use_dora=True
+
+
+@dataclass
+class AdapterModule:
+    """One adapted module: A [r, in] / B [out, r] (or embedding A [r, vocab] / B [dim, r])."""
+
+    module: str  # base module path, e.g. model.layers.0.self_attn.q_proj
+    kind: str  # "linear" | "embedding"
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None = None  # DoRA
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    modules: dict[str, AdapterModule]
+    replacements: dict[str, torch.Tensor]  # full tensors replacing base tensors (modules_to_save)
+    weight: float = 1.0
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.use_dora else ("rslora" if self.config.get("use_rslora") else "lora")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: a pattern matches when the module path ends with it (regex, '.'-anchored)."""
+    import re
+
+    for key, val in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return val
+    return default
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, float]:
+    """`path` or `path:weight` (weight a float). Paths containing ':' still work if the suffix isn't a float."""
+    if ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def read_adapter_config(path: Path) -> dict:
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.exists():
+        raise InputError(f"{path}: no adapter_config.json; not a PEFT adapter directory.")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{cfg_path}: not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path}: expected a JSON object.")
+    ptype = str(cfg.get("peft_type", "")).upper()
+    if ptype not in SUPPORTED_PEFT:
+        raise UnsupportedError(
+            f"{cfg_path}: peft_type={cfg.get('peft_type')!r} is not supported. Supported: LoRA (incl. rsLoRA "
+            "and DoRA). LoHa, LoKr, IA3, prompt/prefix tuning and others cannot be merged into plain weights "
+            "by this tool; merge them with PEFT's merge_and_unload first and pass the result as --base."
+        )
+    for flag, what in (("lora_bias", "LoRA bias"), ("use_qalora", "QA-LoRA"), ("layer_replication", "layer replication")):
+        if cfg.get(flag):
+            raise UnsupportedError(f"{cfg_path}: {what} ({flag}) is not supported yet.")
+    if cfg.get("trainable_token_indices"):
+        raise UnsupportedError(f"{cfg_path}: trainable_token_indices is not supported yet.")
+    for k in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(k), (int, float)) or cfg.get(k) <= 0:
+            raise InputError(f"{cfg_path}: field {k!r} must be a positive number, got {cfg.get(k)!r}.")
+    return cfg
+
+
+def open_adapter(spec: str, allow_pickle: bool = False) -> Adapter:
+    path_s, weight = parse_adapter_spec(spec)
+    path = Path(path_s)
+    if path.is_file():
+        from lorafast_export.lightning import open_lightning_adapter  # a .ckpt from PyTorch Lightning
+
+        return open_lightning_adapter(path, weight, allow_pickle)
+    if not path.is_dir():
+        raise InputError(f"{path}: adapter directory not found.")
+    cfg = read_adapter_config(path)
+    st = path / "adapter_model.safetensors"
+    if st.exists():
+        store = WeightStore([st])
+    else:
+        pickled = [p for p in (path / "adapter_model.bin", path / "adapter_model.pt") if p.exists()]
+        if not pickled:
+            raise InputError(f"{path}: no adapter_model.safetensors found.")
+        store = WeightStore(pickled, allow_pickle)
+    tensors = {k: store.get(k) for k in store.keys()}
+    return adapter_from_tensors(path, cfg, tensors, weight, store.files)
+
+
+def _strip(key: str) -> str:
+    for prefix in ("base_model.model.",):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def adapter_from_tensors(path: Path, cfg: dict, tensors: dict[str, torch.Tensor], weight: float,
+                         files: list[Path]) -> Adapter:
+    """Group PEFT state-dict tensors by module and compute each module's scaling from the config."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    suffixes = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    for key, t in tensors.items():
+        k = _strip(key)
+        for suf in suffixes:
+            if k.endswith("." + suf):
+                groups.setdefault(k[: -len(suf) - 1], {})[suf] = t
+                break
+        else:
+            if ".base_layer." in k:  # PEFT saved the (possibly resized) base embedding alongside the adapter
+                replacements[k.replace(".base_layer.", ".")] = t
+            elif k.endswith(".weight") or k.endswith(".bias"):
+                replacements[k.replace(".modules_to_save.", ".")] = t  # modules_to_save: full replacement
+            else:
+                raise InputError(f"{path}: unexpected tensor {key!r} in the adapter; is this a LoRA adapter?")
+    modules = {m: _make_module(path, cfg, m, g) for m, g in sorted(groups.items())}
+    return Adapter(path, cfg, modules, replacements, weight, files)
+
+
+def _make_module(path: Path, cfg: dict, module: str, g: dict[str, torch.Tensor]) -> AdapterModule:
+    from lorafast_export.merge.math import lora_scaling
+
+    emb = "lora_embedding_A" in g
+    a, b = (g.get("lora_embedding_A"), g.get("lora_embedding_B")) if emb else (g.get("lora_A.weight"), g.get("lora_B.weight"))
+    if a is None or b is None:
+        raise InputError(f"{path}: module {module!r} has only one of lora_A/lora_B; the adapter file is incomplete.")
+    r = a.shape[0]
+    if b.shape[-1] != r:
+        raise InputError(f"{path}: {module}: lora_A has rank {r} but lora_B has shape {tuple(b.shape)}.")
+    expected_r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+    if int(expected_r) != r:
+        raise InputError(f"{path}: {module}: tensors have rank {r} but adapter_config says r={expected_r}.")
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+    scaling = lora_scaling(float(alpha), r, bool(cfg.get("use_rslora")))
+    mag = g.get("lora_magnitude_vector")
+    if emb and mag is not None:
+        raise UnsupportedError(f"{path}: DoRA on an embedding ({module}) is not supported yet.")
+    return AdapterModule(module, "embedding" if emb else "linear", a.float(), b.float(), scaling,
+                         None if mag is None else mag.float())

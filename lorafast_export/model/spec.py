@@ -1,0 +1,211 @@
+"""Per-family knowledge as data, and the parsed model configuration.
+
+We read config.json ourselves (not through transformers' config classes) because configs written by
+transformers 5 store rope settings as `rope_parameters`, while 4.x writes `rope_theta` + `rope_scaling`;
+either library silently drops the other's form. `ModelConfig.from_dict` understands both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafast_export.errors import InputError, UnsupportedError
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What differs between the decoder families we support. Tensor names are shared (HF Llama layout)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    qkv_bias_default: bool = False  # Qwen2 has biases on q/k/v
+    has_sliding_window: bool = False
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": FamilySpec("llama", ("llama",), ("LlamaForCausalLM",)),
+    "mistral": FamilySpec("mistral", ("mistral",), ("MistralForCausalLM",), has_sliding_window=True),
+    "qwen2": FamilySpec("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), qkv_bias_default=True),
+}
+
+# Tensor names, relative to the root of a causal-LM checkpoint (HF layout shared by all families above).
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def linear_module_names(i: int) -> list[str]:
+    """Module paths (no `.weight`) of the linears of decoder layer i, in execution order."""
+    p = layer_prefix(i)
+    return [f"{p}self_attn.{n}" for n in ATTN_PROJ] + [f"{p}mlp.{n}" for n in MLP_PROJ]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    sliding_window: int | None = None
+    torch_dtype: str = "float32"
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def from_dict(cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        return _parse_config(cfg, source)
+
+    @staticmethod
+    def from_file(path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: not found. A model directory needs a config.json.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not valid JSON ({e}). Re-save the model's config.") from None
+        if not isinstance(cfg, dict):
+            raise InputError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
+        return _parse_config(cfg, str(path))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+def family_of(cfg: dict, source: str) -> FamilySpec:
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    supported = ", ".join(f"{f.name} ({'/'.join(f.architectures)})" for f in FAMILIES.values())
+    raise UnsupportedError(
+        f"{source}: model_type={model_type!r} (architectures={archs}) is not supported. "
+        f"Supported families: {supported}."
+    )
+
+
+def _parse_rope(cfg: dict, source: str) -> RopeConfig:
+    # transformers 5: rope_parameters = {"rope_type": ..., "rope_theta": ..., ...}
+    # transformers 4: rope_theta at top level + rope_scaling = {"rope_type"|"type": ..., ...} or None
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    scaling = dict(params) if isinstance(params, dict) else dict(cfg.get("rope_scaling") or {})
+    theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rtype = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if rtype not in SUPPORTED_ROPE:
+        raise UnsupportedError(
+            f"{source}: rope type {rtype!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)}). "
+            "Dynamic rope types change with sequence length and cannot be exported as one static graph."
+        )
+    return RopeConfig(
+        theta=float(theta),
+        type=rtype,
+        factor=float(scaling.get("factor", 1.0)),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=scaling.get("original_max_position_embeddings"),
+    )
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _parse_config(cfg: dict, source: str) -> ModelConfig:
+    fam = family_of(cfg, source)
+    missing = [k for k in _REQUIRED if not isinstance(cfg.get(k), int) or cfg.get(k) <= 0]
+    if missing:
+        raise InputError(
+            f"{source}: missing or invalid field(s) {', '.join(missing)} (positive integers required). "
+            "Is this the config.json of a causal LM checkpoint?"
+        )
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if heads % kv:
+        raise InputError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}.")
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    attn_bias = bool(cfg.get("attention_bias", fam.qkv_bias_default))
+    sliding = cfg.get("sliding_window") if (fam.has_sliding_window or cfg.get("use_sliding_window")) else None
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return ModelConfig(
+        family=fam.name,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        rms_norm_eps=float(eps),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=attn_bias or fam.qkv_bias_default,
+        o_bias=bool(cfg.get("attention_bias", False)) and fam.name != "qwen2",
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        rope=_parse_rope(cfg, source),
+        sliding_window=sliding,
+        torch_dtype=str(dtype),
+        raw=cfg,
+    )
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple["torch.Tensor", float]:  # noqa: F821
+    """Inverse frequencies [head_dim/2] and the cos/sin scaling factor for this model's rope variant."""
+    import torch
+
+    r, dim = cfg.rope, cfg.head_dim
+    inv = 1.0 / (r.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).double() / dim))
+    if r.type == "default":
+        return inv.float(), 1.0
+    if r.type == "linear":
+        return (inv / r.factor).float(), 1.0
+    if r.type == "llama3":
+        old_ctx = r.original_max_position_embeddings or cfg.max_position_embeddings
+        low_wl, high_wl = old_ctx / r.low_freq_factor, old_ctx / r.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / r.factor, inv)
+        smooth = (old_ctx / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(medium, smoothed, scaled).float(), 1.0
+    raise UnsupportedError(f"rope type {r.type!r} is not supported")
+
