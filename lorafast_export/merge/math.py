@@ -29,25 +29,21 @@ def embedding_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.T
     return ((b.double() @ a.double()).T * scaling).float()
 
 
-def dora_merge(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA merge of a linear weight w [out, in] with LoRA delta [out, in] and magnitude [out]."""
-    combined = w.double() + delta.double()  # [out, in]
-    norm = torch.linalg.norm(combined, dim=1)  # [out]; PEFT: norm over the input dim, per output row
-    return (magnitude.double() / norm)[:, None] * combined  # fp64; merge_linear casts once at the end
-
-
 def merge_linear(w: torch.Tensor, contributions: list[tuple[torch.Tensor, torch.Tensor | None, float]]) -> torch.Tensor:
-    """Merge adapters [(ΔW, DoRA magnitude or None, weight)] into w [out, in]; returns fp32.
+    """Merge adapters [(ΔW, DoRA magnitude or None, weight)] into w [out, in], in order; returns fp32.
 
-    Several adapters combine as  W' = W + Σ_i weight_i · (merge_i(W) − W), where merge_i is that adapter's own
-    LoRA or DoRA merge against the base weight. With all weights 1 this is exactly what PEFT computes with
-    several active adapters; for LoRA alone it is the usual weighted sum of deltas.
+    Several adapters apply in the given order, as PEFT computes with several active adapters: a LoRA adds
+    weight·ΔW; a DoRA with factor f = m / ||W_base + ΔW|| (norm of the BASE weight plus its own delta) turns the
+    accumulated W into  W + weight·((f − 1)·W + f·ΔW). With weight 1 this is PEFT's forward exactly; for a single
+    adapter it is the usual LoRA / DoRA merge.
     """
     w64 = w.double()
     out = w64.clone()
     for delta, magnitude, weight in contributions:
+        d64 = delta.double()
         if magnitude is None:
-            out += weight * delta.double()
+            out += weight * d64
         else:
-            out += weight * (dora_merge(w64, delta, magnitude).double() - w64)
+            f = (magnitude.double() / torch.linalg.norm(w64 + d64, dim=1))[:, None]  # [out, 1]
+            out += weight * ((f - 1) * out + f * d64)
     return out.float()

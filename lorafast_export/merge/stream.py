@@ -1,0 +1,147 @@
+"""Merge orchestration: check adapters against the base, then stream merged tensors one decoder layer at a time.
+
+Only one layer's base tensors (memory-mapped) and their merged copies are alive at once, so peak memory is a
+few layers, not the model. The math lives in merge/math.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.load import Adapter, ModelDir
+from lorafast_export.merge.math import embedding_delta, lora_delta, merge_linear
+from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MergePlan:
+    base: ModelDir
+    adapters: list[Adapter]
+    untie: bool = False  # tied embeddings whose input and output sides the adapters change differently
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.base.config.tie_word_embeddings and not self.untie
+
+
+def plan_merge(base: ModelDir, adapters: list[Adapter]) -> MergePlan:
+    """Check every adapter module against the base (all problems reported at once)."""
+    problems: list[str] = []
+    for ad in adapters:
+        for m in ad.modules.values():
+            problems += _check_module(base, ad, m)
+        for name, t in ad.replacements.items():
+            if name not in base.store and not (name == LM_HEAD and base.config.tie_word_embeddings):
+                problems.append(f"{ad.path}: replaces {name!r}, which the base does not have")
+                continue
+            ref = base.store.get(EMBED if name not in base.store else name)
+            if tuple(ref.shape) != tuple(t.shape):
+                problems.append(f"{ad.path}: {name} has shape {tuple(t.shape)} but the base's is {tuple(ref.shape)}"
+                                + _vocab_hint(base, name))
+        for k in ("lora_A", "lora_B"):
+            bad = [m.module for m in ad.modules.values() if not torch.isfinite(getattr(m, k[-1].lower())).all()]
+            if bad:
+                problems.append(f"{ad.path}: {k} of {bad[0]} contains NaN/Inf values")
+    if problems:
+        raise InputError("adapter does not fit the base model:\n  - " + "\n  - ".join(problems))
+    plan = MergePlan(base, adapters)
+    if base.config.tie_word_embeddings:
+        touched = {n for ad in adapters for n in [*ad.modules, *(r.rsplit(".", 1)[0] for r in ad.replacements)]}
+        if touched & {"model.embed_tokens", "lm_head"}:
+            plan.untie = True
+            plan.notes.append(
+                "the base ties lm_head to embed_tokens, but the adapter changes one side only; the merged model "
+                "unties them (as the unmerged PEFT model computes), adding a vocab x hidden lm_head.weight")
+            log.warning(plan.notes[-1])
+    return plan
+
+
+def _vocab_hint(base: ModelDir, name: str) -> str:
+    if "embed" in name or "lm_head" in name:
+        return f" (vocab mismatch: base vocab_size={base.config.vocab_size}; was the adapter trained on another model?)"
+    return ""
+
+
+def _check_module(base: ModelDir, ad: Adapter, m) -> list[str]:
+    wname = m.module + ".weight"
+    if wname not in base.store:
+        near = [k[:-7] for k in base.store.keys() if k.endswith(".weight") and k.split(".")[-2] == m.module.split(".")[-1]]
+        hint = f" (base has e.g. {near[0]})" if near else ""
+        return [f"{ad.path}: adapted module {m.module!r} does not exist in the base{hint}; "
+                "is this adapter for another model?"]
+    shape = tuple(base.store.get(wname).shape)
+    if m.kind == "embedding":
+        want_a, want_b = (m.a.shape[0], shape[0]), (shape[1], m.a.shape[0])
+    else:
+        want_a, want_b = (m.a.shape[0], shape[1]), (shape[0], m.a.shape[0])
+    if tuple(m.a.shape) != want_a or tuple(m.b.shape) != want_b:
+        return [f"{ad.path}: {m.module}: base weight is {shape} but lora_A is {tuple(m.a.shape)} and lora_B is "
+                f"{tuple(m.b.shape)} (expected {want_a} and {want_b})" + _vocab_hint(base, m.module)]
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (shape[0],):
+        return [f"{ad.path}: {m.module}: DoRA magnitude has shape {tuple(m.magnitude.shape)}, base has {shape[0]} rows"]
+    return []
+
+
+def _merge_tensor(plan: MergePlan, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """One merged tensor: replacement (modules_to_save) or base, plus every adapter's delta."""
+    src = EMBED if (name == LM_HEAD and name not in plan.base.store) else name
+    base = plan.base.store.get(src)
+    if not torch.isfinite(base).all():
+        raise InputError(f"{plan.base.path}: tensor {src!r} contains NaN/Inf values; the base checkpoint is damaged.")
+    dtype = out_dtype or base.dtype
+    for ad in plan.adapters:
+        if name in ad.replacements:
+            base = ad.replacements[name]  # modules_to_save replaces the module outright
+    module = name[: -len(".weight")] if name.endswith(".weight") else None
+    contributions = []
+    for ad in plan.adapters:
+        m = ad.modules.get(module) if module else None
+        if m is None:
+            continue
+        # fan_in_fan_out only applies to Conv1D bases; PEFT resets it to False for nn.Linear, and so do we.
+        delta = embedding_delta(m.a, m.b, m.scaling) if m.kind == "embedding" else lora_delta(m.a, m.b, m.scaling)
+        contributions.append((delta, m.magnitude, ad.weight))
+    if not contributions:
+        return base.to(dtype)
+    return merge_linear(base.float(), contributions).to(dtype)
+
+
+def layer_tensor_names(plan: MergePlan, i: int) -> list[str]:
+    p = layer_prefix(i)
+    return sorted(k for k in plan.base.store.keys() if k.startswith(p) and not k.endswith("rotary_emb.inv_freq"))
+
+
+def iter_merged_groups(plan: MergePlan, dtype: torch.dtype | None = None
+                       ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Yield ("embed", {...}), ("layer.0", {...}), ..., ("final", {...}): merged tensors, one group at a time."""
+    cfg = plan.base.config
+    yield "embed", {EMBED: _merge_tensor(plan, EMBED, dtype)}
+    for i in range(cfg.num_layers):
+        yield f"layer.{i}", {n: _merge_tensor(plan, n, dtype) for n in layer_tensor_names(plan, i)}
+    final = {FINAL_NORM: _merge_tensor(plan, FINAL_NORM, dtype)}
+    if not plan.tie_word_embeddings:
+        final[LM_HEAD] = _merge_tensor(plan, LM_HEAD, dtype)
+    yield "final", final
+
+
+def known_names(plan: MergePlan) -> set[str]:
+    """Every base tensor the merge will emit; anything else in the checkpoint is reported, not dropped silently."""
+    cfg = plan.base.config
+    names = {EMBED, FINAL_NORM, LM_HEAD}
+    for i in range(cfg.num_layers):
+        names.update(layer_tensor_names(plan, i))
+    extra = [k for k in plan.base.store.keys() if k not in names and not re.search(r"rotary_emb\.inv_freq$", k)]
+    if extra:
+        raise InputError(f"{plan.base.path}: unexpected tensors {extra[:5]} for a {cfg.family} checkpoint.")
+    return names

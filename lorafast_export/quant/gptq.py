@@ -1,0 +1,127 @@
+"""GPTQ (Frantar et al. 2022): quantize one column at a time, pushing each column's rounding error onto
+the columns not yet quantized through the Cholesky factor of the inverse Hessian H = 2/n · XᵀX.
+
+Follows the reference IST-DASLab/gptq gptq.py `fasterquant` (lazy block updates, dead columns, damping,
+act-order = columns in decreasing diag(H)). Two deliberate differences:
+- group scales/zeros are computed from the weights AFTER the updates of all earlier columns (the block
+  is aligned to the group size so that a group never straddles a lazy-update boundary; the reference
+  uses not-yet-updated columns when a group starts mid-block);
+- scales are rounded to `scale_dtype` before the codes are chosen, so the checkpoint is exact.
+With act-order the groups are contiguous in the permuted order and `g_idx[c]` = position of column c in
+that order // group_size, exactly GPTQ's g_idx (desc_act=True); codes are returned in original order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.qform import QTensor
+from lorafast_export.quant.rtn import check_quant_args, qparams, quantize_codes
+
+
+def accumulate_hessian(H: torch.Tensor | None, n_seen: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running H = 2/n · Σ xᵀx in float32 over n tokens; x [..., in] (rows = tokens). Returns (H, n)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
+    t = x.shape[0]
+    if H is None:
+        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    elif H.shape != (x.shape[1], x.shape[1]):
+        raise InputError(f"accumulate_hessian: H {tuple(H.shape)} does not match input width {x.shape[1]}.")
+    if t == 0:
+        return H, n_seen
+    n = n_seen + t
+    H = H * (n_seen / n)
+    x = x * (2.0 / n) ** 0.5
+    return H.addmm_(x.T, x), n
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """H [in, in] (dead columns already set to 1) → upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean diag."""
+    H = H.clone()
+    damp = damp_percent * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    L, info = torch.linalg.cholesky_ex(H)
+    if info == 0:
+        Hinv = torch.cholesky_inverse(L)
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if info == 0:
+            return U
+    raise InputError(f"GPTQ: the Hessian is not positive definite with damp_percent={damp_percent}. "
+                     "Increase damp_percent (e.g. 0.05 or 0.1) or calibrate with more tokens.")
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  act_order: bool = False, damp_percent: float = 0.01, block_size: int = 128,
+                  scale_dtype: torch.dtype = torch.float16, bias: torch.Tensor | None = None) -> QTensor:
+    """w [out, in], H [in, in] float32 (from accumulate_hessian) → QTensor (codes in original column order)."""
+    _check_gptq_args(w, H, bits, group_size, damp_percent, block_size, scale_dtype)
+    W = w.detach().float().clone()  # [out, in]
+    H = H.detach().float().clone()  # [in, in]
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_hessian_cholesky(H, damp_percent)  # [in, in] upper
+    codes, scales, zeros = _gptq_sweep(W, Hinv, bits, group_size, symmetric, block_size, scale_dtype)
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)  # inv[c] = position of original column c in quantization order
+        codes = codes[:, inv]
+        if group_size != -1:
+            g_idx = (inv // group_size).to(torch.int32)
+    return QTensor(codes=codes.contiguous(), scales=scales, zeros=zeros, bits=bits, group_size=group_size,
+                   g_idx=g_idx, bias=None if bias is None else bias.detach().clone())
+
+
+def _gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                block_size: int, scale_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The lazy-batched column sweep on W [out, in] (modified in place) → codes, scales, zeros."""
+    out, n = W.shape
+    gs = n if group_size == -1 else group_size
+    block = max(gs, block_size // gs * gs) if group_size != -1 else block_size  # groups never straddle
+    codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
+    scale_list: list[torch.Tensor] = []
+    zero_list: list[torch.Tensor | None] = []
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = W[:, i1:i2].clone()  # [out, b]
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if (i1 + i) % gs == 0:  # a group starts: its params from the already-updated weights
+                cols = W1[:, i:i + gs] if group_size != -1 else W  # per channel: the whole (initial) row
+                s, z = qparams(cols.amin(dim=1), cols.amax(dim=1), bits, symmetric, scale_dtype)  # [out]
+                scale_list.append(s)
+                zero_list.append(z)
+                sf, zf = s.float(), (2.0 ** (bits - 1) if z is None else z.float())
+            col = W1[:, i]  # [out]
+            q = quantize_codes(col, sf, z, bits)  # [out]
+            codes[:, i1 + i] = q
+            err = (col - (q.float() - zf) * sf) / Hinv1[i, i]  # [out]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns after this block
+    scales = torch.stack(scale_list, dim=1)  # [out, G]
+    zeros = None if symmetric else torch.stack(zero_list, dim=1)  # type: ignore[arg-type]
+    return codes, scales, zeros
+
+
+def _check_gptq_args(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp_percent: float,
+                     block_size: int, scale_dtype: torch.dtype) -> None:
+    check_quant_args(w, bits, group_size, scale_dtype, where="gptq_quantize")
+    problems = []
+    if H.shape != (w.shape[1], w.shape[1]):
+        problems.append(f"H {tuple(H.shape)} must be [in, in] = [{w.shape[1]}, {w.shape[1]}] for w "
+                        f"{tuple(w.shape)}; accumulate it from this linear's inputs")
+    elif not torch.isfinite(H).all():
+        problems.append("H holds NaN or inf; check the calibration activations")
+    if not 0.0 < damp_percent < 1.0:
+        problems.append(f"damp_percent={damp_percent}: use a value in (0, 1), typically 0.01")
+    if block_size <= 0:
+        problems.append(f"block_size={block_size}: use a positive size such as 128")
+    if problems:
+        raise InputError("gptq_quantize: " + "; ".join(problems))

@@ -1,0 +1,90 @@
+"""Round-to-nearest quantization and the per-group parameter math that GPTQ and AWQ reuse.
+
+Symmetric: scale = absmax / (2**(bits-1) - 1), implicit zero 2**(bits-1) (codes in [1, 2**bits - 1]).
+Asymmetric: the range [min(w_min, 0), max(w_max, 0)] (zero is always representable) maps onto
+[0, 2**bits - 1]; zero = round(-min / scale). Scales are rounded to `scale_dtype` BEFORE the codes are
+computed, so a checkpoint that stores float16 scales reproduces the IR exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.qform import SCALE_DTYPES, SUPPORTED_BITS, QTensor, dequantize, group_index, n_groups_for
+
+
+def check_quant_args(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype, where: str) -> None:
+    """Raise InputError naming every bad argument of a weight quantizer at once."""
+    problems = []
+    if w.dim() != 2 or not w.is_floating_point():
+        problems.append(f"w must be a float [out, in] weight, got {w.dtype} {tuple(w.shape)}")
+    elif not torch.isfinite(w).all():
+        problems.append("w holds NaN or inf; fix the merged weights before quantizing")
+    if bits not in SUPPORTED_BITS:
+        problems.append(f"bits={bits}: use one of {SUPPORTED_BITS}")
+    if group_size != -1 and group_size <= 0:
+        problems.append(f"group_size={group_size}: use -1 (per channel) or a positive size such as 128")
+    if scale_dtype not in SCALE_DTYPES:
+        problems.append(f"scale_dtype={scale_dtype}: use one of {SCALE_DTYPES}")
+    if problems:
+        raise InputError(f"{where}: " + "; ".join(problems))
+
+
+def group_minmax(w: torch.Tensor, g: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in], g [in] group of each column → (min, max) each [out, n_groups]."""
+    idx = g.to(w.device).expand_as(w)  # [out, in]
+    empty = torch.zeros(w.shape[0], n_groups, dtype=w.dtype, device=w.device)
+    wmin = empty.scatter_reduce(1, idx, w, "amin", include_self=False)
+    wmax = empty.scatter_reduce(1, idx, w, "amax", include_self=False)
+    return wmin, wmax
+
+
+def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool,
+            scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group range [...] → (scale [...] in scale_dtype, zero [...] uint8 or None if symmetric)."""
+    maxq = 2**bits - 1
+    tiny = torch.finfo(scale_dtype).tiny
+    if symmetric:
+        absmax = torch.maximum(wmin.abs(), wmax.abs()).float()
+        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=tiny).to(scale_dtype)
+        _check_finite(scale, scale_dtype)
+        return scale, None
+    lo = wmin.float().clamp(max=0.0)
+    hi = wmax.float().clamp(min=0.0)
+    scale = ((hi - lo) / maxq).clamp(min=tiny).to(scale_dtype)
+    _check_finite(scale, scale_dtype)
+    zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(torch.uint8)
+    return scale, zero
+
+
+def _check_finite(scale: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    if not torch.isfinite(scale).all():
+        raise InputError(f"weights too large for {scale_dtype} scales (max scale overflows); "
+                         "quantize with scale_dtype=torch.float32")
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """w [out, k], per-column scale/zero [out, k] (or broadcastable) → uint8 codes [out, k]."""
+    z = 2.0 ** (bits - 1) if zero is None else zero.float()
+    q = torch.round(w.float() / scale.float()) + z
+    return q.clamp(0, 2**bits - 1).to(torch.uint8)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 scale_dtype: torch.dtype = torch.float16, bias: torch.Tensor | None = None) -> QTensor:
+    """w [out, in] → QTensor by min-max (asymmetric) or absmax (symmetric) round-to-nearest per group."""
+    check_quant_args(w, bits, group_size, scale_dtype, where="quantize_rtn")
+    n_groups = n_groups_for(w.shape[1], group_size)
+    g = group_index(w.shape[1], group_size)  # [in]
+    wf = w.detach().float()
+    scale, zero = qparams(*group_minmax(wf, g, n_groups), bits, symmetric, scale_dtype)  # [out, G]
+    codes = quantize_codes(wf, scale[:, g], None if zero is None else zero[:, g], bits)  # [out, in]
+    return QTensor(codes=codes, scales=scale, zeros=zero, bits=bits, group_size=group_size,
+                   bias=None if bias is None else bias.detach().clone())
+
+
+def fake_quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                      scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """dequantize(quantize_rtn(w)) as float32 [out, in]: the search objective of AWQ."""
+    return dequantize(quantize_rtn(w, bits, group_size, symmetric, scale_dtype))

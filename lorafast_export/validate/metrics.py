@@ -1,0 +1,308 @@
+"""Streaming metrics that compare a candidate's next-token distributions with the reference's.
+
+Pure math on logits: no model loading, no I/O. The caller feeds blocks of rows; we keep only a
+handful of float64 scalars per token (never [tokens, vocab]), so an eval set of any size fits.
+
+KL is KL(P_ref || P_cand) in nats per token, computed from float64 log-softmax so that the tiny
+divergences of a merged FP32 model (~1e-12) are measured, not rounded to zero or below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafast_export.errors import InputError
+
+IGNORE_INDEX = -100
+# Fixed, log-spaced KL histogram edges (1e-10 .. 10 nats, 3 bins per decade): the same bins for every
+# stage and every report, so histograms can be overlaid and diffed.
+KL_HIST_EDGES: tuple[float, ...] = tuple(10.0 ** (k / 3) for k in range(-30, 4))
+POSITION_BUCKETS = 32
+_CHUNK_ELEMENTS = 1 << 22  # rows per float64 pass ~ 4M logits, ~32 MiB per temporary
+
+# Names of the scalar results, one source of truth for gates and the report schema.
+COMPARISON_METRICS: tuple[str, ...] = ("kl_mean", "kl_sem", "kl_median", "kl_p90", "kl_p99", "kl_max", "top1")
+LABEL_METRICS: tuple[str, ...] = ("ppl_ref", "ppl", "ppl_ratio", "dp_mean", "dp_p1", "dp_p99", "dp_rms")
+TOKEN_METRICS: tuple[str, ...] = COMPARISON_METRICS + LABEL_METRICS
+GREEDY_METRICS: tuple[str, ...] = ("greedy_match", "first_divergence_mean")
+
+
+# ----------------------------------------------------------------------------- per-token math
+
+
+def token_kl(logp_ref: torch.Tensor, logp_cand: torch.Tensor) -> torch.Tensor:
+    """[n, V] float64 log-probs -> [n] KL(P_ref || P_cand); 0 * log 0 counts as 0, never NaN."""
+    p_ref = logp_ref.exp()
+    terms = torch.where(p_ref > 0, p_ref * (logp_ref - logp_cand), torch.zeros_like(p_ref))
+    return terms.sum(dim=-1).clamp_min(0.0)  # rounding can leave -1e-18 for identical rows
+
+
+def token_stats(ref_logits: torch.Tensor, cand_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-token scalars for rows that all carry a label: [n, V], [n, V], [n] -> {name: [n]}."""
+    logp_ref = torch.log_softmax(ref_logits.to(torch.float64), dim=-1)
+    logp_cand = torch.log_softmax(cand_logits.to(torch.float64), dim=-1)
+    idx = labels.long().unsqueeze(-1)
+    lr = logp_ref.gather(-1, idx).squeeze(-1)
+    lc = logp_cand.gather(-1, idx).squeeze(-1)
+    stats = {
+        "kl": token_kl(logp_ref, logp_cand),
+        "top1": (logp_ref.argmax(-1) == logp_cand.argmax(-1)).to(torch.float64),
+        "logp_ref": lr,
+        "logp_cand": lc,
+        "p_ref": lr.exp(),
+        "p_cand": lc.exp(),
+    }
+    return {k: v.detach().cpu().numpy() for k, v in stats.items()}
+
+
+def _label_logp(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """[n, V], [n] -> [n] float64 log p(label)."""
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    return logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).detach().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- summaries (pure numpy)
+
+
+def kl_summary(kl: np.ndarray) -> dict[str, float]:
+    """Mean, standard error of the mean and tail quantiles of per-token KL."""
+    n = kl.size
+    p50, p90, p99 = np.percentile(kl, [50, 90, 99])
+    sem = float(np.std(kl, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {
+        "kl_mean": float(np.mean(kl)),
+        "kl_sem": sem,
+        "kl_median": float(p50),
+        "kl_p90": float(p90),
+        "kl_p99": float(p99),
+        "kl_max": float(np.max(kl)),
+    }
+
+
+def label_summary(logp_ref: np.ndarray, logp_cand: np.ndarray, p_ref: np.ndarray, p_cand: np.ndarray) -> dict:
+    """Perplexities on the labels and the shift of the correct token's probability (Δp = p_cand - p_ref)."""
+    dp = p_cand - p_ref
+    dp_p1, dp_p99 = np.percentile(dp, [1, 99])
+    return {
+        "ppl_ref": math.exp(-float(np.mean(logp_ref))),
+        "ppl": math.exp(-float(np.mean(logp_cand))),
+        "ppl_ratio": math.exp(float(np.mean(logp_ref - logp_cand))),
+        "dp_mean": float(np.mean(dp)),
+        "dp_p1": float(dp_p1),
+        "dp_p99": float(dp_p99),
+        "dp_rms": float(np.sqrt(np.mean(dp * dp))),
+    }
+
+
+def nice_width(raw: float) -> int:
+    """Smallest of 1, 2, 5, 10, 20, 50, ... that is >= raw: bucket widths that read well on an axis."""
+    width, i = 1, 0
+    while width < raw:
+        width = round(width * (2, 2.5, 2)[i % 3])
+        i += 1
+    return width
+
+
+def kl_by_position(kl: np.ndarray, positions: np.ndarray, buckets: int = POSITION_BUCKETS) -> list[dict]:
+    """Mean KL per bucket of token positions: [{start, end (inclusive), kl_mean, tokens}] for non-empty buckets."""
+    width = nice_width((int(positions.max()) + 1) / buckets)
+    bucket = positions // width
+    counts = np.bincount(bucket)
+    sums = np.bincount(bucket, weights=kl)
+    return [
+        {"start": int(b * width), "end": int(b * width + width - 1), "kl_mean": float(sums[b] / c), "tokens": int(c)}
+        for b, c in enumerate(counts)
+        if c > 0
+    ]
+
+
+def kl_histogram(kl: np.ndarray, edges: Sequence[float] = KL_HIST_EDGES) -> dict[str, Any]:
+    """Counts of per-token KL in fixed log-spaced bins, plus what falls below / above them (0 and inf included)."""
+    lo, hi = edges[0], edges[-1]
+    inside = kl[(kl >= lo) & (kl < hi)]
+    counts, _ = np.histogram(inside, bins=np.asarray(edges))
+    return {
+        "edges": list(edges),
+        "counts": [int(c) for c in counts],
+        "underflow": int(np.sum(kl < lo)),
+        "overflow": int(np.sum(kl >= hi)),
+    }
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _flatten_block(
+    ref: torch.Tensor | None, cand: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept [n, V] or [batch, seq, V] logits; return 2-D logits, 1-D labels and positions, all checked."""
+    if cand.dim() not in (2, 3):
+        raise InputError(f"logits: expected [tokens, vocab] or [batch, seq, vocab], got shape {tuple(cand.shape)}")
+    if ref is not None and ref.shape != cand.shape:
+        raise InputError(
+            f"ref_logits {tuple(ref.shape)} and cand_logits {tuple(cand.shape)} differ in shape; "
+            "both must come from the same token ids (check the tokenizer and the vocab padding of the target)"
+        )
+    lead = tuple(cand.shape[:-1])
+    if tuple(labels.shape) != lead:
+        raise InputError(f"labels: expected shape {lead} to match the logits, got {tuple(labels.shape)}")
+    if positions is None:  # one sequence per row of a 3-D block, or the block itself as one sequence
+        positions = torch.arange(lead[-1]).expand(lead)
+    elif tuple(positions.shape) != lead:
+        raise InputError(f"positions: expected shape {lead} to match the logits, got {tuple(positions.shape)}")
+    vocab = cand.shape[-1]
+    flat = (lambda t: t.reshape(-1, vocab)) if cand.dim() == 3 else (lambda t: t)
+    return (None if ref is None else flat(ref)), flat(cand), labels.reshape(-1), positions.reshape(-1)
+
+
+def _labelled_rows(labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Indices of rows whose label is not IGNORE_INDEX; labels outside [0, vocab) are an input error."""
+    keep = labels != IGNORE_INDEX
+    bad = keep & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise InputError(
+            f"labels: {int(bad.sum())} label(s) outside [0, {vocab}) (e.g. {int(labels[bad][0])}); use {IGNORE_INDEX} "
+            "for positions to ignore and make sure the labels come from the model's tokenizer"
+        )
+    return keep.nonzero().squeeze(-1)
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+
+
+# ----------------------------------------------------------------------------- accumulators
+
+
+class MetricAccumulator:
+    """Streams blocks of (reference, candidate) logits and summarises how far the candidate drifted.
+
+    Tokens whose label is IGNORE_INDEX (-100) are left out of every statistic (padding, prompt tokens).
+    `positions` (token index inside its sequence) only feeds the KL-by-position plot; when omitted, each row
+    of a [batch, seq, V] block, or a whole [n, V] block, is taken to start at position 0.
+    """
+
+    _FIELDS = ("kl", "top1", "logp_ref", "logp_cand", "p_ref", "p_cand", "position")
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self._FIELDS}
+
+    @property
+    def tokens(self) -> int:
+        return sum(a.size for a in self._parts["kl"])
+
+    def update(
+        self,
+        ref_logits: torch.Tensor,
+        cand_logits: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        ref, cand, labels, positions = _flatten_block(ref_logits, cand_logits, labels, positions)
+        rows = _labelled_rows(labels, cand.shape[-1])
+        step = _rows_per_chunk(cand.shape[-1])
+        for start in range(0, rows.numel(), step):
+            sel = rows[start : start + step]
+            for name, values in token_stats(ref[sel], cand[sel], labels[sel]).items():
+                self._parts[name].append(values)
+            self._parts["position"].append(positions[sel].cpu().numpy().astype(np.int64))
+
+    def result(self) -> dict[str, Any]:
+        """Scalar metrics (TOKEN_METRICS), `tokens`, and plot data `kl_by_position`, `kl_hist`."""
+        if self.tokens == 0:
+            raise InputError(
+                "eval set: no labelled tokens were compared (all labels are -100 or no block was given); "
+                "check the eval data and the label masking"
+            )
+        s = {k: np.concatenate(v) for k, v in self._parts.items()}
+        return {
+            **kl_summary(s["kl"]),
+            "top1": float(np.mean(s["top1"])),
+            **label_summary(s["logp_ref"], s["logp_cand"], s["p_ref"], s["p_cand"]),
+            "tokens": int(s["kl"].size),
+            "kl_by_position": kl_by_position(s["kl"], s["position"]),
+            "kl_hist": kl_histogram(s["kl"]),
+        }
+
+
+class PerplexityAccumulator:
+    """Perplexity of one model on labelled tokens, no reference needed (the bare base model)."""
+
+    def __init__(self) -> None:
+        self._nll = 0.0
+        self._tokens = 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        _, logits, labels, _ = _flatten_block(None, logits, labels, None)
+        rows = _labelled_rows(labels, logits.shape[-1])
+        step = _rows_per_chunk(logits.shape[-1])
+        for start in range(0, rows.numel(), step):
+            sel = rows[start : start + step]
+            self._nll -= float(np.sum(_label_logp(logits[sel], labels[sel])))
+            self._tokens += int(sel.numel())
+
+    @property
+    def ppl(self) -> float:
+        if self._tokens == 0:
+            raise InputError("eval set: no labelled tokens for perplexity (all labels are -100 or no block was given)")
+        return math.exp(self._nll / self._tokens)
+
+    def result(self) -> dict[str, float | int]:
+        return {"ppl": self.ppl, "tokens": self._tokens}
+
+
+# ----------------------------------------------------------------------------- derived metrics
+
+
+def adapter_gain_retained(
+    ppl_base: float, ppl_ref: float, ppl_cand: float, min_rel_change: float = 1e-3
+) -> float | None:
+    """Share of the adapter's perplexity change that survives in the candidate: (base - cand) / (base - ref).
+
+    1.0 = all of it, 0.0 = none (the export behaves like the bare base: adapter dropped), <0 = worse than base.
+    Returns None when the adapter itself moved perplexity by less than `min_rel_change` (relative to the base)
+    on this eval set: the ratio would be noise divided by ~0, so it is undefined, not a failure.
+    """
+    for name, value in (("ppl_base", ppl_base), ("ppl_ref", ppl_ref)):
+        if not (value > 0 and math.isfinite(value)):
+            raise InputError(f"{name}: perplexity must be a finite positive number, got {value!r}")
+    gain = ppl_base - ppl_ref
+    if abs(gain) <= min_rel_change * ppl_base:
+        return None
+    return (ppl_base - ppl_cand) / gain
+
+
+def first_divergence(ref: Sequence[int], cand: Sequence[int]) -> int:
+    """Index of the first differing token; the common length when one is a prefix of the other; len if equal."""
+    for i, (a, b) in enumerate(zip(ref, cand)):
+        if a != b:
+            return i
+    return min(len(ref), len(cand)) if len(ref) != len(cand) else len(ref)
+
+
+def greedy_agreement(ref_tokens: Sequence[Sequence[int]], cand_tokens: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Compare greedy continuations (new tokens only) prompt by prompt.
+
+    greedy_match: share of prompts whose new tokens equal the reference's exactly.
+    first_divergence_mean: mean index of the first differing new token (M, the length, when none differs).
+    """
+    if len(ref_tokens) != len(cand_tokens) or not ref_tokens:
+        raise InputError(
+            f"greedy tokens: need the same non-zero number of prompts, got {len(ref_tokens)} reference and "
+            f"{len(cand_tokens)} candidate continuations"
+        )
+    per_prompt = []
+    for ref, cand in zip(ref_tokens, cand_tokens):
+        div = first_divergence(ref, cand)
+        length = max(len(ref), len(cand))
+        per_prompt.append({"match": div == length and len(ref) == len(cand), "first_divergence": div, "tokens": length})
+    return {
+        "greedy_match": sum(p["match"] for p in per_prompt) / len(per_prompt),
+        "first_divergence_mean": sum(p["first_divergence"] for p in per_prompt) / len(per_prompt),
+        "per_prompt": per_prompt,
+    }
