@@ -1,0 +1,302 @@
+"""The `lorafast-export` command line: flags → Recipe → library call. No logic of its own.
+
+Exit codes: 0 success, 1 a validation gate failed, 2 bad input or usage, 3 internal error (a bug: please report).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError
+
+console = Console(stderr=True)
+out = Console()
+
+
+class Ctx:
+    def __init__(self, as_json: bool, quiet: bool, debug: bool):
+        self.json, self.quiet, self.debug = as_json, quiet, debug
+
+    def emit(self, data: dict, human) -> None:
+        if self.json:
+            click.echo(json.dumps(data, indent=2, default=str))
+        elif not self.quiet:
+            human()
+
+
+def _run(ctx: Ctx, fn, *args, **kwargs):
+    """Call the library; turn our errors into a message and an exit code (a traceback only with --debug)."""
+    try:
+        return fn(*args, **kwargs)
+    except LorafastError as e:
+        if ctx.debug:
+            raise
+        if ctx.json:
+            click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]; nothing was published")
+        sys.exit(130)
+    except Exception as e:  # a bug, not a user error
+        if ctx.debug:
+            raise
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n(re-run with --debug for the traceback)")
+        sys.exit(3)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or summaries; errors only.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="lorafast-export")
+@click.pass_context
+def main(cctx: click.Context, as_json: bool, quiet: bool, debug: bool) -> None:
+    """Compile a LoRA/DoRA fine-tuned LLM into a validated artifact for one runtime."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cctx.obj = Ctx(as_json, quiet or as_json, debug)
+
+
+def _progress(ctx: Ctx):
+    """A stage-by-stage status line (rich); silent under --quiet/--json."""
+    if ctx.quiet:
+        return None, (lambda stage, msg: None)
+    status = console.status("starting", spinner="dots")
+
+    def update(stage: str, msg: str) -> None:
+        if msg == "done":
+            console.print(f"  [green]✓[/] {stage}")
+        else:
+            status.update(f"[bold]{stage}[/] {'' if msg == 'start' else msg}")
+
+    return status, update
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+def _build_overrides(**o) -> dict:
+    ov = {}
+    if o["base"]:
+        ov["inputs.base"] = o["base"]
+        if not o["adapter"]:
+            ov["inputs.adapters"] = []
+    if o["adapter"]:
+        from lorafast_export.load import parse_adapter_spec
+
+        ov["inputs.adapters"] = [{"path": p, "weight": w} for p, w in map(parse_adapter_spec, o["adapter"])]
+    simple = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
+              "hf_format": "target.hf_format", "dtype": "merge.dtype", "out": "output.dir",
+              "max_tokens": "validate.max_tokens", "device": "quant.device", "name": "name"}
+    for flag, key in simple.items():
+        if o.get(flag) is not None:
+            ov[key] = o[flag]
+    for flag, key in (("force", "output.force"), ("allow_pickle", "inputs.allow_pickle"), ("act_order", "quant.act_order")):
+        if o.get(flag):
+            ov[key] = True
+    if o.get("no_validate"):
+        ov["validate.enabled"] = False
+    if o.get("calib"):
+        ov["quant.calib.files"] = list(o["calib"])
+    if o.get("gate"):
+        ov["validate.gates"] = list(o["gate"])
+    if o.get("eval"):
+        ov["validate.eval"] = [_eval_spec(e) for e in o["eval"]]
+    if o.get("out") and not o.get("name"):
+        ov["name"] = Path(o["out"]).name
+    return ov
+
+
+def _eval_spec(s: str) -> dict:
+    name, sep, path = s.partition("=")
+    return {"name": name, "path": path} if sep else {"name": Path(s).stem, "path": s}
+
+
+def load_recipe(recipe_path: str | None, overrides: dict):
+    from lorafast_export.recipe import Recipe
+
+    base = Recipe.from_yaml(recipe_path) if recipe_path else Recipe()
+    return base.with_overrides(overrides) if overrides else base
+
+
+@main.command()
+@click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; flags override its fields.")
+@click.option("--base", help="Base model directory (HF layout). Default: the bundled demo base.")
+@click.option("--adapter", multiple=True, help="PEFT adapter dir (or Lightning .ckpt), optionally PATH:WEIGHT. Repeatable.")
+@click.option("--target", help="hf | torch-compile | onnxruntime | openvino | trt-llm")
+@click.option("--quant", help="none | rtn | int8 | smoothquant | gptq | awq")
+@click.option("--bits", type=int)
+@click.option("--group-size", type=int)
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal.")
+@click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
+@click.option("--hf-format", help="For --target hf with a quant method: gptq | awq | compressed-tensors.")
+@click.option("--dtype", help="Merged weight dtype: auto (keep base) | float32 | float16 | bfloat16.")
+@click.option("--device", help="Device for quantization: auto | cpu | cuda.")
+@click.option("--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled.")
+@click.option("--gate", multiple=True, help='Validation gate, e.g. "kl_mean<=0.02". Repeatable.')
+@click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
+@click.option("--no-validate", is_flag=True, help="Skip the validation stage.")
+@click.option("--out", help="Output artifact directory.")
+@click.option("--name", help="Artifact name (default: the --out directory's name).")
+@click.option("--force", is_flag=True, help="Replace an existing artifact.")
+@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt checkpoints (with torch.load weights_only=True).")
+@click.option("--dump-recipe", is_flag=True, help="Print the resolved recipe as YAML and exit.")
+@click.pass_obj
+def build(ctx: Ctx, recipe, dump_recipe, **flags):
+    """Merge → quantize → lower → validate, into one artifact directory."""
+    r = _run(ctx, load_recipe, recipe, _build_overrides(**flags))
+    if dump_recipe:
+        click.echo(r.to_yaml(), nl=False)
+        return
+    from lorafast_export.pipeline import run_build
+
+    status, update = _progress(ctx)
+    if status:
+        status.start()
+    try:
+        bctx = _run(ctx, run_build, r, update)
+    finally:
+        if status:
+            status.stop()
+    _finish_build(ctx, bctx)
+
+
+def _finish_build(ctx: Ctx, bctx) -> None:
+    from lorafast_export.errors import EXIT_GATE_FAILED
+
+    summary = {"artifact": str(bctx.out_dir), "timings_s": bctx.timings, "facts": bctx.facts,
+               "passed": None if bctx.report is None else bctx.report.get("passed")}
+    ctx.emit(summary, lambda: _print_build(bctx))
+    if bctx.report is not None and not bctx.report.get("passed", True):
+        sys.exit(EXIT_GATE_FAILED)
+
+
+def _print_build(bctx) -> None:
+    if bctx.report is not None and "markdown_table" in bctx.report:
+        out.print(bctx.report["markdown_table"])
+    verdict = "" if bctx.report is None else ("  gates: [green]passed[/]" if bctx.report.get("passed") else "  gates: [red]FAILED[/]")
+    total = sum(bctx.timings.values())
+    out.print(f"[bold green]built[/] {bctx.out_dir}  ({total:.1f} s){verdict}")
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+@main.command("merge")
+@click.option("--base", required=True, help="Base model directory.")
+@click.option("--adapter", required=True, multiple=True, help="Adapter dir or .ckpt, optionally PATH:WEIGHT.")
+@click.option("--out", required=True, help="Output directory for the merged HF checkpoint.")
+@click.option("--dtype", default="auto", show_default=True, help="auto | float32 | float16 | bfloat16")
+@click.option("--force", is_flag=True)
+@click.option("--allow-pickle", is_flag=True)
+@click.pass_obj
+def merge_cmd(ctx: Ctx, base, adapter, out, dtype, force, allow_pickle):
+    """Merge adapter(s) into the base exactly and write a Hugging Face checkpoint."""
+    from lorafast_export.recipe import Recipe
+
+    r = _run(ctx, Recipe().with_overrides, {
+        **_build_overrides(base=base, adapter=adapter, out=out, force=force, allow_pickle=allow_pickle, dtype=dtype),
+        "validate.enabled": False})
+    status, update = _progress(ctx)
+    if status:
+        status.start()
+    try:
+        result = _run(ctx, _merge_only, r, update)
+    finally:
+        if status:
+            status.stop()
+    ctx.emit(result, lambda: out_print_merge(result))
+
+
+def _merge_only(recipe, progress):
+    from lorafast_export.merge import merge
+    from lorafast_export.pipeline import BuildContext, prepare_output, publish, stage_load
+
+    out_dir = Path(recipe.output.dir)
+    stage = prepare_output(out_dir, recipe.output.force)
+    try:
+        ctx = BuildContext(recipe, out_dir, stage, progress)
+        with ctx.stage("load"):
+            stage_load(ctx)
+        with ctx.stage("merge"):
+            plan = merge(ctx.base, ctx.adapters, stage, dtype=recipe.merge.dtype, on_group=lambda g: progress("merge", g))
+        publish(stage, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return {"out": str(out_dir), "adapters": [str(a.path) for a in ctx.adapters], "untied_embeddings": plan.untie,
+            "notes": plan.notes, "timings_s": ctx.timings}
+
+
+def out_print_merge(result: dict) -> None:
+    for n in result["notes"]:
+        out.print(f"[yellow]note:[/] {n}")
+    out.print(f"[bold green]merged[/] into {result['out']}")
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+@main.command()
+@click.argument("path")
+@click.option("--allow-pickle", is_flag=True)
+@click.pass_obj
+def inspect(ctx: Ctx, path, allow_pickle):
+    """Describe an adapter (type, rank, alpha, targets, expected base) or a base model directory."""
+    from lorafast_export.inspect import describe
+
+    info = _run(ctx, describe, path, allow_pickle)
+    ctx.emit(info, lambda: _print_kv(info))
+
+
+def _print_kv(info: dict) -> None:
+    t = Table(show_header=False, box=None)
+    for k, v in info.items():
+        t.add_row(f"[bold]{k}[/]", ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    out.print(t)
+
+
+# ---------------------------------------------------------------------------------------------- doctor
+
+@main.command()
+@click.pass_obj
+def doctor(ctx: Ctx):
+    """Which targets and quantization methods work here, and how to get the rest."""
+    from lorafast_export.inspect import environment_report
+
+    rep = environment_report()
+    ctx.emit(rep, lambda: _print_doctor(rep))
+
+
+def _print_doctor(rep: dict) -> None:
+    t = Table(title="targets")
+    for col in ("target", "status", "how to get it"):
+        t.add_column(col)
+    for row in rep["targets"]:
+        t.add_row(row["name"], "[green]ready[/]" if row["ok"] else "[red]missing[/]", row["hint"])
+    out.print(t)
+    q = Table(title="quantization methods")
+    q.add_column("method")
+    q.add_column("status")
+    for row in rep["quant_methods"]:
+        q.add_row(row["name"], "[green]ready[/]" if row["ok"] else f"[red]{row['hint']}[/]")
+    out.print(q)
+    out.print(f"devices: {', '.join(rep['devices'])}   versions: "
+              + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()))
+
+
+def run() -> None:  # pragma: no cover
+    main(standalone_mode=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    try:
+        main()
+    except SystemExit as e:
+        sys.exit(e.code if e.code is not None else EXIT_BAD_INPUT)

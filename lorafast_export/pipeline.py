@@ -1,0 +1,193 @@
+"""The build pipeline: a flat list of named stages, a manifest, and an atomic output directory.
+
+    load → merge → quantize → lower(target) → validate → manifest → publish (rename into place)
+
+Everything is written into a hidden sibling `.<name>.partial-<pid>` and renamed to the requested path only when
+complete, so an interrupted build never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from lorafast_export import __version__
+from lorafast_export.errors import InputError
+from lorafast_export.load import Adapter, ModelDir, open_adapter, open_model, sha256_file
+from lorafast_export.recipe import Recipe, resolve_path
+
+log = logging.getLogger(__name__)
+MANIFEST_SCHEMA = "lorafast-export/manifest/v1"
+VERSIONED = ("torch", "transformers", "peft", "safetensors", "onnxruntime", "onnxruntime-genai", "openvino",
+             "openvino-genai", "nvidia-modelopt")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"lorafast-export": __version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class BuildContext:
+    recipe: Recipe
+    out_dir: Path  # final location
+    stage_dir: Path  # where we write until publish
+    progress: Callable[[str, str], None] = lambda stage, msg: None
+    base: ModelDir | None = None
+    adapters: list[Adapter] = field(default_factory=list)
+    merged_dir: Path | None = None
+    quantized: object | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, object] = field(default_factory=dict)
+    report: dict | None = None
+
+    @contextmanager
+    def stage(self, name: str):
+        self.progress(name, "start")
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.progress(name, "done")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def stage_load(ctx: BuildContext) -> None:
+    r = ctx.recipe.inputs
+    ctx.base = open_model(resolve_path(r.base), allow_pickle=r.allow_pickle)
+    ctx.adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", allow_pickle=r.allow_pickle)
+                    for a in r.adapters]
+
+
+def stage_merge(ctx: BuildContext) -> None:
+    from lorafast_export.merge import merge
+
+    ctx.merged_dir = ctx.stage_dir / "work" / "merged"
+    plan = merge(ctx.base, ctx.adapters, ctx.merged_dir, dtype=ctx.recipe.merge.dtype,
+                 on_group=lambda g: ctx.progress("merge", g))
+    ctx.facts["merge"] = {"untied_embeddings": plan.untie, "notes": plan.notes,
+                          "adapters": [{"path": str(a.path), "type": a.kind, "weight": a.weight,
+                                        "modules": len(a.modules)} for a in ctx.adapters]}
+
+
+def stage_quantize(ctx: BuildContext) -> None:
+    if ctx.recipe.quant.method == "none":
+        return
+    from lorafast_export.quant.pipeline import quantize_checkpoint  # noqa: PLC0415 (optional stage)
+
+    ctx.quantized = quantize_checkpoint(ctx.merged_dir, ctx.recipe.quant, progress=lambda m: ctx.progress("quantize", m))
+    ctx.facts["quant"] = ctx.recipe.quant.resolved()
+
+
+def stage_lower(ctx: BuildContext) -> None:
+    from lorafast_export.targets.registry import LowerInput, require_available
+
+    target = require_available(ctx.recipe.target.name)
+    inp = LowerInput(ctx.merged_dir, ctx.base.config, ctx.recipe, ctx.quantized)
+    ctx.facts["target"] = {"name": target.name, **(target.lower(inp, ctx.stage_dir / "model") or {})}
+
+
+def stage_validate(ctx: BuildContext) -> None:
+    if not ctx.recipe.validate_.enabled:
+        return
+    from lorafast_export.validate.run import validate_build
+
+    ctx.report = validate_build(ctx)
+
+
+STAGES: list[tuple[str, Callable[[BuildContext], None]]] = [
+    ("load", stage_load),
+    ("merge", stage_merge),
+    ("quantize", stage_quantize),
+    ("lower", stage_lower),
+    ("validate", stage_validate),
+]
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def input_hashes(ctx: BuildContext) -> list[dict]:
+    files = [ctx.base.config_path, *ctx.base.store.files, *ctx.base.tokenizer_files]
+    for a in ctx.adapters:
+        files += [a.path / "adapter_config.json"] if a.path.is_dir() else []
+        files += a.files
+    return [{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files]
+
+
+def write_manifest(ctx: BuildContext) -> dict:
+    model_files = sorted(p for p in (ctx.stage_dir / "model").rglob("*") if p.is_file())
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "name": ctx.recipe.name,
+        "inputs": input_hashes(ctx),
+        "recipe": ctx.recipe.to_dict(),
+        "versions": library_versions(),
+        "timings_s": ctx.timings,
+        "facts": ctx.facts,
+        "files": [{"path": str(p.relative_to(ctx.stage_dir)), "sha256": sha256_file(p)} for p in model_files],
+        "metrics": (ctx.report or {}).get("summary"),
+        "passed": None if ctx.report is None else ctx.report.get("passed"),
+    }
+    (ctx.stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise InputError(f"{out}: already exists. Pass --force to replace it, or choose another --out.")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory.")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{parent}: cannot create the output's parent directory ({e.strerror}).") from None
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{parent}: not writable; choose another --out.")
+    for stale in parent.glob(f".{out.name}.partial-*"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = parent / f".{out.name}.partial-{os.getpid()}"
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Rename the finished staging directory into place; an old artifact (with --force) is replaced."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    stage.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_build(recipe: Recipe, progress: Callable[[str, str], None] | None = None) -> BuildContext:
+    out = Path(recipe.output.dir)
+    stage_dir = prepare_output(out, recipe.output.force)
+    ctx = BuildContext(recipe, out, stage_dir, progress or (lambda s, m: None))
+    try:
+        for name, fn in STAGES:
+            with ctx.stage(name):
+                fn(ctx)
+        shutil.rmtree(stage_dir / "work", ignore_errors=True)
+        write_manifest(ctx)
+        publish(stage_dir, out)
+    except BaseException:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    return ctx

@@ -1,0 +1,224 @@
+"""The Recipe: one typed, versioned description of a whole build. YAML in and out without loss.
+
+Every section refuses unknown keys; all problems in a recipe are reported at once, each naming its field.
+Names (targets, quant methods) are checked against our registries, never imported from arbitrary paths.
+Paths are kept as written; relative paths resolve against the working directory at run time.
+`demo:base`, `demo:lora` and `demo:dora` name the bundled demo model and adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafast_export.errors import InputError
+
+RECIPE_VERSION = 1
+DEMO_DIR = Path(__file__).parent / "data" / "demo"
+TEXT_DIR = Path(__file__).parent / "data" / "text"
+
+TARGETS = ("hf", "torch-compile", "onnxruntime", "openvino", "trt-llm")
+QUANT_METHODS = ("none", "rtn", "int8", "smoothquant", "gptq", "awq")
+
+
+def resolve_path(p: str) -> Path:
+    """`demo:NAME` → bundled demo asset; anything else → a filesystem path."""
+    if p.startswith("demo:"):
+        return DEMO_DIR / p.removeprefix("demo:")
+    return Path(p).expanduser()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class AdapterRef(_Section):
+    path: str
+    weight: float = 1.0
+
+
+class Inputs(_Section):
+    base: str = "demo:base"
+    adapters: list[AdapterRef] = Field(default_factory=lambda: [AdapterRef(path="demo:lora")])
+    allow_pickle: bool = False
+
+
+class MergeOptions(_Section):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class CalibOptions(_Section):
+    files: list[str] = Field(default_factory=list)  # empty: the bundled calibration text
+    samples: int = Field(default=128, gt=0)
+    seq_len: int = Field(default=512, gt=8)
+    seed: int = 0
+
+
+class QuantOptions(_Section):
+    method: Literal["none", "rtn", "int8", "smoothquant", "gptq", "awq"] = "none"
+    bits: int | None = None  # default per method: 4 for rtn/gptq/awq, 8 for int8/smoothquant
+    group_size: int | None = None  # default 128 for 4-bit methods, -1 (per channel) for 8-bit
+    symmetric: bool | None = None  # default: gptq/int8/smoothquant symmetric, rtn/awq asymmetric
+    act_order: bool = False
+    damp_percent: float = Field(default=0.01, gt=0, lt=1)
+    block_size: int = Field(default=128, gt=0)
+    smooth_alpha: float = Field(default=0.5, ge=0, le=1)
+    awq_grid: int = Field(default=20, gt=1)
+    awq_clip: bool = True
+    quantize_lm_head: bool = False
+    calib: CalibOptions = Field(default_factory=CalibOptions)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        if v is not None and v not in (4, 8):
+            raise ValueError("bits must be 4 or 8")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v is not None and v != -1 and (v < 8 or v & (v - 1)):
+            raise ValueError("group_size must be -1 (per channel) or a power of two >= 8, e.g. 128")
+        return v
+
+    @model_validator(mode="after")
+    def _method_settings(self):
+        problems = []
+        if self.method in ("int8", "smoothquant") and self.bits not in (None, 8):
+            problems.append(f"quant.bits: {self.method} is 8-bit; remove bits or set it to 8")
+        if self.act_order and self.method != "gptq":
+            problems.append("quant.act_order: only gptq uses act_order; remove it or use method gptq")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """Settings with per-method defaults filled in (what the quantizer and the manifest see)."""
+        eight = self.method in ("int8", "smoothquant")
+        bits = self.bits or (8 if eight else 4)
+        return {
+            "method": self.method,
+            "bits": bits,
+            "group_size": self.group_size if self.group_size is not None else (-1 if bits == 8 else 128),
+            "symmetric": self.symmetric if self.symmetric is not None else self.method in ("gptq", "int8", "smoothquant"),
+            **self.model_dump(exclude={"method", "bits", "group_size", "symmetric"}),
+        }
+
+
+class TargetOptions(_Section):
+    name: Literal["hf", "torch-compile", "onnxruntime", "openvino", "trt-llm"] = "hf"
+    hf_format: Literal["auto", "gptq", "awq", "compressed-tensors"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    options: dict[str, Any] = Field(default_factory=dict)  # target-specific; each target checks its own keys
+
+
+class EvalSet(_Section):
+    name: str
+    path: str
+
+
+class ValidateOptions(_Section):
+    enabled: bool = True
+    eval: list[EvalSet] = Field(default_factory=list)  # empty: the bundled default eval sets
+    max_tokens: int = Field(default=16384, gt=0)
+    block_size: int = Field(default=256, gt=8)
+    prompts: str | None = None  # jsonl with {"prompt": ...}; empty: bundled prompts
+    max_new_tokens: int = Field(default=32, ge=1)
+    gates: list[str] | None = None  # None: the default gates
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OutputOptions(_Section):
+    dir: str = "dist/demo"
+    force: bool = False
+
+
+class Recipe(_Section):
+    version: int = RECIPE_VERSION
+    name: str = "demo"
+    inputs: Inputs = Field(default_factory=Inputs)
+    merge: MergeOptions = Field(default_factory=MergeOptions)
+    quant: QuantOptions = Field(default_factory=QuantOptions)
+    target: TargetOptions = Field(default_factory=TargetOptions)
+    validate_: ValidateOptions = Field(default_factory=ValidateOptions, alias="validate")
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    seed: int = 0
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, validate_default=True)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v):
+        if v != RECIPE_VERSION:
+            raise ValueError(f"this lorafast-export reads recipe version {RECIPE_VERSION}; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        problems = []
+        if not self.inputs.adapters:
+            problems.append("inputs.adapters: at least one adapter is required (use `merge` flags or add one)")
+        if self.target.hf_format != "auto" and self.quant.method == "none":
+            problems.append("target.hf_format: a checkpoint format needs a quant method; set quant.method")
+        if self.target.hf_format in ("gptq", "awq") and self.quant.method in ("int8", "smoothquant"):
+            problems.append(f"target.hf_format: {self.target.hf_format} holds 4-bit weight-only codes; "
+                            f"use compressed-tensors for {self.quant.method}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ------------------------------------------------------------------ YAML
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @staticmethod
+    def from_dict(d: dict, source: str = "recipe") -> "Recipe":
+        try:
+            return Recipe.model_validate(d)
+        except ValidationError as e:
+            raise InputError(format_errors(e, source)) from None
+
+    @staticmethod
+    def from_yaml(path: str | Path) -> "Recipe":
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{p}: recipe file not found.") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise InputError(f"{p}: not valid YAML ({e}).") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{p}: a recipe is a YAML mapping with sections inputs/merge/quant/target/validate/output.")
+        return Recipe.from_dict(data, str(p))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Recipe":
+        """Apply dotted-key overrides (e.g. {"quant.method": "awq"}) and re-validate everything at once."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            node = d
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return Recipe.from_dict(d, "command line / recipe")
+
+
+def format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (see `lorafast-export build --dump-recipe`)"
+        elif err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be one of:")
+        lines.append(f"  - {loc or '(top level)'}: {msg}")
+    return f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Target `hf`: a Hugging Face checkpoint that transformers loads (merged fp weights, or a quantized format)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from lorafast_export.errors import UnsupportedError
+from lorafast_export.targets.registry import LowerInput, register
+
+
+class HFSession:
+    """transformers' own forward and generate: the runtime an `hf` artifact is made for."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu"):
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids.to(self.device)).logits.float().cpu()
+
+    @torch.no_grad()
+    def generate(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
+        ids = torch.tensor([input_ids], device=self.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        return out[0, len(input_ids):].tolist()
+
+
+class HFTarget:
+    name = "hf"
+    install_hint = "always available (transformers is a core dependency)"
+
+    def available(self) -> tuple[bool, str]:
+        return True, self.install_hint
+
+    def lower(self, inp: LowerInput, out_dir: Path) -> dict:
+        if inp.quantized is None:
+            shutil.copytree(inp.merged_dir, out_dir)
+            return {"format": "merged", "dtype": inp.recipe.merge.dtype}
+        try:
+            from lorafast_export.quant.export_hf import write_quantized_checkpoint
+        except ModuleNotFoundError:
+            raise UnsupportedError("quantized hf checkpoints are not available in this version yet.") from None
+        return write_quantized_checkpoint(inp, out_dir)
+
+    def load(self, model_dir: Path, device: str = "cpu") -> HFSession:
+        return HFSession(model_dir, device)
+
+
+register(HFTarget())
