@@ -77,7 +77,7 @@ def environment_report() -> dict:
         if name == "none":
             continue
         try:
-            from lorafast_export.quant.pipeline import METHODS  # noqa: PLC0415
+            from lorafast_export.quant.pipeline import METHODS
 
             ok = name in METHODS
         except ModuleNotFoundError:

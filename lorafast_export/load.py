@@ -73,7 +73,7 @@ class WeightStore:
             check_safetensors_header(f)
             try:
                 h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own SafetensorError type
+            except Exception as e:  # safetensors raises its own SafetensorError type  # noqa: BLE001 - any read failure becomes an InputError naming the file
                 raise InputError(f"{f}: cannot be read as safetensors ({e}).") from None
             self._handles[f] = h
             for k in h.keys():
@@ -87,7 +87,7 @@ class WeightStore:
             )
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - re-raised as InputError naming the file
             raise InputError(f"{f}: cannot be loaded with weights_only=True ({type(e).__name__}: {e}).") from None
         for k, v in sd.items():
             self._pickled[k] = v
@@ -106,7 +106,7 @@ class WeightStore:
             return self._pickled[name]
         try:
             return self._handles[self._where[name]].get_tensor(name)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - re-raised as InputError naming the tensor
             raise InputError(f"{self._where[name]}: tensor {name!r} cannot be read ({e}).") from None
 
     def file_of(self, name: str) -> Path:

@@ -87,7 +87,7 @@ def stage_merge(ctx: BuildContext) -> None:
 def stage_quantize(ctx: BuildContext) -> None:
     if ctx.recipe.quant.method == "none":
         return
-    from lorafast_export.quant.pipeline import quantize_checkpoint  # noqa: PLC0415 (optional stage)
+    from lorafast_export.quant.pipeline import quantize_checkpoint
 
     ctx.quantized = quantize_checkpoint(ctx.merged_dir, ctx.recipe.quant, progress=lambda m: ctx.progress("quantize", m))
     ctx.facts["quant"] = ctx.recipe.quant.resolved()

@@ -180,14 +180,14 @@ class Recipe(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @staticmethod
-    def from_dict(d: dict, source: str = "recipe") -> "Recipe":
+    def from_dict(d: dict, source: str = "recipe") -> Recipe:
         try:
             return Recipe.model_validate(d)
         except ValidationError as e:
             raise InputError(format_errors(e, source)) from None
 
     @staticmethod
-    def from_yaml(path: str | Path) -> "Recipe":
+    def from_yaml(path: str | Path) -> Recipe:
         p = Path(path)
         try:
             data = yaml.safe_load(p.read_text())
@@ -199,7 +199,7 @@ class Recipe(_Section):
             raise InputError(f"{p}: a recipe is a YAML mapping with sections inputs/merge/quant/target/validate/output.")
         return Recipe.from_dict(data, str(p))
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Recipe":
+    def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
         """Apply dotted-key overrides (e.g. {"quant.method": "awq"}) and re-validate everything at once."""
         d = self.to_dict()
         for key, value in overrides.items():

@@ -10,7 +10,7 @@ from lorafast_export.checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint
 from lorafast_export.load import Adapter, ModelDir
 from lorafast_export.merge.stream import DTYPES, MergePlan, iter_merged_groups, known_names, plan_merge
 
-__all__ = ["merge", "merged_config", "merged_state", "plan_merge", "MergePlan", "DTYPES"]
+__all__ = ["DTYPES", "MergePlan", "merge", "merged_config", "merged_state", "plan_merge"]
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:

@@ -87,11 +87,11 @@ class ModelConfig:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    def from_dict(cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         return _parse_config(cfg, source)
 
     @staticmethod
-    def from_file(path: str | Path) -> "ModelConfig":
+    def from_file(path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             cfg = json.loads(path.read_text())
@@ -188,7 +188,7 @@ def _parse_config(cfg: dict, source: str) -> ModelConfig:
     )
 
 
-def rope_inv_freq(cfg: ModelConfig) -> tuple["torch.Tensor", float]:  # noqa: F821
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:  # noqa: F821
     """Inverse frequencies [head_dim/2] and the cos/sin scaling factor for this model's rope variant."""
     import torch
 

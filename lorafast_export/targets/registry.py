@@ -19,7 +19,7 @@ _MODULES = {
     "openvino": "lorafast_export.targets.openvino",
     "trt-llm": "lorafast_export.targets.trtllm",
 }
-TARGETS: dict[str, "Target"] = {}
+TARGETS: dict[str, Target] = {}
 
 
 @dataclass
@@ -52,12 +52,12 @@ class Target(Protocol):
     def load(self, model_dir: Path, device: str = "cpu") -> Session: ...
 
 
-def register(target: "Target") -> "Target":
+def register(target: Target) -> Target:
     TARGETS[target.name] = target
     return target
 
 
-def get_target(name: str) -> "Target":
+def get_target(name: str) -> Target:
     if name not in _MODULES:
         raise InputError(f"unknown target {name!r}; choose one of: {', '.join(_MODULES)}.")
     if name not in TARGETS:
@@ -70,7 +70,7 @@ def get_target(name: str) -> "Target":
     return TARGETS[name]
 
 
-def require_available(name: str) -> "Target":
+def require_available(name: str) -> Target:
     t = get_target(name)
     ok, hint = t.available()
     if not ok:
