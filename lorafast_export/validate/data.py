@@ -1,0 +1,100 @@
+"""Eval data: text or jsonl files (or the bundled default) → token blocks; generation prompts → token ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.recipe import TEXT_DIR
+
+DEFAULT_EVAL = {"prose": TEXT_DIR / "prose_eval.txt", "code": TEXT_DIR / "code_eval.txt"}
+DEFAULT_PROMPTS = TEXT_DIR / "prompts.jsonl"
+
+
+@dataclass
+class EvalSet:
+    name: str
+    source: str
+    blocks: list[torch.Tensor]  # each [block_size] token ids; labels are the block shifted by one
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(b) - 1 for b in self.blocks)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for b in self.blocks:
+            h.update(b.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
+
+def read_texts(path: Path, what: str = "eval") -> list[str]:
+    """A .jsonl file (one {"text": ...} per line) or any other file as one UTF-8 text."""
+    if not path.exists():
+        raise InputError(f"{path}: {what} file not found.")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); convert it with iconv or pass another file.") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path}:{n}: not valid JSON; each line must be an object with a 'text' field.") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise InputError(f"{path}:{n}: each line needs a string 'text' field.")
+            texts.append(rec["text"])
+    else:
+        texts = [raw]
+    if not any(t.strip() for t in texts):
+        raise InputError(f"{path}: {what} file is empty.")
+    return texts
+
+
+def tokenize_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -> list[torch.Tensor]:
+    """Concatenate documents (BOS-separated when the tokenizer adds one) and cut into full blocks."""
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t)["input_ids"])
+        if len(ids) >= max_tokens + block_size:
+            break
+    n_blocks = min(len(ids) // block_size, max(1, max_tokens // (block_size - 1)))
+    return [torch.tensor(ids[i * block_size:(i + 1) * block_size]) for i in range(n_blocks)]
+
+
+def load_eval_sets(tokenizer, specs: list[tuple[str, Path]], block_size: int, max_tokens: int) -> list[EvalSet]:
+    out = []
+    for name, path in specs or list(DEFAULT_EVAL.items()):
+        blocks = tokenize_blocks(tokenizer, read_texts(Path(path)), block_size, max_tokens)
+        if not blocks:
+            raise InputError(f"{path}: eval set {name!r} has fewer than one block of {block_size} tokens; "
+                             "give more text or a smaller validate.block_size.")
+        out.append(EvalSet(name, str(path), blocks))
+    return out
+
+
+def load_prompts(tokenizer, path: Path | None) -> list[list[int]]:
+    path = Path(path) if path else DEFAULT_PROMPTS
+    prompts = []
+    for n, line in enumerate(read_texts(path, "prompts")[0].splitlines() if path.suffix != ".jsonl"
+                             else path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                line = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{path}:{n}: each line must be an object with a 'prompt' field.") from None
+        prompts.append(tokenizer(line)["input_ids"])
+    if not prompts:
+        raise InputError(f"{path}: no prompts found.")
+    return prompts
