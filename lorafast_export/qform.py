@@ -122,12 +122,16 @@ def _qtensor_problems(qt: QTensor) -> list[str]:
     if qt.codes.numel() and int(qt.codes.max()) >= 2**qt.bits:
         p.append(f"codes hold values >= 2**bits={2**qt.bits}; re-quantize with bits={qt.bits}")
     if qt.scales.dtype not in SCALE_DTYPES or tuple(qt.scales.shape) != (out, n_groups):
-        p.append(f"scales must be float [out={out}, n_groups={n_groups}], got {qt.scales.dtype} "
-                 f"{tuple(qt.scales.shape)}")
+        p.append(
+            f"scales must be float [out={out}, n_groups={n_groups}], got {qt.scales.dtype} "
+            f"{tuple(qt.scales.shape)}"
+        )
     if qt.zeros is not None:
         if qt.zeros.dtype != torch.uint8 or tuple(qt.zeros.shape) != (out, n_groups):
-            p.append(f"zeros must be uint8 [out={out}, n_groups={n_groups}] or None (symmetric), got "
-                     f"{qt.zeros.dtype} {tuple(qt.zeros.shape)}")
+            p.append(
+                f"zeros must be uint8 [out={out}, n_groups={n_groups}] or None (symmetric), got "
+                f"{qt.zeros.dtype} {tuple(qt.zeros.shape)}"
+            )
         elif qt.zeros.numel() and int(qt.zeros.max()) >= 2**qt.bits:
             p.append(f"zeros hold values >= 2**bits={2**qt.bits}")
     if qt.g_idx is not None:
@@ -160,7 +164,8 @@ def zero_points(qt: QTensor) -> torch.Tensor:
     """[out, n_groups] uint8: explicit zero points, materialising the symmetric 2**(bits-1)."""
     if qt.zeros is not None:
         return qt.zeros
-    return torch.full((qt.out_features, qt.n_groups), 2 ** (qt.bits - 1), dtype=torch.uint8)
+    shape = (qt.out_features, qt.n_groups)
+    return torch.full(shape, 2 ** (qt.bits - 1), dtype=torch.uint8, device=qt.codes.device)
 
 
 def act_order_perm(qt: QTensor) -> torch.Tensor:
@@ -173,8 +178,14 @@ def dequantize(qt: QTensor) -> torch.Tensor:
     return dequantize_parts(qt.codes, qt.scales, qt.zeros, qt.bits, qt.group_size, qt.g_idx)
 
 
-def dequantize_parts(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                     group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_parts(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
     """dequantize() on the raw fields (no validation): what QLinear.forward runs every call."""
     g = group_index(codes.shape[1], group_size, g_idx).to(codes.device)  # [in]
     s = scales[:, g].float()  # [out, in]
@@ -205,9 +216,17 @@ class QLinear(torch.nn.Module):
 
     @property
     def qtensor(self) -> QTensor:
-        return QTensor(codes=self.codes, scales=self.scales, bits=self.bits, group_size=self.group_size,
-                       zeros=self.zeros, g_idx=self.g_idx, bias=self.bias, input_scale=self.input_scale,
-                       act_quant=self.act_quant)
+        return QTensor(
+            codes=self.codes,
+            scales=self.scales,
+            bits=self.bits,
+            group_size=self.group_size,
+            zeros=self.zeros,
+            g_idx=self.g_idx,
+            bias=self.bias,
+            input_scale=self.input_scale,
+            act_quant=self.act_quant,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if self.act_quant == ACT_QUANT_INT8_PER_TOKEN:
@@ -218,8 +237,10 @@ class QLinear(torch.nn.Module):
         return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, act_quant={self.act_quant}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, act_quant={self.act_quant}"
+        )
 
 
 # ----------------------------------------------------------------------------- our safetensors layout
@@ -258,41 +279,61 @@ def qtensors_to_state_dict(qtensors: dict[str, QTensor]) -> tuple[dict[str, torc
             if value is not None:
                 tensors[f"{name}.{part}"] = value
                 parts.append(part)
-        entries[name] = {"bits": qt.bits, "group_size": qt.group_size, "shape": list(qt.codes.shape),
-                         "symmetric": qt.symmetric, "act_quant": qt.act_quant, "parts": parts,
-                         "codes_packing": "u4x2_low_first" if packed else "u8"}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        entries[name] = {
+            "bits": qt.bits,
+            "group_size": qt.group_size,
+            "shape": list(qt.codes.shape),
+            "symmetric": qt.symmetric,
+            "act_quant": qt.act_quant,
+            "parts": parts,
+            "codes_packing": "u4x2_low_first" if packed else "u8",
+        }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # files are written from CPU
     meta = {"format": QFORM_FORMAT, "version": QFORM_VERSION, "tensors": entries}
     return tensors, {_METADATA_KEY: json.dumps(meta)}
 
 
-def qtensors_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None,
-                             source: str = "state dict") -> dict[str, QTensor]:
+def qtensors_from_state_dict(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, source: str = "state dict"
+) -> dict[str, QTensor]:
     """Inverse of qtensors_to_state_dict; the metadata says what every tensor is."""
     if not metadata or _METADATA_KEY not in metadata:
-        raise InputError(f"{source}: no '{_METADATA_KEY}' header metadata; it was not written by "
-                         "lorafast_export.qform.save_qtensors. Re-export it with lorafast-export.")
+        raise InputError(
+            f"{source}: no '{_METADATA_KEY}' header metadata; it was not written by "
+            "lorafast_export.qform.save_qtensors. Re-export it with lorafast-export."
+        )
     meta = json.loads(metadata[_METADATA_KEY])
     if meta.get("format") != QFORM_FORMAT or meta.get("version") != QFORM_VERSION:
-        raise InputError(f"{source}: qform format/version {meta.get('format')}/{meta.get('version')} is not "
-                         f"{QFORM_FORMAT}/{QFORM_VERSION}; re-export it with this lorafast-export version.")
+        raise InputError(
+            f"{source}: qform format/version {meta.get('format')}/{meta.get('version')} is not "
+            f"{QFORM_FORMAT}/{QFORM_VERSION}; re-export it with this lorafast-export version."
+        )
     result = {}
     for name, e in meta["tensors"].items():
         missing = [f"{name}.{p}" for p in e["parts"] if f"{name}.{p}" not in tensors]
         if missing:
-            raise InputError(f"{source}: tensors {missing} listed in the metadata are missing; the file is "
-                             "incomplete, re-export it.")
+            raise InputError(
+                f"{source}: tensors {missing} listed in the metadata are missing; the file is "
+                "incomplete, re-export it."
+            )
         codes = tensors[f"{name}.qcodes"]
         if e["codes_packing"] == "u4x2_low_first":
             codes = _unpack_nibbles(codes, e["shape"][1])
         optional = {f: tensors[f"{name}.{p}"] for p, f in _OPTIONAL_PARTS.items() if p in e["parts"]}
-        result[name] = QTensor(codes=codes, scales=tensors[f"{name}.qscales"], bits=e["bits"],
-                               group_size=e["group_size"], act_quant=e["act_quant"], **optional)
+        result[name] = QTensor(
+            codes=codes,
+            scales=tensors[f"{name}.qscales"],
+            bits=e["bits"],
+            group_size=e["group_size"],
+            act_quant=e["act_quant"],
+            **optional,
+        )
     return result
 
 
-def save_qtensors(path: str | Path, qtensors: dict[str, QTensor], extra_metadata: dict[str, str] | None = None
-                  ) -> None:
+def save_qtensors(
+    path: str | Path, qtensors: dict[str, QTensor], extra_metadata: dict[str, str] | None = None
+) -> None:
     """Write {module: QTensor} to one safetensors file in our layout (see the comment above)."""
     tensors, metadata = qtensors_to_state_dict(qtensors)
     save_file(tensors, str(path), metadata={**(extra_metadata or {}), **metadata})
@@ -307,3 +348,9 @@ def load_qtensors(path: str | Path) -> dict[str, QTensor]:
 def with_fields(qt: QTensor, **changes: object) -> QTensor:
     """A copy of qt with fields replaced (and validated again), e.g. with_fields(qt, input_scale=s)."""
     return replace(qt, **changes)
+
+
+def qtensor_to(qt: QTensor, device: torch.device | str) -> QTensor:
+    """qt with every tensor moved to device (dtypes kept)."""
+    moved = {f: getattr(qt, f) for f in ("codes", "scales", "zeros", "g_idx", "bias", "input_scale")}
+    return replace(qt, **{f: None if t is None else t.to(device) for f, t in moved.items()})

@@ -10,7 +10,7 @@ the value minimising that group's output error. Folding s into the previous op: 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,10 +23,17 @@ __all__ = ["Folded", "apply_clip", "awq_search_clip", "awq_search_scale", "fold_
 ForwardFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
-def awq_search_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, bits: int, group_size: int,
-                     n_grid: int = 20, symmetric: bool = False, duo_scaling: bool = True,
-                     forward_fn: ForwardFn | None = None, scale_dtype: torch.dtype = torch.float16
-                     ) -> torch.Tensor:
+def awq_search_scale(
+    weights: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    n_grid: int = 20,
+    symmetric: bool = False,
+    duo_scaling: bool = True,
+    forward_fn: ForwardFn | None = None,
+    scale_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
     """Linears sharing one input (each [out_i, in]), calibration input x [tokens, in] → s [in].
 
     forward_fn(candidate_weights) → output; it must run the block on x with the given weights in place
@@ -40,9 +47,12 @@ def awq_search_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, bits: int
     w_mean = _weight_mean(weights, group_size)  # [in]
     with torch.no_grad():
         reference = forward(weights)
-        best_s, best_loss = torch.ones_like(x_mean), _quant_loss(forward, reference, weights,
-                                                                 torch.ones_like(x_mean), bits, group_size,
-                                                                 symmetric, scale_dtype)
+        best_s, best_loss = (
+            torch.ones_like(x_mean),
+            _quant_loss(
+                forward, reference, weights, torch.ones_like(x_mean), bits, group_size, symmetric, scale_dtype
+            ),
+        )
         for r in range(n_grid):
             s = awq_candidate_scale(x_mean, w_mean, r / n_grid, duo_scaling)
             loss = _quant_loss(forward, reference, weights, s, bits, group_size, symmetric, scale_dtype)
@@ -51,8 +61,9 @@ def awq_search_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, bits: int
     return best_s
 
 
-def awq_candidate_scale(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, duo_scaling: bool = True
-                        ) -> torch.Tensor:
+def awq_candidate_scale(
+    x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, duo_scaling: bool = True
+) -> torch.Tensor:
     """x_mean, w_mean [in] → s [in] = x_mean^r / w_mean^(1-r), normalised so that max·min = 1."""
     if duo_scaling:
         s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
@@ -70,30 +81,59 @@ def _weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tens
     return normed.reshape(w.shape).mean(dim=0)
 
 
-def _quant_loss(forward: ForwardFn, reference: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
-                bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype) -> float:
+def _quant_loss(
+    forward: ForwardFn,
+    reference: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    s: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+) -> float:
     """MSE between the float output and the output with Q(W·s)/s (≡ Q(W·s) applied to x/s)."""
-    fq = [fake_quantize_rtn(w * s[None, :], bits, group_size, symmetric, scale_dtype) / s[None, :]
-          for w in weights]
+    fq = [
+        fake_quantize_rtn(w * s[None, :], bits, group_size, symmetric, scale_dtype) / s[None, :]
+        for w in weights
+    ]
     return float((forward(fq).float() - reference.float()).pow(2).mean())
 
 
-def awq_search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                    n_grid: int = 20, max_shrink: float = 0.5, n_sample_tokens: int = 512,
-                    out_chunk: int = 64, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def awq_search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    n_sample_tokens: int = 512,
+    out_chunk: int = 64,
+    scale_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
     """w [out, in] (already scaled), its input x [tokens, in] → max |w| per group [out, G] to clip to."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
     _check_awq_args([w], x.shape[1], group_size, n_grid)
     gs = w.shape[1] if group_size == -1 else group_size
     step = max(1, x.shape[0] // n_sample_tokens)
     xg = x[::step].reshape(1, -1, w.shape[1] // gs, gs)  # [1, tokens, G, gs]
-    best = [_best_clip_chunk(c.float(), xg, bits, group_size, symmetric, n_grid, max_shrink, scale_dtype)
-            for c in w.detach().split(out_chunk, dim=0)]
+    best = [
+        _best_clip_chunk(c.float(), xg, bits, group_size, symmetric, n_grid, max_shrink, scale_dtype)
+        for c in w.detach().split(out_chunk, dim=0)
+    ]
     return torch.cat(best, dim=0)
 
 
-def _best_clip_chunk(w: torch.Tensor, xg: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                     n_grid: int, max_shrink: float, scale_dtype: torch.dtype) -> torch.Tensor:
+def _best_clip_chunk(
+    w: torch.Tensor,
+    xg: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    n_grid: int,
+    max_shrink: float,
+    scale_dtype: torch.dtype,
+) -> torch.Tensor:
     """w [oc, in], xg [1, tokens, G, gs] → best max_val [oc, G] by per-group output MSE."""
     oc, n_groups, gs = w.shape[0], xg.shape[2], xg.shape[3]
     wg = w.reshape(oc, 1, n_groups, gs)  # [oc, 1, G, gs]
@@ -104,7 +144,9 @@ def _best_clip_chunk(w: torch.Tensor, xg: torch.Tensor, bits: int, group_size: i
         max_val = org_max * (1 - i_s / n_grid)
         cur = torch.clamp(wg, -max_val, max_val).reshape(oc, -1)
         q = fake_quantize_rtn(cur, bits, group_size, symmetric, scale_dtype).reshape(wg.shape)
-        err = (torch.einsum("tgk,ogk->otg", xg[0], q[:, 0]) - org_out).pow(2).mean(dim=1).reshape(org_max.shape)
+        err = (
+            (torch.einsum("tgk,ogk->otg", xg[0], q[:, 0]) - org_out).pow(2).mean(dim=1).reshape(org_max.shape)
+        )
         better = err < min_err
         min_err[better], best_max[better] = err[better], max_val[better]
     return best_max.reshape(oc, n_groups)
@@ -119,13 +161,18 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch
 
 
 def _check_awq_args(weights: Sequence[torch.Tensor], in_features: int, group_size: int, n_grid: int) -> None:
-    problems = [f"weights[{i}] {tuple(w.shape)} must be [out, in={in_features}] (the width of x)"
-                for i, w in enumerate(weights) if w.dim() != 2 or w.shape[1] != in_features]
+    problems = [
+        f"weights[{i}] {tuple(w.shape)} must be [out, in={in_features}] (the width of x)"
+        for i, w in enumerate(weights)
+        if w.dim() != 2 or w.shape[1] != in_features
+    ]
     if not weights:
         problems.append("no weights given")
     if group_size != -1 and (group_size <= 0 or in_features % group_size):
-        problems.append(f"group_size={group_size} must divide in_features={in_features} "
-                        "(AWQ needs whole groups; use e.g. 128 or -1)")
+        problems.append(
+            f"group_size={group_size} must divide in_features={in_features} "
+            "(AWQ needs whole groups; use e.g. 128 or -1)"
+        )
     if n_grid <= 0:
         problems.append(f"n_grid={n_grid}: use a positive grid size such as 20")
     if problems:

@@ -37,7 +37,7 @@ def accumulate_hessian(H: torch.Tensor | None, n_seen: int, x: torch.Tensor) -> 
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """H [in, in] (dead columns already set to 1) → upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean diag."""
+    """H [in, in] (dead columns set to 1) → upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean diag(H)."""
     H = H.clone()
     damp = damp_percent * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
@@ -47,14 +47,25 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tens
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
         if info == 0:
             return U
-    raise InputError(f"GPTQ: the Hessian is not positive definite with damp_percent={damp_percent}. "
-                     "Increase damp_percent (e.g. 0.05 or 0.1) or calibrate with more tokens.")
+    raise InputError(
+        f"GPTQ: the Hessian is not positive definite with damp_percent={damp_percent}. "
+        "Increase damp_percent (e.g. 0.05 or 0.1) or calibrate with more tokens."
+    )
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  act_order: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                  scale_dtype: torch.dtype = torch.float16, bias: torch.Tensor | None = None) -> QTensor:
-    """w [out, in], H [in, in] float32 (from accumulate_hessian) → QTensor (codes in original column order)."""
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    act_order: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    scale_dtype: torch.dtype = torch.float16,
+    bias: torch.Tensor | None = None,
+) -> QTensor:
+    """w [out, in], H [in, in] float32 (accumulate_hessian) → QTensor, codes in original column order."""
     _check_gptq_args(w, H, bits, group_size, damp_percent, block_size, scale_dtype)
     W = w.detach().float().clone()  # [out, in]
     H = H.detach().float().clone()  # [in, in]
@@ -72,13 +83,26 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
         codes = codes[:, inv]
         if group_size != -1:
             g_idx = (inv // group_size).to(torch.int32)
-    return QTensor(codes=codes.contiguous(), scales=scales, zeros=zeros, bits=bits, group_size=group_size,
-                   g_idx=g_idx, bias=None if bias is None else bias.detach().clone())
+    return QTensor(
+        codes=codes.contiguous(),
+        scales=scales,
+        zeros=zeros,
+        bits=bits,
+        group_size=group_size,
+        g_idx=g_idx,
+        bias=None if bias is None else bias.detach().clone(),
+    )
 
 
-def _gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                block_size: int, scale_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _gptq_sweep(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    block_size: int,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The lazy-batched column sweep on W [out, in] (modified in place) → codes, scales, zeros."""
     out, n = W.shape
     gs = n if group_size == -1 else group_size
@@ -93,7 +117,7 @@ def _gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, bits: int, group_size: int,
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if (i1 + i) % gs == 0:  # a group starts: its params from the already-updated weights
-                cols = W1[:, i:i + gs] if group_size != -1 else W  # per channel: the whole (initial) row
+                cols = W1[:, i : i + gs] if group_size != -1 else W  # per channel: the whole (initial) row
                 s, z = qparams(cols.amin(dim=1), cols.amax(dim=1), bits, symmetric, scale_dtype)  # [out]
                 scale_list.append(s)
                 zero_list.append(z)
@@ -110,13 +134,22 @@ def _gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, bits: int, group_size: int,
     return codes, scales, zeros
 
 
-def _check_gptq_args(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp_percent: float,
-                     block_size: int, scale_dtype: torch.dtype) -> None:
+def _check_gptq_args(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp_percent: float,
+    block_size: int,
+    scale_dtype: torch.dtype,
+) -> None:
     check_quant_args(w, bits, group_size, scale_dtype, where="gptq_quantize")
     problems = []
     if H.shape != (w.shape[1], w.shape[1]):
-        problems.append(f"H {tuple(H.shape)} must be [in, in] = [{w.shape[1]}, {w.shape[1]}] for w "
-                        f"{tuple(w.shape)}; accumulate it from this linear's inputs")
+        problems.append(
+            f"H {tuple(H.shape)} must be [in, in] = [{w.shape[1]}, {w.shape[1]}] for w "
+            f"{tuple(w.shape)}; accumulate it from this linear's inputs"
+        )
     elif not torch.isfinite(H).all():
         problems.append("H holds NaN or inf; check the calibration activations")
     if not 0.0 < damp_percent < 1.0:

@@ -8,7 +8,8 @@ from lorafast_export.qform import QTensor
 from lorafast_export.quant.rtn import quantize_rtn
 
 
-def quantize_int8_weight(w: torch.Tensor, bias: torch.Tensor | None = None,
-                         scale_dtype: torch.dtype = torch.float32) -> QTensor:
+def quantize_int8_weight(
+    w: torch.Tensor, bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
+) -> QTensor:
     """w [out, in] → 8-bit per-channel symmetric QTensor (scales [out, 1])."""
     return quantize_rtn(w, bits=8, group_size=-1, symmetric=True, scale_dtype=scale_dtype, bias=bias)

@@ -2,8 +2,8 @@
 
 Symmetric: scale = absmax / (2**(bits-1) - 1), implicit zero 2**(bits-1) (codes in [1, 2**bits - 1]).
 Asymmetric: the range [min(w_min, 0), max(w_max, 0)] (zero is always representable) maps onto
-[0, 2**bits - 1]; zero = round(-min / scale). Scales are rounded to `scale_dtype` BEFORE the codes are
-computed, so a checkpoint that stores float16 scales reproduces the IR exactly.
+[0, 2**bits - 1]; zero = round(-min / scale). Scales are rounded UP to `scale_dtype` (no clipping, error
+<= scale/2) BEFORE the codes are computed, so a checkpoint storing float16 scales reproduces the IR exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from lorafast_export.errors import InputError
 from lorafast_export.qform import SCALE_DTYPES, SUPPORTED_BITS, QTensor, dequantize, group_index, n_groups_for
 
 
-def check_quant_args(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype, where: str) -> None:
+def check_quant_args(
+    w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype, where: str
+) -> None:
     """Raise InputError naming every bad argument of a weight quantizer at once."""
     problems = []
     if w.dim() != 2 or not w.is_floating_point():
@@ -40,51 +42,76 @@ def group_minmax(w: torch.Tensor, g: torch.Tensor, n_groups: int) -> tuple[torch
     return wmin, wmax
 
 
-def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool,
-            scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
+def qparams(
+    wmin: torch.Tensor,
+    wmax: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group range [...] → (scale [...] in scale_dtype, zero [...] uint8 or None if symmetric)."""
     maxq = 2**bits - 1
     tiny = torch.finfo(scale_dtype).tiny
     if symmetric:
         absmax = torch.maximum(wmin.abs(), wmax.abs()).float()
-        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=tiny).to(scale_dtype)
-        _check_finite(scale, scale_dtype)
+        scale = round_up_to_dtype((absmax / (2 ** (bits - 1) - 1)).clamp(min=tiny), scale_dtype)
         return scale, None
     lo = wmin.float().clamp(max=0.0)
     hi = wmax.float().clamp(min=0.0)
-    scale = ((hi - lo) / maxq).clamp(min=tiny).to(scale_dtype)
-    _check_finite(scale, scale_dtype)
+    scale = round_up_to_dtype(((hi - lo) / maxq).clamp(min=tiny), scale_dtype)
     zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(torch.uint8)
     return scale, zero
 
 
-def _check_finite(scale: torch.Tensor, scale_dtype: torch.dtype) -> None:
-    if not torch.isfinite(scale).all():
-        raise InputError(f"weights too large for {scale_dtype} scales (max scale overflows); "
-                         "quantize with scale_dtype=torch.float32")
+def round_up_to_dtype(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """float32 scale → the smallest scale_dtype value >= it, so rounding the scale never clips the range."""
+    cast = scale.to(scale_dtype)
+    low = cast.float() < scale
+    cast = torch.where(low, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
+    if not torch.isfinite(cast).all():
+        raise InputError(
+            f"weights too large for {scale_dtype} scales (max scale overflows); "
+            "quantize with scale_dtype=torch.float32"
+        )
+    return cast
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
     """w [out, k], per-column scale/zero [out, k] (or broadcastable) → uint8 codes [out, k]."""
     z = 2.0 ** (bits - 1) if zero is None else zero.float()
     q = torch.round(w.float() / scale.float()) + z
     return q.clamp(0, 2**bits - 1).to(torch.uint8)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 scale_dtype: torch.dtype = torch.float16, bias: torch.Tensor | None = None) -> QTensor:
+def quantize_rtn(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    bias: torch.Tensor | None = None,
+) -> QTensor:
     """w [out, in] → QTensor by min-max (asymmetric) or absmax (symmetric) round-to-nearest per group."""
     check_quant_args(w, bits, group_size, scale_dtype, where="quantize_rtn")
     n_groups = n_groups_for(w.shape[1], group_size)
-    g = group_index(w.shape[1], group_size)  # [in]
+    g = group_index(w.shape[1], group_size).to(w.device)  # [in]
     wf = w.detach().float()
     scale, zero = qparams(*group_minmax(wf, g, n_groups), bits, symmetric, scale_dtype)  # [out, G]
     codes = quantize_codes(wf, scale[:, g], None if zero is None else zero[:, g], bits)  # [out, in]
-    return QTensor(codes=codes, scales=scale, zeros=zero, bits=bits, group_size=group_size,
-                   bias=None if bias is None else bias.detach().clone())
+    return QTensor(
+        codes=codes,
+        scales=scale,
+        zeros=zero,
+        bits=bits,
+        group_size=group_size,
+        bias=None if bias is None else bias.detach().clone(),
+    )
 
 
-def fake_quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                      scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def fake_quantize_rtn(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype = torch.float16
+) -> torch.Tensor:
     """dequantize(quantize_rtn(w)) as float32 [out, in]: the search objective of AWQ."""
     return dequantize(quantize_rtn(w, bits, group_size, symmetric, scale_dtype))

@@ -8,7 +8,7 @@ Reference: mit-han-lab/smoothquant smoothquant/smooth.py (smooth_ln_fcs).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,19 +30,28 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"smoothquant alpha={alpha}: use a value in [0, 1] (0.5 is the usual choice).")
     if act_absmax.shape != w_absmax.shape or act_absmax.dim() != 1:
-        raise InputError(f"smooth_scales: act_absmax {tuple(act_absmax.shape)} and w_absmax "
-                         f"{tuple(w_absmax.shape)} must both be [in].")
+        raise InputError(
+            f"smooth_scales: act_absmax {tuple(act_absmax.shape)} and w_absmax "
+            f"{tuple(w_absmax.shape)} must both be [in]."
+        )
     a = act_absmax.float().clamp(min=1e-5)
     w = w_absmax.float().clamp(min=1e-5)
     return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=1e-5)
 
 
-def quantize_w8a8(w: torch.Tensor, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  scale_dtype: torch.dtype = torch.float32) -> QTensor:
+def quantize_w8a8(
+    w: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QTensor:
     """Already-smoothed w [out, in] → int8 per-channel symmetric weights + dynamic per-token int8 inputs.
 
     input_scale is the s that was folded (bookkeeping only).
     """
     qt = quantize_int8_weight(w, bias=bias, scale_dtype=scale_dtype)
-    return with_fields(qt, act_quant=ACT_QUANT_INT8_PER_TOKEN,
-                       input_scale=None if input_scale is None else input_scale.detach().float().clone())
+    return with_fields(
+        qt,
+        act_quant=ACT_QUANT_INT8_PER_TOKEN,
+        input_scale=None if input_scale is None else input_scale.detach().float().clone(),
+    )

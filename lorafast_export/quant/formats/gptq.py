@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.qform import QScheme, QTensor, group_index, n_groups_for, zero_points
+from lorafast_export.qform import QScheme, QTensor, group_index, n_groups_for, qtensor_to, zero_points
 from lorafast_export.quant.formats.common import cast_scales, require
 from lorafast_export.quant.formats.packing import pack_int32, to_int32_words, unpack_int32
 
@@ -28,15 +28,20 @@ GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _V1_OFFSET = {4: 0x11111111, 8: 0x01010101}
 
 
-def pack_gptq(qt: QTensor, checkpoint_format: str = "gptq", allow_scale_rounding: bool = False
-              ) -> dict[str, torch.Tensor]:
-    """QTensor → {"qweight", "qzeros", "scales", "g_idx"[, "bias"]} (prefix the keys with the module name)."""
+def pack_gptq(
+    qt: QTensor, checkpoint_format: str = "gptq", allow_scale_rounding: bool = False
+) -> dict[str, torch.Tensor]:
+    """QTensor → {"qweight", "qzeros", "scales", "g_idx"[, "bias"]}; prefix the keys with the module name."""
+    qt = qtensor_to(qt, "cpu")  # checkpoints are written from CPU
     _check_format(checkpoint_format)
     pf = 32 // qt.bits
-    require(qt, "GPTQ",
-            in_features=(qt.in_features % pf == 0, f"must be a multiple of {pf}; keep this layer unquantized"),
-            out_features=(qt.out_features % pf == 0, f"must be a multiple of {pf}; keep this layer unquantized"),
-            act_quant=(qt.act_quant is None, "GPTQ is weight-only; export W8A8 as compressed-tensors"))
+    require(
+        qt,
+        "GPTQ",
+        in_features=(qt.in_features % pf == 0, f"must be a multiple of {pf}; keep this layer unquantized"),
+        out_features=(qt.out_features % pf == 0, f"must be a multiple of {pf}; keep this layer unquantized"),
+        act_quant=(qt.act_quant is None, "GPTQ is weight-only; export W8A8 as compressed-tensors"),
+    )
     qweight = pack_int32(qt.codes.T, qt.bits, dim=0)  # [in/pf, out]
     packed_zeros = pack_int32(zero_points(qt).T, qt.bits, dim=1)  # [G, out/pf]
     if checkpoint_format == "gptq":
@@ -52,8 +57,9 @@ def pack_gptq(qt: QTensor, checkpoint_format: str = "gptq", allow_scale_rounding
     return tensors
 
 
-def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                checkpoint_format: str = "gptq") -> QTensor:
+def unpack_gptq(
+    tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool, checkpoint_format: str = "gptq"
+) -> QTensor:
     """Inverse of pack_gptq; bits/group_size/sym come from the checkpoint's quantization_config."""
     _check_format(checkpoint_format)
     codes = unpack_int32(tensors["qweight"], bits, dim=0).T.to(torch.uint8).contiguous()  # [out, in]
@@ -63,33 +69,54 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sy
         words = to_int32_words(words.to(torch.int64) + _V1_OFFSET[bits])
     zeros = unpack_int32(words, bits, dim=1).T.to(torch.uint8).contiguous()  # [out, G]
     if zeros.shape != (out, n_groups_for(in_, group_size)):
-        raise InputError(f"GPTQ tensors: qzeros give {zeros.shape[1]} groups, but in_features={in_} and "
-                         f"group_size={group_size} need {n_groups_for(in_, group_size)}; the config does not "
-                         "match the tensors.")
+        raise InputError(
+            f"GPTQ tensors: qzeros give {zeros.shape[1]} groups, but in_features={in_} and "
+            f"group_size={group_size} need {n_groups_for(in_, group_size)}; the config does not "
+            "match the tensors."
+        )
     if sym:
         if not bool((zeros == 2 ** (bits - 1)).all()):
-            raise InputError(f"GPTQ tensors: the config says sym=true but zero points differ from "
-                             f"{2 ** (bits - 1)}; set sym=false in quantization_config.")
+            raise InputError(
+                f"GPTQ tensors: the config says sym=true but zero points differ from "
+                f"{2 ** (bits - 1)}; set sym=false in quantization_config."
+            )
         zeros = None
     g_idx = tensors["g_idx"].to(torch.int32)
     trivial = torch.equal(g_idx.long(), group_index(in_, group_size))
-    return QTensor(codes=codes, scales=tensors["scales"].T.contiguous(), zeros=zeros, bits=bits,
-                   group_size=group_size, g_idx=None if trivial or group_size == -1 else g_idx,
-                   bias=tensors.get("bias"))
+    return QTensor(
+        codes=codes,
+        scales=tensors["scales"].T.contiguous(),
+        zeros=zeros,
+        bits=bits,
+        group_size=group_size,
+        g_idx=None if trivial or group_size == -1 else g_idx,
+        bias=tensors.get("bias"),
+    )
 
 
-def gptq_quant_config(scheme: QScheme, checkpoint_format: str = "gptq", damp_percent: float = 0.01
-                      ) -> dict[str, Any]:
+def gptq_quant_config(
+    scheme: QScheme, checkpoint_format: str = "gptq", damp_percent: float = 0.01
+) -> dict[str, Any]:
     """The `quantization_config` of config.json (transformers GPTQConfig / GPTQModel QuantizeConfig)."""
     _check_format(checkpoint_format)
     if scheme.act_quant is not None:
         raise InputError("GPTQ checkpoints are weight-only; export W8A8 as compressed-tensors.")
-    return {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size,
-            "desc_act": scheme.act_order, "sym": scheme.symmetric, "checkpoint_format": checkpoint_format,
-            "damp_percent": damp_percent, "true_sequential": True, "static_groups": False,
-            "pack_dtype": "int32"}
+    return {
+        "quant_method": "gptq",
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "desc_act": scheme.act_order,
+        "sym": scheme.symmetric,
+        "checkpoint_format": checkpoint_format,
+        "damp_percent": damp_percent,
+        "true_sequential": True,
+        "static_groups": False,
+        "pack_dtype": "int32",
+    }
 
 
 def _check_format(checkpoint_format: str) -> None:
     if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
-        raise InputError(f"GPTQ checkpoint_format={checkpoint_format!r}: use one of {GPTQ_CHECKPOINT_FORMATS}.")
+        raise InputError(
+            f"GPTQ checkpoint_format={checkpoint_format!r}: use one of {GPTQ_CHECKPOINT_FORMATS}."
+        )

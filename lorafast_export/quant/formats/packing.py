@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,8 +27,10 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int, order: Sequence[int] |
     v = values.to(torch.int64).movedim(dim, -1)  # [..., n]
     n = v.shape[-1]
     if n % pf:
-        raise InputError(f"cannot pack {n} values of {bits} bits into int32 words: {n} is not a multiple of "
-                         f"{pf}; the layer shape does not fit this checkpoint format.")
+        raise InputError(
+            f"cannot pack {n} values of {bits} bits into int32 words: {n} is not a multiple of "
+            f"{pf}; the layer shape does not fit this checkpoint format."
+        )
     v = v.reshape(*v.shape[:-1], n // pf, pf)  # [..., words, pf]
     if order is not None:
         v = v[..., list(order)]
@@ -37,7 +39,9 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int, order: Sequence[int] |
     return to_int32_words(words).movedim(-1, dim).contiguous()
 
 
-def unpack_int32(words: torch.Tensor, bits: int, dim: int, order: Sequence[int] | None = None) -> torch.Tensor:
+def unpack_int32(
+    words: torch.Tensor, bits: int, dim: int, order: Sequence[int] | None = None
+) -> torch.Tensor:
     """Inverse of pack_int32 → int64 values with 32//bits times the size along `dim`."""
     pf = 32 // bits
     w = words.to(torch.int64).movedim(dim, -1) & (_U32 - 1)  # [..., words]

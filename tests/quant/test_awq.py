@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.qform import dequantize
+from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale, fold_scale_into_previous
+from lorafast_export.quant.rtn import quantize_rtn
+from tests.quant.helpers import correlated_inputs
+
+torch.set_default_dtype(torch.float32)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def test_fold_into_norm_leaves_unrounded_output_unchanged():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    norm_w = torch.rand(32, generator=g, dtype=torch.float64) + 0.5
+    q, k, v = (torch.randn(n, 32, generator=g, dtype=torch.float64) for n in (32, 16, 16))
+    s = torch.rand(32, generator=g, dtype=torch.float64) * 4 + 0.1
+    f = fold_scale_into_previous(norm_w, [q, k, v], s)
+    for before, after in zip((q, k, v), f.linears):
+        assert torch.allclose(rms_norm(h, norm_w) @ before.T, rms_norm(h, f.prev_weight) @ after.T, rtol=1e-6)
+    assert f.prev_bias is None and f.prev_weight.dtype == torch.float64
+
+
+def test_fold_into_gemma_style_norm_with_offset():
+    h, w, lin, s = torch.randn(4, 8), torch.randn(8) * 0.1, torch.randn(3, 8), torch.rand(8) + 0.5
+    f = fold_scale_into_previous(w, [lin], s, norm_offset=1.0)
+    assert torch.allclose(
+        rms_norm(h, 1 + w) @ lin.T, rms_norm(h, 1 + f.prev_weight) @ f.linears[0].T, atol=1e-5
+    )
+
+
+def test_fold_linear_into_linear_v_proj_to_o_proj():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    v_w, v_b = (
+        torch.randn(16, 24, generator=g, dtype=torch.float64),
+        torch.randn(16, generator=g, dtype=torch.float64),
+    )
+    o_w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    s = torch.rand(16, generator=g, dtype=torch.float64) + 0.2
+    f = fold_scale_into_previous(v_w, [o_w], s, prev_bias=v_b)
+    before = (x @ v_w.T + v_b) @ o_w.T
+    after = (x @ f.prev_weight.T + f.prev_bias) @ f.linears[0].T
+    assert torch.allclose(before, after, rtol=1e-9, atol=1e-9)
+
+
+def test_fold_refuses_mismatched_shapes():
+    with pytest.raises(InputError, match="grouped-query"):
+        fold_scale_into_previous(torch.randn(8, 32), [torch.randn(32, 16)], torch.rand(8) + 1)  # GQA v→o
+    with pytest.raises(InputError, match="positive"):
+        fold_scale_into_previous(torch.randn(8), [torch.randn(4, 8)], torch.zeros(8))
+
+
+def awq_toy(seed=0, in_=128, outs=(64, 32)):
+    x = correlated_inputs(256, in_, seed=seed, outlier_channels=4)
+    g = torch.Generator().manual_seed(seed + 10)
+    ws = [torch.randn(n, in_, generator=g) * 0.05 for n in outs]
+    return x, ws
+
+
+def output_mse(x, ws, ws_hat):
+    return sum(float((x @ w.T - x @ wh.T).pow(2).mean()) for w, wh in zip(ws, ws_hat))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_awq_scale_beats_rtn_with_outlier_channels(symmetric):
+    x, ws = awq_toy()
+    s = awq_search_scale(ws, x, bits=4, group_size=32, symmetric=symmetric)
+    assert s.shape == (128,) and torch.all(s > 0)
+    rtn = [dequantize(quantize_rtn(w, 4, 32, symmetric)) for w in ws]
+    awq = [dequantize(quantize_rtn(w * s, 4, 32, symmetric)) / s for w in ws]  # Q(W·s) applied to x/s
+    assert output_mse(x, ws, awq) < 0.7 * output_mse(x, ws, rtn)
+
+
+def test_awq_scale_with_custom_forward_fn():
+    x, ws = awq_toy(seed=1, outs=(32,))
+    down = torch.randn(16, 32) * 0.1
+
+    def block(weights):  # a two-layer block: the search judges the block output, not the linear's
+        return torch.relu(x @ weights[0].T) @ down.T
+
+    s = awq_search_scale(ws, x, 4, 32, forward_fn=block)
+    assert s.shape == (128,) and torch.isfinite(s).all()
+
+
+def test_awq_clip_does_not_increase_output_error():
+    x, ws = awq_toy(seed=2)
+    w = ws[0]
+    max_val = awq_search_clip(w, x, bits=4, group_size=32)
+    assert max_val.shape == (64, 4)
+    clipped = apply_clip(w, max_val, 32)
+    assert torch.all(clipped.abs() <= w.abs())
+    err_clip = output_mse(x, [w], [dequantize(quantize_rtn(clipped, 4, 32, False))])
+    err_plain = output_mse(x, [w], [dequantize(quantize_rtn(w, 4, 32, False))])
+    assert err_clip <= err_plain * 1.0001
+
+
+def test_awq_rejects_bad_groups():
+    x, ws = awq_toy()
+    with pytest.raises(InputError, match="group_size=48"):
+        awq_search_scale(ws, x, 4, 48)
+    with pytest.raises(InputError, match="width of x"):
+        awq_search_scale([torch.randn(4, 64)], x, 4, 32)

@@ -1,0 +1,49 @@
+"""The same math on a CUDA device gives the CPU's answer (skipped where no GPU is visible)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafast_export.qform import QLinear, dequantize, qtensor_to
+from lorafast_export.quant.awq import awq_search_clip, awq_search_scale
+from lorafast_export.quant.formats import pack_awq, pack_compressed_tensors, pack_gptq
+from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
+from lorafast_export.quant.rtn import quantize_rtn
+from tests.quant.helpers import assert_same_qtensor, correlated_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_rtn_and_packers_match_cpu():
+    w = torch.randn(64, 256) * 0.05
+    for sym in (True, False):
+        cpu = quantize_rtn(w, 4, 32, sym)
+        gpu = quantize_rtn(w.cuda(), 4, 32, sym)
+        assert gpu.codes.is_cuda
+        assert_same_qtensor(qtensor_to(gpu, "cpu"), cpu)
+        for pack in (pack_gptq, pack_awq, pack_compressed_tensors):
+            a, b = pack(cpu), pack(gpu)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gptq_on_cuda_agrees_with_cpu():
+    x = correlated_inputs(1024, 512, seed=1)
+    w = torch.randn(256, 512) * 0.05
+    H, _ = accumulate_hessian(None, 0, x)
+    Hg, _ = accumulate_hessian(None, 0, x.cuda())
+    cpu = gptq_quantize(w, H, 4, 64, symmetric=False, act_order=True)
+    gpu = gptq_quantize(w.cuda(), Hg, 4, 64, symmetric=False, act_order=True)
+    assert float((gpu.codes.cpu() == cpu.codes).float().mean()) > 0.98  # BLAS rounding differs
+    assert torch.equal(gpu.g_idx.cpu(), cpu.g_idx)
+
+
+def test_awq_and_qlinear_on_cuda():
+    x = correlated_inputs(256, 256, seed=2, outlier_channels=4).cuda()
+    w = (torch.randn(128, 256) * 0.05).cuda()
+    s = awq_search_scale([w], x, 4, 64)
+    clip = awq_search_clip(w * s, x / s, 4, 64)
+    assert s.is_cuda and clip.shape == (128, 4) and torch.isfinite(clip).all()
+    qt = quantize_rtn(w, 4, 64, False, bias=torch.randn(128, device="cuda"))
+    layer = QLinear(qt)
+    assert torch.allclose(layer(x), F.linear(x, dequantize(qt), qt.bias), atol=1e-4)
+    assert layer(x.half()).dtype == torch.float16
