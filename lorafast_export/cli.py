@@ -93,7 +93,7 @@ def _build_overrides(**o) -> dict:
         ov["inputs.adapters"] = [{"path": p, "weight": w} for p, w in map(parse_adapter_spec, o["adapter"])]
     simple = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
               "hf_format": "target.hf_format", "dtype": "merge.dtype", "out": "output.dir",
-              "max_tokens": "validate.max_tokens", "device": "quant.device", "name": "name"}
+              "max_tokens": "validate.max_tokens", "prompts": "validate.prompts", "device": "quant.device", "name": "name"}
     for flag, key in simple.items():
         if o.get(flag) is not None:
             ov[key] = o[flag]
@@ -141,6 +141,7 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled.")
 @click.option("--gate", multiple=True, help='Validation gate, e.g. "kl_mean<=0.02". Repeatable.')
 @click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
+@click.option("--prompts", help="Prompts for greedy-generation checks (jsonl with 'prompt', or one per line).")
 @click.option("--no-validate", is_flag=True, help="Skip the validation stage.")
 @click.option("--out", help="Output artifact directory.")
 @click.option("--name", help="Artifact name (default: the --out directory's name).")

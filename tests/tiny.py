@@ -49,3 +49,27 @@ def save_model(model, path: Path) -> Path:
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
+
+
+def save_char_tokenizer(path: Path, vocab: int = 96) -> None:
+    """A character-level tokenizer with `vocab` ids (<unk>, <s>, then printable ASCII), BOS added."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tokens = ["<unk>", "<s>"] + chars[: vocab - 2]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(path)
+
+
+def write_text(path: Path, n_chars: int = 6000, seed: int = 0) -> Path:
+    import random
+
+    rnd = random.Random(seed)
+    words = ["the", "model", "adapter", "merge", "def", "return", "value", "(x)", "layer", "token", "=", ":"]
+    text = " ".join(rnd.choice(words) for _ in range(n_chars // 4))
+    path.write_text(text[:n_chars])
+    return path

@@ -18,7 +18,7 @@ class Step:
 
 
 def _pooled(entries: Sequence[StageResult], values: Sequence[float | None]) -> float:
-    pairs = [(e.tokens, v) for e, v in zip(entries, values) if v is not None]
+    pairs = [(e.tokens, v) for e, v in zip(entries, values, strict=True) if v is not None]
     total = sum(t for t, _ in pairs)
     return sum(t * v for t, v in pairs) / total if total else math.nan
 
@@ -35,7 +35,10 @@ def stage_steps(report: Report) -> list[Step]:
             step = _pooled(entries, measured)
         else:
             step = kl_ref - (steps[-1].kl_vs_ref if steps else 0.0)
-        against = next((e.vs_previous.against for e in entries if e.vs_previous), steps[-1].stage if steps else "reference")
+        against = next(
+            (e.vs_previous.against for e in entries if e.vs_previous),
+            steps[-1].stage if steps else "reference",
+        )
         steps.append(Step(name, against, kl_ref, step))
     return steps
 

@@ -31,7 +31,9 @@ def parse_report(data: dict[str, Any] | str, source: str = "report") -> Report:
             raise InputError(f"{source}: not valid JSON ({err})") from None
     found = data.get("schema") if isinstance(data, dict) else None
     if found != SCHEMA_ID:
-        raise InputError(f"{source}: schema is {found!r}, expected {SCHEMA_ID!r}; regenerate it with this version")
+        raise InputError(
+            f"{source}: schema is {found!r}, expected {SCHEMA_ID!r}; regenerate it with this version"
+        )
     try:
         return Report.model_validate(data)
     except ValidationError as err:

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lorafast_export.report import fmt
-from lorafast_export.report.attribution import error_entry
+from lorafast_export.report.attribution import error_entry, stage_steps
 from lorafast_export.report.schema import SCHEMA_ID, Report, StageResult
 from lorafast_export.validate.gates import GateResult
 
 MAX_GATE_LINES = 15  # beyond this, passing gates are counted instead of listed
 
 
-def _gate_counts(gates: Sequence[GateResult]) -> str:
+def gate_counts(gates: Sequence[GateResult]) -> str:
+    """'4/6 gates passed, 2 failed'"""
     failed = sum(g.passed is False for g in gates)
     skipped = sum(g.passed is None for g in gates)
     text = f"{len(gates) - failed - skipped}/{len(gates)} gates passed"
@@ -24,34 +25,45 @@ def header(report: Report) -> list[str]:
     sets = ", ".join(f"{e.name} ({e.tokens:,} tokens)" for e in report.eval_sets)
     verdict = "passed" if report.passed else "FAILED"
     return [
-        f"### {fmt.status_icon(report.passed)} lorafast-export {verdict}: `{a.name}` → {a.target} · {a.quant}",
+        f"### {fmt.status_icon(report.passed)} {verdict}: `{a.name}` → {a.target} · {a.quant}",
         "",
-        f"**{_gate_counts(report.gates)}** · eval sets: {sets}",
+        f"**{gate_counts(report.gates)}** · eval sets: {sets}",
     ]
 
 
 def _stage_row(report: Report, s: StageResult) -> str:
     gain = report.adapter_gain_retained.get(s.name, {}).get(s.eval_set)
-    cells = [f"`{s.name}`", s.eval_set, fmt.kl_pm(s.kl_mean, s.kl_sem), fmt.num(s.kl_p99), fmt.pct(s.top1),
-             fmt.ratio(s.ppl_ratio), fmt.pct(s.greedy_match), fmt.pct(gain)]
+    cells = [
+        f"`{s.name}`",
+        s.eval_set,
+        fmt.kl_pm(s.kl_mean, s.kl_sem),
+        fmt.num(s.kl_p99),
+        fmt.pct(s.top1),
+        fmt.ratio(s.ppl_ratio),
+        fmt.pct(s.greedy_match),
+        fmt.pct(gain),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
 def stage_table(report: Report) -> list[str]:
     return [
-        "| Stage | Eval set | KL mean ± sem (nats) | KL p99 | Top-1 | PPL ratio | Greedy match | Adapter gain kept |",
+        "| Stage | Eval set | KL mean ± sem (nats) | KL p99 | Top-1 | PPL ratio | Greedy match "
+        "| Adapter gain kept |",
         "|---|---|--:|--:|--:|--:|--:|--:|",
         *(_stage_row(report, s) for s in report.stages),
     ]
 
 
 def entry_line(report: Report) -> str:
+    steps = stage_steps(report)
     step = error_entry(report)
     if step is None:
         return "**Where the error enters:** no stage metrics."
     return (
-        f"**Where the error enters:** `{step.stage}` — mean KL {fmt.num(step.kl_step)} nats/token against "
-        f"`{step.against}`, the largest step; it ends at {fmt.num(step.kl_vs_ref)} vs the reference."
+        f"**Where the error enters:** `{step.stage}`, the largest step: mean KL {fmt.num(step.kl_step)} "
+        f"nats/token against `{step.against}` (final `{steps[-1].stage}`: {fmt.num(steps[-1].kl_vs_ref)} "
+        "vs the reference)."
     )
 
 
@@ -61,11 +73,13 @@ def gate_line(g: GateResult) -> str:
 
 
 def gate_lines(gates: Sequence[GateResult]) -> list[str]:
-    if len(gates) <= MAX_GATE_LINES:
-        return [gate_line(g) for g in gates]
-    shown = [g for g in gates if g.passed is not True][:MAX_GATE_LINES]
+    """Failed first, then skipped, then passed; past MAX_GATE_LINES the passing ones are only counted."""
+    ordered = sorted(gates, key=lambda g: {False: 0, None: 1, True: 2}[g.passed])
+    if len(ordered) <= MAX_GATE_LINES:
+        return [gate_line(g) for g in ordered]
+    shown = [g for g in ordered if g.passed is not True][:MAX_GATE_LINES]
     rest = len(gates) - len(shown)
-    return [gate_line(g) for g in shown] + [f"- … and {rest} more gates ({_gate_counts(gates)})"]
+    return [gate_line(g) for g in shown] + [f"- … and {rest} more gates ({gate_counts(gates)})"]
 
 
 def render_markdown(report: Report) -> str:

@@ -103,7 +103,8 @@ class Report(_Model):
     artifact: ArtifactInfo
     eval_sets: list[EvalSetInfo]
     stages: list[StageResult]
-    adapter_gain_retained: dict[str, dict[str, Metric]] = Field(default_factory=dict)  # stage -> eval set -> value
+    # stage -> eval set -> (ppl_base - ppl) / (ppl_base - ppl_ref); None where undefined
+    adapter_gain_retained: dict[str, dict[str, Metric]] = Field(default_factory=dict)
     layer_weight_error: list[LayerError] | None = None
     gates: list[GateResult] = Field(default_factory=list)
     passed: bool
@@ -122,11 +123,17 @@ def stage_result(
 ) -> StageResult:
     """One stage on one eval set from MetricAccumulator.result() (vs reference, and vs the previous stage's
     logits) and greedy_agreement(); unknown keys of those dicts are ignored."""
-    fields = {k: metrics[k] for k in StageResult.model_fields if k in metrics and k not in ("name", "eval_set")}
+    fields = {
+        k: metrics[k] for k in StageResult.model_fields if k in metrics and k not in ("name", "eval_set")
+    }
     if vs_previous is not None:
         if previous is None:
-            raise InputError(f"stage {name!r}: vs_previous metrics need the name of the previous stage ('previous')")
-        fields["vs_previous"] = Comparison(against=previous, **{k: vs_previous[k] for k in COMPARISON_METRICS})
+            raise InputError(
+                f"stage {name!r}: vs_previous metrics need the name of the previous stage ('previous')"
+            )
+        fields["vs_previous"] = Comparison(
+            against=previous, **{k: vs_previous[k] for k in COMPARISON_METRICS}
+        )
     for key in GREEDY_METRICS if greedy is not None else ():
         fields[key] = greedy[key]
     return StageResult(name=name, eval_set=eval_set, **fields)
@@ -137,7 +144,9 @@ def stage_order(stages: Sequence[StageResult]) -> list[str]:
     return list(dict.fromkeys(s.name for s in stages))
 
 
-def adapter_gains(eval_sets: Sequence[EvalSetInfo], stages: Sequence[StageResult]) -> dict[str, dict[str, Metric]]:
+def adapter_gains(
+    eval_sets: Sequence[EvalSetInfo], stages: Sequence[StageResult]
+) -> dict[str, dict[str, Metric]]:
     """stage -> eval set -> adapter_gain_retained (None where the base perplexity is unknown or the adapter
     did not change perplexity on that eval set)."""
     by_name = {e.name: e for e in eval_sets}
@@ -154,7 +163,9 @@ def metric_table(stages: Sequence[StageResult], gains: Mapping[str, Mapping[str,
     """stage -> eval set -> metric -> value: what gates are evaluated against."""
     table: dict[str, dict[str, dict[str, Metric]]] = {}
     for s in stages:
-        row: dict[str, Metric] = {k: v for k, v in s.model_dump().items() if isinstance(v, float | int | None)}
+        row: dict[str, Metric] = {
+            k: v for k, v in s.model_dump().items() if isinstance(v, float | int | None)
+        }
         if s.vs_previous is not None:
             row |= {f"vs_previous.{k}": getattr(s.vs_previous, k) for k in COMPARISON_METRICS}
         row["adapter_gain_retained"] = gains.get(s.name, {}).get(s.eval_set)
@@ -167,9 +178,13 @@ def _check_stages(eval_sets: Sequence[EvalSetInfo], stages: Sequence[StageResult
     errors, seen = [], set()
     for s in stages:
         if s.eval_set not in names:
-            errors.append(f"stage {s.name!r}: eval set {s.eval_set!r} is not in eval_sets ({', '.join(sorted(names))})")
+            errors.append(
+                f"stage {s.name!r}: eval set {s.eval_set!r} is not in eval_sets ({', '.join(sorted(names))})"
+            )
         if (s.name, s.eval_set) in seen:
-            errors.append(f"stage {s.name!r}: eval set {s.eval_set!r} appears twice; give each stage one entry per set")
+            errors.append(
+                f"stage {s.name!r}: eval set {s.eval_set!r} appears twice; give each stage one entry per set"
+            )
         seen.add((s.name, s.eval_set))
     if not stages:
         errors.append("stages: the report needs at least one stage")
@@ -185,7 +200,7 @@ def build_report(
     layer_weight_error: Sequence[LayerError] | None = None,
     strict: bool = False,
 ) -> Report:
-    """Assemble the report: derive adapter gain, evaluate the gates (on the final = last stage), set `passed`."""
+    """Assemble the report: derive adapter gain, evaluate the gates (final stage = last), set `passed`."""
     _check_stages(eval_sets, stages)
     gains = adapter_gains(eval_sets, stages)
     results = evaluate_gates(gates, metric_table(stages, gains), stage_order(stages)[-1], strict)
@@ -202,6 +217,10 @@ def build_report(
 
 def regate(report: Report, gates: Sequence[str | Gate], strict: bool = False) -> Report:
     """The same report checked against other gates (e.g. `check report.json --gate ...`)."""
-    results = evaluate_gates(gates, metric_table(report.stages, report.adapter_gain_retained),
-                             stage_order(report.stages)[-1], strict)
+    results = evaluate_gates(
+        gates,
+        metric_table(report.stages, report.adapter_gain_retained),
+        stage_order(report.stages)[-1],
+        strict,
+    )
     return report.model_copy(update={"gates": results, "passed": all_passed(results)})

@@ -83,10 +83,11 @@ def load_eval_sets(tokenizer, specs: list[tuple[str, Path]], block_size: int, ma
 
 
 def load_prompts(tokenizer, path: Path | None) -> list[list[int]]:
+    """Prompts for greedy-generation checks: jsonl with a "prompt" field, or one prompt per line of text."""
     path = Path(path) if path else DEFAULT_PROMPTS
     prompts = []
-    for n, line in enumerate(read_texts(path, "prompts")[0].splitlines() if path.suffix != ".jsonl"
-                             else path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_texts(path, "prompts")[0].splitlines()
+                             if path.suffix != ".jsonl" else _lines(path), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
@@ -98,3 +99,12 @@ def load_prompts(tokenizer, path: Path | None) -> list[list[int]]:
     if not prompts:
         raise InputError(f"{path}: no prompts found.")
     return prompts
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        raise InputError(f"{path}: prompts file not found.")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text.") from None

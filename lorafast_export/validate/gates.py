@@ -98,23 +98,28 @@ class GateResult:
 
 
 def _split_operator(text: str) -> tuple[str, str, str]:
-    """'a.b<=0.1' -> ('a.b', '<=', '0.1'); the first operator character starts the operator."""
-    for i, ch in enumerate(text):
-        if ch in "<>=":
-            op = text[i : i + 2] if text[i : i + 2] in _OPS else ch
-            if op not in _OPS:
-                raise InputError(
-                    f"gate {text!r}: {text[i : i + 2]!r} is not an operator; use one of <, <=, >, >=, =="
-                )
-            return text[:i].strip(), op, text[i + len(op) :].strip()
-    raise InputError(f"gate {text!r}: no comparison operator; write e.g. 'kl_mean<=0.05' (operators: <, <=, >, >=, ==)")
+    """'a.b<=0.1' -> ('a.b', '<=', '0.1'): the first run of '<', '>', '=' characters is the operator."""
+    start = next((i for i, ch in enumerate(text) if ch in "<>="), None)
+    if start is None:
+        raise InputError(
+            f"gate {text!r}: no comparison operator; write e.g. 'kl_mean<=0.05' (operators: <, <=, >, >=, ==)"
+        )
+    end = start
+    while end < len(text) and text[end] in "<>=":
+        end += 1
+    op = text[start:end]
+    if op not in _OPS:
+        raise InputError(f"gate {text!r}: {op!r} is not an operator; use one of <, <=, >, >=, ==")
+    return text[:start].strip(), op, text[end:].strip()
 
 
 def _parse_number(expr: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise InputError(f"gate {expr!r}: threshold {text!r} is not a number; write e.g. 0.05 or 1e-3") from None
+        raise InputError(
+            f"gate {expr!r}: threshold {text!r} is not a number; write e.g. 0.05 or 1e-3"
+        ) from None
     if not math.isfinite(value) or "_" in text:
         raise InputError(f"gate {expr!r}: threshold {text!r} must be a finite decimal number")
     return value
@@ -122,7 +127,9 @@ def _parse_number(expr: str, text: str) -> float:
 
 def _check_name(expr: str, kind: str, name: str) -> str:
     if not name or not set(name) <= _NAME_CHARS:
-        raise InputError(f"gate {expr!r}: {kind} {name!r} must be a non-empty name of letters, digits, '_' or '-'")
+        raise InputError(
+            f"gate {expr!r}: {kind} {name!r} must be a non-empty name of letters, digits, '_' or '-'"
+        )
     return name
 
 
@@ -131,7 +138,9 @@ def _check_metric(expr: str, metric: str) -> str:
         return metric
     close = difflib.get_close_matches(metric, GATE_METRICS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise InputError(f"gate {expr!r}: unknown metric {metric!r}{hint}; valid metrics: {', '.join(GATE_METRICS)}")
+    raise InputError(
+        f"gate {expr!r}: unknown metric {metric!r}{hint}; valid metrics: {', '.join(GATE_METRICS)}"
+    )
 
 
 def parse_gate(expr: str) -> Gate:
@@ -143,7 +152,9 @@ def parse_gate(expr: str) -> Gate:
         stage, dot, lhs = lhs[len("stage:") :].partition(".")
         _check_name(expr, "stage", stage)
         if not dot:
-            raise InputError(f"gate {expr!r}: a metric must follow the stage, e.g. 'stage:{stage}.kl_mean<=0.05'")
+            raise InputError(
+                f"gate {expr!r}: a metric must follow the stage, e.g. 'stage:{stage}.kl_mean<=0.05'"
+            )
     parts = lhs.split(".")
     n_metric = 2 if len(parts) >= 2 and parts[-2] == "vs_previous" else 1
     metric, qualifiers = ".".join(parts[-n_metric:]), parts[:-n_metric]
@@ -194,7 +205,8 @@ def _scopes(gate: Gate, table: MetricTable, final_stage: str) -> list[tuple[str,
         return [(stage, es) for es in table[stage]]
     if gate.eval_set not in table[stage]:
         raise InputError(
-            f"gate {str(gate)!r}: no eval set {gate.eval_set!r} for stage {stage!r}; eval sets: {', '.join(table[stage])}"
+            f"gate {str(gate)!r}: no eval set {gate.eval_set!r} for stage {stage!r}; "
+            f"eval sets: {', '.join(table[stage])}"
         )
     return [(stage, gate.eval_set)]
 
@@ -228,8 +240,18 @@ def evaluate_gates(
                 value = _lookup(gate, metrics_lookup, stage, eval_set)
                 passed, note = _judge(gate, value, strict)
                 results.append(
-                    GateResult(gate.qualified(stage, eval_set), str(gate), stage, eval_set, gate.metric,
-                               gate.op, gate.threshold, value, passed, note)
+                    GateResult(
+                        gate.qualified(stage, eval_set),
+                        str(gate),
+                        stage,
+                        eval_set,
+                        gate.metric,
+                        gate.op,
+                        gate.threshold,
+                        value,
+                        passed,
+                        note,
+                    )
                 )
         except InputError as err:
             errors.append(str(err))

@@ -19,9 +19,9 @@ import torch
 from lorafast_export.errors import InputError
 
 IGNORE_INDEX = -100
-# Fixed, log-spaced KL histogram edges (1e-10 .. 10 nats, 3 bins per decade): the same bins for every
-# stage and every report, so histograms can be overlaid and diffed.
-KL_HIST_EDGES: tuple[float, ...] = tuple(10.0 ** (k / 3) for k in range(-30, 4))
+# Fixed, log-spaced KL histogram edges (1e-14 .. 10 nats, 3 bins per decade): the same bins for every
+# stage and every report, so histograms can be overlaid and diffed. 1e-14 sits below FP32 merge rounding.
+KL_HIST_EDGES: tuple[float, ...] = tuple(10.0 ** (k / 3) for k in range(-42, 4))
 POSITION_BUCKETS = 32
 _CHUNK_ELEMENTS = 1 << 22  # rows per float64 pass ~ 4M logits, ~32 MiB per temporary
 
@@ -42,7 +42,9 @@ def token_kl(logp_ref: torch.Tensor, logp_cand: torch.Tensor) -> torch.Tensor:
     return terms.sum(dim=-1).clamp_min(0.0)  # rounding can leave -1e-18 for identical rows
 
 
-def token_stats(ref_logits: torch.Tensor, cand_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+def token_stats(
+    ref_logits: torch.Tensor, cand_logits: torch.Tensor, labels: torch.Tensor
+) -> dict[str, np.ndarray]:
     """Per-token scalars for rows that all carry a label: [n, V], [n, V], [n] -> {name: [n]}."""
     logp_ref = torch.log_softmax(ref_logits.to(torch.float64), dim=-1)
     logp_cand = torch.log_softmax(cand_logits.to(torch.float64), dim=-1)
@@ -109,20 +111,25 @@ def nice_width(raw: float) -> int:
 
 
 def kl_by_position(kl: np.ndarray, positions: np.ndarray, buckets: int = POSITION_BUCKETS) -> list[dict]:
-    """Mean KL per bucket of token positions: [{start, end (inclusive), kl_mean, tokens}] for non-empty buckets."""
+    """Mean KL per bucket of positions: [{start, end (inclusive), kl_mean, tokens}] for non-empty buckets."""
     width = nice_width((int(positions.max()) + 1) / buckets)
     bucket = positions // width
     counts = np.bincount(bucket)
     sums = np.bincount(bucket, weights=kl)
     return [
-        {"start": int(b * width), "end": int(b * width + width - 1), "kl_mean": float(sums[b] / c), "tokens": int(c)}
+        {
+            "start": int(b * width),
+            "end": int(b * width + width - 1),
+            "kl_mean": float(sums[b] / c),
+            "tokens": int(c),
+        }
         for b, c in enumerate(counts)
         if c > 0
     ]
 
 
 def kl_histogram(kl: np.ndarray, edges: Sequence[float] = KL_HIST_EDGES) -> dict[str, Any]:
-    """Counts of per-token KL in fixed log-spaced bins, plus what falls below / above them (0 and inf included)."""
+    """Per-token KL counted in fixed log-spaced bins, plus what falls below / above them (0, inf included)."""
     lo, hi = edges[0], edges[-1]
     inside = kl[(kl >= lo) & (kl < hi)]
     counts, _ = np.histogram(inside, bins=np.asarray(edges))
@@ -142,7 +149,9 @@ def _flatten_block(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accept [n, V] or [batch, seq, V] logits; return 2-D logits, 1-D labels and positions, all checked."""
     if cand.dim() not in (2, 3):
-        raise InputError(f"logits: expected [tokens, vocab] or [batch, seq, vocab], got shape {tuple(cand.shape)}")
+        raise InputError(
+            f"logits: expected [tokens, vocab] or [batch, seq, vocab], got shape {tuple(cand.shape)}"
+        )
     if ref is not None and ref.shape != cand.shape:
         raise InputError(
             f"ref_logits {tuple(ref.shape)} and cand_logits {tuple(cand.shape)} differ in shape; "
@@ -153,8 +162,11 @@ def _flatten_block(
         raise InputError(f"labels: expected shape {lead} to match the logits, got {tuple(labels.shape)}")
     if positions is None:  # one sequence per row of a 3-D block, or the block itself as one sequence
         positions = torch.arange(lead[-1]).expand(lead)
-    elif tuple(positions.shape) != lead:
-        raise InputError(f"positions: expected shape {lead} to match the logits, got {tuple(positions.shape)}")
+    elif tuple(positions.shape) != lead or bool((positions < 0).any()):
+        raise InputError(
+            f"positions: expected non-negative token indices of shape {lead} to match the logits, "
+            f"got shape {tuple(positions.shape)}"
+        )
     vocab = cand.shape[-1]
     flat = (lambda t: t.reshape(-1, vocab)) if cand.dim() == 3 else (lambda t: t)
     return (None if ref is None else flat(ref)), flat(cand), labels.reshape(-1), positions.reshape(-1)
@@ -166,14 +178,19 @@ def _labelled_rows(labels: torch.Tensor, vocab: int) -> torch.Tensor:
     bad = keep & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         raise InputError(
-            f"labels: {int(bad.sum())} label(s) outside [0, {vocab}) (e.g. {int(labels[bad][0])}); use {IGNORE_INDEX} "
-            "for positions to ignore and make sure the labels come from the model's tokenizer"
+            f"labels: {int(bad.sum())} label(s) outside [0, {vocab}) (e.g. {int(labels[bad][0])}); "
+            f"use {IGNORE_INDEX} for positions to ignore; the labels must come from the model's tokenizer"
         )
     return keep.nonzero().squeeze(-1)
 
 
 def _rows_per_chunk(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t[rows] moved to `device`: reference and candidate logits may live on different devices."""
+    return t[rows.to(t.device)].to(device)
 
 
 # ----------------------------------------------------------------------------- accumulators
@@ -205,12 +222,15 @@ class MetricAccumulator:
     ) -> None:
         ref, cand, labels, positions = _flatten_block(ref_logits, cand_logits, labels, positions)
         rows = _labelled_rows(labels, cand.shape[-1])
-        step = _rows_per_chunk(cand.shape[-1])
+        step, dev = _rows_per_chunk(cand.shape[-1]), cand.device
         for start in range(0, rows.numel(), step):
             sel = rows[start : start + step]
-            for name, values in token_stats(ref[sel], cand[sel], labels[sel]).items():
+            stats = token_stats(_take(ref, sel, dev), _take(cand, sel, dev), _take(labels, sel, dev))
+            for name, values in stats.items():
                 self._parts[name].append(values)
-            self._parts["position"].append(positions[sel].cpu().numpy().astype(np.int64))
+            self._parts["position"].append(
+                _take(positions, sel, torch.device("cpu")).numpy().astype(np.int64)
+            )
 
     def result(self) -> dict[str, Any]:
         """Scalar metrics (TOKEN_METRICS), `tokens`, and plot data `kl_by_position`, `kl_hist`."""
@@ -243,13 +263,17 @@ class PerplexityAccumulator:
         step = _rows_per_chunk(logits.shape[-1])
         for start in range(0, rows.numel(), step):
             sel = rows[start : start + step]
-            self._nll -= float(np.sum(_label_logp(logits[sel], labels[sel])))
+            self._nll -= float(
+                np.sum(_label_logp(_take(logits, sel, logits.device), _take(labels, sel, logits.device)))
+            )
             self._tokens += int(sel.numel())
 
     @property
     def ppl(self) -> float:
         if self._tokens == 0:
-            raise InputError("eval set: no labelled tokens for perplexity (all labels are -100 or no block was given)")
+            raise InputError(
+                "eval set: no labelled tokens for perplexity (all labels are -100 or no block was given)"
+            )
         return math.exp(self._nll / self._tokens)
 
     def result(self) -> dict[str, float | int]:
@@ -264,7 +288,7 @@ def adapter_gain_retained(
 ) -> float | None:
     """Share of the adapter's perplexity change that survives in the candidate: (base - cand) / (base - ref).
 
-    1.0 = all of it, 0.0 = none (the export behaves like the bare base: adapter dropped), <0 = worse than base.
+    1.0 = all of it, 0.0 = none (the export acts like the bare base: adapter dropped), <0 = worse than base.
     Returns None when the adapter itself moved perplexity by less than `min_rel_change` (relative to the base)
     on this eval set: the ratio would be noise divided by ~0, so it is undefined, not a failure.
     """
@@ -278,14 +302,16 @@ def adapter_gain_retained(
 
 
 def first_divergence(ref: Sequence[int], cand: Sequence[int]) -> int:
-    """Index of the first differing token; the common length when one is a prefix of the other; len if equal."""
-    for i, (a, b) in enumerate(zip(ref, cand)):
+    """Index of the first differing token; the shorter length when one is a prefix of the other."""
+    for i, (a, b) in enumerate(zip(ref, cand, strict=False)):
         if a != b:
             return i
     return min(len(ref), len(cand)) if len(ref) != len(cand) else len(ref)
 
 
-def greedy_agreement(ref_tokens: Sequence[Sequence[int]], cand_tokens: Sequence[Sequence[int]]) -> dict[str, Any]:
+def greedy_agreement(
+    ref_tokens: Sequence[Sequence[int]], cand_tokens: Sequence[Sequence[int]]
+) -> dict[str, Any]:
     """Compare greedy continuations (new tokens only) prompt by prompt.
 
     greedy_match: share of prompts whose new tokens equal the reference's exactly.
@@ -297,10 +323,12 @@ def greedy_agreement(ref_tokens: Sequence[Sequence[int]], cand_tokens: Sequence[
             f"{len(cand_tokens)} candidate continuations"
         )
     per_prompt = []
-    for ref, cand in zip(ref_tokens, cand_tokens):
+    for ref, cand in zip(ref_tokens, cand_tokens, strict=True):
         div = first_divergence(ref, cand)
         length = max(len(ref), len(cand))
-        per_prompt.append({"match": div == length and len(ref) == len(cand), "first_divergence": div, "tokens": length})
+        per_prompt.append(
+            {"match": div == length and len(ref) == len(cand), "first_divergence": div, "tokens": length}
+        )
     return {
         "greedy_match": sum(p["match"] for p in per_prompt) / len(per_prompt),
         "first_divergence_mean": sum(p["first_divergence"] for p in per_prompt) / len(per_prompt),

@@ -1,0 +1,55 @@
+"""End to end: build --target hf validates the artifact stage by stage against the unmerged PEFT model."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lorafast_export.cli import main
+from tests.merge.test_merge_vs_peft import ALL, make_adapter
+from tests.tiny import make_model, save_char_tokenizer, save_model, write_text
+
+
+@pytest.fixture()
+def inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / "cache"))
+    base = make_model("llama")
+    save_model(base.half(), tmp_path / "base")
+    save_char_tokenizer(tmp_path / "base")
+    make_adapter(base.float(), tmp_path / "ad", target_modules=ALL, use_dora=True)
+    write_text(tmp_path / "a.txt", seed=1)
+    write_text(tmp_path / "b.txt", seed=2)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "the model"}\n{"prompt": "def merge"}\n')
+    return tmp_path
+
+
+def build(inputs, *extra):
+    args = ["--json", "build", "--base", inputs / "base", "--adapter", inputs / "ad", "--out", inputs / "out",
+            "--eval", f"a={inputs / 'a.txt'}", "--eval", f"b={inputs / 'b.txt'}", "--max-tokens", "1000",
+            "--prompts", inputs / "prompts.jsonl", *extra]
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_build_validates_every_stage(inputs):
+    r = build(inputs, "--gate", "stage:merged-fp32.kl_max<=1e-6")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((inputs / "out" / "report.json").read_text())
+    names = [s["name"] for s in rep["stages"] if s["eval_set"] == "a"]
+    assert names == ["merged-fp32", "merged-fp16", "artifact"]
+    by = {(s["name"], s["eval_set"]): s for s in rep["stages"]}
+    assert by[("merged-fp32", "a")]["kl_max"] < 1e-6  # exact merge
+    assert 0 < by[("merged-fp16", "a")]["kl_mean"] < 1e-2  # fp16 weight rounding, visible but small
+    # the artifact (transformers computing in fp16 on the fp16 checkpoint) adds only fp16 arithmetic error
+    assert 0 < by[("artifact", "a")]["vs_previous"]["kl_mean"] < 1e-4
+    assert by[("artifact", "a")]["greedy_match"] == 1.0
+    assert rep["adapter_gain_retained"]["artifact"]["a"] == pytest.approx(1.0, abs=0.05)
+    for f in ("report.md", "report.html", "manifest.json"):
+        assert (inputs / "out" / f).exists()
+    assert json.loads((inputs / "out" / "manifest.json").read_text())["passed"] is True
+
+
+def test_failing_gate_exits_1_and_still_publishes_the_report(inputs):
+    r = build(inputs, "--gate", "kl_mean<=1e-12")
+    assert r.exit_code == 1, r.output
+    rep = json.loads((inputs / "out" / "report.json").read_text())
+    assert rep["passed"] is False and any(g["passed"] is False for g in rep["gates"])
