@@ -14,7 +14,12 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.load import Adapter, ModelDir, sha256_file
-from lorafast_export.validate.candidates import Candidate, decoder_candidate, merged_fp32_candidate, session_candidate
+from lorafast_export.validate.candidates import (
+    Candidate,
+    decoder_candidate,
+    merged_fp32_candidate,
+    session_candidate,
+)
 from lorafast_export.validate.data import EvalSet, load_eval_sets, load_prompts
 from lorafast_export.validate.reference import Reference, ReferenceCache
 
@@ -80,7 +85,13 @@ def _compare(es: EvalSet, ref_blocks, base_blocks, candidates: list[Candidate]):
 
 def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     """Compute every stage's metrics and write report.json/.md/.html (+ junit) into out_dir."""
-    from lorafast_export.report.schema import ArtifactInfo, EvalSetInfo, LayerError, build_report, stage_result
+    from lorafast_export.report.schema import (
+        ArtifactInfo,
+        EvalSetInfo,
+        LayerError,
+        build_report,
+        stage_result,
+    )
     from lorafast_export.validate.gates import DEFAULT_GATES
     from lorafast_export.validate.metrics import greedy_agreement
 
