@@ -93,7 +93,7 @@ def _build_overrides(**o) -> dict:
         ov["inputs.adapters"] = [{"path": p, "weight": w} for p, w in map(parse_adapter_spec, o["adapter"])]
     simple = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
               "hf_format": "target.hf_format", "dtype": "merge.dtype", "out": "output.dir",
-              "max_tokens": "validate.max_tokens", "prompts": "validate.prompts", "device": "quant.device", "name": "name"}
+              "max_tokens": "validate.max_tokens", "prompts": "validate.prompts", "junit": "validate.junit", "device": "quant.device", "name": "name"}
     for flag, key in simple.items():
         if o.get(flag) is not None:
             ov[key] = o[flag]
@@ -142,6 +142,7 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--gate", multiple=True, help='Validation gate, e.g. "kl_mean<=0.02". Repeatable.')
 @click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
 @click.option("--prompts", help="Prompts for greedy-generation checks (jsonl with 'prompt', or one per line).")
+@click.option("--junit", help="Write JUnit XML (one test case per gate) to this path.")
 @click.option("--no-validate", is_flag=True, help="Skip the validation stage.")
 @click.option("--out", help="Output artifact directory.")
 @click.option("--name", help="Artifact name (default: the --out directory's name).")
@@ -184,6 +185,59 @@ def _print_build(bctx) -> None:
     verdict = "" if bctx.report is None else ("  gates: [green]passed[/]" if bctx.report.get("passed") else "  gates: [red]FAILED[/]")
     total = sum(bctx.timings.values())
     out.print(f"[bold green]built[/] {bctx.out_dir}  ({total:.1f} s){verdict}")
+
+
+# ---------------------------------------------------------------------------------------------- validate
+
+@main.command()
+@click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory.")
+@click.option("--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled.")
+@click.option("--gate", multiple=True, help='Gate, e.g. "kl_mean<=0.02" or "stage:artifact.top1>=0.95".')
+@click.option("--junit", help="Write JUnit XML (one test case per gate) here.")
+@click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
+@click.option("--prompts", help="Prompts for greedy checks (jsonl with 'prompt', or one per line).")
+@click.pass_obj
+def validate(ctx: Ctx, artifact, **flags):
+    """Validate an artifact against the unmerged fine-tuned model; exit 1 if a gate fails."""
+    from lorafast_export.errors import EXIT_GATE_FAILED
+    from lorafast_export.report.markdown import render_markdown
+    from lorafast_export.validate.run import summarize, validate_artifact
+
+    ov = {k: v for k, v in _build_overrides(base=None, adapter=(), **flags).items() if k.startswith("validate.")}
+    status, update = _progress(ctx)
+    if status:
+        status.start()
+    try:
+        report = _run(ctx, validate_artifact, Path(artifact), ov, lambda m: update("validate", m))
+    finally:
+        if status:
+            status.stop()
+    ctx.emit(summarize(report), lambda: out.print(render_markdown(report)))
+    if not report.passed:
+        sys.exit(EXIT_GATE_FAILED)
+
+
+@main.group()
+def report():
+    """Work with report.json files."""
+
+
+@report.command("diff")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.pass_obj
+def report_diff(ctx: Ctx, a, b):
+    """Two artifacts' reports side by side (A → B with deltas)."""
+    from lorafast_export.report.diff import render_diff
+    from lorafast_export.report.json_report import read_json
+
+    def load(p):
+        p = Path(p)
+        return read_json(p / "report.json" if p.is_dir() else p)
+
+    ra, rb = _run(ctx, load, a), _run(ctx, load, b)
+    text = render_diff(ra, rb)
+    ctx.emit({"diff": text}, lambda: click.echo(text))
 
 
 # ---------------------------------------------------------------------------------------------- merge

@@ -130,6 +130,7 @@ class ValidateOptions(_Section):
     prompts: str | None = None  # jsonl with {"prompt": ...}; empty: bundled prompts
     max_new_tokens: int = Field(default=32, ge=1)
     gates: list[str] | None = None  # None: the default gates
+    junit: str | None = None  # write JUnit XML (one test case per gate) here
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -121,7 +121,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     layer_errors = [LayerError(**e) for e in v.layer_errors] if v.layer_errors else None
     report = build_report(ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant), infos, stages,
                           opts.gates if opts.gates is not None else DEFAULT_GATES, layer_errors)
-    write_reports(report, out_dir)
+    write_reports(report, out_dir, Path(opts.junit) if opts.junit else None)
     return report
 
 
@@ -216,6 +216,32 @@ def validate_build(ctx) -> dict:
                          ctx.recipe.target.name, quant_label(ctx.recipe), layer_weight_errors(ctx))
     report = run_validation(v, ctx.stage_dir, lambda m: ctx.progress("validate", m))
     return summarize(report) | {"markdown_table": render_markdown(report)}
+
+
+def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
+    """Re-validate an existing artifact against its inputs (from its manifest); reports go into the artifact."""
+    import json
+
+    from lorafast_export.load import open_adapter, open_model
+    from lorafast_export.merge import plan_merge
+    from lorafast_export.recipe import Recipe, resolve_path
+    from lorafast_export.targets.registry import require_available
+
+    man_path = artifact / "manifest.json"
+    if not man_path.exists():
+        raise InputError(f"{artifact}: no manifest.json; not a lorafast-export artifact (or an unfinished one).")
+    try:
+        recipe = Recipe.from_dict(json.loads(man_path.read_text())["recipe"], str(man_path))
+    except (json.JSONDecodeError, KeyError):
+        raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.") from None
+    recipe = recipe.with_overrides(overrides) if overrides else recipe
+    base = open_model(resolve_path(recipe.inputs.base), recipe.inputs.allow_pickle)
+    adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", recipe.inputs.allow_pickle)
+                for a in recipe.inputs.adapters]
+    session = require_available(recipe.target.name).load(artifact / "model")
+    cands = [merged_fp32_candidate(plan_merge(base, adapters)), session_candidate("artifact", session)]
+    v = ValidationInputs(base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe))
+    return run_validation(v, artifact, progress)
 
 
 def summarize(report) -> dict:

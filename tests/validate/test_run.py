@@ -53,3 +53,25 @@ def test_failing_gate_exits_1_and_still_publishes_the_report(inputs):
     assert r.exit_code == 1, r.output
     rep = json.loads((inputs / "out" / "report.json").read_text())
     assert rep["passed"] is False and any(g["passed"] is False for g in rep["gates"])
+
+
+def test_validate_command_and_report_diff(inputs):
+    assert build(inputs, "--no-validate").exit_code == 0
+    assert not (inputs / "out" / "report.json").exists()
+    args = ["validate", "--artifact", inputs / "out", "--eval", f"a={inputs / 'a.txt'}", "--max-tokens", "500",
+            "--prompts", inputs / "prompts.jsonl", "--junit", inputs / "j.xml", "--gate", "top1>=0.99"]
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    import xml.etree.ElementTree as ET
+
+    cases = ET.parse(inputs / "j.xml").getroot().iter("testcase")
+    assert [c.get("name") for c in cases] == ["stage:artifact.a.top1>=0.99"]
+    # a failing gate: exit 1, and the diff of two reports
+    (inputs / "out2").mkdir()
+    import shutil
+
+    shutil.copy(inputs / "out" / "report.json", inputs / "out2" / "report.json")
+    r = CliRunner().invoke(main, ["report", "diff", str(inputs / "out"), str(inputs / "out2")])
+    assert r.exit_code == 0 and "artifact" in r.output
+    args[-1] = "kl_max<=0"
+    assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 1
