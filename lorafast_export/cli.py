@@ -90,7 +90,8 @@ def _build_overrides(**o) -> dict:
     if o["adapter"]:
         from lorafast_export.load import parse_adapter_spec
 
-        ov["inputs.adapters"] = [{"path": p, "weight": w} for p, w in map(parse_adapter_spec, o["adapter"])]
+        extra = {k: o[k] for k in ("lora_alpha", "use_rslora") if o.get(k) is not None}
+        ov["inputs.adapters"] = [{"path": p, "weight": w, **extra} for p, w in map(parse_adapter_spec, o["adapter"])]
     simple = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
               "hf_format": "target.hf_format", "dtype": "merge.dtype", "out": "output.dir",
               "max_tokens": "validate.max_tokens", "prompts": "validate.prompts", "junit": "validate.junit", "device": "quant.device", "name": "name"}
@@ -147,7 +148,9 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--out", help="Output artifact directory.")
 @click.option("--name", help="Artifact name (default: the --out directory's name).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
-@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt checkpoints (with torch.load weights_only=True).")
+@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt files (with torch.load weights_only=True).")
+@click.option("--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha.")
+@click.option("--use-rslora", is_flag=True, default=None, help="For Lightning .ckpt adapters: alpha/sqrt(r) scaling.")
 @click.option("--dump-recipe", is_flag=True, help="Print the resolved recipe as YAML and exit.")
 @click.pass_obj
 def build(ctx: Ctx, recipe, dump_recipe, **flags):
@@ -249,13 +252,16 @@ def report_diff(ctx: Ctx, a, b):
 @click.option("--dtype", default="auto", show_default=True, help="auto | float32 | float16 | bfloat16")
 @click.option("--force", is_flag=True)
 @click.option("--allow-pickle", is_flag=True)
+@click.option("--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha.")
+@click.option("--use-rslora", is_flag=True, default=None, help="For Lightning .ckpt adapters.")
 @click.pass_obj
-def merge_cmd(ctx: Ctx, base, adapter, out, dtype, force, allow_pickle):
+def merge_cmd(ctx: Ctx, base, adapter, out, dtype, force, allow_pickle, lora_alpha, use_rslora):
     """Merge adapter(s) into the base exactly and write a Hugging Face checkpoint."""
     from lorafast_export.recipe import Recipe
 
     r = _run(ctx, Recipe().with_overrides, {
-        **_build_overrides(base=base, adapter=adapter, out=out, force=force, allow_pickle=allow_pickle, dtype=dtype),
+        **_build_overrides(base=base, adapter=adapter, out=out, force=force, allow_pickle=allow_pickle, dtype=dtype,
+                           lora_alpha=lora_alpha, use_rslora=use_rslora),
         "validate.enabled": False})
     status, update = _progress(ctx)
     if status:

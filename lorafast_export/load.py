@@ -261,13 +261,16 @@ def read_adapter_config(path: Path) -> dict:
     return cfg
 
 
-def open_adapter(spec: str, allow_pickle: bool = False) -> Adapter:
+def open_adapter(spec: str, allow_pickle: bool = False, overrides: dict | None = None) -> Adapter:
+    """A PEFT adapter directory, or a PyTorch Lightning .ckpt (`overrides`: lora_alpha/use_rslora for it)."""
     path_s, weight = parse_adapter_spec(spec)
     path = Path(path_s)
     if path.is_file():
-        from lorafast_export.lightning import open_lightning_adapter  # a .ckpt from PyTorch Lightning
+        if path.suffix != ".ckpt":
+            raise InputError(f"{path}: an adapter is a PEFT directory or a Lightning .ckpt file.")
+        from lorafast_export.lightning import open_lightning_adapter
 
-        return open_lightning_adapter(path, weight, allow_pickle)
+        return open_lightning_adapter(path, weight, allow_pickle, overrides)
     if not path.is_dir():
         raise InputError(f"{path}: adapter directory not found.")
     cfg = read_adapter_config(path)

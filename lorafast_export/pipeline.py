@@ -69,7 +69,7 @@ class BuildContext:
 def stage_load(ctx: BuildContext) -> None:
     r = ctx.recipe.inputs
     ctx.base = open_model(resolve_path(r.base), allow_pickle=r.allow_pickle)
-    ctx.adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", allow_pickle=r.allow_pickle)
+    ctx.adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides())
                     for a in r.adapters]
 
 

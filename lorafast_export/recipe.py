@@ -38,6 +38,12 @@ class _Section(BaseModel):
 class AdapterRef(_Section):
     path: str
     weight: float = 1.0
+    # only for Lightning .ckpt adapters, when the checkpoint's hyperparameters lack them:
+    lora_alpha: float | None = None
+    use_rslora: bool | None = None
+
+    def overrides(self) -> dict:
+        return {"lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
 
 
 class Inputs(_Section):

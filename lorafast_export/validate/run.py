@@ -236,7 +236,7 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
         raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.") from None
     recipe = recipe.with_overrides(overrides) if overrides else recipe
     base = open_model(resolve_path(recipe.inputs.base), recipe.inputs.allow_pickle)
-    adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", recipe.inputs.allow_pickle)
+    adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", recipe.inputs.allow_pickle, a.overrides())
                 for a in recipe.inputs.adapters]
     session = require_available(recipe.target.name).load(artifact / "model")
     cands = [merged_fp32_candidate(plan_merge(base, adapters)), session_candidate("artifact", session)]
