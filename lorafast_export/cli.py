@@ -101,6 +101,8 @@ def _build_overrides(**o) -> dict:
     for flag, key in (("force", "output.force"), ("allow_pickle", "inputs.allow_pickle"), ("act_order", "quant.act_order")):
         if o.get(flag):
             ov[key] = True
+    if o.get("no_cache"):
+        ov["output.cache"] = False
     if o.get("no_validate"):
         ov["validate.enabled"] = False
     if o.get("calib"):
@@ -148,6 +150,7 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--out", help="Output artifact directory.")
 @click.option("--name", help="Artifact name (default: the --out directory's name).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
+@click.option("--no-cache", is_flag=True, help="Do not reuse (or store) finished stages in the stage cache.")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt files (with torch.load weights_only=True).")
 @click.option("--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha.")
 @click.option("--use-rslora", is_flag=True, default=None, help="For Lightning .ckpt adapters: alpha/sqrt(r) scaling.")
@@ -241,6 +244,28 @@ def report_diff(ctx: Ctx, a, b):
     ra, rb = _run(ctx, load, a), _run(ctx, load, b)
     text = render_diff(ra, rb)
     ctx.emit({"diff": text}, lambda: click.echo(text))
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.pass_obj
+def verify(ctx: Ctx, artifact):
+    """Re-hash an artifact's model files against its manifest; exit 1 on any difference."""
+    from lorafast_export.verify import verify_artifact
+
+    res = _run(ctx, verify_artifact, Path(artifact))
+
+    def show():
+        for kind in ("changed", "missing", "extra"):
+            for f in res[kind]:
+                out.print(f"[red]{kind}:[/] {f}")
+        out.print(f"[green]verified[/] {res['files']} files" if res["ok"] else "[red]verification failed[/]")
+
+    ctx.emit(res, show)
+    if not res["ok"]:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------- merge

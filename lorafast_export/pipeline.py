@@ -8,11 +8,13 @@ complete, so an interrupted build never leaves a directory that looks finished.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import platform
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from lorafast_export import __version__
 from lorafast_export.errors import InputError
 from lorafast_export.load import Adapter, ModelDir, open_adapter, open_model, sha256_file
 from lorafast_export.recipe import Recipe, resolve_path
+from lorafast_export.stagecache import StageCache, content_key
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = "lorafast-export/manifest/v1"
@@ -52,6 +55,8 @@ class BuildContext:
     merged_dir: Path | None = None
     quantized: object | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    input_hashes: list[dict] = field(default_factory=list)
+    cache: object = None  # StageCache
     facts: dict[str, object] = field(default_factory=dict)
     report: dict | None = None
 
@@ -71,15 +76,22 @@ def stage_load(ctx: BuildContext) -> None:
     ctx.base = open_model(resolve_path(r.base), allow_pickle=r.allow_pickle)
     ctx.adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides())
                     for a in r.adapters]
+    ctx.input_hashes = input_hashes(ctx)
 
 
 def stage_merge(ctx: BuildContext) -> None:
-    from lorafast_export.merge import merge
+    from lorafast_export.merge import merge, plan_merge
 
-    ctx.merged_dir = ctx.stage_dir / "work" / "merged"
-    plan = merge(ctx.base, ctx.adapters, ctx.merged_dir, dtype=ctx.recipe.merge.dtype,
-                 on_group=lambda g: ctx.progress("merge", g))
-    ctx.facts["merge"] = {"untied_embeddings": plan.untie, "notes": plan.notes,
+    key = content_key("merge", [i["sha256"] for i in ctx.input_hashes], ctx.recipe.inputs.model_dump(),
+                      ctx.recipe.merge.model_dump(), library_versions())
+    with ctx.cache.entry("merged", key) as (path, hit):
+        if hit:
+            plan = plan_merge(ctx.base, ctx.adapters)
+        else:
+            plan = merge(ctx.base, ctx.adapters, path, dtype=ctx.recipe.merge.dtype,
+                         on_group=lambda g: ctx.progress("merge", g))
+    ctx.merged_dir = ctx.cache.path("merged", key)
+    ctx.facts["merge"] = {"cached": hit, "untied_embeddings": plan.untie, "notes": plan.notes,
                           "adapters": [{"path": str(a.path), "type": a.kind, "weight": a.weight,
                                         "modules": len(a.modules)} for a in ctx.adapters]}
 
@@ -133,7 +145,7 @@ def write_manifest(ctx: BuildContext) -> dict:
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "name": ctx.recipe.name,
-        "inputs": input_hashes(ctx),
+        "inputs": ctx.input_hashes,
         "recipe": ctx.recipe.to_dict(),
         "versions": library_versions(),
         "timings_s": ctx.timings,
@@ -176,17 +188,42 @@ def publish(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _with_fault_injection(progress: Callable[[str, str], None]) -> Callable[[str, str], None]:
+    """LORAFAST_FAULT_KILL_AT=N: SIGKILL this process at the N-th progress event (interruption tests)."""
+    at = int(os.environ.get("LORAFAST_FAULT_KILL_AT", "0") or 0)
+    if not at:
+        return progress
+    seen = [0]
+
+    def wrapped(stage: str, msg: str) -> None:
+        seen[0] += 1
+        if seen[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        progress(stage, msg)
+
+    return wrapped
+
+
 def run_build(recipe: Recipe, progress: Callable[[str, str], None] | None = None) -> BuildContext:
     out = Path(recipe.output.dir)
     stage_dir = prepare_output(out, recipe.output.force)
-    ctx = BuildContext(recipe, out, stage_dir, progress or (lambda s, m: None))
+    ctx = BuildContext(recipe, out, stage_dir, _with_fault_injection(progress or (lambda s, m: None)))
+    ctx.cache = StageCache(recipe.output.cache, stage_dir / "work")
     try:
         for name, fn in STAGES:
             with ctx.stage(name):
                 fn(ctx)
         shutil.rmtree(stage_dir / "work", ignore_errors=True)
+        ctx.progress("manifest", "start")
         write_manifest(ctx)
+        ctx.progress("publish", "start")
         publish(stage_dir, out)
+    except OSError as e:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise InputError(f"{e.filename or out}: no space left on device while building; nothing was "
+                             "published. Free some space or choose another --out / LORAFAST_CACHE.") from None
+        raise
     except BaseException:
         shutil.rmtree(stage_dir, ignore_errors=True)
         raise

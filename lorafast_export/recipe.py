@@ -143,6 +143,7 @@ class ValidateOptions(_Section):
 class OutputOptions(_Section):
     dir: str = "dist/demo"
     force: bool = False
+    cache: bool = True  # reuse finished stages from the content-addressed stage cache
 
 
 class Recipe(_Section):

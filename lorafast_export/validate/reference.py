@@ -9,19 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from lorafast_export.errors import UnsupportedError
 from lorafast_export.load import Adapter, ModelDir
+from lorafast_export.stagecache import cache_root
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAFAST_CACHE", Path.home() / ".cache" / "lorafast-export"))
 
 
 class Reference:
