@@ -155,13 +155,20 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha.")
 @click.option("--use-rslora", is_flag=True, default=None, help="For Lightning .ckpt adapters: alpha/sqrt(r) scaling.")
 @click.option("--dump-recipe", is_flag=True, help="Print the resolved recipe as YAML and exit.")
+@click.option("--matrix", "matrix", multiple=True, help="Build every combination: --matrix target=a,b quant=c,d "
+              "(axes: target, quant, bits, group_size, dtype, hf_format); artifacts go under --out.")
+@click.argument("more_axes", nargs=-1)
 @click.pass_obj
-def build(ctx: Ctx, recipe, dump_recipe, **flags):
+def build(ctx: Ctx, recipe, dump_recipe, matrix, more_axes, **flags):
     """Merge → quantize → lower → validate, into one artifact directory."""
+    if more_axes and not matrix:
+        raise click.UsageError(f"unexpected arguments {' '.join(more_axes)} (axes go after --matrix)")
     r = _run(ctx, load_recipe, recipe, _build_overrides(**flags))
     if dump_recipe:
         click.echo(r.to_yaml(), nl=False)
         return
+    if matrix:
+        return _build_matrix(ctx, r, [*matrix, *more_axes])
     from lorafast_export.pipeline import run_build
 
     status, update = _progress(ctx)
@@ -173,6 +180,28 @@ def build(ctx: Ctx, recipe, dump_recipe, **flags):
         if status:
             status.stop()
     _finish_build(ctx, bctx)
+
+
+def _build_matrix(ctx: Ctx, r, specs: list[str]) -> None:
+    from lorafast_export.errors import EXIT_GATE_FAILED
+    from lorafast_export.matrix import parse_axes, run_matrix
+
+    axes = _run(ctx, parse_axes, specs)
+    status, update = _progress(ctx)
+    if status:
+        status.start()
+    try:
+        summary = _run(ctx, run_matrix, r, axes, update)
+    finally:
+        if status:
+            status.stop()
+    from lorafast_export.matrix import render_summary
+
+    ctx.emit(summary, lambda: out.print(render_summary(summary)))
+    if any(row.get("error") for row in summary["artifacts"]):
+        sys.exit(EXIT_BAD_INPUT)
+    if not summary["passed"]:
+        sys.exit(EXIT_GATE_FAILED)
 
 
 def _finish_build(ctx: Ctx, bctx) -> None:

@@ -96,3 +96,17 @@ def test_disk_full_mid_write_is_a_clear_error_and_leaves_nothing(inputs, tmp_pat
     r = CliRunner().invoke(main, [str(x) for x in build_args(inputs, tmp_path / "x", "--no-validate", "--no-cache")])
     assert r.exit_code == 2 and "no space left on device" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_matrix_builds_every_combination_and_summarises(inputs, tmp_path):
+    args = build_args(inputs, tmp_path / "m", "--matrix", "dtype=float32,float16", "target=hf")
+    r = CliRunner().invoke(main, ["--json", *map(str, args)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert [a["name"] for a in summary["artifacts"]] == ["float32-hf", "float16-hf"]
+    assert all(a["passed"] for a in summary["artifacts"])
+    for a in summary["artifacts"]:
+        assert (tmp_path / "m" / a["name"] / "report.json").exists()
+    assert "float16-hf" in (tmp_path / "m" / "summary.md").read_text()
+    bad = CliRunner().invoke(main, [str(x) for x in build_args(inputs, tmp_path / "n", "--matrix", "colour=red")])
+    assert bad.exit_code == 2 and "unknown axis" in bad.output

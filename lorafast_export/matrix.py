@@ -1,0 +1,97 @@
+"""Matrix builds: every combination of a few recipe axes, each into its own artifact, one summary table.
+
+Combinations share what they can through content-addressed caches: the reference logits (validate/reference),
+the merged checkpoint and quantized forms (stagecache), so N targets x M methods merge once and quantize M times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from lorafast_export.errors import InputError, LorafastError
+from lorafast_export.recipe import Recipe
+
+# matrix axis → recipe field (the same names as the build flags)
+AXES = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
+        "dtype": "merge.dtype", "hf_format": "target.hf_format"}
+
+
+def parse_axes(specs: list[str]) -> dict[str, list[str]]:
+    axes: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise InputError(f"--matrix {spec!r}: expected KEY=V1,V2 (keys: {', '.join(AXES)}).")
+        if key not in AXES:
+            raise InputError(f"--matrix {spec!r}: unknown axis {key!r}; axes: {', '.join(AXES)}.")
+        axes[key] = [v for v in values.split(",") if v]
+    if not axes:
+        raise InputError("--matrix needs at least one axis, e.g. --matrix target=onnxruntime,openvino quant=int8,awq")
+    return axes
+
+
+def _typed(key: str, v: str):
+    return int(v) if key in ("bits", "group_size") else v
+
+
+def combinations(recipe: Recipe, axes: dict[str, list[str]]) -> list[tuple[str, Recipe]]:
+    """All combinations, each a full recipe (validated up front: every bad combination reported at once)."""
+    root = Path(recipe.output.dir)
+    out, problems = [], []
+    for values in itertools.product(*axes.values()):
+        combo = dict(zip(axes, values, strict=True))
+        name = "-".join(values)
+        ov = {AXES[k]: _typed(k, v) for k, v in combo.items()}
+        ov |= {"output.dir": str(root / name), "name": f"{recipe.name}-{name}"}
+        try:
+            out.append((name, recipe.with_overrides(ov)))
+        except InputError as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        raise InputError("matrix: some combinations are invalid:\n" + "\n".join(problems))
+    return out
+
+
+def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m: None) -> dict:
+    from lorafast_export.pipeline import run_build
+
+    rows = []
+    for name, r in combinations(recipe, axes):
+        progress("matrix", name)
+        row = {"name": name, "artifact": r.output.dir, "target": r.target.name, "quant": r.quant.method}
+        try:
+            ctx = run_build(r, progress)
+            row |= {"passed": None if ctx.report is None else ctx.report["passed"],
+                    "gates": [] if ctx.report is None else ctx.report["gates"],
+                    "metrics": None if ctx.report is None else ctx.report["summary"], "timings_s": ctx.timings}
+        except LorafastError as e:
+            row |= {"passed": False, "error": str(e)}
+        rows.append(row)
+    summary = {"schema": "lorafast-export/matrix/v1", "axes": axes, "artifacts": rows,
+               "passed": all(r["passed"] is not False for r in rows)}
+    root = Path(recipe.output.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (root / "summary.md").write_text(render_summary(summary))
+    return summary
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def render_summary(summary: dict) -> str:
+    lines = ["## lorafast-export matrix", "", "| artifact | target | quant | gates | KL mean (per eval set) | top-1 | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary["artifacts"]:
+        mark = {True: "✅ pass", False: "❌ fail", None: "— (not validated)"}[r["passed"]]
+        m = r.get("metrics") or {}
+        kl = ", ".join(f"{k} {_fmt(v['kl_mean'])}" for k, v in m.items())
+        top1 = ", ".join(f"{k} {_fmt(v['top1'])}" for k, v in m.items())
+        failed = [g["expr"] for g in r.get("gates", []) if g["passed"] is False]
+        note = r.get("error", "").splitlines()[0] if r.get("error") else ("failed: " + "; ".join(failed) if failed else "")
+        lines.append(f"| `{r['name']}` | {r['target']} | {r['quant']} | {mark} | {kl} | {top1} | {note} |")
+    verdict = "all artifacts passed" if summary["passed"] else "some artifacts FAILED"
+    return "\n".join([*lines, "", f"**{verdict}**", ""])
