@@ -45,6 +45,9 @@ def combinations(recipe: Recipe, axes: dict[str, list[str]]) -> list[tuple[str, 
         name = "-".join(values)
         ov = {AXES[k]: _typed(k, v) for k, v in combo.items()}
         ov |= {"output.dir": str(root / name), "name": f"{recipe.name}-{name}"}
+        if recipe.validate_.junit:  # one JUnit file per artifact, next to the given path
+            j = Path(recipe.validate_.junit)
+            ov["validate.junit"] = str(j.with_name(f"{j.stem}-{name}{j.suffix or '.xml'}"))
         try:
             out.append((name, recipe.with_overrides(ov)))
         except InputError as e:
