@@ -151,6 +151,7 @@ def write_reports(report, out_dir: Path, junit: Path | None = None) -> None:
     (out_dir / "report.md").write_text(render_markdown(report))
     (out_dir / "report.html").write_text(render_html(report))
     if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(render_junit(report))
     append_step_summary(report)
 
