@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError
@@ -40,7 +41,7 @@ def _run(ctx: Ctx, fn, *args, **kwargs):
             raise
         if ctx.json:
             click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]; nothing was published")
@@ -48,7 +49,8 @@ def _run(ctx: Ctx, fn, *args, **kwargs):
     except Exception as e:  # a bug, not a user error
         if ctx.debug:
             raise
-        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n(re-run with --debug for the traceback)")
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
+                      "(re-run with --debug for the traceback)", highlight=False)
         sys.exit(3)
 
 

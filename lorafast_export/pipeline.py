@@ -72,6 +72,9 @@ class BuildContext:
 # ---------------------------------------------------------------------------------------------- stages
 
 def stage_load(ctx: BuildContext) -> None:
+    from lorafast_export.targets.registry import require_available
+
+    require_available(ctx.recipe.target.name)  # fail before any work if the runtime is missing
     r = ctx.recipe.inputs
     ctx.base = open_model(resolve_path(r.base), allow_pickle=r.allow_pickle)
     ctx.adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides())

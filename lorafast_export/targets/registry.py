@@ -62,7 +62,9 @@ def get_target(name: str) -> Target:
         raise InputError(f"unknown target {name!r}; choose one of: {', '.join(_MODULES)}.")
     if name not in TARGETS:
         try:
-            importlib.import_module(_MODULES[name])
+            module = importlib.import_module(_MODULES[name])
+            if name not in TARGETS:  # imported before but unregistered since: register again
+                importlib.reload(module)
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("lorafast_export"):
                 raise RuntimeMissingError(f"target {name!r} is not implemented in this version yet.") from None

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafast_export.cli import main
 from tests.merge.test_merge_vs_peft import make_adapter
-from tests.tiny import make_model, save_model
+from tests.tiny import make_model, save_char_tokenizer, save_model
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("good")
     base = make_model("llama")
     save_model(base, root / "base")
+    save_char_tokenizer(root / "base")
     make_adapter(base, root / "ad", target_modules=["q_proj", "v_proj"])
     make_adapter(base, root / "dora", target_modules=["q_proj"], use_dora=True)
     other = make_model("llama", hidden=48, vocab=80)
@@ -159,6 +160,26 @@ def out_parent_is_file(good, tmp_path):
     return ["--base", good / "base", "--adapter", good / "ad", "--out", tmp_path / "afile" / "sub" / "x"]
 
 
+def eval_file(content: bytes, name="e.txt"):
+    def f(good, tmp_path):
+        (tmp_path / name).write_bytes(content)
+        return ["--base", good / "base", "--adapter", good / "ad", "--eval", f"e={tmp_path / name}", "VALIDATE"]
+    return f
+
+
+def runtime_missing(good, tmp_path):
+    from lorafast_export.targets import registry
+
+    class Missing:
+        name, install_hint = "openvino", "pip install 'lorafast-export[openvino]'"
+
+        def available(self):
+            return False, f"openvino is not installed; {self.install_hint}"
+
+    registry.TARGETS["openvino"] = Missing()
+    return ["--base", good / "base", "--adapter", good / "ad", "--target", "openvino"]
+
+
 CASES = {
     "base-dir-missing": (lambda g, t: ["--base", t / "nope", "--adapter", g / "ad"], "base model directory not found"),
     "adapter-dir-missing": (lambda g, t: ["--base", g / "base", "--adapter", t / "nope"], "adapter directory not found"),
@@ -199,6 +220,13 @@ CASES = {
     "out-exists": (out_exists, "already exists"),
     "out-parent-is-file": (out_parent_is_file, "cannot create the output's parent directory"),
     "dora-weighted-unsupported-type": (adapter_config_edit(use_qalora=True), "QA-LoRA"),
+    "eval-empty": (eval_file(b"  \n"), "eval file is empty"),
+    "eval-not-utf8": (eval_file(b"caf\xe9 \xff\xfe"), "not UTF-8"),
+    "eval-too-short": (eval_file(b"tiny"), "fewer than one block"),
+    "eval-jsonl-no-text": (eval_file(b'{"body": "x"}\n', "e.jsonl"), "'text' field"),
+    "eval-missing": (lambda g, t: ["--base", g / "base", "--adapter", g / "ad", "--eval", f"e={t / 'no.txt'}",
+                                   "VALIDATE"], "eval file not found"),
+    "runtime-not-installed": (runtime_missing, "pip install 'lorafast-export[openvino]'"),
 }
 
 
@@ -207,11 +235,21 @@ def test_bad_input(good, tmp_path, case):
     make_args, expect = CASES[case]
     args = make_args(good, tmp_path)
     out = tmp_path / "out"
-    argv = ["build", *map(str, args), "--no-validate"]
+    validate = "VALIDATE" in args
+    args = [a for a in args if a != "VALIDATE"]
+    argv = ["build", *map(str, args)] + ([] if validate else ["--no-validate"])
     if "--out" not in argv:
         argv += ["--out", str(out)]
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = CliRunner().invoke(main, argv)
+    from lorafast_export.targets import registry
+
+    saved = registry.TARGETS.get("openvino")
+    try:
+        r = CliRunner().invoke(main, argv)
+    finally:
+        registry.TARGETS.pop("openvino", None)
+        if saved is not None:
+            registry.TARGETS["openvino"] = saved
     assert r.exit_code == 2, (r.exit_code, r.output)
     assert expect in r.output, r.output
     assert "Traceback" not in r.output
