@@ -277,6 +277,40 @@ def report_diff(ctx: Ctx, a, b):
     ctx.emit({"diff": text}, lambda: click.echo(text))
 
 
+# ---------------------------------------------------------------------------------------------- generate
+
+@main.command()
+@click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory.")
+@click.option("--input", "inp", required=True, type=click.Path(dir_okay=False), help='jsonl: {"prompt": ...}')
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="jsonl results (appended; resumable)")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.pass_obj
+def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size):
+    """Greedy generation for every prompt of a file, through the artifact's runtime; resumes if interrupted."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from lorafast_export.generate import generate_file
+
+    bar = None if ctx.quiet else Progress("[bold]generate", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                          console=console)
+    task = bar.add_task("generate", total=None) if bar else None
+
+    def progress(done, total):
+        if bar:
+            bar.update(task, completed=done, total=total)
+
+    if bar:
+        bar.start()
+    try:
+        res = _run(ctx, generate_file, Path(artifact), Path(inp), Path(output), max_new_tokens, batch_size, progress)
+    finally:
+        if bar:
+            bar.stop()
+    ctx.emit(res, lambda: out.print(f"[green]wrote[/] {res['generated']} completions to {res['output']}"
+                                    + (f" (resumed after {res['resumed_from']})" if res["resumed_from"] else "")))
+
+
 # ---------------------------------------------------------------------------------------------- verify
 
 @main.command()

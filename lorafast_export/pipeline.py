@@ -161,6 +161,20 @@ def write_manifest(ctx: BuildContext) -> dict:
     return manifest
 
 
+def artifact_target(artifact: Path):
+    """The target an artifact was built for (from its manifest), ready to load sessions."""
+    from lorafast_export.targets.registry import require_available
+
+    man = artifact / "manifest.json"
+    if not man.is_file():
+        raise InputError(f"{artifact}: no manifest.json; not a finished lorafast-export artifact.")
+    try:
+        name = json.loads(man.read_text())["recipe"]["target"]["name"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise InputError(f"{man}: damaged manifest (no recipe.target.name).") from None
+    return require_available(name)
+
+
 def prepare_output(out: Path, force: bool) -> Path:
     if out.exists() and not force:
         raise InputError(f"{out}: already exists. Pass --force to replace it, or choose another --out.")

@@ -71,7 +71,7 @@ def test_builds_are_byte_identical_and_verify_catches_changes(inputs, tmp_path):
     (a / "model" / "config.json").write_text("{}")
     (a / "model" / "stray.bin").write_bytes(b"x")
     r = CliRunner().invoke(main, ["--json", "verify", str(a)])
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)
     assert r.exit_code == 1 and res["changed"] == ["model/config.json"] and res["extra"] == ["model/stray.bin"]
 
 

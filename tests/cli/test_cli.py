@@ -37,7 +37,7 @@ def test_build_hf_writes_manifest_and_model(tmp_path):
     r = run("--json", "build", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--target", "hf",
             "--out", out, "--no-validate")
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output)
+    summary = json.loads(r.stdout)
     assert summary["artifact"] == str(out)
     man = json.loads((out / "manifest.json").read_text())
     assert man["recipe"]["target"]["name"] == "hf"
@@ -73,15 +73,15 @@ def test_dump_recipe_round_trips_flags(tmp_path):
 def test_inspect_adapter_and_model(tmp_path):
     setup(tmp_path, use_dora=True, r=4, lora_alpha=8)
     r = run("--json", "inspect", tmp_path / "ad")
-    info = json.loads(r.output)
+    info = json.loads(r.stdout)
     assert info["type"] == "dora" and info["rank"] == 4 and info["alpha"] == 8
     assert set(info["target_modules"]) == set(ALL) and info["adapted_modules"] == 14
-    m = json.loads(run("--json", "inspect", tmp_path / "base").output)
+    m = json.loads(run("--json", "inspect", tmp_path / "base").stdout)
     assert m["family"] == "llama" and m["layers"] == 2
 
 
 def test_doctor_lists_every_target():
-    d = json.loads(run("--json", "doctor").output)
+    d = json.loads(run("--json", "doctor").stdout)
     names = {t["name"] for t in d["targets"]}
     assert names == {"hf", "torch-compile", "onnxruntime", "openvino", "trt-llm"}
     assert next(t for t in d["targets"] if t["name"] == "hf")["ok"] is True
