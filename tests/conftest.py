@@ -1,4 +1,8 @@
 import pytest
+import torch
+
+# Tiny models: one thread is faster than two (no OpenMP hand-off per op), and the suite stays fast on a busy box.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
