@@ -34,7 +34,7 @@ def build_args(inputs, out, *extra):
 
 def run_cli(args, env=None):
     return subprocess.run([sys.executable, "-m", "lorafast_export.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def model_hashes(out):
