@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lorafast_export.errors import InputError, UnsupportedError
 from lorafast_export.model.spec import ModelConfig
@@ -58,26 +57,57 @@ def check_safetensors_header(path: Path) -> dict:
     return header
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    offset: int  # absolute byte offset of the tensor's data in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class WeightStore:
-    """Name → tensor access over one checkpoint (single or sharded safetensors, or pickle if allowed)."""
+    """Name → tensor access over one checkpoint (single or sharded safetensors, or pickle if allowed).
+
+    safetensors are read tensor by tensor with positional reads, not memory-mapped: a tensor's memory is freed as
+    soon as the caller drops it, so streaming a model larger than RAM keeps the process's RSS at what is alive.
+    """
 
     def __init__(self, files: list[Path], allow_pickle: bool = False):
         self.files = files
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._entries: dict[str, _Entry] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         for f in files:
             if f.suffix in PICKLE_SUFFIXES:
                 self._load_pickle(f, allow_pickle)
                 continue
-            check_safetensors_header(f)
+            self._index(f)
+
+    def _index(self, f: Path) -> None:
+        header = check_safetensors_header(f)
+        with open(f, "rb") as fh:
+            base = 8 + struct.unpack("<Q", fh.read(8))[0]
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
             try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own SafetensorError type  # noqa: BLE001 - any read failure becomes an InputError naming the file
-                raise InputError(f"{f}: cannot be read as safetensors ({e}).") from None
-            self._handles[f] = h
-            for k in h.keys():
-                self._where[k] = f
+                dtype = _ST_DTYPES[info["dtype"]]
+                start, end = (int(x) for x in info["data_offsets"])
+                shape = tuple(int(x) for x in info["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise InputError(f"{f}: tensor {name!r} has a malformed header entry ({info!r}).") from None
+            if end - start != torch.Size(shape).numel() * dtype.itemsize:
+                raise InputError(f"{f}: tensor {name!r}: header size does not match shape {shape} x {info['dtype']}.")
+            self._entries[name] = _Entry(f, base + start, end - start, dtype, shape)
+            self._where[name] = f
 
     def _load_pickle(self, f: Path, allow_pickle: bool) -> None:
         if not allow_pickle:
@@ -104,10 +134,20 @@ class WeightStore:
             raise InputError(f"tensor {name!r} not found in {', '.join(str(f) for f in self.files)}.")
         if name in self._pickled:
             return self._pickled[name]
-        try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - re-raised as InputError naming the tensor
-            raise InputError(f"{self._where[name]}: tensor {name!r} cannot be read ({e}).") from None
+        e = self._entries[name]
+        buf = bytearray(e.nbytes)
+        with open(e.path, "rb") as fh:
+            fh.seek(e.offset)
+            if fh.readinto(buf) != e.nbytes:
+                raise InputError(f"{e.path}: tensor {name!r} is truncated; the file is incomplete.")
+        if not e.nbytes:
+            return torch.empty(e.shape, dtype=e.dtype)
+        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        if name in self._pickled:
+            return tuple(self._pickled[name].shape)
+        return self._entries[name].shape
 
     def file_of(self, name: str) -> Path:
         return self._where[name]

@@ -29,14 +29,27 @@ def embedding_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.T
     return ((b.double() @ a.double()).T * scaling).float()
 
 
+ROW_CHUNK_ELEMENTS = 1 << 22  # rows are merged in chunks of ~4M elements: fp64 temporaries stay ~100 MB
+
+
 def merge_linear(w: torch.Tensor, contributions: list[tuple[torch.Tensor, torch.Tensor | None, float]]) -> torch.Tensor:
     """Merge adapters [(ΔW, DoRA magnitude or None, weight)] into w [out, in], in order; returns fp32.
 
     Several adapters apply in the given order, as PEFT computes with several active adapters: a LoRA adds
     weight·ΔW; a DoRA with factor f = m / ||W_base + ΔW|| (norm of the BASE weight plus its own delta) turns the
     accumulated W into  W + weight·((f − 1)·W + f·ΔW). With weight 1 this is PEFT's forward exactly; for a single
-    adapter it is the usual LoRA / DoRA merge.
+    adapter it is the usual LoRA / DoRA merge. Everything is per output row, so rows are merged in chunks.
     """
+    out = torch.empty(w.shape, dtype=torch.float32)
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, r0 + step)
+        chunk = [(d[rows], None if m is None else m[rows], wt) for d, m, wt in contributions]
+        out[rows] = _merge_rows(w[rows], chunk)
+    return out
+
+
+def _merge_rows(w: torch.Tensor, contributions) -> torch.Tensor:
     w64 = w.double()
     out = w64.clone()
     for delta, magnitude, weight in contributions:
@@ -44,6 +57,6 @@ def merge_linear(w: torch.Tensor, contributions: list[tuple[torch.Tensor, torch.
         if magnitude is None:
             out += weight * d64
         else:
-            f = (magnitude.double() / torch.linalg.norm(w64 + d64, dim=1))[:, None]  # [out, 1]
+            f = (magnitude.double() / torch.linalg.norm(w64 + d64, dim=1))[:, None]  # [rows, 1]
             out += weight * ((f - 1) * out + f * d64)
     return out.float()
