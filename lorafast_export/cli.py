@@ -81,6 +81,18 @@ def _progress(ctx: Ctx):
     return status, update
 
 
+def _run_with_progress(ctx: Ctx, fn):
+    """fn(update) under a status spinner (none under --quiet/--json)."""
+    status, update = _progress(ctx)
+    if status:
+        status.start()
+    try:
+        return fn(update)
+    finally:
+        if status:
+            status.stop()
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 def _build_overrides(**o) -> dict:
@@ -173,14 +185,7 @@ def build(ctx: Ctx, recipe, dump_recipe, matrix, more_axes, **flags):
         return _build_matrix(ctx, r, [*matrix, *more_axes])
     from lorafast_export.pipeline import run_build
 
-    status, update = _progress(ctx)
-    if status:
-        status.start()
-    try:
-        bctx = _run(ctx, run_build, r, update)
-    finally:
-        if status:
-            status.stop()
+    bctx = _run_with_progress(ctx, lambda update: _run(ctx, run_build, r, update))
     _finish_build(ctx, bctx)
 
 
@@ -189,14 +194,7 @@ def _build_matrix(ctx: Ctx, r, specs: list[str]) -> None:
     from lorafast_export.matrix import parse_axes, run_matrix
 
     axes = _run(ctx, parse_axes, specs)
-    status, update = _progress(ctx)
-    if status:
-        status.start()
-    try:
-        summary = _run(ctx, run_matrix, r, axes, update)
-    finally:
-        if status:
-            status.stop()
+    summary = _run_with_progress(ctx, lambda update: _run(ctx, run_matrix, r, axes, update))
     from lorafast_export.matrix import render_summary
 
     ctx.emit(summary, lambda: out.print(render_summary(summary)))
@@ -241,14 +239,7 @@ def validate(ctx: Ctx, artifact, **flags):
     from lorafast_export.validate.run import summarize, validate_artifact
 
     ov = {k: v for k, v in _build_overrides(base=None, adapter=(), **flags).items() if k.startswith("validate.")}
-    status, update = _progress(ctx)
-    if status:
-        status.start()
-    try:
-        report = _run(ctx, validate_artifact, Path(artifact), ov, lambda m: update("validate", m))
-    finally:
-        if status:
-            status.stop()
+    report = _run_with_progress(ctx, lambda update: _run(ctx, validate_artifact, Path(artifact), ov, lambda m: update("validate", m)))
     ctx.emit(summarize(report), lambda: out.print(render_markdown(report)))
     if not report.passed:
         sys.exit(EXIT_GATE_FAILED)
@@ -353,14 +344,7 @@ def merge_cmd(ctx: Ctx, base, adapter, out, dtype, force, allow_pickle, lora_alp
         **_build_overrides(base=base, adapter=adapter, out=out, force=force, allow_pickle=allow_pickle, dtype=dtype,
                            lora_alpha=lora_alpha, use_rslora=use_rslora),
         "validate.enabled": False})
-    status, update = _progress(ctx)
-    if status:
-        status.start()
-    try:
-        result = _run(ctx, _merge_only, r, update)
-    finally:
-        if status:
-            status.stop()
+    result = _run_with_progress(ctx, lambda update: _run(ctx, _merge_only, r, update))
     ctx.emit(result, lambda: out_print_merge(result))
 
 
