@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -115,6 +116,18 @@ def _build_overrides(**o) -> dict:
     for flag, key in (("force", "output.force"), ("allow_pickle", "inputs.allow_pickle"), ("act_order", "quant.act_order")):
         if o.get(flag):
             ov[key] = True
+    if o.get("symmetric") is not None:
+        ov["quant.symmetric"] = o["symmetric"]
+    for spec in o.get("target_option") or ():
+        key, sep, value = spec.partition("=")
+        if not sep:
+            raise click.UsageError(f"--target-option {spec!r}: expected KEY=VALUE")
+        ov[f"target.options.{key}"] = yaml.safe_load(value)
+    if o.get("trt_llm_legacy"):
+        ov["target.options.legacy"] = True
+    for k in ("tp", "pp"):
+        if o.get(k) is not None:
+            ov[f"target.options.{k}"] = o[k]
     if o.get("no_cache"):
         ov["output.cache"] = False
     if o.get("no_validate"):
@@ -151,8 +164,13 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--bits", type=int)
 @click.option("--group-size", type=int)
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal.")
+@click.option("--symmetric/--asymmetric", default=None, help="Zero points or not (default per method and target).")
 @click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
 @click.option("--hf-format", help="For --target hf with a quant method: gptq | awq | compressed-tensors.")
+@click.option("--target-option", multiple=True, help="Target-specific KEY=VALUE (YAML value), e.g. aot=true. Repeatable.")
+@click.option("--trt-llm-legacy", is_flag=True, help="trt-llm: also/instead write the legacy engine checkpoint.")
+@click.option("--tp", type=int, help="trt-llm legacy: tensor-parallel size.")
+@click.option("--pp", type=int, help="trt-llm legacy: pipeline-parallel size.")
 @click.option("--dtype", help="Merged weight dtype: auto (keep base) | float32 | float16 | bfloat16.")
 @click.option("--device", help="Device for quantization: auto | cpu | cuda.")
 @click.option("--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled.")

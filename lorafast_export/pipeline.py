@@ -103,9 +103,13 @@ def stage_quantize(ctx: BuildContext) -> None:
     if ctx.recipe.quant.method == "none":
         return
     from lorafast_export.quant.pipeline import quantize_checkpoint
+    from lorafast_export.targets.registry import get_target
 
-    ctx.quantized = quantize_checkpoint(ctx.merged_dir, ctx.recipe.quant, progress=lambda m: ctx.progress("quantize", m))
-    ctx.facts["quant"] = ctx.recipe.quant.resolved()
+    quant = ctx.recipe.quant
+    if quant.symmetric is None and getattr(get_target(ctx.recipe.target.name), "requires_symmetric", False):
+        quant = quant.model_copy(update={"symmetric": True})  # the target's kernels take no zero points
+    ctx.quantized = quantize_checkpoint(ctx.merged_dir, quant, progress=lambda m: ctx.progress("quantize", m))
+    ctx.facts["quant"] = quant.resolved()
 
 
 def stage_lower(ctx: BuildContext) -> None:

@@ -1,0 +1,2 @@
+"""TensorRT-LLM target internals: scheme (quant_algo, options, refusals), pack (layout math), weights (sources),
+hf_bundle (PyTorch-backend bundle), legacy (engine checkpoint), reader (reference dequantizer)."""
