@@ -1,0 +1,401 @@
+"""Benchmark the torch-compile runtime against transformers' generate on the same random model, same run.
+
+    PYTHONPATH=. python bench/torch_bench.py --device cuda --shape llama3-8b --out bench.json
+    PYTHONPATH=. python bench/torch_bench.py --device cpu --shape small --sections cpu --out cpu.json
+
+Sections (--sections, comma separated; each one's result is written to --out as soon as it ends):
+  copy     device-to-device copy bandwidth (bytes read + written), the ceiling for decode
+  check    correctness on the device: int4/int8 linears vs fake-quant, compiled gather/flex decode vs eager
+  kernels  linear layers of the model's shapes: bf16 vs int4 tinygemm vs int8 weight-only, per batch rows
+  attn     paged decode attention: gather vs flex (compiled), per batch and context length
+  bf16     our runtime, bf16 weights: batch sizes x (prompt, new tokens); eager vs compiled at batch 1
+  int4     our runtime, int4 g128 (RTN codes from the quantized form)
+  hf       transformers generate (eager, dynamic cache) at the same batch sizes
+  mixed    32 requests of mixed prompt/output lengths: our continuous batching vs transformers batched generate
+  hfstatic transformers generate with the static cache + torch.compile, batch 1
+  cpu      (CPU) compiled vs eager decode of our runtime
+Random weights: speed does not depend on values. Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lorafast_export.model.spec import ModelConfig  # noqa: E402
+from lorafast_export.qform import QLinear  # noqa: E402
+from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
+from lorafast_export.runtime.bench import bench_runtime, random_prompts, run_requests  # noqa: E402
+from lorafast_export.runtime.linear import lower_qtensor  # noqa: E402
+from lorafast_export.runtime.loader import build_runtime  # noqa: E402
+from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
+    "check": dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024),
+}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, dev, iters=50, warmup=5) -> float:
+    """Median seconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def hf_model(shape: str, dev, dtype):
+    import transformers
+
+    cfg = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    return model.eval()
+
+
+def config_of(model) -> tuple[ModelConfig, dict]:
+    state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    return ModelConfig.from_dict(model.config.to_dict()), state
+
+
+def quantize_linears(state: dict, bits=4, group=128, symmetric=False) -> tuple[dict, dict]:
+    fp, q = dict(state), {}
+    for name in [k for k in state if ".layers." in k and k.rsplit(".", 2)[-2] in LINEARS]:
+        path = name.removesuffix(".weight")
+        q[path] = quantize_rtn(fp.pop(name), bits, group, symmetric, scale_dtype=torch.float16)
+    return fp, q
+
+
+def bytes_per_step(rt) -> int:
+    """Bytes of weights one decode step reads (everything but the embedding table)."""
+    total = 0
+    for name, mod in rt.model.dec.named_modules():
+        if name.endswith("embed_tokens"):
+            continue
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if name == "" or "rotary" in name:
+                continue
+            total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+def sec_copy(a, dev, R):
+    n = (2 << 30) // 2
+    src = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), dev, iters=20)
+    return {"bytes": 2 * src.nbytes, "seconds": t, "TBps": 2 * src.nbytes / t / 1e12}
+
+
+def sec_check(a, dev, R):
+    out = {}
+    torch.manual_seed(0)
+    x = torch.randn(4, 4096, device=dev)
+    for bits, group, sym in ((4, 128, False), (4, 128, True), (8, -1, True), (8, -1, False)):
+        w = torch.randn(4096, 4096, device=dev) * 0.02
+        qt = quantize_rtn(w, bits, group, sym)
+        ref = QLinear(qt)(x)
+        for prefer in ("auto", "dequant"):
+            m = lower_qtensor(qt, dev, torch.bfloat16, prefer)
+            y = m(x.bfloat16()).float()
+            out[f"linear_int{bits}_g{group}_{'sym' if sym else 'asym'}_{m.kernel}"] = \
+                ((y - ref).norm() / ref.norm()).item()
+    model = hf_model("check", dev, torch.float32)
+    cfg, state = config_of(model)
+    prompts = random_prompts(5, 40, cfg.vocab_size, 1)
+    base = dict(max_seq_len=256, max_batch=8, batch_buckets=[1, 8])
+    eager = build_runtime(cfg, state, None, dev, torch.float32, RuntimeOptions(compile="off", **base))
+    want = eager.generate_batch(prompts, 24)
+    for attn in ("gather", "flex"):
+        rt = build_runtime(cfg, state, None, dev, torch.float32, RuntimeOptions(compile="on", attention=attn, **base))
+        t = time.perf_counter()
+        got = rt.generate_batch(prompts, 24)
+        out[f"engine_compiled_{attn}_tokens_equal_eager"] = got == want
+        out[f"engine_compiled_{attn}_first_run_s"] = time.perf_counter() - t
+    fp, q = quantize_linears(state, 4, 128, False)
+    rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="on", **base))
+    ref = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="off", kernel="dequant", **base))
+    ids = torch.tensor(prompts[:2])
+    lr, ld = rt.logits(ids), ref.logits(ids)
+    out["int4_model_logits_rel_err_vs_dequant_bf16"] = ((lr - ld).norm() / ld.norm()).item()
+    out["int4_kernels"] = sorted(set(rt.kernels.values()))
+    return out
+
+
+def sec_kernels(a, dev, R):
+    c = SHAPES[a.shape]
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"])
+    rows = []
+    for n, k in ((h, h), (kv, h), (i, h), (h, i)):
+        w = torch.randn(n, k, device=dev) * 0.02
+        mods = {"bf16": None}
+        for bits, group in ((4, 128), (8, -1)):
+            mods[f"int{bits}"] = lower_qtensor(quantize_rtn(w, bits, group, False), dev, torch.bfloat16)
+        wb = w.bfloat16()
+        for m in (1, 8, 32):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            row = {"n": n, "k": k, "m": m}
+            for name, mod in mods.items():
+                fn = (lambda x=x, wb=wb: F.linear(x, wb)) if mod is None else (lambda x=x, mod=mod: mod(x))
+                row[f"{name}_us"] = 1e6 * timeit(fn, dev, iters=100)
+            rows.append(row)
+    return rows
+
+
+def sec_attn(a, dev, R):
+    from lorafast_export.runtime.attention import decode_flex, decode_gather
+
+    c = SHAPES[a.shape]
+    hq, hkv = c["num_attention_heads"], c["num_key_value_heads"]
+    d, bs = c["hidden_size"] // hq, a.block_size
+    rows = []
+    for ctx in (384, 2048):
+        for b in (1, 8, 32):
+            nb = b * (ctx // bs) + 1
+            k_pool = torch.randn(hkv, nb * bs, d, device=dev, dtype=torch.bfloat16)
+            v_pool = torch.randn_like(k_pool)
+            perm = torch.randperm(nb - 1, device=dev) + 1
+            tables = perm.view(b, ctx // bs).int()
+            width = 4096 // bs  # a max_seq_len of 4096: flex keeps this fixed width, gather pads to 2^k >= used
+            full = torch.zeros(b, width, dtype=torch.int32, device=dev)
+            full[:, : ctx // bs] = tables
+            lens = torch.full((b,), ctx, device=dev)
+            q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
+            gat = torch.compile(decode_gather, dynamic=False)
+            flx = torch.compile(decode_flex, dynamic=False)
+            g_args, f_args = (q, k_pool, v_pool, tables, lens, bs), (q, k_pool, v_pool, full, lens, bs)
+            diff = (gat(*g_args) - flx(*f_args)).abs().max().item()
+            rows.append({"batch": b, "ctx": ctx, "max_abs_diff": diff,
+                         "gather_us": 1e6 * timeit(lambda f=gat, x=g_args: f(*x), dev),
+                         "flex_us": 1e6 * timeit(lambda f=flx, x=f_args: f(*x), dev),
+                         "kv_bytes": 2 * b * ctx * hkv * d * 2})
+    return rows
+
+
+def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False):
+    opts = RuntimeOptions(compile="on", attention=attention, max_seq_len=a.max_seq_len, max_batch=max(batches),
+                          batch_buckets=tuple(sorted(set(batches))), cache_gib=a.cache_gib, block_size=a.block_size)
+    rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
+    t = time.perf_counter()
+    res = bench_runtime(rt, batches, a.prompt_len, a.new_tokens, warmup=True)
+    res["total_s_including_warmup_and_compile"] = time.perf_counter() - t
+    step_bytes = bytes_per_step(rt)
+    ctx = a.prompt_len + a.new_tokens / 2
+    copy = R.get("copy", {}).get("TBps")
+    for r in res["results"]:
+        read = step_bytes + r["batch"] * ctx * kv_bytes_per_token(cfg, torch.bfloat16)
+        r["bytes_per_step"] = read
+        r["achieved_TBps"] = read / (r["decode_step_ms"] / 1e3) / 1e12
+        r["fraction_of_copy_bw"] = r["achieved_TBps"] / copy if copy else None
+    res["weight_bytes_per_step"] = step_bytes
+    if eager_too:
+        rt_e = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts.replace(compile="off"))
+        p = random_prompts(1, a.prompt_len, cfg.vocab_size)
+        run_requests(rt_e, p, [8])
+        res["eager_batch1"] = run_requests(rt_e, p, [min(64, a.new_tokens)])
+    return rt, res
+
+
+def sec_model(a, dev, R, quant: bool):
+    model = R["_model"]
+    cfg, state = config_of(model)
+    fp, q = quantize_linears(state) if quant else (state, None)
+    attention = a.attention if a.attention != "auto" else R.get("_attn_choice", "gather")
+    rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=not quant)
+    if a.mixed_with == ("int4" if quant else "bf16"):
+        R["_mixed_rt"] = rt
+    return res
+
+
+@torch.no_grad()
+def hf_generate(model, prompts: list[list[int]], new: int, dev, **kw) -> tuple[float, int]:
+    """Left-padded batched greedy generate of exactly `new` tokens per prompt; (seconds, tokens made)."""
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    sync(dev)
+    t = time.perf_counter()
+    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, pad_token_id=0, **kw)
+    sync(dev)
+    return time.perf_counter() - t, (out.shape[1] - longest) * len(prompts)
+
+
+def sec_hf(a, dev, R):
+    model, rows = R["_model"], []
+    for b in a.batches:
+        prompts = random_prompts(b, a.prompt_len, model.config.vocab_size, b)
+        hf_generate(model, prompts, 4, dev)
+        torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
+        s, n = hf_generate(model, prompts, a.new_tokens, dev)
+        rows.append({"batch": b, "seconds": s, "tokens": n, "tokens_per_s": n / s,
+                     "peak_memory_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None})
+    return rows
+
+
+def mixed_workload(n=32, seed=0, vocab=128256):
+    rnd = random.Random(seed)
+    lens = [rnd.randint(32, 512) for _ in range(n)]
+    outs = [rnd.randint(32, 256) for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (p,), generator=g).tolist() for p in lens], outs
+
+
+def sec_mixed(a, dev, R):
+    model = R["_model"]
+    prompts, outs = mixed_workload(vocab=model.config.vocab_size)
+    res = {"requests": len(prompts), "useful_tokens": sum(outs)}
+    rt = R.get("_mixed_rt")
+    if rt is not None:
+        run_requests(rt, prompts, outs)  # warm-up: every batch bucket the drain passes through
+        res["ours"] = run_requests(rt, prompts, outs)
+        res["ours_label"] = a.mixed_with
+    hf_generate(model, prompts[:2], 4, dev)
+    s, made = hf_generate(model, prompts, max(outs), dev)  # one padded batch runs to the longest output
+    res["hf"] = {"seconds": s, "tokens_made": made, "useful_tokens_per_s": sum(outs) / s}
+    if "ours" in res:
+        res["speedup"] = res["ours"]["tokens_per_s"] / res["hf"]["useful_tokens_per_s"]
+    return res
+
+
+def sec_hfstatic(a, dev, R):
+    model = R["_model"]
+    prompts = random_prompts(1, a.prompt_len, model.config.vocab_size)
+    out = {}
+    try:
+        t = time.perf_counter()
+        hf_generate(model, prompts, a.new_tokens, dev, cache_implementation="static")
+        out["first_run_s"] = time.perf_counter() - t
+        s, n = hf_generate(model, prompts, a.new_tokens, dev, cache_implementation="static")
+        out.update({"seconds": s, "tokens": n, "tokens_per_s": n / s})
+    except Exception as e:  # noqa: BLE001 - a peer failing is a result to report, not a crash of the bench
+        out["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return out
+
+
+def sec_cpu(a, dev, R):
+    model = hf_model(a.shape, dev, torch.float32)
+    cfg, state = config_of(model)
+    res = {"threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    for mode in ("off", "on"):
+        opts = RuntimeOptions(compile=mode, max_seq_len=a.max_seq_len, max_batch=max(a.batches),
+                              batch_buckets=tuple(a.batches), block_size=a.block_size)
+        rt = build_runtime(cfg, state, None, dev, torch.float32, opts)
+        t = time.perf_counter()
+        res[f"compile_{mode}"] = bench_runtime(rt, a.batches, a.prompt_len, a.new_tokens, warmup=True)
+        res[f"compile_{mode}"]["total_s_including_warmup"] = time.perf_counter() - t
+    for b_off, b_on in zip(res["compile_off"]["results"], res["compile_on"]["results"], strict=True):
+        b_on["speedup_vs_eager"] = b_on["decode_tokens_per_s"] / b_off["decode_tokens_per_s"]
+    return res
+
+
+SECTIONS = {"copy": sec_copy, "check": sec_check, "kernels": sec_kernels, "attn": sec_attn,
+            "bf16": lambda a, d, R: sec_model(a, d, R, False), "int4": lambda a, d, R: sec_model(a, d, R, True),
+            "hf": sec_hf, "mixed": sec_mixed, "hfstatic": sec_hfstatic, "cpu": sec_cpu}
+NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--sections", default="copy,check,kernels,attn,bf16,int4,hf,mixed,hfstatic")
+    p.add_argument("--batch", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--cache-gib", type=float, default=8.0)
+    p.add_argument("--attention", default="auto", help="auto: the faster one in the attn section, else gather")
+    p.add_argument("--mixed-with", default="bf16", choices=("bf16", "int4"))
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip sections once this much time has passed")
+    p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
+    p.add_argument("--out", default="torch_bench.json")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.batches = [int(x) for x in a.batch.split(",")]
+    dev = torch.device(a.device)
+    t0 = time.perf_counter()
+    R: dict = {"env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
+                       "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor(),
+                       "argv": sys.argv[1:]}}
+    out = Path(a.out)
+    for name in a.sections.split(","):
+        if time.perf_counter() - t0 > a.budget_s:
+            R[name] = {"skipped": "time budget"}
+            continue
+        if name in NEEDS_MODEL and "_model" not in R:
+            R["_model"] = hf_model(a.shape, dev, torch.bfloat16)
+        t = time.perf_counter()
+        try:
+            R[name] = SECTIONS[name](a, dev, R)
+        except Exception as e:  # noqa: BLE001 - record and go on: one call of device time must yield the rest
+            R[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        R.setdefault("section_seconds", {})[name] = time.perf_counter() - t
+        from torch._dynamo.utils import counters
+
+        R["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "stats", "frames")}
+        if name == "attn" and isinstance(R[name], list):
+            small = [r for r in R[name] if r["max_abs_diff"] < 5e-2]
+            flex_ok = R.get("check", {}).get("engine_compiled_flex_tokens_equal_eager") is True
+            if small and len(small) == len(R[name]) and flex_ok:
+                R["_attn_choice"] = "flex" if sum(r["flex_us"] for r in small) < sum(r["gather_us"] for r in small) else "gather"
+        out.write_text(json.dumps({k: v for k, v in R.items() if not k.startswith("_") or k == "_attn_choice"},
+                                  indent=1, default=str))
+        print(f"[{time.perf_counter() - t0:7.1f}s] {name}: {json.dumps(R[name], default=str)[:1500]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Library entry points for the CLI's run, bench and generate subcommands on torch-compile artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lorafast_export.errors import InputError
+from lorafast_export.runtime.artifact import META_FILE
+from lorafast_export.runtime.bench import bench_runtime
+from lorafast_export.runtime.loader import Runtime, open_runtime
+
+
+def model_dir_of(artifact_dir: str | Path) -> Path:
+    """Accept the artifact root (out/<name>) or its model/ directory."""
+    d = Path(artifact_dir)
+    for cand in (d / "model", d):
+        if (cand / META_FILE).exists():
+            return cand
+    raise InputError(f"{d}: not a torch-compile artifact (no model/{META_FILE}); build one with "
+                     "`lorafast-export build --target torch-compile`.")
+
+
+def load(artifact_dir: str | Path, device: str = "cpu", **overrides: Any) -> Runtime:
+    return open_runtime(model_dir_of(artifact_dir), device, **overrides)
+
+
+def run_prompt(artifact_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, device: str = "cpu",
+               **overrides: Any) -> list[int]:
+    """Greedy new tokens for one prompt."""
+    return load(artifact_dir, device, **overrides).generate_batch([list(prompt_ids)], max_new_tokens)[0]
+
+
+def bench(artifact_dir: str | Path, batch_sizes: list[int], prompt_len: int, new_tokens: int,
+          device: str = "cpu", **overrides: Any) -> dict:
+    """Prefill/decode tokens/s, TTFT and peak memory per batch size (see runtime.bench), JSON-able."""
+    rt = load(artifact_dir, device, **overrides)
+    if max(batch_sizes) > rt.options.max_batch:
+        rt = load(artifact_dir, device, **{**overrides, "max_batch": max(batch_sizes)})
+    return {"artifact": str(artifact_dir), **bench_runtime(rt, batch_sizes, prompt_len, new_tokens)}
+
+
+def generate_stream(rt: Runtime, prompts: Iterable[tuple[Any, list[int]]], max_new_tokens: int,
+                    **sampling: Any) -> Iterator[tuple[Any, list[int]]]:
+    """Stream (key, prompt ids) through continuous batching, yielding (key, new tokens) as each finishes
+    (completion order). Keeps the queue about two batches deep, so a huge prompt file never sits in memory."""
+    eng, it, keys = rt.engine, iter(prompts), {}
+    exhausted = False
+    while True:
+        while not exhausted and len(eng.waiting) < 2 * eng.max_batch:
+            try:
+                key, ids = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            keys[eng.add(list(ids), max_new_tokens, **sampling).id] = key
+        if not eng.has_work:
+            return
+        for r in eng.step():
+            yield keys.pop(r.id), r.output

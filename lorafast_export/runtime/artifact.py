@@ -1,0 +1,113 @@
+"""The torch-compile artifact (model/): write it from a build, read it back into a runtime decoder.
+
+    model/
+      runtime.json           what every file is: format, dtype, weight files, quant settings, options, aot
+      config.json            the merged model's HF config (+ tokenizer files)
+      weights-*.safetensors  fp tensors under HF names, in the artifact dtype, one shard per decoder layer
+      qweights.safetensors   the quantized form (qform.save_qtensors), when a quant method ran
+      prefill.pt2 decode.pt2 AOTInductor packages for the build device (option aot)
+
+fp weights stream from the merged checkpoint one layer at a time, so lowering needs about one layer of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafast_export.errors import InputError
+from lorafast_export.load import TOKENIZER_FILES, open_model
+from lorafast_export.model.spec import ModelConfig, layer_prefix
+from lorafast_export.qform import load_qtensors, save_qtensors
+from lorafast_export.runtime.options import RuntimeOptions
+
+FORMAT = "lorafast-torch-runtime"
+VERSION = 1
+META_FILE = "runtime.json"
+QWEIGHTS = "qweights.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(requested: str, cfg: ModelConfig) -> str:
+    """recipe.target.dtype → artifact dtype name; auto = the merged checkpoint's dtype (float32 if unknown)."""
+    if requested != "auto":
+        return requested
+    return cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32"
+
+
+def _shard_of(name: str, n_layers: int) -> str:
+    for i in range(n_layers):
+        if name.startswith(layer_prefix(i)):
+            return f"weights-layer{i:03d}.safetensors"
+    return "weights-other.safetensors"
+
+
+def _save_shards(out_dir: Path, names: list[str], get, dtype: torch.dtype, n_layers: int) -> list[str]:
+    """Write fp tensors grouped by decoder layer; `get(name)` loads one tensor (memory: one shard)."""
+    shards: dict[str, list[str]] = {}
+    for n in names:
+        shards.setdefault(_shard_of(n, n_layers), []).append(n)
+    for file, members in shards.items():
+        save_file({n: get(n).to(dtype).contiguous() for n in members}, str(out_dir / file))
+    return sorted(shards)
+
+
+def write_artifact(merged_dir: Path, out_dir: Path, dtype_name: str, opts: RuntimeOptions,
+                   quantized=None) -> dict:
+    """Write model/ (see module doc). `quantized`: a QuantizedModel or None. Returns facts for the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = open_model(merged_dir)
+    cfg, dtype = md.config, DTYPES[dtype_name]
+    shutil.copy2(md.config_path, out_dir / "config.json")
+    for f in md.tokenizer_files:
+        shutil.copy2(f, out_dir / f.name)
+    if quantized is None:
+        names = [k for k in md.store.keys() if not k.endswith("rotary_emb.inv_freq")]
+        files = _save_shards(out_dir, names, md.store.get, dtype, cfg.num_layers)
+        qfile = None
+    else:
+        files = _save_shards(out_dir, sorted(quantized.fp), quantized.fp.__getitem__, dtype, cfg.num_layers)
+        save_qtensors(out_dir / QWEIGHTS, quantized.q)
+        qfile = QWEIGHTS
+    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype_name, "weights": files, "qweights": qfile,
+            "quant": None if quantized is None else dict(quantized.settings), "options": opts.to_dict(),
+            "aot": None}
+    write_meta(out_dir, meta)
+    return {"format": FORMAT, "dtype": dtype_name, "quantized": quantized is not None,
+            "weight_files": len(files) + (qfile is not None)}
+
+
+def write_meta(model_dir: Path, meta: dict) -> None:
+    (model_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def read_meta(model_dir: Path) -> dict:
+    path = Path(model_dir) / META_FILE
+    if not path.exists():
+        raise InputError(f"{model_dir}: no {META_FILE}; this is not a torch-compile artifact's model/ directory.")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise InputError(f"{path}: format {meta.get('format')}/{meta.get('version')} is not {FORMAT}/{VERSION}; "
+                         "rebuild the artifact with this lorafast-export version.")
+    return meta
+
+
+def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(fp tensors by HF name on device, {module path: QTensor} on cpu or None)."""
+    model_dir = Path(model_dir)
+    missing = [f for f in meta["weights"] + [meta["qweights"] or ""] if f and not (model_dir / f).exists()]
+    if missing:
+        raise InputError(f"{model_dir}: weight files {missing} listed in {META_FILE} are missing; rebuild.")
+    fp: dict[str, torch.Tensor] = {}
+    for f in meta["weights"]:
+        fp.update(load_file(str(model_dir / f), device=str(device)))
+    q = load_qtensors(model_dir / meta["qweights"]) if meta["qweights"] else None
+    return fp, q
+
+
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    return [Path(model_dir) / n for n in TOKENIZER_FILES if (Path(model_dir) / n).exists()]

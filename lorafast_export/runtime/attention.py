@@ -1,0 +1,95 @@
+"""Attention for the paged runtime: SDPA for prefill, two decode kernels over the paged pool.
+
+Decode kernels (same inputs, same result; the engine picks one, bench/TORCH.md has the measurement):
+- `decode_gather`: gathers each sequence's blocks into a dense [B, kv_heads, T, d] copy (T = table width x
+  block size) and runs SDPA with a length mask. Simple, works everywhere, but reads the KV three times and
+  always attends over the padded width.
+- `decode_flex`: FlexAttention reads the pool in place: a BlockMask lists each sequence's physical blocks
+  (block size = cache block size), so it touches only the blocks a sequence owns. EXPERIMENTAL, not
+  selectable through the options: eager it matches `decode_gather` (tested), but compiled it gave wrong
+  outputs on CPU (torch 2.13) and on an H200 (torch 2.11), and it was no faster there (bench/TORCH.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorafast_export.model.decoder import causal_mask, rotate_half
+
+
+def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """attn: decoder Attention module; x [b, s, hidden] → q [b, hq, s, d], k, v [b, hkv, s, d] (rope applied)."""
+    b, s, _ = x.shape
+    q = attn.q_proj(x).view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, attn.n_kv, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, s, attn.n_kv, attn.head_dim).transpose(1, 2)
+    cos, sin = cos[:, None], sin[:, None]  # [b, 1, s, d]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal self-attention over the whole prompt. q [b, hq, s, d], k/v [b, hkv, s, d] → [b, hq, s, d]."""
+    s = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if window is None or window >= s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = causal_mask(s, 0, q.device, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """pool [hkv, S, d] ← new [b, hkv, s, d] at slots [b * s] (row-major over b, s)."""
+    pool.index_copy_(1, slots, new.permute(1, 0, 2, 3).reshape(pool.shape[0], -1, pool.shape[2]))
+
+
+def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[B, hq, 1, d] → [B, hkv, hq/hkv, d]: the query heads sharing a kv head become its 'query rows'."""
+    b, hq, _, d = q.shape
+    return q.view(b, n_kv, hq // n_kv, d)
+
+
+def decode_gather(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, block_size: int, window: int | None = None) -> torch.Tensor:
+    """q [B, hq, 1, d]; pools [hkv, S, d]; block_tables [B, M]; seq_lens [B] → [B, hq, 1, d].
+
+    Written out (matmul, masked softmax in fp32, matmul) rather than SDPA: with a mask, SDPA picked cuDNN
+    attention on an H200, which inductor can only call as a fallback kernel."""
+    b, hq, _, d = q.shape
+    n_kv = k_pool.shape[0]
+    offs = torch.arange(block_size, device=q.device)
+    tok = (block_tables.long()[:, :, None] * block_size + offs).view(b, -1)  # [B, T]
+    k = k_pool[:, tok].transpose(0, 1)  # [B, hkv, T, d]
+    v = v_pool[:, tok].transpose(0, 1)
+    pos = torch.arange(tok.shape[1], device=q.device)[None]  # [1, T]
+    valid = pos < seq_lens[:, None]
+    if window is not None:
+        valid = valid & (pos >= seq_lens[:, None] - window)
+    scores = torch.matmul(_grouped(q, n_kv), k.transpose(-1, -2)).float() * d**-0.5  # [B, hkv, hq/hkv, T]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, hkv, hq/hkv, d]
+    return out.reshape(b, hq, 1, d)
+
+
+def decode_flex(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """FlexAttention over the pool in place; same contract as decode_gather (no sliding window)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    b, m = block_tables.shape
+    slots = k_pool.shape[1]
+    n_blocks = (seq_lens + block_size - 1) // block_size  # [B]
+    # physical block → logical block of each sequence (M for blocks it does not own). Eager flex ignores the
+    # block list and applies mask_mod alone, so mask_mod must be the whole truth, not only the last block.
+    logical = torch.arange(m, device=q.device).expand(b, m)
+    owner = torch.full((b, slots // block_size), m, dtype=torch.long, device=q.device)
+    owner = owner.scatter_reduce(1, block_tables.long(), logical, "amin")  # [B, blocks]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return owner[b, kv_idx // block_size] * block_size + kv_idx % block_size < seq_lens[b]
+
+    # the mask's kv extent must cover the whole pool: list width = pool blocks (entries past n_blocks unused)
+    kv_indices = F.pad(block_tables.int(), (0, slots // block_size - m))[:, None, None, :]  # [B, 1, 1, blocks]
+    mask = BlockMask.from_kv_blocks(n_blocks[:, None, None].int(), kv_indices,
+                                    BLOCK_SIZE=(128, block_size), mask_mod=mask_mod, seq_lengths=(1, slots))
+    return flex_attention(q, k_pool[None], v_pool[None], block_mask=mask, enable_gqa=q.shape[1] != k_pool.shape[0])

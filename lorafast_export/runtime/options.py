@@ -1,0 +1,67 @@
+"""RuntimeOptions: the torch-compile target's options (recipe.target.options), checked once, all errors at once."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from lorafast_export.errors import InputError
+from lorafast_export.runtime.linear import KERNELS
+
+ATTENTION = ("auto", "gather")  # flex: see runtime/attention.py, not offered until it is correct compiled
+COMPILE = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    aot: bool = False  # also write AOTInductor packages (prefill.pt2, decode.pt2) for the build device
+    compile: str = "auto"  # decode step through torch.compile: auto = on CUDA only (compile time > a short run on CPU)
+    attention: str = "auto"  # paged decode kernel: auto = gather (the only one offered, see runtime/attention.py)
+    kernel: str = "auto"  # low-bit linears: auto = native int4/int8 kernels where supported, dequant = dense
+    block_size: int = 16  # tokens per KV block
+    max_batch: int = 32  # sequences decoded together
+    max_seq_len: int = 0  # prompt + new tokens per sequence; 0 = min(max_position_embeddings, 4096)
+    cache_tokens: int = 0  # KV pool size in tokens; 0 = max_batch * max_seq_len, capped by cache_gib
+    cache_gib: float = 4.0  # cap of the default pool size
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch padded up to one of these
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, allowed in (("compile", COMPILE), ("attention", ATTENTION), ("kernel", KERNELS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if not isinstance(self.aot, bool):
+            problems.append(f"aot={self.aot!r}: use true or false")
+        for name in ("block_size", "max_batch", "max_seq_len", "cache_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name in ("max_seq_len", "cache_tokens") else 1):
+                problems.append(f"{name}={v!r}: use a positive integer")
+        if isinstance(self.block_size, int) and self.block_size & (self.block_size - 1):
+            problems.append(f"block_size={self.block_size}: use a power of two (16, 32, 64, ...)")
+        if not isinstance(self.cache_gib, int | float) or self.cache_gib <= 0:
+            problems.append(f"cache_gib={self.cache_gib!r}: use a positive number")
+        b = self.batch_buckets
+        if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):
+            problems.append(f"batch_buckets={list(b)!r}: use increasing positive integers, e.g. [1, 8, 32]")
+        if problems:
+            raise InputError("torch-compile target options:\n  - " + "\n  - ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RuntimeOptions:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"torch-compile target options: unknown key(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}.")
+        if "batch_buckets" in d and isinstance(d["batch_buckets"], list | tuple):
+            d["batch_buckets"] = tuple(d["batch_buckets"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["batch_buckets"] = list(self.batch_buckets)
+        return d
+
+    def replace(self, **changes: Any) -> RuntimeOptions:
+        return RuntimeOptions.from_dict({**self.to_dict(), **changes})

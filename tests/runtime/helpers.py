@@ -1,0 +1,58 @@
+"""Tiny checkpoints opened as canonical decoders, and the reference greedy loop over the decoder's own cache."""
+
+from __future__ import annotations
+
+import torch
+
+from lorafast_export.load import open_model
+from lorafast_export.model.decoder import Decoder, load_decoder
+from lorafast_export.qform import QLinear
+from lorafast_export.quant.rtn import quantize_rtn
+from lorafast_export.runtime.kv_cache import CacheConfig, PagedKVCache
+from lorafast_export.runtime.model import PagedModel, build_model
+from tests.tiny import make_model, save_model
+
+
+def tiny_checkpoint(tmp_path, family="llama", **kw):
+    hf = make_model(family, **kw)
+    return open_model(save_model(hf, tmp_path / family))
+
+
+def fp_state(md) -> dict[str, torch.Tensor]:
+    return {k: md.store.get(k) for k in md.store.keys()}
+
+
+def quantize_all(md, bits=4, group_size=32, symmetric=False):
+    """(fp tensors without the quantized weights, {module path: QTensor}) for every decoder linear."""
+    fp, q = fp_state(md), {}
+    for name in [k for k in fp if ".layers." in k and k.endswith("proj.weight")]:
+        path = name.removesuffix(".weight")
+        q[path] = quantize_rtn(fp.pop(name), bits, group_size, symmetric, bias=fp.pop(f"{path}.bias", None))
+    return fp, q
+
+
+def fake_quant_decoder(md, q) -> Decoder:
+    """The canonical decoder with qform.QLinear (the fake-quant reference) in place of quantized linears."""
+    dec = load_decoder(md)
+    for path, qt in q.items():
+        parent, _, name = path.rpartition(".")
+        setattr(dec.get_submodule(parent), name, QLinear(qt))
+    return dec
+
+
+def paged(md, fp=None, q=None, attention="gather", block_size=4, num_blocks=64, dtype=torch.float32, kernel="auto"):
+    cfg = md.config
+    dec, kernels = build_model(cfg, fp if fp is not None else fp_state(md), q, "cpu", dtype, kernel)
+    cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                         CacheConfig(block_size=block_size, num_blocks=num_blocks), dtype, "cpu")
+    return PagedModel(dec, cache, attention), cache
+
+
+@torch.no_grad()
+def greedy_reference(dec: Decoder, prompt: list[int], n: int) -> list[int]:
+    out, past, x = [], None, torch.tensor([prompt])
+    for _ in range(n):
+        logits, past = dec(x, past=past)
+        out.append(int(logits[0, -1].argmax()))
+        x = torch.tensor([[out[-1]]])
+    return out

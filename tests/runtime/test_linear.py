@@ -1,0 +1,41 @@
+"""Low-bit runtime linears equal the fake-quant (dequantized) matmul within float tolerance."""
+
+import pytest
+import torch
+
+from lorafast_export.qform import QLinear
+from lorafast_export.runtime.linear import choose_kernel, lower_qtensor
+from tests.quant.helpers import random_qtensor
+
+CASES = [  # bits, group, symmetric, act_order, kernel
+    (4, 128, True, False, "int4_tinygemm"),
+    (4, 32, False, False, "int4_tinygemm"),
+    (4, 64, False, True, "int4_tinygemm"),
+    (8, -1, True, False, "int8_weight_only"),
+    (8, -1, False, False, "int8_weight_only"),
+    (8, 128, True, False, "dequant"),
+    (4, -1, True, False, "dequant"),
+]
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order,kernel", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runtime_linear_matches_fake_quant(bits, group, sym, act_order, kernel, dtype):
+    qt = random_qtensor(48, 256, bits, group, sym, act_order=act_order, bias=True)
+    x = torch.randn(2, 5, 256)
+    ref = QLinear(qt)(x.double().float())  # fp32 reference
+    mod = lower_qtensor(qt, "cpu", dtype)
+    assert mod.kernel == kernel
+    out = mod(x.to(dtype)).float()
+    assert out.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # relative to the output scale
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_kernel_choice_falls_back_to_dequant():
+    qt = random_qtensor(48, 96, 4, 32, True)  # in_features not a multiple of 128
+    assert choose_kernel(qt, "cpu", torch.float32) == "dequant"
+    assert choose_kernel(random_qtensor(48, 256, 4, 128, True), "cpu", torch.float32, prefer="dequant") == "dequant"
+    assert choose_kernel(random_qtensor(48, 256, 4, 128, True), "cuda", torch.float32) == "dequant"  # tinygemm: bf16
+    assert choose_kernel(random_qtensor(48, 256, 4, 128, True), "cuda", torch.bfloat16) == "int4_tinygemm"
+    assert choose_kernel(random_qtensor(48, 256, 8, -1, True), "cuda", torch.bfloat16) == "dequant"  # measured slow

@@ -1,0 +1,90 @@
+"""torch-compile target: lower() writes model/, load() runs it; fp and quantized; options are checked."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.model.decoder import load_decoder
+from lorafast_export.model.quantized import QuantizedModel
+from lorafast_export.runtime import api
+from lorafast_export.targets.registry import LowerInput, get_target
+from tests.runtime.helpers import fake_quant_decoder, greedy_reference, quantize_all, tiny_checkpoint
+from tests.tiny import hf_logits, make_model, save_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lower(md, out: Path, quantized=None, dtype="auto", **options) -> Path:
+    recipe = SimpleNamespace(target=SimpleNamespace(dtype=dtype, options=options))
+    facts = get_target("torch-compile").lower(LowerInput(md.path, md.config, recipe, quantized), out)
+    assert facts["format"] == "lorafast-torch-runtime"
+    return out
+
+
+def test_fp_round_trip_matches_transformers(tmp_path):
+    hf = make_model("qwen2", tie=True)
+    from lorafast_export.load import open_model
+
+    md = open_model(save_model(hf, tmp_path / "merged"))
+    out = lower(md, tmp_path / "model", max_seq_len=64)
+    assert (out / "config.json").exists() and (out / "runtime.json").exists()
+    session = get_target("torch-compile").load(out, "cpu")
+    ids = torch.randint(0, 96, (2, 19))
+    assert (session.logits(ids) - hf_logits(hf, ids)).abs().max() < 1e-4
+    prompt = ids[0, :7].tolist()
+    assert session.generate(prompt, 9) == greedy_reference(load_decoder(md), prompt, 9)
+    assert api.run_prompt(tmp_path, prompt, 9) == session.generate(prompt, 9)  # artifact root or model/
+
+
+def test_quantized_round_trip_matches_fake_quant(tmp_path):
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
+    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4}))
+    session = get_target("torch-compile").load(out, "cpu")
+    assert set(session.runtime.kernels.values()) == {"int4_tinygemm"}
+    ref = fake_quant_decoder(md, q)
+    ids = torch.randint(0, 96, (1, 11))
+    with torch.no_grad():
+        want = ref(ids)[0]
+    assert (session.logits(ids) - want).abs().max() < 1e-3 * want.abs().max()
+    assert session.generate(ids[0].tolist(), 6) == greedy_reference(ref, ids[0].tolist(), 6)
+
+
+def test_bench_reports_numbers(tmp_path):
+    md = tiny_checkpoint(tmp_path)
+    out = lower(md, tmp_path / "model", dtype="bfloat16", max_seq_len=32)
+    r = api.bench(out, [1, 2], prompt_len=8, new_tokens=4)
+    assert r["dtype"] == "bfloat16" and [x["batch"] for x in r["results"]] == [1, 2]
+    assert all(x["new_tokens"] == 4 * x["batch"] and x["decode_tokens_per_s"] > 0 for x in r["results"])
+
+
+def test_unknown_and_bad_options_are_named(tmp_path):
+    md = tiny_checkpoint(tmp_path)
+    with pytest.raises(InputError, match="unknown key.*flash"):
+        lower(md, tmp_path / "a", flash=True)
+    with pytest.raises(InputError) as e:
+        lower(md, tmp_path / "b", block_size=12, attention="paged")
+    assert "block_size=12" in str(e.value) and "attention='paged'" in str(e.value)
+
+
+@pytest.mark.slow
+def test_aot_package_loads_and_matches(tmp_path):  # ~2 min of C++ compilation on a 2-core CPU
+    md = tiny_checkpoint(tmp_path, layers=1)
+    out = lower(md, tmp_path / "model", aot=True, max_seq_len=32, max_batch=4)
+    assert (out / "decode.pt2").exists() and (out / "prefill.pt2").exists()
+    aot = api.load(out, "cpu")
+    plain = api.load(out, "cpu", use_aot=False)
+    assert aot.aot and not plain.aot
+    ids = torch.randint(0, 96, (2, 9))
+    assert (aot.logits(ids) - plain.logits(ids)).abs().max() < 1e-4
+    prompts = [ids[0].tolist(), ids[1, :1].tolist(), ids[1, :5].tolist()]
+    assert aot.generate_batch(prompts, 6) == plain.generate_batch(prompts, 6)
