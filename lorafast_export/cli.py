@@ -320,6 +320,61 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size):
                                     + (f" (resumed after {res['resumed_from']})" if res["resumed_from"] else "")))
 
 
+# ---------------------------------------------------------------------------------------------- run / bench
+
+@main.command("run")
+@click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A torch-compile artifact.")
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.pass_obj
+def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device):
+    """Greedy generation for one prompt through our runtime (torch-compile target)."""
+    import transformers
+
+    from lorafast_export.runtime.api import model_dir_of, run_prompt
+
+    def go():
+        model_dir = model_dir_of(artifact)
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+        ids = tok(prompt)["input_ids"]
+        new = run_prompt(artifact, ids, max_new_tokens, device)
+        return {"prompt": prompt, "completion": tok.decode(new), "tokens": new}
+
+    res = _run(ctx, go)
+    ctx.emit(res, lambda: out.print(escape(prompt + res["completion"]), highlight=False))
+
+
+@main.command("bench")
+@click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A torch-compile artifact.")
+@click.option("--batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--prompt-len", default=128, show_default=True, type=int)
+@click.option("--new-tokens", default=64, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.pass_obj
+def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device):
+    """Prefill/decode tokens/s, time to first token and peak memory per batch size (torch-compile target)."""
+    from lorafast_export.runtime.api import bench
+
+    try:
+        sizes = [int(b) for b in batch.split(",") if b]
+    except ValueError:
+        raise click.BadParameter(f"--batch {batch!r}: expected comma-separated integers") from None
+    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device)
+
+    def show():
+        t = Table(title=f"bench {artifact} ({device})")
+        rows = res.get("results") or res.get("rows") or []
+        cols = list(rows[0]) if rows else []
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
+        out.print(t)
+
+    ctx.emit(res, show)
+
+
 # ---------------------------------------------------------------------------------------------- verify
 
 @main.command()
