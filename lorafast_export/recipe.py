@@ -131,7 +131,7 @@ class EvalSet(_Section):
 class ValidateOptions(_Section):
     enabled: bool = True
     eval: list[EvalSet] = Field(default_factory=list)  # empty: the bundled default eval sets
-    max_tokens: int = Field(default=16384, gt=0)
+    max_tokens: int = Field(default=8192, gt=0)
     block_size: int = Field(default=256, gt=8)
     prompts: str | None = None  # jsonl with {"prompt": ...}; empty: bundled prompts
     max_new_tokens: int = Field(default=32, ge=1)
