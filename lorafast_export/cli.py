@@ -109,7 +109,8 @@ def _build_overrides(**o) -> dict:
         ov["inputs.adapters"] = [{"path": p, "weight": w, **extra} for p, w in map(parse_adapter_spec, o["adapter"])]
     simple = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
               "hf_format": "target.hf_format", "dtype": "merge.dtype", "out": "output.dir",
-              "max_tokens": "validate.max_tokens", "prompts": "validate.prompts", "junit": "validate.junit", "device": "quant.device", "name": "name"}
+              "max_tokens": "validate.max_tokens", "calib_samples": "quant.calib.samples",
+              "calib_seq_len": "quant.calib.seq_len", "prompts": "validate.prompts", "junit": "validate.junit", "device": "quant.device", "name": "name"}
     for flag, key in simple.items():
         if o.get(flag) is not None:
             ov[key] = o[flag]
@@ -166,6 +167,8 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal.")
 @click.option("--symmetric/--asymmetric", default=None, help="Zero points or not (default per method and target).")
 @click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
+@click.option("--calib-samples", type=int, help="Calibration windows (default 64).")
+@click.option("--calib-seq-len", type=int, help="Tokens per calibration window (default 256).")
 @click.option("--hf-format", help="For --target hf with a quant method: gptq | awq | compressed-tensors.")
 @click.option("--target-option", multiple=True, help="Target-specific KEY=VALUE (YAML value), e.g. aot=true. Repeatable.")
 @click.option("--trt-llm-legacy", is_flag=True, help="trt-llm: also/instead write the legacy engine checkpoint.")

@@ -58,8 +58,8 @@ class MergeOptions(_Section):
 
 class CalibOptions(_Section):
     files: list[str] = Field(default_factory=list)  # empty: the bundled calibration text
-    samples: int = Field(default=128, gt=0)
-    seq_len: int = Field(default=512, gt=8)
+    samples: int = Field(default=64, gt=0)
+    seq_len: int = Field(default=256, gt=8)
     seed: int = 0
 
 

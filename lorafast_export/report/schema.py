@@ -199,11 +199,13 @@ def build_report(
     gates: Sequence[str | Gate] = DEFAULT_GATES,
     layer_weight_error: Sequence[LayerError] | None = None,
     strict: bool = False,
+    final_stage: str | None = None,
 ) -> Report:
-    """Assemble the report: derive adapter gain, evaluate the gates (final stage = last), set `passed`."""
+    """Assemble the report: derive adapter gain, evaluate the gates (on `final_stage`, default the last stage;
+    stages after it are informational, e.g. a runtime's default precision), set `passed`."""
     _check_stages(eval_sets, stages)
     gains = adapter_gains(eval_sets, stages)
-    results = evaluate_gates(gates, metric_table(stages, gains), stage_order(stages)[-1], strict)
+    results = evaluate_gates(gates, metric_table(stages, gains), final_stage or stage_order(stages)[-1], strict)
     return Report(
         artifact=artifact,
         eval_sets=list(eval_sets),

@@ -7,6 +7,7 @@ the stage before it, block by block: logits never exist for more than one block 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
             prev_name = c.name
     layer_errors = [LayerError(**e) for e in v.layer_errors] if v.layer_errors else None
     report = build_report(ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant), infos, stages,
-                          opts.gates if opts.gates is not None else DEFAULT_GATES, layer_errors)
+                          opts.gates if opts.gates is not None else DEFAULT_GATES, layer_errors,
+                          final_stage="artifact" if any(c.name == "artifact" for c in v.candidates) else None)
     write_reports(report, out_dir, Path(opts.junit) if opts.junit else None)
     return report
 
@@ -176,8 +178,13 @@ def build_candidates(ctx) -> list[Candidate]:
         from lorafast_export.model.quantized import fake_quant_decoder
 
         cands.append(decoder_candidate("quantized", fake_quant_decoder(ctx.quantized)))
-    session = get_target(ctx.recipe.target.name).load(ctx.stage_dir / "model")
-    cands.append(session_candidate("artifact", session))
+    target = get_target(ctx.recipe.target.name)
+    cands.append(session_candidate("artifact", target.load(ctx.stage_dir / "model")))
+    # Informational: the runtime at its own default precision (e.g. OpenVINO's bf16 + u8 KV cache on CPUs that
+    # have bf16), so users see what the default costs. Gates apply to "artifact", not to this stage.
+    if "precision" in inspect.signature(target.load).parameters:
+        cands.append(session_candidate("artifact-runtime-default",
+                                       target.load(ctx.stage_dir / "model", precision="default")))
     return cands
 
 

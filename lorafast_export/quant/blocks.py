@@ -1,0 +1,127 @@
+"""What the calibration walk hands a quantization method: one block (a decoder layer, or the final norm +
+lm_head) on the compute device, its groups of linears, and the calibration activations that enter it.
+
+A Group is a set of linears that read one input, with the op that produces that input (`prev`): the op
+an AWQ/SmoothQuant scale is folded into. Groups are data (which names, which order), not code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorafast_export.qform import QLinear, QTensor
+
+
+@dataclass(frozen=True)
+class Group:
+    prev: str  # module whose output feeds `linears` (a norm, or a linear whose rows can be scaled)
+    linears: tuple[str, ...]  # relative module paths, in execution order
+    block: str | None = None  # submodule to run for AWQ's loss (the whole attention / MLP); None = the linears
+
+
+LAYER_GROUPS = (
+    Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    Group("self_attn.v_proj", ("self_attn.o_proj",)),
+    Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    Group("mlp.up_proj", ("mlp.down_proj",)),
+)
+HEAD_GROUPS = (Group("norm", ("lm_head",)),)
+
+
+class Head(nn.Module):
+    """The final norm and lm_head as one block: h → logits."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))
+
+
+class _Stop(Exception):  # noqa: N818 - control flow, not an error: the hooked input was seen, skip the rest
+    pass
+
+
+@dataclass
+class Block:
+    """A block on the compute device plus its calibration inputs x [samples, seq, hidden] (or None)."""
+
+    module: nn.Module
+    groups: tuple[Group, ...]
+    x: torch.Tensor | None
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # module, x chunk → output chunk
+    sub_args: dict[str, tuple] = field(default_factory=dict)  # extra positional args of a Group.block
+    chunk: int = 1  # samples per forward (bounds the intermediate activations)
+    fp_dtype: torch.dtype = torch.float32  # dtype the fp tensors (folded norms, biases) are stored in
+    notes: list[str] = field(default_factory=list)  # what the method could not do here, for the manifest
+
+    def get(self, name: str) -> nn.Module:
+        return self.module.get_submodule(name)
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.get(name).weight.detach()
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        b = getattr(self.get(name), "bias", None)
+        return None if b is None else b.detach()
+
+    def set_linear(self, name: str, qt: QTensor) -> None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(self.module.get_submodule(parent) if parent else self.module, leaf, QLinear(qt))
+
+    def set_param(self, name: str, value: torch.Tensor) -> None:
+        """Store a folded fp tensor rounded through fp_dtype, so what runs here is what gets saved."""
+        module_name, _, leaf = name.rpartition(".")
+        module = self.get(module_name)
+        stored = value.detach().to(self.fp_dtype).to(torch.float32)
+        setattr(module, leaf, nn.Parameter(stored, requires_grad=False))
+
+    @torch.no_grad()
+    def run(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
+            stop_after: str | None = None) -> torch.Tensor | None:
+        """Forward x through the block chunk by chunk; hooks[name](input of that module) per chunk.
+
+        With stop_after, the forward of each chunk ends right after that module's input was seen and
+        nothing is returned (for collecting statistics of an early module cheaply).
+        """
+        handles = []
+        for name, fn in (hooks or {}).items():
+            def pre(_m, args, fn=fn, stop=name == stop_after):
+                fn(args[0])
+                if stop:
+                    raise _Stop
+            handles.append(self.get(name).register_forward_pre_hook(pre))
+        outs = []
+        try:
+            for xc in self.x.split(self.chunk):
+                try:
+                    outs.append(self.call(self.module, xc))
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        return None if stop_after else torch.cat(outs)
+
+    @torch.no_grad()
+    def capture_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full inputs [samples, seq, in] of the named modules, from one forward."""
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.run({n: seen[n].append for n in names}, stop_after=names[-1])
+        return {n: torch.cat(v) for n, v in seen.items()}
+
+    @torch.no_grad()
+    def sub_forward(self, sub: str, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Submodule `sub` on x with some of its parameters replaced (AWQ's loss), chunk by chunk."""
+        module = self.get(sub)
+        extra = self.sub_args.get(sub, ())
+        outs = []
+        for xc in x.split(self.chunk):
+            out = torch.func.functional_call(module, params, (xc, *extra))
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outs)

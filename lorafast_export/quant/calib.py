@@ -1,0 +1,98 @@
+"""Calibration data: text/jsonl files (or the bundled text) → `samples` windows of `seq_len` token ids.
+
+Documents are tokenized with the merged model's own tokenizer and concatenated into one stream (each
+document starts with the tokenizer's BOS when it adds one). The stream is cut into non-overlapping
+windows of `seq_len` tokens and `samples` of them are picked with a seeded generator, so the same files,
+tokenizer and seed always give the same tokens. Too little text is an error saying how much is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.recipe import TEXT_DIR, CalibOptions
+
+DEFAULT_CALIB = TEXT_DIR / "calib.txt"
+
+
+def read_calibration_texts(files: Sequence[str | Path]) -> list[str]:
+    """Documents from .jsonl files (one {"text": ...} per line) or plain text files (one document each)."""
+    paths = [Path(f).expanduser() for f in files] or [DEFAULT_CALIB]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        hint = " (the bundled calibration text is missing from this install)" if not files else ""
+        raise InputError(f"calibration file(s) not found{hint}: {', '.join(missing)}. Pass --calib FILE.")
+    texts: list[str] = []
+    for p in paths:
+        texts += _read_one(p)
+    return texts
+
+
+def _read_one(path: Path) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); convert it or pass another --calib file.") from None
+    if path.suffix != ".jsonl":
+        return [raw] if raw.strip() else []
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{path}:{n}: not valid JSON; each line must be an object with a 'text' field.") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise InputError(f"{path}:{n}: each line needs a string 'text' field.")
+        texts.append(rec["text"])
+    return texts
+
+
+def token_stream(tokenizer, texts: Sequence[str], limit: int | None = None) -> list[int]:
+    """Concatenated token ids of the documents (stops early once `limit` tokens are reached)."""
+    ids: list[int] = []
+    for t in texts:
+        if t.strip():
+            ids.extend(tokenizer(t, verbose=False)["input_ids"])  # long documents are cut into windows later
+        if limit is not None and len(ids) >= limit:
+            break
+    return ids
+
+
+def select_windows(ids: Sequence[int], samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
+    """Token stream → [samples, seq_len] int64: `samples` distinct non-overlapping windows, picked by seed."""
+    n_windows = len(ids) // seq_len
+    if n_windows < samples:
+        raise InputError(
+            f"calibration data {source}: {samples} samples x {seq_len} tokens need {samples * seq_len} "
+            f"tokens, but only {len(ids)} were found ({n_windows} windows of {seq_len}). Give more text "
+            "(--calib FILE), or lower quant.calib.samples / quant.calib.seq_len."
+        )
+    stream = torch.tensor(ids[: n_windows * seq_len], dtype=torch.int64).view(n_windows, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=g)[:samples].sort().values
+    return stream[pick].contiguous()
+
+
+def load_calibration(merged_dir: str | Path, calib: CalibOptions | dict) -> torch.Tensor:
+    """The calibration token ids [samples, seq_len] for the merged model in `merged_dir`."""
+    from transformers import AutoTokenizer
+
+    c = calib if isinstance(calib, CalibOptions) else CalibOptions(**calib)
+    texts = read_calibration_texts(c.files)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"{merged_dir}: no usable tokenizer for calibration ({e}). The base model directory must "
+            "contain its tokenizer files (tokenizer.json / tokenizer_config.json)."
+        ) from None
+    source = ", ".join(str(f) for f in c.files) or str(DEFAULT_CALIB)
+    ids = token_stream(tokenizer, texts, limit=None)
+    return select_windows(ids, c.samples, c.seq_len, c.seed, source)

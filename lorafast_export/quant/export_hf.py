@@ -1,0 +1,136 @@
+"""A quantized Hugging Face checkpoint in a standard format (GPTQ, AWQ or compressed-tensors) from a QuantizedModel.
+
+`write_quantized_checkpoint(inp, out_dir)` packs every QTensor with the formats module, writes the fp tensors
+(embeddings, norms with folded scales, lm_head) from the QuantizedModel (never from the merged checkpoint, whose
+norms lack the folded scales), config.json with the format's `quantization_config`, and the tokenizer files.
+Combinations a format cannot hold are refused up front, every problem at once, each with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lorafast_export.checkpoint import ShardWriter
+from lorafast_export.errors import InputError
+from lorafast_export.load import TOKENIZER_FILES
+from lorafast_export.model.quantized import QuantizedModel
+from lorafast_export.qform import QScheme, QTensor
+from lorafast_export.quant.formats import (
+    awq_quant_config,
+    compressed_tensors_config,
+    gptq_quant_config,
+    pack_awq,
+    pack_compressed_tensors,
+    pack_gptq,
+)
+
+HF_FORMATS = ("gptq", "awq", "compressed-tensors")
+# hf_format=auto: the first format, in this order, that can hold the model (e.g. AWQ with a ragged group
+# somewhere falls back to GPTQ, which has g_idx).
+AUTO_FORMATS = {"gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "gptq", "compressed-tensors"),
+                "rtn": ("compressed-tensors", "gptq"), "int8": ("compressed-tensors", "gptq"),
+                "smoothquant": ("compressed-tensors",)}
+PACKERS: dict[str, Callable[[QTensor], dict[str, torch.Tensor]]] = {
+    "gptq": pack_gptq, "awq": pack_awq, "compressed-tensors": pack_compressed_tensors,
+}
+
+
+def resolve_format(requested: str, qm: QuantizedModel, scheme: QScheme) -> str:
+    """`auto` → the method's own format (gptq→gptq, awq→awq, rtn/int8/smoothquant→compressed-tensors), or the
+    next one in AUTO_FORMATS when that one cannot hold this model. Refuses what the chosen format cannot hold."""
+    if requested != "auto" and requested not in HF_FORMATS:
+        raise InputError(f"target.hf_format={requested!r}: use auto or one of {', '.join(HF_FORMATS)}.")
+    candidates = AUTO_FORMATS[qm.settings["method"]] if requested == "auto" else (requested,)
+    for fmt in candidates:
+        if not format_problems(fmt, scheme, qm):
+            return fmt
+    problems = format_problems(candidates[0], scheme, qm)
+    raise InputError(f"cannot write the {qm.settings['method']} model as a {candidates[0]} checkpoint:\n  - "
+                     + "\n  - ".join(problems))
+
+
+def model_scheme(qm: QuantizedModel) -> QScheme:
+    """The one scheme a checkpoint's quantization_config describes; mixed schemes cannot be written as one."""
+    schemes = {(qt.bits, qt.group_size, qt.symmetric, qt.act_quant) for qt in qm.q.values()}
+    if len(schemes) != 1:
+        raise InputError(f"quantized layers use {len(schemes)} different schemes {sorted(schemes, key=str)}; "
+                         "one checkpoint quantization_config describes one. Quantize all layers alike.")
+    bits, group_size, symmetric, act_quant = schemes.pop()
+    act_order = any(qt.g_idx is not None for qt in qm.q.values())
+    return QScheme(bits, group_size, symmetric, act_order, act_quant)
+
+
+def format_problems(fmt: str, scheme: QScheme, qm: QuantizedModel) -> list[str]:
+    """Why `fmt` cannot hold this model (empty when it can)."""
+    p = []
+    if fmt in ("gptq", "awq") and scheme.act_quant is not None:
+        p.append(f"{fmt} checkpoints are weight-only; {qm.settings.get('method')} quantizes activations too "
+                 "(W8A8): use --hf-format compressed-tensors")
+    if fmt == "awq":
+        if scheme.bits != 4:
+            p.append(f"awq stores 4-bit weights only (these are {scheme.bits}-bit): use gptq or compressed-tensors")
+        if scheme.group_size == -1:
+            p.append("awq needs grouped scales, not per-channel (group_size=-1): use --group-size 128, or "
+                     "gptq / compressed-tensors")
+        if scheme.act_order:
+            p.append("awq has no act-order (g_idx): quantize without --act-order, or export as gptq")
+    ragged = [n for n, qt in qm.q.items() if qt.group_size != -1 and qt.in_features % qt.group_size]
+    if fmt in ("compressed-tensors", "awq") and ragged:
+        p.append(f"{fmt} needs in_features to be a multiple of group_size={scheme.group_size}, but "
+                 f"{len(ragged)} layer(s) (e.g. {ragged[0]}, in_features={qm.q[ragged[0]].in_features}) are not: "
+                 "export as gptq (g_idx holds ragged groups), or quantize with a group size dividing them")
+    if fmt == "compressed-tensors" and scheme.act_order:
+        p.append("compressed-tensors dropped act-order groups (actorder='group', removed in compressed-tensors "
+                 "0.20): export act-order models as gptq, or quantize without --act-order")
+    if fmt in ("gptq", "awq"):
+        inexact = [n for n, qt in qm.q.items() if not torch.equal(qt.scales.to(torch.float16).to(qt.scales.dtype),
+                                                                     qt.scales)]
+        if inexact:
+            p.append(f"{fmt} stores float16 scales, but {len(inexact)} layer(s) (e.g. {inexact[0]}) have "
+                     f"{qm.q[inexact[0]].scales.dtype} scales that float16 cannot hold exactly: use compressed-tensors")
+        pf = 32 // scheme.bits
+        for name, qt in qm.q.items():
+            dims = {"in": qt.in_features, "out": qt.out_features} if fmt == "gptq" else {"out": qt.out_features}
+            p += [f"{name}: {k}_features={v} is not a multiple of {pf if fmt == 'gptq' else 8} ({fmt} packing)"
+                  for k, v in dims.items() if v % (pf if fmt == "gptq" else 8)]
+    return p
+
+
+def quantization_config(fmt: str, scheme: QScheme, qm: QuantizedModel) -> dict:
+    keep_fp = [] if "lm_head" in qm.q else ["lm_head"]
+    if fmt == "gptq":
+        cfg = gptq_quant_config(scheme, damp_percent=qm.settings.get("damp_percent", 0.01))
+        return {**cfg, "lm_head": "lm_head" in qm.q}
+    if fmt == "awq":
+        return awq_quant_config(scheme, modules_to_not_convert=keep_fp or None)
+    return compressed_tensors_config(scheme, ignore=tuple(keep_fp))
+
+
+def write_quantized_checkpoint(inp, out_dir: str | Path) -> dict:
+    """inp: targets.registry.LowerInput with .quantized set. Writes out_dir; returns facts for the manifest."""
+    qm: QuantizedModel = inp.quantized
+    if qm is None or not qm.q:
+        raise InputError("a quantized hf checkpoint needs a quant method; set quant.method (or --quant).")
+    scheme = model_scheme(qm)
+    fmt = resolve_format(inp.recipe.target.hf_format, qm, scheme)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out)
+    for name, qt in qm.q.items():
+        writer.add({f"{name}.{k}": v for k, v in PACKERS[fmt](qt).items()})
+    writer.add({k: v.detach().cpu() for k, v in qm.fp.items()})
+    files = writer.finish()
+    config = json.loads((Path(inp.merged_dir) / "config.json").read_text())
+    config["quantization_config"] = quantization_config(fmt, scheme, qm)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (Path(inp.merged_dir) / name).exists():
+            shutil.copy2(Path(inp.merged_dir) / name, out / name)
+    return {"format": fmt, "quant_method": qm.settings["method"], "bits": scheme.bits,
+            "group_size": scheme.group_size, "symmetric": scheme.symmetric, "act_order": scheme.act_order,
+            "files": [f.name for f in files]}

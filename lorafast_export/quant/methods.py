@@ -1,0 +1,210 @@
+"""The quantization methods as the calibration walk runs them: one function per method, block in, QTensors out.
+
+Each function quantizes every linear of one Block (a decoder layer or the lm_head block), replaces it in
+the block by a fake-quant QLinear (so the walk's next activations come from the quantized block), folds
+any smoothing scale into the group's previous op (Block.set_param), and returns {relative name: QTensor}.
+The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides what feeds what.
+
+- rtn / int8: data-free, each weight on its own.
+- gptq: sequential within the block (q,k,v → o → gate,up → down): each group's Hessian is accumulated
+  from inputs produced by the already-quantized groups before it (GPTQ's true-sequential mode).
+- awq: one forward captures each group's input; per group a scale search (loss: the whole attention /
+  MLP for q,k,v / gate,up; the linear outputs otherwise), folded into the previous op
+  (input_layernorm; v_proj rows only when v_proj's outputs are o_proj's inputs, i.e. no GQA;
+  post_attention_layernorm; up_proj rows); then the optional clip search (not for q/k), then RTN.
+- smoothquant: per-channel activation absmax, s = absmax^α / w_absmax^(1-α) folded into
+  input_layernorm, post_attention_layernorm and up_proj rows; every linear W8A8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lorafast_export.errors import InputError
+from lorafast_export.qform import QTensor, qtensor_to, with_fields
+from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale
+from lorafast_export.quant.blocks import Block, Group
+from lorafast_export.quant.fold import fold_scale_into_previous
+from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
+from lorafast_export.quant.int8 import quantize_int8_weight
+from lorafast_export.quant.rtn import quantize_rtn
+from lorafast_export.quant.smoothquant import quantize_w8a8, smooth_scales, weight_input_absmax
+
+SCALE_DTYPE = torch.float16  # 4-bit scales: exactly what GPTQ/AWQ checkpoints store
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # clipping q/k hurts the softmax (AutoAWQ skips them)
+AWQ_SEARCH_TOKENS = 65536  # calibration tokens the AWQ scale search scores each candidate on (AutoAWQ: 128 x 512)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    calibrated: bool  # needs calibration activations
+    quantize_block: Callable[[Block, dict], dict[str, QTensor]]
+
+
+def _linears(block: Block) -> list[str]:
+    return [n for g in block.groups for n in g.linears]
+
+
+def _finish(block: Block, qts: dict[str, QTensor]) -> dict[str, QTensor]:
+    for name, qt in qts.items():
+        block.set_linear(name, qt)
+    return {n: qtensor_to(qt, "cpu") for n, qt in qts.items()}
+
+
+def _bias(block: Block, name: str) -> torch.Tensor | None:
+    b = block.bias(name)
+    return None if b is None else b.to(block.fp_dtype)
+
+
+# ---------------------------------------------------------------------------------------- data-free
+
+
+def quantize_block_rtn(block: Block, s: dict) -> dict[str, QTensor]:
+    return _finish(block, {
+        n: quantize_rtn(block.weight(n), s["bits"], s["group_size"], s["symmetric"], SCALE_DTYPE, _bias(block, n))
+        for n in _linears(block)
+    })
+
+
+def quantize_block_int8(block: Block, s: dict) -> dict[str, QTensor]:
+    return _finish(block, {n: quantize_int8_weight(block.weight(n), _bias(block, n)) for n in _linears(block)})
+
+
+# ---------------------------------------------------------------------------------------------- GPTQ
+
+
+def quantize_block_gptq(block: Block, s: dict) -> dict[str, QTensor]:
+    out: dict[str, QTensor] = {}
+    for g in block.groups:
+        first = g.linears[0]
+        acc: dict = {"H": None, "n": 0}
+
+        def add(x: torch.Tensor, acc: dict = acc) -> None:
+            acc["H"], acc["n"] = accumulate_hessian(acc["H"], acc["n"], x)
+
+        block.run({first: add}, stop_after=first)  # inputs come from the groups quantized before
+        for name in g.linears:
+            qt = gptq_quantize(
+                block.weight(name), acc["H"], s["bits"], s["group_size"], s["symmetric"],
+                act_order=s["act_order"], damp_percent=s["damp_percent"], block_size=s["block_size"],
+                scale_dtype=SCALE_DTYPE, bias=_bias(block, name),
+            )
+            out.update(_finish(block, {name: qt}))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- AWQ
+
+
+def whole_groups(block: Block, name: str, group_size: int) -> bool:
+    """AWQ's search and clip need in_features to be a multiple of the group size."""
+    return group_size == -1 or block.weight(name).shape[1] % group_size == 0
+
+
+def foldable(block: Block, g: Group) -> bool:
+    """A scale can be folded into `prev` only if prev's output channels are exactly the linears' inputs."""
+    prev = block.get(g.prev)
+    n_out = prev.weight.shape[0]
+    return all(block.weight(n).shape[1] == n_out for n in g.linears)
+
+
+def _fold(block: Block, g: Group, s: torch.Tensor) -> None:
+    prev = block.get(g.prev)
+    prev_bias = getattr(prev, "bias", None)
+    f = fold_scale_into_previous(prev.weight.detach(), [block.weight(n) for n in g.linears], s,
+                                 None if prev_bias is None else prev_bias.detach())
+    if f.prev_weight.dim() == 1:  # a norm: it stays fp, so round it the way it will be stored
+        block.set_param(f"{g.prev}.weight", f.prev_weight)
+    else:  # a linear of this block: quantized later, from float32
+        prev.weight.data = f.prev_weight
+    if f.prev_bias is not None:
+        prev.bias.data = f.prev_bias
+    for name, w in zip(g.linears, f.linears, strict=True):
+        block.get(name).weight.data = w
+
+
+def _awq_loss_fn(block: Block, g: Group, x: torch.Tensor):
+    if g.block is None:
+        return None  # awq_search_scale's default: the concatenated linear outputs
+    prefix = g.block + "."
+    names = [n.removeprefix(prefix) + ".weight" for n in g.linears]
+    return lambda ws: block.sub_forward(g.block, x, dict(zip(names, ws, strict=True)))
+
+
+def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
+    bits, gs, sym = s["bits"], s["group_size"], s["symmetric"]
+    inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
+    scale_of: dict[str, torch.Tensor] = {}
+    for g in block.groups:
+        if not foldable(block, g):
+            continue  # e.g. v_proj → o_proj under grouped-query attention
+        if not all(whole_groups(block, n, gs) for n in g.linears):
+            block.notes.append(f"awq: no scale search for {'/'.join(g.linears)} (in_features not a multiple of "
+                               f"group_size={gs}); plain RTN there")
+            continue
+        x = inputs[g.linears[0]]
+        xs = x[: max(1, AWQ_SEARCH_TOKENS // x.shape[1])]  # [samples', seq, in]: the grid runs 20+ forwards
+        sc = awq_search_scale([block.weight(n) for n in g.linears], xs, bits, gs, n_grid=s["awq_grid"],
+                              symmetric=sym, forward_fn=_awq_loss_fn(block, g, xs), scale_dtype=SCALE_DTYPE)
+        _fold(block, g, sc)
+        inputs[g.linears[0]] = x / sc  # what the linears see after the fold
+        scale_of.update({n: sc for n in g.linears})
+    qts = {}
+    for g in block.groups:
+        x = inputs[g.linears[0]]
+        for name in g.linears:
+            w = block.weight(name)
+            if s["awq_clip"] and not name.endswith(NO_CLIP) and whole_groups(block, name, gs):
+                w = apply_clip(w, awq_search_clip(w, x, bits, gs, symmetric=sym, scale_dtype=SCALE_DTYPE), gs)
+            qt = quantize_rtn(w, bits, gs, sym, SCALE_DTYPE, _bias(block, name))
+            qts[name] = with_fields(qt, input_scale=scale_of[name].float().clone()) if name in scale_of else qt
+    return _finish(block, qts)
+
+
+# --------------------------------------------------------------------------------------- SmoothQuant
+
+
+def quantize_block_smoothquant(block: Block, s: dict) -> dict[str, QTensor]:
+    smoothed = [g for g in block.groups if foldable(block, g) and g.prev != "self_attn.v_proj"]
+    absmax: dict[str, torch.Tensor] = {}
+
+    def track(name: str):
+        def fn(x: torch.Tensor) -> None:
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # [in]
+            absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
+        return fn
+
+    firsts = [g.linears[0] for g in smoothed]
+    if firsts:
+        block.run({n: track(n) for n in firsts}, stop_after=firsts[-1])
+    scale_of: dict[str, torch.Tensor] = {}
+    for g in smoothed:
+        sc = smooth_scales(absmax[g.linears[0]], weight_input_absmax([block.weight(n) for n in g.linears]),
+                           s["smooth_alpha"])
+        _fold(block, g, sc)
+        scale_of.update({n: sc for n in g.linears})
+    return _finish(block, {
+        n: quantize_w8a8(block.weight(n), scale_of.get(n), _bias(block, n)) for n in _linears(block)
+    })
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("rtn", False, quantize_block_rtn),
+        Method("int8", False, quantize_block_int8),
+        Method("smoothquant", True, quantize_block_smoothquant),
+        Method("gptq", True, quantize_block_gptq),
+        Method("awq", True, quantize_block_awq),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise InputError(f"quant method {name!r} is unknown; choose one of: {', '.join(METHODS)}.")
+    return METHODS[name]

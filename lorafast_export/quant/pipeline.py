@@ -1,0 +1,199 @@
+"""The quantize stage: `quantize_checkpoint(merged_dir, options) -> QuantizedModel`, streamed by layer.
+
+    calibration ids ─▶ embed ─▶ for each decoder layer i:
+        read layer i's tensors (memory-mapped) ─▶ quantize it with the method, feeding it the outputs of
+        the already-quantized layers 0..i-1 ─▶ its quantized outputs become layer i+1's inputs ─▶ drop it
+    ─▶ final norm + lm_head (quantized only with quantize_lm_head)
+
+Peak memory is one layer (float32, on the compute device) plus the calibration activations
+[samples, seq_len, hidden]; the QTensors made so far are kept on the CPU. Data-free methods (rtn, int8)
+skip calibration entirely. What each method does inside a layer: quant/methods.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorafast_export.errors import InputError
+from lorafast_export.load import open_model
+from lorafast_export.model.decoder import DecoderLayer, RMSNorm, Rotary, causal_mask
+from lorafast_export.model.quantized import QuantizedModel
+from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
+from lorafast_export.quant.blocks import HEAD_GROUPS, LAYER_GROUPS, Block, Head
+from lorafast_export.quant.calib import load_calibration
+from lorafast_export.quant.methods import METHODS, Method, get_method
+from lorafast_export.recipe import QuantOptions
+
+__all__ = ["METHODS", "quantize_checkpoint", "resolve_device"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+Observer = Callable[[int, torch.Tensor], None]
+
+
+def quantize_checkpoint(
+    merged_dir: str | Path,
+    options: QuantOptions | dict,
+    progress: Progress | None = None,
+    *,
+    calib_ids: torch.Tensor | None = None,
+    observe: Observer | None = None,
+) -> QuantizedModel:
+    """Quantize the merged HF checkpoint in merged_dir with options.method, one decoder layer at a time.
+
+    calib_ids [samples, seq_len] replaces the tokenized calibration files (tests, benchmarks);
+    observe(i, x) sees the activations entering layer i (i = num_layers: the lm_head block).
+    """
+    opts = options if isinstance(options, QuantOptions) else QuantOptions(**options)
+    s = opts.resolved()
+    method = get_method(s["method"])
+    md = open_model(merged_dir)
+    cfg = md.config
+    check_settings(cfg, s)
+    device = resolve_device(s["device"])
+    progress = progress or (lambda msg: None)
+    with _tf32_on(device):
+        return _walk(md, cfg, method, s, opts, device, progress, calib_ids, observe)
+
+
+@contextmanager
+def _tf32_on(device: torch.device):
+    """On CUDA, float32 matmuls on tensor cores (TF32) for the walk; the previous setting is restored."""
+    before = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _walk(md, cfg: ModelConfig, method: Method, s: dict, opts: QuantOptions, device, progress: Progress,
+          calib_ids, observe) -> QuantizedModel:
+    merged_dir = md.path
+    fp_dtype = md.store.get(EMBED).dtype
+    t0 = time.perf_counter()
+
+    x = None
+    if method.calibrated:
+        ids = calib_ids if calib_ids is not None else load_calibration(merged_dir, opts.calib)
+        _check_ids(ids, cfg)
+        x = F.embedding(ids, md.store.get(EMBED)).to(device=device, dtype=torch.float32)  # [n, s, h]
+    rope = _rope_and_mask(cfg, x, device)
+    fp: dict[str, torch.Tensor] = {EMBED: md.store.get(EMBED)}
+    q: dict = {}
+    notes: dict[str, list[str]] = {}  # what a method skipped → where
+    for i in range(cfg.num_layers):
+        if observe is not None and x is not None:
+            observe(i, x)
+        block = _layer_block(md.store, cfg, i, x, rope, device, fp_dtype)
+        _quantize_block(method, block, s, layer_prefix(i), q, fp, notes)
+        x = None if x is None else block.run()  # the quantized layer's outputs feed the next layer
+        progress(f"layer {i + 1}/{cfg.num_layers} quantized ({s['method']})")
+        log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
+        del block
+    _head(md.store, cfg, method, s, x, device, fp_dtype, q, fp, notes, observe)
+    for note, where in notes.items():
+        log.warning("%s in %d block(s)", note, len(where))
+    settings = {**s, "calib_tokens": 0 if x is None else int(x.shape[0] * x.shape[1]), "device_used": str(device),
+                "time_s": round(time.perf_counter() - t0, 3),
+                "notes": [f"{n} ({len(w)} blocks)" for n, w in notes.items()]}
+    return QuantizedModel(config=cfg, fp=fp, q=q, settings=settings)
+
+
+def _quantize_block(method: Method, block: Block, s: dict, prefix: str, q: dict, fp: dict, notes: dict) -> None:
+    """Quantize the block in place; collect its QTensors and its remaining fp tensors."""
+    for name, qt in method.quantize_block(block, s).items():
+        q[prefix + name] = qt
+    for name, p in block.module.named_parameters():  # norms (folded) and anything left unquantized
+        fp[prefix + name] = p.detach().to(block.fp_dtype).cpu()
+    for note in block.notes:
+        notes.setdefault(note, []).append(prefix.rstrip(".") or "lm_head")
+
+
+def _head(store, cfg: ModelConfig, method: Method, s: dict, x, device, fp_dtype, q: dict, fp: dict,
+          notes: dict, observe: Observer | None) -> None:
+    head_weight = EMBED if cfg.tie_word_embeddings else LM_HEAD
+    if not s["quantize_lm_head"]:
+        fp[FINAL_NORM] = store.get(FINAL_NORM)
+        if not cfg.tie_word_embeddings:
+            fp[LM_HEAD] = store.get(LM_HEAD)
+        return
+    if observe is not None and x is not None:
+        observe(cfg.num_layers, x)
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm.weight = torch.nn.Parameter(store.get(FINAL_NORM).float(), requires_grad=False)
+    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+    lm_head.weight = torch.nn.Parameter(store.get(head_weight).float(), requires_grad=False)
+    block = Block(Head(norm, lm_head).to(device), HEAD_GROUPS, x, lambda m, xc: m(xc),
+                  chunk=_chunk(cfg, x, device, width=cfg.vocab_size), fp_dtype=fp_dtype)
+    _quantize_block(method, block, s, "", q, fp, notes)
+    fp[FINAL_NORM] = fp.pop("norm.weight")
+
+
+def _layer_block(store, cfg: ModelConfig, i: int, x, rope, device, fp_dtype) -> Block:
+    """Decoder layer i from the checkpoint (only its tensors are read), float32 on device."""
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg)
+    prefix = layer_prefix(i)
+    state = {k: store.get(prefix + k).to(device=device, dtype=torch.float32) for k in layer.state_dict()}
+    layer.load_state_dict(state, strict=True, assign=True)
+    layer.requires_grad_(False)
+    cos, sin, mask = rope
+    return Block(layer, LAYER_GROUPS, x, lambda m, xc: m(xc, cos, sin, mask)[0],
+                 sub_args={"self_attn": (cos, sin, mask, None)}, chunk=_chunk(cfg, x, device), fp_dtype=fp_dtype)
+
+
+def _rope_and_mask(cfg: ModelConfig, x: torch.Tensor | None, device):
+    if x is None:
+        return None, None, None
+    seq = x.shape[1]
+    rotary = Rotary(cfg).to(device)
+    cos, sin = rotary(torch.arange(seq, device=device)[None], torch.float32)  # [1, s, d]
+    return cos, sin, causal_mask(seq, 0, device, cfg.sliding_window)  # [1, 1, s, s]
+
+
+def _chunk(cfg: ModelConfig, x: torch.Tensor | None, device, width: int | None = None) -> int:
+    """Samples per forward so that the widest intermediate stays near 512 MiB (2 GiB on CUDA)."""
+    if x is None:
+        return 1
+    seq = x.shape[1]
+    width = width or max(cfg.intermediate_size, cfg.num_heads * seq, 3 * cfg.hidden_size)
+    budget = (1 << 29 if torch.device(device).type == "cuda" else 1 << 27)  # floats
+    return max(1, budget // (seq * width))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("quant.device=cuda, but no CUDA device is visible here; use --device cpu or auto.")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def check_settings(cfg: ModelConfig, s: dict) -> None:
+    """Everything about (model, settings) that would fail mid-walk, reported at once before any work."""
+    problems = []
+    if s["quantize_lm_head"] and cfg.tie_word_embeddings:
+        problems.append(
+            "quant.quantize_lm_head: this model ties lm_head to the input embeddings; quantizing lm_head "
+            "would untie them (a second vocab x hidden matrix). Leave lm_head unquantized (the default)."
+        )
+    if problems:
+        raise InputError("cannot quantize this model with these settings:\n  - " + "\n  - ".join(problems))
+
+
+def _check_ids(ids: torch.Tensor, cfg: ModelConfig) -> None:
+    if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
+        raise InputError(f"calibration ids must be a non-empty int tensor [samples, seq_len], got "
+                         f"{ids.dtype} {tuple(ids.shape)}.")
+    if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+        raise InputError(f"calibration ids must lie in [0, vocab_size={cfg.vocab_size}); got "
+                         f"[{int(ids.min())}, {int(ids.max())}]. Is the tokenizer the model's own?")

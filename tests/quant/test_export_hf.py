@@ -1,0 +1,134 @@
+"""Quantized HF checkpoints: what is written unpacks (with our own unpackers) to exactly the IR's codes."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafast_export.errors import InputError
+from lorafast_export.qform import QScheme, dequantize
+from lorafast_export.quant.export_hf import write_quantized_checkpoint
+from lorafast_export.quant.formats import (
+    scheme_from_config_group,
+    unpack_awq,
+    unpack_compressed_tensors,
+    unpack_gptq,
+)
+from lorafast_export.quant.pipeline import quantize_checkpoint
+from lorafast_export.recipe import Recipe
+from lorafast_export.targets.hf import HFTarget
+from lorafast_export.targets.registry import LowerInput
+from tests.quant.pipeline_helpers import random_ids, tiny_checkpoint
+
+CALIB = random_ids(8, 16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("export") / "qwen2", "qwen2")
+
+
+def export(merged, out, method: str, hf_format: str = "auto", **quant):
+    """Quantize and write; the recipe stands in for one (Recipe itself already refuses some combinations)."""
+    qm = quantize_checkpoint(merged, {"method": method, **quant}, calib_ids=CALIB)
+    recipe = SimpleNamespace(target=SimpleNamespace(hf_format=hf_format))
+    facts = write_quantized_checkpoint(LowerInput(merged, qm.config, recipe, qm), out)
+    return qm, facts
+
+
+def unpack(out, qcfg: dict, module: str):
+    tensors = {k.removeprefix(module + "."): v for k, v in load_file(out / "model.safetensors").items()
+               if k.startswith(module + ".")}
+    if qcfg["quant_method"] == "gptq":
+        return unpack_gptq(tensors, qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["checkpoint_format"])
+    if qcfg["quant_method"] == "awq":
+        return unpack_awq(tensors, qcfg["group_size"], qcfg["bits"])
+    group = qcfg["config_groups"]["group_0"]
+    return unpack_compressed_tensors(tensors, scheme_from_config_group(group), group["format"])
+
+
+CASES = [  # method, hf_format, quant settings, expected format
+    ("gptq", "auto", {"group_size": 32, "act_order": True}, "gptq"),
+    ("gptq", "auto", {"group_size": 32, "symmetric": False}, "gptq"),
+    ("awq", "auto", {"group_size": 32}, "awq"),
+    ("rtn", "auto", {"group_size": 32}, "compressed-tensors"),
+    ("int8", "auto", {}, "compressed-tensors"),
+    ("smoothquant", "auto", {}, "compressed-tensors"),
+    ("gptq", "compressed-tensors", {"group_size": 32}, "compressed-tensors"),
+    ("rtn", "gptq", {"group_size": 32, "symmetric": True}, "gptq"),
+]
+
+
+@pytest.mark.parametrize(("method", "hf_format", "quant", "fmt"), CASES)
+def test_checkpoint_round_trips_to_the_same_codes(merged, tmp_path, method, hf_format, quant, fmt):
+    qm, facts = export(merged, tmp_path, method, hf_format, **quant)
+    assert facts["format"] == fmt
+    config = json.loads((tmp_path / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    assert qcfg["quant_method"] == fmt and config["model_type"] == "qwen2"
+    for name, qt in qm.q.items():
+        back = unpack(tmp_path, qcfg, name)
+        assert torch.equal(back.codes, qt.codes), name
+        assert torch.equal(dequantize(back), dequantize(qt)), name  # AWQ makes symmetric zeros explicit
+        assert (back.g_idx is None) == (qt.g_idx is None)
+        if qt.bias is not None:  # GPTQ/AWQ store biases in float16
+            torch.testing.assert_close(back.bias.float(), qt.bias.float(), atol=1e-3, rtol=1e-3)
+    written = load_file(tmp_path / "model.safetensors")
+    for k, v in qm.fp.items():  # norms with folded scales come from the QuantizedModel
+        assert torch.equal(written[k], v), k
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize(("method", "quant", "hf_format", "message"), [
+    ("gptq", {"group_size": 32, "act_order": True}, "awq", "act-order"),
+    ("rtn", {"group_size": -1}, "awq", "per-channel"),
+    ("rtn", {"bits": 8, "group_size": 32}, "awq", "4-bit"),
+    ("gptq", {"group_size": 32, "act_order": True}, "compressed-tensors", "act-order"),
+    ("int8", {}, "gptq", "float16"),
+    ("rtn", {"group_size": 256}, "compressed-tensors", "multiple of group_size"),  # 256 > in_features
+])
+def test_impossible_combinations_are_refused(merged, tmp_path, method, quant, hf_format, message):
+    with pytest.raises(InputError, match=message):
+        export(merged, tmp_path, method, hf_format, **quant)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_auto_falls_back_to_gptq_for_ragged_groups(merged, tmp_path):
+    _, facts = export(merged, tmp_path, "awq", group_size=256)
+    assert facts["format"] == "gptq"
+
+
+def test_w8a8_is_refused_by_weight_only_formats(merged, tmp_path):
+    with pytest.raises(InputError, match="weight-only"):
+        export(merged, tmp_path, "smoothquant", "gptq")
+
+
+def test_hf_target_writes_the_quantized_checkpoint(merged, tmp_path):
+    recipe = Recipe.from_dict({"quant": {"method": "awq", "group_size": 32}})
+    qm = quantize_checkpoint(merged, recipe.quant, calib_ids=CALIB)
+    facts = HFTarget().lower(LowerInput(merged, qm.config, recipe, qm), tmp_path / "model")
+    assert facts["format"] == "awq" and (tmp_path / "model" / "config.json").exists()
+
+
+def test_quantized_lm_head_is_not_ignored(merged, tmp_path):
+    qm, _ = export(merged, tmp_path, "rtn", group_size=32, quantize_lm_head=True)
+    qcfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qcfg["ignore"] == [] and "lm_head.weight_packed" in load_file(tmp_path / "model.safetensors")
+    assert QScheme(4, 32, False) == scheme_from_config_group(qcfg["config_groups"]["group_0"])
+
+
+def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    from lorafast_export.model.quantized import fake_quant_decoder
+
+    qm, _ = export(merged, tmp_path, "gptq", "compressed-tensors", group_size=32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = random_ids(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0], atol=1e-4, rtol=1e-4)
