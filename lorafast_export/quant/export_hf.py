@@ -30,9 +30,10 @@ from lorafast_export.quant.formats import (
 )
 
 HF_FORMATS = ("gptq", "awq", "compressed-tensors")
-# hf_format=auto: the first format, in this order, that can hold the model (e.g. AWQ with a ragged group
-# somewhere falls back to GPTQ, which has g_idx).
-AUTO_FORMATS = {"gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "gptq", "compressed-tensors"),
+# hf_format=auto: the first format, in this order, that can hold the model. compressed-tensors comes first: plain
+# transformers (+ the compressed-tensors package) and vLLM load it, while GPTQ/AWQ checkpoints need GPTQModel.
+# GPTQ (with g_idx) catches what compressed-tensors cannot hold (act-order, ragged groups).
+AUTO_FORMATS = {"gptq": ("compressed-tensors", "gptq"), "awq": ("compressed-tensors", "awq", "gptq"),
                 "rtn": ("compressed-tensors", "gptq"), "int8": ("compressed-tensors", "gptq"),
                 "smoothquant": ("compressed-tensors",)}
 PACKERS: dict[str, Callable[[QTensor], dict[str, torch.Tensor]]] = {
@@ -41,8 +42,7 @@ PACKERS: dict[str, Callable[[QTensor], dict[str, torch.Tensor]]] = {
 
 
 def resolve_format(requested: str, qm: QuantizedModel, scheme: QScheme) -> str:
-    """`auto` → the method's own format (gptq→gptq, awq→awq, rtn/int8/smoothquant→compressed-tensors), or the
-    next one in AUTO_FORMATS when that one cannot hold this model. Refuses what the chosen format cannot hold."""
+    """`auto` → compressed-tensors, or the next format in AUTO_FORMATS when that one cannot hold this model. Refuses what the chosen format cannot hold."""
     if requested != "auto" and requested not in HF_FORMATS:
         raise InputError(f"target.hf_format={requested!r}: use auto or one of {', '.join(HF_FORMATS)}.")
     candidates = AUTO_FORMATS[qm.settings["method"]] if requested == "auto" else (requested,)

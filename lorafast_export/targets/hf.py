@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lorafast_export.errors import UnsupportedError
+from lorafast_export.errors import RuntimeMissingError, UnsupportedError
 from lorafast_export.targets.registry import LowerInput, register
 
 
@@ -17,7 +17,13 @@ class HFSession:
     def __init__(self, model_dir: Path, device: str = "cpu"):
         import transformers
 
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+        try:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+        except ImportError as e:  # GPTQ/AWQ checkpoints need GPTQModel (+ optimum) to load in transformers
+            raise RuntimeMissingError(
+                f"{model_dir}: transformers cannot load this quantized checkpoint here ({e}). Install the loader "
+                "(GPTQ/AWQ: pip install gptqmodel==7.6.0 optimum==2.3.0), use --hf-format compressed-tensors, "
+                "or build with --no-validate.") from None
         self.device = device
 
     @torch.no_grad()

@@ -53,8 +53,10 @@ def unpack(out, qcfg: dict, module: str):
 
 CASES = [  # method, hf_format, quant settings, expected format
     ("gptq", "auto", {"group_size": 32, "act_order": True}, "gptq"),
-    ("gptq", "auto", {"group_size": 32, "symmetric": False}, "gptq"),
-    ("awq", "auto", {"group_size": 32}, "awq"),
+    ("gptq", "auto", {"group_size": 32, "symmetric": False}, "compressed-tensors"),
+    ("awq", "auto", {"group_size": 32}, "compressed-tensors"),
+    ("awq", "awq", {"group_size": 32}, "awq"),
+    ("gptq", "gptq", {"group_size": 32, "symmetric": False}, "gptq"),
     ("rtn", "auto", {"group_size": 32}, "compressed-tensors"),
     ("int8", "auto", {}, "compressed-tensors"),
     ("smoothquant", "auto", {}, "compressed-tensors"),
@@ -108,7 +110,7 @@ def test_w8a8_is_refused_by_weight_only_formats(merged, tmp_path):
 
 
 def test_hf_target_writes_the_quantized_checkpoint(merged, tmp_path):
-    recipe = Recipe.from_dict({"quant": {"method": "awq", "group_size": 32}})
+    recipe = Recipe.from_dict({"quant": {"method": "awq", "group_size": 32}, "target": {"hf_format": "awq"}})
     qm = quantize_checkpoint(merged, recipe.quant, calib_ids=CALIB)
     facts = HFTarget().lower(LowerInput(merged, qm.config, recipe, qm), tmp_path / "model")
     assert facts["format"] == "awq" and (tmp_path / "model" / "config.json").exists()
