@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 
 from lorafast_export.errors import RuntimeMissingError, UnsupportedError
 from lorafast_export.targets.registry import LowerInput, register
+
+log = logging.getLogger(__name__)
 
 
 class HFSession:
@@ -38,6 +41,25 @@ class HFSession:
         return out[0, len(input_ids):].tolist()
 
 
+class QuantizedReaderSession:
+    """For quantized checkpoints whose transformers loader is not installed: our reading of the files on disk."""
+
+    runtime_note = "transformers' GPTQ/AWQ loader is not installed here: validated with lorafast-export's reader"
+
+    def __init__(self, model_dir: Path):
+        from lorafast_export.model.quantized import fake_quant_decoder
+        from lorafast_export.quant.read_hf import read_quantized_checkpoint
+        from lorafast_export.validate.candidates import decoder_candidate
+
+        self._c = decoder_candidate("artifact", fake_quant_decoder(read_quantized_checkpoint(model_dir)))
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._c.logits(input_ids)
+
+    def generate(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
+        return self._c.generate(input_ids, max_new_tokens)
+
+
 class HFTarget:
     name = "hf"
     install_hint = "always available (transformers is a core dependency)"
@@ -55,8 +77,13 @@ class HFTarget:
             raise UnsupportedError("quantized hf checkpoints are not available in this version yet.") from None
         return write_quantized_checkpoint(inp, out_dir)
 
-    def load(self, model_dir: Path, device: str = "cpu") -> HFSession:
-        return HFSession(model_dir, device)
+    def load(self, model_dir: Path, device: str = "cpu"):
+        try:
+            return HFSession(model_dir, device)
+        except RuntimeMissingError:
+            log.warning("transformers cannot load %s here (GPTQ/AWQ need GPTQModel); validating with our reader",
+                        model_dir)
+            return QuantizedReaderSession(model_dir)
 
 
 register(HFTarget())

@@ -1,0 +1,55 @@
+"""Read a quantized HF checkpoint we wrote (GPTQ / AWQ / compressed-tensors) back into the quantized form.
+
+Used to validate `--target hf` artifacts whose loader is not installed here (transformers needs GPTQModel for
+GPTQ/AWQ): the artifact stage then runs our unpacking of the files on disk through the canonical decoder, which
+checks the written codes, scales, zero points and fp tensors, though not a third-party kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorafast_export.errors import InputError
+from lorafast_export.load import WeightStore, _weight_files
+from lorafast_export.model.quantized import QuantizedModel
+from lorafast_export.model.spec import LM_HEAD, ModelConfig, linear_module_names
+from lorafast_export.quant.formats import (
+    scheme_from_config_group,
+    unpack_awq,
+    unpack_compressed_tensors,
+    unpack_gptq,
+)
+
+
+def _unpack(qcfg: dict, tensors: dict):
+    method = qcfg.get("quant_method")
+    if method == "gptq":
+        return unpack_gptq(tensors, qcfg["bits"], qcfg["group_size"], qcfg["sym"],
+                           qcfg.get("checkpoint_format", "gptq"))
+    if method == "awq":
+        return unpack_awq(tensors, qcfg["group_size"], qcfg["bits"])
+    if method == "compressed-tensors":
+        group = qcfg["config_groups"]["group_0"]
+        return unpack_compressed_tensors(tensors, scheme_from_config_group(group), group["format"])
+    raise InputError(f"quantization_config.quant_method={method!r} is not one this reader knows.")
+
+
+def read_quantized_checkpoint(model_dir: str | Path) -> QuantizedModel:
+    d = Path(model_dir)
+    raw = json.loads((d / "config.json").read_text())
+    qcfg = raw.get("quantization_config")
+    if not isinstance(qcfg, dict):
+        raise InputError(f"{d}/config.json: no quantization_config; not a quantized checkpoint.")
+    cfg = ModelConfig.from_dict(raw, str(d / "config.json"))
+    store = WeightStore(_weight_files(d, False))
+    modules = [m for i in range(cfg.num_layers) for m in linear_module_names(i)] + [LM_HEAD.removesuffix(".weight")]
+    q, used = {}, set()
+    for m in modules:
+        names = [k for k in store.keys() if k.startswith(m + ".")]
+        if not names or f"{m}.weight" in store and len(names) <= 2 and not any("scale" in k for k in names):
+            continue  # an unquantized linear (weight [+ bias]) stays in fp
+        q[m] = _unpack(qcfg, {k.removeprefix(m + "."): store.get(k) for k in names})
+        used.update(names)
+    fp = {k: store.get(k) for k in store.keys() if k not in used}
+    return QuantizedModel(cfg, fp, q, {"read_from": str(d), "format": qcfg.get("quant_method")})
