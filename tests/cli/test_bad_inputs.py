@@ -232,7 +232,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(good, tmp_path, case):
+    from lorafast_export.targets import registry
+
     make_args, expect = CASES[case]
+    saved = registry.TARGETS.get("openvino")  # before make_args: one case replaces it with a missing runtime
     args = make_args(good, tmp_path)
     out = tmp_path / "out"
     validate = "VALIDATE" in args
@@ -241,9 +244,6 @@ def test_bad_input(good, tmp_path, case):
     if "--out" not in argv:
         argv += ["--out", str(out)]
     before = sorted(p.name for p in tmp_path.iterdir())
-    from lorafast_export.targets import registry
-
-    saved = registry.TARGETS.get("openvino")
     try:
         r = CliRunner().invoke(main, argv)
     finally:
