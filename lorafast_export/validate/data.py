@@ -64,7 +64,7 @@ def tokenize_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: in
     """Concatenate documents (BOS-separated when the tokenizer adds one) and cut into full blocks."""
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t)["input_ids"])
+        ids.extend(tokenizer(t, verbose=False)["input_ids"])
         if len(ids) >= max_tokens + block_size:
             break
     n_blocks = min(len(ids) // block_size, max(1, max_tokens // (block_size - 1)))
