@@ -136,6 +136,7 @@ class ValidateOptions(_Section):
     prompts: str | None = None  # jsonl with {"prompt": ...}; empty: bundled prompts
     max_new_tokens: int = Field(default=32, ge=1)
     gates: list[str] | None = None  # None: the default gates
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # the reference's dtype (fp16/bf16: GPU only)
     junit: str | None = None  # write JUnit XML (one test case per gate) here
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -173,6 +174,8 @@ class Recipe(_Section):
             problems.append("inputs.adapters: at least one adapter is required (use `merge` flags or add one)")
         if self.target.hf_format != "auto" and self.quant.method == "none":
             problems.append("target.hf_format: a checkpoint format needs a quant method; set quant.method")
+        if self.validate_.dtype != "float32" and self.validate_.device == "cpu":
+            problems.append("validate.dtype: a half-precision reference is for GPUs; use float32 on cpu")
         if self.target.hf_format in ("gptq", "awq") and self.quant.method in ("int8", "smoothquant"):
             problems.append(f"target.hf_format: {self.target.hf_format} holds 4-bit weight-only codes; "
                             f"use compressed-tensors for {self.quant.method}")

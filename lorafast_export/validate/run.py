@@ -102,8 +102,12 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     eval_sets = load_eval_sets(tok, specs, opts.block_size, opts.max_tokens)
     prompts = load_prompts(tok, Path(opts.prompts) if opts.prompts else None)
     progress("reference")
-    reference = Reference(v.base, v.adapters)
-    cache = ReferenceCache(_input_digests(v.base, v.adapters), {"block": opts.block_size, "dtype": "float32"})
+    device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
+    if dtype != torch.float32 and device == "cpu":
+        raise InputError("validate.dtype: a half-precision reference needs a GPU (validate.device cuda); use float32.")
+    reference = Reference(v.base, v.adapters, device, dtype)
+    cache = ReferenceCache(_input_digests(v.base, v.adapters), {"block": opts.block_size, "dtype": opts.dtype})
     infos, stages = [], []
     for es in eval_sets:
         progress(f"eval set {es.name}")
