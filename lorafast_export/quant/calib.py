@@ -8,7 +8,6 @@ tokenizer and seed always give the same tokens. Too little text is an error sayi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.recipe import TEXT_DIR, CalibOptions
+from lorafast_export.textdata import read_texts
 
 DEFAULT_CALIB = TEXT_DIR / "calib.txt"
 
@@ -34,24 +34,7 @@ def read_calibration_texts(files: Sequence[str | Path]) -> list[str]:
 
 
 def _read_one(path: Path) -> list[str]:
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); convert it or pass another --calib file.") from None
-    if path.suffix != ".jsonl":
-        return [raw] if raw.strip() else []
-    texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{n}: not valid JSON; each line must be an object with a 'text' field.") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise InputError(f"{path}:{n}: each line needs a string 'text' field.")
-        texts.append(rec["text"])
-    return texts
+    return read_texts(path, "calibration")
 
 
 def token_stream(tokenizer, texts: Sequence[str], limit: int | None = None) -> list[int]:

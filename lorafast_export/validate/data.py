@@ -11,6 +11,7 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.recipe import TEXT_DIR
+from lorafast_export.textdata import read_texts
 
 DEFAULT_EVAL = {"prose": TEXT_DIR / "prose_eval.txt", "code": TEXT_DIR / "code_eval.txt"}
 DEFAULT_PROMPTS = TEXT_DIR / "prompts.jsonl"
@@ -31,33 +32,6 @@ class EvalSet:
         for b in self.blocks:
             h.update(b.to(torch.int64).numpy().tobytes())
         return h.hexdigest()
-
-
-def read_texts(path: Path, what: str = "eval") -> list[str]:
-    """A .jsonl file (one {"text": ...} per line) or any other file as one UTF-8 text."""
-    if not path.exists():
-        raise InputError(f"{path}: {what} file not found.")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); convert it with iconv or pass another file.") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"{path}:{n}: not valid JSON; each line must be an object with a 'text' field.") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise InputError(f"{path}:{n}: each line needs a string 'text' field.")
-            texts.append(rec["text"])
-    else:
-        texts = [raw]
-    if not any(t.strip() for t in texts):
-        raise InputError(f"{path}: {what} file is empty.")
-    return texts
 
 
 def tokenize_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -> list[torch.Tensor]:
