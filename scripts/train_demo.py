@@ -562,6 +562,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg_path = adir / "adapter_config.json"
         acfg = json.loads(cfg_path.read_text())
         assert acfg["base_model_name_or_path"] == BASE_NAME, acfg["base_model_name_or_path"]
+        # PEFT stores target_modules as a set, so its JSON order depends on PYTHONHASHSEED: sort it so
+        # that re-runs give byte-identical files (same layout as PEFT's own writer otherwise).
+        acfg["target_modules"] = sorted(acfg["target_modules"])
+        cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True))
         del pm, base
         log(f"{name} saved to {adir} ({t_adapters[name]:.0f}s)")
 
@@ -579,7 +583,12 @@ def main(argv: list[str] | None = None) -> None:
 
     total = time.time() - t_start
     times = {"total": total, "base": t_base, **t_adapters}
-    write_perplexity(demo, results, times, command_line(ap, args))
+    load = os.getloadavg()
+    note = (
+        f"Load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) "
+        f"on {os.cpu_count()} CPUs."
+    )
+    write_perplexity(demo, results, times, command_line(ap, args), note)
     write_readme(demo, args)
     log(f"done in {total / 60:.1f} min")
 
@@ -602,7 +611,7 @@ def format_table(results: dict) -> str:
     return "| model | prose ppl | code ppl |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def write_perplexity(demo: Path, results: dict, times: dict, cmd: str) -> None:
+def write_perplexity(demo: Path, results: dict, times: dict, cmd: str, note: str = "") -> None:
     import peft
     import tokenizers
     import transformers
@@ -613,6 +622,7 @@ def write_perplexity(demo: Path, results: dict, times: dict, cmd: str) -> None:
 
 Produced by `{cmd}`: wall-clock {times["total"] / 60:.1f} min with {NUM_THREADS} torch threads
 (base {times["base"] / 60:.1f} min, LoRA {times["lora"] / 60:.1f} min, DoRA {times["dora"] / 60:.1f} min).
+{note}
 
 Held-out text: `text/prose_eval.txt` ({n_prose} scored tokens) and `text/code_eval.txt` ({n_code} scored
 tokens).  Computed in fp32 (the float16 base upcast to float32; adapters applied unmerged via
@@ -644,13 +654,14 @@ busy machine); see `PERPLEXITY.md` for the held-out quality numbers and the reco
 | `lora/` | PEFT LoRA adapter, r=16, alpha=32, dropout 0, on q/k/v/o/gate/up/down projections; fine-tuned in fp32 on the *code* train split ({args.adapter_steps} steps x {args.adapter_batch} x {SEQ_LEN} tokens). `base_model_name_or_path` is `{BASE_NAME}` (i.e. `base/`). |
 | `dora/` | Same as `lora/` with `use_dora=True`. |
 
-Load it with
+Load it with (transformers 5.x loads the float16 checkpoint as float16 unless told otherwise)
 
 ```python
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
 tok = AutoTokenizer.from_pretrained("lorafast_export/data/demo/base")
-model = AutoModelForCausalLM.from_pretrained("lorafast_export/data/demo/base")
+model = AutoModelForCausalLM.from_pretrained("lorafast_export/data/demo/base", dtype=torch.float32)
 model = PeftModel.from_pretrained(model, "lorafast_export/data/demo/lora")
 ```
 
