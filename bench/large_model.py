@@ -103,13 +103,22 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/lorafast-big")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--methods", default="int8,rtn")
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint (and reuse a kept one)")
+    ap.add_argument("--generate-only", action="store_true")
     a = ap.parse_args()
     root = Path(a.workdir)
     cli = [sys.executable, "-m", "lorafast_export.cli", "-q"]
     t0 = time.perf_counter()
-    base, ad, gb = generate(root, a.layers)
-    rows = [("generate checkpoint", gb, None, time.perf_counter() - t0, 0)]
+    index = root / "base" / "model.safetensors.index.json"
+    if a.keep and index.exists() and (root / "lora" / "adapter_config.json").exists():  # reuse a kept checkpoint
+        base, ad = root / "base", root / "lora"
+        gb = json.loads(index.read_text())["metadata"]["total_size"] / 1e9
+        rows = [("reuse kept checkpoint", gb, None, time.perf_counter() - t0, 0)]
+    else:
+        base, ad, gb = generate(root, a.layers)
+        rows = [("generate checkpoint", gb, None, time.perf_counter() - t0, 0)]
+    if a.generate_only:
+        return
     rss, wall, rc = peak_rss_run([*cli, "merge", "--base", str(base), "--adapter", str(ad), "--out",
                                   str(root / "merged"), "--force"])
     rows.append(("merge (LoRA r16 on q/v/down)", gb, rss, wall, rc))

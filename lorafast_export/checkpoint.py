@@ -69,7 +69,13 @@ def write_checkpoint(groups: Iterable[tuple[str, dict[str, torch.Tensor]]], out_
         if on_group is not None:
             on_group(name)
     files = writer.finish()
+    write_side_files(out_dir, config, tokenizer_files)
+    return files
+
+
+def write_side_files(out_dir: Path, config: dict, tokenizer_files: list[Path]) -> None:
+    """config.json and the tokenizer files: a checkpoint directory without its weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for f in tokenizer_files:
         shutil.copy2(f, out_dir / f.name)
-    return files

@@ -198,8 +198,12 @@ def open_model(path: str | Path, allow_pickle: bool = False) -> ModelDir:
     cfg = ModelConfig.from_file(d / "config.json")
     store = WeightStore(_weight_files(d, allow_pickle), allow_pickle)
     _check_base_tensors(d, cfg, store)
-    toks = [d / n for n in TOKENIZER_FILES if (d / n).exists()]
-    return ModelDir(d, cfg, store, toks)
+    return ModelDir(d, cfg, store, tokenizer_files(d))
+
+
+def tokenizer_files(d: Path) -> list[Path]:
+    """The tokenizer (and generation config) files a checkpoint directory has."""
+    return [d / n for n in TOKENIZER_FILES if (d / n).exists()]
 
 
 def _check_base_tensors(d: Path, cfg: ModelConfig, store: WeightStore) -> None:

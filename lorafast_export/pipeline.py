@@ -52,7 +52,8 @@ class BuildContext:
     progress: Callable[[str, str], None] = lambda stage, msg: None
     base: ModelDir | None = None
     adapters: list[Adapter] = field(default_factory=list)
-    merged_dir: Path | None = None
+    merged_dir: Path | None = None  # config + tokenizer (+ weights when the merge was written)
+    merged: ModelDir | None = None  # the merged model; its store may merge on read (merge.merged_view)
     quantized: object | None = None
     timings: dict[str, float] = field(default_factory=dict)
     input_hashes: list[dict] = field(default_factory=list)
@@ -83,40 +84,62 @@ def stage_load(ctx: BuildContext) -> None:
 
 
 def stage_merge(ctx: BuildContext) -> None:
-    from lorafast_export.merge import merge, plan_merge
+    """Unquantized builds lower from a merged checkpoint on disk (stage-cached). Quantized builds read the merged
+    model through a view that merges each tensor as it is read: no second copy of the model is written."""
+    from lorafast_export.merge import merge, merged_view, plan_merge
 
-    key = content_key("merge", [i["sha256"] for i in ctx.input_hashes], ctx.recipe.inputs.model_dump(),
-                      ctx.recipe.merge.model_dump(), library_versions())
-    with ctx.cache.entry("merged", key) as (path, hit):
-        if hit:
-            plan = plan_merge(ctx.base, ctx.adapters)
-        else:
-            plan = merge(ctx.base, ctx.adapters, path, dtype=ctx.recipe.merge.dtype,
-                         on_group=lambda g: ctx.progress("merge", g))
-    ctx.merged_dir = ctx.cache.path("merged", key)
-    ctx.facts["merge"] = {"cached": hit, "untied_embeddings": plan.untie, "notes": plan.notes,
+    if ctx.recipe.quant.method != "none":
+        ctx.merged_dir = ctx.stage_dir / "work" / "merged-view"
+        ctx.merged = merged_view(ctx.base, ctx.adapters, ctx.merged_dir, ctx.recipe.merge.dtype)
+        plan, hit = ctx.merged.store.plan, False
+    else:
+        with ctx.cache.entry("merged", merge_key(ctx)) as (path, hit):
+            if hit:
+                plan = plan_merge(ctx.base, ctx.adapters)
+            else:
+                plan = merge(ctx.base, ctx.adapters, path, dtype=ctx.recipe.merge.dtype,
+                             on_group=lambda g: ctx.progress("merge", g))
+        ctx.merged_dir = ctx.cache.path("merged", merge_key(ctx))
+        ctx.merged = open_model(ctx.merged_dir)
+    ctx.facts["merge"] = {"cached": hit, "written": ctx.recipe.quant.method == "none",
+                          "untied_embeddings": plan.untie, "notes": plan.notes,
                           "adapters": [{"path": str(a.path), "type": a.kind, "weight": a.weight,
                                         "modules": len(a.modules)} for a in ctx.adapters]}
 
 
+def merge_key(ctx: BuildContext) -> str:
+    return content_key("merge", [i["sha256"] for i in ctx.input_hashes], ctx.recipe.inputs.model_dump(),
+                       ctx.recipe.merge.model_dump(), library_versions())
+
+
 def stage_quantize(ctx: BuildContext) -> None:
+    """The quantize walk spills each layer into the stage cache; a rerun with the same inputs reuses it."""
     if ctx.recipe.quant.method == "none":
         return
-    from lorafast_export.quant.pipeline import quantize_checkpoint
+    from lorafast_export.model.quantized import load_quantized
+    from lorafast_export.quant.calib import calibration_files
+    from lorafast_export.quant.methods import get_method
+    from lorafast_export.quant.pipeline import quantize_checkpoint, resolve_device
     from lorafast_export.targets.registry import get_target
 
     quant = ctx.recipe.quant
     if quant.symmetric is None and getattr(get_target(ctx.recipe.target.name), "requires_symmetric", False):
         quant = quant.model_copy(update={"symmetric": True})  # the target's kernels take no zero points
-    ctx.quantized = quantize_checkpoint(ctx.merged_dir, quant, progress=lambda m: ctx.progress("quantize", m))
-    ctx.facts["quant"] = quant.resolved()
+    calibrated = get_method(quant.method).calibrated
+    calib = [sha256_file(f) for f in calibration_files(quant.calib.files)] if calibrated else []
+    key = content_key("quantize", merge_key(ctx), quant.model_dump(), calib, resolve_device(quant.device).type)
+    with ctx.cache.entry("quantized", key) as (path, hit):
+        if not hit:
+            quantize_checkpoint(ctx.merged, quant, progress=lambda m: ctx.progress("quantize", m), out_dir=path)
+    ctx.quantized = load_quantized(ctx.cache.path("quantized", key))
+    ctx.facts["quant"] = {**quant.resolved(), "cached": hit}
 
 
 def stage_lower(ctx: BuildContext) -> None:
     from lorafast_export.targets.registry import LowerInput, require_available
 
     target = require_available(ctx.recipe.target.name)
-    inp = LowerInput(ctx.merged_dir, ctx.base.config, ctx.recipe, ctx.quantized)
+    inp = LowerInput(ctx.merged_dir, ctx.merged.config, ctx.recipe, ctx.quantized)
     ctx.facts["target"] = {"name": target.name, **(target.lower(inp, ctx.stage_dir / "model") or {})}
 
 

@@ -289,6 +289,11 @@ def qtensors_to_state_dict(qtensors: dict[str, QTensor]) -> tuple[dict[str, torc
             "codes_packing": "u4x2_low_first" if packed else "u8",
         }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # files are written from CPU
+    seen: set[int] = set()
+    for k, v in tensors.items():  # safetensors refuses tensors that share memory (e.g. one g_idx for q/k/v)
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
     meta = {"format": QFORM_FORMAT, "version": QFORM_VERSION, "tensors": entries}
     return tensors, {_METADATA_KEY: json.dumps(meta)}
 
@@ -297,6 +302,12 @@ def qtensors_from_state_dict(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, source: str = "state dict"
 ) -> dict[str, QTensor]:
     """Inverse of qtensors_to_state_dict; the metadata says what every tensor is."""
+    entries = qform_entries(metadata, source)
+    return {name: qtensor_from_entry(name, e, tensors.get, source) for name, e in entries.items()}
+
+
+def qform_entries(metadata: dict[str, str] | None, source: str) -> dict[str, dict]:
+    """{module: entry} from a file's header metadata (what each module's tensors are), checked."""
     if not metadata or _METADATA_KEY not in metadata:
         raise InputError(
             f"{source}: no '{_METADATA_KEY}' header metadata; it was not written by "
@@ -308,27 +319,24 @@ def qtensors_from_state_dict(
             f"{source}: qform format/version {meta.get('format')}/{meta.get('version')} is not "
             f"{QFORM_FORMAT}/{QFORM_VERSION}; re-export it with this lorafast-export version."
         )
-    result = {}
-    for name, e in meta["tensors"].items():
-        missing = [f"{name}.{p}" for p in e["parts"] if f"{name}.{p}" not in tensors]
-        if missing:
-            raise InputError(
-                f"{source}: tensors {missing} listed in the metadata are missing; the file is "
-                "incomplete, re-export it."
-            )
-        codes = tensors[f"{name}.qcodes"]
-        if e["codes_packing"] == "u4x2_low_first":
-            codes = _unpack_nibbles(codes, e["shape"][1])
-        optional = {f: tensors[f"{name}.{p}"] for p, f in _OPTIONAL_PARTS.items() if p in e["parts"]}
-        result[name] = QTensor(
-            codes=codes,
-            scales=tensors[f"{name}.qscales"],
-            bits=e["bits"],
-            group_size=e["group_size"],
-            act_quant=e["act_quant"],
-            **optional,
+    return meta["tensors"]
+
+
+def qtensor_from_entry(name: str, e: dict, get, source: str) -> QTensor:
+    """One module's QTensor from its metadata entry; get(key) returns a stored tensor or None."""
+    parts = {p: get(f"{name}.{p}") for p in e["parts"]}
+    missing = [f"{name}.{p}" for p, t in parts.items() if t is None]
+    if missing:
+        raise InputError(
+            f"{source}: tensors {missing} listed in the metadata are missing; the file is "
+            "incomplete, re-export it."
         )
-    return result
+    codes = parts["qcodes"]
+    if e["codes_packing"] == "u4x2_low_first":
+        codes = _unpack_nibbles(codes, e["shape"][1])
+    optional = {f: parts[p] for p, f in _OPTIONAL_PARTS.items() if p in parts}
+    return QTensor(codes=codes, scales=parts["qscales"], bits=e["bits"], group_size=e["group_size"],
+                   act_quant=e["act_quant"], **optional)
 
 
 def save_qtensors(

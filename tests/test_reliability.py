@@ -110,3 +110,23 @@ def test_matrix_builds_every_combination_and_summarises(inputs, tmp_path):
     assert "float16-hf" in (tmp_path / "m" / "summary.md").read_text()
     bad = CliRunner().invoke(main, [str(x) for x in build_args(inputs, tmp_path / "n", "--matrix", "colour=red")])
     assert bad.exit_code == 2 and "unknown axis" in bad.output
+
+
+def test_quantized_builds_reuse_the_quantize_stage_and_write_no_merged_copy(inputs, tmp_path):
+    """The quantize stage is content-addressed like the merge; quantized builds merge on read (no merged copy)."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        r = CliRunner().invoke(main, [str(x) for x in build_args(inputs, out, "--quant", "int8", "--no-validate")])
+        assert r.exit_code == 0, r.output
+    facts = [json.loads((out / "manifest.json").read_text())["facts"] for out in outs]
+    assert [f["quant"]["cached"] for f in facts] == [False, True]
+    assert [f["merge"]["written"] for f in facts] == [False, False]
+    assert model_hashes(outs[0]) == model_hashes(outs[1]) and model_hashes(outs[0])
+    stages = os.path.join(os.environ["LORAFAST_CACHE"], "stages")
+    assert os.listdir(os.path.join(stages, "quantized")) and not os.path.exists(os.path.join(stages, "merged"))
+    # a different quant setting is a different entry, not a stale hit
+    r = CliRunner().invoke(main, [str(x) for x in build_args(inputs, tmp_path / "c", "--quant", "rtn",
+                                                              "--group-size", "32", "--no-validate")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["facts"]["quant"]["cached"] is False
+    assert len(os.listdir(os.path.join(stages, "quantized"))) == 2

@@ -6,11 +6,19 @@ from pathlib import Path
 
 import torch
 
-from lorafast_export.checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint
+from lorafast_export.checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint, write_side_files
 from lorafast_export.load import Adapter, ModelDir
-from lorafast_export.merge.stream import DTYPES, MergePlan, iter_merged_groups, known_names, plan_merge
+from lorafast_export.merge.stream import (
+    DTYPES,
+    MergedStore,
+    MergePlan,
+    iter_merged_groups,
+    known_names,
+    plan_merge,
+)
+from lorafast_export.model.spec import ModelConfig
 
-__all__ = ["DTYPES", "MergePlan", "merge", "merged_config", "merged_state", "plan_merge"]
+__all__ = ["DTYPES", "MergePlan", "merge", "merged_config", "merged_state", "merged_view", "plan_merge"]
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
@@ -36,6 +44,17 @@ def merge(base: ModelDir, adapters: list[Adapter], out_dir: Path, dtype: str | N
     write_checkpoint(iter_merged_groups(plan, dt), out_dir, merged_config(plan, dt), base.tokenizer_files,
                      max_shard_bytes, on_group)
     return plan
+
+
+def merged_view(base: ModelDir, adapters: list[Adapter], out_dir: Path, dtype: str | None = None) -> ModelDir:
+    """The merged model without writing its weights: out_dir gets config.json and the tokenizer (what targets copy
+    and calibration reads); the returned ModelDir's store merges each tensor when it is read (MergedStore)."""
+    plan = plan_merge(base, adapters)
+    dt = resolve_dtype(dtype)
+    config = merged_config(plan, dt)
+    write_side_files(out_dir, config, base.tokenizer_files)
+    return ModelDir(out_dir, ModelConfig.from_dict(config, str(out_dir / "config.json")), MergedStore(plan, dt),
+                    [out_dir / f.name for f in base.tokenizer_files])
 
 
 def merged_state(plan: MergePlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

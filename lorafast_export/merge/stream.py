@@ -145,3 +145,34 @@ def known_names(plan: MergePlan) -> set[str]:
     if extra:
         raise InputError(f"{plan.base.path}: unexpected tensors {extra[:5]} for a {cfg.family} checkpoint.")
     return names
+
+
+class MergedStore:
+    """The merged model as a read-only weight store that merges on read: `get(name)` computes one merged tensor
+    from the base and the adapters (the same `_merge_tensor` the written checkpoint comes from, so the values are
+    identical). Quantized builds read through it instead of writing a merged copy of the model to disk."""
+
+    def __init__(self, plan: MergePlan, dtype: torch.dtype | None = None):
+        self.plan, self.dtype = plan, dtype
+        names = known_names(plan)
+        if plan.tie_word_embeddings:
+            names.discard(LM_HEAD)
+        elif LM_HEAD not in plan.base.store:
+            names.add(LM_HEAD)  # untied: the head starts as a copy of the embeddings
+        self._names = sorted(names)
+        self.files: list = []  # nothing on disk is this store's own
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise InputError(f"tensor {name!r} is not part of the merged model of {self.plan.base.path}.")
+        return _merge_tensor(self.plan, name, self.dtype)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        src = EMBED if (name == LM_HEAD and name not in self.plan.base.store) else name
+        return self.plan.base.store.shape_of(src)

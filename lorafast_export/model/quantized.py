@@ -4,41 +4,54 @@
 linear's bias in QTensor.bias). `fp` holds every other tensor under its HF name: embeddings, norms (with any
 AWQ/SmoothQuant input scales already folded in, so they differ from the merged checkpoint's), lm_head (unless
 quantize_lm_head), and unquantized linears with their biases. Targets must take fp tensors from here, not from the
-merged checkpoint.
+merged checkpoint. Both are Mappings: plain dicts in memory, or lazy views of a saved directory that read one
+entry from disk per lookup, so a consumer that walks them in order holds one tensor at a time.
 
 `fake_quant_decoder(qm)` is the reference of this form (the "quantized" stage of validation): the canonical
-decoder with each quantized linear a qform.QLinear. `save_quantized` / `load_quantized` keep a QuantizedModel in
-our own layout:
+decoder with each quantized linear a qform.QLinear. `save_quantized` / `QuantizedWriter` keep a QuantizedModel in
+our own layout, one part per decoder layer (the quantize stage spills each layer as soon as it is done, so the
+codes of a larger-than-memory model never sit in RAM together), and `load_quantized` reads it back lazily:
 
-    quantized.json          {"format", "version", "config": the HF config.json dict, "settings"}
-    qtensors.safetensors    qform.save_qtensors (codes, scales, zeros, g_idx, biases, input scales)
-    fp.safetensors          the fp tensors under their HF names
+    quantized.json          {"format", "version", "config": the HF config.json dict, "settings",
+                             "parts": [{"file", "q": [module paths], "fp": [tensor names]}, ...]}
+                            written last: a directory without it is not a finished quantized model
+    part-00000.safetensors  that part's QTensors (qform's layout and header metadata) and fp tensors
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lorafast_export.errors import InputError
+from lorafast_export.load import WeightStore, check_safetensors_header
 from lorafast_export.model.spec import ModelConfig
-from lorafast_export.qform import QLinear, load_qtensors, save_qtensors
+from lorafast_export.qform import (
+    QLinear,
+    QScheme,
+    QTensor,
+    qform_entries,
+    qtensor_from_entry,
+    qtensors_to_state_dict,
+)
 
 QUANTIZED_FORMAT = "lorafast-quantized"
-QUANTIZED_VERSION = 1
-META_FILE, Q_FILE, FP_FILE = "quantized.json", "qtensors.safetensors", "fp.safetensors"
+QUANTIZED_VERSION = 2
+META_FILE = "quantized.json"
 
 
 @dataclass
 class QuantizedModel:
     config: ModelConfig
-    fp: dict[str, torch.Tensor]
-    q: dict[str, object]  # module path → lorafast_export.qform.QTensor
+    fp: Mapping[str, torch.Tensor]
+    q: Mapping[str, QTensor]  # module path → QTensor
     settings: dict = field(default_factory=dict)  # resolved quant settings (method, bits, group_size, ...)
 
 
@@ -70,29 +83,120 @@ def fake_quant_decoder(qm: QuantizedModel, dtype: torch.dtype = torch.float32):
     return dec.eval()
 
 
+class QuantizedWriter:
+    """Writes a QuantizedModel part by part (module docstring); `finish` writes quantized.json last."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.parts: list[dict] = []
+
+    def add(self, q: Mapping[str, QTensor], fp: Mapping[str, torch.Tensor]) -> None:
+        tensors, metadata = qtensors_to_state_dict(dict(q))
+        clash = tensors.keys() & fp.keys()
+        if clash:
+            raise ValueError(f"fp tensor names {sorted(clash)[:3]} collide with quantized parts")
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in fp.items()})
+        file = f"part-{len(self.parts):05d}.safetensors"
+        save_file(tensors, str(self.out / file), metadata=metadata)
+        self.parts.append({"file": file, "q": sorted(q), "fp": sorted(fp)})
+
+    def finish(self, config: ModelConfig, settings: dict) -> Path:
+        meta = {"format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "config": config.raw,
+                "settings": settings, "parts": self.parts}
+        (self.out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        return self.out
+
+
 def save_quantized(qm: QuantizedModel, out_dir: str | Path) -> Path:
-    """Write qm to out_dir in our own layout (module docstring); returns out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_qtensors(out / Q_FILE, qm.q)
-    save_file({k: v.detach().cpu().contiguous() for k, v in qm.fp.items()}, str(out / FP_FILE))
-    meta = {"format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "config": qm.config.raw,
-            "settings": qm.settings}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return out
+    """Write qm to out_dir in our own layout (module docstring), one part per decoder layer; returns out_dir."""
+    writer = QuantizedWriter(out_dir)
+    groups: dict[int, tuple[dict, dict]] = {}
+    for kind, mapping in (("q", qm.q), ("fp", qm.fp)):
+        for name in mapping:
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            group = groups.setdefault(int(m.group(1)) if m else -1, ({}, {}))
+            group[0 if kind == "q" else 1][name] = mapping[name]
+    for _, (q, fp) in sorted(groups.items()):
+        writer.add(q, fp)
+    return writer.finish(qm.config, qm.settings)
 
 
 def load_quantized(model_dir: str | Path) -> QuantizedModel:
-    """Inverse of save_quantized."""
+    """The QuantizedModel saved in model_dir, with lazy `q` and `fp` (each lookup reads one entry from disk)."""
     d = Path(model_dir)
-    missing = [n for n in (META_FILE, Q_FILE, FP_FILE) if not (d / n).is_file()]
-    if missing:
-        raise InputError(f"{d}: not a saved quantized model (missing {', '.join(missing)}); "
+    if not (d / META_FILE).is_file():
+        raise InputError(f"{d}: not a saved quantized model (no {META_FILE}); "
                          "write one with lorafast_export.model.quantized.save_quantized.")
     meta = json.loads((d / META_FILE).read_text())
     if meta.get("format") != QUANTIZED_FORMAT or meta.get("version") != QUANTIZED_VERSION:
         raise InputError(f"{d / META_FILE}: format/version {meta.get('format')}/{meta.get('version')} is not "
                          f"{QUANTIZED_FORMAT}/{QUANTIZED_VERSION}; re-quantize with this lorafast-export version.")
+    files = [d / p["file"] for p in meta["parts"]]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise InputError(f"{d}: part file(s) {missing[:3]} listed in {META_FILE} are missing; re-quantize.")
     cfg = ModelConfig.from_dict(meta["config"], str(d / META_FILE))
-    return QuantizedModel(config=cfg, fp=load_file(str(d / FP_FILE)), q=load_qtensors(d / Q_FILE),
+    store = WeightStore(files)  # positional reads: a tensor's memory is freed when its user drops it
+    entries = {}
+    for f in files:
+        entries.update(qform_entries(check_safetensors_header(f).get("__metadata__"), str(f)))
+    fp_names = [n for p in meta["parts"] for n in p["fp"]]
+    return QuantizedModel(config=cfg, fp=LazyTensors(store, fp_names), q=LazyQTensors(store, entries),
                           settings=meta.get("settings", {}))
+
+
+@dataclass(frozen=True)
+class QInfo:
+    """What a quantized linear is, without reading its tensors."""
+
+    scheme: QScheme
+    out_features: int
+    in_features: int
+
+
+def q_info(q: Mapping[str, QTensor]) -> dict[str, QInfo]:
+    """{module: QInfo} for in-memory and lazy models alike; a lazy model answers from its headers alone."""
+    if isinstance(q, LazyQTensors):
+        return q.info()
+    return {n: QInfo(qt.scheme, qt.out_features, qt.in_features) for n, qt in q.items()}
+
+
+class LazyTensors(Mapping):
+    """name → tensor, read from disk at each lookup (nothing is cached)."""
+
+    def __init__(self, store: WeightStore, names: list[str]):
+        self._store, self._names = store, dict.fromkeys(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._store.get(name)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's default would)
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class LazyQTensors(LazyTensors):
+    """module path → QTensor, its parts read from disk at each lookup."""
+
+    def __init__(self, store: WeightStore, entries: dict[str, dict]):
+        super().__init__(store, list(entries))
+        self._entries = entries
+
+    def info(self) -> dict[str, QInfo]:
+        return {n: QInfo(QScheme(e["bits"], e["group_size"], e["symmetric"], "g_idx" in e["parts"], e["act_quant"]),
+                         *e["shape"]) for n, e in self._entries.items()}
+
+    def __getitem__(self, name: str) -> QTensor:
+        if name not in self._names:
+            raise KeyError(name)
+        src = str(self._store.file_of(f"{name}.qcodes"))
+        return qtensor_from_entry(name, self._entries[name],
+                                  lambda k: self._store.get(k) if k in self._store else None, src)

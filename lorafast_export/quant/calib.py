@@ -22,15 +22,20 @@ DEFAULT_CALIB = TEXT_DIR / "calib.txt"
 
 def read_calibration_texts(files: Sequence[str | Path]) -> list[str]:
     """Documents from .jsonl files (one {"text": ...} per line) or plain text files (one document each)."""
+    texts: list[str] = []
+    for p in calibration_files(files):
+        texts += _read_one(p)
+    return texts
+
+
+def calibration_files(files: Sequence[str | Path]) -> list[Path]:
+    """The files calibration reads (the bundled text when none are given), each checked to exist."""
     paths = [Path(f).expanduser() for f in files] or [DEFAULT_CALIB]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         hint = " (the bundled calibration text is missing from this install)" if not files else ""
         raise InputError(f"calibration file(s) not found{hint}: {', '.join(missing)}. Pass --calib FILE.")
-    texts: list[str] = []
-    for p in paths:
-        texts += _read_one(p)
-    return texts
+    return paths
 
 
 def _read_one(path: Path) -> list[str]:

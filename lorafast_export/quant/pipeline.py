@@ -1,4 +1,4 @@
-"""The quantize stage: `quantize_checkpoint(merged_dir, options) -> QuantizedModel`, streamed by layer.
+"""The quantize stage: `quantize_checkpoint(merged, options) -> QuantizedModel`, streamed by layer.
 
     calibration ids ─▶ embed ─▶ for each decoder layer i:
         read layer i's tensors (memory-mapped) ─▶ quantize it with the method, feeding it the outputs of
@@ -6,7 +6,8 @@
     ─▶ final norm + lm_head (quantized only with quantize_lm_head)
 
 Peak memory is one layer (float32, on the compute device) plus the calibration activations
-[samples, seq_len, hidden]; the QTensors made so far are kept on the CPU. Data-free methods (rtn, int8)
+[samples, seq_len, hidden]. Finished layers are kept on the CPU, or with out_dir written to disk as each one
+finishes (the build always spills: its quantize stage lives in the stage cache). Data-free methods (rtn, int8)
 skip calibration entirely. What each method does inside a layer: quant/methods.py.
 """
 
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from lorafast_export.errors import InputError
-from lorafast_export.load import open_model
+from lorafast_export.load import ModelDir, open_model
 from lorafast_export.model.decoder import DecoderLayer, RMSNorm, Rotary, causal_mask
-from lorafast_export.model.quantized import QuantizedModel
+from lorafast_export.model.quantized import QuantizedModel, QuantizedWriter, load_quantized
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
 from lorafast_export.quant.blocks import HEAD_GROUPS, LAYER_GROUPS, Block, Head
 from lorafast_export.quant.calib import load_calibration
@@ -39,28 +40,55 @@ Observer = Callable[[int, torch.Tensor], None]
 
 
 def quantize_checkpoint(
-    merged_dir: str | Path,
+    merged: str | Path | ModelDir,
     options: QuantOptions | dict,
     progress: Progress | None = None,
     *,
     calib_ids: torch.Tensor | None = None,
     observe: Observer | None = None,
+    out_dir: str | Path | None = None,
 ) -> QuantizedModel:
-    """Quantize the merged HF checkpoint in merged_dir with options.method, one decoder layer at a time.
+    """Quantize the merged model (an HF checkpoint directory, or a ModelDir such as the merge stage's lazy view)
+    with options.method, one decoder layer at a time.
 
+    out_dir: spill each finished layer there (model/quantized.py's layout) and return a lazy view of it, so the
+    codes never sit in RAM together; None keeps everything in memory (small models, tests).
     calib_ids [samples, seq_len] replaces the tokenized calibration files (tests, benchmarks);
     observe(i, x) sees the activations entering layer i (i = num_layers: the lm_head block).
     """
     opts = options if isinstance(options, QuantOptions) else QuantOptions(**options)
     s = opts.resolved()
     method = get_method(s["method"])
-    md = open_model(merged_dir)
+    md = merged if isinstance(merged, ModelDir) else open_model(merged)
     cfg = md.config
     check_settings(cfg, s)
     device = resolve_device(s["device"])
     progress = progress or (lambda msg: None)
+    sink = _Sink(out_dir)
     with _tf32_on(device):
-        return _walk(md, cfg, method, s, opts, device, progress, calib_ids, observe)
+        settings = _walk(md, cfg, method, s, opts, device, progress, calib_ids, observe, sink)
+    return sink.finish(cfg, settings)
+
+
+class _Sink:
+    """Where finished layers go: kept in memory, or written to out_dir as parts (QuantizedWriter)."""
+
+    def __init__(self, out_dir: str | Path | None):
+        self.writer = None if out_dir is None else QuantizedWriter(out_dir)
+        self.q: dict = {}
+        self.fp: dict[str, torch.Tensor] = {}
+
+    def add(self, q: dict, fp: dict) -> None:
+        if self.writer is not None:
+            self.writer.add(q, fp)
+        else:
+            self.q.update(q)
+            self.fp.update(fp)
+
+    def finish(self, cfg: ModelConfig, settings: dict) -> QuantizedModel:
+        if self.writer is not None:
+            return load_quantized(self.writer.finish(cfg, settings))
+        return QuantizedModel(config=cfg, fp=self.fp, q=self.q, settings=settings)
 
 
 @contextmanager
@@ -76,36 +104,39 @@ def _tf32_on(device: torch.device):
 
 
 def _walk(md, cfg: ModelConfig, method: Method, s: dict, opts: QuantOptions, device, progress: Progress,
-          calib_ids, observe) -> QuantizedModel:
-    merged_dir = md.path
+          calib_ids, observe, sink: _Sink) -> dict:
+    """Quantize every layer into sink; returns the settings to record (with calibration size, time, notes)."""
     fp_dtype = md.store.get(EMBED).dtype
     t0 = time.perf_counter()
 
     x = None
     if method.calibrated:
-        ids = calib_ids if calib_ids is not None else load_calibration(merged_dir, opts.calib)
+        ids = calib_ids if calib_ids is not None else load_calibration(md.path, opts.calib)
         _check_ids(ids, cfg)
         x = F.embedding(ids, md.store.get(EMBED)).to(device=device, dtype=torch.float32)  # [n, s, h]
     rope = _rope_and_mask(cfg, x, device)
-    fp: dict[str, torch.Tensor] = {EMBED: md.store.get(EMBED)}
-    q: dict = {}
+    sink.add({}, {EMBED: md.store.get(EMBED)})
     notes: dict[str, list[str]] = {}  # what a method skipped → where
+    calib_tokens = 0 if x is None else int(x.shape[0] * x.shape[1])
     for i in range(cfg.num_layers):
         if observe is not None and x is not None:
             observe(i, x)
         block = _layer_block(md.store, cfg, i, x, rope, device, fp_dtype)
+        q, fp = {}, {}
         _quantize_block(method, block, s, layer_prefix(i), q, fp, notes)
         x = None if x is None else block.run()  # the quantized layer's outputs feed the next layer
+        sink.add(q, fp)
         progress(f"layer {i + 1}/{cfg.num_layers} quantized ({s['method']})")
         log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
-        del block
+        del block, q, fp
+    q, fp = {}, {}
     _head(md.store, cfg, method, s, x, device, fp_dtype, q, fp, notes, observe)
+    sink.add(q, fp)
     for note, where in notes.items():
         log.warning("%s in %d block(s)", note, len(where))
-    settings = {**s, "calib_tokens": 0 if x is None else int(x.shape[0] * x.shape[1]), "device_used": str(device),
-                "time_s": round(time.perf_counter() - t0, 3),
-                "notes": [f"{n} ({len(w)} blocks)" for n, w in notes.items()]}
-    return QuantizedModel(config=cfg, fp=fp, q=q, settings=settings)
+    return {**s, "calib_tokens": calib_tokens, "device_used": str(device),
+            "time_s": round(time.perf_counter() - t0, 3),
+            "notes": [f"{n} ({len(w)} blocks)" for n, w in notes.items()]}
 
 
 def _quantize_block(method: Method, block: Block, s: dict, prefix: str, q: dict, fp: dict, notes: dict) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafast_export.errors import InputError
-from lorafast_export.load import TOKENIZER_FILES, open_model
+from lorafast_export.load import open_model, tokenizer_files
 from lorafast_export.model.spec import ModelConfig, layer_prefix
 from lorafast_export.qform import load_qtensors, save_qtensors
 from lorafast_export.runtime.options import RuntimeOptions
@@ -60,16 +60,18 @@ def write_artifact(merged_dir: Path, out_dir: Path, dtype_name: str, opts: Runti
                    quantized=None) -> dict:
     """Write model/ (see module doc). `quantized`: a QuantizedModel or None. Returns facts for the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = open_model(merged_dir)
-    cfg, dtype = md.config, DTYPES[dtype_name]
-    shutil.copy2(md.config_path, out_dir / "config.json")
-    for f in md.tokenizer_files:
+    dtype = DTYPES[dtype_name]
+    shutil.copy2(merged_dir / "config.json", out_dir / "config.json")
+    for f in tokenizer_files(merged_dir):
         shutil.copy2(f, out_dir / f.name)
     if quantized is None:
+        md = open_model(merged_dir)
+        cfg = md.config
         names = [k for k in md.store.keys() if not k.endswith("rotary_emb.inv_freq")]
         files = _save_shards(out_dir, names, md.store.get, dtype, cfg.num_layers)
         qfile = None
-    else:
+    else:  # merged_dir may hold no weights (the merge stage's view): everything comes from `quantized`
+        cfg = quantized.config
         files = _save_shards(out_dir, sorted(quantized.fp), quantized.fp.__getitem__, dtype, cfg.num_layers)
         save_qtensors(out_dir / QWEIGHTS, quantized.q)
         qfile = QWEIGHTS
@@ -109,5 +111,3 @@ def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.T
     return fp, q
 
 
-def tokenizer_files(model_dir: Path) -> list[Path]:
-    return [Path(model_dir) / n for n in TOKENIZER_FILES if (Path(model_dir) / n).exists()]

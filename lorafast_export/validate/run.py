@@ -166,14 +166,13 @@ def write_reports(report, out_dir: Path, junit: Path | None = None) -> None:
 
 def build_candidates(ctx) -> list[Candidate]:
     """merged-fp32 → merged-<dtype> (if the checkpoint is not fp32) → quantized (if any) → artifact."""
-    from lorafast_export.load import open_model
     from lorafast_export.merge import plan_merge
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.targets.registry import get_target
 
     plan = plan_merge(ctx.base, ctx.adapters)
     cands = [merged_fp32_candidate(plan)]
-    merged = open_model(ctx.merged_dir)
+    merged = ctx.merged
     dtypes = {merged.store.get(k).dtype for k in merged.store.keys()[:8]}
     if dtypes != {torch.float32}:
         name = "merged-" + {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(next(iter(dtypes)), "weights")
@@ -197,10 +196,9 @@ def layer_weight_errors(ctx) -> list[dict] | None:
         return None
     import re
 
-    from lorafast_export.load import open_model
     from lorafast_export.qform import dequantize
 
-    merged = open_model(ctx.merged_dir)
+    merged = ctx.merged
     out = []
     for name, qt in ctx.quantized.q.items():
         w = merged.store.get(name + ".weight").float()

@@ -185,3 +185,43 @@ def test_save_and_load_quantized_round_trip(models, tmp_path):
         assert torch.equal(fake_quant_decoder(back)(HELD_OUT)[0], fake_quant_decoder(qm)(HELD_OUT)[0])
     with pytest.raises(InputError, match="not a saved quantized model"):
         load_quantized(tmp_path)
+
+
+def _qtensor_fields_equal(a, b) -> bool:
+    fields = ("codes", "scales", "zeros", "g_idx", "bias", "input_scale")
+    return all((getattr(a, f) is None and getattr(b, f) is None) or torch.equal(getattr(a, f), getattr(b, f))
+               for f in fields) and (a.bits, a.group_size, a.act_quant) == (b.bits, b.group_size, b.act_quant)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_spilled_walk_equals_the_in_memory_walk(models, tmp_path, method):
+    """out_dir writes one part per layer as the walk goes and returns a lazy view with the same contents."""
+    opts = {"method": method, **METHOD_SETTINGS[method]}
+    ref = quantize_checkpoint(models["llama"], opts, calib_ids=CALIB)
+    lazy = quantize_checkpoint(models["llama"], opts, calib_ids=CALIB, out_dir=tmp_path / "spill")
+    parts = sorted(p.name for p in (tmp_path / "spill").glob("part-*.safetensors"))
+    assert len(parts) == ref.config.num_layers + 2  # embeddings, each layer, the head
+    assert not isinstance(lazy.q, dict) and list(lazy.q) == list(ref.q) and sorted(lazy.fp) == sorted(ref.fp)
+    assert all(_qtensor_fields_equal(lazy.q[n], ref.q[n]) for n in ref.q)
+    assert all(torch.equal(lazy.fp[n], ref.fp[n]) for n in ref.fp)
+    assert "model.layers.0.self_attn.q_proj" in lazy.q and "nope" not in lazy.q
+    assert {k: v for k, v in lazy.settings.items() if k != "time_s"} == \
+        json.loads(json.dumps({k: v for k, v in ref.settings.items() if k != "time_s"}))
+
+
+def test_load_quantized_refuses_a_part_that_is_missing(models, tmp_path):
+    qm = quantize_checkpoint(models["llama"], {"method": "int8"}, out_dir=tmp_path / "q")
+    assert len(qm.q) == 2 * 7
+    (tmp_path / "q" / "part-00001.safetensors").unlink()
+    with pytest.raises(InputError, match="part-00001.safetensors"):
+        load_quantized(tmp_path / "q")
+
+
+def test_q_info_of_a_lazy_model_matches_its_tensors(models, tmp_path):
+    from lorafast_export.model.quantized import q_info
+
+    opts = {"method": "gptq", "group_size": 32, "act_order": True}
+    lazy = quantize_checkpoint(models["llama"], opts, calib_ids=CALIB, out_dir=tmp_path / "q")
+    ref = quantize_checkpoint(models["llama"], opts, calib_ids=CALIB)
+    assert q_info(lazy.q) == q_info(ref.q) == q_info(dict(lazy.q.items()))
+    assert all(i.scheme.act_order and i.scheme.bits == 4 for i in q_info(lazy.q).values())

@@ -124,3 +124,14 @@ def test_load_refuses_files_without_our_metadata(tmp_path):
     save_file({"a.qcodes": torch.zeros(2, 2, dtype=torch.uint8)}, str(path))
     with pytest.raises(InputError, match="lorafast_qform"):
         load_qtensors(path)
+
+
+def test_save_accepts_qtensors_that_share_a_tensor(tmp_path):
+    """q/k/v quantized against one Hessian may share one g_idx object; the file must still round-trip."""
+    q = random_qtensor(8, 32, 4, 16, True, act_order=True)
+    k = with_fields(random_qtensor(8, 32, 4, 16, True, seed=5), g_idx=q.g_idx)
+    assert k.g_idx is q.g_idx
+    save_qtensors(tmp_path / "q.safetensors", {"q": q, "k": k})
+    loaded = load_qtensors(tmp_path / "q.safetensors")
+    assert_same_qtensor(loaded["q"], q)
+    assert_same_qtensor(loaded["k"], k)
