@@ -162,28 +162,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_og(art: Path, prompt: np.ndarray, new: int, trials: int, threads: int) -> dict:
-    """Best of `trials` (the machine may be shared: the best run is the least disturbed one)."""
+def og_model(art: Path, threads: int):
+    """An onnxruntime-genai model of the artifact directory, with `threads` intra-op threads."""
     import onnxruntime_genai as og
 
     config = og.Config(str(art))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
-    prefill, decode = [], []
-    for _ in range(trials):
-        params = og.GeneratorParams(model)
-        total = prompt.shape[1] + new
-        params.set_search_options(do_sample=False, max_length=total, min_length=total)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(prompt.astype(np.int32))
-        t1 = time.perf_counter()
-        for _ in range(new):
-            gen.generate_next_token()
-        t2 = time.perf_counter()
-        prefill.append(t1 - t0)
-        decode.append(t2 - t1)
-        del gen
+    return og.Model(config)
+
+
+def timed_generation(model, prompt: np.ndarray, new: int) -> tuple[float, float]:
+    """(prefill s, decode s) of one greedy generation: `prompt` [1, n] appended, then `new` tokens."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    total = prompt.shape[1] + new
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt.astype(np.int32))
+    t1 = time.perf_counter()
+    for _ in range(new):
+        gen.generate_next_token()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def run_og(art: Path, prompt: np.ndarray, new: int, trials: int, threads: int) -> dict:
+    """Best of `trials` (the machine may be shared: the best run is the least disturbed one)."""
+    model = og_model(art, threads)
+    prefill, decode = zip(*(timed_generation(model, prompt, new) for _ in range(trials)), strict=True)
     return {"prefill_tok_s": prompt.shape[1] / min(prefill), "decode_tok_s": new / min(decode),
             "peak_rss_mb": peak_rss_mb()}
 
@@ -193,27 +200,12 @@ def run_interleaved(work: Path, variants: list[str], prompt: np.ndarray, new: in
     machine then slows every variant alike, so the medians compare the graphs rather than the moments."""
     import statistics
 
-    import onnxruntime_genai as og
-
-    models = {}
-    for v in variants:
-        config = og.Config(str(work / v))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        models[v] = og.Model(config)
+    models = {v: og_model(work / v, threads) for v in variants}
     times: dict[str, list] = {v: [] for v in variants}
     for _ in range(reps):
         for v, model in models.items():
-            params = og.GeneratorParams(model)
-            total = prompt.shape[1] + new
-            params.set_search_options(do_sample=False, max_length=total, min_length=total)
-            gen = og.Generator(model, params)
-            t0 = time.perf_counter()
-            gen.append_tokens(prompt.astype(np.int32))
-            t1 = time.perf_counter()
-            for _ in range(new):
-                gen.generate_next_token()
-            times[v].append((prompt.shape[1] / (t1 - t0), new / (time.perf_counter() - t1)))
-            del gen
+            prefill_s, decode_s = timed_generation(model, prompt, new)
+            times[v].append((prompt.shape[1] / prefill_s, new / decode_s))
     return {v: {"prefill_median": statistics.median(t[0] for t in ts), "prefill_max": max(t[0] for t in ts),
                 "decode_median": statistics.median(t[1] for t in ts), "decode_max": max(t[1] for t in ts)}
             for v, ts in times.items()}

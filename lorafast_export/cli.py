@@ -180,7 +180,8 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option("--gate", multiple=True, help='Validation gate, e.g. "kl_mean<=0.02". Repeatable.')
 @click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
 @click.option("--prompts", help="Prompts for greedy-generation checks (jsonl with 'prompt', or one per line).")
-@click.option("--junit", help="Write JUnit XML (one test case per gate) to this path.")
+@click.option("--junit", help="Write JUnit XML (one test case per gate) into the artifact, at this path relative "
+              "to --out (e.g. junit.xml).")
 @click.option("--no-validate", is_flag=True, help="Skip the validation stage.")
 @click.option("--out", help="Output artifact directory.")
 @click.option("--name", help="Artifact name (default: the --out directory's name).")
@@ -249,7 +250,8 @@ def _print_build(bctx) -> None:
 @click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory.")
 @click.option("--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled.")
 @click.option("--gate", multiple=True, help='Gate, e.g. "kl_mean<=0.02" or "stage:artifact.top1>=0.95".')
-@click.option("--junit", help="Write JUnit XML (one test case per gate) here.")
+@click.option("--junit", help="Write JUnit XML (one test case per gate) into the artifact, at this path relative "
+              "to --artifact (e.g. junit.xml).")
 @click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
 @click.option("--prompts", help="Prompts for greedy checks (jsonl with 'prompt', or one per line).")
 @click.pass_obj
@@ -390,9 +392,9 @@ def verify(ctx: Ctx, artifact):
     res = _run(ctx, verify_artifact, Path(artifact))
 
     def show():
-        for kind in ("changed", "missing", "extra"):
+        for kind in ("changed", "missing", "extra", "links"):
             for f in res[kind]:
-                out.print(f"[red]{kind}:[/] {f}")
+                out.print(f"[red]{kind.removesuffix('s')}:[/] {escape(f)}")
         out.print(f"[green]verified[/] {res['files']} files" if res["ok"] else "[red]verification failed[/]")
 
     ctx.emit(res, show)

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 from lorafast_export.errors import InputError, LorafastError
 from lorafast_export.recipe import Recipe
+from lorafast_export.report.files import write_inside
 
 # matrix axis → recipe field (the same names as the build flags)
 AXES = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
         "dtype": "merge.dtype", "hf_format": "target.hf_format"}
+INT_AXES = ("bits", "group_size")
+# values name the artifact directories <out>/<v1>-<v2>-...: one plain path component each, never '.' or '..'
+VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|-[0-9]+")
 
 
 def parse_axes(specs: list[str]) -> dict[str, list[str]]:
@@ -27,13 +32,26 @@ def parse_axes(specs: list[str]) -> dict[str, list[str]]:
         if key not in AXES:
             raise InputError(f"--matrix {spec!r}: unknown axis {key!r}; axes: {', '.join(AXES)}.")
         axes[key] = [v for v in values.split(",") if v]
+        bad = [v for v in axes[key] if not VALUE.fullmatch(v) or (key in INT_AXES and not _is_int(v))]
+        if bad:
+            kind = "integers" if key in INT_AXES else "plain names (letters, digits, '_', '.', '-')"
+            raise InputError(f"--matrix {spec!r}: {', '.join(map(repr, bad))}: {key} values are {kind}; they also "
+                             "name the artifact directories under --out.")
     if not axes:
         raise InputError("--matrix needs at least one axis, e.g. --matrix target=onnxruntime,openvino quant=int8,awq")
     return axes
 
 
+def _is_int(v: str) -> bool:
+    try:
+        int(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _typed(key: str, v: str):
-    return int(v) if key in ("bits", "group_size") else v
+    return int(v) if key in INT_AXES else v
 
 
 def combinations(recipe: Recipe, axes: dict[str, list[str]]) -> list[tuple[str, Recipe]]:
@@ -44,10 +62,8 @@ def combinations(recipe: Recipe, axes: dict[str, list[str]]) -> list[tuple[str, 
         combo = dict(zip(axes, values, strict=True))
         name = "-".join(values)
         ov = {AXES[k]: _typed(k, v) for k, v in combo.items()}
+        # validate.junit is relative to output.dir: each artifact gets its own JUnit file, <out>/<name>/<junit>
         ov |= {"output.dir": str(root / name), "name": f"{recipe.name}-{name}"}
-        if recipe.validate_.junit:  # one JUnit file per artifact, next to the given path
-            j = Path(recipe.validate_.junit)
-            ov["validate.junit"] = str(j.with_name(f"{j.stem}-{name}{j.suffix or '.xml'}"))
         try:
             out.append((name, recipe.with_overrides(ov)))
         except InputError as e:
@@ -76,8 +92,8 @@ def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m:
                "passed": all(r["passed"] is not False for r in rows)}
     root = Path(recipe.output.dir)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (root / "summary.md").write_text(render_summary(summary))
+    write_inside(root, {"summary.json": json.dumps(summary, indent=2, default=str) + "\n",
+                        "summary.md": render_summary(summary)})
     return summary
 
 

@@ -4,6 +4,14 @@ Every section refuses unknown keys; all problems in a recipe are reported at onc
 Names (targets, quant methods) are checked against our registries, never imported from arbitrary paths.
 Paths are kept as written; relative paths resolve against the working directory at run time.
 `demo:base`, `demo:lora` and `demo:dora` name the bundled demo model and adapters.
+
+Paths and safety: inputs (base, adapters, calibration, eval, prompts) are only read and may be anywhere.
+output.dir is the user's choice, but with force (which replaces it as a whole) never the working directory, the
+home directory, one of their parents, or a directory holding an input. Every file a build writes lies inside
+output.dir: validate.junit is a path relative to it (written with the artifact, published with it). A path
+written into an artifact is relative and stays inside it (outside_reason).
+The target's own limits that the recipe shows (e.g. a group size its kernels cannot run) are refused here too,
+from what the target declares (targets/registry.py: recipe_rules, option_problems).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ DEMO_DIR = Path(__file__).parent / "data" / "demo"
 TEXT_DIR = Path(__file__).parent / "data" / "text"
 
 TARGETS = ("hf", "torch-compile", "onnxruntime", "openvino", "trt-llm")
+ARTIFACT_NAMES = ("manifest.json", "model", "report.json", "report.md", "report.html")  # what a build writes
 QUANT_METHODS = ("none", "rtn", "int8", "smoothquant", "gptq", "awq")
 
 
@@ -29,6 +38,20 @@ def resolve_path(p: str) -> Path:
     if p.startswith("demo:"):
         return DEMO_DIR / p.removeprefix("demo:")
     return Path(p).expanduser()
+
+
+def outside_reason(root: Path, rel: str) -> str | None:
+    """Why root/rel is not a file strictly inside root (absolute, '..', a symbolic link out), or None if it is."""
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith("~"):
+        return "is absolute; use a path relative to the directory"
+    if ".." in p.parts:
+        return "climbs out with '..'"
+    if not p.parts:
+        return "names the directory itself, not a file in it"
+    if not (root / p).resolve().is_relative_to(root.resolve()):
+        return "leaves the directory through a symbolic link"
+    return None
 
 
 class _Section(BaseModel):
@@ -137,7 +160,7 @@ class ValidateOptions(_Section):
     max_new_tokens: int = Field(default=32, ge=1)
     gates: list[str] | None = None  # None: the default gates
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # the reference's dtype (fp16/bf16: GPU only)
-    junit: str | None = None  # write JUnit XML (one test case per gate) here
+    junit: str | None = None  # JUnit XML (one test case per gate): a path inside the artifact, relative to output.dir
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -169,6 +192,16 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross(self):
+        # the target's own limits, as it declares them (this imports the target's module, not its runtime)
+        from lorafast_export.targets.registry import recipe_problems
+
+        problems = [*self._conflicts(), *self._output_dir_problems(), *self._written_path_problems(),
+                    *recipe_problems(self)]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _conflicts(self) -> list[str]:
         problems = []
         if not self.inputs.adapters:
             problems.append("inputs.adapters: at least one adapter is required (use `merge` flags or add one)")
@@ -179,9 +212,45 @@ class Recipe(_Section):
         if self.target.hf_format in ("gptq", "awq") and self.quant.method in ("int8", "smoothquant"):
             problems.append(f"target.hf_format: {self.target.hf_format} holds 4-bit weight-only codes; "
                             f"use compressed-tensors for {self.quant.method}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
+
+    def read_paths(self) -> list[tuple[str, str]]:
+        """(field, path) of every file or directory the build only reads."""
+        v = self.validate_
+        return [("inputs.base", self.inputs.base),
+                *((f"inputs.adapters[{i}].path", a.path) for i, a in enumerate(self.inputs.adapters)),
+                *((f"quant.calib.files[{i}]", f) for i, f in enumerate(self.quant.calib.files)),
+                *((f"validate.eval[{i}].path", e.path) for i, e in enumerate(v.eval)),
+                *([("validate.prompts", v.prompts)] if v.prompts else [])]
+
+    def _output_dir_problems(self) -> list[str]:
+        """With force, output.dir is replaced as a whole: it must not hold the working directory, home or an input.
+        (Without force an existing output.dir is refused before any work, and a new one holds nothing yet.)"""
+        if not self.output.force:
+            return []
+        out = Path(self.output.dir).expanduser().resolve()
+        held = [f"{what} {d}" for what, d in (("the working directory", Path.cwd()), ("your home directory", _home()))
+                if d is not None and d.resolve().is_relative_to(out)]
+        held += [f"the input {field} {p!r}" for field, p in self.read_paths()
+                 if resolve_path(p).resolve().is_relative_to(out)]
+        if not held:
+            return []
+        return [f"output.dir: {self.output.dir!r} is or holds {', '.join(held)}; with force (--force) the build "
+                "would replace it as a whole. Choose a new directory for the artifact, e.g. dist/<name>."]
+
+    def _written_path_problems(self) -> list[str]:
+        """Files a recipe names for writing (validate.junit) lie inside the artifact, beside what the build writes."""
+        junit = self.validate_.junit
+        if junit is None:
+            return []
+        out = Path(self.output.dir).expanduser()
+        why = outside_reason(out, junit)
+        if why is None and Path(junit).parts[0] in ARTIFACT_NAMES:
+            why = f"is a name the build writes itself ({', '.join(ARTIFACT_NAMES)})"
+        if why is None:
+            return []
+        return [f"validate.junit: {junit!r} {why}. The JUnit file is written inside the artifact: give a path "
+                f"relative to output.dir ({self.output.dir}), e.g. junit.xml or reports/junit.xml."]
 
     # ------------------------------------------------------------------ YAML
     def to_dict(self) -> dict:
@@ -222,6 +291,14 @@ class Recipe(_Section):
         return Recipe.from_dict(d, "command line / recipe")
 
 
+def _home() -> Path | None:
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry: nothing to protect there
+        return None
+    return home if home.is_absolute() else None
+
+
 def format_errors(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
@@ -231,5 +308,6 @@ def format_errors(e: ValidationError, source: str) -> str:
             msg = "unknown key; remove it or check its spelling (see `lorafast-export build --dump-recipe`)"
         elif err["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be one of:")
-        lines.append(f"  - {loc or '(top level)'}: {msg}")
+        # whole-recipe checks report one problem per line, each starting with its own field
+        lines += [f"  - {loc}: {m}" if loc else f"  - {m}" for m in msg.split("\n")]
     return f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from lorafast_export.errors import InputError
-from lorafast_export.recipe import Recipe
+from lorafast_export.recipe import Recipe, outside_reason
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -60,3 +60,151 @@ def test_bad_yaml_and_wrong_version(tmp_path):
     p.write_text("version: 9\n")
     with pytest.raises(InputError, match="version"):
         Recipe.from_yaml(p)
+
+
+# ------------------------------------------------------------------------------------- paths (issue #9)
+
+
+@pytest.mark.parametrize("rel, why", [
+    ("/etc/passwd", "is absolute"),
+    ("~/.bashrc", "is absolute"),
+    ("../x.xml", "climbs out with '..'"),
+    ("reports/../../x.xml", "climbs out with '..'"),
+    ("reports/../x.xml", "climbs out with '..'"),  # stays inside, but a written path never needs '..'
+    ("", "names the directory itself"),
+    (".", "names the directory itself"),
+])
+def test_outside_reason_refuses_paths_that_leave_the_directory(tmp_path, rel, why):
+    assert why in outside_reason(tmp_path / "out", rel)
+
+
+def test_outside_reason_follows_symbolic_links(tmp_path):
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "escape").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "out" / "alias").symlink_to(tmp_path / "out" / "sub")
+    assert "symbolic link" in outside_reason(tmp_path / "out", "escape/junit.xml")
+    assert outside_reason(tmp_path / "out", "alias/junit.xml") is None  # a link that stays inside is harmless
+    assert outside_reason(tmp_path / "out", "sub/deeper/junit.xml") is None  # need not exist yet
+    assert outside_reason(tmp_path / "out", "junit.xml") is None
+
+
+def _refusal(overrides: dict) -> str:
+    with pytest.raises(InputError) as e:
+        Recipe().with_overrides(overrides)
+    return str(e.value)
+
+
+def test_output_dir_may_not_hold_the_working_directory_home_or_an_input(tmp_path, monkeypatch):
+    """With force a build replaces its output directory as a whole: never one that holds what must survive."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    force = {"output.force": True}
+    for out in (".", str(tmp_path), str(tmp_path.parent)):
+        msg = _refusal({"output.dir": out, **force})
+        assert f"output.dir: {out!r} is or holds the working directory" in msg, msg
+        assert "Choose a new directory" in msg
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert "your home directory" in _refusal({"output.dir": str(tmp_path / "home"), **force})
+    msg = _refusal({"output.dir": "models", "inputs.base": "models/base", **force})
+    assert "output.dir: 'models' is or holds the input inputs.base 'models/base'" in msg, msg
+    msg = _refusal({"output.dir": "data", "validate.eval": [{"name": "e", "path": "data/e.txt"}], **force})
+    assert "validate.eval[0].path 'data/e.txt'" in msg
+    # inputs are only read: an output directory next to them, or inside one, is fine
+    assert Recipe().with_overrides({"output.dir": "models/base/out", "inputs.base": "models/base", **force})
+    assert Recipe().with_overrides({"output.dir": "dist/a", "inputs.base": "dist/ab", **force})
+    # without force an existing output directory is refused before any work (pipeline.prepare_output)
+    assert Recipe().with_overrides({"output.dir": "."})
+
+
+def test_output_dir_through_a_symbolic_link_is_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path)  # link -> the working directory itself
+    assert "is or holds the working directory" in _refusal({"output.dir": "link", "output.force": True})
+
+
+# ------------------------------------------------------------------------------ target limits from the recipe
+
+
+def test_onnxruntime_group_size_is_refused_when_the_recipe_is_read():
+    msg = _refusal({"target.name": "onnxruntime", "quant.method": "rtn", "quant.group_size": 8})
+    assert "quant.group_size: 8 is not possible with target onnxruntime" in msg
+    assert "multiple of 16 (32, 64, 128) or -1" in msg
+    for ok in ({"quant.group_size": 16}, {"quant.group_size": 128}, {"quant.group_size": -1},
+               {"quant.method": "int8"}, {"target.name": "hf", "quant.group_size": 8}):
+        Recipe().with_overrides({"target.name": "onnxruntime", "quant.method": "rtn", **ok})
+
+
+def test_target_options_and_dtype_are_checked_when_the_recipe_is_read():
+    msg = _refusal({"target.name": "onnxruntime", "target.options": {"threads": 2, "accuracy_level": 9},
+                    "target.dtype": "bfloat16"})
+    assert "3 problem(s)" in msg
+    assert "target.options: unknown option 'threads'" in msg and "accuracy_level=9" in msg
+    assert "target.dtype: 'bfloat16'" in msg and "use auto, float32 or float16" in msg
+    msg = _refusal({"target.name": "openvino", "target.dtype": "bfloat16"})
+    assert "target.dtype='bfloat16'" in msg and "Use dtype 'auto'" in msg
+    msg = _refusal({"target.name": "onnxruntime", "quant.method": "smoothquant", "quant.symmetric": False})
+    assert "quant.symmetric: False is not possible with target onnxruntime" in msg
+
+
+def test_every_problem_is_reported_at_once_with_its_field(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = _refusal({"target.name": "onnxruntime", "quant.method": "rtn", "quant.group_size": 8,
+                    "target.options": {"colour": 1}, "validate.dtype": "float16", "validate.device": "cpu",
+                    "output.dir": ".", "output.force": True})
+    assert "command line / recipe: 4 problem(s):" in msg
+    lines = [line for line in msg.splitlines() if line.startswith("  - ")]
+    assert [line.split(":")[0] for line in lines] == [
+        "  - validate.dtype", "  - output.dir", "  - quant.group_size", "  - target.options"]
+
+
+def test_a_target_declares_its_limits_as_data(monkeypatch):
+    """The hook any target can fill (trt-llm's group sizes, symmetric codes, ...): rules see resolved defaults."""
+    from lorafast_export.targets import registry
+
+    class Stub:
+        name, install_hint = "torch-compile", "stub"
+        recipe_rules = (registry.RecipeRule("quant.bits", lambda bits, v: v["quant.method"] == "none" or bits == 8,
+                                            "it runs int8 only; use quant.method int8"),
+                        registry.RecipeRule("quant.symmetric", lambda sym, v: v["quant.method"] == "none" or sym,
+                                            "its kernels take no zero points; remove quant.symmetric: false"))
+
+        def option_problems(self, options, dtype):
+            return [f"target.options: {k!r} is not an option of the stub" for k in options]
+
+        requires_symmetric = True  # its kernels take no zero points: quantizers default to symmetric for it
+
+    monkeypatch.setitem(registry.TARGETS, "torch-compile", Stub())
+    base = {"target.name": "torch-compile"}
+    Recipe().with_overrides(base)
+    msg = _refusal({**base, "quant.method": "rtn", "target.options": {"aot": True}})  # rtn: 4 bits by default
+    assert "quant.bits: 4 is not possible with target torch-compile: it runs int8 only" in msg
+    assert "target.options: 'aot' is not an option of the stub" in msg
+    Recipe().with_overrides({**base, "quant.method": "int8"})
+    # awq defaults to asymmetric codes, but for a target that requires_symmetric it quantizes symmetric
+    Recipe().with_overrides({**base, "quant.method": "awq", "quant.bits": 8})
+    msg = _refusal({**base, "quant.method": "awq", "quant.bits": 8, "quant.symmetric": False})
+    assert "quant.symmetric: False is not possible with target torch-compile: its kernels take no zero points" in msg
+
+
+@pytest.mark.parametrize("junit, why", [
+    ("/tmp/junit.xml", "is absolute"),
+    ("~/junit.xml", "is absolute"),
+    ("../junit.xml", "climbs out with '..'"),
+    ("", "names the directory itself"),
+    ("report.json", "is a name the build writes itself"),
+    ("model/junit.xml", "is a name the build writes itself"),
+])
+def test_junit_is_a_file_inside_the_artifact(junit, why):
+    msg = _refusal({"output.dir": "dist/x", "validate.junit": junit})
+    assert f"validate.junit: {junit!r} {why}" in msg, msg
+    assert "give a path relative to output.dir (dist/x), e.g. junit.xml" in msg
+
+
+def test_junit_inside_the_artifact_is_accepted_and_links_out_are_not(tmp_path):
+    for junit in ("junit.xml", "reports/junit.xml"):
+        assert Recipe().with_overrides({"output.dir": str(tmp_path / "x"), "validate.junit": junit})
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "reports").symlink_to(tmp_path)  # an existing output directory, rebuilt with --force
+    msg = _refusal({"output.dir": str(tmp_path / "x"), "validate.junit": "reports/junit.xml"})
+    assert "leaves the directory through a symbolic link" in msg

@@ -36,9 +36,15 @@ def header(report: Report) -> str:
         f"<header><div><h1>Validation report — {escape(a.name)}</h1>"
         f'<div class="meta">target <code>{escape(a.target)}</code>'
         f" · quantization <code>{escape(a.quant)}</code>"
-        f" · reference: base + adapter, unmerged, FP32</div></div>"
+        f" · reference: base + adapter, unmerged, FP32</div>{runtime_note(report)}</div>"
         f'<span class="badge {cls}">{word}</span></header>'
     )
+
+
+def runtime_note(report: Report) -> str:
+    """What ran the artifact stage when its target's runtime did not (empty when it did)."""
+    note = report.artifact.runtime_note
+    return f'<p class="runtime-note"><b>Note:</b> {escape(note)}</p>' if note else ""
 
 
 def cards(report: Report) -> str:

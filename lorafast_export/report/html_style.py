@@ -11,6 +11,7 @@ header { display:flex; justify-content:space-between; align-items:flex-start; ga
 h1 { font-size:22px; margin:0 0 4px; font-weight:650; letter-spacing:-.01em; }
 h2 { font-size:16px; margin:0 0 10px; font-weight:650; }
 .meta { color:var(--muted); } .meta code { color:var(--ink); }
+p.runtime-note { margin:8px 0 0; padding:6px 10px; border-left:3px solid var(--warn); background:#fffbeb; }
 .badge { font-weight:700; font-size:13px; letter-spacing:.06em; padding:6px 14px; border-radius:999px;
          color:#fff; }
 .badge.pass { background:var(--ok); } .badge.fail { background:var(--bad); }

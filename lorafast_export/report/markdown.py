@@ -28,6 +28,7 @@ def header(report: Report) -> list[str]:
         f"### {fmt.status_icon(report.passed)} {verdict}: `{a.name}` → {a.target} · {a.quant}",
         "",
         f"**{gate_counts(report.gates)}** · eval sets: {sets}",
+        *(["", f"> **Note:** {a.runtime_note}"] if a.runtime_note else []),
     ]
 
 

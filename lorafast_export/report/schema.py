@@ -31,6 +31,9 @@ class ArtifactInfo(_Model):
     name: str
     target: str  # e.g. "torch_compile", "onnxruntime"
     quant: str  # e.g. "gptq-w4-g128", "none"
+    # set when the artifact stage was not run by the target's own runtime (e.g. our reader of a quantized
+    # checkpoint, or of a TensorRT-LLM bundle): what ran instead, shown next to the verdict
+    runtime_note: str | None = None
 
 
 class EvalSetInfo(_Model):
@@ -55,10 +58,9 @@ class KLHistogram(_Model):
     overflow: int  # KL at or above edges[-1], inf included
 
 
-class Comparison(_Model):
-    """Distribution metrics of a stage against the stage before it (attribution of the error)."""
+class KLStats(_Model):
+    """A stage compared with another: per-token KL(other ‖ stage) and the same-top-1 rate (COMPARISON_METRICS)."""
 
-    against: str
     kl_mean: Metric
     kl_sem: Metric
     kl_median: Metric
@@ -68,17 +70,25 @@ class Comparison(_Model):
     top1: Metric
 
 
-class StageResult(_Model):
+class _Against(_Model):
+    against: str
+
+
+class _StageKey(_Model):
     name: str
     eval_set: str
     tokens: int
-    kl_mean: Metric
-    kl_sem: Metric
-    kl_median: Metric
-    kl_p90: Metric
-    kl_p99: Metric
-    kl_max: Metric
-    top1: Metric
+
+
+# KLStats is listed first so that its fields come after the key fields (pydantic orders fields from the last
+# base to the class itself), keeping report.json's key order: name, eval_set, tokens, kl_mean, ...
+
+
+class Comparison(KLStats, _Against):
+    """Distribution metrics of a stage against the stage before it (attribution of the error)."""
+
+
+class StageResult(KLStats, _StageKey):
     ppl: Metric
     ppl_ratio: Metric
     dp_mean: Metric

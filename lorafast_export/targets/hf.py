@@ -44,7 +44,10 @@ class HFSession:
 class QuantizedReaderSession:
     """For quantized checkpoints whose transformers loader is not installed: our reading of the files on disk."""
 
-    runtime_note = "transformers' GPTQ/AWQ loader is not installed here: validated with lorafast-export's reader"
+    # the report shows it next to the verdict: the artifact stage's numbers are not transformers' own
+    runtime_note = ("artifact stage = lorafast-export's reading of the quantized checkpoint in the canonical "
+                    "decoder; transformers itself was not run (its GPTQ/AWQ loader is not installed here: "
+                    "pip install gptqmodel==7.6.0 optimum==2.3.0 to validate with transformers)")
 
     def __init__(self, model_dir: Path):
         from lorafast_export.model.quantized import fake_quant_decoder

@@ -61,7 +61,7 @@ import torch
 from lorafast_export.errors import InputError, RuntimeMissingError, UnsupportedError
 from lorafast_export.load import TOKENIZER_FILES, open_model
 from lorafast_export.model.spec import ModelConfig
-from lorafast_export.targets.registry import LowerInput, register
+from lorafast_export.targets.registry import LowerInput, RecipeRule, recorded_path_problems, register
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +79,64 @@ OPTIONS = {
 # ------------------------------------------------------------------------------------------- options
 
 
+def option_problems(options: dict, dtype: str) -> list[str]:
+    """target.options and target.dtype problems (checked when the recipe is read, and again when lowering)."""
+    problems = [f"target.options: unknown option {k!r} for target onnxruntime (options: "
+                + "; ".join(f"{name}: {what}" for name, what in OPTIONS.items()) + ")"
+                for k in options if k not in OPTIONS]
+    level = options.get("accuracy_level", 0)
+    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
+        problems.append(f"target.options: accuracy_level={level!r}: use an integer 0-4")
+    max_length = options.get("max_length", 1)  # absent: the model's max_position_embeddings
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        problems.append(f"target.options: max_length={max_length!r}: use a positive integer")
+    if not isinstance(options.get("fuse_qkv", True), bool):
+        problems.append(f"target.options: fuse_qkv={options['fuse_qkv']!r}: use true or false")
+    if dtype not in DTYPES:
+        problems.append(f"target.dtype: {dtype!r}: this target builds float32 or float16 graphs (the dtypes "
+                        "validated with onnxruntime's CPU GroupQueryAttention/MatMulNBits kernels); use auto, "
+                        "float32 or float16")
+    return problems
+
+
 def settings_from(recipe, cfg: ModelConfig):
     """recipe.target (dtype, options) → GraphSettings; every bad option reported at once."""
     from lorafast_export.targets.ort.decoder_graph import GraphSettings
 
     opts = dict(recipe.target.options or {})
-    problems = [f"unknown option {k!r}" for k in opts if k not in OPTIONS]
-    level = opts.get("accuracy_level", 0)
-    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
-        problems.append(f"accuracy_level={level!r}: use an integer 0-4")
-    max_length = opts.get("max_length", cfg.max_position_embeddings)
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-        problems.append(f"max_length={max_length!r}: use a positive integer")
-    fuse_qkv = opts.get("fuse_qkv", True)
-    if not isinstance(fuse_qkv, bool):
-        problems.append(f"fuse_qkv={fuse_qkv!r}: use true or false")
-    dtype = recipe.target.dtype
-    if dtype not in DTYPES:
-        problems.append(f"dtype={dtype!r}: this target builds float32 or float16 graphs (the dtypes validated "
-                        "with onnxruntime's CPU GroupQueryAttention/MatMulNBits kernels); use auto, float32 or float16")
+    problems = option_problems(opts, recipe.target.dtype)
     if problems:
-        known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
-        raise InputError("target onnxruntime: " + "; ".join(problems) + f". Options: {known}.")
-    return GraphSettings(dtype=DTYPES[dtype], accuracy_level=level, max_length=max_length, fuse_qkv=fuse_qkv)
+        raise InputError("target onnxruntime: " + "; ".join(problems) + ".")
+    return GraphSettings(dtype=DTYPES[recipe.target.dtype], accuracy_level=opts.get("accuracy_level", 0),
+                         max_length=opts.get("max_length", cfg.max_position_embeddings),
+                         fuse_qkv=opts.get("fuse_qkv", True))
+
+
+def _blocks_tile_groups(group_size: int, values: dict) -> bool:
+    """MatMulNBits blocks are powers of two >= 16 and must tile each group (ort/nbits.py block_size_for)."""
+    if values["quant.method"] in ("none", "smoothquant"):  # unquantized, or MatMulInteger (ort/w8a8.py)
+        return True
+    return group_size == -1 or (group_size & -group_size) >= 16
+
+
+def _w8a8(values: dict) -> bool:
+    return values["quant.method"] == "smoothquant"
+
+
+# What the recipe alone shows this target cannot do (checked when the recipe is read; see targets/registry.py).
+RECIPE_RULES = (
+    RecipeRule("quant.group_size", _blocks_tile_groups,
+               "onnxruntime's MatMulNBits blocks are powers of two >= 16 that must tile each quantization group; "
+               "use a group size that is a multiple of 16 (32, 64, 128) or -1 (per channel)"),
+    RecipeRule("quant.group_size", lambda g, v: not _w8a8(v) or g == -1,
+               "smoothquant (W8A8) lowers to MatMulInteger with per-channel int8 weights (ort/w8a8.py); "
+               "use group_size -1"),
+    RecipeRule("quant.symmetric", lambda sym, v: not _w8a8(v) or sym,
+               "smoothquant (W8A8) lowers to MatMulInteger with symmetric int8 weights (no zero points); "
+               "remove quant.symmetric: false"),
+)
+# Relative paths this target writes into model/: onnxruntime-genai opens the decoder graph genai_config.json names.
+RECORDED_PATHS = (("genai_config.json", ("model", "decoder", "filename")),)
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -255,6 +290,10 @@ class OrtSession:
 class OnnxRuntimeTarget:
     name = "onnxruntime"
     install_hint = "pip install 'lorafast-export[onnxruntime]'"
+    recipe_rules = RECIPE_RULES
+    recorded_paths = RECORDED_PATHS
+
+    option_problems = staticmethod(option_problems)
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -292,6 +331,10 @@ class OnnxRuntimeTarget:
         ok, hint = self.available()
         if not ok:
             raise RuntimeMissingError(f"target onnxruntime cannot load here: {hint}")
+        escapes = recorded_path_problems(self, Path(model_dir))
+        if escapes:  # onnxruntime-genai would open that file: refuse before it does
+            raise InputError(f"{model_dir}: " + "; ".join(escapes) + ". The artifact is damaged or was tampered "
+                             "with; rebuild it (lorafast-export verify lists what changed).")
         return OrtSession(Path(model_dir), device)
 
 

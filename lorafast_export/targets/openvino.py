@@ -57,6 +57,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from lorafast_export.errors import LorafastError
 from lorafast_export.targets.registry import LowerInput, register
 
 
@@ -74,6 +75,19 @@ class OpenVINOTarget:
         if missing:
             return False, f"{', '.join(missing)} not importable; {self.install_hint}"
         return True, "openvino, openvino_genai and openvino_tokenizers import"
+
+    @staticmethod
+    def option_problems(options: dict, dtype: str) -> list[str]:
+        """lower()'s own checks of target.options and target.dtype, run when the recipe is read."""
+        from lorafast_export.targets.ov.lower import check_dtype, check_options
+
+        problems = []
+        for check, value in ((check_options, options), (check_dtype, dtype)):
+            try:
+                check(value)
+            except LorafastError as e:  # each message names its recipe field and the fix
+                problems.append(str(e))
+        return problems
 
     def lower(self, inp: LowerInput, out_dir: Path) -> dict:
         from lorafast_export.targets.ov.lower import lower_openvino

@@ -16,6 +16,7 @@ class Candidate:
     name: str
     logits: Callable[[torch.Tensor], torch.Tensor]  # [1, s] ids → [1, s, V] fp32 logits
     generate: Callable[[list[int], int], list[int]]  # greedy continuation, new tokens only
+    note: str | None = None  # a session's runtime_note: what ran it when the target's own runtime did not
 
 
 @torch.no_grad()
@@ -49,4 +50,5 @@ def merged_fp32_candidate(plan) -> Candidate:
 
 
 def session_candidate(name: str, session) -> Candidate:
-    return Candidate(name, lambda ids: session.logits(ids).float(), session.generate)
+    return Candidate(name, lambda ids: session.logits(ids).float(), session.generate,
+                     getattr(session, "runtime_note", None))

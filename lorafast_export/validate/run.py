@@ -124,10 +124,11 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
                                        greedy_agreement(greedy["reference"], greedy[c.name])))
             prev_name = c.name
     layer_errors = [LayerError(**e) for e in v.layer_errors] if v.layer_errors else None
-    report = build_report(ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant), infos, stages,
-                          opts.gates if opts.gates is not None else DEFAULT_GATES, layer_errors,
+    note = next((c.note for c in v.candidates if c.name == "artifact" and c.note), None)
+    report = build_report(ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant, runtime_note=note),
+                          infos, stages, opts.gates if opts.gates is not None else DEFAULT_GATES, layer_errors,
                           final_stage="artifact" if any(c.name == "artifact" for c in v.candidates) else None)
-    write_reports(report, out_dir, Path(opts.junit) if opts.junit else None)
+    write_reports(report, out_dir, opts.junit)
     return report
 
 
@@ -145,20 +146,19 @@ def _greedy(reference: Reference, candidates, prompts, n: int, progress) -> dict
     return out
 
 
-def write_reports(report, out_dir: Path, junit: Path | None = None) -> None:
+def write_reports(report, out_dir: Path, junit: str | None = None) -> None:
+    """report.json/.md/.html and the JUnit file (a path relative to out_dir), all inside out_dir, never through
+    a link (out_dir may be a downloaded artifact being re-validated)."""
+    from lorafast_export.report.files import write_inside
     from lorafast_export.report.github import append_step_summary
     from lorafast_export.report.html import render_html
-    from lorafast_export.report.json_report import write_json
+    from lorafast_export.report.json_report import to_json
     from lorafast_export.report.junit import render_junit
     from lorafast_export.report.markdown import render_markdown
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(report, out_dir / "report.json")
-    (out_dir / "report.md").write_text(render_markdown(report))
-    (out_dir / "report.html").write_text(render_html(report))
-    if junit is not None:
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_text(render_junit(report))
+    files = {"report.json": to_json(report), "report.md": render_markdown(report),
+             "report.html": render_html(report)}
+    write_inside(out_dir, files | ({junit: render_junit(report)} if junit is not None else {}))
     append_step_summary(report)
 
 
@@ -241,7 +241,10 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     if not man_path.exists():
         raise InputError(f"{artifact}: no manifest.json; not a lorafast-export artifact (or an unfinished one).")
     try:
-        recipe = Recipe.from_dict(json.loads(man_path.read_text())["recipe"], str(man_path))
+        data = json.loads(man_path.read_text())["recipe"]
+        if isinstance(data, dict) and isinstance(data.get("validate"), dict):
+            data["validate"].pop("junit", None)  # where this run writes JUnit is --junit's choice, not the build's
+        recipe = Recipe.from_dict(data, str(man_path))
     except (json.JSONDecodeError, KeyError):
         raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.") from None
     recipe = recipe.with_overrides(overrides) if overrides else recipe

@@ -160,6 +160,20 @@ def out_parent_is_file(good, tmp_path):
     return ["--base", good / "base", "--adapter", good / "ad", "--out", tmp_path / "afile" / "sub" / "x"]
 
 
+def out_holds_input(good, tmp_path):
+    """--out --force on the directory holding the base model: the build would replace (delete) the inputs."""
+    base = shutil.copytree(good / "base", tmp_path / "models" / "base")
+    return ["--base", base, "--adapter", good / "ad", "--out", tmp_path / "models", "--force"]
+
+
+def recipe_out_is_input(good, tmp_path):
+    ad = shutil.copytree(good / "ad", tmp_path / "ad")
+    p = tmp_path / "r.yaml"
+    p.write_text(f"version: 1\ninputs: {{base: {good / 'base'}, adapters: [{{path: {ad}}}]}}\n"
+                 f"output: {{dir: {ad}, force: true}}\n")
+    return ["--recipe", p, "--out", ad]  # the flag repeats the recipe's dir (the harness adds --out otherwise)
+
+
 def eval_file(content: bytes, name="e.txt"):
     def f(good, tmp_path):
         (tmp_path / name).write_bytes(content)
@@ -227,6 +241,30 @@ CASES = {
     "eval-missing": (lambda g, t: ["--base", g / "base", "--adapter", g / "ad", "--eval", f"e={t / 'no.txt'}",
                                    "VALIDATE"], "eval file not found"),
     "runtime-not-installed": (runtime_missing, "pip install 'lorafast-export[openvino]'"),
+    # issue #9: what the build writes stays inside the output directory, which never holds an input
+    "out-holds-an-input": (out_holds_input, "holds the input inputs.base"),
+    "recipe-out-is-an-input": (recipe_out_is_input, "is or holds the input inputs.adapters[0].path"),
+    "junit-absolute": (flags("--junit", "/tmp/junit.xml"), "validate.junit: '/tmp/junit.xml' is absolute"),
+    "junit-climbs-out": (flags("--junit", "../junit.xml"), "give a path relative to output.dir"),
+    "recipe-junit-climbs-out": (recipe_file("version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
+                                            "validate: {junit: reports/../../junit.xml}\n"),
+                                "validate.junit: 'reports/../../junit.xml' climbs out with '..'"),
+    "junit-overwrites-the-manifest": (flags("--junit", "manifest.json"), "is a name the build writes itself"),
+    "matrix-value-is-a-path": (flags("--matrix", "target=../../x"), "target values are plain names"),
+    "matrix-value-not-an-int": (flags("--matrix", "group_size=big"), "group_size values are integers"),
+    # target limits the recipe shows are refused before any work, with the fix
+    "recipe-ort-group-size": (recipe_file("version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
+                                          "quant: {method: rtn, group_size: 8}\ntarget: {name: onnxruntime}\n"),
+                              "quant.group_size: 8 is not possible with target onnxruntime"),
+    "flag-ort-group-size": (flags("--target", "onnxruntime", "--quant", "awq", "--group-size", "8"),
+                            "multiple of 16 (32, 64, 128) or -1"),
+    "flag-ort-unknown-option": (flags("--target", "onnxruntime", "--target-option", "threads=2"),
+                                "target.options: unknown option 'threads'"),
+    "recipe-openvino-dtype": (recipe_file("version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
+                                          "target: {name: openvino, dtype: bfloat16}\n"), "target.dtype='bfloat16'"),
+    "matrix-combination-ort-group-size": (flags("--quant", "rtn", "--group-size", "8", "--matrix",
+                                                "target=hf,onnxruntime"),
+                                          "onnxruntime: command line / recipe: 1 problem(s):\n  - quant.group_size"),
 }
 
 
@@ -257,3 +295,6 @@ def test_bad_input(good, tmp_path, case):
     assert after == before, "nothing may be left behind (and nothing of the user's removed)"
     if case == "out-exists":
         assert (out / "keep.txt").read_text() == "user data"
+    kept = {"out-holds-an-input": "models/base/config.json", "recipe-out-is-an-input": "ad/adapter_config.json"}
+    if case in kept:  # the inputs inside the refused output directory are untouched
+        assert (tmp_path / kept[case]).is_file()

@@ -264,11 +264,48 @@ def test_w8a8_weights_are_the_codes(tmp_path):
 
 
 def test_options_are_checked(tmp_path):
-    merged = save_model(make_model("llama", **SIZE, layers=1), tmp_path / "merged")
-    with pytest.raises(InputError, match="unknown option 'threads'.*accuracy_level=9"):
-        lower(tmp_path, merged, options={"threads": 1, "accuracy_level": 9})
+    """Refused when the recipe is read (before any work), and again by lower() for a recipe made another way."""
+    with pytest.raises(InputError) as e:
+        recipe(options={"threads": 1, "accuracy_level": 9})
+    assert "target.options: unknown option 'threads'" in str(e.value) and "accuracy_level=9" in str(e.value)
     with pytest.raises(InputError, match="bfloat16"):
-        lower(tmp_path, merged, dtype="bfloat16")
+        recipe(dtype="bfloat16")
+    merged = save_model(make_model("llama", **SIZE, layers=1), tmp_path / "merged")
+    md, good = open_model(merged), recipe()
+    for target in ({"options": {"threads": 1, "accuracy_level": 9}}, {"dtype": "bfloat16"}):
+        unchecked = good.model_copy(update={"target": good.target.model_copy(update=target)})  # not validated
+        with pytest.raises(InputError, match="threads.*accuracy_level=9|bfloat16"):
+            get_target("onnxruntime").lower(LowerInput(merged, md.config, unchecked), tmp_path / "model")
+
+
+@pytest.mark.parametrize("group_size", [-1, 8, 16, 32, 64, 128, 256])
+def test_recipe_group_size_rule_agrees_with_matmulnbits(group_size):
+    """The declared rule refuses exactly the group sizes ort/nbits.py cannot lay out as MatMulNBits blocks."""
+    from types import SimpleNamespace
+
+    from lorafast_export.targets.ort.nbits import block_size_for
+
+    try:
+        block_size_for(SimpleNamespace(group_size=group_size, in_features=512), "w")
+        lowers = True
+    except UnsupportedError:
+        lowers = False
+    try:
+        Recipe().with_overrides({"target.name": "onnxruntime", "quant.method": "rtn", "quant.group_size": group_size})
+        accepted = True
+    except InputError as e:
+        assert "quant.group_size" in str(e) and "multiple of 16" in str(e)
+        accepted = False
+    assert accepted == lowers
+
+
+def test_load_refuses_a_decoder_file_outside_the_artifact(tmp_path):
+    """A tampered genai_config.json would make onnxruntime-genai open any file: refused before it does."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "genai_config.json").write_text(
+        json.dumps({"model": {"decoder": {"filename": "/etc/passwd"}}}))
+    with pytest.raises(InputError, match="model.decoder.filename = '/etc/passwd' is absolute"):
+        get_target("onnxruntime").load(tmp_path / "model")
 
 
 def test_unsupported_shapes_are_refused(tmp_path):

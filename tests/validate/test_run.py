@@ -31,8 +31,14 @@ def build(inputs, *extra):
 
 
 def test_build_validates_every_stage(inputs):
-    r = build(inputs, "--gate", "stage:merged-fp32.kl_max<=1e-6")
+    r = build(inputs, "--gate", "stage:merged-fp32.kl_max<=1e-6", "--junit", "reports/junit.xml")
     assert r.exit_code == 0, r.output
+    import xml.etree.ElementTree as ET
+
+    # the JUnit file is part of the artifact: written in the staging directory, published with the rest
+    cases = ET.parse(inputs / "out" / "reports" / "junit.xml").getroot().iter("testcase")
+    assert [c.get("name") for c in cases] == [f"stage:merged-fp32.{e}.kl_max<=1e-06" for e in ("a", "b")]
+    assert not (inputs / "reports").exists() and not list(inputs.glob(".out.*"))
     rep = json.loads((inputs / "out" / "report.json").read_text())
     names = [s["name"] for s in rep["stages"] if s["eval_set"] == "a"]
     assert names == ["merged-fp32", "merged-fp16", "artifact"]
@@ -56,16 +62,17 @@ def test_failing_gate_exits_1_and_still_publishes_the_report(inputs):
 
 
 def test_validate_command_and_report_diff(inputs):
-    assert build(inputs, "--no-validate").exit_code == 0
+    assert build(inputs, "--no-validate", "--junit", "build.xml").exit_code == 0
     assert not (inputs / "out" / "report.json").exists()
     args = ["validate", "--artifact", inputs / "out", "--eval", f"a={inputs / 'a.txt'}", "--max-tokens", "500",
-            "--prompts", inputs / "prompts.jsonl", "--junit", inputs / "j.xml", "--gate", "top1>=0.99"]
+            "--prompts", inputs / "prompts.jsonl", "--junit", "j.xml", "--gate", "top1>=0.99"]
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     import xml.etree.ElementTree as ET
 
-    cases = ET.parse(inputs / "j.xml").getroot().iter("testcase")
+    cases = ET.parse(inputs / "out" / "j.xml").getroot().iter("testcase")  # --junit is inside --artifact
     assert [c.get("name") for c in cases] == ["stage:artifact.a.top1>=0.99"]
+    assert not (inputs / "out" / "build.xml").exists()  # the build's JUnit path is not re-used: only --junit
     # a failing gate: exit 1, and the diff of two reports
     (inputs / "out2").mkdir()
     import shutil
@@ -75,3 +82,37 @@ def test_validate_command_and_report_diff(inputs):
     assert r.exit_code == 0 and "artifact" in r.output
     args[-1] = "kl_max<=0"
     assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 1
+
+
+def test_revalidating_never_writes_through_a_planted_link(inputs):
+    """A downloaded artifact whose report.md links to a file of yours: `validate` refuses, the file is intact."""
+    assert build(inputs, "--no-validate").exit_code == 0
+    victim = inputs / "victim.txt"
+    victim.write_text("yours")
+    (inputs / "out" / "report.md").symlink_to(victim)
+    args = ["validate", "--artifact", inputs / "out", "--eval", f"a={inputs / 'a.txt'}", "--max-tokens", "500",
+            "--prompts", inputs / "prompts.jsonl"]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 2 and "'report.md' leaves the directory through a symbolic link" in r.output, r.output
+    assert victim.read_text() == "yours"
+    assert not (inputs / "out" / "report.json").exists()  # checked before anything was written
+
+
+def test_report_says_when_our_reader_validated_the_artifact(inputs):
+    """transformers cannot load a GPTQ checkpoint without GPTQModel: the artifact stage is our reader, and every
+    report format says so."""
+    pytest.importorskip("lorafast_export.quant.export_hf")
+    try:
+        import gptqmodel  # noqa: F401
+        pytest.skip("GPTQModel is installed: transformers itself validates the checkpoint")
+    except ImportError:
+        pass
+    from lorafast_export.targets.hf import QuantizedReaderSession
+
+    r = build(inputs, "--quant", "rtn", "--group-size", "32", "--hf-format", "gptq", "--gate", "top1>=0")
+    assert r.exit_code == 0, r.output
+    note = QuantizedReaderSession.runtime_note
+    out = inputs / "out"
+    assert json.loads((out / "report.json").read_text())["artifact"]["runtime_note"] == note
+    assert f"> **Note:** {note}" in (out / "report.md").read_text()
+    assert 'class="runtime-note"' in (out / "report.html").read_text()

@@ -1,0 +1,67 @@
+"""`verify DIR`: nothing an artifact names may lead outside it (manifest entries, paths a target records), and a
+link planted in model/ is a difference. Artifacts are made by hand here: verify reads only files and hashes."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from lorafast_export.cli import main
+from lorafast_export.load import sha256_file
+
+
+def make_artifact(root, target="onnxruntime", decoder_file="model.onnx"):
+    model = root / "model"
+    model.mkdir(parents=True)
+    (model / "model.onnx").write_bytes(b"graph")
+    (model / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": decoder_file}}}))
+    files = [{"path": f"model/{p.name}", "sha256": sha256_file(p)} for p in sorted(model.iterdir())]
+    (root / "manifest.json").write_text(json.dumps({"recipe": {"target": {"name": target}}, "files": files}))
+    return root
+
+
+def verify(artifact):
+    return CliRunner().invoke(main, ["verify", str(artifact)])
+
+
+def test_a_clean_artifact_verifies(tmp_path):
+    r = verify(make_artifact(tmp_path / "a"))
+    assert r.exit_code == 0 and "verified 2 files" in r.output, r.output
+
+
+def test_manifest_entries_must_stay_inside(tmp_path):
+    for i, bad in enumerate(["/etc/passwd", "model/../../outside", "~/.ssh/id_rsa"]):
+        art = make_artifact(tmp_path / f"a{i}")
+        man = json.loads((art / "manifest.json").read_text())
+        man["files"].append({"path": bad, "sha256": "0" * 64})
+        (art / "manifest.json").write_text(json.dumps(man))
+        r = verify(art)
+        assert r.exit_code == 2 and "escapes the artifact directory" in r.output and repr(bad) in r.output, r.output
+
+
+def test_a_listed_file_replaced_by_a_link_out_is_refused(tmp_path):
+    art = make_artifact(tmp_path / "a")
+    (tmp_path / "secret").write_bytes(b"graph")
+    (art / "model" / "model.onnx").unlink()
+    (art / "model" / "model.onnx").symlink_to(tmp_path / "secret")  # same bytes: the hash alone would pass
+    r = verify(art)
+    assert r.exit_code == 2 and "'model/model.onnx' leaves the directory through a symbolic link" in r.output
+
+
+def test_paths_a_target_records_must_stay_inside(tmp_path):
+    """onnxruntime-genai opens the file genai_config.json names: it may not point out of model/."""
+    art = make_artifact(tmp_path / "a", decoder_file="../../../etc/passwd")
+    r = verify(art)
+    assert r.exit_code == 2, r.output
+    assert "genai_config.json model.decoder.filename = '../../../etc/passwd' climbs out with '..'" in r.output
+    # the same file under a target that records no path there is just a file
+    assert verify(make_artifact(tmp_path / "b", target="hf", decoder_file="../x")).exit_code == 0
+
+
+def test_links_in_model_are_differences(tmp_path):
+    art = make_artifact(tmp_path / "a")
+    (art / "model" / "more").symlink_to(tmp_path)  # unlisted link to a directory: not a file, still reported
+    r = CliRunner().invoke(main, ["--json", "verify", str(art)])
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and res["links"] == [f"model/more -> {tmp_path}"] and not res["ok"]
