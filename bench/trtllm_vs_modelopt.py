@@ -9,7 +9,9 @@ This script re-runs itself there with --worker: quantize (INT8_WEIGHT_ONLY_CFG, 
 INT8_SMOOTHQUANT_CFG, or nothing), export_hf_checkpoint and export_tensorrt_llm_checkpoint (tp 1, tp 2, tp 1 x pp 2),
 and dump ModelOpt's own fake-quant weights and fp32 logits. Then, here:
   1. layout: our bundle vs ModelOpt's for the same method: tensor names, dtypes, shapes per file, config keys and
-     values (values the algorithms choose, i.e. the tensors' numbers, are not compared);
+     values (values the algorithms choose, i.e. the tensors' numbers, are not compared). SmoothQuant: ModelOpt's
+     W8A8_SQ_PER_CHANNEL (static per-tensor activation scale) is first mapped onto our per-token plugin layout by
+     lorafast_export/targets/trt/layout.py `modelopt_sq_as_ours` (every renamed, dropped and added tensor listed);
   2. reading: our reader (trt/reader.py) on ModelOpt's files vs ModelOpt's fake-quant weights and logits;
   3. --write-golden: ModelOpt's layouts as tests/targets/golden/*.json, which tests/targets/test_trtllm.py checks
      our output against without ModelOpt.
@@ -35,7 +37,7 @@ MODELS = {  # tiny fp16 models: big enough for group 64 per tensor-parallel shar
     "llama": dict(family="llama", hidden=128, intermediate_size=256, heads=4, kv_heads=2, vocab=96, layers=2),
     "qwen2": dict(family="qwen2", hidden=128, intermediate_size=256, heads=4, kv_heads=2, vocab=96, layers=2),
 }
-CASES = [("llama", m) for m in MODELOPT_CFGS] + [("qwen2", "int8"), ("qwen2", "awq")]
+CASES = [("llama", m) for m in MODELOPT_CFGS] + [("qwen2", "int8"), ("qwen2", "awq"), ("qwen2", "smoothquant")]
 GROUP_SIZE = 64
 IGNORED_CONFIG_KEYS = ("producer", "rank")  # who wrote it; which rank wrote config.json last
 
@@ -104,37 +106,10 @@ def worker(base: str, out: str, method: str) -> None:  # runs in the ModelOpt ve
 # ------------------------------------------------------------------------------------------ our side
 
 
-def layout(d: Path) -> dict:
-    """names → [dtype, shape] per safetensors file, and every json config, of one exported directory."""
-    from safetensors import safe_open
-
-    tensors = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as s:
-            tensors[f.name] = {k: [str(s.get_slice(k).get_dtype()), list(s.get_slice(k).get_shape())]
-                               for k in sorted(s.keys())}
-    configs = {f.name: json.loads(f.read_text()) for f in sorted(d.glob("*.json"))
-               if f.name in ("config.json", "hf_quant_config.json")}
-    return {"tensors": tensors, "configs": configs}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _kept(config: dict) -> dict:
-    """Flattened config without the keys that say who wrote it (at any depth)."""
-    return {k: v for k, v in _flat(config).items() if not set(k.split(".")) & set(IGNORED_CONFIG_KEYS)}
-
-
 def compare_layouts(ours: dict, ref: dict) -> dict:
     """Differences of our layout against the reference's (empty lists: identical)."""
+    from lorafast_export.targets.trt.layout import flat_config
+
     diff = {"tensor_files": sorted(set(ours["tensors"]) ^ set(ref["tensors"])), "missing": [], "extra": [],
             "dtype_or_shape": [], "config_missing": [], "config_extra": [], "config_values": []}
     for f in sorted(set(ours["tensors"]) & set(ref["tensors"])):
@@ -143,7 +118,7 @@ def compare_layouts(ours: dict, ref: dict) -> dict:
         diff["extra"] += [f"{f}:{k}" for k in sorted(set(a) - set(b))]
         diff["dtype_or_shape"] += [f"{f}:{k} ours {a[k]} ref {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
     for name, rc in ref["configs"].items():
-        oc, rc = _kept(ours["configs"].get(name, {})), _kept(rc)
+        oc, rc = (flat_config(c, IGNORED_CONFIG_KEYS) for c in (ours["configs"].get(name, {}), rc))
         diff["config_missing"] += [f"{name}:{k}" for k in sorted(set(rc) - set(oc))]
         diff["config_extra"] += [f"{name}:{k}" for k in sorted(set(oc) - set(rc))]
         diff["config_values"] += [f"{name}:{k} ours {oc[k]!r} ref {rc[k]!r}" for k in sorted(set(oc) & set(rc))
@@ -180,8 +155,8 @@ def lower_ours(base: Path, method: str, out: Path) -> dict[str, Path | str]:
     qm = None if settings is None else quantize_checkpoint(base, {**settings, "device": "cpu"}, calib_ids=ids)
     result: dict[str, Path | str] = {}
     for name, opts in LAYOUTS.items():
-        recipe = Recipe.from_dict({"quant": {"method": method}, "target": {"name": "trt-llm", "options": opts}})
-        try:
+        try:  # a refusal, when the recipe is read or at lowering, is a result here
+            recipe = Recipe.from_dict({"quant": {"method": method}, "target": {"name": "trt-llm", "options": opts}})
             get_target("trt-llm").lower(LowerInput(base, cfg, recipe, qm), out / name)
             result[name] = out / name
         except Exception as e:  # noqa: BLE001 (a refusal is a result here)
@@ -307,6 +282,8 @@ def torch_split(t, sizes):
 
 
 def run(mo_python: str, work: Path, write_golden: bool, only: list[str] | None = None) -> dict:
+    from lorafast_export.targets.trt.layout import layout, modelopt_sq_as_ours
+
     results = {}
     for family, method in CASES:
         if only and f"{family}/{method}" not in only:
@@ -326,7 +303,10 @@ def run(mo_python: str, work: Path, write_golden: bool, only: list[str] | None =
             if isinstance(ours[name], str):
                 case["layout"][name] = ours[name]
                 continue
-            case["layout"][name] = compare_layouts(layout(ours[name]), ref)
+            # SmoothQuant: ModelOpt writes the static per-tensor W8A8_SQ_PER_CHANNEL, ours is the per-token plugin
+            # layout; compared through the documented tensor-by-tensor mapping (trt/layout.py)
+            mapped = modelopt_sq_as_ours(ref) if method == "smoothquant" else ref
+            case["layout"][name] = compare_layouts(layout(ours[name]), mapped)
             if write_golden:
                 meta = json.loads((mo_dir / "modelopt.json").read_text())
                 GOLDEN.mkdir(parents=True, exist_ok=True)

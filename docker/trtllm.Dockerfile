@@ -6,7 +6,8 @@
 #
 # The bundle's serve.sh holds the command line (trtllm-serve --backend pytorch ... --extra_llm_api_options).
 # TRTLLM_VERSION: a release image tag of nvcr.io/nvidia/tensorrt-llm/release; pick the one you validated against.
-# For a --trt-llm-legacy checkpoint use a release <= 1.2 and run its build.sh (trtllm-build) before serving.
+# For a --trt-llm-legacy checkpoint use a release <= 1.2 and run its build.sh (trtllm-build) before serving
+# (that layout is the one for --quant smoothquant; SmoothQuant engines need a GPU of compute capability 7.0-9.0).
 ARG TRTLLM_VERSION=1.2.0
 FROM nvcr.io/nvidia/tensorrt-llm/release:${TRTLLM_VERSION}
 

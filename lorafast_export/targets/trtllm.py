@@ -10,10 +10,13 @@ Two layouts (recipe target.options.legacy; CLI --trt-llm-legacy --tp N --pp M):
 
 Method → quant_algo: none → fp16/bf16; int8 → W8A16; awq / gptq / rtn (4-bit, symmetric, group 64 or 128, no
 act-order) → W4A16_AWQ with pre_quant_scale = 1 (our AWQ scales are already folded into the norms and v/up_proj
-rows). Refused with the reason and the fix (trt/scheme.py): asymmetric codes (these kernels take no zero point),
-act-order, smoothquant (no INT8 SmoothQuant linear in the PyTorch backend, and ModelOpt's W8A8_SQ_PER_CHANNEL
-means a static per-tensor activation scale, not our per-token one), other group sizes, a quantized lm_head.
-Codes are never re-rounded: the files hold the QTensor's integers and scales (float32, as ModelOpt writes them).
+rows); smoothquant → W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN in the legacy layout only (int8 per-channel weights,
+int8 activations quantized per token at run time: our scheme exactly; layout from TensorRT-LLM's own converter and
+layers, since ModelOpt exports only the static per-tensor W8A8_SQ_PER_CHANNEL). Refused with the reason and the fix
+(trt/scheme.py): smoothquant in the PyTorch-backend bundle (its `get_quant_method` has no INT8 W8A8 linear; use
+--trt-llm-legacy), asymmetric codes (these kernels take no zero point), act-order, other group sizes, a quantized
+lm_head. Codes are never re-rounded: the files hold the QTensor's integers and scales (float32, as ModelOpt and
+TensorRT-LLM's converter write them).
 
 GPTQ checkpoints: TensorRT-LLM's main branch converts HF GPTQ checkpoints for its PyTorch backend
 (tensorrt_llm/_torch/models/checkpoints/hf/gptq.py: 4-bit gptq/gptq_v2, group 64 or 128, zero points, no
@@ -23,12 +26,15 @@ W4A16_AWQ / W4A8_AWQ groupwise. Symmetric GPTQ codes need no zero point, so they
 Why the files are written here rather than by ModelOpt: ModelOpt exports what ITS quantizers computed (it
 re-quantizes weights from its own amax and AWQ search); our codes come from our IR and must reach TensorRT-LLM
 unchanged. ModelOpt is the reference for the layout: bench/trtllm_vs_modelopt.py exports the same model with
-ModelOpt and compares names, dtypes, shapes and configs (goldens in tests/targets/golden/).
+ModelOpt and compares names, dtypes, shapes and configs (goldens in tests/targets/golden/). SmoothQuant is the
+exception: ModelOpt's int8_sq export is W8A8_SQ_PER_CHANNEL (static per-tensor activation scale), so our per-token
+layout is compared with it through the tensor-by-tensor mapping in trt/layout.py (`modelopt_sq_as_ours`).
 
 Validation: TensorRT-LLM cannot run here. The "artifact" stage of the report is OUR READING of the bundle
 (trt/reader.py: the dequantization TensorRT-LLM's kernels perform, from its source, including its load-time
-casts of scales to the model dtype) run in the canonical decoder. TensorRT-LLM itself was not run; its kernels'
-fp16/bf16 arithmetic and fused attention are not part of that number.
+casts of scales to the model dtype, and for SmoothQuant its per-token int8 quantization of every linear's input)
+run in the canonical decoder. TensorRT-LLM itself was not run; its kernels' fp16/bf16 arithmetic, int32 GEMM
+accumulation and fused attention are not part of that number.
 """
 
 from __future__ import annotations
@@ -39,26 +45,40 @@ from pathlib import Path
 import torch
 
 from lorafast_export.errors import UnsupportedError
-from lorafast_export.model.decoder import build_decoder
-from lorafast_export.targets.registry import LowerInput, register
+from lorafast_export.targets.registry import LowerInput, RecipeRule, register
 
 log = logging.getLogger(__name__)
 
-VERIFIED_NOTE = ("artifact stage = lorafast-export's reading of the bundle (TensorRT-LLM's dequantization, from "
-                 "its source) in the canonical decoder; TensorRT-LLM itself was not run")
+VERIFIED_NOTE = ("artifact stage = lorafast-export's reading of the bundle (TensorRT-LLM's dequantization and, "
+                 "for SmoothQuant, its per-token activation quantization, from its source) in the canonical decoder; "
+                 "TensorRT-LLM itself was not run")
+
+
+def _sq_needs_legacy(method: str, values: dict) -> bool:
+    return method != "smoothquant" or bool((values.get("target.options") or {}).get("legacy"))
+
+
+# What the recipe alone shows this target cannot do (checked when the recipe is read, before any quantization; the
+# same refusal, with every other reason, is made again at lowering by trt/scheme.py from the quantized model itself).
+RECIPE_RULES = (
+    RecipeRule("quant.method", _sq_needs_legacy,
+               "TensorRT-LLM's PyTorch backend has no INT8 W8A8 (SmoothQuant) linear (tensorrt_llm/_torch/modules/"
+               "linear.py get_quant_method); add --trt-llm-legacy (target.options.legacy: true) for the TensorRT "
+               "engine checkpoint, quant_algo W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN, or use quant.method int8 or awq"),
+)
 
 
 class TrtLlmReadSession:
-    """The bundle as TensorRT-LLM would materialize its weights, run by the canonical decoder (not TensorRT-LLM)."""
+    """The bundle as TensorRT-LLM would materialize its weights (and, for SmoothQuant, quantize activations per
+    token), run by the canonical decoder (not TensorRT-LLM)."""
 
     runtime_note = VERIFIED_NOTE
 
     def __init__(self, model_dir: Path, device: str = "cpu"):
-        from lorafast_export.targets.trt.reader import read_bundle
+        from lorafast_export.targets.trt.reader import reference_decoder
 
-        cfg, state = read_bundle(Path(model_dir), runtime=True)
         self.device = "cpu" if device == "auto" else device
-        self.decoder = build_decoder(cfg, state, torch.float32).to(self.device)
+        self.decoder = reference_decoder(Path(model_dir), runtime=True).to(self.device)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -77,6 +97,7 @@ class TrtLlmReadSession:
 class TrtLlmTarget:
     name = "trt-llm"
     requires_symmetric = True  # its low-bit kernels take no zero points: quantizers default to symmetric
+    recipe_rules = RECIPE_RULES
     install_hint = ("lowering needs nothing extra; serving needs a GPU with TensorRT-LLM (docker/trtllm.Dockerfile, "
                     "nvcr.io/nvidia/tensorrt-llm/release). Validation here reads the bundle without TensorRT-LLM")
 
@@ -91,7 +112,7 @@ class TrtLlmTarget:
 
         opts = TrtOptions.from_dict(dict(inp.recipe.target.options or {}))
         cfg = inp.config
-        scheme = scheme_for(inp.quantized)
+        scheme = scheme_for(inp.quantized, legacy=opts.legacy)
         problems = legacy_problems(cfg, scheme, opts.tp, opts.pp) if opts.legacy else []
         if problems:
             raise UnsupportedError(f"cannot shard this model for TensorRT-LLM (tp={opts.tp}, pp={opts.pp}):\n  - "

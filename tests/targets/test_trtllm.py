@@ -12,21 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorafast_export.errors import InputError, UnsupportedError
 from lorafast_export.model.decoder import build_decoder
 from lorafast_export.model.quantized import QuantizedModel, fake_quant_decoder
 from lorafast_export.model.spec import ModelConfig, linear_module_names
-from lorafast_export.qform import dequantize, with_fields
+from lorafast_export.qform import dequantize, fake_quant_int8_per_token, with_fields
 from lorafast_export.quant.int8 import quantize_int8_weight
 from lorafast_export.quant.rtn import quantize_rtn
 from lorafast_export.quant.smoothquant import quantize_w8a8
 from lorafast_export.recipe import Recipe
 from lorafast_export.targets.registry import LowerInput, get_target
+from lorafast_export.targets.trt.layout import flat_config, layout, modelopt_sq_as_ours
 from lorafast_export.targets.trt.pack import pack_int4_rows, unpack_int4_rows
-from lorafast_export.targets.trt.reader import read_bundle
+from lorafast_export.targets.trt.reader import quantize_tokens, read_bundle, read_smoothers, reference_decoder
 from tests.tiny import make_model, save_char_tokenizer, save_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ GOLDEN = Path(__file__).parent / "golden"
 # keys we write that ModelOpt 0.47's engine config lacks (its manual path reads rope_theta, which transformers 5
 # configs no longer have, so it omits rotary_base; attn_bias/mlp_bias/qwen_type are TensorRT-LLM config fields)
 OUR_EXTRA_KEYS = {"rotary_base", "attn_bias", "mlp_bias", "qwen_type"}
-IGNORED_KEYS = {"producer", "rank"}
+IGNORED_KEYS = ("producer", "rank")
 DIMS = dict(hidden=128, intermediate_size=256, heads=4, kv_heads=2, vocab=96)
 LAYOUTS = {"hf": {}, "legacy_tp1": {"legacy": True}, "legacy_tp2": {"legacy": True, "tp": 2},
            "legacy_tp2pp2": {"legacy": True, "tp": 2, "pp": 2}}
@@ -63,7 +63,9 @@ QUANTIZERS = {
     "none": None,
     "int8": lambda w, b: quantize_int8_weight(w, bias=b),
     "awq": lambda w, b: quantize_rtn(w, 4, 64, True, torch.float16, bias=b),  # W4A16_AWQ layout
+    "smoothquant": lambda w, b: quantize_w8a8(w, bias=b),  # W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN (legacy only)
 }
+LEGACY = {k: v for k, v in LAYOUTS.items() if v.get("legacy")}
 
 
 def lower(merged: Path, qm, out: Path, **options) -> dict:
@@ -72,45 +74,44 @@ def lower(merged: Path, qm, out: Path, **options) -> dict:
     return get_target("trt-llm").lower(LowerInput(merged, cfg, recipe, qm), out)
 
 
-def layout(d: Path) -> dict:
-    tensors = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as s:
-            tensors[f.name] = {k: [str(s.get_slice(k).get_dtype()), list(s.get_slice(k).get_shape())]
-                               for k in sorted(s.keys())}
-    configs = {n: json.loads((d / n).read_text()) for n in ("config.json", "hf_quant_config.json") if (d / n).exists()}
-    return {"tensors": tensors, "configs": configs}
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        elif not ({k} & IGNORED_KEYS):
-            out[f"{prefix}{k}"] = v
-    return {k: v for k, v in out.items() if not set(k.split(".")) & IGNORED_KEYS}
-
-
 # ------------------------------------------------------------------------------ layout == ModelOpt's
 
 
 @pytest.mark.parametrize("golden", sorted(GOLDEN.glob("*.json")), ids=lambda p: p.stem)
 def test_layout_matches_modelopt_golden(tmp_path, golden):
-    """Tensor names, dtypes, shapes and config keys/values equal ModelOpt's export of the same model."""
+    """Tensor names, dtypes, shapes and config keys/values equal ModelOpt's export of the same model. SmoothQuant:
+    ModelOpt writes W8A8_SQ_PER_CHANNEL (static per-tensor activation scale); ours is the per-token plugin layout,
+    which must equal ModelOpt's after the documented tensor-by-tensor mapping (trt/layout.py modelopt_sq_as_ours)."""
     g = json.loads(golden.read_text())
-    if g["method"] not in QUANTIZERS:
-        pytest.skip(f"{g['method']} is refused by this target (see test_smoothquant_is_refused)")
     m = g["model"]
     merged = merged_model(tmp_path, m["family"], **{k: v for k, v in m.items() if k not in ("family", "layers")})
     qm = None if QUANTIZERS[g["method"]] is None else quantized(merged, QUANTIZERS[g["method"]])
     ours = layout(_lowered(merged, qm, tmp_path / "out", g["options"]))
-    assert ours["tensors"] == g["tensors"]
-    for name, ref in g["configs"].items():
-        a, b = flat(ours["configs"][name]), flat(ref)
+    ref = modelopt_sq_as_ours(g) if g["method"] == "smoothquant" else g
+    assert ours["tensors"] == ref["tensors"]
+    for name, want in ref["configs"].items():
+        a, b = flat_config(ours["configs"][name], IGNORED_KEYS), flat_config(want, IGNORED_KEYS)
         assert set(a) - set(b) <= OUR_EXTRA_KEYS, f"{name}: extra keys {set(a) - set(b)}"
         assert set(b) <= set(a), f"{name}: missing keys {set(b) - set(a)}"
         assert {k: a[k] for k in b} == b
+
+
+def test_smoothquant_mapping_is_what_the_docstring_says():
+    """The ModelOpt → ours mapping, on one golden: only the documented tensors are renamed, dropped or added."""
+    g = json.loads((GOLDEN / "llama_smoothquant_legacy_tp2.json").read_text())
+    mo, ours = g["tensors"]["rank0.safetensors"], modelopt_sq_as_ours(g)["tensors"]["rank0.safetensors"]
+    leaf = lambda names: {n.rsplit(".", 1)[1] for n in names}  # noqa: E731
+    assert leaf(set(mo) - set(ours)) == {"weights_scaling_factor", "activation_scaling_factor",
+                                         "prequant_scaling_factor"}
+    assert leaf(set(ours) - set(mo)) == {"per_channel_scale", "smoother", "scale_to_int"}
+    assert {n for n in ours if n.endswith("smoother")} == {f"transformer.layers.{i}.{m}.smoother"
+                                                           for i in (0, 1) for m in ("attention.dense", "mlp.proj")}
+    assert mo["transformer.layers.0.attention.qkv.weight"] == ours["transformer.layers.0.attention.qkv.weight"]
+    assert ours["transformer.layers.0.attention.dense.per_channel_scale"] == ["F32", [1, 128]]
+    assert ours["transformer.layers.0.attention.dense.smoother"] == ["F32", [1, 64]]
+    assert modelopt_sq_as_ours(g)["configs"]["config.json"]["quantization"]["quant_algo"] == \
+        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    assert g["configs"]["config.json"]["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
 
 
 def _lowered(merged, qm, out, options) -> Path:
@@ -120,9 +121,10 @@ def _lowered(merged, qm, out, options) -> Path:
 
 def test_goldens_cover_every_method_and_layout():
     names = {p.stem for p in GOLDEN.glob("*.json")}
-    for method in ("none", "int8", "awq"):
+    for method in ("none", "int8", "awq", "smoothquant"):
         for lay in ("hf", "legacy_tp1", "legacy_tp2", "legacy_tp1pp2"):
-            assert f"llama_{method}_{lay}" in names
+            if not (method == "smoothquant" and lay == "hf"):  # refused: no SmoothQuant in the PyTorch backend
+                assert f"llama_{method}_{lay}" in names
 
 
 # ------------------------------------------------------------------ reader == our fake-quant, exactly
@@ -179,6 +181,84 @@ def test_tensor_parallel_shards_reassemble(tmp_path):
         assert r0["transformer.layers.0.attention.qkv.weight"].shape == ((128 + 64 + 64) // tp // 2, 128)
         assert r0["transformer.layers.0.attention.dense.weights_scaling_factor"].shape == (128, 128 // tp // 64)
     assert json.loads((tmp_path / "tp1" / "config.json").read_text())["vocab_size"] == 128
+
+
+# ------------------------------------------------------------------------- SmoothQuant (engine checkpoint)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_smoothquant_reader_reproduces_quantized_model(tmp_path, family):
+    """W8A8 legacy bundles, every tp x pp split: the read weights are the QTensors' dequantization bit for bit (also
+    as the runtime materializes them: SmoothQuant scales stay float32), and the decoder that quantizes each linear's
+    input per token reproduces the fake-quant model exactly when given our own activation fake-quant."""
+    merged = merged_model(tmp_path, family)
+    qm = quantized(merged, QUANTIZERS["smoothquant"])
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        want = fake_quant_decoder(qm)(ids)[0]
+    for name, opts in LEGACY.items():
+        out = _lowered(merged, qm, tmp_path / name, opts)
+        for runtime in (False, True):
+            state = read_bundle(out, runtime=runtime)[1]
+            for module, qt in qm.q.items():
+                assert torch.equal(state[f"{module}.weight"], dequantize(qt)), f"{name} runtime={runtime}: {module}"
+                if qt.bias is not None:
+                    assert torch.equal(state[f"{module}.bias"], qt.bias.float()), f"{name}: {module} bias"
+        with torch.no_grad():
+            ours = reference_decoder(out, runtime=False, quantize=fake_quant_int8_per_token)(ids)[0]
+            trt = reference_decoder(out, runtime=True)(ids)[0]
+        assert torch.equal(ours, want), f"{name}: max |Δlogit| {float((ours - want).abs().max())}"
+        # TensorRT-LLM's own rounding (x · 127/amax) can differ from ours (x / (amax/127)) at exact ties only
+        assert (trt - want).abs().max() < 1e-3, f"{name}: {float((trt - want).abs().max())}"
+
+
+def test_quantize_tokens_is_tensorrt_llms_per_token_int8():
+    """Hand-computed: amax 2 → scale 2/127; x·127/2 rounded half to even, saturated; an all-zero token stays 0."""
+    x = torch.tensor([[2.0, -1.0, 0.5, 0.0, 1.0 / 127], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    q = torch.tensor([[127.0, -64.0, 32.0, 0.0, 0.0], [0.0] * 5])  # -63.5 → -64 (even), 31.75 → 32, 0.5 → 0 (even)
+    assert torch.equal(quantize_tokens(x), q * (x.abs().amax(-1, keepdim=True).clamp(min=1e-6) / 127.0))
+    assert quantize_tokens(x.half()).dtype == torch.float16
+
+
+def test_smoothquant_shards_have_the_documented_layout(tmp_path):
+    """TensorRT-LLM's SmoothQuant parameter shapes per rank, replicated / split scales, ones for smoother and
+    scale_to_int, and every tp x pp split reads back to the same full tensors and smoothers."""
+    merged = merged_model(tmp_path)
+    qm = quantized(merged, QUANTIZERS["smoothquant"])
+    full = read_bundle(_lowered(merged, qm, tmp_path / "tp1", {"legacy": True}), runtime=False)[1]
+    for tp, pp in ((2, 1), (1, 2), (2, 2)):
+        out = _lowered(merged, qm, tmp_path / f"tp{tp}pp{pp}", {"legacy": True, "tp": tp, "pp": pp})
+        st = read_bundle(out, runtime=False)[1]
+        assert st.keys() == full.keys() and all(torch.equal(st[k], full[k]) for k in st)
+        smoothers = read_smoothers(out)
+        assert set(smoothers) == {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj",
+                                                                                   "mlp.down_proj")}
+        assert all(torch.equal(v, torch.ones(v.shape[0])) for v in smoothers.values())
+        ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in range(tp)]  # first pipeline stage
+        pre = "transformer.layers.0."
+        for t in ranks:
+            assert t[f"{pre}attention.qkv.weight"].dtype == torch.int8
+            assert t[f"{pre}attention.qkv.weight"].shape == ((128 + 64 + 64) // tp, 128)
+            assert t[f"{pre}attention.qkv.per_channel_scale"].shape == (1, (128 + 64 + 64) // tp)
+            assert t[f"{pre}attention.dense.weight"].shape == (128, 128 // tp)
+            assert t[f"{pre}attention.dense.smoother"].shape == (1, 128 // tp)
+            assert t[f"{pre}mlp.proj.smoother"].shape == (1, 256 // tp)
+            assert t[f"{pre}mlp.fc.per_channel_scale"].shape == (1, 256 // tp)
+            for norm in ("input_layernorm", "post_layernorm"):
+                assert torch.equal(t[f"{pre}{norm}.scale_to_int"], torch.ones(1))
+            # row-parallel: the per-channel scales are the full output's, the same on every rank
+            assert torch.equal(t[f"{pre}mlp.proj.per_channel_scale"], ranks[0][f"{pre}mlp.proj.per_channel_scale"])
+            assert t[f"{pre}mlp.proj.per_channel_scale"].shape == (1, 128)
+            assert not any(k.endswith(("act_scale", "activation_scaling_factor", "weights_scaling_factor",
+                                       "prequant_scaling_factor")) for k in t)
+        # the q rows of rank r are rows [r*128/tp, (r+1)*128/tp) of q_proj: the fused qkv is [q_r; k_r; v_r]
+        q = qm.q["model.layers.0.self_attn.q_proj"]
+        rows = 128 // tp
+        assert torch.equal(ranks[-1][f"{pre}attention.qkv.weight"][:rows].to(torch.int16),
+                           q.codes[(tp - 1) * rows: tp * rows].to(torch.int16) - 128)
+    config = json.loads((tmp_path / "tp1" / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    assert config["vocab_size"] == 96  # no padding: ModelOpt pads for AWQ only
 
 
 def test_int4_packing_round_trip():
@@ -250,12 +330,34 @@ def test_refusals_name_the_reason_and_fix(tmp_path):
     assert "num_key_value_heads=2 is not divisible by tp=4" in _refusal(tmp_path, None, legacy=True, tp=4)
 
 
-def test_smoothquant_is_refused(tmp_path):
+def test_smoothquant_refusals_are_precise(tmp_path):
+    """PyTorch backend: no INT8 W8A8 linear in TensorRT-LLM's get_quant_method → the message says so and points to
+    --trt-llm-legacy. Legacy: asymmetric codes and int8-GEMM-misaligned shards are refused with the reason."""
     merged = merged_model(tmp_path)
-    sq = quantized(merged, lambda w, b: quantize_w8a8(w, bias=b))
+    sq = quantized(merged, QUANTIZERS["smoothquant"])
     msg = _refusal(tmp_path, sq)
-    assert "per token" in msg and "W8A8_SQ_PER_CHANNEL" in msg and "int8" in msg
-    assert "per token" in _refusal(tmp_path, sq, legacy=True)
+    for part in ("--trt-llm-legacy", "_torch/modules/linear.py", "get_quant_method", "per token",
+                 "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "static per-tensor"):
+        assert part in msg, part
+    assert lower(merged, sq, tmp_path / "ok", legacy=True)["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    asym = quantized(merged, QUANTIZERS["smoothquant"])
+    asym.q = {k: with_fields(qt, zeros=torch.full_like(qt.scales, 128, dtype=torch.uint8)) for k, qt in asym.q.items()}
+    assert "zero point" in _refusal(tmp_path, asym, legacy=True)
+    odd = merged_model(tmp_path / "odd", intermediate_size=272)  # down_proj input per shard at tp 2: 136
+    with pytest.raises(UnsupportedError, match="down_proj input per shard=136 is not a multiple of 16"):
+        lower(odd, quantized(odd, QUANTIZERS["smoothquant"]), tmp_path / "odd-out", legacy=True, tp=2)
+    assert lower(odd, quantized(odd, QUANTIZERS["smoothquant"]), tmp_path / "odd-tp1", legacy=True)["tp"] == 1
+
+
+def test_smoothquant_without_legacy_is_refused_when_the_recipe_is_read():
+    """Before any work: the recipe rule names the field, the reason (the PyTorch backend's get_quant_method) and the
+    flag that makes it buildable."""
+    with pytest.raises(InputError) as e:
+        Recipe().with_overrides({"target.name": "trt-llm", "quant.method": "smoothquant"})
+    assert "quant.method" in str(e.value) and "--trt-llm-legacy" in str(e.value) and "get_quant_method" in str(e.value)
+    ok = Recipe().with_overrides({"target.name": "trt-llm", "quant.method": "smoothquant",
+                                  "target.options": {"legacy": True, "tp": 2}})
+    assert ok.target.options["legacy"] is True
 
 
 def test_float32_is_refused(tmp_path):
@@ -325,6 +427,20 @@ def test_build_script_for_engine_checkpoint(tmp_path):
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
 
 
+def test_build_script_and_readme_for_smoothquant(tmp_path):
+    """The SmoothQuant engine checkpoint's build.sh says which plugins trtllm-build turns on and which GPUs build it;
+    its README says what was verified here (no ModelOpt export of this scheme: a mapping) and what was not."""
+    merged = merged_model(tmp_path)
+    out = _lowered(merged, quantized(merged, QUANTIZERS["smoothquant"]), tmp_path / "b", {"legacy": True, "tp": 2})
+    build = (out / "build.sh").read_text()
+    for part in ("trtllm-build", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "SmoothQuant plugins",
+                 "smooth_quant_plugins", "compute capability 7.0-9.0", "--paged_kv_cache enable"):
+        assert part in build, part
+    subprocess.run(["bash", "-n", str(out / "build.sh")], check=True)
+    readme = (out / "README.md").read_text()
+    assert "W8A8_SQ_PER_CHANNEL export" in readme and "per token" in readme and "Not verified here" in readme
+
+
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 
 
@@ -376,3 +492,46 @@ def test_build_with_dora_adapter_end_to_end(tmp_path):
     stages = {s["name"]: s for s in json.loads((tmp_path / "out" / "report.json").read_text())["stages"]}
     assert stages["artifact"]["vs_previous"]["against"] == "quantized"
     assert stages["artifact"]["vs_previous"]["kl_mean"] < 1e-3
+
+
+def test_cli_build_smoothquant_legacy_tp2_passes_gates(tmp_path, monkeypatch):
+    """lorafast-export build --target trt-llm --trt-llm-legacy --tp 2 --quant smoothquant: merge, SmoothQuant
+    (calibrated), the sharded W8A8 engine checkpoint, and validation whose artifact stage is our reading of it with
+    TensorRT-LLM's per-token activation quantization; the default gates and a lowering-error gate pass."""
+    from click.testing import CliRunner
+
+    from lorafast_export.cli import main
+    from tests.merge.test_merge_vs_peft import ALL, make_adapter
+    from tests.tiny import write_text
+
+    monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / "cache"))
+    base = make_model("llama", **DIMS)
+    save_model(base.half(), tmp_path / "base")
+    save_char_tokenizer(tmp_path / "base")
+    make_adapter(base.float(), tmp_path / "ad", target_modules=ALL)
+    write_text(tmp_path / "calib.txt", 4000, seed=3)
+    write_text(tmp_path / "eval.txt", 2000, seed=4)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
+    out = tmp_path / "out"
+    args = ["--json", "build", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--target", "trt-llm",
+            "--trt-llm-legacy", "--tp", "2", "--quant", "smoothquant", "--calib", tmp_path / "calib.txt",
+            "--calib-samples", "8", "--calib-seq-len", "64", "--eval", f"e={tmp_path / 'eval.txt'}",
+            "--max-tokens", "400", "--prompts", tmp_path / "prompts.jsonl", "--device", "cpu", "--out", out,
+            # the default kl/adapter-gain gates; top-1 at 0.85, since a tiny random model's flat distributions let
+            # W8A8 noise flip ~10% of the argmaxes (quantization error: the "quantized" stage has the same top-1)
+            "--gate", "kl_mean<=0.05", "--gate", "top1>=0.85", "--gate", "adapter_gain_retained>=0.80",
+            "--gate", "stage:artifact.vs_previous.kl_mean<=1e-4"]
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    facts = json.loads((out / "manifest.json").read_text())["facts"]["target"]
+    assert facts["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN" and facts["tp"] == 2
+    assert sorted(p.name for p in (out / "model").glob("rank*.safetensors")) == ["rank0.safetensors",
+                                                                                 "rank1.safetensors"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["passed"] is True and all(g["passed"] for g in rep["gates"])
+    stages = {s["name"]: s for s in rep["stages"]}
+    assert stages["artifact"]["vs_previous"]["against"] == "quantized"
+    assert stages["artifact"]["vs_previous"]["kl_mean"] < 1e-4  # only TensorRT-LLM's activation rounding differs
+    # the artifact stage quantized activations: it is not the weight-only reading of the same files
+    session = get_target("trt-llm").load(out / "model")
+    assert any(type(m).__name__ == "TokenQuantLinear" for m in session.decoder.modules())

@@ -25,7 +25,7 @@ from lorafast_export.checkpoint import ShardWriter
 from lorafast_export.load import TOKENIZER_FILES
 from lorafast_export.model.spec import ATTN_PROJ, MLP_PROJ, layer_prefix
 from lorafast_export.targets.trt.pack import pack_int4_rows
-from lorafast_export.targets.trt.scheme import W4A16_AWQ, TrtOptions, TrtScheme
+from lorafast_export.targets.trt.scheme import W4A16_AWQ, W8A8_SQ, TrtOptions, TrtScheme
 from lorafast_export.targets.trt.weights import Weights
 
 META_FILE = "lorafast_trtllm.json"
@@ -125,16 +125,29 @@ TensorRT-LLM for LoRA/DoRA at run time.
 {how_to_run}
 
 ## What was verified where this was built (without TensorRT-LLM)
-- The tensor names, dtypes, shapes and config keys are those NVIDIA ModelOpt writes for the same model and
-  quant_algo (bench/trtllm_vs_modelopt.py; goldens in tests/targets/golden).
-- Reading these files back by TensorRT-LLM's documented semantics (lorafast_export/targets/trt/reader.py) gives
-  exactly the quantized model's fake-quant weights; the report's "artifact" stage is that reading, run in
-  lorafast-export's reference decoder.
-
+{_verified(w.scheme.quant_algo)}
 ## Not verified here (needs a GPU with TensorRT-LLM)
 - That your TensorRT-LLM release loads this directory and that its kernels (fp16/bf16 arithmetic, fused
   attention, paged KV cache) reproduce the report's numbers: run the server and compare a few prompts.
 """)
+
+
+def _verified(quant_algo: str | None) -> str:
+    if quant_algo == W8A8_SQ:
+        return """- The tensor names, dtypes and shapes are TensorRT-LLM's SmoothQuant parameters (its converter and
+  quantization/layers.py); compared with NVIDIA ModelOpt's W8A8_SQ_PER_CHANNEL export of the same model through a
+  documented tensor-by-tensor mapping (lorafast_export/targets/trt/layout.py; bench/TRTLLM.md).
+- Reading these files back by TensorRT-LLM's semantics (lorafast_export/targets/trt/reader.py) gives exactly the
+  quantized model's weights; the report's "artifact" stage is that reading, run in lorafast-export's reference
+  decoder with every linear's input quantized per token as TensorRT-LLM's kernels do.
+- Needs a GPU of compute capability 7.0-9.0 (TensorRT-LLM builds SmoothQuant engines for SM 70-90 only).
+"""
+    return """- The tensor names, dtypes, shapes and config keys are those NVIDIA ModelOpt writes for the same model and
+  quant_algo (bench/trtllm_vs_modelopt.py; goldens in tests/targets/golden).
+- Reading these files back by TensorRT-LLM's documented semantics (lorafast_export/targets/trt/reader.py) gives
+  exactly the quantized model's fake-quant weights; the report's "artifact" stage is that reading, run in
+  lorafast-export's reference decoder.
+"""
 
 
 def write_script(path: Path, text: str) -> None:

@@ -13,6 +13,16 @@ Layout as ModelOpt's export_tensorrt_llm_checkpoint writes it (checked against i
   weights_scaling_factor (float32: W8A16 [out], W4A16_AWQ [out, in/group]; row-parallel W8A16 scales are
   replicated, W4A16_AWQ scales split with their input groups) and, for W4A16_AWQ, prequant_scaling_factor [in]
   (ones: our scales are folded already). Column biases are split, row biases replicated (added once).
+  W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN (SmoothQuant; ModelOpt exports only the static-scale W8A8_SQ_PER_CHANNEL,
+  so these are TensorRT-LLM's own converter's names, tensorrt_llm/models/llama/convert.py get_tllm_linear_sq_weight
+  with per_token and per_channel, and the parameters of quantization/layers.py SmoothQuantLinear /
+  SmoothQuantRowLinear / SmoothQuantRmsNorm; trt/layout.py maps ModelOpt's layout onto this one):
+    {qkv, fc, gate}.weight int8 [out/tp, in], .per_channel_scale float32 [1, out/tp]   w = int8 · scale[o]
+    {dense, proj}.weight int8 [out, in/tp], .per_channel_scale float32 [1, out] (replicated),
+      .smoother float32 [1, in/tp]: the layer divides its input by it before quantizing; ones (ours is folded)
+    {input_layernorm, post_layernorm}.scale_to_int float32 [1] = 1: SmoothQuantRmsNorm's per-tensor scale, unused
+      with per-token scaling but required by the loader (TensorRT-LLM's converter writes 1.0 too)
+  Activations are quantized per token at run time by the fused RMSNorm and quantize_per_token plugins.
 Rank i = pp_rank * tp + tp_rank.
 """
 
@@ -35,7 +45,7 @@ from lorafast_export.targets.trt.hf_bundle import (
     write_script,
 )
 from lorafast_export.targets.trt.pack import pack_int4_rows, pad_rows, round_up, split_dim
-from lorafast_export.targets.trt.scheme import W4A16_AWQ, W8A16, TrtOptions
+from lorafast_export.targets.trt.scheme import W4A16_AWQ, W8A8_SQ, W8A16, TrtOptions
 from lorafast_export.targets.trt.weights import Linear, Weights
 
 AWQ_VOCAB_MULTIPLE = 64  # ModelOpt pads vocab_embedding and lm_head of AWQ exports to a multiple of 64
@@ -68,13 +78,18 @@ def cat_rows(parts: list[Linear]) -> Linear:
     return Linear(cat([p.weight for p in parts]), cat([p.scale for p in parts]), cat([p.bias for p in parts]))
 
 
-def linear_tensors(lin: Linear, quant_algo: str | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One (sharded) linear under the engine checkpoint's names."""
+def linear_tensors(lin: Linear, quant_algo: str | None, dtype: torch.dtype, row: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """One (sharded) linear under the engine checkpoint's names (row: a row-parallel dense / proj)."""
     if quant_algo == W4A16_AWQ:
         out = {"weight": pack_int4_rows(lin.weight).view(torch.int8), "weights_scaling_factor": lin.scale,
                "prequant_scaling_factor": torch.ones(lin.weight.shape[1], dtype=dtype)}
     elif quant_algo == W8A16:
         out = {"weight": lin.weight, "weights_scaling_factor": lin.scale}
+    elif quant_algo == W8A8_SQ:
+        out = {"weight": lin.weight, "per_channel_scale": lin.scale.reshape(1, -1)}
+        if row:  # ones: our smoothing factors are folded into the norms and up_proj rows already
+            out["smoother"] = torch.ones(1, lin.weight.shape[1], dtype=torch.float32)
     else:
         out = {"weight": lin.weight}
     if lin.bias is not None:
@@ -88,6 +103,9 @@ def layer_tensors(w: Weights, i: int, j: int, tp: int, r: int) -> dict[str, torc
     algo = w.scheme.quant_algo
     out = {f"{dst}input_layernorm.weight": w.fp(f"{src}input_layernorm.weight"),
            f"{dst}post_layernorm.weight": w.fp(f"{src}post_attention_layernorm.weight")}
+    if algo == W8A8_SQ:
+        out.update({f"{dst}{n}.scale_to_int": torch.ones(1, dtype=torch.float32)
+                    for n in ("input_layernorm", "post_layernorm")})
     for name, projs in COLUMN.items():
         block = "self_attn" if name.startswith("attention") else "mlp"
         lin = cat_rows([shard_column(w.linear(f"{src}{block}.{p}"), tp, r) for p in projs])
@@ -95,7 +113,7 @@ def layer_tensors(w: Weights, i: int, j: int, tp: int, r: int) -> dict[str, torc
     for name, proj in ROW.items():
         block = "self_attn" if name.startswith("attention") else "mlp"
         lin = shard_row(w.linear(f"{src}{block}.{proj}"), tp, r)
-        out.update({f"{dst}{name}.{k}": v for k, v in linear_tensors(lin, algo, w.dtype).items()})
+        out.update({f"{dst}{name}.{k}": v for k, v in linear_tensors(lin, algo, w.dtype, row=True).items()})
     return out
 
 
@@ -178,10 +196,7 @@ def write_legacy(w: Weights, merged_dir: Path, out: Path, opts: TrtOptions) -> d
 
 def build_script(opts: TrtOptions, w: Weights) -> str:
     max_seq_len = opts.max_seq_len or w.cfg.max_position_embeddings
-    plugin = {W4A16_AWQ: "weight_only_groupwise_quant_matmul_plugin", W8A16: "weight_only_quant_matmul_plugin"}
-    note = (f"# {w.scheme.quant_algo}: trtllm-build turns on {plugin[w.scheme.quant_algo]} itself from\n"
-            "# config.json's quantization (it is not a command-line flag); --gemm_plugin covers the fp GEMMs.\n"
-            if w.scheme.quant_algo else "")
+    note = _plugin_note(w.scheme.quant_algo)
     return f"""#!/usr/bin/env bash
 # Build TensorRT engines from this TensorRT-LLM checkpoint (TensorRT-LLM <= 1.2, which has the TensorRT backend).
 # tp={opts.tp} pp={opts.pp}: needs {opts.tp * opts.pp} GPU(s) to run. Serve the result with
@@ -194,3 +209,18 @@ trtllm-build --checkpoint_dir "$here" --output_dir "$out" \\
   --paged_kv_cache enable --context_fmha enable --remove_input_padding enable \\
   --max_batch_size {opts.max_batch_size} --max_seq_len {max_seq_len} --max_num_tokens {opts.max_num_tokens} "${{@:2}}"
 """
+
+
+def _plugin_note(quant_algo: str | None) -> str:
+    """build.sh comment: which quantization plugins trtllm-build enables by itself (builder.py, from config.json)."""
+    if quant_algo is None:
+        return ""
+    if quant_algo == W8A8_SQ:
+        return ("# W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN: trtllm-build turns on the SmoothQuant plugins (int8 GEMM,\n"
+                "# RMSNorm + per-token quantization, quantize_per_token) itself from config.json's quant_algo, since\n"
+                "# its smooth_quant_plugins option defaults to enabled (leave it so); --gemm_plugin covers the fp GEMMs.\n"
+                "# SmoothQuant engines need a GPU of compute capability 7.0-9.0 (e.g. A100, L40S, H100, H200):\n"
+                "# builder.py refuses SmoothQuant on SM >= 100 and the int8 GEMM dispatches SM 70-90 only.\n")
+    plugin = {W4A16_AWQ: "weight_only_groupwise_quant_matmul_plugin", W8A16: "weight_only_quant_matmul_plugin"}
+    return (f"# {quant_algo}: trtllm-build turns on {plugin[quant_algo]} itself from\n"
+            "# config.json's quantization (it is not a command-line flag); --gemm_plugin covers the fp GEMMs.\n")

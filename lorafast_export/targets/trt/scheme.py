@@ -1,17 +1,23 @@
 """What a QuantizedModel becomes in TensorRT-LLM (quant_algo), the target options, and every refusal at once.
 
-Method → quant_algo (ModelOpt's names; TensorRT-LLM's QuantAlgo):
+Method → quant_algo (TensorRT-LLM's QuantAlgo names; ModelOpt's where ModelOpt has the scheme):
   none                              → no quantization (fp16/bf16 weights)
   int8, rtn bits=8 per-channel sym  → W8A16        int8 per-channel symmetric, weight-only
   awq / rtn / gptq 4-bit sym,       → W4A16_AWQ    int4 per-group symmetric, pre_quant_scale (ones: our AWQ
     group 64 or 128, no act-order                  scales are already folded into the previous op)
+  smoothquant (W8A8), legacy only   → W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN: int8 per-channel weights, int8
+                                       activations quantized per token at run time (amax/127): our scheme exactly
+                                       (tensorrt_llm/quantization/mode.py: use_smooth_quant(per_token=True,
+                                       per_channel=True); layers.py SmoothQuantLinear / SmoothQuantRowLinear)
 Refused, with the reason and the fix:
-  asymmetric codes   the W4A16_AWQ / W8A16 kernels take no zero point (ModelOpt writes has_zero_point false;
-                     TensorRT-LLM's W4A16_AWQ linear passes zeros=None) → quant.symmetric: true
+  asymmetric codes   the W4A16_AWQ / W8A16 / SmoothQuant kernels take no zero point (ModelOpt writes
+                     has_zero_point false; TensorRT-LLM's W4A16_AWQ linear passes zeros=None) → quant.symmetric: true
   act-order (g_idx)  the int4 group kernels need contiguous groups → quantize without act_order
-  smoothquant (W8A8) TensorRT-LLM's PyTorch backend has no INT8 SmoothQuant linear (its get_quant_method raises
-                     for W8A8_SQ_*), and ModelOpt's W8A8_SQ_PER_CHANNEL is a STATIC per-tensor activation scale
-                     while ours is dynamic per token: the codes would mean something else → int8 or awq
+  smoothquant in the PyTorch-backend bundle: tensorrt_llm/_torch/modules/linear.py `get_quant_method` has no
+                     INT8 W8A8 linear (FP8, FP8 rowwise/block, NVFP4, W4A8 FP4, weight-only int8/int4, W4A16/W4A8
+                     AWQ only; anything else raises "unsupported quant mode") → --trt-llm-legacy. ModelOpt's own
+                     INT8 SmoothQuant export, W8A8_SQ_PER_CHANNEL, is a STATIC per-tensor activation scale: another
+                     scheme than ours, so it is not what we write either.
   other group sizes  TensorRT-LLM's groupwise int4 GEMMs support group sizes 64 and 128
   quantized lm_head  ModelOpt and TensorRT-LLM keep lm_head unquantized (exclude_modules) → leave it fp
 """
@@ -24,8 +30,10 @@ import torch
 
 from lorafast_export.errors import InputError, UnsupportedError
 from lorafast_export.model.spec import linear_module_names
+from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN
 
 W8A16, W4A16_AWQ = "W8A16", "W4A16_AWQ"
+W8A8_SQ = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
 INT4_GROUP_SIZES = (64, 128)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -81,7 +89,7 @@ class TrtOptions:
 class TrtScheme:
     """One quant_algo for the whole model (TensorRT-LLM checkpoints describe one scheme plus exclusions)."""
 
-    quant_algo: str | None  # None (fp), W8A16, W4A16_AWQ
+    quant_algo: str | None  # None (fp), W8A16, W4A16_AWQ, W8A8_SQ (legacy layout only)
     group_size: int | None = None  # W4A16_AWQ only
     method: str = "none"
 
@@ -96,13 +104,14 @@ def resolve_dtype(requested: str, merged_dtype: str) -> torch.dtype:
     return DTYPES[requested]
 
 
-def scheme_for(qm) -> TrtScheme:
-    """QuantizedModel (or None) → TrtScheme, or UnsupportedError listing every reason and fix."""
+def scheme_for(qm, legacy: bool = False) -> TrtScheme:
+    """QuantizedModel (or None) → TrtScheme for the layout (legacy: engine checkpoint), or UnsupportedError listing
+    every reason and fix."""
     if qm is None or not qm.q:
         return TrtScheme(None)
     method = str(qm.settings.get("method", "?"))
     qts = list(qm.q.values())
-    problems = _model_problems(qm, method)
+    problems = _model_problems(qm, method) + _act_quant_problems(qts, method, legacy)
     kinds = {(qt.bits, qt.group_size, qt.symmetric, qt.act_quant) for qt in qts}
     if len(kinds) > 1:
         problems.append(f"layers use {len(kinds)} different schemes {sorted(kinds, key=str)}; a TensorRT-LLM "
@@ -117,21 +126,40 @@ def scheme_for(qm) -> TrtScheme:
     problems += _shape_problems(qm, bits, group_size)
     if problems:
         raise UnsupportedError(f"cannot lower the {method} model to TensorRT-LLM:\n  - " + "\n  - ".join(problems))
+    if qts[0].act_quant == ACT_QUANT_INT8_PER_TOKEN:
+        return TrtScheme(W8A8_SQ, None, method)
     if bits == 8:
         return TrtScheme(W8A16, None, method)
     return TrtScheme(W4A16_AWQ, group_size, method)
 
 
+def _act_quant_problems(qts: list, method: str, legacy: bool) -> list[str]:
+    """W8A8 (activations quantized at run time): only our per-token scheme, only in the engine checkpoint."""
+    acts = {qt.act_quant for qt in qts} - {None}
+    if not acts:
+        return []
+    if acts != {ACT_QUANT_INT8_PER_TOKEN}:
+        return [f"activation quantization {sorted(acts)}: TensorRT-LLM's SmoothQuant takes int8 per-token "
+                f"({ACT_QUANT_INT8_PER_TOKEN}) only"]
+    if not legacy:
+        return [f"{method} quantizes activations (W8A8, int8 per token at run time), and TensorRT-LLM's PyTorch "
+                "backend has no INT8 W8A8 linear: tensorrt_llm/_torch/modules/linear.py `get_quant_method` "
+                "dispatches FP8, FP8 rowwise/block, NVFP4, W4A8 FP4, weight-only int8/int4 and W4A16/W4A8 AWQ, and "
+                "raises 'unsupported quant mode' for W8A8_SQ_*. Use --trt-llm-legacy (recipe target.options.legacy: "
+                f"true): the TensorRT engine checkpoint with quant_algo {W8A8_SQ} (trtllm-build, TensorRT-LLM "
+                "<= 1.2), which is this scheme exactly. Or, for the PyTorch backend, --quant int8 (W8A16) or awq "
+                "(W4A16). (ModelOpt's W8A8_SQ_PER_CHANNEL is not this scheme: a static per-tensor activation scale.)"]
+    if any(qt.bits != 8 for qt in qts):
+        return [f"{method}: TensorRT-LLM's SmoothQuant GEMM takes int8 weights; quantize with bits 8"]
+    return []
+
+
 def _model_problems(qm, method: str) -> list[str]:
     qts = list(qm.q.values())
     p = []
-    if any(qt.act_quant is not None for qt in qts):
-        p.append(f"{method} quantizes activations per token at run time (W8A8). TensorRT-LLM's PyTorch backend "
-                 "has no INT8 SmoothQuant linear, and ModelOpt's W8A8_SQ_PER_CHANNEL uses a static per-tensor "
-                 "activation scale, which our codes were not made for: use --quant int8 (W8A16) or awq (W4A16)")
     if any(not qt.symmetric for qt in qts):
-        p.append("asymmetric codes (zero points): TensorRT-LLM's W4A16_AWQ and W8A16 kernels take no zero point "
-                 "(has_zero_point: false); re-quantize with quant.symmetric: true (--symmetric)")
+        p.append("asymmetric codes (zero points): TensorRT-LLM's W4A16_AWQ, W8A16 and SmoothQuant kernels take no "
+                 "zero point (has_zero_point: false); re-quantize with quant.symmetric: true (--symmetric)")
     if any(qt.g_idx is not None for qt in qts):
         p.append("act-order (g_idx): the int4 group kernels need contiguous groups; quantize without act_order")
     if "lm_head" in qm.q:
@@ -171,4 +199,23 @@ def legacy_problems(cfg, scheme: TrtScheme, tp: int, pp: int) -> list[str]:
         cols = {"k/v_proj output per shard": cfg.num_kv_heads * cfg.head_dim // tp,
                 "gate/up_proj output per shard": cfg.intermediate_size // tp}
         p += [f"{k}={v} is odd: int4 packs two output rows per byte" for k, v in cols.items() if v % 2]
+    if scheme.quant_algo == W8A8_SQ:
+        p += _int8_gemm_problems(cfg, tp)
     return p
+
+
+def _int8_gemm_problems(cfg, tp: int) -> list[str]:
+    """The SmoothQuant GEMM (cutlass int8, cpp/tensorrt_llm/kernels/cutlass_kernels/int8_gemm/int8_gemm_template.h)
+    loads 128-bit vectors: per shard, the reduced width K must be a multiple of 16 int8 values and the output width
+    N a multiple of 8 half-precision values, or `can_implement` fails when the engine runs."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    k = {"hidden_size (q/k/v, gate/up input)": h, "o_proj input per shard": cfg.num_heads * hd // tp,
+         "down_proj input per shard": cfg.intermediate_size // tp}
+    n = {"hidden_size (o_proj, down_proj output)": h,
+         "fused qkv output per shard": (cfg.num_heads + 2 * cfg.num_kv_heads) * hd // tp,
+         "gate/up_proj output per shard": cfg.intermediate_size // tp}
+    fix = "use a smaller tp" if tp > 1 else "use --quant int8 (W8A16) for this model"
+    return ([f"{name}={v} is not a multiple of 16: the int8 GEMM's reduced dimension must be; {fix}"
+             for name, v in k.items() if v % 16]
+            + [f"{name}={v} is not a multiple of 8: the int8 GEMM's output width must be; {fix}"
+               for name, v in n.items() if v % 8])

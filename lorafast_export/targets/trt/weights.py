@@ -14,13 +14,13 @@ import torch
 from lorafast_export.load import open_model
 from lorafast_export.model.spec import EMBED, LM_HEAD, ModelConfig
 from lorafast_export.targets.trt.pack import signed_codes
-from lorafast_export.targets.trt.scheme import W8A16, TrtScheme
+from lorafast_export.targets.trt.scheme import W8A8_SQ, W8A16, TrtScheme
 
 
 @dataclass
 class Linear:
     weight: torch.Tensor  # fp [out, in] in the bundle dtype, or int8 signed values [out, in]
-    scale: torch.Tensor | None  # float32: [out] (W8A16) or [out, in/group] (W4A16_AWQ); None when fp
+    scale: torch.Tensor | None  # float32: [out] (W8A16, W8A8_SQ) or [out, in/group] (W4A16_AWQ); None when fp
     bias: torch.Tensor | None  # [out] in the bundle dtype
 
     @property
@@ -57,7 +57,7 @@ class Weights:
             bias = self._get(f"{module}.bias")
             return Linear(self.fp(f"{module}.weight"), None, None if bias is None else bias.to(self.dtype))
         scale = qt.scales.float()
-        if self.scheme.quant_algo == W8A16:
+        if self.scheme.quant_algo in (W8A16, W8A8_SQ):
             scale = scale[:, 0]  # per channel: [out, 1] → [out]
         bias = None if qt.bias is None else qt.bias.to(self.dtype)
         return Linear(signed_codes(qt), scale.contiguous(), bias)
