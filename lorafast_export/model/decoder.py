@@ -57,7 +57,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x, cos, sin, mask, past: KV | None, is_causal: bool = False) -> tuple[torch.Tensor, KV]:
+        """is_causal: plain causal attention through SDPA's own causal kernels (flash on CUDA) instead of
+        `mask`, which must then be None; only without a cache and without a sliding window inside x."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [b, h, s, d]
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [b, kv, s, d]
@@ -71,7 +73,9 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv
         kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # [b, h, t, d]
         vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # [b, h, s, d]
+        if is_causal and (mask is not None or past is not None):
+            raise ValueError("Attention: is_causal=True takes no mask and no past (it is the prefill's own mask)")
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=is_causal)  # [b, h, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), (k, v)
 
 
@@ -94,8 +98,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past: KV | None = None) -> tuple[torch.Tensor, KV]:
-        a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+    def forward(self, x, cos, sin, mask, past: KV | None = None, is_causal: bool = False) -> tuple[torch.Tensor, KV]:
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, is_causal)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), present
 

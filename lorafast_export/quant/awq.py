@@ -18,7 +18,7 @@ from lorafast_export.errors import InputError
 from lorafast_export.quant.fold import Folded, fold_scale_into_previous
 from lorafast_export.quant.rtn import fake_quantize_rtn
 
-__all__ = ["Folded", "apply_clip", "awq_search_clip", "awq_search_scale", "fold_scale_into_previous"]
+__all__ = ["Folded", "apply_clip", "awq_search_clip", "awq_search_scale", "clip_tokens", "fold_scale_into_previous"]
 
 ForwardFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -112,16 +112,22 @@ def awq_search_clip(
     scale_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
     """w [out, in] (already scaled), its input x [tokens, in] → max |w| per group [out, G] to clip to."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
+    x = clip_tokens(x, n_sample_tokens)  # [tokens', in] float32
     _check_awq_args([w], x.shape[1], group_size, n_grid)
     gs = w.shape[1] if group_size == -1 else group_size
-    step = max(1, x.shape[0] // n_sample_tokens)
-    xg = x[::step].reshape(1, -1, w.shape[1] // gs, gs)  # [1, tokens, G, gs]
+    xg = x.reshape(1, -1, w.shape[1] // gs, gs)  # [1, tokens', G, gs]
     best = [
         _best_clip_chunk(c.float(), xg, bits, group_size, symmetric, n_grid, max_shrink, scale_dtype)
         for c in w.detach().split(out_chunk, dim=0)
     ]
     return torch.cat(best, dim=0)
+
+
+def clip_tokens(x: torch.Tensor, n_sample_tokens: int = 512) -> torch.Tensor:
+    """The tokens the clip search scores on: every (tokens // n)-th row of x [..., in] → [tokens', in] float32.
+    Sampling an already sampled x again keeps it whole (fewer than 2n rows: step 1)."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    return x[:: max(1, x.shape[0] // n_sample_tokens)].float()
 
 
 def _best_clip_chunk(

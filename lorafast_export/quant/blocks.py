@@ -3,11 +3,17 @@ lm_head) on the compute device, its groups of linears, and the calibration activ
 
 A Group is a set of linears that read one input, with the op that produces that input (`prev`): the op
 an AWQ/SmoothQuant scale is folded into. Groups are data (which names, which order), not code.
+
+On CUDA the block's forward passes run under bfloat16 autocast (`compute_dtype`): the weights stay float32
+(what gets quantized and folded), each matmul casts its operands to bf16 and accumulates in fp32, and
+the residual stream stays float32. Statistics taken from the activations (Hessians, absmax, AWQ's losses)
+are computed in float32 from what the bf16 forward produced. On the CPU everything stays float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +36,18 @@ LAYER_GROUPS = (
     Group("mlp.up_proj", ("mlp.down_proj",)),
 )
 HEAD_GROUPS = (Group("norm", ("lm_head",)),)
+CUDA_COMPUTE_DTYPE: torch.dtype | None = torch.bfloat16  # forward passes of the walk on CUDA (None: float32)
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of the walk's forward passes on device (None: run in float32, as on the CPU)."""
+    return CUDA_COMPUTE_DTYPE if torch.device(device).type == "cuda" else None
+
+
+def causal_kernel(device: torch.device | str, seq_len: int, sliding_window: int | None) -> bool:
+    """Attention can use SDPA's causal kernels (flash) instead of a mask: on CUDA, when no sliding window
+    cuts inside the sequence. The CPU keeps the explicit mask (bit-for-bit what it computed before)."""
+    return torch.device(device).type == "cuda" and (sliding_window is None or sliding_window >= seq_len)
 
 
 class Head(nn.Module):
@@ -59,6 +77,13 @@ class Block:
     chunk: int = 1  # samples per forward (bounds the intermediate activations)
     fp_dtype: torch.dtype = torch.float32  # dtype the fp tensors (folded norms, biases) are stored in
     notes: list[str] = field(default_factory=list)  # what the method could not do here, for the manifest
+    compute_dtype: torch.dtype | None = None  # autocast dtype of the forward passes (None: float32)
+
+    def autocast(self) -> AbstractContextManager:
+        """The forward passes' precision: bf16 autocast on CUDA (weights stay float32), else nothing."""
+        if self.compute_dtype is None or self.x is None:
+            return nullcontext()
+        return torch.autocast(self.x.device.type, dtype=self.compute_dtype)
 
     def get(self, name: str) -> nn.Module:
         return self.module.get_submodule(name)
@@ -100,7 +125,8 @@ class Block:
         try:
             for xc in self.x.split(self.chunk):
                 try:
-                    outs.append(self.call(self.module, xc))
+                    with self.autocast():
+                        outs.append(self.call(self.module, xc))
                 except _Stop:
                     pass
         finally:
@@ -122,6 +148,7 @@ class Block:
         extra = self.sub_args.get(sub, ())
         outs = []
         for xc in x.split(self.chunk):
-            out = torch.func.functional_call(module, params, (xc, *extra))
+            with self.autocast():
+                out = torch.func.functional_call(module, params, (xc, *extra))
             outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outs)

@@ -13,11 +13,14 @@ that order // group_size, exactly GPTQ's g_idx (desc_act=True); codes are return
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
+
 import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.qform import QTensor
-from lorafast_export.quant.rtn import check_quant_args, qparams, quantize_codes
+from lorafast_export.quant.rtn import check_quant_args, qparams, quantize_codes, weight_qtensor
 
 
 def accumulate_hessian(H: torch.Tensor | None, n_seen: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -66,8 +69,31 @@ def gptq_quantize(
     bias: torch.Tensor | None = None,
 ) -> QTensor:
     """w [out, in], H [in, in] float32 (accumulate_hessian) → QTensor, codes in original column order."""
-    _check_gptq_args(w, H, bits, group_size, damp_percent, block_size, scale_dtype)
-    W = w.detach().float().clone()  # [out, in]
+    return gptq_quantize_many([w], H, bits, group_size, symmetric, act_order, damp_percent, block_size,
+                              scale_dtype, [bias])[0]
+
+
+def gptq_quantize_many(
+    weights: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    act_order: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    scale_dtype: torch.dtype = torch.float16,
+    biases: Sequence[torch.Tensor | None] | None = None,
+) -> list[QTensor]:
+    """Linears that read one input (q/k/v; gate/up), each [out_i, in], and that input's H → one QTensor each.
+
+    GPTQ treats rows independently given H, so the linears are quantized as one stacked [Σ out, in] matrix:
+    one Cholesky inverse and one column sweep instead of one per linear, the same arithmetic row by row.
+    """
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    for w in weights:
+        _check_gptq_args(w, H, bits, group_size, damp_percent, block_size, scale_dtype)
+    W = torch.cat([w.detach().float() for w in weights])  # [Σ out, in], a fresh copy
     H = H.detach().float().clone()  # [in, in]
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
     H[dead, dead] = 1.0
@@ -75,23 +101,36 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_hessian_cholesky(H, damp_percent)  # [in, in] upper
-    codes, scales, zeros = _gptq_sweep(W, Hinv, bits, group_size, symmetric, block_size, scale_dtype)
+    with _ieee_fp32_matmuls():  # the solve stays float32 even inside the walk's TF32 context
+        Hinv = inverse_hessian_cholesky(H, damp_percent)  # [in, in] upper
+        codes, scales, zeros = _gptq_sweep(W, Hinv, bits, group_size, symmetric, block_size, scale_dtype)
     g_idx = None
     if perm is not None:
         inv = torch.argsort(perm)  # inv[c] = position of original column c in quantization order
         codes = codes[:, inv]
         if group_size != -1:
             g_idx = (inv // group_size).to(torch.int32)
-    return QTensor(
-        codes=codes.contiguous(),
-        scales=scales,
-        zeros=zeros,
-        bits=bits,
-        group_size=group_size,
-        g_idx=g_idx,
-        bias=None if bias is None else bias.detach().clone(),
-    )
+    rows = [w.shape[0] for w in weights]
+    zero_parts = [None] * len(rows) if zeros is None else zeros.split(rows)
+    return [  # each QTensor owns its tensors: views of one storage would be saved as shared tensors
+        weight_qtensor(c.clone(), s.clone(), _clone(z), bits, group_size, b, _clone(g_idx))
+        for c, s, z, b in zip(codes.split(rows), scales.split(rows), zero_parts, biases, strict=True)
+    ]
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
+@contextmanager
+def _ieee_fp32_matmuls():
+    """float32 matmuls without TF32 for the duration; the previous setting is restored."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _gptq_sweep(
@@ -107,6 +146,7 @@ def _gptq_sweep(
     out, n = W.shape
     gs = n if group_size == -1 else group_size
     block = max(gs, block_size // gs * gs) if group_size != -1 else block_size  # groups never straddle
+    sweep = _sweep_columns_triton if W.is_cuda and _triton_sweep_kernel is not None else _sweep_columns
     codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
     scale_list: list[torch.Tensor] = []
     zero_list: list[torch.Tensor | None] = []
@@ -115,23 +155,76 @@ def _gptq_sweep(
         W1 = W[:, i1:i2].clone()  # [out, b]
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            if (i1 + i) % gs == 0:  # a group starts: its params from the already-updated weights
-                cols = W1[:, i : i + gs] if group_size != -1 else W  # per channel: the whole (initial) row
+        for c0 in range(0, i2 - i1, gs):  # the groups inside this block (one per block when gs = block)
+            if (i1 + c0) % gs == 0:  # a group starts: its params from the already-updated weights
+                cols = W1[:, c0 : c0 + gs] if group_size != -1 else W  # per channel: the whole (initial) row
                 s, z = qparams(cols.amin(dim=1), cols.amax(dim=1), bits, symmetric, scale_dtype)  # [out]
                 scale_list.append(s)
                 zero_list.append(z)
                 sf, zf = s.float(), (2.0 ** (bits - 1) if z is None else z.float())
-            col = W1[:, i]  # [out]
-            q = quantize_codes(col, sf, z, bits)  # [out]
-            codes[:, i1 + i] = q
-            err = (col - (q.float() - zf) * sf) / Hinv1[i, i]  # [out]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+            sweep(W1, Hinv1, codes[:, i1:i2], Err1, c0, min(c0 + gs, i2 - i1), sf, z, zf, bits)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns after this block
     scales = torch.stack(scale_list, dim=1)  # [out, G]
     zeros = None if symmetric else torch.stack(zero_list, dim=1)  # type: ignore[arg-type]
     return codes, scales, zeros
+
+
+def _sweep_columns(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, bits: int) -> None:
+    """Columns c0..c1-1 of the block W1 [out, b], one at a time: quantize the column, push its error onto
+    the columns after it (in place in W1; codes1 [out, b] and Err1 [out, b] get that column)."""
+    for i in range(c0, c1):
+        col = W1[:, i]  # [out]
+        q = quantize_codes(col, sf, z, bits)  # [out]
+        codes1[:, i] = q
+        err = (col - (q.float() - zf) * sf) / Hinv1[i, i]  # [out]
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        Err1[:, i] = err
+
+
+def _sweep_columns_triton(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, bits: int) -> None:
+    """_sweep_columns as one kernel: rows are independent, so each program holds a few rows of the block in
+    registers and walks the columns; the same float32 operations in the same order (IEEE division,
+    round-half-even, no fused multiply-add), so the codes equal the torch loop's on the same device."""
+    out, b = W1.shape
+    zero = torch.full((out,), float(zf), device=W1.device) if z is None else zf.contiguous()
+    rows = 16
+    _triton_sweep_kernel[(triton.cdiv(out, rows),)](
+        W1, *W1.stride(), Hinv1, *Hinv1.stride(), codes1, *codes1.stride(), Err1, *Err1.stride(),
+        sf.contiguous(), zero, out, b, c0, c1, float(2**bits - 1),
+        ROWS=rows, WIDTH=triton.next_power_of_2(b), num_warps=4, enable_fp_fusion=False,
+    )
+
+
+try:  # Triton comes with CUDA builds of torch; without it (CPU installs) the torch loop runs everywhere
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:
+    triton = None
+
+if triton is None:
+    _triton_sweep_kernel = None
+else:
+    @triton.jit
+    def _triton_sweep_kernel(W, sw0, sw1, Hinv, sh0, sh1, codes, sc0, sc1, err, se0, se1, scale, zero,
+                             n_rows, width, c0, c1, maxq, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS] rows of this program
+        j = tl.arange(0, WIDTH)  # [WIDTH] columns of the block
+        rmask = r < n_rows
+        tile = rmask[:, None] & (j[None, :] < width)
+        w_ptrs = W + r[:, None] * sw0 + j[None, :] * sw1
+        w = tl.load(w_ptrs, mask=tile, other=0.0)  # [ROWS, WIDTH]
+        s = tl.load(scale + r, mask=rmask, other=1.0)
+        z = tl.load(zero + r, mask=rmask, other=0.0)
+        for c in range(c0, c1):
+            col = tl.sum(tl.where(j[None, :] == c, w, 0.0), axis=1)  # [ROWS] column c, exactly
+            q = tl.minimum(tl.maximum(libdevice.rint(tl.div_rn(col, s)) + z, 0.0), maxq)
+            tl.store(codes + r * sc0 + c * sc1, q.to(tl.uint8), mask=rmask)
+            e = tl.div_rn(col - (q - z) * s, tl.load(Hinv + c * sh0 + c * sh1))
+            tl.store(err + r * se0 + c * se1, e, mask=rmask)
+            h = tl.load(Hinv + c * sh0 + j * sh1, mask=(j >= c) & (j < width), other=0.0)  # row c, from c on
+            w = w - e[:, None] * h[None, :]
+        tl.store(w_ptrs, w, mask=tile)
 
 
 def _check_gptq_args(

@@ -7,7 +7,8 @@ The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides wha
 
 - rtn / int8: data-free, each weight on its own.
 - gptq: sequential within the block (q,k,v → o → gate,up → down): each group's Hessian is accumulated
-  from inputs produced by the already-quantized groups before it (GPTQ's true-sequential mode).
+  from inputs produced by the already-quantized groups before it (GPTQ's true-sequential mode); the
+  linears of a group share that Hessian and are solved as one stacked matrix (gptq_quantize_many).
 - awq: one forward captures each group's input; per group a scale search (loss: the whole attention /
   MLP for q,k,v / gate,up; the linear outputs otherwise), folded into the previous op
   (input_layernorm; v_proj rows only when v_proj's outputs are o_proj's inputs, i.e. no GQA;
@@ -25,10 +26,10 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.qform import QTensor, qtensor_to, with_fields
-from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale
+from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale, clip_tokens
 from lorafast_export.quant.blocks import Block, Group
 from lorafast_export.quant.fold import fold_scale_into_previous
-from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
+from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize_many
 from lorafast_export.quant.int8 import quantize_int8_weight
 from lorafast_export.quant.rtn import quantize_rtn
 from lorafast_export.quant.smoothquant import quantize_w8a8, smooth_scales, weight_input_absmax
@@ -87,13 +88,12 @@ def quantize_block_gptq(block: Block, s: dict) -> dict[str, QTensor]:
             acc["H"], acc["n"] = accumulate_hessian(acc["H"], acc["n"], x)
 
         block.run({first: add}, stop_after=first)  # inputs come from the groups quantized before
-        for name in g.linears:
-            qt = gptq_quantize(
-                block.weight(name), acc["H"], s["bits"], s["group_size"], s["symmetric"],
-                act_order=s["act_order"], damp_percent=s["damp_percent"], block_size=s["block_size"],
-                scale_dtype=SCALE_DTYPE, bias=_bias(block, name),
-            )
-            out.update(_finish(block, {name: qt}))
+        qts = gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
+            [block.weight(n) for n in g.linears], acc["H"], s["bits"], s["group_size"], s["symmetric"],
+            act_order=s["act_order"], damp_percent=s["damp_percent"], block_size=s["block_size"],
+            scale_dtype=SCALE_DTYPE, biases=[_bias(block, n) for n in g.linears],
+        )
+        out.update(_finish(block, dict(zip(g.linears, qts, strict=True))))
     return out
 
 
@@ -135,6 +135,15 @@ def _awq_loss_fn(block: Block, g: Group, x: torch.Tensor):
     return lambda ws: block.sub_forward(g.block, x, dict(zip(names, ws, strict=True)))
 
 
+def _clip_rows(x: torch.Tensor, group_size: int) -> int:
+    """Rows of w per clip-search step: AutoAWQ's 64 on the CPU; on CUDA as many as keep the per-group
+    outputs [rows, tokens, groups] near 2^28 floats (the result does not depend on it)."""
+    if not x.is_cuda:
+        return 64
+    groups = 1 if group_size == -1 else x.shape[-1] // group_size
+    return max(64, (1 << 28) // (x.shape[0] * groups))
+
+
 def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
     bits, gs, sym = s["bits"], s["group_size"], s["symmetric"]
     inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
@@ -148,18 +157,22 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
             continue
         x = inputs[g.linears[0]]
         xs = x[: max(1, AWQ_SEARCH_TOKENS // x.shape[1])]  # [samples', seq, in]: the grid runs 20+ forwards
-        sc = awq_search_scale([block.weight(n) for n in g.linears], xs, bits, gs, n_grid=s["awq_grid"],
-                              symmetric=sym, forward_fn=_awq_loss_fn(block, g, xs), scale_dtype=SCALE_DTYPE)
+        with block.autocast():  # the candidates' forwards in the walk's precision (bf16 on CUDA)
+            sc = awq_search_scale([block.weight(n) for n in g.linears], xs, bits, gs, n_grid=s["awq_grid"],
+                                  symmetric=sym, forward_fn=_awq_loss_fn(block, g, xs), scale_dtype=SCALE_DTYPE)
         _fold(block, g, sc)
-        inputs[g.linears[0]] = x / sc  # what the linears see after the fold
         scale_of.update({n: sc for n in g.linears})
     qts = {}
     for g in block.groups:
-        x = inputs[g.linears[0]]
+        x = clip_tokens(inputs[g.linears[0]])  # [tokens', in] float32
+        if g.linears[0] in scale_of:
+            x = x / scale_of[g.linears[0]]  # what the linears see after the fold
         for name in g.linears:
             w = block.weight(name)
             if s["awq_clip"] and not name.endswith(NO_CLIP) and whole_groups(block, name, gs):
-                w = apply_clip(w, awq_search_clip(w, x, bits, gs, symmetric=sym, scale_dtype=SCALE_DTYPE), gs)
+                clip = awq_search_clip(w, x, bits, gs, symmetric=sym, out_chunk=_clip_rows(x, gs),
+                                       scale_dtype=SCALE_DTYPE)
+                w = apply_clip(w, clip, gs)
             qt = quantize_rtn(w, bits, gs, sym, SCALE_DTYPE, _bias(block, name))
             qts[name] = with_fields(qt, input_scale=scale_of[name].float().clone()) if name in scale_of else qt
     return _finish(block, qts)

@@ -27,7 +27,7 @@ from lorafast_export.load import ModelDir, open_model
 from lorafast_export.model.decoder import DecoderLayer, RMSNorm, Rotary, causal_mask
 from lorafast_export.model.quantized import QuantizedModel, QuantizedWriter, load_quantized
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
-from lorafast_export.quant.blocks import HEAD_GROUPS, LAYER_GROUPS, Block, Head
+from lorafast_export.quant.blocks import HEAD_GROUPS, LAYER_GROUPS, Block, Head, causal_kernel, compute_dtype
 from lorafast_export.quant.calib import load_calibration
 from lorafast_export.quant.methods import METHODS, Method, get_method
 from lorafast_export.recipe import QuantOptions
@@ -170,7 +170,8 @@ def _head(store, cfg: ModelConfig, method: Method, s: dict, x, device, fp_dtype,
 
 
 def _layer_block(store, cfg: ModelConfig, i: int, x, rope, device, fp_dtype) -> Block:
-    """Decoder layer i from the checkpoint (only its tensors are read), float32 on device."""
+    """Decoder layer i from the checkpoint (only its tensors are read), float32 on device; its forward passes
+    run under compute_dtype(device) autocast (bf16 on CUDA, float32 on the CPU)."""
     with torch.device("meta"):
         layer = DecoderLayer(cfg)
     prefix = layer_prefix(i)
@@ -178,17 +179,23 @@ def _layer_block(store, cfg: ModelConfig, i: int, x, rope, device, fp_dtype) -> 
     layer.load_state_dict(state, strict=True, assign=True)
     layer.requires_grad_(False)
     cos, sin, mask = rope
-    return Block(layer, LAYER_GROUPS, x, lambda m, xc: m(xc, cos, sin, mask)[0],
-                 sub_args={"self_attn": (cos, sin, mask, None)}, chunk=_chunk(cfg, x, device), fp_dtype=fp_dtype)
+    causal = x is not None and mask is None  # _rope_and_mask left the masking to SDPA's causal kernel
+    return Block(layer, LAYER_GROUPS, x, lambda m, xc: m(xc, cos, sin, mask, None, causal)[0],
+                 sub_args={"self_attn": (cos, sin, mask, None, causal)}, chunk=_chunk(cfg, x, device),
+                 fp_dtype=fp_dtype, compute_dtype=compute_dtype(device))
 
 
 def _rope_and_mask(cfg: ModelConfig, x: torch.Tensor | None, device):
+    """cos, sin [1, s, d] in the forward's dtype; the boolean mask [1, 1, s, s], or None where SDPA's causal
+    kernel does the masking (blocks.causal_kernel: CUDA, no sliding window inside the sequence)."""
     if x is None:
         return None, None, None
     seq = x.shape[1]
     rotary = Rotary(cfg).to(device)
-    cos, sin = rotary(torch.arange(seq, device=device)[None], torch.float32)  # [1, s, d]
-    return cos, sin, causal_mask(seq, 0, device, cfg.sliding_window)  # [1, 1, s, s]
+    cos, sin = rotary(torch.arange(seq, device=device)[None], compute_dtype(device) or torch.float32)
+    if causal_kernel(device, seq, cfg.sliding_window):
+        return cos, sin, None
+    return cos, sin, causal_mask(seq, 0, device, cfg.sliding_window)
 
 
 def _chunk(cfg: ModelConfig, x: torch.Tensor | None, device, width: int | None = None) -> int:
@@ -196,7 +203,8 @@ def _chunk(cfg: ModelConfig, x: torch.Tensor | None, device, width: int | None =
     if x is None:
         return 1
     seq = x.shape[1]
-    width = width or max(cfg.intermediate_size, cfg.num_heads * seq, 3 * cfg.hidden_size)
+    scores = 0 if causal_kernel(device, seq, cfg.sliding_window) else cfg.num_heads * seq  # [h, s, s] or none
+    width = width or max(cfg.intermediate_size, scores, 3 * cfg.hidden_size)
     budget = (1 << 29 if torch.device(device).type == "cuda" else 1 << 27)  # floats
     return max(1, budget // (seq * width))
 

@@ -54,13 +54,19 @@ def qparams(
     tiny = torch.finfo(scale_dtype).tiny
     if symmetric:
         absmax = torch.maximum(wmin.abs(), wmax.abs()).float()
-        scale = round_up_to_dtype((absmax / (2 ** (bits - 1) - 1)).clamp(min=tiny), scale_dtype)
+        scale = round_up_to_dtype(_ieee_div(absmax, 2 ** (bits - 1) - 1).clamp(min=tiny), scale_dtype)
         return scale, None
     lo = wmin.float().clamp(max=0.0)
     hi = wmax.float().clamp(min=0.0)
-    scale = round_up_to_dtype(((hi - lo) / maxq).clamp(min=tiny), scale_dtype)
+    scale = round_up_to_dtype(_ieee_div(hi - lo, maxq).clamp(min=tiny), scale_dtype)
     zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(torch.uint8)
     return scale, zero
+
+
+def _ieee_div(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x / d, correctly rounded on every device: CUDA divides by a Python scalar through its reciprocal
+    (1 ulp off at times), which would make CUDA scales differ from the CPU's; a tensor divisor does not."""
+    return x / torch.full((), float(d), dtype=x.dtype, device=x.device)
 
 
 def round_up_to_dtype(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -96,16 +102,35 @@ def quantize_rtn(
     """w [out, in] → QTensor by min-max (asymmetric) or absmax (symmetric) round-to-nearest per group."""
     check_quant_args(w, bits, group_size, scale_dtype, where="quantize_rtn")
     n_groups = n_groups_for(w.shape[1], group_size)
-    g = group_index(w.shape[1], group_size).to(w.device)  # [in]
     wf = w.detach().float()
+    if group_size == -1 or w.shape[1] % group_size == 0:  # whole groups: a reshape, not scatters (same values)
+        wg = wf.reshape(w.shape[0], n_groups, -1)  # [out, G, gs]
+        scale, zero = qparams(wg.amin(dim=2), wg.amax(dim=2), bits, symmetric, scale_dtype)  # [out, G]
+        codes = quantize_codes(wg, scale[..., None], None if zero is None else zero[..., None], bits)
+        return weight_qtensor(codes.reshape(w.shape), scale, zero, bits, group_size, bias)
+    g = group_index(w.shape[1], group_size).to(w.device)  # [in]
     scale, zero = qparams(*group_minmax(wf, g, n_groups), bits, symmetric, scale_dtype)  # [out, G]
     codes = quantize_codes(wf, scale[:, g], None if zero is None else zero[:, g], bits)  # [out, in]
+    return weight_qtensor(codes, scale, zero, bits, group_size, bias)
+
+
+def weight_qtensor(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+    g_idx: torch.Tensor | None = None,
+) -> QTensor:
+    """A weight quantizer's results as a QTensor (RTN, GPTQ); it owns a copy of the bias."""
     return QTensor(
         codes=codes,
-        scales=scale,
-        zeros=zero,
+        scales=scales,
+        zeros=zeros,
         bits=bits,
         group_size=group_size,
+        g_idx=g_idx,
         bias=None if bias is None else bias.detach().clone(),
     )
 

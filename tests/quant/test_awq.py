@@ -3,7 +3,13 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.qform import dequantize
-from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale, fold_scale_into_previous
+from lorafast_export.quant.awq import (
+    apply_clip,
+    awq_search_clip,
+    awq_search_scale,
+    clip_tokens,
+    fold_scale_into_previous,
+)
 from lorafast_export.quant.rtn import quantize_rtn
 from tests.quant.helpers import correlated_inputs
 
@@ -106,3 +112,20 @@ def test_awq_rejects_bad_groups():
         awq_search_scale(ws, x, 4, 48)
     with pytest.raises(InputError, match="width of x"):
         awq_search_scale([torch.randn(4, 64)], x, 4, 32)
+
+
+@pytest.mark.parametrize("tokens", [300, 512, 1023, 1024, 1535, 5000, 262144])
+def test_clip_tokens_sampled_twice_is_sampled_once(tokens):
+    """The walk samples the clip tokens before scaling them; awq_search_clip's own sampling keeps them whole."""
+    x = torch.arange(tokens, dtype=torch.float32)[:, None].expand(tokens, 4)
+    once = clip_tokens(x)
+    assert torch.equal(clip_tokens(once), once) and len(once) >= min(tokens, 512)
+
+
+def test_clip_search_on_presampled_scaled_tokens_equals_the_full_input():
+    x = correlated_inputs(4096, 64, seed=9, outlier_channels=2)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(10)) * 0.1
+    s = torch.rand(64, generator=torch.Generator().manual_seed(11)) + 0.5
+    full = awq_search_clip(w * s, x / s, 4, 16)
+    assert torch.equal(awq_search_clip(w * s, clip_tokens(x) / s, 4, 16), full)
+    assert torch.equal(awq_search_clip(w * s, x / s, 4, 16, out_chunk=5), full)  # row chunks change nothing

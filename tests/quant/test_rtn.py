@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.qform import dequantize, group_index
+from lorafast_export.qform import dequantize, group_index, n_groups_for
 from lorafast_export.quant.int8 import quantize_int8_weight
-from lorafast_export.quant.rtn import quantize_rtn
+from lorafast_export.quant.rtn import group_minmax, qparams, quantize_codes, quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -60,3 +60,14 @@ def test_rtn_rejects_bad_arguments_naming_them():
         quantize_rtn(torch.tensor([[float("nan"), 1.0]]), 4, -1, True)
     with pytest.raises(InputError, match="float32"):
         quantize_rtn(torch.full((2, 2), 1e6), 4, -1, True)  # scale 1.4e5 overflows float16
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(32, True), (32, False), (-1, False), (-1, True)])
+def test_whole_groups_take_a_reshape_with_the_scatter_path_s_values(group_size, symmetric):
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(3)) * 0.1
+    qt = quantize_rtn(w, 4, group_size, symmetric)
+    g = group_index(96, group_size)
+    scale, zero = qparams(*group_minmax(w, g, n_groups_for(96, group_size)), 4, symmetric)
+    assert torch.equal(qt.scales, scale) and (zero is None) == (qt.zeros is None)
+    assert zero is None or torch.equal(qt.zeros, zero)
+    assert torch.equal(qt.codes, quantize_codes(w, scale[:, g], None if zero is None else zero[:, g], 4))
