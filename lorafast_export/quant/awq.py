@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lorafast_export.errors import InputError
+from lorafast_export.qform import group_index
 from lorafast_export.quant.fold import Folded, fold_scale_into_previous
 from lorafast_export.quant.rtn import fake_quantize_rtn
 
@@ -76,9 +77,21 @@ def _weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tens
     """Mean over rows of |w| normalised by its group's max |w| → [in] (AWQ's w_mean)."""
     w = torch.cat(list(weights), dim=0)  # [Σ out, in]
     gs = w.shape[1] if group_size == -1 else group_size
-    groups = w.abs().reshape(-1, gs)  # [Σ out · G, gs]
+    padded = pad_to_groups(w.abs(), gs)  # [Σ out, G · gs]
+    groups = padded.reshape(-1, gs)  # [Σ out · G, gs]
     normed = groups / (groups.amax(dim=1, keepdim=True) + 1e-6)
-    return normed.reshape(w.shape).mean(dim=0)
+    return normed.reshape(padded.shape)[:, : w.shape[1]].mean(dim=0)
+
+
+def pad_to_groups(t: torch.Tensor, gs: int, value: float | None = None) -> torch.Tensor:
+    """[rows, in] → [rows, ceil(in/gs)·gs]: a ragged last group (in not a multiple of gs, as the quantizer
+    allows) is filled up with copies of the last column, which leave that group's min, max and absmax as they
+    are (value: fill with this constant instead, e.g. 0 for activations, so padded columns add nothing)."""
+    pad = -t.shape[1] % gs
+    if not pad:
+        return t
+    fill = t[:, -1:].expand(-1, pad) if value is None else t.new_full((t.shape[0], pad), value)
+    return torch.cat([t, fill], dim=1)
 
 
 def _quant_loss(
@@ -115,9 +128,11 @@ def awq_search_clip(
     x = clip_tokens(x, n_sample_tokens)  # [tokens', in] float32
     _check_awq_args([w], x.shape[1], group_size, n_grid)
     gs = w.shape[1] if group_size == -1 else group_size
-    xg = x.reshape(1, -1, w.shape[1] // gs, gs)  # [1, tokens', G, gs]
+    xp = pad_to_groups(x, gs, value=0.0)  # zero inputs: the padded columns add nothing to any output
+    xg = xp.reshape(1, -1, xp.shape[1] // gs, gs)  # [1, tokens', G, gs]
     best = [
-        _best_clip_chunk(c.float(), xg, bits, group_size, symmetric, n_grid, max_shrink, scale_dtype)
+        _best_clip_chunk(pad_to_groups(c.float(), gs), xg, bits, group_size, symmetric, n_grid, max_shrink,
+                         scale_dtype)
         for c in w.detach().split(out_chunk, dim=0)
     ]
     return torch.cat(best, dim=0)
@@ -140,7 +155,7 @@ def _best_clip_chunk(
     max_shrink: float,
     scale_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """w [oc, in], xg [1, tokens, G, gs] → best max_val [oc, G] by per-group output MSE."""
+    """w [oc, G·gs] (pad_to_groups), xg [1, tokens, G, gs] → best max_val [oc, G] by per-group output MSE."""
     oc, n_groups, gs = w.shape[0], xg.shape[2], xg.shape[3]
     wg = w.reshape(oc, 1, n_groups, gs)  # [oc, 1, G, gs]
     org_max = wg.abs().amax(dim=-1, keepdim=True)  # [oc, 1, G, 1]
@@ -160,10 +175,8 @@ def _best_clip_chunk(
 
 def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
     """w [out, in], max_val [out, G] → w clamped to [-max_val, max_val] per group (same dtype)."""
-    gs = w.shape[1] if group_size == -1 else group_size
-    wg = w.reshape(w.shape[0], -1, gs)  # [out, G, gs]
-    m = max_val.to(w.dtype)[:, :, None]
-    return torch.clamp(wg, -m, m).reshape(w.shape)
+    m = max_val.to(w.dtype)[:, group_index(w.shape[1], group_size).to(w.device)]  # [out, in]
+    return torch.clamp(w, -m, m)
 
 
 def _check_awq_args(weights: Sequence[torch.Tensor], in_features: int, group_size: int, n_grid: int) -> None:
@@ -174,11 +187,8 @@ def _check_awq_args(weights: Sequence[torch.Tensor], in_features: int, group_siz
     ]
     if not weights:
         problems.append("no weights given")
-    if group_size != -1 and (group_size <= 0 or in_features % group_size):
-        problems.append(
-            f"group_size={group_size} must divide in_features={in_features} "
-            "(AWQ needs whole groups; use e.g. 128 or -1)"
-        )
+    if group_size != -1 and group_size <= 0:
+        problems.append(f"group_size={group_size}: use a positive group size (e.g. 128) or -1 (per channel)")
     if n_grid <= 0:
         problems.append(f"n_grid={n_grid}: use a positive grid size such as 20")
     if problems:

@@ -100,11 +100,6 @@ def quantize_block_gptq(block: Block, s: dict) -> dict[str, QTensor]:
 # ----------------------------------------------------------------------------------------------- AWQ
 
 
-def whole_groups(block: Block, name: str, group_size: int) -> bool:
-    """AWQ's search and clip need in_features to be a multiple of the group size."""
-    return group_size == -1 or block.weight(name).shape[1] % group_size == 0
-
-
 def foldable(block: Block, g: Group) -> bool:
     """A scale can be folded into `prev` only if prev's output channels are exactly the linears' inputs."""
     prev = block.get(g.prev)
@@ -151,10 +146,6 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
     for g in block.groups:
         if not foldable(block, g):
             continue  # e.g. v_proj → o_proj under grouped-query attention
-        if not all(whole_groups(block, n, gs) for n in g.linears):
-            block.notes.append(f"awq: no scale search for {'/'.join(g.linears)} (in_features not a multiple of "
-                               f"group_size={gs}); plain RTN there")
-            continue
         x = inputs[g.linears[0]]
         xs = x[: max(1, AWQ_SEARCH_TOKENS // x.shape[1])]  # [samples', seq, in]: the grid runs 20+ forwards
         with block.autocast():  # the candidates' forwards in the walk's precision (bf16 on CUDA)
@@ -169,7 +160,7 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
             x = x / scale_of[g.linears[0]]  # what the linears see after the fold
         for name in g.linears:
             w = block.weight(name)
-            if s["awq_clip"] and not name.endswith(NO_CLIP) and whole_groups(block, name, gs):
+            if s["awq_clip"] and not name.endswith(NO_CLIP):
                 clip = awq_search_clip(w, x, bits, gs, symmetric=sym, out_chunk=_clip_rows(x, gs),
                                        scale_dtype=SCALE_DTYPE)
                 w = apply_clip(w, clip, gs)

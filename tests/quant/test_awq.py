@@ -108,8 +108,8 @@ def test_awq_clip_does_not_increase_output_error():
 
 def test_awq_rejects_bad_groups():
     x, ws = awq_toy()
-    with pytest.raises(InputError, match="group_size=48"):
-        awq_search_scale(ws, x, 4, 48)
+    with pytest.raises(InputError, match="group_size=0"):
+        awq_search_scale(ws, x, 4, 0)
     with pytest.raises(InputError, match="width of x"):
         awq_search_scale([torch.randn(4, 64)], x, 4, 32)
 
@@ -129,3 +129,29 @@ def test_clip_search_on_presampled_scaled_tokens_equals_the_full_input():
     full = awq_search_clip(w * s, x / s, 4, 16)
     assert torch.equal(awq_search_clip(w * s, clip_tokens(x) / s, 4, 16), full)
     assert torch.equal(awq_search_clip(w * s, x / s, 4, 16, out_chunk=5), full)  # row chunks change nothing
+
+
+def test_clip_search_on_ragged_groups_matches_a_search_with_the_real_quantizer():
+    """in = 40, group 16: groups of 16, 16 and 8 columns. Brute force with quantize_rtn itself (its ragged path)
+    on the unpadded weight, per group and shrink step, picks the same max |w| as the padded search."""
+    from lorafast_export.qform import group_index
+    from lorafast_export.quant.awq import apply_clip, awq_search_clip
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 40, generator=g), torch.randn(256, 40, generator=g)
+    bits, gs, n_grid, shrink = 4, 16, 20, 0.5
+    got = awq_search_clip(w, x, bits, gs, symmetric=False, n_grid=n_grid, max_shrink=shrink)
+    gi = group_index(40, gs)
+    org = torch.stack([w[:, gi == j].abs().amax(dim=1) for j in range(3)], dim=1)  # [out, 3]
+    best, best_err = org.clone(), torch.full_like(org, float("inf"))
+    for i_s in range(int(shrink * n_grid)):
+        m = org * (1 - i_s / n_grid)
+        q = dequantize(quantize_rtn(apply_clip(w, m, gs), bits, gs, False))  # the real (ragged) quantizer
+        for j in range(3):
+            cols = gi == j
+            err = (x[:, cols] @ q[:, cols].T - x[:, cols] @ w[:, cols].T).pow(2).mean(dim=0)  # [out]
+            better = err < best_err[:, j]
+            best_err[better, j], best[better, j] = err[better], m[better, j]
+    assert got.shape == (24, 3)
+    torch.testing.assert_close(got, best, rtol=1e-6, atol=0)
+    assert (got < org).any()  # the search did clip somewhere, including in the short last group's rows
