@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafast_export.errors import InputError, UnsupportedError
+from lorafast_export.model.quantized import q_info
 from lorafast_export.model.spec import linear_module_names
 from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN
 
@@ -110,8 +111,8 @@ def scheme_for(qm, legacy: bool = False) -> TrtScheme:
     if qm is None or not qm.q:
         return TrtScheme(None)
     method = str(qm.settings.get("method", "?"))
-    qts = list(qm.q.values())
-    problems = _model_problems(qm, method) + _act_quant_problems(qts, method, legacy)
+    qts = [i.scheme for i in q_info(qm.q).values()]  # from the headers: a spilled model's codes are not read
+    problems = _model_problems(qm, qts, method) + _act_quant_problems(qts, method, legacy)
     kinds = {(qt.bits, qt.group_size, qt.symmetric, qt.act_quant) for qt in qts}
     if len(kinds) > 1:
         problems.append(f"layers use {len(kinds)} different schemes {sorted(kinds, key=str)}; a TensorRT-LLM "
@@ -154,13 +155,12 @@ def _act_quant_problems(qts: list, method: str, legacy: bool) -> list[str]:
     return []
 
 
-def _model_problems(qm, method: str) -> list[str]:
-    qts = list(qm.q.values())
+def _model_problems(qm, qts: list, method: str) -> list[str]:
     p = []
     if any(not qt.symmetric for qt in qts):
         p.append("asymmetric codes (zero points): TensorRT-LLM's W4A16_AWQ, W8A16 and SmoothQuant kernels take no "
                  "zero point (has_zero_point: false); re-quantize with quant.symmetric: true (--symmetric)")
-    if any(qt.g_idx is not None for qt in qts):
+    if any(qt.act_order for qt in qts):
         p.append("act-order (g_idx): the int4 group kernels need contiguous groups; quantize without act_order")
     if "lm_head" in qm.q:
         p.append("quantized lm_head: TensorRT-LLM checkpoints keep lm_head in fp (exclude_modules); "
@@ -174,7 +174,7 @@ def _model_problems(qm, method: str) -> list[str]:
 
 def _shape_problems(qm, bits: int, group_size: int) -> list[str]:
     p = []
-    for name, qt in qm.q.items():
+    for name, qt in q_info(qm.q).items():
         if bits == 4 and qt.out_features % 2:
             p.append(f"{name}: out_features={qt.out_features} is odd; int4 packs two output rows per byte")
         if bits == 4 and group_size > 0 and qt.in_features % group_size:
