@@ -207,6 +207,9 @@ def prepare_output(out: Path, force: bool) -> Path:
         raise InputError(f"{out}: already exists. Pass --force to replace it, or choose another --out.")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise InputError(f"{out}: exists and is not a lorafast-export artifact (no manifest.json); --force only "
+                         "replaces artifacts, never other directories. Choose another --out, or remove it yourself.")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -155,6 +155,13 @@ def out_exists(good, tmp_path):
     return ["--base", good / "base", "--adapter", good / "ad"]
 
 
+def force_on_a_non_artifact(good, tmp_path):
+    """--force replaces artifacts only: a directory of the user's without a manifest.json is never deleted."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    return ["--base", good / "base", "--adapter", good / "ad", "--force"]
+
+
 def out_parent_is_file(good, tmp_path):
     (tmp_path / "afile").write_text("x")
     return ["--base", good / "base", "--adapter", good / "ad", "--out", tmp_path / "afile" / "sub" / "x"]
@@ -232,6 +239,7 @@ CASES = {
     "flag-bad-bits": (flags("--bits", "3"), "bits must be 4 or 8"),
     "flag-unknown-target": (flags("--target", "tflite"), "target.name"),
     "out-exists": (out_exists, "already exists"),
+    "force-on-a-non-artifact": (force_on_a_non_artifact, "is not a lorafast-export artifact"),
     "out-parent-is-file": (out_parent_is_file, "cannot create the output's parent directory"),
     "dora-weighted-unsupported-type": (adapter_config_edit(use_qalora=True), "QA-LoRA"),
     "eval-empty": (eval_file(b"  \n"), "eval file is empty"),
@@ -293,7 +301,7 @@ def test_bad_input(good, tmp_path, case):
     assert "Traceback" not in r.output
     after = sorted(p.name for p in tmp_path.iterdir())
     assert after == before, "nothing may be left behind (and nothing of the user's removed)"
-    if case == "out-exists":
+    if case in ("out-exists", "force-on-a-non-artifact"):
         assert (out / "keep.txt").read_text() == "user data"
     kept = {"out-holds-an-input": "models/base/config.json", "recipe-out-is-an-input": "ad/adapter_config.json"}
     if case in kept:  # the inputs inside the refused output directory are untouched
