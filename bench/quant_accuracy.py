@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/quant_accuracy.py --out /tmp/qbench                # demo:base + demo:lora
     .venv/bin/python bench/quant_accuracy.py --base DIR --adapter DIR --text-dir DIR --out /tmp/qbench \
-        --peer llmcompressor-gptq=/tmp/llmc-venv/bin/python
+        --methods rtn gptq awq awq-noclip --peer llmcompressor-gptq=/tmp/llmc-venv/bin/python
 
 Steps: merge (lorafast_export.merge, what `lorafast-export merge` runs) → calibration ids from the bundled
 calib.txt (samples x seq_len, seed 0; saved to OUT/calib_ids.pt so peers see the same tokens) → for each
 method: quantize_checkpoint + fake-quant decoder logits on the eval blocks → metrics against the base with its
-adapter UNMERGED (transformers + PEFT, fp32): per-token KL mean / p99, same top-1, perplexity ratio, wall time.
-A peer is a python executable of a venv holding that library; bench/quant_peers.py runs inside it.
+adapter UNMERGED (transformers + PEFT, fp32): per-token KL mean / p99, same top-1, perplexity ratio, wall time
+(OUT/results.json; the per-token KL of every row in OUT/kl_tokens.pt, for paired comparisons).
+A peer is a python executable of a venv holding that library; bench/quant_peers.py runs inside it with the
+bits, group size and symmetry our own run of the peer's method resolved (NAME is LIBRARY-METHOD[-VARIANT]).
+A method is one of ours, or a variant from VARIANTS (awq-noclip: AWQ without the clipping search, the setting
+of llm-compressor's AWQ, which has none; rtn-sym: symmetric RTN, against nncf-rtn-sym).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from lorafast_export.model.decoder import load_decoder  # noqa: E402
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
 from lorafast_export.quant.calib import load_calibration  # noqa: E402
 from lorafast_export.quant.pipeline import quantize_checkpoint  # noqa: E402
-from lorafast_export.recipe import DEMO_DIR, TEXT_DIR, CalibOptions  # noqa: E402
+from lorafast_export.recipe import DEMO_DIR, TEXT_DIR, CalibOptions, QuantOptions  # noqa: E402
+
+VARIANTS = {"awq-noclip": {"method": "awq", "awq_clip": False},  # name → our quant settings
+            "rtn-sym": {"method": "rtn", "symmetric": True}}
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:
@@ -55,9 +62,14 @@ def decoder_logits(dec, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([dec(b[None])[0].float() for b in ids])
 
 
+def token_kl(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    lr, lc = ref.log_softmax(-1), cand.log_softmax(-1)  # [n, s, V]
+    return (lr.exp() * (lr - lc)).sum(-1).flatten()  # [n·s]
+
+
 def metrics(ref: torch.Tensor, cand: torch.Tensor, ids: torch.Tensor) -> dict:
     lr, lc = ref.log_softmax(-1), cand.log_softmax(-1)  # [n, s, V]
-    kl = (lr.exp() * (lr - lc)).sum(-1).flatten()
+    kl = token_kl(ref, cand)
     labels = ids[:, 1:]
     nll = lambda lp: float(-lp[:, :-1].gather(-1, labels[..., None]).mean())  # noqa: E731
     return {"kl_mean": float(kl.mean()), "kl_p99": float(kl.quantile(0.99)),
@@ -65,8 +77,15 @@ def metrics(ref: torch.Tensor, cand: torch.Tensor, ids: torch.Tensor) -> dict:
             "ppl_ratio": float(torch.exp(torch.tensor(nll(lc) - nll(lr))))}
 
 
+def peer_symmetric(peer: str) -> bool:
+    """LIBRARY-METHOD[-VARIANT]: the symmetry of our run of METHOD-VARIANT if that is one of VARIANTS, else METHOD."""
+    method = peer.split("-", 1)[1]
+    settings = VARIANTS.get(method, {"method": method.split("-")[0]})
+    return QuantOptions(**settings).resolved()["symmetric"]
+
+
 def run_ours(merged: Path, method: str, bits: int, group_size: int, calib: torch.Tensor, ids: torch.Tensor):
-    settings = {"method": method, "bits": bits, "group_size": group_size, "device": "cpu"}
+    settings = {**VARIANTS.get(method, {"method": method}), "bits": bits, "group_size": group_size, "device": "cpu"}
     t0, c0 = time.perf_counter(), time.process_time()
     qm = quantize_checkpoint(merged, settings, calib_ids=calib)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -76,8 +95,10 @@ def run_ours(merged: Path, method: str, bits: int, group_size: int, calib: torch
 def run_peer(name: str, python: str, merged: Path, out: Path, bits: int, group_size: int) -> tuple:
     """Run bench/quant_peers.py in the peer's venv; it writes logits on OUT/eval_ids.pt and its wall time."""
     res = out / f"peer-{name}.pt"
+    symmetric = peer_symmetric(name)  # the same symmetry as our run of that method
     cmd = [python, str(ROOT / "bench" / "quant_peers.py"), name, str(merged), str(out / "calib_ids.pt"),
-           str(out / "eval_ids.pt"), str(res), "--bits", str(bits), "--group-size", str(group_size)]
+           str(out / "eval_ids.pt"), str(res), "--bits", str(bits), "--group-size", str(group_size),
+           "--symmetric", str(int(symmetric))]
     subprocess.run(cmd, check=True, env={"GPTQMODEL_CPU_WORKERS": "2", "PATH": "/usr/bin:/bin",
                                           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     r = torch.load(res)
@@ -90,7 +111,7 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, default=DEMO_DIR / "lora")
     ap.add_argument("--text-dir", type=Path, default=TEXT_DIR)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], help=f"ours, or {sorted(VARIANTS)}")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=128)
@@ -127,13 +148,14 @@ def main() -> None:
             print(f"peer {name} failed: {e}", flush=True)
     table = {k: {**metrics(ref, lg, ids), "wall_s": round(w, 2), "cpu_s": round(c, 2)}
              for k, (lg, (w, c)) in rows.items()}
+    torch.save({k: token_kl(ref, lg) for k, (lg, _) in rows.items()}, a.out / "kl_tokens.pt")  # paired comparisons
     (a.out / "results.json").write_text(json.dumps({"calib": list(calib.shape), "eval": list(ids.shape),
                                                     "bits": a.bits, "group_size": a.group_size,
                                                     "results": table}, indent=2))
     print(f"\ncalib {tuple(calib.shape)} tokens, eval {tuple(ids.shape)}; {a.bits}-bit g{a.group_size}\n")
     print("| model | KL mean | KL p99 | same top-1 | ppl ratio | wall s | cpu s |\n|---|---|---|---|---|---|---|")
     for k, r in table.items():
-        print(f"| {k} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | {r['ppl_ratio']:.4f} | "
+        print(f"| {k} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {r['top1']:.3f} | {r['ppl_ratio']:.4f} | "
               f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} |")
 
 

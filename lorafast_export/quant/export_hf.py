@@ -3,7 +3,8 @@
 `write_quantized_checkpoint(inp, out_dir)` packs every QTensor with the formats module, writes the fp tensors
 (embeddings, norms with folded scales, lm_head) from the QuantizedModel (never from the merged checkpoint, whose
 norms lack the folded scales), config.json with the format's `quantization_config`, and the tokenizer files.
-Combinations a format cannot hold are refused up front, every problem at once, each with the fix.
+Combinations a format cannot hold are refused up front, every problem at once, each with the fix. What a
+loader computes differently from our quantized model (W8A8 in transformers) goes into the facts' loader_notes.
 """
 
 from __future__ import annotations
@@ -18,16 +19,10 @@ import torch
 from lorafast_export.checkpoint import ShardWriter
 from lorafast_export.errors import InputError
 from lorafast_export.load import TOKENIZER_FILES
-from lorafast_export.model.quantized import QuantizedModel
-from lorafast_export.qform import QScheme, QTensor
-from lorafast_export.quant.formats import (
-    awq_quant_config,
-    compressed_tensors_config,
-    gptq_quant_config,
-    pack_awq,
-    pack_compressed_tensors,
-    pack_gptq,
-)
+from lorafast_export.model.quantized import QuantizedModel, q_info
+from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, QScheme, QTensor
+from lorafast_export.quant import formats
+from lorafast_export.quant.formats.compressed_tensors import ACT_ORDER_REFUSAL
 
 HF_FORMATS = ("gptq", "awq", "compressed-tensors")
 # hf_format=auto: the first format, in this order, that can hold the model. compressed-tensors comes first: plain
@@ -37,7 +32,7 @@ AUTO_FORMATS = {"gptq": ("compressed-tensors", "gptq"), "awq": ("compressed-tens
                 "rtn": ("compressed-tensors", "gptq"), "int8": ("compressed-tensors", "gptq"),
                 "smoothquant": ("compressed-tensors",)}
 PACKERS: dict[str, Callable[[QTensor], dict[str, torch.Tensor]]] = {
-    "gptq": pack_gptq, "awq": pack_awq, "compressed-tensors": pack_compressed_tensors,
+    "gptq": formats.pack_gptq, "awq": formats.pack_awq, "compressed-tensors": formats.pack_compressed_tensors,
 }
 
 
@@ -56,12 +51,13 @@ def resolve_format(requested: str, qm: QuantizedModel, scheme: QScheme) -> str:
 
 def model_scheme(qm: QuantizedModel) -> QScheme:
     """The one scheme a checkpoint's quantization_config describes; mixed schemes cannot be written as one."""
-    schemes = {(qt.bits, qt.group_size, qt.symmetric, qt.act_quant) for qt in qm.q.values()}
+    infos = q_info(qm.q).values()  # from the headers: a spilled model's codes are not read here
+    schemes = {(i.scheme.bits, i.scheme.group_size, i.scheme.symmetric, i.scheme.act_quant) for i in infos}
     if len(schemes) != 1:
         raise InputError(f"quantized layers use {len(schemes)} different schemes {sorted(schemes, key=str)}; "
                          "one checkpoint quantization_config describes one. Quantize all layers alike.")
     bits, group_size, symmetric, act_quant = schemes.pop()
-    act_order = any(qt.g_idx is not None for qt in qm.q.values())
+    act_order = any(i.scheme.act_order for i in infos)
     return QScheme(bits, group_size, symmetric, act_order, act_quant)
 
 
@@ -79,14 +75,14 @@ def format_problems(fmt: str, scheme: QScheme, qm: QuantizedModel) -> list[str]:
                      "gptq / compressed-tensors")
         if scheme.act_order:
             p.append("awq has no act-order (g_idx): quantize without --act-order, or export as gptq")
-    ragged = [n for n, qt in qm.q.items() if qt.group_size != -1 and qt.in_features % qt.group_size]
+    infos = q_info(qm.q)
+    ragged = [n for n, i in infos.items() if i.scheme.group_size != -1 and i.in_features % i.scheme.group_size]
     if fmt in ("compressed-tensors", "awq") and ragged:
         p.append(f"{fmt} needs in_features to be a multiple of group_size={scheme.group_size}, but "
-                 f"{len(ragged)} layer(s) (e.g. {ragged[0]}, in_features={qm.q[ragged[0]].in_features}) are not: "
+                 f"{len(ragged)} layer(s) (e.g. {ragged[0]}, in_features={infos[ragged[0]].in_features}) are not: "
                  "export as gptq (g_idx holds ragged groups), or quantize with a group size dividing them")
     if fmt == "compressed-tensors" and scheme.act_order:
-        p.append("compressed-tensors dropped act-order groups (actorder='group', removed in compressed-tensors "
-                 "0.20): export act-order models as gptq, or quantize without --act-order")
+        p.append(ACT_ORDER_REFUSAL)
     if fmt in ("gptq", "awq"):
         inexact = [n for n, qt in qm.q.items() if not torch.equal(qt.scales.to(torch.float16).to(qt.scales.dtype),
                                                                      qt.scales)]
@@ -94,8 +90,8 @@ def format_problems(fmt: str, scheme: QScheme, qm: QuantizedModel) -> list[str]:
             p.append(f"{fmt} stores float16 scales, but {len(inexact)} layer(s) (e.g. {inexact[0]}) have "
                      f"{qm.q[inexact[0]].scales.dtype} scales that float16 cannot hold exactly: use compressed-tensors")
         pf = 32 // scheme.bits
-        for name, qt in qm.q.items():
-            dims = {"in": qt.in_features, "out": qt.out_features} if fmt == "gptq" else {"out": qt.out_features}
+        for name, i in infos.items():
+            dims = {"in": i.in_features, "out": i.out_features} if fmt == "gptq" else {"out": i.out_features}
             p += [f"{name}: {k}_features={v} is not a multiple of {pf if fmt == 'gptq' else 8} ({fmt} packing)"
                   for k, v in dims.items() if v % (pf if fmt == "gptq" else 8)]
     return p
@@ -104,11 +100,22 @@ def format_problems(fmt: str, scheme: QScheme, qm: QuantizedModel) -> list[str]:
 def quantization_config(fmt: str, scheme: QScheme, qm: QuantizedModel) -> dict:
     keep_fp = [] if "lm_head" in qm.q else ["lm_head"]
     if fmt == "gptq":
-        cfg = gptq_quant_config(scheme, damp_percent=qm.settings.get("damp_percent", 0.01))
+        cfg = formats.gptq_quant_config(scheme, damp_percent=qm.settings.get("damp_percent", 0.01))
         return {**cfg, "lm_head": "lm_head" in qm.q}
     if fmt == "awq":
-        return awq_quant_config(scheme, modules_to_not_convert=keep_fp or None)
-    return compressed_tensors_config(scheme, ignore=tuple(keep_fp))
+        return formats.awq_quant_config(scheme, modules_to_not_convert=keep_fp or None)
+    return formats.compressed_tensors_config(scheme, ignore=tuple(keep_fp))
+
+
+def checkpoint_loader_notes(model_dir: str | Path) -> list[str]:
+    """What transformers computes differently from our quantized model when it loads this checkpoint (a W8A8
+    compressed-tensors one: its activation rounding), read from config.json; [] for any other checkpoint."""
+    qcfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    if qcfg.get("quant_method") != "compressed-tensors":
+        return []
+    acts = [g.get("input_activations") or {} for g in (qcfg.get("config_groups") or {}).values()]
+    int8_tokens = any(a.get("num_bits") == 8 and a.get("strategy") == "token" for a in acts)
+    return formats.compressed_tensors_loader_notes(ACT_QUANT_INT8_PER_TOKEN if int8_tokens else None)
 
 
 def write_quantized_checkpoint(inp, out_dir: str | Path) -> dict:
@@ -131,6 +138,8 @@ def write_quantized_checkpoint(inp, out_dir: str | Path) -> dict:
     for name in TOKENIZER_FILES:
         if (Path(inp.merged_dir) / name).exists():
             shutil.copy2(Path(inp.merged_dir) / name, out / name)
-    return {"format": fmt, "quant_method": qm.settings["method"], "bits": scheme.bits,
-            "group_size": scheme.group_size, "symmetric": scheme.symmetric, "act_order": scheme.act_order,
-            "files": [f.name for f in files]}
+    facts = {"format": fmt, "quant_method": qm.settings["method"], "bits": scheme.bits,
+             "group_size": scheme.group_size, "symmetric": scheme.symmetric, "act_order": scheme.act_order,
+             "files": [f.name for f in files]}
+    notes = formats.compressed_tensors_loader_notes(scheme.act_quant) if fmt == "compressed-tensors" else []
+    return facts | ({"loader_notes": notes} if notes else {})

@@ -14,24 +14,21 @@ from lorafast_export.errors import InputError
 from lorafast_export.load import WeightStore, _weight_files
 from lorafast_export.model.quantized import QuantizedModel
 from lorafast_export.model.spec import LM_HEAD, ModelConfig, linear_module_names
-from lorafast_export.quant.formats import (
-    scheme_from_config_group,
-    unpack_awq,
-    unpack_compressed_tensors,
-    unpack_gptq,
-)
+from lorafast_export.quant import formats
+
+FP_LINEAR_PARTS = {"weight", "bias"}  # all an unquantized linear stores; every quantized format stores more
 
 
 def _unpack(qcfg: dict, tensors: dict):
     method = qcfg.get("quant_method")
     if method == "gptq":
-        return unpack_gptq(tensors, qcfg["bits"], qcfg["group_size"], qcfg["sym"],
-                           qcfg.get("checkpoint_format", "gptq"))
+        return formats.unpack_gptq(tensors, qcfg["bits"], qcfg["group_size"], qcfg["sym"],
+                                   qcfg.get("checkpoint_format", "gptq"))
     if method == "awq":
-        return unpack_awq(tensors, qcfg["group_size"], qcfg["bits"])
+        return formats.unpack_awq(tensors, qcfg["group_size"], qcfg["bits"])
     if method == "compressed-tensors":
         group = qcfg["config_groups"]["group_0"]
-        return unpack_compressed_tensors(tensors, scheme_from_config_group(group), group["format"])
+        return formats.unpack_compressed_tensors(tensors, formats.scheme_from_config_group(group), group["format"])
     raise InputError(f"quantization_config.quant_method={method!r} is not one this reader knows.")
 
 
@@ -46,10 +43,10 @@ def read_quantized_checkpoint(model_dir: str | Path) -> QuantizedModel:
     modules = [m for i in range(cfg.num_layers) for m in linear_module_names(i)] + [LM_HEAD.removesuffix(".weight")]
     q, used = {}, set()
     for m in modules:
-        names = [k for k in store.keys() if k.startswith(m + ".")]
-        if not names or f"{m}.weight" in store and len(names) <= 2 and not any("scale" in k for k in names):
-            continue  # an unquantized linear (weight [+ bias]) stays in fp
-        q[m] = _unpack(qcfg, {k.removeprefix(m + "."): store.get(k) for k in names})
-        used.update(names)
+        parts = {k.removeprefix(m + "."): k for k in store.keys() if k.startswith(m + ".")}  # suffix → key
+        if parts.keys() <= FP_LINEAR_PARTS:
+            continue  # absent, or an unquantized linear: stays in fp
+        q[m] = _unpack(qcfg, {suffix: store.get(k) for suffix, k in parts.items()})
+        used.update(parts.values())
     fp = {k: store.get(k) for k in store.keys() if k not in used}
     return QuantizedModel(cfg, fp, q, {"read_from": str(d), "format": qcfg.get("quant_method")})

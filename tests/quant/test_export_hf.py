@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lorafast_export.errors import InputError
 from lorafast_export.qform import QScheme, dequantize
-from lorafast_export.quant.export_hf import write_quantized_checkpoint
+from lorafast_export.quant.export_hf import checkpoint_loader_notes, write_quantized_checkpoint
 from lorafast_export.quant.formats import (
     scheme_from_config_group,
     unpack_awq,
@@ -134,6 +134,37 @@ def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tm
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_w8a8_checkpoint_says_how_transformers_rounds_activations(merged, tmp_path, monkeypatch):
+    """compressed-tensors cannot express our absmax/127 activation scale: transformers computes absmax/127.5.
+
+    The checkpoint keeps our semantics (vLLM's); the facts say what transformers does, and transformers' logits
+    equal our fake-quant model's with that one rounding swapped in."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    import lorafast_export.qform as qform
+    from lorafast_export.model.quantized import fake_quant_decoder
+    from lorafast_export.quant.formats import ct_fake_quant_int8_per_token
+
+    qm, facts = export(merged, tmp_path, "smoothquant", "compressed-tensors")
+    assert "absmax/127.5" in " ".join(facts["loader_notes"])
+    assert checkpoint_loader_notes(tmp_path) == facts["loader_notes"]  # what the hf target's session can show
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = random_ids(2, 16, seed=3)
+    with torch.no_grad():
+        theirs, ours = model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0]
+        monkeypatch.setattr(qform, "fake_quant_int8_per_token", ct_fake_quant_int8_per_token)
+        ours_ct_rounding = fake_quant_decoder(qm)(ids)[0]
+    torch.testing.assert_close(theirs, ours_ct_rounding, atol=1e-4, rtol=1e-4)
+    assert (theirs - ours).abs().max() > 1e-3  # the difference the note describes is real
+
+
+def test_weight_only_checkpoints_have_no_loader_notes(merged, tmp_path):
+    _, facts = export(merged, tmp_path, "rtn", "compressed-tensors", group_size=32)
+    assert "loader_notes" not in facts and checkpoint_loader_notes(tmp_path) == []
+    assert checkpoint_loader_notes(merged) == []  # not quantized at all
 
 
 @pytest.mark.parametrize("fmt,quant", [("gptq", {"group_size": 32, "act_order": True}), ("awq", {"group_size": 32}),

@@ -2,10 +2,18 @@ import pytest
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.qform import QScheme, dequantize, group_index, with_fields, zero_points
+from lorafast_export.qform import (
+    QScheme,
+    dequantize,
+    fake_quant_int8_per_token,
+    group_index,
+    with_fields,
+    zero_points,
+)
 from lorafast_export.quant.formats import (
     awq_quant_config,
     compressed_tensors_config,
+    ct_fake_quant_int8_per_token,
     gptq_quant_config,
     pack_awq,
     pack_compressed_tensors,
@@ -217,7 +225,7 @@ def test_compressed_tensors_int_quantized_w8a8_round_trip(symmetric):
 
 
 def test_compressed_tensors_config_shape():
-    cfg = compressed_tensors_config(QScheme(bits=4, group_size=128, symmetric=False, act_order=True))
+    cfg = compressed_tensors_config(QScheme(bits=4, group_size=128, symmetric=False))
     group = cfg["config_groups"]["group_0"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     assert cfg["ignore"] == ["lm_head"] and group["targets"] == ["Linear"]
@@ -228,17 +236,53 @@ def test_compressed_tensors_config_shape():
         "strategy": "group",
         "group_size": 128,
         "dynamic": False,
-        "actorder": "group",
+        "actorder": None,
         "block_structure": None,
     }
     assert group["input_activations"] is None
-    assert scheme_from_config_group(group) == QScheme(4, 128, False, True)
+    assert scheme_from_config_group(group) == QScheme(4, 128, False)
     per_channel = compressed_tensors_config(QScheme(bits=8, group_size=-1, symmetric=True))
     assert per_channel["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
 
 
+def test_compressed_tensors_config_refuses_act_order():
+    """0.20 removed actorder "group" (g_idx); "weight" means groups in column order, which is not our act-order."""
+    with pytest.raises(InputError, match="act-order"):
+        compressed_tensors_config(QScheme(bits=4, group_size=128, symmetric=True, act_order=True))
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+    assert not scheme_from_config_group({"weights": {**weights, "actorder": "weight"}}).act_order
+    assert scheme_from_config_group({"weights": {**weights, "actorder": "group"}}).act_order  # legacy, < 0.20
+
+
+def test_compressed_tensors_config_validates_upstream_when_installed():
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    w8a8 = QScheme(8, -1, True, act_quant="int8_per_token_dynamic")
+    for scheme in (QScheme(4, 32, False), QScheme(8, -1, True), w8a8):
+        ct.QuantizationConfig.model_validate(compressed_tensors_config(scheme))
+
+
+def test_ct_activation_rounding_matches_compressed_tensors_when_installed():
+    """What transformers runs for our W8A8 config: absmax/127.5, [-128, 127]; not our absmax/127."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    group = compressed_tensors_config(QScheme(8, -1, True, act_quant="int8_per_token_dynamic"))["config_groups"]
+    args = ct.QuantizationArgs.model_validate(group["group_0"]["input_activations"])
+    x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 9, 48)
+    x[0, 3] = 0.0  # an all-zero token
+    scale, zp = compute_dynamic_scales_and_zp(x, args, module=None)
+    theirs = fake_quantize(x, scale, zp, args)
+    assert torch.equal(ct_fake_quant_int8_per_token(x), theirs)
+    assert not torch.equal(fake_quant_int8_per_token(x), theirs)
+
+
 def test_compressed_tensors_matches_upstream_packer_when_installed():
-    pq = pytest.importorskip("compressed_tensors.compressors.quantized_compressors.pack_quantized")
+    pytest.importorskip("compressed_tensors")
+    try:  # compressed-tensors >= 0.20 moved its packer
+        import compressed_tensors.compressors.pack_quantized.helpers as pq
+    except ImportError:
+        pq = pytest.importorskip("compressed_tensors.compressors.quantized_compressors.pack_quantized")
     qt = random_qtensor(16, 40, 4, 8, symmetric=False, seed=9)
     signed = (qt.codes.to(torch.int16) - 8).to(torch.int8)
     assert torch.equal(pack_compressed_tensors(qt)["weight_packed"], pq.pack_to_int32(signed, 4))

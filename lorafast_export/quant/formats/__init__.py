@@ -4,6 +4,8 @@ from lorafast_export.quant.formats.awq import awq_quant_config, pack_awq, unpack
 from lorafast_export.quant.formats.compressed_tensors import (
     compressed_tensors_config,
     compressed_tensors_format,
+    compressed_tensors_loader_notes,
+    ct_fake_quant_int8_per_token,
     pack_compressed_tensors,
     scheme_from_config_group,
     unpack_compressed_tensors,
@@ -14,6 +16,8 @@ __all__ = [
     "awq_quant_config",
     "compressed_tensors_config",
     "compressed_tensors_format",
+    "compressed_tensors_loader_notes",
+    "ct_fake_quant_int8_per_token",
     "gptq_quant_config",
     "pack_awq",
     "pack_compressed_tensors",

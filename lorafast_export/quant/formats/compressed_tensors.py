@@ -6,7 +6,8 @@
   weight_scale [out, n_groups]            (float, dtype kept)
   weight_zero_point int32 [ceil(out/pf), n_groups]  asymmetric only, packed along the OUTPUT dim
   weight_shape int64 [2]                  (out, in)
-  weight_g_idx int32 [in]                 act-order only
+  weight_g_idx int32 [in]                 act-order, compressed-tensors < 0.20 only (read back; the config
+                                          refuses act-order, so exports never carry it)
 compressed-tensors' signed values are q - 2**(bits-1) and it packs q_signed + 2**(bits-1): exactly our
 unsigned codes and zero points. Defined by compressed-tensors compressors/quantized_compressors/
 pack_quantized.py `pack_to_int32` / `unpack_from_int32` / `PackedQuantizationCompressor.compress_weight`.
@@ -15,6 +16,20 @@ pack_quantized.py `pack_to_int32` / `unpack_from_int32` / `PackedQuantizationCom
 [out, n_groups], weight_zero_point int8 [out, n_groups] = zero - 128 (asymmetric only; symmetric zero
 points are not saved). Defined by compressors/quantized_compressors/naive_quantized.py
 (`IntQuantizationCompressor`) and BaseQuantizationCompressor._skip_zp.
+
+What the config cannot say (compressed-tensors 0.20.1, checked in its source):
+- act-order with a g_idx (GPTQ desc_act, our act-order): compressed-tensors < 0.20 called it actorder "group"
+  and stored weight_g_idx; 0.20 removed it (QuantizationArgs rejects "group"/"dynamic"/True, and nothing reads
+  weight_g_idx). Its remaining value "weight" means act-order during calibration only, groups in column order,
+  i.e. no g_idx: not our act-order. So act-order models are refused (export them as GPTQ).
+- W8A8 activation rounding. The config says "dynamic symmetric int8 per token", and runtimes disagree on what
+  that computes. vLLM (`scaled_int8_quant`) and our IR: scale = absmax/127, codes in [-127, 127].
+  compressed-tensors' own forward (what transformers runs: `forward_quantize` → `compute_dynamic_scales_and_zp`
+  → `calculate_qparams`): scale = absmax / ((127 - (-128)) / 2) = absmax/127.5, codes x/scale clamped to
+  [-128, 127] and rounded half-to-even (`ct_fake_quant_int8_per_token`). The int range is fixed by num_bits,
+  so no setting (symmetric, strategy, observer, scale_dtype, zp_dtype) expresses absmax/127: transformers'
+  logits of a W8A8 checkpoint differ from ours by that activation rounding (the weights are exact), as
+  `compressed_tensors_loader_notes` says in the manifest.
 """
 
 from __future__ import annotations
@@ -30,6 +45,13 @@ from lorafast_export.quant.formats.common import cast_scales, require
 from lorafast_export.quant.formats.packing import pack_int32, unpack_int32
 
 CT_FORMATS = ("pack-quantized", "int-quantized")
+ACT_ORDER_REFUSAL = ("compressed-tensors cannot hold act-order groups (g_idx): actorder 'group' was removed in "
+                     "compressed-tensors 0.20 and 'weight' means groups in column order. Export act-order models "
+                     "as gptq, or quantize without --act-order")
+W8A8_LOADER_NOTE = ("transformers (through compressed-tensors) quantizes this checkpoint's activations with scale "
+                    "absmax/127.5 and codes in [-128, 127]; our quantized model and vLLM use absmax/127 and "
+                    "[-127, 127]. The weights are bit-exact: the artifact stage's difference from stage quantized "
+                    "(vs previous) is that activation rounding.")
 
 
 def compressed_tensors_format(scheme: QScheme) -> str:
@@ -109,6 +131,8 @@ def unpack_compressed_tensors(tensors: dict[str, torch.Tensor], scheme: QScheme,
 
 
 def _weight_args(scheme: QScheme) -> dict[str, Any]:
+    if scheme.act_order:
+        raise InputError(ACT_ORDER_REFUSAL)
     grouped = scheme.group_size != -1
     return {
         "num_bits": scheme.bits,
@@ -117,7 +141,7 @@ def _weight_args(scheme: QScheme) -> dict[str, Any]:
         "strategy": "group" if grouped else "channel",
         "group_size": scheme.group_size if grouped else None,
         "dynamic": False,
-        "actorder": "group" if scheme.act_order else None,
+        "actorder": None,
         "block_structure": None,
     }
 
@@ -140,7 +164,10 @@ def compressed_tensors_config(
     ignore: tuple[str, ...] = ("lm_head",),
     targets: tuple[str, ...] = ("Linear",),
 ) -> dict[str, Any]:
-    """The `quantization_config` of config.json for one scheme applied to every `targets` module."""
+    """The `quantization_config` of config.json for one scheme applied to every `targets` module.
+
+    Refuses act-order (see the module doc). W8A8 is written as dynamic symmetric int8 per token: exact for vLLM,
+    rounded differently by transformers (`compressed_tensors_loader_notes`)."""
     fmt = fmt or compressed_tensors_format(scheme)
     group = {
         "targets": list(targets),
@@ -158,6 +185,24 @@ def compressed_tensors_config(
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
+
+
+def compressed_tensors_loader_notes(act_quant: str | None) -> list[str]:
+    """What transformers computes differently from our quantized model for a checkpoint of this activation
+    quantization (for the manifest and the report)."""
+    return [W8A8_LOADER_NOTE] if act_quant is not None else []
+
+
+def ct_fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] → compressed-tensors 0.20.1's dynamic symmetric int8 per-token quantize-dequantize.
+
+    scale = absmax/127.5 (0 → eps), codes = clamp(x/scale, -128, 127) rounded half-to-even. Theirs reduces over
+    every dim but the first two, so it is per token for [batch, seq, in] inputs (the shape transformers passes).
+    Ours: qform.fake_quant_int8_per_token (absmax/127, [-127, 127])."""
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1, keepdim=True)  # [..., 1]
+    scale = torch.where(absmax == 0, torch.finfo(torch.float32).eps, absmax / 127.5)
+    return (xf / scale).clamp(-128, 127).round().mul(scale).to(x.dtype)
 
 
 def scheme_from_config_group(group: dict[str, Any]) -> QScheme:
@@ -185,6 +230,6 @@ def scheme_from_config_group(group: dict[str, Any]) -> QScheme:
         bits=w["num_bits"],
         group_size=group_size,
         symmetric=w.get("symmetric", True),
-        act_order=w.get("actorder") in ("group", "dynamic"),
+        act_order=w.get("actorder") in ("group", "dynamic"),  # legacy (< 0.20) g_idx act-order; "weight" has none
         act_quant=act_quant,
     )
