@@ -28,6 +28,10 @@ class HFSession:
                 "(GPTQ/AWQ: pip install gptqmodel==7.6.0 optimum==2.3.0), use --hf-format compressed-tensors, "
                 "or build with --no-validate.") from None
         self.device = device
+        from lorafast_export.quant.export_hf import checkpoint_loader_notes
+
+        # e.g. a W8A8 compressed-tensors checkpoint: transformers rounds activations differently from our form
+        self.runtime_note = " ".join(checkpoint_loader_notes(model_dir)) or None
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,10 @@ def test_w8a8_checkpoint_says_how_transformers_rounds_activations(merged, tmp_pa
 
     qm, facts = export(merged, tmp_path, "smoothquant", "compressed-tensors")
     assert "absmax/127.5" in " ".join(facts["loader_notes"])
-    assert checkpoint_loader_notes(tmp_path) == facts["loader_notes"]  # what the hf target's session can show
+    assert checkpoint_loader_notes(tmp_path) == facts["loader_notes"]
+    from lorafast_export.targets.hf import HFSession
+
+    assert HFSession(tmp_path).runtime_note == " ".join(facts["loader_notes"])  # reaches the report's note
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
