@@ -167,15 +167,21 @@ def test_biases_and_tied_embeddings(tmp_path):
                 assert torch.equal(build_decoder(cfg, state)(ids)[0], want), f"{family} {name}"
 
 
-def test_tensor_parallel_shards_reassemble(tmp_path):
-    """Every tp x pp split reads back to the same full tensors, and the shards have the documented shapes."""
-    merged = merged_model(tmp_path)
-    qm = quantized(merged, QUANTIZERS["awq"])
+def _splits_read_back_whole(merged, qm, tmp_path):
+    """Lower qm as legacy tp x pp splits; each must read back to exactly the tp1 tensors. Yields (tp, pp, dir)."""
     full = read_bundle(_lowered(merged, qm, tmp_path / "tp1", {"legacy": True}), runtime=False)[1]
     for tp, pp in ((2, 1), (1, 2), (2, 2)):
         out = _lowered(merged, qm, tmp_path / f"tp{tp}pp{pp}", {"legacy": True, "tp": tp, "pp": pp})
         st = read_bundle(out, runtime=False)[1]
-        assert st.keys() == full.keys() and all(torch.equal(st[k], full[k]) for k in st)
+        assert st.keys() == full.keys() and all(torch.equal(st[k], full[k]) for k in st), (tp, pp)
+        yield tp, pp, out
+
+
+def test_tensor_parallel_shards_reassemble(tmp_path):
+    """Every tp x pp split reads back to the same full tensors, and the shards have the documented shapes."""
+    merged = merged_model(tmp_path)
+    qm = quantized(merged, QUANTIZERS["awq"])
+    for tp, _, out in _splits_read_back_whole(merged, qm, tmp_path):
         r0 = load_file(str(out / "rank0.safetensors"))
         assert r0["transformer.vocab_embedding.weight"].shape == (128 // tp, 128)  # 96 padded to 128 for AWQ
         assert r0["transformer.layers.0.attention.qkv.weight"].shape == ((128 + 64 + 64) // tp // 2, 128)
@@ -225,11 +231,7 @@ def test_smoothquant_shards_have_the_documented_layout(tmp_path):
     scale_to_int, and every tp x pp split reads back to the same full tensors and smoothers."""
     merged = merged_model(tmp_path)
     qm = quantized(merged, QUANTIZERS["smoothquant"])
-    full = read_bundle(_lowered(merged, qm, tmp_path / "tp1", {"legacy": True}), runtime=False)[1]
-    for tp, pp in ((2, 1), (1, 2), (2, 2)):
-        out = _lowered(merged, qm, tmp_path / f"tp{tp}pp{pp}", {"legacy": True, "tp": tp, "pp": pp})
-        st = read_bundle(out, runtime=False)[1]
-        assert st.keys() == full.keys() and all(torch.equal(st[k], full[k]) for k in st)
+    for tp, _, out in _splits_read_back_whole(merged, qm, tmp_path):
         smoothers = read_smoothers(out)
         assert set(smoothers) == {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj",
                                                                                    "mlp.down_proj")}
