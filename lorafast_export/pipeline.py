@@ -93,13 +93,14 @@ def stage_merge(ctx: BuildContext) -> None:
         ctx.merged = merged_view(ctx.base, ctx.adapters, ctx.merged_dir, ctx.recipe.merge.dtype)
         plan, hit = ctx.merged.store.plan, False
     else:
-        with ctx.cache.entry("merged", merge_key(ctx)) as (path, hit):
+        key = merge_key(ctx)
+        with ctx.cache.entry("merged", key) as (path, hit):
             if hit:
                 plan = plan_merge(ctx.base, ctx.adapters)
             else:
                 plan = merge(ctx.base, ctx.adapters, path, dtype=ctx.recipe.merge.dtype,
                              on_group=lambda g: ctx.progress("merge", g))
-        ctx.merged_dir = ctx.cache.path("merged", merge_key(ctx))
+        ctx.merged_dir = ctx.cache.path("merged", key)
         ctx.merged = open_model(ctx.merged_dir)
     ctx.facts["merge"] = {"cached": hit, "written": ctx.recipe.quant.method == "none",
                           "untied_embeddings": plan.untie, "notes": plan.notes,

@@ -8,15 +8,12 @@ from lorafast_export.cli import main
 from lorafast_export.load import open_model
 from lorafast_export.model.decoder import load_decoder
 from lorafast_export.validate.candidates import decoder_greedy
-from tests.merge.test_merge_vs_peft import ALL, make_adapter
-from tests.tiny import make_model, save_char_tokenizer, save_model
+from tests.merge.test_merge_vs_peft import ALL
+from tests.tiny import save_base_and_adapter
 
 
 def test_generate_matches_decoder_and_resumes(tmp_path):
-    base = make_model("llama")
-    save_model(base, tmp_path / "base")
-    save_char_tokenizer(tmp_path / "base")
-    make_adapter(base, tmp_path / "ad", target_modules=ALL)
+    save_base_and_adapter(tmp_path, target_modules=ALL)
     r = CliRunner().invoke(main, ["-q", "build", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
                                   "--out", str(tmp_path / "art"), "--no-validate"])
     assert r.exit_code == 0, r.output

@@ -11,17 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from lorafast_export.cli import main
-from tests.merge.test_merge_vs_peft import ALL, make_adapter
-from tests.tiny import make_model, save_char_tokenizer, save_model, write_text
+from tests.merge.test_merge_vs_peft import ALL
+from tests.tiny import save_base_and_adapter, write_text
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
-    base = make_model("llama")
-    save_model(base, root / "base")
-    save_char_tokenizer(root / "base")
-    make_adapter(base, root / "ad", target_modules=ALL)
+    save_base_and_adapter(root, target_modules=ALL)
     write_text(root / "eval.txt")
     (root / "prompts.txt").write_text("the model\n")
     return root

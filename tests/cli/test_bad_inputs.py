@@ -11,16 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from lorafast_export.cli import main
 from tests.merge.test_merge_vs_peft import make_adapter
-from tests.tiny import make_model, save_char_tokenizer, save_model
+from tests.tiny import make_model, save_base_and_adapter
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("good")
-    base = make_model("llama")
-    save_model(base, root / "base")
-    save_char_tokenizer(root / "base")
-    make_adapter(base, root / "ad", target_modules=["q_proj", "v_proj"])
+    base = save_base_and_adapter(root, target_modules=["q_proj", "v_proj"])
     make_adapter(base, root / "dora", target_modules=["q_proj"], use_dora=True)
     other = make_model("llama", hidden=48, vocab=80)
     make_adapter(other, root / "other", target_modules=["q_proj"])

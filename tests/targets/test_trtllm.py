@@ -27,7 +27,7 @@ from lorafast_export.targets.registry import LowerInput, get_target
 from lorafast_export.targets.trt.layout import flat_config, layout, modelopt_sq_as_ours
 from lorafast_export.targets.trt.pack import pack_int4_rows, unpack_int4_rows
 from lorafast_export.targets.trt.reader import quantize_tokens, read_bundle, read_smoothers, reference_decoder
-from tests.tiny import make_model, save_char_tokenizer, save_model
+from tests.tiny import make_model, save_base_and_adapter, save_char_tokenizer, save_model
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -468,13 +468,10 @@ def test_build_with_dora_adapter_end_to_end(tmp_path):
     """base + DoRA → merge → rtn (W4A16) → legacy tp2 bundle → validation reads it back: the artifact stage is
     our reading of the bundle and sits within fp16 rounding of the quantized stage."""
     from lorafast_export.pipeline import run_build
-    from tests.merge.test_merge_vs_peft import ALL, make_adapter
+    from tests.merge.test_merge_vs_peft import ALL
     from tests.tiny import write_text
 
-    base = make_model("llama", **DIMS)
-    save_model(base, tmp_path / "base")
-    save_char_tokenizer(tmp_path / "base")
-    make_adapter(base, tmp_path / "ad", target_modules=ALL, use_dora=True)
+    save_base_and_adapter(tmp_path, DIMS, target_modules=ALL, use_dora=True)
     write_text(tmp_path / "eval.txt", 2000)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
     recipe = Recipe.from_dict({
@@ -503,14 +500,11 @@ def test_cli_build_smoothquant_legacy_tp2_passes_gates(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from lorafast_export.cli import main
-    from tests.merge.test_merge_vs_peft import ALL, make_adapter
+    from tests.merge.test_merge_vs_peft import ALL
     from tests.tiny import write_text
 
     monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / "cache"))
-    base = make_model("llama", **DIMS)
-    save_model(base.half(), tmp_path / "base")
-    save_char_tokenizer(tmp_path / "base")
-    make_adapter(base.float(), tmp_path / "ad", target_modules=ALL)
+    save_base_and_adapter(tmp_path, DIMS, half_base=True, target_modules=ALL)
     write_text(tmp_path / "calib.txt", 4000, seed=3)
     write_text(tmp_path / "eval.txt", 2000, seed=4)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")

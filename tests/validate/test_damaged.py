@@ -12,17 +12,14 @@ from lorafast_export.recipe import Recipe
 from lorafast_export.report.attribution import error_entry
 from lorafast_export.validate.candidates import decoder_candidate
 from lorafast_export.validate.run import ValidationInputs, run_validation
-from tests.merge.test_merge_vs_peft import ALL, make_adapter
-from tests.tiny import make_model, save_char_tokenizer, save_model, write_text
+from tests.merge.test_merge_vs_peft import ALL
+from tests.tiny import save_base_and_adapter, write_text
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dmg")
-    base = make_model("llama", layers=2)
-    save_model(base, root / "base")
-    save_char_tokenizer(root / "base")
-    make_adapter(base, root / "ad", target_modules=ALL)
+    save_base_and_adapter(root, {"layers": 2}, target_modules=ALL)
     write_text(root / "e.txt", n_chars=3000)
     (root / "p.txt").write_text("the model\n")
     bm, ad = open_model(root / "base"), open_adapter(str(root / "ad"))

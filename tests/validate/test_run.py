@@ -6,17 +6,14 @@ import pytest
 from click.testing import CliRunner
 
 from lorafast_export.cli import main
-from tests.merge.test_merge_vs_peft import ALL, make_adapter
-from tests.tiny import make_model, save_char_tokenizer, save_model, write_text
+from tests.merge.test_merge_vs_peft import ALL
+from tests.tiny import save_base_and_adapter, write_text
 
 
 @pytest.fixture()
 def inputs(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / "cache"))
-    base = make_model("llama")
-    save_model(base.half(), tmp_path / "base")
-    save_char_tokenizer(tmp_path / "base")
-    make_adapter(base.float(), tmp_path / "ad", target_modules=ALL, use_dora=True)
+    save_base_and_adapter(tmp_path, half_base=True, target_modules=ALL, use_dora=True)
     write_text(tmp_path / "a.txt", seed=1)
     write_text(tmp_path / "b.txt", seed=2)
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "the model"}\n{"prompt": "def merge"}\n')
