@@ -54,7 +54,7 @@ def make(out: Path) -> None:
     from lorafast_export.model.quantized import fake_quant_decoder
     from lorafast_export.quant.export_hf import write_quantized_checkpoint
     from lorafast_export.quant.formats import ct_fake_quant_int8_per_token
-    from lorafast_export.quant.pipeline import quantize_checkpoint
+    from lorafast_export.quant.walk import quantize_checkpoint
     from tests.tiny import make_model, save_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -62,25 +62,42 @@ def make(out: Path) -> None:
     calib = torch.randint(0, 128, (16, 32), generator=g)
     held = torch.randint(0, 128, (2, 24), generator=g)
     for fam in ("llama", "qwen2"):
-        save_model(make_model(fam, hidden=64, heads=4, kv_heads=4 if fam == "llama" else 2,
-                              intermediate_size=128, vocab=128), out / f"merged-{fam}")
+        save_model(
+            make_model(
+                fam, hidden=64, heads=4, kv_heads=4 if fam == "llama" else 2, intermediate_size=128, vocab=128
+            ),
+            out / f"merged-{fam}",
+        )
     for name, fam, method, fmt, extra in CASES:
         qm = quantize_checkpoint(out / f"merged-{fam}", {"method": method, **extra}, calib_ids=calib)
         recipe = SimpleNamespace(target=SimpleNamespace(hf_format=fmt))
-        write_quantized_checkpoint(SimpleNamespace(merged_dir=out / f"merged-{fam}", recipe=recipe, quantized=qm),
-                                   out / name)
+        write_quantized_checkpoint(
+            SimpleNamespace(merged_dir=out / f"merged-{fam}", recipe=recipe, quantized=qm), out / name
+        )
         dec = fake_quant_decoder(qm)
         with torch.no_grad():
             logits = dec(held)[0]
             logits_fp16 = fake_quant_decoder(qm, dtype=torch.float16)(held)[0].float()  # yardstick
-            orig, qform.fake_quant_int8_per_token = qform.fake_quant_int8_per_token, ct_fake_quant_int8_per_token
+            orig, qform.fake_quant_int8_per_token = (
+                qform.fake_quant_int8_per_token,
+                ct_fake_quant_int8_per_token,
+            )
             try:
                 logits_ct = dec(held)[0]
             finally:
                 qform.fake_quant_int8_per_token = orig
-        torch.save({"held": held, "logits": logits, "logits_ct_act": logits_ct, "logits_fp16": logits_fp16,
-                    "weights": {k: qform.dequantize(qt) for k, qt in qm.q.items()},
-                    "act_quant": qm.settings["method"] == "smoothquant", "format": fmt}, out / name / "expected.pt")
+        torch.save(
+            {
+                "held": held,
+                "logits": logits,
+                "logits_ct_act": logits_ct,
+                "logits_fp16": logits_fp16,
+                "weights": {k: qform.dequantize(qt) for k, qt in qm.q.items()},
+                "act_quant": qm.settings["method"] == "smoothquant",
+                "format": fmt,
+            },
+            out / name / "expected.pt",
+        )
         print(f"wrote {name}")
 
 
@@ -130,12 +147,19 @@ def check(path: Path) -> dict:
         worst = max(worst, float((got - w).abs().max()))
         exact32 &= torch.equal(got, w)
         exact16 &= torch.equal(got.half(), w.half())
-    return {"checkpoint": path.name, "module": kind, "weights_max_abs_diff": worst, "weights_bit_exact_fp32": exact32,
-            "weights_bit_exact_fp16": exact16, "logits_max_abs_diff": float((logits - exp["logits"]).abs().max()),
-            "logits_scale": float(exp["logits"].abs().max()),
-            "ours_fp16_vs_fp32": float((exp["logits_fp16"] - exp["logits"]).abs().max()),
-            "logits_max_abs_diff_ct_act_rounding": float((logits - exp["logits_ct_act"]).abs().max())
-            if exp["act_quant"] else None}
+    return {
+        "checkpoint": path.name,
+        "module": kind,
+        "weights_max_abs_diff": worst,
+        "weights_bit_exact_fp32": exact32,
+        "weights_bit_exact_fp16": exact16,
+        "logits_max_abs_diff": float((logits - exp["logits"]).abs().max()),
+        "logits_scale": float(exp["logits"].abs().max()),
+        "ours_fp16_vs_fp32": float((exp["logits_fp16"] - exp["logits"]).abs().max()),
+        "logits_max_abs_diff_ct_act_rounding": float((logits - exp["logits_ct_act"]).abs().max())
+        if exp["act_quant"]
+        else None,
+    }
 
 
 def load(out: Path, loader: str) -> None:
@@ -147,18 +171,22 @@ def load(out: Path, loader: str) -> None:
             except Exception as e:  # noqa: BLE001 - a benchmark: record the failure and go on to the next
                 rows.append({"checkpoint": name, "error": f"{type(e).__name__}: {e}"[:300]})
             print(json.dumps(rows[-1]))
-    print("| checkpoint | module | weights max abs diff | bit-exact fp32 / fp16 | logits max abs diff (scale) "
-          "| ours fp16 vs fp32 | W8A8: logits vs ours with CT's activation rounding |")
+    print(
+        "| checkpoint | module | weights max abs diff | bit-exact fp32 / fp16 | logits max abs diff (scale) "
+        "| ours fp16 vs fp32 | W8A8: logits vs ours with CT's activation rounding |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['checkpoint']} | ERROR | {r['error']} | | | | |")
             continue
         ct = r["logits_max_abs_diff_ct_act_rounding"]
-        print(f"| {r['checkpoint']} | {r['module']} | {r['weights_max_abs_diff']:.2e} | "
-              f"{r['weights_bit_exact_fp32']} / {r['weights_bit_exact_fp16']} | "
-              f"{r['logits_max_abs_diff']:.2e} ({r['logits_scale']:.1f}) | {r['ours_fp16_vs_fp32']:.2e} | "
-              f"{'' if ct is None else f'{ct:.2e}'} |")
+        print(
+            f"| {r['checkpoint']} | {r['module']} | {r['weights_max_abs_diff']:.2e} | "
+            f"{r['weights_bit_exact_fp32']} / {r['weights_bit_exact_fp16']} | "
+            f"{r['logits_max_abs_diff']:.2e} ({r['logits_scale']:.1f}) | {r['ours_fp16_vs_fp32']:.2e} | "
+            f"{'' if ct is None else f'{ct:.2e}'} |"
+        )
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ CHILD = r"""
 import json, sys, threading, time
 from pathlib import Path
 import torch
-from lorafast_export.load import open_adapter, open_model
+from lorafast_export.adapters import open_adapter
+from lorafast_export.weights import open_model
 from lorafast_export.merge import merge
 
 def anon_kb():
@@ -48,8 +49,14 @@ def make_checkpoint(root: Path, layers: int, hidden: int, inter: int) -> tuple[P
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=inter,
-                                   num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4)
+    cfg = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(root / "base")
@@ -65,12 +72,22 @@ def measure(layers: int, hidden: int, inter: int, shard_mb: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         base, ad, total, layer = make_checkpoint(Path(d), layers, hidden, inter)
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", CHILD, str(base), str(ad), str(Path(d) / "out"),
-                              str(shard_mb << 20)], capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", CHILD, str(base), str(ad), str(Path(d) / "out"), str(shard_mb << 20)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         wall = time.perf_counter() - t0
         peak = json.loads(res.stdout.strip().splitlines()[-1])["peak_delta_mb"]
-    return {"layers": layers, "model_mb": total / 2**20, "layer_mb": layer / 2**20, "shard_mb": shard_mb,
-            "peak_delta_mb": peak, "wall_s": wall}
+    return {
+        "layers": layers,
+        "model_mb": total / 2**20,
+        "layer_mb": layer / 2**20,
+        "shard_mb": shard_mb,
+        "peak_delta_mb": peak,
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -83,8 +100,10 @@ def main() -> None:
     r = measure(a.layers, a.hidden, a.inter, a.shard_mb)
     print("| layers | model MB | one layer MB | shard MB | peak extra RSS MB | wall s |")
     print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| {r['layers']} | {r['model_mb']:.0f} | {r['layer_mb']:.1f} | {r['shard_mb']} | "
-          f"{r['peak_delta_mb']:.0f} | {r['wall_s']:.1f} |")
+    print(
+        f"| {r['layers']} | {r['model_mb']:.0f} | {r['layer_mb']:.1f} | {r['shard_mb']} | "
+        f"{r['peak_delta_mb']:.0f} | {r['wall_s']:.1f} |"
+    )
 
 
 if __name__ == "__main__":

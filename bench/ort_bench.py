@@ -39,7 +39,15 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ["transformers", "builder-fp32", "ours-fp32", "builder-int4", "ours-int4", "ours-int4-exact", "ours-int4-asym"]
+VARIANTS = [
+    "transformers",
+    "builder-fp32",
+    "ours-fp32",
+    "builder-int4",
+    "ours-int4",
+    "ours-int4-exact",
+    "ours-int4-asym",
+]
 INT4 = {  # variant → (quant settings, MatMulNBits accuracy_level)
     "ours-int4": ({"symmetric": True}, 4),
     "ours-int4-exact": ({"symmetric": True}, 0),
@@ -56,23 +64,38 @@ def random_llama(out: Path) -> None:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                                   num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
-                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
     model.save_pretrained(out)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32000)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                         model_input_names=["input_ids", "attention_mask"]).save_pretrained(out)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(out)
 
 
 def demo_merged(out: Path, demo_dir: Path) -> None:
     """The bundled demo base with its LoRA merged (what `build --target onnxruntime` lowers by default)."""
-    from lorafast_export.load import open_adapter, open_model
+    from lorafast_export.adapters import open_adapter
     from lorafast_export.merge import merge
+    from lorafast_export.weights import open_model
 
     merge(open_model(demo_dir / "base"), [open_adapter(f"{demo_dir / 'lora'}:1.0")], out, dtype="float32")
 
@@ -91,25 +114,52 @@ def prepare_merged(model: str, work: Path, demo_dir: Path) -> Path:
 
 
 def quantize_int4(merged: Path, symmetric: bool):
-    from lorafast_export.quant.pipeline import quantize_checkpoint
+    from lorafast_export.quant.walk import quantize_checkpoint
 
-    return quantize_checkpoint(merged, {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": symmetric,
-                                        "quantize_lm_head": True, "device": "cpu"})  # the builder's int4 does too
+    return quantize_checkpoint(
+        merged,
+        {
+            "method": "rtn",
+            "bits": 4,
+            "group_size": 32,
+            "symmetric": symmetric,
+            "quantize_lm_head": True,
+            "device": "cpu",
+        },
+    )  # the builder's int4 does too
 
 
 def build_ours(merged: Path, out: Path, qm, accuracy_level: int) -> None:
-    from lorafast_export.load import open_model
     from lorafast_export.recipe import Recipe
     from lorafast_export.targets.registry import LowerInput, get_target
+    from lorafast_export.weights import open_model
 
-    recipe = Recipe().with_overrides({"target.name": "onnxruntime", "target.dtype": "float32",
-                                      "target.options": {"accuracy_level": accuracy_level}})
+    recipe = Recipe().with_overrides(
+        {
+            "target.name": "onnxruntime",
+            "target.dtype": "float32",
+            "target.options": {"accuracy_level": accuracy_level},
+        }
+    )
     get_target("onnxruntime").lower(LowerInput(merged, open_model(merged).config, recipe, qm), out)
 
 
 def build_builder(merged: Path, out: Path, precision: str, work: Path) -> None:
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(merged),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(work / "builder-cache"),
+    ]
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
@@ -150,7 +200,7 @@ def eval_ids(merged: Path, vocab: int, n: int, offset: int) -> np.ndarray:
 
         ids = tokenizers.Tokenizer.from_file(str(tok_file)).encode(Path(text_source.__file__).read_text()).ids
         if len(ids) >= offset + n:
-            return np.asarray([ids[offset:offset + n]], dtype=np.int64)
+            return np.asarray([ids[offset : offset + n]], dtype=np.int64)
     return np.random.default_rng(offset).integers(3, vocab, size=(1, n), dtype=np.int64)
 
 
@@ -191,11 +241,16 @@ def run_og(art: Path, prompt: np.ndarray, new: int, trials: int, threads: int) -
     """Best of `trials` (the machine may be shared: the best run is the least disturbed one)."""
     model = og_model(art, threads)
     prefill, decode = zip(*(timed_generation(model, prompt, new) for _ in range(trials)), strict=True)
-    return {"prefill_tok_s": prompt.shape[1] / min(prefill), "decode_tok_s": new / min(decode),
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "prefill_tok_s": prompt.shape[1] / min(prefill),
+        "decode_tok_s": new / min(decode),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
-def run_interleaved(work: Path, variants: list[str], prompt: np.ndarray, new: int, reps: int, threads: int) -> dict:
+def run_interleaved(
+    work: Path, variants: list[str], prompt: np.ndarray, new: int, reps: int, threads: int
+) -> dict:
     """All og variants loaded in one process, runs alternated A, B, C, A, B, C, ...: a busy spell on a shared
     machine then slows every variant alike, so the medians compare the graphs rather than the moments."""
     import statistics
@@ -206,9 +261,15 @@ def run_interleaved(work: Path, variants: list[str], prompt: np.ndarray, new: in
         for v, model in models.items():
             prefill_s, decode_s = timed_generation(model, prompt, new)
             times[v].append((prompt.shape[1] / prefill_s, new / decode_s))
-    return {v: {"prefill_median": statistics.median(t[0] for t in ts), "prefill_max": max(t[0] for t in ts),
-                "decode_median": statistics.median(t[1] for t in ts), "decode_max": max(t[1] for t in ts)}
-            for v, ts in times.items()}
+    return {
+        v: {
+            "prefill_median": statistics.median(t[0] for t in ts),
+            "prefill_max": max(t[0] for t in ts),
+            "decode_median": statistics.median(t[1] for t in ts),
+            "decode_max": max(t[1] for t in ts),
+        }
+        for v, ts in times.items()
+    }
 
 
 def ort_logits(art: Path, ids: np.ndarray, threads: int) -> np.ndarray:
@@ -250,8 +311,11 @@ def run_transformers(merged: Path, prompt: np.ndarray, new: int, ids: np.ndarray
             tok = out.logits[:, -1:].argmax(-1)
             out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
         t2 = time.perf_counter()
-        stats = {"prefill_tok_s": prompt.shape[1] / (t1 - t0), "decode_tok_s": new / (t2 - t1),
-                 "peak_rss_mb": peak_rss_mb()}
+        stats = {
+            "prefill_tok_s": prompt.shape[1] / (t1 - t0),
+            "decode_tok_s": new / (t2 - t1),
+            "peak_rss_mb": peak_rss_mb(),
+        }
         logits = model(input_ids=torch.from_numpy(ids)).logits.float().numpy()
     return stats, logits
 
@@ -264,12 +328,17 @@ def accuracy(ref: np.ndarray, out: np.ndarray) -> dict:
 
     lr, lo = log_softmax(ref[0]), log_softmax(out[0])
     kl = (np.exp(lr) * (lr - lo)).sum(-1)
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1": float((ref[0].argmax(-1) == out[0].argmax(-1)).mean()),
-            "max_abs": float(np.abs(ref - out).max())}
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1": float((ref[0].argmax(-1) == out[0].argmax(-1)).mean()),
+        "max_abs": float(np.abs(ref - out).max()),
+    }
 
 
-def run_one(variant: str, work: Path, merged: Path, prompt_len: int, new: int, trials: int, threads: int) -> None:
+def run_one(
+    variant: str, work: Path, merged: Path, prompt_len: int, new: int, trials: int, threads: int
+) -> None:
     """Child process: one variant's speed, memory and accuracy, printed as one JSON line."""
     vocab = json.loads((merged / "config.json").read_text())["vocab_size"]
     prompt, ids = eval_ids(merged, vocab, prompt_len, 0), eval_ids(merged, vocab, 128, prompt_len)
@@ -285,8 +354,11 @@ def run_one(variant: str, work: Path, merged: Path, prompt_len: int, new: int, t
         logits = ort_logits(work / variant, ids, threads)
     stats.update(accuracy(np.load(ref_path), logits))
     art = work / variant
-    stats["disk_mb"] = (sum(f.stat().st_size for f in art.iterdir() if f.suffix in (".onnx", ".data"))
-                        if art.exists() else sum(f.stat().st_size for f in merged.glob("*.safetensors"))) / 2**20
+    stats["disk_mb"] = (
+        sum(f.stat().st_size for f in art.iterdir() if f.suffix in (".onnx", ".data"))
+        if art.exists()
+        else sum(f.stat().st_size for f in merged.glob("*.safetensors"))
+    ) / 2**20
     print(json.dumps({"variant": variant, **stats}))
 
 
@@ -294,29 +366,47 @@ def run_one(variant: str, work: Path, merged: Path, prompt_len: int, new: int, t
 
 
 def table(rows: list[dict], title: str) -> str:
-    head = ("| backend | prefill tok/s | decode tok/s | peak RSS MB | weights on disk MB | KL mean vs fp32 | "
-            "KL max | same top-1 |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = (
+        "| backend | prefill tok/s | decode tok/s | peak RSS MB | weights on disk MB | KL mean vs fp32 | "
+        "KL max | same top-1 |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     lines = [f"### {title}", "", head]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['disk_mb']:.0f} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['top1']:.3f} |")
+        lines.append(
+            f"| {r['variant']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['disk_mb']:.0f} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['top1']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="random300m", help="random300m | demo | path of a merged HF checkpoint")
+    ap.add_argument(
+        "--model", default="random300m", help="random300m | demo | path of a merged HF checkpoint"
+    )
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=64, help="generated tokens (decode)")
-    ap.add_argument("--demo-dir", type=Path, default=REPO / "lorafast_export" / "data" / "demo",
-                    help="folder with the demo's base/ and lora/ (for --model demo)")
-    ap.add_argument("--trials", type=int, default=2, help="og runs per variant and round; the best is reported")
+    ap.add_argument(
+        "--demo-dir",
+        type=Path,
+        default=REPO / "lorafast_export" / "data" / "demo",
+        help="folder with the demo's base/ and lora/ (for --model demo)",
+    )
+    ap.add_argument(
+        "--trials", type=int, default=2, help="og runs per variant and round; the best is reported"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="round-robin passes over the variants")
-    ap.add_argument("--interleave", type=int, default=8,
-                    help="runs per og variant in the interleaved comparison (0: skip it)")
+    ap.add_argument(
+        "--interleave",
+        type=int,
+        default=8,
+        help="runs per og variant in the interleaved comparison (0: skip it)",
+    )
     ap.add_argument("--cores", default="0,1", help="CPU cores every run is pinned to (taskset -c)")
-    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every backend (torch, onnxruntime)")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="intra-op threads of every backend (torch, onnxruntime)"
+    )
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: child process for one variant
     a = ap.parse_args()
@@ -334,9 +424,27 @@ def main() -> None:
         for v in variants:
             if v == "transformers" and r:
                 continue  # slow, and only the reference
-            cmd = ["taskset", "-c", a.cores, sys.executable, __file__, "--model", str(merged), "--work",
-                   str(a.work), "--prompt", str(a.prompt), "--new", str(a.new), "--trials", str(a.trials),
-                   "--threads", str(a.threads), "--run", v]
+            cmd = [
+                "taskset",
+                "-c",
+                a.cores,
+                sys.executable,
+                __file__,
+                "--model",
+                str(merged),
+                "--work",
+                str(a.work),
+                "--prompt",
+                str(a.prompt),
+                "--new",
+                str(a.new),
+                "--trials",
+                str(a.trials),
+                "--threads",
+                str(a.threads),
+                "--run",
+                v,
+            ]
             env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
@@ -351,21 +459,50 @@ def main() -> None:
     og_variants = [v for v in variants if v != "transformers"]
     inter = {}
     if a.interleave and len(og_variants) > 1:
-        cmd = ["taskset", "-c", a.cores, sys.executable, __file__, "--model", str(merged), "--work", str(a.work),
-               "--prompt", str(a.prompt), "--new", str(a.new), "--trials", str(a.interleave), "--threads",
-               str(a.threads), "--run", "interleaved:" + ",".join(og_variants)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+        cmd = [
+            "taskset",
+            "-c",
+            a.cores,
+            sys.executable,
+            __file__,
+            "--model",
+            str(merged),
+            "--work",
+            str(a.work),
+            "--prompt",
+            str(a.prompt),
+            "--new",
+            str(a.new),
+            "--trials",
+            str(a.interleave),
+            "--threads",
+            str(a.threads),
+            "--run",
+            "interleaved:" + ",".join(og_variants),
+        ]
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        )
         if out.returncode:
             sys.exit(f"interleaved run failed:\n{out.stderr[-3000:]}")
         inter = json.loads(out.stdout.strip().splitlines()[-1])
-    print(table(rows, f"{a.model}: prompt {a.prompt} tokens, {a.new} new tokens, cores {a.cores}, "
-                      f"{a.threads} thread(s), best of {a.rounds}x{a.trials} runs, one process per run"))
+    print(
+        table(
+            rows,
+            f"{a.model}: prompt {a.prompt} tokens, {a.new} new tokens, cores {a.cores}, "
+            f"{a.threads} thread(s), best of {a.rounds}x{a.trials} runs, one process per run",
+        )
+    )
     if inter:
-        print(f"\n### interleaved in one process ({a.interleave} runs each, alternating)\n\n"
-              "| backend | prefill tok/s median | max | decode tok/s median | max |\n|---|---:|---:|---:|---:|")
+        print(
+            f"\n### interleaved in one process ({a.interleave} runs each, alternating)\n\n"
+            "| backend | prefill tok/s median | max | decode tok/s median | max |\n|---|---:|---:|---:|---:|"
+        )
         for v, r in inter.items():
-            print(f"| {v} | {r['prefill_median']:.1f} | {r['prefill_max']:.1f} | {r['decode_median']:.1f} | "
-                  f"{r['decode_max']:.1f} |")
+            print(
+                f"| {v} | {r['prefill_median']:.1f} | {r['prefill_max']:.1f} | {r['decode_median']:.1f} | "
+                f"{r['decode_max']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -56,33 +56,52 @@ def synthetic_model(out: Path, hidden: int, layers: int, vocab: int) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 128 * 128,
-                                   num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                   num_key_value_heads=max(1, hidden // 256), max_position_embeddings=4096)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4 // 128 * 128,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        max_position_embeddings=4096,
+    )
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * p.shape[-1] ** -0.5)
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p)
+                if "norm" in name
+                else torch.randn_like(p) * p.shape[-1] ** -0.5
+            )
     model.save_pretrained(out)
     chars = [chr(c) for c in range(33, 127)]
-    vocab_map = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars, *[f"<f{i}>" for i in range(vocab)]][:vocab])}
+    vocab_map = {
+        t: i
+        for i, t in enumerate(["<unk>", "<s>", "</s>", *chars, *[f"<f{i}>" for i in range(vocab)]][:vocab])
+    }
     tok = Tokenizer(models.BPE(vocab=vocab_map, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                         unk_token="<unk>").save_pretrained(out)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(out)
     return out
 
 
 def quantize_rtn_model(model_dir: Path, bits: int, group_size: int):
-    from lorafast_export.load import open_model
     from lorafast_export.model.quantized import QuantizedModel
     from lorafast_export.model.spec import linear_module_names
     from lorafast_export.quant.rtn import quantize_rtn
+    from lorafast_export.weights import open_model
 
     md = open_model(model_dir)
     fp = {k: md.store.get(k).float() for k in md.store.keys()}
-    q = {m: quantize_rtn(fp.pop(f"{m}.weight"), bits, group_size, symmetric=False, bias=fp.pop(f"{m}.bias", None))
-         for i in range(md.config.num_layers) for m in linear_module_names(i)}
+    q = {
+        m: quantize_rtn(
+            fp.pop(f"{m}.weight"), bits, group_size, symmetric=False, bias=fp.pop(f"{m}.bias", None)
+        )
+        for i in range(md.config.num_layers)
+        for m in linear_module_names(i)
+    }
     head = "model.embed_tokens.weight" if md.config.tie_word_embeddings else fp.pop("lm_head.weight")
     q["lm_head"] = quantize_rtn(fp[head] if isinstance(head, str) else head, 8, -1, symmetric=False)
     return QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": bits, "group_size": group_size})
@@ -94,9 +113,9 @@ def quantize_gptq_model(model_dir: Path, calib: list[str], bits: int, group_size
     import torch
     import transformers
 
-    from lorafast_export.load import open_model
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
+    from lorafast_export.weights import open_model
 
     qm = quantize_rtn_model(model_dir, bits, group_size)  # fp tensors + the int8 lm_head
     dec = load_decoder(open_model(model_dir))
@@ -104,8 +123,10 @@ def quantize_gptq_model(model_dir: Path, calib: list[str], bits: int, group_size
     hooks = []
     for i, layer in enumerate(dec.model.layers):
         for rel, lin in layer.linears().items():
+
             def hook(mod, inp, out, name=f"model.layers.{i}.{rel}"):
                 hess[name] = accumulate_hessian(*hess.get(name, (None, 0)), inp[0])
+
             hooks.append(lin.register_forward_hook(hook))
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     with torch.no_grad():
@@ -116,8 +137,9 @@ def quantize_gptq_model(model_dir: Path, calib: list[str], bits: int, group_size
     md = open_model(model_dir)
     for name in hess:
         w = md.store.get(f"{name}.weight").float()
-        qm.q[name] = gptq_quantize(w, hess[name][0], bits, group_size, symmetric=False, act_order=True,
-                                   bias=qm.q[name].bias)
+        qm.q[name] = gptq_quantize(
+            w, hess[name][0], bits, group_size, symmetric=False, act_order=True, bias=qm.q[name].bias
+        )
     qm.settings["method"] = "gptq"
     return qm
 
@@ -125,11 +147,15 @@ def quantize_gptq_model(model_dir: Path, calib: list[str], bits: int, group_size
 def build_ours(model_dir: Path, out: Path, calib: list[str] | None = None) -> Path:
     from types import SimpleNamespace
 
-    from lorafast_export.load import open_model
     from lorafast_export.targets.registry import LowerInput, get_target
+    from lorafast_export.weights import open_model
 
     recipe = SimpleNamespace(target=SimpleNamespace(name="openvino", dtype="auto", options={}))
-    qm = quantize_rtn_model(model_dir, 4, 128) if calib is None else quantize_gptq_model(model_dir, calib, 4, 128)
+    qm = (
+        quantize_rtn_model(model_dir, 4, 128)
+        if calib is None
+        else quantize_gptq_model(model_dir, calib, 4, 128)
+    )
     get_target("openvino").lower(LowerInput(model_dir, open_model(model_dir).config, recipe, qm), out)
     return out
 
@@ -176,8 +202,12 @@ def measure(model_dir: Path, prompt: list[int], new_tokens: int, n_batch: int, r
         t = time.perf_counter()
         cb.generate(prompts, [greedy(new_tokens)] * n_batch)
         cb_s.append(time.perf_counter() - t)
-    return {"prefill_tok_s": len(prompt) / (ttft_ms / 1000), "decode_tok_s": 1000 / tpot_ms,
-            "cb_tok_s": n_batch * new_tokens / min(cb_s), "peak_rss_mb": rss_mb}
+    return {
+        "prefill_tok_s": len(prompt) / (ttft_ms / 1000),
+        "decode_tok_s": 1000 / tpot_ms,
+        "cb_tok_s": n_batch * new_tokens / min(cb_s),
+        "peak_rss_mb": rss_mb,
+    }
 
 
 def peak_rss_mb() -> float:
@@ -189,7 +219,7 @@ def peak_rss_mb() -> float:
 
 
 def kl_vs_reference(model_dir: Path, eval_ids, ref_logits, precision: str) -> float:
-    from lorafast_export.targets.ov.session import OVSession
+    from lorafast_export.targets.openvino.session import OVSession
 
     got = OVSession(model_dir, "cpu", precision).logits(eval_ids)
     p, q = ref_logits.double().log_softmax(-1), got.double().log_softmax(-1)
@@ -208,9 +238,9 @@ def eval_tokens(model_dir: Path, text_file: Path | None, n: int, seq: int, calib
         ids = torch.randint(3, tok.vocab_size, (n, seq), generator=g)
         return ids, [tok.decode(torch.randint(3, 97, (seq,), generator=g)) for _ in range(32)]
     ids = torch.tensor(tok(text)["input_ids"][: n * seq]).view(n, seq)
-    calib = calib_file.read_text() if calib_file and calib_file.exists() else text[len(text) // 2:]
+    calib = calib_file.read_text() if calib_file and calib_file.exists() else text[len(text) // 2 :]
     chunk = max(1, len(calib) // 32)
-    return ids, [calib[i * chunk:(i + 1) * chunk] for i in range(32)]
+    return ids, [calib[i * chunk : (i + 1) * chunk] for i in range(32)]
 
 
 def main() -> None:
@@ -241,20 +271,26 @@ def main() -> None:
 def run(args) -> None:
     import torch
 
-    from lorafast_export.load import open_model
     from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.weights import open_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or args.out / "merged"
     if not args.model and not (args.reuse and (model_dir / "config.json").exists()):
         synthetic_model(model_dir, args.hidden, args.layers, args.vocab)
-    eval_ids, calib = eval_tokens(model_dir, None if args.synthetic else args.eval_text, 4, 128, args.calib_text)
+    eval_ids, calib = eval_tokens(
+        model_dir, None if args.synthetic else args.eval_text, 4, 128, args.calib_text
+    )
     with torch.no_grad():
         ref_logits, _ = load_decoder(open_model(model_dir))(eval_ids)
-    artifacts = {"ours int4 RTN g128": lambda d: build_ours(model_dir, d),
-                 "ours int4 GPTQ act-order g128": lambda d: build_ours(model_dir, d, calib)}
+    artifacts = {
+        "ours int4 RTN g128": lambda d: build_ours(model_dir, d),
+        "ours int4 GPTQ act-order g128": lambda d: build_ours(model_dir, d, calib),
+    }
     if args.oi_python:
-        artifacts["optimum-intel int4 (NNCF AWQ+SE g128)"] = lambda d: build_oi(model_dir, d, args.oi_python, calib)
+        artifacts["optimum-intel int4 (NNCF AWQ+SE g128)"] = lambda d: build_oi(
+            model_dir, d, args.oi_python, calib
+        )
     prompt = eval_ids.flatten()[: args.prompt_len].tolist()
     built = {}
     for name, build in artifacts.items():
@@ -263,15 +299,32 @@ def run(args) -> None:
         if not (args.reuse and (d / "openvino_model.xml").exists()):
             build(d)
         (d / "bench_prompt.json").write_text(json.dumps(prompt))
-        built[name] = (d, {"build_s": time.perf_counter() - t,
-                           "size_mb": sum(f.stat().st_size for f in d.glob("openvino_model.*")) / 2**20,
-                           "kl_default": kl_vs_reference(d, eval_ids, ref_logits, "default"),
-                           "kl_f32": kl_vs_reference(d, eval_ids, ref_logits, "f32")})
+        built[name] = (
+            d,
+            {
+                "build_s": time.perf_counter() - t,
+                "size_mb": sum(f.stat().st_size for f in d.glob("openvino_model.*")) / 2**20,
+                "kl_default": kl_vs_reference(d, eval_ids, ref_logits, "default"),
+                "kl_f32": kl_vs_reference(d, eval_ids, ref_logits, "f32"),
+            },
+        )
     for _ in range(args.rounds):  # alternate artifacts; keep each one's best round (the machine is shared)
         for d, m in built.values():
-            child = subprocess.run([sys.executable, __file__, "--measure", str(d), "--new-tokens",
-                                    str(args.new_tokens), "--batch", str(args.batch)],
-                                   check=True, capture_output=True, text=True)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--measure",
+                    str(d),
+                    "--new-tokens",
+                    str(args.new_tokens),
+                    "--batch",
+                    str(args.batch),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             got = json.loads(child.stdout.strip().splitlines()[-1])
             for k, v in got.items():
                 better = min if k == "peak_rss_mb" else max
@@ -282,15 +335,28 @@ def run(args) -> None:
 
 def table(rows, model_dir: Path, args) -> str:
     cfg = json.loads((model_dir / "config.json").read_text())
-    head = (f"model: {cfg.get('model_type')} hidden {cfg['hidden_size']} layers {cfg['num_hidden_layers']} vocab "
-            f"{cfg['vocab_size']}; prompt {args.prompt_len}, {args.new_tokens} new tokens, CB batch {args.batch}\n\n")
-    cols = ["artifact", "IR MB", "prefill tok/s", "decode tok/s", f"CB x{args.batch} tok/s", "peak RSS MB",
-            "KL default", "KL f32", "build s"]
+    head = (
+        f"model: {cfg.get('model_type')} hidden {cfg['hidden_size']} layers {cfg['num_hidden_layers']} vocab "
+        f"{cfg['vocab_size']}; prompt {args.prompt_len}, {args.new_tokens} new tokens, CB batch {args.batch}\n\n"
+    )
+    cols = [
+        "artifact",
+        "IR MB",
+        "prefill tok/s",
+        "decode tok/s",
+        f"CB x{args.batch} tok/s",
+        "peak RSS MB",
+        "KL default",
+        "KL f32",
+        "build s",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, m in rows:
-        lines.append(f"| {name} | {m['size_mb']:.0f} | {m['prefill_tok_s']:.0f} | {m['decode_tok_s']:.1f} | "
-                     f"{m['cb_tok_s']:.1f} | {m['peak_rss_mb']:.0f} | {m['kl_default']:.2e} | {m['kl_f32']:.2e} | "
-                     f"{m['build_s']:.0f} |")
+        lines.append(
+            f"| {name} | {m['size_mb']:.0f} | {m['prefill_tok_s']:.0f} | {m['decode_tok_s']:.1f} | "
+            f"{m['cb_tok_s']:.1f} | {m['peak_rss_mb']:.0f} | {m['kl_default']:.2e} | {m['kl_f32']:.2e} | "
+            f"{m['build_s']:.0f} |"
+        )
     return head + "\n".join(lines)
 
 

@@ -29,16 +29,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorafast_export.load import open_adapter, open_model  # noqa: E402
+from lorafast_export.adapters import open_adapter  # noqa: E402
 from lorafast_export.merge import merge  # noqa: E402
 from lorafast_export.model.decoder import load_decoder  # noqa: E402
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
 from lorafast_export.quant.calib import load_calibration  # noqa: E402
-from lorafast_export.quant.pipeline import quantize_checkpoint  # noqa: E402
+from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
 from lorafast_export.recipe import DEMO_DIR, TEXT_DIR, CalibOptions, QuantOptions  # noqa: E402
+from lorafast_export.weights import open_model  # noqa: E402
 
-VARIANTS = {"awq-noclip": {"method": "awq", "awq_clip": False},  # name → our quant settings
-            "rtn-sym": {"method": "rtn", "symmetric": True}}
+VARIANTS = {
+    "awq-noclip": {"method": "awq", "awq_clip": False},  # name → our quant settings
+    "rtn-sym": {"method": "rtn", "symmetric": True},
+}
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:
@@ -72,9 +75,12 @@ def metrics(ref: torch.Tensor, cand: torch.Tensor, ids: torch.Tensor) -> dict:
     kl = token_kl(ref, cand)
     labels = ids[:, 1:]
     nll = lambda lp: float(-lp[:, :-1].gather(-1, labels[..., None]).mean())  # noqa: E731
-    return {"kl_mean": float(kl.mean()), "kl_p99": float(kl.quantile(0.99)),
-            "top1": float((lr.argmax(-1) == lc.argmax(-1)).float().mean()),
-            "ppl_ratio": float(torch.exp(torch.tensor(nll(lc) - nll(lr))))}
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(kl.quantile(0.99)),
+        "top1": float((lr.argmax(-1) == lc.argmax(-1)).float().mean()),
+        "ppl_ratio": float(torch.exp(torch.tensor(nll(lc) - nll(lr)))),
+    }
 
 
 def peer_symmetric(peer: str) -> bool:
@@ -85,7 +91,12 @@ def peer_symmetric(peer: str) -> bool:
 
 
 def run_ours(merged: Path, method: str, bits: int, group_size: int, calib: torch.Tensor, ids: torch.Tensor):
-    settings = {**VARIANTS.get(method, {"method": method}), "bits": bits, "group_size": group_size, "device": "cpu"}
+    settings = {
+        **VARIANTS.get(method, {"method": method}),
+        "bits": bits,
+        "group_size": group_size,
+        "device": "cpu",
+    }
     t0, c0 = time.perf_counter(), time.process_time()
     qm = quantize_checkpoint(merged, settings, calib_ids=calib)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -96,11 +107,31 @@ def run_peer(name: str, python: str, merged: Path, out: Path, bits: int, group_s
     """Run bench/quant_peers.py in the peer's venv; it writes logits on OUT/eval_ids.pt and its wall time."""
     res = out / f"peer-{name}.pt"
     symmetric = peer_symmetric(name)  # the same symmetry as our run of that method
-    cmd = [python, str(ROOT / "bench" / "quant_peers.py"), name, str(merged), str(out / "calib_ids.pt"),
-           str(out / "eval_ids.pt"), str(res), "--bits", str(bits), "--group-size", str(group_size),
-           "--symmetric", str(int(symmetric))]
-    subprocess.run(cmd, check=True, env={"GPTQMODEL_CPU_WORKERS": "2", "PATH": "/usr/bin:/bin",
-                                          "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    cmd = [
+        python,
+        str(ROOT / "bench" / "quant_peers.py"),
+        name,
+        str(merged),
+        str(out / "calib_ids.pt"),
+        str(out / "eval_ids.pt"),
+        str(res),
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group_size),
+        "--symmetric",
+        str(int(symmetric)),
+    ]
+    subprocess.run(
+        cmd,
+        check=True,
+        env={
+            "GPTQMODEL_CPU_WORKERS": "2",
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        },
+    )
     r = torch.load(res)
     return r["logits"], (r["wall_s"], r["cpu_s"])
 
@@ -111,7 +142,9 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, default=DEMO_DIR / "lora")
     ap.add_argument("--text-dir", type=Path, default=TEXT_DIR)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], help=f"ours, or {sorted(VARIANTS)}")
+    ap.add_argument(
+        "--methods", nargs="+", default=["rtn", "gptq", "awq"], help=f"ours, or {sorted(VARIANTS)}"
+    )
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=128)
@@ -128,10 +161,16 @@ def main() -> None:
     if not (merged / "config.json").exists():
         merge(open_model(a.base), [open_adapter(str(a.adapter))], merged)
     tok = AutoTokenizer.from_pretrained(merged)
-    calib = load_calibration(merged, CalibOptions(files=[str(a.text_dir / "calib.txt")], samples=a.samples,
-                                                  seq_len=a.seq_len, seed=0))
-    ids = torch.cat([eval_blocks(tok, a.text_dir / f, a.block, a.eval_blocks // 2)
-                     for f in ("code_eval.txt", "prose_eval.txt")])
+    calib = load_calibration(
+        merged,
+        CalibOptions(files=[str(a.text_dir / "calib.txt")], samples=a.samples, seq_len=a.seq_len, seed=0),
+    )
+    ids = torch.cat(
+        [
+            eval_blocks(tok, a.text_dir / f, a.block, a.eval_blocks // 2)
+            for f in ("code_eval.txt", "prose_eval.txt")
+        ]
+    )
     torch.save(calib, a.out / "calib_ids.pt")
     torch.save(ids, a.out / "eval_ids.pt")
     ref = reference_logits(a.base, a.adapter, ids)
@@ -146,17 +185,34 @@ def main() -> None:
             rows[name] = run_peer(name, python, merged, a.out, a.bits, a.group_size)
         except (subprocess.CalledProcessError, OSError) as e:
             print(f"peer {name} failed: {e}", flush=True)
-    table = {k: {**metrics(ref, lg, ids), "wall_s": round(w, 2), "cpu_s": round(c, 2)}
-             for k, (lg, (w, c)) in rows.items()}
-    torch.save({k: token_kl(ref, lg) for k, (lg, _) in rows.items()}, a.out / "kl_tokens.pt")  # paired comparisons
-    (a.out / "results.json").write_text(json.dumps({"calib": list(calib.shape), "eval": list(ids.shape),
-                                                    "bits": a.bits, "group_size": a.group_size,
-                                                    "results": table}, indent=2))
+    table = {
+        k: {**metrics(ref, lg, ids), "wall_s": round(w, 2), "cpu_s": round(c, 2)}
+        for k, (lg, (w, c)) in rows.items()
+    }
+    torch.save(
+        {k: token_kl(ref, lg) for k, (lg, _) in rows.items()}, a.out / "kl_tokens.pt"
+    )  # paired comparisons
+    (a.out / "results.json").write_text(
+        json.dumps(
+            {
+                "calib": list(calib.shape),
+                "eval": list(ids.shape),
+                "bits": a.bits,
+                "group_size": a.group_size,
+                "results": table,
+            },
+            indent=2,
+        )
+    )
     print(f"\ncalib {tuple(calib.shape)} tokens, eval {tuple(ids.shape)}; {a.bits}-bit g{a.group_size}\n")
-    print("| model | KL mean | KL p99 | same top-1 | ppl ratio | wall s | cpu s |\n|---|---|---|---|---|---|---|")
+    print(
+        "| model | KL mean | KL p99 | same top-1 | ppl ratio | wall s | cpu s |\n|---|---|---|---|---|---|---|"
+    )
     for k, r in table.items():
-        print(f"| {k} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {r['top1']:.3f} | {r['ppl_ratio']:.4f} | "
-              f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} |")
+        print(
+            f"| {k} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {r['top1']:.3f} | {r['ppl_ratio']:.4f} | "
+            f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

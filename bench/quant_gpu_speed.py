@@ -35,26 +35,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
-from lorafast_export.quant.pipeline import quantize_checkpoint  # noqa: E402
+from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
 from lorafast_export.recipe import DEMO_DIR  # noqa: E402
 
 SHAPE = {"hidden": 4096, "inter": 14336, "heads": 32, "kv": 8, "vocab": 128256}
 LOG_DIR: Path | None = None  # --logs: keep each measured run's output there
-OURS = {"gptq": {"method": "gptq"}, "awq": {"method": "awq"}, "awq-noclip": {"method": "awq", "awq_clip": False}}
+OURS = {
+    "gptq": {"method": "gptq"},
+    "awq": {"method": "awq"},
+    "awq-noclip": {"method": "awq", "awq_clip": False},
+}
 
 
 def tiny_cpu_vs_cuda(tmp: Path) -> dict:
     from tests.tiny import make_model, save_model
 
-    merged = save_model(make_model("qwen2", hidden=64, heads=4, kv_heads=2, intermediate_size=128, vocab=128),
-                        tmp / "tiny")
+    merged = save_model(
+        make_model("qwen2", hidden=64, heads=4, kv_heads=2, intermediate_size=128, vocab=128), tmp / "tiny"
+    )
     calib = torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(0))
     held = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
     out = {}
     for method in ("smoothquant", "gptq", "awq"):
         logits = {}
         for device in ("cpu", "cuda"):
-            qm = quantize_checkpoint(merged, {"method": method, "group_size": 32, "device": device}, calib_ids=calib)
+            qm = quantize_checkpoint(
+                merged, {"method": method, "group_size": 32, "device": device}, calib_ids=calib
+            )
             with torch.no_grad():
                 logits[device] = fake_quant_decoder(qm)(held)[0]
         out[method] = float((logits["cpu"] - logits["cuda"]).abs().max())
@@ -66,25 +73,45 @@ def llama8b_shape(d: Path, layers: int) -> Path:
 
     h, inter, heads, kv, vocab = (SHAPE[k] for k in ("hidden", "inter", "heads", "kv", "vocab"))
     d.mkdir(parents=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-           "max_position_embeddings": 8192, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     g = torch.Generator(device="cuda")
     rnd = lambda *s: (torch.randn(*s, generator=g, device="cuda") * 0.02).bfloat16().cpu()  # noqa: E731
     ones = lambda: torch.ones(h, dtype=torch.bfloat16)  # noqa: E731
     g.manual_seed(10_000)
-    state = {"model.embed_tokens.weight": rnd(vocab, h), "lm_head.weight": rnd(vocab, h),
-             "model.norm.weight": ones()}
+    state = {
+        "model.embed_tokens.weight": rnd(vocab, h),
+        "lm_head.weight": rnd(vocab, h),
+        "model.norm.weight": ones(),
+    }
     for i in range(layers):
         g.manual_seed(i)  # layer i is the same at every depth
         p = f"model.layers.{i}."
-        state |= {p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
-                  p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv * 128, h),
-                  p + "self_attn.v_proj.weight": rnd(kv * 128, h), p + "self_attn.o_proj.weight": rnd(h, h),
-                  p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
-                  p + "mlp.down_proj.weight": rnd(h, inter)}
+        state |= {
+            p + "input_layernorm.weight": ones(),
+            p + "post_attention_layernorm.weight": ones(),
+            p + "self_attn.q_proj.weight": rnd(h, h),
+            p + "self_attn.k_proj.weight": rnd(kv * 128, h),
+            p + "self_attn.v_proj.weight": rnd(kv * 128, h),
+            p + "self_attn.o_proj.weight": rnd(h, h),
+            p + "mlp.gate_proj.weight": rnd(inter, h),
+            p + "mlp.up_proj.weight": rnd(inter, h),
+            p + "mlp.down_proj.weight": rnd(h, inter),
+        }
     save_file(state, str(d / "model.safetensors"))
     for f in ("tokenizer.json", "tokenizer_config.json"):  # llm-compressor's oneshot insists on a tokenizer
         shutil.copy(DEMO_DIR / "base" / f, d / f)
@@ -98,8 +125,12 @@ def run_ours(merged: str, calib: torch.Tensor, name: str, profile: bool) -> dict
     timers = install_timers() if profile else None
     marks: list[float] = []
     t0 = time.perf_counter()
-    quantize_checkpoint(merged, {**OURS[name], "device": "cuda"}, calib_ids=calib,
-                        progress=lambda m: marks.append(time.perf_counter() - t0))
+    quantize_checkpoint(
+        merged,
+        {**OURS[name], "device": "cuda"},
+        calib_ids=calib,
+        progress=lambda m: marks.append(time.perf_counter() - t0),
+    )
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     per_layer = [round(b - a, 2) for a, b in zip([0.0, *marks], marks)]
@@ -122,6 +153,7 @@ def install_timers() -> dict:
             torch.cuda.synchronize()
             timers[key] += time.perf_counter() - t
             return out
+
         setattr(owner, attr, timed)
 
     wrap(blocks.Block, "run", "block forwards (incl. hooks)")
@@ -149,12 +181,27 @@ def run_llmcompressor(merged: str, calib: torch.Tensor, method: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype="auto")
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     if method == "gptq":
-        config_groups = {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
-            "actorder": None}}}
-        recipe = GPTQModifier(config_groups=config_groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128)
+        config_groups = {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": 128,
+                    "actorder": None,
+                },
+            }
+        }
+        recipe = GPTQModifier(
+            config_groups=config_groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128
+        )
     else:
-        recipe = [AWQModifier(), QuantizationModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"])]
+        recipe = [
+            AWQModifier(),
+            QuantizationModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"]),
+        ]
     marks: list[float] = []
     epoch_end = LifecycleCallbacks.sequential_epoch_end  # once per subgraph (embedding, each layer; AWQ once
     # more at the end), after that subgraph's calibration; the layer is quantized / smoothed inside it
@@ -164,11 +211,17 @@ def run_llmcompressor(merged: str, calib: torch.Tensor, method: str) -> dict:
         torch.cuda.synchronize()
         marks.append(time.perf_counter() - t0)
         return out
+
     LifecycleCallbacks.sequential_epoch_end = staticmethod(mark)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
-            num_calibration_samples=calib.shape[0])
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=recipe,
+        max_seq_length=calib.shape[1],
+        num_calibration_samples=calib.shape[0],
+    )
     torch.cuda.synchronize()
     n = model.config.num_hidden_layers
     ends = marks[1 : 1 + n] if len(marks) > n else marks  # subgraph 0 is the embedding alone; then the layers
@@ -188,16 +241,21 @@ def one_run(a) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def measure(impl: str, method: str, merged: Path, calib: Path, profile: bool = False,
-            timeout: float | None = None) -> dict | None:
-    cmd = [sys.executable, __file__, "--one", impl, method, str(merged), str(calib)] + (["--profile"] * profile)
+def measure(
+    impl: str, method: str, merged: Path, calib: Path, profile: bool = False, timeout: float | None = None
+) -> dict | None:
+    cmd = [sys.executable, __file__, "--one", impl, method, str(merged), str(calib)] + (
+        ["--profile"] * profile
+    )
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"{impl} {method}: not finished after {timeout:.0f}s (stopped)", flush=True)
         return None
     if LOG_DIR is not None:  # the run's own output (llm-compressor's progress bars and timings)
-        (LOG_DIR / f"{impl}-{method}-{merged.name}.log").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+        (LOG_DIR / f"{impl}-{method}-{merged.name}.log").write_text(
+            p.stdout + "\n--- stderr ---\n" + p.stderr
+        )
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -239,17 +297,21 @@ def demo_accuracy(samples: int, seq_len: int) -> list[dict]:
     """KL(fp32 model ‖ quantized) of the demo base, the walk on CUDA in bf16 vs float32 (TF32)."""
     from transformers import AutoTokenizer
 
-    from lorafast_export.load import open_model
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.quant import blocks
     from lorafast_export.quant.calib import load_calibration
     from lorafast_export.recipe import TEXT_DIR
+    from lorafast_export.weights import open_model
 
     base = DEMO_DIR / "base"
     calib = load_calibration(base, {"samples": samples, "seq_len": seq_len})
     tok = AutoTokenizer.from_pretrained(str(base))
-    ids = torch.cat([torch.tensor(tok((TEXT_DIR / f).read_text())["input_ids"][: 8 * 256]).view(8, 256)
-                     for f in ("prose_eval.txt", "code_eval.txt")])
+    ids = torch.cat(
+        [
+            torch.tensor(tok((TEXT_DIR / f).read_text())["input_ids"][: 8 * 256]).view(8, 256)
+            for f in ("prose_eval.txt", "code_eval.txt")
+        ]
+    )
     with torch.no_grad():
         ref = load_decoder(open_model(base))(ids)[0].log_softmax(-1)
     rows = []
@@ -257,14 +319,23 @@ def demo_accuracy(samples: int, seq_len: int) -> list[dict]:
         for walk, dtype in (("bf16", torch.bfloat16), ("fp32+tf32", None)):
             blocks.CUDA_COMPUTE_DTYPE = dtype
             t0 = time.perf_counter()
-            qm = quantize_checkpoint(base, {"method": method, "group_size": gs, "device": "cuda"}, calib_ids=calib)
+            qm = quantize_checkpoint(
+                base, {"method": method, "group_size": gs, "device": "cuda"}, calib_ids=calib
+            )
             dt = time.perf_counter() - t0
             with torch.no_grad():
                 got = fake_quant_decoder(qm)(ids)[0].float().log_softmax(-1)
             kl = (ref.exp() * (ref - got)).sum(-1)
-            rows.append({"method": f"{method} g{gs}", "walk": walk, "kl_mean": float(kl.mean()),
-                         "kl_p99": float(kl.flatten().quantile(0.99)),
-                         "top1": float((ref.argmax(-1) == got.argmax(-1)).float().mean()), "s": dt})
+            rows.append(
+                {
+                    "method": f"{method} g{gs}",
+                    "walk": walk,
+                    "kl_mean": float(kl.mean()),
+                    "kl_p99": float(kl.flatten().quantile(0.99)),
+                    "top1": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+                    "s": dt,
+                }
+            )
     blocks.CUDA_COMPUTE_DTYPE = torch.bfloat16
     return rows
 
@@ -274,8 +345,10 @@ def demo_accuracy(samples: int, seq_len: int) -> list[dict]:
 
 def speed_rows(tmp: Path, a) -> list[tuple]:
     calib_path = tmp / "calib.pt"
-    torch.save(torch.randint(0, SHAPE["vocab"], (a.samples, a.seq_len), generator=torch.Generator().manual_seed(0)),
-               calib_path)
+    torch.save(
+        torch.randint(0, SHAPE["vocab"], (a.samples, a.seq_len), generator=torch.Generator().manual_seed(0)),
+        calib_path,
+    )
     runs = []
     if a.layers:
         merged = llama8b_shape(tmp / "llama8b", a.layers)
@@ -290,15 +363,29 @@ def speed_rows(tmp: Path, a) -> list[tuple]:
     return rows
 
 
-def run_and_print(impl: str, method: str, merged: Path, n: int, profile: bool, calib: Path,
-                  peer_timeout: float | None = None) -> tuple:
+def run_and_print(
+    impl: str,
+    method: str,
+    merged: Path,
+    n: int,
+    profile: bool,
+    calib: Path,
+    peer_timeout: float | None = None,
+) -> tuple:
     res = measure(impl, method, merged, calib, profile, timeout=peer_timeout if impl != "ours" else None)
     if res is not None:
         lay = res["layer_s"]
-        steady = f"; first layer {lay[0]:.2f}s, later layers {sum(lay[1:]) / (n - 1):.2f}s each" if n > 1 and lay else ""
-        print(f"{impl} {method} on {n} layers: {res['wall_s']:.1f}s = {res['wall_s'] / n:.2f}s/layer{steady}; "
-              f"peak {res['peak_gib']:.1f} GiB; per layer {lay}"
-              + (f"; subgraph ends at {[round(m, 2) for m in res['marks']]}s" if res.get("marks") else ""), flush=True)
+        steady = (
+            f"; first layer {lay[0]:.2f}s, later layers {sum(lay[1:]) / (n - 1):.2f}s each"
+            if n > 1 and lay
+            else ""
+        )
+        print(
+            f"{impl} {method} on {n} layers: {res['wall_s']:.1f}s = {res['wall_s'] / n:.2f}s/layer{steady}; "
+            f"peak {res['peak_gib']:.1f} GiB; per layer {lay}"
+            + (f"; subgraph ends at {[round(m, 2) for m in res['marks']]}s" if res.get("marks") else ""),
+            flush=True,
+        )
         for k, v in (res.get("phases") or {}).items():
             print(f"    {k:45s} {v:7.2f} s", flush=True)
     return impl, method, n, res
@@ -313,7 +400,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--methods", nargs="+", default=["gptq", "awq"], choices=sorted(OURS))
     ap.add_argument("--peers", action="store_true")
-    ap.add_argument("--peer-timeout", type=float, default=None, help="stop a peer's run after this many seconds")
+    ap.add_argument(
+        "--peer-timeout", type=float, default=None, help="stop a peer's run after this many seconds"
+    )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--accuracy", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="GPTQ column sweep alone: Triton vs the torch loop")
@@ -337,8 +426,10 @@ def main() -> None:
             for r in demo_accuracy(32, 512):
                 print("accuracy " + json.dumps(r), flush=True)
         rows = speed_rows(tmp, a)
-    print("\n| impl | method | layers | total s | first layer s | later layers s / layer | 32 layers, min | "
-          "peak GiB |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| impl | method | layers | total s | first layer s | later layers s / layer | 32 layers, min | "
+        "peak GiB |\n|---|---|---|---|---|---|---|---|"
+    )
     for impl, m, n, res in rows:
         if res is not None:
             print(table_row(impl, m, n, res))
@@ -356,8 +447,11 @@ def table_row(impl: str, method: str, n: int, res: dict) -> str:
     else:
         first = later = float("nan")
         est = f"{res['wall_s'] / n * 32 / 60:.2f} (est.)"
-    return (f"| {impl} | {method} | {n} | {res['wall_s']:.1f} | {first:.2f} | {later:.2f} | {est} | "
-            f"{res['peak_gib']:.1f} |")
+    return (
+        f"| {impl} | {method} | {n} | {res['wall_s']:.1f} | {first:.2f} | {later:.2f} | {est} | "
+        f"{res['peak_gib']:.1f} |"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -38,14 +38,29 @@ def _llmc_run(merged: str, calib: torch.Tensor, recipe):
     model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     t0 = now()
-    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
-            num_calibration_samples=calib.shape[0])
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=recipe,
+        max_seq_length=calib.shape[1],
+        num_calibration_samples=calib.shape[0],
+    )
     return model.eval(), elapsed(t0)  # in-memory fake-quant model (weights quantize-dequantized in forward)
 
 
 def _llmc_groups(bits: int, group_size: int, symmetric: bool) -> dict:
-    return {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": group_size}}}
+    return {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": symmetric,
+                "strategy": "group",
+                "group_size": group_size,
+            },
+        }
+    }
 
 
 def llmcompressor_gptq(merged: str, calib: torch.Tensor, bits: int, group_size: int, symmetric: bool):
@@ -54,8 +69,11 @@ def llmcompressor_gptq(merged: str, calib: torch.Tensor, bits: int, group_size: 
 
     groups = _llmc_groups(bits, group_size, symmetric)
     groups["group_0"]["weights"]["actorder"] = None
-    return _llmc_run(merged, calib, GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01,
-                                                 block_size=128))
+    return _llmc_run(
+        merged,
+        calib,
+        GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128),
+    )
 
 
 def llmcompressor_awq(merged: str, calib: torch.Tensor, bits: int, group_size: int, symmetric: bool):
@@ -69,8 +87,10 @@ def llmcompressor_awq(merged: str, calib: torch.Tensor, bits: int, group_size: i
 
     # AWQ pins its cached activations, which needs an accelerator; pinning only speeds host-to-device copies
     cache.IntermediatesCache.pin_memory = lambda self, *a, **k: None
-    recipe = [AWQModifier(duo_scaling=True, n_grid=20),
-              QuantizationModifier(config_groups=_llmc_groups(bits, group_size, symmetric), ignore=["lm_head"])]
+    recipe = [
+        AWQModifier(duo_scaling=True, n_grid=20),
+        QuantizationModifier(config_groups=_llmc_groups(bits, group_size, symmetric), ignore=["lm_head"]),
+    ]
     return _llmc_run(merged, calib, recipe)
 
 
@@ -135,11 +155,21 @@ def _nncf_run(merged: str, calib: torch.Tensor, bits: int, group_size: int, symm
     if bits != 4:
         raise SystemExit("NNCF peers: only 4-bit (INT4_SYM / INT4_ASYM) is wired here")
     model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    ds = nncf.Dataset([{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]} for row in calib])
+    ds = nncf.Dataset(
+        [{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]} for row in calib]
+    )
     mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
     t0 = now()
-    model = nncf.compress_weights(model, mode=mode, group_size=group_size, ratio=1.0,
-                                  backup_mode=nncf.BackupMode.NONE, dataset=ds, subset_size=len(calib), **algos)
+    model = nncf.compress_weights(
+        model,
+        mode=mode,
+        group_size=group_size,
+        ratio=1.0,
+        backup_mode=nncf.BackupMode.NONE,
+        dataset=ds,
+        subset_size=len(calib),
+        **algos,
+    )
     return model.eval(), elapsed(t0)
 
 
@@ -197,22 +227,40 @@ def nncf_gptq(merged: str, calib: torch.Tensor, bits: int, group_size: int, symm
     model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     example = (calib[:1], torch.ones_like(calib[:1]))
     with torch.no_grad():
-        ov_model = ov.convert_model(Logits(model), example_input=example, input=[ov.PartialShape([1, -1])] * 2)
+        ov_model = ov.convert_model(
+            Logits(model), example_input=example, input=[ov.PartialShape([1, -1])] * 2
+        )
     ds = nncf.Dataset([(row[None].numpy(), torch.ones_like(row)[None].numpy()) for row in calib])
     mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
     params = nncf.AdvancedCompressionParameters(
-        gptq_params=nncf.AdvancedGPTQParameters(damp_percent=0.01, block_size=128, subset_size=len(calib)))
+        gptq_params=nncf.AdvancedGPTQParameters(damp_percent=0.01, block_size=128, subset_size=len(calib))
+    )
     t0 = now()
-    ov_model = nncf.compress_weights(ov_model, mode=mode, group_size=group_size, ratio=1.0,
-                                     backup_mode=nncf.BackupMode.NONE, dataset=ds, subset_size=len(calib),
-                                     gptq=True, advanced_parameters=params)
+    ov_model = nncf.compress_weights(
+        ov_model,
+        mode=mode,
+        group_size=group_size,
+        ratio=1.0,
+        backup_mode=nncf.BackupMode.NONE,
+        dataset=ds,
+        subset_size=len(calib),
+        gptq=True,
+        advanced_parameters=params,
+    )
     return _OpenVINOLogits(ov_model), elapsed(t0)
 
 
-PEERS = {"llmcompressor-gptq": llmcompressor_gptq, "llmcompressor-awq": llmcompressor_awq,
-         "gptqmodel-gptq": gptqmodel_gptq, "gptqmodel-awq": gptqmodel_awq,
-         "nncf-rtn": nncf_rtn, "nncf-rtn-sym": nncf_rtn, "nncf-gptq": nncf_gptq, "nncf-awq": nncf_awq,
-         "nncf-awq-se": nncf_awq_se}
+PEERS = {
+    "llmcompressor-gptq": llmcompressor_gptq,
+    "llmcompressor-awq": llmcompressor_awq,
+    "gptqmodel-gptq": gptqmodel_gptq,
+    "gptqmodel-awq": gptqmodel_awq,
+    "nncf-rtn": nncf_rtn,
+    "nncf-rtn-sym": nncf_rtn,
+    "nncf-gptq": nncf_gptq,
+    "nncf-awq": nncf_awq,
+    "nncf-awq-se": nncf_awq_se,
+}
 
 
 def main() -> None:

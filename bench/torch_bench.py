@@ -43,15 +43,41 @@ from lorafast_export.runtime.loader import build_runtime  # noqa: E402
 from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
 
 SHAPES = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}),
-    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
-    "check": dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "small": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    ),
+    "check": dict(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
 }
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -127,6 +153,7 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
 
 # ------------------------------------------------------------------------------------------------ sections
 
+
 def sec_copy(a, dev, R):
     n = (2 << 30) // 2
     src = torch.randn(n, device=dev, dtype=torch.bfloat16)
@@ -146,8 +173,9 @@ def sec_check(a, dev, R):
         for prefer in ("auto", "dequant"):
             m = lower_qtensor(qt, dev, torch.bfloat16, prefer)
             y = m(x.bfloat16()).float()
-            out[f"linear_int{bits}_g{group}_{'sym' if sym else 'asym'}_{m.kernel}"] = \
-                ((y - ref).norm() / ref.norm()).item()
+            out[f"linear_int{bits}_g{group}_{'sym' if sym else 'asym'}_{m.kernel}"] = (
+                (y - ref).norm() / ref.norm()
+            ).item()
     model = hf_model("check", dev, torch.float32)
     cfg, state = config_of(model)
     prompts = random_prompts(5, 40, cfg.vocab_size, 1)
@@ -155,14 +183,18 @@ def sec_check(a, dev, R):
     eager = build_runtime(cfg, state, None, dev, torch.float32, RuntimeOptions(compile="off", **base))
     want = eager.generate_batch(prompts, 24)
     for attn in ("gather", "flex"):
-        rt = build_runtime(cfg, state, None, dev, torch.float32, RuntimeOptions(compile="on", attention=attn, **base))
+        rt = build_runtime(
+            cfg, state, None, dev, torch.float32, RuntimeOptions(compile="on", attention=attn, **base)
+        )
         t = time.perf_counter()
         got = rt.generate_batch(prompts, 24)
         out[f"engine_compiled_{attn}_tokens_equal_eager"] = got == want
         out[f"engine_compiled_{attn}_first_run_s"] = time.perf_counter() - t
     fp, q = quantize_linears(state, 4, 128, False)
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="on", **base))
-    ref = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="off", kernel="dequant", **base))
+    ref = build_runtime(
+        cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="off", kernel="dequant", **base)
+    )
     ids = torch.tensor(prompts[:2])
     lr, ld = rt.logits(ids), ref.logits(ids)
     out["int4_model_logits_rel_err_vs_dequant_bf16"] = ((lr - ld).norm() / ld.norm()).item()
@@ -172,7 +204,11 @@ def sec_check(a, dev, R):
 
 def sec_kernels(a, dev, R):
     c = SHAPES[a.shape]
-    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"])
+    h, i, kv = (
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]),
+    )
     rows = []
     for n, k in ((h, h), (kv, h), (i, h), (h, i)):
         w = torch.randn(n, k, device=dev) * 0.02
@@ -204,7 +240,9 @@ def sec_attn(a, dev, R):
             v_pool = torch.randn_like(k_pool)
             perm = torch.randperm(nb - 1, device=dev) + 1
             tables = perm.view(b, ctx // bs).int()
-            width = 4096 // bs  # a max_seq_len of 4096: flex keeps this fixed width, gather pads to 2^k >= used
+            width = (
+                4096 // bs
+            )  # a max_seq_len of 4096: flex keeps this fixed width, gather pads to 2^k >= used
             full = torch.zeros(b, width, dtype=torch.int32, device=dev)
             full[:, : ctx // bs] = tables
             lens = torch.full((b,), ctx, device=dev)
@@ -213,16 +251,29 @@ def sec_attn(a, dev, R):
             flx = torch.compile(decode_flex, dynamic=False)
             g_args, f_args = (q, k_pool, v_pool, tables, lens, bs), (q, k_pool, v_pool, full, lens, bs)
             diff = (gat(*g_args) - flx(*f_args)).abs().max().item()
-            rows.append({"batch": b, "ctx": ctx, "max_abs_diff": diff,
-                         "gather_us": 1e6 * timeit(lambda f=gat, x=g_args: f(*x), dev),
-                         "flex_us": 1e6 * timeit(lambda f=flx, x=f_args: f(*x), dev),
-                         "kv_bytes": 2 * b * ctx * hkv * d * 2})
+            rows.append(
+                {
+                    "batch": b,
+                    "ctx": ctx,
+                    "max_abs_diff": diff,
+                    "gather_us": 1e6 * timeit(lambda f=gat, x=g_args: f(*x), dev),
+                    "flex_us": 1e6 * timeit(lambda f=flx, x=f_args: f(*x), dev),
+                    "kv_bytes": 2 * b * ctx * hkv * d * 2,
+                }
+            )
     return rows
 
 
 def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False):
-    opts = RuntimeOptions(compile="on", attention=attention, max_seq_len=a.max_seq_len, max_batch=max(batches),
-                          batch_buckets=tuple(sorted(set(batches))), cache_gib=a.cache_gib, block_size=a.block_size)
+    opts = RuntimeOptions(
+        compile="on",
+        attention=attention,
+        max_seq_len=a.max_seq_len,
+        max_batch=max(batches),
+        batch_buckets=tuple(sorted(set(batches))),
+        cache_gib=a.cache_gib,
+        block_size=a.block_size,
+    )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
     res = bench_runtime(rt, batches, a.prompt_len, a.new_tokens, warmup=True)
@@ -262,12 +313,19 @@ def hf_generate(model, prompts: list[list[int]], new: int, dev, **kw) -> tuple[f
     ids = torch.zeros(len(prompts), longest, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
+        ids[i, longest - len(p) :] = torch.tensor(p)
+        mask[i, longest - len(p) :] = 1
     sync(dev)
     t = time.perf_counter()
-    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, min_new_tokens=new,
-                         do_sample=False, pad_token_id=0, **kw)
+    out = model.generate(
+        ids.to(dev),
+        attention_mask=mask.to(dev),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        **kw,
+    )
     sync(dev)
     return time.perf_counter() - t, (out.shape[1] - longest) * len(prompts)
 
@@ -279,8 +337,15 @@ def sec_hf(a, dev, R):
         hf_generate(model, prompts, 4, dev)
         torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
         s, n = hf_generate(model, prompts, a.new_tokens, dev)
-        rows.append({"batch": b, "seconds": s, "tokens": n, "tokens_per_s": n / s,
-                     "peak_memory_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None})
+        rows.append(
+            {
+                "batch": b,
+                "seconds": s,
+                "tokens": n,
+                "tokens_per_s": n / s,
+                "peak_memory_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+            }
+        )
     return rows
 
 
@@ -329,8 +394,13 @@ def sec_cpu(a, dev, R):
     cfg, state = config_of(model)
     res = {"threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     for mode in ("off", "on"):
-        opts = RuntimeOptions(compile=mode, max_seq_len=a.max_seq_len, max_batch=max(a.batches),
-                              batch_buckets=tuple(a.batches), block_size=a.block_size)
+        opts = RuntimeOptions(
+            compile=mode,
+            max_seq_len=a.max_seq_len,
+            max_batch=max(a.batches),
+            batch_buckets=tuple(a.batches),
+            block_size=a.block_size,
+        )
         rt = build_runtime(cfg, state, None, dev, torch.float32, opts)
         t = time.perf_counter()
         res[f"compile_{mode}"] = bench_runtime(rt, a.batches, a.prompt_len, a.new_tokens, warmup=True)
@@ -340,9 +410,18 @@ def sec_cpu(a, dev, R):
     return res
 
 
-SECTIONS = {"copy": sec_copy, "check": sec_check, "kernels": sec_kernels, "attn": sec_attn,
-            "bf16": lambda a, d, R: sec_model(a, d, R, False), "int4": lambda a, d, R: sec_model(a, d, R, True),
-            "hf": sec_hf, "mixed": sec_mixed, "hfstatic": sec_hfstatic, "cpu": sec_cpu}
+SECTIONS = {
+    "copy": sec_copy,
+    "check": sec_check,
+    "kernels": sec_kernels,
+    "attn": sec_attn,
+    "bf16": lambda a, d, R: sec_model(a, d, R, False),
+    "int4": lambda a, d, R: sec_model(a, d, R, True),
+    "hf": sec_hf,
+    "mixed": sec_mixed,
+    "hfstatic": sec_hfstatic,
+    "cpu": sec_cpu,
+}
 NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic"}
 
 
@@ -357,7 +436,9 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--cache-gib", type=float, default=8.0)
-    p.add_argument("--attention", default="auto", help="auto: the faster one in the attn section, else gather")
+    p.add_argument(
+        "--attention", default="auto", help="auto: the faster one in the attn section, else gather"
+    )
     p.add_argument("--mixed-with", default="bf16", choices=("bf16", "int4"))
     p.add_argument("--budget-s", type=float, default=1e9, help="skip sections once this much time has passed")
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
@@ -368,9 +449,15 @@ def main() -> None:
     a.batches = [int(x) for x in a.batch.split(",")]
     dev = torch.device(a.device)
     t0 = time.perf_counter()
-    R: dict = {"env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
-                       "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor(),
-                       "argv": sys.argv[1:]}}
+    R: dict = {
+        "env": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(dev),
+            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor(),
+            "argv": sys.argv[1:],
+        }
+    }
     out = Path(a.out)
     for name in a.sections.split(","):
         if time.perf_counter() - t0 > a.budget_s:
@@ -391,10 +478,22 @@ def main() -> None:
             small = [r for r in R[name] if r["max_abs_diff"] < 5e-2]
             flex_ok = R.get("check", {}).get("engine_compiled_flex_tokens_equal_eager") is True
             if small and len(small) == len(R[name]) and flex_ok:
-                R["_attn_choice"] = "flex" if sum(r["flex_us"] for r in small) < sum(r["gather_us"] for r in small) else "gather"
-        out.write_text(json.dumps({k: v for k, v in R.items() if not k.startswith("_") or k == "_attn_choice"},
-                                  indent=1, default=str))
-        print(f"[{time.perf_counter() - t0:7.1f}s] {name}: {json.dumps(R[name], default=str)[:1500]}", flush=True)
+                R["_attn_choice"] = (
+                    "flex"
+                    if sum(r["flex_us"] for r in small) < sum(r["gather_us"] for r in small)
+                    else "gather"
+                )
+        out.write_text(
+            json.dumps(
+                {k: v for k, v in R.items() if not k.startswith("_") or k == "_attn_choice"},
+                indent=1,
+                default=str,
+            )
+        )
+        print(
+            f"[{time.perf_counter() - t0:7.1f}s] {name}: {json.dumps(R[name], default=str)[:1500]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

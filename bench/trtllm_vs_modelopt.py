@@ -11,7 +11,7 @@ and dump ModelOpt's own fake-quant weights and fp32 logits. Then, here:
   1. layout: our bundle vs ModelOpt's for the same method: tensor names, dtypes, shapes per file, config keys and
      values (values the algorithms choose, i.e. the tensors' numbers, are not compared). SmoothQuant: ModelOpt's
      W8A8_SQ_PER_CHANNEL (static per-tensor activation scale) is first mapped onto our per-token plugin layout by
-     lorafast_export/targets/trt/layout.py `modelopt_sq_as_ours` (every renamed, dropped and added tensor listed);
+     lorafast_export/targets/trt_llm/layout.py `modelopt_sq_as_ours` (every renamed, dropped and added tensor listed);
   2. reading: our reader (trt/reader.py) on ModelOpt's files vs ModelOpt's fake-quant weights and logits;
   3. --write-golden: ModelOpt's layouts as tests/targets/golden/*.json, which tests/targets/test_trtllm.py checks
      our output against without ModelOpt.
@@ -29,15 +29,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "targets" / "golden"
-MODELOPT_CFGS = {"none": None, "int8": "INT8_WEIGHT_ONLY_CFG", "awq": "INT4_AWQ_CFG",
-                 "smoothquant": "INT8_SMOOTHQUANT_CFG"}
-LAYOUTS = {"hf": {}, "legacy_tp1": {"legacy": True}, "legacy_tp2": {"legacy": True, "tp": 2},
-           "legacy_tp1pp2": {"legacy": True, "pp": 2}}
+MODELOPT_CFGS = {
+    "none": None,
+    "int8": "INT8_WEIGHT_ONLY_CFG",
+    "awq": "INT4_AWQ_CFG",
+    "smoothquant": "INT8_SMOOTHQUANT_CFG",
+}
+LAYOUTS = {
+    "hf": {},
+    "legacy_tp1": {"legacy": True},
+    "legacy_tp2": {"legacy": True, "tp": 2},
+    "legacy_tp1pp2": {"legacy": True, "pp": 2},
+}
 MODELS = {  # tiny fp16 models: big enough for group 64 per tensor-parallel shard
     "llama": dict(family="llama", hidden=128, intermediate_size=256, heads=4, kv_heads=2, vocab=96, layers=2),
     "qwen2": dict(family="qwen2", hidden=128, intermediate_size=256, heads=4, kv_heads=2, vocab=96, layers=2),
 }
-CASES = [("llama", m) for m in MODELOPT_CFGS] + [("qwen2", "int8"), ("qwen2", "awq"), ("qwen2", "smoothquant")]
+CASES = [("llama", m) for m in MODELOPT_CFGS] + [
+    ("qwen2", "int8"),
+    ("qwen2", "awq"),
+    ("qwen2", "smoothquant"),
+]
 GROUP_SIZE = 64
 IGNORED_CONFIG_KEYS = ("producer", "rank")  # who wrote it; which rank wrote config.json last
 
@@ -67,7 +79,7 @@ def worker(base: str, out: str, method: str) -> None:  # runs in the ModelOpt ve
     def model():
         m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16).eval()
         if cfg is not None:
-            m = mtq.quantize(m, cfg, lambda mm: [mm(ids[i:i + 1]) for i in range(len(ids))])
+            m = mtq.quantize(m, cfg, lambda mm: [mm(ids[i : i + 1]) for i in range(len(ids))])
         return m
 
     # ModelOpt's fake-quant reference in float32 (its float16 fake-quant rounds exact x.5 ties differently from its
@@ -96,11 +108,23 @@ def worker(base: str, out: str, method: str) -> None:  # runs in the ModelOpt ve
     export_hf_checkpoint(model(), export_dir=out_dir / "hf")
     for layout, o in LAYOUTS.items():
         if o.get("legacy"):
-            export_tensorrt_llm_checkpoint(model(), decoder, torch.float16, export_dir=out_dir / layout,
-                                           inference_tensor_parallel=o.get("tp", 1),
-                                           inference_pipeline_parallel=o.get("pp", 1))
-    (out_dir / "modelopt.json").write_text(json.dumps({"version": modelopt.__version__, "config": MODELOPT_CFGS[method],
-                                                      "group_size": GROUP_SIZE if method == "awq" else None}))
+            export_tensorrt_llm_checkpoint(
+                model(),
+                decoder,
+                torch.float16,
+                export_dir=out_dir / layout,
+                inference_tensor_parallel=o.get("tp", 1),
+                inference_pipeline_parallel=o.get("pp", 1),
+            )
+    (out_dir / "modelopt.json").write_text(
+        json.dumps(
+            {
+                "version": modelopt.__version__,
+                "config": MODELOPT_CFGS[method],
+                "group_size": GROUP_SIZE if method == "awq" else None,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------ our side
@@ -108,21 +132,31 @@ def worker(base: str, out: str, method: str) -> None:  # runs in the ModelOpt ve
 
 def compare_layouts(ours: dict, ref: dict) -> dict:
     """Differences of our layout against the reference's (empty lists: identical)."""
-    from lorafast_export.targets.trt.layout import flat_config
+    from lorafast_export.targets.trt_llm.layout import flat_config
 
-    diff = {"tensor_files": sorted(set(ours["tensors"]) ^ set(ref["tensors"])), "missing": [], "extra": [],
-            "dtype_or_shape": [], "config_missing": [], "config_extra": [], "config_values": []}
+    diff = {
+        "tensor_files": sorted(set(ours["tensors"]) ^ set(ref["tensors"])),
+        "missing": [],
+        "extra": [],
+        "dtype_or_shape": [],
+        "config_missing": [],
+        "config_extra": [],
+        "config_values": [],
+    }
     for f in sorted(set(ours["tensors"]) & set(ref["tensors"])):
         a, b = ours["tensors"][f], ref["tensors"][f]
         diff["missing"] += [f"{f}:{k}" for k in sorted(set(b) - set(a))]
         diff["extra"] += [f"{f}:{k}" for k in sorted(set(a) - set(b))]
-        diff["dtype_or_shape"] += [f"{f}:{k} ours {a[k]} ref {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+        diff["dtype_or_shape"] += [
+            f"{f}:{k} ours {a[k]} ref {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]
+        ]
     for name, rc in ref["configs"].items():
         oc, rc = (flat_config(c, IGNORED_CONFIG_KEYS) for c in (ours["configs"].get(name, {}), rc))
         diff["config_missing"] += [f"{name}:{k}" for k in sorted(set(rc) - set(oc))]
         diff["config_extra"] += [f"{name}:{k}" for k in sorted(set(oc) - set(rc))]
-        diff["config_values"] += [f"{name}:{k} ours {oc[k]!r} ref {rc[k]!r}" for k in sorted(set(oc) & set(rc))
-                                  if oc[k] != rc[k]]
+        diff["config_values"] += [
+            f"{name}:{k} ours {oc[k]!r} ref {rc[k]!r}" for k in sorted(set(oc) & set(rc)) if oc[k] != rc[k]
+        ]
     return diff
 
 
@@ -143,20 +177,25 @@ def lower_ours(base: Path, method: str, out: Path) -> dict[str, Path | str]:
     import torch
 
     from lorafast_export.model.spec import ModelConfig
-    from lorafast_export.quant.pipeline import quantize_checkpoint
+    from lorafast_export.quant.walk import quantize_checkpoint
     from lorafast_export.recipe import Recipe
     from lorafast_export.targets.registry import LowerInput, get_target
 
     cfg = ModelConfig.from_file(base / "config.json")
-    settings = {"none": None, "int8": {"method": "int8"},
-                "awq": {"method": "awq", "group_size": GROUP_SIZE, "symmetric": True},
-                "smoothquant": {"method": "smoothquant"}}[method]
+    settings = {
+        "none": None,
+        "int8": {"method": "int8"},
+        "awq": {"method": "awq", "group_size": GROUP_SIZE, "symmetric": True},
+        "smoothquant": {"method": "smoothquant"},
+    }[method]
     ids = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
     qm = None if settings is None else quantize_checkpoint(base, {**settings, "device": "cpu"}, calib_ids=ids)
     result: dict[str, Path | str] = {}
     for name, opts in LAYOUTS.items():
         try:  # a refusal, when the recipe is read or at lowering, is a result here
-            recipe = Recipe.from_dict({"quant": {"method": method}, "target": {"name": "trt-llm", "options": opts}})
+            recipe = Recipe.from_dict(
+                {"quant": {"method": method}, "target": {"name": "trt-llm", "options": opts}}
+            )
             get_target("trt-llm").lower(LowerInput(base, cfg, recipe, qm), out / name)
             result[name] = out / name
         except Exception as e:  # noqa: BLE001 (a refusal is a result here)
@@ -184,7 +223,7 @@ def read_check(base: Path, mo_dir: Path, method: str) -> dict:
     from safetensors.torch import load_file
 
     from lorafast_export.model.decoder import build_decoder
-    from lorafast_export.targets.trt.reader import read_hf, read_legacy
+    from lorafast_export.targets.trt_llm.reader import read_hf, read_legacy
 
     fq = load_file(str(mo_dir / "fake_quant.safetensors"))
     hf_config = json.loads((base / "config.json").read_text())
@@ -192,8 +231,11 @@ def read_check(base: Path, mo_dir: Path, method: str) -> dict:
     out = {}
     for name in LAYOUTS:
         try:
-            cfg, st = read_hf(mo_dir / name, runtime=False) if name == "hf" else \
-                read_legacy(mo_dir / name, hf_config, runtime=False)
+            cfg, st = (
+                read_hf(mo_dir / name, runtime=False)
+                if name == "hf"
+                else read_legacy(mo_dir / name, hf_config, runtime=False)
+            )
         except Exception as e:  # noqa: BLE001 (a format we do not read is a result here)
             out[name] = f"not read: {e}"
             continue
@@ -208,11 +250,18 @@ def read_check(base: Path, mo_dir: Path, method: str) -> dict:
             want = w if pqs is None else w * pqs[None, :]
             d = st[f"{mod}.weight"] - want
             step = _step(mod, name, mo_dir, st, pqs)
-            worst, n_diff, n_all = max(worst, float(d.abs().max())), n_diff + int((d.abs() > 1e-6).sum()), \
-                n_all + d.numel()
+            worst, n_diff, n_all = (
+                max(worst, float(d.abs().max())),
+                n_diff + int((d.abs() > 1e-6).sum()),
+                n_all + d.numel(),
+            )
             one_step = one_step and (step is None or _one_step(d, step))
-        r = {"max_abs_weight_diff": worst, "elements_differing": n_diff, "elements": n_all,
-             "all_differences_one_step": one_step}
+        r = {
+            "max_abs_weight_diff": worst,
+            "elements_differing": n_diff,
+            "elements": n_all,
+            "all_differences_one_step": one_step,
+        }
         if name == "hf":
             # the same decoder with ModelOpt's fake-quant weights in place of the files': isolates the ties
             swapped = dict(st)
@@ -237,7 +286,9 @@ def _qkv_pqs(d: Path, layer: int):
     per_stage = json.loads((d / "config.json").read_text())["num_hidden_layers"] // mapping["pp_size"]
     rank = (layer // per_stage) * mapping["tp_size"]
     with safe_open(str(d / f"rank{rank}.safetensors"), "pt") as f:
-        return f.get_tensor(f"transformer.layers.{layer % per_stage}.attention.qkv.prequant_scaling_factor").float()
+        return f.get_tensor(
+            f"transformer.layers.{layer % per_stage}.attention.qkv.prequant_scaling_factor"
+        ).float()
 
 
 def _step(mod: str, layout: str, mo_dir: Path, st, pqs):
@@ -253,19 +304,29 @@ def _step(mod: str, layout: str, mo_dir: Path, st, pqs):
         scale = _legacy_scale(mo_dir / "legacy_tp1", mod, w.shape[0])
     if scale is None:
         return None
-    full = scale[:, None].expand_as(w) if scale.dim() == 1 else scale[:, torch.arange(w.shape[1]) // GROUP_SIZE]
+    full = (
+        scale[:, None].expand_as(w) if scale.dim() == 1 else scale[:, torch.arange(w.shape[1]) // GROUP_SIZE]
+    )
     return full * (1 if pqs is None else pqs[None, :])
 
 
 def _legacy_scale(d: Path, mod: str, rows: int):
     from safetensors.torch import load_file
 
-    names = {"q_proj": ("attention.qkv", 0), "k_proj": ("attention.qkv", 1), "v_proj": ("attention.qkv", 2),
-             "o_proj": ("attention.dense", 0), "gate_proj": ("mlp.fc", 0), "up_proj": ("mlp.gate", 0),
-             "down_proj": ("mlp.proj", 0)}
+    names = {
+        "q_proj": ("attention.qkv", 0),
+        "k_proj": ("attention.qkv", 1),
+        "v_proj": ("attention.qkv", 2),
+        "o_proj": ("attention.dense", 0),
+        "gate_proj": ("mlp.fc", 0),
+        "up_proj": ("mlp.gate", 0),
+        "down_proj": ("mlp.proj", 0),
+    }
     layer, proj = int(mod.split(".")[2]), mod.split(".")[-1]
     name, part = names[proj]
-    scale = load_file(str(d / "rank0.safetensors")).get(f"transformer.layers.{layer}.{name}.weights_scaling_factor")
+    scale = load_file(str(d / "rank0.safetensors")).get(
+        f"transformer.layers.{layer}.{name}.weights_scaling_factor"
+    )
     if scale is None:
         return None
     if name == "attention.qkv":  # rows: q (largest) then k, v of equal size
@@ -282,18 +343,24 @@ def torch_split(t, sizes):
 
 
 def run(mo_python: str, work: Path, write_golden: bool, only: list[str] | None = None) -> dict:
-    from lorafast_export.targets.trt.layout import layout, modelopt_sq_as_ours
+    from lorafast_export.targets.trt_llm.layout import layout, modelopt_sq_as_ours
 
     results = {}
     for family, method in CASES:
         if only and f"{family}/{method}" not in only:
             continue
-        base = make_base(family, work / family / "base") if not (work / family / "base").exists() \
+        base = (
+            make_base(family, work / family / "base")
+            if not (work / family / "base").exists()
             else work / family / "base"
+        )
         mo_dir = work / family / f"modelopt-{method}"
         if not (mo_dir / "modelopt.json").exists():
-            proc = subprocess.run([mo_python, __file__, "--worker", str(base), str(mo_dir), method],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [mo_python, __file__, "--worker", str(base), str(mo_dir), method],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 raise SystemExit(f"ModelOpt worker failed for {family}/{method}:\n{proc.stderr[-4000:]}")
         ours = lower_ours(base, method, work / family / f"ours-{method}")
@@ -310,17 +377,25 @@ def run(mo_python: str, work: Path, write_golden: bool, only: list[str] | None =
             if write_golden:
                 meta = json.loads((mo_dir / "modelopt.json").read_text())
                 GOLDEN.mkdir(parents=True, exist_ok=True)
-                golden = {"source": f"nvidia-modelopt {meta['version']} ({meta['config']})", "model": MODELS[family],
-                          "method": method, "group_size": meta["group_size"], "layout": name,
-                          "options": LAYOUTS[name], **ref}
+                golden = {
+                    "source": f"nvidia-modelopt {meta['version']} ({meta['config']})",
+                    "model": MODELS[family],
+                    "method": method,
+                    "group_size": meta["group_size"],
+                    "layout": name,
+                    "options": LAYOUTS[name],
+                    **ref,
+                }
                 (GOLDEN / f"{family}_{method}_{name}.json").write_text(json.dumps(golden, indent=1) + "\n")
         results[f"{family}/{method}"] = case
     return results
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model / method | layout | tensors (names, dtypes, shapes) | config | our reader on ModelOpt's files |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model / method | layout | tensors (names, dtypes, shapes) | config | our reader on ModelOpt's files |",
+        "|---|---|---|---|---|",
+    ]
     for case, r in results.items():
         for name, d in r["layout"].items():
             if isinstance(d, str):
@@ -328,8 +403,11 @@ def markdown(results: dict) -> str:
             else:
                 bad = d["tensor_files"] + d["missing"] + d["extra"] + d["dtype_or_shape"]
                 tens = "identical" if not bad else "; ".join(bad[:4])
-                conf_bad = ([f"missing {k}" for k in d["config_missing"]] + [f"extra {k}" for k in d["config_extra"]]
-                            + d["config_values"])
+                conf_bad = (
+                    [f"missing {k}" for k in d["config_missing"]]
+                    + [f"extra {k}" for k in d["config_extra"]]
+                    + d["config_values"]
+                )
                 conf = "identical" if not conf_bad else "; ".join(conf_bad)
             rd = r["read"].get(name)
             read = rd if isinstance(rd, str) else _read_cell(rd)
@@ -338,14 +416,25 @@ def markdown(results: dict) -> str:
 
 
 def _read_cell(rd: dict) -> str:
-    same = "identical" if not rd["elements_differing"] else (
-        f"{rd['elements_differing']}/{rd['elements']} elements differ"
-        + (" by one step (x.5 ties)" if rd["all_differences_one_step"] else f", max {rd['max_abs_weight_diff']:.1e}"))
+    same = (
+        "identical"
+        if not rd["elements_differing"]
+        else (
+            f"{rd['elements_differing']}/{rd['elements']} elements differ"
+            + (
+                " by one step (x.5 ties)"
+                if rd["all_differences_one_step"]
+                else f", max {rd['max_abs_weight_diff']:.1e}"
+            )
+        )
+    )
     logits = rd.get("max_abs_logit_diff_vs_modelopt_fake_quant")
     if logits is None:
         return f"weights {same}"
-    return (f"weights {same}; logits max diff {logits:.1e} "
-            f"({rd['same_with_modelopt_fake_quant_weights']:.1e} with ModelOpt's tie values)")
+    return (
+        f"weights {same}; logits max diff {logits:.1e} "
+        f"({rd['same_with_modelopt_fake_quant_weights']:.1e} with ModelOpt's tie values)"
+    )
 
 
 def main() -> None:

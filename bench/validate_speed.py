@@ -30,22 +30,50 @@ def main() -> None:
     from tests.tiny import save_char_tokenizer
 
     root = Path(tempfile.mkdtemp())
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
-                                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(root / "base")
     save_char_tokenizer(root / "base")
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pm.save_pretrained(root / "ad")
     text = (Path(__file__).resolve().parent.parent / "lorafast_export/data/text/code_eval.txt").read_text()
     (root / "e.txt").write_text(text * (1 + a.tokens // len(text)))
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "lorafast_export.cli", "--json", "build", "--base", str(root / "base"),
-                        "--adapter", str(root / "ad"), "--out", str(root / "out"), "--eval", f"e={root / 'e.txt'}",
-                        "--max-tokens", str(a.tokens), "--name", "speed"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafast_export.cli",
+            "--json",
+            "build",
+            "--base",
+            str(root / "base"),
+            "--adapter",
+            str(root / "ad"),
+            "--out",
+            str(root / "out"),
+            "--eval",
+            f"e={root / 'e.txt'}",
+            "--max-tokens",
+            str(a.tokens),
+            "--name",
+            "speed",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if r.returncode not in (0, 1):
         print(r.stderr[-3000:])

@@ -16,7 +16,9 @@ DEFAULT_SHARD_BYTES = 512 * 1024**2
 class ShardWriter:
     """Buffers tensors until a shard is full, then writes it. Shards get final names in `finish()`."""
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict | None = None):
+    def __init__(
+        self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict | None = None
+    ):
         self.out_dir = out_dir
         self.max_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -59,9 +61,14 @@ class ShardWriter:
         return paths
 
 
-def write_checkpoint(groups: Iterable[tuple[str, dict[str, torch.Tensor]]], out_dir: Path, config: dict,
-                     tokenizer_files: list[Path], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     on_group=None) -> list[Path]:
+def write_checkpoint(
+    groups: Iterable[tuple[str, dict[str, torch.Tensor]]],
+    out_dir: Path,
+    config: dict,
+    tokenizer_files: list[Path],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    on_group=None,
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, max_shard_bytes)
     for name, tensors in groups:

@@ -50,8 +50,11 @@ def _run(ctx: Ctx, fn, *args, **kwargs):
     except Exception as e:  # a bug, not a user error
         if ctx.debug:
             raise
-        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
-                      "(re-run with --debug for the traceback)", highlight=False)
+        console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
+            "(re-run with --debug for the traceback)",
+            highlight=False,
+        )
         sys.exit(3)
 
 
@@ -63,7 +66,9 @@ def _run(ctx: Ctx, fn, *args, **kwargs):
 @click.pass_context
 def main(cctx: click.Context, as_json: bool, quiet: bool, debug: bool) -> None:
     """Compile a LoRA/DoRA fine-tuned LLM into a validated artifact for one runtime."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     cctx.obj = Ctx(as_json, quiet or as_json, debug)
 
 
@@ -96,6 +101,7 @@ def _run_with_progress(ctx: Ctx, fn):
 
 # ---------------------------------------------------------------------------------------------- build
 
+
 def _build_overrides(**o) -> dict:
     ov = {}
     if o["base"]:
@@ -103,18 +109,36 @@ def _build_overrides(**o) -> dict:
         if not o["adapter"]:
             ov["inputs.adapters"] = []
     if o["adapter"]:
-        from lorafast_export.load import parse_adapter_spec
+        from lorafast_export.adapters import parse_adapter_spec
 
         extra = {k: o[k] for k in ("lora_alpha", "use_rslora") if o.get(k) is not None}
-        ov["inputs.adapters"] = [{"path": p, "weight": w, **extra} for p, w in map(parse_adapter_spec, o["adapter"])]
-    simple = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
-              "hf_format": "target.hf_format", "dtype": "merge.dtype", "out": "output.dir",
-              "max_tokens": "validate.max_tokens", "calib_samples": "quant.calib.samples",
-              "calib_seq_len": "quant.calib.seq_len", "prompts": "validate.prompts", "junit": "validate.junit", "device": "quant.device", "name": "name"}
+        ov["inputs.adapters"] = [
+            {"path": p, "weight": w, **extra} for p, w in map(parse_adapter_spec, o["adapter"])
+        ]
+    simple = {
+        "target": "target.name",
+        "quant": "quant.method",
+        "bits": "quant.bits",
+        "group_size": "quant.group_size",
+        "hf_format": "target.hf_format",
+        "dtype": "merge.dtype",
+        "out": "output.dir",
+        "max_tokens": "validate.max_tokens",
+        "calib_samples": "quant.calib.samples",
+        "calib_seq_len": "quant.calib.seq_len",
+        "prompts": "validate.prompts",
+        "junit": "validate.junit",
+        "device": "quant.device",
+        "name": "name",
+    }
     for flag, key in simple.items():
         if o.get(flag) is not None:
             ov[key] = o[flag]
-    for flag, key in (("force", "output.force"), ("allow_pickle", "inputs.allow_pickle"), ("act_order", "quant.act_order")):
+    for flag, key in (
+        ("force", "output.force"),
+        ("allow_pickle", "inputs.allow_pickle"),
+        ("act_order", "quant.act_order"),
+    ):
         if o.get(flag):
             ov[key] = True
     if o.get("symmetric") is not None:
@@ -159,40 +183,72 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @main.command()
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; flags override its fields.")
 @click.option("--base", help="Base model directory (HF layout). Default: the bundled demo base.")
-@click.option("--adapter", multiple=True, help="PEFT adapter dir (or Lightning .ckpt), optionally PATH:WEIGHT. Repeatable.")
+@click.option(
+    "--adapter",
+    multiple=True,
+    help="PEFT adapter dir (or Lightning .ckpt), optionally PATH:WEIGHT. Repeatable.",
+)
 @click.option("--target", help="hf | torch-compile | onnxruntime | openvino | trt-llm")
 @click.option("--quant", help="none | rtn | int8 | smoothquant | gptq | awq")
 @click.option("--bits", type=int)
 @click.option("--group-size", type=int)
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal.")
-@click.option("--symmetric/--asymmetric", default=None, help="Zero points or not (default per method and target).")
+@click.option(
+    "--act-order", is_flag=True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal."
+)
+@click.option(
+    "--symmetric/--asymmetric", default=None, help="Zero points or not (default per method and target)."
+)
 @click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
 @click.option("--calib-samples", type=int, help="Calibration windows (default 64).")
 @click.option("--calib-seq-len", type=int, help="Tokens per calibration window (default 256).")
 @click.option("--hf-format", help="For --target hf with a quant method: gptq | awq | compressed-tensors.")
-@click.option("--target-option", multiple=True, help="Target-specific KEY=VALUE (YAML value), e.g. aot=true. Repeatable.")
-@click.option("--trt-llm-legacy", is_flag=True, help="trt-llm: also/instead write the legacy engine checkpoint.")
+@click.option(
+    "--target-option",
+    multiple=True,
+    help="Target-specific KEY=VALUE (YAML value), e.g. aot=true. Repeatable.",
+)
+@click.option(
+    "--trt-llm-legacy", is_flag=True, help="trt-llm: also/instead write the legacy engine checkpoint."
+)
 @click.option("--tp", type=int, help="trt-llm legacy: tensor-parallel size.")
 @click.option("--pp", type=int, help="trt-llm legacy: pipeline-parallel size.")
 @click.option("--dtype", help="Merged weight dtype: auto (keep base) | float32 | float16 | bfloat16.")
 @click.option("--device", help="Device for quantization: auto | cpu | cuda.")
-@click.option("--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled.")
+@click.option(
+    "--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled."
+)
 @click.option("--gate", multiple=True, help='Validation gate, e.g. "kl_mean<=0.02". Repeatable.')
 @click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
-@click.option("--prompts", help="Prompts for greedy-generation checks (jsonl with 'prompt', or one per line).")
-@click.option("--junit", help="Write JUnit XML (one test case per gate) into the artifact, at this path relative "
-              "to --out (e.g. junit.xml).")
+@click.option(
+    "--prompts", help="Prompts for greedy-generation checks (jsonl with 'prompt', or one per line)."
+)
+@click.option(
+    "--junit",
+    help="Write JUnit XML (one test case per gate) into the artifact, at this path relative "
+    "to --out (e.g. junit.xml).",
+)
 @click.option("--no-validate", is_flag=True, help="Skip the validation stage.")
 @click.option("--out", help="Output artifact directory.")
 @click.option("--name", help="Artifact name (default: the --out directory's name).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse (or store) finished stages in the stage cache.")
-@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt files (with torch.load weights_only=True).")
-@click.option("--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha.")
-@click.option("--use-rslora", is_flag=True, default=None, help="For Lightning .ckpt adapters: alpha/sqrt(r) scaling.")
+@click.option(
+    "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt files (with torch.load weights_only=True)."
+)
+@click.option(
+    "--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha."
+)
+@click.option(
+    "--use-rslora", is_flag=True, default=None, help="For Lightning .ckpt adapters: alpha/sqrt(r) scaling."
+)
 @click.option("--dump-recipe", is_flag=True, help="Print the resolved recipe as YAML and exit.")
-@click.option("--matrix", "matrix", multiple=True, help="Build every combination: --matrix target=a,b quant=c,d "
-              "(axes: target, quant, bits, group_size, dtype, hf_format); artifacts go under --out.")
+@click.option(
+    "--matrix",
+    "matrix",
+    multiple=True,
+    help="Build every combination: --matrix target=a,b quant=c,d "
+    "(axes: target, quant, bits, group_size, dtype, hf_format); artifacts go under --out.",
+)
 @click.argument("more_axes", nargs=-1)
 @click.pass_obj
 def build(ctx: Ctx, recipe, dump_recipe, matrix, more_axes, **flags):
@@ -229,8 +285,12 @@ def _build_matrix(ctx: Ctx, r, specs: list[str]) -> None:
 def _finish_build(ctx: Ctx, bctx) -> None:
     from lorafast_export.errors import EXIT_GATE_FAILED
 
-    summary = {"artifact": str(bctx.out_dir), "timings_s": bctx.timings, "facts": bctx.facts,
-               "passed": None if bctx.report is None else bctx.report.get("passed")}
+    summary = {
+        "artifact": str(bctx.out_dir),
+        "timings_s": bctx.timings,
+        "facts": bctx.facts,
+        "passed": None if bctx.report is None else bctx.report.get("passed"),
+    }
     ctx.emit(summary, lambda: _print_build(bctx))
     if bctx.report is not None and not bctx.report.get("passed", True):
         sys.exit(EXIT_GATE_FAILED)
@@ -239,19 +299,31 @@ def _finish_build(ctx: Ctx, bctx) -> None:
 def _print_build(bctx) -> None:
     if bctx.report is not None and "markdown_table" in bctx.report:
         out.print(bctx.report["markdown_table"])
-    verdict = "" if bctx.report is None else ("  gates: [green]passed[/]" if bctx.report.get("passed") else "  gates: [red]FAILED[/]")
+    verdict = (
+        ""
+        if bctx.report is None
+        else ("  gates: [green]passed[/]" if bctx.report.get("passed") else "  gates: [red]FAILED[/]")
+    )
     total = sum(bctx.timings.values())
     out.print(f"[bold green]built[/] {bctx.out_dir}  ({total:.1f} s){verdict}")
 
 
 # ---------------------------------------------------------------------------------------------- validate
 
+
 @main.command()
-@click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory.")
-@click.option("--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled.")
+@click.option(
+    "--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory."
+)
+@click.option(
+    "--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled."
+)
 @click.option("--gate", multiple=True, help='Gate, e.g. "kl_mean<=0.02" or "stage:artifact.top1>=0.95".')
-@click.option("--junit", help="Write JUnit XML (one test case per gate) into the artifact, at this path relative "
-              "to --artifact (e.g. junit.xml).")
+@click.option(
+    "--junit",
+    help="Write JUnit XML (one test case per gate) into the artifact, at this path relative "
+    "to --artifact (e.g. junit.xml).",
+)
 @click.option("--max-tokens", type=int, help="Eval token budget per eval set.")
 @click.option("--prompts", help="Prompts for greedy checks (jsonl with 'prompt', or one per line).")
 @click.pass_obj
@@ -261,8 +333,12 @@ def validate(ctx: Ctx, artifact, **flags):
     from lorafast_export.report.markdown import render_markdown
     from lorafast_export.validate.run import summarize, validate_artifact
 
-    ov = {k: v for k, v in _build_overrides(base=None, adapter=(), **flags).items() if k.startswith("validate.")}
-    report = _run_with_progress(ctx, lambda update: _run(ctx, validate_artifact, Path(artifact), ov, lambda m: update("validate", m)))
+    ov = {
+        k: v for k, v in _build_overrides(base=None, adapter=(), **flags).items() if k.startswith("validate.")
+    }
+    report = _run_with_progress(
+        ctx, lambda update: _run(ctx, validate_artifact, Path(artifact), ov, lambda m: update("validate", m))
+    )
     ctx.emit(summarize(report), lambda: out.print(render_markdown(report)))
     if not report.passed:
         sys.exit(EXIT_GATE_FAILED)
@@ -293,10 +369,15 @@ def report_diff(ctx: Ctx, a, b):
 
 # ---------------------------------------------------------------------------------------------- generate
 
+
 @main.command()
-@click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory.")
+@click.option(
+    "--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory."
+)
 @click.option("--input", "inp", required=True, type=click.Path(dir_okay=False), help='jsonl: {"prompt": ...}')
-@click.option("--output", required=True, type=click.Path(dir_okay=False), help="jsonl results (appended; resumable)")
+@click.option(
+    "--output", required=True, type=click.Path(dir_okay=False), help="jsonl results (appended; resumable)"
+)
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.pass_obj
@@ -306,8 +387,13 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size):
 
     from lorafast_export.generate import generate_file
 
-    bar = None if ctx.quiet else Progress("[bold]generate", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                          console=console)
+    bar = (
+        None
+        if ctx.quiet
+        else Progress(
+            "[bold]generate", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        )
+    )
     task = bar.add_task("generate", total=None) if bar else None
 
     def progress(done, total):
@@ -317,15 +403,23 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size):
     if bar:
         bar.start()
     try:
-        res = _run(ctx, generate_file, Path(artifact), Path(inp), Path(output), max_new_tokens, batch_size, progress)
+        res = _run(
+            ctx, generate_file, Path(artifact), Path(inp), Path(output), max_new_tokens, batch_size, progress
+        )
     finally:
         if bar:
             bar.stop()
-    ctx.emit(res, lambda: out.print(f"[green]wrote[/] {res['generated']} completions to {res['output']}"
-                                    + (f" (resumed after {res['resumed_from']})" if res["resumed_from"] else "")))
+    ctx.emit(
+        res,
+        lambda: out.print(
+            f"[green]wrote[/] {res['generated']} completions to {res['output']}"
+            + (f" (resumed after {res['resumed_from']})" if res["resumed_from"] else "")
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- run / bench
+
 
 @main.command("run")
 @click.option("--artifact", required=True, type=click.Path(file_okay=False), help="A torch-compile artifact.")
@@ -382,6 +476,7 @@ def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device):
 
 # ---------------------------------------------------------------------------------------------- verify
 
+
 @main.command()
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.pass_obj
@@ -404,6 +499,7 @@ def verify(ctx: Ctx, artifact):
 
 # ---------------------------------------------------------------------------------------------- merge
 
+
 @main.command("merge")
 @click.option("--base", required=True, help="Base model directory.")
 @click.option("--adapter", required=True, multiple=True, help="Adapter dir or .ckpt, optionally PATH:WEIGHT.")
@@ -411,17 +507,32 @@ def verify(ctx: Ctx, artifact):
 @click.option("--dtype", default="auto", show_default=True, help="auto | float32 | float16 | bfloat16")
 @click.option("--force", is_flag=True)
 @click.option("--allow-pickle", is_flag=True)
-@click.option("--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha.")
+@click.option(
+    "--lora-alpha", type=float, help="For Lightning .ckpt adapters whose hyperparameters lack alpha."
+)
 @click.option("--use-rslora", is_flag=True, default=None, help="For Lightning .ckpt adapters.")
 @click.pass_obj
 def merge_cmd(ctx: Ctx, base, adapter, out, dtype, force, allow_pickle, lora_alpha, use_rslora):
     """Merge adapter(s) into the base exactly and write a Hugging Face checkpoint."""
     from lorafast_export.recipe import Recipe
 
-    r = _run(ctx, Recipe().with_overrides, {
-        **_build_overrides(base=base, adapter=adapter, out=out, force=force, allow_pickle=allow_pickle, dtype=dtype,
-                           lora_alpha=lora_alpha, use_rslora=use_rslora),
-        "validate.enabled": False})
+    r = _run(
+        ctx,
+        Recipe().with_overrides,
+        {
+            **_build_overrides(
+                base=base,
+                adapter=adapter,
+                out=out,
+                force=force,
+                allow_pickle=allow_pickle,
+                dtype=dtype,
+                lora_alpha=lora_alpha,
+                use_rslora=use_rslora,
+            ),
+            "validate.enabled": False,
+        },
+    )
     result = _run_with_progress(ctx, lambda update: _run(ctx, _merge_only, r, update))
     ctx.emit(result, lambda: out_print_merge(result))
 
@@ -437,15 +548,26 @@ def _merge_only(recipe, progress):
         with ctx.stage("load"):
             stage_load(ctx)
         with ctx.stage("merge"):
-            plan = merge(ctx.base, ctx.adapters, stage, dtype=recipe.merge.dtype, on_group=lambda g: progress("merge", g))
+            plan = merge(
+                ctx.base,
+                ctx.adapters,
+                stage,
+                dtype=recipe.merge.dtype,
+                on_group=lambda g: progress("merge", g),
+            )
         publish(stage, out_dir)
     except BaseException:
         import shutil
 
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return {"out": str(out_dir), "adapters": [str(a.path) for a in ctx.adapters], "untied_embeddings": plan.untie,
-            "notes": plan.notes, "timings_s": ctx.timings}
+    return {
+        "out": str(out_dir),
+        "adapters": [str(a.path) for a in ctx.adapters],
+        "untied_embeddings": plan.untie,
+        "notes": plan.notes,
+        "timings_s": ctx.timings,
+    }
 
 
 def out_print_merge(result: dict) -> None:
@@ -456,13 +578,14 @@ def out_print_merge(result: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- inspect
 
+
 @main.command()
 @click.argument("path")
 @click.option("--allow-pickle", is_flag=True)
 @click.pass_obj
 def inspect(ctx: Ctx, path, allow_pickle):
     """Describe an adapter (type, rank, alpha, targets, expected base) or a base model directory."""
-    from lorafast_export.inspect import describe
+    from lorafast_export.inspection import describe
 
     info = _run(ctx, describe, path, allow_pickle)
     ctx.emit(info, lambda: _print_kv(info))
@@ -477,11 +600,12 @@ def _print_kv(info: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- doctor
 
+
 @main.command()
 @click.pass_obj
 def doctor(ctx: Ctx):
     """Which targets and quantization methods work here, and how to get the rest."""
-    from lorafast_export.inspect import environment_report
+    from lorafast_export.inspection import environment_report
 
     rep = environment_report()
     ctx.emit(rep, lambda: _print_doctor(rep))
@@ -500,8 +624,10 @@ def _print_doctor(rep: dict) -> None:
     for row in rep["quant_methods"]:
         q.add_row(row["name"], "[green]ready[/]" if row["ok"] else f"[red]{row['hint']}[/]")
     out.print(q)
-    out.print(f"devices: {', '.join(rep['devices'])}   versions: "
-              + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()))
+    out.print(
+        f"devices: {', '.join(rep['devices'])}   versions: "
+        + ", ".join(f"{k} {v}" for k, v in rep["versions"].items())
+    )
 
 
 def run() -> None:  # pragma: no cover

@@ -27,7 +27,9 @@ def read_prompts(path: Path) -> Iterator[tuple[int, dict]]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    raise InputError(f"{path}:{n}: not valid JSON; each line must be {{\"prompt\": ...}}.") from None
+                    raise InputError(
+                        f'{path}:{n}: not valid JSON; each line must be {{"prompt": ...}}.'
+                    ) from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                     raise InputError(f"{path}:{n}: each line needs a string 'prompt' field.")
                 yield n, rec
@@ -51,8 +53,14 @@ def completed_ids(out: Path) -> set:
     return done
 
 
-def generate_file(artifact: Path, inp: Path, out: Path, max_new_tokens: int, batch_size: int = 16,
-                  progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+def generate_file(
+    artifact: Path,
+    inp: Path,
+    out: Path,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> dict:
     import transformers
 
     from lorafast_export.pipeline import artifact_target
@@ -67,19 +75,27 @@ def generate_file(artifact: Path, inp: Path, out: Path, max_new_tokens: int, bat
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
+            chunk = pending[start : start + batch_size]
             ids = [tok(r["prompt"])["input_ids"] for _, r in chunk]
             budgets = [int(r.get("max_new_tokens", max_new_tokens)) for _, r in chunk]
             outs = _generate(session, ids, budgets)
             for (i, r), toks in zip(chunk, outs, strict=True):
                 toks = _until_eos(toks, tok.eos_token_id)
-                f.write(json.dumps({"id": i, "prompt": r["prompt"], "completion": tok.decode(toks),
-                                    "tokens": toks}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"id": i, "prompt": r["prompt"], "completion": tok.decode(toks), "tokens": toks}
+                    )
+                    + "\n"
+                )
             f.flush()
             os.fsync(f.fileno())
             progress(len(todo) - len(pending) + start + len(chunk), len(todo))
-    return {"prompts": len(todo), "generated": len(pending), "resumed_from": len(todo) - len(pending),
-            "output": str(out)}
+    return {
+        "prompts": len(todo),
+        "generated": len(pending),
+        "resumed_from": len(todo) - len(pending),
+        "output": str(out),
+    }
 
 
 def _generate(session, ids: list[list[int]], budgets: list[int]) -> list[list[int]]:

@@ -16,8 +16,14 @@ from lorafast_export.recipe import Recipe
 from lorafast_export.report.files import write_inside
 
 # matrix axis → recipe field (the same names as the build flags)
-AXES = {"target": "target.name", "quant": "quant.method", "bits": "quant.bits", "group_size": "quant.group_size",
-        "dtype": "merge.dtype", "hf_format": "target.hf_format"}
+AXES = {
+    "target": "target.name",
+    "quant": "quant.method",
+    "bits": "quant.bits",
+    "group_size": "quant.group_size",
+    "dtype": "merge.dtype",
+    "hf_format": "target.hf_format",
+}
 INT_AXES = ("bits", "group_size")
 # values name the artifact directories <out>/<v1>-<v2>-...: one plain path component each, never '.' or '..'
 VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|-[0-9]+")
@@ -35,10 +41,14 @@ def parse_axes(specs: list[str]) -> dict[str, list[str]]:
         bad = [v for v in axes[key] if not VALUE.fullmatch(v) or (key in INT_AXES and not _is_int(v))]
         if bad:
             kind = "integers" if key in INT_AXES else "plain names (letters, digits, '_', '.', '-')"
-            raise InputError(f"--matrix {spec!r}: {', '.join(map(repr, bad))}: {key} values are {kind}; they also "
-                             "name the artifact directories under --out.")
+            raise InputError(
+                f"--matrix {spec!r}: {', '.join(map(repr, bad))}: {key} values are {kind}; they also "
+                "name the artifact directories under --out."
+            )
     if not axes:
-        raise InputError("--matrix needs at least one axis, e.g. --matrix target=onnxruntime,openvino quant=int8,awq")
+        raise InputError(
+            "--matrix needs at least one axis, e.g. --matrix target=onnxruntime,openvino quant=int8,awq"
+        )
     return axes
 
 
@@ -82,18 +92,30 @@ def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m:
         row = {"name": name, "artifact": r.output.dir, "target": r.target.name, "quant": r.quant.method}
         try:
             ctx = run_build(r, progress)
-            row |= {"passed": None if ctx.report is None else ctx.report["passed"],
-                    "gates": [] if ctx.report is None else ctx.report["gates"],
-                    "metrics": None if ctx.report is None else ctx.report["summary"], "timings_s": ctx.timings}
+            row |= {
+                "passed": None if ctx.report is None else ctx.report["passed"],
+                "gates": [] if ctx.report is None else ctx.report["gates"],
+                "metrics": None if ctx.report is None else ctx.report["summary"],
+                "timings_s": ctx.timings,
+            }
         except LorafastError as e:
             row |= {"passed": False, "error": str(e)}
         rows.append(row)
-    summary = {"schema": "lorafast-export/matrix/v1", "axes": axes, "artifacts": rows,
-               "passed": all(r["passed"] is not False for r in rows)}
+    summary = {
+        "schema": "lorafast-export/matrix/v1",
+        "axes": axes,
+        "artifacts": rows,
+        "passed": all(r["passed"] is not False for r in rows),
+    }
     root = Path(recipe.output.dir)
     root.mkdir(parents=True, exist_ok=True)
-    write_inside(root, {"summary.json": json.dumps(summary, indent=2, default=str) + "\n",
-                        "summary.md": render_summary(summary)})
+    write_inside(
+        root,
+        {
+            "summary.json": json.dumps(summary, indent=2, default=str) + "\n",
+            "summary.md": render_summary(summary),
+        },
+    )
     return summary
 
 
@@ -102,15 +124,23 @@ def _fmt(x) -> str:
 
 
 def render_summary(summary: dict) -> str:
-    lines = ["## lorafast-export matrix", "", "| artifact | target | quant | gates | KL mean (per eval set) | top-1 | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## lorafast-export matrix",
+        "",
+        "| artifact | target | quant | gates | KL mean (per eval set) | top-1 | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary["artifacts"]:
         mark = {True: "✅ pass", False: "❌ fail", None: "— (not validated)"}[r["passed"]]
         m = r.get("metrics") or {}
         kl = ", ".join(f"{k} {_fmt(v['kl_mean'])}" for k, v in m.items())
         top1 = ", ".join(f"{k} {_fmt(v['top1'])}" for k, v in m.items())
         failed = [g["expr"] for g in r.get("gates", []) if g["passed"] is False]
-        note = r.get("error", "").splitlines()[0] if r.get("error") else ("failed: " + "; ".join(failed) if failed else "")
+        note = (
+            r.get("error", "").splitlines()[0]
+            if r.get("error")
+            else ("failed: " + "; ".join(failed) if failed else "")
+        )
         lines.append(f"| `{r['name']}` | {r['target']} | {r['quant']} | {mark} | {kl} | {top1} | {note} |")
     verdict = "all artifacts passed" if summary["passed"] else "some artifacts FAILED"
     return "\n".join([*lines, "", f"**{verdict}**", ""])

@@ -23,15 +23,25 @@ from importlib import metadata
 from pathlib import Path
 
 from lorafast_export import __version__
+from lorafast_export.adapters import Adapter, open_adapter
 from lorafast_export.errors import InputError
-from lorafast_export.load import Adapter, ModelDir, open_adapter, open_model, sha256_file
 from lorafast_export.recipe import Recipe, resolve_path
 from lorafast_export.stagecache import StageCache, content_key
+from lorafast_export.weights import ModelDir, open_model, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = "lorafast-export/manifest/v1"
-VERSIONED = ("torch", "transformers", "peft", "safetensors", "onnxruntime", "onnxruntime-genai", "openvino",
-             "openvino-genai", "nvidia-modelopt")
+VERSIONED = (
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "openvino",
+    "openvino-genai",
+    "nvidia-modelopt",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -72,14 +82,16 @@ class BuildContext:
 
 # ---------------------------------------------------------------------------------------------- stages
 
+
 def stage_load(ctx: BuildContext) -> None:
     from lorafast_export.targets.registry import require_available
 
     require_available(ctx.recipe.target.name)  # fail before any work if the runtime is missing
     r = ctx.recipe.inputs
     ctx.base = open_model(resolve_path(r.base), allow_pickle=r.allow_pickle)
-    ctx.adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides())
-                    for a in r.adapters]
+    ctx.adapters = [
+        open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides()) for a in r.adapters
+    ]
     ctx.input_hashes = input_hashes(ctx)
 
 
@@ -98,19 +110,35 @@ def stage_merge(ctx: BuildContext) -> None:
             if hit:
                 plan = plan_merge(ctx.base, ctx.adapters)
             else:
-                plan = merge(ctx.base, ctx.adapters, path, dtype=ctx.recipe.merge.dtype,
-                             on_group=lambda g: ctx.progress("merge", g))
+                plan = merge(
+                    ctx.base,
+                    ctx.adapters,
+                    path,
+                    dtype=ctx.recipe.merge.dtype,
+                    on_group=lambda g: ctx.progress("merge", g),
+                )
         ctx.merged_dir = ctx.cache.path("merged", key)
         ctx.merged = open_model(ctx.merged_dir)
-    ctx.facts["merge"] = {"cached": hit, "written": ctx.recipe.quant.method == "none",
-                          "untied_embeddings": plan.untie, "notes": plan.notes,
-                          "adapters": [{"path": str(a.path), "type": a.kind, "weight": a.weight,
-                                        "modules": len(a.modules)} for a in ctx.adapters]}
+    ctx.facts["merge"] = {
+        "cached": hit,
+        "written": ctx.recipe.quant.method == "none",
+        "untied_embeddings": plan.untie,
+        "notes": plan.notes,
+        "adapters": [
+            {"path": str(a.path), "type": a.kind, "weight": a.weight, "modules": len(a.modules)}
+            for a in ctx.adapters
+        ],
+    }
 
 
 def merge_key(ctx: BuildContext) -> str:
-    return content_key("merge", [i["sha256"] for i in ctx.input_hashes], ctx.recipe.inputs.model_dump(),
-                       ctx.recipe.merge.model_dump(), library_versions())
+    return content_key(
+        "merge",
+        [i["sha256"] for i in ctx.input_hashes],
+        ctx.recipe.inputs.model_dump(),
+        ctx.recipe.merge.model_dump(),
+        library_versions(),
+    )
 
 
 def stage_quantize(ctx: BuildContext) -> None:
@@ -120,7 +148,7 @@ def stage_quantize(ctx: BuildContext) -> None:
     from lorafast_export.model.quantized import load_quantized
     from lorafast_export.quant.calib import calibration_files
     from lorafast_export.quant.methods import get_method
-    from lorafast_export.quant.pipeline import quantize_checkpoint, resolve_device
+    from lorafast_export.quant.walk import quantize_checkpoint, resolve_device
     from lorafast_export.targets.registry import get_target
 
     quant = ctx.recipe.quant
@@ -128,10 +156,14 @@ def stage_quantize(ctx: BuildContext) -> None:
         quant = quant.model_copy(update={"symmetric": True})  # the target's kernels take no zero points
     calibrated = get_method(quant.method).calibrated
     calib = [sha256_file(f) for f in calibration_files(quant.calib.files)] if calibrated else []
-    key = content_key("quantize", merge_key(ctx), quant.model_dump(), calib, resolve_device(quant.device).type)
+    key = content_key(
+        "quantize", merge_key(ctx), quant.model_dump(), calib, resolve_device(quant.device).type
+    )
     with ctx.cache.entry("quantized", key) as (path, hit):
         if not hit:
-            quantize_checkpoint(ctx.merged, quant, progress=lambda m: ctx.progress("quantize", m), out_dir=path)
+            quantize_checkpoint(
+                ctx.merged, quant, progress=lambda m: ctx.progress("quantize", m), out_dir=path
+            )
     ctx.quantized = load_quantized(ctx.cache.path("quantized", key))
     ctx.facts["quant"] = {**quant.resolved(), "cached": hit}
 
@@ -162,6 +194,7 @@ STAGES: list[tuple[str, Callable[[BuildContext], None]]] = [
 
 
 # ---------------------------------------------------------------------------------------------- output
+
 
 def input_hashes(ctx: BuildContext) -> list[dict]:
     files = [ctx.base.config_path, *ctx.base.store.files, *ctx.base.tokenizer_files]
@@ -209,8 +242,10 @@ def prepare_output(out: Path, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory.")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise InputError(f"{out}: exists and is not a lorafast-export artifact (no manifest.json); --force only "
-                         "replaces artifacts, never other directories. Choose another --out, or remove it yourself.")
+        raise InputError(
+            f"{out}: exists and is not a lorafast-export artifact (no manifest.json); --force only "
+            "replaces artifacts, never other directories. Choose another --out, or remove it yourself."
+        )
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +304,10 @@ def run_build(recipe: Recipe, progress: Callable[[str, str], None] | None = None
     except OSError as e:
         shutil.rmtree(stage_dir, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise InputError(f"{e.filename or out}: no space left on device while building; nothing was "
-                             "published. Free some space or choose another --out / LORAFAST_CACHE.") from None
+            raise InputError(
+                f"{e.filename or out}: no space left on device while building; nothing was "
+                "published. Free some space or choose another --out / LORAFAST_CACHE."
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(stage_dir, ignore_errors=True)

@@ -335,8 +335,14 @@ def qtensor_from_entry(name: str, e: dict, get, source: str) -> QTensor:
     if e["codes_packing"] == "u4x2_low_first":
         codes = _unpack_nibbles(codes, e["shape"][1])
     optional = {f: parts[p] for p, f in _OPTIONAL_PARTS.items() if p in parts}
-    return QTensor(codes=codes, scales=parts["qscales"], bits=e["bits"], group_size=e["group_size"],
-                   act_quant=e["act_quant"], **optional)
+    return QTensor(
+        codes=codes,
+        scales=parts["qscales"],
+        bits=e["bits"],
+        group_size=e["group_size"],
+        act_quant=e["act_quant"],
+        **optional,
+    )
 
 
 def save_qtensors(

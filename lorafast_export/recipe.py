@@ -134,7 +134,9 @@ class QuantOptions(_Section):
             "method": self.method,
             "bits": bits,
             "group_size": self.group_size if self.group_size is not None else (-1 if bits == 8 else 128),
-            "symmetric": self.symmetric if self.symmetric is not None else self.method in ("gptq", "int8", "smoothquant"),
+            "symmetric": self.symmetric
+            if self.symmetric is not None
+            else self.method in ("gptq", "int8", "smoothquant"),
             **self.model_dump(exclude={"method", "bits", "group_size", "symmetric"}),
         }
 
@@ -159,8 +161,12 @@ class ValidateOptions(_Section):
     prompts: str | None = None  # jsonl with {"prompt": ...}; empty: bundled prompts
     max_new_tokens: int = Field(default=32, ge=1)
     gates: list[str] | None = None  # None: the default gates
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # the reference's dtype (fp16/bf16: GPU only)
-    junit: str | None = None  # JUnit XML (one test case per gate): a path inside the artifact, relative to output.dir
+    dtype: Literal["float32", "float16", "bfloat16"] = (
+        "float32"  # the reference's dtype (fp16/bf16: GPU only)
+    )
+    junit: str | None = (
+        None  # JUnit XML (one test case per gate): a path inside the artifact, relative to output.dir
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -195,8 +201,12 @@ class Recipe(_Section):
         # the target's own limits, as it declares them (this imports the target's module, not its runtime)
         from lorafast_export.targets.registry import recipe_problems
 
-        problems = [*self._conflicts(), *self._output_dir_problems(), *self._written_path_problems(),
-                    *recipe_problems(self)]
+        problems = [
+            *self._conflicts(),
+            *self._output_dir_problems(),
+            *self._written_path_problems(),
+            *recipe_problems(self),
+        ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -204,24 +214,30 @@ class Recipe(_Section):
     def _conflicts(self) -> list[str]:
         problems = []
         if not self.inputs.adapters:
-            problems.append("inputs.adapters: at least one adapter is required (use `merge` flags or add one)")
+            problems.append(
+                "inputs.adapters: at least one adapter is required (use `merge` flags or add one)"
+            )
         if self.target.hf_format != "auto" and self.quant.method == "none":
             problems.append("target.hf_format: a checkpoint format needs a quant method; set quant.method")
         if self.validate_.dtype != "float32" and self.validate_.device == "cpu":
             problems.append("validate.dtype: a half-precision reference is for GPUs; use float32 on cpu")
         if self.target.hf_format in ("gptq", "awq") and self.quant.method in ("int8", "smoothquant"):
-            problems.append(f"target.hf_format: {self.target.hf_format} holds 4-bit weight-only codes; "
-                            f"use compressed-tensors for {self.quant.method}")
+            problems.append(
+                f"target.hf_format: {self.target.hf_format} holds 4-bit weight-only codes; "
+                f"use compressed-tensors for {self.quant.method}"
+            )
         return problems
 
     def read_paths(self) -> list[tuple[str, str]]:
         """(field, path) of every file or directory the build only reads."""
         v = self.validate_
-        return [("inputs.base", self.inputs.base),
-                *((f"inputs.adapters[{i}].path", a.path) for i, a in enumerate(self.inputs.adapters)),
-                *((f"quant.calib.files[{i}]", f) for i, f in enumerate(self.quant.calib.files)),
-                *((f"validate.eval[{i}].path", e.path) for i, e in enumerate(v.eval)),
-                *([("validate.prompts", v.prompts)] if v.prompts else [])]
+        return [
+            ("inputs.base", self.inputs.base),
+            *((f"inputs.adapters[{i}].path", a.path) for i, a in enumerate(self.inputs.adapters)),
+            *((f"quant.calib.files[{i}]", f) for i, f in enumerate(self.quant.calib.files)),
+            *((f"validate.eval[{i}].path", e.path) for i, e in enumerate(v.eval)),
+            *([("validate.prompts", v.prompts)] if v.prompts else []),
+        ]
 
     def _output_dir_problems(self) -> list[str]:
         """With force, output.dir is replaced as a whole: it must not hold the working directory, home or an input.
@@ -229,14 +245,22 @@ class Recipe(_Section):
         if not self.output.force:
             return []
         out = Path(self.output.dir).expanduser().resolve()
-        held = [f"{what} {d}" for what, d in (("the working directory", Path.cwd()), ("your home directory", _home()))
-                if d is not None and d.resolve().is_relative_to(out)]
-        held += [f"the input {field} {p!r}" for field, p in self.read_paths()
-                 if resolve_path(p).resolve().is_relative_to(out)]
+        held = [
+            f"{what} {d}"
+            for what, d in (("the working directory", Path.cwd()), ("your home directory", _home()))
+            if d is not None and d.resolve().is_relative_to(out)
+        ]
+        held += [
+            f"the input {field} {p!r}"
+            for field, p in self.read_paths()
+            if resolve_path(p).resolve().is_relative_to(out)
+        ]
         if not held:
             return []
-        return [f"output.dir: {self.output.dir!r} is or holds {', '.join(held)}; with force (--force) the build "
-                "would replace it as a whole. Choose a new directory for the artifact, e.g. dist/<name>."]
+        return [
+            f"output.dir: {self.output.dir!r} is or holds {', '.join(held)}; with force (--force) the build "
+            "would replace it as a whole. Choose a new directory for the artifact, e.g. dist/<name>."
+        ]
 
     def _written_path_problems(self) -> list[str]:
         """Files a recipe names for writing (validate.junit) lie inside the artifact, beside what the build writes."""
@@ -249,8 +273,10 @@ class Recipe(_Section):
             why = f"is a name the build writes itself ({', '.join(ARTIFACT_NAMES)})"
         if why is None:
             return []
-        return [f"validate.junit: {junit!r} {why}. The JUnit file is written inside the artifact: give a path "
-                f"relative to output.dir ({self.output.dir}), e.g. junit.xml or reports/junit.xml."]
+        return [
+            f"validate.junit: {junit!r} {why}. The JUnit file is written inside the artifact: give a path "
+            f"relative to output.dir ({self.output.dir}), e.g. junit.xml or reports/junit.xml."
+        ]
 
     # ------------------------------------------------------------------ YAML
     def to_dict(self) -> dict:
@@ -276,7 +302,9 @@ class Recipe(_Section):
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise InputError(f"{p}: not valid YAML ({e}).") from None
         if not isinstance(data, dict):
-            raise InputError(f"{p}: a recipe is a YAML mapping with sections inputs/merge/quant/target/validate/output.")
+            raise InputError(
+                f"{p}: a recipe is a YAML mapping with sections inputs/merge/quant/target/validate/output."
+            )
         return Recipe.from_dict(data, str(p))
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:

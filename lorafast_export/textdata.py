@@ -15,7 +15,9 @@ def read_texts(path: Path, what: str = "eval") -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); convert it with iconv or pass another file.") from None
+        raise InputError(
+            f"{path}: not UTF-8 text (byte {e.start}); convert it with iconv or pass another file."
+        ) from None
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -24,7 +26,9 @@ def read_texts(path: Path, what: str = "eval") -> list[str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                raise InputError(f"{path}:{n}: not valid JSON; each line must be an object with a 'text' field.") from None
+                raise InputError(
+                    f"{path}:{n}: not valid JSON; each line must be an object with a 'text' field."
+                ) from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise InputError(f"{path}:{n}: each line needs a string 'text' field.")
             texts.append(rec["text"])

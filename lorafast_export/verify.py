@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from lorafast_export.errors import InputError
-from lorafast_export.load import sha256_file
 from lorafast_export.recipe import outside_reason
+from lorafast_export.weights import sha256_file
 
 
 def _read_manifest(artifact: Path) -> dict:
@@ -35,7 +35,11 @@ def _escapes(artifact: Path, man: dict) -> list[str]:
     """Every path the manifest or the target's own files name that leaves the artifact."""
     from lorafast_export.targets.registry import all_targets, get_target, recorded_path_problems
 
-    out = [f"manifest.json files: {rel!r} {why}" for rel in man["files"] if (why := outside_reason(artifact, rel))]
+    out = [
+        f"manifest.json files: {rel!r} {why}"
+        for rel in man["files"]
+        if (why := outside_reason(artifact, rel))
+    ]
     name = ((man.get("recipe") or {}).get("target") or {}).get("name")
     if name in all_targets():
         out += [f"model/{p}" for p in recorded_path_problems(get_target(name), artifact / "model")]
@@ -57,8 +61,10 @@ def verify_artifact(artifact: Path) -> dict:
     man = _read_manifest(artifact)
     escapes = _escapes(artifact, man)
     if escapes:
-        raise InputError(f"{artifact}: what it names escapes the artifact directory; it is damaged or was tampered "
-                         "with (nothing was read through these paths):\n  - " + "\n  - ".join(escapes))
+        raise InputError(
+            f"{artifact}: what it names escapes the artifact directory; it is damaged or was tampered "
+            "with (nothing was read through these paths):\n  - " + "\n  - ".join(escapes)
+        )
     listed = man["files"]
     changed, missing = [], []
     for rel, digest in listed.items():
@@ -70,5 +76,12 @@ def verify_artifact(artifact: Path) -> dict:
     present = {str(p.relative_to(artifact)) for p in (artifact / "model").rglob("*") if p.is_file()}
     extra = sorted(present - set(listed))
     links = _links(artifact / "model")
-    return {"artifact": str(artifact), "files": len(listed), "changed": changed, "missing": missing,
-            "extra": extra, "links": links, "ok": not (changed or missing or extra or links)}
+    return {
+        "artifact": str(artifact),
+        "files": len(listed),
+        "changed": changed,
+        "missing": missing,
+        "extra": extra,
+        "links": links,
+        "ok": not (changed or missing or extra or links),
+    }

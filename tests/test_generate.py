@@ -5,17 +5,29 @@ import json
 from click.testing import CliRunner
 
 from lorafast_export.cli import main
-from lorafast_export.load import open_model
 from lorafast_export.model.decoder import load_decoder
 from lorafast_export.validate.candidates import decoder_greedy
+from lorafast_export.weights import open_model
 from tests.merge.test_merge_vs_peft import ALL
 from tests.tiny import save_base_and_adapter
 
 
 def test_generate_matches_decoder_and_resumes(tmp_path):
     save_base_and_adapter(tmp_path, target_modules=ALL)
-    r = CliRunner().invoke(main, ["-q", "build", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
-                                  "--out", str(tmp_path / "art"), "--no-validate"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "-q",
+            "build",
+            "--base",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "ad"),
+            "--out",
+            str(tmp_path / "art"),
+            "--no-validate",
+        ],
+    )
     assert r.exit_code == 0, r.output
     prompts = [f"the model {i}" for i in range(5)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -26,10 +38,27 @@ def test_generate_matches_decoder_and_resumes(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "art" / "model")
     expect = [decoder_greedy(dec, tok(p)["input_ids"], 6) for p in prompts]
-    out.write_text("".join(json.dumps({"id": i + 1, "prompt": prompts[i], "completion": "", "tokens": expect[i]})
-                           + "\n" for i in range(2)) + '{"id": 3, "pro')
-    args = ["--json", "generate", "--artifact", str(tmp_path / "art"), "--input", str(tmp_path / "p.jsonl"),
-            "--output", str(out), "--max-new-tokens", "6", "--batch-size", "2"]
+    out.write_text(
+        "".join(
+            json.dumps({"id": i + 1, "prompt": prompts[i], "completion": "", "tokens": expect[i]}) + "\n"
+            for i in range(2)
+        )
+        + '{"id": 3, "pro'
+    )
+    args = [
+        "--json",
+        "generate",
+        "--artifact",
+        str(tmp_path / "art"),
+        "--input",
+        str(tmp_path / "p.jsonl"),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+    ]
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)

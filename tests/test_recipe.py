@@ -22,16 +22,31 @@ def test_there_is_a_demo_recipe():
 
 
 def test_round_trip_is_lossless_for_every_field():
-    r = Recipe().with_overrides({"quant.method": "gptq", "quant.bits": 4, "quant.act_order": True,
-                                 "quant.calib.samples": 7, "validate.gates": ["kl_mean<=0.1"],
-                                 "inputs.adapters": [{"path": "a", "weight": 0.7}, {"path": "b", "weight": 0.3}]})
+    r = Recipe().with_overrides(
+        {
+            "quant.method": "gptq",
+            "quant.bits": 4,
+            "quant.act_order": True,
+            "quant.calib.samples": 7,
+            "validate.gates": ["kl_mean<=0.1"],
+            "inputs.adapters": [{"path": "a", "weight": 0.7}, {"path": "b", "weight": 0.3}],
+        }
+    )
     assert Recipe.from_dict(yaml.safe_load(r.to_yaml())) == r
 
 
 def test_all_errors_reported_at_once_with_field_names(tmp_path):
     bad = tmp_path / "r.yaml"
-    bad.write_text(yaml.safe_dump({"version": 1, "quant": {"method": "nf4", "bits": 3, "colour": "red"},
-                                   "target": {"name": "tensorflow"}, "surprise": 1}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "quant": {"method": "nf4", "bits": 3, "colour": "red"},
+                "target": {"name": "tensorflow"},
+                "surprise": 1,
+            }
+        )
+    )
     with pytest.raises(InputError) as e:
         Recipe.from_yaml(bad)
     msg = str(e.value)
@@ -65,15 +80,18 @@ def test_bad_yaml_and_wrong_version(tmp_path):
 # ------------------------------------------------------------------------------------- paths (issue #9)
 
 
-@pytest.mark.parametrize("rel, why", [
-    ("/etc/passwd", "is absolute"),
-    ("~/.bashrc", "is absolute"),
-    ("../x.xml", "climbs out with '..'"),
-    ("reports/../../x.xml", "climbs out with '..'"),
-    ("reports/../x.xml", "climbs out with '..'"),  # stays inside, but a written path never needs '..'
-    ("", "names the directory itself"),
-    (".", "names the directory itself"),
-])
+@pytest.mark.parametrize(
+    "rel, why",
+    [
+        ("/etc/passwd", "is absolute"),
+        ("~/.bashrc", "is absolute"),
+        ("../x.xml", "climbs out with '..'"),
+        ("reports/../../x.xml", "climbs out with '..'"),
+        ("reports/../x.xml", "climbs out with '..'"),  # stays inside, but a written path never needs '..'
+        ("", "names the directory itself"),
+        (".", "names the directory itself"),
+    ],
+)
 def test_outside_reason_refuses_paths_that_leave_the_directory(tmp_path, rel, why):
     assert why in outside_reason(tmp_path / "out", rel)
 
@@ -130,14 +148,24 @@ def test_onnxruntime_group_size_is_refused_when_the_recipe_is_read():
     msg = _refusal({"target.name": "onnxruntime", "quant.method": "rtn", "quant.group_size": 8})
     assert "quant.group_size: 8 is not possible with target onnxruntime" in msg
     assert "multiple of 16 (32, 64, 128) or -1" in msg
-    for ok in ({"quant.group_size": 16}, {"quant.group_size": 128}, {"quant.group_size": -1},
-               {"quant.method": "int8"}, {"target.name": "hf", "quant.group_size": 8}):
+    for ok in (
+        {"quant.group_size": 16},
+        {"quant.group_size": 128},
+        {"quant.group_size": -1},
+        {"quant.method": "int8"},
+        {"target.name": "hf", "quant.group_size": 8},
+    ):
         Recipe().with_overrides({"target.name": "onnxruntime", "quant.method": "rtn", **ok})
 
 
 def test_target_options_and_dtype_are_checked_when_the_recipe_is_read():
-    msg = _refusal({"target.name": "onnxruntime", "target.options": {"threads": 2, "accuracy_level": 9},
-                    "target.dtype": "bfloat16"})
+    msg = _refusal(
+        {
+            "target.name": "onnxruntime",
+            "target.options": {"threads": 2, "accuracy_level": 9},
+            "target.dtype": "bfloat16",
+        }
+    )
     assert "3 problem(s)" in msg
     assert "target.options: unknown option 'threads'" in msg and "accuracy_level=9" in msg
     assert "target.dtype: 'bfloat16'" in msg and "use auto, float32 or float16" in msg
@@ -149,13 +177,26 @@ def test_target_options_and_dtype_are_checked_when_the_recipe_is_read():
 
 def test_every_problem_is_reported_at_once_with_its_field(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    msg = _refusal({"target.name": "onnxruntime", "quant.method": "rtn", "quant.group_size": 8,
-                    "target.options": {"colour": 1}, "validate.dtype": "float16", "validate.device": "cpu",
-                    "output.dir": ".", "output.force": True})
+    msg = _refusal(
+        {
+            "target.name": "onnxruntime",
+            "quant.method": "rtn",
+            "quant.group_size": 8,
+            "target.options": {"colour": 1},
+            "validate.dtype": "float16",
+            "validate.device": "cpu",
+            "output.dir": ".",
+            "output.force": True,
+        }
+    )
     assert "command line / recipe: 4 problem(s):" in msg
     lines = [line for line in msg.splitlines() if line.startswith("  - ")]
     assert [line.split(":")[0] for line in lines] == [
-        "  - validate.dtype", "  - output.dir", "  - quant.group_size", "  - target.options"]
+        "  - validate.dtype",
+        "  - output.dir",
+        "  - quant.group_size",
+        "  - target.options",
+    ]
 
 
 def test_a_target_declares_its_limits_as_data(monkeypatch):
@@ -164,10 +205,18 @@ def test_a_target_declares_its_limits_as_data(monkeypatch):
 
     class Stub:
         name, install_hint = "torch-compile", "stub"
-        recipe_rules = (registry.RecipeRule("quant.bits", lambda bits, v: v["quant.method"] == "none" or bits == 8,
-                                            "it runs int8 only; use quant.method int8"),
-                        registry.RecipeRule("quant.symmetric", lambda sym, v: v["quant.method"] == "none" or sym,
-                                            "its kernels take no zero points; remove quant.symmetric: false"))
+        recipe_rules = (
+            registry.RecipeRule(
+                "quant.bits",
+                lambda bits, v: v["quant.method"] == "none" or bits == 8,
+                "it runs int8 only; use quant.method int8",
+            ),
+            registry.RecipeRule(
+                "quant.symmetric",
+                lambda sym, v: v["quant.method"] == "none" or sym,
+                "its kernels take no zero points; remove quant.symmetric: false",
+            ),
+        )
 
         def option_problems(self, options, dtype):
             return [f"target.options: {k!r} is not an option of the stub" for k in options]
@@ -184,17 +233,23 @@ def test_a_target_declares_its_limits_as_data(monkeypatch):
     # awq defaults to asymmetric codes, but for a target that requires_symmetric it quantizes symmetric
     Recipe().with_overrides({**base, "quant.method": "awq", "quant.bits": 8})
     msg = _refusal({**base, "quant.method": "awq", "quant.bits": 8, "quant.symmetric": False})
-    assert "quant.symmetric: False is not possible with target torch-compile: its kernels take no zero points" in msg
+    assert (
+        "quant.symmetric: False is not possible with target torch-compile: its kernels take no zero points"
+        in msg
+    )
 
 
-@pytest.mark.parametrize("junit, why", [
-    ("/tmp/junit.xml", "is absolute"),
-    ("~/junit.xml", "is absolute"),
-    ("../junit.xml", "climbs out with '..'"),
-    ("", "names the directory itself"),
-    ("report.json", "is a name the build writes itself"),
-    ("model/junit.xml", "is a name the build writes itself"),
-])
+@pytest.mark.parametrize(
+    "junit, why",
+    [
+        ("/tmp/junit.xml", "is absolute"),
+        ("~/junit.xml", "is absolute"),
+        ("../junit.xml", "climbs out with '..'"),
+        ("", "names the directory itself"),
+        ("report.json", "is a name the build writes itself"),
+        ("model/junit.xml", "is a name the build writes itself"),
+    ],
+)
 def test_junit_is_a_file_inside_the_artifact(junit, why):
     msg = _refusal({"output.dir": "dist/x", "validate.junit": junit})
     assert f"validate.junit: {junit!r} {why}" in msg, msg

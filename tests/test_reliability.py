@@ -25,18 +25,39 @@ def inputs(tmp_path_factory):
 
 
 def build_args(inputs, out, *extra):
-    return ["build", "--base", inputs / "base", "--adapter", inputs / "ad", "--out", out,
-            "--eval", f"e={inputs / 'eval.txt'}", "--max-tokens", "300", "--prompts", inputs / "prompts.txt", *extra]
+    return [
+        "build",
+        "--base",
+        inputs / "base",
+        "--adapter",
+        inputs / "ad",
+        "--out",
+        out,
+        "--eval",
+        f"e={inputs / 'eval.txt'}",
+        "--max-tokens",
+        "300",
+        "--prompts",
+        inputs / "prompts.txt",
+        *extra,
+    ]
 
 
 def run_cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "lorafast_export.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "lorafast_export.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def model_hashes(out):
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((out / "model").rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((out / "model").rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_sigkill_at_every_point_never_leaves_a_finished_looking_artifact(inputs, tmp_path):
@@ -53,7 +74,9 @@ def test_sigkill_at_every_point_never_leaves_a_finished_looking_artifact(inputs,
     assert killed >= 10, f"only {killed} kill points exercised"
     assert (out / "manifest.json").exists() and (out / "report.json").exists()
     man = json.loads((out / "manifest.json").read_text())
-    assert man["facts"]["merge"]["cached"] is True  # the rerun reused the merge finished by an earlier attempt
+    assert (
+        man["facts"]["merge"]["cached"] is True
+    )  # the rerun reused the merge finished by an earlier attempt
     assert not list(tmp_path.glob(".art.partial-*"))  # stale staging directories were cleaned up
     assert run_cli(["verify", out]).returncode == 0
 
@@ -69,7 +92,9 @@ def test_builds_are_byte_identical_and_verify_catches_changes(inputs, tmp_path):
     (a / "model" / "stray.bin").write_bytes(b"x")
     r = CliRunner().invoke(main, ["--json", "verify", str(a)])
     res = json.loads(r.stdout)
-    assert r.exit_code == 1 and res["changed"] == ["model/config.json"] and res["extra"] == ["model/stray.bin"]
+    assert (
+        r.exit_code == 1 and res["changed"] == ["model/config.json"] and res["extra"] == ["model/stray.bin"]
+    )
 
 
 def test_verify_refuses_paths_escaping_the_artifact(inputs, tmp_path):
@@ -90,7 +115,9 @@ def test_disk_full_mid_write_is_a_clear_error_and_leaves_nothing(inputs, tmp_pat
 
     monkeypatch.setattr(checkpoint.ShardWriter, "_flush", full)
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = CliRunner().invoke(main, [str(x) for x in build_args(inputs, tmp_path / "x", "--no-validate", "--no-cache")])
+    r = CliRunner().invoke(
+        main, [str(x) for x in build_args(inputs, tmp_path / "x", "--no-validate", "--no-cache")]
+    )
     assert r.exit_code == 2 and "no space left on device" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -105,7 +132,9 @@ def test_matrix_builds_every_combination_and_summarises(inputs, tmp_path):
     for a in summary["artifacts"]:
         assert (tmp_path / "m" / a["name"] / "report.json").exists()
     assert "float16-hf" in (tmp_path / "m" / "summary.md").read_text()
-    bad = CliRunner().invoke(main, [str(x) for x in build_args(inputs, tmp_path / "n", "--matrix", "colour=red")])
+    bad = CliRunner().invoke(
+        main, [str(x) for x in build_args(inputs, tmp_path / "n", "--matrix", "colour=red")]
+    )
     assert bad.exit_code == 2 and "unknown axis" in bad.output
 
 
@@ -113,17 +142,28 @@ def test_quantized_builds_reuse_the_quantize_stage_and_write_no_merged_copy(inpu
     """The quantize stage is content-addressed like the merge; quantized builds merge on read (no merged copy)."""
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        r = CliRunner().invoke(main, [str(x) for x in build_args(inputs, out, "--quant", "int8", "--no-validate")])
+        r = CliRunner().invoke(
+            main, [str(x) for x in build_args(inputs, out, "--quant", "int8", "--no-validate")]
+        )
         assert r.exit_code == 0, r.output
     facts = [json.loads((out / "manifest.json").read_text())["facts"] for out in outs]
     assert [f["quant"]["cached"] for f in facts] == [False, True]
     assert [f["merge"]["written"] for f in facts] == [False, False]
     assert model_hashes(outs[0]) == model_hashes(outs[1]) and model_hashes(outs[0])
     stages = os.path.join(os.environ["LORAFAST_CACHE"], "stages")
-    assert os.listdir(os.path.join(stages, "quantized")) and not os.path.exists(os.path.join(stages, "merged"))
+    assert os.listdir(os.path.join(stages, "quantized")) and not os.path.exists(
+        os.path.join(stages, "merged")
+    )
     # a different quant setting is a different entry, not a stale hit
-    r = CliRunner().invoke(main, [str(x) for x in build_args(inputs, tmp_path / "c", "--quant", "rtn",
-                                                              "--group-size", "32", "--no-validate")])
+    r = CliRunner().invoke(
+        main,
+        [
+            str(x)
+            for x in build_args(
+                inputs, tmp_path / "c", "--quant", "rtn", "--group-size", "32", "--no-validate"
+            )
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["facts"]["quant"]["cached"] is False
     assert len(os.listdir(os.path.join(stages, "quantized"))) == 2

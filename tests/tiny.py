@@ -14,12 +14,30 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str = "llama", *, tie: bool = False, rope: dict | None = None, layers: int = 2,
-                vocab: int = 96, hidden: int = 32, heads: int = 4, kv_heads: int = 2, **kw):
+def tiny_config(
+    family: str = "llama",
+    *,
+    tie: bool = False,
+    rope: dict | None = None,
+    layers: int = 2,
+    vocab: int = 96,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    **kw,
+):
     cls = FAMILIES[family]
     kw.setdefault("intermediate_size", 48)
-    cfg = cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-              num_key_value_heads=kv_heads, tie_word_embeddings=tie, max_position_embeddings=256, **kw)
+    cfg = cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tie,
+        max_position_embeddings=256,
+        **kw,
+    )
     if rope is not None:
         cfg.rope_parameters = rope
     if family == "mistral":
@@ -60,8 +78,12 @@ def save_char_tokenizer(path: Path, vocab: int = 96) -> None:
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                model_input_names=["input_ids", "attention_mask"])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
     fast.save_pretrained(path)
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lorafast_export.adapters import Adapter
 from lorafast_export.checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint, write_side_files
-from lorafast_export.load import Adapter, ModelDir
 from lorafast_export.merge.stream import (
     DTYPES,
     MergedStore,
@@ -17,6 +17,7 @@ from lorafast_export.merge.stream import (
     plan_merge,
 )
 from lorafast_export.model.spec import ModelConfig
+from lorafast_export.weights import ModelDir
 
 __all__ = ["DTYPES", "MergePlan", "merge", "merged_config", "merged_state", "merged_view", "plan_merge"]
 
@@ -35,14 +36,26 @@ def merged_config(plan: MergePlan, dtype: torch.dtype | None) -> dict:
     return cfg
 
 
-def merge(base: ModelDir, adapters: list[Adapter], out_dir: Path, dtype: str | None = None,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES, on_group=None) -> MergePlan:
+def merge(
+    base: ModelDir,
+    adapters: list[Adapter],
+    out_dir: Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    on_group=None,
+) -> MergePlan:
     """Merge `adapters` into `base` and write a HF checkpoint (config, shards, tokenizer) into out_dir."""
     plan = plan_merge(base, adapters)
     known_names(plan)
     dt = resolve_dtype(dtype)
-    write_checkpoint(iter_merged_groups(plan, dt), out_dir, merged_config(plan, dt), base.tokenizer_files,
-                     max_shard_bytes, on_group)
+    write_checkpoint(
+        iter_merged_groups(plan, dt),
+        out_dir,
+        merged_config(plan, dt),
+        base.tokenizer_files,
+        max_shard_bytes,
+        on_group,
+    )
     return plan
 
 
@@ -53,8 +66,12 @@ def merged_view(base: ModelDir, adapters: list[Adapter], out_dir: Path, dtype: s
     dt = resolve_dtype(dtype)
     config = merged_config(plan, dt)
     write_side_files(out_dir, config, base.tokenizer_files)
-    return ModelDir(out_dir, ModelConfig.from_dict(config, str(out_dir / "config.json")), MergedStore(plan, dt),
-                    [out_dir / f.name for f in base.tokenizer_files])
+    return ModelDir(
+        out_dir,
+        ModelConfig.from_dict(config, str(out_dir / "config.json")),
+        MergedStore(plan, dt),
+        [out_dir / f.name for f in base.tokenizer_files],
+    )
 
 
 def merged_state(plan: MergePlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

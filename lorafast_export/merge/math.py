@@ -18,9 +18,13 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+def lora_delta(
+    a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
     """ΔW [out, in] from A [r, in] and B [out, r] (transposed back when fan_in_fan_out)."""
-    delta = (b.double() @ a.double()) * scaling  # [out, in]; fp64 product so the merge adds no error of its own
+    delta = (
+        b.double() @ a.double()
+    ) * scaling  # [out, in]; fp64 product so the merge adds no error of its own
     return (delta.T if fan_in_fan_out else delta).float()
 
 
@@ -32,7 +36,9 @@ def embedding_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.T
 ROW_CHUNK_ELEMENTS = 1 << 22  # rows are merged in chunks of ~4M elements: fp64 temporaries stay ~100 MB
 
 
-def merge_linear(w: torch.Tensor, contributions: list[tuple[torch.Tensor, torch.Tensor | None, float]]) -> torch.Tensor:
+def merge_linear(
+    w: torch.Tensor, contributions: list[tuple[torch.Tensor, torch.Tensor | None, float]]
+) -> torch.Tensor:
     """Merge adapters [(ΔW, DoRA magnitude or None, weight)] into w [out, in], in order; returns fp32.
 
     Several adapters apply in the given order, as PEFT computes with several active adapters: a LoRA adds

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafast_export.adapters import Adapter
 from lorafast_export.errors import InputError
-from lorafast_export.load import Adapter, ModelDir
 from lorafast_export.merge.math import embedding_delta, lora_delta, merge_linear
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
+from lorafast_export.weights import ModelDir
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +48,29 @@ def plan_merge(base: ModelDir, adapters: list[Adapter]) -> MergePlan:
                 continue
             ref = base.store.get(EMBED if name not in base.store else name)
             if tuple(ref.shape) != tuple(t.shape):
-                problems.append(f"{ad.path}: {name} has shape {tuple(t.shape)} but the base's is {tuple(ref.shape)}"
-                                + _vocab_hint(base, name))
+                problems.append(
+                    f"{ad.path}: {name} has shape {tuple(t.shape)} but the base's is {tuple(ref.shape)}"
+                    + _vocab_hint(base, name)
+                )
         for k in ("lora_A", "lora_B"):
-            bad = [m.module for m in ad.modules.values() if not torch.isfinite(getattr(m, k[-1].lower())).all()]
+            bad = [
+                m.module for m in ad.modules.values() if not torch.isfinite(getattr(m, k[-1].lower())).all()
+            ]
             if bad:
                 problems.append(f"{ad.path}: {k} of {bad[0]} contains NaN/Inf values")
     if problems:
         raise InputError("adapter does not fit the base model:\n  - " + "\n  - ".join(problems))
     plan = MergePlan(base, adapters)
     if base.config.tie_word_embeddings:
-        touched = {n for ad in adapters for n in [*ad.modules, *(r.rsplit(".", 1)[0] for r in ad.replacements)]}
+        touched = {
+            n for ad in adapters for n in [*ad.modules, *(r.rsplit(".", 1)[0] for r in ad.replacements)]
+        }
         if touched & {"model.embed_tokens", "lm_head"}:
             plan.untie = True
             plan.notes.append(
                 "the base ties lm_head to embed_tokens, but the adapter changes one side only; the merged model "
-                "unties them (as the unmerged PEFT model computes), adding a vocab x hidden lm_head.weight")
+                "unties them (as the unmerged PEFT model computes), adding a vocab x hidden lm_head.weight"
+            )
             log.warning(plan.notes[-1])
     return plan
 
@@ -76,20 +84,30 @@ def _vocab_hint(base: ModelDir, name: str) -> str:
 def _check_module(base: ModelDir, ad: Adapter, m) -> list[str]:
     wname = m.module + ".weight"
     if wname not in base.store:
-        near = [k[:-7] for k in base.store.keys() if k.endswith(".weight") and k.split(".")[-2] == m.module.split(".")[-1]]
+        near = [
+            k[:-7]
+            for k in base.store.keys()
+            if k.endswith(".weight") and k.split(".")[-2] == m.module.split(".")[-1]
+        ]
         hint = f" (base has e.g. {near[0]})" if near else ""
-        return [f"{ad.path}: adapted module {m.module!r} does not exist in the base{hint}; "
-                "is this adapter for another model?"]
+        return [
+            f"{ad.path}: adapted module {m.module!r} does not exist in the base{hint}; "
+            "is this adapter for another model?"
+        ]
     shape = tuple(base.store.get(wname).shape)
     if m.kind == "embedding":
         want_a, want_b = (m.a.shape[0], shape[0]), (shape[1], m.a.shape[0])
     else:
         want_a, want_b = (m.a.shape[0], shape[1]), (shape[0], m.a.shape[0])
     if tuple(m.a.shape) != want_a or tuple(m.b.shape) != want_b:
-        return [f"{ad.path}: {m.module}: base weight is {shape} but lora_A is {tuple(m.a.shape)} and lora_B is "
-                f"{tuple(m.b.shape)} (expected {want_a} and {want_b})" + _vocab_hint(base, m.module)]
+        return [
+            f"{ad.path}: {m.module}: base weight is {shape} but lora_A is {tuple(m.a.shape)} and lora_B is "
+            f"{tuple(m.b.shape)} (expected {want_a} and {want_b})" + _vocab_hint(base, m.module)
+        ]
     if m.magnitude is not None and tuple(m.magnitude.shape) != (shape[0],):
-        return [f"{ad.path}: {m.module}: DoRA magnitude has shape {tuple(m.magnitude.shape)}, base has {shape[0]} rows"]
+        return [
+            f"{ad.path}: {m.module}: DoRA magnitude has shape {tuple(m.magnitude.shape)}, base has {shape[0]} rows"
+        ]
     return []
 
 
@@ -98,7 +116,9 @@ def _merge_tensor(plan: MergePlan, name: str, out_dtype: torch.dtype | None) -> 
     src = EMBED if (name == LM_HEAD and name not in plan.base.store) else name
     base = plan.base.store.get(src)
     if not torch.isfinite(base).all():
-        raise InputError(f"{plan.base.path}: tensor {src!r} contains NaN/Inf values; the base checkpoint is damaged.")
+        raise InputError(
+            f"{plan.base.path}: tensor {src!r} contains NaN/Inf values; the base checkpoint is damaged."
+        )
     dtype = out_dtype or base.dtype
     for ad in plan.adapters:
         if name in ad.replacements:
@@ -110,7 +130,9 @@ def _merge_tensor(plan: MergePlan, name: str, out_dtype: torch.dtype | None) -> 
         if m is None:
             continue
         # fan_in_fan_out only applies to Conv1D bases; PEFT resets it to False for nn.Linear, and so do we.
-        delta = embedding_delta(m.a, m.b, m.scaling) if m.kind == "embedding" else lora_delta(m.a, m.b, m.scaling)
+        delta = (
+            embedding_delta(m.a, m.b, m.scaling) if m.kind == "embedding" else lora_delta(m.a, m.b, m.scaling)
+        )
         contributions.append((delta, m.magnitude, ad.weight))
     if not contributions:
         return base.to(dtype)
@@ -119,11 +141,14 @@ def _merge_tensor(plan: MergePlan, name: str, out_dtype: torch.dtype | None) -> 
 
 def layer_tensor_names(plan: MergePlan, i: int) -> list[str]:
     p = layer_prefix(i)
-    return sorted(k for k in plan.base.store.keys() if k.startswith(p) and not k.endswith("rotary_emb.inv_freq"))
+    return sorted(
+        k for k in plan.base.store.keys() if k.startswith(p) and not k.endswith("rotary_emb.inv_freq")
+    )
 
 
-def iter_merged_groups(plan: MergePlan, dtype: torch.dtype | None = None
-                       ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def iter_merged_groups(
+    plan: MergePlan, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield ("embed", {...}), ("layer.0", {...}), ..., ("final", {...}): merged tensors, one group at a time."""
     cfg = plan.base.config
     yield "embed", {EMBED: _merge_tensor(plan, EMBED, dtype)}
@@ -141,7 +166,9 @@ def known_names(plan: MergePlan) -> set[str]:
     names = {EMBED, FINAL_NORM, LM_HEAD}
     for i in range(cfg.num_layers):
         names.update(layer_tensor_names(plan, i))
-    extra = [k for k in plan.base.store.keys() if k not in names and not re.search(r"rotary_emb\.inv_freq$", k)]
+    extra = [
+        k for k in plan.base.store.keys() if k not in names and not re.search(r"rotary_emb\.inv_freq$", k)
+    ]
     if extra:
         raise InputError(f"{plan.base.path}: unexpected tensors {extra[:5]} for a {cfg.family} checkpoint.")
     return names

@@ -74,7 +74,9 @@ class Attention(nn.Module):
         kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # [b, h, t, d]
         vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
         if is_causal and (mask is not None or past is not None):
-            raise ValueError("Attention: is_causal=True takes no mask and no past (it is the prefill's own mask)")
+            raise ValueError(
+                "Attention: is_causal=True takes no mask and no past (it is the prefill's own mask)"
+            )
         out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=is_causal)  # [b, h, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), (k, v)
 
@@ -98,7 +100,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past: KV | None = None, is_causal: bool = False) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x, cos, sin, mask, past: KV | None = None, is_causal: bool = False
+    ) -> tuple[torch.Tensor, KV]:
         a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, is_causal)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), present
@@ -118,8 +122,9 @@ class _Body(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def causal_mask(q_len: int, past_len: int, device, window: int | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def causal_mask(
+    q_len: int, past_len: int, device, window: int | None = None, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Boolean mask [b|1, 1, q, past+q]: True where a query may attend to a key."""
     q_pos = torch.arange(q_len, device=device)[:, None] + past_len  # [q, 1]
     k_pos = torch.arange(past_len + q_len, device=device)[None, :]  # [1, t]
@@ -140,7 +145,9 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.model = _Body(cfg, cfg.num_layers if n_layers is None else n_layers)
         self.rotary = Rotary(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
 
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -160,8 +167,9 @@ class Decoder(nn.Module):
         mask = causal_mask(s, past_len, input_ids.device, self.cfg.sliding_window, attention_mask)
         return cos, sin, mask
 
-    def forward(self, input_ids: torch.Tensor, past: list[KV] | None = None, position_ids=None,
-                attention_mask=None) -> tuple[torch.Tensor, list[KV]]:
+    def forward(
+        self, input_ids: torch.Tensor, past: list[KV] | None = None, position_ids=None, attention_mask=None
+    ) -> tuple[torch.Tensor, list[KV]]:
         past_len = 0 if not past else past[0][0].shape[2]
         h = self.embed(input_ids)
         cos, sin, mask = self.rope_and_mask(input_ids, past_len, position_ids, attention_mask, h.dtype)
@@ -172,7 +180,9 @@ class Decoder(nn.Module):
         return self.logits(h), present
 
 
-def build_decoder(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Decoder:
+def build_decoder(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> Decoder:
     """A Decoder holding `state` (HF names), cast to dtype. Missing or unexpected tensors are an error."""
     with torch.device("meta"):
         dec = Decoder(cfg)
@@ -183,6 +193,6 @@ def build_decoder(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch
 
 
 def load_decoder(model_dir, dtype: torch.dtype = torch.float32) -> Decoder:
-    """Load a whole checkpoint (a ModelDir from lorafast_export.load) into the canonical decoder."""
+    """Load a whole checkpoint (a ModelDir from lorafast_export.weights) into the canonical decoder."""
     names = [k for k in model_dir.store.keys() if not k.endswith("rotary_emb.inv_freq")]
     return build_decoder(model_dir.config, {k: model_dir.store.get(k) for k in names}, dtype)

@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import save_file
 
 from lorafast_export.errors import InputError
-from lorafast_export.load import WeightStore, check_safetensors_header
 from lorafast_export.model.spec import ModelConfig
 from lorafast_export.qform import (
     QLinear,
@@ -41,6 +40,7 @@ from lorafast_export.qform import (
     qtensor_from_entry,
     qtensors_to_state_dict,
 )
+from lorafast_export.weights import WeightStore, check_safetensors_header
 
 QUANTIZED_FORMAT = "lorafast-quantized"
 QUANTIZED_VERSION = 2
@@ -102,8 +102,13 @@ class QuantizedWriter:
         self.parts.append({"file": file, "q": sorted(q), "fp": sorted(fp)})
 
     def finish(self, config: ModelConfig, settings: dict) -> Path:
-        meta = {"format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "config": config.raw,
-                "settings": settings, "parts": self.parts}
+        meta = {
+            "format": QUANTIZED_FORMAT,
+            "version": QUANTIZED_VERSION,
+            "config": config.raw,
+            "settings": settings,
+            "parts": self.parts,
+        }
         (self.out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         return self.out
 
@@ -126,12 +131,16 @@ def load_quantized(model_dir: str | Path) -> QuantizedModel:
     """The QuantizedModel saved in model_dir, with lazy `q` and `fp` (each lookup reads one entry from disk)."""
     d = Path(model_dir)
     if not (d / META_FILE).is_file():
-        raise InputError(f"{d}: not a saved quantized model (no {META_FILE}); "
-                         "write one with lorafast_export.model.quantized.save_quantized.")
+        raise InputError(
+            f"{d}: not a saved quantized model (no {META_FILE}); "
+            "write one with lorafast_export.model.quantized.save_quantized."
+        )
     meta = json.loads((d / META_FILE).read_text())
     if meta.get("format") != QUANTIZED_FORMAT or meta.get("version") != QUANTIZED_VERSION:
-        raise InputError(f"{d / META_FILE}: format/version {meta.get('format')}/{meta.get('version')} is not "
-                         f"{QUANTIZED_FORMAT}/{QUANTIZED_VERSION}; re-quantize with this lorafast-export version.")
+        raise InputError(
+            f"{d / META_FILE}: format/version {meta.get('format')}/{meta.get('version')} is not "
+            f"{QUANTIZED_FORMAT}/{QUANTIZED_VERSION}; re-quantize with this lorafast-export version."
+        )
     files = [d / p["file"] for p in meta["parts"]]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -142,8 +151,12 @@ def load_quantized(model_dir: str | Path) -> QuantizedModel:
     for f in files:
         entries.update(qform_entries(check_safetensors_header(f).get("__metadata__"), str(f)))
     fp_names = [n for p in meta["parts"] for n in p["fp"]]
-    return QuantizedModel(config=cfg, fp=LazyTensors(store, fp_names), q=LazyQTensors(store, entries),
-                          settings=meta.get("settings", {}))
+    return QuantizedModel(
+        config=cfg,
+        fp=LazyTensors(store, fp_names),
+        q=LazyQTensors(store, entries),
+        settings=meta.get("settings", {}),
+    )
 
 
 @dataclass(frozen=True)
@@ -191,12 +204,18 @@ class LazyQTensors(LazyTensors):
         self._entries = entries
 
     def info(self) -> dict[str, QInfo]:
-        return {n: QInfo(QScheme(e["bits"], e["group_size"], e["symmetric"], "g_idx" in e["parts"], e["act_quant"]),
-                         *e["shape"]) for n, e in self._entries.items()}
+        return {
+            n: QInfo(
+                QScheme(e["bits"], e["group_size"], e["symmetric"], "g_idx" in e["parts"], e["act_quant"]),
+                *e["shape"],
+            )
+            for n, e in self._entries.items()
+        }
 
     def __getitem__(self, name: str) -> QTensor:
         if name not in self._names:
             raise KeyError(name)
         src = str(self._store.file_of(f"{name}.qcodes"))
-        return qtensor_from_entry(name, self._entries[name],
-                                  lambda k: self._store.get(k) if k in self._store else None, src)
+        return qtensor_from_entry(
+            name, self._entries[name], lambda k: self._store.get(k) if k in self._store else None, src
+        )

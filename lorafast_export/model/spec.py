@@ -161,7 +161,9 @@ def _parse_config(cfg: dict, source: str) -> ModelConfig:
     kv = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if heads % kv:
-        raise InputError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}.")
+        raise InputError(
+            f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}."
+        )
     eps = cfg.get("rms_norm_eps", 1e-6)
     attn_bias = bool(cfg.get("attention_bias", fam.qkv_bias_default))
     sliding = cfg.get("sliding_window") if (fam.has_sliding_window or cfg.get("use_sliding_window")) else None
@@ -208,4 +210,3 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:  # noqa: F821
         medium = (wavelen >= high_wl) & (wavelen <= low_wl)
         return torch.where(medium, smoothed, scaled).float(), 1.0
     raise UnsupportedError(f"rope type {r.type!r} is not supported")
-

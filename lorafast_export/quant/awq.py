@@ -19,7 +19,14 @@ from lorafast_export.qform import group_index
 from lorafast_export.quant.fold import Folded, fold_scale_into_previous
 from lorafast_export.quant.rtn import fake_quantize_rtn
 
-__all__ = ["Folded", "apply_clip", "awq_search_clip", "awq_search_scale", "clip_tokens", "fold_scale_into_previous"]
+__all__ = [
+    "Folded",
+    "apply_clip",
+    "awq_search_clip",
+    "awq_search_scale",
+    "clip_tokens",
+    "fold_scale_into_previous",
+]
 
 ForwardFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -131,8 +138,9 @@ def awq_search_clip(
     xp = pad_to_groups(x, gs, value=0.0)  # zero inputs: the padded columns add nothing to any output
     xg = xp.reshape(1, -1, xp.shape[1] // gs, gs)  # [1, tokens', G, gs]
     best = [
-        _best_clip_chunk(pad_to_groups(c.float(), gs), xg, bits, group_size, symmetric, n_grid, max_shrink,
-                         scale_dtype)
+        _best_clip_chunk(
+            pad_to_groups(c.float(), gs), xg, bits, group_size, symmetric, n_grid, max_shrink, scale_dtype
+        )
         for c in w.detach().split(out_chunk, dim=0)
     ]
     return torch.cat(best, dim=0)

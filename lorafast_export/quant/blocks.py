@@ -26,7 +26,9 @@ from lorafast_export.qform import QLinear, QTensor
 class Group:
     prev: str  # module whose output feeds `linears` (a norm, or a linear whose rows can be scaled)
     linears: tuple[str, ...]  # relative module paths, in execution order
-    block: str | None = None  # submodule to run for AWQ's loss (the whole attention / MLP); None = the linears
+    block: str | None = (
+        None  # submodule to run for AWQ's loss (the whole attention / MLP); None = the linears
+    )
 
 
 LAYER_GROUPS = (
@@ -107,8 +109,9 @@ class Block:
         setattr(module, leaf, nn.Parameter(stored, requires_grad=False))
 
     @torch.no_grad()
-    def run(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
-            stop_after: str | None = None) -> torch.Tensor | None:
+    def run(
+        self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None, stop_after: str | None = None
+    ) -> torch.Tensor | None:
         """Forward x through the block chunk by chunk; hooks[name](input of that module) per chunk.
 
         With stop_after, the forward of each chunk ends right after that module's input was seen and
@@ -116,10 +119,12 @@ class Block:
         """
         handles = []
         for name, fn in (hooks or {}).items():
+
             def pre(_m, args, fn=fn, stop=name == stop_after):
                 fn(args[0])
                 if stop:
                     raise _Stop
+
             handles.append(self.get(name).register_forward_pre_hook(pre))
         outs = []
         try:

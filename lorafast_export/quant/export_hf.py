@@ -18,21 +18,27 @@ import torch
 
 from lorafast_export.checkpoint import ShardWriter
 from lorafast_export.errors import InputError
-from lorafast_export.load import TOKENIZER_FILES
 from lorafast_export.model.quantized import QuantizedModel, q_info
 from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, QScheme, QTensor
 from lorafast_export.quant import formats
 from lorafast_export.quant.formats.compressed_tensors import ACT_ORDER_REFUSAL
+from lorafast_export.weights import TOKENIZER_FILES
 
 HF_FORMATS = ("gptq", "awq", "compressed-tensors")
 # hf_format=auto: the first format, in this order, that can hold the model. compressed-tensors comes first: plain
 # transformers (+ the compressed-tensors package) and vLLM load it, while GPTQ/AWQ checkpoints need GPTQModel.
 # GPTQ (with g_idx) catches what compressed-tensors cannot hold (act-order, ragged groups).
-AUTO_FORMATS = {"gptq": ("compressed-tensors", "gptq"), "awq": ("compressed-tensors", "awq", "gptq"),
-                "rtn": ("compressed-tensors", "gptq"), "int8": ("compressed-tensors", "gptq"),
-                "smoothquant": ("compressed-tensors",)}
+AUTO_FORMATS = {
+    "gptq": ("compressed-tensors", "gptq"),
+    "awq": ("compressed-tensors", "awq", "gptq"),
+    "rtn": ("compressed-tensors", "gptq"),
+    "int8": ("compressed-tensors", "gptq"),
+    "smoothquant": ("compressed-tensors",),
+}
 PACKERS: dict[str, Callable[[QTensor], dict[str, torch.Tensor]]] = {
-    "gptq": formats.pack_gptq, "awq": formats.pack_awq, "compressed-tensors": formats.pack_compressed_tensors,
+    "gptq": formats.pack_gptq,
+    "awq": formats.pack_awq,
+    "compressed-tensors": formats.pack_compressed_tensors,
 }
 
 
@@ -45,8 +51,10 @@ def resolve_format(requested: str, qm: QuantizedModel, scheme: QScheme) -> str:
         if not format_problems(fmt, scheme, qm):
             return fmt
     problems = format_problems(candidates[0], scheme, qm)
-    raise InputError(f"cannot write the {qm.settings['method']} model as a {candidates[0]} checkpoint:\n  - "
-                     + "\n  - ".join(problems))
+    raise InputError(
+        f"cannot write the {qm.settings['method']} model as a {candidates[0]} checkpoint:\n  - "
+        + "\n  - ".join(problems)
+    )
 
 
 def model_scheme(qm: QuantizedModel) -> QScheme:
@@ -54,8 +62,10 @@ def model_scheme(qm: QuantizedModel) -> QScheme:
     infos = q_info(qm.q).values()  # from the headers: a spilled model's codes are not read here
     schemes = {(i.scheme.bits, i.scheme.group_size, i.scheme.symmetric, i.scheme.act_quant) for i in infos}
     if len(schemes) != 1:
-        raise InputError(f"quantized layers use {len(schemes)} different schemes {sorted(schemes, key=str)}; "
-                         "one checkpoint quantization_config describes one. Quantize all layers alike.")
+        raise InputError(
+            f"quantized layers use {len(schemes)} different schemes {sorted(schemes, key=str)}; "
+            "one checkpoint quantization_config describes one. Quantize all layers alike."
+        )
     bits, group_size, symmetric, act_quant = schemes.pop()
     act_order = any(i.scheme.act_order for i in infos)
     return QScheme(bits, group_size, symmetric, act_order, act_quant)
@@ -65,35 +75,53 @@ def format_problems(fmt: str, scheme: QScheme, qm: QuantizedModel) -> list[str]:
     """Why `fmt` cannot hold this model (empty when it can)."""
     p = []
     if fmt in ("gptq", "awq") and scheme.act_quant is not None:
-        p.append(f"{fmt} checkpoints are weight-only; {qm.settings.get('method')} quantizes activations too "
-                 "(W8A8): use --hf-format compressed-tensors")
+        p.append(
+            f"{fmt} checkpoints are weight-only; {qm.settings.get('method')} quantizes activations too "
+            "(W8A8): use --hf-format compressed-tensors"
+        )
     if fmt == "awq":
         if scheme.bits != 4:
-            p.append(f"awq stores 4-bit weights only (these are {scheme.bits}-bit): use gptq or compressed-tensors")
+            p.append(
+                f"awq stores 4-bit weights only (these are {scheme.bits}-bit): use gptq or compressed-tensors"
+            )
         if scheme.group_size == -1:
-            p.append("awq needs grouped scales, not per-channel (group_size=-1): use --group-size 128, or "
-                     "gptq / compressed-tensors")
+            p.append(
+                "awq needs grouped scales, not per-channel (group_size=-1): use --group-size 128, or "
+                "gptq / compressed-tensors"
+            )
         if scheme.act_order:
             p.append("awq has no act-order (g_idx): quantize without --act-order, or export as gptq")
     infos = q_info(qm.q)
-    ragged = [n for n, i in infos.items() if i.scheme.group_size != -1 and i.in_features % i.scheme.group_size]
+    ragged = [
+        n for n, i in infos.items() if i.scheme.group_size != -1 and i.in_features % i.scheme.group_size
+    ]
     if fmt in ("compressed-tensors", "awq") and ragged:
-        p.append(f"{fmt} needs in_features to be a multiple of group_size={scheme.group_size}, but "
-                 f"{len(ragged)} layer(s) (e.g. {ragged[0]}, in_features={infos[ragged[0]].in_features}) are not: "
-                 "export as gptq (g_idx holds ragged groups), or quantize with a group size dividing them")
+        p.append(
+            f"{fmt} needs in_features to be a multiple of group_size={scheme.group_size}, but "
+            f"{len(ragged)} layer(s) (e.g. {ragged[0]}, in_features={infos[ragged[0]].in_features}) are not: "
+            "export as gptq (g_idx holds ragged groups), or quantize with a group size dividing them"
+        )
     if fmt == "compressed-tensors" and scheme.act_order:
         p.append(ACT_ORDER_REFUSAL)
     if fmt in ("gptq", "awq"):
-        inexact = [n for n, qt in qm.q.items() if not torch.equal(qt.scales.to(torch.float16).to(qt.scales.dtype),
-                                                                     qt.scales)]
+        inexact = [
+            n
+            for n, qt in qm.q.items()
+            if not torch.equal(qt.scales.to(torch.float16).to(qt.scales.dtype), qt.scales)
+        ]
         if inexact:
-            p.append(f"{fmt} stores float16 scales, but {len(inexact)} layer(s) (e.g. {inexact[0]}) have "
-                     f"{qm.q[inexact[0]].scales.dtype} scales that float16 cannot hold exactly: use compressed-tensors")
+            p.append(
+                f"{fmt} stores float16 scales, but {len(inexact)} layer(s) (e.g. {inexact[0]}) have "
+                f"{qm.q[inexact[0]].scales.dtype} scales that float16 cannot hold exactly: use compressed-tensors"
+            )
         pf = 32 // scheme.bits
         for name, i in infos.items():
             dims = {"in": i.in_features, "out": i.out_features} if fmt == "gptq" else {"out": i.out_features}
-            p += [f"{name}: {k}_features={v} is not a multiple of {pf if fmt == 'gptq' else 8} ({fmt} packing)"
-                  for k, v in dims.items() if v % (pf if fmt == "gptq" else 8)]
+            p += [
+                f"{name}: {k}_features={v} is not a multiple of {pf if fmt == 'gptq' else 8} ({fmt} packing)"
+                for k, v in dims.items()
+                if v % (pf if fmt == "gptq" else 8)
+            ]
     return p
 
 
@@ -138,8 +166,14 @@ def write_quantized_checkpoint(inp, out_dir: str | Path) -> dict:
     for name in TOKENIZER_FILES:
         if (Path(inp.merged_dir) / name).exists():
             shutil.copy2(Path(inp.merged_dir) / name, out / name)
-    facts = {"format": fmt, "quant_method": qm.settings["method"], "bits": scheme.bits,
-             "group_size": scheme.group_size, "symmetric": scheme.symmetric, "act_order": scheme.act_order,
-             "files": [f.name for f in files]}
+    facts = {
+        "format": fmt,
+        "quant_method": qm.settings["method"],
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "symmetric": scheme.symmetric,
+        "act_order": scheme.act_order,
+        "files": [f.name for f in files],
+    }
     notes = formats.compressed_tensors_loader_notes(scheme.act_quant) if fmt == "compressed-tensors" else []
     return facts | ({"loader_notes": notes} if notes else {})

@@ -69,8 +69,9 @@ def gptq_quantize(
     bias: torch.Tensor | None = None,
 ) -> QTensor:
     """w [out, in], H [in, in] float32 (accumulate_hessian) → QTensor, codes in original column order."""
-    return gptq_quantize_many([w], H, bits, group_size, symmetric, act_order, damp_percent, block_size,
-                              scale_dtype, [bias])[0]
+    return gptq_quantize_many(
+        [w], H, bits, group_size, symmetric, act_order, damp_percent, block_size, scale_dtype, [bias]
+    )[0]
 
 
 def gptq_quantize_many(
@@ -189,9 +190,25 @@ def _sweep_columns_triton(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, 
     zero = torch.full((out,), float(zf), device=W1.device) if z is None else zf.contiguous()
     rows = 16
     _triton_sweep_kernel[(triton.cdiv(out, rows),)](
-        W1, *W1.stride(), Hinv1, *Hinv1.stride(), codes1, *codes1.stride(), Err1, *Err1.stride(),
-        sf.contiguous(), zero, out, b, c0, c1, float(2**bits - 1),
-        ROWS=rows, WIDTH=triton.next_power_of_2(b), num_warps=4, enable_fp_fusion=False,
+        W1,
+        *W1.stride(),
+        Hinv1,
+        *Hinv1.stride(),
+        codes1,
+        *codes1.stride(),
+        Err1,
+        *Err1.stride(),
+        sf.contiguous(),
+        zero,
+        out,
+        b,
+        c0,
+        c1,
+        float(2**bits - 1),
+        ROWS=rows,
+        WIDTH=triton.next_power_of_2(b),
+        num_warps=4,
+        enable_fp_fusion=False,
     )
 
 
@@ -205,9 +222,31 @@ except ImportError:
 if triton is None:
     _triton_sweep_kernel = None
 else:
+
     @triton.jit
-    def _triton_sweep_kernel(W, sw0, sw1, Hinv, sh0, sh1, codes, sc0, sc1, err, se0, se1, scale, zero,
-                             n_rows, width, c0, c1, maxq, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    def _triton_sweep_kernel(
+        W,
+        sw0,
+        sw1,
+        Hinv,
+        sh0,
+        sh1,
+        codes,
+        sc0,
+        sc1,
+        err,
+        se0,
+        se1,
+        scale,
+        zero,
+        n_rows,
+        width,
+        c0,
+        c1,
+        maxq,
+        ROWS: tl.constexpr,
+        WIDTH: tl.constexpr,
+    ):
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS] rows of this program
         j = tl.arange(0, WIDTH)  # [WIDTH] columns of the block
         rmask = r < n_rows

@@ -36,7 +36,9 @@ from lorafast_export.quant.smoothquant import quantize_w8a8, smooth_scales, weig
 
 SCALE_DTYPE = torch.float16  # 4-bit scales: exactly what GPTQ/AWQ checkpoints store
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # clipping q/k hurts the softmax (AutoAWQ skips them)
-AWQ_SEARCH_TOKENS = 65536  # calibration tokens the AWQ scale search scores each candidate on (AutoAWQ: 128 x 512)
+AWQ_SEARCH_TOKENS = (
+    65536  # calibration tokens the AWQ scale search scores each candidate on (AutoAWQ: 128 x 512)
+)
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,21 @@ def _bias(block: Block, name: str) -> torch.Tensor | None:
 
 
 def quantize_block_rtn(block: Block, s: dict) -> dict[str, QTensor]:
-    return _finish(block, {
-        n: quantize_rtn(block.weight(n), s["bits"], s["group_size"], s["symmetric"], SCALE_DTYPE, _bias(block, n))
-        for n in _linears(block)
-    })
+    return _finish(
+        block,
+        {
+            n: quantize_rtn(
+                block.weight(n), s["bits"], s["group_size"], s["symmetric"], SCALE_DTYPE, _bias(block, n)
+            )
+            for n in _linears(block)
+        },
+    )
 
 
 def quantize_block_int8(block: Block, s: dict) -> dict[str, QTensor]:
-    return _finish(block, {n: quantize_int8_weight(block.weight(n), _bias(block, n)) for n in _linears(block)})
+    return _finish(
+        block, {n: quantize_int8_weight(block.weight(n), _bias(block, n)) for n in _linears(block)}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- GPTQ
@@ -89,9 +98,16 @@ def quantize_block_gptq(block: Block, s: dict) -> dict[str, QTensor]:
 
         block.run({first: add}, stop_after=first)  # inputs come from the groups quantized before
         qts = gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
-            [block.weight(n) for n in g.linears], acc["H"], s["bits"], s["group_size"], s["symmetric"],
-            act_order=s["act_order"], damp_percent=s["damp_percent"], block_size=s["block_size"],
-            scale_dtype=SCALE_DTYPE, biases=[_bias(block, n) for n in g.linears],
+            [block.weight(n) for n in g.linears],
+            acc["H"],
+            s["bits"],
+            s["group_size"],
+            s["symmetric"],
+            act_order=s["act_order"],
+            damp_percent=s["damp_percent"],
+            block_size=s["block_size"],
+            scale_dtype=SCALE_DTYPE,
+            biases=[_bias(block, n) for n in g.linears],
         )
         out.update(_finish(block, dict(zip(g.linears, qts, strict=True))))
     return out
@@ -110,8 +126,12 @@ def foldable(block: Block, g: Group) -> bool:
 def _fold(block: Block, g: Group, s: torch.Tensor) -> None:
     prev = block.get(g.prev)
     prev_bias = getattr(prev, "bias", None)
-    f = fold_scale_into_previous(prev.weight.detach(), [block.weight(n) for n in g.linears], s,
-                                 None if prev_bias is None else prev_bias.detach())
+    f = fold_scale_into_previous(
+        prev.weight.detach(),
+        [block.weight(n) for n in g.linears],
+        s,
+        None if prev_bias is None else prev_bias.detach(),
+    )
     if f.prev_weight.dim() == 1:  # a norm: it stays fp, so round it the way it will be stored
         block.set_param(f"{g.prev}.weight", f.prev_weight)
     else:  # a linear of this block: quantized later, from float32
@@ -149,8 +169,16 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
         x = inputs[g.linears[0]]
         xs = x[: max(1, AWQ_SEARCH_TOKENS // x.shape[1])]  # [samples', seq, in]: the grid runs 20+ forwards
         with block.autocast():  # the candidates' forwards in the walk's precision (bf16 on CUDA)
-            sc = awq_search_scale([block.weight(n) for n in g.linears], xs, bits, gs, n_grid=s["awq_grid"],
-                                  symmetric=sym, forward_fn=_awq_loss_fn(block, g, xs), scale_dtype=SCALE_DTYPE)
+            sc = awq_search_scale(
+                [block.weight(n) for n in g.linears],
+                xs,
+                bits,
+                gs,
+                n_grid=s["awq_grid"],
+                symmetric=sym,
+                forward_fn=_awq_loss_fn(block, g, xs),
+                scale_dtype=SCALE_DTYPE,
+            )
         _fold(block, g, sc)
         scale_of.update({n: sc for n in g.linears})
     qts = {}
@@ -161,11 +189,14 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
         for name in g.linears:
             w = block.weight(name)
             if s["awq_clip"] and not name.endswith(NO_CLIP):
-                clip = awq_search_clip(w, x, bits, gs, symmetric=sym, out_chunk=_clip_rows(x, gs),
-                                       scale_dtype=SCALE_DTYPE)
+                clip = awq_search_clip(
+                    w, x, bits, gs, symmetric=sym, out_chunk=_clip_rows(x, gs), scale_dtype=SCALE_DTYPE
+                )
                 w = apply_clip(w, clip, gs)
             qt = quantize_rtn(w, bits, gs, sym, SCALE_DTYPE, _bias(block, name))
-            qts[name] = with_fields(qt, input_scale=scale_of[name].float().clone()) if name in scale_of else qt
+            qts[name] = (
+                with_fields(qt, input_scale=scale_of[name].float().clone()) if name in scale_of else qt
+            )
     return _finish(block, qts)
 
 
@@ -180,6 +211,7 @@ def quantize_block_smoothquant(block: Block, s: dict) -> dict[str, QTensor]:
         def fn(x: torch.Tensor) -> None:
             m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # [in]
             absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
+
         return fn
 
     firsts = [g.linears[0] for g in smoothed]
@@ -187,13 +219,14 @@ def quantize_block_smoothquant(block: Block, s: dict) -> dict[str, QTensor]:
         block.run({n: track(n) for n in firsts}, stop_after=firsts[-1])
     scale_of: dict[str, torch.Tensor] = {}
     for g in smoothed:
-        sc = smooth_scales(absmax[g.linears[0]], weight_input_absmax([block.weight(n) for n in g.linears]),
-                           s["smooth_alpha"])
+        sc = smooth_scales(
+            absmax[g.linears[0]], weight_input_absmax([block.weight(n) for n in g.linears]), s["smooth_alpha"]
+        )
         _fold(block, g, sc)
         scale_of.update({n: sc for n in g.linears})
-    return _finish(block, {
-        n: quantize_w8a8(block.weight(n), scale_of.get(n), _bias(block, n)) for n in _linears(block)
-    })
+    return _finish(
+        block, {n: quantize_w8a8(block.weight(n), scale_of.get(n), _bias(block, n)) for n in _linears(block)}
+    )
 
 
 METHODS: dict[str, Method] = {

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from lorafast_export.errors import InputError
-from lorafast_export.load import WeightStore, _weight_files
 from lorafast_export.model.quantized import QuantizedModel
 from lorafast_export.model.spec import LM_HEAD, ModelConfig, linear_module_names
 from lorafast_export.quant import formats
+from lorafast_export.weights import WeightStore, _weight_files
 
 FP_LINEAR_PARTS = {"weight", "bias"}  # all an unquantized linear stores; every quantized format stores more
 
@@ -22,13 +22,16 @@ FP_LINEAR_PARTS = {"weight", "bias"}  # all an unquantized linear stores; every 
 def _unpack(qcfg: dict, tensors: dict):
     method = qcfg.get("quant_method")
     if method == "gptq":
-        return formats.unpack_gptq(tensors, qcfg["bits"], qcfg["group_size"], qcfg["sym"],
-                                   qcfg.get("checkpoint_format", "gptq"))
+        return formats.unpack_gptq(
+            tensors, qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("checkpoint_format", "gptq")
+        )
     if method == "awq":
         return formats.unpack_awq(tensors, qcfg["group_size"], qcfg["bits"])
     if method == "compressed-tensors":
         group = qcfg["config_groups"]["group_0"]
-        return formats.unpack_compressed_tensors(tensors, formats.scheme_from_config_group(group), group["format"])
+        return formats.unpack_compressed_tensors(
+            tensors, formats.scheme_from_config_group(group), group["format"]
+        )
     raise InputError(f"quantization_config.quant_method={method!r} is not one this reader knows.")
 
 
@@ -40,7 +43,9 @@ def read_quantized_checkpoint(model_dir: str | Path) -> QuantizedModel:
         raise InputError(f"{d}/config.json: no quantization_config; not a quantized checkpoint.")
     cfg = ModelConfig.from_dict(raw, str(d / "config.json"))
     store = WeightStore(_weight_files(d, False))
-    modules = [m for i in range(cfg.num_layers) for m in linear_module_names(i)] + [LM_HEAD.removesuffix(".weight")]
+    modules = [m for i in range(cfg.num_layers) for m in linear_module_names(i)] + [
+        LM_HEAD.removesuffix(".weight")
+    ]
     q, used = {}, set()
     for m in modules:
         parts = {k.removeprefix(m + "."): k for k in store.keys() if k.startswith(m + ".")}  # suffix → key

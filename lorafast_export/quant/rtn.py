@@ -103,7 +103,9 @@ def quantize_rtn(
     check_quant_args(w, bits, group_size, scale_dtype, where="quantize_rtn")
     n_groups = n_groups_for(w.shape[1], group_size)
     wf = w.detach().float()
-    if group_size == -1 or w.shape[1] % group_size == 0:  # whole groups: a reshape, not scatters (same values)
+    if (
+        group_size == -1 or w.shape[1] % group_size == 0
+    ):  # whole groups: a reshape, not scatters (same values)
         wg = wf.reshape(w.shape[0], n_groups, -1)  # [out, G, gs]
         scale, zero = qparams(wg.amin(dim=2), wg.amax(dim=2), bits, symmetric, scale_dtype)  # [out, G]
         codes = quantize_codes(wg, scale[..., None], None if zero is None else zero[..., None], bits)

@@ -16,8 +16,10 @@ def write_inside(root: Path, files: dict[str, str]) -> list[Path]:
         path = root / rel
         why = outside_reason(root, rel) or ("is a symbolic link" if path.is_symlink() else None)
         if why:
-            raise InputError(f"{path}: not written, because {rel!r} {why}. Write reports into a directory of "
-                             "your own (a fresh --out), not through links.")
+            raise InputError(
+                f"{path}: not written, because {rel!r} {why}. Write reports into a directory of "
+                "your own (a fresh --out), not through links."
+            )
     written = []
     for rel, text in files.items():
         path = root / rel

@@ -215,7 +215,9 @@ def build_report(
     stages after it are informational, e.g. a runtime's default precision), set `passed`."""
     _check_stages(eval_sets, stages)
     gains = adapter_gains(eval_sets, stages)
-    results = evaluate_gates(gates, metric_table(stages, gains), final_stage or stage_order(stages)[-1], strict)
+    results = evaluate_gates(
+        gates, metric_table(stages, gains), final_stage or stage_order(stages)[-1], strict
+    )
     return Report(
         artifact=artifact,
         eval_sets=list(eval_sets),

@@ -18,22 +18,35 @@ def model_dir_of(artifact_dir: str | Path) -> Path:
     for cand in (d / "model", d):
         if (cand / META_FILE).exists():
             return cand
-    raise InputError(f"{d}: not a torch-compile artifact (no model/{META_FILE}); build one with "
-                     "`lorafast-export build --target torch-compile`.")
+    raise InputError(
+        f"{d}: not a torch-compile artifact (no model/{META_FILE}); build one with "
+        "`lorafast-export build --target torch-compile`."
+    )
 
 
 def load(artifact_dir: str | Path, device: str = "cpu", **overrides: Any) -> Runtime:
     return open_runtime(model_dir_of(artifact_dir), device, **overrides)
 
 
-def run_prompt(artifact_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, device: str = "cpu",
-               **overrides: Any) -> list[int]:
+def run_prompt(
+    artifact_dir: str | Path,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    device: str = "cpu",
+    **overrides: Any,
+) -> list[int]:
     """Greedy new tokens for one prompt."""
     return load(artifact_dir, device, **overrides).generate_batch([list(prompt_ids)], max_new_tokens)[0]
 
 
-def bench(artifact_dir: str | Path, batch_sizes: list[int], prompt_len: int, new_tokens: int,
-          device: str = "cpu", **overrides: Any) -> dict:
+def bench(
+    artifact_dir: str | Path,
+    batch_sizes: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    device: str = "cpu",
+    **overrides: Any,
+) -> dict:
     """Prefill/decode tokens/s, TTFT and peak memory per batch size (see runtime.bench), JSON-able."""
     rt = load(artifact_dir, device, **overrides)
     if max(batch_sizes) > rt.options.max_batch:
@@ -41,8 +54,9 @@ def bench(artifact_dir: str | Path, batch_sizes: list[int], prompt_len: int, new
     return {"artifact": str(artifact_dir), **bench_runtime(rt, batch_sizes, prompt_len, new_tokens)}
 
 
-def generate_stream(rt: Runtime, prompts: Iterable[tuple[Any, list[int]]], max_new_tokens: int,
-                    **sampling: Any) -> Iterator[tuple[Any, list[int]]]:
+def generate_stream(
+    rt: Runtime, prompts: Iterable[tuple[Any, list[int]]], max_new_tokens: int, **sampling: Any
+) -> Iterator[tuple[Any, list[int]]]:
     """Stream (key, prompt ids) through continuous batching, yielding (key, new tokens) as each finishes
     (completion order). Keeps the queue about two batches deep, so a huge prompt file never sits in memory."""
     eng, it, keys = rt.engine, iter(prompts), {}

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafast_export.errors import InputError
-from lorafast_export.load import open_model, tokenizer_files
 from lorafast_export.model.spec import ModelConfig, layer_prefix
 from lorafast_export.qform import load_qtensors, save_qtensors
 from lorafast_export.runtime.options import RuntimeOptions
+from lorafast_export.weights import open_model, tokenizer_files
 
 FORMAT = "lorafast-torch-runtime"
 VERSION = 1
@@ -56,8 +56,9 @@ def _save_shards(out_dir: Path, names: list[str], get, dtype: torch.dtype, n_lay
     return sorted(shards)
 
 
-def write_artifact(merged_dir: Path, out_dir: Path, dtype_name: str, opts: RuntimeOptions,
-                   quantized=None) -> dict:
+def write_artifact(
+    merged_dir: Path, out_dir: Path, dtype_name: str, opts: RuntimeOptions, quantized=None
+) -> dict:
     """Write model/ (see module doc). `quantized`: a QuantizedModel or None. Returns facts for the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[dtype_name]
@@ -75,12 +76,23 @@ def write_artifact(merged_dir: Path, out_dir: Path, dtype_name: str, opts: Runti
         files = _save_shards(out_dir, sorted(quantized.fp), quantized.fp.__getitem__, dtype, cfg.num_layers)
         save_qtensors(out_dir / QWEIGHTS, quantized.q)
         qfile = QWEIGHTS
-    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype_name, "weights": files, "qweights": qfile,
-            "quant": None if quantized is None else dict(quantized.settings), "options": opts.to_dict(),
-            "aot": None}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype_name,
+        "weights": files,
+        "qweights": qfile,
+        "quant": None if quantized is None else dict(quantized.settings),
+        "options": opts.to_dict(),
+        "aot": None,
+    }
     write_meta(out_dir, meta)
-    return {"format": FORMAT, "dtype": dtype_name, "quantized": quantized is not None,
-            "weight_files": len(files) + (qfile is not None)}
+    return {
+        "format": FORMAT,
+        "dtype": dtype_name,
+        "quantized": quantized is not None,
+        "weight_files": len(files) + (qfile is not None),
+    }
 
 
 def write_meta(model_dir: Path, meta: dict) -> None:
@@ -90,11 +102,15 @@ def write_meta(model_dir: Path, meta: dict) -> None:
 def read_meta(model_dir: Path) -> dict:
     path = Path(model_dir) / META_FILE
     if not path.exists():
-        raise InputError(f"{model_dir}: no {META_FILE}; this is not a torch-compile artifact's model/ directory.")
+        raise InputError(
+            f"{model_dir}: no {META_FILE}; this is not a torch-compile artifact's model/ directory."
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise InputError(f"{path}: format {meta.get('format')}/{meta.get('version')} is not {FORMAT}/{VERSION}; "
-                         "rebuild the artifact with this lorafast-export version.")
+        raise InputError(
+            f"{path}: format {meta.get('format')}/{meta.get('version')} is not {FORMAT}/{VERSION}; "
+            "rebuild the artifact with this lorafast-export version."
+        )
     return meta
 
 
@@ -109,5 +125,3 @@ def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.T
         fp.update(load_file(str(model_dir / f), device=str(device)))
     q = load_qtensors(model_dir / meta["qweights"]) if meta["qweights"] else None
     return fp, q
-
-

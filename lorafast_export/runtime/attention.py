@@ -49,8 +49,15 @@ def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
     return q.view(b, n_kv, hq // n_kv, d)
 
 
-def decode_gather(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor, block_size: int, window: int | None = None) -> torch.Tensor:
+def decode_gather(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    window: int | None = None,
+) -> torch.Tensor:
     """q [B, hq, 1, d]; pools [hkv, S, d]; block_tables [B, M]; seq_lens [B] → [B, hq, 1, d].
 
     Written out (matmul, masked softmax in fp32, matmul) rather than SDPA: with a mask, SDPA picked cuDNN
@@ -71,8 +78,14 @@ def decode_gather(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, b
     return out.reshape(b, hq, 1, d)
 
 
-def decode_flex(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+def decode_flex(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
     """FlexAttention over the pool in place; same contract as decode_gather (no sliding window)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -89,7 +102,16 @@ def decode_flex(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, blo
         return owner[b, kv_idx // block_size] * block_size + kv_idx % block_size < seq_lens[b]
 
     # the mask's kv extent must cover the whole pool: list width = pool blocks (entries past n_blocks unused)
-    kv_indices = F.pad(block_tables.int(), (0, slots // block_size - m))[:, None, None, :]  # [B, 1, 1, blocks]
-    mask = BlockMask.from_kv_blocks(n_blocks[:, None, None].int(), kv_indices,
-                                    BLOCK_SIZE=(128, block_size), mask_mod=mask_mod, seq_lengths=(1, slots))
-    return flex_attention(q, k_pool[None], v_pool[None], block_mask=mask, enable_gqa=q.shape[1] != k_pool.shape[0])
+    kv_indices = F.pad(block_tables.int(), (0, slots // block_size - m))[
+        :, None, None, :
+    ]  # [B, 1, 1, blocks]
+    mask = BlockMask.from_kv_blocks(
+        n_blocks[:, None, None].int(),
+        kv_indices,
+        BLOCK_SIZE=(128, block_size),
+        mask_mod=mask_mod,
+        seq_lengths=(1, slots),
+    )
+    return flex_attention(
+        q, k_pool[None], v_pool[None], block_mask=mask, enable_gqa=q.shape[1] != k_pool.shape[0]
+    )

@@ -38,13 +38,19 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
     ttft = sorted(r.t_first - r.t_added for r in reqs)
     new = sum(len(r.output) for r in reqs)
     return {
-        "requests": len(reqs), "prompt_tokens": sum(map(len, prompts)), "new_tokens": new,
-        "wall_s": wall, "tokens_per_s": new / wall,
+        "requests": len(reqs),
+        "prompt_tokens": sum(map(len, prompts)),
+        "new_tokens": new,
+        "wall_s": wall,
+        "tokens_per_s": new / wall,
         "prefill_tokens_per_s": s.prefill_tokens / s.prefill_s if s.prefill_s else None,
         "decode_tokens_per_s": s.decode_tokens / s.decode_s if s.decode_s else None,
         "decode_step_ms": 1e3 * s.decode_s / s.decode_steps if s.decode_steps else None,
-        "ttft_ms_first": 1e3 * ttft[0], "ttft_ms_median": 1e3 * ttft[len(ttft) // 2], "ttft_ms_max": 1e3 * ttft[-1],
-        "preemptions": s.preemptions, "peak_memory_bytes": peak_memory_bytes(rt.device),
+        "ttft_ms_first": 1e3 * ttft[0],
+        "ttft_ms_median": 1e3 * ttft[len(ttft) // 2],
+        "ttft_ms_max": 1e3 * ttft[-1],
+        "preemptions": s.preemptions,
+        "peak_memory_bytes": peak_memory_bytes(rt.device),
     }
 
 
@@ -53,8 +59,9 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-def bench_runtime(rt: Runtime, batch_sizes: list[int], prompt_len: int, new_tokens: int, seed: int = 0,
-                  warmup: bool = True) -> dict:
+def bench_runtime(
+    rt: Runtime, batch_sizes: list[int], prompt_len: int, new_tokens: int, seed: int = 0, warmup: bool = True
+) -> dict:
     """For each batch size: that many identical-shape requests at once; a full warm-up pass first so that
     every compiled shape (batch bucket, table width) the timed pass meets already exists."""
     results = []
@@ -63,7 +70,15 @@ def bench_runtime(rt: Runtime, batch_sizes: list[int], prompt_len: int, new_toke
         if warmup:
             run_requests(rt, prompts, [new_tokens] * bs)
         results.append({"batch": bs, **run_requests(rt, prompts, [new_tokens] * bs)})
-    return {"device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."), "attention": rt.attention,
-            "compiled": rt.compiled, "aot": rt.aot, "kernels": sorted(set(rt.kernels.values())),
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_bytes": rt.cache.nbytes,
-            "results": results}
+    return {
+        "device": str(rt.device),
+        "dtype": str(rt.dtype).removeprefix("torch."),
+        "attention": rt.attention,
+        "compiled": rt.compiled,
+        "aot": rt.aot,
+        "kernels": sorted(set(rt.kernels.values())),
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "cache_bytes": rt.cache.nbytes,
+        "results": results,
+    }

@@ -40,7 +40,9 @@ class Request:
 
     @property
     def done(self) -> bool:
-        return len(self.output) >= self.max_new_tokens or (bool(self.output) and self.output[-1] in self.stop_ids)
+        return len(self.output) >= self.max_new_tokens or (
+            bool(self.output) and self.output[-1] in self.stop_ids
+        )
 
 
 @dataclass
@@ -64,9 +66,19 @@ def _pow2(n: int) -> int:
 class Engine:
     """Owns the request queue and the cache bookkeeping; `model` runs prefill and the decode step."""
 
-    def __init__(self, model, cache: PagedKVCache, *, max_batch: int, max_seq_len: int,
-                 batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32), compile: bool = False,
-                 fixed_width: bool = False, device: str | torch.device = "cpu", seed: int = 0):
+    def __init__(
+        self,
+        model,
+        cache: PagedKVCache,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+        compile: bool = False,
+        fixed_width: bool = False,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.buckets = tuple(sorted({b for b in batch_buckets if b < max_batch} | {max_batch}))
@@ -87,21 +99,38 @@ class Engine:
         self._gen = torch.Generator(device=self.device).manual_seed(seed)
 
     # ---------------------------------------------------------------------------------------- requests
-    def add(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-            stop_ids: tuple[int, ...] = ()) -> Request:
+    def add(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_ids: tuple[int, ...] = (),
+    ) -> Request:
         if not prompt:
             raise InputError("a prompt needs at least one token.")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens}: ask for at least 1.")
         if len(prompt) + max_new_tokens > self.max_seq_len:
-            raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"runtime's max_seq_len={self.max_seq_len}; raise the max_seq_len option.")
+            raise InputError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"runtime's max_seq_len={self.max_seq_len}; raise the max_seq_len option."
+            )
         if self.cache.blocks_for(len(prompt) + max_new_tokens) > self.cache.allocator.num_blocks:
-            raise InputError(f"a request of {len(prompt) + max_new_tokens} tokens cannot fit in the KV pool "
-                             f"({self.cache.allocator.num_blocks} blocks of {self.cache.block_size}); raise "
-                             "cache_tokens/cache_gib.")
-        r = Request(next(self._ids), list(prompt), max_new_tokens, temperature, top_p, frozenset(stop_ids),
-                    t_added=time.perf_counter())
+            raise InputError(
+                f"a request of {len(prompt) + max_new_tokens} tokens cannot fit in the KV pool "
+                f"({self.cache.allocator.num_blocks} blocks of {self.cache.block_size}); raise "
+                "cache_tokens/cache_gib."
+            )
+        r = Request(
+            next(self._ids),
+            list(prompt),
+            max_new_tokens,
+            temperature,
+            top_p,
+            frozenset(stop_ids),
+            t_added=time.perf_counter(),
+        )
         self.waiting.append(r)
         return r
 
@@ -109,7 +138,9 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | list[int], **sampling) -> list[list[int]]:
+    def generate_batch(
+        self, prompts: list[list[int]], max_new_tokens: int | list[int], **sampling
+    ) -> list[list[int]]:
         """Run every prompt to completion through continuous batching; new tokens per prompt, in order."""
         news = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         reqs = [self.add(p, n, **sampling) for p, n in zip(prompts, news, strict=True)]
@@ -201,12 +232,16 @@ class Engine:
             tokens[i], positions[i], seq_lens[i] = r.output[-1], r.cached, r.cached + 1
             slots[i] = self.cache.slots(r.id, r.cached, r.cached + 1)[0]
         tables = self.cache.block_table([r.id for r in reqs], width, rows)
-        return tuple(t.to(self.device, non_blocking=True) for t in (tokens, positions, tables, seq_lens, slots))
+        return tuple(
+            t.to(self.device, non_blocking=True) for t in (tokens, positions, tables, seq_lens, slots)
+        )
 
     @torch.no_grad()
     def _run_decode(self, reqs: list[Request]) -> torch.Tensor:
         inputs = self.decode_inputs(reqs)
-        if self.compiled:  # one compiled graph for all batch buckets and table widths (CUDA graphs: one per shape)
+        if (
+            self.compiled
+        ):  # one compiled graph for all batch buckets and table widths (CUDA graphs: one per shape)
             # maybe_: a hint, not a constraint. Strict mark_dynamic(min=2) raised ConstraintViolationError on an
             # H200 when the graph guarded on width >= 9; now such a guard costs one more compile instead.
             for t in inputs:

@@ -66,9 +66,11 @@ class BlockAllocator:
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
-            raise OutOfBlocks(f"paged KV cache: need {n} block(s), {len(self._free)} free of {self.num_blocks}. "
-                              "Finish or preempt sequences, or raise the cache budget (num_blocks/budget_bytes).")
-        taken, self._free = self._free[len(self._free) - n:], self._free[:len(self._free) - n]
+            raise OutOfBlocks(
+                f"paged KV cache: need {n} block(s), {len(self._free)} free of {self.num_blocks}. "
+                "Finish or preempt sequences, or raise the cache budget (num_blocks/budget_bytes)."
+            )
+        taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
         return taken[::-1]
 
     def free(self, blocks: list[int]) -> None:
@@ -78,14 +80,23 @@ class BlockAllocator:
 class PagedKVCache:
     """The pool tensors plus the block table of every live sequence."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, config: CacheConfig,
-                 dtype: torch.dtype, device: str | torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        config: CacheConfig,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ):
         self.config, self.block_size = config, config.block_size
         per_token = 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         usable = config.resolve_blocks(per_token)
         if usable < 1:
-            raise InputError(f"paged KV cache: the budget holds no block of {self.block_size} tokens "
-                             f"({per_token} bytes a token); raise budget_bytes.")
+            raise InputError(
+                f"paged KV cache: the budget holds no block of {self.block_size} tokens "
+                f"({per_token} bytes a token); raise budget_bytes."
+            )
         slots = (usable + 1) * self.block_size  # + the pad block
         shape = (kv_heads, slots, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -133,5 +144,5 @@ class PagedKVCache:
         out = torch.full((rows or len(seq_ids), width), PAD_BLOCK, dtype=torch.int32)
         for i, s in enumerate(seq_ids):
             t = self.tables[s]
-            out[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         return out

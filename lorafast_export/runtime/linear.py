@@ -55,8 +55,14 @@ def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, p
     out_f, in_f = qt.out_features, qt.in_features
     if qt.bits == 8 and (qt.group_size == -1 or qt.group_size >= in_f) and not cuda:
         return "int8_weight_only"  # on CUDA (torch 2.11, H200) _weight_int8pack_mm was 7-90x slower than bf16
-    if qt.bits == 4 and qt.group_size in TINYGEMM_GROUPS and in_f % qt.group_size == 0 \
-            and in_f % (INNER_K_TILES * 16) == 0 and out_f % 8 == 0 and (not cuda or dtype == torch.bfloat16):
+    if (
+        qt.bits == 4
+        and qt.group_size in TINYGEMM_GROUPS
+        and in_f % qt.group_size == 0
+        and in_f % (INNER_K_TILES * 16) == 0
+        and out_f % 8 == 0
+        and (not cuda or dtype == torch.bfloat16)
+    ):
         try:
             _contiguous_groups(qt)
         except ValueError:
@@ -103,7 +109,9 @@ class Int8Linear(_QuantLinearBase):
     def __init__(self, qt: QTensor, bias=None, dtype=torch.float32, device="cpu"):
         super().__init__(qt, bias, dtype, device)
         scale = qt.scales[:, 0].float()  # [out]
-        self.register_buffer("weight", (qt.codes.to(torch.int16) - 128).to(torch.int8).to(device))  # [out, in]
+        self.register_buffer(
+            "weight", (qt.codes.to(torch.int16) - 128).to(torch.int8).to(device)
+        )  # [out, in]
         self.register_buffer("scales", scale.to(device=device, dtype=dtype))
         zcorr = None if qt.zeros is None else (128.0 - qt.zeros[:, 0].float()) * scale  # [out]
         self.register_buffer("zero_term", None if zcorr is None else zcorr.to(device))
@@ -138,7 +146,9 @@ class Int4Linear(_QuantLinearBase):
         shape, x = x.shape, self._prep(x).reshape(-1, self.in_features)
         if self.perm is not None:
             x = x[:, self.perm]
-        mm = torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        mm = (
+            torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        )
         return self._finish(mm(x, self.weight, self.group_size, self.scale_zeros), shape)
 
 
@@ -146,15 +156,19 @@ def pack_int4(codes: torch.Tensor, device) -> torch.Tensor:
     """codes uint8 [out, in] (values 0..15) → the tinygemm layout of the device."""
     if torch.device(device).type == "cuda":
         c = codes.to(device=device, dtype=torch.int32)
-        return torch.ops.aten._convert_weight_to_int4pack((c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8),
-                                                          INNER_K_TILES)
+        return torch.ops.aten._convert_weight_to_int4pack(
+            (c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8), INNER_K_TILES
+        )
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES)
 
 
 _KERNEL_CLASSES = {"int4_tinygemm": Int4Linear, "int8_weight_only": Int8Linear, "dequant": DequantLinear}
 
 
-def lower_qtensor(qt: QTensor, device, dtype: torch.dtype, prefer: str = "auto",
-                  bias: torch.Tensor | None = None) -> nn.Module:
+def lower_qtensor(
+    qt: QTensor, device, dtype: torch.dtype, prefer: str = "auto", bias: torch.Tensor | None = None
+) -> nn.Module:
     """The runtime linear for one QTensor: the fastest kernel that supports it (see module doc)."""
-    return _KERNEL_CLASSES[choose_kernel(qt, device, dtype, prefer)](qt, bias=bias, dtype=dtype, device=device)
+    return _KERNEL_CLASSES[choose_kernel(qt, device, dtype, prefer)](
+        qt, bias=bias, dtype=dtype, device=device
+    )

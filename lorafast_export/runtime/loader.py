@@ -13,11 +13,10 @@ from lorafast_export.model.spec import ModelConfig
 from lorafast_export.runtime.artifact import DTYPES, read_meta, read_weights
 from lorafast_export.runtime.engine import Engine
 from lorafast_export.runtime.kv_cache import CacheConfig, PagedKVCache
-from lorafast_export.runtime.model import PagedModel, build_model
 from lorafast_export.runtime.options import RuntimeOptions
+from lorafast_export.runtime.paged import PagedModel, build_model
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -40,7 +39,9 @@ class Runtime:
         rows = [self.model.prefill(r[None].to(self.device), None, last_only=False) for r in input_ids]
         return torch.cat(rows).cpu()
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | list[int], **sampling) -> list[list[int]]:
+    def generate_batch(
+        self, prompts: list[list[int]], max_new_tokens: int | list[int], **sampling
+    ) -> list[list[int]]:
         return self.engine.generate_batch(prompts, max_new_tokens, **sampling)
 
 
@@ -52,13 +53,23 @@ def resolve_attention(opts: RuntimeOptions, cfg: ModelConfig, device: torch.devi
 def cache_config(opts: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int) -> CacheConfig:
     if opts.cache_tokens:
         return CacheConfig(opts.block_size, max_tokens=opts.cache_tokens)
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    per_token = (
+        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    )
     tokens = min(opts.max_batch * max_seq_len, int(opts.cache_gib * 2**30) // per_token)
     return CacheConfig(opts.block_size, max_tokens=max(tokens, max_seq_len))
 
 
-def build_runtime(cfg: ModelConfig, fp: dict | None, q: dict | None, device: str | torch.device, dtype: torch.dtype,
-                  opts: RuntimeOptions, aot_dir: Path | None = None, aot_meta: dict | None = None) -> Runtime:
+def build_runtime(
+    cfg: ModelConfig,
+    fp: dict | None,
+    q: dict | None,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    opts: RuntimeOptions,
+    aot_dir: Path | None = None,
+    aot_meta: dict | None = None,
+) -> Runtime:
     """A runtime over these tensors. With aot_dir/aot_meta the AOTInductor packages replace the Python model."""
     device = torch.device(device)
     max_seq_len = opts.max_seq_len or min(cfg.max_position_embeddings, 4096)
@@ -76,17 +87,33 @@ def build_runtime(cfg: ModelConfig, fp: dict | None, q: dict | None, device: str
     else:
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
         model = PagedModel(dec, cache, attention)
-    engine = Engine(model, cache, max_batch=opts.max_batch, max_seq_len=max_seq_len,
-                    batch_buckets=opts.batch_buckets, compile=compiled, fixed_width=attention == "flex",
-                    device=device)
-    log.info("runtime: %s %s, attention=%s, compiled=%s, aot=%s, cache %.1f MiB", device, dtype, attention,
-             compiled, aot_meta is not None, cache.nbytes / 2**20)
-    return Runtime(cfg, opts, device, dtype, cache, model, engine, kernels, attention, compiled,
-                   aot_meta is not None)
+    engine = Engine(
+        model,
+        cache,
+        max_batch=opts.max_batch,
+        max_seq_len=max_seq_len,
+        batch_buckets=opts.batch_buckets,
+        compile=compiled,
+        fixed_width=attention == "flex",
+        device=device,
+    )
+    log.info(
+        "runtime: %s %s, attention=%s, compiled=%s, aot=%s, cache %.1f MiB",
+        device,
+        dtype,
+        attention,
+        compiled,
+        aot_meta is not None,
+        cache.nbytes / 2**20,
+    )
+    return Runtime(
+        cfg, opts, device, dtype, cache, model, engine, kernels, attention, compiled, aot_meta is not None
+    )
 
 
-def open_runtime(model_dir: str | Path, device: str = "cpu", use_aot: bool | None = None,
-                 **overrides) -> Runtime:
+def open_runtime(
+    model_dir: str | Path, device: str = "cpu", use_aot: bool | None = None, **overrides
+) -> Runtime:
     """Load an artifact's model/ directory. overrides: RuntimeOptions fields (e.g. compile="off").
     use_aot: None = use the AOTInductor packages when they were built for this device type."""
     model_dir = Path(model_dir)
@@ -98,10 +125,19 @@ def open_runtime(model_dir: str | Path, device: str = "cpu", use_aot: bool | Non
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device here; use device='cpu'.")
     if use_aot and (aot is None or aot["device"] != dev.type):
-        raise InputError(f"{model_dir}: no AOTInductor package for {dev.type} (built: "
-                         f"{aot and aot['device']}); rebuild with the aot option on a {dev.type} machine.")
+        raise InputError(
+            f"{model_dir}: no AOTInductor package for {dev.type} (built: "
+            f"{aot and aot['device']}); rebuild with the aot option on a {dev.type} machine."
+        )
     use = bool(aot) and aot["device"] == dev.type and use_aot is not False
     fp, q = (None, None) if use else read_weights(model_dir, meta, dev)  # a package holds its own weights
-    return build_runtime(cfg, fp, q, dev, DTYPES[meta["dtype"]], opts,
-                         aot_dir=model_dir if use else None, aot_meta=aot if use else None)
-
+    return build_runtime(
+        cfg,
+        fp,
+        q,
+        dev,
+        DTYPES[meta["dtype"]],
+        opts,
+        aot_dir=model_dir if use else None,
+        aot_meta=aot if use else None,
+    )

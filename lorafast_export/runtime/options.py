@@ -15,8 +15,12 @@ COMPILE = ("auto", "on", "off")
 @dataclass(frozen=True)
 class RuntimeOptions:
     aot: bool = False  # also write AOTInductor packages (prefill.pt2, decode.pt2) for the build device
-    compile: str = "auto"  # decode step through torch.compile: auto = on CUDA only (compile time > a short run on CPU)
-    attention: str = "auto"  # paged decode kernel: auto = gather (the only one offered, see runtime/attention.py)
+    compile: str = (
+        "auto"  # decode step through torch.compile: auto = on CUDA only (compile time > a short run on CPU)
+    )
+    attention: str = (
+        "auto"  # paged decode kernel: auto = gather (the only one offered, see runtime/attention.py)
+    )
     kernel: str = "auto"  # low-bit linears: auto = native int4/int8 kernels where supported, dequant = dense
     block_size: int = 16  # tokens per KV block
     max_batch: int = 32  # sequences decoded together
@@ -34,7 +38,11 @@ class RuntimeOptions:
             problems.append(f"aot={self.aot!r}: use true or false")
         for name in ("block_size", "max_batch", "max_seq_len", "cache_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name in ("max_seq_len", "cache_tokens") else 1):
+            if (
+                not isinstance(v, int)
+                or isinstance(v, bool)
+                or v < (0 if name in ("max_seq_len", "cache_tokens") else 1)
+            ):
                 problems.append(f"{name}={v!r}: use a positive integer")
         if isinstance(self.block_size, int) and self.block_size & (self.block_size - 1):
             problems.append(f"block_size={self.block_size}: use a power of two (16, 32, 64, ...)")
@@ -52,8 +60,10 @@ class RuntimeOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise InputError(f"torch-compile target options: unknown key(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}.")
+            raise InputError(
+                f"torch-compile target options: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}."
+            )
         if "batch_buckets" in d and isinstance(d["batch_buckets"], list | tuple):
             d["batch_buckets"] = tuple(d["batch_buckets"])
         return cls(**d)

@@ -23,11 +23,11 @@ from lorafast_export.errors import InputError, RuntimeMissingError
 
 # target name → module that defines and registers it (imported lazily: heavy runtimes load only when used)
 _MODULES = {
-    "hf": "lorafast_export.targets.hf",
-    "torch-compile": "lorafast_export.targets.torch_compile",
-    "onnxruntime": "lorafast_export.targets.onnxruntime",
-    "openvino": "lorafast_export.targets.openvino",
-    "trt-llm": "lorafast_export.targets.trtllm",
+    "hf": "lorafast_export.targets.hf.target",
+    "torch-compile": "lorafast_export.targets.torch_compile.target",
+    "onnxruntime": "lorafast_export.targets.onnxruntime.target",
+    "openvino": "lorafast_export.targets.openvino.target",
+    "trt-llm": "lorafast_export.targets.trt_llm.target",
 }
 TARGETS: dict[str, Target] = {}
 
@@ -68,7 +68,9 @@ class Target(Protocol):
 
     def available(self) -> tuple[bool, str]: ...
 
-    def lower(self, inp: LowerInput, out_dir: Path) -> dict: ...  # writes model/ ; returns facts for the manifest
+    def lower(
+        self, inp: LowerInput, out_dir: Path
+    ) -> dict: ...  # writes model/ ; returns facts for the manifest
 
     def load(self, model_dir: Path, device: str = "cpu") -> Session: ...
 
@@ -88,7 +90,9 @@ def get_target(name: str) -> Target:
                 importlib.reload(module)
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("lorafast_export"):
-                raise RuntimeMissingError(f"target {name!r} is not implemented in this version yet.") from None
+                raise RuntimeMissingError(
+                    f"target {name!r} is not implemented in this version yet."
+                ) from None
             raise
     return TARGETS[name]
 
@@ -107,6 +111,7 @@ def all_targets() -> list[str]:
 
 # ------------------------------------------------------------------------------------ checks from declarations
 
+
 def resolved_fields(recipe) -> dict[str, Any]:
     """Dotted recipe field → the value lowering will see (quant defaults of the method filled in)."""
     values = {f"quant.{k}": v for k, v in recipe.quant.resolved().items()}
@@ -120,8 +125,11 @@ def recipe_problems(recipe) -> list[str]:
     values = resolved_fields(recipe)
     if recipe.quant.symmetric is None and getattr(target, "requires_symmetric", False):
         values["quant.symmetric"] = True  # as pipeline.stage_quantize quantizes for such a target
-    problems = [f"{r.field}: {values[r.field]!r} is not possible with target {target.name}: {r.fix}"
-                for r in getattr(target, "recipe_rules", ()) if not r.ok(values[r.field], values)]
+    problems = [
+        f"{r.field}: {values[r.field]!r} is not possible with target {target.name}: {r.fix}"
+        for r in getattr(target, "recipe_rules", ())
+        if not r.ok(values[r.field], values)
+    ]
     check = getattr(target, "option_problems", None)
     if check is not None:
         problems += check(dict(recipe.target.options or {}), recipe.target.dtype)

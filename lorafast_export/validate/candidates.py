@@ -50,5 +50,9 @@ def merged_fp32_candidate(plan) -> Candidate:
 
 
 def session_candidate(name: str, session) -> Candidate:
-    return Candidate(name, lambda ids: session.logits(ids).float(), session.generate,
-                     getattr(session, "runtime_note", None))
+    return Candidate(
+        name,
+        lambda ids: session.logits(ids).float(),
+        session.generate,
+        getattr(session, "runtime_note", None),
+    )

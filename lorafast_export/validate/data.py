@@ -42,16 +42,20 @@ def tokenize_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: in
         if len(ids) >= max_tokens + block_size:
             break
     n_blocks = min(len(ids) // block_size, max(1, max_tokens // (block_size - 1)))
-    return [torch.tensor(ids[i * block_size:(i + 1) * block_size]) for i in range(n_blocks)]
+    return [torch.tensor(ids[i * block_size : (i + 1) * block_size]) for i in range(n_blocks)]
 
 
-def load_eval_sets(tokenizer, specs: list[tuple[str, Path]], block_size: int, max_tokens: int) -> list[EvalSet]:
+def load_eval_sets(
+    tokenizer, specs: list[tuple[str, Path]], block_size: int, max_tokens: int
+) -> list[EvalSet]:
     out = []
     for name, path in specs or list(DEFAULT_EVAL.items()):
         blocks = tokenize_blocks(tokenizer, read_texts(Path(path)), block_size, max_tokens)
         if not blocks:
-            raise InputError(f"{path}: eval set {name!r} has fewer than one block of {block_size} tokens; "
-                             "give more text or a smaller validate.block_size.")
+            raise InputError(
+                f"{path}: eval set {name!r} has fewer than one block of {block_size} tokens; "
+                "give more text or a smaller validate.block_size."
+            )
         out.append(EvalSet(name, str(path), blocks))
     return out
 
@@ -60,8 +64,9 @@ def load_prompts(tokenizer, path: Path | None) -> list[list[int]]:
     """Prompts for greedy-generation checks: jsonl with a "prompt" field, or one prompt per line of text."""
     path = Path(path) if path else DEFAULT_PROMPTS
     prompts = []
-    for n, line in enumerate(read_texts(path, "prompts")[0].splitlines()
-                             if path.suffix != ".jsonl" else _lines(path), 1):
+    for n, line in enumerate(
+        read_texts(path, "prompts")[0].splitlines() if path.suffix != ".jsonl" else _lines(path), 1
+    ):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from lorafast_export.adapters import Adapter
 from lorafast_export.errors import UnsupportedError
-from lorafast_export.load import Adapter, ModelDir
 from lorafast_export.stagecache import cache_root
+from lorafast_export.weights import ModelDir
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class Reference:
             names.append(name)
             if ad.weight != 1.0:
                 if ad.use_dora:
-                    raise UnsupportedError(f"{ad.path}: a weighted DoRA adapter has no PEFT reference to validate "
-                                           "against; use weight 1 or --no-validate.")
+                    raise UnsupportedError(
+                        f"{ad.path}: a weighted DoRA adapter has no PEFT reference to validate "
+                        "against; use weight 1 or --no-validate."
+                    )
                 with torch.no_grad():  # scaling lora_B by the weight is exactly a weighted LoRA
                     for n, p in model.named_parameters():
                         if f"lora_B.{name}" in n or f"lora_embedding_B.{name}" in n:
@@ -61,9 +64,15 @@ class Reference:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         ids = torch.tensor([prompt], device=self.device)
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-        return out[0, len(prompt):].tolist()
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        return out[0, len(prompt) :].tolist()
 
 
 class ReferenceCache:

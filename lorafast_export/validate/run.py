@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lorafast_export.adapters import Adapter
 from lorafast_export.errors import InputError
-from lorafast_export.load import Adapter, ModelDir, sha256_file
 from lorafast_export.validate.candidates import (
     Candidate,
     decoder_candidate,
@@ -23,6 +23,7 @@ from lorafast_export.validate.candidates import (
 )
 from lorafast_export.validate.data import EvalSet, load_eval_sets, load_prompts
 from lorafast_export.validate.reference import Reference, ReferenceCache
+from lorafast_export.weights import ModelDir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +103,53 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     eval_sets = load_eval_sets(tok, specs, opts.block_size, opts.max_tokens)
     prompts = load_prompts(tok, Path(opts.prompts) if opts.prompts else None)
     progress("reference")
-    device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = (
+        "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
     if dtype != torch.float32 and device == "cpu":
-        raise InputError("validate.dtype: a half-precision reference needs a GPU (validate.device cuda); use float32.")
+        raise InputError(
+            "validate.dtype: a half-precision reference needs a GPU (validate.device cuda); use float32."
+        )
     reference = Reference(v.base, v.adapters, device, dtype)
-    cache = ReferenceCache(_input_digests(v.base, v.adapters), {"block": opts.block_size, "dtype": opts.dtype})
+    cache = ReferenceCache(
+        _input_digests(v.base, v.adapters), {"block": opts.block_size, "dtype": opts.dtype}
+    )
     infos, stages = [], []
     for es in eval_sets:
         progress(f"eval set {es.name}")
         ref_blocks = _reference_blocks(reference.logits, cache, "ref", es)
         base_blocks = _reference_blocks(reference.base_logits, cache, "base", es)
         vs_ref, vs_prev, ppl_ref, ppl_base = _compare(es, ref_blocks, base_blocks, v.candidates)
-        infos.append(EvalSetInfo(name=es.name, tokens=es.tokens, sequences=len(es.blocks), ppl_ref=ppl_ref,
-                                 ppl_base=ppl_base))
+        infos.append(
+            EvalSetInfo(
+                name=es.name, tokens=es.tokens, sequences=len(es.blocks), ppl_ref=ppl_ref, ppl_base=ppl_base
+            )
+        )
         greedy = _greedy(reference, v.candidates, prompts, opts.max_new_tokens, progress)
         prev_name = None
         for c in v.candidates:
-            stages.append(stage_result(c.name, es.name, vs_ref[c.name].result(),
-                                       vs_prev[c.name].result() if c.name in vs_prev else None, prev_name,
-                                       greedy_agreement(greedy["reference"], greedy[c.name])))
+            stages.append(
+                stage_result(
+                    c.name,
+                    es.name,
+                    vs_ref[c.name].result(),
+                    vs_prev[c.name].result() if c.name in vs_prev else None,
+                    prev_name,
+                    greedy_agreement(greedy["reference"], greedy[c.name]),
+                )
+            )
             prev_name = c.name
     layer_errors = [LayerError(**e) for e in v.layer_errors] if v.layer_errors else None
     note = next((c.note for c in v.candidates if c.name == "artifact" and c.note), None)
-    report = build_report(ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant, runtime_note=note),
-                          infos, stages, opts.gates if opts.gates is not None else DEFAULT_GATES, layer_errors,
-                          final_stage="artifact" if any(c.name == "artifact" for c in v.candidates) else None)
+    report = build_report(
+        ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant, runtime_note=note),
+        infos,
+        stages,
+        opts.gates if opts.gates is not None else DEFAULT_GATES,
+        layer_errors,
+        final_stage="artifact" if any(c.name == "artifact" for c in v.candidates) else None,
+    )
     write_reports(report, out_dir, opts.junit)
     return report
 
@@ -156,13 +178,17 @@ def write_reports(report, out_dir: Path, junit: str | None = None) -> None:
     from lorafast_export.report.junit import render_junit
     from lorafast_export.report.markdown import render_markdown
 
-    files = {"report.json": to_json(report), "report.md": render_markdown(report),
-             "report.html": render_html(report)}
+    files = {
+        "report.json": to_json(report),
+        "report.md": render_markdown(report),
+        "report.html": render_html(report),
+    }
     write_inside(out_dir, files | ({junit: render_junit(report)} if junit is not None else {}))
     append_step_summary(report)
 
 
 # ---------------------------------------------------------------------------------------------- build stage
+
 
 def build_candidates(ctx) -> list[Candidate]:
     """merged-fp32 → merged-<dtype> (if the checkpoint is not fp32) → quantized (if any) → artifact."""
@@ -186,8 +212,11 @@ def build_candidates(ctx) -> list[Candidate]:
     # Informational: the runtime at its own default precision (e.g. OpenVINO's bf16 + u8 KV cache on CPUs that
     # have bf16), so users see what the default costs. Gates apply to "artifact", not to this stage.
     if "precision" in inspect.signature(target.load).parameters:
-        cands.append(session_candidate("artifact-runtime-default",
-                                       target.load(ctx.stage_dir / "model", precision="default")))
+        cands.append(
+            session_candidate(
+                "artifact-runtime-default", target.load(ctx.stage_dir / "model", precision="default")
+            )
+        )
     return cands
 
 
@@ -222,8 +251,16 @@ def validate_build(ctx) -> dict:
     """The build's validate stage: writes reports into the staging directory; returns a summary."""
     from lorafast_export.report.markdown import render_markdown
 
-    v = ValidationInputs(ctx.base, ctx.adapters, ctx.recipe, build_candidates(ctx), ctx.recipe.name,
-                         ctx.recipe.target.name, quant_label(ctx.recipe), layer_weight_errors(ctx))
+    v = ValidationInputs(
+        ctx.base,
+        ctx.adapters,
+        ctx.recipe,
+        build_candidates(ctx),
+        ctx.recipe.name,
+        ctx.recipe.target.name,
+        quant_label(ctx.recipe),
+        layer_weight_errors(ctx),
+    )
     report = run_validation(v, ctx.stage_dir, lambda m: ctx.progress("validate", m))
     return summarize(report) | {"markdown_table": render_markdown(report)}
 
@@ -232,25 +269,32 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     """Re-validate an existing artifact against its inputs (from its manifest); reports go into the artifact."""
     import json
 
-    from lorafast_export.load import open_adapter, open_model
+    from lorafast_export.adapters import open_adapter
     from lorafast_export.merge import plan_merge
     from lorafast_export.recipe import Recipe, resolve_path
     from lorafast_export.targets.registry import require_available
+    from lorafast_export.weights import open_model
 
     man_path = artifact / "manifest.json"
     if not man_path.exists():
-        raise InputError(f"{artifact}: no manifest.json; not a lorafast-export artifact (or an unfinished one).")
+        raise InputError(
+            f"{artifact}: no manifest.json; not a lorafast-export artifact (or an unfinished one)."
+        )
     try:
         data = json.loads(man_path.read_text())["recipe"]
         if isinstance(data, dict) and isinstance(data.get("validate"), dict):
-            data["validate"].pop("junit", None)  # where this run writes JUnit is --junit's choice, not the build's
+            data["validate"].pop(
+                "junit", None
+            )  # where this run writes JUnit is --junit's choice, not the build's
         recipe = Recipe.from_dict(data, str(man_path))
     except (json.JSONDecodeError, KeyError):
         raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.") from None
     recipe = recipe.with_overrides(overrides) if overrides else recipe
     base = open_model(resolve_path(recipe.inputs.base), recipe.inputs.allow_pickle)
-    adapters = [open_adapter(f"{resolve_path(a.path)}:{a.weight}", recipe.inputs.allow_pickle, a.overrides())
-                for a in recipe.inputs.adapters]
+    adapters = [
+        open_adapter(f"{resolve_path(a.path)}:{a.weight}", recipe.inputs.allow_pickle, a.overrides())
+        for a in recipe.inputs.adapters
+    ]
     session = require_available(recipe.target.name).load(artifact / "model")
     cands = [merged_fp32_candidate(plan_merge(base, adapters)), session_candidate("artifact", session)]
     v = ValidationInputs(base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe))
@@ -259,7 +303,16 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
 
 def summarize(report) -> dict:
     final = [s for s in report.stages if s.name == report.stages[-1].name]
-    return {"passed": report.passed,
-            "summary": {s.eval_set: {"kl_mean": s.kl_mean, "top1": s.top1, "ppl_ratio": s.ppl_ratio,
-                                     "greedy_match": s.greedy_match} for s in final},
-            "gates": [{"expr": g.expr, "value": g.value, "passed": g.passed} for g in report.gates]}
+    return {
+        "passed": report.passed,
+        "summary": {
+            s.eval_set: {
+                "kl_mean": s.kl_mean,
+                "top1": s.top1,
+                "ppl_ratio": s.ppl_ratio,
+                "greedy_match": s.greedy_match,
+            }
+            for s in final
+        },
+        "gates": [{"expr": g.expr, "value": g.value, "passed": g.passed} for g in report.gates],
+    }

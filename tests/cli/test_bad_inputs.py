@@ -53,8 +53,9 @@ def corrupt(kind):
             st.write_bytes(struct.pack("<Q", 10**12) + data[8:])
         elif kind == "garbage-json":
             n = struct.unpack("<Q", data[:8])[0]
-            st.write_bytes(data[:8] + b"{" * n + data[8 + n:])
+            st.write_bytes(data[:8] + b"{" * n + data[8 + n :])
         return ["--base", base, "--adapter", good / "ad"]
+
     return f
 
 
@@ -63,6 +64,7 @@ def missing_file(name):
         base = copy(good, tmp_path, "base")
         (base / name).unlink()
         return ["--base", base, "--adapter", good / "ad"]
+
     return f
 
 
@@ -71,6 +73,7 @@ def config_edit(**changes):
         base = copy(good, tmp_path, "base")
         edit_json(base / "config.json", **changes)
         return ["--base", base, "--adapter", good / "ad"]
+
     return f
 
 
@@ -79,6 +82,7 @@ def adapter_config_edit(**changes):
         ad = copy(good, tmp_path, "ad")
         edit_json(ad / "adapter_config.json", **changes)
         return ["--base", good / "base", "--adapter", ad]
+
     return f
 
 
@@ -90,7 +94,13 @@ def nan_in(which):
         key = next(k for k in sd if ("q_proj" in k and ("lora_A" in k or which == "base")))
         sd[key][0, 0] = float("nan")
         save_file(sd, d / fname, metadata={"format": "pt"})
-        return ["--base", d if which == "base" else good / "base", "--adapter", d if which == "ad" else good / "ad"]
+        return [
+            "--base",
+            d if which == "base" else good / "base",
+            "--adapter",
+            d if which == "ad" else good / "ad",
+        ]
+
     return f
 
 
@@ -137,12 +147,14 @@ def recipe_file(text):
         p = tmp_path / "r.yaml"
         p.write_text(text.replace("BASE", str(good / "base")).replace("AD", str(good / "ad")))
         return ["--recipe", p]
+
     return f
 
 
 def flags(*extra):
     def f(good, tmp_path):
         return ["--base", good / "base", "--adapter", good / "ad", *extra]
+
     return f
 
 
@@ -173,15 +185,31 @@ def out_holds_input(good, tmp_path):
 def recipe_out_is_input(good, tmp_path):
     ad = shutil.copytree(good / "ad", tmp_path / "ad")
     p = tmp_path / "r.yaml"
-    p.write_text(f"version: 1\ninputs: {{base: {good / 'base'}, adapters: [{{path: {ad}}}]}}\n"
-                 f"output: {{dir: {ad}, force: true}}\n")
-    return ["--recipe", p, "--out", ad]  # the flag repeats the recipe's dir (the harness adds --out otherwise)
+    p.write_text(
+        f"version: 1\ninputs: {{base: {good / 'base'}, adapters: [{{path: {ad}}}]}}\n"
+        f"output: {{dir: {ad}, force: true}}\n"
+    )
+    return [
+        "--recipe",
+        p,
+        "--out",
+        ad,
+    ]  # the flag repeats the recipe's dir (the harness adds --out otherwise)
 
 
 def eval_file(content: bytes, name="e.txt"):
     def f(good, tmp_path):
         (tmp_path / name).write_bytes(content)
-        return ["--base", good / "base", "--adapter", good / "ad", "--eval", f"e={tmp_path / name}", "VALIDATE"]
+        return [
+            "--base",
+            good / "base",
+            "--adapter",
+            good / "ad",
+            "--eval",
+            f"e={tmp_path / name}",
+            "VALIDATE",
+        ]
+
     return f
 
 
@@ -199,13 +227,25 @@ def runtime_missing(good, tmp_path):
 
 
 CASES = {
-    "base-dir-missing": (lambda g, t: ["--base", t / "nope", "--adapter", g / "ad"], "base model directory not found"),
-    "adapter-dir-missing": (lambda g, t: ["--base", g / "base", "--adapter", t / "nope"], "adapter directory not found"),
+    "base-dir-missing": (
+        lambda g, t: ["--base", t / "nope", "--adapter", g / "ad"],
+        "base model directory not found",
+    ),
+    "adapter-dir-missing": (
+        lambda g, t: ["--base", g / "base", "--adapter", t / "nope"],
+        "adapter directory not found",
+    ),
     "config-missing": (missing_file("config.json"), "config.json: not found"),
     "config-not-json": (config_not_json, "not valid JSON"),
     "config-lacks-fields": (config_edit(hidden_size=None), "hidden_size"),
-    "config-unsupported-arch": (config_edit(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "Supported families"),
-    "config-dynamic-rope": (config_edit(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "rope type"),
+    "config-unsupported-arch": (
+        config_edit(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+        "Supported families",
+    ),
+    "config-dynamic-rope": (
+        config_edit(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+        "rope type",
+    ),
     "weights-missing": (missing_file("model.safetensors"), "no model weights found"),
     "safetensors-empty": (corrupt("empty"), "file is empty"),
     "safetensors-truncated": (corrupt("truncated"), "truncated"),
@@ -215,15 +255,24 @@ CASES = {
     "nan-in-base": (nan_in("base"), "NaN/Inf"),
     "nan-in-adapter": (nan_in("ad"), "NaN/Inf"),
     "pickle-refused": (pickle_base, "--allow-pickle"),
-    "adapter-config-missing": (missing_file_adapter := (lambda g, t: (shutil.copytree(g / "ad", t / "ad"),
-                                                                        (t / "ad" / "adapter_config.json").unlink(),
-                                                                        ["--base", g / "base", "--adapter", t / "ad"])[-1]),
-                               "no adapter_config.json"),
+    "adapter-config-missing": (
+        missing_file_adapter := (
+            lambda g, t: (
+                shutil.copytree(g / "ad", t / "ad"),
+                (t / "ad" / "adapter_config.json").unlink(),
+                ["--base", g / "base", "--adapter", t / "ad"],
+            )[-1]
+        ),
+        "no adapter_config.json",
+    ),
     "peft-type-loha": (adapter_config_edit(peft_type="LOHA"), "LoHa"),
     "peft-type-ia3": (adapter_config_edit(peft_type="IA3"), "not supported"),
     "adapter-bad-alpha": (adapter_config_edit(lora_alpha="big"), "lora_alpha"),
     "adapter-rank-mismatch": (adapter_config_edit(r=7), "r=7"),
-    "adapter-other-model-shapes": (lambda g, t: ["--base", g / "base", "--adapter", g / "other"], "lora_A is"),
+    "adapter-other-model-shapes": (
+        lambda g, t: ["--base", g / "base", "--adapter", g / "other"],
+        "lora_A is",
+    ),
     "adapter-other-vocab": (lambda g, t: ["--base", g / "base", "--adapter", g / "other_emb"], "vocab"),
     "adapter-module-missing": (adapter_module_renamed, "qkv_proj"),
     "adapter-half-lora": (half_lora, "only one of lora_A/lora_B"),
@@ -243,33 +292,53 @@ CASES = {
     "eval-not-utf8": (eval_file(b"caf\xe9 \xff\xfe"), "not UTF-8"),
     "eval-too-short": (eval_file(b"tiny"), "fewer than one block"),
     "eval-jsonl-no-text": (eval_file(b'{"body": "x"}\n', "e.jsonl"), "'text' field"),
-    "eval-missing": (lambda g, t: ["--base", g / "base", "--adapter", g / "ad", "--eval", f"e={t / 'no.txt'}",
-                                   "VALIDATE"], "eval file not found"),
+    "eval-missing": (
+        lambda g, t: ["--base", g / "base", "--adapter", g / "ad", "--eval", f"e={t / 'no.txt'}", "VALIDATE"],
+        "eval file not found",
+    ),
     "runtime-not-installed": (runtime_missing, "pip install 'lorafast-export[openvino]'"),
     # issue #9: what the build writes stays inside the output directory, which never holds an input
     "out-holds-an-input": (out_holds_input, "holds the input inputs.base"),
     "recipe-out-is-an-input": (recipe_out_is_input, "is or holds the input inputs.adapters[0].path"),
     "junit-absolute": (flags("--junit", "/tmp/junit.xml"), "validate.junit: '/tmp/junit.xml' is absolute"),
     "junit-climbs-out": (flags("--junit", "../junit.xml"), "give a path relative to output.dir"),
-    "recipe-junit-climbs-out": (recipe_file("version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
-                                            "validate: {junit: reports/../../junit.xml}\n"),
-                                "validate.junit: 'reports/../../junit.xml' climbs out with '..'"),
+    "recipe-junit-climbs-out": (
+        recipe_file(
+            "version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
+            "validate: {junit: reports/../../junit.xml}\n"
+        ),
+        "validate.junit: 'reports/../../junit.xml' climbs out with '..'",
+    ),
     "junit-overwrites-the-manifest": (flags("--junit", "manifest.json"), "is a name the build writes itself"),
     "matrix-value-is-a-path": (flags("--matrix", "target=../../x"), "target values are plain names"),
     "matrix-value-not-an-int": (flags("--matrix", "group_size=big"), "group_size values are integers"),
     # target limits the recipe shows are refused before any work, with the fix
-    "recipe-ort-group-size": (recipe_file("version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
-                                          "quant: {method: rtn, group_size: 8}\ntarget: {name: onnxruntime}\n"),
-                              "quant.group_size: 8 is not possible with target onnxruntime"),
-    "flag-ort-group-size": (flags("--target", "onnxruntime", "--quant", "awq", "--group-size", "8"),
-                            "multiple of 16 (32, 64, 128) or -1"),
-    "flag-ort-unknown-option": (flags("--target", "onnxruntime", "--target-option", "threads=2"),
-                                "target.options: unknown option 'threads'"),
-    "recipe-openvino-dtype": (recipe_file("version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
-                                          "target: {name: openvino, dtype: bfloat16}\n"), "target.dtype='bfloat16'"),
-    "matrix-combination-ort-group-size": (flags("--quant", "rtn", "--group-size", "8", "--matrix",
-                                                "target=hf,onnxruntime"),
-                                          "onnxruntime: command line / recipe: 1 problem(s):\n  - quant.group_size"),
+    "recipe-ort-group-size": (
+        recipe_file(
+            "version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
+            "quant: {method: rtn, group_size: 8}\ntarget: {name: onnxruntime}\n"
+        ),
+        "quant.group_size: 8 is not possible with target onnxruntime",
+    ),
+    "flag-ort-group-size": (
+        flags("--target", "onnxruntime", "--quant", "awq", "--group-size", "8"),
+        "multiple of 16 (32, 64, 128) or -1",
+    ),
+    "flag-ort-unknown-option": (
+        flags("--target", "onnxruntime", "--target-option", "threads=2"),
+        "target.options: unknown option 'threads'",
+    ),
+    "recipe-openvino-dtype": (
+        recipe_file(
+            "version: 1\ninputs: {base: BASE, adapters: [{path: AD}]}\n"
+            "target: {name: openvino, dtype: bfloat16}\n"
+        ),
+        "target.dtype='bfloat16'",
+    ),
+    "matrix-combination-ort-group-size": (
+        flags("--quant", "rtn", "--group-size", "8", "--matrix", "target=hf,onnxruntime"),
+        "onnxruntime: command line / recipe: 1 problem(s):\n  - quant.group_size",
+    ),
 }
 
 
@@ -300,6 +369,9 @@ def test_bad_input(good, tmp_path, case):
     assert after == before, "nothing may be left behind (and nothing of the user's removed)"
     if case in ("out-exists", "force-on-a-non-artifact"):
         assert (out / "keep.txt").read_text() == "user data"
-    kept = {"out-holds-an-input": "models/base/config.json", "recipe-out-is-an-input": "ad/adapter_config.json"}
+    kept = {
+        "out-holds-an-input": "models/base/config.json",
+        "recipe-out-is-an-input": "ad/adapter_config.json",
+    }
     if case in kept:  # the inputs inside the refused output directory are untouched
         assert (tmp_path / kept[case]).is_file()

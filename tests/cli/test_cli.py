@@ -23,7 +23,9 @@ def setup(tmp_path, **adapter_kw):
 
 def test_merge_command_is_exact(tmp_path):
     pm = setup(tmp_path, use_dora=True)
-    r = run("--quiet", "merge", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "m")
+    r = run(
+        "--quiet", "merge", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "m"
+    )
     assert r.exit_code == 0, r.output
     ids = torch.randint(0, 96, (1, 12))
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -34,8 +36,19 @@ def test_merge_command_is_exact(tmp_path):
 def test_build_hf_writes_manifest_and_model(tmp_path):
     pm = setup(tmp_path)
     out = tmp_path / "dist" / "mymodel"
-    r = run("--json", "build", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--target", "hf",
-            "--out", out, "--no-validate")
+    r = run(
+        "--json",
+        "build",
+        "--base",
+        tmp_path / "base",
+        "--adapter",
+        tmp_path / "ad",
+        "--target",
+        "hf",
+        "--out",
+        out,
+        "--no-validate",
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["artifact"] == str(out)
@@ -50,16 +63,39 @@ def test_build_hf_writes_manifest_and_model(tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
     assert (hf_logits(merged, ids) - hf_logits(pm, ids)).abs().max() < 1e-4
     # an existing artifact is not overwritten without --force
-    r2 = run("build", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", out, "--no-validate")
+    r2 = run(
+        "build", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", out, "--no-validate"
+    )
     assert r2.exit_code == 2 and "--force" in r2.output
-    r3 = run("-q", "build", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", out,
-             "--no-validate", "--force")
+    r3 = run(
+        "-q",
+        "build",
+        "--base",
+        tmp_path / "base",
+        "--adapter",
+        tmp_path / "ad",
+        "--out",
+        out,
+        "--no-validate",
+        "--force",
+    )
     assert r3.exit_code == 0, r3.output
 
 
 def test_dump_recipe_round_trips_flags(tmp_path):
-    r = run("build", "--recipe", "recipes/demo-hf.yaml", "--quant", "gptq", "--bits", "4", "--act-order",
-            "--gate", "kl_mean<=0.02", "--dump-recipe")
+    r = run(
+        "build",
+        "--recipe",
+        "recipes/demo-hf.yaml",
+        "--quant",
+        "gptq",
+        "--bits",
+        "4",
+        "--act-order",
+        "--gate",
+        "kl_mean<=0.02",
+        "--dump-recipe",
+    )
     assert r.exit_code == 0, r.output
     d = yaml.safe_load(r.output)
     assert d["quant"]["method"] == "gptq" and d["quant"]["act_order"] is True

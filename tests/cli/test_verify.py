@@ -8,7 +8,7 @@ import json
 from click.testing import CliRunner
 
 from lorafast_export.cli import main
-from lorafast_export.load import sha256_file
+from lorafast_export.weights import sha256_file
 
 
 def make_artifact(root, target="onnxruntime", decoder_file="model.onnx"):
@@ -37,7 +37,9 @@ def test_manifest_entries_must_stay_inside(tmp_path):
         man["files"].append({"path": bad, "sha256": "0" * 64})
         (art / "manifest.json").write_text(json.dumps(man))
         r = verify(art)
-        assert r.exit_code == 2 and "escapes the artifact directory" in r.output and repr(bad) in r.output, r.output
+        assert r.exit_code == 2 and "escapes the artifact directory" in r.output and repr(bad) in r.output, (
+            r.output
+        )
 
 
 def test_a_listed_file_replaced_by_a_link_out_is_refused(tmp_path):

@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from lorafast_export.load import open_adapter, open_model
+from lorafast_export.adapters import open_adapter
 from lorafast_export.merge import merge
+from lorafast_export.weights import open_model
 from tests.tiny import hf_logits, make_model, save_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,14 +35,29 @@ CASES = {
     "lora-qv": ("llama", {}, dict(target_modules=["q_proj", "v_proj"])),
     "lora-all": ("llama", {}, dict(target_modules=ALL)),
     "rslora": ("llama", {}, dict(target_modules=ALL, use_rslora=True, r=8, lora_alpha=4)),
-    "patterns": ("llama", {}, dict(target_modules=ALL, rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
-                                   alpha_pattern={"v_proj": 3, "o_proj": 20})),
-    "regex-targets": ("llama", {}, dict(target_modules=r".*\.layers\.[01]\.(self_attn\.(q|k)_proj|mlp\.up_proj)")),
+    "patterns": (
+        "llama",
+        {},
+        dict(
+            target_modules=ALL,
+            rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+            alpha_pattern={"v_proj": 3, "o_proj": 20},
+        ),
+    ),
+    "regex-targets": (
+        "llama",
+        {},
+        dict(target_modules=r".*\.layers\.[01]\.(self_attn\.(q|k)_proj|mlp\.up_proj)"),
+    ),
     "layers-to-transform": ("llama", {"layers": 3}, dict(target_modules=ALL, layers_to_transform=[0, 2])),
     "dora": ("llama", {}, dict(target_modules=ALL, use_dora=True)),
     "dora-mistral": ("mistral", {}, dict(target_modules=ALL, use_dora=True)),
     "qwen2-bias": ("qwen2", {}, dict(target_modules=ALL)),
-    "qwen2-dora": ("qwen2", {}, dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], use_dora=True)),
+    "qwen2-dora": (
+        "qwen2",
+        {},
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], use_dora=True),
+    ),
     "embedding": ("llama", {}, dict(target_modules=["embed_tokens", "q_proj"])),
     "embedding-tied": ("llama", {"tie": True}, dict(target_modules=["embed_tokens", "v_proj"])),
     "modules-to-save": ("llama", {}, dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
@@ -83,8 +99,11 @@ def test_weighted_adapters_match_peft_multi_adapter(tmp_path):
     pm.base_model.set_adapter(["a", "b"])
     ids = torch.randint(0, 96, (2, 20))
     ref = hf_logits(pm, ids)
-    merge(open_model(tmp_path / "base"), [open_adapter(f"{tmp_path / 'a'}:0.7"), open_adapter(f"{tmp_path / 'b'}:0.3")],
-          tmp_path / "out")
+    merge(
+        open_model(tmp_path / "base"),
+        [open_adapter(f"{tmp_path / 'a'}:0.7"), open_adapter(f"{tmp_path / 'b'}:0.3")],
+        tmp_path / "out",
+    )
     ours = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids)
     assert (ours - ref).abs().max().item() < 1e-4
 
@@ -99,8 +118,11 @@ def test_lora_plus_dora_match_peft_both_active(tmp_path):
     pm.base_model.set_adapter(["a", "b"])
     ids = torch.randint(0, 96, (2, 20))
     ref = hf_logits(pm, ids)
-    merge(open_model(tmp_path / "base"), [open_adapter(str(tmp_path / "a")), open_adapter(str(tmp_path / "b"))],
-          tmp_path / "out")
+    merge(
+        open_model(tmp_path / "base"),
+        [open_adapter(str(tmp_path / "a")), open_adapter(str(tmp_path / "b"))],
+        tmp_path / "out",
+    )
     ours = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids)
     assert (ours - ref).abs().max().item() < 1e-4
 

@@ -1,15 +1,26 @@
 import pytest
 import torch
 
-from lorafast_export.load import open_model
 from lorafast_export.model.decoder import load_decoder
+from lorafast_export.weights import open_model
 from tests.tiny import hf_logits, make_model, save_model
 
 CASES = [
     ("llama", {}),
     ("llama", {"tie": True}),
-    ("llama", {"rope": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    (
+        "llama",
+        {
+            "rope": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
     ("llama", {"rope": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
     ("llama", {"kv_heads": 4}),
     ("mistral", {"sliding_window": 8}),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lorafast_export.load import open_model
 from lorafast_export.model.decoder import load_decoder
+from lorafast_export.weights import open_model
 from tests.tiny import make_model, save_model
 
 WORDS = [f"w{i}" for i in range(90)]

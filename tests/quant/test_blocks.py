@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lorafast_export.load import open_model
 from lorafast_export.model.decoder import DecoderLayer, Rotary, causal_mask
 from lorafast_export.quant.blocks import LAYER_GROUPS, Block, causal_kernel, compute_dtype
+from lorafast_export.weights import open_model
 from tests.quant.pipeline_helpers import tiny_checkpoint
 
 

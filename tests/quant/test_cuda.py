@@ -49,8 +49,10 @@ def test_awq_and_qlinear_on_cuda():
     assert layer(x.half()).dtype == torch.float16
 
 
-@pytest.mark.parametrize("out,in_,group_size,symmetric,act_order", [
-    (300, 256, 128, True, False), (64, 200, 32, False, True), (50, 96, -1, False, False)])
+@pytest.mark.parametrize(
+    "out,in_,group_size,symmetric,act_order",
+    [(300, 256, 128, True, False), (64, 200, 32, False, True), (50, 96, -1, False, False)],
+)
 def test_triton_column_sweep_equals_the_torch_loop(monkeypatch, out, in_, group_size, symmetric, act_order):
     from lorafast_export.quant import gptq
 
@@ -68,13 +70,15 @@ def test_triton_column_sweep_equals_the_torch_loop(monkeypatch, out, in_, group_
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_bf16_cuda_walk_is_as_accurate_as_the_cpu_walk(tmp_path, method):
     from lorafast_export.model.quantized import fake_quant_decoder
-    from lorafast_export.quant.pipeline import quantize_checkpoint
+    from lorafast_export.quant.walk import quantize_checkpoint
     from tests.quant.pipeline_helpers import mean_kl, random_ids, tiny_checkpoint
 
     merged = tiny_checkpoint(tmp_path / "m", "llama", outliers=True)
     calib, held = random_ids(16, 64, seed=0), random_ids(4, 64, seed=1)
     kl = {}
     for device in ("cpu", "cuda"):
-        qm = quantize_checkpoint(merged, {"method": method, "group_size": 32, "device": device}, calib_ids=calib)
+        qm = quantize_checkpoint(
+            merged, {"method": method, "group_size": 32, "device": device}, calib_ids=calib
+        )
         kl[device] = mean_kl(merged, fake_quant_decoder(qm).cpu(), held)
     assert kl["cuda"] < 1.25 * kl["cpu"] + 1e-3, kl

@@ -18,9 +18,9 @@ from lorafast_export.quant.formats import (
     unpack_compressed_tensors,
     unpack_gptq,
 )
-from lorafast_export.quant.pipeline import quantize_checkpoint
+from lorafast_export.quant.walk import quantize_checkpoint
 from lorafast_export.recipe import Recipe
-from lorafast_export.targets.hf import HFTarget
+from lorafast_export.targets.hf.target import HFTarget
 from lorafast_export.targets.registry import LowerInput
 from tests.quant.pipeline_helpers import random_ids, tiny_checkpoint
 
@@ -41,8 +41,11 @@ def export(merged, out, method: str, hf_format: str = "auto", **quant):
 
 
 def unpack(out, qcfg: dict, module: str):
-    tensors = {k.removeprefix(module + "."): v for k, v in load_file(out / "model.safetensors").items()
-               if k.startswith(module + ".")}
+    tensors = {
+        k.removeprefix(module + "."): v
+        for k, v in load_file(out / "model.safetensors").items()
+        if k.startswith(module + ".")
+    }
     if qcfg["quant_method"] == "gptq":
         return unpack_gptq(tensors, qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["checkpoint_format"])
     if qcfg["quant_method"] == "awq":
@@ -85,14 +88,17 @@ def test_checkpoint_round_trips_to_the_same_codes(merged, tmp_path, method, hf_f
     assert (tmp_path / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize(("method", "quant", "hf_format", "message"), [
-    ("gptq", {"group_size": 32, "act_order": True}, "awq", "act-order"),
-    ("rtn", {"group_size": -1}, "awq", "per-channel"),
-    ("rtn", {"bits": 8, "group_size": 32}, "awq", "4-bit"),
-    ("gptq", {"group_size": 32, "act_order": True}, "compressed-tensors", "act-order"),
-    ("int8", {}, "gptq", "float16"),
-    ("rtn", {"group_size": 256}, "compressed-tensors", "multiple of group_size"),  # 256 > in_features
-])
+@pytest.mark.parametrize(
+    ("method", "quant", "hf_format", "message"),
+    [
+        ("gptq", {"group_size": 32, "act_order": True}, "awq", "act-order"),
+        ("rtn", {"group_size": -1}, "awq", "per-channel"),
+        ("rtn", {"bits": 8, "group_size": 32}, "awq", "4-bit"),
+        ("gptq", {"group_size": 32, "act_order": True}, "compressed-tensors", "act-order"),
+        ("int8", {}, "gptq", "float16"),
+        ("rtn", {"group_size": 256}, "compressed-tensors", "multiple of group_size"),  # 256 > in_features
+    ],
+)
 def test_impossible_combinations_are_refused(merged, tmp_path, method, quant, hf_format, message):
     with pytest.raises(InputError, match=message):
         export(merged, tmp_path, method, hf_format, **quant)
@@ -133,7 +139,9 @@ def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tm
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_w8a8_checkpoint_says_how_transformers_rounds_activations(merged, tmp_path, monkeypatch):
@@ -151,7 +159,7 @@ def test_w8a8_checkpoint_says_how_transformers_rounds_activations(merged, tmp_pa
     qm, facts = export(merged, tmp_path, "smoothquant", "compressed-tensors")
     assert "absmax/127.5" in " ".join(facts["loader_notes"])
     assert checkpoint_loader_notes(tmp_path) == facts["loader_notes"]
-    from lorafast_export.targets.hf import HFSession
+    from lorafast_export.targets.hf.target import HFSession
 
     assert HFSession(tmp_path).runtime_note == " ".join(facts["loader_notes"])  # reaches the report's note
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -170,12 +178,18 @@ def test_weight_only_checkpoints_have_no_loader_notes(merged, tmp_path):
     assert checkpoint_loader_notes(merged) == []  # not quantized at all
 
 
-@pytest.mark.parametrize("fmt,quant", [("gptq", {"group_size": 32, "act_order": True}), ("awq", {"group_size": 32}),
-                                       ("compressed-tensors", {"group_size": 32})])
+@pytest.mark.parametrize(
+    "fmt,quant",
+    [
+        ("gptq", {"group_size": 32, "act_order": True}),
+        ("awq", {"group_size": 32}),
+        ("compressed-tensors", {"group_size": 32}),
+    ],
+)
 def test_reader_session_reproduces_the_fake_quant_model(merged, tmp_path, fmt, quant):
     """Without GPTQModel, hf artifacts are validated by reading the written files back: same logits as fake-quant."""
     from lorafast_export.model.quantized import fake_quant_decoder
-    from lorafast_export.targets.hf import QuantizedReaderSession
+    from lorafast_export.targets.hf.target import QuantizedReaderSession
 
     method = "gptq" if fmt != "awq" else "awq"
     qm, _ = export(merged, tmp_path / "model", method, fmt, **quant)

@@ -267,7 +267,9 @@ def test_ct_activation_rounding_matches_compressed_tensors_when_installed():
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
-    group = compressed_tensors_config(QScheme(8, -1, True, act_quant="int8_per_token_dynamic"))["config_groups"]
+    group = compressed_tensors_config(QScheme(8, -1, True, act_quant="int8_per_token_dynamic"))[
+        "config_groups"
+    ]
     args = ct.QuantizationArgs.model_validate(group["group_0"]["input_activations"])
     x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 9, 48)
     x[0, 3] = 0.0  # an all-zero token

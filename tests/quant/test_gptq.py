@@ -84,17 +84,24 @@ def test_gptq_beats_rtn_on_correlated_inputs(symmetric, group_size, act_order):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("symmetric,group_size,block_size", [(True, 16, 32), (False, 32, 128), (False, -1, 16)])
-def test_linears_sharing_one_hessian_solve_as_one_stacked_matrix(act_order, symmetric, group_size, block_size):
+@pytest.mark.parametrize(
+    "symmetric,group_size,block_size", [(True, 16, 32), (False, 32, 128), (False, -1, 16)]
+)
+def test_linears_sharing_one_hessian_solve_as_one_stacked_matrix(
+    act_order, symmetric, group_size, block_size
+):
     """q/k/v (and gate/up) see one input, so one H: GPTQ on their stacked rows is GPTQ on each, bit for bit."""
     _, _, H = toy_layer(seed=6)
     g = torch.Generator().manual_seed(7)
     ws = [torch.randn(n, 64, generator=g) * 0.1 for n in (32, 8, 8)]  # q, k, v of a GQA layer
     biases = [torch.randn(32, generator=g), None, torch.randn(8, generator=g)]
-    stacked = gptq_quantize_many(ws, H, 4, group_size, symmetric, act_order, block_size=block_size, biases=biases)
+    stacked = gptq_quantize_many(
+        ws, H, 4, group_size, symmetric, act_order, block_size=block_size, biases=biases
+    )
     for w, b, qt in zip(ws, biases, stacked, strict=True):
-        assert_same_qtensor(qt, gptq_quantize(w, H, 4, group_size, symmetric, act_order, block_size=block_size,
-                                              bias=b))
+        assert_same_qtensor(
+            qt, gptq_quantize(w, H, 4, group_size, symmetric, act_order, block_size=block_size, bias=b)
+        )
     assert len({qt.codes.untyped_storage().data_ptr() for qt in stacked}) == 3  # each owns its tensors
 
 

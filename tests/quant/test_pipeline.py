@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.load import open_model
 from lorafast_export.model.decoder import build_decoder, load_decoder
 from lorafast_export.model.quantized import fake_quant_decoder, load_quantized, save_quantized
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, linear_module_names
 from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, dequantize, fake_quant_int8_per_token
 from lorafast_export.quant.calib import load_calibration
-from lorafast_export.quant.pipeline import METHODS, quantize_checkpoint
+from lorafast_export.quant.walk import METHODS, quantize_checkpoint
 from lorafast_export.recipe import QUANT_METHODS, CalibOptions
+from lorafast_export.weights import open_model
 from tests.quant.pipeline_helpers import mean_kl, random_ids, tiny_checkpoint, word_text
 
 METHOD_SETTINGS = {
@@ -65,7 +65,9 @@ def test_every_method_end_to_end(models, family, method):
     cfg = qm.config
     assert set(qm.q) == {n for i in range(cfg.num_layers) for n in linear_module_names(i)}
     assert {EMBED, FINAL_NORM, LM_HEAD} <= set(qm.fp)
-    assert not any(k.endswith("_proj.weight") or k.endswith("_proj.bias") for k in qm.fp)  # biases live in QTensor
+    assert not any(
+        k.endswith("_proj.weight") or k.endswith("_proj.bias") for k in qm.fp
+    )  # biases live in QTensor
     if family == "qwen2":
         assert qm.q["model.layers.0.self_attn.q_proj"].bias is not None
     dec = fake_quant_decoder(qm)
@@ -73,8 +75,9 @@ def test_every_method_end_to_end(models, family, method):
         got, want = dec(HELD_OUT)[0], dequantized_decoder(qm)(HELD_OUT)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert mean_kl(models[family], dec, HELD_OUT) < (0.05 if method in ("int8", "smoothquant") else 1.0)
-    assert qm.settings["method"] == method and qm.settings["calib_tokens"] == (0 if method in ("rtn", "int8")
-                                                                                 else CALIB.numel())
+    assert qm.settings["method"] == method and qm.settings["calib_tokens"] == (
+        0 if method in ("rtn", "int8") else CALIB.numel()
+    )
 
 
 def test_gptq_and_awq_beat_rtn_on_outlier_activations(models):
@@ -82,7 +85,9 @@ def test_gptq_and_awq_beat_rtn_on_outlier_activations(models):
     calib, held = random_ids(32, 32, seed=10), random_ids(8, 32, seed=11)
     kl = {}
     for method in ("rtn", "gptq", "awq"):
-        qm = quantize_checkpoint(merged, {"method": method, "group_size": 32, "symmetric": False}, calib_ids=calib)
+        qm = quantize_checkpoint(
+            merged, {"method": method, "group_size": 32, "symmetric": False}, calib_ids=calib
+        )
         kl[method] = mean_kl(merged, fake_quant_decoder(qm), held)
     assert kl["gptq"] < 0.95 * kl["rtn"], kl
     assert kl["awq"] < 0.8 * kl["rtn"], kl
@@ -91,8 +96,14 @@ def test_gptq_and_awq_beat_rtn_on_outlier_activations(models):
 @pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
 def test_layer_inputs_come_from_the_quantized_layers_before(models, method):
     seen: dict[int, torch.Tensor] = {}
-    settings = {"method": method, "device": "cpu", **METHOD_SETTINGS[method]}  # exact float32 comparison below
-    qm = quantize_checkpoint(models["llama"], settings, calib_ids=CALIB, observe=lambda i, x: seen.__setitem__(i, x.clone()))
+    settings = {
+        "method": method,
+        "device": "cpu",
+        **METHOD_SETTINGS[method],
+    }  # exact float32 comparison below
+    qm = quantize_checkpoint(
+        models["llama"], settings, calib_ids=CALIB, observe=lambda i, x: seen.__setitem__(i, x.clone())
+    )
     outs = {}
     for name, dec in (("quant", fake_quant_decoder(qm)), ("fp", load_decoder(open_model(models["llama"])))):
         dec.model.layers[0].register_forward_hook(lambda m, a, out, name=name: outs.__setitem__(name, out[0]))
@@ -108,21 +119,25 @@ def test_smoothing_scales_are_folded_into_the_previous_ops(models):
     qm = quantize_checkpoint(merged, {"method": "smoothquant"}, calib_ids=CALIB)
     p = "model.layers.0."
     assert not torch.equal(qm.fp[p + "input_layernorm.weight"], fp.get(p + "input_layernorm.weight"))
-    scaled = {n.rsplit(".", 1)[-1] for n, qt in qm.q.items() if n.startswith(p) and qt.input_scale is not None}
+    scaled = {
+        n.rsplit(".", 1)[-1] for n, qt in qm.q.items() if n.startswith(p) and qt.input_scale is not None
+    }
     assert scaled == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(qt.act_quant == ACT_QUANT_INT8_PER_TOKEN for qt in qm.q.values())
     # AWQ folds v_proj → o_proj only without grouped-query attention
     gqa = quantize_checkpoint(merged, {"method": "awq", "group_size": 32, "awq_clip": False}, calib_ids=CALIB)
-    mha = quantize_checkpoint(models["outliers"], {"method": "awq", "group_size": 32, "awq_clip": False},
-                              calib_ids=CALIB)
+    mha = quantize_checkpoint(
+        models["outliers"], {"method": "awq", "group_size": 32, "awq_clip": False}, calib_ids=CALIB
+    )
     assert gqa.q[p + "self_attn.o_proj"].input_scale is None
     assert mha.q[p + "self_attn.o_proj"].input_scale is not None
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 def test_quantize_lm_head(models, method):
-    qm = quantize_checkpoint(models["llama"], {"method": method, "group_size": 32, "quantize_lm_head": True},
-                             calib_ids=CALIB)
+    qm = quantize_checkpoint(
+        models["llama"], {"method": method, "group_size": 32, "quantize_lm_head": True}, calib_ids=CALIB
+    )
     assert "lm_head" in qm.q and LM_HEAD not in qm.fp and FINAL_NORM in qm.fp
     with torch.no_grad():
         torch.testing.assert_close(fake_quant_decoder(qm)(HELD_OUT)[0], dequantized_decoder(qm)(HELD_OUT)[0])
@@ -143,8 +158,10 @@ def test_calibration_from_text_and_jsonl_files(models, tmp_path):
     a, b = load_calibration(models["llama"], opts), load_calibration(models["llama"], opts)
     assert a.shape == (6, 32) and torch.equal(a, b)
     assert not torch.equal(a, load_calibration(models["llama"], opts.model_copy(update={"seed": 1})))
-    qm = quantize_checkpoint(models["llama"], {"method": "gptq", "group_size": 32,
-                                               "calib": {"files": [str(txt)], "samples": 4, "seq_len": 32}})
+    qm = quantize_checkpoint(
+        models["llama"],
+        {"method": "gptq", "group_size": 32, "calib": {"files": [str(txt)], "samples": 4, "seq_len": 32}},
+    )
     assert qm.settings["calib_tokens"] == 4 * 32
 
 
@@ -152,8 +169,9 @@ def test_too_little_calibration_data_says_how_much_is_needed(models, tmp_path):
     f = tmp_path / "short.txt"
     f.write_text(word_text(100))
     with pytest.raises(InputError, match=r"need 640 tokens, but only 100 were found"):
-        quantize_checkpoint(models["llama"], {"method": "gptq", "calib": {"files": [str(f)], "samples": 5,
-                                                                         "seq_len": 128}})
+        quantize_checkpoint(
+            models["llama"], {"method": "gptq", "calib": {"files": [str(f)], "samples": 5, "seq_len": 128}}
+        )
 
 
 def test_data_free_methods_need_no_calibration_data(models):
@@ -166,7 +184,9 @@ def test_data_free_methods_need_no_calibration_data(models):
 
 def test_bad_settings_fail_before_any_work(models):
     with pytest.raises(InputError, match="untie"):
-        quantize_checkpoint(models["tied"], {"method": "gptq", "quantize_lm_head": True}, calib_ids=CALIB + 1000)
+        quantize_checkpoint(
+            models["tied"], {"method": "gptq", "quantize_lm_head": True}, calib_ids=CALIB + 1000
+        )
     with pytest.raises(InputError, match="vocab_size"):
         quantize_checkpoint(models["llama"], {"method": "gptq"}, calib_ids=CALIB + 1000)
 
@@ -181,7 +201,9 @@ def test_awq_searches_where_groups_are_ragged(tmp_path):
     assert not any("no scale search" in n for n in qm.settings["notes"])
     rtn = quantize_checkpoint(merged, {"method": "rtn", "group_size": 64}, calib_ids=CALIB)
     with torch.no_grad():
-        assert mean_kl(merged, fake_quant_decoder(qm), HELD_OUT) < mean_kl(merged, fake_quant_decoder(rtn), HELD_OUT)
+        assert mean_kl(merged, fake_quant_decoder(qm), HELD_OUT) < mean_kl(
+            merged, fake_quant_decoder(rtn), HELD_OUT
+        )
 
 
 def test_save_and_load_quantized_round_trip(models, tmp_path):
@@ -196,8 +218,10 @@ def test_save_and_load_quantized_round_trip(models, tmp_path):
 
 def _qtensor_fields_equal(a, b) -> bool:
     fields = ("codes", "scales", "zeros", "g_idx", "bias", "input_scale")
-    return all((getattr(a, f) is None and getattr(b, f) is None) or torch.equal(getattr(a, f), getattr(b, f))
-               for f in fields) and (a.bits, a.group_size, a.act_quant) == (b.bits, b.group_size, b.act_quant)
+    return all(
+        (getattr(a, f) is None and getattr(b, f) is None) or torch.equal(getattr(a, f), getattr(b, f))
+        for f in fields
+    ) and (a.bits, a.group_size, a.act_quant) == (b.bits, b.group_size, b.act_quant)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -212,8 +236,9 @@ def test_spilled_walk_equals_the_in_memory_walk(models, tmp_path, method):
     assert all(_qtensor_fields_equal(lazy.q[n], ref.q[n]) for n in ref.q)
     assert all(torch.equal(lazy.fp[n], ref.fp[n]) for n in ref.fp)
     assert "model.layers.0.self_attn.q_proj" in lazy.q and "nope" not in lazy.q
-    assert {k: v for k, v in lazy.settings.items() if k != "time_s"} == \
-        json.loads(json.dumps({k: v for k, v in ref.settings.items() if k != "time_s"}))
+    assert {k: v for k, v in lazy.settings.items() if k != "time_s"} == json.loads(
+        json.dumps({k: v for k, v in ref.settings.items() if k != "time_s"})
+    )
 
 
 def test_load_quantized_refuses_a_part_that_is_missing(models, tmp_path):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lorafast_export.load import open_model
 from lorafast_export.model.decoder import Decoder, load_decoder
 from lorafast_export.qform import QLinear
 from lorafast_export.quant.rtn import quantize_rtn
 from lorafast_export.runtime.kv_cache import CacheConfig, PagedKVCache
-from lorafast_export.runtime.model import PagedModel, build_model
+from lorafast_export.runtime.paged import PagedModel, build_model
+from lorafast_export.weights import open_model
 from tests.tiny import make_model, save_model
 
 
@@ -40,11 +40,19 @@ def fake_quant_decoder(md, q) -> Decoder:
     return dec
 
 
-def paged(md, fp=None, q=None, attention="gather", block_size=4, num_blocks=64, dtype=torch.float32, kernel="auto"):
+def paged(
+    md, fp=None, q=None, attention="gather", block_size=4, num_blocks=64, dtype=torch.float32, kernel="auto"
+):
     cfg = md.config
     dec, kernels = build_model(cfg, fp if fp is not None else fp_state(md), q, "cpu", dtype, kernel)
-    cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                         CacheConfig(block_size=block_size, num_blocks=num_blocks), dtype, "cpu")
+    cache = PagedKVCache(
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        dtype,
+        "cpu",
+    )
     return PagedModel(dec, cache, attention), cache
 
 

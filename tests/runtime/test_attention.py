@@ -15,7 +15,7 @@ def scattered_pool(lengths, hkv=2, d=8, bs=4, seed=0):
     tables, dense = torch.zeros(len(lengths), width, dtype=torch.int32), []
     for i, n in enumerate(lengths):
         blocks = [free.pop() for _ in range(-(-n // bs))]
-        tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         idx = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
         dense.append((k_pool[:, idx], v_pool[:, idx]))
     return k_pool, v_pool, tables, torch.tensor(lengths), dense
@@ -26,7 +26,7 @@ def reference(q, dense, window=None):
     for i, (k, v) in enumerate(dense):
         if window is not None:
             k, v = k[:, -window:], v[:, -window:]
-        outs.append(F.scaled_dot_product_attention(q[i:i + 1], k[None], v[None], enable_gqa=True))
+        outs.append(F.scaled_dot_product_attention(q[i : i + 1], k[None], v[None], enable_gqa=True))
     return torch.cat(outs)
 
 

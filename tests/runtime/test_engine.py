@@ -31,8 +31,15 @@ def solo(llama):
 def make_engine(md, num_blocks=64, max_batch=3, compile=False):
     pm, cache = paged(md, num_blocks=num_blocks)
     buckets = (max_batch,) if compile else (1, 2, 4)  # compiled: one batch shape and one table width,
-    return Engine(pm, cache, max_batch=max_batch, max_seq_len=64, batch_buckets=buckets, compile=compile,
-                  fixed_width=compile)  # so one CPU compile (~10 s) serves the whole test
+    return Engine(
+        pm,
+        cache,
+        max_batch=max_batch,
+        max_seq_len=64,
+        batch_buckets=buckets,
+        compile=compile,
+        fixed_width=compile,
+    )  # so one CPU compile (~10 s) serves the whole test
 
 
 def test_continuous_batch_equals_each_request_alone(llama, solo):

@@ -6,7 +6,9 @@ from lorafast_export.runtime.kv_cache import PAD_BLOCK, BlockAllocator, CacheCon
 
 
 def make_cache(num_blocks=6, block_size=4):
-    return PagedKVCache(2, 2, 8, CacheConfig(block_size=block_size, num_blocks=num_blocks), torch.float32, "cpu")
+    return PagedKVCache(
+        2, 2, 8, CacheConfig(block_size=block_size, num_blocks=num_blocks), torch.float32, "cpu"
+    )
 
 
 def test_allocator_never_hands_out_pad_block_and_reuses_freed_first():

@@ -35,7 +35,14 @@ def test_runtime_linear_matches_fake_quant(bits, group, sym, act_order, kernel, 
 def test_kernel_choice_falls_back_to_dequant():
     qt = random_qtensor(48, 96, 4, 32, True)  # in_features not a multiple of 128
     assert choose_kernel(qt, "cpu", torch.float32) == "dequant"
-    assert choose_kernel(random_qtensor(48, 256, 4, 128, True), "cpu", torch.float32, prefer="dequant") == "dequant"
-    assert choose_kernel(random_qtensor(48, 256, 4, 128, True), "cuda", torch.float32) == "dequant"  # tinygemm: bf16
+    assert (
+        choose_kernel(random_qtensor(48, 256, 4, 128, True), "cpu", torch.float32, prefer="dequant")
+        == "dequant"
+    )
+    assert (
+        choose_kernel(random_qtensor(48, 256, 4, 128, True), "cuda", torch.float32) == "dequant"
+    )  # tinygemm: bf16
     assert choose_kernel(random_qtensor(48, 256, 4, 128, True), "cuda", torch.bfloat16) == "int4_tinygemm"
-    assert choose_kernel(random_qtensor(48, 256, 8, -1, True), "cuda", torch.bfloat16) == "dequant"  # measured slow
+    assert (
+        choose_kernel(random_qtensor(48, 256, 8, -1, True), "cuda", torch.bfloat16) == "dequant"
+    )  # measured slow

@@ -18,8 +18,13 @@ def paged_logits(pm, cache, ids, prefill_len):
     for pos in range(prefill_len, len(ids)):
         cache.reserve(seq, pos + 1)
         tables = cache.block_table([seq], width=8, rows=2)
-        out = pm(torch.tensor([ids[pos], 0]), torch.tensor([pos, 0]), tables, torch.tensor([pos + 1, 1]),
-                 torch.tensor([int(cache.slots(seq, pos, pos + 1)), 0]))
+        out = pm(
+            torch.tensor([ids[pos], 0]),
+            torch.tensor([pos, 0]),
+            tables,
+            torch.tensor([pos + 1, 1]),
+            torch.tensor([int(cache.slots(seq, pos, pos + 1)), 0]),
+        )
         rows.append(out[:1])
     return torch.cat(rows)
 

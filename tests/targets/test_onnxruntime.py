@@ -17,7 +17,6 @@ onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
 from lorafast_export.errors import InputError, UnsupportedError  # noqa: E402
-from lorafast_export.load import open_model  # noqa: E402
 from lorafast_export.model.decoder import Decoder, load_decoder  # noqa: E402
 from lorafast_export.model.quantized import QuantizedModel  # noqa: E402
 from lorafast_export.model.spec import linear_module_names  # noqa: E402
@@ -25,14 +24,21 @@ from lorafast_export.qform import QLinear, QTensor, with_fields  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.quant.smoothquant import quantize_w8a8  # noqa: E402
 from lorafast_export.recipe import Recipe  # noqa: E402
-from lorafast_export.targets.onnxruntime import OrtSession  # noqa: E402
-from lorafast_export.targets.ort.nbits import unpack_codes, unpack_zero_points  # noqa: E402
+from lorafast_export.targets.onnxruntime.nbits import unpack_codes, unpack_zero_points  # noqa: E402
+from lorafast_export.targets.onnxruntime.target import OrtSession  # noqa: E402
 from lorafast_export.targets.registry import LowerInput, get_target  # noqa: E402
+from lorafast_export.weights import open_model  # noqa: E402
 from tests.tiny import hf_logits, make_model, save_model  # noqa: E402
 
 SIZE = {"hidden": 64, "intermediate_size": 96}  # head_dim 16: GroupQueryAttention needs a multiple of 16
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 FP_CASES = [
     ("llama", {}),
     ("llama", {"tie": True, "rope": LLAMA3}),
@@ -43,7 +49,9 @@ FP_CASES = [
 
 
 def recipe(**target) -> Recipe:
-    return Recipe().with_overrides({"target.name": "onnxruntime", **{f"target.{k}": v for k, v in target.items()}})
+    return Recipe().with_overrides(
+        {"target.name": "onnxruntime", **{f"target.{k}": v for k, v in target.items()}}
+    )
 
 
 def lower(tmp_path, merged, quantized=None, **target):
@@ -58,13 +66,14 @@ def greedy(dec: Decoder, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(dec(torch.tensor([seq]))[0][0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def kl(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """KL(ref ‖ out) per token, in float64."""
-    return F.kl_div(out.double().log_softmax(-1), ref.double().log_softmax(-1), log_target=True,
-                    reduction="none").sum(-1)
+    return F.kl_div(
+        out.double().log_softmax(-1), ref.double().log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
 
 
 def graph_ops(model_dir) -> dict[str, int]:
@@ -91,7 +100,7 @@ def test_fp_logits_match_decoder_and_kv_cache(tmp_path, family, kw):
     past = sess.empty_past(2)
     steps = [sess.step(ids[:, :25], past)]
     for t in range(25, 40):
-        steps.append(sess.step(ids[:, t:t + 1], steps[-1][1]))
+        steps.append(sess.step(ids[:, t : t + 1], steps[-1][1]))
     assert (torch.cat([s[0] for s in steps], 1) - out).abs().max().item() < 1e-4
     assert steps[-1][1]["past_key_values.0.key"].shape == (2, 2, 40, 16)
     # batch 1: a multi-token chunk after a cached prefix (GroupQueryAttention allows it only at batch 1)
@@ -145,7 +154,9 @@ def quantize(merged, method: str) -> QuantizedModel:
             w, b = state[f"{m}.weight"], state.get(f"{m}.bias")
             if method == "act_order":  # GPTQ-style g_idx: groups of 16 in a permuted column order,
                 # one order per input (GPTQ sorts by the input's Hessian, shared by q/k/v and by gate/up)
-                key = m.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+                key = (
+                    m.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+                )
                 perm = perms.setdefault(key, torch.randperm(w.shape[1], generator=g))
                 qt = quantize_rtn(w[:, perm], 4, 16, symmetric=False, bias=b)
                 inv = torch.argsort(perm)
@@ -153,8 +164,12 @@ def quantize(merged, method: str) -> QuantizedModel:
             elif method == "w8a8":
                 q[m] = quantize_w8a8(w, bias=b)
             else:
-                bits, group, sym = {"int4_g32_asym": (4, 32, False), "int4_g64_sym": (4, 64, True),
-                                    "int4_channel": (4, -1, False), "int8_channel": (8, -1, True)}[method]
+                bits, group, sym = {
+                    "int4_g32_asym": (4, 32, False),
+                    "int4_g64_sym": (4, 64, True),
+                    "int4_channel": (4, -1, False),
+                    "int8_channel": (8, -1, True),
+                }[method]
                 q[m] = quantize_rtn(w, bits, group, symmetric=sym, bias=b)
     fp = {k: v for k, v in state.items() if not any(k.startswith(m + ".") for m in q)}
     # a folded AWQ/SmoothQuant scale makes the norms differ from the checkpoint: the target must read .fp
@@ -178,11 +193,22 @@ def fake_quant_decoder(qm: QuantizedModel) -> Decoder:
     return dec
 
 
-QUANT_CASES = [("int4_g32_asym", True), ("int4_g32_asym", False), ("int4_g64_sym", True), ("int4_channel", True),
-               ("int8_channel", True), ("act_order", True), ("act_order", False), ("w8a8", True), ("w8a8", False)]
+QUANT_CASES = [
+    ("int4_g32_asym", True),
+    ("int4_g32_asym", False),
+    ("int4_g64_sym", True),
+    ("int4_channel", True),
+    ("int8_channel", True),
+    ("act_order", True),
+    ("act_order", False),
+    ("w8a8", True),
+    ("w8a8", False),
+]
 
 
-@pytest.mark.parametrize("method,fuse", QUANT_CASES, ids=[f"{m}-{'fused' if f else 'unfused'}" for m, f in QUANT_CASES])
+@pytest.mark.parametrize(
+    "method,fuse", QUANT_CASES, ids=[f"{m}-{'fused' if f else 'unfused'}" for m, f in QUANT_CASES]
+)
 def test_quantized_matches_fake_quant(tmp_path, method, fuse):
     merged = save_model(make_model("qwen2", **SIZE), tmp_path / "merged")
     qm = quantize(merged, method)
@@ -209,7 +235,9 @@ def test_quantized_matches_fake_quant(tmp_path, method, fuse):
     assert sess.generate(prompt, 12) == greedy(dec, prompt, 12)
 
 
-@pytest.mark.parametrize("method", ["int4_g32_asym", "int4_g64_sym", "int4_channel", "int8_channel", "act_order"])
+@pytest.mark.parametrize(
+    "method", ["int4_g32_asym", "int4_g64_sym", "int4_channel", "int8_channel", "act_order"]
+)
 def test_matmulnbits_initializers_are_the_qtensor(tmp_path, method):
     merged = save_model(make_model("llama", **SIZE, layers=1), tmp_path / "merged")
     qm = quantize(merged, method)
@@ -220,9 +248,16 @@ def test_matmulnbits_initializers_are_the_qtensor(tmp_path, method):
     producers = {o: n for n in m.graph.node for o in n.output}
     assert len(nodes) == 5  # q/k/v fused into one
     qkv = [qm.q[f"model.layers.0.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")]
-    expected = {**qm.q, "model.layers.0.self_attn.qkv_proj": with_fields(  # rows of q, k, v one after the other
-        qkv[0], codes=torch.cat([q.codes for q in qkv]), scales=torch.cat([q.scales for q in qkv]),
-        zeros=None if qkv[0].zeros is None else torch.cat([q.zeros for q in qkv]), bias=None)}
+    expected = {
+        **qm.q,
+        "model.layers.0.self_attn.qkv_proj": with_fields(  # rows of q, k, v one after the other
+            qkv[0],
+            codes=torch.cat([q.codes for q in qkv]),
+            scales=torch.cat([q.scales for q in qkv]),
+            zeros=None if qkv[0].zeros is None else torch.cat([q.zeros for q in qkv]),
+            bias=None,
+        ),
+    }
     for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         module = node.input[1].removesuffix(".qweight")
@@ -236,8 +271,15 @@ def test_matmulnbits_initializers_are_the_qtensor(tmp_path, method):
         # every block repeats its group's scale / zero: read one block per group back
         block, k_blocks = attrs["block_size"], inits[node.input[2]].shape[1]
         col = np.arange(k_blocks) * block  # first (sorted) column of each block
-        group = qt.g_idx[torch.from_numpy(perm[col])].long() if perm is not None else (
-            torch.zeros(k_blocks, dtype=torch.long) if qt.group_size == -1 else torch.from_numpy(col) // qt.group_size)
+        group = (
+            qt.g_idx[torch.from_numpy(perm[col])].long()
+            if perm is not None
+            else (
+                torch.zeros(k_blocks, dtype=torch.long)
+                if qt.group_size == -1
+                else torch.from_numpy(col) // qt.group_size
+            )
+        )
         scales = torch.from_numpy(inits[node.input[2]].copy())
         assert torch.equal(scales, qt.scales[:, group].float())  # fp16 scales → fp32 exactly
         first = np.unique(group.numpy(), return_index=True)[1]
@@ -283,7 +325,7 @@ def test_recipe_group_size_rule_agrees_with_matmulnbits(group_size):
     """The declared rule refuses exactly the group sizes ort/nbits.py cannot lay out as MatMulNBits blocks."""
     from types import SimpleNamespace
 
-    from lorafast_export.targets.ort.nbits import block_size_for
+    from lorafast_export.targets.onnxruntime.nbits import block_size_for
 
     try:
         block_size_for(SimpleNamespace(group_size=group_size, in_features=512), "w")
@@ -291,7 +333,9 @@ def test_recipe_group_size_rule_agrees_with_matmulnbits(group_size):
     except UnsupportedError:
         lowers = False
     try:
-        Recipe().with_overrides({"target.name": "onnxruntime", "quant.method": "rtn", "quant.group_size": group_size})
+        Recipe().with_overrides(
+            {"target.name": "onnxruntime", "quant.method": "rtn", "quant.group_size": group_size}
+        )
         accepted = True
     except InputError as e:
         assert "quant.group_size" in str(e) and "multiple of 16" in str(e)
@@ -303,7 +347,8 @@ def test_load_refuses_a_decoder_file_outside_the_artifact(tmp_path):
     """A tampered genai_config.json would make onnxruntime-genai open any file: refused before it does."""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "genai_config.json").write_text(
-        json.dumps({"model": {"decoder": {"filename": "/etc/passwd"}}}))
+        json.dumps({"model": {"decoder": {"filename": "/etc/passwd"}}})
+    )
     with pytest.raises(InputError, match="model.decoder.filename = '/etc/passwd' is absolute"):
         get_target("onnxruntime").load(tmp_path / "model")
 
@@ -325,12 +370,17 @@ def test_available():
     assert ok and "lorafast-export[onnxruntime]" in hint
 
 
-@pytest.mark.parametrize("opts", [{"method": "gptq", "group_size": 16, "act_order": True},
-                                  {"method": "awq", "group_size": 32, "awq_grid": 2, "awq_clip": False}],
-                         ids=["gptq-act_order", "awq"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"method": "gptq", "group_size": 16, "act_order": True},
+        {"method": "awq", "group_size": 32, "awq_grid": 2, "awq_clip": False},
+    ],
+    ids=["gptq-act_order", "awq"],
+)
 def test_quantize_checkpoint_lowers(tmp_path, opts):
     """The quantizers' own QuantizedModel (folded AWQ norms, GPTQ g_idx shared by q/k/v) lowers exactly."""
-    pipeline = pytest.importorskip("lorafast_export.quant.pipeline")
+    pipeline = pytest.importorskip("lorafast_export.quant.walk")
     merged = save_model(make_model("llama", **SIZE, layers=1), tmp_path / "merged")
     calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
     qm = pipeline.quantize_checkpoint(merged, {**opts, "device": "cpu"}, calib_ids=calib)

@@ -17,19 +17,25 @@ pytest.importorskip("openvino_tokenizers")
 import openvino as ov  # noqa: E402
 
 from lorafast_export.errors import InputError, UnsupportedError  # noqa: E402
-from lorafast_export.load import open_model  # noqa: E402
 from lorafast_export.model.decoder import Decoder, load_decoder  # noqa: E402
 from lorafast_export.model.quantized import QuantizedModel, fake_quant_decoder  # noqa: E402
 from lorafast_export.model.spec import linear_module_names  # noqa: E402
 from lorafast_export.qform import QTensor, act_order_perm  # noqa: E402
 from lorafast_export.quant.rtn import group_minmax, qparams, quantize_codes, quantize_rtn  # noqa: E402
-from lorafast_export.targets.ov.compress import read_compressed  # noqa: E402
-from lorafast_export.targets.ov.lower import MODEL_XML  # noqa: E402
+from lorafast_export.targets.openvino.compress import read_compressed  # noqa: E402
+from lorafast_export.targets.openvino.lower import MODEL_XML  # noqa: E402
 from lorafast_export.targets.registry import LowerInput, get_target  # noqa: E402
+from lorafast_export.weights import open_model  # noqa: E402
 from tests.tiny import make_model, save_model  # noqa: E402
 
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 PROMPTS = [[5, 17, 33, 2, 60, 44, 12], [3, 4, 5], [90, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 NEW_TOKENS = 12
 
@@ -43,8 +49,9 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
     vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars[: vocab_size - 3]])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-                            ).save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
 
 
 def recipe(**options):
@@ -82,7 +89,12 @@ def check_ir(model_dir: Path, n_layers: int) -> ov.Model:
     types = [n.get_type_name() for n in om.get_ops()]
     assert types.count("ScaledDotProductAttention") == n_layers
     assert types.count("ReadValue") == types.count("Assign") == 2 * n_layers
-    assert {p.get_any_name() for p in om.inputs} == {"input_ids", "attention_mask", "position_ids", "beam_idx"}
+    assert {p.get_any_name() for p in om.inputs} == {
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "beam_idx",
+    }
     assert [p.get_any_name() for p in om.outputs] == ["logits"]
     for name in ("openvino_tokenizer.xml", "openvino_detokenizer.xml", "config.json", "tokenizer.json"):
         assert (model_dir / name).exists(), name
@@ -132,7 +144,9 @@ def test_fp32_lowering_matches_decoder(tmp_path, family, kw):
     assert max_abs_logits(model_dir, ref)[0] < 1e-4
     if family in ("llama", "qwen2") and not kw:
         check_generation(model_dir, ref)
-    if family == "mistral":  # the stateful SDPA path applies the window (paged attention does not: module doc)
+    if (
+        family == "mistral"
+    ):  # the stateful SDPA path applies the window (paged attention does not: module doc)
         long_prompt = PROMPTS[2] + PROMPTS[0]
         session = get_target("openvino").load(model_dir)
         assert session.generate(long_prompt, 16) == greedy(ref, long_prompt, 16)
@@ -157,14 +171,17 @@ def check_default_precision(model_dir: Path, ref: Decoder) -> None:
     got = get_target("openvino").load(model_dir, precision="default").logits(ids)
     with torch.no_grad():
         want, _ = ref(ids)
-    assert torch.isfinite(got).all() and kl_mean(got, want) < 0.05  # bf16 + u8 KV: close, not float-rounding close
+    assert (
+        torch.isfinite(got).all() and kl_mean(got, want) < 0.05
+    )  # bf16 + u8 KV: close, not float-rounding close
 
 
 # -------------------------------------------------------------------------------------------- quantized
 
 
-def act_order_qtensor(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, seed: int,
-                      bias: torch.Tensor | None = None) -> QTensor:
+def act_order_qtensor(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, seed: int, bias: torch.Tensor | None = None
+) -> QTensor:
     """RTN with GPTQ-style act-order groups: column c is in group rank(c) // group_size under a random order."""
     perm = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed))
     g_idx = (torch.argsort(perm) // group_size).to(torch.int32)
@@ -172,7 +189,9 @@ def act_order_qtensor(w: torch.Tensor, bits: int, group_size: int, symmetric: bo
     scale, zero = qparams(*group_minmax(w.float(), g_idx.long(), n_groups), bits, symmetric)
     g = g_idx.long()
     codes = quantize_codes(w, scale[:, g], None if zero is None else zero[:, g], bits)
-    return QTensor(codes=codes, scales=scale, zeros=zero, bits=bits, group_size=group_size, g_idx=g_idx, bias=bias)
+    return QTensor(
+        codes=codes, scales=scale, zeros=zero, bits=bits, group_size=group_size, g_idx=g_idx, bias=bias
+    )
 
 
 def quantize_all(merged: Path, bits: int, group_size: int, symmetric: bool, act_order=False, act_quant=None):
@@ -181,19 +200,32 @@ def quantize_all(merged: Path, bits: int, group_size: int, symmetric: bool, act_
     q = {}
     for i in range(md.config.num_layers):
         for j, m in enumerate(linear_module_names(i)):
-            w, bias = fp.pop(f"{m}.weight"), fp.pop(f"{m}.bias", None)  # a quantized linear's bias is in its QTensor
-            qt = (act_order_qtensor(w, bits, group_size, symmetric, seed=10 * i + j, bias=bias) if act_order
-                  else quantize_rtn(w, bits, group_size, symmetric, bias=bias))
+            w, bias = (
+                fp.pop(f"{m}.weight"),
+                fp.pop(f"{m}.bias", None),
+            )  # a quantized linear's bias is in its QTensor
+            qt = (
+                act_order_qtensor(w, bits, group_size, symmetric, seed=10 * i + j, bias=bias)
+                if act_order
+                else quantize_rtn(w, bits, group_size, symmetric, bias=bias)
+            )
             q[m] = QTensor(**{**qt.__dict__, "act_quant": act_quant}) if act_quant else qt
     return QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": bits, "group_size": group_size})
 
 
 Q_CASES = [
-    ("int4-asym-g32-ragged", "llama", dict(bits=4, group_size=32, symmetric=False)),  # down_proj: 48 = 32 + 16
+    (
+        "int4-asym-g32-ragged",
+        "llama",
+        dict(bits=4, group_size=32, symmetric=False),
+    ),  # down_proj: 48 = 32 + 16
     ("int4-sym-g16-actorder-qwen2", "qwen2", dict(bits=4, group_size=16, symmetric=True, act_order=True)),
     ("int8-sym-channel", "llama", dict(bits=8, group_size=-1, symmetric=True)),
-    ("int8-asym-channel-w8a8", "llama", dict(bits=8, group_size=-1, symmetric=False,
-                                              act_quant="int8_per_token_dynamic")),
+    (
+        "int8-asym-channel-w8a8",
+        "llama",
+        dict(bits=8, group_size=-1, symmetric=False, act_quant="int8_per_token_dynamic"),
+    ),
 ]
 
 
@@ -238,8 +270,15 @@ def check_runtime_graph(model_dir: Path, n_layers: int, bits: int | None = None)
     assert kinds.count("RoPE") == 2 * n_layers
     assert kinds.count("ScaledDotProductAttention") == n_layers
     if bits is not None:
-        low = [n for n, k in ops if k == "FullyConnected" and any(
-            i.get_element_type().is_integral() and i.get_element_type().bitwidth == bits for i in n.inputs())]
+        low = [
+            n
+            for n, k in ops
+            if k == "FullyConnected"
+            and any(
+                i.get_element_type().is_integral() and i.get_element_type().bitwidth == bits
+                for i in n.inputs()
+            )
+        ]
         assert len(low) == 7 * n_layers
 
 

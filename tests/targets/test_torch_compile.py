@@ -32,7 +32,7 @@ def lower(md, out: Path, quantized=None, dtype="auto", **options) -> Path:
 
 def test_fp_round_trip_matches_transformers(tmp_path):
     hf = make_model("qwen2", tie=True)
-    from lorafast_export.load import open_model
+    from lorafast_export.weights import open_model
 
     md = open_model(save_model(hf, tmp_path / "merged"))
     out = lower(md, tmp_path / "model", max_seq_len=64)

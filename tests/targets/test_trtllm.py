@@ -24,9 +24,14 @@ from lorafast_export.quant.rtn import quantize_rtn
 from lorafast_export.quant.smoothquant import quantize_w8a8
 from lorafast_export.recipe import Recipe
 from lorafast_export.targets.registry import LowerInput, get_target
-from lorafast_export.targets.trt.layout import flat_config, layout, modelopt_sq_as_ours
-from lorafast_export.targets.trt.pack import pack_int4_rows, unpack_int4_rows
-from lorafast_export.targets.trt.reader import quantize_tokens, read_bundle, read_smoothers, reference_decoder
+from lorafast_export.targets.trt_llm.layout import flat_config, layout, modelopt_sq_as_ours
+from lorafast_export.targets.trt_llm.pack import pack_int4_rows, unpack_int4_rows
+from lorafast_export.targets.trt_llm.reader import (
+    quantize_tokens,
+    read_bundle,
+    read_smoothers,
+    reference_decoder,
+)
 from tests.tiny import make_model, save_base_and_adapter, save_char_tokenizer, save_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +41,12 @@ GOLDEN = Path(__file__).parent / "golden"
 OUR_EXTRA_KEYS = {"rotary_base", "attn_bias", "mlp_bias", "qwen_type"}
 IGNORED_KEYS = ("producer", "rank")
 DIMS = dict(hidden=128, intermediate_size=256, heads=4, kv_heads=2, vocab=96)
-LAYOUTS = {"hf": {}, "legacy_tp1": {"legacy": True}, "legacy_tp2": {"legacy": True, "tp": 2},
-           "legacy_tp2pp2": {"legacy": True, "tp": 2, "pp": 2}}
+LAYOUTS = {
+    "hf": {},
+    "legacy_tp1": {"legacy": True},
+    "legacy_tp2": {"legacy": True, "tp": 2},
+    "legacy_tp2pp2": {"legacy": True, "tp": 2, "pp": 2},
+}
 
 
 def merged_model(tmp: Path, family: str = "llama", dtype=torch.float16, **kw) -> Path:
@@ -63,7 +72,9 @@ QUANTIZERS = {
     "none": None,
     "int8": lambda w, b: quantize_int8_weight(w, bias=b),
     "awq": lambda w, b: quantize_rtn(w, 4, 64, True, torch.float16, bias=b),  # W4A16_AWQ layout
-    "smoothquant": lambda w, b: quantize_w8a8(w, bias=b),  # W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN (legacy only)
+    "smoothquant": lambda w, b: quantize_w8a8(
+        w, bias=b
+    ),  # W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN (legacy only)
 }
 LEGACY = {k: v for k, v in LAYOUTS.items() if v.get("legacy")}
 
@@ -84,7 +95,9 @@ def test_layout_matches_modelopt_golden(tmp_path, golden):
     which must equal ModelOpt's after the documented tensor-by-tensor mapping (trt/layout.py modelopt_sq_as_ours)."""
     g = json.loads(golden.read_text())
     m = g["model"]
-    merged = merged_model(tmp_path, m["family"], **{k: v for k, v in m.items() if k not in ("family", "layers")})
+    merged = merged_model(
+        tmp_path, m["family"], **{k: v for k, v in m.items() if k not in ("family", "layers")}
+    )
     qm = None if QUANTIZERS[g["method"]] is None else quantized(merged, QUANTIZERS[g["method"]])
     ours = layout(_lowered(merged, qm, tmp_path / "out", g["options"]))
     ref = modelopt_sq_as_ours(g) if g["method"] == "smoothquant" else g
@@ -101,16 +114,24 @@ def test_smoothquant_mapping_is_what_the_docstring_says():
     g = json.loads((GOLDEN / "llama_smoothquant_legacy_tp2.json").read_text())
     mo, ours = g["tensors"]["rank0.safetensors"], modelopt_sq_as_ours(g)["tensors"]["rank0.safetensors"]
     leaf = lambda names: {n.rsplit(".", 1)[1] for n in names}  # noqa: E731
-    assert leaf(set(mo) - set(ours)) == {"weights_scaling_factor", "activation_scaling_factor",
-                                         "prequant_scaling_factor"}
+    assert leaf(set(mo) - set(ours)) == {
+        "weights_scaling_factor",
+        "activation_scaling_factor",
+        "prequant_scaling_factor",
+    }
     assert leaf(set(ours) - set(mo)) == {"per_channel_scale", "smoother", "scale_to_int"}
-    assert {n for n in ours if n.endswith("smoother")} == {f"transformer.layers.{i}.{m}.smoother"
-                                                           for i in (0, 1) for m in ("attention.dense", "mlp.proj")}
-    assert mo["transformer.layers.0.attention.qkv.weight"] == ours["transformer.layers.0.attention.qkv.weight"]
+    assert {n for n in ours if n.endswith("smoother")} == {
+        f"transformer.layers.{i}.{m}.smoother" for i in (0, 1) for m in ("attention.dense", "mlp.proj")
+    }
+    assert (
+        mo["transformer.layers.0.attention.qkv.weight"] == ours["transformer.layers.0.attention.qkv.weight"]
+    )
     assert ours["transformer.layers.0.attention.dense.per_channel_scale"] == ["F32", [1, 128]]
     assert ours["transformer.layers.0.attention.dense.smoother"] == ["F32", [1, 64]]
-    assert modelopt_sq_as_ours(g)["configs"]["config.json"]["quantization"]["quant_algo"] == \
-        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    assert (
+        modelopt_sq_as_ours(g)["configs"]["config.json"]["quantization"]["quant_algo"]
+        == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    )
     assert g["configs"]["config.json"]["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
 
 
@@ -123,7 +144,9 @@ def test_goldens_cover_every_method_and_layout():
     names = {p.stem for p in GOLDEN.glob("*.json")}
     for method in ("none", "int8", "awq", "smoothquant"):
         for lay in ("hf", "legacy_tp1", "legacy_tp2", "legacy_tp1pp2"):
-            if not (method == "smoothquant" and lay == "hf"):  # refused: no SmoothQuant in the PyTorch backend
+            if not (
+                method == "smoothquant" and lay == "hf"
+            ):  # refused: no SmoothQuant in the PyTorch backend
                 assert f"llama_{method}_{lay}" in names
 
 
@@ -135,8 +158,13 @@ def test_reader_reproduces_fake_quant_exactly(tmp_path, method):
     merged = merged_model(tmp_path)
     qm = None if QUANTIZERS[method] is None else quantized(merged, QUANTIZERS[method])
     ids = torch.randint(0, 96, (2, 10))
-    ref = fake_quant_decoder(qm) if qm is not None else build_decoder(
-        ModelConfig.from_file(merged / "config.json"), load_file(str(merged / "model.safetensors")))
+    ref = (
+        fake_quant_decoder(qm)
+        if qm is not None
+        else build_decoder(
+            ModelConfig.from_file(merged / "config.json"), load_file(str(merged / "model.safetensors"))
+        )
+    )
     with torch.no_grad():
         want = ref(ids)[0]
     for name, opts in LAYOUTS.items():
@@ -185,7 +213,10 @@ def test_tensor_parallel_shards_reassemble(tmp_path):
         r0 = load_file(str(out / "rank0.safetensors"))
         assert r0["transformer.vocab_embedding.weight"].shape == (128 // tp, 128)  # 96 padded to 128 for AWQ
         assert r0["transformer.layers.0.attention.qkv.weight"].shape == ((128 + 64 + 64) // tp // 2, 128)
-        assert r0["transformer.layers.0.attention.dense.weights_scaling_factor"].shape == (128, 128 // tp // 64)
+        assert r0["transformer.layers.0.attention.dense.weights_scaling_factor"].shape == (
+            128,
+            128 // tp // 64,
+        )
     assert json.loads((tmp_path / "tp1" / "config.json").read_text())["vocab_size"] == 128
 
 
@@ -207,7 +238,9 @@ def test_smoothquant_reader_reproduces_quantized_model(tmp_path, family):
         for runtime in (False, True):
             state = read_bundle(out, runtime=runtime)[1]
             for module, qt in qm.q.items():
-                assert torch.equal(state[f"{module}.weight"], dequantize(qt)), f"{name} runtime={runtime}: {module}"
+                assert torch.equal(state[f"{module}.weight"], dequantize(qt)), (
+                    f"{name} runtime={runtime}: {module}"
+                )
                 if qt.bias is not None:
                     assert torch.equal(state[f"{module}.bias"], qt.bias.float()), f"{name}: {module} bias"
         with torch.no_grad():
@@ -221,7 +254,9 @@ def test_smoothquant_reader_reproduces_quantized_model(tmp_path, family):
 def test_quantize_tokens_is_tensorrt_llms_per_token_int8():
     """Hand-computed: amax 2 → scale 2/127; x·127/2 rounded half to even, saturated; an all-zero token stays 0."""
     x = torch.tensor([[2.0, -1.0, 0.5, 0.0, 1.0 / 127], [0.0, 0.0, 0.0, 0.0, 0.0]])
-    q = torch.tensor([[127.0, -64.0, 32.0, 0.0, 0.0], [0.0] * 5])  # -63.5 → -64 (even), 31.75 → 32, 0.5 → 0 (even)
+    q = torch.tensor(
+        [[127.0, -64.0, 32.0, 0.0, 0.0], [0.0] * 5]
+    )  # -63.5 → -64 (even), 31.75 → 32, 0.5 → 0 (even)
     assert torch.equal(quantize_tokens(x), q * (x.abs().amax(-1, keepdim=True).clamp(min=1e-6) / 127.0))
     assert quantize_tokens(x.half()).dtype == torch.float16
 
@@ -233,8 +268,9 @@ def test_smoothquant_shards_have_the_documented_layout(tmp_path):
     qm = quantized(merged, QUANTIZERS["smoothquant"])
     for tp, _, out in _splits_read_back_whole(merged, qm, tmp_path):
         smoothers = read_smoothers(out)
-        assert set(smoothers) == {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj",
-                                                                                   "mlp.down_proj")}
+        assert set(smoothers) == {
+            f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")
+        }
         assert all(torch.equal(v, torch.ones(v.shape[0])) for v in smoothers.values())
         ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in range(tp)]  # first pipeline stage
         pre = "transformer.layers.0."
@@ -249,15 +285,28 @@ def test_smoothquant_shards_have_the_documented_layout(tmp_path):
             for norm in ("input_layernorm", "post_layernorm"):
                 assert torch.equal(t[f"{pre}{norm}.scale_to_int"], torch.ones(1))
             # row-parallel: the per-channel scales are the full output's, the same on every rank
-            assert torch.equal(t[f"{pre}mlp.proj.per_channel_scale"], ranks[0][f"{pre}mlp.proj.per_channel_scale"])
+            assert torch.equal(
+                t[f"{pre}mlp.proj.per_channel_scale"], ranks[0][f"{pre}mlp.proj.per_channel_scale"]
+            )
             assert t[f"{pre}mlp.proj.per_channel_scale"].shape == (1, 128)
-            assert not any(k.endswith(("act_scale", "activation_scaling_factor", "weights_scaling_factor",
-                                       "prequant_scaling_factor")) for k in t)
+            assert not any(
+                k.endswith(
+                    (
+                        "act_scale",
+                        "activation_scaling_factor",
+                        "weights_scaling_factor",
+                        "prequant_scaling_factor",
+                    )
+                )
+                for k in t
+            )
         # the q rows of rank r are rows [r*128/tp, (r+1)*128/tp) of q_proj: the fused qkv is [q_r; k_r; v_r]
         q = qm.q["model.layers.0.self_attn.q_proj"]
         rows = 128 // tp
-        assert torch.equal(ranks[-1][f"{pre}attention.qkv.weight"][:rows].to(torch.int16),
-                           q.codes[(tp - 1) * rows: tp * rows].to(torch.int16) - 128)
+        assert torch.equal(
+            ranks[-1][f"{pre}attention.qkv.weight"][:rows].to(torch.int16),
+            q.codes[(tp - 1) * rows : tp * rows].to(torch.int16) - 128,
+        )
     config = json.loads((tmp_path / "tp1" / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
     assert config["vocab_size"] == 96  # no padding: ModelOpt pads for AWQ only
@@ -268,7 +317,9 @@ def test_int4_packing_round_trip():
     packed = pack_int4_rows(w4)
     assert packed.shape == (3, 5) and packed.dtype == torch.uint8
     assert int(packed[0, 0]) == (int(w4[0, 0]) & 0xF) | ((int(w4[1, 0]) & 0xF) << 4)  # low nibble = even row
-    assert torch.equal(unpack_int4_rows(packed), w4) and torch.equal(unpack_int4_rows(packed.view(torch.int8)), w4)
+    assert torch.equal(unpack_int4_rows(packed), w4) and torch.equal(
+        unpack_int4_rows(packed.view(torch.int8)), w4
+    )
 
 
 def test_runtime_reading_applies_half_precision_casts(tmp_path):
@@ -318,8 +369,10 @@ def test_refusals_name_the_reason_and_fix(tmp_path):
     g32 = quantized(merged, lambda w, b: quantize_rtn(w, 4, 32, True, torch.float16, bias=b))
     assert "group" in _refusal(tmp_path, g32) and "128" in _refusal(tmp_path, g32)
     act = quantized(merged, QUANTIZERS["awq"])
-    act.q = {k: with_fields(qt, g_idx=torch.arange(qt.in_features, dtype=torch.int32).flip(0) // 64)
-             for k, qt in act.q.items()}
+    act.q = {
+        k: with_fields(qt, g_idx=torch.arange(qt.in_features, dtype=torch.int32).flip(0) // 64)
+        for k, qt in act.q.items()
+    }
     assert "act-order" in _refusal(tmp_path, act)
     head = quantized(merged, QUANTIZERS["awq"])
     head.q["lm_head"] = quantize_rtn(head.fp.pop("lm_head.weight").float(), 4, 64, True)
@@ -328,7 +381,9 @@ def test_refusals_name_the_reason_and_fix(tmp_path):
     partial.fp["model.layers.0.mlp.up_proj.weight"] = dequantize(partial.q.pop("model.layers.0.mlp.up_proj"))
     assert "left in fp" in _refusal(tmp_path, partial)
     assert "unknown option 'tensor_parallel'" in _refusal(tmp_path, None, tensor_parallel=2)
-    assert "kv_cache_free_gpu_memory_fraction" in _refusal(tmp_path, None, kv_cache_free_gpu_memory_fraction=2)
+    assert "kv_cache_free_gpu_memory_fraction" in _refusal(
+        tmp_path, None, kv_cache_free_gpu_memory_fraction=2
+    )
     assert "num_key_value_heads=2 is not divisible by tp=4" in _refusal(tmp_path, None, legacy=True, tp=4)
 
 
@@ -338,12 +393,24 @@ def test_smoothquant_refusals_are_precise(tmp_path):
     merged = merged_model(tmp_path)
     sq = quantized(merged, QUANTIZERS["smoothquant"])
     msg = _refusal(tmp_path, sq)
-    for part in ("--trt-llm-legacy", "_torch/modules/linear.py", "get_quant_method", "per token",
-                 "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "static per-tensor"):
+    for part in (
+        "--trt-llm-legacy",
+        "_torch/modules/linear.py",
+        "get_quant_method",
+        "per token",
+        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+        "static per-tensor",
+    ):
         assert part in msg, part
-    assert lower(merged, sq, tmp_path / "ok", legacy=True)["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    assert (
+        lower(merged, sq, tmp_path / "ok", legacy=True)["quant_algo"]
+        == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    )
     asym = quantized(merged, QUANTIZERS["smoothquant"])
-    asym.q = {k: with_fields(qt, zeros=torch.full_like(qt.scales, 128, dtype=torch.uint8)) for k, qt in asym.q.items()}
+    asym.q = {
+        k: with_fields(qt, zeros=torch.full_like(qt.scales, 128, dtype=torch.uint8))
+        for k, qt in asym.q.items()
+    }
     assert "zero point" in _refusal(tmp_path, asym, legacy=True)
     odd = merged_model(tmp_path / "odd", intermediate_size=272)  # down_proj input per shard at tp 2: 136
     with pytest.raises(UnsupportedError, match="down_proj input per shard=136 is not a multiple of 16"):
@@ -356,9 +423,14 @@ def test_smoothquant_without_legacy_is_refused_when_the_recipe_is_read():
     flag that makes it buildable."""
     with pytest.raises(InputError) as e:
         Recipe().with_overrides({"target.name": "trt-llm", "quant.method": "smoothquant"})
-    assert "quant.method" in str(e.value) and "--trt-llm-legacy" in str(e.value) and "get_quant_method" in str(e.value)
-    ok = Recipe().with_overrides({"target.name": "trt-llm", "quant.method": "smoothquant",
-                                  "target.options": {"legacy": True, "tp": 2}})
+    assert (
+        "quant.method" in str(e.value)
+        and "--trt-llm-legacy" in str(e.value)
+        and "get_quant_method" in str(e.value)
+    )
+    ok = Recipe().with_overrides(
+        {"target.name": "trt-llm", "quant.method": "smoothquant", "target.options": {"legacy": True, "tp": 2}}
+    )
     assert ok.target.options["legacy"] is True
 
 
@@ -403,14 +475,27 @@ def test_bundle_has_no_runtime_adapter_feature(tmp_path, options):
 
 def test_serve_bundle_files(tmp_path):
     merged = merged_model(tmp_path)
-    out = _lowered(merged, None, tmp_path / "b", {"tp": 2, "kv_cache_free_gpu_memory_fraction": 0.85,
-                                                  "max_batch_size": 16})
+    out = _lowered(
+        merged,
+        None,
+        tmp_path / "b",
+        {"tp": 2, "kv_cache_free_gpu_memory_fraction": 0.85, "max_batch_size": 16},
+    )
     opts = yaml.safe_load((out / "extra_llm_api_options.yaml").read_text())
-    assert opts == {"kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.85},
-                    "attn_backend": "TRTLLM", "cuda_graph_config": {"enable_padding": True, "max_batch_size": 16}}
+    assert opts == {
+        "kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.85},
+        "attn_backend": "TRTLLM",
+        "cuda_graph_config": {"enable_padding": True, "max_batch_size": 16},
+    }
     serve = (out / "serve.sh").read_text()
-    for flag in ("trtllm-serve", "--backend pytorch", "--tp_size 2", "--pp_size 1", "--max_batch_size 16",
-                 "--extra_llm_api_options"):
+    for flag in (
+        "trtllm-serve",
+        "--backend pytorch",
+        "--tp_size 2",
+        "--pp_size 1",
+        "--max_batch_size 16",
+        "--extra_llm_api_options",
+    ):
         assert flag in serve
     assert (out / "serve.sh").stat().st_mode & 0o111
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
@@ -421,9 +506,16 @@ def test_build_script_for_engine_checkpoint(tmp_path):
     merged = merged_model(tmp_path)
     out = _lowered(merged, quantized(merged, QUANTIZERS["awq"]), tmp_path / "b", {"legacy": True, "tp": 2})
     build = (out / "build.sh").read_text()
-    for flag in ("trtllm-build", "--checkpoint_dir", "--gpt_attention_plugin auto", "--paged_kv_cache enable",
-                 "--context_fmha enable", "--remove_input_padding enable", "--gemm_plugin auto",
-                 "weight_only_groupwise_quant_matmul_plugin"):
+    for flag in (
+        "trtllm-build",
+        "--checkpoint_dir",
+        "--gpt_attention_plugin auto",
+        "--paged_kv_cache enable",
+        "--context_fmha enable",
+        "--remove_input_padding enable",
+        "--gemm_plugin auto",
+        "weight_only_groupwise_quant_matmul_plugin",
+    ):
         assert flag in build
     subprocess.run(["bash", "-n", str(out / "build.sh")], check=True)
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
@@ -433,10 +525,18 @@ def test_build_script_and_readme_for_smoothquant(tmp_path):
     """The SmoothQuant engine checkpoint's build.sh says which plugins trtllm-build turns on and which GPUs build it;
     its README says what was verified here (no ModelOpt export of this scheme: a mapping) and what was not."""
     merged = merged_model(tmp_path)
-    out = _lowered(merged, quantized(merged, QUANTIZERS["smoothquant"]), tmp_path / "b", {"legacy": True, "tp": 2})
+    out = _lowered(
+        merged, quantized(merged, QUANTIZERS["smoothquant"]), tmp_path / "b", {"legacy": True, "tp": 2}
+    )
     build = (out / "build.sh").read_text()
-    for part in ("trtllm-build", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "SmoothQuant plugins",
-                 "smooth_quant_plugins", "compute capability 7.0-9.0", "--paged_kv_cache enable"):
+    for part in (
+        "trtllm-build",
+        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+        "SmoothQuant plugins",
+        "smooth_quant_plugins",
+        "compute capability 7.0-9.0",
+        "--paged_kv_cache enable",
+    ):
         assert part in build, part
     subprocess.run(["bash", "-n", str(out / "build.sh")], check=True)
     readme = (out / "README.md").read_text()
@@ -449,7 +549,10 @@ DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 def test_dockerfiles_exist_and_pin_their_bases():
     names = {p.name for p in DOCKERFILES}
     assert {"trtllm.Dockerfile", "cpu.Dockerfile"} <= names
-    trt, cpu = (ROOT / "docker" / "trtllm.Dockerfile").read_text(), (ROOT / "docker" / "cpu.Dockerfile").read_text()
+    trt, cpu = (
+        (ROOT / "docker" / "trtllm.Dockerfile").read_text(),
+        (ROOT / "docker" / "cpu.Dockerfile").read_text(),
+    )
     assert "FROM nvcr.io/nvidia/tensorrt-llm/release:" in trt and "trtllm-serve" in trt
     assert "FROM python:3.11-slim" in cpu and "torch==2.13.0" in cpu and "[onnxruntime,openvino]" in cpu
     assert ":latest" not in trt + cpu
@@ -474,14 +577,22 @@ def test_build_with_dora_adapter_end_to_end(tmp_path):
     save_base_and_adapter(tmp_path, DIMS, target_modules=ALL, use_dora=True)
     write_text(tmp_path / "eval.txt", 2000)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
-    recipe = Recipe.from_dict({
-        "inputs": {"base": str(tmp_path / "base"), "adapters": [{"path": str(tmp_path / "ad")}]},
-        "quant": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "device": "cpu"},
-        "target": {"name": "trt-llm", "options": {"legacy": True, "tp": 2}},
-        "validate": {"eval": [{"name": "e", "path": str(tmp_path / "eval.txt")}], "max_tokens": 256,
-                     "prompts": str(tmp_path / "prompts.jsonl"), "max_new_tokens": 4, "device": "cpu", "gates": []},
-        "output": {"dir": str(tmp_path / "out")},
-    })
+    recipe = Recipe.from_dict(
+        {
+            "inputs": {"base": str(tmp_path / "base"), "adapters": [{"path": str(tmp_path / "ad")}]},
+            "quant": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "device": "cpu"},
+            "target": {"name": "trt-llm", "options": {"legacy": True, "tp": 2}},
+            "validate": {
+                "eval": [{"name": "e", "path": str(tmp_path / "eval.txt")}],
+                "max_tokens": 256,
+                "prompts": str(tmp_path / "prompts.jsonl"),
+                "max_new_tokens": 4,
+                "device": "cpu",
+                "gates": [],
+            },
+            "output": {"dir": str(tmp_path / "out")},
+        }
+    )
     run_build(recipe)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     facts = manifest["facts"]["target"]
@@ -509,25 +620,62 @@ def test_cli_build_smoothquant_legacy_tp2_passes_gates(tmp_path, monkeypatch):
     write_text(tmp_path / "eval.txt", 2000, seed=4)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
     out = tmp_path / "out"
-    args = ["--json", "build", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--target", "trt-llm",
-            "--trt-llm-legacy", "--tp", "2", "--quant", "smoothquant", "--calib", tmp_path / "calib.txt",
-            "--calib-samples", "8", "--calib-seq-len", "64", "--eval", f"e={tmp_path / 'eval.txt'}",
-            "--max-tokens", "400", "--prompts", tmp_path / "prompts.jsonl", "--device", "cpu", "--out", out,
-            # the default kl/adapter-gain gates; top-1 at 0.85, since a tiny random model's flat distributions let
-            # W8A8 noise flip ~10% of the argmaxes (quantization error: the "quantized" stage has the same top-1)
-            "--gate", "kl_mean<=0.05", "--gate", "top1>=0.85", "--gate", "adapter_gain_retained>=0.80",
-            "--gate", "stage:artifact.vs_previous.kl_mean<=1e-4"]
+    args = [
+        "--json",
+        "build",
+        "--base",
+        tmp_path / "base",
+        "--adapter",
+        tmp_path / "ad",
+        "--target",
+        "trt-llm",
+        "--trt-llm-legacy",
+        "--tp",
+        "2",
+        "--quant",
+        "smoothquant",
+        "--calib",
+        tmp_path / "calib.txt",
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "64",
+        "--eval",
+        f"e={tmp_path / 'eval.txt'}",
+        "--max-tokens",
+        "400",
+        "--prompts",
+        tmp_path / "prompts.jsonl",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        # the default kl/adapter-gain gates; top-1 at 0.85, since a tiny random model's flat distributions let
+        # W8A8 noise flip ~10% of the argmaxes (quantization error: the "quantized" stage has the same top-1)
+        "--gate",
+        "kl_mean<=0.05",
+        "--gate",
+        "top1>=0.85",
+        "--gate",
+        "adapter_gain_retained>=0.80",
+        "--gate",
+        "stage:artifact.vs_previous.kl_mean<=1e-4",
+    ]
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     facts = json.loads((out / "manifest.json").read_text())["facts"]["target"]
     assert facts["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN" and facts["tp"] == 2
-    assert sorted(p.name for p in (out / "model").glob("rank*.safetensors")) == ["rank0.safetensors",
-                                                                                 "rank1.safetensors"]
+    assert sorted(p.name for p in (out / "model").glob("rank*.safetensors")) == [
+        "rank0.safetensors",
+        "rank1.safetensors",
+    ]
     rep = json.loads((out / "report.json").read_text())
     assert rep["passed"] is True and all(g["passed"] for g in rep["gates"])
     stages = {s["name"]: s for s in rep["stages"]}
     assert stages["artifact"]["vs_previous"]["against"] == "quantized"
-    assert stages["artifact"]["vs_previous"]["kl_mean"] < 1e-4  # only TensorRT-LLM's activation rounding differs
+    assert (
+        stages["artifact"]["vs_previous"]["kl_mean"] < 1e-4
+    )  # only TensorRT-LLM's activation rounding differs
     # the artifact stage quantized activations: it is not the weight-only reading of the same files
     session = get_target("trt-llm").load(out / "model")
     assert any(type(m).__name__ == "TokenQuantLinear" for m in session.decoder.modules())

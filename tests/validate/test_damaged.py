@@ -5,13 +5,14 @@ import dataclasses
 import pytest
 import torch
 
-from lorafast_export.load import open_adapter, open_model
+from lorafast_export.adapters import open_adapter
 from lorafast_export.merge import merged_state, plan_merge
 from lorafast_export.model.decoder import build_decoder
 from lorafast_export.recipe import Recipe
 from lorafast_export.report.attribution import error_entry
 from lorafast_export.validate.candidates import decoder_candidate
 from lorafast_export.validate.run import ValidationInputs, run_validation
+from lorafast_export.weights import open_model
 from tests.merge.test_merge_vs_peft import ALL
 from tests.tiny import save_base_and_adapter, write_text
 
@@ -29,11 +30,20 @@ def setup(tmp_path_factory):
 
 def run(setup, damaged_name, damaged_decoder, tmp_path):
     root, bm, ad, plan, state = setup
-    recipe = Recipe().with_overrides({"validate.eval": [{"name": "e", "path": str(root / "e.txt")}],
-                                      "validate.max_tokens": 400, "validate.prompts": str(root / "p.txt"),
-                                      "validate.max_new_tokens": 8})
+    recipe = Recipe().with_overrides(
+        {
+            "validate.eval": [{"name": "e", "path": str(root / "e.txt")}],
+            "validate.max_tokens": 400,
+            "validate.prompts": str(root / "p.txt"),
+            "validate.max_new_tokens": 8,
+        }
+    )
     good = decoder_candidate("merged-fp32", build_decoder(bm.config, state))
-    cands = [good, decoder_candidate(damaged_name, damaged_decoder), decoder_candidate("artifact", damaged_decoder)]
+    cands = [
+        good,
+        decoder_candidate(damaged_name, damaged_decoder),
+        decoder_candidate("artifact", damaged_decoder),
+    ]
     v = ValidationInputs(bm, [ad], recipe, cands, "dmg", "hf", "none")
     return run_validation(v, tmp_path)
 

@@ -21,9 +21,25 @@ def inputs(tmp_path, monkeypatch):
 
 
 def build(inputs, *extra):
-    args = ["--json", "build", "--base", inputs / "base", "--adapter", inputs / "ad", "--out", inputs / "out",
-            "--eval", f"a={inputs / 'a.txt'}", "--eval", f"b={inputs / 'b.txt'}", "--max-tokens", "1000",
-            "--prompts", inputs / "prompts.jsonl", *extra]
+    args = [
+        "--json",
+        "build",
+        "--base",
+        inputs / "base",
+        "--adapter",
+        inputs / "ad",
+        "--out",
+        inputs / "out",
+        "--eval",
+        f"a={inputs / 'a.txt'}",
+        "--eval",
+        f"b={inputs / 'b.txt'}",
+        "--max-tokens",
+        "1000",
+        "--prompts",
+        inputs / "prompts.jsonl",
+        *extra,
+    ]
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
@@ -61,8 +77,21 @@ def test_failing_gate_exits_1_and_still_publishes_the_report(inputs):
 def test_validate_command_and_report_diff(inputs):
     assert build(inputs, "--no-validate", "--junit", "build.xml").exit_code == 0
     assert not (inputs / "out" / "report.json").exists()
-    args = ["validate", "--artifact", inputs / "out", "--eval", f"a={inputs / 'a.txt'}", "--max-tokens", "500",
-            "--prompts", inputs / "prompts.jsonl", "--junit", "j.xml", "--gate", "top1>=0.99"]
+    args = [
+        "validate",
+        "--artifact",
+        inputs / "out",
+        "--eval",
+        f"a={inputs / 'a.txt'}",
+        "--max-tokens",
+        "500",
+        "--prompts",
+        inputs / "prompts.jsonl",
+        "--junit",
+        "j.xml",
+        "--gate",
+        "top1>=0.99",
+    ]
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     import xml.etree.ElementTree as ET
@@ -87,10 +116,21 @@ def test_revalidating_never_writes_through_a_planted_link(inputs):
     victim = inputs / "victim.txt"
     victim.write_text("yours")
     (inputs / "out" / "report.md").symlink_to(victim)
-    args = ["validate", "--artifact", inputs / "out", "--eval", f"a={inputs / 'a.txt'}", "--max-tokens", "500",
-            "--prompts", inputs / "prompts.jsonl"]
+    args = [
+        "validate",
+        "--artifact",
+        inputs / "out",
+        "--eval",
+        f"a={inputs / 'a.txt'}",
+        "--max-tokens",
+        "500",
+        "--prompts",
+        inputs / "prompts.jsonl",
+    ]
     r = CliRunner().invoke(main, [str(a) for a in args])
-    assert r.exit_code == 2 and "'report.md' leaves the directory through a symbolic link" in r.output, r.output
+    assert r.exit_code == 2 and "'report.md' leaves the directory through a symbolic link" in r.output, (
+        r.output
+    )
     assert victim.read_text() == "yours"
     assert not (inputs / "out" / "report.json").exists()  # checked before anything was written
 
@@ -101,10 +141,11 @@ def test_report_says_when_our_reader_validated_the_artifact(inputs):
     pytest.importorskip("lorafast_export.quant.export_hf")
     try:
         import gptqmodel  # noqa: F401
+
         pytest.skip("GPTQModel is installed: transformers itself validates the checkpoint")
     except ImportError:
         pass
-    from lorafast_export.targets.hf import QuantizedReaderSession
+    from lorafast_export.targets.hf.target import QuantizedReaderSession
 
     r = build(inputs, "--quant", "rtn", "--group-size", "32", "--hf-format", "gptq", "--gate", "top1>=0")
     assert r.exit_code == 0, r.output

@@ -45,13 +45,17 @@ from lorafast_export.quant.formats.common import cast_scales, require
 from lorafast_export.quant.formats.packing import pack_int32, unpack_int32
 
 CT_FORMATS = ("pack-quantized", "int-quantized")
-ACT_ORDER_REFUSAL = ("compressed-tensors cannot hold act-order groups (g_idx): actorder 'group' was removed in "
-                     "compressed-tensors 0.20 and 'weight' means groups in column order. Export act-order models "
-                     "as gptq, or quantize without --act-order")
-W8A8_LOADER_NOTE = ("transformers (through compressed-tensors) quantizes this checkpoint's activations with scale "
-                    "absmax/127.5 and codes in [-128, 127]; our quantized model and vLLM use absmax/127 and "
-                    "[-127, 127]. The weights are bit-exact: the artifact stage's difference from stage quantized "
-                    "(vs previous) is that activation rounding.")
+ACT_ORDER_REFUSAL = (
+    "compressed-tensors cannot hold act-order groups (g_idx): actorder 'group' was removed in "
+    "compressed-tensors 0.20 and 'weight' means groups in column order. Export act-order models "
+    "as gptq, or quantize without --act-order"
+)
+W8A8_LOADER_NOTE = (
+    "transformers (through compressed-tensors) quantizes this checkpoint's activations with scale "
+    "absmax/127.5 and codes in [-128, 127]; our quantized model and vLLM use absmax/127 and "
+    "[-127, 127]. The weights are bit-exact: the artifact stage's difference from stage quantized "
+    "(vs previous) is that activation rounding."
+)
 
 
 def compressed_tensors_format(scheme: QScheme) -> str:
@@ -230,6 +234,7 @@ def scheme_from_config_group(group: dict[str, Any]) -> QScheme:
         bits=w["num_bits"],
         group_size=group_size,
         symmetric=w.get("symmetric", True),
-        act_order=w.get("actorder") in ("group", "dynamic"),  # legacy (< 0.20) g_idx act-order; "weight" has none
+        act_order=w.get("actorder")
+        in ("group", "dynamic"),  # legacy (< 0.20) g_idx act-order; "weight" has none
         act_quant=act_quant,
     )

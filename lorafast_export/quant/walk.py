@@ -1,0 +1,283 @@
+"""The quantize stage: `quantize_checkpoint(merged, options) -> QuantizedModel`, streamed by layer.
+
+    calibration ids ─▶ embed ─▶ for each decoder layer i:
+        read layer i's tensors (memory-mapped) ─▶ quantize it with the method, feeding it the outputs of
+        the already-quantized layers 0..i-1 ─▶ its quantized outputs become layer i+1's inputs ─▶ drop it
+    ─▶ final norm + lm_head (quantized only with quantize_lm_head)
+
+Peak memory is one layer (float32, on the compute device) plus the calibration activations
+[samples, seq_len, hidden]. Finished layers are kept on the CPU, or with out_dir written to disk as each one
+finishes (the build always spills: its quantize stage lives in the stage cache). Data-free methods (rtn, int8)
+skip calibration entirely. What each method does inside a layer: quant/methods.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorafast_export.errors import InputError
+from lorafast_export.model.decoder import DecoderLayer, RMSNorm, Rotary, causal_mask
+from lorafast_export.model.quantized import QuantizedModel, QuantizedWriter, load_quantized
+from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
+from lorafast_export.quant.blocks import HEAD_GROUPS, LAYER_GROUPS, Block, Head, causal_kernel, compute_dtype
+from lorafast_export.quant.calib import load_calibration
+from lorafast_export.quant.methods import METHODS, Method, get_method
+from lorafast_export.recipe import QuantOptions
+from lorafast_export.weights import ModelDir, open_model
+
+__all__ = ["METHODS", "quantize_checkpoint", "resolve_device"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+Observer = Callable[[int, torch.Tensor], None]
+
+
+def quantize_checkpoint(
+    merged: str | Path | ModelDir,
+    options: QuantOptions | dict,
+    progress: Progress | None = None,
+    *,
+    calib_ids: torch.Tensor | None = None,
+    observe: Observer | None = None,
+    out_dir: str | Path | None = None,
+) -> QuantizedModel:
+    """Quantize the merged model (an HF checkpoint directory, or a ModelDir such as the merge stage's lazy view)
+    with options.method, one decoder layer at a time.
+
+    out_dir: spill each finished layer there (model/quantized.py's layout) and return a lazy view of it, so the
+    codes never sit in RAM together; None keeps everything in memory (small models, tests).
+    calib_ids [samples, seq_len] replaces the tokenized calibration files (tests, benchmarks);
+    observe(i, x) sees the activations entering layer i (i = num_layers: the lm_head block).
+    """
+    opts = options if isinstance(options, QuantOptions) else QuantOptions(**options)
+    s = opts.resolved()
+    method = get_method(s["method"])
+    md = merged if isinstance(merged, ModelDir) else open_model(merged)
+    cfg = md.config
+    check_settings(cfg, s)
+    device = resolve_device(s["device"])
+    progress = progress or (lambda msg: None)
+    sink = _Sink(out_dir)
+    with _tf32_on(device):
+        settings = _walk(md, cfg, method, s, opts, device, progress, calib_ids, observe, sink)
+    return sink.finish(cfg, settings)
+
+
+class _Sink:
+    """Where finished layers go: kept in memory, or written to out_dir as parts (QuantizedWriter)."""
+
+    def __init__(self, out_dir: str | Path | None):
+        self.writer = None if out_dir is None else QuantizedWriter(out_dir)
+        self.q: dict = {}
+        self.fp: dict[str, torch.Tensor] = {}
+
+    def add(self, q: dict, fp: dict) -> None:
+        if self.writer is not None:
+            self.writer.add(q, fp)
+        else:
+            self.q.update(q)
+            self.fp.update(fp)
+
+    def finish(self, cfg: ModelConfig, settings: dict) -> QuantizedModel:
+        if self.writer is not None:
+            return load_quantized(self.writer.finish(cfg, settings))
+        return QuantizedModel(config=cfg, fp=self.fp, q=self.q, settings=settings)
+
+
+@contextmanager
+def _tf32_on(device: torch.device):
+    """On CUDA, float32 matmuls on tensor cores (TF32) for the walk; the previous setting is restored."""
+    before = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _walk(
+    md,
+    cfg: ModelConfig,
+    method: Method,
+    s: dict,
+    opts: QuantOptions,
+    device,
+    progress: Progress,
+    calib_ids,
+    observe,
+    sink: _Sink,
+) -> dict:
+    """Quantize every layer into sink; returns the settings to record (with calibration size, time, notes)."""
+    fp_dtype = md.store.get(EMBED).dtype
+    t0 = time.perf_counter()
+
+    x = None
+    if method.calibrated:
+        ids = calib_ids if calib_ids is not None else load_calibration(md.path, opts.calib)
+        _check_ids(ids, cfg)
+        # looked up on the compute device (exact either way): 128 x 2048 tokens embed in seconds on the CPU
+        x = F.embedding(ids.to(device), md.store.get(EMBED).to(device)).float()  # [n, s, h]
+    rope = _rope_and_mask(cfg, x, device)
+    sink.add({}, {EMBED: md.store.get(EMBED)})
+    notes: dict[str, list[str]] = {}  # what a method skipped → where
+    calib_tokens = 0 if x is None else int(x.shape[0] * x.shape[1])
+    for i in range(cfg.num_layers):
+        if observe is not None and x is not None:
+            observe(i, x)
+        block = _layer_block(md.store, cfg, i, x, rope, device, fp_dtype)
+        q, fp = {}, {}
+        _quantize_block(method, block, s, layer_prefix(i), q, fp, notes)
+        x = None if x is None else block.run()  # the quantized layer's outputs feed the next layer
+        sink.add(q, fp)
+        progress(f"layer {i + 1}/{cfg.num_layers} quantized ({s['method']})")
+        log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
+        del block, q, fp
+    q, fp = {}, {}
+    _head(md.store, cfg, method, s, x, device, fp_dtype, q, fp, notes, observe)
+    sink.add(q, fp)
+    for note, where in notes.items():
+        log.warning("%s in %d block(s)", note, len(where))
+    return {
+        **s,
+        "calib_tokens": calib_tokens,
+        "device_used": str(device),
+        "time_s": round(time.perf_counter() - t0, 3),
+        "notes": [f"{n} ({len(w)} blocks)" for n, w in notes.items()],
+    }
+
+
+def _quantize_block(
+    method: Method, block: Block, s: dict, prefix: str, q: dict, fp: dict, notes: dict
+) -> None:
+    """Quantize the block in place; collect its QTensors and its remaining fp tensors."""
+    for name, qt in method.quantize_block(block, s).items():
+        q[prefix + name] = qt
+    for name, p in block.module.named_parameters():  # norms (folded) and anything left unquantized
+        fp[prefix + name] = p.detach().to(block.fp_dtype).cpu()
+    for note in block.notes:
+        notes.setdefault(note, []).append(prefix.rstrip(".") or "lm_head")
+
+
+def _head(
+    store,
+    cfg: ModelConfig,
+    method: Method,
+    s: dict,
+    x,
+    device,
+    fp_dtype,
+    q: dict,
+    fp: dict,
+    notes: dict,
+    observe: Observer | None,
+) -> None:
+    head_weight = EMBED if cfg.tie_word_embeddings else LM_HEAD
+    if not s["quantize_lm_head"]:
+        fp[FINAL_NORM] = store.get(FINAL_NORM)
+        if not cfg.tie_word_embeddings:
+            fp[LM_HEAD] = store.get(LM_HEAD)
+        return
+    if observe is not None and x is not None:
+        observe(cfg.num_layers, x)
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm.weight = torch.nn.Parameter(store.get(FINAL_NORM).float(), requires_grad=False)
+    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+    lm_head.weight = torch.nn.Parameter(store.get(head_weight).float(), requires_grad=False)
+    block = Block(
+        Head(norm, lm_head).to(device),
+        HEAD_GROUPS,
+        x,
+        lambda m, xc: m(xc),
+        chunk=_chunk(cfg, x, device, width=cfg.vocab_size),
+        fp_dtype=fp_dtype,
+    )
+    _quantize_block(method, block, s, "", q, fp, notes)
+    fp[FINAL_NORM] = fp.pop("norm.weight")
+
+
+def _layer_block(store, cfg: ModelConfig, i: int, x, rope, device, fp_dtype) -> Block:
+    """Decoder layer i from the checkpoint (only its tensors are read), float32 on device; its forward passes
+    run under compute_dtype(device) autocast (bf16 on CUDA, float32 on the CPU)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg)
+    prefix = layer_prefix(i)
+    state = {k: store.get(prefix + k).to(device=device, dtype=torch.float32) for k in layer.state_dict()}
+    layer.load_state_dict(state, strict=True, assign=True)
+    layer.requires_grad_(False)
+    cos, sin, mask = rope
+    causal = x is not None and mask is None  # _rope_and_mask left the masking to SDPA's causal kernel
+    return Block(
+        layer,
+        LAYER_GROUPS,
+        x,
+        lambda m, xc: m(xc, cos, sin, mask, None, causal)[0],
+        sub_args={"self_attn": (cos, sin, mask, None, causal)},
+        chunk=_chunk(cfg, x, device),
+        fp_dtype=fp_dtype,
+        compute_dtype=compute_dtype(device),
+    )
+
+
+def _rope_and_mask(cfg: ModelConfig, x: torch.Tensor | None, device):
+    """cos, sin [1, s, d] in the forward's dtype; the boolean mask [1, 1, s, s], or None where SDPA's causal
+    kernel does the masking (blocks.causal_kernel: CUDA, no sliding window inside the sequence)."""
+    if x is None:
+        return None, None, None
+    seq = x.shape[1]
+    rotary = Rotary(cfg).to(device)
+    cos, sin = rotary(torch.arange(seq, device=device)[None], compute_dtype(device) or torch.float32)
+    if causal_kernel(device, seq, cfg.sliding_window):
+        return cos, sin, None
+    return cos, sin, causal_mask(seq, 0, device, cfg.sliding_window)
+
+
+def _chunk(cfg: ModelConfig, x: torch.Tensor | None, device, width: int | None = None) -> int:
+    """Samples per forward so that the widest intermediate stays near 512 MiB (2 GiB on CUDA)."""
+    if x is None:
+        return 1
+    seq = x.shape[1]
+    scores = 0 if causal_kernel(device, seq, cfg.sliding_window) else cfg.num_heads * seq  # [h, s, s] or none
+    width = width or max(cfg.intermediate_size, scores, 3 * cfg.hidden_size)
+    budget = 1 << 29 if torch.device(device).type == "cuda" else 1 << 27  # floats
+    return max(1, budget // (seq * width))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("quant.device=cuda, but no CUDA device is visible here; use --device cpu or auto.")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def check_settings(cfg: ModelConfig, s: dict) -> None:
+    """Everything about (model, settings) that would fail mid-walk, reported at once before any work."""
+    problems = []
+    if s["quantize_lm_head"] and cfg.tie_word_embeddings:
+        problems.append(
+            "quant.quantize_lm_head: this model ties lm_head to the input embeddings; quantizing lm_head "
+            "would untie them (a second vocab x hidden matrix). Leave lm_head unquantized (the default)."
+        )
+    if problems:
+        raise InputError("cannot quantize this model with these settings:\n  - " + "\n  - ".join(problems))
+
+
+def _check_ids(ids: torch.Tensor, cfg: ModelConfig) -> None:
+    if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
+        raise InputError(
+            f"calibration ids must be a non-empty int tensor [samples, seq_len], got "
+            f"{ids.dtype} {tuple(ids.shape)}."
+        )
+    if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+        raise InputError(
+            f"calibration ids must lie in [0, vocab_size={cfg.vocab_size}); got "
+            f"[{int(ids.min())}, {int(ids.max())}]. Is the tokenizer the model's own?"
+        )
