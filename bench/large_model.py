@@ -2,8 +2,8 @@
 
     python bench/large_model.py --workdir /tmp/big [--layers 40] [--keep]
 
-Generates a random fp16 Llama-2-13B-shaped checkpoint (40 layers, hidden 5120, ~26 GB) in 1-layer shards plus a
-rank-16 LoRA on every linear, then runs `lorafast-export merge` and `build --quant int8|rtn --target hf` in fresh
+Generates a random fp16 Llama-2-13B-shaped checkpoint (40 layers, hidden 5120, ~26 GB; scripts/make_model.py) in
+about 1-layer shards plus a rank-16 LoRA on q/v/down, then runs `lorafast-export merge` and `build --quant int8|rtn --target hf` in fresh
 processes, sampling each process's peak RSS (VmHWM) and wall time. Prints a Markdown table.
 """
 
@@ -18,89 +18,15 @@ import threading
 import time
 from pathlib import Path
 
-SHAPE = {
-    "hidden_size": 5120,
-    "intermediate_size": 13824,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 40,
-    "vocab_size": 32000,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.make_model import make_adapter, make_base, shape_of  # noqa: E402
 
 
 def generate(root: Path, layers: int) -> tuple[Path, Path, float]:
-    import torch
-    from safetensors.torch import save_file
-
-    base = root / "base"
-    base.mkdir(parents=True, exist_ok=True)
-    h, i, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "num_hidden_layers": layers,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-        "dtype": "float16",
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        **SHAPE,
-    }
-    (base / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g, dtype=torch.float32) * 0.02).half()
-
-    groups = [("embed", {"model.embed_tokens.weight": rnd(v, h)})]
-    groups += [(f"layer{n}", None) for n in range(layers)]
-    groups += [
-        ("final", {"model.norm.weight": torch.ones(h, dtype=torch.float16), "lm_head.weight": rnd(v, h)})
-    ]
-    for k, (name, tensors) in enumerate(groups):
-        if tensors is None:
-            n = int(name[5:])
-            p = f"model.layers.{n}."
-            tensors = {
-                p + "input_layernorm.weight": torch.ones(h, dtype=torch.float16),
-                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16),
-            }
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                tensors[p + f"self_attn.{proj}.weight"] = rnd(h, h)
-            tensors[p + "mlp.gate_proj.weight"] = rnd(i, h)
-            tensors[p + "mlp.up_proj.weight"] = rnd(i, h)
-            tensors[p + "mlp.down_proj.weight"] = rnd(h, i)
-        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(tensors, str(base / fname), metadata={"format": "pt"})
-        weight_map.update({t: fname for t in tensors})
-        total += sum(t.numel() * 2 for t in tensors.values())
-    (base / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
-    ad = root / "lora"
-    ad.mkdir(exist_ok=True)
-    lora, r = {}, 16
-    for n in range(layers):
-        for mod, (o, ii) in {
-            "self_attn.q_proj": (h, h),
-            "self_attn.v_proj": (h, h),
-            "mlp.down_proj": (h, i),
-        }.items():
-            key = f"base_model.model.model.layers.{n}.{mod}"
-            lora[key + ".lora_A.weight"] = torch.randn(r, ii, generator=g) * 0.01
-            lora[key + ".lora_B.weight"] = torch.randn(o, r, generator=g) * 0.01
-    save_file(lora, str(ad / "adapter_model.safetensors"))
-    (ad / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "r": r,
-                "lora_alpha": 32,
-                "target_modules": ["q_proj", "v_proj", "down_proj"],
-            }
-        )
-    )
-    return base, ad, total / 1e9
+    """The 13B shape in fp16 from scripts/make_model.py, about one layer per shard, + LoRA r16 on q/v/down."""
+    info = make_base(root / "base", shape_of("llama-13b", layers=layers), dtype="float16", shard_gb=0.7)
+    make_adapter(root / "lora", root / "base", r=16, alpha=32, targets=("q_proj", "v_proj", "down_proj"))
+    return root / "base", root / "lora", info["bytes"] / 1e9
 
 
 def peak_rss_run(cmd: list[str]) -> tuple[float, float, int]:

@@ -5,8 +5,8 @@
 Parts (each measured run is its own subprocess, so peak GPU memory is that run's alone):
 - tiny: a tiny llama quantized with device=cpu and device=cuda by every calibrated method; max logit diff.
 - speed: random bf16 weights of Llama-3-8B's shape (hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab
-  128256) with --layers decoder layers (layer i's weights depend only on i, so every depth shares its first
-  layers); GPTQ and AWQ at 4 bits g128 with samples x seq_len calibration ids on CUDA: seconds, seconds per
+  128256; scripts/make_model.py) with --layers decoder layers (weights are seeded by tensor name, so every
+  depth shares its first layers); GPTQ and AWQ at 4 bits g128 with samples x seq_len calibration ids on CUDA: seconds, seconds per
   layer, peak GPU memory. --peers: llm-compressor (GPTQModifier; AWQModifier + QuantizationModifier
   W4A16_ASYM) on the same checkpoint and ids, loaded as its examples do (dtype="auto": bf16). Per-layer
   times: ours from the walk's progress, llm-compressor's from its sequential pipeline's per-layer callback.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
 from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
 from lorafast_export.recipe import DEMO_DIR  # noqa: E402
+from scripts.make_model import PRESETS, make_base, shape_of  # noqa: E402
 
-SHAPE = {"hidden": 4096, "inter": 14336, "heads": 32, "kv": 8, "vocab": 128256}
 LOG_DIR: Path | None = None  # --logs: keep each measured run's output there
 OURS = {
     "gptq": {"method": "gptq"},
@@ -69,52 +68,8 @@ def tiny_cpu_vs_cuda(tmp: Path) -> dict:
 
 
 def llama8b_shape(d: Path, layers: int) -> Path:
-    from safetensors.torch import save_file
-
-    h, inter, heads, kv, vocab = (SHAPE[k] for k in ("hidden", "inter", "heads", "kv", "vocab"))
-    d.mkdir(parents=True)
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": h,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "vocab_size": vocab,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
-    (d / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator(device="cuda")
-    rnd = lambda *s: (torch.randn(*s, generator=g, device="cuda") * 0.02).bfloat16().cpu()  # noqa: E731
-    ones = lambda: torch.ones(h, dtype=torch.bfloat16)  # noqa: E731
-    g.manual_seed(10_000)
-    state = {
-        "model.embed_tokens.weight": rnd(vocab, h),
-        "lm_head.weight": rnd(vocab, h),
-        "model.norm.weight": ones(),
-    }
-    for i in range(layers):
-        g.manual_seed(i)  # layer i is the same at every depth
-        p = f"model.layers.{i}."
-        state |= {
-            p + "input_layernorm.weight": ones(),
-            p + "post_attention_layernorm.weight": ones(),
-            p + "self_attn.q_proj.weight": rnd(h, h),
-            p + "self_attn.k_proj.weight": rnd(kv * 128, h),
-            p + "self_attn.v_proj.weight": rnd(kv * 128, h),
-            p + "self_attn.o_proj.weight": rnd(h, h),
-            p + "mlp.gate_proj.weight": rnd(inter, h),
-            p + "mlp.up_proj.weight": rnd(inter, h),
-            p + "mlp.down_proj.weight": rnd(h, inter),
-        }
-    save_file(state, str(d / "model.safetensors"))
-    for f in ("tokenizer.json", "tokenizer_config.json"):  # llm-compressor's oneshot insists on a tokenizer
-        shutil.copy(DEMO_DIR / "base" / f, d / f)
+    """Llama-3-8B's shape with `layers` layers, from scripts/make_model.py (weights seeded by tensor name)."""
+    make_base(d, shape_of("llama3-8b", layers=layers), dtype="bfloat16", device="cuda")
     return d
 
 
@@ -346,7 +301,12 @@ def demo_accuracy(samples: int, seq_len: int) -> list[dict]:
 def speed_rows(tmp: Path, a) -> list[tuple]:
     calib_path = tmp / "calib.pt"
     torch.save(
-        torch.randint(0, SHAPE["vocab"], (a.samples, a.seq_len), generator=torch.Generator().manual_seed(0)),
+        torch.randint(
+            0,
+            PRESETS["llama3-8b"]["vocab"],
+            (a.samples, a.seq_len),
+            generator=torch.Generator().manual_seed(0),
+        ),
         calib_path,
     )
     runs = []

@@ -41,25 +41,10 @@ from lorafast_export.runtime.bench import bench_runtime, random_prompts, run_req
 from lorafast_export.runtime.linear import lower_qtensor  # noqa: E402
 from lorafast_export.runtime.loader import build_runtime  # noqa: E402
 from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
+from scripts.make_model import PRESETS, llama_kwargs  # noqa: E402
 
 SHAPES = {
-    "llama3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
+    "llama3-8b": llama_kwargs(PRESETS["llama3-8b"]),
     "small": dict(
         vocab_size=32000,
         hidden_size=512,

@@ -1,0 +1,101 @@
+"""scripts/make_model.py writes what transformers, PEFT and our own loader read as the same model."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from lorafast_export.adapters import open_adapter
+from lorafast_export.merge import merged_state, plan_merge
+from lorafast_export.weights import open_model
+from scripts.make_model import main, make_adapter, make_base, shape_of
+
+TINY = dict(hidden=64, inter=96, layers=3, heads=4, kv_heads=2, vocab=80, max_pos=128)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_sharded_base_loads_in_transformers(tmp_path, family):
+    info = make_base(tmp_path, shape_of(**TINY), family=family, dtype="float32", shard_gb=40e-6, device="cpu")
+    assert info["shards"] > 2  # really sharded, with an index like the Hub's
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    on_disk = {}
+    for f in sorted(set(index["weight_map"].values())):
+        on_disk |= load_file(str(tmp_path / f))
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in on_disk.values())
+    model, loading = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    assert (
+        type(model).__name__
+        == {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family] + "ForCausalLM"
+    )
+    state = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == info["params"]
+    for name, t in on_disk.items():
+        assert torch.equal(state[name], t), name
+    if family == "qwen2":
+        assert state["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok("def f(x): return x")["input_ids"]
+    assert ids[0] == model.config.bos_token_id and max(ids) < TINY["vocab"]
+
+
+def test_weights_do_not_depend_on_sharding(tmp_path):
+    make_base(tmp_path / "one", shape_of(**TINY), dtype="float16", device="cpu")
+    make_base(tmp_path / "many", shape_of(**TINY), dtype="float16", shard_gb=20e-6, device="cpu")
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    many = {}
+    for f in (tmp_path / "many").glob("model-*.safetensors"):
+        many |= load_file(str(f))
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+
+
+def test_large_vocab_reuses_demo_tokenizer(tmp_path):
+    make_base(tmp_path, shape_of(**{**TINY, "vocab": 4096}), dtype="float32", device="cpu")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == 2048 and max(tok("import os\nprint(os.sep)")["input_ids"]) < 2048
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapter_is_what_peft_loads_and_our_merge_matches_it(tmp_path, dora):
+    """PEFT loads every tensor we wrote, B is non-zero, the adapter changes the logits, and our merge of the
+    generated files reproduces PEFT's unmerged forward."""
+    make_base(tmp_path / "b", shape_of(**TINY), dtype="float32", shard_gb=40e-6, device="cpu")
+    make_adapter(tmp_path / "a", tmp_path / "b", r=4, alpha=8, dora=dora, device="cpu")
+    written = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert len(written) == TINY["layers"] * 7 * (3 if dora else 2)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    ids = torch.randint(0, TINY["vocab"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        pm = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
+        ref = pm(ids).logits
+    loaded = peft.get_peft_model_state_dict(pm)  # the saved form, as peft's save_pretrained would write it
+    assert loaded.keys() == written.keys()
+    for k, t in written.items():
+        assert torch.equal(loaded[k], t), k
+        if "lora_B" in k:
+            assert t.abs().min() > 0
+    assert pm.peft_config["default"].use_dora is dora
+    delta = (ref - base_logits).abs().max()
+    assert 1e-3 < delta < base_logits.abs().max()  # a real but moderate change
+    ad = open_adapter(str(tmp_path / "a"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    merged.load_state_dict(merged_state(plan_merge(open_model(tmp_path / "b"), [ad])), strict=False)
+    with torch.no_grad():
+        assert (merged(ids).logits - ref).abs().max() < 1e-4
+
+
+def test_cli_presets_and_bad_shape(tmp_path, capsys):
+    assert (
+        main(["both", str(tmp_path / "m"), "--preset", "demo-like", "--layers", "1", "--device", "cpu"]) == 0
+    )
+    cfg = json.loads((tmp_path / "m" / "base" / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (256, 1, 2048)
+    assert (tmp_path / "m" / "lora" / "adapter_config.json").exists()
+    assert main(["base", str(tmp_path / "x"), "--hidden", "64"]) == 2
+    assert "shape needs" in capsys.readouterr().err
