@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -20,6 +22,25 @@ from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError
 
 console = Console(stderr=True)
 out = Console()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where the process is, so they unwind (staging, cache partials, the output lock)
+    exactly as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _raise_terminated)
 
 
 class Ctx:
@@ -44,9 +65,10 @@ def _run(ctx: Ctx, fn, *args, **kwargs):
             click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]; nothing was published")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        console.print(f"[red]interrupted[/] ({signal.Signals(signum).name}); nothing was published")
+        sys.exit(128 + signum)
     except Exception as e:  # a bug, not a user error
         if ctx.debug:
             raise
@@ -70,6 +92,7 @@ def main(cctx: click.Context, as_json: bool, quiet: bool, debug: bool) -> None:
         level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     cctx.obj = Ctx(as_json, quiet or as_json, debug)
+    install_signal_handlers()
 
 
 def _progress(ctx: Ctx):
@@ -284,19 +307,21 @@ def _build_matrix(ctx: Ctx, r, specs: list[str]) -> None:
 
 def _finish_build(ctx: Ctx, bctx) -> None:
     from lorafast_export.errors import EXIT_GATE_FAILED
+    from lorafast_export.safeio import sha256_file
 
     summary = {
         "artifact": str(bctx.out_dir),
+        "manifest_sha256": sha256_file(bctx.out_dir / "manifest.json"),
         "timings_s": bctx.timings,
         "facts": bctx.facts,
         "passed": None if bctx.report is None else bctx.report.get("passed"),
     }
-    ctx.emit(summary, lambda: _print_build(bctx))
+    ctx.emit(summary, lambda: _print_build(bctx, summary["manifest_sha256"]))
     if bctx.report is not None and not bctx.report.get("passed", True):
         sys.exit(EXIT_GATE_FAILED)
 
 
-def _print_build(bctx) -> None:
+def _print_build(bctx, manifest_sha256: str) -> None:
     if bctx.report is not None and "markdown_table" in bctx.report:
         out.print(bctx.report["markdown_table"])
     verdict = (
@@ -306,6 +331,7 @@ def _print_build(bctx) -> None:
     )
     total = sum(bctx.timings.values())
     out.print(f"[bold green]built[/] {bctx.out_dir}  ({total:.1f} s){verdict}")
+    out.print(f"  manifest sha256 {manifest_sha256} (check later: verify --expect)", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -479,17 +505,23 @@ def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device):
 
 @main.command()
 @click.argument("artifact", type=click.Path(file_okay=False))
+@click.option(
+    "--expect",
+    metavar="SHA256",
+    help="The manifest.json's sha256 as recorded elsewhere (the build prints it); a different one fails.",
+)
 @click.pass_obj
-def verify(ctx: Ctx, artifact):
-    """Re-hash an artifact's model files against its manifest; exit 1 on any difference."""
+def verify(ctx: Ctx, artifact, expect):
+    """Re-hash every file of an artifact against its manifest; exit 1 on any difference."""
     from lorafast_export.verify import verify_artifact
 
-    res = _run(ctx, verify_artifact, Path(artifact))
+    res = _run(ctx, verify_artifact, Path(artifact), expect)
 
     def show():
         for kind in ("changed", "missing", "extra", "links"):
             for f in res[kind]:
                 out.print(f"[red]{kind.removesuffix('s')}:[/] {escape(f)}")
+        out.print(f"manifest sha256 {res['manifest_sha256']}", highlight=False)
         out.print(f"[green]verified[/] {res['files']} files" if res["ok"] else "[red]verification failed[/]")
 
     ctx.emit(res, show)
@@ -539,11 +571,11 @@ def merge_cmd(ctx: Ctx, base, adapter, out, dtype, force, allow_pickle, lora_alp
 
 def _merge_only(recipe, progress):
     from lorafast_export.merge import merge
-    from lorafast_export.pipeline import BuildContext, prepare_output, publish, stage_load
+    from lorafast_export.outdir import publish, staged_output
+    from lorafast_export.pipeline import BuildContext, stage_load, write_manifest
 
-    out_dir = Path(recipe.output.dir)
-    stage = prepare_output(out_dir, recipe.output.force)
-    try:
+    out_dir = recipe.output.path
+    with staged_output(out_dir, recipe.output.force) as stage:
         ctx = BuildContext(recipe, out_dir, stage, progress)
         with ctx.stage("load"):
             stage_load(ctx)
@@ -555,12 +587,8 @@ def _merge_only(recipe, progress):
                 dtype=recipe.merge.dtype,
                 on_group=lambda g: progress("merge", g),
             )
+        write_manifest(ctx)  # the merged checkpoint is an artifact too: verifiable, replaceable with --force
         publish(stage, out_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return {
         "out": str(out_dir),
         "adapters": [str(a.path) for a in ctx.adapters],
@@ -616,13 +644,14 @@ def _print_doctor(rep: dict) -> None:
     for col in ("target", "status", "how to get it"):
         t.add_column(col)
     for row in rep["targets"]:
-        t.add_row(row["name"], "[green]ready[/]" if row["ok"] else "[red]missing[/]", row["hint"])
+        # hints hold brackets (pip install 'lorafast-export[onnxruntime]') that rich would read as markup
+        t.add_row(row["name"], "[green]ready[/]" if row["ok"] else "[red]missing[/]", escape(row["hint"]))
     out.print(t)
     q = Table(title="quantization methods")
     q.add_column("method")
     q.add_column("status")
     for row in rep["quant_methods"]:
-        q.add_row(row["name"], "[green]ready[/]" if row["ok"] else f"[red]{row['hint']}[/]")
+        q.add_row(row["name"], "[green]ready[/]" if row["ok"] else f"[red]{escape(row['hint'])}[/]")
     out.print(q)
     out.print(
         f"devices: {', '.join(rep['devices'])}   versions: "

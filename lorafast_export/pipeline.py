@@ -9,7 +9,6 @@ complete, so an interrupted build never leaves a directory that looks finished.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import platform
@@ -25,12 +24,14 @@ from pathlib import Path
 from lorafast_export import __version__
 from lorafast_export.adapters import Adapter, open_adapter
 from lorafast_export.errors import InputError
+from lorafast_export.manifest import read_manifest
+from lorafast_export.manifest import write_manifest as write_manifest_file
+from lorafast_export.outdir import publish, staged_output
 from lorafast_export.recipe import Recipe, resolve_path
 from lorafast_export.stagecache import StageCache, content_key
 from lorafast_export.weights import ModelDir, open_model, sha256_file
 
 log = logging.getLogger(__name__)
-MANIFEST_SCHEMA = "lorafast-export/manifest/v1"
 VERSIONED = (
     "torch",
     "transformers",
@@ -205,70 +206,44 @@ def input_hashes(ctx: BuildContext) -> list[dict]:
 
 
 def write_manifest(ctx: BuildContext) -> dict:
-    model_files = sorted(p for p in (ctx.stage_dir / "model").rglob("*") if p.is_file())
+    """manifest.json last: it lists (and hashes) every file the build wrote."""
     manifest = {
-        "schema": MANIFEST_SCHEMA,
         "name": ctx.recipe.name,
         "inputs": ctx.input_hashes,
+        "input_paths": recorded_input_paths(ctx.recipe, ctx.out_dir),
         "recipe": ctx.recipe.to_dict(),
         "versions": library_versions(),
         "timings_s": ctx.timings,
         "facts": ctx.facts,
-        "files": [{"path": str(p.relative_to(ctx.stage_dir)), "sha256": sha256_file(p)} for p in model_files],
         "metrics": (ctx.report or {}).get("summary"),
         "passed": None if ctx.report is None else ctx.report.get("passed"),
     }
-    (ctx.stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest_file(ctx.stage_dir, manifest)
     return manifest
+
+
+def recorded_input_paths(recipe: Recipe, out: Path) -> dict[str, dict[str, str]]:
+    """Each input path of the recipe as an absolute path and relative to the artifact (where the manifest
+    lies), so `validate --artifact` finds the inputs from any working directory, and after a move of both."""
+    out = out.expanduser().absolute()
+    return {
+        field: {"absolute": str(p), "relative": os.path.relpath(p, out)}
+        for field, written in recipe.read_paths()
+        if not written.startswith("demo:")
+        for p in [resolve_path(written).absolute()]
+    }
 
 
 def artifact_target(artifact: Path):
     """The target an artifact was built for (from its manifest), ready to load sessions."""
     from lorafast_export.targets.registry import require_available
 
-    man = artifact / "manifest.json"
-    if not man.is_file():
-        raise InputError(f"{artifact}: no manifest.json; not a finished lorafast-export artifact.")
+    man = read_manifest(artifact, old_ok=True)
     try:
-        name = json.loads(man.read_text())["recipe"]["target"]["name"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(f"{man}: damaged manifest (no recipe.target.name).") from None
+        name = man["recipe"]["target"]["name"]
+    except (KeyError, TypeError):
+        raise InputError(f"{artifact / 'manifest.json'}: damaged manifest (no recipe.target.name).") from None
     return require_available(name)
-
-
-def prepare_output(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
-        raise InputError(f"{out}: already exists. Pass --force to replace it, or choose another --out.")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise InputError(
-            f"{out}: exists and is not a lorafast-export artifact (no manifest.json); --force only "
-            "replaces artifacts, never other directories. Choose another --out, or remove it yourself."
-        )
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{parent}: cannot create the output's parent directory ({e.strerror}).") from None
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: not writable; choose another --out.")
-    for stale in parent.glob(f".{out.name}.partial-*"):  # left by a killed build
-        shutil.rmtree(stale, ignore_errors=True)
-    stage = parent / f".{out.name}.partial-{os.getpid()}"
-    stage.mkdir()
-    return stage
-
-
-def publish(stage: Path, out: Path) -> None:
-    """Rename the finished staging directory into place; an old artifact (with --force) is replaced."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    stage.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _with_fault_injection(progress: Callable[[str, str], None]) -> Callable[[str, str], None]:
@@ -288,28 +263,24 @@ def _with_fault_injection(progress: Callable[[str, str], None]) -> Callable[[str
 
 
 def run_build(recipe: Recipe, progress: Callable[[str, str], None] | None = None) -> BuildContext:
-    out = Path(recipe.output.dir)
-    stage_dir = prepare_output(out, recipe.output.force)
-    ctx = BuildContext(recipe, out, stage_dir, _with_fault_injection(progress or (lambda s, m: None)))
-    ctx.cache = StageCache(recipe.output.cache, stage_dir / "work")
-    try:
-        for name, fn in STAGES:
-            with ctx.stage(name):
-                fn(ctx)
-        shutil.rmtree(stage_dir / "work", ignore_errors=True)
-        ctx.progress("manifest", "start")
-        write_manifest(ctx)
-        ctx.progress("publish", "start")
-        publish(stage_dir, out)
-    except OSError as e:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise InputError(
-                f"{e.filename or out}: no space left on device while building; nothing was "
-                "published. Free some space or choose another --out / LORAFAST_CACHE."
-            ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        raise
+    out = recipe.output.path
+    with staged_output(out, recipe.output.force) as stage_dir:
+        ctx = BuildContext(recipe, out, stage_dir, _with_fault_injection(progress or (lambda s, m: None)))
+        ctx.cache = StageCache(recipe.output.cache, stage_dir / "work")
+        try:
+            for name, fn in STAGES:
+                with ctx.stage(name):
+                    fn(ctx)
+            shutil.rmtree(stage_dir / "work", ignore_errors=True)
+            ctx.progress("manifest", "start")
+            write_manifest(ctx)
+            ctx.progress("publish", "start")
+            publish(stage_dir, out)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise InputError(
+                    f"{e.filename or out}: no space left on device while building; nothing was "
+                    "published. Free some space or choose another --out / LORAFAST_CACHE."
+                ) from None
+            raise
     return ctx

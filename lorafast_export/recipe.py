@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafast_export.errors import InputError
+from lorafast_export.safeio import LIMITS, read_text
 
 RECIPE_VERSION = 1
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
@@ -175,6 +176,11 @@ class OutputOptions(_Section):
     force: bool = False
     cache: bool = True  # reuse finished stages from the content-addressed stage cache
 
+    @property
+    def path(self) -> Path:
+        """Where the artifact goes: `dir` with `~` expanded, like every other path of a recipe."""
+        return Path(self.dir).expanduser()
+
 
 class Recipe(_Section):
     version: int = RECIPE_VERSION
@@ -244,7 +250,7 @@ class Recipe(_Section):
         (Without force an existing output.dir is refused before any work, and a new one holds nothing yet.)"""
         if not self.output.force:
             return []
-        out = Path(self.output.dir).expanduser().resolve()
+        out = self.output.path.resolve()
         held = [
             f"{what} {d}"
             for what, d in (("the working directory", Path.cwd()), ("your home directory", _home()))
@@ -267,7 +273,7 @@ class Recipe(_Section):
         junit = self.validate_.junit
         if junit is None:
             return []
-        out = Path(self.output.dir).expanduser()
+        out = self.output.path
         why = outside_reason(out, junit)
         if why is None and Path(junit).parts[0] in ARTIFACT_NAMES:
             why = f"is a name the build writes itself ({', '.join(ARTIFACT_NAMES)})"
@@ -295,11 +301,10 @@ class Recipe(_Section):
     @staticmethod
     def from_yaml(path: str | Path) -> Recipe:
         p = Path(path)
+        text = read_text(p, "recipe file", LIMITS["recipe"])
         try:
-            data = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{p}: recipe file not found.") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader without aliases
+        except yaml.YAMLError as e:
             raise InputError(f"{p}: not valid YAML ({e}).") from None
         if not isinstance(data, dict):
             raise InputError(
@@ -317,6 +322,35 @@ class Recipe(_Section):
                 node = node.setdefault(part, {})
             node[leaf] = value
         return Recipe.from_dict(d, "command line / recipe")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """safe_load without anchors/aliases (a few nested aliases expand into billions of nodes: "billion
+    laughs") and without duplicate keys (a second `quant:` would silently replace the first)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "anchors and aliases (&name, *name) are not allowed in a recipe; write the values out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # unhashable keys: SafeLoader's own error names them
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: each key may appear once", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _home() -> Path | None:

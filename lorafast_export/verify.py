@@ -1,34 +1,22 @@
-"""`verify DIR`: re-hash an artifact's files against its manifest.
+"""`verify DIR`: re-hash every file of an artifact against its manifest.
 
+The manifest lists every file of the artifact but itself; a changed, missing or unlisted file (a `serve.sh`
+added at the root, a forged report.json), a symbolic link or a special file anywhere is a difference.
 Every path the artifact names (manifest `files`, paths its target records in model/, e.g. genai_config.json's
 decoder file) must be relative and stay inside the artifact; anything else means the artifact was damaged or
-tampered with, and nothing is read through it. A built artifact holds no symbolic links (inputs are copied, not
-linked), so any link under model/ is reported as a difference.
+tampered with, and nothing is read through it. manifest.json cannot list its own hash: whoever rewrites it can
+make anything verify, so verify prints its sha256 and `--expect DIGEST` compares it with one kept elsewhere
+(e.g. the one printed by the build, or stored next to where the artifact is published).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from lorafast_export.errors import InputError
+from lorafast_export.manifest import MANIFEST_NAME, read_manifest, walk
 from lorafast_export.recipe import outside_reason
-from lorafast_export.weights import sha256_file
-
-
-def _read_manifest(artifact: Path) -> dict:
-    man_path = artifact / "manifest.json"
-    if not man_path.is_file():
-        raise InputError(f"{artifact}: no manifest.json; not a finished lorafast-export artifact.")
-    try:
-        man = json.loads(man_path.read_text())
-        listed = {f["path"]: f["sha256"] for f in man["files"]}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(f"{man_path}: damaged manifest (no 'files' list).") from None
-    if not all(isinstance(p, str) for p in listed):
-        raise InputError(f"{man_path}: damaged manifest (a 'files' path is not a string).")
-    return man | {"files": listed}
+from lorafast_export.safeio import sha256_file
 
 
 def _escapes(artifact: Path, man: dict) -> list[str]:
@@ -36,52 +24,44 @@ def _escapes(artifact: Path, man: dict) -> list[str]:
     from lorafast_export.targets.registry import all_targets, get_target, recorded_path_problems
 
     out = [
-        f"manifest.json files: {rel!r} {why}"
-        for rel in man["files"]
-        if (why := outside_reason(artifact, rel))
+        f"manifest.json files: {f['path']!r} {why}"
+        for f in man["files"]
+        if (why := outside_reason(artifact, f["path"]))
     ]
     name = ((man.get("recipe") or {}).get("target") or {}).get("name")
-    if name in all_targets():
+    if name in all_targets() and (artifact / "model").is_dir():
         out += [f"model/{p}" for p in recorded_path_problems(get_target(name), artifact / "model")]
     return out
 
 
-def _links(model_dir: Path) -> list[str]:
-    """Symbolic links under model/ (not followed), as 'model/x -> target'."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(model_dir):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath) / name
-            if p.is_symlink():
-                found.append(f"{p.relative_to(model_dir.parent)} -> {os.readlink(p)}")
-    return sorted(found)
-
-
-def verify_artifact(artifact: Path) -> dict:
-    man = _read_manifest(artifact)
+def verify_artifact(artifact: Path, expect: str | None = None) -> dict:
+    man = read_manifest(artifact)
     escapes = _escapes(artifact, man)
     if escapes:
         raise InputError(
             f"{artifact}: what it names escapes the artifact directory; it is damaged or was tampered "
             "with (nothing was read through these paths):\n  - " + "\n  - ".join(escapes)
         )
-    listed = man["files"]
-    changed, missing = [], []
-    for rel, digest in listed.items():
-        p = artifact / rel  # inside: checked above
-        if not p.is_file():
-            missing.append(rel)
-        elif sha256_file(p) != digest:
-            changed.append(rel)
-    present = {str(p.relative_to(artifact)) for p in (artifact / "model").rglob("*") if p.is_file()}
-    extra = sorted(present - set(listed))
-    links = _links(artifact / "model")
+    files, links, other = walk(artifact)
+    present = set(files)
+    listed = {f["path"]: f["sha256"] for f in man["files"]}
+    missing = sorted(rel for rel in listed if rel not in present)
+    # only regular files, never through a link, are hashed (a FIFO or /dev/zero planted there is not read)
+    changed = sorted(
+        rel for rel, digest in listed.items() if rel in present and sha256_file(artifact / rel) != digest
+    )
+    extra = sorted([*(present - set(listed)), *other])
+    digest = sha256_file(artifact / MANIFEST_NAME)
+    wrong_manifest = (
+        [f"{MANIFEST_NAME} (sha256 {digest}, expected {expect})"] if expect and expect != digest else []
+    )
     return {
         "artifact": str(artifact),
         "files": len(listed),
-        "changed": changed,
+        "manifest_sha256": digest,
+        "changed": [*wrong_manifest, *changed],
         "missing": missing,
         "extra": extra,
         "links": links,
-        "ok": not (changed or missing or extra or links),
+        "ok": not (changed or missing or extra or links or wrong_manifest),
     }

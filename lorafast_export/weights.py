@@ -7,7 +7,6 @@ ever run: we read config.json ourselves and never call trust_remote_code paths.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.model.spec import ModelConfig
+from lorafast_export.safeio import sha256_file  # noqa: F401 - re-exported: callers import it from here
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = (
@@ -30,14 +30,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_safetensors_header(path: Path) -> dict:

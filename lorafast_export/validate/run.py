@@ -168,6 +168,9 @@ def _greedy(reference: Reference, candidates, prompts, n: int, progress) -> dict
     return out
 
 
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
 def write_reports(report, out_dir: Path, junit: str | None = None) -> None:
     """report.json/.md/.html and the JUnit file (a path relative to out_dir), all inside out_dir, never through
     a link (out_dir may be a downloaded artifact being re-validated)."""
@@ -178,7 +181,7 @@ def write_reports(report, out_dir: Path, junit: str | None = None) -> None:
     from lorafast_export.report.junit import render_junit
     from lorafast_export.report.markdown import render_markdown
 
-    files = {
+    files = {  # REPORT_FILES
         "report.json": to_json(report),
         "report.md": render_markdown(report),
         "report.html": render_html(report),
@@ -267,28 +270,23 @@ def validate_build(ctx) -> dict:
 
 def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     """Re-validate an existing artifact against its inputs (from its manifest); reports go into the artifact."""
-    import json
-
     from lorafast_export.adapters import open_adapter
+    from lorafast_export.manifest import locate_inputs, read_manifest, record_files
     from lorafast_export.merge import plan_merge
     from lorafast_export.recipe import Recipe, resolve_path
     from lorafast_export.targets.registry import require_available
     from lorafast_export.weights import open_model
 
     man_path = artifact / "manifest.json"
-    if not man_path.exists():
-        raise InputError(
-            f"{artifact}: no manifest.json; not a lorafast-export artifact (or an unfinished one)."
-        )
-    try:
-        data = json.loads(man_path.read_text())["recipe"]
-        if isinstance(data, dict) and isinstance(data.get("validate"), dict):
-            data["validate"].pop(
-                "junit", None
-            )  # where this run writes JUnit is --junit's choice, not the build's
-        recipe = Recipe.from_dict(data, str(man_path))
-    except (json.JSONDecodeError, KeyError):
-        raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.") from None
+    man = read_manifest(artifact, old_ok=True)
+    data = man.get("recipe")
+    if isinstance(data, dict) and isinstance(data.get("validate"), dict):
+        data["validate"].pop(
+            "junit", None
+        )  # where this run writes JUnit is --junit's choice, not the build's
+    if not isinstance(data, dict):
+        raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.")
+    recipe = Recipe.from_dict(locate_inputs(data, man, artifact), str(man_path))
     recipe = recipe.with_overrides(overrides) if overrides else recipe
     base = open_model(resolve_path(recipe.inputs.base), recipe.inputs.allow_pickle)
     adapters = [
@@ -298,7 +296,10 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     session = require_available(recipe.target.name).load(artifact / "model")
     cands = [merged_fp32_candidate(plan_merge(base, adapters)), session_candidate("artifact", session)]
     v = ValidationInputs(base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe))
-    return run_validation(v, artifact, progress)
+    report = run_validation(v, artifact, progress)
+    # the reports were rewritten: their new hashes go into the manifest, so the artifact still verifies
+    record_files(artifact, [*REPORT_FILES, *([recipe.validate_.junit] if recipe.validate_.junit else [])])
+    return report
 
 
 def summarize(report) -> dict:

