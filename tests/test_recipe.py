@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,46 @@ def test_junit_inside_the_artifact_is_accepted_and_links_out_are_not(tmp_path):
     (tmp_path / "x" / "reports").symlink_to(tmp_path)  # an existing output directory, rebuilt with --force
     msg = _refusal({"output.dir": str(tmp_path / "x"), "validate.junit": "reports/junit.xml"})
     assert "leaves the directory through a symbolic link" in msg
+
+
+def test_yaml_aliases_are_refused_quickly(tmp_path):
+    """A "billion laughs" recipe (nested aliases) is refused at the first anchor, not expanded."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    p = tmp_path / "laughs.yaml"
+    p.write_text("\n".join(lines) + "\nname: *a9\n")
+    with pytest.raises(InputError, match="anchors and aliases .* are not allowed") as e:
+        Recipe.from_yaml(p)
+    assert str(p) in str(e.value) and "line 1" in str(e.value)
+    p.write_text("version: 1\nmerge: &m {dtype: auto}\n")  # a harmless anchor is refused too: one rule
+    with pytest.raises(InputError, match="anchors and aliases"):
+        Recipe.from_yaml(p)
+
+
+def test_yaml_duplicate_keys_are_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("version: 1\nquant: {method: awq}\ntarget: {name: hf}\nquant: {method: none}\n")
+    with pytest.raises(InputError, match="duplicate key 'quant'") as e:
+        Recipe.from_yaml(p)
+    assert "line 4" in str(e.value)
+    p.write_text("version: 1\nquant: {method: awq, method: rtn}\n")
+    with pytest.raises(InputError, match="duplicate key 'method'"):
+        Recipe.from_yaml(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge"])
+def test_recipe_files_are_regular_and_small(tmp_path, kind):
+    """A FIFO or /dev/zero would be read forever; a recipe bigger than 1 MiB is a wrong file."""
+    p = tmp_path / "r.yaml"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "device":
+        p = Path("/dev/zero")
+    elif kind == "directory":
+        p.mkdir()
+    else:
+        p.write_text("# " + "x" * (2 << 20) + "\nversion: 1\n")
+    expect = {"fifo": "a FIFO", "device": "a device", "directory": "a directory", "huge": "at most 1,048,576"}
+    with pytest.raises(InputError, match=expect[kind]) as e:
+        Recipe.from_yaml(p)
+    assert str(p) in str(e.value)
