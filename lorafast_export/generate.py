@@ -2,8 +2,13 @@
 
 Reads jsonl prompts ({"prompt": ..., optional "id", "max_new_tokens"}), generates greedily through the artifact's
 own runtime session (continuous batching when the session offers `generate_batch`, e.g. the torch-compile
-runtime; one prompt at a time otherwise), and appends one jsonl record per prompt, flushed as it goes. An
-interrupted run resumes: records already in the output (complete lines) are skipped; a torn last line is cut.
+runtime; one prompt at a time otherwise), and writes one jsonl record per prompt.
+
+The output is never written in place: records go to `.<name>.partial-PID` beside it (the existing records first,
+then each batch, flushed), renamed over the output when the run ends, is interrupted (Ctrl-C, SIGTERM) or fails.
+A run killed outright leaves its partial; the next run resumes from it. Records already there (complete lines)
+are skipped; a torn last line is dropped. An existing output that is not a generate output, or that is the
+input itself (also through a link), is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lorafast_export.errors import InputError
+from lorafast_export.outdir import output_lock
+from lorafast_export.safeio import dead_partials, require_regular
 
 
 def read_prompts(path: Path) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file not found.")
+    require_regular(path, "prompt file")
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
             for n, line in enumerate(f, 1):
@@ -37,20 +43,51 @@ def read_prompts(path: Path) -> Iterator[tuple[int, dict]]:
             raise InputError(f"{path}: not UTF-8 text.") from None
 
 
-def completed_ids(out: Path) -> set:
-    """ids already written; a torn (partial) last line from a killed run is truncated away."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        with open(out, "r+b") as f:
-            f.truncate(keep)
+def completed(path: Path) -> tuple[bytes, set]:
+    """(complete lines, their ids) of an earlier output; a torn last line is left out. Only read, never changed."""
+    if not path.exists() and not path.is_symlink():
+        return b"", set()
+    require_regular(path, "output file")
+    data = path.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]
     done = set()
-    for line in data[:keep].decode("utf-8").splitlines():
-        if line.strip():
-            done.add(json.loads(line)["id"])
-    return done
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), (int, str)):
+            raise InputError(
+                f"{path}:{n}: not a generate output (each line is a JSON record with an 'id'); it was not "
+                "changed. Choose another --output."
+            )
+        done.add(rec["id"])
+    return data, done
+
+
+def _refuse_same_file(inp: Path, out: Path) -> None:
+    if out.exists() and inp.exists() and os.path.samefile(inp, out):
+        raise InputError(
+            f"{out}: --output is the --input file ({inp}){' through a link' if inp != out else ''}; writing it "
+            "would destroy the prompts. Choose another --output."
+        )
+
+
+def _resume_from(out: Path) -> tuple[bytes, set, list[Path]]:
+    """The earlier records (the output's, or a killed run's partial when that holds more), and the partials of
+    dead runs, to remove once those records are safe in ours."""
+    stale = dead_partials(out.parent, f".{out.name}.")
+    best = completed(out)
+    for p in stale:
+        try:
+            data, done = completed(p)
+        except InputError:
+            continue
+        if len(done) > len(best[1]):
+            best = (data, done)
+    return *best, stale
 
 
 def generate_file(
@@ -65,37 +102,58 @@ def generate_file(
 
     from lorafast_export.pipeline import artifact_target
 
+    _refuse_same_file(inp, out)
+    todo = [(rec.get("id", n), rec) for n, rec in read_prompts(inp)]
+    completed(out)  # an output that is not ours is refused before the model is loaded
     target = artifact_target(artifact)
     session = target.load(artifact / "model")
     tok = transformers.AutoTokenizer.from_pretrained(artifact / "model")
-    done = completed_ids(out)
-    todo = [(rec.get("id", n), rec) for n, rec in read_prompts(inp)]
-    pending = [(i, r) for i, r in todo if i not in done]
-    progress(len(todo) - len(pending), len(todo))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start : start + batch_size]
-            ids = [tok(r["prompt"])["input_ids"] for _, r in chunk]
-            budgets = [int(r.get("max_new_tokens", max_new_tokens)) for _, r in chunk]
-            outs = _generate(session, ids, budgets)
-            for (i, r), toks in zip(chunk, outs, strict=True):
-                toks = _until_eos(toks, tok.eos_token_id)
-                f.write(
-                    json.dumps(
-                        {"id": i, "prompt": r["prompt"], "completion": tok.decode(toks), "tokens": toks}
-                    )
-                    + "\n"
-                )
-            f.flush()
-            os.fsync(f.fileno())
-            progress(len(todo) - len(pending) + start + len(chunk), len(todo))
+    with output_lock(out):
+        earlier, done, stale = _resume_from(out)
+        pending = [(i, r) for i, r in todo if i not in done]
+        progress(len(todo) - len(pending), len(todo))
+        partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+        with open(partial, "wb") as f:
+            kept = False  # the earlier records are all in the partial: replacing the output loses nothing
+            try:
+                f.write(earlier)
+                f.flush()
+                kept = True
+                for p in stale:
+                    p.unlink(missing_ok=True)
+                for start in range(0, len(pending), batch_size):
+                    chunk = pending[start : start + batch_size]
+                    f.write(_records(session, tok, chunk, max_new_tokens).encode("utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                    progress(len(todo) - len(pending) + start + len(chunk), len(todo))
+            finally:  # also when interrupted or failing: what was generated is kept (a torn line is dropped later)
+                if kept:
+                    f.flush()
+                    os.replace(partial, out)
+                else:
+                    partial.unlink(missing_ok=True)
     return {
         "prompts": len(todo),
         "generated": len(pending),
         "resumed_from": len(todo) - len(pending),
         "output": str(out),
     }
+
+
+def _records(session, tok, chunk: list[tuple], max_new_tokens: int) -> str:
+    """One batch's jsonl records, as one string: written whole or not at all."""
+    ids = [tok(r["prompt"])["input_ids"] for _, r in chunk]
+    budgets = [int(r.get("max_new_tokens", max_new_tokens)) for _, r in chunk]
+    outs = _generate(session, ids, budgets)
+    lines = []
+    for (i, r), toks in zip(chunk, outs, strict=True):
+        toks = _until_eos(toks, tok.eos_token_id)
+        lines.append(
+            json.dumps({"id": i, "prompt": r["prompt"], "completion": tok.decode(toks), "tokens": toks})
+        )
+    return "".join(line + "\n" for line in lines)
 
 
 def _generate(session, ids: list[list[int]], budgets: list[int]) -> list[list[int]]:

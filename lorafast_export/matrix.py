@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from pathlib import Path
 
 from lorafast_export.errors import InputError, LorafastError
 from lorafast_export.recipe import Recipe
@@ -37,6 +36,10 @@ def parse_axes(specs: list[str]) -> dict[str, list[str]]:
             raise InputError(f"--matrix {spec!r}: expected KEY=V1,V2 (keys: {', '.join(AXES)}).")
         if key not in AXES:
             raise InputError(f"--matrix {spec!r}: unknown axis {key!r}; axes: {', '.join(AXES)}.")
+        if key in axes:
+            raise InputError(
+                f"--matrix {spec!r}: axis {key!r} is given twice; list all its values once: {key}=A,B."
+            )
         axes[key] = [v for v in values.split(",") if v]
         bad = [v for v in axes[key] if not VALUE.fullmatch(v) or (key in INT_AXES and not _is_int(v))]
         if bad:
@@ -45,11 +48,22 @@ def parse_axes(specs: list[str]) -> dict[str, list[str]]:
                 f"--matrix {spec!r}: {', '.join(map(repr, bad))}: {key} values are {kind}; they also "
                 "name the artifact directories under --out."
             )
+        _refuse_repeats(spec, key, axes[key])
     if not axes:
         raise InputError(
             "--matrix needs at least one axis, e.g. --matrix target=onnxruntime,openvino quant=int8,awq"
         )
     return axes
+
+
+def _refuse_repeats(spec: str, key: str, values: list[str]) -> None:
+    """quant=none,none (or bits=4,04) would build one artifact twice, the second into the first's directory."""
+    typed = [_typed(key, v) for v in values]
+    for i, t in enumerate(typed):
+        first, v = values[typed.index(t)], values[i]
+        if typed.index(t) != i:
+            twice = repr(v) if first == v else f"{first!r} and {v!r} (the same value)"
+            raise InputError(f"--matrix {spec!r}: {twice} given twice; list each value once.")
 
 
 def _is_int(v: str) -> bool:
@@ -66,7 +80,13 @@ def _typed(key: str, v: str):
 
 def combinations(recipe: Recipe, axes: dict[str, list[str]]) -> list[tuple[str, Recipe]]:
     """All combinations, each a full recipe (validated up front: every bad combination reported at once)."""
-    root = Path(recipe.output.dir)
+    names = ["-".join(values) for values in itertools.product(*axes.values())]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:  # values holding '-' can join into the same name: a-b + c and a + b-c
+        raise InputError(
+            f"matrix: combinations would share the artifact directory {', '.join(clash)} under --out."
+        )
+    root = recipe.output.path
     out, problems = [], []
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values, strict=True))
@@ -80,6 +100,12 @@ def combinations(recipe: Recipe, axes: dict[str, list[str]]) -> list[tuple[str, 
             problems.append(f"{name}: {e}")
     if problems:
         raise InputError("matrix: some combinations are invalid:\n" + "\n".join(problems))
+    names = [name for name, _ in out]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:  # values holding '-' can join into the same name: a-b + c and a + b-c
+        raise InputError(
+            f"matrix: combinations would share the artifact directory {', '.join(clash)} under --out."
+        )
     return out
 
 
@@ -107,7 +133,7 @@ def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m:
         "artifacts": rows,
         "passed": all(r["passed"] is not False for r in rows),
     }
-    root = Path(recipe.output.dir)
+    root = recipe.output.path
     root.mkdir(parents=True, exist_ok=True)
     write_inside(
         root,

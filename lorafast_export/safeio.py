@@ -103,7 +103,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 # ------------------------------------------------------------------------------- partials of dead processes
 
-_PARTIAL = re.compile(r"\.(?:partial|old)-(\d+)$")
+_PARTIAL = re.compile(r"\.(?:partial|old|bad)-(\d+)$")
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,7 +119,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def dead_partials(parent: Path, prefix: str) -> list[Path]:
-    """Entries `<prefix>…partial-PID` / `….old-PID` in parent whose process is gone (left by a killed run)."""
+    """Entries `<prefix>….partial-PID` / `.old-PID` / `.bad-PID` in parent whose process is gone (a killed run's)."""
     if not parent.is_dir():
         return []
     out = []

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 from lorafast_export.errors import InputError
+from lorafast_export.safeio import require_regular
 
 
 def read_texts(path: Path, what: str = "eval") -> list[str]:
     """A .jsonl file (one {"text": ...} per line) or any other file as one UTF-8 text."""
-    if not path.exists():
-        raise InputError(f"{path}: {what} file not found.")
+    require_regular(path, f"{what} file")  # a FIFO or /dev/zero would be read until memory runs out
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

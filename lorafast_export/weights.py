@@ -16,7 +16,12 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.model.spec import ModelConfig
-from lorafast_export.safeio import sha256_file  # noqa: F401 - re-exported: callers import it from here
+from lorafast_export.safeio import (
+    LIMITS,
+    read_text,
+    require_regular,
+    sha256_file,  # noqa: F401 - re-exported: callers import it from here
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = (
@@ -33,8 +38,8 @@ TOKENIZER_FILES = (
 
 
 def check_safetensors_header(path: Path) -> dict:
-    """Validate a safetensors file's framing before mmap-ing it; return the header. Names the file on error."""
-    size = path.stat().st_size
+    """Validate a safetensors file's framing before reading it; return the header. Names the file on error."""
+    size = require_regular(path, "safetensors file").st_size
     if size == 0:
         raise InputError(f"{path}: file is empty. Re-download or re-save the checkpoint.")
     if size < 8:
@@ -129,6 +134,7 @@ class WeightStore:
                 f"{f}: pickle checkpoints can run arbitrary code and are refused by default. "
                 "Convert it to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)."
             )
+        require_regular(f, "pickle checkpoint")
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - re-raised as InputError naming the file
@@ -173,9 +179,10 @@ def _weight_files(d: Path, allow_pickle: bool) -> list[Path]:
     idx = d / "model.safetensors.index.json"
     if idx.exists():
         try:
-            weight_map = json.loads(idx.read_text())["weight_map"]
+            weight_map = json.loads(read_text(idx, "shard index", LIMITS["index"]))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise InputError(f"{idx}: not a valid safetensors index (needs a 'weight_map' object).") from None
+        _check_shards_inside(idx, weight_map)
         files = sorted({d / v for v in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -218,8 +225,26 @@ def open_model(path: str | Path, allow_pickle: bool = False) -> ModelDir:
 
 
 def tokenizer_files(d: Path) -> list[Path]:
-    """The tokenizer (and generation config) files a checkpoint directory has."""
-    return [d / n for n in TOKENIZER_FILES if (d / n).exists()]
+    """The tokenizer (and generation config) files a checkpoint directory has: regular files of a sane size."""
+    found = [d / n for n in TOKENIZER_FILES if (d / n).exists()]
+    for f in found:
+        if require_regular(f, "tokenizer file").st_size > LIMITS["tokenizer"]:
+            raise InputError(f"{f}: larger than {LIMITS['tokenizer']:,} bytes; not a tokenizer file.")
+    return found
+
+
+def _check_shards_inside(idx: Path, weight_map: dict) -> None:
+    """Shards named by the index lie in the model directory (links inside it, as the Hub cache makes, are fine)."""
+    bad = [
+        v
+        for v in weight_map.values()
+        if isinstance(v, str) and (Path(v).is_absolute() or v.startswith("~") or ".." in Path(v).parts)
+    ]
+    if bad:
+        raise InputError(
+            f"{idx}: weight_map names shard(s) outside the model directory ({', '.join(map(repr, sorted(set(bad))))}); "
+            "an index names files beside it. Fix the index or copy the shards into the directory."
+        )
 
 
 def _check_base_tensors(d: Path, cfg: ModelConfig, store: WeightStore) -> None:

@@ -1,7 +1,11 @@
 """`generate` streams a prompt file through an artifact's runtime and resumes after an interruption."""
 
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 from click.testing import CliRunner
 
 from lorafast_export.cli import main
@@ -66,3 +70,85 @@ def test_generate_matches_decoder_and_resumes(tmp_path):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["id"] for x in recs] == [1, 2, 3, 4, 5]
     assert [x["tokens"] for x in recs] == expect  # the transformers session's greedy tokens = our decoder's
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    save_base_and_adapter(root, target_modules=["q_proj"])
+    args = [
+        "-q",
+        "build",
+        "--base",
+        root / "base",
+        "--adapter",
+        root / "ad",
+        "--out",
+        root / "art",
+        "--no-validate",
+    ]
+    assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 0
+    return root / "art"
+
+
+def gen(artifact, inp, out):
+    args = [
+        "--json",
+        "generate",
+        "--artifact",
+        artifact,
+        "--input",
+        inp,
+        "--output",
+        out,
+        "--max-new-tokens",
+        "2",
+    ]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_output_equal_to_input_is_refused_and_the_input_kept(artifact, tmp_path):
+    """Issue 16 #2: the same file, a symbolic link to it, or a hard link: exit 2, not one byte changed."""
+    inp = tmp_path / "p.jsonl"
+    inp.write_bytes(b'{"prompt": "the model"}')  # no final newline: the old code truncated it away
+    (tmp_path / "sym.jsonl").symlink_to(inp)
+    os.link(inp, tmp_path / "hard.jsonl")
+    for out in (inp, tmp_path / "sym.jsonl", tmp_path / "hard.jsonl", tmp_path / "." / "p.jsonl"):
+        r = gen(artifact, inp, out)
+        assert r.exit_code == 2 and "--output is the --input file" in r.output, r.output
+        assert inp.read_bytes() == b'{"prompt": "the model"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.jsonl", "p.jsonl", "sym.jsonl"]
+
+
+def test_an_output_that_is_not_a_generate_output_is_left_alone(artifact, tmp_path):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "the model"}\n')
+    for content in (b"\x00\x01 weights\n\xff", b"# my notes\nkeep me\n", b'{"no_id": 1}\n'):
+        out = tmp_path / "o.jsonl"
+        out.write_bytes(content)
+        r = gen(artifact, inp, out)
+        assert r.exit_code == 2 and "not a generate output" in r.output and str(out) in r.output, r.output
+        assert out.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "p.jsonl"]
+
+
+def test_a_killed_run_resumes_from_its_partial(artifact, tmp_path):
+    """SIGKILL leaves `.o.jsonl.partial-PID` (the output itself was never written in place): resumed from it."""
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": f"the model {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "o.jsonl"
+    rec = [
+        json.dumps({"id": i, "prompt": f"the model {i - 1}", "completion": "", "tokens": [1]})
+        for i in (1, 2, 3)
+    ]
+    out.write_text(rec[0] + "\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".o.jsonl.partial-{dead.pid}").write_text(
+        rec[0] + "\n" + rec[1] + "\n" + rec[2] + "\n" + '{"id": 4'
+    )
+    r = gen(artifact, inp, out)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["resumed_from"] == 3
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "p.jsonl"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafast_export.errors import InputError, UnsupportedError
+from lorafast_export.safeio import LIMITS, read_text
 from lorafast_export.weights import WeightStore
 
 SUPPORTED_PEFT = ("LORA",)  # DoRA is LoRA with use_dora=True
@@ -73,7 +74,7 @@ def read_adapter_config(path: Path) -> dict:
     if not cfg_path.exists():
         raise InputError(f"{path}: no adapter_config.json; not a PEFT adapter directory.")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(read_text(cfg_path, "adapter_config.json", LIMITS["config"]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{cfg_path}: not valid JSON ({e}).") from None
     if not isinstance(cfg, dict):

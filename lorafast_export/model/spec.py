@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafast_export.errors import InputError, UnsupportedError
+from lorafast_export.safeio import LIMITS, read_text
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -94,9 +95,7 @@ class ModelConfig:
     def from_file(path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{path}: not found. A model directory needs a config.json.") from None
+            cfg = json.loads(read_text(path, "config.json", LIMITS["config"]))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{path}: not valid JSON ({e}). Re-save the model's config.") from None
         if not isinstance(cfg, dict):

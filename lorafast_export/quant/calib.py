@@ -15,6 +15,7 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.recipe import TEXT_DIR, CalibOptions
+from lorafast_export.safeio import require_regular
 from lorafast_export.textdata import read_texts
 
 DEFAULT_CALIB = TEXT_DIR / "calib.txt"
@@ -31,10 +32,12 @@ def read_calibration_texts(files: Sequence[str | Path]) -> list[str]:
 def calibration_files(files: Sequence[str | Path]) -> list[Path]:
     """The files calibration reads (the bundled text when none are given), each checked to exist."""
     paths = [Path(f).expanduser() for f in files] or [DEFAULT_CALIB]
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         hint = " (the bundled calibration text is missing from this install)" if not files else ""
         raise InputError(f"calibration file(s) not found{hint}: {', '.join(missing)}. Pass --calib FILE.")
+    for p in paths:
+        require_regular(p, "calibration file")  # never a FIFO or device: it would be read forever
     return paths
 
 

@@ -312,6 +312,14 @@ CASES = {
     "junit-overwrites-the-manifest": (flags("--junit", "manifest.json"), "is a name the build writes itself"),
     "matrix-value-is-a-path": (flags("--matrix", "target=../../x"), "target values are plain names"),
     "matrix-value-not-an-int": (flags("--matrix", "group_size=big"), "group_size values are integers"),
+    # issue 16 #19: one artifact twice, the second into the first's directory
+    "matrix-value-twice": (flags("--matrix", "quant=none,none"), "'none' given twice; list each value once"),
+    "matrix-int-value-twice": (flags("--matrix", "bits=4,04"), "'4' and '04' (the same value) given twice"),
+    "matrix-axis-twice": (flags("--matrix", "quant=none", "quant=rtn"), "axis 'quant' is given twice"),
+    "matrix-names-clash": (
+        flags("--matrix", "target=torch-compile,torch", "hf_format=compressed,compile-compressed"),
+        "would share the artifact directory",
+    ),
     # target limits the recipe shows are refused before any work, with the fix
     "recipe-ort-group-size": (
         recipe_file(

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lorafast_export.errors import RuntimeMissingError, UnsupportedError
+from lorafast_export.stagecache import RECORD
 from lorafast_export.targets.registry import LowerInput, register
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class HFTarget:
 
     def lower(self, inp: LowerInput, out_dir: Path) -> dict:
         if inp.quantized is None:
-            shutil.copytree(inp.merged_dir, out_dir)
+            shutil.copytree(inp.merged_dir, out_dir, ignore=shutil.ignore_patterns(RECORD))
             return {"format": "merged", "dtype": inp.recipe.merge.dtype}
         try:
             from lorafast_export.quant.export_hf import write_quantized_checkpoint
