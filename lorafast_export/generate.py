@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lorafast_export.errors import InputError
 from lorafast_export.outdir import output_lock
-from lorafast_export.safeio import dead_partials, require_regular
+from lorafast_export.safeio import create_new, dead_partials, require_regular
 
 
 def read_prompts(path: Path) -> Iterator[tuple[int, dict]]:
@@ -114,7 +114,7 @@ def generate_file(
         pending = [(i, r) for i, r in todo if i not in done]
         progress(len(todo) - len(pending), len(todo))
         partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-        with open(partial, "wb") as f:
+        with create_new(partial) as f:
             kept = False  # the earlier records are all in the partial: replacing the output loses nothing
             try:
                 f.write(earlier)

@@ -46,6 +46,10 @@ def read_manifest(artifact: Path, old_ok: bool = False) -> dict:
         for f in files
     ):
         raise InputError(f"{path}: damaged manifest (`files` must be a list of {{path, sha256}}).")
+    paths = [f["path"] for f in files]
+    if len(set(paths)) != len(paths):
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        raise InputError(f"{path}: damaged manifest (listed more than once: {', '.join(twice)}).")
     return man
 
 

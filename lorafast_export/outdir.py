@@ -29,7 +29,13 @@ def output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out` (flock on `.<name>.lock` beside it); refuse if another process has it."""
     lock = out.parent / f".{out.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # never through a link: a planted `.<name>.lock -> ~/file` would have us truncate that file
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            raise InputError(
+                f"{lock}: cannot use it as the output's lock file ({e.strerror}); it should be a plain file "
+                "or absent. Remove it if no build is running, or choose another --out."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -71,10 +77,16 @@ def check_output(out: Path, force: bool) -> None:
 def clean_dead_partials(out: Path) -> None:
     """Remove what killed runs left beside `out`; put back an old artifact whose replacement never landed."""
     for p in dead_partials(out.parent, f".{out.name}."):
-        if ".old-" in p.name and not out.exists() and not out.is_symlink():
+        if (
+            ".old-" in p.name
+            and p.is_dir()
+            and not p.is_symlink()
+            and not out.exists()
+            and not out.is_symlink()
+        ):
             p.rename(out)
         else:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
 
 
 def _make_parent(out: Path) -> None:
@@ -96,12 +108,20 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         clean_dead_partials(out)
         check_output(out, force)  # again under the lock: the first check raced with other processes
         stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(stage, ignore_errors=True)
+        _remove(stage)
         stage.mkdir()
         try:
             yield stage
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # gone already when published
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at path (a directory tree, or just the link or file: never what a link points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def publish(stage: Path, out: Path) -> None:

@@ -326,9 +326,24 @@ class Recipe(_Section):
 
 class StrictLoader(yaml.SafeLoader):
     """safe_load without anchors/aliases (a few nested aliases expand into billions of nodes: "billion
-    laughs") and without duplicate keys (a second `quant:` would silently replace the first)."""
+    laughs"), without duplicate keys (a second `quant:` would silently replace the first), and nested at most
+    MAX_DEPTH deep (PyYAML composes recursively: 20,000 `[` would end in a RecursionError)."""
+
+    MAX_DEPTH = 32
+    _depth = 0
 
     def compose_node(self, parent, index):
+        if self._depth >= self.MAX_DEPTH:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"nested more than {self.MAX_DEPTH} levels deep", self.peek_event().start_mark
+            )
+        self._depth += 1
+        try:
+            return self._compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
             event = self.peek_event()
             raise yaml.constructor.ConstructorError(

@@ -87,11 +87,20 @@ def read_text(path: Path, what: str, limit: int) -> str:
         raise InputError(f"{path}: the {what} is not UTF-8 text (byte {e.start}).") from None
 
 
+def create_new(path: Path):
+    """Open a fresh file for writing (binary) at a path of ours (a `.partial-PID` name): whatever is there is
+    removed first, and the file is created, never opened through a link someone planted there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    return os.fdopen(fd, "wb")
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write path via a temporary sibling and rename: the old file stays whole until the new one is."""
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with create_new(tmp) as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())

@@ -249,3 +249,12 @@ def test_validate_artifact_from_another_directory_and_it_still_verifies(inputs, 
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert subprocess.run([*cli, "verify", str(build_dir / "art")], env=env).returncode == 0
+
+
+def test_a_planted_lock_link_is_never_written_through(inputs, tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    (tmp_path / ".art.lock").symlink_to(victim)  # opening it to write our pid would truncate notes.txt
+    r = build(inputs, tmp_path / "art")
+    assert r.exit_code == 2 and ".art.lock: cannot use it as the output's lock file" in r.output, r.output
+    assert victim.read_text() == "precious" and not (tmp_path / "art").exists()

@@ -307,3 +307,11 @@ def test_recipe_files_are_regular_and_small(tmp_path, kind):
     with pytest.raises(InputError, match=expect[kind]) as e:
         Recipe.from_yaml(p)
     assert str(p) in str(e.value)
+
+
+def test_yaml_nesting_is_bounded(tmp_path):
+    """PyYAML composes recursively: 20,000 '[' would end in a RecursionError (an internal error, exit 3)."""
+    p = tmp_path / "deep.yaml"
+    p.write_text("name: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(InputError, match="nested more than 32 levels deep"):
+        Recipe.from_yaml(p)

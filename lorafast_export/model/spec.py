@@ -94,6 +94,8 @@ class ModelConfig:
     @staticmethod
     def from_file(path: str | Path) -> ModelConfig:
         path = Path(path)
+        if not path.exists() and not path.is_symlink():
+            raise InputError(f"{path}: not found. A model directory needs a config.json.")
         try:
             cfg = json.loads(read_text(path, "config.json", LIMITS["config"]))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

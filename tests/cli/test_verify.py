@@ -125,7 +125,9 @@ def test_expect_checks_the_manifest_itself(tmp_path):
 
 def test_a_manifest_that_is_not_ours_is_refused(tmp_path):
     art = make_artifact(tmp_path / "a")
-    for text in ['{"files": []}', "[1, 2]", "\x00\x01binary", '{"schema": "lorafast-export/manifest/v2"}']:
+    twice = {"schema": MANIFEST_SCHEMA, "files": [{"path": "model/a", "sha256": "x"}] * 2}
+    cases = ['{"files": []}', "[1, 2]", "\x00\x01binary", '{"schema": "lorafast-export/manifest/v2"}']
+    for text in [*cases, json.dumps(twice)]:
         (art / "manifest.json").write_text(text)
         r = verify(art)
         assert r.exit_code == 2 and "manifest.json" in r.output and "Traceback" not in r.output, r.output
