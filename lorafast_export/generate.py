@@ -38,6 +38,8 @@ def read_prompts(path: Path) -> Iterator[tuple[int, dict]]:
                     ) from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                     raise InputError(f"{path}:{n}: each line needs a string 'prompt' field.")
+                if not isinstance(rec.get("id", 0), (int, str)) or isinstance(rec.get("id"), bool):
+                    raise InputError(f"{path}:{n}: 'id' must be a string or an integer.")
                 yield n, rec
         except UnicodeDecodeError:
             raise InputError(f"{path}: not UTF-8 text.") from None

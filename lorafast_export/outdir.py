@@ -43,7 +43,7 @@ def output_lock(out: Path) -> Iterator[None]:
             os.close(fd)
             raise InputError(
                 f"{out}: another lorafast-export process (pid {holder}) is writing this output now. Wait for it "
-                "to finish, or choose another --out."
+                "to finish, or write somewhere else."
             ) from None
         try:  # the holder before us may have removed the file after we opened it: lock the one on disk
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino

@@ -63,7 +63,13 @@ class StageCache:
             _discard(final)
         partial = final.parent / f".{key}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        partial.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(
+                f"{partial.parent}: cannot create the stage cache ({e.strerror}). Point LORAFAST_CACHE at a "
+                "writable directory, or pass --no-cache."
+            ) from None
         try:
             yield partial, False
             seal(partial)

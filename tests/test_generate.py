@@ -123,7 +123,7 @@ def test_output_equal_to_input_is_refused_and_the_input_kept(artifact, tmp_path)
 def test_an_output_that_is_not_a_generate_output_is_left_alone(artifact, tmp_path):
     inp = tmp_path / "p.jsonl"
     inp.write_text('{"prompt": "the model"}\n')
-    for content in (b"\x00\x01 weights\n\xff", b"# my notes\nkeep me\n", b'{"no_id": 1}\n'):
+    for content in (b"\x00\x01 weights\n\xff", b"# my notes\nkeep me\n", b'{"no_id": 1}\n', b'{"id": [1]}\n'):
         out = tmp_path / "o.jsonl"
         out.write_bytes(content)
         r = gen(artifact, inp, out)
@@ -152,3 +152,10 @@ def test_a_killed_run_resumes_from_its_partial(artifact, tmp_path):
     assert json.loads(r.stdout)["resumed_from"] == 3
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2, 3, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "p.jsonl"]
+
+
+def test_prompt_ids_must_be_strings_or_integers(artifact, tmp_path):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "x", "id": {"a": 1}}\n')
+    r = gen(artifact, inp, tmp_path / "o.jsonl")
+    assert r.exit_code == 2 and f"{inp}:1: 'id' must be a string or an integer" in r.output, r.output

@@ -102,3 +102,13 @@ def test_two_builds_finishing_the_same_entry_share_the_first(tmp_path):
         theirs.rename(final)
     assert (final / "f").read_bytes() == b"theirs" and entry_problem(final) is None
     assert os.listdir(final.parent) == ["k"]  # our partial is gone
+
+
+def test_a_cache_that_cannot_be_created_is_a_clear_error(inputs, tmp_path, monkeypatch):  # noqa: F811
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / "cachefile"))
+    r = build(inputs, tmp_path / "art")
+    assert r.exit_code == 2 and "cannot create the stage cache" in r.output and "--no-cache" in r.output, (
+        r.output
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cachefile"]
