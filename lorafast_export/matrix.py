@@ -9,10 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from pathlib import Path
 
 from lorafast_export.errors import InputError, LorafastError
 from lorafast_export.recipe import Recipe
 from lorafast_export.report.files import write_inside
+from lorafast_export.safeio import LIMITS, read_text
 
 # matrix axis → recipe field (the same names as the build flags)
 AXES = {
@@ -112,8 +114,10 @@ def combinations(recipe: Recipe, axes: dict[str, list[str]]) -> list[tuple[str, 
 def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m: None) -> dict:
     from lorafast_export.pipeline import run_build
 
+    combos = combinations(recipe, axes)
+    _check_summaries(recipe.output.path, recipe.output.force)
     rows = []
-    for name, r in combinations(recipe, axes):
+    for name, r in combos:
         progress("matrix", name)
         row = {"name": name, "artifact": r.output.dir, "target": r.target.name, "quant": r.quant.method}
         try:
@@ -128,7 +132,7 @@ def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m:
             row |= {"passed": False, "error": str(e)}
         rows.append(row)
     summary = {
-        "schema": "lorafast-export/matrix/v1",
+        "schema": SUMMARY_SCHEMA,
         "axes": axes,
         "artifacts": rows,
         "passed": all(r["passed"] is not False for r in rows),
@@ -143,6 +147,32 @@ def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m:
         },
     )
     return summary
+
+
+SUMMARY_SCHEMA = "lorafast-export/matrix/v1"
+
+
+def _check_summaries(root: Path, force: bool) -> None:
+    """summary.json/.md are written into --out beside the artifacts: never over a file of the user's."""
+    existing = [
+        root / n for n in ("summary.json", "summary.md") if (root / n).exists() or (root / n).is_symlink()
+    ]
+    if not existing:
+        return
+    if not force:
+        raise InputError(
+            f"{existing[0]}: already exists. Pass --force to replace the matrix's artifacts and summary, or "
+            "choose another --out."
+        )
+    try:
+        ours = json.loads(read_text(root / "summary.json", "matrix summary", LIMITS["report"]))["schema"]
+    except (InputError, json.JSONDecodeError, KeyError, TypeError):
+        ours = None
+    if ours != SUMMARY_SCHEMA:
+        raise InputError(
+            f"{root}: holds summary.json/summary.md that are not a lorafast-export matrix summary; --force "
+            "replaces only ours. Choose another --out, or remove them yourself."
+        )
 
 
 def _fmt(x) -> str:

@@ -122,6 +122,7 @@ def test_a_second_build_into_the_same_output_stops_and_leaves_the_first_alone(in
     assert not (tmp_path / ".art.lock").exists()  # released locks leave no file
 
 
+@pytest.mark.slow  # subprocess builds
 def test_two_concurrent_builds_never_break_each_other(inputs, tmp_path):
     """Really concurrent: each either builds the artifact or is refused cleanly (exit 2); none fails (exit 3)."""
     out = tmp_path / "art"
@@ -140,6 +141,7 @@ def test_two_concurrent_builds_never_break_each_other(inputs, tmp_path):
 # ------------------------------------------------------------------------------------------- 15: signals
 
 
+@pytest.mark.slow  # subprocess builds
 def test_sigterm_unwinds_like_ctrl_c(inputs, tmp_path):
     out = tmp_path / "art"
     cache = tmp_path / "cache"
@@ -223,6 +225,7 @@ def test_doctor_shows_install_hints_with_their_brackets(monkeypatch):
     )
 
 
+@pytest.mark.slow  # subprocess builds
 def test_validate_artifact_from_another_directory_and_it_still_verifies(inputs, tmp_path):
     """Relative input paths resolve from any directory (manifest input_paths); re-validation rewrites the reports
     and records their new hashes, so the artifact still verifies."""
@@ -258,3 +261,18 @@ def test_a_planted_lock_link_is_never_written_through(inputs, tmp_path):
     r = build(inputs, tmp_path / "art")
     assert r.exit_code == 2 and ".art.lock: cannot use it as the output's lock file" in r.output, r.output
     assert victim.read_text() == "precious" and not (tmp_path / "art").exists()
+
+
+def test_a_matrix_never_overwrites_a_summary_of_the_users(inputs, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "summary.md").write_text("my own summary")
+    for extra in ([], ["--force"]):
+        r = build(inputs, out, "--matrix", "dtype=float32", *extra)
+        assert r.exit_code == 2, r.output
+        assert ("already exists" if not extra else "not a lorafast-export matrix summary") in r.output
+        assert sorted(p.name for p in out.iterdir()) == ["summary.md"]
+        assert (out / "summary.md").read_text() == "my own summary"
+    (out / "summary.md").unlink()
+    assert build(inputs, out, "--matrix", "dtype=float32").exit_code == 0
+    assert build(inputs, out, "--matrix", "dtype=float32", "--force").exit_code == 0  # ours: replaced
