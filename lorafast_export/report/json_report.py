@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from lorafast_export.errors import InputError
 from lorafast_export.report.schema import SCHEMA_ID, Report
+from lorafast_export.safeio import LIMITS, read_text
 
 
 def to_json(report: Report) -> str:
@@ -43,6 +44,6 @@ def parse_report(data: dict[str, Any] | str, source: str = "report") -> Report:
 
 def read_json(path: str | Path) -> Report:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"report: {path} does not exist; point to the report.json of a finished build")
-    return parse_report(path.read_text(encoding="utf-8"), source=str(path))
+    return parse_report(read_text(path, "report", LIMITS["report"]), source=str(path))

@@ -87,3 +87,22 @@ def test_schema_mismatch_and_bad_files(sample_report, tmp_path):
         parse_report("{nope")
     with pytest.raises(InputError, match="does not exist"):
         read_json(tmp_path / "missing.json")
+
+
+def test_reports_are_read_only_from_regular_files_of_bounded_size(tmp_path):
+    """`report diff` on a FIFO or /dev/zero would read forever; a binary file is not a report (issue 16 #5)."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.json")
+    with pytest.raises(InputError, match="a FIFO"):
+        read_json(tmp_path / "pipe.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    with pytest.raises(InputError, match="a device"):
+        read_json(tmp_path / "zero.json")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_json(tmp_path / "bin.json")
+    with open(tmp_path / "huge.json", "wb") as f:
+        f.truncate(65 << 20)
+    with pytest.raises(InputError, match="a report is at most"):
+        read_json(tmp_path / "huge.json")
