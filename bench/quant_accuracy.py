@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,6 +42,8 @@ from lorafast_export.weights import open_model  # noqa: E402
 VARIANTS = {
     "awq-noclip": {"method": "awq", "awq_clip": False},  # name → our quant settings
     "rtn-sym": {"method": "rtn", "symmetric": True},
+    "gptq-search": {"method": "gptq", "range_search": True},
+    "awq-gptq-search": {"method": "awq-gptq", "range_search": True},
 }
 
 
@@ -58,6 +61,17 @@ def reference_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tens
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(model, adapter).eval()  # unmerged: what the user trained
     return torch.cat([model(input_ids=b[None]).logits.float() for b in ids])
+
+
+def cached_reference(path: Path, base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    """reference_logits, kept in OUT (float32) for runs that share OUT and so the same eval ids."""
+    if path.exists():
+        cached = torch.load(path)
+        if torch.equal(cached["ids"], ids):
+            return cached["logits"]
+    ref = reference_logits(base, adapter, ids)
+    torch.save({"ids": ids, "logits": ref}, path)
+    return ref
 
 
 @torch.no_grad()
@@ -83,30 +97,45 @@ def metrics(ref: torch.Tensor, cand: torch.Tensor, ids: torch.Tensor) -> dict:
     }
 
 
-def peer_symmetric(peer: str) -> bool:
-    """LIBRARY-METHOD[-VARIANT]: the symmetry of our run of METHOD-VARIANT if that is one of VARIANTS, else METHOD."""
+def peer_symmetric(peer: str, forced: bool | None = None) -> bool:
+    """LIBRARY-METHOD[-VARIANT]: the symmetry of our run of METHOD-VARIANT if that is one of VARIANTS, else METHOD
+    (forced: --symmetric, for every row)."""
+    if forced is not None:
+        return forced
     method = peer.split("-", 1)[1]
     settings = VARIANTS.get(method, {"method": method.split("-")[0]})
     return QuantOptions(**settings).resolved()["symmetric"]
 
 
-def run_ours(merged: Path, method: str, bits: int, group_size: int, calib: torch.Tensor, ids: torch.Tensor):
+def run_ours(
+    merged: Path,
+    method: str,
+    bits: int,
+    group_size: int,
+    calib: torch.Tensor,
+    ids: torch.Tensor,
+    symmetric: bool | None = None,
+):
     settings = {
         **VARIANTS.get(method, {"method": method}),
         "bits": bits,
         "group_size": group_size,
         "device": "cpu",
     }
+    if symmetric is not None:
+        settings["symmetric"] = symmetric
     t0, c0 = time.perf_counter(), time.process_time()
     qm = quantize_checkpoint(merged, settings, calib_ids=calib)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return decoder_logits(fake_quant_decoder(qm), ids), (wall, cpu), qm.settings
 
 
-def run_peer(name: str, python: str, merged: Path, out: Path, bits: int, group_size: int) -> tuple:
+def run_peer(
+    name: str, python: str, merged: Path, out: Path, bits: int, group_size: int, forced: bool | None = None
+) -> tuple:
     """Run bench/quant_peers.py in the peer's venv; it writes logits on OUT/eval_ids.pt and its wall time."""
-    res = out / f"peer-{name}.pt"
-    symmetric = peer_symmetric(name)  # the same symmetry as our run of that method
+    symmetric = peer_symmetric(name, forced)  # the same symmetry as our run of that method, or --symmetric
+    res = out / f"peer-{name}-g{group_size}-{'sym' if symmetric else 'asym'}.pt"
     cmd = [
         python,
         str(ROOT / "bench" / "quant_peers.py"),
@@ -133,6 +162,7 @@ def run_peer(name: str, python: str, merged: Path, out: Path, bits: int, group_s
         },
     )
     r = torch.load(res)
+    res.unlink()  # [tokens, vocab] float32: 1.5 GB on the 30M fixture's eval set
     return r["logits"], (r["wall_s"], r["cpu_s"])
 
 
@@ -143,7 +173,7 @@ def main() -> None:
     ap.add_argument("--text-dir", type=Path, default=TEXT_DIR)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument(
-        "--methods", nargs="+", default=["rtn", "gptq", "awq"], help=f"ours, or {sorted(VARIANTS)}"
+        "--methods", nargs="*", default=["rtn", "gptq", "awq"], help=f"ours, or {sorted(VARIANTS)}"
     )
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
@@ -152,7 +182,14 @@ def main() -> None:
     ap.add_argument("--eval-blocks", type=int, default=16)
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--peer", action="append", default=[], help="NAME=PYTHON (see bench/quant_peers.py)")
+    ap.add_argument(
+        "--symmetric", type=int, choices=[0, 1], help="every row (ours and peers) at this symmetry"
+    )
+    ap.add_argument(
+        "--tag", default="", help="suffix of results-TAG.json / kl_tokens-TAG.pt (runs sharing OUT)"
+    )
     a = ap.parse_args()
+    forced = None if a.symmetric is None else bool(a.symmetric)
     torch.manual_seed(0)
     a.out.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
@@ -173,32 +210,37 @@ def main() -> None:
     )
     torch.save(calib, a.out / "calib_ids.pt")
     torch.save(ids, a.out / "eval_ids.pt")
-    ref = reference_logits(a.base, a.adapter, ids)
-    rows = {"merged, not quantized": (decoder_logits(load_decoder(open_model(merged)), ids), (0.0, 0.0))}
+    ref = cached_reference(a.out / "ref_logits.pt", a.base, a.adapter, ids)
+    table, kls = {}, {}
+
+    def add(name: str, logits: torch.Tensor, wall: tuple[float, float]) -> None:
+        # metrics at once: a row's logits are [tokens, vocab] (1.5 GB on the 30M fixture), never kept
+        table[name] = {**metrics(ref, logits, ids), "wall_s": round(wall[0], 2), "cpu_s": round(wall[1], 2)}
+        kls[name] = token_kl(ref, logits)
+        print(f"{name}: KL {table[name]['kl_mean']:.5f}, {wall[0]:.1f}s wall, {wall[1]:.1f}s cpu", flush=True)
+
+    add("merged, not quantized", decoder_logits(load_decoder(open_model(merged)), ids), (0.0, 0.0))
     for m in a.methods:
-        logits, wall, _ = run_ours(merged, m, a.bits, a.group_size, calib, ids)
-        rows[f"ours {m}"] = (logits, wall)
-        print(f"ours {m}: {wall[0]:.1f}s wall, {wall[1]:.1f}s cpu", flush=True)
+        logits, wall, _ = run_ours(merged, m, a.bits, a.group_size, calib, ids, forced)
+        add(f"ours {m}", logits, wall)
+        del logits
     for spec in a.peer:
         name, python = spec.split("=", 1)
         try:
-            rows[name] = run_peer(name, python, merged, a.out, a.bits, a.group_size)
+            add(name, *run_peer(name, python, merged, a.out, a.bits, a.group_size, forced))
         except (subprocess.CalledProcessError, OSError) as e:
             print(f"peer {name} failed: {e}", flush=True)
-    table = {
-        k: {**metrics(ref, lg, ids), "wall_s": round(w, 2), "cpu_s": round(c, 2)}
-        for k, (lg, (w, c)) in rows.items()
-    }
-    torch.save(
-        {k: token_kl(ref, lg) for k, (lg, _) in rows.items()}, a.out / "kl_tokens.pt"
-    )  # paired comparisons
-    (a.out / "results.json").write_text(
+    tag = f"-{a.tag}" if a.tag else ""
+    torch.save(kls, a.out / f"kl_tokens{tag}.pt")  # paired comparisons
+    (a.out / f"results{tag}.json").write_text(
         json.dumps(
             {
                 "calib": list(calib.shape),
                 "eval": list(ids.shape),
                 "bits": a.bits,
                 "group_size": a.group_size,
+                "symmetric": forced,
+                "load_avg": os.getloadavg(),
                 "results": table,
             },
             indent=2,

@@ -94,6 +94,23 @@ def llmcompressor_awq(merged: str, calib: torch.Tensor, bits: int, group_size: i
     return _llmc_run(merged, calib, recipe)
 
 
+def llmcompressor_awq_gptq(merged: str, calib: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """AWQModifier (smoothing only) then GPTQModifier on the smoothed weights: llm-compressor's AWQ + GPTQ recipe,
+    the peer of our awq-gptq. Settings as llmcompressor_awq and llmcompressor_gptq."""
+    import llmcompressor.pipelines.cache as cache
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    cache.IntermediatesCache.pin_memory = lambda self, *a, **k: None  # see llmcompressor_awq
+    groups = _llmc_groups(bits, group_size, symmetric)
+    groups["group_0"]["weights"]["actorder"] = None
+    recipe = [
+        AWQModifier(duo_scaling=True, n_grid=20),
+        GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128),
+    ]
+    return _llmc_run(merged, calib, recipe)
+
+
 # ------------------------------------------------------------------------------------------- GPTQModel 7.6.0
 
 
@@ -250,9 +267,39 @@ def nncf_gptq(merged: str, calib: torch.Tensor, bits: int, group_size: int, symm
     return _OpenVINOLogits(ov_model), elapsed(t0)
 
 
+# ---------------------------------------------------------------------------------------- ModelOpt 0.47.0
+
+
+def modelopt_awq(merged: str, calib: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """mtq.INT4_AWQ_CFG (awq_lite, alpha step 0.1: its defaults) with our group size; logits from its
+    fake-quant model in float32. ModelOpt's INT4 AWQ is symmetric only (no zero point): asymmetric is refused."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import transformers
+
+    if bits != 4 or not symmetric:
+        raise SystemExit("modelopt-awq: INT4_AWQ is 4-bit symmetric only; run it with --symmetric 1")
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1] = group_size
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+
+    def forward_loop(m):
+        for row in calib:
+            m(input_ids=row[None])
+
+    t0 = now()
+    model = mtq.quantize(model, cfg, forward_loop)
+    return model.eval(), elapsed(t0)
+
+
 PEERS = {
     "llmcompressor-gptq": llmcompressor_gptq,
     "llmcompressor-awq": llmcompressor_awq,
+    "llmcompressor-awq-gptq": llmcompressor_awq_gptq,
+    "modelopt-awq": modelopt_awq,
     "gptqmodel-gptq": gptqmodel_gptq,
     "gptqmodel-awq": gptqmodel_awq,
     "nncf-rtn": nncf_rtn,

@@ -212,7 +212,7 @@ def load_recipe(recipe_path: str | None, overrides: dict):
     help="PEFT adapter dir (or Lightning .ckpt), optionally PATH:WEIGHT. Repeatable.",
 )
 @click.option("--target", help="hf | torch-compile | onnxruntime | openvino | trt-llm")
-@click.option("--quant", help="none | rtn | int8 | smoothquant | gptq | awq")
+@click.option("--quant", help="none | rtn | int8 | smoothquant | gptq | awq | awq-gptq")
 @click.option("--bits", type=int)
 @click.option("--group-size", type=int)
 @click.option(

@@ -31,7 +31,7 @@ TEXT_DIR = Path(__file__).parent / "data" / "text"
 
 TARGETS = ("hf", "torch-compile", "onnxruntime", "openvino", "trt-llm")
 ARTIFACT_NAMES = ("manifest.json", "model", "report.json", "report.md", "report.html")  # what a build writes
-QUANT_METHODS = ("none", "rtn", "int8", "smoothquant", "gptq", "awq")
+QUANT_METHODS = ("none", "rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq")
 
 
 def resolve_path(p: str) -> Path:
@@ -88,11 +88,14 @@ class CalibOptions(_Section):
 
 
 class QuantOptions(_Section):
-    method: Literal["none", "rtn", "int8", "smoothquant", "gptq", "awq"] = "none"
+    method: Literal["none", "rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq"] = "none"
     bits: int | None = None  # default per method: 4 for rtn/gptq/awq, 8 for int8/smoothquant
     group_size: int | None = None  # default 128 for 4-bit methods, -1 (per channel) for 8-bit
     symmetric: bool | None = None  # default: gptq/int8/smoothquant symmetric, rtn/awq asymmetric
     act_order: bool = False
+    range_search: bool = (
+        False  # gptq / awq-gptq: each group's range searched (Hessian-weighted MSE), not min-max
+    )
     damp_percent: float = Field(default=0.01, gt=0, lt=1)
     block_size: int = Field(default=128, gt=0)
     smooth_alpha: float = Field(default=0.5, ge=0, le=1)
@@ -123,6 +126,10 @@ class QuantOptions(_Section):
             problems.append(f"quant.bits: {self.method} is 8-bit; remove bits or set it to 8")
         if self.act_order and self.method != "gptq":
             problems.append("quant.act_order: only gptq uses act_order; remove it or use method gptq")
+        if self.range_search and self.method not in ("gptq", "awq-gptq"):
+            problems.append(
+                "quant.range_search: only gptq and awq-gptq search group ranges; remove it or use one of them"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

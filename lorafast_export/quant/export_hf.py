@@ -31,6 +31,7 @@ HF_FORMATS = ("gptq", "awq", "compressed-tensors")
 AUTO_FORMATS = {
     "gptq": ("compressed-tensors", "gptq"),
     "awq": ("compressed-tensors", "awq", "gptq"),
+    "awq-gptq": ("compressed-tensors", "awq", "gptq"),
     "rtn": ("compressed-tensors", "gptq"),
     "int8": ("compressed-tensors", "gptq"),
     "smoothquant": ("compressed-tensors",),

@@ -15,12 +15,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.qform import QTensor
 from lorafast_export.quant.rtn import check_quant_args, qparams, quantize_codes, weight_qtensor
+from lorafast_export.quant.search import search_qparams
+
+
+@dataclass(frozen=True)
+class RangeSearch:
+    """Each group's range searched at its start (quant/search.py) instead of plain min-max."""
+
+    grid: int = 100
+    max_shrink: float = 0.8
+    norm: float = 2.0
+    hessian_weighted: bool = True  # weight each column's error by diag(H)
 
 
 def accumulate_hessian(H: torch.Tensor | None, n_seen: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -67,10 +79,11 @@ def gptq_quantize(
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
     bias: torch.Tensor | None = None,
+    search: RangeSearch | None = None,
 ) -> QTensor:
     """w [out, in], H [in, in] float32 (accumulate_hessian) → QTensor, codes in original column order."""
     return gptq_quantize_many(
-        [w], H, bits, group_size, symmetric, act_order, damp_percent, block_size, scale_dtype, [bias]
+        [w], H, bits, group_size, symmetric, act_order, damp_percent, block_size, scale_dtype, [bias], search
     )[0]
 
 
@@ -85,6 +98,7 @@ def gptq_quantize_many(
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
     biases: Sequence[torch.Tensor | None] | None = None,
+    search: RangeSearch | None = None,
 ) -> list[QTensor]:
     """Linears that read one input (q/k/v; gate/up), each [out_i, in], and that input's H → one QTensor each.
 
@@ -104,7 +118,9 @@ def gptq_quantize_many(
         W, H = W[:, perm], H[perm][:, perm]
     with _ieee_fp32_matmuls():  # the solve stays float32 even inside the walk's TF32 context
         Hinv = inverse_hessian_cholesky(H, damp_percent)  # [in, in] upper
-        codes, scales, zeros = _gptq_sweep(W, Hinv, bits, group_size, symmetric, block_size, scale_dtype)
+        codes, scales, zeros = _gptq_sweep(
+            W, Hinv, bits, group_size, symmetric, block_size, scale_dtype, search, torch.diag(H)
+        )
     g_idx = None
     if perm is not None:
         inv = torch.argsort(perm)  # inv[c] = position of original column c in quantization order
@@ -142,8 +158,11 @@ def _gptq_sweep(
     symmetric: bool,
     block_size: int,
     scale_dtype: torch.dtype,
+    search: RangeSearch | None = None,
+    hdiag: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The lazy-batched column sweep on W [out, in] (modified in place) → codes, scales, zeros."""
+    """The lazy-batched column sweep on W [out, in] (modified in place) → codes, scales, zeros.
+    hdiag [in]: diag(H) in the sweep's column order (the range search's column weights)."""
     out, n = W.shape
     gs = n if group_size == -1 else group_size
     block = max(gs, block_size // gs * gs) if group_size != -1 else block_size  # groups never straddle
@@ -159,7 +178,7 @@ def _gptq_sweep(
         for c0 in range(0, i2 - i1, gs):  # the groups inside this block (one per block when gs = block)
             if (i1 + c0) % gs == 0:  # a group starts: its params from the already-updated weights
                 cols = W1[:, c0 : c0 + gs] if group_size != -1 else W  # per channel: the whole (initial) row
-                s, z = qparams(cols.amin(dim=1), cols.amax(dim=1), bits, symmetric, scale_dtype)  # [out]
+                s, z = _group_qparams(cols, bits, symmetric, scale_dtype, search, hdiag, i1 + c0)  # [out]
                 scale_list.append(s)
                 zero_list.append(z)
                 sf, zf = s.float(), (2.0 ** (bits - 1) if z is None else z.float())
@@ -168,6 +187,16 @@ def _gptq_sweep(
     scales = torch.stack(scale_list, dim=1)  # [out, G]
     zeros = None if symmetric else torch.stack(zero_list, dim=1)  # type: ignore[arg-type]
     return codes, scales, zeros
+
+
+def _group_qparams(cols, bits, symmetric, scale_dtype, search, hdiag, start):
+    """cols [out, k] (a group of the updated weights) → (scale, zero) [out]: min-max, or searched."""
+    if search is None:
+        return qparams(cols.amin(dim=1), cols.amax(dim=1), bits, symmetric, scale_dtype)
+    weight = hdiag[start : start + cols.shape[1]] if search.hessian_weighted and hdiag is not None else None
+    return search_qparams(
+        cols, bits, symmetric, scale_dtype, search.grid, search.max_shrink, search.norm, weight
+    )
 
 
 def _sweep_columns(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, bits: int) -> None:

@@ -13,6 +13,8 @@ The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides wha
   MLP for q,k,v / gate,up; the linear outputs otherwise), folded into the previous op
   (input_layernorm; v_proj rows only when v_proj's outputs are o_proj's inputs, i.e. no GQA;
   post_attention_layernorm; up_proj rows); then the optional clip search (not for q/k), then RTN.
+- awq-gptq: awq's scale search and folds (no clipping search), then gptq on the folded block (its Hessians from
+  the scaled inputs): the scales protect the salient channels, GPTQ's error feedback does the rounding.
 - smoothquant: per-channel activation absmax, s = absmax^α / w_absmax^(1-α) folded into
   input_layernorm, post_attention_layernorm and up_proj rows; every linear W8A8.
 """
@@ -29,7 +31,7 @@ from lorafast_export.qform import QTensor, qtensor_to, with_fields
 from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale, clip_tokens
 from lorafast_export.quant.blocks import Block, Group
 from lorafast_export.quant.fold import fold_scale_into_previous
-from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize_many
+from lorafast_export.quant.gptq import RangeSearch, accumulate_hessian, gptq_quantize_many
 from lorafast_export.quant.int8 import quantize_int8_weight
 from lorafast_export.quant.rtn import quantize_rtn
 from lorafast_export.quant.smoothquant import quantize_w8a8, smooth_scales, weight_input_absmax
@@ -39,6 +41,11 @@ NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # clipping q/k hurts the sof
 AWQ_SEARCH_TOKENS = (
     65536  # calibration tokens the AWQ scale search scores each candidate on (AutoAWQ: 128 x 512)
 )
+
+
+RANGE_SEARCH = (
+    RangeSearch()
+)  # quant.range_search: GPTQ's mse grid (100 points, down to 0.2x), diag(H)-weighted
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ def quantize_block_gptq(block: Block, s: dict) -> dict[str, QTensor]:
             block_size=s["block_size"],
             scale_dtype=SCALE_DTYPE,
             biases=[_bias(block, n) for n in g.linears],
+            search=RANGE_SEARCH if s.get("range_search") else None,
         )
         out.update(_finish(block, dict(zip(g.linears, qts, strict=True))))
     return out
@@ -159,9 +167,9 @@ def _clip_rows(x: torch.Tensor, group_size: int) -> int:
     return max(64, (1 << 28) // (x.shape[0] * groups))
 
 
-def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
-    bits, gs, sym = s["bits"], s["group_size"], s["symmetric"]
-    inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
+def awq_fold_scales(block: Block, s: dict, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AWQ's scale search for every foldable group of the block, each scale folded into the group's previous op
+    as it is found → {linear name: folded s [in]}. inputs: block.capture_inputs of the groups' first linears."""
     scale_of: dict[str, torch.Tensor] = {}
     for g in block.groups:
         if not foldable(block, g):
@@ -172,15 +180,31 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
             sc = awq_search_scale(
                 [block.weight(n) for n in g.linears],
                 xs,
-                bits,
-                gs,
+                s["bits"],
+                s["group_size"],
                 n_grid=s["awq_grid"],
-                symmetric=sym,
+                symmetric=s["symmetric"],
                 forward_fn=_awq_loss_fn(block, g, xs),
                 scale_dtype=SCALE_DTYPE,
             )
         _fold(block, g, sc)
         scale_of.update({n: sc for n in g.linears})
+    return scale_of
+
+
+def _with_input_scales(qts: dict[str, QTensor], scale_of: dict[str, torch.Tensor]) -> dict[str, QTensor]:
+    return {
+        n: with_fields(qt, input_scale=scale_of[n].float().to(qt.codes.device).clone())
+        if n in scale_of
+        else qt
+        for n, qt in qts.items()
+    }
+
+
+def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
+    bits, gs, sym = s["bits"], s["group_size"], s["symmetric"]
+    inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
+    scale_of = awq_fold_scales(block, s, inputs)
     qts = {}
     for g in block.groups:
         x = clip_tokens(inputs[g.linears[0]])  # [tokens', in] float32
@@ -193,11 +217,17 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
                     w, x, bits, gs, symmetric=sym, out_chunk=_clip_rows(x, gs), scale_dtype=SCALE_DTYPE
                 )
                 w = apply_clip(w, clip, gs)
-            qt = quantize_rtn(w, bits, gs, sym, SCALE_DTYPE, _bias(block, name))
-            qts[name] = (
-                with_fields(qt, input_scale=scale_of[name].float().clone()) if name in scale_of else qt
-            )
-    return _finish(block, qts)
+            qts[name] = quantize_rtn(w, bits, gs, sym, SCALE_DTYPE, _bias(block, name))
+    return _finish(block, _with_input_scales(qts, scale_of))
+
+
+def quantize_block_awq_gptq(block: Block, s: dict) -> dict[str, QTensor]:
+    """AWQ's scales searched and folded first (no clipping search: GPTQ's error feedback takes its place), then
+    GPTQ on the scaled weights, its Hessians accumulated from the folded block's own (scaled) inputs."""
+    inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
+    scale_of = awq_fold_scales(block, s, inputs)
+    del inputs  # GPTQ runs the folded block again, group by group
+    return _with_input_scales(quantize_block_gptq(block, s), scale_of)
 
 
 # --------------------------------------------------------------------------------------- SmoothQuant
@@ -237,6 +267,7 @@ METHODS: dict[str, Method] = {
         Method("smoothquant", True, quantize_block_smoothquant),
         Method("gptq", True, quantize_block_gptq),
         Method("awq", True, quantize_block_awq),
+        Method("awq-gptq", True, quantize_block_awq_gptq),
     )
 }
 

@@ -59,6 +59,8 @@ CASES = [  # method, hf_format, quant settings, expected format
     ("gptq", "auto", {"group_size": 32, "symmetric": False}, "compressed-tensors"),
     ("awq", "auto", {"group_size": 32}, "compressed-tensors"),
     ("awq", "awq", {"group_size": 32}, "awq"),
+    ("awq-gptq", "auto", {"group_size": 32}, "compressed-tensors"),
+    ("awq-gptq", "awq", {"group_size": 32}, "awq"),
     ("gptq", "gptq", {"group_size": 32, "symmetric": False}, "gptq"),
     ("rtn", "auto", {"group_size": 32}, "compressed-tensors"),
     ("int8", "auto", {}, "compressed-tensors"),

@@ -24,6 +24,7 @@ METHOD_SETTINGS = {
     "smoothquant": {},
     "gptq": {"group_size": 32, "act_order": True},
     "awq": {"group_size": 32},
+    "awq-gptq": {"group_size": 32},
 }
 CALIB = random_ids(8, 16, seed=0)
 HELD_OUT = random_ids(4, 16, seed=1)

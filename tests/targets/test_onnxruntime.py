@@ -375,8 +375,9 @@ def test_available():
     [
         {"method": "gptq", "group_size": 16, "act_order": True},
         {"method": "awq", "group_size": 32, "awq_grid": 2, "awq_clip": False},
+        {"method": "awq-gptq", "group_size": 32, "awq_grid": 2},
     ],
-    ids=["gptq-act_order", "awq"],
+    ids=["gptq-act_order", "awq", "awq-gptq"],
 )
 def test_quantize_checkpoint_lowers(tmp_path, opts):
     """The quantizers' own QuantizedModel (folded AWQ norms, GPTQ g_idx shared by q/k/v) lowers exactly."""

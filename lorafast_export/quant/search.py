@@ -1,0 +1,55 @@
+"""Per-group range search: shrink each row's [min, max] (or absmax) and keep the candidate whose rounding error
+is smallest, instead of plain min-max.
+
+The reference is GPTQ's own `Quantizer.find_params(mse=True)` (IST-DASLab/gptq quant.py; llm-compressor's
+"mse" observer and GPTQModel's `mse` option are the same loop): candidates p = 1, 1 - 1/grid, ...,
+1 - max_shrink, range [p·min, p·max], error Σ |w - Q(w)|^norm per row. Here the error may be weighted per
+column by diag(H) (the calibration energy of each input, the diagonal of GPTQ's own objective), which is
+what the output error of independent rounding is. The candidates' scales go through `qparams`, so they are
+rounded to scale_dtype exactly as a plain min-max scale is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorafast_export.quant.rtn import qparams, quantize_codes
+
+
+def search_qparams(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    grid: int,
+    max_shrink: float,
+    norm: float = 2.0,
+    col_weight: torch.Tensor | None = None,
+    chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """w [out, k] float32 → (scale [out], zero [out] or None): the best of the shrunk ranges per row.
+
+    col_weight [k] (>= 0) weights each column's error (e.g. diag(H)); None weighs them equally. p = 1 (plain
+    min-max) is always a candidate, so the result never has a larger error than min-max on w.
+    """
+    wmin, wmax = w.amin(dim=1), w.amax(dim=1)  # [out]
+    n = int(max_shrink * grid) + 1  # p = 1 - i/grid for i = 0 .. max_shrink·grid
+    best_s, best_z = qparams(wmin, wmax, bits, symmetric, scale_dtype)
+    best_err = torch.full_like(wmin, float("inf"))
+    colw = None if col_weight is None else col_weight.float()[None, None, :]  # [1, 1, k]
+    for i0 in range(0, n, chunk):  # candidates in chunks: [c, out, k] temporaries stay small
+        p = 1.0 - torch.arange(i0, min(i0 + chunk, n), device=w.device, dtype=torch.float32) / grid  # [c]
+        s, z = qparams(p[:, None] * wmin, p[:, None] * wmax, bits, symmetric, scale_dtype)  # [c, out]
+        sf = s.float()[..., None]  # [c, out, 1]
+        zz = None if z is None else z[..., None]
+        zf = 2.0 ** (bits - 1) if z is None else z.float()[..., None]
+        err = ((quantize_codes(w[None], sf, zz, bits).float() - zf) * sf - w[None]).abs().pow(norm)
+        err = (err if colw is None else err * colw).sum(dim=2)  # [c, out]
+        e, j = err.min(dim=0)  # best candidate of this chunk, per row
+        better = e < best_err
+        rows = torch.arange(w.shape[0], device=w.device)
+        best_err = torch.where(better, e, best_err)
+        best_s = torch.where(better, s[j, rows], best_s)
+        if z is not None:
+            best_z = torch.where(better, z[j, rows], best_z)
+    return best_s, best_z
