@@ -159,6 +159,7 @@ def run_peer(
             "PATH": "/usr/bin:/bin",
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ},  # peers as ours
         },
     )
     r = torch.load(res)
