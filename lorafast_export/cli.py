@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -93,21 +95,71 @@ def main(cctx: click.Context, as_json: bool, quiet: bool, debug: bool) -> None:
     )
     cctx.obj = Ctx(as_json, quiet or as_json, debug)
     install_signal_handlers()
+    _quiet_transformers()
 
 
 def _progress(ctx: Ctx):
-    """A stage-by-stage status line (rich); silent under --quiet/--json."""
+    """Stage-by-stage progress on stderr, silent under --quiet/--json: a rich status line on a terminal; one
+    plain line per stage and sub-step with elapsed seconds otherwise (CI logs). A stage that reports
+    "skipped ..." ends without a check mark."""
     if ctx.quiet:
         return None, (lambda stage, msg: None)
+    if not console.is_terminal:
+        return None, _line_progress()
     status = console.status("starting", spinner="dots")
+    skipped: dict[str, str] = {}
 
     def update(stage: str, msg: str) -> None:
-        if msg == "done":
-            console.print(f"  [green]✓[/] {stage}")
+        if msg.startswith("skipped"):
+            skipped[stage] = msg
+        elif msg == "done":
+            if stage in skipped:
+                console.print(f"  [dim]- {stage} {escape(skipped.pop(stage))}[/]")
+            else:
+                console.print(f"  [green]✓[/] {stage}")
         else:
-            status.update(f"[bold]{stage}[/] {'' if msg == 'start' else msg}")
+            status.update(f"[bold]{stage}[/] {'' if msg == 'start' else escape(msg)}")
 
     return status, update
+
+
+def _line_progress():
+    """update(stage, msg) printing '[  12.3 s] stage: msg' lines, and the stage's own time when it is done."""
+    t0 = time.perf_counter()
+    started: dict[str, float] = {}
+    skipped: set[str] = set()
+
+    def update(stage: str, msg: str) -> None:
+        now = time.perf_counter()
+        if msg == "start":
+            started[stage] = now
+            line = f"{stage} ..."
+        elif msg == "done":
+            took = now - started.pop(stage, now)
+            line = f"{stage} done ({took:.1f} s)" if stage not in skipped else f"{stage} skipped"
+        else:
+            skipped.update([stage] if msg.startswith("skipped") else [])
+            line = f"{stage}: {msg}"
+        print(f"[{now - t0:7.1f} s] {line}", file=sys.stderr, flush=True)
+
+    return update
+
+
+class _DropRopeWarning(logging.Filter):
+    # transformers warns on every llama3-rope config whose original_max_position_embeddings equals
+    # max_position_embeddings, which is what Llama 3 ships (8192 and 8192); the model is right, the warning noise
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "original_max_position_embeddings field must be less than" not in record.getMessage()
+
+
+def _quiet_transformers() -> None:
+    """No 'Loading weights' bars and no llama3 rope warning from transformers in our output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    rope_log = logging.getLogger("transformers.modeling_rope_utils")
+    if not any(isinstance(f, _DropRopeWarning) for f in rope_log.filters):
+        rope_log.addFilter(_DropRopeWarning())
 
 
 def _run_with_progress(ctx: Ctx, fn):

@@ -145,6 +145,7 @@ def merge_key(ctx: BuildContext) -> str:
 def stage_quantize(ctx: BuildContext) -> None:
     """The quantize walk spills each layer into the stage cache; a rerun with the same inputs reuses it."""
     if ctx.recipe.quant.method == "none":
+        ctx.progress("quantize", "skipped (no quantization)")
         return
     from lorafast_export.model.quantized import load_quantized
     from lorafast_export.quant.calib import calibration_files
@@ -179,6 +180,7 @@ def stage_lower(ctx: BuildContext) -> None:
 
 def stage_validate(ctx: BuildContext) -> None:
     if not ctx.recipe.validate_.enabled:
+        ctx.progress("validate", "skipped (--no-validate)")
         return
     from lorafast_export.validate.run import validate_build
 

@@ -1,0 +1,51 @@
+"""Progress in CI logs: stderr that is not a terminal gets one line per stage and sub-step, with elapsed seconds;
+a skipped stage has no check mark; transformers' loading bars and its llama3 rope warning stay out."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.tiny import save_base_and_adapter, write_text
+
+LLAMA3_ROPE = {  # what Llama 3 ships: original_max_position_embeddings == max_position_embeddings
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+}
+
+
+def _build(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lorafast_export.cli", "build", "--base", str(tmp_path / "base")]
+    cmd += ["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out"), "--force", *extra]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_ci_log_lines(tmp_path):
+    save_base_and_adapter(tmp_path, {"layers": 1, "rope": LLAMA3_ROPE}, target_modules=["q_proj"])
+    write_text(tmp_path / "e.txt", n_chars=400)
+    (tmp_path / "p.txt").write_text("the model\n")
+    r = _build(tmp_path, "--eval", f"e={tmp_path / 'e.txt'}", "--prompts", str(tmp_path / "p.txt"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    stamped = [ln for ln in lines if re.match(r"\[\s*\d+\.\d s\] ", ln)]
+    assert stamped and len(stamped) == len(lines), r.stderr  # every line is a stamped progress line
+    text = "\n".join(lines)
+    for stage in ("load", "merge", "lower", "validate"):
+        assert re.search(rf"\] {stage} done \(\d+\.\d s\)", text), stage
+    assert "] quantize skipped" in text and "✓" not in text
+    assert re.search(r"\] validate: ", text)  # the validate stage's own sub-steps
+    assert "Loading weights" not in r.stderr and "original_max_position_embeddings" not in r.stderr
+
+
+def test_no_validate_is_shown_as_skipped(tmp_path):
+    save_base_and_adapter(tmp_path, {"layers": 1}, target_modules=["q_proj"])
+    r = _build(tmp_path, "--no-validate")
+    assert r.returncode == 0, r.stderr
+    assert "] validate skipped" in r.stderr and "validate done" not in r.stderr
