@@ -7,7 +7,8 @@
 Importable: `make_base(out, shape, ...)`, `make_adapter(out, base_dir, ...)`, `PRESETS`.
 
 - Weights are N(0, std) (norms 1), drawn per tensor from a seed derived from the tensor's name, so the
-  shard size does not change them. On CUDA they are drawn on the GPU and written shard by shard: only one
+  shard size does not change them. On a CPU, tensors over 16M elements are cut from one pool of normal values
+  (drawing 13B values would take many minutes); on CUDA every tensor is drawn. On CUDA they are drawn on the GPU and written shard by shard: only one
   shard is ever held on the host (a 16 GB 8B shape takes about 30 s on an H200).
 - Shards are `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` (embeddings first, lm_head
   last), or one `model.safetensors` when the model fits in one shard, as `save_pretrained` writes them.
@@ -145,10 +146,30 @@ def _generator(device: str, seed: int, name: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
+# On a CPU, drawing 13B normal values takes minutes of a busy core; tensors over POOL_MIN elements are instead
+# cut from one shared pool of N(0, 1) values at a per-tensor offset (the pool's odd length keeps rows of any width
+# from repeating). Fine for speed and memory work; use a GPU (or small models) for i.i.d. weights.
+POOL_MIN = 1 << 24
+_POOL: dict[int, torch.Tensor] = {}
+
+
+def _pooled(numel: int, seed: int, name: str) -> torch.Tensor:
+    if seed not in _POOL:
+        _POOL[seed] = torch.randn((1 << 25) + 1, generator=_generator("cpu", seed, "pool"))
+    pool = _POOL[seed]
+    start = zlib.crc32(name.encode()) % pool.numel()
+    reps = -(-(start + numel) // pool.numel())
+    return pool.repeat(reps)[start : start + numel] if reps > 1 else pool[start : start + numel].clone()
+
+
 def _random_tensor(name: str, shape, seed: int, std: float, dtype, device: str) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
-    x = torch.randn(shape, generator=_generator(device, seed, name), device=device, dtype=torch.float32)
+    n = _numel(shape)
+    if device == "cpu" and n > POOL_MIN:
+        x = _pooled(n, seed, name).view(shape)
+    else:
+        x = torch.randn(shape, generator=_generator(device, seed, name), device=device, dtype=torch.float32)
     scale = std if name.endswith(".weight") else std * 0.5  # qkv biases
     return x.mul_(scale).to(dtype).cpu()
 
