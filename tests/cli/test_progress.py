@@ -24,7 +24,7 @@ def _build(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd += ["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out"), "--force", *extra]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
 def test_ci_log_lines(tmp_path):
