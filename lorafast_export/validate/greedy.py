@@ -1,0 +1,241 @@
+"""The greedy-generation check: every stage's greedy continuation of the prompts against the reference's.
+
+Not yet called by validate/run.py on main: its wiring (run_greedy over the candidates, the report note) sits on
+top of the layer-streamed validator and lands with it.
+
+All prompts decode together (left-padded, one batch per `batch_size` prompts) with a KV cache, on the validation
+device. A decoder stage is run by `decoder_greedy_batch`; a runtime session by its own `generate_batch` (or
+`generate`, prompt by prompt); the reference by transformers' `generate` on the unmerged PEFT model. The
+reference's tokens are cached next to its logits, so a second build against the same inputs decodes only the
+candidates.
+
+Decoding needs a whole model on one device, held for `max_new_tokens` steps. Where that does not fit (a CPU-only
+machine and a model over `HOST_DECODE_MAX_BYTES` in fp32; a GPU without room for it), the check is skipped and
+`GreedyResult.note` says why: the report shows the note and no greedy numbers, instead of hours of decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# A whole fp32 model is held on the host for decoding only up to this size (about 250M parameters): beyond it, a
+# CPU-only validation keeps its memory to a few layers (issue 13) and skips the greedy check with a note.
+HOST_DECODE_MAX_BYTES = 1 << 30
+# On a GPU, the share of free memory a decoding model (weights + KV cache + activations) may take.
+GPU_DECODE_SHARE = 0.85
+PROGRESS_EVERY_S = 5.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class GreedyResult:
+    tokens: dict[str, list[list[int]]] = field(default_factory=dict)  # "reference" and stage -> new tokens
+    note: str | None = None  # set when the check was skipped: why
+
+
+def decode_fits(model_bytes: int, device: str) -> str | None:
+    """None when a model of `model_bytes` (as it would sit on `device`) can be decoded there, else the reason."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        if model_bytes <= GPU_DECODE_SHARE * free:
+            return None
+        return (
+            f"greedy check skipped: the model needs {model_bytes / 1e9:.1f} GB for decoding and the GPU has "
+            f"{free / 1e9:.1f} GB free."
+        )
+    if model_bytes <= HOST_DECODE_MAX_BYTES:
+        return None
+    return (
+        f"greedy check skipped: decoding holds a whole model ({model_bytes / 1e9:.1f} GB in fp32), more than "
+        f"the {HOST_DECODE_MAX_BYTES / 2**30:.0f} GiB a CPU-only validation allows; validate on a GPU "
+        "(validate.device cuda) to run it."
+    )
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [b, t] and attention mask [b, t] (1 = real token), padded on the left."""
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, t - len(p) :] = 1
+    return ids, mask
+
+
+def _forward(dec, ids, past, position_ids, attention_mask):
+    """Decoder.forward, except that in the prefill a padding query may see itself: a row with no allowed key
+    would make SDPA return NaN, and a NaN value times a zero weight still poisons the real tokens."""
+    past_len = past[0][0].shape[2] if past else 0
+    h = dec.embed(ids)
+    cos, sin, mask = dec.rope_and_mask(ids, past_len, position_ids, attention_mask, h.dtype)
+    if past_len == 0:
+        mask = mask | torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)
+    present = []
+    for i, layer in enumerate(dec.model.layers):
+        h, kv = layer(h, cos, sin, mask, past[i] if past else None)
+        present.append(kv)
+    return dec.logits(h[:, -1:]), present  # only the last position's logits are needed
+
+
+@torch.no_grad()
+def decoder_greedy_batch(
+    dec, prompts: Sequence[Sequence[int]], max_new_tokens: int, tick=None
+) -> list[list[int]]:
+    """Greedy continuations of `prompts` (new tokens only) in one batch, with the decoder's KV cache, on the
+    device the decoder's weights are on. tick(t) is called after each new token."""
+    device = dec.model.embed_tokens.weight.device
+    ids, mask = left_pad(prompts)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # real tokens at 0..len-1, as when decoded alone
+    logits, past = _forward(dec, ids, None, pos, mask)
+    out = []
+    for t in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)  # [b]
+        out.append(nxt)
+        if tick:
+            tick(t + 1)
+        if t + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        logits, past = _forward(dec, nxt[:, None], past, pos, mask)
+    return torch.stack(out, dim=1).tolist()
+
+
+@torch.no_grad()
+def hf_greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, device) -> list[list[int]]:
+    """transformers' generate (here: the unmerged PEFT reference), left-padded batch, exactly max_new_tokens."""
+    ids, mask = left_pad(prompts)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, ids.shape[1] :].tolist()
+
+
+def batched(
+    name: str,
+    fn: Callable[[list[list[int]], Callable[[int], None]], list[list[int]]],
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Progress,
+) -> list[list[int]]:
+    """Run fn over prompt batches, reporting 'greedy NAME: prompts i-j/n, token t/T' at most every few seconds
+    and at the end of each batch."""
+    out: list[list[int]] = []
+    n, t0 = len(prompts), time.perf_counter()
+    for start in range(0, n, batch_size):
+        chunk = prompts[start : start + batch_size]
+        span = f"prompts {start + 1}-{start + len(chunk)}/{n}"
+        last = [time.perf_counter()]
+
+        def tick(t: int, span=span, last=last) -> None:
+            if time.perf_counter() - last[0] >= PROGRESS_EVERY_S:
+                last[0] = time.perf_counter()
+                progress(f"greedy {name}: {span}, token {t}/{max_new_tokens}")
+
+        out += fn(chunk, tick)
+        progress(f"greedy {name}: {span}, {max_new_tokens} tokens each ({time.perf_counter() - t0:.1f} s)")
+    return out
+
+
+# ----------------------------------------------------------------------------------- reference token cache
+
+
+def _cache_path(cache_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> Path:
+    h = hashlib.sha256(json.dumps({"prompts": prompts, "new": max_new_tokens}).encode()).hexdigest()
+    return Path(cache_dir) / f"greedy-{h[:16]}.json"
+
+
+def load_reference_tokens(cache_dir: Path, prompts, max_new_tokens: int) -> list[list[int]] | None:
+    p = _cache_path(cache_dir, prompts, max_new_tokens)
+    try:
+        toks = json.loads(p.read_text())["tokens"]
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:  # a damaged entry is recomputed, not fatal
+        log.warning("greedy cache %s unreadable (%s); recomputing", p, e)
+        return None
+    ok = len(toks) == len(prompts) and all(len(t) == max_new_tokens for t in toks)
+    return toks if ok else None
+
+
+def save_reference_tokens(cache_dir: Path, prompts, max_new_tokens: int, tokens: list[list[int]]) -> None:
+    p = _cache_path(cache_dir, prompts, max_new_tokens)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"tokens": tokens}))
+    tmp.replace(p)
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+
+
+@dataclass
+class GreedyStage:
+    """How to get one stage's greedy tokens: `run(prompts, max_new_tokens, tick)`, already batched."""
+
+    name: str
+    run: Callable[[list[list[int]], int, Callable[[int], None]], list[list[int]]]
+    close: Callable[[], None] = lambda: None  # frees what run built, once every batch is done
+
+
+def run_greedy(
+    reference: GreedyStage,
+    stages: Sequence[GreedyStage],
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    cache_dir: Path | None,
+    progress: Progress = lambda m: None,
+    batch_size: int = 32,
+    skip_note: str | None = None,
+) -> GreedyResult:
+    """The reference's tokens (cached) and every stage's; skipped with skip_note when that is set."""
+    if skip_note:
+        progress(skip_note)
+        return GreedyResult(note=skip_note)
+    res = GreedyResult()
+    ref = load_reference_tokens(cache_dir, prompts, max_new_tokens) if cache_dir else None
+    if ref is None:
+        ref = batched(
+            reference.name,
+            lambda ch, tick: reference.run(ch, max_new_tokens, tick),
+            prompts,
+            max_new_tokens,
+            batch_size,
+            progress,
+        )
+        reference.close()
+        if cache_dir:
+            save_reference_tokens(cache_dir, prompts, max_new_tokens, ref)
+    else:
+        progress(f"greedy {reference.name}: {len(prompts)} prompts from the cache")
+    res.tokens["reference"] = ref
+    for st in stages:
+        res.tokens[st.name] = batched(
+            st.name,
+            lambda ch, tick, st=st: st.run(ch, max_new_tokens, tick),
+            prompts,
+            max_new_tokens,
+            batch_size,
+            progress,
+        )
+        st.close()
+    return res

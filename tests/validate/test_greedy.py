@@ -1,0 +1,79 @@
+"""The batched greedy check: the same tokens as decoding each prompt alone, through transformers' generate too."""
+
+import json
+
+import pytest
+
+from lorafast_export.model.decoder import build_decoder
+from lorafast_export.model.spec import ModelConfig
+from lorafast_export.validate import greedy
+from lorafast_export.validate.candidates import decoder_greedy
+from lorafast_export.validate.greedy import GreedyStage, decoder_greedy_batch, hf_greedy_batch, run_greedy
+from tests.tiny import make_model
+
+PROMPTS = [[1, 5, 9, 13, 2, 7, 30], [1, 40], [1, 3, 3, 3, 8, 50, 60, 61, 62, 63, 5], [1, 77, 20, 4]]
+
+
+def _pair(family, **kw):
+    hf = make_model(family, **kw)
+    state = {k: v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    return hf, build_decoder(ModelConfig.from_dict(hf.config.to_dict()), state)
+
+
+@pytest.mark.parametrize(
+    "family,kw", [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 4}), ("llama", {"tie": True})]
+)
+def test_batched_equals_each_prompt_alone_and_transformers(family, kw):
+    """Left padding, rope positions, the sliding window and the KV cache: one batch gives each prompt's own
+    greedy tokens (our decoder alone, prompt by prompt) and transformers' batched generate agrees."""
+    hf, dec = _pair(family, **kw)
+    alone = [decoder_greedy(dec, p, 12) for p in PROMPTS]
+    assert decoder_greedy_batch(dec, PROMPTS, 12) == alone
+    assert hf_greedy_batch(hf, PROMPTS, 12, "cpu") == alone
+    assert len({tuple(t) for t in alone}) > 1  # the prompts really lead to different continuations
+
+
+def test_reference_tokens_are_cached_and_candidates_always_run(tmp_path):
+    _, dec = _pair("llama")
+    calls = {"ref": 0, "cand": 0}
+
+    def ref_run(ch, n, tick):
+        calls["ref"] += 1
+        return decoder_greedy_batch(dec, ch, n, tick)
+
+    def cand_run(ch, n, tick):
+        calls["cand"] += 1
+        return decoder_greedy_batch(dec, ch, n, tick)
+
+    lines = []
+    stages = [GreedyStage("c", cand_run)]
+    first = run_greedy(
+        GreedyStage("reference", ref_run), stages, PROMPTS, 6, tmp_path, lines.append, batch_size=3
+    )
+    second = run_greedy(GreedyStage("reference", ref_run), stages, PROMPTS, 6, tmp_path, lines.append)
+    assert calls == {"ref": 2, "cand": 3}  # 2 batches of the reference once; the candidate every time
+    assert first.tokens == second.tokens and first.tokens["reference"] == first.tokens["c"]
+    assert "greedy reference: prompts 1-3/4, 6 tokens each" in lines[0]
+    assert "greedy reference: prompts 4-4/4" in lines[1]
+    assert any("from the cache" in m for m in lines)
+    cached = next(tmp_path.glob("greedy-*.json"))
+    cached.write_text("{not json")  # a damaged entry is recomputed
+    run_greedy(GreedyStage("reference", ref_run), stages, PROMPTS, 6, tmp_path)
+    assert calls["ref"] == 3 and json.loads(cached.read_text())["tokens"] == first.tokens["reference"]
+
+
+def test_cpu_limit_skips_with_a_note(monkeypatch):
+    assert greedy.decode_fits(greedy.HOST_DECODE_MAX_BYTES, "cpu") is None
+    note = greedy.decode_fits(26 * 10**9, "cpu")
+    assert "greedy check skipped" in note and "26.0 GB" in note and "validate.device cuda" in note
+    never = GreedyStage("reference", lambda *a: pytest.fail("a skipped check must not decode"))
+    res = run_greedy(never, [never], PROMPTS, 4, None, skip_note=note)
+    assert res.note == note and res.tokens == {}
+
+
+def test_progress_ticks_during_a_slow_batch(monkeypatch):
+    monkeypatch.setattr(greedy, "PROGRESS_EVERY_S", 0.0)
+    _, dec = _pair("llama")
+    lines = []
+    greedy.batched("x", lambda ch, tick: decoder_greedy_batch(dec, ch, 3, tick), PROMPTS, 3, 8, lines.append)
+    assert [m.split(", ")[1] for m in lines[:3]] == ["token 1/3", "token 2/3", "token 3/3"]
