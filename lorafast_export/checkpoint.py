@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 DEFAULT_SHARD_BYTES = 512 * 1024**2
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a failed write (disk full, file-size limit) raised as the OSError it is,
+    naming the file (the library's own error carries only the OS error's number)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 class ShardWriter:
@@ -38,7 +54,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buf, str(path), metadata=self.metadata)
+        save_safetensors(self._buf, path, self.metadata)
         self._shards.append((path, list(self._buf)))
         self._buf, self._buf_bytes = {}, 0
 

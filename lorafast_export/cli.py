@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError
+from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError, io_error_as_input_error
 
 console = Console(stderr=True)
 out = Console()
@@ -56,6 +56,13 @@ class Ctx:
             human()
 
 
+def _fail(ctx: Ctx, e: LorafastError):
+    if ctx.json:
+        click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    sys.exit(e.exit_code)
+
+
 def _run(ctx: Ctx, fn, *args, **kwargs):
     """Call the library; turn our errors into a message and an exit code (a traceback only with --debug)."""
     try:
@@ -63,17 +70,16 @@ def _run(ctx: Ctx, fn, *args, **kwargs):
     except LorafastError as e:
         if ctx.debug:
             raise
-        if ctx.json:
-            click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        _fail(ctx, e)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         console.print(f"[red]interrupted[/] ({signal.Signals(signum).name}); nothing was published")
         sys.exit(128 + signum)
-    except Exception as e:  # a bug, not a user error
+    except Exception as e:  # a bug, not a user error, unless the machine refused a read or write (disk full)
         if ctx.debug:
             raise
+        if (user_error := io_error_as_input_error(e)) is not None:
+            _fail(ctx, user_error)
         console.print(
             f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
             "(re-run with --debug for the traceback)",
@@ -250,14 +256,19 @@ def _eval_spec(s: str) -> dict:
 
 def load_recipe(recipe_path: str | None, overrides: dict):
     from lorafast_export.recipe import Recipe
+    from lorafast_export.validate.gates import check_recipe_gates
 
-    base = Recipe.from_yaml(recipe_path) if recipe_path else Recipe()
-    return base.with_overrides(overrides) if overrides else base
+    recipe = Recipe.load(recipe_path, overrides)
+    check_recipe_gates(recipe)  # before any work, also with validation off
+    return recipe
 
 
 @main.command()
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; flags override its fields.")
-@click.option("--base", help="Base model directory (HF layout). Default: the bundled demo base.")
+@click.option(
+    "--base",
+    help="Base model directory (HF layout); required with --adapter (the demo base goes with demo:*).",
+)
 @click.option(
     "--adapter",
     multiple=True,

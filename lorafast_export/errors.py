@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import re
+import shutil
+
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -29,3 +33,43 @@ class GateFailed(LorafastError):
     """One or more validation gates failed."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+# What the system said when reading or writing failed for a reason of the machine's, not ours (errno -> why).
+_IO_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file grew past the file system's or this process's file-size limit (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted there",
+    errno.EIO: "an I/O error (a failing disk or network file system)",
+    errno.ENAMETOOLONG: "a file name is too long",
+}
+
+
+def io_error_as_input_error(e: BaseException) -> InputError | None:
+    """A failed read or write (an OSError, or a safetensors error carrying one: '... (os error 28)') as a user error
+    naming the file and what to do; None when `e` is not such a failure (then it is a bug)."""
+    code, where = _os_error(e)
+    if code not in _IO_REASONS:
+        return None
+    return InputError(
+        f"{where}: {_IO_REASONS[code]} (errno {errno.errorcode.get(code, code)}). Nothing was published. Free some "
+        "space or raise the limit, or choose another --out / LORAFAST_CACHE on a writable file system."
+    )
+
+
+def _os_error(e: BaseException) -> tuple[int | None, str]:
+    # shutil.Error (copytree) is an OSError without an errno: the first failed file's message carries it
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        _src, dst, why = e.args[0][0]  # copytree collects (src, dst, "[Errno N] ...") per file
+        m = re.search(r"\[Errno (\d+)\]", str(why))
+        return (int(m.group(1)) if m else None), str(dst)
+    if isinstance(e, OSError):
+        where = e.filename if e.filename is not None else "a file"
+        return e.errno, str(where)
+    if type(e).__name__ == "SafetensorError":  # safetensors' Rust writer reports the OS error in its message
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        return (int(m.group(1)) if m else None), "a safetensors file being written"
+    return None, ""

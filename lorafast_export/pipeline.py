@@ -29,7 +29,8 @@ from lorafast_export.manifest import write_manifest as write_manifest_file
 from lorafast_export.outdir import publish, staged_output
 from lorafast_export.recipe import Recipe, resolve_path
 from lorafast_export.stagecache import StageCache, content_key
-from lorafast_export.weights import ModelDir, open_model, sha256_file
+from lorafast_export.validate.gates import check_recipe_gates
+from lorafast_export.weights import ModelDir, check_tokenizer, open_model, sha256_file
 
 log = logging.getLogger(__name__)
 VERSIONED = (
@@ -93,7 +94,23 @@ def stage_load(ctx: BuildContext) -> None:
     ctx.adapters = [
         open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides()) for a in r.adapters
     ]
+    _check_needs_tokenizer(ctx.recipe, ctx.base)
     ctx.input_hashes = input_hashes(ctx)
+
+
+def _calibrated(method: str) -> bool:
+    from lorafast_export.quant.methods import get_method
+
+    return method != "none" and get_method(method).calibrated
+
+
+def _check_needs_tokenizer(recipe: Recipe, base: ModelDir) -> None:
+    uses = [
+        *(["validation"] if recipe.validate_.enabled else []),
+        *([f"{recipe.quant.method} calibration"] if _calibrated(recipe.quant.method) else []),
+    ]
+    if uses:
+        check_tokenizer(base, " and ".join(uses))
 
 
 def stage_merge(ctx: BuildContext) -> None:
@@ -265,6 +282,7 @@ def _with_fault_injection(progress: Callable[[str, str], None]) -> Callable[[str
 
 
 def run_build(recipe: Recipe, progress: Callable[[str, str], None] | None = None) -> BuildContext:
+    check_recipe_gates(recipe)
     out = recipe.output.path
     with staged_output(out, recipe.output.force) as stage_dir:
         ctx = BuildContext(recipe, out, stage_dir, _with_fault_injection(progress or (lambda s, m: None)))

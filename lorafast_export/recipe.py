@@ -16,6 +16,7 @@ from what the target declares (targets/registry.py: recipe_rules, option_problem
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ TEXT_DIR = Path(__file__).parent / "data" / "text"
 
 TARGETS = ("hf", "torch-compile", "onnxruntime", "openvino", "trt-llm")
 ARTIFACT_NAMES = ("manifest.json", "model", "report.json", "report.md", "report.html")  # what a build writes
+PSEUDO_FS = (Path("/proc"), Path("/sys"))  # where an output directory can never go
 QUANT_METHODS = ("none", "rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq")
 
 
@@ -65,6 +67,22 @@ class AdapterRef(_Section):
     # only for Lightning .ckpt adapters, when the checkpoint's hyperparameters lack them:
     lora_alpha: float | None = None
     use_rslora: bool | None = None
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, v):
+        if not math.isfinite(v):
+            raise ValueError(
+                f"the adapter weight must be a finite number, got {v} (PATH:WEIGHT, e.g. ad:0.5)"
+            )
+        return v
+
+    @field_validator("lora_alpha")
+    @classmethod
+    def _alpha(cls, v):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"lora_alpha must be a positive finite number, got {v}")
+        return v
 
     def overrides(self) -> dict:
         return {"lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
@@ -202,6 +220,27 @@ class Recipe(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _base_given(cls, data):
+        """The demo base is the default only for the demo adapters: an adapter of the user's without a base would
+        be merged into the demo model (and fail with dozens of shape mismatches, or worse, fit by chance)."""
+        inputs = data.get("inputs") if isinstance(data, dict) else None
+        if not isinstance(inputs, dict) or inputs.get("base") is not None:
+            return data
+        own = [
+            a.get("path") if isinstance(a, dict) else getattr(a, "path", a)
+            for a in inputs.get("adapters") or []
+        ]
+        own = [p for p in own if not (isinstance(p, str) and p.startswith("demo:"))]
+        if own:
+            raise ValueError(
+                f"inputs.base: the base model is required with your own adapter(s) ({', '.join(map(str, own))}): give "
+                "the model they were trained on with --base DIR (or inputs.base in the recipe). The bundled "
+                "demo base is only the default for the demo adapters (demo:lora, demo:dora)."
+            )
+        return data
+
     @field_validator("version")
     @classmethod
     def _version(cls, v):
@@ -217,6 +256,7 @@ class Recipe(_Section):
         problems = [
             *self._conflicts(),
             *self._output_dir_problems(),
+            *self._output_location_problems(),
             *self._written_path_problems(),
             *recipe_problems(self),
         ]
@@ -275,6 +315,17 @@ class Recipe(_Section):
             "would replace it as a whole. Choose a new directory for the artifact, e.g. dist/<name>."
         ]
 
+    def _output_location_problems(self) -> list[str]:
+        """Kernel pseudo file systems take no artifacts: writes there fail in odd ways (ENOENT, EPERM) or worse."""
+        out = self.output.path.resolve()
+        hit = next((d for d in PSEUDO_FS if out.is_relative_to(d)), None)
+        if hit is None:
+            return []
+        return [
+            f"output.dir: {self.output.dir!r} is under {hit}, a kernel pseudo file system where no files can be "
+            "written; choose a directory on a disk, e.g. dist/<name>."
+        ]
+
     def _written_path_problems(self) -> list[str]:
         """Files a recipe names for writing (validate.junit) lie inside the artifact, beside what the build writes."""
         junit = self.validate_.junit
@@ -307,28 +358,43 @@ class Recipe(_Section):
 
     @staticmethod
     def from_yaml(path: str | Path) -> Recipe:
-        p = Path(path)
-        text = read_text(p, "recipe file", LIMITS["recipe"])
-        try:
-            data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader without aliases
-        except yaml.YAMLError as e:
-            raise InputError(f"{p}: not valid YAML ({e}).") from None
-        if not isinstance(data, dict):
-            raise InputError(
-                f"{p}: a recipe is a YAML mapping with sections inputs/merge/quant/target/validate/output."
-            )
-        return Recipe.from_dict(data, str(p))
+        return Recipe.from_dict(_read_yaml(Path(path)), str(path))
+
+    @staticmethod
+    def load(path: str | Path | None, overrides: dict[str, Any]) -> Recipe:
+        """A recipe file (or none: the defaults) with dotted-key overrides (the command line's flags) applied to
+        what the file says, before defaults are filled in: a field neither gives keeps its default."""
+        data = _read_yaml(Path(path)) if path is not None else {}
+        return Recipe.from_dict(_apply(data, overrides), str(path or "command line"))
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
         """Apply dotted-key overrides (e.g. {"quant.method": "awq"}) and re-validate everything at once."""
-        d = self.to_dict()
-        for key, value in overrides.items():
-            node = d
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return Recipe.from_dict(d, "command line / recipe")
+        return Recipe.from_dict(_apply(self.to_dict(), overrides), "command line / recipe")
+
+
+def _apply(d: dict, overrides: dict[str, Any]) -> dict:
+    for key, value in overrides.items():
+        node = d
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return d
+
+
+def _read_yaml(p: Path) -> dict:
+    text = read_text(p, "recipe file", LIMITS["recipe"])
+    try:
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader without aliases
+    except yaml.YAMLError as e:
+        raise InputError(f"{p}: not valid YAML ({e}).") from None
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{p}: a recipe is a YAML mapping with sections inputs/merge/quant/target/validate/output."
+        )
+    return data
 
 
 class StrictLoader(yaml.SafeLoader):

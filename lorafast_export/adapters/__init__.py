@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from lorafast_export.adapters.lightning import open_lightning_adapter
@@ -15,6 +16,8 @@ def open_adapter(spec: str, allow_pickle: bool = False, overrides: dict | None =
     """`path[:weight]`: a PEFT adapter directory, or a PyTorch Lightning .ckpt (`overrides`: lora_alpha/use_rslora
     for it)."""
     path_s, weight = parse_adapter_spec(spec)
+    if not math.isfinite(weight):
+        raise InputError(f"{spec}: the adapter weight must be a finite number, got {weight}.")
     path = Path(path_s)
     if path.is_file():
         if path.suffix != ".ckpt":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lorafast_export.adapters.peft import adapter_from_tensors
+from lorafast_export.adapters.peft import adapter_from_tensors, check_lora_config
 from lorafast_export.errors import InputError
 
 _KEY = re.compile(
@@ -104,4 +104,5 @@ def open_lightning_adapter(path: Path, weight: float, allow_pickle: bool, overri
             "spec, e.g. --adapter 'epoch=3.ckpt' --lora-alpha 32."
         )
     cfg.setdefault("use_dora", any("lora_magnitude_vector" in k for k in tensors))
+    check_lora_config(cfg, path)
     return adapter_from_tensors(path, cfg, tensors, weight, [path])

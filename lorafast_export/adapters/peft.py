@@ -6,6 +6,8 @@ Lightning checkpoints (adapters/lightning.py) reuse `adapter_from_tensors`.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +52,6 @@ class Adapter:
 
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's get_pattern_key: a pattern matches when the module path ends with it (regex, '.'-anchored)."""
-    import re
-
     for key, val in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return val
@@ -75,7 +75,7 @@ def read_adapter_config(path: Path) -> dict:
         raise InputError(f"{path}: no adapter_config.json; not a PEFT adapter directory.")
     try:
         cfg = json.loads(read_text(cfg_path, "adapter_config.json", LIMITS["config"]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"{cfg_path}: not valid JSON ({e}).") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{cfg_path}: expected a JSON object.")
@@ -95,10 +95,73 @@ def read_adapter_config(path: Path) -> dict:
             raise UnsupportedError(f"{cfg_path}: {what} ({flag}) is not supported yet.")
     if cfg.get("trainable_token_indices"):
         raise UnsupportedError(f"{cfg_path}: trainable_token_indices is not supported yet.")
-    for k in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(k), (int, float)) or cfg.get(k) <= 0:
-            raise InputError(f"{cfg_path}: field {k!r} must be a positive number, got {cfg.get(k)!r}.")
+    check_lora_config(cfg, cfg_path)
     return cfg
+
+
+def _positive_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _positive_int(v: object) -> bool:
+    return _positive_number(v) and float(v).is_integer()
+
+
+def _show(v: object) -> str:
+    """A config value as the user wrote it (JSON), or its repr when it is not JSON (a pickled hyperparameter)."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _regex_problem(pattern: object) -> str | None:
+    if not isinstance(pattern, str):
+        return f"{pattern!r} is not a string"
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"{pattern!r} is not a valid regular expression ({e})"
+    return None
+
+
+def check_lora_config(cfg: dict, where: Path) -> None:
+    """The numbers and patterns a merge computes with: r and every rank_pattern value positive integers, lora_alpha
+    and every alpha_pattern value positive and finite (a NaN or Inf alpha would reach the weights), pattern keys
+    valid regular expressions (PEFT matches them with re.match), the flags true/false. All problems at once."""
+    problems = []
+    if not _positive_int(cfg.get("r")):
+        problems.append(f"'r' must be a positive integer, got {_show(cfg.get('r'))}")
+    if not _positive_number(cfg.get("lora_alpha")):
+        problems.append(f"'lora_alpha' must be a positive finite number, got {_show(cfg.get('lora_alpha'))}")
+    for key_name, ok, want in (
+        ("rank_pattern", _positive_int, "a positive integer"),
+        ("alpha_pattern", _positive_number, "a positive finite number"),
+    ):
+        patterns = cfg.get(key_name) or {}
+        if not isinstance(patterns, dict):
+            problems.append(
+                f"{key_name!r} must be an object (module pattern -> value), got {_show(patterns)}"
+            )
+            continue
+        for key, value in patterns.items():
+            why = _regex_problem(key)
+            if why:
+                problems.append(f"{key_name}: key {why}")
+            if not ok(value):
+                problems.append(f"{key_name}[{key!r}] must be {want}, got {_show(value)}")
+    target = cfg.get("target_modules")
+    if isinstance(target, str) and target != "all-linear" and _regex_problem(target):
+        problems.append(f"target_modules: {_regex_problem(target)}")
+    elif isinstance(target, list) and not all(isinstance(t, str) for t in target):
+        problems.append(f"target_modules must be a list of module names, got {_show(target)}")
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if cfg.get(flag) is not None and not isinstance(cfg.get(flag), bool):
+            problems.append(f"{flag!r} must be true or false, got {_show(cfg.get(flag))}")
+    if problems:
+        raise InputError(
+            f"{where}: {len(problems)} problem(s) in the adapter config:\n  - " + "\n  - ".join(problems)
+        )
 
 
 def open_peft_adapter(path: Path, weight: float, allow_pickle: bool = False) -> Adapter:

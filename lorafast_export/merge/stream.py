@@ -16,7 +16,7 @@ import torch
 from lorafast_export.adapters import Adapter
 from lorafast_export.errors import InputError
 from lorafast_export.merge.math import embedding_delta, lora_delta, merge_linear
-from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
+from lorafast_export.model.spec import ATTN_PROJ, EMBED, FINAL_NORM, LM_HEAD, MLP_PROJ, layer_prefix
 from lorafast_export.weights import ModelDir
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,8 @@ def plan_merge(base: ModelDir, adapters: list[Adapter]) -> MergePlan:
                     f"{ad.path}: {name} has shape {tuple(t.shape)} but the base's is {tuple(ref.shape)}"
                     + _vocab_hint(base, name)
                 )
-        for k in ("lora_A", "lora_B"):
-            bad = [
-                m.module for m in ad.modules.values() if not torch.isfinite(getattr(m, k[-1].lower())).all()
-            ]
-            if bad:
-                problems.append(f"{ad.path}: {k} of {bad[0]} contains NaN/Inf values")
+        problems += _non_finite(ad)
+        problems += _target_problems(base, ad)
     if problems:
         raise InputError("adapter does not fit the base model:\n  - " + "\n  - ".join(problems))
     plan = MergePlan(base, adapters)
@@ -73,6 +69,55 @@ def plan_merge(base: ModelDir, adapters: list[Adapter]) -> MergePlan:
             )
             log.warning(plan.notes[-1])
     return plan
+
+
+def peft_targets(target_modules: str | list[str], key: str) -> bool:
+    """PEFT's check_target_module_exists: a regex string must match the whole module path; a list entry must
+    equal it or be a '.'-separated suffix of it; "all-linear" is every linear layer but the output head."""
+    if target_modules == "all-linear":
+        return key != "lm_head" and key.rsplit(".", 1)[-1] in (*ATTN_PROJ, *MLP_PROJ)
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    return any(key == t or key.endswith(f".{t}") for t in target_modules)
+
+
+def _target_problems(base: ModelDir, ad: Adapter) -> list[str]:
+    """The adapter's target_modules, as PEFT will apply them for the reference: they must match modules of the
+    base, and cover every module the adapter has tensors for (PEFT drops tensors of untargeted modules)."""
+    target = ad.config.get("target_modules")
+    if not ad.modules and not ad.replacements:
+        return [f"{ad.path}: the adapter has no LoRA tensors (lora_A/lora_B); nothing would change"]
+    if target is None:  # Lightning checkpoints: the tensors say where the adapter applies
+        return []
+    modules = sorted({k.rsplit(".", 1)[0] for k in base.store.keys()})
+    if not any(peft_targets(target, m) for m in modules):
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in modules if ".layers." in m})
+        return [
+            f"{ad.path}: adapter_config.json target_modules={target!r} matches no module of the base "
+            f"(its modules are named e.g. {', '.join(kinds[:8])}); is this adapter for another model?"
+        ]
+    untargeted = [m for m in ad.modules if not peft_targets(target, m)]
+    if untargeted:
+        return [
+            f"{ad.path}: the adapter has tensors for {untargeted[0]!r}"
+            + (f" (+{len(untargeted) - 1} more)" if len(untargeted) > 1 else "")
+            + f", which target_modules={target!r} does not name; PEFT would ignore them. Fix target_modules "
+            "in adapter_config.json."
+        ]
+    return []
+
+
+def _non_finite(ad: Adapter) -> list[str]:
+    """Adapter tensors holding NaN/Inf (lora_A, lora_B, DoRA magnitudes, modules_to_save replacements)."""
+    tensors = [(f"lora_A of {m.module}", m.a) for m in ad.modules.values()]
+    tensors += [(f"lora_B of {m.module}", m.b) for m in ad.modules.values()]
+    tensors += [(f"DoRA magnitude of {m.module}", m.magnitude) for m in ad.modules.values()]
+    tensors += [(f"replacement {name}", t) for name, t in ad.replacements.items()]
+    return [
+        f"{ad.path}: {what} contains NaN/Inf values"
+        for what, t in tensors
+        if t is not None and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
 
 
 def _vocab_hint(base: ModelDir, name: str) -> str:
@@ -134,9 +179,22 @@ def _merge_tensor(plan: MergePlan, name: str, out_dtype: torch.dtype | None) -> 
             embedding_delta(m.a, m.b, m.scaling) if m.kind == "embedding" else lora_delta(m.a, m.b, m.scaling)
         )
         contributions.append((delta, m.magnitude, ad.weight))
-    if not contributions:
-        return base.to(dtype)
-    return merge_linear(base.float(), contributions).to(dtype)
+    merged = base.to(dtype) if not contributions else merge_linear(base.float(), contributions).to(dtype)
+    if not torch.isfinite(merged).all():
+        raise InputError(_overflow_message(plan, name, merged.dtype))
+    return merged
+
+
+def _overflow_message(plan: MergePlan, name: str, dtype: torch.dtype) -> str:
+    """Why a merged tensor of finite inputs is not finite, and what to change."""
+    scales = ", ".join(
+        f"{ad.path} (lora_alpha={ad.config.get('lora_alpha')!r}, weight={ad.weight})" for ad in plan.adapters
+    )
+    return (
+        f"merged tensor {name!r} ({str(dtype).removeprefix('torch.')}) has NaN/Inf values; nothing was written. "
+        f"The base and adapter tensors are finite, so the merge overflowed: check the adapters' scale ({scales}) "
+        "or, if the values only exceed the output dtype, merge into a wider one (--dtype float32 or bfloat16)."
+    )
 
 
 def layer_tensor_names(plan: MergePlan, i: int) -> list[str]:

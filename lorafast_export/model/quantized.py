@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from lorafast_export.checkpoint import save_safetensors
 from lorafast_export.errors import InputError
 from lorafast_export.model.spec import ModelConfig
 from lorafast_export.qform import (
@@ -98,7 +98,7 @@ class QuantizedWriter:
             raise ValueError(f"fp tensor names {sorted(clash)[:3]} collide with quantized parts")
         tensors.update({k: v.detach().cpu().contiguous() for k, v in fp.items()})
         file = f"part-{len(self.parts):05d}.safetensors"
-        save_file(tensors, str(self.out / file), metadata=metadata)
+        save_safetensors(tensors, self.out / file, metadata)
         self.parts.append({"file": file, "q": sorted(q), "fp": sorted(fp)})
 
     def finish(self, config: ModelConfig, settings: dict) -> Path:

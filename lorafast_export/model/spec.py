@@ -98,7 +98,7 @@ class ModelConfig:
             raise InputError(f"{path}: not found. A model directory needs a config.json.")
         try:
             cfg = json.loads(read_text(path, "config.json", LIMITS["config"]))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise InputError(f"{path}: not valid JSON ({e}). Re-save the model's config.") from None
         if not isinstance(cfg, dict):
             raise InputError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
@@ -123,28 +123,72 @@ def family_of(cfg: dict, source: str) -> FamilySpec:
     )
 
 
-def _parse_rope(cfg: dict, source: str) -> RopeConfig:
+def _parse_rope(cfg: dict, source: str, problems: list[str]) -> RopeConfig:
     # transformers 5: rope_parameters = {"rope_type": ..., "rope_theta": ..., ...}
     # transformers 4: rope_theta at top level + rope_scaling = {"rope_type"|"type": ..., ...} or None
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
         params = params["full_attention"]
-    scaling = dict(params) if isinstance(params, dict) else dict(cfg.get("rope_scaling") or {})
-    theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    for key, value in (("rope_parameters", params), ("rope_scaling", cfg.get("rope_scaling"))):
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"{key} must be an object or null, got {value!r}")
+    scaling = dict(params) if isinstance(params, dict) else dict(_as_dict(cfg.get("rope_scaling")))
     rtype = scaling.get("rope_type", scaling.get("type", "default")) or "default"
     if rtype not in SUPPORTED_ROPE:
         raise UnsupportedError(
             f"{source}: rope type {rtype!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)}). "
             "Dynamic rope types change with sequence length and cannot be exported as one static graph."
         )
+    theta_src = scaling if "rope_theta" in scaling else cfg
+    orig = _field(scaling, "original_max_position_embeddings", problems, _positive_int, None)
     return RopeConfig(
-        theta=float(theta),
+        theta=_field(theta_src, "rope_theta", problems, _positive_float, 10000.0),
         type=rtype,
-        factor=float(scaling.get("factor", 1.0)),
-        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=scaling.get("original_max_position_embeddings"),
+        factor=_field(scaling, "factor", problems, _positive_float, 1.0),
+        low_freq_factor=_field(scaling, "low_freq_factor", problems, _positive_float, 1.0),
+        high_freq_factor=_field(scaling, "high_freq_factor", problems, _positive_float, 4.0),
+        original_max_position_embeddings=orig,
     )
+
+
+def _as_dict(v: object) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+# Field readers: each returns the value or None (and says why in `problems`). JSON true/false are not numbers,
+# and "4" is not 4: a config written by hand or by a broken tool is refused, never coerced.
+def _positive_int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _positive_float(v: object) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return float(v) if ok else None
+
+
+def _boolean(v: object) -> bool | None:
+    return v if isinstance(v, bool) else None
+
+
+_WANT = {
+    _positive_int: "a positive integer",
+    _positive_float: "a positive finite number",
+    _boolean: "true or false",
+}
+
+
+def _field(cfg: dict, key: str, problems: list[str], read, default, required: bool = False):
+    """cfg[key] read by `read`; a missing or null key gives `default` (or a problem when required)."""
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            problems.append(f"{key} is missing ({_WANT[read]} required)")
+        return default
+    parsed = read(value)
+    if parsed is None:
+        problems.append(f"{key} must be {_WANT[read]}, got {json.dumps(value)}")
+        return default
+    return parsed
 
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -152,39 +196,55 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 
 def _parse_config(cfg: dict, source: str) -> ModelConfig:
     fam = family_of(cfg, source)
-    missing = [k for k in _REQUIRED if not isinstance(cfg.get(k), int) or cfg.get(k) <= 0]
-    if missing:
-        raise InputError(
-            f"{source}: missing or invalid field(s) {', '.join(missing)} (positive integers required). "
-            "Is this the config.json of a causal LM checkpoint?"
+    problems: list[str] = []
+    req = {k: _field(cfg, k, problems, _positive_int, 1, required=True) for k in _REQUIRED}
+    heads, hidden = req["num_attention_heads"], req["hidden_size"]
+    kv = _field(cfg, "num_key_value_heads", problems, _positive_int, heads)
+    head_dim = _field(cfg, "head_dim", problems, _positive_int, None)
+    if head_dim is None and hidden % heads and not problems:
+        problems.append(
+            f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}; give head_dim explicitly"
         )
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    if heads % kv:
-        raise InputError(
-            f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}."
-        )
-    eps = cfg.get("rms_norm_eps", 1e-6)
-    attn_bias = bool(cfg.get("attention_bias", fam.qkv_bias_default))
-    sliding = cfg.get("sliding_window") if (fam.has_sliding_window or cfg.get("use_sliding_window")) else None
+    if heads % kv and not problems:
+        problems.append(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    opts = {
+        "rms_norm_eps": _field(cfg, "rms_norm_eps", problems, _positive_float, 1e-6),
+        "max_position_embeddings": _field(cfg, "max_position_embeddings", problems, _positive_int, 2048),
+        "tie_word_embeddings": _field(cfg, "tie_word_embeddings", problems, _boolean, False),
+        "attention_bias": _field(cfg, "attention_bias", problems, _boolean, None),
+        "mlp_bias": _field(cfg, "mlp_bias", problems, _boolean, False),
+        "use_sliding_window": _field(cfg, "use_sliding_window", problems, _boolean, False),
+        "sliding_window": _field(cfg, "sliding_window", problems, _positive_int, None),
+    }
+    rope = _parse_rope(cfg, source, problems)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if not isinstance(dtype, str):
+        problems.append(f'dtype/torch_dtype must be a string such as "float16", got {json.dumps(dtype)}')
+    if problems:
+        raise InputError(
+            f"{source}: {len(problems)} problem(s) in the model config:\n  - "
+            + "\n  - ".join(problems)
+            + "\nIs this the config.json of a causal LM checkpoint? Fix these fields (see the model's card)."
+        )
+    attn_bias = opts["attention_bias"]
+    attn_bias = fam.qkv_bias_default if attn_bias is None else attn_bias
+    sliding = opts["sliding_window"] if (fam.has_sliding_window or opts["use_sliding_window"]) else None
     return ModelConfig(
         family=fam.name,
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
+        vocab_size=req["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=req["intermediate_size"],
+        num_layers=req["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=kv,
-        head_dim=head_dim,
-        rms_norm_eps=float(eps),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=head_dim or hidden // heads,
+        rms_norm_eps=opts["rms_norm_eps"],
+        max_position_embeddings=opts["max_position_embeddings"],
+        tie_word_embeddings=opts["tie_word_embeddings"],
         qkv_bias=attn_bias or fam.qkv_bias_default,
-        o_bias=bool(cfg.get("attention_bias", False)) and fam.name != "qwen2",
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        rope=_parse_rope(cfg, source),
+        o_bias=bool(opts["attention_bias"]) and fam.name != "qwen2",
+        mlp_bias=opts["mlp_bias"],
+        rope=rope,
         sliding_window=sliding,
         torch_dtype=str(dtype),
         raw=cfg,

@@ -16,7 +16,7 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.recipe import TEXT_DIR, CalibOptions
 from lorafast_export.safeio import require_regular
-from lorafast_export.textdata import read_texts
+from lorafast_export.textdata import read_texts, token_stream
 
 DEFAULT_CALIB = TEXT_DIR / "calib.txt"
 
@@ -45,19 +45,8 @@ def _read_one(path: Path) -> list[str]:
     return read_texts(path, "calibration")
 
 
-def token_stream(tokenizer, texts: Sequence[str], limit: int | None = None) -> list[int]:
-    """Concatenated token ids of the documents (stops early once `limit` tokens are reached)."""
-    ids: list[int] = []
-    for t in texts:
-        if t.strip():
-            ids.extend(tokenizer(t, verbose=False)["input_ids"])  # long documents are cut into windows later
-        if limit is not None and len(ids) >= limit:
-            break
-    return ids
-
-
-def select_windows(ids: Sequence[int], samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
-    """Token stream → [samples, seq_len] int64: `samples` distinct non-overlapping windows, picked by seed."""
+def select_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
+    """Token stream [n] → [samples, seq_len] int64: `samples` distinct non-overlapping windows, picked by seed."""
     n_windows = len(ids) // seq_len
     if n_windows < samples:
         raise InputError(
@@ -65,7 +54,7 @@ def select_windows(ids: Sequence[int], samples: int, seq_len: int, seed: int, so
             f"tokens, but only {len(ids)} were found ({n_windows} windows of {seq_len}). Give more text "
             "(--calib FILE), or lower quant.calib.samples / quant.calib.seq_len."
         )
-    stream = torch.tensor(ids[: n_windows * seq_len], dtype=torch.int64).view(n_windows, seq_len)
+    stream = torch.as_tensor(ids[: n_windows * seq_len], dtype=torch.int64).view(n_windows, seq_len)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_windows, generator=g)[:samples].sort().values
     return stream[pick].contiguous()

@@ -79,6 +79,7 @@ class _Sink:
         self.fp: dict[str, torch.Tensor] = {}
 
     def add(self, q: dict, fp: dict) -> None:
+        check_finite_outputs(q, fp)
         if self.writer is not None:
             self.writer.add(q, fp)
         else:
@@ -89,6 +90,20 @@ class _Sink:
         if self.writer is not None:
             return load_quantized(self.writer.finish(cfg, settings))
         return QuantizedModel(config=cfg, fp=self.fp, q=self.q, settings=settings)
+
+
+def check_finite_outputs(q: dict, fp: dict) -> None:
+    """NaN/Inf never reaches a quantized checkpoint: every scale, bias and kept float tensor is checked."""
+    floats = list(fp.items())
+    for name, qt in q.items():
+        floats += [(f"{name}.{f}", getattr(qt, f)) for f in ("scales", "bias", "input_scale")]
+    for name, t in floats:
+        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(
+                f"quantization produced NaN/Inf in {name}; nothing was published. The merged weights were "
+                "finite, so the values overflowed while quantizing (calibration activations or scales out of "
+                "the float range): check the calibration text and the adapter's scale (lora_alpha)."
+            )
 
 
 @contextmanager

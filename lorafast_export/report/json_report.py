@@ -28,7 +28,7 @@ def parse_report(data: dict[str, Any] | str, source: str = "report") -> Report:
     if isinstance(data, str):
         try:
             data = json.loads(data)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise InputError(f"{source}: not valid JSON ({err})") from None
     found = data.get("schema") if isinstance(data, dict) else None
     if found != SCHEMA_ID:

@@ -17,8 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from lorafast_export.checkpoint import save_safetensors
 from lorafast_export.errors import InputError
 from lorafast_export.model.spec import ModelConfig, layer_prefix
 from lorafast_export.qform import load_qtensors, save_qtensors
@@ -52,7 +53,7 @@ def _save_shards(out_dir: Path, names: list[str], get, dtype: torch.dtype, n_lay
     for n in names:
         shards.setdefault(_shard_of(n, n_layers), []).append(n)
     for file, members in shards.items():
-        save_file({n: get(n).to(dtype).contiguous() for n in members}, str(out_dir / file))
+        save_safetensors({n: get(n).to(dtype).contiguous() for n in members}, out_dir / file)
     return sorted(shards)
 
 

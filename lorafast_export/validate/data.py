@@ -11,7 +11,7 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.recipe import TEXT_DIR
-from lorafast_export.textdata import read_texts
+from lorafast_export.textdata import read_texts, token_stream
 
 DEFAULT_EVAL = {"prose": TEXT_DIR / "prose_eval.txt", "code": TEXT_DIR / "code_eval.txt"}
 DEFAULT_PROMPTS = TEXT_DIR / "prompts.jsonl"
@@ -36,13 +36,9 @@ class EvalSet:
 
 def tokenize_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -> list[torch.Tensor]:
     """Concatenate documents (BOS-separated when the tokenizer adds one) and cut into full blocks."""
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t, verbose=False)["input_ids"])
-        if len(ids) >= max_tokens + block_size:
-            break
+    ids = token_stream(tokenizer, texts, limit=max_tokens + block_size, skip_blank=False)  # in bounded pieces
     n_blocks = min(len(ids) // block_size, max(1, max_tokens // (block_size - 1)))
-    return [torch.tensor(ids[i * block_size : (i + 1) * block_size]) for i in range(n_blocks)]
+    return [ids[i * block_size : (i + 1) * block_size].clone() for i in range(n_blocks)]
 
 
 def load_eval_sets(

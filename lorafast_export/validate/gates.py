@@ -21,12 +21,15 @@ perplexity on an eval set: such a gate is reported as skipped (passed=None) unle
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from lorafast_export.errors import InputError
+from lorafast_export.targets.registry import get_target
+from lorafast_export.validate.data import DEFAULT_EVAL
 from lorafast_export.validate.metrics import COMPARISON_METRICS, GREEDY_METRICS, TOKEN_METRICS
 
 # The default gates for the final artifact, as data: one place to read and change them.
@@ -178,6 +181,55 @@ def parse_gates(exprs: Sequence[str | Gate]) -> list[Gate]:
     if errors:
         raise InputError("\n".join(errors))
     return gates
+
+
+# ----------------------------------------------------------------------------- early checks (recipe read)
+
+
+def possible_stages(recipe, revalidate: bool = False) -> list[str]:
+    """The stage names validation can report for this recipe, known before anything runs. Mirrors
+    validate/run.py: build_candidates (a build) and validate_artifact (a re-validation: merged-fp32, artifact).
+    `merged-fp16`/`merged-bf16` exist only when the merged checkpoint has that dtype: with dtype auto either may."""
+    if revalidate:
+        return ["merged-fp32", "artifact"]
+    merged = {"auto": ["merged-fp16", "merged-bf16"], "float16": ["merged-fp16"], "bfloat16": ["merged-bf16"]}
+    quantized = ["quantized"] if recipe.quant.method != "none" else []
+    load_params = inspect.signature(get_target(recipe.target.name).load).parameters
+    runtime_default = ["artifact-runtime-default"] if "precision" in load_params else []
+    return ["merged-fp32", *merged.get(recipe.merge.dtype, []), *quantized, "artifact", *runtime_default]
+
+
+def recipe_gate_problems(recipe, revalidate: bool = False) -> list[str]:
+    """Every problem of validate.gates, found when the recipe is read (also when validation is off): grammar,
+    metric names, and stages or eval sets this build will not have."""
+    gates = recipe.validate_.gates
+    if not gates:
+        return []
+    stages = possible_stages(recipe, revalidate)
+    eval_sets = [e.name for e in recipe.validate_.eval] or list(DEFAULT_EVAL)
+    problems = []
+    for expr in gates:
+        try:
+            gate = parse_gate(expr)
+        except InputError as err:
+            problems.append(str(err))
+            continue
+        if gate.stage is not None and gate.stage not in stages:
+            problems.append(
+                f"gate {expr!r}: this build has no stage {gate.stage!r}; its stages: {', '.join(stages)}"
+            )
+        if gate.eval_set is not None and gate.eval_set not in eval_sets:
+            problems.append(
+                f"gate {expr!r}: no eval set {gate.eval_set!r}; eval sets: {', '.join(eval_sets)} "
+                "(add one with --eval NAME=FILE)"
+            )
+    return problems
+
+
+def check_recipe_gates(recipe, revalidate: bool = False) -> None:
+    problems = recipe_gate_problems(recipe, revalidate)
+    if problems:
+        raise InputError(f"validate.gates: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
 
 # ----------------------------------------------------------------------------- evaluation

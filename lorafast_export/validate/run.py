@@ -22,6 +22,7 @@ from lorafast_export.validate.candidates import (
     session_candidate,
 )
 from lorafast_export.validate.data import EvalSet, load_eval_sets, load_prompts
+from lorafast_export.validate.gates import check_recipe_gates
 from lorafast_export.validate.reference import Reference, ReferenceCache
 from lorafast_export.weights import ModelDir, sha256_file
 
@@ -288,6 +289,7 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
         raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.")
     recipe = Recipe.from_dict(locate_inputs(data, man, artifact), str(man_path))
     recipe = recipe.with_overrides(overrides) if overrides else recipe
+    check_recipe_gates(recipe, revalidate=True)
     base = open_model(resolve_path(recipe.inputs.base), recipe.inputs.allow_pickle)
     adapters = [
         open_adapter(f"{resolve_path(a.path)}:{a.weight}", recipe.inputs.allow_pickle, a.overrides())
