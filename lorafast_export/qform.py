@@ -8,7 +8,11 @@ Conventions (every quantizer makes this, every target and checkpoint packer read
 - `zeros` holds unsigned integer zero points [out, n_groups] (uint8, in [0, 2**bits)) for asymmetric
   quantization. `zeros=None` means symmetric: the zero point is implicitly 2**(bits-1), i.e. the
   signed value is codes - 2**(bits-1) (GPTQ sym, compressed-tensors' offset, ONNX MatMulNBits'
-  default zero point and OpenVINO u4 with zp=8 all use this same offset).
+  default zero point and OpenVINO u4 with zp=8 all use this same offset). The signed values span the
+  full range [-2**(bits-1), 2**(bits-1) - 1] (int4: -8..7).
+- Symmetric `scales` may be NEGATIVE: quant/rtn.py's signed grid maps each group's extreme, with its
+  sign, onto -2**(bits-1). Every packer copies scales as they are, sign included; asymmetric scales
+  are positive.
 - Groups: g(c) = g_idx[c] when `g_idx` is set (act-order), else c // group_size
   (group_size=-1: one group per row, "per channel"). `g_idx` is GPTQ's g_idx exactly: int32 [in],
   the group of each input column in original order; with act-order the columns of one group are not

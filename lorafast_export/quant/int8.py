@@ -1,4 +1,4 @@
-"""Weight-only INT8: per output channel, symmetric (scale = absmax / 127, implicit zero 128)."""
+"""Weight-only INT8: per output channel, symmetric (the signed grid: scale = extreme / -128, implicit zero 128)."""
 
 from __future__ import annotations
 

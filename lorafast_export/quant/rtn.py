@@ -1,6 +1,10 @@
 """Round-to-nearest quantization and the per-group parameter math that GPTQ and AWQ reuse.
 
-Symmetric: scale = absmax / (2**(bits-1) - 1), implicit zero 2**(bits-1) (codes in [1, 2**bits - 1]).
+Symmetric (the full signed grid, NNCF's rule): the group's extreme, the endpoint of larger magnitude WITH its sign,
+maps exactly onto the lowest signed level -2**(bits-1): scale = extreme / -2**(bits-1), implicit zero 2**(bits-1), so
+codes use all of [0, 2**bits - 1] (int4: -8..7) and the extreme is never clipped. The scale is negative when the
+extreme is positive; the other side reaches +(2**(bits-1) - 1) steps and clips beyond that (bench/QUANT.md "grid"
+has the measurements against absmax/7 and GPTQ's 2·absmax/15).
 Asymmetric: the range [min(w_min, 0), max(w_max, 0)] (zero is always representable) maps onto
 [0, 2**bits - 1]; zero = round(-min / scale). Scales are rounded UP to `scale_dtype` (no clipping, error
 <= scale/2) BEFORE the codes are computed, so a checkpoint storing float16 scales reproduces the IR exactly.
@@ -53,14 +57,25 @@ def qparams(
     maxq = 2**bits - 1
     tiny = torch.finfo(scale_dtype).tiny
     if symmetric:
-        absmax = torch.maximum(wmin.abs(), wmax.abs()).float()
-        scale = round_up_to_dtype(_ieee_div(absmax, 2 ** (bits - 1) - 1).clamp(min=tiny), scale_dtype)
-        return scale, None
+        return symmetric_scale(wmin, wmax, bits, scale_dtype), None
     lo = wmin.float().clamp(max=0.0)
     hi = wmax.float().clamp(min=0.0)
     scale = round_up_to_dtype(_ieee_div(hi - lo, maxq).clamp(min=tiny), scale_dtype)
     zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(torch.uint8)
     return scale, zero
+
+
+def symmetric_scale(
+    wmin: torch.Tensor, wmax: torch.Tensor, bits: int, scale_dtype: torch.dtype
+) -> torch.Tensor:
+    """Per-group range [...] → signed symmetric scale [...] in scale_dtype: extreme / -2**(bits-1) (module doc).
+
+    Its magnitude is rounded UP to scale_dtype, so the extreme lands on -2**(bits-1) or just inside; a group whose
+    extreme is 0 gets the smallest positive scale. Ties (|min| = max) take the negative end: a positive scale."""
+    tiny = torch.finfo(scale_dtype).tiny
+    extreme = torch.where(wmin.abs() >= wmax.abs(), wmin, wmax).float()
+    magnitude = round_up_to_dtype(_ieee_div(extreme.abs(), 2 ** (bits - 1)).clamp(min=tiny), scale_dtype)
+    return torch.where(extreme > 0, -magnitude, magnitude)
 
 
 def _ieee_div(x: torch.Tensor, d: int) -> torch.Tensor:

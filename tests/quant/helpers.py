@@ -18,11 +18,18 @@ def random_qtensor(
     scale_dtype: torch.dtype = torch.float16,
     bias: bool = False,
 ) -> QTensor:
-    """A QTensor with every code and zero value in range, fp16-exact scales, optional act-order g_idx."""
+    """A QTensor with every code and zero value in range (code 0, signed -2**(bits-1), included), fp16-exact
+    scales, optional act-order g_idx. Symmetric scales take both signs, as the signed grid makes them (quant/rtn.py):
+    every packer must carry a negative scale through unchanged."""
     g = torch.Generator().manual_seed(seed)
     n_groups = n_groups_for(in_, group_size)
     codes = torch.randint(0, 2**bits, (out, in_), generator=g).to(torch.uint8)
-    scales = (torch.rand(out, n_groups, generator=g) * 0.02 + 1e-3).to(scale_dtype)
+    codes[:, 0] = 0  # the lowest code is always present
+    scales = torch.rand(out, n_groups, generator=g) * 0.02 + 1e-3
+    if symmetric:
+        scales = torch.where(torch.rand(out, n_groups, generator=g) < 0.5, -scales, scales)
+        scales[0, 0] = -scales[0, 0].abs()  # at least one negative scale whatever the seed
+    scales = scales.to(scale_dtype)
     zeros = None if symmetric else torch.randint(0, 2**bits, (out, n_groups), generator=g).to(torch.uint8)
     g_idx = None
     if act_order and group_size != -1:

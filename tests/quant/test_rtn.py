@@ -16,11 +16,70 @@ def test_rtn_error_is_at_most_half_a_step(bits, symmetric, group_size):
     qt = quantize_rtn(w, bits, group_size, symmetric)
     assert (qt.zeros is None) == symmetric
     assert qt.scales.dtype == torch.float16 and qt.scales.shape == (12, qt.n_groups)
-    step = qt.scales.float()[:, group_index(72, group_size)]
+    step = qt.scales.float()[:, group_index(72, group_size)].abs()  # symmetric scales carry a sign
     err = (dequantize(qt) - w).abs()
+    if symmetric:  # the signed grid clips only the far side of the extreme, beyond (2**(bits-1) - 1/2) steps
+        clipped = (w / qt.scales.float()[:, group_index(72, group_size)]) > 2 ** (bits - 1) - 0.5
+        assert torch.all(err[clipped] <= step[clipped] * 1.001)
+        err, step = err[~clipped], step[~clipped]
+        assert int(qt.codes.min()) == 0  # the full range: signed -2**(bits-1) is used
     assert torch.all(err <= step * 0.51), float((err / step).max())
-    if symmetric:  # absmax maps to ±(2**(bits-1) - 1): code 0 unused, no clipping
-        assert int(qt.codes.min()) >= 1
+
+
+def _signed_grid_reference(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNCF's symmetric rule written out group by group: the value of largest magnitude, with its sign, is
+    -2**(bits-1) steps; everything else rounds to nearest and saturates to the signed range."""
+    half = 2 ** (bits - 1)
+    codes, scales = torch.empty(w.shape, dtype=torch.uint8), []
+    for o in range(w.shape[0]):
+        row = []
+        for c0 in range(0, w.shape[1], group_size):
+            grp = w[o, c0 : c0 + group_size]
+            extreme = grp[grp.abs().argmax()]
+            s = extreme / -half if extreme != 0 else torch.tensor(torch.finfo(torch.float32).tiny)
+            codes[o, c0 : c0 + group_size] = (torch.round(grp / s).clamp(-half, half - 1) + half).to(
+                torch.uint8
+            )
+            row.append(s)
+        scales.append(torch.stack(row))
+    return codes, torch.stack(scales)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [16, 24])
+def test_symmetric_grid_is_the_signed_extreme_rule(bits, group_size):
+    """Symmetric codes and scales equal a group-by-group reference of the signed-extreme rule (float32 scales, so
+    no scale rounding is involved); each group's extreme is exactly code 0 (signed -2**(bits-1)), and scales are
+    negative exactly where the extreme is positive."""
+    w = torch.randn(9, 72, generator=torch.Generator().manual_seed(bits)) * 0.05
+    w[2] = w[2].abs()  # a row whose extremes are all positive: negative scales
+    w[5, :group_size] = 0.0  # an all-zero group
+    qt = quantize_rtn(w, bits, group_size, True, scale_dtype=torch.float32)
+    codes, scales = _signed_grid_reference(w, bits, group_size)
+    assert torch.equal(qt.scales, scales) and torch.equal(qt.codes, codes)
+    assert bool((qt.scales[2] < 0).all()) and bool((qt.scales[[0, 1, 3]] != 0).all())
+    assert torch.equal(dequantize(qt)[5, :group_size], torch.zeros(group_size))
+    for c0 in range(0, 72, group_size):  # the ragged last group too
+        grp, codes_g = w[:, c0 : c0 + group_size], qt.codes[:, c0 : c0 + group_size]
+        at = grp.abs().argmax(dim=1, keepdim=True)
+        nonzero = grp.abs().amax(dim=1) > 0
+        assert bool((codes_g.gather(1, at)[nonzero] == 0).all())  # each extreme is signed -2**(bits-1)
+
+
+def test_symmetric_fp16_scales_round_their_magnitude_up():
+    """fp16 scales: |scale| is the smallest fp16 >= |extreme| / 8, so the extreme still lands on -8 (code 0),
+    never beyond the range, whatever its sign."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)) * 0.03
+    w[::2] = -w[::2]
+    qt = quantize_rtn(w, 4, 32, True)
+    extreme = torch.gather(w.reshape(64, 4, 32), 2, w.reshape(64, 4, 32).abs().argmax(2, keepdim=True))[
+        ..., 0
+    ]
+    s = qt.scales.float()
+    assert torch.equal(torch.sign(s), -torch.sign(extreme))
+    assert bool((s.abs() >= extreme.abs() / 8).all()) and bool((s.abs().half().float() == s.abs()).all())
+    below = torch.nextafter(s.abs().half(), torch.zeros((), dtype=torch.float16)).float()
+    assert bool((below < extreme.abs() / 8).all())  # the smallest such fp16
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -48,8 +107,13 @@ def test_int8_weight_is_per_channel_symmetric():
     w = torch.randn(10, 40)
     qt = quantize_int8_weight(w)
     assert qt.bits == 8 and qt.group_size == -1 and qt.zeros is None and qt.scales.shape == (10, 1)
-    assert torch.allclose(qt.scales[:, 0], w.abs().amax(dim=1) / 127)
-    assert float((dequantize(qt) - w).abs().max()) <= float(qt.scales.max()) / 2 * 1.001
+    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
+    assert torch.allclose(qt.scales[:, 0], extreme / -128)  # signed: the extreme is code 0 (int8 -128)
+    step = qt.scales.abs()
+    far = (w / qt.scales) > 127.5  # the far side of the extreme, beyond 127.5 steps, saturates at 127
+    err = (dequantize(qt) - w).abs()
+    assert bool((err[~far] <= (step / 2 * 1.001).expand_as(w)[~far]).all())
+    assert bool((err[far] <= step.expand_as(w)[far] * 1.001).all())
 
 
 def test_rtn_rejects_bad_arguments_naming_them():

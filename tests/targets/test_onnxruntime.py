@@ -20,7 +20,7 @@ from lorafast_export.errors import InputError, UnsupportedError  # noqa: E402
 from lorafast_export.model.decoder import Decoder, load_decoder  # noqa: E402
 from lorafast_export.model.quantized import QuantizedModel  # noqa: E402
 from lorafast_export.model.spec import linear_module_names  # noqa: E402
-from lorafast_export.qform import QLinear, QTensor, with_fields  # noqa: E402
+from lorafast_export.qform import QLinear, QTensor, with_fields, zero_points  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.quant.smoothquant import quantize_w8a8  # noqa: E402
 from lorafast_export.recipe import Recipe  # noqa: E402
@@ -218,6 +218,10 @@ def test_quantized_matches_fake_quant(tmp_path, method, fuse):
     with torch.no_grad():
         ref = dec(ids)[0]
     out = sess.logits(ids)
+    if method in ("int4_g64_sym", "int8_channel", "w8a8"):  # the signed grid reaches the runtime: every layer
+        # holds code 0 (signed -2**(bits-1)) and the model holds negative scales
+        assert all(int(qt.codes.min()) == 0 for qt in qm.q.values())
+        assert any(bool((qt.scales < 0).any()) for qt in qm.q.values())
     if method == "w8a8":
         # exact integer matmul, but the per-token activation rounding is discontinuous: a 1-ulp difference
         # in a norm output (onnxruntime's vs torch's RMSNorm) can move round(x / s) by one code
@@ -270,6 +274,9 @@ def test_matmulnbits_initializers_are_the_qtensor(tmp_path, method):
         assert np.array_equal(codes, qt.codes.numpy())
         # every block repeats its group's scale / zero: read one block per group back
         block, k_blocks = attrs["block_size"], inits[node.input[2]].shape[1]
+        padding = unpack_codes(inits[node.input[1]], qt.bits, k_blocks * block)[:, qt.in_features :]
+        last_zero = zero_points(qt)[:, -1 if perm is None else int(qt.g_idx[perm[-1]])].numpy()
+        assert np.array_equal(padding, np.repeat(last_zero[:, None], padding.shape[1], 1))  # dequantizes to 0
         col = np.arange(k_blocks) * block  # first (sorted) column of each block
         group = (
             qt.g_idx[torch.from_numpy(perm[col])].long()

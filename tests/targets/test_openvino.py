@@ -220,6 +220,7 @@ Q_CASES = [
         dict(bits=4, group_size=32, symmetric=False),
     ),  # down_proj: 48 = 32 + 16
     ("int4-sym-g16-actorder-qwen2", "qwen2", dict(bits=4, group_size=16, symmetric=True, act_order=True)),
+    ("int4-sym-g32-ragged", "llama", dict(bits=4, group_size=32, symmetric=True)),  # down_proj: 48 = 32 + 16
     ("int8-sym-channel", "llama", dict(bits=8, group_size=-1, symmetric=True)),
     (
         "int8-asym-channel-w8a8",
@@ -235,6 +236,12 @@ def test_quantized_lowering(tmp_path, family, qkw):
     qm = quantize_all(merged, **qkw)
     model_dir = lower(tmp_path, merged, qm)
     ref = fake_quant_decoder(qm)  # the fake-quant reference
+    if qkw[
+        "symmetric"
+    ]:  # the signed grid reaches the runtime: every layer holds code 0 (signed -2**(bits-1))
+        # and the model holds negative scales
+        assert all(int(qt.codes.min()) == 0 for qt in qm.q.values())
+        assert any(bool((qt.scales < 0).any()) for qt in qm.q.values())
     om = check_ir(model_dir, ref.cfg.num_layers)
     for path, qt in qm.q.items():
         check_codes(om, path, qt)

@@ -179,6 +179,58 @@ def test_reader_reproduces_fake_quant_exactly(tmp_path, method):
         assert torch.equal(got, want), f"{name}: max |Δlogit| {float((got - want).abs().max())}"
 
 
+RAGGED = 176  # an MLP width that group 64 does not divide: down_proj's last group holds 48 columns
+
+
+@pytest.mark.parametrize("quantize", ["rtn", "gptq"])
+def test_ragged_mlp_width_is_padded_exactly(tmp_path, quantize):
+    """MLP width 176 at group 64 (W4A16_AWQ needs whole groups): every layout pads it, to 192 (tp 1) or 256 (tp 2,
+    whole groups per shard); the config says so; the padded gate/up rows and down_proj columns read back as exactly
+    0, everything else as the QTensors' dequantization bit for bit, and the read model's logits equal the fake-quant
+    model's. The codes include -8 (signed), so the full int4 range travels through the packing."""
+    from lorafast_export.quant.gptq import gptq_quantize
+
+    merged = merged_model(tmp_path, intermediate_size=RAGGED)
+    g = torch.Generator().manual_seed(0)
+    if quantize == "rtn":
+        fn = QUANTIZERS["awq"]
+    else:  # GPTQ against a random Hessian: error feedback pushes codes to both ends of the grid
+        fn = lambda w, b: gptq_quantize(  # noqa: E731
+            w, _hessian(w.shape[1], g), 4, 64, True, bias=b, scale_dtype=torch.float16
+        )
+    qm = quantized(merged, fn)
+    assert all(int(qt.codes.min()) == 0 for qt in qm.q.values())  # signed -8 in every layer
+    assert any(bool((qt.scales < 0).any()) for qt in qm.q.values())  # and negative scales (the signed grid)
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        want = fake_quant_decoder(qm)(ids)[0]
+    for name, opts in LAYOUTS.items():
+        out = tmp_path / name
+        facts = lower(merged, qm, out, **opts)
+        width = 192 if opts.get("tp", 1) == 1 else 256
+        assert (facts["intermediate_size"], facts["intermediate_size_unpadded"]) == (width, RAGGED)
+        assert json.loads((out / "config.json").read_text())["intermediate_size"] == width, name
+        cfg, state = read_bundle(out, runtime=False)
+        assert cfg.intermediate_size == width
+        for module, qt in qm.q.items():
+            w, d = state[f"{module}.weight"], dequantize(qt)
+            if module.endswith("down_proj"):
+                assert w.shape == (d.shape[0], width) and not w[:, RAGGED:].any(), f"{name}: {module}"
+                w = w[:, :RAGGED]
+            elif module.endswith(("gate_proj", "up_proj")):
+                assert w.shape == (width, d.shape[1]) and not w[RAGGED:].any(), f"{name}: {module}"
+                w = w[:RAGGED]
+            assert torch.equal(w, d), f"{name}: {module}"
+        with torch.no_grad():
+            got = build_decoder(cfg, state)(ids)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _hessian(n: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(4 * n, n, generator=g) @ torch.randn(n, n, generator=g)  # correlated inputs
+    return 2 * x.T @ x / x.shape[0]
+
+
 def test_biases_and_tied_embeddings(tmp_path):
     """Qwen2 q/k/v biases (fused and split per rank) and a tied lm_head survive both layouts exactly."""
     for family, kw in (("qwen2", {}), ("llama", {"tie": True})):
@@ -569,12 +621,14 @@ def test_dockerfiles_pass_hadolint(dockerfile):
 
 def test_build_with_dora_adapter_end_to_end(tmp_path):
     """base + DoRA → merge → rtn (W4A16) → legacy tp2 bundle → validation reads it back: the artifact stage is
-    our reading of the bundle and sits within fp16 rounding of the quantized stage."""
+    our reading of the bundle and sits within fp16 rounding of the quantized stage. The MLP width (176) is ragged
+    at group 64: the bundle is padded to 256 (whole groups in each of the 2 shards) and still reads back as the
+    quantized model."""
     from lorafast_export.pipeline import run_build
     from tests.merge.test_merge_vs_peft import ALL
     from tests.tiny import write_text
 
-    save_base_and_adapter(tmp_path, DIMS, target_modules=ALL, use_dora=True)
+    save_base_and_adapter(tmp_path, {**DIMS, "intermediate_size": RAGGED}, target_modules=ALL, use_dora=True)
     write_text(tmp_path / "eval.txt", 2000)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
     recipe = Recipe.from_dict(
@@ -597,6 +651,7 @@ def test_build_with_dora_adapter_end_to_end(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     facts = manifest["facts"]["target"]
     assert facts["quant_algo"] == "W4A16_AWQ" and "not run" in facts["validated_by"]
+    assert (facts["intermediate_size"], facts["intermediate_size_unpadded"]) == (256, RAGGED)
     keys = _all_keys(json.loads((tmp_path / "out" / "model" / "config.json").read_text()))
     assert not {k for k in keys if "lora" in k or "dora" in k}
     stages = {s["name"]: s for s in json.loads((tmp_path / "out" / "report.json").read_text())["stages"]}

@@ -6,7 +6,10 @@ a power-of-two block_size >= 16, codes packed low-nibble-first, optional packed 
 
 A qform group maps onto one or more whole blocks: block_size is the largest power of two (<= 256) dividing
 the group size, and each block repeats its group's scale/zero. Per-channel (group_size=-1) repeats the row's
-scale over every block. Codes are copied bit for bit; only their container changes.
+scale over every block. Codes are copied bit for bit; only their container changes. A K that is not a multiple of
+block_size (a ragged last group, e.g. an MLP width of 1376 at group 128) is given in the K attribute, and the last
+block's missing columns hold its zero point, which dequantizes to exactly 0. Symmetric scales may be negative
+(quant/rtn.py's signed grid); MatMulNBits multiplies by them as they are.
 
 Act-order (g_idx): MatMulNBits' g_idx input is deprecated (onnxruntime ContribOperators: "This input is
 deprecated"), so columns are sorted by group (qform.act_order_perm) in B, and the graph gathers the
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from lorafast_export.errors import UnsupportedError
-from lorafast_export.qform import QTensor, act_order_perm, group_index
+from lorafast_export.qform import QTensor, act_order_perm, group_index, zero_points
 
 MAX_BLOCK = 256
 PER_CHANNEL_BLOCK = 128
@@ -94,7 +97,8 @@ def pack_matmulnbits(qt: QTensor, scale_dtype: np.dtype, where: str) -> NBitsWei
         perm = None  # g_idx in natural order: nothing to gather
     groups = _block_groups(qt, block, k_blocks, perm, where)
     codes = (qt.codes if perm is None else qt.codes[:, perm]).numpy()
-    codes = np.pad(codes, ((0, 0), (0, k_blocks * block - K))).reshape(N, k_blocks, block)
+    codes = _pad_last_block(codes, zero_points(qt)[:, groups[-1]].numpy(), k_blocks * block - K)
+    codes = codes.reshape(N, k_blocks, block)
     zeros = None
     if qt.zeros is not None:
         z = qt.zeros[:, groups].numpy()  # [N, k_blocks]
@@ -109,6 +113,14 @@ def pack_matmulnbits(qt: QTensor, scale_dtype: np.dtype, where: str) -> NBitsWei
         K=K,
         N=N,
     )
+
+
+def _pad_last_block(codes: np.ndarray, zero: np.ndarray, pad: int) -> np.ndarray:
+    """codes [N, K] → [N, K + pad]: a ragged last block filled with its zero point [N], so the padding dequantizes
+    to exactly 0 whether or not a kernel reads past K (the activations have only K columns either way)."""
+    if not pad:
+        return codes
+    return np.concatenate([codes, np.repeat(zero[:, None], pad, axis=1).astype(codes.dtype)], axis=1)
 
 
 def unpack_codes(B: np.ndarray, bits: int, K: int, perm: np.ndarray | None = None) -> np.ndarray:

@@ -91,6 +91,7 @@ def write_hf_bundle(w: Weights, merged_dir: Path, out: Path, opts: TrtOptions) -
     files = writer.finish()
     config = json.loads((merged_dir / "config.json").read_text())
     config["dtype"] = dtype_name(w.dtype)
+    config["intermediate_size"] = w.mlp_width  # padded to whole int4 groups if ragged (scheme.mlp_width)
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name(w.dtype)
     if w.scheme.quant_algo is not None:
@@ -130,6 +131,7 @@ def write_meta(out: Path, layout: str, w: Weights, opts: TrtOptions, vocab_size:
         "tp": opts.tp,
         "pp": opts.pp,
         "vocab_size": vocab_size,
+        "intermediate_size_unpadded": w.cfg.intermediate_size,  # the model's; config.json holds the padded one
         **extra,
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

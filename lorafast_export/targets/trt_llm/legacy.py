@@ -181,7 +181,7 @@ def legacy_config(w: Weights, opts: TrtOptions, vocab: int) -> dict:
         "use_parallel_embedding": True,
         "embedding_sharding_dim": 0,
         "head_size": cfg.head_dim,
-        "intermediate_size": cfg.intermediate_size,
+        "intermediate_size": w.mlp_width,  # padded to whole int4 groups per shard if ragged (scheme.mlp_width)
         "position_embedding_type": "rope_gpt_neox",
         "share_embedding_table": False,
         "residual_mlp": False,
@@ -220,6 +220,7 @@ def write_legacy(w: Weights, merged_dir: Path, out: Path, opts: TrtOptions) -> d
             files.append(f"rank{rank}.safetensors")
     (out / "config.json").write_text(json.dumps(legacy_config(w, opts, vocab), indent=4) + "\n")
     hf_config = json.loads((merged_dir / "config.json").read_text())
+    hf_config["intermediate_size"] = w.mlp_width  # the model these ranks hold (padded MLP, same function)
     copy_tokenizer(merged_dir, out)
     write_script(out / "build.sh", build_script(opts, w))
     write_meta(out, "legacy", w, opts, w.cfg.vocab_size, hf_config=hf_config)

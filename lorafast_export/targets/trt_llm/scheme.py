@@ -19,6 +19,8 @@ Refused, with the reason and the fix:
                      INT8 SmoothQuant export, W8A8_SQ_PER_CHANNEL, is a STATIC per-tensor activation scale: another
                      scheme than ours, so it is not what we write either.
   other group sizes  TensorRT-LLM's groupwise int4 GEMMs support group sizes 64 and 128
+  ragged widths      the group must divide every reduced width: the MLP width is padded instead (mlp_width), any
+                     other ragged width (hidden size, heads * head_dim) is refused
   quantized lm_head  ModelOpt and TensorRT-LLM keep lm_head unquantized (exclude_modules) → leave it fp
 """
 
@@ -36,6 +38,7 @@ from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN
 W8A16, W4A16_AWQ = "W8A16", "W4A16_AWQ"
 W8A8_SQ = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
 INT4_GROUP_SIZES = (64, 128)
+PADDED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # widths the writers pad (mlp_width)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 OPTIONS = {
@@ -195,8 +198,11 @@ def _model_problems(qm, qts: list, method: str) -> list[str]:
 
 
 def _shape_problems(qm, bits: int, group_size: int) -> list[str]:
+    """Widths the int4 kernels cannot take. The MLP width is exempt: the writers pad it (mlp_width)."""
     p = []
     for name, qt in q_info(qm.q).items():
+        if name.endswith(PADDED_MLP):
+            continue
         if bits == 4 and qt.out_features % 2:
             p.append(f"{name}: out_features={qt.out_features} is odd; int4 packs two output rows per byte")
         if bits == 4 and group_size > 0 and qt.in_features % group_size:
@@ -204,13 +210,24 @@ def _shape_problems(qm, bits: int, group_size: int) -> list[str]:
     return p
 
 
+def mlp_width(intermediate_size: int, scheme: TrtScheme, tp: int = 1) -> int:
+    """The bundle's intermediate_size. W4A16_AWQ kernels need the group to divide every reduced width (and each
+    row-parallel shard to hold whole groups), so a ragged MLP width is padded up to a multiple of group_size * tp:
+    gate/up_proj gain output rows and down_proj input columns whose int4 values are 0. Those rows compute
+    gate = up = 0, silu(0) * 0 = 0, and the columns multiply it by 0: the model is unchanged, exactly."""
+    if scheme.quant_algo != W4A16_AWQ:
+        return intermediate_size
+    return -(-intermediate_size // (scheme.group_size * tp)) * scheme.group_size * tp
+
+
 def legacy_problems(cfg, scheme: TrtScheme, tp: int, pp: int) -> list[str]:
     """What a tp x pp split of this model cannot do (heads, widths, groups per shard, layers per stage)."""
     p = []
+    inter = mlp_width(cfg.intermediate_size, scheme, tp)  # W4A16_AWQ: padded to whole groups per shard
     dims = {
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "intermediate_size": cfg.intermediate_size,
+        "intermediate_size": inter,
     }
     p += [f"{k}={v} is not divisible by tp={tp}" for k, v in dims.items() if v % tp]
     if cfg.num_layers % pp:
@@ -219,7 +236,7 @@ def legacy_problems(cfg, scheme: TrtScheme, tp: int, pp: int) -> list[str]:
         g = scheme.group_size
         rows = {
             "o_proj input (heads*head_dim/tp)": cfg.num_heads * cfg.head_dim // tp,
-            "down_proj input (intermediate_size/tp)": cfg.intermediate_size // tp,
+            "down_proj input (intermediate_size/tp)": inter // tp,
         }
         p += [
             f"{k}={v} is not a multiple of group_size={g}: row-parallel shards must hold whole groups; "
@@ -229,7 +246,7 @@ def legacy_problems(cfg, scheme: TrtScheme, tp: int, pp: int) -> list[str]:
         ]
         cols = {
             "k/v_proj output per shard": cfg.num_kv_heads * cfg.head_dim // tp,
-            "gate/up_proj output per shard": cfg.intermediate_size // tp,
+            "gate/up_proj output per shard": inter // tp,
         }
         p += [f"{k}={v} is odd: int4 packs two output rows per byte" for k, v in cols.items() if v % 2]
     if scheme.quant_algo == W8A8_SQ:

@@ -16,7 +16,9 @@ layers, since ModelOpt exports only the static per-tensor W8A8_SQ_PER_CHANNEL). 
 (trt/scheme.py): smoothquant in the PyTorch-backend bundle (its `get_quant_method` has no INT8 W8A8 linear; use
 --trt-llm-legacy), asymmetric codes (these kernels take no zero point), act-order, other group sizes, a quantized
 lm_head. Codes are never re-rounded: the files hold the QTensor's integers and scales (float32, as ModelOpt and
-TensorRT-LLM's converter write them).
+TensorRT-LLM's converter write them; symmetric scales may be negative, see quant/rtn.py). A ragged MLP width under
+W4A16_AWQ (e.g. 1376 at group 128) is padded exactly to whole groups per shard (trt/scheme.py mlp_width: rows and
+columns of int4 zeros), and the bundle's config carries the padded intermediate_size.
 
 GPTQ checkpoints: TensorRT-LLM's main branch converts HF GPTQ checkpoints for its PyTorch backend
 (tensorrt_llm/_torch/models/checkpoints/hf/gptq.py: 4-bit gptq/gptq_v2, group 64 or 128, zero points, no
@@ -117,6 +119,7 @@ class TrtLlmTarget:
         from lorafast_export.targets.trt_llm.scheme import (
             TrtOptions,
             legacy_problems,
+            mlp_width,
             resolve_dtype,
             scheme_for,
         )
@@ -132,7 +135,8 @@ class TrtLlmTarget:
                 + "\n  - ".join(problems)
             )
         dtype = resolve_dtype(inp.recipe.target.dtype, cfg.torch_dtype)
-        weights = Weights(Path(inp.merged_dir), cfg, inp.quantized, scheme, dtype)
+        width = mlp_width(cfg.intermediate_size, scheme, opts.tp)  # W4A16: ragged MLP widths padded exactly
+        weights = Weights(Path(inp.merged_dir), cfg, inp.quantized, scheme, dtype, width)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write = write_legacy if opts.legacy else write_hf_bundle
@@ -146,6 +150,8 @@ class TrtLlmTarget:
             "dtype": str(dtype).split(".")[-1],
             "tp": opts.tp,
             "pp": opts.pp,
+            "intermediate_size": width,
+            "intermediate_size_unpadded": cfg.intermediate_size,
             "validated_by": VERIFIED_NOTE,
             **facts,
         }
