@@ -138,6 +138,9 @@ def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tm
     from lorafast_export.model.quantized import fake_quant_decoder
 
     qm, _ = export(merged, tmp_path, "gptq", "compressed-tensors", group_size=32)
+    # the signed grid: transformers' compressed-tensors loader gets code 0 (int4 -8) and negative scales
+    assert all(int(qt.codes.min()) == 0 for qt in qm.q.values())
+    assert any(bool((qt.scales < 0).any()) for qt in qm.q.values())
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
