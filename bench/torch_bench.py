@@ -14,6 +14,8 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   mixed    32 requests of mixed prompt/output lengths: our continuous batching vs transformers batched generate
   hfstatic transformers generate with the static cache + torch.compile, batch 1
   cpu      (CPU) compiled vs eager decode of our runtime
+  profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
+  spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
 Random weights: speed does not depend on values. Not part of the test run.
 """
 
@@ -93,10 +95,11 @@ def timeit(fn, dev, iters=50, warmup=5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def hf_model(shape: str, dev, dtype):
+def hf_model(shape: str, dev, dtype, layers: int = 0):
     import transformers
 
-    cfg = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    c = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    cfg = transformers.LlamaConfig(**c, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(dev):
         model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype)
@@ -167,7 +170,7 @@ def sec_check(a, dev, R):
     base = dict(max_seq_len=256, max_batch=8, batch_buckets=[1, 8])
     eager = build_runtime(cfg, state, None, dev, torch.float32, RuntimeOptions(compile="off", **base))
     want = eager.generate_batch(prompts, 24)
-    for attn in ("gather", "flex"):
+    for attn in ("gather",):
         rt = build_runtime(
             cfg, state, None, dev, torch.float32, RuntimeOptions(compile="on", attention=attn, **base)
         )
@@ -395,6 +398,116 @@ def sec_cpu(a, dev, R):
     return res
 
 
+def _opts(a, batches, **kw) -> RuntimeOptions:
+    return RuntimeOptions(
+        compile=a.compile,
+        max_seq_len=a.max_seq_len,
+        max_batch=max(batches),
+        batch_buckets=tuple(sorted(set(batches))),
+        cache_gib=a.cache_gib,
+        block_size=a.block_size,
+        **kw,
+    )
+
+
+def _kernel_table(prof, steps: int, top: int = 14) -> dict:
+    """GPU kernels of `steps` profiled decode steps: total GPU ms per step and the top kernels."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.device_type.name == "CUDA":
+            rows.append({"kernel": e.key[:90], "us_per_step": t / steps, "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    groups: dict[str, float] = {}
+    for r in rows:
+        k = r["kernel"].lower()
+        g = (
+            "int4 tinygemm"
+            if "int4" in k or "tinygemm" in k
+            else "gemm (cuBLAS/cutlass)"
+            if any(x in k for x in ("gemm", "gemv", "cutlass", "sm90", "xmma", "splitk"))
+            else "triton (inductor fused)"
+            if k.startswith("triton")
+            else "memcpy/memset"
+            if "memcpy" in k or "memset" in k
+            else "other"
+        )
+        groups[g] = groups.get(g, 0.0) + r["us_per_step"]
+    return {"gpu_us_per_step": total, "groups_us": groups, "top": rows[:top]}
+
+
+def sec_profile(a, dev, R):
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, state = config_of(R["_model"])
+    out = {}
+    for label in ("bf16", "int4"):
+        fp, q = quantize_linears(state) if label == "int4" else (state, None)
+        rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, [1, 32]))
+        for b in (1, 32):
+            eng = rt.engine
+            for p in random_prompts(b, a.prompt_len, cfg.vocab_size, b):
+                eng.add(p, 64)
+            for _ in range(8):  # admit + capture + warm
+                eng.step()
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(5):
+                eng.step()
+            sync(dev)
+            wall_ms = (time.perf_counter() - t) / 5 * 1e3
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    eng.step()
+                sync(dev)
+            while eng.has_work:
+                eng.step()
+            out[f"{label}_batch{b}"] = {"wall_ms_per_step": wall_ms, **_kernel_table(prof, 5)}
+        del rt
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return out
+
+
+def sec_spec(a, dev, R):
+    """bf16 alone vs bf16 + int4 draft, batch 1, greedy; identical tokens, acceptance, decode tok/s."""
+    cfg, state = config_of(R["_model"])
+    fp4, q4 = quantize_linears(state)
+    prompts = random_prompts(2, a.prompt_len, cfg.vocab_size, 11)
+    base = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, [1]))
+    res = {}
+    base.generate_batch(prompts[:1], 16)
+    ref = run_requests(base, prompts[1:], [a.new_tokens])
+    want = base.engine.generate_batch(prompts[1:], a.new_tokens)
+    res["bf16_alone"] = ref
+    draft = build_runtime(cfg, fp4, q4, dev, torch.bfloat16, _opts(a, [1]))
+    for k in [int(x) for x in a.spec_k.split(",")]:
+        from lorafast_export.runtime.engine import Engine
+
+        eng = Engine(
+            base.model,
+            base.cache,
+            max_batch=1,
+            max_seq_len=base.engine.max_seq_len,
+            batch_buckets=(1,),
+            compile=a.compile == "on",
+            device=dev,
+            draft=draft.model,
+            draft_cache=draft.cache,
+            spec_k=k,
+        )
+        base.engine, keep = eng, base.engine
+        eng.generate_batch(prompts[:1], 32)  # compile + capture
+        got = eng.generate_batch(prompts[1:], a.new_tokens)
+        r = run_requests(base, prompts[1:], [a.new_tokens])
+        r["acceptance"] = eng.stats.acceptance
+        r["tokens_equal_bf16_alone"] = got == want
+        r["speedup_decode_vs_bf16"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        res[f"k{k}"] = r
+        base.engine = keep
+    return res
+
+
 SECTIONS = {
     "copy": sec_copy,
     "check": sec_check,
@@ -406,8 +519,10 @@ SECTIONS = {
     "mixed": sec_mixed,
     "hfstatic": sec_hfstatic,
     "cpu": sec_cpu,
+    "profile": sec_profile,
+    "spec": sec_spec,
 }
-NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic"}
+NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic", "profile", "spec"}
 
 
 def main() -> None:
@@ -427,6 +542,9 @@ def main() -> None:
     p.add_argument("--mixed-with", default="bf16", choices=("bf16", "int4"))
     p.add_argument("--budget-s", type=float, default=1e9, help="skip sections once this much time has passed")
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
+    p.add_argument("--compile", default="on", choices=("on", "off"), help="profile/spec sections")
+    p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (0: keep)")
+    p.add_argument("--spec-k", default="2,4", help="draft lengths for the spec section")
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()
     if a.threads:
@@ -449,7 +567,7 @@ def main() -> None:
             R[name] = {"skipped": "time budget"}
             continue
         if name in NEEDS_MODEL and "_model" not in R:
-            R["_model"] = hf_model(a.shape, dev, torch.bfloat16)
+            R["_model"] = hf_model(a.shape, dev, torch.bfloat16, a.layers)
         t = time.perf_counter()
         try:
             R[name] = SECTIONS[name](a, dev, R)

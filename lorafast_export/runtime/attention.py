@@ -19,11 +19,17 @@ from lorafast_export.model.decoder import causal_mask, rotate_half
 
 
 def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """attn: decoder Attention module; x [b, s, hidden] → q [b, hq, s, d], k, v [b, hkv, s, d] (rope applied)."""
+    """attn: decoder Attention module; x [b, s, hidden] → q [b, hq, s, d], k, v [b, hkv, s, d] (rope applied).
+    Uses the fused `qkv_proj` (runtime/fuse.py) when the loader made one."""
     b, s, _ = x.shape
-    q = attn.q_proj(x).view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, s, attn.n_kv, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, s, attn.n_kv, attn.head_dim).transpose(1, 2)
+    hq, hkv, d = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim, attn.head_dim
+    if getattr(attn, "qkv_proj", None) is not None:
+        q, k, v = attn.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.view(b, s, attn.n_heads, d).transpose(1, 2)
+    k = k.view(b, s, attn.n_kv, d).transpose(1, 2)
+    v = v.view(b, s, attn.n_kv, d).transpose(1, 2)
     cos, sin = cos[:, None], sin[:, None]  # [b, 1, s, d]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
@@ -43,10 +49,39 @@ def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None
     pool.index_copy_(1, slots, new.permute(1, 0, 2, 3).reshape(pool.shape[0], -1, pool.shape[2]))
 
 
-def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """[B, hq, 1, d] → [B, hkv, hq/hkv, d]: the query heads sharing a kv head become its 'query rows'."""
-    b, hq, _, d = q.shape
-    return q.view(b, n_kv, hq // n_kv, d)
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_start: torch.Tensor,
+    block_size: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q [B, hq, S, d] at positions q_start[b] + s; pools [hkv, slots, d]; block_tables [B, M] → [B, hq, S, d].
+
+    Query s of row b attends to the row's tokens 0..q_start[b] + s (its own k/v must already be in the pool):
+    S = 1 is a decode step, S > 1 a chunk (a speculative verify, a chunk of a prompt) on top of a cached
+    prefix. Gathers each row's blocks into a dense [B, hkv, M * block_size, d] copy, then a written-out
+    attention (matmul, masked fp32 softmax, matmul): with a mask, SDPA picked cuDNN attention on an H200,
+    which inductor can only call as a fallback kernel."""
+    b, hq, s, d = q.shape
+    n_kv = k_pool.shape[0]
+    offs = torch.arange(block_size, device=q.device)
+    tok = (block_tables.long()[:, :, None] * block_size + offs).view(b, -1)  # [B, T]
+    k = k_pool[:, tok].transpose(0, 1)  # [B, hkv, T, d]
+    v = v_pool[:, tok].transpose(0, 1)
+    kpos = torch.arange(tok.shape[1], device=q.device)[None, None]  # [1, 1, T]
+    qpos = (q_start[:, None] + torch.arange(s, device=q.device)[None])[:, :, None]  # [B, S, 1]
+    valid = kpos <= qpos
+    if window is not None:
+        valid = valid & (kpos > qpos - window)
+    g = hq // n_kv  # query heads sharing one kv head become that head's query rows
+    qg = q.reshape(b, n_kv, g * s, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * d**-0.5  # [B, hkv, g*S, T]
+    scores = scores.view(b, n_kv, g, s, -1).masked_fill(~valid[:, None, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).view(b, n_kv, g * s, -1).to(v.dtype)
+    return torch.matmul(p, v).reshape(b, hq, s, d)
 
 
 def decode_gather(
@@ -58,24 +93,8 @@ def decode_gather(
     block_size: int,
     window: int | None = None,
 ) -> torch.Tensor:
-    """q [B, hq, 1, d]; pools [hkv, S, d]; block_tables [B, M]; seq_lens [B] → [B, hq, 1, d].
-
-    Written out (matmul, masked softmax in fp32, matmul) rather than SDPA: with a mask, SDPA picked cuDNN
-    attention on an H200, which inductor can only call as a fallback kernel."""
-    b, hq, _, d = q.shape
-    n_kv = k_pool.shape[0]
-    offs = torch.arange(block_size, device=q.device)
-    tok = (block_tables.long()[:, :, None] * block_size + offs).view(b, -1)  # [B, T]
-    k = k_pool[:, tok].transpose(0, 1)  # [B, hkv, T, d]
-    v = v_pool[:, tok].transpose(0, 1)
-    pos = torch.arange(tok.shape[1], device=q.device)[None]  # [1, T]
-    valid = pos < seq_lens[:, None]
-    if window is not None:
-        valid = valid & (pos >= seq_lens[:, None] - window)
-    scores = torch.matmul(_grouped(q, n_kv), k.transpose(-1, -2)).float() * d**-0.5  # [B, hkv, hq/hkv, T]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, hkv, hq/hkv, d]
-    return out.reshape(b, hq, 1, d)
+    """One decode step: q [B, hq, 1, d]; seq_lens [B] (the new token included) → [B, hq, 1, d]."""
+    return paged_attention(q, k_pool, v_pool, block_tables, seq_lens - 1, block_size, window)
 
 
 def decode_flex(

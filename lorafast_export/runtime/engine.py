@@ -2,11 +2,18 @@
 
 Each `step()`: admit waiting requests while a batch row and cache blocks are free (prefill each one alone,
 SDPA, which also yields its first token), then one decode step for every running request. The decode
-batch is padded to a bucket size and the block tables to a power-of-two width; batch and width are marked
-dynamic, so one compiled graph serves them all (a static 8B-shaped graph took ~80 s to compile per shape on
-an H200) and CUDA graphs record one replay per shape. When the pool runs out mid-decode the most recently admitted
-request is preempted: its blocks are freed and it re-enters the queue to be recomputed from its prompt and
-the tokens it already has (greedy output is unchanged by this).
+batch is padded to a bucket size and the block tables to a power-of-two width. Compiled, the per-layer
+function goes through torch.compile (one graph shared by every layer; a whole 8B-shaped step took ~80 s to
+compile per shape on an H200) and on CUDA the whole step is replayed from one CUDA graph per shape
+(runtime/graphs.py). When the pool runs out mid-decode the most recently admitted request is preempted:
+its blocks are freed and it re-enters the queue to be recomputed from its prompt and the tokens it already
+has (greedy output is unchanged by this).
+
+Speculative decoding (`draft=`, greedy requests): a smaller model of the same vocabulary (the int4 artifact
+of the same fine-tune) proposes k tokens one decode step at a time over its own paged cache; the model
+verifies all k in one forward of k + 1 tokens per row through its paged cache and keeps the longest prefix
+that equals its own greedy choice, plus its own next token. The output is the model's greedy output token
+for token; the k/v written for rejected tokens lie past `cached` and are overwritten later.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafast_export.errors import InputError
+from lorafast_export.runtime.graphs import GraphRunner
 from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCache
 
 
@@ -37,6 +45,7 @@ class Request:
     t_added: float = 0.0
     t_first: float | None = None
     t_done: float | None = None
+    draft_cached: int = 0  # tokens whose k/v are in the draft's cache (speculative decoding)
 
     @property
     def done(self) -> bool:
@@ -53,6 +62,13 @@ class EngineStats:
     decode_tokens: int = 0
     decode_s: float = 0.0
     preemptions: int = 0
+    spec_rounds: int = 0
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens the model agreed with
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -78,20 +94,30 @@ class Engine:
         fixed_width: bool = False,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        draft=None,
+        draft_cache: PagedKVCache | None = None,
+        spec_k: int = 4,
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.buckets = tuple(sorted({b for b in batch_buckets if b < max_batch} | {max_batch}))
-        if compile and self.device.type == "cuda":  # batch 1 would get its own (specialized) 8B compile; a
-            self.buckets = tuple(sorted({max(2, b) for b in self.buckets}))  # second row is free on a GPU
         self.max_blocks = cache.blocks_for(max_seq_len)
         self.fixed_width = fixed_width  # flex attention skips unused blocks: one width, fewer graphs
         self.compiled = compile
         self.cuda_graphs = compile and self.device.type == "cuda"
-        self.decode_fn = model
+        if (draft is None) != (draft_cache is None) or spec_k < 1:
+            raise InputError("speculative decoding needs a draft model, its cache and spec_k >= 1.")
+        self.draft, self.draft_cache, self.spec_k = draft, draft_cache, spec_k
+        self.decode_fn, self.extend_fn = model, getattr(model, "extend", None)
+        self.draft_decode, self.draft_extend = draft, getattr(draft, "extend", None)
         if compile:
-            mode = "reduce-overhead" if self.cuda_graphs else None
-            self.decode_fn = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+            for m in (model, draft):
+                if m is not None:
+                    m.compile_layers()
+        if self.cuda_graphs:
+            self.decode_fn, self.extend_fn = GraphRunner(model), GraphRunner(model.extend)
+            if draft is not None:
+                self.draft_decode, self.draft_extend = GraphRunner(draft), GraphRunner(draft.extend)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = EngineStats()
@@ -159,6 +185,8 @@ class Engine:
     def _finish(self, r: Request) -> None:
         r.t_done = time.perf_counter()
         self.cache.free(r.id)
+        if self.draft_cache is not None:
+            self.draft_cache.free(r.id)
 
     def _admit(self) -> list[Request]:
         finished = []
@@ -172,6 +200,8 @@ class Engine:
             t0 = time.perf_counter()
             ids = torch.tensor([tokens], device=self.device)
             logits = self.model.prefill(ids, self.cache.slots(r.id, 0, len(tokens)).to(self.device))
+            if self.draft is not None:
+                self._draft_prefill(r, tokens)
             r.output.append(self._sample(logits, [r])[0])
             self.stats.prefill_tokens += len(tokens)
             self.stats.prefill_s += time.perf_counter() - t0
@@ -195,10 +225,14 @@ class Engine:
             except OutOfBlocks:
                 victim = self.running.pop()
                 self.cache.free(victim.id)
+                if self.draft_cache is not None:
+                    self.draft_cache.free(victim.id)
                 self.waiting.appendleft(victim)
                 self.stats.preemptions += 1
 
     def _decode(self) -> list[Request]:
+        if self._can_speculate():
+            return self._speculate()
         self._reserve_next()
         reqs = self.running
         if not reqs:
@@ -222,8 +256,7 @@ class Engine:
     def decode_inputs(self, reqs: list[Request]) -> tuple[torch.Tensor, ...]:
         """(tokens, positions, block_tables, seq_lens, slots) padded to the batch bucket and table width."""
         rows = _bucket(len(reqs), self.buckets)
-        used = max(len(self.cache.tables[r.id]) for r in reqs)
-        width = self.max_blocks if self.fixed_width else min(max(2, _pow2(used)), self.max_blocks)
+        width = self._width(self.cache, reqs)
         tokens = torch.zeros(rows, dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long)
         seq_lens = torch.ones(rows, dtype=torch.long)  # padded rows attend to one slot of the pad block
@@ -236,22 +269,125 @@ class Engine:
             t.to(self.device, non_blocking=True) for t in (tokens, positions, tables, seq_lens, slots)
         )
 
+    def _width(self, cache: PagedKVCache, reqs: list[Request]) -> int:
+        used = max(len(cache.tables[r.id]) for r in reqs)
+        return self.max_blocks if self.fixed_width else min(max(2, _pow2(used)), self.max_blocks)
+
     @torch.no_grad()
     def _run_decode(self, reqs: list[Request]) -> torch.Tensor:
         inputs = self.decode_inputs(reqs)
-        if (
-            self.compiled
-        ):  # one compiled graph for all batch buckets and table widths (CUDA graphs: one per shape)
-            # maybe_: a hint, not a constraint. Strict mark_dynamic(min=2) raised ConstraintViolationError on an
-            # H200 when the graph guarded on width >= 9; now such a guard costs one more compile instead.
-            for t in inputs:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            if not self.fixed_width:
-                torch._dynamo.maybe_mark_dynamic(inputs[2], 1)
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with _recompile_room(8):
+        with _recompile_room(8):  # per-layer graphs: a few shapes, then dynamo makes batch/width dynamic
             return self.decode_fn(*inputs)[: len(reqs)]
+
+    # ------------------------------------------------------------------------------ speculative decoding
+    def _can_speculate(self) -> bool:
+        """Greedy rows only, and room for k drafts in every row (the last few tokens decode plainly)."""
+        k = self.spec_k
+        return self.draft is not None and all(
+            r.temperature == 0
+            and r.max_new_tokens - len(r.output) > k
+            and r.cached + k + 1 <= self.max_seq_len
+            for r in self.running
+        )
+
+    def _draft_prefill(self, r: Request, tokens: list[int]) -> None:
+        dc = self.draft_cache
+        try:
+            dc.reserve(r.id, len(tokens) + self.spec_k + 1)
+        except OutOfBlocks:
+            r.draft_cached = 0
+            return  # this request decodes plainly until the draft cache has room (_speculate checks)
+        ids = torch.tensor([tokens], device=self.device)
+        self.draft.prefill(ids, dc.slots(r.id, 0, len(tokens)).to(self.device))
+        r.draft_cached = len(tokens)
+
+    def _rows(self, cache: PagedKVCache, reqs, starts: list[int], tokens: list[list[int]], real: list[int]):
+        """[rows, S] tokens/positions, block tables, slots [rows*S] for S tokens per request from starts[i];
+        positions past real[i] (and padded rows) write to the pad block."""
+        rows, s = _bucket(len(reqs), self.buckets), len(tokens[0])
+        tok = torch.zeros(rows, s, dtype=torch.long)
+        pos = torch.arange(s).repeat(rows, 1)
+        slots = torch.full((rows, s), PAD_BLOCK * cache.block_size, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            tok[i] = torch.tensor(tokens[i])
+            pos[i] += starts[i]
+            slots[i, : real[i]] = cache.slots(r.id, starts[i], starts[i] + real[i])
+        tables = cache.block_table([r.id for r in reqs], self._width(cache, reqs), rows)
+        return tuple(t.to(self.device, non_blocking=True) for t in (tok, pos, tables, slots.view(-1)))
+
+    @torch.no_grad()
+    def _draft_tokens(self, reqs: list[Request]) -> list[list[int]]:
+        """k greedy draft tokens per request: a 2-token catch-up (what the draft has not seen), then k - 1
+        decode steps of the draft."""
+        k, dc = self.spec_k, self.draft_cache
+        seqs = [r.prompt + r.output for r in reqs]
+        pend = [s[r.draft_cached :] for r, s in zip(reqs, seqs, strict=True)]  # 1 or 2 tokens
+        width = max(map(len, pend))
+        toks = [p + [0] * (width - len(p)) for p in pend]
+        inputs = self._rows(dc, reqs, [r.draft_cached for r in reqs], toks, [len(p) for p in pend])
+        with _recompile_room(8):
+            logits = self.draft_extend(*inputs)
+        last = torch.tensor([len(p) - 1 for p in pend], device=logits.device)
+        cur = logits[torch.arange(len(reqs), device=logits.device), last].argmax(-1).tolist()
+        drafts = [[t] for t in cur]
+        for j in range(1, k):
+            starts = [len(s) - 1 + j for s in seqs]
+            tok, pos, tables, slots = self._rows(dc, reqs, starts, [[t] for t in cur], [1] * len(reqs))
+            seq_lens = pos[:, 0] + 1
+            with _recompile_room(8):
+                cur = (
+                    self.draft_decode(tok[:, 0], pos[:, 0], tables, seq_lens, slots)[: len(reqs)]
+                    .argmax(-1)
+                    .tolist()
+                )
+            for d, t in zip(drafts, cur, strict=True):
+                d.append(t)
+        for r, s in zip(reqs, seqs, strict=True):
+            r.draft_cached = len(s)  # through the last token; drafts past it are confirmed in _speculate
+        return drafts
+
+    @torch.no_grad()
+    def _speculate(self) -> list[Request]:
+        k, reqs = self.spec_k, self.running
+        try:
+            for r in reqs:
+                if r.draft_cached == 0:
+                    raise OutOfBlocks("the draft cache had no room at admission")
+                self.cache.reserve(r.id, r.cached + k + 1)
+                self.draft_cache.reserve(r.id, r.cached + k + 1)
+        except OutOfBlocks:
+            self.draft, draft = None, self.draft  # this step decodes plainly (preempting if it must)
+            try:
+                return self._decode()
+            finally:
+                self.draft = draft
+        t0 = time.perf_counter()
+        drafts = self._draft_tokens(reqs)
+        toks = [[r.output[-1]] + d for r, d in zip(reqs, drafts, strict=True)]
+        inputs = self._rows(self.cache, reqs, [r.cached for r in reqs], toks, [k + 1] * len(reqs))
+        with _recompile_room(8):
+            greedy = self.extend_fn(*inputs)[: len(reqs)].argmax(-1).tolist()  # [B, k + 1]
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.spec_rounds += 1
+        finished = []
+        for r, d, g in zip(reqs, drafts, greedy, strict=True):
+            n = next((i for i in range(k) if d[i] != g[i]), k)  # drafts the model agrees with
+            self.stats.drafted += k
+            self.stats.accepted += n
+            new = d[:n] + [g[n]]
+            r.draft_cached += min(n, k - 1)  # the draft wrote k/v for d[0..k-2]
+            for t in new:
+                r.output.append(t)
+                r.cached += 1
+                self.stats.decode_tokens += 1
+                if r.done:
+                    break
+            if r.done:
+                self._finish(r)
+                finished.append(r)
+        self.running = [r for r in reqs if not r.done]
+        return finished
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """logits [>=len(reqs), V] fp32 → one token per request (greedy unless temperature > 0)."""

@@ -1,14 +1,17 @@
-"""The canonical decoder's weights run over the paged KV cache: prefill (SDPA) and one decode step.
+"""The canonical decoder's weights run over the paged KV cache: prefill (SDPA), decode steps and chunks.
 
-`build_model` assembles a Decoder from fp tensors (HF names) plus QTensors lowered to runtime linears.
-`PagedModel` reuses the decoder's modules (norms, projections, MLP, rotary) and replaces only attention.
-Its `forward` is the decode step that the engine compiles; the pools are registered buffers so that
-CUDA graphs may write them in place.
+`build_model` assembles a Decoder from fp tensors (HF names) plus QTensors lowered to runtime linears, with
+q/k/v and gate/up fused into one matmul each (runtime/fuse.py). `PagedModel` reuses the decoder's modules
+(norms, projections, MLP, rotary) and replaces only attention. Its `forward` is the decode step and
+`extend` runs S tokens per row on top of each row's cached prefix (a speculative verify, a prompt chunk).
+The per-layer function is what `compile_layers` hands to torch.compile: the 32 layers of a Llama share one
+compiled graph (regional compilation), and the engine captures the whole step in one CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorafast_export.errors import InputError
@@ -16,18 +19,53 @@ from lorafast_export.model.decoder import Decoder, Rotary
 from lorafast_export.model.spec import LM_HEAD, ModelConfig
 from lorafast_export.runtime.attention import (
     decode_flex,
-    decode_gather,
+    paged_attention,
     prefill_attention,
     project_qkv,
     write_kv,
 )
+from lorafast_export.runtime.fuse import concat_qtensors, fused_dense, fusion_groups
 from lorafast_export.runtime.kv_cache import PagedKVCache
 from lorafast_export.runtime.linear import lower_qtensor
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+def _set_module(root: nn.Module, path: str, module: nn.Module | None) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _fuse_quantized(dec, q, fp, device, dtype, kernel, kernels, lowered: set) -> dict:
+    """Lower fusable groups of QTensors into one linear each; returns the QTensors left to lower alone."""
+    q = dict(q)
+    for parent, parts, name in fusion_groups(dec.cfg.num_layers):
+        if not all(p in q for p in parts):
+            continue
+        qt = concat_qtensors([q[p] for p in parts], [fp.get(f"{p}.bias") for p in parts])
+        if qt is None:
+            continue
+        mod = lower_qtensor(qt, device, dtype, kernel)
+        _set_module(dec, f"{parent}.{name}", mod)
+        lowered.add(f"{parent}.{name}")
+        for p in parts:
+            del q[p]
+            fp.pop(f"{p}.bias", None)
+            _set_module(dec, p, None)
+            kernels[p] = mod.kernel
+    return q
+
+
+def _fuse_dense(dec: Decoder) -> None:
+    for parent, parts, name in fusion_groups(dec.cfg.num_layers):
+        mods = [dec.get_submodule(p) if _has(dec, p) else None for p in parts]
+        if all(type(m) is nn.Linear for m in mods):
+            _set_module(dec, f"{parent}.{name}", fused_dense(mods))
+            for p in parts:
+                _set_module(dec, p, None)
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    parent, _, name = path.rpartition(".")
+    return getattr(root.get_submodule(parent), name, None) is not None
 
 
 def build_model(
@@ -38,57 +76,118 @@ def build_model(
     dtype: torch.dtype,
     kernel: str = "auto",
     source: str = "model",
+    fuse: bool = True,
 ) -> tuple[Decoder, dict[str, str]]:
     """Decoder on `device` in `dtype`: fp tensors by HF name, QTensors (module path → QTensor) lowered to
-    runtime linears. Returns (decoder, {module path: kernel}). Missing or unexpected tensors are an error."""
+    runtime linears. Returns (decoder, {module path: kernel}). Missing or unexpected tensors are an error.
+    fuse: q/k/v and gate/up become one linear each where their parts allow it (runtime/fuse.py)."""
     q = q or {}
     with torch.device("meta"):
         dec = Decoder(cfg)
     fp = dict(fp)
     if cfg.tie_word_embeddings:
         fp.pop(LM_HEAD, None)
-    kernels = {}
-    for path, qt in q.items():
+    kernels: dict[str, str] = {}
+    quantized = set(q)  # module paths whose tensors come from a runtime linear, not from fp
+    rest = _fuse_quantized(dec, q, fp, device, dtype, kernel, kernels, quantized) if fuse else q
+    for path, qt in rest.items():
         mod = lower_qtensor(qt, device, dtype, kernel, bias=fp.pop(f"{path}.bias", None))
         _set_module(dec, path, mod)
         kernels[path] = mod.kernel
     state = {k: v.to(device=device, dtype=dtype) for k, v in fp.items()}
     res = dec.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in res.missing_keys if not any(k.startswith(p + ".") for p in q)]
+    missing = [k for k in res.missing_keys if not any(k.startswith(p + ".") for p in quantized)]
     if missing or res.unexpected_keys:
         raise InputError(
             f"{source}: tensors do not match a {cfg.family} model: missing {missing[:8]}, "
             f"unexpected {res.unexpected_keys[:8]}. Re-export the artifact."
         )
+    if fuse:
+        _fuse_dense(dec)
     dec.rotary = Rotary(cfg).to(device)
     return dec.eval(), kernels
 
 
-def _layers(dec: Decoder, h, cos, sin, attend):
-    for i, layer in enumerate(dec.model.layers):
-        b, s, _ = h.shape
-        q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
-        a = attend(i, q, k, v)  # [b, hq, s, d]
-        h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(b, s, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h
+def run_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The decoder MLP, through the fused gate_up_proj when the loader made one."""
+    if getattr(mlp, "gate_up_proj", None) is None:
+        return mlp(x)
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    return mlp.down_proj(F.silu(gate) * up)
+
+
+def _block(layer, h, cos, sin, attend):
+    """One decoder layer around an attention callable attend(q, k, v) → [b, hq, s, d]."""
+    b, s, _ = h.shape
+    q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
+    a = attend(q, k, v)
+    h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(b, s, -1))
+    return h + run_mlp(layer.mlp, layer.post_attention_layernorm(h))
+
+
+def paged_layer(layer, h, cos, sin, k_pool, v_pool, block_tables, q_start, slots, block_size: int, window):
+    """One layer over the paged cache: h [B, S, hidden] at positions q_start[b] + s; writes k/v at slots
+    [B*S] first, then attends to each row's prefix and itself. The unit torch.compile sees (regional)."""
+
+    def attend(q, k, v):
+        write_kv(k_pool, slots, k)
+        write_kv(v_pool, slots, v)
+        return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
+
+    return _block(layer, h, cos, sin, attend)
 
 
 def prefill_forward(dec: Decoder, ids, slots, k_pools, v_pools, last_only: bool = True) -> torch.Tensor:
     """ids [b, s] from position 0 → logits fp32 [b, V] (last position) or [b, s, V]; writes k/v of every
-    position at slots [b*s] of the per-layer pools (lists of [hkv, S, d]) unless slots is None."""
+    position at slots [b*s] of the per-layer pools (lists of [hkv, S, d]) unless slots is None. Rows may be
+    right-padded: causal attention keeps padding out of every real position (route its slots to the pad
+    block)."""
     h = dec.embed(ids)
     pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     cos, sin = dec.rotary(pos, h.dtype)
+    for i, layer in enumerate(dec.model.layers):
 
-    def attend(i, q, k, v):
-        if slots is not None:
-            write_kv(k_pools[i], slots, k)
-            write_kv(v_pools[i], slots, v)
-        return prefill_attention(q, k, v, dec.cfg.sliding_window)
+        def attend(q, k, v, i=i):
+            if slots is not None:
+                write_kv(k_pools[i], slots, k)
+                write_kv(v_pools[i], slots, v)
+            return prefill_attention(q, k, v, dec.cfg.sliding_window)
 
-    h = _layers(dec, h, cos, sin, attend)
+        h = _block(layer, h, cos, sin, attend)
     return dec.logits(h[:, -1] if last_only else h).float()
+
+
+def extend_forward(
+    dec: Decoder,
+    tokens,
+    positions,
+    block_tables,
+    slots,
+    k_pools,
+    v_pools,
+    block_size: int,
+    layer_fn=paged_layer,
+) -> torch.Tensor:
+    """tokens/positions [B, S] (positions consecutive per row), block_tables [B, M], slots [B*S] → logits
+    fp32 [B, S, V]. Every row's tokens before positions[:, 0] must already be in the pools."""
+    h = dec.embed(tokens)
+    cos, sin = dec.rotary(positions, h.dtype)
+    q_start = positions[:, 0]
+    for i, layer in enumerate(dec.model.layers):
+        h = layer_fn(
+            layer,
+            h,
+            cos,
+            sin,
+            k_pools[i],
+            v_pools[i],
+            block_tables,
+            q_start,
+            slots,
+            block_size,
+            dec.cfg.sliding_window,
+        )
+    return dec.logits(h).float()
 
 
 def decode_forward(
@@ -102,26 +201,35 @@ def decode_forward(
     v_pools,
     block_size: int,
     attention: str = "gather",
+    layer_fn=paged_layer,
 ) -> torch.Tensor:
     """One decode step. tokens/positions/seq_lens/slots [B], block_tables [B, M] → logits fp32 [B, V]."""
-    h = dec.embed(tokens[:, None])  # [B, 1, hidden]
-    cos, sin = dec.rotary(positions[:, None], h.dtype)
-
-    def attend(i, q, k, v):
-        write_kv(k_pools[i], slots, k)
-        write_kv(v_pools[i], slots, v)
-        if attention == "flex":
-            return decode_flex(q, k_pools[i], v_pools[i], block_tables, seq_lens, block_size)
-        return decode_gather(
-            q, k_pools[i], v_pools[i], block_tables, seq_lens, block_size, dec.cfg.sliding_window
+    if attention == "flex":
+        return _decode_flex(
+            dec, tokens, positions, block_tables, seq_lens, slots, k_pools, v_pools, block_size
         )
+    return extend_forward(
+        dec, tokens[:, None], positions[:, None], block_tables, slots, k_pools, v_pools, block_size, layer_fn
+    )[:, 0]
 
-    h = _layers(dec, h, cos, sin, attend)
+
+def _decode_flex(dec, tokens, positions, block_tables, seq_lens, slots, k_pools, v_pools, block_size):
+    """The experimental FlexAttention decode (runtime/attention.py): eager tests only."""
+    h = dec.embed(tokens[:, None])
+    cos, sin = dec.rotary(positions[:, None], h.dtype)
+    for i, layer in enumerate(dec.model.layers):
+
+        def attend(q, k, v, i=i):
+            write_kv(k_pools[i], slots, k)
+            write_kv(v_pools[i], slots, v)
+            return decode_flex(q, k_pools[i], v_pools[i], block_tables, seq_lens, block_size)
+
+        h = _block(layer, h, cos, sin, attend)
     return dec.logits(h[:, 0]).float()
 
 
 class PagedModel(nn.Module):
-    """prefill(ids, slots) and forward(...) = one decode step, both over `cache`'s pools."""
+    """prefill(ids, slots), forward(...) = one decode step, extend(...) = S tokens per row; over `cache`."""
 
     def __init__(self, dec: Decoder, cache: PagedKVCache, attention: str = "gather"):
         super().__init__()
@@ -129,9 +237,15 @@ class PagedModel(nn.Module):
             raise InputError("attention='flex' does not implement a sliding window; use attention='gather'.")
         self.dec, self.attention, self.block_size = dec, attention, cache.block_size
         self.n_layers = len(cache.k)
+        self.layer_fn = paged_layer
         for i, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):  # buffers: CUDA graphs may write them
             self.register_buffer(f"k_pool{i}", k, persistent=False)
             self.register_buffer(f"v_pool{i}", v, persistent=False)
+
+    def compile_layers(self) -> None:
+        """torch.compile the per-layer function: one graph for every layer (per shape), compiled in seconds
+        where the whole 32-layer step took ~80 s per shape on an H200."""
+        self.layer_fn = torch.compile(paged_layer, fullgraph=True)
 
     def pools(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return (
@@ -143,6 +257,13 @@ class PagedModel(nn.Module):
     def prefill(self, ids: torch.Tensor, slots: torch.Tensor | None, last_only: bool = True) -> torch.Tensor:
         return prefill_forward(self.dec, ids, slots, *self.pools(), last_only)
 
+    @torch.no_grad()
+    def extend(self, tokens, positions, block_tables, slots) -> torch.Tensor:
+        return extend_forward(
+            self.dec, tokens, positions, block_tables, slots, *self.pools(), self.block_size, self.layer_fn
+        )
+
+    @torch.no_grad()
     def forward(
         self,
         tokens: torch.Tensor,
@@ -161,4 +282,5 @@ class PagedModel(nn.Module):
             *self.pools(),
             self.block_size,
             self.attention,
+            self.layer_fn,
         )

@@ -1,0 +1,64 @@
+"""Speculative decoding: the output is the model's own greedy output token for token, whatever the draft."""
+
+import pytest
+import torch
+
+from lorafast_export.model.decoder import load_decoder
+from lorafast_export.runtime.engine import Engine
+from tests.runtime.helpers import fp_state, greedy_reference, paged, quantize_all, tiny_checkpoint
+
+PROMPT_LENS = [5, 17, 3, 9, 30, 1]
+NEW = [12, 4, 20, 7, 15, 9]  # some shorter than k + 1: their last tokens decode without drafts
+
+
+def prompts(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 96, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("m"), hidden=128, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def solo(llama):
+    dec = load_decoder(llama)
+    return [greedy_reference(dec, p, n) for p, n in zip(prompts(), NEW, strict=True)]
+
+
+def spec_engine(md, draft_pm, draft_cache, k=4, num_blocks=64):
+    pm, cache = paged(md, num_blocks=num_blocks)
+    return Engine(
+        pm, cache, max_batch=3, max_seq_len=64, batch_buckets=(1, 2, 4), draft=draft_pm, draft_cache=draft_cache, spec_k=k
+    )
+
+
+def test_same_model_as_draft_accepts_every_token(llama, solo):
+    """Draft = the model itself: every draft must be accepted, so drafts sit at the right positions."""
+    eng = spec_engine(llama, *paged(llama, num_blocks=64))
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.spec_rounds > 0 and eng.stats.acceptance == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_int4_draft_gives_the_models_greedy_output(llama, solo, k):
+    fp, q = quantize_all(llama, bits=4, group_size=32)
+    eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=k)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.drafted > 0 and 0 < eng.stats.accepted < eng.stats.drafted
+
+
+def test_unrelated_draft_is_rejected_but_output_unchanged(llama, solo, tmp_path):
+    other = tiny_checkpoint(tmp_path, seed=7, hidden=128, intermediate_size=256)  # another random model
+    draft, cache = paged(other, fp_state(other), num_blocks=64)
+    eng = spec_engine(llama, draft, cache)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.acceptance < 0.5
+
+
+def test_speculation_survives_preemption(llama, solo):
+    """A small pool: requests are preempted and recomputed, drafts and all; output unchanged."""
+    eng = spec_engine(llama, *paged(llama, num_blocks=64), num_blocks=14)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.preemptions > 0
