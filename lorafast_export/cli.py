@@ -515,8 +515,11 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size):
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option(
+    "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
+)
 @click.pass_obj
-def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device):
+def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft):
     """Greedy generation for one prompt through our runtime (torch-compile target)."""
     import transformers
 
@@ -526,7 +529,7 @@ def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device):
         model_dir = model_dir_of(artifact)
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
         ids = tok(prompt)["input_ids"]
-        new = run_prompt(artifact, ids, max_new_tokens, device)
+        new = run_prompt(artifact, ids, max_new_tokens, device, draft)
         return {"prompt": prompt, "completion": tok.decode(new), "tokens": new}
 
     res = _run(ctx, go)
@@ -539,8 +542,11 @@ def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device):
 @click.option("--prompt-len", default=128, show_default=True, type=int)
 @click.option("--new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option(
+    "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
+)
 @click.pass_obj
-def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device):
+def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft):
     """Prefill/decode tokens/s, time to first token and peak memory per batch size (torch-compile target)."""
     from lorafast_export.runtime.api import bench
 
@@ -548,7 +554,7 @@ def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device):
         sizes = [int(b) for b in batch.split(",") if b]
     except ValueError:
         raise click.BadParameter(f"--batch {batch!r}: expected comma-separated integers") from None
-    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device)
+    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device, draft)
 
     def show():
         t = Table(title=f"bench {artifact} ({device})")

@@ -24,8 +24,13 @@ def model_dir_of(artifact_dir: str | Path) -> Path:
     )
 
 
-def load(artifact_dir: str | Path, device: str = "cpu", **overrides: Any) -> Runtime:
-    return open_runtime(model_dir_of(artifact_dir), device, **overrides)
+def load(
+    artifact_dir: str | Path, device: str = "cpu", draft: str | Path | None = None, **overrides: Any
+) -> Runtime:
+    """draft: another torch-compile artifact of the same vocabulary (e.g. the int4 build of the same
+    fine-tune) that drafts tokens for speculative greedy decoding."""
+    draft_dir = None if draft is None else model_dir_of(draft)
+    return open_runtime(model_dir_of(artifact_dir), device, draft_dir=draft_dir, **overrides)
 
 
 def run_prompt(
@@ -33,10 +38,12 @@ def run_prompt(
     prompt_ids: list[int],
     max_new_tokens: int,
     device: str = "cpu",
+    draft: str | Path | None = None,
     **overrides: Any,
 ) -> list[int]:
-    """Greedy new tokens for one prompt."""
-    return load(artifact_dir, device, **overrides).generate_batch([list(prompt_ids)], max_new_tokens)[0]
+    """Greedy new tokens for one prompt (speculative with a draft artifact: the same tokens)."""
+    rt = load(artifact_dir, device, draft, **overrides)
+    return rt.generate_batch([list(prompt_ids)], max_new_tokens)[0]
 
 
 def bench(
@@ -45,13 +52,18 @@ def bench(
     prompt_len: int,
     new_tokens: int,
     device: str = "cpu",
+    draft: str | Path | None = None,
     **overrides: Any,
 ) -> dict:
-    """Prefill/decode tokens/s, TTFT and peak memory per batch size (see runtime.bench), JSON-able."""
-    rt = load(artifact_dir, device, **overrides)
+    """Prefill/decode tokens/s, TTFT and peak memory per batch size (see runtime.bench), JSON-able; with a
+    draft artifact also the speculative acceptance rate."""
+    rt = load(artifact_dir, device, draft, **overrides)
     if max(batch_sizes) > rt.options.max_batch:
-        rt = load(artifact_dir, device, **{**overrides, "max_batch": max(batch_sizes)})
-    return {"artifact": str(artifact_dir), **bench_runtime(rt, batch_sizes, prompt_len, new_tokens)}
+        rt = load(artifact_dir, device, draft, **{**overrides, "max_batch": max(batch_sizes)})
+    res = {"artifact": str(artifact_dir), **bench_runtime(rt, batch_sizes, prompt_len, new_tokens)}
+    if draft is not None:
+        res["draft"] = str(draft)
+    return res
 
 
 def generate_stream(

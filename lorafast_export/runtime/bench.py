@@ -50,6 +50,7 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
         "ttft_ms_median": 1e3 * ttft[len(ttft) // 2],
         "ttft_ms_max": 1e3 * ttft[-1],
         "preemptions": s.preemptions,
+        "spec_acceptance": s.acceptance,  # None without a draft model
         "peak_memory_bytes": peak_memory_bytes(rt.device),
     }
 

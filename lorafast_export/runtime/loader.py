@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,15 @@ class Runtime:
 
 
 def resolve_attention(opts: RuntimeOptions, cfg: ModelConfig, device: torch.device) -> str:
-    """auto = gather everywhere: compiled flex gave wrong outputs and no speed-up (runtime/attention.py)."""
-    return "gather" if opts.attention == "auto" else opts.attention
+    """auto = the Triton paged kernel on CUDA when triton is installed, gather otherwise (compiled flex gave
+    wrong outputs and no speed-up, runtime/attention.py)."""
+    if opts.attention != "auto":
+        if opts.attention == "triton" and (
+            device.type != "cuda" or importlib.util.find_spec("triton") is None
+        ):
+            raise InputError("attention='triton' needs a CUDA device and the triton package; use 'gather'.")
+        return opts.attention
+    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "gather"
 
 
 def cache_config(opts: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int) -> CacheConfig:
@@ -69,8 +77,11 @@ def build_runtime(
     opts: RuntimeOptions,
     aot_dir: Path | None = None,
     aot_meta: dict | None = None,
+    draft: Runtime | None = None,
 ) -> Runtime:
-    """A runtime over these tensors. With aot_dir/aot_meta the AOTInductor packages replace the Python model."""
+    """A runtime over these tensors. With aot_dir/aot_meta the AOTInductor packages replace the Python model.
+    draft: a runtime of a smaller model with the same vocabulary (e.g. the int4 artifact of the same
+    fine-tune) that proposes tokens for greedy speculative decoding (runtime/engine.py)."""
     device = torch.device(device)
     max_seq_len = opts.max_seq_len or min(cfg.max_position_embeddings, 4096)
     attention = resolve_attention(opts, cfg, device)
@@ -96,6 +107,8 @@ def build_runtime(
         compile=compiled,
         fixed_width=attention == "flex",
         device=device,
+        prefill_budget=1 if aot_meta is not None else opts.prefill_tokens,  # the AOT prefill takes one row
+        **_draft_args(draft, cfg, opts, aot_meta is not None),
     )
     log.info(
         "runtime: %s %s, attention=%s, compiled=%s, aot=%s, cache %.1f MiB",
@@ -111,11 +124,29 @@ def build_runtime(
     )
 
 
+def _draft_args(draft: Runtime | None, cfg: ModelConfig, opts: RuntimeOptions, aot: bool) -> dict:
+    if draft is None:
+        return {}
+    if draft.config.vocab_size != cfg.vocab_size:
+        raise InputError(
+            f"draft model: vocabulary {draft.config.vocab_size} differs from the model's {cfg.vocab_size}; "
+            "a draft must share the tokenizer (use the int4 artifact of the same fine-tune)."
+        )
+    if aot or draft.aot:
+        raise InputError("speculative decoding runs the Python model: load without the AOT packages.")
+    return {"draft": draft.model, "draft_cache": draft.cache, "spec_k": opts.spec_k}
+
+
 def open_runtime(
-    model_dir: str | Path, device: str = "cpu", use_aot: bool | None = None, **overrides
+    model_dir: str | Path,
+    device: str = "cpu",
+    use_aot: bool | None = None,
+    draft_dir: str | Path | None = None,
+    **overrides,
 ) -> Runtime:
     """Load an artifact's model/ directory. overrides: RuntimeOptions fields (e.g. compile="off").
-    use_aot: None = use the AOTInductor packages when they were built for this device type."""
+    use_aot: None = use the AOTInductor packages when they were built for this device type.
+    draft_dir: another artifact's model/ directory whose model drafts for speculative decoding."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -129,7 +160,13 @@ def open_runtime(
             f"{model_dir}: no AOTInductor package for {dev.type} (built: "
             f"{aot and aot['device']}); rebuild with the aot option on a {dev.type} machine."
         )
-    use = bool(aot) and aot["device"] == dev.type and use_aot is not False
+    use = bool(aot) and aot["device"] == dev.type and use_aot is not False and draft_dir is None
+    draft = None
+    if draft_dir is not None:
+        keep = {
+            k: v for k, v in overrides.items() if k in ("compile", "max_batch", "max_seq_len", "block_size")
+        }
+        draft = open_runtime(draft_dir, device, use_aot=False, **keep)
     fp, q = (None, None) if use else read_weights(model_dir, meta, dev)  # a package holds its own weights
     return build_runtime(
         cfg,
@@ -140,4 +177,5 @@ def open_runtime(
         opts,
         aot_dir=model_dir if use else None,
         aot_meta=aot if use else None,
+        draft=draft,
     )

@@ -8,7 +8,7 @@ from typing import Any
 from lorafast_export.errors import InputError
 from lorafast_export.runtime.linear import KERNELS
 
-ATTENTION = ("auto", "gather")  # flex: see runtime/attention.py, not offered until it is correct compiled
+ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offered (wrong when compiled)
 COMPILE = ("auto", "on", "off")
 
 
@@ -19,7 +19,7 @@ class RuntimeOptions:
         "auto"  # decode step through torch.compile: auto = on CUDA only (compile time > a short run on CPU)
     )
     attention: str = (
-        "auto"  # paged decode kernel: auto = gather (the only one offered, see runtime/attention.py)
+        "auto"  # paged decode kernel: auto = triton on CUDA (reads the pool in place), else gather
     )
     kernel: str = "auto"  # low-bit linears: auto = native int4/int8 kernels where supported, dequant = dense
     block_size: int = 16  # tokens per KV block
@@ -28,6 +28,8 @@ class RuntimeOptions:
     cache_tokens: int = 0  # KV pool size in tokens; 0 = max_batch * max_seq_len, capped by cache_gib
     cache_gib: float = 4.0  # cap of the default pool size
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch padded up to one of these
+    prefill_tokens: int = 4096  # padded prompt tokens prefilled together in one forward (1 = one by one)
+    spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
 
     def __post_init__(self) -> None:
         problems = []
@@ -36,7 +38,7 @@ class RuntimeOptions:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if not isinstance(self.aot, bool):
             problems.append(f"aot={self.aot!r}: use true or false")
-        for name in ("block_size", "max_batch", "max_seq_len", "cache_tokens"):
+        for name in ("block_size", "max_batch", "max_seq_len", "cache_tokens", "prefill_tokens", "spec_k"):
             v = getattr(self, name)
             if (
                 not isinstance(v, int)

@@ -125,23 +125,33 @@ def _block(layer, h, cos, sin, attend):
     return h + run_mlp(layer.mlp, layer.post_attention_layernorm(h))
 
 
-def paged_layer(layer, h, cos, sin, k_pool, v_pool, block_tables, q_start, slots, block_size: int, window):
+def paged_layer(
+    layer, h, cos, sin, k_pool, v_pool, block_tables, q_start, slots, block_size: int, window, kind="gather"
+):
     """One layer over the paged cache: h [B, S, hidden] at positions q_start[b] + s; writes k/v at slots
-    [B*S] first, then attends to each row's prefix and itself. The unit torch.compile sees (regional)."""
+    [B*S] first, then attends to each row's prefix and itself. The unit torch.compile sees (regional).
+    kind="triton": a decode step (S = 1) reads the pool in place (runtime/triton_attention.py)."""
 
     def attend(q, k, v):
         write_kv(k_pool, slots, k)
         write_kv(v_pool, slots, v)
+        if kind == "triton" and q.shape[2] == 1:
+            o = torch.ops.lorafast.paged_decode(
+                q[:, :, 0], k_pool, v_pool, block_tables, q_start + 1, block_size, window or 0
+            )
+            return o[:, :, None]
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
 
     return _block(layer, h, cos, sin, attend)
 
 
-def prefill_forward(dec: Decoder, ids, slots, k_pools, v_pools, last_only: bool = True) -> torch.Tensor:
-    """ids [b, s] from position 0 → logits fp32 [b, V] (last position) or [b, s, V]; writes k/v of every
-    position at slots [b*s] of the per-layer pools (lists of [hkv, S, d]) unless slots is None. Rows may be
-    right-padded: causal attention keeps padding out of every real position (route its slots to the pad
-    block)."""
+def prefill_forward(
+    dec: Decoder, ids, slots, k_pools, v_pools, last_only: bool = True, last_index=None
+) -> torch.Tensor:
+    """ids [b, s] from position 0 → logits fp32 [b, V] (last position, or last_index[b] of each row) or
+    [b, s, V]; writes k/v of every position at slots [b*s] of the per-layer pools (lists of [hkv, S, d])
+    unless slots is None. Rows may be right-padded: causal attention keeps padding out of every real
+    position (route its slots to the pad block, give last_index)."""
     h = dec.embed(ids)
     pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     cos, sin = dec.rotary(pos, h.dtype)
@@ -154,6 +164,8 @@ def prefill_forward(dec: Decoder, ids, slots, k_pools, v_pools, last_only: bool 
             return prefill_attention(q, k, v, dec.cfg.sliding_window)
 
         h = _block(layer, h, cos, sin, attend)
+    if last_index is not None:
+        return dec.logits(h[torch.arange(h.shape[0], device=h.device), last_index]).float()
     return dec.logits(h[:, -1] if last_only else h).float()
 
 
@@ -167,6 +179,7 @@ def extend_forward(
     v_pools,
     block_size: int,
     layer_fn=paged_layer,
+    kind: str = "gather",
 ) -> torch.Tensor:
     """tokens/positions [B, S] (positions consecutive per row), block_tables [B, M], slots [B*S] → logits
     fp32 [B, S, V]. Every row's tokens before positions[:, 0] must already be in the pools."""
@@ -186,6 +199,7 @@ def extend_forward(
             slots,
             block_size,
             dec.cfg.sliding_window,
+            kind,
         )
     return dec.logits(h).float()
 
@@ -209,7 +223,16 @@ def decode_forward(
             dec, tokens, positions, block_tables, seq_lens, slots, k_pools, v_pools, block_size
         )
     return extend_forward(
-        dec, tokens[:, None], positions[:, None], block_tables, slots, k_pools, v_pools, block_size, layer_fn
+        dec,
+        tokens[:, None],
+        positions[:, None],
+        block_tables,
+        slots,
+        k_pools,
+        v_pools,
+        block_size,
+        layer_fn,
+        attention,
     )[:, 0]
 
 
@@ -235,6 +258,8 @@ class PagedModel(nn.Module):
         super().__init__()
         if attention == "flex" and dec.cfg.sliding_window is not None:
             raise InputError("attention='flex' does not implement a sliding window; use attention='gather'.")
+        if attention == "triton":
+            import lorafast_export.runtime.triton_attention  # noqa: F401  (registers torch.ops.lorafast)
         self.dec, self.attention, self.block_size = dec, attention, cache.block_size
         self.n_layers = len(cache.k)
         self.layer_fn = paged_layer
@@ -254,8 +279,10 @@ class PagedModel(nn.Module):
         )
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, slots: torch.Tensor | None, last_only: bool = True) -> torch.Tensor:
-        return prefill_forward(self.dec, ids, slots, *self.pools(), last_only)
+    def prefill(
+        self, ids: torch.Tensor, slots: torch.Tensor | None, last_only: bool = True, last_index=None
+    ) -> torch.Tensor:
+        return prefill_forward(self.dec, ids, slots, *self.pools(), last_only, last_index)
 
     @torch.no_grad()
     def extend(self, tokens, positions, block_tables, slots) -> torch.Tensor:

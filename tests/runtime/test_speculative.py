@@ -30,7 +30,14 @@ def solo(llama):
 def spec_engine(md, draft_pm, draft_cache, k=4, num_blocks=64):
     pm, cache = paged(md, num_blocks=num_blocks)
     return Engine(
-        pm, cache, max_batch=3, max_seq_len=64, batch_buckets=(1, 2, 4), draft=draft_pm, draft_cache=draft_cache, spec_k=k
+        pm,
+        cache,
+        max_batch=3,
+        max_seq_len=64,
+        batch_buckets=(1, 2, 4),
+        draft=draft_pm,
+        draft_cache=draft_cache,
+        spec_k=k,
     )
 
 

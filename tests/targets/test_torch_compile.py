@@ -88,3 +88,28 @@ def test_aot_package_loads_and_matches(tmp_path):  # ~2 min of C++ compilation o
     assert (aot.logits(ids) - plain.logits(ids)).abs().max() < 1e-4
     prompts = [ids[0].tolist(), ids[1, :1].tolist(), ids[1, :5].tolist()]
     assert aot.generate_batch(prompts, 6) == plain.generate_batch(prompts, 6)
+
+
+def test_int4_artifact_drafts_for_the_bf16_artifact(tmp_path):
+    """`run --draft`: the int4 build of the same model drafts; the tokens are the fp model's greedy ones."""
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp_dir = lower(md, tmp_path / "fp" / "model", max_seq_len=64)
+    fp, q = quantize_all(md, bits=4, group_size=32)
+    q_dir = lower(
+        md, tmp_path / "q4" / "model", QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4})
+    )
+    prompt = torch.randint(0, 96, (9,)).tolist()
+    want = greedy_reference(load_decoder(md), prompt, 20)
+    rt = api.load(fp_dir, "cpu", draft=q_dir)
+    assert rt.generate_batch([prompt], 20)[0] == want
+    assert rt.engine.stats.spec_rounds > 0 and rt.engine.stats.accepted > 0
+    res = api.bench(fp_dir, [1], 8, 12, "cpu", draft=q_dir)
+    assert res["results"][0]["spec_acceptance"] is not None
+
+
+def test_draft_with_another_vocabulary_is_refused(tmp_path):
+    md = tiny_checkpoint(tmp_path)
+    other = tiny_checkpoint(tmp_path / "o", vocab=128)
+    a, b = lower(md, tmp_path / "a" / "model"), lower(other, tmp_path / "b" / "model")
+    with pytest.raises(InputError, match="vocabulary 128 differs"):
+        api.load(a, "cpu", draft=b)
