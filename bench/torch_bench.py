@@ -171,7 +171,7 @@ def sec_check(a, dev, R):
     base = dict(max_seq_len=256, max_batch=8, batch_buckets=[1, 8])
     eager = build_runtime(cfg, state, None, dev, torch.float32, RuntimeOptions(compile="off", **base))
     want = eager.generate_batch(prompts, 24)
-    for attn in ("auto", "gather"):  # auto = the Triton paged kernel on CUDA
+    for attn in ("triton", "gather"):
         rt = build_runtime(
             cfg, state, None, dev, torch.float32, RuntimeOptions(compile="on", attention=attn, **base)
         )
@@ -689,7 +689,7 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         R["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "stats", "frames")}
-        if name == "check" and R[name].get("engine_compiled_auto_tokens_equal_eager") is not True:
+        if name == "check" and R[name].get("engine_compiled_triton_tokens_equal_eager") is not True:
             R["_attn_choice"] = "gather"  # the Triton path failed its check: measure the rest with gather
         out.write_text(
             json.dumps(

@@ -47,15 +47,12 @@ class Runtime:
 
 
 def resolve_attention(opts: RuntimeOptions, cfg: ModelConfig, device: torch.device) -> str:
-    """auto = the Triton paged kernel on CUDA when triton is installed, gather otherwise (compiled flex gave
-    wrong outputs and no speed-up, runtime/attention.py)."""
-    if opts.attention != "auto":
-        if opts.attention == "triton" and (
-            device.type != "cuda" or importlib.util.find_spec("triton") is None
-        ):
-            raise InputError("attention='triton' needs a CUDA device and the triton package; use 'gather'.")
-        return opts.attention
-    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "gather"
+    """auto = gather, the path measured on an H200. triton (runtime/triton_attention.py) is opt-in: it
+    matches gather on the CPU (Triton's interpreter) but has not run on a GPU yet. Compiled flex gave wrong
+    outputs and no speed-up (runtime/attention.py)."""
+    if opts.attention == "triton" and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+        raise InputError("attention='triton' needs a CUDA device and the triton package; use 'gather'.")
+    return "gather" if opts.attention == "auto" else opts.attention
 
 
 def cache_config(opts: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int) -> CacheConfig:
