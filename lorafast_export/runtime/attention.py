@@ -1,9 +1,11 @@
-"""Attention for the paged runtime: SDPA for prefill, two decode kernels over the paged pool.
+"""Attention for the paged runtime: SDPA for prefill, attention over the paged pool for decode and chunks.
 
-Decode kernels (same inputs, same result; the engine picks one, bench/TORCH.md has the measurement):
-- `decode_gather`: gathers each sequence's blocks into a dense [B, kv_heads, T, d] copy (T = table width x
-  block size) and runs SDPA with a length mask. Simple, works everywhere, but reads the KV three times and
-  always attends over the padded width.
+Paged kernels (same inputs, same result; bench/TORCH.md has the measurements):
+- `paged_attention` / `decode_gather`: gathers each sequence's blocks into a dense [B, kv_heads, T, d] copy
+  (T = table width x block size), then a written-out masked attention; S query tokens per row (a decode
+  step, a speculative verify, a chunk). Simple, works everywhere, but copies the KV (1.9 of 9.4 ms per
+  8B decode step at batch 32 on an H200) and always attends over the padded width.
+- `runtime/triton_attention.py`: a Triton decode kernel reading the pool in place (opt-in, CUDA).
 - `decode_flex`: FlexAttention reads the pool in place: a BlockMask lists each sequence's physical blocks
   (block size = cache block size), so it touches only the blocks a sequence owns. EXPERIMENTAL, not
   selectable through the options: eager it matches `decode_gather` (tested), but compiled it gave wrong

@@ -259,6 +259,12 @@ class PagedModel(nn.Module):
         if attention == "flex" and dec.cfg.sliding_window is not None:
             raise InputError("attention='flex' does not implement a sliding window; use attention='gather'.")
         if attention == "triton":
+            d, bs = dec.cfg.head_dim, cache.block_size
+            if d & (d - 1) or d < 16 or bs < 16:
+                raise InputError(
+                    f"attention='triton' needs a power-of-two head_dim >= 16 (got {d}) and block_size >= 16 "
+                    f"(got {bs}); use attention='gather'."
+                )
             import lorafast_export.runtime.triton_attention  # noqa: F401  (registers torch.ops.lorafast)
         self.dec, self.attention, self.block_size = dec, attention, cache.block_size
         self.n_layers = len(cache.k)

@@ -59,3 +59,19 @@ def test_quantized_runtime_equals_fake_quant_reference(tmp_path, bits, group, sy
     with torch.no_grad():
         want = ref(ids[None])[0][0]
     assert (paged_logits(pm, cache, ids, 6) - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_triton_attention_refuses_shapes_it_cannot_tile(tmp_path):
+    md = tiny_checkpoint(tmp_path)  # head_dim 8
+    from lorafast_export.errors import InputError
+
+    with pytest.raises(InputError, match="power-of-two head_dim >= 16 \\(got 8\\)"):
+        paged(md, attention="triton", block_size=16)
+
+
+def test_projections_are_fused_at_load(tmp_path):
+    md = tiny_checkpoint(tmp_path)
+    pm, _ = paged(md)
+    attn, mlp = pm.dec.model.layers[0].self_attn, pm.dec.model.layers[0].mlp
+    assert attn.qkv_proj.weight.shape[0] == (attn.n_heads + 2 * attn.n_kv) * attn.head_dim
+    assert attn.q_proj is None and mlp.gate_proj is None and mlp.gate_up_proj is not None
