@@ -46,7 +46,7 @@ def merge_linear(
     accumulated W into  W + weight·((f − 1)·W + f·ΔW). With weight 1 this is PEFT's forward exactly; for a single
     adapter it is the usual LoRA / DoRA merge. Everything is per output row, so rows are merged in chunks.
     """
-    out = torch.empty(w.shape, dtype=torch.float32)
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)  # validation merges on its device
     step = max(1, ROW_CHUNK_ELEMENTS // max(1, w.shape[1]))
     for r0 in range(0, w.shape[0], step):
         rows = slice(r0, r0 + step)

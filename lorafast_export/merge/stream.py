@@ -156,33 +156,46 @@ def _check_module(base: ModelDir, ad: Adapter, m) -> list[str]:
     return []
 
 
+def base_source_name(plan: MergePlan, name: str) -> str:
+    """The base tensor a merged tensor starts from: an untied lm_head starts as the embeddings."""
+    return EMBED if (name == LM_HEAD and name not in plan.base.store) else name
+
+
 def _merge_tensor(plan: MergePlan, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
     """One merged tensor: replacement (modules_to_save) or base, plus every adapter's delta."""
-    src = EMBED if (name == LM_HEAD and name not in plan.base.store) else name
+    src = base_source_name(plan, name)
     base = plan.base.store.get(src)
     if not torch.isfinite(base).all():
         raise InputError(
             f"{plan.base.path}: tensor {src!r} contains NaN/Inf values; the base checkpoint is damaged."
         )
-    dtype = out_dtype or base.dtype
+    merged = merge_onto(plan, name, base).to(out_dtype or base.dtype)
+    if not torch.isfinite(merged).all():
+        raise InputError(_overflow_message(plan, name, merged.dtype))
+    return merged
+
+
+def merge_onto(plan: MergePlan, name: str, base: torch.Tensor) -> torch.Tensor:
+    """Merged tensor `name` from its base tensor (on any device; the result is on that device): the
+    modules_to_save replacement or `base` itself, plus every adapter's delta merged in fp32 (fp64 inside).
+    Returned unchanged (base dtype) when no adapter touches it."""
     for ad in plan.adapters:
         if name in ad.replacements:
-            base = ad.replacements[name]  # modules_to_save replaces the module outright
+            base = ad.replacements[name].to(base.device)  # modules_to_save replaces the module outright
     module = name[: -len(".weight")] if name.endswith(".weight") else None
     contributions = []
     for ad in plan.adapters:
         m = ad.modules.get(module) if module else None
         if m is None:
             continue
+        a, b = m.a.to(base.device), m.b.to(base.device)
         # fan_in_fan_out only applies to Conv1D bases; PEFT resets it to False for nn.Linear, and so do we.
-        delta = (
-            embedding_delta(m.a, m.b, m.scaling) if m.kind == "embedding" else lora_delta(m.a, m.b, m.scaling)
-        )
-        contributions.append((delta, m.magnitude, ad.weight))
-    merged = base.to(dtype) if not contributions else merge_linear(base.float(), contributions).to(dtype)
-    if not torch.isfinite(merged).all():
-        raise InputError(_overflow_message(plan, name, merged.dtype))
-    return merged
+        delta = embedding_delta(a, b, m.scaling) if m.kind == "embedding" else lora_delta(a, b, m.scaling)
+        mag = None if m.magnitude is None else m.magnitude.to(base.device)
+        contributions.append((delta, mag, ad.weight))
+    if not contributions:
+        return base
+    return merge_linear(base.float(), contributions)
 
 
 def _overflow_message(plan: MergePlan, name: str, dtype: torch.dtype) -> str:

@@ -1,52 +1,67 @@
-"""Candidates: every stage a build produced, as something that gives logits and greedy tokens."""
+"""Candidates: every stage a build produced, as something that gives logits and greedy tokens.
+
+A layered candidate (`source`) is evaluated by the layer-streamed evaluator (validate/stream.py) and decodes
+through its whole model built on the device only for the greedy check; a session candidate (a target's runtime)
+gives whole-model logits and greedy tokens itself.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from lorafast_export.model.decoder import Decoder, build_decoder
+from lorafast_export.model.decoder import Decoder
+from lorafast_export.validate.layers import DecoderSource, LayerSource, MergedSource
 
 
 @dataclass
 class Candidate:
     name: str
-    logits: Callable[[torch.Tensor], torch.Tensor]  # [1, s] ids → [1, s, V] fp32 logits
-    generate: Callable[[list[int], int], list[int]]  # greedy continuation, new tokens only
+    logits: Callable[[torch.Tensor], torch.Tensor] | None  # [1, s] ids → [1, s, V] fp32 (session stages)
+    generate: Callable[[list[int], int], list[int]] | None  # greedy continuation, new tokens only (sessions)
     note: str | None = None  # a session's runtime_note: what ran it when the target's own runtime did not
+    source: LayerSource | None = None  # layered stages: evaluated by the streamed walk
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, device="cpu") -> list[list[int]]:
+        """Greedy continuations of every prompt: a layered stage's whole model is built on the device for it
+        and dropped afterwards."""
+        if self.source is None:
+            return [list(self.generate(p, max_new_tokens)) for p in prompts]
+        dec = self.source.decoder(device)
+        try:
+            return [decoder_greedy(dec, p, max_new_tokens) for p in prompts]
+        finally:
+            del dec
 
 
 @torch.no_grad()
 def decoder_greedy(dec: Decoder, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy decoding with the decoder's explicit KV cache."""
-    logits, past = dec(torch.tensor([prompt]))
+    """Greedy decoding with the decoder's explicit KV cache, on the device its weights are on."""
+    device = dec.model.embed_tokens.weight.device
+    logits, past = dec(torch.tensor([prompt], device=device))
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
-        logits, past = dec(torch.tensor([[nxt]]), past=past)
+        logits, past = dec(torch.tensor([[nxt]], device=device), past=past)
     return out
 
 
 def decoder_candidate(name: str, dec: Decoder) -> Candidate:
-    dec = dec.eval()
+    """An already built whole Decoder (small models, tests), evaluated layer by layer like the others."""
+    return source_candidate(DecoderSource(name, dec))
 
-    @torch.no_grad()
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        return dec(ids)[0].float()
 
-    return Candidate(name, logits, lambda p, n: decoder_greedy(dec, p, n))
+def source_candidate(source: LayerSource, note: str | None = None) -> Candidate:
+    return Candidate(source.name, None, None, note, source)
 
 
 def merged_fp32_candidate(plan) -> Candidate:
-    """The merge computed in fp32 in memory: isolates merge error from the checkpoint dtype's rounding."""
-    from lorafast_export.merge import merged_state
-
-    cfg = dataclasses.replace(plan.base.config, tie_word_embeddings=plan.tie_word_embeddings)
-    return decoder_candidate("merged-fp32", build_decoder(cfg, merged_state(plan, torch.float32)))
+    """The merge computed in fp32 on the validation device, layer by layer: isolates merge error from the
+    checkpoint dtype's rounding."""
+    return source_candidate(MergedSource("merged-fp32", plan, "base"))
 
 
 def session_candidate(name: str, session) -> Candidate:

@@ -43,17 +43,25 @@ def token_kl(logp_ref: torch.Tensor, logp_cand: torch.Tensor) -> torch.Tensor:
 
 
 def token_stats(
-    ref_logits: torch.Tensor, cand_logits: torch.Tensor, labels: torch.Tensor
+    ref_logits: torch.Tensor,
+    cand_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_label_logp: torch.Tensor | None = None,
+    ref_argmax: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-token scalars for rows that all carry a label: [n, V], [n, V], [n] -> {name: [n]}."""
+    """Per-token scalars for rows that all carry a label: [n, V], [n, V], [n] -> {name: [n]}.
+
+    ref_label_logp / ref_argmax: the reference's exact label log-prob and argmax, when ref_logits is a rounded
+    copy (the compact reference cache): perplexity and top-1 then stay exact, only the KL sees the rounding."""
     logp_ref = torch.log_softmax(ref_logits.to(torch.float64), dim=-1)
     logp_cand = torch.log_softmax(cand_logits.to(torch.float64), dim=-1)
     idx = labels.long().unsqueeze(-1)
-    lr = logp_ref.gather(-1, idx).squeeze(-1)
+    lr = logp_ref.gather(-1, idx).squeeze(-1) if ref_label_logp is None else ref_label_logp.to(torch.float64)
     lc = logp_cand.gather(-1, idx).squeeze(-1)
+    am = logp_ref.argmax(-1) if ref_argmax is None else ref_argmax.long()
     stats = {
         "kl": token_kl(logp_ref, logp_cand),
-        "top1": (logp_ref.argmax(-1) == logp_cand.argmax(-1)).to(torch.float64),
+        "top1": (am == logp_cand.argmax(-1)).to(torch.float64),
         "logp_ref": lr,
         "logp_cand": lc,
         "p_ref": lr.exp(),
@@ -219,13 +227,19 @@ class MetricAccumulator:
         cand_logits: torch.Tensor,
         labels: torch.Tensor,
         positions: torch.Tensor | None = None,
+        ref_label_logp: torch.Tensor | None = None,
+        ref_argmax: torch.Tensor | None = None,
     ) -> None:
+        """ref_label_logp / ref_argmax (flat, one per row): see token_stats."""
         ref, cand, labels, positions = _flatten_block(ref_logits, cand_logits, labels, positions)
         rows = _labelled_rows(labels, cand.shape[-1])
         step, dev = _rows_per_chunk(cand.shape[-1]), cand.device
         for start in range(0, rows.numel(), step):
             sel = rows[start : start + step]
-            stats = token_stats(_take(ref, sel, dev), _take(cand, sel, dev), _take(labels, sel, dev))
+            exact = [
+                None if t is None else _take(t.reshape(-1), sel, dev) for t in (ref_label_logp, ref_argmax)
+            ]
+            stats = token_stats(_take(ref, sel, dev), _take(cand, sel, dev), _take(labels, sel, dev), *exact)
             for name, values in stats.items():
                 self._parts[name].append(values)
             self._parts["position"].append(
@@ -267,6 +281,11 @@ class PerplexityAccumulator:
                 np.sum(_label_logp(_take(logits, sel, logits.device), _take(labels, sel, logits.device)))
             )
             self._tokens += int(sel.numel())
+
+    def update_label_logp(self, label_logp: torch.Tensor) -> None:
+        """Already computed log p(label) of labelled rows (the reference cache stores them)."""
+        self._nll -= float(label_logp.double().sum())
+        self._tokens += int(label_logp.numel())
 
     @property
     def ppl(self) -> float:

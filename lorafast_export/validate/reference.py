@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lorafast_export.adapters import Adapter
@@ -75,33 +77,127 @@ class Reference:
         return out[0, len(prompt) :].tolist()
 
 
+# Up to this size an eval set's reference logits are cached exactly (float32 logits, what the metrics read
+# directly); beyond it, as 16-bit log-probs (ReferenceWriter). 256 MiB is 8,192 tokens at a 8k vocabulary, or
+# 2,048 tokens at 32k: the bundled demo and small --max-tokens budgets stay exact.
+EXACT_CACHE_BYTES = 256 << 20
+CACHE_FORMAT = 2
+
+
 class ReferenceCache:
-    """Reference logits per (inputs, eval set) on disk as safetensors, one file per eval set and kind."""
+    """Reference results per (inputs, eval set, kind) on disk, one directory each, written block by block and
+    read back block by block (numpy memmaps): never held in memory as a whole.
+
+    kind "ref": per token the label's log-prob (float64), the argmax (int32), and the distribution:
+      - exact: the float32 logits, when tokens x vocab x 4 bytes <= EXACT_CACHE_BYTES;
+      - compact: float16 of (log p + H), H the token's entropy. The shift centres the tokens that carry the
+        probability mass near 0, where float16 is finest (log-softmax, which the metrics apply, ignores it); the
+        KL error this adds is bounded in tests/validate/test_cache.py and measured in bench/VALIDATION.md.
+    kind "base": the label log-probs only (all that the bare base's perplexity needs).
+    """
 
     def __init__(self, input_hashes: list[str], settings: dict):
-        h = hashlib.sha256(json.dumps({"inputs": sorted(input_hashes), **settings}, sort_keys=True).encode())
+        key = {"inputs": sorted(input_hashes), "format": CACHE_FORMAT, **settings}
+        h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
         self.dir = cache_root() / "reference" / h.hexdigest()[:24]
 
     def path(self, kind: str, eval_digest: str) -> Path:
-        return self.dir / f"{kind}-{eval_digest[:16]}.safetensors"
+        return self.dir / f"{kind}-{eval_digest[:16]}"
 
-    def load(self, kind: str, eval_digest: str) -> list[torch.Tensor] | None:
-        from safetensors.torch import load_file
-
+    def open(self, kind: str, eval_digest: str, tokens: int) -> CachedReference | None:
         p = self.path(kind, eval_digest)
-        if not p.exists():
+        if not (p / "meta.json").exists():
             return None
         try:
-            d = load_file(str(p))
+            entry = CachedReference(p)
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed, not fatal
             log.warning("reference cache %s unreadable (%s); recomputing", p, e)
             return None
-        return [d[f"b{i}"] for i in range(len(d))]
+        if entry.tokens != tokens:
+            log.warning("reference cache %s has %d tokens, expected %d; recomputing", p, entry.tokens, tokens)
+            return None
+        return entry
 
-    def save(self, kind: str, eval_digest: str, blocks: list[torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+    def writer(self, kind: str, eval_digest: str, tokens: int, vocab: int) -> ReferenceWriter:
+        full = kind == "ref"
+        exact = tokens * vocab * 4 <= EXACT_CACHE_BYTES
+        return ReferenceWriter(self.path(kind, eval_digest), tokens, vocab if full else 0, exact)
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(kind, eval_digest).with_suffix(".tmp")
-        save_file({f"b{i}": b.contiguous() for i, b in enumerate(blocks)}, str(tmp))
-        tmp.rename(self.path(kind, eval_digest))
+
+class ReferenceWriter:
+    """Writes one cache entry row block by row block into a temporary directory; `finish` renames it into place
+    (meta.json last), so an interrupted run leaves no entry that looks complete."""
+
+    def __init__(self, final: Path, tokens: int, vocab: int, exact: bool):
+        import os
+
+        from numpy.lib.format import open_memmap
+
+        self.final, self.tokens, self.vocab, self.exact = final, tokens, vocab, exact
+        self.tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.label = open_memmap(self.tmp / "label_logp.npy", "w+", np.float64, (tokens,))
+        self.argmax = open_memmap(self.tmp / "argmax.npy", "w+", np.int32, (tokens,))
+        self.logits = (
+            open_memmap(self.tmp / "logits.npy", "w+", np.float32 if exact else np.float16, (tokens, vocab))
+            if vocab
+            else None
+        )
+
+    @torch.no_grad()
+    def put(self, row: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Rows [row, row + n) from logits [n, V] (any device) and their labels [n]."""
+        n = logits.shape[0]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        self.label[row : row + n] = (
+            logp.gather(-1, labels.to(logp.device).long()[:, None])[:, 0].cpu().numpy()
+        )
+        self.argmax[row : row + n] = logp.argmax(-1).cpu().numpy()
+        if self.logits is None:
+            return
+        if self.exact:
+            self.logits[row : row + n] = logits.float().cpu().numpy()
+        else:
+            entropy = -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1, keepdim=True)
+            shifted = (logp + entropy).clamp(-6.0e4, 6.0e4)
+            self.logits[row : row + n] = shifted.to(torch.float16).cpu().numpy()
+
+    def finish(self) -> CachedReference:
+        for a in (self.label, self.argmax, self.logits):
+            if a is not None:
+                a.flush()
+        meta = {"tokens": self.tokens, "vocab": self.vocab, "exact": self.exact}
+        (self.tmp / "meta.json").write_text(json.dumps(meta))
+        if self.final.exists():  # another process finished the same entry first: identical content
+            shutil.rmtree(self.final, ignore_errors=True)
+        self.tmp.rename(self.final)
+        return CachedReference(self.final)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class CachedReference:
+    """One finished cache entry, read row block by row block from memmaps."""
+
+    def __init__(self, path: Path):
+        meta = json.loads((path / "meta.json").read_text())
+        self.tokens, self.vocab, self.exact = int(meta["tokens"]), int(meta["vocab"]), bool(meta["exact"])
+        self.label = np.load(path / "label_logp.npy", mmap_mode="r")
+        self.argmax = np.load(path / "argmax.npy", mmap_mode="r")
+        self.logits = np.load(path / "logits.npy", mmap_mode="r") if self.vocab else None
+        if self.label.shape != (self.tokens,) or (
+            self.logits is not None and self.logits.shape != (self.tokens, self.vocab)
+        ):
+            raise ValueError("shapes do not match meta.json")
+
+    def rows(self, row: int, n: int, device="cpu") -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(logits-like [n, V] float32 or None, label log-prob [n] float64, argmax [n] int64) for rows
+        [row, row + n); the first goes through log-softmax in the metrics, so its per-row shift is irrelevant."""
+        label = torch.from_numpy(np.array(self.label[row : row + n])).to(device)
+        argmax = torch.from_numpy(np.array(self.argmax[row : row + n])).long().to(device)
+        if self.logits is None:
+            return None, label, argmax
+        return torch.from_numpy(np.array(self.logits[row : row + n])).to(device).float(), label, argmax

@@ -17,9 +17,9 @@ from lorafast_export.adapters import Adapter
 from lorafast_export.errors import InputError
 from lorafast_export.validate.candidates import (
     Candidate,
-    decoder_candidate,
     merged_fp32_candidate,
     session_candidate,
+    source_candidate,
 )
 from lorafast_export.validate.data import EvalSet, load_eval_sets, load_prompts
 from lorafast_export.validate.gates import check_recipe_gates
@@ -56,33 +56,111 @@ def _input_digests(base: ModelDir, adapters: list[Adapter]) -> list[str]:
     return [f"{a.weight}" for a in adapters] + [sha256_file(f) for f in files]
 
 
-def _reference_blocks(ref_fn, cache: ReferenceCache, kind: str, es: EvalSet) -> list[torch.Tensor]:
-    """Reference logits for every block of an eval set, from the cache or computed (then cached)."""
-    cached = cache.load(kind, es.digest())
-    if cached is not None and len(cached) == len(es.blocks):
-        return cached
-    blocks = [ref_fn(b[None])[0, :-1] for b in es.blocks]
-    cache.save(kind, es.digest(), blocks)
-    return blocks
+# A model whose fp32 weights fit in this many bytes is referenced by transformers + PEFT itself (loading it goes
+# through host memory whole); a larger one by our streamed unmerged forward (validate/layers.py UnmergedSource),
+# which tests/validate/test_layers.py proves equal to PEFT's unmerged model for every adapter kind.
+PEFT_REFERENCE_MAX_BYTES = 1 << 30
+# Greedy decoding holds a whole fp32 model; on a CPU only up to this size (valgen's greedy.py refines this).
+HOST_DECODE_MAX_BYTES = 1 << 30
 
 
-def _compare(es: EvalSet, ref_blocks, base_blocks, candidates: list[Candidate]):
+def _device(opts) -> str:
+    return "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def reference_kind(base: ModelDir) -> str:
+    from lorafast_export.validate.layers import fp32_bytes
+
+    return "peft" if fp32_bytes(base.config, base.store) <= PEFT_REFERENCE_MAX_BYTES else "stream"
+
+
+def _labels(block: torch.Tensor) -> torch.Tensor:
+    return block[1:]
+
+
+def _fill_reference_peft(reference: Reference, missing, writers) -> None:
+    """Reference and bare-base logits from transformers + PEFT, block by block into the cache writers."""
+    for es in missing:
+        w_ref, w_base = writers[es.name]
+        for j, block in enumerate(es.blocks):
+            row = j * (len(block) - 1)
+            w_ref.put(row, reference.logits(block[None])[0, :-1], _labels(block))
+            w_base.put(row, reference.base_logits(block[None])[0, :-1], _labels(block))
+
+
+def _fill_reference_stream(logits, stages, missing, offsets, writers) -> None:
+    """Reference and bare-base logits from the streamed walk's final hidden states, into the cache writers."""
+    for es in missing:
+        for j, block in enumerate(es.blocks):
+            row = j * (len(block) - 1)
+            for st, w in zip(stages, writers[es.name], strict=True):
+                w.put(row, logits.block(st, offsets[es.name] + j), _labels(block))
+
+
+def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progress):
+    """{eval set: (ref entry, base entry)} from the cache, computing what is missing; also returns the
+    reference stages to add to the walk when the reference is streamed (and their writers)."""
+    from lorafast_export.merge import plan_merge
+    from lorafast_export.validate.layers import StoreSource, UnmergedSource
+    from lorafast_export.validate.stream import Stage
+
+    vocab = v.base.config.vocab_size
+    entries, missing = {}, []
+    for es in eval_sets:
+        tokens = es.tokens
+        ref = cache.open("ref", es.digest(), tokens)
+        base = cache.open("base", es.digest(), tokens)
+        if ref is not None and base is not None:
+            entries[es.name] = (ref, base)
+        else:
+            missing.append(es)
+    writers = {
+        es.name: (
+            cache.writer("ref", es.digest(), es.tokens, vocab),
+            cache.writer("base", es.digest(), es.tokens, vocab),
+        )
+        for es in missing
+    }
+    stages = []
+    if missing and reference_kind(v.base) == "peft":
+        progress("reference (transformers + PEFT, unmerged)")
+        _fill_reference_peft(Reference(v.base, v.adapters, device, dtype), missing, writers)
+    elif missing:
+        plan = plan_merge(v.base, v.adapters)
+        stages = [
+            Stage("reference", UnmergedSource(plan, "base")),
+            Stage("base", StoreSource("base", v.base.config, v.base.store, key="base")),
+        ]
+    return entries, missing, writers, stages
+
+
+def _finish(writers, missing, entries) -> None:
+    for es in missing:
+        w_ref, w_base = writers[es.name]
+        entries[es.name] = (w_ref.finish(), w_base.finish())
+
+
+def _compare(es: EvalSet, first: int, entry, logits, stages, device):
+    """Every stage against the cached reference (and the stage before it), block by block."""
     from lorafast_export.validate.metrics import MetricAccumulator, PerplexityAccumulator
 
-    vs_ref = {c.name: MetricAccumulator() for c in candidates}
-    vs_prev = {c.name: MetricAccumulator() for c in candidates[1:]}
+    ref_e, base_e = entry
+    vs_ref = {st.name: MetricAccumulator() for st in stages}
+    vs_prev = {st.name: MetricAccumulator() for st in stages[1:]}
     ppl_ref, ppl_base = PerplexityAccumulator(), PerplexityAccumulator()
-    for block, ref, base in zip(es.blocks, ref_blocks, base_blocks, strict=True):
-        labels, positions = block[1:], torch.arange(len(block) - 1)
-        ppl_ref.update(ref, labels)
-        ppl_base.update(base, labels)
+    for j, block in enumerate(es.blocks):
+        n = len(block) - 1
+        labels, positions = _labels(block).to(device), torch.arange(n, device=device)
+        ref, ref_label, ref_argmax = ref_e.rows(j * n, n, device)
+        ppl_ref.update_label_logp(ref_label)
+        ppl_base.update_label_logp(base_e.rows(j * n, n)[1])
         prev = None
-        for c in candidates:
-            logits = c.logits(block[None])[0, :-1]
-            vs_ref[c.name].update(ref, logits, labels, positions)
+        for st in stages:
+            lg = logits.block(st, first + j)
+            vs_ref[st.name].update(ref, lg, labels, positions, ref_label, ref_argmax)
             if prev is not None:
-                vs_prev[c.name].update(prev, logits, labels, positions)
-            prev = logits
+                vs_prev[st.name].update(prev, lg, labels, positions)
+            prev = lg
     return vs_ref, vs_prev, ppl_ref.ppl, ppl_base.ppl
 
 
@@ -97,47 +175,78 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     )
     from lorafast_export.validate.gates import DEFAULT_GATES
     from lorafast_export.validate.metrics import greedy_agreement
+    from lorafast_export.validate.stream import Stage, StageLogits, walk
 
     opts = v.recipe.validate_
     tok = _tokenizer(v.base)
     specs = [(e.name, Path(e.path)) for e in opts.eval]
     eval_sets = load_eval_sets(tok, specs, opts.block_size, opts.max_tokens)
     prompts = load_prompts(tok, Path(opts.prompts) if opts.prompts else None)
-    progress("reference")
-    device = (
-        "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    device = _device(opts)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
     if dtype != torch.float32 and device == "cpu":
         raise InputError(
             "validate.dtype: a half-precision reference needs a GPU (validate.device cuda); use float32."
         )
-    reference = Reference(v.base, v.adapters, device, dtype)
+    kind = reference_kind(v.base)
     cache = ReferenceCache(
-        _input_digests(v.base, v.adapters), {"block": opts.block_size, "dtype": opts.dtype}
+        _input_digests(v.base, v.adapters),
+        {"block": opts.block_size, "dtype": opts.dtype, "reference": kind},
     )
-    infos, stages = [], []
+    ids = torch.stack([b for es in eval_sets for b in es.blocks])  # every eval block, one walk
+    offsets, n = {}, 0
+    for es in eval_sets:
+        offsets[es.name], n = n, n + len(es.blocks)
+    progress("reference")
+    entries, missing, writers, ref_stages = _reference_entries(
+        v, eval_sets, ids, offsets, cache, device, dtype, progress
+    )
+    stages = [
+        Stage(c.name, c.source) if c.source is not None else Stage(c.name, logits=c.logits)
+        for c in v.candidates
+    ]
+    layered = [st.source for st in ref_stages + stages if st.source is not None]
+    progress(f"streaming {len(layered)} stages layer by layer on {device}")
+    try:
+        hidden = walk(layered, ids, device, progress)
+        if ref_stages:
+            ref_logits = StageLogits(ref_stages, hidden, ids, device)
+            _fill_reference_stream(ref_logits, ref_stages, missing, offsets, writers)
+            ref_logits.close()
+            for st in ref_stages:
+                del hidden[st.name]
+        _finish(writers, missing, entries)
+    except BaseException:
+        for w in [w for pair in writers.values() for w in pair]:
+            w.abort()
+        raise
+    logits = StageLogits(stages, hidden, ids, device)
+    infos, results = [], {}
     for es in eval_sets:
         progress(f"eval set {es.name}")
-        ref_blocks = _reference_blocks(reference.logits, cache, "ref", es)
-        base_blocks = _reference_blocks(reference.base_logits, cache, "base", es)
-        vs_ref, vs_prev, ppl_ref, ppl_base = _compare(es, ref_blocks, base_blocks, v.candidates)
+        results[es.name] = _compare(es, offsets[es.name], entries[es.name], logits, stages, device)
+        _, _, ppl_ref, ppl_base = results[es.name]
         infos.append(
             EvalSetInfo(
                 name=es.name, tokens=es.tokens, sequences=len(es.blocks), ppl_ref=ppl_ref, ppl_base=ppl_base
             )
         )
-        greedy = _greedy(reference, v.candidates, prompts, opts.max_new_tokens, progress)
+    logits.close()
+    del hidden, logits
+    greedy = _greedy(v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress)
+    out_stages = []
+    for es in eval_sets:
+        vs_ref, vs_prev, _, _ = results[es.name]
         prev_name = None
         for c in v.candidates:
-            stages.append(
+            out_stages.append(
                 stage_result(
                     c.name,
                     es.name,
                     vs_ref[c.name].result(),
                     vs_prev[c.name].result() if c.name in vs_prev else None,
                     prev_name,
-                    greedy_agreement(greedy["reference"], greedy[c.name]),
+                    greedy_agreement(greedy["reference"], greedy[c.name]) if greedy else None,
                 )
             )
             prev_name = c.name
@@ -146,7 +255,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     report = build_report(
         ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant, runtime_note=note),
         infos,
-        stages,
+        out_stages,
         opts.gates if opts.gates is not None else DEFAULT_GATES,
         layer_errors,
         final_stage="artifact" if any(c.name == "artifact" for c in v.candidates) else None,
@@ -158,14 +267,31 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
 _GREEDY_CACHE: dict[tuple, list[list[int]]] = {}
 
 
-def _greedy(reference: Reference, candidates, prompts, n: int, progress) -> dict[str, list[list[int]]]:
+def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, inputs_key, progress) -> dict | None:
+    """Greedy tokens of the reference and of every candidate; None (skipped) when decoding would hold a whole
+    fp32 model larger than HOST_DECODE_MAX_BYTES on the host."""
+    from lorafast_export.validate.layers import fp32_bytes
+
+    if device == "cpu" and fp32_bytes(v.base.config, v.base.store) > HOST_DECODE_MAX_BYTES:
+        log.warning("greedy check skipped: the model is too large to decode whole on this host")
+        return None
     progress("greedy generation")
-    key = (id(reference), n, tuple(map(tuple, prompts)))
+    key = (str(inputs_key), device, n, tuple(map(tuple, prompts)))
     if key not in _GREEDY_CACHE:
-        _GREEDY_CACHE[key] = [reference.generate(p, n) for p in prompts]
+        if reference_kind(v.base) == "peft":
+            ref = Reference(v.base, v.adapters, device, dtype)
+            _GREEDY_CACHE[key] = [ref.generate(p, n) for p in prompts]
+            del ref
+        else:
+            from lorafast_export.merge import plan_merge
+            from lorafast_export.validate.candidates import source_candidate
+            from lorafast_export.validate.layers import UnmergedSource
+
+            ref_c = source_candidate(UnmergedSource(plan_merge(v.base, v.adapters), "base"))
+            _GREEDY_CACHE[key] = ref_c.greedy(prompts, n, device)
     out = {"reference": _GREEDY_CACHE[key]}
-    for c in candidates:
-        out[c.name] = [c.generate(p, n) for p in prompts]
+    for c in v.candidates:
+        out[c.name] = c.greedy(prompts, n, device)
     return out
 
 
@@ -194,11 +320,26 @@ def write_reports(report, out_dir: Path, junit: str | None = None) -> None:
 # ---------------------------------------------------------------------------------------------- build stage
 
 
+def _artifact_candidate(name: str, session) -> Candidate:
+    """A target's session; one that can only read the artifact back (hf quantized without its loader,
+    trt-llm) offers `layer_source()`, and is then read layer by layer like the other stages."""
+    source = session.layer_source() if hasattr(session, "layer_source") else None
+    if source is not None:
+        return source_candidate(source, getattr(session, "runtime_note", None))
+    return session_candidate(name, session)
+
+
+def _load_device(target_name: str, device: str) -> str:
+    """Runtimes that run on the validation device (ours, transformers'); ORT and OpenVINO run on the CPU."""
+    return device if target_name in ("torch-compile", "hf") else "cpu"
+
+
 def build_candidates(ctx) -> list[Candidate]:
     """merged-fp32 → merged-<dtype> (if the checkpoint is not fp32) → quantized (if any) → artifact."""
     from lorafast_export.merge import plan_merge
-    from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.merge.stream import MergedStore
     from lorafast_export.targets.registry import get_target
+    from lorafast_export.validate.layers import MergedSource, QuantizedSource, StoreSource
 
     plan = plan_merge(ctx.base, ctx.adapters)
     cands = [merged_fp32_candidate(plan)]
@@ -206,13 +347,17 @@ def build_candidates(ctx) -> list[Candidate]:
     dtypes = {merged.store.get(k).dtype for k in merged.store.keys()[:8]}
     if dtypes != {torch.float32}:
         name = "merged-" + {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(next(iter(dtypes)), "weights")
-        cands.append(decoder_candidate(name, load_decoder(merged, torch.float32)))
+        if isinstance(merged.store, MergedStore):  # merges on read: round the device merge the same way
+            src = MergedSource(name, plan, "base", merged.store.dtype or "base")
+        else:  # the written checkpoint, read back layer by layer
+            src = StoreSource(name, merged.config, merged.store)
+        cands.append(source_candidate(src))
     if ctx.quantized is not None:
-        from lorafast_export.model.quantized import fake_quant_decoder
-
-        cands.append(decoder_candidate("quantized", fake_quant_decoder(ctx.quantized)))
+        cands.append(source_candidate(QuantizedSource("quantized", ctx.quantized)))
     target = get_target(ctx.recipe.target.name)
-    cands.append(session_candidate("artifact", target.load(ctx.stage_dir / "model")))
+    device = _device(ctx.recipe.validate_)
+    load_dev = _load_device(target.name, device)
+    cands.append(_artifact_candidate("artifact", target.load(ctx.stage_dir / "model", device=load_dev)))
     # Informational: the runtime at its own default precision (e.g. OpenVINO's bf16 + u8 KV cache on CPUs that
     # have bf16), so users see what the default costs. Gates apply to "artifact", not to this stage.
     if "precision" in inspect.signature(target.load).parameters:
@@ -295,8 +440,9 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
         open_adapter(f"{resolve_path(a.path)}:{a.weight}", recipe.inputs.allow_pickle, a.overrides())
         for a in recipe.inputs.adapters
     ]
-    session = require_available(recipe.target.name).load(artifact / "model")
-    cands = [merged_fp32_candidate(plan_merge(base, adapters)), session_candidate("artifact", session)]
+    target = require_available(recipe.target.name)
+    session = target.load(artifact / "model", device=_load_device(target.name, _device(recipe.validate_)))
+    cands = [merged_fp32_candidate(plan_merge(base, adapters)), _artifact_candidate("artifact", session)]
     v = ValidationInputs(base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe))
     report = run_validation(v, artifact, progress)
     # the reports were rewritten: their new hashes go into the manifest, so the artifact still verifies

@@ -66,17 +66,32 @@ class QuantizedReaderSession:
     )
 
     def __init__(self, model_dir: Path):
-        from lorafast_export.model.quantized import fake_quant_decoder
+        self.model_dir = Path(model_dir)
+        self._decoder = None  # built on first use: validation reads the checkpoint layer by layer instead
+
+    def layer_source(self):
+        """The checkpoint as validation's layer-streamed evaluator reads it (one layer's codes at a time)."""
         from lorafast_export.quant.read_hf import read_quantized_checkpoint
-        from lorafast_export.validate.candidates import decoder_candidate
+        from lorafast_export.validate.layers import QuantizedSource
 
-        self._c = decoder_candidate("artifact", fake_quant_decoder(read_quantized_checkpoint(model_dir)))
+        return QuantizedSource("artifact", read_quantized_checkpoint(self.model_dir))
 
+    def _dec(self):
+        if self._decoder is None:
+            from lorafast_export.model.quantized import fake_quant_decoder
+            from lorafast_export.quant.read_hf import read_quantized_checkpoint
+
+            self._decoder = fake_quant_decoder(read_quantized_checkpoint(self.model_dir))
+        return self._decoder
+
+    @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._c.logits(input_ids)
+        return self._dec()(input_ids)[0].float()
 
     def generate(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
-        return self._c.generate(input_ids, max_new_tokens)
+        from lorafast_export.validate.candidates import decoder_greedy
+
+        return decoder_greedy(self._dec(), input_ids, max_new_tokens)
 
 
 class HFTarget:

@@ -141,6 +141,54 @@ def read_hf(model_dir: Path, runtime: bool = True) -> tuple[ModelConfig, dict[st
     return cfg, state
 
 
+class LazyHFBundle:
+    """read_hf one tensor at a time (validation reads the bundle layer by layer): `get(name, device)` reads that
+    tensor's parts from disk, moves them to `device` and dequantizes there, exactly as read_hf does."""
+
+    def __init__(self, model_dir: Path, runtime: bool = True):
+        from lorafast_export.weights import WeightStore
+
+        d = Path(model_dir)
+        config = json.loads((d / "config.json").read_text())
+        self.config = ModelConfig.from_dict(config, str(d / "config.json"))
+        qfile = d / "hf_quant_config.json"
+        self.algo, self.group = (
+            _quant_of(json.loads(qfile.read_text())["quantization"], qfile)
+            if qfile.exists()
+            else (None, None)
+        )
+        self.dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype")) if runtime else None
+        files = sorted(d.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"{d}: no .safetensors files.")
+        self.store = WeightStore(files)
+        self.modules = {
+            k.removesuffix(".weight_scale") for k in self.store.keys() if k.endswith(".weight_scale")
+        }
+        self._names = [
+            k
+            for k in self.store.keys()
+            if k.rpartition(".")[0] not in self.modules or k.rpartition(".")[2] in ("weight", "bias")
+        ]
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def get(self, name: str, device="cpu") -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        if module in self.modules and leaf == "weight":
+            parts = {
+                n: self.store.get(f"{module}.{n}").to(device)
+                for n in ("weight", "weight_scale", "pre_quant_scale")
+                if f"{module}.{n}" in self.store
+            }
+            return dequant(self.algo, parts, self.group, self.dtype, "weight_scale", "pre_quant_scale")
+        return self.store.get(name).to(device).float()
+
+
 # -------------------------------------------------------------------------------------------- legacy
 
 

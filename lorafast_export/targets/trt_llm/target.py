@@ -82,10 +82,31 @@ class TrtLlmReadSession:
     runtime_note = VERIFIED_NOTE
 
     def __init__(self, model_dir: Path, device: str = "cpu"):
-        from lorafast_export.targets.trt_llm.reader import reference_decoder
-
+        self.model_dir = Path(model_dir)
         self.device = "cpu" if device == "auto" else device
-        self.decoder = reference_decoder(Path(model_dir), runtime=True).to(self.device)
+        self._decoder = (
+            None  # built on first use: validation reads an hf-layout bundle layer by layer instead
+        )
+
+    @property
+    def decoder(self):
+        if self._decoder is None:
+            from lorafast_export.targets.trt_llm.reader import reference_decoder
+
+            self._decoder = reference_decoder(self.model_dir, runtime=True).to(self.device)
+        return self._decoder
+
+    def layer_source(self):
+        """The bundle as validation's layer-streamed evaluator reads it, one tensor at a time (the PyTorch-backend
+        layout); None for engine checkpoints (rank files, SmoothQuant activations): those run whole."""
+        from lorafast_export.targets.trt_llm.reader import LazyHFBundle, read_meta
+
+        if read_meta(self.model_dir)["layout"] != "hf":
+            return None
+        from lorafast_export.validate.layers import StoreSource
+
+        bundle = LazyHFBundle(self.model_dir, runtime=True)
+        return StoreSource("artifact", bundle.config, bundle, getter=bundle.get)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

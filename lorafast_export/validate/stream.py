@@ -1,0 +1,105 @@
+"""The layer-streamed evaluator: every layered stage walks the decoder one layer at a time, together.
+
+All eval blocks of all eval sets go through the walk at once: each stage's hidden states [blocks, seq, hidden]
+(float32) stay on the validation device, and at layer i every stage builds its layer i (LayerSource.layer),
+applies it to its hidden states in chunks of blocks, and drops it. Tensors several stages start from (the
+base checkpoint's layer i, its fp32 merge) are read once per layer. Host and device memory hold the hidden
+states plus about one layer per stage at a time, never a whole model; the weights of the base are read once
+per walk, not once per stage.
+
+After the last layer, `StageLogits` gives each stage's logits block by block (final norm + lm_head on the
+device, float32), and a whole-model stage (a runtime session: ONNX Runtime, OpenVINO, our torch-compile
+runtime) computes its logits in its own runtime, block by block.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lorafast_export.model.decoder import Rotary, causal_mask
+from lorafast_export.validate.layers import Head, LayerSource, Shared
+
+log = logging.getLogger(__name__)
+
+# Activation elements per chunk of blocks: bounds the temporaries of one layer's forward (attention scores,
+# MLP intermediate), ~256 MiB of float32 on a CPU, ~4 GiB on a GPU.
+CHUNK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 30}
+
+
+@dataclass
+class Stage:
+    """One model to evaluate: layered (`source`) or whole (`logits`: ids [1, s] -> [1, s, V] fp32)."""
+
+    name: str
+    source: LayerSource | None = None
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _rope_and_mask(cfg, seq: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pos = torch.arange(seq, device=device)[None]
+    cos, sin = Rotary(cfg).to(device)(pos, torch.float32)
+    return cos, sin, causal_mask(seq, 0, device, cfg.sliding_window)
+
+
+def _blocks_per_chunk(cfg, seq: int, device) -> int:
+    per_block = seq * max(cfg.intermediate_size, cfg.num_heads * seq, cfg.hidden_size * 3)
+    budget = CHUNK_ELEMENTS["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    return max(1, budget // max(per_block, 1))
+
+
+@torch.no_grad()
+def walk(
+    sources: list[LayerSource], ids: torch.Tensor, device, progress: Callable[[str], None] = lambda m: None
+) -> dict[str, torch.Tensor]:
+    """ids [blocks, seq] -> {stage: final hidden states [blocks, seq, hidden] float32 on the device}."""
+    if not sources:
+        return {}
+    ids = ids.to(device)
+    n, seq = ids.shape
+    shared: Shared = {}
+    hidden = {s.name: s.embed(ids, shared) for s in sources}
+    shared.clear()
+    rope = {s.name: _rope_and_mask(s.config, seq, device) for s in sources}  # per stage: a damaged rope shows
+    layers = sources[0].config.num_layers
+    t0, last = time.perf_counter(), 0.0
+    for i in range(layers):
+        for s in sources:
+            layer = s.layer(i, device, shared)
+            h, (cos, sin, mask) = hidden[s.name], rope[s.name]
+            step = _blocks_per_chunk(s.config, seq, device)
+            for b0 in range(0, n, step):
+                h[b0 : b0 + step] = layer(h[b0 : b0 + step], cos, sin, mask)[0]
+            del layer
+        shared.clear()
+        now = time.perf_counter() - t0
+        if now - last >= 5.0 or i + 1 == layers:
+            last = now
+            progress(f"layers {i + 1}/{layers}, {len(sources)} stages, {n} blocks ({now:.1f} s)")
+    return hidden
+
+
+class StageLogits:
+    """Logits of each stage, one block at a time: heads of layered stages stay resident on the device."""
+
+    def __init__(self, stages: list[Stage], hidden: dict[str, torch.Tensor], ids: torch.Tensor, device):
+        self.stages, self.hidden, self.ids, self.device = stages, hidden, ids, device
+        self._shared: Shared = {}  # head tensors shared between stages (one read of an untouched lm_head)
+        self.heads: dict[str, Head] = {
+            s.name: s.source.head(device, self._shared) for s in stages if s.source is not None
+        }
+
+    @torch.no_grad()
+    def block(self, stage: Stage, b: int) -> torch.Tensor:
+        """[seq - 1, V] float32 logits of block b (the last position has no label and is dropped)."""
+        if stage.source is not None:
+            return self.heads[stage.name](self.hidden[stage.name][b, :-1])
+        return stage.logits(self.ids[b][None])[0, :-1].float().to(self.device)
+
+    def close(self) -> None:
+        self.heads.clear()
+        self._shared.clear()
