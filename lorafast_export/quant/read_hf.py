@@ -8,6 +8,7 @@ checks the written codes, scales, zero points and fp tensors, though not a third
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from lorafast_export.errors import InputError
@@ -35,7 +36,9 @@ def _unpack(qcfg: dict, tensors: dict):
     raise InputError(f"quantization_config.quant_method={method!r} is not one this reader knows.")
 
 
-def read_quantized_checkpoint(model_dir: str | Path) -> QuantizedModel:
+def read_quantized_checkpoint(model_dir: str | Path, lazy: bool = False) -> QuantizedModel:
+    """lazy: `q` and `fp` read (and unpack) one entry from disk at each lookup, so a consumer walking them layer
+    by layer (validation) holds one layer's codes at a time."""
     d = Path(model_dir)
     raw = json.loads((d / "config.json").read_text())
     qcfg = raw.get("quantization_config")
@@ -46,12 +49,46 @@ def read_quantized_checkpoint(model_dir: str | Path) -> QuantizedModel:
     modules = [m for i in range(cfg.num_layers) for m in linear_module_names(i)] + [
         LM_HEAD.removesuffix(".weight")
     ]
-    q, used = {}, set()
+    keys = store.keys()
+    q_parts, used = {}, set()
     for m in modules:
-        parts = {k.removeprefix(m + "."): k for k in store.keys() if k.startswith(m + ".")}  # suffix → key
+        parts = {k.removeprefix(m + "."): k for k in keys if k.startswith(m + ".")}  # suffix → key
         if parts.keys() <= FP_LINEAR_PARTS:
             continue  # absent, or an unquantized linear: stays in fp
-        q[m] = _unpack(qcfg, {suffix: store.get(k) for suffix, k in parts.items()})
+        q_parts[m] = parts
         used.update(parts.values())
-    fp = {k: store.get(k) for k in store.keys() if k not in used}
+
+    def unpack(m: str):
+        return _unpack(qcfg, {suffix: store.get(k) for suffix, k in q_parts[m].items()})
+
+    fp_names = [k for k in keys if k not in used]
+    if lazy:
+        from lorafast_export.model.quantized import LazyTensors
+
+        q = _LazyMap(list(q_parts), unpack)
+        fp = LazyTensors(store, fp_names)
+    else:
+        q = {m: unpack(m) for m in q_parts}
+        fp = {k: store.get(k) for k in fp_names}
     return QuantizedModel(cfg, fp, q, {"read_from": str(d), "format": qcfg.get("quant_method")})
+
+
+class _LazyMap(Mapping):
+    """name → value computed at each lookup (nothing cached)."""
+
+    def __init__(self, names: list[str], get):
+        self._names, self._get = dict.fromkeys(names), get
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -21,7 +21,7 @@ Every stage computes in float32 with float32 logits, whatever its stored dtype: 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -293,18 +293,42 @@ class _DequantLinear(nn.Module):
 class QuantizedSource(LayerSource):
     """A QuantizedModel (in memory or lazy on disk): fp tensors from qm.fp, every qm.q linear dequantized."""
 
-    def __init__(self, name: str, qm):
-        self.name, self.qm = name, qm
+    def __init__(self, name: str, qm, merged: LayerSource | None = None):
+        """merged: the merged model the codes were made from; each quantized linear's relative weight error
+        against it is recorded in `layer_errors` as the layer is built (the report's per-layer table)."""
+        self.name, self.qm, self.merged = name, qm, merged
         cfg = qm.config
         if "lm_head" in qm.q and cfg.tie_word_embeddings:  # fake_quant_decoder unties a quantized tied head
             cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
         self.config = cfg
+        self.layer_errors: dict[str, dict] = {}
 
     def tensor(self, name: str, device, shared: Shared) -> torch.Tensor:
         return self.qm.fp[name].to(device)
 
     def linear(self, path: str, device, shared: Shared) -> nn.Module | None:
-        return _DequantLinear(self.qm.q[path], device) if path in self.qm.q else None
+        if path not in self.qm.q:
+            return None
+        qt = self.qm.q[path]
+        lin = _DequantLinear(qt, device)
+        if self.merged is not None and path not in self.layer_errors:
+            self.layer_errors[path] = _weight_error(
+                path, lin.weight, qt, self.merged.tensor(path + ".weight", device, shared)
+            )
+        return lin
+
+
+def _weight_error(path: str, dequantized: torch.Tensor, qt, merged: torch.Tensor) -> dict:
+    """||dequantize(q) - W|| / ||W|| with W the merged weight (times a folded AWQ/SmoothQuant input scale: the
+    codes are in that basis)."""
+    import re
+
+    w = merged.float()
+    if qt.input_scale is not None:
+        w = w * qt.input_scale.to(w.device).float()[None, :]
+    err = float((dequantized - w).norm() / w.norm().clamp_min(1e-12))
+    m = re.search(r"layers\.(\d+)\.", path)
+    return {"module": path, "layer": int(m.group(1)) if m else None, "rel_error": err}
 
 
 class DecoderSource(LayerSource):
@@ -354,25 +378,3 @@ def fp32_bytes(config: ModelConfig, store) -> int:
             n *= d
         total += 4 * n
     return total
-
-
-def lazy_mapping(keys, get: Callable[[str], object]) -> Mapping:
-    """A read-only Mapping over `keys` whose values are computed by `get` at each lookup."""
-
-    class _Lazy(Mapping):
-        def __getitem__(self, k):
-            if k not in keyset:
-                raise KeyError(k)
-            return get(k)
-
-        def __contains__(self, k):
-            return k in keyset
-
-        def __iter__(self):
-            return iter(keyset)
-
-        def __len__(self):
-            return len(keyset)
-
-    keyset = dict.fromkeys(keys)
-    return _Lazy()

@@ -250,7 +250,12 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
                 )
             )
             prev_name = c.name
-    layer_errors = [LayerError(**e) for e in v.layer_errors] if v.layer_errors else None
+    layer_errors = v.layer_errors
+    for c in v.candidates:  # recorded during the walk (QuantizedSource), in the quantized model's order
+        recorded = getattr(c.source, "layer_errors", None)
+        if layer_errors is None and recorded:
+            layer_errors = [recorded[m] for m in c.source.qm.q if m in recorded]
+    layer_errors = [LayerError(**e) for e in layer_errors] if layer_errors else None
     note = next((c.note for c in v.candidates if c.name == "artifact" and c.note), None)
     report = build_report(
         ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant, runtime_note=note),
@@ -334,6 +339,15 @@ def _load_device(target_name: str, device: str) -> str:
     return device if target_name in ("torch-compile", "hf") else "cpu"
 
 
+def _load_artifact(target, model_dir: Path, device: str, base: ModelDir):
+    """The target's session for the artifact stage. transformers loads an hf artifact whole through host memory,
+    so beyond PEFT_REFERENCE_MAX_BYTES the checkpoint is read back layer by layer instead."""
+    kw = {"device": _load_device(target.name, device)}
+    if target.name == "hf" and reference_kind(base) == "stream":
+        kw["whole"] = False
+    return target.load(model_dir, **kw)
+
+
 def build_candidates(ctx) -> list[Candidate]:
     """merged-fp32 → merged-<dtype> (if the checkpoint is not fp32) → quantized (if any) → artifact."""
     from lorafast_export.merge import plan_merge
@@ -352,12 +366,16 @@ def build_candidates(ctx) -> list[Candidate]:
         else:  # the written checkpoint, read back layer by layer
             src = StoreSource(name, merged.config, merged.store)
         cands.append(source_candidate(src))
-    if ctx.quantized is not None:
-        cands.append(source_candidate(QuantizedSource("quantized", ctx.quantized)))
+    if (
+        ctx.quantized is not None
+    ):  # weight errors against the merged weights, as the checkpoint dtype rounds them
+        ref = MergedSource("merged", plan, "base", merged.store.dtype or "base")
+        cands.append(source_candidate(QuantizedSource("quantized", ctx.quantized, ref)))
     target = get_target(ctx.recipe.target.name)
     device = _device(ctx.recipe.validate_)
-    load_dev = _load_device(target.name, device)
-    cands.append(_artifact_candidate("artifact", target.load(ctx.stage_dir / "model", device=load_dev)))
+    cands.append(
+        _artifact_candidate("artifact", _load_artifact(target, ctx.stage_dir / "model", device, ctx.base))
+    )
     # Informational: the runtime at its own default precision (e.g. OpenVINO's bf16 + u8 KV cache on CPUs that
     # have bf16), so users see what the default costs. Gates apply to "artifact", not to this stage.
     if "precision" in inspect.signature(target.load).parameters:
@@ -367,25 +385,6 @@ def build_candidates(ctx) -> list[Candidate]:
             )
         )
     return cands
-
-
-def layer_weight_errors(ctx) -> list[dict] | None:
-    if ctx.quantized is None:
-        return None
-    import re
-
-    from lorafast_export.qform import dequantize
-
-    merged = ctx.merged
-    out = []
-    for name, qt in ctx.quantized.q.items():
-        w = merged.store.get(name + ".weight").float()
-        if qt.input_scale is not None:  # folded AWQ/SmoothQuant scale: compare in the original basis
-            w = w * qt.input_scale.float()[None, :]
-        err = float((dequantize(qt) - w).norm() / w.norm().clamp_min(1e-12))
-        m = re.search(r"layers\.(\d+)\.", name)
-        out.append({"module": name, "layer": int(m.group(1)) if m else None, "rel_error": err})
-    return out
 
 
 def quant_label(recipe) -> str:
@@ -408,7 +407,7 @@ def validate_build(ctx) -> dict:
         ctx.recipe.name,
         ctx.recipe.target.name,
         quant_label(ctx.recipe),
-        layer_weight_errors(ctx),
+        None,  # the quantized stage records its per-layer weight errors during the walk
     )
     report = run_validation(v, ctx.stage_dir, lambda m: ctx.progress("validate", m))
     return summarize(report) | {"markdown_table": render_markdown(report)}
@@ -441,7 +440,7 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
         for a in recipe.inputs.adapters
     ]
     target = require_available(recipe.target.name)
-    session = target.load(artifact / "model", device=_load_device(target.name, _device(recipe.validate_)))
+    session = _load_artifact(target, artifact / "model", _device(recipe.validate_), base)
     cands = [merged_fp32_candidate(plan_merge(base, adapters)), _artifact_candidate("artifact", session)]
     v = ValidationInputs(base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe))
     report = run_validation(v, artifact, progress)

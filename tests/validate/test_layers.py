@@ -157,3 +157,28 @@ def test_trtllm_bundle_read_layer_by_layer_equals_whole_reading(tmp_path, method
     assert torch.allclose(streamed, session.logits(ids), rtol=0, atol=1e-5)
     legacy = get_target("trt-llm").load(_lowered(merged, qm, tmp_path / "l", {"legacy": True}))
     assert legacy.layer_source() is None
+
+
+def test_quantized_stage_records_weight_errors_against_the_rounded_merge(built):
+    """Per-layer weight errors come from the walk: ||dequant - W|| / ||W||, W the merge rounded to the
+    checkpoint dtype (fp16 here), computed directly from merged_state for the check."""
+    from lorafast_export.model.quantized import QuantizedModel
+    from lorafast_export.model.spec import linear_module_names
+    from lorafast_export.qform import dequantize
+    from lorafast_export.quant.rtn import quantize_rtn
+
+    plan = built
+    state16 = merged_state(plan, torch.float16)
+    mods = [m for i in range(plan.base.config.num_layers) for m in linear_module_names(i)]
+    q = {m: quantize_rtn(state16[m + ".weight"].float(), 4, 16, symmetric=True) for m in mods}
+    fp = {k: v.float() for k, v in state16.items() if k.removesuffix(".weight") not in q}
+    src = QuantizedSource(
+        "quantized", QuantizedModel(plan.base.config, fp, q), MergedSource("m", plan, "base", "base")
+    )
+    walk([src], torch.randint(0, 96, (1, 8)), "cpu")
+    assert set(src.layer_errors) == set(mods)
+    for m in mods:
+        w = state16[m + ".weight"].float()
+        want = float((dequantize(q[m]) - w).norm() / w.norm())
+        assert src.layer_errors[m]["rel_error"] == pytest.approx(want, rel=1e-6), m
+        assert 0 < want < 0.5

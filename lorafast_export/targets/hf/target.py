@@ -74,7 +74,7 @@ class QuantizedReaderSession:
         from lorafast_export.quant.read_hf import read_quantized_checkpoint
         from lorafast_export.validate.layers import QuantizedSource
 
-        return QuantizedSource("artifact", read_quantized_checkpoint(self.model_dir))
+        return QuantizedSource("artifact", read_quantized_checkpoint(self.model_dir, lazy=True))
 
     def _dec(self):
         if self._decoder is None:
@@ -92,6 +92,41 @@ class QuantizedReaderSession:
         from lorafast_export.validate.candidates import decoder_greedy
 
         return decoder_greedy(self._dec(), input_ids, max_new_tokens)
+
+
+class CheckpointReaderSession(QuantizedReaderSession):
+    """A checkpoint too large for transformers to load through host memory whole: validation reads it layer by
+    layer in the canonical decoder (a quantized one as QuantizedReaderSession does)."""
+
+    runtime_note = (
+        "artifact stage = lorafast-export's reading of the checkpoint, layer by layer, in the canonical decoder; "
+        "transformers itself was not run (the model is too large to load whole for validation here)"
+    )
+
+    def __init__(self, model_dir: Path):
+        import json
+
+        super().__init__(model_dir)
+        self.quantized = "quantization_config" in json.loads((self.model_dir / "config.json").read_text())
+
+    def layer_source(self):
+        if self.quantized:
+            return super().layer_source()
+        from lorafast_export.validate.layers import StoreSource
+        from lorafast_export.weights import open_model
+
+        md = open_model(self.model_dir)
+        return StoreSource("artifact", md.config, md.store)
+
+    def _dec(self):
+        if self.quantized:
+            return super()._dec()
+        if self._decoder is None:
+            from lorafast_export.model.decoder import load_decoder
+            from lorafast_export.weights import open_model
+
+            self._decoder = load_decoder(open_model(self.model_dir))
+        return self._decoder
 
 
 class HFTarget:
@@ -113,7 +148,11 @@ class HFTarget:
             ) from None
         return write_quantized_checkpoint(inp, out_dir)
 
-    def load(self, model_dir: Path, device: str = "cpu"):
+    def load(self, model_dir: Path, device: str = "cpu", whole: bool = True):
+        """whole=False (validation of a model too large to load whole through host memory): our reading of the
+        checkpoint, layer by layer, instead of transformers."""
+        if not whole:
+            return CheckpointReaderSession(Path(model_dir))
         try:
             return HFSession(model_dir, device)
         except RuntimeMissingError:
