@@ -40,8 +40,22 @@ class Head:
     norm: RMSNorm
     linear: Callable[[torch.Tensor], torch.Tensor]  # normed hidden [n, H] fp32 -> logits [n, V] fp32
 
+    weight: torch.Tensor | None = (
+        None  # the lm_head weight as stored, when `linear` is a plain product with it
+    )
+
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(h)).float()
+
+    def cache_weights(self, copies: dict) -> None:
+        """Keep a float32 copy of a plain head's weight (a low-precision one is otherwise upcast at each call);
+        `copies` (id of the stored weight -> copy) lets stages that share a head share the copy."""
+        if self.weight is not None and self.weight.dtype != torch.float32:
+            key = id(self.weight)
+            if key not in copies:
+                copies[key] = (self.weight, self.weight.float())  # the original kept alive: ids stay unique
+            w = copies[key][1]
+            self.linear, self.weight = (lambda h: F.linear(h, w)), w
 
 
 class LayerSource:
@@ -82,7 +96,7 @@ class LayerSource:
         mod = self.linear("lm_head", device, shared)
         if mod is None:
             w = self.tensor(self.head_weight_name(), device, shared)
-            return Head(norm, lambda h: F.linear(h, w.float()))
+            return Head(norm, lambda h: F.linear(h, w.float()), w)
         return Head(norm, mod)
 
     def head_weight_name(self) -> str:
@@ -260,7 +274,7 @@ class UnmergedSource(LayerSource):
             w = self.tensor(LM_HEAD, device, shared)
         else:  # tied: the head is the base embedding (a LoRA or modules_to_save on embed_tokens is not seen)
             w = self._base(EMBED, device, shared)
-        return Head(norm, lambda h: F.linear(h, w.float()))
+        return Head(norm, lambda h: F.linear(h, w.float()), w)
 
 
 class _DequantLinear(nn.Module):

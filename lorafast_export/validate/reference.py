@@ -86,7 +86,7 @@ CACHE_FORMAT = 2
 
 class ReferenceCache:
     """Reference results per (inputs, eval set, kind) on disk, one directory each, written block by block and
-    read back block by block (numpy memmaps): never held in memory as a whole.
+    read back block by block (positional file I/O): never held in memory as a whole.
 
     kind "ref": per token the label's log-prob (float64), the argmax (int32), and the distribution:
       - exact: the float32 logits, when tokens x vocab x 4 bytes <= EXACT_CACHE_BYTES;
@@ -126,48 +126,46 @@ class ReferenceCache:
 
 class ReferenceWriter:
     """Writes one cache entry row block by row block into a temporary directory; `finish` renames it into place
-    (meta.json last), so an interrupted run leaves no entry that looks complete."""
+    (meta.json last), so an interrupted run leaves no entry that looks complete. Plain positional file writes,
+    not memory maps: the pages written do not count toward the process's resident memory."""
 
     def __init__(self, final: Path, tokens: int, vocab: int, exact: bool):
         import os
-
-        from numpy.lib.format import open_memmap
 
         self.final, self.tokens, self.vocab, self.exact = final, tokens, vocab, exact
         self.tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self.label = open_memmap(self.tmp / "label_logp.npy", "w+", np.float64, (tokens,))
-        self.argmax = open_memmap(self.tmp / "argmax.npy", "w+", np.int32, (tokens,))
-        self.logits = (
-            open_memmap(self.tmp / "logits.npy", "w+", np.float32 if exact else np.float16, (tokens, vocab))
-            if vocab
-            else None
-        )
+        self.files = {
+            name: open(self.tmp / f"{name}.bin", "wb") for name in _ARRAYS if name != "logits" or vocab
+        }
+        self.logits_dtype = np.float32 if exact else np.float16
+
+    def _write(self, name: str, row: int, values: np.ndarray) -> None:
+        f = self.files[name]
+        f.seek(row * values[0].nbytes)
+        f.write(np.ascontiguousarray(values).tobytes())
 
     @torch.no_grad()
     def put(self, row: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Rows [row, row + n) from logits [n, V] (any device) and their labels [n]."""
-        n = logits.shape[0]
         logp = torch.log_softmax(logits.double(), dim=-1)
-        self.label[row : row + n] = (
-            logp.gather(-1, labels.to(logp.device).long()[:, None])[:, 0].cpu().numpy()
-        )
-        self.argmax[row : row + n] = logp.argmax(-1).cpu().numpy()
-        if self.logits is None:
+        label = logp.gather(-1, labels.to(logp.device).long()[:, None])[:, 0]
+        self._write("label_logp", row, label.cpu().numpy().astype(np.float64))
+        self._write("argmax", row, logp.argmax(-1).cpu().numpy().astype(np.int32))
+        if "logits" not in self.files:
             return
         if self.exact:
-            self.logits[row : row + n] = logits.float().cpu().numpy()
+            stored = logits.float()
         else:
             entropy = -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1, keepdim=True)
-            shifted = (logp + entropy).clamp(-6.0e4, 6.0e4)
-            self.logits[row : row + n] = shifted.to(torch.float16).cpu().numpy()
+            stored = (logp + entropy).clamp(-6.0e4, 6.0e4).to(torch.float16)
+        self._write("logits", row, stored.cpu().numpy())
 
     def finish(self) -> CachedReference:
-        for a in (self.label, self.argmax, self.logits):
-            if a is not None:
-                a.flush()
+        for f in self.files.values():
+            f.close()
         meta = {"tokens": self.tokens, "vocab": self.vocab, "exact": self.exact}
         (self.tmp / "meta.json").write_text(json.dumps(meta))
         if self.final.exists():  # another process finished the same entry first: identical content
@@ -176,28 +174,48 @@ class ReferenceWriter:
         return CachedReference(self.final)
 
     def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+_ARRAYS = ("label_logp", "argmax", "logits")
+
+
 class CachedReference:
-    """One finished cache entry, read row block by row block from memmaps."""
+    """One finished cache entry, read row block by row block with positional reads."""
 
     def __init__(self, path: Path):
         meta = json.loads((path / "meta.json").read_text())
+        self.path = path
         self.tokens, self.vocab, self.exact = int(meta["tokens"]), int(meta["vocab"]), bool(meta["exact"])
-        self.label = np.load(path / "label_logp.npy", mmap_mode="r")
-        self.argmax = np.load(path / "argmax.npy", mmap_mode="r")
-        self.logits = np.load(path / "logits.npy", mmap_mode="r") if self.vocab else None
-        if self.label.shape != (self.tokens,) or (
-            self.logits is not None and self.logits.shape != (self.tokens, self.vocab)
-        ):
-            raise ValueError("shapes do not match meta.json")
+        self.dtypes = {
+            "label_logp": np.float64,
+            "argmax": np.int32,
+            "logits": np.float32 if self.exact else np.float16,
+        }
+        self.widths = {"label_logp": 1, "argmax": 1, "logits": self.vocab}
+        for name in _ARRAYS if self.vocab else _ARRAYS[:2]:
+            want = self.tokens * self.widths[name] * np.dtype(self.dtypes[name]).itemsize
+            if (path / f"{name}.bin").stat().st_size != want:
+                raise ValueError(f"{name}.bin does not have the size meta.json implies")
+
+    @property
+    def logits_dtype(self):
+        return self.dtypes["logits"]
+
+    def _read(self, name: str, row: int, n: int) -> np.ndarray:
+        dt, w = np.dtype(self.dtypes[name]), self.widths[name]
+        with open(self.path / f"{name}.bin", "rb") as f:
+            f.seek(row * w * dt.itemsize)
+            a = np.frombuffer(f.read(n * w * dt.itemsize), dtype=dt)
+        return a.reshape(n, w) if w > 1 else a
 
     def rows(self, row: int, n: int, device="cpu") -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(logits-like [n, V] float32 or None, label log-prob [n] float64, argmax [n] int64) for rows
         [row, row + n); the first goes through log-softmax in the metrics, so its per-row shift is irrelevant."""
-        label = torch.from_numpy(np.array(self.label[row : row + n])).to(device)
-        argmax = torch.from_numpy(np.array(self.argmax[row : row + n])).long().to(device)
-        if self.logits is None:
+        label = torch.from_numpy(self._read("label_logp", row, n).copy()).to(device)
+        argmax = torch.from_numpy(self._read("argmax", row, n).astype(np.int64)).to(device)
+        if not self.vocab:
             return None, label, argmax
-        return torch.from_numpy(np.array(self.logits[row : row + n])).to(device).float(), label, argmax
+        return torch.from_numpy(self._read("logits", row, n).astype(np.float32)).to(device), label, argmax

@@ -92,6 +92,12 @@ class StageLogits:
         self.heads: dict[str, Head] = {
             s.name: s.source.head(device, self._shared) for s in stages if s.source is not None
         }
+        if (
+            torch.device(device).type == "cuda"
+        ):  # fp32 copies of the heads once (GPU memory is ample), not per block
+            copies: dict = {}
+            for h in self.heads.values():
+                h.cache_weights(copies)
 
     @torch.no_grad()
     def block(self, stage: Stage, b: int) -> torch.Tensor:

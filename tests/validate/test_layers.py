@@ -182,3 +182,23 @@ def test_quantized_stage_records_weight_errors_against_the_rounded_merge(built):
         want = float((dequantize(q[m]) - w).norm() / w.norm())
         assert src.layer_errors[m]["rel_error"] == pytest.approx(want, rel=1e-6), m
         assert 0 < want < 0.5
+
+
+def test_heads_with_cached_fp32_weights_give_the_same_logits(built):
+    """The CUDA path keeps fp32 copies of fp16/bf16 heads (shared between stages); same logits as casting per call."""
+    plan = built
+    ids = torch.randint(0, 96, (2, 16))
+    sources = [
+        StoreSource("base", plan.base.config, plan.base.store, key="base"),
+        UnmergedSource(plan, "base"),
+    ]
+    hidden = walk(sources, ids, "cpu")
+    sl = StageLogits([Stage(s.name, s) for s in sources], hidden, ids, "cpu")
+    before = {s.name: sl.block(Stage(s.name, s), 1) for s in sources}
+    assert sl.heads["base"].weight.dtype == torch.float16
+    copies: dict = {}
+    for h in sl.heads.values():
+        h.cache_weights(copies)
+    assert len(copies) == 1 and sl.heads["base"].weight.dtype == torch.float32  # one copy, shared
+    for s in sources:
+        assert torch.equal(sl.block(Stage(s.name, s), 1), before[s.name])

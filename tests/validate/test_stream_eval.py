@@ -1,0 +1,96 @@
+"""The layer-streamed evaluator gives the numbers a whole-model evaluation gives: each candidate's logits from
+its whole decoder, the reference's from transformers + PEFT, metrics from the same accumulators. With the
+reference streamed (our unmerged forward, for models over the PEFT size limit) the report barely moves."""
+
+import pytest
+import torch
+
+from lorafast_export.adapters import open_adapter
+from lorafast_export.merge import merged_state, plan_merge
+from lorafast_export.model.decoder import build_decoder
+from lorafast_export.recipe import Recipe
+from lorafast_export.validate import run as run_mod
+from lorafast_export.validate.candidates import decoder_candidate, merged_fp32_candidate
+from lorafast_export.validate.data import load_eval_sets
+from lorafast_export.validate.metrics import MetricAccumulator
+from lorafast_export.validate.reference import Reference
+from lorafast_export.validate.run import ValidationInputs, run_validation
+from lorafast_export.weights import open_model
+from tests.merge.test_merge_vs_peft import ALL
+from tests.tiny import save_base_and_adapter, write_text
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("se")
+    save_base_and_adapter(root, {"layers": 2}, half_base=True, target_modules=ALL, use_dora=True)
+    write_text(root / "e.txt", n_chars=2500)
+    (root / "p.txt").write_text("the model\n")
+    bm, ad = open_model(root / "base"), open_adapter(str(root / "ad"))
+    return root, bm, ad, plan_merge(bm, [ad])
+
+
+def _recipe(root):
+    return Recipe().with_overrides(
+        {
+            "validate.eval": [{"name": "e", "path": str(root / "e.txt")}],
+            "validate.max_tokens": 600,
+            "validate.block_size": 128,
+            "validate.prompts": str(root / "p.txt"),
+            "validate.max_new_tokens": 4,
+        }
+    )
+
+
+def _report(setup, tmp_path):
+    root, bm, ad, plan = setup
+    noisy = merged_state(plan, torch.float32)
+    w = noisy["model.layers.0.mlp.up_proj.weight"]
+    g = torch.Generator().manual_seed(0)
+    noisy["model.layers.0.mlp.up_proj.weight"] = w + 0.02 * torch.randn(w.shape, generator=g)
+    cands = [merged_fp32_candidate(plan), decoder_candidate("artifact", build_decoder(bm.config, noisy))]
+    v = ValidationInputs(bm, [ad], _recipe(root), cands, "se", "hf", "none")
+    return run_validation(v, tmp_path), noisy
+
+
+def test_streamed_evaluator_equals_whole_model_evaluation(setup, tmp_path):
+    root, bm, ad, plan = setup
+    rep, noisy = _report(setup, tmp_path)
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(bm.path)
+    (es,) = load_eval_sets(tok, [("e", root / "e.txt")], 128, 600)
+    ref = Reference(bm, [ad])
+    whole = {
+        "merged-fp32": build_decoder(bm.config, merged_state(plan, torch.float32)),
+        "artifact": build_decoder(bm.config, noisy),
+    }
+    acc = {k: MetricAccumulator() for k in whole}
+    for block in es.blocks:
+        r = ref.logits(block[None])[0, :-1]
+        for k, dec in whole.items():
+            with torch.no_grad():
+                acc[k].update(r, dec(block[None])[0][0, :-1], block[1:])
+    by = {s.name: s for s in rep.stages}
+    for k, a in acc.items():
+        want = a.result()
+        assert by[k].kl_mean == pytest.approx(want["kl_mean"], rel=1e-3, abs=1e-9), k
+        assert by[k].top1 == want["top1"], k
+        assert by[k].ppl_ratio == pytest.approx(want["ppl_ratio"], rel=1e-6), k
+    assert by["artifact"].kl_mean > 1e-4  # the perturbation is seen
+    assert rep.eval_sets[0].ppl_ref == pytest.approx(want["ppl_ref"], rel=1e-9)
+
+
+def test_streamed_reference_report_matches_peft_reference_report(setup, tmp_path, monkeypatch):
+    peft_rep, _ = _report(setup, tmp_path / "peft")
+    monkeypatch.setattr(run_mod, "PEFT_REFERENCE_MAX_BYTES", 0)  # as for a model over the limit
+    monkeypatch.setattr(run_mod, "HOST_DECODE_MAX_BYTES", 1 << 40)
+    assert run_mod.reference_kind(setup[1]) == "stream"
+    stream_rep, _ = _report(setup, tmp_path / "stream")
+    a, b = {s.name: s for s in peft_rep.stages}, {s.name: s for s in stream_rep.stages}
+    for name in a:
+        assert b[name].kl_mean == pytest.approx(a[name].kl_mean, rel=1e-2, abs=1e-9), name
+        assert b[name].top1 == pytest.approx(a[name].top1, abs=1e-2), name
+        assert b[name].greedy_match == a[name].greedy_match, name
+    assert stream_rep.eval_sets[0].ppl_ref == pytest.approx(peft_rep.eval_sets[0].ppl_ref, rel=1e-5)
+    assert stream_rep.eval_sets[0].ppl_base == pytest.approx(peft_rep.eval_sets[0].ppl_base, rel=1e-5)
