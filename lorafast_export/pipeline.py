@@ -88,13 +88,13 @@ class BuildContext:
 def stage_load(ctx: BuildContext) -> None:
     from lorafast_export.targets.registry import require_available
 
-    require_available(ctx.recipe.target.name)  # fail before any work if the runtime is missing
+    target = require_available(ctx.recipe.target.name)  # fail before any work if the runtime is missing
     r = ctx.recipe.inputs
     ctx.base = open_model(resolve_path(r.base), allow_pickle=r.allow_pickle)
     ctx.adapters = [
         open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides()) for a in r.adapters
     ]
-    _check_needs_tokenizer(ctx.recipe, ctx.base)
+    _check_needs_tokenizer(ctx.recipe, ctx.base, target)
     ctx.input_hashes = input_hashes(ctx)
 
 
@@ -104,8 +104,9 @@ def _calibrated(method: str) -> bool:
     return method != "none" and get_method(method).calibrated
 
 
-def _check_needs_tokenizer(recipe: Recipe, base: ModelDir) -> None:
+def _check_needs_tokenizer(recipe: Recipe, base: ModelDir, target) -> None:
     uses = [
+        *([f"the {target.name} artifact"] if getattr(target, "needs_tokenizer", False) else []),
         *(["validation"] if recipe.validate_.enabled else []),
         *([f"{recipe.quant.method} calibration"] if _calibrated(recipe.quant.method) else []),
     ]

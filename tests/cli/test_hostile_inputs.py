@@ -391,6 +391,27 @@ def test_tokenizer_checked_when_inputs_open(good, tmp_path, how, monkeypatch):
     assert stages == ["load"], stages  # refused before the merge, not after the whole build
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_targets_that_ship_the_tokenizer_need_it_at_load(good, tmp_path, target, monkeypatch):
+    from lorafast_export import pipeline
+    from lorafast_export.targets.registry import require_available
+
+    try:
+        require_available(target)
+    except Exception:
+        pytest.skip(f"{target} is not installed")
+    base = copy(good, tmp_path, "base")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / f).unlink(missing_ok=True)
+    stages = []
+    real = dict(pipeline.STAGES)
+    monkeypatch.setattr(
+        pipeline, "STAGES", [(n, lambda ctx, n=n: (stages.append(n), real[n](ctx))) for n in real]
+    )
+    refused(build(good, tmp_path, "--target", target, base=base), str(base), f"the {target} artifact")
+    assert stages == ["load"], stages  # refused before the merge, even with --no-validate
+
+
 def test_no_tokenizer_is_fine_without_validation(good, tmp_path):
     base = copy(good, tmp_path, "base")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

@@ -338,6 +338,7 @@ class OrtSession:
 
 class OnnxRuntimeTarget:
     name = "onnxruntime"
+    needs_tokenizer = True  # the artifact ships the tokenizer its runtime's generation client reads
     install_hint = "pip install 'lorafast-export[onnxruntime]'"
     recipe_rules = RECIPE_RULES
     recorded_paths = RECORDED_PATHS

@@ -63,6 +63,7 @@ from lorafast_export.targets.registry import LowerInput, register
 
 class OpenVINOTarget:
     name = "openvino"
+    needs_tokenizer = True  # the artifact ships the tokenizer its runtime's generation client reads
     install_hint = "pip install 'lorafast-export[openvino]'"
 
     def available(self) -> tuple[bool, str]:
