@@ -43,8 +43,8 @@ def header(report: Report) -> str:
 
 def runtime_note(report: Report) -> str:
     """What ran the artifact stage when its target's runtime did not (empty when it did)."""
-    note = report.artifact.runtime_note
-    return f'<p class="runtime-note"><b>Note:</b> {escape(note)}</p>' if note else ""
+    notes = [n for n in (report.artifact.runtime_note, report.artifact.validation_note) if n]
+    return "".join(f'<p class="runtime-note"><b>Note:</b> {escape(n)}</p>' for n in notes)
 
 
 def cards(report: Report) -> str:

@@ -29,6 +29,7 @@ def header(report: Report) -> list[str]:
         "",
         f"**{gate_counts(report.gates)}** · eval sets: {sets}",
         *(["", f"> **Note:** {a.runtime_note}"] if a.runtime_note else []),
+        *(["", f"> **Note:** {a.validation_note}"] if a.validation_note else []),
     ]
 
 

@@ -34,6 +34,8 @@ class ArtifactInfo(_Model):
     # set when the artifact stage was not run by the target's own runtime (e.g. our reader of a quantized
     # checkpoint, or of a TensorRT-LLM bundle): what ran instead, shown next to the verdict
     runtime_note: str | None = None
+    # set when part of validation was skipped (e.g. the greedy check on a CPU that cannot hold the model)
+    validation_note: str | None = None
 
 
 class EvalSetInfo(_Model):

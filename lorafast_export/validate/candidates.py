@@ -24,14 +24,23 @@ class Candidate:
     note: str | None = None  # a session's runtime_note: what ran it when the target's own runtime did not
     source: LayerSource | None = None  # layered stages: evaluated by the streamed walk
 
-    def greedy(self, prompts: list[list[int]], max_new_tokens: int, device="cpu") -> list[list[int]]:
-        """Greedy continuations of every prompt: a layered stage's whole model is built on the device for it
-        and dropped afterwards."""
+    # a session's own batched greedy decoding (prompts, max_new_tokens) -> new tokens, when it has one
+    generate_batch: Callable[[list[list[int]], int], list[list[int]]] | None = None
+
+    def greedy(
+        self, prompts: list[list[int]], max_new_tokens: int, device="cpu", tick=None
+    ) -> list[list[int]]:
+        """Greedy continuations of a batch of prompts: a layered stage's whole model is built on the device for
+        it, decodes the batch with its KV cache, and is dropped afterwards; a session decodes them itself."""
+        from lorafast_export.validate.greedy import decoder_greedy_batch
+
         if self.source is None:
+            if self.generate_batch is not None:
+                return [list(t) for t in self.generate_batch(prompts, max_new_tokens)]
             return [list(self.generate(p, max_new_tokens)) for p in prompts]
         dec = self.source.decoder(device)
         try:
-            return [decoder_greedy(dec, p, max_new_tokens) for p in prompts]
+            return decoder_greedy_batch(dec, prompts, max_new_tokens, tick)
         finally:
             del dec
 
@@ -70,4 +79,5 @@ def session_candidate(name: str, session) -> Candidate:
         lambda ids: session.logits(ids).float(),
         session.generate,
         getattr(session, "runtime_note", None),
+        generate_batch=getattr(session, "generate_batch", None),
     )

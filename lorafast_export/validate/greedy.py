@@ -1,8 +1,5 @@
 """The greedy-generation check: every stage's greedy continuation of the prompts against the reference's.
 
-Not yet called by validate/run.py on main: its wiring (run_greedy over the candidates, the report note) sits on
-top of the layer-streamed validator and lands with it.
-
 All prompts decode together (left-padded, one batch per `batch_size` prompts) with a KV cache, on the validation
 device. A decoder stage is run by `decoder_greedy_batch`; a runtime session by its own `generate_batch` (or
 `generate`, prompt by prompt); the reference by transformers' `generate` on the unmerged PEFT model. The

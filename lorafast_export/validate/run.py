@@ -60,8 +60,6 @@ def _input_digests(base: ModelDir, adapters: list[Adapter]) -> list[str]:
 # through host memory whole); a larger one by our streamed unmerged forward (validate/layers.py UnmergedSource),
 # which tests/validate/test_layers.py proves equal to PEFT's unmerged model for every adapter kind.
 PEFT_REFERENCE_MAX_BYTES = 1 << 30
-# Greedy decoding holds a whole fp32 model; on a CPU only up to this size (valgen's greedy.py refines this).
-HOST_DECODE_MAX_BYTES = 1 << 30
 
 
 def _device(opts) -> str:
@@ -246,7 +244,9 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
                     vs_ref[c.name].result(),
                     vs_prev[c.name].result() if c.name in vs_prev else None,
                     prev_name,
-                    greedy_agreement(greedy["reference"], greedy[c.name]) if greedy else None,
+                    greedy_agreement(greedy.tokens["reference"], greedy.tokens[c.name])
+                    if not greedy.note
+                    else None,
                 )
             )
             prev_name = c.name
@@ -258,7 +258,13 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     layer_errors = [LayerError(**e) for e in layer_errors] if layer_errors else None
     note = next((c.note for c in v.candidates if c.name == "artifact" and c.note), None)
     report = build_report(
-        ArtifactInfo(name=v.artifact_name, target=v.target, quant=v.quant, runtime_note=note),
+        ArtifactInfo(
+            name=v.artifact_name,
+            target=v.target,
+            quant=v.quant,
+            runtime_note=note,
+            validation_note=greedy.note,
+        ),
         infos,
         out_stages,
         opts.gates if opts.gates is not None else DEFAULT_GATES,
@@ -269,35 +275,44 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     return report
 
 
-_GREEDY_CACHE: dict[tuple, list[list[int]]] = {}
-
-
-def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, inputs_key, progress) -> dict | None:
-    """Greedy tokens of the reference and of every candidate; None (skipped) when decoding would hold a whole
-    fp32 model larger than HOST_DECODE_MAX_BYTES on the host."""
+def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir, progress):
+    """Greedy tokens of the reference (cached next to its logits) and of every candidate, each batched across
+    the prompts on the device; skipped with a note (GreedyResult.note) where the device cannot hold the model."""
+    from lorafast_export.validate.greedy import GreedyStage, decode_fits, run_greedy
     from lorafast_export.validate.layers import fp32_bytes
 
-    if device == "cpu" and fp32_bytes(v.base.config, v.base.store) > HOST_DECODE_MAX_BYTES:
-        log.warning("greedy check skipped: the model is too large to decode whole on this host")
-        return None
-    progress("greedy generation")
-    key = (str(inputs_key), device, n, tuple(map(tuple, prompts)))
-    if key not in _GREEDY_CACHE:
-        if reference_kind(v.base) == "peft":
-            ref = Reference(v.base, v.adapters, device, dtype)
-            _GREEDY_CACHE[key] = [ref.generate(p, n) for p in prompts]
-            del ref
-        else:
-            from lorafast_export.merge import plan_merge
-            from lorafast_export.validate.candidates import source_candidate
-            from lorafast_export.validate.layers import UnmergedSource
+    skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)  # decoders are fp32 on the device
+    stages = [
+        GreedyStage(c.name, lambda ch, n, tick, c=c: c.greedy(ch, n, device, tick)) for c in v.candidates
+    ]
+    return run_greedy(
+        _reference_greedy(v, device, dtype), stages, prompts, n, cache_dir, progress, skip_note=skip
+    )
 
-            ref_c = source_candidate(UnmergedSource(plan_merge(v.base, v.adapters), "base"))
-            _GREEDY_CACHE[key] = ref_c.greedy(prompts, n, device)
-    out = {"reference": _GREEDY_CACHE[key]}
-    for c in v.candidates:
-        out[c.name] = c.greedy(prompts, n, device)
-    return out
+
+def _reference_greedy(v: ValidationInputs, device: str, dtype):
+    """The reference's decoder, built on first use (a cached reference never loads) and dropped once its
+    tokens are done: transformers + PEFT's generate where PEFT is the reference, else our streamed unmerged
+    forward built whole on the device."""
+    from lorafast_export.validate.greedy import GreedyStage, decoder_greedy_batch, hf_greedy_batch
+
+    held = {}
+
+    def run(prompts, n, tick):
+        if "model" not in held:
+            if reference_kind(v.base) == "peft":
+                held["model"] = Reference(v.base, v.adapters, device, dtype)
+            else:
+                from lorafast_export.merge import plan_merge
+                from lorafast_export.validate.layers import UnmergedSource
+
+                held["model"] = UnmergedSource(plan_merge(v.base, v.adapters), "base").decoder(device)
+        m = held["model"]
+        if isinstance(m, Reference):
+            return hf_greedy_batch(m.model, prompts, n, device)
+        return decoder_greedy_batch(m, prompts, n, tick)
+
+    return GreedyStage("reference", run, close=held.clear)
 
 
 REPORT_FILES = ("report.json", "report.md", "report.html")

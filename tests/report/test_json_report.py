@@ -56,8 +56,9 @@ def test_valid_json_with_required_keys(sample_report, tmp_path):
         "gates",
         "passed",
     }
-    assert set(data["artifact"]) == {"name", "target", "quant", "runtime_note"}
+    assert set(data["artifact"]) == {"name", "target", "quant", "runtime_note", "validation_note"}
     assert data["artifact"]["runtime_note"] is None  # set only when the target's runtime did not run
+    assert data["artifact"]["validation_note"] is None  # set only when part of validation was skipped
     assert {e["name"]: e["tokens"] for e in data["eval_sets"]} == {"prose": 248, "code": 248}
     for stage in data["stages"]:
         assert set(stage) == STAGE_KEYS

@@ -6,8 +6,9 @@ import pytest
 
 from lorafast_export.model.decoder import build_decoder
 from lorafast_export.model.spec import ModelConfig
+from lorafast_export.recipe import Recipe
 from lorafast_export.validate import greedy
-from lorafast_export.validate.candidates import decoder_greedy
+from lorafast_export.validate.candidates import decoder_candidate, decoder_greedy
 from lorafast_export.validate.greedy import GreedyStage, decoder_greedy_batch, hf_greedy_batch, run_greedy
 from tests.tiny import make_model
 
@@ -69,6 +70,36 @@ def test_cpu_limit_skips_with_a_note(monkeypatch):
     never = GreedyStage("reference", lambda *a: pytest.fail("a skipped check must not decode"))
     res = run_greedy(never, [never], PROMPTS, 4, None, skip_note=note)
     assert res.note == note and res.tokens == {}
+
+
+def test_validation_report_says_greedy_was_skipped(tmp_path, monkeypatch):
+    """Above the host limit the report carries the note and no greedy numbers; the other metrics stay."""
+    from lorafast_export.adapters import open_adapter
+    from lorafast_export.merge import merged_state, plan_merge
+    from lorafast_export.report.markdown import render_markdown
+    from lorafast_export.validate.run import ValidationInputs, run_validation
+    from lorafast_export.weights import open_model
+    from tests.tiny import save_base_and_adapter, write_text
+
+    save_base_and_adapter(tmp_path, {"layers": 1}, target_modules=["q_proj", "v_proj"])
+    write_text(tmp_path / "e.txt", n_chars=600)
+    (tmp_path / "p.txt").write_text("the model\n")
+    bm, ad = open_model(tmp_path / "base"), open_adapter(str(tmp_path / "ad"))
+    cand = decoder_candidate("artifact", build_decoder(bm.config, merged_state(plan_merge(bm, [ad]))))
+    recipe = Recipe().with_overrides(
+        {
+            "validate.eval": [{"name": "e", "path": str(tmp_path / "e.txt")}],
+            "validate.prompts": str(tmp_path / "p.txt"),
+        }
+    )
+    monkeypatch.setattr(greedy, "HOST_DECODE_MAX_BYTES", 1000)
+    rep = run_validation(ValidationInputs(bm, [ad], recipe, [cand], "t", "hf", "none"), tmp_path / "out")
+    assert "greedy check skipped" in rep.artifact.validation_note
+    assert rep.stages[0].greedy_match is None and rep.stages[0].kl_max < 1e-6
+    assert rep.artifact.validation_note in render_markdown(rep)
+    monkeypatch.setattr(greedy, "HOST_DECODE_MAX_BYTES", 1 << 30)
+    rep = run_validation(ValidationInputs(bm, [ad], recipe, [cand], "t", "hf", "none"), tmp_path / "out2")
+    assert rep.artifact.validation_note is None and rep.stages[0].greedy_match == 1.0
 
 
 def test_progress_ticks_during_a_slow_batch(monkeypatch):

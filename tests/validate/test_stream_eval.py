@@ -9,6 +9,7 @@ from lorafast_export.adapters import open_adapter
 from lorafast_export.merge import merged_state, plan_merge
 from lorafast_export.model.decoder import build_decoder
 from lorafast_export.recipe import Recipe
+from lorafast_export.validate import greedy as greedy_mod
 from lorafast_export.validate import run as run_mod
 from lorafast_export.validate.candidates import decoder_candidate, merged_fp32_candidate
 from lorafast_export.validate.data import load_eval_sets
@@ -84,7 +85,7 @@ def test_streamed_evaluator_equals_whole_model_evaluation(setup, tmp_path):
 def test_streamed_reference_report_matches_peft_reference_report(setup, tmp_path, monkeypatch):
     peft_rep, _ = _report(setup, tmp_path / "peft")
     monkeypatch.setattr(run_mod, "PEFT_REFERENCE_MAX_BYTES", 0)  # as for a model over the limit
-    monkeypatch.setattr(run_mod, "HOST_DECODE_MAX_BYTES", 1 << 40)
+    monkeypatch.setattr(greedy_mod, "HOST_DECODE_MAX_BYTES", 1 << 40)
     assert run_mod.reference_kind(setup[1]) == "stream"
     stream_rep, _ = _report(setup, tmp_path / "stream")
     a, b = {s.name: s for s in peft_rep.stages}, {s.name: s for s in stream_rep.stages}
