@@ -8,27 +8,9 @@ import os
 import subprocess
 import sys
 
-from click.testing import CliRunner
-
-from lorafast_export.cli import main
 from lorafast_export.safeio import sha256_file
 from lorafast_export.stagecache import StageCache, cache_root, entry_problem, seal
-from tests.test_output_safety import inputs  # noqa: F401 - the module-scoped tiny base + adapter
-
-
-def build(inputs, out, *extra):  # noqa: F811
-    args = [
-        "build",
-        "--base",
-        inputs / "base",
-        "--adapter",
-        inputs / "ad",
-        "--out",
-        out,
-        "--no-validate",
-        *extra,
-    ]
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.test_output_safety import build, inputs  # noqa: F401 - the module-scoped tiny base + adapter
 
 
 def merged_entries():
