@@ -35,8 +35,9 @@ from lorafast_export.merge import merge  # noqa: E402
 from lorafast_export.model.decoder import load_decoder  # noqa: E402
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
 from lorafast_export.quant.calib import load_calibration  # noqa: E402
+from lorafast_export.quant.config import resolve_quant  # noqa: E402
 from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
-from lorafast_export.recipe import DEMO_DIR, TEXT_DIR, CalibOptions, QuantOptions  # noqa: E402
+from lorafast_export.recipe import DEMO_DIR, TEXT_DIR, CalibOptions  # noqa: E402
 from lorafast_export.weights import open_model  # noqa: E402
 
 VARIANTS = {
@@ -104,7 +105,7 @@ def peer_symmetric(peer: str, forced: bool | None = None) -> bool:
         return forced
     method = peer.split("-", 1)[1]
     settings = VARIANTS.get(method, {"method": method.split("-")[0]})
-    return QuantOptions(**settings).resolved()["symmetric"]
+    return resolve_quant(settings).symmetric
 
 
 def run_ours(

@@ -167,25 +167,21 @@ def stage_quantize(ctx: BuildContext) -> None:
         return
     from lorafast_export.model.quantized import load_quantized
     from lorafast_export.quant.calib import calibration_files
-    from lorafast_export.quant.methods import get_method
+    from lorafast_export.quant.config import resolve_quant
     from lorafast_export.quant.walk import quantize_checkpoint, resolve_device
     from lorafast_export.targets.registry import get_target
 
-    quant = ctx.recipe.quant
-    if quant.symmetric is None and getattr(get_target(ctx.recipe.target.name), "requires_symmetric", False):
-        quant = quant.model_copy(update={"symmetric": True})  # the target's kernels take no zero points
-    calibrated = get_method(quant.method).calibrated
-    calib = [sha256_file(f) for f in calibration_files(quant.calib.files)] if calibrated else []
+    target = get_target(ctx.recipe.target.name)
+    qc = resolve_quant(ctx.recipe.quant, getattr(target, "requires_symmetric", False))
+    calib = [sha256_file(f) for f in calibration_files(qc.calib.files)] if qc.calibrated else []
     key = content_key(
-        "quantize", merge_key(ctx), quant.model_dump(), calib, resolve_device(quant.device).type
+        "quantize", merge_key(ctx), qc.source.model_dump(), calib, resolve_device(qc.device).type
     )
     with ctx.cache.entry("quantized", key) as (path, hit):
         if not hit:
-            quantize_checkpoint(
-                ctx.merged, quant, progress=lambda m: ctx.progress("quantize", m), out_dir=path
-            )
+            quantize_checkpoint(ctx.merged, qc, progress=lambda m: ctx.progress("quantize", m), out_dir=path)
     ctx.quantized = load_quantized(ctx.cache.path("quantized", key))
-    ctx.facts["quant"] = {**quant.resolved(), "cached": hit}
+    ctx.facts["quant"] = {**qc.record(), "cached": hit}
 
 
 def stage_lower(ctx: BuildContext) -> None:

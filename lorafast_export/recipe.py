@@ -107,9 +107,11 @@ class CalibOptions(_Section):
 
 class QuantOptions(_Section):
     method: Literal["none", "rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq"] = "none"
-    bits: int | None = None  # default per method: 4 for rtn/gptq/awq, 8 for int8/smoothquant
-    group_size: int | None = None  # default 128 for 4-bit methods, -1 (per channel) for 8-bit
-    symmetric: bool | None = None  # default: gptq/int8/smoothquant symmetric, rtn/awq asymmetric
+    # None: the method's default, filled in by quant.config.resolve_quant (4 bits, or 8 for int8/smoothquant;
+    # group 128 at 4 bits, per channel at 8; symmetric for gptq/int8/smoothquant or a target that needs it)
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
     act_order: bool = False
     range_search: bool = (
         False  # gptq / awq-gptq: each group's range searched (Hessian-weighted MSE), not min-max
@@ -151,20 +153,6 @@ class QuantOptions(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def resolved(self) -> dict[str, Any]:
-        """Settings with per-method defaults filled in (what the quantizer and the manifest see)."""
-        eight = self.method in ("int8", "smoothquant")
-        bits = self.bits or (8 if eight else 4)
-        return {
-            "method": self.method,
-            "bits": bits,
-            "group_size": self.group_size if self.group_size is not None else (-1 if bits == 8 else 128),
-            "symmetric": self.symmetric
-            if self.symmetric is not None
-            else self.method in ("gptq", "int8", "smoothquant"),
-            **self.model_dump(exclude={"method", "bits", "group_size", "symmetric"}),
-        }
 
 
 class TargetOptions(_Section):

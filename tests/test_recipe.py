@@ -1,3 +1,4 @@
+import dataclasses
 import os
 from pathlib import Path
 
@@ -5,6 +6,14 @@ import pytest
 import yaml
 
 from lorafast_export.errors import InputError
+from lorafast_export.quant.config import (
+    AWQConfig,
+    AWQGPTQConfig,
+    GPTQConfig,
+    Int8Config,
+    RTNConfig,
+    resolve_quant,
+)
 from lorafast_export.recipe import Recipe, outside_reason
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -64,8 +73,38 @@ def test_conflicting_options_are_refused():
 
 
 def test_per_method_defaults():
-    assert Recipe().with_overrides({"quant.method": "awq"}).quant.resolved()["group_size"] == 128
-    assert Recipe().with_overrides({"quant.method": "int8"}).quant.resolved()["bits"] == 8
+    awq = resolve_quant(Recipe().with_overrides({"quant.method": "awq"}).quant)
+    assert isinstance(awq, AWQConfig) and (awq.bits, awq.group_size, awq.symmetric) == (4, 128, False)
+    int8 = resolve_quant(Recipe().with_overrides({"quant.method": "int8"}).quant)
+    assert isinstance(int8, Int8Config) and (int8.bits, int8.group_size, int8.symmetric) == (8, -1, True)
+    gptq = resolve_quant({"method": "gptq", "damp_percent": 0.05, "act_order": True})
+    assert (gptq.symmetric, gptq.damp_percent, gptq.act_order) == (True, 0.05, True)
+    # a target without zero points turns an unset symmetric into True, never an explicit False
+    assert resolve_quant({"method": "awq"}, requires_symmetric=True).symmetric is True
+    assert resolve_quant({"method": "awq", "symmetric": False}, requires_symmetric=True).symmetric is False
+    both = resolve_quant({"method": "awq-gptq", "range_search": True, "awq_grid": 10})
+    assert isinstance(both, AWQGPTQConfig) and isinstance(both, GPTQConfig)  # quantize_block_gptq takes it
+    assert (both.symmetric, both.range_search, both.grid, both.calibrated) == (False, True, 10, True)
+    assert resolve_quant({"method": "gptq", "range_search": True}).range_search is True
+
+
+def test_quant_configs_are_per_method_and_frozen():
+    with pytest.raises(TypeError):  # a knob of another method is not a field of this one
+        RTNConfig(bits=4, group_size=128, symmetric=False, grid=20)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolve_quant({"method": "rtn"}).bits = 8
+
+
+def test_quant_record_keeps_the_artifact_layout():
+    """What artifacts record: every recipe quant field, method defaults filled (the layout before configs)."""
+    rec = resolve_quant({"method": "smoothquant", "smooth_alpha": 0.7}).record()
+    assert list(rec)[:4] == ["method", "bits", "group_size", "symmetric"]
+    assert rec | {"calib": None} == {
+        "method": "smoothquant", "bits": 8, "group_size": -1, "symmetric": True, "act_order": False,
+        "range_search": False, "damp_percent": 0.01, "block_size": 128, "smooth_alpha": 0.7, "awq_grid": 20,
+        "awq_clip": True,
+        "quantize_lm_head": False, "calib": None, "device": "auto",
+    }  # fmt: skip
 
 
 def test_bad_yaml_and_wrong_version(tmp_path):

@@ -30,6 +30,15 @@ from lorafast_export.errors import InputError
 from lorafast_export.qform import QTensor, qtensor_to, with_fields
 from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale, clip_tokens
 from lorafast_export.quant.blocks import Block, Group
+from lorafast_export.quant.config import (
+    AWQConfig,
+    AWQGPTQConfig,
+    GPTQConfig,
+    Int8Config,
+    QuantConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+)
 from lorafast_export.quant.fold import fold_scale_into_previous
 from lorafast_export.quant.gptq import RangeSearch, accumulate_hessian, gptq_quantize_many
 from lorafast_export.quant.int8 import quantize_int8_weight
@@ -51,8 +60,12 @@ RANGE_SEARCH = (
 @dataclass(frozen=True)
 class Method:
     name: str
-    calibrated: bool  # needs calibration activations
-    quantize_block: Callable[[Block, dict], dict[str, QTensor]]
+    config: type[QuantConfig]  # its settings (quant/config.py); config.calibrated: needs activations
+    quantize_block: Callable[[Block, QuantConfig], dict[str, QTensor]]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.config.calibrated
 
 
 def _linears(block: Block) -> list[str]:
@@ -73,19 +86,17 @@ def _bias(block: Block, name: str) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------- data-free
 
 
-def quantize_block_rtn(block: Block, s: dict) -> dict[str, QTensor]:
+def quantize_block_rtn(block: Block, s: RTNConfig) -> dict[str, QTensor]:
     return _finish(
         block,
         {
-            n: quantize_rtn(
-                block.weight(n), s["bits"], s["group_size"], s["symmetric"], SCALE_DTYPE, _bias(block, n)
-            )
+            n: quantize_rtn(block.weight(n), s.bits, s.group_size, s.symmetric, SCALE_DTYPE, _bias(block, n))
             for n in _linears(block)
         },
     )
 
 
-def quantize_block_int8(block: Block, s: dict) -> dict[str, QTensor]:
+def quantize_block_int8(block: Block, s: Int8Config) -> dict[str, QTensor]:
     return _finish(
         block, {n: quantize_int8_weight(block.weight(n), _bias(block, n)) for n in _linears(block)}
     )
@@ -94,7 +105,7 @@ def quantize_block_int8(block: Block, s: dict) -> dict[str, QTensor]:
 # ---------------------------------------------------------------------------------------------- GPTQ
 
 
-def quantize_block_gptq(block: Block, s: dict) -> dict[str, QTensor]:
+def quantize_block_gptq(block: Block, s: GPTQConfig) -> dict[str, QTensor]:
     out: dict[str, QTensor] = {}
     for g in block.groups:
         first = g.linears[0]
@@ -107,15 +118,15 @@ def quantize_block_gptq(block: Block, s: dict) -> dict[str, QTensor]:
         qts = gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
             [block.weight(n) for n in g.linears],
             acc["H"],
-            s["bits"],
-            s["group_size"],
-            s["symmetric"],
-            act_order=s["act_order"],
-            damp_percent=s["damp_percent"],
-            block_size=s["block_size"],
+            s.bits,
+            s.group_size,
+            s.symmetric,
+            act_order=s.act_order,
+            damp_percent=s.damp_percent,
+            block_size=s.block_size,
             scale_dtype=SCALE_DTYPE,
             biases=[_bias(block, n) for n in g.linears],
-            search=RANGE_SEARCH if s.get("range_search") else None,
+            search=RANGE_SEARCH if s.range_search else None,
         )
         out.update(_finish(block, dict(zip(g.linears, qts, strict=True))))
     return out
@@ -167,7 +178,9 @@ def _clip_rows(x: torch.Tensor, group_size: int) -> int:
     return max(64, (1 << 28) // (x.shape[0] * groups))
 
 
-def awq_fold_scales(block: Block, s: dict, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def awq_fold_scales(
+    block: Block, s: AWQConfig | AWQGPTQConfig, inputs: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """AWQ's scale search for every foldable group of the block, each scale folded into the group's previous op
     as it is found → {linear name: folded s [in]}. inputs: block.capture_inputs of the groups' first linears."""
     scale_of: dict[str, torch.Tensor] = {}
@@ -180,10 +193,10 @@ def awq_fold_scales(block: Block, s: dict, inputs: dict[str, torch.Tensor]) -> d
             sc = awq_search_scale(
                 [block.weight(n) for n in g.linears],
                 xs,
-                s["bits"],
-                s["group_size"],
-                n_grid=s["awq_grid"],
-                symmetric=s["symmetric"],
+                s.bits,
+                s.group_size,
+                n_grid=s.grid,
+                symmetric=s.symmetric,
                 forward_fn=_awq_loss_fn(block, g, xs),
                 scale_dtype=SCALE_DTYPE,
             )
@@ -201,8 +214,8 @@ def _with_input_scales(qts: dict[str, QTensor], scale_of: dict[str, torch.Tensor
     }
 
 
-def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
-    bits, gs, sym = s["bits"], s["group_size"], s["symmetric"]
+def quantize_block_awq(block: Block, s: AWQConfig) -> dict[str, QTensor]:
+    bits, gs, sym = s.bits, s.group_size, s.symmetric
     inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
     scale_of = awq_fold_scales(block, s, inputs)
     qts = {}
@@ -212,7 +225,7 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
             x = x / scale_of[g.linears[0]]  # what the linears see after the fold
         for name in g.linears:
             w = block.weight(name)
-            if s["awq_clip"] and not name.endswith(NO_CLIP):
+            if s.clip and not name.endswith(NO_CLIP):
                 clip = awq_search_clip(
                     w, x, bits, gs, symmetric=sym, out_chunk=_clip_rows(x, gs), scale_dtype=SCALE_DTYPE
                 )
@@ -221,7 +234,7 @@ def quantize_block_awq(block: Block, s: dict) -> dict[str, QTensor]:
     return _finish(block, _with_input_scales(qts, scale_of))
 
 
-def quantize_block_awq_gptq(block: Block, s: dict) -> dict[str, QTensor]:
+def quantize_block_awq_gptq(block: Block, s: AWQGPTQConfig) -> dict[str, QTensor]:
     """AWQ's scales searched and folded first (no clipping search: GPTQ's error feedback takes its place), then
     GPTQ on the scaled weights, its Hessians accumulated from the folded block's own (scaled) inputs."""
     inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
@@ -233,7 +246,7 @@ def quantize_block_awq_gptq(block: Block, s: dict) -> dict[str, QTensor]:
 # --------------------------------------------------------------------------------------- SmoothQuant
 
 
-def quantize_block_smoothquant(block: Block, s: dict) -> dict[str, QTensor]:
+def quantize_block_smoothquant(block: Block, s: SmoothQuantConfig) -> dict[str, QTensor]:
     smoothed = [g for g in block.groups if foldable(block, g) and g.prev != "self_attn.v_proj"]
     absmax: dict[str, torch.Tensor] = {}
 
@@ -250,7 +263,7 @@ def quantize_block_smoothquant(block: Block, s: dict) -> dict[str, QTensor]:
     scale_of: dict[str, torch.Tensor] = {}
     for g in smoothed:
         sc = smooth_scales(
-            absmax[g.linears[0]], weight_input_absmax([block.weight(n) for n in g.linears]), s["smooth_alpha"]
+            absmax[g.linears[0]], weight_input_absmax([block.weight(n) for n in g.linears]), s.alpha
         )
         _fold(block, g, sc)
         scale_of.update({n: sc for n in g.linears})
@@ -262,12 +275,12 @@ def quantize_block_smoothquant(block: Block, s: dict) -> dict[str, QTensor]:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("rtn", False, quantize_block_rtn),
-        Method("int8", False, quantize_block_int8),
-        Method("smoothquant", True, quantize_block_smoothquant),
-        Method("gptq", True, quantize_block_gptq),
-        Method("awq", True, quantize_block_awq),
-        Method("awq-gptq", True, quantize_block_awq_gptq),
+        Method("rtn", RTNConfig, quantize_block_rtn),
+        Method("int8", Int8Config, quantize_block_int8),
+        Method("smoothquant", SmoothQuantConfig, quantize_block_smoothquant),
+        Method("gptq", GPTQConfig, quantize_block_gptq),
+        Method("awq", AWQConfig, quantize_block_awq),
+        Method("awq-gptq", AWQGPTQConfig, quantize_block_awq_gptq),
     )
 }
 

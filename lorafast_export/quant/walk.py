@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ from lorafast_export.errors import InputError
 from lorafast_export.model.decoder import DecoderLayer, RMSNorm, Rotary, causal_mask
 from lorafast_export.model.quantized import QuantizedModel, QuantizedWriter, load_quantized
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
+from lorafast_export.qform import QTensor
 from lorafast_export.quant.blocks import HEAD_GROUPS, LAYER_GROUPS, Block, Head, causal_kernel, compute_dtype
 from lorafast_export.quant.calib import load_calibration
+from lorafast_export.quant.config import QuantConfig, resolve_quant
 from lorafast_export.quant.methods import METHODS, Method, get_method
 from lorafast_export.recipe import QuantOptions
 from lorafast_export.weights import ModelDir, open_model
@@ -41,7 +44,7 @@ Observer = Callable[[int, torch.Tensor], None]
 
 def quantize_checkpoint(
     merged: str | Path | ModelDir,
-    options: QuantOptions | dict,
+    options: QuantConfig | QuantOptions | dict,
     progress: Progress | None = None,
     *,
     calib_ids: torch.Tensor | None = None,
@@ -49,25 +52,53 @@ def quantize_checkpoint(
     out_dir: str | Path | None = None,
 ) -> QuantizedModel:
     """Quantize the merged model (an HF checkpoint directory, or a ModelDir such as the merge stage's lazy view)
-    with options.method, one decoder layer at a time.
+    with the method's config (a QuantConfig, or recipe quant options resolved by quant.config.resolve_quant),
+    one decoder layer at a time.
 
     out_dir: spill each finished layer there (model/quantized.py's layout) and return a lazy view of it, so the
     codes never sit in RAM together; None keeps everything in memory (small models, tests).
     calib_ids [samples, seq_len] replaces the tokenized calibration files (tests, benchmarks);
     observe(i, x) sees the activations entering layer i (i = num_layers: the lm_head block).
     """
-    opts = options if isinstance(options, QuantOptions) else QuantOptions(**options)
-    s = opts.resolved()
-    method = get_method(s["method"])
+    qc = options if isinstance(options, QuantConfig) else resolve_quant(options)
+    method = get_method(qc.method)
     md = merged if isinstance(merged, ModelDir) else open_model(merged)
     cfg = md.config
-    check_settings(cfg, s)
-    device = resolve_device(s["device"])
+    check_settings(cfg, qc)
+    device = resolve_device(qc.device)
     progress = progress or (lambda msg: None)
     sink = _Sink(out_dir)
     with _tf32_on(device):
-        settings = _walk(md, cfg, method, s, opts, device, progress, calib_ids, observe, sink)
-    return sink.finish(cfg, settings)
+        walked = _walk(md, cfg, method, qc, device, progress, calib_ids, observe, sink)
+    return sink.finish(cfg, {**qc.record(), **walked.record()})
+
+
+@dataclass
+class BlockResult:
+    """One quantized block: its QTensors and remaining fp tensors (checkpoint names), and what the method
+    skipped in it (note → where)."""
+
+    q: dict[str, QTensor] = field(default_factory=dict)
+    fp: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WalkResult:
+    """What the walk measured, recorded in the quantized form's settings beside the config."""
+
+    calib_tokens: int
+    device_used: str
+    time_s: float
+    notes: dict[str, list[str]]  # what a method skipped → the blocks where
+
+    def record(self) -> dict:
+        return {
+            "calib_tokens": self.calib_tokens,
+            "device_used": self.device_used,
+            "time_s": self.time_s,
+            "notes": [f"{n} ({len(w)} blocks)" for n, w in self.notes.items()],
+        }
 
 
 class _Sink:
@@ -122,86 +153,73 @@ def _walk(
     md,
     cfg: ModelConfig,
     method: Method,
-    s: dict,
-    opts: QuantOptions,
+    qc: QuantConfig,
     device,
     progress: Progress,
     calib_ids,
     observe,
     sink: _Sink,
-) -> dict:
-    """Quantize every layer into sink; returns the settings to record (with calibration size, time, notes)."""
+) -> WalkResult:
+    """Quantize every layer into sink."""
     fp_dtype = md.store.get(EMBED).dtype
     t0 = time.perf_counter()
 
     x = None
     if method.calibrated:
-        ids = calib_ids if calib_ids is not None else load_calibration(md.path, opts.calib)
+        ids = calib_ids if calib_ids is not None else load_calibration(md.path, qc.calib)
         _check_ids(ids, cfg)
         # looked up on the compute device (exact either way): 128 x 2048 tokens embed in seconds on the CPU
         x = F.embedding(ids.to(device), md.store.get(EMBED).to(device)).float()  # [n, s, h]
     rope = _rope_and_mask(cfg, x, device)
     sink.add({}, {EMBED: md.store.get(EMBED)})
-    notes: dict[str, list[str]] = {}  # what a method skipped → where
+    notes: dict[str, list[str]] = {}
     calib_tokens = 0 if x is None else int(x.shape[0] * x.shape[1])
     for i in range(cfg.num_layers):
         if observe is not None and x is not None:
             observe(i, x)
         block = _layer_block(md.store, cfg, i, x, rope, device, fp_dtype)
-        q, fp = {}, {}
-        _quantize_block(method, block, s, layer_prefix(i), q, fp, notes)
+        done = _quantize_block(method, block, qc, layer_prefix(i))
         x = None if x is None else block.run()  # the quantized layer's outputs feed the next layer
-        sink.add(q, fp)
-        progress(f"layer {i + 1}/{cfg.num_layers} quantized ({s['method']})")
+        sink.add(done.q, done.fp)
+        _merge_notes(notes, done.notes)
+        progress(f"layer {i + 1}/{cfg.num_layers} quantized ({qc.method})")
         log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
-        del block, q, fp
-    q, fp = {}, {}
-    _head(md.store, cfg, method, s, x, device, fp_dtype, q, fp, notes, observe)
-    sink.add(q, fp)
+        del block, done
+    if observe is not None and x is not None and qc.quantize_lm_head:
+        observe(cfg.num_layers, x)
+    done = _head(md.store, cfg, method, qc, x, device, fp_dtype)
+    sink.add(done.q, done.fp)
+    _merge_notes(notes, done.notes)
     for note, where in notes.items():
         log.warning("%s in %d block(s)", note, len(where))
-    return {
-        **s,
-        "calib_tokens": calib_tokens,
-        "device_used": str(device),
-        "time_s": round(time.perf_counter() - t0, 3),
-        "notes": [f"{n} ({len(w)} blocks)" for n, w in notes.items()],
-    }
+    return WalkResult(calib_tokens, str(device), round(time.perf_counter() - t0, 3), notes)
 
 
-def _quantize_block(
-    method: Method, block: Block, s: dict, prefix: str, q: dict, fp: dict, notes: dict
-) -> None:
-    """Quantize the block in place; collect its QTensors and its remaining fp tensors."""
-    for name, qt in method.quantize_block(block, s).items():
-        q[prefix + name] = qt
+def _merge_notes(into: dict[str, list[str]], new: dict[str, list[str]]) -> None:
+    for note, where in new.items():
+        into.setdefault(note, []).extend(where)
+
+
+def _quantize_block(method: Method, block: Block, qc: QuantConfig, prefix: str) -> BlockResult:
+    """Quantize the block in place; its QTensors and its remaining fp tensors, under checkpoint names."""
+    out = BlockResult()
+    for name, qt in method.quantize_block(block, qc).items():
+        out.q[prefix + name] = qt
     for name, p in block.module.named_parameters():  # norms (folded) and anything left unquantized
-        fp[prefix + name] = p.detach().to(block.fp_dtype).cpu()
+        out.fp[prefix + name] = p.detach().to(block.fp_dtype).cpu()
     for note in block.notes:
-        notes.setdefault(note, []).append(prefix.rstrip(".") or "lm_head")
+        out.notes.setdefault(note, []).append(prefix.rstrip(".") or "lm_head")
+    return out
 
 
-def _head(
-    store,
-    cfg: ModelConfig,
-    method: Method,
-    s: dict,
-    x,
-    device,
-    fp_dtype,
-    q: dict,
-    fp: dict,
-    notes: dict,
-    observe: Observer | None,
-) -> None:
+def _head(store, cfg: ModelConfig, method: Method, qc: QuantConfig, x, device, fp_dtype) -> BlockResult:
+    """The final norm + lm_head: kept as they are, or (quantize_lm_head) quantized as one more block."""
     head_weight = EMBED if cfg.tie_word_embeddings else LM_HEAD
-    if not s["quantize_lm_head"]:
-        fp[FINAL_NORM] = store.get(FINAL_NORM)
+    if not qc.quantize_lm_head:
+        fp = {FINAL_NORM: store.get(FINAL_NORM)}
         if not cfg.tie_word_embeddings:
             fp[LM_HEAD] = store.get(LM_HEAD)
-        return
-    if observe is not None and x is not None:
-        observe(cfg.num_layers, x)
+        return BlockResult(fp=fp)
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     norm.weight = torch.nn.Parameter(store.get(FINAL_NORM).float(), requires_grad=False)
     lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
@@ -214,8 +232,9 @@ def _head(
         chunk=_chunk(cfg, x, device, width=cfg.vocab_size),
         fp_dtype=fp_dtype,
     )
-    _quantize_block(method, block, s, "", q, fp, notes)
-    fp[FINAL_NORM] = fp.pop("norm.weight")
+    done = _quantize_block(method, block, qc, "")
+    done.fp[FINAL_NORM] = done.fp.pop("norm.weight")
+    return done
 
 
 def _layer_block(store, cfg: ModelConfig, i: int, x, rope, device, fp_dtype) -> Block:
@@ -273,10 +292,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def check_settings(cfg: ModelConfig, s: dict) -> None:
+def check_settings(cfg: ModelConfig, qc: QuantConfig) -> None:
     """Everything about (model, settings) that would fail mid-walk, reported at once before any work."""
     problems = []
-    if s["quantize_lm_head"] and cfg.tie_word_embeddings:
+    if qc.quantize_lm_head and cfg.tie_word_embeddings:
         problems.append(
             "quant.quantize_lm_head: this model ties lm_head to the input embeddings; quantizing lm_head "
             "would untie them (a second vocab x hidden matrix). Leave lm_head unquantized (the default)."

@@ -112,9 +112,11 @@ def all_targets() -> list[str]:
 # ------------------------------------------------------------------------------------ checks from declarations
 
 
-def resolved_fields(recipe) -> dict[str, Any]:
-    """Dotted recipe field → the value lowering will see (quant defaults of the method filled in)."""
-    values = {f"quant.{k}": v for k, v in recipe.quant.resolved().items()}
+def resolved_fields(recipe, requires_symmetric: bool = False) -> dict[str, Any]:
+    """Dotted recipe field → the value lowering will see (quant defaults of the method and target filled in)."""
+    from lorafast_export.quant.config import resolved_record
+
+    values = {f"quant.{k}": v for k, v in resolved_record(recipe.quant, requires_symmetric).items()}
     values |= {f"target.{k}": v for k, v in recipe.target.model_dump().items()}
     return values | {"merge.dtype": recipe.merge.dtype}
 
@@ -122,9 +124,7 @@ def resolved_fields(recipe) -> dict[str, Any]:
 def recipe_problems(recipe) -> list[str]:
     """What the recipe's target cannot do, knowable from the recipe alone; each problem names its field + fix."""
     target = get_target(recipe.target.name)
-    values = resolved_fields(recipe)
-    if recipe.quant.symmetric is None and getattr(target, "requires_symmetric", False):
-        values["quant.symmetric"] = True  # as pipeline.stage_quantize quantizes for such a target
+    values = resolved_fields(recipe, getattr(target, "requires_symmetric", False))
     problems = [
         f"{r.field}: {values[r.field]!r} is not possible with target {target.name}: {r.fix}"
         for r in getattr(target, "recipe_rules", ())

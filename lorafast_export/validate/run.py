@@ -405,9 +405,11 @@ def build_candidates(ctx) -> list[Candidate]:
 def quant_label(recipe) -> str:
     if recipe.quant.method == "none":
         return "none"
-    r = recipe.quant.resolved()
-    g = "pc" if r["group_size"] == -1 else f"g{r['group_size']}"
-    return f"{r['method']}-w{r['bits']}-{g}"
+    from lorafast_export.quant.config import resolve_quant
+
+    qc = resolve_quant(recipe.quant)
+    g = "pc" if qc.group_size == -1 else f"g{qc.group_size}"
+    return f"{qc.method}-w{qc.bits}-{g}"
 
 
 def validate_build(ctx) -> dict:

@@ -10,21 +10,16 @@ import torch
 from lorafast_export.model.decoder import DecoderLayer, Rotary, causal_mask
 from lorafast_export.model.quantized import fake_quant_decoder
 from lorafast_export.quant.blocks import LAYER_GROUPS, Block
+from lorafast_export.quant.config import resolve_quant
 from lorafast_export.quant.methods import quantize_block_awq, quantize_block_awq_gptq, quantize_block_gptq
 from lorafast_export.quant.walk import quantize_checkpoint
 from lorafast_export.weights import open_model
 from tests.quant.pipeline_helpers import mean_kl, random_ids, tiny_checkpoint
 
-SETTINGS = {
-    "bits": 4,
-    "group_size": 32,
-    "symmetric": False,
-    "act_order": False,
-    "damp_percent": 0.01,
-    "block_size": 128,
-    "awq_grid": 20,
-    "awq_clip": True,
-}
+SHARED = {"bits": 4, "group_size": 32, "symmetric": False}  # every other knob at its default
+AWQ = resolve_quant({"method": "awq", **SHARED})
+GPTQ = resolve_quant({"method": "gptq", **SHARED})
+AWQ_GPTQ = resolve_quant({"method": "awq-gptq", **SHARED})
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +71,14 @@ def fold_by_hand(layer: DecoderLayer, scales: dict[str, torch.Tensor]) -> Decode
 def test_awq_gptq_is_awq_scales_then_gptq_on_the_folded_layer(layer_and_input):
     layer, x, cfg = layer_and_input
     rot = Rotary(cfg)(torch.arange(x.shape[1])[None], torch.float32)
-    combined = quantize_block_awq_gptq(make_block(layer, x, rot), SETTINGS)
-    awq = quantize_block_awq(make_block(layer, x, rot), SETTINGS)
+    combined = quantize_block_awq_gptq(make_block(layer, x, rot), AWQ_GPTQ)
+    awq = quantize_block_awq(make_block(layer, x, rot), AWQ)
     scales = {n: qt.input_scale for n, qt in awq.items() if qt.input_scale is not None}
     assert set(scales) == {n for n, qt in combined.items() if qt.input_scale is not None}
     assert len(scales) == 7 and any(float((s - 1).abs().max()) > 0.1 for s in scales.values())
     for n, s in scales.items():  # the same search on the same inputs
         assert torch.equal(combined[n].input_scale, s), n
-    gptq = quantize_block_gptq(make_block(fold_by_hand(layer, scales), x, rot), SETTINGS)
+    gptq = quantize_block_gptq(make_block(fold_by_hand(layer, scales), x, rot), GPTQ)
     for n, qt in gptq.items():
         assert (combined[n].codes == qt.codes).float().mean() > 0.99, n  # a rare float rounding tie may flip
         torch.testing.assert_close(combined[n].scales.float(), qt.scales.float(), rtol=2e-3, atol=0)

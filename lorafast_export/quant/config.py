@@ -1,0 +1,153 @@
+"""Per-method quantization settings: one frozen class per method, selected by `method`.
+
+The recipe's `quant` section (recipe.QuantOptions) is flat and user-facing; `resolve_quant` turns it into the
+config of its method with every default filled in, in one place: the per-method defaults (bits, group size,
+symmetry) and the target's rule (a target whose kernels take no zero points gets symmetric codes unless the
+recipe says otherwise). Quantizers take these typed configs, never a string-keyed dict.
+
+`record()` is what an artifact records about its quantization (manifest facts, the quantized form's settings,
+torch-compile's artifact.json, OpenVINO's rt_info): the recipe's quant section, resolved. Its layout is fixed
+(artifacts written before these classes existed hold the same keys), so it lists every recipe field, including
+those another method uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from lorafast_export.recipe import CalibOptions, QuantOptions
+
+EIGHT_BIT = ("int8", "smoothquant")  # methods whose codes are int8 (bits fixed at 8, per channel by default)
+SYMMETRIC_BY_DEFAULT = ("gptq", "int8", "smoothquant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """What every method has. Subclasses add their own knobs and set `method` / `calibrated`."""
+
+    method: ClassVar[str]
+    calibrated: ClassVar[bool]  # needs calibration activations (False: data-free, no calibration text read)
+    bits: int
+    group_size: int  # -1: one scale per output channel
+    symmetric: bool  # True: the full signed grid, no zero points (quant/rtn.py); False: zero points
+    quantize_lm_head: bool = False
+    device: str = "auto"  # auto | cpu | cuda: where the walk computes
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    source: QuantOptions = field(default_factory=QuantOptions, compare=False, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """The resolved settings as artifacts record them (see the module docstring)."""
+        rest = self.source.model_dump(exclude={"method", "bits", "group_size", "symmetric"})
+        return {
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            **rest,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RTNConfig(QuantConfig):
+    method: ClassVar[str] = "rtn"
+    calibrated: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Config(QuantConfig):
+    """Weight-only int8 per output channel, symmetric (bits, group_size and symmetric are recorded, not used)."""
+
+    method: ClassVar[str] = "int8"
+    calibrated: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmoothQuantConfig(QuantConfig):
+    method: ClassVar[str] = "smoothquant"
+    calibrated: ClassVar[bool] = True
+    alpha: float = 0.5  # migration strength: s = absmax^alpha / w_absmax^(1 - alpha)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(QuantConfig):
+    method: ClassVar[str] = "gptq"
+    calibrated: ClassVar[bool] = True
+    act_order: bool = False
+    damp_percent: float = 0.01
+    block_size: int = 128
+    range_search: bool = False  # each group's range searched (diag(H)-weighted MSE grid), not min-max
+
+
+@dataclass(frozen=True, kw_only=True)
+class AWQConfig(QuantConfig):
+    method: ClassVar[str] = "awq"
+    calibrated: ClassVar[bool] = True
+    grid: int = 20  # scale candidates searched per group
+    clip: bool = True  # also search a clipping ratio per group (not for q/k)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AWQGPTQConfig(GPTQConfig):
+    """AWQ's scale search and folds (no clipping search), then GPTQ on the folded block: GPTQ's knobs + AWQ's grid."""
+
+    method: ClassVar[str] = "awq-gptq"
+    grid: int = 20  # scale candidates searched per group
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {
+    c.method: c for c in (RTNConfig, Int8Config, SmoothQuantConfig, GPTQConfig, AWQConfig, AWQGPTQConfig)
+}
+
+
+def _own(o: QuantOptions) -> dict[str, Any]:
+    """The recipe fields that only one method reads, under that method's config names."""
+    gptq = {
+        "act_order": o.act_order,
+        "damp_percent": o.damp_percent,
+        "block_size": o.block_size,
+        "range_search": o.range_search,
+    }
+    return {
+        "smoothquant": {"alpha": o.smooth_alpha},
+        "gptq": gptq,
+        "awq": {"grid": o.awq_grid, "clip": o.awq_clip},
+        "awq-gptq": {**gptq, "grid": o.awq_grid},
+    }.get(o.method, {})
+
+
+def _with_target_rule(options: QuantOptions | dict, requires_symmetric: bool) -> QuantOptions:
+    o = options if isinstance(options, QuantOptions) else QuantOptions(**options)
+    if o.symmetric is None and requires_symmetric:
+        o = o.model_copy(update={"symmetric": True})
+    return o
+
+
+def _shared(o: QuantOptions) -> dict[str, Any]:
+    """bits, group_size, symmetric: the recipe's value, else the method's default."""
+    bits = o.bits or (8 if o.method in EIGHT_BIT else 4)
+    return {
+        "bits": bits,
+        "group_size": o.group_size if o.group_size is not None else (-1 if bits == 8 else 128),
+        "symmetric": o.symmetric if o.symmetric is not None else o.method in SYMMETRIC_BY_DEFAULT,
+    }
+
+
+def resolve_quant(options: QuantOptions | dict, requires_symmetric: bool = False) -> QuantConfig:
+    """The config of options.method, every default filled in. requires_symmetric: the target's kernels take no
+    zero points (its spec says so), so an unset `symmetric` means symmetric."""
+    o = _with_target_rule(options, requires_symmetric)
+    if o.method not in CONFIGS:
+        raise ValueError(f"quant method {o.method!r} has no config (method 'none' quantizes nothing)")
+    return CONFIGS[o.method](
+        **_shared(o), quantize_lm_head=o.quantize_lm_head, device=o.device, calib=o.calib, source=o, **_own(o)
+    )
+
+
+def resolved_record(options: QuantOptions | dict, requires_symmetric: bool = False) -> dict[str, Any]:
+    """record() of the resolved config; for method 'none' the same layout (what recipe checks compare)."""
+    o = _with_target_rule(options, requires_symmetric)
+    if o.method in CONFIGS:
+        return resolve_quant(o).record()
+    rest = o.model_dump(exclude={"method", "bits", "group_size", "symmetric"})
+    return {"method": o.method, **_shared(o), **rest}
