@@ -197,6 +197,44 @@ def dequantize_parts(
     return (codes.float() - z) * s
 
 
+def concat_biases(biases: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:
+    """Biases of the parts (None = zeros) → one bias, or None when no part has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat(
+        [torch.zeros(n) if b is None else b.float().cpu() for b, n in zip(biases, sizes, strict=True)]
+    )
+
+
+def concat_qtensors(qts: list[QTensor], biases: list[torch.Tensor | None]) -> QTensor | None:
+    """QTensors [out_i, in] of one scheme → one [sum out_i, in] (row concatenation keeps every code, scale
+    and zero point, so the fused linear computes the parts side by side); None if schemes or act-order differ.
+    `biases`: each part's bias held outside its QTensor (HF `*.bias` tensors), used where the part has none."""
+    a = qts[0]
+    same = all(q.scheme == a.scheme and q.in_features == a.in_features for q in qts) and all(
+        (q.g_idx is None and a.g_idx is None)
+        or (q.g_idx is not None and a.g_idx is not None and torch.equal(q.g_idx, a.g_idx))
+        for q in qts
+    )
+    if not same:
+        return None
+    scales = [q.scales for q in qts]
+    if any(s.dtype != scales[0].dtype for s in scales):
+        scales = [s.float() for s in scales]  # fp16/bf16 → fp32 is exact
+    sizes = [q.out_features for q in qts]
+    parts = [q.bias if q.bias is not None else b for q, b in zip(qts, biases, strict=True)]
+    return QTensor(
+        codes=torch.cat([q.codes for q in qts]),
+        scales=torch.cat(scales),
+        zeros=None if a.zeros is None else torch.cat([q.zeros for q in qts]),
+        bits=a.bits,
+        group_size=a.group_size,
+        g_idx=a.g_idx,
+        bias=concat_biases(parts, sizes),
+        act_quant=a.act_quant,
+    )
+
+
 def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
     """x [..., in] → quantize-dequantize each token to symmetric int8 (scale = absmax / 127)."""
     xf = x.float()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafast_export.qform import QTensor
+from lorafast_export.qform import concat_biases
 
 GROUPS = (
     ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
@@ -28,43 +28,6 @@ def fusion_groups(n_layers: int) -> list[tuple[str, list[str], str]]:
             p = f"model.layers.{i}.{parent}"
             out.append((p, [f"{p}.{n}" for n in parts], fused))
     return out
-
-
-def concat_biases(biases: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:
-    """Biases of the parts (None = zeros) → one bias, or None when no part has one."""
-    if all(b is None for b in biases):
-        return None
-    return torch.cat(
-        [torch.zeros(n) if b is None else b.float().cpu() for b, n in zip(biases, sizes, strict=True)]
-    )
-
-
-def concat_qtensors(qts: list[QTensor], biases: list[torch.Tensor | None]) -> QTensor | None:
-    """QTensors [out_i, in] of one scheme → one [sum out_i, in]; None if schemes or act-order differ.
-    `biases`: each part's bias held outside its QTensor (HF `*.bias` tensors), folded into the fused one."""
-    a = qts[0]
-    same = all(q.scheme == a.scheme and q.in_features == a.in_features for q in qts) and all(
-        (q.g_idx is None and a.g_idx is None)
-        or (q.g_idx is not None and a.g_idx is not None and torch.equal(q.g_idx, a.g_idx))
-        for q in qts
-    )
-    if not same:
-        return None
-    scales = [q.scales for q in qts]
-    if any(s.dtype != scales[0].dtype for s in scales):
-        scales = [s.float() for s in scales]  # fp16/bf16 → fp32 is exact
-    sizes = [q.out_features for q in qts]
-    parts = [q.bias if q.bias is not None else b for q, b in zip(qts, biases, strict=True)]
-    return QTensor(
-        codes=torch.cat([q.codes for q in qts]),
-        scales=torch.cat(scales),
-        zeros=None if a.zeros is None else torch.cat([q.zeros for q in qts]),
-        bits=a.bits,
-        group_size=a.group_size,
-        g_idx=a.g_idx,
-        bias=concat_biases(parts, sizes),
-        act_quant=a.act_quant,
-    )
 
 
 def fused_dense(parts: list[nn.Linear]) -> nn.Linear:

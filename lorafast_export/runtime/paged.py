@@ -17,6 +17,7 @@ from torch import nn
 from lorafast_export.errors import InputError
 from lorafast_export.model.decoder import Decoder, Rotary
 from lorafast_export.model.spec import LM_HEAD, ModelConfig
+from lorafast_export.qform import concat_qtensors
 from lorafast_export.runtime.attention import (
     decode_flex,
     paged_attention,
@@ -24,7 +25,7 @@ from lorafast_export.runtime.attention import (
     project_qkv,
     write_kv,
 )
-from lorafast_export.runtime.fuse import concat_qtensors, fused_dense, fusion_groups
+from lorafast_export.runtime.fuse import fused_dense, fusion_groups
 from lorafast_export.runtime.kv_cache import PagedKVCache
 from lorafast_export.runtime.linear import lower_qtensor
 

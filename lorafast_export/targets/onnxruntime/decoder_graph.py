@@ -24,8 +24,7 @@ from onnx import TensorProto
 
 from lorafast_export.errors import UnsupportedError
 from lorafast_export.model.spec import EMBED, FINAL_NORM, ModelConfig, layer_prefix, rope_inv_freq
-from lorafast_export.qform import QTensor, with_fields
-from lorafast_export.targets.onnxruntime.fuse import concat_biases, concat_qtensors
+from lorafast_export.qform import QTensor, concat_biases, concat_qtensors, with_fields
 from lorafast_export.targets.onnxruntime.graph import Graph
 from lorafast_export.targets.onnxruntime.nbits import pack_matmulnbits
 from lorafast_export.targets.onnxruntime.w8a8 import check_w8a8, int8_matmul, quantize_tokens
@@ -186,12 +185,7 @@ class _Builder:
             return self.fp_linear(x, p + "qkv_proj", w, concat_biases(biases, sizes), f"{n}/qkv_proj")
         if any(qt is None for qt in qts):
             return None
-        fused = concat_qtensors(
-            [
-                qt if qt.bias is not None or b is None else with_fields(qt, bias=b)
-                for qt, b in zip(qts, biases)
-            ]
-        )
+        fused = concat_qtensors(qts, biases)
         return None if fused is None else self.q_linear(x, p + "qkv_proj", fused, f"{n}/qkv_proj")
 
     def mlp(self, i: int, x: str) -> str:
