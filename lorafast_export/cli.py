@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import yaml
@@ -21,6 +22,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError, io_error_as_input_error
+
+if TYPE_CHECKING:  # the pipeline (torch, transformers) is imported only by the commands that build
+    from lorafast_export.pipeline import Built
 
 console = Console(stderr=True)
 out = Console()
@@ -349,8 +353,8 @@ def build(ctx: Ctx, recipe, dump_recipe, matrix, more_axes, **flags):
         return _build_matrix(ctx, r, [*matrix, *more_axes])
     from lorafast_export.pipeline import run_build
 
-    bctx = _run_with_progress(ctx, lambda update: _run(ctx, run_build, r, update))
-    _finish_build(ctx, bctx)
+    built = _run_with_progress(ctx, lambda update: _run(ctx, run_build, r, update))
+    _finish_build(ctx, built)
 
 
 def _build_matrix(ctx: Ctx, r, specs: list[str]) -> None:
@@ -368,32 +372,32 @@ def _build_matrix(ctx: Ctx, r, specs: list[str]) -> None:
         sys.exit(EXIT_GATE_FAILED)
 
 
-def _finish_build(ctx: Ctx, bctx) -> None:
+def _finish_build(ctx: Ctx, built: Built) -> None:
     from lorafast_export.errors import EXIT_GATE_FAILED
     from lorafast_export.safeio import sha256_file
 
     summary = {
-        "artifact": str(bctx.out_dir),
-        "manifest_sha256": sha256_file(bctx.out_dir / "manifest.json"),
-        "timings_s": bctx.timings,
-        "facts": bctx.facts,
-        "passed": None if bctx.report is None else bctx.report.get("passed"),
+        "artifact": str(built.out_dir),
+        "manifest_sha256": sha256_file(built.out_dir / "manifest.json"),
+        "timings_s": built.timings,
+        "facts": built.facts,
+        "passed": None if built.report is None else built.report.get("passed"),
     }
-    ctx.emit(summary, lambda: _print_build(bctx, summary["manifest_sha256"]))
-    if bctx.report is not None and not bctx.report.get("passed", True):
+    ctx.emit(summary, lambda: _print_build(built, summary["manifest_sha256"]))
+    if built.report is not None and not built.report.get("passed", True):
         sys.exit(EXIT_GATE_FAILED)
 
 
-def _print_build(bctx, manifest_sha256: str) -> None:
-    if bctx.report is not None and "markdown_table" in bctx.report:
-        out.print(bctx.report["markdown_table"])
+def _print_build(built: Built, manifest_sha256: str) -> None:
+    if built.report is not None and "markdown_table" in built.report:
+        out.print(built.report["markdown_table"])
     verdict = (
         ""
-        if bctx.report is None
-        else ("  gates: [green]passed[/]" if bctx.report.get("passed") else "  gates: [red]FAILED[/]")
+        if built.report is None
+        else ("  gates: [green]passed[/]" if built.report.get("passed") else "  gates: [red]FAILED[/]")
     )
-    total = sum(bctx.timings.values())
-    out.print(f"[bold green]built[/] {bctx.out_dir}  ({total:.1f} s){verdict}")
+    total = sum(built.timings.values())
+    out.print(f"[bold green]built[/] {built.out_dir}  ({total:.1f} s){verdict}")
     out.print(f"  manifest sha256 {manifest_sha256} (check later: verify --expect)", highlight=False)
 
 
@@ -634,37 +638,10 @@ def merge_cmd(ctx: Ctx, base, adapter, out, dtype, force, allow_pickle, lora_alp
             "validate.enabled": False,
         },
     )
-    result = _run_with_progress(ctx, lambda update: _run(ctx, _merge_only, r, update))
+    from lorafast_export.pipeline import merge_only
+
+    result = _run_with_progress(ctx, lambda update: _run(ctx, merge_only, r, update))
     ctx.emit(result, lambda: out_print_merge(result))
-
-
-def _merge_only(recipe, progress):
-    from lorafast_export.merge import merge
-    from lorafast_export.outdir import publish, staged_output
-    from lorafast_export.pipeline import BuildContext, stage_load, write_manifest
-
-    out_dir = recipe.output.path
-    with staged_output(out_dir, recipe.output.force) as stage:
-        ctx = BuildContext(recipe, out_dir, stage, progress)
-        with ctx.stage("load"):
-            stage_load(ctx)
-        with ctx.stage("merge"):
-            plan = merge(
-                ctx.base,
-                ctx.adapters,
-                stage,
-                dtype=recipe.merge.dtype,
-                on_group=lambda g: progress("merge", g),
-            )
-        write_manifest(ctx)  # the merged checkpoint is an artifact too: verifiable, replaceable with --force
-        publish(stage, out_dir)
-    return {
-        "out": str(out_dir),
-        "adapters": [str(a.path) for a in ctx.adapters],
-        "untied_embeddings": plan.untie,
-        "notes": plan.notes,
-        "timings_s": ctx.timings,
-    }
 
 
 def out_print_merge(result: dict) -> None:

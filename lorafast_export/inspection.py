@@ -75,7 +75,7 @@ def environment_report() -> dict:
     import torch
 
     from lorafast_export.errors import RuntimeMissingError
-    from lorafast_export.pipeline import library_versions
+    from lorafast_export.manifest import library_versions
     from lorafast_export.targets.registry import all_targets, get_target
 
     targets = []

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import stat
+from importlib import metadata
 from pathlib import Path
 
+from lorafast_export import __version__
 from lorafast_export.errors import InputError
 from lorafast_export.safeio import LIMITS, read_text, sha256_file, write_atomic
 
@@ -22,6 +25,27 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "lorafast-export/manifest/v2"
 OLD_SCHEMAS = ("lorafast-export/manifest/v1",)  # v1 listed model/ only; reports were unlisted
 V1_UNLISTED = ("report.json", "report.md", "report.html")
+VERSIONED = (  # the libraries whose versions a manifest records (and the merge cache key includes)
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "openvino",
+    "openvino-genai",
+    "nvidia-modelopt",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"lorafast-export": __version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def read_manifest(artifact: Path, old_ok: bool = False) -> dict:
@@ -51,6 +75,24 @@ def read_manifest(artifact: Path, old_ok: bool = False) -> dict:
         twice = sorted({p for p in paths if paths.count(p) > 1})
         raise InputError(f"{path}: damaged manifest (listed more than once: {', '.join(twice)}).")
     return man
+
+
+def recorded_recipe(man: dict, artifact: Path) -> dict:
+    """The recipe the artifact was built from (read_manifest's dict), as recorded; a manifest without one is
+    damaged."""
+    recipe = man.get("recipe")
+    if not isinstance(recipe, dict):
+        raise InputError(f"{artifact / MANIFEST_NAME}: damaged manifest (no recipe); rebuild the artifact.")
+    return recipe
+
+
+def recorded_target(man: dict, artifact: Path) -> str:
+    """The name of the target the artifact was built for."""
+    target = recorded_recipe(man, artifact).get("target")
+    name = target.get("name") if isinstance(target, dict) else None
+    if not isinstance(name, str):
+        raise InputError(f"{artifact / MANIFEST_NAME}: damaged manifest (no recipe.target.name).")
+    return name
 
 
 def file_entries(root: Path, rels: list[str]) -> list[dict]:

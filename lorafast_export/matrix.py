@@ -121,12 +121,12 @@ def run_matrix(recipe: Recipe, axes: dict[str, list[str]], progress=lambda s, m:
         progress("matrix", name)
         row = {"name": name, "artifact": r.output.dir, "target": r.target.name, "quant": r.quant.method}
         try:
-            ctx = run_build(r, progress)
+            built = run_build(r, progress)
             row |= {
-                "passed": None if ctx.report is None else ctx.report["passed"],
-                "gates": [] if ctx.report is None else ctx.report["gates"],
-                "metrics": None if ctx.report is None else ctx.report["summary"],
-                "timings_s": ctx.timings,
+                "passed": None if built.report is None else built.report["passed"],
+                "gates": [] if built.report is None else built.report["gates"],
+                "metrics": None if built.report is None else built.report["summary"],
+                "timings_s": built.timings,
             }
         except LorafastError as e:
             row |= {"passed": False, "error": str(e)}

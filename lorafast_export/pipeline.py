@@ -1,80 +1,89 @@
-"""The build pipeline: a flat list of named stages, a manifest, and an atomic output directory.
+"""The build: typed stages that pass values, a manifest, and an atomic output directory.
 
-    load → merge → quantize → lower(target) → validate → manifest → publish (rename into place)
+    loaded = load_stage(recipe.inputs, tokenizer_for)         # base + adapters opened, inputs hashed
+    merged = merge_stage(loaded, recipe.merge, cache, ...)    # exact merge (on disk, or merge-on-read view)
+    quantized = quantize_stage(merged, recipe.quant, ...)     # None for quant.method none
+    lowered = lower_stage(merged, quantized, recipe, ...)     # the target writes model/
+    report = validate_stage(recipe, loaded, merged, ...)      # None with validation off
+    write_build_manifest(...); publish(...)
 
-Everything is written into a hidden sibling `.<name>.partial-<pid>` and renamed to the requested path only when
-complete, so an interrupted build never leaves a directory that looks finished.
+`run_build` below is exactly that sequence. Everything is written into a hidden sibling `.<name>.partial-<pid>`
+and renamed to the requested path only when complete (outdir.py), so an interrupted build never leaves a
+directory that looks finished. The `merge` command runs load_stage + write_merged + the same manifest + publish.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import platform
 import shutil
 import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lorafast_export import __version__
 from lorafast_export.adapters import Adapter, open_adapter
 from lorafast_export.errors import InputError
-from lorafast_export.manifest import read_manifest
-from lorafast_export.manifest import write_manifest as write_manifest_file
+from lorafast_export.manifest import library_versions, read_manifest, recorded_target, write_manifest
 from lorafast_export.outdir import publish, staged_output
-from lorafast_export.recipe import Recipe, resolve_path
+from lorafast_export.recipe import Inputs, MergeOptions, QuantOptions, Recipe, resolve_path
 from lorafast_export.stagecache import StageCache, content_key
 from lorafast_export.validate.gates import check_recipe_gates
 from lorafast_export.weights import ModelDir, check_tokenizer, open_model, sha256_file
 
-log = logging.getLogger(__name__)
-VERSIONED = (
-    "torch",
-    "transformers",
-    "peft",
-    "safetensors",
-    "onnxruntime",
-    "onnxruntime-genai",
-    "openvino",
-    "openvino-genai",
-    "nvidia-modelopt",
-)
+Progress = Callable[[str, str], None]  # (stage, message)
 
 
-def library_versions() -> dict[str, str]:
-    out = {"lorafast-export": __version__, "python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+@dataclass(frozen=True)
+class Loaded:
+    """The build's inputs, opened (weights are read lazily, tensor by tensor) and hashed."""
+
+    options: Inputs
+    base: ModelDir
+    adapters: list[Adapter]
+    hashes: list[dict]  # {"path", "sha256", "bytes"} of every input file, for the manifest and cache keys
 
 
-@dataclass
-class BuildContext:
-    recipe: Recipe
-    out_dir: Path  # final location
-    stage_dir: Path  # where we write until publish
-    progress: Callable[[str, str], None] = lambda stage, msg: None
-    base: ModelDir | None = None
-    adapters: list[Adapter] = field(default_factory=list)
-    merged_dir: Path | None = None  # config + tokenizer (+ weights when the merge was written)
-    merged: ModelDir | None = None  # the merged model; its store may merge on read (merge.merged_view)
-    quantized: object | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    input_hashes: list[dict] = field(default_factory=list)
-    cache: object = None  # StageCache
-    facts: dict[str, object] = field(default_factory=dict)
-    report: dict | None = None
+@dataclass(frozen=True)
+class Merged:
+    """The merged model. `dir` holds config + tokenizer (+ the weights when the merge was written); `model`'s
+    store may merge each tensor as it is read (merge.merged_view, for quantized builds)."""
+
+    dir: Path
+    model: ModelDir
+    key: str  # content key of the merge: the quantize stage's cache key builds on it
+    facts: dict
+
+
+@dataclass(frozen=True)
+class Quantized:
+    model: Any  # model.quantized.QuantizedModel: codes + scales, read lazily from the stage cache
+    config: Any  # quant.config.QuantConfig
+    facts: dict
+
+
+@dataclass(frozen=True)
+class Built:
+    """What run_build returns: where the artifact is, how long each stage took, what it recorded."""
+
+    out_dir: Path
+    timings: dict[str, float]
+    facts: dict[str, Any]
+    report: dict | None  # validation summary (passed, summary, gates, markdown_table); None if not validated
+
+
+class Timer:
+    """Times stages and reports their start and end to `progress`."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str):
+    def __call__(self, name: str):
         self.progress(name, "start")
         t0 = time.perf_counter()
         yield
@@ -85,157 +94,230 @@ class BuildContext:
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def stage_load(ctx: BuildContext) -> None:
-    from lorafast_export.targets.registry import require_available
-
-    target = require_available(ctx.recipe.target.name)  # fail before any work if the runtime is missing
-    r = ctx.recipe.inputs
-    ctx.base = open_model(resolve_path(r.base), allow_pickle=r.allow_pickle)
-    ctx.adapters = [
-        open_adapter(f"{resolve_path(a.path)}:{a.weight}", r.allow_pickle, a.overrides()) for a in r.adapters
+def load_stage(inputs: Inputs, tokenizer_for: str = "") -> Loaded:
+    """Open the base and the adapters; tokenizer_for (e.g. "validation"): who needs the base's tokenizer, so a
+    broken one fails here, before any work."""
+    base = open_model(resolve_path(inputs.base), allow_pickle=inputs.allow_pickle)
+    adapters = [
+        open_adapter(f"{resolve_path(a.path)}:{a.weight}", inputs.allow_pickle, a.overrides())
+        for a in inputs.adapters
     ]
-    _check_needs_tokenizer(ctx.recipe, ctx.base, target)
-    ctx.input_hashes = input_hashes(ctx)
+    if tokenizer_for:
+        check_tokenizer(base, tokenizer_for)
+    return Loaded(inputs, base, adapters, input_hashes(base, adapters))
 
 
-def _calibrated(method: str) -> bool:
+def tokenizer_users(recipe: Recipe, target) -> str:
+    """Who in this build reads the base's tokenizer ("" if nobody)."""
     from lorafast_export.quant.methods import get_method
 
-    return method != "none" and get_method(method).calibrated
-
-
-def _check_needs_tokenizer(recipe: Recipe, base: ModelDir, target) -> None:
+    calibrated = recipe.quant.method != "none" and get_method(recipe.quant.method).calibrated
     uses = [
         *([f"the {target.name} artifact"] if getattr(target, "needs_tokenizer", False) else []),
         *(["validation"] if recipe.validate_.enabled else []),
-        *([f"{recipe.quant.method} calibration"] if _calibrated(recipe.quant.method) else []),
+        *([f"{recipe.quant.method} calibration"] if calibrated else []),
     ]
-    if uses:
-        check_tokenizer(base, " and ".join(uses))
+    return " and ".join(uses)
 
 
-def stage_merge(ctx: BuildContext) -> None:
-    """Unquantized builds lower from a merged checkpoint on disk (stage-cached). Quantized builds read the merged
-    model through a view that merges each tensor as it is read: no second copy of the model is written."""
-    from lorafast_export.merge import merge, merged_view, plan_merge
-
-    if ctx.recipe.quant.method != "none":
-        ctx.merged_dir = ctx.stage_dir / "work" / "merged-view"
-        ctx.merged = merged_view(ctx.base, ctx.adapters, ctx.merged_dir, ctx.recipe.merge.dtype)
-        plan, hit = ctx.merged.store.plan, False
-    else:
-        key = merge_key(ctx)
-        with ctx.cache.entry("merged", key) as (path, hit):
-            if hit:
-                plan = plan_merge(ctx.base, ctx.adapters)
-            else:
-                plan = merge(
-                    ctx.base,
-                    ctx.adapters,
-                    path,
-                    dtype=ctx.recipe.merge.dtype,
-                    on_group=lambda g: ctx.progress("merge", g),
-                )
-        ctx.merged_dir = ctx.cache.path("merged", key)
-        ctx.merged = open_model(ctx.merged_dir)
-    ctx.facts["merge"] = {
-        "cached": hit,
-        "written": ctx.recipe.quant.method == "none",
-        "untied_embeddings": plan.untie,
-        "notes": plan.notes,
-        "adapters": [
-            {"path": str(a.path), "type": a.kind, "weight": a.weight, "modules": len(a.modules)}
-            for a in ctx.adapters
-        ],
-    }
-
-
-def merge_key(ctx: BuildContext) -> str:
+def merge_key(loaded: Loaded, options: MergeOptions) -> str:
     return content_key(
         "merge",
-        [i["sha256"] for i in ctx.input_hashes],
-        ctx.recipe.inputs.model_dump(),
-        ctx.recipe.merge.model_dump(),
+        [i["sha256"] for i in loaded.hashes],
+        loaded.options.model_dump(),
+        options.model_dump(),
         library_versions(),
     )
 
 
-def stage_quantize(ctx: BuildContext) -> None:
+def write_merged(loaded: Loaded, options: MergeOptions, out: Path, progress: Progress):
+    """The merged checkpoint written into out (config, shards, tokenizer); returns the merge plan."""
+    from lorafast_export.merge import merge
+
+    return merge(
+        loaded.base, loaded.adapters, out, dtype=options.dtype, on_group=lambda g: progress("merge", g)
+    )
+
+
+def merge_stage(
+    loaded: Loaded, options: MergeOptions, cache: StageCache, *, lazy: bool, progress: Progress
+) -> Merged:
+    """lazy (quantized builds): a view that merges each tensor as it is read, so no second copy of the model is
+    written. Otherwise (unquantized builds lower from a checkpoint on disk) the merge is written, stage-cached."""
+    from lorafast_export.merge import merged_view, plan_merge
+
+    key = merge_key(loaded, options)
+    if lazy:
+        path = cache.scratch / "merged-view"
+        model = merged_view(loaded.base, loaded.adapters, path, options.dtype)
+        plan, hit = model.store.plan, False
+    else:
+        with cache.entry("merged", key) as (entry, hit):
+            plan = (
+                plan_merge(loaded.base, loaded.adapters)
+                if hit
+                else write_merged(loaded, options, entry, progress)
+            )
+        path = cache.path("merged", key)
+        model = open_model(path)
+    facts = {
+        "cached": hit,
+        "written": not lazy,
+        "untied_embeddings": plan.untie,
+        "notes": plan.notes,
+        "adapters": [
+            {"path": str(a.path), "type": a.kind, "weight": a.weight, "modules": len(a.modules)}
+            for a in loaded.adapters
+        ],
+    }
+    return Merged(path, model, key, facts)
+
+
+def quantize_stage(
+    merged: Merged, options: QuantOptions, target, cache: StageCache, progress: Progress
+) -> Quantized | None:
     """The quantize walk spills each layer into the stage cache; a rerun with the same inputs reuses it."""
-    if ctx.recipe.quant.method == "none":
-        ctx.progress("quantize", "skipped (no quantization)")
-        return
+    if options.method == "none":
+        progress("quantize", "skipped (no quantization)")
+        return None
     from lorafast_export.model.quantized import load_quantized
     from lorafast_export.quant.calib import calibration_files
     from lorafast_export.quant.config import resolve_quant
     from lorafast_export.quant.walk import quantize_checkpoint, resolve_device
-    from lorafast_export.targets.registry import get_target
 
-    target = get_target(ctx.recipe.target.name)
-    qc = resolve_quant(ctx.recipe.quant, getattr(target, "requires_symmetric", False))
+    qc = resolve_quant(options, getattr(target, "requires_symmetric", False))
     calib = [sha256_file(f) for f in calibration_files(qc.calib.files)] if qc.calibrated else []
-    key = content_key(
-        "quantize", merge_key(ctx), qc.source.model_dump(), calib, resolve_device(qc.device).type
-    )
-    with ctx.cache.entry("quantized", key) as (path, hit):
+    key = content_key("quantize", merged.key, qc.source.model_dump(), calib, resolve_device(qc.device).type)
+    with cache.entry("quantized", key) as (path, hit):
         if not hit:
-            quantize_checkpoint(ctx.merged, qc, progress=lambda m: ctx.progress("quantize", m), out_dir=path)
-    ctx.quantized = load_quantized(ctx.cache.path("quantized", key))
-    ctx.facts["quant"] = {**qc.record(), "cached": hit}
+            quantize_checkpoint(merged.model, qc, progress=lambda m: progress("quantize", m), out_dir=path)
+    return Quantized(load_quantized(cache.path("quantized", key)), qc, {**qc.record(), "cached": hit})
 
 
-def stage_lower(ctx: BuildContext) -> None:
-    from lorafast_export.targets.registry import LowerInput, require_available
+def lower_stage(merged: Merged, quantized: Quantized | None, recipe: Recipe, target, out: Path) -> dict:
+    """The target writes the artifact's model/ directory; returns its facts for the manifest."""
+    from lorafast_export.targets.registry import LowerInput
 
-    target = require_available(ctx.recipe.target.name)
-    inp = LowerInput(ctx.merged_dir, ctx.merged.config, ctx.recipe, ctx.quantized)
-    ctx.facts["target"] = {"name": target.name, **(target.lower(inp, ctx.stage_dir / "model") or {})}
+    inp = LowerInput(merged.dir, merged.model.config, recipe, None if quantized is None else quantized.model)
+    return {"name": target.name, **(target.lower(inp, out) or {})}
 
 
-def stage_validate(ctx: BuildContext) -> None:
-    if not ctx.recipe.validate_.enabled:
-        ctx.progress("validate", "skipped (--no-validate)")
-        return
+def validate_stage(
+    recipe: Recipe,
+    loaded: Loaded,
+    merged: Merged,
+    quantized: Quantized | None,
+    artifact_dir: Path,
+    progress: Progress,
+) -> dict | None:
+    """Every stage's output against the unmerged reference (validate/run.py); reports go into artifact_dir."""
+    if not recipe.validate_.enabled:
+        progress("validate", "skipped (--no-validate)")
+        return None
     from lorafast_export.validate.run import validate_build
 
-    ctx.report = validate_build(ctx)
+    return validate_build(
+        recipe,
+        loaded.base,
+        loaded.adapters,
+        merged.model,
+        None if quantized is None else quantized.model,
+        artifact_dir,
+        lambda m: progress("validate", m),
+    )
 
 
-STAGES: list[tuple[str, Callable[[BuildContext], None]]] = [
-    ("load", stage_load),
-    ("merge", stage_merge),
-    ("quantize", stage_quantize),
-    ("lower", stage_lower),
-    ("validate", stage_validate),
-]
+def run_build(recipe: Recipe, progress: Progress | None = None) -> Built:
+    check_recipe_gates(recipe)
+    out = recipe.output.path
+    progress = _with_fault_injection(progress or (lambda s, m: None))
+    stage = Timer(progress)
+    with staged_output(out, recipe.output.force) as stage_dir:
+        cache = StageCache(recipe.output.cache, stage_dir / "work")
+        try:
+            with stage("load"):
+                target = _target(recipe.target.name)  # fail before any work if the runtime is missing
+                loaded = load_stage(recipe.inputs, tokenizer_users(recipe, target))
+            with stage("merge"):
+                lazy = recipe.quant.method != "none"
+                merged = merge_stage(loaded, recipe.merge, cache, lazy=lazy, progress=progress)
+            with stage("quantize"):
+                quantized = quantize_stage(merged, recipe.quant, target, cache, progress)
+            with stage("lower"):
+                lowered = lower_stage(merged, quantized, recipe, target, stage_dir / "model")
+            with stage("validate"):
+                report = validate_stage(recipe, loaded, merged, quantized, stage_dir, progress)
+            shutil.rmtree(stage_dir / "work", ignore_errors=True)
+            facts = {"merge": merged.facts, **({"quant": quantized.facts} if quantized else {})}
+            facts["target"] = lowered
+            progress("manifest", "start")
+            write_build_manifest(stage_dir, recipe, loaded, stage.timings, facts, report)
+            progress("publish", "start")
+            publish(stage_dir, out)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise InputError(
+                    f"{e.filename or out}: no space left on device while building; nothing was "
+                    "published. Free some space or choose another --out / LORAFAST_CACHE."
+                ) from None
+            raise
+    return Built(out, stage.timings, facts, report)
+
+
+def merge_only(recipe: Recipe, progress: Progress) -> dict:
+    """The `merge` command: the build's load stage and merge writer, with the build's manifest (the merged
+    checkpoint is an artifact too: verifiable, replaceable with --force), published like a build."""
+    out = recipe.output.path
+    stage = Timer(progress)
+    with staged_output(out, recipe.output.force) as stage_dir:
+        with stage("load"):
+            loaded = load_stage(recipe.inputs)
+        with stage("merge"):
+            plan = write_merged(loaded, recipe.merge, stage_dir, progress)
+        write_build_manifest(stage_dir, recipe, loaded, stage.timings, {}, None)
+        publish(stage_dir, out)
+    return {
+        "out": str(out),
+        "adapters": [str(a.path) for a in loaded.adapters],
+        "untied_embeddings": plan.untie,
+        "notes": plan.notes,
+        "timings_s": stage.timings,
+    }
+
+
+def _target(name: str):
+    from lorafast_export.targets.registry import require_available
+
+    return require_available(name)
 
 
 # ---------------------------------------------------------------------------------------------- output
 
 
-def input_hashes(ctx: BuildContext) -> list[dict]:
-    files = [ctx.base.config_path, *ctx.base.store.files, *ctx.base.tokenizer_files]
-    for a in ctx.adapters:
+def input_hashes(base: ModelDir, adapters: list[Adapter]) -> list[dict]:
+    files = [base.config_path, *base.store.files, *base.tokenizer_files]
+    for a in adapters:
         files += [a.path / "adapter_config.json"] if a.path.is_dir() else []
         files += a.files
     return [{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files]
 
 
-def write_manifest(ctx: BuildContext) -> dict:
+def write_build_manifest(
+    stage_dir: Path, recipe: Recipe, loaded: Loaded, timings: dict, facts: dict, report: dict | None
+) -> None:
     """manifest.json last: it lists (and hashes) every file the build wrote."""
     manifest = {
-        "name": ctx.recipe.name,
-        "inputs": ctx.input_hashes,
-        "input_paths": recorded_input_paths(ctx.recipe, ctx.out_dir),
-        "recipe": ctx.recipe.to_dict(),
+        "name": recipe.name,
+        "inputs": loaded.hashes,
+        "input_paths": recorded_input_paths(recipe, recipe.output.path),
+        "recipe": recipe.to_dict(),
         "versions": library_versions(),
-        "timings_s": ctx.timings,
-        "facts": ctx.facts,
-        "metrics": (ctx.report or {}).get("summary"),
-        "passed": None if ctx.report is None else ctx.report.get("passed"),
+        "timings_s": timings,
+        "facts": facts,
+        "metrics": (report or {}).get("summary"),
+        "passed": None if report is None else report.get("passed"),
     }
-    write_manifest_file(ctx.stage_dir, manifest)
-    return manifest
+    write_manifest(stage_dir, manifest)
 
 
 def recorded_input_paths(recipe: Recipe, out: Path) -> dict[str, dict[str, str]]:
@@ -252,17 +334,10 @@ def recorded_input_paths(recipe: Recipe, out: Path) -> dict[str, dict[str, str]]
 
 def artifact_target(artifact: Path):
     """The target an artifact was built for (from its manifest), ready to load sessions."""
-    from lorafast_export.targets.registry import require_available
-
-    man = read_manifest(artifact, old_ok=True)
-    try:
-        name = man["recipe"]["target"]["name"]
-    except (KeyError, TypeError):
-        raise InputError(f"{artifact / 'manifest.json'}: damaged manifest (no recipe.target.name).") from None
-    return require_available(name)
+    return _target(recorded_target(read_manifest(artifact, old_ok=True), artifact))
 
 
-def _with_fault_injection(progress: Callable[[str, str], None]) -> Callable[[str, str], None]:
+def _with_fault_injection(progress: Progress) -> Progress:
     """LORAFAST_FAULT_KILL_AT=N: SIGKILL this process at the N-th progress event (interruption tests)."""
     at = int(os.environ.get("LORAFAST_FAULT_KILL_AT", "0") or 0)
     if not at:
@@ -276,28 +351,3 @@ def _with_fault_injection(progress: Callable[[str, str], None]) -> Callable[[str
         progress(stage, msg)
 
     return wrapped
-
-
-def run_build(recipe: Recipe, progress: Callable[[str, str], None] | None = None) -> BuildContext:
-    check_recipe_gates(recipe)
-    out = recipe.output.path
-    with staged_output(out, recipe.output.force) as stage_dir:
-        ctx = BuildContext(recipe, out, stage_dir, _with_fault_injection(progress or (lambda s, m: None)))
-        ctx.cache = StageCache(recipe.output.cache, stage_dir / "work")
-        try:
-            for name, fn in STAGES:
-                with ctx.stage(name):
-                    fn(ctx)
-            shutil.rmtree(stage_dir / "work", ignore_errors=True)
-            ctx.progress("manifest", "start")
-            write_manifest(ctx)
-            ctx.progress("publish", "start")
-            publish(stage_dir, out)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise InputError(
-                    f"{e.filename or out}: no space left on device while building; nothing was "
-                    "published. Free some space or choose another --out / LORAFAST_CACHE."
-                ) from None
-            raise
-    return ctx

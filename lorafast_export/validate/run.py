@@ -363,16 +363,18 @@ def _load_artifact(target, model_dir: Path, device: str, base: ModelDir):
     return target.load(model_dir, **kw)
 
 
-def build_candidates(ctx) -> list[Candidate]:
-    """merged-fp32 → merged-<dtype> (if the checkpoint is not fp32) → quantized (if any) → artifact."""
+def build_candidates(
+    recipe, base: ModelDir, adapters: list[Adapter], merged: ModelDir, quantized, artifact_dir: Path
+) -> list[Candidate]:
+    """merged-fp32 → merged-<dtype> (if the checkpoint is not fp32) → quantized (if any) → artifact.
+    quantized: the quantize stage's QuantizedModel, or None."""
     from lorafast_export.merge import plan_merge
     from lorafast_export.merge.stream import MergedStore
     from lorafast_export.targets.registry import get_target
     from lorafast_export.validate.layers import MergedSource, QuantizedSource, StoreSource
 
-    plan = plan_merge(ctx.base, ctx.adapters)
+    plan = plan_merge(base, adapters)
     cands = [merged_fp32_candidate(plan)]
-    merged = ctx.merged
     dtypes = {merged.store.get(k).dtype for k in merged.store.keys()[:8]}
     if dtypes != {torch.float32}:
         name = "merged-" + {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(next(iter(dtypes)), "weights")
@@ -381,22 +383,20 @@ def build_candidates(ctx) -> list[Candidate]:
         else:  # the written checkpoint, read back layer by layer
             src = StoreSource(name, merged.config, merged.store)
         cands.append(source_candidate(src))
-    if (
-        ctx.quantized is not None
-    ):  # weight errors against the merged weights, as the checkpoint dtype rounds them
+    if quantized is not None:  # weight errors against the merged weights, as the checkpoint dtype rounds them
         ref = MergedSource("merged", plan, "base", merged.store.dtype or "base")
-        cands.append(source_candidate(QuantizedSource("quantized", ctx.quantized, ref)))
-    target = get_target(ctx.recipe.target.name)
-    device = _device(ctx.recipe.validate_)
+        cands.append(source_candidate(QuantizedSource("quantized", quantized, ref)))
+    target = get_target(recipe.target.name)
+    device = _device(recipe.validate_)
     cands.append(
-        _artifact_candidate("artifact", _load_artifact(target, ctx.stage_dir / "model", device, ctx.base))
+        _artifact_candidate("artifact", _load_artifact(target, artifact_dir / "model", device, base))
     )
     # Informational: the runtime at its own default precision (e.g. OpenVINO's bf16 + u8 KV cache on CPUs that
     # have bf16), so users see what the default costs. Gates apply to "artifact", not to this stage.
     if "precision" in inspect.signature(target.load).parameters:
         cands.append(
             session_candidate(
-                "artifact-runtime-default", target.load(ctx.stage_dir / "model", precision="default")
+                "artifact-runtime-default", target.load(artifact_dir / "model", precision="default")
             )
         )
     return cands
@@ -412,28 +412,37 @@ def quant_label(recipe) -> str:
     return f"{qc.method}-w{qc.bits}-{g}"
 
 
-def validate_build(ctx) -> dict:
-    """The build's validate stage: writes reports into the staging directory; returns a summary."""
+def validate_build(
+    recipe,
+    base: ModelDir,
+    adapters: list[Adapter],
+    merged: ModelDir,
+    quantized,
+    artifact_dir: Path,
+    progress=lambda m: None,
+) -> dict:
+    """The build's validate stage (pipeline.validate_stage): writes reports into the (staging) artifact
+    directory; returns a summary. quantized: the quantize stage's QuantizedModel, or None."""
     from lorafast_export.report.markdown import render_markdown
 
     v = ValidationInputs(
-        ctx.base,
-        ctx.adapters,
-        ctx.recipe,
-        build_candidates(ctx),
-        ctx.recipe.name,
-        ctx.recipe.target.name,
-        quant_label(ctx.recipe),
+        base,
+        adapters,
+        recipe,
+        build_candidates(recipe, base, adapters, merged, quantized, artifact_dir),
+        recipe.name,
+        recipe.target.name,
+        quant_label(recipe),
         None,  # the quantized stage records its per-layer weight errors during the walk
     )
-    report = run_validation(v, ctx.stage_dir, lambda m: ctx.progress("validate", m))
+    report = run_validation(v, artifact_dir, progress)
     return summarize(report) | {"markdown_table": render_markdown(report)}
 
 
 def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     """Re-validate an existing artifact against its inputs (from its manifest); reports go into the artifact."""
     from lorafast_export.adapters import open_adapter
-    from lorafast_export.manifest import locate_inputs, read_manifest, record_files
+    from lorafast_export.manifest import locate_inputs, read_manifest, record_files, recorded_recipe
     from lorafast_export.merge import plan_merge
     from lorafast_export.recipe import Recipe, resolve_path
     from lorafast_export.targets.registry import require_available
@@ -441,13 +450,11 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
 
     man_path = artifact / "manifest.json"
     man = read_manifest(artifact, old_ok=True)
-    data = man.get("recipe")
-    if isinstance(data, dict) and isinstance(data.get("validate"), dict):
-        data["validate"].pop(
-            "junit", None
-        )  # where this run writes JUnit is --junit's choice, not the build's
-    if not isinstance(data, dict):
-        raise InputError(f"{man_path}: damaged manifest (no recipe); rebuild the artifact.")
+    data = recorded_recipe(man, artifact)
+    if isinstance(
+        data.get("validate"), dict
+    ):  # where this run writes JUnit is --junit's choice, not the build's
+        data["validate"].pop("junit", None)
     recipe = Recipe.from_dict(locate_inputs(data, man, artifact), str(man_path))
     recipe = recipe.with_overrides(overrides) if overrides else recipe
     check_recipe_gates(recipe, revalidate=True)

@@ -372,6 +372,20 @@ def test_quantized_outputs_are_checked():
 # ------------------------------------------------------------------ tokenizer checked at load (item 13)
 
 
+def spy_stages(pipeline, monkeypatch) -> list[str]:
+    """The names of the pipeline's stage functions as the build calls them, in order."""
+    stages: list[str] = []
+    for name in ("load", "merge", "quantize", "lower", "validate"):
+        real = getattr(pipeline, f"{name}_stage")
+
+        def spy(*a, _real=real, _name=name, **kw):
+            stages.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(pipeline, f"{name}_stage", spy)
+    return stages
+
+
 @pytest.mark.parametrize("how", ["missing", "damaged"])
 def test_tokenizer_checked_when_inputs_open(good, tmp_path, how, monkeypatch):
     from lorafast_export import pipeline
@@ -382,11 +396,7 @@ def test_tokenizer_checked_when_inputs_open(good, tmp_path, how, monkeypatch):
             (base / f).unlink(missing_ok=True)
     else:
         (base / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
-    stages = []
-    real = dict(pipeline.STAGES)
-    monkeypatch.setattr(
-        pipeline, "STAGES", [(n, lambda ctx, n=n: (stages.append(n), real[n](ctx))) for n in real]
-    )
+    stages = spy_stages(pipeline, monkeypatch)
     refused(build(good, tmp_path, base=base, validate=True), str(base), "validation needs")
     assert stages == ["load"], stages  # refused before the merge, not after the whole build
 
@@ -403,11 +413,7 @@ def test_targets_that_ship_the_tokenizer_need_it_at_load(good, tmp_path, target,
     base = copy(good, tmp_path, "base")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (base / f).unlink(missing_ok=True)
-    stages = []
-    real = dict(pipeline.STAGES)
-    monkeypatch.setattr(
-        pipeline, "STAGES", [(n, lambda ctx, n=n: (stages.append(n), real[n](ctx))) for n in real]
-    )
+    stages = spy_stages(pipeline, monkeypatch)
     refused(build(good, tmp_path, "--target", target, base=base), str(base), f"the {target} artifact")
     assert stages == ["load"], stages  # refused before the merge, even with --no-validate
 
