@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
+from lorafast_export.paths import DEMO_DIR  # noqa: E402
 from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
-from lorafast_export.recipe import DEMO_DIR  # noqa: E402
 from scripts.make_model import PRESETS, make_base, shape_of  # noqa: E402
 
 LOG_DIR: Path | None = None  # --logs: keep each measured run's output there
@@ -253,9 +253,9 @@ def demo_accuracy(samples: int, seq_len: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.paths import TEXT_DIR
     from lorafast_export.quant import blocks
     from lorafast_export.quant.calib import load_calibration
-    from lorafast_export.recipe import TEXT_DIR
     from lorafast_export.weights import open_model
 
     base = DEMO_DIR / "base"

@@ -31,10 +31,11 @@ from bench.quant_accuracy import decoder_logits, eval_blocks, metrics, reference
 from lorafast_export.adapters import open_adapter  # noqa: E402
 from lorafast_export.merge import merge  # noqa: E402
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
+from lorafast_export.paths import DEMO_DIR, TEXT_DIR  # noqa: E402
 from lorafast_export.quant import rtn  # noqa: E402
 from lorafast_export.quant.calib import load_calibration  # noqa: E402
 from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
-from lorafast_export.recipe import DEMO_DIR, TEXT_DIR, CalibOptions  # noqa: E402
+from lorafast_export.recipe import CalibOptions  # noqa: E402
 from lorafast_export.weights import open_model  # noqa: E402
 
 

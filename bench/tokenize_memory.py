@@ -19,7 +19,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import transformers
-from lorafast_export.recipe import DEMO_DIR
+from lorafast_export.paths import DEMO_DIR
 from lorafast_export.textdata import read_texts, token_stream
 from pathlib import Path
 

@@ -22,6 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError, io_error_as_input_error
+from lorafast_export.recipe import CalibOptions
+from lorafast_export.specs import HF_FORMATS, MERGE_DTYPES, QUANT_CHOICES, TARGET_NAMES
 
 if TYPE_CHECKING:  # the pipeline (torch, transformers) is imported only by the commands that build
     from lorafast_export.pipeline import Built
@@ -278,8 +280,8 @@ def load_recipe(recipe_path: str | None, overrides: dict):
     multiple=True,
     help="PEFT adapter dir (or Lightning .ckpt), optionally PATH:WEIGHT. Repeatable.",
 )
-@click.option("--target", help="hf | torch-compile | onnxruntime | openvino | trt-llm")
-@click.option("--quant", help="none | rtn | int8 | smoothquant | gptq | awq | awq-gptq")
+@click.option("--target", type=click.Choice(TARGET_NAMES), help="Where the artifact runs.")
+@click.option("--quant", type=click.Choice(QUANT_CHOICES), help="Quantization method.")
 @click.option("--bits", type=int)
 @click.option("--group-size", type=int)
 @click.option(
@@ -289,9 +291,21 @@ def load_recipe(recipe_path: str | None, overrides: dict):
     "--symmetric/--asymmetric", default=None, help="Zero points or not (default per method and target)."
 )
 @click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
-@click.option("--calib-samples", type=int, help="Calibration windows (default 64).")
-@click.option("--calib-seq-len", type=int, help="Tokens per calibration window (default 256).")
-@click.option("--hf-format", help="For --target hf with a quant method: gptq | awq | compressed-tensors.")
+@click.option(
+    "--calib-samples",
+    type=int,
+    help=f"Calibration windows (default {CalibOptions.model_fields['samples'].default}).",
+)
+@click.option(
+    "--calib-seq-len",
+    type=int,
+    help=f"Tokens per calibration window (default {CalibOptions.model_fields['seq_len'].default}).",
+)
+@click.option(
+    "--hf-format",
+    type=click.Choice(HF_FORMATS),
+    help="For --target hf with a quant method: checkpoint layout.",
+)
 @click.option(
     "--target-option",
     multiple=True,
@@ -302,8 +316,8 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 )
 @click.option("--tp", type=int, help="trt-llm legacy: tensor-parallel size.")
 @click.option("--pp", type=int, help="trt-llm legacy: pipeline-parallel size.")
-@click.option("--dtype", help="Merged weight dtype: auto (keep base) | float32 | float16 | bfloat16.")
-@click.option("--device", help="Device for quantization: auto | cpu | cuda.")
+@click.option("--dtype", type=click.Choice(MERGE_DTYPES), help="Merged weight dtype (auto: keep the base's).")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), help="Device for quantization.")
 @click.option(
     "--eval", multiple=True, help="Eval set NAME=FILE (text or jsonl). Repeatable. Default: bundled."
 )
@@ -609,7 +623,9 @@ def verify(ctx: Ctx, artifact, expect):
 @click.option("--base", required=True, help="Base model directory.")
 @click.option("--adapter", required=True, multiple=True, help="Adapter dir or .ckpt, optionally PATH:WEIGHT.")
 @click.option("--out", required=True, help="Output directory for the merged HF checkpoint.")
-@click.option("--dtype", default="auto", show_default=True, help="auto | float32 | float16 | bfloat16")
+@click.option(
+    "--dtype", type=click.Choice(MERGE_DTYPES), default="auto", show_default=True, help="Merged weight dtype."
+)
 @click.option("--force", is_flag=True)
 @click.option("--allow-pickle", is_flag=True)
 @click.option(

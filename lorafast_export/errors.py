@@ -29,12 +29,6 @@ class RuntimeMissingError(LorafastError):
     """A target's runtime is not installed here. The message carries the install command."""
 
 
-class GateFailed(LorafastError):
-    """One or more validation gates failed."""
-
-    exit_code = EXIT_GATE_FAILED
-
-
 # What the system said when reading or writing failed for a reason of the machine's, not ours (errno -> why).
 _IO_REASONS = {
     errno.ENOSPC: "no space left on the device",

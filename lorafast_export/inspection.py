@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from lorafast_export.errors import InputError
-from lorafast_export.recipe import QUANT_METHODS, resolve_path
+from lorafast_export.paths import resolve_path
+from lorafast_export.specs import QUANT_CHOICES
 
 
 def describe(path: str, allow_pickle: bool = False) -> dict:
@@ -86,7 +87,7 @@ def environment_report() -> dict:
             ok, hint = False, str(e)
         targets.append({"name": name, "ok": ok, "hint": hint})
     methods = []
-    for name in QUANT_METHODS:
+    for name in QUANT_CHOICES:
         if name == "none":
             continue
         try:

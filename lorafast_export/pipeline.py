@@ -29,7 +29,9 @@ from lorafast_export.adapters import Adapter, open_adapter
 from lorafast_export.errors import InputError
 from lorafast_export.manifest import library_versions, read_manifest, recorded_target, write_manifest
 from lorafast_export.outdir import publish, staged_output
-from lorafast_export.recipe import Inputs, MergeOptions, QuantOptions, Recipe, resolve_path
+from lorafast_export.paths import resolve_path
+from lorafast_export.recipe import Inputs, MergeOptions, QuantOptions, Recipe
+from lorafast_export.specs import target_spec
 from lorafast_export.stagecache import StageCache, content_key
 from lorafast_export.validate.gates import check_recipe_gates
 from lorafast_export.weights import ModelDir, check_tokenizer, open_model, sha256_file
@@ -113,7 +115,7 @@ def tokenizer_users(recipe: Recipe, target) -> str:
 
     calibrated = recipe.quant.method != "none" and get_method(recipe.quant.method).calibrated
     uses = [
-        *([f"the {target.name} artifact"] if getattr(target, "needs_tokenizer", False) else []),
+        *([f"the {target.name} artifact"] if target_spec(target.name).needs_tokenizer else []),
         *(["validation"] if recipe.validate_.enabled else []),
         *([f"{recipe.quant.method} calibration"] if calibrated else []),
     ]
@@ -185,7 +187,7 @@ def quantize_stage(
     from lorafast_export.quant.config import resolve_quant
     from lorafast_export.quant.walk import quantize_checkpoint, resolve_device
 
-    qc = resolve_quant(options, getattr(target, "requires_symmetric", False))
+    qc = resolve_quant(options, target_spec(target.name).requires_symmetric)
     calib = [sha256_file(f) for f in calibration_files(qc.calib.files)] if qc.calibrated else []
     key = content_key("quantize", merged.key, qc.source.model_dump(), calib, resolve_device(qc.device).type)
     with cache.entry("quantized", key) as (path, hit):

@@ -11,7 +11,7 @@ home directory, one of their parents, or a directory holding an input. Every fil
 output.dir: validate.junit is a path relative to it (written with the artifact, published with it). A path
 written into an artifact is relative and stays inside it (outside_reason).
 The target's own limits that the recipe shows (e.g. a group size its kernels cannot run) are refused here too,
-from what the target declares (targets/registry.py: recipe_rules, option_problems).
+from what the target declares (specs.py: recipe_rules, option_problems).
 """
 
 from __future__ import annotations
@@ -24,37 +24,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafast_export.errors import InputError
+from lorafast_export.paths import DEMO_DIR, TEXT_DIR, outside_reason, resolve_path
 from lorafast_export.safeio import LIMITS, read_text
+from lorafast_export.specs import (
+    DTYPES,
+    HF_FORMATS,
+    MERGE_DTYPES,
+    QUANT_CHOICES,
+    TARGET_NAMES,
+    recipe_problems,
+)
 
 RECIPE_VERSION = 1
-DEMO_DIR = Path(__file__).parent / "data" / "demo"
-TEXT_DIR = Path(__file__).parent / "data" / "text"
-
-TARGETS = ("hf", "torch-compile", "onnxruntime", "openvino", "trt-llm")
 ARTIFACT_NAMES = ("manifest.json", "model", "report.json", "report.md", "report.html")  # what a build writes
 PSEUDO_FS = (Path("/proc"), Path("/sys"))  # where an output directory can never go
-QUANT_METHODS = ("none", "rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq")
-
-
-def resolve_path(p: str) -> Path:
-    """`demo:NAME` → bundled demo asset; anything else → a filesystem path."""
-    if p.startswith("demo:"):
-        return DEMO_DIR / p.removeprefix("demo:")
-    return Path(p).expanduser()
-
-
-def outside_reason(root: Path, rel: str) -> str | None:
-    """Why root/rel is not a file strictly inside root (absolute, '..', a symbolic link out), or None if it is."""
-    p = Path(rel)
-    if p.is_absolute() or rel.startswith("~"):
-        return "is absolute; use a path relative to the directory"
-    if ".." in p.parts:
-        return "climbs out with '..'"
-    if not p.parts:
-        return "names the directory itself, not a file in it"
-    if not (root / p).resolve().is_relative_to(root.resolve()):
-        return "leaves the directory through a symbolic link"
-    return None
+# names (targets, quant methods, dtypes) are the specs' (specs.py); path helpers live in paths.py
+__all__ = ["DEMO_DIR", "TEXT_DIR", "Recipe", "format_errors", "outside_reason", "resolve_path"]
 
 
 class _Section(BaseModel):
@@ -95,7 +80,7 @@ class Inputs(_Section):
 
 
 class MergeOptions(_Section):
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal[MERGE_DTYPES] = "auto"
 
 
 class CalibOptions(_Section):
@@ -106,7 +91,7 @@ class CalibOptions(_Section):
 
 
 class QuantOptions(_Section):
-    method: Literal["none", "rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq"] = "none"
+    method: Literal[QUANT_CHOICES] = "none"
     # None: the method's default, filled in by quant.config.resolve_quant (4 bits, or 8 for int8/smoothquant;
     # group 128 at 4 bits, per channel at 8; symmetric for gptq/int8/smoothquant or a target that needs it)
     bits: int | None = None
@@ -156,9 +141,9 @@ class QuantOptions(_Section):
 
 
 class TargetOptions(_Section):
-    name: Literal["hf", "torch-compile", "onnxruntime", "openvino", "trt-llm"] = "hf"
-    hf_format: Literal["auto", "gptq", "awq", "compressed-tensors"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    name: Literal[TARGET_NAMES] = "hf"
+    hf_format: Literal[HF_FORMATS] = "auto"
+    dtype: Literal[MERGE_DTYPES] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)  # target-specific; each target checks its own keys
 
 
@@ -175,9 +160,7 @@ class ValidateOptions(_Section):
     prompts: str | None = None  # jsonl with {"prompt": ...}; empty: bundled prompts
     max_new_tokens: int = Field(default=32, ge=1)
     gates: list[str] | None = None  # None: the default gates
-    dtype: Literal["float32", "float16", "bfloat16"] = (
-        "float32"  # the reference's dtype (fp16/bf16: GPU only)
-    )
+    dtype: Literal[DTYPES] = "float32"  # the reference's dtype (fp16/bf16: GPU only)
     junit: str | None = (
         None  # JUnit XML (one test case per gate): a path inside the artifact, relative to output.dir
     )
@@ -238,9 +221,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross(self):
-        # the target's own limits, as it declares them (this imports the target's module, not its runtime)
-        from lorafast_export.targets.registry import recipe_problems
-
+        # the target's own limits, as its spec declares them (specs.py: no target code is imported)
         problems = [
             *self._conflicts(),
             *self._output_dir_problems(),

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from lorafast_export.errors import InputError
 from lorafast_export.manifest import MANIFEST_NAME, read_manifest, walk
-from lorafast_export.recipe import outside_reason
+from lorafast_export.paths import outside_reason
 from lorafast_export.safeio import sha256_file
 
 
 def _escapes(artifact: Path, man: dict) -> list[str]:
     """Every path the manifest or the target's own files name that leaves the artifact."""
-    from lorafast_export.targets.registry import all_targets, get_target, recorded_path_problems
+    from lorafast_export.targets.registry import recorded_path_problems
 
     out = [
         f"manifest.json files: {f['path']!r} {why}"
@@ -29,8 +29,8 @@ def _escapes(artifact: Path, man: dict) -> list[str]:
         if (why := outside_reason(artifact, f["path"]))
     ]
     name = ((man.get("recipe") or {}).get("target") or {}).get("name")
-    if name in all_targets() and (artifact / "model").is_dir():
-        out += [f"model/{p}" for p in recorded_path_problems(get_target(name), artifact / "model")]
+    if isinstance(name, str):
+        out += [f"model/{p}" for p in recorded_path_problems(name, artifact / "model")]
     return out
 
 

@@ -1,6 +1,6 @@
 """Safe loading of base model weights.
 
-safetensors only by default (memory-mapped, read tensor by tensor); pickle checkpoints (.bin/.pt) are refused
+safetensors only by default (read tensor by tensor with positional reads, not memory-mapped); pickle checkpoints (.bin/.pt) are refused
 unless the user passes --allow-pickle, and then read with torch.load(weights_only=True). No remote code is
 ever run: we read config.json ourselves and never call trust_remote_code paths.
 """

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from lorafast_export.errors import InputError
+from lorafast_export.paths import outside_reason
 from lorafast_export.quant.config import (
     AWQConfig,
     AWQGPTQConfig,
@@ -14,7 +15,7 @@ from lorafast_export.quant.config import (
     RTNConfig,
     resolve_quant,
 )
-from lorafast_export.recipe import Recipe, outside_reason
+from lorafast_export.recipe import Recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -241,29 +242,29 @@ def test_every_problem_is_reported_at_once_with_its_field(tmp_path, monkeypatch)
 
 def test_a_target_declares_its_limits_as_data(monkeypatch):
     """The hook any target can fill (trt-llm's group sizes, symmetric codes, ...): rules see resolved defaults."""
-    from lorafast_export.targets import registry
+    from lorafast_export import specs
 
-    class Stub:
-        name, install_hint = "torch-compile", "stub"
-        recipe_rules = (
-            registry.RecipeRule(
+    stub = specs.TargetSpec(
+        "torch-compile",
+        "lorafast_export.targets.torch_compile.target",
+        requires_symmetric=True,  # its kernels take no zero points: quantizers default to symmetric for it
+        recipe_rules=(
+            specs.RecipeRule(
                 "quant.bits",
                 lambda bits, v: v["quant.method"] == "none" or bits == 8,
                 "it runs int8 only; use quant.method int8",
             ),
-            registry.RecipeRule(
+            specs.RecipeRule(
                 "quant.symmetric",
                 lambda sym, v: v["quant.method"] == "none" or sym,
                 "its kernels take no zero points; remove quant.symmetric: false",
             ),
-        )
-
-        def option_problems(self, options, dtype):
-            return [f"target.options: {k!r} is not an option of the stub" for k in options]
-
-        requires_symmetric = True  # its kernels take no zero points: quantizers default to symmetric for it
-
-    monkeypatch.setitem(registry.TARGETS, "torch-compile", Stub())
+        ),
+        option_problems=lambda options, dtype: [
+            f"target.options: {k!r} is not an option of the stub" for k in options
+        ],
+    )
+    monkeypatch.setitem(specs.TARGET_SPECS, "torch-compile", stub)
     base = {"target.name": "torch-compile"}
     Recipe().with_overrides(base)
     msg = _refusal({**base, "quant.method": "rtn", "target.options": {"aot": True}})  # rtn: 4 bits by default
@@ -354,3 +355,18 @@ def test_yaml_nesting_is_bounded(tmp_path):
     p.write_text("name: " + "[" * 20000 + "]" * 20000 + "\n")
     with pytest.raises(InputError, match="nested more than 32 levels deep"):
         Recipe.from_yaml(p)
+
+
+def test_reading_a_recipe_imports_no_target_code():
+    """The recipe checks targets through specs.py: no target module (or runtime) is imported to read one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lorafast_export.recipe import Recipe; "
+        "Recipe().with_overrides({'target.name': 'onnxruntime', 'quant.method': 'rtn'}); "
+        "print(sorted(m for m in sys.modules if m.startswith('lorafast_export.targets') or m in "
+        "('onnxruntime', 'openvino', 'torch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,7 +4,7 @@ tokenized at once (the tokenizer itself is the truth). Memory is measured in ben
 import pytest
 import transformers
 
-from lorafast_export.recipe import DEMO_DIR, TEXT_DIR
+from lorafast_export.paths import DEMO_DIR, TEXT_DIR
 from lorafast_export.textdata import token_ids, token_stream
 from tests.tiny import save_char_tokenizer
 

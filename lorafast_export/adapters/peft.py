@@ -219,8 +219,6 @@ def adapter_from_tensors(
 
 
 def _make_module(path: Path, cfg: dict, module: str, g: dict[str, torch.Tensor]) -> AdapterModule:
-    from lorafast_export.merge.math import lora_scaling
-
     emb = "lora_embedding_A" in g
     a, b = (
         (g.get("lora_embedding_A"), g.get("lora_embedding_B"))
@@ -250,3 +248,8 @@ def _make_module(path: Path, cfg: dict, module: str, g: dict[str, torch.Tensor])
         scaling,
         None if mag is None else mag.float(),
     )
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scaling of B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r

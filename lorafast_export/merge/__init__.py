@@ -8,8 +8,8 @@ import torch
 
 from lorafast_export.adapters import Adapter
 from lorafast_export.checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint, write_side_files
+from lorafast_export.dtypes import torch_dtype
 from lorafast_export.merge.stream import (
-    DTYPES,
     MergedStore,
     MergePlan,
     iter_merged_groups,
@@ -19,12 +19,7 @@ from lorafast_export.merge.stream import (
 from lorafast_export.model.spec import ModelConfig
 from lorafast_export.weights import ModelDir
 
-__all__ = ["DTYPES", "MergePlan", "merge", "merged_config", "merged_state", "merged_view", "plan_merge"]
-
-
-def resolve_dtype(name: str | None) -> torch.dtype | None:
-    """None/'auto' keeps each base tensor's own dtype."""
-    return None if name in (None, "auto") else DTYPES[name]
+__all__ = ["MergePlan", "merge", "merged_config", "merged_state", "merged_view", "plan_merge"]
 
 
 def merged_config(plan: MergePlan, dtype: torch.dtype | None) -> dict:
@@ -47,7 +42,7 @@ def merge(
     """Merge `adapters` into `base` and write a HF checkpoint (config, shards, tokenizer) into out_dir."""
     plan = plan_merge(base, adapters)
     known_names(plan)
-    dt = resolve_dtype(dtype)
+    dt = torch_dtype(dtype)  # None: each base tensor keeps its own dtype
     write_checkpoint(
         iter_merged_groups(plan, dt),
         out_dir,
@@ -63,7 +58,7 @@ def merged_view(base: ModelDir, adapters: list[Adapter], out_dir: Path, dtype: s
     """The merged model without writing its weights: out_dir gets config.json and the tokenizer (what targets copy
     and calibration reads); the returned ModelDir's store merges each tensor when it is read (MergedStore)."""
     plan = plan_merge(base, adapters)
-    dt = resolve_dtype(dtype)
+    dt = torch_dtype(dtype)
     config = merged_config(plan, dt)
     write_side_files(out_dir, config, base.tokenizer_files)
     return ModelDir(

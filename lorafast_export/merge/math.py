@@ -9,13 +9,7 @@ Weights are stored [out, in] unless the adapter was trained with fan_in_fan_out 
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def lora_delta(

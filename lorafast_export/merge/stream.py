@@ -1,6 +1,6 @@
 """Merge orchestration: check adapters against the base, then stream merged tensors one decoder layer at a time.
 
-Only one layer's base tensors (memory-mapped) and their merged copies are alive at once, so peak memory is a
+Only one layer's base tensors (read tensor by tensor, not memory-mapped) and their merged copies are alive at once, so peak memory is a
 few layers, not the model. The math lives in merge/math.py.
 """
 
@@ -20,8 +20,6 @@ from lorafast_export.model.spec import ATTN_PROJ, EMBED, FINAL_NORM, LM_HEAD, ML
 from lorafast_export.weights import ModelDir
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.recipe import TEXT_DIR, CalibOptions
+from lorafast_export.paths import TEXT_DIR
+from lorafast_export.recipe import CalibOptions
 from lorafast_export.safeio import require_regular
 from lorafast_export.textdata import read_texts, token_stream
 

@@ -2,7 +2,7 @@
 
 The recipe's `quant` section (recipe.QuantOptions) is flat and user-facing; `resolve_quant` turns it into the
 config of its method with every default filled in, in one place: the per-method defaults (bits, group size,
-symmetry) and the target's rule (a target whose kernels take no zero points gets symmetric codes unless the
+symmetry: specs.default_settings, which the recipe's target checks read too) and the target's rule (a target whose kernels take no zero points gets symmetric codes unless the
 recipe says otherwise). Quantizers take these typed configs, never a string-keyed dict.
 
 `record()` is what an artifact records about its quantization (manifest facts, the quantized form's settings,
@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lorafast_export.recipe import CalibOptions, QuantOptions
-
-EIGHT_BIT = ("int8", "smoothquant")  # methods whose codes are int8 (bits fixed at 8, per channel by default)
-SYMMETRIC_BY_DEFAULT = ("gptq", "int8", "smoothquant")
+from lorafast_export.specs import default_settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,38 +114,19 @@ def _own(o: QuantOptions) -> dict[str, Any]:
     }.get(o.method, {})
 
 
-def _with_target_rule(options: QuantOptions | dict, requires_symmetric: bool) -> QuantOptions:
-    o = options if isinstance(options, QuantOptions) else QuantOptions(**options)
-    if o.symmetric is None and requires_symmetric:
-        o = o.model_copy(update={"symmetric": True})
-    return o
-
-
-def _shared(o: QuantOptions) -> dict[str, Any]:
-    """bits, group_size, symmetric: the recipe's value, else the method's default."""
-    bits = o.bits or (8 if o.method in EIGHT_BIT else 4)
-    return {
-        "bits": bits,
-        "group_size": o.group_size if o.group_size is not None else (-1 if bits == 8 else 128),
-        "symmetric": o.symmetric if o.symmetric is not None else o.method in SYMMETRIC_BY_DEFAULT,
-    }
+def _shared(o: QuantOptions, requires_symmetric: bool) -> dict[str, Any]:
+    return default_settings(o.method, o.bits, o.group_size, o.symmetric, requires_symmetric)
 
 
 def resolve_quant(options: QuantOptions | dict, requires_symmetric: bool = False) -> QuantConfig:
-    """The config of options.method, every default filled in. requires_symmetric: the target's kernels take no
-    zero points (its spec says so), so an unset `symmetric` means symmetric."""
-    o = _with_target_rule(options, requires_symmetric)
+    """The config of options.method, every default filled in (specs.default_settings). requires_symmetric: the
+    target's kernels take no zero points (its TargetSpec says so), so an unset `symmetric` means symmetric."""
+    o = options if isinstance(options, QuantOptions) else QuantOptions(**options)
     if o.method not in CONFIGS:
         raise ValueError(f"quant method {o.method!r} has no config (method 'none' quantizes nothing)")
+    shared = _shared(o, requires_symmetric)
+    if o.symmetric is None and requires_symmetric:
+        o = o.model_copy(update={"symmetric": True})  # the source records what was resolved for the target
     return CONFIGS[o.method](
-        **_shared(o), quantize_lm_head=o.quantize_lm_head, device=o.device, calib=o.calib, source=o, **_own(o)
+        **shared, quantize_lm_head=o.quantize_lm_head, device=o.device, calib=o.calib, source=o, **_own(o)
     )
-
-
-def resolved_record(options: QuantOptions | dict, requires_symmetric: bool = False) -> dict[str, Any]:
-    """record() of the resolved config; for method 'none' the same layout (what recipe checks compare)."""
-    o = _with_target_rule(options, requires_symmetric)
-    if o.method in CONFIGS:
-        return resolve_quant(o).record()
-    rest = o.model_dump(exclude={"method", "bits", "group_size", "symmetric"})
-    return {"method": o.method, **_shared(o), **rest}

@@ -1,7 +1,7 @@
 """The quantize stage: `quantize_checkpoint(merged, options) -> QuantizedModel`, streamed by layer.
 
     calibration ids ─▶ embed ─▶ for each decoder layer i:
-        read layer i's tensors (memory-mapped) ─▶ quantize it with the method, feeding it the outputs of
+        read layer i's tensors (one by one) ─▶ quantize it with the method, feeding it the outputs of
         the already-quantized layers 0..i-1 ─▶ its quantized outputs become layer i+1's inputs ─▶ drop it
     ─▶ final norm + lm_head (quantized only with quantize_lm_head)
 

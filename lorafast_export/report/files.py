@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafast_export.errors import InputError
-from lorafast_export.recipe import outside_reason
+from lorafast_export.paths import outside_reason
 
 
 def write_inside(root: Path, files: dict[str, str]) -> list[Path]:

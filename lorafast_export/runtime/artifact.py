@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafast_export.checkpoint import save_safetensors
+from lorafast_export.dtypes import TORCH_DTYPES
 from lorafast_export.errors import InputError
 from lorafast_export.model.spec import ModelConfig, layer_prefix
 from lorafast_export.qform import load_qtensors, save_qtensors
@@ -30,7 +31,7 @@ FORMAT = "lorafast-torch-runtime"
 VERSION = 1
 META_FILE = "runtime.json"
 QWEIGHTS = "qweights.safetensors"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = TORCH_DTYPES  # artifact.json names its dtype as the recipe does
 
 
 def resolve_dtype(requested: str, cfg: ModelConfig) -> str:

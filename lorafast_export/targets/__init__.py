@@ -1,5 +1,2 @@
-"""Targets: one module per runtime, each registering itself in `registry` (see targets/registry.py)."""
-
-from lorafast_export.targets.registry import TARGETS, get_target, register
-
-__all__ = ["TARGETS", "get_target", "register"]
+"""Targets: one package per runtime; each package's target.py registers itself in `registry`.
+What a target declares as data (name, limits) is in specs.py."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.recipe import TEXT_DIR
+from lorafast_export.paths import TEXT_DIR
 from lorafast_export.textdata import read_texts, token_stream
 
 DEFAULT_EVAL = {"prose": TEXT_DIR / "prose_eval.txt", "code": TEXT_DIR / "code_eval.txt"}

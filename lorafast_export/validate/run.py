@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lorafast_export.adapters import Adapter
+from lorafast_export.dtypes import SHORT_NAMES, TORCH_DTYPES
 from lorafast_export.errors import InputError
 from lorafast_export.validate.candidates import (
     Candidate,
@@ -181,7 +182,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     eval_sets = load_eval_sets(tok, specs, opts.block_size, opts.max_tokens)
     prompts = load_prompts(tok, Path(opts.prompts) if opts.prompts else None)
     device = _device(opts)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
+    dtype = TORCH_DTYPES[opts.dtype]
     if dtype != torch.float32 and device == "cpu":
         raise InputError(
             "validate.dtype: a half-precision reference needs a GPU (validate.device cuda); use float32."
@@ -377,7 +378,7 @@ def build_candidates(
     cands = [merged_fp32_candidate(plan)]
     dtypes = {merged.store.get(k).dtype for k in merged.store.keys()[:8]}
     if dtypes != {torch.float32}:
-        name = "merged-" + {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(next(iter(dtypes)), "weights")
+        name = "merged-" + SHORT_NAMES.get(next(iter(dtypes)), "weights")
         if isinstance(merged.store, MergedStore):  # merges on read: round the device merge the same way
             src = MergedSource(name, plan, "base", merged.store.dtype or "base")
         else:  # the written checkpoint, read back layer by layer
@@ -444,7 +445,8 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     from lorafast_export.adapters import open_adapter
     from lorafast_export.manifest import locate_inputs, read_manifest, record_files, recorded_recipe
     from lorafast_export.merge import plan_merge
-    from lorafast_export.recipe import Recipe, resolve_path
+    from lorafast_export.paths import resolve_path
+    from lorafast_export.recipe import Recipe
     from lorafast_export.targets.registry import require_available
     from lorafast_export.weights import open_model
 

@@ -283,7 +283,7 @@ CASES = {
     "recipe-conflict": (recipe_file("version: 1\nquant: {method: awq, act_order: true}\n"), "act_order"),
     "recipe-missing-file": (lambda g, t: ["--recipe", t / "missing.yaml"], "recipe file not found"),
     "flag-bad-bits": (flags("--bits", "3"), "bits must be 4 or 8"),
-    "flag-unknown-target": (flags("--target", "tflite"), "target.name"),
+    "flag-unknown-target": (flags("--target", "tflite"), "'tflite' is not one of"),
     "out-exists": (out_exists, "already exists"),
     "force-on-a-non-artifact": (force_on_a_non_artifact, "is not a lorafast-export artifact"),
     "out-parent-is-file": (out_parent_is_file, "cannot create the output's parent directory"),

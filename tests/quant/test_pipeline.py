@@ -14,7 +14,8 @@ from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, linear_module
 from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, dequantize, fake_quant_int8_per_token
 from lorafast_export.quant.calib import load_calibration
 from lorafast_export.quant.walk import METHODS, quantize_checkpoint
-from lorafast_export.recipe import QUANT_METHODS, CalibOptions
+from lorafast_export.recipe import CalibOptions
+from lorafast_export.specs import QUANT_METHODS
 from lorafast_export.weights import open_model
 from tests.quant.pipeline_helpers import mean_kl, random_ids, tiny_checkpoint, word_text
 
@@ -56,7 +57,7 @@ def dequantized_decoder(qm):
 
 
 def test_registry_covers_the_recipe_methods():
-    assert set(METHODS) == set(QUANT_METHODS) - {"none"}
+    assert set(METHODS) == set(QUANT_METHODS)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -25,19 +25,9 @@ Why the graph is written here rather than exported (DESIGN.md prefers the runtim
 - The graph is small and declarative (about 20 node kinds), uses exactly the ops and I/O names the
   builder emits, so onnxruntime-genai runs it as one of its own models.
 
-Lowering error, measured (fp32, accuracy_level=0; tiny 2-layer test models, 4x64 tokens, |logit| <= 8;
-KL(reference || artifact) per token in float64):
-- unquantized, vs the canonical decoder (llama, llama tied + llama3 rope, linear rope, qwen2 with qkv bias,
-  mistral with an 8-token sliding window): max |dlogit| 0.9-1.5e-5, KL mean ~1e-12, max ~1e-11;
-- MatMulNBits (int4 g32 asym, int4 g64 sym, int4 per channel, int8 per channel, act-order g16), vs the
-  fake-quant QLinear decoder: max |dlogit| 1.0-2.0e-5, KL mean ~1e-12, max <= 2e-11; and the same for the
-  QuantizedModels of quant.pipeline (rtn, int8, gptq act-order, awq, smoothquant);
-- W8A8: max |dlogit| 0.14, KL mean ~1e-5, max 5e-4, same top-1 everywhere: the integer product is exact,
-  but where a norm output differs by one ulp from torch's, round(x / s_x) can land on the next code;
-- greedy tokens from onnxruntime-genai equal the reference's in every case tested.
-accuracy_level=4 (MatMulNBits quantizes activations to int8 per block; the model builder's CPU default, and
-faster) is a second quantization, not a lowering: on the same models max |dlogit| 0.4-0.6, KL mean ~1e-3,
-same top-1 96%. It is an option, not the default. float16 artifacts carry fp16 rounding (~3e-2 here).
+Lowering error, measured on the test models (unquantized, MatMulNBits, W8A8, accuracy_level=4, float16):
+bench/ORT.md, "Lowering error". accuracy_level=4 is a second quantization, not a lowering: an option, not the
+default.
 
 Options (recipe target.options): accuracy_level (0-4, default 0), max_length (rotary cache rows and
 genai context_length; default max_position_embeddings), fuse_qkv (default true: q/k/v rows concatenated
@@ -60,49 +50,13 @@ import torch
 
 from lorafast_export.errors import InputError, RuntimeMissingError, UnsupportedError
 from lorafast_export.model.spec import ModelConfig
-from lorafast_export.targets.registry import LowerInput, RecipeRule, recorded_path_problems, register
+from lorafast_export.specs import ORT_DTYPES, ort_option_problems
+from lorafast_export.targets.registry import LowerInput, recorded_path_problems, register
 from lorafast_export.weights import TOKENIZER_FILES, open_model
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-DTYPES = {"auto": "float32", "float32": "float32", "float16": "float16"}
-OPTIONS = {
-    "accuracy_level": "MatMulNBits accuracy_level 0-4 (0: exact, activations in the model dtype; 4: int8 "
-    "activations, faster on CPU, not exact)",
-    "max_length": "longest sequence (prompt + generated) the artifact supports; default max_position_embeddings",
-    "fuse_qkv": "true (default): q/k/v as one linear feeding GroupQueryAttention packed (same codes, one kernel); "
-    "false: three linears",
-}
-
-
-# ------------------------------------------------------------------------------------------- options
-
-
-def option_problems(options: dict, dtype: str) -> list[str]:
-    """target.options and target.dtype problems (checked when the recipe is read, and again when lowering)."""
-    problems = [
-        f"target.options: unknown option {k!r} for target onnxruntime (options: "
-        + "; ".join(f"{name}: {what}" for name, what in OPTIONS.items())
-        + ")"
-        for k in options
-        if k not in OPTIONS
-    ]
-    level = options.get("accuracy_level", 0)
-    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
-        problems.append(f"target.options: accuracy_level={level!r}: use an integer 0-4")
-    max_length = options.get("max_length", 1)  # absent: the model's max_position_embeddings
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-        problems.append(f"target.options: max_length={max_length!r}: use a positive integer")
-    if not isinstance(options.get("fuse_qkv", True), bool):
-        problems.append(f"target.options: fuse_qkv={options['fuse_qkv']!r}: use true or false")
-    if dtype not in DTYPES:
-        problems.append(
-            f"target.dtype: {dtype!r}: this target builds float32 or float16 graphs (the dtypes "
-            "validated with onnxruntime's CPU GroupQueryAttention/MatMulNBits kernels); use auto, "
-            "float32 or float16"
-        )
-    return problems
 
 
 def settings_from(recipe, cfg: ModelConfig):
@@ -110,58 +64,22 @@ def settings_from(recipe, cfg: ModelConfig):
     from lorafast_export.targets.onnxruntime.decoder_graph import GraphSettings
 
     opts = dict(recipe.target.options or {})
-    problems = option_problems(opts, recipe.target.dtype)
+    problems = ort_option_problems(opts, recipe.target.dtype)
     if problems:
         raise InputError("target onnxruntime: " + "; ".join(problems) + ".")
     return GraphSettings(
-        dtype=DTYPES[recipe.target.dtype],
+        dtype=ORT_DTYPES[recipe.target.dtype],
         accuracy_level=opts.get("accuracy_level", 0),
         max_length=opts.get("max_length", cfg.max_position_embeddings),
         fuse_qkv=opts.get("fuse_qkv", True),
     )
 
 
-def _blocks_tile_groups(group_size: int, values: dict) -> bool:
-    """MatMulNBits blocks are powers of two >= 16 and must tile each group (ort/nbits.py block_size_for)."""
-    if values["quant.method"] in ("none", "smoothquant"):  # unquantized, or MatMulInteger (ort/w8a8.py)
-        return True
-    return group_size == -1 or (group_size & -group_size) >= 16
-
-
-def _w8a8(values: dict) -> bool:
-    return values["quant.method"] == "smoothquant"
-
-
-# What the recipe alone shows this target cannot do (checked when the recipe is read; see targets/registry.py).
-RECIPE_RULES = (
-    RecipeRule(
-        "quant.group_size",
-        _blocks_tile_groups,
-        "onnxruntime's MatMulNBits blocks are powers of two >= 16 that must tile each quantization group; "
-        "use a group size that is a multiple of 16 (32, 64, 128) or -1 (per channel)",
-    ),
-    RecipeRule(
-        "quant.group_size",
-        lambda g, v: not _w8a8(v) or g == -1,
-        "smoothquant (W8A8) lowers to MatMulInteger with per-channel int8 weights (ort/w8a8.py); "
-        "use group_size -1",
-    ),
-    RecipeRule(
-        "quant.symmetric",
-        lambda sym, v: not _w8a8(v) or sym,
-        "smoothquant (W8A8) lowers to MatMulInteger with symmetric int8 weights (no zero points); "
-        "remove quant.symmetric: false",
-    ),
-)
-# Relative paths this target writes into model/: onnxruntime-genai opens the decoder graph genai_config.json names.
-RECORDED_PATHS = (("genai_config.json", ("model", "decoder", "filename")),)
-
-
 # ------------------------------------------------------------------------------------------- weights
 
 
 class CheckpointWeights:
-    """fp tensors of the merged checkpoint (memory-mapped, read one at a time); nothing is quantized."""
+    """fp tensors of the merged checkpoint (read one at a time with positional reads); nothing is quantized."""
 
     def __init__(self, store):
         self.store = store
@@ -338,12 +256,7 @@ class OrtSession:
 
 class OnnxRuntimeTarget:
     name = "onnxruntime"
-    needs_tokenizer = True  # the artifact ships the tokenizer its runtime's generation client reads
     install_hint = "pip install 'lorafast-export[onnxruntime]'"
-    recipe_rules = RECIPE_RULES
-    recorded_paths = RECORDED_PATHS
-
-    option_problems = staticmethod(option_problems)
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -389,7 +302,7 @@ class OnnxRuntimeTarget:
         ok, hint = self.available()
         if not ok:
             raise RuntimeMissingError(f"target onnxruntime cannot load here: {hint}")
-        escapes = recorded_path_problems(self, Path(model_dir))
+        escapes = recorded_path_problems(self.name, Path(model_dir))
         if escapes:  # onnxruntime-genai would open that file: refuse before it does
             raise InputError(
                 f"{model_dir}: " + "; ".join(escapes) + ". The artifact is damaged or was tampered "

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorafast_export.errors import InputError, UnsupportedError
+from lorafast_export.specs import ov_option_problems
 from lorafast_export.targets.openvino.compress import compress_weights
 from lorafast_export.targets.openvino.export import ExportLinear, convert, make_stateful, weight_constant_name
 from lorafast_export.targets.openvino.source import source_decoder
@@ -23,36 +24,28 @@ from lorafast_export.weights import TOKENIZER_FILES
 MODEL_XML = "openvino_model.xml"
 TOKENIZER_XML = "openvino_tokenizer.xml"
 DETOKENIZER_XML = "openvino_detokenizer.xml"
-OPTIONS: dict[str, str] = {}  # option → what it does; the openvino target takes none yet
 PROMISED_OPS = ("ScaledDotProductAttention", "ReadValue", "Assign")
 log = logging.getLogger(__name__)
 
 
-def check_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        known = ", ".join(OPTIONS) or "none"
-        raise InputError(
-            f"recipe target.options: unknown key(s) {', '.join(unknown)} for target 'openvino' "
-            f"(known: {known})."
-        )
-
-
-def check_dtype(dtype: str) -> None:
-    if dtype not in ("auto", "float32"):
-        raise UnsupportedError(
-            f"recipe target.dtype={dtype!r}: the openvino target stores unquantized tensors (embeddings, norms, "
-            "unquantized linears) in f32, and the runtime picks its own compute precision. Use dtype 'auto', and "
-            "a quant method (int8, rtn, gptq, awq) for a smaller artifact."
-        )
+def check_target_options(options: dict, dtype: str) -> None:
+    """The recipe was checked against the same spec when it was read; lower() is also called directly. An unknown
+    option is bad input; a dtype this target does not build is unsupported."""
+    for problems, error in (
+        (ov_option_problems(options, "auto"), InputError),
+        (ov_option_problems({}, dtype), UnsupportedError),
+    ):
+        if problems:
+            raise error(" ".join(problems))
 
 
 def lower_openvino(inp, out_dir: Path) -> dict:
     import openvino as ov
 
     recipe_target = getattr(inp.recipe, "target", None)
-    check_options(dict(getattr(recipe_target, "options", None) or {}))
-    check_dtype(getattr(recipe_target, "dtype", "auto"))
+    check_target_options(
+        dict(getattr(recipe_target, "options", None) or {}), getattr(recipe_target, "dtype", "auto")
+    )
     tokenizer = _load_hf_tokenizer(Path(inp.merged_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafast_export.dtypes import TORCH_DTYPES
 from lorafast_export.errors import InputError, UnsupportedError
 from lorafast_export.model.quantized import q_info
 from lorafast_export.model.spec import linear_module_names
@@ -39,7 +40,7 @@ W8A16, W4A16_AWQ = "W8A16", "W4A16_AWQ"
 W8A8_SQ = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
 INT4_GROUP_SIZES = (64, 128)
 PADDED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # widths the writers pad (mlp_width)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {n: TORCH_DTYPES[n] for n in ("float16", "bfloat16")}  # TensorRT-LLM runs half precision
 
 OPTIONS = {
     "legacy": "true: the TensorRT engine checkpoint (config.json + rank{i}.safetensors) and build.sh for "

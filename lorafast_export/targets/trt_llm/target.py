@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from lorafast_export.errors import UnsupportedError
-from lorafast_export.targets.registry import LowerInput, RecipeRule, register
+from lorafast_export.targets.registry import LowerInput, register
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +55,6 @@ VERIFIED_NOTE = (
     "artifact stage = lorafast-export's reading of the bundle (TensorRT-LLM's dequantization and, "
     "for SmoothQuant, its per-token activation quantization, from its source) in the canonical decoder; "
     "TensorRT-LLM itself was not run"
-)
-
-
-def _sq_needs_legacy(method: str, values: dict) -> bool:
-    return method != "smoothquant" or bool((values.get("target.options") or {}).get("legacy"))
-
-
-# What the recipe alone shows this target cannot do (checked when the recipe is read, before any quantization; the
-# same refusal, with every other reason, is made again at lowering by trt/scheme.py from the quantized model itself).
-RECIPE_RULES = (
-    RecipeRule(
-        "quant.method",
-        _sq_needs_legacy,
-        "TensorRT-LLM's PyTorch backend has no INT8 W8A8 (SmoothQuant) linear (tensorrt_llm/_torch/modules/"
-        "linear.py get_quant_method); add --trt-llm-legacy (target.options.legacy: true) for the TensorRT "
-        "engine checkpoint, quant_algo W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN, or use quant.method int8 or awq",
-    ),
 )
 
 
@@ -124,8 +107,7 @@ class TrtLlmReadSession:
 
 class TrtLlmTarget:
     name = "trt-llm"
-    requires_symmetric = True  # its low-bit kernels take no zero points: quantizers default to symmetric
-    recipe_rules = RECIPE_RULES
+    # requires_symmetric and the recipe rule for SmoothQuant: its TargetSpec (specs.py)
     install_hint = (
         "lowering needs nothing extra; serving needs a GPU with TensorRT-LLM (docker/trtllm.Dockerfile, "
         "nvcr.io/nvidia/tensorrt-llm/release). Validation here reads the bundle without TensorRT-LLM"

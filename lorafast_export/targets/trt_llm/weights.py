@@ -1,4 +1,4 @@
-"""Where the bundle's tensors come from: the merged checkpoint (fp, memory-mapped) or the QuantizedModel.
+"""Where the bundle's tensors come from: the merged checkpoint (fp, read tensor by tensor) or the QuantizedModel.
 
 `Linear` is one linear layer in the form both writers start from: the fp weight, or the signed integer
 weights + float32 scales of its quant_algo; the writers only rename, pack and split it. When the bundle's MLP
