@@ -35,13 +35,14 @@ sys.path.insert(0, str(ROOT))
 from scripts.make_model import PRESETS, make_adapter, make_base, shape_of  # noqa: E402
 
 DEMO = ROOT / "lorafast_export" / "data" / "demo"
+TRACE_EVERY_S = 10  # current and peak RSS / GPU memory, printed while a build runs
 
 
 class Sampler:
     """Peak VmHWM of one process and peak used GPU memory (all processes) while it runs."""
 
     def __init__(self, pid: int, t0: float):
-        self.pid, self.rss_kb, self.gpu_mib, self.done, self.t0 = pid, 0, 0, False, t0
+        self.pid, self.rss_kb, self.gpu_mib, self.gpu_now, self.done, self.t0 = pid, 0, 0, 0, False, t0
         self.gpu = shutil.which("nvidia-smi") is not None
         self.threads = [threading.Thread(target=self._rss, daemon=True)]
         if self.gpu:
@@ -50,18 +51,20 @@ class Sampler:
             t.start()
 
     def _rss(self) -> None:
-        shown = time.perf_counter()
+        shown, now_kb = time.perf_counter(), 0
         while not self.done:
             if (
-                time.perf_counter() - shown > 30
-            ):  # so that a run killed at its time limit still says something
+                time.perf_counter() - shown > TRACE_EVERY_S
+            ):  # a trace to set beside the build's progress lines
                 shown = time.perf_counter()
-                print(f"[sampler {shown - self.t0:.0f} s] peak RSS {self.rss_kb / 1e6:.2f} GB, "
-                      f"GPU used {self.gpu_mib} MiB", flush=True)  # fmt: skip
+                print(f"[sampler {shown - self.t0:.0f} s] RSS {now_kb / 1e6:.2f} GB (peak {self.rss_kb / 1e6:.2f}), "
+                      f"GPU used {self.gpu_now} MiB (peak {self.gpu_mib})", flush=True)  # fmt: skip
             try:
                 for line in open(f"/proc/{self.pid}/status"):
                     if line.startswith("VmHWM:"):
                         self.rss_kb = max(self.rss_kb, int(line.split()[1]))
+                    elif line.startswith("VmRSS:"):
+                        now_kb = int(line.split()[1])
             except (FileNotFoundError, ProcessLookupError):
                 return
             time.sleep(0.2)
@@ -71,7 +74,8 @@ class Sampler:
         while not self.done:
             try:
                 used = subprocess.run(q, capture_output=True, text=True, timeout=10).stdout.split()
-                self.gpu_mib = max([self.gpu_mib, *(int(x) for x in used)])
+                self.gpu_now = max(int(x) for x in used)
+                self.gpu_mib = max(self.gpu_mib, self.gpu_now)
             except (subprocess.SubprocessError, ValueError):
                 pass
             time.sleep(0.5)

@@ -336,8 +336,12 @@ def qtensors_to_state_dict(qtensors: dict[str, QTensor]) -> tuple[dict[str, torc
         if v.numel() and v.untyped_storage().data_ptr() in seen:
             tensors[k] = v.clone()
         seen.add(tensors[k].untyped_storage().data_ptr())
-    meta = {"format": QFORM_FORMAT, "version": QFORM_VERSION, "tensors": entries}
-    return tensors, {_METADATA_KEY: json.dumps(meta)}
+    return tensors, qform_metadata(entries)
+
+
+def qform_metadata(entries: dict[str, dict]) -> dict[str, str]:
+    """The header metadata of a qform file holding these modules ({module: entry}, as qform_entries reads)."""
+    return {_METADATA_KEY: json.dumps({"format": QFORM_FORMAT, "version": QFORM_VERSION, "tensors": entries})}
 
 
 def qtensors_from_state_dict(

@@ -37,8 +37,10 @@ from lorafast_export.qform import (
     QScheme,
     QTensor,
     qform_entries,
+    qform_metadata,
     qtensor_from_entry,
     qtensors_to_state_dict,
+    save_qtensors,
 )
 from lorafast_export.weights import WeightStore, check_safetensors_header
 
@@ -146,17 +148,31 @@ def load_quantized(model_dir: str | Path) -> QuantizedModel:
     if missing:
         raise InputError(f"{d}: part file(s) {missing[:3]} listed in {META_FILE} are missing; re-quantize.")
     cfg = ModelConfig.from_dict(meta["config"], str(d / META_FILE))
-    store = WeightStore(files)  # positional reads: a tensor's memory is freed when its user drops it
+    q = open_qtensors(files)
+    fp_names = [n for p in meta["parts"] for n in p["fp"]]
+    return QuantizedModel(
+        config=cfg, fp=LazyTensors(q.store, fp_names), q=q, settings=meta.get("settings", {})
+    )
+
+
+def open_qtensors(files: list[Path]) -> LazyQTensors:
+    """The QTensors of qform files (qform.save_qtensors, quantized parts), read one module per lookup with
+    positional reads: a module's memory is freed when its user drops it."""
+    store = WeightStore(files)
     entries = {}
     for f in files:
         entries.update(qform_entries(check_safetensors_header(f).get("__metadata__"), str(f)))
-    fp_names = [n for p in meta["parts"] for n in p["fp"]]
-    return QuantizedModel(
-        config=cfg,
-        fp=LazyTensors(store, fp_names),
-        q=LazyQTensors(store, entries),
-        settings=meta.get("settings", {}),
-    )
+    return LazyQTensors(store, entries)
+
+
+def save_qtensors_streamed(path: Path, q: Mapping[str, QTensor]) -> None:
+    """q as one qform file (qform.save_qtensors' layout). A lazy q (a saved quantized model) is copied from its
+    files tensor by tensor, so its codes are never in memory together; an in-memory one is saved as it is."""
+    if not isinstance(q, LazyQTensors):
+        save_qtensors(path, dict(q))
+        return
+    names = [f"{m}.{part}" for m, e in q.entries.items() for part in e["parts"]]
+    q.store.copy_to(path, names, qform_metadata(q.entries))
 
 
 @dataclass(frozen=True)
@@ -181,6 +197,10 @@ class LazyTensors(Mapping):
     def __init__(self, store: WeightStore, names: list[str]):
         self._store, self._names = store, dict.fromkeys(names)
 
+    @property
+    def store(self) -> WeightStore:
+        return self._store
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(name)
@@ -201,7 +221,7 @@ class LazyQTensors(LazyTensors):
 
     def __init__(self, store: WeightStore, entries: dict[str, dict]):
         super().__init__(store, list(entries))
-        self._entries = entries
+        self.entries = entries  # module -> its qform metadata entry (what its stored tensors are)
 
     def info(self) -> dict[str, QInfo]:
         return {
@@ -209,7 +229,7 @@ class LazyQTensors(LazyTensors):
                 QScheme(e["bits"], e["group_size"], e["symmetric"], "g_idx" in e["parts"], e["act_quant"]),
                 *e["shape"],
             )
-            for n, e in self._entries.items()
+            for n, e in self.entries.items()
         }
 
     def __getitem__(self, name: str) -> QTensor:
@@ -217,5 +237,5 @@ class LazyQTensors(LazyTensors):
             raise KeyError(name)
         src = str(self._store.file_of(f"{name}.qcodes"))
         return qtensor_from_entry(
-            name, self._entries[name], lambda k: self._store.get(k) if k in self._store else None, src
+            name, self.entries[name], lambda k: self._store.get(k) if k in self._store else None, src
         )

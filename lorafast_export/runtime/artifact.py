@@ -4,7 +4,7 @@
       runtime.json           what every file is: format, dtype, weight files, quant settings, options, aot
       config.json            the merged model's HF config (+ tokenizer files)
       weights-*.safetensors  fp tensors under HF names, in the artifact dtype, one shard per decoder layer
-      qweights.safetensors   the quantized form (qform.save_qtensors), when a quant method ran
+      qweights.safetensors   the quantized form (qform's layout), when a quant method ran
       prefill.pt2 decode.pt2 AOTInductor packages for the build device (option aot)
 
 fp weights stream from the merged checkpoint one layer at a time, so lowering needs about one layer of memory.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,8 +23,8 @@ from safetensors.torch import load_file
 from lorafast_export.checkpoint import save_safetensors
 from lorafast_export.dtypes import TORCH_DTYPES
 from lorafast_export.errors import InputError
+from lorafast_export.model.quantized import open_qtensors, save_qtensors_streamed
 from lorafast_export.model.spec import ModelConfig, layer_prefix
-from lorafast_export.qform import load_qtensors, save_qtensors
 from lorafast_export.runtime.options import RuntimeOptions
 from lorafast_export.weights import open_model, tokenizer_files
 
@@ -76,7 +77,7 @@ def write_artifact(
     else:  # merged_dir may hold no weights (the merge stage's view): everything comes from `quantized`
         cfg = quantized.config
         files = _save_shards(out_dir, sorted(quantized.fp), quantized.fp.__getitem__, dtype, cfg.num_layers)
-        save_qtensors(out_dir / QWEIGHTS, quantized.q)
+        save_qtensors_streamed(out_dir / QWEIGHTS, quantized.q)  # tensor by tensor: never all codes in memory
         qfile = QWEIGHTS
     meta = {
         "format": FORMAT,
@@ -116,8 +117,9 @@ def read_meta(model_dir: Path) -> dict:
     return meta
 
 
-def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(fp tensors by HF name on device, {module path: QTensor} on cpu or None)."""
+def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.Tensor], Mapping | None]:
+    """(fp tensors by HF name on device, {module path: QTensor} or None). The QTensors are read from disk one
+    module per lookup (the loader lowers each onto the device in turn), never all on the host together."""
     model_dir = Path(model_dir)
     missing = [f for f in meta["weights"] + [meta["qweights"] or ""] if f and not (model_dir / f).exists()]
     if missing:
@@ -125,5 +127,5 @@ def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.T
     fp: dict[str, torch.Tensor] = {}
     for f in meta["weights"]:
         fp.update(load_file(str(model_dir / f), device=str(device)))
-    q = load_qtensors(model_dir / meta["qweights"]) if meta["qweights"] else None
+    q = open_qtensors([model_dir / meta["qweights"]]) if meta["qweights"] else None
     return fp, q

@@ -36,10 +36,11 @@ def _set_module(root: nn.Module, path: str, module: nn.Module | None) -> None:
 
 
 def _fuse_quantized(dec, q, fp, device, dtype, kernel, kernels, lowered: set) -> dict:
-    """Lower fusable groups of QTensors into one linear each; returns the QTensors left to lower alone."""
-    q = dict(q)
+    """Lower fusable groups of QTensors into one linear each; returns the module paths left to lower alone.
+    q may be lazy (read from disk at each lookup): only the group being lowered is on the host at a time."""
+    rest = dict.fromkeys(q)
     for parent, parts, name in fusion_groups(dec.cfg.num_layers):
-        if not all(p in q for p in parts):
+        if not all(p in rest for p in parts):
             continue
         qt = concat_qtensors([q[p] for p in parts], [fp.get(f"{p}.bias") for p in parts])
         if qt is None:
@@ -48,11 +49,11 @@ def _fuse_quantized(dec, q, fp, device, dtype, kernel, kernels, lowered: set) ->
         _set_module(dec, f"{parent}.{name}", mod)
         lowered.add(f"{parent}.{name}")
         for p in parts:
-            del q[p]
+            del rest[p]
             fp.pop(f"{p}.bias", None)
             _set_module(dec, p, None)
             kernels[p] = mod.kernel
-    return q
+    return list(rest)
 
 
 def _fuse_dense(dec: Decoder) -> None:
@@ -90,9 +91,9 @@ def build_model(
         fp.pop(LM_HEAD, None)
     kernels: dict[str, str] = {}
     quantized = set(q)  # module paths whose tensors come from a runtime linear, not from fp
-    rest = _fuse_quantized(dec, q, fp, device, dtype, kernel, kernels, quantized) if fuse else q
-    for path, qt in rest.items():
-        mod = lower_qtensor(qt, device, dtype, kernel, bias=fp.pop(f"{path}.bias", None))
+    rest = _fuse_quantized(dec, q, fp, device, dtype, kernel, kernels, quantized) if fuse else list(q)
+    for path in rest:
+        mod = lower_qtensor(q[path], device, dtype, kernel, bias=fp.pop(f"{path}.bias", None))
         _set_module(dec, path, mod)
         kernels[path] = mod.kernel
     state = {k: v.to(device=device, dtype=dtype) for k, v in fp.items()}

@@ -206,16 +206,19 @@ class CachedReference:
 
     def _read(self, name: str, row: int, n: int) -> np.ndarray:
         dt, w = np.dtype(self.dtypes[name]), self.widths[name]
+        buf = bytearray(n * w * dt.itemsize)  # writable: torch.from_numpy shares it without a copy
         with open(self.path / f"{name}.bin", "rb") as f:
             f.seek(row * w * dt.itemsize)
-            a = np.frombuffer(f.read(n * w * dt.itemsize), dtype=dt)
+            f.readinto(buf)
+        a = np.frombuffer(buf, dtype=dt)
         return a.reshape(n, w) if w > 1 else a
 
     def rows(self, row: int, n: int, device="cpu") -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(logits-like [n, V] float32 or None, label log-prob [n] float64, argmax [n] int64) for rows
         [row, row + n); the first goes through log-softmax in the metrics, so its per-row shift is irrelevant."""
-        label = torch.from_numpy(self._read("label_logp", row, n).copy()).to(device)
+        label = torch.from_numpy(self._read("label_logp", row, n)).to(device)
         argmax = torch.from_numpy(self._read("argmax", row, n).astype(np.int64)).to(device)
         if not self.vocab:
             return None, label, argmax
-        return torch.from_numpy(self._read("logits", row, n).astype(np.float32)).to(device), label, argmax
+        # float16 -> float32 on the device (exact): half the bytes moved, no conversion on the host
+        return torch.from_numpy(self._read("logits", row, n)).to(device).float(), label, argmax

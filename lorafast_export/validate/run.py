@@ -355,12 +355,24 @@ def _load_device(target_name: str, device: str) -> str:
     return device if target_name in ("torch-compile", "hf") else "cpu"
 
 
+# Our runtime runs the artifact stage eagerly: compiling changes how the step is scheduled, not its kernels or
+# weights, and compiling an 8B-shaped decode step takes ~80 s per shape on an H200 (runtime/engine.py).
+TORCH_COMPILE_NOTE = (
+    "artifact stage = lorafast-export's runtime on the artifact (same weights and kernels), run eagerly: "
+    "torch.compile and CUDA graphs were off for validation"
+)
+
+
 def _load_artifact(target, model_dir: Path, device: str, base: ModelDir):
     """The target's session for the artifact stage. transformers loads an hf artifact whole through host memory,
     so beyond PEFT_REFERENCE_MAX_BYTES the checkpoint is read back layer by layer instead."""
     kw = {"device": _load_device(target.name, device)}
     if target.name == "hf" and reference_kind(base) == "stream":
         kw["whole"] = False
+    if target.name == "torch-compile" and kw["device"] == "cuda":  # on a CPU the runtime never compiles
+        session = target.load(model_dir, compile="off", **kw)
+        session.runtime_note = TORCH_COMPILE_NOTE
+        return session
     return target.load(model_dir, **kw)
 
 

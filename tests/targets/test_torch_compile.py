@@ -59,6 +59,32 @@ def test_quantized_round_trip_matches_fake_quant(tmp_path):
     assert session.generate(ids[0].tolist(), 6) == greedy_reference(ref, ids[0].tolist(), 6)
 
 
+def test_saved_quantized_model_streams_into_the_artifact(tmp_path):
+    """A quantized model saved by the quantize stage (lazy, read from disk) is copied into qweights tensor by tensor
+    and read back lazily at load: the same tensors as save_qtensors writes, and the same logits as in memory."""
+    from lorafast_export.model.quantized import LazyQTensors, load_quantized, save_quantized
+    from lorafast_export.qform import load_qtensors
+    from lorafast_export.runtime.artifact import read_meta, read_weights
+
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
+    qm = QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4})
+    lazy = load_quantized(save_quantized(qm, tmp_path / "q"))
+    streamed = lower(md, tmp_path / "streamed", lazy)
+    whole = lower(md, tmp_path / "whole", qm)
+    a, b = load_qtensors(streamed / "qweights.safetensors"), load_qtensors(whole / "qweights.safetensors")
+    assert a.keys() == b.keys() == q.keys()
+    for name in a:
+        for f in ("codes", "scales", "zeros", "g_idx", "bias", "input_scale"):
+            x, y = getattr(a[name], f), getattr(b[name], f)
+            assert (x is None and y is None) or torch.equal(x, y), (name, f)
+    _, read = read_weights(streamed, read_meta(streamed), "cpu")
+    assert isinstance(read, LazyQTensors)
+    ids = torch.randint(0, 96, (1, 11))
+    s1, s2 = (get_target("torch-compile").load(d, "cpu") for d in (streamed, whole))
+    assert torch.equal(s1.logits(ids), s2.logits(ids))
+
+
 def test_bench_reports_numbers(tmp_path):
     md = tiny_checkpoint(tmp_path)
     out = lower(md, tmp_path / "model", dtype="bfloat16", max_seq_len=32)

@@ -53,8 +53,9 @@ class TorchCompileTarget:
             facts["aot"] = {k: entry[k] for k in ("device", "prefill", "decode")}
         return facts
 
-    def load(self, model_dir: Path, device: str = "cpu") -> TorchCompileSession:
-        return TorchCompileSession(Path(model_dir), device)
+    def load(self, model_dir: Path, device: str = "cpu", **overrides) -> TorchCompileSession:
+        """overrides: RuntimeOptions fields for this session (validation loads with compile="off")."""
+        return TorchCompileSession(Path(model_dir), device, **overrides)
 
 
 register(TorchCompileTarget())
