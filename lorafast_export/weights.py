@@ -267,6 +267,11 @@ class WeightStore:
             return tuple(self._pickled[name].shape)
         return self._entries[name].shape
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        if name in self._pickled:
+            return self._pickled[name].dtype
+        return self._entries[name].dtype
+
     def file_of(self, name: str) -> Path:
         return self._where[name]
 

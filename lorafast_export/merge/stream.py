@@ -137,7 +137,7 @@ def _check_module(base: ModelDir, ad: Adapter, m) -> list[str]:
             f"{ad.path}: adapted module {m.module!r} does not exist in the base{hint}; "
             "is this adapter for another model?"
         ]
-    shape = tuple(base.store.get(wname).shape)
+    shape = tuple(base.store.shape_of(wname))  # from the header: reading 224 weights at 8B took ~9 s per plan
     if m.kind == "embedding":
         want_a, want_b = (m.a.shape[0], shape[0]), (shape[1], m.a.shape[0])
     else:
@@ -272,3 +272,7 @@ class MergedStore:
     def shape_of(self, name: str) -> tuple[int, ...]:
         src = EMBED if (name == LM_HEAD and name not in self.plan.base.store) else name
         return self.plan.base.store.shape_of(src)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        src = EMBED if (name == LM_HEAD and name not in self.plan.base.store) else name
+        return self.dtype or self.plan.base.store.dtype_of(src)

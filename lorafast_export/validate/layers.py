@@ -318,7 +318,9 @@ class QuantizedSource(LayerSource):
         self.layer_errors: dict[str, dict] = {}
 
     def tensor(self, name: str, device, shared: Shared) -> torch.Tensor:
-        return self.qm.fp[name].to(device)
+        # memoized like the other sources' reads: a built decoder embeds through `shared` at every decoding step
+        # (re-reading the 1 GB embedding of an 8B model per token made its greedy check 0.8 s per token)
+        return _shared_get(shared, (f"fp:{id(self.qm)}", name), lambda: self.qm.fp[name].to(device))
 
     def linear(self, path: str, device, shared: Shared) -> nn.Module | None:
         if path not in self.qm.q:

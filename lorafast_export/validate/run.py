@@ -388,7 +388,7 @@ def build_candidates(
 
     plan = plan_merge(base, adapters)
     cands = [merged_fp32_candidate(plan)]
-    dtypes = {merged.store.get(k).dtype for k in merged.store.keys()[:8]}
+    dtypes = {merged.store.dtype_of(k) for k in merged.store.keys()[:8]}  # from headers: a view would merge
     if dtypes != {torch.float32}:
         name = "merged-" + SHORT_NAMES.get(next(iter(dtypes)), "weights")
         if isinstance(merged.store, MergedStore):  # merges on read: round the device merge the same way
