@@ -55,7 +55,7 @@ def make(out: Path) -> None:
     from lorafast_export.quant.export_hf import write_quantized_checkpoint
     from lorafast_export.quant.formats import ct_fake_quant_int8_per_token
     from lorafast_export.quant.walk import quantize_checkpoint
-    from tests.tiny import make_model, save_model
+    from lorafast_export.testing import make_model, save_model
 
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)

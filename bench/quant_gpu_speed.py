@@ -47,7 +47,7 @@ OURS = {
 
 
 def tiny_cpu_vs_cuda(tmp: Path) -> dict:
-    from tests.tiny import make_model, save_model
+    from lorafast_export.testing import make_model, save_model
 
     merged = save_model(
         make_model("qwen2", hidden=64, heads=4, kv_heads=2, intermediate_size=128, vocab=128), tmp / "tiny"

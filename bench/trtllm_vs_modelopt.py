@@ -164,7 +164,7 @@ def make_base(family: str, out: Path) -> Path:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tests.tiny import make_model, save_char_tokenizer, save_model
+    from lorafast_export.testing import make_model, save_char_tokenizer, save_model
 
     kw = {k: v for k, v in MODELS[family].items() if k != "family"}
     save_model(make_model(family, dtype=torch.float16, **kw), out)

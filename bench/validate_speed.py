@@ -27,7 +27,7 @@ def main() -> None:
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.tiny import save_char_tokenizer
+    from lorafast_export.testing import save_char_tokenizer
 
     root = Path(tempfile.mkdtemp())
     cfg = transformers.LlamaConfig(

@@ -1,6 +1,6 @@
 """Merge streams by layer: peak extra memory stays near a few layers, not the model size."""
 
-from bench.merge_memory import measure
+from lorafast_export.testing import measure
 
 
 def test_peak_memory_is_a_few_layers_not_the_model():

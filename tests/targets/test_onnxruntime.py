@@ -23,6 +23,7 @@ from lorafast_export.model.spec import linear_module_names  # noqa: E402
 from lorafast_export.qform import QLinear, QTensor, with_fields, zero_points  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.quant.smoothquant import quantize_w8a8  # noqa: E402
+from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
 from lorafast_export.recipe import Recipe  # noqa: E402
 from lorafast_export.targets.onnxruntime.nbits import unpack_codes, unpack_zero_points  # noqa: E402
 from lorafast_export.targets.onnxruntime.target import OrtSession  # noqa: E402
@@ -388,10 +389,9 @@ def test_available():
 )
 def test_quantize_checkpoint_lowers(tmp_path, opts):
     """The quantizers' own QuantizedModel (folded AWQ norms, GPTQ g_idx shared by q/k/v) lowers exactly."""
-    pipeline = pytest.importorskip("lorafast_export.quant.walk")
     merged = save_model(make_model("llama", **SIZE, layers=1), tmp_path / "merged")
     calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
-    qm = pipeline.quantize_checkpoint(merged, {**opts, "device": "cpu"}, calib_ids=calib)
+    qm = quantize_checkpoint(merged, {**opts, "device": "cpu"}, calib_ids=calib)
     facts, sess = lower(tmp_path, merged, qm)
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -138,7 +138,6 @@ def test_revalidating_never_writes_through_a_planted_link(inputs):
 def test_report_says_when_our_reader_validated_the_artifact(inputs):
     """transformers cannot load a GPTQ checkpoint without GPTQModel: the artifact stage is our reader, and every
     report format says so."""
-    pytest.importorskip("lorafast_export.quant.export_hf")
     try:
         import gptqmodel  # noqa: F401
 
