@@ -49,8 +49,16 @@ GATE_METRICS: tuple[str, ...] = (
     + ("adapter_gain_retained",)
     + tuple(f"vs_previous.{m}" for m in COMPARISON_METRICS)
 )
-# Metrics that are legitimately undefined for some runs (value None): gates on them are skipped, not failed.
-MAY_BE_UNDEFINED: frozenset[str] = frozenset({"adapter_gain_retained"})
+# Metrics that are legitimately undefined for some runs (value None): gates on them are skipped, not failed (failed
+# with strict=True), and the gate's note says why. The greedy metrics are None when the greedy check was skipped
+# (validate/greedy.py: no device could hold the model for decoding).
+UNDEFINED_REASONS: dict[str, str] = {
+    "adapter_gain_retained": "undefined: the adapter did not change perplexity on this eval set",
+    **dict.fromkeys(
+        GREEDY_METRICS, "not measured: the greedy check was skipped (the report's note says why)"
+    ),
+}
+MAY_BE_UNDEFINED: frozenset[str] = frozenset(UNDEFINED_REASONS)
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -242,8 +250,7 @@ def check_value(value: float | None, op: str, threshold: float) -> bool:
 
 def _judge(gate: Gate, value: float | None, strict: bool) -> tuple[bool | None, str]:
     if value is None:
-        note = "undefined: the adapter did not change perplexity on this eval set"
-        return (False if strict else None), note
+        return (False if strict else None), UNDEFINED_REASONS[gate.metric]
     if math.isnan(value):
         return False, "value is NaN"
     return check_value(value, gate.op, gate.threshold), ""

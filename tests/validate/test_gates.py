@@ -142,7 +142,18 @@ def test_lookup_errors_list_what_exists():
         evaluate_gates(["stage:quantised.kl_mean<=1"], TABLE)
     with pytest.raises(InputError, match="no eval set 'math' .* eval sets: prose, code"):
         evaluate_gates(["math.kl_mean<=1"], TABLE)
-    with pytest.raises(InputError, match="'greedy_match' was not computed"):
-        evaluate_gates(["greedy_match>=0.5"], TABLE)
+    with pytest.raises(InputError, match="'top1' was not computed"):
+        evaluate_gates(["top1>=0.5"], {"artifact": {"prose": {"kl_mean": 0.1}}})
     with pytest.raises(InputError, match="no stage metrics"):
         evaluate_gates(["kl_mean<=1"], {})
+
+
+def test_greedy_gate_says_when_the_greedy_check_was_skipped():
+    """greedy_match is None when the check was skipped: the gate is skipped with the reason, never passed,
+    and strict evaluation fails it."""
+    table = {"artifact": {"prose": {"kl_mean": 0.1, "greedy_match": None}}}
+    [r] = evaluate_gates(["greedy_match>=0.5"], table)
+    assert r.passed is None and "greedy check was skipped" in r.note
+    assert all_passed([r])  # skipped does not fail a run...
+    [r] = evaluate_gates(["greedy_match>=0.5"], table, strict=True)
+    assert r.passed is False and "greedy check was skipped" in r.note  # ...unless strict

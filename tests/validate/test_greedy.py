@@ -77,6 +77,7 @@ def test_validation_report_says_greedy_was_skipped(tmp_path, monkeypatch):
     from lorafast_export.adapters import open_adapter
     from lorafast_export.merge import merged_state, plan_merge
     from lorafast_export.report.markdown import render_markdown
+    from lorafast_export.report.schema import regate
     from lorafast_export.validate.run import ValidationInputs, run_validation
     from lorafast_export.weights import open_model
     from tests.tiny import save_base_and_adapter, write_text
@@ -97,6 +98,9 @@ def test_validation_report_says_greedy_was_skipped(tmp_path, monkeypatch):
     assert "greedy check skipped" in rep.artifact.validation_note
     assert rep.stages[0].greedy_match is None and rep.stages[0].kl_max < 1e-6
     assert rep.artifact.validation_note in render_markdown(rep)
+    [gate] = regate(rep, ["greedy_match>=0.5"]).gates  # a greedy gate says the check was skipped
+    assert gate.passed is None and "greedy check was skipped" in gate.note
+    assert "1 skipped" in render_markdown(regate(rep, ["greedy_match>=0.5"]))
     monkeypatch.setattr(greedy, "HOST_DECODE_MAX_BYTES", 1 << 30)
     rep = run_validation(ValidationInputs(bm, [ad], recipe, [cand], "t", "hf", "none"), tmp_path / "out2")
     assert rep.artifact.validation_note is None and rep.stages[0].greedy_match == 1.0
