@@ -28,12 +28,17 @@ def good(tmp_path_factory):
     return root
 
 
-def build(good, tmp_path, *extra, base=None, adapter=None, validate=False):
-    """Run `build` on (a copy of) the good inputs; returns the CliRunner result after checking nothing was left."""
-    before = sorted(p.name for p in tmp_path.iterdir())
+def invoke_build(good, tmp_path, *extra, base=None, adapter=None, validate=False, out="out"):
+    """Run `build` on (a copy of) the good inputs into tmp_path/out; returns the CliRunner result."""
     argv = ["build", "--base", str(base or good / "base"), "--adapter", str(adapter or good / "ad")]
-    argv += [*map(str, extra), "--out", str(tmp_path / "out")] + ([] if validate else ["--no-validate"])
-    r = CliRunner().invoke(main, argv)
+    argv += [*map(str, extra), "--out", str(tmp_path / out)] + ([] if validate else ["--no-validate"])
+    return CliRunner().invoke(main, argv)
+
+
+def build(good, tmp_path, *extra, base=None, adapter=None, validate=False):
+    """invoke_build() of a build that must fail, after checking it left nothing behind."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = invoke_build(good, tmp_path, *extra, base=base, adapter=adapter, validate=validate)
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing may be left behind"
     return r
 
@@ -222,19 +227,7 @@ def test_sharded_base_still_builds(good, tmp_path):
     base = copy(good, tmp_path, "base")
     idx, wm = shard(base)
     idx.write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    r = CliRunner().invoke(
-        main,
-        [
-            "build",
-            "--base",
-            str(base),
-            "--adapter",
-            str(good / "ad"),
-            "--no-validate",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-    )
+    r = invoke_build(good, tmp_path, base=base)
     assert r.exit_code == 0, r.output
 
 
@@ -288,20 +281,7 @@ def test_regex_and_suffix_targets_still_build(good, tmp_path):
     for target in (r".*\.(q_proj|v_proj)", ["self_attn.q_proj", "v_proj"]):
         ad = copy(good, tmp_path, "ad")
         edit_json(ad / "adapter_config.json", target_modules=target)
-        r = CliRunner().invoke(
-            main,
-            [
-                "build",
-                "--base",
-                str(good / "base"),
-                "--adapter",
-                str(ad),
-                "--no-validate",
-                "--out",
-                str(tmp_path / "o"),
-                "--force",
-            ],
-        )
+        r = invoke_build(good, tmp_path, "--force", adapter=ad)
         assert r.exit_code == 0, (target, r.output)
         shutil.rmtree(ad)
 
@@ -422,35 +402,9 @@ def test_no_tokenizer_is_fine_without_validation(good, tmp_path):
     base = copy(good, tmp_path, "base")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (base / f).unlink(missing_ok=True)
-    r = CliRunner().invoke(
-        main,
-        [
-            "build",
-            "--base",
-            str(base),
-            "--adapter",
-            str(good / "ad"),
-            "--no-validate",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-    )
+    r = invoke_build(good, tmp_path, base=base)
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(
-        main,
-        [
-            "build",
-            "--base",
-            str(base),
-            "--adapter",
-            str(good / "ad"),
-            "--no-validate",
-            "--quant",
-            "gptq",
-            "--out",
-            str(tmp_path / "o2"),
-        ],
-    )
+    r = invoke_build(good, tmp_path, "--quant", "gptq", base=base, out="o2")
     refused(r, "gptq calibration needs")
 
 
