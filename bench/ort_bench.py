@@ -379,6 +379,26 @@ def table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def run_child(a, merged: Path, run: str, trials: int) -> dict:
+    """One `--run` of this script in its own process pinned to a.cores; its last stdout line (JSON) is the row."""
+    cmd = ["taskset", "-c", a.cores, sys.executable, __file__, "--model", str(merged), "--work", str(a.work)]
+    cmd += [
+        "--prompt",
+        str(a.prompt),
+        "--new",
+        str(a.new),
+        "--trials",
+        str(trials),
+        "--threads",
+        str(a.threads),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    out = subprocess.run([*cmd, "--run", run], capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"{run} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -424,32 +444,7 @@ def main() -> None:
         for v in variants:
             if v == "transformers" and r:
                 continue  # slow, and only the reference
-            cmd = [
-                "taskset",
-                "-c",
-                a.cores,
-                sys.executable,
-                __file__,
-                "--model",
-                str(merged),
-                "--work",
-                str(a.work),
-                "--prompt",
-                str(a.prompt),
-                "--new",
-                str(a.new),
-                "--trials",
-                str(a.trials),
-                "--threads",
-                str(a.threads),
-                "--run",
-                v,
-            ]
-            env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row = run_child(a, merged, v, a.trials)
             print(json.dumps(row), file=sys.stderr)
             prev = best.setdefault(v, row)
             for k in ("prefill_tok_s", "decode_tok_s"):
@@ -459,33 +454,7 @@ def main() -> None:
     og_variants = [v for v in variants if v != "transformers"]
     inter = {}
     if a.interleave and len(og_variants) > 1:
-        cmd = [
-            "taskset",
-            "-c",
-            a.cores,
-            sys.executable,
-            __file__,
-            "--model",
-            str(merged),
-            "--work",
-            str(a.work),
-            "--prompt",
-            str(a.prompt),
-            "--new",
-            str(a.new),
-            "--trials",
-            str(a.interleave),
-            "--threads",
-            str(a.threads),
-            "--run",
-            "interleaved:" + ",".join(og_variants),
-        ]
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-        )
-        if out.returncode:
-            sys.exit(f"interleaved run failed:\n{out.stderr[-3000:]}")
-        inter = json.loads(out.stdout.strip().splitlines()[-1])
+        inter = run_child(a, merged, "interleaved:" + ",".join(og_variants), a.interleave)
     print(
         table(
             rows,
