@@ -192,6 +192,23 @@ def sec_check(a, dev, R):
     lr, ld = rt.logits(ids), ref.logits(ids)
     out["int4_model_logits_rel_err_vs_dequant_bf16"] = ((lr - ld).norm() / ld.norm()).item()
     out["int4_kernels"] = sorted(set(rt.kernels.values()))
+    out.update(_check_triton_int4(cfg, fp, q, dev, prompts, ids, ld, base))
+    return out
+
+
+def _check_triton_int4(cfg, fp, q, dev, prompts, ids, ld, base) -> dict:
+    """Our Triton int4 kernels in the whole runtime: bf16 logits vs the dequant model; fp32 greedy tokens
+    of the compiled step (CUDA graph) vs eager, both through the Triton kernels."""
+    out = {}
+    rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="on", kernel="triton", **base))
+    lt = rt.logits(ids)
+    out["int4_triton_model_logits_rel_err_vs_dequant_bf16"] = ((lt - ld).norm() / ld.norm()).item()
+    out["int4_triton_kernels"] = sorted(set(rt.kernels.values()))
+    runs = {}
+    for mode in ("off", "on"):
+        o = RuntimeOptions(compile=mode, kernel="triton", **base)
+        runs[mode] = build_runtime(cfg, fp, q, dev, torch.float32, o).generate_batch(prompts, 24)
+    out["int4_triton_fp32_compiled_tokens_equal_eager"] = runs["on"] == runs["off"]
     return out
 
 
