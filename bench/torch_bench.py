@@ -376,6 +376,8 @@ def sec_mixed(a, dev, R):
         run_requests(rt, prompts, outs)  # warm-up: every batch bucket the drain passes through
         res["ours"] = run_requests(rt, prompts, outs)
         res["ours_label"] = a.mixed_with
+    if a.mixed_peer == "none":
+        return res
     hf_generate(model, prompts[:2], 4, dev)
     s, made = hf_generate(model, prompts, max(outs), dev)  # one padded batch runs to the longest output
     res["hf"] = {"seconds": s, "tokens_made": made, "useful_tokens_per_s": sum(outs) / s}
@@ -669,6 +671,7 @@ def main() -> None:
         "--attention", default="auto", help="auto: the faster one in the attn section, else gather"
     )
     p.add_argument("--mixed-with", default="bf16", choices=("bf16", "int4"))
+    p.add_argument("--mixed-peer", default="hf", choices=("hf", "none"), help="none: ours only (TTFT)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip sections once this much time has passed")
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
     p.add_argument("--compile", default="on", choices=("on", "off"), help="profile/spec sections")

@@ -5,13 +5,13 @@ the code of input column 2j in its low nibble and 2j+1 in its high nibble; scale
 stored dtype; zero points uint8 [out, groups], or none (symmetric: zero 8). w = (code - zero) * scale.
 
 Two kernels, both with split-K (each split writes an fp32 partial, summed after; one split stores the
-result directly in the activation dtype):
-- GEMV for a few rows (1-8): no tensor cores. Per group it sums x * code, then applies the scale once:
-  y = sum_g s_g * (sum_{k in g} x_k q_k - z_g * sum_{k in g} x_k), so the dequantization costs one
-  multiply per group, not per weight (the kernel is bound by integer unpacking, not by bandwidth, if
-  every weight is scaled).
-- GEMM for more rows: the tile of codes is dequantized in registers and fed to tl.dot, split into the
-  even and the odd input columns so the nibbles need no interleaving.
+result directly in the activation dtype). A tile spans BK input columns inside one group (BK divides the
+group size), so its scale multiplies the tile's partial sum once, not every weight: per weight the work is
+the nibble unpack, one integer-to-float conversion and the zero-point subtraction. The activations are
+loaded contiguously and split into their even and odd columns, so the nibbles need no interleaving, and
+the codes load as aligned 16-byte vectors (tile offsets are multiples of BK / 2 bytes, rows KB bytes).
+- GEMV for a few rows: no tensor cores; products summed over the tile in fp32.
+- GEMM for more rows: (code - zero) is exact in bf16/fp16 and goes to tl.dot.
 Which kernel and which tile sizes run for a (shape, rows) comes from a table measured on the device
 (runtime/int4_table.py); `int4_mm` takes that plan and picks the entry for the batch it sees.
 
@@ -35,11 +35,11 @@ def _jit(fn):
     """triton.jit with ITERS (tiles per split) a runtime value on the GPU, so a new K or split count does
     not compile the kernel again. Triton's interpreter (the CPU tests) cannot loop to a runtime bound under
     numpy 2: there it stays the compile-time constant the source declares. Sizes that only bound masks are
-    not specialised (one compile per tile shape); K is, as it sets the row strides (aligned loads)."""
+    not specialised (one compile per tile shape); K and KB are, as they set the row strides (aligned loads)."""
     if _INTERPRET:
         return triton.jit(fn)
     fn.__annotations__.pop("ITERS")
-    return triton.jit(fn, do_not_specialize=["M", "N", "G", "k_per_split", "ITERS"])
+    return triton.jit(fn, do_not_specialize=["M", "N", "G", "ITERS"])
 
 
 @_jit
@@ -52,53 +52,44 @@ def _gemv_kernel(
     M,
     N,
     K,
+    KB,
     G,
-    k_per_split,  # ITERS * BK
     ITERS: tl.constexpr,  # tiles per split
     MP: tl.constexpr,  # M padded to a power of two
     BN: tl.constexpr,
-    BK: tl.constexpr,  # a multiple of GS
+    BK: tl.constexpr,  # divides GS
     GS: tl.constexpr,
     ASYM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
-    NG: tl.constexpr = BK // GS
     nn = pid_n * BN + tl.arange(0, BN)
     mm = tl.arange(0, MP)
     jj = tl.arange(0, BK // 2)
-    gg = tl.arange(0, NG)
+    kk = tl.arange(0, BK)
     n_ok = nn < N
     m_ok = mm < M
-    kb_row = (K + 1) // 2
-    k_lo = sp * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)  # the last split's tail past K loads nothing (masked)
     acc = tl.zeros([MP, BN], tl.float32)
     for it in range(0, ITERS):
-        k0 = k_lo + it * BK
-        kev = k0 + 2 * jj  # even input column of each byte
-        ev_ok = kev < k_hi
-        od_ok = kev + 1 < k_hi
+        t = sp * ITERS + it  # tile index along K; tiles past K load nothing (masked)
+        k0 = t * BK
+        kb0 = t * (BK // 2)
         w = tl.load(
-            w_ptr + nn[:, None] * kb_row + (k0 // 2 + jj)[None, :], mask=n_ok[:, None] & ev_ok[None, :]
+            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
         )
-        lo = (w & 0xF).to(tl.float32)  # [BN, BK/2]
-        hi = (w >> 4).to(tl.float32)
-        xrow = x_ptr + mm[:, None] * K + kev[None, :]
-        xe = tl.load(xrow, mask=m_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)  # [MP, BK/2]
-        xo = tl.load(xrow + 1, mask=m_ok[:, None] & od_ok[None, :], other=0.0).to(tl.float32)
-        prod = lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :]  # [MP, BN, BK/2]
-        dot_g = tl.sum(tl.reshape(prod, [MP, BN, NG, GS // 2]), axis=3)  # [MP, BN, NG]
-        x_g = tl.sum(tl.reshape(xe + xo, [MP, NG, GS // 2]), axis=2)  # [MP, NG]
-        g = k0 // GS + gg
-        g_off = nn[:, None] * G + g[None, :]
-        g_ok = n_ok[:, None] & (g < G)[None, :]
-        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN, NG]
+        x = tl.load(x_ptr + mm[:, None] * K + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < K)[None, :])
+        xe, xo = tl.split(tl.reshape(x.to(tl.float32), [MP, BK // 2, 2]))  # [MP, BK/2] each
+        g_off = nn * G + k0 // GS
+        g_ok = n_ok & (k0 < K)
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN]
         if ASYM:
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)[:, None]
         else:
-            z = tl.full([BN, NG], 8.0, tl.float32)
-        acc += tl.sum(s[None, :, :] * (dot_g - z[None, :, :] * x_g[:, None, :]), axis=2)
+            z = 8.0
+        lo = (w & 0xF).to(tl.float32) - z  # [BN, BK/2]
+        hi = (w >> 4).to(tl.float32) - z
+        part = tl.sum(lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :], axis=2)  # [MP, BN]
+        acc += part * s[None, :]
     o_off = (sp * M + mm[:, None]) * N + nn[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -113,12 +104,12 @@ def _gemm_kernel(
     M,
     N,
     K,
+    KB,
     G,
-    k_per_split,
     ITERS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BK: tl.constexpr,
+    BK: tl.constexpr,  # divides GS
     GS: tl.constexpr,
     ASYM: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 activations: exact fp32 dots (the default rounds inputs to tf32)
@@ -129,44 +120,41 @@ def _gemm_kernel(
     mm = pid_m * BM + tl.arange(0, BM)
     nn = pid_n * BN + tl.arange(0, BN)
     jj = tl.arange(0, BK // 2)
+    kk = tl.arange(0, BK)
     n_ok = nn < N
     m_ok = mm < M
-    kb_row = (K + 1) // 2
-    k_lo = sp * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)  # the last split's tail past K loads nothing (masked)
     acc = tl.zeros([BM, BN], tl.float32)
     for it in range(0, ITERS):
-        k0 = k_lo + it * BK
-        kev = k0 + 2 * jj
-        ev_ok = kev < k_hi
-        od_ok = kev + 1 < k_hi
+        t = sp * ITERS + it
+        k0 = t * BK
+        kb0 = t * (BK // 2)
         w = tl.load(
-            w_ptr + nn[:, None] * kb_row + (k0 // 2 + jj)[None, :], mask=n_ok[:, None] & ev_ok[None, :]
+            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
         )
-        g_off = nn[:, None] * G + (kev // GS)[None, :]  # a group is even-sized: both nibbles share it
-        s = tl.load(s_ptr + g_off, mask=n_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + mm[:, None] * K + (k0 + kk)[None, :],
+            mask=m_ok[:, None] & (k0 + kk < K)[None, :],
+            other=0.0,
+        )
+        xe, xo = tl.split(tl.reshape(x, [BM, BK // 2, 2]))  # [BM, BK/2] each
+        g_off = nn * G + k0 // GS
+        g_ok = n_ok & (k0 < K)
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN]
         if ASYM:
-            z = tl.load(z_ptr + g_off, mask=n_ok[:, None] & ev_ok[None, :], other=0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.int16)[:, None]
         else:
-            z = 8.0
-        xrow = x_ptr + mm[:, None] * K + kev[None, :]
-        xe = tl.load(xrow, mask=m_ok[:, None] & ev_ok[None, :], other=0.0)  # [BM, BK/2]
-        xo = tl.load(xrow + 1, mask=m_ok[:, None] & od_ok[None, :], other=0.0)
-        w_lo = (((w & 0xF).to(tl.float32) - z) * s).to(xe.dtype)  # [BN, BK/2]
-        w_hi = (((w >> 4).to(tl.float32) - z) * s).to(xe.dtype)
+            z = 8
+        w_lo = ((w & 0xF).to(tl.int16) - z).to(x.dtype)  # [BN, BK/2], exact small integers
+        w_hi = ((w >> 4).to(tl.int16) - z).to(x.dtype)
         if IEEE:
-            acc += tl.dot(xe, tl.trans(w_lo), input_precision="ieee")
-            acc += tl.dot(xo, tl.trans(w_hi), input_precision="ieee")
+            part = tl.dot(xe, tl.trans(w_lo), input_precision="ieee")
+            part = tl.dot(xo, tl.trans(w_hi), part, input_precision="ieee")
         else:
-            acc += tl.dot(xe, tl.trans(w_lo))
-            acc += tl.dot(xo, tl.trans(w_hi))
+            part = tl.dot(xe, tl.trans(w_lo))
+            part = tl.dot(xo, tl.trans(w_hi), part)
+        acc += part * s[None, :]
     o_off = (sp * M + mm[:, None]) * N + nn[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-def _split_len(k: int, bk: int, splits: int) -> int:
-    """Input columns per split: a multiple of BK, so splits never cut a tile (nor a group)."""
-    return -(-k // (splits * bk)) * bk
 
 
 def launch(
@@ -180,43 +168,24 @@ def launch(
 ) -> torch.Tensor:
     """x [M, K] @ dequant(w).T with one plan entry (see ENTRY) → [M, N] in x's dtype."""
     _, kind, bn, bk, splits, bm, warps = entry
-    bk = max(bk, group_size) if kind == GEMV else bk  # GEMV tiles hold whole groups (powers of two)
+    bk = min(bk, group_size)  # a tile lies inside one group (both powers of two)
     m, n, g = x.shape[0], w.shape[0], s.shape[1]
-    kps = _split_len(k, bk, splits)
-    splits = -(-k // kps)  # splits that hold columns
+    tiles = triton.cdiv(k, bk)
+    iters = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, iters)  # splits that hold columns
     out = (
         torch.empty(m, n, device=x.device, dtype=x.dtype)
         if splits == 1
         else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
     )
     zp = z if z is not None else s  # never read when symmetric
+    args = (x, w, s, zp, out, m, n, k, w.shape[1], g)
+    common = dict(ITERS=iters, BN=bn, BK=bk, GS=group_size, ASYM=z is not None, num_warps=warps)
     if kind == GEMV:
-        grid = (triton.cdiv(n, bn), splits)
-        mp = triton.next_power_of_2(m)
-        _gemv_kernel[grid](
-            x,
-            w,
-            s,
-            zp,
-            out,
-            m,
-            n,
-            k,
-            g,
-            kps,
-            ITERS=kps // bk,
-            MP=mp,
-            BN=bn,
-            BK=bk,
-            GS=group_size,
-            ASYM=z is not None,
-        )
+        _gemv_kernel[(triton.cdiv(n, bn), splits)](*args, MP=triton.next_power_of_2(m), **common)
     else:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
-        _gemm_kernel[grid](
-            x, w, s, zp, out, m, n, k, g, kps,
-            ITERS=kps // bk, BM=bm, BN=bn, BK=bk, GS=group_size, ASYM=z is not None, IEEE=x.dtype == torch.float32, num_warps=warps,
-        )  # fmt: skip
+        _gemm_kernel[grid](*args, BM=bm, IEEE=x.dtype == torch.float32, **common)
     return out if splits == 1 else out.sum(0).to(x.dtype)
 
 
