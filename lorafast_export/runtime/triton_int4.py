@@ -10,7 +10,7 @@ group size), so its scale multiplies the tile's partial sum once, not every weig
 the nibble unpack, one integer-to-float conversion and the zero-point subtraction. The activations are
 loaded contiguously and split into their even and odd columns, so the nibbles need no interleaving, and
 the codes load as aligned 16-byte vectors (tile offsets are multiples of BK / 2 bytes, rows KB bytes).
-- GEMV for a few rows: no tensor cores; products summed over the tile in fp32.
+- GEMV for a few rows: no tensor cores; products summed over the tile in fp32, one row at a time.
 - GEMM for more rows: (code - zero) is exact in bf16/fp16 and goes to tl.dot.
 Which kernel and which tile sizes run for a (shape, rows) comes from a table measured on the device
 (runtime/int4_table.py); `int4_mm` takes that plan and picks the entry for the batch it sees.
@@ -68,7 +68,6 @@ def _gemv_kernel(
     jj = tl.arange(0, BK // 2)
     kk = tl.arange(0, BK)
     n_ok = nn < N
-    m_ok = mm < M
     acc = tl.zeros([MP, BN], tl.float32)
     for it in range(0, ITERS):
         t = sp * ITERS + it  # tile index along K; tiles past K load nothing (masked)
@@ -77,8 +76,6 @@ def _gemv_kernel(
         w = tl.load(
             w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
         )
-        x = tl.load(x_ptr + mm[:, None] * K + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < K)[None, :])
-        xe, xo = tl.split(tl.reshape(x.to(tl.float32), [MP, BK // 2, 2]))  # [MP, BK/2] each
         g_off = nn * G + k0 // GS
         g_ok = n_ok & (k0 < K)
         s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN]
@@ -88,10 +85,13 @@ def _gemv_kernel(
             z = 8.0
         lo = (w & 0xF).to(tl.float32) - z  # [BN, BK/2]
         hi = (w >> 4).to(tl.float32) - z
-        part = tl.sum(lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :], axis=2)  # [MP, BN]
-        acc += part * s[None, :]
+        for m in tl.static_range(MP):  # rows one by one: 2-D tiles stay in the layout they were loaded in
+            x = tl.load(x_ptr + m * K + k0 + kk, mask=(k0 + kk < K) & (m < M), other=0.0)  # [BK]
+            xe, xo = tl.split(tl.reshape(x.to(tl.float32), [BK // 2, 2]))
+            part = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1) * s  # [BN]
+            acc += tl.where(mm[:, None] == m, part[None, :], 0.0)
     o_off = (sp * M + mm[:, None]) * N + nn[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=(mm < M)[:, None] & n_ok[None, :])
 
 
 @_jit
