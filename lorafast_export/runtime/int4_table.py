@@ -4,16 +4,15 @@
 bf16 matmul, torch's tinygemm and a sweep of our Triton GEMV/GEMM tiles (runtime/triton_int4.py), each
 call replayed from a CUDA graph as the runtime runs it, and writes the table shipped as
 lorafast_export/data/kernels/int4_<gpu>.json. At load:
-- a layer whose shape the table holds, on the GPU it was measured on, gets the Triton kernels when their
-  times over all buckets beat tinygemm's (geometric mean of the ratios; one weight layout per layer), with
-  the fastest measured tile for each bucket;
+- a layer whose shape the table holds, on the GPU it was measured on, gets per row bucket the fastest
+  measured kernel: tinygemm, or a Triton GEMV/GEMM tile (a layer whose plan mixes both keeps both weight
+  packings, 0.5 + 0.5 byte per weight);
 - any other shape or GPU keeps the earlier rule (tinygemm where it applies), since nothing was measured.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,30 +30,32 @@ def load_table(gpu: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _best(cell: dict) -> dict | None:
-    """The faster of the cell's measured Triton kernels ({'us', 'entry'}), None if neither ran."""
-    runs = [cell[k] for k in ("gemv", "gemm") if cell.get(k) and cell[k]["us"] is not None]
-    return min(runs, key=lambda r: r["us"]) if runs else None
+TINYGEMM_ENTRY = [2, 0, 0, 1, 0, 0]  # kind TINYGEMM (runtime/triton_int4.py); tile fields unused
 
 
-def plan_from_table(table: dict | None, n: int, k: int) -> tuple[str, list[int]] | None:
-    """('int4_triton', flat plan) or ('int4_tinygemm', []) for an [n, k] linear; None if not measured."""
+def _best(cell: dict, allow_tinygemm: bool) -> tuple[float, list[int]] | None:
+    """(microseconds, entry without its row bound) of the cell's fastest measured kernel."""
+    runs = [(cell[k]["us"], cell[k]["entry"][1:]) for k in ("gemv", "gemm") if cell.get(k) and cell[k]["us"]]
+    if allow_tinygemm and cell.get("tinygemm_us"):
+        runs.append((cell["tinygemm_us"], TINYGEMM_ENTRY))
+    return min(runs, key=lambda r: r[0]) if runs else None
+
+
+def plan_from_table(
+    table: dict | None, n: int, k: int, allow_tinygemm: bool = True
+) -> tuple[str, list[int]] | None:
+    """('int4_triton', flat plan) or ('int4_tinygemm', []) for an [n, k] linear; None if not measured.
+    Per row bucket the fastest measured kernel (tinygemm too where the layer fits it)."""
     row = next((r for r in (table or {}).get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
     if row is None:
         return None
     buckets = sorted(row["rows"], key=int)
-    best = {b: _best(row["rows"][b]) for b in buckets}
-    if any(v is None for v in best.values()):
+    best = [(int(b), _best(row["rows"][b], allow_tinygemm)) for b in buckets]
+    if any(v is None for _, v in best):
+        return None
+    if all(v[1] == TINYGEMM_ENTRY for _, v in best):
         return ("int4_tinygemm", [])
-    tiny = [row["rows"][b].get("tinygemm_us") for b in buckets]
-    if all(t is not None for t in tiny):
-        log_ratio = sum(math.log(best[b]["us"] / t) for b, t in zip(buckets, tiny))
-        if log_ratio >= 0:
-            return ("int4_tinygemm", [])
-    plan: list[int] = []
-    for b in buckets:
-        plan += [int(b), *best[b]["entry"][1:]]
-    return ("int4_triton", plan)
+    return ("int4_triton", [x for b, v in best for x in (b, *v[1])])
 
 
 def default_plan() -> list[int]:

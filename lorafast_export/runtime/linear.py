@@ -76,18 +76,21 @@ def triton_plan(qt: QTensor, device: torch.device | str, dtype: torch.dtype, pre
     if qt.bits != 4 or qt.group_size not in TRITON_GROUPS or not _groups_contiguous(qt):
         return None
     if prefer == "triton":
-        return default_plan() if _table_plan(qt, device) is None else _table_plan(qt, device)
+        plan = _table_plan(qt, device, dtype)
+        return default_plan() if plan is None else plan
     dev = torch.device(device)
     if dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return None
-    return _table_plan(qt, dev)
+    return _table_plan(qt, dev, dtype)
 
 
-def _table_plan(qt: QTensor, device) -> list[int] | None:
+def _table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return None
-    choice = plan_from_table(load_table(torch.cuda.get_device_name(dev)), qt.out_features, qt.in_features)
+    table = load_table(torch.cuda.get_device_name(dev))
+    fits = tinygemm_fits(qt, True, dtype)
+    choice = plan_from_table(table, qt.out_features, qt.in_features, allow_tinygemm=fits)
     return choice[1] if choice and choice[0] == "int4_triton" else None
 
 
@@ -158,6 +161,19 @@ class Int8Linear(_QuantLinearBase):
         return self._finish(y, shape)
 
 
+def tinygemm_pack(qt: QTensor, codes: torch.Tensor, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scale_zeros [G, out, 2]) of the device's tinygemm layout; codes: act-order permuted."""
+    scales = qt.scales.float()  # [out, G]
+    zeros = (8.0 - qt.zeros.float()) * scales if qt.zeros is not None else torch.zeros_like(scales)
+    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, out, 2]
+    return pack_int4(codes, device), sz.to(device=device, dtype=dtype)
+
+
+def tinygemm_mm(x: torch.Tensor, weight: torch.Tensor, group_size: int, scale_zeros: torch.Tensor):
+    mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return mm(x, weight, group_size, scale_zeros)
+
+
 class Int4Linear(_QuantLinearBase):
     """int4 grouped through torch's tinygemm kernels (CUDA or CPU packing, chosen at build)."""
 
@@ -167,33 +183,27 @@ class Int4Linear(_QuantLinearBase):
         super().__init__(qt, bias, dtype, device)
         self.group_size = qt.group_size
         perm = _contiguous_groups(qt)
-        codes = qt.codes if perm is None else qt.codes[:, perm]
-        scales = qt.scales.float()  # [out, G]
-        zeros = (8.0 - qt.zeros.float()) * scales if qt.zeros is not None else torch.zeros_like(scales)
-        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, out, 2]
-        self.register_buffer("scale_zeros", sz.to(device=device, dtype=dtype))
+        weight, sz = tinygemm_pack(qt, qt.codes if perm is None else qt.codes[:, perm], dtype, device)
+        self.register_buffer("scale_zeros", sz)
         self.register_buffer("perm", None if perm is None else perm.to(device))
-        self.on_cuda = torch.device(device).type == "cuda"
-        self.register_buffer("weight", pack_int4(codes, device))
+        self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, x = x.shape, self._prep(x).reshape(-1, self.in_features)
         if self.perm is not None:
             x = x[:, self.perm]
-        mm = (
-            torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        )
-        return self._finish(mm(x, self.weight, self.group_size, self.scale_zeros), shape)
+        return self._finish(tinygemm_mm(x, self.weight, self.group_size, self.scale_zeros), shape)
 
 
 class Int4TritonLinear(_QuantLinearBase):
-    """int4 grouped through our Triton GEMV/GEMM (runtime/triton_int4.py) on qform's packed nibbles."""
+    """int4 grouped through our Triton GEMV/GEMM (runtime/triton_int4.py) on qform's packed nibbles; where
+    the plan gives tinygemm to some row buckets, the layer also keeps tinygemm's packing for those."""
 
     kernel = "int4_triton"
 
     def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu", plan=None):
         super().__init__(qt, bias, dtype, device)
-        from lorafast_export.runtime import triton_int4  # noqa: F401 - registers the op; imports triton
+        from lorafast_export.runtime import triton_int4  # registers the op; imports triton
 
         perm = _contiguous_groups(qt)
         codes = qt.codes if perm is None else qt.codes[:, perm]
@@ -203,13 +213,25 @@ class Int4TritonLinear(_QuantLinearBase):
         self.register_buffer("perm", None if perm is None else perm.to(device))
         self.group_size = qt.group_size
         self.plan = list(plan or default_plan())
+        tg = triton_int4.TINYGEMM in self.plan[1 :: triton_int4.ENTRY]
+        tg_w, tg_sz = tinygemm_pack(qt, codes, dtype, device) if tg else (None, None)
+        self.register_buffer("tinygemm_weight", tg_w)
+        self.register_buffer("tinygemm_scale_zeros", tg_sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, x = x.shape, self._prep(x).reshape(-1, self.in_features)
         if self.perm is not None:
             x = x[:, self.perm]
         y = torch.ops.lorafast.int4_mm(
-            x, self.weight, self.scales, self.zeros, self.in_features, self.group_size, self.plan
+            x,
+            self.weight,
+            self.scales,
+            self.zeros,
+            self.in_features,
+            self.group_size,
+            self.plan,
+            self.tinygemm_weight,
+            self.tinygemm_scale_zeros,
         )
         return self._finish(y, shape)
 

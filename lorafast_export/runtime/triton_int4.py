@@ -25,9 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-# One plan entry: (max rows, kind, BN, BK, splits, BM, warps) with kind 0 = GEMV, 1 = GEMM.
+from lorafast_export.runtime.linear import tinygemm_mm
+
+# One plan entry: (max rows, kind, BN, BK, splits, BM, warps) with kind 0 = GEMV, 1 = GEMM, 2 = torch's
+# tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused).
 ENTRY = 7
-GEMV, GEMM = 0, 1
+GEMV, GEMM, TINYGEMM = 0, 1, 2
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -204,11 +207,18 @@ def int4_mm(
     k: int,
     group_size: int,
     plan: list[int],
+    tg_w: torch.Tensor | None = None,
+    tg_sz: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries)."""
-    return launch(x.contiguous(), w, s, z, k, group_size, pick(plan, x.shape[0]))
+    """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
+    tg_w / tg_sz: the tinygemm packing, for entries of kind TINYGEMM). The choice happens here, inside
+    the op, so a compiled graph does not branch on the (dynamic) row count."""
+    entry = pick(plan, x.shape[0])
+    if entry[1] == TINYGEMM:
+        return tinygemm_mm(x, tg_w, group_size, tg_sz)
+    return launch(x.contiguous(), w, s, z, k, group_size, entry)
 
 
 @int4_mm.register_fake
-def _(x, w, s, z, k, group_size, plan):
+def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None):
     return x.new_empty(x.shape[0], w.shape[0])

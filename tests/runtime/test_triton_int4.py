@@ -11,8 +11,8 @@ import torch
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.qform import QLinear, pack_nibbles
 from lorafast_export.runtime import int4_table
-from lorafast_export.runtime.linear import lower_qtensor
-from lorafast_export.runtime.triton_int4 import ENTRY, GEMM, GEMV, launch
+from lorafast_export.runtime.linear import Int4TritonLinear, lower_qtensor
+from lorafast_export.runtime.triton_int4 import ENTRY, GEMM, GEMV, TINYGEMM, launch
 from tests.quant.helpers import random_qtensor
 from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
 from tests.runtime.test_model import paged_logits
@@ -77,17 +77,36 @@ def _cell(gemv_us, gemm_us, tiny_us):
 
 
 def test_plan_follows_the_measured_table():
+    """Per row bucket the fastest measured kernel; tinygemm only where the layer fits it."""
     table = {
         "shapes": [
             {"n": 64, "k": 256, "rows": {"1": _cell(10, 30, 20), "32": _cell(90, 40, 80)}},
             {"n": 32, "k": 256, "rows": {"1": _cell(30, 40, 20), "32": _cell(90, 60, 50)}},
+            {"n": 16, "k": 256, "rows": {"1": _cell(30, 40, 20), "32": _cell(90, 40, 50)}},
         ]
     }
-    kind, plan = int4_table.plan_from_table(table, 64, 256)  # Triton faster in both buckets
-    assert kind == "int4_triton"
-    assert plan == [1, GEMV, 32, 256, 2, 16, 4, 32, GEMM, 64, 64, 1, 16, 4]  # the faster tile per bucket
-    assert int4_table.plan_from_table(table, 32, 256) == ("int4_tinygemm", [])  # tinygemm faster
+    gemv, gemm, tiny = [GEMV, 32, 256, 2, 16, 4], [GEMM, 64, 64, 1, 16, 4], [TINYGEMM, 0, 0, 1, 0, 0]
+    assert int4_table.plan_from_table(table, 64, 256) == ("int4_triton", [1, *gemv, 32, *gemm])
+    assert int4_table.plan_from_table(table, 32, 256) == ("int4_tinygemm", [])  # tinygemm faster in both
+    assert int4_table.plan_from_table(table, 16, 256) == ("int4_triton", [1, *tiny, 32, *gemm])
+    assert int4_table.plan_from_table(table, 16, 256, allow_tinygemm=False) == (
+        "int4_triton",
+        [1, *gemv, 32, *gemm],
+    )
     assert int4_table.plan_from_table(table, 128, 256) is None  # not measured: the earlier rule
+
+
+def test_plan_mixing_tinygemm_and_triton(tmp_path):
+    """A layer whose plan gives tinygemm to 1 row and the Triton GEMM beyond keeps both packings; each
+    bucket's result equals the fake-quant reference (tinygemm: torch's CPU kernel here)."""
+    qt = random_qtensor(48, 256, 4, 64, False, act_order=True, seed=3)
+    plan = [1, TINYGEMM, 0, 0, 1, 0, 0, 64, GEMM, 32, 64, 2, 16, 4]
+    for dtype in _dtypes():
+        mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
+        assert mod.tinygemm_weight is not None
+        for rows in (1, 9):
+            x = torch.randn(rows, 256)
+            assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
 
 
 def test_shipped_tables_give_runnable_plans():
@@ -100,10 +119,10 @@ def test_shipped_tables_give_runnable_plans():
             assert choice is not None and choice[0] in ("int4_triton", "int4_tinygemm")
             entries = [choice[1][i : i + ENTRY] for i in range(0, len(choice[1]), ENTRY)]
             for rows, kind, bn, bk, splits, bm, warps in entries:
-                assert kind in (GEMV, GEMM) and splits >= 1 and rows >= 1
-                assert (
-                    bk >= 32 and bk & (bk - 1) == 0 and bn & (bn - 1) == 0 and bm >= 16 and warps in (2, 4, 8)
-                )
+                assert kind in (GEMV, GEMM, TINYGEMM) and splits >= 1 and rows >= 1
+                if kind != TINYGEMM:
+                    assert bk >= 32 and not bk & (bk - 1) and not bn & (bn - 1) and bm >= 16
+                    assert warps in (4, 8)
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="helpers.paged builds on the CPU; on CUDA: torch_bench.py check")
