@@ -18,6 +18,7 @@ of llm-compressor's AWQ, which has none; rtn-sym: symmetric RTN, against nncf-rt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,11 +26,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.quant_metrics import open_reference, stream_tokens, summary, write_reference  # noqa: E402
 from lorafast_export.adapters import open_adapter  # noqa: E402
 from lorafast_export.merge import merge  # noqa: E402
 from lorafast_export.model.decoder import load_decoder  # noqa: E402
@@ -45,7 +48,29 @@ VARIANTS = {
     "rtn-sym": {"method": "rtn", "symmetric": True},
     "gptq-search": {"method": "gptq", "range_search": True},
     "awq-gptq-search": {"method": "awq-gptq", "range_search": True},
+    "gptq-act": {"method": "gptq", "act_order": True},
+    "gptq-natural": {"method": "gptq", "static_act_order": False},  # the default before issue 14's change
+    "awq-gptq-natural": {"method": "awq-gptq", "static_act_order": False},
+    "gptq-damp0.1": {"method": "gptq", "damp_percent": 0.1},
+    "gptq-damp0.001": {"method": "gptq", "damp_percent": 0.001},
 }
+# Candidates measured for issue 14 that are config fields (quant/config.py) but not recipe options: the bench
+# sets them on the resolved config.
+EXPERIMENTS = {  # config fields set explicitly (act_order + static_groups: see GPTQConfig)
+    "gptq-static": {
+        "method": "gptq",
+        "act_order": False,
+        "static_groups": True,
+    },  # natural order, fixed groups
+    "gptq-onepass": {"method": "gptq", "true_sequential": False},
+    "gptq-natural-onepass": {
+        "method": "gptq",
+        "act_order": False,
+        "static_groups": False,
+        "true_sequential": False,
+    },
+}
+CONFIG_ONLY = ("static_groups", "true_sequential")
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:
@@ -54,48 +79,33 @@ def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tenso
     return torch.tensor(ids[: n * block]).view(n, block)
 
 
-@torch.no_grad()
-def reference_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+def reference_blocks(base: Path, adapter: Path, ids: torch.Tensor):
+    """Logits [seq, vocab] of each eval block from the base with its adapter UNMERGED (transformers + PEFT, fp32)."""
     import peft
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(model, adapter).eval()  # unmerged: what the user trained
-    return torch.cat([model(input_ids=b[None]).logits.float() for b in ids])
+    with torch.no_grad():
+        for b in ids:
+            yield model(input_ids=b[None]).logits[0]
 
 
-def cached_reference(path: Path, base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
-    """reference_logits, kept in OUT (float32) for runs that share OUT and so the same eval ids."""
-    if path.exists():
-        cached = torch.load(path)
-        if torch.equal(cached["ids"], ids):
-            return cached["logits"]
-    ref = reference_logits(base, adapter, ids)
-    torch.save({"ids": ids, "logits": ref}, path)
-    return ref
+def save_atomic(t: torch.Tensor, path: Path) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(t, tmp)
+    tmp.rename(path)
 
 
-@torch.no_grad()
-def decoder_logits(dec, ids: torch.Tensor) -> torch.Tensor:
-    return torch.cat([dec(b[None])[0].float() for b in ids])
-
-
-def token_kl(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    lr, lc = ref.log_softmax(-1), cand.log_softmax(-1)  # [n, s, V]
-    return (lr.exp() * (lr - lc)).sum(-1).flatten()  # [n·s]
-
-
-def metrics(ref: torch.Tensor, cand: torch.Tensor, ids: torch.Tensor) -> dict:
-    lr, lc = ref.log_softmax(-1), cand.log_softmax(-1)  # [n, s, V]
-    kl = token_kl(ref, cand)
-    labels = ids[:, 1:]
-    nll = lambda lp: float(-lp[:, :-1].gather(-1, labels[..., None]).mean())  # noqa: E731
-    return {
-        "kl_mean": float(kl.mean()),
-        "kl_p99": float(kl.quantile(0.99)),
-        "top1": float((lr.argmax(-1) == lc.argmax(-1)).float().mean()),
-        "ppl_ratio": float(torch.exp(torch.tensor(nll(lc) - nll(lr)))),
-    }
+def cached_reference(out: Path, base: Path, adapter: Path, ids: torch.Tensor) -> tuple[np.memmap, bool]:
+    """The reference logits in OUT (raw float32, memory-mapped), shared by every run on the same eval ids;
+    computed here if absent or made for other ids. Returns (reference, computed now)."""
+    path, ids_path = out / "ref_logits.f32", out / "ref_ids.pt"
+    fresh = not (path.exists() and ids_path.exists() and torch.equal(torch.load(ids_path), ids))
+    if fresh:
+        write_reference(path, reference_blocks(base, adapter, ids))
+        torch.save(ids, ids_path)
+    return open_reference(path, ids), fresh
 
 
 def peer_symmetric(peer: str, forced: bool | None = None) -> bool:
@@ -108,6 +118,22 @@ def peer_symmetric(peer: str, forced: bool | None = None) -> bool:
     return resolve_quant(settings).symmetric
 
 
+def our_config(method: str, bits: int, group_size: int, symmetric: bool | None = None, device: str = "cpu"):
+    """The QuantConfig of one of our rows: a method, or a name from VARIANTS / EXPERIMENTS."""
+    settings = {
+        **{**VARIANTS, **EXPERIMENTS}.get(method, {"method": method}),
+        "bits": bits,
+        "group_size": group_size,
+        "device": device,
+    }
+    if symmetric is not None:
+        settings["symmetric"] = symmetric
+    extra = {k: settings.pop(k) for k in CONFIG_ONLY if k in settings}
+    if extra and "act_order" in settings:  # a config-level order (with static_groups), not the recipe's
+        extra["act_order"] = settings.pop("act_order")
+    return dataclasses.replace(resolve_quant(settings), **extra)
+
+
 def run_ours(
     merged: Path,
     method: str,
@@ -115,26 +141,29 @@ def run_ours(
     group_size: int,
     calib: torch.Tensor,
     ids: torch.Tensor,
+    ref: np.memmap,
     symmetric: bool | None = None,
 ):
-    settings = {
-        **VARIANTS.get(method, {"method": method}),
-        "bits": bits,
-        "group_size": group_size,
-        "device": "cpu",
-    }
-    if symmetric is not None:
-        settings["symmetric"] = symmetric
+    qc = our_config(method, bits, group_size, symmetric)
     t0, c0 = time.perf_counter(), time.process_time()
-    qm = quantize_checkpoint(merged, settings, calib_ids=calib)
+    qm = quantize_checkpoint(merged, qc, calib_ids=calib)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return decoder_logits(fake_quant_decoder(qm), ids), (wall, cpu), qm.settings
+    dec = fake_quant_decoder(qm)
+    return stream_tokens(lambda b: dec(b)[0], ids, ref), (wall, cpu), qm.settings
 
 
 def run_peer(
-    name: str, python: str, merged: Path, out: Path, bits: int, group_size: int, forced: bool | None = None
+    name: str,
+    python: str,
+    merged: Path,
+    out: Path,
+    bits: int,
+    group_size: int,
+    forced: bool | None = None,
+    eval_stride: int = 1,
 ) -> tuple:
-    """Run bench/quant_peers.py in the peer's venv; it writes logits on OUT/eval_ids.pt and its wall time."""
+    """Run bench/quant_peers.py in the peer's venv; it writes its per-token statistics against OUT's reference
+    (bench/quant_metrics.py) and its quantization wall / CPU time."""
     symmetric = peer_symmetric(name, forced)  # the same symmetry as our run of that method, or --symmetric
     res = out / f"peer-{name}-g{group_size}-{'sym' if symmetric else 'asym'}.pt"
     cmd = [
@@ -144,6 +173,7 @@ def run_peer(
         str(merged),
         str(out / "calib_ids.pt"),
         str(out / "eval_ids.pt"),
+        str(out / "ref_logits.f32"),
         str(res),
         "--bits",
         str(bits),
@@ -151,6 +181,8 @@ def run_peer(
         str(group_size),
         "--symmetric",
         str(int(symmetric)),
+        "--eval-stride",
+        str(eval_stride),
     ]
     subprocess.run(
         cmd,
@@ -164,8 +196,7 @@ def run_peer(
         },
     )
     r = torch.load(res)
-    res.unlink()  # [tokens, vocab] float32: 1.5 GB on the 30M fixture's eval set
-    return r["logits"], (r["wall_s"], r["cpu_s"])
+    return r["tokens"], (r["wall_s"], r["cpu_s"])
 
 
 def main() -> None:
@@ -183,6 +214,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-blocks", type=int, default=16)
     ap.add_argument("--block", type=int, default=256)
+    ap.add_argument(
+        "--eval-stride", type=int, default=1, help="score every k-th eval block only (quick looks)"
+    )
     ap.add_argument("--peer", action="append", default=[], help="NAME=PYTHON (see bench/quant_peers.py)")
     ap.add_argument(
         "--symmetric", type=int, choices=[0, 1], help="every row (ours and peers) at this symmetry"
@@ -210,44 +244,50 @@ def main() -> None:
             for f in ("code_eval.txt", "prose_eval.txt")
         ]
     )
-    torch.save(calib, a.out / "calib_ids.pt")
-    torch.save(ids, a.out / "eval_ids.pt")
-    ref = cached_reference(a.out / "ref_logits.pt", a.base, a.adapter, ids)
+    save_atomic(calib, a.out / "calib_ids.pt")  # row processes sharing OUT may be reading them
+    save_atomic(ids, a.out / "eval_ids.pt")
+    ref, fresh = cached_reference(a.out, a.base, a.adapter, ids)
+    if a.eval_stride > 1:  # a quicker look: every k-th eval block (the reference is still computed on all)
+        ids, ref = ids[:: a.eval_stride], ref[:: a.eval_stride]
     table, kls = {}, {}
 
-    def add(name: str, logits: torch.Tensor, wall: tuple[float, float]) -> None:
-        # metrics at once: a row's logits are [tokens, vocab] (1.5 GB on the 30M fixture), never kept
-        table[name] = {**metrics(ref, logits, ids), "wall_s": round(wall[0], 2), "cpu_s": round(wall[1], 2)}
-        kls[name] = token_kl(ref, logits)
+    def add(name: str, tokens: dict[str, torch.Tensor], wall: tuple[float, float]) -> None:
+        table[name] = {**summary(tokens), "wall_s": round(wall[0], 2), "cpu_s": round(wall[1], 2)}
+        kls[name] = tokens["kl"]
         print(f"{name}: KL {table[name]['kl_mean']:.5f}, {wall[0]:.1f}s wall, {wall[1]:.1f}s cpu", flush=True)
+        save()  # after every row: a run stopped half-way keeps what it measured
 
-    add("merged, not quantized", decoder_logits(load_decoder(open_model(merged)), ids), (0.0, 0.0))
+    def save() -> None:
+        tag = f"-{a.tag}" if a.tag else ""
+        torch.save(kls, a.out / f"kl_tokens{tag}.pt")  # paired comparisons
+        (a.out / f"results{tag}.json").write_text(
+            json.dumps(
+                {
+                    "calib": list(calib.shape),
+                    "eval": list(ids.shape),
+                    "bits": a.bits,
+                    "group_size": a.group_size,
+                    "symmetric": forced,
+                    "load_avg": os.getloadavg(),
+                    "results": table,
+                },
+                indent=2,
+            )
+        )
+
+    if fresh:  # once per OUT: the run that computes the reference also scores the unquantized merge
+        dec = load_decoder(open_model(merged))
+        add("merged, not quantized", stream_tokens(lambda b: dec(b)[0], ids, ref), (0.0, 0.0))
+        del dec
     for m in a.methods:
-        logits, wall, _ = run_ours(merged, m, a.bits, a.group_size, calib, ids, forced)
-        add(f"ours {m}", logits, wall)
-        del logits
+        tokens, wall, _ = run_ours(merged, m, a.bits, a.group_size, calib, ids, ref, forced)
+        add(f"ours {m}", tokens, wall)
     for spec in a.peer:
         name, python = spec.split("=", 1)
         try:
-            add(name, *run_peer(name, python, merged, a.out, a.bits, a.group_size, forced))
+            add(name, *run_peer(name, python, merged, a.out, a.bits, a.group_size, forced, a.eval_stride))
         except (subprocess.CalledProcessError, OSError) as e:
             print(f"peer {name} failed: {e}", flush=True)
-    tag = f"-{a.tag}" if a.tag else ""
-    torch.save(kls, a.out / f"kl_tokens{tag}.pt")  # paired comparisons
-    (a.out / f"results{tag}.json").write_text(
-        json.dumps(
-            {
-                "calib": list(calib.shape),
-                "eval": list(ids.shape),
-                "bits": a.bits,
-                "group_size": a.group_size,
-                "symmetric": forced,
-                "load_avg": os.getloadavg(),
-                "results": table,
-            },
-            indent=2,
-        )
-    )
     print(f"\ncalib {tuple(calib.shape)} tokens, eval {tuple(ids.shape)}; {a.bits}-bit g{a.group_size}\n")
     print(
         "| model | KL mean | KL p99 | same top-1 | ppl ratio | wall s | cpu s |\n|---|---|---|---|---|---|---|"

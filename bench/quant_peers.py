@@ -1,22 +1,28 @@
 """Peer quantizers for bench/quant_accuracy.py, run INSIDE the peer's own venv (their pins differ from ours).
 
-    PYTHON quant_peers.py NAME MERGED_DIR CALIB_IDS.pt EVAL_IDS.pt OUT.pt --bits 4 --group-size 16 --symmetric 0
+    PYTHON quant_peers.py NAME MERGED_DIR CALIB_IDS.pt EVAL_IDS.pt REF.f32 OUT.pt --bits 4 --group-size 16 --symmetric 0
 
 NAME is LIBRARY-METHOD[-VARIANT] (see PEERS). Every peer gets exactly our calibration ids and the bits, group size
 and symmetry that quant_accuracy.py resolved for our own run of that method (--symmetric; nncf-rtn-sym is
 nncf-rtn run symmetric); each keeps its library's other defaults (noted per function).
-Writes {"logits", "wall_s", "cpu_s"}: logits of the quantized model on the eval ids (float32 activations unless
-noted); wall_s / cpu_s of the quantization call only (not loading or saving).
-Imports only torch, transformers and the peer library.
+Writes {"tokens", "wall_s", "cpu_s"}: the per-token statistics of the quantized model on the eval ids against the
+reference REF.f32 (bench/quant_metrics.py; float32 activations unless noted); wall_s / cpu_s of the quantization
+call only (not loading or saving). Imports only torch, numpy, transformers, the peer library and quant_metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.quant_metrics import open_reference, stream_tokens  # noqa: E402
 
 
 def elapsed(t0: tuple[float, float]) -> tuple[float, float]:
@@ -63,6 +69,11 @@ def _llmc_groups(bits: int, group_size: int, symmetric: bool) -> dict:
     }
 
 
+# llm-compressor refuses a layer whose columns are not a multiple of the group (the fixture's down_proj: 1376 at
+# g128) unless told its runtime handles a ragged last group; the fake-quant model we score does.
+_LLMC_RAGGED = {"bypass_divisibility_checks": True}
+
+
 def llmcompressor_gptq(merged: str, calib: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """GPTQModifier: no act-order, dampening 0.01, block 128 (ours: the same)."""
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -72,7 +83,9 @@ def llmcompressor_gptq(merged: str, calib: torch.Tensor, bits: int, group_size: 
     return _llmc_run(
         merged,
         calib,
-        GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128),
+        GPTQModifier(
+            config_groups=groups, ignore=["lm_head"], **_LLMC_RAGGED, dampening_frac=0.01, block_size=128
+        ),
     )
 
 
@@ -89,7 +102,9 @@ def llmcompressor_awq(merged: str, calib: torch.Tensor, bits: int, group_size: i
     cache.IntermediatesCache.pin_memory = lambda self, *a, **k: None
     recipe = [
         AWQModifier(duo_scaling=True, n_grid=20),
-        QuantizationModifier(config_groups=_llmc_groups(bits, group_size, symmetric), ignore=["lm_head"]),
+        QuantizationModifier(
+            config_groups=_llmc_groups(bits, group_size, symmetric), ignore=["lm_head"], **_LLMC_RAGGED
+        ),
     ]
     return _llmc_run(merged, calib, recipe)
 
@@ -106,7 +121,9 @@ def llmcompressor_awq_gptq(merged: str, calib: torch.Tensor, bits: int, group_si
     groups["group_0"]["weights"]["actorder"] = None
     recipe = [
         AWQModifier(duo_scaling=True, n_grid=20),
-        GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128),
+        GPTQModifier(
+            config_groups=groups, ignore=["lm_head"], **_LLMC_RAGGED, dampening_frac=0.01, block_size=128
+        ),
     ]
     return _llmc_run(merged, calib, recipe)
 
@@ -216,9 +233,9 @@ class _OpenVINOLogits:
 
         self.compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
-    def __call__(self, input_ids: torch.Tensor):
-        out = self.compiled((input_ids.numpy(), torch.ones_like(input_ids).numpy()))[0]
-        return type("Output", (), {"logits": torch.from_numpy(out)})
+    def __call__(self, input_ids: torch.Tensor):  # [b, seq], run row by row: the IR was traced with batch 1
+        rows = [self.compiled((r[None].numpy(), torch.ones_like(r[None]).numpy()))[0] for r in input_ids]
+        return type("Output", (), {"logits": torch.from_numpy(np.concatenate(rows))})
 
     def eval(self):
         return self
@@ -295,6 +312,42 @@ def modelopt_awq(merged: str, calib: torch.Tensor, bits: int, group_size: int, s
     return model.eval(), elapsed(t0)
 
 
+def padded_mlp(merged: str, group_size: int) -> str:
+    """The merged checkpoint with its MLP width padded up to a multiple of group_size, for peers that refuse (or
+    crash on) a ragged last group: extra gate/up rows and down_proj columns of zeros (silu(0) · 0 = 0, so the
+    logits are the same). Their zero inputs leave every peer's quantization of the real columns as it would be
+    with a ragged group (the range already includes 0; GPTQ zeroes dead columns). Written once next to MERGED."""
+    import json
+
+    import transformers
+
+    cfg = json.loads((Path(merged) / "config.json").read_text())
+    pad = -cfg["intermediate_size"] % group_size
+    if group_size <= 0 or pad == 0:
+        return merged
+    out = Path(f"{merged}-pad{group_size}")
+    if (out / "config.json").exists():
+        return str(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight.data = torch.cat([lin.weight.data, lin.weight.new_zeros(pad, lin.weight.shape[1])])
+            lin.out_features += pad
+        w = mlp.down_proj.weight.data
+        mlp.down_proj.weight.data = torch.cat([w, w.new_zeros(w.shape[0], pad)], dim=1)
+        mlp.down_proj.in_features += pad
+    model.config.intermediate_size += pad
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + "-", dir=out.parent))
+    model.to(getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")).save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(merged).save_pretrained(tmp)
+    try:
+        tmp.rename(out)  # another peer process may have written it first: theirs is the same
+    except OSError:
+        pass
+    return str(out)
+
+
 PEERS = {
     "llmcompressor-gptq": llmcompressor_gptq,
     "llmcompressor-awq": llmcompressor_awq,
@@ -316,17 +369,20 @@ def main() -> None:
     ap.add_argument("merged")
     ap.add_argument("calib")
     ap.add_argument("eval")
+    ap.add_argument("ref")
     ap.add_argument("out")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--symmetric", type=int, choices=[0, 1], required=True)
+    ap.add_argument("--eval-stride", type=int, default=1, help="score every k-th eval block only")
     a = ap.parse_args()
     torch.manual_seed(0)
-    model, wall = PEERS[a.name](a.merged, torch.load(a.calib), a.bits, a.group_size, bool(a.symmetric))
+    merged = padded_mlp(a.merged, a.group_size)
+    model, wall = PEERS[a.name](merged, torch.load(a.calib), a.bits, a.group_size, bool(a.symmetric))
     ids = torch.load(a.eval)
-    with torch.no_grad():
-        logits = torch.cat([model(input_ids=b[None]).logits.float() for b in ids])
-    torch.save({"logits": logits, "wall_s": wall[0], "cpu_s": wall[1]}, a.out)
+    ref = open_reference(Path(a.ref), ids)[:: a.eval_stride]
+    tokens = stream_tokens(lambda b: model(input_ids=b).logits, ids[:: a.eval_stride], ref)
+    torch.save({"tokens": tokens, "wall_s": wall[0], "cpu_s": wall[1]}, a.out)
     print(f"{a.name}: quantized in {wall[0]:.1f}s wall, {wall[1]:.1f}s cpu", flush=True)
 
 

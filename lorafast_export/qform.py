@@ -296,7 +296,7 @@ class QLinear(torch.nn.Module):
 _OPTIONAL_PARTS = {"qzeros": "zeros", "g_idx": "g_idx", "bias": "bias", "input_scale": "input_scale"}
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:  # [out, in] -> [out, ceil(in/2)]
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:  # [out, in] -> [out, ceil(in/2)]
     if codes.shape[1] % 2:
         codes = F.pad(codes, (0, 1))
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
@@ -313,7 +313,7 @@ def qtensors_to_state_dict(qtensors: dict[str, QTensor]) -> tuple[dict[str, torc
     entries: dict[str, dict] = {}
     for name, qt in qtensors.items():
         packed = qt.bits == 4
-        tensors[f"{name}.qcodes"] = pack_nibbles(qt.codes) if packed else qt.codes
+        tensors[f"{name}.qcodes"] = _pack_nibbles(qt.codes) if packed else qt.codes
         tensors[f"{name}.qscales"] = qt.scales
         parts = ["qcodes", "qscales"]
         for part, field in _OPTIONAL_PARTS.items():
@@ -408,6 +408,47 @@ def load_qtensors(path: str | Path) -> dict[str, QTensor]:
 def with_fields(qt: QTensor, **changes: object) -> QTensor:
     """A copy of qt with fields replaced (and validated again), e.g. with_fields(qt, input_scale=s)."""
     return replace(qt, **changes)
+
+
+def pad_qtensor(qt: QTensor, out_features: int | None = None, in_features: int | None = None) -> QTensor:
+    """qt grown to [out_features, in_features] with weights that dequantize to exactly 0: new codes equal their
+    row's zero point (a ragged last group keeps its scale over its new columns; a new group or row gets scale 1
+    and, asymmetric, zero point 2**(bits-1)); new bias entries 0, new input_scale entries 1. A runtime whose
+    kernels need the group to divide in_features takes the padded weight with zero-padded activations (or
+    rows padded to match: an MLP's extra gate/up outputs are 0 and silu(0) * 0 = 0)."""
+    if qt.g_idx is not None:
+        raise InputError("pad_qtensor: act-order (g_idx) weights have no contiguous last group to pad")
+    rows = max(0, (out_features or qt.out_features) - qt.out_features)
+    cols = max(0, (in_features or qt.in_features) - qt.in_features)
+    n_groups = n_groups_for(qt.in_features + cols, qt.group_size)
+    new_groups = n_groups - qt.n_groups
+    mid = 2 ** (qt.bits - 1)
+
+    def grow(
+        t: torch.Tensor, fill_cols: torch.Tensor, fill_rows: int
+    ) -> torch.Tensor:  # [out + rows, k + new]
+        t = torch.cat([t, fill_cols.to(t.dtype)], dim=1)
+        return torch.cat([t, torch.full((rows, t.shape[1]), fill_rows, dtype=t.dtype, device=t.device)])
+
+    zeros = zero_points(qt)
+    g_new = group_index(qt.in_features + cols, qt.group_size)[qt.in_features :].to(zeros.device)  # [cols]
+    in_old = (g_new < qt.n_groups)[None, :]  # the ragged last group's new columns keep its zero point
+    code_cols = torch.where(
+        in_old, zeros[:, g_new.clamp(max=qt.n_groups - 1)], torch.full_like(zeros[:, :1], mid)
+    )
+    one = torch.ones((), dtype=qt.scales.dtype, device=qt.scales.device)
+    return replace(
+        qt,
+        codes=grow(qt.codes, code_cols, mid),
+        scales=grow(qt.scales, one.expand(qt.out_features, new_groups), 1),
+        zeros=None
+        if qt.zeros is None
+        else grow(qt.zeros, zeros[:, :1].expand(-1, new_groups) * 0 + mid, mid),
+        bias=None if qt.bias is None else torch.cat([qt.bias, qt.bias.new_zeros(rows)]),
+        input_scale=None
+        if qt.input_scale is None
+        else torch.cat([qt.input_scale, qt.input_scale.new_ones(cols)]),
+    )
 
 
 def qtensor_to(qt: QTensor, device: torch.device | str) -> QTensor:

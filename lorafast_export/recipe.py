@@ -97,7 +97,11 @@ class QuantOptions(_Section):
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None
-    act_order: bool = False
+    act_order: bool = False  # gptq: act-order with each group's params chosen as it starts: needs g_idx
+    # gptq / awq-gptq without act_order: columns still in decreasing diag(H) order, but every group's params fixed
+    # from the weights before the sweep (llm-compressor's actorder "static"), so the groups stay contiguous and
+    # every target takes the codes (bench/QUANT.md: -8% KL at g128 on the 30M fixture). false: natural order.
+    static_act_order: bool = True
     range_search: bool = (
         False  # gptq / awq-gptq: each group's range searched (Hessian-weighted MSE), not min-max
     )
@@ -129,7 +133,9 @@ class QuantOptions(_Section):
         problems = []
         if self.method in ("int8", "smoothquant") and self.bits not in (None, 8):
             problems.append(f"quant.bits: {self.method} is 8-bit; remove bits or set it to 8")
-        if self.act_order and self.method != "gptq":
+        if (
+            self.act_order and self.method != "gptq"
+        ):  # (awq-gptq takes static_act_order only: no g_idx in AWQ)
             problems.append("quant.act_order: only gptq uses act_order; remove it or use method gptq")
         if self.range_search and self.method not in ("gptq", "awq-gptq"):
             problems.append(

@@ -102,7 +102,7 @@ def test_quant_record_keeps_the_artifact_layout():
     assert list(rec)[:4] == ["method", "bits", "group_size", "symmetric"]
     assert rec | {"calib": None} == {
         "method": "smoothquant", "bits": 8, "group_size": -1, "symmetric": True, "act_order": False,
-        "range_search": False, "damp_percent": 0.01, "block_size": 128, "smooth_alpha": 0.7, "awq_grid": 20,
+        "static_act_order": True, "range_search": False, "damp_percent": 0.01, "block_size": 128, "smooth_alpha": 0.7, "awq_grid": 20,
         "awq_clip": True,
         "quantize_lm_head": False, "calib": None, "device": "auto",
     }  # fmt: skip

@@ -71,10 +71,14 @@ class SmoothQuantConfig(QuantConfig):
 class GPTQConfig(QuantConfig):
     method: ClassVar[str] = "gptq"
     calibrated: ClassVar[bool] = True
-    act_order: bool = False
+    act_order: bool = False  # columns in decreasing diag(H) order (g_idx unless static_groups)
     damp_percent: float = 0.01
     block_size: int = 128
     range_search: bool = False  # each group's range searched (diag(H)-weighted MSE grid), not min-max
+    static_groups: bool = (
+        False  # group params from the weights before the sweep (then act_order needs no g_idx)
+    )
+    true_sequential: bool = True  # each group's H from the block with the groups before it quantized
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,8 +104,10 @@ CONFIGS: dict[str, type[QuantConfig]] = {
 
 def _own(o: QuantOptions) -> dict[str, Any]:
     """The recipe fields that only one method reads, under that method's config names."""
+    static = o.static_act_order and not o.act_order  # recipe act_order: true asks for the g_idx kind
     gptq = {
-        "act_order": o.act_order,
+        "act_order": o.act_order or static,
+        "static_groups": static,
         "damp_percent": o.damp_percent,
         "block_size": o.block_size,
         "range_search": o.range_search,

@@ -19,7 +19,7 @@ import torch
 from lorafast_export.checkpoint import ShardWriter
 from lorafast_export.errors import InputError
 from lorafast_export.model.quantized import QuantizedModel, q_info
-from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, QScheme, QTensor
+from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, QScheme, QTensor, pad_qtensor
 from lorafast_export.quant import formats
 from lorafast_export.quant.formats.compressed_tensors import ACT_ORDER_REFUSAL
 from lorafast_export.weights import TOKENIZER_FILES
@@ -36,6 +36,10 @@ AUTO_FORMATS = {
     "int8": ("compressed-tensors", "gptq"),
     "smoothquant": ("compressed-tensors",),
 }
+# compressed-tensors and AWQ kernels need the group to divide in_features: a ragged MLP width is padded (as the
+# trt-llm target does) with gate/up output rows and down_proj input columns that dequantize to exactly 0.
+PAD_FORMATS = ("compressed-tensors", "awq")
+PADDED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 PACKERS: dict[str, Callable[[QTensor], dict[str, torch.Tensor]]] = {
     "gptq": formats.pack_gptq,
     "awq": formats.pack_awq,
@@ -94,13 +98,18 @@ def format_problems(fmt: str, scheme: QScheme, qm: QuantizedModel) -> list[str]:
             p.append("awq has no act-order (g_idx): quantize without --act-order, or export as gptq")
     infos = q_info(qm.q)
     ragged = [
-        n for n, i in infos.items() if i.scheme.group_size != -1 and i.in_features % i.scheme.group_size
+        n
+        for n, i in infos.items()
+        if i.scheme.group_size != -1
+        and i.in_features % i.scheme.group_size
+        and not n.endswith(PADDED_MLP[-1])
     ]
     if fmt in ("compressed-tensors", "awq") and ragged:
         p.append(
             f"{fmt} needs in_features to be a multiple of group_size={scheme.group_size}, but "
             f"{len(ragged)} layer(s) (e.g. {ragged[0]}, in_features={infos[ragged[0]].in_features}) are not: "
-            "export as gptq (g_idx holds ragged groups), or quantize with a group size dividing them"
+            "export as gptq (g_idx holds ragged groups), or quantize with a group size dividing them "
+            "(a ragged MLP width alone is padded)"
         )
     if fmt == "compressed-tensors" and scheme.act_order:
         p.append(ACT_ORDER_REFUSAL)
@@ -124,6 +133,23 @@ def format_problems(fmt: str, scheme: QScheme, qm: QuantizedModel) -> list[str]:
                 if v % (pf if fmt == "gptq" else 8)
             ]
     return p
+
+
+def padded_mlp_width(fmt: str, scheme: QScheme, intermediate_size: int) -> int:
+    """The checkpoint's intermediate_size: rounded up to whole groups for PAD_FORMATS, else the model's."""
+    gs = scheme.group_size
+    if fmt not in PAD_FORMATS or gs == -1:
+        return intermediate_size
+    return -(-intermediate_size // gs) * gs
+
+
+def padded(name: str, qt: QTensor, width: int) -> QTensor:
+    """qt as the checkpoint holds it when the MLP width is padded to `width` (pad_qtensor; others unchanged)."""
+    if name.endswith(PADDED_MLP[:2]) and qt.out_features < width:
+        return pad_qtensor(qt, out_features=width)
+    if name.endswith(PADDED_MLP[2]) and qt.in_features < width:
+        return pad_qtensor(qt, in_features=width)
+    return qt
 
 
 def quantization_config(fmt: str, scheme: QScheme, qm: QuantizedModel) -> dict:
@@ -154,15 +180,17 @@ def write_quantized_checkpoint(inp, out_dir: str | Path) -> dict:
         raise InputError("a quantized hf checkpoint needs a quant method; set quant.method (or --quant).")
     scheme = model_scheme(qm)
     fmt = resolve_format(inp.recipe.target.hf_format, qm, scheme)
+    width = padded_mlp_width(fmt, scheme, qm.config.intermediate_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out)
     for name, qt in qm.q.items():
-        writer.add({f"{name}.{k}": v for k, v in PACKERS[fmt](qt).items()})
+        writer.add({f"{name}.{k}": v for k, v in PACKERS[fmt](padded(name, qt, width)).items()})
     writer.add({k: v.detach().cpu() for k, v in qm.fp.items()})
     files = writer.finish()
     config = json.loads((Path(inp.merged_dir) / "config.json").read_text())
     config["quantization_config"] = quantization_config(fmt, scheme, qm)
+    config["intermediate_size"] = width  # the checkpoint's (padded) MLP width: what every loader builds
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         if (Path(inp.merged_dir) / name).exists():
@@ -176,5 +204,7 @@ def write_quantized_checkpoint(inp, out_dir: str | Path) -> dict:
         "act_order": scheme.act_order,
         "files": [f.name for f in files],
     }
+    if width != qm.config.intermediate_size:
+        facts["intermediate_size_padded"] = {"from": qm.config.intermediate_size, "to": width}
     notes = formats.compressed_tensors_loader_notes(scheme.act_quant) if fmt == "compressed-tensors" else []
     return facts | ({"loader_notes": notes} if notes else {})

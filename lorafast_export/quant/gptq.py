@@ -80,10 +80,22 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.float16,
     bias: torch.Tensor | None = None,
     search: RangeSearch | None = None,
+    static_groups: bool = False,
 ) -> QTensor:
     """w [out, in], H [in, in] float32 (accumulate_hessian) → QTensor, codes in original column order."""
     return gptq_quantize_many(
-        [w], H, bits, group_size, symmetric, act_order, damp_percent, block_size, scale_dtype, [bias], search
+        [w],
+        H,
+        bits,
+        group_size,
+        symmetric,
+        act_order,
+        damp_percent,
+        block_size,
+        scale_dtype,
+        [bias],
+        search,
+        static_groups,
     )[0]
 
 
@@ -99,11 +111,15 @@ def gptq_quantize_many(
     scale_dtype: torch.dtype = torch.float16,
     biases: Sequence[torch.Tensor | None] | None = None,
     search: RangeSearch | None = None,
+    static_groups: bool = False,
 ) -> list[QTensor]:
     """Linears that read one input (q/k/v; gate/up), each [out_i, in], and that input's H → one QTensor each.
 
     GPTQ treats rows independently given H, so the linears are quantized as one stacked [Σ out, in] matrix:
     one Cholesky inverse and one column sweep instead of one per linear, the same arithmetic row by row.
+    static_groups: every group's scale / zero from the weights BEFORE the sweep (llm-compressor's way, AutoGPTQ's
+    static_groups), not at the group's start from the updated ones; with act_order the groups stay contiguous
+    in the original column order (no g_idx), so every target takes the result.
     """
     biases = list(biases) if biases is not None else [None] * len(weights)
     for w in weights:
@@ -113,19 +129,28 @@ def gptq_quantize_many(
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    static = (
+        _static_params(W, bits, group_size, symmetric, scale_dtype, search, torch.diag(H))
+        if static_groups
+        else None
+    )
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     with _ieee_fp32_matmuls():  # the solve stays float32 even inside the walk's TF32 context
         Hinv = inverse_hessian_cholesky(H, damp_percent)  # [in, in] upper
-        codes, scales, zeros = _gptq_sweep(
-            W, Hinv, bits, group_size, symmetric, block_size, scale_dtype, search, torch.diag(H)
-        )
+        if static is None:
+            codes, scales, zeros = _gptq_sweep(
+                W, Hinv, bits, group_size, symmetric, block_size, scale_dtype, search, torch.diag(H)
+            )
+        else:
+            scales, zeros = static
+            codes = _gptq_sweep_static(W, Hinv, bits, group_size, block_size, scales, zeros, perm)
     g_idx = None
     if perm is not None:
         inv = torch.argsort(perm)  # inv[c] = position of original column c in quantization order
         codes = codes[:, inv]
-        if group_size != -1:
+        if group_size != -1 and static is None:
             g_idx = (inv // group_size).to(torch.int32)
     rows = [w.shape[0] for w in weights]
     zero_parts = [None] * len(rows) if zeros is None else zeros.split(rows)
@@ -189,6 +214,47 @@ def _gptq_sweep(
     return codes, scales, zeros
 
 
+def _static_params(W, bits, group_size, symmetric, scale_dtype, search, hdiag):
+    """Every group's (scale, zero) [out, G] from W [out, in] as it is before the sweep (original column order)."""
+    gs = W.shape[1] if group_size == -1 else group_size
+    params = [
+        _group_qparams(W[:, c : c + gs], bits, symmetric, scale_dtype, search, hdiag, c)
+        for c in range(0, W.shape[1], gs)
+    ]
+    scales = torch.stack([p[0] for p in params], dim=1)
+    return scales, None if symmetric else torch.stack([p[1] for p in params], dim=1)  # type: ignore[misc]
+
+
+def _gptq_sweep_static(W, Hinv, bits, group_size, block_size, scales, zeros, perm) -> torch.Tensor:
+    """The lazy-batched sweep on W [out, in] (sweep order; modified in place) with fixed group params
+    scales / zeros [out, G] of the original column order; perm[j] = original column of sweep column j."""
+    out, n = W.shape
+    cols = torch.arange(n, device=W.device) if perm is None else perm
+    g = cols // (n if group_size == -1 else group_size)  # [in] group of each sweep column
+    sf = scales.float()[:, g]  # [out, in]
+    z = None if zeros is None else zeros[:, g]
+    zf = torch.full_like(sf, 2.0 ** (bits - 1)) if z is None else z.float()
+    codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()  # [out, b]
+        Err1 = torch.zeros_like(W1)
+        _sweep_columns(
+            W1,
+            Hinv[i1:i2, i1:i2],
+            codes[:, i1:i2],
+            Err1,
+            0,
+            i2 - i1,
+            sf[:, i1:i2],
+            None if z is None else z[:, i1:i2],
+            zf[:, i1:i2],
+            bits,
+        )
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes
+
+
 def _group_qparams(cols, bits, symmetric, scale_dtype, search, hdiag, start):
     """cols [out, k] (a group of the updated weights) → (scale, zero) [out]: min-max, or searched."""
     if search is None:
@@ -201,12 +267,15 @@ def _group_qparams(cols, bits, symmetric, scale_dtype, search, hdiag, start):
 
 def _sweep_columns(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, bits: int) -> None:
     """Columns c0..c1-1 of the block W1 [out, b], one at a time: quantize the column, push its error onto
-    the columns after it (in place in W1; codes1 [out, b] and Err1 [out, b] get that column)."""
+    the columns after it (in place in W1; codes1 [out, b] and Err1 [out, b] get that column).
+    sf / z / zf: the group's [out] (or a scalar zf), or one per column of the block [out, b]."""
+    per_col = sf.dim() == 2
     for i in range(c0, c1):
         col = W1[:, i]  # [out]
-        q = quantize_codes(col, sf, z, bits)  # [out]
+        s_i, z_i, zf_i = (sf[:, i], None if z is None else z[:, i], zf[:, i]) if per_col else (sf, z, zf)
+        q = quantize_codes(col, s_i, z_i, bits)  # [out]
         codes1[:, i] = q
-        err = (col - (q.float() - zf) * sf) / Hinv1[i, i]  # [out]
+        err = (col - (q.float() - zf_i) * s_i) / Hinv1[i, i]  # [out]
         W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
         Err1[:, i] = err
 

@@ -105,19 +105,31 @@ def quantize_block_int8(block: Block, s: Int8Config) -> dict[str, QTensor]:
 # ---------------------------------------------------------------------------------------------- GPTQ
 
 
+def _hessians(block: Block, firsts: list[str]) -> dict[str, torch.Tensor]:
+    """GPTQ's H of each named linear's input, all from one forward of the block as it is now."""
+    acc: dict[str, dict] = {n: {"H": None, "n": 0} for n in firsts}
+
+    def add(name: str):
+        def fn(x: torch.Tensor) -> None:
+            acc[name]["H"], acc[name]["n"] = accumulate_hessian(acc[name]["H"], acc[name]["n"], x)
+
+        return fn
+
+    block.run({n: add(n) for n in firsts}, stop_after=firsts[-1])
+    return {n: a["H"] for n, a in acc.items()}
+
+
 def quantize_block_gptq(block: Block, s: GPTQConfig) -> dict[str, QTensor]:
+    """true_sequential (default): each group's H from inputs produced by the groups quantized before it (one
+    forward per group); off: every H from one forward of the unquantized block (llm-compressor's order)."""
     out: dict[str, QTensor] = {}
+    hessians = None if s.true_sequential else _hessians(block, [g.linears[0] for g in block.groups])
     for g in block.groups:
         first = g.linears[0]
-        acc: dict = {"H": None, "n": 0}
-
-        def add(x: torch.Tensor, acc: dict = acc) -> None:
-            acc["H"], acc["n"] = accumulate_hessian(acc["H"], acc["n"], x)
-
-        block.run({first: add}, stop_after=first)  # inputs come from the groups quantized before
+        H = _hessians(block, [first])[first] if hessians is None else hessians[first]
         qts = gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
             [block.weight(n) for n in g.linears],
-            acc["H"],
+            H,
             s.bits,
             s.group_size,
             s.symmetric,
@@ -127,6 +139,7 @@ def quantize_block_gptq(block: Block, s: GPTQConfig) -> dict[str, QTensor]:
             scale_dtype=SCALE_DTYPE,
             biases=[_bias(block, n) for n in g.linears],
             search=RANGE_SEARCH if s.range_search else None,
+            static_groups=s.static_groups,
         )
         out.update(_finish(block, dict(zip(g.linears, qts, strict=True))))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -110,6 +111,60 @@ def test_impossible_combinations_are_refused(merged, tmp_path, method, quant, hf
 def test_auto_falls_back_to_gptq_for_ragged_groups(merged, tmp_path):
     _, facts = export(merged, tmp_path, "awq", group_size=256)
     assert facts["format"] == "gptq"
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    """MLP width 40: at g32 down_proj has a ragged last group of 8 columns (the 30M fixture's 1376 at g128)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("export") / "ragged", "llama", intermediate_size=40)
+
+
+@pytest.mark.parametrize(
+    "method,hf_format,symmetric",
+    [("gptq", "compressed-tensors", True), ("awq", "awq", False), ("awq-gptq", "auto", False)],
+)
+def test_ragged_mlp_is_padded_exactly(ragged, tmp_path, method, hf_format, symmetric):
+    """compressed-tensors / AWQ need the group to divide in_features: the MLP width is padded to whole groups with
+    weights that dequantize to 0. Read back, the checkpoint holds the quantized stage's codes and scales exactly
+    in its first 40 rows / columns, and its logits (a 64-wide MLP) equal the quantized stage's."""
+    from lorafast_export.model.quantized import fake_quant_decoder
+    from lorafast_export.quant.read_hf import read_quantized_checkpoint
+
+    qm, facts = export(ragged, tmp_path, method, hf_format, group_size=32, symmetric=symmetric)
+    assert facts["format"] in ("compressed-tensors", "awq")
+    assert facts["intermediate_size_padded"] == {"from": 40, "to": 64}
+    assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == 64
+    back = read_quantized_checkpoint(tmp_path)
+    assert back.config.intermediate_size == 64
+    for name, qt in qm.q.items():
+        w, wb = dequantize(qt), dequantize(back.q[name])
+        o, i = qt.codes.shape
+        assert torch.equal(back.q[name].codes[:o, :i], qt.codes), name
+        assert torch.equal(wb[:o, :i], w), name
+        assert not wb[o:].any() and not wb[:, i:].any(), name
+        assert wb.shape == (
+            (64, i) if name.endswith(("gate_proj", "up_proj")) else (o, 64 if "down" in name else i)
+        )
+    ids = random_ids(2, 16, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fake_quant_decoder(back)(ids)[0], fake_quant_decoder(qm)(ids)[0], atol=1e-5, rtol=1e-5
+        )
+    if facts["format"] == "compressed-tensors" and importlib.util.find_spec("compressed_tensors"):
+        import transformers  # transformers' own loader builds the padded model
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0], atol=1e-4, rtol=1e-4
+            )
+
+
+def test_ragged_layers_other_than_the_mlp_are_still_refused(ragged, tmp_path):
+    with pytest.raises(
+        InputError, match="multiple of group_size"
+    ):  # hidden 64 at g128: every layer is ragged
+        export(ragged, tmp_path, "rtn", "compressed-tensors", group_size=128)
 
 
 def test_w8a8_is_refused_by_weight_only_formats(merged, tmp_path):

@@ -8,14 +8,16 @@ from lorafast_export.quant.rtn import qparams, quantize_codes, quantize_rtn
 from tests.quant.helpers import assert_same_qtensor, correlated_inputs
 
 
-def textbook_gptq(w, H, bits, group_size, symmetric, act_order, damp_percent=0.01):
+def textbook_gptq(w, H, bits, group_size, symmetric, act_order, damp_percent=0.01, static=False):
     """OBQ-style, one column at a time, in float64, with the explicit inverse Hessian updated by Gaussian
     elimination after every column (no Cholesky, no lazy batching). Returns (codes, scales) in the order
-    the columns were quantized, plus that order."""
+    the columns were quantized, plus that order. static: each group's params from the weights before the
+    sweep (groups of the original column order), by quantize_rtn."""
     W, H = w.double().clone(), H.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    fixed = quantize_rtn(W.float(), bits, group_size, symmetric) if static else None
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
     W, H = W[:, order], H[order][:, order]
     H += damp_percent * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
@@ -24,7 +26,10 @@ def textbook_gptq(w, H, bits, group_size, symmetric, act_order, damp_percent=0.0
     gs = n if group_size == -1 else group_size
     codes, scales = torch.zeros(W.shape, dtype=torch.uint8), []
     for j in range(n):
-        if j % gs == 0:
+        if fixed is not None:
+            g = int(order[j]) // gs
+            s, z = fixed.scales[:, g], None if symmetric else fixed.zeros[:, g]
+        elif j % gs == 0:
             grp = W if group_size == -1 else W[:, j : j + gs]
             s, z = qparams(grp.amin(dim=1), grp.amax(dim=1), bits, symmetric)
             scales.append(s)
@@ -34,7 +39,7 @@ def textbook_gptq(w, H, bits, group_size, symmetric, act_order, damp_percent=0.0
         err = (W[:, j] - dq) / Hinv[j, j]
         W[:, j + 1 :] -= err[:, None] * Hinv[j, j + 1 :][None, :]
         Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
-    return codes, torch.stack(scales, dim=1), order
+    return codes, (fixed.scales if fixed is not None else torch.stack(scales, dim=1)), order
 
 
 def output_mse(x, w, w_hat):
@@ -72,6 +77,25 @@ def test_lazy_batched_gptq_matches_textbook(act_order, symmetric, group_size, bl
     if agree == 1:
         assert torch.equal(qt.scales, ref_scales)
     assert qt.scales.shape == (24, n_groups_for(64, group_size))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(
+    "symmetric,group_size,block_size", [(True, 16, 32), (False, 16, 24), (False, 32, 128)]
+)
+def test_static_groups_match_textbook(act_order, symmetric, group_size, block_size):
+    """Static groups: every group's params are RTN's on the weights before the sweep, the groups stay contiguous
+    in the original column order even with act_order (no g_idx), and the sweep equals the textbook's."""
+    x, w, _ = toy_layer(seed=3)
+    x[:, 5] = 0.0  # a dead input
+    H, _ = accumulate_hessian(None, 0, x)
+    qt = gptq_quantize(w, H, 4, group_size, symmetric, act_order, block_size=block_size, static_groups=True)
+    ref_codes, ref_scales, order = textbook_gptq(w, H, 4, group_size, symmetric, act_order, static=True)
+    assert qt.g_idx is None and torch.equal(qt.scales, ref_scales)
+    agree = (qt.codes[:, order] == ref_codes).float().mean()
+    assert agree > 0.99, float(agree)
+    gptq = output_mse(x, w, dequantize(qt))
+    assert gptq < 0.8 * output_mse(x, w, dequantize(quantize_rtn(w, 4, group_size, symmetric))), gptq
 
 
 @pytest.mark.parametrize("symmetric,group_size", [(True, -1), (False, 16), (True, 32)])

@@ -10,6 +10,7 @@ from lorafast_export.qform import (
     dequantize,
     fake_quant_int8_per_token,
     load_qtensors,
+    pad_qtensor,
     save_qtensors,
     with_fields,
     zero_points,
@@ -135,3 +136,26 @@ def test_save_accepts_qtensors_that_share_a_tensor(tmp_path):
     loaded = load_qtensors(tmp_path / "q.safetensors")
     assert_same_qtensor(loaded["q"], q)
     assert_same_qtensor(loaded["k"], k)
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric", [(4, 16, True), (4, 16, False), (8, -1, True), (4, 32, False)]
+)
+def test_padding_adds_weights_that_dequantize_to_zero(bits, group_size, symmetric):
+    """40 columns at g16: a ragged last group of 8 (g32: 8); padded to 64 columns and 13 rows, the original block
+    dequantizes exactly as before and every new entry to exactly 0, whatever its group."""
+    qt = random_qtensor(9, 40, bits, group_size, symmetric, bias=True)
+    qt = with_fields(qt, input_scale=torch.rand(40) + 0.5)
+    p = pad_qtensor(qt, out_features=13, in_features=64)
+    assert p.codes.shape == (13, 64) and p.scales.shape[1] == (1 if group_size == -1 else 64 // group_size)
+    w, wp = dequantize(qt), dequantize(p)
+    assert torch.equal(wp[:9, :40], w)
+    assert torch.equal(wp[9:], torch.zeros(4, 64)) and torch.equal(wp[:, 40:], torch.zeros(13, 24))
+    assert torch.equal(p.bias[:9], qt.bias) and not p.bias[9:].any()
+    assert torch.equal(p.input_scale[:40], qt.input_scale) and torch.equal(p.input_scale[40:], torch.ones(24))
+    assert pad_qtensor(qt) is not qt and torch.equal(dequantize(pad_qtensor(qt)), w)  # nothing to pad: same
+
+
+def test_padding_refuses_act_order():
+    with pytest.raises(InputError, match="act-order"):
+        pad_qtensor(random_qtensor(4, 32, 4, 16, True, act_order=True), in_features=48)

@@ -3,7 +3,7 @@
 `Linear` is one linear layer in the form both writers start from: the fp weight, or the signed integer
 weights + float32 scales of its quant_algo; the writers only rename, pack and split it. When the bundle's MLP
 width is padded (scheme.mlp_width), gate/up_proj come with extra output rows and down_proj with extra input
-columns, all integer 0 (scale 1 where a whole group or row is new): they dequantize to exactly 0.
+columns, all integer 0 (scale 1 where a whole group or row is new): they dequantize to exactly 0 (qform.pad_qtensor).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lorafast_export.model.spec import EMBED, LM_HEAD, ModelConfig
+from lorafast_export.qform import pad_qtensor
 from lorafast_export.targets.trt_llm.pack import signed_codes
 from lorafast_export.targets.trt_llm.scheme import W8A8_SQ, W8A16, TrtScheme
 from lorafast_export.weights import open_model
@@ -67,39 +68,12 @@ class Weights:
         if qt is None:
             bias = self._get(f"{module}.bias")
             return Linear(self.fp(f"{module}.weight"), None, None if bias is None else bias.to(self.dtype))
+        if module.endswith(("mlp.gate_proj", "mlp.up_proj")):
+            qt = pad_qtensor(qt, out_features=self.mlp_width)
+        elif module.endswith("mlp.down_proj"):
+            qt = pad_qtensor(qt, in_features=self.mlp_width)
         scale = qt.scales.float()
         if self.scheme.quant_algo in (W8A16, W8A8_SQ):
             scale = scale[:, 0]  # per channel: [out, 1] → [out]
         bias = None if qt.bias is None else qt.bias.to(self.dtype)
-        lin = Linear(signed_codes(qt), scale.contiguous(), bias)
-        if module.endswith(("mlp.gate_proj", "mlp.up_proj")):
-            return pad_outputs(lin, self.mlp_width)
-        if module.endswith("mlp.down_proj"):
-            return pad_inputs(lin, self.mlp_width, self.scheme.group_size)
-        return lin
-
-
-def pad_outputs(lin: Linear, rows: int) -> Linear:
-    """Quantized lin with output rows appended up to `rows`: integer weights 0, scales 1, bias 0."""
-    extra = rows - lin.out_features
-    if extra <= 0:
-        return lin
-
-    def cat(t: torch.Tensor | None, fill: float) -> torch.Tensor | None:
-        return None if t is None else torch.cat([t, t.new_full((extra, *t.shape[1:]), fill)])
-
-    return Linear(cat(lin.weight, 0), cat(lin.scale, 1.0), cat(lin.bias, 0.0))
-
-
-def pad_inputs(lin: Linear, cols: int, group_size: int | None) -> Linear:
-    """Quantized lin with input columns appended up to `cols`: integer weights 0; per-group scales (W4A16) gain
-    columns of 1 for groups that are wholly new (a ragged last group keeps its own scale over its new columns)."""
-    extra = cols - lin.weight.shape[1]
-    if extra <= 0:
-        return lin
-    weight = torch.cat([lin.weight, lin.weight.new_zeros(lin.weight.shape[0], extra)], dim=1)
-    scale = lin.scale
-    if scale.dim() == 2:  # [out, n_groups]
-        new_groups = cols // group_size - scale.shape[1]
-        scale = torch.cat([scale, scale.new_ones(scale.shape[0], new_groups)], dim=1)
-    return Linear(weight, scale, lin.bias)
+        return Linear(signed_codes(qt), scale.contiguous(), bias)

@@ -1,0 +1,117 @@
+"""The peer table of bench/QUANT.md from the results of many bench/quant_accuracy.py runs sharing one OUT.
+
+    .venv/bin/python bench/quant_table.py /tmp/q30 [--pairs "ours gptq=nncf-gptq" ...]
+
+Reads OUT/results-g{G}-s{S}-*.json (one file per row process, tagged as in bench/QUANT.md's command), prints one
+table per group size and symmetry, rows ordered by method family, the best KL mean of each family in bold. A pair
+"G/S:A=B" (group size, symmetric 0|1, row names) adds a paired comparison over the eval blocks from OUT/kl_tokens-*.pt: mean KL difference
+± standard error over blocks, and the blocks where A is lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("rtn", "gptq", "awq-gptq", "awq")  # checked in order: a name's family is the first it ends with
+
+
+def family(name: str) -> str:
+    base = name.split(" (")[0].removeprefix("ours ")
+    base = re.sub(r"-(search|noclip|sym|static|act|onepass|natural|damp[\d.]+|se)\b", "", base)
+    for f in ("awq-gptq", "gptq", "awq", "rtn"):
+        if base.endswith(f) or f"-{f}" in base or base == f:
+            return f
+    return "other"
+
+
+def load(out: Path) -> dict[tuple[int, int], dict[str, dict]]:
+    tables: dict[tuple[int, int], dict[str, dict]] = {}
+    for f in sorted(out.glob("results-g*-s*-*.json")):
+        r = json.loads(f.read_text())
+        if r["eval"][0] * r["eval"][1] < 40000:  # quick looks (--eval-stride) are not table rows
+            continue
+        key = (r["group_size"], int(bool(r["symmetric"])))
+        tables.setdefault(key, {}).update(r["results"])
+    return tables
+
+
+def strided_rows(out: Path, stride: int, block: int = 256) -> dict[tuple[int, int], dict[str, dict]]:
+    """Every row, full or --eval-stride, scored on every `stride`-th eval block: a full row's per-token KL is cut
+    to those blocks. KL mean / p99 and the quantization CPU seconds only (the per-token file holds KL alone)."""
+    tables: dict[tuple[int, int], dict[str, dict]] = {}
+    for f in sorted(out.glob("results-g*-s*-*.json")):
+        r = json.loads(f.read_text())
+        kls = torch.load(f.with_name(f.name.replace("results-", "kl_tokens-").replace(".json", ".pt")))
+        full = r["eval"][0] * r["eval"][1] >= 40000
+        for name, res in r["results"].items():
+            kl = kls[name].view(-1, block)
+            kl = (kl[::stride] if full else kl).flatten()
+            key = (r["group_size"], int(bool(r["symmetric"])))
+            row = {
+                "kl_mean": float(kl.mean()),
+                "kl_p99": float(torch.quantile(kl, 0.99)),
+                "cpu_s": res["cpu_s"],
+            }
+            tables.setdefault(key, {})[name] = row
+    return tables
+
+
+def kl_by_block(out: Path, tag: str, name: str, block: int = 256) -> torch.Tensor | None:
+    """Per-block mean KL of row `name` in the runs tagged g{G}-s{S} (tag), None if absent."""
+    for f in out.glob(f"kl_tokens-{tag}-*.pt"):
+        kls = torch.load(f)
+        if name in kls and kls[name].numel() >= 40000:
+            return kls[name].view(-1, block).mean(1)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--pairs", nargs="*", default=[])
+    ap.add_argument("--stride", type=int, default=1, help="every row on every k-th eval block (KL only)")
+    a = ap.parse_args()
+    tables = load(a.out) if a.stride == 1 else strided_rows(a.out, a.stride)
+    for (g, s), rows in sorted(tables.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        print(f"\n**4-bit g{g}, {'symmetric' if s else 'asymmetric'}**\n")
+        print(
+            "| method | row | KL mean | KL p99 | same top-1 | ppl ratio | quantize cpu s |\n|---|---|---|---|---|---|---|"
+        )
+        order = sorted(
+            rows,
+            key=lambda n: (FAMILIES.index(family(n)) if family(n) in FAMILIES else 9, rows[n]["kl_mean"]),
+        )
+        best = {}
+        for n in order:
+            best.setdefault(family(n), rows[n]["kl_mean"])
+        for n in order:
+            r, kl = rows[n], f"{rows[n]['kl_mean']:.5f}"
+            kl = f"**{kl}**" if r["kl_mean"] == best[family(n)] else kl
+            top1, ppl = (f"{r['top1']:.3f}", f"{r['ppl_ratio']:.4f}") if "top1" in r else ("", "")
+            print(f"| {family(n)} | {n} | {kl} | {r['kl_p99']:.4f} | {top1} | {ppl} | {r['cpu_s']:.0f} |")
+    if a.pairs:
+        print(
+            "\n| group, symmetry | A vs B | KL ratio A / B | A - B per block, mean ± s.e. | blocks where A is lower |"
+        )
+        print("|---|---|---|---|---|")
+    for pair in a.pairs:
+        where, names = pair.split(":", 1)
+        g, s = where.split("/")
+        x, y = names.split("=")
+        bx, by = kl_by_block(a.out, f"g{g}-s{s}", x), kl_by_block(a.out, f"g{g}-s{s}", y)
+        if bx is None or by is None or bx.shape != by.shape:
+            print(f"{pair}: per-token KL not found for both")
+            continue
+        d = bx - by
+        print(
+            f"| g{g} {'sym' if int(s) else 'asym'} | {x} vs {y} | {float(bx.mean() / by.mean()):.3f} | {float(d.mean()):+.5f} ± {float(d.std() / d.numel() ** 0.5):.5f} | {int((d < 0).sum())} / {d.numel()} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
