@@ -192,6 +192,23 @@ def sec_check(a, dev, R):
     lr, ld = rt.logits(ids), ref.logits(ids)
     out["int4_model_logits_rel_err_vs_dequant_bf16"] = ((lr - ld).norm() / ld.norm()).item()
     out["int4_kernels"] = sorted(set(rt.kernels.values()))
+    out.update(_check_triton_int4(cfg, fp, q, dev, prompts, ids, ld, base))
+    return out
+
+
+def _check_triton_int4(cfg, fp, q, dev, prompts, ids, ld, base) -> dict:
+    """Our Triton int4 kernels in the whole runtime: bf16 logits vs the dequant model; fp32 greedy tokens
+    of the compiled step (CUDA graph) vs eager, both through the Triton kernels."""
+    out = {}
+    rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="on", kernel="triton", **base))
+    lt = rt.logits(ids)
+    out["int4_triton_model_logits_rel_err_vs_dequant_bf16"] = ((lt - ld).norm() / ld.norm()).item()
+    out["int4_triton_kernels"] = sorted(set(rt.kernels.values()))
+    runs = {}
+    for mode in ("off", "on"):
+        o = RuntimeOptions(compile=mode, kernel="triton", **base)
+        runs[mode] = build_runtime(cfg, fp, q, dev, torch.float32, o).generate_batch(prompts, 24)
+    out["int4_triton_fp32_compiled_tokens_equal_eager"] = runs["on"] == runs["off"]
     return out
 
 
@@ -359,6 +376,8 @@ def sec_mixed(a, dev, R):
         run_requests(rt, prompts, outs)  # warm-up: every batch bucket the drain passes through
         res["ours"] = run_requests(rt, prompts, outs)
         res["ours_label"] = a.mixed_with
+    if a.mixed_peer == "none":
+        return res
     hf_generate(model, prompts[:2], 4, dev)
     s, made = hf_generate(model, prompts, max(outs), dev)  # one padded batch runs to the longest output
     res["hf"] = {"seconds": s, "tokens_made": made, "useful_tokens_per_s": sum(outs) / s}
@@ -652,6 +671,7 @@ def main() -> None:
         "--attention", default="auto", help="auto: the faster one in the attn section, else gather"
     )
     p.add_argument("--mixed-with", default="bf16", choices=("bf16", "int4"))
+    p.add_argument("--mixed-peer", default="hf", choices=("hf", "none"), help="none: ours only (TTFT)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip sections once this much time has passed")
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
     p.add_argument("--compile", default="on", choices=("on", "off"), help="profile/spec sections")

@@ -487,8 +487,11 @@ def report_diff(ctx: Ctx, a, b):
 )
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option(
+    "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
+)
 @click.pass_obj
-def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size):
+def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft):
     """Greedy generation for every prompt of a file, through the artifact's runtime; resumes if interrupted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -511,7 +514,15 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size):
         bar.start()
     try:
         res = _run(
-            ctx, generate_file, Path(artifact), Path(inp), Path(output), max_new_tokens, batch_size, progress
+            ctx,
+            generate_file,
+            Path(artifact),
+            Path(inp),
+            Path(output),
+            max_new_tokens,
+            batch_size,
+            progress,
+            None if draft is None else Path(draft),
         )
     finally:
         if bar:

@@ -92,6 +92,18 @@ def _resume_from(out: Path) -> tuple[bytes, set, list[Path]]:
     return *best, stale
 
 
+def _session(target, artifact: Path, draft: Path | None):
+    """The artifact's runtime session; with a draft artifact, speculative (torch-compile only)."""
+    if draft is None:
+        return target.load(artifact / "model")
+    if target.name != "torch-compile":
+        raise InputError(
+            f"--draft {draft}: {artifact} is a {target.name} artifact; speculative decoding runs on "
+            "torch-compile artifacts (build both with --target torch-compile), or drop --draft."
+        )
+    return target.load(artifact / "model", draft=draft)
+
+
 def generate_file(
     artifact: Path,
     inp: Path,
@@ -99,6 +111,7 @@ def generate_file(
     max_new_tokens: int,
     batch_size: int = 16,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    draft: Path | None = None,
 ) -> dict:
     import transformers
 
@@ -107,8 +120,7 @@ def generate_file(
     _refuse_same_file(inp, out)
     todo = [(rec.get("id", n), rec) for n, rec in read_prompts(inp)]
     completed(out)  # an output that is not ours is refused before the model is loaded
-    target = artifact_target(artifact)
-    session = target.load(artifact / "model")
+    session = _session(artifact_target(artifact), artifact, draft)
     tok = transformers.AutoTokenizer.from_pretrained(artifact / "model")
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):

@@ -296,7 +296,7 @@ class QLinear(torch.nn.Module):
 _OPTIONAL_PARTS = {"qzeros": "zeros", "g_idx": "g_idx", "bias": "bias", "input_scale": "input_scale"}
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:  # [out, in] -> [out, ceil(in/2)]
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:  # [out, in] -> [out, ceil(in/2)]
     if codes.shape[1] % 2:
         codes = F.pad(codes, (0, 1))
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
@@ -313,7 +313,7 @@ def qtensors_to_state_dict(qtensors: dict[str, QTensor]) -> tuple[dict[str, torc
     entries: dict[str, dict] = {}
     for name, qt in qtensors.items():
         packed = qt.bits == 4
-        tensors[f"{name}.qcodes"] = _pack_nibbles(qt.codes) if packed else qt.codes
+        tensors[f"{name}.qcodes"] = pack_nibbles(qt.codes) if packed else qt.codes
         tensors[f"{name}.qscales"] = qt.scales
         parts = ["qcodes", "qscales"]
         for part, field in _OPTIONAL_PARTS.items():

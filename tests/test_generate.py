@@ -91,19 +91,9 @@ def artifact(tmp_path_factory):
     return root / "art"
 
 
-def gen(artifact, inp, out):
-    args = [
-        "--json",
-        "generate",
-        "--artifact",
-        artifact,
-        "--input",
-        inp,
-        "--output",
-        out,
-        "--max-new-tokens",
-        "2",
-    ]
+def gen(artifact, inp, out, *extra):
+    args = ["--json", "generate", "--artifact", artifact, "--input", inp, "--output", out]
+    args += list(extra) or ["--max-new-tokens", "2"]
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -159,3 +149,26 @@ def test_prompt_ids_must_be_strings_or_integers(artifact, tmp_path):
     inp.write_text('{"prompt": "x", "id": {"a": 1}}\n')
     r = gen(artifact, inp, tmp_path / "o.jsonl")
     assert r.exit_code == 2 and f"{inp}:1: 'id' must be a string or an integer" in r.output, r.output
+
+
+def test_draft_gives_the_same_completions_and_is_refused_off_torch_compile(artifact, tmp_path):
+    """`generate --draft`: speculative decoding leaves the greedy output unchanged (the torch-compile
+    artifact drafting for itself); an artifact of another target refuses --draft with exit 2."""
+    root = tmp_path / "tc"
+    save_base_and_adapter(root, target_modules=["q_proj"])
+    build = ["-q", "build", "--base", root / "base", "--adapter", root / "ad", "--out", root / "art"]
+    build += ["--target", "torch-compile", "--no-validate"]
+    assert CliRunner().invoke(main, [str(a) for a in build]).exit_code == 0
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": f"the model {i}"}) + "\n" for i in range(3)))
+    r = gen(root / "art", inp, tmp_path / "spec.jsonl", "--draft", root / "art", "--max-new-tokens", "6")
+    assert r.exit_code == 0, r.output
+    plain = gen(root / "art", inp, tmp_path / "plain6.jsonl", "--max-new-tokens", "6")
+    assert plain.exit_code == 0
+    tokens = [
+        [json.loads(x)["tokens"] for x in (tmp_path / f).read_text().splitlines()]
+        for f in ("plain6.jsonl", "spec.jsonl")
+    ]
+    assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[0])
+    r = gen(artifact, inp, tmp_path / "o.jsonl", "--draft", root / "art")
+    assert r.exit_code == 2 and "speculative decoding runs on torch-compile artifacts" in r.output, r.output

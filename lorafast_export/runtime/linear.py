@@ -1,9 +1,11 @@
 """Low-bit linears built from the quantized form's codes (repacked for a kernel, never requantized).
 
 Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurements behind "auto"):
-- int4, group size 32/64/128/256: torch's tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16 activations;
-  1.4x faster than bf16 at 1 row for the 8B MLP shapes, but 1.2-3x slower at 8-32 rows) or
-  `aten._weight_int4pack_mm_for_cpu`. Tinygemm computes w = (q - 8) * scale + zero with a float zero per
+- int4 on CUDA, shapes in the measured kernel table (runtime/int4_table.py): per batch bucket the faster
+  of tinygemm and our Triton GEMV/GEMM (runtime/triton_int4.py, reading qform's packed nibbles) with the
+  measured tile (`Int4TritonLinear`); `kernel=triton` forces the Triton kernels wherever the scheme allows.
+- int4 elsewhere, group size 32/64/128/256: torch's tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16
+  activations; faster than bf16 at 1-4 rows, slower from 8 rows on) or `aten._weight_int4pack_mm_for_cpu`. Tinygemm computes w = (q - 8) * scale + zero with a float zero per
   group, so our integer zero point z becomes zero = (8 - z) * scale (0 when symmetric). Act-order columns
   are permuted into contiguous groups, and the activations with them.
 - int8 per channel, CPU: `aten._weight_int8pack_mm` (w = int8 * scale per row). Codes are unsigned, so
@@ -28,11 +30,13 @@ from lorafast_export.qform import (
     dequantize,
     fake_quant_int8_per_token,
     group_index,
+    pack_nibbles,
 )
+from lorafast_export.runtime.int4_table import TRITON_GROUPS, default_plan, load_table, plan_from_table
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = 8
-KERNELS = ("auto", "dequant")
+KERNELS = ("auto", "dequant", "triton")
 
 
 def _contiguous_groups(qt: QTensor) -> torch.Tensor | None:
@@ -47,26 +51,58 @@ def _contiguous_groups(qt: QTensor) -> torch.Tensor | None:
     return perm
 
 
-def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, prefer: str = "auto") -> str:
-    """'int4_tinygemm' | 'int8_weight_only' | 'dequant' for this tensor on this device/dtype."""
-    if prefer == "dequant":
-        return "dequant"
-    cuda = torch.device(device).type == "cuda"
+def _groups_contiguous(qt: QTensor) -> bool:
+    try:
+        _contiguous_groups(qt)
+    except ValueError:
+        return False
+    return True
+
+
+def tinygemm_fits(qt: QTensor, cuda: bool, dtype: torch.dtype) -> bool:
     out_f, in_f = qt.out_features, qt.in_features
-    if qt.bits == 8 and (qt.group_size == -1 or qt.group_size >= in_f) and not cuda:
-        return "int8_weight_only"  # on CUDA (torch 2.11, H200) _weight_int8pack_mm was 7-90x slower than bf16
-    if (
-        qt.bits == 4
-        and qt.group_size in TINYGEMM_GROUPS
+    return (
+        qt.group_size in TINYGEMM_GROUPS
         and in_f % qt.group_size == 0
         and in_f % (INNER_K_TILES * 16) == 0
         and out_f % 8 == 0
         and (not cuda or dtype == torch.bfloat16)
-    ):
-        try:
-            _contiguous_groups(qt)
-        except ValueError:
-            return "dequant"
+    )
+
+
+def triton_plan(qt: QTensor, device: torch.device | str, dtype: torch.dtype, prefer: str) -> list[int] | None:
+    """The Triton int4 plan for this tensor (None: another kernel). Auto: only from the measured table."""
+    if qt.bits != 4 or qt.group_size not in TRITON_GROUPS or not _groups_contiguous(qt):
+        return None
+    if prefer == "triton":
+        plan = _table_plan(qt, device, dtype)
+        return default_plan() if plan is None else plan
+    dev = torch.device(device)
+    if dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return _table_plan(qt, dev, dtype)
+
+
+def _table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    table = load_table(torch.cuda.get_device_name(dev))
+    fits = tinygemm_fits(qt, True, dtype)
+    choice = plan_from_table(table, qt.out_features, qt.in_features, allow_tinygemm=fits)
+    return choice[1] if choice and choice[0] == "int4_triton" else None
+
+
+def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, prefer: str = "auto") -> str:
+    """'int4_triton' | 'int4_tinygemm' | 'int8_weight_only' | 'dequant' for this tensor on this device/dtype."""
+    if prefer == "dequant":
+        return "dequant"
+    cuda = torch.device(device).type == "cuda"
+    if qt.bits == 8 and (qt.group_size == -1 or qt.group_size >= qt.in_features) and not cuda:
+        return "int8_weight_only"  # on CUDA (torch 2.11, H200) _weight_int8pack_mm was 7-90x slower than bf16
+    if triton_plan(qt, device, dtype, prefer) is not None:
+        return "int4_triton"
+    if qt.bits == 4 and tinygemm_fits(qt, cuda, dtype) and _groups_contiguous(qt):
         return "int4_tinygemm"
     return "dequant"
 
@@ -124,6 +160,19 @@ class Int8Linear(_QuantLinearBase):
         return self._finish(y, shape)
 
 
+def tinygemm_pack(qt: QTensor, codes: torch.Tensor, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scale_zeros [G, out, 2]) of the device's tinygemm layout; codes: act-order permuted."""
+    scales = qt.scales.float()  # [out, G]
+    zeros = (8.0 - qt.zeros.float()) * scales if qt.zeros is not None else torch.zeros_like(scales)
+    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, out, 2]
+    return pack_int4(codes, device), sz.to(device=device, dtype=dtype)
+
+
+def tinygemm_mm(x: torch.Tensor, weight: torch.Tensor, group_size: int, scale_zeros: torch.Tensor):
+    mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return mm(x, weight, group_size, scale_zeros)
+
+
 class Int4Linear(_QuantLinearBase):
     """int4 grouped through torch's tinygemm kernels (CUDA or CPU packing, chosen at build)."""
 
@@ -133,23 +182,57 @@ class Int4Linear(_QuantLinearBase):
         super().__init__(qt, bias, dtype, device)
         self.group_size = qt.group_size
         perm = _contiguous_groups(qt)
-        codes = qt.codes if perm is None else qt.codes[:, perm]
-        scales = qt.scales.float()  # [out, G]
-        zeros = (8.0 - qt.zeros.float()) * scales if qt.zeros is not None else torch.zeros_like(scales)
-        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, out, 2]
-        self.register_buffer("scale_zeros", sz.to(device=device, dtype=dtype))
+        weight, sz = tinygemm_pack(qt, qt.codes if perm is None else qt.codes[:, perm], dtype, device)
+        self.register_buffer("scale_zeros", sz)
         self.register_buffer("perm", None if perm is None else perm.to(device))
-        self.on_cuda = torch.device(device).type == "cuda"
-        self.register_buffer("weight", pack_int4(codes, device))
+        self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, x = x.shape, self._prep(x).reshape(-1, self.in_features)
         if self.perm is not None:
             x = x[:, self.perm]
-        mm = (
-            torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        return self._finish(tinygemm_mm(x, self.weight, self.group_size, self.scale_zeros), shape)
+
+
+class Int4TritonLinear(_QuantLinearBase):
+    """int4 grouped through our Triton GEMV/GEMM (runtime/triton_int4.py) on qform's packed nibbles; where
+    the plan gives tinygemm to some row buckets, the layer also keeps tinygemm's packing for those."""
+
+    kernel = "int4_triton"
+
+    def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu", plan=None):
+        super().__init__(qt, bias, dtype, device)
+        from lorafast_export.runtime import triton_int4  # registers the op; imports triton
+
+        perm = _contiguous_groups(qt)
+        codes = qt.codes if perm is None else qt.codes[:, perm]
+        self.register_buffer("weight", pack_nibbles(codes.to(torch.uint8)).to(device))  # [out, ceil(in/2)]
+        self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
+        self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
+        self.register_buffer("perm", None if perm is None else perm.to(device))
+        self.group_size = qt.group_size
+        self.plan = list(plan or default_plan())
+        tg = triton_int4.TINYGEMM in self.plan[1 :: triton_int4.ENTRY]
+        tg_w, tg_sz = tinygemm_pack(qt, codes, dtype, device) if tg else (None, None)
+        self.register_buffer("tinygemm_weight", tg_w)
+        self.register_buffer("tinygemm_scale_zeros", tg_sz)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, self._prep(x).reshape(-1, self.in_features)
+        if self.perm is not None:
+            x = x[:, self.perm]
+        y = torch.ops.lorafast.int4_mm(
+            x,
+            self.weight,
+            self.scales,
+            self.zeros,
+            self.in_features,
+            self.group_size,
+            self.plan,
+            self.tinygemm_weight,
+            self.tinygemm_scale_zeros,
         )
-        return self._finish(mm(x, self.weight, self.group_size, self.scale_zeros), shape)
+        return self._finish(y, shape)
 
 
 def pack_int4(codes: torch.Tensor, device) -> torch.Tensor:
@@ -169,6 +252,8 @@ def lower_qtensor(
     qt: QTensor, device, dtype: torch.dtype, prefer: str = "auto", bias: torch.Tensor | None = None
 ) -> nn.Module:
     """The runtime linear for one QTensor: the fastest kernel that supports it (see module doc)."""
-    return _KERNEL_CLASSES[choose_kernel(qt, device, dtype, prefer)](
-        qt, bias=bias, dtype=dtype, device=device
-    )
+    kernel = choose_kernel(qt, device, dtype, prefer)
+    if kernel == "int4_triton":
+        plan = triton_plan(qt, device, dtype, prefer)
+        return Int4TritonLinear(qt, bias=bias, dtype=dtype, device=device, plan=plan)
+    return _KERNEL_CLASSES[kernel](qt, bias=bias, dtype=dtype, device=device)

@@ -253,6 +253,11 @@ def _decode_flex(dec, tokens, positions, block_tables, seq_lens, slots, k_pools,
     return dec.logits(h[:, 0]).float()
 
 
+def triton_attention_fits(head_dim: int, block_size: int) -> bool:
+    """The Triton paged kernel's tiles: a power-of-two head_dim >= 16, blocks of >= 16 tokens."""
+    return head_dim >= 16 and not head_dim & (head_dim - 1) and block_size >= 16
+
+
 class PagedModel(nn.Module):
     """prefill(ids, slots), forward(...) = one decode step, extend(...) = S tokens per row; over `cache`."""
 
@@ -262,7 +267,7 @@ class PagedModel(nn.Module):
             raise InputError("attention='flex' does not implement a sliding window; use attention='gather'.")
         if attention == "triton":
             d, bs = dec.cfg.head_dim, cache.block_size
-            if d & (d - 1) or d < 16 or bs < 16:
+            if not triton_attention_fits(d, bs):
                 raise InputError(
                     f"attention='triton' needs a power-of-two head_dim >= 16 (got {d}) and block_size >= 16 "
                     f"(got {bs}); use attention='gather'."

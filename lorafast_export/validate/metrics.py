@@ -35,6 +35,11 @@ GREEDY_METRICS: tuple[str, ...] = ("greedy_match", "first_divergence_mean")
 # ----------------------------------------------------------------------------- per-token math
 
 
+def log_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits -> float64 log-probs, the form every comparison below works in."""
+    return torch.log_softmax(logits.to(torch.float64), dim=-1)
+
+
 def token_kl(logp_ref: torch.Tensor, logp_cand: torch.Tensor) -> torch.Tensor:
     """[n, V] float64 log-probs -> [n] KL(P_ref || P_cand); 0 * log 0 counts as 0, never NaN."""
     p_ref = logp_ref.exp()
@@ -48,13 +53,16 @@ def token_stats(
     labels: torch.Tensor,
     ref_label_logp: torch.Tensor | None = None,
     ref_argmax: torch.Tensor | None = None,
+    normalized: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-token scalars for rows that all carry a label: [n, V], [n, V], [n] -> {name: [n]}.
 
     ref_label_logp / ref_argmax: the reference's exact label log-prob and argmax, when ref_logits is a rounded
-    copy (the compact reference cache): perplexity and top-1 then stay exact, only the KL sees the rounding."""
-    logp_ref = torch.log_softmax(ref_logits.to(torch.float64), dim=-1)
-    logp_cand = torch.log_softmax(cand_logits.to(torch.float64), dim=-1)
+    copy (the compact reference cache): perplexity and top-1 then stay exact, only the KL sees the rounding.
+    normalized: both inputs are already float64 log-probs (log_logprobs of them), computed once by a caller that
+    compares one model with several."""
+    logp_ref = ref_logits if normalized else log_logprobs(ref_logits)
+    logp_cand = cand_logits if normalized else log_logprobs(cand_logits)
     idx = labels.long().unsqueeze(-1)
     lr = logp_ref.gather(-1, idx).squeeze(-1) if ref_label_logp is None else ref_label_logp.to(torch.float64)
     lc = logp_cand.gather(-1, idx).squeeze(-1)
@@ -72,7 +80,7 @@ def token_stats(
 
 def _label_logp(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """[n, V], [n] -> [n] float64 log p(label)."""
-    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    logp = log_logprobs(logits)
     return logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).detach().cpu().numpy()
 
 
@@ -229,8 +237,9 @@ class MetricAccumulator:
         positions: torch.Tensor | None = None,
         ref_label_logp: torch.Tensor | None = None,
         ref_argmax: torch.Tensor | None = None,
+        normalized: bool = False,
     ) -> None:
-        """ref_label_logp / ref_argmax (flat, one per row): see token_stats."""
+        """ref_label_logp / ref_argmax (flat, one per row), normalized (log-probs given): see token_stats."""
         ref, cand, labels, positions = _flatten_block(ref_logits, cand_logits, labels, positions)
         rows = _labelled_rows(labels, cand.shape[-1])
         step, dev = _rows_per_chunk(cand.shape[-1]), cand.device
@@ -239,7 +248,9 @@ class MetricAccumulator:
             exact = [
                 None if t is None else _take(t.reshape(-1), sel, dev) for t in (ref_label_logp, ref_argmax)
             ]
-            stats = token_stats(_take(ref, sel, dev), _take(cand, sel, dev), _take(labels, sel, dev), *exact)
+            stats = token_stats(
+                _take(ref, sel, dev), _take(cand, sel, dev), _take(labels, sel, dev), *exact, normalized
+            )
             for name, values in stats.items():
                 self._parts[name].append(values)
             self._parts["position"].append(

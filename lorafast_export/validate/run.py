@@ -141,7 +141,7 @@ def _finish(writers, missing, entries) -> None:
 
 def _compare(es: EvalSet, first: int, entry, logits, stages, device):
     """Every stage against the cached reference (and the stage before it), block by block."""
-    from lorafast_export.validate.metrics import MetricAccumulator, PerplexityAccumulator
+    from lorafast_export.validate.metrics import MetricAccumulator, PerplexityAccumulator, log_logprobs
 
     ref_e, base_e = entry
     vs_ref = {st.name: MetricAccumulator() for st in stages}
@@ -153,12 +153,13 @@ def _compare(es: EvalSet, first: int, entry, logits, stages, device):
         ref, ref_label, ref_argmax = ref_e.rows(j * n, n, device)
         ppl_ref.update_label_logp(ref_label)
         ppl_base.update_label_logp(base_e.rows(j * n, n)[1])
-        prev = None
+        # log-probs once per block and stage: each is compared with the reference and with the next stage
+        ref, prev = log_logprobs(ref), None
         for st in stages:
-            lg = logits.block(st, first + j)
-            vs_ref[st.name].update(ref, lg, labels, positions, ref_label, ref_argmax)
+            lg = log_logprobs(logits.block(st, first + j))
+            vs_ref[st.name].update(ref, lg, labels, positions, ref_label, ref_argmax, normalized=True)
             if prev is not None:
-                vs_prev[st.name].update(prev, lg, labels, positions)
+                vs_prev[st.name].update(prev, lg, labels, positions, normalized=True)
             prev = lg
     return vs_ref, vs_prev, ppl_ref.ppl, ppl_base.ppl
 

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from lorafast_export.errors import InputError
 from lorafast_export.qform import QLinear
 from lorafast_export.runtime.linear import choose_kernel, lower_qtensor
+from lorafast_export.runtime.loader import check_kernel
+from lorafast_export.runtime.options import RuntimeOptions
 from tests.quant.helpers import random_qtensor
 
 CASES = [  # bits, group, symmetric, act_order, kernel
@@ -46,3 +49,9 @@ def test_kernel_choice_falls_back_to_dequant():
     assert (
         choose_kernel(random_qtensor(48, 256, 8, -1, True), "cuda", torch.bfloat16) == "dequant"
     )  # measured slow
+
+
+def test_triton_kernels_are_refused_off_cuda():
+    with pytest.raises(InputError, match="kernel='triton' needs a CUDA device"):
+        check_kernel(RuntimeOptions(kernel="triton"), torch.device("cpu"))
+    check_kernel(RuntimeOptions(kernel="auto"), torch.device("cpu"))  # auto: no error, the measured choice

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lorafast_export.runtime.api import model_dir_of
 from lorafast_export.runtime.artifact import resolve_dtype, write_artifact
 from lorafast_export.runtime.loader import Runtime, open_runtime
 from lorafast_export.runtime.options import RuntimeOptions
@@ -53,9 +54,13 @@ class TorchCompileTarget:
             facts["aot"] = {k: entry[k] for k in ("device", "prefill", "decode")}
         return facts
 
-    def load(self, model_dir: Path, device: str = "cpu", **overrides) -> TorchCompileSession:
-        """overrides: RuntimeOptions fields for this session (validation loads with compile="off")."""
-        return TorchCompileSession(Path(model_dir), device, **overrides)
+    def load(
+        self, model_dir: Path, device: str = "cpu", draft: Path | None = None, **overrides
+    ) -> TorchCompileSession:
+        """draft: another torch-compile artifact (root or model/) that drafts for speculative decoding;
+        overrides: RuntimeOptions fields for this session (validation loads with compile="off")."""
+        draft_dir = None if draft is None else model_dir_of(draft)
+        return TorchCompileSession(Path(model_dir), device, draft_dir=draft_dir, **overrides)
 
 
 register(TorchCompileTarget())

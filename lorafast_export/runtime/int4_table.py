@@ -1,0 +1,63 @@
+"""Which int4 kernel runs a linear of a given shape, from a table measured on the GPU (not a guess).
+
+`bench/torch_bench.py --sections int4table` times, per linear shape [N, K] and per row bucket, the dense
+bf16 matmul, torch's tinygemm and a sweep of our Triton GEMV/GEMM tiles (runtime/triton_int4.py), each
+call replayed from a CUDA graph as the runtime runs it, and writes the table shipped as
+lorafast_export/data/kernels/int4_<gpu>.json. At load:
+- a layer whose shape the table holds, on the GPU it was measured on, gets per row bucket the fastest
+  measured kernel: tinygemm, or a Triton GEMV/GEMM tile (a layer whose plan mixes both keeps both weight
+  packings, 0.5 + 0.5 byte per weight);
+- any other shape or GPU keeps the earlier rule (tinygemm where it applies), since nothing was measured.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+TABLE_DIR = Path(__file__).resolve().parents[1] / "data" / "kernels"
+TRITON_GROUPS = (32, 64, 128, 256)  # group sizes the Triton kernels take (a GEMV tile holds whole groups)
+
+
+def table_file(gpu: str) -> Path:
+    return TABLE_DIR / f"int4_{gpu.lower().replace('nvidia ', '').replace(' ', '_')}.json"
+
+
+@lru_cache(maxsize=4)
+def load_table(gpu: str) -> dict | None:
+    path = table_file(gpu)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+TINYGEMM_ENTRY = [2, 0, 0, 1, 0, 0]  # kind TINYGEMM (runtime/triton_int4.py); tile fields unused
+
+
+def _best(cell: dict, allow_tinygemm: bool) -> tuple[float, list[int]] | None:
+    """(microseconds, entry without its row bound) of the cell's fastest measured kernel."""
+    runs = [(cell[k]["us"], cell[k]["entry"][1:]) for k in ("gemv", "gemm") if cell.get(k) and cell[k]["us"]]
+    if allow_tinygemm and cell.get("tinygemm_us"):
+        runs.append((cell["tinygemm_us"], TINYGEMM_ENTRY))
+    return min(runs, key=lambda r: r[0]) if runs else None
+
+
+def plan_from_table(
+    table: dict | None, n: int, k: int, allow_tinygemm: bool = True
+) -> tuple[str, list[int]] | None:
+    """('int4_triton', flat plan) or ('int4_tinygemm', []) for an [n, k] linear; None if not measured.
+    Per row bucket the fastest measured kernel (tinygemm too where the layer fits it)."""
+    row = next((r for r in (table or {}).get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
+    if row is None:
+        return None
+    buckets = sorted(row["rows"], key=int)
+    best = [(int(b), _best(row["rows"][b], allow_tinygemm)) for b in buckets]
+    if any(v is None for _, v in best):
+        return None
+    if all(v[1] == TINYGEMM_ENTRY for _, v in best):
+        return ("int4_tinygemm", [])
+    return ("int4_triton", [x for b, v in best for x in (b, *v[1])])
+
+
+def default_plan() -> list[int]:
+    """Tiles for a forced `kernel=triton` on a shape the table lacks: GEMV up to 4 rows, then GEMM."""
+    return [4, 0, 32, 256, 1, 16, 4, 1 << 30, 1, 64, 64, 1, 32, 4]

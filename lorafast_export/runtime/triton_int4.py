@@ -1,0 +1,224 @@
+"""int4 weight-only matmuls as Triton kernels that read the quantized form's packed nibbles in place.
+
+Weights stay as qform packs them on disk (`qform.pack_nibbles`): uint8 [out, ceil(in/2)], byte j holding
+the code of input column 2j in its low nibble and 2j+1 in its high nibble; scales [out, groups] in their
+stored dtype; zero points uint8 [out, groups], or none (symmetric: zero 8). w = (code - zero) * scale.
+
+Two kernels, both with split-K (each split writes an fp32 partial, summed after; one split stores the
+result directly in the activation dtype). A tile spans BK input columns inside one group (BK divides the
+group size), so its scale multiplies the tile's partial sum once, not every weight: per weight the work is
+the nibble unpack, one integer-to-float conversion and the zero-point subtraction. The activations are
+loaded contiguously and split into their even and odd columns, so the nibbles need no interleaving, and
+the codes load as aligned 16-byte vectors (tile offsets are multiples of BK / 2 bytes, rows KB bytes).
+- GEMV for a few rows: no tensor cores; products summed over the tile in fp32, one row at a time.
+- GEMM for more rows: (code - zero) is exact in bf16/fp16 and goes to tl.dot.
+Which kernel and which tile sizes run for a (shape, rows) comes from a table measured on the device
+(runtime/int4_table.py); `int4_mm` takes that plan and picks the entry for the batch it sees.
+
+Triton is imported only here (CUDA, or its interpreter in tests: TRITON_INTERPRET=1 before the import).
+The op is a torch custom op: opaque to inductor, captured in the step's CUDA graph.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lorafast_export.runtime.linear import tinygemm_mm
+
+# One plan entry: (max rows, kind, BN, BK, splits, BM, warps) with kind 0 = GEMV, 1 = GEMM, 2 = torch's
+# tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused).
+ENTRY = 7
+GEMV, GEMM, TINYGEMM = 0, 1, 2
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _jit(fn):
+    """triton.jit with ITERS (tiles per split) a runtime value on the GPU, so a new K or split count does
+    not compile the kernel again. Triton's interpreter (the CPU tests) cannot loop to a runtime bound under
+    numpy 2: there it stays the compile-time constant the source declares. Sizes that only bound masks are
+    not specialised (one compile per tile shape); K and KB are, as they set the row strides (aligned loads)."""
+    if _INTERPRET:
+        return triton.jit(fn)
+    fn.__annotations__.pop("ITERS")
+    return triton.jit(fn, do_not_specialize=["M", "N", "G", "ITERS"])
+
+
+@_jit
+def _gemv_kernel(
+    x_ptr,  # [M, K] activations
+    w_ptr,  # [N, KB] uint8 packed nibbles, KB = ceil(K / 2)
+    s_ptr,  # [N, G] scales
+    z_ptr,  # [N, G] uint8 zero points (unused when symmetric)
+    out_ptr,  # [SPLITS, M, N] fp32 partials, or [M, N] in x's dtype with one split
+    M,
+    N,
+    K,
+    KB,
+    G,
+    ITERS: tl.constexpr,  # tiles per split
+    MP: tl.constexpr,  # M padded to a power of two
+    BN: tl.constexpr,
+    BK: tl.constexpr,  # divides GS
+    GS: tl.constexpr,
+    ASYM: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    nn = pid_n * BN + tl.arange(0, BN)
+    mm = tl.arange(0, MP)
+    jj = tl.arange(0, BK // 2)
+    kk = tl.arange(0, BK)
+    n_ok = nn < N
+    acc = tl.zeros([MP, BN], tl.float32)
+    for it in range(0, ITERS):
+        t = sp * ITERS + it  # tile index along K; tiles past K load nothing (masked)
+        k0 = t * BK
+        kb0 = t * (BK // 2)
+        w = tl.load(
+            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+        )
+        g_off = nn * G + k0 // GS
+        g_ok = n_ok & (k0 < K)
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN]
+        if ASYM:
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)[:, None]
+        else:
+            z = 8.0
+        lo = (w & 0xF).to(tl.float32) - z  # [BN, BK/2]
+        hi = (w >> 4).to(tl.float32) - z
+        for m in tl.static_range(MP):  # rows one by one: 2-D tiles stay in the layout they were loaded in
+            x = tl.load(x_ptr + m * K + k0 + kk, mask=(k0 + kk < K) & (m < M), other=0.0)  # [BK]
+            xe, xo = tl.split(tl.reshape(x.to(tl.float32), [BK // 2, 2]))
+            part = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1) * s  # [BN]
+            acc += tl.where(mm[:, None] == m, part[None, :], 0.0)
+    o_off = (sp * M + mm[:, None]) * N + nn[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=(mm < M)[:, None] & n_ok[None, :])
+
+
+@_jit
+def _gemm_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, KB] uint8
+    s_ptr,  # [N, G]
+    z_ptr,  # [N, G] uint8
+    out_ptr,  # [SPLITS, M, N] fp32, or [M, N] in x's dtype
+    M,
+    N,
+    K,
+    KB,
+    G,
+    ITERS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,  # divides GS
+    GS: tl.constexpr,
+    ASYM: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 activations: exact fp32 dots (the default rounds inputs to tf32)
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    sp = tl.program_id(2)
+    mm = pid_m * BM + tl.arange(0, BM)
+    nn = pid_n * BN + tl.arange(0, BN)
+    jj = tl.arange(0, BK // 2)
+    kk = tl.arange(0, BK)
+    n_ok = nn < N
+    m_ok = mm < M
+    acc = tl.zeros([BM, BN], tl.float32)
+    for it in range(0, ITERS):
+        t = sp * ITERS + it
+        k0 = t * BK
+        kb0 = t * (BK // 2)
+        w = tl.load(
+            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+        )
+        x = tl.load(
+            x_ptr + mm[:, None] * K + (k0 + kk)[None, :],
+            mask=m_ok[:, None] & (k0 + kk < K)[None, :],
+            other=0.0,
+        )
+        xe, xo = tl.split(tl.reshape(x, [BM, BK // 2, 2]))  # [BM, BK/2] each
+        g_off = nn * G + k0 // GS
+        g_ok = n_ok & (k0 < K)
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN]
+        if ASYM:
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.int16)[:, None]
+        else:
+            z = 8
+        w_lo = ((w & 0xF).to(tl.int16) - z).to(x.dtype)  # [BN, BK/2], exact small integers
+        w_hi = ((w >> 4).to(tl.int16) - z).to(x.dtype)
+        if IEEE:
+            part = tl.dot(xe, tl.trans(w_lo), input_precision="ieee")
+            part = tl.dot(xo, tl.trans(w_hi), part, input_precision="ieee")
+        else:
+            part = tl.dot(xe, tl.trans(w_lo))
+            part = tl.dot(xo, tl.trans(w_hi), part)
+        acc += part * s[None, :]
+    o_off = (sp * M + mm[:, None]) * N + nn[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor | None,
+    k: int,
+    group_size: int,
+    entry: list[int] | tuple[int, ...],
+) -> torch.Tensor:
+    """x [M, K] @ dequant(w).T with one plan entry (see ENTRY) → [M, N] in x's dtype."""
+    _, kind, bn, bk, splits, bm, warps = entry
+    bk = min(bk, group_size)  # a tile lies inside one group (both powers of two)
+    m, n, g = x.shape[0], w.shape[0], s.shape[1]
+    tiles = triton.cdiv(k, bk)
+    iters = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, iters)  # splits that hold columns
+    out = (
+        torch.empty(m, n, device=x.device, dtype=x.dtype)
+        if splits == 1
+        else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+    )
+    zp = z if z is not None else s  # never read when symmetric
+    args = (x, w, s, zp, out, m, n, k, w.shape[1], g)
+    common = dict(ITERS=iters, BN=bn, BK=bk, GS=group_size, ASYM=z is not None, num_warps=warps)
+    if kind == GEMV:
+        _gemv_kernel[(triton.cdiv(n, bn), splits)](*args, MP=triton.next_power_of_2(m), **common)
+    else:
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
+        _gemm_kernel[grid](*args, BM=bm, IEEE=x.dtype == torch.float32, **common)
+    return out if splits == 1 else out.sum(0).to(x.dtype)
+
+
+def pick(plan: list[int], rows: int) -> list[int]:
+    """The plan entry for `rows`: the first whose max rows covers it, else the last."""
+    entries = [plan[i : i + ENTRY] for i in range(0, len(plan), ENTRY)]
+    return next((e for e in entries if rows <= e[0]), entries[-1])
+
+
+@torch.library.custom_op("lorafast::int4_mm", mutates_args=())
+def int4_mm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor | None,
+    k: int,
+    group_size: int,
+    plan: list[int],
+    tg_w: torch.Tensor | None = None,
+    tg_sz: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
+    tg_w / tg_sz: the tinygemm packing, for entries of kind TINYGEMM). The choice happens here, inside
+    the op, so a compiled graph does not branch on the (dynamic) row count."""
+    entry = pick(plan, x.shape[0])
+    if entry[1] == TINYGEMM:
+        return tinygemm_mm(x, tg_w, group_size, tg_sz)
+    return launch(x.contiguous(), w, s, z, k, group_size, entry)
+
+
+@int4_mm.register_fake
+def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None):
+    return x.new_empty(x.shape[0], w.shape[0])

@@ -1,0 +1,139 @@
+"""Our Triton int4 GEMV/GEMM equal the fake-quant reference (qform.QLinear: dequantize, then matmul).
+
+Runs on CUDA, or on the CPU through Triton's interpreter (tests/runtime/triton_device.py)."""
+# ruff: noqa: I001 - tests.runtime.triton_device must be imported before any kernel module
+
+import json
+
+import pytest
+import torch
+
+from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
+from lorafast_export.qform import QLinear, pack_nibbles
+from lorafast_export.runtime import int4_table
+from lorafast_export.runtime.linear import Int4TritonLinear, lower_qtensor
+from lorafast_export.runtime.triton_int4 import ENTRY, GEMM, GEMV, TINYGEMM, launch
+from tests.quant.helpers import random_qtensor
+from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
+from tests.runtime.test_model import paged_logits
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's largest value
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype) -> bool:
+    return (out.float().cpu() - ref).abs().max().item() <= TOL[dtype] * ref.abs().max().item()
+
+
+def _dtypes():
+    return [torch.float32, torch.bfloat16] if DEV == "cuda" else [torch.float32]
+
+
+SCHEMES = [  # out, in, group, symmetric, act_order
+    (48, 256, 128, True, False),
+    (40, 256, 64, False, True),
+    (56, 176, 32, False, False),  # 5.5 groups: the last one ragged, the last tile masked
+    (24, 512, 128, False, False),
+]
+
+
+@pytest.mark.parametrize("out_f,in_f,group,sym,act_order", SCHEMES)
+@pytest.mark.parametrize("rows", [1, 3, 9, 20])  # the default plan: GEMV up to 4 rows, GEMM beyond
+def test_triton_linear_matches_fake_quant(out_f, in_f, group, sym, act_order, rows):
+    qt = random_qtensor(out_f, in_f, 4, group, sym, act_order=act_order, seed=rows, bias=True)
+    x = torch.randn(rows, in_f)
+    ref = QLinear(qt)(x)
+    for dtype in _dtypes():
+        mod = lower_qtensor(qt, DEV, dtype, prefer="triton")
+        assert mod.kernel == "int4_triton"
+        assert _close(mod(x.to(DEV, dtype)), ref, dtype)
+
+
+ENTRIES = [  # (max rows, kind, BN, BK, splits, BM, warps): split-K, tiles wider than N, groups per tile
+    [8, GEMV, 16, 128, 3, 16, 4],
+    [8, GEMV, 64, 256, 2, 16, 8],
+    [64, GEMM, 16, 32, 4, 16, 4],
+    [64, GEMM, 32, 128, 2, 32, 4],
+]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("sym", [True, False])
+def test_kernel_tiles_and_splits(entry, sym):
+    qt = random_qtensor(40, 384, 4, 32, sym, seed=7)
+    x = torch.randn(5, 384)
+    ref = QLinear(qt)(x)
+    w, s = pack_nibbles(qt.codes).to(DEV), qt.scales.to(DEV)
+    z = None if sym else qt.zeros.to(DEV)
+    for dtype in _dtypes():
+        assert _close(launch(x.to(DEV, dtype), w, s, z, 384, 32, entry), ref, dtype)
+
+
+def _cell(gemv_us, gemm_us, tiny_us):
+    return {
+        "tinygemm_us": tiny_us,
+        "gemv": {"us": gemv_us, "entry": [0, GEMV, 32, 256, 2, 16, 4]},
+        "gemm": {"us": gemm_us, "entry": [0, GEMM, 64, 64, 1, 16, 4]},
+    }
+
+
+def test_plan_follows_the_measured_table():
+    """Per row bucket the fastest measured kernel; tinygemm only where the layer fits it."""
+    table = {
+        "shapes": [
+            {"n": 64, "k": 256, "rows": {"1": _cell(10, 30, 20), "32": _cell(90, 40, 80)}},
+            {"n": 32, "k": 256, "rows": {"1": _cell(30, 40, 20), "32": _cell(90, 60, 50)}},
+            {"n": 16, "k": 256, "rows": {"1": _cell(30, 40, 20), "32": _cell(90, 40, 50)}},
+        ]
+    }
+    gemv, gemm, tiny = [GEMV, 32, 256, 2, 16, 4], [GEMM, 64, 64, 1, 16, 4], [TINYGEMM, 0, 0, 1, 0, 0]
+    assert int4_table.plan_from_table(table, 64, 256) == ("int4_triton", [1, *gemv, 32, *gemm])
+    assert int4_table.plan_from_table(table, 32, 256) == ("int4_tinygemm", [])  # tinygemm faster in both
+    assert int4_table.plan_from_table(table, 16, 256) == ("int4_triton", [1, *tiny, 32, *gemm])
+    assert int4_table.plan_from_table(table, 16, 256, allow_tinygemm=False) == (
+        "int4_triton",
+        [1, *gemv, 32, *gemm],
+    )
+    assert int4_table.plan_from_table(table, 128, 256) is None  # not measured: the earlier rule
+
+
+def test_plan_mixing_tinygemm_and_triton(tmp_path):
+    """A layer whose plan gives tinygemm to 1 row and the Triton GEMM beyond keeps both packings; each
+    bucket's result equals the fake-quant reference (tinygemm: torch's CPU kernel here)."""
+    qt = random_qtensor(48, 256, 4, 64, False, act_order=True, seed=3)
+    plan = [1, TINYGEMM, 0, 0, 1, 0, 0, 64, GEMM, 32, 64, 2, 16, 4]
+    for dtype in _dtypes():
+        mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
+        assert mod.tinygemm_weight is not None
+        for rows in (1, 9):
+            x = torch.randn(rows, 256)
+            assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
+
+
+def test_shipped_tables_give_runnable_plans():
+    """Every shipped table's plans name kernels and tiles the launcher takes (power-of-two tiles)."""
+    files = sorted(int4_table.TABLE_DIR.glob("int4_*.json"))
+    for f in files:
+        table = json.loads(f.read_text())
+        for row in table["shapes"]:
+            choice = int4_table.plan_from_table(table, row["n"], row["k"])
+            assert choice is not None and choice[0] in ("int4_triton", "int4_tinygemm")
+            entries = [choice[1][i : i + ENTRY] for i in range(0, len(choice[1]), ENTRY)]
+            for rows, kind, bn, bk, splits, bm, warps in entries:
+                assert kind in (GEMV, GEMM, TINYGEMM) and splits >= 1 and rows >= 1
+                if kind != TINYGEMM:
+                    assert bk >= 32 and not bk & (bk - 1) and not bn & (bn - 1) and bm >= 16
+                    assert warps in (4, 8)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="helpers.paged builds on the CPU; on CUDA: torch_bench.py check")
+def test_runtime_with_triton_kernels_equals_fake_quant_model(tmp_path):
+    """The paged runtime built with kernel=triton (fused qkv / gate-up): prefill (6 rows, GEMM) and decode
+    (2 rows, GEMV) give the logits of the fake-quant decoder."""
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    fp, q = quantize_all(md, 4, 32, False)
+    pm, cache = paged(md, fp, q, kernel="triton")
+    assert {type(m).__name__ for m in pm.dec.modules() if hasattr(m, "kernel")} == {"Int4TritonLinear"}
+    ids = torch.randint(0, 96, (9,))
+    with torch.no_grad():
+        want = fake_quant_decoder(md, q)(ids[None])[0][0]
+    assert (paged_logits(pm, cache, ids, 6) - want).abs().max() < 1e-4 * want.abs().max()
