@@ -33,9 +33,9 @@ from lorafast_export.qform import (
     pack_nibbles,
 )
 from lorafast_export.runtime.int4_table import TRITON_GROUPS, default_plan, load_table, plan_from_table
+from lorafast_export.runtime.tinygemm import INNER_K_TILES, tinygemm_mm, tinygemm_pack
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
-INNER_K_TILES = 8
 KERNELS = ("auto", "dequant", "triton")
 
 
@@ -160,19 +160,6 @@ class Int8Linear(_QuantLinearBase):
         return self._finish(y, shape)
 
 
-def tinygemm_pack(qt: QTensor, codes: torch.Tensor, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight, scale_zeros [G, out, 2]) of the device's tinygemm layout; codes: act-order permuted."""
-    scales = qt.scales.float()  # [out, G]
-    zeros = (8.0 - qt.zeros.float()) * scales if qt.zeros is not None else torch.zeros_like(scales)
-    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, out, 2]
-    return pack_int4(codes, device), sz.to(device=device, dtype=dtype)
-
-
-def tinygemm_mm(x: torch.Tensor, weight: torch.Tensor, group_size: int, scale_zeros: torch.Tensor):
-    mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-    return mm(x, weight, group_size, scale_zeros)
-
-
 class Int4Linear(_QuantLinearBase):
     """int4 grouped through torch's tinygemm kernels (CUDA or CPU packing, chosen at build)."""
 
@@ -233,16 +220,6 @@ class Int4TritonLinear(_QuantLinearBase):
             self.tinygemm_scale_zeros,
         )
         return self._finish(y, shape)
-
-
-def pack_int4(codes: torch.Tensor, device) -> torch.Tensor:
-    """codes uint8 [out, in] (values 0..15) → the tinygemm layout of the device."""
-    if torch.device(device).type == "cuda":
-        c = codes.to(device=device, dtype=torch.int32)
-        return torch.ops.aten._convert_weight_to_int4pack(
-            (c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8), INNER_K_TILES
-        )
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES)
 
 
 _KERNEL_CLASSES = {"int4_tinygemm": Int4Linear, "int8_weight_only": Int8Linear, "dequant": DequantLinear}

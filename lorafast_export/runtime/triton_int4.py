@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafast_export.runtime.linear import tinygemm_mm
+from lorafast_export.runtime.tinygemm import tinygemm_mm
 
 # One plan entry: (max rows, kind, BN, BK, splits, BM, warps) with kind 0 = GEMV, 1 = GEMM, 2 = torch's
 # tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused).
