@@ -1,18 +1,21 @@
 # The README's two commands: `make demo` (set up + build the bundled demo) and `make test` (set up + run the tests).
+# CI (.ci/run) runs `make lint test test-lowest`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+LOWEST ?= .venv-lowest
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-lowest lint bench clean
 
 setup: $(VENV)/.installed
 
-# torch is installed first and pinned: other packages would otherwise pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The exact tested set (constraints.txt). torch is installed first: other packages would otherwise pull a
+# multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,all]'
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[dev,all]'
 	touch $@
 
 demo: setup
@@ -21,7 +24,20 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# The lowest supported versions (pyproject's lower bounds, constraints-lowest.txt) in a second venv, without the
+# optional runtimes (their targets' tests skip), then the suite.
+$(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
+	test -x $(LOWEST)/bin/python || python3 -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q --upgrade pip
+	$(LOWEST)/bin/pip install -q -c constraints-lowest.txt torch
+	$(LOWEST)/bin/pip install -q -c constraints-lowest.txt -e '.[dev]'
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pytest
+
 lint: setup
+	$(VENV)/bin/ruff format --check lorafast_export tests bench scripts
 	$(VENV)/bin/ruff check lorafast_export tests bench scripts
 
 clean:
