@@ -605,8 +605,8 @@ def sec_tritoncheck(a, dev, R):
     tests/runtime/test_triton_attention.py's cases), bf16 and fp32, plus its time vs gather."""
     from lorafast_export.runtime.attention import decode_gather
     from lorafast_export.runtime.triton_attention import paged_decode
-    from tests.runtime.test_attention import scattered_pool
-    from tests.runtime.test_triton_attention import CASES
+    from lorafast_export.testing import TRITON_DECODE_CASES as CASES
+    from lorafast_export.testing import scattered_pool
 
     rows = []
     for lengths, hkv, hq, d, window in CASES + [([384] * 32, 8, 32, 128, None), ([384], 8, 32, 128, None)]:

@@ -1,6 +1,6 @@
 """Helpers that tests and bench scripts share (neither imports the other): tiny transformers models and tokenizers
-built on the fly (no hub access; the ground truth is transformers + PEFT), and the streaming merge's memory
-measurement. Nothing in the package imports this module.
+built on the fly (no hub access; the ground truth is transformers + PEFT), paged KV pools with the Triton
+decode kernel's cases, and the streaming merge's memory measurement. Nothing in the package imports this module.
 """
 
 from __future__ import annotations
@@ -104,6 +104,33 @@ def write_text(path: Path, n_chars: int = 6000, seed: int = 0) -> Path:
     text = " ".join(rnd.choice(words) for _ in range(n_chars // 4))
     path.write_text(text[:n_chars])
     return path
+
+
+# ------------------------------------------------------------------------------------- paged attention pools
+
+
+def scattered_pool(lengths, hkv=2, d=8, bs=4, seed=0):
+    """Random keys/values of each sequence written to shuffled physical blocks; dense copies for reference."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = sum(-(-n // bs) for n in lengths) + 3
+    k_pool, v_pool = torch.randn(2, hkv, (n_blocks + 1) * bs, d, generator=g).unbind(0)
+    free = (torch.randperm(n_blocks, generator=g) + 1).tolist()
+    width = max(-(-n // bs) for n in lengths) + 1
+    tables, dense = torch.zeros(len(lengths), width, dtype=torch.int32), []
+    for i, n in enumerate(lengths):
+        blocks = [free.pop() for _ in range(-(-n // bs))]
+        tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        idx = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
+        dense.append((k_pool[:, idx], v_pool[:, idx]))
+    return k_pool, v_pool, tables, torch.tensor(lengths), dense
+
+
+# lengths, kv heads, q heads, head dim, window: the Triton paged decode kernel's cases (its test and torch_bench)
+TRITON_DECODE_CASES = [
+    ([1, 4, 17, 40], 2, 8, 16, None),  # GQA 4; 40 tokens = 3 blocks, several context splits
+    ([3, 33, 70], 2, 4, 64, 20),  # sliding window
+    ([200], 1, 1, 32, None),  # one row: many splits, most blocks of a split past the end
+]
 
 
 # --------------------------------------------------------------------------------------- merge peak memory

@@ -197,20 +197,12 @@ def test_optional_runtimes_are_imported_only_by_their_target(runtime):
     assert outside == []
 
 
-# Still to move (open in another branch that edits these very files): torch_bench's Triton check reuses the
-# attention tests' cases and pool builder. Remove the entry when they live in lorafast_export/testing.py.
-NOT_YET_MOVED = {
-    ("bench/torch_bench.py", "tests.runtime.test_attention"),
-    ("bench/torch_bench.py", "tests.runtime.test_triton_attention"),
-}
-
-
 def test_tests_and_bench_do_not_import_each_other():
     root = PKG.parent
     bad = []
     for folder, forbidden in (("tests", "bench"), ("bench", "tests")):
         for p in sorted((root / folder).rglob("*.py")):
             for name, _, line in _imports(ast.parse(p.read_text(), str(p))):
-                if name.split(".")[0] == forbidden and (str(p.relative_to(root)), name) not in NOT_YET_MOVED:
+                if name.split(".")[0] == forbidden:
                     bad.append(f"{p.relative_to(root)}:{line} imports {name}")
     assert bad == []

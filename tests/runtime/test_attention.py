@@ -3,22 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafast_export.runtime.attention import decode_flex, decode_gather
-
-
-def scattered_pool(lengths, hkv=2, d=8, bs=4, seed=0):
-    """Random keys/values of each sequence written to shuffled physical blocks; dense copies for reference."""
-    g = torch.Generator().manual_seed(seed)
-    n_blocks = sum(-(-n // bs) for n in lengths) + 3
-    k_pool, v_pool = torch.randn(2, hkv, (n_blocks + 1) * bs, d, generator=g).unbind(0)
-    free = (torch.randperm(n_blocks, generator=g) + 1).tolist()
-    width = max(-(-n // bs) for n in lengths) + 1
-    tables, dense = torch.zeros(len(lengths), width, dtype=torch.int32), []
-    for i, n in enumerate(lengths):
-        blocks = [free.pop() for _ in range(-(-n // bs))]
-        tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        idx = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
-        dense.append((k_pool[:, idx], v_pool[:, idx]))
-    return k_pool, v_pool, tables, torch.tensor(lengths), dense
+from lorafast_export.testing import scattered_pool
 
 
 def reference(q, dense, window=None):

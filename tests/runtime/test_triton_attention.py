@@ -9,13 +9,8 @@ import torch
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.runtime.attention import decode_gather
 from lorafast_export.runtime.triton_attention import num_splits, paged_decode
-from tests.runtime.test_attention import scattered_pool
-
-CASES = [  # lengths, kv heads, q heads, head dim, window
-    ([1, 4, 17, 40], 2, 8, 16, None),  # GQA 4; 40 tokens = 3 blocks, several context splits
-    ([3, 33, 70], 2, 4, 64, 20),  # sliding window
-    ([200], 1, 1, 32, None),  # one row: many splits, most blocks of a split past the end
-]
+from lorafast_export.testing import TRITON_DECODE_CASES as CASES
+from lorafast_export.testing import scattered_pool
 
 
 @pytest.mark.parametrize("lengths,hkv,hq,d,window", CASES)
