@@ -368,16 +368,21 @@ def train_loop(
     model.eval()
 
 
-def make_config():
+def make_config(**shape):
+    """The demo's Llama config; `shape` overrides its vocabulary and widths (scripts/train_fixture.py's larger fixture)."""
     from transformers import LlamaConfig
 
+    shape = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 688,
+        **shape,
+    }
     cfg = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=688,
+        **shape,
         max_position_embeddings=1024,
         rope_theta=10000.0,
         tie_word_embeddings=False,

@@ -56,9 +56,7 @@ SKIP_MODULES = {"antigravity", "this", "__hello__", "__phello__", "pydoc_data"}
 
 
 def make_config():
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
+    return demo.make_config(
         vocab_size=VOCAB_SIZE,
         hidden_size=512,
         num_hidden_layers=8,
@@ -66,18 +64,7 @@ def make_config():
         num_key_value_heads=4,
         head_dim=64,
         intermediate_size=1376,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
-        hidden_act="silu",
-        initializer_range=0.02,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
     )
-    cfg.architectures = ["LlamaForCausalLM"]
-    return cfg
 
 
 def load_data() -> dict:
