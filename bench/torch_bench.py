@@ -494,6 +494,24 @@ def sec_profile(a, dev, R):
     return out
 
 
+def spec_engine(base, draft, k: int, a, dev):
+    """A batch-1 engine over `base`'s model and paged cache that drafts `k` tokens with `draft`'s model."""
+    from lorafast_export.runtime.engine import Engine
+
+    return Engine(
+        base.model,
+        base.cache,
+        max_batch=1,
+        max_seq_len=base.engine.max_seq_len,
+        batch_buckets=(1,),
+        compile=a.compile == "on",
+        device=dev,
+        draft=draft.model,
+        draft_cache=draft.cache,
+        spec_k=k,
+    )
+
+
 def sec_spec(a, dev, R):
     """bf16 alone vs bf16 + int4 draft, batch 1, greedy; identical tokens, acceptance, decode tok/s."""
     cfg, state = config_of(R["_model"])
@@ -507,20 +525,7 @@ def sec_spec(a, dev, R):
     res["bf16_alone"] = ref
     draft = build_runtime(cfg, fp4, q4, dev, torch.bfloat16, _opts(a, [1], R))
     for k in [int(x) for x in a.spec_k.split(",")]:
-        from lorafast_export.runtime.engine import Engine
-
-        eng = Engine(
-            base.model,
-            base.cache,
-            max_batch=1,
-            max_seq_len=base.engine.max_seq_len,
-            batch_buckets=(1,),
-            compile=a.compile == "on",
-            device=dev,
-            draft=draft.model,
-            draft_cache=draft.cache,
-            spec_k=k,
-        )
+        eng = spec_engine(base, draft, k, a, dev)
         base.engine, keep = eng, base.engine
         eng.generate_batch(prompts[:1], 32)  # compile + capture
         got = eng.generate_batch(prompts[1:], a.new_tokens)
@@ -558,8 +563,6 @@ def code_prompts(tok, n: int, length: int) -> list[list[int]]:
 
 def sec_specdemo(a, dev, R):
     """Speculative decoding on the trained demo (LoRA merged): int4 RTN g32 draft, batch 1, greedy."""
-    from lorafast_export.runtime.engine import Engine
-
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, tok = demo_merged(dev, dtype)
     cfg, state = config_of(model)
@@ -575,18 +578,7 @@ def sec_specdemo(a, dev, R):
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
     for k in [int(x) for x in a.spec_k.split(",")]:
-        eng = Engine(
-            base.model,
-            base.cache,
-            max_batch=1,
-            max_seq_len=keep.max_seq_len,
-            batch_buckets=(1,),
-            compile=a.compile == "on",
-            device=dev,
-            draft=draft.model,
-            draft_cache=draft.cache,
-            spec_k=k,
-        )
+        eng = spec_engine(base, draft, k, a, dev)
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
         acc = eng.stats.acceptance
