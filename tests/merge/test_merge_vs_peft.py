@@ -65,14 +65,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_merge_matches_peft_unmerged(tmp_path, case):
+def peft_case(tmp_path, case):
+    """CASES[case] saved as tmp_path/base + tmp_path/ad: (base model, PEFT model, ids, PEFT's unmerged logits)."""
     family, model_kw, lora_kw = CASES[case]
     base = make_model(family, **model_kw)
     save_model(base, tmp_path / "base")
     pm = make_adapter(base, tmp_path / "ad", **lora_kw)
     ids = torch.randint(0, 96, (2, 24))
-    ref = hf_logits(pm, ids)
+    return base, pm, ids, hf_logits(pm, ids)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_matches_peft_unmerged(tmp_path, case):
+    base, pm, ids, ref = peft_case(tmp_path, case)
     merge(open_model(tmp_path / "base"), [open_adapter(str(tmp_path / "ad"))], tmp_path / "out")
     ours = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids)
     err = (ours - ref).abs().max().item()

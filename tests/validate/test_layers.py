@@ -19,7 +19,7 @@ from lorafast_export.validate.layers import (
 )
 from lorafast_export.validate.stream import Stage, StageLogits, walk
 from lorafast_export.weights import open_model
-from tests.merge.test_merge_vs_peft import ALL, CASES, make_adapter
+from tests.merge.test_merge_vs_peft import ALL, CASES, make_adapter, peft_case
 from tests.tiny import hf_logits, make_model, save_model
 
 TOL = 1e-5  # fp32: issue 13's bound for the streamed reference against PEFT
@@ -36,12 +36,7 @@ def _ours(source, ids):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_unmerged_reference_equals_peft(tmp_path, case):
-    family, model_kw, lora_kw = CASES[case]
-    base = make_model(family, **model_kw)
-    save_model(base, tmp_path / "base")
-    pm = make_adapter(base, tmp_path / "ad", **lora_kw)
-    ids = torch.randint(0, 96, (2, 24))
-    ref = hf_logits(pm, ids)
+    base, pm, ids, ref = peft_case(tmp_path, case)
     plan = plan_merge(open_model(tmp_path / "base"), [open_adapter(str(tmp_path / "ad"))])
     streamed, whole = _ours(UnmergedSource(plan, "base"), ids)
     assert (streamed - ref).abs().max().item() <= TOL, case
