@@ -79,6 +79,26 @@ def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tenso
     return torch.tensor(ids[: n * block]).view(n, block)
 
 
+def merged_calib_eval(a, adapters: list) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """a.out/merged (the base with `adapters` merged, made once), the calibration ids (a.samples x a.seq_len from
+    a.text_dir/calib.txt) and the eval ids (a.eval_blocks blocks of a.block tokens, half code, half prose)."""
+    from transformers import AutoTokenizer
+
+    merged = a.out / "merged"
+    if not (merged / "config.json").exists():
+        merge(open_model(a.base), adapters, merged)
+    tok = AutoTokenizer.from_pretrained(merged)
+    calib = load_calibration(
+        merged,
+        CalibOptions(files=[str(a.text_dir / "calib.txt")], samples=a.samples, seq_len=a.seq_len, seed=0),
+    )
+    halves = [
+        eval_blocks(tok, a.text_dir / f, a.block, a.eval_blocks // 2)
+        for f in ("code_eval.txt", "prose_eval.txt")
+    ]
+    return merged, calib, torch.cat(halves)
+
+
 def reference_blocks(base: Path, adapter: Path, ids: torch.Tensor):
     """Logits [seq, vocab] of each eval block from the base with its adapter UNMERGED (transformers + PEFT, fp32)."""
     import peft
@@ -228,22 +248,8 @@ def main() -> None:
     forced = None if a.symmetric is None else bool(a.symmetric)
     torch.manual_seed(0)
     a.out.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoTokenizer
 
-    merged = a.out / "merged"
-    if not (merged / "config.json").exists():
-        merge(open_model(a.base), [open_adapter(str(a.adapter))], merged)
-    tok = AutoTokenizer.from_pretrained(merged)
-    calib = load_calibration(
-        merged,
-        CalibOptions(files=[str(a.text_dir / "calib.txt")], samples=a.samples, seq_len=a.seq_len, seed=0),
-    )
-    ids = torch.cat(
-        [
-            eval_blocks(tok, a.text_dir / f, a.block, a.eval_blocks // 2)
-            for f in ("code_eval.txt", "prose_eval.txt")
-        ]
-    )
+    merged, calib, ids = merged_calib_eval(a, [open_adapter(str(a.adapter))])
     save_atomic(calib, a.out / "calib_ids.pt")  # row processes sharing OUT may be reading them
     save_atomic(ids, a.out / "eval_ids.pt")
     ref, fresh = cached_reference(a.out, a.base, a.adapter, ids)

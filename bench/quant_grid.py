@@ -27,16 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quant_accuracy import decoder_logits, eval_blocks, metrics, reference_logits  # noqa: E402
+from bench.quant_accuracy import cached_reference, merged_calib_eval  # noqa: E402
+from bench.quant_metrics import open_reference, stream_tokens, summary, write_reference  # noqa: E402
 from lorafast_export.adapters import open_adapter  # noqa: E402
-from lorafast_export.merge import merge  # noqa: E402
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
 from lorafast_export.paths import DEMO_DIR, TEXT_DIR  # noqa: E402
 from lorafast_export.quant import rtn  # noqa: E402
-from lorafast_export.quant.calib import load_calibration  # noqa: E402
 from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
-from lorafast_export.recipe import CalibOptions  # noqa: E402
-from lorafast_export.weights import open_model  # noqa: E402
 
 
 def _finish(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -83,31 +80,18 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     a.out.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoTokenizer
 
-    merged = a.out / "merged"
     adapters = [] if a.adapter == "none" else [open_adapter(a.adapter)]
-    if not (merged / "config.json").exists():
-        merge(open_model(a.base), adapters, merged)
-    tok = AutoTokenizer.from_pretrained(merged)
-    calib = load_calibration(
-        merged,
-        CalibOptions(files=[str(a.text_dir / "calib.txt")], samples=a.samples, seq_len=a.seq_len, seed=0),
-    )
-    ids = torch.cat(
-        [
-            eval_blocks(tok, a.text_dir / f, a.block, a.eval_blocks // 2)
-            for f in ("code_eval.txt", "prose_eval.txt")
-        ]
-    )
+    merged, calib, ids = merged_calib_eval(a, adapters)
     if adapters:
-        ref = reference_logits(a.base, Path(a.adapter), ids)
+        ref, _ = cached_reference(a.out, a.base, Path(a.adapter), ids)
     else:
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32).eval()
         with torch.no_grad():
-            ref = torch.cat([model(input_ids=b[None]).logits.float() for b in ids])
+            write_reference(a.out / "ref_base.f32", (model(input_ids=b[None]).logits[0] for b in ids))
+        ref = open_reference(a.out / "ref_base.f32", ids)
     original = rtn.symmetric_scale
     rows = []
     for gs in a.group_sizes:
@@ -125,7 +109,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     qm = quantize_checkpoint(merged, settings, calib_ids=calib)
                     wall = time.perf_counter() - t0
-                    m = metrics(ref, decoder_logits(fake_quant_decoder(qm), ids), ids)
+                    dec = fake_quant_decoder(qm)
+                    m = summary(stream_tokens(lambda b, dec=dec: dec(b)[0], ids, ref))
                 finally:
                     rtn.symmetric_scale = original
                 rows.append({"group_size": gs, "method": method, "grid": grid, "wall_s": wall, **m})
