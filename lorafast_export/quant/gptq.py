@@ -137,7 +137,7 @@ def gptq_quantize_many(
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    with _ieee_fp32_matmuls():  # the solve stays float32 even inside the walk's TF32 context
+    with _ieee_fp32_matmuls(), _one_cpu_thread(W.device):  # float32 even inside the walk's TF32 context
         Hinv = inverse_hessian_cholesky(H, damp_percent)  # [in, in] upper
         if static is None:
             codes, scales, zeros = _gptq_sweep(
@@ -162,6 +162,23 @@ def gptq_quantize_many(
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clone()
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On the CPU, torch on one thread for the duration (the previous count is restored). The solve is
+    thousands of small ops in sequence (one column at a time, [out, 128] updates): a second thread gains
+    nothing on them and, when the other core is busy, every op waits for it at OpenMP's barrier. On the
+    2-core machine with a loaded second core, one stacked gate/up sweep took 2.5 s of CPU on 2 threads
+    against 0.2 s on one (bench/QUANT.md "CPU speed")."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @contextmanager
@@ -191,7 +208,7 @@ def _gptq_sweep(
     out, n = W.shape
     gs = n if group_size == -1 else group_size
     block = max(gs, block_size // gs * gs) if group_size != -1 else block_size  # groups never straddle
-    sweep = _sweep_columns_triton if W.is_cuda and _triton_sweep_kernel is not None else _sweep_columns
+    sweep = _column_sweep(W)
     codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
     scale_list: list[torch.Tensor] = []
     zero_list: list[torch.Tensor | None] = []
@@ -235,11 +252,12 @@ def _gptq_sweep_static(W, Hinv, bits, group_size, block_size, scales, zeros, per
     z = None if zeros is None else zeros[:, g]
     zf = torch.full_like(sf, 2.0 ** (bits - 1)) if z is None else z.float()
     codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
+    sweep = _column_sweep(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()  # [out, b]
         Err1 = torch.zeros_like(W1)
-        _sweep_columns(
+        sweep(
             W1,
             Hinv[i1:i2, i1:i2],
             codes[:, i1:i2],
@@ -265,6 +283,11 @@ def _group_qparams(cols, bits, symmetric, scale_dtype, search, hdiag, start):
     )
 
 
+def _column_sweep(W: torch.Tensor):
+    """The column sweep for W's device: the Triton kernel on CUDA where Triton is installed, else the torch loop."""
+    return _sweep_columns_triton if W.is_cuda and _triton_sweep_kernel is not None else _sweep_columns
+
+
 def _sweep_columns(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, bits: int) -> None:
     """Columns c0..c1-1 of the block W1 [out, b], one at a time: quantize the column, push its error onto
     the columns after it (in place in W1; codes1 [out, b] and Err1 [out, b] get that column).
@@ -283,9 +306,11 @@ def _sweep_columns(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, bits: i
 def _sweep_columns_triton(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, bits: int) -> None:
     """_sweep_columns as one kernel: rows are independent, so each program holds a few rows of the block in
     registers and walks the columns; the same float32 operations in the same order (IEEE division,
-    round-half-even, no fused multiply-add), so the codes equal the torch loop's on the same device."""
+    round-half-even, no fused multiply-add), so the codes equal the torch loop's on the same device.
+    The group params are read per (row, column) through strides: a group's [out] has column stride 0, the
+    static path's [out, b] (one group per column, act-order mixes them) its own."""
     out, b = W1.shape
-    zero = torch.full((out,), float(zf), device=W1.device) if z is None else zf.contiguous()
+    zero = zf if torch.is_tensor(zf) else torch.full((out,), float(zf), device=W1.device)
     rows = 16
     _triton_sweep_kernel[(triton.cdiv(out, rows),)](
         W1,
@@ -296,8 +321,10 @@ def _sweep_columns_triton(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, 
         *codes1.stride(),
         Err1,
         *Err1.stride(),
-        sf.contiguous(),
+        sf,
+        *_param_strides(sf),
         zero,
+        *_param_strides(zero),
         out,
         b,
         c0,
@@ -308,6 +335,11 @@ def _sweep_columns_triton(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, 
         num_warps=4,
         enable_fp_fusion=False,
     )
+
+
+def _param_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(row, column) strides of group params: [out] (one value per row for every column) or [out, b]."""
+    return (t.stride(0), 0) if t.dim() == 1 else (t.stride(0), t.stride(1))
 
 
 try:  # Triton comes with CUDA builds of torch; without it (CPU installs) the torch loop runs everywhere
@@ -336,7 +368,11 @@ else:
         se0,
         se1,
         scale,
+        ss0,
+        ss1,
         zero,
+        sz0,
+        sz1,
         n_rows,
         width,
         c0,
@@ -351,9 +387,9 @@ else:
         tile = rmask[:, None] & (j[None, :] < width)
         w_ptrs = W + r[:, None] * sw0 + j[None, :] * sw1
         w = tl.load(w_ptrs, mask=tile, other=0.0)  # [ROWS, WIDTH]
-        s = tl.load(scale + r, mask=rmask, other=1.0)
-        z = tl.load(zero + r, mask=rmask, other=0.0)
         for c in range(c0, c1):
+            s = tl.load(scale + r * ss0 + c * ss1, mask=rmask, other=1.0)  # [ROWS] this column's group params
+            z = tl.load(zero + r * sz0 + c * sz1, mask=rmask, other=0.0)
             col = tl.sum(tl.where(j[None, :] == c, w, 0.0), axis=1)  # [ROWS] column c, exactly
             q = tl.minimum(tl.maximum(libdevice.rint(tl.div_rn(col, s)) + z, 0.0), maxq)
             tl.store(codes + r * sc0 + c * sc1, q.to(tl.uint8), mask=rmask)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from lorafast_export.weights import ModelDir, open_model
 __all__ = ["METHODS", "quantize_checkpoint", "resolve_device"]
 
 log = logging.getLogger(__name__)
+PREFETCH_DEVICES = ("cuda",)  # where _LayerReader reads the next layer while this one is quantized
 Progress = Callable[[str], None]
 Observer = Callable[[int, torch.Tensor], None]
 
@@ -161,30 +163,26 @@ def _walk(
     sink: _Sink,
 ) -> WalkResult:
     """Quantize every layer into sink."""
-    fp_dtype = md.store.get(EMBED).dtype
+    fp_dtype = md.store.dtype_of(EMBED)
     t0 = time.perf_counter()
 
     x = None
+    embed = md.store.get(EMBED)  # read once (1 GB at 8B): the lookup and the sink share it
     if method.calibrated:
         ids = calib_ids if calib_ids is not None else load_calibration(md.path, qc.calib)
         _check_ids(ids, cfg)
         # looked up on the compute device (exact either way): 128 x 2048 tokens embed in seconds on the CPU
-        x = F.embedding(ids.to(device), md.store.get(EMBED).to(device)).float()  # [n, s, h]
+        x = F.embedding(ids.to(device), embed.to(device)).float()  # [n, s, h]
     rope = _rope_and_mask(cfg, x, device)
-    sink.add({}, {EMBED: md.store.get(EMBED)})
+    sink.add({}, {EMBED: embed})
+    del embed
     notes: dict[str, list[str]] = {}
     calib_tokens = 0 if x is None else int(x.shape[0] * x.shape[1])
-    for i in range(cfg.num_layers):
-        if observe is not None and x is not None:
-            observe(i, x)
-        block = _layer_block(md.store, cfg, i, x, rope, device, fp_dtype)
-        done = _quantize_block(method, block, qc, layer_prefix(i))
-        x = None if x is None else block.run()  # the quantized layer's outputs feed the next layer
-        sink.add(done.q, done.fp)
-        _merge_notes(notes, done.notes)
-        progress(f"layer {i + 1}/{cfg.num_layers} quantized ({qc.method})")
-        log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
-        del block, done
+    with _LayerReader(md.store, cfg, device) as reader:
+        for i in range(cfg.num_layers):
+            x = _walk_layer(reader, cfg, i, method, qc, x, rope, device, fp_dtype, observe, sink, notes)
+            progress(f"layer {i + 1}/{cfg.num_layers} quantized ({qc.method})")
+            log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
     if observe is not None and x is not None and qc.quantize_lm_head:
         observe(cfg.num_layers, x)
     done = _head(md.store, cfg, method, qc, x, device, fp_dtype)
@@ -193,6 +191,60 @@ def _walk(
     for note, where in notes.items():
         log.warning("%s in %d block(s)", note, len(where))
     return WalkResult(calib_tokens, str(device), round(time.perf_counter() - t0, 3), notes)
+
+
+def _walk_layer(reader, cfg, i, method, qc, x, rope, device, fp_dtype, observe, sink, notes):
+    """Quantize decoder layer i into sink; its quantized outputs (the next layer's inputs), or None."""
+    if observe is not None and x is not None:
+        observe(i, x)
+    block = _layer_block(reader.layer(i), cfg, x, rope, device, fp_dtype)
+    done = _quantize_block(method, block, qc, layer_prefix(i))
+    x = None if x is None else block.run()  # the quantized layer's outputs feed the next layer
+    sink.add(done.q, done.fp)
+    _merge_notes(notes, done.notes)
+    return x
+
+
+class _LayerReader:
+    """Decoder layer i's tensors (relative names), float32 on the compute device.
+
+    On the CPU: read one by one when asked (peak memory: one layer). On CUDA, the host work is taken off the walk's
+    critical path: layer i+1 is read on one background thread (store.get: a disk read, and for the build's
+    merge-on-read store the LoRA merge on the CPU) into pinned memory while layer i is quantized; it is then
+    copied in its stored dtype (bf16: half the bytes of float32) asynchronously and widened to float32 on the
+    GPU. Widening is exact on either side, so the walk sees the same values as the CPU path. Host memory: one
+    more layer in pinned buffers."""
+
+    def __init__(self, store, cfg: ModelConfig, device: torch.device):
+        self.store, self.device, self.n = store, device, cfg.num_layers
+        with torch.device("meta"):
+            self.names = list(DecoderLayer(cfg).state_dict())
+        prefetch = device.type in PREFETCH_DEVICES
+        self.pool = ThreadPoolExecutor(1, "lf-layer-read") if prefetch else None
+        self.pending: dict[int, Future] = {}
+
+    def __enter__(self) -> _LayerReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pool.shutdown(wait=True)
+
+    def _host(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = layer_prefix(i)
+        pin = self.device.type == "cuda"
+        return {k: (t.pin_memory() if pin else t) for k in self.names for t in [self.store.get(prefix + k)]}
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        if self.pool is None:
+            prefix = layer_prefix(i)
+            return {k: self.store.get(prefix + k).to(self.device, torch.float32) for k in self.names}
+        host = self.pending.pop(i, None) or self.pool.submit(self._host, i)
+        if i + 1 < self.n:
+            self.pending[i + 1] = self.pool.submit(self._host, i + 1)
+        return {k: t.to(self.device, non_blocking=True).float() for k, t in host.result().items()}
 
 
 def _merge_notes(into: dict[str, list[str]], new: dict[str, list[str]]) -> None:
@@ -237,13 +289,11 @@ def _head(store, cfg: ModelConfig, method: Method, qc: QuantConfig, x, device, f
     return done
 
 
-def _layer_block(store, cfg: ModelConfig, i: int, x, rope, device, fp_dtype) -> Block:
-    """Decoder layer i from the checkpoint (only its tensors are read), float32 on device; its forward passes
-    run under compute_dtype(device) autocast (bf16 on CUDA, float32 on the CPU)."""
+def _layer_block(state: dict[str, torch.Tensor], cfg: ModelConfig, x, rope, device, fp_dtype) -> Block:
+    """A decoder layer from its tensors (float32 on device, _LayerReader); its forward passes run under
+    compute_dtype(device) autocast (bf16 on CUDA, float32 on the CPU)."""
     with torch.device("meta"):
         layer = DecoderLayer(cfg)
-    prefix = layer_prefix(i)
-    state = {k: store.get(prefix + k).to(device=device, dtype=torch.float32) for k in layer.state_dict()}
     layer.load_state_dict(state, strict=True, assign=True)
     layer.requires_grad_(False)
     cos, sin, mask = rope

@@ -50,10 +50,19 @@ def test_awq_and_qlinear_on_cuda():
 
 
 @pytest.mark.parametrize(
-    "out,in_,group_size,symmetric,act_order",
-    [(300, 256, 128, True, False), (64, 200, 32, False, True), (50, 96, -1, False, False)],
+    "out,in_,group_size,symmetric,act_order,static",
+    [
+        (300, 256, 128, True, False, False),
+        (64, 200, 32, False, True, False),
+        (50, 96, -1, False, False, False),
+        (300, 256, 128, True, True, True),  # the default: act-order, static groups (params per column)
+        (64, 200, 32, False, True, True),
+        (40, 160, 64, False, False, True),
+    ],
 )
-def test_triton_column_sweep_equals_the_torch_loop(monkeypatch, out, in_, group_size, symmetric, act_order):
+def test_triton_column_sweep_equals_the_torch_loop(
+    monkeypatch, out, in_, group_size, symmetric, act_order, static
+):
     from lorafast_export.quant import gptq
 
     if gptq._triton_sweep_kernel is None:
@@ -61,9 +70,9 @@ def test_triton_column_sweep_equals_the_torch_loop(monkeypatch, out, in_, group_
     x = correlated_inputs(2048, in_, seed=4).cuda()
     w = (torch.randn(out, in_, generator=torch.Generator().manual_seed(5)) * 0.05).cuda()
     H, _ = accumulate_hessian(None, 0, x)
-    fast = gptq_quantize(w, H, 4, group_size, symmetric, act_order=act_order)
+    fast = gptq_quantize(w, H, 4, group_size, symmetric, act_order=act_order, static_groups=static)
     monkeypatch.setattr(gptq, "_triton_sweep_kernel", None)
-    loop = gptq_quantize(w, H, 4, group_size, symmetric, act_order=act_order)
+    loop = gptq_quantize(w, H, 4, group_size, symmetric, act_order=act_order, static_groups=static)
     assert_same_qtensor(qtensor_to(fast, "cpu"), qtensor_to(loop, "cpu"))
 
 

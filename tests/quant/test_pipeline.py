@@ -259,3 +259,44 @@ def test_q_info_of_a_lazy_model_matches_its_tensors(models, tmp_path):
     ref = quantize_checkpoint(models["llama"], opts, calib_ids=CALIB)
     assert q_info(lazy.q) == q_info(ref.q) == q_info(dict(lazy.q.items()))
     assert all(i.scheme.act_order and i.scheme.bits == 4 for i in q_info(lazy.q).values())
+
+
+class _RecordingStore:
+    """A weight store that records every read and can fail on one tensor."""
+
+    def __init__(self, store, fail: str | None = None):
+        self.store, self.fail, self.reads = store, fail, []
+
+    def get(self, name: str) -> torch.Tensor:
+        self.reads.append(name)
+        if name == self.fail:
+            raise InputError(f"cannot read {name}")
+        return self.store.get(name)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.store.dtype_of(name)
+
+
+def test_read_ahead_walk_equals_the_plain_walk(models, monkeypatch):
+    """The CUDA walk's read-ahead (the next layer read on a thread while this one is quantized), run on the CPU:
+    the same QTensors as the plain walk, every tensor read once, and a failed read surfaces as its own error."""
+    import dataclasses
+
+    from lorafast_export.quant import walk
+
+    opts = {"method": "gptq", **METHOD_SETTINGS["gptq"]}
+    md = open_model(models["llama"])
+    plain = quantize_checkpoint(
+        dataclasses.replace(md, store=_RecordingStore(md.store)), opts, calib_ids=CALIB
+    )
+    monkeypatch.setattr(walk, "PREFETCH_DEVICES", ("cpu", "cuda"))
+    store = _RecordingStore(md.store)
+    ahead = quantize_checkpoint(dataclasses.replace(md, store=store), opts, calib_ids=CALIB)
+    assert list(ahead.q) == list(plain.q) and all(
+        _qtensor_fields_equal(ahead.q[n], plain.q[n]) for n in plain.q
+    )
+    assert all(torch.equal(ahead.fp[n], plain.fp[n]) for n in plain.fp)
+    assert sorted(store.reads) == sorted(set(store.reads)) == sorted(md.store.keys())  # each tensor once
+    failing = _RecordingStore(md.store, fail="model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(InputError, match="cannot read model.layers.1.mlp.up_proj.weight"):
+        quantize_checkpoint(dataclasses.replace(md, store=failing), opts, calib_ids=CALIB)
