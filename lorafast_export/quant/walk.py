@@ -69,8 +69,7 @@ def quantize_checkpoint(
     check_settings(cfg, qc)
     device = resolve_device(qc.device)
     progress = progress or (lambda msg: None)
-    sink = _Sink(out_dir)
-    with _tf32_on(device):
+    with _Sink(out_dir) as sink, _tf32_on(device):
         walked = _walk(md, cfg, method, qc, device, progress, calib_ids, observe, sink)
     return sink.finish(cfg, {**qc.record(), **walked.record()})
 
@@ -104,23 +103,44 @@ class WalkResult:
 
 
 class _Sink:
-    """Where finished layers go: kept in memory, or written to out_dir as parts (QuantizedWriter)."""
+    """Where finished layers go: kept in memory, or written to out_dir as parts (QuantizedWriter).
+
+    A part is packed and written on one background thread while the walk goes on with the next layer (at 8B a
+    layer's codes are 218 MB to pack and write); at most one write is in flight, so the parts keep their order
+    and memory holds at most one finished layer more. The finiteness check runs before, on the caller's thread."""
 
     def __init__(self, out_dir: str | Path | None):
         self.writer = None if out_dir is None else QuantizedWriter(out_dir)
+        self.pool = None if self.writer is None else ThreadPoolExecutor(1, "lf-part-write")
+        self.pending: Future | None = None
         self.q: dict = {}
         self.fp: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
     def add(self, q: dict, fp: dict) -> None:
         check_finite_outputs(q, fp)
         if self.writer is not None:
-            self.writer.add(q, fp)
+            self._wait()
+            self.pending = self.pool.submit(self.writer.add, q, fp)
         else:
             self.q.update(q)
             self.fp.update(fp)
 
+    def _wait(self) -> None:
+        """The write in flight, finished (its error, if any, raised here)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
     def finish(self, cfg: ModelConfig, settings: dict) -> QuantizedModel:
         if self.writer is not None:
+            self._wait()
             return load_quantized(self.writer.finish(cfg, settings))
         return QuantizedModel(config=cfg, fp=self.fp, q=self.q, settings=settings)
 
