@@ -262,6 +262,12 @@ class WeightStore:
             return torch.empty(e.shape, dtype=e.dtype)
         return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
 
+    def span_of(self, name: str) -> tuple[Path, int, int, torch.dtype, tuple[int, ...]] | None:
+        """(file, byte offset, byte count, dtype, shape) of a safetensors tensor, for readers that fill their own
+        buffers (validate/resident.py reads into pinned memory); None for a pickled one."""
+        e = self._entries.get(name)
+        return None if e is None else (e.path, e.offset, e.nbytes, e.dtype, e.shape)
+
     def shape_of(self, name: str) -> tuple[int, ...]:
         if name in self._pickled:
             return tuple(self._pickled[name].shape)

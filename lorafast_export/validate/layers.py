@@ -103,8 +103,14 @@ class LayerSource:
         return EMBED if self.config.tie_word_embeddings else LM_HEAD
 
     def decoder(self, device) -> Decoder:
-        """The whole model on the device (greedy decoding only: it holds every layer)."""
-        return BuiltDecoder(self, device)
+        """The whole model on the device for greedy decoding: it holds every layer, except where the source
+        builds its layers from device-resident tensors (then each layer is built again at each step)."""
+        return BuiltDecoder(self, device, on_demand=self.builds_on_device(device))
+
+    def builds_on_device(self, device) -> bool:
+        """True when every tensor this source reads is already on `device` (validate/resident.py), so building
+        a layer costs device arithmetic only, no host -> device copy."""
+        return False
 
 
 class _EmbedProbe(nn.Module):
@@ -116,18 +122,37 @@ class _EmbedProbe(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, device=device), requires_grad=False)
 
 
-class BuiltDecoder(Decoder):
-    """A LayerSource's whole model as a Decoder (same forward, KV cache and attributes), float32 on the device."""
+class _LayersOnDemand:
+    """`model.layers` of a decoder built on demand: iterating builds each layer from its source (as the walk
+    does, same arithmetic) and drops it after use, so decoding holds one layer's fp32 weights at a time."""
 
     def __init__(self, source: LayerSource, device):
+        self.source, self.device = source, device
+
+    def __len__(self) -> int:
+        return self.source.config.num_layers
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.source.layer(i, self.device, {})
+
+
+class BuiltDecoder(Decoder):
+    """A LayerSource's whole model as a Decoder (same forward, KV cache and attributes), float32 on the device.
+    on_demand: layers are built at each forward instead of held (sources whose tensors are device-resident)."""
+
+    def __init__(self, source: LayerSource, device, on_demand: bool = False):
         nn.Module.__init__(self)
         self.cfg, self._source = source.config, source
         self.model = nn.Module()
-        layers = nn.ModuleList()
-        for i in range(self.cfg.num_layers):
-            shared: Shared = {}
-            layers.append(source.layer(i, device, shared))
-        self.model.layers = layers
+        if on_demand:
+            self.model.layers = _LayersOnDemand(source, device)
+        else:
+            layers = nn.ModuleList()
+            for i in range(self.cfg.num_layers):
+                shared: Shared = {}
+                layers.append(source.layer(i, device, shared))
+            self.model.layers = layers
         self._shared: Shared = {}  # the embedding and head tensors, kept for every decoding step
         self._head = source.head(device, self._shared)
         self.model.norm = self._head.norm
@@ -140,6 +165,12 @@ class BuiltDecoder(Decoder):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._head(h)
+
+
+def _resident(plan, device) -> bool:
+    """The plan's base is served from `device` (validate/resident.py ResidentStore, its adapters moved there)."""
+    resident_on = getattr(plan.base.store, "resident_on", None)
+    return resident_on is not None and resident_on(device)
 
 
 def _shared_get(shared: Shared, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -170,6 +201,9 @@ class MergedSource(LayerSource):
 
         self.name, self.plan, self.round_to, self._base_key = name, plan, round_to, base_key
         self.config = replace(plan.base.config, tie_word_embeddings=plan.tie_word_embeddings)
+
+    def builds_on_device(self, device) -> bool:
+        return _resident(self.plan, device)
 
     def tensor(self, name: str, device, shared: Shared) -> torch.Tensor:
         from lorafast_export.merge.stream import base_source_name, merge_onto
@@ -221,6 +255,9 @@ class UnmergedSource(LayerSource):
     def __init__(self, plan, base_key: str):
         self.plan, self._base_key = plan, base_key
         self.config = plan.base.config
+
+    def builds_on_device(self, device) -> bool:
+        return _resident(self.plan, device)
 
     def _base(self, name: str, device, shared: Shared) -> torch.Tensor:
         return _shared_get(shared, (self._base_key, name), lambda: self.plan.base.store.get(name).to(device))

@@ -294,11 +294,19 @@ def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir,
     the prompts on the device; skipped with a note (GreedyResult.note) where the device cannot hold the model."""
     from lorafast_export.validate.greedy import GreedyStage, decode_fits, run_greedy
     from lorafast_export.validate.layers import fp32_bytes
+    from lorafast_export.validate.resident import release_resident
 
     skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)  # decoders are fp32 on the device
     stages = [
         GreedyStage(c.name, lambda ch, n, tick, c=c: c.greedy(ch, n, device, tick)) for c in v.candidates
     ]
+    # a device-resident base (validate/resident.py) is freed once the last stage built from it has decoded:
+    # the stages after it (quantized, artifact) hold whole decoders of their own
+    on_base = [
+        i for i, c in enumerate(v.candidates) if c.source is not None and c.source.builds_on_device(device)
+    ]
+    if on_base:
+        stages[on_base[-1]].close = lambda: release_resident(v.base)
     return run_greedy(
         _reference_greedy(v, device, dtype), stages, prompts, n, cache_dir, progress, skip_note=skip
     )
@@ -450,18 +458,25 @@ def validate_build(
     """The build's validate stage (pipeline.validate_stage): writes reports into the (staging) artifact
     directory; returns a summary. quantized: the quantize stage's QuantizedModel, or None."""
     from lorafast_export.report.markdown import render_markdown
+    from lorafast_export.validate.resident import make_resident, release_resident
 
-    v = ValidationInputs(
-        base,
-        adapters,
-        recipe,
-        build_candidates(recipe, base, adapters, merged, quantized, artifact_dir),
-        recipe.name,
-        recipe.target.name,
-        quant_label(recipe),
-        None,  # the quantized stage records its per-layer weight errors during the walk
-    )
-    report = run_validation(v, artifact_dir, progress)
+    base, adapters = make_resident(
+        base, adapters, _device(recipe.validate_)
+    )  # a GPU with room: base read once
+    try:
+        v = ValidationInputs(
+            base,
+            adapters,
+            recipe,
+            build_candidates(recipe, base, adapters, merged, quantized, artifact_dir),
+            recipe.name,
+            recipe.target.name,
+            quant_label(recipe),
+            None,  # the quantized stage records its per-layer weight errors during the walk
+        )
+        report = run_validation(v, artifact_dir, progress)
+    finally:
+        release_resident(base)
     return summarize(report) | {"markdown_table": render_markdown(report)}
 
 

@@ -1,0 +1,91 @@
+"""A device-resident base (validate/resident.py) gives exactly the numbers of the streamed one: each base tensor is
+read once, decoders of resident stages build their layers at each step, and the report does not change. Forced
+onto the CPU here (on a GPU, build_candidates' caller makes it resident when it fits)."""
+
+import json
+
+import pytest
+import torch
+
+from lorafast_export.adapters import open_adapter
+from lorafast_export.merge import plan_merge
+from lorafast_export.recipe import Recipe
+from lorafast_export.report.json_report import to_json
+from lorafast_export.validate.candidates import merged_fp32_candidate, source_candidate
+from lorafast_export.validate.greedy import decoder_greedy_batch
+from lorafast_export.validate.layers import MergedSource, UnmergedSource, _LayersOnDemand
+from lorafast_export.validate.resident import ResidentStore, make_resident, stored_bytes
+from lorafast_export.validate.run import ValidationInputs, run_validation
+from lorafast_export.validate.stream import walk
+from lorafast_export.weights import open_model
+from tests.merge.test_merge_vs_peft import ALL
+from tests.tiny import save_base_and_adapter, write_text
+
+PROMPTS = [[1, 5, 9, 13, 2, 7, 30], [1, 40], [1, 3, 3, 3, 8, 50, 60, 61], [1, 77, 20, 4]]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resident")
+    save_base_and_adapter(root, {"layers": 2}, half_base=True, target_modules=ALL, use_dora=True)
+    write_text(root / "e.txt", n_chars=600)
+    (root / "p.txt").write_text("the model\nint x\n")
+    return root
+
+
+def _inputs(root, resident: bool):
+    base, ads = open_model(root / "base"), [open_adapter(str(root / "ad"))]
+    return make_resident(base, ads, "cpu", force=True) if resident else (base, ads)
+
+
+def _sources(plan):
+    return [UnmergedSource(plan, "base"), MergedSource("merged-fp16", plan, "base", "base")]
+
+
+def test_not_resident_on_the_cpu_unless_forced(root):
+    base, ads = open_model(root / "base"), [open_adapter(str(root / "ad"))]
+    assert make_resident(base, ads, "cpu") == (base, ads)
+
+
+def test_resident_decoders_equal_streamed_ones_and_read_the_base_once(root):
+    base, ads = _inputs(root, True)
+    store = base.store
+    assert isinstance(store, ResidentStore) and store.bytes_read == 0
+    plan, plain = plan_merge(base, ads), plan_merge(*_inputs(root, False))
+    ids = torch.randint(0, 96, (2, 12))
+    walk(_sources(plan), ids, "cpu")
+    for src, ref in zip(_sources(plan), _sources(plain), strict=True):
+        assert src.builds_on_device("cpu") and not ref.builds_on_device("cpu")
+        dec, whole = src.decoder("cpu"), ref.decoder("cpu")
+        assert isinstance(dec.model.layers, _LayersOnDemand)
+        assert torch.equal(dec(ids)[0], whole(ids)[0]), src.name
+        assert decoder_greedy_batch(dec, PROMPTS, 5) == decoder_greedy_batch(whole, PROMPTS, 5), src.name
+    # the walk and four decoders (two on demand, decoding 5 steps) read each base tensor exactly once
+    assert store.bytes_read == stored_bytes(store.store)
+    store.release()  # afterwards the stages read the wrapped store again and build whole decoders
+    assert not _sources(plan)[0].builds_on_device("cpu")
+    assert torch.equal(store.get("model.norm.weight"), plain.base.store.get("model.norm.weight"))
+    assert store.bytes_read > stored_bytes(store.store)
+
+
+def test_report_is_the_same_with_a_resident_base(root, tmp_path):
+    recipe = Recipe().with_overrides(
+        {
+            "validate.eval": [{"name": "e", "path": str(root / "e.txt")}],
+            "validate.prompts": str(root / "p.txt"),
+        }
+    )
+    reports = []
+    for resident in (False, True):
+        base, ads = _inputs(root, resident)
+        plan = plan_merge(base, ads)
+        cands = [
+            merged_fp32_candidate(plan),
+            source_candidate(MergedSource("merged-fp16", plan, "base", "base")),
+        ]
+        v = ValidationInputs(base, ads, recipe, cands, "t", "hf", "none")
+        reports.append(json.loads(to_json(run_validation(v, tmp_path / f"out{resident}"))))
+        # freed by the greedy check once its last stage built from the base had decoded
+        assert not resident or not base.store.active
+    assert reports[0]["stages"] == reports[1]["stages"]
+    assert reports[0]["stages"][0]["greedy_match"] == 1.0
