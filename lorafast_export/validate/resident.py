@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 
@@ -25,6 +26,8 @@ from lorafast_export.errors import InputError
 
 log = logging.getLogger(__name__)
 
+# LORAFAST_RESIDENT=1 makes the base resident on any device (a CPU rehearsal of the GPU path), =0 never.
+RESIDENT_ENV = "LORAFAST_RESIDENT"
 # The base is made resident only when its stored bytes fit in this share of the GPU's free memory (the rest
 # holds the walk's hidden states, the heads, and the largest decoder that is not built from the base).
 RESIDENT_SHARE = 0.4
@@ -125,7 +128,10 @@ def make_resident(base, adapters: list, device, force: bool = False):
     on it, when `device` is a GPU with room (RESIDENT_SHARE of its free memory); else unchanged. `force` makes
     them resident on any device (tests prove the resident path equal to the streamed one on the CPU)."""
     dev = torch.device(device)
-    if not force:
+    choice = os.environ.get(RESIDENT_ENV)
+    if choice == "0":
+        return base, adapters
+    if not (force or choice == "1"):
         if dev.type != "cuda":
             return base, adapters
         free, _ = torch.cuda.mem_get_info()

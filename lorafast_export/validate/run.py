@@ -458,11 +458,13 @@ def validate_build(
     """The build's validate stage (pipeline.validate_stage): writes reports into the (staging) artifact
     directory; returns a summary. quantized: the quantize stage's QuantizedModel, or None."""
     from lorafast_export.report.markdown import render_markdown
-    from lorafast_export.validate.resident import make_resident, release_resident
+    from lorafast_export.validate.resident import ResidentStore, make_resident, release_resident, stored_bytes
 
-    base, adapters = make_resident(
-        base, adapters, _device(recipe.validate_)
-    )  # a GPU with room: base read once
+    # on a GPU with room the base is read once and kept there (validate/resident.py)
+    base, adapters = make_resident(base, adapters, _device(recipe.validate_))
+    store = base.store
+    if isinstance(store, ResidentStore):
+        progress(f"base held on {store.device.type} for the validation ({stored_bytes(store) / 1e9:.1f} GB)")
     try:
         v = ValidationInputs(
             base,
@@ -477,6 +479,8 @@ def validate_build(
         report = run_validation(v, artifact_dir, progress)
     finally:
         release_resident(base)
+        if isinstance(store, ResidentStore):
+            progress(f"resident base: {store.bytes_read / 1e9:.1f} GB copied host -> device")
     return summarize(report) | {"markdown_table": render_markdown(report)}
 
 

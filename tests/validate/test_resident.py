@@ -42,9 +42,13 @@ def _sources(plan):
     return [UnmergedSource(plan, "base"), MergedSource("merged-fp16", plan, "base", "base")]
 
 
-def test_not_resident_on_the_cpu_unless_forced(root):
+def test_not_resident_on_the_cpu_unless_forced(root, monkeypatch):
     base, ads = open_model(root / "base"), [open_adapter(str(root / "ad"))]
     assert make_resident(base, ads, "cpu") == (base, ads)
+    monkeypatch.setenv("LORAFAST_RESIDENT", "1")  # the CPU rehearsal of a GPU build
+    assert isinstance(make_resident(base, ads, "cpu")[0].store, ResidentStore)
+    monkeypatch.setenv("LORAFAST_RESIDENT", "0")
+    assert make_resident(base, ads, "cpu", force=True) == (base, ads)
 
 
 def test_resident_decoders_equal_streamed_ones_and_read_the_base_once(root):
