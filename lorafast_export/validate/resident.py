@@ -85,7 +85,11 @@ class ResidentStore:
         """One host buffer (pinned for a GPU), grown to the largest tensor read (the embedding: 1 GB at 8B)."""
         if self._staging is None or self._staging.numel() < nbytes:
             self._staging = None
-            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            try:
+                self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            except RuntimeError as e:  # page-locking refused (limits): pageable, slower, same bytes
+                log.warning("pinned staging buffer refused (%s); reading through pageable memory", e)
+                self._staging = torch.empty(nbytes, dtype=torch.uint8)
         return self._staging
 
     def release(self) -> None:

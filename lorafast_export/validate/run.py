@@ -464,7 +464,7 @@ def validate_build(
     base, adapters = make_resident(base, adapters, _device(recipe.validate_))
     store = base.store
     if isinstance(store, ResidentStore):
-        progress(f"base held on {store.device.type} for the validation ({stored_bytes(store) / 1e9:.1f} GB)")
+        progress(f"base held on {store.device.type} for the validation ({stored_bytes(store) / 1e9:.2f} GB)")
     try:
         v = ValidationInputs(
             base,
@@ -480,7 +480,7 @@ def validate_build(
     finally:
         release_resident(base)
         if isinstance(store, ResidentStore):
-            progress(f"resident base: {store.bytes_read / 1e9:.1f} GB copied host -> device")
+            progress(f"resident base: {store.bytes_read / 1e9:.2f} GB copied host -> device")
     return summarize(report) | {"markdown_table": render_markdown(report)}
 
 
