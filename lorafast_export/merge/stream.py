@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafast_export.adapters import Adapter
+from lorafast_export.dtypes import all_finite
 from lorafast_export.errors import InputError
 from lorafast_export.merge.math import embedding_delta, lora_delta, merge_linear
 from lorafast_export.model.spec import ATTN_PROJ, EMBED, FINAL_NORM, LM_HEAD, MLP_PROJ, layer_prefix
@@ -114,7 +115,7 @@ def _non_finite(ad: Adapter) -> list[str]:
     return [
         f"{ad.path}: {what} contains NaN/Inf values"
         for what, t in tensors
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all()
+        if t is not None and not all_finite(t)
     ]
 
 
@@ -163,12 +164,12 @@ def _merge_tensor(plan: MergePlan, name: str, out_dtype: torch.dtype | None) -> 
     """One merged tensor: replacement (modules_to_save) or base, plus every adapter's delta."""
     src = base_source_name(plan, name)
     base = plan.base.store.get(src)
-    if not torch.isfinite(base).all():
+    if not all_finite(base):
         raise InputError(
             f"{plan.base.path}: tensor {src!r} contains NaN/Inf values; the base checkpoint is damaged."
         )
     merged = merge_onto(plan, name, base).to(out_dtype or base.dtype)
-    if not torch.isfinite(merged).all():
+    if not all_finite(merged):
         raise InputError(_overflow_message(plan, name, merged.dtype))
     return merged
 
@@ -193,7 +194,7 @@ def merge_onto(plan: MergePlan, name: str, base: torch.Tensor) -> torch.Tensor:
         contributions.append((delta, mag, ad.weight))
     if not contributions:
         return base
-    return merge_linear(base.float(), contributions)
+    return merge_linear(base, contributions)  # rows go to fp64 from the stored dtype (exact)
 
 
 def _overflow_message(plan: MergePlan, name: str, dtype: torch.dtype) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lorafast_export.dtypes import all_finite
 from lorafast_export.errors import InputError
 from lorafast_export.qform import SCALE_DTYPES, SUPPORTED_BITS, QTensor, dequantize, group_index, n_groups_for
 
@@ -25,7 +26,7 @@ def check_quant_args(
     problems = []
     if w.dim() != 2 or not w.is_floating_point():
         problems.append(f"w must be a float [out, in] weight, got {w.dtype} {tuple(w.shape)}")
-    elif not torch.isfinite(w).all():
+    elif not all_finite(w):
         problems.append("w holds NaN or inf; fix the merged weights before quantizing")
     if bits not in SUPPORTED_BITS:
         problems.append(f"bits={bits}: use one of {SUPPORTED_BITS}")
@@ -89,7 +90,7 @@ def round_up_to_dtype(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Te
     cast = scale.to(scale_dtype)
     low = cast.float() < scale
     cast = torch.where(low, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
-    if not torch.isfinite(cast).all():
+    if not all_finite(cast):
         raise InputError(
             f"weights too large for {scale_dtype} scales (max scale overflows); "
             "quantize with scale_dtype=torch.float32"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lorafast_export.dtypes import all_finite
 from lorafast_export.errors import InputError
 from lorafast_export.model.decoder import DecoderLayer, RMSNorm, Rotary, causal_mask
 from lorafast_export.model.quantized import QuantizedModel, QuantizedWriter, load_quantized
@@ -151,7 +152,7 @@ def check_finite_outputs(q: dict, fp: dict) -> None:
     for name, qt in q.items():
         floats += [(f"{name}.{f}", getattr(qt, f)) for f in ("scales", "bias", "input_scale")]
     for name, t in floats:
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+        if t is not None and not all_finite(t):
             raise InputError(
                 f"quantization produced NaN/Inf in {name}; nothing was published. The merged weights were "
                 "finite, so the values overflowed while quantizing (calibration activations or scales out of "

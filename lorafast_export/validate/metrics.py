@@ -42,9 +42,49 @@ def log_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 def token_kl(logp_ref: torch.Tensor, logp_cand: torch.Tensor) -> torch.Tensor:
     """[n, V] float64 log-probs -> [n] KL(P_ref || P_cand); 0 * log 0 counts as 0, never NaN."""
-    p_ref = logp_ref.exp()
-    terms = torch.where(p_ref > 0, p_ref * (logp_ref - logp_cand), torch.zeros_like(p_ref))
-    return terms.sum(dim=-1).clamp_min(0.0)  # rounding can leave -1e-18 for identical rows
+    return _kl(LogProbs(logp_ref, normalized=True), logp_cand)
+
+
+class LogProbs:
+    """One model's float64 log-probs for a block of rows, with what comparing them needs (the probabilities,
+    the argmax) computed on first use and kept: a model compared with several others (the reference with every
+    stage, a stage with the reference and with the next stage) pays for each once, not once per comparison.
+
+    logits: [n, V] logits (or float64 log-probs, normalized=True); argmax: the exact argmax when logits is a
+    rounded copy (the compact reference cache)."""
+
+    def __init__(self, logits: torch.Tensor, normalized: bool = False, argmax: torch.Tensor | None = None):
+        self.logp = logits if normalized else log_logprobs(logits)
+        self._p: torch.Tensor | None = None
+        self._argmax = None if argmax is None else argmax.long()
+
+    @property
+    def p(self) -> torch.Tensor:
+        if self._p is None:
+            self._p = self.logp.exp()
+        return self._p
+
+    @property
+    def argmax(self) -> torch.Tensor:
+        if self._argmax is None:
+            self._argmax = self.logp.argmax(-1)
+        return self._argmax
+
+
+def _kl(ref: LogProbs, logp_cand: torch.Tensor) -> torch.Tensor:
+    """sum_v p_ref (log p_ref - log p_cand) per row, terms where p_ref is not > 0 counted as 0.
+
+    The same values as torch.where(p_ref > 0, p_ref * (logp_ref - logp_cand), 0) summed in the same order, in
+    two in-place passes over one temporary: a term with p_ref == 0 is already 0 unless its log-prob difference
+    is infinite (0 * inf = NaN), so only rows whose sum is NaN are summed again through the mask."""
+    terms = torch.sub(ref.logp, logp_cand)
+    kl = terms.mul_(ref.p).sum(dim=-1)
+    bad = torch.isnan(kl)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(-1)
+        p, lr = ref.p[rows], ref.logp[rows]
+        kl[rows] = torch.where(p > 0, p * (lr - logp_cand[rows]), torch.zeros_like(p)).sum(dim=-1)
+    return kl.clamp_min(0.0)  # rounding can leave -1e-18 for identical rows
 
 
 def token_stats(
@@ -59,17 +99,21 @@ def token_stats(
 
     ref_label_logp / ref_argmax: the reference's exact label log-prob and argmax, when ref_logits is a rounded
     copy (the compact reference cache): perplexity and top-1 then stay exact, only the KL sees the rounding.
-    normalized: both inputs are already float64 log-probs (log_logprobs of them), computed once by a caller that
-    compares one model with several."""
-    logp_ref = ref_logits if normalized else log_logprobs(ref_logits)
-    logp_cand = cand_logits if normalized else log_logprobs(cand_logits)
+    normalized: both inputs are already float64 log-probs (log_logprobs of them)."""
+    ref = LogProbs(ref_logits, normalized, ref_argmax)
+    return compare_logprobs(ref, LogProbs(cand_logits, normalized), labels, ref_label_logp)
+
+
+def compare_logprobs(
+    ref: LogProbs, cand: LogProbs, labels: torch.Tensor, ref_label_logp: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
+    """token_stats of two LogProbs of the same rows (all labelled), reusing what each has computed."""
     idx = labels.long().unsqueeze(-1)
-    lr = logp_ref.gather(-1, idx).squeeze(-1) if ref_label_logp is None else ref_label_logp.to(torch.float64)
-    lc = logp_cand.gather(-1, idx).squeeze(-1)
-    am = logp_ref.argmax(-1) if ref_argmax is None else ref_argmax.long()
+    lr = ref.logp.gather(-1, idx).squeeze(-1) if ref_label_logp is None else ref_label_logp.to(torch.float64)
+    lc = cand.logp.gather(-1, idx).squeeze(-1)
     stats = {
-        "kl": token_kl(logp_ref, logp_cand),
-        "top1": (am == logp_cand.argmax(-1)).to(torch.float64),
+        "kl": _kl(ref, cand.logp),
+        "top1": (ref.argmax == cand.argmax).to(torch.float64),
         "logp_ref": lr,
         "logp_cand": lc,
         "p_ref": lr.exp(),
@@ -200,7 +244,8 @@ def _labelled_rows(labels: torch.Tensor, vocab: int) -> torch.Tensor:
     return keep.nonzero().squeeze(-1)
 
 
-def _rows_per_chunk(vocab: int) -> int:
+def rows_per_chunk(vocab: int) -> int:
+    """Rows of one float64 pass over [rows, vocab] (~32 MiB per temporary)."""
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
@@ -242,7 +287,7 @@ class MetricAccumulator:
         """ref_label_logp / ref_argmax (flat, one per row), normalized (log-probs given): see token_stats."""
         ref, cand, labels, positions = _flatten_block(ref_logits, cand_logits, labels, positions)
         rows = _labelled_rows(labels, cand.shape[-1])
-        step, dev = _rows_per_chunk(cand.shape[-1]), cand.device
+        step, dev = rows_per_chunk(cand.shape[-1]), cand.device
         for start in range(0, rows.numel(), step):
             sel = rows[start : start + step]
             exact = [
@@ -251,11 +296,27 @@ class MetricAccumulator:
             stats = token_stats(
                 _take(ref, sel, dev), _take(cand, sel, dev), _take(labels, sel, dev), *exact, normalized
             )
-            for name, values in stats.items():
-                self._parts[name].append(values)
-            self._parts["position"].append(
-                _take(positions, sel, torch.device("cpu")).numpy().astype(np.int64)
-            )
+            self._add(stats, _take(positions, sel, torch.device("cpu")))
+
+    def update_logprobs(
+        self,
+        ref: LogProbs,
+        cand: LogProbs,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+        ref_label_logp: torch.Tensor | None = None,
+    ) -> None:
+        """Rows that all carry a label ([n] labels and positions), given as LogProbs: the probabilities and
+        argmax each one computes stay with it for its other comparisons (validate/run.py compares the
+        reference with every stage and every stage with the next one)."""
+        if _labelled_rows(labels, ref.logp.shape[-1]).numel() != labels.numel():
+            raise InputError("update_logprobs: every row needs a label (use update() to skip -100 labels)")
+        self._add(compare_logprobs(ref, cand, labels, ref_label_logp), positions.cpu())
+
+    def _add(self, stats: dict[str, np.ndarray], positions: torch.Tensor) -> None:
+        for name, values in stats.items():
+            self._parts[name].append(values)
+        self._parts["position"].append(positions.numpy().astype(np.int64))
 
     def result(self) -> dict[str, Any]:
         """Scalar metrics (TOKEN_METRICS), `tokens`, and plot data `kl_by_position`, `kl_hist`."""
@@ -285,7 +346,7 @@ class PerplexityAccumulator:
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         _, logits, labels, _ = _flatten_block(None, logits, labels, None)
         rows = _labelled_rows(labels, logits.shape[-1])
-        step = _rows_per_chunk(logits.shape[-1])
+        step = rows_per_chunk(logits.shape[-1])
         for start in range(0, rows.numel(), step):
             sel = rows[start : start + step]
             self._nll -= float(

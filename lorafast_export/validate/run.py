@@ -153,7 +153,12 @@ def _finish(writers, missing, entries) -> None:
 
 def _compare(es: EvalSet, first: int, entry, logits, stages, device):
     """Every stage against the cached reference (and the stage before it), block by block."""
-    from lorafast_export.validate.metrics import MetricAccumulator, PerplexityAccumulator, log_logprobs
+    from lorafast_export.validate.metrics import (
+        LogProbs,
+        MetricAccumulator,
+        PerplexityAccumulator,
+        rows_per_chunk,
+    )
 
     ref_e, base_e = entry
     vs_ref = {st.name: MetricAccumulator() for st in stages}
@@ -165,14 +170,20 @@ def _compare(es: EvalSet, first: int, entry, logits, stages, device):
         ref, ref_label, ref_argmax = ref_e.rows(j * n, n, device)
         ppl_ref.update_label_logp(ref_label)
         ppl_base.update_label_logp(base_e.rows(j * n, n)[1])
-        # log-probs once per block and stage: each is compared with the reference and with the next stage
-        ref, prev = log_logprobs(ref), None
-        for st in stages:
-            lg = log_logprobs(logits.block(st, first + j))
-            vs_ref[st.name].update(ref, lg, labels, positions, ref_label, ref_argmax, normalized=True)
-            if prev is not None:
-                vs_prev[st.name].update(prev, lg, labels, positions, normalized=True)
-            prev = lg
+        cands = [
+            logits.block(st, first + j) for st in stages
+        ]  # float32, one runtime call per block and stage
+        step = rows_per_chunk(ref.shape[-1])  # float64 temporaries of a few MiB, whatever the vocabulary
+        for r in (slice(r0, r0 + step) for r0 in range(0, n, step)):
+            # log-probs, probabilities and argmax once per rows and model: each model is compared with the
+            # reference and with the next stage
+            ref_lp, prev = LogProbs(ref[r], argmax=ref_argmax[r]), None
+            for st, lg in zip(stages, cands, strict=True):
+                lp = LogProbs(lg[r])
+                vs_ref[st.name].update_logprobs(ref_lp, lp, labels[r], positions[r], ref_label[r])
+                if prev is not None:
+                    vs_prev[st.name].update_logprobs(prev, lp, labels[r], positions[r])
+                prev = lp
     return vs_ref, vs_prev, ppl_ref.ppl, ppl_base.ppl
 
 
