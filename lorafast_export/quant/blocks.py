@@ -38,6 +38,7 @@ LAYER_GROUPS = (
     Group("mlp.up_proj", ("mlp.down_proj",)),
 )
 HEAD_GROUPS = (Group("norm", ("lm_head",)),)
+REPLAY_MIN_BYTES = 1 << 30  # Block.freeze: a frozen module's recorded outputs may take this much, or x's size
 CUDA_COMPUTE_DTYPE: torch.dtype | None = torch.bfloat16  # forward passes of the walk on CUDA (None: float32)
 
 
@@ -63,6 +64,24 @@ class Head(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or nested tuples / lists of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _tensors(o)] if isinstance(out, tuple | list) else []
+
+
+class _Replay(nn.Module):
+    """Stands in for a frozen module during one forward: returns its recorded outputs, one per chunk, in order."""
+
+    def __init__(self, outputs: list):
+        super().__init__()
+        self.outputs = iter(outputs)
+
+    def forward(self, *args, **kwargs):
+        return next(self.outputs)
+
+
 class _Stop(Exception):  # noqa: N818 - control flow, not an error: the hooked input was seen, skip the rest
     pass
 
@@ -80,6 +99,8 @@ class Block:
     fp_dtype: torch.dtype = torch.float32  # dtype the fp tensors (folded norms, biases) are stored in
     notes: list[str] = field(default_factory=list)  # what the method could not do here, for the manifest
     compute_dtype: torch.dtype | None = None  # autocast dtype of the forward passes (None: float32)
+    frozen: set[str] = field(default_factory=set)  # modules that no longer change (freeze)
+    recorded: dict[str, list] = field(default_factory=dict)  # frozen module → its outputs, one per chunk
 
     def autocast(self) -> AbstractContextManager:
         """The forward passes' precision: bf16 autocast on CUDA (weights stay float32), else nothing."""
@@ -108,6 +129,43 @@ class Block:
         stored = value.detach().to(self.fp_dtype).to(torch.float32)
         setattr(module, leaf, nn.Parameter(stored, requires_grad=False))
 
+    def freeze(self, linears: list[str]) -> None:
+        """These linears are final (quantized; nothing folds into them any more). From the next forward on, the
+        outputs of every frozen module are recorded once and then replayed instead of recomputed, and so are those
+        of a container whose linears are all frozen (the whole self_attn once o_proj is): the same module on the
+        same input gives the same output, so the forwards of a sequential walk (GPTQ: one per group, then the
+        layer's output) stop redoing the work of the groups already quantized. Only for methods whose later
+        changes (folds) never touch a frozen module, and never across a change of x."""
+        self.frozen.update(linears)
+        ours = [n for g in self.groups for n in g.linears]
+        for name in linears:
+            parts = name.split(".")
+            for k in range(1, len(parts)):
+                container = ".".join(parts[:k])
+                if all(n in self.frozen for n in ours if n.startswith(container + ".")):
+                    self.frozen.add(container)
+
+    def _replays(self, hooked: list[str]) -> tuple[list[str], list[str]]:
+        """(modules replayed in the next forward, modules recorded in it): of the frozen modules that are not, and
+        do not contain, a hooked module (its hook must see its input), the outermost recorded ones, and the
+        outermost not yet recorded outside those (a container is recorded while its recorded parts replay)."""
+
+        def inside(name: str, outer: str) -> bool:
+            return name.startswith(outer + ".")
+
+        usable = [n for n in self.frozen if not any(h == n or inside(h, n) for h in hooked)]
+        done = [n for n in usable if n in self.recorded]
+        replay = [n for n in done if not any(inside(n, o) for o in done)]
+        todo = [n for n in usable if n not in self.recorded and not any(inside(n, o) for o in replay)]
+        return replay, [n for n in todo if not any(inside(n, o) for o in todo)]
+
+    def _swap(self, name: str, module: nn.Module) -> nn.Module:
+        parent, _, leaf = name.rpartition(".")
+        owner = self.module.get_submodule(parent) if parent else self.module
+        before = getattr(owner, leaf)
+        setattr(owner, leaf, module)
+        return before
+
     @torch.no_grad()
     def run(
         self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None, stop_after: str | None = None
@@ -115,10 +173,26 @@ class Block:
         """Forward x through the block chunk by chunk; hooks[name](input of that module) per chunk.
 
         With stop_after, the forward of each chunk ends right after that module's input was seen and
-        nothing is returned (for collecting statistics of an early module cheaply).
+        nothing is returned (for collecting statistics of an early module cheaply). Frozen modules (freeze)
+        replay their recorded outputs, or record them in this forward.
         """
-        handles = []
-        for name, fn in (hooks or {}).items():
+        hooks = hooks or {}
+        replay, record = self._replays(list(hooks))
+        chunks = self.x.split(self.chunk)
+        seen: dict[str, list | None] = {n: [] for n in record}
+        room = {n: max(self.x.numel() * self.x.element_size(), REPLAY_MIN_BYTES) for n in record}
+
+        def keep(
+            name: str, out
+        ) -> None:  # a module's record holds at most one copy of x (or REPLAY_MIN_BYTES)
+            room[name] -= sum(t.numel() * t.element_size() for t in _tensors(out))
+            if room[name] < 0:
+                seen[name] = None  # too large: this module is recomputed as before
+            elif seen[name] is not None:
+                seen[name].append(out)
+
+        handles = [self.get(n).register_forward_hook(lambda _m, _a, out, n=n: keep(n, out)) for n in record]
+        for name, fn in hooks.items():
 
             def pre(_m, args, fn=fn, stop=name == stop_after):
                 fn(args[0])
@@ -126,9 +200,10 @@ class Block:
                     raise _Stop
 
             handles.append(self.get(name).register_forward_pre_hook(pre))
+        swapped = {n: self._swap(n, _Replay(self.recorded[n])) for n in replay}
         outs = []
         try:
-            for xc in self.x.split(self.chunk):
+            for xc in chunks:
                 try:
                     with self.autocast():
                         outs.append(self.call(self.module, xc))
@@ -137,6 +212,15 @@ class Block:
         finally:
             for h in handles:
                 h.remove()
+            for n, module in swapped.items():
+                self._swap(n, module)
+        for n, got in seen.items():
+            if got is not None and len(got) == len(
+                chunks
+            ):  # it ran in every chunk (a stop before it leaves nothing to replay)
+                self.recorded[n] = got
+                for inner in [m for m in self.recorded if m.startswith(n + ".")]:
+                    del self.recorded[inner]  # replayed as part of n from now on
         return None if stop_after else torch.cat(outs)
 
     @torch.no_grad()

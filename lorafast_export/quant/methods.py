@@ -142,6 +142,7 @@ def quantize_block_gptq(block: Block, s: GPTQConfig) -> dict[str, QTensor]:
             static_groups=s.static_groups,
         )
         out.update(_finish(block, dict(zip(g.linears, qts, strict=True))))
+        block.freeze(list(g.linears))  # later forwards of this block replay what the group computes
     return out
 
 
