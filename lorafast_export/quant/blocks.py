@@ -180,16 +180,16 @@ class Block:
         replay, record = self._replays(list(hooks))
         chunks = self.x.split(self.chunk)
         seen: dict[str, list | None] = {n: [] for n in record}
-        room = {n: max(self.x.numel() * self.x.element_size(), REPLAY_MIN_BYTES) for n in record}
+        room = max(self.x.numel() * self.x.element_size(), REPLAY_MIN_BYTES)  # per module: one copy of x
 
-        def keep(
-            name: str, out
-        ) -> None:  # a module's record holds at most one copy of x (or REPLAY_MIN_BYTES)
-            room[name] -= sum(t.numel() * t.element_size() for t in _tensors(out))
-            if room[name] < 0:
-                seen[name] = None  # too large: this module is recomputed as before
-            elif seen[name] is not None:
+        def keep(name: str, out) -> None:
+            whole = sum(t.numel() * t.element_size() for t in _tensors(out)) * len(chunks)  # estimated
+            if seen[name] is None:
+                return
+            if whole <= room:  # (the chunks are of one size but the last)
                 seen[name].append(out)
+            else:
+                seen[name] = None  # too large to keep: this module is recomputed as before
 
         handles = [self.get(n).register_forward_hook(lambda _m, _a, out, n=n: keep(n, out)) for n in record]
         for name, fn in hooks.items():
