@@ -70,8 +70,8 @@ def quantize_checkpoint(
     check_settings(cfg, qc)
     device = resolve_device(qc.device)
     progress = progress or (lambda msg: None)
-    with _Sink(out_dir) as sink, _tf32_on(device):
-        walked = _walk(md, cfg, method, qc, device, progress, calib_ids, observe, sink)
+    with _Sink(out_dir) as sink, _LayerReader(md.store, cfg, device) as reader, _tf32_on(device):
+        walked = _walk(md, cfg, method, qc, device, progress, calib_ids, observe, sink, reader)
     return sink.finish(cfg, {**qc.record(), **walked.record()})
 
 
@@ -182,8 +182,9 @@ def _walk(
     calib_ids,
     observe,
     sink: _Sink,
+    reader: _LayerReader,
 ) -> WalkResult:
-    """Quantize every layer into sink."""
+    """Quantize every layer into sink (read through reader)."""
     fp_dtype = md.store.dtype_of(EMBED)
     t0 = time.perf_counter()
 
@@ -199,11 +200,10 @@ def _walk(
     del embed
     notes: dict[str, list[str]] = {}
     calib_tokens = 0 if x is None else int(x.shape[0] * x.shape[1])
-    with _LayerReader(md.store, cfg, device) as reader:
-        for i in range(cfg.num_layers):
-            x = _walk_layer(reader, cfg, i, method, qc, x, rope, device, fp_dtype, observe, sink, notes)
-            progress(f"layer {i + 1}/{cfg.num_layers} quantized ({qc.method})")
-            log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
+    for i in range(cfg.num_layers):
+        x = _walk_layer(reader, cfg, i, method, qc, x, rope, device, fp_dtype, observe, sink, notes)
+        progress(f"layer {i + 1}/{cfg.num_layers} quantized ({qc.method})")
+        log.debug("layer %d done at %.1fs", i, time.perf_counter() - t0)
     if observe is not None and x is not None and qc.quantize_lm_head:
         observe(cfg.num_layers, x)
     done = _head(md.store, cfg, method, qc, x, device, fp_dtype)
@@ -234,7 +234,7 @@ class _LayerReader:
     merge-on-read store the LoRA merge on the CPU) into pinned memory while layer i is quantized; it is then
     copied in its stored dtype (bf16: half the bytes of float32) asynchronously and widened to float32 on the
     GPU. Widening is exact on either side, so the walk sees the same values as the CPU path. Host memory: one
-    more layer in pinned buffers."""
+    more layer in pinned buffers. Layer 0's read starts as the reader is made, before the calibration set-up."""
 
     def __init__(self, store, cfg: ModelConfig, device: torch.device):
         self.store, self.device, self.n = store, device, cfg.num_layers
@@ -243,6 +243,10 @@ class _LayerReader:
         prefetch = device.type in PREFETCH_DEVICES
         self.pool = ThreadPoolExecutor(1, "lf-layer-read") if prefetch else None
         self.pending: dict[int, Future] = {}
+        if (
+            self.pool is not None and self.n
+        ):  # layer 0 is read while the calibration is tokenized and embedded
+            self.pending[0] = self.pool.submit(self._host, 0)
 
     def __enter__(self) -> _LayerReader:
         return self
