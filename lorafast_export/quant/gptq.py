@@ -13,6 +13,7 @@ that order // group_size, exactly GPTQ's g_idx (desc_act=True); codes are return
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from lorafast_export.errors import InputError
 from lorafast_export.qform import QTensor
 from lorafast_export.quant.rtn import check_quant_args, qparams, quantize_codes, weight_qtensor
 from lorafast_export.quant.search import search_qparams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -308,9 +311,25 @@ def _sweep_columns_triton(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, z, zf, 
     registers and walks the columns; the same float32 operations in the same order (IEEE division,
     round-half-even, no fused multiply-add), so the codes equal the torch loop's on the same device.
     The group params are read per (row, column) through strides: a group's [out] has column stride 0, the
-    static path's [out, b] (one group per column, act-order mixes them) its own."""
+    static path's [out, b] (one group per column, act-order mixes them) its own.
+    A kernel that fails to compile or launch here falls back to the torch loop (same codes), with a warning."""
+    global _triton_sweep_kernel
+    if _triton_sweep_kernel is None:  # an earlier launch failed
+        return _sweep_columns(W1, Hinv1, codes1, Err1, c0, c1, sf, z, zf, bits)
     out, b = W1.shape
     zero = zf if torch.is_tensor(zf) else torch.full((out,), float(zf), device=W1.device)
+    try:
+        _launch_sweep(W1, Hinv1, codes1, Err1, c0, c1, sf, zero, bits)
+    except Exception as e:  # noqa: BLE001 - it writes nothing before it runs: redo the columns in torch
+        log.warning(
+            "GPTQ's Triton column sweep failed (%s: %s); the torch loop runs instead", type(e).__name__, e
+        )
+        _triton_sweep_kernel = None
+        _sweep_columns(W1, Hinv1, codes1, Err1, c0, c1, sf, z, zf, bits)
+
+
+def _launch_sweep(W1, Hinv1, codes1, Err1, c0: int, c1: int, sf, zero, bits: int) -> None:
+    out, b = W1.shape
     rows = 16
     _triton_sweep_kernel[(triton.cdiv(out, rows),)](
         W1,
