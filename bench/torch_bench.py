@@ -169,7 +169,8 @@ def sec_check(a, dev, R):
     cfg, state = config_of(model)
     prompts = random_prompts(5, 40, cfg.vocab_size, 1)
     base = dict(max_seq_len=256, max_batch=8, batch_buckets=[1, 8])
-    eager = build_runtime(cfg, state, None, dev, torch.float32, RuntimeOptions(compile="off", **base))
+    single = RuntimeOptions(compile="off", decode_steps=1, **base)  # compiled runs chain 8 steps per burst
+    eager = build_runtime(cfg, state, None, dev, torch.float32, single)
     want = eager.generate_batch(prompts, 24)
     for attn in ("triton", "gather"):
         rt = build_runtime(
@@ -283,11 +284,15 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False):
         batch_buckets=tuple(sorted(set(batches))),
         cache_gib=a.cache_gib,
         block_size=a.block_size,
+        decode_steps=a.decode_steps,
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
     res = bench_runtime(rt, batches, a.prompt_len, a.new_tokens, warmup=True)
     res["total_s_including_warmup_and_compile"] = time.perf_counter() - t
+    res["decode_steps"] = opts.decode_steps
+    if opts.decode_steps > 1 and a.single_step_peer:
+        res["single_step"] = single_step_peer(rt, a, batches)
     step_bytes = bytes_per_step(rt)
     ctx = a.prompt_len + a.new_tokens / 2
     copy = R.get("copy", {}).get("TBps")
@@ -303,6 +308,25 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False):
         run_requests(rt_e, p, [8])
         res["eager_batch1"] = run_requests(rt_e, p, [min(64, a.new_tokens)])
     return rt, res
+
+
+def single_step_peer(rt, a, batches) -> dict:
+    """The same runtime at decode_steps=1 (a host round trip per token): what multi-step decoding gains,
+    and whether its greedy tokens are the single steps' tokens (same graphs, same kernels)."""
+    eng, keep = rt.engine, rt.engine.decode_steps
+    prompts = random_prompts(max(batches), a.prompt_len, rt.config.vocab_size, 7)
+    multi = eng.generate_batch(prompts, 48)
+    eng.decode_steps = 1
+    try:
+        single = eng.generate_batch(prompts, 48)
+        res = bench_runtime(rt, batches, a.prompt_len, a.new_tokens, warmup=True)
+    finally:
+        eng.decode_steps = keep
+    return {
+        "tokens_equal_multi_step": single == multi,
+        "rows_equal": sum(x == y for x, y in zip(single, multi, strict=True)),
+        "results": res["results"],
+    }
 
 
 def sec_model(a, dev, R, quant: bool):
@@ -376,6 +400,13 @@ def sec_mixed(a, dev, R):
         run_requests(rt, prompts, outs)  # warm-up: every batch bucket the drain passes through
         res["ours"] = run_requests(rt, prompts, outs)
         res["ours_label"] = a.mixed_with
+        eng, keep = rt.engine, (rt.engine.admit_order, rt.engine.prefill_budget)
+        try:  # the same queue with shortest-prompt-first admission, at two prefill budgets
+            for budget in (4096, 2048):
+                eng.admit_order, eng.prefill_budget = "shortest", budget
+                res[f"ours_shortest_first_budget{budget}"] = run_requests(rt, prompts, outs)
+        finally:
+            eng.admit_order, eng.prefill_budget = keep
     if a.mixed_peer == "none":
         return res
     hf_generate(model, prompts[:2], 4, dev)
@@ -431,6 +462,7 @@ def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
         batch_buckets=tuple(sorted(set(batches))),
         cache_gib=a.cache_gib,
         block_size=a.block_size,
+        decode_steps=a.decode_steps,
         **kw,
     )
 
@@ -474,21 +506,28 @@ def sec_profile(a, dev, R):
             eng = rt.engine
             for p in random_prompts(b, a.prompt_len, cfg.vocab_size, b):
                 eng.add(p, 64)
-            for _ in range(8):  # admit + capture + warm
+            for _ in range(3):  # admit + capture + warm (a step is a burst of decode_steps steps)
                 eng.step()
             sync(dev)
-            t = time.perf_counter()
-            for _ in range(5):
+            n0, t = eng.stats.decode_steps, time.perf_counter()
+            while eng.stats.decode_steps - n0 < 8:
                 eng.step()
             sync(dev)
-            wall_ms = (time.perf_counter() - t) / 5 * 1e3
+            wall_ms = (time.perf_counter() - t) / (eng.stats.decode_steps - n0) * 1e3
+            n0 = eng.stats.decode_steps
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
+                while eng.stats.decode_steps - n0 < 8:
                     eng.step()
                 sync(dev)
+            steps = eng.stats.decode_steps - n0
             while eng.has_work:
                 eng.step()
-            out[f"{label}_batch{b}"] = {"wall_ms_per_step": wall_ms, **_kernel_table(prof, 5)}
+            out[f"{label}_batch{b}"] = {
+                "decode_steps_per_host_round_trip": eng.decode_steps,
+                "profiled_steps": steps,
+                "wall_ms_per_step": wall_ms,
+                **_kernel_table(prof, steps),
+            }
         del rt
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     return out
@@ -669,6 +708,13 @@ def main() -> None:
     p.add_argument("--compile", default="on", choices=("on", "off"), help="profile/spec sections")
     p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (0: keep)")
     p.add_argument("--spec-k", default="2,4", help="draft lengths for the spec section")
+    p.add_argument("--decode-steps", type=int, default=8, help="greedy steps chained per host round trip")
+    p.add_argument(
+        "--single-step-peer",
+        type=int,
+        default=1,
+        help="bf16/int4: also run decode_steps=1 on the same runtime (tokens equal? speed)",
+    )
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()
     if a.threads:

@@ -15,6 +15,13 @@ of the same fine-tune) proposes k tokens one decode step at a time over its own 
 verifies all k in one forward of k + 1 tokens per row through its paged cache and keeps the longest prefix
 that equals its own greedy choice, plus its own next token. The output is the model's greedy output token
 for token; the k/v written for rejected tokens lie past `cached` and are overwritten later.
+
+Multi-step decoding (`decode_steps=n`, greedy rows, nothing waiting): n decode steps run back to back
+with each step's argmax fed to the next on the device, and the host reads the n x rows tokens once. The
+host builds the inputs of all n steps at once (one copy to the device), so the GPU no longer waits for
+Python, a host-to-device copy and a `.tolist()` between tokens. n never exceeds any row's remaining
+tokens; a row that meets a stop token mid-burst keeps the tokens up to it (the steps after it are wasted
+work, written past `cached`). The output is that of single steps, token for token.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.runtime.graphs import GraphRunner
 from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCache
+
+ADMIT_ORDERS = ("arrival", "shortest")  # which waiting request is prefilled first
 
 
 @dataclass
@@ -66,6 +75,7 @@ class EngineStats:
     spec_rounds: int = 0
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens the model agreed with
+    bursts: int = 0  # multi-step decodes (decode_steps > 1), each of several decode_steps
 
     @property
     def acceptance(self) -> float | None:
@@ -99,6 +109,8 @@ class Engine:
         draft_cache: PagedKVCache | None = None,
         spec_k: int = 4,
         prefill_budget: int = 4096,
+        decode_steps: int = 1,
+        admit_order: str = "arrival",
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -111,7 +123,14 @@ class Engine:
             raise InputError("speculative decoding needs a draft model, its cache and spec_k >= 1.")
         self.draft, self.draft_cache, self.spec_k = draft, draft_cache, spec_k
         self.prefill_budget = prefill_budget  # padded prompt tokens prefilled together (1 = one at a time)
+        if decode_steps < 1:
+            raise InputError(f"decode_steps={decode_steps}: use a positive integer (1 = one step at a time).")
+        self.decode_steps = decode_steps
+        if admit_order not in ADMIT_ORDERS:
+            raise InputError(f"admit_order={admit_order!r}: use one of {', '.join(ADMIT_ORDERS)}.")
+        self.admit_order = admit_order
         self.decode_fn, self.extend_fn = model, getattr(model, "extend", None)
+        self.greedy_fn = _Greedy(model)  # the decode step and its argmax: token ids [rows] on the device
         self.draft_decode, self.draft_extend = draft, getattr(draft, "extend", None)
         if compile:
             for m in (model, draft):
@@ -119,6 +138,7 @@ class Engine:
                     m.compile_layers()
         if self.cuda_graphs:
             self.decode_fn, self.extend_fn = GraphRunner(model), GraphRunner(model.extend)
+            self.greedy_fn = GraphRunner(self.greedy_fn)
             if draft is not None:
                 self.draft_decode, self.draft_extend = GraphRunner(draft), GraphRunner(draft.extend)
         self.waiting: deque[Request] = deque()
@@ -192,18 +212,24 @@ class Engine:
             self.draft_cache.free(r.id)
 
     def _admit(self) -> list[Request]:
-        """Admit waiting requests in arrival order while a batch row, cache blocks and the prefill token
-        budget allow, and prefill them together (one padded forward); each gets its first token."""
+        """Admit waiting requests in arrival order (admit_order="shortest": shortest prompt first) while a
+        batch row, cache blocks and the prefill token budget allow, and prefill them together (one padded
+        forward); each gets its first token. Shortest first lowers the median time to first token of a
+        queue (and pads less), but under a steady stream of short prompts a long one can wait for long."""
         batch: list[tuple[Request, list[int]]] = []
         longest = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_batch:
-            r = self.waiting[0]
+        order = list(self.waiting)
+        if self.admit_order == "shortest":
+            order.sort(key=lambda r: len(r.prompt) + len(r.output))  # stable: ties keep arrival order
+        for r in order:
+            if len(self.running) + len(batch) >= self.max_batch:
+                break
             tokens = r.prompt + r.output  # after a preemption: recompute what it already has
             if batch and (len(batch) + 1) * max(longest, len(tokens)) > self.prefill_budget:
                 break
             if not self.cache.can_fit(len(tokens) + 1) and (self.running or batch):
                 break  # wait for running requests to finish
-            self.waiting.popleft()
+            self.waiting.remove(r)
             self.cache.reserve(r.id, len(tokens) + 1)
             batch.append((r, tokens))
             longest = max(longest, len(tokens))
@@ -262,6 +288,9 @@ class Engine:
     def _decode(self) -> list[Request]:
         if self._can_speculate():
             return self._speculate()
+        n = self._burst_len()
+        if n > 1:
+            return self._burst(n)
         self._reserve_next()
         reqs = self.running
         if not reqs:
@@ -279,6 +308,61 @@ class Engine:
             if r.done:
                 self._finish(r)
                 finished.append(r)
+        self.running = [r for r in reqs if not r.done]
+        return finished
+
+    def _burst_len(self) -> int:
+        """Steps the next multi-step burst may take: 1 (a plain step) unless every row is greedy, nobody
+        waits to be admitted, there is no draft, and every row has room for the whole burst in the pool."""
+        if self.decode_steps < 2 or self.waiting or self.draft_cache is not None:
+            return 1
+        if any(r.temperature > 0 for r in self.running):
+            return 1
+        n = min(self.decode_steps, *(r.max_new_tokens - len(r.output) for r in self.running))
+        if n < 2:
+            return 1
+        try:
+            for r in self.running:
+                self.cache.reserve(r.id, r.cached + n)
+        except OutOfBlocks:
+            return 1  # a plain step preempts if it must
+        return n
+
+    @torch.no_grad()
+    def _burst(self, n: int) -> list[Request]:
+        """n greedy decode steps chained on the device (blocks already reserved); one read of the tokens."""
+        reqs = self.running
+        t0 = time.perf_counter()
+        rows = _bucket(len(reqs), self.buckets)
+        width = self._width(self.cache, reqs)
+        pos = torch.zeros(n, rows, dtype=torch.long)
+        slots = torch.full((n, rows), PAD_BLOCK * self.cache.block_size, dtype=torch.long)
+        tok = torch.zeros(rows, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            pos[:, i] = torch.arange(r.cached, r.cached + n)
+            slots[:, i] = self.cache.slots(r.id, r.cached, r.cached + n)
+            tok[i] = r.output[-1]
+        tables = self.cache.block_table([r.id for r in reqs], width, rows)
+        pos, slots, tables, tok = (t.to(self.device, non_blocking=True) for t in (pos, slots, tables, tok))
+        seq_lens = pos + 1  # padded rows: position 0, one slot of the pad block
+        out = torch.empty(n, rows, dtype=torch.long, device=self.device)
+        with _recompile_room(8):
+            for j in range(n):
+                tok = out[j].copy_(self.greedy_fn(tok, pos[j], tables, seq_lens[j], slots[j]))
+        made = out[:, : len(reqs)].T.tolist()
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_steps += n
+        self.stats.bursts += 1
+        finished = []
+        for r, toks in zip(reqs, made, strict=True):
+            for t in toks:
+                r.output.append(t)
+                r.cached += 1
+                self.stats.decode_tokens += 1
+                if r.done:
+                    self._finish(r)
+                    finished.append(r)
+                    break
         self.running = [r for r in reqs if not r.done]
         return finished
 
@@ -425,6 +509,16 @@ class Engine:
             if r.temperature > 0:
                 out[i] = _sample_top_p(logits[i] / r.temperature, r.top_p, self._gen)
         return out.tolist()
+
+
+class _Greedy:
+    """model(*decode inputs).argmax(-1): the step a multi-step burst chains (captured whole on CUDA)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs).argmax(-1)
 
 
 def _sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -120,6 +120,8 @@ def build_runtime(
         fixed_width=attention == "flex",
         device=device,
         prefill_budget=1 if aot_meta is not None else opts.prefill_tokens,  # the AOT prefill takes one row
+        decode_steps=opts.decode_steps,
+        admit_order=opts.admit_order,
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )
     log.info(

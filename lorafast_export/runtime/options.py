@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lorafast_export.errors import InputError
+from lorafast_export.runtime.engine import ADMIT_ORDERS
 from lorafast_export.runtime.linear import KERNELS
 
 ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offered (wrong when compiled)
@@ -28,15 +29,30 @@ class RuntimeOptions:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch padded up to one of these
     prefill_tokens: int = 4096  # padded prompt tokens prefilled together in one forward (1 = one by one)
     spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
+    decode_steps: int = 8  # greedy decode steps chained on the device per host round trip (1 = one at a time)
+    admit_order: str = "arrival"  # prefill order of waiting requests: arrival, or shortest prompt first
 
     def __post_init__(self) -> None:
         problems = []
-        for name, allowed in (("compile", COMPILE), ("attention", ATTENTION), ("kernel", KERNELS)):
+        for name, allowed in (
+            ("compile", COMPILE),
+            ("attention", ATTENTION),
+            ("kernel", KERNELS),
+            ("admit_order", ADMIT_ORDERS),
+        ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if not isinstance(self.aot, bool):
             problems.append(f"aot={self.aot!r}: use true or false")
-        for name in ("block_size", "max_batch", "max_seq_len", "cache_tokens", "prefill_tokens", "spec_k"):
+        for name in (
+            "block_size",
+            "max_batch",
+            "max_seq_len",
+            "cache_tokens",
+            "prefill_tokens",
+            "spec_k",
+            "decode_steps",
+        ):
             v = getattr(self, name)
             if (
                 not isinstance(v, int)

@@ -10,6 +10,8 @@ compiled graph (regional compilation), and the engine captures the whole step in
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -282,8 +284,13 @@ class PagedModel(nn.Module):
 
     def compile_layers(self) -> None:
         """torch.compile the per-layer function: one graph for every layer (per shape), compiled in seconds
-        where the whole 32-layer step took ~80 s per shape on an H200."""
-        self.layer_fn = torch.compile(paged_layer, fullgraph=True)
+        where the whole 32-layer step took ~80 s per shape on an H200. Each model compiles its own copy of
+        the function: dynamo keeps compiled graphs (and counts recompiles against its limit) per code
+        object, and the graphs of other runtimes in the process (a draft, another artifact, another dtype)
+        would otherwise use up that limit."""
+        fn = paged_layer
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+        self.layer_fn = torch.compile(own, fullgraph=True)
 
     def pools(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return (

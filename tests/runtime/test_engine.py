@@ -28,7 +28,7 @@ def solo(llama):
     return [greedy_reference(dec, p, n) for p, n in zip(prompts(), NEW, strict=True)]
 
 
-def make_engine(md, num_blocks=64, max_batch=3, compile=False):
+def make_engine(md, num_blocks=64, max_batch=3, compile=False, decode_steps=1, **kw):
     pm, cache = paged(md, num_blocks=num_blocks)
     buckets = (max_batch,) if compile else (1, 2, 4)  # compiled: one batch shape and one table width,
     return Engine(
@@ -39,6 +39,8 @@ def make_engine(md, num_blocks=64, max_batch=3, compile=False):
         batch_buckets=buckets,
         compile=compile,
         fixed_width=compile,
+        decode_steps=decode_steps,
+        **kw,
     )  # so one CPU compile (~10 s) serves the whole test
 
 
@@ -46,6 +48,37 @@ def test_continuous_batch_equals_each_request_alone(llama, solo):
     eng = make_engine(llama)
     assert eng.generate_batch(prompts(), NEW) == solo
     assert eng.stats.preemptions == 0 and eng.cache.allocator.free_count == 64  # every block came back
+
+
+@pytest.mark.parametrize("num_blocks", [64, 14])  # 14: the pool runs out, bursts fall back and preempt
+def test_multi_step_decode_equals_each_request_alone(llama, solo, num_blocks):
+    eng = make_engine(llama, num_blocks=num_blocks, decode_steps=5)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.bursts > 0 and eng.cache.allocator.free_count == num_blocks
+    if num_blocks == 64:  # every token after the first (prefill's) comes from a decode step, none wasted
+        assert eng.stats.preemptions == 0 and eng.stats.decode_tokens == sum(NEW) - len(NEW)
+    else:
+        assert eng.stats.preemptions > 0
+
+
+def test_multi_step_stops_at_a_stop_token_mid_burst(llama, solo):
+    stop = solo[4][6]  # a token request 4 makes mid-burst; every request stops at its first occurrence
+    want = [o[: o.index(stop) + 1] if stop in o else o for o in solo]
+    eng = make_engine(llama, decode_steps=8)
+    assert eng.generate_batch(prompts(), NEW, stop_ids=(stop,)) == want
+    assert eng.stats.bursts > 0 and eng.cache.allocator.free_count == 64
+
+
+def test_shortest_first_admission_prefills_short_prompts_first_same_tokens(llama, solo):
+    eng = make_engine(llama, decode_steps=4, admit_order="shortest", prefill_budget=32)
+    reqs = [eng.add(p, n) for p, n in zip(prompts(), NEW, strict=True)]
+    eng.step()  # the budget of 32 padded tokens admits the 1-, 3- and 5-token prompts (3 rows), not the 17
+    assert [r.t_first is not None for r in reqs] == [n in (1, 3, 5) for n in PROMPT_LENS]
+    while eng.has_work:
+        eng.step()
+    assert [r.output for r in reqs] == solo
+    with pytest.raises(InputError, match="admit_order='newest'"):
+        make_engine(llama, admit_order="newest")
 
 
 def test_requests_joining_between_steps(llama, solo):
