@@ -429,10 +429,11 @@ class Engine:
         return tuple(t.to(self.device, non_blocking=True) for t in (tok, pos, tables, slots.view(-1)))
 
     @torch.no_grad()
-    def _draft_tokens(self, reqs: list[Request]) -> list[list[int]]:
-        """k greedy draft tokens per request: a 2-token catch-up (what the draft has not seen), then k - 1
-        decode steps of the draft."""
-        k, dc = self.spec_k, self.draft_cache
+    def _draft_tokens(self, reqs: list[Request]) -> torch.Tensor:
+        """k greedy draft tokens per request, [len(reqs), k] on the device: a 2-token catch-up (what the draft
+        has not seen), then k - 1 decode steps of the draft, each fed the previous argmax on the device (the
+        positions, tables and slots do not depend on the tokens, so nothing waits for the host)."""
+        k, dc, n = self.spec_k, self.draft_cache, len(reqs)
         seqs = [r.prompt + r.output for r in reqs]
         pend = [s[r.draft_cached :] for r, s in zip(reqs, seqs, strict=True)]  # 1 or 2 tokens
         width = max(map(len, pend))
@@ -441,20 +442,15 @@ class Engine:
         with _recompile_room(8):
             logits = self.draft_extend(*inputs)
         last = torch.tensor([len(p) - 1 for p in pend], device=logits.device)
-        cur = logits[torch.arange(len(reqs), device=logits.device), last].argmax(-1).tolist()
-        drafts = [[t] for t in cur]
+        drafts = torch.empty(n, k, dtype=torch.long, device=logits.device)
+        drafts[:, 0] = logits[torch.arange(n, device=logits.device), last].argmax(-1)
         for j in range(1, k):
             starts = [len(s) - 1 + j for s in seqs]
-            tok, pos, tables, slots = self._rows(dc, reqs, starts, [[t] for t in cur], [1] * len(reqs))
-            seq_lens = pos[:, 0] + 1
+            tok, pos, tables, slots = self._rows(dc, reqs, starts, [[0]] * n, [1] * n)
+            tok[:n, 0] = drafts[:, j - 1]
             with _recompile_room(8):
-                cur = (
-                    self.draft_decode(tok[:, 0], pos[:, 0], tables, seq_lens, slots)[: len(reqs)]
-                    .argmax(-1)
-                    .tolist()
-                )
-            for d, t in zip(drafts, cur, strict=True):
-                d.append(t)
+                out = self.draft_decode(tok[:, 0], pos[:, 0], tables, pos[:, 0] + 1, slots)
+            drafts[:, j] = out[:n].argmax(-1)
         for r, s in zip(reqs, seqs, strict=True):
             r.draft_cached = len(s)  # through the last token; drafts past it are confirmed in _speculate
         return drafts
@@ -475,21 +471,27 @@ class Engine:
             finally:
                 self.draft = draft
         t0 = time.perf_counter()
+        n = len(reqs)
         drafts = self._draft_tokens(reqs)
-        toks = [[r.output[-1]] + d for r, d in zip(reqs, drafts, strict=True)]
-        inputs = self._rows(self.cache, reqs, [r.cached for r in reqs], toks, [k + 1] * len(reqs))
+        tok, pos, tables, slots = self._rows(
+            self.cache, reqs, [r.cached for r in reqs], [[0] * (k + 1)] * n, [k + 1] * n
+        )
+        tok[:n, 0] = torch.tensor([r.output[-1] for r in reqs]).to(tok.device, non_blocking=True)
+        tok[:n, 1:] = drafts
         with _recompile_room(8):
-            greedy = self.extend_fn(*inputs)[: len(reqs)].argmax(-1).tolist()  # [B, k + 1]
+            greedy = self.extend_fn(tok, pos, tables, slots)[:n].argmax(-1)  # [n, k + 1]
+        both = torch.cat([drafts, greedy], 1).tolist()  # the round's one read of the device
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.spec_rounds += 1
         finished = []
-        for r, d, g in zip(reqs, drafts, greedy, strict=True):
-            n = next((i for i in range(k) if d[i] != g[i]), k)  # drafts the model agrees with
+        for r, row in zip(reqs, both, strict=True):
+            d, g = row[:k], row[k:]
+            n_ok = next((i for i in range(k) if d[i] != g[i]), k)  # drafts the model agrees with
             self.stats.drafted += k
-            self.stats.accepted += n
-            new = d[:n] + [g[n]]
-            r.draft_cached += min(n, k - 1)  # the draft wrote k/v for d[0..k-2]
+            self.stats.accepted += n_ok
+            new = d[:n_ok] + [g[n_ok]]
+            r.draft_cached += min(n_ok, k - 1)  # the draft wrote k/v for d[0..k-2]
             for t in new:
                 r.output.append(t)
                 r.cached += 1
