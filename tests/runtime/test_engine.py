@@ -98,9 +98,11 @@ def test_preemption_when_the_pool_is_full_keeps_tokens(llama, solo):
     assert eng.stats.preemptions > 0
 
 
-def test_compiled_decode_equals_eager(llama, solo):
-    eng = make_engine(llama, max_batch=4, compile=True)
+@pytest.mark.parametrize("decode_steps", [1, 4])  # 4: bursts through the compiled step (CUDA: its graph)
+def test_compiled_decode_equals_eager(llama, solo, decode_steps):
+    eng = make_engine(llama, max_batch=4, compile=True, decode_steps=decode_steps)
     assert eng.generate_batch(prompts()[:4], NEW[:4]) == solo[:4]
+    assert (eng.stats.bursts > 0) == (decode_steps > 1)
 
 
 def test_sampling_is_seeded_and_in_range(llama):
