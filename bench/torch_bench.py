@@ -17,6 +17,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
+  int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
 Random weights: speed does not depend on values. Not part of the test run.
 """
 
@@ -668,6 +669,65 @@ def sec_tritoncheck(a, dev, R):
     return rows
 
 
+INT8_TILES = {  # rows → plan entries tried (max rows, kind, BN, BK, splits, BM, warps)
+    1: [[1, 0, bn, 256, sp, 16, w] for bn, w in ((32, 4), (64, 4), (128, 8)) for sp in (1, 4)],
+    32: [[32, 1, bn, bk, sp, 32, 4] for bn, bk in ((64, 128), (128, 64)) for sp in (1, 2)],
+}
+
+
+def sec_int8k(a, dev, R):
+    """Our Triton int8 weight-only kernels (runtime/triton_int8.py) vs the dense bf16 matmul, per fused
+    linear of the shape, at 1 and 32 rows: CUDA-graph replay of calls that cycle through weight copies
+    (bench/int4_kernels.py's timing); every timed tile is first checked against the dequantized matmul."""
+    from bench.int4_kernels import graph_us, n_copies
+    from lorafast_export.qform import dequantize
+    from lorafast_export.runtime.triton_int8 import launch8
+
+    c = SHAPES[a.shape]
+    h, i, hq, hkv = (
+        c[x] for x in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    )
+    d = h // hq
+    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rows = []
+    for n, k in (((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)):
+        torch.manual_seed(0)
+        qt = quantize_rtn(torch.randn(n, k, device=dev) * 0.02, 8, -1, False, scale_dtype=torch.float16)
+        wd = dequantize(qt).to(dev)
+        wbs = [wd.to(act) for _ in range(n_copies(n * k * 2, dev))]
+        pack = (qt.codes.to(dev), qt.scales.to(dev), qt.zeros.to(dev))
+        packs = [pack] + [tuple(t.clone() for t in pack) for _ in range(n_copies(n * k, dev) - 1)]
+        for m, entries in INT8_TILES.items():
+            x = torch.randn(m, k, device=dev, dtype=act)
+            ref = x.float() @ wd.T
+            row = {
+                "n": n,
+                "k": k,
+                "rows": m,
+                "bf16_us": graph_us(lambda j, x=x, w=wbs: F.linear(x, w[j]), len(wbs)),
+            }
+            best = None
+            for e in entries:
+                y = launch8(x, *packs[0], -1, e)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                if not err < 2e-2:
+                    row.setdefault("failed", []).append({"entry": e, "rel_err": err})
+                    continue
+                us = graph_us(lambda j, x=x, e=e, p=packs: launch8(x, *p[j], -1, e), len(packs))
+                if best is None or us < best[0]:
+                    best = (us, e, err)
+            if best:
+                row.update(
+                    int8_triton_us=best[0],
+                    entry=best[1],
+                    rel_err=best[2],
+                    speedup_vs_bf16=row["bf16_us"] / best[0],
+                )
+            rows.append(row)
+            print(f"  int8k {json.dumps(row)}", flush=True)
+    return rows
+
+
 SECTIONS = {
     "copy": sec_copy,
     "check": sec_check,
@@ -683,6 +743,7 @@ SECTIONS = {
     "spec": sec_spec,
     "specdemo": sec_specdemo,
     "tritoncheck": sec_tritoncheck,
+    "int8k": sec_int8k,
 }
 NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic", "profile", "spec"}
 

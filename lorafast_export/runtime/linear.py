@@ -8,6 +8,8 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   activations; faster than bf16 at 1-4 rows, slower from 8 rows on) or `aten._weight_int4pack_mm_for_cpu`. Tinygemm computes w = (q - 8) * scale + zero with a float zero per
   group, so our integer zero point z becomes zero = (8 - z) * scale (0 when symmetric). Act-order columns
   are permuted into contiguous groups, and the activations with them.
+- int8 with `kernel=triton` (per channel or power-of-two groups): our Triton GEMV/GEMM on the uint8 codes
+  (runtime/triton_int8.py, `Int8TritonLinear`); not chosen by auto until a measured table exists.
 - int8 per channel, CPU: `aten._weight_int8pack_mm` (w = int8 * scale per row). Codes are unsigned, so
   int8 = code - 128 and an asymmetric zero point adds a per-row term (128 - z) * scale * sum(x). Not on
   CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the dense bf16 matmul, so int8 uses dequant.
@@ -93,15 +95,30 @@ def _table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
     return choice[1] if choice and choice[0] == "int4_triton" else None
 
 
+def int8_triton_fits(qt: QTensor) -> bool:
+    """Our Triton int8 kernels: per channel, or groups of a power of two >= 16, contiguous after act-order."""
+    g = qt.group_size
+    per_channel = g == -1 or g >= qt.in_features
+    return qt.bits == 8 and (per_channel or (g >= 16 and not g & (g - 1))) and _groups_contiguous(qt)
+
+
 def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, prefer: str = "auto") -> str:
-    """'int4_triton' | 'int4_tinygemm' | 'int8_weight_only' | 'dequant' for this tensor on this device/dtype."""
+    """'int4_triton' | 'int4_tinygemm' | 'int8_triton' | 'int8_weight_only' | 'dequant' for this tensor on
+    this device/dtype. int8_triton only when asked for (kernel=triton): no measured table for it yet."""
     if prefer == "dequant":
         return "dequant"
     cuda = torch.device(device).type == "cuda"
-    if qt.bits == 8 and (qt.group_size == -1 or qt.group_size >= qt.in_features) and not cuda:
+    if (
+        prefer != "triton"
+        and qt.bits == 8
+        and (qt.group_size == -1 or qt.group_size >= qt.in_features)
+        and not cuda
+    ):
         return "int8_weight_only"  # on CUDA (torch 2.11, H200) _weight_int8pack_mm was 7-90x slower than bf16
     if triton_plan(qt, device, dtype, prefer) is not None:
         return "int4_triton"
+    if prefer == "triton" and int8_triton_fits(qt):
+        return "int8_triton"
     if qt.bits == 4 and tinygemm_fits(qt, cuda, dtype) and _groups_contiguous(qt):
         return "int4_tinygemm"
     return "dequant"
@@ -222,7 +239,38 @@ class Int4TritonLinear(_QuantLinearBase):
         return self._finish(y, shape)
 
 
-_KERNEL_CLASSES = {"int4_tinygemm": Int4Linear, "int8_weight_only": Int8Linear, "dequant": DequantLinear}
+class Int8TritonLinear(_QuantLinearBase):
+    """int8 weight-only through our Triton GEMV/GEMM (runtime/triton_int8.py) on qform's uint8 codes."""
+
+    kernel = "int8_triton"
+
+    def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu", plan=None):
+        super().__init__(qt, bias, dtype, device)
+        from lorafast_export.runtime import triton_int8  # noqa: F401  (registers the op; imports triton)
+
+        perm = _contiguous_groups(qt)
+        codes = qt.codes if perm is None else qt.codes[:, perm]
+        self.register_buffer("weight", codes.to(torch.uint8).contiguous().to(device))  # [out, in]
+        self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
+        self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
+        self.register_buffer("perm", None if perm is None else perm.to(device))
+        self.group_size = qt.group_size
+        self.plan = list(plan or default_plan())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, self._prep(x).reshape(-1, self.in_features)
+        if self.perm is not None:
+            x = x[:, self.perm]
+        y = torch.ops.lorafast.int8_mm(x, self.weight, self.scales, self.zeros, self.group_size, self.plan)
+        return self._finish(y, shape)
+
+
+_KERNEL_CLASSES = {
+    "int8_triton": Int8TritonLinear,
+    "int4_tinygemm": Int4Linear,
+    "int8_weight_only": Int8Linear,
+    "dequant": DequantLinear,
+}
 
 
 def lower_qtensor(

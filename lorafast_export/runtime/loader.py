@@ -51,7 +51,8 @@ def _triton_on(device: torch.device) -> bool:
 
 
 def check_kernel(opts: RuntimeOptions, device: torch.device) -> None:
-    """kernel='triton' (our int4 kernels everywhere) runs on CUDA only; auto picks them where measured."""
+    """kernel='triton' (our int4 and int8 kernels wherever the scheme allows) runs on CUDA only; auto picks
+    the int4 ones where measured (int8: no measured table yet)."""
     if opts.kernel == "triton" and not _triton_on(device):
         raise InputError("kernel='triton' needs a CUDA device and the triton package; use 'auto'.")
 

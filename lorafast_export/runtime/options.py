@@ -20,7 +20,7 @@ class RuntimeOptions:
         "auto"  # decode step through torch.compile: auto = on CUDA only (compile time > a short run on CPU)
     )
     attention: str = "auto"  # paged decode kernel: auto = triton on CUDA where its tiles fit (reads the pool in place), else gather
-    kernel: str = "auto"  # low-bit linears: auto = native int4/int8 kernels where supported, dequant = dense
+    kernel: str = "auto"  # low-bit linears: auto = native int4/int8 kernels where supported (triton: our int4/int8 Triton kernels), dequant = dense
     block_size: int = 16  # tokens per KV block
     max_batch: int = 32  # sequences decoded together
     max_seq_len: int = 0  # prompt + new tokens per sequence; 0 = min(max_position_embeddings, 4096)
