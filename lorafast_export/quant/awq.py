@@ -11,6 +11,7 @@ the value minimising that group's output error. Folding s into the previous op: 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -41,11 +42,16 @@ def awq_search_scale(
     duo_scaling: bool = True,
     forward_fn: ForwardFn | None = None,
     scale_dtype: torch.dtype = torch.float16,
+    screen: Callable[[], AbstractContextManager] | None = None,
+    finalists: int = 3,
 ) -> torch.Tensor:
     """Linears sharing one input (each [out_i, in]), calibration input x [tokens, in] → s [in].
 
     forward_fn(candidate_weights) → output; it must run the block on x with the given weights in place
     of `weights` (e.g. the whole attention for q/k/v). Default: the concatenated linear outputs x·Wᵢᵀ.
+    screen: a context (bf16 autocast on a CPU that has bf16 matmuls) in which every candidate is scored first;
+    only the `finalists` best of them and s = 1 are then scored as without it, and the best of those wins, so
+    the choice is made in the caller's precision and s is never worse than RTN on the calibration data.
     """
     x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
     _check_awq_args(weights, x.shape[1], group_size, n_grid)
@@ -53,20 +59,28 @@ def awq_search_scale(
     forward = forward_fn or (lambda ws: torch.cat([x @ w.T for w in ws], dim=-1))  # [tokens, Σ out]
     x_mean = x.abs().mean(dim=0)  # [in]
     w_mean = _weight_mean(weights, group_size)  # [in]
-    with torch.no_grad():
+    candidates = [torch.ones_like(x_mean)] + [  # s = 1 (plain RTN) first: ties keep the earlier candidate
+        awq_candidate_scale(x_mean, w_mean, r / n_grid, duo_scaling) for r in range(n_grid)
+    ]
+
+    def losses(which: Sequence[int]) -> dict[int, float]:
         reference = forward(weights)
-        best_s, best_loss = (
-            torch.ones_like(x_mean),
-            _quant_loss(
-                forward, reference, weights, torch.ones_like(x_mean), bits, group_size, symmetric, scale_dtype
-            ),
-        )
-        for r in range(n_grid):
-            s = awq_candidate_scale(x_mean, w_mean, r / n_grid, duo_scaling)
-            loss = _quant_loss(forward, reference, weights, s, bits, group_size, symmetric, scale_dtype)
-            if loss < best_loss:
-                best_s, best_loss = s, loss
-    return best_s
+        out = {}
+        for i in which:
+            loss = _quant_loss(
+                forward, reference, weights, candidates[i], bits, group_size, symmetric, scale_dtype
+            )
+            out[i] = loss if loss == loss else float("inf")  # NaN never wins
+        return out
+
+    with torch.no_grad():
+        which = list(range(len(candidates)))
+        if screen is not None:
+            with screen():
+                coarse = losses(which)
+            which = sorted({0, *sorted(which, key=lambda i: (coarse[i], i))[:finalists]})
+        fine = losses(which)
+    return candidates[min(which, key=lambda i: (fine[i], i))]
 
 
 def awq_candidate_scale(

@@ -47,6 +47,20 @@ def compute_dtype(device: torch.device | str) -> torch.dtype | None:
     return CUDA_COMPUTE_DTYPE if torch.device(device).type == "cuda" else None
 
 
+def screen_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype in which AWQ's scale grid first scores every candidate (awq_search_scale's `screen`; 21 forwards
+    of the attention / MLP per group are most of AWQ's time) before the finalists are scored in the walk's own
+    precision: bf16 on CPUs with native bf16 matmuls (AVX512-BF16 or AMX; the dev machine's EPYC runs them at
+    3.7x the float32 rate). None (no screening) on CUDA, whose walk already runs in bf16, and on other CPUs."""
+    if torch.device(device).type == "cuda":
+        return None
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        native = False
+    return torch.bfloat16 if native else None
+
+
 def causal_kernel(device: torch.device | str, seq_len: int, sliding_window: int | None) -> bool:
     """Attention can use SDPA's causal kernels (flash) instead of a mask: on CUDA, when no sliding window
     cuts inside the sequence. The CPU keeps the explicit mask (bit-for-bit what it computed before)."""
@@ -99,14 +113,21 @@ class Block:
     fp_dtype: torch.dtype = torch.float32  # dtype the fp tensors (folded norms, biases) are stored in
     notes: list[str] = field(default_factory=list)  # what the method could not do here, for the manifest
     compute_dtype: torch.dtype | None = None  # autocast dtype of the forward passes (None: float32)
+    screen_dtype: torch.dtype | None = None  # AWQ's first scoring of its candidates (screen_dtype())
     frozen: set[str] = field(default_factory=set)  # modules that no longer change (freeze)
     recorded: dict[str, list] = field(default_factory=dict)  # frozen module → its outputs, one per chunk
 
-    def autocast(self) -> AbstractContextManager:
-        """The forward passes' precision: bf16 autocast on CUDA (weights stay float32), else nothing."""
-        if self.compute_dtype is None or self.x is None:
+    def autocast(self, dtype: torch.dtype | None | str = "compute") -> AbstractContextManager:
+        """The forward passes' precision: bf16 autocast on CUDA (weights stay float32), else nothing;
+        or autocast to the dtype given (None: nothing)."""
+        dtype = self.compute_dtype if dtype == "compute" else dtype
+        if dtype is None or self.x is None:
             return nullcontext()
-        return torch.autocast(self.x.device.type, dtype=self.compute_dtype)
+        return torch.autocast(self.x.device.type, dtype=dtype)
+
+    def screen(self) -> Callable[[], AbstractContextManager] | None:
+        """AWQ's screening context (screen_dtype), or None."""
+        return None if self.screen_dtype is None else lambda: self.autocast(self.screen_dtype)
 
     def get(self, name: str) -> nn.Module:
         return self.module.get_submodule(name)

@@ -213,6 +213,7 @@ def awq_fold_scales(
                 symmetric=s.symmetric,
                 forward_fn=_awq_loss_fn(block, g, xs),
                 scale_dtype=SCALE_DTYPE,
+                screen=block.screen(),
             )
         _fold(block, g, sc)
         scale_of.update({n: sc for n in g.linears})

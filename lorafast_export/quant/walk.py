@@ -30,7 +30,15 @@ from lorafast_export.model.decoder import DecoderLayer, RMSNorm, Rotary, causal_
 from lorafast_export.model.quantized import QuantizedModel, QuantizedWriter, load_quantized
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
 from lorafast_export.qform import QTensor
-from lorafast_export.quant.blocks import HEAD_GROUPS, LAYER_GROUPS, Block, Head, causal_kernel, compute_dtype
+from lorafast_export.quant.blocks import (
+    HEAD_GROUPS,
+    LAYER_GROUPS,
+    Block,
+    Head,
+    causal_kernel,
+    compute_dtype,
+    screen_dtype,
+)
 from lorafast_export.quant.calib import load_calibration
 from lorafast_export.quant.config import QuantConfig, resolve_quant
 from lorafast_export.quant.methods import METHODS, Method, get_method
@@ -260,7 +268,7 @@ class _LayerReader:
     def _host(self, i: int) -> dict[str, torch.Tensor]:
         prefix = layer_prefix(i)
         pin = self.device.type == "cuda"
-        return {k: (t.pin_memory() if pin else t) for k in self.names for t in [self.store.get(prefix + k)]}
+        return {k: (_pinned(t) if pin else t) for k in self.names for t in [self.store.get(prefix + k)]}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         if self.pool is None:
@@ -270,6 +278,15 @@ class _LayerReader:
         if i + 1 < self.n:
             self.pending[i + 1] = self.pool.submit(self._host, i + 1)
         return {k: t.to(self.device, non_blocking=True).float() for k, t in host.result().items()}
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """t in pinned host memory, or t itself where pinning fails (the copy is then a synchronous one, as before)."""
+    try:
+        return t.pin_memory()
+    except RuntimeError as e:
+        log.warning("cannot pin %s bytes of host memory (%s); copying from pageable memory", t.nbytes, e)
+        return t
 
 
 def _merge_notes(into: dict[str, list[str]], new: dict[str, list[str]]) -> None:
@@ -308,6 +325,7 @@ def _head(store, cfg: ModelConfig, method: Method, qc: QuantConfig, x, device, f
         lambda m, xc: m(xc),
         chunk=_chunk(cfg, x, device, width=cfg.vocab_size),
         fp_dtype=fp_dtype,
+        screen_dtype=screen_dtype(device),
     )
     done = _quantize_block(method, block, qc, "")
     done.fp[FINAL_NORM] = done.fp.pop("norm.weight")
@@ -332,6 +350,7 @@ def _layer_block(state: dict[str, torch.Tensor], cfg: ModelConfig, x, rope, devi
         chunk=_chunk(cfg, x, device),
         fp_dtype=fp_dtype,
         compute_dtype=compute_dtype(device),
+        screen_dtype=screen_dtype(device),
     )
 
 

@@ -94,6 +94,30 @@ def test_awq_scale_with_custom_forward_fn():
     assert s.shape == (128,) and torch.isfinite(s).all()
 
 
+def test_screened_scale_search_decides_among_finalists_in_full_precision():
+    """screen: every candidate scored in bf16 first, the finalists and s = 1 again in float32; with every candidate
+    a finalist it is the plain search, and it scores only finalists + s = 1 outside the screen."""
+    x, ws = awq_toy(seed=2)
+    plain = awq_search_scale(ws, x, 4, 32)
+    screen = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert torch.equal(awq_search_scale(ws, x, 4, 32, screen=screen, finalists=21), plain)
+    calls = {"screened": 0, "full": 0}
+
+    def linears(weights):
+        calls["screened" if torch.is_autocast_enabled("cpu") else "full"] += 1
+        return torch.cat([x @ w.T for w in weights], dim=-1)
+
+    s = awq_search_scale(ws, x, 4, 32, forward_fn=linears, screen=screen, finalists=3)
+    assert calls == {"screened": 22, "full": 1 + 4} or calls == {
+        "screened": 22,
+        "full": 1 + 3,
+    }  # s = 1 a finalist
+    rtn = [dequantize(quantize_rtn(w, 4, 32, False)) for w in ws]
+    awq = [dequantize(quantize_rtn(w * s, 4, 32, False)) / s for w in ws]
+    assert output_mse(x, ws, awq) < 0.7 * output_mse(x, ws, rtn)
+    assert torch.equal(s, plain)  # on this toy the float32 best is among bf16's three best
+
+
 def test_awq_clip_does_not_increase_output_error():
     x, ws = awq_toy(seed=2)
     w = ws[0]
