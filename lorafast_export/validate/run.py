@@ -108,9 +108,11 @@ def _fill_reference_stream(logits, stages, missing, offsets, writers) -> None:
                 w.put(row, logits.block(st, offsets[es.name] + j), _labels(block))
 
 
-def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progress):
+def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progress, held):
     """{eval set: (ref entry, base entry)} from the cache, computing what is missing; also returns the
-    reference stages to add to the walk when the reference is streamed (and their writers)."""
+    reference stages to add to the walk when the reference is streamed (and their writers). A PEFT reference
+    built here is left in held["model"] for the greedy check (_reference_greedy), which would otherwise load it
+    again."""
     from lorafast_export.merge import plan_merge
     from lorafast_export.validate.layers import StoreSource, UnmergedSource
     from lorafast_export.validate.stream import Stage
@@ -135,7 +137,8 @@ def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progres
     stages = []
     if missing and reference_kind(v.base) == "peft":
         progress("reference (transformers + PEFT, unmerged)")
-        _fill_reference_peft(Reference(v.base, v.adapters, device, dtype), missing, writers, vocab)
+        held["model"] = Reference(v.base, v.adapters, device, dtype)
+        _fill_reference_peft(held["model"], missing, writers, vocab)
     elif missing:
         plan = plan_merge(v.base, v.adapters)
         stages = [
@@ -221,8 +224,9 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     for es in eval_sets:
         offsets[es.name], n = n, n + len(es.blocks)
     progress("reference")
+    held = {}  # the reference's model, once loaded: kept for its greedy check (at most 1 GiB of fp32 weights)
     entries, missing, writers, ref_stages = _reference_entries(
-        v, eval_sets, ids, offsets, cache, device, dtype, progress
+        v, eval_sets, ids, offsets, cache, device, dtype, progress, held
     )
     stages = [
         Stage(c.name, c.source) if c.source is not None else Stage(c.name, logits=c.logits)
@@ -256,7 +260,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         )
     logits.close()
     del hidden, logits
-    greedy = _greedy(v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress)
+    greedy = _greedy(v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held)
     out_stages = []
     for es in eval_sets:
         vs_ref, vs_prev, _, _ = results[es.name]
@@ -300,7 +304,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     return report
 
 
-def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir, progress):
+def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir, progress, held: dict):
     """Greedy tokens of the reference (cached next to its logits) and of every candidate, each batched across
     the prompts on the device; skipped with a note (GreedyResult.note) where the device cannot hold the model."""
     from lorafast_export.validate.greedy import GreedyStage, decode_fits, run_greedy
@@ -319,17 +323,15 @@ def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir,
     if on_base:
         stages[on_base[-1]].close = lambda: release_resident(v.base)
     return run_greedy(
-        _reference_greedy(v, device, dtype), stages, prompts, n, cache_dir, progress, skip_note=skip
+        _reference_greedy(v, device, dtype, held), stages, prompts, n, cache_dir, progress, skip_note=skip
     )
 
 
-def _reference_greedy(v: ValidationInputs, device: str, dtype):
-    """The reference's decoder, built on first use (a cached reference never loads) and dropped once its
-    tokens are done: transformers + PEFT's generate where PEFT is the reference, else our streamed unmerged
-    forward built whole on the device."""
+def _reference_greedy(v: ValidationInputs, device: str, dtype, held: dict):
+    """The reference's decoder, built on first use (a cached reference never loads; a PEFT reference that computed
+    the logits is in held["model"] already) and dropped once its tokens are done: transformers + PEFT's generate
+    where PEFT is the reference, else our streamed unmerged forward built whole on the device."""
     from lorafast_export.validate.greedy import GreedyStage, decoder_greedy_batch, hf_greedy_batch
-
-    held = {}
 
     def run(prompts, n, tick):
         if "model" not in held:
