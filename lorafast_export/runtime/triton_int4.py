@@ -4,10 +4,11 @@ Weights stay as qform packs them on disk (`qform.pack_nibbles`): uint8 [out, cei
 the code of input column 2j in its low nibble and 2j+1 in its high nibble; scales [out, groups] in their
 stored dtype; zero points uint8 [out, groups], or none (symmetric: zero 8). w = (code - zero) * scale.
 
-Two kernels, both with split-K (each split writes an fp32 partial, summed after; one split stores the
-result directly in the activation dtype). A tile spans BK input columns inside one group (BK divides the
-group size), so its scale multiplies the tile's partial sum once, not every weight: per weight the work is
-the nibble unpack, one integer-to-float conversion and the zero-point subtraction. The activations are
+Two kernels, both with split-K (each split writes an fp32 partial, summed and cast by a third small
+kernel; one split stores the result directly in the activation dtype). A tile spans BK input columns
+inside one group (BK divides the group size), so its scale multiplies the tile's partial sum once, not
+every weight: per weight the work is the nibble unpack, one integer-to-float conversion and the
+zero-point subtraction. The activations are
 loaded contiguously and split into their even and odd columns, so the nibbles need no interleaving, and
 the codes load as aligned 16-byte vectors (tile offsets are multiples of BK / 2 bytes, rows KB bytes).
 - GEMV for a few rows: no tensor cores; products summed over the tile in fp32, one row at a time.
@@ -160,6 +161,26 @@ def _gemm_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(p_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out [M*N] (x's dtype) = the sum of the SPLITS fp32 partials [SPLITS, M*N]: one launch where torch's
+    sum and cast took two (about 0.38 ms of an 8B int4 step at 32 rows on an H200)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for sp in tl.static_range(SPLITS):
+        acc += tl.load(p_ptr + sp * MN + i, mask=ok, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[splits, M, N] fp32 → [M, N] in dtype (split-K's last step, shared with runtime/triton_int8.py)."""
+    splits, m, n = partials.shape
+    out = torch.empty(m, n, device=partials.device, dtype=dtype)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partials, out, m * n, SPLITS=splits, BLOCK=1024)
+    return out
+
+
 def launch(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -189,7 +210,7 @@ def launch(
     else:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
         _gemm_kernel[grid](*args, BM=bm, IEEE=x.dtype == torch.float32, **common)
-    return out if splits == 1 else out.sum(0).to(x.dtype)
+    return out if splits == 1 else sum_splits(out, x.dtype)
 
 
 def pick(plan: list[int], rows: int) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafast_export.runtime.triton_int4 import GEMV, _jit, pick
+from lorafast_export.runtime.triton_int4 import GEMV, _jit, pick, sum_splits
 
 
 @_jit
@@ -147,7 +147,7 @@ def launch8(
     else:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
         _gemm8_kernel[grid](*args, BM=bm, IEEE=x.dtype == torch.float32, **common)
-    return out if splits == 1 else out.sum(0).to(x.dtype)
+    return out if splits == 1 else sum_splits(out, x.dtype)
 
 
 @torch.library.custom_op("lorafast::int8_mm", mutates_args=())
