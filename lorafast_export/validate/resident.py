@@ -16,6 +16,7 @@ float32 arithmetic, only from device memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -157,3 +158,20 @@ def release_resident(base) -> None:
     """Free the device copies of a base made resident by make_resident (no-op for any other base)."""
     if isinstance(base.store, ResidentStore):
         base.store.release()
+
+
+@contextlib.contextmanager
+def resident(base, adapters: list, device, progress=lambda m: None):
+    """make_resident for the duration of a validation, released at its end; progress says whether the base was
+    held on the device and how many bytes it cost to bring there."""
+    base, adapters = make_resident(base, adapters, device)
+    store = base.store
+    held = isinstance(store, ResidentStore)
+    if held:
+        progress(f"base held on {store.device.type} for the validation ({stored_bytes(store) / 1e9:.2f} GB)")
+    try:
+        yield base, adapters
+    finally:
+        release_resident(base)
+        if held:
+            progress(f"resident base: {store.bytes_read / 1e9:.2f} GB copied host -> device")

@@ -471,14 +471,10 @@ def validate_build(
     """The build's validate stage (pipeline.validate_stage): writes reports into the (staging) artifact
     directory; returns a summary. quantized: the quantize stage's QuantizedModel, or None."""
     from lorafast_export.report.markdown import render_markdown
-    from lorafast_export.validate.resident import ResidentStore, make_resident, release_resident, stored_bytes
+    from lorafast_export.validate.resident import resident
 
     # on a GPU with room the base is read once and kept there (validate/resident.py)
-    base, adapters = make_resident(base, adapters, _device(recipe.validate_))
-    store = base.store
-    if isinstance(store, ResidentStore):
-        progress(f"base held on {store.device.type} for the validation ({stored_bytes(store) / 1e9:.2f} GB)")
-    try:
+    with resident(base, adapters, _device(recipe.validate_), progress) as (base, adapters):
         v = ValidationInputs(
             base,
             adapters,
@@ -490,10 +486,6 @@ def validate_build(
             None,  # the quantized stage records its per-layer weight errors during the walk
         )
         report = run_validation(v, artifact_dir, progress)
-    finally:
-        release_resident(base)
-        if isinstance(store, ResidentStore):
-            progress(f"resident base: {store.bytes_read / 1e9:.2f} GB copied host -> device")
     return summarize(report) | {"markdown_table": render_markdown(report)}
 
 
@@ -505,6 +497,7 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     from lorafast_export.paths import resolve_path
     from lorafast_export.recipe import Recipe
     from lorafast_export.targets.registry import require_available
+    from lorafast_export.validate.resident import resident
     from lorafast_export.weights import open_model
 
     man_path = artifact / "manifest.json"
@@ -523,10 +516,14 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
         for a in recipe.inputs.adapters
     ]
     target = require_available(recipe.target.name)
-    session = _load_artifact(target, artifact / "model", _device(recipe.validate_), base)
-    cands = [merged_fp32_candidate(plan_merge(base, adapters)), _artifact_candidate("artifact", session)]
-    v = ValidationInputs(base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe))
-    report = run_validation(v, artifact, progress)
+    device = _device(recipe.validate_)
+    with resident(base, adapters, device, progress) as (base, adapters):  # as in validate_build
+        session = _load_artifact(target, artifact / "model", device, base)
+        cands = [merged_fp32_candidate(plan_merge(base, adapters)), _artifact_candidate("artifact", session)]
+        v = ValidationInputs(
+            base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe)
+        )
+        report = run_validation(v, artifact, progress)
     # the reports were rewritten: their new hashes go into the manifest, so the artifact still verifies
     record_files(artifact, [*REPORT_FILES, *([recipe.validate_.junit] if recipe.validate_.junit else [])])
     return report

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from lorafast_export.adapters import open_adapter
+from lorafast_export.cli import main
 from lorafast_export.merge import plan_merge
 from lorafast_export.recipe import Recipe
 from lorafast_export.report.json_report import to_json
@@ -20,6 +22,7 @@ from lorafast_export.validate.stream import walk
 from lorafast_export.weights import open_model
 from tests.merge.test_merge_vs_peft import ALL
 from tests.tiny import save_base_and_adapter, write_text
+from tests.validate.test_run import build, inputs  # noqa: F401 (a fixture)
 
 PROMPTS = [[1, 5, 9, 13, 2, 7, 30], [1, 40], [1, 3, 3, 3, 8, 50, 60, 61], [1, 77, 20, 4]]
 
@@ -93,3 +96,26 @@ def test_report_is_the_same_with_a_resident_base(root, tmp_path):
         assert not resident or not base.store.active
     assert reports[0]["stages"] == reports[1]["stages"]
     assert reports[0]["stages"][0]["greedy_match"] == 1.0
+
+
+def test_revalidation_is_the_same_with_a_resident_base(inputs, monkeypatch):  # noqa: F811
+    """`validate --artifact` holds the base the same way (validate_artifact): same report, base released."""
+    assert build(inputs, "--no-validate").exit_code == 0
+    args = [
+        "validate",
+        "--artifact",
+        inputs / "out",
+        "--eval",
+        f"a={inputs / 'a.txt'}",
+        "--max-tokens",
+        "300",
+    ]
+    args += ["--prompts", inputs / "prompts.jsonl"]
+    stages = []
+    for choice in ("0", "1"):
+        monkeypatch.setenv("LORAFAST_RESIDENT", choice)
+        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert ("resident base:" in r.output) == (choice == "1"), r.output
+        stages.append(json.loads((inputs / "out" / "report.json").read_text())["stages"])
+    assert stages[0] == stages[1] and [s["name"] for s in stages[0]] == ["merged-fp32", "artifact"]
