@@ -216,6 +216,8 @@ class Int4TritonLinear(_QuantLinearBase):
         self.register_buffer("perm", None if perm is None else perm.to(device))
         self.group_size = qt.group_size
         self.plan = list(plan or default_plan())
+        if not tinygemm_fits(qt, torch.device(device).type == "cuda", dtype):
+            self.plan = _tinygemm_to_gemv(self.plan, triton_int4)  # e.g. CUDA tinygemm takes bf16 only
         tg = triton_int4.TINYGEMM in self.plan[1 :: triton_int4.ENTRY]
         tg_w, tg_sz = tinygemm_pack(qt, codes, dtype, device) if tg else (None, None)
         self.register_buffer("tinygemm_weight", tg_w)
@@ -263,6 +265,14 @@ class Int8TritonLinear(_QuantLinearBase):
             x = x[:, self.perm]
         y = torch.ops.lorafast.int8_mm(x, self.weight, self.scales, self.zeros, self.group_size, self.plan)
         return self._finish(y, shape)
+
+
+def _tinygemm_to_gemv(plan: list[int], t4) -> list[int]:
+    """The plan with each tinygemm entry (rows, TINYGEMM, ...) replaced by the default GEMV tile for those
+    rows: for a layer tinygemm cannot run (its shape, or a non-bf16 dtype on CUDA)."""
+    gemv = default_plan()[1 : t4.ENTRY]
+    entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
+    return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.TINYGEMM else e)]
 
 
 _KERNEL_CLASSES = {
