@@ -4,7 +4,8 @@
 
 OUT is a bench/quant_accuracy.py output directory: its merged checkpoint and calib_ids.pt (the same calibration
 ids as the accuracy rows). Prints wall and process CPU seconds of each quantize_checkpoint call, all threads
-torch uses (set OMP_NUM_THREADS to pin them), and the load average before and after.
+torch uses (set OMP_NUM_THREADS to pin them), and the load average before and after. Idle OpenMP threads sleep
+(OMP_WAIT_POLICY=PASSIVE unless set), as under the CLI.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it (before torch starts OpenMP)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
