@@ -21,7 +21,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorafast_export.errors import EXIT_BAD_INPUT, LorafastError, io_error_as_input_error
+from lorafast_export.errors import (
+    EXIT_BAD_INPUT,
+    LorafastError,
+    Terminated,
+    io_error_as_input_error,
+    received_signals,
+)
 from lorafast_export.recipe import CalibOptions
 from lorafast_export.specs import HF_FORMATS, MERGE_DTYPES, QUANT_CHOICES, TARGET_NAMES
 
@@ -32,16 +38,8 @@ console = Console(stderr=True)
 out = Console()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM / SIGHUP, raised where the process is, so they unwind (staging, cache partials, the output lock)
-    exactly as Ctrl-C does."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 def _raise_terminated(signum, frame) -> None:
+    received_signals.append(signum)  # kept: publish() refuses even if this raise is swallowed somewhere
     raise Terminated(signum)
 
 

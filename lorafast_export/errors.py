@@ -5,10 +5,32 @@ from __future__ import annotations
 import errno
 import re
 import shutil
+import signal
 
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where the process is, so they unwind (staging, cache partials, the output lock)
+    exactly as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Signals received by this process (cli's handler records each one before raising). The raise can be lost: a
+# signal handled while Python runs a __del__ or a weakref callback has its exception printed and dropped. So
+# publishing checks this record too, and a build told to stop never publishes.
+received_signals: list[int] = []
+
+
+def raise_if_terminated() -> None:
+    """Raise Terminated if SIGTERM / SIGHUP reached this process, even where its exception was swallowed."""
+    if received_signals:
+        raise Terminated(received_signals[0])
 
 
 class LorafastError(Exception):

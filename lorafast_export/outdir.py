@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorafast_export.errors import InputError
+from lorafast_export.errors import InputError, raise_if_terminated
 from lorafast_export.manifest import replace_refusal
 from lorafast_export.safeio import apply_umask, dead_partials
 
@@ -126,6 +126,7 @@ def _remove(path: Path) -> None:
 
 def publish(stage: Path, out: Path) -> None:
     """Rename the finished staging directory into place; an old artifact (with --force) is replaced."""
+    raise_if_terminated()  # a SIGTERM whose exception was lost (raised inside a __del__) still stops the build
     apply_umask(stage)  # some writers create 0600 files; an artifact gets the modes the user's umask gives
     old = None
     if out.exists() or out.is_symlink():

@@ -14,8 +14,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from lorafast_export.cli import main
-from lorafast_export.outdir import output_lock
+from lorafast_export import errors
+from lorafast_export.cli import _raise_terminated, main
+from lorafast_export.outdir import output_lock, publish
 from tests.tiny import save_base_and_adapter, write_text
 
 
@@ -158,6 +159,33 @@ def test_sigterm_unwinds_like_ctrl_c(inputs, tmp_path):
     assert "interrupted (SIGTERM); nothing was published" in err
     assert {p.name for p in tmp_path.iterdir()} <= {"cache"}, "staging dir and lock removed"
     assert not [p for p in cache.rglob("*") if ".partial-" in p.name], "no cache partials left"
+
+
+@pytest.fixture
+def signal_record():
+    assert errors.received_signals == []
+    yield
+    errors.received_signals.clear()  # this process goes on to other tests; the CLI's process would exit
+
+
+def test_a_sigterm_whose_exception_was_swallowed_still_stops_the_publish(tmp_path, signal_record):
+    """Python drops an exception raised while it runs a __del__ ("Exception ignored in ..."), so a SIGTERM handled
+    there would not unwind; the handler's record makes publish() refuse all the same, leaving the old artifact."""
+    out, stage = tmp_path / "art", tmp_path / ".art.partial-1"
+    out.mkdir()
+    (out / "old").write_text("kept")
+    stage.mkdir()
+    (stage / "new").write_text("x")
+
+    class Swallows:
+        def __del__(self):
+            _raise_terminated(signal.SIGTERM, None)  # what the installed handler does, inside a destructor
+
+    Swallows()  # the Terminated it raises is printed and dropped by Python
+    with pytest.raises(errors.Terminated) as e:
+        publish(stage, out)
+    assert e.value.signum == signal.SIGTERM
+    assert sorted(p.name for p in out.iterdir()) == ["old"] and stage.exists()
 
 
 def test_partials_of_dead_processes_are_cleaned_and_a_lost_old_artifact_comes_back(inputs, tmp_path):
