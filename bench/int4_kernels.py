@@ -3,8 +3,11 @@
     PYTHONPATH=. python bench/int4_kernels.py --shapes llama3-8b,demo --out int4_h200.json
 
 For each fused linear shape of a model ([N, K]: qkv, o, gate_up, down) and each row bucket, it times the
-dense bf16 matmul, torch's tinygemm (where it applies) and our Triton GEMV / GEMM over a grid of tiles
-and split counts, on RTN int4 g128 asymmetric codes of a random weight. Every call is replayed from a CUDA
+dense bf16 matmul, torch's tinygemm (where it applies, up to 64 rows), our Triton GEMV / GEMM on qform's
+packing (a grid of tiles, or with --reuse-old the shipped table's entry per cell) and the tiled-layout
+GEMV_T / GEMM_T over a grid of tiles, options and split counts (every timing kept under 'all'), on RTN
+int4 g128 asymmetric codes of a random weight. Row buckets run in the order of --rows, every shape per
+bucket, so --budget-s cuts the least important buckets. Every call is replayed from a CUDA
 graph, as the runtime's decode step runs it, so launch overhead is not counted, and consecutive calls read
 different copies of the weight (256 MB in all), as consecutive layers do, so none is served from L2. Every Triton config is
 also checked against the dequantized matmul; a config that fails is recorded and never chosen. Copy the
@@ -26,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafast_export.qform import dequantize, pack_nibbles  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
-from lorafast_export.runtime.int4_table import table_file  # noqa: E402
+from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits  # noqa: E402
-from lorafast_export.runtime.triton_int4 import GEMM, GEMV, launch  # noqa: E402
+from lorafast_export.runtime.triton_int4 import GEMM, GEMM_T, GEMV, GEMV_T, launch, pack_tiles  # noqa: E402
 
 MODELS = {  # hidden, intermediate, heads, kv heads, head dim
     "llama3-8b": (4096, 14336, 32, 8, 128),
@@ -36,11 +39,16 @@ MODELS = {  # hidden, intermediate, heads, kv heads, head dim
     "tiny": (128, 160, 2, 1, 32),  # --quick dry runs on the CPU (Triton's interpreter)
 }
 ACT_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # the interpreter has no bf16 dot
-ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
 # Tiles are at most one group wide (BK <= 128 at g128): BN, BK, splits, warps
 GEMV_TILES = [(bn, 128, sp, w) for bn, w in ((64, 4), (128, 8), (256, 8)) for sp in (1, 2, 4, 8)]
 GEMM_TILES = [(bn, bk, sp, 4) for bn, bk in ((64, 128), (128, 128), (128, 64)) for sp in (1, 2, 4)]
+# Tiled-layout kernels (runtime/triton_int4.py's GEMV_T / GEMM_T): (BN, warps) and, for GEMM_T, the options
+# field (bit 0: scale per weight; opts >> 1: pipeline stages, 0 = Triton's default). Split counts are tried
+# from 1 up while the grid stays under 8 (GEMV_T) or 2 (GEMM_T) waves of the GPU's SMs, and at most 16.
+GEMV_T_TILES = [(16, 2), (32, 4), (64, 4), (64, 8), (128, 8)]
+GEMM_T_TILES = [(bn, w, o) for bn, w in ((64, 4), (128, 4), (128, 8)) for o in (0, 1, 5, 9)]
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
+ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the issue's two targets first: a budget cut drops the rest
 
 
 def shapes(model: str) -> list[tuple[int, int]]:
@@ -82,9 +90,10 @@ def n_copies(nbytes: int, dev) -> int:
     return 1 if dev.type != "cuda" else max(2, min(20, -(-L2_BYTES // nbytes)))
 
 
-def best_triton(x, packs, k, ref, entries) -> dict:
-    """The fastest correct entry {'us', 'entry', 'rel_err', ...}; packs: copies of (codes, scales, zeros)."""
-    best, failed = None, []
+def best_triton(x, packs, k, ref, entries, keep_all: bool = False) -> dict:
+    """The fastest correct entry {'us', 'entry', 'rel_err', ...}; packs: copies of (codes, scales, zeros)
+    in the layout the entries' kind reads. keep_all: also every timed entry's us ('all')."""
+    best, failed, timed = None, [], []
     for e in entries:
         try:
             y = launch(x, *packs[0], k, 128, e)
@@ -96,52 +105,114 @@ def best_triton(x, packs, k, ref, entries) -> dict:
         except Exception as ex:  # noqa: BLE001 - a config that does not compile is a result, not a crash
             failed.append({"entry": e, "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
             continue
+        timed.append([e, round(us, 2)])
         if best is None or us < best["us"]:
             best = {"us": us, "entry": e, "rel_err": err}
-    if best is None:
-        return {
-            "us": None,
-            "entry": None,
-            "tried": len(entries),
-            "failed": failed[:5],
-            "n_failed": len(failed),
-        }
+    best = best or {"us": None, "entry": None}
     best.update(tried=len(entries), failed=failed[:5], n_failed=len(failed))
+    if keep_all:
+        best["all"] = timed
     return best
 
 
-def measure_shape(n: int, k: int, dev, quick: bool) -> dict:
-    torch.manual_seed(0)
-    wf = torch.randn(n, k, device=dev) * 0.02
-    qt = quantize_rtn(wf, 4, 128, False, scale_dtype=torch.float16)
-    wd = dequantize(qt).to(dev)
-    act = ACT_DTYPE[dev.type]
-    wbs = [wf.to(act) for _ in range(n_copies(n * k * 2, dev))]
-    pack = (pack_nibbles(qt.codes).to(dev), qt.scales.to(dev), qt.zeros.to(dev))
-    packs = [pack] + [tuple(t.clone() for t in pack) for _ in range(n_copies(n * k // 2, dev) - 1)]
-    tinys = []
-    if tinygemm_fits(qt, dev.type == "cuda", torch.bfloat16):
-        tinys = [Int4Linear(qt, dtype=act, device=dev) for _ in range(n_copies(n * k // 2, dev))]
-    rows = {}
-    for m in (1, 8) if quick else ROWS:
-        x = torch.randn(m, k, device=dev, dtype=act)
-        ref = x.float() @ wd.T
-        cell = {"bf16_us": graph_us(lambda i, x=x: F.linear(x, wbs[i]), len(wbs))}
-        cell["tinygemm_us"] = graph_us(lambda i, x=x: tinys[i](x), len(tinys)) if tinys else None
+def _splits(n: int, m: int, bn: int, bm: int, sms: int, waves: int) -> list[int]:
+    out, sp = [], 1
+    while sp <= 16:
+        out.append(sp)
+        if -(-n // bn) * -(-m // bm) * sp >= waves * sms:
+            break
+        sp *= 2
+    return out
+
+
+class Shape:
+    """One linear [n, k]: RTN int4 g128 asymmetric codes of a random weight, in every layout, with
+    enough copies of each that consecutive calls miss L2."""
+
+    def __init__(self, n: int, k: int, dev, model: str):
+        self.n, self.k, self.dev, self.model = n, k, dev, model
+        torch.manual_seed(0)
+        wf = torch.randn(n, k, device=dev) * 0.02
+        qt = quantize_rtn(wf, 4, 128, False, scale_dtype=torch.float16)
+        self.wd = dequantize(qt).to(dev)
+        act = ACT_DTYPE[dev.type]
+        copies = n_copies(n * k // 2, dev)
+        self.wbs = [wf.to(act) for _ in range(n_copies(n * k * 2, dev))]
+        sz = (qt.scales.to(dev), qt.zeros.to(dev))
+        self.packs = {}
+        for name, w in (("qform", pack_nibbles(qt.codes)), ("tiled", pack_tiles(qt.codes, 128))):
+            p = (w.to(dev), *sz)
+            self.packs[name] = [p] + [tuple(t.clone() for t in p) for _ in range(copies - 1)]
+        self.tinys = []
+        if tinygemm_fits(qt, dev.type == "cuda", torch.bfloat16):
+            self.tinys = [Int4Linear(qt, dtype=act, device=dev) for _ in range(copies)]
+        self.cells: dict[str, dict] = {}
+
+    def measure(self, m: int, quick: bool, old: dict | None, sms: int) -> dict:
+        """One row bucket: bf16, tinygemm (up to 64 rows), our old kernels (the shipped table's entry for
+        this cell when given, else the old grid) and the tiled kernels' sweep."""
+        n, k, dev = self.n, self.k, self.dev
+        x = torch.randn(m, k, device=dev, dtype=ACT_DTYPE[dev.type])
+        ref = x.float() @ self.wd.T
+        cell = {"bf16_us": graph_us(lambda i: F.linear(x, self.wbs[i]), len(self.wbs))}
+        tg = self.tinys and m <= 64
+        cell["tinygemm_us"] = graph_us(lambda i: self.tinys[i](x), len(self.tinys)) if tg else None
         bm = min(64, max(16, 1 << (m - 1).bit_length()))
-        gemv, gemm = (GEMV_TILES[:2], GEMM_TILES[-2:]) if quick else (GEMV_TILES, GEMM_TILES)
+        for kind, name in ((GEMV, "gemv"), (GEMM, "gemm")):
+            if (kind == GEMV) != (m <= 4):
+                continue
+            if old and old.get(name) and old[name].get("entry"):
+                entries = [[m, *old[name]["entry"][1:]]]
+            else:
+                grid = GEMV_TILES if kind == GEMV else GEMM_TILES
+                entries = [[m, kind, bn, bk, sp, bm, w] for bn, bk, sp, w in (grid[:2] if quick else grid)]
+            cell[name] = best_triton(x, self.packs["qform"], k, ref, entries)
         if m <= 4:
-            cell["gemv"] = best_triton(
-                x, packs, k, ref, [[m, GEMV, bn, bk, sp, 16, w] for bn, bk, sp, w in gemv]
-            )
-        if m > 4 or quick:
-            cell["gemm"] = best_triton(
-                x, packs, k, ref, [[m, GEMM, bn, bk, sp, bm, w] for bn, bk, sp, w in gemm]
-            )
-        rows[str(m)] = cell
+            tiles = GEMV_T_TILES[1:3] if quick else GEMV_T_TILES
+            entries = [
+                [m, GEMV_T, bn, 0, sp, 16, w] for bn, w in tiles for sp in _splits(n, 1, bn, 1, sms, 8)
+            ]
+            cell["gemv_t"] = best_triton(x, self.packs["tiled"], k, ref, entries, keep_all=True)
+        if m >= 4:
+            tiles = GEMM_T_TILES[:2] if quick else GEMM_T_TILES
+            entries = [
+                [m, GEMM_T, bn, o, sp, bm, w] for bn, w, o in tiles for sp in _splits(n, m, bn, bm, sms, 2)
+            ]
+            cell["gemm_t"] = best_triton(x, self.packs["tiled"], k, ref, entries, keep_all=True)
+        self.cells[str(m)] = cell
         brief = {a: (b["us"], b["entry"]) if isinstance(b, dict) else b for a, b in cell.items()}
         print(f"  [{n}x{k}] rows {m}: {json.dumps(brief)}", flush=True)
-    return {"n": n, "k": k, "weight_copies_cycled": len(packs), "rows": rows}
+        return cell
+
+    def row(self) -> dict:
+        rows = {r: self.cells[r] for r in sorted(self.cells, key=int)}
+        copies = len(self.packs["qform"])
+        return {"model": self.model, "n": self.n, "k": self.k, "weight_copies_cycled": copies, "rows": rows}
+
+
+def ptx_notes() -> dict:
+    """Per compiled GEMM_T / GEMV_T variant: does its PTX use wgmma, and how many int-to-float conversions
+    and shared-memory loads it has (what bounded the session-4 kernels)."""
+    from lorafast_export.runtime import triton_int4 as t4
+
+    notes = {}
+    for name in ("_gemm_t_kernel", "_gemv_t_kernel", "_gemm_kernel"):
+        try:
+            for cache in getattr(t4, name).device_caches.values():
+                for key, kern in cache[0].items():
+                    ptx = kern.asm.get("ptx", "")
+                    c = kern.metadata
+                    tag = f"{name} warps={c.num_warps} stages={c.num_stages} {str(key)[-80:]}"
+                    notes[tag] = {
+                        "wgmma": ptx.count("wgmma.mma_async"),
+                        "mma_sync": ptx.count("mma.sync"),
+                        "cvt_rn_f32_s32": ptx.count("cvt.rn.f32.s32") + ptx.count("cvt.rn.f32.u32"),
+                        "ld_shared": ptx.count("ld.shared"),
+                        "ld_global_v4": ptx.count("ld.global.v4"),
+                    }
+        except Exception as ex:  # noqa: BLE001 - notes only
+            notes[name] = f"{type(ex).__name__}: {ex}"[:200]
+    return notes
 
 
 def main() -> None:
@@ -152,6 +223,12 @@ def main() -> None:
     p.add_argument("--out", default="")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop adding shapes after this many seconds")
     p.add_argument("--quick", action="store_true", help="two tiles per kernel, rows 1 and 8 (a dry run)")
+    p.add_argument("--rows", default="", help="row buckets, in this order (default: the targets first)")
+    p.add_argument(
+        "--reuse-old",
+        action="store_true",
+        help="time our qform-layout kernels only at the entry the shipped table chose per cell (no re-sweep)",
+    )
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import triton
@@ -166,16 +243,22 @@ def main() -> None:
         "shapes": [],
     }
     out = Path(a.out or table_file(gpu).name)
+    old = load_table(gpu) if a.reuse_old else None
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     t0 = time.perf_counter()
-    for model in a.shapes.split(","):
-        for n, k in shapes(model):
+    measured = [Shape(n, k, dev, model) for model in a.shapes.split(",") for n, k in shapes(model)]
+    rows = [int(r) for r in a.rows.split(",")] if a.rows else ((1, 8) if a.quick else ROW_ORDER)
+    for m in rows:
+        for sh in measured:
             if time.perf_counter() - t0 > a.budget_s:
-                print(f"budget: skipped {n}x{k}", flush=True)
+                print(f"budget: skipped {sh.n}x{sh.k} rows {m}", flush=True)
                 continue
-            if any((r["n"], r["k"]) == (n, k) for r in table["shapes"]):
-                continue
-            table["shapes"].append({"model": model, **measure_shape(n, k, dev, a.quick)})
+            prev = next((r for r in (old or {}).get("shapes", []) if (r["n"], r["k"]) == (sh.n, sh.k)), None)
+            sh.measure(m, a.quick, (prev or {}).get("rows", {}).get(str(m)), sms)
+            table["shapes"] = [x.row() for x in measured if x.cells]
             out.write_text(json.dumps(table, indent=1))
+    table["ptx"] = ptx_notes() if dev.type == "cuda" else {}
+    out.write_text(json.dumps(table, indent=1))
     print(f"wrote {out} in {time.perf_counter() - t0:.0f}s", flush=True)
 
 

@@ -29,9 +29,10 @@ import triton.language as tl
 from lorafast_export.runtime.tinygemm import tinygemm_mm
 
 # One plan entry: (max rows, kind, BN, BK, splits, BM, warps) with kind 0 = GEMV, 1 = GEMM, 2 = torch's
-# tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused).
+# tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused), 3 = GEMV_T and
+# 4 = GEMM_T (the tiled layout, `pack_tiles`; BK is then GEMM_T's options: see `launch`).
 ENTRY = 7
-GEMV, GEMM, TINYGEMM = 0, 1, 2
+GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T = 0, 1, 2, 3, 4
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -161,6 +162,173 @@ def _gemm_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+# ---------------------------------------------------------------------------------------- tiled layout
+# The kernels below (kinds GEMV_T, GEMM_T) read the codes repacked once at load (`pack_tiles`): per tile of
+# T = tile_cols(group size) input columns, byte j holds column j in its low nibble and column T/2 + j in
+# its high one, so a tile's low and high nibbles are two contiguous column runs and the activations load
+# as two contiguous halves: no even/odd split of x, no layout shuffle. The nibble becomes a float without
+# an int-to-float conversion (a quarter-rate instruction on Hopper, which bounded the kernels above):
+# (code << 16) | 0x43000000, read as fp32, is 128 + code exactly; subtracting 128 + zero gives code - zero.
+
+
+def tile_cols(group_size: int) -> int:
+    """Input columns per tile of the tiled layout: inside one group (so one scale per tile row)."""
+    return min(group_size, 128)
+
+
+def pack_tiles(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codes uint8 [out, in] (0..15, groups contiguous) → uint8 [out, ceil(in / T) * T / 2], the tiled
+    layout (zero codes pad the last tile; the kernels mask its activations to zero)."""
+    t = tile_cols(group_size)
+    out_f, in_f = codes.shape
+    pad = -in_f % t
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).view(out_f, -1, 2, t // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out_f, -1).contiguous()
+
+
+@triton.jit
+def _nibbles(w, z, ASYM: tl.constexpr):
+    """w uint8 [R, C] → (low, high) fp32 code - zero, exact; z: uint8 zero points [R] (ignored if not ASYM)."""
+    wi = w.to(tl.int32)
+    lo = (((wi & 0xF) << 16) | 0x43000000).to(tl.float32, bitcast=True)
+    hi = (((wi & 0xF0) << 12) | 0x43000000).to(tl.float32, bitcast=True)
+    if ASYM:
+        zz = (z.to(tl.int32) + 128).to(tl.float32)[:, None]
+    else:
+        zz = 136.0
+    return lo - zz, hi - zz
+
+
+@_jit
+def _gemv_t_kernel(
+    x_ptr,  # [M, K] activations
+    w_ptr,  # [N, KB] uint8, tiled layout
+    s_ptr,  # [N, G]
+    z_ptr,  # [N, G] uint8
+    out_ptr,  # [SPLITS, M, N] fp32, or [M, N] in x's dtype
+    M,
+    N,
+    K,
+    KB,
+    G,
+    ITERS: tl.constexpr,
+    MP: tl.constexpr,
+    BN: tl.constexpr,
+    T: tl.constexpr,  # tile columns (tile_cols)
+    GS: tl.constexpr,
+    ASYM: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    nn = pid_n * BN + tl.arange(0, BN)
+    mm = tl.arange(0, MP)
+    jj = tl.arange(0, T // 2)
+    n_ok = nn < N
+    acc = tl.zeros([MP, BN], tl.float32)
+    for it in range(0, ITERS):
+        t = sp * ITERS + it
+        k0 = t * T
+        kb0 = t * (T // 2)
+        w = tl.load(
+            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+        )
+        g_off = nn * G + k0 // GS
+        g_ok = n_ok & (k0 < K)
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+        if ASYM:
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
+        else:
+            z = g_off  # unused
+        lo, hi = _nibbles(w, z, ASYM)
+        for m in tl.static_range(MP):
+            xl = tl.load(x_ptr + m * K + k0 + jj, mask=(k0 + jj < K) & (m < M), other=0.0).to(tl.float32)
+            xh = tl.load(x_ptr + m * K + k0 + T // 2 + jj, mask=(k0 + T // 2 + jj < K) & (m < M), other=0.0)
+            part = tl.sum(lo * xl[None, :] + hi * xh.to(tl.float32)[None, :], axis=1) * s
+            acc += tl.where(mm[:, None] == m, part[None, :], 0.0)
+    o_off = (sp * M + mm[:, None]) * N + nn[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=(mm < M)[:, None] & n_ok[None, :])
+
+
+@_jit
+def _gemm_t_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, KB] uint8, tiled layout
+    s_ptr,  # [N, G]
+    z_ptr,  # [N, G] uint8
+    out_ptr,  # [SPLITS, M, N] fp32, or [M, N] in x's dtype
+    M,
+    N,
+    K,
+    KB,
+    G,
+    ITERS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    T: tl.constexpr,
+    GS: tl.constexpr,
+    ASYM: tl.constexpr,
+    SCALE_W: tl.constexpr,  # scale each weight before the dot (else the tile's partial sum after it)
+    IEEE: tl.constexpr,
+):
+    """Swapped operands: out^T [BN, BM] = W tile [BN, T] @ x^T [T, BM], so the weight rows are the MMA's
+    M dimension (Hopper's wgmma wants 64 per warpgroup) and a few activation rows its N dimension."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    sp = tl.program_id(2)
+    nn = pid_n * BN + tl.arange(0, BN)
+    mm = pid_m * BM + tl.arange(0, BM)
+    jj = tl.arange(0, T // 2)
+    n_ok = nn < N
+    m_ok = mm < M
+    acc = tl.zeros([BN, BM], tl.float32)
+    for it in range(0, ITERS):
+        t = sp * ITERS + it
+        k0 = t * T
+        kb0 = t * (T // 2)
+        w = tl.load(
+            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+        )
+        xl = tl.load(
+            x_ptr + mm[None, :] * K + (k0 + jj)[:, None],
+            mask=m_ok[None, :] & (k0 + jj < K)[:, None],
+            other=0.0,
+        )  # [T/2, BM]
+        xh = tl.load(
+            x_ptr + mm[None, :] * K + (k0 + T // 2 + jj)[:, None],
+            mask=m_ok[None, :] & (k0 + T // 2 + jj < K)[:, None],
+            other=0.0,
+        )
+        g_off = nn * G + k0 // GS
+        g_ok = n_ok & (k0 < K)
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+        if ASYM:
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
+        else:
+            z = g_off  # unused
+        lo, hi = _nibbles(w, z, ASYM)
+        if SCALE_W:
+            lo = (lo * s[:, None]).to(xl.dtype)
+            hi = (hi * s[:, None]).to(xl.dtype)
+            if IEEE:
+                acc = tl.dot(lo, xl, acc, input_precision="ieee")
+                acc = tl.dot(hi, xh, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(lo, xl, acc)
+                acc = tl.dot(hi, xh, acc)
+        else:
+            lo = lo.to(xl.dtype)
+            hi = hi.to(xl.dtype)
+            if IEEE:
+                part = tl.dot(lo, xl, input_precision="ieee")
+                part = tl.dot(hi, xh, part, input_precision="ieee")
+            else:
+                part = tl.dot(lo, xl)
+                part = tl.dot(hi, xh, part)
+            acc += part * s[:, None]
+    o_off = (sp * M + mm[None, :]) * N + nn[:, None]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+
+
 @triton.jit
 def _sum_splits_kernel(p_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out [M*N] (x's dtype) = the sum of the SPLITS fp32 partials [SPLITS, M*N]: one launch where torch's
@@ -190,9 +358,11 @@ def launch(
     group_size: int,
     entry: list[int] | tuple[int, ...],
 ) -> torch.Tensor:
-    """x [M, K] @ dequant(w).T with one plan entry (see ENTRY) → [M, N] in x's dtype."""
+    """x [M, K] @ dequant(w).T with one plan entry (see ENTRY) → [M, N] in x's dtype. w: qform's packing
+    for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T."""
     _, kind, bn, bk, splits, bm, warps = entry
-    bk = min(bk, group_size)  # a tile lies inside one group (both powers of two)
+    tiled = kind in (GEMV_T, GEMM_T)
+    bk = tile_cols(group_size) if tiled else min(bk, group_size)  # a tile lies inside one group
     m, n, g = x.shape[0], w.shape[0], s.shape[1]
     tiles = triton.cdiv(k, bk)
     iters = triton.cdiv(tiles, splits)
@@ -204,12 +374,24 @@ def launch(
     )
     zp = z if z is not None else s  # never read when symmetric
     args = (x, w, s, zp, out, m, n, k, w.shape[1], g)
-    common = dict(ITERS=iters, BN=bn, BK=bk, GS=group_size, ASYM=z is not None, num_warps=warps)
+    common = dict(ITERS=iters, BN=bn, GS=group_size, ASYM=z is not None, num_warps=warps)
     if kind == GEMV:
-        _gemv_kernel[(triton.cdiv(n, bn), splits)](*args, MP=triton.next_power_of_2(m), **common)
-    else:
+        _gemv_kernel[(triton.cdiv(n, bn), splits)](*args, MP=triton.next_power_of_2(m), BK=bk, **common)
+    elif kind == GEMM:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
-        _gemm_kernel[grid](*args, BM=bm, IEEE=x.dtype == torch.float32, **common)
+        _gemm_kernel[grid](*args, BM=bm, BK=bk, IEEE=x.dtype == torch.float32, **common)
+    elif kind == GEMV_T:
+        _gemv_t_kernel[(triton.cdiv(n, bn), splits)](*args, MP=triton.next_power_of_2(m), T=bk, **common)
+    else:
+        opts = entry[
+            3
+        ]  # GEMM_T: scale per weight (bit 0) and software-pipeline stages (opts >> 1; 0: default)
+        if opts >> 1:
+            common["num_stages"] = opts >> 1
+        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
+        _gemm_t_kernel[grid](
+            *args, BM=bm, T=bk, SCALE_W=bool(opts & 1), IEEE=x.dtype == torch.float32, **common
+        )
     return out if splits == 1 else sum_splits(out, x.dtype)
 
 

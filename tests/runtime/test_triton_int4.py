@@ -12,7 +12,16 @@ from tests.runtime.triton_device import DEV  # first: sets the interpreter flag 
 from lorafast_export.qform import QLinear, pack_nibbles
 from lorafast_export.runtime import int4_table
 from lorafast_export.runtime.linear import Int4TritonLinear, lower_qtensor
-from lorafast_export.runtime.triton_int4 import ENTRY, GEMM, GEMV, TINYGEMM, launch
+from lorafast_export.runtime.triton_int4 import (
+    ENTRY,
+    GEMM,
+    GEMM_T,
+    GEMV,
+    GEMV_T,
+    TINYGEMM,
+    launch,
+    pack_tiles,
+)
 from tests.quant.helpers import random_qtensor
 from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
 from tests.runtime.test_model import paged_logits
@@ -66,6 +75,40 @@ def test_kernel_tiles_and_splits(entry, sym):
     z = None if sym else qt.zeros.to(DEV)
     for dtype in _dtypes():
         assert _close(launch(x.to(DEV, dtype), w, s, z, 384, 32, entry), ref, dtype)
+
+
+TILED = [  # (entry, group, in): the tiled layout's kernels; tiles of min(group, 128) columns
+    ([8, GEMV_T, 16, 0, 3, 16, 4], 32, 176),  # 5.5 groups: the last tile padded, its activations masked
+    ([8, GEMV_T, 64, 0, 1, 16, 8], 256, 384),  # two tiles per group, the last group ragged
+    ([64, GEMM_T, 16, 0, 2, 16, 4], 64, 384),  # scale on the tile's partial sum
+    ([64, GEMM_T, 32, 1, 4, 32, 4], 128, 384),  # scale on every weight before the dot
+    ([64, GEMM_T, 16, 5, 1, 16, 4], 32, 176),  # and two pipeline stages
+]
+
+
+@pytest.mark.parametrize("entry,group,in_f", TILED)
+@pytest.mark.parametrize("sym", [True, False])
+def test_tiled_kernels(entry, group, in_f, sym):
+    """GEMV_T / GEMM_T on `pack_tiles` codes equal the fake-quant reference (symmetric: zero 8, scales of
+    both signs; asymmetric: a zero point per group), at a row count that pads the tile's rows."""
+    qt = random_qtensor(40, in_f, 4, group, sym, seed=in_f + group)
+    x = torch.randn(5, in_f)
+    ref = QLinear(qt)(x)
+    w, s = pack_tiles(qt.codes, group).to(DEV), qt.scales.to(DEV)
+    z = None if sym else qt.zeros.to(DEV)
+    for dtype in _dtypes():
+        assert _close(launch(x.to(DEV, dtype), w, s, z, in_f, group, entry), ref, dtype)
+
+
+def test_pack_tiles_layout():
+    """Byte j of a tile holds column j (low nibble) and column T/2 + j (high nibble); a ragged last tile
+    is padded with code 0."""
+    codes = torch.randint(0, 16, (3, 80), dtype=torch.uint8)
+    packed = pack_tiles(codes, 32)  # tiles of 32 columns: 2.5 tiles, padded to 3
+    assert packed.shape == (3, 48)
+    tile = packed[:, 16:32]  # the second tile: columns 32..63
+    assert torch.equal(tile & 0xF, codes[:, 32:48]) and torch.equal(tile >> 4, codes[:, 48:64])
+    assert torch.equal(packed[:, 32:40] & 0xF, codes[:, 64:72]) and not (packed[:, 40:] >> 4).any()
 
 
 def _cell(gemv_us, gemm_us, tiny_us):
