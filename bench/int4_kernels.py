@@ -42,11 +42,12 @@ ACT_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # the interpreter ha
 # Tiles are at most one group wide (BK <= 128 at g128): BN, BK, splits, warps
 GEMV_TILES = [(bn, 128, sp, w) for bn, w in ((64, 4), (128, 8), (256, 8)) for sp in (1, 2, 4, 8)]
 GEMM_TILES = [(bn, bk, sp, 4) for bn, bk in ((64, 128), (128, 128), (128, 64)) for sp in (1, 2, 4)]
-# Tiled-layout kernels (runtime/triton_int4.py's GEMV_T / GEMM_T): (BN, warps) and, for GEMM_T, the options
-# field (bit 0: scale per weight; opts >> 1: pipeline stages, 0 = Triton's default). Split counts are tried
-# from 1 up while the grid stays under 8 (GEMV_T) or 2 (GEMM_T) waves of the GPU's SMs, and at most 16.
-GEMV_T_TILES = [(16, 2), (32, 4), (64, 4), (64, 8), (128, 8)]
-GEMM_T_TILES = [(bn, w, o) for bn, w in ((64, 4), (128, 4), (128, 8)) for o in (0, 1, 5, 9)]
+# Tiled-layout kernels (runtime/triton_int4.py's GEMV_T / GEMM_T): (BN, warps, options). Options: bit 0 scale
+# per weight (GEMM_T), bits 1-3 pipeline stages (0: Triton's default), bits 4-5 log2 tiles per loop iteration.
+# Split counts are tried from 1 up while the grid stays under 8 (GEMV_T) or 2 (GEMM_T) waves of the GPU's
+# SMs, and at most 16.
+GEMV_T_TILES = [(bn, w, o) for bn, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for o in (0, 16, 32)]
+GEMM_T_TILES = [(bn, w, o) for bn, w in ((64, 4), (128, 4), (128, 8)) for o in (0, 1, 5, 17, 33)]
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
 
@@ -170,11 +171,11 @@ class Shape:
         if m <= 4:
             tiles = GEMV_T_TILES[1:3] if quick else GEMV_T_TILES
             entries = [
-                [m, GEMV_T, bn, 0, sp, 16, w] for bn, w in tiles for sp in _splits(n, 1, bn, 1, sms, 8)
+                [m, GEMV_T, bn, o, sp, 16, w] for bn, w, o in tiles for sp in _splits(n, 1, bn, 1, sms, 8)
             ]
             cell["gemv_t"] = best_triton(x, self.packs["tiled"], k, ref, entries, keep_all=True)
         if m >= 4:
-            tiles = GEMM_T_TILES[:2] if quick else GEMM_T_TILES
+            tiles = GEMM_T_TILES[1:3] if quick else GEMM_T_TILES
             entries = [
                 [m, GEMM_T, bn, o, sp, bm, w] for bn, w, o in tiles for sp in _splits(n, m, bn, bm, sms, 2)
             ]

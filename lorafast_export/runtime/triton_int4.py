@@ -30,7 +30,8 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 
 # One plan entry: (max rows, kind, BN, BK, splits, BM, warps) with kind 0 = GEMV, 1 = GEMM, 2 = torch's
 # tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused), 3 = GEMV_T and
-# 4 = GEMM_T (the tiled layout, `pack_tiles`; BK is then GEMM_T's options: see `launch`).
+# 4 = GEMM_T (the tiled layout, `pack_tiles`; the BK field then holds options: bit 0 scale every weight
+# (GEMM_T), bits 1-3 num_stages (0: Triton's default), bits 4-5 log2 of the tiles per loop iteration).
 ENTRY = 7
 GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T = 0, 1, 2, 3, 4
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -215,6 +216,7 @@ def _gemv_t_kernel(
     MP: tl.constexpr,
     BN: tl.constexpr,
     T: tl.constexpr,  # tile columns (tile_cols)
+    U: tl.constexpr,  # tiles per loop iteration
     GS: tl.constexpr,
     ASYM: tl.constexpr,
 ):
@@ -226,25 +228,28 @@ def _gemv_t_kernel(
     n_ok = nn < N
     acc = tl.zeros([MP, BN], tl.float32)
     for it in range(0, ITERS):
-        t = sp * ITERS + it
-        k0 = t * T
-        kb0 = t * (T // 2)
-        w = tl.load(
-            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
-        )
-        g_off = nn * G + k0 // GS
-        g_ok = n_ok & (k0 < K)
-        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
-        if ASYM:
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
-        else:
-            z = g_off  # unused
-        lo, hi = _nibbles(w, z, ASYM)
-        for m in tl.static_range(MP):
-            xl = tl.load(x_ptr + m * K + k0 + jj, mask=(k0 + jj < K) & (m < M), other=0.0).to(tl.float32)
-            xh = tl.load(x_ptr + m * K + k0 + T // 2 + jj, mask=(k0 + T // 2 + jj < K) & (m < M), other=0.0)
-            part = tl.sum(lo * xl[None, :] + hi * xh.to(tl.float32)[None, :], axis=1) * s
-            acc += tl.where(mm[:, None] == m, part[None, :], 0.0)
+        for u in tl.static_range(U):  # U tiles per iteration: more loads in flight
+            t = (sp * ITERS + it) * U + u
+            k0 = t * T
+            kb0 = t * (T // 2)
+            w = tl.load(
+                w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+            )
+            g_off = nn * G + k0 // GS
+            g_ok = n_ok & (k0 < K)
+            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+            if ASYM:
+                z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
+            else:
+                z = g_off  # unused
+            lo, hi = _nibbles(w, z, ASYM)
+            for m in tl.static_range(MP):
+                xl = tl.load(x_ptr + m * K + k0 + jj, mask=(k0 + jj < K) & (m < M), other=0.0).to(tl.float32)
+                xh = tl.load(
+                    x_ptr + m * K + k0 + T // 2 + jj, mask=(k0 + T // 2 + jj < K) & (m < M), other=0.0
+                )
+                part = tl.sum(lo * xl[None, :] + hi * xh.to(tl.float32)[None, :], axis=1) * s
+                acc += tl.where(mm[:, None] == m, part[None, :], 0.0)
     o_off = (sp * M + mm[:, None]) * N + nn[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=(mm < M)[:, None] & n_ok[None, :])
 
@@ -265,6 +270,7 @@ def _gemm_t_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     T: tl.constexpr,
+    U: tl.constexpr,
     GS: tl.constexpr,
     ASYM: tl.constexpr,
     SCALE_W: tl.constexpr,  # scale each weight before the dot (else the tile's partial sum after it)
@@ -282,49 +288,50 @@ def _gemm_t_kernel(
     m_ok = mm < M
     acc = tl.zeros([BN, BM], tl.float32)
     for it in range(0, ITERS):
-        t = sp * ITERS + it
-        k0 = t * T
-        kb0 = t * (T // 2)
-        w = tl.load(
-            w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
-        )
-        xl = tl.load(
-            x_ptr + mm[None, :] * K + (k0 + jj)[:, None],
-            mask=m_ok[None, :] & (k0 + jj < K)[:, None],
-            other=0.0,
-        )  # [T/2, BM]
-        xh = tl.load(
-            x_ptr + mm[None, :] * K + (k0 + T // 2 + jj)[:, None],
-            mask=m_ok[None, :] & (k0 + T // 2 + jj < K)[:, None],
-            other=0.0,
-        )
-        g_off = nn * G + k0 // GS
-        g_ok = n_ok & (k0 < K)
-        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
-        if ASYM:
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
-        else:
-            z = g_off  # unused
-        lo, hi = _nibbles(w, z, ASYM)
-        if SCALE_W:
-            lo = (lo * s[:, None]).to(xl.dtype)
-            hi = (hi * s[:, None]).to(xl.dtype)
-            if IEEE:
-                acc = tl.dot(lo, xl, acc, input_precision="ieee")
-                acc = tl.dot(hi, xh, acc, input_precision="ieee")
+        for u in tl.static_range(U):  # U tiles per iteration: more loads in flight
+            t = (sp * ITERS + it) * U + u
+            k0 = t * T
+            kb0 = t * (T // 2)
+            w = tl.load(
+                w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+            )
+            xl = tl.load(
+                x_ptr + mm[None, :] * K + (k0 + jj)[:, None],
+                mask=m_ok[None, :] & (k0 + jj < K)[:, None],
+                other=0.0,
+            )  # [T/2, BM]
+            xh = tl.load(
+                x_ptr + mm[None, :] * K + (k0 + T // 2 + jj)[:, None],
+                mask=m_ok[None, :] & (k0 + T // 2 + jj < K)[:, None],
+                other=0.0,
+            )
+            g_off = nn * G + k0 // GS
+            g_ok = n_ok & (k0 < K)
+            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+            if ASYM:
+                z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
             else:
-                acc = tl.dot(lo, xl, acc)
-                acc = tl.dot(hi, xh, acc)
-        else:
-            lo = lo.to(xl.dtype)
-            hi = hi.to(xl.dtype)
-            if IEEE:
-                part = tl.dot(lo, xl, input_precision="ieee")
-                part = tl.dot(hi, xh, part, input_precision="ieee")
+                z = g_off  # unused
+            lo, hi = _nibbles(w, z, ASYM)
+            if SCALE_W:
+                lo = (lo * s[:, None]).to(xl.dtype)
+                hi = (hi * s[:, None]).to(xl.dtype)
+                if IEEE:
+                    acc = tl.dot(lo, xl, acc, input_precision="ieee")
+                    acc = tl.dot(hi, xh, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(lo, xl, acc)
+                    acc = tl.dot(hi, xh, acc)
             else:
-                part = tl.dot(lo, xl)
-                part = tl.dot(hi, xh, part)
-            acc += part * s[:, None]
+                lo = lo.to(xl.dtype)
+                hi = hi.to(xl.dtype)
+                if IEEE:
+                    part = tl.dot(lo, xl, input_precision="ieee")
+                    part = tl.dot(hi, xh, part, input_precision="ieee")
+                else:
+                    part = tl.dot(lo, xl)
+                    part = tl.dot(hi, xh, part)
+                acc += part * s[:, None]
     o_off = (sp * M + mm[None, :]) * N + nn[:, None]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
@@ -363,8 +370,9 @@ def launch(
     _, kind, bn, bk, splits, bm, warps = entry
     tiled = kind in (GEMV_T, GEMM_T)
     bk = tile_cols(group_size) if tiled else min(bk, group_size)  # a tile lies inside one group
+    u = 1 << (entry[3] >> 4 & 3) if tiled else 1  # tiles per loop iteration
     m, n, g = x.shape[0], w.shape[0], s.shape[1]
-    tiles = triton.cdiv(k, bk)
+    tiles = triton.cdiv(triton.cdiv(k, bk), u)  # in steps of u tiles
     iters = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, iters)  # splits that hold columns
     out = (
@@ -380,18 +388,17 @@ def launch(
     elif kind == GEMM:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
         _gemm_kernel[grid](*args, BM=bm, BK=bk, IEEE=x.dtype == torch.float32, **common)
-    elif kind == GEMV_T:
-        _gemv_t_kernel[(triton.cdiv(n, bn), splits)](*args, MP=triton.next_power_of_2(m), T=bk, **common)
     else:
-        opts = entry[
-            3
-        ]  # GEMM_T: scale per weight (bit 0) and software-pipeline stages (opts >> 1; 0: default)
-        if opts >> 1:
-            common["num_stages"] = opts >> 1
-        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
-        _gemm_t_kernel[grid](
-            *args, BM=bm, T=bk, SCALE_W=bool(opts & 1), IEEE=x.dtype == torch.float32, **common
-        )
+        opts = entry[3]  # bit 0: scale per weight (GEMM_T); bits 1-3: pipeline stages (0: Triton's default)
+        if opts >> 1 & 7:
+            common["num_stages"] = opts >> 1 & 7
+        if kind == GEMV_T:
+            grid = (triton.cdiv(n, bn), splits)
+            _gemv_t_kernel[grid](*args, MP=triton.next_power_of_2(m), T=bk, U=u, **common)
+        else:
+            grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
+            opt = dict(SCALE_W=bool(opts & 1), IEEE=x.dtype == torch.float32)
+            _gemm_t_kernel[grid](*args, BM=bm, T=bk, U=u, **opt, **common)
     return out if splits == 1 else sum_splits(out, x.dtype)
 
 
