@@ -30,12 +30,18 @@ def load_table(gpu: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+KERNEL_CELLS = (
+    "gemv",
+    "gemm",
+    "gemv_t",
+    "gemm_t",
+)  # a cell's measured Triton kernels (bench/int4_kernels.py)
 TINYGEMM_ENTRY = [2, 0, 0, 1, 0, 0]  # kind TINYGEMM (runtime/triton_int4.py); tile fields unused
 
 
 def _best(cell: dict, allow_tinygemm: bool) -> tuple[float, list[int]] | None:
     """(microseconds, entry without its row bound) of the cell's fastest measured kernel."""
-    runs = [(cell[k]["us"], cell[k]["entry"][1:]) for k in ("gemv", "gemm") if cell.get(k) and cell[k]["us"]]
+    runs = [(cell[k]["us"], cell[k]["entry"][1:]) for k in KERNEL_CELLS if cell.get(k) and cell[k]["us"]]
     if allow_tinygemm and cell.get("tinygemm_us"):
         runs.append((cell["tinygemm_us"], TINYGEMM_ENTRY))
     return min(runs, key=lambda r: r[0]) if runs else None

@@ -199,27 +199,31 @@ class Int4Linear(_QuantLinearBase):
 
 
 class Int4TritonLinear(_QuantLinearBase):
-    """int4 grouped through our Triton GEMV/GEMM (runtime/triton_int4.py) on qform's packed nibbles; where
-    the plan gives tinygemm to some row buckets, the layer also keeps tinygemm's packing for those."""
+    """int4 grouped through our Triton kernels (runtime/triton_int4.py): GEMV/GEMM on qform's packed
+    nibbles, GEMV_T/GEMM_T on the tiled repacking, tinygemm for the row buckets the plan gives it. The
+    layer keeps only the packings its plan uses (a plan mixing two keeps both: 1 byte per weight)."""
 
     kernel = "int4_triton"
 
     def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu", plan=None):
         super().__init__(qt, bias, dtype, device)
-        from lorafast_export.runtime import triton_int4  # registers the op; imports triton
+        from lorafast_export.runtime import triton_int4 as t4  # registers the op; imports triton
 
         perm = _contiguous_groups(qt)
-        codes = qt.codes if perm is None else qt.codes[:, perm]
-        self.register_buffer("weight", pack_nibbles(codes.to(torch.uint8)).to(device))  # [out, ceil(in/2)]
-        self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
-        self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
-        self.register_buffer("perm", None if perm is None else perm.to(device))
+        codes = (qt.codes if perm is None else qt.codes[:, perm]).to(torch.uint8)
         self.group_size = qt.group_size
         self.plan = list(plan or default_plan())
         if not tinygemm_fits(qt, torch.device(device).type == "cuda", dtype):
-            self.plan = _tinygemm_to_gemv(self.plan, triton_int4)  # e.g. CUDA tinygemm takes bf16 only
-        tg = triton_int4.TINYGEMM in self.plan[1 :: triton_int4.ENTRY]
-        tg_w, tg_sz = tinygemm_pack(qt, codes, dtype, device) if tg else (None, None)
+            self.plan = _tinygemm_to_gemv(self.plan, t4)  # e.g. CUDA tinygemm takes bf16 only
+        kinds = set(self.plan[1 :: t4.ENTRY])
+        qform = pack_nibbles(codes).to(device) if kinds & {t4.GEMV, t4.GEMM} else None
+        tiled = t4.pack_tiles(codes, qt.group_size).to(device) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
+        self.register_buffer("weight", qform)  # [out, ceil(in/2)]
+        self.register_buffer("weight_tiled", tiled)  # [out, ceil(in/T) * T/2]
+        self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
+        self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
+        self.register_buffer("perm", None if perm is None else perm.to(device))
+        tg_w, tg_sz = tinygemm_pack(qt, codes, dtype, device) if t4.TINYGEMM in kinds else (None, None)
         self.register_buffer("tinygemm_weight", tg_w)
         self.register_buffer("tinygemm_scale_zeros", tg_sz)
 
@@ -237,6 +241,7 @@ class Int4TritonLinear(_QuantLinearBase):
             self.plan,
             self.tinygemm_weight,
             self.tinygemm_scale_zeros,
+            self.weight_tiled,
         )
         return self._finish(y, shape)
 

@@ -411,7 +411,7 @@ def pick(plan: list[int], rows: int) -> list[int]:
 @torch.library.custom_op("lorafast::int4_mm", mutates_args=())
 def int4_mm(
     x: torch.Tensor,
-    w: torch.Tensor,
+    w: torch.Tensor | None,
     s: torch.Tensor,
     z: torch.Tensor | None,
     k: int,
@@ -419,16 +419,19 @@ def int4_mm(
     plan: list[int],
     tg_w: torch.Tensor | None = None,
     tg_sz: torch.Tensor | None = None,
+    w_tiled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
-    tg_w / tg_sz: the tinygemm packing, for entries of kind TINYGEMM). The choice happens here, inside
-    the op, so a compiled graph does not branch on the (dynamic) row count."""
+    w: qform's packing, for kinds GEMV / GEMM; w_tiled: `pack_tiles`, for GEMV_T / GEMM_T; tg_w / tg_sz:
+    the tinygemm packing, for TINYGEMM; a layer holds only the packings its plan uses). The choice happens
+    here, inside the op, so a compiled graph does not branch on the (dynamic) row count."""
     entry = pick(plan, x.shape[0])
     if entry[1] == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
-    return launch(x.contiguous(), w, s, z, k, group_size, entry)
+    packed = w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
+    return launch(x.contiguous(), packed, s, z, k, group_size, entry)
 
 
 @int4_mm.register_fake
-def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None):
-    return x.new_empty(x.shape[0], w.shape[0])
+def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None, w_tiled=None):
+    return x.new_empty(x.shape[0], s.shape[0])

@@ -159,6 +159,32 @@ def test_plan_mixing_tinygemm_and_triton(out_f):
             assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
 
 
+def test_tiled_plan_keeps_only_the_tiled_packing():
+    """A plan of tiled kernels only (GEMV_T at 1 row, GEMM_T beyond) keeps the tiled codes and neither
+    qform's packing nor tinygemm's; act-order columns and asymmetric zeros through both kernels."""
+    qt = random_qtensor(48, 256, 4, 64, False, act_order=True, seed=5)
+    plan = [1, GEMV_T, 32, 16, 2, 16, 4, 64, GEMM_T, 32, 1, 2, 16, 4]
+    for dtype in _dtypes():
+        mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
+        assert mod.weight is None and mod.tinygemm_weight is None and mod.weight_tiled.shape == (48, 128)
+        for rows in (1, 9):
+            x = torch.randn(rows, 256)
+            assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
+
+
+def test_plan_prefers_the_faster_tiled_cell():
+    """The table's tiled cells (gemv_t, gemm_t) compete with the others per row bucket."""
+    cell = _cell(30, 40, 20)
+    cell["gemv_t"] = {"us": 12, "entry": [0, GEMV_T, 64, 16, 4, 16, 4]}
+    cell32 = _cell(90, 40, 50)
+    cell32["gemm_t"] = {"us": 25, "entry": [0, GEMM_T, 128, 1, 1, 32, 4]}
+    table = {"shapes": [{"n": 64, "k": 256, "rows": {"1": cell, "32": cell32}}]}
+    assert int4_table.plan_from_table(table, 64, 256) == (
+        "int4_triton",
+        [1, GEMV_T, 64, 16, 4, 16, 4, 32, GEMM_T, 128, 1, 1, 32, 4],
+    )
+
+
 def test_shipped_tables_give_runnable_plans():
     """Every shipped table's plans name kernels and tiles the launcher takes (power-of-two tiles)."""
     files = sorted(int4_table.TABLE_DIR.glob("int4_*.json"))
@@ -169,10 +195,11 @@ def test_shipped_tables_give_runnable_plans():
             assert choice is not None and choice[0] in ("int4_triton", "int4_tinygemm")
             entries = [choice[1][i : i + ENTRY] for i in range(0, len(choice[1]), ENTRY)]
             for rows, kind, bn, bk, splits, bm, warps in entries:
-                assert kind in (GEMV, GEMM, TINYGEMM) and splits >= 1 and rows >= 1
+                assert kind in (GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T) and splits >= 1 and rows >= 1
+                if kind in (GEMV, GEMM):
+                    assert bk >= 32 and not bk & (bk - 1)
                 if kind != TINYGEMM:
-                    assert bk >= 32 and not bk & (bk - 1) and not bn & (bn - 1) and bm >= 16
-                    assert warps in (4, 8)
+                    assert not bn & (bn - 1) and bm >= 16 and warps in (2, 4, 8)
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="helpers.paged builds on the CPU; on CUDA: torch_bench.py check")
