@@ -669,16 +669,28 @@ def sec_tritoncheck(a, dev, R):
     return rows
 
 
-INT8_TILES = {  # rows → plan entries tried (max rows, kind, BN, BK, splits, BM, warps)
-    1: [[1, 0, bn, 256, sp, 16, w] for bn, w in ((32, 4), (64, 4), (128, 8)) for sp in (1, 4)],
-    32: [[32, 1, bn, bk, sp, 32, 4] for bn, bk in ((64, 128), (128, 64)) for sp in (1, 2)],
+INT8_TILES = {  # rows → plan entries tried (max rows, kind, BN, BK, splits, BM, warps); kind 4 = GEMM_T
+    1: [
+        [1, 0, bn, bk, sp, 16, w]
+        for bn, w in ((32, 4), (64, 4), (128, 8))
+        for bk in (128, 256)
+        for sp in (1, 4)
+    ],
+    32: [[32, 1, bn, bk, sp, 32, 4] for bn, bk in ((64, 128), (128, 64)) for sp in (1, 2)]
+    + [
+        [32, 4, bn, bk, sp, 32, w]
+        for bn, w in ((64, 4), (128, 4), (128, 8))
+        for bk in (64, 128)
+        for sp in (1, 2)
+    ],
 }
 
 
 def sec_int8k(a, dev, R):
     """Our Triton int8 weight-only kernels (runtime/triton_int8.py) vs the dense bf16 matmul, per fused
     linear of the shape, at 1 and 32 rows: CUDA-graph replay of calls that cycle through weight copies
-    (bench/int4_kernels.py's timing); every timed tile is first checked against the dequantized matmul."""
+    (bench/int4_kernels.py's timing); every timed tile is first checked against the dequantized matmul.
+    --int8-table PATH also writes the runtime's int8 table (runtime/int4_table.py, `int8_plan_from_table`)."""
     from bench.int4_kernels import graph_us, n_copies
     from lorafast_export.qform import dequantize
     from lorafast_export.runtime.triton_int8 import launch8
@@ -689,7 +701,8 @@ def sec_int8k(a, dev, R):
     )
     d = h // hq
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    rows = []
+    rows, table = [], {"gpu": R["env"]["gpu"], "torch": torch.__version__, "shapes": []}
+    table["weights"] = "RTN int8 per channel asymmetric, fp16 scales, bf16 activations; CUDA graph replay"
     for n, k in (((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)):
         torch.manual_seed(0)
         qt = quantize_rtn(torch.randn(n, k, device=dev) * 0.02, 8, -1, False, scale_dtype=torch.float16)
@@ -697,6 +710,7 @@ def sec_int8k(a, dev, R):
         wbs = [wd.to(act) for _ in range(n_copies(n * k * 2, dev))]
         pack = (qt.codes.to(dev), qt.scales.to(dev), qt.zeros.to(dev))
         packs = [pack] + [tuple(t.clone() for t in pack) for _ in range(n_copies(n * k, dev) - 1)]
+        cells = {}
         for m, entries in INT8_TILES.items():
             x = torch.randn(m, k, device=dev, dtype=act)
             ref = x.float() @ wd.T
@@ -706,16 +720,26 @@ def sec_int8k(a, dev, R):
                 "rows": m,
                 "bf16_us": graph_us(lambda j, x=x, w=wbs: F.linear(x, w[j]), len(wbs)),
             }
-            best = None
+            best, by_kind = None, {}
             for e in entries:
-                y = launch8(x, *packs[0], -1, e)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                if not err < 2e-2:
-                    row.setdefault("failed", []).append({"entry": e, "rel_err": err})
+                try:
+                    y = launch8(x, *packs[0], -1, e)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    if not err < 2e-2:
+                        row.setdefault("failed", []).append({"entry": e, "rel_err": err})
+                        continue
+                    us = graph_us(lambda j, x=x, e=e, p=packs: launch8(x, *p[j], -1, e), len(packs))
+                except Exception as ex:  # noqa: BLE001 - a tile that fails is a result
+                    row.setdefault("failed", []).append(
+                        {"entry": e, "error": f"{type(ex).__name__}: {ex}"[:200]}
+                    )
                     continue
-                us = graph_us(lambda j, x=x, e=e, p=packs: launch8(x, *p[j], -1, e), len(packs))
+                kind = {0: "gemv", 1: "gemm", 4: "gemm_t"}[e[1]]
+                if kind not in by_kind or us < by_kind[kind][0]:
+                    by_kind[kind] = (us, e)
                 if best is None or us < best[0]:
                     best = (us, e, err)
+            row["best_by_kind"] = {kd: {"us": v[0], "entry": v[1]} for kd, v in by_kind.items()}
             if best:
                 row.update(
                     int8_triton_us=best[0],
@@ -723,8 +747,12 @@ def sec_int8k(a, dev, R):
                     rel_err=best[2],
                     speedup_vs_bf16=row["bf16_us"] / best[0],
                 )
+                cells[str(m)] = {"bf16_us": row["bf16_us"], "us": best[0], "entry": best[1]}
             rows.append(row)
             print(f"  int8k {json.dumps(row)}", flush=True)
+        table["shapes"].append({"model": a.shape, "n": n, "k": k, "rows": cells})
+        if a.int8_table:
+            Path(a.int8_table).write_text(json.dumps(table, indent=1))
     return rows
 
 
@@ -776,6 +804,7 @@ def main() -> None:
         default=1,
         help="bf16/int4: also run decode_steps=1 on the same runtime (tokens equal? speed)",
     )
+    p.add_argument("--int8-table", default="", help="int8k: also write the runtime's int8 kernel table here")
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()
     if a.threads:

@@ -20,13 +20,13 @@ TABLE_DIR = Path(__file__).resolve().parents[1] / "data" / "kernels"
 TRITON_GROUPS = (32, 64, 128, 256)  # group sizes the Triton kernels take (a GEMV tile holds whole groups)
 
 
-def table_file(gpu: str) -> Path:
-    return TABLE_DIR / f"int4_{gpu.lower().replace('nvidia ', '').replace(' ', '_')}.json"
+def table_file(gpu: str, bits: int = 4) -> Path:
+    return TABLE_DIR / f"int{bits}_{gpu.lower().replace('nvidia ', '').replace(' ', '_')}.json"
 
 
-@lru_cache(maxsize=4)
-def load_table(gpu: str) -> dict | None:
-    path = table_file(gpu)
+@lru_cache(maxsize=8)
+def load_table(gpu: str, bits: int = 4) -> dict | None:
+    path = table_file(gpu, bits)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -67,3 +67,20 @@ def plan_from_table(
 def default_plan() -> list[int]:
     """Tiles for a forced `kernel=triton` on a shape the table lacks: GEMV up to 4 rows, then GEMM."""
     return [4, 0, 32, 256, 1, 16, 4, 1 << 30, 1, 64, 64, 1, 32, 4]
+
+
+def int8_plan_from_table(table: dict | None, n: int, k: int) -> list[int] | None:
+    """The int8 Triton plan for an [n, k] per-channel linear from `bench/torch_bench.py --sections int8k
+    --int8-table` (int8_<gpu>.json): per measured row bucket its fastest tile, the last bucket's entry
+    covering every larger row count. None (the layer stays dequantized to bf16) unless the shape was
+    measured and our kernel beat the bf16 matmul in every bucket: the two keep different weights (int8
+    codes against a dense bf16 copy), so a layer cannot switch between them per bucket."""
+    row = next((r for r in (table or {}).get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
+    if row is None or not row["rows"]:
+        return None
+    cells = [row["rows"][b] for b in sorted(row["rows"], key=int)]
+    if any(c.get("us") is None or not c["us"] < c["bf16_us"] for c in cells):
+        return None
+    buckets = sorted(int(b) for b in row["rows"])
+    buckets[-1] = 1 << 30
+    return [x for b, c in zip(buckets, cells) for x in (b, *c["entry"][1:])]

@@ -8,8 +8,9 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   activations; faster than bf16 at 1-4 rows, slower from 8 rows on) or `aten._weight_int4pack_mm_for_cpu`. Tinygemm computes w = (q - 8) * scale + zero with a float zero per
   group, so our integer zero point z becomes zero = (8 - z) * scale (0 when symmetric). Act-order columns
   are permuted into contiguous groups, and the activations with them.
-- int8 with `kernel=triton` (per channel or power-of-two groups): our Triton GEMV/GEMM on the uint8 codes
-  (runtime/triton_int8.py, `Int8TritonLinear`); not chosen by auto until a measured table exists.
+- int8 with `kernel=triton` (per channel or power-of-two groups): our Triton GEMV/GEMM/GEMM_T on the uint8
+  codes (runtime/triton_int8.py, `Int8TritonLinear`); auto picks them on CUDA for per-channel layers whose
+  shape the measured int8 table (data/kernels/int8_<gpu>.json) shows faster than bf16 at every row count.
 - int8 per channel, CPU: `aten._weight_int8pack_mm` (w = int8 * scale per row). Codes are unsigned, so
   int8 = code - 128 and an asymmetric zero point adds a per-row term (128 - z) * scale * sum(x). Not on
   CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the dense bf16 matmul, so int8 uses dequant.
@@ -34,7 +35,13 @@ from lorafast_export.qform import (
     group_index,
     pack_nibbles,
 )
-from lorafast_export.runtime.int4_table import TRITON_GROUPS, default_plan, load_table, plan_from_table
+from lorafast_export.runtime.int4_table import (
+    TRITON_GROUPS,
+    default_plan,
+    int8_plan_from_table,
+    load_table,
+    plan_from_table,
+)
 from lorafast_export.runtime.tinygemm import INNER_K_TILES, tinygemm_mm, tinygemm_pack
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -102,9 +109,23 @@ def int8_triton_fits(qt: QTensor) -> bool:
     return qt.bits == 8 and (per_channel or (g >= 16 and not g & (g - 1))) and _groups_contiguous(qt)
 
 
+def int8_table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
+    """The measured int8 plan (auto on CUDA, bf16/fp16, per channel): None where the table does not say
+    our kernel beats bf16 at every measured row count (runtime/int4_table.int8_plan_from_table)."""
+    dev = torch.device(device)
+    per_channel = qt.group_size == -1 or qt.group_size >= qt.in_features
+    if dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not per_channel:
+        return None
+    if qt.bits != 8 or not int8_triton_fits(qt) or not torch.cuda.is_available():
+        return None
+    table = load_table(torch.cuda.get_device_name(dev), 8)
+    return int8_plan_from_table(table, qt.out_features, qt.in_features)
+
+
 def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, prefer: str = "auto") -> str:
     """'int4_triton' | 'int4_tinygemm' | 'int8_triton' | 'int8_weight_only' | 'dequant' for this tensor on
-    this device/dtype. int8_triton only when asked for (kernel=triton): no measured table for it yet."""
+    this device/dtype. int8_triton with kernel=triton, or under auto where the measured int8 table says it
+    beats bf16 (int8_table_plan)."""
     if prefer == "dequant":
         return "dequant"
     cuda = torch.device(device).type == "cuda"
@@ -118,6 +139,8 @@ def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, p
     if triton_plan(qt, device, dtype, prefer) is not None:
         return "int4_triton"
     if prefer == "triton" and int8_triton_fits(qt):
+        return "int8_triton"
+    if prefer == "auto" and int8_table_plan(qt, device, dtype) is not None:
         return "int8_triton"
     if qt.bits == 4 and tinygemm_fits(qt, cuda, dtype) and _groups_contiguous(qt):
         return "int4_tinygemm"
@@ -296,4 +319,7 @@ def lower_qtensor(
     if kernel == "int4_triton":
         plan = triton_plan(qt, device, dtype, prefer)
         return Int4TritonLinear(qt, bias=bias, dtype=dtype, device=device, plan=plan)
+    if kernel == "int8_triton":
+        plan = int8_table_plan(qt, device, dtype) if prefer == "auto" else None
+        return Int8TritonLinear(qt, bias=bias, dtype=dtype, device=device, plan=plan)
     return _KERNEL_CLASSES[kernel](qt, bias=bias, dtype=dtype, device=device)

@@ -10,7 +10,8 @@ import torch
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.qform import QLinear
 from lorafast_export.runtime.linear import choose_kernel, lower_qtensor
-from lorafast_export.runtime.triton_int4 import GEMM, GEMV
+from lorafast_export.runtime import int4_table
+from lorafast_export.runtime.triton_int4 import GEMM, GEMM_T, GEMV
 from lorafast_export.runtime.triton_int8 import launch8
 from tests.quant.helpers import random_qtensor
 from tests.runtime.test_triton_int4 import _close, _dtypes
@@ -40,6 +41,8 @@ ENTRIES = [  # (max rows, kind, BN, BK, splits, BM, warps): split-K, tiles wider
     [8, GEMV, 64, 256, 2, 16, 8],
     [64, GEMM, 16, 32, 4, 16, 4],
     [64, GEMM, 32, 128, 2, 32, 4],
+    [64, GEMM_T, 16, 32, 3, 16, 4],  # swapped operands
+    [64, GEMM_T, 32, 64, 1, 16, 4],
 ]
 
 
@@ -56,8 +59,20 @@ def test_int8_kernel_tiles_and_splits(entry, group):
 
 
 def test_int8_triton_only_when_asked_for():
-    """No measured table for int8 yet: auto keeps int8 on its earlier kernels; odd groups stay dequant."""
+    """A shape no int8 table measured: auto keeps int8 on its earlier kernels; odd groups stay dequant."""
     qt = random_qtensor(32, 128, 8, -1, True)
     assert choose_kernel(qt, DEV, torch.bfloat16, "auto") != "int8_triton"
     assert choose_kernel(qt, DEV, torch.bfloat16, "triton") == "int8_triton"
     assert choose_kernel(random_qtensor(32, 120, 8, 24, True), DEV, torch.bfloat16, "triton") == "dequant"
+
+
+def test_int8_plan_only_where_the_table_beats_bf16_everywhere():
+    """int8_plan_from_table: per bucket the measured tile, the last bucket covering larger counts; no plan
+    (the layer stays bf16-dequantized) when the shape is unmeasured or bf16 won any bucket."""
+    gemv, gemm_t = [1, GEMV, 64, 256, 4, 16, 4], [32, GEMM_T, 128, 64, 1, 32, 4]
+    win = {"1": {"bf16_us": 10, "us": 6, "entry": gemv}, "32": {"bf16_us": 12, "us": 11, "entry": gemm_t}}
+    lose = {**win, "32": {"bf16_us": 12, "us": 13, "entry": gemm_t}}
+    table = {"shapes": [{"n": 64, "k": 128, "rows": win}, {"n": 32, "k": 128, "rows": lose}]}
+    assert int4_table.int8_plan_from_table(table, 64, 128) == [1, *gemv[1:], 1 << 30, *gemm_t[1:]]
+    assert int4_table.int8_plan_from_table(table, 32, 128) is None
+    assert int4_table.int8_plan_from_table(table, 16, 128) is None
