@@ -45,6 +45,7 @@ from lorafast_export.runtime.bench import bench_runtime, random_prompts, run_req
 from lorafast_export.runtime.linear import lower_qtensor  # noqa: E402
 from lorafast_export.runtime.loader import build_runtime  # noqa: E402
 from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
+from lorafast_export.runtime.paged import prefill_layer  # noqa: E402
 from scripts.make_model import PRESETS, llama_kwargs  # noqa: E402
 
 SHAPES = {
@@ -286,6 +287,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False):
         cache_gib=a.cache_gib,
         block_size=a.block_size,
         decode_steps=a.decode_steps,
+        prefill_compile=a.prefill_compile == "on",
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
@@ -317,13 +319,14 @@ def single_step_peer(rt, a, batches) -> dict:
     eng, keep = rt.engine, rt.engine.decode_steps
     prompts = random_prompts(max(batches), a.prompt_len, rt.config.vocab_size, 7)
     multi = eng.generate_batch(prompts, 48)
-    eng.decode_steps = 1
+    eng.decode_steps = a.peer_steps
     try:
         single = eng.generate_batch(prompts, 48)
         res = bench_runtime(rt, batches, a.prompt_len, a.new_tokens, warmup=True)
     finally:
         eng.decode_steps = keep
     return {
+        "peer_decode_steps": a.peer_steps,
         "tokens_equal_multi_step": single == multi,
         "rows_equal": sum(x == y for x, y in zip(single, multi, strict=True)),
         "results": res["results"],
@@ -384,30 +387,63 @@ def sec_hf(a, dev, R):
     return rows
 
 
-def mixed_workload(n=32, seed=0, vocab=128256):
+def mixed_workload(n=32, seed=0, vocab=128256, out_max=256):
     rnd = random.Random(seed)
     lens = [rnd.randint(32, 512) for _ in range(n)]
-    outs = [rnd.randint(32, 256) for _ in range(n)]
+    outs = [min(out_max, rnd.randint(32, 256)) for _ in range(n)]
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (p,), generator=g).tolist() for p in lens], outs
 
 
+# admission policies of the mixed section: label -> (admit_order, prefill budget in prompt tokens,
+# prefill_first, compiled prefill). The first one is the runtime's default (res["ours"]).
+MIXED_POLICIES = {
+    "arrival_4096": ("arrival", 4096, False, False),
+    "shortest_4096_prefill_first": ("shortest", 4096, True, False),
+    "shortest_2048_prefill_first": ("shortest", 2048, True, False),
+    "shortest_4096_prefill_first_compiled": ("shortest", 4096, True, True),
+    "shortest_2048_prefill_first_compiled": ("shortest", 2048, True, True),
+    "shortest_1024_prefill_first_compiled": ("shortest", 1024, True, True),
+    "arrival_4096_prefill_first_compiled": ("arrival", 4096, True, True),
+}
+
+
+def mixed_policies(a, rt, prompts, outs) -> dict:
+    """The same queue under each admission policy: a warm-up pass (captures, compiles), then a timed one."""
+    eng, pm, res = rt.engine, rt.model, {}
+    keep = (eng.admit_order, eng.prefill_budget, eng.prefill_first, pm.prefill_fn)
+    eager = prefill_layer
+    compiled = None if pm.prefill_fn is eager else pm.prefill_fn  # the bf16 section's runtime may have one
+    try:
+        for label, (order, budget, first, comp) in MIXED_POLICIES.items():
+            if time.perf_counter() - a.t0 > a.budget_s:
+                res[label] = {"skipped": "time budget"}
+                continue
+            eng.admit_order, eng.prefill_budget, eng.prefill_first = order, budget, first
+            if comp and compiled is None:
+                pm.compile_prefill()
+                compiled = pm.prefill_fn
+            pm.prefill_fn = compiled if comp else eager
+            t = time.perf_counter()
+            run_requests(rt, prompts, outs)
+            res[label] = {"warmup_s": time.perf_counter() - t, **run_requests(rt, prompts, outs)}
+    finally:
+        eng.admit_order, eng.prefill_budget, eng.prefill_first, pm.prefill_fn = keep
+    return res
+
+
 def sec_mixed(a, dev, R):
     model = R["_model"]
-    prompts, outs = mixed_workload(vocab=model.config.vocab_size)
+    prompts, outs = mixed_workload(a.mixed_requests, vocab=model.config.vocab_size, out_max=a.mixed_out_max)
     res = {"requests": len(prompts), "useful_tokens": sum(outs)}
     rt = R.get("_mixed_rt")
+    if rt is None and a.mixed_with == "bf16":
+        cfg, state = config_of(model)
+        rt = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R))
     if rt is not None:
-        run_requests(rt, prompts, outs)  # warm-up: every batch bucket the drain passes through
-        res["ours"] = run_requests(rt, prompts, outs)
         res["ours_label"] = a.mixed_with
-        eng, keep = rt.engine, (rt.engine.admit_order, rt.engine.prefill_budget)
-        try:  # the same queue with shortest-prompt-first admission, at two prefill budgets
-            for budget in (4096, 2048):
-                eng.admit_order, eng.prefill_budget = "shortest", budget
-                res[f"ours_shortest_first_budget{budget}"] = run_requests(rt, prompts, outs)
-        finally:
-            eng.admit_order, eng.prefill_budget = keep
+        res["policies"] = mixed_policies(a, rt, prompts, outs)
+        res["ours"] = res["policies"][next(iter(MIXED_POLICIES))]
     if a.mixed_peer == "none":
         return res
     hf_generate(model, prompts[:2], 4, dev)
@@ -500,10 +536,10 @@ def sec_profile(a, dev, R):
 
     cfg, state = config_of(R["_model"])
     out = {}
-    for label in ("bf16", "int4"):
+    for label in a.profile.split(","):
         fp, q = quantize_linears(state) if label == "int4" else (state, None)
-        rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, [1, 32], R))
-        for b in (1, 32):
+        rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, a.batches, R))
+        for b in a.batches:
             eng = rt.engine
             for p in random_prompts(b, a.prompt_len, cfg.vocab_size, b):
                 eng.add(p, 64)
@@ -805,13 +841,18 @@ def main() -> None:
         help="bf16/int4: also run decode_steps=1 on the same runtime (tokens equal? speed)",
     )
     p.add_argument("--int8-table", default="", help="int8k: also write the runtime's int8 kernel table here")
+    p.add_argument("--mixed-requests", type=int, default=32, help="mixed section (smaller: a CPU rehearsal)")
+    p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
+    p.add_argument("--peer-steps", type=int, default=1, help="decode_steps of that peer run")
+    p.add_argument("--prefill-compile", default="off", choices=("on", "off"), help="bf16/int4 sections")
+    p.add_argument("--profile", default="bf16,int4", help="runtimes the profile section profiles")
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     a.batches = [int(x) for x in a.batch.split(",")]
     dev = torch.device(a.device)
-    t0 = time.perf_counter()
+    t0 = a.t0 = time.perf_counter()
     R: dict = {
         "env": {
             "torch": torch.__version__,

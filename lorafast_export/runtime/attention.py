@@ -46,6 +46,22 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def packed_attention(q, k, v, seg_index: torch.Tensor, seg_flat: torch.Tensor, window: int | None):
+    """Causal attention within each of several prompts packed back to back: q [1, hq, T, d], k/v
+    [1, hkv, T, d] → [1, hq, T, d]. The prompts are gathered into a right-padded [b, h, L, d] grid
+    (seg_index [b, L], runtime/paged.py's pack_segments), attended (causal: no real position sees the
+    padding after it), and the real positions read back (seg_flat [T]). Only the attention pays for the
+    padding; the linears around it run on the T packed tokens."""
+    hq, d = q.shape[1], q.shape[3]
+    b, longest = seg_index.shape
+
+    def grid(x):  # [1, h, T, d] → [b, h, L, d]
+        return x[0][:, seg_index].transpose(0, 1)
+
+    o = prefill_attention(grid(q), grid(k), grid(v), window)  # [b, hq, L, d]
+    return o.transpose(0, 1).reshape(hq, b * longest, d)[:, seg_flat][None]
+
+
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
     """pool [hkv, S, d] ← new [b, hkv, s, d] at slots [b * s] (row-major over b, s)."""
     pool.index_copy_(1, slots, new.permute(1, 0, 2, 3).reshape(pool.shape[0], -1, pool.shape[2]))

@@ -49,6 +49,10 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
         "ttft_ms_first": 1e3 * ttft[0],
         "ttft_ms_median": 1e3 * ttft[len(ttft) // 2],
         "ttft_ms_max": 1e3 * ttft[-1],
+        "ttft_ms": [round(1e3 * x, 2) for x in ttft],
+        "prefills": [  # the timeline: (start ms, requests, prompt tokens, ms) per prefill forward
+            (round(1e3 * (t - t0), 2), n, tok, round(1e3 * dt, 2)) for t, n, tok, dt in s.prefills
+        ],
         "preemptions": s.preemptions,
         "spec_acceptance": s.acceptance,  # None without a draft model
         "peak_memory_bytes": peak_memory_bytes(rt.device),

@@ -1,8 +1,10 @@
 """Continuous batching over the paged cache: requests join and leave between decode steps.
 
 Each `step()`: admit waiting requests while a batch row, cache blocks and a prefill token budget allow
-(prefilled together in one right-padded forward, SDPA, which also yields their first tokens), then one
-decode step for every running request. The decode
+(prefilled together in one forward with the prompts packed back to back, so no padding goes through the
+linears; it also yields their first tokens), then one decode step for every running request.
+`prefill_first`: admit again (prefill after prefill) while the queue holds a request that fits, before
+any decode step: the time to first token of a queue no longer waits for decode steps in between. The decode
 batch is padded to a bucket size and the block tables to a power-of-two width. Compiled, the per-layer
 function goes through torch.compile (one graph shared by every layer; a whole 8B-shaped step took ~80 s to
 compile per shape on an H200) and on CUDA the whole step is replayed from one CUDA graph per shape
@@ -38,6 +40,7 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.runtime.graphs import GraphRunner
 from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCache
+from lorafast_export.runtime.paged import pack_segments
 
 ADMIT_ORDERS = ("arrival", "shortest")  # which waiting request is prefilled first
 
@@ -76,6 +79,7 @@ class EngineStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens the model agreed with
     bursts: int = 0  # multi-step decodes (decode_steps > 1), each of several decode_steps
+    prefills: list = field(default_factory=list)  # (start s, requests, prompt tokens, seconds) per prefill
 
     @property
     def acceptance(self) -> float | None:
@@ -111,6 +115,7 @@ class Engine:
         prefill_budget: int = 4096,
         decode_steps: int = 1,
         admit_order: str = "arrival",
+        prefill_first: bool = False,
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -129,6 +134,7 @@ class Engine:
         if admit_order not in ADMIT_ORDERS:
             raise InputError(f"admit_order={admit_order!r}: use one of {', '.join(ADMIT_ORDERS)}.")
         self.admit_order = admit_order
+        self.prefill_first = prefill_first  # no decode step while a waiting request can be admitted
         self.decode_fn, self.extend_fn = model, getattr(model, "extend", None)
         self.greedy_fn = _Greedy(model)  # the decode step and its argmax: token ids [rows] on the device
         self.draft_decode, self.draft_extend = draft, getattr(draft, "extend", None)
@@ -201,6 +207,8 @@ class Engine:
     def step(self) -> list[Request]:
         """Admit (and prefill) what fits, then decode one token for every running request; returns finished."""
         finished = self._admit()
+        while self.prefill_first and self._admissible():
+            finished += self._admit()
         if self.running:
             finished += self._decode()
         return finished
@@ -211,34 +219,45 @@ class Engine:
         if self.draft_cache is not None:
             self.draft_cache.free(r.id)
 
+    def _order(self) -> list[Request]:
+        order = list(self.waiting)
+        if self.admit_order == "shortest":
+            order.sort(key=lambda r: len(r.prompt) + len(r.output))  # stable: ties keep arrival order
+        return order
+
+    def _admissible(self) -> bool:
+        """Whether _admit would admit the next waiting request now (a free row, room in the pool)."""
+        if not self.waiting or len(self.running) >= self.max_batch:
+            return False
+        r = self._order()[0]
+        return self.cache.can_fit(len(r.prompt) + len(r.output) + 1) or not self.running
+
     def _admit(self) -> list[Request]:
         """Admit waiting requests in arrival order (admit_order="shortest": shortest prompt first) while a
         batch row, cache blocks and the prefill token budget allow, and prefill them together (one padded
         forward); each gets its first token. Shortest first lowers the median time to first token of a
         queue (and pads less), but under a steady stream of short prompts a long one can wait for long."""
         batch: list[tuple[Request, list[int]]] = []
-        longest = 0
-        order = list(self.waiting)
-        if self.admit_order == "shortest":
-            order.sort(key=lambda r: len(r.prompt) + len(r.output))  # stable: ties keep arrival order
-        for r in order:
+        total = 0
+        for r in self._order():
             if len(self.running) + len(batch) >= self.max_batch:
                 break
             tokens = r.prompt + r.output  # after a preemption: recompute what it already has
-            if batch and (len(batch) + 1) * max(longest, len(tokens)) > self.prefill_budget:
+            if batch and total + len(tokens) > self.prefill_budget:
                 break
             if not self.cache.can_fit(len(tokens) + 1) and (self.running or batch):
                 break  # wait for running requests to finish
             self.waiting.remove(r)
             self.cache.reserve(r.id, len(tokens) + 1)
             batch.append((r, tokens))
-            longest = max(longest, len(tokens))
+            total += len(tokens)
         if not batch:
             return []
         t0 = time.perf_counter()
-        firsts = self._prefill(batch, longest)
-        self.stats.prefill_tokens += sum(len(t) for _, t in batch)
+        firsts = self._prefill(batch)
+        self.stats.prefill_tokens += total
         self.stats.prefill_s += time.perf_counter() - t0
+        self.stats.prefills.append((t0, len(batch), total, time.perf_counter() - t0))
         finished = []
         for (r, tokens), first in zip(batch, firsts, strict=True):
             if self.draft is not None:
@@ -253,20 +272,21 @@ class Engine:
                 self.running.append(r)
         return finished
 
-    def _prefill(self, batch: list[tuple[Request, list[int]]], longest: int) -> list[int]:
-        """Right-padded prompts in one forward; padding writes its k/v to the pad block."""
-        if len(batch) == 1:  # no padding: the model's own prefill (the AOT package takes one row)
+    def _prefill(self, batch: list[tuple[Request, list[int]]]) -> list[int]:
+        """The prompts packed back to back in one forward (no padding through the linears; the attention
+        keeps each prompt to itself: runtime/attention.py's packed_attention)."""
+        if len(batch) == 1:  # the model's own prefill (the AOT package takes one row)
             r, tokens = batch[0]
             ids = torch.tensor([tokens], device=self.device)
             logits = self.model.prefill(ids, self.cache.slots(r.id, 0, len(tokens)).to(self.device))
             return self._sample(logits, [r])
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        slots = torch.full((len(batch), longest), PAD_BLOCK * self.cache.block_size, dtype=torch.long)
-        for i, (r, tokens) in enumerate(batch):
-            ids[i, : len(tokens)] = torch.tensor(tokens)
-            slots[i, : len(tokens)] = self.cache.slots(r.id, 0, len(tokens))
-        last = torch.tensor([len(t) - 1 for _, t in batch], device=self.device)
-        logits = self.model.prefill(ids.to(self.device), slots.view(-1).to(self.device), last_index=last)
+        lens = [len(t) for _, t in batch]
+        ids = torch.tensor([[t for _, tokens in batch for t in tokens]])
+        slots = torch.cat([self.cache.slots(r.id, 0, len(tokens)) for r, tokens in batch])
+        last = torch.tensor(lens).cumsum(0) - 1
+        segs = pack_segments(lens)
+        ids, slots, last, *segs = (t.to(self.device, non_blocking=True) for t in (ids, slots, last, *segs))
+        logits = self.model.prefill(ids, slots, last_index=last, segments=tuple(segs))
         return self._sample(logits, [r for r, _ in batch])
 
     def _reserve_next(self) -> None:

@@ -111,6 +111,8 @@ def build_runtime(
     else:
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
         model = PagedModel(dec, cache, attention)
+        if compiled and opts.prefill_compile:
+            model.compile_prefill()
     engine = Engine(
         model,
         cache,
@@ -123,6 +125,7 @@ def build_runtime(
         prefill_budget=1 if aot_meta is not None else opts.prefill_tokens,  # the AOT prefill takes one row
         decode_steps=opts.decode_steps,
         admit_order=opts.admit_order,
+        prefill_first=opts.prefill_first,
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )
     log.info(

@@ -27,10 +27,12 @@ class RuntimeOptions:
     cache_tokens: int = 0  # KV pool size in tokens; 0 = max_batch * max_seq_len, capped by cache_gib
     cache_gib: float = 4.0  # cap of the default pool size
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch padded up to one of these
-    prefill_tokens: int = 4096  # padded prompt tokens prefilled together in one forward (1 = one by one)
+    prefill_tokens: int = 4096  # prompt tokens prefilled together in one packed forward (1 = one by one)
     spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
     decode_steps: int = 8  # greedy decode steps chained on the device per host round trip (1 = one at a time)
     admit_order: str = "arrival"  # prefill order of waiting requests: arrival, or shortest prompt first
+    prefill_first: bool = False  # no decode step while a waiting request can be admitted (lower TTFT)
+    prefill_compile: bool = False  # compiled runtimes also torch.compile the prefill (dynamic in its length)
 
     def __post_init__(self) -> None:
         problems = []
@@ -42,8 +44,9 @@ class RuntimeOptions:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        if not isinstance(self.aot, bool):
-            problems.append(f"aot={self.aot!r}: use true or false")
+        for name in ("aot", "prefill_first", "prefill_compile"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r}: use true or false")
         for name in (
             "block_size",
             "max_batch",

@@ -22,6 +22,7 @@ from lorafast_export.model.spec import LM_HEAD, ModelConfig
 from lorafast_export.qform import concat_qtensors
 from lorafast_export.runtime.attention import (
     decode_flex,
+    packed_attention,
     paged_attention,
     prefill_attention,
     project_qkv,
@@ -149,25 +150,67 @@ def paged_layer(
     return _block(layer, h, cos, sin, attend)
 
 
+def prefill_layer(layer, h, cos, sin, k_pool, v_pool, slots, window, seg_index=None, seg_flat=None):
+    """One layer of a prefill from position 0: h [b, s, hidden] (rows right-padded), or several prompts
+    packed back to back in h [1, T, hidden] (seg_index given). Writes k/v at slots [b*s or T] unless
+    k_pool is None. The unit `compile_prefill` hands to torch.compile (dynamic in the token count)."""
+
+    def attend(q, k, v):
+        if k_pool is not None:
+            write_kv(k_pool, slots, k)
+            write_kv(v_pool, slots, v)
+        if seg_index is None:
+            return prefill_attention(q, k, v, window)
+        return packed_attention(q, k, v, seg_index, seg_flat, window)
+
+    return _block(layer, h, cos, sin, attend)
+
+
+def pack_segments(lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts of these lengths packed back to back: (positions [1, T], seg_index [b, L], seg_flat [T]) on
+    the CPU. seg_index[i, j] is the packed index of token j of prompt i (past its end: the prompt's last
+    token, never attended to by a real position); seg_flat[t] is where packed token t sits in the [b * L]
+    grid (see packed_attention)."""
+    longest, b = max(lens), len(lens)
+    starts = torch.tensor([0, *lens[:-1]]).cumsum(0)
+    n = torch.tensor(lens)
+    j = torch.arange(longest)
+    seg_index = starts[:, None] + torch.minimum(j[None], n[:, None] - 1)
+    real = j[None] < n[:, None]
+    seg_flat = torch.arange(b * longest).view(b, longest)[real]
+    positions = j[None].expand(b, -1)[real][None]
+    return positions, seg_index, seg_flat
+
+
 def prefill_forward(
-    dec: Decoder, ids, slots, k_pools, v_pools, last_only: bool = True, last_index=None
+    dec: Decoder,
+    ids,
+    slots,
+    k_pools,
+    v_pools,
+    last_only: bool = True,
+    last_index=None,
+    segments=None,
+    layer_fn=prefill_layer,
 ) -> torch.Tensor:
     """ids [b, s] from position 0 → logits fp32 [b, V] (last position, or last_index[b] of each row) or
     [b, s, V]; writes k/v of every position at slots [b*s] of the per-layer pools (lists of [hkv, S, d])
     unless slots is None. Rows may be right-padded: causal attention keeps padding out of every real
-    position (route its slots to the pad block, give last_index)."""
+    position (route its slots to the pad block, give last_index).
+    segments = (positions [1, T], seg_index, seg_flat) from pack_segments: ids [1, T] holds several prompts
+    back to back (no padding computed in the linears); last_index [b] then indexes T."""
     h = dec.embed(ids)
-    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+    if segments is None:
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        seg_index = seg_flat = None
+    else:
+        pos, seg_index, seg_flat = segments
     cos, sin = dec.rotary(pos, h.dtype)
     for i, layer in enumerate(dec.model.layers):
-
-        def attend(q, k, v, i=i):
-            if slots is not None:
-                write_kv(k_pools[i], slots, k)
-                write_kv(v_pools[i], slots, v)
-            return prefill_attention(q, k, v, dec.cfg.sliding_window)
-
-        h = _block(layer, h, cos, sin, attend)
+        kp, vp = (None, None) if slots is None else (k_pools[i], v_pools[i])
+        h = layer_fn(layer, h, cos, sin, kp, vp, slots, dec.cfg.sliding_window, seg_index, seg_flat)
+    if segments is not None:
+        return dec.logits(h[0, last_index]).float()
     if last_index is not None:
         return dec.logits(h[torch.arange(h.shape[0], device=h.device), last_index]).float()
     return dec.logits(h[:, -1] if last_only else h).float()
@@ -260,6 +303,11 @@ def triton_attention_fits(head_dim: int, block_size: int) -> bool:
     return head_dim >= 16 and not head_dim & (head_dim - 1) and block_size >= 16
 
 
+def _own_copy(fn):
+    """A new function object over fn's code: dynamo's compiled graphs and recompile count are per copy."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+
+
 class PagedModel(nn.Module):
     """prefill(ids, slots), forward(...) = one decode step, extend(...) = S tokens per row; over `cache`."""
 
@@ -277,7 +325,7 @@ class PagedModel(nn.Module):
             import lorafast_export.runtime.triton_attention  # noqa: F401  (registers torch.ops.lorafast)
         self.dec, self.attention, self.block_size = dec, attention, cache.block_size
         self.n_layers = len(cache.k)
-        self.layer_fn = paged_layer
+        self.layer_fn, self.prefill_fn = paged_layer, prefill_layer
         for i, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):  # buffers: CUDA graphs may write them
             self.register_buffer(f"k_pool{i}", k, persistent=False)
             self.register_buffer(f"v_pool{i}", v, persistent=False)
@@ -288,9 +336,12 @@ class PagedModel(nn.Module):
         the function: dynamo keeps compiled graphs (and counts recompiles against its limit) per code
         object, and the graphs of other runtimes in the process (a draft, another artifact, another dtype)
         would otherwise use up that limit."""
-        fn = paged_layer
-        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
-        self.layer_fn = torch.compile(own, fullgraph=True)
+        self.layer_fn = torch.compile(_own_copy(paged_layer), fullgraph=True)
+
+    def compile_prefill(self) -> None:
+        """torch.compile the prefill layer, dynamic in the token count: one graph for every layer and
+        prompt length (eager, the RMSNorms, rope and silu run as many unfused kernels over [T, hidden])."""
+        self.prefill_fn = torch.compile(_own_copy(prefill_layer), dynamic=True)
 
     def pools(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return (
@@ -300,9 +351,16 @@ class PagedModel(nn.Module):
 
     @torch.no_grad()
     def prefill(
-        self, ids: torch.Tensor, slots: torch.Tensor | None, last_only: bool = True, last_index=None
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor | None,
+        last_only: bool = True,
+        last_index=None,
+        segments=None,
     ) -> torch.Tensor:
-        return prefill_forward(self.dec, ids, slots, *self.pools(), last_only, last_index)
+        return prefill_forward(
+            self.dec, ids, slots, *self.pools(), last_only, last_index, segments, self.prefill_fn
+        )
 
     @torch.no_grad()
     def extend(self, tokens, positions, block_tables, slots) -> torch.Tensor:

@@ -72,13 +72,24 @@ def test_multi_step_stops_at_a_stop_token_mid_burst(llama, solo):
 def test_shortest_first_admission_prefills_short_prompts_first_same_tokens(llama, solo):
     eng = make_engine(llama, decode_steps=4, admit_order="shortest", prefill_budget=32)
     reqs = [eng.add(p, n) for p, n in zip(prompts(), NEW, strict=True)]
-    eng.step()  # the budget of 32 padded tokens admits the 1-, 3- and 5-token prompts (3 rows), not the 17
+    eng.step()  # shortest first: the 1-, 3- and 5-token prompts fill the 3 rows (within 32 prompt tokens)
     assert [r.t_first is not None for r in reqs] == [n in (1, 3, 5) for n in PROMPT_LENS]
     while eng.has_work:
         eng.step()
     assert [r.output for r in reqs] == solo
     with pytest.raises(InputError, match="admit_order='newest'"):
         make_engine(llama, admit_order="newest")
+
+
+def test_prefill_first_admits_the_queue_before_decoding_same_tokens(llama, solo):
+    eng = make_engine(llama, max_batch=4, decode_steps=4, prefill_budget=22, prefill_first=True)
+    reqs = [eng.add(p, n) for p, n in zip(prompts(), NEW, strict=True)]
+    eng.step()  # 4 rows: prompts of 5 and 17 tokens, then 3 and 9 (within 22 tokens each), then a decode
+    assert [r.t_first is not None for r in reqs] == [True] * 4 + [False] * 2
+    assert [n for _, n, _, _ in eng.stats.prefills] == [2, 2] and eng.stats.decode_steps > 0
+    while eng.has_work:
+        eng.step()
+    assert [r.output for r in reqs] == solo
 
 
 def test_requests_joining_between_steps(llama, solo):

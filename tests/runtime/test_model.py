@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lorafast_export.model.decoder import load_decoder
+from lorafast_export.runtime.paged import pack_segments
 from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
 
 CASES = [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {"tie": True})]
@@ -75,3 +76,32 @@ def test_projections_are_fused_at_load(tmp_path):
     attn, mlp = pm.dec.model.layers[0].self_attn, pm.dec.model.layers[0].mlp
     assert attn.qkv_proj.weight.shape[0] == (attn.n_heads + 2 * attn.n_kv) * attn.head_dim
     assert attn.q_proj is None and mlp.gate_proj is None and mlp.gate_up_proj is not None
+
+
+@pytest.mark.parametrize("family,kw", CASES[:2], ids=[c[0] for c in CASES[:2]])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_packed_prefill_equals_each_prompt_alone(tmp_path, family, kw, compiled):
+    """Prompts packed back to back (one forward, no padding through the linears; mistral: its window)
+    give each prompt's own logits at its last token and write each prompt's own k/v."""
+    md = tiny_checkpoint(tmp_path, family, **kw)
+    dec = load_decoder(md)
+    lens = [9, 1, 14, 4]
+    prompts = [torch.randint(0, 96, (n,)) for n in lens]
+    pm, cache = paged(md)
+    if compiled:
+        pm.compile_prefill()
+    for i, n in enumerate(lens):
+        cache.reserve(i, n)
+    slots = torch.cat([cache.slots(i, 0, n) for i, n in enumerate(lens)])
+    last = torch.tensor(lens).cumsum(0) - 1
+    got = pm.prefill(torch.cat(prompts)[None], slots, last_index=last, segments=pack_segments(lens))
+    with torch.no_grad():
+        want = torch.stack([dec(p[None])[0][0, -1] for p in prompts])
+    assert (got - want).abs().max() < 1e-4
+    ref_pm, ref_cache = paged(md)  # the k/v each prompt writes alone
+    for i, (n, p) in enumerate(zip(lens, prompts, strict=True)):
+        ref_cache.reserve(i, n)
+        ref_pm.prefill(p[None], ref_cache.slots(i, 0, n))
+        s = cache.slots(i, 0, n)
+        for pool, ref_pool in zip(cache.k + cache.v, ref_cache.k + ref_cache.v, strict=True):
+            assert (pool[:, s] - ref_pool[:, ref_cache.slots(i, 0, n)]).abs().max() < 1e-5
