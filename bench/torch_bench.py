@@ -45,7 +45,7 @@ from lorafast_export.runtime.bench import bench_runtime, random_prompts, run_req
 from lorafast_export.runtime.linear import lower_qtensor  # noqa: E402
 from lorafast_export.runtime.loader import build_runtime  # noqa: E402
 from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
-from lorafast_export.runtime.paged import prefill_layer  # noqa: E402
+from lorafast_export.runtime.paged import pack_segments, prefill_layer  # noqa: E402
 from scripts.make_model import PRESETS, llama_kwargs  # noqa: E402
 
 SHAPES = {
@@ -424,12 +424,31 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
                 pm.compile_prefill()
                 compiled = pm.prefill_fn
             pm.prefill_fn = compiled if comp else eager
+            if comp and "packed_check_compiled" not in res:
+                res["packed_check_compiled"] = packed_check(pm, prompts[:6], rt.device)
             t = time.perf_counter()
             run_requests(rt, prompts, outs)
             res[label] = {"warmup_s": time.perf_counter() - t, **run_requests(rt, prompts, outs)}
     finally:
         eng.admit_order, eng.prefill_budget, eng.prefill_first, pm.prefill_fn = keep
     return res
+
+
+@torch.no_grad()
+def packed_check(pm, prompts: list[list[int]], dev) -> dict:
+    """Correctness on the device: logits of prompts packed in one prefill vs each prompt alone."""
+    lens = [len(p) for p in prompts]
+    alone = torch.cat([pm.prefill(torch.tensor([p], device=dev), None) for p in prompts])
+    last = (torch.tensor(lens).cumsum(0) - 1).to(dev)
+    segs = tuple(t.to(dev) for t in pack_segments(lens))
+    ids = torch.tensor([[t for p in prompts for t in p]], device=dev)
+    packed = pm.prefill(ids, None, last_index=last, segments=segs)
+    return {
+        "max_abs_diff": float((packed - alone).abs().max()),
+        "max_abs_logit": float(alone.abs().max()),
+        "argmax_equal": int((packed.argmax(-1) == alone.argmax(-1)).sum()),
+        "rows": len(prompts),
+    }
 
 
 def sec_mixed(a, dev, R):
@@ -442,6 +461,7 @@ def sec_mixed(a, dev, R):
         rt = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R))
     if rt is not None:
         res["ours_label"] = a.mixed_with
+        res["packed_check_eager"] = packed_check(rt.model, prompts[:6], dev)
         res["policies"] = mixed_policies(a, rt, prompts, outs)
         res["ours"] = res["policies"][next(iter(MIXED_POLICIES))]
     if a.mixed_peer == "none":
