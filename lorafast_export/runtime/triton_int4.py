@@ -164,12 +164,18 @@ def _gemm_kernel(
 
 
 # ---------------------------------------------------------------------------------------- tiled layout
-# The kernels below (kinds GEMV_T, GEMM_T) read the codes repacked once at load (`pack_tiles`): per tile of
-# T = tile_cols(group size) input columns, byte j holds column j in its low nibble and column T/2 + j in
-# its high one, so a tile's low and high nibbles are two contiguous column runs and the activations load
-# as two contiguous halves: no even/odd split of x, no layout shuffle. The nibble becomes a float without
-# an int-to-float conversion (a quarter-rate instruction on Hopper, which bounded the kernels above):
+# The kernels below (kinds GEMV_T, GEMM_T) read the codes repacked once at load (`pack_tiles`):
+# - per tile of T = tile_cols(group size) input columns, byte j holds column j in its low nibble and column
+#   T/2 + j in its high one, so a tile's low and high nibbles are two contiguous column runs and the
+#   activations load as two contiguous halves: no even/odd split of x, no layout shuffle;
+# - blocked: the tiles of ROWS_PER_BLOCK consecutive rows are stored together, tile after tile
+#   ([N/R][K/T][R][T/2] bytes), so a program streams contiguous 2 KB chunks (R = 32, T = 128) instead of
+#   64 bytes from each of many rows 2 KB apart (call A, session 6: 1.0-1.3 TB/s of codes that way, at any
+#   tile or warp count).
+# The nibble becomes a float without an int-to-float conversion (quarter rate on Hopper):
 # (code << 16) | 0x43000000, read as fp32, is 128 + code exactly; subtracting 128 + zero gives code - zero.
+ROWS_PER_BLOCK = 32
+_R = tl.constexpr(ROWS_PER_BLOCK)  # the same, for the kernels
 
 
 def tile_cols(group_size: int) -> int:
@@ -178,13 +184,21 @@ def tile_cols(group_size: int) -> int:
 
 
 def pack_tiles(codes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """codes uint8 [out, in] (0..15, groups contiguous) → uint8 [out, ceil(in / T) * T / 2], the tiled
-    layout (zero codes pad the last tile; the kernels mask its activations to zero)."""
-    t = tile_cols(group_size)
+    """codes uint8 [out, in] (0..15, groups contiguous) → uint8 [ceil(out / R) * R, ceil(in / T) * T / 2],
+    the blocked tiled layout (zero codes pad the last tile and block; the kernels mask them)."""
+    t, r = tile_cols(group_size), ROWS_PER_BLOCK
     out_f, in_f = codes.shape
-    pad = -in_f % t
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).view(out_f, -1, 2, t // 2)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out_f, -1).contiguous()
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, -in_f % t, 0, -out_f % r))
+    c = c.view(c.shape[0] // r, r, c.shape[1] // t, 2, t // 2)
+    c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [N/R, R, K/T, T/2]
+    return c.permute(0, 2, 1, 3).contiguous().view(-1, c.shape[2] * (t // 2))
+
+
+@triton.jit
+def _tile_ptrs(w_ptr, nn, t, jj, KB, T: tl.constexpr, R: tl.constexpr):
+    """Byte addresses [len(nn), T/2] of tile t of rows nn in the blocked tiled layout (row stride KB)."""
+    row = (nn // R) * (R * KB) + (nn % R) * (T // 2)
+    return w_ptr + row[:, None] + t * (R * (T // 2)) + jj[None, :]
 
 
 @triton.jit
@@ -233,7 +247,7 @@ def _gemv_t_kernel(
             k0 = t * T
             kb0 = t * (T // 2)
             w = tl.load(
-                w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+                _tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
             )
             g_off = nn * G + k0 // GS
             g_ok = n_ok & (k0 < K)
@@ -293,7 +307,7 @@ def _gemm_t_kernel(
             k0 = t * T
             kb0 = t * (T // 2)
             w = tl.load(
-                w_ptr + nn[:, None] * KB + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
+                _tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
             )
             xl = tl.load(
                 x_ptr + mm[None, :] * K + (k0 + jj)[:, None],
@@ -371,7 +385,7 @@ def launch(
     tiled = kind in (GEMV_T, GEMM_T)
     bk = tile_cols(group_size) if tiled else min(bk, group_size)  # a tile lies inside one group
     u = 1 << (entry[3] >> 4 & 3) if tiled else 1  # tiles per loop iteration
-    m, n, g = x.shape[0], w.shape[0], s.shape[1]
+    m, n, g = x.shape[0], s.shape[0], s.shape[1]  # w may hold padding rows
     tiles = triton.cdiv(triton.cdiv(k, bk), u)  # in steps of u tiles
     iters = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, iters)  # splits that hold columns

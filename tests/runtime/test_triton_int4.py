@@ -103,14 +103,21 @@ def test_tiled_kernels(entry, group, in_f, sym):
 
 
 def test_pack_tiles_layout():
-    """Byte j of a tile holds column j (low nibble) and column T/2 + j (high nibble); a ragged last tile
-    is padded with code 0."""
-    codes = torch.randint(0, 16, (3, 80), dtype=torch.uint8)
-    packed = pack_tiles(codes, 32)  # tiles of 32 columns: 2.5 tiles, padded to 3
-    assert packed.shape == (3, 48)
-    tile = packed[:, 16:32]  # the second tile: columns 32..63
-    assert torch.equal(tile & 0xF, codes[:, 32:48]) and torch.equal(tile >> 4, codes[:, 48:64])
-    assert torch.equal(packed[:, 32:40] & 0xF, codes[:, 64:72]) and not (packed[:, 40:] >> 4).any()
+    """Byte j of a tile holds column j (low nibble) and column T/2 + j (high nibble); the tiles of 32
+    consecutive rows are stored together, tile after tile; a ragged last tile or block is padded with 0."""
+    codes = torch.randint(0, 16, (40, 80), dtype=torch.uint8)
+    packed = pack_tiles(codes, 32).view(-1)  # tiles of 32 columns: 2.5 tiles, padded to 3; 40 rows to 64
+    assert packed.numel() == 64 * 48
+
+    def tile(block, t):  # [32 rows, 16 bytes]
+        start = (block * 3 + t) * 32 * 16
+        return packed[start : start + 32 * 16].view(32, 16)
+
+    assert torch.equal(tile(0, 1) & 0xF, codes[:32, 32:48]) and torch.equal(
+        tile(0, 1) >> 4, codes[:32, 48:64]
+    )
+    assert torch.equal(tile(1, 2)[:8] & 0xF, codes[32:, 64:80]) and not (tile(1, 2) >> 4).any()
+    assert not tile(1, 0)[8:].any()  # rows 40..63: padding
 
 
 def _cell(gemv_us, gemm_us, tiny_us):
@@ -166,7 +173,7 @@ def test_tiled_plan_keeps_only_the_tiled_packing():
     plan = [1, GEMV_T, 32, 16, 2, 16, 4, 64, GEMM_T, 32, 1, 2, 16, 4]
     for dtype in _dtypes():
         mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
-        assert mod.weight is None and mod.tinygemm_weight is None and mod.weight_tiled.shape == (48, 128)
+        assert mod.weight is None and mod.tinygemm_weight is None and mod.weight_tiled.shape == (64, 128)
         for rows in (1, 9):
             x = torch.randn(rows, 256)
             assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
