@@ -197,3 +197,22 @@ def test_heads_with_cached_fp32_weights_give_the_same_logits(built):
     assert len(copies) == 1 and sl.heads["base"].weight.dtype == torch.float32  # one copy, shared
     for s in sources:
         assert torch.equal(sl.block(Stage(s.name, s), 1), before[s.name])
+
+
+def test_cpu_float32_linear_matches_float64_product():
+    """`linear` (oneDNN for float32 on a CPU, where this torch has it) is an IEEE float32 product: within float32
+    rounding of the float64 one, rows independent of how many come together; other dtypes are F.linear's."""
+    from lorafast_export.validate.layers import linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(64, 384, generator=g),
+        torch.randn(96, 384, generator=g),
+        torch.randn(96, generator=g),
+    )
+    exact = x.double() @ w.double().T + b.double()
+    out = linear(x, w, b)
+    assert out.dtype == torch.float32 and out.shape == (64, 96)
+    assert (out.double() - exact).abs().max() / exact.abs().max() < 1e-5
+    assert torch.equal(linear(x[:5], w, b), out[:5])
+    assert torch.equal(linear(x.double(), w.double()), torch.nn.functional.linear(x.double(), w.double()))
