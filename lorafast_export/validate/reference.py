@@ -56,12 +56,15 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device)).logits.float().cpu()
+        from lorafast_export.validate.layers import OneDnnLinears
+
+        with OneDnnLinears():  # float32 linears through oneDNN on a CPU (layers.linear); nothing else changes
+            return self.model(input_ids=ids.to(self.device)).logits.float().cpu()
 
     @torch.no_grad()
     def base_logits(self, ids: torch.Tensor) -> torch.Tensor:
         with self.model.disable_adapter():
-            return self.model(input_ids=ids.to(self.device)).logits.float().cpu()
+            return self.logits(ids)
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -83,8 +83,9 @@ PEFT_BATCH_BLOCKS = 8
 PEFT_BATCH_LOGITS = 1 << 26  # float32 logits elements per forward (256 MiB)
 
 
-def _fill_reference_peft(reference: Reference, missing, writers, vocab: int) -> None:
-    """Reference and bare-base logits from transformers + PEFT, a few blocks per forward into the cache writers."""
+def _fill_reference_peft(reference: Reference, missing, writers, vocab: int, with_base: bool) -> None:
+    """Reference logits (and, with_base, the bare base's: adapters disabled) from transformers + PEFT, a few
+    blocks per forward into the cache writers."""
     for es in missing:
         w_ref, w_base = writers[es.name]
         seq = len(es.blocks[0])
@@ -92,19 +93,25 @@ def _fill_reference_peft(reference: Reference, missing, writers, vocab: int) -> 
         for j0 in range(0, len(es.blocks), step):
             chunk = es.blocks[j0 : j0 + step]
             batch = torch.stack(chunk)
-            ref, base = reference.logits(batch), reference.base_logits(batch)
+            ref = reference.logits(batch)
+            base = reference.base_logits(batch) if with_base else None
             for k, block in enumerate(chunk):
                 row = (j0 + k) * (seq - 1)
                 w_ref.put(row, ref[k, :-1], _labels(block))
-                w_base.put(row, base[k, :-1], _labels(block))
+                if base is not None:
+                    w_base.put(row, base[k, :-1], _labels(block))
+
+
+_WRITER = {"reference": 0, "base": 1}  # a reference stage of the walk -> its writer in writers[eval set]
 
 
 def _fill_reference_stream(logits, stages, missing, offsets, writers) -> None:
-    """Reference and bare-base logits from the streamed walk's final hidden states, into the cache writers."""
+    """Reference and/or bare-base logits from the streamed walk's final hidden states, into the cache writers."""
     for es in missing:
         for j, block in enumerate(es.blocks):
             row = j * (len(block) - 1)
-            for st, w in zip(stages, writers[es.name], strict=True):
+            for st in stages:
+                w = writers[es.name][_WRITER[st.name]]
                 w.put(row, logits.block(st, offsets[es.name] + j), _labels(block))
 
 
@@ -135,16 +142,20 @@ def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progres
         for es in missing
     }
     stages = []
-    if missing and reference_kind(v.base) == "peft":
+    if not missing:
+        return entries, missing, writers, stages
+    # the bare base (no reference: only its perplexity is used, for the adapter gain) is a stage of our walk
+    # (StoreSource: the checkpoint as stored, in float32), which costs less than a transformers forward; with a
+    # half-precision PEFT reference it stays in PEFT, so both perplexities come from the same precision
+    base_stage = Stage("base", StoreSource("base", v.base.config, v.base.store, key="base"))
+    if reference_kind(v.base) == "peft":
         progress("reference (transformers + PEFT, unmerged)")
         held["model"] = Reference(v.base, v.adapters, device, dtype)
-        _fill_reference_peft(held["model"], missing, writers, vocab)
-    elif missing:
-        plan = plan_merge(v.base, v.adapters)
-        stages = [
-            Stage("reference", UnmergedSource(plan, "base")),
-            Stage("base", StoreSource("base", v.base.config, v.base.store, key="base")),
-        ]
+        in_walk = dtype == torch.float32
+        _fill_reference_peft(held["model"], missing, writers, vocab, with_base=not in_walk)
+        stages = [base_stage] if in_walk else []
+    else:
+        stages = [Stage("reference", UnmergedSource(plan_merge(v.base, v.adapters), "base")), base_stage]
     return entries, missing, writers, stages
 
 
