@@ -2,6 +2,7 @@
 RSS and peak GPU memory, on models made by scripts/make_model.py.
 
     python bench/validate_scale.py ratio --model demo --model 30m              # CPU: --quant gptq --target onnxruntime
+    python bench/validate_scale.py ratio --model demo --warm                   # the same, reference cache warm
     python bench/validate_scale.py build --preset tinyllama-1.1b --dtype float16 --quant rtn --target hf \\
         --max-tokens 256                                                       # CPU: peak RSS
     python bench/validate_scale.py build --base /work/big/13b/base --adapter /work/big/13b/lora --quant rtn \\
@@ -9,8 +10,9 @@ RSS and peak GPU memory, on models made by scripts/make_model.py.
     python bench/validate_scale.py build --preset llama3-8b --quant awq --target trt-llm --json-out R.json
                                                                                # H200: model made on the GPU
 
-Every build runs `lorafast-export build ... --no-cache` in a fresh process with a fresh LORAFAST_CACHE
-(cold caches), sampling its peak RSS (VmHWM, every 0.2 s) and, where there is a GPU, the device's used memory
+The 30m model is scripts/make_model.py's preset (random fp16 weights, 10 layers, made afresh in each run), not a
+trained fixture. Every build runs `lorafast-export build ... --no-cache` in a fresh process with a fresh
+LORAFAST_CACHE (cold caches), sampling its peak RSS (VmHWM, every 0.2 s) and, where there is a GPU, the device's used memory
 (nvidia-smi, every 0.5 s: CUDA context included). Stage times come from the artifact's manifest.json. The load
 average is printed next to CPU times: the development machine is shared. Results: bench/VALIDATION.md.
 """
@@ -86,11 +88,13 @@ class Sampler:
             t.join(timeout=15)
 
 
-def run_build(args: list[str], out: Path, log_path: Path | None = None) -> dict:
-    """One `build --out out` in a fresh process with cold caches: wall, peak RSS and GPU, and the stage times
-    from the artifact's manifest. Its stderr (one progress line per stage and sub-step) goes to log_path, which
-    therefore says how far a build got even when the run is killed at a time limit."""
-    cache = Path(tempfile.mkdtemp(prefix="lf-cache-"))
+def run_build(args: list[str], out: Path, log_path: Path | None = None, cache: Path | None = None) -> dict:
+    """One `build --out out` in a fresh process with cold caches (or `cache`, kept: a warm reference cache):
+    wall, peak RSS and GPU, and the stage times from the artifact's manifest. Its stderr (one progress line per
+    stage and sub-step) goes to log_path, which therefore says how far a build got even when the run is killed
+    at a time limit."""
+    keep = cache is not None
+    cache = cache or Path(tempfile.mkdtemp(prefix="lf-cache-"))
     path = [
         str(ROOT),
         *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
@@ -117,7 +121,8 @@ def run_build(args: list[str], out: Path, log_path: Path | None = None) -> dict:
         proc.wait()
         sampler.stop()
     wall = time.perf_counter() - t0
-    shutil.rmtree(cache, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(cache, ignore_errors=True)
     man = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     return {
         "cmd": " ".join(["lorafast-export", "build", *args]),
@@ -182,12 +187,15 @@ def cmd_ratio(a) -> list[dict]:
             else:
                 base, ad, _ = make_inputs(work, model, "float16", "cpu")
             out = work / "out"
-            r = run_build(
-                ["--base", str(base), "--adapter", str(ad), "--quant", "gptq", "--target", "onnxruntime"],
-                out,
-                Path(a.logs) / f"ratio-{model}.log" if a.logs else None,
+            args = ["--base", str(base), "--adapter", str(ad), "--quant", "gptq", "--target", "onnxruntime"]
+            log = (
+                (lambda tag, m=model: Path(a.logs) / f"ratio-{m}{tag}.log") if a.logs else (lambda tag: None)
             )
-            r |= {"model": model} | report_facts(out)
+            cache = work / "cache" if a.warm else None
+            if a.warm:  # a first build fills the reference cache; the row is the second one's
+                run_build(args, work / "first", log("-first"), cache)
+            r = run_build(args, out, log("-warm" if a.warm else ""), cache)
+            r |= {"model": model + (" (warm reference cache)" if a.warm else "")} | report_facts(out)
             t = r["timings_s"]
             other = sum(v for k, v in t.items() if k != "validate")
             r["ratio"] = t.get("validate", float("nan")) / other if other else float("nan")
@@ -243,6 +251,11 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("ratio")
     r.add_argument("--model", action="append", default=[], help="demo or a scripts/make_model.py preset")
+    r.add_argument(
+        "--warm",
+        action="store_true",
+        help="time a second build that finds the first one's reference cache (no stage cache: --no-cache)",
+    )
     b = sub.add_parser("build")
     b.add_argument("--preset", choices=list(PRESETS))
     b.add_argument("--dtype", default="bfloat16")
