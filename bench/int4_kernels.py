@@ -46,10 +46,11 @@ GEMM_TILES = [(bn, bk, sp, 4) for bn, bk in ((64, 128), (128, 128), (128, 64)) f
 # per weight (GEMM_T), bits 1-3 pipeline stages (0: Triton's default), bits 4-5 log2 tiles per loop iteration.
 # Split counts are tried from 1 up while the grid stays under 8 (GEMV_T) or 2 (GEMM_T) waves of the GPU's
 # SMs, and at most 16.
-# Call A (session 6) swept U = 1, 2, 4 and per-weight scales / 2 stages on the row-major tiled layout: per-tile
-# scales and Triton's default stages won everywhere, U = 2 helped the GEMV a little; these are what is left.
-GEMV_T_TILES = [(32, 4, 0), (64, 4, 0), (64, 4, 16), (128, 8, 16)]
-GEMM_T_TILES = [(64, 4, 0), (128, 4, 0), (128, 8, 0), (64, 4, 16), (128, 8, 8)]
+# Calls A and B (session 6) swept U = 1, 2, 4, per-weight scales, 2-4 stages, BN 32-128 and 4-8 warps: per-tile
+# scales and Triton's default stages won everywhere, U = 2 helped the GEMV a little; these are what is left,
+# plus the inline-PTX nibble conversion (options bit 6).
+GEMV_T_TILES = [(32, 4, 0), (64, 4, 0), (64, 4, 16)]
+GEMM_T_TILES = [(64, 4, 0), (64, 4, 64), (128, 8, 64)]
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
 
@@ -176,8 +177,8 @@ class Shape:
                 [m, GEMV_T, bn, o, sp, 16, w] for bn, w, o in tiles for sp in _splits(n, 1, bn, 1, sms, 8)
             ]
             cell["gemv_t"] = best_triton(x, self.packs["tiled"], k, ref, entries, keep_all=True)
-        if m >= 4:
-            tiles = GEMM_T_TILES[1:3] if quick else GEMM_T_TILES
+        if True:  # GEMM_T at every row count: its tensor cores pad the rows to 16
+            tiles = GEMM_T_TILES[:2] if quick else GEMM_T_TILES
             entries = [
                 [m, GEMM_T, bn, o, sp, bm, w] for bn, w, o in tiles for sp in _splits(n, m, bn, bm, sms, 2)
             ]

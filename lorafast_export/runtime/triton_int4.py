@@ -31,7 +31,8 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # One plan entry: (max rows, kind, BN, BK, splits, BM, warps) with kind 0 = GEMV, 1 = GEMM, 2 = torch's
 # tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused), 3 = GEMV_T and
 # 4 = GEMM_T (the tiled layout, `pack_tiles`; the BK field then holds options: bit 0 scale every weight
-# (GEMM_T), bits 1-3 num_stages (0: Triton's default), bits 4-5 log2 of the tiles per loop iteration).
+# (GEMM_T), bits 1-3 num_stages (0: Triton's default), bits 4-5 log2 of the tiles per loop iteration, bit 6
+# nibbles to bf16 by inline PTX (GEMM_T on CUDA; the interpreter takes the fp32 path)).
 ENTRY = 7
 GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T = 0, 1, 2, 3, 4
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -214,6 +215,44 @@ def _nibbles(w, z, ASYM: tl.constexpr):
     return lo - zz, hi - zz
 
 
+# Four codes' bytes (8 nibbles) → 8 bf16 values code - zero, two per register: prmt spreads bytes 0, 1 (2, 3)
+# into the two 16-bit halves, lop3 keeps one nibble per half and ORs in 0x4300 (bf16 128 + code, exact), one
+# packed fma (x 1.0, - (128 + zero)) subtracts: 1.5 instructions per nibble, against about 5 through fp32.
+_NIBBLES_ASM = tl.constexpr(
+    """
+{
+.reg .b32 t0, t1, t2, zr, one;
+mov.b32 zr, 0;
+mov.b32 one, 0x3F803F80;
+prmt.b32 t0, $4, zr, 0x4140;
+prmt.b32 t1, $4, zr, 0x4342;
+lop3.b32 t2, t0, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, t2, one, $5;
+lop3.b32 t2, t1, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $1, t2, one, $6;
+shr.b32 t0, t0, 4;
+shr.b32 t1, t1, 4;
+lop3.b32 t2, t0, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $2, t2, one, $5;
+lop3.b32 t2, t1, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $3, t2, one, $6;
+}
+"""
+)
+
+
+@triton.jit
+def _nibbles_asm(w, z, ASYM: tl.constexpr):
+    """w uint8 [R, C] → (low, high) bf16 code - zero, exact (CUDA only: inline PTX, see _NIBBLES_ASM)."""
+    if ASYM:
+        nz = tl.broadcast_to((-(z.to(tl.float32) + 128.0)).to(tl.bfloat16)[:, None], w.shape)
+    else:
+        nz = tl.full(w.shape, -136.0, tl.bfloat16)
+    return tl.inline_asm_elementwise(
+        _NIBBLES_ASM, "=r,=r,=r,=r,r,r,r", [w, nz], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+    )
+
+
 @_jit
 def _gemv_t_kernel(
     x_ptr,  # [M, K] activations
@@ -233,6 +272,7 @@ def _gemv_t_kernel(
     U: tl.constexpr,  # tiles per loop iteration
     GS: tl.constexpr,
     ASYM: tl.constexpr,
+    EVEN: tl.constexpr,  # K a whole number of tiles, every split full: no column masks
 ):
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
@@ -246,11 +286,13 @@ def _gemv_t_kernel(
             t = (sp * ITERS + it) * U + u
             k0 = t * T
             kb0 = t * (T // 2)
-            w = tl.load(
-                _tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
-            )
+            if EVEN:  # every tile inside K: no column masks
+                wm, g_ok, xlm, xhm = n_ok[:, None], n_ok, jj >= 0, jj >= 0
+            else:
+                wm, g_ok = n_ok[:, None] & (kb0 + jj < KB)[None, :], n_ok & (k0 < K)
+                xlm, xhm = k0 + jj < K, k0 + T // 2 + jj < K
+            w = tl.load(_tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=wm)
             g_off = nn * G + k0 // GS
-            g_ok = n_ok & (k0 < K)
             s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
             if ASYM:
                 z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
@@ -258,10 +300,8 @@ def _gemv_t_kernel(
                 z = g_off  # unused
             lo, hi = _nibbles(w, z, ASYM)
             for m in tl.static_range(MP):
-                xl = tl.load(x_ptr + m * K + k0 + jj, mask=(k0 + jj < K) & (m < M), other=0.0).to(tl.float32)
-                xh = tl.load(
-                    x_ptr + m * K + k0 + T // 2 + jj, mask=(k0 + T // 2 + jj < K) & (m < M), other=0.0
-                )
+                xl = tl.load(x_ptr + m * K + k0 + jj, mask=xlm & (m < M), other=0.0).to(tl.float32)
+                xh = tl.load(x_ptr + m * K + k0 + T // 2 + jj, mask=xhm & (m < M), other=0.0)
                 part = tl.sum(lo * xl[None, :] + hi * xh.to(tl.float32)[None, :], axis=1) * s
                 acc += tl.where(mm[:, None] == m, part[None, :], 0.0)
     o_off = (sp * M + mm[:, None]) * N + nn[None, :]
@@ -287,8 +327,10 @@ def _gemm_t_kernel(
     U: tl.constexpr,
     GS: tl.constexpr,
     ASYM: tl.constexpr,
+    EVEN: tl.constexpr,  # K a whole number of tiles, every split full: no column masks
     SCALE_W: tl.constexpr,  # scale each weight before the dot (else the tile's partial sum after it)
     IEEE: tl.constexpr,
+    ASM: tl.constexpr,  # nibbles to bf16 by inline PTX (_nibbles_asm), else through fp32 (_nibbles)
 ):
     """Swapped operands: out^T [BN, BM] = W tile [BN, T] @ x^T [T, BM], so the weight rows are the MMA's
     M dimension (Hopper's wgmma wants 64 per warpgroup) and a few activation rows its N dimension."""
@@ -306,27 +348,25 @@ def _gemm_t_kernel(
             t = (sp * ITERS + it) * U + u
             k0 = t * T
             kb0 = t * (T // 2)
-            w = tl.load(
-                _tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=n_ok[:, None] & (kb0 + jj < KB)[None, :]
-            )
-            xl = tl.load(
-                x_ptr + mm[None, :] * K + (k0 + jj)[:, None],
-                mask=m_ok[None, :] & (k0 + jj < K)[:, None],
-                other=0.0,
-            )  # [T/2, BM]
-            xh = tl.load(
-                x_ptr + mm[None, :] * K + (k0 + T // 2 + jj)[:, None],
-                mask=m_ok[None, :] & (k0 + T // 2 + jj < K)[:, None],
-                other=0.0,
-            )
+            if EVEN:  # every tile inside K: no column masks
+                wm, g_ok, xlm, xhm = n_ok[:, None], n_ok, m_ok[None, :], m_ok[None, :]
+            else:
+                wm, g_ok = n_ok[:, None] & (kb0 + jj < KB)[None, :], n_ok & (k0 < K)
+                xlm = m_ok[None, :] & (k0 + jj < K)[:, None]
+                xhm = m_ok[None, :] & (k0 + T // 2 + jj < K)[:, None]
+            w = tl.load(_tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=wm)
+            xl = tl.load(x_ptr + mm[None, :] * K + (k0 + jj)[:, None], mask=xlm, other=0.0)  # [T/2, BM]
+            xh = tl.load(x_ptr + mm[None, :] * K + (k0 + T // 2 + jj)[:, None], mask=xhm, other=0.0)
             g_off = nn * G + k0 // GS
-            g_ok = n_ok & (k0 < K)
             s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
             if ASYM:
                 z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
             else:
                 z = g_off  # unused
-            lo, hi = _nibbles(w, z, ASYM)
+            if ASM:
+                lo, hi = _nibbles_asm(w, z, ASYM)
+            else:
+                lo, hi = _nibbles(w, z, ASYM)
             if SCALE_W:
                 lo = (lo * s[:, None]).to(xl.dtype)
                 hi = (hi * s[:, None]).to(xl.dtype)
@@ -403,15 +443,18 @@ def launch(
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
         _gemm_kernel[grid](*args, BM=bm, BK=bk, IEEE=x.dtype == torch.float32, **common)
     else:
-        opts = entry[3]  # bit 0: scale per weight (GEMM_T); bits 1-3: pipeline stages (0: Triton's default)
+        opts = entry[3]  # bit 0: scale per weight (GEMM_T); bits 1-3: pipeline stages (0: Triton's default);
+        # bits 4-5: log2 tiles per iteration; bit 6: nibbles by inline PTX (GEMM_T, CUDA)
         if opts >> 1 & 7:
             common["num_stages"] = opts >> 1 & 7
+        common["EVEN"] = k % bk == 0 and triton.cdiv(k, bk) % u == 0 and tiles == iters * splits
         if kind == GEMV_T:
             grid = (triton.cdiv(n, bn), splits)
             _gemv_t_kernel[grid](*args, MP=triton.next_power_of_2(m), T=bk, U=u, **common)
         else:
             grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
-            opt = dict(SCALE_W=bool(opts & 1), IEEE=x.dtype == torch.float32)
+            asm = bool(opts & 64) and not _INTERPRET  # the interpreter runs no PTX: the fp32 path there
+            opt = dict(SCALE_W=bool(opts & 1), IEEE=x.dtype == torch.float32, ASM=asm)
             _gemm_t_kernel[grid](*args, BM=bm, T=bk, U=u, **opt, **common)
     return out if splits == 1 else sum_splits(out, x.dtype)
 

@@ -85,6 +85,8 @@ TILED = [  # (entry, group, in): the tiled layout's kernels; tiles of min(group,
     ([64, GEMM_T, 16, 5, 1, 16, 4], 32, 176),  # and two pipeline stages
     ([8, GEMV_T, 32, 16, 2, 16, 4], 64, 384),  # two tiles per loop iteration, the last step half empty
     ([64, GEMM_T, 16, 33, 2, 16, 4], 32, 176),  # four tiles per loop iteration
+    ([64, GEMM_T, 64, 64, 2, 16, 4], 128, 384),  # nibbles by inline PTX (on CUDA; the interpreter: fp32 path)
+    ([64, GEMM_T, 16, 65, 1, 16, 4], 32, 176),  # the same, scale per weight
 ]
 
 
