@@ -48,9 +48,9 @@ GEMM_TILES = [(bn, bk, sp, 4) for bn, bk in ((64, 128), (128, 128), (128, 64)) f
 # SMs, and at most 16.
 # Calls A and B (session 6) swept U = 1, 2, 4, per-weight scales, 2-4 stages, BN 32-128 and 4-8 warps: per-tile
 # scales and Triton's default stages won everywhere, U = 2 helped the GEMV a little; these are what is left,
-# plus the inline-PTX nibble conversion (options bit 6).
+# plus the inline-PTX nibble conversion (options bit 6; with bit 0 the PTX also applies the scale).
 GEMV_T_TILES = [(32, 4, 0), (64, 4, 0), (64, 4, 16)]
-GEMM_T_TILES = [(64, 4, 0), (64, 4, 64), (128, 8, 64)]
+GEMM_T_TILES = [(64, 4, 0), (64, 4, 64), (64, 4, 65), (128, 8, 64), (128, 8, 65)]
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
 
