@@ -4,6 +4,8 @@ matmul), per channel and grouped, symmetric and asymmetric, with act-order.
 Runs on CUDA, or on the CPU through Triton's interpreter (tests/runtime/triton_device.py)."""
 # ruff: noqa: I001 - tests.runtime.triton_device must be imported before any kernel module
 
+import json
+
 import pytest
 import torch
 
@@ -76,3 +78,15 @@ def test_int8_plan_only_where_the_table_beats_bf16_everywhere():
     assert int4_table.int8_plan_from_table(table, 64, 128) == [1, *gemv[1:], 1 << 30, *gemm_t[1:]]
     assert int4_table.int8_plan_from_table(table, 32, 128) is None
     assert int4_table.int8_plan_from_table(table, 16, 128) is None
+
+
+def test_shipped_int8_tables_give_runnable_plans():
+    """Every shipped int8 table's plans name kernels launch8 takes, for shapes where our kernel won."""
+    for f in sorted(int4_table.TABLE_DIR.glob("int8_*.json")):
+        table = json.loads(f.read_text())
+        for row in table["shapes"]:
+            plan = int4_table.int8_plan_from_table(table, row["n"], row["k"])
+            wins = all(c["us"] < c["bf16_us"] for c in row["rows"].values())
+            assert (plan is not None) == wins
+            for i in range(0, len(plan or []), 7):
+                assert plan[i + 1] in (GEMV, GEMM, GEMM_T) and plan[i + 4] >= 1
