@@ -13,6 +13,9 @@ loaded contiguously and split into their even and odd columns, so the nibbles ne
 the codes load as aligned 16-byte vectors (tile offsets are multiples of BK / 2 bytes, rows KB bytes).
 - GEMV for a few rows: no tensor cores; products summed over the tile in fp32, one row at a time.
 - GEMM for more rows: (code - zero) is exact in bf16/fp16 and goes to tl.dot.
+Two more kernels, GEMV_T and GEMM_T (below `tile_cols`), read the codes repacked at load into a tiled,
+blocked layout, convert nibbles by bit tricks (GEMM_T optionally by inline PTX) and, for GEMM_T, swap the
+operands so the weight rows are the MMA's M dimension.
 Which kernel and which tile sizes run for a (shape, rows) comes from a table measured on the device
 (runtime/int4_table.py); `int4_mm` takes that plan and picks the entry for the batch it sees.
 
