@@ -70,7 +70,14 @@ EXPERIMENTS = {  # config fields set explicitly (act_order + static_groups: see 
         "true_sequential": False,
     },
 }
-CONFIG_ONLY = ("static_groups", "true_sequential")
+for _score in ("awq", "gptq"):  # awq-gptq's scale: AWQ's best, or the finalist of lowest GPTQ error
+    EXPERIMENTS[f"awq-gptq-{_score}score"] = {"method": "awq-gptq", "scale_score": _score}
+    EXPERIMENTS[f"awq-gptq-{_score}score-search"] = {
+        "method": "awq-gptq",
+        "scale_score": _score,
+        "range_search": True,
+    }
+CONFIG_ONLY = ("static_groups", "true_sequential", "scale_score")
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:

@@ -252,10 +252,22 @@ class Block:
         return {n: torch.cat(v) for n, v in seen.items()}
 
     @torch.no_grad()
-    def sub_forward(self, sub: str, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Submodule `sub` on x with some of its parameters replaced (AWQ's loss), chunk by chunk."""
+    def sub_forward(
+        self,
+        sub: str,
+        x: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        args_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Submodule `sub` on x with some of its parameters replaced (AWQ's loss), chunk by chunk. args_dtype: its
+        extra float arguments (the rotary cos / sin) in this dtype (AWQ's bf16 screen: the rotation stays in bf16)."""
         module = self.get(sub)
         extra = self.sub_args.get(sub, ())
+        if args_dtype is not None:
+            extra = tuple(
+                a.to(args_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in extra
+            )
         outs = []
         for xc in x.split(self.chunk):
             with self.autocast():

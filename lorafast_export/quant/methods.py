@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.qform import QTensor, qtensor_to, with_fields
-from lorafast_export.quant.awq import apply_clip, awq_search_clip, awq_search_scale, clip_tokens
+from lorafast_export.qform import QTensor, dequantize, qtensor_to, with_fields
+from lorafast_export.quant.awq import apply_clip, awq_scale_finalists, awq_search_clip, clip_tokens
 from lorafast_export.quant.blocks import Block, Group
 from lorafast_export.quant.config import (
     AWQConfig,
@@ -127,19 +127,8 @@ def quantize_block_gptq(block: Block, s: GPTQConfig) -> dict[str, QTensor]:
     for g in block.groups:
         first = g.linears[0]
         H = _hessians(block, [first])[first] if hessians is None else hessians[first]
-        qts = gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
-            [block.weight(n) for n in g.linears],
-            H,
-            s.bits,
-            s.group_size,
-            s.symmetric,
-            act_order=s.act_order,
-            damp_percent=s.damp_percent,
-            block_size=s.block_size,
-            scale_dtype=SCALE_DTYPE,
-            biases=[_bias(block, n) for n in g.linears],
-            search=RANGE_SEARCH if s.range_search else None,
-            static_groups=s.static_groups,
+        qts = _gptq_solve(
+            block, s, [block.weight(n) for n in g.linears], H, [_bias(block, n) for n in g.linears]
         )
         out.update(_finish(block, dict(zip(g.linears, qts, strict=True))))
         block.freeze(list(g.linears))  # later forwards of this block replay what the group computes
@@ -176,11 +165,25 @@ def _fold(block: Block, g: Group, s: torch.Tensor) -> None:
 
 
 def _awq_loss_fn(block: Block, g: Group, x: torch.Tensor):
+    """The group's block (attention / MLP) on x with candidate weights. On the CPU under autocast (AWQ's bf16
+    screen), x is cast once per dtype instead of once per linear that reads it (q, k, v; gate, up): the same values,
+    since those linears are all that read the block's input; and the rotary cos / sin are cast too, so q and k stay
+    in bf16 through the rotation into SDPA instead of going to float32 and back (the screen only ranks: the
+    finalists are scored again in float32)."""
     if g.block is None:
         return None  # awq_search_scale's default: the concatenated linear outputs
     prefix = g.block + "."
     names = [n.removeprefix(prefix) + ".weight" for n in g.linears]
-    return lambda ws: block.sub_forward(g.block, x, dict(zip(names, ws, strict=True)))
+    cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def forward(ws):
+        xi, dtype = x, None
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            xi = cast.setdefault(dtype, x.to(dtype))
+        return block.sub_forward(g.block, xi, dict(zip(names, ws, strict=True)), dtype)
+
+    return forward
 
 
 def _clip_rows(x: torch.Tensor, group_size: int) -> int:
@@ -193,10 +196,15 @@ def _clip_rows(x: torch.Tensor, group_size: int) -> int:
 
 
 def awq_fold_scales(
-    block: Block, s: AWQConfig | AWQGPTQConfig, inputs: dict[str, torch.Tensor]
+    block: Block,
+    s: AWQConfig | AWQGPTQConfig,
+    inputs: dict[str, torch.Tensor],
+    choose: Callable[[Group, list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """AWQ's scale search for every foldable group of the block, each scale folded into the group's previous op
-    as it is found → {linear name: folded s [in]}. inputs: block.capture_inputs of the groups' first linears."""
+    as it is found → {linear name: folded s [in]}. inputs: block.capture_inputs of the groups' first linears.
+    choose(group, finalists (best first, s = 1 among them), the group's input x): the scale to fold (default:
+    AWQ's best)."""
     scale_of: dict[str, torch.Tensor] = {}
     for g in block.groups:
         if not foldable(block, g):
@@ -204,7 +212,7 @@ def awq_fold_scales(
         x = inputs[g.linears[0]]
         xs = x[: max(1, AWQ_SEARCH_TOKENS // x.shape[1])]  # [samples', seq, in]: the grid runs 20+ forwards
         with block.autocast():  # the candidates' forwards in the walk's precision (bf16 on CUDA)
-            sc = awq_search_scale(
+            finalists = awq_scale_finalists(
                 [block.weight(n) for n in g.linears],
                 xs,
                 s.bits,
@@ -215,6 +223,7 @@ def awq_fold_scales(
                 scale_dtype=SCALE_DTYPE,
                 screen=block.screen(),
             )
+        sc = finalists[0] if choose is None else choose(g, finalists, x)
         _fold(block, g, sc)
         scale_of.update({n: sc for n in g.linears})
     return scale_of
@@ -253,9 +262,50 @@ def quantize_block_awq_gptq(block: Block, s: AWQGPTQConfig) -> dict[str, QTensor
     """AWQ's scales searched and folded first (no clipping search: GPTQ's error feedback takes its place), then
     GPTQ on the scaled weights, its Hessians accumulated from the folded block's own (scaled) inputs."""
     inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
-    scale_of = awq_fold_scales(block, s, inputs)
+    choose = (lambda g, fin, x: _gptq_choice(block, s, g, fin, x)) if s.scale_score == "gptq" else None
+    scale_of = awq_fold_scales(block, s, inputs, choose)
     del inputs  # GPTQ runs the folded block again, group by group
     return _with_input_scales(quantize_block_gptq(block, s), scale_of)
+
+
+def _gptq_solve(
+    block: Block, s: GPTQConfig, weights: list[torch.Tensor], H: torch.Tensor, biases: list | None = None
+) -> list[QTensor]:
+    return gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
+        weights,
+        H,
+        s.bits,
+        s.group_size,
+        s.symmetric,
+        act_order=s.act_order,
+        damp_percent=s.damp_percent,
+        block_size=s.block_size,
+        scale_dtype=SCALE_DTYPE,
+        biases=biases,
+        search=RANGE_SEARCH if s.range_search else None,
+        static_groups=s.static_groups,
+    )
+
+
+def _gptq_choice(
+    block: Block, s: AWQGPTQConfig, g: Group, finalists: list[torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Of AWQ's finalists (s = 1 among them), the scale under which GPTQ's own error on the group's calibration
+    input x is lowest: Σ_rows D H Dᵀ, D = Q(W·s)/s - W, each solve on W·s with H scaled to match (diag(1/s) H
+    diag(1/s)). So the combined method is never worse than plain GPTQ by GPTQ's measure on these inputs (up to the
+    true-sequential walk, whose Hessians come later from the quantized groups before)."""
+    H, _ = accumulate_hessian(None, 0, x)
+    weights = [block.weight(n).float() for n in g.linears]
+    best, best_err = finalists[0], float("inf")
+    for sc in finalists:
+        qts = _gptq_solve(block, s, [w * sc[None, :] for w in weights], H / sc[:, None] / sc[None, :])
+        err = 0.0
+        for qt, w in zip(qts, weights, strict=True):
+            d = dequantize(qt) / sc[None, :] - w
+            err += float(((d @ H) * d).sum(dtype=torch.float64))
+        if err < best_err:
+            best, best_err = sc, err
+    return best
 
 
 # --------------------------------------------------------------------------------------- SmoothQuant

@@ -156,5 +156,20 @@ def weight_qtensor(
 def fake_quantize_rtn(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype = torch.float16
 ) -> torch.Tensor:
-    """dequantize(quantize_rtn(w)) as float32 [out, in]: the search objective of AWQ."""
-    return dequantize(quantize_rtn(w, bits, group_size, symmetric, scale_dtype))
+    """dequantize(quantize_rtn(w)) as float32 [out, in]: the search objective of AWQ. It runs once per AWQ candidate,
+    so it goes the short way (no QTensor, no checks) with dequantize's arithmetic: the same values. A ragged last
+    group is filled up with copies of its last column, which leave its min and max as they are, then cut off."""
+    if w.dim() != 2 or group_size == 0 or group_size < -1:
+        return dequantize(quantize_rtn(w, bits, group_size, symmetric, scale_dtype))  # its error message
+    n = w.shape[1]
+    gs = n if group_size == -1 else group_size
+    wf = w.detach().float()
+    pad = -n % gs
+    if pad:
+        wf = torch.cat([wf, wf[:, -1:].expand(-1, pad)], dim=1)
+    wg = wf.reshape(w.shape[0], -1, gs)  # [out, G, gs]
+    scale, zero = qparams(wg.amin(dim=2), wg.amax(dim=2), bits, symmetric, scale_dtype)  # [out, G]
+    zero = None if zero is None else zero[..., None]
+    codes = quantize_codes(wg, scale[..., None], zero, bits)
+    z = 2.0 ** (bits - 1) if zero is None else zero.float()
+    return ((codes.float() - z) * scale[..., None].float()).reshape(w.shape[0], -1)[:, :n]

@@ -4,7 +4,13 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.qform import dequantize
 from lorafast_export.quant.awq import (
+    _gram,
+    _gram_loss,
+    _quant_loss,
+    _weight_mean,
     apply_clip,
+    awq_candidate_scale,
+    awq_scale_finalists,
     awq_search_clip,
     awq_search_scale,
     clip_tokens,
@@ -98,9 +104,10 @@ def test_screened_scale_search_decides_among_finalists_in_full_precision():
     """screen: every candidate scored in bf16 first, the finalists and s = 1 again in float32; with every candidate
     a finalist it is the plain search, and it scores only finalists + s = 1 outside the screen."""
     x, ws = awq_toy(seed=2)
-    plain = awq_search_scale(ws, x, 4, 32)
+    forward = lambda weights: torch.cat([x @ w.T for w in weights], dim=-1)  # noqa: E731
+    plain = awq_search_scale(ws, x, 4, 32, forward_fn=forward)
     screen = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    assert torch.equal(awq_search_scale(ws, x, 4, 32, screen=screen, finalists=21), plain)
+    assert torch.equal(awq_search_scale(ws, x, 4, 32, forward_fn=forward, screen=screen, finalists=21), plain)
     calls = {"screened": 0, "full": 0}
 
     def linears(weights):
@@ -116,6 +123,26 @@ def test_screened_scale_search_decides_among_finalists_in_full_precision():
     awq = [dequantize(quantize_rtn(w * s, 4, 32, False)) / s for w in ws]
     assert output_mse(x, ws, awq) < 0.7 * output_mse(x, ws, rtn)
     assert torch.equal(s, plain)  # on this toy the float32 best is among bf16's three best
+
+
+@pytest.mark.parametrize("group_size", [32, 48])  # 128 inputs: whole groups, and a ragged last group
+def test_linear_group_scored_from_the_gram_matrix_as_by_its_forward(group_size):
+    """A group without a block (down_proj) scores every candidate from XᵀX on the CPU: each loss equals the forward's
+    output MSE (up to float rounding), and the ranking, hence the scale and the finalists, is the forward's."""
+    x, ws = awq_toy(seed=4)
+    forward = lambda weights: torch.cat([x.double() @ w.double().T for w in weights], dim=-1)  # noqa: E731
+    x_mean, w_mean = x.abs().mean(dim=0), _weight_mean(ws, group_size)
+    gram = _gram(x)
+    for r in (0, 5, 19):
+        s = awq_candidate_scale(x_mean, w_mean, r / 20)
+        direct = _quant_loss(forward, forward(ws), ws, s, 4, group_size, False, torch.float16)
+        assert _gram_loss(gram, x.shape[0], ws, s, 4, group_size, False, torch.float16) == pytest.approx(
+            direct, rel=1e-4
+        )
+    by_gram = awq_scale_finalists(ws, x, 4, group_size)
+    by_forward = awq_scale_finalists(ws, x, 4, group_size, forward_fn=forward)
+    assert len(by_gram) == len(by_forward) and all(torch.equal(a, b) for a, b in zip(by_gram, by_forward))
+    assert any(torch.equal(f, torch.ones(128)) for f in by_gram)  # s = 1 is always a finalist
 
 
 def test_awq_clip_does_not_increase_output_error():

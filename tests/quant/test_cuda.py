@@ -8,7 +8,7 @@ from lorafast_export.qform import QLinear, dequantize, qtensor_to
 from lorafast_export.quant.awq import awq_search_clip, awq_search_scale
 from lorafast_export.quant.formats import pack_awq, pack_compressed_tensors, pack_gptq
 from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
-from lorafast_export.quant.rtn import quantize_rtn
+from lorafast_export.quant.rtn import fake_quantize_rtn, quantize_rtn
 from tests.quant.helpers import assert_same_qtensor, correlated_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -24,6 +24,16 @@ def test_rtn_and_packers_match_cpu():
         for pack in (pack_gptq, pack_awq, pack_compressed_tensors):
             a, b = pack(cpu), pack(gpu)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("in_", [256, 200])  # whole groups, a ragged last group
+def test_fake_quantize_on_cuda_is_dequantize_of_quantize(in_):
+    """AWQ's short-way fake quantization on CUDA: the quantizer's own dequantized codes there, and the CPU's values."""
+    w = torch.randn(64, in_) * 0.05
+    for sym in (True, False):
+        gpu = fake_quantize_rtn(w.cuda(), 4, 128, sym)
+        assert torch.equal(gpu, dequantize(quantize_rtn(w.cuda(), 4, 128, sym)))
+        assert torch.equal(gpu.cpu(), fake_quantize_rtn(w, 4, 128, sym))
 
 
 def test_gptq_on_cuda_agrees_with_cpu():

@@ -4,7 +4,7 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.qform import dequantize, group_index, n_groups_for
 from lorafast_export.quant.int8 import quantize_int8_weight
-from lorafast_export.quant.rtn import group_minmax, qparams, quantize_codes, quantize_rtn
+from lorafast_export.quant.rtn import fake_quantize_rtn, group_minmax, qparams, quantize_codes, quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -135,3 +135,18 @@ def test_whole_groups_take_a_reshape_with_the_scatter_path_s_values(group_size, 
     assert torch.equal(qt.scales, scale) and (zero is None) == (qt.zeros is None)
     assert zero is None or torch.equal(qt.zeros, zero)
     assert torch.equal(qt.codes, quantize_codes(w, scale[:, g], None if zero is None else zero[:, g], 4))
+
+
+@pytest.mark.parametrize(
+    "shape, group_size", [((16, 256), 128), ((16, 200), 128), ((16, 200), -1), ((8, 96), 32)]
+)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quantize_is_dequantize_of_quantize(shape, group_size, symmetric, bits):
+    """AWQ's short way (no QTensor; a ragged last group filled with copies of its last column) gives exactly the
+    values of the quantizer's own codes and scales, a dead (all-zero) group included."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) * 0.05
+    w[0, :40] = 0.0
+    w[1, -5:] = 3.0  # an outlier in the ragged last group
+    expected = dequantize(quantize_rtn(w, bits, group_size, symmetric))
+    assert torch.equal(fake_quantize_rtn(w, bits, group_size, symmetric), expected)
