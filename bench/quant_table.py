@@ -22,7 +22,9 @@ FAMILIES = ("rtn", "gptq", "awq-gptq", "awq")  # checked in order: a name's fami
 
 def family(name: str) -> str:
     base = name.split(" (")[0].removeprefix("ours ")
-    base = re.sub(r"-(search|noclip|sym|static|act|onepass|natural|damp[\d.]+|se)\b", "", base)
+    base = re.sub(
+        r"-(search|noclip|sym|static|act|onepass|natural|damp[\d.]+|se|awqscore|gptqscore)\b", "", base
+    )
     for f in ("awq-gptq", "gptq", "awq", "rtn"):
         if base.endswith(f) or f"-{f}" in base or base == f:
             return f
@@ -61,12 +63,17 @@ def strided_rows(out: Path, stride: int, block: int = 256) -> dict[tuple[int, in
     return tables
 
 
-def kl_by_block(out: Path, tag: str, name: str, block: int = 256) -> torch.Tensor | None:
-    """Per-block mean KL of row `name` in the runs tagged g{G}-s{S} (tag), None if absent."""
+def kl_by_block(out: Path, tag: str, name: str, block: int = 256, stride: int = 1) -> torch.Tensor | None:
+    """Per-block mean KL of row `name` in the runs tagged g{G}-s{S} (tag), None if absent. stride > 1: on every
+    stride-th eval block (a full row cut to them, or an --eval-stride row as it is)."""
     for f in out.glob(f"kl_tokens-{tag}-*.pt"):
         kls = torch.load(f)
-        if name in kls and kls[name].numel() >= 40000:
-            return kls[name].view(-1, block).mean(1)
+        if name not in kls:
+            continue
+        full = kls[name].numel() >= 40000
+        kl = kls[name].view(-1, block)
+        if full or stride > 1:
+            return (kl[::stride] if full else kl).mean(1)
     return None
 
 
@@ -103,7 +110,7 @@ def main() -> None:
         where, names = pair.split(":", 1)
         g, s = where.split("/")
         x, y = names.split("=")
-        bx, by = kl_by_block(a.out, f"g{g}-s{s}", x), kl_by_block(a.out, f"g{g}-s{s}", y)
+        bx, by = (kl_by_block(a.out, f"g{g}-s{s}", n, stride=a.stride) for n in (x, y))
         if bx is None or by is None or bx.shape != by.shape:
             print(f"{pair}: per-token KL not found for both")
             continue

@@ -96,7 +96,7 @@ class AWQGPTQConfig(GPTQConfig):
     method: ClassVar[str] = "awq-gptq"
     grid: int = 20  # scale candidates searched per group
     # the scale folded per group: "awq", AWQ's best; "gptq", of AWQ's finalists and s = 1 the one of lowest GPTQ error
-    scale_score: str = "awq"
+    scale_score: str = "gptq"
 
 
 CONFIGS: dict[str, type[QuantConfig]] = {

@@ -14,7 +14,10 @@ The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides wha
   (input_layernorm; v_proj rows only when v_proj's outputs are o_proj's inputs, i.e. no GQA;
   post_attention_layernorm; up_proj rows); then the optional clip search (not for q/k), then RTN.
 - awq-gptq: awq's scale search and folds (no clipping search), then gptq on the folded block (its Hessians from
-  the scaled inputs): the scales protect the salient channels, GPTQ's error feedback does the rounding.
+  the scaled inputs): the scales protect the salient channels, GPTQ's error feedback does the rounding. Which scale
+  is folded (scale_score, default "gptq"): of AWQ's finalists and s = 1, the one under which GPTQ's own output error
+  on the group's calibration input is lowest, so a group that AWQ's scale would not help keeps s = 1 ("awq": AWQ's
+  best, as before; on the 30M fixture 3.6% higher KL, bench/QUANT.md).
 - smoothquant: per-channel activation absmax, s = absmax^α / w_absmax^(1-α) folded into
   input_layernorm, post_attention_layernorm and up_proj rows; every linear W8A8.
 """
@@ -262,6 +265,8 @@ def quantize_block_awq_gptq(block: Block, s: AWQGPTQConfig) -> dict[str, QTensor
     """AWQ's scales searched and folded first (no clipping search: GPTQ's error feedback takes its place), then
     GPTQ on the scaled weights, its Hessians accumulated from the folded block's own (scaled) inputs."""
     inputs = block.capture_inputs([g.linears[0] for g in block.groups])  # one forward, before any fold
+    if s.scale_score not in ("awq", "gptq"):
+        raise InputError(f"awq-gptq: scale_score={s.scale_score!r}; use 'gptq' (the default) or 'awq'.")
     choose = (lambda g, fin, x: _gptq_choice(block, s, g, fin, x)) if s.scale_score == "gptq" else None
     scale_of = awq_fold_scales(block, s, inputs, choose)
     del inputs  # GPTQ runs the folded block again, group by group
