@@ -33,6 +33,7 @@ import itertools
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -147,6 +148,7 @@ class Engine:
             self.greedy_fn = GraphRunner(self.greedy_fn)
             if draft is not None:
                 self.draft_decode, self.draft_extend = GraphRunner(draft), GraphRunner(draft.extend)
+        self._pending, self._landed = 0, 0.0  # rows of queued prefills; when the last one landed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = EngineStats()
@@ -205,10 +207,14 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- step
     def step(self) -> list[Request]:
-        """Admit (and prefill) what fits, then decode one token for every running request; returns finished."""
-        finished = self._admit()
-        while self.prefill_first and self._admissible():
-            finished += self._admit()
+        """Admit (and prefill) what fits, then decode one token for every running request; returns finished.
+        prefill_first: prefill again while a waiting request fits; each prefill is queued on the device
+        before the host waits for the previous one's first tokens, so the GPU does not idle between them."""
+        finished, pending = [], self._launch_prefill()
+        while pending is not None:
+            nxt = self._launch_prefill() if self.prefill_first else None
+            finished += self._land_prefill(pending)
+            pending = nxt
         if self.running:
             finished += self._decode()
         return finished
@@ -225,46 +231,49 @@ class Engine:
             order.sort(key=lambda r: len(r.prompt) + len(r.output))  # stable: ties keep arrival order
         return order
 
-    def _admissible(self) -> bool:
-        """Whether _admit would admit the next waiting request now (a free row, room in the pool)."""
-        if not self.waiting or len(self.running) >= self.max_batch:
-            return False
-        r = self._order()[0]
-        return self.cache.can_fit(len(r.prompt) + len(r.output) + 1) or not self.running
-
-    def _admit(self) -> list[Request]:
+    def _launch_prefill(self) -> _Prefill | None:
         """Admit waiting requests in arrival order (admit_order="shortest": shortest prompt first) while a
-        batch row, cache blocks and the prefill token budget allow, and prefill them together (one padded
-        forward); each gets its first token. Shortest first lowers the median time to first token of a
-        queue (and pads less), but under a steady stream of short prompts a long one can wait for long."""
+        batch row, cache blocks and the prefill token budget allow, and queue their prefill (one packed
+        forward) and first tokens on the device; None if nobody can be admitted. Shortest first lowers
+        the median time to first token of a queue, but under a steady stream of short prompts a long one
+        can wait for long."""
         batch: list[tuple[Request, list[int]]] = []
-        total = 0
+        total, busy = 0, len(self.running) + self._pending
         for r in self._order():
-            if len(self.running) + len(batch) >= self.max_batch:
+            if busy + len(batch) >= self.max_batch:
                 break
             tokens = r.prompt + r.output  # after a preemption: recompute what it already has
             if batch and total + len(tokens) > self.prefill_budget:
                 break
-            if not self.cache.can_fit(len(tokens) + 1) and (self.running or batch):
+            if not self.cache.can_fit(len(tokens) + 1) and (busy or batch):
                 break  # wait for running requests to finish
             self.waiting.remove(r)
             self.cache.reserve(r.id, len(tokens) + 1)
             batch.append((r, tokens))
             total += len(tokens)
         if not batch:
-            return []
+            return None
         t0 = time.perf_counter()
-        firsts = self._prefill(batch)
-        self.stats.prefill_tokens += total
-        self.stats.prefill_s += time.perf_counter() - t0
-        self.stats.prefills.append((t0, len(batch), total, time.perf_counter() - t0))
+        firsts = _to_host(self._prefill(batch))
+        self._pending += len(batch)
+        return _Prefill(batch, total, t0, firsts)
+
+    def _land_prefill(self, p: _Prefill) -> list[Request]:
+        """Wait for a queued prefill's first tokens; its requests join the running batch."""
+        firsts = p.firsts()
+        now = time.perf_counter()
+        self._pending -= len(p.batch)
+        self.stats.prefill_tokens += p.tokens
+        self.stats.prefill_s += now - max(p.t0, self._landed)  # queued prefills overlap: count once
+        self._landed = now
+        self.stats.prefills.append((p.t0, len(p.batch), p.tokens, now - p.t0))
         finished = []
-        for (r, tokens), first in zip(batch, firsts, strict=True):
+        for (r, tokens), first in zip(p.batch, firsts, strict=True):
             if self.draft is not None:
                 self._draft_prefill(r, tokens)
             r.output.append(first)
             r.cached = len(tokens)
-            r.t_first = r.t_first or time.perf_counter()
+            r.t_first = r.t_first or now
             if r.done:
                 self._finish(r)
                 finished.append(r)
@@ -272,14 +281,14 @@ class Engine:
                 self.running.append(r)
         return finished
 
-    def _prefill(self, batch: list[tuple[Request, list[int]]]) -> list[int]:
+    def _prefill(self, batch: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """The prompts packed back to back in one forward (no padding through the linears; the attention
-        keeps each prompt to itself: runtime/attention.py's packed_attention)."""
+        keeps each prompt to itself: runtime/attention.py's packed_attention) → first tokens, on the device."""
         if len(batch) == 1:  # the model's own prefill (the AOT package takes one row)
             r, tokens = batch[0]
             ids = torch.tensor([tokens], device=self.device)
             logits = self.model.prefill(ids, self.cache.slots(r.id, 0, len(tokens)).to(self.device))
-            return self._sample(logits, [r])
+            return self._pick(logits, [r])
         lens = [len(t) for _, t in batch]
         ids = torch.tensor([[t for _, tokens in batch for t in tokens]])
         slots = torch.cat([self.cache.slots(r.id, 0, len(tokens)) for r, tokens in batch])
@@ -287,7 +296,7 @@ class Engine:
         segs = pack_segments(lens)
         ids, slots, last, *segs = (t.to(self.device, non_blocking=True) for t in (ids, slots, last, *segs))
         logits = self.model.prefill(ids, slots, last_index=last, segments=tuple(segs))
-        return self._sample(logits, [r for r, _ in batch])
+        return self._pick(logits, [r for r, _ in batch])
 
     def _reserve_next(self) -> None:
         """Room for one more token in every running sequence, preempting the newest when the pool is full."""
@@ -525,12 +534,42 @@ class Engine:
         return finished
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """logits [>=len(reqs), V] fp32 → one token per request (greedy unless temperature > 0)."""
+        return self._pick(logits, reqs).tolist()
+
+    def _pick(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """logits [>=len(reqs), V] fp32 → one token per request (greedy unless temperature > 0), on the device."""
         out = logits[: len(reqs)].argmax(-1)
         for i, r in enumerate(reqs):
             if r.temperature > 0:
                 out[i] = _sample_top_p(logits[i] / r.temperature, r.top_p, self._gen)
-        return out.tolist()
+        return out
+
+
+@dataclass
+class _Prefill:
+    """A prefill queued on the device: its requests and prompt tokens, and a reader of its first tokens."""
+
+    batch: list[tuple[Request, list[int]]]
+    tokens: int
+    t0: float
+    firsts: Callable[[], list[int]]
+
+
+def _to_host(t: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying t to the host; the callable waits for that copy only (not for work queued after it)."""
+    if t.device.type != "cuda":
+        values = t.tolist()
+        return lambda: values
+    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list[int]:
+        done.synchronize()
+        return buf.tolist()
+
+    return read
 
 
 class _Greedy:

@@ -121,20 +121,40 @@ def run_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(F.silu(gate) * up)
 
 
-def _block(layer, h, cos, sin, attend):
-    """One decoder layer around an attention callable attend(q, k, v) → [b, hq, s, d]."""
+def _block_parts(layer, h, cos, sin, attend):
+    """One decoder layer around an attention callable attend(q, k, v) → [b, hq, s, d]; returns (h after
+    the attention's residual add, the MLP's output): the layer's output is their sum."""
     b, s, _ = h.shape
     q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
     a = attend(q, k, v)
     h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(b, s, -1))
-    return h + run_mlp(layer.mlp, layer.post_attention_layernorm(h))
+    return h, run_mlp(layer.mlp, layer.post_attention_layernorm(h))
+
+
+def _block(layer, h, cos, sin, attend):
+    h, mlp_out = _block_parts(layer, h, cos, sin, attend)
+    return h + mlp_out
 
 
 def paged_layer(
-    layer, h, cos, sin, k_pool, v_pool, block_tables, q_start, slots, block_size: int, window, kind="gather"
+    layer,
+    h,
+    delta,
+    cos,
+    sin,
+    k_pool,
+    v_pool,
+    block_tables,
+    q_start,
+    slots,
+    block_size: int,
+    window,
+    kind="gather",
 ):
-    """One layer over the paged cache: h [B, S, hidden] at positions q_start[b] + s; writes k/v at slots
-    [B*S] first, then attends to each row's prefix and itself. The unit torch.compile sees (regional).
+    """One layer over the paged cache: its input is h + delta [B, S, hidden] (the previous layer's two
+    parts: its residual add runs here, fused by inductor with this layer's first RMSNorm: one kernel per
+    layer fewer) at positions q_start[b] + s; writes k/v at slots [B*S] first, then attends to each row's
+    prefix and itself; returns (h, delta) for the next layer. The unit torch.compile sees (regional).
     kind="triton": a decode step (S = 1) reads the pool in place (runtime/triton_attention.py)."""
 
     def attend(q, k, v):
@@ -147,7 +167,7 @@ def paged_layer(
             return o[:, :, None]
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
 
-    return _block(layer, h, cos, sin, attend)
+    return _block_parts(layer, h + delta, cos, sin, attend)
 
 
 def prefill_layer(layer, h, cos, sin, k_pool, v_pool, slots, window, seg_index=None, seg_flat=None):
@@ -231,12 +251,14 @@ def extend_forward(
     """tokens/positions [B, S] (positions consecutive per row), block_tables [B, M], slots [B*S] → logits
     fp32 [B, S, V]. Every row's tokens before positions[:, 0] must already be in the pools."""
     h = dec.embed(tokens)
+    delta = torch.zeros_like(h)  # h + 0 is h exactly
     cos, sin = dec.rotary(positions, h.dtype)
     q_start = positions[:, 0]
     for i, layer in enumerate(dec.model.layers):
-        h = layer_fn(
+        h, delta = layer_fn(
             layer,
             h,
+            delta,
             cos,
             sin,
             k_pools[i],
@@ -248,7 +270,7 @@ def extend_forward(
             dec.cfg.sliding_window,
             kind,
         )
-    return dec.logits(h).float()
+    return dec.logits(h + delta).float()
 
 
 def decode_forward(
