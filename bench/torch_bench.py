@@ -659,7 +659,7 @@ def code_prompts(tok, n: int, length: int) -> list[list[int]]:
 
 def sec_specdemo(a, dev, R):
     """Speculative decoding on the trained demo (LoRA merged): int4 RTN g32 draft, batch 1, greedy."""
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev.type == "cuda" and a.specdemo_dtype == "bf16" else torch.float32
     model, tok = demo_merged(dev, dtype)
     cfg, state = config_of(model)
     fp4, q4 = quantize_linears(state, 4, 32, False)
@@ -863,6 +863,7 @@ def main() -> None:
     p.add_argument("--int8-table", default="", help="int8k: also write the runtime's int8 kernel table here")
     p.add_argument("--mixed-requests", type=int, default=32, help="mixed section (smaller: a CPU rehearsal)")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
+    p.add_argument("--specdemo-dtype", default="bf16", choices=("bf16", "fp32"), help="specdemo on CUDA")
     p.add_argument("--peer-steps", type=int, default=1, help="decode_steps of that peer run")
     p.add_argument("--prefill-compile", default="off", choices=("on", "off"), help="bf16/int4 sections")
     p.add_argument("--profile", default="bf16,int4", help="runtimes the profile section profiles")
