@@ -287,7 +287,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False):
         cache_gib=a.cache_gib,
         block_size=a.block_size,
         decode_steps=a.decode_steps,
-        prefill_compile=a.prefill_compile == "on",
+        prefill_compile=a.prefill_compile,
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
@@ -396,7 +396,7 @@ def mixed_workload(n=32, seed=0, vocab=128256, out_max=256):
 
 
 # admission policies of the mixed section: label -> (admit_order, prefill budget in prompt tokens,
-# prefill_first, compiled prefill). The first one is the runtime's default (res["ours"]).
+# prefill_first, compiled prefill); --mixed-policies picks some. The first one run is res["ours"].
 MIXED_POLICIES = {
     "arrival_4096": ("arrival", 4096, False, False),
     "shortest_4096_prefill_first": ("shortest", 4096, True, False),
@@ -415,7 +415,8 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
     eager = prefill_layer
     compiled = None if pm.prefill_fn is eager else pm.prefill_fn  # the bf16 section's runtime may have one
     try:
-        for label, (order, budget, first, comp) in MIXED_POLICIES.items():
+        for label in a.mixed_policies.split(","):
+            order, budget, first, comp = MIXED_POLICIES[label]
             if time.perf_counter() - a.t0 > a.budget_s:
                 res[label] = {"skipped": "time budget"}
                 continue
@@ -463,7 +464,7 @@ def sec_mixed(a, dev, R):
         res["ours_label"] = a.mixed_with
         res["packed_check_eager"] = packed_check(rt.model, prompts[:6], dev)
         res["policies"] = mixed_policies(a, rt, prompts, outs)
-        res["ours"] = res["policies"][next(iter(MIXED_POLICIES))]
+        res["ours"] = res["policies"][a.mixed_policies.split(",")[0]]
     if a.mixed_peer == "none":
         return res
     hf_generate(model, prompts[:2], 4, dev)
@@ -862,10 +863,15 @@ def main() -> None:
     )
     p.add_argument("--int8-table", default="", help="int8k: also write the runtime's int8 kernel table here")
     p.add_argument("--mixed-requests", type=int, default=32, help="mixed section (smaller: a CPU rehearsal)")
+    p.add_argument(
+        "--mixed-policies", default=",".join(MIXED_POLICIES), help="mixed: labels of MIXED_POLICIES"
+    )
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
     p.add_argument("--specdemo-dtype", default="bf16", choices=("bf16", "fp32"), help="specdemo on CUDA")
     p.add_argument("--peer-steps", type=int, default=1, help="decode_steps of that peer run")
-    p.add_argument("--prefill-compile", default="off", choices=("on", "off"), help="bf16/int4 sections")
+    p.add_argument(
+        "--prefill-compile", default="auto", choices=("auto", "on", "off"), help="bf16/int4 sections"
+    )
     p.add_argument("--profile", default="bf16,int4", help="runtimes the profile section profiles")
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()

@@ -44,6 +44,7 @@ from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCach
 from lorafast_export.runtime.paged import pack_segments
 
 ADMIT_ORDERS = ("arrival", "shortest")  # which waiting request is prefilled first
+PREFILL_GRAPH_MAX = 512  # a lone prompt up to this long is prefilled from a CUDA graph (padded)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Engine:
         prefill_budget: int = 4096,
         decode_steps: int = 1,
         admit_order: str = "arrival",
-        prefill_first: bool = False,
+        prefill_first: bool = True,
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -143,7 +144,9 @@ class Engine:
             for m in (model, draft):
                 if m is not None:
                     m.compile_layers()
+        self.prefill_graph = None  # one prompt of <= PREFILL_GRAPH_MAX tokens, padded to a power of two
         if self.cuda_graphs:
+            self.prefill_graph = GraphRunner(_PaddedPrefill(model))
             self.decode_fn, self.extend_fn = GraphRunner(model), GraphRunner(model.extend)
             self.greedy_fn = GraphRunner(self.greedy_fn)
             if draft is not None:
@@ -284,6 +287,8 @@ class Engine:
     def _prefill(self, batch: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """The prompts packed back to back in one forward (no padding through the linears; the attention
         keeps each prompt to itself: runtime/attention.py's packed_attention) → first tokens, on the device."""
+        if len(batch) == 1 and self.prefill_graph is not None and len(batch[0][1]) <= PREFILL_GRAPH_MAX:
+            return self._padded_prefill(*batch[0])
         if len(batch) == 1:  # the model's own prefill (the AOT package takes one row)
             r, tokens = batch[0]
             ids = torch.tensor([tokens], device=self.device)
@@ -297,6 +302,21 @@ class Engine:
         ids, slots, last, *segs = (t.to(self.device, non_blocking=True) for t in (ids, slots, last, *segs))
         logits = self.model.prefill(ids, slots, last_index=last, segments=tuple(segs))
         return self._pick(logits, [r for r, _ in batch])
+
+    def _padded_prefill(self, r: Request, tokens: list[int]) -> torch.Tensor:
+        """One prompt right-padded to a power of two (>= 16), replayed from that length's CUDA graph: a
+        short prompt's prefill is bound by the host's launches (about 25 ms for the 8B's 128 tokens, eager
+        or compiled), not by the GPU. The padding comes after every real token (causal attention keeps it
+        out of them) and writes its k/v to the pad block."""
+        n = len(tokens)
+        t = max(16, _pow2(n))
+        ids = torch.zeros(1, t, dtype=torch.long)
+        ids[0, :n] = torch.tensor(tokens)
+        slots = torch.full((t,), PAD_BLOCK * self.cache.block_size, dtype=torch.long)
+        slots[:n] = self.cache.slots(r.id, 0, n)
+        last = torch.tensor([n - 1])
+        logits = self.prefill_graph(*(x.to(self.device, non_blocking=True) for x in (ids, slots, last)))
+        return self._pick(logits, [r])
 
     def _reserve_next(self) -> None:
         """Room for one more token in every running sequence, preempting the newest when the pool is full."""
@@ -543,6 +563,16 @@ class Engine:
             if r.temperature > 0:
                 out[i] = _sample_top_p(logits[i] / r.temperature, r.top_p, self._gen)
         return out
+
+
+class _PaddedPrefill:
+    """model.prefill of one right-padded row (ids [1, t], slots [t], last_index [1]): what a CUDA graph holds."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return self.model.prefill(ids, slots, last_index=last)
 
 
 @dataclass

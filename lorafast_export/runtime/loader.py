@@ -111,7 +111,9 @@ def build_runtime(
     else:
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
         model = PagedModel(dec, cache, attention)
-        if compiled and opts.prefill_compile:
+        if compiled and (
+            opts.prefill_compile == "on" or (opts.prefill_compile == "auto" and device.type == "cuda")
+        ):
             model.compile_prefill()
     engine = Engine(
         model,

@@ -31,8 +31,10 @@ class RuntimeOptions:
     spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
     decode_steps: int = 8  # greedy decode steps chained on the device per host round trip (1 = one at a time)
     admit_order: str = "arrival"  # prefill order of waiting requests: arrival, or shortest prompt first
-    prefill_first: bool = False  # no decode step while a waiting request can be admitted (lower TTFT)
-    prefill_compile: bool = False  # compiled runtimes also torch.compile the prefill (dynamic in its length)
+    prefill_first: bool = True  # no decode step while a waiting request can be admitted (lower TTFT)
+    prefill_compile: str = (
+        "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -41,10 +43,11 @@ class RuntimeOptions:
             ("attention", ATTENTION),
             ("kernel", KERNELS),
             ("admit_order", ADMIT_ORDERS),
+            ("prefill_compile", COMPILE),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("aot", "prefill_first", "prefill_compile"):
+        for name in ("aot", "prefill_first"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: use true or false")
         for name in (

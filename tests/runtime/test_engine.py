@@ -129,3 +129,12 @@ def test_request_errors(llama):
         eng.add([1] * 20, 10)
     with pytest.raises(InputError, match="at least one token"):
         eng.add([], 3)
+
+
+def test_padded_single_prompt_prefill_same_tokens(llama, solo):
+    """The CUDA-graph prefill's input: one prompt right-padded to a power of two (here run eagerly)."""
+    from lorafast_export.runtime.engine import _PaddedPrefill
+
+    eng = make_engine(llama, max_batch=1)
+    eng.prefill_graph = _PaddedPrefill(eng.model)
+    assert eng.generate_batch(prompts(), NEW) == solo
