@@ -6,6 +6,7 @@
 Sections (--sections, comma separated; each one's result is written to --out as soon as it ends):
   copy     device-to-device copy bandwidth (bytes read + written), the ceiling for decode
   check    correctness on the device: int4/int8 linears vs fake-quant, compiled gather/flex decode vs eager
+  enginecheck  only check's compiled-engine part (fp32 tokens vs eager: packed and lone-prompt prefill)
   kernels  linear layers of the model's shapes: bf16 vs int4 tinygemm vs int8 weight-only, per batch rows
   attn     paged decode attention: gather vs flex (compiled), per batch and context length
   bf16     our runtime, bf16 weights: batch sizes x (prompt, new tokens); eager vs compiled at batch 1
@@ -167,6 +168,22 @@ def sec_check(a, dev, R):
             out[f"linear_int{bits}_g{group}_{'sym' if sym else 'asym'}_{m.kernel}"] = (
                 (y - ref).norm() / ref.norm()
             ).item()
+    cfg, state, prompts, base = _engine_check(dev, out)
+    fp, q = quantize_linears(state, 4, 128, False)
+    rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="on", **base))
+    ref = build_runtime(
+        cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="off", kernel="dequant", **base)
+    )
+    ids = torch.tensor(prompts[:2])
+    lr, ld = rt.logits(ids), ref.logits(ids)
+    out["int4_model_logits_rel_err_vs_dequant_bf16"] = ((lr - ld).norm() / ld.norm()).item()
+    out["int4_kernels"] = sorted(set(rt.kernels.values()))
+    out.update(_check_triton_int4(cfg, fp, q, dev, prompts, ids, ld, base))
+    return out
+
+
+def _engine_check(dev, out: dict):
+    """The compiled engine (CUDA graphs, packed and single-prompt prefill) against the eager one, fp32."""
     model = hf_model("check", dev, torch.float32)
     cfg, state = config_of(model)
     prompts = random_prompts(5, 40, cfg.vocab_size, 1)
@@ -181,21 +198,19 @@ def sec_check(a, dev, R):
         t = time.perf_counter()
         try:
             got = rt.generate_batch(prompts, 24)
+            alone = [rt.generate_batch([p], 24)[0] for p in prompts[:2]]  # a lone prompt's prefill graph
         except Exception as e:  # noqa: BLE001 - a failing kernel is a result; the other sections go on
-            got = f"{type(e).__name__}: {str(e)[:300]}"
+            got = alone = f"{type(e).__name__}: {str(e)[:300]}"
         out[f"engine_compiled_{attn}_attention"] = rt.attention
         out[f"engine_compiled_{attn}_tokens_equal_eager"] = got == want
+        out[f"engine_compiled_{attn}_single_prompt_tokens_equal_eager"] = alone == want[:2]
         out[f"engine_compiled_{attn}_first_run_s"] = time.perf_counter() - t
-    fp, q = quantize_linears(state, 4, 128, False)
-    rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="on", **base))
-    ref = build_runtime(
-        cfg, fp, q, dev, torch.bfloat16, RuntimeOptions(compile="off", kernel="dequant", **base)
-    )
-    ids = torch.tensor(prompts[:2])
-    lr, ld = rt.logits(ids), ref.logits(ids)
-    out["int4_model_logits_rel_err_vs_dequant_bf16"] = ((lr - ld).norm() / ld.norm()).item()
-    out["int4_kernels"] = sorted(set(rt.kernels.values()))
-    out.update(_check_triton_int4(cfg, fp, q, dev, prompts, ids, ld, base))
+    return cfg, state, prompts, base
+
+
+def sec_enginecheck(a, dev, R):
+    out = {}
+    _engine_check(dev, out)
     return out
 
 
@@ -822,6 +837,7 @@ SECTIONS = {
     "int4": lambda a, d, R: sec_model(a, d, R, True),
     "hf": sec_hf,
     "mixed": sec_mixed,
+    "enginecheck": sec_enginecheck,
     "hfstatic": sec_hfstatic,
     "cpu": sec_cpu,
     "profile": sec_profile,
