@@ -191,7 +191,7 @@ def _engine_check(dev, out: dict):
     single = RuntimeOptions(compile="off", decode_steps=1, **base)  # compiled runs chain 8 steps per burst
     eager = build_runtime(cfg, state, None, dev, torch.float32, single)
     want = eager.generate_batch(prompts, 24)
-    for attn in ("triton", "gather"):
+    for attn in ("triton", "gather") if dev.type == "cuda" else ("gather",):
         rt = build_runtime(
             cfg, state, None, dev, torch.float32, RuntimeOptions(compile="on", attention=attn, **base)
         )
