@@ -8,7 +8,8 @@ any decode step: the time to first token of a queue no longer waits for decode s
 batch is padded to a bucket size and the block tables to a power-of-two width. Compiled, the per-layer
 function goes through torch.compile (one graph shared by every layer; a whole 8B-shaped step took ~80 s to
 compile per shape on an H200) and on CUDA the whole step is replayed from one CUDA graph per shape
-(runtime/graphs.py). When the pool runs out mid-decode the most recently admitted request is preempted:
+(runtime/graphs.py); so is a lone prompt's prefill of <= PREFILL_GRAPH_MAX tokens, right-padded to a
+power of two (its launches, not the GPU, bound a short prompt's time to first token). When the pool runs out mid-decode the most recently admitted request is preempted:
 its blocks are freed and it re-enters the queue to be recomputed from its prompt and the tokens it already
 has (greedy output is unchanged by this).
 
