@@ -33,33 +33,9 @@ __all__ = [
 ForwardFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
-def awq_search_scale(
-    weights: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    bits: int,
-    group_size: int,
-    n_grid: int = 20,
-    symmetric: bool = False,
-    duo_scaling: bool = True,
-    forward_fn: ForwardFn | None = None,
-    scale_dtype: torch.dtype = torch.float16,
-    screen: Callable[[], AbstractContextManager] | None = None,
-    finalists: int = 3,
-) -> torch.Tensor:
-    """awq_scale_finalists' best: the s whose quantized output is closest to the float one."""
-    return awq_scale_finalists(
-        weights,
-        x,
-        bits,
-        group_size,
-        n_grid,
-        symmetric,
-        duo_scaling,
-        forward_fn,
-        scale_dtype,
-        screen,
-        finalists,
-    )[0]
+def awq_search_scale(*args, **kwargs) -> torch.Tensor:
+    """awq_scale_finalists' best (same arguments): the s whose quantized output is closest to the float one."""
+    return awq_scale_finalists(*args, **kwargs)[0]
 
 
 def awq_scale_finalists(

@@ -68,8 +68,9 @@ _ONEDNN: bool | None = None
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except a float32 product on a CPU goes through oneDNN: torch's float32 CPU matmul is MKL's
     sgemm, which on this project's AMD development CPU (AVX-512) ran at 45-85 GFLOP per CPU-second on the
-    walk's shapes against 130-180 for oneDNN, in IEEE float32 both (no reduced-precision mode; rows do not
-    depend on the batch). Validation's own stages only: the reference (transformers + PEFT) keeps torch's."""
+    walk's shapes against 130-180 for oneDNN, in IEEE float32 both (no reduced-precision mode), where this
+    torch's oneDNN keeps rows independent of the batch (_onednn_ok). Validation's own stages, and the transformers
+    + PEFT reference's logits through OneDnnLinears (its greedy generate keeps torch's product)."""
     if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and _onednn_ok():
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
