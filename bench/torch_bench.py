@@ -14,6 +14,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   hf       transformers generate (eager, dynamic cache) at the same batch sizes
   mixed    32 requests of mixed prompt/output lengths: our continuous batching vs transformers batched generate
   hfstatic transformers generate with the static cache + torch.compile, batch 1
+  e2e      end to end at batch 1, ours (bf16) vs hfstatic's peer, each timed --e2e-repeats times, interleaved
   cpu      (CPU) compiled vs eager decode of our runtime
   profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 import traceback
@@ -43,6 +45,7 @@ from lorafast_export.model.spec import ModelConfig  # noqa: E402
 from lorafast_export.qform import QLinear  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.runtime.bench import bench_runtime, random_prompts, run_requests  # noqa: E402
+from lorafast_export.runtime.engine import MAX_WAIT_MS  # noqa: E402
 from lorafast_export.runtime.linear import lower_qtensor  # noqa: E402
 from lorafast_export.runtime.loader import build_runtime  # noqa: E402
 from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
@@ -411,31 +414,38 @@ def mixed_workload(n=32, seed=0, vocab=128256, out_max=256):
 
 
 # admission policies of the mixed section: label -> (admit_order, prefill budget in prompt tokens,
-# prefill_first, compiled prefill); --mixed-policies picks some. The first one run is res["ours"].
+# prefill_first, compiled prefill, max_wait_ms); --mixed-policies picks some. The first one run is
+# res["ours"]. "default" is RuntimeOptions' default; the other shortest-first ones have no aging (inf),
+# as measured before aging existed.
+NO_AGING = float("inf")
 MIXED_POLICIES = {
-    "arrival_4096": ("arrival", 4096, False, False),
-    "shortest_4096_prefill_first": ("shortest", 4096, True, False),
-    "shortest_2048_prefill_first": ("shortest", 2048, True, False),
-    "shortest_4096_prefill_first_compiled": ("shortest", 4096, True, True),
-    "shortest_2048_prefill_first_compiled": ("shortest", 2048, True, True),
-    "shortest_1024_prefill_first_compiled": ("shortest", 1024, True, True),
-    "arrival_4096_prefill_first_compiled": ("arrival", 4096, True, True),
+    "default": ("shortest", 4096, True, True, MAX_WAIT_MS),
+    "arrival_4096": ("arrival", 4096, False, False, 0.0),
+    "shortest_4096_prefill_first": ("shortest", 4096, True, False, NO_AGING),
+    "shortest_2048_prefill_first": ("shortest", 2048, True, False, NO_AGING),
+    "shortest_4096_prefill_first_compiled": ("shortest", 4096, True, True, NO_AGING),
+    "shortest_2048_prefill_first_compiled": ("shortest", 2048, True, True, NO_AGING),
+    "shortest_1024_prefill_first_compiled": ("shortest", 1024, True, True, NO_AGING),
+    "shortest_4096_aging100_compiled": ("shortest", 4096, True, True, 100.0),
+    "arrival_4096_prefill_first_compiled": ("arrival", 4096, True, True, 0.0),
 }
 
 
 def mixed_policies(a, rt, prompts, outs) -> dict:
     """The same queue under each admission policy: a warm-up pass (captures, compiles), then a timed one."""
     eng, pm, res = rt.engine, rt.model, {}
-    keep = (eng.admit_order, eng.prefill_budget, eng.prefill_first, pm.prefill_fn)
+    knobs = ("admit_order", "prefill_budget", "prefill_first", "max_wait_ms")
+    keep = [getattr(eng, k) for k in knobs], pm.prefill_fn
     eager = prefill_layer
     compiled = None if pm.prefill_fn is eager else pm.prefill_fn  # the bf16 section's runtime may have one
     try:
         for label in a.mixed_policies.split(","):
-            order, budget, first, comp = MIXED_POLICIES[label]
+            order, budget, first, comp, wait = MIXED_POLICIES[label]
             if time.perf_counter() - a.t0 > a.budget_s:
                 res[label] = {"skipped": "time budget"}
                 continue
-            eng.admit_order, eng.prefill_budget, eng.prefill_first = order, budget, first
+            for k, v in zip(knobs, (order, budget, first, wait), strict=True):
+                setattr(eng, k, v)
             if comp and compiled is None:
                 pm.compile_prefill()
                 compiled = pm.prefill_fn
@@ -445,8 +455,12 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
             t = time.perf_counter()
             run_requests(rt, prompts, outs)
             res[label] = {"warmup_s": time.perf_counter() - t, **run_requests(rt, prompts, outs)}
+            res[label]["max_wait_ms"] = wait if wait < NO_AGING else None  # None: no aging
+            print(f"  mixed {label}: TTFT median {res[label]['ttft_ms_median']:.1f} ms", flush=True)
     finally:
-        eng.admit_order, eng.prefill_budget, eng.prefill_first, pm.prefill_fn = keep
+        for k, v in zip(knobs, keep[0], strict=True):
+            setattr(eng, k, v)
+        pm.prefill_fn = keep[1]
     return res
 
 
@@ -474,7 +488,7 @@ def sec_mixed(a, dev, R):
     rt = R.get("_mixed_rt")
     if rt is None and a.mixed_with == "bf16":
         cfg, state = config_of(model)
-        rt = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R))
+        rt = R["_mixed_rt"] = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R))
     if rt is not None:
         res["ours_label"] = a.mixed_with
         res["packed_check_eager"] = packed_check(rt.model, prompts[:6], dev)
@@ -502,6 +516,50 @@ def sec_hfstatic(a, dev, R):
         out.update({"seconds": s, "tokens": n, "tokens_per_s": n / s})
     except Exception as e:  # noqa: BLE001 - a peer failing is a result to report, not a crash of the bench
         out["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return out
+
+
+def sec_e2e(a, dev, R):
+    """End to end at batch 1 (prompt + new tokens, wall clock) against transformers' static cache + its
+    compile, same prompt: after a warm-up of each, a.e2e_repeats timed runs of each, interleaved (peer,
+    ours, peer, ours, ...) so that a drift of the device hits both; medians and the spread of the ratio."""
+    model = R["_model"]
+    prompts = random_prompts(1, a.prompt_len, model.config.vocab_size)
+    rt = R.get("_mixed_rt")
+    if rt is None:
+        cfg, state = config_of(model)
+        rt = R["_mixed_rt"] = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R))
+    new, out = a.new_tokens, {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens}
+    t = time.perf_counter()
+    run_requests(rt, prompts, [new])
+    out["ours_first_run_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    hf_generate(model, prompts, new, dev, cache_implementation="static")
+    out["peer_first_run_s"] = time.perf_counter() - t
+    print(
+        f"  e2e warm-up: ours {out['ours_first_run_s']:.1f} s, peer {out['peer_first_run_s']:.1f} s",
+        flush=True,
+    )
+    peer, ours, ttft = [], [], []
+    for _ in range(a.e2e_repeats):
+        s, n = hf_generate(model, prompts, new, dev, cache_implementation="static")
+        peer.append(n / s)
+        r = run_requests(rt, prompts, [new])
+        ours.append(r["tokens_per_s"])
+        ttft.append(r["ttft_ms_first"])
+        print(f"  e2e peer {peer[-1]:.1f} tok/s, ours {ours[-1]:.1f} tok/s", flush=True)
+    med = statistics.median
+    out.update(
+        peer_tokens_per_s=peer,
+        ours_tokens_per_s=ours,
+        ours_ttft_ms=ttft,
+        peer_median=med(peer),
+        ours_median=med(ours),
+        speedup_median=med(ours) / med(peer),
+        speedup_worst=min(ours) / max(peer),
+        speedup_best=max(ours) / min(peer),
+        ours_decode_steps=rt.engine.decode_steps,
+    )
     return out
 
 
@@ -839,6 +897,7 @@ SECTIONS = {
     "mixed": sec_mixed,
     "enginecheck": sec_enginecheck,
     "hfstatic": sec_hfstatic,
+    "e2e": sec_e2e,
     "cpu": sec_cpu,
     "profile": sec_profile,
     "spec": sec_spec,
@@ -846,7 +905,7 @@ SECTIONS = {
     "tritoncheck": sec_tritoncheck,
     "int8k": sec_int8k,
 }
-NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic", "profile", "spec"}
+NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec"}
 
 
 def main() -> None:
@@ -882,6 +941,7 @@ def main() -> None:
     p.add_argument(
         "--mixed-policies", default=",".join(MIXED_POLICIES), help="mixed: labels of MIXED_POLICIES"
     )
+    p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
     p.add_argument("--specdemo-dtype", default="bf16", choices=("bf16", "fp32"), help="specdemo on CUDA")
     p.add_argument("--peer-steps", type=int, default=1, help="decode_steps of that peer run")

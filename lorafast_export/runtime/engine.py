@@ -1,8 +1,10 @@
 """Continuous batching over the paged cache: requests join and leave between decode steps.
 
-Each `step()`: admit waiting requests while a batch row, cache blocks and a prefill token budget allow
-(prefilled together in one forward with the prompts packed back to back, so no padding goes through the
-linears; it also yields their first tokens), then one decode step for every running request.
+Each `step()`: admit waiting requests (shortest prompt first, except that a request that has waited
+more than `max_wait_ms` goes before every younger one: no starvation) while a batch row, cache blocks
+and a prefill token budget allow (prefilled together in one forward with the prompts packed back to
+back, so no padding goes through the linears; it also yields their first tokens), then one decode step
+for every running request.
 `prefill_first`: admit again (prefill after prefill) while the queue holds a request that fits, before
 any decode step: the time to first token of a queue no longer waits for decode steps in between. The decode
 batch is padded to a bucket size and the block tables to a power-of-two width. Compiled, the per-layer
@@ -45,6 +47,7 @@ from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCach
 from lorafast_export.runtime.paged import pack_segments
 
 ADMIT_ORDERS = ("arrival", "shortest")  # which waiting request is prefilled first
+MAX_WAIT_MS = 500.0  # shortest first: a request that waited longer is admitted before any younger one
 PREFILL_GRAPH_MAX = 512  # a lone prompt up to this long is prefilled from a CUDA graph (padded)
 
 
@@ -117,8 +120,10 @@ class Engine:
         spec_k: int = 4,
         prefill_budget: int = 4096,
         decode_steps: int = 1,
-        admit_order: str = "arrival",
+        admit_order: str = "shortest",
+        max_wait_ms: float = MAX_WAIT_MS,
         prefill_first: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -137,6 +142,10 @@ class Engine:
         if admit_order not in ADMIT_ORDERS:
             raise InputError(f"admit_order={admit_order!r}: use one of {', '.join(ADMIT_ORDERS)}.")
         self.admit_order = admit_order
+        if not max_wait_ms >= 0:
+            raise InputError(f"max_wait_ms={max_wait_ms}: use a number >= 0 (0 = arrival order).")
+        self.max_wait_ms = max_wait_ms
+        self.clock = clock  # arrival, aging and first/last token times (a test can step it by hand)
         self.prefill_first = prefill_first  # no decode step while a waiting request can be admitted
         self.decode_fn, self.extend_fn = model, getattr(model, "extend", None)
         self.greedy_fn = _Greedy(model)  # the decode step and its argmax: token ids [rows] on the device
@@ -190,7 +199,7 @@ class Engine:
             temperature,
             top_p,
             frozenset(stop_ids),
-            t_added=time.perf_counter(),
+            t_added=self.clock(),
         )
         self.waiting.append(r)
         return r
@@ -224,23 +233,32 @@ class Engine:
         return finished
 
     def _finish(self, r: Request) -> None:
-        r.t_done = time.perf_counter()
+        r.t_done = self.clock()
         self.cache.free(r.id)
         if self.draft_cache is not None:
             self.draft_cache.free(r.id)
 
     def _order(self) -> list[Request]:
-        order = list(self.waiting)
+        """Waiting requests in admission order. "shortest": the requests that waited longer than
+        max_wait_ms first, in arrival order, then the others shortest prompt first (ties: arrival). Once a
+        request has aged, only requests that arrived before it can be admitted ahead of it, and
+        _launch_prefill stops at the first request that does not fit: no stream of short prompts can
+        starve a long one for more than max_wait_ms plus the time to serve the requests older than it."""
+        order = list(self.waiting)  # arrival order (a preempted request re-enters at the front)
         if self.admit_order == "shortest":
-            order.sort(key=lambda r: len(r.prompt) + len(r.output))  # stable: ties keep arrival order
+            aged = self.clock() - self.max_wait_ms / 1e3
+
+            def key(r: Request) -> tuple:
+                return (0, r.t_added) if r.t_added < aged else (1, len(r.prompt) + len(r.output))
+
+            order.sort(key=key)  # stable: ties keep arrival order
         return order
 
     def _launch_prefill(self) -> _Prefill | None:
-        """Admit waiting requests in arrival order (admit_order="shortest": shortest prompt first) while a
+        """Admit waiting requests in _order (shortest first, aged requests before all others) while a
         batch row, cache blocks and the prefill token budget allow, and queue their prefill (one packed
-        forward) and first tokens on the device; None if nobody can be admitted. Shortest first lowers
-        the median time to first token of a queue, but under a steady stream of short prompts a long one
-        can wait for long."""
+        forward) and first tokens on the device; None if nobody can be admitted. The first request in
+        order that does not fit stops the admission: nobody overtakes it."""
         batch: list[tuple[Request, list[int]]] = []
         total, busy = 0, len(self.running) + self._pending
         for r in self._order():
@@ -277,7 +295,8 @@ class Engine:
                 self._draft_prefill(r, tokens)
             r.output.append(first)
             r.cached = len(tokens)
-            r.t_first = r.t_first or now
+            if r.t_first is None:
+                r.t_first = self.clock()
             if r.done:
                 self._finish(r)
                 finished.append(r)

@@ -127,6 +127,7 @@ def build_runtime(
         prefill_budget=1 if aot_meta is not None else opts.prefill_tokens,  # the AOT prefill takes one row
         decode_steps=opts.decode_steps,
         admit_order=opts.admit_order,
+        max_wait_ms=opts.max_wait_ms,
         prefill_first=opts.prefill_first,
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lorafast_export.errors import InputError
-from lorafast_export.runtime.engine import ADMIT_ORDERS
+from lorafast_export.runtime.engine import ADMIT_ORDERS, MAX_WAIT_MS
 from lorafast_export.runtime.linear import KERNELS
 
 ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offered (wrong when compiled)
@@ -30,7 +30,8 @@ class RuntimeOptions:
     prefill_tokens: int = 4096  # prompt tokens prefilled together in one packed forward (1 = one by one)
     spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
     decode_steps: int = 8  # greedy decode steps chained on the device per host round trip (1 = one at a time)
-    admit_order: str = "arrival"  # prefill order of waiting requests: arrival, or shortest prompt first
+    admit_order: str = "shortest"  # prefill order of waiting requests: shortest prompt first, or arrival
+    max_wait_ms: float = MAX_WAIT_MS  # shortest first: who waited longer is admitted first (no starvation)
     prefill_first: bool = True  # no decode step while a waiting request can be admitted (lower TTFT)
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
@@ -68,6 +69,12 @@ class RuntimeOptions:
                 problems.append(f"{name}={v!r}: use a positive integer")
         if isinstance(self.block_size, int) and self.block_size & (self.block_size - 1):
             problems.append(f"block_size={self.block_size}: use a power of two (16, 32, 64, ...)")
+        if (
+            not isinstance(self.max_wait_ms, int | float)
+            or isinstance(self.max_wait_ms, bool)
+            or not self.max_wait_ms >= 0
+        ):
+            problems.append(f"max_wait_ms={self.max_wait_ms!r}: use a number >= 0 (0 = arrival order)")
         if not isinstance(self.cache_gib, int | float) or self.cache_gib <= 0:
             problems.append(f"cache_gib={self.cache_gib!r}: use a positive number")
         b = self.batch_buckets

@@ -79,10 +79,14 @@ def test_shortest_first_admission_prefills_short_prompts_first_same_tokens(llama
     assert [r.output for r in reqs] == solo
     with pytest.raises(InputError, match="admit_order='newest'"):
         make_engine(llama, admit_order="newest")
+    with pytest.raises(InputError, match="max_wait_ms=-1"):
+        make_engine(llama, max_wait_ms=-1)
 
 
 def test_prefill_first_admits_the_queue_before_decoding_same_tokens(llama, solo):
-    eng = make_engine(llama, max_batch=4, decode_steps=4, prefill_budget=22, prefill_first=True)
+    eng = make_engine(
+        llama, max_batch=4, decode_steps=4, prefill_budget=22, prefill_first=True, admit_order="arrival"
+    )
     reqs = [eng.add(p, n) for p, n in zip(prompts(), NEW, strict=True)]
     eng.step()  # 4 rows: prompts of 5 and 17 tokens, then 3 and 9 (within 22 tokens each), then a decode
     assert [r.t_first is not None for r in reqs] == [True] * 4 + [False] * 2
@@ -90,6 +94,80 @@ def test_prefill_first_admits_the_queue_before_decoding_same_tokens(llama, solo)
     while eng.has_work:
         eng.step()
     assert [r.output for r in reqs] == solo
+
+
+class FakeClock:
+    """The engine's clock, stepped by the test: one second per engine step."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stream_of_short_prompts(eng, clock, long_prompt, steps, seed=3):
+    """Two short requests busy the 2 rows, then the long one arrives, then one short request per step."""
+    g = torch.Generator().manual_seed(seed)
+    short = [torch.randint(0, 96, (int(n),), generator=g).tolist() for n in torch.randint(1, 4, (steps + 2,))]
+    reqs = [eng.add(short[0], 3), eng.add(short[1], 3)]
+    eng.step()
+    clock.now += 1
+    big = eng.add(long_prompt, 4)
+    for p in short[2:]:
+        reqs.append(eng.add(p, 3))
+        eng.step()
+        clock.now += 1
+    return big, reqs
+
+
+@pytest.mark.parametrize("max_wait_ms", [1e9, 5000.0])  # 1e9: no aging within the test; 5000: 5 steps
+def test_shortest_first_ages_so_a_long_prompt_is_not_starved(llama, max_wait_ms):
+    clock = FakeClock()
+    eng = make_engine(llama, max_batch=2, admit_order="shortest", max_wait_ms=max_wait_ms, clock=clock)
+    long_prompt = prompts()[4]  # 30 tokens
+    big, reqs = stream_of_short_prompts(eng, clock, long_prompt, steps=30)
+    if max_wait_ms > 1e6:  # the starvation aging prevents: 30 short requests went first, one per step
+        assert big.t_first is None and sum(r.t_first is not None for r in reqs) >= 25
+        return
+    # admitted once it waited more than 5 s (the clock reads 1 s per step): at the first step after that
+    # when a row is free; nothing younger was admitted from then on until it was
+    assert big.t_first is not None and 5 < big.t_first - big.t_added <= 8
+    younger = [r for r in reqs if r.t_added > big.t_added + 5 and r.t_first is not None]
+    assert younger and all(r.t_first >= big.t_first for r in younger)
+    while eng.has_work:
+        eng.step()
+    dec = load_decoder(llama)
+    assert big.output == greedy_reference(dec, long_prompt, 4)
+    assert [r.output for r in reqs[:6]] == [greedy_reference(dec, r.prompt, 3) for r in reqs[:6]]
+
+
+def test_aged_requests_are_never_overtaken_by_younger_ones(llama):
+    """A random stream (0-2 arrivals per step, prompts of 1-30 tokens): each step's admissions are a prefix
+    of the admission order the option documents (aged requests by arrival, then shortest first); a
+    request that has aged is never passed by a younger one; every output equals the request decoded alone."""
+    clock, rnd = FakeClock(), torch.Generator().manual_seed(5)
+    eng = make_engine(llama, max_batch=3, admit_order="shortest", max_wait_ms=3000.0, clock=clock)
+    reqs = []
+    for _ in range(40):
+        for _ in range(int(torch.randint(0, 3, (1,), generator=rnd))):
+            n = int(torch.randint(1, 31, (1,), generator=rnd))
+            new = int(torch.randint(1, 9, (1,), generator=rnd))
+            reqs.append(eng.add(torch.randint(0, 96, (n,), generator=rnd).tolist(), new))
+        waiting = list(eng.waiting)
+        aged = {r.id for r in waiting if r.t_added < clock.now - 3}
+        want = sorted(waiting, key=lambda r: (0, r.t_added) if r.id in aged else (1, len(r.prompt)))
+        eng.step()
+        admitted = {r.id for r in waiting if r.t_first is not None}
+        assert admitted == {r.id for r in want[: len(admitted)]}  # a prefix of the documented order
+        left_aged = [r.t_added for r in waiting if r.id in aged and r.id not in admitted]
+        assert not left_aged or all(r.t_added <= min(left_aged) for r in waiting if r.id in admitted)
+        clock.now += 1
+    while eng.has_work:
+        eng.step()
+    dec = load_decoder(llama)
+    assert eng.stats.preemptions == 0 and any(r.t_first - r.t_added > 3 for r in reqs)  # aging was used
+    assert [r.output for r in reqs] == [greedy_reference(dec, r.prompt, r.max_new_tokens) for r in reqs]
 
 
 def test_requests_joining_between_steps(llama, solo):
