@@ -31,7 +31,16 @@ from lorafast_export.qform import dequantize, pack_nibbles  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits  # noqa: E402
-from lorafast_export.runtime.triton_int4 import GEMM, GEMM_T, GEMV, GEMV_T, launch, pack_tiles  # noqa: E402
+from lorafast_export.runtime.triton_int4 import (  # noqa: E402
+    GEMM,
+    GEMM_T,
+    GEMM_W,
+    GEMV,
+    GEMV_T,
+    launch,
+    pack_tiles,
+    pack_words,
+)
 
 MODELS = {  # hidden, intermediate, heads, kv heads, head dim
     "llama3-8b": (4096, 14336, 32, 8, 128),
@@ -51,6 +60,10 @@ GEMM_TILES = [(bn, bk, sp, 4) for bn, bk in ((64, 128), (128, 128), (128, 64)) f
 # plus the inline-PTX nibble conversion (options bit 6; with bit 0 the PTX also applies the scale).
 GEMV_T_TILES = [(32, 4, 0), (64, 4, 0), (64, 4, 16)]
 GEMM_T_TILES = [(64, 4, 0), (64, 4, 64), (64, 4, 65), (128, 8, 64), (128, 8, 65)]
+# The word-layout GEMM_W (session 7): (BN, warps, options); options bit 0 scale per weight, bits 1-3 stages,
+# bit 4 scales and zero points loaded one iteration ahead.
+GEMM_W_TILES = [(64, 4, 0), (128, 8, 0), (128, 4, 0), (64, 4, 16), (64, 4, 1), (64, 4, 8)]
+CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w")
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the issue's two targets first: a budget cut drops the rest
 
@@ -144,7 +157,12 @@ class Shape:
         self.wbs = [wf.to(act) for _ in range(n_copies(n * k * 2, dev))]
         sz = (qt.scales.to(dev), qt.zeros.to(dev))
         self.packs = {}
-        for name, w in (("qform", pack_nibbles(qt.codes)), ("tiled", pack_tiles(qt.codes, 128))):
+        layouts = (
+            ("qform", pack_nibbles(qt.codes)),
+            ("tiled", pack_tiles(qt.codes, 128)),
+            ("words", pack_words(qt.codes)),
+        )
+        for name, w in layouts:
             p = (w.to(dev), *sz)
             self.packs[name] = [p] + [tuple(t.clone() for t in p) for _ in range(copies - 1)]
         self.tinys = []
@@ -152,9 +170,11 @@ class Shape:
             self.tinys = [Int4Linear(qt, dtype=act, device=dev) for _ in range(copies)]
         self.cells: dict[str, dict] = {}
 
-    def measure(self, m: int, quick: bool, old: dict | None, sms: int) -> dict:
-        """One row bucket: bf16, tinygemm (up to 64 rows), our old kernels (the shipped table's entry for
-        this cell when given, else the old grid) and the tiled kernels' sweep."""
+    def measure(
+        self, m: int, quick: bool, old: dict | None, sms: int, sweep: tuple[str, ...] = CELLS
+    ) -> dict:
+        """One row bucket: bf16, tinygemm (up to 64 rows) and our kernels. A cell in `sweep` is timed over
+        its grid of tiles; any other cell only at the shipped table's entry for it (`old`), if it has one."""
         n, k, dev = self.n, self.k, self.dev
         x = torch.randn(m, k, device=dev, dtype=ACT_DTYPE[dev.type])
         ref = x.float() @ self.wd.T
@@ -162,27 +182,38 @@ class Shape:
         tg = self.tinys and m <= 64
         cell["tinygemm_us"] = graph_us(lambda i: self.tinys[i](x), len(self.tinys)) if tg else None
         bm = min(64, max(16, 1 << (m - 1).bit_length()))
-        for kind, name in ((GEMV, "gemv"), (GEMM, "gemm")):
-            if (kind == GEMV) != (m <= 4):
-                continue
-            if old and old.get(name) and old[name].get("entry"):
+        grids = {
+            "gemv": [[m, GEMV, bn, bk, sp, bm, w] for bn, bk, sp, w in GEMV_TILES] if m <= 4 else [],
+            "gemm": [[m, GEMM, bn, bk, sp, bm, w] for bn, bk, sp, w in GEMM_TILES] if m > 4 else [],
+            "gemv_t": [
+                [m, GEMV_T, bn, o, sp, 16, w]
+                for bn, w, o in GEMV_T_TILES
+                for sp in _splits(n, 1, bn, 1, sms, 8)
+            ]
+            if m <= 4
+            else [],
+            # GEMM_T / GEMM_W at every row count: their tensor cores pad the rows to 16
+            "gemm_t": [
+                [m, GEMM_T, bn, o, sp, bm, w]
+                for bn, w, o in GEMM_T_TILES
+                for sp in _splits(n, m, bn, bm, sms, 2)
+            ],
+            "gemm_w": [
+                [m, GEMM_W, bn, o, sp, bm, w]
+                for bn, w, o in GEMM_W_TILES
+                for sp in _splits(n, m, bn, bm, sms, 2)
+            ],
+        }
+        layout = {"gemv": "qform", "gemm": "qform", "gemv_t": "tiled", "gemm_t": "tiled", "gemm_w": "words"}
+        for name in CELLS:
+            if name in sweep:
+                entries = grids[name][:2] if quick else grids[name]
+            elif old and (old.get(name) or {}).get("entry"):
                 entries = [[m, *old[name]["entry"][1:]]]
             else:
-                grid = GEMV_TILES if kind == GEMV else GEMM_TILES
-                entries = [[m, kind, bn, bk, sp, bm, w] for bn, bk, sp, w in (grid[:2] if quick else grid)]
-            cell[name] = best_triton(x, self.packs["qform"], k, ref, entries)
-        if m <= 4:
-            tiles = GEMV_T_TILES[1:3] if quick else GEMV_T_TILES
-            entries = [
-                [m, GEMV_T, bn, o, sp, 16, w] for bn, w, o in tiles for sp in _splits(n, 1, bn, 1, sms, 8)
-            ]
-            cell["gemv_t"] = best_triton(x, self.packs["tiled"], k, ref, entries, keep_all=True)
-        if True:  # GEMM_T at every row count: its tensor cores pad the rows to 16
-            tiles = GEMM_T_TILES[:2] if quick else GEMM_T_TILES
-            entries = [
-                [m, GEMM_T, bn, o, sp, bm, w] for bn, w, o in tiles for sp in _splits(n, m, bn, bm, sms, 2)
-            ]
-            cell["gemm_t"] = best_triton(x, self.packs["tiled"], k, ref, entries, keep_all=True)
+                continue
+            if entries:
+                cell[name] = best_triton(x, self.packs[layout[name]], k, ref, entries, keep_all=name in sweep)
         self.cells[str(m)] = cell
         brief = {a: (b["us"], b["entry"]) if isinstance(b, dict) else b for a, b in cell.items()}
         print(f"  [{n}x{k}] rows {m}: {json.dumps(brief)}", flush=True)
@@ -219,6 +250,26 @@ def ptx_notes() -> dict:
     return notes
 
 
+def merge(shipped: dict, new: dict, path: Path) -> None:
+    """Write `shipped` with the row buckets `new` measured replacing its own, shape by shape (a bucket the
+    new run did not reach keeps the shipped cell, so the plan keeps its other buckets)."""
+    out = json.loads(json.dumps(shipped))
+    for row in new["shapes"]:
+        old = next(
+            (r for r in out.setdefault("shapes", []) if (r["n"], r["k"]) == (row["n"], row["k"])), None
+        )
+        if old is None:
+            out["shapes"].append(row)
+        else:
+            old["rows"].update(row["rows"])
+    out["measured"] = (
+        f"{shipped.get('measured', '')}; buckets replaced by {new.get('date')} run ({new.get('note', '')})"
+    )
+    tmp = path.with_suffix(".tmp")  # whole or not at all: the runtime may read it after a timeout
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -231,7 +282,15 @@ def main() -> None:
     p.add_argument(
         "--reuse-old",
         action="store_true",
-        help="time our qform-layout kernels only at the entry the shipped table chose per cell (no re-sweep)",
+        help="time the kernels not in --sweep only at the entry the shipped table chose per cell",
+    )
+    p.add_argument(
+        "--sweep", default=",".join(CELLS), help=f"kernel cells swept over their tile grid: {CELLS}"
+    )
+    p.add_argument(
+        "--merge-into",
+        default="",
+        help="also write the shipped table with this run's measured cells replacing its own (other buckets kept)",
     )
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,9 +317,11 @@ def main() -> None:
                 print(f"budget: skipped {sh.n}x{sh.k} rows {m}", flush=True)
                 continue
             prev = next((r for r in (old or {}).get("shapes", []) if (r["n"], r["k"]) == (sh.n, sh.k)), None)
-            sh.measure(m, a.quick, (prev or {}).get("rows", {}).get(str(m)), sms)
+            sh.measure(m, a.quick, (prev or {}).get("rows", {}).get(str(m)), sms, tuple(a.sweep.split(",")))
             table["shapes"] = [x.row() for x in measured if x.cells]
             out.write_text(json.dumps(table, indent=1))
+            if a.merge_into:
+                merge(load_table(gpu) or {}, table, Path(a.merge_into))
     table["ptx"] = ptx_notes() if dev.type == "cuda" else {}
     out.write_text(json.dumps(table, indent=1))
     print(f"wrote {out} in {time.perf_counter() - t0:.0f}s", flush=True)

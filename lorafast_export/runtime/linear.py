@@ -239,11 +239,15 @@ class Int4TritonLinear(_QuantLinearBase):
         self.plan = list(plan or default_plan())
         if not tinygemm_fits(qt, torch.device(device).type == "cuda", dtype):
             self.plan = _tinygemm_to_gemv(self.plan, t4)  # e.g. CUDA tinygemm takes bf16 only
+        if qt.group_size % t4.WORD_COLS:
+            self.plan = _words_to_tiled(self.plan, t4)  # GEMM_W's 128-column tiles need whole groups
         kinds = set(self.plan[1 :: t4.ENTRY])
         qform = pack_nibbles(codes).to(device) if kinds & {t4.GEMV, t4.GEMM} else None
         tiled = t4.pack_tiles(codes, qt.group_size).to(device) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
         self.register_buffer("weight", qform)  # [out, ceil(in/2)]
         self.register_buffer("weight_tiled", tiled)  # [out, ceil(in/T) * T/2]
+        words = t4.pack_words(codes).to(device) if t4.GEMM_W in kinds else None
+        self.register_buffer("weight_words", words)  # int32 [out, ceil(in/128) * 16]
         self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
         self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
         self.register_buffer("perm", None if perm is None else perm.to(device))
@@ -266,6 +270,7 @@ class Int4TritonLinear(_QuantLinearBase):
             self.tinygemm_weight,
             self.tinygemm_scale_zeros,
             self.weight_tiled,
+            self.weight_words,
         )
         return self._finish(y, shape)
 
@@ -302,6 +307,17 @@ def _tinygemm_to_gemv(plan: list[int], t4) -> list[int]:
     gemv = default_plan()[1 : t4.ENTRY]
     entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
     return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.TINYGEMM else e)]
+
+
+def _words_to_tiled(plan: list[int], t4) -> list[int]:
+    """The plan with each GEMM_W entry run by GEMM_T with the same tile (nibbles by PTX, scale per tile or
+    per weight as the entry says): for a layer whose groups are narrower than GEMM_W's 128 columns."""
+    entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
+    return [
+        x
+        for e in entries
+        for x in ([*e[:1], t4.GEMM_T, e[2], 64 | e[3] & 15, *e[4:]] if e[1] == t4.GEMM_W else e)
+    ]
 
 
 _KERNEL_CLASSES = {

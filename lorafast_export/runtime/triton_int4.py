@@ -35,9 +35,11 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # tinygemm (the layer then also holds tinygemm's packing; the tile fields are unused), 3 = GEMV_T and
 # 4 = GEMM_T (the tiled layout, `pack_tiles`; the BK field then holds options: bit 0 scale every weight
 # (GEMM_T), bits 1-3 num_stages (0: Triton's default), bits 4-5 log2 of the tiles per loop iteration, bit 6
-# nibbles to bf16 by inline PTX (GEMM_T on CUDA; the interpreter takes the fp32 path)).
+# nibbles to bf16 by inline PTX (GEMM_T on CUDA; the interpreter takes the fp32 path)); 5 = GEMM_W (the
+# word layout, `pack_words`; BK holds options: bit 0 scale every weight, bits 1-3 num_stages, bit 4 load
+# the next tile's scales and zero points one iteration ahead).
 ENTRY = 7
-GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T = 0, 1, 2, 3, 4
+GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W = 0, 1, 2, 3, 4, 5
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -409,6 +411,201 @@ def _gemm_t_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
+# ----------------------------------------------------------------------------------------- word layout
+# GEMM_W reads the codes repacked once at load (`pack_words`) as int32 words: per tile of 128 input
+# columns (inside one group) and row, 16 words; nibble j of word q holds column 16 j + q. The tiles of
+# ROWS_PER_BLOCK rows are stored together (2 KB chunks), as in the tiled layout. In the kernel the 8
+# nibbles of a word become 8 [BN, 16] operands (one inline-PTX call per two words: prmt, shift, lop3 and
+# one packed bf16 add per two nibbles), joined and permuted back into one [BN, 128] operand in column
+# order. Triton 3.6 maps that join/permute onto the MMA's register fragment with no data movement: each
+# thread loads exactly the words of its fragment (64-bit shared loads, no byte assembly) and the tile is
+# one wgmma group with one wait (GEMM_T: byte loads, 60 prmt per tile, two waits).
+WORD_COLS = 128  # input columns per word tile
+_WQ = tl.constexpr(WORD_COLS // 8)  # words per tile row
+
+
+def pack_words(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [out, in] (0..15) → int32 [ceil(out / R) * R, ceil(in / 128) * 16], the blocked word
+    layout ([N/R][K/128][R][16] words; zero codes pad the last tile and block; the kernel masks them)."""
+    r, t = ROWS_PER_BLOCK, WORD_COLS
+    out_f, in_f = codes.shape
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, -in_f % t, 0, -out_f % r))
+    c = c.view(c.shape[0] // r, r, c.shape[1] // t, 8, t // 8)  # [.., j, q]: column 16 j + q
+    w = sum(c[:, :, :, j] << (4 * j) for j in range(8))  # [N/R, R, K/T, 16], int32 (wraps at bit 31)
+    return w.permute(0, 2, 1, 3).contiguous().view(-1, c.shape[2] * (t // 8))
+
+
+def _words_ptx(scaled: bool) -> str:
+    """PTX for two words ($8, $9: elements e, e + 1) → 8 registers ($0-$7), register j holding nibble j of
+    both words as bf16x2 (low half: word $8): prmt gathers the low (high) 16 bits of both words, a shift
+    and lop3 keep one nibble per half and OR in 0x4300 (bf16 128 + code, exact), a packed add of
+    -(128 + zero) ($10, $11) gives code - zero, exact; scaled: a packed multiply by the scale ($12, $13)."""
+    lines = [
+        "{",
+        ".reg .b32 lo, hi, t, one, mz, nz, sc;",
+        "mov.b32 one, 0x3F803F80;",
+        "mov.b32 mz, 0x80008000;",
+        "prmt.b32 lo, $8, $9, 0x5410;",
+        "prmt.b32 hi, $8, $9, 0x7632;",
+        "prmt.b32 nz, $10, $11, 0x5410;",  # element e's zero in the low half, e + 1's in the high
+    ]
+    if scaled:
+        lines.append("prmt.b32 sc, $12, $13, 0x5410;")
+    for j in range(8):
+        src, sh = ("lo", "hi")[j // 4], 4 * (j % 4)
+        if sh:
+            lines.append(f"shr.b32 t, {src}, {sh};")
+        lines.append(f"lop3.b32 t, {'t' if sh else src}, 0x000F000F, 0x43004300, 0xEA;")
+        lines.append(f"fma.rn.bf16x2 ${j}, t, one, nz;")
+        if scaled:
+            lines.append(f"fma.rn.bf16x2 ${j}, ${j}, sc, mz;")
+    return "\n".join([*lines, "}"])
+
+
+_WORDS_PTX = tl.constexpr(_words_ptx(False))
+_WORDS_PTX_SCALED = tl.constexpr(_words_ptx(True))
+
+
+@triton.jit
+def _bf16_bits(v):
+    """fp32 [R] → int32 [R]: v rounded to bf16, its 16 bits in the low half."""
+    return v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, g_off, g_ok, ASYM: tl.constexpr):
+    """(fp32 scale, fp32 128 + zero point) [R] of one group per row (symmetric: zero point 8)."""
+    s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+    if ASYM:
+        return s, tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32) + 128.0
+    return s, s * 0.0 + 136.0  # derived from s, not tl.full: Triton then keeps GEMM_W's operand layout
+
+
+@triton.jit
+def _word_nibble(w, j: tl.constexpr, zz):
+    """Nibble j of int32 words [R, C] as fp32 code - zero (the interpreter's path): the fp32 bit trick."""
+    return ((((w >> (4 * j)) & 0xF) << 16) | 0x43000000).to(tl.float32, bitcast=True) - zz
+
+
+@triton.jit
+def _join8(d0, d1, d2, d3, d4, d5, d6, d7, BN: tl.constexpr):
+    """8 operands [BN, 16] (d_j: columns 16 j + q) → [BN, 128] in column order. A join appends a last
+    dimension and a reshape flattens the first joined dimension most significantly: join on bit 2 of j,
+    then bit 1, then bit 0."""
+    e = tl.join(tl.join(d0, d4), tl.join(d2, d6))  # [BN, 16, 2, 2]: [q, j bit 2, j bit 1] (j even)
+    o = tl.join(tl.join(d1, d5), tl.join(d3, d7))  # j odd
+    a = tl.reshape(tl.join(e, o), [BN, 16, 8])  # [q, j]
+    return tl.reshape(tl.permute(a, (0, 2, 1)), [BN, 128])
+
+
+@_jit
+def _gemm_w_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, KW] int32, word layout (KW = ceil(K / 128) * 16)
+    s_ptr,  # [N, G]
+    z_ptr,  # [N, G] uint8
+    out_ptr,  # [SPLITS, M, N] fp32, or [M, N] in x's dtype
+    M,
+    N,
+    K,
+    KW,
+    G,
+    ITERS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GS: tl.constexpr,  # a multiple of 128
+    ASYM: tl.constexpr,
+    EVEN: tl.constexpr,  # K a whole number of tiles, every split full: no column masks
+    SCALE_W: tl.constexpr,  # scale each weight before the dot (else the tile's partial sum after it)
+    IEEE: tl.constexpr,
+    ASM: tl.constexpr,  # nibbles to bf16 by inline PTX (bf16 activations on CUDA), else through fp32
+    PREFETCH: tl.constexpr,  # load the next tile's scales and zero points one iteration ahead
+):
+    """Swapped operands as GEMM_T: out^T [BN, BM] = W tile [BN, 128] @ x^T [128, BM]."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    sp = tl.program_id(2)
+    nn = pid_n * BN + tl.arange(0, BN)
+    mm = pid_m * BM + tl.arange(0, BM)
+    qq = tl.arange(0, _WQ)
+    kk = tl.arange(0, 128)
+    n_ok = nn < N
+    m_ok = mm < M
+    row = (nn // _R) * (_R * KW) + (nn % _R) * _WQ
+    acc = tl.zeros([BN, BM], tl.float32)
+    # PREFETCH: the tile's scale and zero point are loaded one iteration ahead (too small for the
+    # pipeliner's async copies, loaded in the loop their latency stalls the tile; but the loop-carried
+    # values change Triton's layouts: the operand then goes through shared memory)
+    g0 = sp * ITERS * 128
+    s_next, zz_next = _scale_zero(s_ptr, z_ptr, nn * G + g0 // GS, n_ok & (g0 < K) & PREFETCH, ASYM)
+    for it in range(0, ITERS):
+        t = sp * ITERS + it
+        k0 = t * 128
+        if PREFETCH:
+            s, zz = s_next, zz_next
+            k1 = k0 + 128
+            g_ok = n_ok & (k1 < K) & (it + 1 < ITERS)
+            s_next, zz_next = _scale_zero(s_ptr, z_ptr, nn * G + k1 // GS, g_ok, ASYM)
+        else:
+            s, zz = _scale_zero(s_ptr, z_ptr, nn * G + k0 // GS, n_ok & (k0 < K), ASYM)
+        if EVEN:
+            wm, xm = n_ok[:, None], m_ok[None, :]
+        else:
+            wm, xm = n_ok[:, None] & (k0 < K), m_ok[None, :] & (k0 + kk < K)[:, None]
+        w = tl.load(w_ptr + row[:, None] + t * (_R * _WQ) + qq[None, :], mask=wm, other=0)  # [BN, 16]
+        x = tl.load(x_ptr + mm[None, :] * K + (k0 + kk)[:, None], mask=xm, other=0.0)  # [128, BM]
+        if ASM:
+            nz = tl.broadcast_to(_bf16_bits(-zz)[:, None], w.shape)
+            if SCALE_W:
+                sc = tl.broadcast_to(_bf16_bits(s)[:, None], w.shape)
+                d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                    _WORDS_PTX_SCALED,
+                    "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r",
+                    [w, nz, sc],
+                    dtype=(tl.bfloat16,) * 8,
+                    is_pure=True,
+                    pack=2,
+                )
+            else:
+                d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                    _WORDS_PTX,
+                    "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+                    [w, nz],
+                    dtype=(tl.bfloat16,) * 8,
+                    is_pure=True,
+                    pack=2,
+                )
+            a = _join8(d0, d1, d2, d3, d4, d5, d6, d7, BN)
+        else:
+            z2 = zz[:, None]
+            a = _join8(
+                _word_nibble(w, 0, z2),
+                _word_nibble(w, 1, z2),
+                _word_nibble(w, 2, z2),
+                _word_nibble(w, 3, z2),
+                _word_nibble(w, 4, z2),
+                _word_nibble(w, 5, z2),
+                _word_nibble(w, 6, z2),
+                _word_nibble(w, 7, z2),
+                BN,
+            )
+            if SCALE_W:
+                a = a * s[:, None]
+            a = a.to(x.dtype)
+        if SCALE_W:
+            if IEEE:
+                acc = tl.dot(a, x, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, x, acc)
+        else:
+            if IEEE:
+                acc += tl.dot(a, x, input_precision="ieee") * s[:, None]
+            else:
+                acc += tl.dot(a, x) * s[:, None]
+    o_off = (sp * M + mm[None, :]) * N + nn[:, None]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+
+
 @triton.jit
 def _sum_splits_kernel(p_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out [M*N] (x's dtype) = the sum of the SPLITS fp32 partials [SPLITS, M*N]: one launch where torch's
@@ -439,10 +636,10 @@ def launch(
     entry: list[int] | tuple[int, ...],
 ) -> torch.Tensor:
     """x [M, K] @ dequant(w).T with one plan entry (see ENTRY) → [M, N] in x's dtype. w: qform's packing
-    for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T."""
+    for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T, `pack_words` for GEMM_W."""
     _, kind, bn, bk, splits, bm, warps = entry
     tiled = kind in (GEMV_T, GEMM_T)
-    bk = tile_cols(group_size) if tiled else min(bk, group_size)  # a tile lies inside one group
+    bk = WORD_COLS if kind == GEMM_W else tile_cols(group_size) if tiled else min(bk, group_size)
     u = 1 << (entry[3] >> 4 & 3) if tiled else 1  # tiles per loop iteration
     m, n, g = x.shape[0], s.shape[0], s.shape[1]  # w may hold padding rows
     tiles = triton.cdiv(triton.cdiv(k, bk), u)  # in steps of u tiles
@@ -461,6 +658,16 @@ def launch(
     elif kind == GEMM:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
         _gemm_kernel[grid](*args, BM=bm, BK=bk, IEEE=x.dtype == torch.float32, **common)
+    elif kind == GEMM_W:
+        if entry[3] >> 1 & 7:
+            common["num_stages"] = entry[3] >> 1 & 7
+        common["EVEN"] = k % bk == 0 and tiles == iters * splits
+        asm = x.dtype == torch.bfloat16 and not _INTERPRET  # the interpreter runs no PTX: the fp32 path
+        opt = dict(
+            SCALE_W=bool(entry[3] & 1), IEEE=x.dtype == torch.float32, ASM=asm, PREFETCH=bool(entry[3] & 16)
+        )
+        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
+        _gemm_w_kernel[grid](*args, BM=bm, **opt, **common)
     else:
         opts = entry[3]  # bit 0: scale per weight (GEMM_T); bits 1-3: pipeline stages (0: Triton's default);
         # bits 4-5: log2 tiles per iteration; bit 6: nibbles by inline PTX (GEMM_T, CUDA)
@@ -497,18 +704,20 @@ def int4_mm(
     tg_w: torch.Tensor | None = None,
     tg_sz: torch.Tensor | None = None,
     w_tiled: torch.Tensor | None = None,
+    w_words: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
     w: qform's packing, for kinds GEMV / GEMM; w_tiled: `pack_tiles`, for GEMV_T / GEMM_T; tg_w / tg_sz:
-    the tinygemm packing, for TINYGEMM; a layer holds only the packings its plan uses). The choice happens
+    the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W; a layer holds only the packings
+    its plan uses). The choice happens
     here, inside the op, so a compiled graph does not branch on the (dynamic) row count."""
     entry = pick(plan, x.shape[0])
     if entry[1] == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
-    packed = w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
+    packed = w_words if entry[1] == GEMM_W else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
     return launch(x.contiguous(), packed, s, z, k, group_size, entry)
 
 
 @int4_mm.register_fake
-def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None, w_tiled=None):
+def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None, w_tiled=None, w_words=None):
     return x.new_empty(x.shape[0], s.shape[0])

@@ -16,11 +16,13 @@ from lorafast_export.runtime.triton_int4 import (
     ENTRY,
     GEMM,
     GEMM_T,
+    GEMM_W,
     GEMV,
     GEMV_T,
     TINYGEMM,
     launch,
     pack_tiles,
+    pack_words,
 )
 from tests.quant.helpers import random_qtensor
 from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
@@ -122,6 +124,67 @@ def test_pack_tiles_layout():
     assert not tile(1, 0)[8:].any()  # rows 40..63: padding
 
 
+WORDS = [  # (entry, group, in): GEMM_W on `pack_words` codes; tiles of 128 columns inside one group
+    ([64, GEMM_W, 16, 0, 1, 16, 4], 128, 384),  # scale on the tile's partial sum, every tile full
+    ([64, GEMM_W, 32, 1, 2, 16, 4], 256, 512),  # scale per weight, two splits, two tiles per group
+    ([64, GEMM_W, 16, 0, 2, 16, 4], 128, 320),  # 2.5 groups: the last tile padded, its activations masked
+    ([64, GEMM_W, 64, 5, 4, 32, 4], 128, 384),  # 3 tiles in 4 splits (one empty), two stages, rows padded
+]
+
+
+@pytest.mark.parametrize("entry,group,in_f", WORDS)
+@pytest.mark.parametrize("sym", [True, False])
+def test_word_kernel(entry, group, in_f, sym):
+    """GEMM_W on the word layout equals the fake-quant reference (on CUDA with bf16: the inline-PTX nibble
+    conversion; the interpreter and fp32: the fp32 path), rows and output rows padding the tile."""
+    qt = random_qtensor(40, in_f, 4, group, sym, seed=in_f + group + 1)
+    x = torch.randn(5, in_f)
+    ref = QLinear(qt)(x)
+    w, s = pack_words(qt.codes).to(DEV), qt.scales.to(DEV)
+    z = None if sym else qt.zeros.to(DEV)
+    for dtype in _dtypes():
+        assert _close(launch(x.to(DEV, dtype), w, s, z, in_f, group, entry), ref, dtype)
+
+
+def test_pack_words_layout():
+    """Nibble j of word q of a row's tile holds column 128 t + 16 j + q; the tiles of 32 consecutive rows
+    are stored together (16 words a row), tile after tile; a ragged last tile or block is padded with 0."""
+    codes = torch.randint(0, 16, (40, 200), dtype=torch.uint8)
+    words = pack_words(codes)
+    assert words.dtype == torch.int32 and words.shape == (64, 32)  # 2 tiles of 16 words, rows to 64
+    flat = words.view(-1)
+
+    def tile(block, t):  # [32 rows, 16 words]
+        start = (block * 2 + t) * 32 * 16
+        return flat[start : start + 32 * 16].view(32, 16)
+
+    for j in range(8):
+        got = (tile(1, 0)[:8] >> (4 * j)) & 0xF
+        assert torch.equal(got, codes[32:, 16 * j : 16 * j + 16].to(torch.int32))
+    tail = (tile(0, 1) >> 12) & 0xF  # nibble 3 of tile 1: columns 176..191, inside the 200 columns
+    assert torch.equal(tail, codes[:32, 176:192].to(torch.int32))
+    assert not ((tile(0, 1) >> 20) & 0xF).any()  # nibble 5: columns 208..223, padding
+    assert not tile(1, 1)[8:].any()  # rows 40..63: padding
+
+
+def test_word_plan_keeps_only_the_word_packing_or_falls_back():
+    """A GEMM_W plan keeps only the word packing; a layer with groups narrower than 128 columns runs the
+    same tile through GEMM_T instead (act-order, asymmetric), both equal to the fake-quant reference."""
+    plan = [64, GEMM_W, 32, 1, 2, 16, 4]
+    for group in (128, 64):
+        qt = random_qtensor(48, 256, 4, group, False, act_order=True, seed=group)
+        for dtype in _dtypes():
+            mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
+            assert mod.weight is None and mod.tinygemm_weight is None
+            if group == 128:
+                assert mod.weight_tiled is None and mod.weight_words.shape == (64, 32)
+            else:
+                assert mod.weight_words is None and mod.plan == [64, GEMM_T, 32, 65, 2, 16, 4]
+            for rows in (1, 9):
+                x = torch.randn(rows, 256)
+                assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
+
+
 def _cell(gemv_us, gemm_us, tiny_us):
     return {
         "tinygemm_us": tiny_us,
@@ -204,7 +267,7 @@ def test_shipped_tables_give_runnable_plans():
             assert choice is not None and choice[0] in ("int4_triton", "int4_tinygemm")
             entries = [choice[1][i : i + ENTRY] for i in range(0, len(choice[1]), ENTRY)]
             for rows, kind, bn, bk, splits, bm, warps in entries:
-                assert kind in (GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T) and splits >= 1 and rows >= 1
+                assert kind in (GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W) and splits >= 1 and rows >= 1
                 if kind in (GEMV, GEMM):
                     assert bk >= 32 and not bk & (bk - 1)
                 if kind != TINYGEMM:
