@@ -19,6 +19,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
+  gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
 Random weights: speed does not depend on values. Not part of the test run.
 """
@@ -886,6 +887,67 @@ def sec_int8k(a, dev, R):
     return rows
 
 
+def sec_gemv(a, dev, R):
+    """Our Triton dense GEMV (runtime/triton_gemv.py) vs cuBLAS (F.linear) per linear of the shape at 1 and
+    5 rows (a decode step, a k = 4 verify), bf16, CUDA-graph replay over weight copies (bench/int4_kernels
+    .py's timing); every tile config is first checked against the float product and for row independence
+    (row i of the 5-row call equals the 1-row call bit for bit). Printed per cell as soon as measured."""
+    from bench.int4_kernels import graph_us, n_copies
+    from lorafast_export.runtime.triton_gemv import GEMV_TILES, gemv_launch
+
+    c = SHAPES[a.shape]
+    h, i, hq, hkv, v = (
+        c[x]
+        for x in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+    )
+    d = h // hq
+    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shapes = {"o": (h, hq * d), "down": (h, i), "qkv": ((hq + 2 * hkv) * d, h), "gate_up": (2 * i, h)}
+    shapes["lm_head"] = (v, h)
+    rows, t_end = [], time.perf_counter() + a.gemv_budget_s
+    for name, (n, k) in shapes.items():
+        torch.manual_seed(0)
+        ws = [torch.randn(n, k, device=dev, dtype=act) * 0.02 for _ in range(n_copies(n * k * 2, dev))]
+        x5 = torch.randn(5, k, device=dev, dtype=act)
+        ref5 = x5.float() @ ws[0].float().T
+        for m in (1, 5):
+            x = x5[:m]
+            row = {"linear": name, "n": n, "k": k, "rows": m}
+            row["cublas_us"] = graph_us(lambda j, x=x, w=ws: F.linear(x, w[j]), len(ws))
+            row["tiles"] = {}
+            for tiles in GEMV_TILES:
+                if time.perf_counter() > t_end:
+                    row["cut"] = "gemv budget"
+                    break
+                cell = {}
+                try:
+                    y = gemv_launch(x, ws[0], *tiles)
+                    cell["rel_err"] = ((y.float() - ref5[:m]).norm() / ref5[:m].norm()).item()
+                    if m > 1:
+                        cell["rows_bitwise_equal_1row"] = all(
+                            torch.equal(gemv_launch(x[r : r + 1], ws[0], *tiles)[0], y[r]) for r in range(m)
+                        )
+                    cell["us"] = graph_us(lambda j, x=x, w=ws, t=tiles: gemv_launch(x, w[j], *t), len(ws))
+                except Exception as ex:  # noqa: BLE001 - a tile that fails is a result
+                    cell["error"] = f"{type(ex).__name__}: {ex}"[:200]
+                row["tiles"]["x".join(map(str, tiles))] = cell
+            ok = {t: c["us"] for t, c in row["tiles"].items() if "us" in c and c["rel_err"] < 2e-2}
+            if ok:
+                best = min(ok, key=ok.get)
+                row.update(best=best, best_us=ok[best], speedup_vs_cublas=row["cublas_us"] / ok[best])
+                row["TBps_best"] = n * k * 2 / ok[best] / 1e6
+            row["TBps_cublas"] = n * k * 2 / row["cublas_us"] / 1e6
+            rows.append(row)
+            print(f"  gemv {json.dumps(row)}", flush=True)
+    return rows
+
+
 SECTIONS = {
     "copy": sec_copy,
     "check": sec_check,
@@ -904,6 +966,7 @@ SECTIONS = {
     "specdemo": sec_specdemo,
     "tritoncheck": sec_tritoncheck,
     "int8k": sec_int8k,
+    "gemv": sec_gemv,
 }
 NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec"}
 
@@ -941,6 +1004,7 @@ def main() -> None:
     p.add_argument(
         "--mixed-policies", default=",".join(MIXED_POLICIES), help="mixed: labels of MIXED_POLICIES"
     )
+    p.add_argument("--gemv-budget-s", type=float, default=40.0, help="gemv: stop sweeping tiles after this")
     p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
     p.add_argument("--specdemo-dtype", default="bf16", choices=("bf16", "fp32"), help="specdemo on CUDA")
