@@ -46,8 +46,10 @@ from lorafast_export.weights import open_model  # noqa: E402
 VARIANTS = {
     "awq-noclip": {"method": "awq", "awq_clip": False},  # name → our quant settings
     "rtn-sym": {"method": "rtn", "symmetric": True},
-    "gptq-search": {"method": "gptq", "range_search": True},
-    "awq-gptq-search": {"method": "awq-gptq", "range_search": True},
+    "gptq-search": {"method": "gptq", "range_search": True},  # the default since session 7
+    "awq-gptq-search": {"method": "awq-gptq", "range_search": True},  # the default since session 7
+    "gptq-nosearch": {"method": "gptq", "range_search": False},
+    "awq-gptq-nosearch": {"method": "awq-gptq", "range_search": False},
     "gptq-act": {"method": "gptq", "act_order": True},
     "gptq-natural": {"method": "gptq", "static_act_order": False},  # the default before issue 14's change
     "awq-gptq-natural": {"method": "awq-gptq", "static_act_order": False},

@@ -43,6 +43,13 @@ OURS = {
     "gptq": {"method": "gptq"},
     "awq": {"method": "awq"},
     "awq-noclip": {"method": "awq", "awq_clip": False},
+    "awq-gptq": {"method": "awq-gptq"},
+    # the range search explicitly on / off, whatever the method's default (quant.range_search)
+    "gptq-search": {"method": "gptq", "range_search": True},
+    "gptq-nosearch": {"method": "gptq", "range_search": False},
+    "gptq-sym-nosearch": {"method": "gptq", "symmetric": True, "range_search": False},  # session 6's default
+    "awq-gptq-search": {"method": "awq-gptq", "range_search": True},
+    "awq-gptq-nosearch": {"method": "awq-gptq", "range_search": False},
 }
 
 

@@ -1,6 +1,7 @@
 """The peer table of bench/QUANT.md from the results of many bench/quant_accuracy.py runs sharing one OUT.
 
     .venv/bin/python bench/quant_table.py /tmp/q30 [--pairs "ours gptq=nncf-gptq" ...]
+    .venv/bin/python bench/quant_table.py /tmp/q30 --status --stride 4      # ours (defaults) vs each peer
 
 Reads OUT/results-g{G}-s{S}-*.json (one file per row process, tagged as in bench/QUANT.md's command), prints one
 table per group size and symmetry, rows ordered by method family, the best KL mean of each family in bold. A pair
@@ -23,7 +24,9 @@ FAMILIES = ("rtn", "gptq", "awq-gptq", "awq")  # checked in order: a name's fami
 def family(name: str) -> str:
     base = name.split(" (")[0].removeprefix("ours ")
     base = re.sub(
-        r"-(search|noclip|sym|static|act|onepass|natural|damp[\d.]+|se|awqscore|gptqscore)\b", "", base
+        r"-(search|nosearch|noclip|sym|static|act|onepass|natural|damp[\d.]+|se|awqscore|gptqscore)\b",
+        "",
+        base,
     )
     for f in ("awq-gptq", "gptq", "awq", "rtn"):
         if base.endswith(f) or f"-{f}" in base or base == f:
@@ -77,12 +80,68 @@ def kl_by_block(out: Path, tag: str, name: str, block: int = 256, stride: int = 
     return None
 
 
+# --status: our rows at today's defaults (bench/quant_accuracy.py names; the first present is used: rows run before
+# a default changed carry the variant's name) and the peers they are compared with.
+OURS_DEFAULT = {
+    "gptq": ("ours gptq-search",),  # range search on by default since session 7
+    "awq": ("ours awq",),
+    "awq-gptq": ("ours awq-gptq-search", "ours awq-gptq-gptqscore-search"),
+}
+
+
+def paired(bx: torch.Tensor, by: torch.Tensor) -> str:
+    """A vs B over the same blocks: KL ratio, A - B per block mean ± s.e., blocks where A is lower."""
+    d = bx - by
+    return (
+        f"{float(bx.mean() / by.mean()):.3f}, {float(d.mean()):+.6f} ± {float(d.std() / d.numel() ** 0.5):.6f}, "
+        f"{int((d < 0).sum())} / {d.numel()}"
+    )
+
+
+def status_tables(out: Path, stride: int) -> None:
+    """One table per group size and symmetry: ours (defaults) and every peer, KL mean on every stride-th block; each
+    peer against ours of its family (paired per block), and our combined method against the best other row."""
+    tables = strided_rows(out, stride)
+    for (g, s), rows in sorted(tables.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        tag = f"g{g}-s{s}"
+        ours = {f: next((n for n in names if n in rows), None) for f, names in OURS_DEFAULT.items()}
+        peers = [n for n in rows if not n.startswith("ours ") and family(n) in OURS_DEFAULT]
+        if not peers and not any(ours.values()):
+            continue
+        block = {n: kl_by_block(out, tag, n, stride=stride) for n in [*filter(None, ours.values()), *peers]}
+        print(f"\n**4-bit g{g}, {'symmetric' if s else 'asymmetric'}** ({stride}-th eval blocks)\n")
+        print(
+            "| method | row | KL mean | ours vs this row: KL ratio, ours - row per block ± s.e., blocks ours lower "
+            "| quantize cpu s |\n|---|---|---|---|---|"
+        )
+        for f in OURS_DEFAULT:
+            names = [
+                n for n in [ours[f], *sorted(peers, key=lambda n: rows[n]["kl_mean"])] if n and family(n) == f
+            ]
+            for n in names:
+                vs = ""
+                if n != ours[f] and ours[f] and block[n] is not None and block[ours[f]] is not None:
+                    vs = paired(block[ours[f]], block[n])
+                label = f"{n} (default)" if n == ours[f] else n
+                print(f"| {f} | {label} | {rows[n]['kl_mean']:.6f} | {vs} | {rows[n]['cpu_s']:.0f} |")
+        combined = ours["awq-gptq"]
+        others = [n for n in block if n != combined and block[n] is not None]
+        if combined and others and block[combined] is not None:
+            best = min(others, key=lambda n: rows[n]["kl_mean"])
+            print(f"\nours awq-gptq vs the best other row ({best}): {paired(block[combined], block[best])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--pairs", nargs="*", default=[])
     ap.add_argument("--stride", type=int, default=1, help="every row on every k-th eval block (KL only)")
+    ap.add_argument(
+        "--status", action="store_true", help="bench/QUANT.md's status tables (ours vs each peer)"
+    )
     a = ap.parse_args()
+    if a.status:
+        return status_tables(a.out, a.stride)
     tables = load(a.out) if a.stride == 1 else strided_rows(a.out, a.stride)
     for (g, s), rows in sorted(tables.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         print(f"\n**4-bit g{g}, {'symmetric' if s else 'asymmetric'}**\n")

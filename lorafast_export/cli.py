@@ -236,8 +236,9 @@ def _build_overrides(**o) -> dict:
     ):
         if o.get(flag):
             ov[key] = True
-    if o.get("symmetric") is not None:
-        ov["quant.symmetric"] = o["symmetric"]
+    for flag in ("symmetric", "range_search"):  # tri-state: unset keeps the recipe's (or the method's) value
+        if o.get(flag) is not None:
+            ov[f"quant.{flag}"] = o[flag]
     for spec in o.get("target_option") or ():
         key, sep, value = spec.partition("=")
         if not sep:
@@ -297,6 +298,11 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 )
 @click.option(
     "--symmetric/--asymmetric", default=None, help="Zero points or not (default per method and target)."
+)
+@click.option(
+    "--range-search/--no-range-search",
+    default=None,
+    help="gptq / awq-gptq: search each group's range (Hessian-weighted error) instead of min-max (default on).",
 )
 @click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
 @click.option(

@@ -93,7 +93,7 @@ class CalibOptions(_Section):
 class QuantOptions(_Section):
     method: Literal[QUANT_CHOICES] = "none"
     # None: the method's default, filled in by quant.config.resolve_quant (4 bits, or 8 for int8/smoothquant;
-    # group 128 at 4 bits, per channel at 8; symmetric for gptq/int8/smoothquant or a target that needs it)
+    # group 128 at 4 bits, per channel at 8; symmetric for int8/smoothquant or a target that needs it, asymmetric otherwise)
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None
@@ -102,9 +102,9 @@ class QuantOptions(_Section):
     # from the weights before the sweep (llm-compressor's actorder "static"), so the groups stay contiguous and
     # every target takes the codes (bench/QUANT.md: -8% KL at g128 on the 30M fixture). false: natural order.
     static_act_order: bool = True
-    range_search: bool = (
-        False  # gptq / awq-gptq: each group's range searched (Hessian-weighted MSE), not min-max
-    )
+    # gptq / awq-gptq: each group's range searched (diag(H)-weighted MSE grid) instead of min-max. None: the
+    # method's default (specs.RANGE_SEARCH_BY_DEFAULT, filled in by quant.config.resolve_quant)
+    range_search: bool | None = None
     damp_percent: float = Field(default=0.01, gt=0, lt=1)
     block_size: int = Field(default=128, gt=0)
     smooth_alpha: float = Field(default=0.5, ge=0, le=1)

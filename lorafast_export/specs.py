@@ -31,7 +31,10 @@ MERGE_DTYPES = ("auto", *DTYPES)  # auto: keep the base's own dtype
 QUANT_METHODS = ("rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq")  # implemented in quant/methods.py
 QUANT_CHOICES = ("none", *QUANT_METHODS)
 EIGHT_BIT = ("int8", "smoothquant")  # int8 codes: bits fixed at 8, per channel by default
-SYMMETRIC_BY_DEFAULT = ("gptq", "int8", "smoothquant")
+# 8-bit methods: symmetric. 4-bit ones (gptq included since session 7: asymmetric g128 GPTQ is 5-6% lower KL on
+# the 30M fixture, bench/QUANT.md): zero points, except on a target whose kernels take none (requires_symmetric)
+SYMMETRIC_BY_DEFAULT = ("int8", "smoothquant")
+RANGE_SEARCH_BY_DEFAULT = ("gptq", "awq-gptq")  # quant.range_search unset: searched (bench/QUANT.md)
 HF_FORMATS = ("auto", "gptq", "awq", "compressed-tensors")  # checkpoint layouts of a quantized `hf` artifact
 
 

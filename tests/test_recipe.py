@@ -79,7 +79,8 @@ def test_per_method_defaults():
     int8 = resolve_quant(Recipe().with_overrides({"quant.method": "int8"}).quant)
     assert isinstance(int8, Int8Config) and (int8.bits, int8.group_size, int8.symmetric) == (8, -1, True)
     gptq = resolve_quant({"method": "gptq", "damp_percent": 0.05, "act_order": True})
-    assert (gptq.symmetric, gptq.damp_percent, gptq.act_order) == (True, 0.05, True)
+    assert (gptq.symmetric, gptq.damp_percent, gptq.act_order) == (False, 0.05, True)  # asymmetric since s7
+    assert resolve_quant({"method": "gptq"}, requires_symmetric=True).symmetric is True  # trt-llm
     # a target without zero points turns an unset symmetric into True, never an explicit False
     assert resolve_quant({"method": "awq"}, requires_symmetric=True).symmetric is True
     assert resolve_quant({"method": "awq", "symmetric": False}, requires_symmetric=True).symmetric is False
@@ -87,6 +88,23 @@ def test_per_method_defaults():
     assert isinstance(both, AWQGPTQConfig) and isinstance(both, GPTQConfig)  # quantize_block_gptq takes it
     assert (both.symmetric, both.range_search, both.grid, both.calibrated) == (False, True, 10, True)
     assert resolve_quant({"method": "gptq", "range_search": True}).range_search is True
+
+
+@pytest.mark.parametrize("method", ["rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq"])
+def test_range_search_default_is_per_method(method):
+    """quant.range_search unset: the method's default (on where it searches), resolved into what is recorded and
+    keyed; an explicit value wins; a method that searches nothing refuses true and records false."""
+    searches = method in ("gptq", "awq-gptq")
+    assert Recipe().with_overrides({"quant.method": method}).quant.range_search is None
+    qc = resolve_quant({"method": method})
+    assert qc.record()["range_search"] is searches and qc.source.range_search is searches
+    assert getattr(qc, "range_search", False) is searches
+    if searches:
+        assert resolve_quant({"method": method, "range_search": False}).range_search is False
+    else:
+        assert resolve_quant({"method": method, "range_search": False}).record()["range_search"] is False
+        with pytest.raises(InputError, match="range_search"):
+            Recipe().with_overrides({"quant.method": method, "quant.range_search": True})
 
 
 def test_quant_configs_are_per_method_and_frozen():

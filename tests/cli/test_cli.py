@@ -104,6 +104,10 @@ def test_dump_recipe_round_trips_flags(tmp_path):
     p.write_text(r.output)
     again = run("build", "--recipe", p, "--dump-recipe")
     assert again.output == r.output
+    # --range-search / --no-range-search set the field; without either it stays unset (the method's default)
+    for flags, want in (([], None), (["--no-range-search"], False), (["--range-search"], True)):
+        d = yaml.safe_load(run("build", "--quant", "awq-gptq", *flags, "--dump-recipe").output)
+        assert d["quant"]["range_search"] is want, flags
 
 
 def test_inspect_adapter_and_model(tmp_path):

@@ -16,6 +16,7 @@ from lorafast_export.quant.blocks import LAYER_GROUPS, Block
 from lorafast_export.quant.config import resolve_quant
 from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
 from lorafast_export.quant.methods import (
+    RANGE_SEARCH,
     _awq_loss_fn,
     _gptq_choice,
     quantize_block_awq,
@@ -111,8 +112,15 @@ def test_gptq_scored_scale_is_the_finalist_of_lowest_gptq_error(layer_and_input)
     def gptq_error(s):
         total = 0.0
         for w in ws:
-            qt = gptq_quantize(
-                w * s, H / s[:, None] / s[None, :], 4, 32, False, act_order=True, static_groups=True
+            qt = gptq_quantize(  # the config's own GPTQ: static act-order, the range search (both defaults)
+                w * s,
+                H / s[:, None] / s[None, :],
+                4,
+                32,
+                False,
+                act_order=True,
+                static_groups=True,
+                search=RANGE_SEARCH if GPTQ_SCORED.range_search else None,
             )
             d = (dequantize(qt) / s - w).double()
             total += float(((d @ H.double()) * d).sum())

@@ -8,7 +8,8 @@ from lorafast_export.qform import QLinear, dequantize, qtensor_to
 from lorafast_export.quant.awq import awq_search_clip, awq_search_scale
 from lorafast_export.quant.formats import pack_awq, pack_compressed_tensors, pack_gptq
 from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
-from lorafast_export.quant.rtn import fake_quantize_rtn, quantize_rtn
+from lorafast_export.quant.rtn import fake_quantize_rtn, quantize_codes, quantize_rtn
+from lorafast_export.quant.search import search_qparams
 from tests.quant.helpers import assert_same_qtensor, correlated_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -45,6 +46,24 @@ def test_gptq_on_cuda_agrees_with_cpu():
     gpu = gptq_quantize(w.cuda(), Hg, 4, 64, symmetric=False, act_order=True)
     assert float((gpu.codes.cpu() == cpu.codes).float().mean()) > 0.98  # BLAS rounding differs
     assert torch.equal(gpu.g_idx.cpu(), cpu.g_idx)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_range_search_on_cuda_agrees_with_cpu(symmetric):
+    """quant.range_search (on by default for gptq / awq-gptq) on CUDA: the CPU's choice on nearly every row (the
+    error sums may round differently, which can flip a near-tie), and never a larger weighted error."""
+    w = torch.randn(512, 128) * 0.05
+    hdiag = torch.rand(128) + 0.1
+    cpu = search_qparams(w, 4, symmetric, torch.float16, 100, 0.8, col_weight=hdiag)
+    gpu = search_qparams(w.cuda(), 4, symmetric, torch.float16, 100, 0.8, col_weight=hdiag.cuda())
+    assert float((gpu[0].cpu() == cpu[0]).float().mean()) > 0.98
+
+    def err(s, z):
+        z = None if z is None else z.cpu()[:, None]
+        fq = quantize_codes(w, s.cpu().float()[:, None], z, 4).float() - (8 if z is None else z.float())
+        return float(((fq * s.cpu().float()[:, None] - w).pow(2) * hdiag).sum())
+
+    assert err(*gpu) <= err(*cpu) * (1 + 1e-5)
 
 
 def test_awq_and_qlinear_on_cuda():
@@ -87,7 +106,7 @@ def test_triton_column_sweep_equals_the_torch_loop(
     assert_same_qtensor(qtensor_to(fast, "cpu"), qtensor_to(loop, "cpu"))
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq-gptq"])  # gptq, awq-gptq: with the range search
 def test_bf16_cuda_walk_is_as_accurate_as_the_cpu_walk(tmp_path, method):
     from lorafast_export.model.quantized import fake_quant_decoder
     from lorafast_export.quant.walk import quantize_checkpoint

@@ -186,16 +186,22 @@ def test_quantized_lm_head_is_not_ignored(merged, tmp_path):
     assert QScheme(4, 32, False) == scheme_from_config_group(qcfg["config_groups"]["group_0"])
 
 
-def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tmp_path):
+@pytest.mark.parametrize(
+    "symmetric", [True, False]
+)  # gptq's default is asymmetric (zero points) since session 7
+def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tmp_path, symmetric):
     pytest.importorskip("compressed_tensors")
     import transformers
 
     from lorafast_export.model.quantized import fake_quant_decoder
 
-    qm, _ = export(merged, tmp_path, "gptq", "compressed-tensors", group_size=32)
-    # the signed grid: transformers' compressed-tensors loader gets code 0 (int4 -8) and negative scales
-    assert all(int(qt.codes.min()) == 0 for qt in qm.q.values())
-    assert any(bool((qt.scales < 0).any()) for qt in qm.q.values())
+    qm, _ = export(merged, tmp_path, "gptq", "compressed-tensors", group_size=32, symmetric=symmetric)
+    assert all((qt.zeros is None) is symmetric for qt in qm.q.values())
+    if (
+        symmetric
+    ):  # the signed grid: transformers' compressed-tensors loader gets code 0 (int4 -8), negative scales
+        assert all(int(qt.codes.min()) == 0 for qt in qm.q.values())
+        assert any(bool((qt.scales < 0).any()) for qt in qm.q.values())
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
