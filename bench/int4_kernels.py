@@ -37,6 +37,7 @@ from lorafast_export.runtime.triton_int4 import (  # noqa: E402
     GEMM_W,
     GEMV,
     GEMV_T,
+    GEMV_W,
     launch,
     pack_tiles,
     pack_words,
@@ -63,7 +64,9 @@ GEMM_T_TILES = [(64, 4, 0), (64, 4, 64), (64, 4, 65), (128, 8, 64), (128, 8, 65)
 # The word-layout GEMM_W (session 7): (BN, warps, options); options bit 0 scale per weight, bits 1-3 stages,
 # bit 4 scales and zero points loaded one iteration ahead.
 GEMM_W_TILES = [(64, 4, 0), (128, 8, 0), (128, 4, 0), (64, 4, 16), (64, 4, 1), (64, 4, 8)]
-CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w")
+# The word-layout GEMV_W (1 row; more rows re-read the weights): (BN, warps); options 0.
+GEMV_W_TILES = [(128, 4), (256, 4), (256, 8), (64, 4), (512, 8)]
+CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w")
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
 
@@ -203,8 +206,15 @@ class Shape:
                 for bn, w, o in GEMM_W_TILES
                 for sp in _splits(n, m, bn, bm, sms, 2)
             ],
+            "gemv_w": [
+                [m, GEMV_W, bn, 0, sp, 16, w] for bn, w in GEMV_W_TILES for sp in _splits(n, 1, bn, 1, sms, 8)
+            ]
+            if m == 1
+            else [],
         }
-        layout = {"gemv": "qform", "gemm": "qform", "gemv_t": "tiled", "gemm_t": "tiled", "gemm_w": "words"}
+        layout = dict(
+            gemv="qform", gemm="qform", gemv_t="tiled", gemm_t="tiled", gemm_w="words", gemv_w="words"
+        )
         for name in CELLS:
             if name in sweep:
                 entries = grids[name][:2] if quick else grids[name]

@@ -246,7 +246,7 @@ class Int4TritonLinear(_QuantLinearBase):
         tiled = t4.pack_tiles(codes, qt.group_size).to(device) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
         self.register_buffer("weight", qform)  # [out, ceil(in/2)]
         self.register_buffer("weight_tiled", tiled)  # [out, ceil(in/T) * T/2]
-        words = t4.pack_words(codes).to(device) if t4.GEMM_W in kinds else None
+        words = t4.pack_words(codes).to(device) if kinds & {t4.GEMM_W, t4.GEMV_W} else None
         self.register_buffer("weight_words", words)  # int32 [out, ceil(in/128) * 16]
         self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
         self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
@@ -311,8 +311,11 @@ def _tinygemm_to_gemv(plan: list[int], t4) -> list[int]:
 
 def _words_to_tiled(plan: list[int], t4) -> list[int]:
     """The plan with each GEMM_W entry run by GEMM_T with the same tile (nibbles by PTX, scale per tile or
-    per weight as the entry says): for a layer whose groups are narrower than GEMM_W's 128 columns."""
+    per weight as the entry says) and each GEMV_W entry by the default GEMV: for a layer whose groups are
+    narrower than the word layout's 128 columns."""
+    gemv = default_plan()[1 : t4.ENTRY]
     entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
+    entries = [[e[0], *gemv] if e[1] == t4.GEMV_W else e for e in entries]
     return [
         x
         for e in entries

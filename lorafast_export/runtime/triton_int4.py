@@ -37,9 +37,10 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # (GEMM_T), bits 1-3 num_stages (0: Triton's default), bits 4-5 log2 of the tiles per loop iteration, bit 6
 # nibbles to bf16 by inline PTX (GEMM_T on CUDA; the interpreter takes the fp32 path)); 5 = GEMM_W (the
 # word layout, `pack_words`; BK holds options: bit 0 scale every weight, bits 1-3 num_stages, bit 4 load
-# the next tile's scales and zero points one iteration ahead).
+# the next tile's scales and zero points one iteration ahead); 6 = GEMV_W (the word layout, no tensor cores;
+# BK holds options: bits 1-3 num_stages).
 ENTRY = 7
-GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W = 0, 1, 2, 3, 4, 5
+GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W = 0, 1, 2, 3, 4, 5, 6
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -607,6 +608,127 @@ def _gemm_w_kernel(
 
 
 @triton.jit
+def _plane(w, j: tl.constexpr):
+    """Nibble j of int32 words [R, C] as fp32 128 + code, exact: the nibble moved to bits 16-19 under
+    0x43000000 (fp32 128.0). The interpreter's path; on CUDA `_planes_asm` does all 8 in one call."""
+    if j < 4:
+        v = (w << (16 - 4 * j)) & 0x000F0000
+    elif j == 4:
+        v = w & 0x000F0000
+    else:
+        v = (w >> (4 * j - 16)) & 0x000F0000
+    return (v | 0x43000000).to(tl.float32, bitcast=True)
+
+
+def _planes_ptx() -> str:
+    """PTX for one word ($8) → its 8 nibbles as fp32 128 + code ($0-$7): a shift and one lop3 each (the
+    and and the or in one instruction, which ptxas did not merge from Triton's code), none for nibble 4."""
+    lines = ["{", ".reg .b32 t;"]
+    for j in range(8):
+        if j == 4:
+            lines.append("lop3.b32 $4, $8, 0x000F0000, 0x43000000, 0xEA;")
+            continue
+        op, n = ("shl", 16 - 4 * j) if j < 4 else ("shr", 4 * j - 16)
+        lines += [f"{op}.b32 t, $8, {n};", f"lop3.b32 ${j}, t, 0x000F0000, 0x43000000, 0xEA;"]
+    return "\n".join([*lines, "}"])
+
+
+_PLANES_PTX = tl.constexpr(_planes_ptx())
+
+
+@triton.jit
+def _planes(w, ASM: tl.constexpr):
+    """The 8 nibble planes of int32 words [R, C], each fp32 128 + code [R, C]."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _PLANES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1
+        )
+    return (
+        _plane(w, 0),
+        _plane(w, 1),
+        _plane(w, 2),
+        _plane(w, 3),
+        _plane(w, 4),
+        _plane(w, 5),
+        _plane(w, 6),
+        _plane(w, 7),
+    )
+
+
+@_jit
+def _gemv_w_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, KW] int32, word layout
+    s_ptr,  # [N, G]
+    z_ptr,  # [N, G] uint8
+    out_ptr,  # [SPLITS, M, N] fp32, or [M, N] in x's dtype
+    M,
+    N,
+    K,
+    KW,
+    G,
+    ITERS: tl.constexpr,
+    BN: tl.constexpr,
+    GS: tl.constexpr,  # a multiple of 128
+    ASYM: tl.constexpr,
+    EVEN: tl.constexpr,
+    ASM: tl.constexpr,  # the nibble planes by inline PTX (CUDA), else Triton's shifts and masks
+):
+    """One activation row per program (grid axis 2; meant for 1 row: more rows re-read the weights), no
+    tensor cores, on the word layout. Per tile and weight row, 16 words (16-byte loads); nibble plane j is
+    the [BN, 16] block of columns 16 j + q, so the products accumulate elementwise ([BN, 16], no reduction
+    in the loop) and the sum over q happens once at the end. Per nibble: a shift and a lop3 give fp32
+    128 + code (_plane), one fma; the 128 + zero part is subtracted per tile and row through the
+    activations' column sums (in fp32: the codes' part is at most 16 times smaller, no precision lost
+    that matters)."""
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    m = tl.program_id(2)
+    nn = pid_n * BN + tl.arange(0, BN)
+    qq = tl.arange(0, _WQ)
+    n_ok = nn < N
+    row = (nn // _R) * (_R * KW) + (nn % _R) * _WQ
+    acc = tl.zeros([BN, _WQ], tl.float32)
+    for it in range(0, ITERS):
+        t = sp * ITERS + it
+        k0 = t * 128
+        wm = n_ok[:, None] if EVEN else n_ok[:, None] & (k0 < K)
+        w = tl.load(w_ptr + row[:, None] + t * (_R * _WQ) + qq[None, :], mask=wm, other=0)  # [BN, 16]
+        s, zz = _scale_zero(s_ptr, z_ptr, nn * G + k0 // GS, n_ok & (k0 < K), ASYM)
+        xp = x_ptr + m * K + k0 + qq  # [16]: column 16 j + q is xp + 16 j
+        x0 = _x_plane(xp, k0 + qq, K, 0, EVEN)
+        x1 = _x_plane(xp, k0 + qq, K, 1, EVEN)
+        x2 = _x_plane(xp, k0 + qq, K, 2, EVEN)
+        x3 = _x_plane(xp, k0 + qq, K, 3, EVEN)
+        x4 = _x_plane(xp, k0 + qq, K, 4, EVEN)
+        x5 = _x_plane(xp, k0 + qq, K, 5, EVEN)
+        x6 = _x_plane(xp, k0 + qq, K, 6, EVEN)
+        x7 = _x_plane(xp, k0 + qq, K, 7, EVEN)
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [16]
+        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(w, ASM)
+        part = -zz[:, None] * xsum[None, :]  # [BN, 16]: - (128 + zero) * the activations' sums
+        part += p0 * x0[None, :]
+        part += p1 * x1[None, :]
+        part += p2 * x2[None, :]
+        part += p3 * x3[None, :]
+        part += p4 * x4[None, :]
+        part += p5 * x5[None, :]
+        part += p6 * x6[None, :]
+        part += p7 * x7[None, :]
+        acc += part * s[:, None]
+    out = tl.sum(acc, axis=1)
+    tl.store(out_ptr + (sp * M + m) * N + nn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _x_plane(xp, cols, K, j: tl.constexpr, EVEN: tl.constexpr):
+    """fp32 activations of columns 16 j + q of a tile ([16]; past K: 0)."""
+    if EVEN:
+        return tl.load(xp + 16 * j).to(tl.float32)
+    return tl.load(xp + 16 * j, mask=cols + 16 * j < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _sum_splits_kernel(p_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out [M*N] (x's dtype) = the sum of the SPLITS fp32 partials [SPLITS, M*N]: one launch where torch's
     sum and cast took two (about 0.38 ms of an 8B int4 step at 32 rows on an H200)."""
@@ -639,7 +761,8 @@ def launch(
     for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T, `pack_words` for GEMM_W."""
     _, kind, bn, bk, splits, bm, warps = entry
     tiled = kind in (GEMV_T, GEMM_T)
-    bk = WORD_COLS if kind == GEMM_W else tile_cols(group_size) if tiled else min(bk, group_size)
+    words = kind in (GEMM_W, GEMV_W)
+    bk = WORD_COLS if words else tile_cols(group_size) if tiled else min(bk, group_size)
     u = 1 << (entry[3] >> 4 & 3) if tiled else 1  # tiles per loop iteration
     m, n, g = x.shape[0], s.shape[0], s.shape[1]  # w may hold padding rows
     tiles = triton.cdiv(triton.cdiv(k, bk), u)  # in steps of u tiles
@@ -658,10 +781,13 @@ def launch(
     elif kind == GEMM:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
         _gemm_kernel[grid](*args, BM=bm, BK=bk, IEEE=x.dtype == torch.float32, **common)
-    elif kind == GEMM_W:
+    elif words:
         if entry[3] >> 1 & 7:
             common["num_stages"] = entry[3] >> 1 & 7
         common["EVEN"] = k % bk == 0 and tiles == iters * splits
+        if kind == GEMV_W:
+            _gemv_w_kernel[(triton.cdiv(n, bn), splits, m)](*args, ASM=not _INTERPRET, **common)
+            return out if splits == 1 else sum_splits(out, x.dtype)
         asm = x.dtype == torch.bfloat16 and not _INTERPRET  # the interpreter runs no PTX: the fp32 path
         opt = dict(
             SCALE_W=bool(entry[3] & 1), IEEE=x.dtype == torch.float32, ASM=asm, PREFETCH=bool(entry[3] & 16)
@@ -708,13 +834,13 @@ def int4_mm(
 ) -> torch.Tensor:
     """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
     w: qform's packing, for kinds GEMV / GEMM; w_tiled: `pack_tiles`, for GEMV_T / GEMM_T; tg_w / tg_sz:
-    the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W; a layer holds only the packings
+    the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W / GEMV_W; a layer holds only the packings
     its plan uses). The choice happens
     here, inside the op, so a compiled graph does not branch on the (dynamic) row count."""
     entry = pick(plan, x.shape[0])
     if entry[1] == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
-    packed = w_words if entry[1] == GEMM_W else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
+    packed = w_words if entry[1] in (GEMM_W, GEMV_W) else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
     return launch(x.contiguous(), packed, s, z, k, group_size, entry)
 
 

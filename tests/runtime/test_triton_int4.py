@@ -18,6 +18,7 @@ from lorafast_export.runtime.triton_int4 import (
     GEMM_T,
     GEMM_W,
     GEMV,
+    GEMV_W,
     GEMV_T,
     TINYGEMM,
     launch,
@@ -129,14 +130,18 @@ WORDS = [  # (entry, group, in): GEMM_W on `pack_words` codes; tiles of 128 colu
     ([64, GEMM_W, 32, 1, 2, 16, 4], 256, 512),  # scale per weight, two splits, two tiles per group
     ([64, GEMM_W, 16, 0, 2, 16, 4], 128, 320),  # 2.5 groups: the last tile padded, its activations masked
     ([64, GEMM_W, 64, 5, 4, 32, 4], 128, 384),  # 3 tiles in 4 splits (one empty), two stages, rows padded
+    ([64, GEMM_W, 32, 16, 2, 16, 4], 128, 320),  # scales and zero points loaded one iteration ahead
+    ([8, GEMV_W, 32, 0, 1, 16, 4], 128, 384),  # the word GEMV: 5 rows padded to 8
+    ([8, GEMV_W, 16, 0, 3, 16, 4], 256, 320),  # 2.5 tiles in 3 splits, the last tile masked
 ]
 
 
 @pytest.mark.parametrize("entry,group,in_f", WORDS)
 @pytest.mark.parametrize("sym", [True, False])
 def test_word_kernel(entry, group, in_f, sym):
-    """GEMM_W on the word layout equals the fake-quant reference (on CUDA with bf16: the inline-PTX nibble
-    conversion; the interpreter and fp32: the fp32 path), rows and output rows padding the tile."""
+    """GEMM_W / GEMV_W on the word layout equal the fake-quant reference (GEMM_W on CUDA with bf16: the
+    inline-PTX nibble conversion; the interpreter and fp32: the fp32 path), rows and output rows padding
+    the tile."""
     qt = random_qtensor(40, in_f, 4, group, sym, seed=in_f + group + 1)
     x = torch.randn(5, in_f)
     ref = QLinear(qt)(x)
@@ -168,18 +173,21 @@ def test_pack_words_layout():
 
 
 def test_word_plan_keeps_only_the_word_packing_or_falls_back():
-    """A GEMM_W plan keeps only the word packing; a layer with groups narrower than 128 columns runs the
-    same tile through GEMM_T instead (act-order, asymmetric), both equal to the fake-quant reference."""
-    plan = [64, GEMM_W, 32, 1, 2, 16, 4]
+    """A GEMV_W + GEMM_W plan keeps only the word packing; a layer with groups narrower than 128 columns
+    runs GEMM_W's tile through GEMM_T and the default GEMV instead of GEMV_W (act-order, asymmetric), each
+    equal to the fake-quant reference."""
+    plan = [1, GEMV_W, 32, 0, 2, 16, 4, 64, GEMM_W, 32, 1, 2, 16, 4]
     for group in (128, 64):
         qt = random_qtensor(48, 256, 4, group, False, act_order=True, seed=group)
         for dtype in _dtypes():
             mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
-            assert mod.weight is None and mod.tinygemm_weight is None
+            assert mod.tinygemm_weight is None
             if group == 128:
+                assert mod.weight is None
                 assert mod.weight_tiled is None and mod.weight_words.shape == (64, 32)
             else:
-                assert mod.weight_words is None and mod.plan == [64, GEMM_T, 32, 65, 2, 16, 4]
+                assert mod.weight_words is None and mod.plan[7:] == [64, GEMM_T, 32, 65, 2, 16, 4]
+                assert mod.plan[1] == GEMV  # the default GEMV on qform's packing
             for rows in (1, 9):
                 x = torch.randn(rows, 256)
                 assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
@@ -267,7 +275,11 @@ def test_shipped_tables_give_runnable_plans():
             assert choice is not None and choice[0] in ("int4_triton", "int4_tinygemm")
             entries = [choice[1][i : i + ENTRY] for i in range(0, len(choice[1]), ENTRY)]
             for rows, kind, bn, bk, splits, bm, warps in entries:
-                assert kind in (GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W) and splits >= 1 and rows >= 1
+                assert (
+                    kind in (GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W)
+                    and splits >= 1
+                    and rows >= 1
+                )
                 if kind in (GEMV, GEMM):
                     assert bk >= 32 and not bk & (bk - 1)
                 if kind != TINYGEMM:
