@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,17 @@ def check_kernel(opts: RuntimeOptions, device: torch.device) -> None:
     the int4 ones where measured (int8: no measured table yet)."""
     if opts.kernel == "triton" and not _triton_on(device):
         raise InputError("kernel='triton' needs a CUDA device and the triton package; use 'auto'.")
+
+
+def _use_gemv(dec, device: torch.device) -> None:
+    """dense_gemv='on': the dense linears' products of <= 8 rows (decode at small batches, a verify)
+    through runtime/triton_gemv.py: no split-K, and row i does not depend on the other rows."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU tests run it through the interpreter
+    if not (_triton_on(device) or (interpret and importlib.util.find_spec("triton"))):
+        raise InputError("dense_gemv='on' needs a CUDA device and the triton package; use 'off'.")
+    from lorafast_export.runtime.triton_gemv import use_gemv
+
+    log.info("dense GEMV for %d linears", use_gemv(dec))
 
 
 def resolve_attention(opts: RuntimeOptions, cfg: ModelConfig, device: torch.device) -> str:
@@ -110,6 +122,8 @@ def build_runtime(
         model, kernels = AOTModel(aot_dir, aot_meta, cache), dict(aot_meta["kernels"])
     else:
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
+        if opts.dense_gemv == "on":
+            _use_gemv(dec, device)
         model = PagedModel(dec, cache, attention)
         if compiled and (
             opts.prefill_compile == "on" or (opts.prefill_compile == "auto" and device.type == "cuda")

@@ -11,6 +11,7 @@ from lorafast_export.runtime.linear import KERNELS
 
 ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offered (wrong when compiled)
 COMPILE = ("auto", "on", "off")
+DENSE_GEMV = ("off", "on")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class RuntimeOptions:
     admit_order: str = "shortest"  # prefill order of waiting requests: shortest prompt first, or arrival
     max_wait_ms: float = MAX_WAIT_MS  # shortest first: who waited longer is admitted first (no starvation)
     prefill_first: bool = True  # no decode step while a waiting request can be admitted (lower TTFT)
+    dense_gemv: str = "off"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py)
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
     )
@@ -45,6 +47,7 @@ class RuntimeOptions:
             ("kernel", KERNELS),
             ("admit_order", ADMIT_ORDERS),
             ("prefill_compile", COMPILE),
+            ("dense_gemv", DENSE_GEMV),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")

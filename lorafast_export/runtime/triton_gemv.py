@@ -14,8 +14,10 @@ Triton is imported only here (CUDA, or its interpreter in tests: TRITON_INTERPRE
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import nn
 
 MAX_ROWS = 8  # rows one call takes (a verify of k + 1 <= 8 tokens per row); more: F.linear
 
@@ -104,3 +106,27 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @gemv.register_fake
 def _(x, w):
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+class GemvLinear(nn.Linear):
+    """An nn.Linear whose products of <= MAX_ROWS rows run the GEMV above (others: F.linear). The row
+    count is a static shape under torch.compile, so each compiled graph holds one of the two paths."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > MAX_ROWS or rows == 0:
+            return F.linear(x, self.weight, self.bias)
+        y = gemv(x.reshape(rows, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def use_gemv(root: nn.Module) -> int:
+    """Every plain nn.Linear under root (the fused qkv/gate_up, o_proj, down_proj, an untied lm_head)
+    becomes a GemvLinear in place (same parameters); returns how many. Quantized linears are not
+    nn.Linear and keep their kernels."""
+    n = 0
+    for m in root.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = GemvLinear
+            n += 1
+    return n

@@ -36,3 +36,22 @@ def test_gemv_rows_are_independent_of_the_other_rows(tiles):
 def test_gemv_refuses_too_many_rows():
     with pytest.raises(ValueError, match="at most 8 rows"):
         gemv(torch.zeros(9, 64, device=DEV), torch.zeros(8, 64, device=DEV))
+
+
+def test_runtime_with_dense_gemv_gives_the_reference_tokens(tmp_path):
+    """dense_gemv='on': every dense linear of the decoder runs the GEMV at <= 8 rows (decode, the lm_head),
+    F.linear above (the prefill of a 9-token prompt); greedy tokens equal the canonical decoder's."""
+    from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.runtime.loader import build_runtime
+    from lorafast_export.runtime.options import RuntimeOptions
+    from lorafast_export.runtime.triton_gemv import GemvLinear
+    from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path)
+    opts = RuntimeOptions(compile="off", dense_gemv="on", max_seq_len=32, max_batch=2, batch_buckets=(1, 2))
+    rt = build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
+    gemvs = [m for m in rt.model.dec.modules() if isinstance(m, GemvLinear)]
+    assert len(gemvs) == 4 * md.config.num_layers + 1  # qkv, o, gate_up, down per layer; the lm_head
+    prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
+    dec = load_decoder(md)
+    assert rt.generate_batch(prompts, 5) == [greedy_reference(dec, p, 5) for p in prompts]
