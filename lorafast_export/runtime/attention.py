@@ -62,6 +62,12 @@ def packed_attention(q, k, v, seg_index: torch.Tensor, seg_flat: torch.Tensor, w
     return o.transpose(0, 1).reshape(hq, b * longest, d)[:, seg_flat][None]
 
 
+def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
+    """Context splits of the Triton decode kernel (runtime/triton_attention.py) so that batch x kv_heads x
+    splits fills the GPU about twice, at most one per block."""
+    return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
+
+
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
     """pool [hkv, S, d] ← new [b, hkv, s, d] at slots [b * s] (row-major over b, s)."""
     pool.index_copy_(1, slots, new.permute(1, 0, 2, 3).reshape(pool.shape[0], -1, pool.shape[2]))

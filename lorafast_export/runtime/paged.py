@@ -22,6 +22,7 @@ from lorafast_export.model.spec import LM_HEAD, ModelConfig
 from lorafast_export.qform import concat_qtensors
 from lorafast_export.runtime.attention import (
     decode_flex,
+    num_splits,
     packed_attention,
     paged_attention,
     prefill_attention,
@@ -31,6 +32,8 @@ from lorafast_export.runtime.attention import (
 from lorafast_export.runtime.fuse import fused_dense, fusion_groups
 from lorafast_export.runtime.kv_cache import PagedKVCache
 from lorafast_export.runtime.linear import lower_qtensor
+
+VERIFY_MAX = 8  # an extend of up to this many tokens per row runs the Triton decode kernel per token
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module | None) -> None:
@@ -155,16 +158,28 @@ def paged_layer(
     parts: its residual add runs here, fused by inductor with this layer's first RMSNorm: one kernel per
     layer fewer) at positions q_start[b] + s; writes k/v at slots [B*S] first, then attends to each row's
     prefix and itself; returns (h, delta) for the next layer. The unit torch.compile sees (regional).
-    kind="triton": a decode step (S = 1) reads the pool in place (runtime/triton_attention.py)."""
+    kind="triton": a decode step (S = 1) reads the pool in place (runtime/triton_attention.py), and so
+    does a verify of S <= VERIFY_MAX tokens, each token a row of the same kernel with the split count of
+    a one-token step at this batch: token s computes what a decode step at its position would."""
 
     def attend(q, k, v):
         write_kv(k_pool, slots, k)
         write_kv(v_pool, slots, v)
-        if kind == "triton" and q.shape[2] == 1:
+        b, hq, s, d = q.shape
+        if kind == "triton" and s <= VERIFY_MAX:  # S > 1: each query token as a row of the decode kernel
+            splits = num_splits(b, k_pool.shape[0], block_tables.shape[1])  # those of a 1-token step
+            lens = (q_start[:, None] + torch.arange(1, s + 1, device=q.device)).reshape(-1)
             o = torch.ops.lorafast.paged_decode(
-                q[:, :, 0], k_pool, v_pool, block_tables, q_start + 1, block_size, window or 0
+                q.transpose(1, 2).reshape(b * s, hq, d),
+                k_pool,
+                v_pool,
+                block_tables.repeat_interleave(s, 0) if s > 1 else block_tables,
+                lens,
+                block_size,
+                window or 0,
+                splits,
             )
-            return o[:, :, None]
+            return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
 
     return _block_parts(layer, h + delta, cos, sin, attend)
@@ -387,7 +402,15 @@ class PagedModel(nn.Module):
     @torch.no_grad()
     def extend(self, tokens, positions, block_tables, slots) -> torch.Tensor:
         return extend_forward(
-            self.dec, tokens, positions, block_tables, slots, *self.pools(), self.block_size, self.layer_fn
+            self.dec,
+            tokens,
+            positions,
+            block_tables,
+            slots,
+            *self.pools(),
+            self.block_size,
+            self.layer_fn,
+            self.attention if self.attention == "triton" else "gather",
         )
 
     @torch.no_grad()

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafast_export.runtime.attention import num_splits
+
 
 @triton.jit
 def _paged_decode_kernel(
@@ -109,11 +111,6 @@ def _merge_kernel(
     tl.store(out_ptr + r * D + dd, out.to(out_ptr.dtype.element_ty))
 
 
-def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
-    """Context splits so that batch x kv_heads x splits fills the GPU about twice, at most one per block."""
-    return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
-
-
 @torch.library.custom_op("lorafast::paged_decode", mutates_args=())
 def paged_decode(
     q: torch.Tensor,
@@ -123,14 +120,17 @@ def paged_decode(
     seq_lens: torch.Tensor,
     block_size: int,
     window: int,
+    splits: int = 0,
 ) -> torch.Tensor:
     """q [B, hq, d]; pools [hkv, slots, d]; block_tables [B, M]; seq_lens [B] → [B, hq, d] (q's dtype).
-    window <= 0: no sliding window."""
+    window <= 0: no sliding window. splits: context splits (0: num_splits for B rows). Each row's result
+    depends only on its own inputs and on (splits, M): a verify that runs its k + 1 query tokens as rows
+    with the split count of the one-token step computes each token as that step does."""
     b, hq, d = q.shape
     hkv, slots, _ = k_pool.shape
     g = hq // hkv
     width = block_tables.shape[1]
-    splits = num_splits(b, hkv, width)
+    splits = splits or num_splits(b, hkv, width)
     o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     _paged_decode_kernel[(b, hkv, splits)](
@@ -160,5 +160,5 @@ def paged_decode(
 
 
 @paged_decode.register_fake
-def _(q, k_pool, v_pool, block_tables, seq_lens, block_size, window):
+def _(q, k_pool, v_pool, block_tables, seq_lens, block_size, window, splits=0):
     return torch.empty_like(q)

@@ -55,3 +55,36 @@ def test_runtime_with_dense_gemv_gives_the_reference_tokens(tmp_path):
     prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
     dec = load_decoder(md)
     assert rt.generate_batch(prompts, 5) == [greedy_reference(dec, p, 5) for p in prompts]
+
+
+@pytest.mark.parametrize("gemv_on", [True, False])
+def test_verify_rows_equal_single_decode_steps_bit_for_bit(tmp_path, gemv_on):
+    """A speculative verify (extend: S tokens per row) through the Triton decode kernel per token and the
+    GEMV gives, for token s, the logits of a one-token decode step at that position, bit for bit: the
+    property that makes speculative greedy output the plain step's token for token. With F.linear
+    (gemv_on False) the matmuls of 1 and S rows are torch's, whose rows may differ in the last bits."""
+    from lorafast_export.runtime.triton_gemv import use_gemv
+    from tests.runtime.helpers import paged, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8)
+    if gemv_on:
+        use_gemv(pm.dec)
+    prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7, 50], [2, 71, 82, 8]
+    n, s = len(prompt), len(new)
+    cache.reserve(0, n + s)
+    pm.prefill(torch.tensor([prompt], device=DEV), cache.slots(0, 0, n).to(DEV))
+    tables = cache.block_table([0], 2, 1).to(DEV)
+    steps = []
+    for j, t in enumerate(new):
+        pos = torch.tensor([n + j], device=DEV)
+        slot = cache.slots(0, n + j, n + j + 1).to(DEV)
+        steps.append(pm(torch.tensor([t], device=DEV), pos, tables, pos + 1, slot)[0])
+    verify = pm.extend(
+        torch.tensor([new], device=DEV),
+        torch.arange(n, n + s, device=DEV)[None],
+        tables,
+        cache.slots(0, n, n + s).to(DEV),
+    )[0]
+    same = [torch.equal(verify[j], steps[j]) for j in range(s)]
+    assert all(same) if gemv_on else torch.allclose(verify, torch.stack(steps), atol=1e-4)
