@@ -298,3 +298,23 @@ def test_runtime_with_triton_kernels_equals_fake_quant_model(tmp_path):
     with torch.no_grad():
         want = fake_quant_decoder(md, q)(ids[None])[0][0]
     assert (paged_logits(pm, cache, ids, 6) - want).abs().max() < 1e-4 * want.abs().max()
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="helpers.paged builds on the CPU; on CUDA: torch_bench.py check")
+def test_runtime_with_word_kernels_equals_fake_quant_model(tmp_path, monkeypatch):
+    """The paged runtime whose layers run GEMV_W up to 2 rows (decode, padded to 2) and GEMM_W beyond
+    (g128, fused qkv / gate-up): prefill and decode give the logits of the fake-quant decoder."""
+    from lorafast_export.runtime import linear
+
+    monkeypatch.setattr(
+        linear, "default_plan", lambda: [2, GEMV_W, 32, 0, 2, 16, 4, 1 << 30, GEMM_W, 32, 0, 1, 16, 4]
+    )
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp, q = quantize_all(md, 4, 128, False)
+    pm, cache = paged(md, fp, q, kernel="triton")
+    layers = [m for m in pm.dec.modules() if hasattr(m, "kernel")]
+    assert layers and all(m.weight_words is not None and m.weight_tiled is None for m in layers)
+    ids = torch.randint(0, 96, (9,))
+    with torch.no_grad():
+        want = fake_quant_decoder(md, q)(ids[None])[0][0]
+    assert (paged_logits(pm, cache, ids, 6) - want).abs().max() < 1e-4 * want.abs().max()
