@@ -463,8 +463,8 @@ def _words_ptx(scaled: bool) -> str:
     return "\n".join([*lines, "}"])
 
 
-_WORDS_PTX = tl.constexpr(_words_ptx(False))
-_WORDS_PTX_SCALED = tl.constexpr(_words_ptx(True))
+_WORDS_PTX = tl.constexpr([_words_ptx(False), _words_ptx(True)])  # [SCALE_W]
+_WORDS_CONS = tl.constexpr("=r," * 8 + "r,r,r,r,r,r")  # 8 outputs; words, zeros, scales (2 each: pack=2)
 
 
 @triton.jit
@@ -483,18 +483,12 @@ def _scale_zero(s_ptr, z_ptr, g_off, g_ok, ASYM: tl.constexpr):
 
 
 @triton.jit
-def _word_nibble(w, j: tl.constexpr, zz):
-    """Nibble j of int32 words [R, C] as fp32 code - zero (the interpreter's path): the fp32 bit trick."""
-    return ((((w >> (4 * j)) & 0xF) << 16) | 0x43000000).to(tl.float32, bitcast=True) - zz
-
-
-@triton.jit
-def _join8(d0, d1, d2, d3, d4, d5, d6, d7, BN: tl.constexpr):
-    """8 operands [BN, 16] (d_j: columns 16 j + q) → [BN, 128] in column order. A join appends a last
+def _join8(d, BN: tl.constexpr):
+    """8 operands [BN, 16] (d[j]: columns 16 j + q) → [BN, 128] in column order. A join appends a last
     dimension and a reshape flattens the first joined dimension most significantly: join on bit 2 of j,
     then bit 1, then bit 0."""
-    e = tl.join(tl.join(d0, d4), tl.join(d2, d6))  # [BN, 16, 2, 2]: [q, j bit 2, j bit 1] (j even)
-    o = tl.join(tl.join(d1, d5), tl.join(d3, d7))  # j odd
+    e = tl.join(tl.join(d[0], d[4]), tl.join(d[2], d[6]))  # [BN, 16, 2, 2]: [q, j bit 2, j bit 1] (j even)
+    o = tl.join(tl.join(d[1], d[5]), tl.join(d[3], d[7]))  # j odd
     a = tl.reshape(tl.join(e, o), [BN, 16, 8])  # [q, j]
     return tl.reshape(tl.permute(a, (0, 2, 1)), [BN, 128])
 
@@ -557,39 +551,14 @@ def _gemm_w_kernel(
         x = tl.load(x_ptr + mm[None, :] * K + (k0 + kk)[:, None], mask=xm, other=0.0)  # [128, BM]
         if ASM:
             nz = tl.broadcast_to(_bf16_bits(-zz)[:, None], w.shape)
-            if SCALE_W:
-                sc = tl.broadcast_to(_bf16_bits(s)[:, None], w.shape)
-                d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                    _WORDS_PTX_SCALED,
-                    "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r",
-                    [w, nz, sc],
-                    dtype=(tl.bfloat16,) * 8,
-                    is_pure=True,
-                    pack=2,
-                )
-            else:
-                d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                    _WORDS_PTX,
-                    "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
-                    [w, nz],
-                    dtype=(tl.bfloat16,) * 8,
-                    is_pure=True,
-                    pack=2,
-                )
-            a = _join8(d0, d1, d2, d3, d4, d5, d6, d7, BN)
-        else:
-            z2 = zz[:, None]
-            a = _join8(
-                _word_nibble(w, 0, z2),
-                _word_nibble(w, 1, z2),
-                _word_nibble(w, 2, z2),
-                _word_nibble(w, 3, z2),
-                _word_nibble(w, 4, z2),
-                _word_nibble(w, 5, z2),
-                _word_nibble(w, 6, z2),
-                _word_nibble(w, 7, z2),
-                BN,
+            sc = tl.broadcast_to(_bf16_bits(s)[:, None], w.shape)  # read by the PTX only when SCALE_W
+            d = tl.inline_asm_elementwise(
+                _WORDS_PTX[SCALE_W], _WORDS_CONS, [w, nz, sc], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2
             )
+            a = _join8(d, BN)
+        else:  # [BN, 8, 16] codes: [n, j, q] is column 16 j + q, so the reshape is in column order
+            c = (w[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF
+            a = tl.reshape(c.to(tl.float32), [BN, 128]) - (zz - 128.0)[:, None]  # code - zero
             if SCALE_W:
                 a = a * s[:, None]
             a = a.to(x.dtype)
@@ -607,10 +576,22 @@ def _gemm_w_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
+def _plane_ptx(j: int) -> str:
+    """PTX for a word ($1) → its nibble j as fp32 128 + code ($0): a shift (none for nibble 4) and one lop3
+    that masks the nibble at bits 16-19 and ORs in 0x43000000 (fp32 128.0); ptxas did not merge the and and
+    the or of Triton's own code into one lop3."""
+    shift = "" if j == 4 else f"{'shl' if j < 4 else 'shr'}.b32 t, $1, {abs(16 - 4 * j)};"
+    return f"{{.reg .b32 t; {shift} lop3.b32 $0, {'$1' if j == 4 else 't'}, 0x000F0000, 0x43000000, 0xEA;}}"
+
+
+_PLANE_PTX = tl.constexpr([_plane_ptx(j) for j in range(8)])
+
+
 @triton.jit
-def _plane(w, j: tl.constexpr):
-    """Nibble j of int32 words [R, C] as fp32 128 + code, exact: the nibble moved to bits 16-19 under
-    0x43000000 (fp32 128.0). The interpreter's path; on CUDA `_planes_asm` does all 8 in one call."""
+def _plane(w, j: tl.constexpr, ASM: tl.constexpr):
+    """Nibble j of int32 words [R, C] as fp32 128 + code, exact (inline PTX on CUDA, else Triton's shifts)."""
+    if ASM:
+        return tl.inline_asm_elementwise(_PLANE_PTX[j], "=r,r", [w], dtype=tl.float32, is_pure=True, pack=1)
     if j < 4:
         v = (w << (16 - 4 * j)) & 0x000F0000
     elif j == 4:
@@ -618,41 +599,6 @@ def _plane(w, j: tl.constexpr):
     else:
         v = (w >> (4 * j - 16)) & 0x000F0000
     return (v | 0x43000000).to(tl.float32, bitcast=True)
-
-
-def _planes_ptx() -> str:
-    """PTX for one word ($8) → its 8 nibbles as fp32 128 + code ($0-$7): a shift and one lop3 each (the
-    and and the or in one instruction, which ptxas did not merge from Triton's code), none for nibble 4."""
-    lines = ["{", ".reg .b32 t;"]
-    for j in range(8):
-        if j == 4:
-            lines.append("lop3.b32 $4, $8, 0x000F0000, 0x43000000, 0xEA;")
-            continue
-        op, n = ("shl", 16 - 4 * j) if j < 4 else ("shr", 4 * j - 16)
-        lines += [f"{op}.b32 t, $8, {n};", f"lop3.b32 ${j}, t, 0x000F0000, 0x43000000, 0xEA;"]
-    return "\n".join([*lines, "}"])
-
-
-_PLANES_PTX = tl.constexpr(_planes_ptx())
-
-
-@triton.jit
-def _planes(w, ASM: tl.constexpr):
-    """The 8 nibble planes of int32 words [R, C], each fp32 128 + code [R, C]."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            _PLANES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1
-        )
-    return (
-        _plane(w, 0),
-        _plane(w, 1),
-        _plane(w, 2),
-        _plane(w, 3),
-        _plane(w, 4),
-        _plane(w, 5),
-        _plane(w, 6),
-        _plane(w, 7),
-    )
 
 
 @_jit
@@ -696,36 +642,19 @@ def _gemv_w_kernel(
         w = tl.load(w_ptr + row[:, None] + t * (_R * _WQ) + qq[None, :], mask=wm, other=0)  # [BN, 16]
         s, zz = _scale_zero(s_ptr, z_ptr, nn * G + k0 // GS, n_ok & (k0 < K), ASYM)
         xp = x_ptr + m * K + k0 + qq  # [16]: column 16 j + q is xp + 16 j
-        x0 = _x_plane(xp, k0 + qq, K, 0, EVEN)
-        x1 = _x_plane(xp, k0 + qq, K, 1, EVEN)
-        x2 = _x_plane(xp, k0 + qq, K, 2, EVEN)
-        x3 = _x_plane(xp, k0 + qq, K, 3, EVEN)
-        x4 = _x_plane(xp, k0 + qq, K, 4, EVEN)
-        x5 = _x_plane(xp, k0 + qq, K, 5, EVEN)
-        x6 = _x_plane(xp, k0 + qq, K, 6, EVEN)
-        x7 = _x_plane(xp, k0 + qq, K, 7, EVEN)
-        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [16]
-        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(w, ASM)
-        part = -zz[:, None] * xsum[None, :]  # [BN, 16]: - (128 + zero) * the activations' sums
-        part += p0 * x0[None, :]
-        part += p1 * x1[None, :]
-        part += p2 * x2[None, :]
-        part += p3 * x3[None, :]
-        part += p4 * x4[None, :]
-        part += p5 * x5[None, :]
-        part += p6 * x6[None, :]
-        part += p7 * x7[None, :]
+        part = tl.zeros([BN, _WQ], tl.float32)
+        xsum = tl.zeros([_WQ], tl.float32)
+        for j in tl.static_range(8):  # nibble plane j: columns 16 j + q
+            if EVEN:
+                xj = tl.load(xp + 16 * j).to(tl.float32)
+            else:
+                xj = tl.load(xp + 16 * j, mask=k0 + 16 * j + qq < K, other=0.0).to(tl.float32)
+            part += _plane(w, j, ASM) * xj[None, :]
+            xsum += xj
+        part -= zz[:, None] * xsum[None, :]  # the 128 + zero part, through the activations' sums
         acc += part * s[:, None]
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + (sp * M + m) * N + nn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _x_plane(xp, cols, K, j: tl.constexpr, EVEN: tl.constexpr):
-    """fp32 activations of columns 16 j + q of a tile ([16]; past K: 0)."""
-    if EVEN:
-        return tl.load(xp + 16 * j).to(tl.float32)
-    return tl.load(xp + 16 * j, mask=cols + 16 * j < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
