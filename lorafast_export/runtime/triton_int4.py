@@ -16,6 +16,9 @@ the codes load as aligned 16-byte vectors (tile offsets are multiples of BK / 2 
 Two more kernels, GEMV_T and GEMM_T (below `tile_cols`), read the codes repacked at load into a tiled,
 blocked layout, convert nibbles by bit tricks (GEMM_T optionally by inline PTX) and, for GEMM_T, swap the
 operands so the weight rows are the MMA's M dimension.
+GEMM_W and GEMV_W (below `pack_words`) read them as int32 words in the order of the tensor-core operand's
+register fragment (session 7, H200, 8B shapes: the fastest at 8 and 32 rows, and at 1 row for gate_up and
+down; bench/TORCH.md).
 Which kernel and which tile sizes run for a (shape, rows) comes from a table measured on the device
 (runtime/int4_table.py); `int4_mm` takes that plan and picks the entry for the batch it sees.
 
@@ -53,6 +56,24 @@ def _jit(fn):
         return triton.jit(fn)
     fn.__annotations__.pop("ITERS")
     return triton.jit(fn, do_not_specialize=["M", "N", "G", "ITERS"])
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """tl.dot (acc None: a fresh one), exact in fp32 when IEEE (fp32 activations: the default rounds the
+    inputs to tf32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+def split_out(x: torch.Tensor, n: int, tiles: int, splits: int) -> tuple[int, int, torch.Tensor]:
+    """Split-K of `tiles` K-tiles into at most `splits`: (tiles per split, splits that hold tiles, the
+    kernel's output: [M, N] in x's dtype for one split, else fp32 partials [splits, M, N] for sum_splits)."""
+    iters = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, iters)
+    shape, dtype = ((x.shape[0], n), x.dtype) if splits == 1 else ((splits, x.shape[0], n), torch.float32)
+    return iters, splits, torch.empty(shape, device=x.device, dtype=dtype)
 
 
 @_jit
@@ -159,13 +180,7 @@ def _gemm_kernel(
             z = 8
         w_lo = ((w & 0xF).to(tl.int16) - z).to(x.dtype)  # [BN, BK/2], exact small integers
         w_hi = ((w >> 4).to(tl.int16) - z).to(x.dtype)
-        if IEEE:
-            part = tl.dot(xe, tl.trans(w_lo), input_precision="ieee")
-            part = tl.dot(xo, tl.trans(w_hi), part, input_precision="ieee")
-        else:
-            part = tl.dot(xe, tl.trans(w_lo))
-            part = tl.dot(xo, tl.trans(w_hi), part)
-        acc += part * s[None, :]
+        acc += _dot(xo, tl.trans(w_hi), _dot(xe, tl.trans(w_lo), None, IEEE), IEEE) * s[None, :]
     o_off = (sp * M + mm[:, None]) * N + nn[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -206,6 +221,39 @@ def _tile_ptrs(w_ptr, nn, t, jj, KB, T: tl.constexpr, R: tl.constexpr):
     """Byte addresses [len(nn), T/2] of tile t of rows nn in the blocked tiled layout (row stride KB)."""
     row = (nn // R) * (R * KB) + (nn % R) * (T // 2)
     return w_ptr + row[:, None] + t * (R * (T // 2)) + jj[None, :]
+
+
+@triton.jit
+def _tile_codes(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    nn,
+    n_ok,
+    t,
+    K,
+    KB,
+    G,
+    GS: tl.constexpr,
+    T: tl.constexpr,
+    ASYM: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """Tile t of rows nn in the tiled layout: (codes uint8 [R, T/2], fp32 scales [R], uint8 zero points
+    [R] (when ASYM; else unused)). EVEN: every tile inside K, no column mask."""
+    jj = tl.arange(0, T // 2)
+    if EVEN:
+        wm, g_ok = n_ok[:, None], n_ok
+    else:
+        wm, g_ok = n_ok[:, None] & (t * (T // 2) + jj < KB)[None, :], n_ok & (t * T < K)
+    w = tl.load(_tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=wm)
+    g_off = nn * G + t * T // GS
+    s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+    if ASYM:
+        z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
+    else:
+        z = g_off  # unused
+    return w, s, z
 
 
 @triton.jit
@@ -308,19 +356,11 @@ def _gemv_t_kernel(
         for u in tl.static_range(U):  # U tiles per iteration: more loads in flight
             t = (sp * ITERS + it) * U + u
             k0 = t * T
-            kb0 = t * (T // 2)
+            w, s, z = _tile_codes(w_ptr, s_ptr, z_ptr, nn, n_ok, t, K, KB, G, GS, T, ASYM, EVEN)
             if EVEN:  # every tile inside K: no column masks
-                wm, g_ok, xlm, xhm = n_ok[:, None], n_ok, jj >= 0, jj >= 0
+                xlm, xhm = jj >= 0, jj >= 0
             else:
-                wm, g_ok = n_ok[:, None] & (kb0 + jj < KB)[None, :], n_ok & (k0 < K)
                 xlm, xhm = k0 + jj < K, k0 + T // 2 + jj < K
-            w = tl.load(_tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=wm)
-            g_off = nn * G + k0 // GS
-            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
-            if ASYM:
-                z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
-            else:
-                z = g_off  # unused
             lo, hi = _nibbles(w, z, ASYM)
             for m in tl.static_range(MP):
                 xl = tl.load(x_ptr + m * K + k0 + jj, mask=xlm & (m < M), other=0.0).to(tl.float32)
@@ -370,22 +410,14 @@ def _gemm_t_kernel(
         for u in tl.static_range(U):  # U tiles per iteration: more loads in flight
             t = (sp * ITERS + it) * U + u
             k0 = t * T
-            kb0 = t * (T // 2)
+            w, s, z = _tile_codes(w_ptr, s_ptr, z_ptr, nn, n_ok, t, K, KB, G, GS, T, ASYM, EVEN)
             if EVEN:  # every tile inside K: no column masks
-                wm, g_ok, xlm, xhm = n_ok[:, None], n_ok, m_ok[None, :], m_ok[None, :]
+                xlm, xhm = m_ok[None, :], m_ok[None, :]
             else:
-                wm, g_ok = n_ok[:, None] & (kb0 + jj < KB)[None, :], n_ok & (k0 < K)
                 xlm = m_ok[None, :] & (k0 + jj < K)[:, None]
                 xhm = m_ok[None, :] & (k0 + T // 2 + jj < K)[:, None]
-            w = tl.load(_tile_ptrs(w_ptr, nn, t, jj, KB, T, _R), mask=wm)
             xl = tl.load(x_ptr + mm[None, :] * K + (k0 + jj)[:, None], mask=xlm, other=0.0)  # [T/2, BM]
             xh = tl.load(x_ptr + mm[None, :] * K + (k0 + T // 2 + jj)[:, None], mask=xhm, other=0.0)
-            g_off = nn * G + k0 // GS
-            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
-            if ASYM:
-                z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
-            else:
-                z = g_off  # unused
             if ASM:
                 lo, hi = _nibbles_asm(w, z, s, ASYM, SCALE_W)  # bf16, times s when SCALE_W
             else:
@@ -394,20 +426,9 @@ def _gemm_t_kernel(
                     lo, hi = lo * s[:, None], hi * s[:, None]
             lo, hi = lo.to(xl.dtype), hi.to(xl.dtype)
             if SCALE_W:
-                if IEEE:
-                    acc = tl.dot(lo, xl, acc, input_precision="ieee")
-                    acc = tl.dot(hi, xh, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(lo, xl, acc)
-                    acc = tl.dot(hi, xh, acc)
+                acc = _dot(hi, xh, _dot(lo, xl, acc, IEEE), IEEE)
             else:
-                if IEEE:
-                    part = tl.dot(lo, xl, input_precision="ieee")
-                    part = tl.dot(hi, xh, part, input_precision="ieee")
-                else:
-                    part = tl.dot(lo, xl)
-                    part = tl.dot(hi, xh, part)
-                acc += part * s[:, None]
+                acc += _dot(hi, xh, _dot(lo, xl, None, IEEE), IEEE) * s[:, None]
     o_off = (sp * M + mm[None, :]) * N + nn[:, None]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
@@ -563,15 +584,9 @@ def _gemm_w_kernel(
                 a = a * s[:, None]
             a = a.to(x.dtype)
         if SCALE_W:
-            if IEEE:
-                acc = tl.dot(a, x, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, x, acc)
+            acc = _dot(a, x, acc, IEEE)
         else:
-            if IEEE:
-                acc += tl.dot(a, x, input_precision="ieee") * s[:, None]
-            else:
-                acc += tl.dot(a, x) * s[:, None]
+            acc += _dot(a, x, None, IEEE) * s[:, None]
     o_off = (sp * M + mm[None, :]) * N + nn[:, None]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
@@ -695,13 +710,7 @@ def launch(
     u = 1 << (entry[3] >> 4 & 3) if tiled else 1  # tiles per loop iteration
     m, n, g = x.shape[0], s.shape[0], s.shape[1]  # w may hold padding rows
     tiles = triton.cdiv(triton.cdiv(k, bk), u)  # in steps of u tiles
-    iters = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, iters)  # splits that hold columns
-    out = (
-        torch.empty(m, n, device=x.device, dtype=x.dtype)
-        if splits == 1
-        else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    )
+    iters, splits, out = split_out(x, n, tiles, splits)
     zp = z if z is not None else s  # never read when symmetric
     args = (x, w, s, zp, out, m, n, k, w.shape[1], g)
     common = dict(ITERS=iters, BN=bn, GS=group_size, ASYM=z is not None, num_warps=warps)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafast_export.runtime.triton_int4 import GEMM_T, GEMV, _jit, pick, sum_splits
+from lorafast_export.runtime.triton_int4 import GEMM_T, GEMV, _dot, _jit, pick, split_out, sum_splits
 
 
 @triton.jit
@@ -75,6 +75,16 @@ def _gemv8_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=(mm < M)[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _by_n(v, SWAP: tl.constexpr):
+    """A per-output-channel vector [BN] broadcast along the accumulator's N axis (its rows when SWAP)."""
+    if SWAP:  # one return: Triton checks that every return has the same type, even under a constexpr
+        r = v[:, None]
+    else:
+        r = v[None, :]
+    return r
+
+
 @_jit
 def _gemm8_kernel(
     x_ptr,  # [M, K]
@@ -92,64 +102,13 @@ def _gemm8_kernel(
     BK: tl.constexpr,  # divides GS
     GS: tl.constexpr,
     ASYM: tl.constexpr,
-    IEEE: tl.constexpr,  # fp32 activations: exact fp32 dots (the default rounds inputs to tf32)
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    sp = tl.program_id(2)
-    mm = pid_m * BM + tl.arange(0, BM)
-    nn = pid_n * BN + tl.arange(0, BN)
-    kk = tl.arange(0, BK)
-    n_ok = nn < N
-    m_ok = mm < M
-    acc = tl.zeros([BM, BN], tl.float32)
-    for it in range(0, ITERS):
-        k0 = (sp * ITERS + it) * BK
-        k_ok = k0 + kk < K
-        w = tl.load(w_ptr + nn[:, None] * K + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok[None, :])
-        x = tl.load(
-            x_ptr + mm[:, None] * K + (k0 + kk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        g_off = nn * G + k0 // GS
-        g_ok = n_ok & (k0 < K)
-        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN]
-        if ASYM:
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.int16)[:, None]
-        else:
-            z = 128
-        wq = (w.to(tl.int16) - z).to(x.dtype)  # [BN, BK], exact integers in [-255, 255]
-        if IEEE:
-            part = tl.dot(x, tl.trans(wq), input_precision="ieee")
-        else:
-            part = tl.dot(x, tl.trans(wq))
-        acc += part * s[None, :]
-    o_off = (sp * M + mm[:, None]) * N + nn[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@_jit
-def _gemm8_t_kernel(
-    x_ptr,  # [M, K]
-    w_ptr,  # [N, K] uint8
-    s_ptr,  # [N, G]
-    z_ptr,  # [N, G] uint8
-    out_ptr,  # [SPLITS, M, N] fp32, or [M, N] in x's dtype
-    M,
-    N,
-    K,
-    G,
-    ITERS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,  # divides GS
-    GS: tl.constexpr,
-    ASYM: tl.constexpr,
     IEEE: tl.constexpr,
     PER_CH: tl.constexpr,  # one group spans K
+    SWAP: tl.constexpr,  # GEMM_T: swapped operands
 ):
-    """Swapped operands (as runtime/triton_int4.py's GEMM_T): out^T [BN, BM] = W [BN, BK] @ x^T [BK, BM],
-    the weight rows as the MMA's M dimension. Per channel (one group, GS >= K) the scale multiplies the
-    accumulator once at the end; with groups, each tile's partial sum."""
+    """GEMM: out [BM, BN] = x [BM, BK] @ W^T. GEMM_T (SWAP, as runtime/triton_int4.py's): out^T [BN, BM] =
+    W [BN, BK] @ x^T [BK, BM], the weight rows as the MMA's M dimension. Per channel the scale multiplies
+    the accumulator once at the end; with groups, each tile's partial sum."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     sp = tl.program_id(2)
@@ -158,32 +117,37 @@ def _gemm8_t_kernel(
     kk = tl.arange(0, BK)
     n_ok = nn < N
     m_ok = mm < M
-    acc = tl.zeros([BN, BM], tl.float32)
+    if SWAP:
+        acc = tl.zeros([BN, BM], tl.float32)
+        o_off, o_ok = (sp * M + mm[None, :]) * N + nn[:, None], m_ok[None, :] & n_ok[:, None]
+    else:
+        acc = tl.zeros([BM, BN], tl.float32)
+        o_off, o_ok = (sp * M + mm[:, None]) * N + nn[None, :], m_ok[:, None] & n_ok[None, :]
     for it in range(0, ITERS):
         k0 = (sp * ITERS + it) * BK
         k_ok = k0 + kk < K
         w = tl.load(w_ptr + nn[:, None] * K + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok[None, :])
-        x = tl.load(
-            x_ptr + mm[None, :] * K + (k0 + kk)[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0
-        )
         g_off = nn * G + k0 // GS
         g_ok = n_ok & (k0 < K)
-        wq = _codes_minus_zero(w, z_ptr, g_off, g_ok, ASYM).to(x.dtype)  # exact integers in [-255, 255]
-        if PER_CH:
-            if IEEE:
-                acc = tl.dot(wq, x, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(wq, x, acc)
+        if SWAP:
+            b = tl.load(
+                x_ptr + mm[None, :] * K + (k0 + kk)[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0
+            )
+            a = _codes_minus_zero(w, z_ptr, g_off, g_ok, ASYM).to(b.dtype)  # exact integers in [-255, 255]
         else:
-            if IEEE:
-                part = tl.dot(wq, x, input_precision="ieee")
-            else:
-                part = tl.dot(wq, x)
-            acc += part * tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, None]
+            a = tl.load(
+                x_ptr + mm[:, None] * K + (k0 + kk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            b = tl.trans(_codes_minus_zero(w, z_ptr, g_off, g_ok, ASYM).to(a.dtype))
+        if PER_CH:
+            acc = _dot(a, b, acc, IEEE)
+        else:
+            acc += _dot(a, b, None, IEEE) * _by_n(
+                tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32), SWAP
+            )
     if PER_CH:
-        acc = acc * tl.load(s_ptr + nn * G, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    o_off = (sp * M + mm[None, :]) * N + nn[:, None]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+        acc = acc * _by_n(tl.load(s_ptr + nn * G, mask=n_ok, other=0.0).to(tl.float32), SWAP)
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
 def launch8(
@@ -200,25 +164,16 @@ def launch8(
     m, (n, k), g = x.shape[0], w.shape, s.shape[1]
     gs = triton.next_power_of_2(k) if group_size == -1 or group_size >= k else group_size
     bk = min(bk, gs)  # a tile lies inside one group (both powers of two)
-    tiles = triton.cdiv(k, bk)
-    iters = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, iters)  # splits that hold columns
-    out = (
-        torch.empty(m, n, device=x.device, dtype=x.dtype)
-        if splits == 1
-        else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    )
+    iters, splits, out = split_out(x, n, triton.cdiv(k, bk), splits)
     zp = z if z is not None else s  # never read when symmetric
     args = (x, w, s, zp, out, m, n, k, g)
     common = dict(ITERS=iters, BN=bn, BK=bk, GS=gs, ASYM=z is not None, num_warps=warps)
     if kind == GEMV:
         _gemv8_kernel[(triton.cdiv(n, bn), splits)](*args, MP=triton.next_power_of_2(m), **common)
-    elif kind == GEMM_T:
-        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
-        _gemm8_t_kernel[grid](*args, BM=bm, IEEE=x.dtype == torch.float32, PER_CH=gs >= k, **common)
     else:
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
-        _gemm8_kernel[grid](*args, BM=bm, IEEE=x.dtype == torch.float32, **common)
+        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
+        opt = dict(IEEE=x.dtype == torch.float32, PER_CH=gs >= k, SWAP=kind == GEMM_T)
+        _gemm8_kernel[grid](*args, BM=bm, **opt, **common)
     return out if splits == 1 else sum_splits(out, x.dtype)
 
 
