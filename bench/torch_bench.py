@@ -10,6 +10,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   kernels  linear layers of the model's shapes: bf16 vs int4 tinygemm vs int8 weight-only, per batch rows
   attn     paged decode attention: gather vs flex (compiled), per batch and context length
   bf16     our runtime, bf16 weights: batch sizes x (prompt, new tokens); eager vs compiled at batch 1
+  bf16g    bf16 with dense_gemv on (runtime/triton_gemv.py for <= 8 rows): the same runtime otherwise
   int4     our runtime, int4 g128 (RTN codes from the quantized form)
   hf       transformers generate (eager, dynamic cache) at the same batch sizes
   mixed    32 requests of mixed prompt/output lengths: our continuous batching vs transformers batched generate
@@ -296,8 +297,9 @@ def sec_attn(a, dev, R):
     return rows
 
 
-def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False):
+def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=None):
     opts = RuntimeOptions(
+        dense_gemv=gemv or a.dense_gemv,
         compile="on",
         attention=attention,
         max_seq_len=a.max_seq_len,
@@ -352,12 +354,27 @@ def single_step_peer(rt, a, batches) -> dict:
     }
 
 
-def sec_model(a, dev, R, quant: bool):
+def sec_model(a, dev, R, quant: bool, gemv: str | None = None):
+    """Our runtime at a.batches; gemv='on' (section bf16g): dense_gemv on, and its greedy tokens for one
+    prompt compared with the bf16 section's (cuBLAS) when that ran first in this call."""
     model = R["_model"]
     cfg, state = config_of(model)
     fp, q = quantize_linears(state) if quant else (state, None)
     attention = R.get("_attn_choice", a.attention)
-    rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=not quant)
+    label = "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
+    eager = label == "bf16" and a.eager_peer
+    rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=eager, gemv=gemv)
+    res["dense_gemv"] = rt.options.dense_gemv
+    R[f"_rt_{label}"] = rt
+    if not quant:
+        toks = R[f"_tokens_{label}"] = rt.generate_batch(
+            random_prompts(1, a.prompt_len, cfg.vocab_size, 99), 64
+        )
+        other = R.get("_tokens_bf16" if label == "bf16g" else "_tokens_bf16g")
+        if other is not None:
+            res["greedy_64_positions_equal_other_bf16_section"] = sum(
+                x == y for x, y in zip(toks[0], other[0], strict=True)
+            )
     if a.mixed_with == ("int4" if quant else "bf16"):
         R["_mixed_rt"] = rt
     return res
@@ -587,6 +604,7 @@ def sec_cpu(a, dev, R):
 
 def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("attention", (R or {}).get("_attn_choice", a.attention))
+    kw.setdefault("dense_gemv", a.dense_gemv)
     return RuntimeOptions(
         compile=a.compile,
         max_seq_len=a.max_seq_len,
@@ -633,7 +651,10 @@ def sec_profile(a, dev, R):
     out = {}
     for label in a.profile.split(","):
         fp, q = quantize_linears(state) if label == "int4" else (state, None)
-        rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, a.batches, R))
+        rt = R.get(f"_rt_{label}")  # the bf16 / bf16g / int4 section's runtime, if it ran
+        if rt is None:
+            gemv = "on" if label == "bf16g" else a.dense_gemv
+            rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, a.batches, R, dense_gemv=gemv))
         for b in a.batches:
             eng = rt.engine
             for p in random_prompts(b, a.prompt_len, cfg.vocab_size, b):
@@ -660,7 +681,9 @@ def sec_profile(a, dev, R):
                 "wall_ms_per_step": wall_ms,
                 **_kernel_table(prof, steps),
             }
+        out[f"{label}_dense_gemv"] = rt.options.dense_gemv
         del rt
+        R.pop(f"_rt_{label}", None)
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     return out
 
@@ -688,13 +711,17 @@ def sec_spec(a, dev, R):
     cfg, state = config_of(R["_model"])
     fp4, q4 = quantize_linears(state)
     prompts = random_prompts(2, a.prompt_len, cfg.vocab_size, 11)
-    base = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, [1], R))
+    base = build_runtime(
+        cfg, state, None, dev, torch.bfloat16, _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
+    )
     res = {}
     base.generate_batch(prompts[:1], 16)
     ref = run_requests(base, prompts[1:], [a.new_tokens])
     want = base.engine.generate_batch(prompts[1:], a.new_tokens)
     res["bf16_alone"] = ref
-    draft = build_runtime(cfg, fp4, q4, dev, torch.bfloat16, _opts(a, [1], R))
+    draft = build_runtime(
+        cfg, fp4, q4, dev, torch.bfloat16, _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
+    )
     for k in [int(x) for x in a.spec_k.split(",")]:
         eng = spec_engine(base, draft, k, a, dev)
         base.engine, keep = eng, base.engine
@@ -740,10 +767,10 @@ def sec_specdemo(a, dev, R):
     fp4, q4 = quantize_linears(state, 4, 32, False)
     prompts = code_prompts(tok, 5, 48)
     new = min(a.new_tokens, 128)
-    o = _opts(a, [1], R)
+    o = _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     base = build_runtime(cfg, state, None, dev, dtype, o)
     base.generate_batch(prompts[:1], 8)
-    res = {"dtype": str(dtype), "prompts": len(prompts) - 1, "new_tokens": new}
+    res = {"dtype": str(dtype), "prompts": len(prompts) - 1, "new_tokens": new, "dense_gemv": o.dense_gemv}
     want = base.generate_batch(prompts[1:], new)
     res["bf16_alone"] = run_requests(base, prompts[1:2], [new])
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
@@ -955,6 +982,7 @@ SECTIONS = {
     "attn": sec_attn,
     "bf16": lambda a, d, R: sec_model(a, d, R, False),
     "int4": lambda a, d, R: sec_model(a, d, R, True),
+    "bf16g": lambda a, d, R: sec_model(a, d, R, False, gemv="on"),
     "hf": sec_hf,
     "mixed": sec_mixed,
     "enginecheck": sec_enginecheck,
@@ -968,7 +996,7 @@ SECTIONS = {
     "int8k": sec_int8k,
     "gemv": sec_gemv,
 }
-NEEDS_MODEL = {"bf16", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec"}
+NEEDS_MODEL = {"bf16", "bf16g", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec"}
 
 
 def main() -> None:
@@ -1004,6 +1032,9 @@ def main() -> None:
     p.add_argument(
         "--mixed-policies", default=",".join(MIXED_POLICIES), help="mixed: labels of MIXED_POLICIES"
     )
+    p.add_argument("--dense-gemv", default="off", choices=("off", "on"), help="runtime option, all sections")
+    p.add_argument("--spec-gemv", default="", choices=("", "off", "on"), help="spec/specdemo: dense_gemv")
+    p.add_argument("--eager-peer", type=int, default=1, help="bf16: also time the eager runtime at batch 1")
     p.add_argument("--gemv-budget-s", type=float, default=40.0, help="gemv: stop sweeping tiles after this")
     p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")

@@ -1,12 +1,10 @@
 """A dense GEMV for a few rows (decode at batch 1, a speculative verify of k + 1 tokens): y = x W^T.
 
-cuBLAS's M = 1 kernels read the 8B's small linears at 3.1-3.3 TB/s and add a split-K reduce kernel to
-o_proj and down_proj (bench/TORCH.md, session 6 profile). Here each program owns BN output columns over
-the whole K: no split, no second kernel. Every row of x runs the same sequence of operations whatever the
-number of rows (each row keeps its own [BN, BK] accumulator, summed over K once at the end), so row i of
-a 5-row call is meant to equal the 1-row call bit for bit: the property a speculative verify needs to give
-the plain step's tokens (checked on the CPU through the interpreter; on CUDA by bench/torch_bench.py's
-`gemv` section).
+Each program owns one row of x and BN output columns over the whole K: no split, no second kernel, and
+row i of a 5-row call is computed by the same operations as the 1-row call, so it equals it bit for bit:
+the property a speculative verify needs to give the plain step's tokens (CPU: the interpreter, tests;
+CUDA: bench/torch_bench.py's `gemv` section, every tile true in session 7's call A). It is not faster than
+cuBLAS: at 1 row it matches cuBLAS on qkv and o_proj and is 8-22% slower on gate_up and down_proj (call A).
 
 Triton is imported only here (CUDA, or its interpreter in tests: TRITON_INTERPRET=1 before the import).
 """
@@ -27,67 +25,60 @@ def _gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K] row-major
     y_ptr,  # [M, N]
-    M,
     N,
     K,
     ITERS: tl.constexpr,  # cdiv(K, BK)
-    MP: tl.constexpr,  # M padded to a power of two
     BN: tl.constexpr,
     BK: tl.constexpr,
     EVEN: tl.constexpr,  # N % BN == 0 and K % BK == 0: no masks
 ):
-    pid = tl.program_id(0)
-    rn = pid * BN + tl.arange(0, BN)
+    """Program (m, j): row m of x against weight rows j*BN..j*BN+BN-1 over the whole K. The rows of one
+    weight tile are consecutive programs (axis 0), so a tile read for row 0 is in L2 for the others."""
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    rm = tl.arange(0, MP)
-    acc = tl.zeros([MP, BN, BK], tl.float32)
+    acc = tl.zeros([BN, BK], tl.float32)
     for it in range(0, ITERS):
         kk = it * BK + rk
         if EVEN:
             w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
-            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm < M)[:, None], other=0.0)
+            x = tl.load(x_ptr + m * K + kk)
         else:
             w = tl.load(
                 w_ptr + rn[:, None] * K + kk[None, :], mask=(rn < N)[:, None] & (kk < K)[None, :], other=0.0
             )
-            x = tl.load(
-                x_ptr + rm[:, None] * K + kk[None, :], mask=(rm < M)[:, None] & (kk < K)[None, :], other=0.0
-            )
-        acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
-    y = tl.sum(acc, 2)
-    tl.store(
-        y_ptr + rm[:, None] * N + rn[None, :],
-        y.to(y_ptr.dtype.element_ty),
-        mask=(rm < M)[:, None] & (rn < N)[None, :],
-    )
+            x = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
+    tl.store(y_ptr + m * N + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-GEMV_TILES = [(8, 128, 4), (16, 128, 4), (4, 256, 4), (8, 256, 4), (16, 256, 8), (32, 64, 4)]  # swept
+GEMV_TILES = [(4, 256, 4), (16, 128, 4), (2, 512, 4), (8, 256, 8), (4, 512, 4), (8, 128, 4)]  # swept
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BN, BK, warps) for a [n, k] weight, whatever the row count. Registers: MP x BN x BK accumulators
-    over 32 x warps threads (64 per thread at 8 rows here)."""
-    return 8, 128, 4
+    """(BN, BK, warps) for a [n, k] weight, whatever the row count: H200 call A (session 7) at 1 row,
+    the fastest of GEMV_TILES per 8B linear (4 x 256 for qkv, o_proj, down_proj; 16 x 128 for gate_up
+    and the lm_head)."""
+    return (16, 128, 4) if n >= 16384 else (4, 256, 4)
 
 
 def gemv_launch(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, warps: int) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] @ w[N, K]^T → [M, N] in x's dtype, with the given tiles."""
+    """x [M <= MAX_ROWS, K] @ w[N, K]^T → [M, N] in x's dtype, with the given tiles. Row m is computed by
+    the programs (m, *) alone, by the same operations whatever M is."""
     m, k = x.shape
     n = w.shape[0]
     if m > MAX_ROWS or w.shape[1] != k:
         raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows)")
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    _gemv_kernel[(triton.cdiv(n, bn),)](
+    _gemv_kernel[(m, triton.cdiv(n, bn))](
         x,
         w,
         y,
-        m,
         n,
         k,
         ITERS=triton.cdiv(k, bk),
-        MP=triton.next_power_of_2(max(m, 1)),
         BN=bn,
         BK=bk,
         EVEN=n % bn == 0 and k % bk == 0,

@@ -22,7 +22,7 @@ def test_gemv_equals_float64_product(n, k, rows):
         assert y.shape == (rows, n) and (y - ref_d).abs().max() <= tol * ref.abs().max(), dtype
 
 
-@pytest.mark.parametrize("tiles", GEMV_TILES[:3])
+@pytest.mark.parametrize("tiles", GEMV_TILES[:2])
 def test_gemv_rows_are_independent_of_the_other_rows(tiles):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 512, generator=g), torch.randn(96, 512, generator=g) * 0.05
