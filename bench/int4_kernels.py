@@ -39,6 +39,7 @@ from lorafast_export.runtime.triton_int4 import (  # noqa: E402
     GEMV_T,
     GEMV_W,
     launch,
+    pack_scale_zero,
     pack_tiles,
     pack_words,
 )
@@ -62,8 +63,9 @@ GEMM_TILES = [(bn, bk, sp, 4) for bn, bk in ((64, 128), (128, 128), (128, 64)) f
 GEMV_T_TILES = [(32, 4, 0), (64, 4, 0), (64, 4, 16)]
 GEMM_T_TILES = [(64, 4, 0), (64, 4, 64), (64, 4, 65), (128, 8, 64), (128, 8, 65)]
 # The word-layout GEMM_W (session 7): (BN, warps, options); options bit 0 scale per weight, bits 1-3 stages,
-# bit 4 scales and zero points loaded one iteration ahead.
-GEMM_W_TILES = [(64, 4, 0), (128, 8, 0), (128, 4, 0), (64, 4, 16), (64, 4, 1), (64, 4, 8)]
+# bit 5 scales and zero points from one int32 [G, N] (pipelined). Call A (session 7) also swept per-weight
+# scales, 4 stages and scales loaded one iteration ahead in registers (bit 4, since removed): none won.
+GEMM_W_TILES = [(64, 4, 0), (128, 8, 0), (128, 4, 0), (64, 4, 32), (128, 8, 32), (128, 4, 32)]
 # The word-layout GEMV_W (1 row; more rows re-read the weights): (BN, warps); options 0.
 GEMV_W_TILES = [(128, 4), (256, 4), (256, 8), (64, 4), (512, 8)]
 CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w")
@@ -116,12 +118,12 @@ def best_triton(x, packs, k, ref, entries, keep_all: bool = False) -> dict:
     best, failed, timed = None, [], []
     for e in entries:
         try:
-            y = launch(x, *packs[0], k, 128, e)
+            y = launch(x, *packs[0][:3], k, 128, e, *packs[0][3:])
             err = ((y.float() - ref).norm() / ref.norm()).item()
             if not err < 2e-2:
                 failed.append({"entry": e, "rel_err": err})
                 continue
-            us = graph_us(lambda i, e=e: launch(x, *packs[i], k, 128, e), len(packs))
+            us = graph_us(lambda i, e=e: launch(x, *packs[i][:3], k, 128, e, *packs[i][3:]), len(packs))
         except Exception as ex:  # noqa: BLE001 - a config that does not compile is a result, not a crash
             failed.append({"entry": e, "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
             continue
@@ -167,6 +169,8 @@ class Shape:
         )
         for name, w in layouts:
             p = (w.to(dev), *sz)
+            if name == "words":  # GEMM_W's option bit 5 reads the scale and zero point from one int32
+                p = (*p, pack_scale_zero(qt.scales, qt.zeros).to(dev))
             self.packs[name] = [p] + [tuple(t.clone() for t in p) for _ in range(copies - 1)]
         self.tinys = []
         if tinygemm_fits(qt, dev.type == "cuda", torch.bfloat16):

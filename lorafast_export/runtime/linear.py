@@ -249,6 +249,10 @@ class Int4TritonLinear(_QuantLinearBase):
         self.register_buffer("weight_tiled", tiled)  # [out, ceil(in/T) * T/2]
         words = t4.pack_words(codes).to(device) if kinds & {t4.GEMM_W, t4.GEMV_W} else None
         self.register_buffer("weight_words", words)  # int32 [out, ceil(in/128) * 16]
+        entries = [self.plan[i : i + t4.ENTRY] for i in range(0, len(self.plan), t4.ENTRY)]
+        sz = any(e[1] == t4.GEMM_W and e[3] & 32 for e in entries)  # scales + zero points in one int32
+        sz = t4.pack_scale_zero(qt.scales, qt.zeros) if sz else None  # None for fp32 scales: bit ignored
+        self.register_buffer("scale_zero_words", None if sz is None else sz.to(device))  # int32 [groups, out]
         self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
         self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
         self.register_buffer("perm", None if perm is None else perm.to(device))
@@ -272,6 +276,7 @@ class Int4TritonLinear(_QuantLinearBase):
             self.tinygemm_scale_zeros,
             self.weight_tiled,
             self.weight_words,
+            self.scale_zero_words,
         )
         return self._finish(y, shape)
 

@@ -39,8 +39,8 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # 4 = GEMM_T (the tiled layout, `pack_tiles`; the BK field then holds options: bit 0 scale every weight
 # (GEMM_T), bits 1-3 num_stages (0: Triton's default), bits 4-5 log2 of the tiles per loop iteration, bit 6
 # nibbles to bf16 by inline PTX (GEMM_T on CUDA; the interpreter takes the fp32 path)); 5 = GEMM_W (the
-# word layout, `pack_words`; BK holds options: bit 0 scale every weight, bits 1-3 num_stages, bit 4 load
-# the next tile's scales and zero points one iteration ahead); 6 = GEMV_W (the word layout, no tensor cores;
+# word layout, `pack_words`; BK holds options: bit 0 scale every weight, bits 1-3 num_stages, bit 5 scales
+# and zero points from `pack_scale_zero`'s int32 [G, N], where the layer has it); 6 = GEMV_W (the word layout, no tensor cores;
 # BK holds options: bits 1-3 num_stages).
 ENTRY = 7
 GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W = 0, 1, 2, 3, 4, 5, 6
@@ -446,6 +446,17 @@ WORD_COLS = 128  # input columns per word tile
 _WQ = tl.constexpr(WORD_COLS // 8)  # words per tile row
 
 
+def pack_scale_zero(scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor | None:
+    """scales [out, G] (fp16 or bf16) and uint8 zero points [out, G] (None: symmetric, zero 8) → int32 [G, out]:
+    the scale's 16 bits over the zero point, for GEMM_W's option bit 5. None for other scale dtypes (fp32
+    scales would lose bits)."""
+    if scales.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    z = torch.full_like(scales, 8, dtype=torch.int32) if zeros is None else zeros.to(torch.int32)
+    bits = scales.contiguous().view(torch.int16).to(torch.int32) << 16
+    return (bits | z).T.contiguous()
+
+
 def pack_words(codes: torch.Tensor) -> torch.Tensor:
     """codes uint8 [out, in] (0..15) → int32 [ceil(out / R) * R, ceil(in / 128) * 16], the blocked word
     layout ([N/R][K/128][R][16] words; zero codes pad the last tile and block; the kernel masks them)."""
@@ -535,7 +546,9 @@ def _gemm_w_kernel(
     SCALE_W: tl.constexpr,  # scale each weight before the dot (else the tile's partial sum after it)
     IEEE: tl.constexpr,
     ASM: tl.constexpr,  # nibbles to bf16 by inline PTX (bf16 activations on CUDA), else through fp32
-    PREFETCH: tl.constexpr,  # load the next tile's scales and zero points one iteration ahead
+    SZ: tl.constexpr,  # 0: scales s_ptr [N, G], zero points z_ptr [N, G]; 1 / 2: z_ptr is `pack_scale_zero`'s
+    # int32 [G, N] (fp16 / bf16 scale bits over the zero point): contiguous, so Triton's pipeliner copies
+    # it ahead asynchronously (separately, the 2- and 1-byte loads stalled every tile)
 ):
     """Swapped operands as GEMM_T: out^T [BN, BM] = W tile [BN, 128] @ x^T [128, BM]."""
     pid_n = tl.program_id(0)
@@ -549,19 +562,15 @@ def _gemm_w_kernel(
     m_ok = mm < M
     row = (nn // _R) * (_R * KW) + (nn % _R) * _WQ
     acc = tl.zeros([BN, BM], tl.float32)
-    # PREFETCH: the tile's scale and zero point are loaded one iteration ahead (too small for the
-    # pipeliner's async copies, loaded in the loop their latency stalls the tile; but the loop-carried
-    # values change Triton's layouts: the operand then goes through shared memory)
-    g0 = sp * ITERS * 128
-    s_next, zz_next = _scale_zero(s_ptr, z_ptr, nn * G + g0 // GS, n_ok & (g0 < K) & PREFETCH, ASYM)
     for it in range(0, ITERS):
         t = sp * ITERS + it
         k0 = t * 128
-        if PREFETCH:
-            s, zz = s_next, zz_next
-            k1 = k0 + 128
-            g_ok = n_ok & (k1 < K) & (it + 1 < ITERS)
-            s_next, zz_next = _scale_zero(s_ptr, z_ptr, nn * G + k1 // GS, g_ok, ASYM)
+        if SZ:
+            v = tl.load(z_ptr + (k0 // GS) * N + nn, mask=n_ok & (k0 < K), other=0)
+            sbits = (v >> 16).to(tl.int16)
+            sdt: tl.constexpr = tl.float16 if SZ == 1 else tl.bfloat16
+            s = sbits.to(sdt, bitcast=True).to(tl.float32)
+            zz = (v & 0xFF).to(tl.float32) + 128.0
         else:
             s, zz = _scale_zero(s_ptr, z_ptr, nn * G + k0 // GS, n_ok & (k0 < K), ASYM)
         if EVEN:
@@ -700,9 +709,11 @@ def launch(
     k: int,
     group_size: int,
     entry: list[int] | tuple[int, ...],
+    sz: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ dequant(w).T with one plan entry (see ENTRY) → [M, N] in x's dtype. w: qform's packing
-    for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T, `pack_words` for GEMM_W."""
+    for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T, `pack_words` for GEMM_W / GEMV_W; sz:
+    `pack_scale_zero`'s, read by GEMM_W when the entry's option bit 5 asks (else s and z are)."""
     _, kind, bn, bk, splits, bm, warps = entry
     tiled = kind in (GEMV_T, GEMM_T)
     words = kind in (GEMM_W, GEMV_W)
@@ -727,9 +738,11 @@ def launch(
             _gemv_w_kernel[(triton.cdiv(n, bn), splits, m)](*args, ASM=not _INTERPRET, **common)
             return out if splits == 1 else sum_splits(out, x.dtype)
         asm = x.dtype == torch.bfloat16 and not _INTERPRET  # the interpreter runs no PTX: the fp32 path
-        opt = dict(
-            SCALE_W=bool(entry[3] & 1), IEEE=x.dtype == torch.float32, ASM=asm, PREFETCH=bool(entry[3] & 16)
-        )
+        packed_sz = sz is not None and bool(entry[3] & 32)
+        if packed_sz:  # the scale and zero point in one int32 [G, N] (z_ptr), s_ptr unread
+            args = (*args[:3], sz, *args[4:])
+        opt = dict(SCALE_W=bool(entry[3] & 1), IEEE=x.dtype == torch.float32, ASM=asm)
+        opt["SZ"] = (1 if s.dtype == torch.float16 else 2) if packed_sz else 0
         grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
         _gemm_w_kernel[grid](*args, BM=bm, **opt, **common)
     else:
@@ -769,19 +782,21 @@ def int4_mm(
     tg_sz: torch.Tensor | None = None,
     w_tiled: torch.Tensor | None = None,
     w_words: torch.Tensor | None = None,
+    sz_words: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
     w: qform's packing, for kinds GEMV / GEMM; w_tiled: `pack_tiles`, for GEMV_T / GEMM_T; tg_w / tg_sz:
-    the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W / GEMV_W; a layer holds only the packings
+    the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W / GEMV_W; sz_words:
+    `pack_scale_zero`, for GEMM_W entries with option bit 5; a layer holds only the packings
     its plan uses). The choice happens
     here, inside the op, so a compiled graph does not branch on the (dynamic) row count."""
     entry = pick(plan, x.shape[0])
     if entry[1] == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
     packed = w_words if entry[1] in (GEMM_W, GEMV_W) else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
-    return launch(x.contiguous(), packed, s, z, k, group_size, entry)
+    return launch(x.contiguous(), packed, s, z, k, group_size, entry, sz_words)
 
 
 @int4_mm.register_fake
-def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None, w_tiled=None, w_words=None):
+def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None, w_tiled=None, w_words=None, sz_words=None):
     return x.new_empty(x.shape[0], s.shape[0])

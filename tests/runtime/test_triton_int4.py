@@ -22,6 +22,7 @@ from lorafast_export.runtime.triton_int4 import (
     GEMV_T,
     TINYGEMM,
     launch,
+    pack_scale_zero,
     pack_tiles,
     pack_words,
 )
@@ -130,7 +131,8 @@ WORDS = [  # (entry, group, in): GEMM_W on `pack_words` codes; tiles of 128 colu
     ([64, GEMM_W, 32, 1, 2, 16, 4], 256, 512),  # scale per weight, two splits, two tiles per group
     ([64, GEMM_W, 16, 0, 2, 16, 4], 128, 320),  # 2.5 groups: the last tile padded, its activations masked
     ([64, GEMM_W, 64, 5, 4, 32, 4], 128, 384),  # 3 tiles in 4 splits (one empty), two stages, rows padded
-    ([64, GEMM_W, 32, 16, 2, 16, 4], 128, 320),  # scales and zero points loaded one iteration ahead
+    ([64, GEMM_W, 32, 32, 2, 16, 4], 128, 320),  # scales and zero points from one int32 [G, N] (bit 5)
+    ([64, GEMM_W, 64, 33, 1, 32, 4], 256, 512),  # the same, scale per weight
     ([8, GEMV_W, 32, 0, 1, 16, 4], 128, 384),  # the word GEMV: 5 rows padded to 8
     ([8, GEMV_W, 16, 0, 3, 16, 4], 256, 320),  # 2.5 tiles in 3 splits, the last tile masked
 ]
@@ -147,8 +149,33 @@ def test_word_kernel(entry, group, in_f, sym):
     ref = QLinear(qt)(x)
     w, s = pack_words(qt.codes).to(DEV), qt.scales.to(DEV)
     z = None if sym else qt.zeros.to(DEV)
+    sz = pack_scale_zero(qt.scales, qt.zeros).to(DEV)  # read only by entries with option bit 5
     for dtype in _dtypes():
-        assert _close(launch(x.to(DEV, dtype), w, s, z, in_f, group, entry), ref, dtype)
+        assert _close(launch(x.to(DEV, dtype), w, s, z, in_f, group, entry, sz), ref, dtype)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sym", [True, False])
+def test_packed_scale_zero(scale_dtype, sym):
+    """`pack_scale_zero`: int32 [G, N], the scale's 16 bits over the zero point (8 when symmetric); GEMM_W
+    reading it equals the fake-quant reference. fp32 scales are not packed (their bits would not fit):
+    the layer keeps none and the entry's bit 5 reads s and z instead."""
+    qt = random_qtensor(40, 256, 4, 128, sym, seed=11, scale_dtype=scale_dtype)
+    sz = pack_scale_zero(qt.scales, qt.zeros)
+    if scale_dtype == torch.float32:
+        assert sz is None
+    else:
+        assert sz.shape == (2, 40) and sz.dtype == torch.int32
+        zeros = torch.full((40, 2), 8) if sym else qt.zeros.long()
+        assert torch.equal((sz & 0xFF).T.long(), zeros)
+        assert torch.equal((sz >> 16).to(torch.int16).view(scale_dtype).T, qt.scales)
+    plan = [64, GEMM_W, 32, 32, 1, 16, 4]
+    x = torch.randn(5, 256)
+    ref = QLinear(qt)(x)
+    for dtype in _dtypes():
+        mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
+        assert (mod.scale_zero_words is None) == (sz is None)
+        assert _close(mod(x.to(DEV, dtype)), ref, dtype)
 
 
 def test_pack_words_layout():
