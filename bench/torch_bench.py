@@ -472,9 +472,11 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
                 res["packed_check_compiled"] = packed_check(pm, prompts[:6], rt.device)
             t = time.perf_counter()
             run_requests(rt, prompts, outs)
-            res[label] = {"warmup_s": time.perf_counter() - t, **run_requests(rt, prompts, outs)}
-            res[label]["max_wait_ms"] = wait if wait < NO_AGING else None  # None: no aging
-            print(f"  mixed {label}: TTFT median {res[label]['ttft_ms_median']:.1f} ms", flush=True)
+            key = label if label not in res else f"{label}#{sum(k.split('#')[0] == label for k in res) + 1}"
+            res[key] = {"warmup_s": time.perf_counter() - t, **run_requests(rt, prompts, outs)}
+            res[key]["max_wait_ms"] = wait if wait < NO_AGING else None  # None: no aging
+            p = [(n, round(ms, 1)) for _, n, _, ms in res[key]["prefills"]]
+            print(f"  mixed {key}: TTFT median {res[key]['ttft_ms_median']:.1f} ms, prefills {p}", flush=True)
     finally:
         for k, v in zip(knobs, keep[0], strict=True):
             setattr(eng, k, v)
@@ -706,6 +708,19 @@ def spec_engine(base, draft, k: int, a, dev):
     )
 
 
+SPEC_KEYS = (
+    "tokens_equal_bf16_alone",
+    "tokens_equal_alone",
+    "positions_equal",
+    "tokens_equal_positions",
+    "acceptance",
+    "acceptance_all_prompts",
+    "decode_tokens_per_s",
+    "speedup_decode_vs_bf16",
+    "speedup_decode_vs_alone",
+)
+
+
 def sec_spec(a, dev, R):
     """bf16 alone vs bf16 + int4 draft, batch 1, greedy; identical tokens, acceptance, decode tok/s."""
     cfg, state = config_of(R["_model"])
@@ -718,7 +733,8 @@ def sec_spec(a, dev, R):
     base.generate_batch(prompts[:1], 16)
     ref = run_requests(base, prompts[1:], [a.new_tokens])
     want = base.engine.generate_batch(prompts[1:], a.new_tokens)
-    res["bf16_alone"] = ref
+    res["bf16_alone"], res["dense_gemv"] = ref, base.options.dense_gemv
+    print(f"  spec bf16 alone: {ref['decode_tokens_per_s']:.1f} tok/s, gemv {res['dense_gemv']}", flush=True)
     draft = build_runtime(
         cfg, fp4, q4, dev, torch.bfloat16, _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     )
@@ -731,7 +747,9 @@ def sec_spec(a, dev, R):
         r["acceptance"] = eng.stats.acceptance
         r["tokens_equal_bf16_alone"] = got == want
         r["speedup_decode_vs_bf16"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        r["positions_equal"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         res[f"k{k}"] = r
+        print(f"  spec k{k}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
         base.engine = keep
     return res
 
@@ -773,6 +791,7 @@ def sec_specdemo(a, dev, R):
     res = {"dtype": str(dtype), "prompts": len(prompts) - 1, "new_tokens": new, "dense_gemv": o.dense_gemv}
     want = base.generate_batch(prompts[1:], new)
     res["bf16_alone"] = run_requests(base, prompts[1:2], [new])
+    print(f"  specdemo alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
     for k in [int(x) for x in a.spec_k.split(",")]:
@@ -786,6 +805,7 @@ def sec_specdemo(a, dev, R):
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
         res[f"k{k}"] = r
+        print(f"  specdemo k{k}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
         base.engine = keep
     return res
 
