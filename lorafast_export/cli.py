@@ -302,7 +302,7 @@ def load_recipe(recipe_path: str | None, overrides: dict):
 @click.option(
     "--range-search/--no-range-search",
     default=None,
-    help="gptq / awq-gptq: search each group's range (Hessian-weighted error) instead of min-max (default on).",
+    help="gptq / awq-gptq: search each group's range (Hessian-weighted error) instead of min-max (default: on at group size >= 128).",
 )
 @click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
 @click.option(

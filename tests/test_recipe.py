@@ -92,8 +92,9 @@ def test_per_method_defaults():
 
 @pytest.mark.parametrize("method", ["rtn", "int8", "smoothquant", "gptq", "awq", "awq-gptq"])
 def test_range_search_default_is_per_method(method):
-    """quant.range_search unset: the method's default (on where it searches), resolved into what is recorded and
-    keyed; an explicit value wins; a method that searches nothing refuses true and records false."""
+    """quant.range_search unset: the method's default (on for gptq / awq-gptq at groups of >= 128 columns), resolved
+    into what is recorded and keyed; an explicit value wins; a method that searches nothing refuses true and records
+    false."""
     searches = method in ("gptq", "awq-gptq")
     assert Recipe().with_overrides({"quant.method": method}).quant.range_search is None
     qc = resolve_quant({"method": method})
@@ -101,6 +102,11 @@ def test_range_search_default_is_per_method(method):
     assert getattr(qc, "range_search", False) is searches
     if searches:
         assert resolve_quant({"method": method, "range_search": False}).range_search is False
+        # smaller groups and per channel: off unless asked for (it lost at g32 / g64 on the fixture)
+        for gs in (32, 64, -1):
+            assert resolve_quant({"method": method, "group_size": gs}).range_search is False, gs
+        assert resolve_quant({"method": method, "group_size": 256}).range_search is True
+        assert resolve_quant({"method": method, "group_size": 32, "range_search": True}).range_search is True
     else:
         assert resolve_quant({"method": method, "range_search": False}).record()["range_search"] is False
         with pytest.raises(InputError, match="range_search"):

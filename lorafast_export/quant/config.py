@@ -3,7 +3,7 @@
 The recipe's `quant` section (recipe.QuantOptions) is flat and user-facing; `resolve_quant` turns it into the
 config of its method with every default filled in, in one place: the per-method defaults (bits, group size,
 symmetry: specs.default_settings, which the recipe's target checks read too) and the target's rule (a target whose kernels take no zero points gets symmetric codes unless the
-recipe says otherwise), and quant.range_search's per-method default (specs.RANGE_SEARCH_BY_DEFAULT). Quantizers
+recipe says otherwise), and quant.range_search's default (specs.default_range_search: by method and group size). Quantizers
 take these typed configs, never a string-keyed dict.
 
 `record()` is what an artifact records about its quantization (manifest facts, the quantized form's settings,
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lorafast_export.recipe import CalibOptions, QuantOptions
-from lorafast_export.specs import RANGE_SEARCH_BY_DEFAULT, default_settings
+from lorafast_export.specs import default_range_search, default_settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +137,7 @@ def resolve_quant(options: QuantOptions | dict, requires_symmetric: bool = False
     if o.symmetric is None and requires_symmetric:
         o = o.model_copy(update={"symmetric": True})  # the source records what was resolved for the target
     if o.range_search is None:  # the method's default, recorded resolved (false where nothing searches)
-        o = o.model_copy(update={"range_search": o.method in RANGE_SEARCH_BY_DEFAULT})
+        o = o.model_copy(update={"range_search": default_range_search(o.method, shared["group_size"], None)})
     return CONFIGS[o.method](
         **shared, quantize_lm_head=o.quantize_lm_head, device=o.device, calib=o.calib, source=o, **_own(o)
     )

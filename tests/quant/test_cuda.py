@@ -115,9 +115,12 @@ def test_bf16_cuda_walk_is_as_accurate_as_the_cpu_walk(tmp_path, method):
     merged = tiny_checkpoint(tmp_path / "m", "llama", outliers=True)
     calib, held = random_ids(16, 64, seed=0), random_ids(4, 64, seed=1)
     kl = {}
+    searched = {} if method == "awq" else {"range_search": True}  # its default at g128; g32 here
     for device in ("cpu", "cuda"):
         qm = quantize_checkpoint(
-            merged, {"method": method, "group_size": 32, "device": device}, calib_ids=calib
+            merged,
+            {"method": method, "group_size": 32, "device": device, **searched},
+            calib_ids=calib,
         )
         kl[device] = mean_kl(merged, fake_quant_decoder(qm).cpu(), held)
     assert kl["cuda"] < 1.25 * kl["cpu"] + 1e-3, kl
