@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lorafast_export.specs import default_range_search  # noqa: E402
 
 FAMILIES = ("rtn", "gptq", "awq-gptq", "awq")  # checked in order: a name's family is the first it ends with
 
@@ -81,11 +85,19 @@ def kl_by_block(out: Path, tag: str, name: str, block: int = 256, stride: int = 
 
 
 # --status: our rows at today's defaults (bench/quant_accuracy.py names; the first present is used: rows run before
-# a default changed carry the variant's name) and the peers they are compared with.
+# a default changed carry the variant's name), by whether the range search is on at that group size
+# (specs.default_range_search), and the peers they are compared with.
 OURS_DEFAULT = {
-    "gptq": ("ours gptq-search",),  # range search on by default since session 7
-    "awq": ("ours awq",),
-    "awq-gptq": ("ours awq-gptq-search", "ours awq-gptq-gptqscore-search"),
+    True: {
+        "gptq": ("ours gptq-search",),
+        "awq": ("ours awq",),
+        "awq-gptq": ("ours awq-gptq-search", "ours awq-gptq-gptqscore-search"),
+    },
+    False: {  # "ours gptq" / "ours awq-gptq": rows run before session 7, when the search was off by default
+        "gptq": ("ours gptq-nosearch", "ours gptq"),
+        "awq": ("ours awq",),
+        "awq-gptq": ("ours awq-gptq-nosearch", "ours awq-gptq"),
+    },
 }
 
 
@@ -104,8 +116,9 @@ def status_tables(out: Path, stride: int) -> None:
     tables = strided_rows(out, stride)
     for (g, s), rows in sorted(tables.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         tag = f"g{g}-s{s}"
-        ours = {f: next((n for n in names if n in rows), None) for f, names in OURS_DEFAULT.items()}
-        peers = [n for n in rows if not n.startswith("ours ") and family(n) in OURS_DEFAULT]
+        defaults = OURS_DEFAULT[default_range_search("gptq", g, None)]
+        ours = {f: next((n for n in names if n in rows), None) for f, names in defaults.items()}
+        peers = [n for n in rows if not n.startswith("ours ") and family(n) in defaults]
         if not peers and not any(ours.values()):
             continue
         block = {n: kl_by_block(out, tag, n, stride=stride) for n in [*filter(None, ours.values()), *peers]}
@@ -114,7 +127,7 @@ def status_tables(out: Path, stride: int) -> None:
             "| method | row | KL mean | ours vs this row: KL ratio, ours - row per block ± s.e., blocks ours lower "
             "| quantize cpu s |\n|---|---|---|---|---|"
         )
-        for f in OURS_DEFAULT:
+        for f in defaults:
             names = [
                 n for n in [ours[f], *sorted(peers, key=lambda n: rows[n]["kl_mean"])] if n and family(n) == f
             ]
