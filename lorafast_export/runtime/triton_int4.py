@@ -41,7 +41,7 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # nibbles to bf16 by inline PTX (GEMM_T on CUDA; the interpreter takes the fp32 path)); 5 = GEMM_W (the
 # word layout, `pack_words`; BK holds options: bit 0 scale every weight, bits 1-3 num_stages, bit 5 scales
 # and zero points from `pack_scale_zero`'s int32 [G, N], where the layer has it); 6 = GEMV_W (the word layout, no tensor cores;
-# BK holds options: bits 1-3 num_stages).
+# BK holds options: bits 1-3 num_stages, bit 4 the next tile's loads one iteration ahead).
 ENTRY = 7
 GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W = 0, 1, 2, 3, 4, 5, 6
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -625,6 +625,30 @@ def _plane(w, j: tl.constexpr, ASM: tl.constexpr):
     return (v | 0x43000000).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _word_tile(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    row,
+    nn,
+    n_ok,
+    t,
+    K,
+    G,
+    GS: tl.constexpr,
+    ASYM: tl.constexpr,
+    EVEN: tl.constexpr,
+    live,
+):
+    """Tile t of rows nn (row: their word offsets) in the word layout: (int32 words [R, 16], fp32 scales
+    [R], fp32 128 + zero points [R]); nothing is read where `live` is false or the tile lies past K."""
+    ok = n_ok & live if EVEN else n_ok & live & (t * 128 < K)
+    w = tl.load(w_ptr + row[:, None] + t * (_R * _WQ) + tl.arange(0, _WQ)[None, :], mask=ok[:, None], other=0)
+    s, zz = _scale_zero(s_ptr, z_ptr, nn * G + t * 128 // GS, ok, ASYM)
+    return w, s, zz
+
+
 @_jit
 def _gemv_w_kernel(
     x_ptr,  # [M, K]
@@ -643,6 +667,7 @@ def _gemv_w_kernel(
     ASYM: tl.constexpr,
     EVEN: tl.constexpr,
     ASM: tl.constexpr,  # the nibble planes by inline PTX (CUDA), else Triton's shifts and masks
+    PRE: tl.constexpr,  # load the next tile's words, scales and zero points one iteration ahead
 ):
     """One activation row per program (grid axis 2; meant for 1 row: more rows re-read the weights), no
     tensor cores, on the word layout. Per tile and weight row, 16 words (16-byte loads); nibble plane j is
@@ -659,12 +684,19 @@ def _gemv_w_kernel(
     n_ok = nn < N
     row = (nn // _R) * (_R * KW) + (nn % _R) * _WQ
     acc = tl.zeros([BN, _WQ], tl.float32)
+    if PRE:  # the first tile's codes, scales and zero points; each iteration then loads the next one's
+        w_n, s_n, zz_n = _word_tile(
+            w_ptr, s_ptr, z_ptr, row, nn, n_ok, sp * ITERS, K, G, GS, ASYM, EVEN, True
+        )
     for it in range(0, ITERS):
         t = sp * ITERS + it
         k0 = t * 128
-        wm = n_ok[:, None] if EVEN else n_ok[:, None] & (k0 < K)
-        w = tl.load(w_ptr + row[:, None] + t * (_R * _WQ) + qq[None, :], mask=wm, other=0)  # [BN, 16]
-        s, zz = _scale_zero(s_ptr, z_ptr, nn * G + k0 // GS, n_ok & (k0 < K), ASYM)
+        if PRE:
+            w, s, zz = w_n, s_n, zz_n
+            live = it + 1 < ITERS
+            w_n, s_n, zz_n = _word_tile(w_ptr, s_ptr, z_ptr, row, nn, n_ok, t + 1, K, G, GS, ASYM, EVEN, live)
+        else:
+            w, s, zz = _word_tile(w_ptr, s_ptr, z_ptr, row, nn, n_ok, t, K, G, GS, ASYM, EVEN, True)
         xp = x_ptr + m * K + k0 + qq  # [16]: column 16 j + q is xp + 16 j
         part = tl.zeros([BN, _WQ], tl.float32)
         xsum = tl.zeros([_WQ], tl.float32)
@@ -735,7 +767,8 @@ def launch(
             common["num_stages"] = entry[3] >> 1 & 7
         common["EVEN"] = k % bk == 0 and tiles == iters * splits
         if kind == GEMV_W:
-            _gemv_w_kernel[(triton.cdiv(n, bn), splits, m)](*args, ASM=not _INTERPRET, **common)
+            grid = (triton.cdiv(n, bn), splits, m)
+            _gemv_w_kernel[grid](*args, ASM=not _INTERPRET, PRE=bool(entry[3] & 16), **common)
             return out if splits == 1 else sum_splits(out, x.dtype)
         asm = x.dtype == torch.bfloat16 and not _INTERPRET  # the interpreter runs no PTX: the fp32 path
         packed_sz = sz is not None and bool(entry[3] & 32)

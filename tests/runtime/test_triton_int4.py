@@ -135,6 +135,8 @@ WORDS = [  # (entry, group, in): GEMM_W on `pack_words` codes; tiles of 128 colu
     ([64, GEMM_W, 64, 33, 1, 32, 4], 256, 512),  # the same, scale per weight
     ([8, GEMV_W, 32, 0, 1, 16, 4], 128, 384),  # the word GEMV: 5 rows padded to 8
     ([8, GEMV_W, 16, 0, 3, 16, 4], 256, 320),  # 2.5 tiles in 3 splits, the last tile masked
+    ([8, GEMV_W, 32, 16, 2, 16, 4], 128, 320),  # the next tile loaded one iteration ahead (bit 4)
+    ([8, GEMV_W, 16, 16, 4, 16, 4], 128, 384),  # the same, 3 tiles in 4 splits (one empty)
 ]
 
 
