@@ -15,6 +15,11 @@ import torch
 
 from lorafast_export.quant.rtn import qparams, quantize_codes
 
+# largest [candidates, out, k] temporary: on the CPU 16 MB of float32 (larger ran 8x slower: out of cache); on a GPU
+# 256 MB (fewer, larger launches)
+CHUNK_ELEMENTS = {"cpu": 2**22}
+CHUNK_ELEMENTS_GPU = 2**26
+
 
 def search_qparams(
     w: torch.Tensor,
@@ -29,14 +34,19 @@ def search_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """w [out, k] float32 → (scale [out], zero [out] or None): the best of the shrunk ranges per row.
 
-    col_weight [k] (>= 0) weights each column's error (e.g. diag(H)); None weighs them equally. p = 1 (plain
-    min-max) is always a candidate, so the result never has a larger error than min-max on w.
+    col_weight [k] or [out, k] (>= 0) weights each column's error (e.g. diag(H)), the same for every row or per row
+    (rows of several groups searched at once); None weighs them equally. p = 1 (plain min-max) is always a
+    candidate, so the result never has a larger error than min-max on w. Candidates are scored `chunk` at a time,
+    fewer where w is large (the [chunk, out, k] temporaries stay under CHUNK_ELEMENTS); each row's choice is the first
+    candidate of least error whatever the chunking.
     """
     wmin, wmax = w.amin(dim=1), w.amax(dim=1)  # [out]
     n = int(max_shrink * grid) + 1  # p = 1 - i/grid for i = 0 .. max_shrink·grid
     best_s, best_z = qparams(wmin, wmax, bits, symmetric, scale_dtype)
     best_err = torch.full_like(wmin, float("inf"))
-    colw = None if col_weight is None else col_weight.float()[None, None, :]  # [1, 1, k]
+    colw = None if col_weight is None else col_weight.float().expand_as(w)[None]  # [1, out, k]
+    limit = CHUNK_ELEMENTS.get(w.device.type, CHUNK_ELEMENTS_GPU)
+    chunk = max(1, min(chunk, limit // max(1, w.numel())))
     for i0 in range(0, n, chunk):  # candidates in chunks: [c, out, k] temporaries stay small
         p = 1.0 - torch.arange(i0, min(i0 + chunk, n), device=w.device, dtype=torch.float32) / grid  # [c]
         s, z = qparams(p[:, None] * wmin, p[:, None] * wmax, bits, symmetric, scale_dtype)  # [c, out]

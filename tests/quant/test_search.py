@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafast_export.quant.gptq import RangeSearch, accumulate_hessian, gptq_quantize
+from lorafast_export.quant.gptq import RangeSearch, _static_params, accumulate_hessian, gptq_quantize
 from lorafast_export.quant.rtn import qparams, quantize_codes
 from lorafast_export.quant.search import search_qparams
 from tests.quant.helpers import correlated_inputs
@@ -86,3 +86,34 @@ def test_gptq_with_search_matches_a_textbook_sweep_with_the_same_group_params(sy
         W[:, j + 1 :] -= err[:, None] * Hinv[j, j + 1 :][None, :]
         Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
     assert (qt.codes == codes).float().mean() > 0.98  # float32 vs float64 may flip a rare rounding tie
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(
+    "n_in,group_size", [(96, 32), (80, 32), (64, -1)]
+)  # whole groups, a ragged one, per row
+def test_static_search_of_all_groups_at_once_equals_one_search_per_group(symmetric, n_in, group_size):
+    """static_groups with the search (gptq's default at g >= 128): every whole group searched in one call, each row
+    weighted by its own group's diag(H), gives exactly the params of one search_qparams call per group."""
+    W = torch.randn(40, n_in, generator=torch.Generator().manual_seed(4)) * 0.1
+    W[:, :3] *= 8  # a few loud columns, so the searched ranges differ from min-max
+    hdiag = torch.rand(n_in, generator=torch.Generator().manual_seed(5)) + 0.05
+    search = RangeSearch()
+    scales, zeros = _static_params(W, 4, group_size, symmetric, torch.float16, search, hdiag)
+    gs = n_in if group_size == -1 else group_size
+    for g, c in enumerate(range(0, n_in, gs)):
+        s, z = search_qparams(W[:, c : c + gs], 4, symmetric, torch.float16, 100, 0.8, 2.0, hdiag[c : c + gs])
+        assert torch.equal(scales[:, g], s), g
+        assert (zeros is None and z is None) or torch.equal(zeros[:, g], z), g
+    plain = _static_params(W, 4, group_size, symmetric, torch.float16, None, hdiag)[0]
+    assert not torch.equal(scales, plain)  # the search changed something
+
+
+def test_search_scores_candidates_in_chunks_with_the_same_choice():
+    """The candidate chunking (smaller for large w) never changes a row's choice."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(6)) * 0.05
+    cw = torch.rand(64, 128, generator=torch.Generator().manual_seed(7))  # a weight per row and column
+    ref = search_qparams(w, 4, False, torch.float16, 100, 0.8, 2.0, cw, chunk=81)
+    for chunk in (1, 7, 16):
+        got = search_qparams(w, 4, False, torch.float16, 100, 0.8, 2.0, cw, chunk=chunk)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), chunk
