@@ -240,7 +240,7 @@ def _tile_codes(
     EVEN: tl.constexpr,
 ):
     """Tile t of rows nn in the tiled layout: (codes uint8 [R, T/2], fp32 scales [R], uint8 zero points
-    [R] (when ASYM; else unused)). EVEN: every tile inside K, no column mask."""
+    [R] (when ASYM; else unused), its first column). EVEN: every tile inside K, no column mask."""
     jj = tl.arange(0, T // 2)
     if EVEN:
         wm, g_ok = n_ok[:, None], n_ok
@@ -253,7 +253,7 @@ def _tile_codes(
         z = tl.load(z_ptr + g_off, mask=g_ok, other=0)
     else:
         z = g_off  # unused
-    return w, s, z
+    return w, s, z, t * T
 
 
 @triton.jit
@@ -355,8 +355,7 @@ def _gemv_t_kernel(
     for it in range(0, ITERS):
         for u in tl.static_range(U):  # U tiles per iteration: more loads in flight
             t = (sp * ITERS + it) * U + u
-            k0 = t * T
-            w, s, z = _tile_codes(w_ptr, s_ptr, z_ptr, nn, n_ok, t, K, KB, G, GS, T, ASYM, EVEN)
+            w, s, z, k0 = _tile_codes(w_ptr, s_ptr, z_ptr, nn, n_ok, t, K, KB, G, GS, T, ASYM, EVEN)
             if EVEN:  # every tile inside K: no column masks
                 xlm, xhm = jj >= 0, jj >= 0
             else:
@@ -409,8 +408,7 @@ def _gemm_t_kernel(
     for it in range(0, ITERS):
         for u in tl.static_range(U):  # U tiles per iteration: more loads in flight
             t = (sp * ITERS + it) * U + u
-            k0 = t * T
-            w, s, z = _tile_codes(w_ptr, s_ptr, z_ptr, nn, n_ok, t, K, KB, G, GS, T, ASYM, EVEN)
+            w, s, z, k0 = _tile_codes(w_ptr, s_ptr, z_ptr, nn, n_ok, t, K, KB, G, GS, T, ASYM, EVEN)
             if EVEN:  # every tile inside K: no column masks
                 xlm, xhm = m_ok[None, :], m_ok[None, :]
             else:
