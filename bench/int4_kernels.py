@@ -280,9 +280,8 @@ def merge(shipped: dict, new: dict, path: Path) -> None:
             out["shapes"].append(row)
         else:
             old["rows"].update(row["rows"])
-    out["measured"] = (
-        f"{shipped.get('measured', '')}; buckets replaced by {new.get('date')} run ({new.get('note', '')})"
-    )
+    buckets = sorted({int(b) for row in new["shapes"] for b in row["rows"]})
+    out["measured"] = f"{shipped.get('measured', '')}; rows {buckets} replaced by a {new.get('date')} run"
     tmp = path.with_suffix(".tmp")  # whole or not at all: the runtime may read it after a timeout
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(path)
