@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from lorafast_export.model.decoder import RMSNorm
+
 MAX_ROWS = 8  # rows one call takes (a verify of k + 1 <= 8 tokens per row); more: F.linear
 
 
@@ -99,6 +101,43 @@ def _(x, w):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, H, eps, BLOCK: tl.constexpr):
+    """One program per row: the whole row in one block, so its sum of squares is reduced the same way
+    whatever the number of rows (inductor's and torch's own reductions pick their launch by row count)."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    h = tl.load(x_ptr + r * H + cols, mask=ok, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(h * h, 0) / H + eps)
+    y = (h * inv).to(x_ptr.dtype.element_ty).to(tl.float32)  # the canonical RMSNorm: h.to(dtype) first
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + r * H + cols, (w * y).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@torch.library.custom_op("lorafast::rmsnorm", mutates_args=())
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.decoder.RMSNorm of x [R, H] with weight w [H], row-count invariant (see _rmsnorm_kernel)."""
+    r, h = x.shape
+    y = torch.empty(r, h, device=x.device, dtype=torch.promote_types(x.dtype, w.dtype))
+    block = triton.next_power_of_2(h)
+    _rmsnorm_kernel[(r,)](x.contiguous(), w, y, h, eps, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return y
+
+
+@rmsnorm.register_fake
+def _(x, w, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w.dtype))
+
+
+class InvariantRMSNorm(RMSNorm):
+    """model.decoder.RMSNorm through the row-count-invariant kernel above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1]
+        return rmsnorm(x.reshape(-1, h), self.weight, self.eps).reshape(x.shape)
+
+
 class GemvLinear(nn.Linear):
     """An nn.Linear whose products of <= MAX_ROWS rows run the GEMV above (others: F.linear). The row
     count is a static shape under torch.compile, so each compiled graph holds one of the two paths."""
@@ -113,11 +152,13 @@ class GemvLinear(nn.Linear):
 
 def use_gemv(root: nn.Module) -> int:
     """Every plain nn.Linear under root (the fused qkv/gate_up, o_proj, down_proj, an untied lm_head)
-    becomes a GemvLinear in place (same parameters); returns how many. Quantized linears are not
-    nn.Linear and keep their kernels."""
+    becomes a GemvLinear, and every RMSNorm an InvariantRMSNorm, in place (same parameters); returns how
+    many linears. Quantized linears are not nn.Linear and keep their kernels."""
     n = 0
     for m in root.modules():
         if type(m) is nn.Linear:
             m.__class__ = GemvLinear
             n += 1
+        elif type(m) is RMSNorm:
+            m.__class__ = InvariantRMSNorm
     return n

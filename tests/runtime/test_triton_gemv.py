@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
-from lorafast_export.runtime.triton_gemv import GEMV_TILES, gemv, gemv_launch
+from lorafast_export.runtime.triton_gemv import GEMV_TILES, gemv, gemv_launch, rmsnorm
 
 
 @pytest.mark.parametrize("n,k", [(64, 256), (40, 200), (24, 4096 + 64)])  # even; ragged N and K; long K
@@ -33,6 +33,24 @@ def test_gemv_rows_are_independent_of_the_other_rows(tiles):
     assert torch.equal(gemv_launch(x[:2], w, *tiles), five[:2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_equals_the_decoder_norm_and_rows_are_independent(dtype):
+    from lorafast_export.model.decoder import RMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(200, 1e-5).requires_grad_(False)
+    norm.weight.data = 1 + 0.1 * torch.randn(200, generator=g)
+    x = (torch.randn(5, 200, generator=g) * 3).to(dtype)
+    norm = norm.to(DEV, dtype)
+    x = x.to(DEV)
+    ref = norm(x)
+    y = rmsnorm(x, norm.weight, 1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: an ulp of the two roundings
+    assert y.dtype == ref.dtype and (y.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    for i in range(5):
+        assert torch.equal(rmsnorm(x[i : i + 1], norm.weight, 1e-5)[0], y[i])
+
+
 def test_gemv_refuses_too_many_rows():
     with pytest.raises(ValueError, match="at most 8 rows"):
         gemv(torch.zeros(9, 64, device=DEV), torch.zeros(8, 64, device=DEV))
@@ -44,7 +62,7 @@ def test_runtime_with_dense_gemv_gives_the_reference_tokens(tmp_path):
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.runtime.loader import build_runtime
     from lorafast_export.runtime.options import RuntimeOptions
-    from lorafast_export.runtime.triton_gemv import GemvLinear
+    from lorafast_export.runtime.triton_gemv import GemvLinear, InvariantRMSNorm
     from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
 
     md = tiny_checkpoint(tmp_path)
@@ -52,6 +70,8 @@ def test_runtime_with_dense_gemv_gives_the_reference_tokens(tmp_path):
     rt = build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     gemvs = [m for m in rt.model.dec.modules() if isinstance(m, GemvLinear)]
     assert len(gemvs) == 4 * md.config.num_layers + 1  # qkv, o, gate_up, down per layer; the lm_head
+    norms = [m for m in rt.model.dec.modules() if isinstance(m, InvariantRMSNorm)]
+    assert len(norms) == 2 * md.config.num_layers + 1
     prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
     dec = load_decoder(md)
     assert rt.generate_batch(prompts, 5) == [greedy_reference(dec, p, 5) for p in prompts]
