@@ -225,8 +225,21 @@ def run_greedy(
     else:
         progress(f"greedy {reference.name}: {len(prompts)} prompts from the cache")
     res.tokens["reference"] = ref
+    res.tokens.update(stage_tokens(stages, prompts, max_new_tokens, progress, batch_size))
+    return res
+
+
+def stage_tokens(
+    stages: Sequence[GreedyStage],
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    progress: Progress = lambda m: None,
+    batch_size: int = 32,
+) -> dict[str, list[list[int]]]:
+    """Every stage's greedy tokens, one stage after another (each closed once its batches are done)."""
+    out = {}
     for st in stages:
-        res.tokens[st.name] = batched(
+        out[st.name] = batched(
             st.name,
             lambda ch, tick, st=st: st.run(ch, max_new_tokens, tick),
             prompts,
@@ -235,4 +248,4 @@ def run_greedy(
             progress,
         )
         st.close()
-    return res
+    return out

@@ -77,20 +77,77 @@ def _labels(block: torch.Tensor) -> torch.Tensor:
     return block[1:]
 
 
+# On a CPU, the transformers + PEFT reference and the greedy decoding run in a worker thread beside the walk and
+# the comparisons (Beside); False runs them in line, as on a GPU (the tests compare the two reports).
+BESIDE_ON_CPU = True
+
 # Blocks per forward of the PEFT reference, bounded by the logits it returns: on a 2-core CPU, 8 demo blocks in
 # one forward took 10.1 s against 33.8 s one at a time, with identical logits (row-wise the same arithmetic).
 PEFT_BATCH_BLOCKS = 8
 PEFT_BATCH_LOGITS = 1 << 26  # float32 logits elements per forward (256 MiB)
 
 
-def _fill_reference_peft(reference: Reference, missing, writers, vocab: int, with_base: bool) -> None:
+class _Stopped(Exception):
+    """Raised in the worker of `Beside` when the main thread failed: its job ends early."""
+
+
+class Beside:
+    """Validation work run beside the main thread on a CPU: one worker thread, jobs in the order submitted.
+
+    On the 2-core CPU the walk and the comparisons leave part of the machine idle (small products, Python between
+    them), while building the transformers + PEFT reference (importing peft, loading the model) and greedy
+    decoding (small ops, about one core) do too; side by side they share the two cores (bench/VALIDATION.md).
+    Each job computes what it computed in line, on its own tensors, so the report does not change. Not threaded
+    (validation on a GPU): a job runs in line when it is submitted, as before."""
+
+    def __init__(self, threaded: bool):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threaded = threaded
+        self.pool = ThreadPoolExecutor(1, "lf-validate") if threaded else None
+        self.stop = threading.Event()
+
+    def submit(self, fn):
+        """A getter of fn()'s result (it waits for the job, and raises what the job raised)."""
+        if self.pool is None:
+            value = fn()
+            return lambda: value
+        return self.pool.submit(fn).result
+
+    def check(self) -> None:
+        """Called by jobs between steps: ends the job once the main thread has failed."""
+        if self.stop.is_set():
+            raise _Stopped()
+
+    def checked(self, progress):
+        """progress for a job: each report is also a check()."""
+
+        def report(msg: str) -> None:
+            self.check()
+            progress(msg)
+
+        return report
+
+    def close(self, failed: bool) -> None:
+        """Waits for the worker (failed: its queued jobs are dropped and the running one stops early)."""
+        if self.pool is not None:
+            if failed:
+                self.stop.set()
+            self.pool.shutdown(wait=True, cancel_futures=failed)
+
+
+def _fill_reference_peft(
+    reference: Reference, missing, writers, vocab: int, with_base: bool, check=lambda: None
+) -> None:
     """Reference logits (and, with_base, the bare base's: adapters disabled) from transformers + PEFT, a few
-    blocks per forward into the cache writers."""
+    blocks per forward into the cache writers. check() is called before each forward (it raises to stop)."""
     for es in missing:
         w_ref, w_base = writers[es.name]
         seq = len(es.blocks[0])
         step = max(1, min(PEFT_BATCH_BLOCKS, PEFT_BATCH_LOGITS // (seq * vocab)))
         for j0 in range(0, len(es.blocks), step):
+            check()
             chunk = es.blocks[j0 : j0 + step]
             batch = torch.stack(chunk)
             ref = reference.logits(batch)
@@ -115,9 +172,10 @@ def _fill_reference_stream(logits, stages, missing, offsets, writers) -> None:
                 w.put(row, logits.block(st, offsets[es.name] + j), _labels(block))
 
 
-def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progress, held):
-    """{eval set: (ref entry, base entry)} from the cache, computing what is missing; also returns the
-    reference stages to add to the walk when the reference is streamed (and their writers). A PEFT reference
+def _reference_entries(v, eval_sets, cache, device, dtype, progress, held, beside):
+    """{eval set: (ref entry, base entry)} from the cache, the eval sets missing there and their cache writers;
+    also the reference stages to add to the walk when the reference is streamed, and a getter that waits for a
+    transformers + PEFT reference's logits (computed beside the walk on a CPU: `beside`). A PEFT reference
     built here is left in held["model"] for the greedy check (_reference_greedy), which would otherwise load it
     again."""
     from lorafast_export.merge import plan_merge
@@ -141,22 +199,26 @@ def _reference_entries(v, eval_sets, ids, offsets, cache, device, dtype, progres
         )
         for es in missing
     }
-    stages = []
+    stages, done = [], lambda: None
     if not missing:
-        return entries, missing, writers, stages
+        return entries, missing, writers, stages, done
     # the bare base (no reference: only its perplexity is used, for the adapter gain) is a stage of our walk
     # (StoreSource: the checkpoint as stored, in float32), which costs less than a transformers forward; with a
     # half-precision PEFT reference it stays in PEFT, so both perplexities come from the same precision
     base_stage = Stage("base", StoreSource("base", v.base.config, v.base.store, key="base"))
     if reference_kind(v.base) == "peft":
         progress("reference (transformers + PEFT, unmerged)")
-        held["model"] = Reference(v.base, v.adapters, device, dtype)
         in_walk = dtype == torch.float32
-        _fill_reference_peft(held["model"], missing, writers, vocab, with_base=not in_walk)
+
+        def fill() -> None:
+            held["model"] = Reference(v.base, v.adapters, device, dtype)
+            _fill_reference_peft(held["model"], missing, writers, vocab, not in_walk, beside.check)
+
+        done = beside.submit(fill)
         stages = [base_stage] if in_walk else []
     else:
         stages = [Stage("reference", UnmergedSource(plan_merge(v.base, v.adapters), "base")), base_stage]
-    return entries, missing, writers, stages
+    return entries, missing, writers, stages, done
 
 
 def _finish(writers, missing, entries) -> None:
@@ -236,42 +298,57 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         offsets[es.name], n = n, n + len(es.blocks)
     progress("reference")
     held = {}  # the reference's model, once loaded: kept for its greedy check (at most 1 GiB of fp32 weights)
-    entries, missing, writers, ref_stages = _reference_entries(
-        v, eval_sets, ids, offsets, cache, device, dtype, progress, held
-    )
-    stages = [
-        Stage(c.name, c.source) if c.source is not None else Stage(c.name, logits=c.logits)
-        for c in v.candidates
-    ]
-    layered = [st.source for st in ref_stages + stages if st.source is not None]
-    progress(f"streaming {len(layered)} stages layer by layer on {device}")
+    beside = Beside(threaded=BESIDE_ON_CPU and torch.device(device).type == "cpu")
     try:
-        hidden = walk(layered, ids, device, progress)
-        if ref_stages:
-            ref_logits = StageLogits(ref_stages, hidden, ids, device)
-            _fill_reference_stream(ref_logits, ref_stages, missing, offsets, writers)
-            ref_logits.close()
-            for st in ref_stages:
-                del hidden[st.name]
-        _finish(writers, missing, entries)
-    except BaseException:
-        for w in [w for pair in writers.values() for w in pair]:
-            w.abort()
-        raise
-    logits = StageLogits(stages, hidden, ids, device)
-    infos, results = [], {}
-    for es in eval_sets:
-        progress(f"eval set {es.name}")
-        results[es.name] = _compare(es, offsets[es.name], entries[es.name], logits, stages, device)
-        _, _, ppl_ref, ppl_base = results[es.name]
-        infos.append(
-            EvalSetInfo(
-                name=es.name, tokens=es.tokens, sequences=len(es.blocks), ppl_ref=ppl_ref, ppl_base=ppl_base
-            )
+        entries, missing, writers, ref_stages, ref_done = _reference_entries(
+            v, eval_sets, cache, device, dtype, progress, held, beside
         )
-    logits.close()
-    del hidden, logits
-    greedy = _greedy(v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held)
+        greedy_done = _greedy(
+            v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held, beside
+        )
+        stages = [
+            Stage(c.name, c.source) if c.source is not None else Stage(c.name, logits=c.logits)
+            for c in v.candidates
+        ]
+        layered = [st.source for st in ref_stages + stages if st.source is not None]
+        progress(f"streaming {len(layered)} stages layer by layer on {device}")
+        try:
+            hidden = walk(layered, ids, device, progress)
+            if ref_stages:
+                ref_logits = StageLogits(ref_stages, hidden, ids, device)
+                _fill_reference_stream(ref_logits, ref_stages, missing, offsets, writers)
+                ref_logits.close()
+                for st in ref_stages:
+                    del hidden[st.name]
+            ref_done()
+            _finish(writers, missing, entries)
+        except BaseException:
+            beside.close(failed=True)  # nothing writes into the cache entries once they are aborted
+            for w in [w for pair in writers.values() for w in pair]:
+                w.abort()
+            raise
+        logits = StageLogits(stages, hidden, ids, device)
+        infos, results = [], {}
+        for es in eval_sets:
+            progress(f"eval set {es.name}")
+            results[es.name] = _compare(es, offsets[es.name], entries[es.name], logits, stages, device)
+            _, _, ppl_ref, ppl_base = results[es.name]
+            infos.append(
+                EvalSetInfo(
+                    name=es.name,
+                    tokens=es.tokens,
+                    sequences=len(es.blocks),
+                    ppl_ref=ppl_ref,
+                    ppl_base=ppl_base,
+                )
+            )
+        logits.close()
+        del hidden, logits
+        greedy = greedy_done()
+    except BaseException:
+        beside.close(failed=True)
+        raise
+    beside.close(failed=False)
     out_stages = []
     for es in eval_sets:
         vs_ref, vs_prev, _, _ = results[es.name]
@@ -315,27 +392,57 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     return report
 
 
-def _greedy(v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir, progress, held: dict):
-    """Greedy tokens of the reference (cached next to its logits) and of every candidate, each batched across
-    the prompts on the device; skipped with a note (GreedyResult.note) where the device cannot hold the model."""
-    from lorafast_export.validate.greedy import GreedyStage, decode_fits, run_greedy
+def _greedy(
+    v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir, progress, held: dict, beside
+):
+    """A getter, called after the comparisons, of the greedy tokens of the reference (cached next to its logits)
+    and of every candidate, each batched across the prompts on the device; skipped with a note
+    (GreedyResult.note) where the device cannot hold the model. On a CPU (`beside` threaded) the reference and
+    the layered stages decode beside the walk and the comparisons, from now on; a runtime's session decodes
+    when the getter is called, after its logits are done (a session is never used from two threads). On a GPU
+    everything runs when the getter is called, after the walk's memory is freed."""
+    from lorafast_export.validate.greedy import GreedyStage, decode_fits, run_greedy, stage_tokens
     from lorafast_export.validate.layers import fp32_bytes
     from lorafast_export.validate.resident import release_resident
 
-    skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)  # decoders are fp32 on the device
-    stages = [
-        GreedyStage(c.name, lambda ch, n, tick, c=c: c.greedy(ch, n, device, tick)) for c in v.candidates
-    ]
-    # a device-resident base (validate/resident.py) is freed once the last stage built from it has decoded:
-    # the stages after it (quantized, artifact) hold whole decoders of their own
-    on_base = [
-        i for i, c in enumerate(v.candidates) if c.source is not None and c.source.builds_on_device(device)
-    ]
-    if on_base:
-        stages[on_base[-1]].close = lambda: release_resident(v.base)
-    return run_greedy(
-        _reference_greedy(v, device, dtype, held), stages, prompts, n, cache_dir, progress, skip_note=skip
+    def stages() -> list[GreedyStage]:
+        out = [
+            GreedyStage(c.name, lambda ch, n, tick, c=c: c.greedy(ch, n, device, tick)) for c in v.candidates
+        ]
+        # a device-resident base (validate/resident.py) is freed once the last stage built from it has decoded:
+        # the stages after it (quantized, artifact) hold whole decoders of their own
+        on_base = [
+            i
+            for i, c in enumerate(v.candidates)
+            if c.source is not None and c.source.builds_on_device(device)
+        ]
+        if on_base:
+            out[on_base[-1]].close = lambda: release_resident(v.base)
+        return out
+
+    ref = _reference_greedy(v, device, dtype, held)
+    if not beside.threaded:
+
+        def run():
+            skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)  # fp32 decoders on the device
+            return run_greedy(ref, stages(), prompts, n, cache_dir, progress, skip_note=skip)
+
+        return run
+    skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)
+    every = list(zip(stages(), v.candidates, strict=True))
+    layered = [st for st, c in every if c.source is not None]
+    sessions = [st for st, c in every if c.source is None]
+    first = beside.submit(
+        lambda: run_greedy(ref, layered, prompts, n, cache_dir, beside.checked(progress), skip_note=skip)
     )
+
+    def rest():
+        own = {} if skip else stage_tokens(sessions, prompts, n, progress)
+        res = first()
+        res.tokens.update(own)
+        return res
+
+    return rest
 
 
 def _reference_greedy(v: ValidationInputs, device: str, dtype, held: dict):

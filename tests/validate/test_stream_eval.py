@@ -2,6 +2,8 @@
 its whole decoder, the reference's from transformers + PEFT, metrics from the same accumulators. With the
 reference streamed (our unmerged forward, for models over the PEFT size limit) the report barely moves."""
 
+import threading
+
 import pytest
 import torch
 
@@ -11,7 +13,12 @@ from lorafast_export.model.decoder import build_decoder
 from lorafast_export.recipe import Recipe
 from lorafast_export.validate import greedy as greedy_mod
 from lorafast_export.validate import run as run_mod
-from lorafast_export.validate.candidates import decoder_candidate, merged_fp32_candidate
+from lorafast_export.validate.candidates import (
+    decoder_candidate,
+    decoder_greedy,
+    merged_fp32_candidate,
+    session_candidate,
+)
 from lorafast_export.validate.data import load_eval_sets
 from lorafast_export.validate.metrics import MetricAccumulator
 from lorafast_export.validate.reference import Reference
@@ -43,13 +50,29 @@ def _recipe(root):
     )
 
 
-def _report(setup, tmp_path):
+class _Session:
+    """A runtime session (whole-model logits, its own greedy decoding) around a decoder."""
+
+    def __init__(self, dec):
+        self.dec = dec
+
+    @torch.no_grad()
+    def logits(self, ids):
+        return self.dec(ids)[0]
+
+    def generate(self, prompt, n):
+        return decoder_greedy(self.dec, prompt, n)
+
+
+def _report(setup, tmp_path, session=False):
     root, bm, ad, plan = setup
     noisy = merged_state(plan, torch.float32)
     w = noisy["model.layers.0.mlp.up_proj.weight"]
     g = torch.Generator().manual_seed(0)
     noisy["model.layers.0.mlp.up_proj.weight"] = w + 0.02 * torch.randn(w.shape, generator=g)
     cands = [merged_fp32_candidate(plan), decoder_candidate("artifact", build_decoder(bm.config, noisy))]
+    if session:  # a runtime stage after the artifact, the way a target's session is one
+        cands.append(session_candidate("runtime", _Session(build_decoder(bm.config, noisy))))
     v = ValidationInputs(bm, [ad], _recipe(root), cands, "se", "hf", "none")
     return run_validation(v, tmp_path), noisy
 
@@ -95,3 +118,27 @@ def test_streamed_reference_report_matches_peft_reference_report(setup, tmp_path
         assert b[name].greedy_match == a[name].greedy_match, name
     assert stream_rep.eval_sets[0].ppl_ref == pytest.approx(peft_rep.eval_sets[0].ppl_ref, rel=1e-5)
     assert stream_rep.eval_sets[0].ppl_base == pytest.approx(peft_rep.eval_sets[0].ppl_base, rel=1e-5)
+
+
+def test_worker_thread_leaves_the_report_unchanged(setup, tmp_path, monkeypatch):
+    """On a CPU the transformers + PEFT reference and the greedy decoding run in a worker thread beside the walk
+    and the comparisons (run.Beside); the report is, to the last bit, the one the in-line order gives (the order
+    validation keeps on a GPU), with a runtime session among the stages."""
+    from lorafast_export.report.json_report import to_json
+
+    ran_in = []
+    fill = run_mod._fill_reference_peft
+    monkeypatch.setattr(
+        run_mod, "_fill_reference_peft", lambda *a: ran_in.append(threading.current_thread().name) or fill(*a)
+    )
+    reports = {}
+    for threaded in (True, False):
+        monkeypatch.setenv(
+            "LORAFAST_CACHE", str(tmp_path / f"cache-{threaded}")
+        )  # cold: the reference is computed
+        monkeypatch.setattr(run_mod, "BESIDE_ON_CPU", threaded)
+        rep, _ = _report(setup, tmp_path / f"out-{threaded}", session=True)
+        reports[threaded] = to_json(rep)
+    assert ran_in[0] != threading.main_thread().name and ran_in[1] == threading.main_thread().name
+    assert '"runtime"' in reports[True] and '"greedy_match": 1.0' in reports[True]
+    assert reports[True] == reports[False]
