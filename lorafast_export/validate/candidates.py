@@ -26,6 +26,9 @@ class Candidate:
 
     # a session's own batched greedy decoding (prompts, max_new_tokens) -> new tokens, when it has one
     generate_batch: Callable[[list[list[int]], int], list[list[int]]] | None = None
+    # a session whose greedy decoding may run in another thread while its logits are computed (its decoding uses
+    # a model of its own: onnxruntime-genai's beside the ONNX Runtime session of the logits)
+    decodes_beside_logits: bool = False
 
     def greedy(
         self, prompts: list[list[int]], max_new_tokens: int, device="cpu", tick=None
@@ -80,4 +83,5 @@ def session_candidate(name: str, session) -> Candidate:
         session.generate,
         getattr(session, "runtime_note", None),
         generate_batch=getattr(session, "generate_batch", None),
+        decodes_beside_logits=getattr(session, "decodes_beside_logits", False),
     )

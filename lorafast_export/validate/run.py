@@ -137,6 +137,39 @@ class Beside:
             self.pool.shutdown(wait=True, cancel_futures=failed)
 
 
+# On a CPU, runtime sessions compute their eval logits in the worker (Beside) while the walk runs, up to this many
+# bytes of float32 logits held for all of them (the demo: 134 MB per session); beyond it, block by block as
+# their comparisons ask for them.
+FETCH_LOGITS_BYTES = 256 << 20
+
+
+def _fetch_session_logits(stages, ids: torch.Tensor, vocab: int, beside) -> dict:
+    """{stage: getter of its logits, one [seq - 1, V] float32 tensor per eval block} for the runtime sessions whose
+    logits are computed in the worker thread, first in its queue after the reference: with it, the comparisons
+    find them ready. Empty when the worker is not threaded. A session is then used by that thread only until the
+    getter returns; its greedy decoding comes later."""
+    if not beside.threaded:
+        return {}
+    fetched, budget = {}, FETCH_LOGITS_BYTES
+    for st in stages:
+        if st.source is not None:
+            continue
+        size = 4 * ids.shape[0] * (ids.shape[1] - 1) * vocab
+        if size > budget:
+            continue
+        budget -= size
+
+        def run(st=st) -> list[torch.Tensor]:
+            out = []
+            for b in range(ids.shape[0]):
+                beside.check()
+                out.append(st.logits(ids[b][None])[0, :-1].float())
+            return out
+
+        fetched[st.name] = beside.submit(run)
+    return fetched
+
+
 def _fill_reference_peft(
     reference: Reference, missing, writers, vocab: int, with_base: bool, check=lambda: None
 ) -> None:
@@ -303,13 +336,14 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         entries, missing, writers, ref_stages, ref_done = _reference_entries(
             v, eval_sets, cache, device, dtype, progress, held, beside
         )
-        greedy_done = _greedy(
-            v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held, beside
-        )
         stages = [
             Stage(c.name, c.source) if c.source is not None else Stage(c.name, logits=c.logits)
             for c in v.candidates
         ]
+        fetched = _fetch_session_logits(stages, ids, v.base.config.vocab_size, beside)
+        greedy_done = _greedy(
+            v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held, beside
+        )
         layered = [st.source for st in ref_stages + stages if st.source is not None]
         progress(f"streaming {len(layered)} stages layer by layer on {device}")
         try:
@@ -327,7 +361,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
             for w in [w for pair in writers.values() for w in pair]:
                 w.abort()
             raise
-        logits = StageLogits(stages, hidden, ids, device)
+        logits = StageLogits(stages, hidden, ids, device, fetched)
         infos, results = [], {}
         for es in eval_sets:
             progress(f"eval set {es.name}")
@@ -343,7 +377,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
                 )
             )
         logits.close()
-        del hidden, logits
+        del hidden, logits, fetched
         greedy = greedy_done()
     except BaseException:
         beside.close(failed=True)
@@ -398,9 +432,10 @@ def _greedy(
     """A getter, called after the comparisons, of the greedy tokens of the reference (cached next to its logits)
     and of every candidate, each batched across the prompts on the device; skipped with a note
     (GreedyResult.note) where the device cannot hold the model. On a CPU (`beside` threaded) the reference and
-    the layered stages decode beside the walk and the comparisons, from now on; a runtime's session decodes
-    when the getter is called, after its logits are done (a session is never used from two threads). On a GPU
-    everything runs when the getter is called, after the walk's memory is freed."""
+    the layered stages decode beside the walk and the comparisons, from now on, and so does a runtime session
+    that decodes with a model of its own (Candidate.decodes_beside_logits); another session decodes when the
+    getter is called, after its logits are done (it is never used from two threads). On a GPU everything runs
+    when the getter is called, after the walk's memory is freed."""
     from lorafast_export.validate.greedy import GreedyStage, decode_fits, run_greedy, stage_tokens
     from lorafast_export.validate.layers import fp32_bytes
     from lorafast_export.validate.resident import release_resident
@@ -430,14 +465,14 @@ def _greedy(
         return run
     skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)
     every = list(zip(stages(), v.candidates, strict=True))
-    layered = [st for st, c in every if c.source is not None]
-    sessions = [st for st, c in every if c.source is None]
+    worker = [st for st, c in every if c.source is not None or c.decodes_beside_logits]
+    after = [st for st, c in every if c.source is None and not c.decodes_beside_logits]
     first = beside.submit(
-        lambda: run_greedy(ref, layered, prompts, n, cache_dir, beside.checked(progress), skip_note=skip)
+        lambda: run_greedy(ref, worker, prompts, n, cache_dir, beside.checked(progress), skip_note=skip)
     )
 
     def rest():
-        own = {} if skip else stage_tokens(sessions, prompts, n, progress)
+        own = {} if skip else stage_tokens(after, prompts, n, progress)
         res = first()
         res.tokens.update(own)
         return res

@@ -87,8 +87,12 @@ def walk(
 class StageLogits:
     """Logits of each stage, one block at a time: heads of layered stages stay resident on the device."""
 
-    def __init__(self, stages: list[Stage], hidden: dict[str, torch.Tensor], ids: torch.Tensor, device):
+    def __init__(
+        self, stages: list[Stage], hidden: dict[str, torch.Tensor], ids: torch.Tensor, device, fetched=None
+    ):
+        """fetched: {whole-model stage: getter of its logits for every block, computed elsewhere beforehand}."""
         self.stages, self.hidden, self.ids, self.device = stages, hidden, ids, device
+        self.fetched = fetched or {}
         self._shared: Shared = {}  # head tensors shared between stages (one read of an untouched lm_head)
         self.heads: dict[str, Head] = {
             s.name: s.source.head(device, self._shared) for s in stages if s.source is not None
@@ -105,8 +109,11 @@ class StageLogits:
         """[seq - 1, V] float32 logits of block b (the last position has no label and is dropped)."""
         if stage.source is not None:
             return self.heads[stage.name](self.hidden[stage.name][b, :-1])
+        if stage.name in self.fetched:
+            return self.fetched[stage.name]()[b].to(self.device)
         return stage.logits(self.ids[b][None])[0, :-1].float().to(self.device)
 
     def close(self) -> None:
         self.heads.clear()
         self._shared.clear()
+        self.fetched = {}

@@ -2,6 +2,7 @@
 its whole decoder, the reference's from transformers + PEFT, metrics from the same accumulators. With the
 reference streamed (our unmerged forward, for models over the PEFT size limit) the report barely moves."""
 
+import json
 import threading
 
 import pytest
@@ -53,8 +54,8 @@ def _recipe(root):
 class _Session:
     """A runtime session (whole-model logits, its own greedy decoding) around a decoder."""
 
-    def __init__(self, dec):
-        self.dec = dec
+    def __init__(self, dec, decodes_beside_logits=False):
+        self.dec, self.decodes_beside_logits = dec, decodes_beside_logits
 
     @torch.no_grad()
     def logits(self, ids):
@@ -71,8 +72,9 @@ def _report(setup, tmp_path, session=False):
     g = torch.Generator().manual_seed(0)
     noisy["model.layers.0.mlp.up_proj.weight"] = w + 0.02 * torch.randn(w.shape, generator=g)
     cands = [merged_fp32_candidate(plan), decoder_candidate("artifact", build_decoder(bm.config, noisy))]
-    if session:  # a runtime stage after the artifact, the way a target's session is one
+    if session:  # runtime stages after the artifact, the way a target's session is one
         cands.append(session_candidate("runtime", _Session(build_decoder(bm.config, noisy))))
+        cands.append(session_candidate("runtime-own", _Session(build_decoder(bm.config, noisy), True)))
     v = ValidationInputs(bm, [ad], _recipe(root), cands, "se", "hf", "none")
     return run_validation(v, tmp_path), noisy
 
@@ -123,7 +125,7 @@ def test_streamed_reference_report_matches_peft_reference_report(setup, tmp_path
 def test_worker_thread_leaves_the_report_unchanged(setup, tmp_path, monkeypatch):
     """On a CPU the transformers + PEFT reference and the greedy decoding run in a worker thread beside the walk
     and the comparisons (run.Beside); the report is, to the last bit, the one the in-line order gives (the order
-    validation keeps on a GPU), with a runtime session among the stages."""
+    validation keeps on a GPU), with runtime sessions among the stages (one decodes in the worker)."""
     from lorafast_export.report.json_report import to_json
 
     ran_in = []
@@ -140,5 +142,7 @@ def test_worker_thread_leaves_the_report_unchanged(setup, tmp_path, monkeypatch)
         rep, _ = _report(setup, tmp_path / f"out-{threaded}", session=True)
         reports[threaded] = to_json(rep)
     assert ran_in[0] != threading.main_thread().name and ran_in[1] == threading.main_thread().name
-    assert '"runtime"' in reports[True] and '"greedy_match": 1.0' in reports[True]
+    stages = json.loads(reports[True])["stages"]
+    assert {"runtime", "runtime-own"} <= {s["name"] for s in stages}
+    assert all(s["greedy_match"] is not None for s in stages)  # every stage decoded
     assert reports[True] == reports[False]

@@ -173,6 +173,10 @@ def _copy_side_files(src: Path, out_dir: Path) -> None:
 class OrtSession:
     """logits(): plain onnxruntime, whole input as a prefill with empty past. generate(): onnxruntime-genai."""
 
+    # generate() runs onnxruntime-genai's own model, never self.sess: validation may decode in one thread while
+    # another computes logits (validate/run.py)
+    decodes_beside_logits = True
+
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0):
         import onnxruntime as ort
 
