@@ -331,7 +331,10 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         offsets[es.name], n = n, n + len(es.blocks)
     progress("reference")
     held = {}  # the reference's model, once loaded: kept for its greedy check (at most 1 GiB of fp32 weights)
-    beside = Beside(threaded=BESIDE_ON_CPU and torch.device(device).type == "cpu")
+    # not with a resident base (a CPU rehearsal of the GPU path): its reads share one staging buffer, and the
+    # greedy check releases it while the walk may still read it
+    resident = getattr(v.base.store, "resident_on", None) is not None
+    beside = Beside(threaded=BESIDE_ON_CPU and torch.device(device).type == "cpu" and not resident)
     try:
         entries, missing, writers, ref_stages, ref_done = _reference_entries(
             v, eval_sets, cache, device, dtype, progress, held, beside
