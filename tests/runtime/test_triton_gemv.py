@@ -9,7 +9,7 @@ from tests.runtime.triton_device import DEV  # first: sets the interpreter flag 
 from lorafast_export.runtime.triton_gemv import GEMV_TILES, gemv, gemv_launch, rmsnorm
 
 
-@pytest.mark.parametrize("n,k", [(64, 256), (40, 200), (24, 4096 + 64)])  # even; ragged N and K; long K
+@pytest.mark.parametrize("n,k", [(64, 256), (40, 200), (24, 2048 + 64)])  # even; ragged N and K; long K
 @pytest.mark.parametrize("rows", [1, 3, 5, 8])
 def test_gemv_equals_float64_product(n, k, rows):
     g = torch.Generator().manual_seed(n + k + rows)
@@ -90,7 +90,7 @@ def test_verify_rows_equal_single_decode_steps_bit_for_bit(tmp_path, gemv_on):
     pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8)
     if gemv_on:
         use_gemv(pm.dec)
-    prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7, 50], [2, 71, 82, 8]
+    prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7], [2, 71, 82]
     n, s = len(prompt), len(new)
     cache.reserve(0, n + s)
     pm.prefill(torch.tensor([prompt], device=DEV), cache.slots(0, 0, n).to(DEV))
