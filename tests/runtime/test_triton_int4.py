@@ -53,11 +53,16 @@ SCHEMES = [  # out, in, group, symmetric, act_order
 @pytest.mark.parametrize("rows", [1, 3, 9, 20])  # the default plan: GEMV up to 4 rows, GEMM beyond
 def test_triton_linear_matches_fake_quant(out_f, in_f, group, sym, act_order, rows):
     qt = random_qtensor(out_f, in_f, 4, group, sym, act_order=act_order, seed=rows, bias=True)
-    x = torch.randn(rows, in_f)
+    assert_lowered_matches(qt, rows, "int4_triton")
+
+
+def assert_lowered_matches(qt, rows: int, kernel: str) -> None:
+    """lower_qtensor(kernel=triton) picks `kernel` and equals the fake-quant reference in every dtype."""
+    x = torch.randn(rows, qt.in_features)
     ref = QLinear(qt)(x)
     for dtype in _dtypes():
         mod = lower_qtensor(qt, DEV, dtype, prefer="triton")
-        assert mod.kernel == "int4_triton"
+        assert mod.kernel == kernel
         assert _close(mod(x.to(DEV, dtype)), ref, dtype)
 
 

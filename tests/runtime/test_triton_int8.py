@@ -11,12 +11,12 @@ import torch
 
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.qform import QLinear
-from lorafast_export.runtime.linear import choose_kernel, lower_qtensor
+from lorafast_export.runtime.linear import choose_kernel
 from lorafast_export.runtime import int4_table
 from lorafast_export.runtime.triton_int4 import GEMM, GEMM_T, GEMV
 from lorafast_export.runtime.triton_int8 import launch8
 from tests.quant.helpers import random_qtensor
-from tests.runtime.test_triton_int4 import _close, _dtypes
+from tests.runtime.test_triton_int4 import _close, _dtypes, assert_lowered_matches
 
 SCHEMES = [  # out, in, group, symmetric, act_order
     (48, 256, -1, True, False),  # per channel
@@ -30,12 +30,7 @@ SCHEMES = [  # out, in, group, symmetric, act_order
 @pytest.mark.parametrize("rows", [1, 3, 20])  # the default plan: GEMV up to 4 rows, GEMM beyond
 def test_int8_triton_linear_matches_fake_quant(out_f, in_f, group, sym, act_order, rows):
     qt = random_qtensor(out_f, in_f, 8, group, sym, act_order=act_order, seed=rows, bias=True)
-    x = torch.randn(rows, in_f)
-    ref = QLinear(qt)(x)
-    for dtype in _dtypes():
-        mod = lower_qtensor(qt, DEV, dtype, prefer="triton")
-        assert mod.kernel == "int8_triton"
-        assert _close(mod(x.to(DEV, dtype)), ref, dtype)
+    assert_lowered_matches(qt, rows, "int8_triton")
 
 
 ENTRIES = [  # (max rows, kind, BN, BK, splits, BM, warps): split-K, tiles wider than N or K's last part
