@@ -144,12 +144,18 @@ def _progress(ctx: Ctx):
 
 
 def _line_progress():
-    """update(stage, msg) printing '[  12.3 s] stage: msg' lines, and the stage's own time when it is done."""
+    """update(stage, msg) printing '[  12.3 s] stage: msg' lines, and the stage's own time when it is done. Whole
+    lines from any thread (validation reports from a worker thread on a CPU: validate/run.py Beside)."""
     t0 = time.perf_counter()
     started: dict[str, float] = {}
     skipped: set[str] = set()
+    lock = threading.Lock()
 
     def update(stage: str, msg: str) -> None:
+        with lock:
+            _line(stage, msg)
+
+    def _line(stage: str, msg: str) -> None:
         now = time.perf_counter()
         if msg == "start":
             started[stage] = now
