@@ -296,6 +296,31 @@ def _compare(es: EvalSet, first: int, entry, logits, stages, device):
     return vs_ref, vs_prev, ppl_ref.ppl, ppl_base.ppl
 
 
+def _compare_all(eval_sets, offsets, entries, logits, stages, device, fetched, beside, progress) -> dict:
+    """_compare of every eval set: {name: its results}. On a CPU the worker takes eval sets from the same queue as
+    the main thread once its earlier jobs (the greedy check) are done, where no stage is then used by two threads
+    at once (layered stages' heads are pure functions; a session's logits must all have been fetched)."""
+    import threading
+
+    queue, lock, results = list(eval_sets), threading.Lock(), {}
+
+    def drain() -> None:
+        while True:
+            beside.check()
+            with lock:
+                if not queue:
+                    return
+                es = queue.pop(0)
+            progress(f"eval set {es.name}")
+            results[es.name] = _compare(es, offsets[es.name], entries[es.name], logits, stages, device)
+
+    shareable = all(st.source is not None or st.name in fetched for st in stages)
+    helped = beside.submit(drain) if beside.threaded and shareable and len(eval_sets) > 1 else lambda: None
+    drain()
+    helped()
+    return results
+
+
 def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     """Compute every stage's metrics and write report.json/.md/.html (+ junit) into out_dir."""
     from lorafast_export.report.schema import (
@@ -365,10 +390,9 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
                 w.abort()
             raise
         logits = StageLogits(stages, hidden, ids, device, fetched)
-        infos, results = [], {}
+        results = _compare_all(eval_sets, offsets, entries, logits, stages, device, fetched, beside, progress)
+        infos = []
         for es in eval_sets:
-            progress(f"eval set {es.name}")
-            results[es.name] = _compare(es, offsets[es.name], entries[es.name], logits, stages, device)
             _, _, ppl_ref, ppl_base = results[es.name]
             infos.append(
                 EvalSetInfo(

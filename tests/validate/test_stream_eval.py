@@ -39,10 +39,13 @@ def setup(tmp_path_factory):
     return root, bm, ad, plan_merge(bm, [ad])
 
 
-def _recipe(root):
+def _recipe(root, second_set=False):
+    second = (
+        [{"name": "f", "path": str(write_text(root / "f.txt", n_chars=2000, seed=1))}] if second_set else []
+    )
     return Recipe().with_overrides(
         {
-            "validate.eval": [{"name": "e", "path": str(root / "e.txt")}],
+            "validate.eval": [{"name": "e", "path": str(root / "e.txt")}, *second],
             "validate.max_tokens": 600,
             "validate.block_size": 128,
             "validate.prompts": str(root / "p.txt"),
@@ -66,6 +69,7 @@ class _Session:
 
 
 def _report(setup, tmp_path, session=False):
+    """session: runtime session stages after the artifact, and a second eval set."""
     root, bm, ad, plan = setup
     noisy = merged_state(plan, torch.float32)
     w = noisy["model.layers.0.mlp.up_proj.weight"]
@@ -75,7 +79,7 @@ def _report(setup, tmp_path, session=False):
     if session:  # runtime stages after the artifact, the way a target's session is one
         cands.append(session_candidate("runtime", _Session(build_decoder(bm.config, noisy))))
         cands.append(session_candidate("runtime-own", _Session(build_decoder(bm.config, noisy), True)))
-    v = ValidationInputs(bm, [ad], _recipe(root), cands, "se", "hf", "none")
+    v = ValidationInputs(bm, [ad], _recipe(root, second_set=session), cands, "se", "hf", "none")
     return run_validation(v, tmp_path), noisy
 
 
@@ -123,16 +127,28 @@ def test_streamed_reference_report_matches_peft_reference_report(setup, tmp_path
 
 
 def test_worker_thread_leaves_the_report_unchanged(setup, tmp_path, monkeypatch):
-    """On a CPU the transformers + PEFT reference and the greedy decoding run in a worker thread beside the walk
-    and the comparisons (run.Beside); the report is, to the last bit, the one the in-line order gives (the order
-    validation keeps on a GPU), with runtime sessions among the stages (one decodes in the worker)."""
+    """On a CPU the transformers + PEFT reference, the sessions' logits and the greedy decoding run in a worker
+    thread beside the walk, and the worker then compares eval sets beside the main thread (run.Beside); the report
+    is, to the last bit, the one the in-line order gives (the order validation keeps on a GPU), with runtime
+    sessions among the stages (one decodes in the worker) and two eval sets (here the main thread waits at the
+    first until the worker has taken the second)."""
     from lorafast_export.report.json_report import to_json
 
-    ran_in = []
-    fill = run_mod._fill_reference_peft
+    ran_in, worker_compares = [], threading.Event()
+    fill, compare = run_mod._fill_reference_peft, run_mod._compare
+
+    def watched_compare(es, *a):
+        if threading.current_thread() is not threading.main_thread():
+            ran_in.append(f"compare {es.name} in the worker")
+            worker_compares.set()
+        elif run_mod.BESIDE_ON_CPU:
+            assert worker_compares.wait(timeout=120)
+        return compare(es, *a)
+
     monkeypatch.setattr(
         run_mod, "_fill_reference_peft", lambda *a: ran_in.append(threading.current_thread().name) or fill(*a)
     )
+    monkeypatch.setattr(run_mod, "_compare", watched_compare)
     reports = {}
     for threaded in (True, False):
         monkeypatch.setenv(
@@ -141,8 +157,10 @@ def test_worker_thread_leaves_the_report_unchanged(setup, tmp_path, monkeypatch)
         monkeypatch.setattr(run_mod, "BESIDE_ON_CPU", threaded)
         rep, _ = _report(setup, tmp_path / f"out-{threaded}", session=True)
         reports[threaded] = to_json(rep)
-    assert ran_in[0] != threading.main_thread().name and ran_in[1] == threading.main_thread().name
+    main = threading.main_thread().name
+    assert ran_in[0] != main and ran_in[1] == "compare f in the worker" and ran_in[2] == main
     stages = json.loads(reports[True])["stages"]
     assert {"runtime", "runtime-own"} <= {s["name"] for s in stages}
+    assert {s["eval_set"] for s in stages} == {"e", "f"}
     assert all(s["greedy_match"] is not None for s in stages)  # every stage decoded
     assert reports[True] == reports[False]
