@@ -138,6 +138,13 @@ def pad_to_groups(t: torch.Tensor, gs: int, value: float | None = None) -> torch
     return torch.cat([t, fill], dim=1)
 
 
+def _scaled_fake_quant(
+    w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> torch.Tensor:
+    """Q(W·s)/s: the weight a candidate input scale s leaves after RTN, in W's input space."""
+    return fake_quantize_rtn(w * s[None, :], bits, group_size, symmetric, scale_dtype) / s[None, :]
+
+
 def _quant_loss(
     forward: ForwardFn,
     reference: torch.Tensor,
@@ -149,10 +156,7 @@ def _quant_loss(
     scale_dtype: torch.dtype,
 ) -> float:
     """MSE between the float output and the output with Q(W·s)/s (≡ Q(W·s) applied to x/s)."""
-    fq = [
-        fake_quantize_rtn(w * s[None, :], bits, group_size, symmetric, scale_dtype) / s[None, :]
-        for w in weights
-    ]
+    fq = [_scaled_fake_quant(w, s, bits, group_size, symmetric, scale_dtype) for w in weights]
     d = forward(fq).float()  # a fresh tensor (or a float32 copy of one): updated in place below
     return float(d.sub_(reference).pow_(2).mean())
 
@@ -179,7 +183,7 @@ def _gram_loss(
     CPU only: on CUDA the walk's bf16 forward is as fast at the 8B shape and that path stays as it was."""
     total, rows = 0.0, 0
     for w in weights:
-        d = fake_quantize_rtn(w * s[None, :], bits, group_size, symmetric, scale_dtype) / s[None, :] - w
+        d = _scaled_fake_quant(w, s, bits, group_size, symmetric, scale_dtype) - w
         with torch.autocast(d.device.type, enabled=False):
             total += float(((d @ gram) * d).sum(dtype=torch.float64))
         rows += w.shape[0]
