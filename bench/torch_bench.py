@@ -20,6 +20,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
+  blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
 Random weights: speed does not depend on values. Not part of the test run.
@@ -578,6 +579,9 @@ def sec_e2e(a, dev, R):
         speedup_median=med(ours) / med(peer),
         speedup_worst=min(ours) / max(peer),
         speedup_best=max(ours) / min(peer),
+        speedup_pairs=[o / p for o, p in zip(ours, peer, strict=True)],
+        peer_spread=max(peer) / min(peer) - 1,
+        ours_spread=max(ours) / min(ours) - 1,
         ours_decode_steps=rt.engine.decode_steps,
     )
     return out
@@ -619,7 +623,7 @@ def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     )
 
 
-def _kernel_table(prof, steps: int, top: int = 14) -> dict:
+def _kernel_table(prof, steps: int, top: int = 60) -> dict:
     """GPU kernels of `steps` profiled decode steps: total GPU ms per step and the top kernels."""
     rows = []
     for e in prof.key_averages():
@@ -643,7 +647,25 @@ def _kernel_table(prof, steps: int, top: int = 14) -> dict:
             else "other"
         )
         groups[g] = groups.get(g, 0.0) + r["us_per_step"]
-    return {"gpu_us_per_step": total, "groups_us": groups, "top": rows[:top]}
+    launches = sum(r["calls_per_step"] for r in rows)
+    return {"gpu_us_per_step": total, "kernels_per_step": launches, "groups_us": groups, "top": rows[:top]}
+
+
+def _set_blas(dev, lib: str) -> str:
+    """torch's preferred BLAS library for CUDA matmuls ('cublas' or 'cublaslt'); the CPU has neither."""
+    if dev.type == "cuda":
+        torch.backends.cuda.preferred_blas_library(lib)
+        return lib
+    return "none (cpu)"
+
+
+def _recapture(rt) -> None:
+    """Drop the engine's CUDA graphs: the next steps capture again (e.g. under another BLAS library: the
+    compiled code calls aten's matmul, which picks its library when it runs, i.e. at capture)."""
+    eng = rt.engine
+    for g in (eng.greedy_fn, eng.decode_fn, eng.extend_fn, eng.prefill_graph):
+        if hasattr(g, "graphs"):
+            g.graphs.clear()
 
 
 def sec_profile(a, dev, R):
@@ -653,10 +675,14 @@ def sec_profile(a, dev, R):
     out = {}
     for label in a.profile.split(","):
         fp, q = quantize_linears(state) if label == "int4" else (state, None)
-        rt = R.get(f"_rt_{label}")  # the bf16 / bf16g / int4 section's runtime, if it ran
+        lt = label == "bf16lt"  # the bf16 runtime again, its step captured again under cuBLASLt
+        rt = R.get("_rt_bf16" if lt else f"_rt_{label}")  # that section's runtime, if it ran
         if rt is None:
             gemv = "on" if label == "bf16g" else a.dense_gemv
             rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, a.batches, R, dense_gemv=gemv))
+        if lt:
+            out["bf16lt_blas"] = _set_blas(dev, "cublaslt")
+            _recapture(rt)
         for b in a.batches:
             eng = rt.engine
             for p in random_prompts(b, a.prompt_len, cfg.vocab_size, b):
@@ -684,6 +710,12 @@ def sec_profile(a, dev, R):
                 **_kernel_table(prof, steps),
             }
         out[f"{label}_dense_gemv"] = rt.options.dense_gemv
+        if lt:
+            _set_blas(dev, "cublas")
+            _recapture(rt)
+        if label in ("bf16", "bf16lt"):  # kept for bf16lt and for the e2e section (no second compile)
+            R["_rt_bf16"] = R["_mixed_rt"] = rt
+            continue
         del rt
         R.pop(f"_rt_{label}", None)
         torch.cuda.empty_cache() if dev.type == "cuda" else None
@@ -995,6 +1027,67 @@ def sec_gemv(a, dev, R):
     return rows
 
 
+def _linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of the decoder's fused linears and the head, by name, for a bench shape."""
+    c = SHAPES[shape]
+    h, i, hq, hkv, v = (
+        c[x]
+        for x in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+    )
+    d = h // hq
+    return {
+        "qkv": ((hq + 2 * hkv) * d, h),
+        "o": (h, hq * d),
+        "gate_up": (2 * i, h),
+        "down": (h, i),
+        "lm_head": (v, h),
+    }
+
+
+def sec_blas(a, dev, R):
+    """The dense linears' matmul under cuBLAS and cuBLASLt (torch.backends.cuda.preferred_blas_library),
+    with the weight as stored ([out, in], F.linear) and pre-transposed ([in, out], x @ W), per linear of
+    the shape at 1 and 32 rows: CUDA-graph replay over weight copies (bench/int4_kernels.py's timing). Each
+    variant's output is checked against the float product. What a decode step's GEMMs could gain from
+    another library or layout, without writing a kernel."""
+    from bench.int4_kernels import graph_us, n_copies
+
+    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rows = []
+    try:
+        for name, (n, k) in _linear_shapes(a.shape).items():
+            torch.manual_seed(0)
+            ws = [torch.randn(n, k, device=dev, dtype=act) * 0.02 for _ in range(n_copies(n * k * 2, dev))]
+            wts = [w.t().contiguous() for w in ws]
+            for m in (1, 32):
+                x = torch.randn(m, k, device=dev, dtype=act)
+                ref = x.float() @ ws[0].float().T
+                row = {"linear": name, "n": n, "k": k, "rows": m}
+                for lib in ("cublas", "cublaslt"):
+                    row[f"blas_{lib}"] = _set_blas(dev, lib)
+                    for form, fn in (
+                        ("linear", lambda j, x=x, w=ws: F.linear(x, w[j])),
+                        ("t", lambda j, x=x, w=wts: x @ w[j]),
+                    ):
+                        y = fn(0)
+                        err = ((y.float() - ref).norm() / ref.norm()).item()
+                        us = graph_us(fn, len(ws))
+                        row[f"{lib}_{form}_us"] = us
+                        row[f"{lib}_{form}_TBps"] = n * k * 2 / us / 1e6
+                        row[f"{lib}_{form}_rel_err"] = err
+                rows.append(row)
+                print(f"  blas {json.dumps(row)}", flush=True)
+    finally:
+        _set_blas(dev, "cublas")
+    return rows
+
+
 SECTIONS = {
     "copy": sec_copy,
     "check": sec_check,
@@ -1015,6 +1108,7 @@ SECTIONS = {
     "tritoncheck": sec_tritoncheck,
     "int8k": sec_int8k,
     "gemv": sec_gemv,
+    "blas": sec_blas,
 }
 NEEDS_MODEL = {"bf16", "bf16g", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec"}
 
