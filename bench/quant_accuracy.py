@@ -79,7 +79,13 @@ for _score in ("awq", "gptq"):  # awq-gptq's scale: AWQ's best, or the finalist 
         "scale_score": _score,
         "range_search": True,
     }
-CONFIG_ONLY = ("static_groups", "true_sequential", "scale_score")
+# session 7's awq-gptq default: the range search in the scale choice's trial solves too
+EXPERIMENTS["awq-gptq-choicesearch"] = {
+    "method": "awq-gptq",
+    "range_search": True,
+    "choice_search": True,
+}
+CONFIG_ONLY = ("static_groups", "true_sequential", "scale_score", "choice_search")
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:

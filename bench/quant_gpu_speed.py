@@ -20,6 +20,7 @@ Parts (each measured run is its own subprocess, so peak GPU memory is that run's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from lorafast_export.model.quantized import fake_quant_decoder  # noqa: E402
 from lorafast_export.paths import DEMO_DIR  # noqa: E402
+from lorafast_export.quant.config import resolve_quant  # noqa: E402
 from lorafast_export.quant.walk import quantize_checkpoint  # noqa: E402
 from scripts.make_model import PRESETS, make_base, shape_of  # noqa: E402
 
@@ -50,7 +52,16 @@ OURS = {
     "gptq-sym-nosearch": {"method": "gptq", "symmetric": True, "range_search": False},  # session 6's default
     "awq-gptq-search": {"method": "awq-gptq", "range_search": True},
     "awq-gptq-nosearch": {"method": "awq-gptq", "range_search": False},
+    # session 7's awq-gptq: the range search in the scale choice's trial solves too (a config-only field)
+    "awq-gptq-choicesearch": {"method": "awq-gptq", "range_search": True, "choice_search": True},
 }
+CONFIG_ONLY = ("choice_search",)  # config fields that are not recipe options: set on the resolved config
+
+
+def our_config(name: str, device: str):
+    settings = {**OURS[name], "device": device}
+    extra = {k: settings.pop(k) for k in CONFIG_ONLY if k in settings}
+    return dataclasses.replace(resolve_quant(settings), **extra)
 
 
 def tiny_cpu_vs_cuda(tmp: Path) -> dict:
@@ -89,7 +100,7 @@ def run_ours(merged: str, calib: torch.Tensor, name: str, profile: bool) -> dict
     t0 = time.perf_counter()
     quantize_checkpoint(
         merged,
-        {**OURS[name], "device": "cuda"},
+        our_config(name, "cuda"),
         calib_ids=calib,
         progress=lambda m: marks.append(time.perf_counter() - t0),
     )
@@ -124,7 +135,10 @@ def install_timers() -> dict:
     wrap(methods, "gptq_quantize_many", "gptq solve (total)")
     wrap(gptq, "inverse_hessian_cholesky", "gptq cholesky inverse")
     wrap(gptq, "_gptq_sweep", "gptq column sweep")
-    wrap(methods, "awq_search_scale", "awq scale grid (total)")
+    wrap(gptq, "_gptq_sweep_static", "gptq column sweep (static groups)")
+    wrap(gptq, "_static_params", "gptq static group params (+ range search)")
+    wrap(methods, "awq_scale_finalists", "awq scale grid (total)")
+    wrap(methods, "_gptq_choice", "awq-gptq scale choice (its trial solves)")
     wrap(methods, "awq_search_clip", "awq clip search")
     wrap(methods, "quantize_rtn", "awq final rtn")
     return timers

@@ -98,6 +98,9 @@ class AWQGPTQConfig(GPTQConfig):
     grid: int = 20  # scale candidates searched per group
     # the scale folded per group: "awq", AWQ's best; "gptq", of AWQ's finalists and s = 1 the one of lowest GPTQ error
     scale_score: str = "gptq"
+    # the range search in the scale choice's trial solves too (False: min-max there, the search only in the final
+    # solve; 4 trial solves per group, so on the 8B shape the search in them was most of the method's GPU time)
+    choice_search: bool = False
 
 
 CONFIGS: dict[str, type[QuantConfig]] = {

@@ -17,7 +17,8 @@ The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides wha
   the scaled inputs): the scales protect the salient channels, GPTQ's error feedback does the rounding. Which scale
   is folded (scale_score, default "gptq"): of AWQ's finalists and s = 1, the one under which GPTQ's own output error
   on the group's calibration input is lowest, so a group that AWQ's scale would not help keeps s = 1 ("awq": AWQ's
-  best, as before; on the 30M fixture 3.6% higher KL, bench/QUANT.md).
+  best, as before; on the 30M fixture 3.6% higher KL, bench/QUANT.md). The trial solves of that choice use min-max
+  group ranges; the range search, where on, runs in the final solve only (choice_search: in the trials too).
 - smoothquant: per-channel activation absmax, s = absmax^α / w_absmax^(1-α) folded into
   input_layernorm, post_attention_layernorm and up_proj rows; every linear W8A8.
 """
@@ -274,8 +275,15 @@ def quantize_block_awq_gptq(block: Block, s: AWQGPTQConfig) -> dict[str, QTensor
 
 
 def _gptq_solve(
-    block: Block, s: GPTQConfig, weights: list[torch.Tensor], H: torch.Tensor, biases: list | None = None
+    block: Block,
+    s: GPTQConfig,
+    weights: list[torch.Tensor],
+    H: torch.Tensor,
+    biases: list | None = None,
+    search: bool | None = None,
 ) -> list[QTensor]:
+    """search: the range search on / off for this solve (None: s.range_search)."""
+    search = s.range_search if search is None else search
     return gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
         weights,
         H,
@@ -287,7 +295,7 @@ def _gptq_solve(
         block_size=s.block_size,
         scale_dtype=SCALE_DTYPE,
         biases=biases,
-        search=RANGE_SEARCH if s.range_search else None,
+        search=RANGE_SEARCH if search else None,
         static_groups=s.static_groups,
     )
 
@@ -298,12 +306,19 @@ def _gptq_choice(
     """Of AWQ's finalists (s = 1 among them), the scale under which GPTQ's own error on the group's calibration
     input x is lowest: Σ_rows D H Dᵀ, D = Q(W·s)/s - W, each solve on W·s with H scaled to match (diag(1/s) H
     diag(1/s)). So the combined method is never worse than plain GPTQ by GPTQ's measure on these inputs (up to the
-    true-sequential walk, whose Hessians come later from the quantized groups before)."""
+    true-sequential walk, whose Hessians come later from the quantized groups before). These trial solves use
+    min-max group ranges unless s.choice_search (the range search, when on, runs in the final solve)."""
     H, _ = accumulate_hessian(None, 0, x)
     weights = [block.weight(n).float() for n in g.linears]
     best, best_err = finalists[0], float("inf")
     for sc in finalists:
-        qts = _gptq_solve(block, s, [w * sc[None, :] for w in weights], H / sc[:, None] / sc[None, :])
+        qts = _gptq_solve(
+            block,
+            s,
+            [w * sc[None, :] for w in weights],
+            H / sc[:, None] / sc[None, :],
+            search=s.range_search and s.choice_search,
+        )
         err = 0.0
         for qt, w in zip(qts, weights, strict=True):
             d = dequantize(qt) / sc[None, :] - w

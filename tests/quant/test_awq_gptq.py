@@ -97,10 +97,20 @@ def test_awq_gptq_is_awq_scales_then_gptq_on_the_folded_layer(layer_and_input):
         torch.testing.assert_close(combined[n].scales.float(), qt.scales.float(), rtol=2e-3, atol=0)
 
 
-def test_gptq_scored_scale_is_the_finalist_of_lowest_gptq_error(layer_and_input):
+@pytest.mark.parametrize(
+    "qc",
+    [
+        GPTQ_SCORED,  # g32: no range search anywhere
+        dataclasses.replace(GPTQ_SCORED, range_search=True),  # the search in the final solve only (default)
+        dataclasses.replace(GPTQ_SCORED, range_search=True, choice_search=True),  # in the trials too
+    ],
+    ids=["nosearch", "search-final-only", "search-in-trials"],
+)
+def test_gptq_scored_scale_is_the_finalist_of_lowest_gptq_error(layer_and_input, qc):
     """scale_score gptq (the default): of the candidates, the scale under which GPTQ's output error on the group's
-    calibration input is lowest, each error from gptq_quantize on one linear at a time (W·s, H scaled); s = 1 among
-    them is plain GPTQ, so the choice is never worse than plain GPTQ by that measure."""
+    calibration input is lowest, each error from gptq_quantize on one linear at a time (W·s, H scaled; the range
+    search in these trial solves only with choice_search); s = 1 among them is plain GPTQ, so the choice is never
+    worse than plain GPTQ by that measure."""
     layer, x, cfg = layer_and_input
     rot = Rotary(cfg)(torch.arange(x.shape[1])[None], torch.float32)
     block = make_block(layer, x, rot)
@@ -120,7 +130,7 @@ def test_gptq_scored_scale_is_the_finalist_of_lowest_gptq_error(layer_and_input)
                 False,
                 act_order=True,
                 static_groups=True,
-                search=RANGE_SEARCH if GPTQ_SCORED.range_search else None,
+                search=RANGE_SEARCH if qc.range_search and qc.choice_search else None,
             )
             d = (dequantize(qt) / s - w).double()
             total += float(((d @ H.double()) * d).sum())
@@ -141,7 +151,7 @@ def test_gptq_scored_scale_is_the_finalist_of_lowest_gptq_error(layer_and_input)
         [torch.rand_like(awq_best) * 4 + 0.1, awq_best, torch.ones_like(awq_best)],
     ):
         errors = [gptq_error(c) for c in candidates]
-        chosen = _gptq_choice(block, GPTQ_SCORED, g, candidates, xg)
+        chosen = _gptq_choice(block, qc, g, candidates, xg)
         assert torch.equal(chosen, candidates[min(range(len(errors)), key=errors.__getitem__)]), errors
         assert gptq_error(chosen) <= errors[-1]  # never worse than plain GPTQ (s = 1)
 
