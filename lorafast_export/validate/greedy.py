@@ -141,15 +141,25 @@ def batched(
     for start in range(0, n, batch_size):
         chunk = prompts[start : start + batch_size]
         span = f"prompts {start + 1}-{start + len(chunk)}/{n}"
-        last = [time.perf_counter()]
+        b0 = time.perf_counter()
+        last, first = [b0], []
 
-        def tick(t: int, span=span, last=last) -> None:
+        def tick(t: int, span=span, last=last, first=first, b0=b0) -> None:
+            if not first:  # the first token: the prompts' forward (a built decoder: with its layers' build)
+                first.append(time.perf_counter() - b0)
             if time.perf_counter() - last[0] >= PROGRESS_EVERY_S:
                 last[0] = time.perf_counter()
                 progress(f"greedy {name}: {span}, token {t}/{max_new_tokens}")
 
         out += fn(chunk, tick)
-        progress(f"greedy {name}: {span}, {max_new_tokens} tokens each ({time.perf_counter() - t0:.1f} s)")
+        split = (
+            f"; first token {first[0]:.1f} s, then {time.perf_counter() - b0 - first[0]:.1f} s"
+            if first
+            else ""
+        )
+        progress(
+            f"greedy {name}: {span}, {max_new_tokens} tokens each ({time.perf_counter() - t0:.1f} s{split})"
+        )
     return out
 
 

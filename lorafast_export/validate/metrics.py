@@ -24,6 +24,7 @@ IGNORE_INDEX = -100
 KL_HIST_EDGES: tuple[float, ...] = tuple(10.0 ** (k / 3) for k in range(-42, 4))
 POSITION_BUCKETS = 32
 _CHUNK_ELEMENTS = 1 << 22  # rows per float64 pass ~ 4M logits, ~32 MiB per temporary
+_CHUNK_ELEMENTS_GPU = 1 << 26  # on a GPU: ~512 MiB per temporary
 
 # Names of the scalar results, one source of truth for gates and the report schema.
 COMPARISON_METRICS: tuple[str, ...] = ("kl_mean", "kl_sem", "kl_median", "kl_p90", "kl_p99", "kl_max", "top1")
@@ -244,9 +245,12 @@ def _labelled_rows(labels: torch.Tensor, vocab: int) -> torch.Tensor:
     return keep.nonzero().squeeze(-1)
 
 
-def rows_per_chunk(vocab: int) -> int:
-    """Rows of one float64 pass over [rows, vocab] (~32 MiB per temporary)."""
-    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+def rows_per_chunk(vocab: int, device="cpu") -> int:
+    """Rows of one float64 pass over [rows, vocab]: ~32 MiB per temporary on a CPU (they stay in its caches),
+    ~512 MiB on a GPU (at 8B, a whole 256-token block per pass: a few large kernels instead of many small ones
+    and one host copy of the scalars per pass; each row's values are computed row by row either way)."""
+    elements = _CHUNK_ELEMENTS_GPU if torch.device(device).type == "cuda" else _CHUNK_ELEMENTS
+    return max(1, elements // max(vocab, 1))
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:

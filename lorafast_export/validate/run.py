@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +86,31 @@ BESIDE_ON_CPU = True
 # one forward took 10.1 s against 33.8 s one at a time, with identical logits (row-wise the same arithmetic).
 PEFT_BATCH_BLOCKS = 8
 PEFT_BATCH_LOGITS = 1 << 26  # float32 logits elements per forward (256 MiB)
+
+
+class _Laps:
+    """Seconds spent per named sub-step, for the progress lines; on a GPU each lap waits for the device's queued
+    work, so a sub-step is charged for its own kernels (the comparisons synchronize once per rows anyway)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.spent: dict[str, float] = {}
+        self.t = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, key: str) -> float:
+        """Charges the time since the last lap to key; returns that time."""
+        now = self._now()
+        dt, self.t = now - self.t, now
+        self.spent[key] = self.spent.get(key, 0.0) + dt
+        return dt
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.spent.items())
 
 
 class _Stopped(Exception):
@@ -273,16 +299,19 @@ def _compare(es: EvalSet, first: int, entry, logits, stages, device):
     vs_ref = {st.name: MetricAccumulator() for st in stages}
     vs_prev = {st.name: MetricAccumulator() for st in stages[1:]}
     ppl_ref, ppl_base = PerplexityAccumulator(), PerplexityAccumulator()
+    laps = _Laps(device)
     for j, block in enumerate(es.blocks):
         n = len(block) - 1
         labels, positions = _labels(block).to(device), torch.arange(n, device=device)
         ref, ref_label, ref_argmax = ref_e.rows(j * n, n, device)
         ppl_ref.update_label_logp(ref_label)
         ppl_base.update_label_logp(base_e.rows(j * n, n)[1])
-        cands = [
-            logits.block(st, first + j) for st in stages
-        ]  # float32, one runtime call per block and stage
-        step = rows_per_chunk(ref.shape[-1])  # float64 temporaries of a few MiB, whatever the vocabulary
+        laps.lap("reference cache reads")
+        cands = []  # float32, one runtime call per block and stage
+        for st in stages:
+            cands.append(logits.block(st, first + j))
+            laps.lap(f"{st.name} logits")
+        step = rows_per_chunk(ref.shape[-1], device)  # float64 temporaries of bounded size, any vocabulary
         for r in (slice(r0, r0 + step) for r0 in range(0, n, step)):
             # log-probs, probabilities and argmax once per rows and model: each model is compared with the
             # reference and with the next stage
@@ -293,7 +322,8 @@ def _compare(es: EvalSet, first: int, entry, logits, stages, device):
                 if prev is not None:
                     vs_prev[st.name].update_logprobs(prev, lp, labels[r], positions[r])
                 prev = lp
-    return vs_ref, vs_prev, ppl_ref.ppl, ppl_base.ppl
+        laps.lap("comparisons")
+    return vs_ref, vs_prev, ppl_ref.ppl, ppl_base.ppl, laps
 
 
 def _compare_all(eval_sets, offsets, entries, logits, stages, device, fetched, beside, progress) -> dict:
@@ -313,6 +343,10 @@ def _compare_all(eval_sets, offsets, entries, logits, stages, device, fetched, b
                 es = queue.pop(0)
             progress(f"eval set {es.name}")
             results[es.name] = _compare(es, offsets[es.name], entries[es.name], logits, stages, device)
+            laps = results[es.name][-1]
+            progress(
+                f"eval set {es.name}: {len(es.blocks)} blocks in {sum(laps.spent.values()):.1f} s ({laps})"
+            )
 
     shareable = all(st.source is not None or st.name in fetched for st in stages)
     helped = beside.submit(drain) if beside.threaded and shareable and len(eval_sets) > 1 else lambda: None
@@ -335,11 +369,12 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     from lorafast_export.validate.stream import Stage, StageLogits, walk
 
     opts = v.recipe.validate_
+    device = _device(opts)
+    laps = _Laps(device)
     tok = _tokenizer(v.base)
     specs = [(e.name, Path(e.path)) for e in opts.eval]
     eval_sets = load_eval_sets(tok, specs, opts.block_size, opts.max_tokens)
     prompts = load_prompts(tok, Path(opts.prompts) if opts.prompts else None)
-    device = _device(opts)
     dtype = TORCH_DTYPES[opts.dtype]
     if dtype != torch.float32 and device == "cpu":
         raise InputError(
@@ -354,6 +389,9 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     offsets, n = {}, 0
     for es in eval_sets:
         offsets[es.name], n = n, n + len(es.blocks)
+    progress(
+        f"inputs: {n} eval blocks, {len(prompts)} prompts, tokenized and hashed ({laps.lap('inputs'):.1f} s)"
+    )
     progress("reference")
     held = {}  # the reference's model, once loaded: kept for its greedy check (at most 1 GiB of fp32 weights)
     # not with a resident base (a CPU rehearsal of the GPU path): its reads share one staging buffer, and the
@@ -375,25 +413,33 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         layered = [st.source for st in ref_stages + stages if st.source is not None]
         progress(f"streaming {len(layered)} stages layer by layer on {device}")
         try:
+            laps.lap("reference setup")
             hidden = walk(layered, ids, device, progress)
+            laps.lap("walk")
             if ref_stages:
                 ref_logits = StageLogits(ref_stages, hidden, ids, device)
                 _fill_reference_stream(ref_logits, ref_stages, missing, offsets, writers)
                 ref_logits.close()
                 for st in ref_stages:
                     del hidden[st.name]
+                names = " and ".join(st.name for st in ref_stages)
+                progress(f"{names} logits into the reference cache ({laps.lap('reference cache'):.1f} s)")
             ref_done()
             _finish(writers, missing, entries)
+            if missing:
+                progress(f"reference cache entries written ({laps.lap('reference cache'):.1f} s)")
         except BaseException:
             beside.close(failed=True)  # nothing writes into the cache entries once they are aborted
             for w in [w for pair in writers.values() for w in pair]:
                 w.abort()
             raise
+        laps.lap("reference")
         logits = StageLogits(stages, hidden, ids, device, fetched)
+        progress(f"heads of {len(logits.heads)} stages on {device} ({laps.lap('heads'):.1f} s)")
         results = _compare_all(eval_sets, offsets, entries, logits, stages, device, fetched, beside, progress)
         infos = []
         for es in eval_sets:
-            _, _, ppl_ref, ppl_base = results[es.name]
+            _, _, ppl_ref, ppl_base, _ = results[es.name]
             infos.append(
                 EvalSetInfo(
                     name=es.name,
@@ -412,7 +458,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     beside.close(failed=False)
     out_stages = []
     for es in eval_sets:
-        vs_ref, vs_prev, _, _ = results[es.name]
+        vs_ref, vs_prev, _, _, _ = results[es.name]
         prev_name = None
         for c in v.candidates:
             out_stages.append(
@@ -577,21 +623,30 @@ TORCH_COMPILE_NOTE = (
 )
 
 
-def _load_artifact(target, model_dir: Path, device: str, base: ModelDir):
+def _load_artifact(target, model_dir: Path, device: str, base: ModelDir, progress=lambda m: None):
     """The target's session for the artifact stage. transformers loads an hf artifact whole through host memory,
     so beyond PEFT_REFERENCE_MAX_BYTES the checkpoint is read back layer by layer instead."""
+    t0 = time.perf_counter()
     kw = {"device": _load_device(target.name, device)}
     if target.name == "hf" and reference_kind(base) == "stream":
         kw["whole"] = False
     if target.name == "torch-compile" and kw["device"] == "cuda":  # on a CPU the runtime never compiles
         session = target.load(model_dir, compile="off", **kw)
         session.runtime_note = TORCH_COMPILE_NOTE
-        return session
-    return target.load(model_dir, **kw)
+    else:
+        session = target.load(model_dir, **kw)
+    progress(f"artifact loaded into {target.name}'s runtime ({time.perf_counter() - t0:.1f} s)")
+    return session
 
 
 def build_candidates(
-    recipe, base: ModelDir, adapters: list[Adapter], merged: ModelDir, quantized, artifact_dir: Path
+    recipe,
+    base: ModelDir,
+    adapters: list[Adapter],
+    merged: ModelDir,
+    quantized,
+    artifact_dir: Path,
+    progress=lambda m: None,
 ) -> list[Candidate]:
     """merged-fp32 → merged-<dtype> (if the checkpoint is not fp32) → quantized (if any) → artifact.
     quantized: the quantize stage's QuantizedModel, or None."""
@@ -616,7 +671,9 @@ def build_candidates(
     target = get_target(recipe.target.name)
     device = _device(recipe.validate_)
     cands.append(
-        _artifact_candidate("artifact", _load_artifact(target, artifact_dir / "model", device, base))
+        _artifact_candidate(
+            "artifact", _load_artifact(target, artifact_dir / "model", device, base, progress)
+        )
     )
     # Informational: the runtime at its own default precision (e.g. OpenVINO's bf16 + u8 KV cache on CPUs that
     # have bf16), so users see what the default costs. Gates apply to "artifact", not to this stage.
@@ -659,7 +716,7 @@ def validate_build(
             base,
             adapters,
             recipe,
-            build_candidates(recipe, base, adapters, merged, quantized, artifact_dir),
+            build_candidates(recipe, base, adapters, merged, quantized, artifact_dir, progress),
             recipe.name,
             recipe.target.name,
             quant_label(recipe),
@@ -698,7 +755,7 @@ def validate_artifact(artifact: Path, overrides: dict, progress=lambda m: None):
     target = require_available(recipe.target.name)
     device = _device(recipe.validate_)
     with resident(base, adapters, device, progress) as (base, adapters):  # as in validate_build
-        session = _load_artifact(target, artifact / "model", device, base)
+        session = _load_artifact(target, artifact / "model", device, base, progress)
         cands = [merged_fp32_candidate(plan_merge(base, adapters)), _artifact_candidate("artifact", session)]
         v = ValidationInputs(
             base, adapters, recipe, cands, recipe.name, recipe.target.name, quant_label(recipe)
