@@ -20,6 +20,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
+  overlap  bf16 decode with the engine's overlap_bursts off and on (same runtime), batch sizes, 3 runs each
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
@@ -1027,6 +1028,41 @@ def sec_gemv(a, dev, R):
     return rows
 
 
+def sec_overlap(a, dev, R):
+    """Decode with overlap_bursts off and on (the engine's switch, same runtime, same graphs), at each
+    batch size, a.new_tokens per request, timed 3 times each interleaved (off, on, off, ...); and whether
+    both give the same greedy tokens (32 new tokens per row at the largest batch)."""
+    cfg, state = config_of(R["_model"])
+    rt = R.get("_rt_bf16")
+    if rt is None:
+        rt = R["_rt_bf16"] = R["_mixed_rt"] = build_runtime(
+            cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R)
+        )
+    eng, keep, out = rt.engine, rt.engine.overlap_bursts, {"decode_steps": rt.engine.decode_steps}
+    keys = ("decode_tokens_per_s", "decode_step_ms", "tokens_per_s", "ttft_ms_median")
+    try:
+        tokens = {}
+        for ov in (False, True):
+            eng.overlap_bursts = ov
+            ps = random_prompts(max(a.batches), a.prompt_len, cfg.vocab_size, 5)
+            tokens[ov] = eng.generate_batch(ps, 32)
+        out["tokens_equal"] = tokens[False] == tokens[True]
+        for b in a.batches:
+            ps = random_prompts(b, a.prompt_len, cfg.vocab_size, b)
+            runs: dict = {"off": [], "on": []}
+            for _ in range(3):
+                for ov in (False, True):
+                    eng.overlap_bursts = ov
+                    r = run_requests(rt, ps, [a.new_tokens] * b)
+                    runs["on" if ov else "off"].append({k: r[k] for k in keys})
+            med = {m: {k: statistics.median(x[k] for x in runs[m]) for k in keys} for m in ("off", "on")}
+            out[f"batch{b}"] = {"runs": runs, "median": med}
+            print(f"  overlap batch {b}: {json.dumps(med)}", flush=True)
+    finally:
+        eng.overlap_bursts = keep
+    return out
+
+
 def _linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
     """(out, in) of the decoder's fused linears and the head, by name, for a bench shape."""
     c = SHAPES[shape]
@@ -1109,8 +1145,9 @@ SECTIONS = {
     "int8k": sec_int8k,
     "gemv": sec_gemv,
     "blas": sec_blas,
+    "overlap": sec_overlap,
 }
-NEEDS_MODEL = {"bf16", "bf16g", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec"}
+NEEDS_MODEL = {"bf16", "bf16g", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec", "overlap"}
 
 
 def main() -> None:

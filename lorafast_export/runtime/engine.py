@@ -27,6 +27,13 @@ host builds the inputs of all n steps at once (one copy to the device), so the G
 Python, a host-to-device copy and a `.tolist()` between tokens. n never exceeds any row's remaining
 tokens; a row that meets a stop token mid-burst keeps the tokens up to it (the steps after it are wasted
 work, written past `cached`). The output is that of single steps, token for token.
+`overlap_bursts`: when the next burst is certain (the same rows, nobody waiting, every row with at least
+two tokens to go after this burst and room for them in the pool), it is queued on the device, fed by this
+burst's last tokens there, before the host reads this burst's tokens (a pinned copy and an event): the GPU
+no longer idles while the host reads the tokens and builds the next inputs. A row that meets a stop token
+in a burst has one more burst queued for it: that work is wasted and its tokens ignored (its k/v land in
+blocks the host may free and hand out meanwhile, but before any later work on the same stream: the next
+prefill overwrites them).
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class EngineStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens the model agreed with
     bursts: int = 0  # multi-step decodes (decode_steps > 1), each of several decode_steps
+    queued_bursts: int = 0  # bursts queued before the host read the previous one's tokens (overlap)
     prefills: list = field(default_factory=list)  # (start s, requests, prompt tokens, seconds) per prefill
 
     @property
@@ -123,6 +131,7 @@ class Engine:
         admit_order: str = "shortest",
         max_wait_ms: float = MAX_WAIT_MS,
         prefill_first: bool = True,
+        overlap_bursts: bool = True,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
@@ -139,6 +148,8 @@ class Engine:
         if decode_steps < 1:
             raise InputError(f"decode_steps={decode_steps}: use a positive integer (1 = one step at a time).")
         self.decode_steps = decode_steps
+        self.overlap_bursts = overlap_bursts  # queue a certain next burst before reading this one's tokens
+        self._queued: _Burst | None = None  # a burst on the device whose tokens the host has not read
         if admit_order not in ADMIT_ORDERS:
             raise InputError(f"admit_order={admit_order!r}: use one of {', '.join(ADMIT_ORDERS)}.")
         self.admit_order = admit_order
@@ -355,6 +366,8 @@ class Engine:
                 self.stats.preemptions += 1
 
     def _decode(self) -> list[Request]:
+        if self._queued is not None:  # queued by the previous burst: land it (and maybe queue the next)
+            return self._land_burst(self._queued)
         if self._can_speculate():
             return self._speculate()
         n = self._burst_len()
@@ -397,33 +410,67 @@ class Engine:
             return 1  # a plain step preempts if it must
         return n
 
-    @torch.no_grad()
     def _burst(self, n: int) -> list[Request]:
         """n greedy decode steps chained on the device (blocks already reserved); one read of the tokens."""
-        reqs = self.running
+        return self._land_burst(self._queue_burst(self.running, n, 0, None))
+
+    @torch.no_grad()
+    def _queue_burst(self, reqs: list[Request], n: int, ahead: int, tok) -> _Burst:
+        """Queue n chained greedy steps of reqs on the device, from `ahead` tokens past each row's cached
+        (a burst queued behind another), fed by tok (that burst's last tokens, on the device) or by each
+        row's last output token; start copying the tokens to the host."""
         t0 = time.perf_counter()
         rows = _bucket(len(reqs), self.buckets)
         width = self._width(self.cache, reqs)
         pos = torch.zeros(n, rows, dtype=torch.long)
         slots = torch.full((n, rows), PAD_BLOCK * self.cache.block_size, dtype=torch.long)
-        tok = torch.zeros(rows, dtype=torch.long)
         for i, r in enumerate(reqs):
-            pos[:, i] = torch.arange(r.cached, r.cached + n)
-            slots[:, i] = self.cache.slots(r.id, r.cached, r.cached + n)
-            tok[i] = r.output[-1]
+            start = r.cached + ahead
+            pos[:, i] = torch.arange(start, start + n)
+            slots[:, i] = self.cache.slots(r.id, start, start + n)
+        if tok is None:
+            tok = torch.zeros(rows, dtype=torch.long)
+            tok[: len(reqs)] = torch.tensor([r.output[-1] for r in reqs])
+            tok = tok.to(self.device, non_blocking=True)
         tables = self.cache.block_table([r.id for r in reqs], width, rows)
-        pos, slots, tables, tok = (t.to(self.device, non_blocking=True) for t in (pos, slots, tables, tok))
+        pos, slots, tables = (t.to(self.device, non_blocking=True) for t in (pos, slots, tables))
         seq_lens = pos + 1  # padded rows: position 0, one slot of the pad block
         out = torch.empty(n, rows, dtype=torch.long, device=self.device)
         with _recompile_room(8):
             for j in range(n):
                 tok = out[j].copy_(self.greedy_fn(tok, pos[j], tables, seq_lens[j], slots[j]))
-        made = out[:, : len(reqs)].T.tolist()
         self.stats.decode_s += time.perf_counter() - t0
-        self.stats.decode_steps += n
+        return _Burst(list(reqs), n, out, _to_host(out[:, : len(reqs)].T.contiguous()))
+
+    def _queue_next(self, b: _Burst) -> _Burst | None:
+        """The burst after b, queued now if it is certain: overlap on, the same rows running, nobody
+        waiting, every row with >= 2 tokens to go after b and room for them in the pool."""
+        if not self.overlap_bursts or self.waiting or len(self.running) != len(b.reqs):
+            return None
+        n = min(self.decode_steps, *(r.max_new_tokens - len(r.output) - b.n for r in b.reqs))
+        if n < 2:
+            return None
+        try:
+            for r in b.reqs:
+                self.cache.reserve(r.id, r.cached + b.n + n)
+        except OutOfBlocks:
+            return None  # blocks reserved for some rows stay theirs: freed with the row
+        self.stats.queued_bursts += 1
+        return self._queue_burst(b.reqs, n, b.n, b.out[b.n - 1])
+
+    def _land_burst(self, b: _Burst) -> list[Request]:
+        """Read a queued burst's tokens (queueing the next burst first when it is certain); a row that
+        finished before (a stop token in the previous burst) ignores them."""
+        self._queued = self._queue_next(b)
+        t0 = time.perf_counter()
+        made = b.tokens()
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_steps += b.n
         self.stats.bursts += 1
         finished = []
-        for r, toks in zip(reqs, made, strict=True):
+        for r, toks in zip(b.reqs, made, strict=True):
+            if r.t_done is not None:
+                continue
             for t in toks:
                 r.output.append(t)
                 r.cached += 1
@@ -432,7 +479,9 @@ class Engine:
                     self._finish(r)
                     finished.append(r)
                     break
-        self.running = [r for r in reqs if not r.done]
+        self.running = [r for r in self.running if not r.done]
+        if self._queued is not None and all(r.done for r in self._queued.reqs):
+            self._queued = None  # every row stopped in this burst: the queued one's tokens are not needed
         return finished
 
     def decode_inputs(self, reqs: list[Request]) -> tuple[torch.Tensor, ...]:
@@ -593,6 +642,17 @@ class _PaddedPrefill:
 
     def __call__(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         return self.model.prefill(ids, slots, last_index=last)
+
+
+@dataclass
+class _Burst:
+    """A multi-step burst queued on the device: its rows, steps, tokens [n, rows] there, and a reader of
+    the rows' tokens [len(reqs), n] on the host."""
+
+    reqs: list[Request]
+    n: int
+    out: torch.Tensor
+    tokens: Callable[[], list[list[int]]]
 
 
 @dataclass

@@ -143,6 +143,7 @@ def build_runtime(
         admit_order=opts.admit_order,
         max_wait_ms=opts.max_wait_ms,
         prefill_first=opts.prefill_first,
+        overlap_bursts=opts.overlap_bursts,
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )
     log.info(

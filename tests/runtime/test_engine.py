@@ -69,6 +69,31 @@ def test_multi_step_stops_at_a_stop_token_mid_burst(llama, solo):
     assert eng.stats.bursts > 0 and eng.cache.allocator.free_count == 64
 
 
+@pytest.mark.parametrize("stop", [False, True])  # True: request 4 stops mid-burst, one burst queued after it
+def test_overlapped_bursts_equal_each_request_alone(llama, solo, stop):
+    """A burst queued before the host reads the previous one's tokens (fed by them on the device) gives the
+    tokens of single steps; a request added while a burst is queued gets its own tokens too."""
+    ps, want = prompts(), solo
+    kw = {}
+    if stop:
+        kw["stop_ids"] = (solo[4][6],)
+        want = [o[: o.index(solo[4][6]) + 1] if solo[4][6] in o else o for o in solo]
+    eng = make_engine(llama, max_batch=4, decode_steps=3)
+    reqs = [eng.add(ps[i], NEW[i], **kw) for i in (4, 2)]  # 15 and 20 new tokens: bursts of 3
+    for _ in range(3):
+        eng.step()
+    assert eng._queued is not None  # a burst is on the "device" while the host admits the next request
+    late = eng.add(ps[0], NEW[0], **kw)
+    while eng.has_work:
+        eng.step()
+    assert [r.output for r in (*reqs, late)] == [want[4], want[2], want[0]]
+    assert eng.stats.queued_bursts > 0 and eng._queued is None
+    assert eng.cache.allocator.free_count == 64
+    off = make_engine(llama, max_batch=4, decode_steps=3, overlap_bursts=False)
+    assert off.generate_batch([ps[4], ps[2]], [NEW[4], NEW[2]], **kw) == [want[4], want[2]]
+    assert off.stats.queued_bursts == 0
+
+
 def test_shortest_first_admission_prefills_short_prompts_first_same_tokens(llama, solo):
     eng = make_engine(llama, decode_steps=4, admit_order="shortest", prefill_budget=32)
     reqs = [eng.add(p, n) for p, n in zip(prompts(), NEW, strict=True)]
