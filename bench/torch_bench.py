@@ -973,7 +973,7 @@ def sec_gemv(a, dev, R):
     .py's timing); every tile config is first checked against the float product and for row independence
     (row i of the 5-row call equals the 1-row call bit for bit). Printed per cell as soon as measured."""
     from bench.int4_kernels import graph_us, n_copies
-    from lorafast_export.runtime.triton_gemv import GEMV_TILES, gemv_launch
+    from lorafast_export.runtime.triton_gemv import GEMV_TILES, gemv_config, gemv_launch
 
     c = SHAPES[a.shape]
     h, i, hq, hkv, v = (
@@ -994,14 +994,15 @@ def sec_gemv(a, dev, R):
     for name, (n, k) in shapes.items():
         torch.manual_seed(0)
         ws = [torch.randn(n, k, device=dev, dtype=act) * 0.02 for _ in range(n_copies(n * k * 2, dev))]
-        x5 = torch.randn(5, k, device=dev, dtype=act)
+        counts = [int(r) for r in a.gemv_rows.split(",")]
+        x5 = torch.randn(max(counts), k, device=dev, dtype=act)
         ref5 = x5.float() @ ws[0].float().T
-        for m in (1, 5):
+        for m in counts:
             x = x5[:m]
             row = {"linear": name, "n": n, "k": k, "rows": m}
             row["cublas_us"] = graph_us(lambda j, x=x, w=ws: F.linear(x, w[j]), len(ws))
             row["tiles"] = {}
-            for tiles in GEMV_TILES:
+            for tiles in [gemv_config(n, k)] if a.gemv_tiles == "shipped" else GEMV_TILES:
                 if time.perf_counter() > t_end:
                     row["cut"] = "gemv budget"
                     break
@@ -1187,6 +1188,8 @@ def main() -> None:
     p.add_argument("--spec-gemv", default="", choices=("", "off", "on"), help="spec/specdemo: dense_gemv")
     p.add_argument("--eager-peer", type=int, default=1, help="bf16: also time the eager runtime at batch 1")
     p.add_argument("--gemv-budget-s", type=float, default=40.0, help="gemv: stop sweeping tiles after this")
+    p.add_argument("--gemv-rows", default="1,5", help="gemv: row counts timed")
+    p.add_argument("--gemv-tiles", default="sweep", choices=("sweep", "shipped"), help="gemv: tiles timed")
     p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
     p.add_argument("--specdemo-dtype", default="bf16", choices=("bf16", "fp32"), help="specdemo on CUDA")
