@@ -47,8 +47,10 @@ def embedding_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> LowRank
 
 # Rows are merged in chunks of about this many elements. On a CPU a chunk's fp64 temporaries (~1 MiB each) stay in
 # the core's cache: a 13B MLP weight (13824 x 5120) merged in 1.25 s against 4.3 s with whole-matrix passes
-# (the delta's fp64 product, then 4M-element chunks), identical values. On a GPU fewer, larger chunks (launches).
-ROW_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 22}
+# (the delta's fp64 product, then 4M-element chunks), identical values. On a GPU fewer, larger chunks (launches:
+# the greedy check merges every layer again at each token; 16M elements = 128 MiB fp64 temporaries, an 8B MLP
+# weight in 4 chunks instead of 14).
+ROW_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 def merge_linear(

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from lorafast_export.model.decoder import Decoder, DecoderLayer, RMSNorm, Rotary
 from lorafast_export.model.spec import EMBED, FINAL_NORM, LM_HEAD, ModelConfig, layer_prefix
+from lorafast_export.validate.resident import to_device
 
 Shared = dict  # per-layer memo shared by all stages: key -> tensor on the device
 
@@ -256,7 +257,7 @@ class StoreSource(LayerSource):
         """getter(name, device): how to read a tensor onto the device (default: store.get, then moved)."""
         self.name, self.config, self.store = name, config, store
         self._key = key or f"store:{id(store)}"  # stages reading the same store share one read per layer
-        self._get = getter or (lambda n, device: store.get(n).to(device))
+        self._get = getter or (lambda n, device: to_device(store.get(n), device))
 
     def tensor(self, name: str, device, shared: Shared) -> torch.Tensor:
         return _shared_get(shared, (self._key, name), lambda: self._get(name, device))
@@ -279,7 +280,9 @@ class MergedSource(LayerSource):
         from lorafast_export.merge.stream import base_source_name, merge_onto
 
         src = base_source_name(self.plan, name)
-        base = _shared_get(shared, (self._base_key, src), lambda: self.plan.base.store.get(src).to(device))
+        base = _shared_get(
+            shared, (self._base_key, src), lambda: to_device(self.plan.base.store.get(src), device)
+        )
         merged = _shared_get(shared, ("merged", name), lambda: merge_onto(self.plan, name, base))
         if self.round_to is None:
             return merged
@@ -330,7 +333,9 @@ class UnmergedSource(LayerSource):
         return _resident(self.plan, device)
 
     def _base(self, name: str, device, shared: Shared) -> torch.Tensor:
-        return _shared_get(shared, (self._base_key, name), lambda: self.plan.base.store.get(name).to(device))
+        return _shared_get(
+            shared, (self._base_key, name), lambda: to_device(self.plan.base.store.get(name), device)
+        )
 
     def tensor(self, name: str, device, shared: Shared) -> torch.Tensor:
         for ad in reversed(self.plan.adapters):  # modules_to_save: the trained copy replaces the module
@@ -395,10 +400,10 @@ class _DequantLinear(nn.Module):
         self.weight = dequantize(
             dataclasses.replace(
                 qt,
-                codes=qt.codes.to(device),
-                scales=qt.scales.to(device),
-                zeros=None if qt.zeros is None else qt.zeros.to(device),
-                g_idx=None if qt.g_idx is None else qt.g_idx.to(device),
+                codes=to_device(qt.codes, device),  # ~7 GB of uint8 codes at 8B: pinned staging on a GPU
+                scales=to_device(qt.scales, device),
+                zeros=None if qt.zeros is None else to_device(qt.zeros, device),
+                g_idx=None if qt.g_idx is None else to_device(qt.g_idx, device),
             )
         ).float()
         self.bias = None if qt.bias is None else qt.bias.to(device).float()
@@ -427,7 +432,7 @@ class QuantizedSource(LayerSource):
     def tensor(self, name: str, device, shared: Shared) -> torch.Tensor:
         # memoized like the other sources' reads: a built decoder embeds through `shared` at every decoding step
         # (re-reading the 1 GB embedding of an 8B model per token made its greedy check 0.8 s per token)
-        return _shared_get(shared, (f"fp:{id(self.qm)}", name), lambda: self.qm.fp[name].to(device))
+        return _shared_get(shared, (f"fp:{id(self.qm)}", name), lambda: to_device(self.qm.fp[name], device))
 
     def linear(self, path: str, device, shared: Shared) -> nn.Module | None:
         if path not in self.qm.q:

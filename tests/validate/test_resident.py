@@ -119,3 +119,21 @@ def test_revalidation_is_the_same_with_a_resident_base(inputs, monkeypatch):  # 
         assert ("resident base:" in r.output) == (choice == "1"), r.output
         stages.append(json.loads((inputs / "out" / "report.json").read_text())["stages"])
     assert stages[0] == stages[1] and [s["name"] for s in stages[0]] == ["merged-fp32", "artifact"]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.int32])
+def test_staging_copies_exactly(dtype):
+    """Staging (the pinned buffer host tensors take to a GPU; unpinned on a CPU): the copy has the source's
+    values, dtype and shape, a non-contiguous source included, and a smaller copy after a larger one reuses the
+    buffer without leaking the larger one's bytes."""
+    from lorafast_export.validate.resident import Staging
+
+    g = torch.Generator().manual_seed(0)
+    st = Staging("cpu")
+    big = (torch.rand(64, 48, generator=g) * 200).to(dtype)
+    small = (torch.rand(6, 10, generator=g) * 200).to(dtype).T  # non-contiguous
+    for t in (big, small, torch.zeros(0, 3, dtype=dtype)):
+        out = st.to_device(t)
+        assert out.dtype == t.dtype and out.shape == t.shape and out.is_contiguous()
+        assert torch.equal(out, t)
+    assert st.buffer(1).numel() == big.numel() * big.element_size()  # grown once, then reused
