@@ -72,8 +72,9 @@ def strided_rows(out: Path, stride: int, block: int = 256) -> dict[tuple[int, in
 
 def kl_by_block(out: Path, tag: str, name: str, block: int = 256, stride: int = 1) -> torch.Tensor | None:
     """Per-block mean KL of row `name` in the runs tagged g{G}-s{S} (tag), None if absent. stride > 1: on every
-    stride-th eval block (a full row cut to them, or an --eval-stride row as it is)."""
-    for f in out.glob(f"kl_tokens-{tag}-*.pt"):
+    stride-th eval block (a full row cut to them, or an --eval-stride row as it is). A name in several runs: the
+    last file by name, as in load / strided_rows (a later session's tag re-runs the row)."""
+    for f in sorted(out.glob(f"kl_tokens-{tag}-*.pt"), reverse=True):
         kls = torch.load(f)
         if name not in kls:
             continue
