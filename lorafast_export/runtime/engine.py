@@ -160,7 +160,8 @@ class Engine:
         self.prefill_first = prefill_first  # no decode step while a waiting request can be admitted
         self.decode_fn, self.extend_fn = model, getattr(model, "extend", None)
         self.greedy_fn = _Greedy(model)  # the decode step and its argmax: token ids [rows] on the device
-        self.draft_decode, self.draft_extend = draft, getattr(draft, "extend", None)
+        self.draft_extend = getattr(draft, "extend", None)
+        self.draft_greedy = None if draft is None else _Greedy(draft)  # a draft step and its argmax
         if compile:
             for m in (model, draft):
                 if m is not None:
@@ -171,7 +172,10 @@ class Engine:
             self.decode_fn, self.extend_fn = GraphRunner(model), GraphRunner(model.extend)
             self.greedy_fn = GraphRunner(self.greedy_fn)
             if draft is not None:
-                self.draft_decode, self.draft_extend = GraphRunner(draft), GraphRunner(draft.extend)
+                self.draft_greedy, self.draft_extend = (
+                    GraphRunner(self.draft_greedy),
+                    GraphRunner(draft.extend),
+                )
         self._pending, self._landed = 0, 0.0  # rows of queued prefills; when the last one landed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -549,8 +553,9 @@ class Engine:
     @torch.no_grad()
     def _draft_tokens(self, reqs: list[Request]) -> torch.Tensor:
         """k greedy draft tokens per request, [len(reqs), k] on the device: a 2-token catch-up (what the draft
-        has not seen), then k - 1 decode steps of the draft, each fed the previous argmax on the device (the
-        positions, tables and slots do not depend on the tokens, so nothing waits for the host)."""
+        has not seen), then k - 1 decode steps of the draft (step and argmax: one graph), each fed the previous
+        argmax on the device. Their positions, tables and slots do not depend on the tokens: built at once,
+        one copy to the device, so nothing waits for the host."""
         k, dc, n = self.spec_k, self.draft_cache, len(reqs)
         seqs = [r.prompt + r.output for r in reqs]
         pend = [s[r.draft_cached :] for r, s in zip(reqs, seqs, strict=True)]  # 1 or 2 tokens
@@ -562,13 +567,21 @@ class Engine:
         last = torch.tensor([len(p) - 1 for p in pend], device=logits.device)
         drafts = torch.empty(n, k, dtype=torch.long, device=logits.device)
         drafts[:, 0] = logits[torch.arange(n, device=logits.device), last].argmax(-1)
-        for j in range(1, k):
-            starts = [len(s) - 1 + j for s in seqs]
-            tok, pos, tables, slots = self._rows(dc, reqs, starts, [[0]] * n, [1] * n)
-            tok[:n, 0] = drafts[:, j - 1]
+        if k > 1:
+            rows = _bucket(n, self.buckets)
+            pos = torch.zeros(k - 1, rows, dtype=torch.long)  # padded rows: position 0, the pad block
+            slots = torch.full((k - 1, rows), PAD_BLOCK * dc.block_size, dtype=torch.long)
+            for i, (r, s) in enumerate(zip(reqs, seqs, strict=True)):  # step j: d[j - 1] at len(s) - 1 + j
+                pos[:, i] = torch.arange(len(s), len(s) + k - 1)
+                slots[:, i] = dc.slots(r.id, len(s), len(s) + k - 1)
+            tables = dc.block_table([r.id for r in reqs], self._width(dc, reqs), rows)
+            pos, slots, tables = (t.to(self.device, non_blocking=True) for t in (pos, slots, tables))
+            tok = torch.zeros(rows, dtype=torch.long, device=self.device)
+            tok[:n] = drafts[:, 0]
             with _recompile_room(8):
-                out = self.draft_decode(tok[:, 0], pos[:, 0], tables, pos[:, 0] + 1, slots)
-            drafts[:, j] = out[:n].argmax(-1)
+                for j in range(1, k):
+                    tok = self.draft_greedy(tok, pos[j - 1], tables, pos[j - 1] + 1, slots[j - 1])
+                    drafts[:, j] = tok[:n]
         for r, s in zip(reqs, seqs, strict=True):
             r.draft_cached = len(s)  # through the last token; drafts past it are confirmed in _speculate
         return drafts
