@@ -18,6 +18,7 @@ import torch
 from lorafast_export.adapters import Adapter
 from lorafast_export.errors import UnsupportedError
 from lorafast_export.stagecache import cache_root
+from lorafast_export.validate.resident import read_to_device, to_host
 from lorafast_export.weights import ModelDir
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class ReferenceWriter:
     def _write(self, name: str, row: int, values: np.ndarray) -> None:
         f = self.files[name]
         f.seek(row * values[0].nbytes)
-        f.write(np.ascontiguousarray(values).tobytes())
+        f.write(np.ascontiguousarray(values).reshape(-1).view(np.uint8))  # no copy of a contiguous array
 
     @torch.no_grad()
     def put(self, row: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -164,7 +165,7 @@ class ReferenceWriter:
         else:
             entropy = -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1, keepdim=True)
             stored = (logp + entropy).clamp(-6.0e4, 6.0e4).to(torch.float16)
-        self._write("logits", row, stored.cpu().numpy())
+        self._write("logits", row, to_host(stored))  # from a GPU through its pinned staging buffer
 
     def finish(self) -> CachedReference:
         for f in self.files.values():
@@ -183,6 +184,7 @@ class ReferenceWriter:
 
 
 _ARRAYS = ("label_logp", "argmax", "logits")
+TORCH_OF = {"float16": torch.float16, "float32": torch.float32}  # the cached logits' dtypes
 
 
 class CachedReference:
@@ -223,5 +225,10 @@ class CachedReference:
         argmax = torch.from_numpy(self._read("argmax", row, n).astype(np.int64)).to(device)
         if not self.vocab:
             return None, label, argmax
-        # float16 -> float32 on the device (exact): half the bytes moved, no conversion on the host
-        return torch.from_numpy(self._read("logits", row, n)).to(device).float(), label, argmax
+        # float16 -> float32 on the device (exact): half the bytes moved, no conversion on the host; the file
+        # read goes straight into a GPU's pinned staging buffer (validate/resident.py)
+        dt = np.dtype(self.dtypes["logits"])
+        nbytes = n * self.vocab * dt.itemsize
+        offset = row * self.vocab * dt.itemsize
+        raw = read_to_device(self.path / "logits.bin", offset, nbytes, device, "a cache entry")
+        return raw.view(TORCH_OF[dt.name]).reshape(n, self.vocab).float(), label, argmax

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 
+import numpy as np
 import torch
 
 from lorafast_export.errors import InputError
@@ -65,28 +66,78 @@ class Staging:
             out.copy_(staged)  # synchronous: the buffer is reused by the next copy
         return out
 
+    def read(self, path, offset: int, nbytes: int, what: str) -> torch.Tensor:
+        """nbytes of file `path` from `offset`, read straight into the buffer, as a uint8 tensor on the device."""
+        staging = self.buffer(nbytes)
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(memoryview(staging.numpy())[:nbytes]) != nbytes:
+                raise InputError(f"{path}: {what} is truncated; the file is incomplete.")
+        out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        out.copy_(staging[:nbytes])  # synchronous: the buffer is reused by the next read
+        return out
+
+    def to_host(self, t: torch.Tensor) -> np.ndarray:
+        """Device tensor t's values in the host buffer, as an array valid until the buffer's next use."""
+        nbytes = t.numel() * t.element_size()
+        staged = self.buffer(nbytes)[:nbytes].view(t.dtype).view(t.shape)
+        staged.copy_(t)
+        return staged.numpy()
+
     def release(self) -> None:
         self._buf = None
 
 
 # Host tensors of at least this many bytes go to a GPU through a Staging buffer (to_device); smaller ones directly.
 STAGED_MIN_BYTES = 1 << 20
-_STAGING: dict[torch.device, Staging] = {}
+_STAGING: dict[tuple[torch.device, str], Staging] = {}
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """t on `device`: a large host tensor bound for a GPU goes through a pinned staging buffer (kept for the next
     one), anything else through Tensor.to. The values are the same either way."""
+    staging = _staging(device)
+    if staging is None or t.device.type != "cpu" or t.numel() * t.element_size() < STAGED_MIN_BYTES:
+        return t.to(device)
+    return staging.to_device(t)
+
+
+def _staging(device, direction: str = "in") -> Staging | None:
+    """The staging buffer of a GPU for one direction ("in": host -> device, "out"), None for other devices."""
     dev = torch.device(device)
-    if dev.type != "cuda" or t.device.type != "cpu" or t.numel() * t.element_size() < STAGED_MIN_BYTES:
-        return t.to(dev)
-    if dev not in _STAGING:
-        _STAGING[dev] = Staging(dev)
-    return _STAGING[dev].to_device(t)
+    if dev.type != "cuda":
+        return None
+    if (dev, direction) not in _STAGING:
+        _STAGING[dev, direction] = Staging(dev)
+    return _STAGING[dev, direction]
+
+
+def read_to_device(path, offset: int, nbytes: int, device, what: str) -> torch.Tensor:
+    """nbytes of a file from offset as a uint8 tensor on `device` (a GPU: through its pinned staging buffer)."""
+    staging = _staging(device)
+    if staging is not None:
+        return staging.read(path, offset, nbytes, what)
+    buf = bytearray(nbytes)  # writable: torch.frombuffer shares it without a copy
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        if fh.readinto(buf) != nbytes:
+            raise InputError(f"{path}: {what} is truncated; the file is incomplete.")
+    return (
+        torch.frombuffer(buf, dtype=torch.uint8).to(device) if nbytes else torch.empty(0, dtype=torch.uint8)
+    )
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """t's values as a host array; from a GPU through its pinned staging buffer, where the array is valid only
+    until the next to_host of that GPU (the caller writes it out at once)."""
+    staging = _staging(t.device, "out")
+    if staging is None or t.numel() * t.element_size() < STAGED_MIN_BYTES:
+        return t.cpu().numpy()
+    return staging.to_host(t)
 
 
 def release_staging() -> None:
-    """Frees the staging buffers of to_device (validate_build calls it once the validation is done)."""
+    """Frees the staging buffers of to_device / read_to_device / to_host (done when a validation ends)."""
     _STAGING.clear()
 
 
@@ -127,13 +178,7 @@ class ResidentStore:
             t = self.store.get(name).to(self.device)
         else:
             path, offset, nbytes, dtype, shape = span
-            staging = self._staging.buffer(nbytes)
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                if fh.readinto(memoryview(staging.numpy())[:nbytes]) != nbytes:
-                    raise InputError(f"{path}: tensor {name!r} is truncated; the file is incomplete.")
-            out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            out.copy_(staging[:nbytes])  # synchronous: the staging buffer is reused by the next read
+            out = self._staging.read(path, offset, nbytes, f"tensor {name!r}")
             t = out.view(dtype).reshape(shape)
         self.bytes_read += t.numel() * t.element_size()
         return t

@@ -121,7 +121,7 @@ def test_revalidation_is_the_same_with_a_resident_base(inputs, monkeypatch):  # 
     assert stages[0] == stages[1] and [s["name"] for s in stages[0]] == ["merged-fp32", "artifact"]
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float16, torch.float32, torch.int32])
 def test_staging_copies_exactly(dtype):
     """Staging (the pinned buffer host tensors take to a GPU; unpinned on a CPU): the copy has the source's
     values, dtype and shape, a non-contiguous source included, and a smaller copy after a larger one reuses the
@@ -136,4 +136,8 @@ def test_staging_copies_exactly(dtype):
         out = st.to_device(t)
         assert out.dtype == t.dtype and out.shape == t.shape and out.is_contiguous()
         assert torch.equal(out, t)
+        if dtype == torch.bfloat16:  # numpy has no bfloat16 (the cache writes float16/float32 logits)
+            continue
+        back = st.to_host(t)  # the other direction (device -> host; here both are the CPU)
+        assert back.shape == tuple(t.shape) and torch.equal(torch.from_numpy(back.copy()), t)
     assert st.buffer(1).numel() == big.numel() * big.element_size()  # grown once, then reused
