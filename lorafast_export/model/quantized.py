@@ -155,14 +155,15 @@ def load_quantized(model_dir: str | Path) -> QuantizedModel:
     )
 
 
-def open_qtensors(files: list[Path]) -> LazyQTensors:
+def open_qtensors(files: list[Path], device: torch.device | str | None = None) -> LazyQTensors:
     """The QTensors of qform files (qform.save_qtensors, quantized parts), read one module per lookup with
-    positional reads: a module's memory is freed when its user drops it."""
+    positional reads: a module's memory is freed when its user drops it. device: each stored tensor is moved
+    there as read (4-bit codes still packed, half a byte a weight) and unpacked there."""
     store = WeightStore(files)
     entries = {}
     for f in files:
         entries.update(qform_entries(check_safetensors_header(f).get("__metadata__"), str(f)))
-    return LazyQTensors(store, entries)
+    return LazyQTensors(store, entries, device)
 
 
 def save_qtensors_streamed(path: Path, q: Mapping[str, QTensor]) -> None:
@@ -219,9 +220,18 @@ class LazyTensors(Mapping):
 class LazyQTensors(LazyTensors):
     """module path → QTensor, its parts read from disk at each lookup."""
 
-    def __init__(self, store: WeightStore, entries: dict[str, dict]):
+    def __init__(
+        self, store: WeightStore, entries: dict[str, dict], device: torch.device | str | None = None
+    ):
         super().__init__(store, list(entries))
         self.entries = entries  # module -> its qform metadata entry (what its stored tensors are)
+        self.device = None if device is None else torch.device(device)  # None: the QTensors stay on the host
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        if key not in self._store:
+            return None
+        t = self._store.get(key)
+        return t if self.device is None else t.to(self.device)
 
     def info(self) -> dict[str, QInfo]:
         return {
@@ -236,6 +246,4 @@ class LazyQTensors(LazyTensors):
         if name not in self._names:
             raise KeyError(name)
         src = str(self._store.file_of(f"{name}.qcodes"))
-        return qtensor_from_entry(
-            name, self.entries[name], lambda k: self._store.get(k) if k in self._store else None, src
-        )
+        return qtensor_from_entry(name, self.entries[name], self._get, src)

@@ -119,7 +119,8 @@ def read_meta(model_dir: Path) -> dict:
 
 def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.Tensor], Mapping | None]:
     """(fp tensors by HF name on device, {module path: QTensor} or None). The QTensors are read from disk one
-    module per lookup (the loader lowers each onto the device in turn), never all on the host together."""
+    module per lookup (the loader lowers each onto the device in turn), never all on the host together; their
+    stored tensors go to the device as read (4-bit codes packed) and are unpacked and repacked there."""
     model_dir = Path(model_dir)
     missing = [f for f in meta["weights"] + [meta["qweights"] or ""] if f and not (model_dir / f).exists()]
     if missing:
@@ -127,5 +128,5 @@ def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.T
     fp: dict[str, torch.Tensor] = {}
     for f in meta["weights"]:
         fp.update(load_file(str(model_dir / f), device=str(device)))
-    q = open_qtensors([model_dir / meta["qweights"]]) if meta["qweights"] else None
+    q = open_qtensors([model_dir / meta["qweights"]], device) if meta["qweights"] else None
     return fp, q

@@ -56,10 +56,22 @@ def _contiguous_groups(qt: QTensor) -> torch.Tensor | None:
         return None
     perm = act_order_perm(qt)
     groups = group_index(qt.in_features, qt.group_size, qt.g_idx)[perm]
-    expected = torch.arange(qt.in_features) // qt.group_size
+    expected = torch.arange(qt.in_features, device=groups.device) // qt.group_size
     if not torch.equal(groups, expected):
         raise ValueError("act-order groups are not group_size wide")
     return perm
+
+
+def _device_codes(qt: QTensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(uint8 codes [out, in] on the device, act-order columns permuted into contiguous groups; the
+    permutation on the device or None). The codes go to the device before any repacking, so every
+    packing below runs there (on CUDA: no host pass over the codes, no int32 copy over PCIe)."""
+    perm = _contiguous_groups(qt)
+    codes = qt.codes.to(device=device, dtype=torch.uint8)
+    if perm is None:
+        return codes, None
+    perm = perm.to(device)
+    return codes[:, perm], perm
 
 
 def _groups_contiguous(qt: QTensor) -> bool:
@@ -210,10 +222,10 @@ class Int4Linear(_QuantLinearBase):
     def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu"):
         super().__init__(qt, bias, dtype, device)
         self.group_size = qt.group_size
-        perm = _contiguous_groups(qt)
-        weight, sz = tinygemm_pack(qt, qt.codes if perm is None else qt.codes[:, perm], dtype, device)
+        codes, perm = _device_codes(qt, device)
+        weight, sz = tinygemm_pack(qt, codes, dtype, device)
         self.register_buffer("scale_zeros", sz)
-        self.register_buffer("perm", None if perm is None else perm.to(device))
+        self.register_buffer("perm", perm)
         self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +246,7 @@ class Int4TritonLinear(_QuantLinearBase):
         super().__init__(qt, bias, dtype, device)
         from lorafast_export.runtime import triton_int4 as t4  # registers the op; imports triton
 
-        perm = _contiguous_groups(qt)
-        codes = (qt.codes if perm is None else qt.codes[:, perm]).to(torch.uint8)
+        codes, perm = _device_codes(qt, device)  # every packing below runs on the device
         self.group_size = qt.group_size
         self.plan = list(plan or default_plan())
         if not tinygemm_fits(qt, torch.device(device).type == "cuda", dtype):
@@ -243,19 +254,20 @@ class Int4TritonLinear(_QuantLinearBase):
         if qt.group_size % t4.WORD_COLS:
             self.plan = _words_to_tiled(self.plan, t4)  # GEMM_W's 128-column tiles need whole groups
         kinds = set(self.plan[1 :: t4.ENTRY])
-        qform = pack_nibbles(codes).to(device) if kinds & {t4.GEMV, t4.GEMM} else None
-        tiled = t4.pack_tiles(codes, qt.group_size).to(device) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
+        qform = pack_nibbles(codes) if kinds & {t4.GEMV, t4.GEMM} else None
+        tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
         self.register_buffer("weight", qform)  # [out, ceil(in/2)]
         self.register_buffer("weight_tiled", tiled)  # [out, ceil(in/T) * T/2]
-        words = t4.pack_words(codes).to(device) if kinds & {t4.GEMM_W, t4.GEMV_W} else None
+        words = t4.pack_words(codes) if kinds & {t4.GEMM_W, t4.GEMV_W} else None
         self.register_buffer("weight_words", words)  # int32 [out, ceil(in/128) * 16]
         entries = [self.plan[i : i + t4.ENTRY] for i in range(0, len(self.plan), t4.ENTRY)]
         sz = any(e[1] == t4.GEMM_W and e[3] & 32 for e in entries)  # scales + zero points in one int32
-        sz = t4.pack_scale_zero(qt.scales, qt.zeros) if sz else None  # None for fp32 scales: bit ignored
-        self.register_buffer("scale_zero_words", None if sz is None else sz.to(device))  # int32 [groups, out]
-        self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
-        self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
-        self.register_buffer("perm", None if perm is None else perm.to(device))
+        scales, zeros = qt.scales.to(device), None if qt.zeros is None else qt.zeros.to(device)
+        sz = t4.pack_scale_zero(scales, zeros) if sz else None  # None for fp32 scales: bit ignored
+        self.register_buffer("scale_zero_words", sz)  # int32 [groups, out]
+        self.register_buffer("scales", scales)  # [out, groups], stored dtype
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("perm", perm)
         tg_w, tg_sz = tinygemm_pack(qt, codes, dtype, device) if t4.TINYGEMM in kinds else (None, None)
         self.register_buffer("tinygemm_weight", tg_w)
         self.register_buffer("tinygemm_scale_zeros", tg_sz)
@@ -290,12 +302,11 @@ class Int8TritonLinear(_QuantLinearBase):
         super().__init__(qt, bias, dtype, device)
         from lorafast_export.runtime import triton_int8  # noqa: F401  (registers the op; imports triton)
 
-        perm = _contiguous_groups(qt)
-        codes = qt.codes if perm is None else qt.codes[:, perm]
-        self.register_buffer("weight", codes.to(torch.uint8).contiguous().to(device))  # [out, in]
+        codes, perm = _device_codes(qt, device)
+        self.register_buffer("weight", codes.contiguous())  # [out, in]
         self.register_buffer("scales", qt.scales.to(device))  # [out, groups], stored dtype
         self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(device))
-        self.register_buffer("perm", None if perm is None else perm.to(device))
+        self.register_buffer("perm", perm)
         self.group_size = qt.group_size
         self.plan = list(plan or default_plan())
 

@@ -460,9 +460,11 @@ def pack_words(codes: torch.Tensor) -> torch.Tensor:
     layout ([N/R][K/128][R][16] words; zero codes pad the last tile and block; the kernel masks them)."""
     r, t = ROWS_PER_BLOCK, WORD_COLS
     out_f, in_f = codes.shape
-    c = torch.nn.functional.pad(codes.to(torch.int32), (0, -in_f % t, 0, -out_f % r))
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, -in_f % t, 0, -out_f % r))
     c = c.view(c.shape[0] // r, r, c.shape[1] // t, 8, t // 8)  # [.., j, q]: column 16 j + q
-    w = sum(c[:, :, :, j] << (4 * j) for j in range(8))  # [N/R, R, K/T, 16], int32 (wraps at bit 31)
+    w = c[:, :, :, 0].to(torch.int32)  # [N/R, R, K/T, 16]; one int32 temporary, ORed in place
+    for j in range(1, 8):
+        w |= c[:, :, :, j].to(torch.int32) << (4 * j)  # nibble 7 lands in bit 31: the int32 wraps
     return w.permute(0, 2, 1, 3).contiguous().view(-1, c.shape[2] * (t // 8))
 
 

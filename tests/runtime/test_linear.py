@@ -55,3 +55,23 @@ def test_triton_kernels_are_refused_off_cuda():
     with pytest.raises(InputError, match="kernel='triton' needs a CUDA device"):
         check_kernel(RuntimeOptions(kernel="triton"), torch.device("cpu"))
     check_kernel(RuntimeOptions(kernel="auto"), torch.device("cpu"))  # auto: no error, the measured choice
+
+
+@pytest.mark.parametrize("sym,act_order", [(False, False), (True, True)])
+def test_qtensors_read_onto_the_device_lower_to_the_same_linear(tmp_path, sym, act_order):
+    """open_qtensors(files, device) (the runtime loader: packed codes moved, then unpacked and repacked on the
+    device) gives the QTensors of a host read, and their runtime linears hold the same buffers bit for bit."""
+    from lorafast_export.model.quantized import open_qtensors
+    from lorafast_export.qform import load_qtensors, save_qtensors
+
+    qt = random_qtensor(48, 256, 4, 64, sym, act_order=act_order, bias=True)
+    save_qtensors(tmp_path / "q.safetensors", {"m": qt})
+    host = load_qtensors(tmp_path / "q.safetensors")["m"]
+    moved = open_qtensors([tmp_path / "q.safetensors"], "cpu")["m"]
+    for field in ("codes", "scales", "zeros", "g_idx", "bias"):
+        a, b = getattr(host, field), getattr(moved, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    a, b = lower_qtensor(host, "cpu", torch.bfloat16), lower_qtensor(moved, "cpu", torch.bfloat16)
+    assert a.kernel == b.kernel == "int4_tinygemm"
+    bufs = dict(b.named_buffers())
+    assert all(torch.equal(t, bufs[n]) for n, t in a.named_buffers())

@@ -352,3 +352,18 @@ def test_runtime_with_word_kernels_equals_fake_quant_model(tmp_path, monkeypatch
     with torch.no_grad():
         want = fake_quant_decoder(md, q)(ids[None])[0][0]
     assert (paged_logits(pm, cache, ids, 6) - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_pack_words_equals_the_sum_of_shifted_codes():
+    """The in-place OR packing (one int32 temporary, session 8) gives the words of the earlier sum of eight
+    shifted int32 planes bit for bit, nibble 7 (bit 31) included: every code 15 and random codes."""
+    for codes in (
+        torch.full((33, 256), 15, dtype=torch.uint8),
+        torch.randint(0, 16, (40, 200), dtype=torch.uint8),
+    ):
+        c = torch.nn.functional.pad(
+            codes.to(torch.int32), (0, -codes.shape[1] % 128, 0, -codes.shape[0] % 32)
+        )
+        c = c.view(c.shape[0] // 32, 32, c.shape[1] // 128, 8, 16)
+        ref = sum(c[:, :, :, j] << (4 * j) for j in range(8)).permute(0, 2, 1, 3).reshape(-1, c.shape[2] * 16)
+        assert torch.equal(pack_words(codes), ref)
