@@ -34,6 +34,7 @@ class Runtime:
     attention: str
     compiled: bool
     aot: bool
+    dense_gemv: bool = False  # the dense linears' small products run runtime/triton_gemv.py
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,13 @@ def _use_gemv(dec, device: torch.device) -> None:
     from lorafast_export.runtime.triton_gemv import use_gemv
 
     log.info("dense GEMV for %d linears", use_gemv(dec))
+
+
+def dense_gemv_on(opts: RuntimeOptions, device: torch.device, speculative: bool) -> bool:
+    """dense_gemv: on, off, or auto = on for a runtime that verifies a draft's tokens on CUDA, so that a
+    verify row computes what the plain step computes (the speculative output is then its own greedy output
+    token for token, as on the H200 in session 7: demo 512 of 512, 8B 128 of 128); off otherwise."""
+    return opts.dense_gemv == "on" or (opts.dense_gemv == "auto" and speculative and _triton_on(device))
 
 
 def resolve_attention(opts: RuntimeOptions, cfg: ModelConfig, device: torch.device) -> str:
@@ -116,13 +124,14 @@ def build_runtime(
         ccfg = CacheConfig(opts.block_size, num_blocks=aot_meta["pool_slots"] // opts.block_size - 1)
         attention, compiled = aot_meta["attention"], False
     cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ccfg, dtype, device)
+    gemv = False
     if aot_meta is not None:
         from lorafast_export.runtime.aot import AOTModel
 
         model, kernels = AOTModel(aot_dir, aot_meta, cache), dict(aot_meta["kernels"])
     else:
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
-        if opts.dense_gemv == "on":
+        if gemv := dense_gemv_on(opts, device, draft is not None):
             _use_gemv(dec, device)
         model = PagedModel(dec, cache, attention)
         if compiled and (
@@ -156,7 +165,18 @@ def build_runtime(
         cache.nbytes / 2**20,
     )
     return Runtime(
-        cfg, opts, device, dtype, cache, model, engine, kernels, attention, compiled, aot_meta is not None
+        cfg,
+        opts,
+        device,
+        dtype,
+        cache,
+        model,
+        engine,
+        kernels,
+        attention,
+        compiled,
+        aot_meta is not None,
+        gemv,
     )
 
 

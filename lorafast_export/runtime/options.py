@@ -11,7 +11,7 @@ from lorafast_export.runtime.linear import KERNELS
 
 ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offered (wrong when compiled)
 COMPILE = ("auto", "on", "off")
-DENSE_GEMV = ("off", "on")
+DENSE_GEMV = ("auto", "off", "on")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RuntimeOptions:
     max_wait_ms: float = MAX_WAIT_MS  # shortest first: who waited longer is admitted first (no starvation)
     prefill_first: bool = True  # no decode step while a waiting request can be admitted (lower TTFT)
     overlap_bursts: bool = True  # queue a certain next decode burst before reading this one's tokens
-    dense_gemv: str = "off"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py)
+    dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
     )

@@ -108,3 +108,30 @@ def test_verify_rows_equal_single_decode_steps_bit_for_bit(tmp_path, gemv_on):
     )[0]
     same = [torch.equal(verify[j], steps[j]) for j in range(s)]
     assert all(same) if gemv_on else torch.allclose(verify, torch.stack(steps), atol=1e-4)
+
+
+def test_dense_gemv_auto_is_on_for_a_runtime_that_speculates(tmp_path, monkeypatch):
+    """dense_gemv='auto' (the default): the GEMV for a runtime with a draft where Triton runs (CUDA; here
+    the interpreter stands in), so its speculative output is its own greedy output; off without a draft
+    and where Triton does not run."""
+    from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.runtime import loader
+    from lorafast_export.runtime.options import RuntimeOptions
+    from lorafast_export.runtime.triton_gemv import GemvLinear
+    from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    opts = RuntimeOptions(compile="off", attention="gather", max_seq_len=32, max_batch=1, batch_buckets=(1,))
+    assert opts.dense_gemv == "auto"
+    opts = opts.replace(spec_k=2)
+    monkeypatch.setattr(loader, "_triton_on", lambda device: True)
+    draft = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
+    rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=draft)
+    assert rt.dense_gemv and not draft.dense_gemv
+    assert any(isinstance(m, GemvLinear) for m in rt.model.dec.modules())
+    prompt = [5, 9, 1, 44, 3, 17, 2, 8, 60]
+    assert rt.generate_batch([prompt], 5) == [greedy_reference(load_decoder(md), prompt, 5)]
+    assert rt.engine.stats.accepted > 0  # it speculated
+    monkeypatch.setattr(loader, "_triton_on", lambda device: False)
+    off = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=draft)
+    assert not off.dense_gemv and not any(isinstance(m, GemvLinear) for m in off.model.dec.modules())
