@@ -32,6 +32,7 @@ from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits  # noqa: E402
 from lorafast_export.runtime.triton_int4 import (  # noqa: E402
+    DEQUANT,
     GEMM,
     GEMM_T,
     GEMM_W,
@@ -70,7 +71,10 @@ GEMM_W_TILES = [(64, 4, 0), (128, 8, 0), (128, 4, 0), (64, 4, 32), (128, 8, 32),
 # the next tile one iteration ahead. Call A (without bit 4): BN 128 / 4 warps won gate_up, (256, 8), (512,
 # 8) never won.
 GEMV_W_TILES = [(128, 4, 0), (64, 4, 0), (128, 4, 16), (256, 4, 16), (64, 4, 16)]
-CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w")
+# DEQUANT (session 8, prefill-sized row counts, from 64 rows): the word layout dequantized to a dense bf16
+# weight once per call (BN rows a program, warps), then cuBLAS; the cell's time includes both.
+DEQUANT_TILES = [(32, 4), (64, 8)]
+CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w", "dequant")
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
 
@@ -219,10 +223,10 @@ class Shape:
             ]
             if m == 1
             else [],
+            "dequant": [[m, DEQUANT, bn, 0, 1, 0, w] for bn, w in DEQUANT_TILES] if m >= 64 else [],
         }
-        layout = dict(
-            gemv="qform", gemm="qform", gemv_t="tiled", gemm_t="tiled", gemm_w="words", gemv_w="words"
-        )
+        layout = dict(gemv="qform", gemm="qform", gemv_t="tiled", gemm_t="tiled")
+        layout.update(gemm_w="words", gemv_w="words", dequant="words")
         for name in CELLS:
             if name in sweep:
                 entries = grids[name][:2] if quick else grids[name]

@@ -30,7 +30,15 @@ def load_table(gpu: str, bits: int = 4) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-KERNEL_CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w")  # a cell's measured Triton kernels
+KERNEL_CELLS = (
+    "gemv",
+    "gemm",
+    "gemv_t",
+    "gemm_t",
+    "gemm_w",
+    "gemv_w",
+    "dequant",
+)  # a cell's measured kernels
 TINYGEMM_ENTRY = [2, 0, 0, 1, 0, 0]  # kind TINYGEMM (runtime/triton_int4.py); tile fields unused
 
 

@@ -258,7 +258,7 @@ class Int4TritonLinear(_QuantLinearBase):
         tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
         self.register_buffer("weight", qform)  # [out, ceil(in/2)]
         self.register_buffer("weight_tiled", tiled)  # [out, ceil(in/T) * T/2]
-        words = t4.pack_words(codes) if kinds & {t4.GEMM_W, t4.GEMV_W} else None
+        words = t4.pack_words(codes) if kinds & set(t4.WORD_KINDS) else None
         self.register_buffer("weight_words", words)  # int32 [out, ceil(in/128) * 16]
         entries = [self.plan[i : i + t4.ENTRY] for i in range(0, len(self.plan), t4.ENTRY)]
         sz = any(e[1] == t4.GEMM_W and e[3] & 32 for e in entries)  # scales + zero points in one int32

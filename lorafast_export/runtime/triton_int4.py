@@ -41,9 +41,12 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # nibbles to bf16 by inline PTX (GEMM_T on CUDA; the interpreter takes the fp32 path)); 5 = GEMM_W (the
 # word layout, `pack_words`; BK holds options: bit 0 scale every weight, bits 1-3 num_stages, bit 5 scales
 # and zero points from `pack_scale_zero`'s int32 [G, N], where the layer has it); 6 = GEMV_W (the word layout, no tensor cores;
-# BK holds options: bits 1-3 num_stages, bit 4 the next tile's loads one iteration ahead).
+# BK holds options: bits 1-3 num_stages, bit 4 the next tile's loads one iteration ahead); 7 = DEQUANT (for
+# prefill-sized row counts: the word layout dequantized once per call to a dense weight in the activation
+# dtype by `_dequant_w_kernel` (BN rows a program), then torch's matmul (cuBLAS); BK, splits, BM unused).
 ENTRY = 7
-GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W = 0, 1, 2, 3, 4, 5, 6
+GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W, DEQUANT = 0, 1, 2, 3, 4, 5, 6, 7
+WORD_KINDS = (GEMM_W, GEMV_W, DEQUANT)  # the kinds that read `pack_words`' layout
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -714,6 +717,56 @@ def _gemv_w_kernel(
 
 
 @triton.jit
+def _dequant_w_kernel(
+    w_ptr,  # [N, KW] int32, word layout
+    s_ptr,  # [N, G]
+    z_ptr,  # [N, G] uint8
+    out_ptr,  # [N, K] in the activation dtype
+    N,
+    K,
+    KW,
+    G,
+    BN: tl.constexpr,
+    GS: tl.constexpr,  # any group size: the group is looked up per column
+    ASYM: tl.constexpr,
+):
+    """One word tile (BN rows x 128 columns) → (code - zero) * scale in fp32, as qform.dequantize computes
+    it, stored in out's dtype."""
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    nn = pid_n * BN + tl.arange(0, BN)
+    kk = t * 128 + tl.arange(0, 128)
+    n_ok = nn < N
+    ok = n_ok[:, None] & (kk < K)[None, :]
+    row = (nn // _R) * (_R * KW) + (nn % _R) * _WQ
+    w = tl.load(
+        w_ptr + row[:, None] + t * (_R * _WQ) + tl.arange(0, _WQ)[None, :], mask=n_ok[:, None], other=0
+    )
+    c = (w[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF  # [BN, 8, 16]: column 16 j + q
+    c = tl.reshape(c, [BN, 128]).to(tl.float32)
+    g = nn[:, None] * G + kk[None, :] // GS
+    s = tl.load(s_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    if ASYM:
+        a = (c - tl.load(z_ptr + g, mask=ok, other=0).to(tl.float32)) * s
+    else:
+        a = (c - 8.0) * s
+    tl.store(out_ptr + nn[:, None] * K + kk[None, :], a.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequant_words(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, k: int, group_size: int, bn: int,
+                  warps: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """The dense [N, k] weight in dtype from `pack_words`' layout (DEQUANT's first step)."""
+    n, g = s.shape
+    out = torch.empty(n, k, device=w.device, dtype=dtype)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, WORD_COLS))
+    zp = z if z is not None else s  # never read when symmetric
+    _dequant_w_kernel[grid](
+        w, s, zp, out, n, k, w.shape[1], g, BN=bn, GS=group_size, ASYM=z is not None, num_warps=warps
+    )
+    return out
+
+
+@triton.jit
 def _sum_splits_kernel(p_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out [M*N] (x's dtype) = the sum of the SPLITS fp32 partials [SPLITS, M*N]: one launch where torch's
     sum and cast took two (about 0.38 ms of an 8B int4 step at 32 rows on an H200)."""
@@ -744,9 +797,11 @@ def launch(
     sz: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ dequant(w).T with one plan entry (see ENTRY) → [M, N] in x's dtype. w: qform's packing
-    for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T, `pack_words` for GEMM_W / GEMV_W; sz:
+    for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T, `pack_words` for GEMM_W / GEMV_W / DEQUANT; sz:
     `pack_scale_zero`'s, read by GEMM_W when the entry's option bit 5 asks (else s and z are)."""
     _, kind, bn, bk, splits, bm, warps = entry
+    if kind == DEQUANT:
+        return x @ dequant_words(w, s, z, k, group_size, bn, warps, x.dtype).T
     tiled = kind in (GEMV_T, GEMM_T)
     words = kind in (GEMM_W, GEMV_W)
     bk = WORD_COLS if words else tile_cols(group_size) if tiled else min(bk, group_size)
@@ -819,14 +874,14 @@ def int4_mm(
 ) -> torch.Tensor:
     """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
     w: qform's packing, for kinds GEMV / GEMM; w_tiled: `pack_tiles`, for GEMV_T / GEMM_T; tg_w / tg_sz:
-    the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W / GEMV_W; sz_words:
+    the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W / GEMV_W / DEQUANT; sz_words:
     `pack_scale_zero`, for GEMM_W entries with option bit 5; a layer holds only the packings
     its plan uses). The choice happens
     here, inside the op, so a compiled graph does not branch on the (dynamic) row count."""
     entry = pick(plan, x.shape[0])
     if entry[1] == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
-    packed = w_words if entry[1] in (GEMM_W, GEMV_W) else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
+    packed = w_words if entry[1] in WORD_KINDS else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
     return launch(x.contiguous(), packed, s, z, k, group_size, entry, sz_words)
 
 

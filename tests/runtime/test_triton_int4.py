@@ -12,7 +12,9 @@ from tests.runtime.triton_device import DEV  # first: sets the interpreter flag 
 from lorafast_export.qform import QLinear, pack_nibbles
 from lorafast_export.runtime import int4_table
 from lorafast_export.runtime.linear import Int4TritonLinear, lower_qtensor
+from lorafast_export.qform import dequantize
 from lorafast_export.runtime.triton_int4 import (
+    DEQUANT,
     ENTRY,
     GEMM,
     GEMM_T,
@@ -21,6 +23,7 @@ from lorafast_export.runtime.triton_int4 import (
     GEMV_W,
     GEMV_T,
     TINYGEMM,
+    dequant_words,
     launch,
     pack_scale_zero,
     pack_tiles,
@@ -159,6 +162,41 @@ def test_word_kernel(entry, group, in_f, sym):
     sz = pack_scale_zero(qt.scales, qt.zeros).to(DEV)  # read only by entries with option bit 5
     for dtype in _dtypes():
         assert _close(launch(x.to(DEV, dtype), w, s, z, in_f, group, entry, sz), ref, dtype)
+
+
+@pytest.mark.parametrize("group,in_f", [(128, 384), (128, 320), (32, 176), (64, 256), (256, 512)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_dequant_words_equals_dequantize(group, in_f, sym):
+    """DEQUANT's first step: the word layout → the dense weight equals qform.dequantize bit for bit in fp32
+    (the same (code - zero) * scale) and its rounding in bf16; any group size (looked up per column), a
+    ragged last tile, output rows that pad the block. Then the whole DEQUANT entry (dense matmul) equals the
+    fake-quant reference."""
+    qt = random_qtensor(40, in_f, 4, group, sym, seed=in_f + group + 2)
+    w, s = pack_words(qt.codes).to(DEV), qt.scales.to(DEV)
+    z = None if sym else qt.zeros.to(DEV)
+    ref_w = dequantize(qt)
+    x = torch.randn(70, in_f)
+    ref = QLinear(qt)(x)
+    for dtype in _dtypes():
+        got = dequant_words(w, s, z, in_f, group, 32, 4, dtype).cpu()
+        assert torch.equal(got, ref_w.to(dtype))
+        assert _close(
+            launch(x.to(DEV, dtype), w, s, z, in_f, group, [1 << 30, DEQUANT, 32, 0, 1, 0, 4]), ref, dtype
+        )
+
+
+def test_linear_plan_with_dequant_keeps_the_words():
+    """A plan whose large-row entry is DEQUANT keeps the word layout even where its small-row GEMM_W entry
+    runs as GEMM_T (groups narrower than 128 columns), and each entry equals the fake-quant reference."""
+    qt = random_qtensor(40, 256, 4, 64, False, seed=5)
+    plan = [8, GEMM_W, 32, 0, 1, 16, 4, 1 << 30, DEQUANT, 32, 0, 1, 0, 4]
+    for dtype in _dtypes():
+        mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
+        assert mod.plan[1] == GEMM_T and mod.plan[ENTRY + 1] == DEQUANT
+        assert mod.weight_words is not None and mod.weight_tiled is not None and mod.weight is None
+        for rows in (3, 20):
+            x = torch.randn(rows, 256)
+            assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
