@@ -21,6 +21,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
   overlap  bf16 decode with the engine's overlap_bursts off and on (same runtime), batch sizes, 3 runs each
+  pdl      bf16 batch 1 with inductor_pdl on (a second runtime) vs off, 3 runs each interleaved; its profile
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
@@ -669,9 +670,72 @@ def _recapture(rt) -> None:
             g.graphs.clear()
 
 
-def sec_profile(a, dev, R):
+def _profile_steps(rt, b: int, a, dev) -> dict:
+    """b requests decoding: wall ms per step over one burst, then torch.profiler's kernels of the next
+    burst. overlap_bursts is off here: a burst queued behind the measured one would land in the sync."""
     from torch.profiler import ProfilerActivity, profile
 
+    eng, keep = rt.engine, rt.engine.overlap_bursts
+    eng.overlap_bursts = False
+    try:
+        for p in random_prompts(b, a.prompt_len, rt.config.vocab_size, b):
+            eng.add(p, 64)
+        for _ in range(3):  # admit + capture + warm (a step is a burst of decode_steps steps)
+            eng.step()
+        sync(dev)
+        n0, t = eng.stats.decode_steps, time.perf_counter()
+        while eng.stats.decode_steps - n0 < 8:
+            eng.step()
+        sync(dev)
+        wall_ms = (time.perf_counter() - t) / (eng.stats.decode_steps - n0) * 1e3
+        n0 = eng.stats.decode_steps
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            while eng.stats.decode_steps - n0 < 8:
+                eng.step()
+            sync(dev)
+        steps = eng.stats.decode_steps - n0
+        while eng.has_work:
+            eng.step()
+    finally:
+        eng.overlap_bursts = keep
+    return {
+        "decode_steps_per_host_round_trip": eng.decode_steps,
+        "profiled_steps": steps,
+        "wall_ms_per_step": wall_ms,
+        **_kernel_table(prof, steps),
+    }
+
+
+def sec_pdl(a, dev, R):
+    """A second bf16 runtime with inductor_pdl on (inductor's programmatic dependent launch in the compiled
+    decode layers, inside the whole-step CUDA graphs), batch 1 only: decode timed 3 times interleaved with
+    the profile/overlap sections' runtime (pdl off), greedy tokens compared, and its kernel profile."""
+    cfg, state = config_of(R["_model"])
+    base = R.get("_rt_bf16")
+    if base is None:
+        base = R["_rt_bf16"] = R["_mixed_rt"] = build_runtime(
+            cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R)
+        )
+    out = {"inductor_has_enable_pdl": hasattr(torch._inductor.config.triton, "enable_pdl")}
+    pdl = build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, [1], R, inductor_pdl=True))
+    ps = random_prompts(1, a.prompt_len, cfg.vocab_size, 3)
+    t = time.perf_counter()
+    out["tokens_equal"] = pdl.generate_batch(ps, 64) == base.generate_batch(ps, 64)  # also compiles
+    out["first_run_s"] = time.perf_counter() - t
+    keys = ("decode_tokens_per_s", "decode_step_ms", "tokens_per_s")
+    runs: dict = {"off": [], "on": []}
+    for _ in range(3):
+        for name, rt in (("off", base), ("on", pdl)):
+            r = run_requests(rt, ps, [a.new_tokens])
+            runs[name].append({k: r[k] for k in keys})
+    out["runs"] = runs
+    out["median"] = {m: {k: statistics.median(x[k] for x in runs[m]) for k in keys} for m in runs}
+    print(f"  pdl batch 1: {json.dumps(out['median'])}", flush=True)
+    out["profile_on_batch1"] = _profile_steps(pdl, 1, a, dev)
+    return out
+
+
+def sec_profile(a, dev, R):
     cfg, state = config_of(R["_model"])
     out = {}
     for label in a.profile.split(","):
@@ -685,31 +749,7 @@ def sec_profile(a, dev, R):
             out["bf16lt_blas"] = _set_blas(dev, "cublaslt")
             _recapture(rt)
         for b in a.batches:
-            eng = rt.engine
-            for p in random_prompts(b, a.prompt_len, cfg.vocab_size, b):
-                eng.add(p, 64)
-            for _ in range(3):  # admit + capture + warm (a step is a burst of decode_steps steps)
-                eng.step()
-            sync(dev)
-            n0, t = eng.stats.decode_steps, time.perf_counter()
-            while eng.stats.decode_steps - n0 < 8:
-                eng.step()
-            sync(dev)
-            wall_ms = (time.perf_counter() - t) / (eng.stats.decode_steps - n0) * 1e3
-            n0 = eng.stats.decode_steps
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                while eng.stats.decode_steps - n0 < 8:
-                    eng.step()
-                sync(dev)
-            steps = eng.stats.decode_steps - n0
-            while eng.has_work:
-                eng.step()
-            out[f"{label}_batch{b}"] = {
-                "decode_steps_per_host_round_trip": eng.decode_steps,
-                "profiled_steps": steps,
-                "wall_ms_per_step": wall_ms,
-                **_kernel_table(prof, steps),
-            }
+            out[f"{label}_batch{b}"] = _profile_steps(rt, b, a, dev)
         out[f"{label}_dense_gemv"] = rt.options.dense_gemv
         if lt:
             _set_blas(dev, "cublas")
@@ -1147,8 +1187,9 @@ SECTIONS = {
     "gemv": sec_gemv,
     "blas": sec_blas,
     "overlap": sec_overlap,
+    "pdl": sec_pdl,
 }
-NEEDS_MODEL = {"bf16", "bf16g", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec", "overlap"}
+NEEDS_MODEL = {"bf16", "bf16g", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec", "overlap", "pdl"}
 
 
 def main() -> None:

@@ -134,6 +134,7 @@ def build_runtime(
         if gemv := dense_gemv_on(opts, device, draft is not None):
             _use_gemv(dec, device)
         model = PagedModel(dec, cache, attention)
+        model.pdl = opts.inductor_pdl
         if compiled and (
             opts.prefill_compile == "on" or (opts.prefill_compile == "auto" and device.type == "cuda")
         ):

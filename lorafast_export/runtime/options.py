@@ -35,6 +35,7 @@ class RuntimeOptions:
     max_wait_ms: float = MAX_WAIT_MS  # shortest first: who waited longer is admitted first (no starvation)
     prefill_first: bool = True  # no decode step while a waiting request can be admitted (lower TTFT)
     overlap_bursts: bool = True  # queue a certain next decode burst before reading this one's tokens
+    inductor_pdl: bool = False  # compiled decode layers: inductor's programmatic dependent launch (sm90+)
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
@@ -52,7 +53,7 @@ class RuntimeOptions:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("aot", "prefill_first", "overlap_bursts"):
+        for name in ("aot", "prefill_first", "overlap_bursts", "inductor_pdl"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: use true or false")
         for name in (

@@ -363,6 +363,9 @@ class PagedModel(nn.Module):
         self.dec, self.attention, self.block_size = dec, attention, cache.block_size
         self.n_layers = len(cache.k)
         self.layer_fn, self.prefill_fn = paged_layer, prefill_layer
+        self.pdl = (
+            False  # inductor's programmatic dependent launch in the decode layers (option inductor_pdl)
+        )
         for i, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):  # buffers: CUDA graphs may write them
             self.register_buffer(f"k_pool{i}", k, persistent=False)
             self.register_buffer(f"v_pool{i}", v, persistent=False)
@@ -373,7 +376,8 @@ class PagedModel(nn.Module):
         the function: dynamo keeps compiled graphs (and counts recompiles against its limit) per code
         object, and the graphs of other runtimes in the process (a draft, another artifact, another dtype)
         would otherwise use up that limit."""
-        self.layer_fn = torch.compile(_own_copy(paged_layer), fullgraph=True)
+        opts = {"triton.enable_pdl": True} if self.pdl else None  # only inside the whole-step CUDA graphs
+        self.layer_fn = torch.compile(_own_copy(paged_layer), fullgraph=True, options=opts)
 
     def compile_prefill(self) -> None:
         """torch.compile the prefill layer, dynamic in the token count: one graph for every layer and
