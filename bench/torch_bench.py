@@ -563,19 +563,22 @@ def sec_e2e(a, dev, R):
         f"  e2e warm-up: ours {out['ours_first_run_s']:.1f} s, peer {out['peer_first_run_s']:.1f} s",
         flush=True,
     )
-    peer, ours, ttft = [], [], []
+    peer, ours, ttft, decode = [], [], [], []
     for _ in range(a.e2e_repeats):
         s, n = hf_generate(model, prompts, new, dev, cache_implementation="static")
         peer.append(n / s)
         r = run_requests(rt, prompts, [new])
         ours.append(r["tokens_per_s"])
         ttft.append(r["ttft_ms_first"])
+        decode.append(r["decode_tokens_per_s"])
         print(f"  e2e peer {peer[-1]:.1f} tok/s, ours {ours[-1]:.1f} tok/s", flush=True)
     med = statistics.median
     out.update(
         peer_tokens_per_s=peer,
         ours_tokens_per_s=ours,
         ours_ttft_ms=ttft,
+        ours_decode_tokens_per_s=decode,
+        ours_overlap_bursts=rt.engine.overlap_bursts,
         peer_median=med(peer),
         ours_median=med(ours),
         speedup_median=med(ours) / med(peer),
