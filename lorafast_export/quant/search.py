@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafast_export.quant.rtn import qparams, quantize_codes
+from lorafast_export.quant.rtn import qparams
 
 # largest [candidates, out, k] temporary: on the CPU 16 MB of float32 (larger ran 8x slower: out of cache); on a GPU
 # 256 MB (fewer, larger launches)
@@ -47,17 +47,24 @@ def search_qparams(
     colw = None if col_weight is None else col_weight.float().expand_as(w)[None]  # [1, out, k]
     limit = CHUNK_ELEMENTS.get(w.device.type, CHUNK_ELEMENTS_GPU)
     chunk = max(1, min(chunk, limit // max(1, w.numel())))
+    rows = torch.arange(w.shape[0], device=w.device)
+    maxq = 2**bits - 1
+    buf = torch.empty(
+        min(chunk, n), *w.shape, device=w.device, dtype=torch.float32
+    )  # [c, out, k], every chunk's
     for i0 in range(0, n, chunk):  # candidates in chunks: [c, out, k] temporaries stay small
         p = 1.0 - torch.arange(i0, min(i0 + chunk, n), device=w.device, dtype=torch.float32) / grid  # [c]
         s, z = qparams(p[:, None] * wmin, p[:, None] * wmax, bits, symmetric, scale_dtype)  # [c, out]
         sf = s.float()[..., None]  # [c, out, 1]
-        zz = None if z is None else z[..., None]
         zf = 2.0 ** (bits - 1) if z is None else z.float()[..., None]
-        err = ((quantize_codes(w[None], sf, zz, bits).float() - zf) * sf - w[None]).abs().pow(norm)
-        err = (err if colw is None else err * colw).sum(dim=2)  # [c, out]
+        e = buf[: len(p)]
+        # rtn.quantize_codes, then dequantized, in one buffer (the same float32 operations, no uint8 round trip and
+        # no temporaries: 5x less CPU at g128 asymmetric): round(w / s) + z clamped to the grid, minus z, times s
+        torch.div(w[None], sf, out=e).round_().add_(zf).clamp_(0, maxq).sub_(zf).mul_(sf).sub_(w[None])
+        e = e.square_() if norm == 2.0 else e.abs_().pow_(norm)
+        err = (e if colw is None else e.mul_(colw)).sum(dim=2)  # [c, out]
         e, j = err.min(dim=0)  # best candidate of this chunk, per row
         better = e < best_err
-        rows = torch.arange(w.shape[0], device=w.device)
         best_err = torch.where(better, e, best_err)
         best_s = torch.where(better, s[j, rows], best_s)
         if z is not None:
