@@ -33,7 +33,7 @@ from lorafast_export.model.quantized import LazyQTensors, WeightStore, open_qten
 from lorafast_export.model.spec import ModelConfig  # noqa: E402
 from lorafast_export.qform import pack_nibbles, qform_metadata  # noqa: E402
 from lorafast_export.runtime import linear, paged  # noqa: E402
-from lorafast_export.runtime.tinygemm import INNER_K_TILES  # noqa: E402
+from lorafast_export.runtime.tinygemm import INNER_K_TILES, pack_int4  # noqa: E402
 from scripts.make_model import PRESETS, hf_config, tensor_shapes  # noqa: E402
 
 GROUP = 128
@@ -90,6 +90,8 @@ def _layer(name: str) -> int:
 
 # ------------------------------------------------------------------------- the session-7 lowering (baseline)
 def _old_pack_int4_cuda(codes: torch.Tensor, device) -> torch.Tensor:
+    if torch.device(device).type != "cuda":
+        return pack_int4(codes, device)  # the CPU packing did not change
     c = codes.to(device=device, dtype=torch.int32)
     return torch.ops.aten._convert_weight_to_int4pack(
         (c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8), INNER_K_TILES
