@@ -192,6 +192,18 @@ def q_info(q: Mapping[str, QTensor]) -> dict[str, QInfo]:
     return {n: QInfo(qt.scheme, qt.out_features, qt.in_features) for n, qt in q.items()}
 
 
+def read_on_device(store: WeightStore, name: str, device) -> torch.Tensor:
+    """A stored tensor on `device`: on a GPU read straight into the pinned staging buffer of
+    validate/resident.py and copied from there (a pageable copy runs ~1.1 GB/s on the H200 machine)."""
+    span = store.span_of(name)
+    if span is None or not span[2]:  # pickled or empty: as stored
+        return store.get(name).to(device)
+    from lorafast_export.validate.resident import read_to_device
+
+    path, offset, nbytes, dtype, shape = span
+    return read_to_device(path, offset, nbytes, device, f"tensor {name!r}").view(dtype).reshape(shape)
+
+
 class LazyTensors(Mapping):
     """name → tensor, read from disk at each lookup (nothing is cached)."""
 
@@ -228,18 +240,9 @@ class LazyQTensors(LazyTensors):
         self.device = None if device is None else torch.device(device)  # None: the QTensors stay on the host
 
     def _get(self, key: str) -> torch.Tensor | None:
-        """The stored tensor, on self.device: on a GPU read straight into the pinned staging buffer of
-        validate/resident.py and copied from there (a pageable copy runs ~1.1 GB/s on the H200 machine)."""
         if key not in self._store:
             return None
-        span = self._store.span_of(key)
-        if self.device is None or span is None or not span[2]:  # host, pickled or empty: as stored
-            t = self._store.get(key)
-            return t if self.device is None else t.to(self.device)
-        from lorafast_export.validate.resident import read_to_device
-
-        path, offset, nbytes, dtype, shape = span
-        return read_to_device(path, offset, nbytes, self.device, f"tensor {key!r}").view(dtype).reshape(shape)
+        return self._store.get(key) if self.device is None else read_on_device(self._store, key, self.device)
 
     def info(self) -> dict[str, QInfo]:
         return {

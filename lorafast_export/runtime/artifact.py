@@ -18,15 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from lorafast_export.checkpoint import save_safetensors
 from lorafast_export.dtypes import TORCH_DTYPES
 from lorafast_export.errors import InputError
-from lorafast_export.model.quantized import open_qtensors, save_qtensors_streamed
+from lorafast_export.model.quantized import open_qtensors, read_on_device, save_qtensors_streamed
 from lorafast_export.model.spec import ModelConfig, layer_prefix
 from lorafast_export.runtime.options import RuntimeOptions
-from lorafast_export.weights import open_model, tokenizer_files
+from lorafast_export.weights import WeightStore, open_model, tokenizer_files
 
 FORMAT = "lorafast-torch-runtime"
 VERSION = 1
@@ -125,8 +124,9 @@ def read_weights(model_dir: Path, meta: dict, device) -> tuple[dict[str, torch.T
     missing = [f for f in meta["weights"] + [meta["qweights"] or ""] if f and not (model_dir / f).exists()]
     if missing:
         raise InputError(f"{model_dir}: weight files {missing} listed in {META_FILE} are missing; rebuild.")
-    fp: dict[str, torch.Tensor] = {}
-    for f in meta["weights"]:
-        fp.update(load_file(str(model_dir / f), device=str(device)))
+    store = WeightStore(
+        [model_dir / f for f in meta["weights"]]
+    )  # on a GPU: through the pinned staging buffer
+    fp = {name: read_on_device(store, name, device) for name in store.keys()}
     q = open_qtensors([model_dir / meta["qweights"]], device) if meta["qweights"] else None
     return fp, q
