@@ -12,7 +12,9 @@ change the load's work), and random bf16 norms/embeddings on the device. Then, a
   codes unpacked, permuted and repacked on the host, each packing copied to the device; tinygemm's codes
   copied as int32), over the first --old-layers layers (the whole model takes ~25 s that way on an H200),
   per layer scaled to the model; its buffers are compared with the new build's, bit for bit.
-The page cache holds the file in both runs (written just before), as it does after an artifact's build.
+Also `fp_read`: the fp tensors (embedding, lm_head, norms) written as the artifact's weight file and read
+onto the device by safetensors' load_file (session 7's read_weights) and by read_on_device (this commit's).
+The page cache holds the files in both runs (written just before), as it does after an artifact's build.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lorafast_export.model.quantized import LazyQTensors, WeightStore, open_qtensors  # noqa: E402
+from lorafast_export.model.quantized import LazyQTensors, WeightStore, open_qtensors, read_on_device  # noqa: E402
 from lorafast_export.model.spec import ModelConfig  # noqa: E402
 from lorafast_export.qform import pack_nibbles, qform_metadata  # noqa: E402
 from lorafast_export.runtime import linear, paged  # noqa: E402
@@ -192,6 +194,31 @@ def int4_bytes(dec) -> dict:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def fp_read(path: Path, shapes: dict, dev: torch.device, layers: int) -> dict:
+    """The artifact's fp tensors (embedding, lm_head, norms) read onto the device: safetensors' load_file
+    (session 7's read_weights) against read_on_device (this commit's), the same values."""
+    fp = fp_tensors(shapes, dev, layers)
+    save_file({k: torch.randn_like(v).cpu() for k, v in fp.items()}, str(path))
+    del fp
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    out = {}
+
+    def new_read():
+        store = WeightStore([path])
+        return {n: read_on_device(store, n, dev) for n in store.keys()}
+
+    for label, read in (("old", lambda: load_file(str(path), device=str(dev))), ("new", new_read)):
+        sync()
+        t = time.perf_counter()
+        got = read()
+        sync()
+        out[f"{label}_s"], out[label] = round(time.perf_counter() - t, 3), got
+    out["gb"] = round(sum(t.numel() * t.element_size() for t in out["new"].values()) / 1e9, 2)
+    out["equal"] = all(torch.equal(out["old"][k], t) for k, t in out["new"].items())
+    del out["old"], out["new"]
+    return out
+
+
 def compare(old, new) -> dict:
     newb = dict(new.named_buffers())
     names = [n for n, _ in old.named_buffers() if n in newb]
@@ -239,6 +266,8 @@ def main() -> None:
             cfg, fp_tensors(shapes, dev, layers), open_qtensors([path], dev), dev, a.kernel
         )
         res["new"]["int4_gb"] = int4_bytes(new)
+        print(json.dumps(res), flush=True)
+        res["fp_read"] = fp_read(Path(tmp) / "weights.safetensors", shapes, dev, layers)
         print(json.dumps(res), flush=True)
         if a.old_layers:
             n = min(a.old_layers, layers)
