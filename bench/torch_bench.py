@@ -616,6 +616,8 @@ def sec_cpu(a, dev, R):
 def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("attention", (R or {}).get("_attn_choice", a.attention))
     kw.setdefault("dense_gemv", a.dense_gemv)
+    kw.setdefault("inductor_pdl", a.inductor_pdl == "on")
+    kw.setdefault("overlap_bursts", a.overlap_bursts == "on")
     return RuntimeOptions(
         compile=a.compile,
         max_seq_len=a.max_seq_len,
@@ -1233,6 +1235,12 @@ def main() -> None:
     p.add_argument("--eager-peer", type=int, default=1, help="bf16: also time the eager runtime at batch 1")
     p.add_argument("--gemv-budget-s", type=float, default=40.0, help="gemv: stop sweeping tiles after this")
     p.add_argument("--gemv-rows", default="1,5", help="gemv: row counts timed")
+    p.add_argument(
+        "--inductor-pdl", default="off", choices=("off", "on"), help="runtime option (most sections)"
+    )
+    p.add_argument(
+        "--overlap-bursts", default="on", choices=("off", "on"), help="runtime option (most sections)"
+    )
     p.add_argument("--gemv-tiles", default="sweep", choices=("sweep", "shipped"), help="gemv: tiles timed")
     p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
