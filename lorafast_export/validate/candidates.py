@@ -77,9 +77,11 @@ def merged_fp32_candidate(plan) -> Candidate:
 
 
 def session_candidate(name: str, session) -> Candidate:
+    # a session that can leave its logits on its device (our runtime on a GPU) is compared there
+    logits = getattr(session, "device_logits", session.logits)
     return Candidate(
         name,
-        lambda ids: session.logits(ids).float(),
+        lambda ids: logits(ids).float(),
         session.generate,
         getattr(session, "runtime_note", None),
         generate_batch=getattr(session, "generate_batch", None),

@@ -71,19 +71,35 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, mask
 
 
-def _forward(dec, ids, past, position_ids, attention_mask):
-    """Decoder.forward, except that in the prefill a padding query may see itself: a row with no allowed key
-    would make SDPA return NaN, and a NaN value times a zero weight still poisons the real tokens."""
-    past_len = past[0][0].shape[2] if past else 0
-    h = dec.embed(ids)
-    cos, sin, mask = dec.rope_and_mask(ids, past_len, position_ids, attention_mask, h.dtype)
-    if past_len == 0:
-        mask = mask | torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)
-    present = []
-    for i, layer in enumerate(dec.model.layers):
-        h, kv = layer(h, cos, sin, mask, past[i] if past else None)
-        present.append(kv)
-    return dec.logits(h[:, -1:]), present  # only the last position's logits are needed
+def _forward(decs, ids, pasts, position_ids, attention_mask):
+    """Decoder.forward of each decoder on its ids (only the last position's logits), except that in the
+    prefill a padding query may see itself: a row with no allowed key would make SDPA return NaN, and a NaN
+    value times a zero weight still poisons the real tokens. Layer i of every decoder is built (layers.
+    BuiltDecoder.layer_at) from one `shared` dict, so what several of them derive alike is computed once."""
+    hs, ropes = [], []
+    for dec, x, past in zip(decs, ids, pasts, strict=True):
+        past_len = past[0][0].shape[2] if past else 0
+        h = dec.embed(x)
+        cos, sin, mask = dec.rope_and_mask(x, past_len, position_ids, attention_mask, h.dtype)
+        if past_len == 0:
+            mask = mask | torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        hs.append(h)
+        ropes.append((cos, sin, mask))
+    presents = [[] for _ in decs]
+    for i in range(len(decs[0].model.layers)):
+        shared: dict = {}
+        for k, (dec, past) in enumerate(zip(decs, pasts, strict=True)):
+            layer = _layer_at(dec, i, shared)
+            hs[k], kv = layer(hs[k], *ropes[k], past[i] if past else None)
+            presents[k].append(kv)
+            del layer
+    return [dec.logits(h[:, -1:]) for dec, h in zip(decs, hs, strict=True)], presents
+
+
+def _layer_at(dec, i: int, shared: dict):
+    """Layer i of a decoder: built now from `shared` where the decoder builds its layers on demand."""
+    layer_at = getattr(dec, "layer_at", None)
+    return layer_at(i, shared) if layer_at is not None else dec.model.layers[i]
 
 
 @torch.no_grad()
@@ -92,23 +108,62 @@ def decoder_greedy_batch(
 ) -> list[list[int]]:
     """Greedy continuations of `prompts` (new tokens only) in one batch, with the decoder's KV cache, on the
     device the decoder's weights are on. tick(t) is called after each new token."""
-    device = dec.model.embed_tokens.weight.device
+    return joint_greedy_batch([dec], prompts, max_new_tokens, tick)[0]
+
+
+@torch.no_grad()
+def joint_greedy_batch(
+    decs: Sequence, prompts: Sequence[Sequence[int]], max_new_tokens: int, tick=None
+) -> list[list[list[int]]]:
+    """decoder_greedy_batch of several decoders in lockstep, one list of continuations per decoder. Decoders
+    that build their layers at each step from device-resident tensors (merged-fp32, merged-bf16) build layer i
+    from one shared dict, so the fp32 merge both start from is computed once per layer and token, not once per
+    stage. Each decoder runs on its own batch and KV cache exactly the operations it runs alone: same tokens."""
+    device = decs[0].model.embed_tokens.weight.device
     ids, mask = left_pad(prompts)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # real tokens at 0..len-1, as when decoded alone
-    logits, past = _forward(dec, ids, None, pos, mask)
-    out = []
+    logits, pasts = _forward(decs, [ids] * len(decs), [None] * len(decs), pos, mask)
+    out: list[list[torch.Tensor]] = [[] for _ in decs]
     for t in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)  # [b]
-        out.append(nxt)
+        nxt = [lg[:, -1].argmax(-1) for lg in logits]  # [b] per decoder
+        for k, x in enumerate(nxt):
+            out[k].append(x)
         if tick:
             tick(t + 1)
         if t + 1 == max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        logits, past = _forward(dec, nxt[:, None], past, pos, mask)
-    return torch.stack(out, dim=1).tolist()
+        logits, pasts = _forward(decs, [x[:, None] for x in nxt], pasts, pos, mask)  # each its own tokens
+    return [torch.stack(o, dim=1).tolist() for o in out]
+
+
+class JointGreedy:
+    """Greedy tokens of several layered sources decoded together (joint_greedy_batch): the first of their stages
+    asked for a batch of prompts decodes it for all of them, the others are handed their share."""
+
+    def __init__(self, sources: Sequence, device, progress: Progress = lambda m: None):
+        self.sources, self.device, self.progress = list(sources), device, progress
+        self._done: dict[tuple[str, int], dict[str, list[list[int]]]] = {}
+
+    def runner(self, name: str) -> Callable[[list[list[int]], int, Callable[[int], None]], list[list[int]]]:
+        def run(prompts: list[list[int]], max_new_tokens: int, tick) -> list[list[int]]:
+            key = (json.dumps(prompts), max_new_tokens)
+            if key not in self._done:
+                names = [s.name for s in self.sources]
+                self.progress(
+                    f"greedy {', '.join(names)}: decoded together (each layer built once per token)"
+                )
+                decs = [s.decoder(self.device) for s in self.sources]
+                self._done[key] = dict(zip(names, joint_greedy_batch(decs, prompts, max_new_tokens, tick)))
+                del decs
+            share = self._done[key].pop(name)
+            if not self._done[key]:
+                del self._done[key]
+            return share
+
+        return run
 
 
 @torch.no_grad()

@@ -237,6 +237,14 @@ class BuiltDecoder(Decoder):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._head(h)
 
+    def layer_at(self, i: int, shared: Shared) -> nn.Module:
+        """Layer i: held, or built now on demand from `shared` (greedy.joint_greedy_batch builds layer i of
+        several decoders from one dict, as the walk does)."""
+        layers = self.model.layers
+        if isinstance(layers, _LayersOnDemand):
+            return layers.source.layer(i, layers.device, shared)
+        return layers[i]
+
 
 def _resident(plan, device) -> bool:
     """The plan's base is served from `device` (validate/resident.py ResidentStore, its adapters moved there)."""

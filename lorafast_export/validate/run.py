@@ -509,7 +509,13 @@ def _greedy(
     that decodes with a model of its own (Candidate.decodes_beside_logits); another session decodes when the
     getter is called, after its logits are done (it is never used from two threads). On a GPU everything runs
     when the getter is called, after the walk's memory is freed."""
-    from lorafast_export.validate.greedy import GreedyStage, decode_fits, run_greedy, stage_tokens
+    from lorafast_export.validate.greedy import (
+        GreedyStage,
+        JointGreedy,
+        decode_fits,
+        run_greedy,
+        stage_tokens,
+    )
     from lorafast_export.validate.layers import fp32_bytes
     from lorafast_export.validate.resident import release_resident
 
@@ -524,6 +530,12 @@ def _greedy(
             for i, c in enumerate(v.candidates)
             if c.source is not None and c.source.builds_on_device(device)
         ]
+        if (
+            len(on_base) > 1
+        ):  # decoded together: the fp32 merge merged-fp32 and merged-bf16 share, once a token
+            joint = JointGreedy([v.candidates[i].source for i in on_base], device, progress)
+            for i in on_base:
+                out[i].run = joint.runner(v.candidates[i].name)
         if on_base:
             out[on_base[-1]].close = lambda: release_resident(v.base)
         return out

@@ -14,7 +14,7 @@ from lorafast_export.merge import plan_merge
 from lorafast_export.recipe import Recipe
 from lorafast_export.report.json_report import to_json
 from lorafast_export.validate.candidates import merged_fp32_candidate, source_candidate
-from lorafast_export.validate.greedy import decoder_greedy_batch
+from lorafast_export.validate.greedy import decoder_greedy_batch, joint_greedy_batch
 from lorafast_export.validate.layers import MergedSource, UnmergedSource, _LayersOnDemand
 from lorafast_export.validate.resident import ResidentStore, make_resident, stored_bytes
 from lorafast_export.validate.run import ValidationInputs, run_validation
@@ -73,6 +73,23 @@ def test_resident_decoders_equal_streamed_ones_and_read_the_base_once(root):
     assert not _sources(plan)[0].builds_on_device("cpu")
     assert torch.equal(store.get("model.norm.weight"), plain.base.store.get("model.norm.weight"))
     assert store.bytes_read > stored_bytes(store.store)
+
+
+def test_joint_decoding_equals_each_decoder_alone(root):
+    """joint_greedy_batch (the greedy check of the stages built from a resident base, decoded together) gives each
+    decoder the tokens it decodes alone: two on-demand decoders sharing their layers' merge, and a held decoder
+    damaged so that its tokens differ (a joint decode that fed one decoder another's tokens would fail)."""
+    base, ads = _inputs(root, True)
+    plan, plain = plan_merge(base, ads), plan_merge(*_inputs(root, False))
+    fp32, fp16 = MergedSource("merged-fp32", plan, "base"), MergedSource("merged-fp16", plan, "base", "base")
+    damaged = MergedSource("merged-fp32", plain, "base").decoder("cpu")
+    with torch.no_grad():
+        damaged.model.layers[0].mlp.down_proj.weight.mul_(-40.0)
+    decs = [fp32.decoder("cpu"), fp16.decoder("cpu"), damaged]
+    assert all(isinstance(d.model.layers, _LayersOnDemand) for d in decs[:2])
+    alone = [decoder_greedy_batch(d, PROMPTS, 6) for d in decs]
+    assert alone[2] != alone[0]
+    assert joint_greedy_batch(decs, PROMPTS, 6) == alone
 
 
 def test_report_is_the_same_with_a_resident_base(root, tmp_path):
