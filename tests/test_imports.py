@@ -32,7 +32,13 @@ LAYERS = [
         "stagecache",
         "outdir",
     },  # the recipe schema, the manifest, the stage cache, out dirs
-    {"weights", "checkpoint", "model", "adapters"},  # reading checkpoints and adapters; the canonical decoder
+    {
+        "weights",
+        "checkpoint",
+        "model",
+        "adapters",
+        "staging",
+    },  # reading checkpoints and adapters; the canonical decoder; pinned host-GPU copies
     {"merge", "quant", "runtime"},  # the math and its streaming: merge, quantize, the paged torch runtime
     {"report", "validate", "targets"},  # lowering to runtimes, validation, reports
     {"pipeline", "matrix", "inspection", "verify", "generate"},  # orchestration

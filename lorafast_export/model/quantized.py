@@ -194,11 +194,11 @@ def q_info(q: Mapping[str, QTensor]) -> dict[str, QInfo]:
 
 def read_on_device(store: WeightStore, name: str, device) -> torch.Tensor:
     """A stored tensor on `device`: on a GPU read straight into the pinned staging buffer of
-    validate/resident.py and copied from there (a pageable copy runs ~1.1 GB/s on the H200 machine)."""
+    lorafast_export/staging.py and copied from there (a pageable copy runs ~1.1 GB/s on the H200 machine)."""
     span = store.span_of(name)
     if span is None or not span[2]:  # pickled or empty: as stored
         return store.get(name).to(device)
-    from lorafast_export.validate.resident import read_to_device
+    from lorafast_export.staging import read_to_device
 
     path, offset, nbytes, dtype, shape = span
     return read_to_device(path, offset, nbytes, device, f"tensor {name!r}").view(dtype).reshape(shape)
