@@ -65,6 +65,9 @@ EXPERIMENTS = {  # config fields set explicitly (act_order + static_groups: see 
         "static_groups": True,
     },  # natural order, fixed groups
     "gptq-onepass": {"method": "gptq", "true_sequential": False},
+    "gptq-truesequential": {"method": "gptq", "true_sequential": True},  # the default before session 8
+    "awq-gptq-onepass": {"method": "awq-gptq", "true_sequential": False},
+    "awq-gptq-truesequential": {"method": "awq-gptq", "true_sequential": True},
     "gptq-natural-onepass": {
         "method": "gptq",
         "act_order": False,

@@ -79,7 +79,10 @@ class GPTQConfig(QuantConfig):
     static_groups: bool = (
         False  # group params from the weights before the sweep (then act_order needs no g_idx)
     )
-    true_sequential: bool = True  # each group's H from the block with the groups before it quantized
+    # True: each group's H from the block with the groups before it quantized (GPTQ's true-sequential mode); False
+    # (the default since session 8): every H from one forward of the unquantized block (llm-compressor's order),
+    # lower KL on the 30M fixture at every group size and symmetry measured (bench/QUANT.md) and 1 forward a layer, not 4
+    true_sequential: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +98,7 @@ class AWQGPTQConfig(GPTQConfig):
     """AWQ's scale search and folds (no clipping search), then GPTQ on the folded block: GPTQ's knobs + AWQ's grid."""
 
     method: ClassVar[str] = "awq-gptq"
+    true_sequential: bool = True  # awq-gptq keeps GPTQ's true-sequential walk (its one-pass rows: QUANT.md)
     grid: int = 20  # scale candidates searched per group
     # the scale folded per group: "awq", AWQ's best; "gptq", of AWQ's finalists and s = 1 the one of lowest GPTQ error
     scale_score: str = "gptq"

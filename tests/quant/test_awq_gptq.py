@@ -91,7 +91,8 @@ def test_awq_gptq_is_awq_scales_then_gptq_on_the_folded_layer(layer_and_input):
     assert len(scales) == 7 and any(float((s - 1).abs().max()) > 0.1 for s in scales.values())
     for n, s in scales.items():  # the same search on the same inputs
         assert torch.equal(combined[n].input_scale, s), n
-    gptq = quantize_block_gptq(make_block(fold_by_hand(layer, scales), x, rot), GPTQ)
+    same_walk = dataclasses.replace(GPTQ, true_sequential=AWQ_GPTQ.true_sequential)
+    gptq = quantize_block_gptq(make_block(fold_by_hand(layer, scales), x, rot), same_walk)
     for n, qt in gptq.items():
         assert (combined[n].codes == qt.codes).float().mean() > 0.99, n  # a rare float rounding tie may flip
         torch.testing.assert_close(combined[n].scales.float(), qt.scales.float(), rtol=2e-3, atol=0)
