@@ -92,12 +92,12 @@ OURS_DEFAULT = {
     True: {  # gptq: "ours gptq-onepass" since session 8 (true_sequential off by default; the search at its default)
         "gptq": ("ours gptq-onepass", "ours gptq-search"),
         "awq": ("ours awq",),
-        "awq-gptq": ("ours awq-gptq-search", "ours awq-gptq-gptqscore-search"),
+        "awq-gptq": ("ours awq-gptq-onepass", "ours awq-gptq-search", "ours awq-gptq-gptqscore-search"),
     },
     False: {  # "ours gptq" / "ours awq-gptq": rows run before session 7, when the search was off by default
         "gptq": ("ours gptq-onepass", "ours gptq-nosearch", "ours gptq"),
         "awq": ("ours awq",),
-        "awq-gptq": ("ours awq-gptq-nosearch", "ours awq-gptq"),
+        "awq-gptq": ("ours awq-gptq-onepass", "ours awq-gptq-nosearch", "ours awq-gptq"),
     },
 }
 

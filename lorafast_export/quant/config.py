@@ -98,7 +98,6 @@ class AWQGPTQConfig(GPTQConfig):
     """AWQ's scale search and folds (no clipping search), then GPTQ on the folded block: GPTQ's knobs + AWQ's grid."""
 
     method: ClassVar[str] = "awq-gptq"
-    true_sequential: bool = True  # awq-gptq keeps GPTQ's true-sequential walk (its one-pass rows: QUANT.md)
     grid: int = 20  # scale candidates searched per group
     # the scale folded per group: "awq", AWQ's best; "gptq", of AWQ's finalists and s = 1 the one of lowest GPTQ error
     scale_score: str = "gptq"

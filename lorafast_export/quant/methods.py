@@ -8,7 +8,7 @@ The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides wha
 - rtn / int8: data-free, each weight on its own.
 - gptq: every group's Hessian from one forward of the unquantized block (default; true_sequential: each group's
   from inputs produced by the already-quantized groups before it, q,k,v → o → gate,up → down, GPTQ's
-  true-sequential mode, awq-gptq's default); the linears of a group share that Hessian and are solved as one
+  true-sequential mode); the linears of a group share that Hessian and are solved as one
   stacked matrix (gptq_quantize_many).
 - awq: one forward captures each group's input; per group a scale search (loss: the whole attention /
   MLP for q,k,v / gate,up; the linear outputs otherwise), folded into the previous op
@@ -126,8 +126,7 @@ def _hessians(block: Block, firsts: list[str]) -> dict[str, torch.Tensor]:
 
 def quantize_block_gptq(block: Block, s: GPTQConfig) -> dict[str, QTensor]:
     """true_sequential: each group's H from inputs produced by the groups quantized before it (one forward per
-    group; awq-gptq's default); off (gptq's default): every H from one forward of the unquantized block
-    (llm-compressor's order)."""
+    group); off (the default): every H from one forward of the unquantized block (llm-compressor's order)."""
     out: dict[str, QTensor] = {}
     hessians = None if s.true_sequential else _hessians(block, [g.linears[0] for g in block.groups])
     for g in block.groups:
@@ -307,8 +306,9 @@ def _gptq_choice(
 ) -> torch.Tensor:
     """Of AWQ's finalists (s = 1 among them), the scale under which GPTQ's own error on the group's calibration
     input x is lowest: Σ_rows D H Dᵀ, D = Q(W·s)/s - W, each solve on W·s with H scaled to match (diag(1/s) H
-    diag(1/s)). So the combined method is never worse than plain GPTQ by GPTQ's measure on these inputs (up to the
-    true-sequential walk, whose Hessians come later from the quantized groups before). These trial solves use
+    diag(1/s)). So the combined method is never worse than plain GPTQ by GPTQ's measure on these inputs (the default
+    one-pass walk's final solve uses this H as folded, up to the fold's rounding; with true_sequential the final H
+    comes later from the quantized groups before). These trial solves use
     min-max group ranges unless s.choice_search (the range search, when on, runs in the final solve)."""
     H, _ = accumulate_hessian(None, 0, x)
     weights = [block.weight(n).float() for n in g.linears]
