@@ -109,7 +109,7 @@ def gptq_quant_config(
         "sym": scheme.symmetric,
         "checkpoint_format": checkpoint_format,
         "damp_percent": damp_percent,
-        "true_sequential": True,
+        "true_sequential": False,  # how our GPTQ walks a layer (quant/config.py; informational for loaders)
         "static_groups": False,
         "pack_dtype": "int32",
     }
