@@ -89,13 +89,13 @@ def kl_by_block(out: Path, tag: str, name: str, block: int = 256, stride: int = 
 # a default changed carry the variant's name), by whether the range search is on at that group size
 # (specs.default_range_search), and the peers they are compared with.
 OURS_DEFAULT = {
-    True: {  # gptq: "ours gptq-onepass" since session 8 (true_sequential off by default; the search at its default)
-        "gptq": ("ours gptq-onepass", "ours gptq-search"),
+    True: {
+        "gptq": ("ours gptq-search",),
         "awq": ("ours awq",),
         "awq-gptq": ("ours awq-gptq-onepass", "ours awq-gptq-search", "ours awq-gptq-gptqscore-search"),
     },
     False: {  # "ours gptq" / "ours awq-gptq": rows run before session 7, when the search was off by default
-        "gptq": ("ours gptq-onepass", "ours gptq-nosearch", "ours gptq"),
+        "gptq": ("ours gptq-nosearch", "ours gptq"),
         "awq": ("ours awq",),
         "awq-gptq": ("ours awq-gptq-onepass", "ours awq-gptq-nosearch", "ours awq-gptq"),
     },

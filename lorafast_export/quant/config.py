@@ -79,10 +79,11 @@ class GPTQConfig(QuantConfig):
     static_groups: bool = (
         False  # group params from the weights before the sweep (then act_order needs no g_idx)
     )
-    # True: each group's H from the block with the groups before it quantized (GPTQ's true-sequential mode); False
-    # (the default since session 8): every H from one forward of the unquantized block (llm-compressor's order),
-    # lower KL on the 30M fixture at every group size and symmetry measured (bench/QUANT.md) and 1 forward a layer, not 4
-    true_sequential: bool = False
+    # True (gptq's default): each group's H from the block with the groups before it quantized (GPTQ's true-sequential
+    # mode; its partial forwards replay the groups already done, about one forward a layer); False: every H from one
+    # forward of the unquantized block (llm-compressor's order): 0.2-1.9% lower KL on the 30M fixture but one more
+    # forward a layer (+26% CPU time there, bench/QUANT.md "Session 8")
+    true_sequential: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +99,7 @@ class AWQGPTQConfig(GPTQConfig):
     """AWQ's scale search and folds (no clipping search), then GPTQ on the folded block: GPTQ's knobs + AWQ's grid."""
 
     method: ClassVar[str] = "awq-gptq"
+    true_sequential: bool = False  # one pass: the scale choice's H is then the final solve's (bench/QUANT.md)
     grid: int = 20  # scale candidates searched per group
     # the scale folded per group: "awq", AWQ's best; "gptq", of AWQ's finalists and s = 1 the one of lowest GPTQ error
     scale_score: str = "gptq"

@@ -155,7 +155,11 @@ def padded(name: str, qt: QTensor, width: int) -> QTensor:
 def quantization_config(fmt: str, scheme: QScheme, qm: QuantizedModel) -> dict:
     keep_fp = [] if "lm_head" in qm.q else ["lm_head"]
     if fmt == "gptq":
-        cfg = formats.gptq_quant_config(scheme, damp_percent=qm.settings.get("damp_percent", 0.01))
+        cfg = formats.gptq_quant_config(
+            scheme,
+            damp_percent=qm.settings.get("damp_percent", 0.01),
+            true_sequential=qm.settings.get("method") != "awq-gptq",  # config.py: each method's default walk
+        )
         return {**cfg, "lm_head": "lm_head" in qm.q}
     if fmt == "awq":
         return formats.awq_quant_config(scheme, modules_to_not_convert=keep_fp or None)

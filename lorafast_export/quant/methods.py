@@ -6,9 +6,9 @@ any smoothing scale into the group's previous op (Block.set_param), and returns 
 The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides what feeds what.
 
 - rtn / int8: data-free, each weight on its own.
-- gptq: every group's Hessian from one forward of the unquantized block (default; true_sequential: each group's
-  from inputs produced by the already-quantized groups before it, q,k,v → o → gate,up → down, GPTQ's
-  true-sequential mode); the linears of a group share that Hessian and are solved as one
+- gptq: sequential within the block (q,k,v → o → gate,up → down): each group's Hessian is accumulated from
+  inputs produced by the already-quantized groups before it (GPTQ's true-sequential mode, gptq's default;
+  true_sequential off, awq-gptq's default: every group's from one forward of the unquantized block); the linears of a group share that Hessian and are solved as one
   stacked matrix (gptq_quantize_many).
 - awq: one forward captures each group's input; per group a scale search (loss: the whole attention /
   MLP for q,k,v / gate,up; the linear outputs otherwise), folded into the previous op
@@ -125,8 +125,9 @@ def _hessians(block: Block, firsts: list[str]) -> dict[str, torch.Tensor]:
 
 
 def quantize_block_gptq(block: Block, s: GPTQConfig) -> dict[str, QTensor]:
-    """true_sequential: each group's H from inputs produced by the groups quantized before it (one forward per
-    group); off (the default): every H from one forward of the unquantized block (llm-compressor's order)."""
+    """true_sequential (gptq's default): each group's H from inputs produced by the groups quantized before it (one
+    forward per group); off (awq-gptq's default): every H from one forward of the unquantized block
+    (llm-compressor's order)."""
     out: dict[str, QTensor] = {}
     hessians = None if s.true_sequential else _hessians(block, [g.linears[0] for g in block.groups])
     for g in block.groups:

@@ -95,7 +95,10 @@ def unpack_gptq(
 
 
 def gptq_quant_config(
-    scheme: QScheme, checkpoint_format: str = "gptq", damp_percent: float = 0.01
+    scheme: QScheme,
+    checkpoint_format: str = "gptq",
+    damp_percent: float = 0.01,
+    true_sequential: bool = True,
 ) -> dict[str, Any]:
     """The `quantization_config` of config.json (transformers GPTQConfig / GPTQModel QuantizeConfig)."""
     _check_format(checkpoint_format)
@@ -109,7 +112,7 @@ def gptq_quant_config(
         "sym": scheme.symmetric,
         "checkpoint_format": checkpoint_format,
         "damp_percent": damp_percent,
-        "true_sequential": False,  # how our GPTQ walks a layer (quant/config.py; informational for loaders)
+        "true_sequential": true_sequential,  # how the layer was walked (quant/config.py; informational)
         "static_groups": False,
         "pack_dtype": "int32",
     }
