@@ -41,17 +41,25 @@ def fake_quant_decoder(md, q) -> Decoder:
 
 
 def paged(
-    md, fp=None, q=None, attention="gather", block_size=4, num_blocks=64, dtype=torch.float32, kernel="auto"
+    md,
+    fp=None,
+    q=None,
+    attention="gather",
+    block_size=4,
+    num_blocks=64,
+    dtype=torch.float32,
+    kernel="auto",
+    device="cpu",
 ):
     cfg = md.config
-    dec, kernels = build_model(cfg, fp if fp is not None else fp_state(md), q, "cpu", dtype, kernel)
+    dec, kernels = build_model(cfg, fp if fp is not None else fp_state(md), q, device, dtype, kernel)
     cache = PagedKVCache(
         cfg.num_layers,
         cfg.num_kv_heads,
         cfg.head_dim,
         CacheConfig(block_size=block_size, num_blocks=num_blocks),
         dtype,
-        "cpu",
+        device,
     )
     return PagedModel(dec, cache, attention), cache
 

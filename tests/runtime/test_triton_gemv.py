@@ -87,7 +87,7 @@ def test_verify_rows_equal_single_decode_steps_bit_for_bit(tmp_path, gemv_on):
     from tests.runtime.helpers import paged, tiny_checkpoint
 
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
-    pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8)
+    pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
     if gemv_on:
         use_gemv(pm.dec)
     prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7], [2, 71, 82]
