@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lorafast_export.recipe import CalibOptions, QuantOptions
-from lorafast_export.specs import default_range_search, default_settings
+from lorafast_export.specs import default_range_search, default_settings, default_true_sequential
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,11 +79,15 @@ class GPTQConfig(QuantConfig):
     static_groups: bool = (
         False  # group params from the weights before the sweep (then act_order needs no g_idx)
     )
-    # True (gptq's default): each group's H from the block with the groups before it quantized (GPTQ's true-sequential
-    # mode; its partial forwards replay the groups already done, about one forward a layer); False: every H from one
-    # forward of the unquantized block (llm-compressor's order): 0.2-1.9% lower KL on the 30M fixture but one more
-    # forward a layer (+26% CPU time there, bench/QUANT.md "Session 8")
+    # True: each group's H from the block with the groups before it quantized (GPTQ's true-sequential mode; its
+    # partial forwards replay the groups already done, about one forward a layer); False: every H from one forward
+    # of the unquantized block (llm-compressor's order): 0.2-1.9% lower KL on the 30M fixture but one more forward a
+    # layer (+26% CPU time there, bench/QUANT.md "Session 8"). resolve_quant fills in specs.default_true_sequential:
+    # true-sequential at groups >= 128 and per channel, one pass below.
     true_sequential: bool = True
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "true_sequential": self.true_sequential}  # the walk, for exported configs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +150,17 @@ def resolve_quant(options: QuantOptions | dict, requires_symmetric: bool = False
         o = o.model_copy(update={"symmetric": True})  # the source records what was resolved for the target
     if o.range_search is None:  # the method's default, recorded resolved (false where nothing searches)
         o = o.model_copy(update={"range_search": default_range_search(o.method, shared["group_size"], None)})
+    walk = (
+        {"true_sequential": default_true_sequential(o.method, shared["group_size"])}
+        if o.method == "gptq"
+        else {}
+    )
     return CONFIGS[o.method](
-        **shared, quantize_lm_head=o.quantize_lm_head, device=o.device, calib=o.calib, source=o, **_own(o)
+        **shared,
+        quantize_lm_head=o.quantize_lm_head,
+        device=o.device,
+        calib=o.calib,
+        source=o,
+        **_own(o),
+        **walk,
     )

@@ -158,7 +158,8 @@ def quantization_config(fmt: str, scheme: QScheme, qm: QuantizedModel) -> dict:
         cfg = formats.gptq_quant_config(
             scheme,
             damp_percent=qm.settings.get("damp_percent", 0.01),
-            true_sequential=qm.settings.get("method") != "awq-gptq",  # config.py: each method's default walk
+            # the walk as recorded (config.py); artifacts written before it was recorded: the method's walk then
+            true_sequential=qm.settings.get("true_sequential", qm.settings.get("method") != "awq-gptq"),
         )
         return {**cfg, "lm_head": "lm_head" in qm.q}
     if fmt == "awq":
