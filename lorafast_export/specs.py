@@ -38,6 +38,9 @@ SYMMETRIC_BY_DEFAULT = ("int8", "smoothquant")
 # 30M fixture (bench/QUANT.md) the search lowered GPTQ's KL 2-3% at g128 and raised it 2% at g64, 8% at g32.
 RANGE_SEARCH_BY_DEFAULT = ("gptq", "awq-gptq")
 RANGE_SEARCH_MIN_GROUP = 128
+# GPTQ's walk (specs.default_true_sequential): true-sequential at groups of this many columns or more and per channel,
+# one pass below. A decision of its own (CPU time at the default g128), not the range search's threshold.
+TRUE_SEQUENTIAL_MIN_GROUP = 128
 HF_FORMATS = ("auto", "gptq", "awq", "compressed-tensors")  # checkpoint layouts of a quantized `hf` artifact
 
 
@@ -58,14 +61,14 @@ def default_settings(
 
 def default_true_sequential(method: str, group_size: int) -> bool:
     """GPTQ's walk within a layer: true-sequential (each linear group's Hessian from the block with the groups before
-    it quantized) at groups of >= RANGE_SEARCH_MIN_GROUP columns and per channel, where one pass (every Hessian
+    it quantized) at groups of >= TRUE_SEQUENTIAL_MIN_GROUP columns and per channel, where one pass (every Hessian
     from one forward of the unquantized block, llm-compressor's order) would cost one more forward a layer on the
     default settings' CPU time; one pass below, where it measured lower KL (30M fixture, 45 blocks: g64 asym
     0.001706 vs 0.001710, g32 asym 0.001382 vs 0.001409, g32 sym 0.001559 vs 0.001563; bench/QUANT.md). awq-gptq:
     always one pass (its scale choice's H is then the final solve's)."""
     if method == "awq-gptq":
         return False
-    return not 0 < group_size < RANGE_SEARCH_MIN_GROUP
+    return not 0 < group_size < TRUE_SEQUENTIAL_MIN_GROUP
 
 
 def default_range_search(method: str, group_size: int, range_search: bool | None) -> bool:

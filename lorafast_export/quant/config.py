@@ -150,12 +150,13 @@ def resolve_quant(options: QuantOptions | dict, requires_symmetric: bool = False
         o = o.model_copy(update={"symmetric": True})  # the source records what was resolved for the target
     if o.range_search is None:  # the method's default, recorded resolved (false where nothing searches)
         o = o.model_copy(update={"range_search": default_range_search(o.method, shared["group_size"], None)})
-    walk = (
+    cls = CONFIGS[o.method]
+    walk = (  # gptq and awq-gptq: the walk's one default, in specs
         {"true_sequential": default_true_sequential(o.method, shared["group_size"])}
-        if o.method == "gptq"
+        if issubclass(cls, GPTQConfig)
         else {}
     )
-    return CONFIGS[o.method](
+    return cls(
         **shared,
         quantize_lm_head=o.quantize_lm_head,
         device=o.device,
