@@ -83,12 +83,15 @@ for _score in ("awq", "gptq"):  # awq-gptq's scale: AWQ's best, or the finalist 
         "range_search": True,
     }
 # session 7's awq-gptq default: the range search in the scale choice's trial solves too
+for _m in ("gptq", "awq-gptq"):  # the scale refit after the sweep, with each walk
+    EXPERIMENTS[f"{_m}-refit"] = {"method": _m, "scale_refit": True}
+    EXPERIMENTS[f"{_m}-onepass-refit"] = {"method": _m, "true_sequential": False, "scale_refit": True}
 EXPERIMENTS["awq-gptq-choicesearch"] = {
     "method": "awq-gptq",
     "range_search": True,
     "choice_search": True,
 }
-CONFIG_ONLY = ("static_groups", "true_sequential", "scale_score", "choice_search")
+CONFIG_ONLY = ("static_groups", "true_sequential", "scale_refit", "scale_score", "choice_search")
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:

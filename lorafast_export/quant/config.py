@@ -85,9 +85,16 @@ class GPTQConfig(QuantConfig):
     # layer (+26% CPU time there, bench/QUANT.md "Session 8"). resolve_quant fills in specs.default_true_sequential:
     # true-sequential at groups >= 128 and per channel, one pass below.
     true_sequential: bool = True
+    # after the sweep, each group's scale re-solved for the codes it got (gptq.refit_scales; zero points and codes
+    # unchanged, so every target's packing is unaffected)
+    scale_refit: bool = False
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "true_sequential": self.true_sequential}  # the walk, for exported configs
+        return {
+            **super().record(),
+            "true_sequential": self.true_sequential,
+            "scale_refit": self.scale_refit,
+        }  # the walk, for exported configs
 
 
 @dataclass(frozen=True, kw_only=True)

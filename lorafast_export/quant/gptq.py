@@ -115,6 +115,7 @@ def gptq_quantize_many(
     biases: Sequence[torch.Tensor | None] | None = None,
     search: RangeSearch | None = None,
     static_groups: bool = False,
+    refit: bool = False,
 ) -> list[QTensor]:
     """Linears that read one input (q/k/v; gate/up), each [out_i, in], and that input's H → one QTensor each.
 
@@ -123,6 +124,8 @@ def gptq_quantize_many(
     static_groups: every group's scale / zero from the weights BEFORE the sweep (llm-compressor's way, AutoGPTQ's
     static_groups), not at the group's start from the updated ones; with act_order the groups stay contiguous
     in the original column order (no g_idx), so every target takes the result.
+    refit: after the sweep, each group's scale re-solved for the codes it got (refit_scales); zero points and
+    codes unchanged.
     """
     biases = list(biases) if biases is not None else [None] * len(weights)
     for w in weights:
@@ -137,6 +140,7 @@ def gptq_quantize_many(
         if static_groups
         else None
     )
+    W0, H0 = (W.clone(), H) if refit else (None, None)  # the sweep updates W in place
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
@@ -155,12 +159,79 @@ def gptq_quantize_many(
         codes = codes[:, inv]
         if group_size != -1 and static is None:
             g_idx = (inv // group_size).to(torch.int32)
+    if refit:
+        with _ieee_fp32_matmuls():
+            scales = refit_scales(W0, H0, codes, scales, zeros, bits, group_size, g_idx)
+        del W0
     rows = [w.shape[0] for w in weights]
     zero_parts = [None] * len(rows) if zeros is None else zeros.split(rows)
     return [  # each QTensor owns its tensors: views of one storage would be saved as shared tensors
         weight_qtensor(c.clone(), s.clone(), _clone(z), bits, group_size, b, _clone(g_idx))
         for c, s, z, b in zip(codes.split(rows), scales.split(rows), zero_parts, biases, strict=True)
     ]
+
+
+# refit_scales: float32 elements of one row chunk's [rows, groups, in] product (bounds its temporary)
+REFIT_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
+
+
+def refit_scales(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each group's scale re-solved for the codes GPTQ gave it: the scales [out, G] that minimise GPTQ's own
+        objective, the calibration output error (W - Ŵ) H (W - Ŵ)ᵀ of each row, with the codes and the (integer) zero
+        points fixed. Ŵ = s_g · (q - z_g) is linear in the row's G scales, so that is one G x G least-squares solve a
+        row: A s = b with A[g, h] = Σ_{c in g, d in h} (q_c - z_g) H[c, d] (q_d - z_h) and b[g] = Σ_{c in g} (q_c - z_g)
+        (H w)[c]. The scales are static (chosen before the sweep from min-max or a range search), so the codes the
+        sweep picked, with their error feedback, usually fit a slightly different scale better.
+
+        W [out, in] the weights before the sweep and H [in, in] the solve's Hessian (undamped), original column order;
+        codes [out, in] uint8 in original order; g_idx [in] or None (contiguous groups). Returns scales in their dtype.
+        A row keeps its old scales unless the new ones, rounded to that dtype, lower its objective; a group whose codes
+        all sit on the zero point, or whose new scale is not finite or has changed sign (a symmetric scale carries the
+    sign that puts the group's extreme on code -8), keeps its old scale."""
+    out, n = W.shape
+    G = scales.shape[1]
+    gs = n if group_size == -1 else group_size
+    order = None if g_idx is None else torch.argsort(g_idx, stable=True)
+    if order is not None:  # act-order's groups, made contiguous (each group keeps its columns)
+        W, H, codes = W[:, order], H[order][:, order], codes[:, order]
+    gcol = (torch.arange(n, device=W.device) // gs).clamp(max=G - 1)
+    zf = torch.full_like(scales, 2.0 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
+    Qz = codes.float() - zf[:, gcol]  # [out, in]: Ŵ = s[:, gcol] * Qz
+    HW = W @ H  # [out, in] (H symmetric)
+    b = torch.zeros(out, G, dtype=torch.float32, device=W.device).index_add_(1, gcol, Qz * HW)
+    pad = G * gs - n  # a ragged last group: zero columns (no code, no H) up to G whole groups
+    H4 = torch.nn.functional.pad(H, (0, pad, 0, pad)).view(G, gs, G * gs)
+    A = torch.empty(out, G, G, dtype=torch.float64, device=W.device)
+    budget = REFIT_CHUNK_ELEMENTS["cuda" if W.device.type == "cuda" else "cpu"]
+    step = max(1, budget // (G * G * gs))
+    for r0 in range(0, out, step):
+        q = torch.nn.functional.pad(Qz[r0 : r0 + step], (0, pad)).view(-1, G, gs)  # [rows, G, gs]
+        R = torch.bmm(q.transpose(0, 1), H4).transpose(0, 1)  # [rows, G, G * gs]: Σ_k q[a, k] H[(a, k), m]
+        A[r0 : r0 + step] = (R.reshape(-1, G, G, gs) * q[:, None]).sum(-1, dtype=torch.float64)
+    s0 = scales.float()
+    diag = A.diagonal(dim1=1, dim2=2)  # [out, G]: 0 where a group's codes all sit on its zero point
+    ridge = 1e-7 * diag.mean(dim=1, keepdim=True).clamp_min(1e-30)  # a touch toward the old scales
+    A.diagonal(dim1=1, dim2=2).add_(ridge)
+    s_new, info = torch.linalg.solve_ex(A, b.double() + ridge * s0.double())
+    ok = (info == 0)[:, None] & (diag > 0) & torch.isfinite(s_new) & (s_new * s0 > 0)
+    s_new = torch.where(ok, s_new.float(), s0).to(scales.dtype)
+    s_new = torch.where(torch.isfinite(s_new.float()) & (s_new.float() * s0 > 0), s_new, scales)
+
+    def objective(s: torch.Tensor) -> torch.Tensor:
+        D = W - s.float()[:, gcol] * Qz
+        return ((D @ H) * D).sum(1, dtype=torch.float64)
+
+    better = objective(s_new) < objective(scales)
+    return torch.where(better[:, None], s_new, scales)
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:

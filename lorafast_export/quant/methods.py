@@ -283,9 +283,11 @@ def _gptq_solve(
     H: torch.Tensor,
     biases: list | None = None,
     search: bool | None = None,
+    refit: bool | None = None,
 ) -> list[QTensor]:
-    """search: the range search on / off for this solve (None: s.range_search)."""
+    """search / refit: the range search / the scale refit on or off for this solve (None: the config's)."""
     search = s.range_search if search is None else search
+    refit = s.scale_refit if refit is None else refit
     return gptq_quantize_many(  # the group's linears share H: one solve on their stacked rows
         weights,
         H,
@@ -299,6 +301,7 @@ def _gptq_solve(
         biases=biases,
         search=RANGE_SEARCH if search else None,
         static_groups=s.static_groups,
+        refit=refit,
     )
 
 
@@ -321,6 +324,7 @@ def _gptq_choice(
             [w * sc[None, :] for w in weights],
             H / sc[:, None] / sc[None, :],
             search=s.range_search and s.choice_search,
+            refit=False,
         )
         err = 0.0
         for qt, w in zip(qts, weights, strict=True):
