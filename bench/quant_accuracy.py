@@ -56,6 +56,9 @@ VARIANTS = {
     "gptq-damp0.1": {"method": "gptq", "damp_percent": 0.1},
     "gptq-damp0.001": {"method": "gptq", "damp_percent": 0.001},
 }
+for _m in ("gptq", "awq-gptq"):  # the scale refit after the sweep (the default since session 10) on / off
+    VARIANTS[f"{_m}-refit"] = {"method": _m, "scale_refit": True}
+    VARIANTS[f"{_m}-norefit"] = {"method": _m, "scale_refit": False}
 # Candidates measured for issue 14 that are config fields (quant/config.py) but not recipe options: the bench
 # sets them on the resolved config.
 EXPERIMENTS = {  # config fields set explicitly (act_order + static_groups: see GPTQConfig)
@@ -83,15 +86,12 @@ for _score in ("awq", "gptq"):  # awq-gptq's scale: AWQ's best, or the finalist 
         "range_search": True,
     }
 # session 7's awq-gptq default: the range search in the scale choice's trial solves too
-for _m in ("gptq", "awq-gptq"):  # the scale refit after the sweep, with each walk
-    EXPERIMENTS[f"{_m}-refit"] = {"method": _m, "scale_refit": True}
-    EXPERIMENTS[f"{_m}-onepass-refit"] = {"method": _m, "true_sequential": False, "scale_refit": True}
 EXPERIMENTS["awq-gptq-choicesearch"] = {
     "method": "awq-gptq",
     "range_search": True,
     "choice_search": True,
 }
-CONFIG_ONLY = ("static_groups", "true_sequential", "scale_refit", "scale_score", "choice_search")
+CONFIG_ONLY = ("static_groups", "true_sequential", "scale_score", "choice_search")
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:

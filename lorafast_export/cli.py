@@ -242,7 +242,11 @@ def _build_overrides(**o) -> dict:
     ):
         if o.get(flag):
             ov[key] = True
-    for flag in ("symmetric", "range_search"):  # tri-state: unset keeps the recipe's (or the method's) value
+    for flag in (
+        "symmetric",
+        "range_search",
+        "scale_refit",
+    ):  # tri-state: unset keeps the recipe's (or the method's) value
         if o.get(flag) is not None:
             ov[f"quant.{flag}"] = o[flag]
     for spec in o.get("target_option") or ():
@@ -309,6 +313,11 @@ def load_recipe(recipe_path: str | None, overrides: dict):
     "--range-search/--no-range-search",
     default=None,
     help="gptq / awq-gptq: search each group's range (Hessian-weighted error) instead of min-max (default: on at group size >= 128).",
+)
+@click.option(
+    "--scale-refit/--no-scale-refit",
+    default=None,
+    help="gptq / awq-gptq: after the sweep, re-solve each group's scale for its codes (least squares on the calibration Hessian; default: on).",
 )
 @click.option("--calib", multiple=True, help="Calibration text/jsonl file(s). Default: bundled text.")
 @click.option(

@@ -105,6 +105,9 @@ class QuantOptions(_Section):
     # gptq / awq-gptq: each group's range searched (diag(H)-weighted MSE grid) instead of min-max. None: the
     # method's default (specs.RANGE_SEARCH_BY_DEFAULT, filled in by quant.config.resolve_quant)
     range_search: bool | None = None
+    # gptq / awq-gptq: after the sweep, each group's scale re-solved for the codes it got (least squares on the
+    # calibration Hessian; codes and zero points unchanged). None: the method's default (on for both)
+    scale_refit: bool | None = None
     damp_percent: float = Field(default=0.01, gt=0, lt=1)
     block_size: int = Field(default=128, gt=0)
     smooth_alpha: float = Field(default=0.5, ge=0, le=1)
@@ -140,6 +143,10 @@ class QuantOptions(_Section):
         if self.range_search and self.method not in ("gptq", "awq-gptq"):
             problems.append(
                 "quant.range_search: only gptq and awq-gptq search group ranges; remove it or use one of them"
+            )
+        if self.scale_refit and self.method not in ("gptq", "awq-gptq"):
+            problems.append(
+                "quant.scale_refit: only gptq and awq-gptq refit their scales; remove it or use one of them"
             )
         if problems:
             raise ValueError("; ".join(problems))

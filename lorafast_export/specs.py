@@ -41,6 +41,9 @@ RANGE_SEARCH_MIN_GROUP = 128
 # GPTQ's walk (specs.default_true_sequential): true-sequential at groups of this many columns or more and per channel,
 # one pass below. A decision of its own (CPU time at the default g128), not the range search's threshold.
 TRUE_SEQUENTIAL_MIN_GROUP = 128
+# quant.scale_refit unset: on for these methods (gptq.refit_scales; 30M fixture, session 10, bench/QUANT.md: gptq
+# KL -3.0% at g128 and -3.3% at g32, asymmetric)
+SCALE_REFIT_BY_DEFAULT = ("gptq", "awq-gptq")
 HF_FORMATS = ("auto", "gptq", "awq", "compressed-tensors")  # checkpoint layouts of a quantized `hf` artifact
 
 
@@ -77,6 +80,11 @@ def default_range_search(method: str, group_size: int, range_search: bool | None
     if range_search is not None:
         return range_search
     return method in RANGE_SEARCH_BY_DEFAULT and group_size >= RANGE_SEARCH_MIN_GROUP
+
+
+def default_scale_refit(method: str) -> bool:
+    """quant.scale_refit unset: on for gptq and awq-gptq (every group size and symmetry), off for the rest."""
+    return method in SCALE_REFIT_BY_DEFAULT
 
 
 # ----------------------------------------------------------------------------------------------- targets

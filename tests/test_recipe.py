@@ -133,6 +133,19 @@ def test_gptq_walk_default_is_per_group_size():
     assert quantization_config("gptq", QScheme(4, 128, False), old)["true_sequential"] is True
 
 
+def test_scale_refit_default_is_resolved_and_recorded():
+    """quant.scale_refit unset: on for gptq and awq-gptq, recorded resolved; off asked for, off; asked for with a
+    method that has no scales to refit, an error naming the field."""
+    for method in ("gptq", "awq-gptq"):
+        qc = resolve_quant({"method": method})
+        assert qc.scale_refit is True and qc.record()["scale_refit"] is True
+        off = resolve_quant({"method": method, "scale_refit": False})
+        assert off.scale_refit is False and off.record()["scale_refit"] is False
+    assert resolve_quant({"method": "awq"}).record()["scale_refit"] is False
+    with pytest.raises(ValueError, match="quant.scale_refit"):
+        resolve_quant({"method": "rtn", "scale_refit": True})
+
+
 def test_quant_configs_are_per_method_and_frozen():
     with pytest.raises(TypeError):  # a knob of another method is not a field of this one
         RTNConfig(bits=4, group_size=128, symmetric=False, grid=20)
@@ -146,7 +159,7 @@ def test_quant_record_keeps_the_artifact_layout():
     assert list(rec)[:4] == ["method", "bits", "group_size", "symmetric"]
     assert rec | {"calib": None} == {
         "method": "smoothquant", "bits": 8, "group_size": -1, "symmetric": True, "act_order": False,
-        "static_act_order": True, "range_search": False, "damp_percent": 0.01, "block_size": 128, "smooth_alpha": 0.7, "awq_grid": 20,
+        "static_act_order": True, "range_search": False, "scale_refit": False, "damp_percent": 0.01, "block_size": 128, "smooth_alpha": 0.7, "awq_grid": 20,
         "awq_clip": True,
         "quantize_lm_head": False, "calib": None, "device": "auto",
     }  # fmt: skip

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lorafast_export.recipe import CalibOptions, QuantOptions
-from lorafast_export.specs import default_range_search, default_settings, default_true_sequential
+from lorafast_export.specs import (
+    default_range_search,
+    default_scale_refit,
+    default_settings,
+    default_true_sequential,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +138,7 @@ def _own(o: QuantOptions) -> dict[str, Any]:
         "damp_percent": o.damp_percent,
         "block_size": o.block_size,
         "range_search": o.range_search,
+        "scale_refit": o.scale_refit,
     }
     return {
         "smoothquant": {"alpha": o.smooth_alpha},
@@ -157,6 +163,8 @@ def resolve_quant(options: QuantOptions | dict, requires_symmetric: bool = False
         o = o.model_copy(update={"symmetric": True})  # the source records what was resolved for the target
     if o.range_search is None:  # the method's default, recorded resolved (false where nothing searches)
         o = o.model_copy(update={"range_search": default_range_search(o.method, shared["group_size"], None)})
+    if o.scale_refit is None:  # the method's default, recorded resolved
+        o = o.model_copy(update={"scale_refit": default_scale_refit(o.method)})
     cls = CONFIGS[o.method]
     walk = (  # gptq and awq-gptq: the walk's one default, in specs
         {"true_sequential": default_true_sequential(o.method, shared["group_size"])}
