@@ -28,7 +28,7 @@ FAMILIES = ("rtn", "gptq", "awq-gptq", "awq")  # checked in order: a name's fami
 def family(name: str) -> str:
     base = name.split(" (")[0].removeprefix("ours ")
     base = re.sub(
-        r"-(search|nosearch|noclip|sym|static|act|onepass|natural|damp[\d.]+|se|awqscore|gptqscore)\b",
+        r"-(search|nosearch|noclip|sym|static|act|onepass|natural|damp[\d.]+|se|awqscore|gptqscore|refit|norefit)\b",
         "",
         base,
     )
@@ -88,16 +88,26 @@ def kl_by_block(out: Path, tag: str, name: str, block: int = 256, stride: int = 
 # --status: our rows at today's defaults (bench/quant_accuracy.py names; the first present is used: rows run before
 # a default changed carry the variant's name), by whether the range search is on at that group size
 # (specs.default_range_search), and the peers they are compared with.
-OURS_DEFAULT = {
+OURS_DEFAULT = {  # the scale refit is the default since session 10: its rows ("-refit") first
     True: {
-        "gptq": ("ours gptq-search",),
+        "gptq": ("ours gptq-refit", "ours gptq-search"),
         "awq": ("ours awq",),
-        "awq-gptq": ("ours awq-gptq-onepass", "ours awq-gptq-search", "ours awq-gptq-gptqscore-search"),
+        "awq-gptq": (
+            "ours awq-gptq-refit",
+            "ours awq-gptq-onepass",
+            "ours awq-gptq-search",
+            "ours awq-gptq-gptqscore-search",
+        ),
     },
     False: {  # "ours gptq" / "ours awq-gptq": rows run before session 7, when the search was off by default
-        "gptq": ("ours gptq-nosearch", "ours gptq"),
+        "gptq": ("ours gptq-refit", "ours gptq-nosearch", "ours gptq"),
         "awq": ("ours awq",),
-        "awq-gptq": ("ours awq-gptq-onepass", "ours awq-gptq-nosearch", "ours awq-gptq"),
+        "awq-gptq": (
+            "ours awq-gptq-refit",
+            "ours awq-gptq-onepass",
+            "ours awq-gptq-nosearch",
+            "ours awq-gptq",
+        ),
     },
 }
 

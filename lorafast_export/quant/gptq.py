@@ -207,7 +207,8 @@ def refit_scales(
     zf = torch.full_like(scales, 2.0 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
     Qz = codes.float() - zf[:, gcol]  # [out, in]: Ŵ = s[:, gcol] * Qz
     HW = W @ H  # [out, in] (H symmetric)
-    b = torch.zeros(out, G, dtype=torch.float32, device=W.device).index_add_(1, gcol, Qz * HW)
+    b = torch.zeros(out, G, dtype=torch.float64, device=W.device).index_add_(1, gcol, (Qz * HW).double())
+    wHw = (HW.double() * W.double()).sum(1)  # [out]: each row's objective is wHw - 2 s.b + s.A s
     pad = G * gs - n  # a ragged last group: zero columns (no code, no H) up to G whole groups
     H4 = torch.nn.functional.pad(H, (0, pad, 0, pad)).view(G, gs, G * gs)
     A = torch.empty(out, G, G, dtype=torch.float64, device=W.device)
@@ -216,19 +217,21 @@ def refit_scales(
     for r0 in range(0, out, step):
         q = torch.nn.functional.pad(Qz[r0 : r0 + step], (0, pad)).view(-1, G, gs)  # [rows, G, gs]
         R = torch.bmm(q.transpose(0, 1), H4).transpose(0, 1)  # [rows, G, G * gs]: Σ_k q[a, k] H[(a, k), m]
-        A[r0 : r0 + step] = (R.reshape(-1, G, G, gs) * q[:, None]).sum(-1, dtype=torch.float64)
+        A[r0 : r0 + step] = torch.einsum("nabl,nbl->nab", R.reshape(-1, G, G, gs), q).double()
     s0 = scales.float()
     diag = A.diagonal(dim1=1, dim2=2)  # [out, G]: 0 where a group's codes all sit on its zero point
     ridge = 1e-7 * diag.mean(dim=1, keepdim=True).clamp_min(1e-30)  # a touch toward the old scales
-    A.diagonal(dim1=1, dim2=2).add_(ridge)
-    s_new, info = torch.linalg.solve_ex(A, b.double() + ridge * s0.double())
+    Ar = A.clone()
+    Ar.diagonal(dim1=1, dim2=2).add_(ridge)
+    s_new, info = torch.linalg.solve_ex(Ar, b + ridge * s0.double())
+    del Ar
     ok = (info == 0)[:, None] & (diag > 0) & torch.isfinite(s_new) & (s_new * s0 > 0)
     s_new = torch.where(ok, s_new.float(), s0).to(scales.dtype)
     s_new = torch.where(torch.isfinite(s_new.float()) & (s_new.float() * s0 > 0), s_new, scales)
 
-    def objective(s: torch.Tensor) -> torch.Tensor:
-        D = W - s.float()[:, gcol] * Qz
-        return ((D @ H) * D).sum(1, dtype=torch.float64)
+    def objective(s: torch.Tensor) -> torch.Tensor:  # (w - Ŵ) H (w - Ŵ)ᵀ per row, from A and b (float64)
+        s = s.double()
+        return wHw - 2 * (s * b).sum(1) + (s[:, None, :] @ A @ s[:, :, None]).view(-1)
 
     better = objective(s_new) < objective(scales)
     return torch.where(better[:, None], s_new, scales)

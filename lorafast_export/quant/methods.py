@@ -8,7 +8,7 @@ The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides wha
 - rtn / int8: data-free, each weight on its own.
 - gptq: sequential within the block (q,k,v → o → gate,up → down): each group's Hessian is accumulated from
   inputs produced by the already-quantized groups before it (GPTQ's true-sequential mode, gptq's default;
-  true_sequential off, awq-gptq's default: every group's from one forward of the unquantized block); the linears of a group share that Hessian and are solved as one
+  true_sequential off, below group 128 for both methods: every group's from one forward of the unquantized block); the linears of a group share that Hessian and are solved as one
   stacked matrix (gptq_quantize_many).
 - awq: one forward captures each group's input; per group a scale search (loss: the whole attention /
   MLP for q,k,v / gate,up; the linear outputs otherwise), folded into the previous op
