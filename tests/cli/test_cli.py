@@ -108,6 +108,12 @@ def test_dump_recipe_round_trips_flags(tmp_path):
     for flags, want in (([], None), (["--no-range-search"], False), (["--range-search"], True)):
         d = yaml.safe_load(run("build", "--quant", "awq-gptq", *flags, "--dump-recipe").output)
         assert d["quant"]["range_search"] is want, flags
+    # likewise --scale-refit / --no-scale-refit; asked for with a method that has no refit, an error naming the field
+    for flags, want in (([], None), (["--no-scale-refit"], False), (["--scale-refit"], True)):
+        d = yaml.safe_load(run("build", "--quant", "gptq", *flags, "--dump-recipe").output)
+        assert d["quant"]["scale_refit"] is want, flags
+    bad = run("build", "--quant", "awq", "--scale-refit", "--dump-recipe")
+    assert bad.exit_code != 0 and "quant.scale_refit" in bad.output
 
 
 def test_inspect_adapter_and_model(tmp_path):
