@@ -211,15 +211,24 @@ def refit_scales(
     wHw = (HW.double() * W.double()).sum(1)  # [out]: each row's objective is wHw - 2 s.b + s.A s
     pad = G * gs - n  # a ragged last group: zero columns (no code, no H) up to G whole groups
     H4 = torch.nn.functional.pad(H, (0, pad, 0, pad)).view(G, gs, G * gs)
-    A = torch.empty(out, G, G, dtype=torch.float64, device=W.device)
     budget = REFIT_CHUNK_ELEMENTS["cuda" if W.device.type == "cuda" else "cpu"]
-    step = max(1, budget // (G * G * gs))
+    step = max(1, budget // (G * G * gs))  # rows at a time: A is never held for the whole matrix
+    refit = torch.empty_like(scales)
     for r0 in range(0, out, step):
-        q = torch.nn.functional.pad(Qz[r0 : r0 + step], (0, pad)).view(-1, G, gs)  # [rows, G, gs]
+        rows = slice(r0, r0 + step)
+        q = torch.nn.functional.pad(Qz[rows], (0, pad)).view(-1, G, gs)  # [rows, G, gs]
         R = torch.bmm(q.transpose(0, 1), H4).transpose(0, 1)  # [rows, G, G * gs]: Σ_k q[a, k] H[(a, k), m]
-        A[r0 : r0 + step] = torch.einsum("nabl,nbl->nab", R.reshape(-1, G, G, gs), q).double()
+        A = torch.einsum("nabl,nbl->nab", R.reshape(-1, G, G, gs), q).double()
+        del R
+        refit[rows] = _refit_rows(A, b[rows], wHw[rows], scales[rows])
+    return refit
+
+
+def _refit_rows(A: torch.Tensor, b: torch.Tensor, wHw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """refit_scales for a chunk of rows: A [rows, G, G], b [rows, G], wHw [rows] (float64), the old scales [rows, G]
+    -> the scales each row keeps (new where they lower its objective, else old)."""
     s0 = scales.float()
-    diag = A.diagonal(dim1=1, dim2=2)  # [out, G]: 0 where a group's codes all sit on its zero point
+    diag = A.diagonal(dim1=1, dim2=2)  # [rows, G]: 0 where a group's codes all sit on its zero point
     ridge = 1e-7 * diag.mean(dim=1, keepdim=True).clamp_min(1e-30)  # a touch toward the old scales
     Ar = A.clone()
     Ar.diagonal(dim1=1, dim2=2).add_(ridge)
