@@ -186,16 +186,16 @@ def refit_scales(
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each group's scale re-solved for the codes GPTQ gave it: the scales [out, G] that minimise GPTQ's own
-        objective, the calibration output error (W - Ŵ) H (W - Ŵ)ᵀ of each row, with the codes and the (integer) zero
-        points fixed. Ŵ = s_g · (q - z_g) is linear in the row's G scales, so that is one G x G least-squares solve a
-        row: A s = b with A[g, h] = Σ_{c in g, d in h} (q_c - z_g) H[c, d] (q_d - z_h) and b[g] = Σ_{c in g} (q_c - z_g)
-        (H w)[c]. The scales are static (chosen before the sweep from min-max or a range search), so the codes the
-        sweep picked, with their error feedback, usually fit a slightly different scale better.
+    objective, the calibration output error (W - Ŵ) H (W - Ŵ)ᵀ of each row, with the codes and the (integer) zero
+    points fixed. Ŵ = s_g · (q - z_g) is linear in the row's G scales, so that is one G x G least-squares solve a
+    row: A s = b with A[g, h] = Σ_{c in g, d in h} (q_c - z_g) H[c, d] (q_d - z_h) and b[g] = Σ_{c in g} (q_c - z_g)
+    (H w)[c]. The scales are static (chosen before the sweep from min-max or a range search), so the codes the
+    sweep picked, with their error feedback, usually fit a slightly different scale better.
 
-        W [out, in] the weights before the sweep and H [in, in] the solve's Hessian (undamped), original column order;
-        codes [out, in] uint8 in original order; g_idx [in] or None (contiguous groups). Returns scales in their dtype.
-        A row keeps its old scales unless the new ones, rounded to that dtype, lower its objective; a group whose codes
-        all sit on the zero point, or whose new scale is not finite or has changed sign (a symmetric scale carries the
+    W [out, in] the weights before the sweep and H [in, in] the solve's Hessian (undamped), original column order;
+    codes [out, in] uint8 in original order; g_idx [in] or None (contiguous groups). Returns scales in their dtype.
+    A row keeps its old scales unless the new ones, rounded to that dtype, lower its objective; a group whose codes
+    all sit on the zero point, or whose new scale is not finite or has changed sign (a symmetric scale carries the
     sign that puts the group's extreme on code -8), keeps its old scale."""
     out, n = W.shape
     G = scales.shape[1]
