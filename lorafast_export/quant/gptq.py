@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.qform import QTensor
+from lorafast_export.qform import QTensor, group_index
 from lorafast_export.quant.rtn import check_quant_args, qparams, quantize_codes, weight_qtensor
 from lorafast_export.quant.search import search_qparams
 
@@ -203,7 +203,7 @@ def refit_scales(
     order = None if g_idx is None else torch.argsort(g_idx, stable=True)
     if order is not None:  # act-order's groups, made contiguous (each group keeps its columns)
         W, H, codes = W[:, order], H[order][:, order], codes[:, order]
-    gcol = (torch.arange(n, device=W.device) // gs).clamp(max=G - 1)
+    gcol = group_index(n, group_size).to(W.device)  # [in]: contiguous groups now
     zf = torch.full_like(scales, 2.0 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
     Qz = codes.float() - zf[:, gcol]  # [out, in]: Ŵ = s[:, gcol] * Qz
     HW = W @ H  # [out, in] (H symmetric)
@@ -234,9 +234,9 @@ def _refit_rows(A: torch.Tensor, b: torch.Tensor, wHw: torch.Tensor, scales: tor
     Ar.diagonal(dim1=1, dim2=2).add_(ridge)
     s_new, info = torch.linalg.solve_ex(Ar, b + ridge * s0.double())
     del Ar
-    ok = (info == 0)[:, None] & (diag > 0) & torch.isfinite(s_new) & (s_new * s0 > 0)
-    s_new = torch.where(ok, s_new.float(), s0).to(scales.dtype)
-    s_new = torch.where(torch.isfinite(s_new.float()) & (s_new.float() * s0 > 0), s_new, scales)
+    r = s_new.to(scales.dtype).float()  # as stored: rounding may overflow, or reach zero
+    ok = (info == 0)[:, None] & (diag > 0) & torch.isfinite(r) & (r * s0 > 0)
+    s_new = torch.where(ok, r.to(scales.dtype), scales)
 
     def objective(s: torch.Tensor) -> torch.Tensor:  # (w - Ŵ) H (w - Ŵ)ᵀ per row, from A and b (float64)
         s = s.double()
