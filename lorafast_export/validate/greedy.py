@@ -1,14 +1,22 @@
 """The greedy-generation check: every stage's greedy continuation of the prompts against the reference's.
 
-All prompts decode together (left-padded, one batch per `batch_size` prompts) with a KV cache, on the validation
-device. A decoder stage is run by `decoder_greedy_batch`; a runtime session by its own `generate_batch` (or
-`generate`, prompt by prompt); the reference by transformers' `generate` on the unmerged PEFT model. The
-reference's tokens are cached next to its logits, so a second build against the same inputs decodes only the
-candidates.
+The reference decodes the prompts together (left-padded, one batch per `batch_size` prompts) with a KV cache, on
+the validation device: transformers' `generate` on the unmerged PEFT model, or our streamed unmerged forward built
+whole. Its tokens are cached next to its logits, so a second build against the same inputs does not decode them
+again. A runtime session (ONNX Runtime, OpenVINO, our torch-compile runtime) decodes with its own generation
+client and KV cache (`generate_batch`, or `generate` prompt by prompt): what is shipped is what is checked.
 
-Decoding needs a whole model on one device, held for `max_new_tokens` steps. Where that does not fit (a CPU-only
-machine and a model over `HOST_DECODE_MAX_BYTES` in fp32; a GPU without room for it), the check is skipped and
-`GreedyResult.note` says why: the report shows the note and no greedy numbers, instead of hours of decoding.
+A layered stage (merged, quantized, an artifact read back: validate/layers.py) is checked by teacher forcing
+instead of its own decoding loop: the prompts followed by the reference's tokens go through the layer-streamed
+walk with the eval blocks (`teacher_forced_blocks`), and its argmax at each of those positions gives its greedy
+continuation up to its first disagreement with the reference (`teacher_forced_tokens`), which is all the greedy
+metrics (exact match, first divergence) read. No whole model of the stage is built, and its layers are built
+once for the eval blocks and the prompts together.
+
+The reference's decoding needs a whole model on one device, held for `max_new_tokens` steps. Where that does not
+fit (a CPU-only machine and a model over `HOST_DECODE_MAX_BYTES` in fp32; a GPU without room for it), the check
+is skipped and `GreedyResult.note` says why: the report shows the note and no greedy numbers, instead of hours of
+decoding.
 """
 
 from __future__ import annotations
@@ -58,6 +66,33 @@ def decode_fits(model_bytes: int, device: str) -> str | None:
         f"the {HOST_DECODE_MAX_BYTES / 2**30:.0f} GiB a CPU-only validation allows; validate on a GPU "
         "(validate.device cuda) to run it."
     )
+
+
+def teacher_forced_blocks(
+    prompts: Sequence[Sequence[int]], ref_tokens: Sequence[Sequence[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The blocks that check a layered stage's greedy decoding in one forward: prompt i followed by the reference's
+    new tokens but the last, right-padded (a causal model's positions before the padding do not see it), and per
+    prompt (first position, count): the positions whose logits predict the reference's new tokens."""
+    seqs = [list(p) + list(r[:-1]) for p, r in zip(prompts, ref_tokens, strict=True)]
+    ids = torch.full((len(seqs), max(len(q) for q in seqs)), pad_id, dtype=torch.long)
+    spans = []
+    for i, (q, p, r) in enumerate(zip(seqs, prompts, ref_tokens, strict=True)):
+        ids[i, : len(q)] = torch.tensor(q, dtype=torch.long)
+        spans.append((len(p) - 1, len(r)))
+    return ids, spans
+
+
+def teacher_forced_tokens(ref: Sequence[int], argmax: Sequence[int]) -> list[int]:
+    """A stage's greedy continuation as far as the reference's tokens determine it, from its argmax at each
+    position of the reference's continuation (teacher forcing): while they agree, its greedy decoding is fed the
+    same tokens as the reference's, so its continuation is the reference's up to the first disagreement k and
+    its token at k is argmax[k]; beyond k it would see other tokens, and the continuation stops there. For the
+    greedy metrics (exact match, first divergence) this equals its own decoding of max_new_tokens tokens."""
+    for k, (a, b) in enumerate(zip(ref, argmax, strict=True)):
+        if a != b:
+            return [*ref[:k], b]
+    return list(ref)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,33 +172,6 @@ def joint_greedy_batch(
         pos = pos[:, -1:] + 1
         logits, pasts = _forward(decs, [x[:, None] for x in nxt], pasts, pos, mask)  # each its own tokens
     return [torch.stack(o, dim=1).tolist() for o in out]
-
-
-class JointGreedy:
-    """Greedy tokens of several layered sources decoded together (joint_greedy_batch): the first of their stages
-    asked for a batch of prompts decodes it for all of them, the others are handed their share."""
-
-    def __init__(self, sources: Sequence, device, progress: Progress = lambda m: None):
-        self.sources, self.device, self.progress = list(sources), device, progress
-        self._done: dict[tuple[str, int], dict[str, list[list[int]]]] = {}
-
-    def runner(self, name: str) -> Callable[[list[list[int]], int, Callable[[int], None]], list[list[int]]]:
-        def run(prompts: list[list[int]], max_new_tokens: int, tick) -> list[list[int]]:
-            key = (json.dumps(prompts), max_new_tokens)
-            if key not in self._done:
-                names = [s.name for s in self.sources]
-                self.progress(
-                    f"greedy {', '.join(names)}: decoded together (each layer built once per token)"
-                )
-                decs = [s.decoder(self.device) for s in self.sources]
-                self._done[key] = dict(zip(names, joint_greedy_batch(decs, prompts, max_new_tokens, tick)))
-                del decs
-            share = self._done[key].pop(name)
-            if not self._done[key]:
-                del self._done[key]
-            return share
-
-        return run
 
 
 @torch.no_grad()

@@ -233,10 +233,9 @@ def _fill_reference_stream(logits, stages, missing, offsets, writers) -> None:
 
 def _reference_entries(v, eval_sets, cache, device, dtype, progress, held, beside):
     """{eval set: (ref entry, base entry)} from the cache, the eval sets missing there and their cache writers;
-    also the reference stages to add to the walk when the reference is streamed, and a getter that waits for a
-    transformers + PEFT reference's logits (computed beside the walk on a CPU: `beside`). A PEFT reference
-    built here is left in held["model"] for the greedy check (_reference_greedy), which would otherwise load it
-    again."""
+    also the reference stages to add to the walk when the reference is streamed, and the job that fills the
+    entries from a transformers + PEFT reference (None when there is none to run; the caller submits it to
+    `beside`). The job takes the PEFT model the greedy check left in held["model"], or loads it."""
     from lorafast_export.merge import plan_merge
     from lorafast_export.validate.layers import StoreSource, UnmergedSource
     from lorafast_export.validate.stream import Stage
@@ -258,9 +257,8 @@ def _reference_entries(v, eval_sets, cache, device, dtype, progress, held, besid
         )
         for es in missing
     }
-    stages, done = [], lambda: None
     if not missing:
-        return entries, missing, writers, stages, done
+        return entries, missing, writers, [], None
     # the bare base (no reference: only its perplexity is used, for the adapter gain) is a stage of our walk
     # (StoreSource: the checkpoint as stored, in float32), which costs less than a transformers forward; with a
     # half-precision PEFT reference it stays in PEFT, so both perplexities come from the same precision
@@ -269,15 +267,13 @@ def _reference_entries(v, eval_sets, cache, device, dtype, progress, held, besid
         progress("reference (transformers + PEFT, unmerged)")
         in_walk = dtype == torch.float32
 
-        def fill() -> None:
-            held["model"] = Reference(v.base, v.adapters, device, dtype)
-            _fill_reference_peft(held["model"], missing, writers, vocab, not in_walk, beside.check)
+        def fill() -> None:  # takes the model the greedy check loaded before it, if it did
+            model = held.pop("model", None) or Reference(v.base, v.adapters, device, dtype)
+            _fill_reference_peft(model, missing, writers, vocab, not in_walk, beside.check)
 
-        done = beside.submit(fill)
-        stages = [base_stage] if in_walk else []
-    else:
-        stages = [Stage("reference", UnmergedSource(plan_merge(v.base, v.adapters), "base")), base_stage]
-    return entries, missing, writers, stages, done
+        return entries, missing, writers, [base_stage] if in_walk else [], fill
+    stages = [Stage("reference", UnmergedSource(plan_merge(v.base, v.adapters), "base")), base_stage]
+    return entries, missing, writers, stages, None
 
 
 def _finish(writers, missing, entries) -> None:
@@ -365,7 +361,10 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         stage_result,
     )
     from lorafast_export.validate.gates import DEFAULT_GATES
+    from lorafast_export.validate.greedy import decode_fits
+    from lorafast_export.validate.layers import fp32_bytes
     from lorafast_export.validate.metrics import greedy_agreement
+    from lorafast_export.validate.resident import release_resident
     from lorafast_export.validate.stream import Stage, StageLogits, walk
 
     opts = v.recipe.validate_
@@ -393,28 +392,32 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         f"inputs: {n} eval blocks, {len(prompts)} prompts, tokenized and hashed ({laps.lap('inputs'):.1f} s)"
     )
     progress("reference")
-    held = {}  # the reference's model, once loaded: kept for its greedy check (at most 1 GiB of fp32 weights)
-    # not with a resident base (a CPU rehearsal of the GPU path): its reads share one staging buffer, and the
-    # greedy check releases it while the walk may still read it
+    held = {}  # the PEFT reference the greedy check loads, kept for its logits job (at most 1 GiB of fp32 weights)
+    # not with a resident base (a CPU rehearsal of the GPU path): its reads share one staging buffer
     resident = getattr(v.base.store, "resident_on", None) is not None
     beside = Beside(threaded=BESIDE_ON_CPU and torch.device(device).type == "cpu" and not resident)
     try:
-        entries, missing, writers, ref_stages, ref_done = _reference_entries(
+        entries, missing, writers, ref_stages, fill = _reference_entries(
             v, eval_sets, cache, device, dtype, progress, held, beside
         )
         stages = [
             Stage(c.name, c.source) if c.source is not None else Stage(c.name, logits=c.logits)
             for c in v.candidates
         ]
-        fetched = _fetch_session_logits(stages, ids, v.base.config.vocab_size, beside)
-        greedy_done = _greedy(
-            v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held, beside
+        fetched = _fetch_session_logits(stages, ids, v.base.config.vocab_size, beside)  # first in the worker
+        # the reference's greedy tokens before the walk, which checks the layered stages against them
+        skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)  # the reference decodes whole
+        greedy = _reference_tokens(
+            v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held, fill is not None, skip
         )
+        ref_done = beside.submit(fill) if fill is not None else (lambda: None)
+        sessions_greedy = _session_greedy(v, prompts, opts.max_new_tokens, device, progress, beside, skip)
+        forced = _forced_blocks(v, prompts, greedy)
         layered = [st.source for st in ref_stages + stages if st.source is not None]
         progress(f"streaming {len(layered)} stages layer by layer on {device}")
         try:
             laps.lap("reference setup")
-            hidden = walk(layered, ids, device, progress)
+            hidden = walk(layered, ids, device, progress, forced[0] if forced else None)
             laps.lap("walk")
             if ref_stages:
                 ref_logits = StageLogits(ref_stages, hidden, ids, device)
@@ -436,6 +439,15 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         laps.lap("reference")
         logits = StageLogits(stages, hidden, ids, device, fetched)
         progress(f"heads of {len(logits.heads)} stages on {device} ({laps.lap('heads'):.1f} s)")
+        if forced:
+            greedy.tokens.update(_forced_tokens(forced, logits.heads, greedy.tokens["reference"]))
+            progress(
+                f"greedy {', '.join(forced[0].stages)}: teacher-forced on the reference's tokens in the walk "
+                f"({len(prompts)} prompts, {opts.max_new_tokens} tokens each; {laps.lap('greedy'):.1f} s)"
+            )
+        # a device-resident base (validate/resident.py) is read by the walk and the heads only: freed before the
+        # comparisons and the runtime sessions' greedy decoding
+        release_resident(v.base)
         results = _compare_all(eval_sets, offsets, entries, logits, stages, device, fetched, beside, progress)
         infos = []
         for es in eval_sets:
@@ -451,7 +463,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
             )
         logits.close()
         del hidden, logits, fetched
-        greedy = greedy_done()
+        greedy.tokens.update(sessions_greedy())
     except BaseException:
         beside.close(failed=True)
         raise
@@ -499,76 +511,89 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     return report
 
 
-def _greedy(
-    v: ValidationInputs, prompts, n: int, device: str, dtype, cache_dir, progress, held: dict, beside
+def _reference_tokens(
+    v: ValidationInputs,
+    prompts,
+    n: int,
+    device: str,
+    dtype,
+    cache_dir,
+    progress,
+    held: dict,
+    keep: bool,
+    skip,
 ):
-    """A getter, called after the comparisons, of the greedy tokens of the reference (cached next to its logits)
-    and of every candidate, each batched across the prompts on the device; skipped with a note
-    (GreedyResult.note) where the device cannot hold the model. On a CPU (`beside` threaded) the reference and
-    the layered stages decode beside the walk and the comparisons, from now on, and so does a runtime session
-    that decodes with a model of its own (Candidate.decodes_beside_logits); another session decodes when the
-    getter is called, after its logits are done (it is never used from two threads). On a GPU everything runs
-    when the getter is called, after the walk's memory is freed."""
-    from lorafast_export.validate.greedy import (
-        GreedyStage,
-        JointGreedy,
-        decode_fits,
-        run_greedy,
-        stage_tokens,
-    )
-    from lorafast_export.validate.layers import fp32_bytes
-    from lorafast_export.validate.resident import release_resident
-
-    def stages() -> list[GreedyStage]:
-        out = [
-            GreedyStage(c.name, lambda ch, n, tick, c=c: c.greedy(ch, n, device, tick)) for c in v.candidates
-        ]
-        # a device-resident base (validate/resident.py) is freed once the last stage built from it has decoded:
-        # the stages after it (quantized, artifact) hold whole decoders of their own
-        on_base = [
-            i
-            for i, c in enumerate(v.candidates)
-            if c.source is not None and c.source.builds_on_device(device)
-        ]
-        if (
-            len(on_base) > 1
-        ):  # decoded together: the fp32 merge merged-fp32 and merged-bf16 share, once a token
-            joint = JointGreedy([v.candidates[i].source for i in on_base], device, progress)
-            for i in on_base:
-                out[i].run = joint.runner(v.candidates[i].name)
-        if on_base:
-            out[on_base[-1]].close = lambda: release_resident(v.base)
-        return out
+    """GreedyResult with the reference's greedy tokens (cached next to its logits, else decoded with a KV cache:
+    transformers + PEFT's generate where PEFT is the reference, else our streamed unmerged forward built whole on
+    the device), or the note of a skipped check. keep: leave a PEFT model it loads in held["model"] for the
+    reference's logits job after it."""
+    from lorafast_export.validate.greedy import run_greedy
 
     ref = _reference_greedy(v, device, dtype, held)
-    if not beside.threaded:
+    if keep:
+        ref.close = lambda: None
+    return run_greedy(ref, [], prompts, n, cache_dir, progress, skip_note=skip)
 
-        def run():
-            skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)  # fp32 decoders on the device
-            return run_greedy(ref, stages(), prompts, n, cache_dir, progress, skip_note=skip)
 
-        return run
-    skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)
-    every = list(zip(stages(), v.candidates, strict=True))
-    worker = [st for st, c in every if c.source is not None or c.decodes_beside_logits]
-    after = [st for st, c in every if c.source is None and not c.decodes_beside_logits]
-    first = beside.submit(
-        lambda: run_greedy(ref, worker, prompts, n, cache_dir, beside.checked(progress), skip_note=skip)
+def _forced_blocks(v: ValidationInputs, prompts, greedy) -> tuple | None:
+    """(ExtraBlocks for the walk, spans): every layered stage's greedy check as one teacher-forced forward of the
+    prompts followed by the reference's tokens (greedy.teacher_forced_blocks), carried by the walk beside the eval
+    blocks; None when the check is skipped or no stage is layered. Runtime sessions decode with their own
+    runtime and KV cache instead (_session_greedy), as the reference does."""
+    from lorafast_export.validate.greedy import teacher_forced_blocks
+    from lorafast_export.validate.stream import ExtraBlocks
+
+    names = tuple(c.name for c in v.candidates if c.source is not None)
+    if greedy.note or not names or not prompts:
+        return None
+    ids, spans = teacher_forced_blocks(prompts, greedy.tokens["reference"])
+    return ExtraBlocks(ids, names), spans
+
+
+def _forced_tokens(forced, heads, ref_tokens) -> dict[str, list[list[int]]]:
+    """{layered stage: its greedy tokens (greedy.teacher_forced_tokens)} from the walk's teacher-forced blocks."""
+    from lorafast_export.validate.greedy import teacher_forced_tokens
+
+    extra, spans = forced
+    out = {}
+    for name in extra.stages:
+        h = extra.hidden.pop(name)
+        out[name] = [
+            teacher_forced_tokens(ref, heads[name](h[i, start : start + count]).argmax(-1).tolist())
+            for i, ((start, count), ref) in enumerate(zip(spans, ref_tokens, strict=True))
+        ]
+    return out
+
+
+def _session_greedy(v: ValidationInputs, prompts, n: int, device: str, progress, beside, skip):
+    """A getter of the runtime sessions' greedy tokens ({} when the check is skipped), each decoded by its own
+    runtime with its KV cache, batched across the prompts. On a CPU (`beside` threaded) a session that decodes
+    with a model of its own (Candidate.decodes_beside_logits) does so in the worker, after its earlier jobs;
+    another decodes when the getter is called, after its logits are done (a session is never used from two
+    threads). On a GPU every session decodes when the getter is called, after the walk's memory is freed."""
+    from lorafast_export.validate.greedy import GreedyStage, stage_tokens
+
+    if skip:
+        return dict
+
+    def greedy_stages(cands) -> list[GreedyStage]:
+        return [GreedyStage(c.name, lambda ch, k, tick, c=c: c.greedy(ch, k, device, tick)) for c in cands]
+
+    sessions = [c for c in v.candidates if c.source is None]
+    worker = [c for c in sessions if beside.threaded and c.decodes_beside_logits]
+    after = [c for c in sessions if c not in worker]
+    first = (
+        beside.submit(lambda: stage_tokens(greedy_stages(worker), prompts, n, beside.checked(progress)))
+        if worker
+        else dict
     )
-
-    def rest():
-        own = {} if skip else stage_tokens(after, prompts, n, progress)
-        res = first()
-        res.tokens.update(own)
-        return res
-
-    return rest
+    return lambda: {**first(), **stage_tokens(greedy_stages(after), prompts, n, progress)}
 
 
 def _reference_greedy(v: ValidationInputs, device: str, dtype, held: dict):
-    """The reference's decoder, built on first use (a cached reference never loads; a PEFT reference that computed
-    the logits is in held["model"] already) and dropped once its tokens are done: transformers + PEFT's generate
-    where PEFT is the reference, else our streamed unmerged forward built whole on the device."""
+    """The reference's decoder, built on first use (a cached reference never loads) and dropped once its tokens
+    are done: transformers + PEFT's generate where PEFT is the reference, else our streamed unmerged forward
+    built whole on the device."""
     from lorafast_export.validate.greedy import GreedyStage, decoder_greedy_batch, hf_greedy_batch
 
     def run(prompts, n, tick):

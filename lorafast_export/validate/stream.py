@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,28 +53,48 @@ def _blocks_per_chunk(cfg, seq: int, device) -> int:
     return max(1, budget // max(per_block, 1))
 
 
+@dataclass
+class ExtraBlocks:
+    """Blocks of another length that some stages carry through the same walk (the greedy check's prompts with the
+    reference's continuation, validate/greedy.py teacher_forced_blocks): each layer is built once for both."""
+
+    ids: torch.Tensor  # [blocks, seq]
+    stages: tuple[str, ...]  # the stages that carry them
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # filled by walk: stage -> [blocks, seq, H]
+
+
 @torch.no_grad()
 def walk(
-    sources: list[LayerSource], ids: torch.Tensor, device, progress: Callable[[str], None] = lambda m: None
+    sources: list[LayerSource],
+    ids: torch.Tensor,
+    device,
+    progress: Callable[[str], None] = lambda m: None,
+    extra: ExtraBlocks | None = None,
 ) -> dict[str, torch.Tensor]:
-    """ids [blocks, seq] -> {stage: final hidden states [blocks, seq, hidden] float32 on the device}."""
+    """ids [blocks, seq] -> {stage: final hidden states [blocks, seq, hidden] float32 on the device}; the stages
+    named in extra also carry extra.ids, into extra.hidden."""
     if not sources:
         return {}
     ids = ids.to(device)
     n, seq = ids.shape
     shared: Shared = {}
     hidden = {s.name: s.embed(ids, shared) for s in sources}
+    carry = [s for s in sources if extra is not None and s.name in extra.stages]
+    if extra is not None:
+        extra.ids = extra.ids.to(device)
+        extra.hidden.update({s.name: s.embed(extra.ids, shared) for s in carry})
     shared.clear()
     rope = {s.name: _rope_and_mask(s.config, seq, device) for s in sources}  # per stage: a damaged rope shows
+    rope_x = {s.name: _rope_and_mask(s.config, extra.ids.shape[1], device) for s in carry}
     layers = sources[0].config.num_layers
     t0, last = time.perf_counter(), 0.0
     for i in range(layers):
         for s in sources:
             layer = s.layer(i, device, shared)
-            h, (cos, sin, mask) = hidden[s.name], rope[s.name]
-            step = _blocks_per_chunk(s.config, seq, device)
-            for b0 in range(0, n, step):
-                h[b0 : b0 + step] = layer(h[b0 : b0 + step], cos, sin, mask)[0]
+            _apply(layer, hidden[s.name], rope[s.name], _blocks_per_chunk(s.config, seq, device))
+            if s in carry:
+                h = extra.hidden[s.name]
+                _apply(layer, h, rope_x[s.name], _blocks_per_chunk(s.config, h.shape[1], device))
             del layer
         shared.clear()
         now = time.perf_counter() - t0
@@ -82,6 +102,13 @@ def walk(
             last = now
             progress(f"layers {i + 1}/{layers}, {len(sources)} stages, {n} blocks ({now:.1f} s)")
     return hidden
+
+
+def _apply(layer, h: torch.Tensor, rope, step: int) -> None:
+    """h [blocks, seq, H] <- layer(h), in place, `step` blocks at a time."""
+    cos, sin, mask = rope
+    for b0 in range(0, h.shape[0], step):
+        h[b0 : b0 + step] = layer(h[b0 : b0 + step], cos, sin, mask)[0]
 
 
 class StageLogits:

@@ -112,3 +112,86 @@ def test_progress_ticks_during_a_slow_batch(monkeypatch):
     lines = []
     greedy.batched("x", lambda ch, tick: decoder_greedy_batch(dec, ch, 3, tick), PROMPTS, 3, 8, lines.append)
     assert [m.split(", ")[1] for m in lines[:3]] == ["token 1/3", "token 2/3", "token 3/3"]
+
+
+def _damaged(dec, scale: float, seed: int = 0):
+    """A copy of dec with every weight perturbed by `scale` relative noise (0: an exact copy)."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(dec)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return out
+
+
+def test_teacher_forcing_gives_the_greedy_metrics_of_decoding():
+    """A layered stage's greedy check by teacher forcing (the prompts + the reference's tokens in one forward,
+    its argmax at each position) gives the greedy metrics of the stage's own KV-cache decoding, for stages that
+    match the reference, diverge midway and diverge at once."""
+    import torch
+
+    from lorafast_export.validate.greedy import teacher_forced_blocks, teacher_forced_tokens
+    from lorafast_export.validate.metrics import greedy_agreement
+
+    _, ref = _pair("llama")
+    ref_tokens = decoder_greedy_batch(ref, PROMPTS, 12)
+    ids, spans = teacher_forced_blocks(PROMPTS, ref_tokens)
+    assert ids.shape == (len(PROMPTS), max(len(p) + 11 for p in PROMPTS))
+    seen = set()
+    for scale in (0.0, 0.05, 0.1, 0.2, 0.4, 3.0):
+        cand = _damaged(ref, scale)
+        with torch.no_grad():
+            logits = cand(ids)[0]
+        forced = [
+            teacher_forced_tokens(r, logits[i, s : s + c].argmax(-1).tolist())
+            for i, ((s, c), r) in enumerate(zip(spans, ref_tokens, strict=True))
+        ]
+        decoded = decoder_greedy_batch(cand, PROMPTS, 12)
+        assert greedy_agreement(ref_tokens, forced) == greedy_agreement(ref_tokens, decoded), scale
+        seen |= {p["first_divergence"] for p in greedy_agreement(ref_tokens, decoded)["per_prompt"]}
+    assert 12 in seen and 0 in seen and seen & set(range(1, 12))  # matched, at once and midway
+
+
+def test_report_greedy_metrics_equal_each_stages_own_decoding(tmp_path):
+    """Through run_validation: the layered stages' greedy numbers in the report (teacher-forced in the walk) are
+    those of decoding each stage with its KV cache against transformers + PEFT's generate."""
+    from lorafast_export.adapters import open_adapter
+    from lorafast_export.merge import merged_state, plan_merge
+    from lorafast_export.validate.data import load_prompts
+    from lorafast_export.validate.metrics import greedy_agreement
+    from lorafast_export.validate.reference import Reference
+    from lorafast_export.validate.run import ValidationInputs, _tokenizer, run_validation
+    from lorafast_export.weights import open_model
+    from tests.tiny import save_base_and_adapter, write_text
+
+    save_base_and_adapter(tmp_path, {"layers": 2}, target_modules=["q_proj", "v_proj", "down_proj"])
+    write_text(tmp_path / "e.txt", n_chars=600)
+    lines = ["the model", "a b c d e f", "once upon a time there", "x", "numbers 1 2 3 4 5 6"]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    bm, ad = open_model(tmp_path / "base"), open_adapter(str(tmp_path / "ad"))
+    merged = build_decoder(bm.config, merged_state(plan_merge(bm, [ad])))
+    decs = {"exact": merged, "noisy": _damaged(merged, 0.05), "broken": _damaged(merged, 3.0)}
+    recipe = Recipe().with_overrides(
+        {
+            "validate.eval": [{"name": "e", "path": str(tmp_path / "e.txt")}],
+            "validate.prompts": str(tmp_path / "p.txt"),
+            "validate.max_new_tokens": 10,
+        }
+    )
+    cands = [decoder_candidate(n, d) for n, d in decs.items()]
+    rep = run_validation(ValidationInputs(bm, [ad], recipe, cands, "t", "hf", "none"), tmp_path / "out")
+    prompts = load_prompts(_tokenizer(bm), tmp_path / "p.txt")
+    ref = hf_greedy_batch(Reference(bm, [ad], "cpu").model, prompts, 10, "cpu")
+    for name, dec in decs.items():
+        want = greedy_agreement(ref, decoder_greedy_batch(dec, prompts, 10))
+        [st] = [s for s in rep.stages if s.name == name]
+        assert (st.greedy_match, st.first_divergence_mean) == (
+            want["greedy_match"],
+            want["first_divergence_mean"],
+        ), name
+    got = {s.name: s.first_divergence_mean for s in rep.stages}
+    assert got["exact"] == 10 and 0 < got["noisy"] < 10 and got["broken"] < got["noisy"]

@@ -109,7 +109,7 @@ def test_report_is_the_same_with_a_resident_base(root, tmp_path):
         ]
         v = ValidationInputs(base, ads, recipe, cands, "t", "hf", "none")
         reports.append(json.loads(to_json(run_validation(v, tmp_path / f"out{resident}"))))
-        # freed by the greedy check once its last stage built from the base had decoded
+        # freed once the walk and the heads had read it (before the comparisons and the sessions' decoding)
         assert not resident or not base.store.active
     assert reports[0]["stages"] == reports[1]["stages"]
     assert reports[0]["stages"][0]["greedy_match"] == 1.0
