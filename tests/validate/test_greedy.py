@@ -156,14 +156,26 @@ def test_teacher_forcing_gives_the_greedy_metrics_of_decoding():
     assert 12 in seen and 0 in seen and seen & set(range(1, 12))  # matched, at once and midway
 
 
-def test_report_greedy_metrics_equal_each_stages_own_decoding(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_report_greedy_metrics_equal_each_stages_own_decoding(tmp_path, device):
     """Through run_validation: the layered stages' greedy numbers in the report (teacher-forced in the walk) are
-    those of decoding each stage with its KV cache against transformers + PEFT's generate."""
+    those of decoding each stage with its KV cache against transformers + PEFT's generate, on the CPU and on a
+    GPU (where the base is held resident for the validation)."""
     from lorafast_export.adapters import open_adapter
     from lorafast_export.merge import merged_state, plan_merge
     from lorafast_export.validate.data import load_prompts
     from lorafast_export.validate.metrics import greedy_agreement
     from lorafast_export.validate.reference import Reference
+    from lorafast_export.validate.resident import resident
     from lorafast_export.validate.run import ValidationInputs, _tokenizer, run_validation
     from lorafast_export.weights import open_model
     from tests.tiny import save_base_and_adapter, write_text
@@ -180,14 +192,18 @@ def test_report_greedy_metrics_equal_each_stages_own_decoding(tmp_path):
             "validate.eval": [{"name": "e", "path": str(tmp_path / "e.txt")}],
             "validate.prompts": str(tmp_path / "p.txt"),
             "validate.max_new_tokens": 10,
+            "validate.device": device,
         }
     )
     cands = [decoder_candidate(n, d) for n, d in decs.items()]
-    rep = run_validation(ValidationInputs(bm, [ad], recipe, cands, "t", "hf", "none"), tmp_path / "out")
+    with resident(bm, [ad], device) as (held_base, held_ads):
+        rep = run_validation(
+            ValidationInputs(held_base, held_ads, recipe, cands, "t", "hf", "none"), tmp_path / "out"
+        )
     prompts = load_prompts(_tokenizer(bm), tmp_path / "p.txt")
-    ref = hf_greedy_batch(Reference(bm, [ad], "cpu").model, prompts, 10, "cpu")
+    ref = hf_greedy_batch(Reference(bm, [ad], device).model, prompts, 10, device)
     for name, dec in decs.items():
-        want = greedy_agreement(ref, decoder_greedy_batch(dec, prompts, 10))
+        want = greedy_agreement(ref, decoder_greedy_batch(dec.to(device), prompts, 10))
         [st] = [s for s in rep.stages if s.name == name]
         assert (st.greedy_match, st.first_divergence_mean) == (
             want["greedy_match"],
