@@ -91,6 +91,7 @@ def test_validation_report_says_greedy_was_skipped(tmp_path, monkeypatch):
         {
             "validate.eval": [{"name": "e", "path": str(tmp_path / "e.txt")}],
             "validate.prompts": str(tmp_path / "p.txt"),
+            "validate.device": "cpu",  # the host limit is the CPU's rule (on a GPU machine auto means cuda)
         }
     )
     monkeypatch.setattr(greedy, "HOST_DECODE_MAX_BYTES", 1000)
