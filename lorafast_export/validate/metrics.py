@@ -3,8 +3,26 @@
 Pure math on logits: no model loading, no I/O. The caller feeds blocks of rows; we keep only a
 handful of float64 scalars per token (never [tokens, vocab]), so an eval set of any size fits.
 
-KL is KL(P_ref || P_cand) in nats per token, computed from float64 log-softmax so that the tiny
-divergences of a merged FP32 model (~1e-12) are measured, not rounded to zero or below.
+KL is KL(P_ref || P_cand) in nats per token, from float64 log-softmax: sum_v p_ref (log p_ref - log p_cand).
+That sum cancels at first order (its terms are ~u, the log-prob differences, the result ~E_p[u^2] / 2), so the
+rounding of each log p, ~1e-16 |log p|, leaves an absolute error of ~1e-15 in KL: nothing from KL ~1e-8 up
+(1e-12 relative at KL 6e-5), but at the divergences of a merged FP32 model, whose logits differ from the
+reference's by float rounding (relative ~1e-7, KL ~1e-13 .. 1e-11), up to ~40% of a token's KL at 1e-13 and
+~1e-3 at 1e-11. Rows under _REFINE_BELOW = 1e-8 are therefore recomputed in a form where nothing cancels
+(_exact_kl): with u = (log p_ref - log p_cand) - E_p[...], so that E_p[u] = 0 (the rounding of that mean moves
+KL only by its product with KL), KL = log E_p[exp(-u)] = log1p(E_p[g(u)]), g(u) = exp(-u) - 1 + u >= 0: a sum
+of non-negative terms, each within u^2/12 <= 1e-7 relative (u^2 (1/2 - u/6) where |u| <= 1e-3: ~1e-13 for a
+merged FP32 model's u ~ 1e-6) or ~1e-16 / |u| (expm1(-u) + u) of its value, while the rounding of each log p
+moves its u by only ~1e-16 / |u| of itself. KL is then exact to ~1e-9 relative however small, and 0 for
+identical rows (tests/validate/test_metrics.py, against 40-digit arithmetic).
+Label log-probs, dp and top-1 are the float64 log-softmax's, as before.
+
+Cost: the float64 passes run on row blocks of 256K logits (rows_per_chunk), whose 2 MiB temporaries stay in a
+CPU's caches and are reused by the allocator. The blocks of 4M logits used before had 32 MiB temporaries, which
+glibc maps afresh for every pass: 200K-600K page faults per eval set of 8,160 tokens x 2,048 and about twice the
+CPU time of the whole comparison step (bench/compare_speed.py). The refinement adds ~6 passes over the rows it
+takes (typically those of one comparison in seven, a merged FP32 model's); the argmax comes from block maxima of
+the logits, several times faster than torch.argmax's unvectorised scan over float64, and the same index.
 """
 
 from __future__ import annotations
@@ -23,7 +41,7 @@ IGNORE_INDEX = -100
 # stage and every report, so histograms can be overlaid and diffed. 1e-14 sits below FP32 merge rounding.
 KL_HIST_EDGES: tuple[float, ...] = tuple(10.0 ** (k / 3) for k in range(-42, 4))
 POSITION_BUCKETS = 32
-_CHUNK_ELEMENTS = 1 << 22  # rows per float64 pass ~ 4M logits, ~32 MiB per temporary
+_CHUNK_ELEMENTS = 1 << 18  # rows per float64 pass ~ 256K logits, 2 MiB per temporary
 _CHUNK_ELEMENTS_GPU = 1 << 26  # on a GPU: ~512 MiB per temporary
 
 # Names of the scalar results, one source of truth for gates and the report schema.
@@ -34,6 +52,11 @@ GREEDY_METRICS: tuple[str, ...] = ("greedy_match", "first_divergence_mean")
 
 
 # ----------------------------------------------------------------------------- per-token math
+
+# Below this, the float64 log-softmax KL (absolute error ~1e-15, module docstring) is recomputed in the form
+# where nothing cancels (_exact_kl): from here up its relative error is below ~1e-7.
+_REFINE_BELOW = 1e-8
+_ARGMAX_BLOCK = 64
 
 
 def log_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -55,9 +78,14 @@ class LogProbs:
     rounded copy (the compact reference cache)."""
 
     def __init__(self, logits: torch.Tensor, normalized: bool = False, argmax: torch.Tensor | None = None):
+        self.z = logits
         self.logp = logits if normalized else log_logprobs(logits)
         self._p: torch.Tensor | None = None
         self._argmax = None if argmax is None else argmax.long()
+
+    @property
+    def vocab(self) -> int:
+        return self.z.shape[-1]
 
     @property
     def p(self) -> torch.Tensor:
@@ -67,13 +95,39 @@ class LogProbs:
 
     @property
     def argmax(self) -> torch.Tensor:
+        """The first index of the row max: of the logits (the same as of their log-softmax, whose rounding
+        keeps the order of distinct float32 values), which _row_max finds several times faster."""
         if self._argmax is None:
-            self._argmax = self.logp.argmax(-1)
+            exact = self.z.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            self._argmax = _row_max(self.z.float()) if exact else self.logp.argmax(-1)
         return self._argmax
 
 
+def _row_max(z: torch.Tensor) -> torch.Tensor:
+    """[n, V] -> [n] the first index of each row's max (what torch.argmax returns): the max of blocks of 64
+    entries, then an argmax among the blocks and inside the first block that holds the row max; an argmax over
+    the whole row does not vectorise."""
+    n, vocab = z.shape
+    b = _ARGMAX_BLOCK
+    main = vocab - vocab % b
+    if main < 2 * b:
+        return z.argmax(-1)
+    blocks = z[:, :main].unflatten(-1, (main // b, b))
+    block_max = blocks.amax(-1)
+    j = block_max.argmax(-1)
+    inside = blocks.gather(1, j.view(n, 1, 1).expand(n, 1, b)).squeeze(1).argmax(-1)
+    index = j * b + inside
+    if main < vocab:  # the tail that does not fill a block: only a strictly larger max moves the index
+        m = block_max.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+        tail_max, tail_index = z[:, main:].amax(-1), z[:, main:].argmax(-1)
+        later = (tail_max > m) | (torch.isnan(tail_max) & ~torch.isnan(m))
+        index = torch.where(later, tail_index + main, index)
+    return index
+
+
 def _kl(ref: LogProbs, logp_cand: torch.Tensor) -> torch.Tensor:
-    """sum_v p_ref (log p_ref - log p_cand) per row, terms where p_ref is not > 0 counted as 0.
+    """sum_v p_ref (log p_ref - log p_cand) per row, terms where p_ref is not > 0 counted as 0; rows below
+    _REFINE_BELOW (nearly identical distributions) recomputed without cancellation by _exact_kl.
 
     The same values as torch.where(p_ref > 0, p_ref * (logp_ref - logp_cand), 0) summed in the same order, in
     two in-place passes over one temporary: a term with p_ref == 0 is already 0 unless its log-prob difference
@@ -85,7 +139,37 @@ def _kl(ref: LogProbs, logp_cand: torch.Tensor) -> torch.Tensor:
         rows = bad.nonzero().squeeze(-1)
         p, lr = ref.p[rows], ref.logp[rows]
         kl[rows] = torch.where(p > 0, p * (lr - logp_cand[rows]), torch.zeros_like(p)).sum(dim=-1)
+    small = kl < _REFINE_BELOW
+    if bool(small.all()):  # a merged FP32 model: every row, no gathered copies
+        diff = torch.sub(ref.logp, logp_cand, out=terms)
+        kl = _exact_kl(diff.masked_fill_(ref.p == 0, 0.0) if bool(bad.any()) else diff, kl, ref.p)
+    elif bool(small.any()):
+        rows = small.nonzero().squeeze(-1)
+        p, diff = ref.p[rows], ref.logp[rows] - logp_cand[rows]
+        kl[rows] = _exact_kl(diff.masked_fill_(p == 0, 0.0) if bool(bad.any()) else diff, kl[rows], p)
     return kl.clamp_min(0.0)  # rounding can leave -1e-18 for identical rows
+
+
+def _exact_kl(diff: torch.Tensor, centre: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P_cand) [n] from diff = log p_ref - log p_cand [n, V] (float64; 0 where p is 0), centre =
+    E_p[diff] [n] as summed and p = P_ref, in a form where nothing cancels (module docstring): u = diff - centre
+    (E_p[u] = 0 up to the rounding of that sum, which moves KL by its product with KL), KL = log E_p[exp(-u)] =
+    log1p(E_p[g(u)]), g(u) = exp(-u) - 1 + u >= 0, as u^2 (1/2 - u/6) in rows whose |u| <= 1e-3 (relative
+    truncation u^2/12 <= 1e-7), else as expm1(-u) + u (relative error ~2^-52 / |u|). Where that is not finite
+    (infinite logits) the value stays centre. diff is overwritten."""
+    u = diff.sub_(centre.unsqueeze(-1))
+    series = torch.maximum(u.amax(-1), u.amin(-1).neg_()) <= 1e-3
+    if bool(series.all()):  # 2 g
+        g2 = torch.mul(u, u)
+        g2.addcmul_(g2, u, value=-1.0 / 3.0)
+    else:
+        g2 = torch.neg(u).expm1_().add_(u).mul_(2.0)
+        if bool(series.any()):
+            rows = series.nonzero().squeeze(-1)
+            s = u[rows] * u[rows]
+            g2[rows] = s.addcmul_(s, u[rows], value=-1.0 / 3.0)
+    exact = torch.log1p(g2.mul_(p).sum(-1).mul_(0.5))
+    return torch.where(torch.isfinite(exact), exact, centre)
 
 
 def token_stats(
@@ -246,9 +330,10 @@ def _labelled_rows(labels: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def rows_per_chunk(vocab: int, device="cpu") -> int:
-    """Rows of one float64 pass over [rows, vocab]: ~32 MiB per temporary on a CPU (they stay in its caches),
-    ~512 MiB on a GPU (at 8B, a whole 256-token block per pass: a few large kernels instead of many small ones
-    and one host copy of the scalars per pass; each row's values are computed row by row either way)."""
+    """Rows of one float64 pass over [rows, vocab]: ~2 MiB per temporary on a CPU (they stay in its caches, and
+    the allocator reuses them: 32 MiB ones were mapped and page-faulted afresh on every pass), ~512 MiB on a GPU
+    (at 8B, a whole 256-token block per pass: a few large kernels instead of many small ones and one host copy of
+    the scalars per pass; each row's values are computed row by row either way)."""
     elements = _CHUNK_ELEMENTS_GPU if torch.device(device).type == "cuda" else _CHUNK_ELEMENTS
     return max(1, elements // max(vocab, 1))
 
@@ -313,7 +398,7 @@ class MetricAccumulator:
         """Rows that all carry a label ([n] labels and positions), given as LogProbs: the probabilities and
         argmax each one computes stay with it for its other comparisons (validate/run.py compares the
         reference with every stage and every stage with the next one)."""
-        if _labelled_rows(labels, ref.logp.shape[-1]).numel() != labels.numel():
+        if _labelled_rows(labels, ref.vocab).numel() != labels.numel():
             raise InputError("update_logprobs: every row needs a label (use update() to skip -100 labels)")
         self._add(compare_logprobs(ref, cand, labels, ref_label_logp), positions.cpu())
 

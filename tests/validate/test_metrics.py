@@ -228,3 +228,248 @@ def test_negative_positions_are_rejected():
         MetricAccumulator().update(
             torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([0, -1])
         )
+
+
+# ----------------------------------------------------------------------------- float32 logits against exact values
+
+
+def exact_stats(ref: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """KL, log p_ref(y), log p_cand(y) and dp of float32 logits, computed independently of metrics.py: float64
+    from the logits (delta = z_ref - z_cand exact), in the form where nothing cancels (g = exp(-u) - 1 + u by
+    its series or expm1); exact to ~1e-15 relative, checked against 40-digit arithmetic in
+    test_exact_stats_against_mpmath. (A plain float64 sum p (log p - log q) is not: test_unrefined_sum_...)"""
+    zr, zc = ref.double(), cand.double()
+    lp = torch.log_softmax(zr, -1)
+    p = lp.exp()
+    d = zr - zc
+    u = d - (p * d).sum(-1, keepdim=True)
+    a = (p * u).sum(-1)
+    series = u * u / 2 * (1 - u / 3 + u * u / 12 - u**3 / 60)
+    g = torch.where(u.abs() < 1e-3, series, torch.expm1(-u) + u)
+    lse = torch.log1p((p * g).sum(-1) - a)
+    idx = labels[:, None]
+    dlogp = -(u.gather(-1, idx)[:, 0] + lse)
+    lr = lp.gather(-1, idx)[:, 0]
+    out = {
+        "kl": (a + lse).clamp_min(0),
+        "logp_ref": lr,
+        "logp_cand": lr + dlogp,
+        "dp": lr.exp() * torch.expm1(dlogp),
+    }
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def stats_of(ref, cand, labels, **kw) -> dict[str, np.ndarray]:
+    from lorafast_export.validate.metrics import LogProbs, compare_logprobs
+
+    s = compare_logprobs(LogProbs(ref, argmax=kw.get("argmax")), LogProbs(cand), labels, kw.get("label_logp"))
+    return {**s, "dp": s["p_cand"] - s["p_ref"]}
+
+
+def llm_like(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 2.5 * torch.randn(rows, vocab, generator=g) + 8.0 * (
+        torch.rand(rows, vocab, generator=g) < 2 / vocab
+    )
+
+
+def perturbed(z: torch.Tensor, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(reference, candidate) float32 logits: identical rows, relative noise 1e-7 (a merged FP32 model) .. 1,
+    absolute noise (quantization-like), and per-row constant shifts of 1e4 on either side."""
+    g = torch.Generator().manual_seed(seed)
+    noise = lambda: torch.randn(z.shape, generator=g)  # noqa: E731
+    cases = {"identical": (z, z.clone())}
+    for eps in (1e-7, 1e-6, 1e-3, 1.0):
+        cases[f"relative {eps:g}"] = (z, z * (1 + eps * noise()))
+    cases["absolute 0.2"] = (z, z + 0.2 * noise())
+    cases["reference + 1e4"] = (z + 1e4, z * (1 + 1e-6 * noise()))
+    cases["candidate - 1e4"] = (z, z * (1 + 1e-3 * noise()) - 1e4)
+    cases["both + 1e4"] = (z + 1e4, (z + 1e4) * (1 + 1e-7 * noise()))
+    return cases
+
+
+def assert_close_to_exact(new: dict, ex: dict, case: str) -> None:
+    kl, kl_new = ex["kl"], new["kl"]
+    big = kl >= 1e-15
+    assert np.all(np.abs(kl_new - kl)[big] <= 1e-4 * kl[big]), (case, "KL >= 1e-15")
+    assert np.all(np.abs(kl_new - kl)[~big] <= 1e-18), (case, "KL < 1e-15")
+    large = kl >= 1e-6
+    assert np.all(np.abs(kl_new - kl)[large] <= 1e-6 * kl[large]), (case, "KL >= 1e-6")
+    for k in ("logp_ref", "logp_cand"):
+        assert np.all(np.abs(new[k] - ex[k]) <= 1e-6 * np.abs(ex[k]) + 1e-15), (case, k)
+    # dp = p_ref (exp(dlogp) - 1) per token, relative 1e-6 of itself or of p_ref times dlogp's typical size in
+    # the eval set (a token whose dp is ~0 has no relative precision to keep)
+    assert_dp_close(new, ex, case)
+
+
+def assert_dp_close(new: dict, ex: dict, case: str) -> None:
+    dlogp = ex["logp_cand"] - ex["logp_ref"]
+    scale = np.exp(ex["logp_ref"]) * np.sqrt(np.mean(dlogp**2))
+    assert np.all(np.abs(new["dp"] - ex["dp"]) <= 1e-6 * (np.abs(ex["dp"]) + scale)), (case, "dp")
+
+
+@pytest.mark.parametrize(("vocab", "rows"), [(2048, 256), (128256, 6)])
+def test_metrics_of_float32_logits_match_exact(vocab, rows):
+    z = llm_like(rows, vocab, seed=vocab)
+    labels = torch.randint(vocab, (rows,), generator=torch.Generator().manual_seed(1))
+    for case, (ref, cand) in perturbed(z, seed=2).items():
+        new, ex = stats_of(ref, cand, labels), exact_stats(ref, cand, labels)
+        assert_close_to_exact(new, ex, case)
+        old = stats_of(ref.double(), cand.double(), labels)  # the float64 log-softmax path
+        assert np.array_equal(new["top1"], old["top1"]), case
+        if case == "identical":
+            assert np.all(new["kl"] == 0.0) and np.all(new["dp"] == 0.0)
+        if case in ("relative 1e-07", "relative 1e-06"):  # measured, not rounded away (1e-13 .. 1e-11)
+            assert np.all(new["kl"] > 1e-15), case
+
+
+def test_exact_stats_against_mpmath():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    z = llm_like(3, 512, seed=5)
+    labels = torch.tensor([3, 100, 511])
+    for case, (ref, cand) in perturbed(z, seed=6).items():
+        ex = exact_stats(ref, cand, labels)
+        for i in range(3):
+            zr = [mpmath.mpf(float(x)) for x in ref[i]]
+            zc = [mpmath.mpf(float(x)) for x in cand[i]]
+            lr = mpmath.log(mpmath.fsum(mpmath.exp(x) for x in zr))
+            lc = mpmath.log(mpmath.fsum(mpmath.exp(x) for x in zc))
+            kl = mpmath.fsum(mpmath.exp(x - lr) * ((x - lr) - (y - lc)) for x, y in zip(zr, zc, strict=True))
+            y = int(labels[i])
+            dp = mpmath.exp(zc[y] - lc) - mpmath.exp(zr[y] - lr)
+            assert float(abs(ex["kl"][i] - kl)) <= 1e-12 * float(kl) + 1e-30, case
+            assert float(abs(ex["dp"][i] - dp)) <= 1e-12 * float(abs(dp)) + 1e-30, case
+
+
+def test_infinite_logits():
+    g = torch.Generator().manual_seed(7)
+    z = llm_like(4, 300, seed=7)
+    cand = z * (1 + 1e-3 * torch.randn(z.shape, generator=g))
+    labels = torch.tensor([0, 1, 2, 3])
+    # -inf in both at the same places: those entries have p = q = 0 and count 0, the rest as without them (also
+    # for a merged FP32 candidate, whose KL ~1e-13 is refined)
+    merged = z * (1 + 1e-7 * torch.randn(z.shape, generator=g))
+    for c in (cand, merged):
+        ref_m, cand_m = z.clone(), c.clone()
+        ref_m[:, 200:], cand_m[:, 200:] = float("-inf"), float("-inf")
+        new = stats_of(ref_m, cand_m, labels)
+        assert_close_to_exact(new, exact_stats(z[:, :200], c[:, :200], labels), "-inf in both")
+    # -inf in the candidate where the reference has mass: KL = inf, as the float64 path says
+    cand_m = cand.clone()
+    cand_m[0, z[0].argmax()] = float("-inf")
+    new, old = stats_of(z, cand_m, labels), stats_of(z.double(), cand_m.double(), labels)
+    assert new["kl"][0] == math.inf and old["kl"][0] == math.inf
+    assert np.all(np.isfinite(new["kl"][1:])) and np.allclose(new["kl"][1:], old["kl"][1:], rtol=1e-9)
+    # -inf in the reference only: p = 0 there, terms 0, never NaN
+    ref_m = z.clone()
+    ref_m[:, :50] = float("-inf")
+    new = stats_of(ref_m, cand, torch.tensor([60, 61, 62, 63]))
+    assert np.all(np.isfinite(new["kl"])) and np.all(new["kl"] > 0)
+
+
+def test_constant_shift_changes_nothing():
+    """Logits on a 2^-10 grid in (-8, 8): z + 1e4 is exact in float32, so KL(z + 1e4 || c) = KL(z || c) exactly,
+    also for nearly identical rows (KL ~1e-13, the refined ones), although the logits then differ by ~1e4 (the
+    compact cache shifts the reference's log-probs by the entropy: the same situation)."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.round(torch.clamp(2.5 * torch.randn(64, 2048, generator=g), -7.9, 7.9) * 1024) / 1024
+    labels = torch.randint(2048, (64,), generator=g)
+    for eps in (1e-7, 1e-3):
+        fine = z * (1 + eps * torch.randn(z.shape, generator=g))  # not on the grid: only z shifts exactly
+        for ref, cand, shifts in (
+            (z, fine, ((z + 1e4, fine), (z - 1e4, fine))),
+            (fine, z, ((fine, z + 1e4),)),
+        ):
+            base = stats_of(ref, cand, labels)
+            for shifted_ref, shifted_cand in shifts:
+                shifted = stats_of(shifted_ref, shifted_cand, labels)
+                for k in ("kl", "logp_cand"):
+                    assert np.all(np.abs(shifted[k] - base[k]) <= 1e-6 * np.abs(base[k])), (eps, k)
+                assert_dp_close(shifted, base, f"shift {eps}")
+
+
+def test_compact_reference_keeps_labels_exact():
+    """A rounded reference (the compact cache: float16 of log p + H) with its exact label log-probs and argmax:
+    the candidate's label log-prob is still its own exact one, and KL is that of the rounded reference."""
+    z = llm_like(128, 2048, seed=9)
+    g = torch.Generator().manual_seed(10)
+    cand = z + 0.05 * torch.randn(z.shape, generator=g)
+    labels = torch.randint(2048, (128,), generator=g)
+    logp = torch.log_softmax(z.double(), -1)
+    entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+    compact = (logp + entropy).to(torch.float16).float()
+    exact_ref = exact_stats(z, cand, labels)
+    new = stats_of(
+        compact, cand, labels, label_logp=logp.gather(-1, labels[:, None])[:, 0], argmax=z.argmax(-1)
+    )
+    for k in ("logp_ref", "logp_cand"):
+        assert np.all(np.abs(new[k] - exact_ref[k]) <= 1e-6 * np.abs(exact_ref[k])), k
+    assert_dp_close(new, exact_ref, "compact")
+    kl = exact_stats(compact, cand, labels)["kl"]
+    assert np.all(np.abs(new["kl"] - kl) <= 1e-6 * kl)
+    # the exact cache: the float32 logits themselves with their label log-probs; a merged FP32 candidate's dp is
+    # ~1e-7 p, and relative to it as exact as without them
+    merged = z * (1 + 1e-7 * torch.randn(z.shape, generator=g))
+    given = logp.gather(-1, labels[:, None])[:, 0]
+    new = stats_of(z, merged, labels, label_logp=given, argmax=z.argmax(-1))
+    assert_dp_close(new, exact_stats(z, merged, labels), "exact cache")
+
+
+def test_row_argmax_is_torch_argmax():
+    from lorafast_export.validate.metrics import _row_max
+
+    g = torch.Generator().manual_seed(11)
+    for vocab in (100, 130, 2048, 2049 + 64):
+        z = torch.round(4 * torch.randn(50, vocab, generator=g))  # many ties
+        z[0, -1] = 100.0  # the max in the tail that does not fill a block
+        z[1, 5] = z[1, -1] = 100.0  # tied with the tail: the first one wins
+        assert torch.equal(_row_max(z), z.argmax(-1)), vocab
+
+
+def test_accumulator_float32_matches_float64():
+    """MetricAccumulator on float32 logits against the same values given as float64: every scalar within 1e-6,
+    the same histogram."""
+    z = llm_like(300, 2048, seed=12)
+    g = torch.Generator().manual_seed(13)
+    labels = torch.randint(2048, (300,), generator=g)
+    labels[::7] = IGNORE_INDEX
+    for noise in (1e-3, 0.05, 0.5):
+        cand = z + noise * torch.randn(z.shape, generator=g)
+        a, b = MetricAccumulator(), MetricAccumulator()
+        a.update(z, cand, labels)
+        b.update(z.double(), cand.double(), labels)
+        r32, r64 = a.result(), b.result()
+        for k in TOKEN_METRICS:
+            scale = max(abs(r64[k]), r64["dp_rms"]) if k.startswith("dp") else abs(r64[k])
+            assert abs(r32[k] - r64[k]) <= 1e-6 * scale, (noise, k, r32[k], r64[k])
+        assert r32["kl_hist"] == r64["kl_hist"]
+        for b32, b64 in zip(r32["kl_by_position"], r64["kl_by_position"], strict=True):
+            assert b32 == {**b64, "kl_mean": pytest.approx(b64["kl_mean"], rel=1e-6)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_matches_cpu():
+    z = llm_like(256, 2048, seed=14)
+    labels = torch.randint(2048, (256,), generator=torch.Generator().manual_seed(15))
+    for case, (ref, cand) in perturbed(z, seed=16).items():
+        cpu = stats_of(ref, cand, labels)
+        gpu = stats_of(ref.cuda(), cand.cuda(), labels.cuda())
+        assert_close_to_exact(gpu, exact_stats(ref, cand, labels), case)
+        assert np.array_equal(gpu["top1"], cpu["top1"]), case
+
+
+def test_unrefined_sum_is_not_exact_for_nearly_identical_rows(monkeypatch):
+    """Why rows under _REFINE_BELOW are recomputed: the plain float64 sum p (log p_ref - log p_cand) is off by
+    ~1e-15 absolute, 1e-3 .. 1e-1 of the KL of a merged FP32 model; refined, ~1e-9."""
+    import lorafast_export.validate.metrics as metrics
+
+    z = llm_like(256, 2048, seed=17)
+    cand = z * (1 + 1e-7 * torch.randn(z.shape, generator=torch.Generator().manual_seed(18)))
+    labels = torch.zeros(256, dtype=torch.long)
+    kl = exact_stats(z, cand, labels)["kl"]
+    refined = stats_of(z, cand, labels)["kl"]
+    monkeypatch.setattr(metrics, "_REFINE_BELOW", 0.0)
+    plain = stats_of(z, cand, labels)["kl"]
+    assert np.max(np.abs(refined - kl) / kl) < 1e-7
+    assert np.max(np.abs(plain - kl) / kl) > 1e-3
