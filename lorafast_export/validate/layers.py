@@ -173,10 +173,13 @@ class LayerSource:
     def head_weight_name(self) -> str:
         return EMBED if self.config.tie_word_embeddings else LM_HEAD
 
-    def decoder(self, device) -> Decoder:
+    def decoder(self, device, on_demand: bool | None = None) -> Decoder:
         """The whole model on the device for greedy decoding: it holds every layer, except where the source
-        builds its layers from device-resident tensors (then each layer is built again at each step)."""
-        return BuiltDecoder(self, device, on_demand=self.builds_on_device(device))
+        builds its layers from device-resident tensors or on_demand is set (then each layer is built again at
+        each step: one layer's fp32 weights at a time)."""
+        return BuiltDecoder(
+            self, device, on_demand=self.builds_on_device(device) if on_demand is None else on_demand
+        )
 
     def builds_on_device(self, device) -> bool:
         """True when every tensor this source reads is already on `device` (validate/resident.py), so building
@@ -503,6 +506,17 @@ def _copy_to(mod: nn.Module, device) -> nn.Module:
     import copy
 
     return copy.deepcopy(mod).to(device)
+
+
+def stored_bytes(store) -> int:
+    """Bytes of a checkpoint as stored (what re-reading all of it takes)."""
+    total = 0
+    for k in store.keys():
+        n = store.dtype_of(k).itemsize
+        for d in store.shape_of(k):
+            n *= d
+        total += n
+    return total
 
 
 def fp32_bytes(config: ModelConfig, store) -> int:

@@ -362,7 +362,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     )
     from lorafast_export.validate.gates import DEFAULT_GATES
     from lorafast_export.validate.greedy import decode_fits
-    from lorafast_export.validate.layers import fp32_bytes
+    from lorafast_export.validate.layers import fp32_bytes, stored_bytes
     from lorafast_export.validate.metrics import greedy_agreement
     from lorafast_export.validate.resident import release_resident
     from lorafast_export.validate.stream import Stage, StageLogits, walk
@@ -406,7 +406,11 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
         ]
         fetched = _fetch_session_logits(stages, ids, v.base.config.vocab_size, beside)  # first in the worker
         # the reference's greedy tokens before the walk, which checks the layered stages against them
-        skip = decode_fits(fp32_bytes(v.base.config, v.base.store), device)  # the reference decodes whole
+        skip = decode_fits(  # the PEFT reference decodes whole; the streamed one on a CPU builds layers each step
+            fp32_bytes(v.base.config, v.base.store),
+            device,
+            stored_bytes(v.base.store) if kind == "stream" else None,
+        )
         greedy = _reference_tokens(
             v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held, fill is not None, skip
         )
@@ -604,7 +608,11 @@ def _reference_greedy(v: ValidationInputs, device: str, dtype, held: dict):
                 from lorafast_export.merge import plan_merge
                 from lorafast_export.validate.layers import UnmergedSource
 
-                held["model"] = UnmergedSource(plan_merge(v.base, v.adapters), "base").decoder(device)
+                # on a CPU a layer at a time, built again at each step (greedy.decode_fits allowed it)
+                on_demand = True if torch.device(device).type == "cpu" else None
+                held["model"] = UnmergedSource(plan_merge(v.base, v.adapters), "base").decoder(
+                    device, on_demand
+                )
         m = held["model"]
         if isinstance(m, Reference):
             return hf_greedy_batch(m.model, prompts, n, device)

@@ -67,6 +67,15 @@ def test_cpu_limit_skips_with_a_note(monkeypatch):
     assert greedy.decode_fits(greedy.HOST_DECODE_MAX_BYTES, "cpu") is None
     note = greedy.decode_fits(26 * 10**9, "cpu")
     assert "greedy check skipped" in note and "26.0 GB" in note and "validate.device cuda" in note
+    # a streamed reference (stored bytes given) decodes layer by layer within the re-read budget, not beyond it
+    monkeypatch.setattr(greedy, "_available_bytes", lambda: 24 * 2**30)
+    assert greedy.decode_fits(4_400_000_000, "cpu", stored_bytes=2_200_000_000) is None
+    note = greedy.decode_fits(52 * 10**9, "cpu", stored_bytes=26 * 10**9)
+    assert "re-reads the whole checkpoint (26.0 GB)" in note and "8.6 GB" in note
+    monkeypatch.setattr(greedy, "_available_bytes", lambda: 2 * 2**30)  # half the available memory at most
+    assert "1.1 GB this validation allows" in greedy.decode_fits(
+        4_400_000_000, "cpu", stored_bytes=2_200_000_000
+    )
     never = GreedyStage("reference", lambda *a: pytest.fail("a skipped check must not decode"))
     res = run_greedy(never, [never], PROMPTS, 4, None, skip_note=note)
     assert res.note == note and res.tokens == {}

@@ -112,11 +112,15 @@ def test_streamed_evaluator_equals_whole_model_evaluation(setup, tmp_path):
 
 
 def test_streamed_reference_report_matches_peft_reference_report(setup, tmp_path, monkeypatch):
+    """Over the PEFT size limit the reference is our streamed unmerged forward; on a CPU it decodes the greedy
+    prompts with its layers built again at each step (no whole fp32 model is allowed on the host here): the
+    greedy numbers are PEFT's."""
     peft_rep, _ = _report(setup, tmp_path / "peft")
     monkeypatch.setattr(run_mod, "PEFT_REFERENCE_MAX_BYTES", 0)  # as for a model over the limit
-    monkeypatch.setattr(greedy_mod, "HOST_DECODE_MAX_BYTES", 1 << 40)
+    monkeypatch.setattr(greedy_mod, "HOST_DECODE_MAX_BYTES", 0)  # no whole fp32 copy on the host
     assert run_mod.reference_kind(setup[1]) == "stream"
     stream_rep, _ = _report(setup, tmp_path / "stream")
+    assert stream_rep.artifact.validation_note is None
     a, b = {s.name: s for s in peft_rep.stages}, {s.name: s for s in stream_rep.stages}
     for name in a:
         assert b[name].kl_mean == pytest.approx(a[name].kl_mean, rel=1e-2, abs=1e-9), name
@@ -124,6 +128,37 @@ def test_streamed_reference_report_matches_peft_reference_report(setup, tmp_path
         assert b[name].greedy_match == a[name].greedy_match, name
     assert stream_rep.eval_sets[0].ppl_ref == pytest.approx(peft_rep.eval_sets[0].ppl_ref, rel=1e-5)
     assert stream_rep.eval_sets[0].ppl_base == pytest.approx(peft_rep.eval_sets[0].ppl_base, rel=1e-5)
+
+
+def test_streamed_reference_over_the_host_budget_skips_greedy_with_a_note(setup, tmp_path, monkeypatch):
+    """A checkpoint larger than the CPU's re-read budget (the 13B shape on a 23 GiB machine) skips the greedy
+    check with a note that says why and what to do; the other metrics stay."""
+    monkeypatch.setattr(run_mod, "PEFT_REFERENCE_MAX_BYTES", 0)
+    monkeypatch.setattr(greedy_mod, "HOST_DECODE_MAX_BYTES", 0)
+    monkeypatch.setattr(greedy_mod, "HOST_STREAM_DECODE_MAX_BYTES", 1000)
+    rep, _ = _report(setup, tmp_path)
+    note = rep.artifact.validation_note
+    assert (
+        "greedy check skipped" in note
+        and "re-reads the whole checkpoint" in note
+        and "validate.device cuda" in note
+    )
+    assert all(s.greedy_match is None for s in rep.stages)
+    assert rep.stages[0].kl_mean < 1e-6
+
+
+def test_on_demand_decoder_decodes_as_the_whole_one(setup):
+    """The streamed reference's decoder with its layers built at each step (a CPU's greedy check beyond the host
+    limit) gives the tokens of the same decoder holding all its layers, and holds none of them."""
+    from lorafast_export.validate.greedy import decoder_greedy_batch
+    from lorafast_export.validate.layers import UnmergedSource, _LayersOnDemand
+
+    _, _, _, plan = setup
+    prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 8, 1]]
+    whole = UnmergedSource(plan, "base").decoder("cpu", on_demand=False)
+    lazy = UnmergedSource(plan, "base").decoder("cpu", on_demand=True)
+    assert isinstance(lazy.model.layers, _LayersOnDemand)
+    assert decoder_greedy_batch(lazy, prompts, 6) == decoder_greedy_batch(whole, prompts, 6)
 
 
 def test_worker_thread_leaves_the_report_unchanged(setup, tmp_path, monkeypatch):
