@@ -85,13 +85,19 @@ for _score in ("awq", "gptq"):  # awq-gptq's scale: AWQ's best, or the finalist 
         "scale_score": _score,
         "range_search": True,
     }
+for _n in (
+    6,
+    10,
+    21,
+):  # GPTQ's error chooses among more of AWQ's candidates (21: every one of the grid and s = 1)
+    EXPERIMENTS[f"awq-gptq-fin{_n}"] = {"method": "awq-gptq", "choice_finalists": _n}
 # session 7's awq-gptq default: the range search in the scale choice's trial solves too
 EXPERIMENTS["awq-gptq-choicesearch"] = {
     "method": "awq-gptq",
     "range_search": True,
     "choice_search": True,
 }
-CONFIG_ONLY = ("static_groups", "true_sequential", "scale_score", "choice_search")
+CONFIG_ONLY = ("static_groups", "true_sequential", "scale_score", "choice_search", "choice_finalists")
 
 
 def eval_blocks(tokenizer, path: Path, block: int, n_blocks: int) -> torch.Tensor:

@@ -189,7 +189,9 @@ def quantize_stage(
 
     qc = resolve_quant(options, target_spec(target.name).requires_symmetric)
     calib = [sha256_file(f) for f in calibration_files(qc.calib.files)] if qc.calibrated else []
-    key = content_key("quantize", merged.key, qc.source.model_dump(), calib, resolve_device(qc.device).type)
+    key = content_key(  # the resolved settings too: a changed default is a new entry
+        "quantize", merged.key, qc.source.model_dump(), qc.record(), calib, resolve_device(qc.device).type
+    )
     with cache.entry("quantized", key) as (path, hit):
         if not hit:
             quantize_checkpoint(merged.model, qc, progress=lambda m: progress("quantize", m), out_dir=path)

@@ -72,6 +72,18 @@ def default_true_sequential(method: str, group_size: int) -> bool:
     return not 0 < group_size < TRUE_SEQUENTIAL_MIN_GROUP
 
 
+# awq-gptq: how many of AWQ's best scales (with s = 1) GPTQ's own error chooses from, per group of linears. On the 30M
+# fixture (bench/QUANT.md, session 12) 10 instead of 3 lowered the KL at g128 (asym -3.1%, 180 blocks -1.8%; sym
+# -0.8%) and raised it at g32 (asym +2.0%, sym +1.2%), so 10 at whole groups of >= 128 columns, 3 below and per channel.
+CHOICE_FINALISTS = 10
+CHOICE_FINALISTS_SMALL_GROUPS = 3
+
+
+def default_choice_finalists(group_size: int) -> int:
+    """awq-gptq's candidate scales per group of linears (AWQ's best ones by its RTN loss, then GPTQ's error decides)."""
+    return CHOICE_FINALISTS if group_size >= RANGE_SEARCH_MIN_GROUP else CHOICE_FINALISTS_SMALL_GROUPS
+
+
 def default_range_search(method: str, group_size: int, range_search: bool | None) -> bool:
     """quant.range_search: the recipe's value, else on for gptq / awq-gptq at whole groups of >= 128 columns (not
     per channel: not measured)."""

@@ -133,6 +133,15 @@ def test_gptq_walk_default_is_per_group_size():
     assert quantization_config("gptq", QScheme(4, 128, False), old)["true_sequential"] is True
 
 
+def test_awq_gptq_choice_finalists_default_is_per_group_size():
+    """awq-gptq's scale choice: GPTQ's error decides among AWQ's 10 best scales at groups of >= 128 columns, its 3
+    best below and per channel (bench/QUANT.md, session 12); recorded, and part of the quantize stage's cache key."""
+    for gs, n in ((128, 10), (256, 10), (64, 3), (32, 3), (-1, 3)):
+        qc = resolve_quant({"method": "awq-gptq", "group_size": gs})
+        assert qc.choice_finalists == n and qc.record()["choice_finalists"] == n, gs
+    assert "choice_finalists" not in resolve_quant({"method": "gptq"}).record()
+
+
 def test_scale_refit_default_is_resolved_and_recorded():
     """quant.scale_refit unset: on for gptq and awq-gptq, recorded resolved; off asked for, off; asked for with a
     method that has no scales to refit, an error naming the field."""

@@ -50,6 +50,7 @@ def awq_scale_finalists(
     scale_dtype: torch.dtype = torch.float16,
     screen: Callable[[], AbstractContextManager] | None = None,
     finalists: int = 3,
+    rescore: bool = True,
 ) -> list[torch.Tensor]:
     """Linears sharing one input (each [out_i, in]), calibration input x [tokens, in] → s [in].
 
@@ -59,6 +60,8 @@ def awq_scale_finalists(
     only the `finalists` best of them and s = 1 are then scored as without it, and the best of those wins, so
     the choice is made in the caller's precision and s is never worse than RTN on the calibration data.
     Returns the `finalists` best scales and s = 1 (a list of finalists + 1 or fewer), best first.
+    rescore False (a caller that decides among the finalists by its own measure: awq-gptq): with a screen, the
+    screen's `finalists` best and s = 1, in the screen's order, without scoring them again.
     """
     x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
     _check_awq_args(weights, x.shape[1], group_size, n_grid)
@@ -94,6 +97,8 @@ def awq_scale_finalists(
         if screen is not None:
             with screen():
                 coarse = losses(which)
+            if not rescore:
+                return _ranked(candidates, coarse, finalists)
             which = sorted({0, *sorted(which, key=lambda i: (coarse[i], i))[:finalists]})
         fine = losses(which)
     return _ranked(candidates, fine, finalists)

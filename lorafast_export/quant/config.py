@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from lorafast_export.recipe import CalibOptions, QuantOptions
 from lorafast_export.specs import (
+    default_choice_finalists,
     default_range_search,
     default_scale_refit,
     default_settings,
@@ -122,6 +123,12 @@ class AWQGPTQConfig(GPTQConfig):
     # the range search in the scale choice's trial solves too (False: min-max there, the search only in the final
     # solve; 4 trial solves per group, so on the 8B shape the search in them was most of the method's GPU time)
     choice_search: bool = False
+    # how many of AWQ's best scales (by its RTN loss) GPTQ's error chooses from, with s = 1 (scale_score "gptq");
+    # resolve_quant fills in specs.default_choice_finalists (10 at groups >= 128, 3 below)
+    choice_finalists: int = 3
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "choice_finalists": self.choice_finalists}
 
 
 CONFIGS: dict[str, type[QuantConfig]] = {
@@ -171,6 +178,8 @@ def resolve_quant(options: QuantOptions | dict, requires_symmetric: bool = False
         if issubclass(cls, GPTQConfig)
         else {}
     )
+    if cls is AWQGPTQConfig:
+        walk["choice_finalists"] = default_choice_finalists(shared["group_size"])
     return cls(
         **shared,
         quantize_lm_head=o.quantize_lm_head,

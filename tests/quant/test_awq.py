@@ -123,6 +123,13 @@ def test_screened_scale_search_decides_among_finalists_in_full_precision():
     awq = [dequantize(quantize_rtn(w * s, 4, 32, False)) / s for w in ws]
     assert output_mse(x, ws, awq) < 0.7 * output_mse(x, ws, rtn)
     assert torch.equal(s, plain)  # on this toy the float32 best is among bf16's three best
+    # rescore=False (awq-gptq, whose GPTQ trials decide): the screen's 10 best and s = 1, no float32 forward
+    calls.update(screened=0, full=0)
+    fin = awq_scale_finalists(ws, x, 4, 32, forward_fn=linears, screen=screen, finalists=10, rescore=False)
+    assert calls == {"screened": 22, "full": 0}
+    every = awq_scale_finalists(ws, x, 4, 32, forward_fn=linears, screen=screen, finalists=21, rescore=False)
+    assert len(every) == 21 and all(torch.equal(a, b) for a, b in zip(fin[:10], every[:10], strict=True))
+    assert any(torch.equal(c, torch.ones_like(c)) for c in fin) and len(fin) in (10, 11)
 
 
 @pytest.mark.parametrize("group_size", [32, 48])  # 128 inputs: whole groups, and a ragged last group
