@@ -16,7 +16,8 @@ The math lives in rtn/int8/gptq/awq/smoothquant/fold; this file only decides wha
   post_attention_layernorm; up_proj rows); then the optional clip search (not for q/k), then RTN.
 - awq-gptq: awq's scale search and folds (no clipping search), then gptq on the folded block (its Hessians from
   the scaled inputs): the scales protect the salient channels, GPTQ's error feedback does the rounding. Which scale
-  is folded (scale_score, default "gptq"): of AWQ's finalists and s = 1, the one under which GPTQ's own output error
+  is folded (scale_score, default "gptq"): of AWQ's finalists (choice_finalists: its 10 best at groups >= 128, 3
+  below, not re-scored in float32) and s = 1, the one under which GPTQ's own output error
   on the group's calibration input is lowest, so a group that AWQ's scale would not help keeps s = 1 ("awq": AWQ's
   best, as before; on the 30M fixture 3.6% higher KL, bench/QUANT.md). The trial solves of that choice use min-max
   group ranges; the range search, where on, runs in the final solve only (choice_search: in the trials too).
