@@ -59,7 +59,9 @@ def profile_shape(name: str, out: int, n: int, dev: str = "cuda") -> None:
 
 def main() -> None:
     torch.manual_seed(0)
-    torch.set_float32_matmul_precision("high")  # as the quantize walk sets it on CUDA (the sweep forces "highest")
+    torch.set_float32_matmul_precision(
+        "high"
+    )  # as the quantize walk sets it on CUDA (the sweep forces "highest")
     print(torch.cuda.get_device_name(), torch.__version__)
     for name, out, n in SHAPES:
         profile_shape(name, out, n)
