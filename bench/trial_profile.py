@@ -7,25 +7,14 @@ Random weights, H from 2,048 random inputs scaled per column (an AWQ-like scale 
 
 Results: bench/QUANT.md, session 12."""
 
-import time
-
 import torch
 
+from bench.refit_profile import seconds
 from lorafast_export.qform import dequantize
 from lorafast_export.quant import gptq
 
 # (group of linears, rows stacked, input width): q/k/v, gate/up, down as awq-gptq's trials solve them
 SHAPES = [("qkv", 6144, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-
-
-def seconds(fn, repeats: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
 
 
 def profile_shape(name: str, out: int, n: int, dev: str = "cuda") -> None:

@@ -229,7 +229,7 @@ def awq_fold_scales(
                 forward_fn=_awq_loss_fn(block, g, xs),
                 scale_dtype=SCALE_DTYPE,
                 screen=block.screen(),
-                finalists=getattr(s, "choice_finalists", 3) if choose is not None else 3,
+                finalists=s.choice_finalists if choose is not None else 3,  # a chooser is awq-gptq's
                 rescore=choose is None,  # a chooser scores the finalists itself
             )
         sc = finalists[0] if choose is None else choose(g, finalists, x)

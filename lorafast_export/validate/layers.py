@@ -21,6 +21,7 @@ Every stage computes in float32 with float32 logits, whatever its stored dtype: 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -510,21 +511,9 @@ def _copy_to(mod: nn.Module, device) -> nn.Module:
 
 def stored_bytes(store) -> int:
     """Bytes of a checkpoint as stored (what re-reading all of it takes)."""
-    total = 0
-    for k in store.keys():
-        n = store.dtype_of(k).itemsize
-        for d in store.shape_of(k):
-            n *= d
-        total += n
-    return total
+    return sum(store.dtype_of(k).itemsize * math.prod(store.shape_of(k)) for k in store.keys())
 
 
 def fp32_bytes(config: ModelConfig, store) -> int:
     """Bytes of a checkpoint in float32 (what a whole fp32 copy of it takes)."""
-    total = 0
-    for k in store.keys():
-        n = 1
-        for d in store.shape_of(k):
-            n *= d
-        total += 4 * n
-    return total
+    return sum(4 * math.prod(store.shape_of(k)) for k in store.keys())
