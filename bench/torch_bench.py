@@ -24,6 +24,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   pdl      bf16 batch 1 with inductor_pdl on (a second runtime) vs off, 3 runs each interleaved; its profile
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
+  fused    runtime/triton_fused.py: each fused op vs cuBLAS's product (tiles swept), decode fused_decode off/on
   int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
 Random weights: speed does not depend on values. Not part of the test run.
 """
@@ -616,6 +617,7 @@ def sec_cpu(a, dev, R):
 def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("attention", (R or {}).get("_attn_choice", a.attention))
     kw.setdefault("dense_gemv", a.dense_gemv)
+    kw.setdefault("fused_decode", a.fused_decode)
     kw.setdefault("inductor_pdl", a.inductor_pdl == "on")
     kw.setdefault("overlap_bursts", a.overlap_bursts == "on")
     return RuntimeOptions(
@@ -1074,6 +1076,148 @@ def sec_gemv(a, dev, R):
     return rows
 
 
+def _fused_call(op, x, w, tiles, r, d, nw):
+    from lorafast_export.runtime import triton_fused as tf
+
+    if op == "add_norm_gemv":
+        return tf.add_norm_gemv_launch(x, d, nw, w, 1e-5, tiles)[1]
+    if op == "gemv_add":
+        return tf.gemv_add_launch(x, w, r, tiles)
+    if op == "norm_glu":
+        return tf.norm_glu_launch(x, nw, w, 1e-5, tiles)
+    return tf.gemv_launch(x, w, tiles)
+
+
+def _fused_ref(op, x, w, r, d, nw):
+    """What the fused op computes, in float32 from the same inputs."""
+    xf = x.float() + d.float() if op == "add_norm_gemv" else x.float()
+    if op in ("add_norm_gemv", "norm_glu"):
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()
+    y = xf @ w.float().T
+    if op == "norm_glu":
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return y + r.float() if op == "gemv_add" else y
+
+
+def sec_fused(a, dev, R):
+    """runtime/triton_fused.py. (1) Each fused op on the shape's linears at 1 and 4 rows, every tile of
+    FUSED_TILES (first checked against the float product) against cuBLAS's product alone (F.linear: a lower
+    bound of what the plain step spends on the same work, whose adds, norms and silu-mul are further kernels),
+    CUDA-graph replay over weight copies. (2) Decode with fused_decode off and on at each of a.fused_batches,
+    timed 3 times interleaved (same prompts), greedy tokens compared. (3) The fused runtime's kernel profile at
+    batch 1."""
+    from bench.int4_kernels import graph_us, n_copies
+
+    c = SHAPES[a.shape]
+    h, i, hq, hkv, v = (
+        c[x]
+        for x in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+    )
+    d = h // hq
+    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    ops = {  # name: (op, weight rows, weight cols, the plain product's [n, k])
+        "qkv add_norm_gemv": ("add_norm_gemv", (hq + 2 * hkv) * d, h),
+        "o gemv_add": ("gemv_add", h, hq * d),
+        "gate_up norm_glu": ("norm_glu", 2 * i, h),
+        "down gemv": ("gemv", h, i),
+        "lm_head add_norm_gemv": ("add_norm_gemv", v, h),
+    }
+    out: dict = {"ops": []}
+    t_end = time.perf_counter() + a.gemv_budget_s
+    for name, (op, n, k) in ops.items():
+        torch.manual_seed(0)
+        ws = [torch.randn(n, k, device=dev, dtype=act) * 0.02 for _ in range(n_copies(n * k * 2, dev))]
+        nw = 1 + 0.1 * torch.randn(k, device=dev, dtype=act)
+        x4, d4 = torch.randn(4, k, device=dev, dtype=act), torch.randn(4, k, device=dev, dtype=act)
+        cols = n // 2 if op == "norm_glu" else n
+        r4 = torch.randn(4, cols, device=dev, dtype=act)
+
+        for m in (1, 4):
+            x, rr, dd = x4[:m], r4[:m], d4[:m]
+            row = {"op": name, "n": n, "k": k, "rows": m}
+            row["cublas_us"] = graph_us(lambda j, x=x, w=ws: F.linear(x, w[j]), len(ws))
+            row["tiles"] = {}
+            want = _fused_ref(op, x, ws[0], rr, dd, nw)
+            for tiles in FUSED_SWEEP(a):
+                if time.perf_counter() > t_end:
+                    row["cut"] = "budget"
+                    break
+                cell = {}
+                try:
+                    y = _fused_call(op, x, ws[0], tiles, rr, dd, nw)
+                    cell["rel_err"] = ((y.float() - want).norm() / want.norm()).item()
+                    cell["us"] = graph_us(
+                        lambda j, x=x, w=ws, t=tiles, o=(op, rr, dd, nw): _fused_call(
+                            o[0], x, w[j], t, *o[1:]
+                        ),
+                        len(ws),
+                    )
+                except Exception as ex:  # noqa: BLE001 - a tile that fails is a result
+                    cell["error"] = f"{type(ex).__name__}: {ex}"[:200]
+                row["tiles"]["x".join(map(str, tiles))] = cell
+            ok = {t: c["us"] for t, c in row["tiles"].items() if "us" in c and c["rel_err"] < 2e-2}
+            if ok:
+                best = min(ok, key=ok.get)
+                row.update(best=best, best_us=ok[best], TBps_best=n * k * 2 / ok[best] / 1e6)
+            row["TBps_cublas"] = n * k * 2 / row["cublas_us"] / 1e6
+            out["ops"].append(row)
+            print(f"  fused op {json.dumps({k_: v_ for k_, v_ in row.items() if k_ != 'tiles'})}", flush=True)
+    if not a.fused_e2e:
+        return out
+    cfg, state = config_of(R["_model"])
+    batches = [int(b) for b in a.fused_batches.split(",")]
+    rts = {
+        mode: build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, batches, R, fused_decode=mode))
+        for mode in ("off", "on")
+    }
+    out["fused_layers"] = sum(
+        bool(getattr(layer, "fused_decode", False)) for layer in rts["on"].model.dec.model.layers
+    )
+    keys = ("decode_tokens_per_s", "decode_step_ms", "tokens_per_s", "ttft_ms_median")
+    for b in batches:
+        ps = random_prompts(b, a.prompt_len, cfg.vocab_size, 7 + b)
+        t = time.perf_counter()
+        toks = {m: rt.generate_batch(ps, 64) for m, rt in rts.items()}  # also compiles and captures
+        res: dict = {"first_runs_s": time.perf_counter() - t}
+        res["tokens_equal"] = toks["off"] == toks["on"]
+        res["positions_equal"] = sum(
+            x == y
+            for ro, rn in zip(toks["off"], toks["on"], strict=True)
+            for x, y in zip(ro, rn, strict=True)
+        )
+        runs: dict = {"off": [], "on": []}
+        for _ in range(3):
+            for m, rt in rts.items():
+                r = run_requests(rt, ps, [a.new_tokens] * b)
+                runs[m].append({k_: r[k_] for k_ in keys})
+        res["runs"] = runs
+        res["median"] = {m: {k_: statistics.median(x[k_] for x in runs[m]) for k_ in keys} for m in runs}
+        res["speedup"] = (
+            res["median"]["on"]["decode_tokens_per_s"] / res["median"]["off"]["decode_tokens_per_s"]
+        )
+        out[f"batch{b}"] = res
+        print(
+            f"  fused batch {b}: {json.dumps({k_: res[k_] for k_ in ('median', 'speedup', 'tokens_equal')})}",
+            flush=True,
+        )
+    out["profile_on_batch1"] = _profile_steps(rts["on"], 1, a, dev)
+    R["_rt_fused"] = rts["on"]
+    return out
+
+
+def FUSED_SWEEP(a):  # noqa: N802 - the tiles the fused section times
+    from lorafast_export.runtime.triton_fused import FUSED_TILES, fused_config
+
+    return FUSED_TILES if a.fused_tiles == "sweep" else [fused_config("x", 0, 0)]
+
+
 def sec_overlap(a, dev, R):
     """Decode with overlap_bursts off and on (the engine's switch, same runtime, same graphs), at each
     batch size, a.new_tokens per request, timed 3 times each interleaved (off, on, off, ...); and whether
@@ -1193,8 +1337,22 @@ SECTIONS = {
     "blas": sec_blas,
     "overlap": sec_overlap,
     "pdl": sec_pdl,
+    "fused": sec_fused,
 }
-NEEDS_MODEL = {"bf16", "bf16g", "int4", "hf", "mixed", "hfstatic", "e2e", "profile", "spec", "overlap", "pdl"}
+NEEDS_MODEL = {
+    "bf16",
+    "bf16g",
+    "int4",
+    "hf",
+    "mixed",
+    "hfstatic",
+    "e2e",
+    "profile",
+    "spec",
+    "overlap",
+    "pdl",
+    "fused",
+}
 
 
 def main() -> None:
@@ -1231,6 +1389,12 @@ def main() -> None:
         "--mixed-policies", default=",".join(MIXED_POLICIES), help="mixed: labels of MIXED_POLICIES"
     )
     p.add_argument("--dense-gemv", default="off", choices=("off", "on"), help="runtime option, all sections")
+    p.add_argument(
+        "--fused-decode", default="off", choices=("off", "on"), help="runtime option, all sections"
+    )
+    p.add_argument("--fused-batches", default="1,4", help="fused: batch sizes timed off and on")
+    p.add_argument("--fused-e2e", type=int, default=1, help="fused: also time the runtimes (0: the ops only)")
+    p.add_argument("--fused-tiles", default="sweep", choices=("sweep", "shipped"), help="fused: tiles timed")
     p.add_argument("--spec-gemv", default="", choices=("", "off", "on"), help="spec/specdemo: dense_gemv")
     p.add_argument("--eager-peer", type=int, default=1, help="bf16: also time the eager runtime at batch 1")
     p.add_argument("--gemv-budget-s", type=float, default=40.0, help="gemv: stop sweeping tiles after this")

@@ -23,12 +23,22 @@ from lorafast_export.model.decoder import causal_mask, rotate_half
 def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """attn: decoder Attention module; x [b, s, hidden] → q [b, hq, s, d], k, v [b, hkv, s, d] (rope applied).
     Uses the fused `qkv_proj` (runtime/fuse.py) when the loader made one."""
-    b, s, _ = x.shape
-    hq, hkv, d = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim, attn.head_dim
     if getattr(attn, "qkv_proj", None) is not None:
-        q, k, v = attn.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
-    else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        return rope_qkv(attn, attn.qkv_proj(x), cos, sin)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    return _rope(attn, q, k, v, cos, sin)
+
+
+def rope_qkv(attn, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The fused projection's output qkv [b, s, (hq + 2 hkv) d] → q, k (rope applied), v as project_qkv."""
+    hq, hkv = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
+    q, k, v = qkv.split([hq, hkv, hkv], dim=-1)
+    return _rope(attn, q, k, v, cos, sin)
+
+
+def _rope(attn, q, k, v, cos, sin):
+    b, s, _ = q.shape
+    d = attn.head_dim
     q = q.view(b, s, attn.n_heads, d).transpose(1, 2)
     k = k.view(b, s, attn.n_kv, d).transpose(1, 2)
     v = v.view(b, s, attn.n_kv, d).transpose(1, 2)

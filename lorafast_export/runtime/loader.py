@@ -16,7 +16,7 @@ from lorafast_export.runtime.artifact import DTYPES, read_meta, read_weights
 from lorafast_export.runtime.engine import Engine
 from lorafast_export.runtime.kv_cache import CacheConfig, PagedKVCache
 from lorafast_export.runtime.options import RuntimeOptions
-from lorafast_export.runtime.paged import PagedModel, build_model, triton_attention_fits
+from lorafast_export.runtime.paged import PagedModel, build_model, triton_attention_fits, use_fused_decode
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,16 @@ def _use_gemv(dec, device: torch.device) -> None:
     from lorafast_export.runtime.triton_gemv import use_gemv
 
     log.info("dense GEMV for %d linears", use_gemv(dec))
+
+
+def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dtype) -> bool:
+    """fused_decode: on (CUDA, or the Triton interpreter in tests), off, or auto = on CUDA in bf16/fp16."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    if opts.fused_decode == "on" and not (_triton_on(device) or interpret):
+        raise InputError("fused_decode='on' needs a CUDA device and the triton package; use 'off'.")
+    return opts.fused_decode == "on" or (
+        opts.fused_decode == "auto" and _triton_on(device) and dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 def dense_gemv_on(opts: RuntimeOptions, device: torch.device, speculative: bool) -> bool:
@@ -133,6 +143,8 @@ def build_runtime(
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
         if gemv := dense_gemv_on(opts, device, draft is not None):
             _use_gemv(dec, device)
+        if fused_decode_on(opts, device, dtype):
+            log.info("fused decode kernels for %d layers", use_fused_decode(dec))
         model = PagedModel(dec, cache, attention)
         model.pdl = opts.inductor_pdl
         if compiled and (

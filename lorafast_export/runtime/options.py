@@ -12,6 +12,7 @@ from lorafast_export.runtime.linear import KERNELS
 ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offered (wrong when compiled)
 COMPILE = ("auto", "on", "off")
 DENSE_GEMV = ("auto", "off", "on")
+FUSED_DECODE = ("auto", "off", "on")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class RuntimeOptions:
     overlap_bursts: bool = True  # queue a certain next decode burst before reading this one's tokens
     inductor_pdl: bool = False  # compiled decode layers: inductor's programmatic dependent launch (sm90+)
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
+    fused_decode: str = "off"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
     )
@@ -50,6 +52,7 @@ class RuntimeOptions:
             ("admit_order", ADMIT_ORDERS),
             ("prefill_compile", COMPILE),
             ("dense_gemv", DENSE_GEMV),
+            ("fused_decode", FUSED_DECODE),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")

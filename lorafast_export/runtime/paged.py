@@ -27,6 +27,7 @@ from lorafast_export.runtime.attention import (
     paged_attention,
     prefill_attention,
     project_qkv,
+    rope_qkv,
     write_kv,
 )
 from lorafast_export.runtime.fuse import fused_dense, fusion_groups
@@ -134,6 +135,41 @@ def _block_parts(layer, h, cos, sin, attend):
     return h, run_mlp(layer.mlp, layer.post_attention_layernorm(h))
 
 
+FUSED_MAX_ROWS = 8  # rows (batch x tokens) up to which a fused layer runs runtime/triton_fused.py
+
+
+def fusable_layer(layer) -> bool:
+    """Whether `fused_parts` can run this layer: dense fused qkv_proj and gate_up_proj (runtime/fuse.py), dense
+    o_proj and down_proj, no bias but qkv's (a Qwen2), every weight in the norms' dtype."""
+    attn, mlp = layer.self_attn, layer.mlp
+    lins = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
+    if not all(isinstance(m, nn.Linear) for m in lins):
+        return False
+    dtype = layer.input_layernorm.weight.dtype
+    return all(m.weight.dtype == dtype for m in lins) and all(m.bias is None for m in lins[1:])
+
+
+def fused_parts(layer, h, delta, cos, sin, attend):
+    """`_block_parts` of the layer input h + delta through the fused kernels (runtime/triton_fused.py): the
+    residual add, RMSNorm and qkv product in one kernel, o_proj with its residual add, RMSNorm + gate/up +
+    silu-mul in one, down_proj; rope, the k/v write and attention as in `_block_parts`. For rows <= 8
+    (FUSED_MAX_ROWS) of a `fusable_layer`."""
+    b, s, hid = h.shape
+    attn, mlp = layer.self_attn, layer.mlp
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    ops = torch.ops.lorafast
+    x, qkv = ops.add_norm_gemv(
+        h.reshape(-1, hid), delta.reshape(-1, hid), n1.weight, attn.qkv_proj.weight, n1.eps
+    )
+    if attn.qkv_proj.bias is not None:
+        qkv = qkv + attn.qkv_proj.bias
+    q, k, v = rope_qkv(attn, qkv.view(b, s, -1), cos, sin)
+    a = attend(q, k, v).transpose(1, 2).reshape(b * s, -1)
+    h = ops.gemv_add(a, attn.o_proj.weight, x)
+    act = ops.norm_glu(h, n2.weight, mlp.gate_up_proj.weight, n2.eps)
+    return h.view(b, s, hid), ops.fused_gemv(act, mlp.down_proj.weight).view(b, s, hid)
+
+
 def _block(layer, h, cos, sin, attend):
     h, mlp_out = _block_parts(layer, h, cos, sin, attend)
     return h + mlp_out
@@ -182,6 +218,8 @@ def paged_layer(
             return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
 
+    if getattr(layer, "fused_decode", False) and h.shape[0] * h.shape[1] <= FUSED_MAX_ROWS:
+        return fused_parts(layer, h, delta, cos, sin, attend)
     return _block_parts(layer, h + delta, cos, sin, attend)
 
 
@@ -285,7 +323,38 @@ def extend_forward(
             dec.cfg.sliding_window,
             kind,
         )
-    return dec.logits(h + delta).float()
+    return logits_of(dec, h, delta).float()
+
+
+def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """dec.logits(h + delta); through the fused kernel (final norm + lm_head) for <= 8 rows of a decoder whose
+    layers are fused (use_fused_decode)."""
+    b, s, hid = h.shape
+    if getattr(dec, "fused_decode", False) and b * s <= FUSED_MAX_ROWS:
+        w, eps = dec.head_weight(), dec.model.norm.eps
+        _, y = torch.ops.lorafast.add_norm_gemv(
+            h.reshape(-1, hid), delta.reshape(-1, hid), dec.model.norm.weight, w, eps
+        )
+        return y.view(b, s, -1)
+    return dec.logits(h + delta)
+
+
+def use_fused_decode(dec: Decoder) -> int:
+    """Marks every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype) to run
+    the fused kernels at <= 8 rows; returns how many layers. Registers the kernels' ops (imports Triton)."""
+    import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
+
+    n = 0
+    for layer in dec.model.layers:
+        layer.fused_decode = fusable_layer(layer)
+        n += layer.fused_decode
+    head = dec.lm_head if dec.lm_head is not None else dec.model.embed_tokens
+    dec.fused_decode = (
+        n == len(dec.model.layers)
+        and isinstance(head, (nn.Linear, nn.Embedding))
+        and head.weight.dtype == dec.model.norm.weight.dtype
+    )
+    return n
 
 
 def decode_forward(

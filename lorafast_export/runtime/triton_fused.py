@@ -1,0 +1,252 @@
+"""Fused decode kernels for the dense (bf16/fp16) layers at a few rows: a decode step at batch 1-8 and a
+speculative verify of up to 8 tokens (runtime option `fused_decode`).
+
+At batch 1 an 8B decode step ran about 16 kernels a layer (bench/TORCH.md, session 10): four cuBLAS products
+and two split-K reduces around a dozen small inductor kernels (residual adds, RMSNorms, silu-mul) of 1-5 us
+each. Here each product carries its neighbours, so a layer is four GEMVs plus rope, the k/v write and the
+attention:
+
+- `add_norm_gemv`: x = h + delta (the previous layer's two parts), RMSNorm(x) and x_norm @ W^T (qkv_proj;
+  the final norm and the lm_head); x is written out once (the residual stream).
+- `gemv_add`: r + a @ W^T (o_proj and its residual add).
+- `norm_glu`: RMSNorm(x), then gate and up rows of the fused gate_up weight in one program and
+  silu(gate) * up (the MLP's first half: the [rows, 2 x intermediate] product is never written).
+- `fused_gemv`: a @ W^T alone (down_proj: its output is the next layer's delta).
+
+Rounding follows the plain path's: h + delta, the normalized row, the norm's product with its weight and
+each product are rounded to the activation dtype where the plain step rounds them; silu(gate) * up is
+computed in float32 from the rounded gate and up and rounded once (as inductor's fused kernel does). Each
+program owns one row and BN output columns over the whole K (no split-K): row i of an 8-row call is
+computed by the same operations as the 1-row call, bit for bit, which a speculative verify needs. The
+RMSNorm's sum of squares is recomputed by every program of a row (the row is read from L2).
+
+Triton is imported only here (CUDA, or its interpreter in tests: TRITON_INTERPRET=1 before the import).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 8  # rows one call takes (a decode step at batch <= 8, a verify of <= 8 tokens)
+
+
+@triton.jit
+def _fused_kernel(
+    x_ptr,  # [M, K] input rows
+    d_ptr,  # [M, K] added to x first (ADD_IN)
+    nw_ptr,  # [K] RMSNorm weight (NORM)
+    w_ptr,  # [N (x 2 with GLU), K] row-major weight
+    r_ptr,  # [M, N] residual added to the output (ADD_OUT)
+    y_ptr,  # [M, N] output
+    xo_ptr,  # [M, K] x + d written here by the programs of column block 0 (ADD_IN)
+    N,
+    K,
+    eps,
+    ITERS: tl.constexpr,  # cdiv(K, BK)
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    ADD_IN: tl.constexpr,
+    NORM: tl.constexpr,
+    GLU: tl.constexpr,  # up rows are rows N.. of w; output silu(gate) * up
+    ADD_OUT: tl.constexpr,
+    EVEN: tl.constexpr,  # N % BN == 0 and K % BK == 0: no masks
+):
+    m = tl.program_id(0)
+    j = tl.program_id(1)
+    dt = y_ptr.dtype.element_ty
+    rn = j * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    nmask = rn < N
+    if NORM:  # the row's sum of squares (of x + d), as model.decoder.RMSNorm: mean, + eps, 1 / sqrt
+        ss = tl.zeros([BK], tl.float32)
+        for it in range(0, ITERS):
+            kk = it * BK + rk
+            if EVEN:
+                xv = tl.load(x_ptr + m * K + kk)
+            else:
+                xv = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
+            if ADD_IN:
+                if EVEN:
+                    dv = tl.load(d_ptr + m * K + kk)
+                else:
+                    dv = tl.load(d_ptr + m * K + kk, mask=kk < K, other=0.0)
+                xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(dt)
+                if j == 0:
+                    tl.store(xo_ptr + m * K + kk, xv, mask=kk < K)
+            xf = xv.to(tl.float32)
+            ss += xf * xf
+        inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+    acc = tl.zeros([BN, BK], tl.float32)
+    if GLU:
+        acc2 = tl.zeros([BN, BK], tl.float32)
+    for it in range(0, ITERS):
+        kk = it * BK + rk
+        if EVEN:
+            xv = tl.load(x_ptr + m * K + kk)
+        else:
+            xv = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
+        if ADD_IN:
+            if EVEN:
+                dv = tl.load(d_ptr + m * K + kk)
+            else:
+                dv = tl.load(d_ptr + m * K + kk, mask=kk < K, other=0.0)
+            xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(dt)
+        xf = xv.to(tl.float32)
+        if NORM:  # RMSNorm: (x * inv) in the activation dtype, times the weight, rounded again
+            if EVEN:
+                nw = tl.load(nw_ptr + kk)
+            else:
+                nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0)
+            xf = (xf * inv).to(dt).to(tl.float32)
+            xf = (nw.to(tl.float32) * xf).to(dt).to(tl.float32)
+        if EVEN:
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
+        else:
+            w = tl.load(
+                w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0
+            )
+        acc += w.to(tl.float32) * xf[None, :]
+        if GLU:
+            if EVEN:
+                w2 = tl.load(w_ptr + (rn + N)[:, None] * K + kk[None, :])
+            else:
+                w2 = tl.load(
+                    w_ptr + (rn + N)[:, None] * K + kk[None, :],
+                    mask=nmask[:, None] & (kk < K)[None, :],
+                    other=0.0,
+                )
+            acc2 += w2.to(tl.float32) * xf[None, :]
+    y = tl.sum(acc, 1)
+    if GLU:
+        g = y.to(dt).to(tl.float32)
+        u = tl.sum(acc2, 1).to(dt).to(tl.float32)
+        y = g * tl.sigmoid(g) * u
+    if ADD_OUT:
+        r = tl.load(r_ptr + m * N + rn, mask=nmask, other=0.0)
+        y = y.to(dt).to(tl.float32) + r.to(tl.float32)
+    tl.store(y_ptr + m * N + rn, y.to(dt), mask=nmask)
+
+
+# (BN, BK, warps, stages) swept on the device (bench/torch_bench.py, section `fused`)
+FUSED_TILES = [
+    (4, 256, 4, 3),
+    (4, 512, 4, 3),
+    (2, 512, 4, 3),
+    (8, 256, 4, 3),
+    (8, 512, 8, 3),
+    (16, 128, 4, 3),
+    (16, 256, 8, 3),
+    (4, 1024, 8, 3),
+    (2, 1024, 4, 3),
+    (1, 1024, 4, 3),
+    (4, 512, 4, 1),
+    (8, 256, 4, 1),
+    (4, 512, 4, 4),
+    (8, 512, 4, 2),
+]
+
+
+def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BN, BK, warps, stages) for an op over a [n, k] weight (n: output columns; gate_up: the intermediate
+    size), whatever the row count."""
+    return (16, 128, 4, 3) if n >= 16384 else (4, 256, 4, 3)
+
+
+def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype):
+    m, k = x.shape
+    bn, bk, warps, stages = tiles
+    if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
+        raise ValueError(
+            f"fused gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows, {n} columns)"
+        )
+    x = x.contiguous()
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+    xo = torch.empty_like(x) if add_in else y
+    _fused_kernel[(m, triton.cdiv(n, bn))](
+        x,
+        d.contiguous() if add_in else x,
+        nw if norm else x,
+        w.contiguous(),
+        r.contiguous() if add_out else y,
+        y,
+        xo,
+        n,
+        k,
+        eps,
+        ITERS=triton.cdiv(k, bk),
+        BN=bn,
+        BK=bk,
+        ADD_IN=add_in,
+        NORM=norm,
+        GLU=glu,
+        ADD_OUT=add_out,
+        EVEN=n % bn == 0 and k % bk == 0,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return (xo, y) if add_in else y
+
+
+def gemv_launch(a, w, tiles):
+    return _launch(a, None, None, w, None, w.shape[0], 0.0, False, False, False, False, tiles, a.dtype)
+
+
+def add_norm_gemv_launch(h, delta, nw, w, eps, tiles):
+    return _launch(h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype)
+
+
+def gemv_add_launch(a, w, r, tiles):
+    return _launch(a, None, None, w, r, w.shape[0], 0.0, False, False, False, True, tiles, a.dtype)
+
+
+def norm_glu_launch(x, nw, w, eps, tiles):
+    n = w.shape[0] // 2
+    return _launch(x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype)
+
+
+@torch.library.custom_op("lorafast::add_norm_gemv", mutates_args=())
+def add_norm_gemv(
+    h: torch.Tensor, delta: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x = h + delta, RMSNorm(x) @ w^T): h, delta [M <= 8, K], nw [K], w [N, K] → ([M, K], [M, N])."""
+    return add_norm_gemv_launch(h, delta, nw, w, eps, fused_config("add_norm_gemv", *w.shape))
+
+
+@add_norm_gemv.register_fake
+def _(h, delta, nw, w, eps):
+    return torch.empty_like(h), h.new_empty(h.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("lorafast::gemv_add", mutates_args=())
+def gemv_add(a: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """r + a @ w^T: a [M <= 8, K], w [N, K], r [M, N] → [M, N]."""
+    return gemv_add_launch(a, w, r, fused_config("gemv_add", *w.shape))
+
+
+@gemv_add.register_fake
+def _(a, w, r):
+    return a.new_empty(a.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("lorafast::norm_glu", mutates_args=())
+def norm_glu(x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """silu(gate) * up of RMSNorm(x) @ w^T, w = [gate; up] [2I, K]: x [M <= 8, K] → [M, I]."""
+    return norm_glu_launch(x, nw, w, eps, fused_config("norm_glu", w.shape[0] // 2, w.shape[1]))
+
+
+@norm_glu.register_fake
+def _(x, nw, w, eps):
+    return x.new_empty(x.shape[0], w.shape[0] // 2)
+
+
+@torch.library.custom_op("lorafast::fused_gemv", mutates_args=())
+def fused_gemv(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w^T: a [M <= 8, K], w [N, K] → [M, N]."""
+    return gemv_launch(a, w, fused_config("gemv", *w.shape))
+
+
+@fused_gemv.register_fake
+def _(a, w):
+    return a.new_empty(a.shape[0], w.shape[0])

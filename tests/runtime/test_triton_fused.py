@@ -1,0 +1,183 @@
+"""The fused decode kernels (runtime/triton_fused.py) against the canonical decoder's modules computed in float64,
+row i of a several-row call against the one-row call bit for bit, and the runtime with `fused_decode` against
+the canonical decoder's greedy tokens. CUDA, or the CPU interpreter (float32 there: the interpreter's bfloat16
+rounding is not round-to-nearest-even, so a bf16 check runs on CUDA only)."""
+# ruff: noqa: I001 - tests.runtime.triton_device must be imported before any kernel module
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
+from lorafast_export.model.decoder import RMSNorm
+from lorafast_export.runtime.triton_fused import (
+    FUSED_TILES,
+    add_norm_gemv,
+    add_norm_gemv_launch,
+    fused_gemv,
+    gemv_add,
+    gemv_add_launch,
+    gemv_launch,
+    norm_glu,
+    norm_glu_launch,
+)
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
+TILES = [FUSED_TILES[0], (8, 128, 4, 1), (2, 64, 4, 3)]  # the shipped default, a wide tile, a ragged K
+
+
+def _norm(k: int, g: torch.Generator, dtype) -> RMSNorm:
+    norm = RMSNorm(k, 1e-5).requires_grad_(False)
+    norm.weight.data = 1 + 0.1 * torch.randn(k, generator=g)
+    return norm.to(DEV, dtype)
+
+
+def _tol(dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2  # bf16: an ulp of the last rounding
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, dtype) -> bool:
+    return bool((y.double().cpu() - ref.double().cpu()).abs().max() <= _tol(dtype) * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("n,k", [(64, 256), (40, 200)])
+def test_add_norm_gemv_is_the_residual_add_norm_and_product(dtype, tiles, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    h, d = (torch.randn(5, k, generator=g).to(DEV, dtype) for _ in range(2))
+    w = (torch.randn(n, k, generator=g) * 0.05).to(DEV, dtype)
+    norm = _norm(k, g, dtype)
+    x, y = add_norm_gemv_launch(h, d, norm.weight, w, norm.eps, tiles)
+    assert torch.equal(x, h + d) or dtype != torch.float32  # bf16: h + d is rounded by the kernel itself
+    assert _close(x, (h.double() + d.double()), dtype)
+    assert _close(y, norm(h + d).double() @ w.double().T, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", TILES)
+def test_gemv_add_and_gemv(dtype, tiles):
+    g = torch.Generator().manual_seed(3)
+    a, w, r = torch.randn(4, 200, generator=g), torch.randn(72, 200, generator=g) * 0.05, torch.randn(4, 72)
+    a, w, r = a.to(DEV, dtype), w.to(DEV, dtype), r.to(DEV, dtype)
+    prod = a.double() @ w.double().T
+    assert _close(gemv_launch(a, w, tiles), prod, dtype)
+    assert _close(gemv_add_launch(a, w, r, tiles), r.double() + prod, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", TILES)
+def test_norm_glu_is_the_mlps_first_half(dtype, tiles):
+    """silu(gate) * up of RMSNorm(x) through the fused [gate; up] weight, as runtime/paged.py's run_mlp."""
+    g = torch.Generator().manual_seed(4)
+    k, inter = 192, 80
+    x = torch.randn(3, k, generator=g).to(DEV, dtype)
+    w = (torch.randn(2 * inter, k, generator=g) * 0.05).to(DEV, dtype)
+    norm = _norm(k, g, dtype)
+    gate, up = (norm(x).double() @ w.double().T).chunk(2, dim=-1)
+    assert _close(norm_glu_launch(x, norm.weight, w, norm.eps, tiles), F.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("tiles", TILES[:2])
+def test_rows_are_independent_of_the_other_rows(tiles):
+    """Row i of a 6-row call equals the 1-row call bit for bit, for every op: a verify row is a decode step."""
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    k, n = 256, 48
+    h, d, r = (torch.randn(6, k, generator=g).to(DEV, dtype) for _ in range(3))
+    w, w2 = (torch.randn(m, k, generator=g).to(DEV, dtype) * 0.05 for m in (n, 2 * n))
+    sq = (torch.randn(k, k, generator=g) * 0.05).to(DEV, dtype)
+    nw = _norm(k, g, dtype).weight
+    calls = [
+        lambda i: add_norm_gemv_launch(h[i], d[i], nw, w, 1e-5, tiles)[1],
+        lambda i: gemv_add_launch(h[i], sq, r[i], tiles),
+        lambda i: norm_glu_launch(h[i], nw, w2, 1e-5, tiles),
+        lambda i: gemv_launch(h[i], w, tiles),
+    ]
+    for call in calls:
+        six = call(slice(0, 6))
+        for i in range(6):
+            assert torch.equal(call(slice(i, i + 1))[0], six[i])
+
+
+def test_ops_refuse_more_than_8_rows():
+    x, w = torch.zeros(9, 64, device=DEV), torch.zeros(8, 64, device=DEV)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        fused_gemv(x, w)
+
+
+def test_ops_use_their_shipped_tiles():
+    """The registered ops (what torch.compile sees) give the launch functions' results with fused_config's tiles."""
+    from lorafast_export.runtime.triton_fused import fused_config
+
+    g = torch.Generator().manual_seed(6)
+    h, d = (torch.randn(2, 128, generator=g).to(DEV) for _ in range(2))
+    w, w2 = torch.randn(32, 128, generator=g).to(DEV), torch.randn(64, 128, generator=g).to(DEV)
+    nw = torch.ones(128, device=DEV)
+    t = fused_config("gemv", 32, 128)
+    assert torch.equal(add_norm_gemv(h, d, nw, w, 1e-5)[1], add_norm_gemv_launch(h, d, nw, w, 1e-5, t)[1])
+    assert torch.equal(
+        gemv_add(h, torch.eye(128, device=DEV), d), gemv_add_launch(h, torch.eye(128, device=DEV), d, t)
+    )
+    assert torch.equal(
+        norm_glu(h, nw, w2, 1e-5), norm_glu_launch(h, nw, w2, 1e-5, fused_config("norm_glu", 32, 128))
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
+def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family):
+    """fused_decode='on': decode steps (1-2 rows) run the fused kernels in every layer and the head; the 9-token
+    prefill runs the plain path. Greedy tokens equal the canonical decoder's."""
+    from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.runtime.loader import build_runtime
+    from lorafast_export.runtime.options import RuntimeOptions
+    from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path, family)
+    opts = RuntimeOptions(compile="off", fused_decode="on", max_seq_len=32, max_batch=2, batch_buckets=(1, 2))
+    rt = build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
+    dec = rt.model.dec
+    assert dec.fused_decode and all(layer.fused_decode for layer in dec.model.layers)
+    prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
+    ref = load_decoder(md)
+    assert rt.generate_batch(prompts, 5) == [greedy_reference(ref, p, 5) for p in prompts]
+
+
+def test_fused_decode_leaves_quantized_layers_alone(tmp_path):
+    """A layer with a quantized linear is not fusable: it keeps the plain path, and so does the head."""
+    from lorafast_export.runtime.paged import fusable_layer, use_fused_decode
+    from tests.runtime.helpers import paged, quantize_all, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path)
+    fp, q = quantize_all(md)
+    pm, _ = paged(md, fp, q, device=DEV)
+    assert use_fused_decode(pm.dec) == 0
+    assert not pm.dec.fused_decode and not any(fusable_layer(layer) for layer in pm.dec.model.layers)
+
+
+def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path):
+    """A speculative verify (3 tokens in one extend) through the fused kernels and the Triton decode attention
+    gives each token the logits of a one-token decode step at its position, bit for bit."""
+    from lorafast_export.runtime.paged import use_fused_decode
+    from tests.runtime.helpers import paged, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
+    assert use_fused_decode(pm.dec) == md.config.num_layers
+    prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7], [2, 71, 82]
+    n, s = len(prompt), len(new)
+    cache.reserve(0, n + s)
+    pm.prefill(torch.tensor([prompt], device=DEV), cache.slots(0, 0, n).to(DEV))
+    tables = cache.block_table([0], 2, 1).to(DEV)
+    steps = []
+    for j, t in enumerate(new):
+        pos = torch.tensor([n + j], device=DEV)
+        slot = cache.slots(0, n + j, n + j + 1).to(DEV)
+        steps.append(pm(torch.tensor([t], device=DEV), pos, tables, pos + 1, slot)[0])
+    verify = pm.extend(
+        torch.tensor([new], device=DEV),
+        torch.arange(n, n + s, device=DEV)[None],
+        tables,
+        cache.slots(0, n, n + s).to(DEV),
+    )[0]
+    assert all(torch.equal(verify[j], steps[j]) for j in range(s))
