@@ -1108,6 +1108,7 @@ def sec_fused(a, dev, R):
     timed 3 times interleaved (same prompts), greedy tokens compared. (3) The fused runtime's kernel profile at
     batch 1."""
     from bench.int4_kernels import graph_us, n_copies
+    from lorafast_export.runtime import triton_fused as tf
 
     c = SHAPES[a.shape]
     h, i, hq, hkv, v = (
@@ -1169,6 +1170,13 @@ def sec_fused(a, dev, R):
             row["TBps_cublas"] = n * k * 2 / row["cublas_us"] / 1e6
             out["ops"].append(row)
             print(f"  fused op {json.dumps({k_: v_ for k_, v_ in row.items() if k_ != 'tiles'})}", flush=True)
+    for row in out["ops"]:  # the runtimes below (and the table to commit) use this call's fastest tiles
+        if row["rows"] == 1 and "best" in row:
+            op, n, k = ops[row["op"]]
+            key = (op, n // 2 if op == "norm_glu" else n, k)
+            tf.FUSED_TABLE[key] = tuple(int(t) for t in row["best"].split("x"))
+    out["table"] = {"/".join(map(str, k_)): v_ for k_, v_ in tf.FUSED_TABLE.items()}
+    print(f"  fused table {json.dumps(out['table'])}", flush=True)
     if not a.fused_e2e:
         return out
     cfg, state = config_of(R["_model"])

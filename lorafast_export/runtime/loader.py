@@ -16,7 +16,13 @@ from lorafast_export.runtime.artifact import DTYPES, read_meta, read_weights
 from lorafast_export.runtime.engine import Engine
 from lorafast_export.runtime.kv_cache import CacheConfig, PagedKVCache
 from lorafast_export.runtime.options import RuntimeOptions
-from lorafast_export.runtime.paged import PagedModel, build_model, triton_attention_fits, use_fused_decode
+from lorafast_export.runtime.paged import (
+    FUSED_MAX_ROWS,
+    PagedModel,
+    build_model,
+    triton_attention_fits,
+    use_fused_decode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +149,9 @@ def build_runtime(
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
         if gemv := dense_gemv_on(opts, device, draft is not None):
             _use_gemv(dec, device)
-        if fused_decode_on(opts, device, dtype):
-            log.info("fused decode kernels for %d layers", use_fused_decode(dec))
+        if fused_decode_on(opts, device, dtype):  # a verify's rows must compute what a decode step computes
+            rows = FUSED_MAX_ROWS if draft is not None else 1
+            log.info("fused decode kernels for %d layers", use_fused_decode(dec, rows))
         model = PagedModel(dec, cache, attention)
         model.pdl = opts.inductor_pdl
         if compiled and (

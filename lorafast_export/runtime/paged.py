@@ -135,7 +135,7 @@ def _block_parts(layer, h, cos, sin, attend):
     return h, run_mlp(layer.mlp, layer.post_attention_layernorm(h))
 
 
-FUSED_MAX_ROWS = 8  # rows (batch x tokens) up to which a fused layer runs runtime/triton_fused.py
+FUSED_MAX_ROWS = 8  # rows (batch x tokens) up to which a fused layer can run runtime/triton_fused.py
 
 
 def fusable_layer(layer) -> bool:
@@ -153,7 +153,7 @@ def fused_parts(layer, h, delta, cos, sin, attend):
     """`_block_parts` of the layer input h + delta through the fused kernels (runtime/triton_fused.py): the
     residual add, RMSNorm and qkv product in one kernel, o_proj with its residual add, RMSNorm + gate/up +
     silu-mul in one, down_proj; rope, the k/v write and attention as in `_block_parts`. For rows <= 8
-    (FUSED_MAX_ROWS) of a `fusable_layer`."""
+    (the layer's `fused_rows`, set by use_fused_decode) of a `fusable_layer`."""
     b, s, hid = h.shape
     attn, mlp = layer.self_attn, layer.mlp
     n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -218,7 +218,7 @@ def paged_layer(
             return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
 
-    if getattr(layer, "fused_decode", False) and h.shape[0] * h.shape[1] <= FUSED_MAX_ROWS:
+    if h.shape[0] * h.shape[1] <= getattr(layer, "fused_rows", 0):
         return fused_parts(layer, h, delta, cos, sin, attend)
     return _block_parts(layer, h + delta, cos, sin, attend)
 
@@ -327,10 +327,10 @@ def extend_forward(
 
 
 def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """dec.logits(h + delta); through the fused kernel (final norm + lm_head) for <= 8 rows of a decoder whose
-    layers are fused (use_fused_decode)."""
+    """dec.logits(h + delta); through the fused kernel (final norm + lm_head) up to the decoder's `fused_rows`
+    (use_fused_decode)."""
     b, s, hid = h.shape
-    if getattr(dec, "fused_decode", False) and b * s <= FUSED_MAX_ROWS:
+    if b * s <= getattr(dec, "fused_rows", 0):
         w, eps = dec.head_weight(), dec.model.norm.eps
         _, y = torch.ops.lorafast.add_norm_gemv(
             h.reshape(-1, hid), delta.reshape(-1, hid), dec.model.norm.weight, w, eps
@@ -339,21 +339,27 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
     return dec.logits(h + delta)
 
 
-def use_fused_decode(dec: Decoder) -> int:
-    """Marks every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype) to run
-    the fused kernels at <= 8 rows; returns how many layers. Registers the kernels' ops (imports Triton)."""
+def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
+    """Every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype and every layer
+    is fused) runs the fused kernels for products of at most `rows` rows (<= FUSED_MAX_ROWS); returns how many
+    layers. rows=1: the batch-1 decode step only (several rows are several programs over the same weight tile,
+    slower than cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row
+    computes what its decode step computes. Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
+    if not 1 <= rows <= FUSED_MAX_ROWS:
+        raise ValueError(f"use_fused_decode: rows={rows}, must be 1..{FUSED_MAX_ROWS}")
     n = 0
     for layer in dec.model.layers:
-        layer.fused_decode = fusable_layer(layer)
-        n += layer.fused_decode
+        layer.fused_rows = rows if fusable_layer(layer) else 0
+        n += layer.fused_rows > 0
     head = dec.lm_head if dec.lm_head is not None else dec.model.embed_tokens
-    dec.fused_decode = (
+    plain_head = (
         n == len(dec.model.layers)
         and isinstance(head, (nn.Linear, nn.Embedding))
         and head.weight.dtype == dec.model.norm.weight.dtype
     )
+    dec.fused_rows = rows if plain_head else 0
     return n
 
 

@@ -13,12 +13,16 @@ attention:
   silu(gate) * up (the MLP's first half: the [rows, 2 x intermediate] product is never written).
 - `fused_gemv`: a @ W^T alone (down_proj: its output is the next layer's delta).
 
-Rounding follows the plain path's: h + delta, the normalized row, the norm's product with its weight and
-each product are rounded to the activation dtype where the plain step rounds them; silu(gate) * up is
-computed in float32 from the rounded gate and up and rounded once (as inductor's fused kernel does). Each
-program owns one row and BN output columns over the whole K (no split-K): row i of an 8-row call is
-computed by the same operations as the 1-row call, bit for bit, which a speculative verify needs. The
-RMSNorm's sum of squares is recomputed by every program of a row (the row is read from L2).
+The RMSNorm is folded into the product, in one pass over the row: y = rsqrt(mean(x^2) + eps) * ((x * w_norm)
+@ W^T), all in float32. The plain step rounds the normalized row to the activation dtype twice before its
+product; this is the same function without those two roundings (closer to the float32 product, not equal to
+the plain step bit for bit). h + delta and each product are rounded where the plain step rounds them;
+silu(gate) * up is computed in float32 from the rounded gate and up and rounded once (as inductor's fused
+kernel does). Each program owns one row and BN output columns over the whole K (no split-K) and every program
+of a row recomputes its sum of squares (the row comes from L2): row i of an 8-row call is computed by the same
+operations as the 1-row call, bit for bit, which a speculative verify needs. Several rows are several programs
+reading the same weight tile (from L2): a 4-row call took 1.7-2.5x a 1-row call on the H200 (bench/TORCH.md),
+so a runtime without a draft runs them at one row only (paged.use_fused_decode).
 
 Triton is imported only here (CUDA, or its interpreter in tests: TRITON_INTERPRET=1 before the import).
 """
@@ -59,48 +63,33 @@ def _fused_kernel(
     rn = j * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     nmask = rn < N
-    if NORM:  # the row's sum of squares (of x + d), as model.decoder.RMSNorm: mean, + eps, 1 / sqrt
-        ss = tl.zeros([BK], tl.float32)
-        for it in range(0, ITERS):
-            kk = it * BK + rk
-            if EVEN:
-                xv = tl.load(x_ptr + m * K + kk)
-            else:
-                xv = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
-            if ADD_IN:
-                if EVEN:
-                    dv = tl.load(d_ptr + m * K + kk)
-                else:
-                    dv = tl.load(d_ptr + m * K + kk, mask=kk < K, other=0.0)
-                xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(dt)
-                if j == 0:
-                    tl.store(xo_ptr + m * K + kk, xv, mask=kk < K)
-            xf = xv.to(tl.float32)
-            ss += xf * xf
-        inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
     acc = tl.zeros([BN, BK], tl.float32)
     if GLU:
         acc2 = tl.zeros([BN, BK], tl.float32)
+    if NORM:
+        ss = tl.zeros([BK], tl.float32)
     for it in range(0, ITERS):
         kk = it * BK + rk
         if EVEN:
             xv = tl.load(x_ptr + m * K + kk)
         else:
             xv = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
-        if ADD_IN:
+        if ADD_IN:  # the residual stream h + delta, rounded as the plain step's add
             if EVEN:
                 dv = tl.load(d_ptr + m * K + kk)
             else:
                 dv = tl.load(d_ptr + m * K + kk, mask=kk < K, other=0.0)
             xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(dt)
+            if j == 0:
+                tl.store(xo_ptr + m * K + kk, xv, mask=kk < K)
         xf = xv.to(tl.float32)
-        if NORM:  # RMSNorm: (x * inv) in the activation dtype, times the weight, rounded again
+        if NORM:  # the sum of squares in the same pass; the norm's weight scales the columns
+            ss += xf * xf
             if EVEN:
                 nw = tl.load(nw_ptr + kk)
             else:
                 nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0)
-            xf = (xf * inv).to(dt).to(tl.float32)
-            xf = (nw.to(tl.float32) * xf).to(dt).to(tl.float32)
+            xf = xf * nw.to(tl.float32)
         if EVEN:
             w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
         else:
@@ -119,9 +108,15 @@ def _fused_kernel(
                 )
             acc2 += w2.to(tl.float32) * xf[None, :]
     y = tl.sum(acc, 1)
+    if NORM:  # RMSNorm's 1 / sqrt(mean(x^2) + eps), applied to the product
+        inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        y = y * inv
     if GLU:
         g = y.to(dt).to(tl.float32)
-        u = tl.sum(acc2, 1).to(dt).to(tl.float32)
+        u = tl.sum(acc2, 1)
+        if NORM:
+            u = u * inv
+        u = u.to(dt).to(tl.float32)
         y = g * tl.sigmoid(g) * u
     if ADD_OUT:
         r = tl.load(r_ptr + m * N + rn, mask=nmask, other=0.0)
@@ -131,27 +126,45 @@ def _fused_kernel(
 
 # (BN, BK, warps, stages) swept on the device (bench/torch_bench.py, section `fused`)
 FUSED_TILES = [
+    (1, 512, 4, 3),
+    (1, 1024, 4, 3),
+    (1, 1024, 4, 2),
+    (1, 1024, 8, 3),
+    (1, 2048, 4, 3),
+    (2, 512, 4, 2),
+    (2, 512, 4, 3),
+    (2, 1024, 4, 2),
+    (2, 1024, 4, 3),
+    (2, 2048, 8, 3),
     (4, 256, 4, 3),
     (4, 512, 4, 3),
-    (2, 512, 4, 3),
-    (8, 256, 4, 3),
-    (8, 512, 8, 3),
-    (16, 128, 4, 3),
-    (16, 256, 8, 3),
-    (4, 1024, 8, 3),
-    (2, 1024, 4, 3),
-    (1, 1024, 4, 3),
     (4, 512, 4, 1),
-    (8, 256, 4, 1),
-    (4, 512, 4, 4),
+    (4, 1024, 4, 3),
+    (4, 1024, 8, 3),
+    (8, 256, 4, 3),
     (8, 512, 4, 2),
+    (8, 512, 8, 3),
+    (8, 1024, 8, 2),
+    (16, 512, 8, 2),
 ]
 
 
+# (op, n, k) -> tiles, measured on an H200 (bench/torch_bench.py --sections fused, bench/TORCH.md session 13):
+# the fastest correct tile at 1 row per Llama-3-8B linear. n is the output width (norm_glu: the intermediate size).
+FUSED_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
+    ("add_norm_gemv", 6144, 4096): (8, 512, 4, 2),  # qkv
+    ("gemv_add", 4096, 4096): (1, 1024, 4, 3),  # o_proj
+    ("norm_glu", 14336, 4096): (1, 1024, 4, 3),  # gate_up
+    ("gemv", 4096, 14336): (2, 1024, 4, 3),  # down_proj
+    ("add_norm_gemv", 128256, 4096): (8, 512, 4, 2),  # the lm_head
+}
+DEFAULT_TILES = (4, 512, 4, 3)  # other shapes: within 7% of the best on every 8B linear at 1 row (call A)
+
+
 def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BN, BK, warps, stages) for an op over a [n, k] weight (n: output columns; gate_up: the intermediate
-    size), whatever the row count."""
-    return (16, 128, 4, 3) if n >= 16384 else (4, 256, 4, 3)
+    """(BN, BK, warps, stages) for an op over a [n, k] weight (norm_glu: n = the intermediate size), whatever
+    the row count (the rows' results must not depend on it)."""
+    return FUSED_TABLE.get((op, n, k), DEFAULT_TILES)
 
 
 def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype):

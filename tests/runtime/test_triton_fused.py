@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.model.decoder import RMSNorm
 from lorafast_export.runtime.triton_fused import (
-    FUSED_TILES,
+    DEFAULT_TILES,
     add_norm_gemv,
     add_norm_gemv_launch,
     fused_gemv,
@@ -23,7 +23,7 @@ from lorafast_export.runtime.triton_fused import (
 )
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
-TILES = [FUSED_TILES[0], (8, 128, 4, 1), (2, 64, 4, 3)]  # the shipped default, a wide tile, a ragged K
+TILES = [DEFAULT_TILES, (8, 128, 4, 1), (2, 64, 4, 3)]  # the default, a wide tile, a ragged K
 
 
 def _norm(k: int, g: torch.Generator, dtype) -> RMSNorm:
@@ -114,20 +114,20 @@ def test_ops_use_their_shipped_tiles():
     h, d = (torch.randn(2, 128, generator=g).to(DEV) for _ in range(2))
     w, w2 = torch.randn(32, 128, generator=g).to(DEV), torch.randn(64, 128, generator=g).to(DEV)
     nw = torch.ones(128, device=DEV)
-    t = fused_config("gemv", 32, 128)
+    eye = torch.eye(128, device=DEV)
+    t = fused_config("add_norm_gemv", 32, 128)
     assert torch.equal(add_norm_gemv(h, d, nw, w, 1e-5)[1], add_norm_gemv_launch(h, d, nw, w, 1e-5, t)[1])
-    assert torch.equal(
-        gemv_add(h, torch.eye(128, device=DEV), d), gemv_add_launch(h, torch.eye(128, device=DEV), d, t)
-    )
-    assert torch.equal(
-        norm_glu(h, nw, w2, 1e-5), norm_glu_launch(h, nw, w2, 1e-5, fused_config("norm_glu", 32, 128))
-    )
+    t = fused_config("gemv_add", 128, 128)
+    assert torch.equal(gemv_add(h, eye, d), gemv_add_launch(h, eye, d, t))
+    t = fused_config("norm_glu", 32, 128)
+    assert torch.equal(norm_glu(h, nw, w2, 1e-5), norm_glu_launch(h, nw, w2, 1e-5, t))
+    assert torch.equal(fused_gemv(h, w), gemv_launch(h, w, fused_config("gemv", 32, 128)))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
 def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family):
-    """fused_decode='on': decode steps (1-2 rows) run the fused kernels in every layer and the head; the 9-token
-    prefill runs the plain path. Greedy tokens equal the canonical decoder's."""
+    """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
+    steps and the prefills run the plain path. Greedy tokens equal the canonical decoder's."""
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.runtime.loader import build_runtime
     from lorafast_export.runtime.options import RuntimeOptions
@@ -137,10 +137,32 @@ def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family):
     opts = RuntimeOptions(compile="off", fused_decode="on", max_seq_len=32, max_batch=2, batch_buckets=(1, 2))
     rt = build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     dec = rt.model.dec
-    assert dec.fused_decode and all(layer.fused_decode for layer in dec.model.layers)
+    assert dec.fused_rows == 1 and all(layer.fused_rows == 1 for layer in dec.model.layers)
     prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
     ref = load_decoder(md)
-    assert rt.generate_batch(prompts, 5) == [greedy_reference(ref, p, 5) for p in prompts]
+    want = [greedy_reference(ref, p, 5) for p in prompts]
+    assert [rt.generate_batch([p], 5)[0] for p in prompts] == want  # batch 1: fused
+    assert rt.generate_batch(prompts, 5) == want  # batch 2: the plain path
+
+
+def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path):
+    """With a draft, the fused kernels take up to 8 rows (a verify's tokens), so the speculative output is the
+    greedy output of the model alone, token for token, and it speculated."""
+    from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.runtime import loader
+    from lorafast_export.runtime.options import RuntimeOptions
+    from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    opts = RuntimeOptions(
+        compile="off", fused_decode="on", max_seq_len=32, max_batch=1, batch_buckets=(1,), spec_k=2
+    )
+    draft = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
+    rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=draft)
+    assert rt.model.dec.fused_rows == 8 and draft.model.dec.fused_rows == 1
+    prompt = [5, 9, 1, 44, 3, 17, 2, 8, 60]
+    assert rt.generate_batch([prompt], 6) == [greedy_reference(load_decoder(md), prompt, 6)]
+    assert rt.engine.stats.accepted > 0
 
 
 def test_fused_decode_leaves_quantized_layers_alone(tmp_path):
@@ -152,7 +174,7 @@ def test_fused_decode_leaves_quantized_layers_alone(tmp_path):
     fp, q = quantize_all(md)
     pm, _ = paged(md, fp, q, device=DEV)
     assert use_fused_decode(pm.dec) == 0
-    assert not pm.dec.fused_decode and not any(fusable_layer(layer) for layer in pm.dec.model.layers)
+    assert not pm.dec.fused_rows and not any(fusable_layer(layer) for layer in pm.dec.model.layers)
 
 
 def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path):
@@ -163,7 +185,7 @@ def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path):
 
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
-    assert use_fused_decode(pm.dec) == md.config.num_layers
+    assert use_fused_decode(pm.dec, rows=8) == md.config.num_layers
     prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7], [2, 71, 82]
     n, s = len(prompt), len(new)
     cache.reserve(0, n + s)
