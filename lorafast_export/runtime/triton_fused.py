@@ -45,6 +45,7 @@ def _fused_kernel(
     r_ptr,  # [M, N] residual added to the output (ADD_OUT)
     y_ptr,  # [M, N] output
     xo_ptr,  # [M, K] x + d written here by the programs of column block 0 (ADD_IN)
+    M,
     N,
     K,
     eps,
@@ -57,8 +58,10 @@ def _fused_kernel(
     ADD_OUT: tl.constexpr,
     EVEN: tl.constexpr,  # N % BN == 0 and K % BK == 0: no masks
 ):
-    m = tl.program_id(0)
-    j = tl.program_id(1)
+    # one grid axis (the second is limited to 65,535 blocks: a 128k-vocabulary lm_head at BN = 1 exceeds it);
+    # the programs of one weight tile (its rows of x) are consecutive, so the tile read for row 0 is in L2
+    m = tl.program_id(0) % M
+    j = tl.program_id(0) // M
     dt = y_ptr.dtype.element_ty
     rn = j * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -149,14 +152,15 @@ FUSED_TILES = [
 ]
 
 
-# (op, n, k) -> tiles, measured on an H200 (bench/torch_bench.py --sections fused, bench/TORCH.md session 13):
-# the fastest correct tile at 1 row per Llama-3-8B linear. n is the output width (norm_glu: the intermediate size).
+# (op, n, k) -> tiles, measured on an H200 (bench/torch_bench.py --sections fused, bench/TORCH.md session 13, call
+# B): the fastest correct tile at 1 row per Llama-3-8B linear, CUDA-graph replay over weight copies. n is the
+# output width (norm_glu: the intermediate size).
 FUSED_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
-    ("add_norm_gemv", 6144, 4096): (8, 512, 4, 2),  # qkv
-    ("gemv_add", 4096, 4096): (1, 1024, 4, 3),  # o_proj
-    ("norm_glu", 14336, 4096): (1, 1024, 4, 3),  # gate_up
-    ("gemv", 4096, 14336): (2, 1024, 4, 3),  # down_proj
-    ("add_norm_gemv", 128256, 4096): (8, 512, 4, 2),  # the lm_head
+    ("add_norm_gemv", 6144, 4096): (2, 1024, 4, 3),  # qkv: 17.9 us (cuBLAS's product alone: 16.3)
+    ("gemv_add", 4096, 4096): (1, 1024, 8, 3),  # o_proj: 10.1 us (13.3)
+    ("norm_glu", 14336, 4096): (1, 1024, 4, 2),  # gate_up: 57.2 us (55.9)
+    ("gemv", 4096, 14336): (1, 512, 4, 3),  # down_proj: 29.4 us (32.1)
+    ("add_norm_gemv", 128256, 4096): (4, 1024, 4, 3),  # the lm_head: 248.9 us (248.5)
 }
 DEFAULT_TILES = (4, 512, 4, 3)  # other shapes: within 7% of the best on every 8B linear at 1 row (call A)
 
@@ -177,7 +181,7 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
     x = x.contiguous()
     y = torch.empty(m, n, device=x.device, dtype=out_dtype)
     xo = torch.empty_like(x) if add_in else y
-    _fused_kernel[(m, triton.cdiv(n, bn))](
+    _fused_kernel[(m * triton.cdiv(n, bn),)](
         x,
         d.contiguous() if add_in else x,
         nw if norm else x,
@@ -185,6 +189,7 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         r.contiguous() if add_out else y,
         y,
         xo,
+        m,
         n,
         k,
         eps,
