@@ -1146,7 +1146,7 @@ def sec_fused(a, dev, R):
             row["cublas_us"] = graph_us(lambda j, x=x, w=ws: F.linear(x, w[j]), len(ws))
             row["tiles"] = {}
             want = _fused_ref(op, x, ws[0], rr, dd, nw)
-            for tiles in FUSED_SWEEP(a):
+            for tiles in FUSED_SWEEP(a, op, n, k):
                 if time.perf_counter() > t_end:
                     row["cut"] = "budget"
                     break
@@ -1171,7 +1171,7 @@ def sec_fused(a, dev, R):
             out["ops"].append(row)
             print(f"  fused op {json.dumps({k_: v_ for k_, v_ in row.items() if k_ != 'tiles'})}", flush=True)
     for row in out["ops"]:  # the runtimes below (and the table to commit) use this call's fastest tiles
-        if row["rows"] == 1 and "best" in row:
+        if row["rows"] == 1 and "best" in row and a.fused_tiles == "sweep":
             op, n, k = ops[row["op"]]
             key = (op, n // 2 if op == "norm_glu" else n, k)
             tf.FUSED_TABLE[key] = tuple(int(t) for t in row["best"].split("x"))
@@ -1220,10 +1220,12 @@ def sec_fused(a, dev, R):
     return out
 
 
-def FUSED_SWEEP(a):  # noqa: N802 - the tiles the fused section times
+def FUSED_SWEEP(a, op: str, n: int, k: int):  # noqa: N802 - the tiles the fused section times
     from lorafast_export.runtime.triton_fused import FUSED_TILES, fused_config
 
-    return FUSED_TILES if a.fused_tiles == "sweep" else [fused_config("x", 0, 0)]
+    return (
+        FUSED_TILES if a.fused_tiles == "sweep" else [fused_config(op, n // 2 if op == "norm_glu" else n, k)]
+    )
 
 
 def sec_overlap(a, dev, R):
