@@ -1,0 +1,9 @@
+# Session 13 lead call E (not run: no device was lent): call D again (fused section, then e2e) with
+# CUDA_LAUNCH_BLOCKING=1, to name the faulting kernel.
+# CUDA tests; fused ops at the shipped tiles; decode off/on at batch 1 (3 interleaved); e2e with fused_decode on.
+set -u
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 3
+echo "main $(cat .devq/commit)"
+CUDA_LAUNCH_BLOCKING=1 timeout $((585 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,fused,e2e --fused-decode on --fused-tiles shipped --fused-batches 1 --fused-e2e 1 --new-tokens 128 --e2e-repeats 2 --out $OUT/fused_e2e.json > $OUT/fused_e2e.log 2>&1
+echo "bench rc $? at ${SECONDS}s"; grep -E "fused batch|e2e|^\[|Error|error|File \"\/" $OUT/fused_e2e.log | cut -c1-260
