@@ -1,6 +1,5 @@
 # Session 13 lead call E (not run: no device was lent): call D again (fused section, then e2e) with
 # CUDA_LAUNCH_BLOCKING=1, to name the faulting kernel.
-# CUDA tests; fused ops at the shipped tiles; decode off/on at batch 1 (3 interleaved); e2e with fused_decode on.
 set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 3
