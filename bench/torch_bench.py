@@ -1427,7 +1427,9 @@ def main() -> None:
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()
     if os.environ.get("LF_BENCH_KEEP_CUBLAS_WORKSPACES") == "1":  # diagnosis (bench/TORCH.md, session 13)
-        torch._C._cuda_clearCublasWorkspaces = lambda: None  # transformers' compiled peer clears them otherwise
+        torch._C._cuda_clearCublasWorkspaces = lambda: (
+            None
+        )  # transformers' compiled peer clears them otherwise
     if a.threads:
         torch.set_num_threads(a.threads)
     a.batches = [int(x) for x in a.batch.split(",")]
