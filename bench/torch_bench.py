@@ -1022,21 +1022,8 @@ def sec_gemv(a, dev, R):
     from bench.int4_kernels import graph_us, n_copies
     from lorafast_export.runtime.triton_gemv import GEMV_TILES, gemv_config, gemv_launch
 
-    c = SHAPES[a.shape]
-    h, i, hq, hkv, v = (
-        c[x]
-        for x in (
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "vocab_size",
-        )
-    )
-    d = h // hq
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    shapes = {"o": (h, hq * d), "down": (h, i), "qkv": ((hq + 2 * hkv) * d, h), "gate_up": (2 * i, h)}
-    shapes["lm_head"] = (v, h)
+    shapes = _linear_shapes(a.shape)
     rows, t_end = [], time.perf_counter() + a.gemv_budget_s
     for name, (n, k) in shapes.items():
         torch.manual_seed(0)
@@ -1110,26 +1097,18 @@ def sec_fused(a, dev, R):
     from bench.int4_kernels import graph_us, n_copies
     from lorafast_export.runtime import triton_fused as tf
 
-    c = SHAPES[a.shape]
-    h, i, hq, hkv, v = (
-        c[x]
-        for x in (
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "vocab_size",
-        )
-    )
-    d = h // hq
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    ops = {  # name: (op, weight rows, weight cols, the plain product's [n, k])
-        "qkv add_norm_gemv": ("add_norm_gemv", (hq + 2 * hkv) * d, h),
-        "o gemv_add": ("gemv_add", h, hq * d),
-        "gate_up norm_glu": ("norm_glu", 2 * i, h),
-        "down gemv": ("gemv", h, i),
-        "lm_head add_norm_gemv": ("add_norm_gemv", v, h),
+    lin = _linear_shapes(a.shape)
+    kinds = {
+        "qkv": "add_norm_gemv",
+        "o": "gemv_add",
+        "gate_up": "norm_glu",
+        "down": "gemv",
+        "lm_head": "add_norm_gemv",
     }
+    ops = {
+        f"{name} {kinds[name]}": (kinds[name], *lin[name]) for name in kinds
+    }  # name: (op, weight rows, cols)
     out: dict = {"ops": []}
     t_end = time.perf_counter() + a.gemv_budget_s
     for name, (op, n, k) in ops.items():

@@ -72,3 +72,25 @@ def greedy_reference(dec: Decoder, prompt: list[int], n: int) -> list[int]:
         out.append(int(logits[0, -1].argmax()))
         x = torch.tensor([[out[-1]]])
     return out
+
+
+def verify_and_steps(pm, cache, dev) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """After a 17-token prompt: the logits of a 3-token verify (one extend) and of the same 3 tokens as one-token
+    decode steps, [3, V] and a list of 3 [V]; a speculative verify must give each token its step's logits."""
+    prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7], [2, 71, 82]
+    n, s = len(prompt), len(new)
+    cache.reserve(0, n + s)
+    pm.prefill(torch.tensor([prompt], device=dev), cache.slots(0, 0, n).to(dev))
+    tables = cache.block_table([0], 2, 1).to(dev)
+    steps = []
+    for j, t in enumerate(new):
+        pos = torch.tensor([n + j], device=dev)
+        slot = cache.slots(0, n + j, n + j + 1).to(dev)
+        steps.append(pm(torch.tensor([t], device=dev), pos, tables, pos + 1, slot)[0])
+    verify = pm.extend(
+        torch.tensor([new], device=dev),
+        torch.arange(n, n + s, device=dev)[None],
+        tables,
+        cache.slots(0, n, n + s).to(dev),
+    )[0]
+    return verify, steps

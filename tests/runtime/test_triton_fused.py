@@ -181,25 +181,10 @@ def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path):
     """A speculative verify (3 tokens in one extend) through the fused kernels and the Triton decode attention
     gives each token the logits of a one-token decode step at its position, bit for bit."""
     from lorafast_export.runtime.paged import use_fused_decode
-    from tests.runtime.helpers import paged, tiny_checkpoint
+    from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
 
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
     assert use_fused_decode(pm.dec, rows=8) == md.config.num_layers
-    prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7], [2, 71, 82]
-    n, s = len(prompt), len(new)
-    cache.reserve(0, n + s)
-    pm.prefill(torch.tensor([prompt], device=DEV), cache.slots(0, 0, n).to(DEV))
-    tables = cache.block_table([0], 2, 1).to(DEV)
-    steps = []
-    for j, t in enumerate(new):
-        pos = torch.tensor([n + j], device=DEV)
-        slot = cache.slots(0, n + j, n + j + 1).to(DEV)
-        steps.append(pm(torch.tensor([t], device=DEV), pos, tables, pos + 1, slot)[0])
-    verify = pm.extend(
-        torch.tensor([new], device=DEV),
-        torch.arange(n, n + s, device=DEV)[None],
-        tables,
-        cache.slots(0, n, n + s).to(DEV),
-    )[0]
-    assert all(torch.equal(verify[j], steps[j]) for j in range(s))
+    verify, steps = verify_and_steps(pm, cache, DEV)
+    assert all(torch.equal(verify[j], steps[j]) for j in range(len(steps)))

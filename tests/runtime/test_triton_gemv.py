@@ -84,29 +84,14 @@ def test_verify_rows_equal_single_decode_steps_bit_for_bit(tmp_path, gemv_on):
     property that makes speculative greedy output the plain step's token for token. With F.linear
     (gemv_on False) the matmuls of 1 and S rows are torch's, whose rows may differ in the last bits."""
     from lorafast_export.runtime.triton_gemv import use_gemv
-    from tests.runtime.helpers import paged, tiny_checkpoint
+    from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
 
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
     if gemv_on:
         use_gemv(pm.dec)
-    prompt, new = [3, 14, 15, 92, 65, 35, 8, 9, 79, 32, 38, 46, 26, 43, 38, 32, 7], [2, 71, 82]
-    n, s = len(prompt), len(new)
-    cache.reserve(0, n + s)
-    pm.prefill(torch.tensor([prompt], device=DEV), cache.slots(0, 0, n).to(DEV))
-    tables = cache.block_table([0], 2, 1).to(DEV)
-    steps = []
-    for j, t in enumerate(new):
-        pos = torch.tensor([n + j], device=DEV)
-        slot = cache.slots(0, n + j, n + j + 1).to(DEV)
-        steps.append(pm(torch.tensor([t], device=DEV), pos, tables, pos + 1, slot)[0])
-    verify = pm.extend(
-        torch.tensor([new], device=DEV),
-        torch.arange(n, n + s, device=DEV)[None],
-        tables,
-        cache.slots(0, n, n + s).to(DEV),
-    )[0]
-    same = [torch.equal(verify[j], steps[j]) for j in range(s)]
+    verify, steps = verify_and_steps(pm, cache, DEV)
+    same = [torch.equal(verify[j], steps[j]) for j in range(len(steps))]
     assert all(same) if gemv_on else torch.allclose(verify, torch.stack(steps), atol=1e-4)
 
 
