@@ -98,7 +98,9 @@ def compile_packages(
 
 def build_aot(model_dir: Path, device: str) -> dict:
     """Compile the packages for an artifact already written to model_dir; records them in runtime.json."""
-    rt = open_runtime(model_dir, device, use_aot=False, compile="off", attention="gather")
+    # the packages hold the plain step: the fused decode kernels are Python custom ops (runtime/triton_fused.py),
+    # which AOTInductor cannot package
+    rt = open_runtime(model_dir, device, use_aot=False, compile="off", attention="gather", fused_decode="off")
     entry = compile_packages(
         rt.model.dec, rt.cache, rt.options.max_batch, rt.engine.max_seq_len, Path(model_dir)
     )
