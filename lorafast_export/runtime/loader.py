@@ -65,11 +65,16 @@ def check_kernel(opts: RuntimeOptions, device: torch.device) -> None:
         raise InputError("kernel='triton' needs a CUDA device and the triton package; use 'auto'.")
 
 
+def _triton_runs(device: torch.device) -> bool:
+    """Our dense Triton kernels run here: on CUDA, or through Triton's interpreter (the CPU tests)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    return _triton_on(device) or interpret
+
+
 def _use_gemv(dec, device: torch.device) -> None:
     """dense_gemv='on': the dense linears' products of <= 8 rows (decode at small batches, a verify)
     through runtime/triton_gemv.py: no split-K, and row i does not depend on the other rows."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU tests run it through the interpreter
-    if not (_triton_on(device) or (interpret and importlib.util.find_spec("triton"))):
+    if not _triton_runs(device):
         raise InputError("dense_gemv='on' needs a CUDA device and the triton package; use 'off'.")
     from lorafast_export.runtime.triton_gemv import use_gemv
 
@@ -78,8 +83,7 @@ def _use_gemv(dec, device: torch.device) -> None:
 
 def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dtype) -> bool:
     """fused_decode: on (CUDA, or the Triton interpreter in tests), off, or auto = on CUDA in bf16/fp16."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-    if opts.fused_decode == "on" and not (_triton_on(device) or interpret):
+    if opts.fused_decode == "on" and not _triton_runs(device):
         raise InputError("fused_decode='on' needs a CUDA device and the triton package; use 'off'.")
     return opts.fused_decode == "on" or (
         opts.fused_decode == "auto" and _triton_on(device) and dtype in (torch.bfloat16, torch.float16)
