@@ -1151,9 +1151,7 @@ def sec_fused(a, dev, R):
             print(f"  fused op {json.dumps({k_: v_ for k_, v_ in row.items() if k_ != 'tiles'})}", flush=True)
     for row in out["ops"]:  # the runtimes below (and the table to commit) use this call's fastest tiles
         if row["rows"] == 1 and "best" in row and a.fused_tiles == "sweep":
-            op, n, k = ops[row["op"]]
-            key = (op, n // 2 if op == "norm_glu" else n, k)
-            tf.FUSED_TABLE[key] = tuple(int(t) for t in row["best"].split("x"))
+            tf.FUSED_TABLE[ops[row["op"]]] = tuple(int(t) for t in row["best"].split("x"))
     out["table"] = {"/".join(map(str, k_)): v_ for k_, v_ in tf.FUSED_TABLE.items()}
     print(f"  fused table {json.dumps(out['table'])}", flush=True)
     if not a.fused_e2e:
@@ -1165,7 +1163,7 @@ def sec_fused(a, dev, R):
         for mode in ("off", "on")
     }
     out["fused_layers"] = sum(
-        bool(getattr(layer, "fused_decode", False)) for layer in rts["on"].model.dec.model.layers
+        getattr(layer, "fused_rows", 0) > 0 for layer in rts["on"].model.dec.model.layers
     )
     keys = ("decode_tokens_per_s", "decode_step_ms", "tokens_per_s", "ttft_ms_median")
     for b in batches:
@@ -1199,12 +1197,14 @@ def sec_fused(a, dev, R):
     return out
 
 
+def _keep_cublas_workspaces() -> None:
+    """Stands in for torch._C._cuda_clearCublasWorkspaces under LF_BENCH_KEEP_CUBLAS_WORKSPACES=1."""
+
+
 def FUSED_SWEEP(a, op: str, n: int, k: int):  # noqa: N802 - the tiles the fused section times
     from lorafast_export.runtime.triton_fused import FUSED_TILES, fused_config
 
-    return (
-        FUSED_TILES if a.fused_tiles == "sweep" else [fused_config(op, n // 2 if op == "norm_glu" else n, k)]
-    )
+    return FUSED_TILES if a.fused_tiles == "sweep" else [fused_config(op, n, k)]
 
 
 def sec_overlap(a, dev, R):
@@ -1405,10 +1405,10 @@ def main() -> None:
     p.add_argument("--profile", default="bf16,int4", help="runtimes the profile section profiles")
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()
-    if os.environ.get("LF_BENCH_KEEP_CUBLAS_WORKSPACES") == "1":  # diagnosis (bench/TORCH.md, session 13)
-        torch._C._cuda_clearCublasWorkspaces = lambda: (
-            None
-        )  # transformers' compiled peer clears them otherwise
+    if os.environ.get("LF_BENCH_KEEP_CUBLAS_WORKSPACES") == "1":  # diagnosis (bench/TORCH.md, session 13):
+        torch._C._cuda_clearCublasWorkspaces = (
+            _keep_cublas_workspaces  # the compiled peer clears them otherwise
+        )
     if a.threads:
         torch.set_num_threads(a.threads)
     a.batches = [int(x) for x in a.batch.split(",")]

@@ -153,12 +153,12 @@ FUSED_TILES = [
 
 
 # (op, n, k) -> tiles, measured on an H200 (bench/torch_bench.py --sections fused, bench/TORCH.md session 13, call
-# C): the fastest correct tile at 1 row per Llama-3-8B linear, CUDA-graph replay over weight copies. n is the
-# output width (norm_glu: the intermediate size).
+# C): the fastest correct tile at 1 row per Llama-3-8B linear, CUDA-graph replay over weight copies. (n, k) is the
+# weight's shape.
 FUSED_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
     ("add_norm_gemv", 6144, 4096): (2, 2048, 8, 3),  # qkv: 16.9 us (cuBLAS's product alone: 16.0)
     ("gemv_add", 4096, 4096): (1, 1024, 8, 3),  # o_proj: 10.0 us (13.4)
-    ("norm_glu", 14336, 4096): (2, 2048, 8, 3),  # gate_up: 56.0 us (59.8)
+    ("norm_glu", 28672, 4096): (2, 2048, 8, 3),  # gate_up: 56.0 us (59.8)
     ("gemv", 4096, 14336): (1, 512, 4, 3),  # down_proj: 28.4 us (32.2)
     ("add_norm_gemv", 128256, 4096): (4, 1024, 4, 3),  # the lm_head: 250.4 us (240.8)
 }
@@ -166,7 +166,7 @@ DEFAULT_TILES = (4, 512, 4, 3)  # other shapes: within 7% of the best on every 8
 
 
 def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BN, BK, warps, stages) for an op over a [n, k] weight (norm_glu: n = the intermediate size), whatever
+    """(BN, BK, warps, stages) for an op over a [n, k] weight (norm_glu: the fused [gate; up] weight), whatever
     the row count (the rows' results must not depend on it)."""
     return FUSED_TABLE.get((op, n, k), DEFAULT_TILES)
 
@@ -251,7 +251,7 @@ def _(a, w, r):
 @torch.library.custom_op("lorafast::norm_glu", mutates_args=())
 def norm_glu(x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """silu(gate) * up of RMSNorm(x) @ w^T, w = [gate; up] [2I, K]: x [M <= 8, K] → [M, I]."""
-    return norm_glu_launch(x, nw, w, eps, fused_config("norm_glu", w.shape[0] // 2, w.shape[1]))
+    return norm_glu_launch(x, nw, w, eps, fused_config("norm_glu", *w.shape))
 
 
 @norm_glu.register_fake

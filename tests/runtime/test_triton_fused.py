@@ -119,7 +119,7 @@ def test_ops_use_their_shipped_tiles():
     assert torch.equal(add_norm_gemv(h, d, nw, w, 1e-5)[1], add_norm_gemv_launch(h, d, nw, w, 1e-5, t)[1])
     t = fused_config("gemv_add", 128, 128)
     assert torch.equal(gemv_add(h, eye, d), gemv_add_launch(h, eye, d, t))
-    t = fused_config("norm_glu", 32, 128)
+    t = fused_config("norm_glu", 64, 128)
     assert torch.equal(norm_glu(h, nw, w2, 1e-5), norm_glu_launch(h, nw, w2, 1e-5, t))
     assert torch.equal(fused_gemv(h, w), gemv_launch(h, w, fused_config("gemv", 32, 128)))
 
