@@ -1063,11 +1063,19 @@ def sec_gemv(a, dev, R):
     return rows
 
 
-def _fused_call(op, x, w, tiles, r, d, nw):
+def _fused_call(op, x, w, tiles, r, d, nw, rope=None, gather=True):
     from lorafast_export.runtime import triton_fused as tf
 
     if op == "add_norm_gemv":
         return tf.add_norm_gemv_launch(x, d, nw, w, 1e-5, tiles)[1]
+    if op == "add_norm_qkv_rope":  # q, then the k and v it wrote at the rows' slots
+        cos, sin, kp, vp, slots, qn = rope
+        q = tf.add_norm_qkv_rope_launch(x, d, nw, w, 1e-5, None, cos, sin, kp, vp, slots, qn, tiles)[1]
+        if not gather:  # timed: the op alone
+            return q
+        return torch.cat(
+            [q, kp[:, slots].transpose(0, 1).flatten(1), vp[:, slots].transpose(0, 1).flatten(1)], 1
+        )
     if op == "gemv_add":
         return tf.gemv_add_launch(x, w, r, tiles)
     if op == "norm_glu":
@@ -1075,16 +1083,38 @@ def _fused_call(op, x, w, tiles, r, d, nw):
     return tf.gemv_launch(x, w, tiles)
 
 
-def _fused_ref(op, x, w, r, d, nw):
+def _fused_ref(op, x, w, r, d, nw, rope=None):
     """What the fused op computes, in float32 from the same inputs."""
-    xf = x.float() + d.float() if op == "add_norm_gemv" else x.float()
-    if op in ("add_norm_gemv", "norm_glu"):
+    from lorafast_export.model.decoder import rotate_half
+
+    xf = x.float() + d.float() if op in ("add_norm_gemv", "add_norm_qkv_rope") else x.float()
+    if op != "gemv_add" and op != "gemv":
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()
     y = xf @ w.float().T
+    if op == "add_norm_qkv_rope":  # [q | k | v] with rope on q and k, as _fused_call returns them
+        cos, sin, kp, _, _, qn = rope
+        hd, m = kp.shape[2], x.shape[0]
+        qk = y[:, : qn + kp.shape[0] * hd].reshape(m, -1, hd)
+        qk = qk * cos.float()[:, None] + rotate_half(qk) * sin.float()[:, None]
+        return torch.cat([qk.flatten(1), y[:, qn + kp.shape[0] * hd :]], 1)
     if op == "norm_glu":
         gate, up = y.chunk(2, dim=-1)
         return F.silu(gate) * up
     return y + r.float() if op == "gemv_add" else y
+
+
+def _rope_inputs(shape: str, rows: int, dev, act):
+    """cos, sin at scattered positions, k/v pools of 4,096 slots and the rows' slots, q's columns: the inputs of
+    add_norm_qkv_rope for a bench shape."""
+    c = SHAPES[shape]
+    hq, hkv = c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c["hidden_size"] // hq
+    pos = torch.arange(rows, device=dev).float() * 97 + 5
+    emb = pos[:, None] * (1.0 / 500000 ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+    emb = torch.cat([emb, emb], -1)
+    kp, vp = (torch.zeros(hkv, 4096, hd, device=dev, dtype=act) for _ in range(2))
+    slots = torch.arange(rows, device=dev) * 131 + 7
+    return emb.cos().to(act), emb.sin().to(act), kp, vp, slots, hq * hd
 
 
 def sec_fused(a, dev, R):
@@ -1101,11 +1131,13 @@ def sec_fused(a, dev, R):
     lin = _linear_shapes(a.shape)
     kinds = {
         "qkv": "add_norm_gemv",
+        "qkv_rope": "add_norm_qkv_rope",
         "o": "gemv_add",
         "gate_up": "norm_glu",
         "down": "gemv",
         "lm_head": "add_norm_gemv",
     }
+    lin["qkv_rope"] = lin["qkv"]
     ops = {
         f"{name} {kinds[name]}": (kinds[name], *lin[name]) for name in kinds
     }  # name: (op, weight rows, cols)
@@ -1121,21 +1153,22 @@ def sec_fused(a, dev, R):
 
         for m in (1, 4):
             x, rr, dd = x4[:m], r4[:m], d4[:m]
+            rope = _rope_inputs(a.shape, m, dev, act) if op == "add_norm_qkv_rope" else None
             row = {"op": name, "n": n, "k": k, "rows": m}
             row["cublas_us"] = graph_us(lambda j, x=x, w=ws: F.linear(x, w[j]), len(ws))
             row["tiles"] = {}
-            want = _fused_ref(op, x, ws[0], rr, dd, nw)
+            want = _fused_ref(op, x, ws[0], rr, dd, nw, rope)
             for tiles in FUSED_SWEEP(a, op, n, k):
                 if time.perf_counter() > t_end:
                     row["cut"] = "budget"
                     break
                 cell = {}
                 try:
-                    y = _fused_call(op, x, ws[0], tiles, rr, dd, nw)
+                    y = _fused_call(op, x, ws[0], tiles, rr, dd, nw, rope)
                     cell["rel_err"] = ((y.float() - want).norm() / want.norm()).item()
                     cell["us"] = graph_us(
-                        lambda j, x=x, w=ws, t=tiles, o=(op, rr, dd, nw): _fused_call(
-                            o[0], x, w[j], t, *o[1:]
+                        lambda j, x=x, w=ws, t=tiles, o=(op, rr, dd, nw, rope): _fused_call(
+                            o[0], x, w[j], t, *o[1:], gather=False
                         ),
                         len(ws),
                     )

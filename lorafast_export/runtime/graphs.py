@@ -27,6 +27,13 @@ class GraphRunner:
         self.fn, self.warmup = fn, warmup
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = None  # one memory pool for every capture: the graphs never run concurrently
+        # Its own capture stream: cuBLAS's workspace is kept per (handle, stream), so with torch's shared default
+        # capture stream a graph of this runner used the workspace another runtime's capture had allocated in
+        # that runtime's pool; once that runtime was freed and torch.compile's CUDA graphs cleared the cuBLAS
+        # workspaces (transformers' static-cache generate in the same process), the pool was released under
+        # the graph and its next replay faulted (bench/TORCH.md, session 13). On this stream the workspace is
+        # allocated by this runner's first capture, in this runner's pool, which its graphs keep alive.
+        self.stream = None
 
     def __call__(self, *inputs: torch.Tensor):
         key = tuple((t.shape, t.dtype) for t in inputs)
@@ -48,7 +55,9 @@ class GraphRunner:
                 self.fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             out = self.fn(*static)
         self.pool = graph.pool()
         return _Captured(graph, static, out)

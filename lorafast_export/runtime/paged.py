@@ -27,7 +27,6 @@ from lorafast_export.runtime.attention import (
     paged_attention,
     prefill_attention,
     project_qkv,
-    rope_qkv,
     write_kv,
 )
 from lorafast_export.runtime.fuse import fused_dense, fusion_groups
@@ -149,22 +148,31 @@ def fusable_layer(layer) -> bool:
     return all(m.weight.dtype == dtype for m in lins) and all(m.bias is None for m in lins[1:])
 
 
-def fused_parts(layer, h, delta, cos, sin, attend):
+def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
     """`_block_parts` of the layer input h + delta through the fused kernels (runtime/triton_fused.py): the
-    residual add, RMSNorm and qkv product in one kernel, o_proj with its residual add, RMSNorm + gate/up +
-    silu-mul in one, down_proj; rope, the k/v write and attention as in `_block_parts`. For rows <= 8
-    (the layer's `fused_rows`, set by use_fused_decode) of a `fusable_layer`."""
+    residual add, RMSNorm, qkv product, rope and the k/v write into the pools at slots in one kernel, o_proj
+    with its residual add, RMSNorm + gate/up + silu-mul in one, down_proj; attend(q) reads the pools. For
+    rows <= 8 (the layer's `fused_rows`, set by use_fused_decode) of a `fusable_layer`."""
     b, s, hid = h.shape
     attn, mlp = layer.self_attn, layer.mlp
     n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
     ops = torch.ops.lorafast
-    x, qkv = ops.add_norm_gemv(
-        h.reshape(-1, hid), delta.reshape(-1, hid), n1.weight, attn.qkv_proj.weight, n1.eps
+    d = attn.head_dim
+    x, q = ops.add_norm_qkv_rope(
+        h.reshape(-1, hid),
+        delta.reshape(-1, hid),
+        n1.weight,
+        attn.qkv_proj.weight,
+        n1.eps,
+        attn.qkv_proj.bias,
+        cos.reshape(-1, d),
+        sin.reshape(-1, d),
+        k_pool,
+        v_pool,
+        slots,
+        attn.n_heads * d,
     )
-    if attn.qkv_proj.bias is not None:
-        qkv = qkv + attn.qkv_proj.bias
-    q, k, v = rope_qkv(attn, qkv.view(b, s, -1), cos, sin)
-    a = attend(q, k, v).transpose(1, 2).reshape(b * s, -1)
+    a = attend(q.view(b, s, attn.n_heads, d).transpose(1, 2)).transpose(1, 2).reshape(b * s, -1)
     h = ops.gemv_add(a, attn.o_proj.weight, x)
     act = ops.norm_glu(h, n2.weight, mlp.gate_up_proj.weight, n2.eps)
     return h.view(b, s, hid), ops.fused_gemv(act, mlp.down_proj.weight).view(b, s, hid)
@@ -198,9 +206,10 @@ def paged_layer(
     does a verify of S <= VERIFY_MAX tokens, each token a row of the same kernel with the split count of
     a one-token step at this batch: token s computes what a decode step at its position would."""
 
-    def attend(q, k, v):
-        write_kv(k_pool, slots, k)
-        write_kv(v_pool, slots, v)
+    def attend(q, k=None, v=None):  # k, v None: fused_parts wrote them
+        if k is not None:
+            write_kv(k_pool, slots, k)
+            write_kv(v_pool, slots, v)
         b, hq, s, d = q.shape
         if kind == "triton" and s <= VERIFY_MAX:  # S > 1: each query token as a row of the decode kernel
             splits = num_splits(b, k_pool.shape[0], block_tables.shape[1])  # those of a 1-token step
@@ -219,7 +228,7 @@ def paged_layer(
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
 
     if h.shape[0] * h.shape[1] <= getattr(layer, "fused_rows", 0):
-        return fused_parts(layer, h, delta, cos, sin, attend)
+        return fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend)
     return _block_parts(layer, h + delta, cos, sin, attend)
 
 

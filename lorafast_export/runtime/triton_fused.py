@@ -45,6 +45,13 @@ def _fused_kernel(
     r_ptr,  # [M, N] residual added to the output (ADD_OUT)
     y_ptr,  # [M, N] output
     xo_ptr,  # [M, K] x + d written here by the programs of column block 0 (ADD_IN)
+    b_ptr,  # [N] bias added to the product (BIAS)
+    cos_ptr,  # [M, D] rope's cos and sin at each row's position (ROPE)
+    sin_ptr,
+    kp_ptr,  # [HKV, slots, D] the layer's k and v pools (ROPE): k and v are written at the row's slot
+    vp_ptr,
+    slot_ptr,  # [M] int64
+    pool_stride,  # slots x D: one kv head of a pool
     M,
     N,
     K,
@@ -56,7 +63,12 @@ def _fused_kernel(
     NORM: tl.constexpr,
     GLU: tl.constexpr,  # up rows are rows N.. of w; output silu(gate) * up
     ADD_OUT: tl.constexpr,
-    EVEN: tl.constexpr,  # N % BN == 0 and K % BK == 0: no masks
+    BIAS: tl.constexpr,
+    ROPE: tl.constexpr,  # w is [q; k; v] heads of D rows: BN column pairs (c, c + D/2), rope on q and k
+    D: tl.constexpr,  # head dim (ROPE)
+    QN: tl.constexpr,  # q's columns (ROPE); k's are QN..QN+KN, v's the rest
+    KN: tl.constexpr,
+    EVEN: tl.constexpr,  # N % BN == 0 and K % BK == 0 (ROPE: N / 2 % BN): no masks
 ):
     # one grid axis (the second is limited to 65,535 blocks: a 128k-vocabulary lm_head at BN = 1 exceeds it);
     # the programs of one weight tile (its rows of x) are consecutive, so the tile read for row 0 is in L2
@@ -65,9 +77,15 @@ def _fused_kernel(
     dt = y_ptr.dtype.element_ty
     rn = j * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    nmask = rn < N
+    if ROPE:  # pair p: columns (p // (D/2)) * D + p % (D/2) and D/2 further, the two halves rope mixes
+        nmask = rn < N // 2
+        rn = (rn // (D // 2)) * D + rn % (D // 2)
+        r2 = rn + D // 2
+    else:
+        nmask = rn < N
+        r2 = rn + N  # GLU: the up row of gate row rn
     acc = tl.zeros([BN, BK], tl.float32)
-    if GLU:
+    if GLU or ROPE:
         acc2 = tl.zeros([BN, BK], tl.float32)
     if NORM:
         ss = tl.zeros([BK], tl.float32)
@@ -100,12 +118,12 @@ def _fused_kernel(
                 w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0
             )
         acc += w.to(tl.float32) * xf[None, :]
-        if GLU:
+        if GLU or ROPE:
             if EVEN:
-                w2 = tl.load(w_ptr + (rn + N)[:, None] * K + kk[None, :])
+                w2 = tl.load(w_ptr + r2[:, None] * K + kk[None, :])
             else:
                 w2 = tl.load(
-                    w_ptr + (rn + N)[:, None] * K + kk[None, :],
+                    w_ptr + r2[:, None] * K + kk[None, :],
                     mask=nmask[:, None] & (kk < K)[None, :],
                     other=0.0,
                 )
@@ -114,17 +132,48 @@ def _fused_kernel(
     if NORM:  # RMSNorm's 1 / sqrt(mean(x^2) + eps), applied to the product
         inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         y = y * inv
-    if GLU:
-        g = y.to(dt).to(tl.float32)
-        u = tl.sum(acc2, 1)
+    if BIAS:  # added before the product is rounded (as cuBLAS's epilogue in the plain step's linear)
+        y = y + tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    if ROPE:
+        y2 = tl.sum(acc2, 1)
         if NORM:
-            u = u * inv
-        u = u.to(dt).to(tl.float32)
-        y = g * tl.sigmoid(g) * u
-    if ADD_OUT:
-        r = tl.load(r_ptr + m * N + rn, mask=nmask, other=0.0)
-        y = y.to(dt).to(tl.float32) + r.to(tl.float32)
-    tl.store(y_ptr + m * N + rn, y.to(dt), mask=nmask)
+            y2 = y2 * inv
+        if BIAS:
+            y2 = y2 + tl.load(b_ptr + r2, mask=nmask, other=0.0).to(tl.float32)
+        lo = y.to(dt).to(tl.float32)  # the qkv product as the plain step rounds it
+        hi = y2.to(dt).to(tl.float32)
+        i = rn % D
+        c1 = tl.load(cos_ptr + m * D + i, mask=nmask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + m * D + i, mask=nmask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + m * D + i + D // 2, mask=nmask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + m * D + i + D // 2, mask=nmask, other=0.0).to(tl.float32)
+        is_v = rn >= QN + KN  # x * cos + rotate_half(x) * sin on q and k; v as it is
+        o1 = tl.where(is_v, lo, lo * c1 - hi * s1).to(dt)
+        o2 = tl.where(is_v, hi, hi * c2 + lo * s2).to(dt)
+        tl.store(y_ptr + m * QN + rn, o1, mask=nmask & (rn < QN))
+        tl.store(y_ptr + m * QN + r2, o2, mask=nmask & (rn < QN))
+        slot = tl.load(slot_ptr + m)
+        kc = rn - QN  # the column within k, within v
+        vc = rn - QN - KN
+        kv_k = (kc // D) * pool_stride + slot * D + kc % D
+        kv_v = (vc // D) * pool_stride + slot * D + vc % D
+        is_k = (rn >= QN) & ~is_v
+        tl.store(kp_ptr + kv_k, o1, mask=nmask & is_k)
+        tl.store(kp_ptr + kv_k + D // 2, o2, mask=nmask & is_k)
+        tl.store(vp_ptr + kv_v, o1, mask=nmask & is_v)
+        tl.store(vp_ptr + kv_v + D // 2, o2, mask=nmask & is_v)
+    else:
+        if GLU:
+            g = y.to(dt).to(tl.float32)
+            u = tl.sum(acc2, 1)
+            if NORM:
+                u = u * inv
+            u = u.to(dt).to(tl.float32)
+            y = g * tl.sigmoid(g) * u
+        if ADD_OUT:
+            r = tl.load(r_ptr + m * N + rn, mask=nmask, other=0.0)
+            y = y.to(dt).to(tl.float32) + r.to(tl.float32)
+        tl.store(y_ptr + m * N + rn, y.to(dt), mask=nmask)
 
 
 # (BN, BK, warps, stages) swept on the device (bench/torch_bench.py, section `fused`)
@@ -157,6 +206,7 @@ FUSED_TILES = [
 # weight's shape.
 FUSED_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
     ("add_norm_gemv", 6144, 4096): (2, 2048, 8, 3),  # qkv: 16.9 us (cuBLAS's product alone: 16.0)
+    ("add_norm_qkv_rope", 6144, 4096): (1, 2048, 8, 3),  # the same work a program (BN: column pairs), untimed
     ("gemv_add", 4096, 4096): (1, 1024, 8, 3),  # o_proj: 10.0 us (13.4)
     ("norm_glu", 28672, 4096): (2, 2048, 8, 3),  # gate_up: 56.0 us (59.8)
     ("gemv", 4096, 14336): (1, 512, 4, 3),  # down_proj: 28.4 us (32.2)
@@ -171,7 +221,10 @@ def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
     return FUSED_TABLE.get((op, n, k), DEFAULT_TILES)
 
 
-def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype):
+def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None):
+    """rope: (bias or None, cos [M, D], sin, k_pool, v_pool [HKV, slots, D], slots [M], q columns, D): w is a
+    [q; k; v] projection; returns q [M, q columns] with rope applied and writes k (rope applied) and v into the
+    pools at the rows' slots."""
     m, k = x.shape
     bn, bk, warps, stages = tiles
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
@@ -179,9 +232,14 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
             f"fused gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows, {n} columns)"
         )
     x = x.contiguous()
-    y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+    bias, cos, sin, kp, vp, slots, qn, hd = rope if rope is not None else (None, x, x, x, x, x, n, 1)
+    kn = (n - qn) // 2
+    cols = n // 2 if rope is not None else n  # rope: programs own column pairs
+    if rope is not None and (qn % hd or kn % hd or hd % 2 or kp.shape[0] * hd != kn or kp.stride(1) != hd):
+        raise ValueError(f"fused qkv + rope: {n} columns, {qn} of q, head dim {hd}, k pool {tuple(kp.shape)}")
+    y = torch.empty(m, qn if rope is not None else n, device=x.device, dtype=out_dtype)
     xo = torch.empty_like(x) if add_in else y
-    _fused_kernel[(m * triton.cdiv(n, bn),)](
+    _fused_kernel[(m * triton.cdiv(cols, bn),)](
         x,
         d.contiguous() if add_in else x,
         nw if norm else x,
@@ -189,6 +247,13 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         r.contiguous() if add_out else y,
         y,
         xo,
+        bias if bias is not None else x,
+        cos.contiguous(),
+        sin.contiguous(),
+        kp,
+        vp,
+        slots,
+        kp.stride(0) if rope is not None else 0,
         m,
         n,
         k,
@@ -200,7 +265,12 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         NORM=norm,
         GLU=glu,
         ADD_OUT=add_out,
-        EVEN=n % bn == 0 and k % bk == 0,
+        BIAS=bias is not None,
+        ROPE=rope is not None,
+        D=hd,
+        QN=qn,
+        KN=kn,
+        EVEN=cols % bn == 0 and k % bk == 0,
         num_warps=warps,
         num_stages=stages,
     )
@@ -213,6 +283,12 @@ def gemv_launch(a, w, tiles):
 
 def add_norm_gemv_launch(h, delta, nw, w, eps, tiles):
     return _launch(h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype)
+
+
+def add_norm_qkv_rope_launch(h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles):
+    """add_norm_gemv over a [q; k; v] weight with rope and the k/v write in its epilogue: (x = h + delta, q)."""
+    rope = (bias, cos, sin, k_pool, v_pool, slots, q_cols, k_pool.shape[2])
+    return _launch(h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, rope)
 
 
 def gemv_add_launch(a, w, r, tiles):
@@ -235,6 +311,46 @@ def add_norm_gemv(
 @add_norm_gemv.register_fake
 def _(h, delta, nw, w, eps):
     return torch.empty_like(h), h.new_empty(h.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("lorafast::add_norm_qkv_rope", mutates_args=("k_pool", "v_pool"))
+def add_norm_qkv_rope(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    nw: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    q_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's first kernel: x = h + delta, qkv = RMSNorm(x) @ w^T (+ bias), rope on its q and k heads
+    (cos, sin [M, D] at the rows' positions), k and v written into the pools [HKV, slots, D] at slots [M]:
+    h, delta [M <= 8, K], w [q_cols + 2 HKV D, K] → (x [M, K], q [M, q_cols])."""
+    return add_norm_qkv_rope_launch(
+        h,
+        delta,
+        nw,
+        w,
+        eps,
+        bias,
+        cos,
+        sin,
+        k_pool,
+        v_pool,
+        slots,
+        q_cols,
+        fused_config("add_norm_qkv_rope", *w.shape),
+    )
+
+
+@add_norm_qkv_rope.register_fake
+def _(h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols):
+    return torch.empty_like(h), h.new_empty(h.shape[0], q_cols)
 
 
 @torch.library.custom_op("lorafast::gemv_add", mutates_args=())

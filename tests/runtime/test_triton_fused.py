@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
-from lorafast_export.model.decoder import RMSNorm
+from lorafast_export.model.decoder import RMSNorm, rotate_half
 from lorafast_export.runtime.triton_fused import (
     DEFAULT_TILES,
     add_norm_gemv,
     add_norm_gemv_launch,
+    add_norm_qkv_rope,
+    add_norm_qkv_rope_launch,
     fused_gemv,
     gemv_add,
     gemv_add_launch,
@@ -78,6 +80,57 @@ def test_norm_glu_is_the_mlps_first_half(dtype, tiles):
     assert _close(norm_glu_launch(x, norm.weight, w, norm.eps, tiles), F.silu(gate) * up, dtype)
 
 
+def _qkv_case(g, dtype, rows=3, hq=4, hkv=2, d=16, k=96, slots=40, bias=False):
+    """A [q; k; v] projection with its inputs, rows at scattered positions and slots, zeroed pools."""
+    h, dl = (torch.randn(rows, k, generator=g).to(DEV, dtype) for _ in range(2))
+    w = (torch.randn((hq + 2 * hkv) * d, k, generator=g) * 0.05).to(DEV, dtype)
+    b = (torch.randn(w.shape[0], generator=g) * 0.1).to(DEV, dtype) if bias else None
+    pos = torch.randint(0, 500, (rows,), generator=g).float()
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
+    slot = torch.randperm(slots, generator=g)[:rows].to(DEV)
+    kp, vp = (torch.zeros(hkv, slots, d, device=DEV, dtype=dtype) for _ in range(2))
+    return h, dl, w, b, cos, sin, kp, vp, slot
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_add_norm_qkv_rope_is_the_layers_first_half(dtype, tiles, bias):
+    """x = h + delta, qkv = RMSNorm(x) @ w^T (+ bias), rope (the decoder's rotate_half) on q and k, k and v in the
+    pools at the rows' slots and nothing else of the pools touched, against float64; GQA (4 q heads, 2 kv)."""
+    g = torch.Generator().manual_seed(11 + bias)
+    hq, hkv, d = 4, 2, 16
+    h, dl, w, b, cos, sin, kp, vp, slot = _qkv_case(g, dtype, hq=hq, hkv=hkv, d=d, bias=bias)
+    norm = _norm(h.shape[1], g, dtype)
+    x, q = add_norm_qkv_rope_launch(h, dl, norm.weight, w, norm.eps, b, cos, sin, kp, vp, slot, hq * d, tiles)
+    assert _close(x, h.double() + dl.double(), dtype)
+    qkv = norm(h + dl).double() @ w.double().T + (b.double() if bias else 0)
+    rows = h.shape[0]
+
+    def rope(t, heads):  # [rows, heads * d] → [rows, heads, d]
+        t = t.view(rows, heads, d)
+        return t * cos.double()[:, None] + rotate_half(t) * sin.double()[:, None]
+
+    qr, kr = rope(qkv[:, : hq * d], hq), rope(qkv[:, hq * d : (hq + hkv) * d], hkv)
+    vr = qkv[:, (hq + hkv) * d :].view(rows, hkv, d)
+    assert _close(q.view(rows, hq, d), qr, dtype)
+    assert _close(kp[:, slot].transpose(0, 1), kr, dtype)
+    assert _close(vp[:, slot].transpose(0, 1), vr, dtype)
+    untouched = torch.ones(kp.shape[1], dtype=torch.bool)
+    untouched[slot.cpu()] = False
+    assert not kp[:, untouched.to(DEV)].any() and not vp[:, untouched.to(DEV)].any()
+
+
+def test_add_norm_qkv_rope_refuses_a_pool_of_another_shape():
+    g = torch.Generator().manual_seed(12)
+    h, dl, w, b, cos, sin, kp, vp, slot = _qkv_case(g, torch.float32)
+    nw = torch.ones(h.shape[1], device=DEV)
+    with pytest.raises(ValueError, match="k pool"):
+        add_norm_qkv_rope_launch(h, dl, nw, w, 1e-5, b, cos, sin, kp[:1], vp, slot, 64, DEFAULT_TILES)
+
+
 @pytest.mark.parametrize("tiles", TILES[:2])
 def test_rows_are_independent_of_the_other_rows(tiles):
     """Row i of a 6-row call equals the 1-row call bit for bit, for every op: a verify row is a decode step."""
@@ -93,7 +146,19 @@ def test_rows_are_independent_of_the_other_rows(tiles):
         lambda i: gemv_add_launch(h[i], sq, r[i], tiles),
         lambda i: norm_glu_launch(h[i], nw, w2, 1e-5, tiles),
         lambda i: gemv_launch(h[i], w, tiles),
+        lambda i: rope_call(i),
     ]
+    rg = torch.Generator().manual_seed(13)
+    _, _, wq, _, cos, sin, kp, vp, slot = _qkv_case(rg, dtype, rows=6, k=k)
+
+    def rope_call(i):  # q, then the k and v it wrote
+        x, q = add_norm_qkv_rope_launch(
+            h[i], d[i], nw, wq, 1e-5, None, cos[i], sin[i], kp, vp, slot[i], 64, tiles
+        )
+        return torch.cat(
+            [q, kp[:, slot[i]].transpose(0, 1).flatten(1), vp[:, slot[i]].transpose(0, 1).flatten(1)], 1
+        )
+
     for call in calls:
         six = call(slice(0, 6))
         for i in range(6):
@@ -122,6 +187,12 @@ def test_ops_use_their_shipped_tiles():
     t = fused_config("norm_glu", 64, 128)
     assert torch.equal(norm_glu(h, nw, w2, 1e-5), norm_glu_launch(h, nw, w2, 1e-5, t))
     assert torch.equal(fused_gemv(h, w), gemv_launch(h, w, fused_config("gemv", 32, 128)))
+    _, _, wq, _, cos, sin, kp, vp, slot = _qkv_case(g, torch.float32, rows=2, k=128)
+    kp2, vp2 = kp.clone(), vp.clone()
+    t = fused_config("add_norm_qkv_rope", *wq.shape)
+    x, q = add_norm_qkv_rope(h, d, nw, wq, 1e-5, None, cos, sin, kp, vp, slot, 64)
+    x2, q2 = add_norm_qkv_rope_launch(h, d, nw, wq, 1e-5, None, cos, sin, kp2, vp2, slot, 64, t)
+    assert torch.equal(q, q2) and torch.equal(kp, kp2) and torch.equal(vp, vp2)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
