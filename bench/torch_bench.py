@@ -1412,7 +1412,7 @@ def main() -> None:
     )
     p.add_argument("--dense-gemv", default="off", choices=("off", "on"), help="runtime option, all sections")
     p.add_argument(
-        "--fused-decode", default="off", choices=("off", "on"), help="runtime option, all sections"
+        "--fused-decode", default="auto", choices=("off", "on", "auto"), help="runtime option, all sections"
     )
     p.add_argument("--fused-batches", default="1,4", help="fused: batch sizes timed off and on")
     p.add_argument("--fused-e2e", type=int, default=1, help="fused: also time the runtimes (0: the ops only)")

@@ -6,6 +6,14 @@ only and cost Python bookkeeping per region at every replay; here the region is 
 every compiled layer, norm, head and the greedy argmax), captured by hand as inference servers do.
 Inputs are copied into static buffers before each replay; outputs are static buffers that the next
 replay overwrites, so a caller reads them before it steps again.
+
+cuBLAS keeps a workspace per (handle, stream), allocated on its first product on that stream. Allocated inside a
+capture, it lives in the capturing runner's pool; found already allocated, the capture bakes in another pool's
+workspace. Either way a graph could outlive its workspace's memory: another runtime of the process freed, then
+torch.compile's CUDA graphs clearing the workspaces and the next capture's empty_cache releasing that pool, and
+the graph's replay faulted (bench/TORCH.md, session 13). So, as torch's CUDA-graph trees do, the workspaces are
+cleared before and after the warm-up and the capture: the capture allocates its own, in this runner's pool, whose
+memory its graphs keep alive, and no workspace in this pool outlives the capture.
 """
 
 from __future__ import annotations
@@ -27,13 +35,6 @@ class GraphRunner:
         self.fn, self.warmup = fn, warmup
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = None  # one memory pool for every capture: the graphs never run concurrently
-        # Its own capture stream: cuBLAS's workspace is kept per (handle, stream), so with torch's shared default
-        # capture stream a graph of this runner used the workspace another runtime's capture had allocated in
-        # that runtime's pool; once that runtime was freed and torch.compile's CUDA graphs cleared the cuBLAS
-        # workspaces (transformers' static-cache generate in the same process), the pool was released under
-        # the graph and its next replay faulted (bench/TORCH.md, session 13). On this stream the workspace is
-        # allocated by this runner's first capture, in this runner's pool, which its graphs keep alive.
-        self.stream = None
 
     def __call__(self, *inputs: torch.Tensor):
         key = tuple((t.shape, t.dtype) for t in inputs)
@@ -50,14 +51,23 @@ class GraphRunner:
         static = tuple(t.clone() for t in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        _clear_cublas_workspaces()
         with torch.cuda.stream(side):  # compiles (and autotunes) here, never inside the capture
             for _ in range(self.warmup):
                 self.fn(*static)
         torch.cuda.current_stream().wait_stream(side)
+        _clear_cublas_workspaces()
         graph = torch.cuda.CUDAGraph()
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            out = self.fn(*static)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(*static)
+        finally:
+            _clear_cublas_workspaces()
         self.pool = graph.pool()
         return _Captured(graph, static, out)
+
+
+def _clear_cublas_workspaces() -> None:
+    """Frees every cuBLAS workspace of the process (the next product allocates one); see the module's note."""
+    torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()

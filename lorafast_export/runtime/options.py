@@ -38,7 +38,7 @@ class RuntimeOptions:
     overlap_bursts: bool = True  # queue a certain next decode burst before reading this one's tokens
     inductor_pdl: bool = False  # compiled decode layers: inductor's programmatic dependent launch (sm90+)
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
-    fused_decode: str = "off"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16
+    fused_decode: str = "auto"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
     )

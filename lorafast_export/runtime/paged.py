@@ -197,6 +197,7 @@ def paged_layer(
     block_size: int,
     window,
     kind="gather",
+    lens=None,
 ):
     """One layer over the paged cache: its input is h + delta [B, S, hidden] (the previous layer's two
     parts: its residual add runs here, fused by inductor with this layer's first RMSNorm: one kernel per
@@ -213,13 +214,12 @@ def paged_layer(
         b, hq, s, d = q.shape
         if kind == "triton" and s <= VERIFY_MAX:  # S > 1: each query token as a row of the decode kernel
             splits = num_splits(b, k_pool.shape[0], block_tables.shape[1])  # those of a 1-token step
-            lens = (q_start[:, None] + torch.arange(1, s + 1, device=q.device)).reshape(-1)
             o = torch.ops.lorafast.paged_decode(
                 q.transpose(1, 2).reshape(b * s, hq, d),
                 k_pool,
                 v_pool,
                 block_tables.repeat_interleave(s, 0) if s > 1 else block_tables,
-                lens,
+                lens if lens is not None else query_lens(q_start, s),
                 block_size,
                 window or 0,
                 splits,
@@ -316,6 +316,7 @@ def extend_forward(
     delta = torch.zeros_like(h)  # h + 0 is h exactly
     cos, sin = dec.rotary(positions, h.dtype)
     q_start = positions[:, 0]
+    lens = query_lens(q_start, positions.shape[1])  # once a step, not in every layer
     for i, layer in enumerate(dec.model.layers):
         h, delta = layer_fn(
             layer,
@@ -331,8 +332,14 @@ def extend_forward(
             block_size,
             dec.cfg.sliding_window,
             kind,
+            lens=lens,
         )
     return logits_of(dec, h, delta).float()
+
+
+def query_lens(q_start: torch.Tensor, s: int) -> torch.Tensor:
+    """The visible length of each query token of S per row at positions q_start[b] + s: [B * S]."""
+    return (q_start[:, None] + torch.arange(1, s + 1, device=q_start.device)).reshape(-1)
 
 
 def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
