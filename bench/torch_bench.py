@@ -771,9 +771,15 @@ def sec_profile(a, dev, R):
 
 
 def spec_engine(base, draft, k: int, a, dev):
-    """A batch-1 engine over `base`'s model and paged cache that drafts `k` tokens with `draft`'s model."""
+    """A batch-1 engine over `base`'s model and paged cache that drafts `k` tokens with `draft`'s model. A base
+    with fused decode layers takes their kernels up to a verify's rows, as the loader does for a runtime loaded
+    with a draft (row i of a verify then computes what a decode step computes)."""
     from lorafast_export.runtime.engine import Engine
+    from lorafast_export.runtime.paged import FUSED_MAX_ROWS, use_fused_decode
 
+    dec = getattr(base.model, "dec", None)
+    if dec is not None and any(getattr(layer, "fused_rows", 0) for layer in dec.model.layers):
+        use_fused_decode(dec, FUSED_MAX_ROWS)
     return Engine(
         base.model,
         base.cache,

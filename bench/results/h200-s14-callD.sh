@@ -13,3 +13,6 @@ echo "[$SECONDS s] torch-compile gptq"
 timeout $((590 - SECONDS)) python3 bench/validate_scale.py build --base /tmp/m8b/base --adapter /tmp/m8b/lora --quant gptq --target torch-compile --logs $OUT --json-out $OUT/rows.jsonl > $OUT/tc-bench.log 2>&1
 echo "torch-compile rc $? at ${SECONDS}s"; tail -3 $OUT/tc-bench.log
 grep -h "done (\|greedy\|fused" $OUT/build-*.log | grep -v layer | cut -c1-250
+echo "[$SECONDS s] spec (the bench's spec engine now takes the fused kernels up to a verify's rows)"
+timeout $((590 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections spec --spec-k 2,4 --out $OUT/spec.json > $OUT/spec.log 2>&1
+echo "spec rc $? at ${SECONDS}s"; grep -E "spec |rror" $OUT/spec.log | cut -c1-300
