@@ -176,6 +176,7 @@ class Engine:
                     GraphRunner(self.draft_greedy),
                     GraphRunner(draft.extend),
                 )
+        self.warm_up_s = None  # seconds warm_up took, once run
         self._pending, self._landed = 0, 0.0  # rows of queued prefills; when the last one landed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -382,8 +383,10 @@ class Engine:
         if not reqs:
             return []
         t0 = time.perf_counter()
-        logits = self._run_decode(reqs)
-        tokens = self._sample(logits, reqs)
+        if any(r.temperature > 0 for r in reqs):
+            tokens = self._sample(self._run_decode(reqs), reqs)
+        else:  # the step and its argmax in one graph, the one a burst replays (warm_up captured it)
+            tokens = self._run_greedy(reqs)
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(reqs)
@@ -514,6 +517,79 @@ class Engine:
         with _recompile_room(8):  # per-layer graphs: a few shapes, then dynamo makes batch/width dynamic
             return self.decode_fn(*inputs)[: len(reqs)]
 
+    @torch.no_grad()
+    def _run_greedy(self, reqs: list[Request]) -> list[int]:
+        inputs = self.decode_inputs(reqs)
+        with _recompile_room(8):
+            return self.greedy_fn(*inputs)[: len(reqs)].tolist()
+
+    # ------------------------------------------------------------------------------------------- warm-up
+    def widths(self) -> list[int]:
+        """Every block-table width a step can pad to (`_width`)."""
+        if self.fixed_width:
+            return [self.max_blocks]
+        return sorted({min(max(2, _pow2(u)), self.max_blocks) for u in range(1, self.max_blocks + 1)})
+
+    def prefill_graph_lengths(self) -> list[int]:
+        """Every padded length of a lone prompt's graphed prefill (`_padded_prefill`)."""
+        longest = min(PREFILL_GRAPH_MAX, self.max_seq_len - 1)  # a prompt leaves room for one new token
+        return sorted({max(16, _pow2(n)) for n in range(1, longest + 1)})
+
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Run every shape a greedy workload can give a step once, on pad-block inputs, before any request:
+        each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
+        verify), each padded length of a lone prompt's prefill, a packed prefill and an ungraphed one. Compiled,
+        dynamo compiles its graphs here (batch 1 first, so that its graph stays static in the batch; the next
+        width and the next bucket make those dimensions dynamic); on CUDA each shape's graph is captured here.
+        Without it, a server compiles and captures while requests wait: the first pass of the mixed workload had
+        its median time to first token doubled (bench/TORCH.md, session 14). Every write goes to the pad block.
+        A sampled row (temperature > 0) steps through `decode_fn`, which is not warmed. Returns the calls run."""
+        dev, calls, t0 = self.device, 0, time.perf_counter()
+
+        def pad(cache: PagedKVCache, *shape: int) -> torch.Tensor:
+            return torch.full(shape, PAD_BLOCK * cache.block_size, dtype=torch.long, device=dev)
+
+        with _recompile_room(8):
+            for rows in self.buckets:
+                for width in self.widths():
+                    tables = torch.full((rows, width), PAD_BLOCK, dtype=torch.int32, device=dev)
+                    zero = torch.zeros(rows, dtype=torch.long, device=dev)
+                    self.greedy_fn(zero, zero, tables, zero + 1, pad(self.cache, rows))
+                    calls += 1
+                    if self.draft is None:
+                        continue
+                    dc, k = self.draft_cache, self.spec_k
+                    self.draft_greedy(zero, zero, tables, zero + 1, pad(dc, rows))
+                    for s, fn, cache in (
+                        (1, self.draft_extend, dc),
+                        (2, self.draft_extend, dc),
+                        (k + 1, self.extend_fn, self.cache),
+                    ):
+                        tok = torch.zeros(rows, s, dtype=torch.long, device=dev)
+                        pos = torch.arange(s, device=dev).repeat(rows, 1)
+                        fn(tok, pos, tables, pad(cache, rows * s))
+                    calls += 4
+            if self.prefill_graph is not None:
+                for t in self.prefill_graph_lengths():
+                    ids = torch.zeros(1, t, dtype=torch.long, device=dev)
+                    self.prefill_graph(ids, pad(self.cache, t), torch.tensor([t - 1], device=dev))
+                    calls += 1
+            ids = torch.zeros(1, 4, dtype=torch.long, device=dev)  # two prompts of 2 tokens, then as one
+            segs = tuple(t.to(dev) for t in pack_segments([2, 2]))
+            self.model.prefill(
+                ids, pad(self.cache, 4), last_index=torch.tensor([1, 3], device=dev), segments=segs
+            )
+            self.model.prefill(ids, pad(self.cache, 4))
+            calls += 2
+            if self.draft is not None:
+                self.draft.prefill(ids, pad(self.draft_cache, 4))
+                calls += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.warm_up_s = time.perf_counter() - t0
+        return calls
+
     # ------------------------------------------------------------------------------ speculative decoding
     def _can_speculate(self) -> bool:
         """Greedy rows only, and room for k drafts in every row (the last few tokens decode plainly)."""
@@ -558,12 +634,14 @@ class Engine:
         one copy to the device, so nothing waits for the host."""
         k, dc, n = self.spec_k, self.draft_cache, len(reqs)
         seqs = [r.prompt + r.output for r in reqs]
-        pend = [s[r.draft_cached :] for r, s in zip(reqs, seqs, strict=True)]  # 1 or 2 tokens
+        pend = [s[r.draft_cached :] for r, s in zip(reqs, seqs, strict=True)]  # usually 1 or 2 tokens
         width = max(map(len, pend))
         toks = [p + [0] * (width - len(p)) for p in pend]
         inputs = self._rows(dc, reqs, [r.draft_cached for r in reqs], toks, [len(p) for p in pend])
+        # more after plain steps (a row near its end stops the drafts of all): ungraphed, no capture per length
+        extend = self.draft_extend if width <= 2 else self.draft.extend
         with _recompile_room(8):
-            logits = self.draft_extend(*inputs)
+            logits = extend(*inputs)
         last = torch.tensor([len(p) - 1 for p in pend], device=logits.device)
         drafts = torch.empty(n, k, dtype=torch.long, device=logits.device)
         drafts[:, 0] = logits[torch.arange(n, device=logits.device), last].argmax(-1)

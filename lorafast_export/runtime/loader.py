@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +180,10 @@ def build_runtime(
         overlap_bursts=opts.overlap_bursts,
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )
+    if opts.warm_up == "on" or (opts.warm_up == "auto" and engine.cuda_graphs):
+        t = time.perf_counter()
+        calls = engine.warm_up()
+        log.info("warm-up: %d step shapes compiled and captured in %.1f s", calls, time.perf_counter() - t)
     log.info(
         "runtime: %s %s, attention=%s, compiled=%s, aot=%s, cache %.1f MiB",
         device,
@@ -245,8 +250,8 @@ def open_runtime(
     if draft_dir is not None:
         keep = {
             k: v for k, v in overrides.items() if k in ("compile", "max_batch", "max_seq_len", "block_size")
-        }
-        draft = open_runtime(draft_dir, device, use_aot=False, **keep)
+        }  # the draft's own engine never runs: the model's engine warms the draft's shapes
+        draft = open_runtime(draft_dir, device, use_aot=False, warm_up="off", **keep)
     fp, q = (None, None) if use else read_weights(model_dir, meta, dev)  # a package holds its own weights
     return build_runtime(
         cfg,

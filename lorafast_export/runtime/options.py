@@ -42,6 +42,9 @@ class RuntimeOptions:
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
     )
+    warm_up: str = (
+        "auto"  # at load, compile and capture every step shape (Engine.warm_up); auto = on CUDA graphs
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,6 +56,7 @@ class RuntimeOptions:
             ("prefill_compile", COMPILE),
             ("dense_gemv", DENSE_GEMV),
             ("fused_decode", FUSED_DECODE),
+            ("warm_up", COMPILE),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")

@@ -94,3 +94,23 @@ def verify_and_steps(pm, cache, dev) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cache.slots(0, n, n + s).to(dev),
     )[0]
     return verify, steps
+
+
+class ShapeRecorder:
+    """Wraps a step callable and records each call's key as GraphRunner keys its captures: the inputs' shapes
+    and dtypes (a key seen first outside warm-up would be a capture, and a compile, while requests wait)."""
+
+    def __init__(self, fn):
+        self.fn, self.keys = fn, set()
+
+    def __call__(self, *inputs: torch.Tensor):
+        self.keys.add(tuple((t.shape, t.dtype) for t in inputs))
+        return self.fn(*inputs)
+
+
+def record_step_shapes(eng, names: tuple[str, ...]) -> dict[str, ShapeRecorder]:
+    """Replace the engine's step callables `names` by recorders; returns them by name."""
+    recs = {n: ShapeRecorder(getattr(eng, n)) for n in names}
+    for n, r in recs.items():
+        setattr(eng, n, r)
+    return recs

@@ -6,7 +6,7 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.model.decoder import load_decoder
 from lorafast_export.runtime.engine import Engine
-from tests.runtime.helpers import greedy_reference, paged, tiny_checkpoint
+from tests.runtime.helpers import greedy_reference, paged, record_step_shapes, tiny_checkpoint
 
 PROMPT_LENS = [5, 17, 3, 9, 30, 1]
 NEW = [12, 4, 20, 7, 15, 9]
@@ -241,3 +241,24 @@ def test_padded_single_prompt_prefill_same_tokens(llama, solo):
     eng = make_engine(llama, max_batch=1)
     eng.prefill_graph = _PaddedPrefill(eng.model)
     assert eng.generate_batch(prompts(), NEW) == solo
+
+
+@pytest.mark.parametrize("decode_steps", [1, 5])
+def test_warm_up_runs_every_step_shape_a_workload_meets(llama, solo, decode_steps):
+    """After warm_up, no workload meets a step shape (the key of a CUDA graph, and a dynamo compile) that the
+    warm-up did not run; the warm-up writes only the pad block, so the tokens and the free pool are unchanged."""
+    from lorafast_export.runtime.engine import _PaddedPrefill
+
+    eng = make_engine(llama, max_batch=3, decode_steps=decode_steps)
+    eng.prefill_graph = _PaddedPrefill(eng.model)  # the CUDA engine's graphed prefill, run eagerly here
+    recs = record_step_shapes(eng, ("greedy_fn", "decode_fn", "prefill_graph"))
+    assert eng.warm_up() == len(eng.buckets) * len(eng.widths()) + len(eng.prefill_graph_lengths()) + 2
+    assert eng.widths() == [2, 4, 8, 16] and eng.prefill_graph_lengths() == [16, 32, 64]
+    warmed = {n: set(r.keys) for n, r in recs.items()}
+    for r in recs.values():
+        r.keys.clear()
+    assert eng.generate_batch(prompts(), NEW) == solo and eng.cache.allocator.free_count == 64
+    assert recs["greedy_fn"].keys and recs["prefill_graph"].keys  # the workload stepped through both
+    assert not recs["decode_fn"].keys  # greedy rows: every plain step takes the greedy graph too
+    for n, r in recs.items():
+        assert r.keys <= warmed[n], n

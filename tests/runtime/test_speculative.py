@@ -5,7 +5,14 @@ import torch
 
 from lorafast_export.model.decoder import load_decoder
 from lorafast_export.runtime.engine import Engine
-from tests.runtime.helpers import fp_state, greedy_reference, paged, quantize_all, tiny_checkpoint
+from tests.runtime.helpers import (
+    fp_state,
+    greedy_reference,
+    paged,
+    quantize_all,
+    record_step_shapes,
+    tiny_checkpoint,
+)
 
 PROMPT_LENS = [5, 17, 3, 9, 30, 1]
 NEW = [12, 4, 20, 7, 15, 9]  # some shorter than k + 1: their last tokens decode without drafts
@@ -69,3 +76,20 @@ def test_speculation_survives_preemption(llama, solo):
     eng = spec_engine(llama, *paged(llama, num_blocks=64), num_blocks=14)
     assert eng.generate_batch(prompts(), NEW) == solo
     assert eng.stats.preemptions > 0
+
+
+def test_warm_up_runs_every_speculative_step_shape(llama, solo):
+    """With a draft, warm_up also runs the draft's catch-up (1 and 2 tokens a row), its steps and the verify of
+    k + 1 tokens at every batch bucket and width: a workload meets none it did not run, tokens unchanged."""
+    fp, q = quantize_all(llama, bits=4, group_size=32)
+    eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=3)
+    names = ("greedy_fn", "draft_greedy", "draft_extend", "extend_fn")
+    recs = record_step_shapes(eng, names)
+    assert eng.warm_up() == 5 * len(eng.buckets) * len(eng.widths()) + 3
+    warmed = {n: set(r.keys) for n, r in recs.items()}
+    for r in recs.values():
+        r.keys.clear()
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.spec_rounds > 0 and all(recs[n].keys for n in names[1:])
+    for n, r in recs.items():
+        assert r.keys <= warmed[n], n
