@@ -100,6 +100,21 @@ class EngineStats:
         return self.accepted / self.drafted if self.drafted else None
 
 
+def _pack_lens(budget: int, longest: int) -> list[int]:
+    """Prompt lengths of a packed prefill that fills the token budget (each <= longest), at least two prompts
+    and none of one token, so that no dimension of the packed inputs is specialised (0/1) or duck-sized
+    equal to another by coincidence; [] when the budget never packs two prompts."""
+    if budget < 4 or longest < 2:
+        return []
+    lens, left = [], budget
+    while left:
+        n = min(longest, left)
+        n -= left - n == 1  # leave the last prompt two tokens at least
+        lens.append(n)
+        left -= n
+    return lens if len(lens) > 1 else [budget - budget // 2, budget // 2]
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
@@ -575,15 +590,21 @@ class Engine:
                     ids = torch.zeros(1, t, dtype=torch.long, device=dev)
                     self.prefill_graph(ids, pad(self.cache, t), torch.tensor([t - 1], device=dev))
                     calls += 1
-            ids = torch.zeros(1, 4, dtype=torch.long, device=dev)  # two prompts of 2 tokens, then as one
-            segs = tuple(t.to(dev) for t in pack_segments([2, 2]))
-            self.model.prefill(
-                ids, pad(self.cache, 4), last_index=torch.tensor([1, 3], device=dev), segments=segs
-            )
-            self.model.prefill(ids, pad(self.cache, 4))
-            calls += 2
+            # the largest prefills a workload can ask for, so that their memory is in the allocator's cache too
+            # (the first timed pass's first packed prefill took 3x a warm one's time without this)
+            longest = self.max_seq_len - 1
+            lens = _pack_lens(self.prefill_budget, longest)
+            if lens:
+                segs = tuple(t.to(dev) for t in pack_segments(lens))
+                ids = torch.zeros(1, sum(lens), dtype=torch.long, device=dev)
+                last = torch.tensor(lens, device=dev).cumsum(0) - 1
+                self.model.prefill(ids, pad(self.cache, sum(lens)), last_index=last, segments=segs)
+                calls += 1
+            ids = torch.zeros(1, longest, dtype=torch.long, device=dev)
+            self.model.prefill(ids, pad(self.cache, longest))
+            calls += 1
             if self.draft is not None:
-                self.draft.prefill(ids, pad(self.draft_cache, 4))
+                self.draft.prefill(ids, pad(self.draft_cache, longest))
                 calls += 1
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
