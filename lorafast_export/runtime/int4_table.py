@@ -20,8 +20,13 @@ TABLE_DIR = Path(__file__).resolve().parents[1] / "data" / "kernels"
 TRITON_GROUPS = (32, 64, 128, 256)  # group sizes the Triton kernels take (a GEMV tile holds whole groups)
 
 
+def gpu_slug(gpu: str) -> str:
+    """A GPU's name as the measured tables' file names spell it: "NVIDIA H200" → "h200"."""
+    return gpu.lower().replace("nvidia ", "").replace(" ", "_")
+
+
 def table_file(gpu: str, bits: int = 4) -> Path:
-    return TABLE_DIR / f"int{bits}_{gpu.lower().replace('nvidia ', '').replace(' ', '_')}.json"
+    return TABLE_DIR / f"int{bits}_{gpu_slug(gpu)}.json"
 
 
 @lru_cache(maxsize=8)

@@ -258,10 +258,13 @@ class Int4TritonLinear(_QuantLinearBase):
         tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
         self.register_buffer("weight", qform)  # [out, ceil(in/2)]
         self.register_buffer("weight_tiled", tiled)  # [out, ceil(in/T) * T/2]
-        words = t4.pack_words(codes) if kinds & set(t4.WORD_KINDS) else None
+        fuse_words, fuse_sz = _fused_int4_packings(qt, perm)
+        words = t4.pack_words(codes) if kinds & set(t4.WORD_KINDS) or fuse_words else None
         self.register_buffer("weight_words", words)  # int32 [out, ceil(in/128) * 16]
         entries = [self.plan[i : i + t4.ENTRY] for i in range(0, len(self.plan), t4.ENTRY)]
-        sz = any(e[1] == t4.GEMM_W and e[3] & 32 for e in entries)  # scales + zero points in one int32
+        sz = fuse_sz or any(
+            e[1] == t4.GEMM_W and e[3] & 32 for e in entries
+        )  # scales + zero points, one int32
         scales, zeros = qt.scales.to(device), None if qt.zeros is None else qt.zeros.to(device)
         sz = t4.pack_scale_zero(scales, zeros) if sz else None  # None for fp32 scales: bit ignored
         self.register_buffer("scale_zero_words", sz)  # int32 [groups, out]
@@ -291,6 +294,18 @@ class Int4TritonLinear(_QuantLinearBase):
             self.scale_zero_words,
         )
         return self._finish(y, shape)
+
+
+def _fused_int4_packings(qt: QTensor, perm: torch.Tensor | None) -> tuple[bool, bool]:
+    """(the word layout, the scale/zero words) a fused decode kernel (runtime/triton_fused_int4.py) needs for
+    this tensor: only where its measured table has a tile for the shape (the layer then keeps the words, 0.5
+    byte a weight, even if its plan runs tinygemm) and the kernel can read it (groups of whole 128-column
+    tiles, no act-order permutation)."""
+    if perm is not None or qt.group_size % 128:
+        return False, False
+    from lorafast_export.runtime.triton_fused_int4 import wants_words
+
+    return wants_words(qt.out_features, qt.in_features)
 
 
 class Int8TritonLinear(_QuantLinearBase):

@@ -31,7 +31,7 @@ from lorafast_export.runtime.attention import (
 )
 from lorafast_export.runtime.fuse import fused_dense, fusion_groups
 from lorafast_export.runtime.kv_cache import PagedKVCache
-from lorafast_export.runtime.linear import lower_qtensor
+from lorafast_export.runtime.linear import Int4TritonLinear, lower_qtensor
 
 VERIFY_MAX = 8  # an extend of up to this many tokens per row runs the Triton decode kernel per token
 
@@ -138,44 +138,74 @@ FUSED_MAX_ROWS = 8  # rows (batch x tokens) up to which a fused layer can run ru
 
 
 def fusable_layer(layer) -> bool:
-    """Whether `fused_parts` can run this layer: dense fused qkv_proj and gate_up_proj (runtime/fuse.py), dense
-    o_proj and down_proj, no bias but qkv's (a Qwen2), every weight in the norms' dtype."""
+    """Whether `fused_parts` can run this layer: fused qkv_proj and gate_up_proj (runtime/fuse.py), no bias but
+    qkv's (a Qwen2), and either every linear dense in the norms' dtype, or every linear an `_int4_fusable` one."""
     attn, mlp = layer.self_attn, layer.mlp
     lins = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
-    if not all(isinstance(m, nn.Linear) for m in lins):
+    if any(m is None for m in lins) or any(getattr(m, "bias", None) is not None for m in lins[1:]):
         return False
     dtype = layer.input_layernorm.weight.dtype
-    return all(m.weight.dtype == dtype for m in lins) and all(m.bias is None for m in lins[1:])
+    if all(isinstance(m, nn.Linear) for m in lins):
+        return all(m.weight.dtype == dtype for m in lins)
+    return all(_int4_fusable(op, m, dtype) for op, m in zip(FUSED_INT4_OPS, lins, strict=True))
+
+
+FUSED_INT4_OPS = ("add_norm_qkv_rope", "gemv_add", "norm_glu", "gemv")  # qkv, o, gate_up, down's fused op
+
+
+def _int4_fusable(op: str, m, dtype: torch.dtype) -> bool:
+    """An int4 linear runtime/triton_fused_int4.py's `op` runs in fused_parts: our Triton int4 linear with the
+    word layout, groups of whole 128-column tiles, no act-order permutation or activation quantization, bf16
+    or fp16 activations, and a tile measured for its shape on this GPU (an unmeasured shape keeps its plan's
+    kernels: fusing must never be slower than not). Imports Triton."""
+    if type(m) is not Int4TritonLinear or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from lorafast_export.runtime import triton_fused_int4 as f4
+
+    return (
+        m.weight_words is not None
+        and m.perm is None
+        and m.act_quant is None
+        and m.group_size % f4.WORD_COLS == 0
+        and f4.measured(op, m.out_features, m.in_features)
+    )
+
+
+def _int4(m) -> tuple:
+    """An int4 linear's arguments to runtime/triton_fused_int4.py's ops: (words, scales, zero points, scale/zero
+    words, group size)."""
+    return m.weight_words, m.scales, m.zeros, m.scale_zero_words, m.group_size
 
 
 def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
-    """`_block_parts` of the layer input h + delta through the fused kernels (runtime/triton_fused.py): the
-    residual add, RMSNorm, qkv product, rope and the k/v write into the pools at slots in one kernel, o_proj
-    with its residual add, RMSNorm + gate/up + silu-mul in one, down_proj; attend(q) reads the pools. For
-    rows <= 8 (the layer's `fused_rows`, set by use_fused_decode) of a `fusable_layer`."""
+    """`_block_parts` of the layer input h + delta through the fused kernels (runtime/triton_fused.py, or
+    runtime/triton_fused_int4.py's for an int4 layer): the residual add, RMSNorm, qkv product, rope and the k/v
+    write into the pools at slots in one kernel, o_proj with its residual add, RMSNorm + gate/up + silu-mul in
+    one, down_proj; attend(q) reads the pools. For rows <= 8 (the layer's `fused_rows`, set by
+    use_fused_decode) of a `fusable_layer`."""
     b, s, hid = h.shape
     attn, mlp = layer.self_attn, layer.mlp
     n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
     ops = torch.ops.lorafast
     d = attn.head_dim
-    x, q = ops.add_norm_qkv_rope(
-        h.reshape(-1, hid),
-        delta.reshape(-1, hid),
-        n1.weight,
-        attn.qkv_proj.weight,
-        n1.eps,
-        attn.qkv_proj.bias,
-        cos.reshape(-1, d),
-        sin.reshape(-1, d),
-        k_pool,
-        v_pool,
-        slots,
-        attn.n_heads * d,
-    )
+    rope = (cos.reshape(-1, d), sin.reshape(-1, d), k_pool, v_pool, slots, attn.n_heads * d)
+    qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+    hx, dx = h.reshape(-1, hid), delta.reshape(-1, hid)
+    dense = isinstance(o, nn.Linear)
+    if dense:
+        x, q = ops.add_norm_qkv_rope(hx, dx, n1.weight, qkv.weight, n1.eps, qkv.bias, *rope)
+    else:
+        x, q = ops.add_norm_qkv_rope_int4(hx, dx, n1.weight, *_int4(qkv), n1.eps, qkv.bias, *rope)
     a = attend(q.view(b, s, attn.n_heads, d).transpose(1, 2)).transpose(1, 2).reshape(b * s, -1)
-    h = ops.gemv_add(a, attn.o_proj.weight, x)
-    act = ops.norm_glu(h, n2.weight, mlp.gate_up_proj.weight, n2.eps)
-    return h.view(b, s, hid), ops.fused_gemv(act, mlp.down_proj.weight).view(b, s, hid)
+    if dense:
+        h = ops.gemv_add(a, o.weight, x)
+        act = ops.norm_glu(h, n2.weight, gate_up.weight, n2.eps)
+        out = ops.fused_gemv(act, down.weight)
+    else:
+        h = ops.gemv_add_int4(a, *_int4(o), x)
+        act = ops.norm_glu_int4(h, n2.weight, *_int4(gate_up), n2.eps)
+        out = ops.fused_gemv_int4(act, *_int4(down))
+    return h.view(b, s, hid), out.view(b, s, hid)
 
 
 def _block(layer, h, cos, sin, attend):
@@ -363,6 +393,8 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     computes what its decode step computes. Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
+    if any(isinstance(m, Int4TritonLinear) for m in dec.modules()):
+        import lorafast_export.runtime.triton_fused_int4  # noqa: F401  (registers the int4 ops)
     if not 1 <= rows <= FUSED_MAX_ROWS:
         raise ValueError(f"use_fused_decode: rows={rows}, must be 1..{FUSED_MAX_ROWS}")
     n = 0

@@ -129,13 +129,54 @@ def _fused_kernel(
                 )
             acc2 += w2.to(tl.float32) * xf[None, :]
     y = tl.sum(acc, 1)
+    inv = y  # unused unless NORM
     if NORM:  # RMSNorm's 1 / sqrt(mean(x^2) + eps), applied to the product
         inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+    y2 = y  # unused unless GLU or ROPE
+    if GLU or ROPE:
+        y2 = tl.sum(acc2, 1)
+    _epilogue(
+        y, y2, inv, m, rn, r2, nmask, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr,
+        pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
+    )  # fmt: skip
+
+
+@triton.jit
+def _epilogue(
+    y,  # [BN] fp32 product of columns rn (before the norm's 1 / rms)
+    y2,  # [BN] fp32 product of columns r2 (GLU: the up rows; ROPE: the pair's second half)
+    inv,  # RMSNorm's 1 / rms (NORM)
+    m,
+    rn,
+    r2,
+    nmask,
+    y_ptr,
+    r_ptr,
+    b_ptr,
+    cos_ptr,
+    sin_ptr,
+    kp_ptr,
+    vp_ptr,
+    slot_ptr,
+    pool_stride,
+    N,
+    NORM: tl.constexpr,
+    GLU: tl.constexpr,
+    ADD_OUT: tl.constexpr,
+    BIAS: tl.constexpr,
+    ROPE: tl.constexpr,
+    D: tl.constexpr,
+    QN: tl.constexpr,
+    KN: tl.constexpr,
+):
+    """The fused kernels' common end (this module's and runtime/triton_fused_int4.py's): the norm, the bias,
+    rope and the k/v write, or silu(gate) * up, the residual add; each rounding where the plain step rounds."""
+    dt = y_ptr.dtype.element_ty
+    if NORM:
         y = y * inv
     if BIAS:  # added before the product is rounded (as cuBLAS's epilogue in the plain step's linear)
         y = y + tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     if ROPE:
-        y2 = tl.sum(acc2, 1)
         if NORM:
             y2 = y2 * inv
         if BIAS:
@@ -165,7 +206,7 @@ def _fused_kernel(
     else:
         if GLU:
             g = y.to(dt).to(tl.float32)
-            u = tl.sum(acc2, 1)
+            u = y2
             if NORM:
                 u = u * inv
             u = u.to(dt).to(tl.float32)
