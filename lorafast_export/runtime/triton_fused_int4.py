@@ -202,13 +202,8 @@ FUSED_INT4_TILES = [
     (32, 2, 8, 3, 0),
     (32, 2, 8, 4, 1),
 ]
-DEFAULT_INT4_TILES = (
-    8,
-    2,
-    4,
-    3,
-    0,
-)  # a direct call on an unmeasured shape (tests); the runtime never fuses one
+# a direct call on an unmeasured shape (tests); the runtime never fuses one
+DEFAULT_INT4_TILES = (8, 2, 4, 3, 0)
 
 
 def table_path(gpu: str) -> Path:
