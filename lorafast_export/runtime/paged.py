@@ -346,7 +346,8 @@ def extend_forward(
     delta = torch.zeros_like(h)  # h + 0 is h exactly
     cos, sin = dec.rotary(positions, h.dtype)
     q_start = positions[:, 0]
-    lens = query_lens(q_start, positions.shape[1])  # once a step, not in every layer
+    # the Triton kernel's visible lengths, once a step rather than in every layer (gather takes none)
+    lens = query_lens(q_start, positions.shape[1]) if kind == "triton" else None
     for i, layer in enumerate(dec.model.layers):
         h, delta = layer_fn(
             layer,
