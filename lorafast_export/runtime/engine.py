@@ -101,18 +101,23 @@ class EngineStats:
 
 
 def _pack_lens(budget: int, longest: int) -> list[int]:
-    """Prompt lengths of a packed prefill that fills the token budget (each <= longest), at least two prompts
-    and none of one token, so that no dimension of the packed inputs is specialised (0/1) or duck-sized
-    equal to another by coincidence; [] when the budget never packs two prompts."""
-    if budget < 4 or longest < 2:
-        return []
-    lens, left = [], budget
-    while left:
-        n = min(longest, left)
-        n -= left - n == 1  # leave the last prompt two tokens at least
-        lens.append(n)
-        left -= n
-    return lens if len(lens) > 1 else [budget - budget // 2, budget // 2]
+    """Prompt lengths of a packed prefill of about the token budget (each <= longest): an odd count of odd
+    lengths (>= 3) whose total, count and longest differ. The prefill is compiled dynamic in its sizes; dynamo
+    specialises a size of 0 or 1 and unifies sizes that happen to be equal ("duck sizing"): a total of 4096
+    tokens beside a hidden size of 4096 compiled a graph for that total only, and the first real prefill
+    compiled again (3.2 s). Model dimensions are even. [] when the budget never packs two prompts."""
+    for total in range(budget - (budget % 2 == 0), budget // 2, -2):
+        cap = min(longest, total // 3)  # three prompts at least
+        for odd in range(cap - (cap % 2 == 0), max(cap // 2, 2), -2):
+            lens = [odd] * (total // odd) + ([total % odd] if total % odd else [])
+            if (
+                len(lens) % 2
+                and min(lens) >= 3
+                and all(x % 2 for x in lens)
+                and len({total, len(lens), odd}) == 3
+            ):
+                return lens
+    return []
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -600,6 +605,7 @@ class Engine:
                 last = torch.tensor(lens, device=dev).cumsum(0) - 1
                 self.model.prefill(ids, pad(self.cache, sum(lens)), last_index=last, segments=segs)
                 calls += 1
+            longest -= longest % 2 == 0  # odd, like the packed sizes above
             ids = torch.zeros(1, longest, dtype=torch.long, device=dev)
             self.model.prefill(ids, pad(self.cache, longest))
             calls += 1

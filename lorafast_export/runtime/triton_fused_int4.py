@@ -37,6 +37,8 @@ from lorafast_export.runtime.int4_table import TABLE_DIR, gpu_slug
 from lorafast_export.runtime.triton_fused import MAX_ROWS, _epilogue
 from lorafast_export.runtime.triton_int4 import _INTERPRET, _R, _WQ, WORD_COLS, _plane, _scale_zero
 
+_WC = tl.constexpr(WORD_COLS)  # the same, for the kernels (compiled Triton reads constexpr globals only)
+
 
 @triton.jit
 def _tile(w_ptr, s_ptr, z_ptr, row, rn, nmask, t, N, K, G, GS: tl.constexpr, ASYM: tl.constexpr,
@@ -49,9 +51,9 @@ def _tile(w_ptr, s_ptr, z_ptr, row, rn, nmask, t, N, K, G, GS: tl.constexpr, ASY
     if EVEN:
         w = tl.load(ptrs)
     else:
-        nmask = nmask & (t * WORD_COLS < K)
+        nmask = nmask & (t * _WC < K)
         w = tl.load(ptrs, mask=nmask[:, None], other=0)
-    g = t * WORD_COLS // GS
+    g = t * _WC // GS
     if SZ:
         if EVEN:
             v = tl.load(z_ptr + g * N + rn)
@@ -135,7 +137,7 @@ def _fused_int4_kernel(
             part2 = part
             xsum = tl.zeros([_WQ], tl.float32)
             for j in tl.static_range(8):  # nibble plane j: columns 16 j + q
-                kk = t * WORD_COLS + 16 * j + qq
+                kk = t * _WC + 16 * j + qq
                 if EVEN:
                     xv = tl.load(x_ptr + m * K + kk)
                 else:

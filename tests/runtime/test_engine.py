@@ -262,3 +262,16 @@ def test_warm_up_runs_every_step_shape_a_workload_meets(llama, solo, decode_step
     assert not recs["decode_fn"].keys  # greedy rows: every plain step takes the greedy graph too
     for n, r in recs.items():
         assert r.keys <= warmed[n], n
+
+
+@pytest.mark.parametrize("budget,longest", [(4096, 4095), (4096, 1023), (4096, 63), (1000, 999), (253, 63)])
+def test_warm_up_packs_sizes_dynamo_cannot_specialise(budget, longest):
+    """The warm-up's packed prefill: within the budget and the longest prompt, an odd count (>= 3) of odd
+    lengths >= 3 (model dimensions are even: no size is duck-sized equal to one), total, count and longest
+    distinct, and at least half the budget (its memory is what a full prefill needs)."""
+    from lorafast_export.runtime.engine import _pack_lens
+
+    lens = _pack_lens(budget, longest)
+    assert budget // 2 < sum(lens) <= budget and max(lens) <= longest and min(lens) >= 3
+    assert len(lens) % 2 == 1 and len(lens) >= 3 and all(n % 2 for n in lens)
+    assert len({sum(lens), len(lens), max(lens)}) == 3
