@@ -1419,6 +1419,12 @@ def main() -> None:
         "--warm-up", default="auto", choices=("off", "on", "auto"), help="runtime option, all sections"
     )
     p.add_argument(
+        "--prefill-sdpa",
+        default="no-cudnn",
+        choices=("no-cudnn", "torch"),
+        help="the prefill's SDPA backends: the runtime's (flash / efficient / math) or all of PyTorch's",
+    )
+    p.add_argument(
         "--single-step-peer",
         type=int,
         default=1,
@@ -1461,6 +1467,10 @@ def main() -> None:
         torch._C._cuda_clearCublasWorkspaces = (
             _keep_cublas_workspaces  # the compiled peer clears them otherwise
         )
+    if a.prefill_sdpa == "torch":
+        from lorafast_export.runtime import attention
+
+        attention.PREFILL_SDPA_BACKENDS = None
     if a.threads:
         torch.set_num_threads(a.threads)
     a.batches = [int(x) for x in a.batch.split(",")]

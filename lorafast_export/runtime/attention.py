@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lorafast_export.model.decoder import causal_mask, rotate_half
 
@@ -46,8 +47,24 @@ def _rope(attn, q, k, v, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
 
+# The SDPA backends a CUDA prefill may use, in PyTorch's order of preference (None: all of them). cuDNN's is left
+# out: bench/TORCH.md, session 15.
+PREFILL_SDPA_BACKENDS: list[SDPBackend] | None = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
     """Causal self-attention over the whole prompt. q [b, hq, s, d], k/v [b, hkv, s, d] → [b, hq, s, d]."""
+    if q.is_cuda and PREFILL_SDPA_BACKENDS is not None:
+        with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+            return _sdpa_causal(q, k, v, window)
+    return _sdpa_causal(q, k, v, window)
+
+
+def _sdpa_causal(q, k, v, window):
     s = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if window is None or window >= s:

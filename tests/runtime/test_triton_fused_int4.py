@@ -249,7 +249,9 @@ def test_bench_dry_run_writes_a_table_the_module_reads(tmp_path, monkeypatch):
     results = int4_fused_bench.main(
         ["--device", DEV, "--shape", "tiny", "--tiles", "32x1x4x2x1", "--merge-into", str(path)]
     )
-    assert all(r["best"] and r["best"]["rel_err"] < 1e-3 for r in results)
+    assert all(
+        r["best"] and r["best"]["rel_err"] < (1e-3 if DEV == "cpu" else 1e-2) for r in results
+    )  # bf16 on CUDA
     assert all("us" in c for r in results for c in r["current"] if not c["kernel"].startswith("tinygemm"))
     monkeypatch.setattr(f4, "TABLE_DIR", tmp_path)
     table = f4.load_fused_int4_table("Test GPU")
