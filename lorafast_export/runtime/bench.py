@@ -28,6 +28,7 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     _sync(rt.device)
+    allocs = _device_allocs(rt.device)
     t0 = time.perf_counter()
     reqs = [eng.add(p, n) for p, n in zip(prompts, news, strict=True)]
     while eng.has_work:
@@ -54,6 +55,7 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
             (round(1e3 * (t - t0), 2), n, tok, round(1e3 * dt, 2)) for t, n, tok, dt in s.prefills
         ],
         "preemptions": s.preemptions,
+        "device_allocs": None if allocs is None else _device_allocs(rt.device) - allocs,  # cudaMalloc calls
         "spec_acceptance": s.acceptance,  # None without a draft model
         "peak_memory_bytes": peak_memory_bytes(rt.device),
     }
@@ -87,3 +89,8 @@ def bench_runtime(
         "cache_bytes": rt.cache.nbytes,
         "results": results,
     }
+
+
+def _device_allocs(dev: torch.device) -> int | None:
+    """cudaMalloc calls the caching allocator has made so far (None off CUDA)."""
+    return torch.cuda.memory_stats(dev).get("num_device_alloc") if dev.type == "cuda" else None

@@ -120,6 +120,19 @@ def _pack_lens(budget: int, longest: int) -> list[int]:
     return []
 
 
+def _grid_lens(budget: int, longest: int, rows: int) -> list[int]:
+    """Prompt lengths of the packed prefill with the largest attention grid (prompts x longest of them, what
+    packed_attention pads to) within the token budget and the batch rows: one long prompt and short ones, sizes
+    as `_pack_lens` picks them (odd, >= 3, total, count and longest distinct); [] when none fits."""
+    best: list[int] = []
+    for b in range(3, rows + 1, 2):
+        top = min(longest, budget - 3 * (b - 1))
+        top -= top % 2 == 0
+        if top > 3 and len({top + 3 * (b - 1), b, top}) == 3 and b * top > len(best) * max(best, default=0):
+            best = [top] + [3] * (b - 1)
+    return best
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
@@ -595,16 +608,19 @@ class Engine:
                     ids = torch.zeros(1, t, dtype=torch.long, device=dev)
                     self.prefill_graph(ids, pad(self.cache, t), torch.tensor([t - 1], device=dev))
                     calls += 1
-            # the largest prefills a workload can ask for, so that their memory is in the allocator's cache too
-            # (the first timed pass's first packed prefill took 3x a warm one's time without this)
+            # the largest prefills a workload can ask for, so that their memory is in the allocator's cache too:
+            # the most tokens (the linears), and the largest padded attention grid (rows x longest prompt)
             longest = self.max_seq_len - 1
-            lens = _pack_lens(self.prefill_budget, longest)
-            if lens:
-                segs = tuple(t.to(dev) for t in pack_segments(lens))
-                ids = torch.zeros(1, sum(lens), dtype=torch.long, device=dev)
-                last = torch.tensor(lens, device=dev).cumsum(0) - 1
-                self.model.prefill(ids, pad(self.cache, sum(lens)), last_index=last, segments=segs)
-                calls += 1
+            for lens in (
+                _pack_lens(self.prefill_budget, longest),
+                _grid_lens(self.prefill_budget, longest, self.max_batch),
+            ):
+                if lens:
+                    segs = tuple(t.to(dev) for t in pack_segments(lens))
+                    ids = torch.zeros(1, sum(lens), dtype=torch.long, device=dev)
+                    last = torch.tensor(lens, device=dev).cumsum(0) - 1
+                    self.model.prefill(ids, pad(self.cache, sum(lens)), last_index=last, segments=segs)
+                    calls += 1
             longest -= longest % 2 == 0  # odd, like the packed sizes above
             ids = torch.zeros(1, longest, dtype=torch.long, device=dev)
             self.model.prefill(ids, pad(self.cache, longest))

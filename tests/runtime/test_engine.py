@@ -252,7 +252,7 @@ def test_warm_up_runs_every_step_shape_a_workload_meets(llama, solo, decode_step
     eng = make_engine(llama, max_batch=3, decode_steps=decode_steps)
     eng.prefill_graph = _PaddedPrefill(eng.model)  # the CUDA engine's graphed prefill, run eagerly here
     recs = record_step_shapes(eng, ("greedy_fn", "decode_fn", "prefill_graph"))
-    assert eng.warm_up() == len(eng.buckets) * len(eng.widths()) + len(eng.prefill_graph_lengths()) + 2
+    assert eng.warm_up() == len(eng.buckets) * len(eng.widths()) + len(eng.prefill_graph_lengths()) + 3
     assert eng.widths() == [2, 4, 8, 16] and eng.prefill_graph_lengths() == [16, 32, 64]
     warmed = {n: set(r.keys) for n, r in recs.items()}
     for r in recs.values():
@@ -275,3 +275,20 @@ def test_warm_up_packs_sizes_dynamo_cannot_specialise(budget, longest):
     assert budget // 2 < sum(lens) <= budget and max(lens) <= longest and min(lens) >= 3
     assert len(lens) % 2 == 1 and len(lens) >= 3 and all(n % 2 for n in lens)
     assert len({sum(lens), len(lens), max(lens)}) == 3
+
+
+@pytest.mark.parametrize(
+    "budget,longest,rows", [(4096, 1023, 32), (4096, 4095, 8), (4096, 63, 3), (200, 99, 64)]
+)
+def test_warm_up_packs_the_largest_attention_grid(budget, longest, rows):
+    """The warm-up's other packed prefill: the most prompts the batch takes (odd) with the longest prompt the
+    budget leaves, so that its padded attention grid is the largest any admitted pack can make."""
+    from lorafast_export.runtime.engine import _grid_lens
+
+    lens = _grid_lens(budget, longest, rows)
+    assert sum(lens) <= budget and max(lens) <= longest and len(lens) <= rows and min(lens) >= 3
+    assert len(lens) % 2 == 1 and all(n % 2 for n in lens) and len({sum(lens), len(lens), max(lens)}) == 3
+    grid = len(lens) * max(lens)
+    most = rows - (rows % 2 == 0)  # the most prompts, with the longest the budget then leaves
+    assert grid >= 3 * min(longest - (longest % 2 == 0), budget - 6)
+    assert most < 3 or grid >= most * min(longest - (longest % 2 == 0), budget - 3 * (most - 1) - 1)
