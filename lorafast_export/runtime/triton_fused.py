@@ -37,6 +37,35 @@ MAX_ROWS = 8  # rows one call takes (a decode step at batch <= 8, a verify of <=
 
 
 @triton.jit
+def _act(x_ptr, d_ptr, nw_ptr, xo_ptr, m, K, kk, write, dt: tl.constexpr, ADD_IN: tl.constexpr,
+         NORM: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """Columns kk of activation row m, in float32, as the product reads them: x (ADD_IN: x + d, rounded to dt
+    as the plain step's residual add, and stored at xo where `write`), times the RMSNorm weight (NORM); and the
+    squares of the unscaled values (the norm's sum of squares, taken in the same pass)."""
+    if EVEN:
+        xv = tl.load(x_ptr + m * K + kk)
+    else:
+        xv = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
+    if ADD_IN:
+        if EVEN:
+            dv = tl.load(d_ptr + m * K + kk)
+        else:
+            dv = tl.load(d_ptr + m * K + kk, mask=kk < K, other=0.0)
+        xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(dt)
+        if write:
+            tl.store(xo_ptr + m * K + kk, xv, mask=kk < K)
+    xf = xv.to(tl.float32)
+    sq = xf * xf
+    if NORM:
+        if EVEN:
+            nw = tl.load(nw_ptr + kk)
+        else:
+            nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0)
+        xf = xf * nw.to(tl.float32)
+    return xf, sq
+
+
+@triton.jit
 def _fused_kernel(
     x_ptr,  # [M, K] input rows
     d_ptr,  # [M, K] added to x first (ADD_IN)
@@ -91,26 +120,9 @@ def _fused_kernel(
         ss = tl.zeros([BK], tl.float32)
     for it in range(0, ITERS):
         kk = it * BK + rk
-        if EVEN:
-            xv = tl.load(x_ptr + m * K + kk)
-        else:
-            xv = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
-        if ADD_IN:  # the residual stream h + delta, rounded as the plain step's add
-            if EVEN:
-                dv = tl.load(d_ptr + m * K + kk)
-            else:
-                dv = tl.load(d_ptr + m * K + kk, mask=kk < K, other=0.0)
-            xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(dt)
-            if j == 0:
-                tl.store(xo_ptr + m * K + kk, xv, mask=kk < K)
-        xf = xv.to(tl.float32)
-        if NORM:  # the sum of squares in the same pass; the norm's weight scales the columns
-            ss += xf * xf
-            if EVEN:
-                nw = tl.load(nw_ptr + kk)
-            else:
-                nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0)
-            xf = xf * nw.to(tl.float32)
+        xf, sq = _act(x_ptr, d_ptr, nw_ptr, xo_ptr, m, K, kk, j == 0, dt, ADD_IN, NORM, EVEN)
+        if NORM:
+            ss += sq
         if EVEN:
             w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
         else:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from lorafast_export.runtime.int4_table import TABLE_DIR, gpu_slug
-from lorafast_export.runtime.triton_fused import MAX_ROWS, _epilogue
+from lorafast_export.runtime.triton_fused import MAX_ROWS, _act, _epilogue
 from lorafast_export.runtime.triton_int4 import _INTERPRET, _R, _WQ, WORD_COLS, _plane, _scale_zero
 
 _WC = tl.constexpr(WORD_COLS)  # the same, for the kernels (compiled Triton reads constexpr globals only)
@@ -138,26 +138,9 @@ def _fused_int4_kernel(
             xsum = tl.zeros([_WQ], tl.float32)
             for j in tl.static_range(8):  # nibble plane j: columns 16 j + q
                 kk = t * _WC + 16 * j + qq
-                if EVEN:
-                    xv = tl.load(x_ptr + m * K + kk)
-                else:
-                    xv = tl.load(x_ptr + m * K + kk, mask=kk < K, other=0.0)
-                if ADD_IN:  # the residual stream h + delta, rounded as the plain step's add
-                    if EVEN:
-                        dv = tl.load(d_ptr + m * K + kk)
-                    else:
-                        dv = tl.load(d_ptr + m * K + kk, mask=kk < K, other=0.0)
-                    xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(dt)
-                    if pb == 0:
-                        tl.store(xo_ptr + m * K + kk, xv, mask=kk < K)
-                xf = xv.to(tl.float32)
-                if NORM:  # the sum of squares in the same pass; the norm's weight scales the columns
-                    ss += xf * xf
-                    if EVEN:
-                        nw = tl.load(nw_ptr + kk)
-                    else:
-                        nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0)
-                    xf = xf * nw.to(tl.float32)
+                xf, sq = _act(x_ptr, d_ptr, nw_ptr, xo_ptr, m, K, kk, pb == 0, dt, ADD_IN, NORM, EVEN)
+                if NORM:
+                    ss += sq
                 part += _plane(w, j, ASM) * xf[None, :]
                 if two:
                     part2 += _plane(w2, j, ASM) * xf[None, :]

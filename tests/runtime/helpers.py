@@ -114,3 +114,15 @@ def record_step_shapes(eng, names: tuple[str, ...]) -> dict[str, ShapeRecorder]:
     for n, r in recs.items():
         setattr(eng, n, r)
     return recs
+
+
+def rope_inputs(g: torch.Generator, rows: int, hkv: int, d: int, slots: int, dtype, dev):
+    """A fused qkv + rope kernel's other inputs: cos, sin [rows, d] at random positions, distinct slots [rows],
+    zeroed k and v pools [hkv, slots, d]."""
+    pos = torch.randint(0, 500, (rows,), generator=g).float()
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos().to(dev, dtype), emb.sin().to(dev, dtype)
+    slot = torch.randperm(slots, generator=g)[:rows].to(dev)
+    kp, vp = (torch.zeros(hkv, slots, d, device=dev, dtype=dtype) for _ in range(2))
+    return cos, sin, slot, kp, vp

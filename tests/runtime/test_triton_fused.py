@@ -23,6 +23,7 @@ from lorafast_export.runtime.triton_fused import (
     norm_glu,
     norm_glu_launch,
 )
+from tests.runtime.helpers import rope_inputs
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
 TILES = [DEFAULT_TILES, (8, 128, 4, 1), (2, 64, 4, 3)]  # the default, a wide tile, a ragged K
@@ -85,12 +86,7 @@ def _qkv_case(g, dtype, rows=3, hq=4, hkv=2, d=16, k=96, slots=40, bias=False):
     h, dl = (torch.randn(rows, k, generator=g).to(DEV, dtype) for _ in range(2))
     w = (torch.randn((hq + 2 * hkv) * d, k, generator=g) * 0.05).to(DEV, dtype)
     b = (torch.randn(w.shape[0], generator=g) * 0.1).to(DEV, dtype) if bias else None
-    pos = torch.randint(0, 500, (rows,), generator=g).float()
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
-    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
-    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
-    slot = torch.randperm(slots, generator=g)[:rows].to(DEV)
-    kp, vp = (torch.zeros(hkv, slots, d, device=DEV, dtype=dtype) for _ in range(2))
+    cos, sin, slot, kp, vp = rope_inputs(g, rows, hkv, d, slots, dtype, DEV)
     return h, dl, w, b, cos, sin, kp, vp, slot
 
 

@@ -25,6 +25,7 @@ from lorafast_export.runtime.triton_fused_int4 import (
 )
 from lorafast_export.runtime.triton_int4 import pack_scale_zero, pack_words
 from tests.quant.helpers import random_qtensor
+from tests.runtime.helpers import rope_inputs
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # relative to the largest output
@@ -96,12 +97,7 @@ def _qkv_case(rows, dtype, scheme, seed, hq=4, hkv=2, d=16, k=256, slots=40, bia
     h, dl, nw = _inputs(rows, k, dtype, seed)
     q4, w = _weight((hq + 2 * hkv) * d, k, scheme, seed)
     b = (torch.randn(w.shape[0], generator=g) * 0.1).to(DEV, dtype) if bias else None
-    pos = torch.randint(0, 500, (rows,), generator=g).float()
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
-    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
-    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
-    slot = torch.randperm(slots, generator=g)[:rows].to(DEV)
-    kp, vp = (torch.zeros(hkv, slots, d, device=DEV, dtype=dtype) for _ in range(2))
+    cos, sin, slot, kp, vp = rope_inputs(g, rows, hkv, d, slots, dtype, DEV)
     return h, dl, nw, q4, w, b, cos, sin, kp, vp, slot
 
 
