@@ -5,6 +5,12 @@ path. CUDA, or the CPU interpreter (float32 and float16 activations there: the i
 not round-to-nearest-even, so bf16 activations run on CUDA only)."""
 # ruff: noqa: I001 - tests.runtime.triton_device must be imported before any kernel module
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,17 +243,18 @@ def test_int4_decode_through_fused_parts_gives_the_unfused_tokens(tmp_path, monk
 
 
 def test_bench_dry_run_writes_a_table_the_module_reads(tmp_path, monkeypatch):
-    """bench/int4_fused_bench.py on the interpreter (one tile, tiny shapes): every op's tile is checked correct
-    and wins, and --merge-into writes them where `load_fused_int4_table` finds them for that GPU name."""
-    from bench import int4_fused_bench
-
-    path = tmp_path / "fused_int4_test_gpu.json"
-    results = int4_fused_bench.main(
-        ["--device", DEV, "--shape", "tiny", "--tiles", "32x1x4x2x1", "--merge-into", str(path)]
-    )
-    assert all(
-        r["best"] and r["best"]["rel_err"] < (1e-3 if DEV == "cpu" else 1e-2) for r in results
-    )  # bf16 on CUDA
+    """bench/int4_fused_bench.py (the interpreter on a CPU; one tile, tiny shapes; a process of its own: tests do
+    not import bench/): every op's tile is checked correct and wins, and --merge-into writes them where
+    `load_fused_int4_table` finds them for that GPU name."""
+    root = Path(__file__).resolve().parents[2]
+    path, rows = tmp_path / "fused_int4_test_gpu.json", tmp_path / "rows.json"
+    cmd = [sys.executable, str(root / "bench" / "int4_fused_bench.py"), "--device", DEV, "--shape", "tiny"]
+    cmd += ["--tiles", "32x1x4x2x1", "--merge-into", str(path), "--json-out", str(rows)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=600)
+    results = json.loads(rows.read_text())["results"]
+    bound = 1e-3 if DEV == "cpu" else 1e-2  # bf16 activations on CUDA
+    assert all(r["best"] and r["best"]["rel_err"] < bound for r in results)
     assert all("us" in c for r in results for c in r["current"] if not c["kernel"].startswith("tinygemm"))
     monkeypatch.setattr(f4, "TABLE_DIR", tmp_path)
     table = f4.load_fused_int4_table("Test GPU")
