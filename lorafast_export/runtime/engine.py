@@ -572,7 +572,8 @@ class Engine:
     def warm_up(self) -> int:
         """Run every shape a greedy workload can give a step once, on pad-block inputs, before any request:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
-        verify), each padded length of a lone prompt's prefill, a packed prefill and an ungraphed one. Compiled,
+        verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
+        padded attention grid) and an ungraphed one of the longest prompt (and the draft's). Compiled,
         dynamo compiles its graphs here (batch 1 first, so that its graph stays static in the batch; the next
         width and the next bucket make those dimensions dynamic); on CUDA each shape's graph is captured here.
         Without it, a server compiles and captures while requests wait: the first pass of the mixed workload had

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,9 +180,8 @@ def build_runtime(
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )
     if opts.warm_up == "on" or (opts.warm_up == "auto" and engine.cuda_graphs):
-        t = time.perf_counter()
         calls = engine.warm_up()
-        log.info("warm-up: %d step shapes compiled and captured in %.1f s", calls, time.perf_counter() - t)
+        log.info("warm-up: %d step shapes compiled and captured in %.1f s", calls, engine.warm_up_s)
     log.info(
         "runtime: %s %s, attention=%s, compiled=%s, aot=%s, cache %.1f MiB",
         device,

@@ -394,8 +394,6 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     computes what its decode step computes. Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
-    if any(isinstance(m, Int4TritonLinear) for m in dec.modules()):
-        import lorafast_export.runtime.triton_fused_int4  # noqa: F401  (registers the int4 ops)
     if not 1 <= rows <= FUSED_MAX_ROWS:
         raise ValueError(f"use_fused_decode: rows={rows}, must be 1..{FUSED_MAX_ROWS}")
     n = 0

@@ -285,13 +285,7 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
             f"fused gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows, {n} columns)"
         )
     x = x.contiguous()
-    bias, cos, sin, kp, vp, slots, qn, hd = rope if rope is not None else (None, x, x, x, x, x, n, 1)
-    kn = (n - qn) // 2
-    cols = n // 2 if rope is not None else n  # rope: programs own column pairs
-    if rope is not None and (qn % hd or kn % hd or hd % 2 or kp.shape[0] * hd != kn or kp.stride(1) != hd):
-        raise ValueError(f"fused qkv + rope: {n} columns, {qn} of q, head dim {hd}, k pool {tuple(kp.shape)}")
-    y = torch.empty(m, qn if rope is not None else n, device=x.device, dtype=out_dtype)
-    xo = torch.empty_like(x) if add_in else y
+    cols, y, xo, ptrs, flags = launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, "fused")
     _fused_kernel[(m * triton.cdiv(cols, bn),)](
         x,
         d.contiguous() if add_in else x,
@@ -300,13 +294,7 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         r.contiguous() if add_out else y,
         y,
         xo,
-        bias if bias is not None else x,
-        cos.contiguous(),
-        sin.contiguous(),
-        kp,
-        vp,
-        slots,
-        kp.stride(0) if rope is not None else 0,
+        *ptrs,
         m,
         n,
         k,
@@ -314,20 +302,40 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         ITERS=triton.cdiv(k, bk),
         BN=bn,
         BK=bk,
-        ADD_IN=add_in,
-        NORM=norm,
-        GLU=glu,
-        ADD_OUT=add_out,
-        BIAS=bias is not None,
-        ROPE=rope is not None,
-        D=hd,
-        QN=qn,
-        KN=kn,
         EVEN=cols % bn == 0 and k % bk == 0,
         num_warps=warps,
         num_stages=stages,
+        **flags,
     )
     return (xo, y) if add_in else y
+
+
+def launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, what):
+    """What both fused kernels' launches (this module's and runtime/triton_fused_int4.py's) share: (the columns
+    the programs own (rope: column pairs), the output y, x + delta's output xo (y when not ADD_IN), the epilogue's
+    pointer arguments (bias, cos, sin, k pool, v pool, slots, the pool's head stride), its constexpr flags); rope
+    checked against the pool."""
+    bias, cos, sin, kp, vp, slots, qn, hd = rope if rope is not None else (None, x, x, x, x, x, n, 1)
+    kn = (n - qn) // 2
+    if rope is not None and (qn % hd or kn % hd or hd % 2 or kp.shape[0] * hd != kn or kp.stride(1) != hd):
+        raise ValueError(
+            f"{what} qkv + rope: {n} columns, {qn} of q, head dim {hd}, k pool {tuple(kp.shape)}"
+        )
+    y = torch.empty(x.shape[0], qn if rope is not None else n, device=x.device, dtype=out_dtype)
+    xo = torch.empty_like(x) if add_in else y
+    ptrs = (
+        bias if bias is not None else x,
+        cos.contiguous(),
+        sin.contiguous(),
+        kp,
+        vp,
+        slots,
+        kp.stride(0) if rope is not None else 0,
+    )
+    flags = dict(
+        ADD_IN=add_in, NORM=norm, GLU=glu, ADD_OUT=add_out, BIAS=bias is not None, ROPE=rope is not None
+    )
+    return n // 2 if rope is not None else n, y, xo, ptrs, {**flags, "D": hd, "QN": qn, "KN": kn}
 
 
 def gemv_launch(a, w, tiles):

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from lorafast_export.runtime.int4_table import TABLE_DIR, gpu_slug
-from lorafast_export.runtime.triton_fused import MAX_ROWS, _act, _epilogue
+from lorafast_export.runtime.triton_fused import MAX_ROWS, _act, _epilogue, launch_parts
 from lorafast_export.runtime.triton_int4 import _INTERPRET, _R, _WQ, WORD_COLS, _plane, _scale_zero
 
 _WC = tl.constexpr(WORD_COLS)  # the same, for the kernels (compiled Triton reads constexpr globals only)
@@ -254,20 +254,8 @@ def _launch(x, d, nw, q4, r, n, eps, add_in, norm, glu, add_out, tiles, rope=Non
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"fused int4 gemv: activations in {x.dtype}")
     x = x.contiguous()
-    bias, cos, sin, kp, vp, slots, qn, hd = rope if rope is not None else (None, x, x, x, x, x, n, 1)
-    kn = (n - qn) // 2
-    cols = n // 2 if rope is not None else n  # rope: programs own column pairs
-    if rope is not None and (qn % hd or kn % hd or hd % 2 or kp.shape[0] * hd != kn or kp.stride(1) != hd):
-        raise ValueError(
-            f"fused int4 qkv + rope: {n} columns, {qn} of q, head dim {hd}, k pool {tuple(kp.shape)}"
-        )
-    y = torch.empty(m, qn if rope is not None else n, device=x.device, dtype=x.dtype)
-    xo = torch.empty_like(x) if add_in else y
-    tiles_k = triton.cdiv(k, WORD_COLS)
-    if use_sz:
-        zp = sz
-    else:
-        zp = z if z is not None else s  # never read when symmetric
+    cols, y, xo, ptrs, flags = launch_parts(x, n, add_in, norm, glu, add_out, x.dtype, rope, "fused int4")
+    zp = sz if use_sz else z if z is not None else s  # s: never read when symmetric
     _fused_int4_kernel[(m * triton.cdiv(cols, bn),)](
         x,
         d.contiguous() if add_in else x,
@@ -278,13 +266,7 @@ def _launch(x, d, nw, q4, r, n, eps, add_in, norm, glu, add_out, tiles, rope=Non
         r.contiguous() if add_out else y,
         y,
         xo,
-        bias if bias is not None else x,
-        cos.contiguous(),
-        sin.contiguous(),
-        kp,
-        vp,
-        slots,
-        kp.stride(0) if rope is not None else 0,
+        *ptrs,
         m,
         n,
         k,
@@ -292,25 +274,17 @@ def _launch(x, d, nw, q4, r, n, eps, add_in, norm, glu, add_out, tiles, rope=Non
         groups,
         rows,
         eps,
-        ITERS=triton.cdiv(tiles_k, u),
+        ITERS=triton.cdiv(triton.cdiv(k, WORD_COLS), u),
         BN=bn,
         U=u,
         GS=gs,
         ASYM=z is not None,
         SZ=(1 if s.dtype == torch.float16 else 2) if use_sz else 0,
-        ADD_IN=add_in,
-        NORM=norm,
-        GLU=glu,
-        ADD_OUT=add_out,
-        BIAS=bias is not None,
-        ROPE=rope is not None,
-        D=hd,
-        QN=qn,
-        KN=kn,
         EVEN=cols % bn == 0 and k % (WORD_COLS * u) == 0,
         ASM=not _INTERPRET,
         num_warps=warps,
         num_stages=stages,
+        **flags,
     )
     return (xo, y) if add_in else y
 
