@@ -475,9 +475,8 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
             pm.prefill_fn = compiled if comp else eager
             if comp and "packed_check_compiled" not in res:
                 res["packed_check_compiled"] = packed_check(pm, prompts[:6], rt.device)
-            if (
-                "first_pass" not in res
-            ):  # the runtime's first pass of this queue: what its load-time warm-up left
+            # the runtime's first pass of this queue: what its load-time warm-up left
+            if "first_pass" not in res:
                 cold = run_requests(rt, prompts, outs)
                 res["first_pass"] = {"policy": label, "runtime_warm_up_s": rt.engine.warm_up_s, **cold}
                 print(
