@@ -7,15 +7,19 @@ LOWEST ?= .venv-lowest
 
 .PHONY: setup demo test test-lowest lint bench clean
 
+# pip from the registry, tried up to 3 times 20 s apart: a download cut off mid-file (CI once lost torch 2.11's wheel at
+# 452 of 530 MB, its resumes refused) is retried whole rather than failing the job.
+RETRY := sh -c 'for try in 1 2 3; do "$$@" && exit 0; test $$try -lt 3 || exit 1; echo "retrying in 20 s: $$*" >&2; sleep 20; done' retry
+
 setup: $(VENV)/.installed
 
 # The exact tested set (constraints.txt). torch is installed first: other packages would otherwise pull a
 # multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[dev,all]'
+	$(RETRY) $(PIP) install -q --upgrade pip
+	$(RETRY) $(PIP) install -q --resume-retries 5 -c constraints.txt torch
+	$(RETRY) $(PIP) install -q --resume-retries 5 -c constraints.txt -e '.[dev,all]'
 	touch $@
 
 demo: setup
@@ -28,9 +32,9 @@ test: setup
 # optional runtimes (their targets' tests skip), then the suite.
 $(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
 	test -x $(LOWEST)/bin/python || python3 -m venv $(LOWEST)
-	$(LOWEST)/bin/pip install -q --upgrade pip
-	$(LOWEST)/bin/pip install -q -c constraints-lowest.txt torch
-	$(LOWEST)/bin/pip install -q -c constraints-lowest.txt -e '.[dev]'
+	$(RETRY) $(LOWEST)/bin/pip install -q --upgrade pip
+	$(RETRY) $(LOWEST)/bin/pip install -q --resume-retries 5 -c constraints-lowest.txt torch
+	$(RETRY) $(LOWEST)/bin/pip install -q --resume-retries 5 -c constraints-lowest.txt -e '.[dev]'
 	touch $@
 
 test-lowest: $(LOWEST)/.installed
