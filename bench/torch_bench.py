@@ -453,6 +453,83 @@ MIXED_POLICIES = {
 }
 
 
+class FirstTimeWatch:
+    """What a pass did for the first time, beside its wall time: Triton JIT cache misses (a kernel of ours met an
+    argument specialization, e.g. an int divisible by 16 or equal to 1, that no earlier call had: a compile, or a
+    load from Triton's disk cache), Triton kernel binaries loaded into the CUDA context, and the caching
+    allocator's cudaMalloc calls. With `profile`, also torch.profiler's host-side ops (CPU and CUDA runtime API
+    events such as cudaHostAlloc, cuModuleLoadData, cudaStreamSynchronize), for `host_diff`."""
+
+    def __init__(self, profile: bool = False):
+        self.profile, self.misses, self.loads, self._load_t0 = profile, [], [], {}
+        self.ops: dict = {}
+
+    def _miss(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 - Triton's names
+        self.misses.append(f"{fn.module}.{fn.name}: {repr[:300]}")
+        return None  # compile as usual
+
+    def _load_start(self, module, function, name, metadata_group, hash):  # noqa: A002
+        self._load_t0[hash] = time.perf_counter()
+
+    def _load_end(self, module, function, name, metadata_group, hash):  # noqa: A002
+        self.loads.append(
+            (name, round(1e3 * (time.perf_counter() - self._load_t0.pop(hash, time.perf_counter())), 3))
+        )
+
+    def __enter__(self):
+        from triton import knobs
+
+        self._knobs = knobs.runtime
+        self._keep = self._knobs.jit_cache_hook
+        self._knobs.jit_cache_hook = self._miss
+        self._knobs.kernel_load_start_hook.add(self._load_start)
+        self._knobs.kernel_load_end_hook.add(self._load_end)
+        self._prof = None
+        if self.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._prof is not None:
+            self._prof.__exit__(*exc)
+            self.ops = {  # op name -> (calls, self CPU ms): host time, kernels excluded
+                e.key: (e.count, e.self_cpu_time_total / 1e3) for e in self._prof.key_averages()
+            }
+        self._knobs.jit_cache_hook = self._keep
+        self._knobs.kernel_load_start_hook.remove(self._load_start)
+        self._knobs.kernel_load_end_hook.remove(self._load_end)
+        return False
+
+    def summary(self) -> dict:
+        return {
+            "triton_jit_misses": self.misses,
+            "triton_kernel_loads": len(self.loads),
+            "triton_kernel_load_ms": round(sum(ms for _, ms in self.loads), 3),
+            "triton_kernels_loaded": [n for n, _ in self.loads][:50],
+        }
+
+
+def host_diff(first: FirstTimeWatch, again: FirstTimeWatch, top: int = 40) -> list[dict]:
+    """Host-side ops that cost more in the first pass than in a repeat of it: (name, calls, self CPU ms) each."""
+    rows = []
+    for name in set(first.ops) | set(again.ops):
+        (c1, ms1), (c2, ms2) = first.ops.get(name, (0, 0.0)), again.ops.get(name, (0, 0.0))
+        rows.append(
+            {
+                "op": name,
+                "calls_first": c1,
+                "calls_again": c2,
+                "ms_first": round(ms1, 3),
+                "ms_again": round(ms2, 3),
+            }
+        )
+    rows.sort(key=lambda r: r["ms_again"] - r["ms_first"])
+    return rows[:top]
+
+
 def mixed_policies(a, rt, prompts, outs) -> dict:
     """The same queue under each admission policy: a warm-up pass (captures, compiles), then a timed one; before
     the first policy's, a timed first pass (the runtime as its load-time warm-up left it)."""
@@ -476,16 +553,36 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
             if comp and "packed_check_compiled" not in res:
                 res["packed_check_compiled"] = packed_check(pm, prompts[:6], rt.device)
             # the runtime's first pass of this queue: what its load-time warm-up left
+            first = None
             if "first_pass" not in res:
-                cold = run_requests(rt, prompts, outs)
-                res["first_pass"] = {"policy": label, "runtime_warm_up_s": rt.engine.warm_up_s, **cold}
+                with FirstTimeWatch(profile=a.first_pass_profile) as first:
+                    cold = run_requests(rt, prompts, outs)
+                res["first_pass"] = {
+                    "policy": label,
+                    "runtime_warm_up_s": rt.engine.warm_up_s,
+                    "profiled": bool(a.first_pass_profile),  # its times include the profiler's overhead
+                    **cold,
+                    **first.summary(),
+                }
                 print(
-                    f"  mixed first pass ({label}): TTFT median {cold['ttft_ms_median']:.1f} ms", flush=True
+                    f"  mixed first pass ({label}): TTFT median {cold['ttft_ms_median']:.1f} ms, Triton JIT misses"
+                    f" {len(first.misses)}, Triton kernel loads {len(first.loads)}",
+                    flush=True,
                 )
             t = time.perf_counter()
             run_requests(rt, prompts, outs)
             key = label if label not in res else f"{label}#{sum(k.split('#')[0] == label for k in res) + 1}"
-            res[key] = {"warmup_s": time.perf_counter() - t, **run_requests(rt, prompts, outs)}
+            with FirstTimeWatch() as watch:
+                res[key] = {"warmup_s": time.perf_counter() - t, **run_requests(rt, prompts, outs)}
+            res[key].update(watch.summary())
+            if (
+                first is not None and a.first_pass_profile
+            ):  # the same queue once more, profiled like the first
+                with FirstTimeWatch(profile=True) as again:
+                    run_requests(rt, prompts, outs)
+                res["first_pass"]["host_ops_first_vs_again"] = host_diff(first, again)
+                for r in res["first_pass"]["host_ops_first_vs_again"][:15]:
+                    print(f"    {r}", flush=True)
             res[key]["max_wait_ms"] = wait if wait < NO_AGING else None  # None: no aging
             p = [(n, round(ms, 1)) for _, n, _, ms in res[key]["prefills"]]
             print(f"  mixed {key}: TTFT median {res[key]['ttft_ms_median']:.1f} ms, prefills {p}", flush=True)
@@ -1454,6 +1551,12 @@ def main() -> None:
     p.add_argument("--gemv-tiles", default="sweep", choices=("sweep", "shipped"), help="gemv: tiles timed")
     p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
+    p.add_argument(
+        "--first-pass-profile",
+        type=int,
+        default=0,
+        help="mixed: torch.profiler over the first pass and over one more pass; host ops by their excess",
+    )
     p.add_argument("--specdemo-dtype", default="bf16", choices=("bf16", "fp32"), help="specdemo on CUDA")
     p.add_argument("--peer-steps", type=int, default=1, help="decode_steps of that peer run")
     p.add_argument(
