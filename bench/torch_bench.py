@@ -32,9 +32,11 @@ Random weights: speed does not depend on values. Not part of the test run.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
+import pstats
 import random
 import statistics
 import sys
@@ -458,11 +460,13 @@ class FirstTimeWatch:
     argument specialization, e.g. an int divisible by 16 or equal to 1, that no earlier call had: a compile, or a
     load from Triton's disk cache), Triton kernel binaries loaded into the CUDA context, and the caching
     allocator's cudaMalloc calls. With `profile`, also torch.profiler's host-side ops (CPU and CUDA runtime API
-    events such as cudaHostAlloc, cuModuleLoadData, cudaStreamSynchronize), for `host_diff`."""
+    events such as cudaHostAlloc, cuModuleLoadData, cudaStreamSynchronize) and cProfile's Python functions (a
+    first-time import or lazy set-up shows there, not among the ops), for `host_diff`."""
 
     def __init__(self, profile: bool = False):
         self.profile, self.misses, self.loads, self._load_t0 = profile, [], [], {}
-        self.ops: dict = {}
+        self.ops: dict = {}  # name -> (calls, self ms): torch.profiler's host-side events
+        self.py: dict = {}  # function -> (calls, own ms): cProfile's
 
     def _miss(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 - Triton's names
         self.misses.append(f"{fn.module}.{fn.name}: {repr[:300]}")
@@ -490,13 +494,20 @@ class FirstTimeWatch:
 
             self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self._prof.__enter__()
+            self._py = cProfile.Profile()
+            self._py.enable()
         return self
 
     def __exit__(self, *exc):
         if self._prof is not None:
+            self._py.disable()
             self._prof.__exit__(*exc)
             self.ops = {  # op name -> (calls, self CPU ms): host time, kernels excluded
                 e.key: (e.count, e.self_cpu_time_total / 1e3) for e in self._prof.key_averages()
+            }
+            self.py = {
+                f"{Path(f).name}:{line}({name})": (calls, 1e3 * own)
+                for (f, line, name), (_, calls, own, _, _) in pstats.Stats(self._py).stats.items()
             }
         self._knobs.jit_cache_hook = self._keep
         self._knobs.kernel_load_start_hook.remove(self._load_start)
@@ -512,11 +523,12 @@ class FirstTimeWatch:
         }
 
 
-def host_diff(first: FirstTimeWatch, again: FirstTimeWatch, top: int = 40) -> list[dict]:
-    """Host-side ops that cost more in the first pass than in a repeat of it: (name, calls, self CPU ms) each."""
+def host_diff(first: dict, again: dict, top: int = 40) -> list[dict]:
+    """Names (ops or functions: name -> (calls, own ms)) that cost more in the first pass than in a repeat of
+    it, the largest excess first."""
     rows = []
-    for name in set(first.ops) | set(again.ops):
-        (c1, ms1), (c2, ms2) = first.ops.get(name, (0, 0.0)), again.ops.get(name, (0, 0.0))
+    for name in set(first) | set(again):
+        (c1, ms1), (c2, ms2) = first.get(name, (0, 0.0)), again.get(name, (0, 0.0))
         rows.append(
             {
                 "op": name,
@@ -580,9 +592,11 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
             ):  # the same queue once more, profiled like the first
                 with FirstTimeWatch(profile=True) as again:
                     run_requests(rt, prompts, outs)
-                res["first_pass"]["host_ops_first_vs_again"] = host_diff(first, again)
-                for r in res["first_pass"]["host_ops_first_vs_again"][:15]:
-                    print(f"    {r}", flush=True)
+                res["first_pass"]["host_ops_first_vs_again"] = host_diff(first.ops, again.ops)
+                res["first_pass"]["python_first_vs_again"] = host_diff(first.py, again.py)
+                for kind in ("host_ops_first_vs_again", "python_first_vs_again"):
+                    for r in res["first_pass"][kind][:12]:
+                        print(f"    {kind}: {r}", flush=True)
             res[key]["max_wait_ms"] = wait if wait < NO_AGING else None  # None: no aging
             p = [(n, round(ms, 1)) for _, n, _, ms in res[key]["prefills"]]
             print(f"  mixed {key}: TTFT median {res[key]['ttft_ms_median']:.1f} ms, prefills {p}", flush=True)
