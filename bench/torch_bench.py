@@ -890,10 +890,12 @@ def sec_profile(a, dev, R):
     return out
 
 
-def spec_engine(base, draft, k: int, a, dev):
+def spec_engine(base, draft, k: int, a, dev, speculation: str = "always"):
     """A batch-1 engine over `base`'s model and paged cache that drafts `k` tokens with `draft`'s model. A base
     with fused decode layers takes their kernels up to a verify's rows, as the loader does for a runtime loaded
-    with a draft (row i of a verify then computes what a decode step computes)."""
+    with a draft (row i of a verify then computes what a decode step computes). speculation "always": the
+    speculative path's own speed; "auto" (the runtime's default): rounds only while they beat plain decoding,
+    which then runs in multi-step bursts of --decode-steps as the model alone does."""
     from lorafast_export.runtime.engine import Engine
     from lorafast_export.runtime.paged import FUSED_MAX_ROWS, use_fused_decode
 
@@ -911,7 +913,15 @@ def spec_engine(base, draft, k: int, a, dev):
         draft=draft.model,
         draft_cache=draft.cache,
         spec_k=k,
+        speculation=speculation,
+        decode_steps=1 if speculation == "always" else a.decode_steps,
     )
+
+
+def spec_policies(a) -> list[tuple[int, str, str]]:
+    """(k, speculation, result key) of the spec sections: every k always (key kK), the largest also auto."""
+    ks = [int(x) for x in a.spec_k.split(",")]
+    return [(k, "always", f"k{k}") for k in ks] + [(max(ks), "auto", f"k{max(ks)}_auto")]
 
 
 SPEC_KEYS = (
@@ -924,6 +934,9 @@ SPEC_KEYS = (
     "decode_tokens_per_s",
     "speedup_decode_vs_bf16",
     "speedup_decode_vs_alone",
+    "speculation",
+    "pauses",
+    "spec_rounds",
 )
 
 
@@ -944,8 +957,8 @@ def sec_spec(a, dev, R):
     draft = build_runtime(
         cfg, fp4, q4, dev, torch.bfloat16, _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     )
-    for k in [int(x) for x in a.spec_k.split(",")]:
-        eng = spec_engine(base, draft, k, a, dev)
+    for k, policy, key in spec_policies(a):
+        eng = spec_engine(base, draft, k, a, dev, policy)
         base.engine, keep = eng, base.engine
         eng.generate_batch(prompts[:1], 32)  # compile + capture
         got = eng.generate_batch(prompts[1:], a.new_tokens)
@@ -954,8 +967,9 @@ def sec_spec(a, dev, R):
         r["tokens_equal_bf16_alone"] = got == want
         r["speedup_decode_vs_bf16"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
         r["positions_equal"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
-        res[f"k{k}"] = r
-        print(f"  spec k{k}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
+        r["speculation"], r["pauses"] = policy, eng.governor.pauses
+        res[key] = r
+        print(f"  spec {key}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
         base.engine = keep
     return res
 
@@ -1000,8 +1014,8 @@ def sec_specdemo(a, dev, R):
     print(f"  specdemo alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
-    for k in [int(x) for x in a.spec_k.split(",")]:
-        eng = spec_engine(base, draft, k, a, dev)
+    for k, policy, key in spec_policies(a):
+        eng = spec_engine(base, draft, k, a, dev, policy)
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
         acc = eng.stats.acceptance
@@ -1010,8 +1024,9 @@ def sec_specdemo(a, dev, R):
         r["tokens_equal_alone"] = got == want
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
-        res[f"k{k}"] = r
-        print(f"  specdemo k{k}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
+        r["speculation"], r["pauses"] = policy, eng.governor.pauses
+        res[key] = r
+        print(f"  specdemo {key}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
         base.engine = keep
     return res
 

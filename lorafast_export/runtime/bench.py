@@ -56,7 +56,8 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
         ],
         "preemptions": s.preemptions,
         "device_allocs": None if allocs is None else _device_allocs(rt.device) - allocs,  # cudaMalloc calls
-        "spec_acceptance": s.acceptance,  # None without a draft model
+        "spec_acceptance": s.acceptance,  # None without a draft model, or when no round ran
+        "spec_rounds": s.spec_rounds,  # speculative rounds (speculation "auto" pauses a draft that does not pay)
         "peak_memory_bytes": peak_memory_bytes(rt.device),
     }
 

@@ -51,7 +51,8 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.runtime.graphs import GraphRunner
 from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCache
-from lorafast_export.runtime.paged import pack_segments
+from lorafast_export.runtime.paged import VERIFY_MAX, pack_segments
+from lorafast_export.runtime.speculation import SPECULATION, SpecGovernor
 
 ADMIT_ORDERS = ("arrival", "shortest")  # which waiting request is prefilled first
 MAX_WAIT_MS = 500.0  # shortest first: a request that waited longer is admitted before any younger one
@@ -166,6 +167,7 @@ class Engine:
         prefill_first: bool = True,
         overlap_bursts: bool = True,
         clock: Callable[[], float] = time.perf_counter,
+        speculation: str = "always",
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -177,6 +179,11 @@ class Engine:
         if (draft is None) != (draft_cache is None) or spec_k < 1:
             raise InputError("speculative decoding needs a draft model, its cache and spec_k >= 1.")
         self.draft, self.draft_cache, self.spec_k = draft, draft_cache, spec_k
+        if speculation not in SPECULATION:
+            raise InputError(f"speculation={speculation!r}: use one of {', '.join(SPECULATION)}.")
+        # auto: speculate while a round's seconds per token beat a plain step's (runtime/speculation.py)
+        self.governor = SpecGovernor(speculation)
+        self.timer = time.perf_counter  # what the governor's times are read from (a test can replace it)
         self.prefill_budget = prefill_budget  # padded prompt tokens prefilled together (1 = one at a time)
         if decode_steps < 1:
             raise InputError(f"decode_steps={decode_steps}: use a positive integer (1 = one step at a time).")
@@ -278,7 +285,26 @@ class Engine:
             finished += self._land_prefill(pending)
             pending = nxt
         if self.running:
-            finished += self._decode()
+            finished += self._timed_decode()
+        return finished
+
+    def _timed_decode(self) -> list[Request]:
+        """_decode, its time reported to the speculation governor (with a draft): a speculative round as
+        seconds per token of each row, plain steps (a burst's included) as seconds per step."""
+        if self.draft is None:
+            return self._decode()
+        st, rows = self.stats, len(self.running)
+        bucket = _bucket(rows, self.buckets)
+        before, t0 = (st.spec_rounds, st.decode_steps, st.decode_tokens), self.timer()
+        finished = self._decode()
+        seconds = self.timer() - t0
+        rounds, steps, tokens = (
+            a - b for a, b in zip((st.spec_rounds, st.decode_steps, st.decode_tokens), before, strict=True)
+        )
+        if rounds:
+            self.governor.record_round(bucket, seconds, tokens / rows)
+        elif steps:
+            self.governor.record_plain(bucket, seconds, steps)
         return finished
 
     def _finish(self, r: Request) -> None:
@@ -435,8 +461,13 @@ class Engine:
 
     def _burst_len(self) -> int:
         """Steps the next multi-step burst may take: 1 (a plain step) unless every row is greedy, nobody
-        waits to be admitted, there is no draft, and every row has room for the whole burst in the pool."""
-        if self.decode_steps < 2 or self.waiting or self.draft_cache is not None:
+        waits to be admitted, no draft speculates whenever it can (speculation "always"), and every row has room
+        for the whole burst in the pool."""
+        if (
+            self.decode_steps < 2
+            or self.waiting
+            or (self.draft is not None and self.governor.policy == "always")
+        ):
             return 1
         if any(r.temperature > 0 for r in self.running):
             return 1
@@ -573,7 +604,8 @@ class Engine:
         """Run every shape a greedy workload can give a step once, on pad-block inputs, before any request:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
         verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
-        padded attention grid) and an ungraphed one of the longest prompt (and the draft's). Compiled,
+        padded attention grid) and an ungraphed one of the longest prompt (and the draft's, and two ungraphed
+        catch-ups of the draft longer than 2 tokens). Compiled,
         dynamo compiles its graphs here (batch 1 first, so that its graph stays static in the batch; the next
         width and the next bucket make those dimensions dynamic); on CUDA each shape's graph is captured here.
         Without it, a server compiles and captures while requests wait: the first pass of the mixed workload had
@@ -629,6 +661,15 @@ class Engine:
             if self.draft is not None:
                 self.draft.prefill(ids, pad(self.draft_cache, longest))
                 calls += 1
+                # a draft's catch-up of more than 2 tokens (after plain steps) runs ungraphed: its lengths up to
+                # VERIFY_MAX and beyond (two branches of the attention), so that dynamo's compiles happen here
+                tables = torch.full((1, self.widths()[0]), PAD_BLOCK, dtype=torch.int32, device=dev)
+                for s in (3, VERIFY_MAX + 1):
+                    tok = torch.zeros(1, s, dtype=torch.long, device=dev)
+                    self.draft.extend(
+                        tok, torch.arange(s, device=dev)[None], tables, pad(self.draft_cache, s)
+                    )
+                    calls += 1
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.warm_up_s = time.perf_counter() - t0
@@ -636,13 +677,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------ speculative decoding
     def _can_speculate(self) -> bool:
-        """Greedy rows only, and room for k drafts in every row (the last few tokens decode plainly)."""
+        """Greedy rows only, room for k drafts in every row (the last few tokens decode plainly), and the
+        governor's consent (speculation "auto": only while it has been faster than plain decoding here)."""
         k = self.spec_k
-        return self.draft is not None and all(
-            r.temperature == 0
-            and r.max_new_tokens - len(r.output) > k
-            and r.cached + k + 1 <= self.max_seq_len
-            for r in self.running
+        return (
+            self.draft is not None
+            and all(
+                r.temperature == 0
+                and r.max_new_tokens - len(r.output) > k
+                and r.cached + k + 1 <= self.max_seq_len
+                for r in self.running
+            )
+            and self.governor.wants(_bucket(len(self.running), self.buckets))
         )
 
     def _draft_prefill(self, r: Request, tokens: list[int]) -> None:

@@ -217,7 +217,12 @@ def _draft_args(draft: Runtime | None, cfg: ModelConfig, opts: RuntimeOptions, a
         )
     if aot or draft.aot:
         raise InputError("speculative decoding runs the Python model: load without the AOT packages.")
-    return {"draft": draft.model, "draft_cache": draft.cache, "spec_k": opts.spec_k}
+    return {
+        "draft": draft.model,
+        "draft_cache": draft.cache,
+        "spec_k": opts.spec_k,
+        "speculation": opts.speculation,
+    }
 
 
 def open_runtime(

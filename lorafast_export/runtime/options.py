@@ -8,6 +8,7 @@ from typing import Any
 from lorafast_export.errors import InputError
 from lorafast_export.runtime.engine import ADMIT_ORDERS, MAX_WAIT_MS
 from lorafast_export.runtime.linear import KERNELS
+from lorafast_export.runtime.speculation import SPECULATION
 
 ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offered (wrong when compiled)
 COMPILE = ("auto", "on", "off")
@@ -31,6 +32,9 @@ class RuntimeOptions:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch padded up to one of these
     prefill_tokens: int = 4096  # prompt tokens prefilled together in one packed forward (1 = one by one)
     spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
+    speculation: str = (
+        "auto"  # with a draft: auto = only while its rounds beat plain decoding (timed), always
+    )
     decode_steps: int = 8  # greedy decode steps chained on the device per host round trip (1 = one at a time)
     admit_order: str = "shortest"  # prefill order of waiting requests: shortest prompt first, or arrival
     max_wait_ms: float = MAX_WAIT_MS  # shortest first: who waited longer is admitted first (no starvation)
@@ -57,6 +61,7 @@ class RuntimeOptions:
             ("dense_gemv", DENSE_GEMV),
             ("fused_decode", FUSED_DECODE),
             ("warm_up", COMPILE),
+            ("speculation", SPECULATION),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")

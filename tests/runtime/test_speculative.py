@@ -85,7 +85,7 @@ def test_warm_up_runs_every_speculative_step_shape(llama, solo):
     eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=3)
     names = ("greedy_fn", "draft_greedy", "draft_extend", "extend_fn")
     recs = record_step_shapes(eng, names)
-    assert eng.warm_up() == 5 * len(eng.buckets) * len(eng.widths()) + 4
+    assert eng.warm_up() == 5 * len(eng.buckets) * len(eng.widths()) + 6
     warmed = {n: set(r.keys) for n, r in recs.items()}
     for r in recs.values():
         r.keys.clear()
@@ -93,3 +93,35 @@ def test_warm_up_runs_every_speculative_step_shape(llama, solo):
     assert eng.stats.spec_rounds > 0 and all(recs[n].keys for n in names[1:])
     for n, r in recs.items():
         assert r.keys <= warmed[n], n
+
+
+@pytest.mark.parametrize("decode_steps", [1, 8])
+def test_auto_speculation_pauses_a_useless_draft_output_unchanged(llama, tmp_path, decode_steps):
+    """speculation="auto" with a draft that never agrees: after its probe rounds the engine decodes plainly
+    (in multi-step bursts when decode_steps > 1; the draft catches up when it is tried again), and the output
+    is still the model's own greedy output. A round (catch-up, k - 1 draft steps, the verify) costs several
+    forwards for about one token a row, so it loses to a plain step whatever the machine's speed."""
+    other = tiny_checkpoint(tmp_path, seed=7, hidden=128, intermediate_size=256)
+    draft, dcache = paged(other, fp_state(other), num_blocks=64)
+    pm, cache = paged(llama, num_blocks=64)
+    eng = Engine(
+        pm,
+        cache,
+        max_batch=3,
+        max_seq_len=64,
+        batch_buckets=(1, 2, 4),
+        draft=draft,
+        draft_cache=dcache,
+        spec_k=3,
+        decode_steps=decode_steps,
+        speculation="auto",
+    )
+    ps, news = prompts()[:3], [40, 36, 44]
+    dec = load_decoder(llama)
+    assert eng.generate_batch(ps, news) == [
+        greedy_reference(dec, p, n) for p, n in zip(ps, news, strict=True)
+    ]
+    assert eng.governor.pauses >= 1
+    assert eng.stats.spec_rounds < eng.stats.decode_steps / 2  # mostly plain steps
+    if decode_steps > 1:
+        assert eng.stats.bursts > 0

@@ -98,8 +98,9 @@ def test_unknown_and_bad_options_are_named(tmp_path):
     with pytest.raises(InputError, match="unknown key.*flash"):
         lower(md, tmp_path / "a", flash=True)
     with pytest.raises(InputError) as e:
-        lower(md, tmp_path / "b", block_size=12, attention="paged")
+        lower(md, tmp_path / "b", block_size=12, attention="paged", speculation="never")
     assert "block_size=12" in str(e.value) and "attention='paged'" in str(e.value)
+    assert "speculation='never': use one of auto, always" in str(e.value)
 
 
 @pytest.mark.slow
@@ -129,8 +130,8 @@ def test_int4_artifact_drafts_for_the_bf16_artifact(tmp_path):
     rt = api.load(fp_dir, "cpu", draft=q_dir)
     assert rt.generate_batch([prompt], 20)[0] == want
     assert rt.engine.stats.spec_rounds > 0 and rt.engine.stats.accepted > 0
-    res = api.bench(fp_dir, [1], 8, 12, "cpu", draft=q_dir)
-    assert res["results"][0]["spec_acceptance"] is not None
+    res = api.bench(fp_dir, [1], 8, 12, "cpu", draft=q_dir, speculation="always")
+    assert res["results"][0]["spec_acceptance"] is not None and res["results"][0]["spec_rounds"] > 0
 
 
 def test_draft_with_another_vocabulary_is_refused(tmp_path):

@@ -1,0 +1,123 @@
+"""When to speculate: a draft pays only while its accepted tokens outrun what its rounds cost.
+
+A speculative round (the draft's k tokens, then the model's verify of k + 1) costs about k draft steps plus one
+model step and gives 1 + (accepted drafts) tokens per row. With a draft that agrees rarely (another model, random
+weights, text unlike the draft's) or a model whose step is launch-bound (a tiny one), the round costs more per
+token than plain decoding: the H200 measured 0.25-0.49x of plain decoding (bench/TORCH.md). `SpecGovernor` times
+both on the running workload, per batch bucket, and speculates only while a round's seconds per token are below
+a plain step's:
+
+    probe_spec (PROBE rounds) -> probe_plain (PROBE steps) -> decide
+    decide: speculation faster -> spec (REFRESH rounds, then probe_plain again to refresh the plain rate)
+            otherwise          -> paused (PAUSE steps of plain decoding, doubling up to MAX_PAUSE while it
+                                  keeps losing) -> probe_spec
+
+While in `spec`, a round that leaves speculation slower than plain decoding by MARGIN pauses it at once.
+Greedy output does not depend on any of this: a round's tokens are the model's own greedy tokens, as a plain
+step's are (tests/runtime/test_speculative.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPECULATION = ("auto", "always")
+PROBE = 4  # rounds, then plain steps, timed before a decision
+REFRESH = 64  # rounds of speculation before the plain rate is timed again
+PAUSE, MAX_PAUSE = 32, 1024  # plain steps before speculation is tried again (doubling while it loses)
+MARGIN = 0.05  # a running speculation pauses when plain decoding is this much faster
+
+
+@dataclass
+class _Rate:
+    """Seconds per unit (a plain step, or a token per row of a speculative round), recent calls weighted most."""
+
+    seconds: float = 0.0
+    units: float = 0.0
+
+    def add(self, seconds: float, units: float, decay: float = 0.75) -> None:
+        self.seconds = self.seconds * decay + seconds
+        self.units = self.units * decay + units
+
+    @property
+    def per_unit(self) -> float | None:
+        return self.seconds / self.units if self.units > 0 else None
+
+
+@dataclass
+class _Bucket:
+    phase: str = "probe_spec"
+    left: float = (
+        PROBE  # rounds (probe_spec, spec) or plain steps (probe_plain, paused) until the next change
+    )
+    pause: int = PAUSE
+    spec: _Rate | None = None
+    plain: _Rate | None = None
+
+
+class SpecGovernor:
+    """Whether the next decode of a batch bucket speculates (`wants`), from the times the engine reports
+    (`record_round`, `record_plain`). policy "always": every time it can (the rounds are still recorded)."""
+
+    def __init__(self, policy: str = "auto"):
+        if policy not in SPECULATION:
+            raise ValueError(f"speculation={policy!r}: use one of {', '.join(SPECULATION)}")
+        self.policy = policy
+        self.buckets: dict[int, _Bucket] = {}
+        self.pauses = 0  # times speculation was paused (all buckets)
+
+    def _at(self, bucket: int) -> _Bucket:
+        return self.buckets.setdefault(bucket, _Bucket(spec=_Rate()))
+
+    def wants(self, bucket: int) -> bool:
+        return self.policy == "always" or self._at(bucket).phase in ("probe_spec", "spec")
+
+    def gain(self, bucket: int) -> float | None:
+        """Plain seconds per token over speculative seconds per token (> 1: speculation is faster)."""
+        b = self._at(bucket)
+        spec, plain = b.spec and b.spec.per_unit, b.plain and b.plain.per_unit
+        return plain / spec if spec and plain else None
+
+    def record_round(self, bucket: int, seconds: float, tokens_per_row: float) -> None:
+        b = self._at(bucket)
+        b.spec.add(seconds, tokens_per_row)
+        if self.policy == "always" or b.phase not in ("probe_spec", "spec"):
+            return
+        b.left -= 1
+        g = self.gain(bucket)
+        if b.phase == "spec" and g is not None and g < 1 - MARGIN:
+            self._pause(b)
+        elif b.left <= 0:
+            self._decide(b, bucket) if b.phase == "spec" or b.plain is not None else self._probe_plain(b)
+
+    def record_plain(self, bucket: int, seconds: float, steps: int) -> None:
+        b = self._at(bucket)
+        b.plain = b.plain or _Rate()
+        b.plain.add(seconds, steps)
+        if self.policy == "always" or b.phase not in ("probe_plain", "paused"):
+            return
+        b.left -= steps
+        if b.left > 0:
+            return
+        if b.phase == "probe_plain":
+            self._decide(b, bucket)
+        else:  # the pause is over: time speculation afresh
+            b.phase, b.left, b.spec = "probe_spec", PROBE, _Rate()
+
+    def _probe_plain(self, b: _Bucket) -> None:
+        b.phase, b.left, b.plain = "probe_plain", PROBE, _Rate()
+
+    def _decide(self, b: _Bucket, bucket: int) -> None:
+        if b.phase == "spec":  # REFRESH rounds done: time plain decoding again before going on
+            self._probe_plain(b)
+            return
+        g = self.gain(bucket)
+        if g is not None and g >= 1:
+            b.phase, b.left, b.pause = "spec", REFRESH, PAUSE
+        else:
+            self._pause(b)
+
+    def _pause(self, b: _Bucket) -> None:
+        b.phase, b.left = "paused", b.pause
+        b.pause = min(2 * b.pause, MAX_PAUSE)
+        self.pauses += 1

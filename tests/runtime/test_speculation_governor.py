@@ -1,0 +1,70 @@
+"""The speculation governor: speculate while a round's seconds per token beat a plain step's, pause otherwise,
+try again after a pause that doubles while speculation keeps losing; output never depends on it."""
+
+import pytest
+
+from lorafast_export.runtime import speculation as sp
+from lorafast_export.runtime.speculation import SpecGovernor
+
+
+def run(gov: SpecGovernor, bucket: int, n: int, round_s: float, tokens: float, step_s: float) -> list[bool]:
+    """n decodes as the engine reports them: a round when the governor wants one, else one plain step."""
+    chosen = []
+    for _ in range(n):
+        want = gov.wants(bucket)
+        chosen.append(want)
+        if want:
+            gov.record_round(bucket, round_s, tokens)
+        else:
+            gov.record_plain(bucket, step_s, 1)
+    return chosen
+
+
+def test_a_losing_draft_is_paused_after_the_probes_and_retried_after_a_doubling_pause():
+    gov = SpecGovernor("auto")
+    # a round: 5 ms for 1 token a row (nothing accepted); a plain step: 2 ms
+    chosen = run(gov, 1, sp.PROBE + sp.PROBE + sp.PAUSE + sp.PROBE + 2 * sp.PAUSE, 5e-3, 1.0, 2e-3)
+    p = sp.PROBE
+    assert chosen[:p] == [True] * p  # speculation timed first
+    assert chosen[p : 2 * p] == [False] * p  # then plain decoding
+    assert not any(chosen[2 * p : 2 * p + sp.PAUSE])  # lost: paused
+    assert all(chosen[2 * p + sp.PAUSE : 3 * p + sp.PAUSE])  # probed again
+    assert not any(chosen[3 * p + sp.PAUSE :])  # lost again: a pause twice as long
+    assert gov.pauses == 2 and gov.buckets[1].pause == 4 * sp.PAUSE
+    assert gov.buckets[1].phase == "probe_spec"  # the second pause is over: timed afresh from here
+    assert gov.gain(1) is None
+    run(gov, 1, sp.PROBE, 5e-3, 1.0, 2e-3)
+    assert gov.gain(1) == pytest.approx(2e-3 / 5e-3) and gov.buckets[1].phase == "paused"
+
+
+def test_a_winning_draft_keeps_speculating_and_retimes_plain_steps_now_and_then():
+    gov = SpecGovernor("auto")
+    # a round: 6 ms for 4 tokens a row; a plain step: 4 ms -> 2.7x
+    chosen = run(gov, 1, 2 * sp.PROBE + sp.REFRESH + sp.PROBE + 5, 6e-3, 4.0, 4e-3)
+    assert gov.pauses == 0 and gov.buckets[1].phase == "spec"
+    assert gov.gain(1) == pytest.approx(4e-3 / 1.5e-3)
+    plain = [
+        i for i, c in enumerate(chosen) if not c
+    ]  # the first probe, then one refresh after REFRESH rounds
+    assert len(plain) == 2 * sp.PROBE and plain[sp.PROBE] == 2 * sp.PROBE + sp.REFRESH
+
+
+def test_speculation_that_starts_losing_pauses_at_once():
+    gov = SpecGovernor("auto")
+    run(gov, 1, 2 * sp.PROBE + 3, 6e-3, 4.0, 4e-3)  # speculating
+    assert gov.buckets[1].phase == "spec"
+    run(
+        gov, 1, 10, 6e-3, 1.0, 4e-3
+    )  # the text changed: nothing accepted any more (the rates weight recent rounds)
+    assert gov.buckets[1].phase == "paused" and gov.pauses == 1
+
+
+def test_buckets_are_timed_apart_and_always_never_pauses():
+    gov = SpecGovernor("auto")
+    run(gov, 1, 4 * sp.PROBE, 6e-3, 4.0, 4e-3)  # wins at batch 1
+    run(gov, 32, 4 * sp.PROBE, 9e-3, 1.5, 5e-3)  # loses at batch 32
+    assert gov.wants(1) and not gov.wants(32)
+    always = SpecGovernor("always")
+    assert all(run(always, 1, 3 * sp.PROBE + sp.PAUSE, 5e-3, 1.0, 2e-3))
+    with pytest.raises(ValueError, match="speculation='sometimes'"):
+        SpecGovernor("sometimes")
