@@ -515,9 +515,12 @@ class Engine:
 
     def _queue_next(self, b: _Burst) -> _Burst | None:
         """The burst after b, queued now if it is certain: overlap on, the same rows running, nobody
-        waiting, every row with >= 2 tokens to go after b and room for them in the pool."""
+        waiting, no speculative round due, every row with >= 2 tokens to go after b and room for them in the
+        pool."""
         if not self.overlap_bursts or self.waiting or len(self.running) != len(b.reqs):
             return None
+        if self.draft is not None and self.governor.wants(_bucket(len(b.reqs), self.buckets)):
+            return None  # a paused draft's pause is over: the next decode is a speculative round
         n = min(self.decode_steps, *(r.max_new_tokens - len(r.output) - b.n for r in b.reqs))
         if n < 2:
             return None
