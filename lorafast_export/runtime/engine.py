@@ -665,14 +665,15 @@ class Engine:
                 self.draft.prefill(ids, pad(self.draft_cache, longest))
                 calls += 1
                 # a draft's catch-up of more than 2 tokens (after plain steps) runs ungraphed: its lengths up to
-                # VERIFY_MAX and beyond (two branches of the attention), so that dynamo's compiles happen here
-                tables = torch.full((1, self.widths()[0]), PAD_BLOCK, dtype=torch.int32, device=dev)
-                for s in (3, VERIFY_MAX + 1):
-                    tok = torch.zeros(1, s, dtype=torch.long, device=dev)
-                    self.draft.extend(
-                        tok, torch.arange(s, device=dev)[None], tables, pad(self.draft_cache, s)
-                    )
-                    calls += 1
+                # VERIFY_MAX and beyond (two branches of the attention), one row (a size dynamo specialises) and
+                # more, so that dynamo's compiles happen here
+                for rows in self.buckets[:2]:
+                    tables = torch.full((rows, self.widths()[0]), PAD_BLOCK, dtype=torch.int32, device=dev)
+                    for s in (3, VERIFY_MAX + 1):
+                        tok = torch.zeros(rows, s, dtype=torch.long, device=dev)
+                        pos = torch.arange(s, device=dev).repeat(rows, 1)
+                        self.draft.extend(tok, pos, tables, pad(self.draft_cache, rows * s))
+                        calls += 1
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.warm_up_s = time.perf_counter() - t0

@@ -86,7 +86,7 @@ def test_warm_up_runs_every_speculative_step_shape(llama, solo):
     eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=3)
     names = ("greedy_fn", "draft_greedy", "draft_extend", "extend_fn")
     recs = record_step_shapes(eng, names)
-    assert eng.warm_up() == 5 * len(eng.buckets) * len(eng.widths()) + 6
+    assert eng.warm_up() == 5 * len(eng.buckets) * len(eng.widths()) + 8
     warmed = {n: set(r.keys) for n, r in recs.items()}
     for r in recs.values():
         r.keys.clear()
