@@ -19,7 +19,7 @@ step's are (tests/runtime/test_speculative.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SPECULATION = ("auto", "always")
 PROBE = 4  # rounds, then plain steps, timed before a decision
@@ -47,12 +47,11 @@ class _Rate:
 @dataclass
 class _Bucket:
     phase: str = "probe_spec"
-    left: float = (
-        PROBE  # rounds (probe_spec, spec) or plain steps (probe_plain, paused) until the next change
-    )
-    pause: int = PAUSE
-    spec: _Rate | None = None
-    plain: _Rate | None = None
+    # rounds (probe_spec, spec) or plain steps (probe_plain, paused) until the next change of phase
+    left: float = PROBE
+    pause: int = PAUSE  # the next pause's length
+    spec: _Rate = field(default_factory=_Rate)
+    plain: _Rate | None = None  # None: no plain step timed yet
 
 
 class SpecGovernor:
@@ -67,7 +66,7 @@ class SpecGovernor:
         self.pauses = 0  # times speculation was paused (all buckets)
 
     def _at(self, bucket: int) -> _Bucket:
-        return self.buckets.setdefault(bucket, _Bucket(spec=_Rate()))
+        return self.buckets.setdefault(bucket, _Bucket())
 
     def wants(self, bucket: int) -> bool:
         return self.policy == "always" or self._at(bucket).phase in ("probe_spec", "spec")
@@ -75,7 +74,7 @@ class SpecGovernor:
     def gain(self, bucket: int) -> float | None:
         """Plain seconds per token over speculative seconds per token (> 1: speculation is faster)."""
         b = self._at(bucket)
-        spec, plain = b.spec and b.spec.per_unit, b.plain and b.plain.per_unit
+        spec, plain = b.spec.per_unit, b.plain and b.plain.per_unit
         return plain / spec if spec and plain else None
 
     def record_round(self, bucket: int, seconds: float, tokens_per_row: float) -> None:
@@ -87,8 +86,10 @@ class SpecGovernor:
         g = self.gain(bucket)
         if b.phase == "spec" and g is not None and g < 1 - MARGIN:
             self._pause(b)
+        elif b.left <= 0 and b.phase == "probe_spec" and b.plain is None:
+            self._probe_plain(b)  # the first decision needs a plain step's time too
         elif b.left <= 0:
-            self._decide(b, bucket) if b.phase == "spec" or b.plain is not None else self._probe_plain(b)
+            self._decide(b, bucket)
 
     def record_plain(self, bucket: int, seconds: float, steps: int) -> None:
         b = self._at(bucket)
