@@ -52,7 +52,7 @@ from lorafast_export.errors import InputError
 from lorafast_export.runtime.graphs import GraphRunner
 from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCache
 from lorafast_export.runtime.paged import VERIFY_MAX, pack_segments
-from lorafast_export.runtime.speculation import SPECULATION, SpecGovernor
+from lorafast_export.runtime.speculation import SpecGovernor
 
 ADMIT_ORDERS = ("arrival", "shortest")  # which waiting request is prefilled first
 MAX_WAIT_MS = 500.0  # shortest first: a request that waited longer is admitted before any younger one
@@ -179,8 +179,6 @@ class Engine:
         if (draft is None) != (draft_cache is None) or spec_k < 1:
             raise InputError("speculative decoding needs a draft model, its cache and spec_k >= 1.")
         self.draft, self.draft_cache, self.spec_k = draft, draft_cache, spec_k
-        if speculation not in SPECULATION:
-            raise InputError(f"speculation={speculation!r}: use one of {', '.join(SPECULATION)}.")
         # auto: speculate while a round's seconds per token beat a plain step's (runtime/speculation.py)
         self.governor = SpecGovernor(speculation)
         self.timer = time.perf_counter  # what the governor's times are read from (a test can replace it)
@@ -607,8 +605,8 @@ class Engine:
         """Run every shape a greedy workload can give a step once, on pad-block inputs, before any request:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
         verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
-        padded attention grid) and an ungraphed one of the longest prompt (and the draft's, and two ungraphed
-        catch-ups of the draft longer than 2 tokens). Compiled,
+        padded attention grid) and an ungraphed one of the longest prompt (and the draft's, and its ungraphed
+        catch-ups of more than 2 tokens). Compiled,
         dynamo compiles its graphs here (batch 1 first, so that its graph stays static in the batch; the next
         width and the next bucket make those dimensions dynamic); on CUDA each shape's graph is captured here.
         Without it, a server compiles and captures while requests wait: the first pass of the mixed workload had

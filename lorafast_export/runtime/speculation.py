@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lorafast_export.errors import InputError
+
 SPECULATION = ("auto", "always")
 PROBE = 4  # rounds, then plain steps, timed before a decision
 REFRESH = 64  # rounds of speculation before the plain rate is timed again
@@ -60,7 +62,7 @@ class SpecGovernor:
 
     def __init__(self, policy: str = "auto"):
         if policy not in SPECULATION:
-            raise ValueError(f"speculation={policy!r}: use one of {', '.join(SPECULATION)}")
+            raise InputError(f"speculation={policy!r}: use one of {', '.join(SPECULATION)}.")
         self.policy = policy
         self.buckets: dict[int, _Bucket] = {}
         self.pauses = 0  # times speculation was paused (all buckets)

@@ -3,6 +3,7 @@ try again after a pause that doubles while speculation keeps losing; output neve
 
 import pytest
 
+from lorafast_export.errors import InputError
 from lorafast_export.runtime import speculation as sp
 from lorafast_export.runtime.speculation import SpecGovernor
 
@@ -66,5 +67,5 @@ def test_buckets_are_timed_apart_and_always_never_pauses():
     assert gov.wants(1) and not gov.wants(32)
     always = SpecGovernor("always")
     assert all(run(always, 1, 3 * sp.PROBE + sp.PAUSE, 5e-3, 1.0, 2e-3))
-    with pytest.raises(ValueError, match="speculation='sometimes'"):
+    with pytest.raises(InputError, match="speculation='sometimes': use one of auto, always"):
         SpecGovernor("sometimes")
