@@ -28,7 +28,7 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     _sync(rt.device)
-    allocs = _device_allocs(rt.device)
+    allocs, host = _device_allocs(rt.device), _host_allocs(rt.device)
     t0 = time.perf_counter()
     reqs = [eng.add(p, n) for p, n in zip(prompts, news, strict=True)]
     while eng.has_work:
@@ -56,6 +56,8 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
         ],
         "preemptions": s.preemptions,
         "device_allocs": None if allocs is None else _device_allocs(rt.device) - allocs,  # cudaMalloc calls
+        # pinned host blocks the caching host allocator created (cudaHostAlloc calls) and their time, ms
+        "host_allocs": None if host is None else [a - b for a, b in zip(_host_allocs(rt.device), host)],
         "spec_acceptance": s.acceptance,  # None without a draft model, or when no round ran
         "spec_rounds": s.spec_rounds,  # speculative rounds (speculation "auto" pauses a draft that does not pay)
         "peak_memory_bytes": peak_memory_bytes(rt.device),
@@ -90,6 +92,15 @@ def bench_runtime(
         "cache_bytes": rt.cache.nbytes,
         "results": results,
     }
+
+
+def _host_allocs(dev: torch.device) -> tuple[int, float] | None:
+    """(pinned blocks created, ms spent creating them) by the caching host allocator so far (None off CUDA, or
+    where this torch does not count them)."""
+    if dev.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    s = torch.cuda.host_memory_stats()
+    return s.get("num_host_alloc", 0), s.get("host_alloc_time.total", 0) / 1e3
 
 
 def _device_allocs(dev: torch.device) -> int | None:
