@@ -463,10 +463,13 @@ class FirstTimeWatch:
     events such as cudaHostAlloc, cuModuleLoadData, cudaStreamSynchronize) and cProfile's Python functions (a
     first-time import or lazy set-up shows there, not among the ops), for `host_diff`."""
 
-    def __init__(self, profile: bool = False):
+    def __init__(self, profile: bool = False, scope: tuple | None = None):
         self.profile, self.misses, self.loads, self._load_t0 = profile, [], [], {}
         self.ops: dict = {}  # name -> (calls, self ms): torch.profiler's host-side events
         self.py: dict = {}  # function -> (calls, own ms): cProfile's
+        # scope = (object, method name): profile only that method's calls (each one on its own, summed), e.g. the
+        # engine's _prefill: at the 8B shape the whole pass under both profilers took minutes (session 17)
+        self.scope, self.calls_ms = scope, []  # calls_ms: (host ms, landed ms) of each scoped call
 
     def _miss(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 - Triton's names
         self.misses.append(f"{fn.module}.{fn.name}: {repr[:300]}")
@@ -489,7 +492,12 @@ class FirstTimeWatch:
         self._knobs.kernel_load_start_hook.add(self._load_start)
         self._knobs.kernel_load_end_hook.add(self._load_end)
         self._prof = None
-        if self.profile:
+        if self.profile and self.scope is not None:
+            self._py = cProfile.Profile()
+            obj, name = self.scope
+            self._unscoped = getattr(obj, name)
+            setattr(obj, name, self._scoped(self._unscoped))
+        elif self.profile:
             from torch.profiler import ProfilerActivity, profile
 
             self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -498,13 +506,39 @@ class FirstTimeWatch:
             self._py.enable()
         return self
 
+    def _scoped(self, fn):
+        from torch.profiler import ProfilerActivity, profile
+
+        def call(*args, **kwargs):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t = time.perf_counter()
+                self._py.enable()
+                try:
+                    out = fn(*args, **kwargs)
+                finally:
+                    self._py.disable()
+                host = time.perf_counter() - t
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                landed = time.perf_counter() - t
+            for e in prof.key_averages():
+                c, ms = self.ops.get(e.key, (0, 0.0))
+                self.ops[e.key] = (c + e.count, ms + e.self_cpu_time_total / 1e3)
+            self.calls_ms.append((round(1e3 * host, 2), round(1e3 * landed, 2)))
+            return out
+
+        return call
+
     def __exit__(self, *exc):
-        if self._prof is not None:
+        if self.profile and self.scope is not None:
+            setattr(*self.scope, self._unscoped)
+        elif self._prof is not None:
             self._py.disable()
             self._prof.__exit__(*exc)
             self.ops = {  # op name -> (calls, self CPU ms): host time, kernels excluded
                 e.key: (e.count, e.self_cpu_time_total / 1e3) for e in self._prof.key_averages()
             }
+        if self.profile:
             self.py = {
                 f"{Path(f).name}:{line}({name})": (calls, 1e3 * own)
                 for (f, line, name), (_, calls, own, _, _) in pstats.Stats(self._py).stats.items()
@@ -520,6 +554,7 @@ class FirstTimeWatch:
             "triton_kernel_loads": len(self.loads),
             "triton_kernel_load_ms": round(sum(ms for _, ms in self.loads), 3),
             "triton_kernels_loaded": [n for n, _ in self.loads][:50],
+            **({"scoped_calls_host_landed_ms": self.calls_ms} if self.scope is not None else {}),
         }
 
 
@@ -540,6 +575,11 @@ def host_diff(first: dict, again: dict, top: int = 40) -> list[dict]:
         )
     rows.sort(key=lambda r: r["ms_again"] - r["ms_first"])
     return rows[:top]
+
+
+def _scope(a, eng):
+    """--first-pass-profile 2: profile only the engine's prefills (each packed prefill's host launch)."""
+    return (eng, "_prefill") if a.first_pass_profile == 2 else None
 
 
 def mixed_policies(a, rt, prompts, outs) -> dict:
@@ -567,7 +607,7 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
             # the runtime's first pass of this queue: what its load-time warm-up left
             first = None
             if "first_pass" not in res:
-                with FirstTimeWatch(profile=a.first_pass_profile) as first:
+                with FirstTimeWatch(profile=a.first_pass_profile > 0, scope=_scope(a, eng)) as first:
                     cold = run_requests(rt, prompts, outs)
                 res["first_pass"] = {
                     "policy": label,
@@ -590,10 +630,12 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
             if (
                 first is not None and a.first_pass_profile
             ):  # the same queue once more, profiled like the first
-                with FirstTimeWatch(profile=True) as again:
+                with FirstTimeWatch(profile=True, scope=_scope(a, eng)) as again:
                     run_requests(rt, prompts, outs)
                 res["first_pass"]["host_ops_first_vs_again"] = host_diff(first.ops, again.ops)
                 res["first_pass"]["python_first_vs_again"] = host_diff(first.py, again.py)
+                res["first_pass"]["again_scoped_calls_host_landed_ms"] = again.calls_ms
+                print(f"    scoped calls (host ms, landed ms): first {first.calls_ms}, again {again.calls_ms}")
                 for kind in ("host_ops_first_vs_again", "python_first_vs_again"):
                     for r in res["first_pass"][kind][:12]:
                         print(f"    {kind}: {r}", flush=True)
@@ -1584,7 +1626,8 @@ def main() -> None:
         "--first-pass-profile",
         type=int,
         default=0,
-        help="mixed: torch.profiler over the first pass and over one more pass; host ops by their excess",
+        help="mixed: torch.profiler + cProfile over the first pass and over one more pass (1), or over their"
+        " prefills only (2); host ops and Python functions by their excess",
     )
     p.add_argument("--specdemo-dtype", default="bf16", choices=("bf16", "fp32"), help="specdemo on CUDA")
     p.add_argument("--peer-steps", type=int, default=1, help="decode_steps of that peer run")
