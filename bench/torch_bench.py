@@ -635,7 +635,9 @@ def mixed_policies(a, rt, prompts, outs) -> dict:
                 res["first_pass"]["host_ops_first_vs_again"] = host_diff(first.ops, again.ops)
                 res["first_pass"]["python_first_vs_again"] = host_diff(first.py, again.py)
                 res["first_pass"]["again_scoped_calls_host_landed_ms"] = again.calls_ms
-                print(f"    scoped calls (host ms, landed ms): first {first.calls_ms}, again {again.calls_ms}")
+                print(
+                    f"    scoped calls (host ms, landed ms): first {first.calls_ms}, again {again.calls_ms}"
+                )
                 for kind in ("host_ops_first_vs_again", "python_first_vs_again"):
                     for r in res["first_pass"][kind][:12]:
                         print(f"    {kind}: {r}", flush=True)
