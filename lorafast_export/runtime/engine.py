@@ -300,7 +300,7 @@ class Engine:
             a - b for a, b in zip((st.spec_rounds, st.decode_steps, st.decode_tokens), before, strict=True)
         )
         if rounds:
-            self.governor.record_round(bucket, seconds, tokens / rows)
+            self.governor.record_round(bucket, seconds, tokens / rows, most=self.spec_k + 1)
         elif steps:
             self.governor.record_plain(bucket, seconds, steps)
         return finished

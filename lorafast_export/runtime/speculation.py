@@ -3,14 +3,21 @@
 A speculative round (the draft's k tokens, then the model's verify of k + 1) costs about k draft steps plus one
 model step and gives 1 + (accepted drafts) tokens per row. With a draft that agrees rarely (another model, random
 weights, text unlike the draft's) or a model whose step is launch-bound (a tiny one), the round costs more per
-token than plain decoding: the H200 measured 0.25-0.49x of plain decoding (bench/TORCH.md). `SpecGovernor` times
+token than plain decoding: the H200 measured 0.17-0.49x of plain decoding (bench/TORCH.md). `SpecGovernor` times
 both on the running workload, per batch bucket, and speculates only while a round's seconds per token are below
 a plain step's:
 
-    probe_spec (PROBE rounds) -> probe_plain (PROBE steps) -> decide
+    probe_plain (PROBE steps) -> probe_spec (PROBE rounds) -> decide
     decide: speculation faster -> spec (REFRESH rounds, then probe_plain again to refresh the plain rate)
-            otherwise          -> paused (PAUSE steps of plain decoding, doubling up to MAX_PAUSE while it
-                                  keeps losing) -> probe_spec
+            otherwise          -> paused (plain decoding) -> probe_spec
+
+A probe stops early when speculation cannot pay whatever the draft's acceptance: a round that takes longer than
+k + 1 plain steps (all k drafts accepted gives k + 1 tokens a row). The first round of a probe is not judged so,
+since it may carry the draft's catch-up on the tokens of a pause. A pause lasts PAUSE plain steps, doubling up to
+MAX_PAUSE while speculation keeps losing, and at least long enough that the probe before it cost no more than
+PROBE_BUDGET of the pause's plain decoding (its excess over plain steps for the same tokens), up to MAX_COST_PAUSE:
+on a model whose plain step is far cheaper than a round (a small one on a GPU: 0.08 ms against 1.2 ms) the probes
+would otherwise cost more than the pauses save.
 
 While in `spec`, a round that leaves speculation slower than plain decoding by MARGIN pauses it at once.
 Greedy output does not depend on any of this: a round's tokens are the model's own greedy tokens, as a plain
@@ -19,14 +26,17 @@ step's are (tests/runtime/test_speculative.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lorafast_export.errors import InputError
 
 SPECULATION = ("auto", "always")
-PROBE = 4  # rounds, then plain steps, timed before a decision
+PROBE = 4  # plain steps, then rounds, timed before a decision
 REFRESH = 64  # rounds of speculation before the plain rate is timed again
 PAUSE, MAX_PAUSE = 32, 1024  # plain steps before speculation is tried again (doubling while it loses)
+PROBE_BUDGET, MAX_COST_PAUSE = 0.05, 16384  # a pause's floor: its probe's excess cost over this share of it
+JUDGED_FROM = 2  # the first round of a probe that the best-case bound may stop (the first carries a catch-up)
 MARGIN = 0.05  # a running speculation pauses when plain decoding is this much faster
 
 
@@ -48,12 +58,15 @@ class _Rate:
 
 @dataclass
 class _Bucket:
-    phase: str = "probe_spec"
+    phase: str = "probe_plain"
     # rounds (probe_spec, spec) or plain steps (probe_plain, paused) until the next change of phase
     left: float = PROBE
-    pause: int = PAUSE  # the next pause's length
+    pause: int = PAUSE  # the next pause's doubling length
     spec: _Rate = field(default_factory=_Rate)
     plain: _Rate | None = None  # None: no plain step timed yet
+    probe: list[float] = field(
+        default_factory=lambda: [0.0, 0.0, 0]
+    )  # this probe_spec's seconds, tokens, rounds
 
 
 class SpecGovernor:
@@ -79,17 +92,27 @@ class SpecGovernor:
         spec, plain = b.spec.per_unit, b.plain and b.plain.per_unit
         return plain / spec if spec and plain else None
 
-    def record_round(self, bucket: int, seconds: float, tokens_per_row: float) -> None:
+    def record_round(
+        self, bucket: int, seconds: float, tokens_per_row: float, most: int | None = None
+    ) -> None:
+        """A speculative round took `seconds` for `tokens_per_row` tokens of each row; `most`: the tokens a row
+        gets when every draft is accepted (k + 1), for the best-case bound."""
         b = self._at(bucket)
         b.spec.add(seconds, tokens_per_row)
         if self.policy == "always" or b.phase not in ("probe_spec", "spec"):
             return
         b.left -= 1
+        if b.phase == "probe_spec":
+            b.probe = [b.probe[0] + seconds, b.probe[1] + tokens_per_row, b.probe[2] + 1]
+            step = b.plain.per_unit if b.plain else None
+            if most and step and b.probe[2] >= JUDGED_FROM and seconds > most * step:
+                self._pause(b)  # even a round with every draft accepted would lose to plain steps
+                return
         g = self.gain(bucket)
         if b.phase == "spec" and g is not None and g < 1 - MARGIN:
             self._pause(b)
         elif b.left <= 0 and b.phase == "probe_spec" and b.plain is None:
-            self._probe_plain(b)  # the first decision needs a plain step's time too
+            self._probe_plain(b)  # the decision needs a plain step's time too
         elif b.left <= 0:
             self._decide(b, bucket)
 
@@ -102,10 +125,10 @@ class SpecGovernor:
         b.left -= steps
         if b.left > 0:
             return
-        if b.phase == "probe_plain":
+        if b.phase == "probe_plain" and b.spec.per_unit is not None:
             self._decide(b, bucket)
-        else:  # the pause is over: time speculation afresh
-            b.phase, b.left, b.spec = "probe_spec", PROBE, _Rate()
+        else:  # the first probe's plain steps are timed, or the pause is over: time speculation afresh
+            b.phase, b.left, b.spec, b.probe = "probe_spec", PROBE, _Rate(), [0.0, 0.0, 0]
 
     def _probe_plain(self, b: _Bucket) -> None:
         b.phase, b.left, b.plain = "probe_plain", PROBE, _Rate()
@@ -121,6 +144,11 @@ class SpecGovernor:
             self._pause(b)
 
     def _pause(self, b: _Bucket) -> None:
-        b.phase, b.left = "paused", b.pause
+        length = b.pause
+        step = b.plain.per_unit if b.plain else None
+        if b.phase == "probe_spec" and step:  # the probe's cost over plain steps for its tokens
+            excess = b.probe[0] - b.probe[1] * step
+            length = max(length, min(math.ceil(excess / (PROBE_BUDGET * step)), MAX_COST_PAUSE))
+        b.phase, b.left = "paused", length
         b.pause = min(2 * b.pause, MAX_PAUSE)
         self.pauses += 1

@@ -8,14 +8,22 @@ from lorafast_export.runtime import speculation as sp
 from lorafast_export.runtime.speculation import SpecGovernor
 
 
-def run(gov: SpecGovernor, bucket: int, n: int, round_s: float, tokens: float, step_s: float) -> list[bool]:
+def run(
+    gov: SpecGovernor,
+    bucket: int,
+    n: int,
+    round_s: float,
+    tokens: float,
+    step_s: float,
+    most: int | None = None,
+) -> list[bool]:
     """n decodes as the engine reports them: a round when the governor wants one, else one plain step."""
     chosen = []
     for _ in range(n):
         want = gov.wants(bucket)
         chosen.append(want)
         if want:
-            gov.record_round(bucket, round_s, tokens)
+            gov.record_round(bucket, round_s, tokens, most)
         else:
             gov.record_plain(bucket, step_s, 1)
     return chosen
@@ -23,19 +31,48 @@ def run(gov: SpecGovernor, bucket: int, n: int, round_s: float, tokens: float, s
 
 def test_a_losing_draft_is_paused_after_the_probes_and_retried_after_a_doubling_pause():
     gov = SpecGovernor("auto")
-    # a round: 5 ms for 1 token a row (nothing accepted); a plain step: 2 ms
-    chosen = run(gov, 1, sp.PROBE + sp.PROBE + sp.PAUSE + sp.PROBE + 2 * sp.PAUSE, 5e-3, 1.0, 2e-3)
+    # a round: 2.2 ms for 1 token a row (nothing accepted); a plain step: 2 ms. The probe's excess (4 x 0.2 ms)
+    # is 4 plain steps' worth, so the pause's cost floor (80 steps per plain step of excess) stays below PAUSE
     p = sp.PROBE
-    assert chosen[:p] == [True] * p  # speculation timed first
-    assert chosen[p : 2 * p] == [False] * p  # then plain decoding
+    chosen = run(gov, 1, p + p + sp.PAUSE + p + 2 * sp.PAUSE, 2.2e-3, 1.0, 2e-3)
+    assert chosen[:p] == [False] * p  # plain decoding timed first
+    assert chosen[p : 2 * p] == [True] * p  # then speculation
     assert not any(chosen[2 * p : 2 * p + sp.PAUSE])  # lost: paused
     assert all(chosen[2 * p + sp.PAUSE : 3 * p + sp.PAUSE])  # probed again
     assert not any(chosen[3 * p + sp.PAUSE :])  # lost again: a pause twice as long
     assert gov.pauses == 2 and gov.buckets[1].pause == 4 * sp.PAUSE
     assert gov.buckets[1].phase == "probe_spec"  # the second pause is over: timed afresh from here
     assert gov.gain(1) is None
-    run(gov, 1, sp.PROBE, 5e-3, 1.0, 2e-3)
-    assert gov.gain(1) == pytest.approx(2e-3 / 5e-3) and gov.buckets[1].phase == "paused"
+    run(gov, 1, sp.PROBE, 2.2e-3, 1.0, 2e-3)
+    assert gov.gain(1) == pytest.approx(2e-3 / 2.2e-3) and gov.buckets[1].phase == "paused"
+
+
+def test_a_dear_probe_buys_a_pause_long_enough_to_cost_at_most_its_budget():
+    gov = SpecGovernor("auto")
+    # a round: 5 ms for 1 token a row, a plain step 2 ms: the probe's 4 rounds cost 12 ms more than plain steps
+    # would for their 4 tokens, so the pause is 12 / (PROBE_BUDGET x 2 ms) = 120 steps (> PAUSE)
+    run(gov, 1, 2 * sp.PROBE, 5e-3, 1.0, 2e-3)
+    b = gov.buckets[1]
+    floor = round(4 * (5e-3 - 2e-3) / (sp.PROBE_BUDGET * 2e-3))
+    assert b.phase == "paused" and b.left == floor > sp.PAUSE
+    assert run(gov, 1, floor, 5e-3, 1.0, 2e-3) == [False] * floor  # plain for the whole pause
+    assert gov.buckets[1].phase == "probe_spec"
+
+
+def test_a_round_dearer_than_k_plus_1_plain_steps_stops_its_probe_at_the_second_round():
+    gov = SpecGovernor("auto")
+    # k = 4: a round can give at most 5 tokens a row; a round of 12 ms against plain steps of 2 ms can never pay,
+    # even with every draft accepted (here all of them were: 5 tokens a row)
+    chosen = run(gov, 1, 2 * sp.PROBE, 12e-3, 5.0, 2e-3, most=5)
+    p = sp.PROBE
+    assert chosen[:p] == [False] * p and chosen[p : p + 2] == [True, True]  # the first round is not judged
+    assert not any(chosen[p + 2 :]) and gov.pauses == 1
+    b = gov.buckets[1]
+    # its pause: the two rounds' excess over 10 plain steps (24 - 20 ms) at the budget
+    assert b.phase == "paused" and b.left == max(sp.PAUSE, round(4e-3 / (sp.PROBE_BUDGET * 2e-3))) - (p - 2)
+    # a round within the bound is probed in full
+    gov2 = SpecGovernor("auto")
+    assert run(gov2, 1, 2 * sp.PROBE, 9e-3, 5.0, 2e-3, most=5)[p:] == [True] * p
 
 
 def test_a_winning_draft_keeps_speculating_and_retimes_plain_steps_now_and_then():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lorafast_export.model.decoder import load_decoder
+from lorafast_export.runtime import speculation
 from lorafast_export.runtime.engine import Engine
 from lorafast_export.runtime.speculation import PAUSE
 from tests.runtime.helpers import (
@@ -97,11 +98,14 @@ def test_warm_up_runs_every_speculative_step_shape(llama, solo):
 
 
 @pytest.mark.parametrize("decode_steps", [1, 8])
-def test_auto_speculation_pauses_a_useless_draft_output_unchanged(llama, tmp_path, decode_steps):
+def test_auto_speculation_pauses_a_useless_draft_output_unchanged(llama, tmp_path, decode_steps, monkeypatch):
     """speculation="auto" with a draft that never agrees: after its probe rounds the engine decodes plainly
     (in multi-step bursts when decode_steps > 1; the draft catches up when it is tried again), and the output
     is still the model's own greedy output. A round (catch-up, k - 1 draft steps, the verify) costs several
-    forwards for about one token a row, so it loses to a plain step whatever the machine's speed."""
+    forwards for about one token a row, so it loses to a plain step whatever the machine's speed. The pauses'
+    cost floor is off here (it depends on this machine's timings; test_speculation_governor.py tests it), so
+    that the draft is tried again within these outputs."""
+    monkeypatch.setattr(speculation, "MAX_COST_PAUSE", 0)
     other = tiny_checkpoint(tmp_path, seed=7, hidden=128, intermediate_size=256)
     draft, dcache = paged(other, fp_state(other), num_blocks=64)
     pm, cache = paged(llama, num_blocks=64)

@@ -222,7 +222,13 @@ def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path)
 
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     opts = RuntimeOptions(
-        compile="off", fused_decode="on", max_seq_len=32, max_batch=1, batch_buckets=(1,), spec_k=2
+        compile="off",
+        fused_decode="on",
+        max_seq_len=32,
+        max_batch=1,
+        batch_buckets=(1,),
+        spec_k=2,
+        speculation="always",  # every step a round (auto would time plain steps first)
     )
     draft = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=draft)

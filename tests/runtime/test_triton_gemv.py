@@ -108,7 +108,7 @@ def test_dense_gemv_auto_is_on_for_a_runtime_that_speculates(tmp_path, monkeypat
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     opts = RuntimeOptions(compile="off", attention="gather", max_seq_len=32, max_batch=1, batch_buckets=(1,))
     assert opts.dense_gemv == "auto"
-    opts = opts.replace(spec_k=2)
+    opts = opts.replace(spec_k=2, speculation="always")  # every step a round (auto times plain steps first)
     monkeypatch.setattr(loader, "_triton_on", lambda device: True)
     draft = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=draft)

@@ -127,7 +127,9 @@ def test_int4_artifact_drafts_for_the_bf16_artifact(tmp_path):
     )
     prompt = torch.randint(0, 96, (9,)).tolist()
     want = greedy_reference(load_decoder(md), prompt, 20)
-    rt = api.load(fp_dir, "cpu", draft=q_dir)
+    rt = api.load(fp_dir, "cpu", draft=q_dir)  # speculation auto: plain steps timed first, then rounds
+    assert rt.generate_batch([prompt], 20)[0] == want
+    rt = api.load(fp_dir, "cpu", draft=q_dir, speculation="always")
     assert rt.generate_batch([prompt], 20)[0] == want
     assert rt.engine.stats.spec_rounds > 0 and rt.engine.stats.accepted > 0
     res = api.bench(fp_dir, [1], 8, 12, "cpu", draft=q_dir, speculation="always")
