@@ -655,6 +655,13 @@ class Engine:
                     last = torch.tensor(lens, device=dev).cumsum(0) - 1
                     self.model.prefill(ids, pad(self.cache, sum(lens)), last_index=last, segments=segs)
                     calls += 1
+            # a packed prefill's head reads one row per prompt, and cuBLAS picks the head's kernel by that row
+            # count: its first call at a new count cost ~50 ms on the host (the 8B head on an H200, session 17)
+            dec = getattr(self.model, "dec", None)
+            if dec is not None:
+                x = dec.embed(torch.zeros(1, self.max_batch, dtype=torch.long, device=dev))[0]
+                for m in range(1, self.max_batch + 1):
+                    dec.logits(x[:m]).float()
             longest -= longest % 2 == 0  # odd, like the packed sizes above
             ids = torch.zeros(1, longest, dtype=torch.long, device=dev)
             self.model.prefill(ids, pad(self.cache, longest))
