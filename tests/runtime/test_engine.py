@@ -264,6 +264,27 @@ def test_warm_up_runs_every_step_shape_a_workload_meets(llama, solo, decode_step
         assert r.keys <= warmed[n], n
 
 
+def test_warm_up_runs_the_head_at_every_row_count_a_workload_meets(llama, solo):
+    """A packed prefill's head reads one row per prompt, and cuBLAS chooses its kernel by the row count (its first
+    call at a new count cost ~50 ms on an H200's host): the warm-up runs the head at every count a prefill can
+    pack (1 to max_batch prompts), and no workload calls it at a count the warm-up did not."""
+    eng = make_engine(llama, max_batch=6)
+    seen: list[int] = []
+    head = eng.model.dec.logits
+
+    def logits(x):
+        seen.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return head(x)
+
+    eng.model.dec.logits = logits
+    eng.warm_up()
+    warmed, seen[:] = set(seen), []
+    assert set(range(1, eng.max_batch + 1)) <= warmed
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert max(seen) > 4  # a prefill packed more prompts than any decode bucket has rows
+    assert set(seen) <= warmed
+
+
 @pytest.mark.parametrize("budget,longest", [(4096, 4095), (4096, 1023), (4096, 63), (1000, 999), (253, 63)])
 def test_warm_up_packs_sizes_dynamo_cannot_specialise(budget, longest):
     """The warm-up's packed prefill: within the budget and the longest prompt, an odd count (>= 3) of odd
