@@ -606,7 +606,8 @@ class Engine:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
         verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
         padded attention grid) and an ungraphed one of the longest prompt (and the draft's, and its ungraphed
-        catch-ups of more than 2 tokens). Compiled,
+        catch-ups of more than 2 tokens), and the head at every row count from 1 to max_batch (not counted in
+        the calls returned: cuBLAS's first call at a new count cost ~50 ms on the host). Compiled,
         dynamo compiles its graphs here (batch 1 first, so that its graph stays static in the batch; the next
         width and the next bucket make those dimensions dynamic); on CUDA each shape's graph is captured here.
         Without it, a server compiles and captures while requests wait: the first pass of the mixed workload had
