@@ -19,7 +19,8 @@ PROBE_BUDGET of the pause's plain decoding (its excess over plain steps for the 
 on a model whose plain step is far cheaper than a round (a small one on a GPU: 0.08 ms against 1.2 ms) the probes
 would otherwise cost more than the pauses save.
 
-While in `spec`, a round that leaves speculation slower than plain decoding by MARGIN pauses it at once.
+While in `spec`, a round that leaves speculation slower than plain decoding by MARGIN pauses it at once. A bucket
+met for the first time while a smaller one is paused starts paused for the rest of that pause (`_at`).
 Greedy output does not depend on any of this: a round's tokens are the model's own greedy tokens, as a plain
 step's are (tests/runtime/test_speculative.py).
 """
@@ -81,7 +82,18 @@ class SpecGovernor:
         self.pauses = 0  # times speculation was paused (all buckets)
 
     def _at(self, bucket: int) -> _Bucket:
-        return self.buckets.setdefault(bucket, _Bucket())
+        """A bucket's state. A bucket met for the first time while a smaller one is paused starts paused too,
+        for what is left of that pause: a round's gain shrinks as the batch grows (a plain step's cost per row
+        falls, the verify's grows), as vLLM's speculative_disable_by_batch_size also assumes, so a batch
+        that drifts upward does not pay for a probe at each new bucket."""
+        b = self.buckets.get(bucket)
+        if b is None:
+            b = self.buckets[bucket] = _Bucket()
+            below = [k for k, v in self.buckets.items() if k < bucket and v.phase == "paused"]
+            if below:
+                lost = self.buckets[max(below)]
+                b.phase, b.left, b.pause, b.plain = "paused", lost.left, lost.pause, None
+        return b
 
     def wants(self, bucket: int) -> bool:
         return self.policy == "always" or self._at(bucket).phase in ("probe_spec", "spec")

@@ -106,3 +106,16 @@ def test_buckets_are_timed_apart_and_always_never_pauses():
     assert all(run(always, 1, 3 * sp.PROBE + sp.PAUSE, 5e-3, 1.0, 2e-3))
     with pytest.raises(InputError, match="speculation='sometimes': use one of auto, always"):
         SpecGovernor("sometimes")
+
+
+def test_a_new_larger_bucket_inherits_a_smaller_buckets_pause():
+    gov = SpecGovernor("auto")
+    run(gov, 2, 2 * sp.PROBE, 5e-3, 1.0, 2e-3)  # loses at 2 rows: paused
+    left = gov.buckets[2].left
+    assert gov.buckets[2].phase == "paused"
+    assert not gov.wants(4) and gov.buckets[4].left == left  # 4 rows, never seen: paused for what is left
+    gov.wants(1)  # a smaller bucket is timed on its own: its first probe (plain steps, then rounds)
+    assert gov.buckets[1].phase == "probe_plain"
+    # the inherited pause ends like any other: then 4 rows are probed for themselves
+    run(gov, 4, int(left), 5e-3, 1.0, 2e-3)
+    assert gov.buckets[4].phase == "probe_spec"
