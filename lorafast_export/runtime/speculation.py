@@ -65,9 +65,10 @@ class _Bucket:
     pause: int = PAUSE  # the next pause's doubling length
     spec: _Rate = field(default_factory=_Rate)
     plain: _Rate | None = None  # None: no plain step timed yet
-    probe: list[float] = field(
-        default_factory=lambda: [0.0, 0.0, 0]
-    )  # this probe_spec's seconds, tokens, rounds
+    # this probe_spec's rounds: their seconds and tokens a row, summed (for the pause's cost floor), and count
+    probe_s: float = 0.0
+    probe_tokens: float = 0.0
+    probe_rounds: int = 0
 
 
 class SpecGovernor:
@@ -92,7 +93,7 @@ class SpecGovernor:
             below = [k for k, v in self.buckets.items() if k < bucket and v.phase == "paused"]
             if below:
                 lost = self.buckets[max(below)]
-                b.phase, b.left, b.pause, b.plain = "paused", lost.left, lost.pause, None
+                b.phase, b.left, b.pause = "paused", lost.left, lost.pause
         return b
 
     def wants(self, bucket: int) -> bool:
@@ -115,17 +116,17 @@ class SpecGovernor:
             return
         b.left -= 1
         if b.phase == "probe_spec":
-            b.probe = [b.probe[0] + seconds, b.probe[1] + tokens_per_row, b.probe[2] + 1]
+            b.probe_s += seconds
+            b.probe_tokens += tokens_per_row
+            b.probe_rounds += 1
             step = b.plain.per_unit if b.plain else None
-            if most and step and b.probe[2] >= JUDGED_FROM and seconds > most * step:
+            if most and step and b.probe_rounds >= JUDGED_FROM and seconds > most * step:
                 self._pause(b)  # even a round with every draft accepted would lose to plain steps
                 return
         g = self.gain(bucket)
         if b.phase == "spec" and g is not None and g < 1 - MARGIN:
             self._pause(b)
-        elif b.left <= 0 and b.phase == "probe_spec" and b.plain is None:
-            self._probe_plain(b)  # the decision needs a plain step's time too
-        elif b.left <= 0:
+        elif b.left <= 0:  # a probe_spec always follows timed plain steps (a probe_plain or a pause)
             self._decide(b, bucket)
 
     def record_plain(self, bucket: int, seconds: float, steps: int) -> None:
@@ -140,7 +141,8 @@ class SpecGovernor:
         if b.phase == "probe_plain" and b.spec.per_unit is not None:
             self._decide(b, bucket)
         else:  # the first probe's plain steps are timed, or the pause is over: time speculation afresh
-            b.phase, b.left, b.spec, b.probe = "probe_spec", PROBE, _Rate(), [0.0, 0.0, 0]
+            b.phase, b.left, b.spec = "probe_spec", PROBE, _Rate()
+            b.probe_s, b.probe_tokens, b.probe_rounds = 0.0, 0.0, 0
 
     def _probe_plain(self, b: _Bucket) -> None:
         b.phase, b.left, b.plain = "probe_plain", PROBE, _Rate()
@@ -159,7 +161,7 @@ class SpecGovernor:
         length = b.pause
         step = b.plain.per_unit if b.plain else None
         if b.phase == "probe_spec" and step:  # the probe's cost over plain steps for its tokens
-            excess = b.probe[0] - b.probe[1] * step
+            excess = b.probe_s - b.probe_tokens * step
             length = max(length, min(math.ceil(excess / (PROBE_BUDGET * step)), MAX_COST_PAUSE))
         b.phase, b.left = "paused", length
         b.pause = min(2 * b.pause, MAX_PAUSE)
