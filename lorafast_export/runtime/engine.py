@@ -134,6 +134,19 @@ def _grid_lens(budget: int, longest: int, rows: int) -> list[int]:
     return best
 
 
+GEMM_ROWS_ALL, GEMM_ROWS_STEP = 64, 8  # Engine._warm_prefill_gemms: every row count to 64, then every 8th
+
+
+def _gemm_rows(budget: int) -> list[int]:
+    """The row counts the prefill GEMMs are warmed at: all up to GEMM_ROWS_ALL, then every GEMM_ROWS_STEP-th up
+    to the budget, and the budget. cuBLAS's choice of kernel changes with the row count in ranges (tiles, waves
+    over the SMs) wider than the step at large counts; at small ones it is finer, so every count is run."""
+    rows = set(range(1, min(budget, GEMM_ROWS_ALL) + 1))
+    rows.update(range(GEMM_ROWS_ALL + GEMM_ROWS_STEP, budget + 1, GEMM_ROWS_STEP))
+    rows.add(budget)
+    return sorted(rows)
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
@@ -663,6 +676,8 @@ class Engine:
                 x = dec.embed(torch.zeros(1, self.max_batch, dtype=torch.long, device=dev))[0]
                 for m in range(1, self.max_batch + 1):
                     dec.logits(x[:m]).float()
+                if dev.type == "cuda":
+                    self._warm_prefill_gemms(dec, x.dtype)
             longest -= longest % 2 == 0  # odd, like the packed sizes above
             ids = torch.zeros(1, longest, dtype=torch.long, device=dev)
             self.model.prefill(ids, pad(self.cache, longest))
@@ -684,6 +699,26 @@ class Engine:
             torch.cuda.synchronize(dev)
         self.warm_up_s = time.perf_counter() - t0
         return calls
+
+    def _warm_prefill_gemms(self, dec, dtype: torch.dtype) -> None:
+        """A packed prefill runs each linear as one GEMM over all its tokens, and cuBLAS picks the kernel by that
+        row count; the first launch of a kernel the process has not used loads its module on the host (CUDA's
+        lazy loading). On the 8B shape that put ~15 ms into the first pass's first prefill (bench/TORCH.md,
+        session 18; CUDA_MODULE_LOADING=EAGER removed most of it). So one layer of each distinct set of linear
+        shapes runs at every row count `_gemm_rows` lists, on zeros."""
+        seen = set()
+        for layer in dec.model.layers:
+            lins = [m for m in layer.modules() if hasattr(m, "in_features") and not any(m.children())]
+            key = tuple((type(m).__name__, m.in_features, m.out_features) for m in lins)
+            if key in seen:
+                continue
+            seen.add(key)
+            for k in sorted({m.in_features for m in lins}):
+                x = torch.zeros(1, self.prefill_budget, k, dtype=dtype, device=self.device)
+                for rows in _gemm_rows(self.prefill_budget):
+                    for m in lins:
+                        if m.in_features == k:
+                            m(x[:, :rows])
 
     # ------------------------------------------------------------------------------ speculative decoding
     def _can_speculate(self) -> bool:

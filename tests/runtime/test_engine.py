@@ -285,6 +285,31 @@ def test_warm_up_runs_the_head_at_every_row_count_a_workload_meets(llama, solo):
     assert set(seen) <= warmed
 
 
+def test_prefill_gemm_warm_up_runs_every_linear_at_every_listed_row_count(llama):
+    """On CUDA the warm-up also runs one layer's linears at the row counts a packed prefill's GEMMs meet (cuBLAS
+    picks its kernel by the row count and loads it lazily on first use): every count up to 64, then at most 8
+    apart up to the budget. Run here on the CPU directly: each distinct linear sees every listed count once."""
+    from lorafast_export.runtime.engine import _gemm_rows
+
+    eng = make_engine(llama, max_batch=4)
+    eng.prefill_budget = 300
+    rows = _gemm_rows(eng.prefill_budget)
+    assert rows[:64] == list(range(1, 65)) and rows[-1] == 300
+    assert max(b - a for a, b in zip(rows, rows[1:], strict=False)) <= 8
+    seen: dict[str, list[int]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=name: seen.setdefault(n, []).append(args[0].shape[-2]))
+        for name, m in eng.model.dec.model.named_modules()
+        if hasattr(m, "in_features") and not any(m.children())
+    ]
+    eng._warm_prefill_gemms(eng.model.dec, torch.float32)
+    for h in hooks:
+        h.remove()
+    first = {n: r for n, r in seen.items() if n.startswith("layers.0.")}
+    assert first and all(r == rows for r in first.values())  # the layers share their shapes: only the first runs
+    assert set(seen) == set(first)
+
+
 @pytest.mark.parametrize("budget,longest", [(4096, 4095), (4096, 1023), (4096, 63), (1000, 999), (253, 63)])
 def test_warm_up_packs_sizes_dynamo_cannot_specialise(budget, longest):
     """The warm-up's packed prefill: within the budget and the longest prompt, an odd count (>= 3) of odd
