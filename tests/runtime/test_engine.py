@@ -298,7 +298,9 @@ def test_prefill_gemm_warm_up_runs_every_linear_at_every_listed_row_count(llama)
     assert max(b - a for a, b in zip(rows, rows[1:], strict=False)) <= 8
     seen: dict[str, list[int]] = {}
     hooks = [
-        m.register_forward_hook(lambda mod, args, out, n=name: seen.setdefault(n, []).append(args[0].shape[-2]))
+        m.register_forward_hook(
+            lambda mod, args, out, n=name: seen.setdefault(n, []).append(args[0].shape[-2])
+        )
         for name, m in eng.model.dec.model.named_modules()
         if hasattr(m, "in_features") and not any(m.children())
     ]
@@ -306,7 +308,9 @@ def test_prefill_gemm_warm_up_runs_every_linear_at_every_listed_row_count(llama)
     for h in hooks:
         h.remove()
     first = {n: r for n, r in seen.items() if n.startswith("layers.0.")}
-    assert first and all(r == rows for r in first.values())  # the layers share their shapes: only the first runs
+    assert first and all(
+        r == rows for r in first.values()
+    )  # the layers share their shapes: only the first runs
     assert set(seen) == set(first)
 
 
