@@ -306,6 +306,9 @@ class Engine:
             return self._decode()
         st, rows = self.stats, len(self.running)
         bucket = _bucket(rows, self.buckets)
+        if self._queued is None and self._can_speculate() and self._draft_prefills(self.running):
+            if self.device.type == "cuda":  # once a request, not a round's cost: kept out of the governor's time
+                torch.cuda.synchronize(self.device)
         before, t0 = (st.spec_rounds, st.decode_steps, st.decode_tokens), self.timer()
         finished = self._decode()
         seconds = self.timer() - t0
@@ -377,8 +380,9 @@ class Engine:
         self.stats.prefills.append((p.t0, len(p.batch), p.tokens, now - p.t0))
         finished = []
         for (r, tokens), first in zip(p.batch, firsts, strict=True):
-            if self.draft is not None:
-                self._draft_prefill(r, tokens)
+            r.draft_cached = 0  # after a preemption the draft's cache of it was freed too
+            if self.draft is not None and self.governor.policy == "always":
+                self._draft_prefill(r, tokens)  # "auto": on demand, at the first round that needs it
             r.output.append(first)
             r.cached = len(tokens)
             if r.t_first is None:
@@ -736,6 +740,15 @@ class Engine:
             and self.governor.wants(_bucket(len(self.running), self.buckets))
         )
 
+    def _draft_prefills(self, reqs: list[Request]) -> bool:
+        """Prefill the draft for each row it has not seen (speculation "auto" admits without it: a paused
+        governor never pays for the draft; "always", or no room at admission): everything the model has cached.
+        True if any ran."""
+        todo = [r for r in reqs if r.draft_cached == 0]
+        for r in todo:
+            self._draft_prefill(r, (r.prompt + r.output)[: r.cached])
+        return bool(todo)
+
     def _draft_prefill(self, r: Request, tokens: list[int]) -> None:
         dc = self.draft_cache
         try:
@@ -802,10 +815,11 @@ class Engine:
     @torch.no_grad()
     def _speculate(self) -> list[Request]:
         k, reqs = self.spec_k, self.running
+        self._draft_prefills(reqs)
         try:
             for r in reqs:
                 if r.draft_cached == 0:
-                    raise OutOfBlocks("the draft cache had no room at admission")
+                    raise OutOfBlocks("the draft cache has no room for this request yet")
                 self.cache.reserve(r.id, r.cached + k + 1)
                 self.draft_cache.reserve(r.id, r.cached + k + 1)
         except OutOfBlocks:

@@ -97,6 +97,32 @@ def test_warm_up_runs_every_speculative_step_shape(llama, solo):
         assert r.keys <= warmed[n], n
 
 
+def test_auto_prefills_the_draft_on_demand_never_while_paused(llama, solo, monkeypatch):
+    """speculation="auto" admits a request without the draft's prefill (on the 8B shape it cost ~37 ms of time
+    to first token for a draft the governor then paused, bench/TORCH.md session 18): the draft is prefilled with
+    everything the model has cached at the first round that wants it. With the model as its own draft every
+    draft must be accepted, which holds only if that late prefill put each k/v at its position. While the
+    governor does not want speculation, the draft is never run."""
+    monkeypatch.setattr(speculation, "MAX_COST_PAUSE", 0)
+    draft, dcache = paged(llama, num_blocks=64)
+    eng = spec_engine(llama, draft, dcache)
+    eng.governor = speculation.SpecGovernor("auto")
+    lens, prefill = [], draft.prefill
+
+    def spy(ids, *a, **kw):
+        lens.append(ids.shape[1])
+        return prefill(ids, *a, **kw)
+
+    monkeypatch.setattr(draft, "prefill", spy)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.spec_rounds > 0 and eng.stats.acceptance == 1.0
+    assert lens and max(lens) > max(PROMPT_LENS)  # after the probe's plain steps: prompt + outputs so far
+    lens.clear()
+    monkeypatch.setattr(eng.governor, "wants", lambda bucket: False)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert lens == []
+
+
 @pytest.mark.parametrize("decode_steps", [1, 8])
 def test_auto_speculation_pauses_a_useless_draft_output_unchanged(llama, tmp_path, decode_steps, monkeypatch):
     """speculation="auto" with a draft that never agrees: after its probe rounds the engine decodes plainly
