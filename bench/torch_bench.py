@@ -20,6 +20,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
+  specmixed the mixed section's queue on a runtime loaded with the int4 draft, speculation auto (after mixed)
   overlap  bf16 decode with the engine's overlap_bursts off and on (same runtime), batch sizes, 3 runs each
   pdl      bf16 batch 1 with inductor_pdl on (a second runtime) vs off, 3 runs each interleaved; its profile
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
@@ -1018,6 +1019,37 @@ def sec_spec(a, dev, R):
     return res
 
 
+def sec_specmixed(a, dev, R):
+    """The mixed section's 32 requests served by a bf16 runtime loaded with the int4 draft (build_runtime's
+    draft, as `--draft` loads it) under speculation "auto", the runtime's default: what attaching a draft costs a
+    served queue where it does not pay (random weights: acceptance ~0). Its first pass after load and a repeat,
+    beside the mixed section's runtime without a draft (run --sections mixed,specmixed in one process)."""
+    cfg, state = config_of(R["_model"])
+    prompts, outs = mixed_workload(a.mixed_requests, vocab=cfg.vocab_size, out_max=a.mixed_out_max)
+    fp4, q4 = quantize_linears(state)
+    draft = build_runtime(cfg, fp4, q4, dev, torch.bfloat16, _opts(a, a.batches, R))
+    rt = build_runtime(
+        cfg, state, None, dev, torch.bfloat16, _opts(a, a.batches, R, speculation="auto"), draft=draft
+    )
+    res = {"spec_k": rt.engine.spec_k, "runtime_warm_up_s": rt.engine.warm_up_s}
+    for key in ("first_pass", "again"):
+        res[key] = run_requests(rt, prompts, outs)
+        print(
+            f"  specmixed {key}: TTFT median {res[key]['ttft_ms_median']:.1f} ms, {res[key]['tokens_per_s']:.1f}"
+            f" tok/s, rounds {res[key]['spec_rounds']}",
+            flush=True,
+        )
+    res["pauses"] = rt.engine.governor.pauses
+    alone = (R.get("mixed") or {}).get("policies", {})
+    for key, other in (("first_pass", "first_pass"), ("again", "default")):
+        if isinstance(alone.get(other), dict) and "tokens_per_s" in alone[other]:
+            res[f"{key}_vs_no_draft"] = {
+                "ttft_ms_median": alone[other]["ttft_ms_median"],
+                "tokens_per_s_ratio": res[key]["tokens_per_s"] / alone[other]["tokens_per_s"],
+            }
+    return res
+
+
 DEMO = Path(__file__).resolve().parents[1] / "lorafast_export" / "data" / "demo"
 
 
@@ -1538,6 +1570,7 @@ SECTIONS = {
     "profile": sec_profile,
     "spec": sec_spec,
     "specdemo": sec_specdemo,
+    "specmixed": sec_specmixed,
     "tritoncheck": sec_tritoncheck,
     "int8k": sec_int8k,
     "gemv": sec_gemv,

@@ -382,9 +382,7 @@ class Engine:
         self.stats.prefills.append((p.t0, len(p.batch), p.tokens, now - p.t0))
         finished = []
         for (r, tokens), first in zip(p.batch, firsts, strict=True):
-            r.draft_cached = 0  # after a preemption the draft's cache of it was freed too
-            if self.draft is not None and self.governor.policy == "always":
-                self._draft_prefill(r, tokens)  # "auto": on demand, at the first round that needs it
+            r.draft_cached = 0  # the draft prefills it at the first round that wants it (_draft_prefills)
             r.output.append(first)
             r.cached = len(tokens)
             if r.t_first is None:
@@ -624,9 +622,10 @@ class Engine:
         """Run every shape a greedy workload can give a step once, on pad-block inputs, before any request:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
         verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
-        padded attention grid) and an ungraphed one of the longest prompt (and the draft's, and its ungraphed
-        catch-ups of more than 2 tokens), and the head at every row count from 1 to max_batch (not counted in
-        the calls returned: cuBLAS's first call at a new count cost ~50 ms on the host). Compiled,
+        padded attention grid; the draft's too) and an ungraphed one of the longest prompt (and the draft's, and
+        its ungraphed catch-ups of more than 2 tokens), and the head at every row count from 1 to max_batch (not
+        counted in the calls returned: cuBLAS's first call at a new count cost ~50 ms on the host), and on CUDA
+        the prefill's GEMMs at their row counts (_warm_prefill_gemms, not counted either). Compiled,
         dynamo compiles its graphs here (batch 1 first, so that its graph stays static in the batch; the next
         width and the next bucket make those dimensions dynamic); on CUDA each shape's graph is captured here.
         Without it, a server compiles and captures while requests wait: the first pass of the mixed workload had
@@ -675,6 +674,11 @@ class Engine:
                     last = torch.tensor(lens, device=dev).cumsum(0) - 1
                     self.model.prefill(ids, pad(self.cache, sum(lens)), last_index=last, segments=segs)
                     calls += 1
+                    if self.draft is not None:  # the draft prefills the rows of a round packed, too
+                        self.draft.prefill(
+                            ids, pad(self.draft_cache, sum(lens)), last_index=last, segments=segs
+                        )
+                        calls += 1
             # a packed prefill's head reads one row per prompt, and cuBLAS picks the head's kernel by that row
             # count: its first call at a new count cost ~50 ms on the host (the 8B head on an H200, session 17)
             dec = getattr(self.model, "dec", None)
@@ -743,24 +747,47 @@ class Engine:
         )
 
     def _draft_prefills(self, reqs: list[Request]) -> bool:
-        """Prefill the draft for each row it has not seen (speculation "auto" admits without it: a paused
-        governor never pays for the draft; "always", or no room at admission): everything the model has cached.
-        True if any ran."""
-        todo = [r for r in reqs if r.draft_cached == 0]
-        for r in todo:
-            self._draft_prefill(r, (r.prompt + r.output)[: r.cached])
-        return bool(todo)
+        """Prefill the draft with everything the model has cached of each row it has not seen yet, at the first
+        round that wants it rather than at admission: with speculation "auto" a paused draft then costs nothing
+        (on the 8B shape its prefill at admission had added ~37 ms to the time to first token, bench/TORCH.md
+        session 18), and the rows of a round are packed back to back within the prefill budget, as the model's
+        prompts are, instead of one forward each. A row the draft cache has no room for yet is left out (its
+        round decodes plainly, _speculate). True if any ran."""
+        todo = []
+        for r in reqs:
+            if r.draft_cached:
+                continue
+            try:
+                self.draft_cache.reserve(r.id, r.cached + self.spec_k + 1)
+            except OutOfBlocks:
+                continue
+            todo.append(r)
+        ran = bool(todo)
+        while todo:
+            pack = [todo.pop(0)]
+            total = pack[0].cached
+            while todo and total + todo[0].cached <= self.prefill_budget:
+                total += todo[0].cached
+                pack.append(todo.pop(0))
+            self._draft_prefill(pack)
+        return ran
 
-    def _draft_prefill(self, r: Request, tokens: list[int]) -> None:
-        dc = self.draft_cache
-        try:
-            dc.reserve(r.id, len(tokens) + self.spec_k + 1)
-        except OutOfBlocks:
-            r.draft_cached = 0
-            return  # this request decodes plainly until the draft cache has room (_speculate checks)
-        ids = torch.tensor([tokens], device=self.device)
-        self.draft.prefill(ids, dc.slots(r.id, 0, len(tokens)).to(self.device))
-        r.draft_cached = len(tokens)
+    def _draft_prefill(self, pack: list[Request]) -> None:
+        """One forward of the draft over these rows' cached tokens (packed when several)."""
+        dc, dev = self.draft_cache, self.device
+        seqs = [(r.prompt + r.output)[: r.cached] for r in pack]
+        ids = torch.tensor([[t for s in seqs for t in s]])
+        slots = torch.cat([dc.slots(r.id, 0, r.cached) for r in pack])
+        if len(pack) == 1:
+            self.draft.prefill(ids.to(dev), slots.to(dev))
+        else:
+            lens = [len(s) for s in seqs]
+            last = torch.tensor(lens).cumsum(0) - 1
+            segs = tuple(t.to(dev, non_blocking=True) for t in pack_segments(lens))
+            ids, slots, last = (t.to(dev, non_blocking=True) for t in (ids, slots, last))
+            self.draft.prefill(ids, slots, last_index=last, segments=segs)
+        for r in pack:
+            r.draft_cached = r.cached
 
     def _rows(self, cache: PagedKVCache, reqs, starts: list[int], tokens: list[list[int]], real: list[int]):
         """[rows, S] tokens/positions, block tables, slots [rows*S] for S tokens per request from starts[i];

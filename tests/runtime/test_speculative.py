@@ -50,11 +50,21 @@ def spec_engine(md, draft_pm, draft_cache, k=4, num_blocks=64):
     )
 
 
-def test_same_model_as_draft_accepts_every_token(llama, solo):
-    """Draft = the model itself: every draft must be accepted, so drafts sit at the right positions."""
-    eng = spec_engine(llama, *paged(llama, num_blocks=64))
+def test_same_model_as_draft_accepts_every_token(llama, solo, monkeypatch):
+    """Draft = the model itself: every draft must be accepted, so drafts sit at the right positions, also where
+    the draft prefilled the rows admitted together in one packed forward."""
+    draft, dcache = paged(llama, num_blocks=64)
+    rows, prefill = [], draft.prefill
+
+    def spy(ids, *a, **kw):
+        rows.append(1 if kw.get("segments") is None else len(kw["last_index"]))
+        return prefill(ids, *a, **kw)
+
+    monkeypatch.setattr(draft, "prefill", spy)
+    eng = spec_engine(llama, draft, dcache)
     assert eng.generate_batch(prompts(), NEW) == solo
     assert eng.stats.spec_rounds > 0 and eng.stats.acceptance == 1.0
+    assert max(rows) > 1
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -87,7 +97,7 @@ def test_warm_up_runs_every_speculative_step_shape(llama, solo):
     eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=3)
     names = ("greedy_fn", "draft_greedy", "draft_extend", "extend_fn")
     recs = record_step_shapes(eng, names)
-    assert eng.warm_up() == 5 * len(eng.buckets) * len(eng.widths()) + 8
+    assert eng.warm_up() == 5 * len(eng.buckets) * len(eng.widths()) + 10
     warmed = {n: set(r.keys) for n, r in recs.items()}
     for r in recs.values():
         r.keys.clear()
