@@ -21,6 +21,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
   specmixed the mixed section's queue on a runtime loaded with the int4 draft, speculation auto (after mixed)
+  gcwatch  Python's collections during passes of the mixed queue, then the same after gc.freeze() (after mixed)
   overlap  bf16 decode with the engine's overlap_bursts off and on (same runtime), batch sizes, 3 runs each
   pdl      bf16 batch 1 with inductor_pdl on (a second runtime) vs off, 3 runs each interleaved; its profile
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
@@ -1050,6 +1051,63 @@ def sec_specmixed(a, dev, R):
     return res
 
 
+def sec_gcwatch(a, dev, R):
+    """Python's garbage collector during the mixed queue (after the mixed section, on its runtime):
+    --gc-passes timed passes with gc.callbacks recording each collection (generation, ms), then gc.collect() +
+    gc.freeze() (what a server does after start-up: the objects alive then are never traversed again) and as many
+    passes again. Per pass: TTFT median, the first prefill's landing and the collections that ran."""
+    import gc
+
+    rt = R.get("_mixed_rt")
+    if rt is None:
+        return {"skipped": "run the mixed section first (its runtime)"}
+    prompts, outs = mixed_workload(a.mixed_requests, vocab=rt.config.vocab_size, out_max=a.mixed_out_max)
+    events: list[tuple[int, float]] = []
+    start: list[float] = []
+
+    def watch(phase, info):
+        if phase == "start":
+            start.append(time.perf_counter())
+        elif start:
+            events.append((info["generation"], 1e3 * (time.perf_counter() - start.pop())))
+
+    res: dict = {"objects_tracked": len(gc.get_objects())}
+    gc.callbacks.append(watch)
+    try:
+        for arm in ("default", "frozen"):
+            if arm == "frozen":
+                gc.collect()
+                gc.freeze()
+                res["frozen_objects"] = gc.get_freeze_count()
+            rows = []
+            for _ in range(a.gc_passes):
+                events.clear()
+                r = run_requests(rt, prompts, outs)
+                gen2 = [ms for g, ms in events if g == 2]
+                rows.append(
+                    {
+                        "ttft_ms_median": r["ttft_ms_median"],
+                        "first_prefill_ms": r["prefills"][0][3],
+                        "collections": len(events),
+                        "gen2": len(gen2),
+                        "gen2_ms": round(sum(gen2), 2),
+                        "gc_ms": round(sum(ms for _, ms in events), 2),
+                    }
+                )
+            res[arm] = rows
+            med = statistics.median
+            print(
+                f"  gcwatch {arm}: TTFT median of passes {med(x['ttft_ms_median'] for x in rows):.1f} ms (max"
+                f" {max(x['ttft_ms_median'] for x in rows):.1f}), gen-2 collections {sum(x['gen2'] for x in rows)}"
+                f" ({sum(x['gen2_ms'] for x in rows):.1f} ms), all collections {sum(x['gc_ms'] for x in rows):.1f} ms",
+                flush=True,
+            )
+    finally:
+        gc.callbacks.remove(watch)
+        gc.unfreeze()
+    return res
+
+
 DEMO = Path(__file__).resolve().parents[1] / "lorafast_export" / "data" / "demo"
 
 
@@ -1571,6 +1629,7 @@ SECTIONS = {
     "spec": sec_spec,
     "specdemo": sec_specdemo,
     "specmixed": sec_specmixed,
+    "gcwatch": sec_gcwatch,
     "tritoncheck": sec_tritoncheck,
     "int8k": sec_int8k,
     "gemv": sec_gemv,
@@ -1657,6 +1716,9 @@ def main() -> None:
     p.add_argument("--gemv-tiles", default="sweep", choices=("sweep", "shipped"), help="gemv: tiles timed")
     p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")
+    p.add_argument(
+        "--gc-passes", type=int, default=8, help="gcwatch: timed passes before and after gc.freeze()"
+    )
     p.add_argument(
         "--first-pass-profile",
         type=int,
