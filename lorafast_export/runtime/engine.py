@@ -404,14 +404,19 @@ class Engine:
             ids = torch.tensor([tokens], device=self.device)
             logits = self.model.prefill(ids, self.cache.slots(r.id, 0, len(tokens)).to(self.device))
             return self._pick(logits, [r])
+        return self._pick(self._packed(self.model, self.cache, batch), [r for r, _ in batch])
+
+    def _packed(self, model, cache: PagedKVCache, batch: list[tuple[Request, list[int]]]) -> torch.Tensor:
+        """One forward of `model` over several requests' tokens packed back to back, k/v written at their slots
+        of `cache` from position 0 → logits [len(batch), V] of each one's last token."""
         lens = [len(t) for _, t in batch]
         ids = torch.tensor([[t for _, tokens in batch for t in tokens]])
-        slots = torch.cat([self.cache.slots(r.id, 0, len(tokens)) for r, tokens in batch])
+        slots = torch.cat([cache.slots(r.id, 0, len(tokens)) for r, tokens in batch])
         last = torch.tensor(lens).cumsum(0) - 1
-        segs = pack_segments(lens)
-        ids, slots, last, *segs = (t.to(self.device, non_blocking=True) for t in (ids, slots, last, *segs))
-        logits = self.model.prefill(ids, slots, last_index=last, segments=tuple(segs))
-        return self._pick(logits, [r for r, _ in batch])
+        ids, slots, last, *segs = (
+            t.to(self.device, non_blocking=True) for t in (ids, slots, last, *pack_segments(lens))
+        )
+        return model.prefill(ids, slots, last_index=last, segments=tuple(segs))
 
     def _padded_prefill(self, r: Request, tokens: list[int]) -> torch.Tensor:
         """One prompt right-padded to a power of two (>= 16), replayed from that length's CUDA graph: a
@@ -775,17 +780,12 @@ class Engine:
     def _draft_prefill(self, pack: list[Request]) -> None:
         """One forward of the draft over these rows' cached tokens (packed when several)."""
         dc, dev = self.draft_cache, self.device
-        seqs = [(r.prompt + r.output)[: r.cached] for r in pack]
-        ids = torch.tensor([[t for s in seqs for t in s]])
-        slots = torch.cat([dc.slots(r.id, 0, r.cached) for r in pack])
+        batch = [(r, (r.prompt + r.output)[: r.cached]) for r in pack]
         if len(pack) == 1:
-            self.draft.prefill(ids.to(dev), slots.to(dev))
+            r, tokens = batch[0]
+            self.draft.prefill(torch.tensor([tokens], device=dev), dc.slots(r.id, 0, r.cached).to(dev))
         else:
-            lens = [len(s) for s in seqs]
-            last = torch.tensor(lens).cumsum(0) - 1
-            segs = tuple(t.to(dev, non_blocking=True) for t in pack_segments(lens))
-            ids, slots, last = (t.to(dev, non_blocking=True) for t in (ids, slots, last))
-            self.draft.prefill(ids, slots, last_index=last, segments=segs)
+            self._packed(self.draft, dc, batch)
         for r in pack:
             r.draft_cached = r.cached
 
