@@ -306,10 +306,9 @@ class Engine:
             return self._decode()
         st, rows = self.stats, len(self.running)
         bucket = _bucket(rows, self.buckets)
+        # the draft's prefills are paid once a request, not a round: kept out of the governor's time
         if self._queued is None and self._can_speculate() and self._draft_prefills(self.running):
-            if (
-                self.device.type == "cuda"
-            ):  # once a request, not a round's cost: kept out of the governor's time
+            if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         before, t0 = (st.spec_rounds, st.decode_steps, st.decode_tokens), self.timer()
         finished = self._decode()
