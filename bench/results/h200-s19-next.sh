@@ -1,6 +1,6 @@
 # Suggested first device call of the next session (written in session 18, not run): split the first probe's cost
 # on a served queue with a draft that does not pay (session 18 call F: 0.67x on the first pass, 0.88 s more wall,
-# 0.42 s of it in decode steps and rounds), with the engine's prefills and the draft's on-demand prefills profiled;
+# 0.42 s of it in decode steps and rounds);
 # then the table in one process (as session 18 call D) if the runtime changed.
 set -u
 export PYTHONUNBUFFERED=1
