@@ -843,10 +843,9 @@ class Engine:
     @torch.no_grad()
     def _speculate(self) -> list[Request]:
         k, reqs = self.spec_k, self.running
-        self._draft_prefills(reqs)
         try:
             for r in reqs:
-                if r.draft_cached == 0:
+                if r.draft_cached == 0:  # _timed_decode's _draft_prefills found no room for it
                     raise OutOfBlocks("the draft cache has no room for this request yet")
                 self.cache.reserve(r.id, r.cached + k + 1)
                 self.draft_cache.reserve(r.id, r.cached + k + 1)

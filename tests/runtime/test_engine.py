@@ -308,9 +308,8 @@ def test_prefill_gemm_warm_up_runs_every_linear_at_every_listed_row_count(llama)
     for h in hooks:
         h.remove()
     first = {n: r for n, r in seen.items() if n.startswith("layers.0.")}
-    assert first and all(
-        r == rows for r in first.values()
-    )  # the layers share their shapes: only the first runs
+    # the layers share their shapes: only the first runs
+    assert first and all(r == rows for r in first.values())
     assert set(seen) == set(first)
 
 
