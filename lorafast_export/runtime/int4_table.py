@@ -43,6 +43,7 @@ KERNEL_CELLS = (
     "gemm_w",
     "gemv_w",
     "dequant",
+    "mma",
 )  # a cell's measured kernels
 TINYGEMM_ENTRY = [2, 0, 0, 1, 0, 0]  # kind TINYGEMM (runtime/triton_int4.py); tile fields unused
 

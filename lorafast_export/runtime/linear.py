@@ -253,6 +253,7 @@ class Int4TritonLinear(_QuantLinearBase):
             self.plan = _tinygemm_to_gemv(self.plan, t4)  # e.g. CUDA tinygemm takes bf16 only
         if qt.group_size % t4.WORD_COLS:
             self.plan = _words_to_tiled(self.plan, t4)  # GEMM_W's 128-column tiles need whole groups
+        self.plan = _mma_to_gemv(self.plan, t4, qt, dtype, device)
         kinds = set(self.plan[1 :: t4.ENTRY])
         qform = pack_nibbles(codes) if kinds & {t4.GEMV, t4.GEMM} else None
         tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
@@ -261,6 +262,12 @@ class Int4TritonLinear(_QuantLinearBase):
         fuse_words, fuse_sz = _fused_int4_packings(qt, perm)
         words = t4.pack_words(codes) if kinds & set(t4.WORD_KINDS) or fuse_words else None
         self.register_buffer("weight_words", words)  # int32 [out, ceil(in/128) * 16]
+        frags = None
+        if t4.MMA in kinds:
+            from lorafast_export.runtime.cuda_int4 import pack_frags
+
+            frags = pack_frags(codes, qt.group_size)
+        self.register_buffer("weight_frags", frags)  # int32, the mma fragment order (runtime/cuda_int4.py)
         entries = [self.plan[i : i + t4.ENTRY] for i in range(0, len(self.plan), t4.ENTRY)]
         sz = fuse_sz or any(
             e[1] == t4.GEMM_W and e[3] & 32 for e in entries
@@ -292,6 +299,7 @@ class Int4TritonLinear(_QuantLinearBase):
             self.weight_tiled,
             self.weight_words,
             self.scale_zero_words,
+            self.weight_frags,
         )
         return self._finish(y, shape)
 
@@ -339,6 +347,19 @@ def _tinygemm_to_gemv(plan: list[int], t4) -> list[int]:
     gemv = default_plan()[1 : t4.ENTRY]
     entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
     return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.TINYGEMM else e)]
+
+
+def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -> list[int]:
+    """The plan with each MMA entry the CUDA kernel cannot run for this layer (its K, group, dtype or device;
+    runtime/cuda_int4.py `fits`) replaced by the default GEMV tile for those rows."""
+    from lorafast_export.runtime import cuda_int4
+
+    gemv = default_plan()[1 : t4.ENTRY]
+    n, k, gs = qt.out_features, qt.in_features, qt.group_size
+    cuda = torch.device(device).type == "cuda"
+    entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
+    ok = lambda e: cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], e[2], dtype)  # noqa: E731
+    return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.MMA and not ok(e) else e)]
 
 
 def _words_to_tiled(plan: list[int], t4) -> list[int]:

@@ -43,9 +43,11 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # and zero points from `pack_scale_zero`'s int32 [G, N], where the layer has it); 6 = GEMV_W (the word layout, no tensor cores;
 # BK holds options: bits 1-3 num_stages, bit 4 the next tile's loads one iteration ahead); 7 = DEQUANT (for
 # prefill-sized row counts: the word layout dequantized once per call to a dense weight in the activation
-# dtype by `_dequant_w_kernel` (BN rows a program), then torch's matmul (cuBLAS); BK, splits, BM unused).
+# dtype by `_dequant_w_kernel` (BN rows a program), then torch's matmul (cuBLAS); BK, splits, BM unused); 8 = MMA
+# (1-8 rows: the CUDA tensor-core kernel of runtime/cuda_int4.py on `pack_frags`' layout; BN holds its warps
+# per block, the other fields are unused).
 ENTRY = 7
-GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W, DEQUANT = 0, 1, 2, 3, 4, 5, 6, 7
+GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W, DEQUANT, MMA = 0, 1, 2, 3, 4, 5, 6, 7, 8
 WORD_KINDS = (GEMM_W, GEMV_W, DEQUANT)  # the kinds that read `pack_words`' layout
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -800,6 +802,16 @@ def launch(
     for kinds GEMV / GEMM, `pack_tiles` for GEMV_T / GEMM_T, `pack_words` for GEMM_W / GEMV_W / DEQUANT; sz:
     `pack_scale_zero`'s, read by GEMM_W when the entry's option bit 5 asks (else s and z are)."""
     _, kind, bn, bk, splits, bm, warps = entry
+    if kind == MMA:
+        from lorafast_export.runtime import cuda_int4
+
+        if not cuda_int4.fits(s.shape[0], k, group_size, x.shape[0], bn, x.dtype) or x.device.type != "cuda":
+            raise ValueError(
+                f"int4 MMA kernel: {x.shape[0]} rows of {x.dtype} on {x.device}, K {k}, group {group_size},"
+                f" {bn} warps: it takes 1-{cuda_int4.MAX_ROWS} bf16/fp16 rows on CUDA, groups"
+                f" {cuda_int4.GROUPS} and K a multiple of {cuda_int4.STEP} x warps"
+            )
+        return cuda_int4.mma_mm(x, w, s, z, k, group_size, bn)
     if kind == DEQUANT:
         return x @ dequant_words(w, s, z, k, group_size, bn, warps, x.dtype).T
     tiled = kind in (GEMV_T, GEMM_T)
@@ -871,20 +883,37 @@ def int4_mm(
     w_tiled: torch.Tensor | None = None,
     w_words: torch.Tensor | None = None,
     sz_words: torch.Tensor | None = None,
+    w_frags: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, k] → [M, N] with the kernel the plan gives for M rows (plan: flattened ENTRY-long entries;
     w: qform's packing, for kinds GEMV / GEMM; w_tiled: `pack_tiles`, for GEMV_T / GEMM_T; tg_w / tg_sz:
     the tinygemm packing, for TINYGEMM; w_words: `pack_words`, for GEMM_W / GEMV_W / DEQUANT; sz_words:
-    `pack_scale_zero`, for GEMM_W entries with option bit 5; a layer holds only the packings
+    `pack_scale_zero`, for GEMM_W entries with option bit 5; w_frags: runtime/cuda_int4.py's
+    `pack_frags`, for MMA; a layer holds only the packings
     its plan uses). The choice happens
     here, inside the op, so a compiled graph does not branch on the (dynamic) row count."""
     entry = pick(plan, x.shape[0])
     if entry[1] == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
     packed = w_words if entry[1] in WORD_KINDS else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
+    packed = w_frags if entry[1] == MMA else packed
     return launch(x.contiguous(), packed, s, z, k, group_size, entry, sz_words)
 
 
 @int4_mm.register_fake
-def _(x, w, s, z, k, group_size, plan, tg_w=None, tg_sz=None, w_tiled=None, w_words=None, sz_words=None):
+def _(
+    x,
+    w,
+    s,
+    z,
+    k,
+    group_size,
+    plan,
+    tg_w=None,
+    tg_sz=None,
+    w_tiled=None,
+    w_words=None,
+    sz_words=None,
+    w_frags=None,
+):
     return x.new_empty(x.shape[0], s.shape[0])

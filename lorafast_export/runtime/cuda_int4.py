@@ -1,0 +1,309 @@
+"""int4 x bf16/fp16 products for 1-8 activation rows on the tensor cores: a CUDA kernel compiled at run time.
+
+Why: at 1-8 rows an int4 linear is a pure weight stream (0.5 byte a weight), so it can only be as fast as it
+reads. The Triton kernels (runtime/triton_int4.py) stopped at 1.1-2.1 TB/s on the H200, bound by the
+instructions that turn nibbles into numbers (bench/TORCH.md, sessions 6-7 and 15). Here a nibble costs under
+one instruction: the weights are repacked at load so that one 32-bit word is exactly one thread's share of a
+`mma.m16n8k16` A operand (16 weight rows x 16 inputs), and each pair of nibbles becomes a bf16x2 register by a
+single `lop3` (nibble | 0x4300 = 128 + code, exact). The tensor core multiplies those by the activations (the
+B operand, up to 8 rows; unused columns are zero) into fp32. A second `mma` per tile with a constant A of
+-(128 + zero point) removes the offset, so a group's sum is sum((code - zero) * x) in fp32; the group's scale
+multiplies it once per row. Products are exact (bf16 x bf16 in fp32), so the result is the dequantized
+weight's product up to fp32 summation order: each output column depends on its own activation row only, the
+same for any row count (a speculative verify reproduces the single-row call bit for bit).
+
+Layout (`pack_frags`): codes [N, K] → int32 words [N/16][K/CH][32 lanes][CH/16 tiles], CH = min(group, 64)
+inputs per chunk. Lane l = 4 g + q of row tile r, chunk c, tile t holds, for kb = c CH + (CH/4) q + 4 t:
+bits 0 / 16: W[16r + g][kb], [kb + 1]; bits 4 / 20: W[16r + g + 8][kb], [kb + 1]; bits 8 / 24: W[16r +
+g][kb + 2], [kb + 3]; bits 12 / 28: W[16r + g + 8][kb + 2], [kb + 3]. So (w >> 4p) & 0x000F000F is the
+mma's A register p, and the lane's activations for a chunk are CH/4 contiguous inputs (one or two 16-byte
+loads): the tile's k order is permuted, the same way for A and B. A warp reads its chunk as 512 (CH 64) or
+256 contiguous bytes.
+
+Work: a block of KSB warps owns one 16-row tile; warp w sums inputs [w K/KSB, (w + 1) K/KSB) in steps of 256,
+the next step's words and scales loaded while the current one multiplies; the block adds its warps'
+partials in shared memory and writes [M, N] in the activations' dtype. Needs K % (256 KSB) == 0, a group of
+32, 64, 128 or 256, and M <= 8 (`fits`). Compiled with NVRTC (torch.cuda._compile_kernel, which ships with
+torch's CUDA wheels) once per variant and process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MAX_ROWS = 8  # the mma's N: activation rows per call
+STEP = 256  # inputs a warp sums per loop iteration
+GROUPS = (32, 64, 128, 256)
+KSB_CHOICES = (4, 8, 16)  # warps per block (K slices)
+_SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define CH (GS < 64 ? GS : 64)     // inputs per chunk
+#define WPL (CH / 16)              // words per lane per chunk (mma tiles of 16 inputs)
+#define NCH (256 / CH)             // chunks per step
+#define NG (256 / GS)              // groups per step
+#define CPG (GS / CH)              // chunks per group
+
+#if ADT == 0
+#define MAGIC 0x43004300u          // bf16 128.0 in both halves: | nibble = 128 + code
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#define NEG_OFFSET(z) (0xC300u | (u32)(z))   // bf16 -(128 + z)
+#else
+#define MAGIC 0x64006400u          // fp16 1024.0: | nibble = 1024 + code
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#define NEG_OFFSET(z) (0xE400u | (u32)(z))   // fp16 -(1024 + z)
+#endif
+
+__device__ __forceinline__ u32 nib2(u32 w) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "r"(0x000F000Fu), "r"(MAGIC));
+    return r;
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm(MMA "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ld_stream(u32* d, const u32* p) {  // weights: read once, keep L1 for x
+#if WPL == 4
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(p));
+#else
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(d[0]), "=r"(d[1]) : "l"(p));
+#endif
+}
+
+__device__ __forceinline__ void ld_x(u32* d, const u16* p) {  // CH / 4 activations = CH / 8 words
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(p));
+#if CH == 64
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(d[4]), "=r"(d[5]), "=r"(d[6]), "=r"(d[7]) : "l"(p + 8));
+#endif
+}
+
+__device__ __forceinline__ float ld_scale(const void* s, long i) {
+#if SDT == 0
+    return ((const float*)s)[i];
+#else
+    u16 h = ((const u16*)s)[i];
+#if SDT == 1
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    float f;
+    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16));
+    return f;
+#endif
+#endif
+}
+
+struct Step {
+    u32 w[NCH][WPL];
+    float s[NG][2];
+#if ASYM
+    u32 z[NG][2];
+#endif
+};
+
+__device__ __forceinline__ void load_step(Step& st, const u32* wp, const void* sp, const u8* zp,
+                                          long srow0, long srow1, int grp) {
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) ld_stream(st.w[c], wp + c * 32 * WPL);
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+        st.s[j][0] = ld_scale(sp, srow0 + grp + j);
+        st.s[j][1] = ld_scale(sp, srow1 + grp + j);
+#if ASYM
+        st.z[j][0] = zp[srow0 + grp + j];
+        st.z[j][1] = zp[srow1 + grp + j];
+#endif
+    }
+}
+
+__device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has_x, float* acc) {
+    u32 xr[NCH][CH / 8];
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+        if (has_x) {
+            ld_x(xr[c], xp + c * CH);
+        } else {
+#pragma unroll
+            for (int i = 0; i < CH / 8; ++i) xr[c][i] = 0u;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+#if ASYM
+        u32 z0 = NEG_OFFSET(st.z[j][0]) * 0x00010001u, z1 = NEG_OFFSET(st.z[j][1]) * 0x00010001u;
+#else
+        u32 z0 = NEG_OFFSET(8) * 0x00010001u, z1 = z0;
+#endif
+        // three independent accumulator chains (even tiles, odd tiles, the offset), so consecutive mmas
+        // do not wait for each other
+        float ga[4] = {0.f, 0.f, 0.f, 0.f}, gb[4] = {0.f, 0.f, 0.f, 0.f}, gz[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int cc = 0; cc < CPG; ++cc) {
+            const int c = j * CPG + cc;
+#pragma unroll
+            for (int t = 0; t < WPL; ++t) {
+                const u32 w = st.w[c][t];
+                const u32 b0 = xr[c][2 * t], b1 = xr[c][2 * t + 1];
+                mma(t % 2 ? gb : ga, nib2(w), nib2(w >> 4), nib2(w >> 8), nib2(w >> 12), b0, b1);
+                mma(gz, z0, z1, z0, z1, b0, b1);
+            }
+        }
+        acc[0] += st.s[j][0] * ((ga[0] + gb[0]) + gz[0]);
+        acc[1] += st.s[j][0] * ((ga[1] + gb[1]) + gz[1]);
+        acc[2] += st.s[j][1] * ((ga[2] + gb[2]) + gz[2]);
+        acc[3] += st.s[j][1] * ((ga[3] + gb[3]) + gz[3]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KSB * 32)
+int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __restrict__ sp,
+         const u8* __restrict__ zp, u16* __restrict__ out, int M, int N, int K, int G) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int rt = blockIdx.x;
+    const int slice = K / KSB, k0 = warp * slice, steps = slice / 256;
+    const u32* wp = wf + ((long)rt * (K / CH) + k0 / CH) * (32 * WPL) + lane * WPL;
+    const int r0 = rt * 16 + g;
+    const long srow0 = (long)(r0 < N ? r0 : N - 1) * G, srow1 = (long)(r0 + 8 < N ? r0 + 8 : N - 1) * G;
+    const bool has_x = g < M;
+    const u16* xp = x + (long)(has_x ? g : 0) * K + k0 + (CH / 4) * q;
+    const long wstep = (long)NCH * 32 * WPL;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    Step a, b;
+    load_step(a, wp, sp, zp, srow0, srow1, k0 / GS);
+    for (int i = 0; i < steps; i += 2) {
+        if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, sp, zp, srow0, srow1, (k0 + (i + 1) * 256) / GS);
+        run_step(a, xp + i * 256, has_x, acc);
+        if (i + 1 < steps) {
+            if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, sp, zp, srow0, srow1, (k0 + (i + 2) * 256) / GS);
+            run_step(b, xp + (i + 1) * 256, has_x, acc);
+        }
+    }
+    __shared__ float red[KSB][4][32];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][i][lane] = acc[i];
+    __syncthreads();
+    if (threadIdx.x < 128) {
+        const int l = threadIdx.x & 31, i = threadIdx.x >> 5;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < KSB; ++w) v += red[w][i][l];
+        const int col = 2 * (l & 3) + (i & 1), row = rt * 16 + (l >> 2) + 8 * (i >> 1);
+        if (col < M && row < N) {
+            u16 h;
+#if ADT == 0
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#else
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+            out[(long)col * N + row] = h;
+        }
+    }
+}
+"""
+
+
+def chunk_cols(group_size: int) -> int:
+    return min(group_size, 64)
+
+
+def fits(n: int, k: int, group_size: int, rows: int, ksb: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes this call: bf16/fp16 activations, <= 8 rows, a group it supports and K a
+    multiple of 256 per warp of the block."""
+    return (
+        dtype in (torch.bfloat16, torch.float16)
+        and 1 <= rows <= MAX_ROWS
+        and group_size in GROUPS
+        and ksb in KSB_CHOICES
+        and k % (STEP * ksb) == 0
+        and n >= 1
+    )
+
+
+def pack_frags(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codes uint8 [N, K] (0..15; K a multiple of the chunk) → int32 words in the mma fragment order (module
+    doc), rows padded with zero codes to a multiple of 16 (the kernel never writes them)."""
+    ch = chunk_cols(group_size)
+    n, k = codes.shape
+    if k % ch:
+        raise ValueError(f"pack_frags: in_features {k} is not a multiple of {ch}")
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, -n % 16))
+    r, t = c.shape[0] // 16, ch // 16
+    c = c.view(
+        r, 2, 8, k // ch, 4, t, 4
+    )  # [r, h, g, chunk, q, t, j]: row 16r + 8h + g, col c ch + 4 t q.. + j
+    c = c.permute(0, 3, 2, 4, 5, 1, 6)  # [r, chunk, g, q, t, h, j]
+    w = torch.zeros(c.shape[:5], dtype=torch.int32, device=codes.device)
+    for h in range(2):
+        for j in range(4):
+            w |= c[..., h, j] << (16 * (j % 2) + 8 * (j // 2) + 4 * h)  # bit 31 may be set: int32 wraps
+    return w.reshape(-1)
+
+
+def unpack_frags(words: torch.Tensor, n: int, k: int, group_size: int) -> torch.Tensor:
+    """The codes [n, k] back from `pack_frags`' words, read the way the mma's fragments define them (PTX ISA,
+    m16n8k16 A operand: register p holds row g + 8 (p % 2), inputs 2 q + 8 (p // 2) + {0, 1} of the tile,
+    which the kernel's input order maps to chunk offset (CH / 4) q + 4 t + 2 (p // 2) + {0, 1})."""
+    ch = chunk_cols(group_size)
+    t_n, rows = ch // 16, -(-n // 16) * 16
+    w = words.view(rows // 16, k // ch, 8, 4, t_n).to(torch.int64) & 0xFFFFFFFF  # [r, chunk, g, q, t]
+    out = torch.empty(rows // 16, 2, 8, k // ch, 4, t_n, 4, dtype=torch.uint8, device=words.device)
+    for p in range(4):
+        reg = (w >> (4 * p)) & 0x000F000F  # what nib2 turns into the bf16 pair of A register p
+        for e in range(2):  # low half: the pair's first input
+            out[:, p % 2, :, :, :, :, 2 * (p // 2) + e] = (
+                ((reg >> (16 * e)) & 0xF).to(torch.uint8).permute(0, 2, 1, 3, 4)
+            )
+    return out.view(rows, k)[:n]
+
+
+@functools.cache
+def _kernel(group_size: int, ksb: int, asym: bool, scale_code: int, act_fp16: bool):
+    defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define ASYM {int(asym)}\n"
+    defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n"
+    return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
+
+
+def available() -> bool:
+    """CUDA with NVRTC reachable through torch (the kernel compiles on first use)."""
+    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
+
+
+def mma_mm(
+    x: torch.Tensor,
+    frags: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    k: int,
+    group_size: int,
+    ksb: int,
+) -> torch.Tensor:
+    """x [M <= 8, k] (bf16/fp16, CUDA) @ dequant(W).T → [M, N] in x's dtype; frags from `pack_frags`, scales
+    [N, groups] (fp32/fp16/bf16), zeros uint8 [N, groups] or None (symmetric: 8)."""
+    m, n = x.shape[0], scales.shape[0]
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    kern = _kernel(group_size, ksb, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16)
+    zp = zeros if zeros is not None else scales  # never read when symmetric
+    kern(
+        grid=(-(-n // 16), 1, 1),
+        block=(32 * ksb, 1, 1),
+        args=[frags, x, scales.contiguous(), zp.contiguous(), out, m, n, k, scales.shape[1]],
+    )
+    return out

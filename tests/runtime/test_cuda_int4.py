@@ -1,0 +1,117 @@
+"""runtime/cuda_int4.py: the fragment packing against the PTX ISA's mma operand layout (CPU), and on CUDA the
+kernel against the dequantized weight's product (the fake-quant reference), for every group, scale dtype,
+zero-point mode, activation dtype, row count and block width it takes."""
+
+import pytest
+import torch
+
+from lorafast_export.qform import QTensor, dequantize
+from lorafast_export.runtime import cuda_int4
+from lorafast_export.runtime.cuda_int4 import fits, pack_frags, unpack_frags
+
+CUDA = torch.cuda.is_available()
+
+
+def _qt(n, k, gs, asym, sdt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // gs, generator=g) * 0.02 + 0.001) * (
+        1 - 2 * (torch.rand(n, k // gs, generator=g) < 0.3)
+    )
+    zeros = torch.randint(0, 16, (n, k // gs), generator=g, dtype=torch.uint8) if asym else None
+    if asym:
+        scales = scales.abs()
+    return QTensor(codes=codes, scales=scales.to(sdt), bits=4, group_size=gs, zeros=zeros)
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128, 256])
+@pytest.mark.parametrize("n", [16, 40, 96])
+def test_pack_frags_round_trips_through_the_mma_fragment_layout(gs, n):
+    codes = torch.randint(0, 16, (n, 512), generator=torch.Generator().manual_seed(n + gs), dtype=torch.uint8)
+    words = pack_frags(codes, gs)
+    assert words.dtype == torch.int32 and words.numel() == -(-n // 16) * 16 * 512 // 8
+    assert torch.equal(unpack_frags(words, n, 512, gs), codes)
+
+
+def test_pack_frags_word_bits_follow_the_documented_order():
+    """One lane's word, by hand: row tile 0, chunk 0, lane 4 g + q = 6 (g 1, q 2), tile t 1 at group 128
+    (chunk 64): kb = 16 q + 4 t = 36; nibble p of the word's low / high half is row g + 8 (p % 2), input
+    kb + 2 (p // 2) + {0, 1}."""
+    codes = torch.zeros(16, 64, dtype=torch.uint8)
+    g, kb = 1, 36
+    vals = {(g, kb): 1, (g, kb + 1): 2, (g + 8, kb): 3, (g + 8, kb + 1): 4}
+    vals.update({(g, kb + 2): 5, (g, kb + 3): 6, (g + 8, kb + 2): 7, (g + 8, kb + 3): 8})
+    for (r, c), v in vals.items():
+        codes[r, c] = v
+    w = pack_frags(codes, 128).view(32, 4)[6, 1].item() & 0xFFFFFFFF
+    nib = [(w >> (4 * i)) & 0xF for i in range(8)]
+    assert nib == [1, 3, 5, 7, 2, 4, 6, 8]
+
+
+def test_fits_names_what_the_kernel_takes():
+    assert fits(4096, 4096, 128, 1, 8, torch.bfloat16)
+    assert fits(4096, 14336, 128, 8, 8, torch.float16)
+    assert not fits(4096, 4096, 128, 9, 8, torch.bfloat16)  # rows: the mma's N is 8
+    assert not fits(4096, 4096, 128, 1, 8, torch.float32)
+    assert not fits(4096, 4096, -1, 1, 8, torch.bfloat16)  # per channel
+    assert not fits(4096, 1000, 128, 1, 4, torch.bfloat16)  # K not a multiple of 256 x warps
+
+
+pytestmark_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+def _check(y, x, qt):
+    ref = x.double() @ dequantize(qt).double().to(x.device).T
+    err = (y.double() - ref).abs()
+    # the output is rounded once to bf16 / fp16: within that rounding plus fp32 summation error
+    ulp = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10
+    bound = ulp * ref.abs() + 1e-5 * ref.abs().max()
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+@pytestmark_cuda
+@pytest.mark.parametrize("gs", [32, 64, 128, 256])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("sdt", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_equals_the_dequantized_product(gs, asym, sdt):
+    n, k = 200, 2048  # N not a multiple of 16: the last tile's rows are masked
+    qt = _qt(n, k, gs, asym, sdt)
+    frags = pack_frags(qt.codes, gs).cuda()
+    s, z = qt.scales.cuda(), None if qt.zeros is None else qt.zeros.cuda()
+    for adt in (torch.bfloat16, torch.float16):
+        x = torch.randn(8, k, generator=torch.Generator().manual_seed(1)).to(adt).cuda()
+        for ksb in cuda_int4.KSB_CHOICES:
+            if not fits(n, k, gs, 8, ksb, adt):
+                continue
+            for m in (1, 3, 8):
+                _check(cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb), x[:m], qt)
+
+
+@pytestmark_cuda
+def test_kernel_rows_are_independent_of_the_row_count():
+    """Each output row depends on its own activation row only: an 8-row call (a speculative verify) equals
+    eight 1-row calls bit for bit."""
+    qt = _qt(4096, 4096, 128, True, torch.float16)
+    frags, s, z = pack_frags(qt.codes, 128).cuda(), qt.scales.cuda(), qt.zeros.cuda()
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    y8 = cuda_int4.mma_mm(x, frags, s, z, 4096, 128, 8)
+    _check(y8, x, qt)
+    for i in range(8):
+        assert torch.equal(cuda_int4.mma_mm(x[i : i + 1], frags, s, z, 4096, 128, 8), y8[i : i + 1])
+
+
+@pytestmark_cuda
+def test_int4_linear_with_an_mma_plan_runs_it_and_falls_back_where_it_cannot():
+    from lorafast_export.runtime import triton_int4 as t4
+    from lorafast_export.runtime.linear import Int4TritonLinear
+
+    qt = _qt(512, 1024, 128, False, torch.bfloat16)
+    plan = [8, t4.MMA, 4, 0, 1, 0, 0, 1 << 30, t4.GEMM_W, 64, 0, 1, 16, 4]
+    lin = Int4TritonLinear(qt, dtype=torch.bfloat16, device="cuda", plan=plan)
+    assert lin.weight_frags is not None and lin.plan[1] == t4.MMA
+    for m in (1, 5, 8, 16):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        _check(lin(x), x, qt)
+    odd = _qt(512, 1056, 32, False, torch.bfloat16)  # K not a multiple of 256 x warps: the GEMV runs
+    lin = Int4TritonLinear(odd, dtype=torch.bfloat16, device="cuda", plan=plan)
+    assert lin.weight_frags is None and lin.plan[1] != t4.MMA
