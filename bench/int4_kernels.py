@@ -76,8 +76,8 @@ GEMV_W_TILES = [(128, 4, 0), (64, 4, 0), (128, 4, 16), (256, 4, 16), (64, 4, 16)
 # DEQUANT (session 8, prefill-sized row counts, from 64 rows): the word layout dequantized to a dense bf16
 # weight once per call (BN rows a program, warps), then cuBLAS; the cell's time includes both.
 DEQUANT_TILES = [(32, 4), (64, 8)]
-# MMA (session 19, runtime/cuda_int4.py): the CUDA tensor-core kernel for 1-8 rows; its one knob is the warps
-# per block (K slices summed in shared memory).
+# MMA (session 19, runtime/cuda_int4.py): the CUDA tensor-core kernel for 1-8 rows; its knobs are the warps
+# per block (K slices summed in shared memory) and the stages of each warp's cp.async ring.
 CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w", "dequant", "mma")
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
