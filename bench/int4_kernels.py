@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafast_export.qform import dequantize, pack_nibbles  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
-from lorafast_export.runtime.cuda_int4 import KSB_CHOICES, MAX_ROWS, pack_frags  # noqa: E402
+from lorafast_export.runtime.cuda_int4 import KSB_CHOICES, MAX_ROWS, STAGE_CHOICES, pack_frags  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits  # noqa: E402
 from lorafast_export.runtime.triton_int4 import (  # noqa: E402
@@ -229,7 +229,7 @@ class Shape:
             if m == 1
             else [],
             "dequant": [[m, DEQUANT, bn, 0, 1, 0, w] for bn, w in DEQUANT_TILES] if m >= 64 else [],
-            "mma": [[m, MMA, ksb, 0, 1, 0, 0] for ksb in KSB_CHOICES]
+            "mma": [[m, MMA, ksb, st, 1, 0, 0] for ksb in KSB_CHOICES for st in STAGE_CHOICES]
             if m <= MAX_ROWS and dev.type == "cuda"
             else [],
         }

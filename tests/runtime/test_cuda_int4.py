@@ -65,9 +65,10 @@ pytestmark_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def _check(y, x, qt):
     ref = x.double() @ dequantize(qt).double().to(x.device).T
     err = (y.double() - ref).abs()
-    # the output is rounded once to bf16 / fp16: within that rounding plus fp32 summation error
+    # the output is rounded once to bf16 / fp16 (half an ulp; one ulp allowed), plus the fp32 group sums'
+    # error with the 128 offset in them (module doc: about 1e-5 of the largest output; 4e-5 allowed)
     ulp = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10
-    bound = ulp * ref.abs() + 1e-5 * ref.abs().max()
+    bound = ulp * ref.abs() + 4e-5 * ref.abs().max()
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
 
 
