@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafast_export.qform import dequantize, pack_nibbles  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
-from lorafast_export.runtime.cuda_int4 import KSB_CHOICES, MAX_ROWS, pack_frags  # noqa: E402
+from lorafast_export.runtime.cuda_int4 import KSB_CHOICES, MAX_ROWS, RPW_CHOICES, pack_frags  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits  # noqa: E402
 from lorafast_export.runtime.triton_int4 import (  # noqa: E402
@@ -77,7 +77,7 @@ GEMV_W_TILES = [(128, 4, 0), (64, 4, 0), (128, 4, 16), (256, 4, 16), (64, 4, 16)
 # weight once per call (BN rows a program, warps), then cuBLAS; the cell's time includes both.
 DEQUANT_TILES = [(32, 4), (64, 8)]
 # MMA (session 19, runtime/cuda_int4.py): the CUDA tensor-core kernel for 1-8 rows; its knobs are the warps
-# per block (K slices summed in shared memory).
+# per block (K slices summed in shared memory) and the 16-row tiles per warp (sharing its activation loads).
 CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w", "dequant", "mma")
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
@@ -229,7 +229,7 @@ class Shape:
             if m == 1
             else [],
             "dequant": [[m, DEQUANT, bn, 0, 1, 0, w] for bn, w in DEQUANT_TILES] if m >= 64 else [],
-            "mma": [[m, MMA, ksb, 0, 1, 0, 0] for ksb in KSB_CHOICES]
+            "mma": [[m, MMA, ksb, rpw, 1, 0, 0] for ksb in KSB_CHOICES for rpw in RPW_CHOICES]
             if m <= MAX_ROWS and dev.type == "cuda"
             else [],
         }

@@ -43,7 +43,8 @@ import torch
 MAX_ROWS = 8  # the mma's N: activation rows per call
 STEP = 256  # inputs a warp sums per loop iteration
 GROUPS = (32, 64, 128, 256)
-KSB_CHOICES = (4, 8, 16)  # warps per block (K slices)
+KSB_CHOICES = (1, 2, 4, 8, 16)  # warps per block (K slices)
+RPW_CHOICES = (1, 2)  # 16-row tiles per warp (their activations loaded once)
 _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 SOURCE = r"""
@@ -114,31 +115,34 @@ __device__ __forceinline__ float ld_scale(const void* s, long i) {
 #endif
 }
 
-struct Step {
-    u32 w[NCH][WPL];
-    float s[NG][2];
+struct Step {  // one step's words and scales for the warp's RPW row tiles
+    u32 w[RPW][NCH][WPL];
+    float s[RPW][NG][2];
 #if ASYM
-    u32 z[NG][2];
+    u32 z[RPW][NG][2];
 #endif
 };
 
-__device__ __forceinline__ void load_step(Step& st, const u32* wp, const void* sp, const u8* zp,
-                                          long srow0, long srow1, int grp) {
+__device__ __forceinline__ void load_step(Step& st, const u32* wp, long tile_words, int last, const void* sp,
+                                          const u8* zp, const long* srow, int grp) {
 #pragma unroll
-    for (int c = 0; c < NCH; ++c) ld_stream(st.w[c], wp + c * 32 * WPL);
+    for (int r = 0; r < RPW; ++r) {
 #pragma unroll
-    for (int j = 0; j < NG; ++j) {
-        st.s[j][0] = ld_scale(sp, srow0 + grp + j);
-        st.s[j][1] = ld_scale(sp, srow1 + grp + j);
+        for (int c = 0; c < NCH; ++c) ld_stream(st.w[r][c], wp + (r <= last ? r : last) * tile_words + c * 32 * WPL);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+            st.s[r][j][0] = ld_scale(sp, srow[2 * r] + grp + j);
+            st.s[r][j][1] = ld_scale(sp, srow[2 * r + 1] + grp + j);
 #if ASYM
-        st.z[j][0] = zp[srow0 + grp + j];
-        st.z[j][1] = zp[srow1 + grp + j];
+            st.z[r][j][0] = zp[srow[2 * r] + grp + j];
+            st.z[r][j][1] = zp[srow[2 * r + 1] + grp + j];
 #endif
+        }
     }
 }
 
-__device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has_x, float* acc) {
-    u32 xr[NCH][CH / 8];
+__device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has_x, float (*acc)[4]) {
+    u32 xr[NCH][CH / 8];  // loaded once, used by every row tile
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
         if (has_x) {
@@ -149,30 +153,33 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
         }
     }
 #pragma unroll
-    for (int j = 0; j < NG; ++j) {
+    for (int r = 0; r < RPW; ++r) {
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
 #if ASYM
-        u32 z0 = NEG_OFFSET(st.z[j][0]) * 0x00010001u, z1 = NEG_OFFSET(st.z[j][1]) * 0x00010001u;
+            u32 z0 = NEG_OFFSET(st.z[r][j][0]) * 0x00010001u, z1 = NEG_OFFSET(st.z[r][j][1]) * 0x00010001u;
 #else
-        u32 z0 = NEG_OFFSET(8) * 0x00010001u, z1 = z0;
+            u32 z0 = NEG_OFFSET(8) * 0x00010001u, z1 = z0;
 #endif
-        // three independent accumulator chains (even tiles, odd tiles, the offset), so consecutive mmas
-        // do not wait for each other
-        float ga[4] = {0.f, 0.f, 0.f, 0.f}, gb[4] = {0.f, 0.f, 0.f, 0.f}, gz[4] = {0.f, 0.f, 0.f, 0.f};
+            // three independent accumulator chains (even tiles, odd tiles, the offset), so consecutive mmas
+            // do not wait for each other
+            float ga[4] = {0.f, 0.f, 0.f, 0.f}, gb[4] = {0.f, 0.f, 0.f, 0.f}, gz[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int cc = 0; cc < CPG; ++cc) {
-            const int c = j * CPG + cc;
+            for (int cc = 0; cc < CPG; ++cc) {
+                const int c = j * CPG + cc;
 #pragma unroll
-            for (int t = 0; t < WPL; ++t) {
-                const u32 w = st.w[c][t];
-                const u32 b0 = xr[c][2 * t], b1 = xr[c][2 * t + 1];
-                mma(t % 2 ? gb : ga, nib2(w), nib2(w >> 4), nib2(w >> 8), nib2(w >> 12), b0, b1);
-                mma(gz, z0, z1, z0, z1, b0, b1);
+                for (int t = 0; t < WPL; ++t) {
+                    const u32 w = st.w[r][c][t];
+                    const u32 b0 = xr[c][2 * t], b1 = xr[c][2 * t + 1];
+                    mma(t % 2 ? gb : ga, nib2(w), nib2(w >> 4), nib2(w >> 8), nib2(w >> 12), b0, b1);
+                    mma(gz, z0, z1, z0, z1, b0, b1);
+                }
             }
+            acc[r][0] += st.s[r][j][0] * ((ga[0] + gb[0]) + gz[0]);
+            acc[r][1] += st.s[r][j][0] * ((ga[1] + gb[1]) + gz[1]);
+            acc[r][2] += st.s[r][j][1] * ((ga[2] + gb[2]) + gz[2]);
+            acc[r][3] += st.s[r][j][1] * ((ga[3] + gb[3]) + gz[3]);
         }
-        acc[0] += st.s[j][0] * ((ga[0] + gb[0]) + gz[0]);
-        acc[1] += st.s[j][0] * ((ga[1] + gb[1]) + gz[1]);
-        acc[2] += st.s[j][1] * ((ga[2] + gb[2]) + gz[2]);
-        acc[3] += st.s[j][1] * ((ga[3] + gb[3]) + gz[3]);
     }
 }
 
@@ -181,35 +188,52 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
          const u8* __restrict__ zp, u16* __restrict__ out, int M, int N, int K, int G) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const int rt = blockIdx.x;
+    const int tiles = (N + 15) / 16, rt0 = blockIdx.x * RPW;
     const int slice = K / KSB, k0 = warp * slice, steps = slice / 256;
-    const u32* wp = wf + ((long)rt * (K / CH) + k0 / CH) * (32 * WPL) + lane * WPL;
-    const int r0 = rt * 16 + g;
-    const long srow0 = (long)(r0 < N ? r0 : N - 1) * G, srow1 = (long)(r0 + 8 < N ? r0 + 8 : N - 1) * G;
+    const long tile_words = (long)(K / CH) * 32 * WPL;
+    // a block's last row tiles may lie past N: they read the last real tile again and write nothing
+#if RPW == 1
+    const int last = 0;
+#else
+    const int last = rt0 + RPW - 1 < tiles ? RPW - 1 : tiles - 1 - rt0;
+#endif
+    const u32* wp = wf + (long)rt0 * tile_words + (long)(k0 / CH) * (32 * WPL) + lane * WPL;
+    long srow[2 * RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int r0 = (rt0 + (r <= last ? r : last)) * 16 + g;
+        srow[2 * r] = (long)(r0 < N ? r0 : N - 1) * G;
+        srow[2 * r + 1] = (long)(r0 + 8 < N ? r0 + 8 : N - 1) * G;
+    }
     const bool has_x = g < M;
     const u16* xp = x + (long)(has_x ? g : 0) * K + k0 + (CH / 4) * q;
     const long wstep = (long)NCH * 32 * WPL;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[RPW][4];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
     Step a, b;
-    load_step(a, wp, sp, zp, srow0, srow1, k0 / GS);
+    load_step(a, wp, tile_words, last, sp, zp, srow, k0 / GS);
     for (int i = 0; i < steps; i += 2) {
-        if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, sp, zp, srow0, srow1, (k0 + (i + 1) * 256) / GS);
+        if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
         run_step(a, xp + i * 256, has_x, acc);
         if (i + 1 < steps) {
-            if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, sp, zp, srow0, srow1, (k0 + (i + 2) * 256) / GS);
+            if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
             run_step(b, xp + (i + 1) * 256, has_x, acc);
         }
     }
-    __shared__ float red[KSB][4][32];
+    __shared__ float red[KSB][RPW][4][32];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][i][lane] = acc[i];
+    for (int r = 0; r < RPW; ++r) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][r][i][lane] = acc[r][i];
+    }
     __syncthreads();
-    if (threadIdx.x < 128) {
-        const int l = threadIdx.x & 31, i = threadIdx.x >> 5;
+    for (int o = threadIdx.x; o < 128 * RPW; o += KSB * 32) {  // RPW x 16 rows x 8 columns, from 1-16 warps
+        const int l = o & 31, i = (o >> 5) & 3, r = o >> 7;
         float v = 0.f;
 #pragma unroll
-        for (int w = 0; w < KSB; ++w) v += red[w][i][l];
-        const int col = 2 * (l & 3) + (i & 1), row = rt * 16 + (l >> 2) + 8 * (i >> 1);
+        for (int w = 0; w < KSB; ++w) v += red[w][r][i][l];
+        const int col = 2 * (l & 3) + (i & 1), row = (rt0 + r) * 16 + (l >> 2) + 8 * (i >> 1);
         if (col < M && row < N) {
             u16 h;
 #if ADT == 0
@@ -228,7 +252,7 @@ def chunk_cols(group_size: int) -> int:
     return min(group_size, 64)
 
 
-def fits(n: int, k: int, group_size: int, rows: int, ksb: int, dtype: torch.dtype) -> bool:
+def fits(n: int, k: int, group_size: int, rows: int, ksb: int, dtype: torch.dtype, rpw: int = 1) -> bool:
     """Whether the kernel takes this call: bf16/fp16 activations, <= 8 rows, a group it supports and K a
     multiple of 256 per warp of the block."""
     return (
@@ -236,6 +260,7 @@ def fits(n: int, k: int, group_size: int, rows: int, ksb: int, dtype: torch.dtyp
         and 1 <= rows <= MAX_ROWS
         and group_size in GROUPS
         and ksb in KSB_CHOICES
+        and rpw in RPW_CHOICES
         and k % (STEP * ksb) == 0
         and n >= 1
     )
@@ -279,8 +304,8 @@ def unpack_frags(words: torch.Tensor, n: int, k: int, group_size: int) -> torch.
 
 
 @functools.cache
-def _kernel(group_size: int, ksb: int, asym: bool, scale_code: int, act_fp16: bool):
-    defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define ASYM {int(asym)}\n"
+def _kernel(group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool):
+    defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW {rpw}\n#define ASYM {int(asym)}\n"
     defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n"
     return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
 
@@ -298,18 +323,22 @@ def mma_mm(
     k: int,
     group_size: int,
     ksb: int,
+    rpw: int = 1,
 ) -> torch.Tensor:
     """x [M <= 8, k] (bf16/fp16, CUDA) @ dequant(W).T → [M, N] in x's dtype; frags from `pack_frags`, scales
-    [N, groups] (fp32/fp16/bf16), zeros uint8 [N, groups] or None (symmetric: 8)."""
+    [N, groups] (fp32/fp16/bf16), zeros uint8 [N, groups] or None (symmetric: 8); ksb warps per block, each
+    over rpw row tiles."""
     m, n = x.shape[0], scales.shape[0]
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    kern = _kernel(group_size, ksb, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16)
+    kern = _kernel(
+        group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16
+    )
     zp = zeros if zeros is not None else scales  # never read when symmetric
     kern(
-        grid=(-(-n // 16), 1, 1),
+        grid=(-(-n // (16 * rpw)), 1, 1),
         block=(32 * ksb, 1, 1),
         args=[frags, x, scales.contiguous(), zp.contiguous(), out, m, n, k, scales.shape[1]],
     )

@@ -358,7 +358,11 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
     n, k, gs = qt.out_features, qt.in_features, qt.group_size
     cuda = torch.device(device).type == "cuda"
     entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
-    ok = lambda e: cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], e[2], dtype)  # noqa: E731
+
+    def ok(e: list[int]) -> bool:
+        rows_ok = e[0] <= cuda_int4.MAX_ROWS
+        return cuda and rows_ok and cuda_int4.fits(n, k, gs, e[0], e[2], dtype, max(1, e[3]))
+
     return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.MMA and not ok(e) else e)]
 
 

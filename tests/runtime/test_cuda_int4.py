@@ -55,6 +55,7 @@ def test_fits_names_what_the_kernel_takes():
     assert not fits(4096, 4096, 128, 1, 8, torch.float32)
     assert not fits(4096, 4096, -1, 1, 8, torch.bfloat16)  # per channel
     assert not fits(4096, 1000, 128, 1, 4, torch.bfloat16)  # K not a multiple of 256 x warps
+    assert not fits(4096, 4096, 128, 1, 4, torch.bfloat16, rpw=3)
 
 
 pytestmark_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -82,10 +83,13 @@ def test_kernel_equals_the_dequantized_product(gs, asym, sdt):
     for adt in (torch.bfloat16, torch.float16):
         x = torch.randn(8, k, generator=torch.Generator().manual_seed(1)).to(adt).cuda()
         for ksb in cuda_int4.KSB_CHOICES:
-            if not fits(n, k, gs, 8, ksb, adt):
-                continue
-            for m in (1, 3, 8):
-                _check(cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb), x[:m], qt)
+            for (
+                rpw
+            ) in cuda_int4.RPW_CHOICES:  # 13 row tiles: with 2 a warp, the last block's second is past N
+                if not fits(n, k, gs, 8, ksb, adt, rpw):
+                    continue
+                for m in (1, 3, 8):
+                    _check(cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, rpw), x[:m], qt)
 
 
 @pytestmark_cuda
