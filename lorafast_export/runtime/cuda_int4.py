@@ -315,6 +315,20 @@ def available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
 
 
+def unready(
+    group_size: int, ksb: int, rpw: int, asym: bool, scale_dtype: torch.dtype, act_dtype: torch.dtype
+) -> str | None:
+    """None when this variant of the kernel compiles here (it is then cached for the process), else why not:
+    a layer then runs another kernel rather than failing in its first decode step."""
+    if not available():
+        return "this torch has no torch.cuda._compile_kernel (NVRTC) or no CUDA device"
+    try:
+        _kernel(group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16)
+    except Exception as e:  # noqa: BLE001 - any compile or load failure means: use another kernel
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    return None
+
+
 def mma_mm(
     x: torch.Tensor,
     frags: torch.Tensor,

@@ -24,6 +24,8 @@ does; the matmul itself is weight-only (no int8 x int8 kernel here yet).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,7 @@ from lorafast_export.runtime.int4_table import (
 )
 from lorafast_export.runtime.tinygemm import INNER_K_TILES, tinygemm_mm, tinygemm_pack
 
+log = logging.getLogger(__name__)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 KERNELS = ("auto", "dequant", "triton")
 
@@ -350,8 +353,9 @@ def _tinygemm_to_gemv(plan: list[int], t4) -> list[int]:
 
 
 def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -> list[int]:
-    """The plan with each MMA entry the CUDA kernel cannot run for this layer (its K, group, dtype or device;
-    runtime/cuda_int4.py `fits`) replaced by the default GEMV tile for those rows."""
+    """The plan with each MMA entry the CUDA kernel cannot run for this layer (its K, group, dtype or device:
+    runtime/cuda_int4.py `fits`; or the kernel does not compile here: logged once per reason) replaced by the
+    default GEMV tile for those rows. Compiles the layer's variant now, at load, not in a decode step."""
     from lorafast_export.runtime import cuda_int4
 
     gemv = default_plan()[1 : t4.ENTRY]
@@ -360,10 +364,19 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
     entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
 
     def ok(e: list[int]) -> bool:
-        rows_ok = e[0] <= cuda_int4.MAX_ROWS
-        return cuda and rows_ok and cuda_int4.fits(n, k, gs, e[0], e[2], dtype, max(1, e[3]))
+        rpw = max(1, e[3])
+        if not (cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], e[2], dtype, rpw)):
+            return False
+        why = cuda_int4.unready(gs, e[2], rpw, qt.zeros is not None, qt.scales.dtype, dtype)
+        if why and why not in _MMA_WARNED:
+            _MMA_WARNED.add(why)
+            log.warning("int4 MMA kernel unavailable, the Triton GEMV runs instead: %s", why)
+        return why is None
 
     return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.MMA and not ok(e) else e)]
+
+
+_MMA_WARNED: set[str] = set()
 
 
 def _words_to_tiled(plan: list[int], t4) -> list[int]:

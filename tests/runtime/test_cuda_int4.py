@@ -120,3 +120,30 @@ def test_int4_linear_with_an_mma_plan_runs_it_and_falls_back_where_it_cannot():
     odd = _qt(512, 1056, 32, False, torch.bfloat16)  # K not a multiple of 256 x warps: the GEMV runs
     lin = Int4TritonLinear(odd, dtype=torch.bfloat16, device="cuda", plan=plan)
     assert lin.weight_frags is None and lin.plan[1] != t4.MMA
+
+
+def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, caplog):
+    """An MMA entry becomes the default GEMV tile on the CPU, past 8 rows, and where the kernel does not compile
+    (logged once, with the reason), so a layer never fails in its first decode step."""
+    from types import SimpleNamespace
+
+    from lorafast_export.runtime import linear
+    from lorafast_export.runtime.int4_table import default_plan
+
+    t4 = SimpleNamespace(ENTRY=7, MMA=8)
+    gemv = default_plan()[1:7]
+    qt = _qt(64, 1024, 128, False, torch.float16)
+    plan = [8, 8, 4, 1, 1, 0, 0, 1 << 30, 5, 64, 0, 1, 16, 4]
+    assert linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cpu") == [8, *gemv, *plan[7:]]
+    assert "NVRTC" in cuda_int4.unready(128, 4, 1, False, torch.float16, torch.bfloat16) or CUDA
+    monkeypatch.setattr(cuda_int4, "unready", lambda *a: "NVRTC said no")
+    with caplog.at_level("WARNING", logger="lorafast_export.runtime.linear"):
+        assert linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cuda") == [8, *gemv, *plan[7:]]
+        linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cuda")
+    assert [r.getMessage() for r in caplog.records].count(
+        "int4 MMA kernel unavailable, the Triton GEMV runs instead: NVRTC said no"
+    ) == 1
+    monkeypatch.setattr(cuda_int4, "unready", lambda *a: None)
+    assert linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cuda") == plan
+    past = [16, 8, 4, 1, 1, 0, 0]  # an MMA entry over more than 8 rows
+    assert linear._mma_to_gemv(past, t4, qt, torch.bfloat16, "cuda") == [16, *gemv]
