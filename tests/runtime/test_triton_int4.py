@@ -10,7 +10,7 @@ import torch
 
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.qform import QLinear, pack_nibbles
-from lorafast_export.runtime import int4_table
+from lorafast_export.runtime import cuda_int4, int4_table
 from lorafast_export.runtime.linear import Int4TritonLinear, lower_qtensor
 from lorafast_export.qform import dequantize
 from lorafast_export.runtime.triton_int4 import (
@@ -22,6 +22,7 @@ from lorafast_export.runtime.triton_int4 import (
     GEMV,
     GEMV_W,
     GEMV_T,
+    MMA,
     TINYGEMM,
     dequant_words,
     launch,
@@ -348,13 +349,16 @@ def test_shipped_tables_give_runnable_plans():
             entries = [choice[1][i : i + ENTRY] for i in range(0, len(choice[1]), ENTRY)]
             for rows, kind, bn, bk, splits, bm, warps in entries:
                 assert (
-                    kind in (GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W)
+                    kind in (GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W, MMA)
                     and splits >= 1
                     and rows >= 1
                 )
                 if kind in (GEMV, GEMM):
                     assert bk >= 32 and not bk & (bk - 1)
-                if kind != TINYGEMM:
+                if kind == MMA:  # the CUDA kernel (runtime/cuda_int4.py): its block layout, 1-8 rows only
+                    assert rows <= cuda_int4.MAX_ROWS and bn in cuda_int4.KSB_CHOICES
+                    assert max(1, bk) in cuda_int4.RPW_CHOICES
+                elif kind != TINYGEMM:
                     assert not bn & (bn - 1) and bm >= 16 and warps in (2, 4, 8)
 
 
