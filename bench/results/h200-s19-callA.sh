@@ -1,4 +1,4 @@
-# Session 19 call A (then B, the same script on the cp.async version): the CUDA tensor-core int4 kernel (runtime/cuda_int4.py): its CUDA tests, then the int4 kernel
+# Session 19 call A (also run as call B, on the cp.async variant, and call D, on main f91fdae): the CUDA tensor-core int4 kernel (runtime/cuda_int4.py): its CUDA tests, then the int4 kernel
 # table's 1-8 row buckets with it swept beside the shipped entries (merged into the shipped table in this tree),
 # then bf16 and int4 decode at batch 1 and 8 on the 8B shape with that table.
 set -u
