@@ -8,9 +8,8 @@ one instruction: the weights are repacked at load so that one 32-bit word is exa
 single `lop3` (nibble | 0x4300 = 128 + code, exact). The tensor core multiplies those by the activations (the
 B operand, up to 8 rows; unused columns are zero) into fp32. A second `mma` per tile with a constant A of
 -(128 + zero point) removes the offset, so a group's sum is sum((code - zero) * x) in fp32; the group's scale
-multiplies it once per row. Products are exact (bf16 x bf16 in fp32), so the result is the dequantized
-weight's product up to fp32 summation order: each output column depends on its own activation row only, the
-same for any row count (a speculative verify reproduces the single-row call bit for bit).
+multiplies it once per row. Each output column depends on its own activation row only, the same for any row
+count (a speculative verify reproduces the single-row call bit for bit).
 
 Layout (`pack_frags`): codes [N, K] → int32 words [N/16][K/CH][32 lanes][CH/16 tiles], CH = min(group, 64)
 inputs per chunk. Lane l = 4 g + q of row tile r, chunk c, tile t holds, for kb = c CH + (CH/4) q + 4 t:
@@ -20,14 +19,18 @@ mma's A register p, and the lane's activations for a chunk are CH/4 contiguous i
 loads): the tile's k order is permuted, the same way for A and B. A warp reads its chunk as 512 (CH 64) or
 256 contiguous bytes.
 
-Work: a block of KSB warps owns one 16-row tile; warp w sums inputs [w K/KSB, (w + 1) K/KSB) in steps of 256,
-the next step's words and scales loaded into registers while the current one multiplies; the block adds its
-warps' partials in shared memory and writes [M, N] in the activations' dtype. (Session 19 also measured a
-version that kept 2-5 steps of each warp's words in flight through a `cp.async` ring in shared memory, with the
-block's scales staged there: slower on every 8B shape but gate_up, 57.2 against 52.7 us for a layer's four
-products at 1 row, and 375 against 396 tok/s for the int4 8B decode; not kept. bench/TORCH.md.) Needs K % (256 KSB) == 0, a group of
-32, 64, 128 or 256, and M <= 8 (`fits`). Compiled with NVRTC (torch.cuda._compile_kernel, which ships with
-torch's CUDA wheels) once per variant and process.
+Work: a block of KSB warps (1-16) owns RPW 16-row tiles (1-2; a warp's activation loads serve all of them);
+warp w sums inputs [w K/KSB, (w + 1) K/KSB) in steps of 256, the next step's words and scales loaded into
+registers while the current one multiplies; the block adds its warps' partials in shared memory and writes
+[M, N] in the activations' dtype. Which layout runs a shape is the measured table's choice (the plan entry's BN
+and BK fields). Needs K % (256 KSB) == 0, a group of 32, 64, 128 or 256, and M <= 8 (`fits`). Compiled with NVRTC
+(torch.cuda._compile_kernel; NVRTC ships with torch's CUDA wheels) once per variant and process, when a layer
+loads. Session 19 also measured a version that kept 2-5 steps of each warp's words in flight through a `cp.async`
+ring in shared memory, with the block's scales staged there: slower (57.2 against 52.7 us for an 8B layer's four
+products at 1 row, 375 against 396 tok/s in decode); not kept (bench/TORCH.md).
+
+The CPU tests check the packing against the PTX ISA's fragment layouts and emulate the kernel's arithmetic;
+the CUDA tests run it (tests/runtime/test_cuda_int4.py).
 
 Accuracy: the tensor core sums the products in fp32 with the 128 offset still in them, so a group's sum loses
 about 4 bits to the offset's cancellation: about 1e-5 of the output row's largest value, far under the one
@@ -275,9 +278,8 @@ def pack_frags(codes: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"pack_frags: in_features {k} is not a multiple of {ch}")
     c = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, -n % 16))
     r, t = c.shape[0] // 16, ch // 16
-    c = c.view(
-        r, 2, 8, k // ch, 4, t, 4
-    )  # [r, h, g, chunk, q, t, j]: row 16r + 8h + g, col c ch + 4 t q.. + j
+    # [r, h, g, chunk, q, t, j]: row 16 r + 8 h + g, input chunk ch + (ch / 4) q + 4 t + j
+    c = c.view(r, 2, 8, k // ch, 4, t, 4)
     c = c.permute(0, 3, 2, 4, 5, 1, 6)  # [r, chunk, g, q, t, h, j]
     w = torch.zeros(c.shape[:5], dtype=torch.int32, device=codes.device)
     for h in range(2):

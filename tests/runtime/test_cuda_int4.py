@@ -158,3 +158,54 @@ def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, 
     assert linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cuda") == plan
     past = [16, 8, 4, 1, 1, 0, 0]  # an MMA entry over more than 8 rows
     assert linear._mma_to_gemv(past, t4, qt, torch.bfloat16, "cuda") == [16, *gemv]
+
+
+def _emulate_kernel(x: torch.Tensor, words: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """The kernel's arithmetic in float64 on the CPU, from the PTX ISA's m16n8k16 operand layouts: lane 4 g + q's
+    A registers p = 0..3 are (w >> 4 p) & 0x000F000F | bf16 128 (row g + 8 (p % 2), tile inputs 2 q + 8 (p // 2) +
+    {0, 1}); its B registers b0 / b1 are the activations it loads, (CH / 4) q + 4 t + {0, 1} / {2, 3} of the chunk
+    (column g = activation row); each tile adds A @ B and then a constant A of -(128 + zero) @ B, and a group's sum
+    is scaled once. What it checks on the CPU: the packing's input order and the kernel's activation addressing
+    agree, so each product pairs a weight with its own activation."""
+    n, k, gs = qt.out_features, qt.in_features, qt.group_size
+    ch, m = min(gs, 64), x.shape[0]
+    t_n, rt = ch // 16, -(-n // 16)
+    w = words.view(rt, k // ch, 8, 4, t_n).to(torch.int64) & 0xFFFFFFFF  # [r, chunk, g, q, t]
+    a = torch.zeros(rt, k // ch, t_n, 16, 16, dtype=torch.float64)  # [.., row, tile input]
+    for p in range(4):
+        for e in range(2):
+            nib = ((w >> (4 * p + 16 * e)) & 0xF).double() + 128  # [r, chunk, g, q, t]
+            for q in range(4):
+                a[:, :, :, 8 * (p % 2) : 8 * (p % 2) + 8, 2 * q + e + 8 * (p // 2)] = nib[:, :, :, q].permute(
+                    0, 1, 3, 2
+                )
+    xb = torch.zeros(8, k, dtype=torch.float64)
+    xb[:m] = x.double()
+    xc = xb.view(8, k // ch, 4, t_n, 4)  # [col, chunk, q, t, j]: input chunk * ch + (ch / 4) q + 4 t + j
+    b = torch.zeros(k // ch, t_n, 16, 8, dtype=torch.float64)  # [chunk, t, tile input, col]
+    for q in range(4):
+        for j in range(4):  # b0 holds j = 0, 1 (tile inputs 2 q + j); b1 holds j = 2, 3 (2 q + 8 + j - 2)
+            b[:, :, 2 * q + j % 2 + 8 * (j // 2), :] = xc[:, :, q, :, j].permute(1, 2, 0)
+    rows = torch.arange(rt * 16).clamp(max=n - 1)
+    zero = (
+        qt.zeros.double() if qt.zeros is not None else torch.full(qt.scales.shape, 8.0, dtype=torch.float64)
+    )
+    out = torch.zeros(rt * 16, 8, dtype=torch.float64)
+    for c in range(k // ch):
+        grp = c * ch // gs
+        prod = torch.einsum("rtik,tkj->rij", a[:, c], b[c]).reshape(rt * 16, 8)
+        offset = -(128 + zero[rows, grp])[:, None] * b[c].sum(dim=(0, 1))[None, :]  # the constant-A mma
+        out += qt.scales.double()[rows, grp][:, None] * (prod + offset)
+    return out[:n, :m].T
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128, 256])
+@pytest.mark.parametrize("asym", [False, True])
+def test_emulated_kernel_arithmetic_equals_the_dequantized_product(gs, asym):
+    qt = _qt(40, 1024, gs, asym, torch.float32, seed=gs)
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(2))
+    z = qt.zeros.double() if asym else torch.full(qt.scales.shape, 8.0, dtype=torch.float64)
+    w = (qt.codes.double() - z.repeat_interleave(gs, 1)) * qt.scales.double().repeat_interleave(gs, 1)
+    want = x.double() @ w.T  # in float64: qform.dequantize rounds (code - zero) * scale to float32
+    got = _emulate_kernel(x, pack_frags(qt.codes, gs), qt)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
