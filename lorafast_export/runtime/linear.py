@@ -3,8 +3,9 @@
 Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurements behind "auto"):
 - int4 on CUDA, shapes in the measured kernel table (runtime/int4_table.py): per batch bucket the fastest
   of tinygemm and our Triton kernels (runtime/triton_int4.py: GEMV/GEMM on qform's packed nibbles,
-  GEMV_T/GEMM_T on a tiled repacking, GEMM_W/GEMV_W on an int32 word repacking) with the measured tile
-  (`Int4TritonLinear`); `kernel=triton` forces
+  GEMV_T/GEMM_T on a tiled repacking, GEMM_W/GEMV_W on an int32 word repacking) with the measured tile, or at
+  1-8 rows our CUDA tensor-core kernel (runtime/cuda_int4.py, MMA, on an mma-fragment repacking; compiled by NVRTC
+  when the layer loads, the GEMV where it cannot) (`Int4TritonLinear`); `kernel=triton` forces
   the Triton kernels wherever the scheme allows.
 - int4 elsewhere, group size 32/64/128/256: torch's tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16
   activations; faster than bf16 at 1-4 rows, slower from 8 rows on) or `aten._weight_int4pack_mm_for_cpu`. Tinygemm computes w = (q - 8) * scale + zero with a float zero per
