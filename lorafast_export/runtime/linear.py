@@ -345,12 +345,17 @@ class Int8TritonLinear(_QuantLinearBase):
         return self._finish(y, shape)
 
 
+def _to_gemv(plan: list[int], t4, drop) -> list[int]:
+    """The plan with each entry for which drop(entry) holds replaced by the default GEMV tile for its rows."""
+    gemv = default_plan()[1 : t4.ENTRY]
+    entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
+    return [x for e in entries for x in ([e[0], *gemv] if drop(e) else e)]
+
+
 def _tinygemm_to_gemv(plan: list[int], t4) -> list[int]:
     """The plan with each tinygemm entry (rows, TINYGEMM, ...) replaced by the default GEMV tile for those
     rows: for a layer tinygemm cannot run (its shape, or a non-bf16 dtype on CUDA)."""
-    gemv = default_plan()[1 : t4.ENTRY]
-    entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
-    return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.TINYGEMM else e)]
+    return _to_gemv(plan, t4, lambda e: e[1] == t4.TINYGEMM)
 
 
 def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -> list[int]:
@@ -359,10 +364,8 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
     default GEMV tile for those rows. Compiles the layer's variant now, at load, not in a decode step."""
     from lorafast_export.runtime import cuda_int4
 
-    gemv = default_plan()[1 : t4.ENTRY]
     n, k, gs = qt.out_features, qt.in_features, qt.group_size
     cuda = torch.device(device).type == "cuda"
-    entries = [plan[i : i + t4.ENTRY] for i in range(0, len(plan), t4.ENTRY)]
 
     def ok(e: list[int]) -> bool:
         rpw = max(1, e[3])
@@ -374,7 +377,7 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
             log.warning("int4 MMA kernel unavailable, the Triton GEMV runs instead: %s", why)
         return why is None
 
-    return [x for e in entries for x in ([e[0], *gemv] if e[1] == t4.MMA and not ok(e) else e)]
+    return _to_gemv(plan, t4, lambda e: e[1] == t4.MMA and not ok(e))
 
 
 _MMA_WARNED: set[str] = set()

@@ -897,10 +897,12 @@ def int4_mm(
     its plan uses). The choice happens
     here, inside the op, so a compiled graph does not branch on the (dynamic) row count."""
     entry = pick(plan, x.shape[0])
-    if entry[1] == TINYGEMM:
+    kind = entry[1]
+    if kind == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
-    packed = w_words if entry[1] in WORD_KINDS else w_tiled if entry[1] in (GEMV_T, GEMM_T) else w
-    packed = w_frags if entry[1] == MMA else packed
+    packed = w_words if kind in WORD_KINDS else w_tiled if kind in (GEMV_T, GEMM_T) else w
+    if kind == MMA:
+        packed = w_frags
     return launch(x.contiguous(), packed, s, z, k, group_size, entry, sz_words)
 
 
