@@ -313,7 +313,7 @@ def _kernel(group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, ac
 
 
 def available() -> bool:
-    """CUDA with NVRTC reachable through torch (the kernel compiles on first use)."""
+    """CUDA with NVRTC reachable through torch (`unready` then compiles a variant, at a layer's load)."""
     return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
 
 
