@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafast_export.qform import dequantize, pack_nibbles  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
-from lorafast_export.runtime.cuda_int4 import KSB_CHOICES, MAX_ROWS, RPW_CHOICES, pack_frags  # noqa: E402
+from lorafast_export.runtime.cuda_int4 import MAX_ROWS, SUBA, pack_frags  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits  # noqa: E402
 from lorafast_export.runtime.triton_int4 import (  # noqa: E402
@@ -77,7 +77,18 @@ GEMV_W_TILES = [(128, 4, 0), (64, 4, 0), (128, 4, 16), (256, 4, 16), (64, 4, 16)
 # weight once per call (BN rows a program, warps), then cuBLAS; the cell's time includes both.
 DEQUANT_TILES = [(32, 4), (64, 8)]
 # MMA (session 19, runtime/cuda_int4.py): the CUDA tensor-core kernel for 1-8 rows; its knobs are the warps
-# per block (K slices summed in shared memory) and the 16-row tiles per warp (sharing its activation loads).
+# per block (K slices summed in shared memory), the 16-row tiles per warp (sharing its activation loads), the
+# blocks per SM asked of the compiler (a register cap: more warps in flight, perhaps spills) and the variant
+# bits (SUBA: the zero point subtracted from A, no second mma). Session 19 (call D): 1-2 warps a block and 2
+# tiles a warp never won; session 20's Nsight Compute profile (bench/TORCH.md): 126 registers held qkv / o to 2
+# blocks of 8 warps an SM and qkv to 1.45 waves, warps stalled on their loads' latency.
+MMA_LAYOUTS = [
+    (ksb, 1, minb, bits)
+    for ksb in (4, 8, 16)
+    for minb in (0, 2, 3, 4, 6, 8)
+    for bits in (0, SUBA)
+    if 32 * ksb * minb <= 2048
+]
 CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w", "dequant", "mma")
 L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call finds its weight in L2 (50 MB)
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the issue's two targets first: a budget cut drops the rest
@@ -229,7 +240,7 @@ class Shape:
             if m == 1
             else [],
             "dequant": [[m, DEQUANT, bn, 0, 1, 0, w] for bn, w in DEQUANT_TILES] if m >= 64 else [],
-            "mma": [[m, MMA, ksb, rpw, 1, 0, 0] for ksb in KSB_CHOICES for rpw in RPW_CHOICES]
+            "mma": [[m, MMA, ksb, rpw, 1, minb, bits] for ksb, rpw, minb, bits in MMA_LAYOUTS]
             if m <= MAX_ROWS and dev.type == "cuda"
             else [],
         }

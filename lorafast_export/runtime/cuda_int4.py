@@ -48,6 +48,8 @@ STEP = 256  # inputs a warp sums per loop iteration
 GROUPS = (32, 64, 128, 256)
 KSB_CHOICES = (1, 2, 4, 8, 16)  # warps per block (K slices)
 RPW_CHOICES = (1, 2)  # 16-row tiles per warp (their activations loaded once)
+MINB_CHOICES = (0, 2, 3, 4, 6, 8)  # blocks per SM the compiler must fit (a register cap); 0: its own choice
+SUBA = 1  # variant bit: the zero point subtracted from A (one fma per register) rather than by a second mma
 _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 SOURCE = r"""
@@ -74,6 +76,16 @@ typedef unsigned char u8;
 __device__ __forceinline__ u32 nib2(u32 w) {
     u32 r;
     asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "r"(0x000F000Fu), "r"(MAGIC));
+    return r;
+}
+
+__device__ __forceinline__ u32 sub_off(u32 a, u32 off) {  // (128 + code) - (128 + z), exact: code - z
+    u32 r;
+#if ADT == 0
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(0x3F803F80u), "r"(off));
+#else
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(0x3C003C00u), "r"(off));
+#endif
     return r;
 }
 
@@ -164,8 +176,8 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
 #else
             u32 z0 = NEG_OFFSET(8) * 0x00010001u, z1 = z0;
 #endif
-            // three independent accumulator chains (even tiles, odd tiles, the offset), so consecutive mmas
-            // do not wait for each other
+            // independent accumulator chains (even tiles, odd tiles, the offset), so consecutive mmas do not
+            // wait for each other
             float ga[4] = {0.f, 0.f, 0.f, 0.f}, gb[4] = {0.f, 0.f, 0.f, 0.f}, gz[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int cc = 0; cc < CPG; ++cc) {
@@ -174,8 +186,13 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
                 for (int t = 0; t < WPL; ++t) {
                     const u32 w = st.w[r][c][t];
                     const u32 b0 = xr[c][2 * t], b1 = xr[c][2 * t + 1];
+#if SUBA  // A = code - zero, exact: no offset to remove
+                    mma(t % 2 ? gb : ga, sub_off(nib2(w), z0), sub_off(nib2(w >> 4), z1), sub_off(nib2(w >> 8), z0),
+                        sub_off(nib2(w >> 12), z1), b0, b1);
+#else
                     mma(t % 2 ? gb : ga, nib2(w), nib2(w >> 4), nib2(w >> 8), nib2(w >> 12), b0, b1);
                     mma(gz, z0, z1, z0, z1, b0, b1);
+#endif
                 }
             }
             acc[r][0] += st.s[r][j][0] * ((ga[0] + gb[0]) + gz[0]);
@@ -186,7 +203,12 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
     }
 }
 
-extern "C" __global__ void __launch_bounds__(KSB * 32)
+#if MINB
+#define BOUNDS __launch_bounds__(KSB * 32, MINB)
+#else
+#define BOUNDS __launch_bounds__(KSB * 32)
+#endif
+extern "C" __global__ void BOUNDS
 int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __restrict__ sp,
          const u8* __restrict__ zp, u16* __restrict__ out, int M, int N, int K, int G) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -255,18 +277,28 @@ def chunk_cols(group_size: int) -> int:
     return min(group_size, 64)
 
 
-def fits(n: int, k: int, group_size: int, rows: int, ksb: int, dtype: torch.dtype, rpw: int = 1) -> bool:
-    """Whether the kernel takes this call: bf16/fp16 activations, <= 8 rows, a group it supports and K a
-    multiple of 256 per warp of the block."""
+def fits(
+    n: int, k: int, group_size: int, rows: int, ksb: int, dtype: torch.dtype, rpw: int = 1, minb: int = 0
+) -> bool:
+    """Whether the kernel takes this call: bf16/fp16 activations, <= 8 rows, a group it supports, K a
+    multiple of 256 per warp of the block, and at most 2,048 threads an SM for the blocks asked for."""
     return (
         dtype in (torch.bfloat16, torch.float16)
         and 1 <= rows <= MAX_ROWS
         and group_size in GROUPS
         and ksb in KSB_CHOICES
         and rpw in RPW_CHOICES
+        and minb in MINB_CHOICES
+        and 32 * ksb * minb <= 2048
         and k % (STEP * ksb) == 0
         and n >= 1
     )
+
+
+def layout(entry) -> tuple[int, int, int, int]:
+    """A plan entry's kernel layout (int4_table's MMA entry [rows, MMA, KSB, RPW, 1, MINB, variant bits]):
+    (warps per block, row tiles per warp, blocks per SM asked of the compiler, variant bits)."""
+    return entry[2], max(1, entry[3]), entry[5], entry[6]
 
 
 def pack_frags(codes: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -306,9 +338,12 @@ def unpack_frags(words: torch.Tensor, n: int, k: int, group_size: int) -> torch.
 
 
 @functools.cache
-def _kernel(group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool):
+def _kernel(
+    group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool, minb: int, bits: int
+):
     defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW {rpw}\n#define ASYM {int(asym)}\n"
-    defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n"
+    defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
+    defines += f"#define SUBA {int(bool(bits & SUBA))}\n"
     return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
 
 
@@ -318,14 +353,21 @@ def available() -> bool:
 
 
 def unready(
-    group_size: int, ksb: int, rpw: int, asym: bool, scale_dtype: torch.dtype, act_dtype: torch.dtype
+    group_size: int,
+    ksb: int,
+    rpw: int,
+    asym: bool,
+    scale_dtype: torch.dtype,
+    act_dtype: torch.dtype,
+    minb: int = 0,
+    bits: int = 0,
 ) -> str | None:
     """None when this variant of the kernel compiles here (it is then cached for the process), else why not:
     a layer then runs another kernel rather than failing in its first decode step."""
     if not available():
         return "this torch has no torch.cuda._compile_kernel (NVRTC) or no CUDA device"
     try:
-        _kernel(group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16)
+        _kernel(group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16, minb, bits)
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use another kernel
         return f"{type(e).__name__}: {str(e)[:300]}"
     return None
@@ -340,17 +382,26 @@ def mma_mm(
     group_size: int,
     ksb: int,
     rpw: int = 1,
+    minb: int = 0,
+    bits: int = 0,
 ) -> torch.Tensor:
     """x [M <= 8, k] (bf16/fp16, CUDA) @ dequant(W).T → [M, N] in x's dtype; frags from `pack_frags`, scales
     [N, groups] (fp32/fp16/bf16), zeros uint8 [N, groups] or None (symmetric: 8); ksb warps per block, each
-    over rpw row tiles."""
+    over rpw row tiles; minb blocks per SM asked of the compiler; bits: variant bits (SUBA)."""
     m, n = x.shape[0], scales.shape[0]
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     kern = _kernel(
-        group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16
+        group_size,
+        ksb,
+        rpw,
+        zeros is not None,
+        _SCALE_CODES[scales.dtype],
+        x.dtype == torch.float16,
+        minb,
+        bits,
     )
     zp = zeros if zeros is not None else scales  # never read when symmetric
     kern(

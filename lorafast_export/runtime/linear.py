@@ -368,10 +368,12 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
     cuda = torch.device(device).type == "cuda"
 
     def ok(e: list[int]) -> bool:
-        rpw = max(1, e[3])
-        if not (cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], e[2], dtype, rpw)):
+        ksb, rpw, minb, bits = cuda_int4.layout(e)
+        if not (
+            cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], ksb, dtype, rpw, minb)
+        ):
             return False
-        why = cuda_int4.unready(gs, e[2], rpw, qt.zeros is not None, qt.scales.dtype, dtype)
+        why = cuda_int4.unready(gs, ksb, rpw, qt.zeros is not None, qt.scales.dtype, dtype, minb, bits)
         if why and why not in _MMA_WARNED:
             _MMA_WARNED.add(why)
             log.warning("int4 MMA kernel unavailable, the Triton GEMV runs instead: %s", why)

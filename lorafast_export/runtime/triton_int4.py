@@ -45,7 +45,8 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # prefill-sized row counts: the word layout dequantized once per call to a dense weight in the activation
 # dtype by `_dequant_w_kernel` (BN rows a program), then torch's matmul (cuBLAS); BK, splits, BM unused); 8 = MMA
 # (1-8 rows: the CUDA tensor-core kernel of runtime/cuda_int4.py on `pack_frags`' layout; BN holds its warps
-# per block, BK its 16-row tiles per warp (0 or 1: one), the other fields are unused).
+# per block, BK its 16-row tiles per warp (0 or 1: one), BM the blocks per SM asked of the compiler (0: none),
+# warps its variant bits (bit 0: the zero point subtracted from the A operand, `cuda_int4.SUBA`); splits unused).
 ENTRY = 7
 GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W, DEQUANT, MMA = 0, 1, 2, 3, 4, 5, 6, 7, 8
 WORD_KINDS = (GEMM_W, GEMV_W, DEQUANT)  # the kinds that read `pack_words`' layout
@@ -805,17 +806,18 @@ def launch(
     if kind == MMA:
         from lorafast_export.runtime import cuda_int4
 
-        rpw = max(1, bk)
+        ksb, rpw, minb, bits = cuda_int4.layout(entry)
         if (
-            not cuda_int4.fits(s.shape[0], k, group_size, x.shape[0], bn, x.dtype, rpw)
+            not cuda_int4.fits(s.shape[0], k, group_size, x.shape[0], ksb, x.dtype, rpw, minb)
             or x.device.type != "cuda"
         ):
             raise ValueError(
                 f"int4 MMA kernel: {x.shape[0]} rows of {x.dtype} on {x.device}, K {k}, group {group_size},"
-                f" {bn} warps of {rpw} row tiles: it takes 1-{cuda_int4.MAX_ROWS} bf16/fp16 rows on CUDA, groups"
-                f" {cuda_int4.GROUPS}, K a multiple of {cuda_int4.STEP} x warps and {cuda_int4.RPW_CHOICES} tiles"
+                f" {ksb} warps of {rpw} row tiles, {minb} blocks an SM: it takes 1-{cuda_int4.MAX_ROWS} bf16/fp16"
+                f" rows on CUDA, groups {cuda_int4.GROUPS}, K a multiple of {cuda_int4.STEP} x warps,"
+                f" {cuda_int4.RPW_CHOICES} tiles and {cuda_int4.MINB_CHOICES} blocks (2,048 threads an SM)"
             )
-        return cuda_int4.mma_mm(x, w, s, z, k, group_size, bn, rpw)
+        return cuda_int4.mma_mm(x, w, s, z, k, group_size, ksb, rpw, minb, bits)
     if kind == DEQUANT:
         return x @ dequant_words(w, s, z, k, group_size, bn, warps, x.dtype).T
     tiled = kind in (GEMV_T, GEMM_T)

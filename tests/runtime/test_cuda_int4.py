@@ -56,18 +56,23 @@ def test_fits_names_what_the_kernel_takes():
     assert not fits(4096, 4096, -1, 1, 8, torch.bfloat16)  # per channel
     assert not fits(4096, 1000, 128, 1, 4, torch.bfloat16)  # K not a multiple of 256 x warps
     assert not fits(4096, 4096, 128, 1, 4, torch.bfloat16, rpw=3)
+    assert fits(4096, 4096, 128, 1, 8, torch.bfloat16, minb=8)  # 8 blocks of 256 threads: 2,048 an SM
+    assert not fits(4096, 4096, 128, 1, 16, torch.bfloat16, minb=6)  # 3,072 threads an SM
+    assert not fits(4096, 4096, 128, 1, 8, torch.bfloat16, minb=5)
+    assert cuda_int4.layout([1, 8, 4, 0, 1, 3, cuda_int4.SUBA]) == (4, 1, 3, cuda_int4.SUBA)
 
 
 pytestmark_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 
 
-def _check(y, x, qt):
+def _check(y, x, qt, offset: bool = True):
     ref = x.double() @ dequantize(qt).double().to(x.device).T
     err = (y.double() - ref).abs()
     # the output is rounded once to bf16 / fp16 (half an ulp; one ulp allowed), plus the fp32 group sums'
-    # error with the 128 offset in them (module doc: about 1e-5 of the largest output; 4e-5 allowed)
+    # error: with the 128 offset in them (module doc: about 1e-5 of the largest output; 4e-5 allowed), or
+    # without it (SUBA: fp32 sums of exact products, 1e-6 allowed)
     ulp = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10
-    bound = ulp * ref.abs() + 4e-5 * ref.abs().max()
+    bound = ulp * ref.abs() + (4e-5 if offset else 1e-6) * ref.abs().max()
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
 
 
@@ -104,16 +109,42 @@ def test_kernel_equals_the_dequantized_product(gs, asym, sdt):
 
 
 @pytestmark_cuda
-def test_kernel_rows_are_independent_of_the_row_count():
+@pytest.mark.parametrize("gs", [32, 128])
+@pytest.mark.parametrize("asym", [False, True])
+def test_kernel_variants_equal_the_dequantized_product(gs, asym):
+    """The register cap (blocks per SM) and the zero point subtracted from A (SUBA; then the sums carry no
+    offset, so the bound is 40x tighter) compute the same product."""
+    n, k = 200, 2048
+    qt = _qt(n, k, gs, asym, torch.float16)
+    frags = pack_frags(qt.codes, gs).cuda()
+    s, z = qt.scales.cuda(), None if qt.zeros is None else qt.zeros.cuda()
+    for adt in (torch.bfloat16, torch.float16):
+        x = torch.randn(8, k, generator=torch.Generator().manual_seed(2)).to(adt).cuda()
+        for ksb, minb, bits in [
+            (8, 3, 0),
+            (4, 0, cuda_int4.SUBA),
+            (8, 4, cuda_int4.SUBA),
+            (16, 2, cuda_int4.SUBA),
+        ]:
+            for m in (1, 8):
+                y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits)
+                _check(y, x[:m], qt, offset=not bits)
+
+
+@pytestmark_cuda
+@pytest.mark.parametrize("bits", [0, cuda_int4.SUBA])
+def test_kernel_rows_are_independent_of_the_row_count(bits):
     """Each output row depends on its own activation row only: an 8-row call (a speculative verify) equals
     eight 1-row calls bit for bit."""
     qt = _qt(4096, 4096, 128, True, torch.float16)
     frags, s, z = pack_frags(qt.codes, 128).cuda(), qt.scales.cuda(), qt.zeros.cuda()
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
-    y8 = cuda_int4.mma_mm(x, frags, s, z, 4096, 128, 8)
-    _check(y8, x, qt)
+    y8 = cuda_int4.mma_mm(x, frags, s, z, 4096, 128, 8, 1, 0, bits)
+    _check(y8, x, qt, offset=not bits)
     for i in range(8):
-        assert torch.equal(cuda_int4.mma_mm(x[i : i + 1], frags, s, z, 4096, 128, 8), y8[i : i + 1])
+        assert torch.equal(
+            cuda_int4.mma_mm(x[i : i + 1], frags, s, z, 4096, 128, 8, 1, 0, bits), y8[i : i + 1]
+        )
 
 
 @pytestmark_cuda
@@ -146,7 +177,8 @@ def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, 
     qt = _qt(64, 1024, 128, False, torch.float16)
     plan = [8, 8, 4, 1, 1, 0, 0, 1 << 30, 5, 64, 0, 1, 16, 4]
     assert linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cpu") == [8, *gemv, *plan[7:]]
-    assert "NVRTC" in cuda_int4.unready(128, 4, 1, False, torch.float16, torch.bfloat16) or CUDA
+    why = cuda_int4.unready(128, 4, 1, False, torch.float16, torch.bfloat16)
+    assert why is None if CUDA else "NVRTC" in why  # on CUDA the variant compiles
     monkeypatch.setattr(cuda_int4, "unready", lambda *a: "NVRTC said no")
     with caplog.at_level("WARNING", logger="lorafast_export.runtime.linear"):
         assert linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cuda") == [8, *gemv, *plan[7:]]
