@@ -114,7 +114,7 @@ def test_kernel_equals_the_dequantized_product(gs, asym, sdt):
 def test_kernel_variants_equal_the_dequantized_product(gs, asym):
     """The register cap (blocks per SM) and the zero point subtracted from A (SUBA; then the sums carry no
     offset, so the bound is 40x tighter) compute the same product."""
-    n, k = 200, 2048
+    n, k = 200, 4096  # K: 256 inputs for each of 16 warps
     qt = _qt(n, k, gs, asym, torch.float16)
     frags = pack_frags(qt.codes, gs).cuda()
     s, z = qt.scales.cuda(), None if qt.zeros is None else qt.zeros.cuda()
@@ -126,6 +126,7 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
             (8, 4, cuda_int4.SUBA),
             (16, 2, cuda_int4.SUBA),
         ]:
+            assert fits(n, k, gs, 8, ksb, adt, 1, minb)
             for m in (1, 8):
                 y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits)
                 _check(y, x[:m], qt, offset=not bits)
