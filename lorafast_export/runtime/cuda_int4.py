@@ -156,12 +156,21 @@ __device__ __forceinline__ void load_step(Step& st, const u32* wp, long tile_wor
     }
 }
 
+template <bool SMEM>  // SMEM: the activations are in shared memory (the fused kernel's normalized rows)
 __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has_x, float (*acc)[4]) {
     u32 xr[NCH][CH / 8];  // loaded once, used by every row tile
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
         if (has_x) {
-            ld_x(xr[c], xp + c * CH);
+            if (SMEM) {
+#pragma unroll
+                for (int v = 0; v < CH / 32; ++v) {
+                    const uint4 t = *(const uint4*)(xp + c * CH + 8 * v);
+                    xr[c][4 * v] = t.x, xr[c][4 * v + 1] = t.y, xr[c][4 * v + 2] = t.z, xr[c][4 * v + 3] = t.w;
+                }
+            } else {
+                ld_x(xr[c], xp + c * CH);
+            }
         } else {
 #pragma unroll
             for (int i = 0; i < CH / 8; ++i) xr[c][i] = 0u;
@@ -208,6 +217,7 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
 #else
 #define BOUNDS __launch_bounds__(KSB * 32)
 #endif
+#if !FUSED
 extern "C" __global__ void BOUNDS
 int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __restrict__ sp,
          const u8* __restrict__ zp, u16* __restrict__ out, int M, int N, int K, int G) {
@@ -240,10 +250,10 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
     load_step(a, wp, tile_words, last, sp, zp, srow, k0 / GS);
     for (int i = 0; i < steps; i += 2) {
         if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
-        run_step(a, xp + i * 256, has_x, acc);
+        run_step<false>(a, xp + i * 256, has_x, acc);
         if (i + 1 < steps) {
             if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
-            run_step(b, xp + (i + 1) * 256, has_x, acc);
+            run_step<false>(b, xp + (i + 1) * 256, has_x, acc);
         }
     }
     __shared__ float red[KSB][RPW][4][32];
@@ -270,6 +280,186 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
         }
     }
 }
+#else
+// The fused decode kernel (FUSED): the product with its neighbours, as runtime/triton_fused.py's ops.
+// NORM: the activations are RMSNorm(x) computed by the block into shared memory first (ADD_IN: x = h + d,
+// written to xo by block 0), with the plain step's roundings: nw * bf16(x * rsqrt(mean(x^2) + eps)).
+// TWO (GLU or ROPE): a block owns two 16-row tiles, each summed by KSB / 2 warps: GLU the gate tile and its
+// up tile (N / 2 rows further), ROPE a tile of a head's first half and the matching tile D / 2 rows further.
+// Epilogue (triton_fused._epilogue): BIAS, rope and the k/v write, silu(gate) * up, the residual add (ADD_OUT).
+#define TWO (GLU || ROPE)
+#define WPT (TWO ? KSB / 2 : KSB)  // warps per tile
+
+#define MAX_M 8
+
+__device__ __forceinline__ float to_f(u32 h) {  // an activation-dtype value in the low 16 bits
+#if ADT == 0
+    return __uint_as_float(h << 16);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+    return f;
+#endif
+}
+__device__ __forceinline__ float lo16(u32 v) { return to_f(v & 0xFFFFu); }
+__device__ __forceinline__ float hi16(u32 v) { return to_f(v >> 16); }
+__device__ __forceinline__ u16 rnd(float v) {
+    u16 h;
+#if ADT == 0
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+    return h;
+}
+__device__ __forceinline__ float rf(float v) { return to_f(rnd(v)); }  // rounded to the activations' dtype
+
+__device__ __forceinline__ int tile_of(int p, int grp, int N) {
+#if ROPE
+    return (p / (D / 32)) * (D / 16) + p % (D / 32) + grp * (D / 32);
+#elif GLU
+    return p + grp * (N / 32);  // N: the gate and up rows
+#else
+    return p;
+#endif
+}
+
+extern "C" __global__ void BOUNDS
+int4_mma_fused(const u32* __restrict__ wf, const u16* __restrict__ x, const u16* __restrict__ d,
+               const u16* __restrict__ nw, const void* __restrict__ sp, const u8* __restrict__ zp,
+               const u16* __restrict__ bias, const u16* __restrict__ res, u16* __restrict__ out,
+               u16* __restrict__ xo, const u16* __restrict__ cosp, const u16* __restrict__ sinp,
+               u16* __restrict__ kp, u16* __restrict__ vp, const long long* __restrict__ slots, int pool_stride,
+               int M, int N, int K, int G, double eps, int QN, int KN) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int grp = TWO ? warp / WPT : 0, wi = warp % WPT;
+    const int tile = tile_of(blockIdx.x, grp, N);
+    const int slice = K / WPT, k0 = wi * slice, steps = slice / 256;
+    const long tile_words = (long)(K / CH) * 32 * WPL;
+    const u32* wp = wf + (long)tile * tile_words + (long)(k0 / CH) * (32 * WPL) + lane * WPL;
+    long srow[2];
+    {
+        const int r0 = tile * 16 + g;
+        srow[0] = (long)(r0 < N ? r0 : N - 1) * G;
+        srow[1] = (long)(r0 + 8 < N ? r0 + 8 : N - 1) * G;
+    }
+    const bool has_x = g < M;
+    const long wstep = (long)NCH * 32 * WPL;
+    Step a, b;
+    load_step(a, wp, tile_words, 0, sp, zp, srow, k0 / GS);  // in flight while the block normalizes x
+#if NORM
+    extern __shared__ __align__(16) u16 xs[];  // [M][K]: the normalized rows, the product's B operand
+    __shared__ float ssum[KSB][MAX_M];
+    for (int m = 0; m < M; ++m) {
+        float ss = 0.f;
+        for (int e = threadIdx.x * 8; e < K; e += KSB * 256) {
+            uint4 hv = *(const uint4*)(x + (long)m * K + e);
+            u32* hw = (u32*)&hv;
+#if ADD_IN
+            const uint4 dv = *(const uint4*)(d + (long)m * K + e);
+            const u32* dw = (const u32*)&dv;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                hw[i] = (u32)rnd(lo16(hw[i]) + lo16(dw[i])) | ((u32)rnd(hi16(hw[i]) + hi16(dw[i])) << 16);
+            if (blockIdx.x == 0) *(uint4*)(xo + (long)m * K + e) = hv;
+#endif
+#pragma unroll
+            for (int i = 0; i < 4; ++i) ss += lo16(hw[i]) * lo16(hw[i]) + hi16(hw[i]) * hi16(hw[i]);
+            *(uint4*)(xs + m * K + e) = hv;
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+        if (lane == 0) ssum[warp][m] = ss;
+    }
+    __syncthreads();
+    for (int m = 0; m < M; ++m) {
+        float ss = 0.f;
+        for (int w = 0; w < KSB; ++w) ss += ssum[w][m];
+        const float inv = rsqrtf(ss / (float)K + (float)eps);
+        for (int e = threadIdx.x * 8; e < K; e += KSB * 256) {
+            uint4 hv = *(const uint4*)(xs + m * K + e);
+            const uint4 nv = *(const uint4*)(nw + e);
+            u32* hw = (u32*)&hv;
+            const u32* nwv = (const u32*)&nv;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                hw[i] = (u32)rnd(lo16(nwv[i]) * rf(lo16(hw[i]) * inv))
+                        | ((u32)rnd(hi16(nwv[i]) * rf(hi16(hw[i]) * inv)) << 16);
+            *(uint4*)(xs + m * K + e) = hv;
+        }
+    }
+    __syncthreads();
+    const u16* xp = xs + (has_x ? g : 0) * K + k0 + (CH / 4) * q;
+#define SM true
+#else
+    const u16* xp = x + (long)(has_x ? g : 0) * K + k0 + (CH / 4) * q;
+#define SM false
+#endif
+    float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+    for (int i = 0; i < steps; i += 2) {
+        if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
+        run_step<SM>(a, xp + i * 256, has_x, acc);
+        if (i + 1 < steps) {
+            if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
+            run_step<SM>(b, xp + (i + 1) * 256, has_x, acc);
+        }
+    }
+    __shared__ float red[KSB][4][32];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][i][lane] = acc[0][i];
+    __syncthreads();
+    const int t0 = tile_of(blockIdx.x, 0, N);
+    for (int o = threadIdx.x; o < 128; o += KSB * 32) {  // 16 rows x 8 columns of each of the block's tiles
+        const int l = o & 31, i = o >> 5;
+        float y = 0.f, y2 = 0.f;
+#pragma unroll
+        for (int w = 0; w < WPT; ++w) y += red[w][i][l];
+#if TWO
+#pragma unroll
+        for (int w = 0; w < WPT; ++w) y2 += red[WPT + w][i][l];
+#endif
+        const int m = 2 * (l & 3) + (i & 1), n = t0 * 16 + (l >> 2) + 8 * (i >> 1);
+        if (m >= M) continue;
+#if ROPE
+        const int n2 = n + D / 2;
+#if BIAS
+        y += to_f(bias[n]);
+        y2 += to_f(bias[n2]);
+#endif
+        const float lo = rf(y), hi = rf(y2);
+        const int c = n % D;
+        const float c1 = to_f(cosp[m * D + c]), s1 = to_f(sinp[m * D + c]);
+        const float c2 = to_f(cosp[m * D + c + D / 2]), s2 = to_f(sinp[m * D + c + D / 2]);
+        const bool is_v = n >= QN + KN;
+        const u16 o1 = rnd(is_v ? lo : lo * c1 - hi * s1), o2 = rnd(is_v ? hi : hi * c2 + lo * s2);
+        if (n < QN) {
+            out[(long)m * QN + n] = o1;
+            out[(long)m * QN + n2] = o2;
+        } else {
+            const long slot = (long)slots[m];
+            const int kc = is_v ? n - QN - KN : n - QN;
+            const long at = (long)(kc / D) * pool_stride + slot * D + kc % D;
+            u16* pool = is_v ? vp : kp;
+            pool[at] = o1;
+            pool[at + D / 2] = o2;
+        }
+#elif GLU
+        const float gt = rf(y), up = rf(y2);
+        out[(long)m * (N / 2) + n] = rnd(gt / (1.f + __expf(-gt)) * up);
+#else
+        if (n >= N) continue;
+#if BIAS
+        y += to_f(bias[n]);
+#endif
+#if ADD_OUT
+        y = rf(y) + to_f(res[(long)m * N + n]);
+#endif
+        out[(long)m * N + n] = rnd(y);
+#endif
+    }
+}
+#endif
 """
 
 
@@ -343,7 +533,7 @@ def _kernel(
 ):
     defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW {rpw}\n#define ASYM {int(asym)}\n"
     defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
-    defines += f"#define SUBA {int(bool(bits & SUBA))}\n"
+    defines += f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED 0\n"
     return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
 
 
@@ -410,3 +600,245 @@ def mma_mm(
         args=[frags, x, scales.contiguous(), zp.contiguous(), out, m, n, k, scales.shape[1]],
     )
     return out
+
+
+# The fused decode ops (runtime/triton_fused.py's, on this kernel): the first three products of a decoder layer
+# with their neighbours. The fourth (down_proj) is the plain kernel.
+QKV_OP, O_OP, GLU_OP = "add_norm_qkv_rope", "gemv_add", "norm_glu"
+_FLAGS = {  # ADD_IN, NORM, GLU, ROPE, ADD_OUT
+    QKV_OP: (1, 1, 0, 1, 0),
+    O_OP: (0, 0, 0, 0, 1),
+    GLU_OP: (0, 1, 1, 0, 0),
+}
+
+
+def fused_layout(entry, op: str) -> tuple[int, int, int]:
+    """The fused op's (warps per block, blocks per SM, variant bits) from the layer's own 1-row plan entry:
+    the GLU and QKV ops give each of a block's two tiles half its warps, so they take twice the entry's warps
+    (at most 16), and no more blocks an SM than 2,048 threads allow."""
+    ksb, _, minb, bits = layout(entry)
+    if op in (QKV_OP, GLU_OP):
+        ksb = min(16, 2 * ksb)
+    return ksb, minb if 32 * ksb * minb <= 2048 else 0, bits
+
+
+def fused_fits(op: str, n: int, k: int, group_size: int, ksb: int, minb: int, head_dim: int = 0) -> bool:
+    """Whether the fused op takes this weight [n, k]: the plain kernel's rules with each tile's warps, and for
+    the GLU op whole 16-row tiles of gate and of up rows, for the QKV op heads of a multiple of 32 rows."""
+    two = op in (QKV_OP, GLU_OP)
+    wpt = ksb // 2 if two else ksb
+    return (
+        op in _FLAGS
+        and group_size in GROUPS
+        and ksb in KSB_CHOICES
+        and (not two or ksb >= 2)
+        and minb in MINB_CHOICES
+        and 32 * ksb * minb <= 2048
+        and k % (STEP * wpt) == 0
+        and (op != GLU_OP or n % 32 == 0)
+        and (op != QKV_OP or (head_dim % 32 == 0 and n % head_dim == 0))
+    )
+
+
+@functools.cache
+def _fused(op: str, group_size: int, ksb: int, asym: bool, scale_code: int, act_fp16: bool, minb: int,
+           bits: int, bias: bool, head_dim: int):  # fmt: skip
+    add_in, norm, glu, rope, add_out = _FLAGS[op]
+    defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW 1\n#define ASYM {int(asym)}\n"
+    defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
+    defines += f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED 1\n#define ADD_IN {add_in}\n#define NORM {norm}\n"
+    defines += (
+        f"#define GLU {glu}\n#define ROPE {rope}\n#define BIAS {int(bias)}\n#define ADD_OUT {add_out}\n"
+    )
+    defines += f"#define D {head_dim or 32}\n"
+    return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma_fused", nvcc_options=["-std=c++17"])
+
+
+def _fused_key(op, m, lay, act_dtype, bias: bool, head_dim: int) -> tuple:
+    ksb, minb, bits = lay
+    return (
+        op,
+        m.group_size,
+        ksb,
+        m.zeros is not None,
+        _SCALE_CODES[m.scales.dtype],
+        act_dtype == torch.float16,
+        minb,
+        bits,
+        bias,
+        head_dim,
+    )
+
+
+def fused_unready(
+    op: str, m, lay, act_dtype: torch.dtype, bias: bool = False, head_dim: int = 0
+) -> str | None:
+    """None when the fused op's variant for int4 linear m (an `Int4TritonLinear` with `weight_frags`) compiles
+    here, with shared memory for 8 normalized rows of its K; else why not."""
+    if not available():
+        return "this torch has no torch.cuda._compile_kernel (NVRTC) or no CUDA device"
+    if not fused_fits(op, m.out_features, m.in_features, m.group_size, lay[0], lay[1], head_dim):
+        return (
+            f"{op}: weight {m.out_features}x{m.in_features}, group {m.group_size}, layout {lay}: does not fit"
+        )
+    try:
+        kern = _fused(*_fused_key(op, m, lay, act_dtype, bias, head_dim))
+        if _FLAGS[op][1]:
+            kern.set_shared_memory_config(max(kern._max_shared_mem_bytes, MAX_ROWS * m.in_features * 2))
+    except Exception as e:  # noqa: BLE001 - any compile or load failure means: use the unfused kernels
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    return None
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None, nw=None, eps=0.0, bias=None,
+                 res=None, rope=None):  # fmt: skip
+    """One fused op on rows x [M <= 8, k] (bf16/fp16, CUDA): QKV_OP → (x = x + delta, q = rope(RMSNorm(x) @ W^T
+    + bias)'s q heads) with its k and v heads written into the pools (rope = (cos [M, D], sin, k_pool [HKV, slots,
+    D], v_pool, slots [M] int64, q_cols)); O_OP → res + x @ W^T; GLU_OP → silu(gate) * up of RMSNorm(x) @ W^T
+    ([M, N / 2])."""
+    m_rows, n = x.shape[0], scales.shape[0]
+    ksb, minb, bits = lay
+    add_in, norm, glu, use_rope, _ = _FLAGS[op]
+    x = _aligned(x)
+    hd = rope[2].shape[2] if use_rope else 0
+    kern = _fused(
+        op,
+        group_size,
+        ksb,
+        zeros is not None,
+        _SCALE_CODES[scales.dtype],
+        x.dtype == torch.float16,
+        minb,
+        bits,
+        bias is not None,
+        hd,
+    )
+    d = _aligned(delta) if add_in else x
+    w = _aligned(nw) if norm else x
+    xo = torch.empty_like(x) if add_in else x
+    if use_rope:
+        cos, sin, kp, vp, slots, qn = rope
+        kn = (n - qn) // 2
+        if qn % hd or kn % hd or kp.shape[0] * hd != kn or kp.stride(1) != hd or kp.stride(2) != 1:
+            raise ValueError(
+                f"int4 MMA qkv + rope: {n} rows, {qn} of q, head dim {hd}, k pool {tuple(kp.shape)}"
+            )
+        out = torch.empty(m_rows, qn, device=x.device, dtype=x.dtype)
+        cos, sin = cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous()
+        grid, tail = n // 32, (cos, sin, kp, vp, slots.to(torch.int64).contiguous(), kp.stride(0))
+    else:
+        qn = kn = 0
+        out = torch.empty(m_rows, n // 2 if glu else n, device=x.device, dtype=x.dtype)
+        grid, tail = (n // 32 if glu else -(-n // 16)), (x, x, x, x, x, 0)
+    zp = zeros if zeros is not None else scales
+    args = [frags, x, d, w, scales.contiguous(), zp.contiguous(), x if bias is None else bias.to(x.dtype)]
+    args += [
+        res.contiguous() if res is not None else x,
+        out,
+        xo,
+        *tail,
+        m_rows,
+        n,
+        k,
+        scales.shape[1],
+        float(eps),
+    ]
+    kern(
+        grid=(grid, 1, 1),
+        block=(32 * ksb, 1, 1),
+        args=[*args, qn, kn],
+        shared_mem=m_rows * k * 2 if norm else 0,
+    )
+    return (xo, out) if add_in else out
+
+
+@torch.library.custom_op("lorafast::mma_add_norm_qkv_rope", mutates_args=("k_pool", "v_pool"))
+def mma_add_norm_qkv_rope(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    nw: torch.Tensor,
+    frags: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    k: int,
+    group_size: int,
+    lay: list[int],
+    eps: float,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    q_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """triton_fused.add_norm_qkv_rope on an int4 qkv_proj: (x = h + delta [M, K], q [M, q_cols])."""
+    rope = (cos, sin, k_pool, v_pool, slots, q_cols)
+    return fused_launch(
+        QKV_OP,
+        h,
+        frags,
+        scales,
+        zeros,
+        k,
+        group_size,
+        tuple(lay),
+        delta=delta,
+        nw=nw,
+        eps=eps,
+        bias=bias,
+        rope=rope,
+    )
+
+
+@mma_add_norm_qkv_rope.register_fake
+def _(
+    h, delta, nw, frags, scales, zeros, k, group_size, lay, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols
+):
+    return torch.empty_like(h), h.new_empty(h.shape[0], q_cols)
+
+
+@torch.library.custom_op("lorafast::mma_gemv_add", mutates_args=())
+def mma_gemv_add(
+    a: torch.Tensor,
+    frags: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    k: int,
+    group_size: int,
+    lay: list[int],
+    r: torch.Tensor,
+) -> torch.Tensor:
+    """triton_fused.gemv_add on an int4 o_proj: r + a @ W^T [M, N]."""
+    return fused_launch(O_OP, a, frags, scales, zeros, k, group_size, tuple(lay), res=r)
+
+
+@mma_gemv_add.register_fake
+def _(a, frags, scales, zeros, k, group_size, lay, r):
+    return torch.empty_like(r)
+
+
+@torch.library.custom_op("lorafast::mma_norm_glu", mutates_args=())
+def mma_norm_glu(
+    x: torch.Tensor,
+    nw: torch.Tensor,
+    frags: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    k: int,
+    group_size: int,
+    lay: list[int],
+    eps: float,
+) -> torch.Tensor:
+    """triton_fused.norm_glu on an int4 gate_up_proj: silu(gate) * up of RMSNorm(x) @ W^T [M, N / 2]."""
+    return fused_launch(GLU_OP, x, frags, scales, zeros, k, group_size, tuple(lay), nw=nw, eps=eps)
+
+
+@mma_norm_glu.register_fake
+def _(x, nw, frags, scales, zeros, k, group_size, lay, eps):
+    return x.new_empty(x.shape[0], scales.shape[0] // 2)

@@ -10,6 +10,7 @@ compiled graph (regional compilation), and the engine captures the whole step in
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -32,6 +33,8 @@ from lorafast_export.runtime.attention import (
 from lorafast_export.runtime.fuse import fused_dense, fusion_groups
 from lorafast_export.runtime.kv_cache import PagedKVCache
 from lorafast_export.runtime.linear import Int4TritonLinear, lower_qtensor
+
+log = logging.getLogger(__name__)
 
 VERIFY_MAX = 8  # an extend of up to this many tokens per row runs the Triton decode kernel per token
 
@@ -147,7 +150,53 @@ def fusable_layer(layer) -> bool:
     dtype = layer.input_layernorm.weight.dtype
     if all(isinstance(m, nn.Linear) for m in lins):
         return all(m.weight.dtype == dtype for m in lins)
+    if mma_layouts(layer) is not None:
+        return True
     return all(_int4_fusable(op, m, dtype) for op, m in zip(FUSED_INT4_OPS, lins, strict=True))
+
+
+def mma_layouts(layer) -> list | None:
+    """The fused CUDA MMA kernels' layouts (runtime/cuda_int4.py's fused ops) for this layer's qkv, o and
+    gate_up, or None where they cannot run it: every linear an int4 one whose plan runs the MMA kernel (its
+    layout is derived from the plan's entry), no act-order permutation or activation quantization, no bias but
+    qkv's, bf16 or fp16, and each fused variant compiled here (at load; a failure is logged once and the layer
+    keeps the other kernels). Imports nothing heavy off CUDA."""
+    attn, mlp = layer.self_attn, layer.mlp
+    lins = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
+    dtype = layer.input_layernorm.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16) or any(
+        type(m) is not Int4TritonLinear
+        or m.weight_frags is None
+        or m.perm is not None
+        or m.act_quant is not None
+        for m in lins
+    ):
+        return None
+    if any(getattr(m, "bias", None) is not None for m in lins[1:]):
+        return None
+    from lorafast_export.runtime import cuda_int4
+    from lorafast_export.runtime.triton_int4 import ENTRY, MMA
+
+    ops = (cuda_int4.QKV_OP, cuda_int4.O_OP, cuda_int4.GLU_OP)
+    lays = []
+    for op, m in zip(ops, lins, strict=False):
+        entries = [m.plan[i : i + ENTRY] for i in range(0, len(m.plan), ENTRY)]
+        entry = next((e for e in entries if e[1] == MMA), None)
+        if entry is None:
+            return None
+        lay = cuda_int4.fused_layout(entry, op)
+        hd = attn.head_dim if op == cuda_int4.QKV_OP else 0
+        why = cuda_int4.fused_unready(op, m, lay, dtype, getattr(m, "bias", None) is not None, hd)
+        if why is not None:
+            if why not in _MMA_FUSED_WARNED:
+                _MMA_FUSED_WARNED.add(why)
+                log.warning("int4 fused MMA kernels unavailable, the unfused kernels run instead: %s", why)
+            return None
+        lays.append(list(lay))
+    return lays
+
+
+_MMA_FUSED_WARNED: set[str] = set()
 
 
 FUSED_INT4_OPS = ("add_norm_qkv_rope", "gemv_add", "norm_glu", "gemv")  # qkv, o, gate_up, down's fused op
@@ -177,6 +226,12 @@ def _int4(m) -> tuple:
     return m.weight_words, m.scales, m.zeros, m.scale_zero_words, m.group_size
 
 
+def _mma(m, lay) -> tuple:
+    """An int4 linear's arguments to runtime/cuda_int4.py's fused ops: (fragments, scales, zero points, K,
+    group size, layout)."""
+    return m.weight_frags, m.scales, m.zeros, m.in_features, m.group_size, lay
+
+
 def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
     """`_block_parts` of the layer input h + delta through the fused kernels (runtime/triton_fused.py, or
     runtime/triton_fused_int4.py's for an int4 layer): the residual add, RMSNorm, qkv product, rope and the k/v
@@ -192,8 +247,11 @@ def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
     qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
     hx, dx = h.reshape(-1, hid), delta.reshape(-1, hid)
     dense = isinstance(o, nn.Linear)
+    lays = getattr(layer, "mma_fused", None)  # use_fused_decode's: the CUDA MMA kernels' fused ops
     if dense:
         x, q = ops.add_norm_qkv_rope(hx, dx, n1.weight, qkv.weight, n1.eps, qkv.bias, *rope)
+    elif lays is not None:
+        x, q = ops.mma_add_norm_qkv_rope(hx, dx, n1.weight, *_mma(qkv, lays[0]), n1.eps, qkv.bias, *rope)
     else:
         x, q = ops.add_norm_qkv_rope_int4(hx, dx, n1.weight, *_int4(qkv), n1.eps, qkv.bias, *rope)
     a = attend(q.view(b, s, attn.n_heads, d).transpose(1, 2)).transpose(1, 2).reshape(b * s, -1)
@@ -201,6 +259,10 @@ def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
         h = ops.gemv_add(a, o.weight, x)
         act = ops.norm_glu(h, n2.weight, gate_up.weight, n2.eps)
         out = ops.fused_gemv(act, down.weight)
+    elif lays is not None:
+        h = ops.mma_gemv_add(a, *_mma(o, lays[1]), x)
+        act = ops.mma_norm_glu(h, n2.weight, *_mma(gate_up, lays[2]), n2.eps)
+        out = down(act)  # the plain MMA kernel, through the layer's plan
     else:
         h = ops.gemv_add_int4(a, *_int4(o), x)
         act = ops.norm_glu_int4(h, n2.weight, *_int4(gate_up), n2.eps)
@@ -399,6 +461,7 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     n = 0
     for layer in dec.model.layers:
         layer.fused_rows = rows if fusable_layer(layer) else 0
+        layer.mma_fused = mma_layouts(layer) if layer.fused_rows else None
         n += layer.fused_rows > 0
     head = dec.lm_head if dec.lm_head is not None else dec.model.embed_tokens
     plain_head = (

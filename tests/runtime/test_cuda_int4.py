@@ -2,6 +2,8 @@
 kernel against the dequantized weight's product (the fake-quant reference), for every group, scale dtype,
 zero-point mode, activation dtype, row count and block width it takes."""
 
+import types
+
 import pytest
 import torch
 
@@ -242,3 +244,132 @@ def test_emulated_kernel_arithmetic_equals_the_dequantized_product(gs, asym):
     want = x.double() @ w.T  # in float64: qform.dequantize rounds (code - zero) * scale to float32
     got = _emulate_kernel(x, pack_frags(qt.codes, gs), qt)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
+
+
+def _rmsnorm(x, nw, eps):
+    """The decoder's RMSNorm (model/decoder.py), whose roundings the fused ops reproduce."""
+    h = x.float()
+    return nw * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _close(y, ref, what):
+    """Within a few roundings of the activation dtype: the fused epilogues round the product (and gate / up,
+    q / k) once where the plain step does, and their fp32 sums differ from the float64 reference by far less."""
+    ref = ref.double()
+    err = (y.double() - ref).abs()
+    assert (err.norm() / ref.norm()).item() < 6e-3, (
+        f"{what}: relative error {(err.norm() / ref.norm()).item():.3g}"
+    )
+    assert err.max().item() <= 2.0**-6 * ref.abs().max().item(), f"{what}: max error {err.max().item():.3g}"
+
+
+def _fused_case(n, k, asym, seed=0):
+    qt = _qt(n, k, 128, asym, torch.float16, seed)
+    m = types.SimpleNamespace(
+        weight_frags=pack_frags(qt.codes, 128).cuda(),
+        scales=qt.scales.cuda(),
+        zeros=None if qt.zeros is None else qt.zeros.cuda(),
+        in_features=k,
+        out_features=n,
+        group_size=128,
+    )
+    return qt, m, dequantize(qt).double().cuda()
+
+
+@pytestmark_cuda
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_fused_norm_glu_equals_rmsnorm_product_and_silu(asym, rows):
+    inter, k = 352, 2048  # 22 gate tiles and 22 up tiles
+    _, m, wd = _fused_case(2 * inter, k, asym)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 3
+    nw = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+    lay = (8, 0, cuda_int4.SUBA)
+    assert cuda_int4.fused_unready(cuda_int4.GLU_OP, m, lay, torch.bfloat16) is None
+    y = cuda_int4.mma_norm_glu(x, nw, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), 1e-5)
+    p = _rmsnorm(x, nw, 1e-5).double() @ wd.T
+    g, u = p[:, :inter].bfloat16().double(), p[:, inter:].bfloat16().double()
+    assert y.shape == (rows, inter)
+    _close(y, g * torch.sigmoid(g) * u, "silu(gate) * up")
+
+
+@pytestmark_cuda
+@pytest.mark.parametrize("rows", [1, 8])
+def test_fused_gemv_add_equals_product_plus_residual(rows):
+    n, k = 200, 4096
+    _, m, wd = _fused_case(n, k, True, seed=3)
+    a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 4
+    lay = (8, 2, 0)
+    assert cuda_int4.fused_unready(cuda_int4.O_OP, m, lay, torch.bfloat16) is None
+    y = cuda_int4.mma_gemv_add(a, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), r)
+    _close(y, (a.double() @ wd.T).bfloat16().double() + r.double(), "r + a @ W^T")
+
+
+@pytestmark_cuda
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_add_norm_qkv_rope_writes_q_and_the_pools(hd, bias):
+    """x = h + delta, RMSNorm, the qkv product, rope on q and k heads, k and v written at each row's slot."""
+    hq, hkv, k, rows, slots_n = 4, 2, 1024, 5, 64
+    qn, kn = hq * hd, hkv * hd
+    _, m, wd = _fused_case(qn + 2 * kn, k, True, seed=5)
+    h = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    d = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    nw = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+    b = torch.randn(qn + 2 * kn, device="cuda", dtype=torch.bfloat16) if bias else None
+    ang = torch.rand(rows, hd // 2, device="cuda") * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16()
+    kp = torch.zeros(hkv, slots_n, hd, device="cuda", dtype=torch.bfloat16)
+    vp = torch.zeros_like(kp)
+    slots = torch.randperm(slots_n, device="cuda")[:rows]
+    lay = (8, 0, cuda_int4.SUBA)
+    assert cuda_int4.fused_unready(cuda_int4.QKV_OP, m, lay, torch.bfloat16, bias, hd) is None
+    x, q = cuda_int4.mma_add_norm_qkv_rope(
+        h, d, nw, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), 1e-6, b, cos, sin, kp, vp, slots, qn
+    )
+    assert torch.equal(x, h + d)  # one bf16 rounding of the fp32 sum, as torch's add
+    p = _rmsnorm(x, nw, 1e-6).double() @ wd.T + (b.double() if bias else 0)
+    p = p.bfloat16().double()
+    c, s = cos.double(), sin.double()
+
+    def rope(t):  # [rows, heads * hd], fp32-like math on the rounded product, as the fused epilogue
+        t = t.view(rows, -1, hd)
+        lo, hi = t[..., : hd // 2], t[..., hd // 2 :]
+        c1, s1, c2, s2 = (
+            z[:, None] for z in (c[:, : hd // 2], s[:, : hd // 2], c[:, hd // 2 :], s[:, hd // 2 :])
+        )
+        return torch.cat([lo * c1 - hi * s1, hi * c2 + lo * s2], -1)
+
+    _close(q.view(rows, hq, hd), rope(p[:, :qn]), "q")
+    _close(kp[:, slots].transpose(0, 1), rope(p[:, qn : qn + kn]), "k at the slots")
+    _close(vp[:, slots].transpose(0, 1), p[:, qn + kn :].view(rows, hkv, hd), "v at the slots")
+    others = torch.ones(slots_n, dtype=torch.bool, device="cuda")
+    others[slots] = False
+    assert not kp[:, others].any() and not vp[:, others].any()  # nothing written elsewhere
+
+
+@pytestmark_cuda
+def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path, monkeypatch):
+    """A tiny int4 model (g128 asymmetric, bf16) whose linears all run the MMA kernel: with fused decode its
+    layers take the fused MMA ops (layouts derived from their plans, compiled at load), and teacher-forced decode
+    steps give the unfused MMA path's logits closely and its greedy tokens."""
+    from lorafast_export.runtime import linear
+    from lorafast_export.runtime import triton_int4 as t4
+    from lorafast_export.runtime.paged import use_fused_decode
+    from tests.runtime.helpers import paged, quantize_all, tiny_checkpoint
+    from tests.runtime.test_triton_fused_int4 import _teacher_forced
+
+    plan = [8, t4.MMA, 1, 1, 1, 0, cuda_int4.SUBA, 1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
+    monkeypatch.setattr(linear, "default_plan", lambda: list(plan))
+    md = tiny_checkpoint(tmp_path, hidden=256, intermediate_size=512)  # 4 heads of 64, 2 kv heads
+    fp, q = quantize_all(md, group_size=128)
+    unfused, cache = paged(md, fp, q, dtype=torch.bfloat16, kernel="triton", device="cuda")
+    fused, cache2 = paged(md, fp, q, dtype=torch.bfloat16, kernel="triton", device="cuda")
+    assert unfused.dec.model.layers[0].mlp.down_proj.plan[1] == t4.MMA
+    assert use_fused_decode(fused.dec) == md.config.num_layers
+    assert all(layer.mma_fused == [[2, 0, 1], [1, 0, 1], [2, 0, 1]] for layer in fused.dec.model.layers)
+    ids = torch.randint(0, 96, (10,), generator=torch.Generator().manual_seed(0))
+    want, got = _teacher_forced(unfused, cache, ids, 6), _teacher_forced(fused, cache2, ids, 6)
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    assert torch.equal(got[6:].argmax(-1), want[6:].argmax(-1))
