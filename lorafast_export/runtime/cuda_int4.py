@@ -314,6 +314,16 @@ __device__ __forceinline__ u16 rnd(float v) {
 }
 __device__ __forceinline__ float rf(float v) { return to_f(rnd(v)); }  // rounded to the activations' dtype
 
+__device__ __forceinline__ void norm_row(u16* p, uint4 nv, float inv) {  // 8 values: nw * rnd(x * inv), rounded
+    uint4 hv = *(const uint4*)p;
+    u32* hw = (u32*)&hv;
+    const u32* nwv = (const u32*)&nv;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        hw[i] = (u32)rnd(lo16(nwv[i]) * rf(lo16(hw[i]) * inv)) | ((u32)rnd(hi16(nwv[i]) * rf(hi16(hw[i]) * inv)) << 16);
+    *(uint4*)p = hv;
+}
+
 __device__ __forceinline__ int tile_of(int p, int grp, int N) {
 #if ROPE
     return (p / (D / 32)) * (D / 16) + p % (D / 32) + grp * (D / 32);
@@ -325,7 +335,7 @@ __device__ __forceinline__ int tile_of(int p, int grp, int N) {
 }
 
 extern "C" __global__ void BOUNDS
-int4_mma_fused(const u32* __restrict__ wf, const u16* __restrict__ x, const u16* __restrict__ d,
+KNAME(const u32* __restrict__ wf, const u16* __restrict__ x, const u16* __restrict__ d,
                const u16* __restrict__ nw, const void* __restrict__ sp, const u8* __restrict__ zp,
                const u16* __restrict__ bias, const u16* __restrict__ res, u16* __restrict__ out,
                u16* __restrict__ xo, const u16* __restrict__ cosp, const u16* __restrict__ sinp,
@@ -347,13 +357,21 @@ int4_mma_fused(const u32* __restrict__ wf, const u16* __restrict__ x, const u16*
     const bool has_x = g < M;
     const long wstep = (long)NCH * 32 * WPL;
     Step a, b;
-    load_step(a, wp, tile_words, 0, sp, zp, srow, k0 / GS);  // in flight while the block normalizes x
+    // the first two steps' weights are in flight while the block normalizes x
+    load_step(a, wp, tile_words, 0, sp, zp, srow, k0 / GS);
+    if (steps > 1) load_step(b, wp + wstep, tile_words, 0, sp, zp, srow, (k0 + 256) / GS);
 #if NORM
     extern __shared__ __align__(16) u16 xs[];  // [M][K]: the normalized rows, the product's B operand
     __shared__ float ssum[KSB][MAX_M];
+    const int e0 = threadIdx.x * 8, estride = KSB * 256;
+    uint4 nwr[4];  // the thread's first norm weights, loaded with x (one round trip to L2, not two)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        if (e0 + j * estride < K) nwr[j] = *(const uint4*)(nw + e0 + j * estride);
     for (int m = 0; m < M; ++m) {
         float ss = 0.f;
-        for (int e = threadIdx.x * 8; e < K; e += KSB * 256) {
+#pragma unroll 4
+        for (int e = e0; e < K; e += estride) {
             uint4 hv = *(const uint4*)(x + (long)m * K + e);
             u32* hw = (u32*)&hv;
 #if ADD_IN
@@ -377,17 +395,10 @@ int4_mma_fused(const u32* __restrict__ wf, const u16* __restrict__ x, const u16*
         float ss = 0.f;
         for (int w = 0; w < KSB; ++w) ss += ssum[w][m];
         const float inv = rsqrtf(ss / (float)K + (float)eps);
-        for (int e = threadIdx.x * 8; e < K; e += KSB * 256) {
-            uint4 hv = *(const uint4*)(xs + m * K + e);
-            const uint4 nv = *(const uint4*)(nw + e);
-            u32* hw = (u32*)&hv;
-            const u32* nwv = (const u32*)&nv;
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
-                hw[i] = (u32)rnd(lo16(nwv[i]) * rf(lo16(hw[i]) * inv))
-                        | ((u32)rnd(hi16(nwv[i]) * rf(hi16(hw[i]) * inv)) << 16);
-            *(uint4*)(xs + m * K + e) = hv;
-        }
+        for (int j = 0; j < 4; ++j)
+            if (e0 + j * estride < K) norm_row(xs + m * K + e0 + j * estride, nwr[j], inv);
+        for (int e = e0 + 4 * estride; e < K; e += estride) norm_row(xs + m * K + e, *(const uint4*)(nw + e), inv);
     }
     __syncthreads();
     const u16* xp = xs + (has_x ? g : 0) * K + k0 + (CH / 4) * q;
@@ -397,12 +408,12 @@ int4_mma_fused(const u32* __restrict__ wf, const u16* __restrict__ x, const u16*
 #define SM false
 #endif
     float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-    for (int i = 0; i < steps; i += 2) {
-        if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
+    for (int i = 0; i < steps; i += 2) {  // step i + 1 is in flight while step i multiplies
         run_step<SM>(a, xp + i * 256, has_x, acc);
+        if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
         if (i + 1 < steps) {
-            if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
             run_step<SM>(b, xp + (i + 1) * 256, has_x, acc);
+            if (i + 3 < steps) load_step(b, wp + (i + 3) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 3) * 256) / GS);
         }
     }
     __shared__ float red[KSB][4][32];
@@ -650,8 +661,8 @@ def _fused(op: str, group_size: int, ksb: int, asym: bool, scale_code: int, act_
     defines += (
         f"#define GLU {glu}\n#define ROPE {rope}\n#define BIAS {int(bias)}\n#define ADD_OUT {add_out}\n"
     )
-    defines += f"#define D {head_dim or 32}\n"
-    return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma_fused", nvcc_options=["-std=c++17"])
+    defines += f"#define D {head_dim or 32}\n#define KNAME int4_mma_{op}\n"  # a name per op, for profiles
+    return torch.cuda._compile_kernel(defines + SOURCE, f"int4_mma_{op}", nvcc_options=["-std=c++17"])
 
 
 def _fused_key(op, m, lay, act_dtype, bias: bool, head_dim: int) -> tuple:
