@@ -3,7 +3,11 @@ the 8B shapes, over their block layouts, beside the plain MMA product of the sam
 shipped int4 table chooses (what the unfused step runs; its RMSNorm, rope, k/v write, silu-mul and residual add
 are further kernels, bench/TORCH.md's profiles). CUDA-graph replay over weight copies, as bench/int4_kernels.py.
 
-    PYTHONPATH=. python bench/mma_fused_bench.py --rows 1,8 --out fused.json
+    PYTHONPATH=. python bench/mma_fused_bench.py --rows 1,8 --out fused.json \
+        --merge-into lorafast_export/data/kernels/int4_h200.json
+
+--merge-into writes each op's fastest 1-row layout into the int4 table's "fused_mma" section, which the runtime
+reads at load (runtime/int4_table.py `fused_mma_layout`; an unmeasured shape is not fused).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,8")
     p.add_argument("--out", default="")
+    p.add_argument("--merge-into", default="", help="the int4 table to write the 1-row layouts into")
     a = p.parse_args()
     dev = torch.device("cuda")
     h, inter, hq, hkv, hd = MODELS["llama3-8b"]
@@ -102,6 +107,21 @@ def main() -> None:
             out["results"].append(r)
             if a.out:
                 Path(a.out).write_text(json.dumps(out, indent=1))
+    if a.merge_into:
+        merge(Path(a.merge_into), out)
+
+
+def merge(path: Path, out: dict) -> None:
+    """The table at path with each measured op's fastest 1-row layout in its "fused_mma" section (whole or not at
+    all: the runtime may read it)."""
+    table = json.loads(path.read_text())
+    for r in out["results"]:
+        if r["rows"] == 1 and r["fused"]:
+            cell = {"layout": r["fused"][0][0], "us": r["fused"][0][1], "plain_us": r["plain_us"], "rows": 1}
+            table.setdefault("fused_mma", {}).setdefault(r["op"], {})[f"{r['n']}x{r['k']}"] = cell
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -623,16 +623,6 @@ _FLAGS = {  # ADD_IN, NORM, GLU, ROPE, ADD_OUT
 }
 
 
-def fused_layout(entry, op: str) -> tuple[int, int, int]:
-    """The fused op's (warps per block, blocks per SM, variant bits) from the layer's own 1-row plan entry:
-    the GLU and QKV ops give each of a block's two tiles half its warps, so they take twice the entry's warps
-    (at most 16), and no more blocks an SM than 2,048 threads allow."""
-    ksb, _, minb, bits = layout(entry)
-    if op in (QKV_OP, GLU_OP):
-        ksb = min(16, 2 * ksb)
-    return ksb, minb if 32 * ksb * minb <= 2048 else 0, bits
-
-
 def fused_fits(op: str, n: int, k: int, group_size: int, ksb: int, minb: int, head_dim: int = 0) -> bool:
     """Whether the fused op takes this weight [n, k]: the plain kernel's rules with each tile's warps, and for
     the GLU op whole 16-row tiles of gate and of up rows, for the QKV op heads of a multiple of 32 rows."""

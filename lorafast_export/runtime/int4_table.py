@@ -35,6 +35,14 @@ def load_table(gpu: str, bits: int = 4) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def fused_mma_layout(gpu: str, op: str, n: int, k: int) -> list[int] | None:
+    """The measured block layout [warps per block, blocks per SM, variant bits] of runtime/cuda_int4.py's fused
+    decode op `op` for an [n, k] weight on this GPU at one row (bench/mma_fused_bench.py --merge-into: the
+    table's "fused_mma" section), or None: an unmeasured shape is not fused."""
+    cell = ((load_table(gpu) or {}).get("fused_mma", {}).get(op) or {}).get(f"{n}x{k}")
+    return list(cell["layout"]) if cell else None
+
+
 KERNEL_CELLS = (
     "gemv",
     "gemm",

@@ -150,17 +150,16 @@ def fusable_layer(layer) -> bool:
     dtype = layer.input_layernorm.weight.dtype
     if all(isinstance(m, nn.Linear) for m in lins):
         return all(m.weight.dtype == dtype for m in lins)
-    if mma_layouts(layer) is not None:
-        return True
     return all(_int4_fusable(op, m, dtype) for op, m in zip(FUSED_INT4_OPS, lins, strict=True))
 
 
 def mma_layouts(layer) -> list | None:
     """The fused CUDA MMA kernels' layouts (runtime/cuda_int4.py's fused ops) for this layer's qkv, o and
-    gate_up, or None where they cannot run it: every linear an int4 one whose plan runs the MMA kernel (its
-    layout is derived from the plan's entry), no act-order permutation or activation quantization, no bias but
-    qkv's, bf16 or fp16, and each fused variant compiled here (at load; a failure is logged once and the layer
-    keeps the other kernels). Imports nothing heavy off CUDA."""
+    gate_up, or None where they cannot run it: every linear an int4 one whose plan runs the MMA kernel, no
+    act-order permutation or activation quantization, no bias but qkv's, bf16 or fp16, a layout measured for
+    each of the three shapes on this GPU (int4_table.fused_mma_layout: fusing must never be slower than not),
+    and each fused variant compiled here (at load; a failure is logged once and the layer keeps the unfused
+    kernels). Imports nothing heavy off CUDA."""
     attn, mlp = layer.self_attn, layer.mlp
     lins = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
     dtype = layer.input_layernorm.weight.dtype
@@ -174,17 +173,18 @@ def mma_layouts(layer) -> list | None:
         return None
     if any(getattr(m, "bias", None) is not None for m in lins[1:]):
         return None
-    from lorafast_export.runtime import cuda_int4
+    from lorafast_export.runtime import cuda_int4, int4_table
     from lorafast_export.runtime.triton_int4 import ENTRY, MMA
 
     ops = (cuda_int4.QKV_OP, cuda_int4.O_OP, cuda_int4.GLU_OP)
+    gpu = torch.cuda.get_device_name(lins[0].weight_frags.device)
     lays = []
     for op, m in zip(ops, lins, strict=False):
-        entries = [m.plan[i : i + ENTRY] for i in range(0, len(m.plan), ENTRY)]
-        entry = next((e for e in entries if e[1] == MMA), None)
-        if entry is None:
+        if not any(m.plan[i + 1] == MMA for i in range(0, len(m.plan), ENTRY)):
             return None
-        lay = cuda_int4.fused_layout(entry, op)
+        lay = int4_table.fused_mma_layout(gpu, op, m.out_features, m.in_features)
+        if lay is None:
+            return None
         hd = attn.head_dim if op == cuda_int4.QKV_OP else 0
         why = cuda_int4.fused_unready(op, m, lay, dtype, getattr(m, "bias", None) is not None, hd)
         if why is not None:
@@ -192,7 +192,7 @@ def mma_layouts(layer) -> list | None:
                 _MMA_FUSED_WARNED.add(why)
                 log.warning("int4 fused MMA kernels unavailable, the unfused kernels run instead: %s", why)
             return None
-        lays.append(list(lay))
+        lays.append(lay)
     return lays
 
 
@@ -450,8 +450,8 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
 
 def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     """Every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype and every layer
-    is fused) runs the fused kernels for products of at most `rows` rows (<= FUSED_MAX_ROWS); returns how many
-    layers. rows=1: the batch-1 decode step only (several rows are several programs over the same weight tile,
+    is fused) runs the fused kernels for products of at most `rows` rows (<= FUSED_MAX_ROWS), and at rows=1 every
+    layer with `mma_layouts` the fused CUDA MMA ops (its `mma_fused`); returns how many layers. rows=1: the batch-1 decode step only (several rows are several programs over the same weight tile,
     slower than cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row
     computes what its decode step computes. Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
@@ -460,8 +460,10 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
         raise ValueError(f"use_fused_decode: rows={rows}, must be 1..{FUSED_MAX_ROWS}")
     n = 0
     for layer in dec.model.layers:
-        layer.fused_rows = rows if fusable_layer(layer) else 0
-        layer.mma_fused = mma_layouts(layer) if layer.fused_rows else None
+        # the fused MMA ops at one row only: their norm is computed per block, which at 8 rows cost 2-2.5x the
+        # plain products (bench/TORCH.md, session 20); a runtime that verifies drafts keeps the plain kernels
+        layer.mma_fused = mma_layouts(layer) if rows == 1 else None
+        layer.fused_rows = rows if layer.mma_fused is not None or fusable_layer(layer) else 0
         n += layer.fused_rows > 0
     head = dec.lm_head if dec.lm_head is not None else dec.model.embed_tokens
     plain_head = (

@@ -2,6 +2,7 @@
 kernel against the dequantized weight's product (the fake-quant reference), for every group, scale dtype,
 zero-point mode, activation dtype, row count and block width it takes."""
 
+import json
 import types
 
 import pytest
@@ -165,6 +166,28 @@ def test_int4_linear_with_an_mma_plan_runs_it_and_falls_back_where_it_cannot():
     odd = _qt(512, 1056, 32, False, torch.bfloat16)  # K not a multiple of 256 x warps: the GEMV runs
     lin = Int4TritonLinear(odd, dtype=torch.bfloat16, device="cuda", plan=plan)
     assert lin.weight_frags is None and lin.plan[1] != t4.MMA
+
+
+def test_shipped_fused_layouts_fit_their_shapes():
+    """Every measured fused-op layout in a shipped int4 table (its "fused_mma" section) is one the fused kernel
+    takes for that shape, and the lookup returns it."""
+    from lorafast_export.runtime import int4_table
+
+    seen = 0
+    for f in sorted(int4_table.TABLE_DIR.glob("int4_*.json")):
+        table = json.loads(f.read_text())
+        gpu = table["gpu"]
+        for op, cells in table.get("fused_mma", {}).items():
+            for shape, cell in cells.items():
+                n, k = map(int, shape.split("x"))
+                ksb, minb, bits = cell["layout"]
+                assert cuda_int4.fused_fits(op, n, k, 128, ksb, minb, 128 if op == cuda_int4.QKV_OP else 0)
+                assert not bits & ~cuda_int4.SUBA
+                int4_table.load_table.cache_clear()
+                assert int4_table.fused_mma_layout(gpu, op, n, k) == cell["layout"]
+                seen += 1
+    assert seen >= 3  # the H200 table holds the 8B shapes' three ops
+    assert int4_table.fused_mma_layout("NVIDIA H200", cuda_int4.GLU_OP, 64, 64) is None
 
 
 def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, caplog):
@@ -355,7 +378,7 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     layers take the fused MMA ops (layouts derived from their plans, compiled at load), and teacher-forced decode
     steps are as close to the fake-quant model's logits (fp32) as the unfused MMA path's: the two round to bf16
     in different places (rope, the fused head), so they are compared through the reference, not with each other."""
-    from lorafast_export.runtime import linear
+    from lorafast_export.runtime import int4_table, linear
     from lorafast_export.runtime import triton_int4 as t4
     from lorafast_export.runtime.paged import use_fused_decode
     from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
@@ -363,13 +386,15 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
 
     plan = [8, t4.MMA, 1, 1, 1, 0, cuda_int4.SUBA, 1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
     monkeypatch.setattr(linear, "default_plan", lambda: list(plan))
+    measured = {cuda_int4.QKV_OP: [2, 0, 1], cuda_int4.O_OP: [1, 0, 1], cuda_int4.GLU_OP: [2, 0, 1]}
+    monkeypatch.setattr(int4_table, "fused_mma_layout", lambda gpu, op, n, k: measured[op])
     md = tiny_checkpoint(tmp_path, hidden=256, intermediate_size=512)  # 4 heads of 64, 2 kv heads
     fp, q = quantize_all(md, group_size=128)
     unfused, cache = paged(md, fp, q, dtype=torch.bfloat16, kernel="triton", device="cuda")
     fused, cache2 = paged(md, fp, q, dtype=torch.bfloat16, kernel="triton", device="cuda")
     assert unfused.dec.model.layers[0].mlp.down_proj.plan[1] == t4.MMA
     assert use_fused_decode(fused.dec) == md.config.num_layers
-    assert all(layer.mma_fused == [[2, 0, 1], [1, 0, 1], [2, 0, 1]] for layer in fused.dec.model.layers)
+    assert all(layer.mma_fused == list(measured.values()) for layer in fused.dec.model.layers)
     ids = torch.randint(0, 96, (10,), generator=torch.Generator().manual_seed(0))
     want, got = _teacher_forced(unfused, cache, ids, 6), _teacher_forced(fused, cache2, ids, 6)
     with torch.no_grad():
@@ -377,3 +402,8 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     err_fused, err_unfused = (got[6:] - ref[6:]).abs().max(), (want[6:] - ref[6:]).abs().max()
     assert err_fused <= 1.5 * err_unfused + 1e-2 * ref.abs().max(), (err_fused, err_unfused)
     assert err_fused <= 0.1 * ref.abs().max()  # bf16 through two layers: a few percent of the largest logit
+    # at 8 rows (a runtime that verifies drafts) the layers keep the plain kernels, and an unmeasured shape too
+    use_fused_decode(fused.dec, 8)
+    assert all(layer.mma_fused is None for layer in fused.dec.model.layers)
+    monkeypatch.setattr(int4_table, "fused_mma_layout", lambda gpu, op, n, k: None)
+    assert use_fused_decode(fused.dec) == 0
