@@ -317,12 +317,14 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
         block_size=a.block_size,
         decode_steps=a.decode_steps,
         prefill_compile=a.prefill_compile,
+        fused_decode=a.fused_decode,  # before session 20 this was left at its default (auto) here
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
     res = bench_runtime(rt, batches, a.prompt_len, a.new_tokens, warmup=True)
     res["total_s_including_warmup_and_compile"] = time.perf_counter() - t
     res["decode_steps"] = opts.decode_steps
+    res["fused_decode"] = opts.fused_decode
     if opts.decode_steps > 1 and a.single_step_peer:
         res["single_step"] = single_step_peer(rt, a, batches)
     step_bytes = bytes_per_step(rt)
