@@ -29,6 +29,17 @@ loads. Session 19 also measured a version that kept 2-5 steps of each warp's wor
 ring in shared memory, with the block's scales staged there: slower (57.2 against 52.7 us for an 8B layer's four
 products at 1 row, 375 against 396 tok/s in decode); not kept (bench/TORCH.md).
 
+Measured knobs (session 20, bench/TORCH.md): blocks per SM (MINB, a register cap: 126 registers had held the
+8-warp blocks to 2 an SM) and the SUBA variant (the zero point subtracted from A by one fma per register, exact,
+in place of the second mma; no offset left in the sums). The plan entry carries them (`layout`).
+
+Fused decode ops (FUSED, `fused_launch`; runtime/triton_fused.py's ops on this kernel, run by paged.fused_parts
+for layers whose linears all run it, at one row, where the int4 table's fused_mma section measured a layout):
+residual add + RMSNorm + qkv + rope + k/v write, o_proj + residual add, RMSNorm + gate/up + silu-mul. A block
+normalizes the activation rows into shared memory (the plain step's roundings: nw * bf16(x * rsqrt(mean(x^2) +
+eps))) while its first two steps of weights are in flight; GLU and rope blocks own two 16-row tiles (gate and up,
+or a head's two rope halves), each summed by half the warps; the epilogues are triton_fused._epilogue's.
+
 The CPU tests check the packing against the PTX ISA's fragment layouts and emulate the kernel's arithmetic;
 the CUDA tests run it (tests/runtime/test_cuda_int4.py).
 
