@@ -601,6 +601,8 @@ def mma_mm(
     [N, groups] (fp32/fp16/bf16), zeros uint8 [N, groups] or None (symmetric: 8); ksb warps per block, each
     over rpw row tiles; minb blocks per SM asked of the compiler; bits: variant bits (SUBA)."""
     m, n = x.shape[0], scales.shape[0]
+    if k % (STEP * ksb) or x.shape[1] != k:  # the kernel would sum nothing past the last whole step
+        raise ValueError(f"int4 MMA kernel: K {x.shape[1]} (k={k}) is not a multiple of {STEP} x {ksb} warps")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()

@@ -63,6 +63,9 @@ def test_fits_names_what_the_kernel_takes():
     assert not fits(4096, 4096, 128, 1, 16, torch.bfloat16, minb=6)  # 3,072 threads an SM
     assert not fits(4096, 4096, 128, 1, 8, torch.bfloat16, minb=5)
     assert cuda_int4.layout([1, 8, 4, 0, 1, 3, cuda_int4.SUBA]) == (4, 1, 3, cuda_int4.SUBA)
+    x, s = torch.zeros(1, 2048, dtype=torch.bfloat16), torch.ones(16, 16)
+    with pytest.raises(ValueError, match="multiple of 256 x 16 warps"):  # it would sum nothing, not fail
+        cuda_int4.mma_mm(x, torch.zeros(1024, dtype=torch.int32), s, None, 2048, 128, 16)
 
 
 pytestmark_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
