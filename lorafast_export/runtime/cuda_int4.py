@@ -668,20 +668,11 @@ def _fused(op: str, group_size: int, ksb: int, asym: bool, scale_code: int, act_
     return torch.cuda._compile_kernel(defines + SOURCE, f"int4_mma_{op}", nvcc_options=["-std=c++17"])
 
 
-def _fused_key(op, m, lay, act_dtype, bias: bool, head_dim: int) -> tuple:
+def _fused_key(op, group_size, zeros, scales, lay, act_dtype, bias: bool, head_dim: int) -> tuple:
+    """`_fused`'s arguments: the variant compiled at load (fused_unready) is the one launched (fused_launch)."""
     ksb, minb, bits = lay
-    return (
-        op,
-        m.group_size,
-        ksb,
-        m.zeros is not None,
-        _SCALE_CODES[m.scales.dtype],
-        act_dtype == torch.float16,
-        minb,
-        bits,
-        bias,
-        head_dim,
-    )
+    asym, scale_code = zeros is not None, _SCALE_CODES[scales.dtype]
+    return (op, group_size, ksb, asym, scale_code, act_dtype == torch.float16, minb, bits, bias, head_dim)
 
 
 def fused_unready(
@@ -696,7 +687,7 @@ def fused_unready(
             f"{op}: weight {m.out_features}x{m.in_features}, group {m.group_size}, layout {lay}: does not fit"
         )
     try:
-        kern = _fused(*_fused_key(op, m, lay, act_dtype, bias, head_dim))
+        kern = _fused(*_fused_key(op, m.group_size, m.zeros, m.scales, lay, act_dtype, bias, head_dim))
         if _FLAGS[op][1]:
             kern.set_shared_memory_config(max(kern._max_shared_mem_bytes, MAX_ROWS * m.in_features * 2))
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use the unfused kernels
@@ -716,22 +707,11 @@ def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None,
     D], v_pool, slots [M] int64, q_cols)); O_OP → res + x @ W^T; GLU_OP → silu(gate) * up of RMSNorm(x) @ W^T
     ([M, N / 2])."""
     m_rows, n = x.shape[0], scales.shape[0]
-    ksb, minb, bits = lay
+    ksb = lay[0]
     add_in, norm, glu, use_rope, _ = _FLAGS[op]
     x = _aligned(x)
     hd = rope[2].shape[2] if use_rope else 0
-    kern = _fused(
-        op,
-        group_size,
-        ksb,
-        zeros is not None,
-        _SCALE_CODES[scales.dtype],
-        x.dtype == torch.float16,
-        minb,
-        bits,
-        bias is not None,
-        hd,
-    )
+    kern = _fused(*_fused_key(op, group_size, zeros, scales, lay, x.dtype, bias is not None, hd))
     d = _aligned(delta) if add_in else x
     w = _aligned(nw) if norm else x
     xo = torch.empty_like(x) if add_in else x

@@ -410,3 +410,73 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     assert all(layer.mma_fused is None for layer in fused.dec.model.layers)
     monkeypatch.setattr(int4_table, "fused_mma_layout", lambda gpu, op, n, k: None)
     assert use_fused_decode(fused.dec) == 0
+
+
+def _kernel_params() -> list[str]:
+    """The fused kernel's parameter kinds from its CUDA source: 'ptr', 'int' or 'double'."""
+    src = cuda_int4.SOURCE
+    sig = src[src.index("KNAME(") + len("KNAME(") :]
+    sig = sig[: sig.index(")")]
+    return ["ptr" if "*" in p else "double" if "double" in p else "int" for p in sig.split(",")]
+
+
+def test_fused_launch_matches_the_kernel_signature_and_the_variant_compiled_at_load(monkeypatch):
+    """On the CPU, with the compile and launch recorded: each fused op launches the variant that fused_unready
+    compiled at load (the same `_fused` arguments), with arguments whose kinds and count are the CUDA
+    signature's (a tensor for each pointer, a Python int for each int, a float for the double), its grid
+    (pairs of tiles for GLU and rope), its warps and its shared memory."""
+    compiled, launched = [], []
+
+    class Kernel:
+        _max_shared_mem_bytes = 0
+
+        def set_shared_memory_config(self, n):
+            self._max_shared_mem_bytes = n
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            launched.append((grid, block, args, shared_mem))
+
+    def fused(*key):
+        compiled.append(key)
+        return Kernel()
+
+    monkeypatch.setattr(cuda_int4, "_fused", fused)
+    monkeypatch.setattr(cuda_int4, "available", lambda: True)
+    kinds = _kernel_params()
+    k, hd, rows = 1024, 64, 3
+    cases = {
+        cuda_int4.QKV_OP: (8 * hd, (4, 0, cuda_int4.SUBA), 8 * hd // 32),
+        cuda_int4.O_OP: (200, (4, 2, 0), 13),
+        cuda_int4.GLU_OP: (704, (4, 0, cuda_int4.SUBA), 704 // 32),
+    }
+    for op, (n, lay, grid) in cases.items():
+        qt = _qt(n, k, 128, True, torch.float16)
+        m = types.SimpleNamespace(
+            weight_frags=pack_frags(qt.codes, 128), scales=qt.scales, zeros=qt.zeros, in_features=k,
+            out_features=n, group_size=128,
+        )  # fmt: skip
+        x = torch.zeros(rows, k, dtype=torch.bfloat16)
+        kw = {}
+        if op == cuda_int4.QKV_OP:
+            kp = torch.zeros(2, 16, hd, dtype=torch.bfloat16)
+            cos = torch.zeros(rows, hd, dtype=torch.bfloat16)
+            rope = (cos, cos, kp, kp.clone(), torch.arange(rows), 4 * hd)
+            kw = dict(delta=x, nw=torch.ones(k, dtype=torch.bfloat16), eps=1e-5, rope=rope)
+        elif op == cuda_int4.O_OP:
+            kw = dict(res=torch.zeros(rows, n, dtype=torch.bfloat16))
+        else:
+            kw = dict(nw=torch.ones(k, dtype=torch.bfloat16), eps=1e-5)
+        assert (
+            cuda_int4.fused_unready(op, m, lay, torch.bfloat16, False, hd if op == cuda_int4.QKV_OP else 0)
+            is None
+        )
+        cuda_int4.fused_launch(op, x, m.weight_frags, m.scales, m.zeros, k, 128, lay, **kw)
+        assert compiled[-2] == compiled[-1]  # the variant compiled at load is the one launched
+        g, block, args, smem = launched[-1]
+        got = [
+            "ptr" if isinstance(a, torch.Tensor) else "double" if isinstance(a, float) else "int"
+            for a in args
+        ]
+        assert got == kinds, op
+        assert g == (grid, 1, 1) and block == (32 * lay[0], 1, 1)
+        assert smem == (rows * k * 2 if op != cuda_int4.O_OP else 0)
