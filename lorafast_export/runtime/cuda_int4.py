@@ -513,6 +513,12 @@ def layout(entry) -> tuple[int, int, int, int]:
     return entry[2], max(1, entry[3]), entry[5], entry[6]
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous, from a 16-byte aligned address (the kernels load activations 16 bytes at a time)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def pack_frags(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """codes uint8 [N, K] (0..15; K a multiple of the chunk) → int32 words in the mma fragment order (module
     doc), rows padded with zero codes to a multiple of 16 (the kernel never writes them)."""
@@ -549,13 +555,20 @@ def unpack_frags(words: torch.Tensor, n: int, k: int, group_size: int) -> torch.
     return out.view(rows, k)[:n]
 
 
+def _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, fused: bool) -> str:
+    """The source's compile-time switches shared by the plain kernel and the fused ops."""
+    return (
+        f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW {rpw}\n#define ASYM {int(asym)}\n"
+        f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
+        f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED {int(fused)}\n"
+    )
+
+
 @functools.cache
 def _kernel(
     group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool, minb: int, bits: int
 ):
-    defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW {rpw}\n#define ASYM {int(asym)}\n"
-    defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
-    defines += f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED 0\n"
+    defines = _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, False)
     return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
 
 
@@ -599,13 +612,17 @@ def mma_mm(
 ) -> torch.Tensor:
     """x [M <= 8, k] (bf16/fp16, CUDA) @ dequant(W).T → [M, N] in x's dtype; frags from `pack_frags`, scales
     [N, groups] (fp32/fp16/bf16), zeros uint8 [N, groups] or None (symmetric: 8); ksb warps per block, each
-    over rpw row tiles; minb blocks per SM asked of the compiler; bits: variant bits (SUBA)."""
+    over rpw row tiles; minb blocks per SM asked of the compiler; bits: variant bits (SUBA). A call outside
+    `fits` raises (a K past the last whole step would otherwise be summed as nothing)."""
     m, n = x.shape[0], scales.shape[0]
-    if k % (STEP * ksb) or x.shape[1] != k:  # the kernel would sum nothing past the last whole step
-        raise ValueError(f"int4 MMA kernel: K {x.shape[1]} (k={k}) is not a multiple of {STEP} x {ksb} warps")
-    x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
+    if not fits(n, k, group_size, m, ksb, x.dtype, rpw, minb) or x.shape[1] != k or x.device.type != "cuda":
+        raise ValueError(
+            f"int4 MMA kernel: {m} rows of {x.dtype} on {x.device}, K {x.shape[1]} (k={k}), group {group_size},"
+            f" {ksb} warps of {rpw} row tiles, {minb} blocks an SM: it takes 1-{MAX_ROWS} bf16/fp16 rows on CUDA,"
+            f" groups {GROUPS}, K a multiple of {STEP} x {ksb} warps, {RPW_CHOICES} tiles and {MINB_CHOICES}"
+            " blocks (2,048 threads an SM)"
+        )
+    x = _aligned(x)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     kern = _kernel(
         group_size,
@@ -658,12 +675,9 @@ def fused_fits(op: str, n: int, k: int, group_size: int, ksb: int, minb: int, he
 def _fused(op: str, group_size: int, ksb: int, asym: bool, scale_code: int, act_fp16: bool, minb: int,
            bits: int, bias: bool, head_dim: int):  # fmt: skip
     add_in, norm, glu, rope, add_out = _FLAGS[op]
-    defines = f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW 1\n#define ASYM {int(asym)}\n"
-    defines += f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
-    defines += f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED 1\n#define ADD_IN {add_in}\n#define NORM {norm}\n"
-    defines += (
-        f"#define GLU {glu}\n#define ROPE {rope}\n#define BIAS {int(bias)}\n#define ADD_OUT {add_out}\n"
-    )
+    defines = _defines(group_size, ksb, 1, asym, scale_code, act_fp16, minb, bits, True)
+    defines += f"#define ADD_IN {add_in}\n#define NORM {norm}\n#define GLU {glu}\n#define ROPE {rope}\n"
+    defines += f"#define BIAS {int(bias)}\n#define ADD_OUT {add_out}\n"
     defines += f"#define D {head_dim or 32}\n#define KNAME int4_mma_{op}\n"  # a name per op, for profiles
     return torch.cuda._compile_kernel(defines + SOURCE, f"int4_mma_{op}", nvcc_options=["-std=c++17"])
 
@@ -693,11 +707,6 @@ def fused_unready(
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use the unfused kernels
         return f"{type(e).__name__}: {str(e)[:300]}"
     return None
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None, nw=None, eps=0.0, bias=None,

@@ -140,12 +140,27 @@ def _block_parts(layer, h, cos, sin, attend):
 FUSED_MAX_ROWS = 8  # rows (batch x tokens) up to which a fused layer can run runtime/triton_fused.py
 
 
-def fusable_layer(layer) -> bool:
-    """Whether `fused_parts` can run this layer: fused qkv_proj and gate_up_proj (runtime/fuse.py), no bias but
-    qkv's (a Qwen2), and either every linear dense in the norms' dtype, or every linear an `_int4_fusable` one."""
+def _fusion_linears(layer) -> list | None:
+    """The layer's qkv, o, gate_up and down linears when fused_parts can take them: fused qkv_proj and gate_up_proj
+    (runtime/fuse.py), no bias but qkv's (a Qwen2); else None."""
     attn, mlp = layer.self_attn, layer.mlp
     lins = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
     if any(m is None for m in lins) or any(getattr(m, "bias", None) is not None for m in lins[1:]):
+        return None
+    return lins
+
+
+def _plain_int4(m) -> bool:
+    """Our Triton int4 linear (`Int4TritonLinear`) with no act-order permutation or activation quantization."""
+    return type(m) is Int4TritonLinear and m.perm is None and m.act_quant is None
+
+
+def fusable_layer(layer) -> bool:
+    """Whether `fused_parts` can run this layer through runtime/triton_fused.py's or triton_fused_int4.py's ops:
+    `_fusion_linears`, and either every linear dense in the norms' dtype, or every linear an `_int4_fusable`
+    one."""
+    lins = _fusion_linears(layer)
+    if lins is None:
         return False
     dtype = layer.input_layernorm.weight.dtype
     if all(isinstance(m, nn.Linear) for m in lins):
@@ -160,32 +175,25 @@ def mma_layouts(layer) -> list | None:
     each of the three shapes on this GPU (int4_table.fused_mma_layout: fusing must never be slower than not),
     and each fused variant compiled here (at load; a failure is logged once and the layer keeps the unfused
     kernels). Imports nothing heavy off CUDA."""
-    attn, mlp = layer.self_attn, layer.mlp
-    lins = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
+    lins = _fusion_linears(layer)
     dtype = layer.input_layernorm.weight.dtype
-    if dtype not in (torch.bfloat16, torch.float16) or any(
-        type(m) is not Int4TritonLinear
-        or m.weight_frags is None
-        or m.perm is not None
-        or m.act_quant is not None
-        for m in lins
+    # weight_frags: the linear's plan runs the MMA kernel somewhere (it packs them only then)
+    if (
+        lins is None
+        or dtype not in (torch.bfloat16, torch.float16)
+        or not all(_plain_int4(m) and m.weight_frags is not None for m in lins)
     ):
         return None
-    if any(getattr(m, "bias", None) is not None for m in lins[1:]):
-        return None
     from lorafast_export.runtime import cuda_int4, int4_table
-    from lorafast_export.runtime.triton_int4 import ENTRY, MMA
 
     ops = (cuda_int4.QKV_OP, cuda_int4.O_OP, cuda_int4.GLU_OP)
     gpu = torch.cuda.get_device_name(lins[0].weight_frags.device)
     lays = []
     for op, m in zip(ops, lins, strict=False):
-        if not any(m.plan[i + 1] == MMA for i in range(0, len(m.plan), ENTRY)):
-            return None
         lay = int4_table.fused_mma_layout(gpu, op, m.out_features, m.in_features)
         if lay is None:
             return None
-        hd = attn.head_dim if op == cuda_int4.QKV_OP else 0
+        hd = layer.self_attn.head_dim if op == cuda_int4.QKV_OP else 0
         why = cuda_int4.fused_unready(op, m, lay, dtype, getattr(m, "bias", None) is not None, hd)
         if why is not None:
             if why not in _MMA_FUSED_WARNED:
@@ -207,14 +215,12 @@ def _int4_fusable(op: str, m, dtype: torch.dtype) -> bool:
     word layout, groups of whole 128-column tiles, no act-order permutation or activation quantization, bf16
     or fp16 activations, and a tile measured for its shape on this GPU (an unmeasured shape keeps its plan's
     kernels: fusing must never be slower than not). Imports Triton."""
-    if type(m) is not Int4TritonLinear or dtype not in (torch.bfloat16, torch.float16):
+    if not _plain_int4(m) or dtype not in (torch.bfloat16, torch.float16):
         return False
     from lorafast_export.runtime import triton_fused_int4 as f4
 
     return (
         m.weight_words is not None
-        and m.perm is None
-        and m.act_quant is None
         and m.group_size % f4.WORD_COLS == 0
         and f4.measured(op, m.out_features, m.in_features)
     )

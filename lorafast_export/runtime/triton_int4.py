@@ -806,18 +806,7 @@ def launch(
     if kind == MMA:
         from lorafast_export.runtime import cuda_int4
 
-        ksb, rpw, minb, bits = cuda_int4.layout(entry)
-        if (
-            not cuda_int4.fits(s.shape[0], k, group_size, x.shape[0], ksb, x.dtype, rpw, minb)
-            or x.device.type != "cuda"
-        ):
-            raise ValueError(
-                f"int4 MMA kernel: {x.shape[0]} rows of {x.dtype} on {x.device}, K {k}, group {group_size},"
-                f" {ksb} warps of {rpw} row tiles, {minb} blocks an SM: it takes 1-{cuda_int4.MAX_ROWS} bf16/fp16"
-                f" rows on CUDA, groups {cuda_int4.GROUPS}, K a multiple of {cuda_int4.STEP} x warps,"
-                f" {cuda_int4.RPW_CHOICES} tiles and {cuda_int4.MINB_CHOICES} blocks (2,048 threads an SM)"
-            )
-        return cuda_int4.mma_mm(x, w, s, z, k, group_size, ksb, rpw, minb, bits)
+        return cuda_int4.mma_mm(x, w, s, z, k, group_size, *cuda_int4.layout(entry))  # raises outside `fits`
     if kind == DEQUANT:
         return x @ dequant_words(w, s, z, k, group_size, bn, warps, x.dtype).T
     tiled = kind in (GEMV_T, GEMM_T)
@@ -902,9 +891,15 @@ def int4_mm(
     kind = entry[1]
     if kind == TINYGEMM:
         return tinygemm_mm(x, tg_w, group_size, tg_sz)
-    packed = w_words if kind in WORD_KINDS else w_tiled if kind in (GEMV_T, GEMM_T) else w
-    if kind == MMA:
-        packed = w_frags
+    packed = (
+        w_frags
+        if kind == MMA
+        else w_words
+        if kind in WORD_KINDS
+        else w_tiled
+        if kind in (GEMV_T, GEMM_T)
+        else w
+    )
     return launch(x.contiguous(), packed, s, z, k, group_size, entry, sz_words)
 
 
