@@ -50,6 +50,7 @@ bf16 / fp16 rounding of the output.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -61,6 +62,7 @@ KSB_CHOICES = (1, 2, 4, 8, 16)  # warps per block (K slices)
 RPW_CHOICES = (1, 2)  # 16-row tiles per warp (their activations loaded once)
 MINB_CHOICES = (0, 2, 3, 4, 6, 8)  # blocks per SM the compiler must fit (a register cap); 0: its own choice
 SUBA = 1  # variant bit: the zero point subtracted from A (one fma per register) rather than by a second mma
+PDL = 2  # launch bit: programmatic dependent launch (`_launch`; the same compiled kernel)
 _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 SOURCE = r"""
@@ -112,6 +114,22 @@ __device__ __forceinline__ void ld_stream(u32* d, const u32* p) {  // weights: r
                  : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(p));
 #else
     asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(d[0]), "=r"(d[1]) : "l"(p));
+#endif
+}
+
+// Programmatic dependent launch (PDL, sm_90+): a kernel launched with it may start while the previous kernel
+// in the stream still runs. It loads only weights (never written) before `pdl_wait`, which returns once the
+// previous grid has finished and its writes are visible; everything that reads activations or writes memory
+// comes after. `pdl_trigger` lets the next kernel launch (its blocks then take SMs as ours retire). Without
+// PDL both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 
@@ -259,6 +277,8 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
     for (int r = 0; r < RPW; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
     Step a, b;
     load_step(a, wp, tile_words, last, sp, zp, srow, k0 / GS);
+    pdl_wait();  // x is the previous kernel's output
+    pdl_trigger();
     for (int i = 0; i < steps; i += 2) {
         if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
         run_step<false>(a, xp + i * 256, has_x, acc);
@@ -371,6 +391,8 @@ KNAME(const u32* __restrict__ wf, const u16* __restrict__ x, const u16* __restri
     // the first two steps' weights are in flight while the block normalizes x
     load_step(a, wp, tile_words, 0, sp, zp, srow, k0 / GS);
     if (steps > 1) load_step(b, wp + wstep, tile_words, 0, sp, zp, srow, (k0 + 256) / GS);
+    pdl_wait();  // x, d and res are the previous kernels' outputs; out, xo and the pools may be their inputs
+    pdl_trigger();
 #if NORM
     extern __shared__ __align__(16) u16 xs[];  // [M][K]: the normalized rows, the product's B operand
     __shared__ float ssum[KSB][MAX_M];
@@ -592,7 +614,16 @@ def unready(
     if not available():
         return "this torch has no torch.cuda._compile_kernel (NVRTC) or no CUDA device"
     try:
-        _kernel(group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16, minb, bits)
+        _kernel(
+            group_size,
+            ksb,
+            rpw,
+            asym,
+            _SCALE_CODES[scale_dtype],
+            act_dtype == torch.float16,
+            minb,
+            bits & ~PDL,
+        )
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use another kernel
         return f"{type(e).__name__}: {str(e)[:300]}"
     return None
@@ -625,22 +656,76 @@ def mma_mm(
     x = _aligned(x)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     kern = _kernel(
-        group_size,
-        ksb,
-        rpw,
-        zeros is not None,
-        _SCALE_CODES[scales.dtype],
-        x.dtype == torch.float16,
-        minb,
-        bits,
-    )
+        group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb,
+        bits & ~PDL,
+    )  # fmt: skip
     zp = zeros if zeros is not None else scales  # never read when symmetric
-    kern(
-        grid=(-(-n // (16 * rpw)), 1, 1),
-        block=(32 * ksb, 1, 1),
-        args=[frags, x, scales.contiguous(), zp.contiguous(), out, m, n, k, scales.shape[1]],
-    )
+    _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),
+            pdl=bool(bits & PDL))  # fmt: skip
     return out
+
+
+class _LaunchAttr(ctypes.Structure):  # the driver's CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_mem", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttr)),
+        ("n_attrs", ctypes.c_uint),
+    ]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def _launch(kern, grid, block, args: list, shared_mem: int = 0, pdl: bool = False) -> None:
+    """kern(grid, block, args) on the current stream; pdl: as a programmatic dependent launch (cuLaunchKernelEx
+    with programmatic stream serialization: the kernel may start before the previous one in the stream ends,
+    and waits for it in `pdl_wait`; captured into CUDA graphs as a programmatic edge). The arguments are
+    converted as torch's launcher converts them (a tensor: its pointer; an int: a C int; a float: a double)."""
+    if not pdl:
+        kern(grid=grid, block=block, args=args, shared_mem=shared_mem)
+        return
+    if shared_mem >= 48 * 1024 and shared_mem > kern._max_shared_mem_bytes:
+        raise RuntimeError(f"int4 MMA kernel: {shared_mem} bytes of shared memory, not configured at load")
+    held = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            held.append(ctypes.c_void_p(a.data_ptr()))
+        elif isinstance(a, int):
+            held.append(ctypes.c_int(a))
+        elif isinstance(a, float):
+            held.append(ctypes.c_double(a))
+        else:
+            raise TypeError(f"int4 MMA kernel argument of type {type(a).__name__}")
+    params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
+    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1
+    cfg = _LaunchConfig(
+        (ctypes.c_uint * 3)(*grid),
+        (ctypes.c_uint * 3)(*block),
+        shared_mem,
+        torch.cuda.current_stream()._as_parameter_,
+        ctypes.pointer(attr),
+        1,
+    )
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    rc = _get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None)
+    if rc != 0:
+        raise RuntimeError(
+            f"int4 MMA kernel: cuLaunchKernelEx with programmatic dependent launch failed ({rc})"
+        )
+
+
+def _plain_args(frags, x, scales, zp, out, n: int, k: int) -> list:
+    """The plain kernel's arguments, in its CUDA signature's order."""
+    return [frags, x, scales.contiguous(), zp.contiguous(), out, x.shape[0], n, k, scales.shape[1]]
 
 
 # The fused decode ops (runtime/triton_fused.py's, on this kernel): the first three products of a decoder layer
@@ -686,7 +771,18 @@ def _fused_key(op, group_size, zeros, scales, lay, act_dtype, bias: bool, head_d
     """`_fused`'s arguments: the variant compiled at load (fused_unready) is the one launched (fused_launch)."""
     ksb, minb, bits = lay
     asym, scale_code = zeros is not None, _SCALE_CODES[scales.dtype]
-    return (op, group_size, ksb, asym, scale_code, act_dtype == torch.float16, minb, bits, bias, head_dim)
+    return (
+        op,
+        group_size,
+        ksb,
+        asym,
+        scale_code,
+        act_dtype == torch.float16,
+        minb,
+        bits & ~PDL,
+        bias,
+        head_dim,
+    )
 
 
 def fused_unready(
@@ -751,10 +847,12 @@ def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None,
         scales.shape[1],
         float(eps),
     ]
-    kern(
-        grid=(grid, 1, 1),
-        block=(32 * ksb, 1, 1),
-        args=[*args, qn, kn],
+    _launch(
+        kern,
+        (grid, 1, 1),
+        (32 * ksb, 1, 1),
+        [*args, qn, kn],
+        pdl=bool(lay[2] & PDL),
         shared_mem=m_rows * k * 2 if norm else 0,
     )
     return (xo, out) if add_in else out

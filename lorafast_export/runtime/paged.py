@@ -481,6 +481,33 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     return n
 
 
+def use_mma_pdl(dec: Decoder, device) -> int:
+    """Every CUDA MMA int4 kernel of the decoder (runtime/cuda_int4.py: each int4 linear's plan entries of kind
+    MMA, each layer's fused MMA ops) launched with programmatic dependent launch: a kernel loads its first
+    weights while the one before it ends, and waits for it before reading activations (bit-for-bit the same
+    output; bench/TORCH.md session 21: an 8B step's 128 products 12% faster chained). Only on sm90+ GPUs (a no-op
+    elsewhere, returning 0); after use_fused_decode. Returns how many linears' plans took it."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return 0
+    from lorafast_export.runtime import cuda_int4
+    from lorafast_export.runtime import triton_int4 as t4
+
+    n = 0
+    for m in dec.modules():
+        plan = getattr(m, "plan", None) if isinstance(m, Int4TritonLinear) else None
+        if plan and any(plan[i + 1] == t4.MMA for i in range(0, len(plan), t4.ENTRY)):
+            m.plan = [
+                v | cuda_int4.PDL if j % t4.ENTRY == 6 and plan[j - 5] == t4.MMA else v
+                for j, v in enumerate(plan)
+            ]
+            n += 1
+    for layer in dec.model.layers:
+        if getattr(layer, "mma_fused", None) is not None:
+            layer.mma_fused = [[ksb, minb, bits | cuda_int4.PDL] for ksb, minb, bits in layer.mma_fused]
+    return n
+
+
 def decode_forward(
     dec: Decoder,
     tokens,

@@ -139,6 +139,47 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
 
 
 @pytestmark_cuda
+@pytest.mark.parametrize("graph", [False, True])
+def test_programmatic_dependent_launch_gives_the_same_bits(graph):
+    """A chain of kernels each reading the previous one's output, every launch after the first programmatic
+    (PDL: it may start before the previous kernel ends and must wait for it before reading its output or
+    writing), eagerly and replayed from a CUDA graph: bit for bit the plain launches' outputs. A kernel that
+    read its input before the wait would read a buffer not yet written."""
+    n = k = 2048
+    _, m, _ = _fused_case(n, k, True, seed=7)
+    _, m2, _ = _fused_case(2 * n, k, True, seed=8)
+    nw = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+    x0 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = (m.weight_frags, m.scales, m.zeros, k, 128)
+
+    def chain(pdl: int):
+        y = cuda_int4.mma_mm(x0, *w, 8, 1, 0, cuda_int4.SUBA)
+        for _ in range(6):  # each reads the previous output
+            y = cuda_int4.mma_mm(y, *w, 8, 1, 0, cuda_int4.SUBA | pdl)
+        r = cuda_int4.fused_launch(cuda_int4.O_OP, y, *w, (8, 0, cuda_int4.SUBA | pdl), res=y)
+        g = cuda_int4.fused_launch(
+            cuda_int4.GLU_OP, r, m2.weight_frags, m2.scales, m2.zeros, k, 128, (8, 0, cuda_int4.SUBA | pdl),
+            nw=nw, eps=1e-5,
+        )  # fmt: skip
+        return [y, r, cuda_int4.mma_mm(g, *w, 8, 1, 0, cuda_int4.SUBA | pdl)]
+
+    ref = [t.clone() for t in chain(0)]
+    if graph:
+        chain(cuda_int4.PDL)  # compiled and warm outside the capture
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            outs = chain(cuda_int4.PDL)
+        for _ in range(3):
+            gr.replay()
+        torch.cuda.synchronize()
+    else:
+        outs = chain(cuda_int4.PDL)
+    for a, b in zip(outs, ref, strict=True):
+        assert torch.isfinite(b.float()).all() and b.abs().max() > 0
+        assert torch.equal(a, b)
+
+
+@pytestmark_cuda
 @pytest.mark.parametrize("bits", [0, cuda_int4.SUBA])
 def test_kernel_rows_are_independent_of_the_row_count(bits):
     """Each output row depends on its own activation row only: an 8-row call (a speculative verify) equals
@@ -190,6 +231,37 @@ def test_shipped_fused_layouts_fit_their_shapes():
                 seen += 1
     assert seen >= 3  # the H200 table holds the 8B shapes' three ops
     assert int4_table.fused_mma_layout("NVIDIA H200", cuda_int4.GLU_OP, 64, 64) is None
+
+
+def test_use_mma_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
+    """use_mma_pdl sets the PDL launch bit on each int4 linear's MMA plan entries (not its other entries, not
+    other bits) and on each fused layer's three layouts, on an sm90+ CUDA device only."""
+    from torch import nn
+
+    from lorafast_export.runtime import paged
+    from lorafast_export.runtime import triton_int4 as t4
+    from lorafast_export.runtime.linear import Int4TritonLinear
+
+    def decoder():
+        dec = nn.Module()
+        plan = [4, t4.MMA, 8, 1, 1, 2, cuda_int4.SUBA, 1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
+        dec.a = Int4TritonLinear(_qt(64, 1024, 128, True, torch.float16), dtype=torch.bfloat16, device="cpu")
+        dec.b = Int4TritonLinear(_qt(64, 1024, 128, True, torch.float16), dtype=torch.bfloat16, device="cpu")
+        dec.a.plan, dec.b.plan = plan, [1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
+        fused = types.SimpleNamespace(mma_fused=[[8, 0, 1], [8, 2, 1], [4, 0, 0]])
+        dec.model = types.SimpleNamespace(layers=[fused, types.SimpleNamespace(mma_fused=None)])
+        return dec
+
+    for cap, want in (((9, 0), 1), ((8, 0), 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cap=cap: cap)
+        dec = decoder()
+        assert paged.use_mma_pdl(dec, "cuda") == want
+        bit = cuda_int4.PDL if want else 0
+        assert dec.a.plan == [4, t4.MMA, 8, 1, 1, 2, cuda_int4.SUBA | bit, 1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
+        assert dec.b.plan == [1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
+        assert dec.model.layers[0].mma_fused == [[8, 0, 1 | bit], [8, 2, 1 | bit], [4, 0, bit]]
+        assert dec.model.layers[1].mma_fused is None
+    assert paged.use_mma_pdl(decoder(), "cpu") == 0
 
 
 def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, caplog):
@@ -382,7 +454,7 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     in different places (rope, the fused head), so they are compared through the reference, not with each other."""
     from lorafast_export.runtime import int4_table, linear
     from lorafast_export.runtime import triton_int4 as t4
-    from lorafast_export.runtime.paged import use_fused_decode
+    from lorafast_export.runtime.paged import use_fused_decode, use_mma_pdl
     from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
     from tests.runtime.test_triton_fused_int4 import _teacher_forced
 
@@ -401,6 +473,12 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     want, got = _teacher_forced(unfused, cache, ids, 6), _teacher_forced(fused, cache2, ids, 6)
     with torch.no_grad():
         ref = fake_quant_decoder(md, q)(ids[None])[0][0].float()
+    # programmatic dependent launch of every MMA kernel (sm90+): the same logits, bit for bit
+    pdl, cache3 = paged(md, fp, q, dtype=torch.bfloat16, kernel="triton", device="cuda")
+    use_fused_decode(pdl.dec)
+    if use_mma_pdl(pdl.dec, "cuda"):
+        assert all(layer.mma_fused[0][2] & cuda_int4.PDL for layer in pdl.dec.model.layers)
+        assert torch.equal(_teacher_forced(pdl, cache3, ids, 6), got)
     err_fused, err_unfused = (got[6:] - ref[6:]).abs().max(), (want[6:] - ref[6:]).abs().max()
     assert err_fused <= 1.5 * err_unfused + 1e-2 * ref.abs().max(), (err_fused, err_unfused)
     assert err_fused <= 0.1 * ref.abs().max()  # bf16 through two layers: a few percent of the largest logit
@@ -411,12 +489,29 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     assert use_fused_decode(fused.dec) == 0
 
 
-def _kernel_params() -> list[str]:
-    """The fused kernel's parameter kinds from its CUDA source: 'ptr', 'int' or 'double'."""
+def _kernel_params(name: str = "KNAME") -> list[str]:
+    """A kernel's parameter kinds from its CUDA source ("KNAME": the fused kernel's): 'ptr', 'int' or 'double'."""
     src = cuda_int4.SOURCE
-    sig = src[src.index("KNAME(") + len("KNAME(") :]
+    sig = src[src.index(f"\n{name}(") + len(name) + 2 :]
     sig = sig[: sig.index(")")]
     return ["ptr" if "*" in p else "double" if "double" in p else "int" for p in sig.split(",")]
+
+
+def _kinds(args) -> list[str]:
+    return [
+        "ptr" if isinstance(a, torch.Tensor) else "double" if isinstance(a, float) else "int" for a in args
+    ]
+
+
+def test_plain_launch_matches_the_kernel_signature():
+    """The plain kernel's arguments have its CUDA signature's kinds and count, with the rows, N, K and groups in
+    their places."""
+    qt = _qt(200, 1024, 128, True, torch.float16)
+    frags, x = pack_frags(qt.codes, 128), torch.zeros(3, 1024, dtype=torch.bfloat16)
+    out = torch.empty(3, 200, dtype=torch.bfloat16)
+    args = cuda_int4._plain_args(frags, x, qt.scales, qt.zeros, out, 200, 1024)
+    assert _kinds(args) == _kernel_params("int4_mma")
+    assert args[5:] == [3, 200, 1024, 1024 // 128]
 
 
 def test_fused_launch_matches_the_kernel_signature_and_the_variant_compiled_at_load(monkeypatch):
@@ -472,10 +567,6 @@ def test_fused_launch_matches_the_kernel_signature_and_the_variant_compiled_at_l
         cuda_int4.fused_launch(op, x, m.weight_frags, m.scales, m.zeros, k, 128, lay, **kw)
         assert compiled[-2] == compiled[-1]  # the variant compiled at load is the one launched
         g, block, args, smem = launched[-1]
-        got = [
-            "ptr" if isinstance(a, torch.Tensor) else "double" if isinstance(a, float) else "int"
-            for a in args
-        ]
-        assert got == kinds, op
+        assert _kinds(args) == kinds, op
         assert g == (grid, 1, 1) and block == (32 * lay[0], 1, 1)
         assert smem == (rows * k * 2 if op != cuda_int4.O_OP else 0)
