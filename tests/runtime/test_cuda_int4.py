@@ -63,6 +63,11 @@ def test_fits_names_what_the_kernel_takes():
     assert not fits(4096, 4096, 128, 1, 16, torch.bfloat16, minb=6)  # 3,072 threads an SM
     assert not fits(4096, 4096, 128, 1, 8, torch.bfloat16, minb=5)
     assert cuda_int4.layout([1, 8, 4, 0, 1, 3, cuda_int4.SUBA]) == (4, 1, 3, cuda_int4.SUBA)
+    xs = cuda_int4.XS  # rows x K x 2 bytes of shared memory, at most XS_MAX_BYTES
+    assert fits(4096, 14336, 128, 2, 8, torch.bfloat16, bits=xs) and not fits(
+        4096, 14336, 128, 4, 8, torch.bfloat16, bits=xs
+    )
+    assert fits(4096, 14336, 128, 8, 8, torch.bfloat16)  # without XS any K
     x, s = torch.zeros(1, 2048, dtype=torch.bfloat16), torch.ones(16, 16)
     with pytest.raises(ValueError, match="multiple of 256 x 16 warps"):  # it would sum nothing, not fail
         cuda_int4.mma_mm(x, torch.zeros(1024, dtype=torch.int32), s, None, 2048, 128, 16)
@@ -131,11 +136,16 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
             (4, 0, cuda_int4.SUBA),
             (8, 4, cuda_int4.SUBA),
             (16, 2, cuda_int4.SUBA),
+            (8, 2, cuda_int4.SUBA | cuda_int4.XS),
+            (4, 0, cuda_int4.XS),
         ]:
-            assert fits(n, k, gs, 8, ksb, adt, 1, minb)
+            assert fits(n, k, gs, 8, ksb, adt, 1, minb, bits)
             for m in (1, 8):
                 y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits)
-                _check(y, x[:m], qt, offset=not bits)
+                _check(y, x[:m], qt, offset=not bits & cuda_int4.SUBA)
+                # the rows from shared memory (XS) or from L2: the same numbers, bit for bit
+                plain = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits & ~cuda_int4.XS)
+                assert torch.equal(y, plain)
 
 
 @pytestmark_cuda
@@ -143,8 +153,9 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
 def test_programmatic_dependent_launch_gives_the_same_bits(graph):
     """A chain of kernels each reading the previous one's output, every launch after the first programmatic
     (PDL: it may start before the previous kernel ends and must wait for it before reading its output or
-    writing), eagerly and replayed from a CUDA graph: bit for bit the plain launches' outputs. A kernel that
-    read its input before the wait would read a buffer not yet written."""
+    writing), some staging their rows in shared memory (XS), eagerly and replayed from a CUDA graph: bit for bit
+    the plain launches' outputs. A kernel that read its input before the wait would read a buffer not yet
+    written."""
     n = k = 2048
     _, m, _ = _fused_case(n, k, True, seed=7)
     _, m2, _ = _fused_case(2 * n, k, True, seed=8)
@@ -154,9 +165,13 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 
     def chain(pdl: int):
         y = cuda_int4.mma_mm(x0, *w, 8, 1, 0, cuda_int4.SUBA)
-        for _ in range(6):  # each reads the previous output
-            y = cuda_int4.mma_mm(y, *w, 8, 1, 0, cuda_int4.SUBA | pdl)
-        r = cuda_int4.fused_launch(cuda_int4.O_OP, y, *w, (8, 0, cuda_int4.SUBA | pdl), res=y)
+        for i in range(6):  # each reads the previous output; every other one from shared memory (XS)
+            y = cuda_int4.mma_mm(
+                y, *w, 8, 1, 0, cuda_int4.SUBA | pdl | (cuda_int4.XS if i % 2 and pdl else 0)
+            )
+        lay = (8, 0, cuda_int4.SUBA | pdl | (cuda_int4.XS if pdl else 0))
+        assert cuda_int4.fused_unready(cuda_int4.O_OP, m, lay, torch.bfloat16) is None
+        r = cuda_int4.fused_launch(cuda_int4.O_OP, y, *w, lay, res=y)
         g = cuda_int4.fused_launch(
             cuda_int4.GLU_OP, r, m2.weight_frags, m2.scales, m2.zeros, k, 128, (8, 0, cuda_int4.SUBA | pdl),
             nw=nw, eps=1e-5,
