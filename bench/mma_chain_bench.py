@@ -169,9 +169,7 @@ def floors(layers, meta, lays, down_entry, dev) -> list[dict]:
         r = {"op": op, "mb": round(nb / MB, 2)}
         r["read_cold_us"] = round(graph_us(rd, len(ws)), 2)
         r["read_hot_us"] = round(graph_us(rd, 1), 2)
-        for e, tag in ((0, ""), (ci.PDL, "_pdl"), (ci.PDL | ci.XS, "_pdl_xs")):
-            if e & ci.XS and op in ("qkv", "glu"):  # their rows are in shared memory already (the norm)
-                continue
+        for e, tag in ((0, ""), (ci.PDL, "_pdl")):
             r[f"op{tag}_cold_us"] = round(
                 graph_us(lambda i, ws=ws, call=call, e=e: call(ws[i], e), len(ws)), 2
             )
@@ -204,15 +202,11 @@ def main() -> None:
         sum(nbytes(w.weight_frags) + nbytes(w.scales) + nbytes(w.zeros) for w in layers[0].values()) / MB
     )
     every = ("qkv", "o", "glu", "down")
-    pdl = {o: ci.PDL for o in every}
-    pdl_xs = {**pdl, "o": ci.PDL | ci.XS, "down": ci.PDL | ci.XS}
     configs = [
         ("plain", {}, False),
-        ("PDL", pdl, False),
-        ("PDL, XS (o, down)", pdl_xs, False),
+        ("PDL", {o: ci.PDL for o in every}, False),
         ("plain, attention stand-in", {}, True),
-        ("PDL, attention stand-in", pdl, True),
-        ("PDL, XS (o, down), attention stand-in", pdl_xs, True),
+        ("PDL, attention stand-in", {o: ci.PDL for o in every}, True),
     ]
     res = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "layers": a.layers, "layouts": lays,
            "down_entry": down_entry, "layer_weight_mb": round(weight_mb, 2), "results": []}  # fmt: skip

@@ -318,7 +318,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
         decode_steps=a.decode_steps,
         prefill_compile=a.prefill_compile,
         fused_decode=a.fused_decode,  # before session 20 this was left at its default (auto) here
-        mma_pdl=a.mma_pdl == "on",
+        kernel_pdl=a.kernel_pdl == "on",
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
@@ -326,7 +326,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
     res["total_s_including_warmup_and_compile"] = time.perf_counter() - t
     res["decode_steps"] = opts.decode_steps
     res["fused_decode"] = opts.fused_decode
-    res["mma_pdl"] = opts.mma_pdl
+    res["kernel_pdl"] = opts.kernel_pdl
     if opts.decode_steps > 1 and a.single_step_peer:
         res["single_step"] = single_step_peer(rt, a, batches)
     step_bytes = bytes_per_step(rt)
@@ -789,7 +789,7 @@ def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("fused_decode", a.fused_decode)
     kw.setdefault("warm_up", a.warm_up)
     kw.setdefault("inductor_pdl", a.inductor_pdl == "on")
-    kw.setdefault("mma_pdl", a.mma_pdl == "on")
+    kw.setdefault("kernel_pdl", a.kernel_pdl == "on")
     kw.setdefault("overlap_bursts", a.overlap_bursts == "on")
     return RuntimeOptions(
         compile=a.compile,
@@ -1715,7 +1715,7 @@ def main() -> None:
     p.add_argument(
         "--inductor-pdl", default="off", choices=("off", "on"), help="runtime option (most sections)"
     )
-    p.add_argument("--mma-pdl", default="on", choices=("off", "on"), help="runtime option (most sections)")
+    p.add_argument("--kernel-pdl", default="on", choices=("off", "on"), help="runtime option (most sections)")
     p.add_argument(
         "--overlap-bursts", default="on", choices=("off", "on"), help="runtime option (most sections)"
     )

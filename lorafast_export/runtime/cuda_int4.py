@@ -63,8 +63,6 @@ RPW_CHOICES = (1, 2)  # 16-row tiles per warp (their activations loaded once)
 MINB_CHOICES = (0, 2, 3, 4, 6, 8)  # blocks per SM the compiler must fit (a register cap); 0: its own choice
 SUBA = 1  # variant bit: the zero point subtracted from A (one fma per register) rather than by a second mma
 PDL = 2  # launch bit: programmatic dependent launch (`_launch`; the same compiled kernel)
-XS = 4  # variant bit: the activation rows staged in shared memory once a block (not read from L2 each step)
-XS_MAX_BYTES = 96 << 10  # XS's shared memory (rows x K x 2) at most: two blocks still fit an SM
 _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 SOURCE = r"""
@@ -134,18 +132,6 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-
-#if XS
-// XS: the block copies the activation rows [M][K] (n values) into shared memory once, with one L2 round trip,
-// so that a step's B operand is read from shared memory, not from L2 at each step.
-__device__ __forceinline__ const u16* stage_x(const u16* __restrict__ x, int n) {
-    extern __shared__ __align__(16) u16 xsm[];
-#pragma unroll 4
-    for (int e = threadIdx.x * 8; e < n; e += blockDim.x * 8) *(uint4*)(xsm + e) = *(const uint4*)(x + e);
-    __syncthreads();
-    return xsm;
-}
-#endif
 
 __device__ __forceinline__ void ld_x(u32* d, const u16* p) {  // CH / 4 activations = CH / 8 words
     asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -284,6 +270,7 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
         srow[2 * r + 1] = (long)(r0 + 8 < N ? r0 + 8 : N - 1) * G;
     }
     const bool has_x = g < M;
+    const u16* xp = x + (long)(has_x ? g : 0) * K + k0 + (CH / 4) * q;
     const long wstep = (long)NCH * 32 * WPL;
     float acc[RPW][4];
 #pragma unroll
@@ -292,17 +279,12 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
     load_step(a, wp, tile_words, last, sp, zp, srow, k0 / GS);
     pdl_wait();  // x is the previous kernel's output
     pdl_trigger();
-#if XS
-    const u16* xp = stage_x(x, M * K) + (has_x ? g : 0) * K + k0 + (CH / 4) * q;
-#else
-    const u16* xp = x + (long)(has_x ? g : 0) * K + k0 + (CH / 4) * q;
-#endif
     for (int i = 0; i < steps; i += 2) {
         if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
-        run_step<XS>(a, xp + i * 256, has_x, acc);
+        run_step<false>(a, xp + i * 256, has_x, acc);
         if (i + 1 < steps) {
             if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
-            run_step<XS>(b, xp + (i + 1) * 256, has_x, acc);
+            run_step<false>(b, xp + (i + 1) * 256, has_x, acc);
         }
     }
     __shared__ float red[KSB][RPW][4][32];
@@ -454,9 +436,6 @@ KNAME(const u32* __restrict__ wf, const u16* __restrict__ x, const u16* __restri
     __syncthreads();
     const u16* xp = xs + (has_x ? g : 0) * K + k0 + (CH / 4) * q;
 #define SM true
-#elif XS
-    const u16* xp = stage_x(x, M * K) + (has_x ? g : 0) * K + k0 + (CH / 4) * q;
-#define SM true
 #else
     const u16* xp = x + (long)(has_x ? g : 0) * K + k0 + (CH / 4) * q;
 #define SM false
@@ -533,22 +512,12 @@ def chunk_cols(group_size: int) -> int:
 
 
 def fits(
-    n: int,
-    k: int,
-    group_size: int,
-    rows: int,
-    ksb: int,
-    dtype: torch.dtype,
-    rpw: int = 1,
-    minb: int = 0,
-    bits: int = 0,
+    n: int, k: int, group_size: int, rows: int, ksb: int, dtype: torch.dtype, rpw: int = 1, minb: int = 0
 ) -> bool:
     """Whether the kernel takes this call: bf16/fp16 activations, <= 8 rows, a group it supports, K a
-    multiple of 256 per warp of the block, at most 2,048 threads an SM for the blocks asked for, and with XS
-    the rows within XS_MAX_BYTES of shared memory."""
+    multiple of 256 per warp of the block, and at most 2,048 threads an SM for the blocks asked for."""
     return (
-        (not bits & XS or rows * k * 2 <= XS_MAX_BYTES)
-        and dtype in (torch.bfloat16, torch.float16)
+        dtype in (torch.bfloat16, torch.float16)
         and 1 <= rows <= MAX_ROWS
         and group_size in GROUPS
         and ksb in KSB_CHOICES
@@ -613,7 +582,7 @@ def _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, fused
     return (
         f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW {rpw}\n#define ASYM {int(asym)}\n"
         f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
-        f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED {int(fused)}\n#define XS {int(bool(bits & XS))}\n"
+        f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED {int(fused)}\n"
     )
 
 
@@ -622,10 +591,7 @@ def _kernel(
     group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool, minb: int, bits: int
 ):
     defines = _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, False)
-    kern = torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
-    if bits & XS:
-        kern.set_shared_memory_config(XS_MAX_BYTES)
-    return kern
+    return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
 
 
 def available() -> bool:
@@ -677,20 +643,15 @@ def mma_mm(
 ) -> torch.Tensor:
     """x [M <= 8, k] (bf16/fp16, CUDA) @ dequant(W).T → [M, N] in x's dtype; frags from `pack_frags`, scales
     [N, groups] (fp32/fp16/bf16), zeros uint8 [N, groups] or None (symmetric: 8); ksb warps per block, each
-    over rpw row tiles; minb blocks per SM asked of the compiler; bits: variant bits (SUBA, XS) and the launch
-    bit PDL. A call outside
+    over rpw row tiles; minb blocks per SM asked of the compiler; bits: variant bits (SUBA). A call outside
     `fits` raises (a K past the last whole step would otherwise be summed as nothing)."""
     m, n = x.shape[0], scales.shape[0]
-    if (
-        not fits(n, k, group_size, m, ksb, x.dtype, rpw, minb, bits)
-        or x.shape[1] != k
-        or x.device.type != "cuda"
-    ):
+    if not fits(n, k, group_size, m, ksb, x.dtype, rpw, minb) or x.shape[1] != k or x.device.type != "cuda":
         raise ValueError(
             f"int4 MMA kernel: {m} rows of {x.dtype} on {x.device}, K {x.shape[1]} (k={k}), group {group_size},"
             f" {ksb} warps of {rpw} row tiles, {minb} blocks an SM: it takes 1-{MAX_ROWS} bf16/fp16 rows on CUDA,"
             f" groups {GROUPS}, K a multiple of {STEP} x {ksb} warps, {RPW_CHOICES} tiles and {MINB_CHOICES}"
-            f" blocks (2,048 threads an SM), with XS rows x K x 2 <= {XS_MAX_BYTES} bytes"
+            " blocks (2,048 threads an SM)"
         )
     x = _aligned(x)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -700,7 +661,7 @@ def mma_mm(
     )  # fmt: skip
     zp = zeros if zeros is not None else scales  # never read when symmetric
     _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),
-            shared_mem=m * k * 2 if bits & XS else 0, pdl=bool(bits & PDL))  # fmt: skip
+            pdl=bool(bits & PDL))  # fmt: skip
     return out
 
 
@@ -837,7 +798,7 @@ def fused_unready(
         )
     try:
         kern = _fused(*_fused_key(op, m.group_size, m.zeros, m.scales, lay, act_dtype, bias, head_dim))
-        if _FLAGS[op][1] or lay[2] & XS:
+        if _FLAGS[op][1]:
             kern.set_shared_memory_config(max(kern._max_shared_mem_bytes, MAX_ROWS * m.in_features * 2))
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use the unfused kernels
         return f"{type(e).__name__}: {str(e)[:300]}"
@@ -892,7 +853,7 @@ def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None,
         (32 * ksb, 1, 1),
         [*args, qn, kn],
         pdl=bool(lay[2] & PDL),
-        shared_mem=m_rows * k * 2 if norm or lay[2] & XS else 0,
+        shared_mem=m_rows * k * 2 if norm else 0,
     )
     return (xo, out) if add_in else out
 

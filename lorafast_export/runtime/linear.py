@@ -370,9 +370,7 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
     def ok(e: list[int]) -> bool:
         ksb, rpw, minb, bits = cuda_int4.layout(e)
         if not (
-            cuda
-            and e[0] <= cuda_int4.MAX_ROWS
-            and cuda_int4.fits(n, k, gs, e[0], ksb, dtype, rpw, minb, bits)
+            cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], ksb, dtype, rpw, minb)
         ):
             return False
         why = cuda_int4.unready(gs, ksb, rpw, qt.zeros is not None, qt.scales.dtype, dtype, minb, bits)

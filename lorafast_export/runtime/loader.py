@@ -22,7 +22,7 @@ from lorafast_export.runtime.paged import (
     build_model,
     triton_attention_fits,
     use_fused_decode,
-    use_mma_pdl,
+    use_kernel_pdl,
 )
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ def build_runtime(
         if fused_decode_on(opts, device, dtype):  # a verify's rows must compute what a decode step computes
             rows = FUSED_MAX_ROWS if draft is not None else 1
             log.info("fused decode kernels for %d layers", use_fused_decode(dec, rows))
-        if opts.mma_pdl and (n := use_mma_pdl(dec, device)):
-            log.info("programmatic dependent launch for %d int4 MMA linears", n)
+        if opts.kernel_pdl and (n := use_kernel_pdl(dec, device)) is not None:
+            log.info("programmatic dependent launch: attention and %d int4 MMA linears", n)
         model = PagedModel(dec, cache, attention)
         model.pdl = opts.inductor_pdl
         if compiled and (

@@ -41,7 +41,7 @@ class RuntimeOptions:
     prefill_first: bool = True  # no decode step while a waiting request can be admitted (lower TTFT)
     overlap_bursts: bool = True  # queue a certain next decode burst before reading this one's tokens
     inductor_pdl: bool = False  # compiled decode layers: inductor's programmatic dependent launch (sm90+)
-    mma_pdl: bool = True  # our CUDA int4 MMA kernels as programmatic dependent launches (sm90+; same outputs)
+    kernel_pdl: bool = True  # our CUDA kernels (int4 MMA, paged decode attention) as programmatic dependent launches (sm90+; same outputs)
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
     fused_decode: str = "auto"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16
     prefill_compile: str = (
@@ -66,7 +66,7 @@ class RuntimeOptions:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("aot", "prefill_first", "overlap_bursts", "inductor_pdl", "mma_pdl"):
+        for name in ("aot", "prefill_first", "overlap_bursts", "inductor_pdl", "kernel_pdl"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: use true or false")
         for name in (

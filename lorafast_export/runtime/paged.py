@@ -321,6 +321,7 @@ def paged_layer(
                 block_size,
                 window or 0,
                 splits,
+                getattr(layer, "attn_pdl", False),
             )
             return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
@@ -481,15 +482,16 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     return n
 
 
-def use_mma_pdl(dec: Decoder, device) -> int:
-    """Every CUDA MMA int4 kernel of the decoder (runtime/cuda_int4.py: each int4 linear's plan entries of kind
-    MMA, each layer's fused MMA ops) launched with programmatic dependent launch: a kernel loads its first
-    weights while the one before it ends, and waits for it before reading activations (bit-for-bit the same
-    output; bench/TORCH.md session 21: an 8B step's 128 products 12% faster chained). Only on sm90+ GPUs (a no-op
-    elsewhere, returning 0); after use_fused_decode. Returns how many linears' plans took it."""
+def use_kernel_pdl(dec: Decoder, device) -> int | None:
+    """Our CUDA kernels of the decoder as programmatic dependent launches: each int4 linear's MMA plan entries
+    and each layer's fused MMA ops (runtime/cuda_int4.py), and the layers' paged decode attention
+    (runtime/triton_attention.py, `attn_pdl`). A kernel so launched may start while the one before it ends:
+    it loads its weights, then waits for that kernel before reading activations or writing (bit-for-bit the
+    same output; bench/TORCH.md session 21). Only on sm90+ GPUs (a no-op elsewhere, returning None); after
+    use_fused_decode. Returns how many linears' plans took it."""
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return 0
+        return None
     from lorafast_export.runtime import cuda_int4
     from lorafast_export.runtime import triton_int4 as t4
 
@@ -503,6 +505,7 @@ def use_mma_pdl(dec: Decoder, device) -> int:
             ]
             n += 1
     for layer in dec.model.layers:
+        layer.attn_pdl = True
         if getattr(layer, "mma_fused", None) is not None:
             layer.mma_fused = [[ksb, minb, bits | cuda_int4.PDL] for ksb, minb, bits in layer.mma_fused]
     return n

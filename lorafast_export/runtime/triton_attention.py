@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lorafast_export.runtime.attention import num_splits
 
@@ -41,7 +42,11 @@ def _paged_decode_kernel(
     SPLITS: tl.constexpr,
     PER: tl.constexpr,  # table entries per split (a constant: one compile per table width bucket)
     IEEE: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent launch (`paged_decode`)
 ):
+    if PDL:  # nothing read or written before the previous kernel is done; the next may start loading weights
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -96,9 +101,13 @@ def _merge_kernel(
     SPLITS: tl.constexpr,
     SP: tl.constexpr,  # SPLITS padded to a power of two
     D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """The splits of one (row, query head) merged by log-sum-exp weights, written in the output dtype: one
     launch where torch's softmax, multiply, sum and cast took four (0.27 ms of an 8B step at batch 1)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     r = tl.program_id(0)
     ss = tl.arange(0, SP)
     dd = tl.arange(0, D)
@@ -121,11 +130,14 @@ def paged_decode(
     block_size: int,
     window: int,
     splits: int = 0,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """q [B, hq, d]; pools [hkv, slots, d]; block_tables [B, M]; seq_lens [B] → [B, hq, d] (q's dtype).
     window <= 0: no sliding window. splits: context splits (0: num_splits for B rows). Each row's result
     depends only on its own inputs and on (splits, M): a verify that runs its k + 1 query tokens as rows
-    with the split count of the one-token step computes each token as that step does."""
+    with the split count of the one-token step computes each token as that step does. pdl: both kernels as
+    programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first."""
+    launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     b, hq, d = q.shape
     hkv, slots, _ = k_pool.shape
     g = hq // hkv
@@ -153,12 +165,13 @@ def paged_decode(
         SPLITS=splits,
         PER=-(-width // splits),
         IEEE=q.dtype == torch.float32,
+        **launch,
     )
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
-    _merge_kernel[(b * hq,)](o, lse, out, SPLITS=splits, SP=triton.next_power_of_2(splits), D=d)
+    _merge_kernel[(b * hq,)](o, lse, out, SPLITS=splits, SP=triton.next_power_of_2(splits), D=d, **launch)
     return out
 
 
 @paged_decode.register_fake
-def _(q, k_pool, v_pool, block_tables, seq_lens, block_size, window, splits=0):
+def _(q, k_pool, v_pool, block_tables, seq_lens, block_size, window, splits=0, pdl=False):
     return torch.empty_like(q)

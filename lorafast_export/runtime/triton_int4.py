@@ -47,7 +47,7 @@ from lorafast_export.runtime.tinygemm import tinygemm_mm
 # (1-8 rows: the CUDA tensor-core kernel of runtime/cuda_int4.py on `pack_frags`' layout; BN holds its warps
 # per block, BK its 16-row tiles per warp (0 or 1: one), BM the blocks per SM asked of the compiler (0: none),
 # warps its variant bits (bit 0: the zero point subtracted from the A operand, `cuda_int4.SUBA`; bit 1: launched as a
-# programmatic dependent launch, `cuda_int4.PDL`, set at load by paged.use_mma_pdl); splits unused).
+# programmatic dependent launch, `cuda_int4.PDL`, set at load by paged.use_kernel_pdl); splits unused).
 ENTRY = 7
 GEMV, GEMM, TINYGEMM, GEMV_T, GEMM_T, GEMM_W, GEMV_W, DEQUANT, MMA = 0, 1, 2, 3, 4, 5, 6, 7, 8
 WORD_KINDS = (GEMM_W, GEMV_W, DEQUANT)  # the kinds that read `pack_words`' layout

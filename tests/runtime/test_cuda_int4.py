@@ -63,11 +63,6 @@ def test_fits_names_what_the_kernel_takes():
     assert not fits(4096, 4096, 128, 1, 16, torch.bfloat16, minb=6)  # 3,072 threads an SM
     assert not fits(4096, 4096, 128, 1, 8, torch.bfloat16, minb=5)
     assert cuda_int4.layout([1, 8, 4, 0, 1, 3, cuda_int4.SUBA]) == (4, 1, 3, cuda_int4.SUBA)
-    xs = cuda_int4.XS  # rows x K x 2 bytes of shared memory, at most XS_MAX_BYTES
-    assert fits(4096, 14336, 128, 2, 8, torch.bfloat16, bits=xs) and not fits(
-        4096, 14336, 128, 4, 8, torch.bfloat16, bits=xs
-    )
-    assert fits(4096, 14336, 128, 8, 8, torch.bfloat16)  # without XS any K
     x, s = torch.zeros(1, 2048, dtype=torch.bfloat16), torch.ones(16, 16)
     with pytest.raises(ValueError, match="multiple of 256 x 16 warps"):  # it would sum nothing, not fail
         cuda_int4.mma_mm(x, torch.zeros(1024, dtype=torch.int32), s, None, 2048, 128, 16)
@@ -136,16 +131,11 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
             (4, 0, cuda_int4.SUBA),
             (8, 4, cuda_int4.SUBA),
             (16, 2, cuda_int4.SUBA),
-            (8, 2, cuda_int4.SUBA | cuda_int4.XS),
-            (4, 0, cuda_int4.XS),
         ]:
-            assert fits(n, k, gs, 8, ksb, adt, 1, minb, bits)
+            assert fits(n, k, gs, 8, ksb, adt, 1, minb)
             for m in (1, 8):
                 y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits)
-                _check(y, x[:m], qt, offset=not bits & cuda_int4.SUBA)
-                # the rows from shared memory (XS) or from L2: the same numbers, bit for bit
-                plain = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits & ~cuda_int4.XS)
-                assert torch.equal(y, plain)
+                _check(y, x[:m], qt, offset=not bits)
 
 
 @pytestmark_cuda
@@ -153,9 +143,8 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
 def test_programmatic_dependent_launch_gives_the_same_bits(graph):
     """A chain of kernels each reading the previous one's output, every launch after the first programmatic
     (PDL: it may start before the previous kernel ends and must wait for it before reading its output or
-    writing), some staging their rows in shared memory (XS), eagerly and replayed from a CUDA graph: bit for bit
-    the plain launches' outputs. A kernel that read its input before the wait would read a buffer not yet
-    written."""
+    writing), eagerly and replayed from a CUDA graph: bit for bit the plain launches' outputs. A kernel that
+    read its input before the wait would read a buffer not yet written."""
     n = k = 2048
     _, m, _ = _fused_case(n, k, True, seed=7)
     _, m2, _ = _fused_case(2 * n, k, True, seed=8)
@@ -165,13 +154,9 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 
     def chain(pdl: int):
         y = cuda_int4.mma_mm(x0, *w, 8, 1, 0, cuda_int4.SUBA)
-        for i in range(6):  # each reads the previous output; every other one from shared memory (XS)
-            y = cuda_int4.mma_mm(
-                y, *w, 8, 1, 0, cuda_int4.SUBA | pdl | (cuda_int4.XS if i % 2 and pdl else 0)
-            )
-        lay = (8, 0, cuda_int4.SUBA | pdl | (cuda_int4.XS if pdl else 0))
-        assert cuda_int4.fused_unready(cuda_int4.O_OP, m, lay, torch.bfloat16) is None
-        r = cuda_int4.fused_launch(cuda_int4.O_OP, y, *w, lay, res=y)
+        for _ in range(6):  # each reads the previous output
+            y = cuda_int4.mma_mm(y, *w, 8, 1, 0, cuda_int4.SUBA | pdl)
+        r = cuda_int4.fused_launch(cuda_int4.O_OP, y, *w, (8, 0, cuda_int4.SUBA | pdl), res=y)
         g = cuda_int4.fused_launch(
             cuda_int4.GLU_OP, r, m2.weight_frags, m2.scales, m2.zeros, k, 128, (8, 0, cuda_int4.SUBA | pdl),
             nw=nw, eps=1e-5,
@@ -248,9 +233,10 @@ def test_shipped_fused_layouts_fit_their_shapes():
     assert int4_table.fused_mma_layout("NVIDIA H200", cuda_int4.GLU_OP, 64, 64) is None
 
 
-def test_use_mma_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
-    """use_mma_pdl sets the PDL launch bit on each int4 linear's MMA plan entries (not its other entries, not
-    other bits) and on each fused layer's three layouts, on an sm90+ CUDA device only."""
+def test_use_kernel_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
+    """use_kernel_pdl sets the PDL launch bit on each int4 linear's MMA plan entries (not its other entries, not
+    other bits) and on each fused layer's three layouts, and marks every layer's attention, on an sm90+ CUDA
+    device only."""
     from torch import nn
 
     from lorafast_export.runtime import paged
@@ -267,16 +253,17 @@ def test_use_mma_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
         dec.model = types.SimpleNamespace(layers=[fused, types.SimpleNamespace(mma_fused=None)])
         return dec
 
-    for cap, want in (((9, 0), 1), ((8, 0), 0)):
+    for cap, want in (((9, 0), 1), ((8, 0), None)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cap=cap: cap)
         dec = decoder()
-        assert paged.use_mma_pdl(dec, "cuda") == want
+        assert paged.use_kernel_pdl(dec, "cuda") == want
         bit = cuda_int4.PDL if want else 0
+        assert [getattr(layer, "attn_pdl", False) for layer in dec.model.layers] == [bool(want)] * 2
         assert dec.a.plan == [4, t4.MMA, 8, 1, 1, 2, cuda_int4.SUBA | bit, 1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
         assert dec.b.plan == [1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
         assert dec.model.layers[0].mma_fused == [[8, 0, 1 | bit], [8, 2, 1 | bit], [4, 0, bit]]
         assert dec.model.layers[1].mma_fused is None
-    assert paged.use_mma_pdl(decoder(), "cpu") == 0
+    assert paged.use_kernel_pdl(decoder(), "cpu") is None
 
 
 def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, caplog):
@@ -469,7 +456,7 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     in different places (rope, the fused head), so they are compared through the reference, not with each other."""
     from lorafast_export.runtime import int4_table, linear
     from lorafast_export.runtime import triton_int4 as t4
-    from lorafast_export.runtime.paged import use_fused_decode, use_mma_pdl
+    from lorafast_export.runtime.paged import use_fused_decode, use_kernel_pdl
     from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
     from tests.runtime.test_triton_fused_int4 import _teacher_forced
 
@@ -491,7 +478,7 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     # programmatic dependent launch of every MMA kernel (sm90+): the same logits, bit for bit
     pdl, cache3 = paged(md, fp, q, dtype=torch.bfloat16, kernel="triton", device="cuda")
     use_fused_decode(pdl.dec)
-    if use_mma_pdl(pdl.dec, "cuda"):
+    if use_kernel_pdl(pdl.dec, "cuda"):  # sm90+
         assert all(layer.mma_fused[0][2] & cuda_int4.PDL for layer in pdl.dec.model.layers)
         assert torch.equal(_teacher_forced(pdl, cache3, ids, 6), got)
     err_fused, err_unfused = (got[6:] - ref[6:]).abs().max(), (want[6:] - ref[6:]).abs().max()

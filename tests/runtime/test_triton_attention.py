@@ -30,3 +30,30 @@ def test_triton_decode_equals_gather(lengths, hkv, hq, d, window, dtype):
 
 def test_split_count():
     assert num_splits(1, 8, 64) == 32 and num_splits(32, 8, 64) == 2 and num_splits(1, 1, 3) == 3
+
+
+@pytest.mark.skipif(
+    DEV != "cuda" or torch.cuda.get_device_capability() < (9, 0),
+    reason="programmatic dependent launch: sm90+",
+)
+def test_programmatic_dependent_launch_gives_the_same_bits():
+    """Both kernels launched as programmatic dependent launches (each waits for the kernel before it: here the
+    one that writes q), eagerly and replayed from a CUDA graph: the plain launch's output, bit for bit."""
+    lengths = [37, 5, 130]
+    k_pool, v_pool, tables, lens, _ = scattered_pool(lengths, hkv=2, d=64, bs=16)
+    k_pool, v_pool = k_pool.to(DEV, torch.bfloat16), v_pool.to(DEV, torch.bfloat16)
+    tables, lens = tables.to(DEV), lens.to(DEV)
+    q0 = torch.randn(len(lengths), 8, 64, device=DEV, dtype=torch.bfloat16)
+
+    def run(pdl: bool):
+        q = q0 * 2  # written by the kernel just before
+        return paged_decode(q, k_pool, v_pool, tables, lens, 16, 0, 0, pdl) * 1
+
+    want = run(False)
+    assert torch.equal(run(True), want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = run(True)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
