@@ -1,5 +1,7 @@
 # Session 21 call A: the CUDA tests of runtime/cuda_int4.py with the PF / EVF variant bits in the kernels'
 # signatures, then bench/mma_prefetch_bench.py (an 8B step's 128 int4 products chained in one CUDA graph).
+# (bench/mma_prefetch_bench.py was the first version of bench/mma_chain_bench.py, with configurations for the
+# PFS / PFT / EVF / DEC variant bits of bench/results/s21-prefetch-dec.patch; both were dropped after calls A-C.)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
 echo "main $(cat .devq/commit) + working tree"

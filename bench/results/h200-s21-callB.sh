@@ -1,6 +1,8 @@
 # Session 21 call B: the CUDA tests of runtime/cuda_int4.py (DEC, PFS/PFT/EVF bit for bit), each op's floor
 # (a plain read of its bytes, cold and L2-hot; the op cold and hot, with and without DEC), then the 32-layer
 # chain with the DEC and prefetch variants (inputs fixed: outputs compared bit for bit).
+# (bench/mma_prefetch_bench.py was the first version of bench/mma_chain_bench.py, with configurations for the
+# PFS / PFT / EVF / DEC variant bits of bench/results/s21-prefetch-dec.patch; both were dropped after calls A-C.)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
 echo "main $(cat .devq/commit) + working tree"
