@@ -683,6 +683,22 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
+def pdl_available(device) -> bool:
+    """Whether `_launch` can make programmatic dependent launches on this device: an sm90+ GPU and a driver
+    with cuLaunchKernelEx (CUDA 12+)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    try:
+        return _get_gpu_runtime_library().cuLaunchKernelEx is not None
+    except (AttributeError, OSError):
+        return False
+
+
 def _launch(kern, grid, block, args: list, shared_mem: int = 0, pdl: bool = False) -> None:
     """kern(grid, block, args) on the current stream; pdl: as a programmatic dependent launch (cuLaunchKernelEx
     with programmatic stream serialization: the kernel may start before the previous one in the stream ends,

@@ -487,12 +487,12 @@ def use_kernel_pdl(dec: Decoder, device) -> int | None:
     and each layer's fused MMA ops (runtime/cuda_int4.py), and the layers' paged decode attention
     (runtime/triton_attention.py, `attn_pdl`). A kernel so launched may start while the one before it ends:
     it loads its weights, then waits for that kernel before reading activations or writing (bit-for-bit the
-    same output; bench/TORCH.md session 21). Only on sm90+ GPUs (a no-op elsewhere, returning None); after
-    use_fused_decode. Returns how many linears' plans took it."""
-    device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return None
+    same output; bench/TORCH.md session 21). Only where `cuda_int4.pdl_available` (an sm90+ GPU, a CUDA 12+
+    driver; elsewhere a no-op, returning None); after use_fused_decode. Returns how many linears' plans took it."""
     from lorafast_export.runtime import cuda_int4
+
+    if not cuda_int4.pdl_available(device):
+        return None
     from lorafast_export.runtime import triton_int4 as t4
 
     n = 0

@@ -254,7 +254,7 @@ def test_use_kernel_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
         return dec
 
     for cap, want in (((9, 0), 1), ((8, 0), None)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cap=cap: cap)
+        monkeypatch.setattr(cuda_int4, "pdl_available", lambda d, cap=cap: cap >= (9, 0))
         dec = decoder()
         assert paged.use_kernel_pdl(dec, "cuda") == want
         bit = cuda_int4.PDL if want else 0
@@ -263,7 +263,8 @@ def test_use_kernel_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
         assert dec.b.plan == [1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
         assert dec.model.layers[0].mma_fused == [[8, 0, 1 | bit], [8, 2, 1 | bit], [4, 0, bit]]
         assert dec.model.layers[1].mma_fused is None
-    assert paged.use_kernel_pdl(decoder(), "cpu") is None
+    monkeypatch.undo()
+    assert paged.use_kernel_pdl(decoder(), "cpu") is None and not cuda_int4.pdl_available("cpu")
 
 
 def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, caplog):
@@ -478,7 +479,9 @@ def test_int4_decode_through_the_fused_mma_ops_gives_the_unfused_tokens(tmp_path
     # programmatic dependent launch of every MMA kernel (sm90+): the same logits, bit for bit
     pdl, cache3 = paged(md, fp, q, dtype=torch.bfloat16, kernel="triton", device="cuda")
     use_fused_decode(pdl.dec)
-    if use_kernel_pdl(pdl.dec, "cuda"):  # sm90+
+    n_pdl = use_kernel_pdl(pdl.dec, "cuda")
+    assert (n_pdl is not None) == (torch.cuda.get_device_capability() >= (9, 0))
+    if n_pdl is not None:
         assert all(layer.mma_fused[0][2] & cuda_int4.PDL for layer in pdl.dec.model.layers)
         assert torch.equal(_teacher_forced(pdl, cache3, ids, 6), got)
     err_fused, err_unfused = (got[6:] - ref[6:]).abs().max(), (want[6:] - ref[6:]).abs().max()
