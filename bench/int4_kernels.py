@@ -107,17 +107,27 @@ def graph_us(fn, copies: int, reps: int = 20, replays: int = 7) -> float:
         t = time.perf_counter()
         fn(0)
         return (time.perf_counter() - t) * 1e6
+    g, _ = capture(lambda: [fn(i % copies) for i in range(reps)])
+    return replay_us(g, replays) / reps
+
+
+def capture(body):
+    """body() run once on a side stream (compiles, allocations), then captured into a CUDA graph and replayed
+    once: (the graph, what the captured body returned, its tensors written at each replay)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for i in range(2):
-            fn(i % copies)
+        body()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for i in range(reps):
-            fn(i % copies)
+        out = body()
     g.replay()
+    return g, out
+
+
+def replay_us(g, replays: int) -> float:
+    """The median GPU microseconds of one replay of graph g."""
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -125,7 +135,7 @@ def graph_us(fn, copies: int, reps: int = 20, replays: int = 7) -> float:
         g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
+        times.append(a.elapsed_time(b) * 1e3)
     return sorted(times)[len(times) // 2]
 
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.int4_kernels import MODELS  # noqa: E402
+from bench.int4_kernels import MODELS, capture, replay_us  # noqa: E402
 from bench.mma_fused_bench import weight  # noqa: E402
 from lorafast_export.runtime import cuda_int4 as ci  # noqa: E402
 from lorafast_export.runtime.int4_table import fused_mma_layout, load_table  # noqa: E402
@@ -83,24 +83,9 @@ def chain(layers, meta, lays, down_entry, extra: dict, attention: bool, dev):
 
 
 def graph_chain_us(run, replays: int = 9) -> tuple[float, list]:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = run()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return sorted(times)[len(times) // 2], [o.clone() for o in outs]
+    """The median microseconds of one replay of the chain's graph, and copies of its outputs."""
+    g, outs = capture(run)
+    return replay_us(g, replays), [o.clone() for o in outs]
 
 
 READ_SRC = r"""
