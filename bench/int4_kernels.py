@@ -113,7 +113,7 @@ def graph_us(fn, copies: int, reps: int = 20, replays: int = 7) -> float:
 
 def capture(body):
     """body() run once on a side stream (compiles, allocations), then captured into a CUDA graph and replayed
-    once: (the graph, what the captured body returned, its tensors written at each replay)."""
+    once: (the graph, what the captured body returned; its tensors are rewritten at each replay)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

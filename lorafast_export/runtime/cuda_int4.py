@@ -586,8 +586,15 @@ def _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, fused
     )
 
 
-@functools.cache
 def _kernel(
+    group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool, minb: int, bits: int
+):
+    """The plain kernel's variant, compiled once a process; PDL is a launch bit, not part of the variant."""
+    return _compiled(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits & ~PDL)
+
+
+@functools.cache
+def _compiled(
     group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool, minb: int, bits: int
 ):
     defines = _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, False)
@@ -614,16 +621,7 @@ def unready(
     if not available():
         return "this torch has no torch.cuda._compile_kernel (NVRTC) or no CUDA device"
     try:
-        _kernel(
-            group_size,
-            ksb,
-            rpw,
-            asym,
-            _SCALE_CODES[scale_dtype],
-            act_dtype == torch.float16,
-            minb,
-            bits & ~PDL,
-        )
+        _kernel(group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16, minb, bits)
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use another kernel
         return f"{type(e).__name__}: {str(e)[:300]}"
     return None
@@ -656,8 +654,7 @@ def mma_mm(
     x = _aligned(x)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     kern = _kernel(
-        group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb,
-        bits & ~PDL,
+        group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb, bits
     )  # fmt: skip
     zp = zeros if zeros is not None else scales  # never read when symmetric
     _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),

@@ -458,8 +458,8 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
 def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     """Every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype and every layer
     is fused) runs the fused kernels for products of at most `rows` rows (<= FUSED_MAX_ROWS), and at rows=1 every
-    layer with `mma_layouts` the fused CUDA MMA ops (its `mma_fused`); returns how many layers. rows=1: the batch-1 decode step only (several rows are several programs over the same weight tile,
-    slower than cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row
+    layer with `mma_layouts` the fused CUDA MMA ops (its `mma_fused`); returns how many layers. rows=1: the
+    batch-1 decode step only (several rows are several programs over the same weight tile, slower than cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row
     computes what its decode step computes. Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
@@ -497,13 +497,13 @@ def use_kernel_pdl(dec: Decoder, device) -> int | None:
 
     n = 0
     for m in dec.modules():
-        plan = getattr(m, "plan", None) if isinstance(m, Int4TritonLinear) else None
-        if plan and any(plan[i + 1] == t4.MMA for i in range(0, len(plan), t4.ENTRY)):
-            m.plan = [
-                v | cuda_int4.PDL if j % t4.ENTRY == 6 and plan[j - 5] == t4.MMA else v
-                for j, v in enumerate(plan)
+        if isinstance(m, Int4TritonLinear) and m.plan:  # entry j // ENTRY's kind at j - 5, its bits at j
+            plan = [
+                v | cuda_int4.PDL if j % t4.ENTRY == 6 and m.plan[j - 5] == t4.MMA else v
+                for j, v in enumerate(m.plan)
             ]
-            n += 1
+            n += plan != m.plan
+            m.plan = plan
     for layer in dec.model.layers:
         layer.attn_pdl = True
         if getattr(layer, "mma_fused", None) is not None:
