@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafast_export.qform import dequantize, pack_nibbles  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
-from lorafast_export.runtime.cuda_int4 import MAX_ROWS, SUBA, pack_frags  # noqa: E402
+from lorafast_export.runtime.cuda_int4 import MAX_ROWS, SUBA, SUBX, pack_frags  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits  # noqa: E402
 from lorafast_export.runtime.triton_int4 import (  # noqa: E402
@@ -79,14 +79,14 @@ DEQUANT_TILES = [(32, 4), (64, 8)]
 # MMA (session 19, runtime/cuda_int4.py): the CUDA tensor-core kernel for 1-8 rows; its knobs are the warps
 # per block (K slices summed in shared memory), the 16-row tiles per warp (sharing its activation loads), the
 # blocks per SM asked of the compiler (a register cap: more warps in flight, perhaps spills) and the variant
-# bits (SUBA: the zero point subtracted from A, no second mma). Session 19 (call D): 1-2 warps a block and 2
+# bits (SUBA: the zero point subtracted from A, no second mma; SUBX, session 22: the offset removed once a group). Session 19 (call D): 1-2 warps a block and 2
 # tiles a warp never won; session 20's Nsight Compute profile (bench/TORCH.md): 126 registers held qkv / o to 2
 # blocks of 8 warps an SM and qkv to 1.45 waves, warps stalled on their loads' latency.
 MMA_LAYOUTS = [
     (ksb, 1, minb, bits)
     for ksb in (4, 8, 16)
     for minb in (0, 2, 3, 4, 6, 8)
-    for bits in (0, SUBA)
+    for bits in (0, SUBA, SUBX)
     if 32 * ksb * minb <= 2048
 ]
 CELLS = ("gemv", "gemm", "gemv_t", "gemm_t", "gemm_w", "gemv_w", "dequant", "mma")

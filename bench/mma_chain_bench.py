@@ -171,6 +171,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--out", default="")
     p.add_argument("--floors", action="store_true", help="only the per-op floors (`floors`)")
+    p.add_argument("--configs", default="", help="only these configurations (comma-separated names)")
     a = p.parse_args()
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
@@ -192,7 +193,10 @@ def main() -> None:
         ("PDL", {o: ci.PDL for o in every}, False),
         ("plain, attention stand-in", {}, True),
         ("PDL, attention stand-in", {o: ci.PDL for o in every}, True),
+        ("PDL + SUBX", {o: ci.PDL | ci.SUBX for o in every}, False),
     ]
+    if a.configs:
+        configs = [c for c in configs if c[0] in a.configs.split(",")]
     res = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "layers": a.layers, "layouts": lays,
            "down_entry": down_entry, "layer_weight_mb": round(weight_mb, 2), "results": []}  # fmt: skip
     if a.floors:
@@ -204,12 +208,16 @@ def main() -> None:
     for rep in range(3):  # interleaved
         for name, extra, attention in configs:
             us, outs = graph_chain_us(chain(layers, meta, lays, down_entry, extra, attention, dev))
-            same = ref.setdefault(attention, outs) is outs or all(
-                torch.equal(o, r) for o, r in zip(outs, ref[attention], strict=True)
+            base = ref.setdefault(attention, outs)
+            same = base is outs or all(torch.equal(o, r) for o, r in zip(outs, base, strict=True))
+            rel = max(
+                ((o.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                for o, r in zip(outs, base, strict=True)
             )
             per_layer = us / a.layers
             r = {"config": name, "rep": rep, "chain_us": round(us, 1), "layer_us": round(per_layer, 2),
-                 "tb_s": round(weight_mb * MB / (per_layer * 1e-6) / 1e12, 3), "outputs_equal": same}  # fmt: skip
+                 "tb_s": round(weight_mb * MB / (per_layer * 1e-6) / 1e12, 3), "outputs_equal": same,
+                 "max_rel_diff": rel}  # fmt: skip
             print(json.dumps(r), flush=True)
             res["results"].append(r)
             if a.out:

@@ -27,7 +27,12 @@ from bench.int4_kernels import MODELS, graph_us, n_copies  # noqa: E402
 from lorafast_export.runtime import cuda_int4  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table  # noqa: E402
 
-LAYOUTS = [(ksb, minb, bits) for ksb in (4, 8, 16) for minb in (0, 2, 3, 4) for bits in (0, cuda_int4.SUBA)]
+LAYOUTS = [
+    (ksb, minb, bits)
+    for ksb in (4, 8, 16)
+    for minb in (0, 2, 3, 4)
+    for bits in (0, cuda_int4.SUBA, cuda_int4.SUBX)
+]
 
 
 def weight(n: int, k: int, dev) -> types.SimpleNamespace:

@@ -63,6 +63,9 @@ RPW_CHOICES = (1, 2)  # 16-row tiles per warp (their activations loaded once)
 MINB_CHOICES = (0, 2, 3, 4, 6, 8)  # blocks per SM the compiler must fit (a register cap); 0: its own choice
 SUBA = 1  # variant bit: the zero point subtracted from A (one fma per register) rather than by a second mma
 PDL = 2  # launch bit: programmatic dependent launch (`_launch`; the same compiled kernel)
+# variant bit: A keeps the offset and each group's sum is corrected once by the activations' group sum (over SUBA
+# where both are set)
+SUBX = 4
 _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 SOURCE = r"""
@@ -159,6 +162,52 @@ __device__ __forceinline__ float ld_scale(const void* s, long i) {
 #endif
 }
 
+__device__ __forceinline__ float to_f(u32 h) {  // an activation-dtype value in the low 16 bits
+#if ADT == 0
+    return __uint_as_float(h << 16);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+    return f;
+#endif
+}
+__device__ __forceinline__ float lo16(u32 v) { return to_f(v & 0xFFFFu); }
+__device__ __forceinline__ float hi16(u32 v) { return to_f(v >> 16); }
+
+#if SUBX
+// SUBX: A holds OFF + code (one lop3 a register pair, no subtraction), and each group's sum is corrected once by
+// (OFF + zero) * the group's sum of the activations, which the warp adds here for the step: lane l sums inputs
+// 8 l .. 8 l + 7 of each activation row, the GS / 8 lanes of a group add theirs, and each lane keeps the sums of
+// the two columns its accumulators hold (rows 2 q and 2 q + 1). A row's sums depend on that row only.
+#define OFF_BASE (ADT == 0 ? 128.f : 1024.f)
+template <bool SMEM>
+__device__ __forceinline__ void step_sums(const u16* sx, long ldx, int M, float (*sg)[2]) {
+    const int lane = threadIdx.x & 31, q = lane & 3;
+#pragma unroll
+    for (int j = 0; j < NG; ++j) sg[j][0] = sg[j][1] = 0.f;
+    for (int m = 0; m < M; ++m) {
+        u32 t[4];
+        const u16* p = sx + m * ldx + 8 * lane;
+        if (SMEM) {
+            const uint4 v = *(const uint4*)p;
+            t[0] = v.x, t[1] = v.y, t[2] = v.z, t[3] = v.w;
+        } else {
+            asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(t[0]), "=r"(t[1]), "=r"(t[2]), "=r"(t[3]) : "l"(p));
+        }
+        float v = ((lo16(t[0]) + hi16(t[0])) + (lo16(t[1]) + hi16(t[1]))) +
+                  ((lo16(t[2]) + hi16(t[2])) + (lo16(t[3]) + hi16(t[3])));
+#pragma unroll
+        for (int o = 1; o < GS / 8 && o < 32; o <<= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+            const float sj = __shfl_sync(0xFFFFFFFFu, v, (j * (GS / 8)) & 31);
+            if (m == 2 * q) sg[j][0] = sj;
+            if (m == 2 * q + 1) sg[j][1] = sj;
+        }
+    }
+}
+#endif
+
 struct Step {  // one step's words and scales for the warp's RPW row tiles
     u32 w[RPW][NCH][WPL];
     float s[RPW][NG][2];
@@ -186,7 +235,12 @@ __device__ __forceinline__ void load_step(Step& st, const u32* wp, long tile_wor
 }
 
 template <bool SMEM>  // SMEM: the activations are in shared memory (the fused kernel's normalized rows)
-__device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has_x, float (*acc)[4]) {
+__device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has_x, float (*acc)[4],
+                                         const u16* sx, long ldx, int M) {
+#if SUBX
+    float sg[NG][2];
+    step_sums<SMEM>(sx, ldx, M, sg);
+#endif
     u32 xr[NCH][CH / 8];  // loaded once, used by every row tile
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
@@ -209,14 +263,16 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
     for (int r = 0; r < RPW; ++r) {
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
+#if !SUBX
 #if ASYM
             u32 z0 = NEG_OFFSET(st.z[r][j][0]) * 0x00010001u, z1 = NEG_OFFSET(st.z[r][j][1]) * 0x00010001u;
 #else
             u32 z0 = NEG_OFFSET(8) * 0x00010001u, z1 = z0;
 #endif
-            // independent accumulator chains (even tiles, odd tiles, the offset), so consecutive mmas do not
-            // wait for each other
-            float ga[4] = {0.f, 0.f, 0.f, 0.f}, gb[4] = {0.f, 0.f, 0.f, 0.f}, gz[4] = {0.f, 0.f, 0.f, 0.f};
+            float gz[4] = {0.f, 0.f, 0.f, 0.f};  // the offset's chain (without SUBA)
+#endif
+            // independent accumulator chains (even tiles, odd tiles), so consecutive mmas do not wait for each other
+            float ga[4] = {0.f, 0.f, 0.f, 0.f}, gb[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int cc = 0; cc < CPG; ++cc) {
                 const int c = j * CPG + cc;
@@ -224,7 +280,9 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
                 for (int t = 0; t < WPL; ++t) {
                     const u32 w = st.w[r][c][t];
                     const u32 b0 = xr[c][2 * t], b1 = xr[c][2 * t + 1];
-#if SUBA  // A = code - zero, exact: no offset to remove
+#if SUBX  // A = OFF + code; the offset's share is removed once a group, below
+                    mma(t % 2 ? gb : ga, nib2(w), nib2(w >> 4), nib2(w >> 8), nib2(w >> 12), b0, b1);
+#elif SUBA  // A = code - zero, exact: no offset to remove
                     mma(t % 2 ? gb : ga, sub_off(nib2(w), z0), sub_off(nib2(w >> 4), z1), sub_off(nib2(w >> 8), z0),
                         sub_off(nib2(w >> 12), z1), b0, b1);
 #else
@@ -233,10 +291,22 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
 #endif
                 }
             }
+#if SUBX
+#if ASYM
+            const float o0 = OFF_BASE + (float)st.z[r][j][0], o1 = OFF_BASE + (float)st.z[r][j][1];
+#else
+            const float o0 = OFF_BASE + 8.f, o1 = o0;
+#endif
+            acc[r][0] += st.s[r][j][0] * fmaf(-o0, sg[j][0], ga[0] + gb[0]);
+            acc[r][1] += st.s[r][j][0] * fmaf(-o0, sg[j][1], ga[1] + gb[1]);
+            acc[r][2] += st.s[r][j][1] * fmaf(-o1, sg[j][0], ga[2] + gb[2]);
+            acc[r][3] += st.s[r][j][1] * fmaf(-o1, sg[j][1], ga[3] + gb[3]);
+#else
             acc[r][0] += st.s[r][j][0] * ((ga[0] + gb[0]) + gz[0]);
             acc[r][1] += st.s[r][j][0] * ((ga[1] + gb[1]) + gz[1]);
             acc[r][2] += st.s[r][j][1] * ((ga[2] + gb[2]) + gz[2]);
             acc[r][3] += st.s[r][j][1] * ((ga[3] + gb[3]) + gz[3]);
+#endif
         }
     }
 }
@@ -281,10 +351,10 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
     pdl_trigger();
     for (int i = 0; i < steps; i += 2) {
         if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
-        run_step<false>(a, xp + i * 256, has_x, acc);
+        run_step<false>(a, xp + i * 256, has_x, acc, x + k0 + i * 256, K, M);
         if (i + 1 < steps) {
             if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
-            run_step<false>(b, xp + (i + 1) * 256, has_x, acc);
+            run_step<false>(b, xp + (i + 1) * 256, has_x, acc, x + k0 + (i + 1) * 256, K, M);
         }
     }
     __shared__ float red[KSB][RPW][4][32];
@@ -323,17 +393,6 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
 
 #define MAX_M 8
 
-__device__ __forceinline__ float to_f(u32 h) {  // an activation-dtype value in the low 16 bits
-#if ADT == 0
-    return __uint_as_float(h << 16);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
-    return f;
-#endif
-}
-__device__ __forceinline__ float lo16(u32 v) { return to_f(v & 0xFFFFu); }
-__device__ __forceinline__ float hi16(u32 v) { return to_f(v >> 16); }
 __device__ __forceinline__ u16 rnd(float v) {
     u16 h;
 #if ADT == 0
@@ -435,17 +494,19 @@ KNAME(const u32* __restrict__ wf, const u16* __restrict__ x, const u16* __restri
     }
     __syncthreads();
     const u16* xp = xs + (has_x ? g : 0) * K + k0 + (CH / 4) * q;
+    const u16* sx0 = xs + k0;
 #define SM true
 #else
     const u16* xp = x + (long)(has_x ? g : 0) * K + k0 + (CH / 4) * q;
+    const u16* sx0 = x + k0;
 #define SM false
 #endif
     float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
     for (int i = 0; i < steps; i += 2) {  // step i + 1 is in flight while step i multiplies
-        run_step<SM>(a, xp + i * 256, has_x, acc);
+        run_step<SM>(a, xp + i * 256, has_x, acc, sx0 + i * 256, K, M);
         if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
         if (i + 1 < steps) {
-            run_step<SM>(b, xp + (i + 1) * 256, has_x, acc);
+            run_step<SM>(b, xp + (i + 1) * 256, has_x, acc, sx0 + (i + 1) * 256, K, M);
             if (i + 3 < steps) load_step(b, wp + (i + 3) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 3) * 256) / GS);
         }
     }
@@ -582,7 +643,7 @@ def _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, fused
     return (
         f"#define GS {group_size}\n#define KSB {ksb}\n#define RPW {rpw}\n#define ASYM {int(asym)}\n"
         f"#define SDT {scale_code}\n#define ADT {int(act_fp16)}\n#define MINB {minb}\n"
-        f"#define SUBA {int(bool(bits & SUBA))}\n#define FUSED {int(fused)}\n"
+        f"#define SUBA {int(bool(bits & SUBA))}\n#define SUBX {int(bool(bits & SUBX))}\n#define FUSED {int(fused)}\n"
     )
 
 

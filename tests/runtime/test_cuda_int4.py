@@ -76,7 +76,7 @@ def _check(y, x, qt, offset: bool = True):
     err = (y.double() - ref).abs()
     # the output is rounded once to bf16 / fp16 (half an ulp; one ulp allowed), plus the fp32 group sums'
     # error: with the 128 offset in them (module doc: about 1e-5 of the largest output; 4e-5 allowed), or
-    # without it (SUBA: fp32 sums of exact products, 1e-6 allowed)
+    # without it (SUBA: fp32 sums of exact products, 1e-6 allowed). SUBX keeps the offset in its sums.
     ulp = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10
     bound = ulp * ref.abs() + (4e-5 if offset else 1e-6) * ref.abs().max()
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
@@ -118,8 +118,9 @@ def test_kernel_equals_the_dequantized_product(gs, asym, sdt):
 @pytest.mark.parametrize("gs", [32, 128])
 @pytest.mark.parametrize("asym", [False, True])
 def test_kernel_variants_equal_the_dequantized_product(gs, asym):
-    """The register cap (blocks per SM) and the zero point subtracted from A (SUBA; then the sums carry no
-    offset, so the bound is 40x tighter) compute the same product."""
+    """The register cap (blocks per SM), the zero point subtracted from A (SUBA; then the sums carry no
+    offset, so the bound is 40x tighter) and the offset removed once a group by the activations' group sums
+    (SUBX, over SUBA where both are set) compute the same product."""
     n, k = 200, 4096  # K: 256 inputs for each of 16 warps
     qt = _qt(n, k, gs, asym, torch.float16)
     frags = pack_frags(qt.codes, gs).cuda()
@@ -131,11 +132,34 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
             (4, 0, cuda_int4.SUBA),
             (8, 4, cuda_int4.SUBA),
             (16, 2, cuda_int4.SUBA),
+            (4, 4, cuda_int4.SUBX),
+            (8, 0, cuda_int4.SUBX | cuda_int4.SUBA),
         ]:
             assert fits(n, k, gs, 8, ksb, adt, 1, minb)
-            for m in (1, 8):
+            for m in (1, 3, 8):
                 y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits)
-                _check(y, x[:m], qt, offset=not bits)
+                _check(y, x[:m], qt, offset=_offset(bits))
+
+
+def _offset(bits: int) -> bool:
+    """Whether a variant's fp32 sums carry the 128 offset (the looser bound of `_check`)."""
+    return bool(bits & cuda_int4.SUBX) or not bits & cuda_int4.SUBA
+
+
+@pytestmark_cuda
+@pytest.mark.parametrize("gs", [32, 64, 256])
+def test_subx_group_sums_at_every_group_size(gs):
+    """SUBX's group sums span 4 (group 32) to 32 lanes (group 256): every group size, both activation dtypes,
+    2 row tiles a warp, against the dequantized product."""
+    n, k = 200, 2048
+    qt = _qt(n, k, gs, True, torch.bfloat16)
+    frags, s, z = pack_frags(qt.codes, gs).cuda(), qt.scales.cuda(), qt.zeros.cuda()
+    for adt in (torch.bfloat16, torch.float16):
+        x = torch.randn(8, k, generator=torch.Generator().manual_seed(4)).to(adt).cuda()
+        for ksb, rpw in ((4, 1), (8, 2)):
+            for m in (1, 2, 8):
+                y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, rpw, 0, cuda_int4.SUBX)
+                _check(y, x[:m], qt, offset=True)
 
 
 @pytestmark_cuda
@@ -180,7 +204,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 
 
 @pytestmark_cuda
-@pytest.mark.parametrize("bits", [0, cuda_int4.SUBA])
+@pytest.mark.parametrize("bits", [0, cuda_int4.SUBA, cuda_int4.SUBX])
 def test_kernel_rows_are_independent_of_the_row_count(bits):
     """Each output row depends on its own activation row only: an 8-row call (a speculative verify) equals
     eight 1-row calls bit for bit."""
@@ -188,7 +212,7 @@ def test_kernel_rows_are_independent_of_the_row_count(bits):
     frags, s, z = pack_frags(qt.codes, 128).cuda(), qt.scales.cuda(), qt.zeros.cuda()
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
     y8 = cuda_int4.mma_mm(x, frags, s, z, 4096, 128, 8, 1, 0, bits)
-    _check(y8, x, qt, offset=not bits)
+    _check(y8, x, qt, offset=_offset(bits))
     for i in range(8):
         assert torch.equal(
             cuda_int4.mma_mm(x[i : i + 1], frags, s, z, 4096, 128, 8, 1, 0, bits), y8[i : i + 1]
@@ -226,7 +250,7 @@ def test_shipped_fused_layouts_fit_their_shapes():
                 n, k = map(int, shape.split("x"))
                 ksb, minb, bits = cell["layout"]
                 assert cuda_int4.fused_fits(op, n, k, 128, ksb, minb, 128 if op == cuda_int4.QKV_OP else 0)
-                assert not bits & ~cuda_int4.SUBA
+                assert not bits & ~(cuda_int4.SUBA | cuda_int4.SUBX)
                 assert int4_table.fused_mma_layout(gpu, op, n, k) == cell["layout"]
                 seen += 1
     assert seen >= 3  # the H200 table holds the 8B shapes' three ops
@@ -379,12 +403,13 @@ def _fused_case(n, k, asym, seed=0):
 @pytestmark_cuda
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("rows", [1, 8])
-def test_fused_norm_glu_equals_rmsnorm_product_and_silu(asym, rows):
+@pytest.mark.parametrize("bits", [cuda_int4.SUBA, cuda_int4.SUBX])
+def test_fused_norm_glu_equals_rmsnorm_product_and_silu(asym, rows, bits):
     inter, k = 352, 2048  # 22 gate tiles and 22 up tiles
     _, m, wd = _fused_case(2 * inter, k, asym)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 3
     nw = (torch.rand(k, device="cuda") + 0.5).bfloat16()
-    lay = (8, 0, cuda_int4.SUBA)
+    lay = (8, 0, bits)
     assert cuda_int4.fused_unready(cuda_int4.GLU_OP, m, lay, torch.bfloat16) is None
     y = cuda_int4.mma_norm_glu(x, nw, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), 1e-5)
     p = _rmsnorm(x, nw, 1e-5).double() @ wd.T
@@ -395,12 +420,13 @@ def test_fused_norm_glu_equals_rmsnorm_product_and_silu(asym, rows):
 
 @pytestmark_cuda
 @pytest.mark.parametrize("rows", [1, 8])
-def test_fused_gemv_add_equals_product_plus_residual(rows):
+@pytest.mark.parametrize("bits", [0, cuda_int4.SUBX])
+def test_fused_gemv_add_equals_product_plus_residual(rows, bits):
     n, k = 200, 4096
     _, m, wd = _fused_case(n, k, True, seed=3)
     a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     r = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 4
-    lay = (8, 2, 0)
+    lay = (8, 2, bits)
     assert cuda_int4.fused_unready(cuda_int4.O_OP, m, lay, torch.bfloat16) is None
     y = cuda_int4.mma_gemv_add(a, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), r)
     _close(y, (a.double() @ wd.T).bfloat16().double() + r.double(), "r + a @ W^T")
@@ -409,7 +435,8 @@ def test_fused_gemv_add_equals_product_plus_residual(rows):
 @pytestmark_cuda
 @pytest.mark.parametrize("hd", [64, 128])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_add_norm_qkv_rope_writes_q_and_the_pools(hd, bias):
+@pytest.mark.parametrize("bits", [cuda_int4.SUBA, cuda_int4.SUBX])
+def test_fused_add_norm_qkv_rope_writes_q_and_the_pools(hd, bias, bits):
     """x = h + delta, RMSNorm, the qkv product, rope on q and k heads, k and v written at each row's slot."""
     hq, hkv, k, rows, slots_n = 4, 2, 1024, 5, 64
     qn, kn = hq * hd, hkv * hd
@@ -423,7 +450,7 @@ def test_fused_add_norm_qkv_rope_writes_q_and_the_pools(hd, bias):
     kp = torch.zeros(hkv, slots_n, hd, device="cuda", dtype=torch.bfloat16)
     vp = torch.zeros_like(kp)
     slots = torch.randperm(slots_n, device="cuda")[:rows]
-    lay = (8, 0, cuda_int4.SUBA)
+    lay = (8, 0, bits)
     assert cuda_int4.fused_unready(cuda_int4.QKV_OP, m, lay, torch.bfloat16, bias, hd) is None
     x, q = cuda_int4.mma_add_norm_qkv_rope(
         h, d, nw, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), 1e-6, b, cos, sin, kp, vp, slots, qn
