@@ -50,6 +50,7 @@ bf16 / fp16 rounding of the output.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
@@ -648,18 +649,45 @@ def _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, fused
 
 
 def _kernel(
-    group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool, minb: int, bits: int
+    group_size: int,
+    ksb: int,
+    rpw: int,
+    asym: bool,
+    scale_code: int,
+    act_fp16: bool,
+    minb: int,
+    bits: int,
+    device: int | None = None,
 ):
-    """The plain kernel's variant, compiled once a process; PDL is a launch bit, not part of the variant."""
-    return _compiled(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits & ~PDL)
+    """The plain kernel's variant for a CUDA device (its index; None: the current one), compiled once a process
+    and device: a compiled module is loaded into one device's context. PDL is a launch bit, not a variant."""
+    idx = torch.cuda.current_device() if device is None else device
+    return _compiled(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits & ~PDL, idx)
 
 
 @functools.cache
 def _compiled(
-    group_size: int, ksb: int, rpw: int, asym: bool, scale_code: int, act_fp16: bool, minb: int, bits: int
+    group_size: int,
+    ksb: int,
+    rpw: int,
+    asym: bool,
+    scale_code: int,
+    act_fp16: bool,
+    minb: int,
+    bits: int,
+    device: int,
 ):
     defines = _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, False)
-    return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
+
+
+def _on(device: torch.device):
+    """A context in which `device` is the current CUDA device (what the launches' streams and the compiled
+    modules' contexts follow): nothing to do when it already is."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def available() -> bool:
@@ -676,13 +704,17 @@ def unready(
     act_dtype: torch.dtype,
     minb: int = 0,
     bits: int = 0,
+    device: int | None = None,
 ) -> str | None:
-    """None when this variant of the kernel compiles here (it is then cached for the process), else why not:
-    a layer then runs another kernel rather than failing in its first decode step."""
+    """None when this variant of the kernel compiles here, for CUDA device `device` (None: the current one; it
+    is then cached for the process and device), else why not: a layer then runs another kernel rather than
+    failing in its first decode step."""
     if not available():
         return "this torch has no torch.cuda._compile_kernel (NVRTC) or no CUDA device"
     try:
-        _kernel(group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16, minb, bits)
+        _kernel(
+            group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16, minb, bits, device
+        )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use another kernel
         return f"{type(e).__name__}: {str(e)[:300]}"
     return None
@@ -714,12 +746,14 @@ def mma_mm(
         )
     x = _aligned(x)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    kern = _kernel(
-        group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb, bits
-    )  # fmt: skip
     zp = zeros if zeros is not None else scales  # never read when symmetric
-    _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),
-            pdl=bool(bits & PDL))  # fmt: skip
+    with _on(x.device):
+        kern = _kernel(
+            group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb,
+            bits, x.device.index,
+        )  # fmt: skip
+        _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),
+                pdl=bool(bits & PDL))  # fmt: skip
     return out
 
 
@@ -832,19 +866,23 @@ def fused_fits(op: str, n: int, k: int, group_size: int, ksb: int, minb: int, he
 
 @functools.cache
 def _fused(op: str, group_size: int, ksb: int, asym: bool, scale_code: int, act_fp16: bool, minb: int,
-           bits: int, bias: bool, head_dim: int):  # fmt: skip
+           bits: int, bias: bool, head_dim: int, device: int):  # fmt: skip
+    """A fused op's variant, compiled once a process and device (as `_compiled`)."""
     add_in, norm, glu, rope, add_out = _FLAGS[op]
     defines = _defines(group_size, ksb, 1, asym, scale_code, act_fp16, minb, bits, True)
     defines += f"#define ADD_IN {add_in}\n#define NORM {norm}\n#define GLU {glu}\n#define ROPE {rope}\n"
     defines += f"#define BIAS {int(bias)}\n#define ADD_OUT {add_out}\n"
     defines += f"#define D {head_dim or 32}\n#define KNAME int4_mma_{op}\n"  # a name per op, for profiles
-    return torch.cuda._compile_kernel(defines + SOURCE, f"int4_mma_{op}", nvcc_options=["-std=c++17"])
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(defines + SOURCE, f"int4_mma_{op}", nvcc_options=["-std=c++17"])
 
 
 def _fused_key(op, group_size, zeros, scales, lay, act_dtype, bias: bool, head_dim: int) -> tuple:
-    """`_fused`'s arguments: the variant compiled at load (fused_unready) is the one launched (fused_launch)."""
+    """`_fused`'s arguments: the variant compiled at load (fused_unready) is the one launched (fused_launch), for
+    the device of the layer's tensors."""
     ksb, minb, bits = lay
     asym, scale_code = zeros is not None, _SCALE_CODES[scales.dtype]
+    idx = scales.device.index if scales.device.type == "cuda" else -1  # -1: not a CUDA tensor (a CPU test's)
     return (
         op,
         group_size,
@@ -856,6 +894,7 @@ def _fused_key(op, group_size, zeros, scales, lay, act_dtype, bias: bool, head_d
         bits & ~PDL,
         bias,
         head_dim,
+        idx,
     )
 
 
@@ -921,14 +960,15 @@ def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None,
         scales.shape[1],
         float(eps),
     ]
-    _launch(
-        kern,
-        (grid, 1, 1),
-        (32 * ksb, 1, 1),
-        [*args, qn, kn],
-        pdl=bool(lay[2] & PDL),
-        shared_mem=m_rows * k * 2 if norm else 0,
-    )
+    with _on(x.device):
+        _launch(
+            kern,
+            (grid, 1, 1),
+            (32 * ksb, 1, 1),
+            [*args, qn, kn],
+            pdl=bool(lay[2] & PDL),
+            shared_mem=m_rows * k * 2 if norm else 0,
+        )
     return (xo, out) if add_in else out
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.runtime.graphs import GraphRunner
+from lorafast_export.runtime.graphs import GraphRunner, on_device
 from lorafast_export.runtime.kv_cache import PAD_BLOCK, OutOfBlocks, PagedKVCache
 from lorafast_export.runtime.paged import VERIFY_MAX, pack_segments
 from lorafast_export.runtime.speculation import SpecGovernor
@@ -275,6 +275,7 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @on_device
     def generate_batch(
         self, prompts: list[list[int]], max_new_tokens: int | list[int], **sampling
     ) -> list[list[int]]:
@@ -286,6 +287,7 @@ class Engine:
         return [r.output for r in reqs]
 
     # -------------------------------------------------------------------------------------------- step
+    @on_device
     def step(self) -> list[Request]:
         """Admit (and prefill) what fits, then decode one token for every running request; returns finished.
         prefill_first: prefill again while a waiting request fits; each prefill is queued on the device
@@ -622,6 +624,7 @@ class Engine:
         return sorted({max(16, _pow2(n)) for n in range(1, longest + 1)})
 
     @torch.no_grad()
+    @on_device
     def warm_up(self) -> int:
         """Run every shape a greedy workload can give a step once, on pad-block inputs, before any request:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the

@@ -18,9 +18,31 @@ memory its graphs keep alive, and no workspace in this pool outlives the capture
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
+
+
+def device_guard(device) -> contextlib.AbstractContextManager:
+    """A context in which `device` is the current CUDA device (nothing for another device type). A runtime
+    holds it around all it launches: the captures' side streams, the replays, the Triton launches and the
+    NVRTC modules (runtime/cuda_int4.py) all follow the current device, not the device of their tensors, so
+    a runtime on cuda:1 would otherwise launch against cuda:0 while cuda:0 is current."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_device(method: Callable) -> Callable:
+    """A method of an object with `.device`, run under `device_guard(self.device)`."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with device_guard(self.device):
+            return method(self, *args, **kwargs)
+
+    return guarded
 
 
 class _Captured:

@@ -373,7 +373,9 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
             cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], ksb, dtype, rpw, minb)
         ):
             return False
-        why = cuda_int4.unready(gs, ksb, rpw, qt.zeros is not None, qt.scales.dtype, dtype, minb, bits)
+        why = cuda_int4.unready(
+            gs, ksb, rpw, qt.zeros is not None, qt.scales.dtype, dtype, minb, bits, torch.device(device).index
+        )
         if why and why not in _MMA_WARNED:
             _MMA_WARNED.add(why)
             log.warning("int4 MMA kernel unavailable, the Triton GEMV runs instead: %s", why)

@@ -14,6 +14,7 @@ from lorafast_export.errors import InputError
 from lorafast_export.model.spec import ModelConfig
 from lorafast_export.runtime.artifact import DTYPES, read_meta, read_weights
 from lorafast_export.runtime.engine import Engine
+from lorafast_export.runtime.graphs import device_guard, on_device
 from lorafast_export.runtime.kv_cache import CacheConfig, PagedKVCache
 from lorafast_export.runtime.options import RuntimeOptions
 from lorafast_export.runtime.paged import (
@@ -44,6 +45,7 @@ class Runtime:
     dense_gemv: bool = False  # the dense linears' small products run runtime/triton_gemv.py
 
     @torch.no_grad()
+    @on_device
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[b, s] → [b, s, V] fp32 on cpu: prefill only, the cache is not touched."""
         rows = [self.model.prefill(r[None].to(self.device), None, last_only=False) for r in input_ids]
@@ -136,6 +138,11 @@ def build_runtime(
     draft: a runtime of a smaller model with the same vocabulary (e.g. the int4 artifact of the same
     fine-tune) that proposes tokens for greedy speculative decoding (runtime/engine.py)."""
     device = torch.device(device)
+    with device_guard(device):  # the kernels compiled and the graphs captured here are this device's
+        return _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft)
+
+
+def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) -> Runtime:
     max_seq_len = opts.max_seq_len or min(cfg.max_position_embeddings, 4096)
     attention = resolve_attention(opts, cfg, device)
     check_kernel(opts, device)
