@@ -250,7 +250,11 @@ class Shape:
             if m == 1
             else [],
             "dequant": [[m, DEQUANT, bn, 0, 1, 0, w] for bn, w in DEQUANT_TILES] if m >= 64 else [],
-            "mma": [[m, MMA, ksb, rpw, 1, minb, bits] for ksb, rpw, minb, bits in MMA_LAYOUTS]
+            "mma": [
+                [m, MMA, ksb, rpw, 1, minb, bits]
+                for ksb, rpw, minb, bits in MMA_LAYOUTS
+                if m == 1 or not bits & SUBX  # SUBX: one row only
+            ]
             if m <= MAX_ROWS and dev.type == "cuda"
             else [],
         }

@@ -80,6 +80,8 @@ def measure(op: str, ws: list, m: int, entry, dims: tuple) -> dict:
 
     timed = []
     for lay in LAYOUTS:
+        if m > 1 and lay[2] & cuda_int4.SUBX:  # SUBX: one row only
+            continue
         why = cuda_int4.fused_unready(op, ws[0], lay, dt, False, hd if op == cuda_int4.QKV_OP else 0)
         if why is None:
             timed.append([list(lay), round(graph_us(lambda i, lay=lay: call(i, lay), len(ws)), 2)])

@@ -33,6 +33,13 @@ Measured knobs (session 20, bench/TORCH.md): blocks per SM (MINB, a register cap
 8-warp blocks to 2 an SM) and the SUBA variant (the zero point subtracted from A by one fma per register, exact,
 in place of the second mma; no offset left in the sums). The plan entry carries them (`layout`).
 
+SUBX (session 22, one activation row only; not yet measured on a GPU, so no shipped table selects it): A keeps
+the 128 offset (one lop3 a register pair, as the plain variant), and each group's fp32 sum is corrected once by
+(128 + zero) x the group's sum of the activation row, which each warp adds for its step (one 16-byte load a lane,
+eight adds, a shuffle tree). That drops SUBA's four fma a word (static SASS, sm_90, group 128: 856 instructions
+against SUBA's 936 at 4 warps, 808 against 880 at 8; asymmetric 864 / 848 against 976 / 936) at the accuracy of
+the plain variant (the offset's cancellation). `bench/results/h200-s22-callA.sh` measures it.
+
 Fused decode ops (FUSED, `fused_launch`; runtime/triton_fused.py's ops on this kernel, run by paged.fused_parts
 for layers whose linears all run it, at one row, where the int4 table's fused_mma section measured a layout):
 residual add + RMSNorm + qkv + rope + k/v write, o_proj + residual add, RMSNorm + gate/up + silu-mul. A block
@@ -64,8 +71,8 @@ RPW_CHOICES = (1, 2)  # 16-row tiles per warp (their activations loaded once)
 MINB_CHOICES = (0, 2, 3, 4, 6, 8)  # blocks per SM the compiler must fit (a register cap); 0: its own choice
 SUBA = 1  # variant bit: the zero point subtracted from A (one fma per register) rather than by a second mma
 PDL = 2  # launch bit: programmatic dependent launch (`_launch`; the same compiled kernel)
-# variant bit: A keeps the offset and each group's sum is corrected once by the activations' group sum (over SUBA
-# where both are set)
+# variant bit: A keeps the offset and each group's sum is corrected once by the activation row's group sum (over
+# SUBA where both are set); one activation row only (a 1-row plan entry, the 1-row fused ops)
 SUBX = 4
 _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -176,36 +183,29 @@ __device__ __forceinline__ float lo16(u32 v) { return to_f(v & 0xFFFFu); }
 __device__ __forceinline__ float hi16(u32 v) { return to_f(v >> 16); }
 
 #if SUBX
-// SUBX: A holds OFF + code (one lop3 a register pair, no subtraction), and each group's sum is corrected once by
-// (OFF + zero) * the group's sum of the activations, which the warp adds here for the step: lane l sums inputs
-// 8 l .. 8 l + 7 of each activation row, the GS / 8 lanes of a group add theirs, and each lane keeps the sums of
-// the two columns its accumulators hold (rows 2 q and 2 q + 1). A row's sums depend on that row only.
+// SUBX (one activation row: `mma_mm` and `fused_launch` refuse more): A holds OFF + code (one lop3 a register
+// pair, no subtraction), and each group's sum is corrected once by (OFF + zero) * the group's sum of the
+// activations, which the warp adds here for the step: lane l sums inputs 8 l .. 8 l + 7, the GS / 8 lanes of a
+// group add theirs, and every lane takes each group's sum. Only the accumulators of column 0 (the row) are
+// written; the others, corrected alike, are never read.
 #define OFF_BASE (ADT == 0 ? 128.f : 1024.f)
 template <bool SMEM>
-__device__ __forceinline__ void step_sums(const u16* sx, long ldx, int M, float (*sg)[2]) {
-    const int lane = threadIdx.x & 31, q = lane & 3;
-#pragma unroll
-    for (int j = 0; j < NG; ++j) sg[j][0] = sg[j][1] = 0.f;
-    for (int m = 0; m < M; ++m) {
-        u32 t[4];
-        const u16* p = sx + m * ldx + 8 * lane;
-        if (SMEM) {
-            const uint4 v = *(const uint4*)p;
-            t[0] = v.x, t[1] = v.y, t[2] = v.z, t[3] = v.w;
-        } else {
-            asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(t[0]), "=r"(t[1]), "=r"(t[2]), "=r"(t[3]) : "l"(p));
-        }
-        float v = ((lo16(t[0]) + hi16(t[0])) + (lo16(t[1]) + hi16(t[1]))) +
-                  ((lo16(t[2]) + hi16(t[2])) + (lo16(t[3]) + hi16(t[3])));
-#pragma unroll
-        for (int o = 1; o < GS / 8 && o < 32; o <<= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-#pragma unroll
-        for (int j = 0; j < NG; ++j) {
-            const float sj = __shfl_sync(0xFFFFFFFFu, v, (j * (GS / 8)) & 31);
-            if (m == 2 * q) sg[j][0] = sj;
-            if (m == 2 * q + 1) sg[j][1] = sj;
-        }
+__device__ __forceinline__ void step_sums(const u16* sx, float* sg) {
+    const int lane = threadIdx.x & 31;
+    u32 t[4];
+    const u16* p = sx + 8 * lane;
+    if (SMEM) {
+        const uint4 v = *(const uint4*)p;
+        t[0] = v.x, t[1] = v.y, t[2] = v.z, t[3] = v.w;
+    } else {
+        asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(t[0]), "=r"(t[1]), "=r"(t[2]), "=r"(t[3]) : "l"(p));
     }
+    float v = ((lo16(t[0]) + hi16(t[0])) + (lo16(t[1]) + hi16(t[1]))) +
+              ((lo16(t[2]) + hi16(t[2])) + (lo16(t[3]) + hi16(t[3])));
+#pragma unroll
+    for (int o = 1; o < GS / 8 && o < 32; o <<= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+#pragma unroll
+    for (int j = 0; j < NG; ++j) sg[j] = __shfl_sync(0xFFFFFFFFu, v, (j * (GS / 8)) & 31);
 }
 #endif
 
@@ -237,10 +237,10 @@ __device__ __forceinline__ void load_step(Step& st, const u32* wp, long tile_wor
 
 template <bool SMEM>  // SMEM: the activations are in shared memory (the fused kernel's normalized rows)
 __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has_x, float (*acc)[4],
-                                         const u16* sx, long ldx, int M) {
+                                         const u16* sx) {
 #if SUBX
-    float sg[NG][2];
-    step_sums<SMEM>(sx, ldx, M, sg);
+    float sg[NG];
+    step_sums<SMEM>(sx, sg);
 #endif
     u32 xr[NCH][CH / 8];  // loaded once, used by every row tile
 #pragma unroll
@@ -298,10 +298,8 @@ __device__ __forceinline__ void run_step(const Step& st, const u16* xp, bool has
 #else
             const float o0 = OFF_BASE + 8.f, o1 = o0;
 #endif
-            acc[r][0] += st.s[r][j][0] * fmaf(-o0, sg[j][0], ga[0] + gb[0]);
-            acc[r][1] += st.s[r][j][0] * fmaf(-o0, sg[j][1], ga[1] + gb[1]);
-            acc[r][2] += st.s[r][j][1] * fmaf(-o1, sg[j][0], ga[2] + gb[2]);
-            acc[r][3] += st.s[r][j][1] * fmaf(-o1, sg[j][1], ga[3] + gb[3]);
+            acc[r][0] += st.s[r][j][0] * fmaf(-o0, sg[j], ga[0] + gb[0]);
+            acc[r][2] += st.s[r][j][1] * fmaf(-o1, sg[j], ga[2] + gb[2]);
 #else
             acc[r][0] += st.s[r][j][0] * ((ga[0] + gb[0]) + gz[0]);
             acc[r][1] += st.s[r][j][0] * ((ga[1] + gb[1]) + gz[1]);
@@ -352,10 +350,10 @@ int4_mma(const u32* __restrict__ wf, const u16* __restrict__ x, const void* __re
     pdl_trigger();
     for (int i = 0; i < steps; i += 2) {
         if (i + 1 < steps) load_step(b, wp + (i + 1) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 1) * 256) / GS);
-        run_step<false>(a, xp + i * 256, has_x, acc, x + k0 + i * 256, K, M);
+        run_step<false>(a, xp + i * 256, has_x, acc, x + k0 + i * 256);
         if (i + 1 < steps) {
             if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, last, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
-            run_step<false>(b, xp + (i + 1) * 256, has_x, acc, x + k0 + (i + 1) * 256, K, M);
+            run_step<false>(b, xp + (i + 1) * 256, has_x, acc, x + k0 + (i + 1) * 256);
         }
     }
     __shared__ float red[KSB][RPW][4][32];
@@ -504,10 +502,10 @@ KNAME(const u32* __restrict__ wf, const u16* __restrict__ x, const u16* __restri
 #endif
     float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
     for (int i = 0; i < steps; i += 2) {  // step i + 1 is in flight while step i multiplies
-        run_step<SM>(a, xp + i * 256, has_x, acc, sx0 + i * 256, K, M);
+        run_step<SM>(a, xp + i * 256, has_x, acc, sx0 + i * 256);
         if (i + 2 < steps) load_step(a, wp + (i + 2) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 2) * 256) / GS);
         if (i + 1 < steps) {
-            run_step<SM>(b, xp + (i + 1) * 256, has_x, acc, sx0 + (i + 1) * 256, K, M);
+            run_step<SM>(b, xp + (i + 1) * 256, has_x, acc, sx0 + (i + 1) * 256);
             if (i + 3 < steps) load_step(b, wp + (i + 3) * wstep, tile_words, 0, sp, zp, srow, (k0 + (i + 3) * 256) / GS);
         }
     }
@@ -682,6 +680,12 @@ def _compiled(
         return torch.cuda._compile_kernel(defines + SOURCE, "int4_mma", nvcc_options=["-std=c++17"])
 
 
+def _one_row_subx(bits: int, rows: int) -> None:
+    """SUBX sums one activation row's groups (the kernel source's `step_sums`): a call of more rows is refused."""
+    if bits & SUBX and rows != 1:
+        raise ValueError(f"int4 MMA kernel: the SUBX variant takes one activation row, not {rows}")
+
+
 def _on(device: torch.device):
     """A context in which `device` is the current CUDA device (what the launches' streams and the compiled
     modules' contexts follow): nothing to do when it already is."""
@@ -737,6 +741,7 @@ def mma_mm(
     over rpw row tiles; minb blocks per SM asked of the compiler; bits: variant bits (SUBA). A call outside
     `fits` raises (a K past the last whole step would otherwise be summed as nothing)."""
     m, n = x.shape[0], scales.shape[0]
+    _one_row_subx(bits, m)
     if not fits(n, k, group_size, m, ksb, x.dtype, rpw, minb) or x.shape[1] != k or x.device.type != "cuda":
         raise ValueError(
             f"int4 MMA kernel: {m} rows of {x.dtype} on {x.device}, K {x.shape[1]} (k={k}), group {group_size},"
@@ -926,6 +931,7 @@ def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None,
     ([M, N / 2])."""
     m_rows, n = x.shape[0], scales.shape[0]
     ksb = lay[0]
+    _one_row_subx(lay[2], m_rows)
     add_in, norm, glu, use_rope, _ = _FLAGS[op]
     x = _aligned(x)
     hd = rope[2].shape[2] if use_rope else 0

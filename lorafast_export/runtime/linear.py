@@ -373,6 +373,8 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
             cuda and e[0] <= cuda_int4.MAX_ROWS and cuda_int4.fits(n, k, gs, e[0], ksb, dtype, rpw, minb)
         ):
             return False
+        if bits & cuda_int4.SUBX and e[0] != 1:  # a one-row variant in an entry for more rows
+            return False
         why = cuda_int4.unready(
             gs, ksb, rpw, qt.zeros is not None, qt.scales.dtype, dtype, minb, bits, torch.device(device).index
         )

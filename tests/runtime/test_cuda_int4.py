@@ -136,7 +136,7 @@ def test_kernel_variants_equal_the_dequantized_product(gs, asym):
             (8, 0, cuda_int4.SUBX | cuda_int4.SUBA),
         ]:
             assert fits(n, k, gs, 8, ksb, adt, 1, minb)
-            for m in (1, 3, 8):
+            for m in (1,) if bits & cuda_int4.SUBX else (1, 3, 8):  # SUBX: one row only
                 y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, 1, minb, bits)
                 _check(y, x[:m], qt, offset=_offset(bits))
 
@@ -150,16 +150,27 @@ def _offset(bits: int) -> bool:
 @pytest.mark.parametrize("gs", [32, 64, 256])
 def test_subx_group_sums_at_every_group_size(gs):
     """SUBX's group sums span 4 (group 32) to 32 lanes (group 256): every group size, both activation dtypes,
-    2 row tiles a warp, against the dequantized product."""
+    2 row tiles a warp, against the dequantized product, each row of x alone."""
     n, k = 200, 2048
     qt = _qt(n, k, gs, True, torch.bfloat16)
     frags, s, z = pack_frags(qt.codes, gs).cuda(), qt.scales.cuda(), qt.zeros.cuda()
     for adt in (torch.bfloat16, torch.float16):
-        x = torch.randn(8, k, generator=torch.Generator().manual_seed(4)).to(adt).cuda()
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(4)).to(adt).cuda()
         for ksb, rpw in ((4, 1), (8, 2)):
-            for m in (1, 2, 8):
-                y = cuda_int4.mma_mm(x[:m], frags, s, z, k, gs, ksb, rpw, 0, cuda_int4.SUBX)
-                _check(y, x[:m], qt, offset=True)
+            for i in range(3):
+                y = cuda_int4.mma_mm(x[i : i + 1], frags, s, z, k, gs, ksb, rpw, 0, cuda_int4.SUBX)
+                _check(y, x[i : i + 1], qt, offset=True)
+
+
+def test_subx_refuses_more_than_one_row():
+    """SUBX sums one activation row's groups: more rows are refused, on any device, before any launch."""
+    x = torch.zeros(2, 2048, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="SUBX variant takes one activation row, not 2"):
+        cuda_int4.mma_mm(x, torch.zeros(1, dtype=torch.int32), torch.ones(16, 16), None, 2048, 128, 8, 1, 0,
+                         cuda_int4.SUBX)  # fmt: skip
+    with pytest.raises(ValueError, match="not 3"):
+        cuda_int4.fused_launch(cuda_int4.O_OP, torch.zeros(3, 2048, dtype=torch.bfloat16), None,
+                               torch.ones(16, 16), None, 2048, 128, (8, 0, cuda_int4.SUBX))  # fmt: skip
 
 
 @pytestmark_cuda
@@ -204,7 +215,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 
 
 @pytestmark_cuda
-@pytest.mark.parametrize("bits", [0, cuda_int4.SUBA, cuda_int4.SUBX])
+@pytest.mark.parametrize("bits", [0, cuda_int4.SUBA])
 def test_kernel_rows_are_independent_of_the_row_count(bits):
     """Each output row depends on its own activation row only: an 8-row call (a speculative verify) equals
     eight 1-row calls bit for bit."""
@@ -292,8 +303,9 @@ def test_use_kernel_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
 
 
 def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, caplog):
-    """An MMA entry becomes the default GEMV tile on the CPU, past 8 rows, and where the kernel does not compile
-    (logged once, with the reason), so a layer never fails in its first decode step."""
+    """An MMA entry becomes the default GEMV tile on the CPU, past 8 rows, with the one-row SUBX variant past one
+    row, and where the kernel does not compile (logged once, with the reason), so a layer never fails in its first
+    decode step."""
     from types import SimpleNamespace
 
     from lorafast_export.runtime import linear
@@ -317,6 +329,8 @@ def test_a_plan_falls_back_to_the_gemv_where_the_kernel_cannot_run(monkeypatch, 
     assert linear._mma_to_gemv(plan, t4, qt, torch.bfloat16, "cuda") == plan
     past = [16, 8, 4, 1, 1, 0, 0]  # an MMA entry over more than 8 rows
     assert linear._mma_to_gemv(past, t4, qt, torch.bfloat16, "cuda") == [16, *gemv]
+    subx = [1, 8, 4, 1, 1, 0, cuda_int4.SUBX, 2, 8, 4, 1, 1, 0, cuda_int4.SUBX]  # SUBX: the 1-row entry only
+    assert linear._mma_to_gemv(subx, t4, qt, torch.bfloat16, "cuda") == [*subx[:7], 2, *gemv]
 
 
 def _emulate_kernel(x: torch.Tensor, words: torch.Tensor, qt: QTensor) -> torch.Tensor:
@@ -409,6 +423,8 @@ def test_fused_norm_glu_equals_rmsnorm_product_and_silu(asym, rows, bits):
     _, m, wd = _fused_case(2 * inter, k, asym)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 3
     nw = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+    if rows > 1 and bits & cuda_int4.SUBX:
+        pytest.skip("SUBX takes one row")
     lay = (8, 0, bits)
     assert cuda_int4.fused_unready(cuda_int4.GLU_OP, m, lay, torch.bfloat16) is None
     y = cuda_int4.mma_norm_glu(x, nw, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), 1e-5)
@@ -426,6 +442,8 @@ def test_fused_gemv_add_equals_product_plus_residual(rows, bits):
     _, m, wd = _fused_case(n, k, True, seed=3)
     a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     r = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 4
+    if rows > 1 and bits & cuda_int4.SUBX:
+        pytest.skip("SUBX takes one row")
     lay = (8, 2, bits)
     assert cuda_int4.fused_unready(cuda_int4.O_OP, m, lay, torch.bfloat16) is None
     y = cuda_int4.mma_gemv_add(a, m.weight_frags, m.scales, m.zeros, k, 128, list(lay), r)
@@ -438,7 +456,8 @@ def test_fused_gemv_add_equals_product_plus_residual(rows, bits):
 @pytest.mark.parametrize("bits", [cuda_int4.SUBA, cuda_int4.SUBX])
 def test_fused_add_norm_qkv_rope_writes_q_and_the_pools(hd, bias, bits):
     """x = h + delta, RMSNorm, the qkv product, rope on q and k heads, k and v written at each row's slot."""
-    hq, hkv, k, rows, slots_n = 4, 2, 1024, 5, 64
+    hq, hkv, k, slots_n = 4, 2, 1024, 64
+    rows = 1 if bits & cuda_int4.SUBX else 5  # SUBX takes one row
     qn, kn = hq * hd, hkv * hd
     _, m, wd = _fused_case(qn + 2 * kn, k, True, seed=5)
     h = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
