@@ -42,7 +42,17 @@ def on_device(method: Callable) -> Callable:
         with device_guard(self.device):
             return method(self, *args, **kwargs)
 
+    guarded.on_device = True
     return guarded
+
+
+def is_on_device(fn: Callable) -> bool:
+    """Whether fn, or a function it wraps (functools.wraps chains), is an `on_device` method."""
+    while fn is not None:
+        if getattr(fn, "on_device", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 class _Captured:

@@ -74,7 +74,8 @@ def test_the_runtimes_entry_points_are_guarded(monkeypatch):
     and batches and the runtime's logits are `on_device` methods, and a runtime is built (kernels compiled,
     graphs captured) with its device current."""
     for fn in (Engine.step, Engine.generate_batch, Engine.warm_up, Runtime.logits):
-        assert getattr(fn, "__wrapped__", None) is not None, fn.__qualname__
+        assert graphs.is_on_device(fn), fn.__qualname__
+    assert not graphs.is_on_device(Engine.add)  # bookkeeping only: nothing launched
     from lorafast_export.runtime import loader
 
     fake = _FakeCuda(monkeypatch)
