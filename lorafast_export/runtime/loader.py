@@ -57,6 +57,25 @@ class Runtime:
         return self.engine.generate_batch(prompts, max_new_tokens, **sampling)
 
 
+def runtime_device(device: str | torch.device) -> torch.device:
+    """The device a runtime is asked for, checked: a name torch knows, and a CUDA device that exists here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r}: not a device name ({e}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device {str(dev)!r} asked for, but torch sees no CUDA device here; use device='cpu'."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (n := torch.cuda.device_count()):
+        raise InputError(
+            f"device {str(dev)!r} asked for, but torch sees {n} CUDA device(s) here: use cuda:0 to cuda:{n - 1}."
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(dev)!r}: the runtime runs on cpu or cuda (cuda:N).")
+    return dev
+
+
 def _triton_on(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
@@ -250,9 +269,7 @@ def open_runtime(
     cfg = ModelConfig.from_file(model_dir / "config.json")
     opts = RuntimeOptions.from_dict(meta["options"]).replace(**overrides)
     aot = meta.get("aot")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' asked for, but torch sees no CUDA device here; use device='cpu'.")
+    dev = runtime_device(device)
     if use_aot and (aot is None or aot["device"] != dev.type):
         raise InputError(
             f"{model_dir}: no AOTInductor package for {dev.type} (built: "

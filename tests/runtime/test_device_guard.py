@@ -140,3 +140,27 @@ def test_an_int4_runtime_on_the_second_gpu_gives_the_first_gpus_tokens(tmp_path,
         assert rt.cache.k[0].device == torch.device(dev)
     assert tokens["cuda:1"] == tokens["cuda:0"]
     assert all(len(t) == 12 for t in tokens["cuda:0"])
+
+
+def test_a_runtime_device_is_checked_before_anything_loads(monkeypatch):
+    """A device name torch does not know, a CUDA device on a machine without one, an index past the GPUs there,
+    or a device type the runtime does not run on: a clear InputError naming it and what to use."""
+    from lorafast_export.errors import InputError
+    from lorafast_export.runtime.loader import runtime_device
+
+    assert runtime_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="'gpu': not a device name.*use cpu, cuda or cuda:N"):
+        runtime_device("gpu")
+    with pytest.raises(InputError, match="'meta': the runtime runs on cpu or cuda"):
+        runtime_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="'cuda:1' asked for, but torch sees no CUDA device"):
+        runtime_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime_device("cuda:1") == torch.device("cuda", 1)
+    assert runtime_device("cuda") == torch.device("cuda")
+    with pytest.raises(
+        InputError, match="'cuda:2' asked for, but torch sees 2 CUDA device.*cuda:0 to cuda:1"
+    ):
+        runtime_device("cuda:2")
