@@ -94,9 +94,14 @@ L2_BYTES = 256 << 20  # weight copies cycled per call span this, so no call find
 ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the two targets first: a budget cut drops the rest
 
 
+VOCABS = {"llama3-8b": 128256, "demo": 2048, "tiny": 96}
+HEAD = False  # --with-head: the model's lm_head [vocab, hidden] too (a build with quant.quantize_lm_head)
+
+
 def shapes(model: str) -> list[tuple[int, int]]:
     h, i, hq, hkv, d = MODELS[model]
-    return [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)]
+    out = [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)]
+    return out + [(VOCABS[model], h)] if HEAD else out
 
 
 def graph_us(fn, copies: int, reps: int = 20, replays: int = 7) -> float:
@@ -346,7 +351,10 @@ def main() -> None:
         default="",
         help="also write the shipped table with this run's measured cells replacing its own (other buckets kept)",
     )
+    p.add_argument("--with-head", action="store_true", help="also the lm_head shape [vocab, hidden]")
     a = p.parse_args()
+    global HEAD
+    HEAD = a.with_head
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import triton
 

@@ -131,9 +131,17 @@ def config_of(model) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_dict(model.config.to_dict()), state
 
 
+QUANT_HEAD = (
+    False  # --quant-lm-head: the int4 model's lm_head quantized too (the build's quant.quantize_lm_head)
+)
+
+
 def quantize_linears(state: dict, bits=4, group=128, symmetric=False) -> tuple[dict, dict]:
     fp, q = dict(state), {}
-    for name in [k for k in state if ".layers." in k and k.rsplit(".", 2)[-2] in LINEARS]:
+    names = [k for k in state if ".layers." in k and k.rsplit(".", 2)[-2] in LINEARS]
+    if QUANT_HEAD and "lm_head.weight" in state:
+        names.append("lm_head.weight")
+    for name in names:
         path = name.removesuffix(".weight")
         q[path] = quantize_rtn(fp.pop(name), bits, group, symmetric, scale_dtype=torch.float16)
     return fp, q
@@ -1717,6 +1725,11 @@ def main() -> None:
     )
     p.add_argument("--kernel-pdl", default="on", choices=("off", "on"), help="runtime option (most sections)")
     p.add_argument(
+        "--quant-lm-head",
+        action="store_true",
+        help="int4 sections: quantize lm_head too (RTN g128, as a build with quant.quantize_lm_head)",
+    )
+    p.add_argument(
         "--overlap-bursts", default="on", choices=("off", "on"), help="runtime option (most sections)"
     )
     p.add_argument("--gemv-tiles", default="sweep", choices=("sweep", "shipped"), help="gemv: tiles timed")
@@ -1750,6 +1763,8 @@ def main() -> None:
         attention.PREFILL_SDPA_BACKENDS = None
     if a.threads:
         torch.set_num_threads(a.threads)
+    global QUANT_HEAD
+    QUANT_HEAD = a.quant_lm_head
     a.batches = [int(x) for x in a.batch.split(",")]
     dev = torch.device(a.device)
     t0 = a.t0 = time.perf_counter()

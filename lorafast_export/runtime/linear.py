@@ -87,12 +87,14 @@ def _groups_contiguous(qt: QTensor) -> bool:
 
 
 def tinygemm_fits(qt: QTensor, cuda: bool, dtype: torch.dtype) -> bool:
+    """Whether torch's tinygemm takes this tensor: its packing wants out_features a multiple of 8 on CUDA and of
+    16 on the CPU (`_convert_weight_to_int4pack_cpu` refuses 40 rows, say), CUDA bf16 activations."""
     out_f, in_f = qt.out_features, qt.in_features
     return (
         qt.group_size in TINYGEMM_GROUPS
         and in_f % qt.group_size == 0
         and in_f % (INNER_K_TILES * 16) == 0
-        and out_f % 8 == 0
+        and out_f % (8 if cuda else 16) == 0
         and (not cuda or dtype == torch.bfloat16)
     )
 

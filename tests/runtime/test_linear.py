@@ -51,6 +51,19 @@ def test_kernel_choice_falls_back_to_dequant():
     )  # measured slow
 
 
+@pytest.mark.parametrize("out_f", [40, 1000])
+def test_rows_tinygemm_cannot_pack_on_the_cpu_take_another_kernel(out_f):
+    """torch's CPU tinygemm packing wants a multiple of 16 output rows (CUDA's: 8): 40 or 1,000 rows (a small
+    vocabulary's quantized lm_head) lower to another kernel instead of failing at load, and compute the product."""
+    qt = random_qtensor(out_f, 256, 4, 128, True)
+    mod = lower_qtensor(qt, "cpu", torch.float32)
+    assert mod.kernel != "int4_tinygemm"
+    x = torch.randn(3, 256)
+    ref = QLinear(qt)(x)
+    assert (mod(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert choose_kernel(qt, "cuda", torch.bfloat16) == ("int4_tinygemm" if out_f % 8 == 0 else "dequant")
+
+
 def test_triton_kernels_are_refused_off_cuda():
     with pytest.raises(InputError, match="kernel='triton' needs a CUDA device"):
         check_kernel(RuntimeOptions(kernel="triton"), torch.device("cpu"))
