@@ -201,8 +201,11 @@ def test_heads_with_cached_fp32_weights_give_the_same_logits(built):
 
 def test_cpu_float32_linear_matches_float64_product():
     """`linear` (oneDNN for float32 on a CPU, where this torch has it) is an IEEE float32 product: within float32
-    rounding of the float64 one, rows independent of how many come together; other dtypes are F.linear's."""
-    from lorafast_export.validate.layers import linear
+    rounding of the float64 one, rows independent of how many come together; other dtypes are F.linear's. Where
+    oneDNN does not give that independence (torch 2.11), `linear` is torch's own product, which claims nothing
+    more: with torch 2.11 on an Intel Xeon (session 22), its first 1-5 rows alone differed from the same rows
+    among 64 in the last bit."""
+    from lorafast_export.validate.layers import _onednn_ok, linear
 
     g = torch.Generator().manual_seed(0)
     x, w, b = (
@@ -214,5 +217,8 @@ def test_cpu_float32_linear_matches_float64_product():
     out = linear(x, w, b)
     assert out.dtype == torch.float32 and out.shape == (64, 96)
     assert (out.double() - exact).abs().max() / exact.abs().max() < 1e-5
-    assert torch.equal(linear(x[:5], w, b), out[:5])
+    if _onednn_ok():
+        assert torch.equal(linear(x[:5], w, b), out[:5])
+    else:
+        assert torch.equal(out, torch.nn.functional.linear(x, w, b))
     assert torch.equal(linear(x.double(), w.double()), torch.nn.functional.linear(x.double(), w.double()))
