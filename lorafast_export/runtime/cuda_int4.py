@@ -646,21 +646,14 @@ def _defines(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits, fused
     )
 
 
-def _kernel(
-    group_size: int,
-    ksb: int,
-    rpw: int,
-    asym: bool,
-    scale_code: int,
-    act_fp16: bool,
-    minb: int,
-    bits: int,
-    device: int | None = None,
-):
-    """The plain kernel's variant for a CUDA device (its index; None: the current one), compiled once a process
-    and device: a compiled module is loaded into one device's context. PDL is a launch bit, not a variant."""
+def _kernel(*variant: int, device: int | None = None):
+    """The plain kernel's variant (group size, warps, row tiles, asym, scale code, fp16 activations, blocks per
+    SM, bits: `_compiled`'s arguments) for a CUDA device (its index; None: the current one), compiled once a
+    process and device: a compiled module is loaded into one device's context. PDL is a launch bit, not a
+    variant."""
+    *layout_, bits = variant
     idx = torch.cuda.current_device() if device is None else device
-    return _compiled(group_size, ksb, rpw, asym, scale_code, act_fp16, minb, bits & ~PDL, idx)
+    return _compiled(*layout_, bits & ~PDL, idx)
 
 
 @functools.cache
@@ -717,7 +710,8 @@ def unready(
         return "this torch has no torch.cuda._compile_kernel (NVRTC) or no CUDA device"
     try:
         _kernel(
-            group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16, minb, bits, device
+            group_size, ksb, rpw, asym, _SCALE_CODES[scale_dtype], act_dtype == torch.float16, minb, bits,
+            device=device,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - any compile or load failure means: use another kernel
         return f"{type(e).__name__}: {str(e)[:300]}"
@@ -755,7 +749,7 @@ def mma_mm(
     with _on(x.device):
         kern = _kernel(
             group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb,
-            bits, x.device.index,
+            bits, device=x.device.index,
         )  # fmt: skip
         _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),
                 pdl=bool(bits & PDL))  # fmt: skip

@@ -91,11 +91,11 @@ def test_int4_kernels_are_compiled_per_device(monkeypatch):
     cuda_int4._compiled.cache_clear()
     try:
         args = (128, 8, 1, True, 1, False, 0, cuda_int4.SUBA)
-        k0 = cuda_int4._kernel(*args, 0)
-        k1 = cuda_int4._kernel(*args, 1)
+        k0 = cuda_int4._kernel(*args, device=0)
+        k1 = cuda_int4._kernel(*args, device=1)
         assert k0 is not k1
         assert fake.compiled == [("int4_mma", 0), ("int4_mma", 1)]
-        assert cuda_int4._kernel(*args[:-1], cuda_int4.SUBA | cuda_int4.PDL, 1) is k1  # PDL: the same variant
+        assert cuda_int4._kernel(*args[:-1], cuda_int4.SUBA | cuda_int4.PDL, device=1) is k1  # PDL: the same
         fake.current = 1
         assert cuda_int4._kernel(*args) is k1  # None: the current device's
         assert len(fake.compiled) == 2
