@@ -372,6 +372,35 @@ def _emulate_kernel(x: torch.Tensor, words: torch.Tensor, qt: QTensor) -> torch.
     return out[:n, :m].T
 
 
+def _emulate_step_sums(x_step: torch.Tensor, gs: int) -> torch.Tensor:
+    """SUBX's `step_sums` lane by lane, in float64: lane l sums inputs 8 l .. 8 l + 7 of the step's 256, then
+    `v += __shfl_xor_sync(v, o)` for o = 1, 2, 4, ... while o < GS / 8 and o < 32 (every lane reads its partner
+    before any writes), then group j's sum is read from lane (j GS / 8) & 31. Returns [256 / GS] sums."""
+    v = x_step.double().view(32, 8).sum(1)
+    o = 1
+    while o < gs // 8 and o < 32:
+        v = v + v[torch.arange(32) ^ o]
+        o <<= 1
+    return torch.stack([v[(j * (gs // 8)) & 31] for j in range(256 // gs)])
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128, 256])
+def test_subx_step_sums_lanes_hold_each_groups_sum(gs):
+    """The shuffle tree and the lane SUBX reads each group's sum from give the sum of that group's 256 / GS inputs,
+    step by step: the index logic that the CUDA tests can only check on a GPU."""
+    for line in (  # what the emulation follows, as the kernel source writes it
+        "const u16* p = sx + 8 * lane;",
+        "for (int o = 1; o < GS / 8 && o < 32; o <<= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);",
+        "for (int j = 0; j < NG; ++j) sg[j] = __shfl_sync(0xFFFFFFFFu, v, (j * (GS / 8)) & 31);",
+    ):
+        assert line in cuda_int4.SOURCE, line
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(gs))
+    for step in range(4):
+        xs = x[256 * step : 256 * (step + 1)]
+        want = xs.double().view(256 // gs, gs).sum(1)
+        assert torch.allclose(_emulate_step_sums(xs, gs), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("gs", [32, 64, 128, 256])
 @pytest.mark.parametrize("asym", [False, True])
 def test_emulated_kernel_arithmetic_equals_the_dequantized_product(gs, asym):
