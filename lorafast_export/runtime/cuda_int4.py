@@ -679,10 +679,15 @@ def _one_row_subx(bits: int, rows: int) -> None:
         raise ValueError(f"int4 MMA kernel: the SUBX variant takes one activation row, not {rows}")
 
 
-def _on(device: torch.device):
+def _on(device: torch.device | None):
     """A context in which `device` is the current CUDA device (what the launches' streams and the compiled
-    modules' contexts follow): nothing to do when it already is."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+    modules' contexts follow): nothing to do when it already is, or for None."""
+    if (
+        device is None
+        or device.type != "cuda"
+        or device.index is None
+        or device.index == torch.cuda.current_device()
+    ):
         return contextlib.nullcontext()
     return torch.cuda.device(device)
 
@@ -746,13 +751,12 @@ def mma_mm(
     x = _aligned(x)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     zp = zeros if zeros is not None else scales  # never read when symmetric
-    with _on(x.device):
-        kern = _kernel(
-            group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb,
-            bits, device=x.device.index,
-        )  # fmt: skip
-        _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),
-                pdl=bool(bits & PDL))  # fmt: skip
+    kern = _kernel(
+        group_size, ksb, rpw, zeros is not None, _SCALE_CODES[scales.dtype], x.dtype == torch.float16, minb, bits,
+        device=x.device.index,
+    )  # fmt: skip
+    _launch(kern, (-(-n // (16 * rpw)), 1, 1), (32 * ksb, 1, 1), _plain_args(frags, x, scales, zp, out, n, k),
+            pdl=bool(bits & PDL), device=x.device)  # fmt: skip
     return out
 
 
@@ -790,44 +794,50 @@ def pdl_available(device) -> bool:
         return False
 
 
-def _launch(kern, grid, block, args: list, shared_mem: int = 0, pdl: bool = False) -> None:
-    """kern(grid, block, args) on the current stream; pdl: as a programmatic dependent launch (cuLaunchKernelEx
-    with programmatic stream serialization: the kernel may start before the previous one in the stream ends,
-    and waits for it in `pdl_wait`; captured into CUDA graphs as a programmatic edge). The arguments are
-    converted as torch's launcher converts them (a tensor: its pointer; an int: a C int; a float: a double)."""
-    if not pdl:
-        kern(grid=grid, block=block, args=args, shared_mem=shared_mem)
-        return
-    if shared_mem >= 48 * 1024 and shared_mem > kern._max_shared_mem_bytes:
-        raise RuntimeError(f"int4 MMA kernel: {shared_mem} bytes of shared memory, not configured at load")
-    held = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            held.append(ctypes.c_void_p(a.data_ptr()))
-        elif isinstance(a, int):
-            held.append(ctypes.c_int(a))
-        elif isinstance(a, float):
-            held.append(ctypes.c_double(a))
-        else:
-            raise TypeError(f"int4 MMA kernel argument of type {type(a).__name__}")
-    params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
-    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-    attr.value[0] = 1
-    cfg = _LaunchConfig(
-        (ctypes.c_uint * 3)(*grid),
-        (ctypes.c_uint * 3)(*block),
-        shared_mem,
-        torch.cuda.current_stream()._as_parameter_,
-        ctypes.pointer(attr),
-        1,
-    )
-    from torch.cuda._utils import _get_gpu_runtime_library
-
-    rc = _get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None)
-    if rc != 0:
-        raise RuntimeError(
-            f"int4 MMA kernel: cuLaunchKernelEx with programmatic dependent launch failed ({rc})"
+def _launch(
+    kern, grid, block, args: list, shared_mem: int = 0, pdl: bool = False, device: torch.device | None = None
+) -> None:
+    """kern(grid, block, args) on the current stream of `device` (its tensors' device, made current for the
+    launch: `_on`); pdl: as a programmatic dependent launch (cuLaunchKernelEx with programmatic stream
+    serialization: the kernel may start before the previous one in the stream ends, and waits for it in
+    `pdl_wait`; captured into CUDA graphs as a programmatic edge). The arguments are converted as torch's
+    launcher converts them (a tensor: its pointer; an int: a C int; a float: a double)."""
+    with _on(device):
+        if not pdl:
+            kern(grid=grid, block=block, args=args, shared_mem=shared_mem)
+            return
+        if shared_mem >= 48 * 1024 and shared_mem > kern._max_shared_mem_bytes:
+            raise RuntimeError(
+                f"int4 MMA kernel: {shared_mem} bytes of shared memory, not configured at load"
+            )
+        held = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                held.append(ctypes.c_void_p(a.data_ptr()))
+            elif isinstance(a, int):
+                held.append(ctypes.c_int(a))
+            elif isinstance(a, float):
+                held.append(ctypes.c_double(a))
+            else:
+                raise TypeError(f"int4 MMA kernel argument of type {type(a).__name__}")
+        params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
+        attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1
+        cfg = _LaunchConfig(
+            (ctypes.c_uint * 3)(*grid),
+            (ctypes.c_uint * 3)(*block),
+            shared_mem,
+            torch.cuda.current_stream()._as_parameter_,
+            ctypes.pointer(attr),
+            1,
         )
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        rc = _get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None)
+        if rc != 0:
+            raise RuntimeError(
+                f"int4 MMA kernel: cuLaunchKernelEx with programmatic dependent launch failed ({rc})"
+            )
 
 
 def _plain_args(frags, x, scales, zp, out, n: int, k: int) -> list:
@@ -960,15 +970,15 @@ def fused_launch(op, x, frags, scales, zeros, k, group_size, lay, *, delta=None,
         scales.shape[1],
         float(eps),
     ]
-    with _on(x.device):
-        _launch(
-            kern,
-            (grid, 1, 1),
-            (32 * ksb, 1, 1),
-            [*args, qn, kn],
-            pdl=bool(lay[2] & PDL),
-            shared_mem=m_rows * k * 2 if norm else 0,
-        )
+    _launch(
+        kern,
+        (grid, 1, 1),
+        (32 * ksb, 1, 1),
+        [*args, qn, kn],
+        pdl=bool(lay[2] & PDL),
+        shared_mem=m_rows * k * 2 if norm else 0,
+        device=x.device,
+    )
     return (xo, out) if add_in else out
 
 

@@ -44,12 +44,17 @@ class Runtime:
     aot: bool
     dense_gemv: bool = False  # the dense linears' small products run runtime/triton_gemv.py
 
-    @torch.no_grad()
-    @on_device
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[b, s] → [b, s, V] fp32 on cpu: prefill only, the cache is not touched."""
-        rows = [self.model.prefill(r[None].to(self.device), None, last_only=False) for r in input_ids]
-        return torch.cat(rows).cpu()
+        return self.device_logits(input_ids).cpu()
+
+    @torch.no_grad()
+    @on_device
+    def device_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`logits` left on the runtime's device."""
+        return torch.cat(
+            [self.model.prefill(r[None].to(self.device), None, last_only=False) for r in input_ids]
+        )
 
     def generate_batch(
         self, prompts: list[list[int]], max_new_tokens: int | list[int], **sampling

@@ -459,8 +459,9 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     """Every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype and every layer
     is fused) runs the fused kernels for products of at most `rows` rows (<= FUSED_MAX_ROWS), and at rows=1 every
     layer with `mma_layouts` the fused CUDA MMA ops (its `mma_fused`); returns how many layers. rows=1: the
-    batch-1 decode step only (several rows are several programs over the same weight tile, slower than cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row
-    computes what its decode step computes. Registers the kernels' ops (imports Triton)."""
+    batch-1 decode step only (several rows are several programs over the same weight tile, slower than
+    cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row computes what
+    its decode step computes. Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
     if not 1 <= rows <= FUSED_MAX_ROWS:

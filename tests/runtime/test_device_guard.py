@@ -73,7 +73,7 @@ def test_the_runtimes_entry_points_are_guarded(monkeypatch):
     """Every entry point through which a runtime launches work holds its device: the engine's steps, warm-up
     and batches and the runtime's logits are `on_device` methods, and a runtime is built (kernels compiled,
     graphs captured) with its device current."""
-    for fn in (Engine.step, Engine.generate_batch, Engine.warm_up, Runtime.logits):
+    for fn in (Engine.step, Engine.generate_batch, Engine.warm_up, Runtime.device_logits):
         assert graphs.is_on_device(fn), fn.__qualname__
     assert not graphs.is_on_device(Engine.add)  # bookkeeping only: nothing launched
     from lorafast_export.runtime import loader
@@ -107,6 +107,7 @@ def test_the_launch_guard_switches_only_when_needed(monkeypatch):
     fake = _FakeCuda(monkeypatch)
     assert isinstance(cuda_int4._on(torch.device("cuda", 0)), contextlib.nullcontext)
     assert isinstance(cuda_int4._on(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(cuda_int4._on(None), contextlib.nullcontext)
     with cuda_int4._on(torch.device("cuda", 1)):
         assert fake.current == 1
     assert fake.current == 0

@@ -13,7 +13,6 @@ import torch
 
 from lorafast_export.runtime.api import model_dir_of
 from lorafast_export.runtime.artifact import resolve_dtype, write_artifact
-from lorafast_export.runtime.graphs import device_guard
 from lorafast_export.runtime.loader import Runtime, open_runtime
 from lorafast_export.runtime.options import RuntimeOptions
 from lorafast_export.targets.registry import LowerInput, register
@@ -28,15 +27,10 @@ class TorchCompileSession:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.runtime.logits(input_ids)
 
-    @torch.no_grad()
     def device_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """logits() left on the runtime's device: the validation compares them there, so an 8B block's 131 MB of
         float32 logits do not go to the host and back (the same prefill, the same values)."""
-        rt = self.runtime
-        with device_guard(rt.device):
-            return torch.cat(
-                [rt.model.prefill(r[None].to(rt.device), None, last_only=False) for r in input_ids]
-            )
+        return self.runtime.device_logits(input_ids)
 
     def generate(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
         return self.runtime.generate_batch([list(input_ids)], max_new_tokens)[0]
