@@ -79,8 +79,8 @@ DEQUANT_TILES = [(32, 4), (64, 8)]
 # MMA (session 19, runtime/cuda_int4.py): the CUDA tensor-core kernel for 1-8 rows; its knobs are the warps
 # per block (K slices summed in shared memory), the 16-row tiles per warp (sharing its activation loads), the
 # blocks per SM asked of the compiler (a register cap: more warps in flight, perhaps spills) and the variant
-# bits (SUBA: the zero point subtracted from A, no second mma; SUBX, session 22: the offset removed once a group). Session 19 (call D): 1-2 warps a block and 2
-# tiles a warp never won; session 20's Nsight Compute profile (bench/TORCH.md): 126 registers held qkv / o to 2
+# bits (SUBA: the zero point subtracted from A, no second mma; SUBX, session 22: the offset removed once a group,
+# one row only). Session 19 (call D): 1-2 warps a block and 2 tiles a warp never won; session 20's Nsight Compute profile (bench/TORCH.md): 126 registers held qkv / o to 2
 # blocks of 8 warps an SM and qkv to 1.45 waves, warps stalled on their loads' latency.
 MMA_LAYOUTS = [
     (ksb, 1, minb, bits)
@@ -95,13 +95,13 @@ ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the issue's two targets first: a bu
 
 
 VOCABS = {"llama3-8b": 128256, "demo": 2048, "tiny": 96}
-HEAD = False  # --with-head: the model's lm_head [vocab, hidden] too (a build with quant.quantize_lm_head)
 
 
-def shapes(model: str) -> list[tuple[int, int]]:
+def shapes(model: str, head: bool = False) -> list[tuple[int, int]]:
+    """A decoder layer's linear shapes; head: the lm_head [vocab, hidden] too (a build with quantize_lm_head)."""
     h, i, hq, hkv, d = MODELS[model]
     out = [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)]
-    return out + [(VOCABS[model], h)] if HEAD else out
+    return out + [(VOCABS[model], h)] if head else out
 
 
 def graph_us(fn, copies: int, reps: int = 20, replays: int = 7) -> float:
@@ -353,8 +353,6 @@ def main() -> None:
     )
     p.add_argument("--with-head", action="store_true", help="also the lm_head shape [vocab, hidden]")
     a = p.parse_args()
-    global HEAD
-    HEAD = a.with_head
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import triton
 
@@ -371,7 +369,9 @@ def main() -> None:
     old = load_table(gpu) if a.reuse_old else None
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     t0 = time.perf_counter()
-    measured = [Shape(n, k, dev, model) for model in a.shapes.split(",") for n, k in shapes(model)]
+    measured = [
+        Shape(n, k, dev, model) for model in a.shapes.split(",") for n, k in shapes(model, a.with_head)
+    ]
     rows = [int(r) for r in a.rows.split(",")] if a.rows else ((1, 8) if a.quick else ROW_ORDER)
     for m in rows:
         for sh in measured:

@@ -131,15 +131,11 @@ def config_of(model) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_dict(model.config.to_dict()), state
 
 
-QUANT_HEAD = (
-    False  # --quant-lm-head: the int4 model's lm_head quantized too (the build's quant.quantize_lm_head)
-)
-
-
-def quantize_linears(state: dict, bits=4, group=128, symmetric=False) -> tuple[dict, dict]:
+def quantize_linears(state: dict, bits=4, group=128, symmetric=False, head=False) -> tuple[dict, dict]:
+    """RTN of every decoder linear; head: the lm_head too (a build's quant.quantize_lm_head, --quant-lm-head)."""
     fp, q = dict(state), {}
     names = [k for k in state if ".layers." in k and k.rsplit(".", 2)[-2] in LINEARS]
-    if QUANT_HEAD and "lm_head.weight" in state:
+    if head and "lm_head.weight" in state:
         names.append("lm_head.weight")
     for name in names:
         path = name.removesuffix(".weight")
@@ -379,7 +375,7 @@ def sec_model(a, dev, R, quant: bool, gemv: str | None = None):
     prompt compared with the bf16 section's (cuBLAS) when that ran first in this call."""
     model = R["_model"]
     cfg, state = config_of(model)
-    fp, q = quantize_linears(state) if quant else (state, None)
+    fp, q = quantize_linears(state, head=a.quant_lm_head) if quant else (state, None)
     attention = R.get("_attn_choice", a.attention)
     label = "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
     eager = label == "bf16" and a.eager_peer
@@ -925,7 +921,7 @@ def sec_profile(a, dev, R):
     cfg, state = config_of(R["_model"])
     out = {}
     for label in a.profile.split(","):
-        fp, q = quantize_linears(state) if label == "int4" else (state, None)
+        fp, q = quantize_linears(state, head=a.quant_lm_head) if label == "int4" else (state, None)
         lt = label == "bf16lt"  # the bf16 runtime again, its step captured again under cuBLASLt
         rt = R.get("_rt_bf16" if lt else f"_rt_{label}")  # that section's runtime, if it ran
         if rt is None:
@@ -1763,8 +1759,6 @@ def main() -> None:
         attention.PREFILL_SDPA_BACKENDS = None
     if a.threads:
         torch.set_num_threads(a.threads)
-    global QUANT_HEAD
-    QUANT_HEAD = a.quant_lm_head
     a.batches = [int(x) for x in a.batch.split(",")]
     dev = torch.device(a.device)
     t0 = a.t0 = time.perf_counter()
