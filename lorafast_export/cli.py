@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -179,8 +180,12 @@ class _DropRopeWarning(logging.Filter):
 
 
 def _quiet_transformers() -> None:
-    """No 'Loading weights' bars and no llama3 rope warning from transformers in our output."""
+    """No 'Loading weights' bars, no llama3 rope warning and no warning that peft 0.21 calls a deprecated
+    transformers method (5.23+: `is_gradient_checkpointing`) from transformers in our output."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     rope_log = logging.getLogger("transformers.modeling_rope_utils")

@@ -51,6 +51,10 @@ class RuntimeMissingError(LorafastError):
     """A target's runtime is not installed here. The message carries the install command."""
 
 
+class ArtifactLoadError(LorafastError):
+    """A target's runtime is installed but refuses the artifact (e.g. a runtime version that cannot read it)."""
+
+
 # What the system said when reading or writing failed for a reason of the machine's, not ours (errno -> why).
 _IO_REASONS = {
     errno.ENOSPC: "no space left on the device",

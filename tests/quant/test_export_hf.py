@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafast_export.errors import InputError
+from lorafast_export.errors import ArtifactLoadError, InputError
 from lorafast_export.qform import QScheme, dequantize
 from lorafast_export.quant.export_hf import checkpoint_loader_notes, write_quantized_checkpoint
 from lorafast_export.quant.formats import (
@@ -21,7 +21,7 @@ from lorafast_export.quant.formats import (
 )
 from lorafast_export.quant.walk import quantize_checkpoint
 from lorafast_export.recipe import Recipe
-from lorafast_export.targets.hf.target import HFTarget
+from lorafast_export.targets.hf.target import HFSession, HFTarget
 from lorafast_export.targets.registry import LowerInput
 from tests.quant.pipeline_helpers import random_ids, tiny_checkpoint
 
@@ -113,6 +113,29 @@ def test_auto_falls_back_to_gptq_for_ragged_groups(merged, tmp_path):
     assert facts["format"] == "gptq"
 
 
+def transformers_and_fake_quant(path, qm):
+    """transformers' model of our compressed-tensors checkpoint, as HFSession loads it (compressed; dequantized by
+    compressed-tensors where this transformers cannot load it compressed), and our fake-quant model of the same
+    codes with the weights rounded as that load rounds them (HFSession.dequantized_to)."""
+    from lorafast_export.model.quantized import fake_quant_decoder
+    from lorafast_export.qform import QLinear
+
+    session = HFSession(path)
+    assert session.model.dtype == torch.float32
+    ref = fake_quant_decoder(qm)
+    if session.dequantized_to is not None:
+        dt = getattr(torch, session.dequantized_to)
+        for name, mod in list(ref.named_modules()):
+            if isinstance(mod, QLinear):
+                lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+                lin.weight = torch.nn.Parameter(dequantize(mod.qtensor).to(dt).float(), requires_grad=False)
+                if mod.bias is not None:
+                    lin.bias = torch.nn.Parameter(mod.bias.float(), requires_grad=False)
+                parent, _, leaf = name.rpartition(".")
+                setattr(ref.get_submodule(parent) if parent else ref, leaf, lin)
+    return session.model, ref
+
+
 @pytest.fixture(scope="module")
 def ragged(tmp_path_factory):
     """MLP width 40: at g32 down_proj has a ragged last group of 8 columns (the 30M fixture's 1376 at g128)."""
@@ -151,13 +174,11 @@ def test_ragged_mlp_is_padded_exactly(ragged, tmp_path, method, hf_format, symme
             fake_quant_decoder(back)(ids)[0], fake_quant_decoder(qm)(ids)[0], atol=1e-5, rtol=1e-5
         )
     if facts["format"] == "compressed-tensors" and importlib.util.find_spec("compressed_tensors"):
-        import transformers  # transformers' own loader builds the padded model
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        model, ref = transformers_and_fake_quant(
+            tmp_path, qm
+        )  # transformers' own loader builds the padded model
         with torch.no_grad():
-            torch.testing.assert_close(
-                model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0], atol=1e-4, rtol=1e-4
-            )
+            torch.testing.assert_close(model(input_ids=ids).logits, ref(ids)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_ragged_layers_other_than_the_mlp_are_still_refused(ragged, tmp_path):
@@ -191,9 +212,6 @@ def test_quantized_lm_head_is_not_ignored(merged, tmp_path):
 )  # gptq's default is asymmetric (zero points) since session 7
 def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tmp_path, symmetric):
     pytest.importorskip("compressed_tensors")
-    import transformers
-
-    from lorafast_export.model.quantized import fake_quant_decoder
 
     qm, _ = export(merged, tmp_path, "gptq", "compressed-tensors", group_size=32, symmetric=symmetric)
     assert all((qt.zeros is None) is symmetric for qt in qm.q.values())
@@ -202,12 +220,51 @@ def test_transformers_loads_compressed_tensors_and_matches_fake_quant(merged, tm
     ):  # the signed grid: transformers' compressed-tensors loader gets code 0 (int4 -8), negative scales
         assert all(int(qt.codes.min()) == 0 for qt in qm.q.values())
         assert any(bool((qt.scales < 0).any()) for qt in qm.q.values())
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model, ref = transformers_and_fake_quant(tmp_path, qm)
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids=ids).logits, fake_quant_decoder(qm)(ids)[0], atol=1e-4, rtol=1e-4
-        )
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(ids)[0], atol=1e-4, rtol=1e-4)
+    if symmetric:  # every transformers in range loads a symmetric checkpoint compressed
+        assert HFSession(tmp_path).dequantized_to is None
+
+
+def test_hf_session_loads_an_asymmetric_checkpoint_dequantized_where_transformers_cannot_load_it_compressed(
+    merged, tmp_path, monkeypatch
+):
+    """transformers 5.23-5.25 refuse an asymmetric pack-quantized checkpoint (the zero points' size mismatch);
+    HFSession loads it with CompressedTensorsConfig(dequantize=True) and says so in its runtime note. The refusal
+    is replayed here on any transformers; tests above meet the real one where it is installed."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    import lorafast_export.targets.hf.target as hf
+
+    export(merged, tmp_path / "asym", "gptq", "compressed-tensors", group_size=32, symmetric=False)
+    export(merged, tmp_path / "sym", "gptq", "compressed-tensors", group_size=32, symmetric=True)
+    assert hf.asymmetric_pack_quantized(tmp_path / "asym") and not hf.asymmetric_pack_quantized(
+        tmp_path / "sym"
+    )
+    real, calls = transformers.AutoModelForCausalLM.from_pretrained, []
+
+    def refuse_compressed(path, **kw):
+        calls.append(kw)
+        qc = kw.get("quantization_config")
+        if qc is None or not qc.dequantize:
+            raise RuntimeError("You set `ignore_mismatched_sizes` to `False`, thus raising an error.")
+        return real(path, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse_compressed)
+    s = hf.HFSession(tmp_path / "asym")
+    assert len(calls) == 2 and calls[1]["quantization_config"].dequantize
+    assert s.dequantized_to == "float16" and "dequantize=True" in s.runtime_note
+    assert transformers.__version__ in s.runtime_note and "float16" in s.runtime_note
+    ids = random_ids(1, 8, seed=5)
+    assert s.logits(ids).shape[:2] == (1, 8)
+    # the same refusal of a checkpoint without packed zero points is not that issue: a clear error, no retry
+    calls.clear()
+    with pytest.raises(ArtifactLoadError, match=r"sym: transformers .* cannot load this checkpoint"):
+        hf.HFSession(tmp_path / "sym")
+    assert len(calls) == 1
 
 
 def test_w8a8_checkpoint_says_how_transformers_rounds_activations(merged, tmp_path, monkeypatch):

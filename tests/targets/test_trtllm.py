@@ -39,7 +39,8 @@ GOLDEN = Path(__file__).parent / "golden"
 # keys we write that ModelOpt 0.47's engine config lacks (its manual path reads rope_theta, which transformers 5
 # configs no longer have, so it omits rotary_base; attn_bias/mlp_bias/qwen_type are TensorRT-LLM config fields)
 OUR_EXTRA_KEYS = {"rotary_base", "attn_bias", "mlp_bias", "qwen_type"}
-IGNORED_KEYS = ("producer", "rank")
+# producer, rank, and the version stamp of the transformers that wrote a config (the golden files: 5.17.0)
+IGNORED_KEYS = ("producer", "rank", "transformers_version")
 DIMS = dict(hidden=128, intermediate_size=256, heads=4, kv_heads=2, vocab=96)
 LAYOUTS = {
     "hf": {},

@@ -4,38 +4,123 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from lorafast_export.errors import RuntimeMissingError, UnsupportedError
+from lorafast_export.errors import ArtifactLoadError, RuntimeMissingError, UnsupportedError
 from lorafast_export.stagecache import RECORD
 from lorafast_export.targets.registry import LowerInput, register
 
 log = logging.getLogger(__name__)
 
 
+def asymmetric_pack_quantized(model_dir: Path) -> bool:
+    """Whether config.json describes a compressed-tensors pack-quantized checkpoint with zero points (packed)."""
+    import json
+
+    qcfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    groups = (
+        (qcfg.get("config_groups") or {}).values() if qcfg.get("quant_method") == "compressed-tensors" else []
+    )
+    return any(
+        (g.get("format") or qcfg.get("format")) == "pack-quantized"
+        and (g.get("weights") or {}).get("symmetric") is False
+        for g in groups
+    )
+
+
+def _scale_dtype(model_dir: Path) -> str:
+    """The dtype of the checkpoint's first weight_scale (what compressed-tensors dequantizes in)."""
+    import json
+    import struct
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, meta in header.items():
+            if name.endswith(".weight_scale"):
+                return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(
+                    meta["dtype"], meta["dtype"]
+                )
+    return "unknown"
+
+
+class _NoLoadReport(logging.Filter):
+    """transformers' LOAD REPORT table of an attempt that HFSession answers itself (it retries, or says why)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 class HFSession:
-    """transformers' own forward and generate: the runtime an `hf` artifact is made for."""
+    """transformers' own forward and generate: the runtime an `hf` artifact is made for.
+
+    transformers 5.23-5.25 with compressed-tensors 0.20 cannot load an asymmetric pack-quantized checkpoint
+    compressed: it builds the module from meta tensors, where compressed-tensors leaves the zero point unpacked
+    ([out, groups]) while every such checkpoint (ours, llm-compressor's) stores it packed ([out / 8, groups]), and
+    the load stops on the size mismatch. transformers' other way in, CompressedTensorsConfig(dequantize=True),
+    loads it with compressed-tensors' own dequantization (in the scales' dtype); the session then runs that, and
+    its runtime_note says so (`dequantized_to` names the dtype)."""
 
     def __init__(self, model_dir: Path, device: str = "cpu"):
         import transformers
 
+        self.dequantized_to: str | None = None
+        notes = []
         try:
-            self.model = (
-                transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
-            )
+            try:
+                model = self._load(model_dir)
+            except RuntimeError as e:
+                if not ("mismatched_sizes" in str(e) and asymmetric_pack_quantized(model_dir)):
+                    raise ArtifactLoadError(
+                        f"{model_dir}: transformers {transformers.__version__} cannot load this checkpoint ({e}). "
+                        "Rebuild it with this lorafast-export, or load it with the transformers version it was "
+                        "built with (manifest.json: versions), or build with --no-validate."
+                    ) from None
+                model = self._load(
+                    model_dir, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)
+                )
+                self.dequantized_to = _scale_dtype(model_dir)
+                notes.append(
+                    f"transformers {transformers.__version__} cannot load this asymmetric pack-quantized "
+                    "compressed-tensors checkpoint compressed (it builds the zero points unpacked: an upstream "
+                    "issue of transformers 5.23+ with compressed-tensors 0.20); the artifact stage loaded it with "
+                    f"CompressedTensorsConfig(dequantize=True), whose weights are dequantized in "
+                    f"{self.dequantized_to}, so that rounding is in its numbers. vLLM and transformers <= 5.22 "
+                    "load it compressed."
+                )
         except ImportError as e:  # GPTQ/AWQ checkpoints need GPTQModel (+ optimum) to load in transformers
             raise RuntimeMissingError(
                 f"{model_dir}: transformers cannot load this quantized checkpoint here ({e}). Install the loader "
                 "(GPTQ/AWQ: pip install gptqmodel==7.6.0 optimum==2.3.0), use --hf-format compressed-tensors, "
                 "or build with --no-validate."
             ) from None
+        self.model = model.to(device).eval()
         self.device = device
         from lorafast_export.quant.export_hf import checkpoint_loader_notes
 
         # e.g. a W8A8 compressed-tensors checkpoint: transformers rounds activations differently from our form
-        self.runtime_note = " ".join(checkpoint_loader_notes(model_dir)) or None
+        self.runtime_note = " ".join(notes + checkpoint_loader_notes(model_dir)) or None
+
+    @staticmethod
+    def _load(model_dir: Path, **kwargs):
+        import transformers
+
+        if not asymmetric_pack_quantized(model_dir):
+            return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **kwargs)
+        quiet = _NoLoadReport()
+        log_ = logging.getLogger("transformers.modeling_utils")
+        log_.addFilter(quiet)
+        try:
+            with warnings.catch_warnings():  # "the quantization_config from the model will be used" (it is)
+                warnings.filterwarnings(
+                    "ignore", message="You passed `quantization_config`", category=UserWarning
+                )
+                return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **kwargs)
+        finally:
+            log_.removeFilter(quiet)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
