@@ -262,7 +262,7 @@ def test_hf_session_loads_an_asymmetric_checkpoint_dequantized_where_transformer
     assert s.logits(ids).shape[:2] == (1, 8)
     # the same refusal of a checkpoint without packed zero points is not that issue: a clear error, no retry
     calls.clear()
-    with pytest.raises(ArtifactLoadError, match=r"sym: transformers .* cannot load this checkpoint"):
+    with pytest.raises(ArtifactLoadError, match=r"sym: transformers .* refuses this checkpoint"):
         hf.HFSession(tmp_path / "sym")
     assert len(calls) == 1
 

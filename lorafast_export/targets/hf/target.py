@@ -75,9 +75,9 @@ class HFSession:
             except RuntimeError as e:
                 if not ("mismatched_sizes" in str(e) and asymmetric_pack_quantized(model_dir)):
                     raise ArtifactLoadError(
-                        f"{model_dir}: transformers {transformers.__version__} cannot load this checkpoint ({e}). "
-                        "Rebuild it with this lorafast-export, or load it with the transformers version it was "
-                        "built with (manifest.json: versions), or build with --no-validate."
+                        f"{model_dir}: transformers {transformers.__version__} refuses this checkpoint ({e}). "
+                        "The versions an artifact was built and validated with are in its manifest.json "
+                        "(versions): load it with those, or build with --no-validate to skip this check."
                     ) from None
                 model = self._load(
                     model_dir, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)
@@ -88,8 +88,8 @@ class HFSession:
                     "compressed-tensors checkpoint compressed (it builds the zero points unpacked: an upstream "
                     "issue of transformers 5.23+ with compressed-tensors 0.20); the artifact stage loaded it with "
                     f"CompressedTensorsConfig(dequantize=True), whose weights are dequantized in "
-                    f"{self.dequantized_to}, so that rounding is in its numbers. vLLM and transformers <= 5.22 "
-                    "load it compressed."
+                    f"{self.dequantized_to}, so that rounding is in its numbers. transformers 5.17-5.22 load it "
+                    "compressed."
                 )
         except ImportError as e:  # GPTQ/AWQ checkpoints need GPTQModel (+ optimum) to load in transformers
             raise RuntimeMissingError(
