@@ -91,6 +91,7 @@ class HFSession:
                     f"{self.dequantized_to}, so that rounding is in its numbers. transformers 5.17-5.22 load it "
                     "compressed."
                 )
+                log.warning("%s: %s", model_dir, notes[-1])  # `generate` and `run` show no report note
         except ImportError as e:  # GPTQ/AWQ checkpoints need GPTQModel (+ optimum) to load in transformers
             raise RuntimeMissingError(
                 f"{model_dir}: transformers cannot load this quantized checkpoint here ({e}). Install the loader "
