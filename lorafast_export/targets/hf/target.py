@@ -31,19 +31,24 @@ def asymmetric_pack_quantized(model_dir: Path) -> bool:
     )
 
 
-def _scale_dtype(model_dir: Path) -> str:
-    """The dtype of the checkpoint's first weight_scale (what compressed-tensors dequantizes in)."""
-    import json
-    import struct
+def _dequantized_rounding(model, model_dir: Path) -> str | None:
+    """How the loaded model's weights compare with our exact (float32) dequantization of the checkpoint's first
+    quantized linear: None where they are equal; else the dtype they were rounded to ("float16", "bfloat16"), or
+    "unknown" (transformers 5.25's dequantize=True computes in the scales' dtype; 5.17's in float32)."""
+    from lorafast_export.qform import dequantize
+    from lorafast_export.quant.read_hf import read_quantized_checkpoint
 
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for name, meta in header.items():
-            if name.endswith(".weight_scale"):
-                return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(
-                    meta["dtype"], meta["dtype"]
-                )
+    qm = read_quantized_checkpoint(model_dir, lazy=True)
+    name = next(iter(qm.q))
+    exact = dequantize(qm.q[name]).float()
+    loaded = model.get_submodule(name).weight.detach().float().cpu()
+    if loaded.shape != exact.shape:
+        return "unknown"
+    if torch.equal(loaded, exact):
+        return None
+    for dt in ("float16", "bfloat16"):
+        if torch.equal(loaded, exact.to(getattr(torch, dt)).float()):
+            return dt
     return "unknown"
 
 
@@ -61,8 +66,9 @@ class HFSession:
     compressed: it builds the module from meta tensors, where compressed-tensors leaves the zero point unpacked
     ([out, groups]) while every such checkpoint (ours, llm-compressor's) stores it packed ([out / 8, groups]), and
     the load stops on the size mismatch. transformers' other way in, CompressedTensorsConfig(dequantize=True),
-    loads it with compressed-tensors' own dequantization (in the scales' dtype); the session then runs that, and
-    its runtime_note says so (`dequantized_to` names the dtype)."""
+    loads it with compressed-tensors' own dequantization (5.25: in the scales' dtype); the session then runs that,
+    and its runtime_note says so (`dequantized_to`: the dtype the weights were rounded to, measured on one layer
+    against our exact dequantization; None where they are exact or the load was compressed)."""
 
     def __init__(self, model_dir: Path, device: str = "cpu"):
         import transformers
@@ -82,14 +88,20 @@ class HFSession:
                 model = self._load(
                     model_dir, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)
                 )
-                self.dequantized_to = _scale_dtype(model_dir)
+                self.dequantized_to = _dequantized_rounding(model, model_dir)
+                rounding = (
+                    "come out exact (float32), so its numbers are those of the checkpoint's codes"
+                    if self.dequantized_to is None
+                    else f"come out rounded to {self.dequantized_to}, and that rounding is in its numbers"
+                    if self.dequantized_to != "unknown"
+                    else "come out rounded (neither to float16 nor to bfloat16), and that rounding is in its numbers"
+                )
                 notes.append(
                     f"transformers {transformers.__version__} cannot load this asymmetric pack-quantized "
                     "compressed-tensors checkpoint compressed (it builds the zero points unpacked: an upstream "
                     "issue of transformers 5.23+ with compressed-tensors 0.20); the artifact stage loaded it with "
-                    f"CompressedTensorsConfig(dequantize=True), whose weights are dequantized in "
-                    f"{self.dequantized_to}, so that rounding is in its numbers. transformers 5.17-5.22 load it "
-                    "compressed."
+                    f"CompressedTensorsConfig(dequantize=True), whose weights {rounding}. "
+                    "transformers 5.17-5.22 load it compressed."
                 )
                 log.warning("%s: %s", model_dir, notes[-1])  # `generate` and `run` show no report note
         except ImportError as e:  # GPTQ/AWQ checkpoints need GPTQModel (+ optimum) to load in transformers
