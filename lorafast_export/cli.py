@@ -179,10 +179,33 @@ class _DropRopeWarning(logging.Filter):
         return "original_max_position_embeddings field must be less than" not in record.getMessage()
 
 
+def _no_tqdm_bars() -> None:
+    """Every tqdm bar in this process is disabled: compressed-tensors draws its own while transformers loads a
+    compressed-tensors checkpoint, passing `disable=` explicitly (so TQDM_DISABLE cannot reach them). Our progress
+    is rich's status line or the stamped CI lines; a library's bar would break both."""
+    try:
+        import tqdm.std  # not ours to declare: the libraries that draw the bars bring it
+    except ImportError:
+        return
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "lorafast_quiet", False):
+        return
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet_init.lorafast_quiet = True
+    tqdm.std.tqdm.__init__ = quiet_init
+
+
 def _quiet_transformers() -> None:
     """No 'Loading weights' bars, no llama3 rope warning and no warning that peft 0.21 calls a deprecated
-    transformers method (5.23+: `is_gradient_checkpointing`) from transformers in our output."""
+    transformers method (5.23+: `is_gradient_checkpointing`) from transformers in our output, and no tqdm bars
+    from the libraries under it (compressed-tensors' "Applying quantization config", "Compressing model", ...
+    when transformers loads a compressed-tensors checkpoint)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
+    _no_tqdm_bars()
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )

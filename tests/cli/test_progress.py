@@ -24,6 +24,7 @@ def _build(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd += ["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out"), "--force", *extra]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    env.pop("TQDM_DISABLE", None)
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
@@ -42,6 +43,23 @@ def test_ci_log_lines(tmp_path):
     assert "] quantize skipped" in text and "✓" not in text
     assert re.search(r"\] validate: ", text)  # the validate stage's own sub-steps
     assert "Loading weights" not in r.stderr and "original_max_position_embeddings" not in r.stderr
+
+
+def test_no_library_progress_bars_when_transformers_loads_a_quantized_checkpoint(tmp_path):
+    """An asymmetric int4 compressed-tensors checkpoint, validated in transformers: compressed-tensors' tqdm bars
+    ("Applying quantization config", "Compressing model", ...) stay out of the log. Lines other than progress
+    lines may only be our own warnings (the hf session's, where transformers loads the checkpoint dequantized)."""
+    save_base_and_adapter(tmp_path, {"layers": 1}, target_modules=["q_proj"])
+    write_text(tmp_path / "e.txt", n_chars=400)
+    (tmp_path / "p.txt").write_text("the model\n")
+    args = ["--quant", "rtn", "--group-size", "16", "--asymmetric", "--target", "hf", "--hf-format"]
+    args += ["compressed-tensors", "--eval", f"e={tmp_path / 'e.txt'}", "--prompts", str(tmp_path / "p.txt")]
+    r = _build(tmp_path, *args, "--gate", "kl_mean<=100")  # a random tiny model: only the output is tested
+    assert r.returncode == 0, r.stderr
+    other = [ln for ln in r.stderr.splitlines() if not re.match(r"\[\s*\d+\.\d s\] ", ln)]
+    assert all(ln.startswith("WARNING lorafast_export.") for ln in other), other
+    assert "it/s" not in r.stderr and "Compressing model" not in r.stderr
+    assert "validate done" in r.stderr
 
 
 def test_no_validate_is_shown_as_skipped(tmp_path):
