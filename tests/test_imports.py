@@ -63,6 +63,7 @@ LAZY_OK = {
     "peft",
     "safetensors",
     "rich",
+    "tqdm",  # not a dependency: cli._no_tqdm_bars silences the bars of the libraries that bring it
 }
 # Optional runtimes (extras): only the target package that lowers to them may import them.
 RUNTIME_HOME = {
