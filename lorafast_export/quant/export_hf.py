@@ -167,11 +167,27 @@ def quantization_config(fmt: str, scheme: QScheme, qm: QuantizedModel) -> dict:
     return formats.compressed_tensors_config(scheme, ignore=tuple(keep_fp))
 
 
+def _compressed_tensors_config(model_dir: str | Path) -> dict | None:
+    """config.json's quantization_config where it is compressed-tensors', else None."""
+    qcfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    return qcfg if qcfg.get("quant_method") == "compressed-tensors" else None
+
+
+def asymmetric_pack_quantized(model_dir: str | Path) -> bool:
+    """Whether config.json describes a compressed-tensors pack-quantized checkpoint with (packed) zero points."""
+    qcfg = _compressed_tensors_config(model_dir) or {}
+    return any(
+        (g.get("format") or qcfg.get("format")) == "pack-quantized"
+        and (g.get("weights") or {}).get("symmetric") is False
+        for g in (qcfg.get("config_groups") or {}).values()
+    )
+
+
 def checkpoint_loader_notes(model_dir: str | Path) -> list[str]:
     """What transformers computes differently from our quantized model when it loads this checkpoint (a W8A8
     compressed-tensors one: its activation rounding), read from config.json; [] for any other checkpoint."""
-    qcfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
-    if qcfg.get("quant_method") != "compressed-tensors":
+    qcfg = _compressed_tensors_config(model_dir)
+    if qcfg is None:
         return []
     acts = [g.get("input_activations") or {} for g in (qcfg.get("config_groups") or {}).values()]
     int8_tokens = any(a.get("num_bits") == 8 and a.get("strategy") == "token" for a in acts)

@@ -12,7 +12,11 @@ from safetensors.torch import load_file
 
 from lorafast_export.errors import ArtifactLoadError, InputError
 from lorafast_export.qform import QScheme, dequantize
-from lorafast_export.quant.export_hf import checkpoint_loader_notes, write_quantized_checkpoint
+from lorafast_export.quant.export_hf import (
+    asymmetric_pack_quantized,
+    checkpoint_loader_notes,
+    write_quantized_checkpoint,
+)
 from lorafast_export.quant.formats import (
     scheme_from_config_group,
     unpack_awq,
@@ -248,9 +252,7 @@ def test_hf_session_loads_an_asymmetric_checkpoint_dequantized_where_transformer
 
     qm, _ = export(merged, tmp_path / "asym", "gptq", "compressed-tensors", group_size=32, symmetric=False)
     export(merged, tmp_path / "sym", "gptq", "compressed-tensors", group_size=32, symmetric=True)
-    assert hf.asymmetric_pack_quantized(tmp_path / "asym") and not hf.asymmetric_pack_quantized(
-        tmp_path / "sym"
-    )
+    assert asymmetric_pack_quantized(tmp_path / "asym") and not asymmetric_pack_quantized(tmp_path / "sym")
     real, calls = transformers.AutoModelForCausalLM.from_pretrained, []
 
     def refuse_compressed(path, **kw):

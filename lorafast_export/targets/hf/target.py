@@ -16,21 +16,6 @@ from lorafast_export.targets.registry import LowerInput, register
 log = logging.getLogger(__name__)
 
 
-def asymmetric_pack_quantized(model_dir: Path) -> bool:
-    """Whether config.json describes a compressed-tensors pack-quantized checkpoint with zero points (packed)."""
-    import json
-
-    qcfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
-    groups = (
-        (qcfg.get("config_groups") or {}).values() if qcfg.get("quant_method") == "compressed-tensors" else []
-    )
-    return any(
-        (g.get("format") or qcfg.get("format")) == "pack-quantized"
-        and (g.get("weights") or {}).get("symmetric") is False
-        for g in groups
-    )
-
-
 def _dequantized_rounding(model, model_dir: Path) -> str | None:
     """How the loaded model's weights compare with our exact (float32) dequantization of the checkpoint's first
     quantized linear: None where they are equal; else the dtype they were rounded to ("float16", "bfloat16"), or
@@ -73,28 +58,32 @@ class HFSession:
     def __init__(self, model_dir: Path, device: str = "cpu"):
         import transformers
 
+        from lorafast_export.quant.export_hf import asymmetric_pack_quantized, checkpoint_loader_notes
+
         self.dequantized_to: str | None = None
         notes = []
+        asym = asymmetric_pack_quantized(model_dir)
         try:
             try:
-                model = self._load(model_dir)
+                model = self._load(model_dir, asym)
             except RuntimeError as e:
-                if not ("mismatched_sizes" in str(e) and asymmetric_pack_quantized(model_dir)):
+                if not ("mismatched_sizes" in str(e) and asym):
                     raise ArtifactLoadError(
                         f"{model_dir}: transformers {transformers.__version__} refuses this checkpoint ({e}). "
                         "The versions an artifact was built and validated with are in its manifest.json "
                         "(versions): load it with those, or build with --no-validate to skip this check."
                     ) from None
                 model = self._load(
-                    model_dir, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)
+                    model_dir, asym, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)
                 )
                 self.dequantized_to = _dequantized_rounding(model, model_dir)
+                rounded = {"unknown": "rounded (neither to float16 nor to bfloat16)"}.get(
+                    self.dequantized_to, f"rounded to {self.dequantized_to}"
+                )
                 rounding = (
                     "come out exact (float32), so its numbers are those of the checkpoint's codes"
                     if self.dequantized_to is None
-                    else f"come out rounded to {self.dequantized_to}, and that rounding is in its numbers"
-                    if self.dequantized_to != "unknown"
-                    else "come out rounded (neither to float16 nor to bfloat16), and that rounding is in its numbers"
+                    else f"come out {rounded}, and that rounding is in its numbers"
                 )
                 notes.append(
                     f"transformers {transformers.__version__} cannot load this asymmetric pack-quantized "
@@ -112,22 +101,22 @@ class HFSession:
             ) from None
         self.model = model.to(device).eval()
         self.device = device
-        from lorafast_export.quant.export_hf import checkpoint_loader_notes
-
         # e.g. a W8A8 compressed-tensors checkpoint: transformers rounds activations differently from our form
         self.runtime_note = " ".join(notes + checkpoint_loader_notes(model_dir)) or None
 
     @staticmethod
-    def _load(model_dir: Path, **kwargs):
+    def _load(model_dir: Path, asym: bool, **kwargs):
+        """from_pretrained; for an asymmetric pack-quantized checkpoint (asym) without the LOAD REPORT of a refusal
+        that __init__ answers itself, or the warning that its quantization_config wins (it does)."""
         import transformers
 
-        if not asymmetric_pack_quantized(model_dir):
+        if not asym:
             return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **kwargs)
         quiet = _NoLoadReport()
         log_ = logging.getLogger("transformers.modeling_utils")
         log_.addFilter(quiet)
         try:
-            with warnings.catch_warnings():  # "the quantization_config from the model will be used" (it is)
+            with warnings.catch_warnings():
                 warnings.filterwarnings(
                     "ignore", message="You passed `quantization_config`", category=UserWarning
                 )
