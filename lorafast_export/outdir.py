@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,16 @@ from pathlib import Path
 from lorafast_export.errors import InputError, raise_if_terminated
 from lorafast_export.manifest import replace_refusal
 from lorafast_export.safeio import apply_umask, dead_partials
+
+_STAGING = re.compile(r"^\.(.+)\.partial-\d+$")
+
+
+def shown_path(path: Path | str) -> Path:
+    """A path as the user will find it: a build's staging directory `.<name>.partial-PID` named as the output
+    `<name>` it becomes, so that a warning or error raised while validating the staged artifact names the artifact
+    and not a hidden directory that is gone when the build ends."""
+    path = Path(path)
+    return Path(*(m.group(1) if (m := _STAGING.match(part)) else part for part in path.parts))
 
 
 @contextmanager

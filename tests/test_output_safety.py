@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -304,3 +305,15 @@ def test_a_matrix_never_overwrites_a_summary_of_the_users(inputs, tmp_path):
     (out / "summary.md").unlink()
     assert build(inputs, out, "--matrix", "dtype=float32").exit_code == 0
     assert build(inputs, out, "--matrix", "dtype=float32", "--force").exit_code == 0  # ours: replaced
+
+
+def test_messages_name_the_output_not_its_staging_directory(tmp_path):
+    """`shown_path` maps the build's staging directory `.<name>.partial-PID` (where validation reads the artifact)
+    to the output it becomes, and leaves every other path alone."""
+    from lorafast_export.outdir import shown_path, staged_output
+
+    with staged_output(tmp_path / "dist", force=False) as stage:
+        assert stage.name.startswith(".dist.partial-")
+        assert shown_path(stage / "model") == tmp_path / "dist" / "model"
+    for kept in ("a/.dist.partial-", "a/.dist.partial-1x/model", "a/dist.partial-3", "a/b"):
+        assert shown_path(kept) == Path(kept)

@@ -60,6 +60,10 @@ def test_no_library_progress_bars_when_transformers_loads_a_quantized_checkpoint
     assert all(ln.startswith("WARNING lorafast_export.") for ln in other), other
     assert "it/s" not in r.stderr and "Compressing model" not in r.stderr
     assert "validate done" in r.stderr
+    # a warning names the artifact the user gets, not the build's staging directory (gone when it ends)
+    assert ".partial-" not in r.stderr
+    if other:  # transformers 5.23+ loads this checkpoint dequantized, and says so
+        assert all(f"{tmp_path / 'out' / 'model'}: " in ln for ln in other), other
 
 
 def test_no_validate_is_shown_as_skipped(tmp_path):
