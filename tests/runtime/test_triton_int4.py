@@ -358,7 +358,8 @@ def test_shipped_tables_give_runnable_plans():
                 if kind == MMA:  # the CUDA kernel (runtime/cuda_int4.py): its block layout, 1-8 rows only
                     assert rows <= cuda_int4.MAX_ROWS and bn in cuda_int4.KSB_CHOICES
                     assert max(1, bk) in cuda_int4.RPW_CHOICES and bm in cuda_int4.MINB_CHOICES
-                    assert 32 * bn * bm <= 2048 and not warps & ~cuda_int4.SUBA
+                    assert 32 * bn * bm <= 2048 and not warps & ~(cuda_int4.SUBA | cuda_int4.SUBX)
+                    assert rows == 1 or not warps & cuda_int4.SUBX  # SUBX takes one activation row
                 elif kind != TINYGEMM:
                     assert not bn & (bn - 1) and bm >= 16 and warps in (2, 4, 8)
 
