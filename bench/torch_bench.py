@@ -1140,8 +1140,19 @@ def code_prompts(tok, n: int, length: int) -> list[list[int]]:
     return [ids[i * length : (i + 1) * length] for i in range(n)]
 
 
+def _median_run(rt, prompts, new: int, repeats: int) -> dict:
+    """run_requests `repeats` times: the run with the median decode rate, every run's rate beside it. A demo-sized
+    request decodes in 15-40 ms on a GPU, where one timed pass moved by 1.5x between calls (session 24)."""
+    runs = sorted((run_requests(rt, prompts, [new]) for _ in range(max(1, repeats))),
+                  key=lambda r: r["decode_tokens_per_s"] or 0.0)  # fmt: skip
+    r = runs[len(runs) // 2]
+    r["decode_tokens_per_s_repeats"] = [x["decode_tokens_per_s"] for x in runs]
+    return r
+
+
 def sec_specdemo(a, dev, R):
-    """Speculative decoding on the trained demo (LoRA merged): int4 RTN g32 draft, batch 1, greedy."""
+    """Speculative decoding on the trained demo (LoRA merged): int4 RTN g32 draft, batch 1, greedy; at most 128 new
+    tokens (the demo's prompts are 48), each row timed --spec-repeats times (the median run)."""
     dtype = torch.bfloat16 if dev.type == "cuda" and a.specdemo_dtype == "bf16" else torch.float32
     model, tok = demo_merged(dev, dtype)
     cfg, state = config_of(model)
@@ -1153,7 +1164,8 @@ def sec_specdemo(a, dev, R):
     base.generate_batch(prompts[:1], 8)
     res = {"dtype": str(dtype), "prompts": len(prompts) - 1, "new_tokens": new, "dense_gemv": o.dense_gemv}
     want = base.generate_batch(prompts[1:], new)
-    res["bf16_alone"] = run_requests(base, prompts[1:2], [new])
+    res["timed_repeats"] = a.spec_repeats
+    res["bf16_alone"] = _median_run(base, prompts[1:2], new, a.spec_repeats)
     print(f"  specdemo alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
@@ -1162,7 +1174,7 @@ def sec_specdemo(a, dev, R):
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
         acc = eng.stats.acceptance
-        r = run_requests(base, prompts[1:2], [new])
+        r = _median_run(base, prompts[1:2], new, a.spec_repeats)
         r["acceptance_all_prompts"] = acc
         r["tokens_equal_alone"] = got == want
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
@@ -1684,6 +1696,9 @@ def main() -> None:
     p.add_argument("--compile", default="on", choices=("on", "off"), help="profile/spec sections")
     p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (0: keep)")
     p.add_argument("--spec-k", default="2,4", help="draft lengths for the spec section")
+    p.add_argument(
+        "--spec-repeats", type=int, default=5, help="specdemo: timed runs a row (the median is kept)"
+    )
     p.add_argument("--decode-steps", type=int, default=8, help="greedy steps chained per host round trip")
     p.add_argument(
         "--warm-up", default="auto", choices=("off", "on", "auto"), help="runtime option, all sections"
