@@ -70,7 +70,8 @@ class HFSession:
             except RuntimeError as e:
                 if not ("mismatched_sizes" in str(e) and asym):
                     raise ArtifactLoadError(
-                        f"{shown_path(model_dir)}: transformers {transformers.__version__} refuses this checkpoint ({e}). "
+                        f"{shown_path(model_dir)}: transformers {transformers.__version__} refuses this "
+                        f"checkpoint ({e}). "
                         "The versions an artifact was built and validated with are in its manifest.json "
                         "(versions): load it with those, or build with --no-validate to skip this check."
                     ) from None
@@ -93,12 +94,12 @@ class HFSession:
                     f"CompressedTensorsConfig(dequantize=True), whose weights {rounding}. "
                     "transformers 5.17-5.22 load it compressed."
                 )
-                log.warning(
-                    "%s: %s", shown_path(model_dir), notes[-1]
-                )  # `generate` and `run` show no report note
+                # logged too: `generate` and `run` show no report note
+                log.warning("%s: %s", shown_path(model_dir), notes[-1])
         except ImportError as e:  # GPTQ/AWQ checkpoints need GPTQModel (+ optimum) to load in transformers
             raise RuntimeMissingError(
-                f"{shown_path(model_dir)}: transformers cannot load this quantized checkpoint here ({e}). Install the loader "
+                f"{shown_path(model_dir)}: transformers cannot load this quantized checkpoint here ({e}). "
+                "Install the loader "
                 "(GPTQ/AWQ: pip install gptqmodel==7.6.0 optimum==2.3.0), use --hf-format compressed-tensors, "
                 "or build with --no-validate."
             ) from None
