@@ -254,17 +254,18 @@ def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
     hx, dx = h.reshape(-1, hid), delta.reshape(-1, hid)
     dense = isinstance(o, nn.Linear)
     lays = getattr(layer, "mma_fused", None)  # use_fused_decode's: the CUDA MMA kernels' fused ops
+    pdl = getattr(layer, "fused_pdl", False)  # use_kernel_pdl's, for the dense ops
     if dense:
-        x, q = ops.add_norm_qkv_rope(hx, dx, n1.weight, qkv.weight, n1.eps, qkv.bias, *rope)
+        x, q = ops.add_norm_qkv_rope(hx, dx, n1.weight, qkv.weight, n1.eps, qkv.bias, *rope, pdl)
     elif lays is not None:
         x, q = ops.mma_add_norm_qkv_rope(hx, dx, n1.weight, *_mma(qkv, lays[0]), n1.eps, qkv.bias, *rope)
     else:
         x, q = ops.add_norm_qkv_rope_int4(hx, dx, n1.weight, *_int4(qkv), n1.eps, qkv.bias, *rope)
     a = attend(q.view(b, s, attn.n_heads, d).transpose(1, 2)).transpose(1, 2).reshape(b * s, -1)
     if dense:
-        h = ops.gemv_add(a, o.weight, x)
-        act = ops.norm_glu(h, n2.weight, gate_up.weight, n2.eps)
-        out = ops.fused_gemv(act, down.weight)
+        h = ops.gemv_add(a, o.weight, x, pdl)
+        act = ops.norm_glu(h, n2.weight, gate_up.weight, n2.eps, pdl)
+        out = ops.fused_gemv(act, down.weight, pdl)
     elif lays is not None:
         h = ops.mma_gemv_add(a, *_mma(o, lays[1]), x)
         act = ops.mma_norm_glu(h, n2.weight, *_mma(gate_up, lays[2]), n2.eps)
@@ -449,7 +450,12 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
     if b * s <= getattr(dec, "fused_rows", 0):
         w, eps = dec.head_weight(), dec.model.norm.eps
         _, y = torch.ops.lorafast.add_norm_gemv(
-            h.reshape(-1, hid), delta.reshape(-1, hid), dec.model.norm.weight, w, eps
+            h.reshape(-1, hid),
+            delta.reshape(-1, hid),
+            dec.model.norm.weight,
+            w,
+            eps,
+            getattr(dec, "fused_pdl", False),
         )
         return y.view(b, s, -1)
     return dec.logits(h + delta)
@@ -485,10 +491,11 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
 
 def use_kernel_pdl(dec: Decoder, device) -> int | None:
     """Our CUDA kernels of the decoder as programmatic dependent launches: each int4 linear's MMA plan entries
-    and each layer's fused MMA ops (runtime/cuda_int4.py), and the layers' paged decode attention
-    (runtime/triton_attention.py, `attn_pdl`). A kernel so launched may start while the one before it ends:
-    it loads its weights, then waits for that kernel before reading activations or writing (bit-for-bit the
-    same output; bench/TORCH.md session 21). Only where `cuda_int4.pdl_available` (an sm90+ GPU, a CUDA 12+
+    and each layer's fused MMA ops (runtime/cuda_int4.py), the layers' paged decode attention
+    (runtime/triton_attention.py, `attn_pdl`), and the dense fused ops of the layers and of the final norm +
+    lm_head (runtime/triton_fused.py, `fused_pdl`). A kernel so launched may start while the one before it ends:
+    it loads its weights (the dense ops: asks L2 for them), then waits for that kernel before reading
+    activations or writing (bit-for-bit the same output; bench/TORCH.md sessions 21 and 25). Only where `cuda_int4.pdl_available` (an sm90+ GPU, a CUDA 12+
     driver; elsewhere a no-op, returning None); after use_fused_decode. Returns how many linears' plans took it."""
     from lorafast_export.runtime import cuda_int4
 
@@ -505,8 +512,9 @@ def use_kernel_pdl(dec: Decoder, device) -> int | None:
             ]
             n += plan != m.plan
             m.plan = plan
+    dec.fused_pdl = True
     for layer in dec.model.layers:
-        layer.attn_pdl = True
+        layer.attn_pdl = layer.fused_pdl = True
         if getattr(layer, "mma_fused", None) is not None:
             layer.mma_fused = [[ksb, minb, bits | cuda_int4.PDL] for ksb, minb, bits in layer.mma_fused]
     return n

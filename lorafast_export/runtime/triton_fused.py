@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MAX_ROWS = 8  # rows one call takes (a decode step at batch <= 8, a verify of <= 8 tokens)
 
@@ -98,6 +99,9 @@ def _fused_kernel(
     QN: tl.constexpr,  # q's columns (ROPE); k's are QN..QN+KN, v's the rest
     KN: tl.constexpr,
     EVEN: tl.constexpr,  # N % BN == 0 and K % BK == 0 (ROPE: N / 2 % BN): no masks
+    PDL: tl.constexpr,  # launched as a programmatic dependent launch (pdl_launch)
+    PF: tl.constexpr,  # PDL: L2 prefetch pieces of this program's weight rows, one a thread (0: none)
+    piece,  # bytes a piece (PF)
 ):
     # one grid axis (the second is limited to 65,535 blocks: a 128k-vocabulary lm_head at BN = 1 exceeds it);
     # the programs of one weight tile (its rows of x) are consecutive, so the tile read for row 0 is in L2
@@ -113,6 +117,16 @@ def _fused_kernel(
     else:
         nmask = rn < N
         r2 = rn + N  # GLU: the up row of gate row rn
+    if PDL:  # weights only before the wait: the previous kernel may still be writing this one's inputs
+        if PF > 0:
+            if (
+                m == 0
+            ):  # rows rn (and r2) are BN consecutive weight rows each; the other rows' programs find them
+                _l2_prefetch(w_ptr + tl.min(rn, 0).to(tl.int64) * K, piece, PF)
+                if GLU or ROPE:
+                    _l2_prefetch(w_ptr + tl.min(r2, 0).to(tl.int64) * K, piece, PF)
+        gdc_wait()
+        gdc_launch_dependents()
     acc = tl.zeros([BN, BK], tl.float32)
     if GLU or ROPE:
         acc2 = tl.zeros([BN, BK], tl.float32)
@@ -151,6 +165,21 @@ def _fused_kernel(
         y, y2, inv, m, rn, r2, nmask, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr,
         pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
     )  # fmt: skip
+
+
+@triton.jit
+def _l2_prefetch(ptr, piece, PF: tl.constexpr):
+    """PF bulk L2 prefetches of `piece` bytes each, from ptr on (16-byte aligned, piece a multiple of 16; sm90+),
+    one a thread; they return at once: the loads that follow find the bytes in L2."""
+    p = ptr.to(tl.pointer_type(tl.int8), bitcast=True) + tl.arange(0, PF).to(tl.int64) * piece
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2; // $0",
+        "=r,l,r",
+        [p, tl.full([PF], piece, tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -274,10 +303,11 @@ def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
     return FUSED_TABLE.get((op, n, k), DEFAULT_TILES)
 
 
-def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None):
+def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None, pdl=False):
     """rope: (bias or None, cos [M, D], sin, k_pool, v_pool [HKV, slots, D], slots [M], q columns, D): w is a
     [q; k; v] projection; returns q [M, q columns] with rope applied and writes k (rope applied) and v into the
-    pools at the rows' slots."""
+    pools at the rows' slots. pdl: a programmatic dependent launch (sm90+; paged.use_kernel_pdl), which asks L2
+    for its weight rows, then waits for the kernel before it: the same output, bit for bit."""
     m, k = x.shape
     bn, bk, warps, stages = tiles
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
@@ -285,12 +315,14 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
             f"fused gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows, {n} columns)"
         )
     x = x.contiguous()
+    w = w.contiguous()
     cols, y, xo, ptrs, flags = launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, "fused")
+    even = cols % bn == 0 and k % bk == 0
     _fused_kernel[(m * triton.cdiv(cols, bn),)](
         x,
         d.contiguous() if add_in else x,
         nw if norm else x,
-        w.contiguous(),
+        w,
         r.contiguous() if add_out else y,
         y,
         xo,
@@ -302,12 +334,30 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         ITERS=triton.cdiv(k, bk),
         BN=bn,
         BK=bk,
-        EVEN=cols % bn == 0 and k % bk == 0,
+        EVEN=even,
         num_warps=warps,
         num_stages=stages,
         **flags,
+        **pdl_launch(pdl, w, bn, 32 * warps, even and (rope is None or flags["D"] // 2 % bn == 0)),
     )
     return (xo, y) if add_in else y
+
+
+def pdl_launch(pdl: bool, w: torch.Tensor, bn: int, threads: int, contiguous: bool) -> dict:
+    """The fused kernel's launch arguments for pdl: a programmatic dependent launch whose programs first ask L2
+    for their BN weight rows (and the GLU's or rope's second BN rows), in `threads` pieces (one a thread), where
+    the rows of a program are consecutive (`contiguous`: no masked tile; rope's pairs within a half head) and
+    the pieces 16-byte multiples at 16-byte aligned addresses."""
+    if not pdl:
+        return {"PDL": False, "PF": 0, "piece": 0}
+    size = bn * w.shape[1] * w.element_size()
+    ok = contiguous and size % (16 * threads) == 0 and w.data_ptr() % 16 == 0
+    return {
+        "PDL": True,
+        "PF": threads if ok else 0,
+        "piece": size // threads if ok else 0,
+        "launch_pdl": True,
+    }
 
 
 def launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, what):
@@ -338,39 +388,48 @@ def launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, what):
     return n // 2 if rope is not None else n, y, xo, ptrs, {**flags, "D": hd, "QN": qn, "KN": kn}
 
 
-def gemv_launch(a, w, tiles):
-    return _launch(a, None, None, w, None, w.shape[0], 0.0, False, False, False, False, tiles, a.dtype)
+def gemv_launch(a, w, tiles, pdl=False):
+    return _launch(
+        a, None, None, w, None, w.shape[0], 0.0, False, False, False, False, tiles, a.dtype, None, pdl
+    )
 
 
-def add_norm_gemv_launch(h, delta, nw, w, eps, tiles):
-    return _launch(h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype)
+def add_norm_gemv_launch(h, delta, nw, w, eps, tiles, pdl=False):
+    return _launch(
+        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, None, pdl
+    )
 
 
-def add_norm_qkv_rope_launch(h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles):
+def add_norm_qkv_rope_launch(
+    h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles, pdl=False
+):
     """add_norm_gemv over a [q; k; v] weight with rope and the k/v write in its epilogue: (x = h + delta, q)."""
     rope = (bias, cos, sin, k_pool, v_pool, slots, q_cols, k_pool.shape[2])
-    return _launch(h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, rope)
+    return _launch(
+        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, rope, pdl
+    )
 
 
-def gemv_add_launch(a, w, r, tiles):
-    return _launch(a, None, None, w, r, w.shape[0], 0.0, False, False, False, True, tiles, a.dtype)
+def gemv_add_launch(a, w, r, tiles, pdl=False):
+    return _launch(a, None, None, w, r, w.shape[0], 0.0, False, False, False, True, tiles, a.dtype, None, pdl)
 
 
-def norm_glu_launch(x, nw, w, eps, tiles):
+def norm_glu_launch(x, nw, w, eps, tiles, pdl=False):
     n = w.shape[0] // 2
-    return _launch(x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype)
+    return _launch(x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype, None, pdl)
 
 
 @torch.library.custom_op("lorafast::add_norm_gemv", mutates_args=())
 def add_norm_gemv(
-    h: torch.Tensor, delta: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float
+    h: torch.Tensor, delta: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x = h + delta, RMSNorm(x) @ w^T): h, delta [M <= 8, K], nw [K], w [N, K] → ([M, K], [M, N])."""
-    return add_norm_gemv_launch(h, delta, nw, w, eps, fused_config("add_norm_gemv", *w.shape))
+    """(x = h + delta, RMSNorm(x) @ w^T): h, delta [M <= 8, K], nw [K], w [N, K] → ([M, K], [M, N]). pdl: as a
+    programmatic dependent launch (every op here: `_launch`)."""
+    return add_norm_gemv_launch(h, delta, nw, w, eps, fused_config("add_norm_gemv", *w.shape), pdl)
 
 
 @add_norm_gemv.register_fake
-def _(h, delta, nw, w, eps):
+def _(h, delta, nw, w, eps, pdl=False):
     return torch.empty_like(h), h.new_empty(h.shape[0], w.shape[0])
 
 
@@ -388,6 +447,7 @@ def add_norm_qkv_rope(
     v_pool: torch.Tensor,
     slots: torch.Tensor,
     q_cols: int,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's first kernel: x = h + delta, qkv = RMSNorm(x) @ w^T (+ bias), rope on its q and k heads
     (cos, sin [M, D] at the rows' positions), k and v written into the pools [HKV, slots, D] at slots [M]:
@@ -406,42 +466,45 @@ def add_norm_qkv_rope(
         slots,
         q_cols,
         fused_config("add_norm_qkv_rope", *w.shape),
+        pdl,
     )
 
 
 @add_norm_qkv_rope.register_fake
-def _(h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols):
+def _(h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, pdl=False):
     return torch.empty_like(h), h.new_empty(h.shape[0], q_cols)
 
 
 @torch.library.custom_op("lorafast::gemv_add", mutates_args=())
-def gemv_add(a: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def gemv_add(a: torch.Tensor, w: torch.Tensor, r: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """r + a @ w^T: a [M <= 8, K], w [N, K], r [M, N] → [M, N]."""
-    return gemv_add_launch(a, w, r, fused_config("gemv_add", *w.shape))
+    return gemv_add_launch(a, w, r, fused_config("gemv_add", *w.shape), pdl)
 
 
 @gemv_add.register_fake
-def _(a, w, r):
+def _(a, w, r, pdl=False):
     return a.new_empty(a.shape[0], w.shape[0])
 
 
 @torch.library.custom_op("lorafast::norm_glu", mutates_args=())
-def norm_glu(x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_glu(
+    x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float, pdl: bool = False
+) -> torch.Tensor:
     """silu(gate) * up of RMSNorm(x) @ w^T, w = [gate; up] [2I, K]: x [M <= 8, K] → [M, I]."""
-    return norm_glu_launch(x, nw, w, eps, fused_config("norm_glu", *w.shape))
+    return norm_glu_launch(x, nw, w, eps, fused_config("norm_glu", *w.shape), pdl)
 
 
 @norm_glu.register_fake
-def _(x, nw, w, eps):
+def _(x, nw, w, eps, pdl=False):
     return x.new_empty(x.shape[0], w.shape[0] // 2)
 
 
 @torch.library.custom_op("lorafast::fused_gemv", mutates_args=())
-def fused_gemv(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def fused_gemv(a: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """a @ w^T: a [M <= 8, K], w [N, K] → [M, N]."""
-    return gemv_launch(a, w, fused_config("gemv", *w.shape))
+    return gemv_launch(a, w, fused_config("gemv", *w.shape), pdl)
 
 
 @fused_gemv.register_fake
-def _(a, w):
+def _(a, w, pdl=False):
     return a.new_empty(a.shape[0], w.shape[0])

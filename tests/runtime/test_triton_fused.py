@@ -191,6 +191,82 @@ def test_ops_use_their_shipped_tiles():
     assert torch.equal(q, q2) and torch.equal(kp, kp2) and torch.equal(vp, vp2)
 
 
+def test_pdl_launch_prefetches_only_whole_aligned_rows():
+    """A programmatic dependent launch asks L2 for a program's weight rows only where they are BN consecutive
+    rows cut into one 16-byte multiple a thread (its `piece`): a masked tile or rows of another width still
+    launches as PDL (it waits for the kernel before it), without the prefetch."""
+    from lorafast_export.runtime.triton_fused import pdl_launch
+
+    w = torch.zeros(64, 4096, dtype=torch.bfloat16)
+    assert pdl_launch(False, w, 4, 128, True) == {"PDL": False, "PF": 0, "piece": 0}
+    assert pdl_launch(True, w, 4, 128, True) == {"PDL": True, "PF": 128, "piece": 256, "launch_pdl": True}
+    assert pdl_launch(True, w, 1, 256, True)["piece"] == 32  # o_proj's tile: 8 KB a program, 32 B a thread
+    assert pdl_launch(True, w, 4, 128, False)["PF"] == 0  # a masked tile, or rope pairs across half heads
+    assert pdl_launch(True, torch.zeros(8, 200, dtype=torch.bfloat16), 1, 128, True)["PF"] == 0  # 400 B a row
+    shifted = torch.zeros(64 * 4096 + 1, dtype=torch.bfloat16)[1:].view(
+        64, 4096
+    )  # 2 bytes off 16-B alignment
+    assert pdl_launch(True, shifted, 1, 32, True)["PF"] == 0
+
+
+@pytest.mark.skipif(DEV != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm90+")
+@pytest.mark.parametrize("graph", [False, True])
+def test_programmatic_dependent_launch_gives_the_same_bits(graph):
+    """A decoder layer's dense ops and the head at an 8B layer's widths, chained as a decode step chains them
+    (each reads the previous one's output), every launch after the first a programmatic dependent launch that
+    asks L2 for its weights before it waits, eagerly and replayed from a CUDA graph: bit for bit the plain
+    launches' outputs. An op that read its activations before the wait would read a buffer not yet written."""
+    from lorafast_export.runtime.triton_fused import pdl_launch
+
+    g = torch.Generator().manual_seed(25)
+    k, n_q, n_kv, d_head, inter, vocab = 4096, 4096, 1024, 128, 14336, 32000
+
+    def rnd(*shape, s=0.02):
+        return (torch.randn(*shape, generator=g) * s).to(DEV, torch.bfloat16)
+
+    w_qkv, w_o, w_gu, w_down, w_head = (
+        rnd(n_q + n_kv, k),
+        rnd(k, n_q),
+        rnd(2 * inter, k),
+        rnd(k, inter),
+        rnd(vocab, k),
+    )
+    nw1, nw2, nwf = (1 + rnd(k, s=0.1) for _ in range(3))
+    assert all(pdl_launch(True, w, 1, 128, True)["PF"] for w in (w_qkv, w_o, w_gu, w_down, w_head))
+    h0, d0 = rnd(1, k, s=1.0), rnd(1, k, s=1.0)
+    slots, n_slots = torch.tensor([5], device=DEV), 64
+    pos = torch.tensor([37.0])
+    inv = 1.0 / (10000 ** (torch.arange(0, d_head, 2).float() / d_head))
+    ang = torch.cat([pos[:, None] * inv] * 2, -1)
+    cos, sin = ang.cos().to(DEV, torch.bfloat16), ang.sin().to(DEV, torch.bfloat16)
+
+    def step(pdl: bool):
+        kp = torch.zeros(n_kv // 2 // d_head, n_slots, d_head, device=DEV, dtype=torch.bfloat16)
+        vp = torch.zeros_like(kp)
+        h, d = h0 * 2, d0 * 1  # written by the kernels just before
+        x, q = add_norm_qkv_rope(h, d, nw1, w_qkv, 1e-5, None, cos, sin, kp, vp, slots, n_q, pdl)
+        r = gemv_add(q, w_o, x, pdl)
+        act = norm_glu(r, nw2, w_gu, 1e-5, pdl)
+        out = fused_gemv(act, w_down, pdl)
+        _, logits = add_norm_gemv(r, out, nwf, w_head, 1e-5, pdl)
+        return [x, q, kp, vp, r, act, out, logits]
+
+    want = [t.clone() for t in step(False)]
+    if graph:
+        step(True)  # compiled and warm outside the capture
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            got = step(True)
+        for _ in range(3):
+            gr.replay()
+        torch.cuda.synchronize()
+    else:
+        got = step(True)
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(b.float()).all() and b.abs().max() > 0
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
 def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family):
     """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
