@@ -1,14 +1,12 @@
-# Session 25 call A: the dense fused ops (triton_fused.py) and the final norm + lm_head as programmatic dependent
-# launches that ask L2 for their weight rows before they wait (kernel_pdl). First their CUDA tests, then bf16 and
-# int4 at batch 1, interleaved old / new / old / new: "old" is this tree with session 24's triton_fused.py and
-# paged.py (.devq/old/; the attention and the int4 MMA kernels were PDL already), "new" this tree. Last, on the
-# new tree: end to end against transformers' static cache + compile (5 pairs) and the trained demo's speculative
-# rows, median of 5 runs each.
+# Session 25 call A (not run in session 25: no device was lent): the dense fused ops (triton_fused.py) and the final
+# norm + lm_head as programmatic dependent launches that ask L2 for their weight rows before they wait (runtime
+# option fused_pdl). First their CUDA tests, then bf16 and int4 at batch 1, interleaved off / on / off / on (the
+# attention and the int4 MMA kernels are PDL in both, kernel_pdl). Last, with fused_pdl on: end to end against
+# transformers' static cache + compile (5 pairs) and the trained demo's speculative rows, median of 5 runs each.
 set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
 echo "main $(cat .devq/commit) + session 25's working tree"
-rm -rf /tmp/old && mkdir -p /tmp/old && cp -r lorafast_export bench /tmp/old/ && cp .devq/old/triton_fused.py .devq/old/paged.py /tmp/old/lorafast_export/runtime/ || exit 4
 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_triton_fused.py tests/runtime/test_triton_attention.py tests/runtime/test_cuda_int4.py -k "pdl or runtime or fused_mma or verify" > $OUT/cuda_tests.txt 2>&1
 echo "cuda tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt; grep -E "passed|failed|SKIP|Error" $OUT/cuda_tests.txt | tail -6
 summ() {
@@ -23,13 +21,12 @@ print(sys.argv[1].rsplit("/", 1)[-1], "; ".join(out))
 PY
 }
 for i in 1 2; do
-  for v in old new; do
-    dir=$PWD; [ $v = old ] && dir=/tmp/old
-    timeout 150 python3 $dir/bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,bf16,int4 --batch 1 --eager-peer 0 --out $OUT/ab-$v-$i.json > $OUT/ab-$v-$i.log 2>&1
+  for v in off on; do
+    timeout 150 python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,bf16,int4 --batch 1 --eager-peer 0 --fused-pdl $v --out $OUT/ab-$v-$i.json > $OUT/ab-$v-$i.log 2>&1
     echo "ab $v $i rc $? at ${SECONDS}s"; summ $OUT/ab-$v-$i.json
   done
 done
-timeout $((585 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections e2e,specdemo --e2e-repeats 5 --out $OUT/e2e.json > $OUT/e2e.log 2>&1
+timeout $((585 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections e2e,specdemo --e2e-repeats 5 --fused-pdl on --out $OUT/e2e.json > $OUT/e2e.log 2>&1
 echo "e2e rc $? at ${SECONDS}s"
 python3 - "$OUT/e2e.json" <<'PY' 2>&1 | tail -12
 import json, sys

@@ -188,7 +188,7 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
         if fused_decode_on(opts, device, dtype):  # a verify's rows must compute what a decode step computes
             rows = FUSED_MAX_ROWS if draft is not None else 1
             log.info("fused decode kernels for %d layers", use_fused_decode(dec, rows))
-        if opts.kernel_pdl and (n := use_kernel_pdl(dec, device)) is not None:
+        if opts.kernel_pdl and (n := use_kernel_pdl(dec, device, opts.fused_pdl)) is not None:
             log.info("programmatic dependent launch: attention and %d int4 MMA linears", n)
         model = PagedModel(dec, cache, attention)
         model.pdl = opts.inductor_pdl

@@ -42,6 +42,7 @@ class RuntimeOptions:
     overlap_bursts: bool = True  # queue a certain next decode burst before reading this one's tokens
     inductor_pdl: bool = False  # compiled decode layers: inductor's programmatic dependent launch (sm90+)
     kernel_pdl: bool = True  # our CUDA kernels (int4 MMA, paged decode attention) as programmatic dependent launches (sm90+; same outputs)
+    fused_pdl: bool = False  # with kernel_pdl: the dense fused decode ops too, each asking L2 for its weights before it waits (sm90+; same arithmetic; not yet run on a GPU)
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
     fused_decode: str = "auto"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16
     prefill_compile: str = (
@@ -66,7 +67,7 @@ class RuntimeOptions:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("aot", "prefill_first", "overlap_bursts", "inductor_pdl", "kernel_pdl"):
+        for name in ("aot", "prefill_first", "overlap_bursts", "inductor_pdl", "kernel_pdl", "fused_pdl"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: use true or false")
         for name in (

@@ -489,11 +489,11 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
     return n
 
 
-def use_kernel_pdl(dec: Decoder, device) -> int | None:
+def use_kernel_pdl(dec: Decoder, device, dense: bool = False) -> int | None:
     """Our CUDA kernels of the decoder as programmatic dependent launches: each int4 linear's MMA plan entries
     and each layer's fused MMA ops (runtime/cuda_int4.py), the layers' paged decode attention
-    (runtime/triton_attention.py, `attn_pdl`), and the dense fused ops of the layers and of the final norm +
-    lm_head (runtime/triton_fused.py, `fused_pdl`). A kernel so launched may start while the one before it ends:
+    (runtime/triton_attention.py, `attn_pdl`), and with `dense` (option fused_pdl) the dense fused ops of the
+    layers and of the final norm + lm_head (runtime/triton_fused.py, `fused_pdl`). A kernel so launched may start while the one before it ends:
     it loads its weights (the dense ops: asks L2 for them), then waits for that kernel before reading
     activations or writing (bit-for-bit the same output; bench/TORCH.md sessions 21 and 25). Only where `cuda_int4.pdl_available` (an sm90+ GPU, a CUDA 12+
     driver; elsewhere a no-op, returning None); after use_fused_decode. Returns how many linears' plans took it."""
@@ -512,9 +512,9 @@ def use_kernel_pdl(dec: Decoder, device) -> int | None:
             ]
             n += plan != m.plan
             m.plan = plan
-    dec.fused_pdl = True
+    dec.fused_pdl = dense
     for layer in dec.model.layers:
-        layer.attn_pdl = layer.fused_pdl = True
+        layer.attn_pdl, layer.fused_pdl = True, dense
         if getattr(layer, "mma_fused", None) is not None:
             layer.mma_fused = [[ksb, minb, bits | cuda_int4.PDL] for ksb, minb, bits in layer.mma_fused]
     return n

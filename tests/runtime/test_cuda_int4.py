@@ -270,8 +270,8 @@ def test_shipped_fused_layouts_fit_their_shapes():
 
 def test_use_kernel_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
     """use_kernel_pdl sets the PDL launch bit on each int4 linear's MMA plan entries (not its other entries, not
-    other bits) and on each fused layer's three layouts, and marks every layer's attention and dense fused ops
-    and the head, on an sm90+ CUDA device only."""
+    other bits) and on each fused layer's three layouts, and marks every layer's attention, and where asked
+    (dense) every layer's dense fused ops and the head, on an sm90+ CUDA device only."""
     from torch import nn
 
     from lorafast_export.runtime import paged
@@ -294,14 +294,15 @@ def test_use_kernel_pdl_marks_every_mma_launch_on_sm90_only(monkeypatch):
         assert paged.use_kernel_pdl(dec, "cuda") == want
         bit = cuda_int4.PDL if want else 0
         assert [getattr(layer, "attn_pdl", False) for layer in dec.model.layers] == [bool(want)] * 2
-        assert [getattr(layer, "fused_pdl", False) for layer in dec.model.layers] == [bool(want)] * 2
-        assert getattr(dec, "fused_pdl", False) == bool(
-            want
-        )  # the dense fused ops and the head (triton_fused)
+        # the dense fused ops and the head (triton_fused): only with option fused_pdl (dense)
+        assert not any(getattr(x, "fused_pdl", False) for x in (dec, *dec.model.layers))
         assert dec.a.plan == [4, t4.MMA, 8, 1, 1, 2, cuda_int4.SUBA | bit, 1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
         assert dec.b.plan == [1 << 30, t4.GEMM, 64, 64, 1, 32, 4]
         assert dec.model.layers[0].mma_fused == [[8, 0, 1 | bit], [8, 2, 1 | bit], [4, 0, bit]]
         assert dec.model.layers[1].mma_fused is None
+        dense = decoder()
+        assert paged.use_kernel_pdl(dense, "cuda", dense=True) == want
+        assert [getattr(x, "fused_pdl", False) for x in (dense, *dense.model.layers)] == [bool(want)] * 3
     monkeypatch.undo()
     assert paged.use_kernel_pdl(decoder(), "cpu") is None and not cuda_int4.pdl_available("cpu")
 

@@ -267,8 +267,11 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "fused_pdl", [False, True]
+)  # sm90+ CUDA: the fused ops as PDL launches (a no-op elsewhere)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
-def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family):
+def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, fused_pdl):
     """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
     steps and the prefills run the plain path. Greedy tokens equal the canonical decoder's."""
     from lorafast_export.model.decoder import load_decoder
@@ -277,10 +280,19 @@ def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family):
     from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
 
     md = tiny_checkpoint(tmp_path, family)
-    opts = RuntimeOptions(compile="off", fused_decode="on", max_seq_len=32, max_batch=2, batch_buckets=(1, 2))
+    opts = RuntimeOptions(
+        compile="off",
+        fused_decode="on",
+        max_seq_len=32,
+        max_batch=2,
+        batch_buckets=(1, 2),
+        fused_pdl=fused_pdl,
+    )
     rt = build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     dec = rt.model.dec
     assert dec.fused_rows == 1 and all(layer.fused_rows == 1 for layer in dec.model.layers)
+    sm90 = DEV == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
+    assert getattr(dec, "fused_pdl", False) == (fused_pdl and sm90)
     prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
     ref = load_decoder(md)
     want = [greedy_reference(ref, p, 5) for p in prompts]
