@@ -323,6 +323,7 @@ def paged_layer(
                 window or 0,
                 splits,
                 getattr(layer, "attn_pdl", False),
+                getattr(layer, "fused_pdl", False),  # the next kernel launches early (use_kernel_pdl's dense)
             )
             return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
@@ -493,7 +494,8 @@ def use_kernel_pdl(dec: Decoder, device, dense: bool = False) -> int | None:
     """Our CUDA kernels of the decoder as programmatic dependent launches: each int4 linear's MMA plan entries
     and each layer's fused MMA ops (runtime/cuda_int4.py), the layers' paged decode attention
     (runtime/triton_attention.py, `attn_pdl`), and with `dense` (option fused_pdl) the dense fused ops of the
-    layers and of the final norm + lm_head (runtime/triton_fused.py, `fused_pdl`). A kernel so launched may start while the one before it ends:
+    layers and of the final norm + lm_head (runtime/triton_fused.py, `fused_pdl`), with the attention's kernels
+    letting the next one launch before they wait. A kernel so launched may start while the one before it ends:
     it loads its weights (the dense ops: asks L2 for them), then waits for that kernel before reading
     activations or writing (bit-for-bit the same output; bench/TORCH.md sessions 21 and 25). Only where `cuda_int4.pdl_available` (an sm90+ GPU, a CUDA 12+
     driver; elsewhere a no-op, returning None); after use_fused_decode. Returns how many linears' plans took it."""

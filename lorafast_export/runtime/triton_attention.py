@@ -22,6 +22,19 @@ from lorafast_export.runtime.attention import num_splits
 
 
 @triton.jit
+def _pdl_start(PDL: tl.constexpr, EARLY: tl.constexpr):
+    """A programmatic dependent launch's start: wait for the kernel before (griddepcontrol.wait), then let the next
+    kernel launch; EARLY lets it launch first, so that the kernel after the attention loads its weights while the
+    attention waits and runs (its own wait still comes before it reads anything the attention writes)."""
+    if PDL:
+        if EARLY:
+            gdc_launch_dependents()
+        gdc_wait()
+        if not EARLY:
+            gdc_launch_dependents()
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,  # [B, HQ, D]
     k_ptr,  # [HKV, SLOTS, D]
@@ -43,10 +56,9 @@ def _paged_decode_kernel(
     PER: tl.constexpr,  # table entries per split (a constant: one compile per table width bucket)
     IEEE: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch (`paged_decode`)
+    EARLY: tl.constexpr,  # PDL: let the next kernel launch before this one's wait (`paged_decode`'s early)
 ):
-    if PDL:  # nothing read or written before the previous kernel is done; the next may start loading weights
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL, EARLY)  # nothing read or written before the previous kernel is done
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -102,12 +114,11 @@ def _merge_kernel(
     SP: tl.constexpr,  # SPLITS padded to a power of two
     D: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     """The splits of one (row, query head) merged by log-sum-exp weights, written in the output dtype: one
     launch where torch's softmax, multiply, sum and cast took four (0.27 ms of an 8B step at batch 1)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL, EARLY)
     r = tl.program_id(0)
     ss = tl.arange(0, SP)
     dd = tl.arange(0, D)
@@ -131,13 +142,15 @@ def paged_decode(
     window: int,
     splits: int = 0,
     pdl: bool = False,
+    early: bool = False,
 ) -> torch.Tensor:
     """q [B, hq, d]; pools [hkv, slots, d]; block_tables [B, M]; seq_lens [B] → [B, hq, d] (q's dtype).
     window <= 0: no sliding window. splits: context splits (0: num_splits for B rows). Each row's result
     depends only on its own inputs and on (splits, M): a verify that runs its k + 1 query tokens as rows
     with the split count of the one-token step computes each token as that step does. pdl: both kernels as
-    programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first."""
-    launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+    programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first;
+    early (with pdl; option fused_pdl): each lets the next kernel launch before its wait (`_pdl_start`)."""
+    launch = {"PDL": pdl, "EARLY": pdl and early} | ({"launch_pdl": True} if pdl else {})
     b, hq, d = q.shape
     hkv, slots, _ = k_pool.shape
     g = hq // hkv
@@ -173,5 +186,5 @@ def paged_decode(
 
 
 @paged_decode.register_fake
-def _(q, k_pool, v_pool, block_tables, seq_lens, block_size, window, splits=0, pdl=False):
+def _(q, k_pool, v_pool, block_tables, seq_lens, block_size, window, splits=0, pdl=False, early=False):
     return torch.empty_like(q)

@@ -45,15 +45,16 @@ def test_programmatic_dependent_launch_gives_the_same_bits():
     tables, lens = tables.to(DEV), lens.to(DEV)
     q0 = torch.randn(len(lengths), 8, 64, device=DEV, dtype=torch.bfloat16)
 
-    def run(pdl: bool):
+    def run(pdl: bool, early: bool = False):
         q = q0 * 2  # written by the kernel just before
-        return paged_decode(q, k_pool, v_pool, tables, lens, 16, 0, 0, pdl) * 1
+        return paged_decode(q, k_pool, v_pool, tables, lens, 16, 0, 0, pdl, early) * 1
 
     want = run(False)
-    assert torch.equal(run(True), want)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        got = run(True)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(got, want)
+    for early in (False, True):  # early: each kernel lets the next launch before it waits
+        assert torch.equal(run(True, early), want)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = run(True, early)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)

@@ -212,10 +212,12 @@ def test_pdl_launch_prefetches_only_whole_aligned_rows():
 @pytest.mark.skipif(DEV != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm90+")
 @pytest.mark.parametrize("graph", [False, True])
 def test_programmatic_dependent_launch_gives_the_same_bits(graph):
-    """A decoder layer's dense ops and the head at an 8B layer's widths, chained as a decode step chains them
-    (each reads the previous one's output), every launch after the first a programmatic dependent launch that
-    asks L2 for its weights before it waits, eagerly and replayed from a CUDA graph: bit for bit the plain
-    launches' outputs. An op that read its activations before the wait would read a buffer not yet written."""
+    """A decoder layer's dense ops, its paged attention and the head at an 8B layer's widths, chained as a decode
+    step chains them (each reads the previous one's output), every launch after the first a programmatic
+    dependent launch (the fused ops asking L2 for their weights before they wait, the attention's kernels letting
+    the next launch early), eagerly and replayed from a CUDA graph: bit for bit the plain launches' outputs. An op
+    that read its activations before the wait would read a buffer not yet written."""
+    from lorafast_export.runtime.triton_attention import paged_decode
     from lorafast_export.runtime.triton_fused import pdl_launch
 
     g = torch.Generator().manual_seed(25)
@@ -240,16 +242,20 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
     ang = torch.cat([pos[:, None] * inv] * 2, -1)
     cos, sin = ang.cos().to(DEV, torch.bfloat16), ang.sin().to(DEV, torch.bfloat16)
 
+    kp0, vp0 = (rnd(n_kv // 2 // d_head, n_slots, d_head, s=1.0) for _ in range(2))
+    tables = torch.arange(4, device=DEV, dtype=torch.int32)[None]  # 4 blocks of 16 tokens: slots 0-63
+    lens = torch.tensor([6], device=DEV)  # five past tokens and the new one, at slot 5
+
     def step(pdl: bool):
-        kp = torch.zeros(n_kv // 2 // d_head, n_slots, d_head, device=DEV, dtype=torch.bfloat16)
-        vp = torch.zeros_like(kp)
+        kp, vp = kp0 * 1, vp0 * 1
         h, d = h0 * 2, d0 * 1  # written by the kernels just before
         x, q = add_norm_qkv_rope(h, d, nw1, w_qkv, 1e-5, None, cos, sin, kp, vp, slots, n_q, pdl)
-        r = gemv_add(q, w_o, x, pdl)
+        a = paged_decode(q.view(1, -1, d_head), kp, vp, tables, lens, 16, 0, 0, pdl, pdl).view(1, n_q)
+        r = gemv_add(a, w_o, x, pdl)
         act = norm_glu(r, nw2, w_gu, 1e-5, pdl)
         out = fused_gemv(act, w_down, pdl)
         _, logits = add_norm_gemv(r, out, nwf, w_head, 1e-5, pdl)
-        return [x, q, kp, vp, r, act, out, logits]
+        return [x, q, kp, vp, a, r, act, out, logits]
 
     want = [t.clone() for t in step(False)]
     if graph:
