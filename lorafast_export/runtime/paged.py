@@ -497,8 +497,9 @@ def use_kernel_pdl(dec: Decoder, device, dense: bool = False) -> int | None:
     layers and of the final norm + lm_head (runtime/triton_fused.py, `fused_pdl`), with the attention's kernels
     letting the next one launch before they wait. A kernel so launched may start while the one before it ends:
     it loads its weights (the dense ops: asks L2 for them), then waits for that kernel before reading
-    activations or writing (bit-for-bit the same output; bench/TORCH.md sessions 21 and 25). Only where `cuda_int4.pdl_available` (an sm90+ GPU, a CUDA 12+
-    driver; elsewhere a no-op, returning None); after use_fused_decode. Returns how many linears' plans took it."""
+    activations or writing (bit-for-bit the same output; bench/TORCH.md sessions 21 and 25). Only where
+    `cuda_int4.pdl_available` (an sm90+ GPU, a CUDA 12+ driver; elsewhere a no-op, returning None); after
+    use_fused_decode. Returns how many linears' plans took it."""
     from lorafast_export.runtime import cuda_int4
 
     if not cuda_int4.pdl_available(device):

@@ -118,10 +118,9 @@ def _fused_kernel(
         nmask = rn < N
         r2 = rn + N  # GLU: the up row of gate row rn
     if PDL:  # weights only before the wait: the previous kernel may still be writing this one's inputs
+        # rows rn (and r2) are BN consecutive weight rows each, asked for once: the other rows' programs find them
         if PF > 0:
-            if (
-                m == 0
-            ):  # rows rn (and r2) are BN consecutive weight rows each; the other rows' programs find them
+            if m == 0:
                 _l2_prefetch(w_ptr + tl.min(rn, 0).to(tl.int64) * K, piece, PF)
                 if GLU or ROPE:
                     _l2_prefetch(w_ptr + tl.min(r2, 0).to(tl.int64) * K, piece, PF)
