@@ -7,7 +7,9 @@ set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
 echo "main $(cat .devq/commit) + session 25's working tree"
-timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_triton_fused.py tests/runtime/test_triton_attention.py tests/runtime/test_cuda_int4.py -k "pdl or runtime or fused_mma or verify" > $OUT/cuda_tests.txt 2>&1
+timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_triton_fused.py tests/runtime/test_triton_attention.py > $OUT/cuda_tests.txt 2>&1
+echo "fused + attention tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt
+timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_cuda_int4.py -k "pdl or dependent or fused_mma" >> $OUT/cuda_tests.txt 2>&1
 echo "cuda tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt; grep -E "passed|failed|SKIP|Error" $OUT/cuda_tests.txt | tail -6
 summ() {
 python3 - "$1" <<'PY'
