@@ -209,6 +209,40 @@ def test_pdl_launch_prefetches_only_whole_aligned_rows():
     assert pdl_launch(True, shifted, 1, 32, True)["PF"] == 0
 
 
+def test_every_op_passes_pdl_to_its_launch_with_the_prefetch_at_8b_shapes(monkeypatch):
+    """Each registered op with pdl=True reaches the kernel launch as a programmatic dependent launch that asks L2
+    for its rows, with its shipped tile, at a Llama-3-8B layer's shapes and the lm_head's (the kernel itself is
+    replaced by a recorder: the interpreter cannot run the PTX; the CUDA test below runs it)."""
+    from lorafast_export.runtime import triton_fused as tf
+
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((kw["BN"], kw["num_warps"], kw))
+
+    monkeypatch.setattr(tf, "_fused_kernel", Recorder())
+    bf = dict(dtype=torch.bfloat16)
+    x, nw = torch.zeros(1, 4096, **bf), torch.ones(4096, **bf)
+    kp = torch.zeros(8, 16, 128, **bf)
+    cos = torch.zeros(1, 128, **bf)
+    slots = torch.zeros(1, dtype=torch.long)
+    tf.add_norm_qkv_rope(
+        x, x, nw, torch.zeros(6144, 4096, **bf), 1e-5, None, cos, cos, kp, kp, slots, 4096, True
+    )
+    tf.gemv_add(x, torch.zeros(4096, 4096, **bf), x, True)
+    tf.norm_glu(x, nw, torch.zeros(28672, 4096, **bf), 1e-5, True)
+    tf.fused_gemv(torch.zeros(1, 14336, **bf), torch.zeros(4096, 14336, **bf), True)
+    tf.add_norm_gemv(x, x, nw, torch.zeros(128256, 4096, **bf), 1e-5, True)
+    assert len(seen) == 5
+    for bn, warps, kw in seen:
+        assert kw["PDL"] and kw["launch_pdl"] and kw["PF"] == 32 * warps
+        assert kw["piece"] * kw["PF"] == bn * kw["ITERS"] * kw["BK"] * 2  # the program's rows, every byte
+    seen.clear()
+    tf.gemv_add(x, torch.zeros(4096, 4096, **bf), x)  # the default: a plain launch
+    assert not seen[0][2]["PDL"] and "launch_pdl" not in seen[0][2]
+
+
 @pytest.mark.skipif(DEV != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm90+")
 @pytest.mark.parametrize("graph", [False, True])
 def test_programmatic_dependent_launch_gives_the_same_bits(graph):
