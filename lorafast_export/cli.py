@@ -68,6 +68,26 @@ def _fail(ctx: Ctx, e: LorafastError):
     sys.exit(e.exit_code)
 
 
+def _interrupted(e: KeyboardInterrupt):
+    signum = getattr(e, "signum", signal.SIGINT)
+    console.print(f"[red]interrupted[/] ({signal.Signals(signum).name}); nothing was published")
+    sys.exit(128 + signum)
+
+
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM / SIGHUP (Terminated) that e wraps, if any: Python 3.11 turns an exception raised in a
+    class's __set_name__ into a RuntimeError caused by it, so a signal that arrives while a module defines its
+    classes (an import: triton's knobs did it in a test) reaches us as that RuntimeError. It unwound as the signal
+    did; it is reported as the signal, not as an internal error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _run(ctx: Ctx, fn, *args, **kwargs):
     """Call the library; turn our errors into a message and an exit code (a traceback only with --debug)."""
     try:
@@ -77,10 +97,10 @@ def _run(ctx: Ctx, fn, *args, **kwargs):
             raise
         _fail(ctx, e)
     except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        console.print(f"[red]interrupted[/] ({signal.Signals(signum).name}); nothing was published")
-        sys.exit(128 + signum)
+        _interrupted(e)
     except Exception as e:  # a bug, not a user error, unless the machine refused a read or write (disk full)
+        if (interrupt := _interrupt_behind(e)) is not None:
+            _interrupted(interrupt)
         if ctx.debug:
             raise
         if (user_error := io_error_as_input_error(e)) is not None:

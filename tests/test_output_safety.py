@@ -169,6 +169,31 @@ def signal_record():
     errors.received_signals.clear()  # this process goes on to other tests; the CLI's process would exit
 
 
+def test_a_sigterm_raised_inside_a_class_definition_is_reported_as_the_signal(capsys):
+    """A SIGTERM that arrives while an imported module defines its classes raises Terminated inside a __set_name__,
+    which Python 3.11 wraps in a RuntimeError (3.12 re-raises it with a note): the command still exits 128 + 15
+    with the interrupted message, not as an internal error (a failure of test_sigterm_unwinds_like_ctrl_c)."""
+    import signal as sig
+
+    from lorafast_export import cli
+
+    class Knob:
+        def __set_name__(self, owner, name):
+            raise errors.Terminated(sig.SIGTERM)
+
+    def define():
+        type("Knobs", (), {"tool": Knob()})
+
+    with pytest.raises(BaseException) as raised:
+        define()
+    assert cli._interrupt_behind(raised.value).signum == sig.SIGTERM  # wrapped (3.11) or not (3.12+)
+    with pytest.raises(SystemExit) as e:
+        cli._run(cli.Ctx(False, False, False), define)
+    assert e.value.code == 128 + sig.SIGTERM
+    assert "interrupted (SIGTERM); nothing was published" in capsys.readouterr().err
+    assert cli._interrupt_behind(RuntimeError("a bug")) is None
+
+
 def test_a_sigterm_whose_exception_was_swallowed_still_stops_the_publish(tmp_path, signal_record):
     """Python drops an exception raised while it runs a __del__ ("Exception ignored in ..."), so a SIGTERM handled
     there would not unwind; the handler's record makes publish() refuse all the same, leaving the old artifact."""
