@@ -173,23 +173,21 @@ def test_a_sigterm_raised_inside_a_class_definition_is_reported_as_the_signal(ca
     """A SIGTERM that arrives while an imported module defines its classes raises Terminated inside a __set_name__,
     which Python 3.11 wraps in a RuntimeError (3.12 re-raises it with a note): the command still exits 128 + 15
     with the interrupted message, not as an internal error (a failure of test_sigterm_unwinds_like_ctrl_c)."""
-    import signal as sig
-
     from lorafast_export import cli
 
     class Knob:
         def __set_name__(self, owner, name):
-            raise errors.Terminated(sig.SIGTERM)
+            raise errors.Terminated(signal.SIGTERM)
 
     def define():
         type("Knobs", (), {"tool": Knob()})
 
     with pytest.raises(BaseException) as raised:
         define()
-    assert cli._interrupt_behind(raised.value).signum == sig.SIGTERM  # wrapped (3.11) or not (3.12+)
+    assert cli._interrupt_behind(raised.value).signum == signal.SIGTERM  # wrapped (3.11) or not (3.12+)
     with pytest.raises(SystemExit) as e:
         cli._run(cli.Ctx(False, False, False), define)
-    assert e.value.code == 128 + sig.SIGTERM
+    assert e.value.code == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM); nothing was published" in capsys.readouterr().err
     assert cli._interrupt_behind(RuntimeError("a bug")) is None
 

@@ -22,9 +22,9 @@ from lorafast_export.runtime.attention import num_splits
 
 
 @triton.jit
-def _pdl_start(PDL: tl.constexpr, EARLY: tl.constexpr):
-    """A programmatic dependent launch's start: wait for the kernel before (griddepcontrol.wait), then let the next
-    kernel launch; EARLY lets it launch first, so that the kernel after the attention loads its weights while the
+def pdl_start(PDL: tl.constexpr, EARLY: tl.constexpr):
+    """A programmatic dependent launch's start (these kernels' and runtime/triton_fused.py's): wait for the kernel
+    before (griddepcontrol.wait), then let the next kernel launch; EARLY lets it launch first, so that the kernel after the attention loads its weights while the
     attention waits and runs (its own wait still comes before it reads anything the attention writes)."""
     if PDL:
         if EARLY:
@@ -58,7 +58,7 @@ def _paged_decode_kernel(
     PDL: tl.constexpr,  # launched as a programmatic dependent launch (`paged_decode`)
     EARLY: tl.constexpr,  # PDL: let the next kernel launch before this one's wait (`paged_decode`'s early)
 ):
-    _pdl_start(PDL, EARLY)  # nothing read or written before the previous kernel is done
+    pdl_start(PDL, EARLY)  # nothing read or written before the previous kernel is done
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -118,7 +118,7 @@ def _merge_kernel(
 ):
     """The splits of one (row, query head) merged by log-sum-exp weights, written in the output dtype: one
     launch where torch's softmax, multiply, sum and cast took four (0.27 ms of an 8B step at batch 1)."""
-    _pdl_start(PDL, EARLY)
+    pdl_start(PDL, EARLY)
     r = tl.program_id(0)
     ss = tl.arange(0, SP)
     dd = tl.arange(0, D)
@@ -149,7 +149,7 @@ def paged_decode(
     depends only on its own inputs and on (splits, M): a verify that runs its k + 1 query tokens as rows
     with the split count of the one-token step computes each token as that step does. pdl: both kernels as
     programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first;
-    early (with pdl; option fused_pdl): each lets the next kernel launch before its wait (`_pdl_start`)."""
+    early (with pdl; option fused_pdl): each lets the next kernel launch before its wait (`pdl_start`)."""
     launch = {"PDL": pdl, "EARLY": pdl and early} | ({"launch_pdl": True} if pdl else {})
     b, hq, d = q.shape
     hkv, slots, _ = k_pool.shape

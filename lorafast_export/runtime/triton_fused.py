@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from lorafast_export.runtime.triton_attention import pdl_start
 
 MAX_ROWS = 8  # rows one call takes (a decode step at batch <= 8, a verify of <= 8 tokens)
 
@@ -100,7 +101,7 @@ def _fused_kernel(
     KN: tl.constexpr,
     EVEN: tl.constexpr,  # N % BN == 0 and K % BK == 0 (ROPE: N / 2 % BN): no masks
     PDL: tl.constexpr,  # launched as a programmatic dependent launch (pdl_launch)
-    PF: tl.constexpr,  # PDL: L2 prefetch pieces of this program's weight rows, one a thread (0: none)
+    PF: tl.constexpr,  # PDL only: L2 prefetch pieces of this program's weight rows, one a thread (0: none)
     piece,  # bytes a piece (PF)
 ):
     # one grid axis (the second is limited to 65,535 blocks: a 128k-vocabulary lm_head at BN = 1 exceeds it);
@@ -117,15 +118,14 @@ def _fused_kernel(
     else:
         nmask = rn < N
         r2 = rn + N  # GLU: the up row of gate row rn
-    if PDL:  # weights only before the wait: the previous kernel may still be writing this one's inputs
-        # rows rn (and r2) are BN consecutive weight rows each, asked for once: the other rows' programs find them
-        if PF > 0:
-            if m == 0:
-                _l2_prefetch(w_ptr + tl.min(rn, 0).to(tl.int64) * K, piece, PF)
-                if GLU or ROPE:
-                    _l2_prefetch(w_ptr + tl.min(r2, 0).to(tl.int64) * K, piece, PF)
-        gdc_wait()
-        gdc_launch_dependents()
+    # PDL: weights only before the wait, the previous kernel may still be writing this one's inputs; rows rn (and
+    # r2) are BN consecutive weight rows each, asked for once: the other rows' programs find them in L2
+    if PF > 0:
+        if m == 0:
+            _l2_prefetch(w_ptr + tl.min(rn, 0).to(tl.int64) * K, piece, PF)
+            if GLU or ROPE:
+                _l2_prefetch(w_ptr + tl.min(r2, 0).to(tl.int64) * K, piece, PF)
+    pdl_start(PDL, False)
     acc = tl.zeros([BN, BK], tl.float32)
     if GLU or ROPE:
         acc2 = tl.zeros([BN, BK], tl.float32)

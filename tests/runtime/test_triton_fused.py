@@ -203,9 +203,8 @@ def test_pdl_launch_prefetches_only_whole_aligned_rows():
     assert pdl_launch(True, w, 1, 256, True)["piece"] == 32  # o_proj's tile: 8 KB a program, 32 B a thread
     assert pdl_launch(True, w, 4, 128, False)["PF"] == 0  # a masked tile, or rope pairs across half heads
     assert pdl_launch(True, torch.zeros(8, 200, dtype=torch.bfloat16), 1, 128, True)["PF"] == 0  # 400 B a row
-    shifted = torch.zeros(64 * 4096 + 1, dtype=torch.bfloat16)[1:].view(
-        64, 4096
-    )  # 2 bytes off 16-B alignment
+    # 2 bytes off 16-byte alignment
+    shifted = torch.zeros(64 * 4096 + 1, dtype=torch.bfloat16)[1:].view(64, 4096)
     assert pdl_launch(True, shifted, 1, 32, True)["PF"] == 0
 
 
@@ -307,9 +306,8 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "fused_pdl", [False, True]
-)  # sm90+ CUDA: the fused ops as PDL launches (a no-op elsewhere)
+# fused_pdl: on sm90+ CUDA the fused ops as PDL launches (a no-op elsewhere)
+@pytest.mark.parametrize("fused_pdl", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
 def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, fused_pdl):
     """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
