@@ -324,6 +324,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
         fused_decode=a.fused_decode,  # before session 20 this was left at its default (auto) here
         kernel_pdl=a.kernel_pdl == "on",
         fused_pdl=a.fused_pdl == "on",
+        triton_argmax=a.triton_argmax == "on",
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
@@ -333,6 +334,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
     res["fused_decode"] = opts.fused_decode
     res["kernel_pdl"] = opts.kernel_pdl
     res["fused_pdl"] = opts.fused_pdl
+    res["triton_argmax"] = opts.triton_argmax
     if opts.decode_steps > 1 and a.single_step_peer:
         res["single_step"] = single_step_peer(rt, a, batches)
     step_bytes = bytes_per_step(rt)
@@ -797,6 +799,7 @@ def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("inductor_pdl", a.inductor_pdl == "on")
     kw.setdefault("kernel_pdl", a.kernel_pdl == "on")
     kw.setdefault("fused_pdl", a.fused_pdl == "on")
+    kw.setdefault("triton_argmax", a.triton_argmax == "on")
     kw.setdefault("overlap_bursts", a.overlap_bursts == "on")
     return RuntimeOptions(
         compile=a.compile,
@@ -1739,6 +1742,9 @@ def main() -> None:
     )
     p.add_argument("--kernel-pdl", default="on", choices=("off", "on"), help="runtime option (most sections)")
     p.add_argument("--fused-pdl", default="off", choices=("off", "on"), help="runtime option (most sections)")
+    p.add_argument(
+        "--triton-argmax", default="off", choices=("off", "on"), help="runtime option (most sections)"
+    )
     p.add_argument(
         "--quant-lm-head",
         action="store_true",

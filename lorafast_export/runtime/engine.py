@@ -181,8 +181,12 @@ class Engine:
         overlap_bursts: bool = True,
         clock: Callable[[], float] = time.perf_counter,
         speculation: str = "always",
+        argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model, self.cache, self.device = model, cache, torch.device(device)
+        # logits [..., V] -> their greedy tokens [...]: torch's argmax, or one with the same values (option
+        # triton_argmax: runtime/triton_argmax.py); every greedy pick of this engine uses it
+        self.argmax = argmax or _last_argmax
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.buckets = tuple(sorted({b for b in batch_buckets if b < max_batch} | {max_batch}))
         self.max_blocks = cache.blocks_for(max_seq_len)
@@ -210,9 +214,11 @@ class Engine:
         self.clock = clock  # arrival, aging and first/last token times (a test can step it by hand)
         self.prefill_first = prefill_first  # no decode step while a waiting request can be admitted
         self.decode_fn, self.extend_fn = model, getattr(model, "extend", None)
-        self.greedy_fn = _Greedy(model)  # the decode step and its argmax: token ids [rows] on the device
+        # the decode step and its argmax: token ids [rows] on the device
+        self.greedy_fn = _Greedy(model, self.argmax)
         self.draft_extend = getattr(draft, "extend", None)
-        self.draft_greedy = None if draft is None else _Greedy(draft)  # a draft step and its argmax
+        # a draft step and its argmax
+        self.draft_greedy = None if draft is None else _Greedy(draft, self.argmax)
         if compile:
             for m in (model, draft):
                 if m is not None:
@@ -823,7 +829,7 @@ class Engine:
             logits = extend(*inputs)
         last = torch.tensor([len(p) - 1 for p in pend], device=logits.device)
         drafts = torch.empty(n, k, dtype=torch.long, device=logits.device)
-        drafts[:, 0] = logits[torch.arange(n, device=logits.device), last].argmax(-1)
+        drafts[:, 0] = self.argmax(logits[torch.arange(n, device=logits.device), last])
         if k > 1:
             rows = _bucket(n, self.buckets)
             pos = torch.zeros(k - 1, rows, dtype=torch.long)  # padded rows: position 0, the pad block
@@ -867,7 +873,7 @@ class Engine:
         tok[:n, 0] = torch.tensor([r.output[-1] for r in reqs]).to(tok.device, non_blocking=True)
         tok[:n, 1:] = drafts
         with _recompile_room(8):
-            greedy = self.extend_fn(tok, pos, tables, slots)[:n].argmax(-1)  # [n, k + 1]
+            greedy = self.argmax(self.extend_fn(tok, pos, tables, slots)[:n])  # [n, k + 1]
         both = torch.cat([drafts, greedy], 1).tolist()  # the round's one read of the device
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
@@ -897,7 +903,7 @@ class Engine:
 
     def _pick(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """logits [>=len(reqs), V] fp32 → one token per request (greedy unless temperature > 0), on the device."""
-        out = logits[: len(reqs)].argmax(-1)
+        out = self.argmax(logits[: len(reqs)])
         for i, r in enumerate(reqs):
             if r.temperature > 0:
                 out[i] = _sample_top_p(logits[i] / r.temperature, r.top_p, self._gen)
@@ -952,14 +958,18 @@ def _to_host(t: torch.Tensor) -> Callable[[], list[int]]:
     return read
 
 
-class _Greedy:
-    """model(*decode inputs).argmax(-1): the step a multi-step burst chains (captured whole on CUDA)."""
+def _last_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
 
-    def __init__(self, model):
-        self.model = model
+
+class _Greedy:
+    """argmax(model(*decode inputs)): the step a multi-step burst chains (captured whole on CUDA)."""
+
+    def __init__(self, model, argmax: Callable[[torch.Tensor], torch.Tensor] = _last_argmax):
+        self.model, self.argmax = model, argmax
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(*inputs).argmax(-1)
+        return self.argmax(self.model(*inputs))
 
 
 def _sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -211,6 +211,7 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
         max_wait_ms=opts.max_wait_ms,
         prefill_first=opts.prefill_first,
         overlap_bursts=opts.overlap_bursts,
+        argmax=_argmax(opts, device),
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )
     if opts.warm_up == "on" or (opts.warm_up == "auto" and engine.cuda_graphs):
@@ -239,6 +240,16 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
         aot_meta is not None,
         gemv,
     )
+
+
+def _argmax(opts: RuntimeOptions, device: torch.device):
+    """The engine's greedy argmax: option triton_argmax's kernels (runtime/triton_argmax.py) where Triton runs
+    (CUDA, or its interpreter in tests), else None (torch's argmax). The tokens are the same either way."""
+    if not (opts.triton_argmax and _triton_runs(device)):
+        return None
+    from lorafast_export.runtime.triton_argmax import argmax_last
+
+    return argmax_last
 
 
 def _draft_args(draft: Runtime | None, cfg: ModelConfig, opts: RuntimeOptions, aot: bool) -> dict:

@@ -43,6 +43,7 @@ class RuntimeOptions:
     inductor_pdl: bool = False  # compiled decode layers: inductor's programmatic dependent launch (sm90+)
     kernel_pdl: bool = True  # our CUDA kernels (int4 MMA, paged decode attention) as programmatic dependent launches (sm90+; same outputs)
     fused_pdl: bool = False  # with kernel_pdl: the dense fused decode ops too, each asking L2 for its weights before it waits (sm90+; same arithmetic; not yet run on a GPU)
+    triton_argmax: bool = False  # greedy picks on CUDA through runtime/triton_argmax.py (two kernels over slices of the row) instead of torch's one-block argmax (0.03 ms of an 8B step); the same tokens; not yet run on a GPU
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
     fused_decode: str = "auto"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16
     prefill_compile: str = (
@@ -67,7 +68,15 @@ class RuntimeOptions:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("aot", "prefill_first", "overlap_bursts", "inductor_pdl", "kernel_pdl", "fused_pdl"):
+        for name in (
+            "aot",
+            "prefill_first",
+            "overlap_bursts",
+            "inductor_pdl",
+            "kernel_pdl",
+            "fused_pdl",
+            "triton_argmax",
+        ):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: use true or false")
         for name in (
