@@ -20,6 +20,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   profile  torch.profiler per-kernel breakdown of decode steps at batch 1 and 32 (bf16 and int4)
   spec     speculative decoding, batch 1: bf16 model + int4 draft (k = 2, 4) vs bf16 alone, same prompts
   specdemo the same on the trained demo (LoRA merged by PEFT), code prompts: acceptance that means something
+  specwide the same on the demo widened to --shape (scripts/make_model.py widen): a trained function at 8B cost
   specmixed the mixed section's queue on a runtime loaded with the int4 draft, speculation auto (after mixed)
   gcwatch  Python's collections during passes of the mixed queue, then the same after gc.freeze() (after mixed)
   overlap  bf16 decode with the engine's overlap_bursts off and on (same runtime), batch sizes, 3 runs each
@@ -976,6 +977,7 @@ def spec_engine(base, draft, k: int, a, dev, speculation: str = "always"):
         spec_k=k,
         speculation=speculation,
         decode_steps=1 if speculation == "always" else a.decode_steps,
+        argmax=base.engine.argmax,  # option triton_argmax, as the loader passes it
     )
 
 
@@ -1162,17 +1164,52 @@ def sec_specdemo(a, dev, R):
     dtype = torch.bfloat16 if dev.type == "cuda" and a.specdemo_dtype == "bf16" else torch.float32
     model, tok = demo_merged(dev, dtype)
     cfg, state = config_of(model)
-    fp4, q4 = quantize_linears(state, 4, 32, False)
-    prompts = code_prompts(tok, 5, 48)
+    return _spec_trained(a, dev, R, "specdemo", cfg, state, code_prompts(tok, 5, 48), dtype, group=32)
+
+
+def sec_specwide(a, dev, R):
+    """The trained demo (LoRA merged) laid into the --shape's widths and depth (scripts/make_model.py widen: the
+    same function up to rounding, the 8B's bytes a step), bf16, with an int4 RTN g128 draft of it (its lm_head too
+    with --quant-lm-head: the verify is the bf16 model, so the output cannot change): speculative decoding at a
+    real shape with acceptance that means something. Rows as specdemo's."""
+    from scripts.make_model import widen
+
+    kw = SHAPES[a.shape]
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
+    shape = dict(zip(("hidden", "inter", "layers", "heads", "kv_heads"), (kw[k] for k in keys), strict=True))
+    shape |= {"vocab": kw["vocab_size"], "max_pos": kw["max_position_embeddings"]}
+    model, tok = demo_merged("cpu", torch.float32)
+    small = json.loads((DEMO / "base" / "config.json").read_text())
+    t0 = time.perf_counter()
+    hf_cfg, state = widen(small, model.state_dict(), shape, torch.bfloat16, dev)
+    del model
+    cfg = ModelConfig.from_dict(hf_cfg)
+    print(f"  specwide: the demo widened to {a.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return _spec_trained(
+        a, dev, R, "specwide", cfg, state, code_prompts(tok, 5, 48), torch.bfloat16, 128, a.quant_lm_head
+    )
+
+
+def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False):
+    """bf16 alone, then with an int4 RTN draft (group, head) under each spec policy: acceptance over all prompts,
+    the median of --spec-repeats timed runs of one prompt, tokens equal to the model alone."""
+    fp4, q4 = quantize_linears(state, 4, group, False, head=head)
     new = min(a.new_tokens, 128)
     o = _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     base = build_runtime(cfg, state, None, dev, dtype, o)
     base.generate_batch(prompts[:1], 8)
     res = {"dtype": str(dtype), "prompts": len(prompts) - 1, "new_tokens": new, "dense_gemv": o.dense_gemv}
+    res["draft"] = {"bits": 4, "group": group, "lm_head_quantized": head}
     want = base.generate_batch(prompts[1:], new)
     res["timed_repeats"] = a.spec_repeats
     res["bf16_alone"] = _median_run(base, prompts[1:2], new, a.spec_repeats)
-    print(f"  specdemo alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
+    print(f"  {name} alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
     for k, policy, key in spec_policies(a):
@@ -1187,7 +1224,7 @@ def sec_specdemo(a, dev, R):
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
         r["speculation"], r["pauses"] = policy, eng.governor.pauses
         res[key] = r
-        print(f"  specdemo {key}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
+        print(f"  {name} {key}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
         base.engine = keep
     return res
 
@@ -1655,6 +1692,7 @@ SECTIONS = {
     "profile": sec_profile,
     "spec": sec_spec,
     "specdemo": sec_specdemo,
+    "specwide": sec_specwide,
     "specmixed": sec_specmixed,
     "gcwatch": sec_gcwatch,
     "tritoncheck": sec_tritoncheck,

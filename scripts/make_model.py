@@ -335,6 +335,114 @@ def make_adapter(
     return {"modules": len(mods), "tensors": len(state)}
 
 
+def widen(config: dict, state: dict[str, torch.Tensor], shape: dict, dtype=None, device=None):
+    """A trained Llama checkpoint (config.json's dict, its state dict) laid into a larger shape that computes the
+    same function, up to rounding: (config, state) of a model with `shape`'s widths and layer count.
+
+    Why: random weights make a speculative draft useless and the default gates fail, so speed measured at a real
+    shape says nothing about acceptance or accuracy; the small trained model (the demo) scaled up to an 8B shape
+    keeps its predictions while every kernel streams the 8B's bytes. How:
+    - the hidden state lives in the first `hidden` dimensions; every other one stays 0 through every layer (the
+      rows and columns outside the small model's are 0);
+    - RMSNorm averages over the wide hidden size: its weights are scaled by sqrt(h / H) and eps by h / H (exact
+      for the demo's 256 in 4,096: 1/4 and 1/16);
+    - a small query head s (of kv head t = s // G) is the wide head t * G' + s % G', so it keeps its kv head; its
+      head dimensions i < d/2 and d/2 + i go to i and D/2 + i, so rope pairs stay pairs, and rope_theta is
+      theta ** (D / d), which gives those pairs the small model's frequencies; q is scaled by sqrt(D / d) for the
+      wide 1/sqrt(D) (the one inexact step: rounded once to the weights' dtype); the other query heads read
+      their kv head's values, and o_proj ignores them (zero columns);
+    - layers past the small model's have zero weights: each adds 0 to the residual stream;
+    - the lm_head's rows past the small vocabulary copy row 0: their logit ties token 0's, and argmax takes the
+      first index, so greedy decoding never picks them (their embeddings are 0; no text reaches them).
+    Llama-style only (no biases, untied head, default rope)."""
+    device = device or "cpu"
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or h // heads
+    v = config["vocab_size"]
+    rope = config.get("rope_parameters") or {
+        "rope_type": "default",
+        "rope_theta": config.get("rope_theta", 1e4),
+    }
+    big = dict(shape)
+    big_d = big["hidden"] // big["heads"]
+    g, big_g = heads // kv, big["heads"] // big["kv_heads"]
+    problems = [
+        f"{k} {a} > {b}"
+        for k, a, b in (
+            ("hidden", h, big["hidden"]),
+            ("intermediate", inter, big["inter"]),
+            ("layers", layers, big["layers"]),
+            ("kv heads", kv, big["kv_heads"]),
+            ("query heads per kv head", g, big_g),
+            ("head_dim", d, big_d),
+            ("vocab", v, big["vocab"]),
+        )
+        if a > b
+    ]
+    if (
+        config.get("model_type") != "llama"
+        or config.get("tie_word_embeddings")
+        or any(k.endswith(".bias") for k in state)
+    ):
+        problems.append("only untied Llama checkpoints without biases are widened")
+    if rope.get("rope_type", "default") != "default" or d % 2 or big_d % d:
+        problems.append("needs default rope, an even head_dim and a wide head_dim that is a multiple of it")
+    if problems:
+        raise ValueError("widen: " + "; ".join(problems))
+    dtype = dtype or next(iter(state.values())).dtype
+    cfg = hf_config({**big, "rope": {"rope_type": "default", "rope_theta": float(rope["rope_theta"]) ** (big_d / d)}},
+                    "llama", str(dtype).removeprefix("torch."))  # fmt: skip
+    cfg["rms_norm_eps"] = config.get("rms_norm_eps", 1e-5) * h / big["hidden"]
+    half = torch.arange(d)
+    dims = torch.where(half < d // 2, half, big_d // 2 + half - d // 2)  # small head dim -> wide head dim
+    q_rows = torch.cat([(s // g * big_g + s % g) * big_d + dims for s in range(heads)])
+    kv_rows = torch.cat([t * big_d + dims for t in range(kv)])
+    norm_scale = (h / big["hidden"]) ** 0.5
+    shapes = tensor_shapes(cfg)
+    out = {}
+
+    def put(name, rows, cols, src, scale=1.0):
+        w = out.setdefault(name, torch.zeros(shapes[name], dtype=torch.float32, device=device))
+        w[rows[:, None], cols[None, :]] = src.to(device, torch.float32) * scale
+
+    ar = torch.arange
+    for n in range(big["layers"]):
+        p = f"model.layers.{n}."
+        for k in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            out[p + k] = torch.ones(shapes[p + k], device=device)
+            if n < layers:
+                out[p + k][:h] = state[p + k].to(device, torch.float32) * norm_scale
+        for k in LINEARS:
+            mod = ("self_attn." if k[0] in "qkvo" else "mlp.") + k + ".weight"
+            out[p + mod] = torch.zeros(shapes[p + mod], dtype=torch.float32, device=device)
+            if n >= layers:
+                continue
+            src = state[p + mod]
+            if k == "q_proj":
+                put(p + mod, q_rows, ar(h), src, (big_d / d) ** 0.5)
+            elif k in ("k_proj", "v_proj"):
+                put(p + mod, kv_rows, ar(h), src)
+            elif k == "o_proj":
+                put(p + mod, ar(h), q_rows, src)
+            elif k == "down_proj":
+                put(p + mod, ar(h), ar(inter), src)
+            else:
+                put(p + mod, ar(inter), ar(h), src)
+        for k in out:
+            if k.startswith(p):
+                out[k] = out[k].to(dtype)  # one layer in float32 at a time
+    out["model.embed_tokens.weight"] = torch.zeros(shapes["model.embed_tokens.weight"], device=device)
+    out["model.embed_tokens.weight"][:v, :h] = state["model.embed_tokens.weight"].to(device, torch.float32)
+    out["model.norm.weight"] = torch.ones(big["hidden"], device=device)
+    out["model.norm.weight"][:h] = state["model.norm.weight"].to(device, torch.float32) * norm_scale
+    head = torch.zeros(shapes["lm_head.weight"], device=device)
+    head[:v, :h] = state["lm_head.weight"].to(device, torch.float32)
+    head[v:, :h] = head[0, :h]
+    out["lm_head.weight"] = head
+    return cfg, {k: out[k].to(dtype) for k in shapes}  # the Hub's order
+
+
 def _parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["base", "adapter", "both"])

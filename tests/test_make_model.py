@@ -99,3 +99,46 @@ def test_cli_presets_and_bad_shape(tmp_path, capsys):
     assert (tmp_path / "m" / "lora" / "adapter_config.json").exists()
     assert main(["base", str(tmp_path / "x"), "--hidden", "64"]) == 2
     assert "shape needs" in capsys.readouterr().err
+
+
+def test_widened_demo_computes_the_demos_function_in_transformers():
+    """scripts/make_model.py widen: the trained demo laid into a wider, deeper shape (head_dim 64 -> 128, so rope
+    theta and the attention scale change too) gives transformers' own logits of the demo on the demo's vocabulary,
+    and the same greedy tokens over the whole wide vocabulary (its extra head rows never win)."""
+    from scripts.make_model import DEMO_BASE, widen
+
+    small = transformers.AutoModelForCausalLM.from_pretrained(DEMO_BASE, dtype=torch.float32).eval()
+    config = json.loads((DEMO_BASE / "config.json").read_text())
+    shape = dict(hidden=1024, inter=1024, layers=6, heads=8, kv_heads=4, vocab=4096, max_pos=1024)
+    cfg, state = widen(config, small.state_dict(), shape, dtype=torch.float32)
+    assert cfg["head_dim"] == 128 and cfg["rope_parameters"]["rope_theta"] == 1e8
+    wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    missing, unexpected = wide.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    tok = transformers.AutoTokenizer.from_pretrained(DEMO_BASE)
+    ids = tok(
+        "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n",
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        want = small(**ids).logits
+        got = wide(**ids).logits
+        assert got.shape[-1] == 4096 and (got[..., :2048] - want).abs().max() <= 1e-4 * want.abs().max()
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=2)
+        assert torch.equal(wide.generate(**ids, **kw), small.generate(**ids, **kw))
+    # a change that breaks the function is seen: the old rope theta
+    bad = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**cfg, "rope_parameters": config["rope_parameters"]})
+    )
+    bad.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        assert (bad.eval()(**ids).logits[..., :2048] - want).abs().max() > 1e-2 * want.abs().max()
+
+
+def test_widen_refuses_a_narrower_shape():
+    from scripts.make_model import DEMO_BASE, widen
+
+    config = json.loads((DEMO_BASE / "config.json").read_text())
+    with pytest.raises(ValueError, match="hidden 256 > 128"):
+        widen(config, {}, dict(shape_of("demo-like"), hidden=128))
