@@ -3,8 +3,14 @@
     python scripts/make_model.py base OUT --preset llama3-8b [--family llama] [--dtype bfloat16] [--device cuda]
     python scripts/make_model.py adapter OUT --base BASE [--r 16] [--alpha 32] [--dora] [--targets q_proj,v_proj]
     python scripts/make_model.py both OUT --preset 30m            # OUT/base + OUT/lora
+    python scripts/make_model.py widen OUT --base DEMO/base --adapter DEMO/lora --preset llama3-8b  # trained, 8B-wide
 
-Importable: `make_base(out, shape, ...)`, `make_adapter(out, base_dir, ...)`, `PRESETS`.
+Importable: `make_base(out, shape, ...)`, `make_adapter(out, base_dir, ...)`, `widen(...)`, `make_widened(...)`,
+`PRESETS`.
+
+`widen` lays a trained Llama checkpoint (the demo) into a larger shape that computes the same function up to
+rounding (its docstring says how), and `widen_lora` its LoRA: speculative acceptance and accuracy gates that mean
+something, at the bytes per step of a real shape.
 
 - Weights are N(0, std) (norms 1), drawn per tensor from a seed derived from the tensor's name, so the
   shard size does not change them. On a CPU, tensors over 16M elements are cut from one pool of normal values
@@ -208,8 +214,6 @@ def make_base(
     log=None,
 ) -> dict:
     """Write a random base checkpoint + tokenizer to `out`; returns {params, bytes, shards, seconds}."""
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)
@@ -220,11 +224,30 @@ def make_base(
     shapes = tensor_shapes(cfg)
     tdt = DTYPES[dtype]
     itemsize = torch.empty((), dtype=tdt).element_size()
+    total, n_shards = _write_shards(
+        out,
+        shapes,
+        lambda n: _random_tensor(n, shapes[n], seed, std, tdt, device),
+        itemsize,
+        shard_gb,
+        t0,
+        log,
+    )
+    write_tokenizer(out, cfg["vocab_size"])
+    params = sum(_numel(s) for s in shapes.values())
+    return {"params": params, "bytes": total, "shards": n_shards, "seconds": time.perf_counter() - t0}
+
+
+def _write_shards(out: Path, shapes: dict, tensor, itemsize: int, shard_gb: float, t0: float, log=None):
+    """Every tensor of `shapes`, made by tensor(name), in Hub-like shards (an index when several) -> (bytes,
+    shards). Only one shard's tensors are held at a time."""
+    from safetensors.torch import save_file
+
     plan = _shard_plan(shapes, itemsize, int(shard_gb * 1e9))
     weight_map, total = {}, 0
     for k, names in enumerate(plan):
         fname = "model.safetensors" if len(plan) == 1 else f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {n: _random_tensor(n, shapes[n], seed, std, tdt, device) for n in names}
+        tensors = {n: tensor(n).contiguous().cpu() for n in names}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, fname))
         total += sum(t.numel() * itemsize for t in tensors.values())
@@ -234,9 +257,50 @@ def make_base(
     if len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    write_tokenizer(out, cfg["vocab_size"])
-    params = sum(_numel(s) for s in shapes.values())
-    return {"params": params, "bytes": total, "shards": len(plan), "seconds": time.perf_counter() - t0}
+    return total, len(plan)
+
+
+def make_widened(out: Path, small: Path, shape: dict, *, adapter: Path | None = None, dtype: str = "bfloat16",
+                 shard_gb: float = 5.0, device: str | None = None, log=None) -> dict:  # fmt: skip
+    """widen() the checkpoint in `small` (and widen_lora() its LoRA `adapter`) and write out/base (+ out/lora)
+    as the Hub and PEFT write them: a trained model at a real shape for the benchmarks."""
+    from safetensors.torch import load_file, save_file
+
+    from lorafast_export.weights import open_model
+
+    t0 = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = json.loads((small / "config.json").read_text())
+    store = open_model(small).store
+    state = {n: store.get(n) for n in store.keys()}
+    cfg, wide = widen(config, state, shape, DTYPES[dtype], device)
+    base = Path(out) / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}) + "\n")
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    total, n_shards = _write_shards(base, tensor_shapes(cfg), wide.pop, itemsize, shard_gb, t0, log)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (small / f).exists():
+            shutil.copy(small / f, base / f)
+    info = {"bytes": total, "shards": n_shards}
+    if adapter is not None:
+        lora = Path(out) / "lora"
+        lora.mkdir(parents=True, exist_ok=True)
+        ad_cfg = json.loads((adapter / "adapter_config.json").read_text())
+        if (
+            ad_cfg.get("use_dora")
+            or ad_cfg.get("peft_type", "LORA") != "LORA"
+            or ad_cfg.get("modules_to_save")
+        ):
+            raise ValueError(f"{adapter}: only a plain LoRA is widened (no DoRA, no modules_to_save)")
+        tensors = widen_lora(config, load_file(str(adapter / "adapter_model.safetensors")), shape)
+        save_file(tensors, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
+        ad_cfg["base_model_name_or_path"] = str(base)
+        (lora / "adapter_config.json").write_text(json.dumps(ad_cfg, indent=2) + "\n")
+        info["adapter_tensors"] = len(tensors)
+    info["seconds"] = time.perf_counter() - t0
+    return info
 
 
 def write_tokenizer(out: Path, vocab: int) -> None:
@@ -394,19 +458,10 @@ def widen(config: dict, state: dict[str, torch.Tensor], shape: dict, dtype=None,
     cfg = hf_config({**big, "rope": {"rope_type": "default", "rope_theta": float(rope["rope_theta"]) ** (big_d / d)}},
                     "llama", str(dtype).removeprefix("torch."))  # fmt: skip
     cfg["rms_norm_eps"] = config.get("rms_norm_eps", 1e-5) * h / big["hidden"]
-    half = torch.arange(d)
-    dims = torch.where(half < d // 2, half, big_d // 2 + half - d // 2)  # small head dim -> wide head dim
-    q_rows = torch.cat([(s // g * big_g + s % g) * big_d + dims for s in range(heads)])
-    kv_rows = torch.cat([t * big_d + dims for t in range(kv)])
+    maps = _linear_maps(d, big_d, heads, g, big_g, kv, h, inter)
     norm_scale = (h / big["hidden"]) ** 0.5
     shapes = tensor_shapes(cfg)
     out = {}
-
-    def put(name, rows, cols, src, scale=1.0):
-        w = out.setdefault(name, torch.zeros(shapes[name], dtype=torch.float32, device=device))
-        w[rows[:, None], cols[None, :]] = src.to(device, torch.float32) * scale
-
-    ar = torch.arange
     for n in range(big["layers"]):
         p = f"model.layers.{n}."
         for k in ("input_layernorm.weight", "post_attention_layernorm.weight"):
@@ -414,21 +469,11 @@ def widen(config: dict, state: dict[str, torch.Tensor], shape: dict, dtype=None,
             if n < layers:
                 out[p + k][:h] = state[p + k].to(device, torch.float32) * norm_scale
         for k in LINEARS:
-            mod = ("self_attn." if k[0] in "qkvo" else "mlp.") + k + ".weight"
-            out[p + mod] = torch.zeros(shapes[p + mod], dtype=torch.float32, device=device)
-            if n >= layers:
-                continue
-            src = state[p + mod]
-            if k == "q_proj":
-                put(p + mod, q_rows, ar(h), src, (big_d / d) ** 0.5)
-            elif k in ("k_proj", "v_proj"):
-                put(p + mod, kv_rows, ar(h), src)
-            elif k == "o_proj":
-                put(p + mod, ar(h), q_rows, src)
-            elif k == "down_proj":
-                put(p + mod, ar(h), ar(inter), src)
-            else:
-                put(p + mod, ar(inter), ar(h), src)
+            mod = p + _module(k) + ".weight"
+            out[mod] = torch.zeros(shapes[mod], dtype=torch.float32, device=device)
+            if n < layers:
+                rows, cols, scale = maps[k]
+                out[mod][rows[:, None], cols[None, :]] = state[mod].to(device, torch.float32) * scale
         for k in out:
             if k.startswith(p):
                 out[k] = out[k].to(dtype)  # one layer in float32 at a time
@@ -443,9 +488,61 @@ def widen(config: dict, state: dict[str, torch.Tensor], shape: dict, dtype=None,
     return cfg, {k: out[k].to(dtype) for k in shapes}  # the Hub's order
 
 
+def _module(linear: str) -> str:
+    return ("self_attn." if linear[0] in "qkvo" else "mlp.") + linear
+
+
+def _linear_maps(d, big_d, heads, g, big_g, kv, h, inter) -> dict[str, tuple]:
+    """widen's placement of each linear: (wide rows of its small rows, wide columns of its small columns, scale)."""
+    half = torch.arange(d)
+    dims = torch.where(half < d // 2, half, big_d // 2 + half - d // 2)  # small head dim -> wide head dim
+    q_rows = torch.cat([(s // g * big_g + s % g) * big_d + dims for s in range(heads)])
+    kv_rows = torch.cat([t * big_d + dims for t in range(kv)])
+    hid, mid = torch.arange(h), torch.arange(inter)
+    return {"q_proj": (q_rows, hid, (big_d / d) ** 0.5), "k_proj": (kv_rows, hid, 1.0), "v_proj": (kv_rows, hid, 1.0),
+            "o_proj": (hid, q_rows, 1.0), "gate_proj": (mid, hid, 1.0), "up_proj": (mid, hid, 1.0),
+            "down_proj": (hid, mid, 1.0)}  # fmt: skip
+
+
+def widen_lora(config: dict, adapter: dict[str, torch.Tensor], shape: dict) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA of the small model (adapter_model.safetensors' tensors) for widen's model: A's columns and B's
+    rows go where widen puts the module's (B of q_proj scaled as q is), so the wide delta s B A is the small one
+    in place; the wide model's other layers get zero A and B. Plain LoRA on the decoder linears only."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or h // heads
+    big_d = shape["hidden"] // shape["heads"]
+    maps = _linear_maps(d, big_d, heads, heads // kv, shape["heads"] // shape["kv_heads"], kv, h, inter)
+    wide = tensor_shapes(hf_config(shape))
+    pre, out = "base_model.model.", {}
+    for name, t in adapter.items():
+        mod, _, kind = name.removeprefix(pre).rpartition(".lora_")
+        linear = mod.rsplit(".", 1)[-1]
+        if not name.startswith(pre) or linear not in maps or kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"widen_lora: {name}: only lora_A / lora_B of the decoder linears are widened")
+        rows, cols, scale = maps[linear]
+        big_out, big_in = wide[mod + ".weight"]
+        if kind == "A.weight":  # [r, in]
+            w = torch.zeros(t.shape[0], big_in, dtype=torch.float32)
+            w[:, cols] = t.float()
+        else:  # [out, r]
+            w = torch.zeros(big_out, t.shape[1], dtype=torch.float32)
+            w[rows] = t.float() * scale
+        out[name] = w.to(t.dtype)
+    r = {t.shape[0] for n, t in adapter.items() if n.endswith("lora_A.weight")}
+    for n in range(config["num_hidden_layers"], shape["layers"]):  # the wide model's extra layers: no delta
+        for linear in {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in adapter}:
+            mod = f"{pre}model.layers.{n}.{_module(linear)}"
+            big_out, big_in = wide[f"model.layers.{n}.{_module(linear)}.weight"]
+            dt = next(iter(adapter.values())).dtype
+            out[f"{mod}.lora_A.weight"] = torch.zeros(max(r), big_in, dtype=dt)
+            out[f"{mod}.lora_B.weight"] = torch.zeros(big_out, max(r), dtype=dt)
+    return out
+
+
 def _parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["base", "adapter", "both"])
+    ap.add_argument("what", choices=["base", "adapter", "both", "widen"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--preset", choices=list(PRESETS))
     for f in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab", "max_pos"):
@@ -457,7 +554,10 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--std", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    ap.add_argument("--base", type=Path, help="adapter: the base it is made for")
+    ap.add_argument(
+        "--base", type=Path, help="adapter: the base it is made for; widen: the trained base to widen"
+    )
+    ap.add_argument("--adapter", type=Path, help="widen: the base's LoRA, widened beside it (OUT/lora)")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--targets", default=",".join(LINEARS))
@@ -476,6 +576,16 @@ def main(argv=None) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
+    if a.what == "widen":
+        if a.base is None:
+            print("make_model.py widen: --base DIR (the trained model) is required", file=sys.stderr)
+            return 2
+        shape = shape_of(a.preset, **{k: getattr(a, k) for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab", "max_pos")})  # fmt: skip
+        info = make_widened(a.out, a.base, shape, adapter=a.adapter, dtype=a.dtype, shard_gb=a.shard_gb,
+                            device=a.device, log=print)  # fmt: skip
+        print(f"widened {a.base} into {a.out}/base: {info['bytes'] / 1e9:.2f} GB in {info['shards']} file(s)"
+              + (f", LoRA {a.out}/lora" if a.adapter else "") + f", {info['seconds']:.1f} s")  # fmt: skip
+        return 0
     base = a.base if a.what == "adapter" else (a.out / "base" if a.what == "both" else a.out)
     if a.what in ("base", "both"):
         shape = shape_of(a.preset, **{k: getattr(a, k) for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab", "max_pos")})  # fmt: skip

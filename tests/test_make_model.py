@@ -142,3 +142,31 @@ def test_widen_refuses_a_narrower_shape():
     config = json.loads((DEMO_BASE / "config.json").read_text())
     with pytest.raises(ValueError, match="hidden 256 > 128"):
         widen(config, {}, dict(shape_of("demo-like"), hidden=128))
+
+
+def test_widened_demo_and_lora_on_disk_give_the_demos_peft_model(tmp_path):
+    """make_model.py widen --base --adapter writes a sharded base and a PEFT LoRA that transformers + PEFT load as
+    the fine-tuned demo: the wide model's logits on the demo's vocabulary are the small PEFT model's, and the LoRA
+    changes them as it changes the demo's (the widened delta is in place, not lost)."""
+    from scripts.make_model import DEMO_BASE
+
+    demo = DEMO_BASE.parent
+    shape = ["--hidden", "512", "--inter", "768", "--layers", "5", "--heads", "4", "--kv-heads", "2", "--vocab", "2100"]
+    assert main(["widen", str(tmp_path), "--base", str(demo / "base"), "--adapter", str(demo / "lora"),
+                 "--dtype", "float32", "--shard-gb", "0.004", "--device", "cpu", *shape]) == 0  # fmt: skip
+    assert (tmp_path / "base" / "model.safetensors.index.json").exists()  # sharded like the Hub's
+
+    def peft_logits(base, lora, ids):
+        m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            plain = m(ids).logits
+            return plain, peft.PeftModel.from_pretrained(m, lora).eval()(ids).logits
+
+    ids = torch.tensor([[5, 300, 17, 900, 2047, 44, 12, 1024, 7, 8]])
+    small_plain, small_tuned = peft_logits(demo / "base", demo / "lora", ids)
+    wide_plain, wide_tuned = peft_logits(tmp_path / "base", tmp_path / "lora", ids)
+    top = small_tuned.abs().max()
+    assert (wide_tuned[..., :2048] - small_tuned).abs().max() <= 1e-4 * top
+    assert (wide_plain[..., :2048] - small_plain).abs().max() <= 1e-4 * top
+    assert (small_tuned - small_plain).abs().max() > 1e-2 * top  # the adapter does something
+    assert torch.equal(wide_tuned.argmax(-1), small_tuned.argmax(-1))

@@ -1,0 +1,44 @@
+# Session 26 call C (not run in session 26: no device was lent; run after session 25's call A): speculative decoding
+# on the trained demo widened to the 8B shape (torch_bench section specwide: scripts/make_model.py widen, bf16, an
+# int4 RTN g128 draft, with its lm_head in bf16 and then quantized: the verify is the bf16 model, so the output
+# cannot change), then the greedy argmax as two Triton kernels (option triton_argmax) at batch 1, interleaved
+# off / on / off / on. First the argmax's CUDA tests.
+set -u
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
+echo "main $(cat .devq/commit) + session 26's working tree"
+timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_triton_argmax.py > $OUT/cuda_tests.txt 2>&1
+echo "argmax tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt; grep -E "passed|failed|SKIP|Error" $OUT/cuda_tests.txt | tail -4
+spec() {
+python3 - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])).get("specwide", {})
+print("specwide draft", d.get("draft"), "alone", d.get("bf16_alone", {}).get("decode_tokens_per_s"))
+for k, v in d.items():
+    if isinstance(v, dict) and "speedup_decode_vs_alone" in v:
+        print(" ", k, v.get("speculation"), "acc", v.get("acceptance_all_prompts"), "x", round(v["speedup_decode_vs_alone"], 3), "equal", v.get("tokens_equal_alone"), "runs", v.get("decode_tokens_per_s_repeats"))
+PY
+}
+for h in 0 1; do
+  flag=$([ $h = 1 ] && echo --quant-lm-head)
+  timeout 200 python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections specwide --spec-k 2,4 --new-tokens 128 --spec-repeats 3 $flag --out $OUT/specwide-$h.json > $OUT/specwide-$h.log 2>&1
+  echo "specwide head-quantized=$h rc $? at ${SECONDS}s"; spec $OUT/specwide-$h.json
+done
+summ() {
+python3 - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+out = []
+for k in ("bf16", "int4"):
+    for r in d.get(k, {}).get("results", []):
+        out.append(f"{k} b{r['batch']} {r['decode_tokens_per_s']:.1f} tok/s ({r['decode_step_ms']:.3f} ms)")
+print(sys.argv[1].rsplit("/", 1)[-1], "; ".join(out))
+PY
+}
+for i in 1 2; do
+  for v in off on; do
+    [ $SECONDS -lt 470 ] || break 2
+    timeout $((585 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections bf16,int4 --batch 1 --eager-peer 0 --triton-argmax $v --out $OUT/argmax-$v-$i.json > $OUT/argmax-$v-$i.log 2>&1
+    echo "argmax $v $i rc $? at ${SECONDS}s"; summ $OUT/argmax-$v-$i.json
+  done
+done
