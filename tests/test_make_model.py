@@ -151,7 +151,7 @@ def test_widened_demo_and_lora_on_disk_give_the_demos_peft_model(tmp_path):
     from scripts.make_model import DEMO_BASE
 
     demo = DEMO_BASE.parent
-    shape = ["--hidden", "512", "--inter", "768", "--layers", "5", "--heads", "4", "--kv-heads", "2", "--vocab", "2100"]
+    shape = "--hidden 512 --inter 768 --layers 5 --heads 4 --kv-heads 2 --vocab 2100".split()
     assert main(["widen", str(tmp_path), "--base", str(demo / "base"), "--adapter", str(demo / "lora"),
                  "--dtype", "float32", "--shard-gb", "0.004", "--device", "cpu", *shape]) == 0  # fmt: skip
     assert (tmp_path / "base" / "model.safetensors.index.json").exists()  # sharded like the Hub's
