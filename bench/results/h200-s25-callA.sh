@@ -11,21 +11,10 @@ timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_trit
 echo "fused + attention tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt
 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_cuda_int4.py -k "pdl or dependent or fused_mma" >> $OUT/cuda_tests.txt 2>&1
 echo "cuda tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt; grep -E "passed|failed|SKIP|Error" $OUT/cuda_tests.txt | tail -6
-summ() {
-python3 - "$1" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-out = []
-for k in ("bf16", "int4"):
-    for r in d.get(k, {}).get("results", []):
-        out.append(f"{k} b{r['batch']} {r['decode_tokens_per_s']:.1f} tok/s ({r['decode_step_ms']:.3f} ms)")
-print(sys.argv[1].rsplit("/", 1)[-1], "; ".join(out))
-PY
-}
 for i in 1 2; do
   for v in off on; do
     timeout 150 python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,bf16,int4 --batch 1 --eager-peer 0 --fused-pdl $v --out $OUT/ab-$v-$i.json > $OUT/ab-$v-$i.log 2>&1
-    echo "ab $v $i rc $? at ${SECONDS}s"; summ $OUT/ab-$v-$i.json
+    echo "ab $v $i rc $? at ${SECONDS}s"; python3 bench/results/decode_rows.py $OUT/ab-$v-$i.json
   done
 done
 timeout $((585 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections e2e,specdemo --e2e-repeats 5 --fused-pdl on --out $OUT/e2e.json > $OUT/e2e.log 2>&1

@@ -24,21 +24,10 @@ for h in 0 1; do
   timeout 200 python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections specwide --spec-k 2,4 --new-tokens 128 --spec-repeats 3 $flag --out $OUT/specwide-$h.json > $OUT/specwide-$h.log 2>&1
   echo "specwide head-quantized=$h rc $? at ${SECONDS}s"; spec $OUT/specwide-$h.json
 done
-summ() {
-python3 - "$1" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-out = []
-for k in ("bf16", "int4"):
-    for r in d.get(k, {}).get("results", []):
-        out.append(f"{k} b{r['batch']} {r['decode_tokens_per_s']:.1f} tok/s ({r['decode_step_ms']:.3f} ms)")
-print(sys.argv[1].rsplit("/", 1)[-1], "; ".join(out))
-PY
-}
 for i in 1 2; do
   for v in off on; do
     [ $SECONDS -lt 470 ] || break 2
     timeout $((585 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections bf16,int4 --batch 1 --eager-peer 0 --triton-argmax $v --out $OUT/argmax-$v-$i.json > $OUT/argmax-$v-$i.log 2>&1
-    echo "argmax $v $i rc $? at ${SECONDS}s"; summ $OUT/argmax-$v-$i.json
+    echo "argmax $v $i rc $? at ${SECONDS}s"; python3 bench/results/decode_rows.py $OUT/argmax-$v-$i.json
   done
 done
