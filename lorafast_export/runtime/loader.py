@@ -270,16 +270,48 @@ def _draft_args(draft: Runtime | None, cfg: ModelConfig, opts: RuntimeOptions, a
     }
 
 
+HEAD_GROUPS = (
+    128,
+    64,
+    32,
+)  # an lm_head quantized at load (int4_head): the largest that divides the hidden size
+
+
+def _int4_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
+    """fp's lm_head as an int4 QTensor (RTN, asymmetric, the largest of HEAD_GROUPS that divides the hidden size,
+    float16 scales: the scheme of the measured int4 tables), for a draft (option draft_int4_head): a draft only
+    proposes tokens and the model verifies each, so its head's rounding cannot change the output; it only moves
+    acceptance, and the draft's step reads a quarter of the head's bytes. Left as it is, with one log line, where
+    the head is tied to the embeddings or already quantized."""
+    from collections import ChainMap
+
+    from lorafast_export.model.spec import LM_HEAD
+    from lorafast_export.quant.rtn import quantize_rtn
+
+    group = next((g for g in HEAD_GROUPS if cfg.hidden_size % g == 0), None)
+    if cfg.tie_word_embeddings or LM_HEAD not in fp or (q is not None and "lm_head" in q) or group is None:
+        log.info("%s: lm_head kept as stored (tied, already quantized or no int4 group fits)", model_dir)
+        return fp, q
+    fp = dict(fp)
+    head = quantize_rtn(fp.pop(LM_HEAD), 4, group, False, scale_dtype=torch.float16)
+    log.info("%s: lm_head quantized at load (int4 RTN, group %d) for drafting", model_dir, group)
+    return fp, ChainMap({"lm_head": head}, q if q is not None else {})
+
+
 def open_runtime(
     model_dir: str | Path,
     device: str = "cpu",
     use_aot: bool | None = None,
     draft_dir: str | Path | None = None,
+    *,
+    int4_head: bool = False,
     **overrides,
 ) -> Runtime:
     """Load an artifact's model/ directory. overrides: RuntimeOptions fields (e.g. compile="off").
     use_aot: None = use the AOTInductor packages when they were built for this device type.
-    draft_dir: another artifact's model/ directory whose model drafts for speculative decoding."""
+    draft_dir: another artifact's model/ directory whose model drafts for speculative decoding (its lm_head
+    quantized at load with option draft_int4_head). int4_head: this model's lm_head quantized at load
+    (`int4_head`)."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -297,8 +329,12 @@ def open_runtime(
         keep = {
             k: v for k, v in overrides.items() if k in ("compile", "max_batch", "max_seq_len", "block_size")
         }  # the draft's own engine never runs: the model's engine warms the draft's shapes
-        draft = open_runtime(draft_dir, device, use_aot=False, warm_up="off", **keep)
+        draft = open_runtime(
+            draft_dir, device, use_aot=False, warm_up="off", int4_head=opts.draft_int4_head, **keep
+        )
     fp, q = (None, None) if use else read_weights(model_dir, meta, dev)  # a package holds its own weights
+    if int4_head and fp is not None:
+        fp, q = _int4_head(cfg, fp, q, model_dir)
     return build_runtime(
         cfg,
         fp,

@@ -142,3 +142,31 @@ def test_draft_with_another_vocabulary_is_refused(tmp_path):
     a, b = lower(md, tmp_path / "a" / "model"), lower(other, tmp_path / "b" / "model")
     with pytest.raises(InputError, match="vocabulary 128 differs"):
         api.load(a, "cpu", draft=b)
+
+
+def test_draft_int4_head_quantizes_only_the_drafts_head_and_keeps_the_output(tmp_path):
+    """Option draft_int4_head: the draft's lm_head is quantized at load (int4 RTN), the model's is not, and the
+    speculative output is still the model's own greedy output (the model verifies every drafted token)."""
+    from lorafast_export.qform import dequantize
+    from lorafast_export.quant.rtn import quantize_rtn
+    from lorafast_export.runtime.linear import Int4Linear
+
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp_dir = lower(md, tmp_path / "fp" / "model", max_seq_len=64)
+    prompt = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    want = greedy_reference(load_decoder(md), prompt, 20)
+    rt = api.load(fp_dir, "cpu", draft=fp_dir, speculation="always", draft_int4_head=True)
+    draft_head, head = rt.engine.draft.dec.lm_head, rt.model.dec.lm_head
+    assert isinstance(head, torch.nn.Linear) and isinstance(draft_head, Int4Linear)
+    # the stored head's int4 RTN g128 (the fake-quant reference): what the draft's head computes
+    fake = dequantize(quantize_rtn(head.weight.detach(), 4, 128, False, scale_dtype=torch.float16))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, exact, want_q = draft_head(x), head(x), x @ fake.T
+    assert (got - want_q).abs().max() <= 1e-4 * want_q.abs().max()
+    assert (got - exact).abs().max() > 1e-3 * exact.abs().max()  # it is not the stored head
+    assert rt.generate_batch([prompt], 20)[0] == want
+    assert rt.engine.stats.spec_rounds > 0 and rt.engine.stats.accepted > 0
+    # off (the default): the draft keeps its head as stored
+    plain = api.load(fp_dir, "cpu", draft=fp_dir, speculation="always")
+    assert isinstance(plain.engine.draft.dec.lm_head, torch.nn.Linear)
