@@ -270,11 +270,8 @@ def _draft_args(draft: Runtime | None, cfg: ModelConfig, opts: RuntimeOptions, a
     }
 
 
-HEAD_GROUPS = (
-    128,
-    64,
-    32,
-)  # an lm_head quantized at load (int4_head): the largest that divides the hidden size
+# an lm_head quantized at load (_int4_head): the largest of these that divides the hidden size
+HEAD_GROUPS = (128, 64, 32)
 
 
 def _int4_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
@@ -311,7 +308,7 @@ def open_runtime(
     use_aot: None = use the AOTInductor packages when they were built for this device type.
     draft_dir: another artifact's model/ directory whose model drafts for speculative decoding (its lm_head
     quantized at load with option draft_int4_head). int4_head: this model's lm_head quantized at load
-    (`int4_head`)."""
+    (`_int4_head`; what the model that loads a draft asks of it)."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
