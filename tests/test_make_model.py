@@ -126,7 +126,17 @@ def test_widened_demo_computes_the_demos_function_in_transformers():
         assert got.shape[-1] == 4096 and (got[..., :2048] - want).abs().max() <= 1e-4 * want.abs().max()
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=2)
-        assert torch.equal(wide.generate(**ids, **kw), small.generate(**ids, **kw))
+        want_tokens = small.generate(**ids, **kw)
+        assert torch.equal(wide.generate(**ids, **kw), want_tokens)
+    # our runtime reads the widened config (rope theta 1e8, eps / 4) as transformers does: the demo's tokens
+    from lorafast_export.model.spec import ModelConfig
+    from lorafast_export.runtime.loader import build_runtime
+    from lorafast_export.runtime.options import RuntimeOptions
+
+    opts = RuntimeOptions(compile="off", max_seq_len=128, max_batch=1, batch_buckets=(1,))
+    rt = build_runtime(ModelConfig.from_dict(cfg), state, None, "cpu", torch.float32, opts)
+    prompt = ids["input_ids"][0].tolist()
+    assert rt.generate_batch([prompt], 24)[0] == want_tokens[0, len(prompt) :].tolist()
     # a change that breaks the function is seen: the old rope theta
     bad = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**{**cfg, "rope_parameters": config["rope_parameters"]})
