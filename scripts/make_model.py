@@ -458,7 +458,7 @@ def widen(config: dict, state: dict[str, torch.Tensor], shape: dict, dtype=None,
     cfg = hf_config({**big, "rope": {"rope_type": "default", "rope_theta": float(rope["rope_theta"]) ** (big_d / d)}},
                     "llama", str(dtype).removeprefix("torch."))  # fmt: skip
     cfg["rms_norm_eps"] = config.get("rms_norm_eps", 1e-5) * h / big["hidden"]
-    maps = _linear_maps(d, big_d, heads, g, big_g, kv, h, inter)
+    maps = {k: (r.to(device), c.to(device), x) for k, (r, c, x) in _linear_maps(d, big_d, heads, g, big_g, kv, h, inter).items()}  # fmt: skip
     norm_scale = (h / big["hidden"]) ** 0.5
     shapes = tensor_shapes(cfg)
     out = {}
