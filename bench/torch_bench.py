@@ -326,6 +326,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
         kernel_pdl=a.kernel_pdl == "on",
         fused_pdl=a.fused_pdl == "on",
         triton_argmax=a.triton_argmax == "on",
+        attn_last_merges=a.attn_last_merges == "on",
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
     t = time.perf_counter()
@@ -336,6 +337,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
     res["kernel_pdl"] = opts.kernel_pdl
     res["fused_pdl"] = opts.fused_pdl
     res["triton_argmax"] = opts.triton_argmax
+    res["attn_last_merges"] = opts.attn_last_merges
     if opts.decode_steps > 1 and a.single_step_peer:
         res["single_step"] = single_step_peer(rt, a, batches)
     step_bytes = bytes_per_step(rt)
@@ -801,6 +803,7 @@ def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("kernel_pdl", a.kernel_pdl == "on")
     kw.setdefault("fused_pdl", a.fused_pdl == "on")
     kw.setdefault("triton_argmax", a.triton_argmax == "on")
+    kw.setdefault("attn_last_merges", a.attn_last_merges == "on")
     kw.setdefault("overlap_bursts", a.overlap_bursts == "on")
     return RuntimeOptions(
         compile=a.compile,
@@ -1782,6 +1785,9 @@ def main() -> None:
     p.add_argument("--fused-pdl", default="off", choices=("off", "on"), help="runtime option (most sections)")
     p.add_argument(
         "--triton-argmax", default="off", choices=("off", "on"), help="runtime option (most sections)"
+    )
+    p.add_argument(
+        "--attn-last-merges", default="off", choices=("off", "on"), help="runtime option (most sections)"
     )
     p.add_argument(
         "--quant-lm-head",

@@ -22,6 +22,7 @@ from lorafast_export.runtime.paged import (
     PagedModel,
     build_model,
     triton_attention_fits,
+    use_attn_last_merges,
     use_fused_decode,
     use_kernel_pdl,
 )
@@ -190,6 +191,8 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
             log.info("fused decode kernels for %d layers", use_fused_decode(dec, rows))
         if opts.kernel_pdl and (n := use_kernel_pdl(dec, device, opts.fused_pdl)) is not None:
             log.info("programmatic dependent launch: attention and %d int4 MMA linears", n)
+        if opts.attn_last_merges and attention == "triton":  # a verify's tokens are rows of the kernel too
+            use_attn_last_merges(dec, device, opts.max_batch * (opts.spec_k + 1 if draft is not None else 1))
         model = PagedModel(dec, cache, attention)
         model.pdl = opts.inductor_pdl
         if compiled and (

@@ -44,6 +44,7 @@ class RuntimeOptions:
     kernel_pdl: bool = True  # our CUDA kernels (int4 MMA, paged decode attention) as programmatic dependent launches (sm90+; same outputs)
     fused_pdl: bool = False  # with kernel_pdl: the dense fused decode ops too, each asking L2 for its weights before it waits (sm90+; same arithmetic; not yet run on a GPU)
     triton_argmax: bool = False  # greedy picks on CUDA through runtime/triton_argmax.py (two kernels over slices of the row) instead of torch's one-block argmax (0.03 ms of an 8B step); the same tokens; not yet run on a GPU
+    attn_last_merges: bool = False  # the Triton paged decode attention as one kernel whose last program of each (row, kv head) merges the splits, no merge kernel (an int32 counter per pair); the same arithmetic; not yet run on a GPU
     draft_int4_head: bool = False  # with a draft (--draft): its lm_head quantized to int4 at load (RTN g128) where stored in 16/32 bits and untied; the model verifies every token, so the output cannot change; a draft step reads a quarter of the head's bytes; not yet timed as a draft on a GPU
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
     fused_decode: str = "auto"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16
@@ -78,6 +79,7 @@ class RuntimeOptions:
             "fused_pdl",
             "triton_argmax",
             "draft_int4_head",
+            "attn_last_merges",
         ):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: use true or false")

@@ -324,6 +324,9 @@ def paged_layer(
                 splits,
                 getattr(layer, "attn_pdl", False),
                 getattr(layer, "fused_pdl", False),  # the next kernel launches early (use_kernel_pdl's dense)
+                getattr(
+                    layer, "attn_counters", None
+                ),  # one kernel: its last programs merge (use_attn_last_merges)
             )
             return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)
@@ -521,6 +524,16 @@ def use_kernel_pdl(dec: Decoder, device, dense: bool = False) -> int | None:
         if getattr(layer, "mma_fused", None) is not None:
             layer.mma_fused = [[ksb, minb, bits | cuda_int4.PDL] for ksb, minb, bits in layer.mma_fused]
     return n
+
+
+def use_attn_last_merges(dec: Decoder, device, rows: int) -> None:
+    """Option attn_last_merges: the layers' Triton paged decode attention as one kernel, whose last program of each
+    (row, kv head) merges the context splits, instead of a second merge kernel (runtime/triton_attention.py). The
+    layers run one after another, so they share one buffer of rows x kv heads int32 counters, which every launch
+    leaves at 0; a call with more rows than that runs the two kernels."""
+    counters = torch.zeros(rows * dec.model.layers[0].self_attn.n_kv, dtype=torch.int32, device=device)
+    for layer in dec.model.layers:
+        layer.attn_counters = counters
 
 
 def decode_forward(

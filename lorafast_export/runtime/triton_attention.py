@@ -43,6 +43,8 @@ def _paged_decode_kernel(
     lens_ptr,  # [B] int64: tokens of each row, the new one included
     o_ptr,  # [B, HQ, SPLITS, D] fp32
     lse_ptr,  # [B, HQ, SPLITS] fp32
+    cnt_ptr,  # [>= B * HKV] int32, all 0 (LAST): programs of each (row, kv head) done; left at 0
+    out_ptr,  # [B, HQ, D] in q's dtype (LAST)
     slots,
     m_width,
     window,  # attend to the last `window` tokens; <= 0: all
@@ -57,6 +59,8 @@ def _paged_decode_kernel(
     IEEE: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch (`paged_decode`)
     EARLY: tl.constexpr,  # PDL: let the next kernel launch before this one's wait (`paged_decode`'s early)
+    LAST: tl.constexpr,  # the last program of each (row, kv head) to finish merges its splits (no merge kernel)
+    SP: tl.constexpr,  # SPLITS padded to a power of two (LAST)
 ):
     pdl_start(PDL, EARLY)  # nothing read or written before the previous kernel is done
     b = tl.program_id(0)
@@ -103,6 +107,33 @@ def _paged_decode_kernel(
     row_off = (b * HQ + qh) * SPLITS + s
     tl.store(o_ptr + row_off[:, None] * D + dd[None, :], out, mask=(rows < G)[:, None])
     tl.store(lse_ptr + row_off, lse, mask=rows < G)
+    if LAST:
+        # every thread's stores are issued (barrier), then one gpu-scope release: the program that counts last sees
+        # all splits' partials (acquire), merges them as _merge_kernel does and leaves the counter at 0 for the next
+        # launch; its loads bypass L1 (.cg), which may hold nothing of other programs' writes
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + b * (HQ // G) + h, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if done == SPLITS - 1:
+            for gi in tl.static_range(G):
+                _merge_row(o_ptr, lse_ptr, out_ptr, b * HQ + h * G + gi, SPLITS, SP, D, ".cg")
+            tl.atomic_xchg(cnt_ptr + b * (HQ // G) + h, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_row(o_ptr, lse_ptr, out_ptr, r, SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
+               CACHE: tl.constexpr):  # fmt: skip
+    """Row r's (a (row, query head) pair) splits merged by log-sum-exp weights, written in the output dtype."""
+    ss = tl.arange(0, SP)
+    dd = tl.arange(0, D)
+    lse = tl.load(lse_ptr + r * SPLITS + ss, mask=ss < SPLITS, other=float("-inf"), cache_modifier=CACHE)
+    m = tl.max(lse, 0)
+    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits: exp(-inf) = 0
+    o = tl.load(o_ptr + (r * SPLITS + ss)[:, None] * D + dd[None, :], mask=(ss < SPLITS)[:, None], other=0.0,
+                cache_modifier=CACHE)  # fmt: skip
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0, 1.0, total)
+    tl.store(out_ptr + r * D + dd, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -119,18 +150,11 @@ def _merge_kernel(
     """The splits of one (row, query head) merged by log-sum-exp weights, written in the output dtype: one
     launch where torch's softmax, multiply, sum and cast took four (0.27 ms of an 8B step at batch 1)."""
     pdl_start(PDL, EARLY)
-    r = tl.program_id(0)
-    ss = tl.arange(0, SP)
-    dd = tl.arange(0, D)
-    lse = tl.load(lse_ptr + r * SPLITS + ss, mask=ss < SPLITS, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits: exp(-inf) = 0
-    o = tl.load(o_ptr + (r * SPLITS + ss)[:, None] * D + dd[None, :], mask=(ss < SPLITS)[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0, 1.0, total)
-    tl.store(out_ptr + r * D + dd, out.to(out_ptr.dtype.element_ty))
+    _merge_row(o_ptr, lse_ptr, out_ptr, tl.program_id(0), SPLITS, SP, D, "")
 
 
+# counters: scratch the kernel leaves as it found it (all 0), so not declared as mutated (a declared mutation would
+# have torch.compile clone it around each call)
 @torch.library.custom_op("lorafast::paged_decode", mutates_args=())
 def paged_decode(
     q: torch.Tensor,
@@ -143,21 +167,26 @@ def paged_decode(
     splits: int = 0,
     pdl: bool = False,
     early: bool = False,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, hq, d]; pools [hkv, slots, d]; block_tables [B, M]; seq_lens [B] → [B, hq, d] (q's dtype).
     window <= 0: no sliding window. splits: context splits (0: num_splits for B rows). Each row's result
     depends only on its own inputs and on (splits, M): a verify that runs its k + 1 query tokens as rows
     with the split count of the one-token step computes each token as that step does. pdl: both kernels as
     programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first;
-    early (with pdl; option fused_pdl): each lets the next kernel launch before its wait (`pdl_start`)."""
+    early (with pdl; option fused_pdl): each lets the next kernel launch before its wait (`pdl_start`).
+    counters (option attn_last_merges; int32, all 0, at least B x hkv of them): one kernel, whose last program of
+    each (row, kv head) merges the splits, instead of a second merge kernel; the same arithmetic."""
     launch = {"PDL": pdl, "EARLY": pdl and early} | ({"launch_pdl": True} if pdl else {})
     b, hq, d = q.shape
     hkv, slots, _ = k_pool.shape
     g = hq // hkv
     width = block_tables.shape[1]
     splits = splits or num_splits(b, hkv, width)
+    last = counters is not None and counters.numel() >= b * hkv
     o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     _paged_decode_kernel[(b, hkv, splits)](
         q.contiguous(),
         k_pool,
@@ -166,6 +195,8 @@ def paged_decode(
         seq_lens.contiguous(),
         o,
         lse,
+        counters if last else lse,  # unused without LAST
+        out,
         slots,
         width,
         window,
@@ -178,13 +209,27 @@ def paged_decode(
         SPLITS=splits,
         PER=-(-width // splits),
         IEEE=q.dtype == torch.float32,
+        LAST=last,
+        SP=triton.next_power_of_2(splits),
         **launch,
     )
-    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
-    _merge_kernel[(b * hq,)](o, lse, out, SPLITS=splits, SP=triton.next_power_of_2(splits), D=d, **launch)
+    if not last:
+        _merge_kernel[(b * hq,)](o, lse, out, SPLITS=splits, SP=triton.next_power_of_2(splits), D=d, **launch)
     return out
 
 
 @paged_decode.register_fake
-def _(q, k_pool, v_pool, block_tables, seq_lens, block_size, window, splits=0, pdl=False, early=False):
+def _(
+    q,
+    k_pool,
+    v_pool,
+    block_tables,
+    seq_lens,
+    block_size,
+    window,
+    splits=0,
+    pdl=False,
+    early=False,
+    counters=None,
+):
     return torch.empty_like(q)

@@ -28,6 +28,42 @@ def test_triton_decode_equals_gather(lengths, hkv, hq, d, window, dtype):
     assert (out - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
 
 
+@pytest.mark.parametrize("lengths,hkv,hq,d,window", CASES)
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_last_program_merge_equals_the_merge_kernel(lengths, hkv, hq, d, window, splits):
+    """counters (option attn_last_merges): one kernel whose last program of each (row, kv head) merges the splits
+    gives the two-kernel path's output bit for bit, leaves every counter at 0, and does so again on the same
+    counters (what the next layer and the next step reuse)."""
+    k_pool, v_pool, tables, lens, _ = scattered_pool(lengths, hkv=hkv, d=d, bs=16)
+    q = torch.randn(len(lengths), hq, d, generator=torch.Generator().manual_seed(len(lengths) + hq))
+    k_pool, v_pool, q, tables, lens = (t.to(DEV) for t in (k_pool, v_pool, q, tables, lens))
+    want = paged_decode(q, k_pool, v_pool, tables, lens, 16, window or 0, splits)
+    counters = torch.zeros(len(lengths) * hkv + 3, dtype=torch.int32, device=DEV)
+    for _ in range(2):
+        got = paged_decode(q, k_pool, v_pool, tables, lens, 16, window or 0, splits, counters=counters)
+        assert torch.equal(got, want) and not counters.any()
+    # too few counters for the rows: the two-kernel path, untouched counters
+    short = torch.zeros(len(lengths) * hkv - 1, dtype=torch.int32, device=DEV)
+    assert torch.equal(
+        paged_decode(q, k_pool, v_pool, tables, lens, 16, window or 0, splits, counters=short), want
+    )
+
+
+def test_last_program_merge_is_done_by_the_last_program_only(monkeypatch):
+    """A counter that does not start at 0 (a program that is never last) leaves that pair unmerged: the merge really
+    runs in the kernel, once per (row, kv head), by the program that counts to SPLITS."""
+    k_pool, v_pool, tables, lens, _ = scattered_pool([40, 70], hkv=2, d=32, bs=16)
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(7))
+    k_pool, v_pool, q, tables, lens = (t.to(DEV) for t in (k_pool, v_pool, q, tables, lens))
+    want = paged_decode(q, k_pool, v_pool, tables, lens, 16, 0, 3)
+    counters = torch.zeros(4, dtype=torch.int32, device=DEV)
+    counters[1] = 100  # row 0, kv head 1: its count never reaches SPLITS - 1
+    got = paged_decode(q, k_pool, v_pool, tables, lens, 16, 0, 3, counters=counters)
+    assert torch.equal(got[0, :2], want[0, :2]) and torch.equal(got[1], want[1])  # the other pairs merged
+    assert not torch.equal(got[0, 2:], want[0, 2:])  # query heads 2-3 of row 0 (kv head 1) were not
+    assert counters.tolist() == [0, 103, 0, 0]
+
+
 def test_split_count():
     assert num_splits(1, 8, 64) == 32 and num_splits(32, 8, 64) == 2 and num_splits(1, 1, 3) == 3
 
@@ -45,16 +81,56 @@ def test_programmatic_dependent_launch_gives_the_same_bits():
     tables, lens = tables.to(DEV), lens.to(DEV)
     q0 = torch.randn(len(lengths), 8, 64, device=DEV, dtype=torch.bfloat16)
 
-    def run(pdl: bool, early: bool = False):
+    counters = torch.zeros(len(lengths) * 2, dtype=torch.int32, device=DEV)
+
+    def run(pdl: bool, early: bool = False, cnt=None):
         q = q0 * 2  # written by the kernel just before
-        return paged_decode(q, k_pool, v_pool, tables, lens, 16, 0, 0, pdl, early) * 1
+        return paged_decode(q, k_pool, v_pool, tables, lens, 16, 0, 0, pdl, early, cnt) * 1
 
     want = run(False)
     for early in (False, True):  # early: each kernel lets the next launch before it waits
-        assert torch.equal(run(True, early), want)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            got = run(True, early)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want)
+        for cnt in (None, counters):  # counters: one kernel, the last program merges (attn_last_merges)
+            assert torch.equal(run(True, early, cnt), want)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                got = run(True, early, cnt)
+            for _ in range(3):
+                g.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(got, want) and not counters.any()
+
+
+def test_layers_with_last_program_merges_give_the_two_kernel_logits(tmp_path, monkeypatch):
+    """use_attn_last_merges (option attn_last_merges): every layer's decode steps and a 3-token verify through the
+    one-kernel attention (no merge kernel launched) give the two-kernel logits bit for bit, and the shared counters
+    end at 0."""
+    from lorafast_export.runtime import triton_attention
+    from lorafast_export.runtime.paged import use_attn_last_merges
+    from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    merges = []
+
+    class Counted:  # the merge kernel, its launches counted
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return merge[grid]
+
+    merge = triton_attention._merge_kernel
+    monkeypatch.setattr(triton_attention, "_merge_kernel", Counted())
+
+    def run(last: bool):
+        merges.clear()
+        pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
+        if last:
+            use_attn_last_merges(pm.dec, DEV, rows=4)
+        return pm, verify_and_steps(pm, cache, DEV), len(merges)
+
+    _, (verify, steps), two = run(False)
+    pm, (verify_last, steps_last), one = run(True)
+    assert two == 4 * md.config.num_layers and one == 0  # 3 steps + the verify, each layer
+    counters = {id(layer.attn_counters) for layer in pm.dec.model.layers}
+    assert len(counters) == 1 and not pm.dec.model.layers[0].attn_counters.any()
+    assert torch.equal(verify_last, verify) and all(
+        torch.equal(a, b) for a, b in zip(steps_last, steps, strict=True)
+    )
