@@ -3,10 +3,7 @@
 # int4 RTN g128 draft, with its lm_head in bf16 and then quantized: the verify is the bf16 model, so the output
 # cannot change), then the greedy argmax as two Triton kernels (option triton_argmax) at batch 1, interleaved
 # off / on / off / on. First the argmax's CUDA tests.
-set -u
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
-echo "main $(cat .devq/commit) + session 26's working tree"
+source bench/results/device_env.sh || exit 3
 timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_triton_argmax.py > $OUT/cuda_tests.txt 2>&1
 echo "argmax tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt; grep -E "passed|failed|SKIP|Error" $OUT/cuda_tests.txt | tail -4
 spec() {

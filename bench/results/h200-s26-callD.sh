@@ -3,10 +3,7 @@
 # function up to rounding; 16 GB bf16), then `build --target trt-llm --quant awq` with default validation from
 # cold caches, and `--target torch-compile --quant gptq`. On random weights every 8B build so far exited 1 on the
 # default gates; here the gates see a fine-tune whose predictions mean something.
-set -u
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
-echo "main $(cat .devq/commit)"
+source bench/results/device_env.sh || exit 3
 D=lorafast_export/data/demo
 python3 scripts/make_model.py widen /tmp/w8b --base $D/base --adapter $D/lora --preset llama3-8b --dtype bfloat16 --device cuda > $OUT/widen.log 2>&1
 echo "widen rc $? at ${SECONDS}s"; tail -2 $OUT/widen.log

@@ -2,10 +2,7 @@
 # last split program merges (runtime option attn_last_merges). Its CUDA tests (bit for bit against the two-kernel
 # path, eagerly, with PDL and from CUDA graphs replayed three times, the counters back at 0), then bf16 and int4 at
 # batch 1, interleaved off / on / off / on.
-set -u
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 3
-echo "main $(cat .devq/commit) + session 26's working tree"
+source bench/results/device_env.sh || exit 3
 timeout 180 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_triton_attention.py > $OUT/cuda_tests.txt 2>&1
 echo "attention tests rc $? at ${SECONDS}s" | tee -a $OUT/cuda_tests.txt; grep -E "passed|failed|SKIP|Error" $OUT/cuda_tests.txt | tail -4
 for i in 1 2; do
