@@ -5,7 +5,8 @@ that copy was 1.9 of 9.4 ms per Llama-3-8B decode step on an H200 (bench/TORCH.m
 owns (row, kv head, context split): it walks the row's block table, loads each 16-token block of K and V
 straight from the pool, and keeps an online softmax for the query heads that share the kv head. Splits
 over the context keep the GPU busy at batch 1; their partial outputs merge by log-sum-exp weights in a
-second small kernel.
+second small kernel, or (with `counters`, option attn_last_merges) in the same kernel, by the last of a (row, kv
+head)'s split programs to finish.
 
 Triton is imported only here (CUDA, or its interpreter in tests: TRITON_INTERPRET=1 before the import).
 The op is a torch custom op, so torch.compile treats it as one opaque kernel and CUDA graphs capture it.
