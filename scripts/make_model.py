@@ -270,6 +270,15 @@ def make_widened(out: Path, small: Path, shape: dict, *, adapter: Path | None = 
 
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ad_cfg = None
+    if adapter is not None:  # checked before anything is written
+        ad_cfg = json.loads((adapter / "adapter_config.json").read_text())
+        if (
+            ad_cfg.get("use_dora")
+            or ad_cfg.get("peft_type", "LORA") != "LORA"
+            or ad_cfg.get("modules_to_save")
+        ):
+            raise ValueError(f"{adapter}: only a plain LoRA is widened (no DoRA, no modules_to_save)")
     config = json.loads((small / "config.json").read_text())
     store = open_model(small).store
     state = {n: store.get(n) for n in store.keys()}
@@ -287,13 +296,6 @@ def make_widened(out: Path, small: Path, shape: dict, *, adapter: Path | None = 
     if adapter is not None:
         lora = Path(out) / "lora"
         lora.mkdir(parents=True, exist_ok=True)
-        ad_cfg = json.loads((adapter / "adapter_config.json").read_text())
-        if (
-            ad_cfg.get("use_dora")
-            or ad_cfg.get("peft_type", "LORA") != "LORA"
-            or ad_cfg.get("modules_to_save")
-        ):
-            raise ValueError(f"{adapter}: only a plain LoRA is widened (no DoRA, no modules_to_save)")
         tensors = widen_lora(config, load_file(str(adapter / "adapter_model.safetensors")), shape)
         save_file(tensors, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
         ad_cfg["base_model_name_or_path"] = str(base)

@@ -180,3 +180,27 @@ def test_widened_demo_and_lora_on_disk_give_the_demos_peft_model(tmp_path):
     assert (wide_plain[..., :2048] - small_plain).abs().max() <= 1e-4 * top
     assert (small_tuned - small_plain).abs().max() > 1e-2 * top  # the adapter does something
     assert torch.equal(wide_tuned.argmax(-1), small_tuned.argmax(-1))
+
+
+def test_widen_cli_refuses_what_it_cannot_widen(tmp_path, capsys):
+    """A DoRA adapter (its magnitudes are per output row: zero rows would divide by zero) and a missing --base are
+    refused with exit 2 and a message naming what to change."""
+    from scripts.make_model import DEMO_BASE
+
+    demo = DEMO_BASE.parent
+    shape = "--hidden 512 --inter 768 --layers 5 --heads 4 --kv-heads 2 --vocab 2100".split()
+    args = [
+        "widen",
+        str(tmp_path / "w"),
+        "--adapter",
+        str(demo / "dora"),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, "--base", str(demo / "base"), *shape]) == 2
+    assert "only a plain LoRA is widened" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+    assert main([*args, *shape]) == 2
+    assert "--base DIR (the trained model) is required" in capsys.readouterr().err
