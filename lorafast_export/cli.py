@@ -567,10 +567,17 @@ def report_diff(ctx: Ctx, a, b):
 @click.option(
     "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
 )
+@click.option(
+    "--speculative",
+    type=click.Choice(["int4"]),
+    help="Speculative decoding with the artifact as its own draft, its linears quantized to int4 at load.",
+)
 @click.pass_obj
-def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft):
+def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft, speculative):
     """Greedy generation for every prompt of a file, through the artifact's runtime; resumes if interrupted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    drafting = _draft_of(artifact, draft, speculative)
 
     from lorafast_export.generate import generate_file
 
@@ -599,7 +606,7 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft)
             max_new_tokens,
             batch_size,
             progress,
-            None if draft is None else Path(draft),
+            *drafting,
         )
     finally:
         if bar:
@@ -613,6 +620,16 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft)
     )
 
 
+def _draft_of(artifact, draft, speculative) -> tuple[Path | None, bool]:
+    """--draft DIR or --speculative int4 (the artifact as its own draft, its linears int4 at load) -> (the draft's
+    artifact, whether its linears are quantized at load)."""
+    if speculative is not None and draft is not None:
+        raise click.UsageError("--draft and --speculative both name a draft: use one of them")
+    if speculative == "int4":
+        return Path(artifact), True
+    return (None if draft is None else Path(draft)), False
+
+
 # ---------------------------------------------------------------------------------------------- run / bench
 
 
@@ -624,18 +641,25 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft)
 @click.option(
     "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
 )
+@click.option(
+    "--speculative",
+    type=click.Choice(["int4"]),
+    help="Speculative decoding with the artifact as its own draft, its linears quantized to int4 at load.",
+)
 @click.pass_obj
-def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft):
+def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft, speculative):
     """Greedy generation for one prompt through our runtime (torch-compile target)."""
     import transformers
 
     from lorafast_export.runtime.api import model_dir_of, run_prompt
 
+    d, self_int4 = _draft_of(artifact, draft, speculative)
+
     def go():
         model_dir = model_dir_of(artifact)
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
         ids = tok(prompt)["input_ids"]
-        new = run_prompt(artifact, ids, max_new_tokens, device, draft)
+        new = run_prompt(artifact, ids, max_new_tokens, device, d, draft_int4=self_int4)
         return {"prompt": prompt, "completion": tok.decode(new), "tokens": new}
 
     res = _run(ctx, go)
@@ -651,8 +675,13 @@ def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft):
 @click.option(
     "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
 )
+@click.option(
+    "--speculative",
+    type=click.Choice(["int4"]),
+    help="Speculative decoding with the artifact as its own draft, its linears quantized to int4 at load.",
+)
 @click.pass_obj
-def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft):
+def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, speculative):
     """Prefill/decode tokens/s, time to first token and peak memory per batch size (torch-compile target)."""
     from lorafast_export.runtime.api import bench
 
@@ -660,7 +689,8 @@ def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft):
         sizes = [int(b) for b in batch.split(",") if b]
     except ValueError:
         raise click.BadParameter(f"--batch {batch!r}: expected comma-separated integers") from None
-    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device, draft)
+    d, self_int4 = _draft_of(artifact, draft, speculative)
+    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device, d, draft_int4=self_int4)
 
     def show():
         t = Table(title=f"bench {artifact} ({device})")

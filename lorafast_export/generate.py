@@ -92,16 +92,18 @@ def _resume_from(out: Path) -> tuple[bytes, set, list[Path]]:
     return *best, stale
 
 
-def _session(target, artifact: Path, draft: Path | None):
-    """The artifact's runtime session; with a draft artifact, speculative (torch-compile only)."""
+def _session(target, artifact: Path, draft: Path | None, draft_int4: bool = False):
+    """The artifact's runtime session; with a draft artifact, speculative (torch-compile only); draft_int4: the
+    draft's linears quantized to int4 at load (`--speculative int4`: the artifact as its own draft)."""
     if draft is None:
         return target.load(artifact / "model")
     if target.name != "torch-compile":
+        what = "--speculative int4" if draft_int4 else f"--draft {draft}"
         raise InputError(
-            f"--draft {draft}: {artifact} is a {target.name} artifact; speculative decoding runs on "
-            "torch-compile artifacts (build both with --target torch-compile), or drop --draft."
+            f"{what}: {artifact} is a {target.name} artifact; speculative decoding runs on "
+            "torch-compile artifacts (build with --target torch-compile), or drop it."
         )
-    return target.load(artifact / "model", draft=draft)
+    return target.load(artifact / "model", draft=draft, **({"draft_int4": True} if draft_int4 else {}))
 
 
 def generate_file(
@@ -112,6 +114,7 @@ def generate_file(
     batch_size: int = 16,
     progress: Callable[[int, int], None] = lambda done, total: None,
     draft: Path | None = None,
+    draft_int4: bool = False,
 ) -> dict:
     import transformers
 
@@ -120,7 +123,7 @@ def generate_file(
     _refuse_same_file(inp, out)
     todo = [(rec.get("id", n), rec) for n, rec in read_prompts(inp)]
     completed(out)  # an output that is not ours is refused before the model is loaded
-    session = _session(artifact_target(artifact), artifact, draft)
+    session = _session(artifact_target(artifact), artifact, draft, draft_int4)
     tok = transformers.AutoTokenizer.from_pretrained(artifact / "model")
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):

@@ -62,7 +62,7 @@ def bench(
         rt = load(artifact_dir, device, draft, **{**overrides, "max_batch": max(batch_sizes)})
     res = {"artifact": str(artifact_dir), **bench_runtime(rt, batch_sizes, prompt_len, new_tokens)}
     if draft is not None:
-        res["draft"] = str(draft)
+        res["draft"] = str(draft) + (" (its linears int4 at load)" if overrides.get("draft_int4") else "")
     return res
 
 

@@ -298,6 +298,25 @@ def _int4_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
     return fp, ChainMap({"lm_head": head}, q if q is not None else {})
 
 
+def _int4_linears(cfg: ModelConfig, fp: dict, q, model_dir: Path):
+    """Every decoder linear that fp holds as an int4 QTensor (RTN, asymmetric, the largest of HEAD_GROUPS that divides
+    its input width, float16 scales): the model as its own int4 draft (`--speculative int4`). Like _int4_head, a draft
+    only proposes tokens, so this moves acceptance, never the output."""
+    from collections import ChainMap
+
+    from lorafast_export.quant.rtn import quantize_rtn
+
+    fp, made = dict(fp), {}
+    for name in [n for n in fp if ".layers." in n and n.endswith("_proj.weight")]:
+        group = next((g for g in HEAD_GROUPS if fp[name].shape[1] % g == 0), None)
+        if group is not None:
+            made[name.removesuffix(".weight")] = quantize_rtn(
+                fp.pop(name), 4, group, False, scale_dtype=torch.float16
+            )
+    log.info("%s: %d linears quantized at load (int4 RTN) for drafting", model_dir, len(made))
+    return fp, ChainMap(made, q if q is not None else {})
+
+
 def open_runtime(
     model_dir: str | Path,
     device: str = "cpu",
@@ -305,13 +324,16 @@ def open_runtime(
     draft_dir: str | Path | None = None,
     *,
     int4_head: bool = False,
+    int4_linears: bool = False,
+    draft_int4: bool = False,
     **overrides,
 ) -> Runtime:
     """Load an artifact's model/ directory. overrides: RuntimeOptions fields (e.g. compile="off").
     use_aot: None = use the AOTInductor packages when they were built for this device type.
     draft_dir: another artifact's model/ directory whose model drafts for speculative decoding (its lm_head
     quantized at load with option draft_int4_head). int4_head: this model's lm_head quantized at load
-    (`_int4_head`; what the model that loads a draft asks of it)."""
+    (`_int4_head`; what the model that loads a draft asks of it). int4_linears: its decoder linears too
+    (`_int4_linears`); draft_int4: the draft's (`--speculative int4`: the artifact as its own int4 draft)."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -330,9 +352,17 @@ def open_runtime(
             k: v for k, v in overrides.items() if k in ("compile", "max_batch", "max_seq_len", "block_size")
         }  # the draft's own engine never runs: the model's engine warms the draft's shapes
         draft = open_runtime(
-            draft_dir, device, use_aot=False, warm_up="off", int4_head=opts.draft_int4_head, **keep
+            draft_dir,
+            device,
+            use_aot=False,
+            warm_up="off",
+            int4_head=opts.draft_int4_head,
+            int4_linears=draft_int4,
+            **keep,
         )
     fp, q = (None, None) if use else read_weights(model_dir, meta, dev)  # a package holds its own weights
+    if int4_linears and fp is not None:
+        fp, q = _int4_linears(cfg, fp, q, model_dir)
     if int4_head and fp is not None:
         fp, q = _int4_head(cfg, fp, q, model_dir)
     return build_runtime(

@@ -77,3 +77,48 @@ def test_run_and_bench(tmp_path):
     assert r.exit_code == 0, r.output
     b = json.loads(r.stdout)
     assert [row["batch"] for row in b["results"]] == [1, 2]
+
+
+def test_speculative_int4_drafts_with_the_artifact_itself(tmp_path):
+    """`run` / `bench` / `generate --speculative int4`: the artifact drafts for itself with its linears quantized to
+    int4 at load; the tokens are the model's own greedy ones, it speculated, and --draft with it is refused."""
+    save_base_and_adapter(tmp_path, target_modules=ALL)
+    args = [
+        "-q",
+        "build",
+        "--base",
+        tmp_path / "base",
+        "--adapter",
+        tmp_path / "ad",
+        "--target",
+        "torch-compile",
+    ]
+    r = CliRunner().invoke(main, [str(a) for a in [*args, "--out", tmp_path / "tc", "--no-validate"]])
+    assert r.exit_code == 0, r.output
+
+    def cli(*a):
+        return CliRunner().invoke(main, [str(x) for x in a], catch_exceptions=False)
+
+    run = ["--json", "run", "--artifact", tmp_path / "tc", "--prompt", "the model", "--max-new-tokens", "8"]
+    plain, spec = cli(*run), cli(*run, "--speculative", "int4")
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    assert json.loads(spec.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    b = cli("--json", "bench", "--artifact", tmp_path / "tc", "--batch", "1", "--prompt-len", "8",
+            "--new-tokens", "6", "--speculative", "int4")  # fmt: skip
+    assert b.exit_code == 0, b.output
+    res = json.loads(b.stdout)
+    assert (
+        res["draft"].endswith("(its linears int4 at load)") and res["results"][0]["spec_rounds"] is not None
+    )
+    both = CliRunner().invoke(
+        main, [str(x) for x in [*run, "--speculative", "int4", "--draft", tmp_path / "tc"]]
+    )
+    assert both.exit_code == 2 and "use one of them" in both.output
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
+    g = cli("-q", "generate", "--artifact", tmp_path / "tc", "--input", tmp_path / "in.jsonl", "--output",
+            tmp_path / "out.jsonl", "--max-new-tokens", "8", "--speculative", "int4")  # fmt: skip
+    assert g.exit_code == 0, g.output
+    assert (
+        json.loads((tmp_path / "out.jsonl").read_text())["completion"]
+        == json.loads(plain.stdout)["completion"]
+    )

@@ -170,3 +170,23 @@ def test_draft_int4_head_quantizes_only_the_drafts_head_and_keeps_the_output(tmp
     # off (the default): the draft keeps its head as stored
     plain = api.load(fp_dir, "cpu", draft=fp_dir, speculation="always")
     assert isinstance(plain.engine.draft.dec.lm_head, torch.nn.Linear)
+
+
+def test_draft_int4_makes_the_artifact_its_own_int4_draft(tmp_path):
+    """open_runtime(draft_int4=True) (`--speculative int4`): the draft's decoder linears are int4 (RTN) at load and
+    compute the fake-quant product; the model's stay dense; the output is the model's greedy output."""
+    from lorafast_export.runtime.linear import Int4Linear
+
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp_dir = lower(md, tmp_path / "fp" / "model", max_seq_len=64)
+    prompt = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(6)).tolist()
+    want = greedy_reference(load_decoder(md), prompt, 20)
+    rt = api.load(fp_dir, "cpu", draft=fp_dir, draft_int4=True, speculation="always")
+    kinds = lambda dec: {type(m).__name__ for layer in dec.model.layers for m in layer.modules()}  # noqa: E731
+    assert "Int4Linear" in kinds(rt.engine.draft.dec) and "Linear" not in kinds(rt.engine.draft.dec)
+    assert "Int4Linear" not in kinds(rt.model.dec) and isinstance(
+        rt.engine.draft.dec.lm_head, torch.nn.Linear
+    )
+    assert not any(isinstance(m, Int4Linear) for m in rt.model.dec.modules())
+    assert rt.generate_batch([prompt], 20)[0] == want
+    assert rt.engine.stats.spec_rounds > 0 and 0 < rt.engine.stats.accepted
