@@ -83,17 +83,10 @@ def test_speculative_int4_drafts_with_the_artifact_itself(tmp_path):
     """`run` / `bench` / `generate --speculative int4`: the artifact drafts for itself with its linears quantized to
     int4 at load; the tokens are the model's own greedy ones, it speculated, and --draft with it is refused."""
     save_base_and_adapter(tmp_path, target_modules=ALL)
-    args = [
-        "-q",
-        "build",
-        "--base",
-        tmp_path / "base",
-        "--adapter",
-        tmp_path / "ad",
-        "--target",
-        "torch-compile",
-    ]
-    r = CliRunner().invoke(main, [str(a) for a in [*args, "--out", tmp_path / "tc", "--no-validate"]])
+    build = (
+        f"-q build --base {tmp_path}/base --adapter {tmp_path}/ad --target torch-compile --out {tmp_path}/tc"
+    )
+    r = CliRunner().invoke(main, [*build.split(), "--no-validate"])
     assert r.exit_code == 0, r.output
 
     def cli(*a):
