@@ -554,6 +554,28 @@ def report_diff(ctx: Ctx, a, b):
 # ---------------------------------------------------------------------------------------------- generate
 
 
+def _draft_options(f):
+    """--draft DIR and --speculative int4, the speculative options of generate, run and bench."""
+    f = click.option(
+        "--speculative",
+        type=click.Choice(["int4"]),
+        help="Speculative decoding with the artifact as its own draft, its linears quantized to int4 at load.",
+    )(f)
+    return click.option(
+        "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
+    )(f)
+
+
+def _draft_of(artifact, draft, speculative) -> tuple[Path | None, bool]:
+    """--draft DIR or --speculative int4 (the artifact as its own draft, its linears int4 at load) -> (the draft's
+    artifact, whether its linears are quantized at load)."""
+    if speculative is not None and draft is not None:
+        raise click.UsageError("--draft and --speculative both name a draft: use one of them")
+    if speculative == "int4":
+        return Path(artifact), True
+    return (None if draft is None else Path(draft)), False
+
+
 @main.command()
 @click.option(
     "--artifact", required=True, type=click.Path(file_okay=False), help="A built artifact directory."
@@ -564,22 +586,15 @@ def report_diff(ctx: Ctx, a, b):
 )
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option(
-    "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
-)
-@click.option(
-    "--speculative",
-    type=click.Choice(["int4"]),
-    help="Speculative decoding with the artifact as its own draft, its linears quantized to int4 at load.",
-)
+@_draft_options
 @click.pass_obj
 def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft, speculative):
     """Greedy generation for every prompt of a file, through the artifact's runtime; resumes if interrupted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    drafting = _draft_of(artifact, draft, speculative)
-
     from lorafast_export.generate import generate_file
+
+    drafting = _draft_of(artifact, draft, speculative)
 
     bar = (
         None
@@ -620,16 +635,6 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft,
     )
 
 
-def _draft_of(artifact, draft, speculative) -> tuple[Path | None, bool]:
-    """--draft DIR or --speculative int4 (the artifact as its own draft, its linears int4 at load) -> (the draft's
-    artifact, whether its linears are quantized at load)."""
-    if speculative is not None and draft is not None:
-        raise click.UsageError("--draft and --speculative both name a draft: use one of them")
-    if speculative == "int4":
-        return Path(artifact), True
-    return (None if draft is None else Path(draft)), False
-
-
 # ---------------------------------------------------------------------------------------------- run / bench
 
 
@@ -638,14 +643,7 @@ def _draft_of(artifact, draft, speculative) -> tuple[Path | None, bool]:
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
-@click.option(
-    "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
-)
-@click.option(
-    "--speculative",
-    type=click.Choice(["int4"]),
-    help="Speculative decoding with the artifact as its own draft, its linears quantized to int4 at load.",
-)
+@_draft_options
 @click.pass_obj
 def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft, speculative):
     """Greedy generation for one prompt through our runtime (torch-compile target)."""
@@ -672,14 +670,7 @@ def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft, speculati
 @click.option("--prompt-len", default=128, show_default=True, type=int)
 @click.option("--new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
-@click.option(
-    "--draft", type=click.Path(file_okay=False), help="Speculative decoding: an artifact that drafts."
-)
-@click.option(
-    "--speculative",
-    type=click.Choice(["int4"]),
-    help="Speculative decoding with the artifact as its own draft, its linears quantized to int4 at load.",
-)
+@_draft_options
 @click.pass_obj
 def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, speculative):
     """Prefill/decode tokens/s, time to first token and peak memory per batch size (torch-compile target)."""

@@ -103,7 +103,7 @@ def _session(target, artifact: Path, draft: Path | None, draft_int4: bool = Fals
             f"{what}: {artifact} is a {target.name} artifact; speculative decoding runs on "
             "torch-compile artifacts (build with --target torch-compile), or drop it."
         )
-    return target.load(artifact / "model", draft=draft, **({"draft_int4": True} if draft_int4 else {}))
+    return target.load(artifact / "model", draft=draft, draft_int4=draft_int4)
 
 
 def generate_file(

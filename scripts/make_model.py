@@ -460,7 +460,7 @@ def widen(config: dict, state: dict[str, torch.Tensor], shape: dict, dtype=None,
     cfg = hf_config({**big, "rope": {"rope_type": "default", "rope_theta": float(rope["rope_theta"]) ** (big_d / d)}},
                     "llama", str(dtype).removeprefix("torch."))  # fmt: skip
     cfg["rms_norm_eps"] = config.get("rms_norm_eps", 1e-5) * h / big["hidden"]
-    maps = {k: (r.to(device), c.to(device), x) for k, (r, c, x) in _linear_maps(d, big_d, heads, g, big_g, kv, h, inter).items()}  # fmt: skip
+    maps = _linear_maps(config, big, device)
     norm_scale = (h / big["hidden"]) ** 0.5
     shapes = tensor_shapes(cfg)
     out = {}
@@ -494,13 +494,18 @@ def _module(linear: str) -> str:
     return ("self_attn." if linear[0] in "qkvo" else "mlp.") + linear
 
 
-def _linear_maps(d, big_d, heads, g, big_g, kv, h, inter) -> dict[str, tuple]:
-    """widen's placement of each linear: (wide rows of its small rows, wide columns of its small columns, scale)."""
-    half = torch.arange(d)
+def _linear_maps(config: dict, shape: dict, device="cpu") -> dict[str, tuple]:
+    """widen's placement of each linear of the model `config` in `shape`: (wide rows of its small rows, wide columns
+    of its small columns, scale), the index tensors on `device`."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or h // heads
+    big_d, g, big_g = shape["hidden"] // shape["heads"], heads // kv, shape["heads"] // shape["kv_heads"]
+    half = torch.arange(d, device=device)
     dims = torch.where(half < d // 2, half, big_d // 2 + half - d // 2)  # small head dim -> wide head dim
     q_rows = torch.cat([(s // g * big_g + s % g) * big_d + dims for s in range(heads)])
     kv_rows = torch.cat([t * big_d + dims for t in range(kv)])
-    hid, mid = torch.arange(h), torch.arange(inter)
+    hid, mid = torch.arange(h, device=device), torch.arange(inter, device=device)
     return {"q_proj": (q_rows, hid, (big_d / d) ** 0.5), "k_proj": (kv_rows, hid, 1.0), "v_proj": (kv_rows, hid, 1.0),
             "o_proj": (hid, q_rows, 1.0), "gate_proj": (mid, hid, 1.0), "up_proj": (mid, hid, 1.0),
             "down_proj": (hid, mid, 1.0)}  # fmt: skip
@@ -510,11 +515,7 @@ def widen_lora(config: dict, adapter: dict[str, torch.Tensor], shape: dict) -> d
     """A PEFT LoRA of the small model (adapter_model.safetensors' tensors) for widen's model: A's columns and B's
     rows go where widen puts the module's (B of q_proj scaled as q is), so the wide delta s B A is the small one
     in place; the wide model's other layers get zero A and B. Plain LoRA on the decoder linears only."""
-    h, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    d = config.get("head_dim") or h // heads
-    big_d = shape["hidden"] // shape["heads"]
-    maps = _linear_maps(d, big_d, heads, heads // kv, shape["heads"] // shape["kv_heads"], kv, h, inter)
+    maps = _linear_maps(config, shape)
     wide = tensor_shapes(hf_config(shape))
     pre, out = "base_model.model.", {}
     for name, t in adapter.items():
@@ -531,14 +532,15 @@ def widen_lora(config: dict, adapter: dict[str, torch.Tensor], shape: dict) -> d
             w = torch.zeros(big_out, t.shape[1], dtype=torch.float32)
             w[rows] = t.float() * scale
         out[name] = w.to(t.dtype)
-    r = {t.shape[0] for n, t in adapter.items() if n.endswith("lora_A.weight")}
+    rank = max(t.shape[0] for n, t in adapter.items() if n.endswith("lora_A.weight"))
+    linears = {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in adapter}
+    dt = next(iter(adapter.values())).dtype
     for n in range(config["num_hidden_layers"], shape["layers"]):  # the wide model's extra layers: no delta
-        for linear in {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in adapter}:
-            mod = f"{pre}model.layers.{n}.{_module(linear)}"
-            big_out, big_in = wide[f"model.layers.{n}.{_module(linear)}.weight"]
-            dt = next(iter(adapter.values())).dtype
-            out[f"{mod}.lora_A.weight"] = torch.zeros(max(r), big_in, dtype=dt)
-            out[f"{mod}.lora_B.weight"] = torch.zeros(big_out, max(r), dtype=dt)
+        for linear in linears:
+            mod = f"model.layers.{n}.{_module(linear)}"
+            big_out, big_in = wide[f"{mod}.weight"]
+            out[f"{pre}{mod}.lora_A.weight"] = torch.zeros(rank, big_in, dtype=dt)
+            out[f"{pre}{mod}.lora_B.weight"] = torch.zeros(big_out, rank, dtype=dt)
     return out
 
 

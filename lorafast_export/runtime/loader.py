@@ -273,48 +273,51 @@ def _draft_args(draft: Runtime | None, cfg: ModelConfig, opts: RuntimeOptions, a
     }
 
 
-# an lm_head quantized at load (_int4_head): the largest of these that divides the hidden size
+# a weight quantized at load (_int4_head, _int4_linears): the largest of these that divides its input width
 HEAD_GROUPS = (128, 64, 32)
 
 
-def _int4_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
-    """fp's lm_head as an int4 QTensor (RTN, asymmetric, the largest of HEAD_GROUPS that divides the hidden size,
-    float16 scales: the scheme of the measured int4 tables), for a draft (option draft_int4_head): a draft only
-    proposes tokens and the model verifies each, so its head's rounding cannot change the output; it only moves
-    acceptance, and the draft's step reads a quarter of the head's bytes. Left as it is, with one log line, where
-    the head is tied to the embeddings or already quantized."""
-    from collections import ChainMap
-
-    from lorafast_export.model.spec import LM_HEAD
-    from lorafast_export.quant.rtn import quantize_rtn
-
-    group = next((g for g in HEAD_GROUPS if cfg.hidden_size % g == 0), None)
-    if cfg.tie_word_embeddings or LM_HEAD not in fp or (q is not None and "lm_head" in q) or group is None:
-        log.info("%s: lm_head kept as stored (tied, already quantized or no int4 group fits)", model_dir)
-        return fp, q
-    fp = dict(fp)
-    head = quantize_rtn(fp.pop(LM_HEAD), 4, group, False, scale_dtype=torch.float16)
-    log.info("%s: lm_head quantized at load (int4 RTN, group %d) for drafting", model_dir, group)
-    return fp, ChainMap({"lm_head": head}, q if q is not None else {})
-
-
-def _int4_linears(cfg: ModelConfig, fp: dict, q, model_dir: Path):
-    """Every decoder linear that fp holds as an int4 QTensor (RTN, asymmetric, the largest of HEAD_GROUPS that divides
-    its input width, float16 scales): the model as its own int4 draft (`--speculative int4`). Like _int4_head, a draft
-    only proposes tokens, so this moves acceptance, never the output."""
+def _int4_at_load(fp: dict, q, names: list[str]):
+    """fp's weights `names` as int4 QTensors (RTN, asymmetric, the largest of HEAD_GROUPS that divides the input
+    width, float16 scales: the scheme of the measured int4 tables), beside q's: (fp without them, q with them, how
+    many). A weight no group divides stays in fp. For a draft: it only proposes tokens and the model verifies each,
+    so this moves acceptance, never the output."""
     from collections import ChainMap
 
     from lorafast_export.quant.rtn import quantize_rtn
 
     fp, made = dict(fp), {}
-    for name in [n for n in fp if ".layers." in n and n.endswith("_proj.weight")]:
+    for name in names:
         group = next((g for g in HEAD_GROUPS if fp[name].shape[1] % g == 0), None)
         if group is not None:
             made[name.removesuffix(".weight")] = quantize_rtn(
                 fp.pop(name), 4, group, False, scale_dtype=torch.float16
             )
-    log.info("%s: %d linears quantized at load (int4 RTN) for drafting", model_dir, len(made))
-    return fp, ChainMap(made, q if q is not None else {})
+    return fp, ChainMap(made, q if q is not None else {}), len(made)
+
+
+def _int4_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
+    """The lm_head int4 at load, for a draft (option draft_int4_head): the draft's step reads a quarter of the
+    head's bytes. Left as it is, with one log line, where the head is tied to the embeddings or already quantized."""
+    from lorafast_export.model.spec import LM_HEAD
+
+    if cfg.tie_word_embeddings or LM_HEAD not in fp or (q is not None and "lm_head" in q):
+        log.info("%s: lm_head kept as stored (tied or already quantized)", model_dir)
+        return fp, q
+    fp, q, n = _int4_at_load(fp, q, [LM_HEAD])
+    log.info(
+        "%s: lm_head %s at load for drafting",
+        model_dir,
+        "quantized (int4 RTN)" if n else "kept (no group fits)",
+    )
+    return fp, q
+
+
+def _int4_linears(fp: dict, q, model_dir: Path):
+    """Every decoder linear that fp holds, int4 at load: the model as its own int4 draft (`--speculative int4`)."""
+    fp, q, n = _int4_at_load(fp, q, [k for k in fp if ".layers." in k and k.endswith("_proj.weight")])
+    log.info("%s: %d linears quantized at load (int4 RTN) for drafting", model_dir, n)
+    return fp, q
 
 
 def open_runtime(
@@ -362,7 +365,7 @@ def open_runtime(
         )
     fp, q = (None, None) if use else read_weights(model_dir, meta, dev)  # a package holds its own weights
     if int4_linears and fp is not None:
-        fp, q = _int4_linears(cfg, fp, q, model_dir)
+        fp, q = _int4_linears(fp, q, model_dir)
     if int4_head and fp is not None:
         fp, q = _int4_head(cfg, fp, q, model_dir)
     return build_runtime(

@@ -324,9 +324,8 @@ def paged_layer(
                 splits,
                 getattr(layer, "attn_pdl", False),
                 getattr(layer, "fused_pdl", False),  # the next kernel launches early (use_kernel_pdl's dense)
-                getattr(
-                    layer, "attn_counters", None
-                ),  # one kernel: its last programs merge (use_attn_last_merges)
+                # one kernel: its last programs merge (use_attn_last_merges)
+                getattr(layer, "attn_counters", None),
             )
             return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)

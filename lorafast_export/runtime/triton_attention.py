@@ -25,8 +25,9 @@ from lorafast_export.runtime.attention import num_splits
 @triton.jit
 def pdl_start(PDL: tl.constexpr, EARLY: tl.constexpr):
     """A programmatic dependent launch's start (these kernels' and runtime/triton_fused.py's): wait for the kernel
-    before (griddepcontrol.wait), then let the next kernel launch; EARLY lets it launch first, so that the kernel after the attention loads its weights while the
-    attention waits and runs (its own wait still comes before it reads anything the attention writes)."""
+    before (griddepcontrol.wait), then let the next kernel launch; EARLY lets it launch first, so that the kernel
+    after the attention loads its weights while the attention waits and runs (its own wait still comes before it
+    reads anything the attention writes)."""
     if PDL:
         if EARLY:
             gdc_launch_dependents()
@@ -112,13 +113,14 @@ def _paged_decode_kernel(
         # every thread's stores are issued (barrier), then one gpu-scope release: the program that counts last sees
         # all splits' partials (acquire), merges them as _merge_kernel does and leaves the counter at 0 for the next
         # launch; its loads bypass L1 (.cg), which may hold nothing of other programs' writes
+        cnt = cnt_ptr + b * (HQ // G) + h
         tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + b * (HQ // G) + h, 1, sem="acq_rel", scope="gpu")
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
         tl.debug_barrier()
         if done == SPLITS - 1:
             for gi in tl.static_range(G):
                 _merge_row(o_ptr, lse_ptr, out_ptr, b * HQ + h * G + gi, SPLITS, SP, D, ".cg")
-            tl.atomic_xchg(cnt_ptr + b * (HQ // G) + h, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -184,6 +186,7 @@ def paged_decode(
     g = hq // hkv
     width = block_tables.shape[1]
     splits = splits or num_splits(b, hkv, width)
+    sp = triton.next_power_of_2(splits)
     last = counters is not None and counters.numel() >= b * hkv
     o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
@@ -211,11 +214,11 @@ def paged_decode(
         PER=-(-width // splits),
         IEEE=q.dtype == torch.float32,
         LAST=last,
-        SP=triton.next_power_of_2(splits),
+        SP=sp,
         **launch,
     )
     if not last:
-        _merge_kernel[(b * hq,)](o, lse, out, SPLITS=splits, SP=triton.next_power_of_2(splits), D=d, **launch)
+        _merge_kernel[(b * hq,)](o, lse, out, SPLITS=splits, SP=sp, D=d, **launch)
     return out
 
 
