@@ -898,6 +898,43 @@ def _profile_steps(rt, b: int, a, dev) -> dict:
     }
 
 
+def _profile_rounds(eng, prompt: list[int], new: int, dev, rounds: int = 8) -> dict:
+    """One request through a speculative engine: wall ms and tokens per round over `rounds` rounds, then
+    torch.profiler's kernels of the next `rounds`. The GPU's kernel time against the wall time of a round says
+    how much of it the GPU idles (the host building the next round after the round's one read)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    st = eng.stats
+    eng.add(prompt, new)
+    for _ in range(3):  # admit + prefill, the draft's prefill, a warm round
+        eng.step()
+    sync(dev)
+    r0, t0, t = st.spec_rounds, st.decode_tokens, time.perf_counter()
+    while st.spec_rounds - r0 < rounds and eng.has_work:
+        eng.step()
+    sync(dev)
+    n = max(st.spec_rounds - r0, 1)
+    wall_ms = (time.perf_counter() - t) / n * 1e3
+    tokens = (st.decode_tokens - t0) / n
+    r1 = st.spec_rounds
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        while st.spec_rounds - r1 < rounds and eng.has_work:
+            eng.step()
+        sync(dev)
+    m = max(st.spec_rounds - r1, 1)
+    while eng.has_work:
+        eng.step()
+    table = _kernel_table(prof, m)
+    return {
+        "rounds_timed": n,
+        "wall_ms_per_round": wall_ms,
+        "tokens_per_round": tokens,
+        "profiled_rounds": m,
+        "gpu_idle_ms_per_round": wall_ms - table["gpu_us_per_step"] / 1e3,
+        **table,
+    }
+
+
 def sec_pdl(a, dev, R):
     """A second bf16 runtime with inductor_pdl on (inductor's programmatic dependent launch in the compiled
     decode layers, inside the whole-step CUDA graphs), batch 1 only: decode timed 3 times interleaved with
@@ -1226,6 +1263,11 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
         r["speculation"], r["pauses"] = policy, eng.governor.pauses
+        if a.spec_profile == "on" and policy == "always":
+            r["profile"] = _profile_rounds(eng, prompts[1], new, dev)
+            pr = r["profile"]
+            print(f"  {name} {key} profile: {pr['wall_ms_per_round']:.2f} ms a round ({pr['tokens_per_round']:.2f}"
+                  f" tokens), GPU {pr['gpu_us_per_step'] / 1e3:.2f} ms, {pr['kernels_per_step']:.0f} kernels", flush=True)  # fmt: skip
         res[key] = r
         print(f"  {name} {key}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
         base.engine = keep
@@ -1745,6 +1787,12 @@ def main() -> None:
     p.add_argument("--spec-k", default="2,4", help="draft lengths for the spec section")
     p.add_argument(
         "--spec-repeats", type=int, default=5, help="specdemo: timed runs a row (the median is kept)"
+    )
+    p.add_argument(
+        "--spec-profile",
+        default="off",
+        choices=("off", "on"),
+        help="specdemo/specwide: also profile 8 rounds of each `always` row (kernels, GPU idle a round)",
     )
     p.add_argument("--decode-steps", type=int, default=8, help="greedy steps chained per host round trip")
     p.add_argument(

@@ -18,3 +18,4 @@ for h in 0 1; do
   timeout $(( h == 0 ? 290 : 585 - SECONDS )) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections specwide --spec-k 2,4 --new-tokens 128 --spec-repeats 3 $flag --out $OUT/specwide-$h.json > $OUT/specwide-$h.log 2>&1
   echo "specwide head-quantized=$h rc $? at ${SECONDS}s"; spec $OUT/specwide-$h.json; grep -E "^\[|Error|error" $OUT/specwide-$h.log | cut -c1-200 | tail -3
 done
+(cd $OUT && tar czf /tmp/callC.tgz . && rm -rf ./* && mv /tmp/callC.tgz .)

@@ -14,3 +14,4 @@ echo "[$SECONDS s] torch-compile gptq, trained 8B-wide"
 timeout $((590 - SECONDS)) python3 bench/validate_scale.py build --base /tmp/w8b/base --adapter /tmp/w8b/lora --quant gptq --target torch-compile --logs $OUT --json-out $OUT/rows.jsonl > $OUT/tc-bench.log 2>&1
 echo "torch-compile rc $? at ${SECONDS}s"; tail -3 $OUT/tc-bench.log
 grep -h "gate\|PASS\|FAIL\|kl" $OUT/build-*.log | cut -c1-200 | tail -30
+(cd $OUT && tar czf /tmp/callD.tgz . && rm -rf ./* && mv /tmp/callD.tgz .)
