@@ -4,8 +4,10 @@ Scale search (reference: casper-hansen/AutoAWQ awq/quantize/quantizer.py `_searc
 `_compute_best_scale`): s = x_mean^r / w_mean^(1-r), normalised by sqrt(max·min), for r on a grid;
 keep the s whose fake-quantized output Q(W·s)·(x/s) is closest (MSE) to the float output. Unlike the
 reference, s = 1 (plain RTN) is also a candidate, so the result is never worse than RTN on the
-calibration data. Clip search (`_compute_best_clip`): shrink each group's max |w| over a grid and keep
-the value minimising that group's output error. Folding s into the previous op: quant.fold.
+calibration data; and dead channels (zero input or zero weights: pruned or zero-padded dims) keep s = 1
+and stay out of the normalisation (awq_candidate_scale). Clip search (`_compute_best_clip`): shrink each
+group's max |w| over a grid and keep the value minimising that group's output error. Folding s into the
+previous op: quant.fold.
 """
 
 from __future__ import annotations
@@ -114,12 +116,26 @@ def _ranked(candidates: list[torch.Tensor], loss: dict[int, float], finalists: i
 def awq_candidate_scale(
     x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, duo_scaling: bool = True
 ) -> torch.Tensor:
-    """x_mean, w_mean [in] → s [in] = x_mean^r / w_mean^(1-r), normalised so that max·min = 1."""
+    """x_mean, w_mean [in] → s [in] = x_mean^r / w_mean^(1-r), normalised so that max·min = 1 over the live channels.
+
+    A dead channel (x_mean = 0: its calibration input is all zero; or w_mean = 0: its column is zero in every linear)
+    adds nothing to the group's output whatever its s, so it keeps s = 1 (RTN's: its weights and the previous op's
+    row stay as they are) and is left out of the normalisation. Counted in, its clamped 1e-4 would be the min and
+    would inflate every live s by ~sqrt(max / 1e-4) (x100-300 on a model widened with zero dims or a pruned one); the
+    fold into a previous linear (up_proj's rows / s_down) then shrank that linear's live weights below float16's
+    smallest normal scale, and its quantized output was mostly zero (KL 0.2 nats). A model without dead channels
+    (every channel of every real calibration set) gets exactly the reference's s."""
     if duo_scaling:
         s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
     else:
         s = x_mean.pow(ratio).clamp(min=1e-4)
-    return s / (s.max() * s.min()).sqrt()
+    live = (x_mean > 0) & (w_mean > 0)
+    if bool(live.all()):
+        return s / (s.max() * s.min()).sqrt()
+    if not bool(live.any()):
+        return torch.ones_like(s)
+    kept = s[live]
+    return torch.where(live, s / (kept.max() * kept.min()).sqrt(), torch.ones_like(s))
 
 
 def _weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:

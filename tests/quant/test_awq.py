@@ -1,7 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 from lorafast_export.errors import InputError
+from lorafast_export.model.decoder import DecoderLayer, Rotary, causal_mask
+from lorafast_export.model.spec import ModelConfig
 from lorafast_export.qform import dequantize
 from lorafast_export.quant.awq import (
     _gram,
@@ -16,7 +20,11 @@ from lorafast_export.quant.awq import (
     clip_tokens,
     fold_scale_into_previous,
 )
+from lorafast_export.quant.blocks import LAYER_GROUPS, Block
+from lorafast_export.quant.config import resolve_quant
+from lorafast_export.quant.methods import quantize_block_awq, quantize_block_rtn
 from lorafast_export.quant.rtn import quantize_rtn
+from lorafast_export.testing import tiny_config
 from tests.quant.helpers import correlated_inputs
 
 torch.set_default_dtype(torch.float32)
@@ -213,3 +221,93 @@ def test_clip_search_on_ragged_groups_matches_a_search_with_the_real_quantizer()
     assert got.shape == (24, 3)
     torch.testing.assert_close(got, best, rtol=1e-6, atol=0)
     assert (got < org).any()  # the search did clip somewhere, including in the short last group's rows
+
+
+@pytest.mark.parametrize("dead_weights", ["zero", "random"])
+def test_dead_channels_keep_s_1_and_leave_the_live_scales_as_without_them(dead_weights):
+    """Input channels whose calibration input is all zero (a pruned model's, or the zero dims of a model padded
+    to a wider shape) add nothing to the output whatever their s: they keep s = 1, and the live channels get the
+    scales that the same search gives without them. The truth is the unpadded problem's search. Before, the dead
+    channels' clamped 1e-4 was the min of the sqrt(max·min) normalisation: every live s came out ~100x too large."""
+    x, ws = awq_toy(seed=3)  # 128 live channels, groups of 32
+    dead = 64  # two more whole groups
+    xp = torch.cat([x, torch.zeros(x.shape[0], dead)], dim=1)
+    g = torch.Generator().manual_seed(7)
+    pads = [
+        torch.zeros(w.shape[0], dead)
+        if dead_weights == "zero"
+        else torch.randn(w.shape[0], dead, generator=g) * 0.05
+        for w in ws
+    ]
+    wp = [torch.cat([w, pad], dim=1) for w, pad in zip(ws, pads, strict=True)]
+    x_mean, w_mean = x.abs().mean(dim=0), _weight_mean(ws, 32)
+    xp_mean, wp_mean = xp.abs().mean(dim=0), _weight_mean(wp, 32)
+    for r in (0, 1, 10, 19):
+        padded = awq_candidate_scale(xp_mean, wp_mean, r / 20)
+        assert torch.equal(padded[:128], awq_candidate_scale(x_mean, w_mean, r / 20)), r
+        assert torch.equal(padded[128:], torch.ones(dead)), r
+    s, sp = awq_search_scale(ws, x, 4, 32), awq_search_scale(wp, xp, 4, 32)
+    assert not torch.equal(s, torch.ones(128))  # the toy's outliers make a real scale win
+    torch.testing.assert_close(sp[:128], s, rtol=1e-6, atol=0)
+    assert torch.equal(sp[128:], torch.ones(dead))
+    every_dead = awq_candidate_scale(torch.zeros(8), torch.rand(8), 0.5)
+    assert torch.equal(every_dead, torch.ones(8))  # a group with no live channel (an all-zero layer): s = 1
+
+
+def _layer_block(layer: DecoderLayer, x: torch.Tensor, cfg: ModelConfig) -> Block:
+    cos, sin = Rotary(cfg)(torch.arange(x.shape[1])[None], torch.float32)
+    mask = causal_mask(x.shape[1], 0, "cpu")
+    return Block(
+        copy.deepcopy(layer),
+        LAYER_GROUPS,
+        x,
+        lambda m, xc: m(xc, cos, sin, mask)[0],
+        sub_args={"self_attn": (cos, sin, mask, None)},
+        chunk=4,
+    )
+
+
+def _mlp_output(block: Block) -> torch.Tensor:
+    seen = []
+    hook = block.get("mlp").register_forward_hook(lambda _m, _a, out: seen.append(out))
+    block.run()
+    hook.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_on_a_pruned_mlp_is_no_worse_than_rtn(symmetric):
+    """Half the MLP's intermediate channels pruned (their gate / up rows and down columns zero: their activations
+    are exactly 0, as in a pruned model or one widened with zero dims, like make_model.py widen's 8B shape). The
+    truth is the unquantized layer; RTN's MLP error is the bound AWQ must stay under. Before, the dead channels
+    made every live down_proj scale x20-70 too large, the fold divided up_proj's rows by it, and up_proj's (small)
+    weights fell below float16's smallest normal scale: its output was mostly rounding, MLP error 2-3x RTN's."""
+    cfg = ModelConfig.from_dict(
+        tiny_config("llama", hidden=64, heads=4, kv_heads=2, intermediate_size=256).to_dict()
+    )
+    live = 128
+    torch.manual_seed(0)
+    layer = DecoderLayer(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+        mlp = layer.mlp
+        mlp.up_proj.weight.normal_(0, 0.002)  # small, as the 8B's are against its larger (x300) inflation
+        # a few salient intermediate channels, so that AWQ's down_proj scale is not s = 1
+        mlp.gate_proj.weight[:4] *= 5
+        mlp.gate_proj.weight[live:] = 0
+        mlp.up_proj.weight[live:] = 0
+        mlp.down_proj.weight[:, live:] = 0
+    x = torch.randn(8, 32, cfg.hidden_size)
+    truth = _mlp_output(_layer_block(layer, x, cfg))
+    settings = {"bits": 4, "group_size": 32, "symmetric": symmetric}
+    err = {}
+    for method, quantize in (("rtn", quantize_block_rtn), ("awq", quantize_block_awq)):
+        block = _layer_block(layer, x, cfg)
+        qts = quantize(block, resolve_quant({"method": method, **settings}))
+        err[method] = float((_mlp_output(block) - truth).norm() / truth.norm())
+    assert err["awq"] < err["rtn"], err
+    s_down = qts["mlp.down_proj"].input_scale
+    assert torch.equal(s_down[live:], torch.ones(256 - live))  # the pruned channels: s = 1
+    assert 1 < float(s_down[:live].max()) < 10  # a real scale, not inflated (before: 45)
