@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from lorafast_export.model.decoder import DecoderLayer, causal_mask
 from lorafast_export.qform import QTensor, n_groups_for
+from lorafast_export.quant.blocks import LAYER_GROUPS, Block
 
 
 def random_qtensor(
@@ -62,3 +66,18 @@ def assert_same_qtensor(a: QTensor, b: QTensor) -> None:
         if x is not None:
             assert x.dtype == y.dtype, (name, x.dtype, y.dtype)
             assert torch.equal(x, y), name
+
+
+def make_block(layer: DecoderLayer, x: torch.Tensor, cfg_rotary) -> Block:
+    """A quantization Block over a copy of one decoder layer with calibration input x [batch, seq, hidden] and
+    rope's (cos, sin) at positions 0.. (cfg_rotary), causal, 4 rows a chunk."""
+    cos, sin = cfg_rotary
+    mask = causal_mask(x.shape[1], 0, "cpu")
+    return Block(
+        copy.deepcopy(layer),
+        LAYER_GROUPS,
+        x,
+        lambda m, xc: m(xc, cos, sin, mask)[0],
+        sub_args={"self_attn": (cos, sin, mask, None)},
+        chunk=4,
+    )

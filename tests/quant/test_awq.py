@@ -1,10 +1,8 @@
-import copy
-
 import pytest
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.model.decoder import DecoderLayer, Rotary, causal_mask
+from lorafast_export.model.decoder import DecoderLayer, Rotary
 from lorafast_export.model.spec import ModelConfig
 from lorafast_export.qform import dequantize
 from lorafast_export.quant.awq import (
@@ -20,12 +18,12 @@ from lorafast_export.quant.awq import (
     clip_tokens,
     fold_scale_into_previous,
 )
-from lorafast_export.quant.blocks import LAYER_GROUPS, Block
+from lorafast_export.quant.blocks import Block
 from lorafast_export.quant.config import resolve_quant
 from lorafast_export.quant.methods import quantize_block_awq, quantize_block_rtn
 from lorafast_export.quant.rtn import quantize_rtn
 from lorafast_export.testing import tiny_config
-from tests.quant.helpers import correlated_inputs
+from tests.quant.helpers import correlated_inputs, make_block
 
 torch.set_default_dtype(torch.float32)
 
@@ -254,19 +252,6 @@ def test_dead_channels_keep_s_1_and_leave_the_live_scales_as_without_them(dead_w
     assert torch.equal(every_dead, torch.ones(8))  # a group with no live channel (an all-zero layer): s = 1
 
 
-def _layer_block(layer: DecoderLayer, x: torch.Tensor, cfg: ModelConfig) -> Block:
-    cos, sin = Rotary(cfg)(torch.arange(x.shape[1])[None], torch.float32)
-    mask = causal_mask(x.shape[1], 0, "cpu")
-    return Block(
-        copy.deepcopy(layer),
-        LAYER_GROUPS,
-        x,
-        lambda m, xc: m(xc, cos, sin, mask)[0],
-        sub_args={"self_attn": (cos, sin, mask, None)},
-        chunk=4,
-    )
-
-
 def _mlp_output(block: Block) -> torch.Tensor:
     seen = []
     hook = block.get("mlp").register_forward_hook(lambda _m, _a, out: seen.append(out))
@@ -300,11 +285,12 @@ def test_awq_on_a_pruned_mlp_is_no_worse_than_rtn(symmetric):
         mlp.up_proj.weight[live:] = 0
         mlp.down_proj.weight[:, live:] = 0
     x = torch.randn(8, 32, cfg.hidden_size)
-    truth = _mlp_output(_layer_block(layer, x, cfg))
+    rot = Rotary(cfg)(torch.arange(x.shape[1])[None], torch.float32)
+    truth = _mlp_output(make_block(layer, x, rot))
     settings = {"bits": 4, "group_size": 32, "symmetric": symmetric}
     err = {}
     for method, quantize in (("rtn", quantize_block_rtn), ("awq", quantize_block_awq)):
-        block = _layer_block(layer, x, cfg)
+        block = make_block(layer, x, rot)
         qts = quantize(block, resolve_quant({"method": method, **settings}))
         err[method] = float((_mlp_output(block) - truth).norm() / truth.norm())
     assert err["awq"] < err["rtn"], err

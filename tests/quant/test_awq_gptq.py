@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from lorafast_export.model.decoder import DecoderLayer, Rotary, causal_mask
+from lorafast_export.model.decoder import DecoderLayer, Rotary
 from lorafast_export.model.quantized import fake_quant_decoder
 from lorafast_export.qform import dequantize
 from lorafast_export.quant.awq import awq_search_scale
-from lorafast_export.quant.blocks import LAYER_GROUPS, Block
+from lorafast_export.quant.blocks import LAYER_GROUPS
 from lorafast_export.quant.config import resolve_quant
 from lorafast_export.quant.gptq import accumulate_hessian, gptq_quantize
 from lorafast_export.quant.methods import (
@@ -25,6 +25,7 @@ from lorafast_export.quant.methods import (
 )
 from lorafast_export.quant.walk import quantize_checkpoint
 from lorafast_export.weights import open_model
+from tests.quant.helpers import make_block
 from tests.quant.pipeline_helpers import mean_kl, random_ids, tiny_checkpoint
 
 SHARED = {"bits": 4, "group_size": 32, "symmetric": False}  # every other knob at its default
@@ -45,19 +46,6 @@ def layer_and_input(tmp_path_factory):
             norm.weight[:4] *= 10
     x = torch.randn(8, 16, cfg.hidden_size)
     return layer, x, cfg
-
-
-def make_block(layer: DecoderLayer, x: torch.Tensor, cfg_rotary) -> Block:
-    cos, sin = cfg_rotary
-    mask = causal_mask(x.shape[1], 0, "cpu")
-    return Block(
-        copy.deepcopy(layer),
-        LAYER_GROUPS,
-        x,
-        lambda m, xc: m(xc, cos, sin, mask)[0],
-        sub_args={"self_attn": (cos, sin, mask, None)},
-        chunk=4,
-    )
 
 
 def fold_by_hand(layer: DecoderLayer, scales: dict[str, torch.Tensor]) -> DecoderLayer:
