@@ -130,8 +130,6 @@ def awq_candidate_scale(
     else:
         s = x_mean.pow(ratio).clamp(min=1e-4)
     live = (x_mean > 0) & (w_mean > 0)
-    if bool(live.all()):
-        return s / (s.max() * s.min()).sqrt()
     if not bool(live.any()):
         return torch.ones_like(s)
     kept = s[live]

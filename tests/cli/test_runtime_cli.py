@@ -103,9 +103,7 @@ def test_speculative_int4_drafts_with_the_artifact_itself(tmp_path):
     assert (
         res["draft"].endswith("(its linears int4 at load)") and res["results"][0]["spec_rounds"] is not None
     )
-    both = CliRunner().invoke(
-        main, [str(x) for x in [*run, "--speculative", "int4", "--draft", tmp_path / "tc"]]
-    )
+    both = cli(*run, "--speculative", "int4", "--draft", tmp_path / "tc")
     assert both.exit_code == 2 and "use one of them" in both.output
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
     g = cli("-q", "generate", "--artifact", tmp_path / "tc", "--input", tmp_path / "in.jsonl", "--output",
