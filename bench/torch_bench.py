@@ -28,7 +28,6 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   fused    runtime/triton_fused.py: each fused op vs cuBLAS's product (tiles swept), decode fused_decode off/on
-  fusedrows runtime/triton_fused.py at a verify's 1-8 rows: one row a program vs 2 and 4 (rows bitwise checked)
   int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
 Random weights: speed does not depend on values. Not part of the test run.
 """
@@ -1253,14 +1252,7 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False
     print(f"  {name} alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
-    from lorafast_export.runtime import triton_fused as tf
-
-    acc_regs = tf.ACC_REGS
-    policies = [(k, p, key, acc_regs) for k, p, key in spec_policies(a)]
-    if a.spec_rows_ab == "on":  # each `always` row again with one verify row a fused program (ACC_REGS 0)
-        policies += [(k, p, f"{key}_rg1", 0) for k, p, key, _ in policies if p == "always"]
-    for k, policy, key, regs in policies:
-        tf.ACC_REGS = regs  # read at each launch, so at the engine's capture
+    for k, policy, key in spec_policies(a):
         eng = spec_engine(base, draft, k, a, dev, policy)
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
@@ -1276,11 +1268,9 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False
             pr = r["profile"]
             print(f"  {name} {key} profile: {pr['wall_ms_per_round']:.2f} ms a round ({pr['tokens_per_round']:.2f}"
                   f" tokens), GPU {pr['gpu_us_per_step'] / 1e3:.2f} ms, {pr['kernels_per_step']:.0f} kernels", flush=True)  # fmt: skip
-        r["fused_acc_regs"] = regs
         res[key] = r
         print(f"  {name} {key}: {json.dumps({x: r[x] for x in SPEC_KEYS if x in r})}", flush=True)
         base.engine = keep
-    tf.ACC_REGS = acc_regs
     return res
 
 
@@ -1457,24 +1447,24 @@ def sec_gemv(a, dev, R):
     return rows
 
 
-def _fused_call(op, x, w, tiles, r, d, nw, rope=None, gather=True, rg=None):
+def _fused_call(op, x, w, tiles, r, d, nw, rope=None, gather=True):
     from lorafast_export.runtime import triton_fused as tf
 
     if op == "add_norm_gemv":
-        return tf.add_norm_gemv_launch(x, d, nw, w, 1e-5, tiles, rg=rg)[1]
+        return tf.add_norm_gemv_launch(x, d, nw, w, 1e-5, tiles)[1]
     if op == "add_norm_qkv_rope":  # q, then the k and v it wrote at the rows' slots
         cos, sin, kp, vp, slots, qn = rope
-        q = tf.add_norm_qkv_rope_launch(x, d, nw, w, 1e-5, None, cos, sin, kp, vp, slots, qn, tiles, rg=rg)[1]
+        q = tf.add_norm_qkv_rope_launch(x, d, nw, w, 1e-5, None, cos, sin, kp, vp, slots, qn, tiles)[1]
         if not gather:  # timed: the op alone
             return q
         return torch.cat(
             [q, kp[:, slots].transpose(0, 1).flatten(1), vp[:, slots].transpose(0, 1).flatten(1)], 1
         )
     if op == "gemv_add":
-        return tf.gemv_add_launch(x, w, r, tiles, rg=rg)
+        return tf.gemv_add_launch(x, w, r, tiles)
     if op == "norm_glu":
-        return tf.norm_glu_launch(x, nw, w, 1e-5, tiles, rg=rg)
-    return tf.gemv_launch(x, w, tiles, rg=rg)
+        return tf.norm_glu_launch(x, nw, w, 1e-5, tiles)
+    return tf.gemv_launch(x, w, tiles)
 
 
 def _fused_ref(op, x, w, r, d, nw, rope=None):
@@ -1624,64 +1614,6 @@ def sec_fused(a, dev, R):
     return out
 
 
-FUSED_OPS = {"qkv": "add_norm_gemv", "qkv_rope": "add_norm_qkv_rope", "o": "gemv_add", "gate_up": "norm_glu",
-             "down": "gemv", "lm_head": "add_norm_gemv"}  # fmt: skip
-
-
-def sec_fusedrows(a, dev, R):
-    """runtime/triton_fused.py at a verify's rows: each fused op on the shape's linears with its shipped tile at
-    1, 2, 3, 5 and 8 rows, one row a program (each row re-reads the weight tile from L2) against 2 and 4 rows a
-    program (the tile read once for them) and the rows_per_program default; every row of every call checked
-    bit for bit against the 1-row call; CUDA-graph replay over weight copies."""
-    from bench.int4_kernels import graph_us, n_copies
-    from lorafast_export.runtime import triton_fused as tf
-
-    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    lin = _linear_shapes(a.shape)
-    lin["qkv_rope"] = lin["qkv"]
-    out: dict = {"ops": [], "acc_regs": tf.ACC_REGS}
-    for name, op in FUSED_OPS.items():
-        n, k = lin[name]
-        torch.manual_seed(0)
-        ws = [torch.randn(n, k, device=dev, dtype=act) * 0.02 for _ in range(n_copies(n * k * 2, dev))]
-        nw = 1 + 0.1 * torch.randn(k, device=dev, dtype=act)
-        x8, d8 = torch.randn(8, k, device=dev, dtype=act), torch.randn(8, k, device=dev, dtype=act)
-        r8 = torch.randn(8, n // 2 if op == "norm_glu" else n, device=dev, dtype=act)
-        tiles = tf.fused_config(op, n, k)
-        rope8 = _rope_inputs(a.shape, 8, dev, act) if op == "add_norm_qkv_rope" else None
-
-        def call(m, rg, j=0, gather=True, x8=x8, r8=r8, d8=d8, nw=nw, ws=ws, op=op, tiles=tiles, rope8=rope8):
-            rope = None
-            if rope8 is not None:
-                cos, sin, kp, vp, slots, qn = rope8
-                rope = (cos[:m], sin[:m], kp, vp, slots[:m], qn)
-            return _fused_call(op, x8[:m], ws[j], tiles, r8[:m], d8[:m], nw, rope, gather, rg)
-
-        singles = []  # row i alone: the 1-row call on row i's inputs
-        for i in range(8):
-            rope = None
-            if rope8 is not None:
-                cos, sin, kp, vp, slots, qn = rope8
-                rope = (cos[i : i + 1], sin[i : i + 1], kp, vp, slots[i : i + 1], qn)
-            y = _fused_call(op, x8[i : i + 1], ws[0], tiles, r8[i : i + 1], d8[i : i + 1], nw, rope)
-            singles.append(y[0].clone())
-        for m in (1, 2, 3, 5, 8):
-            row = {"op": name, "n": n, "k": k, "tiles": "x".join(map(str, tiles)), "rows": m,
-                   "default_rg": tf.rows_per_program(m, tiles, op in ("norm_glu", "add_norm_qkv_rope"),
-                                                     op != "gemv_add" and op != "gemv")}  # fmt: skip
-            for rg in (1, 2, 4):
-                if rg > 1 and m == 1:
-                    continue
-                y = call(m, rg)
-                row[f"rows_equal_rg{rg}"] = sum(torch.equal(y[i], singles[i]) for i in range(m))
-                row[f"us_rg{rg}"] = graph_us(lambda j, m=m, rg=rg: call(m, rg, j, False), len(ws))
-            row["TBps_rg1"] = n * k * 2 / row["us_rg1"] / 1e6
-            out["ops"].append(row)
-            print(f"  fusedrows {json.dumps(row)}", flush=True)
-        del ws
-    return out
-
-
 def _keep_cublas_workspaces() -> None:
     """Stands in for torch._C._cuda_clearCublasWorkspaces under LF_BENCH_KEEP_CUBLAS_WORKSPACES=1."""
 
@@ -1815,7 +1747,6 @@ SECTIONS = {
     "overlap": sec_overlap,
     "pdl": sec_pdl,
     "fused": sec_fused,
-    "fusedrows": sec_fusedrows,
 }
 NEEDS_MODEL = {
     "bf16",
@@ -1862,12 +1793,6 @@ def main() -> None:
         default="off",
         choices=("off", "on"),
         help="specdemo/specwide: also profile 8 rounds of each `always` row (kernels, GPU idle a round)",
-    )
-    p.add_argument(
-        "--spec-rows-ab",
-        default="off",
-        choices=("off", "on"),
-        help="specdemo/specwide: each `always` row also with one verify row a fused program (the old launch)",
     )
     p.add_argument("--decode-steps", type=int, default=8, help="greedy steps chained per host round trip")
     p.add_argument(

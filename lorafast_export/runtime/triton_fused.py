@@ -103,14 +103,11 @@ def _fused_kernel(
     PDL: tl.constexpr,  # launched as a programmatic dependent launch (pdl_launch)
     PF: tl.constexpr,  # PDL only: L2 prefetch pieces of this program's weight rows, one a thread (0: none)
     piece,  # bytes a piece (PF)
-    RG: tl.constexpr = 1,  # rows a program (1, 2 or 4): each weight tile read once for RG rows
 ):
     # one grid axis (the second is limited to 65,535 blocks: a 128k-vocabulary lm_head at BN = 1 exceeds it);
-    # the programs of one weight tile (its groups of RG rows of x) are consecutive, so the tile read for the
-    # first group is in L2 for the others
-    G = tl.cdiv(M, RG)
-    g = tl.program_id(0) % G
-    j = tl.program_id(0) // G
+    # the programs of one weight tile (its rows of x) are consecutive, so the tile read for row 0 is in L2
+    m = tl.program_id(0) % M
+    j = tl.program_id(0) // M
     dt = y_ptr.dtype.element_ty
     rn = j * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -122,59 +119,30 @@ def _fused_kernel(
         nmask = rn < N
         r2 = rn + N  # GLU: the up row of gate row rn
     # PDL: weights only before the wait, the previous kernel may still be writing this one's inputs; rows rn (and
-    # r2) are BN consecutive weight rows each, asked for once: the other groups' programs find them in L2
+    # r2) are BN consecutive weight rows each, asked for once: the other rows' programs find them in L2
     if PF > 0:
-        if g == 0:
+        if m == 0:
             _l2_prefetch(w_ptr + tl.min(rn, 0).to(tl.int64) * K, piece, PF)
             if GLU or ROPE:
                 _l2_prefetch(w_ptr + tl.min(r2, 0).to(tl.int64) * K, piece, PF)
     pdl_start(PDL, False)
-    # Each row of the group has its own accumulators, of the 1-row program's shape and updated by the same
-    # operations, and is reduced by the same tl.sum: row i of any call is the 1-row call, bit for bit. A group's
-    # rows past M repeat row M - 1 and store nothing.
-    m0 = g * RG
-    acc0, acc20, ss0 = _acc_init(BN, BK, GLU or ROPE, NORM)
-    if RG > 1:
-        m1 = tl.minimum(m0 + 1, M - 1)
-        acc1, acc21, ss1 = _acc_init(BN, BK, GLU or ROPE, NORM)
-    if RG > 2:
-        m2 = tl.minimum(m0 + 2, M - 1)
-        m3 = tl.minimum(m0 + 3, M - 1)
-        acc2, acc22, ss2 = _acc_init(BN, BK, GLU or ROPE, NORM)
-        acc3, acc23, ss3 = _acc_init(BN, BK, GLU or ROPE, NORM)
+    acc = tl.zeros([BN, BK], tl.float32)
+    if GLU or ROPE:
+        acc2 = tl.zeros([BN, BK], tl.float32)
+    if NORM:
+        ss = tl.zeros([BK], tl.float32)
     for it in range(0, ITERS):
         kk = it * BK + rk
-        xf0, sq0 = _act(x_ptr, d_ptr, nw_ptr, xo_ptr, m0, K, kk, j == 0, dt, ADD_IN, NORM, EVEN)
-        if RG > 1:
-            xf1, sq1 = _act(
-                x_ptr, d_ptr, nw_ptr, xo_ptr, m1, K, kk, (j == 0) & (m0 + 1 < M), dt, ADD_IN, NORM, EVEN
-            )
-        if RG > 2:
-            xf2, sq2 = _act(
-                x_ptr, d_ptr, nw_ptr, xo_ptr, m2, K, kk, (j == 0) & (m0 + 2 < M), dt, ADD_IN, NORM, EVEN
-            )
-            xf3, sq3 = _act(
-                x_ptr, d_ptr, nw_ptr, xo_ptr, m3, K, kk, (j == 0) & (m0 + 3 < M), dt, ADD_IN, NORM, EVEN
-            )
+        xf, sq = _act(x_ptr, d_ptr, nw_ptr, xo_ptr, m, K, kk, j == 0, dt, ADD_IN, NORM, EVEN)
         if NORM:
-            ss0 += sq0
-            if RG > 1:
-                ss1 += sq1
-            if RG > 2:
-                ss2 += sq2
-                ss3 += sq3
+            ss += sq
         if EVEN:
             w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
         else:
             w = tl.load(
                 w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0
             )
-        acc0 += w.to(tl.float32) * xf0[None, :]
-        if RG > 1:
-            acc1 += w.to(tl.float32) * xf1[None, :]
-        if RG > 2:
-            acc2 += w.to(tl.float32) * xf2[None, :]
-            acc3 += w.to(tl.float32) * xf3[None, :]
+        acc += w.to(tl.float32) * xf[None, :]
         if GLU or ROPE:
             if EVEN:
                 w2 = tl.load(w_ptr + r2[:, None] * K + kk[None, :])
@@ -184,52 +152,7 @@ def _fused_kernel(
                     mask=nmask[:, None] & (kk < K)[None, :],
                     other=0.0,
                 )
-            acc20 += w2.to(tl.float32) * xf0[None, :]
-            if RG > 1:
-                acc21 += w2.to(tl.float32) * xf1[None, :]
-            if RG > 2:
-                acc22 += w2.to(tl.float32) * xf2[None, :]
-                acc23 += w2.to(tl.float32) * xf3[None, :]
-    _row_end(
-        acc0, acc20, ss0, m0, nmask, rn, r2, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr,
-        pool_stride, N, K, eps, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
-    )  # fmt: skip
-    if RG > 1:
-        _row_end(
-            acc1, acc21, ss1, m1, nmask & (m0 + 1 < M), rn, r2, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr,
-            vp_ptr, slot_ptr, pool_stride, N, K, eps, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
-        )  # fmt: skip
-    if RG > 2:
-        _row_end(
-            acc2, acc22, ss2, m2, nmask & (m0 + 2 < M), rn, r2, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr,
-            vp_ptr, slot_ptr, pool_stride, N, K, eps, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
-        )  # fmt: skip
-        _row_end(
-            acc3, acc23, ss3, m3, nmask & (m0 + 3 < M), rn, r2, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr,
-            vp_ptr, slot_ptr, pool_stride, N, K, eps, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
-        )  # fmt: skip
-
-
-@triton.jit
-def _acc_init(BN: tl.constexpr, BK: tl.constexpr, PAIR: tl.constexpr, NORM: tl.constexpr):
-    """One row's accumulators: the product's [BN, BK], the second one's (GLU's up rows, rope's second halves;
-    a placeholder without PAIR) and the norm's sum of squares [BK] (a placeholder without NORM)."""
-    acc = tl.zeros([BN, BK], tl.float32)
-    acc2 = 0.0
-    if PAIR:
-        acc2 = tl.zeros([BN, BK], tl.float32)
-    ss = 0.0
-    if NORM:
-        ss = tl.zeros([BK], tl.float32)
-    return acc, acc2, ss
-
-
-@triton.jit
-def _row_end(acc, acc2, ss, m, nmask, rn, r2, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr,
-             slot_ptr, pool_stride, N, K, eps, NORM: tl.constexpr, GLU: tl.constexpr, ADD_OUT: tl.constexpr,
-             BIAS: tl.constexpr, ROPE: tl.constexpr, D: tl.constexpr, QN: tl.constexpr,
-             KN: tl.constexpr):  # fmt: skip
-    """Row m's sums and the epilogue (nmask: the columns it stores; none for a group's rows past M)."""
+            acc2 += w2.to(tl.float32) * xf[None, :]
     y = tl.sum(acc, 1)
     inv = y  # unused unless NORM
     if NORM:  # RMSNorm's 1 / sqrt(mean(x^2) + eps), applied to the product
@@ -379,14 +302,11 @@ def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
     return FUSED_TABLE.get((op, n, k), DEFAULT_TILES)
 
 
-def _launch(
-    x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None, pdl=False, rg=None
-):
+def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None, pdl=False):
     """rope: (bias or None, cos [M, D], sin, k_pool, v_pool [HKV, slots, D], slots [M], q columns, D): w is a
     [q; k; v] projection; returns q [M, q columns] with rope applied and writes k (rope applied) and v into the
     pools at the rows' slots. pdl: a programmatic dependent launch (sm90+; paged.use_kernel_pdl), which asks L2
-    for its weight rows, then waits for the kernel before it: the same output, bit for bit. rg: rows a program
-    (1, 2, 4; None: rows_per_program's), which changes no bit of any row."""
+    for its weight rows, then waits for the kernel before it: the same output, bit for bit."""
     m, k = x.shape
     bn, bk, warps, stages = tiles
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
@@ -397,10 +317,7 @@ def _launch(
     w = w.contiguous()
     cols, y, xo, ptrs, flags = launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, "fused")
     even = cols % bn == 0 and k % bk == 0
-    rg = rows_per_program(m, tiles, glu or rope is not None, norm) if rg is None else rg
-    if rg not in (1, 2, 4):
-        raise ValueError(f"fused gemv: rg={rg}, must be 1, 2 or 4")
-    _fused_kernel[(triton.cdiv(m, rg) * triton.cdiv(cols, bn),)](
+    _fused_kernel[(m * triton.cdiv(cols, bn),)](
         x,
         d.contiguous() if add_in else x,
         nw if norm else x,
@@ -421,25 +338,8 @@ def _launch(
         num_stages=stages,
         **flags,
         **pdl_launch(pdl, w, bn, 32 * warps, even and (rope is None or flags["D"] // 2 % bn == 0)),
-        RG=rg,
     )
     return (xo, y) if add_in else y
-
-
-ACC_REGS = 96  # float32 registers a thread may give to the accumulators of a program's rows
-
-
-def rows_per_program(m: int, tiles: tuple[int, int, int, int], pair: bool, norm: bool) -> int:
-    """Rows one program takes (1, 2 or 4): as many as its accumulators fit in ACC_REGS registers a thread (a
-    row keeps the 1-row program's [BN, BK] float32 product, twice with GLU or rope, and the norm's [BK] sum of
-    squares), at most the rows there are; one row never asks for more."""
-    bn, bk, warps, _ = tiles
-    threads = 32 * warps
-    regs = -(-bn * bk * (2 if pair else 1) // threads) + (-(-bk // threads) if norm else 0)
-    for rg in (4, 2):
-        if rg <= max(m, 1) * 2 - 1 and rg * regs <= ACC_REGS:  # 4 for 3 rows, 2 for 2
-            return rg
-    return 1
 
 
 def pdl_launch(pdl: bool, w: torch.Tensor, bn: int, threads: int, contiguous: bool) -> dict:
@@ -487,37 +387,35 @@ def launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, what):
     return n // 2 if rope is not None else n, y, xo, ptrs, {**flags, "D": hd, "QN": qn, "KN": kn}
 
 
-def gemv_launch(a, w, tiles, pdl=False, rg=None):
+def gemv_launch(a, w, tiles, pdl=False):
     return _launch(
-        a, None, None, w, None, w.shape[0], 0.0, False, False, False, False, tiles, a.dtype, None, pdl, rg
+        a, None, None, w, None, w.shape[0], 0.0, False, False, False, False, tiles, a.dtype, None, pdl
     )
 
 
-def add_norm_gemv_launch(h, delta, nw, w, eps, tiles, pdl=False, rg=None):
+def add_norm_gemv_launch(h, delta, nw, w, eps, tiles, pdl=False):
     return _launch(
-        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, None, pdl, rg
+        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, None, pdl
     )
 
 
 def add_norm_qkv_rope_launch(
-    h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles, pdl=False, rg=None
+    h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles, pdl=False
 ):
     """add_norm_gemv over a [q; k; v] weight with rope and the k/v write in its epilogue: (x = h + delta, q)."""
     rope = (bias, cos, sin, k_pool, v_pool, slots, q_cols, k_pool.shape[2])
     return _launch(
-        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, rope, pdl, rg
+        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, rope, pdl
     )
 
 
-def gemv_add_launch(a, w, r, tiles, pdl=False, rg=None):
-    return _launch(
-        a, None, None, w, r, w.shape[0], 0.0, False, False, False, True, tiles, a.dtype, None, pdl, rg
-    )
+def gemv_add_launch(a, w, r, tiles, pdl=False):
+    return _launch(a, None, None, w, r, w.shape[0], 0.0, False, False, False, True, tiles, a.dtype, None, pdl)
 
 
-def norm_glu_launch(x, nw, w, eps, tiles, pdl=False, rg=None):
+def norm_glu_launch(x, nw, w, eps, tiles, pdl=False):
     n = w.shape[0] // 2
-    return _launch(x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype, None, pdl, rg)
+    return _launch(x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype, None, pdl)
 
 
 @torch.library.custom_op("lorafast::add_norm_gemv", mutates_args=())

@@ -128,11 +128,8 @@ def test_add_norm_qkv_rope_refuses_a_pool_of_another_shape():
 
 
 @pytest.mark.parametrize("tiles", TILES[:2])
-@pytest.mark.parametrize("rg", [None, 2, 4])
-def test_rows_are_independent_of_the_other_rows(tiles, rg):
-    """Row i of a 6-row call equals the 1-row call bit for bit, for every op: a verify row is a decode step.
-    Also where a program takes 2 or 4 rows (6 rows: groups of 4 + 2 with 2 rows past the end that store
-    nothing), and at the rows each op's tile picks (None)."""
+def test_rows_are_independent_of_the_other_rows(tiles):
+    """Row i of a 6-row call equals the 1-row call bit for bit, for every op: a verify row is a decode step."""
     g = torch.Generator().manual_seed(5)
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     k, n = 256, 48
@@ -141,87 +138,27 @@ def test_rows_are_independent_of_the_other_rows(tiles, rg):
     sq = (torch.randn(k, k, generator=g) * 0.05).to(DEV, dtype)
     nw = _norm(k, g, dtype).weight
     calls = [
-        lambda i, rg=None: add_norm_gemv_launch(h[i], d[i], nw, w, 1e-5, tiles, rg=rg)[1],
-        lambda i, rg=None: gemv_add_launch(h[i], sq, r[i], tiles, rg=rg),
-        lambda i, rg=None: norm_glu_launch(h[i], nw, w2, 1e-5, tiles, rg=rg),
-        lambda i, rg=None: gemv_launch(h[i], w, tiles, rg=rg),
-        lambda i, rg=None: rope_call(i, rg),
+        lambda i: add_norm_gemv_launch(h[i], d[i], nw, w, 1e-5, tiles)[1],
+        lambda i: gemv_add_launch(h[i], sq, r[i], tiles),
+        lambda i: norm_glu_launch(h[i], nw, w2, 1e-5, tiles),
+        lambda i: gemv_launch(h[i], w, tiles),
+        lambda i: rope_call(i),
     ]
-    qg = torch.Generator().manual_seed(13)
-    _, _, wq, _, cos, sin, kp, vp, slot = _qkv_case(qg, dtype, rows=6, k=k)
+    rg = torch.Generator().manual_seed(13)
+    _, _, wq, _, cos, sin, kp, vp, slot = _qkv_case(rg, dtype, rows=6, k=k)
 
-    def rope_call(i, rg=None):  # q, then the k and v it wrote
+    def rope_call(i):  # q, then the k and v it wrote
         x, q = add_norm_qkv_rope_launch(
-            h[i], d[i], nw, wq, 1e-5, None, cos[i], sin[i], kp, vp, slot[i], 64, tiles, rg=rg
+            h[i], d[i], nw, wq, 1e-5, None, cos[i], sin[i], kp, vp, slot[i], 64, tiles
         )
         return torch.cat(
             [q, kp[:, slot[i]].transpose(0, 1).flatten(1), vp[:, slot[i]].transpose(0, 1).flatten(1)], 1
         )
 
     for call in calls:
-        six = call(slice(0, 6), rg)
+        six = call(slice(0, 6))
         for i in range(6):
             assert torch.equal(call(slice(i, i + 1))[0], six[i])
-
-
-def test_rows_per_program_fits_the_accumulators():
-    """A program takes 4 rows where 4 rows' accumulators fit ACC_REGS registers a thread, else 2, else 1; one row
-    never more; 3 rows one program of 4 (the weight tile read once)."""
-    from lorafast_export.runtime.triton_fused import ACC_REGS, rows_per_program
-
-    assert ACC_REGS == 96
-    assert rows_per_program(1, (1, 512, 4, 3), False, False) == 1
-    assert rows_per_program(2, (1, 512, 4, 3), False, False) == 2
-    assert rows_per_program(3, (1, 512, 4, 3), False, False) == 4  # down_proj: 4 registers a row
-    assert rows_per_program(5, (1, 1024, 8, 3), False, False) == 4  # o_proj
-    assert rows_per_program(5, (2, 2048, 8, 3), True, True) == 2  # gate_up: 32 + 8 a row
-    assert rows_per_program(5, (4, 1024, 4, 3), True, True) == 1  # qkv + rope: 64 + 8
-    assert rows_per_program(5, (4, 1024, 4, 3), False, True) == 2  # the lm_head: 32 + 8
-
-
-@pytest.mark.skipif(DEV != "cuda", reason="the 8B shapes and shipped tiles on the GPU")
-@pytest.mark.parametrize("rows", [3, 5, 8])
-def test_verify_rows_equal_the_1_row_call_at_the_8b_tiles(rows):
-    """At a Llama-3-8B layer's shapes and the lm_head's, with each op's shipped tile, bf16: row i of a call of
-    `rows` rows (one program taking 1, 2 or 4 of them) equals the 1-row call on row i, bit for bit."""
-    from lorafast_export.runtime.triton_fused import FUSED_TABLE
-
-    g = torch.Generator().manual_seed(3)
-    dt = torch.bfloat16
-    for (op, n, k), tiles in FUSED_TABLE.items():
-        w = (torch.randn(n, k, generator=g) * 0.02).to(DEV, dt)
-        h, d = (torch.randn(rows, k, generator=g).to(DEV, dt) for _ in range(2))
-        nw = (1 + 0.1 * torch.randn(k, generator=g)).to(DEV, dt)
-        if op == "add_norm_qkv_rope":
-            hd, hkv, qn = 128, 8, 4096
-            cos, sin, slot, kp, vp = rope_inputs(g, rows, hkv, hd, 64, dt, DEV)
-
-            def call(i, w=w, h=h, d=d, nw=nw, tiles=tiles, cos=cos, sin=sin, kp=kp, vp=vp, slot=slot, qn=qn):
-                q = add_norm_qkv_rope_launch(
-                    h[i], d[i], nw, w, 1e-5, None, cos[i], sin[i], kp, vp, slot[i], qn, tiles
-                )
-                return torch.cat([q[1], kp[:, slot[i]].transpose(0, 1).flatten(1)], 1)
-        elif op == "norm_glu":  # w: [gate; up]
-
-            def call(i, w=w, h=h, nw=nw, tiles=tiles):
-                return norm_glu_launch(h[i], nw, w, 1e-5, tiles)
-        elif op == "add_norm_gemv":
-
-            def call(i, w=w, h=h, d=d, nw=nw, tiles=tiles):
-                return add_norm_gemv_launch(h[i], d[i], nw, w, 1e-5, tiles)[1]
-        elif op == "gemv_add":
-            r = torch.randn(rows, n, generator=g).to(DEV, dt)
-
-            def call(i, w=w, h=h, r=r, tiles=tiles):
-                return gemv_add_launch(h[i], w, r[i], tiles)
-        else:
-
-            def call(i, w=w, h=h, tiles=tiles):
-                return gemv_launch(h[i], w, tiles)
-
-        many = call(slice(0, rows)).clone()
-        for i in range(rows):
-            assert torch.equal(call(slice(i, i + 1))[0], many[i]), (op, n, k, rows, i)
 
 
 def test_ops_refuse_more_than_8_rows():
