@@ -1003,7 +1003,7 @@ def spec_engine(base, draft, k: int, a, dev, speculation: str = "always"):
 
     dec = getattr(base.model, "dec", None)
     if dec is not None and any(getattr(layer, "fused_rows", 0) for layer in dec.model.layers):
-        use_fused_decode(dec, FUSED_MAX_ROWS)
+        use_fused_decode(dec, FUSED_MAX_ROWS, getattr(dec, "fused_mma", False))
     return Engine(
         base.model,
         base.cache,
@@ -1817,7 +1817,10 @@ def main() -> None:
     )
     p.add_argument("--dense-gemv", default="off", choices=("off", "on"), help="runtime option, all sections")
     p.add_argument(
-        "--fused-decode", default="auto", choices=("off", "on", "auto"), help="runtime option, all sections"
+        "--fused-decode",
+        default="auto",
+        choices=("off", "on", "auto", "mma"),
+        help="runtime option, all sections",
     )
     p.add_argument("--fused-batches", default="1,4", help="fused: batch sizes timed off and on")
     p.add_argument("--fused-e2e", type=int, default=1, help="fused: also time the runtimes (0: the ops only)")

@@ -110,10 +110,12 @@ def _use_gemv(dec, device: torch.device) -> None:
 
 
 def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dtype) -> bool:
-    """fused_decode: on (CUDA, or the Triton interpreter in tests), off, or auto = on CUDA in bf16/fp16."""
-    if opts.fused_decode == "on" and not _triton_runs(device):
-        raise InputError("fused_decode='on' needs a CUDA device and the triton package; use 'off'.")
-    return opts.fused_decode == "on" or (
+    """fused_decode: on or mma (CUDA, or the Triton interpreter in tests), off, or auto = on CUDA in bf16/fp16."""
+    if opts.fused_decode in ("on", "mma") and not _triton_runs(device):
+        raise InputError(
+            f"fused_decode={opts.fused_decode!r} needs a CUDA device and the triton package; use 'off'."
+        )
+    return opts.fused_decode in ("on", "mma") or (
         opts.fused_decode == "auto" and _triton_on(device) and dtype in (torch.bfloat16, torch.float16)
     )
 
@@ -187,8 +189,11 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
         if gemv := dense_gemv_on(opts, device, draft is not None):
             _use_gemv(dec, device)
         if fused_decode_on(opts, device, dtype):  # a verify's rows must compute what a decode step computes
-            rows = FUSED_MAX_ROWS if draft is not None else 1
-            log.info("fused decode kernels for %d layers", use_fused_decode(dec, rows))
+            rows = FUSED_MAX_ROWS if draft is not None else 1  # mma: the dense ops at up to 8 rows anyway
+            log.info(
+                "fused decode kernels for %d layers",
+                use_fused_decode(dec, rows, opts.fused_decode == "mma"),
+            )
         if opts.kernel_pdl and (n := use_kernel_pdl(dec, device, opts.fused_pdl)) is not None:
             log.info("programmatic dependent launch: attention and %d int4 MMA linears", n)
         if opts.attn_last_merges and attention == "triton":  # a verify's tokens are rows of the kernel too

@@ -255,17 +255,18 @@ def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
     dense = isinstance(o, nn.Linear)
     lays = getattr(layer, "mma_fused", None)  # use_fused_decode's: the CUDA MMA kernels' fused ops
     pdl = getattr(layer, "fused_pdl", False)  # use_kernel_pdl's, for the dense ops
+    mma = getattr(layer, "fused_mma", False)  # use_fused_decode's: the dense ops on the tensor cores
     if dense:
-        x, q = ops.add_norm_qkv_rope(hx, dx, n1.weight, qkv.weight, n1.eps, qkv.bias, *rope, pdl)
+        x, q = ops.add_norm_qkv_rope(hx, dx, n1.weight, qkv.weight, n1.eps, qkv.bias, *rope, pdl, mma)
     elif lays is not None:
         x, q = ops.mma_add_norm_qkv_rope(hx, dx, n1.weight, *_mma(qkv, lays[0]), n1.eps, qkv.bias, *rope)
     else:
         x, q = ops.add_norm_qkv_rope_int4(hx, dx, n1.weight, *_int4(qkv), n1.eps, qkv.bias, *rope)
     a = attend(q.view(b, s, attn.n_heads, d).transpose(1, 2)).transpose(1, 2).reshape(b * s, -1)
     if dense:
-        h = ops.gemv_add(a, o.weight, x, pdl)
-        act = ops.norm_glu(h, n2.weight, gate_up.weight, n2.eps, pdl)
-        out = ops.fused_gemv(act, down.weight, pdl)
+        h = ops.gemv_add(a, o.weight, x, pdl, mma)
+        act = ops.norm_glu(h, n2.weight, gate_up.weight, n2.eps, pdl, mma)
+        out = ops.fused_gemv(act, down.weight, pdl, mma)
     elif lays is not None:
         h = ops.mma_gemv_add(a, *_mma(o, lays[1]), x)
         act = ops.mma_norm_glu(h, n2.weight, *_mma(gate_up, lays[2]), n2.eps)
@@ -459,18 +460,21 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
             w,
             eps,
             getattr(dec, "fused_pdl", False),
+            getattr(dec, "fused_mma", False),
         )
         return y.view(b, s, -1)
     return dec.logits(h + delta)
 
 
-def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
+def use_fused_decode(dec: Decoder, rows: int = 1, mma: bool = False) -> int:
     """Every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype and every layer
     is fused) runs the fused kernels for products of at most `rows` rows (<= FUSED_MAX_ROWS), and at rows=1 every
     layer with `mma_layouts` the fused CUDA MMA ops (its `mma_fused`); returns how many layers. rows=1: the
     batch-1 decode step only (several rows are several programs over the same weight tile, slower than
     cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row computes what
-    its decode step computes. Registers the kernels' ops (imports Triton)."""
+    its decode step computes. mma: the dense layers' and head's fused ops on the tensor cores (`fused_mma`; option
+    fused_decode=mma), whose cost is about flat from 1 to 8 rows: they take FUSED_MAX_ROWS whatever `rows` is
+    (an int4 layer's fused MMA ops keep `rows`). Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
     if not 1 <= rows <= FUSED_MAX_ROWS:
@@ -480,7 +484,11 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
         # the fused MMA ops at one row only: their norm is computed per block, which at 8 rows cost 2-2.5x the
         # plain products (bench/TORCH.md, session 20); a runtime that verifies drafts keeps the plain kernels
         layer.mma_fused = mma_layouts(layer) if rows == 1 else None
-        layer.fused_rows = rows if layer.mma_fused is not None or fusable_layer(layer) else 0
+        dense = layer.mma_fused is None and fusable_layer(layer)
+        layer.fused_rows = (
+            FUSED_MAX_ROWS if dense and mma else rows if dense or layer.mma_fused is not None else 0
+        )
+        layer.fused_mma = mma
         n += layer.fused_rows > 0
     head = dec.lm_head if dec.lm_head is not None else dec.model.embed_tokens
     plain_head = (
@@ -488,7 +496,8 @@ def use_fused_decode(dec: Decoder, rows: int = 1) -> int:
         and isinstance(head, (nn.Linear, nn.Embedding))
         and head.weight.dtype == dec.model.norm.weight.dtype
     )
-    dec.fused_rows = rows if plain_head else 0
+    dec.fused_rows = (FUSED_MAX_ROWS if mma else rows) if plain_head else 0
+    dec.fused_mma = mma
     return n
 
 

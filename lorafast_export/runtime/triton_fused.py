@@ -257,6 +257,120 @@ def _epilogue(
         tl.store(y_ptr + m * N + rn, y.to(dt), mask=nmask)
 
 
+@triton.jit
+def _mma_partial_kernel(
+    x_ptr,  # [M, K] input rows
+    d_ptr,  # [M, K] added to x first (ADD_IN)
+    nw_ptr,  # [K] RMSNorm weight (NORM)
+    w_ptr,  # [NW, K] row-major weight (all of its rows: GLU's gate and up, rope's q, k and v)
+    p_ptr,  # [SPLIT, M, NW] float32 partial products
+    ss_ptr,  # [SPLIT, M] float32 partial sums of squares of x (NORM)
+    xo_ptr,  # [M, K] x + d written here by the programs of column block 0 (ADD_IN)
+    M,
+    NW,
+    K,
+    KS: tl.constexpr,  # K a split: a multiple of BK
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BM: tl.constexpr,  # 16: the rows' tile, whatever M (<= BM) is
+    ADD_IN: tl.constexpr,
+    NORM: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot's input precision: "ieee" for float32 weights (no tf32 rounding)
+):
+    """Split s's partial products of BN weight rows with the M activation rows on the tensor cores (tl.dot: the
+    weight rows in the MMA's M, the activation rows, padded to BM, in its N). The activation operand is x (ADD_IN:
+    x + d rounded as the plain step's residual add), times the RMSNorm weight (NORM), rounded to the weight's
+    dtype; float32 accumulation in a fixed k order. Rows past M are zeros and an MMA's columns are independent, so
+    row m's partials are the same whatever M is: row i of any call is the 1-row call, bit for bit."""
+    pn = tl.program_id(0)
+    s = tl.program_id(1)
+    dt = w_ptr.dtype.element_ty
+    rn = pn * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    mmask = rm < M
+    acc = tl.zeros([BN, BM], tl.float32)
+    ss = tl.zeros([BM], tl.float32)
+    for kb in range(0, KS, BK):
+        rk = s * KS + kb + tl.arange(0, BK)
+        xm = mmask[None, :] & (rk < K)[:, None]
+        xv = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)  # [BK, BM]: x^T
+        if ADD_IN:
+            dv = tl.load(d_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)
+            xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+            if pn == 0:
+                tl.store(xo_ptr + rm[None, :] * K + rk[:, None], xv, mask=xm)
+        xf = xv.to(tl.float32)
+        if NORM:
+            ss += tl.sum(xf * xf, 0)
+            xf = xf * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=(rn < NW)[:, None] & (rk < K)[None, :],
+                    other=0.0)  # fmt: skip
+        acc = tl.dot(w, xf.to(dt), acc, input_precision=PREC)
+    tl.store(p_ptr + (s * M + rm[None, :]) * NW + rn[:, None], acc, mask=(rn < NW)[:, None] & mmask[None, :])
+    if NORM:
+        if pn == 0:
+            tl.store(ss_ptr + s * M + rm, ss, mask=mmask)
+
+
+@triton.jit
+def _mma_finish_kernel(
+    p_ptr,  # [SPLIT, M, NW] float32 partial products (_mma_partial_kernel)
+    ss_ptr,  # [SPLIT, M] partial sums of squares (NORM)
+    y_ptr,
+    r_ptr,
+    b_ptr,
+    cos_ptr,
+    sin_ptr,
+    kp_ptr,
+    vp_ptr,
+    slot_ptr,
+    pool_stride,
+    M,
+    N,
+    NW,
+    K,
+    eps,
+    SPLIT: tl.constexpr,
+    BN: tl.constexpr,
+    NORM: tl.constexpr,
+    GLU: tl.constexpr,
+    ADD_OUT: tl.constexpr,
+    BIAS: tl.constexpr,
+    ROPE: tl.constexpr,
+    D: tl.constexpr,
+    QN: tl.constexpr,
+    KN: tl.constexpr,
+):
+    """Row m's BN columns (rope: column pairs; GLU: gate columns and their up columns): the splits' partial sums
+    added in order 0, 1, ..., then the fused kernels' epilogue (norm, bias, rope and the k/v write, silu * up,
+    residual add), each rounding where the plain step rounds."""
+    m = tl.program_id(0) % M
+    j = tl.program_id(0) // M
+    rn = j * BN + tl.arange(0, BN)
+    if ROPE:
+        nmask = rn < N // 2
+        rn = (rn // (D // 2)) * D + rn % (D // 2)
+        r2 = rn + D // 2
+    else:
+        nmask = rn < N
+        r2 = rn + N
+    y = tl.zeros([BN], tl.float32)
+    y2 = tl.zeros([BN], tl.float32)
+    inv = 0.0
+    for s in tl.static_range(SPLIT):
+        y += tl.load(p_ptr + (s * M + m) * NW + rn, mask=nmask, other=0.0)
+        if GLU or ROPE:
+            y2 += tl.load(p_ptr + (s * M + m) * NW + r2, mask=nmask, other=0.0)
+        if NORM:
+            inv += tl.load(ss_ptr + s * M + m)
+    if NORM:
+        inv = 1.0 / tl.sqrt(inv / K + eps)
+    _epilogue(
+        y, y2, inv, m, rn, r2, nmask, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr,
+        pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
+    )  # fmt: skip
+
+
 # (BN, BK, warps, stages) swept on the device (bench/torch_bench.py, section `fused`)
 FUSED_TILES = [
     (1, 512, 4, 3),
@@ -296,17 +410,74 @@ FUSED_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
 DEFAULT_TILES = (4, 512, 4, 3)  # other shapes: within 7% of the best on every 8B linear at 1 row (call A)
 
 
+def _config(op: str, w: torch.Tensor, mma: bool) -> tuple[int, ...]:
+    """The op's launch configuration over weight w: the tensor-core kernels' (mma) or the FMA kernels' tiles."""
+    return mma_config(op, *w.shape) if mma else fused_config(op, *w.shape)
+
+
 def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
     """(BN, BK, warps, stages) for an op over a [n, k] weight (norm_glu: the fused [gate; up] weight), whatever
     the row count (the rows' results must not depend on it)."""
     return FUSED_TABLE.get((op, n, k), DEFAULT_TILES)
 
 
+# (BN, BK, SPLIT, warps, stages) of the tensor-core kernels, (op, n, k) as FUSED_TABLE: the fastest at one row of
+# bench/mma_dense_probe.py's plain product on the 8B shapes (H100, bench/TORCH.md session 28, call 2)
+MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
+    ("add_norm_gemv", 6144, 4096): (64, 128, 2, 4, 3),  # qkv: 20.7 us (FMA GEMV 19.3)
+    ("add_norm_qkv_rope", 6144, 4096): (64, 128, 2, 4, 3),
+    ("gemv_add", 4096, 4096): (64, 128, 2, 4, 5),  # o_proj: 15.0 (14.8)
+    ("norm_glu", 28672, 4096): (64, 256, 2, 4, 3),  # gate_up: 82.2 (77.8)
+    ("gemv", 4096, 14336): (64, 256, 2, 4, 5),  # down_proj: 43.0 (40.8)
+    ("add_norm_gemv", 128256, 4096): (64, 256, 1, 4, 5),  # the lm_head: 340.7 (333.7)
+}
+MMA_DEFAULT = (64, 128, 1, 4, 3)
+MMA_ROWS = 16  # the activation rows' tile of the tensor-core kernels (rows 1..MAX_ROWS padded to it)
+FINISH_BN = 128  # columns a program of the finishing kernel
+
+
+def mma_config(op: str, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BN, BK, SPLIT, warps, stages) of the tensor-core kernels for an op over a [n, k] weight, whatever the row
+    count (the rows' results must not depend on it)."""
+    return MMA_TABLE.get((op, n, k), MMA_DEFAULT)
+
+
+def _mma_launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, cfg, out_dtype, rope=None):
+    """_launch's product on the tensor cores: the partial products of each split (one kernel), then their sum in
+    a fixed order and the epilogue (a second); the same arguments and outputs."""
+    m, k = x.shape
+    bn, bk, split, warps, stages = cfg
+    nwr = w.shape[0]
+    if m > MAX_ROWS or w.shape[1] != k or nwr != (2 * n if glu else n):
+        raise ValueError(
+            f"fused gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows, {n} columns)"
+        )
+    x = x.contiguous()
+    w = w.contiguous()
+    cols, y, xo, ptrs, flags = launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, "fused")
+    p = torch.empty(split, m, nwr, device=x.device, dtype=torch.float32)
+    ss = torch.empty(split, m, device=x.device, dtype=torch.float32) if norm else p
+    ks = bk * triton.cdiv(triton.cdiv(k, bk), split)
+    _mma_partial_kernel[(triton.cdiv(nwr, bn), split)](
+        x, d.contiguous() if add_in else x, nw if norm else x, w, p, ss, xo, m, nwr, k,
+        KS=ks, BN=bn, BK=bk, BM=MMA_ROWS, ADD_IN=add_in, NORM=norm,
+        PREC="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    _mma_finish_kernel[(m * triton.cdiv(cols, FINISH_BN),)](
+        p, ss, y, r.contiguous() if add_out else y, *ptrs, m, n, nwr, k, eps,
+        SPLIT=split, BN=FINISH_BN, **{f: v for f, v in flags.items() if f != "ADD_IN"}, num_warps=4,
+    )  # fmt: skip
+    return (xo, y) if add_in else y
+
+
 def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None, pdl=False):
     """rope: (bias or None, cos [M, D], sin, k_pool, v_pool [HKV, slots, D], slots [M], q columns, D): w is a
     [q; k; v] projection; returns q [M, q columns] with rope applied and writes k (rope applied) and v into the
     pools at the rows' slots. pdl: a programmatic dependent launch (sm90+; paged.use_kernel_pdl), which asks L2
-    for its weight rows, then waits for the kernel before it: the same output, bit for bit."""
+    for its weight rows, then waits for the kernel before it: the same output, bit for bit. tiles of 5 fields
+    (mma_config's): the product on the tensor cores (_mma_launch; pdl does not apply)."""
+    if len(tiles) == 5:
+        return _mma_launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope)
     m, k = x.shape
     bn, bk, warps, stages = tiles
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
@@ -420,15 +591,21 @@ def norm_glu_launch(x, nw, w, eps, tiles, pdl=False):
 
 @torch.library.custom_op("lorafast::add_norm_gemv", mutates_args=())
 def add_norm_gemv(
-    h: torch.Tensor, delta: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float, pdl: bool = False
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    nw: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    pdl: bool = False,
+    mma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x = h + delta, RMSNorm(x) @ w^T): h, delta [M <= 8, K], nw [K], w [N, K] → ([M, K], [M, N]). pdl: as a
-    programmatic dependent launch (every op here: `_launch`)."""
-    return add_norm_gemv_launch(h, delta, nw, w, eps, fused_config("add_norm_gemv", *w.shape), pdl)
+    programmatic dependent launch; mma: the product on the tensor cores (every op here: `_launch`)."""
+    return add_norm_gemv_launch(h, delta, nw, w, eps, _config("add_norm_gemv", w, mma), pdl)
 
 
 @add_norm_gemv.register_fake
-def _(h, delta, nw, w, eps, pdl=False):
+def _(h, delta, nw, w, eps, pdl=False, mma=False):
     return torch.empty_like(h), h.new_empty(h.shape[0], w.shape[0])
 
 
@@ -447,6 +624,7 @@ def add_norm_qkv_rope(
     slots: torch.Tensor,
     q_cols: int,
     pdl: bool = False,
+    mma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's first kernel: x = h + delta, qkv = RMSNorm(x) @ w^T (+ bias), rope on its q and k heads
     (cos, sin [M, D] at the rows' positions), k and v written into the pools [HKV, slots, D] at slots [M]:
@@ -464,46 +642,48 @@ def add_norm_qkv_rope(
         v_pool,
         slots,
         q_cols,
-        fused_config("add_norm_qkv_rope", *w.shape),
+        _config("add_norm_qkv_rope", w, mma),
         pdl,
     )
 
 
 @add_norm_qkv_rope.register_fake
-def _(h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, pdl=False):
+def _(h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, pdl=False, mma=False):
     return torch.empty_like(h), h.new_empty(h.shape[0], q_cols)
 
 
 @torch.library.custom_op("lorafast::gemv_add", mutates_args=())
-def gemv_add(a: torch.Tensor, w: torch.Tensor, r: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def gemv_add(
+    a: torch.Tensor, w: torch.Tensor, r: torch.Tensor, pdl: bool = False, mma: bool = False
+) -> torch.Tensor:
     """r + a @ w^T: a [M <= 8, K], w [N, K], r [M, N] → [M, N]."""
-    return gemv_add_launch(a, w, r, fused_config("gemv_add", *w.shape), pdl)
+    return gemv_add_launch(a, w, r, _config("gemv_add", w, mma), pdl)
 
 
 @gemv_add.register_fake
-def _(a, w, r, pdl=False):
+def _(a, w, r, pdl=False, mma=False):
     return a.new_empty(a.shape[0], w.shape[0])
 
 
 @torch.library.custom_op("lorafast::norm_glu", mutates_args=())
 def norm_glu(
-    x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float, pdl: bool = False
+    x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float, pdl: bool = False, mma: bool = False
 ) -> torch.Tensor:
     """silu(gate) * up of RMSNorm(x) @ w^T, w = [gate; up] [2I, K]: x [M <= 8, K] → [M, I]."""
-    return norm_glu_launch(x, nw, w, eps, fused_config("norm_glu", *w.shape), pdl)
+    return norm_glu_launch(x, nw, w, eps, _config("norm_glu", w, mma), pdl)
 
 
 @norm_glu.register_fake
-def _(x, nw, w, eps, pdl=False):
+def _(x, nw, w, eps, pdl=False, mma=False):
     return x.new_empty(x.shape[0], w.shape[0] // 2)
 
 
 @torch.library.custom_op("lorafast::fused_gemv", mutates_args=())
-def fused_gemv(a: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def fused_gemv(a: torch.Tensor, w: torch.Tensor, pdl: bool = False, mma: bool = False) -> torch.Tensor:
     """a @ w^T: a [M <= 8, K], w [N, K] → [M, N]."""
-    return gemv_launch(a, w, fused_config("gemv", *w.shape), pdl)
+    return gemv_launch(a, w, _config("gemv", w, mma), pdl)
 
 
 @fused_gemv.register_fake
-def _(a, w, pdl=False):
+def _(a, w, pdl=False, mma=False):
     return a.new_empty(a.shape[0], w.shape[0])

@@ -12,6 +12,7 @@ from tests.runtime.triton_device import DEV  # first: sets the interpreter flag 
 from lorafast_export.model.decoder import RMSNorm, rotate_half
 from lorafast_export.runtime.triton_fused import (
     DEFAULT_TILES,
+    MMA_DEFAULT,
     add_norm_gemv,
     add_norm_gemv_launch,
     add_norm_qkv_rope,
@@ -27,6 +28,8 @@ from tests.runtime.helpers import rope_inputs
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
 TILES = [DEFAULT_TILES, (8, 128, 4, 1), (2, 64, 4, 3)]  # the default, a wide tile, a ragged K
+# the tensor-core kernels' configurations (BN, BK, SPLIT, warps, stages): the default, 3 splits of a ragged K
+MMA_TILES = [MMA_DEFAULT, (32, 64, 3, 4, 2)]
 
 
 def _norm(k: int, g: torch.Generator, dtype) -> RMSNorm:
@@ -44,7 +47,7 @@ def _close(y: torch.Tensor, ref: torch.Tensor, dtype) -> bool:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("tiles", TILES + MMA_TILES)
 @pytest.mark.parametrize("n,k", [(64, 256), (40, 200)])
 def test_add_norm_gemv_is_the_residual_add_norm_and_product(dtype, tiles, n, k):
     g = torch.Generator().manual_seed(n + k)
@@ -58,7 +61,7 @@ def test_add_norm_gemv_is_the_residual_add_norm_and_product(dtype, tiles, n, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("tiles", TILES + MMA_TILES)
 def test_gemv_add_and_gemv(dtype, tiles):
     g = torch.Generator().manual_seed(3)
     a, w, r = torch.randn(4, 200, generator=g), torch.randn(72, 200, generator=g) * 0.05, torch.randn(4, 72)
@@ -69,7 +72,7 @@ def test_gemv_add_and_gemv(dtype, tiles):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("tiles", TILES + MMA_TILES)
 def test_norm_glu_is_the_mlps_first_half(dtype, tiles):
     """silu(gate) * up of RMSNorm(x) through the fused [gate; up] weight, as runtime/paged.py's run_mlp."""
     g = torch.Generator().manual_seed(4)
@@ -91,7 +94,7 @@ def _qkv_case(g, dtype, rows=3, hq=4, hkv=2, d=16, k=96, slots=40, bias=False):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("tiles", TILES + MMA_TILES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_add_norm_qkv_rope_is_the_layers_first_half(dtype, tiles, bias):
     """x = h + delta, qkv = RMSNorm(x) @ w^T (+ bias), rope (the decoder's rotate_half) on q and k, k and v in the
@@ -127,9 +130,10 @@ def test_add_norm_qkv_rope_refuses_a_pool_of_another_shape():
         add_norm_qkv_rope_launch(h, dl, nw, w, 1e-5, b, cos, sin, kp[:1], vp, slot, 64, DEFAULT_TILES)
 
 
-@pytest.mark.parametrize("tiles", TILES[:2])
+@pytest.mark.parametrize("tiles", TILES[:2] + MMA_TILES)
 def test_rows_are_independent_of_the_other_rows(tiles):
-    """Row i of a 6-row call equals the 1-row call bit for bit, for every op: a verify row is a decode step."""
+    """Row i of a 6-row call equals the 1-row call bit for bit, for every op: a verify row is a decode step. The
+    tensor-core kernels too (their rows are columns of one MMA, padded to 16)."""
     g = torch.Generator().manual_seed(5)
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     k, n = 256, 48
@@ -307,11 +311,14 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 
 
 # fused_pdl: on sm90+ CUDA the fused ops as PDL launches (a no-op elsewhere)
-@pytest.mark.parametrize("fused_pdl", [False, True])
+@pytest.mark.parametrize(
+    "mode,fused_pdl", [("on", False), ("on", True), ("mma", False)]
+)  # fmt: skip
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
-def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, fused_pdl):
+def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, mode, fused_pdl):
     """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
-    steps and the prefills run the plain path. Greedy tokens equal the canonical decoder's."""
+    steps and the prefills run the plain path. 'mma': the tensor-core kernels, batch-2 steps too. Greedy tokens
+    equal the canonical decoder's."""
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.runtime.loader import build_runtime
     from lorafast_export.runtime.options import RuntimeOptions
@@ -320,7 +327,7 @@ def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, 
     md = tiny_checkpoint(tmp_path, family)
     opts = RuntimeOptions(
         compile="off",
-        fused_decode="on",
+        fused_decode=mode,
         max_seq_len=32,
         max_batch=2,
         batch_buckets=(1, 2),
@@ -328,19 +335,25 @@ def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, 
     )
     rt = build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     dec = rt.model.dec
-    assert dec.fused_rows == 1 and all(layer.fused_rows == 1 for layer in dec.model.layers)
+    rows = 8 if mode == "mma" else 1
+    assert dec.fused_rows == rows and all(layer.fused_rows == rows for layer in dec.model.layers)
+    assert dec.fused_mma == (mode == "mma") and all(
+        layer.fused_mma == (mode == "mma") for layer in dec.model.layers
+    )
     sm90 = DEV == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
     assert getattr(dec, "fused_pdl", False) == (fused_pdl and sm90)
     prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
     ref = load_decoder(md)
     want = [greedy_reference(ref, p, 5) for p in prompts]
     assert [rt.generate_batch([p], 5)[0] for p in prompts] == want  # batch 1: fused
-    assert rt.generate_batch(prompts, 5) == want  # batch 2: the plain path
+    assert rt.generate_batch(prompts, 5) == want  # batch 2: the plain path ('mma': fused)
 
 
-def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path):
+@pytest.mark.parametrize("mode", ["on", "mma"])
+def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path, mode):
     """With a draft, the fused kernels take up to 8 rows (a verify's tokens), so the speculative output is the
-    greedy output of the model alone, token for token, and it speculated."""
+    greedy output of the model alone, token for token, and it speculated. 'mma': the model alone (same option)
+    decodes through the same tensor-core kernels, and gives the same tokens."""
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
@@ -349,7 +362,7 @@ def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path)
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     opts = RuntimeOptions(
         compile="off",
-        fused_decode="on",
+        fused_decode=mode,
         max_seq_len=32,
         max_batch=1,
         batch_buckets=(1,),
@@ -358,9 +371,10 @@ def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path)
     )
     draft = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=draft)
-    assert rt.model.dec.fused_rows == 8 and draft.model.dec.fused_rows == 1
+    assert rt.model.dec.fused_rows == 8 and draft.model.dec.fused_rows == (8 if mode == "mma" else 1)
     prompt = [5, 9, 1, 44, 3, 17, 2, 8, 60]
-    assert rt.generate_batch([prompt], 6) == [greedy_reference(load_decoder(md), prompt, 6)]
+    alone = draft.generate_batch([prompt], 6)  # the same options without a draft
+    assert rt.generate_batch([prompt], 6) == alone == [greedy_reference(load_decoder(md), prompt, 6)]
     assert rt.engine.stats.accepted > 0
 
 
@@ -376,14 +390,16 @@ def test_fused_decode_leaves_quantized_layers_alone(tmp_path):
     assert not pm.dec.fused_rows and not any(fusable_layer(layer) for layer in pm.dec.model.layers)
 
 
-def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path):
-    """A speculative verify (3 tokens in one extend) through the fused kernels and the Triton decode attention
-    gives each token the logits of a one-token decode step at its position, bit for bit."""
+@pytest.mark.parametrize("mma", [False, True])
+def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path, mma):
+    """A speculative verify (3 tokens in one extend) through the fused kernels (FMA or tensor-core) and the
+    Triton decode attention gives each token the logits of a one-token decode step at its position, bit for
+    bit."""
     from lorafast_export.runtime.paged import use_fused_decode
     from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
 
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
-    assert use_fused_decode(pm.dec, rows=8) == md.config.num_layers
+    assert use_fused_decode(pm.dec, rows=8, mma=mma) == md.config.num_layers
     verify, steps = verify_and_steps(pm, cache, DEV)
     assert all(torch.equal(verify[j], steps[j]) for j in range(len(steps)))
