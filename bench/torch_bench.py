@@ -61,6 +61,7 @@ from lorafast_export.runtime.linear import lower_qtensor  # noqa: E402
 from lorafast_export.runtime.loader import build_runtime  # noqa: E402
 from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
 from lorafast_export.runtime.paged import pack_segments, prefill_layer  # noqa: E402
+from lorafast_export.runtime.speculation import SpecGovernor  # noqa: E402
 from scripts.make_model import PRESETS, llama_kwargs  # noqa: E402
 
 SHAPES = {
@@ -1257,6 +1258,8 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
         acc = eng.stats.acceptance
+        if policy == "auto":  # judged afresh on the warm engine: the run above timed rounds that compiled
+            eng.governor = SpecGovernor(policy)
         r = _median_run(base, prompts[1:2], new, a.spec_repeats)
         r["acceptance_all_prompts"] = acc
         r["tokens_equal_alone"] = got == want
