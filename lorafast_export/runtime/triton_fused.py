@@ -109,15 +109,8 @@ def _fused_kernel(
     m = tl.program_id(0) % M
     j = tl.program_id(0) // M
     dt = y_ptr.dtype.element_ty
-    rn = j * BN + tl.arange(0, BN)
+    rn, r2, nmask = _columns(j, BN, N, ROPE, D)
     rk = tl.arange(0, BK)
-    if ROPE:  # pair p: columns (p // (D/2)) * D + p % (D/2) and D/2 further, the two halves rope mixes
-        nmask = rn < N // 2
-        rn = (rn // (D // 2)) * D + rn % (D // 2)
-        r2 = rn + D // 2
-    else:
-        nmask = rn < N
-        r2 = rn + N  # GLU: the up row of gate row rn
     # PDL: weights only before the wait, the previous kernel may still be writing this one's inputs; rows rn (and
     # r2) are BN consecutive weight rows each, asked for once: the other rows' programs find them in L2
     if PF > 0:
@@ -164,6 +157,22 @@ def _fused_kernel(
         y, y2, inv, m, rn, r2, nmask, y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr,
         pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
     )  # fmt: skip
+
+
+@triton.jit
+def _columns(j, BN: tl.constexpr, N, ROPE: tl.constexpr, D: tl.constexpr):
+    """Column block j's output columns rn, their partners r2 and which exist: rope's pair p is columns
+    (p // (D/2)) * D + p % (D/2) and D/2 further, the two halves rope mixes; otherwise r2 = rn + N (GLU: the up
+    row of gate row rn)."""
+    rn = j * BN + tl.arange(0, BN)
+    if ROPE:
+        nmask = rn < N // 2
+        rn = (rn // (D // 2)) * D + rn % (D // 2)
+        r2 = rn + D // 2
+    else:
+        nmask = rn < N
+        r2 = rn + N
+    return rn, r2, nmask
 
 
 @triton.jit
@@ -346,14 +355,7 @@ def _mma_finish_kernel(
     residual add), each rounding where the plain step rounds."""
     m = tl.program_id(0) % M
     j = tl.program_id(0) // M
-    rn = j * BN + tl.arange(0, BN)
-    if ROPE:
-        nmask = rn < N // 2
-        rn = (rn // (D // 2)) * D + rn % (D // 2)
-        r2 = rn + D // 2
-    else:
-        nmask = rn < N
-        r2 = rn + N
+    rn, r2, nmask = _columns(j, BN, N, ROPE, D)
     y = tl.zeros([BN], tl.float32)
     y2 = tl.zeros([BN], tl.float32)
     inv = 0.0
@@ -429,7 +431,13 @@ MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
     ("gemv_add", 4096, 4096): (64, 128, 2, 4, 5),  # o_proj: 15.0 (14.8)
     ("norm_glu", 28672, 4096): (64, 256, 2, 4, 3),  # gate_up: 82.2 (77.8)
     ("gemv", 4096, 14336): (64, 256, 2, 4, 5),  # down_proj: 43.0 (40.8)
-    ("add_norm_gemv", 128256, 4096): (64, 256, 1, 4, 4),  # the lm_head: 340.7 (333.7) at 5 stages, over the shared memory with x + delta
+    ("add_norm_gemv", 128256, 4096): (
+        64,
+        256,
+        1,
+        4,
+        4,
+    ),  # the lm_head: 340.7 (333.7) at 5 stages, over the shared memory with x + delta
 }
 MMA_DEFAULT = (64, 128, 1, 4, 3)
 MMA_ROWS = 16  # the activation rows' tile of the tensor-core kernels (rows 1..MAX_ROWS padded to it)
