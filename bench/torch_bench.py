@@ -1508,7 +1508,8 @@ def sec_fused(a, dev, R):
     """runtime/triton_fused.py. (1) Each fused op on the shape's linears at 1 and 4 rows, every tile of
     FUSED_TILES (first checked against the float product) against cuBLAS's product alone (F.linear: a lower
     bound of what the plain step spends on the same work, whose adds, norms and silu-mul are further kernels),
-    CUDA-graph replay over weight copies. (2) Decode with fused_decode off and on at each of a.fused_batches,
+    CUDA-graph replay over weight copies (--fused-tiles mma-sweep: the tensor-core configurations, the fastest
+    at 1 row into MMA_TABLE). (2) Decode with fused_decode off and on (mma-sweep: on and mma) at a.fused_batches,
     timed 3 times interleaved (same prompts), greedy tokens compared. (3) The fused runtime's kernel profile at
     batch 1."""
     from bench.int4_kernels import graph_us, n_copies
@@ -1570,18 +1571,23 @@ def sec_fused(a, dev, R):
             out["ops"].append(row)
             print(f"  fused op {json.dumps({k_: v_ for k_, v_ in row.items() if k_ != 'tiles'})}", flush=True)
     for row in out["ops"]:  # the runtimes below (and the table to commit) use this call's fastest tiles
-        if row["rows"] == 1 and "best" in row and a.fused_tiles == "sweep":
-            tf.FUSED_TABLE[ops[row["op"]]] = tuple(int(t) for t in row["best"].split("x"))
-    out["table"] = {"/".join(map(str, k_)): v_ for k_, v_ in tf.FUSED_TABLE.items()}
+        if row["rows"] == 1 and "best" in row and a.fused_tiles in ("sweep", "mma-sweep"):
+            table = tf.MMA_TABLE if a.fused_tiles == "mma-sweep" else tf.FUSED_TABLE
+            table[ops[row["op"]]] = tuple(int(t) for t in row["best"].split("x"))
+    table = tf.MMA_TABLE if a.fused_tiles == "mma-sweep" else tf.FUSED_TABLE
+    out["table"] = {"/".join(map(str, k_)): v_ for k_, v_ in table.items()}
     print(f"  fused table {json.dumps(out['table'])}", flush=True)
     if not a.fused_e2e:
         return out
     cfg, state = config_of(R["_model"])
     batches = [int(b) for b in a.fused_batches.split(",")]
+    # the runtimes: fused_decode off and on, or (mma-sweep) on and mma; keyed "off" and "on" below
+    modes = {"off": "on", "on": "mma"} if a.fused_tiles == "mma-sweep" else {"off": "off", "on": "on"}
     rts = {
-        mode: build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, batches, R, fused_decode=mode))
-        for mode in ("off", "on")
+        key: build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, batches, R, fused_decode=mode))
+        for key, mode in modes.items()
     }
+    out["modes"] = modes
     out["fused_layers"] = sum(
         getattr(layer, "fused_rows", 0) > 0 for layer in rts["on"].model.dec.model.layers
     )
@@ -1624,6 +1630,15 @@ def _keep_cublas_workspaces() -> None:
 def FUSED_SWEEP(a, op: str, n: int, k: int):  # noqa: N802 - the tiles the fused section times
     from lorafast_export.runtime.triton_fused import FUSED_TILES, fused_config
 
+    if (
+        a.fused_tiles == "mma-sweep"
+    ):  # the tensor-core kernels' (BN, BK, SPLIT, warps, stages), the shipped first
+        from lorafast_export.runtime.triton_fused import mma_config
+
+        grid = [
+            (bn, bk, sp, 4, st) for bn in (64, 128) for bk in (128, 256) for sp in (1, 2, 4) for st in (3, 4)
+        ]
+        return [mma_config(op, n, k)] + [c for c in grid if c != mma_config(op, n, k)]
     return FUSED_TILES if a.fused_tiles == "sweep" else [fused_config(op, n, k)]
 
 
@@ -1827,7 +1842,12 @@ def main() -> None:
     )
     p.add_argument("--fused-batches", default="1,4", help="fused: batch sizes timed off and on")
     p.add_argument("--fused-e2e", type=int, default=1, help="fused: also time the runtimes (0: the ops only)")
-    p.add_argument("--fused-tiles", default="sweep", choices=("sweep", "shipped"), help="fused: tiles timed")
+    p.add_argument(
+        "--fused-tiles",
+        default="sweep",
+        choices=("sweep", "shipped", "mma-sweep"),
+        help="fused: tiles timed (mma-sweep: the tensor-core kernels' configurations, for MMA_TABLE)",
+    )
     p.add_argument("--spec-gemv", default="", choices=("", "off", "on"), help="spec/specdemo: dense_gemv")
     p.add_argument("--eager-peer", type=int, default=1, help="bf16: also time the eager runtime at batch 1")
     p.add_argument("--gemv-budget-s", type=float, default=40.0, help="gemv: stop sweeping tiles after this")
