@@ -1635,10 +1635,11 @@ def FUSED_SWEEP(a, op: str, n: int, k: int):  # noqa: N802 - the tiles the fused
     ):  # the tensor-core kernels' (BN, BK, SPLIT, warps, stages), the shipped first
         from lorafast_export.runtime.triton_fused import mma_config
 
+        shipped = mma_config(op, n, k)
         grid = [
             (bn, bk, sp, 4, st) for bn in (64, 128) for bk in (128, 256) for sp in (1, 2, 4) for st in (3, 4)
         ]
-        return [mma_config(op, n, k)] + [c for c in grid if c != mma_config(op, n, k)]
+        return [shipped] + [c for c in grid if c != shipped]
     return FUSED_TILES if a.fused_tiles == "sweep" else [fused_config(op, n, k)]
 
 

@@ -484,10 +484,12 @@ def use_fused_decode(dec: Decoder, rows: int = 1, mma: bool = False) -> int:
         # the fused MMA ops at one row only: their norm is computed per block, which at 8 rows cost 2-2.5x the
         # plain products (bench/TORCH.md, session 20); a runtime that verifies drafts keeps the plain kernels
         layer.mma_fused = mma_layouts(layer) if rows == 1 else None
-        dense = layer.mma_fused is None and fusable_layer(layer)
-        layer.fused_rows = (
-            FUSED_MAX_ROWS if dense and mma else rows if dense or layer.mma_fused is not None else 0
-        )
+        if layer.mma_fused is not None:
+            layer.fused_rows = rows
+        elif fusable_layer(layer):  # dense: on the tensor cores (mma) every row count costs about one row's
+            layer.fused_rows = FUSED_MAX_ROWS if mma else rows
+        else:
+            layer.fused_rows = 0
         layer.fused_mma = mma
         n += layer.fused_rows > 0
     head = dec.lm_head if dec.lm_head is not None else dec.model.embed_tokens

@@ -445,32 +445,24 @@ def mma_config(op: str, n: int, k: int) -> tuple[int, int, int, int, int]:
     return MMA_TABLE.get((op, n, k), MMA_DEFAULT)
 
 
-def _mma_launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, cfg, out_dtype, rope=None):
-    """_launch's product on the tensor cores: the partial products of each split (one kernel), then their sum in
-    a fixed order and the epilogue (a second); the same arguments and outputs."""
+def _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, cfg) -> None:
+    """_launch's product on the tensor cores, from its checked and prepared arguments: the partial products of
+    each split (one kernel), then their sum in a fixed order and the epilogue (a second)."""
     m, k = x.shape
     bn, bk, split, warps, stages = cfg
     nwr = w.shape[0]
-    if m > MAX_ROWS or w.shape[1] != k or nwr != (2 * n if glu else n):
-        raise ValueError(
-            f"fused gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows, {n} columns)"
-        )
-    x = x.contiguous()
-    w = w.contiguous()
-    cols, y, xo, ptrs, flags = launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, "fused")
     p = torch.empty(split, m, nwr, device=x.device, dtype=torch.float32)
-    ss = torch.empty(split, m, device=x.device, dtype=torch.float32) if norm else p
+    ss = torch.empty(split, m, device=x.device, dtype=torch.float32) if flags["NORM"] else p
     ks = bk * triton.cdiv(triton.cdiv(k, bk), split)
     _mma_partial_kernel[(triton.cdiv(nwr, bn), split)](
-        x, d.contiguous() if add_in else x, nw if norm else x, w, p, ss, xo, m, nwr, k,
-        KS=ks, BN=bn, BK=bk, BM=MMA_ROWS, ADD_IN=add_in, NORM=norm,
+        x, d, nw, w, p, ss, xo, m, nwr, k,
+        KS=ks, BN=bn, BK=bk, BM=MMA_ROWS, ADD_IN=flags["ADD_IN"], NORM=flags["NORM"],
         PREC="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
     )  # fmt: skip
     _mma_finish_kernel[(m * triton.cdiv(cols, FINISH_BN),)](
-        p, ss, y, r.contiguous() if add_out else y, *ptrs, m, n, nwr, k, eps,
+        p, ss, y, r, *ptrs, m, n, nwr, k, eps,
         SPLIT=split, BN=FINISH_BN, **{f: v for f, v in flags.items() if f != "ADD_IN"}, num_warps=4,
     )  # fmt: skip
-    return (xo, y) if add_in else y
 
 
 def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None, pdl=False):
@@ -479,10 +471,7 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
     pools at the rows' slots. pdl: a programmatic dependent launch (sm90+; paged.use_kernel_pdl), which asks L2
     for its weight rows, then waits for the kernel before it: the same output, bit for bit. tiles of 5 fields
     (mma_config's): the product on the tensor cores (_mma_launch; pdl does not apply)."""
-    if len(tiles) == 5:
-        return _mma_launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope)
     m, k = x.shape
-    bn, bk, warps, stages = tiles
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
         raise ValueError(
             f"fused gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (at most {MAX_ROWS} rows, {n} columns)"
@@ -490,13 +479,20 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
     x = x.contiguous()
     w = w.contiguous()
     cols, y, xo, ptrs, flags = launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, "fused")
+    d = d.contiguous() if add_in else x
+    nw = nw if norm else x
+    r = r.contiguous() if add_out else y
+    if len(tiles) == 5:
+        _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, tiles)
+        return (xo, y) if add_in else y
+    bn, bk, warps, stages = tiles
     even = cols % bn == 0 and k % bk == 0
     _fused_kernel[(m * triton.cdiv(cols, bn),)](
         x,
-        d.contiguous() if add_in else x,
-        nw if norm else x,
+        d,
+        nw,
         w,
-        r.contiguous() if add_out else y,
+        r,
         y,
         xo,
         *ptrs,
