@@ -1189,10 +1189,15 @@ def code_prompts(tok, n: int, length: int) -> list[list[int]]:
     return [ids[i * length : (i + 1) * length] for i in range(n)]
 
 
-def _median_run(rt, prompts, new: int, repeats: int) -> dict:
-    """run_requests `repeats` times: the run with the median decode rate, every run's rate beside it. A demo-sized
-    request decodes in 12-21 ms on an H200, where one timed pass moved by 1.5x between calls (session 24)."""
-    runs = [run_requests(rt, prompts, [new]) for _ in range(max(1, repeats))]
+def _median_run(rt, prompts, new: int, repeats: int, before=None) -> dict:
+    """run_requests `repeats` times (each after `before()` where given): the run with the median decode rate, every
+    run's rate beside it. A demo-sized request decodes in 12-21 ms on an H200, where one timed pass moved by 1.5x
+    between calls (session 24)."""
+    runs = []
+    for _ in range(max(1, repeats)):
+        if before is not None:
+            before()
+        runs.append(run_requests(rt, prompts, [new]))
     runs.sort(key=lambda r: r["decode_tokens_per_s"] or 0.0)
     r = runs[len(runs) // 2]
     r["decode_tokens_per_s_repeats"] = [x["decode_tokens_per_s"] for x in runs]
@@ -1258,14 +1263,27 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
         acc = eng.stats.acceptance
-        if policy == "auto":  # judged afresh on the warm engine: the run above timed rounds that compiled
-            eng.governor = SpecGovernor(policy)
-        r = _median_run(base, prompts[1:2], new, a.spec_repeats)
+        decisions = []
+
+        def fresh(eng=eng, policy=policy, decisions=decisions):
+            """auto: each timed run judged afresh on the warm engine, as a new process would (the run above timed
+            rounds that compiled), its governor's decisions kept"""
+            if policy == "auto":
+                eng.governor = SpecGovernor(policy)
+                decisions.append(eng.governor.decisions)
+
+        r = _median_run(base, prompts[1:2], new, a.spec_repeats, fresh)
+        if decisions:
+            r["governor_decisions"] = [list(d) for d in decisions]
+            print(f"  {name} {key} governor: {json.dumps(r['governor_decisions'])}"[:1500], flush=True)
         r["acceptance_all_prompts"] = acc
         r["tokens_equal_alone"] = got == want
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
-        r["speculation"], r["pauses"] = policy, eng.governor.pauses
+        r["speculation"] = policy
+        # auto: the pauses of every timed run (each with its own governor)
+        pauses = [d for ds in decisions for d in ds if d["decision"].startswith("pause")]
+        r["pauses"] = len(pauses) if decisions else eng.governor.pauses
         if a.spec_profile == "on" and policy == "always":
             r["profile"] = _profile_rounds(eng, prompts[1], new, dev)
             pr = r["profile"]
@@ -1509,13 +1527,15 @@ def sec_fused(a, dev, R):
     FUSED_TILES (first checked against the float product) against cuBLAS's product alone (F.linear: a lower
     bound of what the plain step spends on the same work, whose adds, norms and silu-mul are further kernels),
     CUDA-graph replay over weight copies (--fused-tiles mma-sweep: the tensor-core configurations, the fastest
-    at 1 row into MMA_TABLE). (2) Decode with fused_decode off and on (mma-sweep: on and mma) at a.fused_batches,
+    at 1 row into MMA_TABLE; mma-shipped: MMA_TABLE's). (2) Decode with fused_decode off and on (mma-*: on and
+    mma) at a.fused_batches,
     timed 3 times interleaved (same prompts), greedy tokens compared. (3) The fused runtime's kernel profile at
     batch 1."""
     from bench.int4_kernels import graph_us, n_copies
     from lorafast_export.runtime import triton_fused as tf
 
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    mma = a.fused_tiles.startswith("mma")  # the tensor-core kernels (fused_decode=mma) against the FMA ones
     lin = _linear_shapes(a.shape)
     kinds = {
         "qkv": "add_norm_gemv",
@@ -1572,17 +1592,17 @@ def sec_fused(a, dev, R):
             print(f"  fused op {json.dumps({k_: v_ for k_, v_ in row.items() if k_ != 'tiles'})}", flush=True)
     for row in out["ops"]:  # the runtimes below (and the table to commit) use this call's fastest tiles
         if row["rows"] == 1 and "best" in row and a.fused_tiles in ("sweep", "mma-sweep"):
-            table = tf.MMA_TABLE if a.fused_tiles == "mma-sweep" else tf.FUSED_TABLE
+            table = tf.MMA_TABLE if mma else tf.FUSED_TABLE
             table[ops[row["op"]]] = tuple(int(t) for t in row["best"].split("x"))
-    table = tf.MMA_TABLE if a.fused_tiles == "mma-sweep" else tf.FUSED_TABLE
+    table = tf.MMA_TABLE if mma else tf.FUSED_TABLE
     out["table"] = {"/".join(map(str, k_)): v_ for k_, v_ in table.items()}
     print(f"  fused table {json.dumps(out['table'])}", flush=True)
     if not a.fused_e2e:
         return out
     cfg, state = config_of(R["_model"])
     batches = [int(b) for b in a.fused_batches.split(",")]
-    # the runtimes: fused_decode off and on, or (mma-sweep) on and mma; keyed "off" and "on" below
-    modes = {"off": "on", "on": "mma"} if a.fused_tiles == "mma-sweep" else {"off": "off", "on": "on"}
+    # the runtimes: fused_decode off and on, or (mma-*) on and mma; keyed "off" and "on" below
+    modes = {"off": "on", "on": "mma"} if mma else {"off": "off", "on": "on"}
     rts = {
         key: build_runtime(cfg, state, None, dev, torch.bfloat16, _opts(a, batches, R, fused_decode=mode))
         for key, mode in modes.items()
@@ -1630,12 +1650,14 @@ def _keep_cublas_workspaces() -> None:
 def FUSED_SWEEP(a, op: str, n: int, k: int):  # noqa: N802 - the tiles the fused section times
     from lorafast_export.runtime.triton_fused import FUSED_TILES, fused_config
 
-    if (
-        a.fused_tiles == "mma-sweep"
+    if a.fused_tiles.startswith(
+        "mma"
     ):  # the tensor-core kernels' (BN, BK, SPLIT, warps, stages), the shipped first
         from lorafast_export.runtime.triton_fused import mma_config
 
         shipped = mma_config(op, n, k)
+        if a.fused_tiles == "mma-shipped":
+            return [shipped]
         grid = [
             (bn, bk, sp, 4, st) for bn in (64, 128) for bk in (128, 256) for sp in (1, 2, 4) for st in (3, 4)
         ]
@@ -1846,8 +1868,9 @@ def main() -> None:
     p.add_argument(
         "--fused-tiles",
         default="sweep",
-        choices=("sweep", "shipped", "mma-sweep"),
-        help="fused: tiles timed (mma-sweep: the tensor-core kernels' configurations, for MMA_TABLE)",
+        choices=("sweep", "shipped", "mma-sweep", "mma-shipped"),
+        help="fused: tiles timed (mma-sweep: the tensor-core kernels' configurations, for MMA_TABLE; mma-shipped:"
+        " MMA_TABLE's); mma-*: the runtimes fused_decode on against mma",
     )
     p.add_argument("--spec-gemv", default="", choices=("", "off", "on"), help="spec/specdemo: dense_gemv")
     p.add_argument("--eager-peer", type=int, default=1, help="bf16: also time the eager runtime at batch 1")

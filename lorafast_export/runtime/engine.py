@@ -827,7 +827,8 @@ class Engine:
         extend = self.draft_extend if width <= 2 else self.draft.extend
         with _recompile_room(8):
             logits = extend(*inputs)
-        last = torch.tensor([len(p) - 1 for p in pend], device=logits.device)
+        # built on the host and copied without a wait: torch.tensor(..., device=) would wait for the catch-up
+        last = torch.tensor([len(p) - 1 for p in pend]).to(logits.device, non_blocking=True)
         drafts = torch.empty(n, k, dtype=torch.long, device=logits.device)
         drafts[:, 0] = self.argmax(logits[torch.arange(n, device=logits.device), last])
         if k > 1:

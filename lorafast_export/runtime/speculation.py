@@ -28,6 +28,7 @@ step's are (tests/runtime/test_speculative.py).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from lorafast_export.errors import InputError
@@ -81,6 +82,9 @@ class SpecGovernor:
         self.policy = policy
         self.buckets: dict[int, _Bucket] = {}
         self.pauses = 0  # times speculation was paused (all buckets)
+        # its latest decisions, for a benchmark or a log to show why it paused: bucket, decision, why, and the
+        # rates it judged (ms a plain step, ms a token a row of speculation, the round's ms)
+        self.decisions: deque[dict] = deque(maxlen=64)
 
     def _at(self, bucket: int) -> _Bucket:
         """A bucket's state. A bucket met for the first time while a smaller one is paused starts paused too,
@@ -121,11 +125,12 @@ class SpecGovernor:
             b.probe_rounds += 1
             step = b.plain.per_unit if b.plain else None
             if most and step and b.probe_rounds >= JUDGED_FROM and seconds > most * step:
-                self._pause(b)  # even a round with every draft accepted would lose to plain steps
+                # even a round with every draft accepted would lose to plain steps
+                self._pause(b, bucket, "bound", seconds)
                 return
         g = self.gain(bucket)
         if b.phase == "spec" and g is not None and g < 1 - MARGIN:
-            self._pause(b)
+            self._pause(b, bucket, "slower", seconds)
         elif b.left <= 0:  # a probe_spec always follows timed plain steps (a probe_plain or a pause)
             self._decide(b, bucket)
 
@@ -153,16 +158,29 @@ class SpecGovernor:
             return
         g = self.gain(bucket)
         if g is not None and g >= 1:
+            self._note(b, bucket, "spec", "faster")
             b.phase, b.left, b.pause = "spec", REFRESH, PAUSE
         else:
-            self._pause(b)
+            self._pause(b, bucket, "probe")
 
-    def _pause(self, b: _Bucket) -> None:
+    def _note(self, b: _Bucket, bucket: int, decision: str, why: str, seconds: float | None = None) -> None:
+        self.decisions.append(
+            {"bucket": bucket, "from": b.phase, "decision": decision, "why": why,
+             "plain_ms": _ms(b.plain.per_unit if b.plain else None), "spec_ms_per_token": _ms(b.spec.per_unit),
+             "round_ms": _ms(seconds), "probe_rounds": b.probe_rounds}
+        )  # fmt: skip
+
+    def _pause(self, b: _Bucket, bucket: int, why: str, seconds: float | None = None) -> None:
         length = b.pause
         step = b.plain.per_unit if b.plain else None
         if b.phase == "probe_spec" and step:  # the probe's cost over plain steps for its tokens
             excess = b.probe_s - b.probe_tokens * step
             length = max(length, min(math.ceil(excess / (PROBE_BUDGET * step)), MAX_COST_PAUSE))
+        self._note(b, bucket, f"pause {length}", why, seconds)
         b.phase, b.left = "paused", length
         b.pause = min(2 * b.pause, MAX_PAUSE)
         self.pauses += 1
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)

@@ -423,15 +423,16 @@ def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
     return FUSED_TABLE.get((op, n, k), DEFAULT_TILES)
 
 
-# (BN, BK, SPLIT, warps, stages) of the tensor-core kernels, (op, n, k) as FUSED_TABLE: the fastest at one row of
-# bench/mma_dense_probe.py's plain product on the 8B shapes (H100, bench/TORCH.md session 28, call 2)
+# (BN, BK, SPLIT, warps, stages) of the tensor-core kernels, (op, n, k) as FUSED_TABLE: the fastest fused op at one
+# row on the 8B shapes (torch_bench fused --fused-tiles mma-sweep, H100, bench/TORCH.md session 29, call A; us a call,
+# the FMA kernels' in brackets from session 28's probe)
 MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
-    ("add_norm_gemv", 6144, 4096): (64, 128, 2, 4, 3),  # qkv: 20.7 us (FMA GEMV 19.3)
-    ("add_norm_qkv_rope", 6144, 4096): (64, 128, 2, 4, 3),
-    ("gemv_add", 4096, 4096): (64, 128, 2, 4, 5),  # o_proj: 15.0 (14.8)
-    ("norm_glu", 28672, 4096): (64, 256, 2, 4, 3),  # gate_up: 82.2 (77.8)
-    ("gemv", 4096, 14336): (64, 256, 2, 4, 5),  # down_proj: 43.0 (40.8)
-    # the lm_head: 340.7 (333.7) at 5 stages, which the fused op's x and delta tiles take over the shared memory
+    ("add_norm_gemv", 6144, 4096): (64, 256, 1, 4, 4),  # qkv: 23.0 (19.3; session 28's (64, 128, 2, 4, 3): 26.0)
+    ("add_norm_qkv_rope", 6144, 4096): (64, 256, 1, 4, 4),  # 23.4 (26.6)
+    ("gemv_add", 4096, 4096): (64, 128, 2, 4, 5),  # o_proj: 15.2 (14.8)
+    ("norm_glu", 28672, 4096): (64, 256, 2, 4, 4),  # gate_up: 83.7 (77.8; (64, 256, 2, 4, 3): 85.2)
+    ("gemv", 4096, 14336): (64, 128, 4, 4, 3),  # down_proj: 42.5 (40.8; (64, 256, 2, 4, 5): 42.9)
+    # the lm_head: 346.8 (333.7); 5 stages of the fused op's x and delta tiles overflow the H100's shared memory
     ("add_norm_gemv", 128256, 4096): (64, 256, 1, 4, 4),
 }
 MMA_DEFAULT = (64, 128, 1, 4, 3)

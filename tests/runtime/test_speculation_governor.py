@@ -41,6 +41,11 @@ def test_a_losing_draft_is_paused_after_the_probes_and_retried_after_a_doubling_
     assert all(chosen[2 * p + sp.PAUSE : 3 * p + sp.PAUSE])  # probed again
     assert not any(chosen[3 * p + sp.PAUSE :])  # lost again: a pause twice as long
     assert gov.pauses == 2 and gov.buckets[1].pause == 4 * sp.PAUSE
+    # each pause is logged with the rates it judged: 2 ms a plain step against 2.2 ms a token of speculation
+    assert [(d["decision"], d["why"]) for d in gov.decisions] == [(f"pause {sp.PAUSE}", "probe")] + [
+        (f"pause {2 * sp.PAUSE}", "probe")
+    ]
+    assert gov.decisions[0]["plain_ms"] == pytest.approx(2.0) and gov.decisions[0]["spec_ms_per_token"] == 2.2
     assert gov.buckets[1].phase == "probe_spec"  # the second pause is over: timed afresh from here
     assert gov.gain(1) is None
     run(gov, 1, sp.PROBE, 2.2e-3, 1.0, 2e-3)
@@ -67,6 +72,7 @@ def test_a_round_dearer_than_k_plus_1_plain_steps_stops_its_probe_at_the_second_
     p = sp.PROBE
     assert chosen[:p] == [False] * p and chosen[p : p + 2] == [True, True]  # the first round is not judged
     assert not any(chosen[p + 2 :]) and gov.pauses == 1
+    assert gov.decisions[-1]["why"] == "bound" and gov.decisions[-1]["round_ms"] == pytest.approx(12.0)
     b = gov.buckets[1]
     # its pause: the two rounds' excess over 10 plain steps (24 - 20 ms) at the budget
     assert b.phase == "paused" and b.left == max(sp.PAUSE, round(4e-3 / (sp.PROBE_BUDGET * 2e-3))) - (p - 2)
@@ -85,6 +91,8 @@ def test_a_winning_draft_keeps_speculating_and_retimes_plain_steps_now_and_then(
         i for i, c in enumerate(chosen) if not c
     ]  # the first probe, then one refresh after REFRESH rounds
     assert len(plain) == 2 * sp.PROBE and plain[sp.PROBE] == 2 * sp.PROBE + sp.REFRESH
+    assert [(d["decision"], d["why"]) for d in gov.decisions] == [("spec", "faster")] * 2
+    assert gov.decisions[0]["spec_ms_per_token"] == pytest.approx(1.5)
 
 
 def test_speculation_that_starts_losing_pauses_at_once():
@@ -95,6 +103,7 @@ def test_speculation_that_starts_losing_pauses_at_once():
         gov, 1, 10, 6e-3, 1.0, 4e-3
     )  # the text changed: nothing accepted any more (the rates weight recent rounds)
     assert gov.buckets[1].phase == "paused" and gov.pauses == 1
+    assert gov.decisions[-1]["why"] == "slower" and gov.decisions[-1]["from"] == "spec"
 
 
 def test_buckets_are_timed_apart_and_always_never_pauses():
