@@ -1004,8 +1004,9 @@ def spec_engine(base, draft, k: int, a, dev, speculation: str = "always"):
 
     dec = getattr(base.model, "dec", None)
     if dec is not None and any(getattr(layer, "fused_rows", 0) for layer in dec.model.layers):
-        use_fused_decode(dec, FUSED_MAX_ROWS, getattr(dec, "fused_mma", False))
-    return Engine(
+        # as loader.fused_mma_from: with a draft, the tensor cores at every row (mma) or at none (auto)
+        use_fused_decode(dec, FUSED_MAX_ROWS, 1 if getattr(dec, "fused_mma", 0) == 1 else 0)
+    eng = Engine(
         base.model,
         base.cache,
         max_batch=1,
@@ -1020,6 +1021,9 @@ def spec_engine(base, draft, k: int, a, dev, speculation: str = "always"):
         decode_steps=1 if speculation == "always" else a.decode_steps,
         argmax=base.engine.argmax,  # option triton_argmax, as the loader passes it
     )
+    if a.warm_up == "on" or (a.warm_up == "auto" and eng.cuda_graphs):  # as the loader does
+        eng.warm_up()
+    return eng
 
 
 def spec_policies(a) -> list[tuple[int, str, str]]:

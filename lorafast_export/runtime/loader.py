@@ -120,6 +120,20 @@ def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dty
     )
 
 
+def fused_mma_from(opts: RuntimeOptions, device: torch.device, speculative: bool) -> int:
+    """From how many rows the dense fused ops run on the tensor cores (paged.use_fused_decode's `mma`; 0: never).
+    mma: every row count. auto, without a draft, on an sm_90 GPU (H100 / H200, where MMA_TABLE was measured and
+    its configurations fit the shared memory): the CUDA-core kernels at one row, the tensor cores at 2-8 rows,
+    6.6-7.8% faster there than cuBLAS's plain products with their separate norm and add kernels (bench/TORCH.md,
+    session 29). With a draft, auto keeps the CUDA-core kernels at every row: a verify row computes what the
+    runtime's own one-row step computes, bit for bit."""
+    if opts.fused_decode == "mma":
+        return 1
+    if opts.fused_decode != "auto" or speculative or device.type != "cuda":
+        return 0
+    return 2 if torch.cuda.get_device_capability(device) == (9, 0) else 0
+
+
 def dense_gemv_on(opts: RuntimeOptions, device: torch.device, speculative: bool) -> bool:
     """dense_gemv: on, off, or auto = on for a runtime that verifies a draft's tokens on CUDA, so that a
     verify row computes what the plain step computes (the speculative output is then its own greedy output
@@ -190,10 +204,9 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
             _use_gemv(dec, device)
         if fused_decode_on(opts, device, dtype):  # a verify's rows must compute what a decode step computes
             rows = FUSED_MAX_ROWS if draft is not None else 1  # mma: the dense ops at up to 8 rows anyway
-            log.info(
-                "fused decode kernels for %d layers",
-                use_fused_decode(dec, rows, opts.fused_decode == "mma"),
-            )
+            mma = fused_mma_from(opts, device, draft is not None)
+            n = use_fused_decode(dec, rows, mma)
+            log.info("fused decode kernels for %d layers (tensor cores from %s rows)", n, mma or "no")
         if opts.kernel_pdl and (n := use_kernel_pdl(dec, device, opts.fused_pdl)) is not None:
             log.info("programmatic dependent launch: attention and %d int4 MMA linears", n)
         if opts.attn_last_merges and attention == "triton":  # a verify's tokens are rows of the kernel too

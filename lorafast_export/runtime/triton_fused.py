@@ -427,7 +427,7 @@ def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
 # row on the 8B shapes (torch_bench fused --fused-tiles mma-sweep, H100, bench/TORCH.md session 29, call A; us a call,
 # the FMA kernels' in brackets from session 28's probe)
 MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
-    ("add_norm_gemv", 6144, 4096): (64, 256, 1, 4, 4),  # qkv: 23.0 (19.3; session 28's (64, 128, 2, 4, 3): 26.0)
+    ("add_norm_gemv", 6144, 4096): (64, 256, 1, 4, 4),  # qkv: 23.0 (19.3; session 28's table: 26.0)
     ("add_norm_qkv_rope", 6144, 4096): (64, 256, 1, 4, 4),  # 23.4 (26.6)
     ("gemv_add", 4096, 4096): (64, 128, 2, 4, 5),  # o_proj: 15.2 (14.8)
     ("norm_glu", 28672, 4096): (64, 256, 2, 4, 4),  # gate_up: 83.7 (77.8; (64, 256, 2, 4, 3): 85.2)

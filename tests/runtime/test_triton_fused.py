@@ -403,3 +403,41 @@ def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path, mma):
     assert use_fused_decode(pm.dec, rows=8, mma=mma) == md.config.num_layers
     verify, steps = verify_and_steps(pm, cache, DEV)
     assert all(torch.equal(verify[j], steps[j]) for j in range(len(steps)))
+
+
+def test_auto_mma_from_two_rows_takes_each_rows_kernels(tmp_path):
+    """use_fused_decode(mma=2), fused_decode=auto's choice on sm_90 without a draft: a one-row step runs the CUDA-core
+    kernels (its logits those of mma=0, bit for bit) and a 3-row extend the tensor-core ones (those of mma=1)."""
+    from lorafast_export.runtime.paged import use_fused_decode
+    from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    got = {}
+    for mma in (0, 1, 2):
+        pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
+        assert use_fused_decode(pm.dec, rows=1, mma=mma) == md.config.num_layers
+        assert pm.dec.fused_rows == (8 if mma else 1)
+        got[mma] = verify_and_steps(pm, cache, DEV)
+    (v0, s0), (v1, s1), (v2, s2) = got[0], got[1], got[2]
+    # the two kinds of kernels round differently here, so the equalities below tell them apart
+    assert not all(torch.equal(a, b) for a, b in zip(s0, s1, strict=True)) and not torch.equal(v0, v1)
+    assert all(torch.equal(a, b) for a, b in zip(s2, s0, strict=True))
+    assert torch.equal(v2, v1)
+
+
+def test_fused_mma_from_is_auto_on_sm90_without_a_draft(monkeypatch):
+    """loader.fused_mma_from: mma everywhere for fused_decode=mma; from 2 rows for auto on an sm_90 GPU without a
+    draft; never for on, off, another GPU, the CPU, or a runtime with a draft under auto."""
+    from lorafast_export.runtime import loader
+    from lorafast_export.runtime.options import RuntimeOptions
+
+    cap = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="mma"), cpu, True) == 1
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 2
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, True) == 0
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="on"), cuda, False) == 0
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cpu, False) == 0
+    cap["value"] = (8, 0)
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 0
