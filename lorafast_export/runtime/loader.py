@@ -12,6 +12,7 @@ import torch
 
 from lorafast_export.errors import InputError
 from lorafast_export.model.spec import ModelConfig
+from lorafast_export.runtime import int4_table
 from lorafast_export.runtime.artifact import DTYPES, read_meta, read_weights
 from lorafast_export.runtime.engine import Engine
 from lorafast_export.runtime.graphs import device_guard, on_device
@@ -120,18 +121,24 @@ def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dty
     )
 
 
+# GPUs (int4_table.gpu_slug prefixes) where fused_decode=auto runs the steps of 2-8 rows on the tensor cores: where
+# that was measured faster than cuBLAS's products with their own norm and add kernels (bench/TORCH.md, session 29:
+# H100 80GB HBM3, +5.3-7.8% at batch 2-8) and MMA_TABLE's configurations fit the shared memory. Not yet timed on
+# an H200, whose bandwidth could favour cuBLAS: it keeps cuBLAS until it is.
+MMA_AUTO_GPUS = ("h100",)
+
+
 def fused_mma_from(opts: RuntimeOptions, device: torch.device, speculative: bool) -> int:
     """From how many rows the dense fused ops run on the tensor cores (paged.use_fused_decode's `mma`; 0: never).
-    mma: every row count. auto, without a draft, on an sm_90 GPU (H100 / H200, where MMA_TABLE was measured and
-    its configurations fit the shared memory): the CUDA-core kernels at one row, the tensor cores at 2-8 rows,
-    6.6-7.8% faster there than cuBLAS's plain products with their separate norm and add kernels (bench/TORCH.md,
-    session 29). With a draft, auto keeps the CUDA-core kernels at every row: a verify row computes what the
-    runtime's own one-row step computes, bit for bit."""
+    mma: every row count. auto, without a draft, on a GPU of MMA_AUTO_GPUS: the CUDA-core kernels at one row (the
+    faster there), the tensor cores at 2-8 rows. With a draft, auto keeps the CUDA-core kernels at every row: a
+    verify row computes what the runtime's own one-row step computes, bit for bit."""
     if opts.fused_decode == "mma":
         return 1
     if opts.fused_decode != "auto" or speculative or device.type != "cuda":
         return 0
-    return 2 if torch.cuda.get_device_capability(device) == (9, 0) else 0
+    slug = int4_table.gpu_slug(torch.cuda.get_device_name(device))
+    return 2 if slug.startswith(MMA_AUTO_GPUS) else 0
 
 
 def dense_gemv_on(opts: RuntimeOptions, device: torch.device, speculative: bool) -> bool:

@@ -406,7 +406,7 @@ def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path, mma):
 
 
 def test_auto_mma_from_two_rows_takes_each_rows_kernels(tmp_path):
-    """use_fused_decode(mma=2), fused_decode=auto's choice on sm_90 without a draft: a one-row step runs the CUDA-core
+    """use_fused_decode(mma=2), fused_decode=auto's choice on an H100 without a draft: a one-row step runs the CUDA-core
     kernels (its logits those of mma=0, bit for bit) and a 3-row extend the tensor-core ones (those of mma=1)."""
     from lorafast_export.runtime.paged import use_fused_decode
     from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
@@ -425,19 +425,20 @@ def test_auto_mma_from_two_rows_takes_each_rows_kernels(tmp_path):
     assert torch.equal(v2, v1)
 
 
-def test_fused_mma_from_is_auto_on_sm90_without_a_draft(monkeypatch):
-    """loader.fused_mma_from: mma everywhere for fused_decode=mma; from 2 rows for auto on an sm_90 GPU without a
-    draft; never for on, off, another GPU, the CPU, or a runtime with a draft under auto."""
+def test_fused_mma_from_is_auto_on_a_measured_gpu_without_a_draft(monkeypatch):
+    """loader.fused_mma_from: mma everywhere for fused_decode=mma; from 2 rows for auto on a GPU of MMA_AUTO_GPUS
+    (an H100) without a draft; never for on, off, another GPU, the CPU, or a runtime with a draft under auto."""
     from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
 
-    cap = {"value": (9, 0)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
+    name = {"value": "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name["value"])
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="mma"), cpu, True) == 1
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 2
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, True) == 0
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="on"), cuda, False) == 0
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cpu, False) == 0
-    cap["value"] = (8, 0)
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 0
+    for other in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"):  # not timed: cuBLAS stays
+        name["value"] = other
+        assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 0
