@@ -60,6 +60,8 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
         "host_allocs": None if host is None else [a - b for a, b in zip(_host_allocs(rt.device), host)],
         "spec_acceptance": s.acceptance,  # None without a draft model, or when no round ran
         "spec_rounds": s.spec_rounds,  # speculative rounds (speculation "auto" pauses a draft that does not pay)
+        # with a draft: speculation auto's latest decisions (speculate or pause, and the ms it judged), or []
+        "spec_decisions": None if eng.draft_cache is None else list(eng.governor.decisions)[-8:],
         "peak_memory_bytes": peak_memory_bytes(rt.device),
     }
 

@@ -134,6 +134,15 @@ def test_int4_artifact_drafts_for_the_bf16_artifact(tmp_path):
     assert rt.engine.stats.spec_rounds > 0 and rt.engine.stats.accepted > 0
     res = api.bench(fp_dir, [1], 8, 12, "cpu", draft=q_dir, speculation="always")
     assert res["results"][0]["spec_acceptance"] is not None and res["results"][0]["spec_rounds"] > 0
+    assert res["results"][0]["spec_decisions"] == []  # "always" decides nothing
+    # auto: its probe's verdict is reported with the rates it judged
+    res = api.bench(fp_dir, [1], 8, 40, "cpu", draft=q_dir, speculation="auto")
+    (d, *_) = res["results"][0]["spec_decisions"]
+    assert d["from"] == "probe_spec" and d["probe_rounds"] >= 2
+    assert d["plain_ms"] > 0 and d["spec_ms_per_token"] > 0
+    # a tiny model's step on the CPU costs little beside a round: its probe may stop at the second round ("bound")
+    assert d["decision"] == "spec" or d["decision"].startswith("pause ")
+    assert d["why"] != "bound" or d["round_ms"] > 5 * d["plain_ms"]  # the bound: k + 1 plain steps
 
 
 def test_draft_with_another_vocabulary_is_refused(tmp_path):
