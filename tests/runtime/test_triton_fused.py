@@ -312,34 +312,36 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 
 # fused_pdl: on sm90+ CUDA the fused ops as PDL launches (a no-op elsewhere)
 @pytest.mark.parametrize(
-    "mode,fused_pdl", [("on", False), ("on", True), ("mma", False)]
+    "mode,fused_pdl", [("on", False), ("on", True), ("mma", False), ("hybrid", False)]
 )  # fmt: skip
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
-def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, mode, fused_pdl):
+def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, mode, fused_pdl, monkeypatch):
     """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
-    steps and the prefills run the plain path. 'mma': the tensor-core kernels, batch-2 steps too. Greedy tokens
+    steps and the prefills run the plain path. 'mma': the tensor-core kernels, batch-2 steps too. 'hybrid' (auto on
+    an H100, loader.fused_mma_from = 2): the FMA kernels at batch 1, the tensor-core ones at batch 2. Greedy tokens
     equal the canonical decoder's."""
     from lorafast_export.model.decoder import load_decoder
-    from lorafast_export.runtime.loader import build_runtime
+    from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
     from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
 
+    start = {"on": 0, "mma": 1, "hybrid": 2}[mode]
+    if mode == "hybrid":  # what auto picks on an H100 without a draft, here where auto would not fuse at all
+        monkeypatch.setattr(loader, "fused_mma_from", lambda opts, device, speculative: 2)
     md = tiny_checkpoint(tmp_path, family)
     opts = RuntimeOptions(
         compile="off",
-        fused_decode=mode,
+        fused_decode="on" if mode == "hybrid" else mode,
         max_seq_len=32,
         max_batch=2,
         batch_buckets=(1, 2),
         fused_pdl=fused_pdl,
     )
-    rt = build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
+    rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     dec = rt.model.dec
-    rows = 8 if mode == "mma" else 1
+    rows = 8 if start else 1
     assert dec.fused_rows == rows and all(layer.fused_rows == rows for layer in dec.model.layers)
-    assert dec.fused_mma == (mode == "mma") and all(
-        layer.fused_mma == (mode == "mma") for layer in dec.model.layers
-    )
+    assert dec.fused_mma == start and all(layer.fused_mma == start for layer in dec.model.layers)
     sm90 = DEV == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
     assert getattr(dec, "fused_pdl", False) == (fused_pdl and sm90)
     prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
