@@ -993,7 +993,7 @@ def sec_profile(a, dev, R):
     return out
 
 
-def spec_engine(base, draft, k: int, a, dev, speculation: str = "always"):
+def spec_engine(base, draft, k: int, a, dev, speculation: str = "always", overlap: bool = False):
     """A batch-1 engine over `base`'s model and paged cache that drafts `k` tokens with `draft`'s model. A base
     with fused decode layers takes their kernels up to a verify's rows, as the loader does for a runtime loaded
     with a draft (row i of a verify then computes what a decode step computes). speculation "always": the
@@ -1020,16 +1020,23 @@ def spec_engine(base, draft, k: int, a, dev, speculation: str = "always"):
         speculation=speculation,
         decode_steps=1 if speculation == "always" else a.decode_steps,
         argmax=base.engine.argmax,  # option triton_argmax, as the loader passes it
+        overlap_rounds=overlap,
     )
     if a.warm_up == "on" or (a.warm_up == "auto" and eng.cuda_graphs):  # as the loader does
         eng.warm_up()
     return eng
 
 
-def spec_policies(a) -> list[tuple[int, str, str]]:
-    """(k, speculation, result key) of the spec sections: every k always (key kK), the largest also auto."""
+def spec_policies(a) -> list[tuple[int, str, str, bool]]:
+    """(k, speculation, result key, overlap_rounds) of the spec sections: every k always (key kK), the largest
+    also auto; --overlap-rounds on: every row with rounds chained on the device, ab: each always row also so
+    (key kK_overlap)."""
     ks = [int(x) for x in a.spec_k.split(",")]
-    return [(k, "always", f"k{k}") for k in ks] + [(max(ks), "auto", f"k{max(ks)}_auto")]
+    on = a.overlap_rounds == "on"
+    rows = [(k, "always", f"k{k}", on) for k in ks]
+    if a.overlap_rounds == "ab":
+        rows += [(k, "always", f"k{k}_overlap", True) for k in ks]
+    return rows + [(max(ks), "auto", f"k{max(ks)}_auto", on or a.overlap_rounds == "ab")]
 
 
 SPEC_KEYS = (
@@ -1065,8 +1072,8 @@ def sec_spec(a, dev, R):
     draft = build_runtime(
         cfg, fp4, q4, dev, torch.bfloat16, _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     )
-    for k, policy, key in spec_policies(a):
-        eng = spec_engine(base, draft, k, a, dev, policy)
+    for k, policy, key, overlap in spec_policies(a):
+        eng = spec_engine(base, draft, k, a, dev, policy, overlap)
         base.engine, keep = eng, base.engine
         eng.generate_batch(prompts[:1], 32)  # compile + capture
         got = eng.generate_batch(prompts[1:], a.new_tokens)
@@ -1262,8 +1269,8 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False
     print(f"  {name} alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
-    for k, policy, key in spec_policies(a):
-        eng = spec_engine(base, draft, k, a, dev, policy)
+    for k, policy, key, overlap in spec_policies(a):
+        eng = spec_engine(base, draft, k, a, dev, policy, overlap)
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
         acc = eng.stats.acceptance
@@ -1895,6 +1902,12 @@ def main() -> None:
         "--quant-lm-head",
         action="store_true",
         help="int4 sections: quantize lm_head too (RTN g128, as a build with quant.quantize_lm_head)",
+    )
+    p.add_argument(
+        "--overlap-rounds",
+        default="off",
+        choices=("off", "on", "ab"),
+        help="spec sections: speculative rounds chained on the device (engine overlap_rounds); ab: both",
     )
     p.add_argument(
         "--overlap-bursts", default="on", choices=("off", "on"), help="runtime option (most sections)"

@@ -34,6 +34,12 @@ no longer idles while the host reads the tokens and builds the next inputs. A ro
 in a burst has one more burst queued for it: that work is wasted and its tokens ignored (its k/v land in
 blocks the host may free and hand out meanwhile, but before any later work on the same stream: the next
 prefill overwrites them).
+`overlap_rounds` (speculative decoding, off until timed on a GPU): when the next speculative round is certain (the
+same rows, nobody waiting, greedy rows with room for two more rounds in the pool and in their token budgets), it
+is queued on the device before the host reads this round's tokens, its inputs derived there from this round's
+outputs (each row's accepted count, its next token and the draft's catch-up tokens, positions and slots through
+the block tables): the GPU no longer idles while the host reads a round and builds the next. A row that meets a
+stop token has the queued round's tokens ignored, as a burst's.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ class EngineStats:
     accepted: int = 0  # draft tokens the model agreed with
     bursts: int = 0  # multi-step decodes (decode_steps > 1), each of several decode_steps
     queued_bursts: int = 0  # bursts queued before the host read the previous one's tokens (overlap)
+    queued_rounds: int = (
+        0  # speculative rounds queued before the host read the previous one's (overlap_rounds)
+    )
     prefills: list = field(default_factory=list)  # (start s, requests, prompt tokens, seconds) per prefill
 
     @property
@@ -179,6 +188,7 @@ class Engine:
         max_wait_ms: float = MAX_WAIT_MS,
         prefill_first: bool = True,
         overlap_bursts: bool = True,
+        overlap_rounds: bool = False,
         clock: Callable[[], float] = time.perf_counter,
         speculation: str = "always",
         argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -205,6 +215,10 @@ class Engine:
         self.decode_steps = decode_steps
         self.overlap_bursts = overlap_bursts  # queue a certain next burst before reading this one's tokens
         self._queued: _Burst | None = None  # a burst on the device whose tokens the host has not read
+        self.overlap_rounds = overlap_rounds  # queue a certain next speculative round before reading this one
+        self._round: _Round | None = (
+            None  # a speculative round on the device whose tokens the host has not read
+        )
         if admit_order not in ADMIT_ORDERS:
             raise InputError(f"admit_order={admit_order!r}: use one of {', '.join(ADMIT_ORDERS)}.")
         self.admit_order = admit_order
@@ -315,7 +329,12 @@ class Engine:
         st, rows = self.stats, len(self.running)
         bucket = _bucket(rows, self.buckets)
         # the draft's prefills are paid once a request, not a round: kept out of the governor's time
-        if self._queued is None and self._can_speculate() and self._draft_prefills(self.running):
+        if (
+            self._queued is None
+            and self._round is None
+            and self._can_speculate()
+            and self._draft_prefills(self.running)
+        ):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         before, t0 = (st.spec_rounds, st.decode_steps, st.decode_tokens), self.timer()
@@ -459,6 +478,8 @@ class Engine:
     def _decode(self) -> list[Request]:
         if self._queued is not None:  # queued by the previous burst: land it (and maybe queue the next)
             return self._land_burst(self._queued)
+        if self._round is not None:  # queued by the previous round: land it (and maybe queue the next)
+            return self._land_round(self._round)
         if self._can_speculate():
             return self._speculate()
         n = self._burst_len()
@@ -815,8 +836,8 @@ class Engine:
     def _draft_tokens(self, reqs: list[Request]) -> torch.Tensor:
         """k greedy draft tokens per request, [len(reqs), k] on the device: a 2-token catch-up (what the draft
         has not seen), then k - 1 decode steps of the draft (step and argmax: one graph), each fed the previous
-        argmax on the device. Their positions, tables and slots do not depend on the tokens: built at once,
-        one copy to the device, so nothing waits for the host."""
+        argmax on the device. Their positions and slots do not depend on the tokens: computed on the device from
+        each row's start and the block table (_draft_steps), so nothing waits for the host."""
         k, dc, n = self.spec_k, self.draft_cache, len(reqs)
         seqs = [r.prompt + r.output for r in reqs]
         pend = [s[r.draft_cached :] for r, s in zip(reqs, seqs, strict=True)]  # usually 1 or 2 tokens
@@ -831,23 +852,12 @@ class Engine:
         last = torch.tensor([len(p) - 1 for p in pend]).to(logits.device, non_blocking=True)
         drafts = torch.empty(n, k, dtype=torch.long, device=logits.device)
         drafts[:, 0] = self.argmax(logits[torch.arange(n, device=logits.device), last])
-        if k > 1:
-            rows = _bucket(n, self.buckets)
-            pos = torch.zeros(k - 1, rows, dtype=torch.long)  # padded rows: position 0, the pad block
-            slots = torch.full((k - 1, rows), PAD_BLOCK * dc.block_size, dtype=torch.long)
-            for i, (r, s) in enumerate(zip(reqs, seqs, strict=True)):  # step j: d[j - 1] at len(s) - 1 + j
-                pos[:, i] = torch.arange(len(s), len(s) + k - 1)
-                slots[:, i] = dc.slots(r.id, len(s), len(s) + k - 1)
-            tables = dc.block_table([r.id for r in reqs], self._width(dc, reqs), rows)
-            pos, slots, tables = (t.to(self.device, non_blocking=True) for t in (pos, slots, tables))
-            tok = torch.zeros(rows, dtype=torch.long, device=self.device)
-            tok[:n] = drafts[:, 0]
-            with _recompile_room(8):
-                for j in range(1, k):
-                    tok = self.draft_greedy(tok, pos[j - 1], tables, pos[j - 1] + 1, slots[j - 1])
-                    drafts[:, j] = tok[:n]
-        for r, s in zip(reqs, seqs, strict=True):
-            r.draft_cached = len(s)  # through the last token; drafts past it are confirmed in _speculate
+        rows = _bucket(n, self.buckets)
+        start = torch.zeros(rows, dtype=torch.long)  # padded rows: position 0, the pad block
+        start[:n] = torch.tensor([r.cached for r in reqs])
+        tables = dc.block_table([r.id for r in reqs], self._width(dc, reqs), rows)
+        start, tables = (t.to(self.device, non_blocking=True) for t in (start, tables))
+        self._draft_steps(drafts, start, tables, n)
         return drafts
 
     @torch.no_grad()
@@ -873,21 +883,42 @@ class Engine:
         )
         tok[:n, 0] = torch.tensor([r.output[-1] for r in reqs]).to(tok.device, non_blocking=True)
         tok[:n, 1:] = drafts
+        start = pos[:n, 0]  # each row's cached tokens at the round's start, on the device (a next round's)
+        return self._land_round(self._verify(reqs, drafts, tok, pos, tables, slots, start, t0))
+
+    def _verify(self, reqs, drafts, tok, pos, tables, slots, start, t0: float) -> _Round:
+        """Queue the model's verify of the drafts (one extend of k + 1 tokens a row) and the round's accepted
+        counts on the device, and start copying the drafts and the model's greedy tokens to the host."""
+        k, n = self.spec_k, len(reqs)
         with _recompile_room(8):
             greedy = self.argmax(self.extend_fn(tok, pos, tables, slots)[:n])  # [n, k + 1]
-        both = torch.cat([drafts, greedy], 1).tolist()  # the round's one read of the device
+        n_ok = torch.cumprod((drafts == greedy[:, :k]).long(), 1).sum(1)  # drafts the model agrees with
+        both = torch.cat([drafts, greedy], 1)
+        self.stats.decode_s += time.perf_counter() - t0
+        return _Round(list(reqs), drafts, greedy, n_ok, start, _to_host(both))
+
+    def _land_round(self, rnd: _Round) -> list[Request]:
+        """Read a queued round's drafts and greedy tokens (queueing the next round first when it is certain) and
+        keep each row's accepted drafts and the model's next token; a row that finished before (a stop token in
+        the previous round) ignores them."""
+        k = self.spec_k
+        self._round = self._queue_next_round(rnd)
+        t0 = time.perf_counter()
+        both = rnd.tokens()  # the round's one read of the device
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.spec_rounds += 1
         finished = []
-        for r, row in zip(reqs, both, strict=True):
+        for r, row in zip(rnd.reqs, both, strict=True):
+            if r.t_done is not None:
+                continue
             d, g = row[:k], row[k:]
             n_ok = next((i for i in range(k) if d[i] != g[i]), k)  # drafts the model agrees with
             self.stats.drafted += k
             self.stats.accepted += n_ok
-            new = d[:n_ok] + [g[n_ok]]
-            r.draft_cached += min(n_ok, k - 1)  # the draft wrote k/v for d[0..k-2]
-            for t in new:
+            # the draft holds k/v through the round's last token and d[0..k-2]: its catch-up is 1 or 2 tokens
+            r.draft_cached = r.cached + 1 + min(n_ok, k - 1)
+            for t in d[:n_ok] + [g[n_ok]]:
                 r.output.append(t)
                 r.cached += 1
                 self.stats.decode_tokens += 1
@@ -896,8 +927,92 @@ class Engine:
             if r.done:
                 self._finish(r)
                 finished.append(r)
-        self.running = [r for r in reqs if not r.done]
+        self.running = [r for r in self.running if not r.done]
+        if self._round is not None and all(r.done for r in self._round.reqs):
+            self._round = None  # every row stopped in this round: the queued one's tokens are not needed
         return finished
+
+    def _queue_next_round(self, rnd: _Round) -> _Round | None:
+        """The round after rnd, queued now if it is certain: overlap_rounds on, the same rows running, nobody
+        waiting, speculation wanted, and every row greedy with room after rnd (at most k + 1 tokens) for another
+        round in its token budget, the sequence limit and the pools of both caches."""
+        k, reqs = self.spec_k, rnd.reqs
+        same = len(self.running) == len(reqs) and all(a is b for a, b in zip(self.running, reqs))
+        if not self.overlap_rounds or self.waiting or not same:
+            return None
+        if not self.governor.wants(_bucket(len(reqs), self.buckets)):
+            return None
+        if any(
+            r.temperature > 0
+            or r.max_new_tokens - len(r.output) <= 2 * k + 1
+            or r.cached + 2 * (k + 1) > self.max_seq_len
+            for r in reqs
+        ):
+            return None
+        try:
+            for r in reqs:
+                self.cache.reserve(r.id, r.cached + 2 * (k + 1))
+                self.draft_cache.reserve(r.id, r.cached + 2 * (k + 1))
+        except OutOfBlocks:
+            return None  # blocks reserved for some rows stay theirs: freed with the row
+        self.stats.queued_rounds += 1
+        return self._queue_chained(rnd)
+
+    @torch.no_grad()
+    def _queue_chained(self, prev: _Round) -> _Round:
+        """A speculative round whose inputs come from prev's outputs on the device: each row's cached tokens
+        after prev (start + accepted + 1), its next token (the model's greedy token after the accepted drafts),
+        the draft's catch-up (that token, after the last draft when all k were accepted: the draft wrote k/v for
+        the first k - 1 only), then the draft's steps and the model's verify, positions and slots through the
+        block tables."""
+        t0 = time.perf_counter()
+        k, dc, reqs, dev = self.spec_k, self.draft_cache, prev.reqs, self.device
+        n, rows = len(reqs), _bucket(len(prev.reqs), self.buckets)
+        full = prev.n_ok == k
+        start = prev.start + prev.n_ok + 1
+        last = prev.greedy.gather(1, prev.n_ok[:, None])[:, 0]
+        ids = [r.id for r in reqs]
+        dtables = dc.block_table(ids, self._width(dc, reqs), rows).to(dev, non_blocking=True)
+        tok = torch.zeros(rows, 2, dtype=torch.long, device=dev)
+        tok[:n, 0] = torch.where(full, prev.drafts[:, k - 1], last)
+        tok[:n, 1] = torch.where(full, last, 0)
+        pos = torch.zeros(rows, 2, dtype=torch.long, device=dev)
+        pos[:n] = (prev.start + 1 + prev.n_ok.clamp(max=k - 1))[:, None] + torch.arange(2, device=dev)
+        slots = _slots_of(dtables, pos, dc.block_size)
+        real = torch.zeros(rows, 2, dtype=torch.bool, device=dev)
+        real[:n, 0], real[:n, 1] = True, full
+        slots = torch.where(real, slots, PAD_BLOCK * dc.block_size)
+        with _recompile_room(8):
+            logits = self.draft_extend(tok, pos, dtables, slots.view(-1))
+        drafts = torch.empty(n, k, dtype=torch.long, device=dev)
+        drafts[:, 0] = self.argmax(logits[torch.arange(n, device=dev), full.long()])
+        base = torch.zeros(rows, dtype=torch.long, device=dev)
+        base[:n] = start
+        self._draft_steps(drafts, base, dtables, n)
+        tables = self.cache.block_table(ids, self._width(self.cache, reqs), rows).to(dev, non_blocking=True)
+        vpos = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
+        vpos[:n] = start[:, None] + torch.arange(k + 1, device=dev)
+        vslots = _slots_of(tables, vpos, self.cache.block_size)
+        vtok = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
+        vtok[:n, 0], vtok[:n, 1:] = last, drafts
+        return self._verify(reqs, drafts, vtok, vpos, tables, vslots.view(-1), start, t0)
+
+    def _draft_steps(self, drafts: torch.Tensor, start: torch.Tensor, tables: torch.Tensor, n: int) -> None:
+        """The draft's steps 1..k-1 of a round, on the device: step j feeds drafts[:, j - 1] at position
+        start + j (start [rows]: each row's cached tokens at the round's start; padded rows 0, the pad block) and
+        writes its greedy token into drafts[:, j]."""
+        k, dc = self.spec_k, self.draft_cache
+        if k == 1:
+            return
+        tok = torch.zeros(start.shape[0], dtype=torch.long, device=start.device)
+        tok[:n] = drafts[:, 0]
+        real = torch.arange(start.shape[0], device=start.device) < n
+        with _recompile_room(8):
+            for j in range(1, k):
+                pos = torch.where(real, start + j, 0)
+                slots = torch.where(real, _slots_of(tables, pos, dc.block_size), PAD_BLOCK * dc.block_size)
+                tok = self.draft_greedy(tok, pos, tables, pos + 1, slots)
+                drafts[:, j] = tok[:n]
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         return self._pick(logits, reqs).tolist()
@@ -930,6 +1045,28 @@ class _Burst:
     n: int
     out: torch.Tensor
     tokens: Callable[[], list[list[int]]]
+
+
+@dataclass
+class _Round:
+    """A speculative round queued on the device: its rows, drafts [n, k], the model's greedy tokens [n, k + 1],
+    the accepted drafts a row [n] and each row's cached tokens at its start [n] there (what a chained round is
+    derived from), and a reader of the drafts and greedy tokens on the host."""
+
+    reqs: list[Request]
+    drafts: torch.Tensor
+    greedy: torch.Tensor
+    n_ok: torch.Tensor
+    start: torch.Tensor
+    tokens: Callable[[], list[list[int]]]
+
+
+def _slots_of(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The physical slots of positions pos [rows, ...] through block tables [rows, width], on their device."""
+    shape = pos.shape
+    flat = pos.reshape(shape[0], -1)
+    blocks = tables.long().gather(1, flat // block_size)
+    return (blocks * block_size + flat % block_size).reshape(shape)
 
 
 @dataclass

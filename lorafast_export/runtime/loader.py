@@ -239,6 +239,7 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
         max_wait_ms=opts.max_wait_ms,
         prefill_first=opts.prefill_first,
         overlap_bursts=opts.overlap_bursts,
+        overlap_rounds=opts.overlap_rounds,
         argmax=_argmax(opts, device),
         **_draft_args(draft, cfg, opts, aot_meta is not None),
     )

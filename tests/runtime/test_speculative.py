@@ -36,7 +36,7 @@ def solo(llama):
     return [greedy_reference(dec, p, n) for p, n in zip(prompts(), NEW, strict=True)]
 
 
-def spec_engine(md, draft_pm, draft_cache, k=4, num_blocks=64):
+def spec_engine(md, draft_pm, draft_cache, k=4, num_blocks=64, **kw):
     pm, cache = paged(md, num_blocks=num_blocks)
     return Engine(
         pm,
@@ -47,6 +47,7 @@ def spec_engine(md, draft_pm, draft_cache, k=4, num_blocks=64):
         draft=draft_pm,
         draft_cache=draft_cache,
         spec_k=k,
+        **kw,
     )
 
 
@@ -167,3 +168,79 @@ def test_auto_speculation_pauses_a_useless_draft_output_unchanged(llama, tmp_pat
     assert eng.stats.spec_rounds < eng.stats.decode_steps / 2  # mostly plain steps
     if decode_steps > 1:
         assert eng.stats.bursts > 0
+
+
+# overlap_rounds: long requests, so that rounds chain (a row needs room for two rounds in its budget)
+LONG_PROMPTS, LONG_NEW = [[3, 14, 15, 92, 65], [35, 8, 9, 79, 32, 38, 46, 26, 43], [38]], [40, 30, 45]
+
+
+@pytest.fixture(scope="module")
+def solo_long(llama):
+    dec = load_decoder(llama)
+    return [greedy_reference(dec, p, n) for p, n in zip(LONG_PROMPTS, LONG_NEW, strict=True)]
+
+
+def test_chained_rounds_with_the_model_as_draft_accept_every_token(llama, solo_long):
+    """overlap_rounds: each next round is queued from the previous one's outputs on the device (its accepted
+    count, the next token, the draft's catch-up, positions and slots). With the model as its own draft every
+    draft is accepted, which holds only if each chained round's drafts sit at the right positions."""
+    draft, dcache = paged(llama, num_blocks=64)
+    eng = spec_engine(llama, draft, dcache, overlap_rounds=True)
+    assert eng.generate_batch(LONG_PROMPTS, LONG_NEW) == solo_long
+    assert eng.stats.queued_rounds > 0 and eng.stats.acceptance == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_chained_rounds_give_the_models_greedy_output(llama, solo_long, k):
+    """An int4 draft, whose drafts are sometimes rejected (every accepted count from 0 to k), with rounds chained:
+    the model's greedy output, token for token, and the same acceptance as rounds queued one at a time."""
+    fp, q = quantize_all(llama, bits=4, group_size=32)
+    got = {}
+    for overlap in (False, True):
+        eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=k, overlap_rounds=overlap)
+        got[overlap] = eng.generate_batch(LONG_PROMPTS, LONG_NEW), eng.stats
+    assert got[True][0] == got[False][0] == solo_long
+    on, off = got[True][1], got[False][1]
+    assert on.queued_rounds > 0 and off.queued_rounds == 0
+    assert 0 < on.accepted < on.drafted
+    assert (on.spec_rounds, on.drafted, on.accepted) == (off.spec_rounds, off.drafted, off.accepted)
+
+
+def test_a_row_that_stops_inside_a_chain_ignores_the_queued_round(llama, solo_long):
+    """A stop token in a round: its row's queued round is wasted and its tokens ignored, the other rows go on."""
+    fp, q = quantize_all(llama, bits=4, group_size=32)
+    eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=2, overlap_rounds=True)
+    stop = solo_long[0][14]
+    cut = solo_long[0].index(stop) + 1
+    reqs = [eng.add(LONG_PROMPTS[0], LONG_NEW[0], stop_ids=(stop,))]
+    reqs += [eng.add(p, n) for p, n in zip(LONG_PROMPTS[1:], LONG_NEW[1:], strict=True)]
+    while eng.has_work:
+        eng.step()
+    assert reqs[0].output == solo_long[0][:cut] and cut < LONG_NEW[0]
+    assert [r.output for r in reqs[1:]] == solo_long[1:]
+    assert eng.stats.queued_rounds > 0
+
+
+def test_chained_rounds_in_a_small_pool(llama, solo_long):
+    """A pool too small to reserve two rounds ahead for every row: rounds are queued one at a time there (and
+    requests preempted and recomputed); the output is unchanged."""
+    fp, q = quantize_all(llama, bits=4, group_size=32)
+    eng = spec_engine(llama, *paged(llama, fp, q, num_blocks=64), k=4, num_blocks=16, overlap_rounds=True)
+    assert eng.generate_batch(LONG_PROMPTS, LONG_NEW) == solo_long
+    st = eng.stats
+    assert st.preemptions > 0 and 0 < st.queued_rounds < st.spec_rounds
+
+
+def test_chained_rounds_under_speculation_auto(llama, solo_long):
+    """speculation auto: rounds chain only while the governor wants them; plain steps and bursts in between."""
+    fp, q = quantize_all(llama, bits=4, group_size=32)
+    eng = spec_engine(
+        llama,
+        *paged(llama, fp, q, num_blocks=64),
+        k=2,
+        overlap_rounds=True,
+        speculation="auto",
+        decode_steps=4,
+    )
+    assert eng.generate_batch(LONG_PROMPTS, LONG_NEW) == solo_long
+    assert eng.stats.decode_steps > eng.stats.spec_rounds  # plain steps were timed too

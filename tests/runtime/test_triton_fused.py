@@ -351,11 +351,12 @@ def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, 
     assert rt.generate_batch(prompts, 5) == want  # batch 2: the plain path ('mma': fused)
 
 
-@pytest.mark.parametrize("mode", ["on", "mma"])
-def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path, mode):
+@pytest.mark.parametrize("mode,overlap", [("on", False), ("mma", False), ("mma", True)])
+def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path, mode, overlap):
     """With a draft, the fused kernels take up to 8 rows (a verify's tokens), so the speculative output is the
     greedy output of the model alone, token for token, and it speculated. 'mma': the model alone (same option)
-    decodes through the same tensor-core kernels, and gives the same tokens."""
+    decodes through the same tensor-core kernels, and gives the same tokens. overlap: rounds chained on the
+    device (option overlap_rounds)."""
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
@@ -370,14 +371,15 @@ def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path,
         batch_buckets=(1,),
         spec_k=2,
         speculation="always",  # every step a round (auto would time plain steps first)
+        overlap_rounds=overlap,
     )
     draft = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=draft)
     assert rt.model.dec.fused_rows == 8 and draft.model.dec.fused_rows == (8 if mode == "mma" else 1)
-    prompt = [5, 9, 1, 44, 3, 17, 2, 8, 60]
-    alone = draft.generate_batch([prompt], 6)  # the same options without a draft
-    assert rt.generate_batch([prompt], 6) == alone == [greedy_reference(load_decoder(md), prompt, 6)]
-    assert rt.engine.stats.accepted > 0
+    prompt, new = [5, 9, 1, 44, 3, 17, 2, 8, 60], 12
+    alone = draft.generate_batch([prompt], new)  # the same options without a draft
+    assert rt.generate_batch([prompt], new) == alone == [greedy_reference(load_decoder(md), prompt, new)]
+    assert rt.engine.stats.accepted > 0 and (rt.engine.stats.queued_rounds > 0) == overlap
 
 
 def test_fused_decode_leaves_quantized_layers_alone(tmp_path):
