@@ -566,6 +566,28 @@ def _draft_options(f):
     )(f)
 
 
+def _runtime_option(f):
+    return click.option(
+        "--runtime-option",
+        "runtime_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="A runtime option of the torch-compile runtime for this run only (as --target-option sets it at "
+        "build), e.g. fused_decode=mma; repeatable.",
+    )(f)
+
+
+def _runtime_overrides(specs) -> dict:
+    """--runtime-option KEY=VALUE ... -> RuntimeOptions overrides (values read as YAML: true, 4, mma)."""
+    ov = {}
+    for spec in specs or ():
+        key, sep, value = spec.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--runtime-option {spec!r}: expected KEY=VALUE, e.g. fused_decode=mma")
+        ov[key] = yaml.safe_load(value)
+    return ov
+
+
 def _draft_of(artifact, draft, speculative) -> tuple[Path | None, bool]:
     """--draft DIR or --speculative int4 (the artifact as its own draft, its linears int4 at load) -> (the draft's
     artifact, whether its linears are quantized at load)."""
@@ -587,8 +609,11 @@ def _draft_of(artifact, draft, speculative) -> tuple[Path | None, bool]:
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @_draft_options
+@_runtime_option
 @click.pass_obj
-def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft, speculative):
+def generate(
+    ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft, speculative, runtime_options
+):
     """Greedy generation for every prompt of a file, through the artifact's runtime; resumes if interrupted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -622,6 +647,7 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft,
             batch_size,
             progress,
             *drafting,
+            _runtime_overrides(runtime_options),
         )
     finally:
         if bar:
@@ -644,20 +670,22 @@ def generate(ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft,
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @_draft_options
+@_runtime_option
 @click.pass_obj
-def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft, speculative):
+def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft, speculative, runtime_options):
     """Greedy generation for one prompt through our runtime (torch-compile target)."""
     import transformers
 
     from lorafast_export.runtime.api import model_dir_of, run_prompt
 
     d, self_int4 = _draft_of(artifact, draft, speculative)
+    ov = _runtime_overrides(runtime_options)
 
     def go():
         model_dir = model_dir_of(artifact)
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
         ids = tok(prompt)["input_ids"]
-        new = run_prompt(artifact, ids, max_new_tokens, device, d, draft_int4=self_int4)
+        new = run_prompt(artifact, ids, max_new_tokens, device, d, draft_int4=self_int4, **ov)
         return {"prompt": prompt, "completion": tok.decode(new), "tokens": new}
 
     res = _run(ctx, go)
@@ -671,8 +699,9 @@ def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft, speculati
 @click.option("--new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @_draft_options
+@_runtime_option
 @click.pass_obj
-def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, speculative):
+def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, speculative, runtime_options):
     """Prefill/decode tokens/s, time to first token and peak memory per batch size (torch-compile target)."""
     from lorafast_export.runtime.api import bench
 
@@ -681,7 +710,8 @@ def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, 
     except ValueError:
         raise click.BadParameter(f"--batch {batch!r}: expected comma-separated integers") from None
     d, self_int4 = _draft_of(artifact, draft, speculative)
-    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device, d, draft_int4=self_int4)
+    ov = _runtime_overrides(runtime_options)
+    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device, d, draft_int4=self_int4, **ov)
 
     def show():
         t = Table(title=f"bench {artifact} ({device})")

@@ -92,18 +92,26 @@ def _resume_from(out: Path) -> tuple[bytes, set, list[Path]]:
     return *best, stale
 
 
-def _session(target, artifact: Path, draft: Path | None, draft_int4: bool = False):
+def _session(
+    target, artifact: Path, draft: Path | None, draft_int4: bool = False, options: dict | None = None
+):
     """The artifact's runtime session; with a draft artifact, speculative (torch-compile only); draft_int4: the
-    draft's linears quantized to int4 at load (`--speculative int4`: the artifact as its own draft)."""
+    draft's linears quantized to int4 at load (`--speculative int4`: the artifact as its own draft); options: the
+    torch-compile runtime's options for this session (`--runtime-option`)."""
+    if options and target.name != "torch-compile":
+        raise InputError(
+            f"--runtime-option {', '.join(options)}: {artifact} is a {target.name} artifact; runtime options "
+            "are the torch-compile runtime's (build with --target torch-compile), or drop them."
+        )
     if draft is None:
-        return target.load(artifact / "model")
+        return target.load(artifact / "model", **(options or {}))
     if target.name != "torch-compile":
         what = "--speculative int4" if draft_int4 else f"--draft {draft}"
         raise InputError(
             f"{what}: {artifact} is a {target.name} artifact; speculative decoding runs on "
             "torch-compile artifacts (build with --target torch-compile), or drop it."
         )
-    return target.load(artifact / "model", draft=draft, draft_int4=draft_int4)
+    return target.load(artifact / "model", draft=draft, draft_int4=draft_int4, **(options or {}))
 
 
 def generate_file(
@@ -115,6 +123,7 @@ def generate_file(
     progress: Callable[[int, int], None] = lambda done, total: None,
     draft: Path | None = None,
     draft_int4: bool = False,
+    options: dict | None = None,
 ) -> dict:
     import transformers
 
@@ -123,7 +132,7 @@ def generate_file(
     _refuse_same_file(inp, out)
     todo = [(rec.get("id", n), rec) for n, rec in read_prompts(inp)]
     completed(out)  # an output that is not ours is refused before the model is loaded
-    session = _session(artifact_target(artifact), artifact, draft, draft_int4)
+    session = _session(artifact_target(artifact), artifact, draft, draft_int4, options)
     tok = transformers.AutoTokenizer.from_pretrained(artifact / "model")
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):

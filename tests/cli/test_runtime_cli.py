@@ -113,3 +113,60 @@ def test_speculative_int4_drafts_with_the_artifact_itself(tmp_path):
         json.loads((tmp_path / "out.jsonl").read_text())["completion"]
         == json.loads(plain.stdout)["completion"]
     )
+
+
+def test_runtime_options_for_one_run(tmp_path):
+    """`--runtime-option KEY=VALUE` sets a torch-compile runtime option for one run, bench or generate (values read
+    as YAML), without a rebuild: the same tokens with decode_steps=1 as with the built default; a bad key or value
+    is refused naming it (exit 2, bad input); on another target's artifact it is refused."""
+    save_base_and_adapter(tmp_path, target_modules=ALL)
+    for target, out in (("torch-compile", "tc"), ("hf", "hf")):
+        build = f"-q build --base {tmp_path}/base --adapter {tmp_path}/ad --target {target} --out {tmp_path}/{out}"
+        r = CliRunner().invoke(main, [*build.split(), "--no-validate"])
+        assert r.exit_code == 0, r.output
+
+    def cli(*a):
+        return CliRunner().invoke(main, [str(x) for x in a])
+
+    run = ["--json", "run", "--artifact", tmp_path / "tc", "--prompt", "the model", "--max-new-tokens", "6"]
+    plain = cli(*run)
+    steps1 = cli(*run, "--runtime-option", "decode_steps=1", "--runtime-option", "overlap_bursts=false")
+    assert plain.exit_code == 0 and steps1.exit_code == 0, steps1.output
+    assert json.loads(steps1.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    b = cli("--json", "bench", "--artifact", tmp_path / "tc", "--batch", "1", "--prompt-len", "8",
+            "--new-tokens", "12", "--speculative", "int4", "--runtime-option", "speculation=always")  # fmt: skip
+    assert b.exit_code == 0, b.output
+    assert json.loads(b.stdout)["results"][0]["spec_rounds"] > 0
+    bad = cli(*run, "--runtime-option", "fused_decoder=mma")
+    assert bad.exit_code == 2 and "unknown key(s) fused_decoder" in bad.output
+    bad = cli(*run, "--runtime-option", "fused_decode=fast")
+    assert bad.exit_code == 2 and "fused_decode='fast': use one of" in bad.output
+    bad = cli(*run, "--runtime-option", "fused_decode")
+    assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
+    gen = ["-q", "generate", "--input", tmp_path / "in.jsonl", "--max-new-tokens", "6"]
+    g = cli(
+        *gen,
+        "--artifact",
+        tmp_path / "tc",
+        "--output",
+        tmp_path / "o1.jsonl",
+        "--runtime-option",
+        "decode_steps=1",
+    )
+    assert g.exit_code == 0, g.output
+    assert (
+        json.loads((tmp_path / "o1.jsonl").read_text())["completion"]
+        == json.loads(plain.stdout)["completion"]
+    )
+    g = cli(
+        *gen,
+        "--artifact",
+        tmp_path / "hf",
+        "--output",
+        tmp_path / "o2.jsonl",
+        "--runtime-option",
+        "decode_steps=1",
+    )
+    assert g.exit_code == 2 and "runtime options are the torch-compile runtime's" in g.output
+    assert not (tmp_path / "o2.jsonl").exists()
