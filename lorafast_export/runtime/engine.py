@@ -100,9 +100,7 @@ class EngineStats:
     accepted: int = 0  # draft tokens the model agreed with
     bursts: int = 0  # multi-step decodes (decode_steps > 1), each of several decode_steps
     queued_bursts: int = 0  # bursts queued before the host read the previous one's tokens (overlap)
-    queued_rounds: int = (
-        0  # speculative rounds queued before the host read the previous one's (overlap_rounds)
-    )
+    queued_rounds: int = 0  # speculative rounds queued before the host read the last one's (overlap_rounds)
     prefills: list = field(default_factory=list)  # (start s, requests, prompt tokens, seconds) per prefill
 
     @property
@@ -216,9 +214,7 @@ class Engine:
         self.overlap_bursts = overlap_bursts  # queue a certain next burst before reading this one's tokens
         self._queued: _Burst | None = None  # a burst on the device whose tokens the host has not read
         self.overlap_rounds = overlap_rounds  # queue a certain next speculative round before reading this one
-        self._round: _Round | None = (
-            None  # a speculative round on the device whose tokens the host has not read
-        )
+        self._round: _Round | None = None  # a speculative round on the device, its tokens not yet read
         if admit_order not in ADMIT_ORDERS:
             raise InputError(f"admit_order={admit_order!r}: use one of {', '.join(ADMIT_ORDERS)}.")
         self.admit_order = admit_order
@@ -892,7 +888,8 @@ class Engine:
         k, n = self.spec_k, len(reqs)
         with _recompile_room(8):
             greedy = self.argmax(self.extend_fn(tok, pos, tables, slots)[:n])  # [n, k + 1]
-        n_ok = torch.cumprod((drafts == greedy[:, :k]).long(), 1).sum(1)  # drafts the model agrees with
+        # drafts the model agrees with, on the device: what a chained next round is derived from
+        n_ok = torch.cumprod((drafts == greedy[:, :k]).long(), 1).sum(1) if self.overlap_rounds else None
         both = torch.cat([drafts, greedy], 1)
         self.stats.decode_s += time.perf_counter() - t0
         return _Round(list(reqs), drafts, greedy, n_ok, start, _to_host(both))
@@ -1000,18 +997,19 @@ class Engine:
     def _draft_steps(self, drafts: torch.Tensor, start: torch.Tensor, tables: torch.Tensor, n: int) -> None:
         """The draft's steps 1..k-1 of a round, on the device: step j feeds drafts[:, j - 1] at position
         start + j (start [rows]: each row's cached tokens at the round's start; padded rows 0, the pad block) and
-        writes its greedy token into drafts[:, j]."""
-        k, dc = self.spec_k, self.draft_cache
+        writes its greedy token into drafts[:, j]. Every step's positions and slots are computed at once."""
+        k, dc, dev = self.spec_k, self.draft_cache, start.device
         if k == 1:
             return
-        tok = torch.zeros(start.shape[0], dtype=torch.long, device=start.device)
+        real = (torch.arange(start.shape[0], device=dev) < n)[:, None]
+        pos = torch.where(real, start[:, None] + torch.arange(1, k, device=dev), 0)  # [rows, k - 1]
+        slots = torch.where(real, _slots_of(tables, pos, dc.block_size), PAD_BLOCK * dc.block_size)
+        pos, slots = pos.T.contiguous(), slots.T.contiguous()
+        tok = torch.zeros(start.shape[0], dtype=torch.long, device=dev)
         tok[:n] = drafts[:, 0]
-        real = torch.arange(start.shape[0], device=start.device) < n
         with _recompile_room(8):
             for j in range(1, k):
-                pos = torch.where(real, start + j, 0)
-                slots = torch.where(real, _slots_of(tables, pos, dc.block_size), PAD_BLOCK * dc.block_size)
-                tok = self.draft_greedy(tok, pos, tables, pos + 1, slots)
+                tok = self.draft_greedy(tok, pos[j - 1], tables, pos[j - 1] + 1, slots[j - 1])
                 drafts[:, j] = tok[:n]
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
@@ -1056,7 +1054,7 @@ class _Round:
     reqs: list[Request]
     drafts: torch.Tensor
     greedy: torch.Tensor
-    n_ok: torch.Tensor
+    n_ok: torch.Tensor | None  # None without overlap_rounds
     start: torch.Tensor
     tokens: Callable[[], list[list[int]]]
 
