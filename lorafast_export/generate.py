@@ -98,20 +98,20 @@ def _session(
     """The artifact's runtime session; with a draft artifact, speculative (torch-compile only); draft_int4: the
     draft's linears quantized to int4 at load (`--speculative int4`: the artifact as its own draft); options: the
     torch-compile runtime's options for this session (`--runtime-option`)."""
-    if options and target.name != "torch-compile":
-        raise InputError(
-            f"--runtime-option {', '.join(options)}: {artifact} is a {target.name} artifact; runtime options "
-            "are the torch-compile runtime's (build with --target torch-compile), or drop them."
-        )
-    if draft is None:
-        return target.load(artifact / "model", **(options or {}))
-    if target.name != "torch-compile":
+    kw = dict(options or {})
+    refused = (
+        [f"--runtime-option {', '.join(kw)}: runtime options are the torch-compile runtime's"] if kw else []
+    )
+    if draft is not None:
         what = "--speculative int4" if draft_int4 else f"--draft {draft}"
+        refused.append(f"{what}: speculative decoding runs on torch-compile artifacts")
+        kw.update(draft=draft, draft_int4=draft_int4)
+    if refused and target.name != "torch-compile":
         raise InputError(
-            f"{what}: {artifact} is a {target.name} artifact; speculative decoding runs on "
-            "torch-compile artifacts (build with --target torch-compile), or drop it."
+            f"{artifact} is a {target.name} artifact; {'; '.join(refused)} (build with --target torch-compile), "
+            "or drop them."
         )
-    return target.load(artifact / "model", draft=draft, draft_int4=draft_int4, **(options or {}))
+    return target.load(artifact / "model", **kw)
 
 
 def generate_file(
