@@ -829,11 +829,12 @@ class Engine:
         return tuple(t.to(self.device, non_blocking=True) for t in (tok, pos, tables, slots.view(-1)))
 
     @torch.no_grad()
-    def _draft_tokens(self, reqs: list[Request]) -> torch.Tensor:
-        """k greedy draft tokens per request, [len(reqs), k] on the device: a 2-token catch-up (what the draft
-        has not seen), then k - 1 decode steps of the draft (step and argmax: one graph), each fed the previous
-        argmax on the device. Their positions and slots do not depend on the tokens: computed on the device from
-        each row's start and the block table (_draft_steps), so nothing waits for the host."""
+    def _draft_tokens(self, reqs: list[Request], start: torch.Tensor) -> torch.Tensor:
+        """k greedy draft tokens per request, [len(reqs), k] on the device (start [n]: each row's cached tokens
+        there): a 2-token catch-up (what the draft has not seen), then k - 1 decode steps of the draft (step and
+        argmax: one graph), each fed the previous argmax on the device. Their positions and slots do not depend on
+        the tokens: computed on the device from each row's start and the block table (_draft_steps), so nothing
+        waits for the host."""
         k, dc, n = self.spec_k, self.draft_cache, len(reqs)
         seqs = [r.prompt + r.output for r in reqs]
         pend = [s[r.draft_cached :] for r, s in zip(reqs, seqs, strict=True)]  # usually 1 or 2 tokens
@@ -848,12 +849,8 @@ class Engine:
         last = torch.tensor([len(p) - 1 for p in pend]).to(logits.device, non_blocking=True)
         drafts = torch.empty(n, k, dtype=torch.long, device=logits.device)
         drafts[:, 0] = self.argmax(logits[torch.arange(n, device=logits.device), last])
-        rows = _bucket(n, self.buckets)
-        start = torch.zeros(rows, dtype=torch.long)  # padded rows: position 0, the pad block
-        start[:n] = torch.tensor([r.cached for r in reqs])
-        tables = dc.block_table([r.id for r in reqs], self._width(dc, reqs), rows)
-        start, tables = (t.to(self.device, non_blocking=True) for t in (start, tables))
-        self._draft_steps(drafts, start, tables, n)
+        tables = dc.block_table([r.id for r in reqs], self._width(dc, reqs), _bucket(n, self.buckets))
+        self._draft_steps(drafts, start, tables.to(self.device, non_blocking=True))
         return drafts
 
     @torch.no_grad()
@@ -872,20 +869,27 @@ class Engine:
             finally:
                 self.draft = draft
         t0 = time.perf_counter()
-        n = len(reqs)
-        drafts = self._draft_tokens(reqs)
-        tok, pos, tables, slots = self._rows(
-            self.cache, reqs, [r.cached for r in reqs], [[0] * (k + 1)] * n, [k + 1] * n
+        # each row's cached tokens at the round's start and its last token, on the device (copied without a wait)
+        start, last = (
+            torch.tensor(v).to(self.device, non_blocking=True)
+            for v in ([r.cached for r in reqs], [r.output[-1] for r in reqs])
         )
-        tok[:n, 0] = torch.tensor([r.output[-1] for r in reqs]).to(tok.device, non_blocking=True)
-        tok[:n, 1:] = drafts
-        start = pos[:n, 0]  # each row's cached tokens at the round's start, on the device (a next round's)
-        return self._land_round(self._verify(reqs, drafts, tok, pos, tables, slots, start, t0))
+        drafts = self._draft_tokens(reqs, start)
+        return self._land_round(self._verify(reqs, drafts, start, last, t0))
 
-    def _verify(self, reqs, drafts, tok, pos, tables, slots, start, t0: float) -> _Round:
-        """Queue the model's verify of the drafts (one extend of k + 1 tokens a row) and the round's accepted
-        counts on the device, and start copying the drafts and the model's greedy tokens to the host."""
-        k, n = self.spec_k, len(reqs)
+    def _verify(self, reqs, drafts, start, last, t0: float) -> _Round:
+        """Queue the model's verify of the drafts (one extend a row of its last token and its k drafts at
+        positions start..start + k, slots through the block table, on the device) and the round's accepted counts
+        there, and start copying the drafts and the model's greedy tokens to the host."""
+        k, n, dev = self.spec_k, len(reqs), self.device
+        rows = _bucket(n, self.buckets)
+        tables = self.cache.block_table([r.id for r in reqs], self._width(self.cache, reqs), rows)
+        tables = tables.to(dev, non_blocking=True)
+        pos = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)  # padded rows: from 0, the pad block
+        pos[:n] = start[:, None] + torch.arange(k + 1, device=dev)
+        slots = _slots_of(tables, pos, self.cache.block_size).view(-1)
+        tok = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
+        tok[:n, 0], tok[:n, 1:] = last, drafts
         with _recompile_room(8):
             greedy = self.argmax(self.extend_fn(tok, pos, tables, slots)[:n])  # [n, k + 1]
         # drafts the model agrees with, on the device: what a chained next round is derived from
@@ -964,7 +968,8 @@ class Engine:
         block tables."""
         t0 = time.perf_counter()
         k, dc, reqs, dev = self.spec_k, self.draft_cache, prev.reqs, self.device
-        n, rows = len(reqs), _bucket(len(prev.reqs), self.buckets)
+        n = len(reqs)
+        rows = _bucket(n, self.buckets)
         full = prev.n_ok == k
         start = prev.start + prev.n_ok + 1
         last = prev.greedy.gather(1, prev.n_ok[:, None])[:, 0]
@@ -983,29 +988,22 @@ class Engine:
             logits = self.draft_extend(tok, pos, dtables, slots.view(-1))
         drafts = torch.empty(n, k, dtype=torch.long, device=dev)
         drafts[:, 0] = self.argmax(logits[torch.arange(n, device=dev), full.long()])
-        base = torch.zeros(rows, dtype=torch.long, device=dev)
-        base[:n] = start
-        self._draft_steps(drafts, base, dtables, n)
-        tables = self.cache.block_table(ids, self._width(self.cache, reqs), rows).to(dev, non_blocking=True)
-        vpos = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
-        vpos[:n] = start[:, None] + torch.arange(k + 1, device=dev)
-        vslots = _slots_of(tables, vpos, self.cache.block_size)
-        vtok = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
-        vtok[:n, 0], vtok[:n, 1:] = last, drafts
-        return self._verify(reqs, drafts, vtok, vpos, tables, vslots.view(-1), start, t0)
+        self._draft_steps(drafts, start, dtables)
+        return self._verify(reqs, drafts, start, last, t0)
 
-    def _draft_steps(self, drafts: torch.Tensor, start: torch.Tensor, tables: torch.Tensor, n: int) -> None:
+    def _draft_steps(self, drafts: torch.Tensor, start: torch.Tensor, tables: torch.Tensor) -> None:
         """The draft's steps 1..k-1 of a round, on the device: step j feeds drafts[:, j - 1] at position
-        start + j (start [rows]: each row's cached tokens at the round's start; padded rows 0, the pad block) and
-        writes its greedy token into drafts[:, j]. Every step's positions and slots are computed at once."""
-        k, dc, dev = self.spec_k, self.draft_cache, start.device
+        start + j (start [n]: each row's cached tokens at the round's start; the tables' padded rows at 0, the pad
+        block, whose slots are its own) and writes its greedy token into drafts[:, j]. Every step's positions and
+        slots are computed at once."""
+        k, dc, dev, n = self.spec_k, self.draft_cache, start.device, drafts.shape[0]
         if k == 1:
             return
-        real = (torch.arange(start.shape[0], device=dev) < n)[:, None]
-        pos = torch.where(real, start[:, None] + torch.arange(1, k, device=dev), 0)  # [rows, k - 1]
-        slots = torch.where(real, _slots_of(tables, pos, dc.block_size), PAD_BLOCK * dc.block_size)
-        pos, slots = pos.T.contiguous(), slots.T.contiguous()
-        tok = torch.zeros(start.shape[0], dtype=torch.long, device=dev)
+        rows = tables.shape[0]
+        pos = torch.zeros(rows, k - 1, dtype=torch.long, device=dev)
+        pos[:n] = start[:, None] + torch.arange(1, k, device=dev)
+        pos, slots = pos.T.contiguous(), _slots_of(tables, pos, dc.block_size).T.contiguous()
+        tok = torch.zeros(rows, dtype=torch.long, device=dev)
         tok[:n] = drafts[:, 0]
         with _recompile_room(8):
             for j in range(1, k):
