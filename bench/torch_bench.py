@@ -1274,27 +1274,25 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False
         base.engine = eng
         got = eng.generate_batch(prompts[1:], new)  # also compiles and captures
         acc = eng.stats.acceptance
-        decisions = []
+        govs = []
 
-        def fresh(eng=eng, policy=policy, decisions=decisions):
+        def fresh(eng=eng, policy=policy, govs=govs):
             """auto: each timed run judged afresh on the warm engine, as a new process would (the run above timed
-            rounds that compiled), its governor's decisions kept"""
+            rounds that compiled), its governor kept"""
             if policy == "auto":
                 eng.governor = SpecGovernor(policy)
-                decisions.append(eng.governor.decisions)
+                govs.append(eng.governor)
 
         r = _median_run(base, prompts[1:2], new, a.spec_repeats, fresh)
-        if decisions:
-            r["governor_decisions"] = [list(d) for d in decisions]
+        if govs:
+            r["governor_decisions"] = [list(g.decisions) for g in govs]
             print(f"  {name} {key} governor: {json.dumps(r['governor_decisions'])}"[:1500], flush=True)
         r["acceptance_all_prompts"] = acc
         r["tokens_equal_alone"] = got == want
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
         r["speculation"] = policy
-        # auto: the pauses of every timed run (each with its own governor)
-        pauses = [d for ds in decisions for d in ds if d["decision"].startswith("pause")]
-        r["pauses"] = len(pauses) if decisions else eng.governor.pauses
+        r["pauses"] = sum(g.pauses for g in govs) if govs else eng.governor.pauses  # auto: every timed run's
         if a.spec_profile == "on" and policy == "always":
             r["profile"] = _profile_rounds(eng, prompts[1], new, dev)
             pr = r["profile"]
@@ -1539,9 +1537,8 @@ def sec_fused(a, dev, R):
     bound of what the plain step spends on the same work, whose adds, norms and silu-mul are further kernels),
     CUDA-graph replay over weight copies (--fused-tiles mma-sweep: the tensor-core configurations, the fastest
     at 1 row into MMA_TABLE; mma-shipped: MMA_TABLE's). (2) Decode with fused_decode off and on (mma-*: on and
-    mma) at a.fused_batches,
-    timed 3 times interleaved (same prompts), greedy tokens compared. (3) The fused runtime's kernel profile at
-    batch 1."""
+    mma) at a.fused_batches, timed 3 times interleaved (same prompts), greedy tokens compared. (3) The fused
+    runtime's kernel profile at batch 1."""
     from bench.int4_kernels import graph_us, n_copies
     from lorafast_export.runtime import triton_fused as tf
 
@@ -1661,9 +1658,8 @@ def _keep_cublas_workspaces() -> None:
 def FUSED_SWEEP(a, op: str, n: int, k: int):  # noqa: N802 - the tiles the fused section times
     from lorafast_export.runtime.triton_fused import FUSED_TILES, fused_config
 
-    if a.fused_tiles.startswith(
-        "mma"
-    ):  # the tensor-core kernels' (BN, BK, SPLIT, warps, stages), the shipped first
+    # the tensor-core kernels' (BN, BK, SPLIT, warps, stages), the shipped first
+    if a.fused_tiles.startswith("mma"):
         from lorafast_export.runtime.triton_fused import mma_config
 
         shipped = mma_config(op, n, k)
