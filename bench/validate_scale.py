@@ -3,6 +3,7 @@ RSS and peak GPU memory, on models made by scripts/make_model.py.
 
     python bench/validate_scale.py ratio --model demo --model 30m              # CPU: --quant gptq --target onnxruntime
     python bench/validate_scale.py ratio --model demo --warm                   # the same, reference cache warm
+    python bench/validate_scale.py ratio --model demo --new-adapter            # another adapter on a cached base
     python bench/validate_scale.py build --preset tinyllama-1.1b --dtype float16 --quant rtn --target hf \\
         --max-tokens 256                                                       # CPU: peak RSS
     python bench/validate_scale.py build --base /work/big/13b/base --adapter /work/big/13b/lora --quant rtn \\
@@ -191,11 +192,25 @@ def cmd_ratio(a) -> list[dict]:
             log = (
                 (lambda tag, m=model: Path(a.logs) / f"ratio-{m}{tag}.log") if a.logs else (lambda tag: None)
             )
-            cache = work / "cache" if a.warm else None
-            if a.warm:  # a first build fills the reference cache; the row is the second one's
+            cache = work / "cache" if a.warm or a.new_adapter else None
+            if (
+                a.warm or a.new_adapter
+            ):  # a first build fills the reference cache; the row is the second one's
                 run_build(args, work / "first", log("-first"), cache)
-            r = run_build(args, out, log("-warm" if a.warm else ""), cache)
-            r |= {"model": model + (" (warm reference cache)" if a.warm else "")} | report_facts(out)
+            if a.new_adapter:  # the second build's adapter is another one on the same base (seed 2)
+                args[3] = str(work / "lora2")
+                make_adapter(work / "lora2", base, r=16, alpha=32, seed=2)
+            tag = (
+                " (warm reference cache)"
+                if a.warm
+                else " (another adapter, same base)"
+                if a.new_adapter
+                else ""
+            )
+            r = run_build(
+                args, out, log("-warm" if a.warm else "-new-adapter" if a.new_adapter else ""), cache
+            )
+            r |= {"model": model + tag} | report_facts(out)
             t = r["timings_s"]
             other = sum(v for k, v in t.items() if k != "validate")
             r["ratio"] = t.get("validate", float("nan")) / other if other else float("nan")
@@ -255,6 +270,11 @@ def main() -> None:
         "--warm",
         action="store_true",
         help="time a second build that finds the first one's reference cache (no stage cache: --no-cache)",
+    )
+    r.add_argument(
+        "--new-adapter",
+        action="store_true",
+        help="time a second build of another adapter on the same base (its bare-base log-probs cached by the first)",
     )
     b = sub.add_parser("build")
     b.add_argument("--preset", choices=list(PRESETS))

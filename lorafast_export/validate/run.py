@@ -200,86 +200,110 @@ def _fill_reference_peft(
     reference: Reference, missing, writers, vocab: int, with_base: bool, check=lambda: None
 ) -> None:
     """Reference logits (and, with_base, the bare base's: adapters disabled) from transformers + PEFT, a few
-    blocks per forward into the cache writers. check() is called before each forward (it raises to stop)."""
+    blocks per forward, into the cache writers of the entries that are missing (None: the entry is cached).
+    check() is called before each forward (it raises to stop)."""
     for es in missing:
         w_ref, w_base = writers[es.name]
+        w_base = w_base if with_base else None
+        if w_ref is None and w_base is None:
+            continue
         seq = len(es.blocks[0])
         step = max(1, min(PEFT_BATCH_BLOCKS, PEFT_BATCH_LOGITS // (seq * vocab)))
         for j0 in range(0, len(es.blocks), step):
             check()
             chunk = es.blocks[j0 : j0 + step]
             batch = torch.stack(chunk)
-            ref = reference.logits(batch)
-            base = reference.base_logits(batch) if with_base else None
+            ref = reference.logits(batch) if w_ref is not None else None
+            base = reference.base_logits(batch) if w_base is not None else None
             for k, block in enumerate(chunk):
                 row = (j0 + k) * (seq - 1)
-                w_ref.put(row, ref[k, :-1], _labels(block))
-                if base is not None:
-                    w_base.put(row, base[k, :-1], _labels(block))
+                for w, lg in ((w_ref, ref), (w_base, base)):
+                    if w is not None:
+                        w.put(row, lg[k, :-1], _labels(block))
 
 
 _WRITER = {"reference": 0, "base": 1}  # a reference stage of the walk -> its writer in writers[eval set]
 
 
 def _fill_reference_stream(logits, stages, missing, offsets, writers) -> None:
-    """Reference and/or bare-base logits from the streamed walk's final hidden states, into the cache writers."""
+    """Reference and/or bare-base logits from the streamed walk's final hidden states, into the cache writers of
+    the entries that are missing."""
     for es in missing:
         for j, block in enumerate(es.blocks):
             row = j * (len(block) - 1)
             for st in stages:
                 w = writers[es.name][_WRITER[st.name]]
-                w.put(row, logits.block(st, offsets[es.name] + j), _labels(block))
+                if w is not None:
+                    w.put(row, logits.block(st, offsets[es.name] + j), _labels(block))
 
 
-def _reference_entries(v, eval_sets, cache, device, dtype, progress, held, beside):
-    """{eval set: (ref entry, base entry)} from the cache, the eval sets missing there and their cache writers;
-    also the reference stages to add to the walk when the reference is streamed, and the job that fills the
-    entries from a transformers + PEFT reference (None when there is none to run; the caller submits it to
-    `beside`). The job takes the PEFT model the greedy check left in held["model"], or loads it."""
+def _reference_caches(v, opts, kind: str, dtype) -> tuple[ReferenceCache, ReferenceCache]:
+    """The reference's cache (keyed by the base, the adapters and the settings) and the bare base's (keyed by the
+    base alone, and how its logits are computed): a build of the same base with another adapter, the loop of
+    anyone who trains adapters, finds the bare base's entries and runs one forward of the eval tokens fewer."""
+    settings = {"block": opts.block_size, "dtype": opts.dtype}
+    # the bare base is a float32 stage of our walk, except beside a half-precision PEFT reference (it stays in PEFT)
+    base_in = "peft" if kind == "peft" and dtype != torch.float32 else "walk"
+    return (
+        ReferenceCache(_input_digests(v.base, v.adapters), {**settings, "reference": kind}),
+        ReferenceCache(_input_digests(v.base, []), {**settings, "bare_base": base_in}),
+    )
+
+
+def _reference_entries(v, eval_sets, caches, device, dtype, progress, held, beside):
+    """{eval set: (ref entry, base entry)} from the caches (None where missing), the eval sets with an entry missing
+    and their cache writers ((ref, base), None for an entry that is cached); also the reference stages to add to
+    the walk (the streamed reference, the bare base), and the job that fills the entries from a transformers +
+    PEFT reference (None when there is none to run; the caller submits it to `beside`). The job takes the PEFT
+    model the greedy check left in held["model"], or loads it."""
     from lorafast_export.merge import plan_merge
     from lorafast_export.validate.layers import StoreSource, UnmergedSource
     from lorafast_export.validate.stream import Stage
 
+    ref_cache, base_cache = caches
     vocab = v.base.config.vocab_size
-    entries, missing = {}, []
+    entries, missing, writers = {}, [], {}
     for es in eval_sets:
-        tokens = es.tokens
-        ref = cache.open("ref", es.digest(), tokens)
-        base = cache.open("base", es.digest(), tokens)
-        if ref is not None and base is not None:
-            entries[es.name] = (ref, base)
-        else:
-            missing.append(es)
-    writers = {
-        es.name: (
-            cache.writer("ref", es.digest(), es.tokens, vocab),
-            cache.writer("base", es.digest(), es.tokens, vocab),
+        got = (
+            ref_cache.open("ref", es.digest(), es.tokens),
+            base_cache.open("base", es.digest(), es.tokens),
         )
-        for es in missing
-    }
-    if not missing:
-        return entries, missing, writers, [], None
+        entries[es.name] = got
+        if None in got:
+            missing.append(es)
+            writers[es.name] = tuple(
+                c.writer(k, es.digest(), es.tokens, vocab) if e is None else None
+                for c, k, e in zip((ref_cache, base_cache), ("ref", "base"), got, strict=True)
+            )
+    need_ref = any(w[0] is not None for w in writers.values())
+    need_base = any(w[1] is not None for w in writers.values())
+    if need_ref and not need_base:
+        progress("bare base: its log-probs cached by an earlier build of this base")
     # the bare base (no reference: only its perplexity is used, for the adapter gain) is a stage of our walk
     # (StoreSource: the checkpoint as stored, in float32), which costs less than a transformers forward; with a
     # half-precision PEFT reference it stays in PEFT, so both perplexities come from the same precision
-    base_stage = Stage("base", StoreSource("base", v.base.config, v.base.store, key="base"))
+    base_stage = [Stage("base", StoreSource("base", v.base.config, v.base.store, key="base"))]
     if reference_kind(v.base) == "peft":
-        progress("reference (transformers + PEFT, unmerged)")
         in_walk = dtype == torch.float32
+        walked = base_stage if in_walk and need_base else []
+        if not (need_ref or (need_base and not in_walk)):
+            return entries, missing, writers, walked, None
+        progress("reference (transformers + PEFT, unmerged)")
 
         def fill() -> None:  # takes the model the greedy check loaded before it, if it did
             model = held.pop("model", None) or Reference(v.base, v.adapters, device, dtype)
             _fill_reference_peft(model, missing, writers, vocab, not in_walk, beside.check)
 
-        return entries, missing, writers, [base_stage] if in_walk else [], fill
-    stages = [Stage("reference", UnmergedSource(plan_merge(v.base, v.adapters), "base")), base_stage]
-    return entries, missing, writers, stages, None
+        return entries, missing, writers, walked, fill
+    stages = [Stage("reference", UnmergedSource(plan_merge(v.base, v.adapters), "base"))] if need_ref else []
+    return entries, missing, writers, stages + (base_stage if need_base else []), None
 
 
 def _finish(writers, missing, entries) -> None:
     for es in missing:
-        w_ref, w_base = writers[es.name]
-        entries[es.name] = (w_ref.finish(), w_base.finish())
+        entries[es.name] = tuple(
+            e if w is None else w.finish() for w, e in zip(writers[es.name], entries[es.name], strict=True)
+        )
 
 
 def _compare(es: EvalSet, first: int, entry, logits, stages, device):
@@ -380,10 +404,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
             "validate.dtype: a half-precision reference needs a GPU (validate.device cuda); use float32."
         )
     kind = reference_kind(v.base)
-    cache = ReferenceCache(
-        _input_digests(v.base, v.adapters),
-        {"block": opts.block_size, "dtype": opts.dtype, "reference": kind},
-    )
+    caches = _reference_caches(v, opts, kind, dtype)
     ids = torch.stack([b for es in eval_sets for b in es.blocks])  # every eval block, one walk
     offsets, n = {}, 0
     for es in eval_sets:
@@ -398,7 +419,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
     beside = Beside(threaded=BESIDE_ON_CPU and torch.device(device).type == "cpu" and not resident)
     try:
         entries, missing, writers, ref_stages, fill = _reference_entries(
-            v, eval_sets, cache, device, dtype, progress, held, beside
+            v, eval_sets, caches, device, dtype, progress, held, beside
         )
         stages = [
             Stage(c.name, c.source) if c.source is not None else Stage(c.name, logits=c.logits)
@@ -411,8 +432,9 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
             device,
             stored_bytes(v.base.store) if kind == "stream" else None,
         )
+        ref_dir = caches[0].dir  # the reference's greedy tokens are cached beside its logits
         greedy = _reference_tokens(
-            v, prompts, opts.max_new_tokens, device, dtype, cache.dir, progress, held, fill is not None, skip
+            v, prompts, opts.max_new_tokens, device, dtype, ref_dir, progress, held, fill is not None, skip
         )
         ref_done = beside.submit(fill) if fill is not None else (lambda: None)
         sessions_greedy = _session_greedy(v, prompts, opts.max_new_tokens, device, progress, beside, skip)
@@ -437,7 +459,7 @@ def run_validation(v: ValidationInputs, out_dir: Path, progress=lambda m: None):
                 progress(f"reference cache entries written ({laps.lap('reference cache'):.1f} s)")
         except BaseException:
             beside.close(failed=True)  # nothing writes into the cache entries once they are aborted
-            for w in [w for pair in writers.values() for w in pair]:
+            for w in [w for pair in writers.values() for w in pair if w is not None]:
                 w.abort()
             raise
         laps.lap("reference")

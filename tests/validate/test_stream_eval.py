@@ -3,10 +3,12 @@ its whole decoder, the reference's from transformers + PEFT, metrics from the sa
 reference streamed (our unmerged forward, for models over the PEFT size limit) the report barely moves."""
 
 import json
+import shutil
 import threading
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lorafast_export.adapters import open_adapter
 from lorafast_export.merge import merged_state, plan_merge
@@ -199,3 +201,60 @@ def test_worker_thread_leaves_the_report_unchanged(setup, tmp_path, monkeypatch)
     assert {s["eval_set"] for s in stages} == {"e", "f"}
     assert all(s["greedy_match"] is not None for s in stages)  # every stage decoded
     assert reports[True] == reports[False]
+
+
+@pytest.mark.parametrize("kind", ["peft", "stream"])
+def test_another_adapter_on_the_same_base_reuses_the_bare_base(setup, tmp_path, monkeypatch, kind):
+    """The bare base's log-probs are cached by the base alone: validating a second adapter on the same base walks
+    no bare-base stage and reports exactly what a cold cache gives, while its reference is computed afresh (the new
+    adapter changes it), by transformers + PEFT or streamed. A base with other weights does not find the entry."""
+    import transformers
+
+    from lorafast_export.validate import stream
+    from tests.merge.test_merge_vs_peft import make_adapter
+
+    root, bm, ad, _ = setup
+    if kind == "stream":  # as for a model over the PEFT size limit
+        monkeypatch.setattr(run_mod, "PEFT_REFERENCE_MAX_BYTES", 0)
+    assert run_mod.reference_kind(bm) == kind
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    make_adapter(base_model, tmp_path / "ad2", seed=7, target_modules=ALL)
+    ad2 = open_adapter(str(tmp_path / "ad2"))
+    walked, real_walk = [], stream.walk
+    monkeypatch.setattr(
+        stream,
+        "walk",
+        lambda sources, *a, **k: walked.append([s.name for s in sources]) or real_walk(sources, *a, **k),
+    )
+
+    def report(adapter, cache):
+        monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / cache))
+        cands = [merged_fp32_candidate(plan_merge(bm, [adapter]))]
+        v = ValidationInputs(bm, [adapter], _recipe(root), cands, "se", "hf", "none")
+        return run_validation(v, tmp_path / f"out-{len(walked)}")
+
+    first = report(ad, "shared")
+    assert "base" in walked[-1]  # cold: the bare base is a stage of the walk
+    warm = report(ad2, "shared")
+    assert "base" not in walked[-1] and "merged-fp32" in walked[-1]
+    cold = report(ad2, "cold")
+    assert "base" in walked[-1]
+    w, c = warm.eval_sets[0], cold.eval_sets[0]
+    assert (w.ppl_base, w.ppl_ref) == (c.ppl_base, c.ppl_ref)
+    assert [(s.kl_mean, s.top1, s.ppl_ratio) for s in warm.stages] == [
+        (s.kl_mean, s.top1, s.ppl_ratio) for s in cold.stages
+    ]
+    assert w.ppl_base == first.eval_sets[0].ppl_base and w.ppl_ref != first.eval_sets[0].ppl_ref
+
+    # another base (its weights changed, same config) gets its own bare-base entry
+    other = tmp_path / "other-base"
+    shutil.copytree(root / "base", other)
+    bumped = {k: t + 0.01 for k, t in load_file(other / "model.safetensors").items()}
+    save_file(bumped, other / "model.safetensors", metadata={"format": "pt"})
+    other_bm = open_model(other)
+    monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / "shared"))
+    v = ValidationInputs(
+        other_bm, [ad], _recipe(root), [merged_fp32_candidate(plan_merge(other_bm, [ad]))], "se", "hf", "none"
+    )
+    again = run_validation(v, tmp_path / "out-other")
+    assert "base" in walked[-1] and again.eval_sets[0].ppl_base != w.ppl_base
