@@ -5,6 +5,8 @@ Exit codes: 0 success, 1 a validation gate failed, 2 bad input or usage, 3 inter
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from rich.table import Table
 
 from lorafast_export.errors import (
     EXIT_BAD_INPUT,
+    InputError,
     LorafastError,
     Terminated,
     io_error_as_input_error,
@@ -827,6 +830,103 @@ def _print_kv(info: dict) -> None:
     out.print(t)
 
 
+# ---------------------------------------------------------------------------------------------- tune-kernels
+
+
+def _model_config_path(model: Path) -> Path:
+    """config.json of a model directory, or of a built artifact's model/ (a torch-compile artifact)."""
+    for p in (model / "config.json", model / "model" / "config.json"):
+        if p.is_file():
+            return p
+    raise InputError(
+        f"{model}: no config.json here or in {model / 'model'}; pass a model directory or a torch-compile artifact."
+    )
+
+
+@main.command("tune-kernels")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A torch-compile artifact or any model directory (its config.json gives the linear shapes).",
+)
+@click.option(
+    "--rows",
+    default="1,8,32,2,4,16,64",
+    show_default=True,
+    help="Row buckets (decode batch sizes) to measure, most important first: --budget-s cuts the last.",
+)
+@click.option(
+    "--budget-s", default=900.0, show_default=True, type=float, help="Stop measuring after this long."
+)
+@click.option("--with-head", is_flag=True, help="Also the lm_head (a build with quant.quantize_lm_head).")
+@click.option(
+    "--quick", is_flag=True, help="Two tiles per kernel instead of the whole grid (minutes, not tens)."
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Without a CUDA GPU: run the same code through Triton's interpreter (times mean nothing).",
+)
+@click.pass_obj
+def tune_kernels(ctx: Ctx, model, rows, budget_s, with_head, quick, dry_run):
+    """Measure the int4 kernel table for a model's shapes on this GPU (LORAFAST_CACHE/kernels/).
+
+    The torch-compile runtime picks each int4 layer's kernel per batch size from a table measured on the GPU it
+    runs on. Tables ship for the GPUs we measured; on any other GPU, or for other shapes, int4 layers fall back
+    to tinygemm with unfused norms until this command measures them. The table is read at the next load.
+    """
+    from lorafast_export.model.spec import ModelConfig
+
+    try:
+        buckets = [int(r) for r in rows.split(",")]
+        if not buckets or min(buckets) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(ctx, InputError(f"--rows {rows!r}: give comma-separated row counts >= 1, e.g. 1,8,32."))
+    cfg = _run(ctx, lambda: ModelConfig.from_file(_model_config_path(Path(model))))
+    import torch
+
+    if not torch.cuda.is_available():
+        if not dry_run:
+            _fail(
+                ctx,
+                InputError(
+                    "tune-kernels measures kernels on a CUDA GPU and none is visible here. Run it on the "
+                    "machine that serves the model (--dry-run runs the code through Triton's interpreter)."
+                ),
+            )
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    from lorafast_export.runtime.kernel_tune import tune
+
+    dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    shown = not (ctx.quiet or ctx.json)  # the measurement's lines go to stderr, never into --json's stdout
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if shown else (lambda m: None)
+    with contextlib.redirect_stdout(sys.stderr if shown else io.StringIO()):
+        res = _run(
+            ctx,
+            tune,
+            Path(model).name,
+            dims,
+            cfg.vocab_size if with_head else None,
+            buckets,
+            budget_s,
+            quick,
+            log,
+        )
+
+    def show():
+        out.print(f"measured {res['measured_cells']} cells on {escape(res['gpu'])} in {res['seconds']} s")
+        if res["skipped_by_budget"]:
+            out.print(f"[yellow]not measured (--budget-s):[/] {', '.join(res['skipped_by_budget'])}")
+        if res["fused_ops"]:
+            out.print(f"fused decode ops: {', '.join(res['fused_ops'])}")
+        out.print(f"table: {escape(res['table'])} (read when a runtime loads on this GPU)", highlight=False)
+
+    ctx.emit(res, show)
+
+
 # ---------------------------------------------------------------------------------------------- doctor
 
 
@@ -858,6 +958,8 @@ def _print_doctor(rep: dict) -> None:
         f"devices: {', '.join(rep['devices'])}   versions: "
         + ", ".join(f"{k} {v}" for k, v in rep["versions"].items())
     )
+    if "int4_kernel_table" in rep:
+        out.print(f"int4 kernel table: {escape(rep['int4_kernel_table'])}", highlight=False)
 
 
 def run() -> None:  # pragma: no cover

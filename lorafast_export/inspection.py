@@ -100,4 +100,18 @@ def environment_report() -> dict:
             {"name": name, "ok": ok, "hint": "ready" if ok else "not implemented in this version yet"}
         )
     devices = ["cpu"] + ([f"cuda ({torch.cuda.get_device_name(0)})"] if torch.cuda.is_available() else [])
-    return {"targets": targets, "quant_methods": methods, "devices": devices, "versions": library_versions()}
+    rep = {"targets": targets, "quant_methods": methods, "devices": devices, "versions": library_versions()}
+    if torch.cuda.is_available():
+        rep["int4_kernel_table"] = int4_table_status(torch.cuda.get_device_name(0))
+    return rep
+
+
+def int4_table_status(gpu: str) -> str:
+    """Where the torch-compile runtime's int4 kernel choices come from on this GPU (doctor)."""
+    from lorafast_export.runtime.int4_table import table_file, user_table_file
+
+    if user_table_file(gpu).is_file():
+        return f"measured here by tune-kernels ({user_table_file(gpu)})"
+    if table_file(gpu).is_file():
+        return f"shipped ({table_file(gpu).name}); tune-kernels measures shapes it lacks"
+    return "none for this GPU: int4 layers run tinygemm, unfused; run `lorafast-export tune-kernels --model ARTIFACT`"

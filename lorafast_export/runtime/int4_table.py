@@ -1,9 +1,10 @@
 """Which int4 kernel runs a linear of a given shape, from a table measured on the GPU (not a guess).
 
-`bench/torch_bench.py --sections int4table` times, per linear shape [N, K] and per row bucket, the dense
-bf16 matmul, torch's tinygemm and a sweep of our Triton GEMV/GEMM tiles (runtime/triton_int4.py), each
-call replayed from a CUDA graph as the runtime runs it, and writes the table shipped as
-lorafast_export/data/kernels/int4_<gpu>.json. At load:
+runtime/kernel_tune.py times, per linear shape [N, K] and per row bucket, the dense bf16 matmul, torch's
+tinygemm, our Triton GEMV/GEMM tiles (runtime/triton_int4.py) and our CUDA tensor-core kernel, each call replayed
+from a CUDA graph as the runtime runs it. bench/int4_kernels.py writes the tables we ship
+(lorafast_export/data/kernels/int4_<gpu>.json); `lorafast-export tune-kernels` measures a model's shapes on the
+user's GPU into LORAFAST_CACHE/kernels/, which is read first. At load:
 - a layer whose shape the table holds, on the GPU it was measured on, gets per row bucket the fastest
   measured kernel: tinygemm, or a Triton GEMV/GEMM tile (a layer whose plan mixes both keeps both weight
   packings, 0.5 + 0.5 byte per weight);
@@ -29,10 +30,28 @@ def table_file(gpu: str, bits: int = 4) -> Path:
     return TABLE_DIR / f"int{bits}_{gpu_slug(gpu)}.json"
 
 
+def user_table_file(gpu: str, bits: int = 4) -> Path:
+    """The table `lorafast-export tune-kernels` measured on this machine's GPU (read before the shipped one)."""
+    from lorafast_export.stagecache import cache_root
+
+    return cache_root() / "kernels" / f"int{bits}_{gpu_slug(gpu)}.json"
+
+
 @lru_cache(maxsize=8)
 def load_table(gpu: str, bits: int = 4) -> dict | None:
-    path = table_file(gpu, bits)
-    return json.loads(path.read_text()) if path.is_file() else None
+    """This GPU's measured table: the user's (tune-kernels), else the shipped one, else None."""
+    from lorafast_export.errors import InputError
+
+    for path in (user_table_file(gpu, bits), table_file(gpu, bits)):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError as e:
+                raise InputError(
+                    f"{path}: not a kernel table ({e}). Delete it, or measure it again with "
+                    "`lorafast-export tune-kernels`."
+                ) from e
+    return None
 
 
 def fused_mma_layout(gpu: str, op: str, n: int, k: int) -> list[int] | None:

@@ -116,10 +116,23 @@ def _table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return None
-    table = load_table(torch.cuda.get_device_name(dev))
+    gpu = torch.cuda.get_device_name(dev)
+    table = load_table(gpu)
     fits = tinygemm_fits(qt, True, dtype)
     choice = plan_from_table(table, qt.out_features, qt.in_features, allow_tinygemm=fits)
+    if choice is None and gpu not in _UNMEASURED:
+        _UNMEASURED.add(gpu)
+        log.warning(
+            "%s: no measured int4 kernel for a [%d, %d] layer here, so the int4 layers this table lacks run tinygemm "
+            "(or dequantized) and unfused; `lorafast-export tune-kernels --model ARTIFACT` measures them once",
+            gpu,
+            qt.out_features,
+            qt.in_features,
+        )
     return choice[1] if choice and choice[0] == "int4_triton" else None
+
+
+_UNMEASURED: set[str] = set()  # GPUs whose missing table entries were logged (once a process)
 
 
 def int8_triton_fits(qt: QTensor) -> bool:

@@ -121,3 +121,30 @@ def test_the_users_table_is_read_before_the_shipped_one_and_a_damaged_one_is_nam
     load_table.cache_clear()
     path.unlink()
     assert load_table(gpu) == shipped
+
+
+def test_an_unmeasured_gpu_says_once_how_to_measure_it(monkeypatch, caplog, cache):
+    """A GPU without a table entry for a layer keeps tinygemm, and says once a process how to measure one."""
+    from lorafast_export.quant.rtn import quantize_rtn
+    from lorafast_export.runtime import linear
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Unmeasured 9000")
+    monkeypatch.setattr(linear, "_UNMEASURED", set())
+    qt = quantize_rtn(torch.randn(256, 128), 4, 128, False, scale_dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="lorafast_export.runtime.linear"):
+        for _ in range(2):
+            assert linear._table_plan(qt, "cuda", torch.bfloat16) is None
+    said = [r.getMessage() for r in caplog.records if "tune-kernels" in r.getMessage()]
+    assert len(said) == 1 and "Unmeasured 9000" in said[0] and "[256, 128]" in said[0]
+
+
+def test_doctor_says_where_the_int4_kernel_choices_come_from(cache):
+    from lorafast_export.inspection import int4_table_status
+
+    assert int4_table_status("NVIDIA H200").startswith("shipped (int4_h200.json)")
+    assert "tune-kernels --model" in int4_table_status("NVIDIA Unmeasured 9000")
+    path = user_table_file("NVIDIA Unmeasured 9000")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"shapes": []}))
+    assert int4_table_status("NVIDIA Unmeasured 9000") == f"measured here by tune-kernels ({path})"
