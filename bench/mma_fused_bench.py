@@ -22,13 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lorafast_export.runtime import cuda_int4  # noqa: E402
 from lorafast_export.runtime.int4_table import load_table  # noqa: E402
 from lorafast_export.runtime.kernel_tune import (  # noqa: E402
     MODELS,
+    fused_ops,
     fused_weight,
     measure_fused,
     merge_fused,
+    mma_entry,
     n_copies,
 )
 
@@ -40,20 +41,13 @@ def main() -> None:
     p.add_argument("--merge-into", default="", help="the int4 table to write the 1-row layouts into")
     a = p.parse_args()
     dev = torch.device("cuda")
-    h, inter, hq, hkv, hd = MODELS["llama3-8b"]
+    dims = MODELS["llama3-8b"]
     table = load_table(torch.cuda.get_device_name()) or {}
-    ops = {
-        cuda_int4.QKV_OP: ((hq + 2 * hkv) * hd, h),
-        cuda_int4.O_OP: (h, hq * hd),
-        cuda_int4.GLU_OP: (2 * inter, h),
-    }
     out = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "results": []}
-    for op, (n, k) in ops.items():
+    for op, (n, k) in fused_ops(dims).items():
         ws = [fused_weight(n, k, dev) for _ in range(n_copies(n * k // 2, dev))]
-        row = next((r for r in table.get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
         for m in (int(r) for r in a.rows.split(",")):
-            entry = (((row or {}).get("rows", {}).get(str(m)) or {}).get("mma") or {}).get("entry")
-            r = measure_fused(op, ws, m, entry, (hq, hkv, hd))
+            r = measure_fused(op, ws, m, mma_entry(table, n, k, m), dims[2:])
             print(json.dumps({**r, "fused": r["fused"][:5]}), flush=True)
             out["results"].append(r)
             if a.out:

@@ -482,25 +482,32 @@ def tune(
     }
 
 
-def _tune_fused(path: Path, dims: tuple[int, int, int, int, int], log) -> list[str]:
-    """The fused decode ops of these shapes at one row (their layouts beside the plain product at the table's
-    MMA entry), merged into the table at path; the ops that fused. A shape the fused kernels cannot take is
-    left unfused (the runtime then runs its plain kernels), with a log line."""
+def fused_ops(dims: tuple[int, int, int, int, int]) -> dict[str, tuple[int, int]]:
+    """The fused decode ops (runtime/cuda_int4.py) and their weights' [N, K] for a model's dims."""
     h, inter, hq, hkv, hd = dims
-    table = json.loads(path.read_text())
-    ops = {
+    return {
         cuda_int4.QKV_OP: ((hq + 2 * hkv) * hd, h),
         cuda_int4.O_OP: (h, hq * hd),
         cuda_int4.GLU_OP: (2 * inter, h),
     }
-    out = {"results": []}
-    for op, (n, k) in ops.items():
-        row = next((r for r in table.get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
-        entry = (((row or {}).get("rows", {}).get("1") or {}).get("mma") or {}).get("entry")
+
+
+def mma_entry(table: dict, n: int, k: int, m: int) -> list | None:
+    """The table's MMA entry for an [n, k] linear at m rows (the plain product a fused op is timed beside)."""
+    row = next((r for r in table.get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
+    return (((row or {}).get("rows", {}).get(str(m)) or {}).get("mma") or {}).get("entry")
+
+
+def _tune_fused(path: Path, dims: tuple[int, int, int, int, int], log, dev=None) -> list[str]:
+    """The fused decode ops of these shapes at one row (their layouts beside the plain product at the table's
+    MMA entry), merged into the table at path; the ops that fused. A shape the fused kernels cannot take is
+    left unfused (the runtime then runs its plain kernels), with a log line."""
+    table = json.loads(path.read_text())
+    dev, out = dev or torch.device("cuda"), {"results": []}
+    for op, (n, k) in fused_ops(dims).items():
         try:
-            dev = torch.device("cuda")
             ws = [fused_weight(n, k, dev) for _ in range(n_copies(n * k // 2, dev))]
-            out["results"].append(measure_fused(op, ws, 1, entry, (hq, hkv, hd)))
+            out["results"].append(measure_fused(op, ws, 1, mma_entry(table, n, k, 1), dims[2:]))
         except Exception as e:  # noqa: BLE001 - an op that cannot run here stays unfused, which is the default
             log(f"  fused {op} [{n}x{k}]: not measured ({type(e).__name__}: {str(e)[:160]})")
     merge_fused(path, out)

@@ -148,3 +148,45 @@ def test_doctor_says_where_the_int4_kernel_choices_come_from(cache):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"shapes": []}))
     assert int4_table_status("NVIDIA Unmeasured 9000") == f"measured here by tune-kernels ({path})"
+
+
+def test_fused_ops_measured_land_where_the_runtime_looks_them_up(tmp_path, cache, monkeypatch):
+    """On CUDA tune-kernels also times the fused decode ops (CUDA only, so here their timing is replaced by a
+    stand-in that records its calls); each op's fastest layout lands where runtime/int4_table.fused_mma_layout
+    reads it for that shape, an op that cannot run is logged and left unfused, and the table's other contents
+    stay."""
+    from lorafast_export.runtime import cuda_int4, kernel_tune
+    from lorafast_export.runtime.int4_table import fused_mma_layout
+
+    dims = (128, 256, 4, 2, 32)
+    path = user_table_file("NVIDIA Unmeasured 9000")
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        json.dumps({"shapes": [{"n": 256, "k": 128, "rows": {"1": {"mma": {"entry": [1, 9, 8, 1]}}}}]})
+    )
+    calls, lines = [], []
+
+    def stand_in(op, ws, m, entry, d):
+        calls.append((op, ws[0].out_features, ws[0].in_features, m, entry, d))
+        if op == cuda_int4.O_OP:
+            raise RuntimeError("NVRTC: no such GPU")
+        return {"op": op, "n": ws[0].out_features, "k": ws[0].in_features, "rows": m, "plain_us": 5.0,
+                "fused": [[[8, 0, len(calls)], 4.0], [[4, 2, 0], 6.0]]}  # fmt: skip
+
+    monkeypatch.setattr(kernel_tune, "measure_fused", stand_in)
+    fused = kernel_tune._tune_fused(path, dims, lines.append, torch.device("cpu"))
+    assert fused == [cuda_int4.QKV_OP, cuda_int4.GLU_OP] and "NVRTC" in lines[0]
+    assert calls[0] == (
+        cuda_int4.QKV_OP,
+        256,
+        128,
+        1,
+        [1, 9, 8, 1],
+        (4, 2, 32),
+    )  # beside the table's MMA entry
+    load_table.cache_clear()
+    gpu = "NVIDIA Unmeasured 9000"
+    assert fused_mma_layout(gpu, cuda_int4.QKV_OP, 256, 128) == [8, 0, 1]
+    assert fused_mma_layout(gpu, cuda_int4.GLU_OP, 512, 128) == [8, 0, 3]
+    assert fused_mma_layout(gpu, cuda_int4.O_OP, 128, 128) is None
+    assert load_table(gpu)["shapes"][0]["n"] == 256
