@@ -465,7 +465,8 @@ def tune(
     path = user_table_file(gpu)
     path.parent.mkdir(parents=True, exist_ok=True)
     if table["shapes"]:
-        merge(before, table, path)
+        # over this GPU's table, else a new one with this run's header (its GPU, versions and date)
+        merge(before or {k: v for k, v in table.items() if k != "shapes"}, table, path)
     fused = []
     if dev.type == "cuda" and table["shapes"]:
         fused = _tune_fused(path, dims, log)

@@ -55,7 +55,7 @@ def test_dry_run_writes_a_table_the_planner_reads_and_a_second_model_adds_to_it(
     path = user_table_file("cpu-interpreter")
     assert res["table"] == str(path) and path.is_file()
     table = load_table("cpu-interpreter")
-    assert table == json.loads(path.read_text())
+    assert table == json.loads(path.read_text()) and table["gpu"] == "cpu-interpreter" and table["date"]
     for n, k in SHAPES:
         kind, plan = plan_from_table(table, n, k)  # every shape measured: a kernel per row bucket
         assert kind in ("int4_triton", "int4_tinygemm") and (kind == "int4_tinygemm" or plan[0] == 1)
