@@ -898,6 +898,13 @@ def tune_kernels(ctx: Ctx, model, rows, budget_s, with_head, quick, dry_run):
                 ),
             )
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        _fail(
+            ctx,
+            InputError("tune-kernels needs triton (it comes with torch's CUDA wheels): pip install triton."),
+        )
     from lorafast_export.runtime.kernel_tune import tune
 
     dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)

@@ -190,3 +190,15 @@ def test_fused_ops_measured_land_where_the_runtime_looks_them_up(tmp_path, cache
     assert fused_mma_layout(gpu, cuda_int4.GLU_OP, 512, 128) == [8, 0, 3]
     assert fused_mma_layout(gpu, cuda_int4.O_OP, 128, 128) is None
     assert load_table(gpu)["shapes"][0]["n"] == 256
+
+
+def test_without_triton_it_says_what_to_install(tmp_path, cache, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+    )
+    r = _tune("--model", _model(tmp_path), "--rows", "1", "--dry-run")
+    assert r.exit_code == 2 and "pip install triton" in r.output
+    assert not (cache / "kernels").exists()
