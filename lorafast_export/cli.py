@@ -843,6 +843,17 @@ def _model_config_path(model: Path) -> Path:
     )
 
 
+def _artifact_quant(model: Path) -> dict | None:
+    """A torch-compile artifact's recorded quantization (runtime.json "quant"), or None (none, or not one)."""
+    for p in (model / "model" / "runtime.json", model / "runtime.json"):
+        if p.is_file():
+            try:
+                return json.loads(p.read_text()).get("quant")
+            except (ValueError, AttributeError) as e:
+                raise InputError(f"{p}: not a runtime.json ({e}); rebuild the artifact.") from e
+    return None
+
+
 @main.command("tune-kernels")
 @click.option(
     "--model",
@@ -860,7 +871,11 @@ def _model_config_path(model: Path) -> Path:
 @click.option(
     "--budget-s", default=900.0, show_default=True, type=float, help="Stop measuring after this long."
 )
-@click.option("--with-head", is_flag=True, help="Also the lm_head (a build with quant.quantize_lm_head).")
+@click.option(
+    "--with-head",
+    is_flag=True,
+    help="Also the lm_head (automatic for an artifact built with quant.quantize_lm_head).",
+)
 @click.option(
     "--quick", is_flag=True, help="Two tiles per kernel instead of the whole grid (minutes, not tens)."
 )
@@ -886,6 +901,11 @@ def tune_kernels(ctx: Ctx, model, rows, budget_s, with_head, quick, dry_run):
     except ValueError:
         _fail(ctx, InputError(f"--rows {rows!r}: give comma-separated row counts >= 1, e.g. 1,8,32."))
     cfg = _run(ctx, lambda: ModelConfig.from_file(_model_config_path(Path(model))))
+    quant = _run(ctx, _artifact_quant, Path(model)) or {}
+    with_head = with_head or (quant.get("bits") == 4 and bool(quant.get("quantize_lm_head")))
+    if quant and quant.get("bits") != 4:
+        bits = quant.get("bits")
+        _fail(ctx, InputError(f"{model}: its layers are int{bits}; tune-kernels measures int4 kernels only."))
     import torch
 
     if not torch.cuda.is_available():

@@ -202,3 +202,26 @@ def test_without_triton_it_says_what_to_install(tmp_path, cache, monkeypatch):
     r = _tune("--model", _model(tmp_path), "--rows", "1", "--dry-run")
     assert r.exit_code == 2 and "pip install triton" in r.output
     assert not (cache / "kernels").exists()
+
+
+def _artifact(tmp_path, quant):
+    """A torch-compile artifact's layout as far as tune-kernels reads it: model/config.json, model/runtime.json."""
+    d = tmp_path / "artifact"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "config.json").write_text(json.dumps(CONFIG))
+    (d / "model" / "runtime.json").write_text(json.dumps({"quant": quant}))
+    return d
+
+
+def test_an_artifact_with_a_quantized_head_has_its_head_measured(tmp_path, cache):
+    a = _artifact(tmp_path, {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True})
+    r = _tune("--model", a, "--rows", "1", "--quick", "--dry-run", "--budget-s", "0")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["shapes"] == [f"{n}x{k}" for n, k in SHAPES] + [
+        "96x128"
+    ]  # lm_head [vocab, hidden]
+
+
+def test_an_int8_artifact_is_refused(tmp_path, cache):
+    r = _tune("--model", _artifact(tmp_path, {"method": "rtn", "bits": 8}), "--dry-run")
+    assert r.exit_code == 2 and "int8" in r.output and "int4 kernels only" in r.output
