@@ -272,7 +272,7 @@ class Int4TritonLinear(_QuantLinearBase):
             self.plan = _tinygemm_to_gemv(self.plan, t4)  # e.g. CUDA tinygemm takes bf16 only
         if qt.group_size % t4.WORD_COLS:
             self.plan = _words_to_tiled(self.plan, t4)  # GEMM_W's 128-column tiles need whole groups
-        self.plan = _mma_to_gemv(self.plan, t4, qt, dtype, device)
+        self.plan = _bounded_tail(_mma_to_gemv(self.plan, t4, qt, dtype, device), t4)
         kinds = set(self.plan[1 :: t4.ENTRY])
         qform = pack_nibbles(codes) if kinds & {t4.GEMV, t4.GEMM} else None
         tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
@@ -402,6 +402,15 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
 
 
 _MMA_WARNED: set[str] = set()
+
+
+def _bounded_tail(plan: list[int], t4) -> list[int]:
+    """Rows beyond the plan's last bucket run its last entry (triton_int4.pick). The MMA kernel takes at most
+    MAX_ROWS rows, so a plan that ends on an MMA entry (a table measured only up to 8 rows) gets the default
+    GEMM tile for every larger row count (a prefill's chunk, a big batch)."""
+    if plan[-t4.ENTRY + 1] != t4.MMA:
+        return plan
+    return [*plan, *default_plan()[-t4.ENTRY :]]
 
 
 def _words_to_tiled(plan: list[int], t4) -> list[int]:

@@ -226,3 +226,19 @@ def test_an_artifact_with_a_quantized_head_has_its_head_measured(tmp_path, cache
 def test_an_int8_artifact_is_refused(tmp_path, cache):
     r = _tune("--model", _artifact(tmp_path, {"method": "rtn", "bits": 8}), "--dry-run")
     assert r.exit_code == 2 and "int8" in r.output and "int4 kernels only" in r.output
+
+
+def test_a_table_measured_up_to_8_rows_keeps_larger_row_counts_off_the_mma_kernel():
+    """Rows beyond a plan's last bucket run its last entry; the MMA kernel takes at most 8 rows, so a plan from a
+    table measured at 1 and 8 rows (tune-kernels --rows 1,8, its first GPU run) ends with the default GEMM tile
+    for every larger count (a prefill chunk raised in the MMA kernel before)."""
+    from lorafast_export.runtime import triton_int4 as t4
+    from lorafast_export.runtime.cuda_int4 import MAX_ROWS
+    from lorafast_export.runtime.int4_table import default_plan
+    from lorafast_export.runtime.linear import _bounded_tail
+
+    mma = [1, t4.MMA, 8, 1, 1, 0, 0, 8, t4.MMA, 8, 1, 1, 0, 0]
+    plan = _bounded_tail(mma, t4)
+    assert t4.pick(plan, 1)[1] == t4.pick(plan, MAX_ROWS)[1] == t4.MMA
+    assert t4.pick(plan, MAX_ROWS + 1) == default_plan()[-t4.ENTRY :] and t4.pick(plan, 4096)[1] == t4.GEMM
+    assert _bounded_tail(default_plan(), t4) == default_plan()  # a plan that ends unbounded is kept
