@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lorafast_export.runtime.int4_table import load_table, table_file  # noqa: E402
+from lorafast_export.runtime.int4_table import load_table, shape_row, table_file  # noqa: E402
 from lorafast_export.runtime.kernel_tune import (  # noqa: E402, F401 - graph_us, n_copies, MODELS: bench/*.py
     CELLS,
     MODELS,
@@ -81,7 +81,7 @@ def main() -> None:
             if time.perf_counter() - t0 > a.budget_s:
                 print(f"budget: skipped {sh.n}x{sh.k} rows {m}", flush=True)
                 continue
-            prev = next((r for r in (old or {}).get("shapes", []) if (r["n"], r["k"]) == (sh.n, sh.k)), None)
+            prev = shape_row(old, sh.n, sh.k)
             sh.measure(m, a.quick, (prev or {}).get("rows", {}).get(str(m)), sms, tuple(a.sweep.split(",")))
             table["shapes"] = [x.row() for x in measured if x.cells]
             out.write_text(json.dumps(table, indent=1))

@@ -54,6 +54,11 @@ def load_table(gpu: str, bits: int = 4) -> dict | None:
     return None
 
 
+def shape_row(table: dict | None, n: int, k: int) -> dict | None:
+    """A measured table's row for an [n, k] linear (its cells per row bucket), or None."""
+    return next((r for r in (table or {}).get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
+
+
 def fused_mma_layout(gpu: str, op: str, n: int, k: int) -> list[int] | None:
     """The measured block layout [warps per block, blocks per SM, variant bits] of runtime/cuda_int4.py's fused
     decode op `op` for an [n, k] weight on this GPU at one row (bench/mma_fused_bench.py --merge-into: the
@@ -88,7 +93,7 @@ def plan_from_table(
 ) -> tuple[str, list[int]] | None:
     """('int4_triton', flat plan) or ('int4_tinygemm', []) for an [n, k] linear; None if not measured.
     Per row bucket the fastest measured kernel (tinygemm too where the layer fits it)."""
-    row = next((r for r in (table or {}).get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
+    row = shape_row(table, n, k)
     if row is None:
         return None
     buckets = sorted(row["rows"], key=int)
@@ -111,7 +116,7 @@ def int8_plan_from_table(table: dict | None, n: int, k: int) -> list[int] | None
     covering every larger row count. None (the layer stays dequantized to bf16) unless the shape was
     measured and our kernel beat the bf16 matmul in every bucket: the two keep different weights (int8
     codes against a dense bf16 copy), so a layer cannot switch between them per bucket."""
-    row = next((r for r in (table or {}).get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
+    row = shape_row(table, n, k)
     if row is None or not row["rows"]:
         return None
     cells = [row["rows"][b] for b in sorted(row["rows"], key=int)]

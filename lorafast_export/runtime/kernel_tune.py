@@ -495,8 +495,9 @@ def fused_ops(dims: tuple[int, int, int, int, int]) -> dict[str, tuple[int, int]
 
 def mma_entry(table: dict, n: int, k: int, m: int) -> list | None:
     """The table's MMA entry for an [n, k] linear at m rows (the plain product a fused op is timed beside)."""
-    row = next((r for r in table.get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)
-    return (((row or {}).get("rows", {}).get(str(m)) or {}).get("mma") or {}).get("entry")
+    from lorafast_export.runtime.int4_table import shape_row
+
+    return (((shape_row(table, n, k) or {}).get("rows", {}).get(str(m)) or {}).get("mma") or {}).get("entry")
 
 
 def _tune_fused(path: Path, dims: tuple[int, int, int, int, int], log, dev=None) -> list[str]:
