@@ -5,16 +5,5 @@ source bench/results/device_env.sh || exit 3
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout $((${LIMIT:-590} - 10 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,bf16,int4,mixed,e2e --batch 1,32 --single-step-peer 0 --mixed-peer none --mixed-policies default --e2e-repeats 5 --out $OUT/table.json > $OUT/table.log 2>&1
 echo "table rc $? at ${SECONDS}s"; grep -E "^\[|mixed (first|default)|copy:" $OUT/table.log | cut -c1-200
-python3 - "$OUT/table.json" <<'PY' 2>&1 | tail -12
-import json, sys
-d = json.load(open(sys.argv[1]))
-for k in ("bf16", "int4"):
-    for r in d.get(k, {}).get("results", []):
-        print(k, r["batch"], round(r["decode_tokens_per_s"], 1), round(r["decode_step_ms"], 3), "ttft med", r["ttft_ms_median"])
-m = d.get("mixed", {}).get("policies", {})
-for p in ("first_pass", "default"):
-    if p in m: print("mixed", p, "ttft median", round(m[p]["ttft_ms_median"], 1))
-e = d.get("e2e", {})
-print("e2e", e.get("ours_median"), e.get("peer_median"), e.get("speedup_median"), e.get("speedup_pairs"))
-PY
+python3 bench/results/table_summary.py $OUT/table.json 2>&1 | tail -12
 (cd $OUT && tar czf /tmp/call.tgz . && rm -rf ./* && mv /tmp/call.tgz .)
