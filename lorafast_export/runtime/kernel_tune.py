@@ -333,7 +333,9 @@ def merge(shipped: dict, new: dict, path: Path) -> None:
         else:
             old["rows"].update(row["rows"])
     buckets = sorted({int(b) for row in new["shapes"] for b in row["rows"]})
-    out["measured"] = f"{shipped.get('measured', '')}; rows {buckets} replaced by a {new.get('date')} run"
+    prev = shipped.get("measured")
+    run = f"rows {buckets} {'replaced by' if prev else 'measured in'} a {new.get('date')} run"
+    out["measured"] = f"{prev}; {run}" if prev else run
     tmp = path.with_suffix(".tmp")  # whole or not at all: the runtime may read it after a timeout
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(path)

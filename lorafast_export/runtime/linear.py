@@ -41,6 +41,7 @@ from lorafast_export.qform import (
     pack_nibbles,
 )
 from lorafast_export.runtime.int4_table import (
+    TINYGEMM_ENTRY,
     TRITON_GROUPS,
     default_plan,
     int8_plan_from_table,
@@ -268,11 +269,12 @@ class Int4TritonLinear(_QuantLinearBase):
         codes, perm = _device_codes(qt, device)  # every packing below runs on the device
         self.group_size = qt.group_size
         self.plan = list(plan or default_plan())
-        if not tinygemm_fits(qt, torch.device(device).type == "cuda", dtype):
+        tinygemm = tinygemm_fits(qt, torch.device(device).type == "cuda", dtype)
+        if not tinygemm:
             self.plan = _tinygemm_to_gemv(self.plan, t4)  # e.g. CUDA tinygemm takes bf16 only
         if qt.group_size % t4.WORD_COLS:
             self.plan = _words_to_tiled(self.plan, t4)  # GEMM_W's 128-column tiles need whole groups
-        self.plan = _bounded_tail(_mma_to_gemv(self.plan, t4, qt, dtype, device), t4)
+        self.plan = _bounded_tail(_mma_to_gemv(self.plan, t4, qt, dtype, device), t4, tinygemm)
         kinds = set(self.plan[1 :: t4.ENTRY])
         qform = pack_nibbles(codes) if kinds & {t4.GEMV, t4.GEMM} else None
         tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
@@ -404,13 +406,16 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
 _MMA_WARNED: set[str] = set()
 
 
-def _bounded_tail(plan: list[int], t4) -> list[int]:
+def _bounded_tail(plan: list[int], t4, tinygemm: bool) -> list[int]:
     """Rows beyond the plan's last bucket run its last entry (triton_int4.pick). The MMA kernel takes at most
-    MAX_ROWS rows, so a plan that ends on an MMA entry (a table measured only up to 8 rows) gets the default
-    GEMM tile for every larger row count (a prefill's chunk, a big batch)."""
+    MAX_ROWS rows, so a plan that ends on an MMA entry (a table measured only up to 8 rows) gets, for every
+    larger row count (a prefill's chunk, a big batch), what a GPU without a table runs: tinygemm where the
+    layer fits it (`tinygemm`), else the default GEMM tile. A table measured at few rows then changes only
+    the row counts it measured."""
     if plan[-t4.ENTRY + 1] != t4.MMA:
         return plan
-    return [*plan, *default_plan()[-t4.ENTRY :]]
+    tail = [1 << 30, *TINYGEMM_ENTRY] if tinygemm else default_plan()[-t4.ENTRY :]
+    return [*plan, *tail]
 
 
 def _words_to_tiled(plan: list[int], t4) -> list[int]:

@@ -57,6 +57,7 @@ def test_dry_run_writes_a_table_the_planner_reads_and_a_second_model_adds_to_it(
     assert res["table"] == str(path) and path.is_file()
     table = load_table("cpu-interpreter")
     assert table == json.loads(path.read_text()) and table["gpu"] == "cpu-interpreter" and table["date"]
+    assert table["measured"] == f"rows [1] measured in a {table['date']} run"  # its provenance, no empty part
     for n, k in SHAPES:
         kind, plan = plan_from_table(table, n, k)  # every shape measured: a kernel per row bucket
         assert kind in ("int4_triton", "int4_tinygemm") and (kind == "int4_tinygemm" or plan[0] == 1)
@@ -72,6 +73,9 @@ def test_dry_run_writes_a_table_the_planner_reads_and_a_second_model_adds_to_it(
     assert r.exit_code == 0, r.output
     table = load_table("cpu-interpreter")
     got = {(s["n"], s["k"]) for s in table["shapes"]}
+    assert (
+        table["measured"].count("; rows [1] replaced by a ") == 1
+    )  # the first run's line kept, the second's added
     assert set(SHAPES) <= got and (64, 128) in got  # the second model's down_proj [hidden, intermediate]
 
 
@@ -230,15 +234,38 @@ def test_an_int8_artifact_is_refused(tmp_path, cache):
 
 def test_a_table_measured_up_to_8_rows_keeps_larger_row_counts_off_the_mma_kernel():
     """Rows beyond a plan's last bucket run its last entry; the MMA kernel takes at most 8 rows, so a plan from a
-    table measured at 1 and 8 rows (tune-kernels --rows 1,8, its first GPU run) ends with the default GEMM tile
-    for every larger count (a prefill chunk raised in the MMA kernel before)."""
+    table measured at 1 and 8 rows (tune-kernels --rows 1,8, its first GPU run) ends, for every larger count (a
+    prefill chunk raised in the MMA kernel before), with what a GPU without a table runs: tinygemm where the
+    layer fits it, else the default GEMM tile."""
     from lorafast_export.runtime import triton_int4 as t4
     from lorafast_export.runtime.cuda_int4 import MAX_ROWS
-    from lorafast_export.runtime.int4_table import default_plan
+    from lorafast_export.runtime.int4_table import TINYGEMM_ENTRY, default_plan
     from lorafast_export.runtime.linear import _bounded_tail
 
     mma = [1, t4.MMA, 8, 1, 1, 0, 0, 8, t4.MMA, 8, 1, 1, 0, 0]
-    plan = _bounded_tail(mma, t4)
-    assert t4.pick(plan, 1)[1] == t4.pick(plan, MAX_ROWS)[1] == t4.MMA
-    assert t4.pick(plan, MAX_ROWS + 1) == default_plan()[-t4.ENTRY :] and t4.pick(plan, 4096)[1] == t4.GEMM
-    assert _bounded_tail(default_plan(), t4) == default_plan()  # a plan that ends unbounded is kept
+    for tinygemm, tail in ((True, [1 << 30, *TINYGEMM_ENTRY]), (False, default_plan()[-t4.ENTRY :])):
+        plan = _bounded_tail(mma, t4, tinygemm)
+        assert t4.pick(plan, 1)[1] == t4.pick(plan, MAX_ROWS)[1] == t4.MMA
+        assert t4.pick(plan, MAX_ROWS + 1) == t4.pick(plan, 4096) == tail
+        assert (
+            _bounded_tail(default_plan(), t4, tinygemm) == default_plan()
+        )  # a plan that ends unbounded is kept
+    assert tail[1] == t4.GEMM
+
+
+def test_a_tinygemm_tail_runs_tinygemm_beyond_the_plan(monkeypatch):
+    """The layer behind such a plan keeps tinygemm's packing and gives tinygemm's product beyond 8 rows (its MMA
+    entries kept as on a GPU; 12 rows never reach them)."""
+    from lorafast_export.quant.rtn import quantize_rtn
+    from lorafast_export.runtime import linear
+    from lorafast_export.runtime import triton_int4 as t4
+    from lorafast_export.runtime.linear import Int4Linear, Int4TritonLinear
+
+    monkeypatch.setattr(linear, "_mma_to_gemv", lambda plan, *a: plan)  # keep the MMA entries as a GPU would
+    torch.manual_seed(0)
+    qt = quantize_rtn(torch.randn(64, 256), 4, 128, False)
+    plan = [1, t4.MMA, 8, 1, 1, 0, 0, 8, t4.MMA, 8, 1, 1, 0, 0]
+    layer = Int4TritonLinear(qt, dtype=torch.float32, plan=plan)
+    assert layer.plan[-t4.ENTRY + 1] == t4.TINYGEMM and layer.tinygemm_weight is not None
+    x = torch.randn(12, 256)
+    assert torch.equal(layer(x), Int4Linear(qt, dtype=torch.float32)(x))
