@@ -73,6 +73,21 @@ def _sdpa_causal(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def chunk_attention(q, k_pool, v_pool, seen: torch.Tensor, past: int, window: int | None) -> torch.Tensor:
+    """A later chunk of one prompt (chunked prefill): q [1, hq, S, d] at the S positions after `past` keys of
+    the sequence, whose k/v (the chunk's included) sit at pool slots seen [past + S] → [1, hq, S, d]. SDPA
+    over the gathered k/v with the causal mask shifted by `past` (a key is visible to a query at or after
+    it, within the window)."""
+    s = q.shape[2]
+    k, v = k_pool[:, seen][None], v_pool[:, seen][None]  # [1, hkv, past + S, d]
+    mask = causal_mask(s, past, q.device, window)
+    gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda and PREFILL_SDPA_BACKENDS is not None:
+        with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 def packed_attention(q, k, v, seg_index: torch.Tensor, seg_flat: torch.Tensor, window: int | None):
     """Causal attention within each of several prompts packed back to back: q [1, hq, T, d], k/v
     [1, hkv, T, d] → [1, hq, T, d]. The prompts are gathered into a right-padded [b, h, L, d] grid

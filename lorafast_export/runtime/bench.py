@@ -55,6 +55,7 @@ def run_requests(rt: Runtime, prompts: list[list[int]], news: list[int]) -> dict
             (round(1e3 * (t - t0), 2), n, tok, round(1e3 * dt, 2)) for t, n, tok, dt in s.prefills
         ],
         "preemptions": s.preemptions,
+        "prefill_chunks": s.prefill_chunks,  # chunks of the prompts longer than prefill_chunk (0: none)
         "device_allocs": None if allocs is None else _device_allocs(rt.device) - allocs,  # cudaMalloc calls
         # pinned host blocks the caching host allocator created (cudaHostAlloc calls) and their time, ms
         "host_allocs": None if host is None else [a - b for a, b in zip(_host_allocs(rt.device), host)],

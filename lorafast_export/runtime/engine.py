@@ -79,6 +79,7 @@ class Request:
     t_first: float | None = None
     t_done: float | None = None
     draft_cached: int = 0  # tokens whose k/v are in the draft's cache (speculative decoding)
+    t_chunked: float = 0.0  # when its first prefill chunk was launched (chunked prefill)
 
     @property
     def done(self) -> bool:
@@ -95,6 +96,7 @@ class EngineStats:
     decode_tokens: int = 0
     decode_s: float = 0.0
     preemptions: int = 0
+    prefill_chunks: int = 0  # chunks of prompts prefilled in chunks (prefill_chunk)
     spec_rounds: int = 0
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens the model agreed with
@@ -181,6 +183,7 @@ class Engine:
         draft_cache: PagedKVCache | None = None,
         spec_k: int = 4,
         prefill_budget: int = 4096,
+        prefill_chunk: int = 0,
         decode_steps: int = 1,
         admit_order: str = "shortest",
         max_wait_ms: float = MAX_WAIT_MS,
@@ -208,6 +211,14 @@ class Engine:
         self.governor = SpecGovernor(speculation)
         self.timer = time.perf_counter  # what the governor's times are read from (a test can replace it)
         self.prefill_budget = prefill_budget  # padded prompt tokens prefilled together (1 = one at a time)
+        if prefill_chunk < 0 or (prefill_chunk and getattr(model, "chunk", None) is None):
+            raise InputError(
+                f"prefill_chunk={prefill_chunk}: use 0 (off) or a positive token count, on a model with a "
+                "chunk forward (not the AOT packages)."
+            )
+        # a prompt longer than this is prefilled in chunks of it, one a step, decode steps between (0 = off)
+        self.prefill_chunk = prefill_chunk
+        self.chunking: list[Request] = []  # admitted, prompt partly in the cache (the first one goes on)
         if decode_steps < 1:
             raise InputError(f"decode_steps={decode_steps}: use a positive integer (1 = one step at a time).")
         self.decode_steps = decode_steps
@@ -289,7 +300,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunking)
 
     @on_device
     def generate_batch(
@@ -308,11 +319,13 @@ class Engine:
         """Admit (and prefill) what fits, then decode one token for every running request; returns finished.
         prefill_first: prefill again while a waiting request fits; each prefill is queued on the device
         before the host waits for the previous one's first tokens, so the GPU does not idle between them."""
-        finished, pending = [], self._launch_prefill()
+        finished, pending = [], None if self.chunking else self._launch_prefill()
         while pending is not None:
-            nxt = self._launch_prefill() if self.prefill_first else None
+            nxt = self._launch_prefill() if self.prefill_first and not self.chunking else None
             finished += self._land_prefill(pending)
             pending = nxt
+        if self.chunking:  # one chunk a step: the running requests decode between chunks
+            finished += self._next_chunk()
         if self.running:
             finished += self._timed_decode()
         return finished
@@ -373,11 +386,19 @@ class Engine:
         forward) and first tokens on the device; None if nobody can be admitted. The first request in
         order that does not fit stops the admission: nobody overtakes it."""
         batch: list[tuple[Request, list[int]]] = []
-        total, busy = 0, len(self.running) + self._pending
+        total, busy = 0, len(self.running) + self._pending + len(self.chunking)
         for r in self._order():
             if busy + len(batch) >= self.max_batch:
                 break
             tokens = r.prompt + r.output  # after a preemption: recompute what it already has
+            if self.prefill_chunk and len(tokens) > self.prefill_chunk:
+                if batch or not (self.cache.can_fit(len(tokens) + 1) or not busy):
+                    break  # the batch before it first; or wait for room
+                self.waiting.remove(r)
+                self.cache.reserve(r.id, len(tokens) + 1)
+                r.cached, r.t_chunked = 0, time.perf_counter()
+                self.chunking.append(r)  # its chunks run from step(), one a step
+                return None
             if batch and total + len(tokens) > self.prefill_budget:
                 break
             if not self.cache.can_fit(len(tokens) + 1) and (busy or batch):
@@ -392,6 +413,30 @@ class Engine:
         firsts = _to_host(self._prefill(batch))
         self._pending += len(batch)
         return _Prefill(batch, total, t0, firsts)
+
+    def _next_chunk(self) -> list[Request]:
+        """The next chunk of prefill_chunk tokens of the request being prefilled in chunks: the first from
+        position 0 through the model's prefill, each later one on top of the cached prefix (model.chunk);
+        after the last, its first token, and it joins the running batch (its prefill time in the stats is
+        from its first chunk, so it includes the decode steps between its chunks)."""
+        r = self.chunking[0]
+        tokens = r.prompt + r.output
+        start, end = r.cached, min(r.cached + self.prefill_chunk, len(tokens))
+        ids = torch.tensor([tokens[start:end]], device=self.device)
+        slots = self.cache.slots(r.id, 0, end).to(self.device, non_blocking=True)
+        if start == 0:
+            logits = self.model.prefill(ids, slots)
+        else:
+            logits = self.model.chunk(ids, start, slots)
+        r.cached = end
+        self.stats.prefill_chunks += 1
+        if end < len(tokens):
+            return []
+        self.chunking.pop(0)
+        self._pending += 1
+        return self._land_prefill(
+            _Prefill([(r, tokens)], len(tokens), r.t_chunked, _to_host(self._pick(logits, [r])))
+        )
 
     def _land_prefill(self, p: _Prefill) -> list[Request]:
         """Wait for a queued prefill's first tokens; its requests join the running batch."""
@@ -510,6 +555,7 @@ class Engine:
         if (
             self.decode_steps < 2
             or self.waiting
+            or self.chunking
             or (self.draft is not None and self.governor.policy == "always")
         ):
             return 1
@@ -561,7 +607,7 @@ class Engine:
         """The burst after b, queued now if it is certain: overlap on, the same rows running, nobody
         waiting, no speculative round due, every row with >= 2 tokens to go after b and room for them in the
         pool."""
-        if not self.overlap_bursts or self.waiting or len(self.running) != len(b.reqs):
+        if not self.overlap_bursts or self.waiting or self.chunking or len(self.running) != len(b.reqs):
             return None
         if self.draft is not None and self.governor.wants(_bucket(len(b.reqs), self.buckets)):
             return None  # a paused draft's pause is over: the next decode is a speculative round
@@ -939,7 +985,7 @@ class Engine:
         round in its token budget, the sequence limit and the pools of both caches."""
         k, reqs = self.spec_k, rnd.reqs
         same = len(self.running) == len(reqs) and all(a is b for a, b in zip(self.running, reqs))
-        if not self.overlap_rounds or self.waiting or not same:
+        if not self.overlap_rounds or self.waiting or self.chunking or not same:
             return None
         if not self.governor.wants(_bucket(len(reqs), self.buckets)):
             return None

@@ -234,6 +234,9 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
         fixed_width=attention == "flex",
         device=device,
         prefill_budget=1 if aot_meta is not None else opts.prefill_tokens,  # the AOT prefill takes one row
+        prefill_chunk=0
+        if aot_meta is not None
+        else opts.prefill_chunk,  # the AOT packages have no chunk forward
         decode_steps=opts.decode_steps,
         admit_order=opts.admit_order,
         max_wait_ms=opts.max_wait_ms,

@@ -31,6 +31,7 @@ class RuntimeOptions:
     cache_gib: float = 4.0  # cap of the default pool size
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch padded up to one of these
     prefill_tokens: int = 4096  # prompt tokens prefilled together in one packed forward (1 = one by one)
+    prefill_chunk: int = 0  # a prompt longer than this is prefilled in chunks of this many tokens, one a step, the running requests decoding between them (0 = off: one forward); not yet timed on a GPU
     spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
     speculation: str = (
         "auto"  # with a draft: auto = only while its rounds beat plain decoding (timed), always
@@ -91,6 +92,7 @@ class RuntimeOptions:
             "max_seq_len",
             "cache_tokens",
             "prefill_tokens",
+            "prefill_chunk",
             "spec_k",
             "decode_steps",
         ):
@@ -98,7 +100,7 @@ class RuntimeOptions:
             if (
                 not isinstance(v, int)
                 or isinstance(v, bool)
-                or v < (0 if name in ("max_seq_len", "cache_tokens") else 1)
+                or v < (0 if name in ("max_seq_len", "cache_tokens", "prefill_chunk") else 1)
             ):
                 problems.append(f"{name}={v!r}: use a positive integer")
         if isinstance(self.block_size, int) and self.block_size & (self.block_size - 1):

@@ -22,6 +22,7 @@ from lorafast_export.model.decoder import Decoder, Rotary
 from lorafast_export.model.spec import LM_HEAD, ModelConfig
 from lorafast_export.qform import concat_qtensors
 from lorafast_export.runtime.attention import (
+    chunk_attention,
     decode_flex,
     num_splits,
     packed_attention,
@@ -402,6 +403,29 @@ def prefill_forward(
     return dec.logits(h[:, -1] if last_only else h).float()
 
 
+def chunk_forward(dec: Decoder, ids, start: int, slots, k_pools, v_pools) -> torch.Tensor:
+    """A later chunk of one prompt (chunked prefill, Engine.prefill_chunk): ids [1, S] at positions
+    start..start+S-1, the prompt's first `start` tokens already in the pools; slots [start + S]: the slots of
+    positions 0..start+S-1. Writes the chunk's k/v, attends to the prefix and causally within the chunk
+    (attention.chunk_attention; a sliding window gathers only the keys it can see) → logits fp32 [1, V] of
+    its last token."""
+    s = ids.shape[1]
+    h = dec.embed(ids)
+    cos, sin = dec.rotary(torch.arange(start, start + s, device=ids.device)[None], h.dtype)
+    window = dec.cfg.sliding_window
+    lo = 0 if window is None else max(0, start - window + 1)  # the first key the chunk's first query sees
+    new, seen = slots[start:], slots[lo:]
+    for i, layer in enumerate(dec.model.layers):
+
+        def attend(q, k, v, kp=k_pools[i], vp=v_pools[i]):
+            write_kv(kp, new, k)
+            write_kv(vp, new, v)
+            return chunk_attention(q, kp, vp, seen, start - lo, window)
+
+        h = _block(layer, h, cos, sin, attend)
+    return dec.logits(h[:, -1]).float()
+
+
 def extend_forward(
     dec: Decoder,
     tokens,
@@ -672,6 +696,12 @@ class PagedModel(nn.Module):
         return prefill_forward(
             self.dec, ids, slots, *self.pools(), last_only, last_index, segments, self.prefill_fn
         )
+
+    @torch.no_grad()
+    def chunk(self, ids: torch.Tensor, start: int, slots: torch.Tensor) -> torch.Tensor:
+        """A later chunk of one prompt on top of its cached first `start` tokens (chunk_forward): eager, its
+        length and position vary from chunk to chunk, and its products are large enough not to need a graph."""
+        return chunk_forward(self.dec, ids, start, slots, *self.pools())
 
     @torch.no_grad()
     def extend(self, tokens, positions, block_tables, slots) -> torch.Tensor:

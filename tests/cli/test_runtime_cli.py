@@ -137,6 +137,12 @@ def test_runtime_options_for_one_run(tmp_path):
             "--new-tokens", "12", "--speculative", "int4", "--runtime-option", "speculation=always")  # fmt: skip
     assert b.exit_code == 0, b.output
     assert json.loads(b.stdout)["results"][0]["spec_rounds"] > 0
+    chunked = cli("--json", "bench", "--artifact", tmp_path / "tc", "--batch", "2", "--prompt-len", "8",
+                  "--new-tokens", "4", "--runtime-option", "prefill_chunk=3")  # fmt: skip
+    assert chunked.exit_code == 0, chunked.output
+    assert json.loads(chunked.stdout)["results"][0]["prefill_chunks"] == 2 * 3  # two prompts of 8: 3 + 3 + 2
+    bad = cli(*run, "--runtime-option", "prefill_chunk=-1")
+    assert bad.exit_code == 2 and "prefill_chunk=-1" in bad.output
     bad = cli(*run, "--runtime-option", "fused_decoder=mma")
     assert bad.exit_code == 2 and "unknown key(s) fused_decoder" in bad.output
     bad = cli(*run, "--runtime-option", "fused_decode=fast")

@@ -206,6 +206,59 @@ def test_requests_joining_between_steps(llama, solo):
     assert [r.output for r in reqs] == solo
 
 
+@pytest.mark.parametrize(
+    "chunk,num_blocks,decode_steps",
+    [(4, 64, 1), (7, 64, 4), (6, 12, 1)],  # 12 blocks: the pool runs out, a request is preempted and redone
+)
+def test_chunked_prefill_equals_each_request_alone(llama, solo, chunk, num_blocks, decode_steps):
+    """Prompts longer than prefill_chunk are prefilled a chunk a step (the first from position 0, each later
+    one on top of the cached prefix); every request still gets the tokens it gets alone."""
+    eng = make_engine(llama, num_blocks=num_blocks, decode_steps=decode_steps, prefill_chunk=chunk)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.cache.allocator.free_count == num_blocks and not eng.chunking
+    if num_blocks == 64:  # each long prompt once, in ceil(len / chunk) chunks
+        assert eng.stats.prefill_chunks == sum(-(-n // chunk) for n in PROMPT_LENS if n > chunk)
+    else:
+        assert eng.stats.preemptions > 0  # and its prompt + tokens prefilled again, in chunks (13 in all)
+        assert eng.stats.prefill_chunks > sum(-(-n // chunk) for n in PROMPT_LENS if n > chunk)
+
+
+def test_running_requests_decode_between_a_long_prompts_chunks(llama, solo):
+    """While a 30-token prompt is prefilled in chunks of 4 (8 steps), the requests already running get a
+    token at every one of those steps; the long one's first token comes after its last chunk."""
+    ps = prompts()
+    eng = make_engine(llama, prefill_chunk=4, prefill_first=True)
+    short = [eng.add(ps[i], NEW[i]) for i in (2, 5)]  # 3 and 1 tokens: prefilled whole
+    eng.step()
+    long = eng.add(ps[4], NEW[4])  # 30 tokens
+    grew = []
+    while long.t_first is None:
+        before = [len(r.output) for r in short]
+        eng.step()
+        grew.append([len(r.output) - b for r, b in zip(short, before, strict=True)])
+    assert eng.stats.prefill_chunks == 8 and len(grew) == 8
+    assert all(g == [1, 1] for g in grew[:7])  # a decode step after every chunk (while both still run)
+    while eng.has_work:
+        eng.step()
+    assert [r.output for r in (*short, long)] == [solo[2], solo[5], solo[4]]
+
+
+def test_prefill_chunk_is_checked(llama):
+    with pytest.raises(InputError, match="prefill_chunk=-1"):
+        make_engine(llama, prefill_chunk=-1)
+
+    class NoChunk:  # a model without a chunk forward (the AOT packages)
+        def __init__(self, pm):
+            self.prefill, self.extend = pm.prefill, pm.extend
+
+        def __call__(self, *a):
+            raise AssertionError
+
+    pm, cache = paged(llama)
+    with pytest.raises(InputError, match="chunk forward"):
+        Engine(NoChunk(pm), cache, max_batch=2, max_seq_len=64, prefill_chunk=8)
+
+
 def test_preemption_when_the_pool_is_full_keeps_tokens(llama, solo):
     eng = make_engine(llama, num_blocks=14)  # 56 tokens for 3 sequences of up to 45
     assert eng.generate_batch(prompts(), NEW) == solo

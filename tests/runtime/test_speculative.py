@@ -76,6 +76,14 @@ def test_int4_draft_gives_the_models_greedy_output(llama, solo, k):
     assert eng.stats.drafted > 0 and 0 < eng.stats.accepted < eng.stats.drafted
 
 
+def test_chunked_prefill_with_a_draft_gives_the_models_greedy_output(llama, solo):
+    """Prompts longer than prefill_chunk prefilled in chunks, then speculated on (the draft prefills each whole
+    at its first round); with the model as its own draft every draft is still accepted."""
+    eng = spec_engine(llama, *paged(llama, num_blocks=64), prefill_chunk=4)
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.prefill_chunks > 0 and eng.stats.spec_rounds > 0 and eng.stats.acceptance == 1.0
+
+
 def test_unrelated_draft_is_rejected_but_output_unchanged(llama, solo, tmp_path):
     other = tiny_checkpoint(tmp_path, seed=7, hidden=128, intermediate_size=256)  # another random model
     draft, cache = paged(other, fp_state(other), num_blocks=64)
