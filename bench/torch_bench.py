@@ -709,6 +709,53 @@ def sec_mixed(a, dev, R):
     return res
 
 
+def sec_longprompt(a, dev, R):
+    """Chunked prefill against one-forward prefill (the peer: prefill_chunk 0, today's default), on one runtime:
+    --long-running short requests decode, then a prompt of --long-prompt-len tokens arrives. Per mode: the
+    running requests' longest wait between two tokens while it is prefilled, their median gap, its time to
+    first token, and whether every request's tokens equal the other mode's."""
+    model = R["_model"]
+    cfg, state = config_of(model)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    b = argparse.Namespace(**vars(a))  # a long enough max_seq_len for this section only
+    b.max_seq_len = max(a.max_seq_len, a.long_prompt_len + max(a.new_tokens, 8) + 16)
+    rt = build_runtime(cfg, state, None, dev, dtype, _opts(b, [a.long_running + 1], R))
+    eng, vocab = rt.engine, cfg.vocab_size
+    shorts = random_prompts(a.long_running, 16, vocab, 5)
+    long = random_prompts(1, a.long_prompt_len, vocab, 6)[0]
+    res, tokens = {"long_prompt_len": len(long), "running": a.long_running}, {}
+    for chunk in (0, a.long_chunk, 0, a.long_chunk):  # twice each, interleaved; the second of each is kept
+        eng.prefill_chunk, eng.stats = chunk, type(eng.stats)()
+        reqs = [eng.add(p, a.new_tokens) for p in shorts]
+        eng.step()
+        sync(dev)
+        lr, seen, gaps = eng.add(long, 8), {r.id: (len(r.output), time.perf_counter()) for r in reqs}, []
+        t0 = time.perf_counter()
+        while lr.t_first is None:
+            eng.step()
+            now = time.perf_counter()
+            for r in reqs:
+                n, t = seen[r.id]
+                if len(r.output) > n:
+                    gaps.append(1e3 * (now - t))
+                    seen[r.id] = (len(r.output), now)
+        sync(dev)
+        ttft = 1e3 * (time.perf_counter() - t0)
+        while eng.has_work:
+            eng.step()
+        tokens[chunk] = [r.output for r in (*reqs, lr)]
+        gaps = sorted(gaps)  # never empty: the step that prefills the long prompt also decodes the others
+        res[f"chunk_{chunk}"] = {
+            "long_ttft_ms": round(ttft, 2),
+            "running_max_gap_ms": round(gaps[-1], 2),
+            "running_median_gap_ms": round(gaps[len(gaps) // 2], 2),
+            "steps_while_prefilling": len(gaps) // max(1, a.long_running),
+            "prefill_chunks": eng.stats.prefill_chunks,
+        }
+    res["tokens_equal"] = tokens[0] == tokens[a.long_chunk]
+    return res
+
+
 def sec_hfstatic(a, dev, R):
     model = R["_model"]
     prompts = random_prompts(1, a.prompt_len, model.config.vocab_size)
@@ -1778,6 +1825,7 @@ SECTIONS = {
     "bf16g": lambda a, d, R: sec_model(a, d, R, False, gemv="on"),
     "hf": sec_hf,
     "mixed": sec_mixed,
+    "longprompt": sec_longprompt,
     "enginecheck": sec_enginecheck,
     "hfstatic": sec_hfstatic,
     "e2e": sec_e2e,
@@ -1798,6 +1846,7 @@ SECTIONS = {
 }
 NEEDS_MODEL = {
     "bf16",
+    "longprompt",
     "bf16g",
     "int4",
     "hf",
@@ -1860,6 +1909,9 @@ def main() -> None:
     )
     p.add_argument("--int8-table", default="", help="int8k: also write the runtime's int8 kernel table here")
     p.add_argument("--mixed-requests", type=int, default=32, help="mixed section (smaller: a CPU rehearsal)")
+    p.add_argument("--long-prompt-len", type=int, default=3072, help="longprompt: the long prompt's tokens")
+    p.add_argument("--long-chunk", type=int, default=512, help="longprompt: prefill_chunk against 0")
+    p.add_argument("--long-running", type=int, default=4, help="longprompt: requests decoding meanwhile")
     p.add_argument(
         "--mixed-policies", default=",".join(MIXED_POLICIES), help="mixed: labels of MIXED_POLICIES"
     )
