@@ -717,8 +717,9 @@ def sec_longprompt(a, dev, R):
     model = R["_model"]
     cfg, state = config_of(model)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    b = argparse.Namespace(**vars(a))  # a long enough max_seq_len for this section only
+    b = argparse.Namespace(**vars(a))  # a long enough max_seq_len for this section only, and one token a step
     b.max_seq_len = max(a.max_seq_len, a.long_prompt_len + max(a.new_tokens, 8) + 16)
+    b.decode_steps = 1  # so that a wait between two tokens is one step's (a burst would add its other steps)
     rt = build_runtime(cfg, state, None, dev, dtype, _opts(b, [a.long_running + 1], R))
     eng, vocab = rt.engine, cfg.vocab_size
     shorts = random_prompts(a.long_running, 16, vocab, 5)
