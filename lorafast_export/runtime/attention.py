@@ -78,14 +78,15 @@ def chunk_attention(q, k_pool, v_pool, seen: torch.Tensor, past: int, window: in
     the sequence, whose k/v (the chunk's included) sit at pool slots seen [past + S] → [1, hq, S, d]. SDPA
     over the gathered k/v with the causal mask shifted by `past` (a key is visible to a query at or after
     it, within the window)."""
-    s = q.shape[2]
-    k, v = k_pool[:, seen][None], v_pool[:, seen][None]  # [1, hkv, past + S, d]
+    s, g = q.shape[2], q.shape[1] // k_pool.shape[0]
+    # [1, hq, past + S, d]: the kv heads repeated for their query heads, as SDPA's memory-efficient kernel
+    # takes a mask but not grouped heads (the math kernel would materialize every score)
+    k, v = (pool[:, seen][None].repeat_interleave(g, dim=1) for pool in (k_pool, v_pool))
     mask = causal_mask(s, past, q.device, window)
-    gqa = q.shape[1] != k.shape[1]
     if q.is_cuda and PREFILL_SDPA_BACKENDS is not None:
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def packed_attention(q, k, v, seg_index: torch.Tensor, seg_flat: torch.Tensor, window: int | None):
