@@ -6,6 +6,8 @@ Paged kernels (same inputs, same result; bench/TORCH.md has the measurements):
   step, a speculative verify, a chunk). Simple, works everywhere, but copies the KV (1.9 of 9.4 ms per
   8B decode step at batch 32 on an H200) and always attends over the padded width.
 - `runtime/triton_attention.py`: a Triton decode kernel reading the pool in place (opt-in, CUDA).
+- `chunk_attention`: a later chunk of one long prompt (chunked prefill): SDPA over its gathered k/v with the
+  causal mask shifted by the cached prefix.
 - `decode_flex`: FlexAttention reads the pool in place: a BlockMask lists each sequence's physical blocks
   (block size = cache block size), so it touches only the blocks a sequence owns. EXPERIMENTAL, not
   selectable through the options: eager it matches `decode_gather` (tested), but compiled it gave wrong
