@@ -392,8 +392,8 @@ class Engine:
                 break
             tokens = r.prompt + r.output  # after a preemption: recompute what it already has
             if self.prefill_chunk and len(tokens) > self.prefill_chunk:
-                if batch or not (self.cache.can_fit(len(tokens) + 1) or not busy):
-                    break  # the batch before it first; or wait for room
+                if batch or (busy and not self.cache.can_fit(len(tokens) + 1)):
+                    break  # the batch before it first; or wait for running requests to free room
                 self.waiting.remove(r)
                 self.cache.reserve(r.id, len(tokens) + 1)
                 r.cached, r.t_chunked = 0, time.perf_counter()
