@@ -8,7 +8,11 @@ user's GPU into LORAFAST_CACHE/kernels/, which is read first. At load:
 - a layer whose shape the table holds, on the GPU it was measured on, gets per row bucket the fastest
   measured kernel: tinygemm, or a Triton GEMV/GEMM tile (a layer whose plan mixes both keeps both weight
   packings, 0.5 + 0.5 byte per weight);
-- any other shape or GPU keeps the earlier rule (tinygemm where it applies), since nothing was measured.
+- any other shape or GPU (CUDA compute capability 8.0 or newer, groups of a multiple of 128 columns) runs our
+  GEMM_W kernel at every row count with tiles chosen from the layer's shape and the GPU's SM count
+  (`untabled_plan`: the rule reproduces the tiles the H100's and H200's tables measured fastest for GEMM_W; on both
+  GPUs GEMM_W was about as fast as tinygemm at one row and 2-11x faster from 8 rows on, bench/TORCH.md session 32);
+  older GPUs and other groups keep tinygemm where it applies.
 """
 
 from __future__ import annotations
@@ -108,6 +112,30 @@ def plan_from_table(
 def default_plan() -> list[int]:
     """Tiles for a forced `kernel=triton` on a shape the table lacks: GEMV up to 4 rows, then GEMM."""
     return [4, 0, 32, 256, 1, 16, 4, 1 << 30, 1, 64, 64, 1, 32, 4]
+
+
+GEMM_W_KIND = 5  # runtime/triton_int4.GEMM_W (not imported here: that module imports triton)
+SZ_WORDS = 32  # a GEMM_W entry's option bit: scales and zero points read as one int32 (pack_scale_zero)
+UNTABLED_BUCKETS = ((16, 16), (32, 32), (64, 64), (256, 64))  # (max rows, BM) of untabled_plan's entries
+
+
+def untabled_plan(n: int, k: int, sms: int) -> list[int]:
+    """The int4 plan for an [n, k] linear that no measured table holds (this GPU's, or this shape on it): GEMM_W
+    on the word layout at every row count, tiles by rule. BN 128 for a large weight (n * k > 2^25: gate_up and
+    down at 8B), else 64; BM the bucket's rows (16, 32, 64; 64 beyond); split-K the smallest power of two
+    that puts 1.6 programs or more on every SM (while each split keeps two or more 128-column tiles), and none
+    beyond 256 rows, where the row blocks fill the GPU. On the H100's table this is the measured fastest
+    GEMM_W tile in 18 of the 20 cells of the 8B shapes at 1-64 rows, and at most 2.4% off it in the other two
+    (tests/runtime/test_kernel_tune.py)."""
+    bn = 128 if n * k > 1 << 25 else 64
+    tiles = -(-n // bn)
+    plan = []
+    for rows, bm in UNTABLED_BUCKETS:
+        splits = 1
+        while tiles * (rows // bm) * splits < 1.6 * sms and splits < 16 and k // 128 // (2 * splits) >= 2:
+            splits *= 2
+        plan += [rows, GEMM_W_KIND, bn, SZ_WORDS, splits, bm, 4]
+    return plan + [1 << 30, GEMM_W_KIND, bn, SZ_WORDS, 1, 64, 4]
 
 
 def int8_plan_from_table(table: dict | None, n: int, k: int) -> list[int] | None:

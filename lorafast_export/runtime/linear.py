@@ -7,6 +7,9 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   1-8 rows our CUDA tensor-core kernel (runtime/cuda_int4.py, MMA, on an mma-fragment repacking; compiled by NVRTC
   when the layer loads, the GEMV where it cannot) (`Int4TritonLinear`); `kernel=triton` forces
   the Triton kernels wherever the scheme allows.
+- int4 on CUDA (compute capability 8.0+), shapes or GPUs no table holds, groups of a multiple of 128 columns:
+  GEMM_W at every row count with tiles by rule (`int4_table.untabled_plan`); tinygemm was 2-11x slower than it
+  from 8 rows on (a batch, a prefill) on both GPUs we measured, and about as fast at one row.
 - int4 elsewhere, group size 32/64/128/256: torch's tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16
   activations; faster than bf16 at 1-4 rows, slower from 8 rows on) or `aten._weight_int4pack_mm_for_cpu`. Tinygemm computes w = (q - 8) * scale + zero with a float zero per
   group, so our integer zero point z becomes zero = (8 - z) * scale (0 when symmetric). Act-order columns
@@ -47,6 +50,7 @@ from lorafast_export.runtime.int4_table import (
     int8_plan_from_table,
     load_table,
     plan_from_table,
+    untabled_plan,
 )
 from lorafast_export.runtime.tinygemm import INNER_K_TILES, tinygemm_mm, tinygemm_pack
 
@@ -121,16 +125,32 @@ def _table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
     table = load_table(gpu)
     fits = tinygemm_fits(qt, True, dtype)
     choice = plan_from_table(table, qt.out_features, qt.in_features, allow_tinygemm=fits)
-    if choice is None and gpu not in _UNMEASURED:
+    if choice is not None:
+        return choice[1] if choice[0] == "int4_triton" else None
+    plan = _untabled_plan(qt, dev)
+    if gpu not in _UNMEASURED:
         _UNMEASURED.add(gpu)
         log.warning(
-            "%s: no measured int4 kernel for a [%d, %d] layer here, so the int4 layers this table lacks run tinygemm "
-            "(or dequantized) and unfused; `lorafast-export tune-kernels --model ARTIFACT` measures them once",
+            "%s: no measured int4 kernel for a [%d, %d] layer here, so the int4 layers this table lacks run %s, "
+            "unfused; `lorafast-export tune-kernels --model ARTIFACT` measures them once (the tensor-core kernel "
+            "at 1-8 rows and the fused decode ops run only from a measured table)",
             gpu,
             qt.out_features,
             qt.in_features,
+            "our GEMM_W kernel with tiles chosen by rule" if plan else "tinygemm (or dequantized)",
         )
-    return choice[1] if choice and choice[0] == "int4_triton" else None
+    return plan
+
+
+def _untabled_plan(qt: QTensor, dev: torch.device) -> list[int] | None:
+    """int4_table.untabled_plan for a layer no table holds, on a CUDA GPU of compute capability 8.0 or newer
+    (bf16 tensor cores), when its groups are whole 128-column word tiles; else None (tinygemm, as before)."""
+    if dev.type != "cuda" or qt.group_size % 128:
+        return None
+    props = torch.cuda.get_device_properties(dev)
+    if (props.major, props.minor) < (8, 0):
+        return None
+    return untabled_plan(qt.out_features, qt.in_features, props.multi_processor_count)
 
 
 _UNMEASURED: set[str] = set()  # GPUs whose missing table entries were logged (once a process)
@@ -274,7 +294,10 @@ class Int4TritonLinear(_QuantLinearBase):
             self.plan = _tinygemm_to_gemv(self.plan, t4)  # e.g. CUDA tinygemm takes bf16 only
         if qt.group_size % t4.WORD_COLS:
             self.plan = _words_to_tiled(self.plan, t4)  # GEMM_W's 128-column tiles need whole groups
-        self.plan = _bounded_tail(_mma_to_gemv(self.plan, t4, qt, dtype, device), t4, tinygemm)
+        self.plan = _mma_to_gemv(self.plan, t4, qt, dtype, device)
+        if self.plan[-t4.ENTRY + 1] == t4.MMA:
+            untabled = _untabled_plan(qt, torch.device(device))
+            self.plan = _bounded_tail(self.plan, t4, tinygemm, untabled)
         kinds = set(self.plan[1 :: t4.ENTRY])
         qform = pack_nibbles(codes) if kinds & {t4.GEMV, t4.GEMM} else None
         tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
@@ -406,14 +429,16 @@ def _mma_to_gemv(plan: list[int], t4, qt: QTensor, dtype: torch.dtype, device) -
 _MMA_WARNED: set[str] = set()
 
 
-def _bounded_tail(plan: list[int], t4, tinygemm: bool) -> list[int]:
+def _bounded_tail(plan: list[int], t4, tinygemm: bool, untabled: list[int] | None = None) -> list[int]:
     """Rows beyond the plan's last bucket run its last entry (triton_int4.pick). The MMA kernel takes at most
     MAX_ROWS rows, so a plan that ends on an MMA entry (a table measured only up to 8 rows) gets, for every
-    larger row count (a prefill's chunk, a big batch), what a GPU without a table runs: tinygemm where the
-    layer fits it (`tinygemm`), else the default GEMM tile. A table measured at few rows then changes only
-    the row counts it measured."""
+    larger row count (a prefill's chunk, a big batch), what a GPU without a table runs: `untabled` (the layer's
+    int4_table.untabled_plan, GEMM_W by rule) where given, else tinygemm where the layer fits it (`tinygemm`),
+    else the default GEMM tile. A table measured at few rows then changes only the row counts it measured."""
     if plan[-t4.ENTRY + 1] != t4.MMA:
         return plan
+    if untabled:
+        return [*plan, *untabled]
     tail = [1 << 30, *TINYGEMM_ENTRY] if tinygemm else default_plan()[-t4.ENTRY :]
     return [*plan, *tail]
 

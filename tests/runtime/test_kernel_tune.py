@@ -128,20 +128,74 @@ def test_the_users_table_is_read_before_the_shipped_one_and_a_damaged_one_is_nam
     assert load_table(gpu) == shipped
 
 
+def _a_gpu(monkeypatch, major: int, sms: int = 132, name: str = "NVIDIA Unmeasured 9000"):
+    """This process sees one CUDA GPU that we ship no table for (nothing runs on it)."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(major=major, minor=0, multi_processor_count=sms)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+
 def test_an_unmeasured_gpu_says_once_how_to_measure_it(monkeypatch, caplog, cache):
-    """A GPU without a table entry for a layer keeps tinygemm, and says once a process how to measure one."""
+    """A GPU without a table entry for a layer runs the GEMM_W rule (compute capability 8.0+, groups of 128
+    columns) or else tinygemm, and says once a process which, and how to measure a table."""
     from lorafast_export.quant.rtn import quantize_rtn
     from lorafast_export.runtime import linear
+    from lorafast_export.runtime.int4_table import untabled_plan
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Unmeasured 9000")
-    monkeypatch.setattr(linear, "_UNMEASURED", set())
     qt = quantize_rtn(torch.randn(256, 128), 4, 128, False, scale_dtype=torch.float16)
-    with caplog.at_level("WARNING", logger="lorafast_export.runtime.linear"):
-        for _ in range(2):
-            assert linear._table_plan(qt, "cuda", torch.bfloat16) is None
-    said = [r.getMessage() for r in caplog.records if "tune-kernels" in r.getMessage()]
-    assert len(said) == 1 and "Unmeasured 9000" in said[0] and "[256, 128]" in said[0]
+    g64 = quantize_rtn(torch.randn(256, 128), 4, 64, False, scale_dtype=torch.float16)
+    for major, layer, plan, says in (
+        (9, qt, untabled_plan(256, 128, 132), "GEMM_W"),
+        (9, g64, None, "tinygemm"),  # the word layout's tiles hold 128 columns
+        (7, qt, None, "tinygemm"),  # no bf16 tensor cores
+    ):
+        _a_gpu(monkeypatch, major)
+        monkeypatch.setattr(linear, "_UNMEASURED", set())
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lorafast_export.runtime.linear"):
+            for _ in range(2):
+                assert linear._table_plan(layer, "cuda", torch.bfloat16) == plan
+        said = [r.getMessage() for r in caplog.records if "tune-kernels" in r.getMessage()]
+        assert len(said) == 1 and "Unmeasured 9000" in said[0] and "[256, 128]" in said[0] and says in said[0]
+
+
+def test_the_untabled_rule_picks_the_tiles_the_h100_measured_fastest():
+    """untabled_plan's GEMM_W tile for each 8B shape and row bucket 1-64, against the H100 table's sweep of
+    every GEMM_W tile (tune-kernels, session 32): the measured fastest in 18 of 20 cells and within 3% of it in
+    all (qkv at 32 rows 0.5% off, down at 64 rows 2.4% off), and faster than tinygemm in every cell from 8 rows on."""
+    from lorafast_export.runtime import triton_int4 as t4
+    from lorafast_export.runtime.int4_table import untabled_plan
+
+    table = json.loads(int4_table.table_file("NVIDIA H100 80GB HBM3").read_text())
+    best = cells = 0
+    for row in table["shapes"]:
+        plan = untabled_plan(row["n"], row["k"], 132)  # the H100 SXM's SMs
+        for rows, cell in row["rows"].items():
+            if "all" not in cell.get("gemm_w", {}):
+                continue  # rows 2 and 4 swept only the MMA kernel and the GEMV
+            entry = t4.pick(plan, int(rows))[1:]
+            swept = {tuple(e[1:]): us for e, us in cell["gemm_w"]["all"]}
+            fastest = min(swept.values())
+            assert swept[tuple(entry)] <= 1.03 * fastest, (row["n"], row["k"], rows, entry)
+            best += swept[tuple(entry)] == fastest
+            cells += 1
+            if int(rows) >= 8:
+                assert swept[tuple(entry)] < cell["tinygemm_us"], (row["n"], row["k"], rows)
+    assert (best, cells) == (18, 20)
+
+
+def test_the_untabled_rule_splits_k_to_fill_the_gpu():
+    from lorafast_export.runtime import triton_int4 as t4
+    from lorafast_export.runtime.int4_table import untabled_plan
+
+    down = untabled_plan(4096, 14336, 132)
+    assert [t4.pick(down, r)[4] for r in (1, 64, 200, 4096)] == [8, 8, 2, 1]  # beyond 256 rows: no split
+    assert t4.pick(untabled_plan(4096, 14336, 16), 1)[4] == 1  # 32 tiles fill a small GPU unsplit
+    assert t4.pick(untabled_plan(4096, 512, 132), 1)[4] == 2  # each split keeps two 128-column tiles
+    assert all(e[1] == t4.GEMM_W for e in (down[i : i + t4.ENTRY] for i in range(0, len(down), t4.ENTRY)))
 
 
 def test_doctor_says_where_the_int4_kernel_choices_come_from(cache):
@@ -235,22 +289,28 @@ def test_an_int8_artifact_is_refused(tmp_path, cache):
 def test_a_table_measured_up_to_8_rows_keeps_larger_row_counts_off_the_mma_kernel():
     """Rows beyond a plan's last bucket run its last entry; the MMA kernel takes at most 8 rows, so a plan from a
     table measured at 1 and 8 rows (tune-kernels --rows 1,8, its first GPU run) ends, for every larger count (a
-    prefill chunk raised in the MMA kernel before), with what a GPU without a table runs: tinygemm where the
-    layer fits it, else the default GEMM tile."""
+    prefill chunk raised in the MMA kernel before), with what a GPU without a table runs: the GEMM_W rule, or
+    where the layer cannot take it tinygemm, else the default GEMM tile."""
     from lorafast_export.runtime import triton_int4 as t4
     from lorafast_export.runtime.cuda_int4 import MAX_ROWS
-    from lorafast_export.runtime.int4_table import TINYGEMM_ENTRY, default_plan
+    from lorafast_export.runtime.int4_table import TINYGEMM_ENTRY, default_plan, untabled_plan
     from lorafast_export.runtime.linear import _bounded_tail
 
     mma = [1, t4.MMA, 8, 1, 1, 0, 0, 8, t4.MMA, 8, 1, 1, 0, 0]
-    for tinygemm, tail in ((True, [1 << 30, *TINYGEMM_ENTRY]), (False, default_plan()[-t4.ENTRY :])):
-        plan = _bounded_tail(mma, t4, tinygemm)
+    rule = untabled_plan(4096, 4096, 132)
+    for tinygemm, untabled, tail in (
+        (True, rule, None),
+        (True, None, [1 << 30, *TINYGEMM_ENTRY]),
+        (False, None, default_plan()[-t4.ENTRY :]),
+    ):
+        plan = _bounded_tail(mma, t4, tinygemm, untabled)
         assert t4.pick(plan, 1)[1] == t4.pick(plan, MAX_ROWS)[1] == t4.MMA
-        assert t4.pick(plan, MAX_ROWS + 1) == t4.pick(plan, 4096) == tail
+        for rows in (MAX_ROWS + 1, 40, 4096):
+            assert t4.pick(plan, rows) == (tail or t4.pick(rule, rows))
         assert (
-            _bounded_tail(default_plan(), t4, tinygemm) == default_plan()
+            _bounded_tail(default_plan(), t4, tinygemm, untabled) == default_plan()
         )  # a plan that ends unbounded is kept
-    assert tail[1] == t4.GEMM
+    assert tail[1] == t4.GEMM and t4.pick(rule, 9)[1] == t4.GEMM_W
 
 
 def test_a_tinygemm_tail_runs_tinygemm_beyond_the_plan(monkeypatch):

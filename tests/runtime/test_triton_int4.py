@@ -364,6 +364,21 @@ def test_shipped_tables_give_runnable_plans():
                     assert not bn & (bn - 1) and bm >= 16 and warps in (2, 4, 8)
 
 
+@pytest.mark.parametrize("sym,act_order", [(True, False), (False, True)])
+def test_the_untabled_rule_equals_fake_quant_at_every_bucket(sym, act_order):
+    """A layer no table holds runs GEMM_W by int4_table.untabled_plan (on CUDA 8.0+): at rows in each of its
+    buckets (split-K 4 up to 64 rows here, 4 row blocks by 4 splits up to 256, unsplit beyond) its product equals
+    the fake-quant reference, act-order columns permuted, the scales and zero points read as one int32."""
+    qt = random_qtensor(192, 1024, 4, 128, sym, act_order=act_order, seed=3, bias=True)
+    plan = int4_table.untabled_plan(192, 1024, 132)
+    for dtype in _dtypes():
+        mod = Int4TritonLinear(qt, dtype=dtype, device=DEV, plan=plan)
+        assert mod.plan == plan and mod.scale_zero_words is not None and mod.tinygemm_weight is None
+        for rows in (1, 17, 40, 70, 300):
+            x = torch.randn(rows, 1024)
+            assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype), (dtype, rows)
+
+
 @pytest.mark.skipif(DEV == "cuda", reason="helpers.paged builds on the CPU; on CUDA: torch_bench.py check")
 def test_runtime_with_triton_kernels_equals_fake_quant_model(tmp_path):
     """The paged runtime built with kernel=triton (fused qkv / gate-up): prefill (6 rows, GEMM) and decode
