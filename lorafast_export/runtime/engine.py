@@ -34,7 +34,7 @@ no longer idles while the host reads the tokens and builds the next inputs. A ro
 in a burst has one more burst queued for it: that work is wasted and its tokens ignored (its k/v land in
 blocks the host may free and hand out meanwhile, but before any later work on the same stream: the next
 prefill overwrites them).
-`overlap_rounds` (speculative decoding, off until timed on a GPU): when the next speculative round is certain (the
+`overlap_rounds` (speculative decoding; the runtime option is on by default, the Engine argument off): when the next speculative round is certain (the
 same rows, nobody waiting, greedy rows with room for two more rounds in the pool and in their token budgets), it
 is queued on the device before the host reads this round's tokens, its inputs derived there from this round's
 outputs (each row's accepted count, its next token and the draft's catch-up tokens, positions and slots through
