@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from lorafast_export.model.decoder import causal_mask, rotate_half
 
@@ -75,20 +76,26 @@ def _sdpa_causal(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def chunk_attention(q, k_pool, v_pool, seen: torch.Tensor, past: int, window: int | None) -> torch.Tensor:
+def chunk_attention(q, k_pool, v_pool, seen: torch.Tensor, mask) -> torch.Tensor:
     """A later chunk of one prompt (chunked prefill): q [1, hq, S, d] at the S positions after `past` keys of
-    the sequence, whose k/v (the chunk's included) sit at pool slots seen [past + S] → [1, hq, S, d]. SDPA
-    over the gathered k/v with the causal mask shifted by `past` (a key is visible to a query at or after
-    it, within the window)."""
-    s, g = q.shape[2], q.shape[1] // k_pool.shape[0]
+    the sequence, whose k/v (the chunk's included) sit at pool slots seen [past + S]; mask: chunk_mask's
+    → [1, hq, S, d]. SDPA over the gathered k/v."""
+    g = q.shape[1] // k_pool.shape[0]
     # [1, hq, past + S, d]: the kv heads repeated for their query heads, as SDPA's memory-efficient kernel
     # takes a mask but not grouped heads (the math kernel would materialize every score)
     k, v = (pool[:, seen][None].repeat_interleave(g, dim=1) for pool in (k_pool, v_pool))
-    mask = causal_mask(s, past, q.device, window)
     if q.is_cuda and PREFILL_SDPA_BACKENDS is not None:
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def chunk_mask(s: int, past: int, device, window: int | None):
+    """chunk_attention's mask for S queries after `past` keys: the causal mask shifted by `past` (a key is
+    visible to a query at or after it, within the window). Without a window, SDPA's lower-right causal bias,
+    which the flash and memory-efficient kernels apply without a mask tensor (the math kernel, on the CPU,
+    materializes it). Built outside the compiled chunk layer and passed in: dynamo cannot construct it."""
+    return causal_lower_right(s, past + s) if window is None else causal_mask(s, past, device, window)
 
 
 def packed_attention(q, k, v, seg_index: torch.Tensor, seg_flat: torch.Tensor, window: int | None):

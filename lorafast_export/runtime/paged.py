@@ -23,6 +23,7 @@ from lorafast_export.model.spec import LM_HEAD, ModelConfig
 from lorafast_export.qform import concat_qtensors
 from lorafast_export.runtime.attention import (
     chunk_attention,
+    chunk_mask,
     decode_flex,
     num_splits,
     packed_attention,
@@ -403,7 +404,23 @@ def prefill_forward(
     return dec.logits(h[:, -1] if last_only else h).float()
 
 
-def chunk_forward(dec: Decoder, ids, start: int, slots, k_pools, v_pools) -> torch.Tensor:
+def chunk_layer(layer, h, cos, sin, k_pool, v_pool, new, seen, mask):
+    """One layer of a later chunk of one prompt (chunk_forward): writes the chunk's k/v at slots `new`, then
+    attends over the keys at slots `seen` (those before the chunk it can see, then its own) under
+    attention.chunk_mask's mask. The unit `compile_prefill` also compiles (dynamic in the chunk's length and
+    its prefix)."""
+
+    def attend(q, k, v):
+        write_kv(k_pool, new, k)
+        write_kv(v_pool, new, v)
+        return chunk_attention(q, k_pool, v_pool, seen, mask)
+
+    return _block(layer, h, cos, sin, attend)
+
+
+def chunk_forward(
+    dec: Decoder, ids, start: int, slots, k_pools, v_pools, layer_fn=chunk_layer
+) -> torch.Tensor:
     """A later chunk of one prompt (chunked prefill, Engine.prefill_chunk): ids [1, S] at positions
     start..start+S-1, the prompt's first `start` tokens already in the pools; slots [start + S]: the slots of
     positions 0..start+S-1. Writes the chunk's k/v, attends to the prefix and causally within the chunk
@@ -415,14 +432,9 @@ def chunk_forward(dec: Decoder, ids, start: int, slots, k_pools, v_pools) -> tor
     window = dec.cfg.sliding_window
     lo = 0 if window is None else max(0, start - window + 1)  # the first key the chunk's first query sees
     new, seen = slots[start:], slots[lo:]
+    mask = chunk_mask(s, start - lo, ids.device, window)
     for i, layer in enumerate(dec.model.layers):
-
-        def attend(q, k, v, kp=k_pools[i], vp=v_pools[i]):
-            write_kv(kp, new, k)
-            write_kv(vp, new, v)
-            return chunk_attention(q, kp, vp, seen, start - lo, window)
-
-        h = _block(layer, h, cos, sin, attend)
+        h = layer_fn(layer, h, cos, sin, k_pools[i], v_pools[i], new, seen, mask)
     return dec.logits(h[:, -1]).float()
 
 
@@ -656,7 +668,7 @@ class PagedModel(nn.Module):
             import lorafast_export.runtime.triton_attention  # noqa: F401  (registers torch.ops.lorafast)
         self.dec, self.attention, self.block_size = dec, attention, cache.block_size
         self.n_layers = len(cache.k)
-        self.layer_fn, self.prefill_fn = paged_layer, prefill_layer
+        self.layer_fn, self.prefill_fn, self.chunk_fn = paged_layer, prefill_layer, chunk_layer
         self.pdl = (
             False  # inductor's programmatic dependent launch in the decode layers (option inductor_pdl)
         )
@@ -675,8 +687,10 @@ class PagedModel(nn.Module):
 
     def compile_prefill(self) -> None:
         """torch.compile the prefill layer, dynamic in the token count: one graph for every layer and
-        prompt length (eager, the RMSNorms, rope and silu run as many unfused kernels over [T, hidden])."""
+        prompt length (eager, the RMSNorms, rope and silu run as many unfused kernels over [T, hidden]); and
+        the chunked prefill's layer the same way (dynamic in the chunk's length and its prefix)."""
         self.prefill_fn = torch.compile(_own_copy(prefill_layer), dynamic=True)
+        self.chunk_fn = torch.compile(_own_copy(chunk_layer), dynamic=True)
 
     def pools(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return (
@@ -699,9 +713,10 @@ class PagedModel(nn.Module):
 
     @torch.no_grad()
     def chunk(self, ids: torch.Tensor, start: int, slots: torch.Tensor) -> torch.Tensor:
-        """A later chunk of one prompt on top of its cached first `start` tokens (chunk_forward): eager, its
-        length and position vary from chunk to chunk, and its products are large enough not to need a graph."""
-        return chunk_forward(self.dec, ids, start, slots, *self.pools())
+        """A later chunk of one prompt on top of its cached first `start` tokens (chunk_forward), through the
+        compiled chunk layer where the prefill is compiled (compile_prefill); no CUDA graph: its length and
+        position vary from chunk to chunk, and its products are large enough not to need one."""
+        return chunk_forward(self.dec, ids, start, slots, *self.pools(), self.chunk_fn)
 
     @torch.no_grad()
     def extend(self, tokens, positions, block_tables, slots) -> torch.Tensor:

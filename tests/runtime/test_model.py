@@ -107,17 +107,24 @@ def test_packed_prefill_equals_each_prompt_alone(tmp_path, family, kw, compiled)
             assert (pool[:, s] - ref_pool[:, ref_cache.slots(i, 0, n)]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("family,kw", CASES, ids=[c[0] for c in CASES])
-def test_chunked_prefill_equals_the_whole_sequence(tmp_path, family, kw):
+CHUNKED = [(*c, False) for c in CASES] + [(*c, True) for c in CASES[:2]]
+
+
+@pytest.mark.parametrize(
+    "family,kw,compiled", CHUNKED, ids=[f"{c[0]}-{'compiled' if c[2] else 'eager'}" for c in CHUNKED]
+)
+def test_chunked_prefill_equals_the_whole_sequence(tmp_path, family, kw, compiled):
     """A prompt prefilled in chunks (the first through prefill, each later one on top of the cached prefix:
-    PagedModel.chunk) gives, at each chunk's last token, the canonical decoder's logits over the whole
-    sequence, and a decode step after it continues from the right cache (mistral: its window of 6 spans
-    chunks of 4, so a chunk sees keys only partly)."""
+    PagedModel.chunk, eager or through the compiled chunk layer) gives, at each chunk's last token, the
+    canonical decoder's logits over the whole sequence, and a decode step after it continues from the right
+    cache (mistral: its window of 6 spans chunks of 4, so a chunk sees keys only partly)."""
     md = tiny_checkpoint(tmp_path, family, **kw)
     ids = torch.randint(0, 96, (23,))
     with torch.no_grad():
         ref = load_decoder(md)(ids[None])[0][0]  # [23, V]
     pm, cache = paged(md)
+    if compiled:
+        pm.compile_prefill()
     cache.reserve(0, 23)
     n, chunk, worst = 22, 4, 0.0
     for start in range(0, n, chunk):
