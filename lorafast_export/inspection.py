@@ -114,4 +114,7 @@ def int4_table_status(gpu: str) -> str:
         return f"measured here by tune-kernels ({user_table_file(gpu)})"
     if table_file(gpu).is_file():
         return f"shipped ({table_file(gpu).name}); tune-kernels measures shapes it lacks"
-    return "none for this GPU: int4 layers run tinygemm, unfused; run `lorafast-export tune-kernels --model ARTIFACT`"
+    return (
+        "none for this GPU: int4 layers run our GEMM_W kernel with tiles by rule (128-column groups, compute "
+        "capability 8.0+; else tinygemm), unfused; run `lorafast-export tune-kernels --model ARTIFACT`"
+    )
