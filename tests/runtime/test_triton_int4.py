@@ -379,6 +379,24 @@ def test_the_untabled_rule_equals_fake_quant_at_every_bucket(sym, act_order):
             assert _close(mod(x.to(DEV, dtype)), QLinear(qt)(x), dtype), (dtype, rows)
 
 
+def test_a_plan_ending_on_the_mma_kernel_runs_the_untabled_rule_beyond_it(monkeypatch):
+    """A table measured only up to 8 rows: beyond its MMA entries the layer runs the GEMM_W rule (it keeps the
+    word packing, not tinygemm's) and equals the fake-quant reference at 12 and 100 rows (the MMA entries kept
+    as on a GPU; these row counts never reach them)."""
+    from lorafast_export.runtime import linear
+
+    monkeypatch.setattr(linear, "_mma_to_gemv", lambda plan, *a: plan)
+    monkeypatch.setattr(linear, "_untabled_plan", lambda qt, dev: int4_table.untabled_plan(64, 256, 132))
+    qt = random_qtensor(64, 256, 4, 128, False, seed=5)
+    mma = [1, MMA, 8, 1, 1, 0, 0, 8, MMA, 8, 1, 1, 0, 0]
+    layer = Int4TritonLinear(qt, dtype=torch.float32, device=DEV, plan=mma)
+    assert layer.plan == mma + int4_table.untabled_plan(64, 256, 132)
+    assert layer.weight_words is not None and layer.tinygemm_weight is None
+    for rows in (12, 100):
+        x = torch.randn(rows, 256)
+        assert _close(layer(x.to(DEV)), QLinear(qt)(x), torch.float32)
+
+
 @pytest.mark.skipif(DEV == "cuda", reason="helpers.paged builds on the CPU; on CUDA: torch_bench.py check")
 def test_runtime_with_triton_kernels_equals_fake_quant_model(tmp_path):
     """The paged runtime built with kernel=triton (fused qkv / gate-up): prefill (6 rows, GEMM) and decode
