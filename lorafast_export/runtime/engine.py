@@ -699,7 +699,8 @@ class Engine:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
         verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
         padded attention grid; the draft's too) and an ungraphed one of the longest prompt (and the draft's, and
-        its ungraphed catch-ups of more than 2 tokens), and the head at every row count from 1 to max_batch (not
+        its ungraphed catch-ups of more than 2 tokens), with prefill_chunk two later chunks (_warm_chunks), and the
+        head at every row count from 1 to max_batch (not
         counted in the calls returned: cuBLAS's first call at a new count cost ~50 ms on the host), and on CUDA
         the prefill's GEMMs at their row counts (_warm_prefill_gemms, not counted either). Compiled,
         dynamo compiles its graphs here (batch 1 first, so that its graph stays static in the batch; the next
@@ -768,6 +769,7 @@ class Engine:
             ids = torch.zeros(1, longest, dtype=torch.long, device=dev)
             self.model.prefill(ids, pad(self.cache, longest))
             calls += 1
+            calls += self._warm_chunks(pad)
             if self.draft is not None:
                 self.draft.prefill(ids, pad(self.draft_cache, longest))
                 calls += 1
@@ -785,6 +787,18 @@ class Engine:
             torch.cuda.synchronize(dev)
         self.warm_up_s = time.perf_counter() - t0
         return calls
+
+    def _warm_chunks(self, pad) -> int:
+        """With prefill_chunk: later chunks on pad slots, so that dynamo compiles the chunk layer here and no
+        request waits for it: its length and prefix all distinct (one graph dynamic in both; equal sizes would
+        share a symbol), then a shorter one, then one token (a size dynamo specialises). Returns the calls run."""
+        c = min(self.prefill_chunk, (self.max_seq_len - 2) // 2)
+        if not self.prefill_chunk or c < 2:
+            return 0
+        ids = torch.zeros(1, c, dtype=torch.long, device=self.device)
+        for start, s in ((c + 1, c), (c + 2, c - 1), (c + 2, 1)):
+            self.model.chunk(ids[:, :s], start, pad(self.cache, start + s))
+        return 3
 
     def _warm_prefill_gemms(self, dec, dtype: torch.dtype) -> None:
         """A packed prefill runs each linear as one GEMM over all its tokens, and cuBLAS picks the kernel by that

@@ -243,6 +243,24 @@ def test_running_requests_decode_between_a_long_prompts_chunks(llama, solo):
     assert [r.output for r in (*short, long)] == [solo[2], solo[5], solo[4]]
 
 
+def test_warm_up_compiles_the_chunk_layer_before_any_request(llama, solo):
+    """With prefill_chunk and the prefill compiled (as on CUDA), warm_up runs later chunks, so that the chunked
+    requests after it compile nothing more (without those warm chunks they compiled 3 graphs) and still get the
+    tokens they get alone."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    pm, cache = paged(llama, num_blocks=64)
+    pm.compile_prefill()
+    eng = Engine(pm, cache, max_batch=3, max_seq_len=64, batch_buckets=(1, 2, 4), prefill_chunk=7)
+    graphs = lambda: len(_debug_get_cache_entry_list(pm.chunk_fn._torchdynamo_orig_callable.__code__))  # noqa: E731
+    eng.warm_up()
+    warmed = graphs()
+    assert warmed > 0
+    assert eng.generate_batch(prompts(), NEW) == solo
+    assert eng.stats.prefill_chunks == sum(-(-n // 7) for n in PROMPT_LENS if n > 7)
+    assert graphs() == warmed
+
+
 def test_prefill_chunk_is_checked(llama):
     with pytest.raises(InputError, match="prefill_chunk=-1"):
         make_engine(llama, prefill_chunk=-1)
