@@ -699,7 +699,7 @@ class Engine:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
         verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
         padded attention grid; the draft's too) and an ungraphed one of the longest prompt (and the draft's, and
-        its ungraphed catch-ups of more than 2 tokens), with prefill_chunk two later chunks (_warm_chunks), and the
+        its ungraphed catch-ups of more than 2 tokens), with prefill_chunk three later chunks (_warm_chunks), and the
         head at every row count from 1 to max_batch (not
         counted in the calls returned: cuBLAS's first call at a new count cost ~50 ms on the host), and on CUDA
         the prefill's GEMMs at their row counts (_warm_prefill_gemms, not counted either). Compiled,

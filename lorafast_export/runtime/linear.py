@@ -294,10 +294,12 @@ class Int4TritonLinear(_QuantLinearBase):
             self.plan = _tinygemm_to_gemv(self.plan, t4)  # e.g. CUDA tinygemm takes bf16 only
         if qt.group_size % t4.WORD_COLS:
             self.plan = _words_to_tiled(self.plan, t4)  # GEMM_W's 128-column tiles need whole groups
-        self.plan = _mma_to_gemv(self.plan, t4, qt, dtype, device)
-        if self.plan[-t4.ENTRY + 1] == t4.MMA:
-            untabled = _untabled_plan(qt, torch.device(device))
-            self.plan = _bounded_tail(self.plan, t4, tinygemm, untabled)
+        self.plan = _bounded_tail(
+            _mma_to_gemv(self.plan, t4, qt, dtype, device),
+            t4,
+            tinygemm,
+            _untabled_plan(qt, torch.device(device)),
+        )
         kinds = set(self.plan[1 :: t4.ENTRY])
         qform = pack_nibbles(codes) if kinds & {t4.GEMV, t4.GEMM} else None
         tiled = t4.pack_tiles(codes, qt.group_size) if kinds & {t4.GEMV_T, t4.GEMM_T} else None
