@@ -754,7 +754,90 @@ def sec_longprompt(a, dev, R):
             "prefill_chunks": eng.stats.prefill_chunks,
         }
     res["tokens_equal"] = tokens[0] == tokens[a.long_chunk]
+    # where the chunked prompt's time goes: the GPU's kernels from its arrival to its first token
+    if a.long_profile:
+        for chunk in (0, a.long_chunk):
+            res[f"profile_chunk_{chunk}"] = _profile_long(eng, shorts, long, chunk, a.new_tokens, dev)
+            t = res[f"profile_chunk_{chunk}"]
+            print(f"  longprompt chunk {chunk}: wall {t['wall_ms']:.1f} ms, GPU {t['gpu_us_per_step'] / 1e3:.1f} "
+                  f"ms, groups {({k: round(v / 1e3, 1) for k, v in t['groups_us'].items()})}", flush=True)  # fmt: skip
+            print(f"    host calls (ms): {t['host_calls_ms']}", flush=True)
+            for r in t["host_top"][:14]:
+                print(f"    host {r['self_cpu_ms']:8.2f} ms {r['calls']:6d}x {r['op']}", flush=True)
+            for r in t["top"][:14]:
+                print(
+                    f"    {r['us_per_step'] / 1e3:8.2f} ms {r['calls_per_step']:6.0f}x {r['kernel']}",
+                    flush=True,
+                )
     return res
+
+
+def _profile_long(eng, shorts, long, chunk: int, new: int, dev) -> dict:
+    """sec_longprompt's arrival once more under torch.profiler: the long prompt's wall ms to its first token and
+    the GPU kernels over that time (the running requests' decode steps between chunks included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.prefill_chunk = chunk
+    host = _host_times(eng, shorts, long, new, dev)  # unprofiled: host seconds in each call of a step
+    reqs = [eng.add(p, new) for p in shorts]
+    eng.step()
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        lr, t0 = eng.add(long, 8), time.perf_counter()
+        while lr.t_first is None:
+            eng.step()
+        sync(dev)
+        wall = 1e3 * (time.perf_counter() - t0)
+    while eng.has_work:
+        eng.step()
+    del reqs
+    ops = sorted(
+        (
+            {"op": e.key[:90], "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+            for e in prof.key_averages()
+        ),
+        key=lambda r: -r["self_cpu_ms"],
+    )[:25]
+    return {"wall_ms": wall, **_kernel_table(prof, 1, top=30), "host_top": ops, "host_calls_ms": host}
+
+
+def _host_times(eng, shorts, long, new: int, dev) -> dict:
+    """One arrival of the long prompt, unprofiled, with the host's milliseconds in the model's prefill, chunk
+    and the engine's decode (each returns once its work is queued, or after its sync) and their calls."""
+    times: dict[str, list[float]] = {}
+    keep = {}
+
+    def wrap(obj, name, key):
+        fn = getattr(obj, name)
+        keep[(obj, name)] = fn
+
+        def timed(*args, **kw):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            times.setdefault(key, []).append(1e3 * (time.perf_counter() - t))
+            return out
+
+        setattr(obj, name, timed)
+
+    reqs = [eng.add(p, new) for p in shorts]
+    eng.step()
+    sync(dev)
+    wrap(eng.model, "prefill", "prefill")
+    wrap(eng.model, "chunk", "chunk")
+    wrap(eng, "_decode", "decode")
+    try:
+        lr, t0 = eng.add(long, 8), time.perf_counter()
+        while lr.t_first is None:
+            eng.step()
+        sync(dev)
+        wall = 1e3 * (time.perf_counter() - t0)
+    finally:
+        for obj, name in keep:  # the instance attributes set above; the class's methods show again
+            delattr(obj, name)
+    while eng.has_work:
+        eng.step()
+    del reqs
+    return {"wall_ms": round(wall, 2), **{k: [round(x, 2) for x in v] for k, v in times.items()}}
 
 
 def sec_hfstatic(a, dev, R):
@@ -854,6 +937,8 @@ def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("triton_argmax", a.triton_argmax == "on")
     kw.setdefault("attn_last_merges", a.attn_last_merges == "on")
     kw.setdefault("overlap_bursts", a.overlap_bursts == "on")
+    if a.prefill_chunk is not None:
+        kw.setdefault("prefill_chunk", a.prefill_chunk)
     return RuntimeOptions(
         compile=a.compile,
         max_seq_len=a.max_seq_len,
@@ -1871,6 +1956,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="runtime option (default: RuntimeOptions')")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--cache-gib", type=float, default=8.0)
     p.add_argument(
@@ -1913,6 +1999,9 @@ def main() -> None:
     p.add_argument("--long-prompt-len", type=int, default=3072, help="longprompt: the long prompt's tokens")
     p.add_argument("--long-chunk", type=int, default=512, help="longprompt: prefill_chunk against 0")
     p.add_argument("--long-running", type=int, default=4, help="longprompt: requests decoding meanwhile")
+    p.add_argument(
+        "--long-profile", action="store_true", help="longprompt: then each mode once under torch.profiler"
+    )
     p.add_argument(
         "--mixed-policies", default=",".join(MIXED_POLICIES), help="mixed: labels of MIXED_POLICIES"
     )

@@ -324,17 +324,18 @@ class Engine:
             nxt = self._launch_prefill() if self.prefill_first and not self.chunking else None
             finished += self._land_prefill(pending)
             pending = nxt
-        if self.chunking:  # one chunk a step: the running requests decode between chunks
+        chunked = bool(self.chunking)
+        if chunked:  # one chunk a step: the running requests decode between chunks
             finished += self._next_chunk()
-        if self.running:
-            finished += self._timed_decode()
+        if self.running:  # a chunk's step decodes one token, also the step whose chunk was its prompt's last
+            finished += self._timed_decode(plain=chunked)
         return finished
 
-    def _timed_decode(self) -> list[Request]:
+    def _timed_decode(self, plain: bool = False) -> list[Request]:
         """_decode, its time reported to the speculation governor (with a draft): a speculative round as
         seconds per token of each row, plain steps (a burst's included) as seconds per step."""
         if self.draft is None:
-            return self._decode()
+            return self._decode(plain)
         st, rows = self.stats, len(self.running)
         bucket = _bucket(rows, self.buckets)
         # the draft's prefills are paid once a request, not a round: kept out of the governor's time
@@ -347,7 +348,7 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         before, t0 = (st.spec_rounds, st.decode_steps, st.decode_tokens), self.timer()
-        finished = self._decode()
+        finished = self._decode(plain)
         seconds = self.timer() - t0
         rounds, steps, tokens = (
             a - b for a, b in zip((st.spec_rounds, st.decode_steps, st.decode_tokens), before, strict=True)
@@ -516,14 +517,17 @@ class Engine:
                 self.waiting.appendleft(victim)
                 self.stats.preemptions += 1
 
-    def _decode(self) -> list[Request]:
+    def _decode(self, plain: bool = False) -> list[Request]:
+        """One decode step of the running requests, or a burst of _burst_len steps (not where plain: one step,
+        as after a chunk of a prompt prefilled in chunks, whose step then returns its first token without
+        waiting for a burst), or a speculative round; or the landing of a burst or round queued earlier."""
         if self._queued is not None:  # queued by the previous burst: land it (and maybe queue the next)
             return self._land_burst(self._queued)
         if self._round is not None:  # queued by the previous round: land it (and maybe queue the next)
             return self._land_round(self._round)
         if self._can_speculate():
             return self._speculate()
-        n = self._burst_len()
+        n = 1 if plain else self._burst_len()
         if n > 1:
             return self._burst(n)
         self._reserve_next()
@@ -793,8 +797,8 @@ class Engine:
         request waits for it: its length and prefix all distinct (one graph dynamic in both; equal sizes would
         share a symbol), then a shorter one, then one token (a size dynamo specialises). Returns the calls run."""
         c = min(self.prefill_chunk, (self.max_seq_len - 2) // 2)
-        if not self.prefill_chunk or c < 2:
-            return 0
+        if not self.prefill_chunk or c < 2 or self.max_seq_len - 1 <= self.prefill_chunk:
+            return 0  # off, or no prompt can be longer than a chunk (one leaves room for a new token)
         ids = torch.zeros(1, c, dtype=torch.long, device=self.device)
         for start, s in ((c + 1, c), (c + 2, c - 1), (c + 2, 1)):
             self.model.chunk(ids[:, :s], start, pad(self.cache, start + s))

@@ -243,6 +243,31 @@ def test_running_requests_decode_between_a_long_prompts_chunks(llama, solo):
     assert [r.output for r in (*short, long)] == [solo[2], solo[5], solo[4]]
 
 
+def test_the_step_of_a_prompts_last_chunk_decodes_one_token(llama, solo):
+    """With bursts (decode_steps 8), the step that prefills a prompt's last chunk decodes one step, not a burst:
+    its first token is returned without waiting for 8 more steps of every row (at 8B on an H100 a burst of 5
+    rows is ~45 ms, half the first-token time of a 3,000-token prompt). The next step bursts again."""
+    ps = prompts()
+    eng = make_engine(llama, prefill_chunk=4, decode_steps=8)
+    short = [eng.add(ps[i], 40) for i in (2, 5)]
+    eng.step()
+    long = eng.add(ps[4], NEW[4])  # 30 tokens: 8 chunks
+    steps = []
+    while long.t_first is None:
+        before = eng.stats.decode_steps
+        eng.step()
+        steps.append(eng.stats.decode_steps - before)
+    assert len(steps) == 8 and steps[-1] == 1
+    before = eng.stats.decode_steps
+    eng.step()
+    assert eng.stats.decode_steps - before > 1  # bursts again once nothing is chunking
+    while eng.has_work:
+        eng.step()
+    dec = load_decoder(llama)
+    assert long.output == solo[4]
+    assert [r.output for r in short] == [greedy_reference(dec, ps[i], 40) for i in (2, 5)]
+
+
 def test_warm_up_compiles_the_chunk_layer_before_any_request(llama, solo):
     """With prefill_chunk and the prefill compiled (as on CUDA), warm_up runs later chunks, so that the chunked
     requests after it compile nothing more (without those warm chunks they compiled 3 graphs) and still get the
@@ -259,6 +284,20 @@ def test_warm_up_compiles_the_chunk_layer_before_any_request(llama, solo):
     assert eng.generate_batch(prompts(), NEW) == solo
     assert eng.stats.prefill_chunks == sum(-(-n // 7) for n in PROMPT_LENS if n > 7)
     assert graphs() == warmed
+
+
+def test_warm_up_runs_no_chunk_where_no_prompt_can_be_chunked(llama):
+    """A prompt leaves room for one new token, so with max_seq_len <= prefill_chunk + 1 nothing is ever chunked:
+    warm_up compiles no chunk graph there (the default chunk, 2048, is above many runtimes' max_seq_len)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    for max_seq_len, chunked in ((8, False), (9, True)):
+        pm, cache = paged(llama, num_blocks=64)
+        pm.compile_prefill()
+        eng = Engine(pm, cache, max_batch=2, max_seq_len=max_seq_len, batch_buckets=(1, 2), prefill_chunk=7)
+        eng.warm_up()
+        code = pm.chunk_fn._torchdynamo_orig_callable.__code__
+        assert (len(_debug_get_cache_entry_list(code)) > 0) is chunked
 
 
 def test_prefill_chunk_is_checked(llama):
