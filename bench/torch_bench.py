@@ -1956,7 +1956,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--prefill-chunk", type=int, default=None, help="runtime option (default: RuntimeOptions')")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=None, help="runtime option (default: RuntimeOptions')"
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--cache-gib", type=float, default=8.0)
     p.add_argument(
