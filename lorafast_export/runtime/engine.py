@@ -423,6 +423,8 @@ class Engine:
         r = self.chunking[0]
         tokens = r.prompt + r.output
         start, end = r.cached, min(r.cached + self.prefill_chunk, len(tokens))
+        if len(tokens) - end == 1:  # no chunk of one token after this one: dynamo compiles a graph for size 1
+            end += 1
         ids = torch.tensor([tokens[start:end]], device=self.device)
         slots = self.cache.slots(r.id, 0, end).to(self.device, non_blocking=True)
         if start == 0:
@@ -703,7 +705,7 @@ class Engine:
         each batch bucket x table width of the decode step (and with a draft: its catch-up, its steps and the
         verify), each padded length of a lone prompt's prefill, two packed prefills (the most tokens, the largest
         padded attention grid; the draft's too) and an ungraphed one of the longest prompt (and the draft's, and
-        its ungraphed catch-ups of more than 2 tokens), with prefill_chunk three later chunks (_warm_chunks), and the
+        its ungraphed catch-ups of more than 2 tokens), with prefill_chunk two later chunks (_warm_chunks), and the
         head at every row count from 1 to max_batch (not
         counted in the calls returned: cuBLAS's first call at a new count cost ~50 ms on the host), and on CUDA
         the prefill's GEMMs at their row counts (_warm_prefill_gemms, not counted either). Compiled,
@@ -795,14 +797,15 @@ class Engine:
     def _warm_chunks(self, pad) -> int:
         """With prefill_chunk: later chunks on pad slots, so that dynamo compiles the chunk layer here and no
         request waits for it: its length and prefix all distinct (one graph dynamic in both; equal sizes would
-        share a symbol), then a shorter one, then one token (a size dynamo specialises). Returns the calls run."""
+        share a symbol), then a shorter one. No chunk of one token (a size dynamo specialises: a second graph)
+        runs: _next_chunk gives a lone last token to the chunk before it. Returns the calls run."""
         c = min(self.prefill_chunk, (self.max_seq_len - 2) // 2)
-        if not self.prefill_chunk or c < 2 or self.max_seq_len - 1 <= self.prefill_chunk:
+        if not self.prefill_chunk or c < 3 or self.max_seq_len - 1 <= self.prefill_chunk:
             return 0  # off, or no prompt can be longer than a chunk (one leaves room for a new token)
         ids = torch.zeros(1, c, dtype=torch.long, device=self.device)
-        for start, s in ((c + 1, c), (c + 2, c - 1), (c + 2, 1)):
+        for start, s in ((c + 1, c), (c + 2, c - 1)):
             self.model.chunk(ids[:, :s], start, pad(self.cache, start + s))
-        return 3
+        return 2
 
     def _warm_prefill_gemms(self, dec, dtype: torch.dtype) -> None:
         """A packed prefill runs each linear as one GEMM over all its tokens, and cuBLAS picks the kernel by that

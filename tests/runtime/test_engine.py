@@ -206,6 +206,11 @@ def test_requests_joining_between_steps(llama, solo):
     assert [r.output for r in reqs] == solo
 
 
+def chunks_of(n: int, chunk: int) -> int:
+    """Chunks of a prompt of n > chunk tokens: ceil(n / chunk), a lone last token joining the chunk before it."""
+    return -(-n // chunk) - (n % chunk == 1)
+
+
 @pytest.mark.parametrize(
     "chunk,num_blocks,decode_steps",
     [(4, 64, 1), (7, 64, 4), (6, 12, 1)],  # 12 blocks: the pool runs out, a request is preempted and redone
@@ -217,10 +222,10 @@ def test_chunked_prefill_equals_each_request_alone(llama, solo, chunk, num_block
     assert eng.generate_batch(prompts(), NEW) == solo
     assert eng.cache.allocator.free_count == num_blocks and not eng.chunking
     if num_blocks == 64:  # each long prompt once, in ceil(len / chunk) chunks
-        assert eng.stats.prefill_chunks == sum(-(-n // chunk) for n in PROMPT_LENS if n > chunk)
+        assert eng.stats.prefill_chunks == sum(chunks_of(n, chunk) for n in PROMPT_LENS if n > chunk)
     else:
         assert eng.stats.preemptions > 0  # and its prompt + tokens prefilled again, in chunks (13 in all)
-        assert eng.stats.prefill_chunks > sum(-(-n // chunk) for n in PROMPT_LENS if n > chunk)
+        assert eng.stats.prefill_chunks > sum(chunks_of(n, chunk) for n in PROMPT_LENS if n > chunk)
 
 
 def test_running_requests_decode_between_a_long_prompts_chunks(llama, solo):
@@ -271,7 +276,8 @@ def test_the_step_of_a_prompts_last_chunk_decodes_one_token(llama, solo):
 def test_warm_up_compiles_the_chunk_layer_before_any_request(llama, solo):
     """With prefill_chunk and the prefill compiled (as on CUDA), warm_up runs later chunks, so that the chunked
     requests after it compile nothing more (without those warm chunks they compiled 3 graphs) and still get the
-    tokens they get alone."""
+    tokens they get alone; one graph, dynamic in length and prefix: a prompt whose last chunk would be one token
+    (15 = 7 + 7 + 1, a size dynamo specialises) ends on a chunk of 8 instead."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     pm, cache = paged(llama, num_blocks=64)
@@ -282,8 +288,12 @@ def test_warm_up_compiles_the_chunk_layer_before_any_request(llama, solo):
     warmed = graphs()
     assert warmed > 0
     assert eng.generate_batch(prompts(), NEW) == solo
-    assert eng.stats.prefill_chunks == sum(-(-n // 7) for n in PROMPT_LENS if n > 7)
-    assert graphs() == warmed
+    assert eng.stats.prefill_chunks == sum(chunks_of(n, 7) for n in PROMPT_LENS if n > 7)
+    lone = torch.randint(0, 96, (15,), generator=torch.Generator().manual_seed(3)).tolist()
+    before = eng.stats.prefill_chunks
+    assert eng.generate_batch([lone], 5) == [greedy_reference(load_decoder(llama), lone, 5)]
+    assert eng.stats.prefill_chunks - before == 2
+    assert graphs() == warmed == 1
 
 
 def test_warm_up_runs_no_chunk_where_no_prompt_can_be_chunked(llama):
