@@ -219,6 +219,7 @@ class Engine:
         # a prompt longer than this is prefilled in chunks of it, one a step, decode steps between (0 = off)
         self.prefill_chunk = prefill_chunk
         self.chunking: list[Request] = []  # admitted, prompt partly in the cache (the first one goes on)
+        self._chunk_step = False  # this step runs a chunk (step sets it; _burst_len reads it)
         if decode_steps < 1:
             raise InputError(f"decode_steps={decode_steps}: use a positive integer (1 = one step at a time).")
         self.decode_steps = decode_steps
@@ -324,18 +325,19 @@ class Engine:
             nxt = self._launch_prefill() if self.prefill_first and not self.chunking else None
             finished += self._land_prefill(pending)
             pending = nxt
-        chunked = bool(self.chunking)
-        if chunked:  # one chunk a step: the running requests decode between chunks
+        # a chunk's step decodes one token (_burst_len), also the step whose chunk was its prompt's last
+        self._chunk_step = bool(self.chunking)
+        if self._chunk_step:  # one chunk a step: the running requests decode between chunks
             finished += self._next_chunk()
-        if self.running:  # a chunk's step decodes one token, also the step whose chunk was its prompt's last
-            finished += self._timed_decode(plain=chunked)
+        if self.running:
+            finished += self._timed_decode()
         return finished
 
-    def _timed_decode(self, plain: bool = False) -> list[Request]:
+    def _timed_decode(self) -> list[Request]:
         """_decode, its time reported to the speculation governor (with a draft): a speculative round as
         seconds per token of each row, plain steps (a burst's included) as seconds per step."""
         if self.draft is None:
-            return self._decode(plain)
+            return self._decode()
         st, rows = self.stats, len(self.running)
         bucket = _bucket(rows, self.buckets)
         # the draft's prefills are paid once a request, not a round: kept out of the governor's time
@@ -348,7 +350,7 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         before, t0 = (st.spec_rounds, st.decode_steps, st.decode_tokens), self.timer()
-        finished = self._decode(plain)
+        finished = self._decode()
         seconds = self.timer() - t0
         rounds, steps, tokens = (
             a - b for a, b in zip((st.spec_rounds, st.decode_steps, st.decode_tokens), before, strict=True)
@@ -519,17 +521,14 @@ class Engine:
                 self.waiting.appendleft(victim)
                 self.stats.preemptions += 1
 
-    def _decode(self, plain: bool = False) -> list[Request]:
-        """One decode step of the running requests, or a burst of _burst_len steps (not where plain: one step,
-        as after a chunk of a prompt prefilled in chunks, whose step then returns its first token without
-        waiting for a burst), or a speculative round; or the landing of a burst or round queued earlier."""
+    def _decode(self) -> list[Request]:
         if self._queued is not None:  # queued by the previous burst: land it (and maybe queue the next)
             return self._land_burst(self._queued)
         if self._round is not None:  # queued by the previous round: land it (and maybe queue the next)
             return self._land_round(self._round)
         if self._can_speculate():
             return self._speculate()
-        n = 1 if plain else self._burst_len()
+        n = self._burst_len()
         if n > 1:
             return self._burst(n)
         self._reserve_next()
@@ -556,12 +555,13 @@ class Engine:
 
     def _burst_len(self) -> int:
         """Steps the next multi-step burst may take: 1 (a plain step) unless every row is greedy, nobody
-        waits to be admitted, no draft speculates whenever it can (speculation "always"), and every row has room
-        for the whole burst in the pool."""
+        waits to be admitted, no chunk ran in this step (the step of a prompt's last chunk then returns its
+        first token without waiting for a burst of every row), no draft speculates whenever it can (speculation
+        "always"), and every row has room for the whole burst in the pool."""
         if (
             self.decode_steps < 2
             or self.waiting
-            or self.chunking
+            or self._chunk_step
             or (self.draft is not None and self.governor.policy == "always")
         ):
             return 1
