@@ -35,6 +35,7 @@ Random weights: speed does not depend on values. Not part of the test run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -773,24 +774,17 @@ def sec_longprompt(a, dev, R):
 
 
 def _profile_long(eng, shorts, long, chunk: int, new: int, dev) -> dict:
-    """sec_longprompt's arrival once more under torch.profiler: the long prompt's wall ms to its first token and
-    the GPU kernels over that time (the running requests' decode steps between chunks included)."""
+    """sec_longprompt's arrival twice more: unprofiled with the host's milliseconds in each call of a step
+    (_timed_calls), then under torch.profiler: the long prompt's wall ms to its first token and the GPU kernels
+    and host ops over that time (the running requests' decode steps between chunks included)."""
     from torch.profiler import ProfilerActivity, profile
 
     eng.prefill_chunk = chunk
-    host = _host_times(eng, shorts, long, new, dev)  # unprofiled: host seconds in each call of a step
-    reqs = [eng.add(p, new) for p in shorts]
-    eng.step()
-    sync(dev)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        lr, t0 = eng.add(long, 8), time.perf_counter()
-        while lr.t_first is None:
-            eng.step()
-        sync(dev)
-        wall = 1e3 * (time.perf_counter() - t0)
-    while eng.has_work:
-        eng.step()
-    del reqs
+    times: dict[str, list[float]] = {}
+    host_wall = _arrival(eng, shorts, long, new, dev, _timed_calls(eng, times))
+    host = {"wall_ms": round(host_wall, 2), **{k: [round(x, 2) for x in v] for k, v in times.items()}}
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    wall = _arrival(eng, shorts, long, new, dev, prof)
     ops = sorted(
         (
             {"op": e.key[:90], "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
@@ -801,43 +795,48 @@ def _profile_long(eng, shorts, long, chunk: int, new: int, dev) -> dict:
     return {"wall_ms": wall, **_kernel_table(prof, 1, top=30), "host_top": ops, "host_calls_ms": host}
 
 
-def _host_times(eng, shorts, long, new: int, dev) -> dict:
-    """One arrival of the long prompt, unprofiled, with the host's milliseconds in the model's prefill, chunk
-    and the engine's decode (each returns once its work is queued, or after its sync) and their calls."""
-    times: dict[str, list[float]] = {}
-    keep = {}
-
-    def wrap(obj, name, key):
-        fn = getattr(obj, name)
-        keep[(obj, name)] = fn
-
-        def timed(*args, **kw):
-            t = time.perf_counter()
-            out = fn(*args, **kw)
-            times.setdefault(key, []).append(1e3 * (time.perf_counter() - t))
-            return out
-
-        setattr(obj, name, timed)
-
-    reqs = [eng.add(p, new) for p in shorts]
+def _arrival(eng, shorts, long, new: int, dev, around) -> float:
+    """The short prompts admitted and decoding, then the long one arrives: wall ms to its first token, with the
+    context manager `around` entered for that time only; then every request runs to its end."""
+    for p in shorts:
+        eng.add(p, new)
     eng.step()
     sync(dev)
-    wrap(eng.model, "prefill", "prefill")
-    wrap(eng.model, "chunk", "chunk")
-    wrap(eng, "_decode", "decode")
-    try:
+    with around:
         lr, t0 = eng.add(long, 8), time.perf_counter()
         while lr.t_first is None:
             eng.step()
         sync(dev)
         wall = 1e3 * (time.perf_counter() - t0)
-    finally:
-        for obj, name in keep:  # the instance attributes set above; the class's methods show again
-            delattr(obj, name)
     while eng.has_work:
         eng.step()
-    del reqs
-    return {"wall_ms": round(wall, 2), **{k: [round(x, 2) for x in v] for k, v in times.items()}}
+    return wall
+
+
+@contextlib.contextmanager
+def _timed_calls(eng, times: dict[str, list[float]]):
+    """While entered, the host's milliseconds in each call of the model's prefill and chunk and the engine's
+    decode (each returns once its work is queued, or after its sync), appended to times[name]."""
+
+    def wrap(obj, name):
+        fn = getattr(obj, name)
+
+        def timed(*args, **kw):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            times.setdefault(name.strip("_"), []).append(1e3 * (time.perf_counter() - t))
+            return out
+
+        setattr(obj, name, timed)
+
+    wrapped = [(eng.model, "prefill"), (eng.model, "chunk"), (eng, "_decode")]
+    for obj, name in wrapped:
+        wrap(obj, name)
+    try:
+        yield
+    finally:
+        for obj, name in wrapped:  # the instance attributes set above; the class's methods show again
+            delattr(obj, name)
 
 
 def sec_hfstatic(a, dev, R):
