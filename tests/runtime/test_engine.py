@@ -221,7 +221,7 @@ def test_chunked_prefill_equals_each_request_alone(llama, solo, chunk, num_block
     eng = make_engine(llama, num_blocks=num_blocks, decode_steps=decode_steps, prefill_chunk=chunk)
     assert eng.generate_batch(prompts(), NEW) == solo
     assert eng.cache.allocator.free_count == num_blocks and not eng.chunking
-    if num_blocks == 64:  # each long prompt once, in ceil(len / chunk) chunks
+    if num_blocks == 64:  # each long prompt once, in chunks_of(len, chunk) chunks
         assert eng.stats.prefill_chunks == sum(chunks_of(n, chunk) for n in PROMPT_LENS if n > chunk)
     else:
         assert eng.stats.preemptions > 0  # and its prompt + tokens prefilled again, in chunks (13 in all)
@@ -275,7 +275,7 @@ def test_the_step_of_a_prompts_last_chunk_decodes_one_token(llama, solo):
 
 def test_warm_up_compiles_the_chunk_layer_before_any_request(llama, solo):
     """With prefill_chunk and the prefill compiled (as on CUDA), warm_up runs later chunks, so that the chunked
-    requests after it compile nothing more (without those warm chunks they compiled 3 graphs) and still get the
+    requests after it compile nothing more (without those warm chunks they compiled graphs) and still get the
     tokens they get alone; one graph, dynamic in length and prefix: a prompt whose last chunk would be one token
     (15 = 7 + 7 + 1, a size dynamo specialises) ends on a chunk of 8 instead."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -298,7 +298,7 @@ def test_warm_up_compiles_the_chunk_layer_before_any_request(llama, solo):
 
 def test_warm_up_runs_no_chunk_where_no_prompt_can_be_chunked(llama):
     """A prompt leaves room for one new token, so with max_seq_len <= prefill_chunk + 1 nothing is ever chunked:
-    warm_up compiles no chunk graph there (the default chunk, 2048, is above many runtimes' max_seq_len)."""
+    warm_up compiles no chunk graph there (a runtime whose max_seq_len is at most its chunk pays no compile)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     for max_seq_len, chunked in ((8, False), (9, True)):
