@@ -29,6 +29,10 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   fused    runtime/triton_fused.py: each fused op vs cuBLAS's product (tiles swept), decode fused_decode off/on
   int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
+  w8a8     our runtime on a SmoothQuant model (int8 weights per channel, int8 activations per token)
+  w8a8check  a SmoothQuant model of the check shape, compiled runtime vs the eager fake-quant one (float32)
+  w8a8k    a SmoothQuant layer per linear shape and row count: bf16 vs what it ran before session 34
+           (fake-quant activations, then dequant or our int8 kernel) vs W8A8Linear (the int8 GEMM), compiled
 Random weights: speed does not depend on values. Not part of the test run.
 """
 
@@ -54,7 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafast_export.model.spec import ModelConfig  # noqa: E402
-from lorafast_export.qform import QLinear  # noqa: E402
+from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, QLinear, with_fields  # noqa: E402
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.runtime.bench import bench_runtime, random_prompts, run_requests  # noqa: E402
 from lorafast_export.runtime.engine import MAX_WAIT_MS  # noqa: E402
@@ -146,6 +150,13 @@ def quantize_linears(state: dict, bits=4, group=128, symmetric=False, head=False
     return fp, q
 
 
+def w8a8_linears(state: dict) -> tuple[dict, dict]:
+    """A SmoothQuant model's layers for speed (no smoothing; speed does not depend on values): every decoder
+    linear int8 per channel, symmetric, with int8 per-token activations (quant/smoothquant.quantize_w8a8)."""
+    fp, q = quantize_linears(state, bits=8, group=-1, symmetric=True)
+    return fp, {p: with_fields(qt, act_quant=ACT_QUANT_INT8_PER_TOKEN) for p, qt in q.items()}
+
+
 def bytes_per_step(rt) -> int:
     """Bytes of weights one decode step reads (everything but the embedding table)."""
     total = 0
@@ -200,6 +211,57 @@ def sec_check(a, dev, R):
     out["int4_kernels"] = sorted(set(rt.kernels.values()))
     out.update(_check_triton_int4(cfg, fp, q, dev, prompts, ids, ld, base))
     return out
+
+
+def sec_w8a8check(a, dev, R):
+    """A SmoothQuant model of the check shape (w8a8_linears), float32: the compiled runtime (W8A8Linear, the
+    int8 GEMM, CUDA graphs on CUDA) against the eager fake-quant runtime (kernel dequant: activations
+    quantize-dequantized, the dequantized weights): logits and greedy tokens."""
+    model = hf_model("check", dev, torch.float32)
+    cfg, state = config_of(model)
+    fp, q = w8a8_linears(state)
+    prompts = random_prompts(5, 40, cfg.vocab_size, 1)
+    base = dict(max_seq_len=256, max_batch=8, batch_buckets=[1, 8])
+    rt = build_runtime(cfg, fp, q, dev, torch.float32, RuntimeOptions(compile="on", **base))
+    ref = build_runtime(
+        cfg,
+        fp,
+        q,
+        dev,
+        torch.float32,
+        RuntimeOptions(compile="off", kernel="dequant", decode_steps=1, **base),
+    )
+    ids = torch.tensor(prompts[:2])
+    lr, ld = rt.logits(ids), ref.logits(ids)
+    got, want = rt.generate_batch(prompts, 24), ref.generate_batch(prompts, 24)
+    del ref
+    # activation codes flip at rounding ties between any two float32 orders of the same sums, so both are
+    # also measured from the fake-quant runtime in float64
+    f64 = build_runtime(
+        cfg,
+        fp,
+        q,
+        dev,
+        torch.float64,
+        RuntimeOptions(compile="off", kernel="dequant", decode_steps=1, **base),
+    )
+    l64 = f64.logits(ids).float()
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm()).item()
+
+    return {
+        "kernels": sorted(set(rt.kernels.values())),
+        "reference_kernels": sorted(set(f64.kernels.values())),
+        "logits_rel_err_vs_fake_quant": rel(lr, ld),
+        "logits_rel_err_vs_fake_quant_float64": rel(lr, l64),
+        "fake_quant_float32_rel_err_vs_float64": rel(ld, l64),
+        "tokens_equal_fake_quant": got == want,
+        "positions_equal": sum(
+            x == y for g, w in zip(got, want, strict=True) for x, y in zip(g, w, strict=True)
+        ),
+        "positions": sum(map(len, want)),
+    }
 
 
 def _engine_check(dev, out: dict):
@@ -379,17 +441,22 @@ def single_step_peer(rt, a, batches) -> dict:
     }
 
 
-def sec_model(a, dev, R, quant: bool, gemv: str | None = None):
-    """Our runtime at a.batches; gemv='on' (section bf16g): dense_gemv on, and its greedy tokens for one
-    prompt compared with the bf16 section's (cuBLAS) when that ran first in this call."""
+def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None):
+    """Our runtime at a.batches; quant: True int4 g128, "w8a8" a SmoothQuant model (w8a8_linears), False
+    bf16; gemv='on' (section bf16g): dense_gemv on, and its greedy tokens for one prompt compared with the
+    bf16 section's (cuBLAS) when that ran first in this call."""
     model = R["_model"]
     cfg, state = config_of(model)
-    fp, q = quantize_linears(state, head=a.quant_lm_head) if quant else (state, None)
+    if quant == "w8a8":
+        fp, q = w8a8_linears(state)
+    else:
+        fp, q = quantize_linears(state, head=a.quant_lm_head) if quant else (state, None)
     attention = R.get("_attn_choice", a.attention)
-    label = "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
+    label = "w8a8" if quant == "w8a8" else "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
     eager = label == "bf16" and a.eager_peer
     rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=eager, gemv=gemv)
     res["dense_gemv"] = rt.options.dense_gemv
+    res["kernels"] = sorted(set(rt.kernels.values()))
     R[f"_rt_{label}"] = rt
     if not quant:
         toks = R[f"_tokens_{label}"] = rt.generate_batch(
@@ -400,7 +467,7 @@ def sec_model(a, dev, R, quant: bool, gemv: str | None = None):
             res["greedy_64_positions_equal_other_bf16_section"] = sum(
                 x == y for x, y in zip(toks[0], other[0], strict=True)
             )
-    if a.mixed_with == ("int4" if quant else "bf16"):
+    if a.mixed_with == label:
         R["_mixed_rt"] = rt
     return res
 
@@ -1560,6 +1627,97 @@ def sec_int8k(a, dev, R):
     return rows
 
 
+def sec_w8a8k(a, dev, R):
+    """A SmoothQuant layer (int8 per-channel weights, int8 per-token activations) of each of the shape's
+    linears, at --w8a8-rows: the dense product in the compute dtype (bf16 on CUDA, float32 on the CPU), the
+    layer as auto lowered it before session 34 (fake-quant activations, then `dequant`, or on CUDA our Triton
+    int8 kernel with the int8 table's plan where one is shipped) and W8A8Linear (the int8 GEMM), each module
+    under torch.compile as the runtime runs it. CUDA: graph replay over weight copies (runtime/kernel_tune
+    .graph_us); CPU: the median of timed calls. Every output is checked against the float32 fake-quant
+    product first."""
+    from lorafast_export.runtime.kernel_tune import graph_us, n_copies
+
+    torch._dynamo.config.recompile_limit = 1024  # every copy and row count its own graph, never eager
+    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    counts = [int(r) for r in a.w8a8_rows.split(",")]
+    rows = []
+    for name, (n, k) in _linear_shapes(a.shape).items():
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev) * 0.02
+        qt = with_fields(quantize_rtn(w, 8, -1, True), act_quant=ACT_QUANT_INT8_PER_TOKEN)
+        copies = n_copies(n * k * 2, dev)
+        kinds = _w8a8_layer_kinds(qt, w.to(act), act, dev)
+        del w
+        for kind, make in kinds.items():
+            mods = [torch.compile(make()) for _ in range(copies if dev.type == "cuda" else 1)]
+            for m in counts:
+                x = torch.randn(m, k, device=dev, dtype=act) * 3
+                ref = QLinear(qt)(x.float())
+                row = {"linear": name, "n": n, "k": k, "rows": m, "kind": kind}
+                try:
+                    with torch.no_grad():
+                        y = mods[0](x)
+                        row["rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+                        if dev.type == "cuda":
+                            row["us"] = graph_us(lambda j, x=x, ms=mods: ms[j](x), len(mods))
+                        else:
+                            row["us"] = _cpu_us(lambda x=x, ms=mods: ms[0](x))
+                except Exception as ex:  # noqa: BLE001 - a kernel that fails is a result
+                    row["error"] = f"{type(ex).__name__}: {ex}"[:300]
+                rows.append(row)
+                print(f"  w8a8k {json.dumps(row)}", flush=True)
+            del mods
+    by = {(r["linear"], r["rows"], r["kind"]): r.get("us") for r in rows}
+    table = []
+    for (lin, m, kind), us in by.items():
+        dense = by.get((lin, m, "dense"))
+        if kind != "dense" and us and dense:
+            table.append(
+                {"linear": lin, "rows": m, "kind": kind, "us": us, "dense_us": dense, "speedup": dense / us}
+            )
+    return {"rows": rows, "vs_dense": table}
+
+
+def _w8a8_layer_kinds(qt, wd: torch.Tensor, act: torch.dtype, dev) -> dict:
+    """sec_w8a8k's modules, by kind: each call makes a new copy (its own weights: no copy is read from the L2
+    that another left there)."""
+    from lorafast_export.runtime.linear import DequantLinear, Int8TritonLinear, W8A8Linear, int8_table_plan
+
+    def fresh():
+        return with_fields(qt, codes=qt.codes.clone())
+
+    kinds = {
+        "dense": lambda: _DenseLinear(wd.clone()),
+        "w8a8": lambda: W8A8Linear(fresh(), None, act, dev),
+    }
+    plan = int8_table_plan(qt, dev, act)
+    if plan is not None:
+        kinds["before_int8_triton"] = lambda: Int8TritonLinear(fresh(), None, act, dev, plan=plan)
+    else:
+        kinds["before_dequant"] = lambda: DequantLinear(fresh(), None, act, dev)
+    return kinds
+
+
+class _DenseLinear(torch.nn.Module):
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", w)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+def _cpu_us(fn, seconds: float = 0.4) -> float:
+    """Median microseconds of fn() over about `seconds` of calls (after one untimed call)."""
+    fn()
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
 def sec_gemv(a, dev, R):
     """Our Triton dense GEMV (runtime/triton_gemv.py) vs cuBLAS (F.linear) per linear of the shape at 1 and
     5 rows (a decode step, a k = 4 verify), bf16, CUDA-graph replay over weight copies (bench/int4_kernels
@@ -1907,6 +2065,9 @@ SECTIONS = {
     "attn": sec_attn,
     "bf16": lambda a, d, R: sec_model(a, d, R, False),
     "int4": lambda a, d, R: sec_model(a, d, R, True),
+    "w8a8": lambda a, d, R: sec_model(a, d, R, "w8a8"),
+    "w8a8k": sec_w8a8k,
+    "w8a8check": sec_w8a8check,
     "bf16g": lambda a, d, R: sec_model(a, d, R, False, gemv="on"),
     "hf": sec_hf,
     "mixed": sec_mixed,
@@ -1934,6 +2095,7 @@ NEEDS_MODEL = {
     "longprompt",
     "bf16g",
     "int4",
+    "w8a8",
     "hf",
     "mixed",
     "hfstatic",
@@ -2051,6 +2213,7 @@ def main() -> None:
     p.add_argument(
         "--overlap-bursts", default="on", choices=("off", "on"), help="runtime option (most sections)"
     )
+    p.add_argument("--w8a8-rows", default="1,8,16,32,64,256", help="w8a8k: row counts")
     p.add_argument("--gemv-tiles", default="sweep", choices=("sweep", "shipped"), help="gemv: tiles timed")
     p.add_argument("--e2e-repeats", type=int, default=3, help="e2e: timed runs of ours and of the peer")
     p.add_argument("--mixed-out-max", type=int, default=256, help="cap of the mixed section's outputs")

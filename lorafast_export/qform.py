@@ -235,11 +235,19 @@ def concat_qtensors(qts: list[QTensor], biases: list[torch.Tensor | None]) -> QT
     )
 
 
-def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] → quantize-dequantize each token to symmetric int8 (scale = absmax / 127)."""
+def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., in] → (each token's symmetric int8 codes, -127..127, as float32 [..., in]; its float32 scale
+    [..., 1] = absmax / 127). fake_quant_int8_per_token is codes * scale; the runtime's W8A8 linear
+    multiplies the codes as int8."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-8)  # [..., 1]
-    return ((xf / scale).round().clamp(-127, 127) * scale).to(x.dtype)
+    return (xf / scale).round().clamp(-127, 127), scale
+
+
+def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] → quantize-dequantize each token to symmetric int8 (scale = absmax / 127)."""
+    codes, scale = int8_per_token(x)
+    return (codes * scale).to(x.dtype)
 
 
 class QLinear(torch.nn.Module):

@@ -22,8 +22,12 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the dense bf16 matmul, so int8 uses dequant.
 - anything else (int8 grouped, odd shapes, fp32 activations on CUDA int4): `DequantLinear`, the
   dequantized weight kept dense in the compute dtype: exact, no memory saving.
-SmoothQuant W8A8 (act_quant) quantize-dequantizes activations per token first, exactly as qform.QLinear
-does; the matmul itself is weight-only (no int8 x int8 kernel here yet).
+- SmoothQuant W8A8 (act_quant int8 per token, int8 per-channel symmetric weights) on the CPU and on CUDA
+  (compute capability 8.0+), under auto: `W8A8Linear`, the activations' int8 codes times the weights' through cuBLAS's int8 GEMM
+  (`torch._int_mm`, int32 sums), each token's scale and each channel's applied once to the float32 result
+  (timed against bf16 and the earlier kernels in bench/TORCH.md, session 34). Elsewhere, and for the other
+  kernels, a W8A8 layer quantize-dequantizes its activations per token first, exactly as qform.QLinear does,
+  and the matmul is weight-only.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from lorafast_export.qform import (
     dequantize,
     fake_quant_int8_per_token,
     group_index,
+    int8_per_token,
     pack_nibbles,
 )
 from lorafast_export.runtime.int4_table import (
@@ -176,13 +181,41 @@ def int8_table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None
     return int8_plan_from_table(table, qt.out_features, qt.in_features)
 
 
+def w8a8_fits(qt: QTensor) -> bool:
+    """W8A8Linear runs this tensor: int8 per-token activations, int8 per-channel symmetric weights, both
+    widths a multiple of 8 (cuBLAS's int8 GEMM), and int32 sums that cannot overflow (127 * 128 * in)."""
+    return (
+        qt.bits == 8
+        and qt.act_quant == ACT_QUANT_INT8_PER_TOKEN
+        and (qt.group_size == -1 or qt.group_size >= qt.in_features)
+        and qt.zeros is None
+        and qt.in_features % 8 == 0
+        and qt.out_features % 8 == 0
+        and 127 * 128 * qt.in_features < 2**31
+    )
+
+
+def _int_mm_fast(device: torch.device) -> bool:
+    """Where W8A8Linear was measured faster than the layer's other kernels and bf16 (bench/TORCH.md,
+    session 34): the CPU (oneDNN's int8 GEMM) and CUDA GPUs with int8 tensor cores of compute capability 8.0+."""
+    if device.type == "cpu":
+        return True
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
 def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, prefer: str = "auto") -> str:
-    """'int4_triton' | 'int4_tinygemm' | 'int8_triton' | 'int8_weight_only' | 'dequant' for this tensor on
-    this device/dtype. int8_triton with kernel=triton, or under auto where the measured int8 table says it
-    beats bf16 (int8_table_plan)."""
+    """'w8a8' | 'int4_triton' | 'int4_tinygemm' | 'int8_triton' | 'int8_weight_only' | 'dequant' for this
+    tensor on this device/dtype. int8_triton with kernel=triton, or under auto where the measured int8 table
+    says it beats bf16 (int8_table_plan); w8a8 under auto on the CPU and CUDA for the layers it fits."""
     if prefer == "dequant":
         return "dequant"
     cuda = torch.device(device).type == "cuda"
+    if prefer == "auto" and w8a8_fits(qt) and _int_mm_fast(torch.device(device)):
+        return "w8a8"
     if (
         prefer != "triton"
         and qt.bits == 8
@@ -252,6 +285,36 @@ class Int8Linear(_QuantLinearBase):
         if self.zero_term is not None:
             y = (y.float() + x.float().sum(-1, keepdim=True) * self.zero_term).to(x.dtype)
         return self._finish(y, shape)
+
+
+class W8A8Linear(_QuantLinearBase):
+    """SmoothQuant W8A8: each token's int8 codes (qform.int8_per_token, as the fake-quant reference rounds
+    them) times the int8 weights through `torch._int_mm` (int32 sums, exact), then the token's scale and the
+    channel's in float32, once. On CUDA cuBLAS's int8 GEMM takes more than 16 rows, so 16 zero rows are
+    appended to every call (a decode step's few rows, or any row count under torch.compile without a guard on
+    it) and their outputs dropped: the weight is read once either way."""
+
+    kernel = "w8a8"
+
+    def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu"):
+        super().__init__(qt, bias, dtype, device)
+        if not w8a8_fits(qt):
+            raise ValueError(f"W8A8Linear: [{qt.out_features}, {qt.in_features}] does not fit (w8a8_fits)")
+        codes = qt.codes.to(device=device, dtype=torch.int16)
+        self.register_buffer("weight", (codes - 128).to(torch.int8).contiguous())  # [out, in]
+        self.register_buffer("scales", qt.scales[:, 0].to(device=device, dtype=torch.float32))  # [out]
+        self.pad = torch.device(device).type == "cuda"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, x.reshape(-1, self.in_features)
+        codes, scale = int8_per_token(x)
+        xq = codes.to(torch.int8)
+        if self.pad:
+            xq = F.pad(xq, (0, 0, 0, 16))
+        acc = torch._int_mm(xq, self.weight.t())
+        if self.pad:
+            acc = acc[: x.shape[0]]
+        return self._finish((acc.float() * scale * self.scales).to(x.dtype), shape)
 
 
 class Int4Linear(_QuantLinearBase):
@@ -460,6 +523,7 @@ def _words_to_tiled(plan: list[int], t4) -> list[int]:
 
 
 _KERNEL_CLASSES = {
+    "w8a8": W8A8Linear,
     "int8_triton": Int8TritonLinear,
     "int4_tinygemm": Int4Linear,
     "int8_weight_only": Int8Linear,

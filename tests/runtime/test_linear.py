@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorafast_export.errors import InputError
-from lorafast_export.qform import QLinear
+from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, QLinear, with_fields
 from lorafast_export.runtime.linear import choose_kernel, lower_qtensor
 from lorafast_export.runtime.loader import check_kernel
 from lorafast_export.runtime.options import RuntimeOptions
@@ -57,6 +57,8 @@ def test_kernel_choice_falls_back_to_dequant():
     assert (
         choose_kernel(random_qtensor(48, 256, 8, -1, True), "cuda", torch.bfloat16) == "dequant"
     )  # measured slow
+    if not torch.cuda.is_available():  # W8A8: the int8 GEMM on a CUDA GPU only where one is visible
+        assert choose_kernel(w8a8_qtensor(), "cuda", torch.bfloat16) == "dequant"
 
 
 @pytest.mark.parametrize("out_f", [40, 1000])
@@ -98,3 +100,58 @@ def test_qtensors_read_onto_the_device_lower_to_the_same_linear(tmp_path, sym, a
     assert a.kernel == b.kernel == "int4_tinygemm"
     bufs = dict(b.named_buffers())
     assert all(torch.equal(t, bufs[n]) for n, t in a.named_buffers())
+
+
+def w8a8_qtensor(out=48, in_=256, group=-1, symmetric=True):
+    """A SmoothQuant layer's QTensor: int8 per-channel symmetric weights, int8 per-token activations."""
+    qt = random_qtensor(out, in_, 8, group, symmetric, bias=True)
+    return with_fields(qt, act_quant=ACT_QUANT_INT8_PER_TOKEN)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 17, 40])
+def test_w8a8_linear_matches_fake_quant(device, dtype, rows):
+    """SmoothQuant layers run the int8 GEMM under auto (W8A8Linear: each token's int8 codes times the int8
+    weights, int32 sums) and compute the fake-quant reference's product on the same input: in float32 to
+    float32 rounding, in bf16 to the output's rounding. Negative scales, a bias, rows below and above the 16
+    rows that cuBLAS's int8 GEMM needs (padded on CUDA)."""
+    qt = w8a8_qtensor()
+    x = torch.randn(rows, 256) * 3
+    x[0, 7] = 40.0  # an outlier sets its token's scale
+    mod = lower_qtensor(qt, device, dtype)
+    assert mod.kernel == "w8a8"
+    ref = QLinear(qt)(x.to(dtype).float())
+    out = mod(x.to(device=device, dtype=dtype)).float().cpu()
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # relative to the output scale
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_w8a8_padding_changes_no_bit():
+    """On CUDA W8A8Linear appends 16 zero rows (cuBLAS's int8 GEMM takes more than 16) and drops their
+    outputs: the same product bit for bit, shown with the CPU's int8 GEMM."""
+    mod = lower_qtensor(w8a8_qtensor(), "cpu", torch.float32)
+    x = torch.randn(3, 256)
+    plain = mod(x)
+    mod.pad = True
+    assert torch.equal(mod(x), plain)
+
+
+@pytest.mark.parametrize(
+    "qt",
+    [
+        w8a8_qtensor(symmetric=False),  # a zero point: not the symmetric int8 GEMM
+        w8a8_qtensor(in_=252),  # cuBLAS's int8 GEMM wants widths that are multiples of 8
+        w8a8_qtensor(group=128),  # grouped scales
+    ],
+    ids=["asymmetric", "width", "grouped"],
+)
+def test_w8a8_layers_it_cannot_run_take_another_kernel(qt):
+    mod = lower_qtensor(qt, "cpu", torch.float32)
+    assert mod.kernel != "w8a8"
+    x = torch.randn(3, qt.in_features)
+    ref = QLinear(qt)(x)
+    assert (mod(x) - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lorafast_export.model.decoder import load_decoder
+from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, with_fields
 from lorafast_export.runtime.paged import pack_segments
 from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
 
@@ -37,6 +38,25 @@ def test_paged_decode_equals_full_sequence_logits(tmp_path, family, kw):
     ref = load_decoder(md)(ids[None])[0][0]
     pm, cache = paged(md)
     assert (paged_logits(pm, cache, ids, 7) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_w8a8_runtime_equals_fake_quant_reference(tmp_path, compiled):
+    """A SmoothQuant model (int8 per-channel weights, int8 per-token activations) runs every linear, the
+    fused q/k/v and gate/up included, through the int8 GEMM (W8A8Linear) and computes the fake-quant
+    reference's logits; compiled: its prefill through inductor's lowering of the int8 GEMM."""
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp, q = quantize_all(md, 8, -1, True)
+    q = {p: with_fields(qt, act_quant=ACT_QUANT_INT8_PER_TOKEN) for p, qt in q.items()}
+    ref = fake_quant_decoder(md, q)
+    pm, cache = paged(md, fp, q)
+    assert {type(m).__name__ for m in pm.dec.modules() if hasattr(m, "kernel")} == {"W8A8Linear"}
+    if compiled:
+        pm.compile_prefill()
+    ids = torch.randint(0, 96, (12,))
+    with torch.no_grad():
+        want = ref(ids[None])[0][0]
+    assert (paged_logits(pm, cache, ids, 6) - want).abs().max() < 1e-3 * want.abs().max()
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
