@@ -289,12 +289,15 @@ class Int8Linear(_QuantLinearBase):
 
 class W8A8Linear(_QuantLinearBase):
     """SmoothQuant W8A8: each token's int8 codes (qform.int8_per_token, as the fake-quant reference rounds
-    them) times the int8 weights through `torch._int_mm` (int32 sums, exact), then the token's scale and the
-    channel's in float32, once. On CUDA cuBLAS's int8 GEMM takes more than 16 rows, so 16 zero rows are
-    appended to every call (a decode step's few rows, or any row count under torch.compile without a guard on
-    it) and their outputs dropped: the weight is read once either way."""
+    them) times the int8 weights with int32 sums (exact), then the token's scale and the channel's in float32,
+    once. Up to TRITON_FROM - 1 rows (a decode step), and always on the CPU: `torch._int_mm` (cuBLAS's or
+    oneDNN's int8 GEMM); on CUDA it takes more than 16 rows, so up to 16 get 16 zero rows appended and their
+    outputs dropped (the weight is read once either way). From TRITON_FROM rows on CUDA (a prefill): our Triton
+    GEMM with the scales in its epilogue (runtime/triton_w8a8.py), where cuBLAS's int8 GEMM was no faster than
+    bf16 (bench/TORCH.md, session 34)."""
 
     kernel = "w8a8"
+    TRITON_FROM = 64
 
     def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu"):
         super().__init__(qt, bias, dtype, device)
@@ -304,16 +307,23 @@ class W8A8Linear(_QuantLinearBase):
         self.register_buffer("weight", (codes - 128).to(torch.int8).contiguous())  # [out, in]
         self.register_buffer("scales", qt.scales[:, 0].to(device=device, dtype=torch.float32))  # [out]
         self.pad = torch.device(device).type == "cuda"
+        self.triton = self.pad
+        if self.triton:
+            from lorafast_export.runtime import triton_w8a8  # noqa: F401  (registers the op; imports triton)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, x = x.shape, x.reshape(-1, self.in_features)
         codes, scale = int8_per_token(x)
-        xq = codes.to(torch.int8)
-        if self.pad:
+        xq, rows = codes.to(torch.int8), x.shape[0]
+        if self.triton and rows >= self.TRITON_FROM:
+            y = torch.ops.lorafast.w8a8_mm(xq, self.weight, scale, self.scales, x.dtype)
+            return self._finish(y, shape)
+        small = self.pad and rows <= 16
+        if small:
             xq = F.pad(xq, (0, 0, 0, 16))
         acc = torch._int_mm(xq, self.weight.t())
-        if self.pad:
-            acc = acc[: x.shape[0]]
+        if small:
+            acc = acc[:rows]
         return self._finish((acc.float() * scale * self.scales).to(x.dtype), shape)
 
 

@@ -1,0 +1,100 @@
+"""SmoothQuant W8A8 at prefill row counts: one Triton int8 GEMM with the scales in its epilogue.
+
+y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k], with xq the activations' int8 codes (qform.int8_per_token),
+wq the weights' int8 codes [N, K] (row-major, as W8A8Linear holds them), int32 sums on the tensor cores
+(`tl.dot` of int8 tiles: exact), the two float32 scales applied once to each output before its one rounding
+to the output dtype. cuBLAS's int8 GEMM (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100
+and leaves an int32 [M, N] for a second kernel to scale (bench/TORCH.md, session 34); decode's few rows keep
+it (W8A8Linear). Tiles by rule from the row count (`tiles`). Triton is imported only here (CUDA, or its
+interpreter in tests); the op is a torch custom op, opaque to inductor.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w8a8_kernel(
+    x_ptr,  # [M, K] int8 activation codes
+    w_ptr,  # [N, K] int8 weight codes
+    sx_ptr,  # [M] float32 token scales
+    sw_ptr,  # [N] float32 channel scales
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    ITERS: tl.constexpr,  # cdiv(K, BK): a compile-time bound (Triton's interpreter cannot loop to a runtime one)
+):
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    width = GROUP_M * grid_n  # GROUP_M row tiles share each weight tile while it is in L2
+    first_m = (pid // width) * GROUP_M
+    rows_in_group = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_in_group
+    pid_n = (pid % width) // rows_in_group
+    mm = pid_m * BM + tl.arange(0, BM)
+    nn = pid_n * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    x_ptrs = x_ptr + mm[:, None] * K + kk[None, :]
+    w_ptrs = w_ptr + nn[None, :] * K + kk[:, None]  # [BK, BN]: the weight tile transposed
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for i in range(ITERS):
+        k_ok = kk + i * BK < K
+        a = tl.load(x_ptrs, mask=(mm[:, None] < M) & k_ok[None, :], other=0)
+        b = tl.load(w_ptrs, mask=(nn[None, :] < N) & k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        x_ptrs += BK
+        w_ptrs += BK
+    sx = tl.load(sx_ptr + mm, mask=mm < M, other=0.0)
+    sw = tl.load(sw_ptr + nn, mask=nn < N, other=0.0)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    ok = (mm[:, None] < M) & (nn[None, :] < N)
+    tl.store(out_ptr + mm[:, None] * N + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def tiles(m: int) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, GROUP_M, warps, stages) for m rows."""
+    if m <= 64:
+        return 64, 128, 128, 8, 4, 4
+    if m <= 256:
+        return 128, 128, 128, 8, 4, 4
+    return 128, 256, 128, 8, 8, 3
+
+
+def launch(
+    xq: torch.Tensor,
+    w: torch.Tensor,
+    sx: torch.Tensor,
+    sw: torch.Tensor,
+    dtype: torch.dtype,
+    config: tuple[int, int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """xq [M, K] int8, w [N, K] int8, sx [M] or [M, 1] float32, sw [N] float32 → [M, N] in `dtype`."""
+    m, k = xq.shape
+    n = w.shape[0]
+    bm, bn, bk, group_m, warps, stages = config or tiles(m)
+    out = torch.empty(m, n, device=xq.device, dtype=dtype)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _w8a8_kernel[grid](
+        xq, w, sx.reshape(m), sw, out, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
+        ITERS=triton.cdiv(k, bk), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("lorafast::w8a8_mm", mutates_args=())
+def w8a8_mm(
+    xq: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """launch() as an op a compiled graph calls (the tile rule runs inside, on the dynamic row count)."""
+    return launch(xq.contiguous(), w, sx.contiguous(), sw, dtype)
+
+
+@w8a8_mm.register_fake
+def _(xq, w, sx, sw, dtype):
+    return xq.new_empty(xq.shape[0], w.shape[0], dtype=dtype)

@@ -1,0 +1,58 @@
+"""Our Triton W8A8 GEMM (runtime/triton_w8a8.py) computes the exact int8 product with both scales, and a
+SmoothQuant layer's prefill rows through it equal its int8 GEMM's (torch._int_mm) bit for bit.
+
+Runs on CUDA, or on the CPU through Triton's interpreter (tests/runtime/triton_device.py)."""
+# ruff: noqa: I001 - tests.runtime.triton_device must be imported before any kernel module
+
+import pytest
+import torch
+
+from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
+from lorafast_export.qform import QLinear, with_fields
+from lorafast_export.runtime.linear import lower_qtensor
+from lorafast_export.runtime.triton_w8a8 import launch, tiles
+from tests.runtime.test_linear import w8a8_qtensor
+
+CONFIGS = [None, (16, 32, 32, 1, 4, 1), (32, 16, 64, 2, 4, 2)]  # None: the rule's tiles for the row count
+
+
+@pytest.mark.parametrize("m,n,k", [(5, 48, 256), (70, 40, 200), (300, 64, 136)])  # ragged M, N and K tiles
+@pytest.mark.parametrize("config", CONFIGS, ids=["rule", "small", "grouped"])
+def test_w8a8_gemm_is_the_exact_product_times_the_scales(m, n, k, config):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    x[0] = 127
+    w[0] = -128  # the largest sums the codes allow
+    sx, sw = torch.rand(m, 1, generator=g), torch.rand(n, generator=g) - 0.5
+    ref = (x.double() @ w.double().T) * sx.double() * sw.double()
+    got = launch(x.to(DEV), w.to(DEV), sx.to(DEV), sw.to(DEV), torch.float32, config).double().cpu()
+    assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_tile_rule_covers_every_row_count():
+    for m in (1, 64, 65, 256, 257, 10_000):
+        bm, bn, bk, group_m, warps, stages = tiles(m)
+        assert min(bm, bn, bk) >= 16 and group_m >= 1 and warps in (4, 8) and stages >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_prefill_rows_equal_the_int8_gemm(dtype):
+    """W8A8Linear from TRITON_FROM rows (on CUDA) runs our kernel: the same float32 arithmetic as the
+    torch._int_mm path (int32 sums, then the token's and the channel's scale), so the same outputs."""
+    qt = w8a8_qtensor(out=64, in_=256)
+    mod = lower_qtensor(qt, "cpu", dtype)
+    interpreted_bf16 = DEV == "cpu" and dtype == torch.bfloat16
+    if interpreted_bf16:  # compared below to a bf16 step of the product itself, so without the bias added
+        mod.bias, qt = None, with_fields(qt, bias=None)
+    rows = mod.TRITON_FROM + 3
+    x = (torch.randn(rows, 256) * 3).to(dtype)
+    want = mod(x)
+    mod.to(DEV).triton = True
+    got = mod(x.to(DEV)).cpu()
+    if not interpreted_bf16:
+        assert torch.equal(got, want)
+    else:  # Triton's interpreter rounds float32 to bf16 toward zero (the GPU to nearest): one bf16 step at most
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7).all()
+    ref = QLinear(qt)(x.float())
+    assert (got.float() - ref).abs().max() <= (1e-6 if dtype == torch.float32 else 8e-3) * ref.abs().max()
