@@ -1630,8 +1630,8 @@ def sec_int8k(a, dev, R):
 def sec_w8a8k(a, dev, R):
     """A SmoothQuant layer (int8 per-channel weights, int8 per-token activations) of each of the shape's
     linears, at --w8a8-rows: the dense product in the compute dtype (bf16 on CUDA, float32 on the CPU), the
-    layer as auto lowered it before session 34 (fake-quant activations, then `dequant`, or on CUDA our Triton
-    int8 kernel with the int8 table's plan where one is shipped) and W8A8Linear (the int8 GEMM), each module
+    layer as auto lowered it before session 34 (fake-quant activations, then on the CPU aten's int8 weight-only
+    product, on CUDA `dequant` or our Triton int8 kernel with the int8 table's plan where one is shipped) and W8A8Linear (the int8 GEMM), each module
     under torch.compile as the runtime runs it. CUDA: graph replay over weight copies (runtime/kernel_tune
     .graph_us); CPU: the median of timed calls. Every output is checked against the float32 fake-quant
     product first."""
@@ -1681,7 +1681,13 @@ def sec_w8a8k(a, dev, R):
 def _w8a8_layer_kinds(qt, wd: torch.Tensor, act: torch.dtype, dev) -> dict:
     """sec_w8a8k's modules, by kind: each call makes a new copy (its own weights: no copy is read from the L2
     that another left there)."""
-    from lorafast_export.runtime.linear import DequantLinear, Int8TritonLinear, W8A8Linear, int8_table_plan
+    from lorafast_export.runtime.linear import (
+        DequantLinear,
+        Int8Linear,
+        Int8TritonLinear,
+        W8A8Linear,
+        int8_table_plan,
+    )
 
     def fresh():
         return with_fields(qt, codes=qt.codes.clone())
@@ -1691,7 +1697,11 @@ def _w8a8_layer_kinds(qt, wd: torch.Tensor, act: torch.dtype, dev) -> dict:
         "w8a8": lambda: W8A8Linear(fresh(), None, act, dev),
     }
     plan = int8_table_plan(qt, dev, act)
-    if plan is not None:
+    if (
+        dev.type == "cpu"
+    ):  # per-channel int8 on the CPU: aten._weight_int8pack_mm on the fake-quant activations
+        kinds["before_int8_weight_only"] = lambda: Int8Linear(fresh(), None, act, dev)
+    elif plan is not None:
         kinds["before_int8_triton"] = lambda: Int8TritonLinear(fresh(), None, act, dev, plan=plan)
     else:
         kinds["before_dequant"] = lambda: DequantLinear(fresh(), None, act, dev)

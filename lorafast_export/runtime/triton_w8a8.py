@@ -57,13 +57,29 @@ def _w8a8_kernel(
     tl.store(out_ptr + mm[:, None] * N + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def tiles(m: int) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, GROUP_M, warps, stages) for m rows."""
-    if m <= 64:
-        return 64, 128, 128, 8, 4, 4
-    if m <= 256:
-        return 128, 128, 128, 8, 4, 4
-    return 128, 256, 128, 8, 8, 3
+TILES = (  # (most rows, (BM, BN, BK, GROUP_M, warps, stages)): the least summed time over the 8B model's four
+    # linears among nine configs at 32-64, 128-256 and 1,024-4,096 rows on an H100 (bench/TORCH.md, session 34)
+    (64, (64, 128, 256, 8, 4, 3)),
+    (256, (64, 128, 128, 8, 4, 4)),
+    (1 << 62, (256, 128, 128, 8, 8, 3)),
+)
+
+
+def tiles(m: int, smem: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, GROUP_M, warps, stages) for m rows; with `smem` (bytes of shared memory a block may use),
+    fewer stages where a GPU has less than the H100 the table was measured on (each stage holds a BM x BK and
+    a BK x BN int8 tile)."""
+    bm, bn, bk, group_m, warps, stages = next(c for most, c in TILES if m <= most)
+    while smem is not None and stages > 1 and stages * (bm + bn) * bk > smem:
+        stages -= 1
+    return bm, bn, bk, group_m, warps, stages
+
+
+def _smem(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None)
 
 
 def launch(
@@ -77,7 +93,7 @@ def launch(
     """xq [M, K] int8, w [N, K] int8, sx [M] or [M, 1] float32, sw [N] float32 → [M, N] in `dtype`."""
     m, k = xq.shape
     n = w.shape[0]
-    bm, bn, bk, group_m, warps, stages = config or tiles(m)
+    bm, bn, bk, group_m, warps, stages = config or tiles(m, _smem(xq.device))
     out = torch.empty(m, n, device=xq.device, dtype=dtype)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _w8a8_kernel[grid](
