@@ -223,28 +223,19 @@ def sec_w8a8check(a, dev, R):
     prompts = random_prompts(5, 40, cfg.vocab_size, 1)
     base = dict(max_seq_len=256, max_batch=8, batch_buckets=[1, 8])
     rt = build_runtime(cfg, fp, q, dev, torch.float32, RuntimeOptions(compile="on", **base))
-    ref = build_runtime(
-        cfg,
-        fp,
-        q,
-        dev,
-        torch.float32,
-        RuntimeOptions(compile="off", kernel="dequant", decode_steps=1, **base),
-    )
+
+    def fake_quant(dtype):  # eager, activations quantize-dequantized, the dequantized weights
+        opts = RuntimeOptions(compile="off", kernel="dequant", decode_steps=1, **base)
+        return build_runtime(cfg, fp, q, dev, dtype, opts)
+
+    ref = fake_quant(torch.float32)
     ids = torch.tensor(prompts[:2])
     lr, ld = rt.logits(ids), ref.logits(ids)
     got, want = rt.generate_batch(prompts, 24), ref.generate_batch(prompts, 24)
     del ref
     # activation codes flip at rounding ties between any two float32 orders of the same sums, so both are
     # also measured from the fake-quant runtime in float64
-    f64 = build_runtime(
-        cfg,
-        fp,
-        q,
-        dev,
-        torch.float64,
-        RuntimeOptions(compile="off", kernel="dequant", decode_steps=1, **base),
-    )
+    f64 = fake_quant(torch.float64)
     l64 = f64.logits(ids).float()
 
     def rel(x, y):
