@@ -23,11 +23,12 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
 - anything else (int8 grouped, odd shapes, fp32 activations on CUDA int4): `DequantLinear`, the
   dequantized weight kept dense in the compute dtype: exact, no memory saving.
 - SmoothQuant W8A8 (act_quant int8 per token, int8 per-channel symmetric weights) on the CPU and on CUDA
-  (compute capability 8.0+), under auto: `W8A8Linear`, the activations' int8 codes times the weights' through cuBLAS's int8 GEMM
-  (`torch._int_mm`, int32 sums), each token's scale and each channel's applied once to the float32 result
-  (timed against bf16 and the earlier kernels in bench/TORCH.md, session 34). Elsewhere, and for the other
-  kernels, a W8A8 layer quantize-dequantizes its activations per token first, exactly as qform.QLinear does,
-  and the matmul is weight-only.
+  (compute capability 8.0+), under auto: `W8A8Linear`, the activations' int8 codes times the weights' with
+  exact int32 sums (`torch._int_mm`: oneDNN's or cuBLAS's int8 GEMM; on CUDA from 32 rows our Triton GEMM,
+  runtime/triton_w8a8.py), each token's scale and each channel's applied once to the float32 result (timed
+  against bf16 and the earlier kernels in bench/TORCH.md, session 34). Elsewhere, and for the other kernels, a
+  W8A8 layer quantize-dequantizes its activations per token first, exactly as qform.QLinear does, and the
+  matmul is weight-only.
 """
 
 from __future__ import annotations
@@ -306,10 +307,12 @@ class W8A8Linear(_QuantLinearBase):
         codes = qt.codes.to(device=device, dtype=torch.int16)
         self.register_buffer("weight", (codes - 128).to(torch.int8).contiguous())  # [out, in]
         self.register_buffer("scales", qt.scales[:, 0].to(device=device, dtype=torch.float32))  # [out]
-        self.pad = torch.device(device).type == "cuda"
-        self.triton = self.pad
+        self.pad = self.triton = torch.device(device).type == "cuda"
         if self.triton:
-            from lorafast_export.runtime import triton_w8a8  # noqa: F401  (registers the op; imports triton)
+            try:
+                from lorafast_export.runtime import triton_w8a8  # noqa: F401  (registers the op)
+            except ImportError:  # no triton package: cuBLAS's int8 GEMM at every row count
+                self.triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, x = x.shape, x.reshape(-1, self.in_features)

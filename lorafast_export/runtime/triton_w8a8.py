@@ -5,9 +5,11 @@ wq the weights' int8 codes [N, K] (row-major, as W8A8Linear holds them), int32 s
 (`tl.dot` of int8 tiles: exact), the two float32 scales applied once to each output before its one rounding
 to the output dtype. cuBLAS's int8 GEMM (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100
 and leaves an int32 [M, N] for a second kernel to scale (bench/TORCH.md, session 34); decode's few rows keep
-it (W8A8Linear). Tiles by rule from the row count (`tiles`). Triton is imported only here (CUDA, or its
+it (W8A8Linear). Tiles from the row count (`TILES`, measured). Triton is imported only here (CUDA, or its
 interpreter in tests); the op is a torch custom op, opaque to inductor.
 """
+
+import functools
 
 import torch
 import triton
@@ -29,6 +31,7 @@ def _w8a8_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     ITERS: tl.constexpr,  # cdiv(K, BK): a compile-time bound (Triton's interpreter cannot loop to a runtime one)
+    WIDE: tl.constexpr,  # 64-bit offsets
 ):
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -40,6 +43,8 @@ def _w8a8_kernel(
     mm = pid_m * BM + tl.arange(0, BM)
     nn = pid_n * BN + tl.arange(0, BN)
     kk = tl.arange(0, BK)
+    if WIDE:  # offsets past 2**31 (a long prefill's [M, N]); the measured kernel's are 32-bit
+        mm, nn = mm.to(tl.int64), nn.to(tl.int64)
     x_ptrs = x_ptr + mm[:, None] * K + kk[None, :]
     w_ptrs = w_ptr + nn[None, :] * K + kk[:, None]  # [BK, BN]: the weight tile transposed
     acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -75,11 +80,16 @@ def tiles(m: int, smem: int | None = None) -> tuple[int, int, int, int, int, int
     return bm, bn, bk, group_m, warps, stages
 
 
+def _wide(m: int, n: int, k: int) -> bool:
+    """Whether an offset into [M, K] or [M, N] may pass 2**31 (the kernel then offsets in 64 bits)."""
+    return m * max(n, k) >= 2**31
+
+
+@functools.cache
 def _smem(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", None)
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
 def launch(
@@ -98,7 +108,7 @@ def launch(
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _w8a8_kernel[grid](
         xq, w, sx.reshape(m), sw, out, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
-        ITERS=triton.cdiv(k, bk), num_warps=warps, num_stages=stages,
+        ITERS=triton.cdiv(k, bk), WIDE=_wide(m, n, k), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 

@@ -10,6 +10,7 @@ import torch
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.qform import QLinear, with_fields
 from lorafast_export.runtime.linear import lower_qtensor
+from lorafast_export.runtime import triton_w8a8
 from lorafast_export.runtime.triton_w8a8 import launch, tiles
 from tests.runtime.test_linear import w8a8_qtensor
 
@@ -28,6 +29,18 @@ def test_w8a8_gemm_is_the_exact_product_times_the_scales(m, n, k, config):
     ref = (x.double() @ w.double().T) * sx.double() * sw.double()
     got = launch(x.to(DEV), w.to(DEV), sx.to(DEV), sw.to(DEV), torch.float32, config).double().cpu()
     assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_wide_offsets_compute_the_same_product(monkeypatch):
+    """Past 2**31 elements the kernel offsets in 64 bits (WIDE); forced on a small product it gives the same."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-127, 128, (20, 64), generator=g, dtype=torch.int8).to(DEV)
+    w = torch.randint(-128, 128, (48, 64), generator=g, dtype=torch.int8).to(DEV)
+    sx, sw = torch.rand(20, 1, generator=g).to(DEV), torch.rand(48, generator=g).to(DEV)
+    narrow = launch(x, w, sx, sw, torch.float32, (16, 32, 32, 1, 4, 1))
+    assert not triton_w8a8._wide(20, 48, 64) and triton_w8a8._wide(1 << 17, 1 << 14, 4096)
+    monkeypatch.setattr(triton_w8a8, "_wide", lambda m, n, k: True)
+    assert torch.equal(launch(x, w, sx, sw, torch.float32, (16, 32, 32, 1, 4, 1)), narrow)
 
 
 def test_tiles_cover_every_row_count_and_fit_the_shared_memory():
