@@ -31,7 +31,7 @@ class RuntimeOptions:
     cache_gib: float = 4.0  # cap of the default pool size
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch padded up to one of these
     prefill_tokens: int = 4096  # prompt tokens prefilled together in one packed forward (1 = one by one)
-    prefill_chunk: int = 0  # a prompt longer than this is prefilled in chunks of this many tokens, one a step, the running requests decoding between them (0 = off: one forward); off: at 8B on an H100 chunks of 2048 cost an 8,192-token prompt 1.14x its first-token time and cut the running requests' longest wait 246 -> 84 ms, but their warm-up compiles added 24 s to the load (bench/TORCH.md, session 33)
+    prefill_chunk: int = 0  # a prompt longer than this is prefilled in chunks of this many tokens, one a step, the running requests decoding between them (0 = off: one forward); off: at 8B on an H100 chunks of 2048 cost an 8,192-token prompt 1.14x its first-token time and cut the running requests' longest wait 246 -> 84 ms, but its warm-up compile adds 15.5 s to the load (bench/TORCH.md, sessions 33-34)
     spec_k: int = 4  # tokens a draft model proposes per verify step (speculative decoding, --draft)
     speculation: str = (
         "auto"  # with a draft: auto = only while its rounds beat plain decoding (timed), always
