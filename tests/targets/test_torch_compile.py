@@ -9,6 +9,7 @@ import torch
 from lorafast_export.errors import InputError
 from lorafast_export.model.decoder import load_decoder
 from lorafast_export.model.quantized import QuantizedModel
+from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, with_fields
 from lorafast_export.runtime import api
 from lorafast_export.targets.registry import LowerInput, get_target
 from tests.runtime.helpers import fake_quant_decoder, greedy_reference, quantize_all, tiny_checkpoint
@@ -51,6 +52,24 @@ def test_quantized_round_trip_matches_fake_quant(tmp_path):
     out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4}))
     session = get_target("torch-compile").load(out, "cpu")
     assert set(session.runtime.kernels.values()) == {"int4_tinygemm"}
+    ref = fake_quant_decoder(md, q)
+    ids = torch.randint(0, 96, (1, 11))
+    with torch.no_grad():
+        want = ref(ids)[0]
+    assert (session.logits(ids) - want).abs().max() < 1e-3 * want.abs().max()
+    assert session.generate(ids[0].tolist(), 6) == greedy_reference(ref, ids[0].tolist(), 6)
+
+
+def test_smoothquant_artifact_runs_the_int8_product(tmp_path):
+    """A W8A8 artifact keeps its per-token activation scheme through the files: loaded back, every linear runs
+    W8A8Linear (the int8 GEMM) and the artifact computes the fake-quant model's logits and greedy tokens."""
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp, q = quantize_all(md, bits=8, group_size=-1, symmetric=True)
+    q = {p: with_fields(qt, act_quant=ACT_QUANT_INT8_PER_TOKEN) for p, qt in q.items()}
+    meta = {"method": "smoothquant", "bits": 8}
+    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, meta))
+    session = get_target("torch-compile").load(out, "cpu")
+    assert set(session.runtime.kernels.values()) == {"w8a8"}
     ref = fake_quant_decoder(md, q)
     ids = torch.randint(0, 96, (1, 11))
     with torch.no_grad():
