@@ -28,7 +28,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   fused    runtime/triton_fused.py: each fused op vs cuBLAS's product (tiles swept), decode fused_decode off/on
-  int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1 and 32 rows (CUDA-graph timed)
+  int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1, 32 and 1,024 rows (CUDA-graph timed)
   w8a8     our runtime on a SmoothQuant model (int8 weights per channel, int8 activations per token)
   w8a8check  a SmoothQuant model of the check shape, compiled runtime vs the eager fake-quant one (float32)
   w8a8k    a SmoothQuant layer per linear shape and row count: bf16 vs what it ran before session 34
@@ -1545,12 +1545,20 @@ INT8_TILES = {  # rows → plan entries tried (max rows, kind, BN, BK, splits, B
         for bk in (64, 128)
         for sp in (1, 2)
     ],
+    # a prefill's rows (session 34): the table's last bucket runs every larger row count, so a table measured to
+    # 32 rows only would run prefills on a 32-row tile no one timed there
+    1024: [
+        [1024, kind, bn, bk, 1, bm, w]
+        for kind in (1, 4)
+        for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4))
+        for bk in (64, 128)
+    ],
 }
 
 
 def sec_int8k(a, dev, R):
     """Our Triton int8 weight-only kernels (runtime/triton_int8.py) vs the dense bf16 matmul, per fused
-    linear of the shape, at 1 and 32 rows: CUDA-graph replay of calls that cycle through weight copies
+    linear of the shape, at each INT8_TILES row count (1, 32 and a prefill's 1,024): CUDA-graph replay of calls that cycle through weight copies
     (bench/int4_kernels.py's timing); every timed tile is first checked against the dequantized matmul.
     --int8-table PATH also writes the runtime's int8 table (runtime/int4_table.py, `int8_plan_from_table`)."""
     from bench.int4_kernels import graph_us, n_copies
