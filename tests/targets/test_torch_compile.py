@@ -46,18 +46,24 @@ def test_fp_round_trip_matches_transformers(tmp_path):
     assert api.run_prompt(tmp_path, prompt, 9) == session.generate(prompt, 9)  # artifact root or model/
 
 
-def test_quantized_round_trip_matches_fake_quant(tmp_path):
-    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
-    fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
-    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4}))
+def round_trip_kernels(tmp_path, md, fp, q, meta) -> set[str]:
+    """Lower the quantized model, load it back on the CPU, check it against the fake-quant decoder (logits,
+    greedy tokens); the kernels its linears run."""
+    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, meta))
     session = get_target("torch-compile").load(out, "cpu")
-    assert set(session.runtime.kernels.values()) == {"int4_tinygemm"}
     ref = fake_quant_decoder(md, q)
     ids = torch.randint(0, 96, (1, 11))
     with torch.no_grad():
         want = ref(ids)[0]
     assert (session.logits(ids) - want).abs().max() < 1e-3 * want.abs().max()
     assert session.generate(ids[0].tolist(), 6) == greedy_reference(ref, ids[0].tolist(), 6)
+    return set(session.runtime.kernels.values())
+
+
+def test_quantized_round_trip_matches_fake_quant(tmp_path):
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
+    fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
+    assert round_trip_kernels(tmp_path, md, fp, q, {"method": "rtn", "bits": 4}) == {"int4_tinygemm"}
 
 
 def test_smoothquant_artifact_runs_the_int8_product(tmp_path):
@@ -66,16 +72,7 @@ def test_smoothquant_artifact_runs_the_int8_product(tmp_path):
     md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
     fp, q = quantize_all(md, bits=8, group_size=-1, symmetric=True)
     q = {p: with_fields(qt, act_quant=ACT_QUANT_INT8_PER_TOKEN) for p, qt in q.items()}
-    meta = {"method": "smoothquant", "bits": 8}
-    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, meta))
-    session = get_target("torch-compile").load(out, "cpu")
-    assert set(session.runtime.kernels.values()) == {"w8a8"}
-    ref = fake_quant_decoder(md, q)
-    ids = torch.randint(0, 96, (1, 11))
-    with torch.no_grad():
-        want = ref(ids)[0]
-    assert (session.logits(ids) - want).abs().max() < 1e-3 * want.abs().max()
-    assert session.generate(ids[0].tolist(), 6) == greedy_reference(ref, ids[0].tolist(), 6)
+    assert round_trip_kernels(tmp_path, md, fp, q, {"method": "smoothquant", "bits": 8}) == {"w8a8"}
 
 
 def test_saved_quantized_model_streams_into_the_artifact(tmp_path):
