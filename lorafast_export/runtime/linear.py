@@ -162,19 +162,27 @@ def _untabled_plan(qt: QTensor, dev: torch.device) -> list[int] | None:
 _UNMEASURED: set[str] = set()  # GPUs whose missing table entries were logged (once a process)
 
 
+def _per_channel(qt: QTensor) -> bool:
+    """One scale per output channel: no groups, or one group as wide as the input."""
+    return qt.group_size == -1 or qt.group_size >= qt.in_features
+
+
+def _signed_codes(qt: QTensor, device) -> torch.Tensor:
+    """8-bit codes as signed int8 [out, in] on the device: code - 128 (qform's unsigned grid, zero 128)."""
+    return (qt.codes.to(device=device, dtype=torch.int16) - 128).to(torch.int8).contiguous()
+
+
 def int8_triton_fits(qt: QTensor) -> bool:
     """Our Triton int8 kernels: per channel, or groups of a power of two >= 16, contiguous after act-order."""
     g = qt.group_size
-    per_channel = g == -1 or g >= qt.in_features
-    return qt.bits == 8 and (per_channel or (g >= 16 and not g & (g - 1))) and _groups_contiguous(qt)
+    return qt.bits == 8 and (_per_channel(qt) or (g >= 16 and not g & (g - 1))) and _groups_contiguous(qt)
 
 
 def int8_table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
     """The measured int8 plan (auto on CUDA, bf16/fp16, per channel): None where the table does not say
     our kernel beats bf16 at every measured row count (runtime/int4_table.int8_plan_from_table)."""
     dev = torch.device(device)
-    per_channel = qt.group_size == -1 or qt.group_size >= qt.in_features
-    if dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not per_channel:
+    if dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not _per_channel(qt):
         return None
     if qt.bits != 8 or not int8_triton_fits(qt) or not torch.cuda.is_available():
         return None
@@ -188,7 +196,7 @@ def w8a8_fits(qt: QTensor) -> bool:
     return (
         qt.bits == 8
         and qt.act_quant == ACT_QUANT_INT8_PER_TOKEN
-        and (qt.group_size == -1 or qt.group_size >= qt.in_features)
+        and _per_channel(qt)
         and qt.zeros is None
         and qt.in_features % 8 == 0
         and qt.out_features % 8 == 0
@@ -217,12 +225,7 @@ def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, p
     cuda = torch.device(device).type == "cuda"
     if prefer == "auto" and w8a8_fits(qt) and _int_mm_fast(torch.device(device)):
         return "w8a8"
-    if (
-        prefer != "triton"
-        and qt.bits == 8
-        and (qt.group_size == -1 or qt.group_size >= qt.in_features)
-        and not cuda
-    ):
+    if prefer != "triton" and qt.bits == 8 and _per_channel(qt) and not cuda:
         return "int8_weight_only"  # on CUDA (torch 2.11, H200) _weight_int8pack_mm was 7-90x slower than bf16
     if triton_plan(qt, device, dtype, prefer) is not None:
         return "int4_triton"
@@ -273,9 +276,7 @@ class Int8Linear(_QuantLinearBase):
     def __init__(self, qt: QTensor, bias=None, dtype=torch.float32, device="cpu"):
         super().__init__(qt, bias, dtype, device)
         scale = qt.scales[:, 0].float()  # [out]
-        self.register_buffer(
-            "weight", (qt.codes.to(torch.int16) - 128).to(torch.int8).to(device)
-        )  # [out, in]
+        self.register_buffer("weight", _signed_codes(qt, device))  # [out, in]
         self.register_buffer("scales", scale.to(device=device, dtype=dtype))
         zcorr = None if qt.zeros is None else (128.0 - qt.zeros[:, 0].float()) * scale  # [out]
         self.register_buffer("zero_term", None if zcorr is None else zcorr.to(device))
@@ -304,8 +305,7 @@ class W8A8Linear(_QuantLinearBase):
         super().__init__(qt, bias, dtype, device)
         if not w8a8_fits(qt):
             raise ValueError(f"W8A8Linear: [{qt.out_features}, {qt.in_features}] does not fit (w8a8_fits)")
-        codes = qt.codes.to(device=device, dtype=torch.int16)
-        self.register_buffer("weight", (codes - 128).to(torch.int8).contiguous())  # [out, in]
+        self.register_buffer("weight", _signed_codes(qt, device))  # [out, in]
         self.register_buffer("scales", qt.scales[:, 0].to(device=device, dtype=torch.float32))  # [out]
         self.pad = self.triton = torch.device(device).type == "cuda"
         if self.triton:
