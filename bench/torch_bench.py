@@ -1632,7 +1632,7 @@ def sec_w8a8k(a, dev, R):
     layer as auto lowered it before session 34 (fake-quant activations, then on the CPU aten's int8 weight-only
     product, on CUDA `dequant` or our Triton int8 kernel with the int8 table's plan where one is shipped) and W8A8Linear (the int8 GEMM), each module
     under torch.compile as the runtime runs it. CUDA: graph replay over weight copies (runtime/kernel_tune
-    .graph_us); CPU: the median of timed calls. Every output is checked against the float32 fake-quant
+    .graph_us); CPU: the median of 5 timed calls (timeit). Every output is checked against the float32 fake-quant
     product first."""
     from lorafast_export.runtime.kernel_tune import graph_us, n_copies
 
@@ -1660,7 +1660,7 @@ def sec_w8a8k(a, dev, R):
                         if dev.type == "cuda":
                             row["us"] = graph_us(lambda j, x=x, ms=mods: ms[j](x), len(mods))
                         else:
-                            row["us"] = _cpu_us(lambda x=x, ms=mods: ms[0](x))
+                            row["us"] = timeit(lambda x=x, ms=mods: ms[0](x), dev, iters=5, warmup=1) * 1e6
                 except Exception as ex:  # noqa: BLE001 - a kernel that fails is a result
                     row["error"] = f"{type(ex).__name__}: {ex}"[:300]
                 rows.append(row)
@@ -1714,17 +1714,6 @@ class _DenseLinear(torch.nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.weight)
-
-
-def _cpu_us(fn, seconds: float = 0.4) -> float:
-    """Median microseconds of fn() over about `seconds` of calls (after one untimed call)."""
-    fn()
-    times, t_end = [], time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(times) < 3:
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
 
 
 def sec_gemv(a, dev, R):
