@@ -28,7 +28,9 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   blas     the dense linears under cuBLAS vs cuBLASLt, weight as stored vs pre-transposed, 1 and 32 rows
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   fused    runtime/triton_fused.py: each fused op vs cuBLAS's product (tiles swept), decode fused_decode off/on
-  int8k    our Triton int8 weight-only GEMV/GEMM vs bf16 per linear shape at 1, 32 and 1,024 rows (CUDA-graph timed)
+  int8k    our Triton int8 weight-only GEMV/GEMM (and DEQUANT + cuBLAS) vs bf16 per linear shape at 1, 32, 128 and
+           1,024 rows (CUDA-graph timed)
+  int8     our runtime on an int8 weight-only model (per channel, symmetric: `--quant int8`), auto's kernels
   w8a8     our runtime on a SmoothQuant model (int8 weights per channel, int8 activations per token)
   w8a8check  a SmoothQuant model of the check shape, compiled runtime vs the eager fake-quant one (float32)
   w8a8k    a SmoothQuant layer per linear shape and row count: bf16 vs what it ran before session 34
@@ -433,17 +435,19 @@ def single_step_peer(rt, a, batches) -> dict:
 
 
 def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None):
-    """Our runtime at a.batches; quant: True int4 g128, "w8a8" a SmoothQuant model (w8a8_linears), False
-    bf16; gemv='on' (section bf16g): dense_gemv on, and its greedy tokens for one prompt compared with the
+    """Our runtime at a.batches; quant: True int4 g128, "w8a8" a SmoothQuant model (w8a8_linears), "int8"
+    int8 weight-only per channel, symmetric (what `--quant int8` builds), False bf16; gemv='on' (section bf16g): dense_gemv on, and its greedy tokens for one prompt compared with the
     bf16 section's (cuBLAS) when that ran first in this call."""
     model = R["_model"]
     cfg, state = config_of(model)
     if quant == "w8a8":
         fp, q = w8a8_linears(state)
+    elif quant == "int8":
+        fp, q = quantize_linears(state, bits=8, group=-1, symmetric=True)
     else:
         fp, q = quantize_linears(state, head=a.quant_lm_head) if quant else (state, None)
     attention = R.get("_attn_choice", a.attention)
-    label = "w8a8" if quant == "w8a8" else "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
+    label = quant if quant in ("w8a8", "int8") else "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
     eager = label == "bf16" and a.eager_peer
     rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=eager, gemv=gemv)
     res["dense_gemv"] = rt.options.dense_gemv
@@ -1545,20 +1549,25 @@ INT8_TILES = {  # rows → plan entries tried (max rows, kind, BN, BK, splits, B
         for bk in (64, 128)
         for sp in (1, 2)
     ],
-    # a prefill's rows (session 34): the table's last bucket runs every larger row count, so a table measured to
-    # 32 rows only would run prefills on a 32-row tile no one timed there
-    1024: [
-        [1024, kind, bn, bk, 1, bm, w]
-        for kind in (1, 4)
-        for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4))
-        for bk in (64, 128)
-    ],
+    # prefills' rows (a short prompt, a long one): the table's last bucket runs every larger row count, so a
+    # table measured to 32 rows only would run prefills on a 32-row tile no one timed there (session 34); kind 7
+    # = DEQUANT, the codes dequantized per call and cuBLAS's bf16 product (session 35)
+    **{
+        m: [
+            [m, kind, bn, bk, 1, bm, w]
+            for kind in (1, 4)
+            for bm, bn, w in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
+            for bk in (64, 128)
+        ]
+        + [[m, 7, bn, bk, 1, 16, w] for bn, bk, w in ((16, 256, 4), (32, 256, 4), (64, 256, 8), (32, 512, 8))]
+        for m in (128, 1024)
+    },
 }
 
 
 def sec_int8k(a, dev, R):
     """Our Triton int8 weight-only kernels (runtime/triton_int8.py) vs the dense bf16 matmul, per fused
-    linear of the shape, at each INT8_TILES row count (1, 32 and a prefill's 1,024): CUDA-graph replay of calls that cycle through weight copies
+    linear of the shape, at each INT8_TILES row count (1, 32 and prefills' 128 and 1,024): CUDA-graph replay of calls that cycle through weight copies
     (bench/int4_kernels.py's timing); every timed tile is first checked against the dequantized matmul.
     --int8-table PATH also writes the runtime's int8 table (runtime/int4_table.py, `int8_plan_from_table`)."""
     from bench.int4_kernels import graph_us, n_copies
@@ -1604,7 +1613,7 @@ def sec_int8k(a, dev, R):
                         {"entry": e, "error": f"{type(ex).__name__}: {ex}"[:200]}
                     )
                     continue
-                kind = {0: "gemv", 1: "gemm", 4: "gemm_t"}[e[1]]
+                kind = {0: "gemv", 1: "gemm", 4: "gemm_t", 7: "dequant"}[e[1]]
                 if kind not in by_kind or us < by_kind[kind][0]:
                     by_kind[kind] = (us, e)
                 if best is None or us < best[0]:
@@ -2064,6 +2073,7 @@ SECTIONS = {
     "bf16": lambda a, d, R: sec_model(a, d, R, False),
     "int4": lambda a, d, R: sec_model(a, d, R, True),
     "w8a8": lambda a, d, R: sec_model(a, d, R, "w8a8"),
+    "int8": lambda a, d, R: sec_model(a, d, R, "int8"),
     "w8a8k": sec_w8a8k,
     "w8a8check": sec_w8a8check,
     "bf16g": lambda a, d, R: sec_model(a, d, R, False, gemv="on"),
@@ -2094,6 +2104,7 @@ NEEDS_MODEL = {
     "bf16g",
     "int4",
     "w8a8",
+    "int8",
     "hf",
     "mixed",
     "hfstatic",

@@ -1,4 +1,5 @@
-"""Print a torch_bench run's SmoothQuant results (sections w8a8check, w8a8k, bf16, w8a8): python w8a8_summary.py RUN.json"""
+"""Print a torch_bench run's int8 results (sections w8a8check, w8a8k, bf16, w8a8, int8): decode tok/s and the
+median time to first token of each quantized model against bf16's. python w8a8_summary.py RUN.json"""
 
 import json
 import sys
@@ -10,17 +11,19 @@ for r in d.get("w8a8k", {}).get("vs_dense", []):
     print(
         f"w8a8k {r['linear']:8s} rows {r['rows']:4d} {r['kind']:20s} {r['us']:9.2f} us  dense {r['dense_us']:9.2f} us  {r['speedup']:.2f}x"
     )
+QUANT = ("w8a8", "int8")
 runs = {
-    k: {r["batch"]: r["decode_tokens_per_s"] for r in d[k]["results"]}
-    for k in ("bf16", "w8a8")
+    k: {r["batch"]: r for r in d[k]["results"]}
+    for k in ("bf16", *QUANT)
     if isinstance(d.get(k), dict) and "results" in d[k]
 }
 if "copy" in d:
     print("copy", d["copy"].get("TBps"), "TB/s")
-for b in sorted(set().union(*[set(v) for v in runs.values()]) if runs else []):
-    bf, w8 = runs.get("bf16", {}).get(b), runs.get("w8a8", {}).get(b)
-    ratio = f"{w8 / bf:.2f}x" if bf and w8 else "-"
-    print(f"decode batch {b}: bf16 {bf} tok/s, w8a8 {w8} tok/s, {ratio}")
-for k in ("bf16", "w8a8"):
-    if isinstance(d.get(k), dict):
-        print(k, "kernels", d[k].get("kernels"), "weight bytes a step", d[k].get("weight_bytes_per_step"))
+for q in (k for k in QUANT if k in runs):
+    for b, r in sorted(runs[q].items()):
+        bf = runs.get("bf16", {}).get(b)
+        tok, ttft = r["decode_tokens_per_s"], r["ttft_ms_median"]
+        vs = f"{tok / bf['decode_tokens_per_s']:.2f}x, ttft bf16 {bf['ttft_ms_median']:.1f} ms" if bf else "-"
+        print(f"{q} batch {b}: decode {tok:.1f} tok/s, ttft {ttft:.1f} ms; vs bf16 {vs}")
+for k in runs:
+    print(k, "kernels", d[k].get("kernels"), "weight bytes a step", d[k].get("weight_bytes_per_step"))

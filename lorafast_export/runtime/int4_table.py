@@ -138,18 +138,31 @@ def untabled_plan(n: int, k: int, sms: int) -> list[int]:
     return plan + [1 << 30, GEMM_W_KIND, bn, SZ_WORDS, 1, 64, 4]
 
 
+DECODE_ROWS = 32  # int8 row buckets up to here are decode steps; those above, prefills
+DEQUANT_KIND = 7  # runtime/triton_int4.DEQUANT (not imported here: that module imports triton)
+PREFILL_DEQUANT = [1 << 30, DEQUANT_KIND, 32, 256, 1, 16, 4]  # rows past a table measured to decode rows only
+
+
 def int8_plan_from_table(table: dict | None, n: int, k: int) -> list[int] | None:
-    """The int8 Triton plan for an [n, k] per-channel linear from `bench/torch_bench.py --sections int8k
-    --int8-table` (int8_<gpu>.json): per measured row bucket its fastest tile, the last bucket's entry
-    covering every larger row count. None (the layer stays dequantized to bf16) unless the shape was
-    measured and our kernel beat the bf16 matmul in every bucket: the two keep different weights (int8
-    codes against a dense bf16 copy), so a layer cannot switch between them per bucket."""
+    """The int8 plan for an [n, k] per-channel linear from `bench/torch_bench.py --sections int8k
+    --int8-table` (int8_<gpu>.json): per measured row bucket its fastest entry (a Triton tile, or DEQUANT: the
+    codes dequantized per call, then cuBLAS), the last bucket's entry covering every larger row count.
+    None (the layer stays dequantized to a resident bf16 weight) unless the shape was measured and int8 beat
+    the bf16 matmul in every decode bucket (up to DECODE_ROWS rows). The buckets above are prefills: they run
+    the fastest int8 entry even where bf16 was faster, since the layer keeps only its codes (half of bf16's
+    bytes) and cannot switch to a dense copy per bucket. A table with no prefill bucket (measured before
+    session 35) gets DEQUANT past its last bucket: its last tile was never timed on a prefill's rows."""
     row = shape_row(table, n, k)
     if row is None or not row["rows"]:
         return None
-    cells = [row["rows"][b] for b in sorted(row["rows"], key=int)]
-    if any(c.get("us") is None or not c["us"] < c["bf16_us"] for c in cells):
-        return None
     buckets = sorted(int(b) for b in row["rows"])
-    buckets[-1] = 1 << 30
-    return [x for b, c in zip(buckets, cells) for x in (b, *c["entry"][1:])]
+    cells = [row["rows"][str(b)] for b in buckets]
+    if buckets[0] > DECODE_ROWS or any(c.get("us") is None for c in cells):
+        return None
+    if not all(c["us"] < c["bf16_us"] for b, c in zip(buckets, cells) if b <= DECODE_ROWS):
+        return None
+    plan = [x for b, c in zip(buckets, cells) for x in (b, *c["entry"][1:])]
+    if buckets[-1] <= DECODE_ROWS:
+        return plan + PREFILL_DEQUANT
+    plan[-7] = 1 << 30
+    return plan

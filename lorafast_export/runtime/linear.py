@@ -16,7 +16,9 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   are permuted into contiguous groups, and the activations with them.
 - int8 with `kernel=triton` (per channel or power-of-two groups): our Triton GEMV/GEMM/GEMM_T on the uint8
   codes (runtime/triton_int8.py, `Int8TritonLinear`); auto picks them on CUDA for per-channel layers whose
-  shape the measured int8 table (data/kernels/int8_<gpu>.json) shows faster than bf16 at every row count.
+  shape the measured int8 table (data/kernels/int8_<gpu>.json) shows faster than bf16 at every decode row
+  count (up to 32 rows); prefills then run the table's fastest int8 entry, often DEQUANT (the codes
+  dequantized per call, then cuBLAS), and pay for half of bf16's weight bytes there.
 - int8 per channel, CPU: `aten._weight_int8pack_mm` (w = int8 * scale per row). Codes are unsigned, so
   int8 = code - 128 and an asymmetric zero point adds a per-row term (128 - z) * scale * sum(x). Not on
   CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the dense bf16 matmul, so int8 uses dequant.
@@ -180,7 +182,7 @@ def int8_triton_fits(qt: QTensor) -> bool:
 
 def int8_table_plan(qt: QTensor, device, dtype: torch.dtype) -> list[int] | None:
     """The measured int8 plan (auto on CUDA, bf16/fp16, per channel): None where the table does not say
-    our kernel beats bf16 at every measured row count (runtime/int4_table.int8_plan_from_table)."""
+    our kernels beat bf16 at every measured decode row count (runtime/int4_table.int8_plan_from_table)."""
     dev = torch.device(device)
     if dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not _per_channel(qt):
         return None
@@ -219,7 +221,7 @@ def _int_mm_fast(device: torch.device) -> bool:
 def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, prefer: str = "auto") -> str:
     """'w8a8' | 'int4_triton' | 'int4_tinygemm' | 'int8_triton' | 'int8_weight_only' | 'dequant' for this
     tensor on this device/dtype. int8_triton with kernel=triton, or under auto where the measured int8 table
-    says it beats bf16 (int8_table_plan); w8a8 under auto on the CPU and CUDA for the layers it fits."""
+    says it beats bf16 at decode row counts (int8_table_plan); w8a8 under auto on the CPU and CUDA for the layers it fits."""
     if prefer == "dequant":
         return "dequant"
     cuda = torch.device(device).type == "cuda"

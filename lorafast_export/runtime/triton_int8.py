@@ -9,9 +9,13 @@ tile's partial sum once; per weight the work is one OR and one float subtraction
 - GEMM_T (plan kind 4): the GEMM with swapped operands, the weight rows as the MMA's M dimension (Hopper's
   wgmma wants 64 per warpgroup), per-channel scales applied once after the loop.
 Codes become floats by a bit trick (`_codes_minus_zero`), not an int-to-float conversion.
+- DEQUANT (plan kind 7, prefill-sized row counts): the codes dequantized once per call to a dense weight in
+  x's dtype (`_dequant8_kernel`, BN rows x BK columns a program, as qform.dequantize computes it), then
+  torch's matmul (cuBLAS). Our GEMMs ran at 0.45-0.5x bf16 at 1,024 rows on an H100 (session 35); this costs
+  one pass over the codes (1 byte read, 2 written per weight) on top of the bf16 product.
 Both split K (each split writes an fp32 partial, summed after). Plan entries, the row-bucket choice and
-the jit wrapper are those of runtime/triton_int4.py. There is no measured table for int8 yet: only
-`kernel=triton` selects these kernels (auto keeps int8 dequantized on CUDA).
+the jit wrapper are those of runtime/triton_int4.py. Under auto a measured int8 table picks them
+(runtime/int4_table.int8_plan_from_table); `kernel=triton` forces them on any shape.
 
 Triton is imported only here (CUDA, or its interpreter in tests). The op is a torch custom op: opaque to
 inductor, captured in the step's CUDA graph.
@@ -21,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafast_export.runtime.triton_int4 import GEMM_T, GEMV, _dot, _jit, pick, split_out, sum_splits
+from lorafast_export.runtime.triton_int4 import DEQUANT, GEMM_T, GEMV, _dot, _jit, pick, split_out, sum_splits
 
 
 @triton.jit
@@ -150,6 +154,47 @@ def _gemm8_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
+@triton.jit
+def _dequant8_kernel(
+    w_ptr,  # [N, K] uint8 codes
+    s_ptr,  # [N, G] scales
+    z_ptr,  # [N, G] uint8 zero points (unused when symmetric)
+    out_ptr,  # [N, K] in the activation dtype
+    N,
+    K,
+    G,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GS: tl.constexpr,  # group size (per channel: a power of two >= K)
+    ASYM: tl.constexpr,
+):
+    """One tile (BN rows x BK columns) → (code - zero) * scale in fp32, as qform.dequantize computes it,
+    stored in out's dtype."""
+    nn = tl.program_id(0) * BN + tl.arange(0, BN)
+    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    ok = (nn < N)[:, None] & (kk < K)[None, :]
+    g = nn[:, None] * G + kk[None, :] // GS
+    c = tl.load(w_ptr + nn[:, None] * K + kk[None, :], mask=ok, other=0).to(tl.float32)
+    s = tl.load(s_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    if ASYM:
+        a = (c - tl.load(z_ptr + g, mask=ok, other=0).to(tl.float32)) * s
+    else:
+        a = (c - 128.0) * s
+    tl.store(out_ptr + nn[:, None] * K + kk[None, :], a.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequant8(
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, gs: int, bn: int, bk: int, warps: int, dtype
+) -> torch.Tensor:
+    """The dense [N, K] weight in dtype from the uint8 codes (DEQUANT's first step)."""
+    (n, k), g = w.shape, s.shape[1]
+    out = torch.empty(n, k, device=w.device, dtype=dtype)
+    zp = z if z is not None else s  # never read when symmetric
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _dequant8_kernel[grid](w, s, zp, out, n, k, g, BN=bn, BK=bk, GS=gs, ASYM=z is not None, num_warps=warps)
+    return out
+
+
 def launch8(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -163,6 +208,8 @@ def launch8(
     _, kind, bn, bk, splits, bm, warps = entry
     m, (n, k), g = x.shape[0], w.shape, s.shape[1]
     gs = triton.next_power_of_2(k) if group_size == -1 or group_size >= k else group_size
+    if kind == DEQUANT:
+        return x @ dequant8(w, s, z, gs, bn, bk, warps, x.dtype).T
     bk = min(bk, gs)  # a tile lies inside one group (both powers of two)
     iters, splits, out = split_out(x, n, triton.cdiv(k, bk), splits)
     zp = z if z is not None else s  # never read when symmetric
