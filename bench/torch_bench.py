@@ -30,6 +30,8 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   fused    runtime/triton_fused.py: each fused op vs cuBLAS's product (tiles swept), decode fused_decode off/on
   int8k    our Triton int8 weight-only GEMV/GEMM (and DEQUANT + cuBLAS) vs bf16 per linear shape at 1, 32, 128 and
            1,024 rows (CUDA-graph timed)
+  int8cpu  CPU: an int8 weight-only layer per linear shape and row count, float32 and bf16: dense vs aten's pack
+           product vs what auto lowers (session 35)
   int8     our runtime on an int8 weight-only model (per channel, symmetric: `--quant int8`), auto's kernels
   w8a8     our runtime on a SmoothQuant model (int8 weights per channel, int8 activations per token)
   w8a8check  a SmoothQuant model of the check shape, compiled runtime vs the eager fake-quant one (float32)
@@ -1700,20 +1702,67 @@ def _w8a8_layer_kinds(qt, wd: torch.Tensor, act: torch.dtype, dev) -> dict:
     def fresh():
         return with_fields(qt, codes=qt.codes.clone())
 
+    def cublas_only():  # W8A8Linear's cuBLAS int8 GEMM below TRITON_FROM rows, as before session 35's GEMV
+        mod = W8A8Linear(fresh(), None, act, dev)
+        mod.gemv_rows = 0
+        return mod
+
     kinds = {
         "dense": lambda: _DenseLinear(wd.clone()),
         "w8a8": lambda: W8A8Linear(fresh(), None, act, dev),
     }
+    if dev.type == "cuda":
+        kinds["w8a8_cublas"] = cublas_only
     plan = int8_table_plan(qt, dev, act)
     if (
         dev.type == "cpu"
     ):  # per-channel int8 on the CPU: aten._weight_int8pack_mm on the fake-quant activations
-        kinds["before_int8_weight_only"] = lambda: Int8Linear(fresh(), None, act, dev)
+        kinds["before_int8_weight_only"] = lambda: _pack_only(Int8Linear(fresh(), None, act, dev))
     elif plan is not None:
         kinds["before_int8_triton"] = lambda: Int8TritonLinear(fresh(), None, act, dev, plan=plan)
     else:
         kinds["before_dequant"] = lambda: DequantLinear(fresh(), None, act, dev)
     return kinds
+
+
+def _pack_only(mod):
+    """An Int8Linear that runs aten's pack product at every row count, as before session 35."""
+    mod.PACK_ROWS = 1 << 30
+    return mod
+
+
+def sec_int8cpu(a, dev, R):
+    """CPU: an int8 weight-only layer (per channel, symmetric: `--quant int8`) of each of the shape's linears at
+    --w8a8-rows, float32 and bf16 activations: the dense weight (`dequant`), aten's pack product at every row
+    count (Int8Linear before session 35) and what auto lowers now (its kernel named), each under torch.compile;
+    the median of 5 timed calls. Every output is checked against the fake-quant product first."""
+    from lorafast_export.runtime.linear import DequantLinear, Int8Linear, lower_qtensor
+
+    torch._dynamo.config.recompile_limit = 1024
+    counts = [int(r) for r in a.w8a8_rows.split(",")]
+    rows = []
+    for name, (n, k) in _linear_shapes(a.shape).items():
+        torch.manual_seed(0)
+        qt = quantize_rtn(torch.randn(n, k) * 0.02, 8, -1, True)
+        for act in (torch.float32, torch.bfloat16):
+            auto = lower_qtensor(qt, dev, act)
+            kinds = {
+                "dense": DequantLinear(qt, None, act, dev),
+                "pack": _pack_only(Int8Linear(qt, None, act, dev)),
+                f"auto_{auto.kernel}": auto,
+            }
+            for kind, mod in kinds.items():
+                mod = torch.compile(mod)
+                for m in counts:
+                    x = torch.randn(m, k, dtype=act)
+                    ref = QLinear(qt)(x.float())
+                    with torch.no_grad():
+                        err = ((mod(x).float() - ref).norm() / ref.norm()).item()
+                        us = timeit(lambda x=x, mod=mod: mod(x), dev, iters=5, warmup=1) * 1e6
+                    row = {"linear": name, "n": n, "k": k, "act": str(act)[6:], "rows": m, "kind": kind}
+                    rows.append({**row, "us": us, "rel_err": err})
+                    print(f"  int8cpu {json.dumps(rows[-1])}", flush=True)
+    return rows
 
 
 class _DenseLinear(torch.nn.Module):
@@ -2092,6 +2141,7 @@ SECTIONS = {
     "gcwatch": sec_gcwatch,
     "tritoncheck": sec_tritoncheck,
     "int8k": sec_int8k,
+    "int8cpu": sec_int8cpu,
     "gemv": sec_gemv,
     "blas": sec_blas,
     "overlap": sec_overlap,

@@ -19,9 +19,13 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   shape the measured int8 table (data/kernels/int8_<gpu>.json) shows faster than bf16 at every decode row
   count (up to 32 rows); prefills then run the table's fastest int8 entry, often DEQUANT (the codes
   dequantized per call, then cuBLAS), and pay for half of bf16's weight bytes there.
-- int8 per channel, CPU: `aten._weight_int8pack_mm` (w = int8 * scale per row). Codes are unsigned, so
-  int8 = code - 128 and an asymmetric zero point adds a per-row term (128 - z) * scale * sum(x). Not on
-  CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the dense bf16 matmul, so int8 uses dequant.
+- int8 per channel, CPU, bf16/fp16 activations: `aten._weight_int8pack_mm` (w = int8 * scale per row) up to
+  PACK_ROWS rows, the weight dequantized per call and torch's matmul beyond (the pack product is a GEMV per row:
+  3-12x slower than that from 64 rows). Codes are unsigned, so int8 = code - 128 and an asymmetric zero point
+  adds a per-row term (128 - z) * scale * sum(x). Not for float32 activations (the pack product ran 4x slower than
+  the dense float32 matmul at one row and 45x at 256 on a 2-core CPU; dequantizing per call, 1.5-15x): they
+  keep the dense weight (`dequant`). Not on CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the
+  dense bf16 matmul.
 - anything else (int8 grouped, odd shapes, fp32 activations on CUDA int4): `DequantLinear`, the
   dequantized weight kept dense in the compute dtype: exact, no memory saving.
 - SmoothQuant W8A8 (act_quant int8 per token, int8 per-channel symmetric weights) on the CPU and on CUDA
@@ -227,7 +231,7 @@ def choose_kernel(qt: QTensor, device: torch.device | str, dtype: torch.dtype, p
     cuda = torch.device(device).type == "cuda"
     if prefer == "auto" and w8a8_fits(qt) and _int_mm_fast(torch.device(device)):
         return "w8a8"
-    if prefer != "triton" and qt.bits == 8 and _per_channel(qt) and not cuda:
+    if prefer != "triton" and qt.bits == 8 and _per_channel(qt) and not cuda and dtype != torch.float32:
         return "int8_weight_only"  # on CUDA (torch 2.11, H200) _weight_int8pack_mm was 7-90x slower than bf16
     if triton_plan(qt, device, dtype, prefer) is not None:
         return "int4_triton"
@@ -271,9 +275,13 @@ class DequantLinear(_QuantLinearBase):
 
 
 class Int8Linear(_QuantLinearBase):
-    """Per-channel int8 weight-only through aten._weight_int8pack_mm."""
+    """Per-channel int8 weight-only through aten._weight_int8pack_mm up to PACK_ROWS rows; beyond, the weight
+    dequantized per call (int8 * scale in the activation dtype) and torch's matmul."""
 
     kernel = "int8_weight_only"
+    # a 2-core CPU, bf16, [2048 | 8192, 2048] (session 35): pack 0.9 | 3.2 ms against dequantized 0.7 | 10.3 at
+    # 16 rows, 3.4 | 12.8 against 0.9 | 11.6 at 64
+    PACK_ROWS = 32
 
     def __init__(self, qt: QTensor, bias=None, dtype=torch.float32, device="cpu"):
         super().__init__(qt, bias, dtype, device)
@@ -285,7 +293,10 @@ class Int8Linear(_QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, x = x.shape, self._prep(x).reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        if x.shape[0] <= self.PACK_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
         if self.zero_term is not None:
             y = (y.float() + x.float().sum(-1, keepdim=True) * self.zero_term).to(x.dtype)
         return self._finish(y, shape)
@@ -294,11 +305,12 @@ class Int8Linear(_QuantLinearBase):
 class W8A8Linear(_QuantLinearBase):
     """SmoothQuant W8A8: each token's int8 codes (qform.int8_per_token, as the fake-quant reference rounds
     them) times the int8 weights with int32 sums (exact), then the token's scale and the channel's in float32,
-    once. Up to TRITON_FROM - 1 rows (a decode step), and always on the CPU: `torch._int_mm` (cuBLAS's or
-    oneDNN's int8 GEMM); on CUDA it takes more than 16 rows, so up to 16 get 16 zero rows appended and their
-    outputs dropped (the weight is read once either way). From TRITON_FROM rows on CUDA (a prefill): our Triton
-    GEMM with the scales in its epilogue (runtime/triton_w8a8.py), where cuBLAS's int8 GEMM was no faster than
-    bf16 (bench/TORCH.md, session 34)."""
+    once. On CUDA up to triton_w8a8.GEMV_ROWS rows (a small decode step): our Triton GEMV (runtime/triton_w8a8
+    .py, session 35). Up to TRITON_FROM - 1 rows, and always on the CPU: `torch._int_mm` (cuBLAS's or oneDNN's
+    int8 GEMM); on CUDA it takes more than 16 rows, so up to 16 get 16 zero rows appended and their outputs
+    dropped (the weight is read once either way). From TRITON_FROM rows on CUDA (a prefill): our Triton GEMM
+    with the scales in its epilogue, where cuBLAS's int8 GEMM was no faster than bf16 (bench/TORCH.md,
+    session 34)."""
 
     kernel = "w8a8"
     TRITON_FROM = 32  # from 32 rows our GEMM beat cuBLAS's on every 8B linear (H100, session 34)
@@ -310,9 +322,12 @@ class W8A8Linear(_QuantLinearBase):
         self.register_buffer("weight", _signed_codes(qt, device))  # [out, in]
         self.register_buffer("scales", qt.scales[:, 0].to(device=device, dtype=torch.float32))  # [out]
         self.pad = self.triton = torch.device(device).type == "cuda"
+        self.gemv_rows = 0  # rows up to here run the op's GEMV (CUDA with triton)
         if self.triton:
             try:
-                from lorafast_export.runtime import triton_w8a8  # noqa: F401  (registers the op)
+                from lorafast_export.runtime import triton_w8a8  # registers the op
+
+                self.gemv_rows = triton_w8a8.GEMV_ROWS
             except ImportError:  # no triton package: cuBLAS's int8 GEMM at every row count
                 self.triton = False
 
@@ -320,7 +335,7 @@ class W8A8Linear(_QuantLinearBase):
         shape, x = x.shape, x.reshape(-1, self.in_features)
         codes, scale = int8_per_token(x)
         xq, rows = codes.to(torch.int8), x.shape[0]
-        if self.triton and rows >= self.TRITON_FROM:
+        if self.triton and (rows <= self.gemv_rows or rows >= self.TRITON_FROM):
             y = torch.ops.lorafast.w8a8_mm(xq, self.weight, scale, self.scales, x.dtype)
             return self._finish(y, shape)
         small = self.pad and rows <= 16

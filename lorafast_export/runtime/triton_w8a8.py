@@ -1,12 +1,19 @@
-"""SmoothQuant W8A8 at prefill row counts: one Triton int8 GEMM with the scales in its epilogue.
+"""SmoothQuant W8A8 in Triton: a GEMV for a decode step's few rows and a GEMM for prefills, the scales in the
+epilogue.
 
 y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k], with xq the activations' int8 codes (qform.int8_per_token),
-wq the weights' int8 codes [N, K] (row-major, as W8A8Linear holds them), int32 sums on the tensor cores
-(`tl.dot` of int8 tiles: exact), the two float32 scales applied once to each output before its one rounding
-to the output dtype. cuBLAS's int8 GEMM (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100
-and leaves an int32 [M, N] for a second kernel to scale (bench/TORCH.md, session 34); decode's few rows keep
-it (W8A8Linear). Tiles from the row count (`TILES`, measured). Triton is imported only here (CUDA, or its
-interpreter in tests); the op is a torch custom op, opaque to inductor.
+wq the weights' int8 codes [N, K] (row-major, as W8A8Linear holds them), exact int32 sums, the two float32
+scales applied once to each output before its one rounding to the output dtype, in the order W8A8Linear's
+cuBLAS path applies them.
+- GEMM (from W8A8Linear.TRITON_FROM rows): `tl.dot` of int8 tiles on the tensor cores. cuBLAS's int8 GEMM
+  (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100 and leaves an int32 [M, N] for a second
+  kernel to scale (bench/TORCH.md, session 34). Tiles from the row count (`TILES`, measured).
+- GEMV (up to GEMV_ROWS rows, session 35): no tensor cores; each K tile's products summed in float32, exact
+  (|x| <= 127, |w| <= 128, BK <= 1024 terms: every partial sum an integer below 2**24), then added to an int32
+  accumulator; split K over SMs (int32 partials, summed and scaled by a second kernel). cuBLAS's int8 GEMM takes
+  more than 16 rows, so a decode step padded its 1-16 rows to 17+ and read the weight at ~1.4 TB/s.
+Triton is imported only here (CUDA, or its interpreter in tests); the op is a torch custom op, opaque to
+inductor.
 """
 
 import functools
@@ -62,6 +69,110 @@ def _w8a8_kernel(
     tl.store(out_ptr + mm[:, None] * N + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _w8a8_gemv_kernel(
+    x_ptr,  # [M, K] int8 activation codes
+    w_ptr,  # [N, K] int8 weight codes
+    sx_ptr,  # [M] float32 token scales
+    sw_ptr,  # [N] float32 channel scales
+    out_ptr,  # [M, N] in the output dtype with one split, else int32 partials [SPLITS, M, N]
+    M,
+    N,
+    K,
+    ITERS: tl.constexpr,  # K tiles per split
+    MP: tl.constexpr,  # M padded to a power of two
+    BN: tl.constexpr,
+    BK: tl.constexpr,  # <= 1024: a tile's float32 sums stay exact
+    SPLITS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    nn = pid_n * BN + tl.arange(0, BN)
+    mm = tl.arange(0, MP)
+    kk = tl.arange(0, BK)
+    n_ok = nn < N
+    acc = tl.zeros([MP, BN], tl.int32)
+    for it in range(0, ITERS):
+        k0 = (sp * ITERS + it) * BK  # tiles past K load nothing (masked)
+        k_ok = k0 + kk < K
+        w = tl.load(w_ptr + nn[:, None] * K + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        wf = w.to(tl.float32)  # [BN, BK]
+        for m in tl.static_range(MP):
+            x = tl.load(x_ptr + m * K + k0 + kk, mask=k_ok & (m < M), other=0).to(tl.float32)
+            part = tl.sum(wf * x[None, :], axis=1).to(tl.int32)  # an exact integer
+            acc += tl.where(mm[:, None] == m, part[None, :], 0)
+    ok = (mm < M)[:, None] & n_ok[None, :]
+    if SPLITS == 1:
+        sx = tl.load(sx_ptr + mm, mask=mm < M, other=0.0)
+        sw = tl.load(sw_ptr + nn, mask=n_ok, other=0.0)
+        y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+        tl.store(out_ptr + mm[:, None] * N + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + (sp * M + mm[:, None]) * N + nn[None, :], acc, mask=ok)
+
+
+@triton.jit
+def _w8a8_splits_kernel(p_ptr, sx_ptr, sw_ptr, out_ptr, M, N, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out [M, N] = (the SPLITS int32 partials' sum, exact) * sx[m] * sw[n], rounded once to out's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < M * N
+    acc = tl.zeros([BLOCK], tl.int32)
+    for sp in tl.static_range(SPLITS):
+        acc += tl.load(p_ptr + sp * M * N + i, mask=ok, other=0)
+    sx = tl.load(sx_ptr + i // N, mask=ok, other=0.0)
+    sw = tl.load(sw_ptr + i % N, mask=ok, other=0.0)
+    tl.store(out_ptr + i, (acc.to(tl.float32) * sx * sw).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+GEMV_ROWS = 4  # W8A8Linear runs the GEMV up to here (a decode step's rows)
+GEMV_BN, GEMV_BK, GEMV_WARPS = (
+    32,
+    256,
+    4,
+)  # the int8 weight-only GEMV's measured tile at one row (int8 tables)
+
+
+def gemv_splits(n: int, k: int, sms: int | None) -> int:
+    """Split K until the GEMV has three programs per SM or more (at most 8 splits, two K tiles each at
+    least): on the 8B shapes 4 for qkv, o and down and 1 for gate_up, the int8 tables' one-row winners."""
+    tiles, splits = triton.cdiv(n, GEMV_BN), 1
+    while sms and tiles * splits < 3 * sms and splits < 8 and k // GEMV_BK >= 4 * splits:
+        splits *= 2
+    return splits
+
+
+def gemv(
+    xq: torch.Tensor,
+    w: torch.Tensor,
+    sx: torch.Tensor,
+    sw: torch.Tensor,
+    dtype: torch.dtype,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """The GEMV: xq [M, K] int8 (a few rows), w [N, K] int8, sx [M] or [M, 1], sw [N] float32 → [M, N] in
+    dtype. config: (BN, BK, splits, warps)."""
+    m, k = xq.shape
+    n = w.shape[0]
+    bn, bk, splits, warps = config or (GEMV_BN, GEMV_BK, gemv_splits(n, k, _sms(xq.device)), GEMV_WARPS)
+    assert bk <= 1024, "a GEMV tile's float32 sums are exact up to 1,024 terms"
+    iters = triton.cdiv(triton.cdiv(k, bk), splits)
+    splits = triton.cdiv(triton.cdiv(k, bk), iters)  # every split holds a tile
+    sx = sx.reshape(m)
+    if splits == 1:
+        out = torch.empty(m, n, device=xq.device, dtype=dtype)
+    else:
+        out = torch.empty(splits, m, n, device=xq.device, dtype=torch.int32)
+    _w8a8_gemv_kernel[(triton.cdiv(n, bn), splits)](
+        xq, w, sx, sw, out, m, n, k, ITERS=iters, MP=triton.next_power_of_2(m), BN=bn, BK=bk, SPLITS=splits,
+        num_warps=warps,
+    )  # fmt: skip
+    if splits == 1:
+        return out
+    y = torch.empty(m, n, device=xq.device, dtype=dtype)
+    _w8a8_splits_kernel[(triton.cdiv(m * n, 1024),)](out, sx, sw, y, m, n, SPLITS=splits, BLOCK=1024)
+    return y
+
+
 TILES = (  # (most rows, (BM, BN, BK, GROUP_M, warps, stages)): the least summed time over the 8B model's four
     # linears among nine configs at 32-64, 128-256 and 1,024-4,096 rows on an H100 (bench/TORCH.md, session 34)
     (64, (64, 128, 256, 8, 4, 3)),
@@ -92,6 +203,11 @@ def _smem(device: torch.device) -> int | None:
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
+@functools.cache
+def _sms(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def launch(
     xq: torch.Tensor,
     w: torch.Tensor,
@@ -117,7 +233,10 @@ def launch(
 def w8a8_mm(
     xq: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """launch() as an op a compiled graph calls (the tile rule runs inside, on the dynamic row count)."""
+    """gemv() up to GEMV_ROWS rows, else launch(), as an op a compiled graph calls (the choice and the tile
+    rule run inside, on the dynamic row count)."""
+    if xq.shape[0] <= GEMV_ROWS:
+        return gemv(xq.contiguous(), w, sx.contiguous(), sw, dtype)
     return launch(xq.contiguous(), w, sx.contiguous(), sw, dtype)
 
 

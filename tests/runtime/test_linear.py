@@ -36,11 +36,28 @@ def test_runtime_linear_matches_fake_quant(bits, group, sym, act_order, kernel, 
     x = torch.randn(2, 5, 256)
     ref = QLinear(qt)(x.double().float())  # fp32 reference
     mod = lower_qtensor(qt, "cpu", dtype)
+    if kernel == "int8_weight_only" and dtype == torch.float32:
+        kernel = "dequant"  # the pack product is slower than the dense float32 matmul at every row count
     assert mod.kernel == kernel
     out = mod(x.to(dtype)).float()
     assert out.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # relative to the output scale
     assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_weight_only_past_pack_rows_dequantizes_per_call(sym, dtype):
+    """Int8Linear: the pack product up to PACK_ROWS rows, the weight dequantized per call beyond; both equal
+    the fake-quant product within the activation dtype's rounding, the zero point's term included."""
+    qt = random_qtensor(48, 256, 8, -1, sym, bias=True, seed=5)
+    mod = lower_qtensor(qt, "cpu", dtype)
+    assert mod.kernel == "int8_weight_only"
+    for rows in (mod.PACK_ROWS, mod.PACK_ROWS + 1, 100):
+        x = torch.randn(rows, 256)
+        ref = QLinear(qt)(x.to(dtype).float())
+        out = mod(x.to(dtype)).float()
+        assert (out - ref).abs().max() <= 2e-2 * ref.abs().max(), rows
 
 
 def test_kernel_choice_falls_back_to_dequant():
