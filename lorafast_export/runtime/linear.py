@@ -305,7 +305,7 @@ class Int8Linear(_QuantLinearBase):
 class W8A8Linear(_QuantLinearBase):
     """SmoothQuant W8A8: each token's int8 codes (qform.int8_per_token, as the fake-quant reference rounds
     them) times the int8 weights with int32 sums (exact), then the token's scale and the channel's in float32,
-    once. On CUDA up to triton_w8a8.GEMV_ROWS rows (a small decode step): our Triton GEMV (runtime/triton_w8a8
+    once. On CUDA up to triton_w8a8.GEMV_ROWS rows (a batch-1 decode step): our Triton GEMV (runtime/triton_w8a8
     .py, session 35). Up to TRITON_FROM - 1 rows, and always on the CPU: `torch._int_mm` (cuBLAS's or oneDNN's
     int8 GEMM); on CUDA it takes more than 16 rows, so up to 16 get 16 zero rows appended and their outputs
     dropped (the weight is read once either way). From TRITON_FROM rows on CUDA (a prefill): our Triton GEMM

@@ -8,7 +8,7 @@ cuBLAS path applies them.
 - GEMM (from W8A8Linear.TRITON_FROM rows): `tl.dot` of int8 tiles on the tensor cores. cuBLAS's int8 GEMM
   (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100 and leaves an int32 [M, N] for a second
   kernel to scale (bench/TORCH.md, session 34). Tiles from the row count (`TILES`, measured).
-- GEMV (up to GEMV_ROWS rows, session 35): no tensor cores; each K tile's products summed in float32, exact
+- GEMV (GEMV_ROWS: one row, a batch-1 decode step; session 35): no tensor cores; each K tile's products summed in float32, exact
   (|x| <= 127, |w| <= 128, BK <= 1024 terms: every partial sum an integer below 2**24), then added to an int32
   accumulator; split K over SMs (int32 partials, summed and scaled by a second kernel). cuBLAS's int8 GEMM takes
   more than 16 rows, so a decode step padded its 1-16 rows to 17+ and read the weight at ~1.4 TB/s.
@@ -96,7 +96,9 @@ def _w8a8_gemv_kernel(
         k0 = (sp * ITERS + it) * BK  # tiles past K load nothing (masked)
         k_ok = k0 + kk < K
         w = tl.load(w_ptr + nn[:, None] * K + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        wf = w.to(tl.float32)  # [BN, BK]
+        # [BN, BK] as float32 without an int-to-float conversion (quarter rate on Hopper): code + 128 | 0x4B000000,
+        # read as float32, is 2**23 + code + 128
+        wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
         for m in tl.static_range(MP):
             x = tl.load(x_ptr + m * K + k0 + kk, mask=k_ok & (m < M), other=0).to(tl.float32)
             part = tl.sum(wf * x[None, :], axis=1).to(tl.int32)  # an exact integer
@@ -124,7 +126,8 @@ def _w8a8_splits_kernel(p_ptr, sx_ptr, sw_ptr, out_ptr, M, N, SPLITS: tl.constex
     tl.store(out_ptr + i, (acc.to(tl.float32) * sx * sw).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-GEMV_ROWS = 4  # W8A8Linear runs the GEMV up to here (a decode step's rows)
+GEMV_ROWS = 1  # W8A8Linear runs the GEMV up to here: at 2 and 4 rows cuBLAS's padded GEMM was faster
+# (H100, bench/TORCH.md session 35)
 GEMV_BN, GEMV_BK, GEMV_WARPS = (
     32,
     256,
