@@ -29,7 +29,7 @@ def measure(name: str, n: int, k: int) -> dict:
 
     want = cublas(0)[:1].float() * sx * sw
     row = {"linear": name, "cublas_padded": graph_us(cublas, len(ws))}
-    rule = (GEMV_BN, GEMV_BK, gemv_splits(n, k, sms), GEMV_WARPS)
+    rule = (GEMV_BN, GEMV_BK, gemv_splits(n, k, sms), GEMV_WARPS)  # call 4's rule (gemv_config since)
     grid = {
         (bn, bk, sp, w) for bn in (16, 32, 64) for bk in (256, 512) for sp in (1, 2, 4, 8) for w in (2, 4)
     }

@@ -128,11 +128,10 @@ def _w8a8_splits_kernel(p_ptr, sx_ptr, sw_ptr, out_ptr, M, N, SPLITS: tl.constex
 
 GEMV_ROWS = 1  # W8A8Linear runs the GEMV up to here: at 2 and 4 rows cuBLAS's padded GEMM was faster
 # (H100, bench/TORCH.md session 35)
-GEMV_BN, GEMV_BK, GEMV_WARPS = (
-    32,
-    256,
-    4,
-)  # the int8 weight-only GEMV's measured tile at one row (int8 tables)
+# the int8 weight-only GEMV's measured tile at one row (int8 tables); where K is split, the fastest of 48 tiles on
+# the 8B qkv, o and down (H100, session 35 call 4)
+GEMV_BN, GEMV_BK, GEMV_WARPS = 32, 256, 4
+SPLIT_BN, SPLIT_BK = 16, 512
 
 
 def gemv_splits(n: int, k: int, sms: int | None) -> int:
@@ -142,6 +141,14 @@ def gemv_splits(n: int, k: int, sms: int | None) -> int:
     while sms and tiles * splits < 3 * sms and splits < 8 and k // GEMV_BK >= 4 * splits:
         splits *= 2
     return splits
+
+
+def gemv_config(n: int, k: int, sms: int | None) -> tuple[int, int, int, int]:
+    """(BN, BK, splits, warps) for an [n, k] weight at one row: 32 x 256 tiles where they fill the GPU (gate_up
+    at 8B: the fastest measured), else split K and 16 x 512 tiles (qkv, o, down: 10.4-25.3 against 11.3-28.2 us
+    with 32 x 256 on an H100, session 35 call 4)."""
+    splits = gemv_splits(n, k, sms)
+    return (GEMV_BN, GEMV_BK, 1, GEMV_WARPS) if splits == 1 else (SPLIT_BN, SPLIT_BK, splits, GEMV_WARPS)
 
 
 def gemv(
@@ -156,7 +163,7 @@ def gemv(
     dtype. config: (BN, BK, splits, warps)."""
     m, k = xq.shape
     n = w.shape[0]
-    bn, bk, splits, warps = config or (GEMV_BN, GEMV_BK, gemv_splits(n, k, _sms(xq.device)), GEMV_WARPS)
+    bn, bk, splits, warps = config or gemv_config(n, k, _sms(xq.device))
     assert bk <= 1024, "a GEMV tile's float32 sums are exact up to 1,024 terms"
     iters = triton.cdiv(triton.cdiv(k, bk), splits)
     splits = triton.cdiv(triton.cdiv(k, bk), iters)  # every split holds a tile

@@ -12,7 +12,7 @@ from tests.runtime.triton_device import DEV  # first: sets the interpreter flag 
 from lorafast_export.qform import QLinear, with_fields
 from lorafast_export.runtime.linear import lower_qtensor
 from lorafast_export.runtime import triton_w8a8
-from lorafast_export.runtime.triton_w8a8 import gemv, gemv_splits, launch, tiles
+from lorafast_export.runtime.triton_w8a8 import gemv, gemv_config, gemv_splits, launch, tiles
 from tests.runtime.test_linear import w8a8_qtensor
 
 CONFIGS = [None, (16, 32, 32, 1, 4, 1), (32, 16, 64, 2, 4, 2)]  # None: the rule's tiles for the row count
@@ -66,6 +66,12 @@ def test_gemv_splits_fill_the_gpu():
         4,
     ]
     assert gemv_splits(4096, 4096, None) == 1 and gemv_splits(4096, 512, 132) == 1
+    assert gemv_config(28672, 4096, 132) == (32, 256, 1, 4) and gemv_config(4096, 14336, 132) == (
+        16,
+        512,
+        4,
+        4,
+    )
 
 
 def test_wide_offsets_compute_the_same_product(monkeypatch):
