@@ -21,10 +21,10 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   dequantized per call, then cuBLAS), and pay for half of bf16's weight bytes there.
 - int8 per channel, CPU, bf16/fp16 activations: `aten._weight_int8pack_mm` (w = int8 * scale per row) up to
   PACK_ROWS rows, the weight dequantized per call and torch's matmul beyond (the pack product is a GEMV per row:
-  3-12x slower than that from 64 rows). Codes are unsigned, so int8 = code - 128 and an asymmetric zero point
-  adds a per-row term (128 - z) * scale * sum(x). Not for float32 activations (the pack product ran 4x slower than
-  the dense float32 matmul at one row and 45x at 256 on a 2-core CPU; dequantizing per call, 1.5-15x): they
-  keep the dense weight (`dequant`). Not on CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the
+  3.8-11.2x dense's time from 64 rows, against 1.1-2.0x). Codes are unsigned, so int8 = code - 128 and an asymmetric zero point
+  adds a per-row term (128 - z) * scale * sum(x). Not for float32 activations (the pack product ran 2.6-3.7x
+  the dense float32 matmul's time at one row and 37-48x at 256 on a 2-core CPU, bench/TORCH.md session 35):
+  they keep the dense weight (`dequant`). Not on CUDA: there it ran 7x (1 row) to 90x (32 rows) slower than the
   dense bf16 matmul.
 - anything else (int8 grouped, odd shapes, fp32 activations on CUDA int4): `DequantLinear`, the
   dequantized weight kept dense in the compute dtype: exact, no memory saving.
