@@ -161,8 +161,7 @@ def int8_plan_from_table(table: dict | None, n: int, k: int) -> list[int] | None
         return None
     if not all(c["us"] < c["bf16_us"] for b, c in zip(buckets, cells) if b <= DECODE_ROWS):
         return None
-    plan = [x for b, c in zip(buckets, cells) for x in (b, *c["entry"][1:])]
-    if buckets[-1] <= DECODE_ROWS:
-        return plan + PREFILL_DEQUANT
-    plan[-7] = 1 << 30
-    return plan
+    tail = PREFILL_DEQUANT if buckets[-1] <= DECODE_ROWS else []
+    if not tail:
+        buckets[-1] = 1 << 30  # the last measured prefill bucket covers every larger row count
+    return [x for b, c in zip(buckets, cells) for x in (b, *c["entry"][1:])] + tail
