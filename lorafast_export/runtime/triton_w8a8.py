@@ -29,7 +29,7 @@ def _w8a8_kernel(
     w_ptr,  # [N, K] int8 weight codes
     sx_ptr,  # [M] float32 token scales
     sw_ptr,  # [N] float32 channel scales
-    out_ptr,  # [M, N]
+    out_ptr,  # [M, N] in the output dtype with one split, else int32 partials [SPLITS, M, N]
     M,
     N,
     K,
@@ -37,10 +37,12 @@ def _w8a8_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
-    ITERS: tl.constexpr,  # cdiv(K, BK): a compile-time bound (Triton's interpreter cannot loop to a runtime one)
+    ITERS: tl.constexpr,  # K tiles per split: a compile-time bound (Triton's interpreter cannot loop to a runtime one)
     WIDE: tl.constexpr,  # 64-bit offsets
+    SPLITS: tl.constexpr,  # split K (a few rows: fill the SMs), summed and scaled by _w8a8_splits_kernel
 ):
     pid = tl.program_id(0)
+    k0 = tl.program_id(1) * ITERS * BK
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     width = GROUP_M * grid_n  # GROUP_M row tiles share each weight tile while it is in L2
     first_m = (pid // width) * GROUP_M
@@ -52,21 +54,24 @@ def _w8a8_kernel(
     kk = tl.arange(0, BK)
     if WIDE:  # offsets past 2**31 (a long prefill's [M, N]); the measured kernel's are 32-bit
         mm, nn = mm.to(tl.int64), nn.to(tl.int64)
-    x_ptrs = x_ptr + mm[:, None] * K + kk[None, :]
-    w_ptrs = w_ptr + nn[None, :] * K + kk[:, None]  # [BK, BN]: the weight tile transposed
+    x_ptrs = x_ptr + mm[:, None] * K + (k0 + kk)[None, :]
+    w_ptrs = w_ptr + nn[None, :] * K + (k0 + kk)[:, None]  # [BK, BN]: the weight tile transposed
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for i in range(ITERS):
-        k_ok = kk + i * BK < K
+        k_ok = k0 + kk + i * BK < K
         a = tl.load(x_ptrs, mask=(mm[:, None] < M) & k_ok[None, :], other=0)
         b = tl.load(w_ptrs, mask=(nn[None, :] < N) & k_ok[:, None], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         x_ptrs += BK
         w_ptrs += BK
-    sx = tl.load(sx_ptr + mm, mask=mm < M, other=0.0)
-    sw = tl.load(sw_ptr + nn, mask=nn < N, other=0.0)
-    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     ok = (mm[:, None] < M) & (nn[None, :] < N)
-    tl.store(out_ptr + mm[:, None] * N + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    if SPLITS == 1:
+        sx = tl.load(sx_ptr + mm, mask=mm < M, other=0.0)
+        sw = tl.load(sw_ptr + nn, mask=nn < N, other=0.0)
+        y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+        tl.store(out_ptr + mm[:, None] * N + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + (tl.program_id(1) * M + mm[:, None]) * N + nn[None, :], acc, mask=ok)
 
 
 @triton.jit
@@ -165,20 +170,32 @@ def gemv(
     n = w.shape[0]
     bn, bk, splits, warps = config or gemv_config(n, k, _sms(xq.device))
     assert bk <= 1024, "a GEMV tile's float32 sums are exact up to 1,024 terms"
-    iters = triton.cdiv(triton.cdiv(k, bk), splits)
-    splits = triton.cdiv(triton.cdiv(k, bk), iters)  # every split holds a tile
+    iters, splits, out = _split_out(m, n, triton.cdiv(k, bk), splits, xq.device, dtype)
     sx = sx.reshape(m)
-    if splits == 1:
-        out = torch.empty(m, n, device=xq.device, dtype=dtype)
-    else:
-        out = torch.empty(splits, m, n, device=xq.device, dtype=torch.int32)
     _w8a8_gemv_kernel[(triton.cdiv(n, bn), splits)](
         xq, w, sx, sw, out, m, n, k, ITERS=iters, MP=triton.next_power_of_2(m), BN=bn, BK=bk, SPLITS=splits,
         num_warps=warps,
     )  # fmt: skip
-    if splits == 1:
+    return _sum_splits(out, sx, sw, dtype)
+
+
+def _split_out(
+    m: int, n: int, tiles: int, splits: int, device, dtype: torch.dtype
+) -> tuple[int, int, torch.Tensor]:
+    """Split-K of `tiles` K tiles into at most `splits`, each holding a tile: (tiles per split, splits, the
+    kernel's output: [M, N] in dtype with one split, else the int32 partials [splits, M, N] for _sum_splits)."""
+    iters = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, iters)
+    shape, dt = ((m, n), dtype) if splits == 1 else ((splits, m, n), torch.int32)
+    return iters, splits, torch.empty(shape, device=device, dtype=dt)
+
+
+def _sum_splits(out: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's output as [M, N] in dtype: itself with one split, else its partials summed and scaled."""
+    if out.dim() == 2:
         return out
-    y = torch.empty(m, n, device=xq.device, dtype=dtype)
+    splits, m, n = out.shape
+    y = torch.empty(m, n, device=out.device, dtype=dtype)
     _w8a8_splits_kernel[(triton.cdiv(m * n, 1024),)](out, sx, sw, y, m, n, SPLITS=splits, BLOCK=1024)
     return y
 
@@ -225,18 +242,21 @@ def launch(
     sw: torch.Tensor,
     dtype: torch.dtype,
     config: tuple[int, int, int, int, int, int] | None = None,
+    splits: int = 1,
 ) -> torch.Tensor:
-    """xq [M, K] int8, w [N, K] int8, sx [M] or [M, 1] float32, sw [N] float32 → [M, N] in `dtype`."""
+    """xq [M, K] int8, w [N, K] int8, sx [M] or [M, 1] float32, sw [N] float32 → [M, N] in `dtype`; `splits`
+    splits K (int32 partials, then _w8a8_splits_kernel)."""
     m, k = xq.shape
     n = w.shape[0]
     bm, bn, bk, group_m, warps, stages = config or tiles(m, _smem(xq.device))
-    out = torch.empty(m, n, device=xq.device, dtype=dtype)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    iters, splits, out = _split_out(m, n, triton.cdiv(k, bk), splits, xq.device, dtype)
+    sx = sx.reshape(m)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)
     _w8a8_kernel[grid](
-        xq, w, sx.reshape(m), sw, out, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
-        ITERS=triton.cdiv(k, bk), WIDE=_wide(m, n, k), num_warps=warps, num_stages=stages,
+        xq, w, sx, sw, out, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, ITERS=iters,
+        WIDE=_wide(m, n, k), SPLITS=splits, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return out
+    return _sum_splits(out, sx, sw, dtype)
 
 
 @torch.library.custom_op("lorafast::w8a8_mm", mutates_args=())

@@ -20,7 +20,8 @@ CONFIGS = [None, (16, 32, 32, 1, 4, 1), (32, 16, 64, 2, 4, 2)]  # None: the rule
 
 @pytest.mark.parametrize("m,n,k", [(5, 48, 256), (70, 40, 200), (300, 64, 136)])  # ragged M, N and K tiles
 @pytest.mark.parametrize("config", CONFIGS, ids=["rule", "small", "grouped"])
-def test_w8a8_gemm_is_the_exact_product_times_the_scales(m, n, k, config):
+@pytest.mark.parametrize("splits", [1, 3])  # split K: int32 partials, summed and scaled after
+def test_w8a8_gemm_is_the_exact_product_times_the_scales(m, n, k, config, splits):
     g = torch.Generator().manual_seed(m)
     x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
@@ -28,7 +29,7 @@ def test_w8a8_gemm_is_the_exact_product_times_the_scales(m, n, k, config):
     w[0] = -128  # the largest sums the codes allow
     sx, sw = torch.rand(m, 1, generator=g), torch.rand(n, generator=g) - 0.5
     ref = (x.double() @ w.double().T) * sx.double() * sw.double()
-    got = launch(x.to(DEV), w.to(DEV), sx.to(DEV), sw.to(DEV), torch.float32, config).double().cpu()
+    got = launch(x.to(DEV), w.to(DEV), sx.to(DEV), sw.to(DEV), torch.float32, config, splits).double().cpu()
     assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
 
 
