@@ -1702,9 +1702,9 @@ def _w8a8_layer_kinds(qt, wd: torch.Tensor, act: torch.dtype, dev) -> dict:
     def fresh():
         return with_fields(qt, codes=qt.codes.clone())
 
-    def cublas_only():  # W8A8Linear's cuBLAS int8 GEMM below TRITON_FROM rows, as before session 35's GEMV
+    def cublas_only():  # W8A8Linear's cuBLAS int8 GEMM, what ran below 32 rows before session 35
         mod = W8A8Linear(fresh(), None, act, dev)
-        mod.gemv_rows = 0
+        mod.triton = False
         return mod
 
     kinds = {

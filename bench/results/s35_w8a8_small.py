@@ -28,7 +28,7 @@ CONFIGS = [  # ((BM, BN, BK, GROUP_M, warps, stages), splits)
 
 
 def cublas_path(x, w, sx, sw):
-    """W8A8Linear's path below TRITON_FROM rows (linear.W8A8Linear.forward)."""
+    """W8A8Linear's cuBLAS path, which ran every row count below 32 before this sweep."""
     rows = x.shape[0]
     xq = F.pad(x, (0, 0, 0, 16)) if rows <= 16 else x
     acc = torch._int_mm(xq, w.t())[:rows]

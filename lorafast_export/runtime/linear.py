@@ -30,9 +30,9 @@ Kernels, chosen per layer by `choose_kernel` (bench/TORCH.md has the measurement
   dequantized weight kept dense in the compute dtype: exact, no memory saving.
 - SmoothQuant W8A8 (act_quant int8 per token, int8 per-channel symmetric weights) on the CPU and on CUDA
   (compute capability 8.0+), under auto: `W8A8Linear`, the activations' int8 codes times the weights' with
-  exact int32 sums (`torch._int_mm`: oneDNN's or cuBLAS's int8 GEMM; on CUDA from 32 rows our Triton GEMM,
-  runtime/triton_w8a8.py), each token's scale and each channel's applied once to the float32 result (timed
-  against bf16 and the earlier kernels in bench/TORCH.md, session 34). Elsewhere, and for the other kernels, a
+  exact int32 sums (on CUDA our Triton GEMV and GEMMs, runtime/triton_w8a8.py; on the CPU `torch._int_mm`,
+  oneDNN's int8 GEMM), each token's scale and each channel's applied once to the float32 result (timed
+  against bf16 and the earlier kernels in bench/TORCH.md, sessions 34 and 35). Elsewhere, and for the other kernels, a
   W8A8 layer quantize-dequantizes its activations per token first, exactly as qform.QLinear does, and the
   matmul is weight-only.
 """
@@ -305,15 +305,13 @@ class Int8Linear(_QuantLinearBase):
 class W8A8Linear(_QuantLinearBase):
     """SmoothQuant W8A8: each token's int8 codes (qform.int8_per_token, as the fake-quant reference rounds
     them) times the int8 weights with int32 sums (exact), then the token's scale and the channel's in float32,
-    once. On CUDA up to triton_w8a8.GEMV_ROWS rows (a batch-1 decode step): our Triton GEMV (runtime/triton_w8a8
-    .py, session 35). Up to TRITON_FROM - 1 rows, and always on the CPU: `torch._int_mm` (cuBLAS's or oneDNN's
-    int8 GEMM); on CUDA it takes more than 16 rows, so up to 16 get 16 zero rows appended and their outputs
-    dropped (the weight is read once either way). From TRITON_FROM rows on CUDA (a prefill): our Triton GEMM
-    with the scales in its epilogue, where cuBLAS's int8 GEMM was no faster than bf16 (bench/TORCH.md,
-    session 34)."""
+    once. On CUDA with triton, our kernels at every row count (runtime/triton_w8a8.py: a GEMV at one row, a
+    GEMM with 16-row tiles and split K at a decode batch's rows, larger tiles for prefills; bench/TORCH.md,
+    sessions 34 and 35). Otherwise `torch._int_mm` (oneDNN's or cuBLAS's int8 GEMM); on CUDA it takes more than
+    16 rows, so up to 16 get 16 zero rows appended and their outputs dropped (the weight is read once either
+    way)."""
 
     kernel = "w8a8"
-    TRITON_FROM = 32  # from 32 rows our GEMM beat cuBLAS's on every 8B linear (H100, session 34)
 
     def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu"):
         super().__init__(qt, bias, dtype, device)
@@ -322,12 +320,9 @@ class W8A8Linear(_QuantLinearBase):
         self.register_buffer("weight", _signed_codes(qt, device))  # [out, in]
         self.register_buffer("scales", qt.scales[:, 0].to(device=device, dtype=torch.float32))  # [out]
         self.pad = self.triton = torch.device(device).type == "cuda"
-        self.gemv_rows = 0  # rows up to here run the op's GEMV (CUDA with triton)
         if self.triton:
             try:
-                from lorafast_export.runtime import triton_w8a8  # registers the op
-
-                self.gemv_rows = triton_w8a8.GEMV_ROWS
+                from lorafast_export.runtime import triton_w8a8  # noqa: F401  (registers the op)
             except ImportError:  # no triton package: cuBLAS's int8 GEMM at every row count
                 self.triton = False
 
@@ -335,7 +330,7 @@ class W8A8Linear(_QuantLinearBase):
         shape, x = x.shape, x.reshape(-1, self.in_features)
         codes, scale = int8_per_token(x)
         xq, rows = codes.to(torch.int8), x.shape[0]
-        if self.triton and (rows <= self.gemv_rows or rows >= self.TRITON_FROM):
+        if self.triton:
             y = torch.ops.lorafast.w8a8_mm(xq, self.weight, scale, self.scales, x.dtype)
             return self._finish(y, shape)
         small = self.pad and rows <= 16

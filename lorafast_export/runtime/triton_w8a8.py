@@ -5,9 +5,10 @@ y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k], with xq the activations' in
 wq the weights' int8 codes [N, K] (row-major, as W8A8Linear holds them), exact int32 sums, the two float32
 scales applied once to each output before its one rounding to the output dtype, in the order W8A8Linear's
 cuBLAS path applies them.
-- GEMM (from W8A8Linear.TRITON_FROM rows): `tl.dot` of int8 tiles on the tensor cores. cuBLAS's int8 GEMM
-  (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100 and leaves an int32 [M, N] for a second
-  kernel to scale (bench/TORCH.md, session 34). Tiles from the row count (`TILES`, measured).
+- GEMM (from 2 rows): `tl.dot` of int8 tiles on the tensor cores, split K at a decode batch's 2-31 rows (16-row
+  tiles). cuBLAS's int8 GEMM (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100 and leaves an
+  int32 [M, N] for a second kernel to scale (bench/TORCH.md, session 34); at 2-16 rows it takes more than 16 rows
+  (a padded copy) and was 1.3x our 16-row tiles' time (session 35). Tiles from the row count (`TILES`, measured).
 - GEMV (GEMV_ROWS: one row, a batch-1 decode step; session 35): no tensor cores; each K tile's products summed in float32, exact
   (|x| <= 127, |w| <= 128, BK <= 1024 terms: every partial sum an integer below 2**24), then added to an int32
   accumulator; split K over SMs (int32 partials, summed and scaled by a second kernel). cuBLAS's int8 GEMM takes
@@ -131,8 +132,8 @@ def _w8a8_splits_kernel(p_ptr, sx_ptr, sw_ptr, out_ptr, M, N, SPLITS: tl.constex
     tl.store(out_ptr + i, (acc.to(tl.float32) * sx * sw).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-GEMV_ROWS = 1  # W8A8Linear runs the GEMV up to here: at 2 and 4 rows cuBLAS's padded GEMM was faster
-# (H100, bench/TORCH.md session 35)
+GEMV_ROWS = 1  # w8a8_mm runs the GEMV up to here: at 2 and 4 rows it was slower than cuBLAS's padded GEMM
+# (H100, bench/TORCH.md session 35), and the 16-row GEMM tiles are faster still
 # the int8 weight-only GEMV's measured tile at one row (int8 tables); where K is split, the fastest of 48 tiles on
 # the 8B qkv, o and down (H100, session 35 call 4)
 GEMV_BN, GEMV_BK, GEMV_WARPS = 32, 256, 4
@@ -200,22 +201,25 @@ def _sum_splits(out: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, dtype: to
     return y
 
 
-TILES = (  # (most rows, (BM, BN, BK, GROUP_M, warps, stages)): the least summed time over the 8B model's four
-    # linears among nine configs at 32-64, 128-256 and 1,024-4,096 rows on an H100 (bench/TORCH.md, session 34)
-    (64, (64, 128, 256, 8, 4, 3)),
-    (256, (64, 128, 128, 8, 4, 4)),
-    (1 << 62, (256, 128, 128, 8, 8, 3)),
+TILES = (  # (most rows, (BM, BN, BK, GROUP_M, warps, stages), splits): at 2-31 rows the least summed time over
+    # the 8B model's four linears among 32 configs of 16-row tiles at 2-16 and at 24 rows (session 35, call 6); from
+    # 32 rows among nine configs at 32-64, 128-256 and 1,024-4,096 rows (session 34), all on an H100
+    (16, (16, 64, 256, 1, 4, 3), 4),
+    (31, (16, 128, 256, 1, 4, 3), 4),
+    (64, (64, 128, 256, 8, 4, 3), 1),
+    (256, (64, 128, 128, 8, 4, 4), 1),
+    (1 << 62, (256, 128, 128, 8, 8, 3), 1),
 )
 
 
-def tiles(m: int, smem: int | None = None) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, GROUP_M, warps, stages) for m rows; with `smem` (bytes of shared memory a block may use),
-    fewer stages where a GPU has less than the H100 the table was measured on (each stage holds a BM x BK and
-    a BK x BN int8 tile)."""
-    bm, bn, bk, group_m, warps, stages = next(c for most, c in TILES if m <= most)
+def tiles(m: int, smem: int | None = None) -> tuple[tuple[int, int, int, int, int, int], int]:
+    """((BM, BN, BK, GROUP_M, warps, stages), K splits) for m rows; with `smem` (bytes of shared memory a block
+    may use), fewer stages where a GPU has less than the H100 the table was measured on (each stage holds a
+    BM x BK and a BK x BN int8 tile)."""
+    (bm, bn, bk, group_m, warps, stages), splits = next((c, sp) for most, c, sp in TILES if m <= most)
     while smem is not None and stages > 1 and stages * (bm + bn) * bk > smem:
         stages -= 1
-    return bm, bn, bk, group_m, warps, stages
+    return (bm, bn, bk, group_m, warps, stages), splits
 
 
 def _wide(m: int, n: int, k: int) -> bool:
@@ -245,10 +249,12 @@ def launch(
     splits: int = 1,
 ) -> torch.Tensor:
     """xq [M, K] int8, w [N, K] int8, sx [M] or [M, 1] float32, sw [N] float32 → [M, N] in `dtype`; `splits`
-    splits K (int32 partials, then _w8a8_splits_kernel)."""
+    splits K (int32 partials, then _w8a8_splits_kernel). No config: the rule's tiles and splits for M."""
     m, k = xq.shape
     n = w.shape[0]
-    bm, bn, bk, group_m, warps, stages = config or tiles(m, _smem(xq.device))
+    if config is None:
+        config, splits = tiles(m, _smem(xq.device))
+    bm, bn, bk, group_m, warps, stages = config
     iters, splits, out = _split_out(m, n, triton.cdiv(k, bk), splits, xq.device, dtype)
     sx = sx.reshape(m)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)

@@ -88,19 +88,20 @@ def test_wide_offsets_compute_the_same_product(monkeypatch):
 
 
 def test_tiles_cover_every_row_count_and_fit_the_shared_memory():
-    for m in (1, 64, 65, 256, 257, 10_000):
-        bm, bn, bk, group_m, warps, stages = tiles(m)
-        assert min(bm, bn, bk) >= 16 and group_m >= 1 and warps in (4, 8) and stages >= 1
+    for m in (2, 16, 17, 31, 32, 64, 65, 256, 257, 10_000):
+        (bm, bn, bk, group_m, warps, stages), splits = tiles(m)
+        assert min(bm, bn, bk) >= 16 and group_m >= 1 and warps in (4, 8) and stages >= 1 and splits >= 1
         for smem in (100 * 1024, 164 * 1024):  # consumer Ampere / Ada, A100
-            fitted = tiles(m, smem)
+            fitted, fitted_splits = tiles(m, smem)
             assert fitted[:5] == (bm, bn, bk, group_m, warps) and 1 <= fitted[5] <= stages
             assert fitted[5] * (bm + bn) * bk <= smem or fitted[5] == 1
+            assert fitted_splits == splits
 
 
-@pytest.mark.parametrize("rows", [1, triton_w8a8.GEMV_ROWS, "prefill"])
+@pytest.mark.parametrize("rows", [1, 2, 16, 24, 35])  # the GEMV, 16-row tiles split K, prefill tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_linear_rows_equal_the_int8_gemm(dtype, rows):
-    """W8A8Linear up to GEMV_ROWS and from TRITON_FROM rows (on CUDA) runs our kernels: the same int32 sums and float32 scaling as
+    """W8A8Linear with triton (on CUDA) runs our kernels at every row count: the same int32 sums and float32 scaling as
     its torch._int_mm path on the same device, so the same outputs up to one rounding of the output (bf16:
     Triton's interpreter rounds to bf16 toward zero, the GPU to nearest; float32 on the GPU: the scaling's
     order of operations), and the fake-quant reference's product."""
@@ -110,11 +111,10 @@ def test_w8a8_linear_rows_equal_the_int8_gemm(dtype, rows):
         None,
         with_fields(qt, bias=None),
     )  # compared within a step of the product: no bias added after
-    rows = mod.TRITON_FROM + 3 if rows == "prefill" else rows
     x = (torch.randn(rows, 256) * 3).to(dtype)
     mod.triton, mod.pad = False, DEV == "cuda"  # cuBLAS's int8 GEMM takes more than 16 rows
     want = mod(x.to(DEV)).cpu()
-    mod.triton, mod.gemv_rows = True, triton_w8a8.GEMV_ROWS
+    mod.triton = True
     got = mod(x.to(DEV)).cpu()
     if DEV == "cpu" and dtype == torch.float32:
         assert torch.equal(got, want)
