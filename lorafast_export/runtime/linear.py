@@ -305,13 +305,16 @@ class Int8Linear(_QuantLinearBase):
 class W8A8Linear(_QuantLinearBase):
     """SmoothQuant W8A8: each token's int8 codes (qform.int8_per_token, as the fake-quant reference rounds
     them) times the int8 weights with int32 sums (exact), then the token's scale and the channel's in float32,
-    once. On CUDA with triton, our kernels at every row count (runtime/triton_w8a8.py: a GEMV at one row, a
-    GEMM with 16-row tiles and split K at a decode batch's rows, larger tiles for prefills; bench/TORCH.md,
-    sessions 34 and 35). Otherwise `torch._int_mm` (oneDNN's or cuBLAS's int8 GEMM); on CUDA it takes more than
-    16 rows, so up to 16 get 16 zero rows appended and their outputs dropped (the weight is read once either
-    way)."""
+    once. On CUDA with triton, our kernels (runtime/triton_w8a8.py: a GEMV at one row, a GEMM with 16-row tiles
+    and split K at 2-16 rows, larger tiles for prefills from 32; bench/TORCH.md, sessions 34 and 35) except at
+    CUBLAS_ROWS. There, and on the CPU: `torch._int_mm` (cuBLAS's or oneDNN's int8 GEMM); on CUDA it takes more
+    than 16 rows, so up to 16 get 16 zero rows appended and their outputs dropped (the weight is read once
+    either way)."""
 
     kernel = "w8a8"
+    # 17-31 rows: cuBLAS's int8 GEMM, no padding needed, beat our 16-row tiles at 24 rows on the 8B linears
+    # (123.9 against 131.2 us summed, H100, session 35 call 7); from 32 our GEMM (session 34)
+    CUBLAS_ROWS = range(17, 32)
 
     def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu"):
         super().__init__(qt, bias, dtype, device)
@@ -330,7 +333,7 @@ class W8A8Linear(_QuantLinearBase):
         shape, x = x.shape, x.reshape(-1, self.in_features)
         codes, scale = int8_per_token(x)
         xq, rows = codes.to(torch.int8), x.shape[0]
-        if self.triton:
+        if self.triton and rows not in self.CUBLAS_ROWS:
             y = torch.ops.lorafast.w8a8_mm(xq, self.weight, scale, self.scales, x.dtype)
             return self._finish(y, shape)
         small = self.pad and rows <= 16

@@ -5,10 +5,11 @@ y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k], with xq the activations' in
 wq the weights' int8 codes [N, K] (row-major, as W8A8Linear holds them), exact int32 sums, the two float32
 scales applied once to each output before its one rounding to the output dtype, in the order W8A8Linear's
 cuBLAS path applies them.
-- GEMM (from 2 rows): `tl.dot` of int8 tiles on the tensor cores, split K at a decode batch's 2-31 rows (16-row
-  tiles). cuBLAS's int8 GEMM (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100 and leaves an
-  int32 [M, N] for a second kernel to scale (bench/TORCH.md, session 34); at 2-16 rows it takes more than 16 rows
-  (a padded copy) and was 1.3x our 16-row tiles' time (session 35). Tiles from the row count (`TILES`, measured).
+- GEMM: `tl.dot` of int8 tiles on the tensor cores; at a decode batch's 2-16 rows 16-row tiles with split K.
+  cuBLAS's int8 GEMM (`torch._int_mm`) was no faster than bf16 from 256 rows on an H100 and leaves an int32
+  [M, N] for a second kernel to scale (bench/TORCH.md, session 34); at 2-16 rows it takes more than 16 rows (a
+  padded copy) and its layers took 1.1-1.3x ours (session 35); at 17-31 rows W8A8Linear keeps it (it beat the
+  16-row tiles at 24). Tiles from the row count (`TILES`, measured).
 - GEMV (GEMV_ROWS: one row, a batch-1 decode step; session 35): no tensor cores; each K tile's products summed in float32, exact
   (|x| <= 127, |w| <= 128, BK <= 1024 terms: every partial sum an integer below 2**24), then added to an int32
   accumulator; split K over SMs (int32 partials, summed and scaled by a second kernel). cuBLAS's int8 GEMM takes
@@ -43,7 +44,10 @@ def _w8a8_kernel(
     SPLITS: tl.constexpr,  # split K (a few rows: fill the SMs), summed and scaled by _w8a8_splits_kernel
 ):
     pid = tl.program_id(0)
-    k0 = tl.program_id(1) * ITERS * BK
+    if SPLITS == 1:
+        k0 = 0  # one split: the kernel as measured for prefills (session 34)
+    else:
+        k0 = tl.program_id(1) * ITERS * BK
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     width = GROUP_M * grid_n  # GROUP_M row tiles share each weight tile while it is in L2
     first_m = (pid // width) * GROUP_M
@@ -201,11 +205,10 @@ def _sum_splits(out: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, dtype: to
     return y
 
 
-TILES = (  # (most rows, (BM, BN, BK, GROUP_M, warps, stages), splits): at 2-31 rows the least summed time over
-    # the 8B model's four linears among 32 configs of 16-row tiles at 2-16 and at 24 rows (session 35, call 6); from
-    # 32 rows among nine configs at 32-64, 128-256 and 1,024-4,096 rows (session 34), all on an H100
+TILES = (  # (most rows, (BM, BN, BK, GROUP_M, warps, stages), splits): at 2-16 rows the least summed time over
+    # the 8B model's four linears among 32 configs of 16-row tiles (session 35, call 6); from 32 rows among nine
+    # configs at 32-64, 128-256 and 1,024-4,096 rows (session 34), all on an H100
     (16, (16, 64, 256, 1, 4, 3), 4),
-    (31, (16, 128, 256, 1, 4, 3), 4),
     (64, (64, 128, 256, 8, 4, 3), 1),
     (256, (64, 128, 128, 8, 4, 4), 1),
     (1 << 62, (256, 128, 128, 8, 8, 3), 1),
