@@ -436,10 +436,11 @@ def single_step_peer(rt, a, batches) -> dict:
     }
 
 
-def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None):
+def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None, head8: bool = False):
     """Our runtime at a.batches; quant: True int4 g128, "w8a8" a SmoothQuant model (w8a8_linears), "int8"
     int8 weight-only per channel, symmetric (what `--quant int8` builds), False bf16; gemv='on' (section bf16g): dense_gemv on, and its greedy tokens for one prompt compared with the
-    bf16 section's (cuBLAS) when that ran first in this call."""
+    bf16 section's (cuBLAS) when that ran first in this call. head8 (sections int4h8, int8h8, w8a8h8): the lm_head
+    int8 per channel, as the torch-compile target's option lm_head (auto) stores a quantized artifact's head."""
     model = R["_model"]
     cfg, state = config_of(model)
     if quant == "w8a8":
@@ -450,11 +451,18 @@ def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None):
         fp, q = quantize_linears(state, head=a.quant_lm_head) if quant else (state, None)
     attention = R.get("_attn_choice", a.attention)
     label = quant if quant in ("w8a8", "int8") else "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
+    if head8:
+        from lorafast_export.runtime.artifact import int8_head
+
+        fp, q, head = int8_head(cfg, fp, q)
+        label += "h8"
+        print(f"  {label}: lm_head {head}", flush=True)
     eager = label == "bf16" and a.eager_peer
     rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=eager, gemv=gemv)
     res["dense_gemv"] = rt.options.dense_gemv
     res["kernels"] = sorted(set(rt.kernels.values()))
-    R[f"_rt_{label}"] = rt
+    if label in ("bf16", "bf16g", "int4"):  # the sections that reuse one (profile); the others free the GPU
+        R[f"_rt_{label}"] = rt
     if not quant:
         toks = R[f"_tokens_{label}"] = rt.generate_batch(
             random_prompts(1, a.prompt_len, cfg.vocab_size, 99), 64
@@ -1571,7 +1579,10 @@ def sec_int8k(a, dev, R):
     """Our Triton int8 weight-only kernels (runtime/triton_int8.py) vs the dense bf16 matmul, per fused
     linear of the shape, at each INT8_TILES row count (1, 32 and prefills' 128 and 1,024): CUDA-graph replay of calls that cycle through weight copies
     (bench/int4_kernels.py's timing); every timed tile is first checked against the dequantized matmul.
-    --int8-table PATH also writes the runtime's int8 table (runtime/int4_table.py, `int8_plan_from_table`)."""
+    --int8-table PATH also writes the runtime's int8 table (runtime/int4_table.py, `int8_plan_from_table`),
+    replacing the rows of the shapes measured here in a table already there and keeping the others.
+    --int8-shapes: linears (the decoder's four), head (the lm_head [vocab, hidden]: the torch-compile target's
+    int8 head), or both."""
     from bench.int4_kernels import graph_us, n_copies
     from lorafast_export.qform import dequantize
     from lorafast_export.runtime.triton_int8 import launch8
@@ -1584,7 +1595,15 @@ def sec_int8k(a, dev, R):
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows, table = [], {"gpu": R["env"]["gpu"], "torch": torch.__version__, "shapes": []}
     table["weights"] = "RTN int8 per channel asymmetric, fp16 scales, bf16 activations; CUDA graph replay"
-    for n, k in (((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)):
+    shapes = {
+        "linears": [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)],
+        "head": [(c["vocab_size"], h)],
+    }
+    measured = [nk for name in a.int8_shapes.split(",") for nk in shapes[name]]
+    if a.int8_table and Path(a.int8_table).is_file():
+        table = json.loads(Path(a.int8_table).read_text())
+        table["shapes"] = [r for r in table["shapes"] if (r["n"], r["k"]) not in measured]
+    for n, k in measured:
         torch.manual_seed(0)
         qt = quantize_rtn(torch.randn(n, k, device=dev) * 0.02, 8, -1, False, scale_dtype=torch.float16)
         wd = dequantize(qt).to(dev)
@@ -2123,6 +2142,9 @@ SECTIONS = {
     "int4": lambda a, d, R: sec_model(a, d, R, True),
     "w8a8": lambda a, d, R: sec_model(a, d, R, "w8a8"),
     "int8": lambda a, d, R: sec_model(a, d, R, "int8"),
+    "int4h8": lambda a, d, R: sec_model(a, d, R, True, head8=True),
+    "int8h8": lambda a, d, R: sec_model(a, d, R, "int8", head8=True),
+    "w8a8h8": lambda a, d, R: sec_model(a, d, R, "w8a8", head8=True),
     "w8a8k": sec_w8a8k,
     "w8a8check": sec_w8a8check,
     "bf16g": lambda a, d, R: sec_model(a, d, R, False, gemv="on"),
@@ -2155,6 +2177,9 @@ NEEDS_MODEL = {
     "int4",
     "w8a8",
     "int8",
+    "int4h8",
+    "int8h8",
+    "w8a8h8",
     "hf",
     "mixed",
     "hfstatic",
@@ -2217,6 +2242,7 @@ def main() -> None:
         help="bf16/int4: also run decode_steps=1 on the same runtime (tokens equal? speed)",
     )
     p.add_argument("--int8-table", default="", help="int8k: also write the runtime's int8 kernel table here")
+    p.add_argument("--int8-shapes", default="linears", help="int8k: linears, head or linears,head")
     p.add_argument("--mixed-requests", type=int, default=32, help="mixed section (smaller: a CPU rehearsal)")
     p.add_argument("--long-prompt-len", type=int, default=3072, help="longprompt: the long prompt's tokens")
     p.add_argument("--long-chunk", type=int, default=512, help="longprompt: prefill_chunk against 0")

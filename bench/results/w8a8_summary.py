@@ -1,4 +1,4 @@
-"""Print a torch_bench run's int8 results (sections w8a8check, w8a8k, bf16, w8a8, int8): decode tok/s and the
+"""Print a torch_bench run's quantized results (sections w8a8check, w8a8k, bf16, w8a8, int8, int4 and their int8-head forms int4h8, int8h8, w8a8h8): decode tok/s and the
 median time to first token of each quantized model against bf16's. python w8a8_summary.py RUN.json"""
 
 import json
@@ -11,7 +11,7 @@ for r in d.get("w8a8k", {}).get("vs_dense", []):
     print(
         f"w8a8k {r['linear']:8s} rows {r['rows']:4d} {r['kind']:20s} {r['us']:9.2f} us  dense {r['dense_us']:9.2f} us  {r['speedup']:.2f}x"
     )
-QUANT = ("w8a8", "int8")
+QUANT = ("w8a8", "int8", "int4", "int4h8", "int8h8", "w8a8h8")
 runs = {
     k: {r["batch"]: r for r in d[k]["results"]}
     for k in ("bf16", *QUANT)

@@ -12,8 +12,11 @@ fp weights stream from the merged checkpoint one layer at a time, so lowering ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
+from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,9 +26,11 @@ from lorafast_export.checkpoint import save_safetensors
 from lorafast_export.dtypes import TORCH_DTYPES
 from lorafast_export.errors import InputError
 from lorafast_export.model.quantized import open_qtensors, read_on_device, save_qtensors_streamed
-from lorafast_export.model.spec import ModelConfig, layer_prefix
+from lorafast_export.model.spec import LM_HEAD, ModelConfig, layer_prefix
 from lorafast_export.runtime.options import RuntimeOptions
 from lorafast_export.weights import WeightStore, open_model, tokenizer_files
+
+log = logging.getLogger(__name__)
 
 FORMAT = "lorafast-torch-runtime"
 VERSION = 1
@@ -48,6 +53,48 @@ def _shard_of(name: str, n_layers: int) -> str:
     return "weights-other.safetensors"
 
 
+HEAD_ROWS = 8192  # lm_head rows quantized at a time (int8_head): a 128k-row head never whole in float32
+
+
+def int8_head(cfg: ModelConfig, fp: Mapping, q: Mapping) -> tuple[Mapping, Mapping, str]:
+    """A quantized model's (fp, q) with its lm_head int8 per output channel, symmetric (quant/int8.py: the signed
+    grid, float32 scales), and "int8"; or fp and q as given where the head is tied to the embeddings ("tied"),
+    absent ("none") or already quantized ("quantized"): the torch-compile target's option lm_head."""
+    from lorafast_export.quant.int8 import quantize_int8_weight
+
+    if cfg.tie_word_embeddings or LM_HEAD not in fp:
+        return fp, q, "tied" if cfg.tie_word_embeddings else "none"
+    if "lm_head" in q:
+        return fp, q, "quantized"
+    w = fp[LM_HEAD]
+    parts = [quantize_int8_weight(w[i : i + HEAD_ROWS]) for i in range(0, w.shape[0], HEAD_ROWS)]
+    head = dataclasses.replace(
+        parts[0],
+        codes=torch.cat([p.codes for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+    )
+    rest = {k: fp[k] for k in fp if k != LM_HEAD} if isinstance(fp, dict) else _Without(fp, LM_HEAD)
+    return rest, ChainMap({"lm_head": head}, q), "int8"
+
+
+class _Without(Mapping):
+    """A Mapping view of another without one key (a lazy fp view stays lazy)."""
+
+    def __init__(self, base: Mapping, key: str):
+        self.base, self.key = base, key
+
+    def __getitem__(self, k):
+        if k == self.key:
+            raise KeyError(k)
+        return self.base[k]
+
+    def __iter__(self):
+        return (k for k in self.base if k != self.key)
+
+    def __len__(self):
+        return len(self.base) - (self.key in self.base)
+
+
 def _save_shards(out_dir: Path, names: list[str], get, dtype: torch.dtype, n_layers: int) -> list[str]:
     """Write fp tensors grouped by decoder layer; `get(name)` loads one tensor (memory: one shard)."""
     shards: dict[str, list[str]] = {}
@@ -68,6 +115,12 @@ def write_artifact(
     for f in tokenizer_files(merged_dir):
         shutil.copy2(f, out_dir / f.name)
     if quantized is None:
+        if opts.lm_head == "int8":
+            raise InputError(
+                "torch-compile target option lm_head: int8 stores the head beside a quantized decoder; set a "
+                "quant method (e.g. --quant awq) or lm_head: auto."
+            )
+        opts = opts.replace(lm_head="keep")
         md = open_model(merged_dir)
         cfg = md.config
         names = [k for k in md.store.keys() if not k.endswith("rotary_emb.inv_freq")]
@@ -75,8 +128,15 @@ def write_artifact(
         qfile = None
     else:  # merged_dir may hold no weights (the merge stage's view): everything comes from `quantized`
         cfg = quantized.config
-        files = _save_shards(out_dir, sorted(quantized.fp), quantized.fp.__getitem__, dtype, cfg.num_layers)
-        save_qtensors_streamed(out_dir / QWEIGHTS, quantized.q)  # tensor by tensor: never all codes in memory
+        fp, q, head = quantized.fp, quantized.q, "keep"
+        if opts.lm_head != "keep":
+            fp, q, head = int8_head(cfg, fp, q)
+            log.info(
+                "%s: lm_head %s", out_dir, "int8 per channel" if head == "int8" else f"as stored ({head})"
+            )
+        opts = opts.replace(lm_head="int8" if head == "int8" else "keep")
+        files = _save_shards(out_dir, sorted(fp), fp.__getitem__, dtype, cfg.num_layers)
+        save_qtensors_streamed(out_dir / QWEIGHTS, q)  # tensor by tensor: never all codes in memory
         qfile = QWEIGHTS
     meta = {
         "format": FORMAT,
@@ -94,6 +154,7 @@ def write_artifact(
         "dtype": dtype_name,
         "quantized": quantized is not None,
         "weight_files": len(files) + (qfile is not None),
+        "lm_head": opts.lm_head,
     }
 
 

@@ -14,11 +14,17 @@ ATTENTION = ("auto", "gather", "triton")  # flex: runtime/attention.py, not offe
 COMPILE = ("auto", "on", "off")
 DENSE_GEMV = ("auto", "off", "on")
 FUSED_DECODE = ("auto", "off", "on", "mma")
+LM_HEAD = ("auto", "keep", "int8")
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
     aot: bool = False  # also write AOTInductor packages (prefill.pt2, decode.pt2) for the build device
+    # lowering: a quantized artifact's lm_head stored int8 per output channel (symmetric RTN), as llama.cpp's
+    # Q4_K_M keeps its output at 6 bits: half of bf16's bytes a decode step; the validation's artifact stage
+    # measures it. auto = int8 where the build quantized the decoder and left the head untied in 16/32 bits;
+    # keep = as the quantized form holds it (runtime/artifact.int8_head)
+    lm_head: str = "auto"
     compile: str = (
         "auto"  # decode step through torch.compile: auto = on CUDA only (compile time > a short run on CPU)
     )
@@ -69,6 +75,7 @@ class RuntimeOptions:
             ("fused_decode", FUSED_DECODE),
             ("warm_up", COMPILE),
             ("speculation", SPECULATION),
+            ("lm_head", LM_HEAD),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")

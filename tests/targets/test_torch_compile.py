@@ -11,6 +11,7 @@ from lorafast_export.model.decoder import load_decoder
 from lorafast_export.model.quantized import QuantizedModel
 from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, with_fields
 from lorafast_export.runtime import api
+from lorafast_export.runtime.artifact import read_meta
 from lorafast_export.targets.registry import LowerInput, get_target
 from tests.runtime.helpers import fake_quant_decoder, greedy_reference, quantize_all, tiny_checkpoint
 from tests.tiny import hf_logits, make_model, save_model
@@ -46,24 +47,71 @@ def test_fp_round_trip_matches_transformers(tmp_path):
     assert api.run_prompt(tmp_path, prompt, 9) == session.generate(prompt, 9)  # artifact root or model/
 
 
-def round_trip_kernels(tmp_path, md, fp, q, meta) -> set[str]:
+def int8_rows(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] through int8 per output channel, symmetric, written out here as an independent truth: the
+    signed grid [-128, 127], scale = the row's value of largest magnitude / -128, codes rounded to nearest."""
+    w = w.float()
+    extreme = w.gather(1, w.abs().argmax(1, keepdim=True))  # [out, 1]
+    scale = extreme / -128
+    return (w / scale).round().clamp(-128, 127) * scale
+
+
+def round_trip_kernels(tmp_path, md, fp, q, meta, **options) -> set[str]:
     """Lower the quantized model, load it back on the CPU, check it against the fake-quant decoder (logits,
-    greedy tokens); the kernels its linears run."""
-    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, meta))
+    greedy tokens), whose lm_head is int8_rows' where the artifact says it stored the head in int8 (option
+    lm_head, auto by default); the kernels its linears run."""
+    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, meta), **options)
     session = get_target("torch-compile").load(out, "cpu")
     ref = fake_quant_decoder(md, q)
+    if read_meta(out)["options"]["lm_head"] == "int8":
+        ref.lm_head.weight.data = int8_rows(ref.lm_head.weight)
     ids = torch.randint(0, 96, (1, 11))
     with torch.no_grad():
         want = ref(ids)[0]
     assert (session.logits(ids) - want).abs().max() < 1e-3 * want.abs().max()
     assert session.generate(ids[0].tolist(), 6) == greedy_reference(ref, ids[0].tolist(), 6)
-    return set(session.runtime.kernels.values())
+    return {k for p, k in session.runtime.kernels.items() if p != "lm_head"}
 
 
 def test_quantized_round_trip_matches_fake_quant(tmp_path):
     md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
     fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
     assert round_trip_kernels(tmp_path, md, fp, q, {"method": "rtn", "bits": 4}) == {"int4_tinygemm"}
+
+
+def test_quantized_artifact_stores_an_int8_head_unless_kept(tmp_path):
+    """lm_head auto: a quantized artifact's untied head is stored int8 per channel (runtime.json says so, the logits
+    are the fake-quant decoder's with int8_rows' head, not its bf16 head's); keep: the head as the quantized form
+    holds it; int8 on an unquantized build, or a bad value, is refused by name."""
+    md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256, vocab=512)
+    assert not md.config.tie_word_embeddings
+    fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
+    qm = QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4})
+    ids = torch.randint(0, 512, (1, 11))
+    ref = fake_quant_decoder(md, q)
+    with torch.no_grad():
+        fp_head = ref(ids)[0]
+        ref.lm_head.weight.data = int8_rows(ref.lm_head.weight)
+        int8_head = ref(ids)[0]
+    gap = (fp_head - int8_head).abs().max()
+    assert gap > 1e-3  # the two heads are told apart below
+    for option, want in (("auto", int8_head), ("int8", int8_head), ("keep", fp_head)):
+        out = lower(md, tmp_path / option, qm, lm_head=option)
+        assert read_meta(out)["options"]["lm_head"] == ("keep" if option == "keep" else "int8")
+        session = get_target("torch-compile").load(out, "cpu")
+        assert ("lm_head" in session.runtime.kernels) == (option != "keep")
+        assert (session.logits(ids) - want).abs().max() < gap / 20, option
+    with pytest.raises(InputError, match="lm_head: int8"):
+        lower(md, tmp_path / "fp", None, lm_head="int8")
+    with pytest.raises(InputError, match="lm_head='int4'"):
+        lower(md, tmp_path / "bad", qm, lm_head="int4")
+
+
+def test_tied_head_stays_as_stored(tmp_path):
+    md = tiny_checkpoint(tmp_path, "qwen2", tie=True, hidden=128, intermediate_size=256)
+    fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
+    out = lower(md, tmp_path / "model", QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4}))
+    assert read_meta(out)["options"]["lm_head"] == "keep"
 
 
 def test_smoothquant_artifact_runs_the_int8_product(tmp_path):
@@ -89,7 +137,9 @@ def test_saved_quantized_model_streams_into_the_artifact(tmp_path):
     streamed = lower(md, tmp_path / "streamed", lazy)
     whole = lower(md, tmp_path / "whole", qm)
     a, b = load_qtensors(streamed / "qweights.safetensors"), load_qtensors(whole / "qweights.safetensors")
-    assert a.keys() == b.keys() == q.keys()
+    assert (
+        a.keys() == b.keys() == {*q.keys(), "lm_head"}
+    )  # the head int8 (lm_head auto), from the lazy fp too
     for name in a:
         for f in ("codes", "scales", "zeros", "g_idx", "bias", "input_scale"):
             x, y = getattr(a[name], f), getattr(b[name], f)
