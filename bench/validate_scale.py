@@ -147,6 +147,9 @@ def report_facts(artifact: Path) -> dict:
         "stages": list(dict.fromkeys(s["name"] for s in rep["stages"])),
         "kl_mean": {f"{s['name']}/{s['eval_set']}": s["kl_mean"] for s in rep["stages"]},
         "greedy_match": {f"{s['name']}/{s['eval_set']}": s.get("greedy_match") for s in rep["stages"]},
+        "vs_previous_kl": {
+            f"{s['name']}/{s['eval_set']}": (s.get("vs_previous") or {}).get("kl_mean") for s in rep["stages"]
+        },
         "notes": [
             n for n in (rep["artifact"].get("runtime_note"), rep["artifact"].get("validation_note")) if n
         ],
