@@ -66,6 +66,7 @@ from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, QLinear, with_fields
 from lorafast_export.quant.rtn import quantize_rtn  # noqa: E402
 from lorafast_export.runtime.bench import bench_runtime, random_prompts, run_requests  # noqa: E402
 from lorafast_export.runtime.engine import MAX_WAIT_MS  # noqa: E402
+from lorafast_export.runtime.int4_table import layer_shapes  # noqa: E402
 from lorafast_export.runtime.linear import lower_qtensor  # noqa: E402
 from lorafast_export.runtime.loader import build_runtime  # noqa: E402
 from lorafast_export.runtime.options import RuntimeOptions  # noqa: E402
@@ -1545,114 +1546,43 @@ def sec_tritoncheck(a, dev, R):
     return rows
 
 
-INT8_TILES = {  # rows → plan entries tried (max rows, kind, BN, BK, splits, BM, warps); kind 4 = GEMM_T
-    1: [
-        [1, 0, bn, bk, sp, 16, w]
-        for bn, w in ((32, 4), (64, 4), (128, 8))
-        for bk in (128, 256)
-        for sp in (1, 4)
-    ],
-    32: [[32, 1, bn, bk, sp, 32, 4] for bn, bk in ((64, 128), (128, 64)) for sp in (1, 2)]
-    + [
-        [32, 4, bn, bk, sp, 32, w]
-        for bn, w in ((64, 4), (128, 4), (128, 8))
-        for bk in (64, 128)
-        for sp in (1, 2)
-    ],
-    # prefills' rows (a short prompt, a long one): the table's last bucket runs every larger row count, so a
-    # table measured to 32 rows only would run prefills on a 32-row tile no one timed there (session 34); kind 7
-    # = DEQUANT, the codes dequantized per call and cuBLAS's bf16 product (session 35)
-    **{
-        m: [
-            [m, kind, bn, bk, 1, bm, w]
-            for kind in (1, 4)
-            for bm, bn, w in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
-            for bk in (64, 128)
-        ]
-        + [[m, 7, bn, bk, 1, 16, w] for bn, bk, w in ((16, 256, 4), (32, 256, 4), (64, 256, 8), (32, 512, 8))]
-        for m in (128, 1024)
-    },
-}
-
-
 def sec_int8k(a, dev, R):
     """Our Triton int8 weight-only kernels (runtime/triton_int8.py) vs the dense bf16 matmul, per fused
-    linear of the shape, at each INT8_TILES row count (1, 32 and prefills' 128 and 1,024): CUDA-graph replay of calls that cycle through weight copies
-    (bench/int4_kernels.py's timing); every timed tile is first checked against the dequantized matmul.
+    linear of the shape, at each of kernel_tune.INT8_ENTRIES' row counts (1, 32 and prefills' 128 and 1,024):
+    `tune-kernels`' int8 measurement (kernel_tune.measure_int8: CUDA-graph replay of calls that cycle through
+    weight copies; every entry first checked against the dequantized matmul), with every kind's best kept.
     --int8-table PATH also writes the runtime's int8 table (runtime/int4_table.py, `int8_plan_from_table`),
     replacing the rows of the shapes measured here in a table already there and keeping the others.
     --int8-shapes: linears (the decoder's four), head (the lm_head [vocab, hidden]: the torch-compile target's
     int8 head), or both."""
-    from bench.int4_kernels import graph_us, n_copies
-    from lorafast_export.qform import dequantize
-    from lorafast_export.runtime.triton_int8 import launch8
+    from lorafast_export.runtime.kernel_tune import INT8_ENTRIES, int8_weight, measure_int8
 
     c = SHAPES[a.shape]
     h, i, hq, hkv = (
         c[x] for x in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
     )
-    d = h // hq
-    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows, table = [], {"gpu": R["env"]["gpu"], "torch": torch.__version__, "shapes": []}
     table["weights"] = "RTN int8 per channel asymmetric, fp16 scales, bf16 activations; CUDA graph replay"
-    shapes = {
-        "linears": [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)],
-        "head": [(c["vocab_size"], h)],
-    }
+    shapes = {"linears": layer_shapes((h, i, hq, hkv, h // hq)), "head": [(c["vocab_size"], h)]}
     measured = [nk for name in a.int8_shapes.split(",") for nk in shapes[name]]
     if a.int8_table and Path(a.int8_table).is_file():
         table = json.loads(Path(a.int8_table).read_text())
         table["shapes"] = [r for r in table["shapes"] if (r["n"], r["k"]) not in measured]
     for n, k in measured:
-        torch.manual_seed(0)
-        qt = quantize_rtn(torch.randn(n, k, device=dev) * 0.02, 8, -1, False, scale_dtype=torch.float16)
-        wd = dequantize(qt).to(dev)
-        wbs = [wd.to(act) for _ in range(n_copies(n * k * 2, dev))]
-        pack = (qt.codes.to(dev), qt.scales.to(dev), qt.zeros.to(dev))
-        packs = [pack] + [tuple(t.clone() for t in pack) for _ in range(n_copies(n * k, dev) - 1)]
+        wd, packs = int8_weight(n, k, dev)
         cells = {}
-        for m, entries in INT8_TILES.items():
-            x = torch.randn(m, k, device=dev, dtype=act)
-            ref = x.float() @ wd.T
-            row = {
-                "n": n,
-                "k": k,
-                "rows": m,
-                "bf16_us": graph_us(lambda j, x=x, w=wbs: F.linear(x, w[j]), len(wbs)),
-            }
-            best, by_kind = None, {}
-            for e in entries:
-                try:
-                    y = launch8(x, *packs[0], -1, e)
-                    err = ((y.float() - ref).norm() / ref.norm()).item()
-                    if not err < 2e-2:
-                        row.setdefault("failed", []).append({"entry": e, "rel_err": err})
-                        continue
-                    us = graph_us(lambda j, x=x, e=e, p=packs: launch8(x, *p[j], -1, e), len(packs))
-                except Exception as ex:  # noqa: BLE001 - a tile that fails is a result
-                    row.setdefault("failed", []).append(
-                        {"entry": e, "error": f"{type(ex).__name__}: {ex}"[:200]}
-                    )
-                    continue
-                kind = {0: "gemv", 1: "gemm", 4: "gemm_t", 7: "dequant"}[e[1]]
-                if kind not in by_kind or us < by_kind[kind][0]:
-                    by_kind[kind] = (us, e)
-                if best is None or us < best[0]:
-                    best = (us, e, err)
-            row["best_by_kind"] = {kd: {"us": v[0], "entry": v[1]} for kd, v in by_kind.items()}
-            if best:
-                row.update(
-                    int8_triton_us=best[0],
-                    entry=best[1],
-                    rel_err=best[2],
-                    speedup_vs_bf16=row["bf16_us"] / best[0],
-                )
-                cells[str(m)] = {"bf16_us": row["bf16_us"], "us": best[0], "entry": best[1]}
+        for m, entries in INT8_ENTRIES.items():
+            cell = measure_int8(wd, packs, m, entries)
+            row = {"n": n, "k": k, "rows": m, **cell}
+            if cell["us"] is not None:
+                row["speedup_vs_bf16"] = cell["bf16_us"] / cell["us"]
+                cells[str(m)] = {x: cell[x] for x in ("bf16_us", "us", "entry")}
             rows.append(row)
             print(f"  int8k {json.dumps(row)}", flush=True)
         table["shapes"].append({"model": a.shape, "n": n, "k": k, "rows": cells})
         if a.int8_table:
             Path(a.int8_table).write_text(json.dumps(table, indent=1))
+        del wd, packs
     return rows
 
 

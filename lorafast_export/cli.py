@@ -843,15 +843,17 @@ def _model_config_path(model: Path) -> Path:
     )
 
 
-def _artifact_quant(model: Path) -> dict | None:
-    """A torch-compile artifact's recorded quantization (runtime.json "quant"), or None (none, or not one)."""
+def _artifact_meta(model: Path) -> dict:
+    """A torch-compile artifact's runtime.json ({} for any other model directory)."""
     for p in (model / "model" / "runtime.json", model / "runtime.json"):
         if p.is_file():
             try:
-                return json.loads(p.read_text()).get("quant")
+                meta = json.loads(p.read_text())
+                meta.get("quant")
+                return meta
             except (ValueError, AttributeError) as e:
                 raise InputError(f"{p}: not a runtime.json ({e}); rebuild the artifact.") from e
-    return None
+    return {}
 
 
 @main.command("tune-kernels")
@@ -886,11 +888,14 @@ def _artifact_quant(model: Path) -> dict | None:
 )
 @click.pass_obj
 def tune_kernels(ctx: Ctx, model, rows, budget_s, with_head, quick, dry_run):
-    """Measure the int4 kernel table for a model's shapes on this GPU (LORAFAST_CACHE/kernels/).
+    """Measure the kernel tables for a model's shapes on this GPU (LORAFAST_CACHE/kernels/).
 
     The torch-compile runtime picks each int4 layer's kernel per batch size from a table measured on the GPU it
     runs on. Tables ship for the GPUs we measured; on any other GPU, or for other shapes, int4 layers fall back
-    to tinygemm with unfused norms until this command measures them. The table is read at the next load.
+    to our GEMM_W kernel with tiles by rule and unfused norms until this command measures them. An artifact with
+    int8 weight-only layers, or with its lm_head stored int8 (target option lm_head), gets the int8 table too
+    (1 and 32 rows, and 128 and 1,024 for prefills; --rows is int4's): without it those layers run dense bf16.
+    The tables are read at the next load.
     """
     from lorafast_export.model.spec import ModelConfig
 
@@ -901,11 +906,24 @@ def tune_kernels(ctx: Ctx, model, rows, budget_s, with_head, quick, dry_run):
     except ValueError:
         _fail(ctx, InputError(f"--rows {rows!r}: give comma-separated row counts >= 1, e.g. 1,8,32."))
     cfg = _run(ctx, lambda: ModelConfig.from_file(_model_config_path(Path(model))))
-    quant = _run(ctx, _artifact_quant, Path(model)) or {}
+    from lorafast_export.runtime.int4_table import layer_shapes
+
+    dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    meta = _run(ctx, _artifact_meta, Path(model))
+    quant = meta.get("quant") or {}
     with_head = with_head or (quant.get("bits") == 4 and bool(quant.get("quantize_lm_head")))
-    if quant and quant.get("bits") != 4:
-        bits = quant.get("bits")
-        _fail(ctx, InputError(f"{model}: its layers are int{bits}; tune-kernels measures int4 kernels only."))
+    int4 = not quant or quant.get("bits") == 4
+    int8 = [] if int4 or quant.get("method") == "smoothquant" else layer_shapes(dims)  # int8 weight-only
+    if (meta.get("options") or {}).get("lm_head") == "int8":
+        int8.append((cfg.vocab_size, cfg.hidden_size))
+    if not int4 and not int8:
+        _fail(
+            ctx,
+            InputError(
+                f"{model}: its layers are SmoothQuant W8A8, whose kernels are chosen by row count, not from a "
+                "measured table, and its lm_head is not int8: nothing to measure."
+            ),
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -925,31 +943,47 @@ def tune_kernels(ctx: Ctx, model, rows, budget_s, with_head, quick, dry_run):
             ctx,
             InputError("tune-kernels needs triton (it comes with torch's CUDA wheels): pip install triton."),
         )
-    from lorafast_export.runtime.kernel_tune import tune
+    from lorafast_export.runtime.kernel_tune import tune, tune_int8
 
-    dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     shown = not (ctx.quiet or ctx.json)  # the measurement's lines go to stderr, never into --json's stdout
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if shown else (lambda m: None)
+    t0, res = time.perf_counter(), {}
     with contextlib.redirect_stdout(sys.stderr if shown else io.StringIO()):
-        res = _run(
-            ctx,
-            tune,
-            Path(model).name,
-            dims,
-            cfg.vocab_size if with_head else None,
-            buckets,
-            budget_s,
-            quick,
-            log,
-        )
+        if int4:
+            res = _run(
+                ctx,
+                tune,
+                Path(model).name,
+                dims,
+                cfg.vocab_size if with_head else None,
+                buckets,
+                budget_s,
+                quick,
+                log,
+            )
+        if int8:
+            left = budget_s - (time.perf_counter() - t0)
+            res["int8"] = _run(ctx, tune_int8, int8, left, quick, log)
 
     def show():
-        out.print(f"measured {res['measured_cells']} cells on {escape(res['gpu'])} in {res['seconds']} s")
-        if res["skipped_by_budget"]:
-            out.print(f"[yellow]not measured (--budget-s):[/] {', '.join(res['skipped_by_budget'])}")
-        if res["fused_ops"]:
-            out.print(f"fused decode ops: {', '.join(res['fused_ops'])}")
-        out.print(f"table: {escape(res['table'])} (read when a runtime loads on this GPU)", highlight=False)
+        if int4:
+            out.print(f"measured {res['measured_cells']} cells on {escape(res['gpu'])} in {res['seconds']} s")
+            if res["skipped_by_budget"]:
+                out.print(f"[yellow]not measured (--budget-s):[/] {', '.join(res['skipped_by_budget'])}")
+            if res["fused_ops"]:
+                out.print(f"fused decode ops: {', '.join(res['fused_ops'])}")
+            out.print(
+                f"table: {escape(res['table'])} (read when a runtime loads on this GPU)", highlight=False
+            )
+        if int8:
+            r = res["int8"]
+            out.print(
+                f"int8: measured {r['measured_cells']} cells in {r['seconds']} s; int8 where it beat bf16 at "
+                f"decode rows: {', '.join(r['in_int8']) or 'none (those layers run dense bf16)'}"
+            )
+            if r["skipped_by_budget"]:
+                out.print(f"[yellow]not measured (--budget-s):[/] {', '.join(r['skipped_by_budget'])}")
+            out.print(f"int8 table: {escape(r['table'])}", highlight=False)
 
     ctx.emit(res, show)
 

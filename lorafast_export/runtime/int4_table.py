@@ -58,6 +58,13 @@ def load_table(gpu: str, bits: int = 4) -> dict | None:
     return None
 
 
+def layer_shapes(dims: tuple[int, int, int, int, int]) -> list[tuple[int, int]]:
+    """A decoder layer's fused linear shapes [N, K] (qkv, o, gate_up, down) from (hidden, intermediate, heads,
+    kv heads, head dim)."""
+    h, i, hq, hkv, d = dims
+    return [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)]
+
+
 def shape_row(table: dict | None, n: int, k: int) -> dict | None:
     """A measured table's row for an [n, k] linear (its cells per row bucket), or None."""
     return next((r for r in (table or {}).get("shapes", []) if (r["n"], r["k"]) == (n, k)), None)

@@ -28,6 +28,7 @@ from lorafast_export.qform import dequantize, pack_nibbles
 from lorafast_export.quant.rtn import quantize_rtn
 from lorafast_export.runtime import cuda_int4
 from lorafast_export.runtime.cuda_int4 import MAX_ROWS, SUBA, SUBX, pack_frags
+from lorafast_export.runtime.int4_table import layer_shapes
 from lorafast_export.runtime.linear import Int4Linear, tinygemm_fits
 from lorafast_export.runtime.triton_int4 import (
     DEQUANT,
@@ -92,13 +93,6 @@ ROW_ORDER = (32, 1, 8, 16, 4, 64, 2, 256)  # the issue's two targets first: a bu
 
 
 VOCABS = {"llama3-8b": 128256, "demo": 2048, "tiny": 96}
-
-
-def layer_shapes(dims: tuple[int, int, int, int, int]) -> list[tuple[int, int]]:
-    """A decoder layer's fused linear shapes [N, K] (qkv, o, gate_up, down) from (hidden, intermediate, heads,
-    kv heads, head dim)."""
-    h, i, hq, hkv, d = dims
-    return [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * i, h), (h, i)]
 
 
 def shapes(model: str, head: bool = False) -> list[tuple[int, int]]:
@@ -516,3 +510,135 @@ def _tune_fused(path: Path, dims: tuple[int, int, int, int, int], log, dev=None)
             log(f"  fused {op} [{n}x{k}]: not measured ({type(e).__name__}: {str(e)[:160]})")
     merge_fused(path, out)
     return [r["op"] for r in out["results"] if r["fused"]]
+
+
+# ------------------------------------------------------------------------------------------------ int8
+# The int8 weight-only table (int8_<gpu>.json, runtime/int4_table.int8_plan_from_table): rows → plan entries
+# tried (max rows, kind, BN, BK, splits, BM, warps; runtime/triton_int8.py: kind 0 GEMV, 1 GEMM, 4 GEMM_T,
+# 7 DEQUANT). 1 and 32 rows are decode steps; 128 and 1,024 prefills, which the last bucket's entry covers
+# beyond (a table measured to 32 rows only would run prefills on a 32-row tile no one timed there; session 34),
+# where DEQUANT (the codes dequantized per call, then cuBLAS's bf16 product) mostly wins (session 35).
+INT8_ENTRIES = {
+    1: [
+        [1, 0, bn, bk, sp, 16, w]
+        for bn, w in ((32, 4), (64, 4), (128, 8))
+        for bk in (128, 256)
+        for sp in (1, 4)
+    ],
+    32: [[32, 1, bn, bk, sp, 32, 4] for bn, bk in ((64, 128), (128, 64)) for sp in (1, 2)]
+    + [
+        [32, 4, bn, bk, sp, 32, w]
+        for bn, w in ((64, 4), (128, 4), (128, 8))
+        for bk in (64, 128)
+        for sp in (1, 2)
+    ],
+    **{
+        m: [
+            [m, kind, bn, bk, 1, bm, w]
+            for kind in (1, 4)
+            for bm, bn, w in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
+            for bk in (64, 128)
+        ]
+        + [[m, 7, bn, bk, 1, 16, w] for bn, bk, w in ((16, 256, 4), (32, 256, 4), (64, 256, 8), (32, 512, 8))]
+        for m in (128, 1024)
+    },
+}
+# --quick: the entries that won on the H100 and H200 (data/kernels/int8_*.json), a few a bucket
+INT8_QUICK = {
+    1: [[1, 0, 32, 256, 4, 16, 4], [1, 0, 32, 256, 1, 16, 4], [1, 0, 64, 256, 4, 16, 4]],
+    32: [[32, 4, 64, 128, 2, 32, 4], [32, 1, 64, 128, 2, 32, 4]],
+    128: [[128, 4, 64, 128, 1, 64, 4], [128, 4, 64, 128, 1, 128, 4], [128, 4, 128, 128, 1, 128, 8]],
+    1024: [[1024, 7, 16, 256, 1, 16, 4], [1024, 7, 32, 256, 1, 16, 4]],
+}
+INT8_KINDS = {0: "gemv", 1: "gemm", 4: "gemm_t", 7: "dequant"}
+
+
+def int8_weight(n: int, k: int, dev) -> tuple[torch.Tensor, list[tuple]]:
+    """A random [n, k] weight as RTN int8 per channel (asymmetric, fp16 scales; the kernels read zero points or
+    not at the same cost): its dequantized float32 weight and copies of (codes, scales, zeros) on dev."""
+    torch.manual_seed(0)
+    qt = quantize_rtn(torch.randn(n, k, device=dev) * 0.02, 8, -1, False, scale_dtype=torch.float16)
+    pack = (qt.codes.to(dev), qt.scales.to(dev), qt.zeros.to(dev))
+    return dequantize(qt).to(dev), [pack] + [
+        tuple(t.clone() for t in pack) for _ in range(n_copies(n * k, dev) - 1)
+    ]
+
+
+def measure_int8(wd: torch.Tensor, packs: list[tuple], m: int, entries: list[list[int]]) -> dict:
+    """One int8 cell: the dense matmul (bf16 on CUDA) and every entry at m rows, each checked against the
+    dequantized product first: {'bf16_us', 'us', 'entry', 'rel_err', 'best_by_kind', 'failed'} ('us' None if
+    none passed)."""
+    from lorafast_export.runtime.triton_int8 import launch8
+
+    dev, (n, k) = wd.device, wd.shape
+    act = ACT_DTYPE[dev.type]
+    wbs = [wd.to(act) for _ in range(n_copies(n * k * 2, dev))]
+    x = torch.randn(m, k, device=dev, dtype=act)
+    ref = x.float() @ wd.T
+    cell = {"bf16_us": graph_us(lambda j: F.linear(x, wbs[j]), len(wbs)), "us": None, "entry": None}
+    by_kind, failed = {}, []
+    for e in entries:
+        try:
+            y = launch8(x, *packs[0], -1, e)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                failed.append({"entry": e, "rel_err": err})
+                continue
+            us = graph_us(lambda j, e=e: launch8(x, *packs[j], -1, e), len(packs))
+        except Exception as ex:  # noqa: BLE001 - a tile that does not compile is a result, not a crash
+            failed.append({"entry": e, "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
+            continue
+        kind = INT8_KINDS[e[1]]
+        if kind not in by_kind or us < by_kind[kind]["us"]:
+            by_kind[kind] = {"us": us, "entry": e}
+        if cell["us"] is None or us < cell["us"]:
+            cell.update(us=us, entry=e, rel_err=err)
+    return cell | {"best_by_kind": by_kind, "failed": failed[:5], "n_failed": len(failed)}
+
+
+def tune_int8(wanted: list[tuple[int, int]], budget_s: float, quick: bool = False, log=print) -> dict:
+    """`lorafast-export tune-kernels` for int8 weight-only layers (an int8 artifact's linears, an artifact's int8
+    lm_head): each [n, k] at INT8_ENTRIES' row buckets (INT8_QUICK with quick) on this GPU (on a CPU: a dry run
+    through Triton's interpreter) until budget_s has passed, merged over this GPU's int8 table (the user's, else
+    the shipped one) into user_table_file(gpu, 8), whole or not at all. The runtime keeps a layer in int8 where
+    our kernels beat bf16 at every decode bucket (int4_table.int8_plan_from_table)."""
+    from lorafast_export.runtime.int4_table import int8_plan_from_table, load_table, user_table_file
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu-interpreter"
+    grid = INT8_QUICK if quick else INT8_ENTRIES
+    before = load_table(gpu, 8) or {}
+    table = new_table(gpu) | {
+        "weights": "RTN int8 per channel asymmetric, fp16 scales, bf16 activations; times: CUDA graph replay"
+    }
+    t0, skipped = time.perf_counter(), []
+    for n, k in dict.fromkeys(wanted):
+        wd, packs = int8_weight(n, k, dev)
+        cells = {}
+        for m, entries in grid.items():
+            if time.perf_counter() - t0 > budget_s:
+                skipped.append(f"{n}x{k} rows {m}")
+                continue
+            cell = measure_int8(wd, packs, m, entries)
+            log(
+                f"  int8 {n}x{k} rows {m}: bf16 {cell['bf16_us']:.1f} us, int8 {cell['us'] or float('nan'):.1f} us"
+            )
+            if cell["us"] is not None:
+                cells[str(m)] = {k2: cell[k2] for k2 in ("bf16_us", "us", "entry")}
+        del wd, packs
+        if cells:
+            table["shapes"].append({"n": n, "k": k, "rows": cells})
+    path = user_table_file(gpu, 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if table["shapes"]:
+        merge(before or {k: v for k, v in table.items() if k != "shapes"}, table, path)
+    load_table.cache_clear()
+    written = load_table(gpu, 8)
+    return {
+        "table": str(path),
+        "shapes": [f"{n}x{k}" for n, k in dict.fromkeys(wanted)],
+        "in_int8": [f"{n}x{k}" for n, k in dict.fromkeys(wanted) if int8_plan_from_table(written, n, k)],
+        "measured_cells": sum(len(r["rows"]) for r in table["shapes"]),
+        "skipped_by_budget": skipped,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

@@ -263,12 +263,12 @@ def test_without_triton_it_says_what_to_install(tmp_path, cache, monkeypatch):
     assert not (cache / "kernels").exists()
 
 
-def _artifact(tmp_path, quant):
+def _artifact(tmp_path, quant, **options):
     """A torch-compile artifact's layout as far as tune-kernels reads it: model/config.json, model/runtime.json."""
     d = tmp_path / "artifact"
     (d / "model").mkdir(parents=True)
     (d / "model" / "config.json").write_text(json.dumps(CONFIG))
-    (d / "model" / "runtime.json").write_text(json.dumps({"quant": quant}))
+    (d / "model" / "runtime.json").write_text(json.dumps({"quant": quant, "options": options}))
     return d
 
 
@@ -281,9 +281,43 @@ def test_an_artifact_with_a_quantized_head_has_its_head_measured(tmp_path, cache
     ]  # lm_head [vocab, hidden]
 
 
-def test_an_int8_artifact_is_refused(tmp_path, cache):
-    r = _tune("--model", _artifact(tmp_path, {"method": "rtn", "bits": 8}), "--dry-run")
-    assert r.exit_code == 2 and "int8" in r.output and "int4 kernels only" in r.output
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: it measures that GPU, not a dry run")
+def test_an_int8_artifact_gets_the_int8_table_the_runtime_reads(tmp_path, cache):
+    """int8 weight-only layers: tune-kernels measures the int8 table (every decode and prefill bucket), written
+    where the runtime looks first; its verdict per shape is int8_plan_from_table's on the written table."""
+    a = _artifact(tmp_path, {"method": "int8", "bits": 8, "group_size": -1}, lm_head="keep")
+    r = _tune("--model", a, "--quick", "--dry-run")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)["int8"]
+    assert res["shapes"] == [f"{n}x{k}" for n, k in SHAPES] and res["skipped_by_budget"] == []
+    assert res["table"] == str(user_table_file("cpu-interpreter", 8))
+    table = load_table("cpu-interpreter", 8)
+    assert table["gpu"] == "cpu-interpreter" and table["measured"]
+    for n, k in SHAPES:
+        row = int4_table.shape_row(table, n, k)
+        assert sorted(map(int, row["rows"])) == [1, 32, 128, 1024]
+        assert all(c["us"] > 0 and c["bf16_us"] > 0 and len(c["entry"]) == 7 for c in row["rows"].values())
+        in_int8 = int4_table.int8_plan_from_table(table, n, k) is not None
+        assert in_int8 == (f"{n}x{k}" in res["in_int8"])
+        assert in_int8 == all(row["rows"][b]["us"] < row["rows"][b]["bf16_us"] for b in ("1", "32"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: it measures that GPU, not a dry run")
+def test_an_int4_artifact_with_an_int8_head_gets_both_tables(tmp_path, cache):
+    a = _artifact(tmp_path, {"method": "awq", "bits": 4, "group_size": 128}, lm_head="int8")
+    r = _tune("--model", a, "--rows", "1", "--quick", "--dry-run")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["shapes"] == [f"{n}x{k}" for n, k in SHAPES]  # int4: the decoder's linears
+    assert res["int8"]["shapes"] == ["96x128"]  # int8: the head only
+    assert int4_table.shape_row(load_table("cpu-interpreter", 8), 96, 128) is not None
+    assert int4_table.shape_row(load_table("cpu-interpreter", 4), 96, 128) is None
+
+
+def test_a_smoothquant_artifact_without_an_int8_head_is_refused(tmp_path, cache):
+    r = _tune("--model", _artifact(tmp_path, {"method": "smoothquant", "bits": 8}), "--dry-run")
+    assert r.exit_code == 2 and "SmoothQuant" in r.output and "nothing to measure" in r.output
+    assert not (cache / "kernels").exists()
 
 
 def test_a_table_measured_up_to_8_rows_keeps_larger_row_counts_off_the_mma_kernel():
