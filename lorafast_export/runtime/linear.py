@@ -313,8 +313,9 @@ class W8A8Linear(_QuantLinearBase):
 
     kernel = "w8a8"
     # 17-31 rows: cuBLAS's int8 GEMM, no padding needed, beat our 16-row tiles at 24 rows on the 8B linears
-    # (123.9 against 131.2 us summed, H100, session 35 call 7); from 32 our GEMM (session 34)
-    CUBLAS_ROWS = range(17, 32)
+    # (123.9 against 131.2 us summed, H100, session 35 call 7); from 32 our GEMM (session 34). Bounds compared,
+    # not `in range(...)`: a compiled graph's row count is symbolic, which dynamo cannot test for membership
+    CUBLAS_ROWS = (17, 32)
 
     def __init__(self, qt: QTensor, bias=None, dtype=torch.bfloat16, device="cpu"):
         super().__init__(qt, bias, dtype, device)
@@ -333,7 +334,7 @@ class W8A8Linear(_QuantLinearBase):
         shape, x = x.shape, x.reshape(-1, self.in_features)
         codes, scale = int8_per_token(x)
         xq, rows = codes.to(torch.int8), x.shape[0]
-        if self.triton and rows not in self.CUBLAS_ROWS:
+        if self.triton and not self.CUBLAS_ROWS[0] <= rows < self.CUBLAS_ROWS[1]:
             y = torch.ops.lorafast.w8a8_mm(xq, self.weight, scale, self.scales, x.dtype)
             return self._finish(y, shape)
         small = self.pad and rows <= 16
