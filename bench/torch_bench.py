@@ -455,7 +455,8 @@ def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None, head8: bool
     if head8:
         from lorafast_export.runtime.artifact import int8_head
 
-        fp, q, head = int8_head(cfg, fp, q)
+        fp, extra, head = int8_head(cfg, fp, q)
+        q = {**q, **extra}
         label += "h8"
         print(f"  {label}: lm_head {head}", flush=True)
     eager = label == "bf16" and a.eager_peer

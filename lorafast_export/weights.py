@@ -281,19 +281,25 @@ class WeightStore:
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
-    def copy_to(self, path: Path, names: list[str], metadata: dict[str, str] | None = None) -> None:
+    def copy_to(
+        self,
+        path: Path,
+        names: list[str],
+        metadata: dict[str, str] | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Write the named tensors, as stored, into one new safetensors file, copying their bytes in chunks:
-        the tensors are never all in memory (a saved quantized model's codes at 8B are 3.5 GB)."""
+        the tensors are never all in memory (a saved quantized model's codes at 8B are 3.5 GB). extra: tensors
+        from memory (CPU, contiguous) written after them."""
         entries = [self._entries[n] for n in names]
+        extra = extra or {}
         header: dict = {"__metadata__": metadata} if metadata else {}
         pos = 0
-        for n, e in zip(names, entries, strict=True):
-            header[n] = {
-                "dtype": _ST_NAMES[e.dtype],
-                "shape": list(e.shape),
-                "data_offsets": [pos, pos + e.nbytes],
-            }
-            pos += e.nbytes
+        for n, dtype, shape, nbytes in [
+            (n, e.dtype, e.shape, e.nbytes) for n, e in zip(names, entries, strict=True)
+        ] + [(n, t.dtype, t.shape, t.numel() * t.element_size()) for n, t in extra.items()]:
+            header[n] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (
             -len(head) % 8
@@ -310,6 +316,9 @@ class WeightStore:
                             raise InputError(f"{e.path}: truncated while copying; the file is incomplete.")
                         out.write(chunk)
                         left -= len(chunk)
+            for t in extra.values():
+                if t.numel():
+                    out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _read_weight_map(idx: Path) -> dict[str, str]:

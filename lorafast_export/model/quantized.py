@@ -166,14 +166,20 @@ def open_qtensors(files: list[Path], device: torch.device | str | None = None) -
     return LazyQTensors(store, entries, device)
 
 
-def save_qtensors_streamed(path: Path, q: Mapping[str, QTensor]) -> None:
-    """q as one qform file (qform.save_qtensors' layout). A lazy q (a saved quantized model) is copied from its
-    files tensor by tensor, so its codes are never in memory together; an in-memory one is saved as it is."""
+def save_qtensors_streamed(
+    path: Path, q: Mapping[str, QTensor], extra: Mapping[str, QTensor] | None = None
+) -> None:
+    """q and extra (in memory, e.g. a head quantized at lowering) as one qform file (qform.save_qtensors'
+    layout). A lazy q (a saved quantized model) is copied from its files tensor by tensor, so its codes are never
+    in memory together; an in-memory one is saved as it is."""
+    extra = dict(extra or {})
     if not isinstance(q, LazyQTensors):
-        save_qtensors(path, dict(q))
+        save_qtensors(path, {**q, **extra})
         return
-    names = [f"{m}.{part}" for m, e in q.entries.items() for part in e["parts"]]
-    q.store.copy_to(path, names, qform_metadata(q.entries))
+    names = [f"{m}.{part}" for m, e in q.entries.items() if m not in extra for part in e["parts"]]
+    tensors, meta = qtensors_to_state_dict(extra)
+    entries = {m: e for m, e in q.entries.items() if m not in extra} | qform_entries(meta, "extra")
+    q.store.copy_to(path, names, qform_metadata(entries), tensors)
 
 
 @dataclass(frozen=True)

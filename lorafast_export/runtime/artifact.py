@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,16 +55,17 @@ def _shard_of(name: str, n_layers: int) -> str:
 HEAD_ROWS = 8192  # lm_head rows quantized at a time (int8_head): a 128k-row head never whole in float32
 
 
-def int8_head(cfg: ModelConfig, fp: Mapping, q: Mapping) -> tuple[Mapping, Mapping, str]:
-    """A quantized model's (fp, q) with its lm_head int8 per output channel, symmetric (quant/int8.py: the signed
-    grid, float32 scales), and "int8"; or fp and q as given where the head is tied to the embeddings ("tied"),
-    absent ("none") or already quantized ("quantized"): the torch-compile target's option lm_head."""
+def int8_head(cfg: ModelConfig, fp: Mapping, q: Mapping) -> tuple[Mapping, dict, str]:
+    """A quantized model's fp without its lm_head, {"lm_head": the head int8 per output channel, symmetric
+    (quant/int8.py: the signed grid, float32 scales)} to add to q, and "int8"; or fp as given, {} and why: the
+    head is tied to the embeddings ("tied"), absent ("none") or already quantized ("quantized"). The
+    torch-compile target's option lm_head."""
     from lorafast_export.quant.int8 import quantize_int8_weight
 
     if cfg.tie_word_embeddings or LM_HEAD not in fp:
-        return fp, q, "tied" if cfg.tie_word_embeddings else "none"
+        return fp, {}, "tied" if cfg.tie_word_embeddings else "none"
     if "lm_head" in q:
-        return fp, q, "quantized"
+        return fp, {}, "quantized"
     w = fp[LM_HEAD]
     parts = [quantize_int8_weight(w[i : i + HEAD_ROWS]) for i in range(0, w.shape[0], HEAD_ROWS)]
     head = dataclasses.replace(
@@ -74,7 +74,7 @@ def int8_head(cfg: ModelConfig, fp: Mapping, q: Mapping) -> tuple[Mapping, Mappi
         scales=torch.cat([p.scales for p in parts]),
     )
     rest = {k: fp[k] for k in fp if k != LM_HEAD} if isinstance(fp, dict) else _Without(fp, LM_HEAD)
-    return rest, ChainMap({"lm_head": head}, q), "int8"
+    return rest, {"lm_head": head}, "int8"
 
 
 class _Without(Mapping):
@@ -128,15 +128,17 @@ def write_artifact(
         qfile = None
     else:  # merged_dir may hold no weights (the merge stage's view): everything comes from `quantized`
         cfg = quantized.config
-        fp, q, head = quantized.fp, quantized.q, "keep"
+        fp, extra, head = quantized.fp, {}, "keep"
         if opts.lm_head != "keep":
-            fp, q, head = int8_head(cfg, fp, q)
+            fp, extra, head = int8_head(cfg, fp, quantized.q)
             log.info(
                 "%s: lm_head %s", out_dir, "int8 per channel" if head == "int8" else f"as stored ({head})"
             )
         opts = opts.replace(lm_head="int8" if head == "int8" else "keep")
         files = _save_shards(out_dir, sorted(fp), fp.__getitem__, dtype, cfg.num_layers)
-        save_qtensors_streamed(out_dir / QWEIGHTS, q)  # tensor by tensor: never all codes in memory
+        save_qtensors_streamed(
+            out_dir / QWEIGHTS, quantized.q, extra
+        )  # tensor by tensor: never all codes in memory
         qfile = QWEIGHTS
     meta = {
         "format": FORMAT,

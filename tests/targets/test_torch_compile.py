@@ -123,9 +123,12 @@ def test_smoothquant_artifact_runs_the_int8_product(tmp_path):
     assert round_trip_kernels(tmp_path, md, fp, q, {"method": "smoothquant", "bits": 8}) == {"w8a8"}
 
 
-def test_saved_quantized_model_streams_into_the_artifact(tmp_path):
+def test_saved_quantized_model_streams_into_the_artifact(tmp_path, monkeypatch):
     """A quantized model saved by the quantize stage (lazy, read from disk) is copied into qweights tensor by tensor
-    and read back lazily at load: the same tensors as save_qtensors writes, and the same logits as in memory."""
+    (never all its codes in memory: save_qtensors, which takes them all at once, is not called; the int8 head is
+    written from memory after them) and read back lazily at load: the same tensors as save_qtensors writes, and
+    the same logits as in memory."""
+    from lorafast_export.model import quantized as quantized_module
     from lorafast_export.model.quantized import LazyQTensors, load_quantized, save_quantized
     from lorafast_export.qform import load_qtensors
     from lorafast_export.runtime.artifact import read_meta, read_weights
@@ -134,7 +137,11 @@ def test_saved_quantized_model_streams_into_the_artifact(tmp_path):
     fp, q = quantize_all(md, bits=4, group_size=64, symmetric=False)
     qm = QuantizedModel(md.config, fp, q, {"method": "rtn", "bits": 4})
     lazy = load_quantized(save_quantized(qm, tmp_path / "q"))
-    streamed = lower(md, tmp_path / "streamed", lazy)
+    with monkeypatch.context() as m:
+        m.setattr(
+            quantized_module, "save_qtensors", lambda *a, **k: pytest.fail("the lazy codes were loaded whole")
+        )
+        streamed = lower(md, tmp_path / "streamed", lazy)
     whole = lower(md, tmp_path / "whole", qm)
     a, b = load_qtensors(streamed / "qweights.safetensors"), load_qtensors(whole / "qweights.safetensors")
     assert (
