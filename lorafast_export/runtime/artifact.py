@@ -67,12 +67,12 @@ def int8_head(cfg: ModelConfig, fp: Mapping, q: Mapping) -> tuple[Mapping, dict,
     if "lm_head" in q:
         return fp, {}, "quantized"
     w = fp[LM_HEAD]
-    parts = [quantize_int8_weight(w[i : i + HEAD_ROWS]) for i in range(0, w.shape[0], HEAD_ROWS)]
-    head = dataclasses.replace(
-        parts[0],
-        codes=torch.cat([p.codes for p in parts]),
-        scales=torch.cat([p.scales for p in parts]),
-    )
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)  # filled in place: one copy of the codes
+    scales = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], HEAD_ROWS):
+        part = quantize_int8_weight(w[i : i + HEAD_ROWS])
+        codes[i : i + HEAD_ROWS], scales[i : i + HEAD_ROWS] = part.codes, part.scales
+    head = dataclasses.replace(part, codes=codes, scales=scales)
     rest = {k: fp[k] for k in fp if k != LM_HEAD} if isinstance(fp, dict) else _Without(fp, LM_HEAD)
     return rest, {"lm_head": head}, "int8"
 
