@@ -29,11 +29,12 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   gemv     our Triton dense GEMV vs cuBLAS per linear shape at 1 and 5 rows (tiles swept, rows bitwise checked)
   fused    runtime/triton_fused.py: each fused op vs cuBLAS's product (tiles swept), decode fused_decode off/on
   int8k    our Triton int8 weight-only GEMV/GEMM (and DEQUANT + cuBLAS) vs bf16 per linear shape at 1, 32, 128 and
-           1,024 rows (CUDA-graph timed)
+           1,024 rows (CUDA-graph timed; --int8-shapes head: the lm_head's shape, as tune-kernels measures it)
   int8cpu  CPU: an int8 weight-only layer per linear shape and row count, float32 and bf16: dense vs aten's pack
            product vs what auto lowers (session 35)
   int8     our runtime on an int8 weight-only model (per channel, symmetric: `--quant int8`), auto's kernels
   w8a8     our runtime on a SmoothQuant model (int8 weights per channel, int8 activations per token)
+  int4h8, int8h8, w8a8h8   int4 / int8 / w8a8 with the lm_head int8 per channel (torch-compile's lm_head: auto)
   w8a8check  a SmoothQuant model of the check shape, compiled runtime vs the eager fake-quant one (float32)
   w8a8k    a SmoothQuant layer per linear shape and row count: bf16 vs what it ran before session 34
            (fake-quant activations, then dequant or our int8 kernel) vs W8A8Linear (the int8 GEMM), compiled
