@@ -122,4 +122,3 @@ def test_w8a8_linear_rows_equal_the_int8_gemm(dtype, rows):
     assert ((got.float() - want.float()).abs() <= want.float().abs() * step).all()
     ref = QLinear(qt)(x.float())
     assert (got.float() - ref).abs().max() <= (1e-6 if dtype == torch.float32 else 8e-3) * ref.abs().max()
-
