@@ -73,12 +73,11 @@ def int8_head(cfg: ModelConfig, fp: Mapping, q: Mapping) -> tuple[Mapping, dict,
         part = quantize_int8_weight(w[i : i + HEAD_ROWS])
         codes[i : i + HEAD_ROWS], scales[i : i + HEAD_ROWS] = part.codes, part.scales
     head = dataclasses.replace(part, codes=codes, scales=scales)
-    rest = {k: fp[k] for k in fp if k != LM_HEAD} if isinstance(fp, dict) else _Without(fp, LM_HEAD)
-    return rest, {"lm_head": head}, "int8"
+    return _Without(fp, LM_HEAD), {"lm_head": head}, "int8"
 
 
 class _Without(Mapping):
-    """A Mapping view of another without one key (a lazy fp view stays lazy)."""
+    """A Mapping view of another without one key (a lazy fp view stays lazy; a dict is not copied)."""
 
     def __init__(self, base: Mapping, key: str):
         self.base, self.key = base, key
