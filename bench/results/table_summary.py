@@ -5,7 +5,7 @@ import json
 import sys
 
 d = json.load(open(sys.argv[1]))
-for k in ("bf16", "int4"):
+for k in ("bf16", "int4", "int4h8"):
     for r in d.get(k, {}).get("results", []):
         print(
             k,
