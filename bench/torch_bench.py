@@ -386,7 +386,7 @@ def run_ours(a, dev, R, fp, q, cfg, attention, batches, eager_too=False, gemv=No
         fused_decode=a.fused_decode,  # before session 20 this was left at its default (auto) here
         kernel_pdl=a.kernel_pdl == "on",
         fused_pdl=a.fused_pdl == "on",
-        triton_argmax=a.triton_argmax == "on",
+        triton_argmax=a.triton_argmax,
         attn_last_merges=a.attn_last_merges == "on",
     )
     rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, opts)
@@ -1008,7 +1008,7 @@ def _opts(a, batches, R=None, **kw) -> RuntimeOptions:
     kw.setdefault("inductor_pdl", a.inductor_pdl == "on")
     kw.setdefault("kernel_pdl", a.kernel_pdl == "on")
     kw.setdefault("fused_pdl", a.fused_pdl == "on")
-    kw.setdefault("triton_argmax", a.triton_argmax == "on")
+    kw.setdefault("triton_argmax", a.triton_argmax)
     kw.setdefault("attn_last_merges", a.attn_last_merges == "on")
     kw.setdefault("overlap_bursts", a.overlap_bursts == "on")
     if a.prefill_chunk is not None:
@@ -2211,7 +2211,10 @@ def main() -> None:
     p.add_argument("--kernel-pdl", default="on", choices=("off", "on"), help="runtime option (most sections)")
     p.add_argument("--fused-pdl", default="off", choices=("off", "on"), help="runtime option (most sections)")
     p.add_argument(
-        "--triton-argmax", default="off", choices=("off", "on"), help="runtime option (most sections)"
+        "--triton-argmax",
+        default="auto",
+        choices=("auto", "off", "on"),
+        help="runtime option (most sections)",
     )
     p.add_argument(
         "--attn-last-merges", default="off", choices=("off", "on"), help="runtime option (most sections)"

@@ -275,9 +275,15 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
 
 
 def _argmax(opts: RuntimeOptions, device: torch.device):
-    """The engine's greedy argmax: option triton_argmax's kernels (runtime/triton_argmax.py) where Triton runs
-    (CUDA, or its interpreter in tests), else None (torch's argmax). The tokens are the same either way."""
-    if not (opts.triton_argmax and _triton_runs(device)):
+    """The engine's greedy argmax: option triton_argmax's kernels (runtime/triton_argmax.py) on CUDA (auto), or
+    wherever Triton runs, its interpreter included (on), else None (torch's argmax). The tokens are the same
+    either way."""
+    runs = (
+        _triton_on(device)
+        if opts.triton_argmax == "auto"
+        else opts.triton_argmax == "on" and _triton_runs(device)
+    )
+    if not runs:
         return None
     from lorafast_export.runtime.triton_argmax import argmax_last
 

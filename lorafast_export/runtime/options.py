@@ -15,6 +15,7 @@ COMPILE = ("auto", "on", "off")
 DENSE_GEMV = ("auto", "off", "on")
 FUSED_DECODE = ("auto", "off", "on", "mma")
 LM_HEAD = ("auto", "keep", "int8")
+TRITON_ARGMAX = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class RuntimeOptions:
     inductor_pdl: bool = False  # compiled decode layers: inductor's programmatic dependent launch (sm90+)
     kernel_pdl: bool = True  # our CUDA kernels (int4 MMA, paged decode attention) as programmatic dependent launches (sm90+; same outputs)
     fused_pdl: bool = False  # with kernel_pdl: the dense fused decode ops too, each asking L2 for its weights before it waits (sm90+; same arithmetic; not yet run on a GPU)
-    triton_argmax: bool = False  # greedy picks on CUDA through runtime/triton_argmax.py (two kernels over slices of the row) instead of torch's one-block argmax (0.03 ms of an 8B step); the same tokens; not yet run on a GPU
+    triton_argmax: str = "auto"  # greedy picks through runtime/triton_argmax.py (two kernels over slices of the row) instead of torch's one-block argmax; the same tokens; auto = on CUDA (8B on an H100: -15 to -23 us a bf16 step, -14 to -31 us an int4 one, bench/TORCH.md session 37); on = wherever Triton runs (its interpreter included); off = torch's. true / false (before session 37) read as on / off
     attn_last_merges: bool = False  # the Triton paged decode attention as one kernel whose last program of each (row, kv head) merges the splits, no merge kernel (an int32 counter per pair); the same arithmetic; not yet run on a GPU
     draft_int4_head: bool = False  # with a draft (--draft): its lm_head quantized to int4 at load (RTN g128) where stored in 16/32 bits and untied; the model verifies every token, so the output cannot change; a draft step reads a quarter of the head's bytes; not yet timed as a draft on a GPU
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
@@ -76,6 +77,7 @@ class RuntimeOptions:
             ("warm_up", COMPILE),
             ("speculation", SPECULATION),
             ("lm_head", LM_HEAD),
+            ("triton_argmax", TRITON_ARGMAX),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
@@ -87,7 +89,6 @@ class RuntimeOptions:
             "inductor_pdl",
             "kernel_pdl",
             "fused_pdl",
-            "triton_argmax",
             "draft_int4_head",
             "attn_last_merges",
         ):
@@ -136,6 +137,8 @@ class RuntimeOptions:
                 f"torch-compile target options: unknown key(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}."
             )
+        if isinstance(d.get("triton_argmax"), bool):  # a boolean until session 37 (runtime.json, recipes)
+            d["triton_argmax"] = "on" if d["triton_argmax"] else "off"
         if "batch_buckets" in d and isinstance(d["batch_buckets"], list | tuple):
             d["batch_buckets"] = tuple(d["batch_buckets"])
         return cls(**d)

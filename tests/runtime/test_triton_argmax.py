@@ -98,7 +98,7 @@ def test_runtime_with_triton_argmax_picks_every_greedy_token_through_it(tmp_path
         max_seq_len=32,
         max_batch=2,
         batch_buckets=(1, 2),
-        triton_argmax=True,
+        triton_argmax="on",
         spec_k=2,
         speculation="always",
     )
@@ -120,6 +120,26 @@ def test_runtime_with_triton_argmax_picks_every_greedy_token_through_it(tmp_path
     # off: torch's argmax, the kernels never run
     calls.clear()
     plain = loader.build_runtime(
-        md.config, fp_state(md), None, DEV, torch.float32, opts.replace(triton_argmax=False)
+        md.config, fp_state(md), None, DEV, torch.float32, opts.replace(triton_argmax="off")
     )
     assert plain.generate_batch(prompts, 6) == want and not calls
+
+
+def test_option_auto_takes_the_kernels_on_cuda_only_and_old_booleans_still_read():
+    """auto (the default since session 37): the kernels on a CUDA device, torch's argmax on a CPU even where
+    Triton's interpreter runs; on: wherever Triton runs; off: never. A runtime.json or recipe written when the
+    option was a boolean reads as on / off; anything else is refused by name."""
+    from lorafast_export.errors import InputError
+    from lorafast_export.runtime import loader, triton_argmax
+    from lorafast_export.runtime.options import RuntimeOptions
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # _argmax only reads the device's type
+    assert RuntimeOptions().triton_argmax == "auto"
+    assert loader._argmax(RuntimeOptions(), cuda) is triton_argmax.argmax_last
+    assert loader._argmax(RuntimeOptions(), cpu) is None
+    assert loader._argmax(RuntimeOptions(triton_argmax="off"), cuda) is None
+    assert loader._argmax(RuntimeOptions(triton_argmax="on"), cpu) is triton_argmax.argmax_last  # interpreter
+    assert RuntimeOptions.from_dict({"triton_argmax": True}).triton_argmax == "on"
+    assert RuntimeOptions.from_dict({"triton_argmax": False}).triton_argmax == "off"
+    with pytest.raises(InputError, match="triton_argmax='yes'"):
+        RuntimeOptions.from_dict({"triton_argmax": "yes"})
