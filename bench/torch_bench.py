@@ -464,7 +464,13 @@ def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None, head8: bool
     rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=eager, gemv=gemv)
     res["dense_gemv"] = rt.options.dense_gemv
     res["kernels"] = sorted(set(rt.kernels.values()))
-    if label in ("bf16", "bf16g", "int4"):  # the sections that reuse one (profile); the others free the GPU
+    kept = (
+        "bf16",
+        "bf16g",
+        "int4",
+        "int4h8",
+    )  # the sections that reuse one (profile); the others free the GPU
+    if label in kept:
         R[f"_rt_{label}"] = rt
     if not quant:
         toks = R[f"_tokens_{label}"] = rt.generate_batch(
@@ -1179,6 +1185,8 @@ def sec_profile(a, dev, R):
         fp, q = quantize_linears(state, head=a.quant_lm_head) if label == "int4" else (state, None)
         lt = label == "bf16lt"  # the bf16 runtime again, its step captured again under cuBLASLt
         rt = R.get("_rt_bf16" if lt else f"_rt_{label}")  # that section's runtime, if it ran
+        if rt is None and label not in ("bf16", "bf16g", "bf16lt", "int4"):
+            raise SystemExit(f"--profile {label}: run its section before profile in --sections")
         if rt is None:
             gemv = "on" if label == "bf16g" else a.dense_gemv
             rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, a.batches, R, dense_gemv=gemv))
@@ -2252,7 +2260,11 @@ def main() -> None:
     p.add_argument(
         "--prefill-compile", default="auto", choices=("auto", "on", "off"), help="bf16/int4 sections"
     )
-    p.add_argument("--profile", default="bf16,int4", help="runtimes the profile section profiles")
+    p.add_argument(
+        "--profile",
+        default="bf16,int4",
+        help="runtimes the profile section profiles (int4h8: after its section)",
+    )
     p.add_argument("--out", default="torch_bench.json")
     a = p.parse_args()
     if os.environ.get("LF_BENCH_KEEP_CUBLAS_WORKSPACES") == "1":  # diagnosis (bench/TORCH.md, session 13):

@@ -2,8 +2,8 @@
 # [128256, 4096] (torch_bench int8k, merged into the working copy's shipped table, which the next process reads),
 # then issue 15's table in one process: copy, bf16, int4 g128 with the int8 head (the default now) at batch 1 and
 # 32, the mixed 32-request workload, end to end against transformers' static cache + compile (5 pairs).
-# Other cards: triton_argmax's first timing, batch 1, bf16 and int4 + int8 head with it off, then on (two
-# processes), after its CUDA test. Pass LIMIT=.
+# Other cards (call 2 ran triton_argmax's first timing here; now): a torch.profiler breakdown of one batch-1 decode
+# step of bf16 and of int4 g128 with the int8 head (under kernel_pdl a kernel's time includes its wait). Pass LIMIT=.
 source bench/results/device_env.sh || exit 3
 LIMIT=${LIMIT:-590}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader); echo "$GPU"
@@ -16,11 +16,14 @@ if [ "$SLUG" = h200 ]; then
   echo "table rc $? at ${SECONDS}s"; grep -iE "error|Traceback" $OUT/table.log | head -3 | cut -c1-300; grep -E "^\[|mixed (first|default)|copy:" $OUT/table.log | cut -c1-200
   python3 bench/results/table_summary.py $OUT/table.json 2>&1 | tail -12
 else
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_triton_argmax.py > $OUT/cuda_tests.txt 2>&1
-  echo "CUDA tests rc $? at ${SECONDS}s"; tail -1 $OUT/cuda_tests.txt
-  for am in off on; do
-    timeout 150 python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,bf16,int4h8 --batch 1 --single-step-peer 0 --new-tokens 128 --triton-argmax $am --out $OUT/argmax_$am.json > $OUT/argmax_$am.log 2>&1
-    echo "argmax $am rc $? at ${SECONDS}s"; python3 bench/results/table_summary.py $OUT/argmax_$am.json 2>&1 | grep -E "^(bf16|int4)"
-  done
+  timeout 200 python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,bf16,int4h8,profile --profile bf16,int4h8 --batch 1 --single-step-peer 0 --new-tokens 128 --out $OUT/profile.json > $OUT/profile.log 2>&1
+  echo "profile rc $? at ${SECONDS}s"; python3 bench/results/table_summary.py $OUT/profile.json 2>&1 | grep -E "^(bf16|int4)"
+  python3 -c "
+import json,sys; d=json.load(open(sys.argv[1]))['profile']
+for k in ('bf16_batch1','int4h8_batch1'):
+    v=d[k]; print(k, 'wall ms', round(v['wall_ms_per_step'],3), 'gpu us', round(v['gpu_us_per_step'],1), 'kernels', v['kernels_per_step'])
+    print('  groups', {g: round(u,1) for g,u in v['groups_us'].items()})
+    for t in v['top'][:12]: print('  ', json.dumps(t)[:160])
+" $OUT/profile.json
 fi
 (cd $OUT && tar czf /tmp/call.tgz . && rm -rf ./* && mv /tmp/call.tgz .)
