@@ -464,13 +464,7 @@ def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None, head8: bool
     rt, res = run_ours(a, dev, R, fp, q, cfg, attention, a.batches, eager_too=eager, gemv=gemv)
     res["dense_gemv"] = rt.options.dense_gemv
     res["kernels"] = sorted(set(rt.kernels.values()))
-    kept = (
-        "bf16",
-        "bf16g",
-        "int4",
-        "int4h8",
-    )  # the sections that reuse one (profile); the others free the GPU
-    if label in kept:
+    if label in ("bf16", "bf16g", "int4", "int4h8"):  # reused by the profile section; the others free the GPU
         R[f"_rt_{label}"] = rt
     if not quant:
         toks = R[f"_tokens_{label}"] = rt.generate_batch(
@@ -1182,12 +1176,12 @@ def sec_profile(a, dev, R):
     cfg, state = config_of(R["_model"])
     out = {}
     for label in a.profile.split(","):
-        fp, q = quantize_linears(state, head=a.quant_lm_head) if label == "int4" else (state, None)
         lt = label == "bf16lt"  # the bf16 runtime again, its step captured again under cuBLASLt
         rt = R.get("_rt_bf16" if lt else f"_rt_{label}")  # that section's runtime, if it ran
         if rt is None and label not in ("bf16", "bf16g", "bf16lt", "int4"):
             raise SystemExit(f"--profile {label}: run its section before profile in --sections")
-        if rt is None:
+        if rt is None:  # quantized only when built here (a reused int4 runtime needs no second quantization)
+            fp, q = quantize_linears(state, head=a.quant_lm_head) if label == "int4" else (state, None)
             gemv = "on" if label == "bf16g" else a.dense_gemv
             rt = build_runtime(cfg, fp, q, dev, torch.bfloat16, _opts(a, a.batches, R, dense_gemv=gemv))
         if lt:

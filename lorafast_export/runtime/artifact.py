@@ -135,9 +135,8 @@ def write_artifact(
             )
         opts = opts.replace(lm_head="int8" if head == "int8" else "keep")
         files = _save_shards(out_dir, sorted(fp), fp.__getitem__, dtype, cfg.num_layers)
-        save_qtensors_streamed(
-            out_dir / QWEIGHTS, quantized.q, extra
-        )  # tensor by tensor: never all codes in memory
+        # tensor by tensor: never all codes in memory
+        save_qtensors_streamed(out_dir / QWEIGHTS, quantized.q, extra)
         qfile = QWEIGHTS
     meta = {
         "format": FORMAT,
