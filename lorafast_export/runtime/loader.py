@@ -21,6 +21,7 @@ from lorafast_export.runtime.options import RuntimeOptions
 from lorafast_export.runtime.paged import (
     FUSED_MAX_ROWS,
     PagedModel,
+    RopeTable,
     build_model,
     triton_attention_fits,
     use_attn_last_merges,
@@ -207,6 +208,7 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
         model, kernels = AOTModel(aot_dir, aot_meta, cache), dict(aot_meta["kernels"])
     else:
         dec, kernels = build_model(cfg, fp, q, device, dtype, opts.kernel)
+        dec.rotary = RopeTable(dec.rotary, max_seq_len, dtype)
         if gemv := dense_gemv_on(opts, device, draft is not None):
             _use_gemv(dec, device)
         if fused_decode_on(opts, device, dtype):  # a verify's rows must compute what a decode step computes

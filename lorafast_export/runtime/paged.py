@@ -121,6 +121,25 @@ def build_model(
     return dec.eval(), kernels
 
 
+class RopeTable(nn.Module):
+    """The decoder's Rotary at positions 0..n-1, computed once by that module (the same values) into two tables,
+    then looked up: a step's cos and sin are a clamp and two gathers instead of the seven kernels that compute
+    them (position x frequency, cat, cos, sin, the scale twice, two casts: ~12 us of an 8B decode step on an
+    H100, bench/TORCH.md session 38). A position past the table (a padding row's, past max_seq_len, which the
+    engine never gives a request) reads its last row; another dtype computes them."""
+
+    def __init__(self, rotary: Rotary, n: int, dtype: torch.dtype):
+        super().__init__()
+        self.rotary, self.n, self.dtype = rotary, n, dtype
+        self.cos, self.sin = rotary(torch.arange(n, device=rotary.inv_freq.device), dtype)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype != self.dtype:
+            return self.rotary(position_ids, dtype)
+        idx = position_ids.clamp(max=self.n - 1)
+        return self.cos[idx], self.sin[idx]
+
+
 def run_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The decoder MLP, through the fused gate_up_proj when the loader made one."""
     if getattr(mlp, "gate_up_proj", None) is None:
@@ -140,6 +159,7 @@ def _block_parts(layer, h, cos, sin, attend):
 
 
 FUSED_MAX_ROWS = 8  # rows (batch x tokens) up to which a fused layer can run runtime/triton_fused.py
+NORM_MAX_K = 16384  # the widest row runtime/triton_fused.add_rms_norm holds in one program (logits_of)
 
 
 def _fusion_linears(layer) -> list | None:
@@ -485,7 +505,8 @@ def query_lens(q_start: torch.Tensor, s: int) -> torch.Tensor:
 
 def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """dec.logits(h + delta); through the fused kernel (final norm + lm_head) up to the decoder's `fused_rows`
-    (use_fused_decode)."""
+    (use_fused_decode), and past them (or with a head that is not a plain product) the residual add and the final
+    norm as one kernel (`norm_kernel`, runtime/triton_fused.add_rms_norm) before the head."""
     b, s, hid = h.shape
     if b * s <= getattr(dec, "fused_rows", 0):
         w, eps = dec.head_weight(), dec.model.norm.eps
@@ -499,6 +520,12 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
             mma_rows(dec, b * s),
         )
         return y.view(b, s, -1)
+    if getattr(dec, "norm_kernel", False) and hid <= NORM_MAX_K:  # one kernel instead of torch's nine
+        y = torch.ops.lorafast.add_rms_norm(
+            h.reshape(-1, hid), delta.reshape(-1, hid), dec.model.norm.weight, dec.model.norm.eps
+        )
+        head = dec.lm_head
+        return (head(y) if head is not None else F.linear(y, dec.model.embed_tokens.weight)).view(b, s, -1)
     return dec.logits(h + delta)
 
 
@@ -547,6 +574,7 @@ def use_fused_decode(dec: Decoder, rows: int = 1, mma: int = 0) -> int:
         and head.weight.dtype == dec.model.norm.weight.dtype
     )
     dec.fused_rows = (FUSED_MAX_ROWS if mma else rows) if plain_head else 0
+    dec.norm_kernel = True  # logits_of: the final norm of the rows the fused head does not take, one kernel
     dec.fused_mma = mma
     return n
 

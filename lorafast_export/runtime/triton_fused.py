@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafast_export.runtime.paged import NORM_MAX_K
 from lorafast_export.runtime.triton_attention import pdl_start
 
 MAX_ROWS = 8  # rows one call takes (a decode step at batch <= 8, a verify of <= 8 tokens)
@@ -687,3 +688,45 @@ def fused_gemv(a: torch.Tensor, w: torch.Tensor, pdl: bool = False, mma: bool = 
 @fused_gemv.register_fake
 def _(a, w, pdl=False, mma=False):
     return a.new_empty(a.shape[0], w.shape[0])
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, y_ptr, K, eps, BK: tl.constexpr):
+    """Row m: x = h + d rounded to the row's dtype (the residual add), then RMSNorm(x) as model/decoder.RMSNorm
+    computes it: x * rsqrt(mean(x^2) + eps) in float32, rounded to the dtype, times the weight, rounded again."""
+    m = tl.program_id(0)
+    kk = tl.arange(0, BK)
+    ok = kk < K
+    dt = y_ptr.dtype.element_ty
+    x = (
+        tl.load(h_ptr + m * K + kk, mask=ok, other=0.0).to(tl.float32)
+        + tl.load(d_ptr + m * K + kk, mask=ok, other=0.0).to(tl.float32)
+    ).to(dt)
+    xf = x.to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+    xn = (xf * r).to(dt)
+    w = tl.load(w_ptr + kk, mask=ok, other=0.0)
+    tl.store(y_ptr + m * K + kk, (w.to(tl.float32) * xn.to(tl.float32)).to(dt), mask=ok)
+
+
+@torch.library.custom_op("lorafast::add_rms_norm", mutates_args=())
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, nw: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(h + delta) with weight nw: h, delta [M, K] → [M, K], one program a row (the final norm before a
+    head that is not fused with it: an int8 or int4 lm_head, or more rows than the fused head takes). The eager
+    norm was nine kernels of 1-2 us each in an 8B decode step (bench/TORCH.md, session 38)."""
+    m, k = h.shape
+    if delta.shape != h.shape or nw.shape != (k,) or k > NORM_MAX_K:
+        raise ValueError(
+            f"add_rms_norm: h {tuple(h.shape)}, delta {tuple(delta.shape)}, weight {tuple(nw.shape)}"
+        )
+    h, delta = h.contiguous(), delta.contiguous()
+    y = torch.empty_like(h)
+    if m:
+        bk = triton.next_power_of_2(k)
+        _add_rms_norm_kernel[(m,)](h, delta, nw, y, k, eps, BK=bk, num_warps=4 if bk <= 4096 else 8)
+    return y
+
+
+@add_rms_norm.register_fake
+def _(h, delta, nw, eps):
+    return torch.empty_like(h)

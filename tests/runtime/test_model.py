@@ -6,7 +6,7 @@ import torch
 from lorafast_export.model.decoder import load_decoder
 from lorafast_export.qform import ACT_QUANT_INT8_PER_TOKEN, with_fields
 from lorafast_export.runtime.paged import pack_segments
-from tests.runtime.helpers import fake_quant_decoder, paged, quantize_all, tiny_checkpoint
+from tests.runtime.helpers import fake_quant_decoder, fp_state, paged, quantize_all, tiny_checkpoint
 
 CASES = [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {"tie": True})]
 
@@ -186,3 +186,31 @@ def test_chunked_prefill_equals_the_whole_sequence(tmp_path, family, kw, compile
     )
     worst = max(worst, float((step[0] - ref[n]).abs().max()))
     assert worst < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rope_table_gives_the_rotarys_values_and_the_runtime_uses_it(tmp_path, family):
+    """RopeTable: cos and sin looked up by position are the decoder's Rotary's, bit for bit, for a step's [b, 1]
+    positions and a chunk's [1, s]; a position past the table reads its last row; another dtype computes them.
+    The runtime's decoder holds one of max_seq_len positions."""
+    from lorafast_export.model.decoder import Rotary
+    from lorafast_export.runtime import loader
+    from lorafast_export.runtime.options import RuntimeOptions
+    from lorafast_export.runtime.paged import RopeTable
+
+    md = tiny_checkpoint(tmp_path, family)
+    rotary = Rotary(md.config)
+    table = RopeTable(rotary, 40, torch.float32)
+    for pos in (torch.tensor([[0], [7], [39]]), torch.arange(3, 17)[None], torch.tensor([5, 1])):
+        for got, want in zip(table(pos, torch.float32), rotary(pos, torch.float32), strict=True):
+            assert got.shape == want.shape and torch.equal(got, want)
+    past = table(torch.tensor([[39], [45]]), torch.float32)
+    assert all(torch.equal(t[0], t[1]) for t in past)
+    half = table(torch.tensor([[3]]), torch.bfloat16)
+    assert half[0].dtype == torch.bfloat16 and torch.equal(
+        half[0], rotary(torch.tensor([[3]]), torch.bfloat16)[0]
+    )
+    rt = loader.build_runtime(
+        md.config, fp_state(md), None, "cpu", torch.float32, RuntimeOptions(max_seq_len=24)
+    )
+    assert isinstance(rt.model.dec.rotary, RopeTable) and rt.model.dec.rotary.n == 24

@@ -14,6 +14,7 @@ from lorafast_export.runtime.triton_fused import (
     DEFAULT_TILES,
     MMA_DEFAULT,
     add_norm_gemv,
+    add_rms_norm,
     add_norm_gemv_launch,
     add_norm_qkv_rope,
     add_norm_qkv_rope_launch,
@@ -58,6 +59,51 @@ def test_add_norm_gemv_is_the_residual_add_norm_and_product(dtype, tiles, n, k):
     assert torch.equal(x, h + d) or dtype != torch.float32  # bf16: h + d is rounded by the kernel itself
     assert _close(x, (h.double() + d.double()), dtype)
     assert _close(y, norm(h + d).double() @ w.double().T, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,k", [(1, 256), (3, 200), (9, 64)])
+def test_add_rms_norm_is_the_residual_add_and_the_decoders_norm(dtype, rows, k):
+    """add_rms_norm(h, delta) against model/decoder.RMSNorm(h + delta), torch's ops: float32 to its rounding, bf16
+    within one ulp of the last rounding (its sum of squares is added in another order) and mostly equal."""
+    g = torch.Generator().manual_seed(rows + k)
+    h, d = (torch.randn(rows, k, generator=g).to(DEV, dtype) for _ in range(2))
+    norm = _norm(k, g, dtype)
+    y, want = add_rms_norm(h, d, norm.weight, norm.eps), norm(h + d)
+    assert y.dtype == dtype and y.shape == want.shape
+    err = (y.double() - want.double()).abs()
+    if dtype == torch.float32:
+        assert err.max() <= 1e-6 * want.abs().max()
+    else:
+        assert (err <= want.double().abs() * 2**-8 + 1e-30).all() and (err == 0).double().mean() > 0.95
+
+
+def test_add_rms_norm_refuses_mismatched_inputs():
+    h = torch.zeros(2, 64, device=DEV)
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        add_rms_norm(h, torch.zeros(2, 32, device=DEV), torch.ones(64, device=DEV), 1e-5)
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        add_rms_norm(h, h, torch.ones(32, device=DEV), 1e-5)
+
+
+def test_logits_past_the_fused_rows_take_the_norm_kernel(tmp_path):
+    """use_fused_decode's decoder: rows the fused head does not take (here 3 > 1) get the final norm from
+    add_rms_norm before the head, which equals the decoder's own logits (torch's norm) to float32 rounding; and
+    the head's rows it takes stay the fused kernel's."""
+    from lorafast_export.runtime.paged import logits_of, use_fused_decode
+    from tests.runtime.helpers import paged, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    pm, _ = paged(md, device=DEV)
+    use_fused_decode(pm.dec, rows=1)
+    dec, g = pm.dec, torch.Generator().manual_seed(5)
+    h, delta = (torch.randn(3, 1, 64, generator=g).to(DEV) for _ in range(2))
+    want = dec.logits(h + delta)
+    assert dec.norm_kernel and dec.fused_rows == 1
+    got = logits_of(dec, h, delta)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    dec.norm_kernel = False
+    assert torch.equal(logits_of(dec, h, delta), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
