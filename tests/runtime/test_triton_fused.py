@@ -106,6 +106,24 @@ def test_logits_past_the_fused_rows_take_the_norm_kernel(tmp_path):
     assert torch.equal(logits_of(dec, h, delta), want)
 
 
+def test_quantized_runtime_with_fused_decode_gives_the_fake_quant_tokens(tmp_path):
+    """int4 layers keep the plain path under fused_decode='on', so no head is fused and every step's final norm is
+    add_rms_norm's: the greedy tokens at batch 1 and 2 are the fake-quant reference decoder's."""
+    from lorafast_export.runtime import loader
+    from lorafast_export.runtime.options import RuntimeOptions
+    from tests.runtime.helpers import fake_quant_decoder, greedy_reference, quantize_all, tiny_checkpoint
+
+    md = tiny_checkpoint(tmp_path)
+    fp, q = quantize_all(md)
+    opts = RuntimeOptions(compile="off", fused_decode="on", max_seq_len=32, max_batch=2, batch_buckets=(1, 2))
+    rt = loader.build_runtime(md.config, fp, q, DEV, torch.float32, opts)
+    assert rt.model.dec.norm_kernel and rt.model.dec.fused_rows == 0
+    prompts = [[5, 9, 1, 44, 3, 17, 2, 8, 60], [7, 7]]
+    want = [greedy_reference(fake_quant_decoder(md, q), p, 5) for p in prompts]
+    assert [rt.generate_batch([p], 5)[0] for p in prompts] == want
+    assert rt.generate_batch(prompts, 5) == want
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tiles", TILES + MMA_TILES)
 def test_gemv_add_and_gemv(dtype, tiles):
