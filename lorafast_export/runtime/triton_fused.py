@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafast_export.runtime.paged import NORM_MAX_K
 from lorafast_export.runtime.triton_attention import pdl_start
 
 MAX_ROWS = 8  # rows one call takes (a decode step at batch <= 8, a verify of <= 8 tokens)
@@ -715,7 +714,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, nw: torch.Tensor, eps: fl
     head that is not fused with it: an int8 or int4 lm_head, or more rows than the fused head takes). The eager
     norm was nine kernels of 1-2 us each in an 8B decode step (bench/TORCH.md, session 38)."""
     m, k = h.shape
-    if delta.shape != h.shape or nw.shape != (k,) or k > NORM_MAX_K:
+    if delta.shape != h.shape or nw.shape != (k,):  # rows past paged.NORM_MAX_K keep torch's ops (logits_of)
         raise ValueError(
             f"add_rms_norm: h {tuple(h.shape)}, delta {tuple(delta.shape)}, weight {tuple(nw.shape)}"
         )
