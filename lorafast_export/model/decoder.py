@@ -156,7 +156,10 @@ class Decoder(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.model.norm(h)
+        return self.head(self.model.norm(h))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The lm_head (the embeddings when tied) of rows already normalized."""
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.model.embed_tokens.weight)
 
     def rope_and_mask(self, input_ids, past_len: int, position_ids=None, attention_mask=None, dtype=None):

@@ -524,8 +524,7 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
         y = torch.ops.lorafast.add_rms_norm(
             h.reshape(-1, hid), delta.reshape(-1, hid), dec.model.norm.weight, dec.model.norm.eps
         )
-        head = dec.lm_head
-        return (head(y) if head is not None else F.linear(y, dec.model.embed_tokens.weight)).view(b, s, -1)
+        return dec.head(y).view(b, s, -1)
     return dec.logits(h + delta)
 
 
