@@ -9,6 +9,7 @@ Sections (--sections, comma separated; each one's result is written to --out as 
   enginecheck  only check's compiled-engine part (fp32 tokens vs eager: packed and lone-prompt prefill)
   kernels  linear layers of the model's shapes: bf16 vs int4 tinygemm vs int8 weight-only, per batch rows
   attn     paged decode attention: gather vs flex (compiled), per batch and context length
+  attnplan the Triton paged decode attention per (splits, blocks an iteration) vs attention.decode_plan's choice
   bf16     our runtime, bf16 weights: batch sizes x (prompt, new tokens); eager vs compiled at batch 1
   bf16g    bf16 with dense_gemv on (runtime/triton_gemv.py for <= 8 rows): the same runtime otherwise
   int4     our runtime, int4 g128 (RTN codes from the quantized form)
@@ -368,6 +369,69 @@ def sec_attn(a, dev, R):
                     "kv_bytes": 2 * b * ctx * hkv * d * 2,
                 }
             )
+    return rows
+
+
+def sec_attnplan(a, dev, R):
+    """The Triton paged decode attention per (context splits, cache blocks an iteration), against the plan the
+    runtime takes (attention.decode_plan) and the split-only plan of sessions 9-38 (num_splits, one block): 32 calls
+    (one a layer, each its own pools, so the KV is not in L2), each waiting for the one before as the runtime's
+    PDL launches do, captured in one CUDA graph; us a call. The outputs of every plan are compared with the
+    split-only plan's (max abs diff)."""
+    from lorafast_export.runtime.attention import decode_plan, num_splits
+    from lorafast_export.runtime.triton_attention import paged_decode
+
+    c = SHAPES[a.shape]
+    hq, hkv = c["num_attention_heads"], c["num_key_value_heads"]
+    d, bs, layers = c["hidden_size"] // hq, a.block_size, 32
+    pdl = torch.cuda.get_device_capability(dev) >= (9, 0)
+    rows = []
+    for ctx in (128, 384, 1024, 4096):
+        for b in (1, 8, 32):
+            used = -(-ctx // bs)
+            width = max(2, 1 << (used - 1).bit_length())
+            pools = []
+            for _ in range(layers):
+                k_pool = torch.randn(hkv, (b * used + 1) * bs, d, device=dev, dtype=torch.bfloat16)
+                pools.append((k_pool, torch.randn_like(k_pool)))
+            tables = torch.zeros(b, width, dtype=torch.int32, device=dev)
+            tables[:, :used] = (torch.randperm(b * used, device=dev) + 1).view(b, used).int()
+            lens = torch.full((b,), ctx, device=dev)
+            q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16)
+            old = (num_splits(b, hkv, width), 1)
+            plan = decode_plan(b, hkv, width)
+            cands = {old, plan}
+            for sp in (1, 2, 4, 8, 16, 32):
+                for nb in (1, 2, 4, 8):
+                    if sp <= width and nb * sp <= 2 * width:
+                        cands.add((sp, nb))
+            want = paged_decode(q, *pools[0], tables, lens, bs, 0, old[0], pdl, False, None, old[1])
+
+            def chain(sp, nb, pools=pools, q=q, tables=tables, lens=lens):
+                for kp, vp in pools:
+                    paged_decode(q, kp, vp, tables, lens, bs, 0, sp, pdl, False, None, nb)
+
+            for sp, nb in sorted(cands):
+                got = paged_decode(q, *pools[0], tables, lens, bs, 0, sp, pdl, False, None, nb)
+                chain(sp, nb)
+                torch.cuda.synchronize(dev)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    chain(sp, nb)
+                us = 1e6 * timeit(g.replay, dev, iters=20, warmup=3) / layers
+                rows.append(
+                    {"batch": b, "ctx": ctx, "width": width, "splits": sp, "blocks": nb, "us": round(us, 2),
+                     "old": (sp, nb) == old, "plan": (sp, nb) == plan,
+                     "max_abs_diff": (got.float() - want.float()).abs().max().item()}
+                )  # fmt: skip
+                del g
+            best = min((r for r in rows if r["batch"] == b and r["ctx"] == ctx), key=lambda r: r["us"])
+            mine = [r for r in rows if r["batch"] == b and r["ctx"] == ctx and (r["old"] or r["plan"])]
+            print(f"  attnplan b{b} ctx{ctx}: best {best['splits']}x{best['blocks']} {best['us']} us; "
+                  + ", ".join(f"{'old' if r['old'] else 'plan'} {r['splits']}x{r['blocks']} {r['us']}" for r in mine),
+                  flush=True)  # fmt: skip
+            del pools, chain
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -2092,6 +2156,7 @@ SECTIONS = {
     "profile": sec_profile,
     "spec": sec_spec,
     "specdemo": sec_specdemo,
+    "attnplan": sec_attnplan,
     "specwide": sec_specwide,
     "specmixed": sec_specmixed,
     "gcwatch": sec_gcwatch,

@@ -120,6 +120,12 @@ def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
     return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
 
 
+def decode_plan(batch: int, kv_heads: int, width: int, sms: int = 132) -> tuple[int, int]:
+    """(context splits, cache blocks an iteration) of the Triton decode kernel for a step of `batch` rows over
+    block tables `width` entries wide."""
+    return num_splits(batch, kv_heads, width, sms), 1
+
+
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
     """pool [hkv, S, d] ← new [b, hkv, s, d] at slots [b * s] (row-major over b, s)."""
     pool.index_copy_(1, slots, new.permute(1, 0, 2, 3).reshape(pool.shape[0], -1, pool.shape[2]))

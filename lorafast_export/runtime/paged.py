@@ -25,7 +25,7 @@ from lorafast_export.runtime.attention import (
     chunk_attention,
     chunk_mask,
     decode_flex,
-    num_splits,
+    decode_plan,
     packed_attention,
     paged_attention,
     prefill_attention,
@@ -335,7 +335,7 @@ def paged_layer(
             write_kv(v_pool, slots, v)
         b, hq, s, d = q.shape
         if kind == "triton" and s <= VERIFY_MAX:  # S > 1: each query token as a row of the decode kernel
-            splits = num_splits(b, k_pool.shape[0], block_tables.shape[1])  # those of a 1-token step
+            splits, blocks = decode_plan(b, k_pool.shape[0], block_tables.shape[1])  # those of a 1-token step
             o = torch.ops.lorafast.paged_decode(
                 q.transpose(1, 2).reshape(b * s, hq, d),
                 k_pool,
@@ -349,6 +349,7 @@ def paged_layer(
                 getattr(layer, "fused_pdl", False),  # the next kernel launches early (use_kernel_pdl's dense)
                 # one kernel: its last programs merge (use_attn_last_merges)
                 getattr(layer, "attn_counters", None),
+                blocks,
             )
             return o.view(b, s, hq, d).transpose(1, 2)
         return paged_attention(q, k_pool, v_pool, block_tables, q_start, block_size, window)

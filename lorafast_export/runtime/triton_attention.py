@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lorafast_export.runtime.attention import num_splits
+from lorafast_export.runtime.triton_int4 import _INTERPRET
 
 
 @triton.jit
@@ -34,6 +35,38 @@ def pdl_start(PDL: tl.constexpr, EARLY: tl.constexpr):
         gdc_wait()
         if not EARLY:
             gdc_launch_dependents()
+
+
+@triton.jit
+def _blocks(k_ptr, v_ptr, tables_ptr, b, m_width, j0, hi, n, first, base, q, m_i, l_i, acc, scale,
+            D: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Table entries j0 .. j0 + NB - 1 (those below hi) of row b folded into the online softmax (m_i, l_i, acc)."""
+    tt = tl.arange(0, NB * BS)
+    dd = tl.arange(0, D)
+    j = j0 + tt // BS
+    live = j < hi
+    phys = tl.load(tables_ptr + b * m_width + j, mask=live, other=0).to(tl.int64)
+    tok = j * BS + tt % BS
+    ok = live & (tok < n) & (tok >= first)
+    off = base + (phys * BS + tt % BS)[:, None] * D + dd[None, :]
+    k = tl.load(k_ptr + off, mask=ok[:, None], other=0.0)
+    v = tl.load(v_ptr + off, mask=ok[:, None], other=0.0)
+    if IEEE:  # fp32 pools: exact fp32 dots (the default would round the inputs to tf32)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GP, NB * BS]
+    else:
+        sc = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    sc = tl.where(ok[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(sc - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -57,12 +90,15 @@ def _paged_decode_kernel(
     D: tl.constexpr,
     BS: tl.constexpr,  # cache block size
     SPLITS: tl.constexpr,
-    PER: tl.constexpr,  # table entries per split (a constant: one compile per table width bucket)
+    PER,  # table entries per split
+    NB: tl.constexpr,  # table entries (cache blocks) an iteration: NB x BS keys per dot
     IEEE: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch (`paged_decode`)
     EARLY: tl.constexpr,  # PDL: let the next kernel launch before this one's wait (`paged_decode`'s early)
     LAST: tl.constexpr,  # the last program of each (row, kv head) to finish merges its splits (no merge kernel)
     SP: tl.constexpr,  # SPLITS padded to a power of two (LAST)
+    ONE: tl.constexpr,  # SPLITS == 1 and not LAST: the output written here, in q's dtype (no merge kernel)
+    LOOP: tl.constexpr,  # compiled (not the interpreter): the blocks' loop as a for loop
 ):
     pdl_start(PDL, EARLY)  # nothing read or written before the previous kernel is done
     b = tl.program_id(0)
@@ -70,42 +106,34 @@ def _paged_decode_kernel(
     s = tl.program_id(2)
     n = tl.load(lens_ptr + b).to(tl.int32)
     first = tl.where(window > 0, tl.maximum(n - window, 0), 0)
-    n_blocks = tl.cdiv(n, BS)
     rows = tl.arange(0, GP)
     dd = tl.arange(0, D)
-    tt = tl.arange(0, BS)
     qh = h * G + rows
     q = tl.load(q_ptr + (b * HQ + qh)[:, None] * D + dd[None, :], mask=(rows < G)[:, None], other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     base = h.to(tl.int64) * slots * D
-    for jj in range(0, PER):  # blocks past the row's length load nothing (masked)
-        j = s * PER + jj
-        live = j < n_blocks
-        phys = tl.load(tables_ptr + b * m_width + j, mask=live, other=0).to(tl.int64)
-        tok = j * BS + tt
-        ok = (tok < n) & (tok >= first)
-        off = base + (phys * BS + tt)[:, None] * D + dd[None, :]
-        k = tl.load(k_ptr + off, mask=ok[:, None], other=0.0)
-        v = tl.load(v_ptr + off, mask=ok[:, None], other=0.0)
-        if IEEE:  # fp32 pools: exact fp32 dots (the default would round the inputs to tf32)
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GP, BS]
-        else:
-            sc = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        sc = tl.where(ok[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(sc - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+    # this split's table entries that hold a token of the row's window: the rest would add nothing (a block of
+    # masked tokens leaves m, l and acc as they are, bit for bit), so the loop skips them
+    lo = tl.maximum(s * PER, first // BS)
+    hi = tl.minimum(s * PER + PER, tl.cdiv(n, BS))
+    if LOOP:  # compiled: a for loop over the row's own bounds, which Triton software-pipelines
+        for j0 in range(lo, hi, NB):
+            m_i, l_i, acc = _blocks(k_ptr, v_ptr, tables_ptr, b, m_width, j0, hi, n, first, base, q, m_i, l_i, acc,
+                                    scale, D, BS, NB, IEEE)  # fmt: skip
+    else:  # the interpreter (tests) cannot index a range by a loaded bound: the same iterations as a while loop
+        j0 = lo
+        while j0 < hi:
+            m_i, l_i, acc = _blocks(k_ptr, v_ptr, tables_ptr, b, m_width, j0, hi, n, first, base, q, m_i, l_i, acc,
+                                    scale, D, BS, NB, IEEE)  # fmt: skip
+            j0 += NB
     out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0, float("-inf"), m_i + tl.log(l_i))
+    if ONE:  # the row's only split: its output as the merge would write it (w = 1), no partials
+        tl.store(out_ptr + (b * HQ + qh)[:, None] * D + dd[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(rows < G)[:, None])  # fmt: skip
+        return
     row_off = (b * HQ + qh) * SPLITS + s
     tl.store(o_ptr + row_off[:, None] * D + dd[None, :], out, mask=(rows < G)[:, None])
     tl.store(lse_ptr + row_off, lse, mask=rows < G)
@@ -171,6 +199,7 @@ def paged_decode(
     pdl: bool = False,
     early: bool = False,
     counters: torch.Tensor | None = None,
+    blocks: int = 1,
 ) -> torch.Tensor:
     """q [B, hq, d]; pools [hkv, slots, d]; block_tables [B, M]; seq_lens [B] → [B, hq, d] (q's dtype).
     window <= 0: no sliding window. splits: context splits (0: num_splits for B rows). Each row's result
@@ -179,7 +208,9 @@ def paged_decode(
     programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first;
     early (with pdl; option fused_pdl): each lets the next kernel launch before its wait (`pdl_start`).
     counters (option attn_last_merges; int32, all 0, at least B x hkv of them): one kernel, whose last program of
-    each (row, kv head) merges the splits, instead of a second merge kernel; the same arithmetic."""
+    each (row, kv head) merges the splits, instead of a second merge kernel; the same arithmetic. blocks: cache
+    blocks a program's loop takes at once (one dot over blocks x block_size keys; `decode_plan`). With one split
+    (and no counters) the kernel writes the output itself, the bits the merge of one split would write."""
     launch = {"PDL": pdl, "EARLY": pdl and early} | ({"launch_pdl": True} if pdl else {})
     b, hq, d = q.shape
     hkv, slots, _ = k_pool.shape
@@ -188,9 +219,10 @@ def paged_decode(
     splits = splits or num_splits(b, hkv, width)
     sp = triton.next_power_of_2(splits)
     last = counters is not None and counters.numel() >= b * hkv
-    o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
-    lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
+    one = splits == 1 and not last
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    o = out if one else torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)  # unused when one
+    lse = out if one else torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     _paged_decode_kernel[(b, hkv, splits)](
         q.contiguous(),
         k_pool,
@@ -212,12 +244,15 @@ def paged_decode(
         BS=block_size,
         SPLITS=splits,
         PER=-(-width // splits),
+        NB=blocks,
         IEEE=q.dtype == torch.float32,
         LAST=last,
         SP=sp,
+        ONE=one,
+        LOOP=not _INTERPRET,
         **launch,
     )
-    if not last:
+    if not (last or one):
         _merge_kernel[(b * hq,)](o, lse, out, SPLITS=splits, SP=sp, D=d, **launch)
     return out
 
@@ -235,5 +270,6 @@ def _(
     pdl=False,
     early=False,
     counters=None,
+    blocks=1,
 ):
     return torch.empty_like(q)

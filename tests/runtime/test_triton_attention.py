@@ -64,6 +64,24 @@ def test_last_program_merge_is_done_by_the_last_program_only(monkeypatch):
     assert counters.tolist() == [0, 103, 0, 0]
 
 
+@pytest.mark.parametrize("lengths,hkv,hq,d,window", CASES)
+@pytest.mark.parametrize("splits,blocks", [(1, 1), (1, 4), (2, 2), (3, 8)])
+def test_blocks_an_iteration_and_one_split(lengths, hkv, hq, d, window, splits, blocks):
+    """Several cache blocks a loop iteration (one dot over their keys) give the gather reference's output, and
+    one split written by the decode kernel itself equals the same split merged by the last program's merge
+    (the two-kernel path's arithmetic), bit for bit."""
+    k_pool, v_pool, tables, lens, _ = scattered_pool(lengths, hkv=hkv, d=d, bs=16)
+    q = torch.randn(len(lengths), hq, d, generator=torch.Generator().manual_seed(3 * hq + blocks))
+    k_pool, v_pool, q, tables, lens = (t.to(DEV) for t in (k_pool, v_pool, q, tables, lens))
+    ref = decode_gather(q[:, :, None], k_pool, v_pool, tables, lens, 16, window)[:, :, 0]
+    got = paged_decode(q, k_pool, v_pool, tables, lens, 16, window or 0, splits, blocks=blocks)
+    assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    if splits == 1:
+        counters = torch.zeros(len(lengths) * hkv, dtype=torch.int32, device=DEV)
+        merged = paged_decode(q, k_pool, v_pool, tables, lens, 16, window or 0, 1, counters=counters, blocks=blocks)
+        assert torch.equal(got, merged)
+
+
 def test_split_count():
     assert num_splits(1, 8, 64) == 32 and num_splits(32, 8, 64) == 2 and num_splits(1, 1, 3) == 3
 
