@@ -120,10 +120,21 @@ def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
     return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
 
 
+ONE_SPLIT_WIDTH = 32  # block tables up to this wide (512 tokens of 16) take one split: no merge kernel
+SPLIT_BLOCKS = 8  # wider ones: at least this many table entries a split
+ITER_BLOCKS = 8  # at most this many cache blocks an iteration (one dot over their keys)
+
+
 def decode_plan(batch: int, kv_heads: int, width: int, sms: int = 132) -> tuple[int, int]:
     """(context splits, cache blocks an iteration) of the Triton decode kernel for a step of `batch` rows over
-    block tables `width` entries wide."""
-    return num_splits(batch, kv_heads, width, sms), 1
+    block tables `width` entries wide. Up to ONE_SPLIT_WIDTH, one split: each program walks its row's whole
+    context and writes the output itself (no merge kernel); wider, num_splits' count but at least SPLIT_BLOCKS
+    entries a split. Each program's loop takes up to ITER_BLOCKS cache blocks at once."""
+    if width <= ONE_SPLIT_WIDTH:
+        splits = 1
+    else:
+        splits = max(1, min(num_splits(batch, kv_heads, width, sms), width // SPLIT_BLOCKS))
+    return splits, max(1, min(ITER_BLOCKS, -(-width // splits)))
 
 
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:

@@ -121,9 +121,13 @@ def test_programmatic_dependent_launch_gives_the_same_bits():
 def test_layers_with_last_program_merges_give_the_two_kernel_logits(tmp_path, monkeypatch):
     """use_attn_last_merges (option attn_last_merges): every layer's decode steps and a 3-token verify through the
     one-kernel attention (no merge kernel launched) give the two-kernel logits bit for bit, and the shared counters
-    end at 0."""
+    end at 0. Context splits as sessions 9-38 planned them (decode_plan gives these narrow tables one split, which
+    has no merge either way)."""
+    from lorafast_export.runtime import paged as paged_mod
     from lorafast_export.runtime import triton_attention
     from lorafast_export.runtime.paged import use_attn_last_merges
+
+    monkeypatch.setattr(paged_mod, "decode_plan", lambda b, hkv, width, sms=132: (num_splits(b, hkv, width, sms), 1))
     from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
 
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
