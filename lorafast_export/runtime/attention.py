@@ -120,21 +120,19 @@ def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
     return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
 
 
-ONE_SPLIT_WIDTH = 32  # block tables up to this wide (512 tokens of 16) take one split: no merge kernel
-SPLIT_BLOCKS = 8  # wider ones: at least this many table entries a split
-ITER_BLOCKS = 8  # at most this many cache blocks an iteration (one dot over their keys)
-
-
 def decode_plan(batch: int, kv_heads: int, width: int, sms: int = 132) -> tuple[int, int]:
     """(context splits, cache blocks an iteration) of the Triton decode kernel for a step of `batch` rows over
-    block tables `width` entries wide. Up to ONE_SPLIT_WIDTH, one split: each program walks its row's whole
-    context and writes the output itself (no merge kernel); wider, num_splits' count but at least SPLIT_BLOCKS
-    entries a split. Each program's loop takes up to ITER_BLOCKS cache blocks at once."""
-    if width <= ONE_SPLIT_WIDTH:
-        splits = 1
-    else:
-        splits = max(1, min(num_splits(batch, kv_heads, width, sms), width // SPLIT_BLOCKS))
-    return splits, max(1, min(ITER_BLOCKS, -(-width // splits)))
+    block tables `width` entries wide, from the H100 sweep of session 39 (bench/TORCH.md, torch_bench --sections
+    attnplan: within 7% of the best of 24 plans at each of 12 (batch, context) points, 8B shape). Splits: the most
+    that keep the programs (batch x kv_heads x splits) under twice the SMs and at least 4 table entries a split, a
+    power of two, at most 32; tables of up to 8 entries take one (the kernel then writes the output itself: no
+    merge kernel). Blocks: a split's whole share in one iteration while the programs fit in one wave and the share
+    is at most 8 entries, else 4 an iteration."""
+    rows = batch * kv_heads
+    splits = 1 if width <= 8 else max(1, min(2 * sms // rows, width // 4, 32))
+    splits = 1 << (splits.bit_length() - 1)
+    per = -(-width // splits)
+    return splits, per if rows * splits <= sms and per <= 8 else min(4, per)
 
 
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
