@@ -127,12 +127,14 @@ def decode_plan(batch: int, kv_heads: int, width: int, sms: int = 132) -> tuple[
     that keep the programs (batch x kv_heads x splits) under twice the SMs and at least 4 table entries a split, a
     power of two, at most 32; tables of up to 8 entries take one (the kernel then writes the output itself: no
     merge kernel). Blocks: a split's whole share in one iteration while the programs fit in one wave and the share
-    is at most 8 entries, else 4 an iteration."""
+    is at most 8 entries, else 4 an iteration; rounded up to a power of two (a table width the engine did not round,
+    max_blocks, can leave a share of 3, 5, 6 or 7)."""
     rows = batch * kv_heads
     splits = 1 if width <= 8 else max(1, min(2 * sms // rows, width // 4, 32))
     splits = 1 << (splits.bit_length() - 1)
     per = -(-width // splits)
-    return splits, per if rows * splits <= sms and per <= 8 else min(4, per)
+    blocks = per if rows * splits <= sms and per <= 8 else min(4, per)
+    return splits, 1 << (blocks - 1).bit_length()  # a power of two (the kernel's tile); past `per`: masked
 
 
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from lorafast_export.runtime.attention import num_splits
+from lorafast_export.runtime.attention import decode_plan
 from lorafast_export.runtime.triton_int4 import _INTERPRET
 
 
@@ -202,7 +202,7 @@ def paged_decode(
     blocks: int = 1,
 ) -> torch.Tensor:
     """q [B, hq, d]; pools [hkv, slots, d]; block_tables [B, M]; seq_lens [B] → [B, hq, d] (q's dtype).
-    window <= 0: no sliding window. splits: context splits (0: num_splits for B rows). Each row's result
+    window <= 0: no sliding window. splits: context splits (0: decode_plan's splits and blocks for B rows). Each row's result
     depends only on its own inputs and on (splits, M): a verify that runs its k + 1 query tokens as rows
     with the split count of the one-token step computes each token as that step does. pdl: both kernels as
     programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first;
@@ -216,7 +216,8 @@ def paged_decode(
     hkv, slots, _ = k_pool.shape
     g = hq // hkv
     width = block_tables.shape[1]
-    splits = splits or num_splits(b, hkv, width)
+    if not splits:
+        splits, blocks = decode_plan(b, hkv, width)
     sp = triton.next_power_of_2(splits)
     last = counters is not None and counters.numel() >= b * hkv
     one = splits == 1 and not last

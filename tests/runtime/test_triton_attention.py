@@ -8,7 +8,8 @@ import torch
 
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.runtime.attention import decode_gather
-from lorafast_export.runtime.triton_attention import num_splits, paged_decode
+from lorafast_export.runtime.attention import decode_plan, num_splits
+from lorafast_export.runtime.triton_attention import paged_decode
 from lorafast_export.testing import TRITON_DECODE_CASES as CASES
 from lorafast_export.testing import scattered_pool
 
@@ -78,8 +79,20 @@ def test_blocks_an_iteration_and_one_split(lengths, hkv, hq, d, window, splits, 
     assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
     if splits == 1:
         counters = torch.zeros(len(lengths) * hkv, dtype=torch.int32, device=DEV)
-        merged = paged_decode(q, k_pool, v_pool, tables, lens, 16, window or 0, 1, counters=counters, blocks=blocks)
+        merged = paged_decode(
+            q, k_pool, v_pool, tables, lens, 16, window or 0, 1, counters=counters, blocks=blocks
+        )
         assert torch.equal(got, merged)
+
+
+def test_decode_plan_gives_the_kernel_powers_of_two():
+    """decode_plan's blocks size the kernel's tile (tl.arange: a power of two) and its splits the grid, for any
+    table width the engine passes (max_blocks need not be a power of two)."""
+    for batch in (1, 3, 8, 32, 64):
+        for width in range(1, 300):
+            splits, blocks = decode_plan(batch, 8, width)
+            assert splits & (splits - 1) == 0 and blocks & (blocks - 1) == 0, (batch, width, splits, blocks)
+            assert 1 <= splits <= max(1, width) and 1 <= blocks <= 8
 
 
 def test_split_count():
@@ -127,9 +140,11 @@ def test_layers_with_last_program_merges_give_the_two_kernel_logits(tmp_path, mo
     from lorafast_export.runtime import triton_attention
     from lorafast_export.runtime.paged import use_attn_last_merges
 
-    monkeypatch.setattr(paged_mod, "decode_plan", lambda b, hkv, width, sms=132: (num_splits(b, hkv, width, sms), 1))
     from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
 
+    monkeypatch.setattr(
+        paged_mod, "decode_plan", lambda b, hkv, width, sms=132: (num_splits(b, hkv, width, sms), 1)
+    )
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     merges = []
 
