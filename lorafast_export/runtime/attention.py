@@ -115,8 +115,10 @@ def packed_attention(q, k, v, seg_index: torch.Tensor, seg_flat: torch.Tensor, w
 
 
 def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
-    """Context splits of the Triton decode kernel (runtime/triton_attention.py) so that batch x kv_heads x
-    splits fills the GPU about twice, at most one per block."""
+    """Sessions 9-38's context splits of the Triton decode kernel (one cache block an iteration): batch x
+    kv_heads x splits fills the GPU about twice, at most one per block. decode_plan replaced it in the runtime; it
+    stays the baseline of torch_bench's attnplan sweep and bench/results/s39_plan.py, and the plan of the tests
+    that need several splits."""
     return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
 
 

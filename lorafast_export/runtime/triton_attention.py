@@ -2,11 +2,12 @@
 
 `decode_gather` (runtime/attention.py) copies every row's blocks into a dense tensor first; at batch 32
 that copy was 1.9 of 9.4 ms per Llama-3-8B decode step on an H200 (bench/TORCH.md). Here each program
-owns (row, kv head, context split): it walks the row's block table, loads each 16-token block of K and V
-straight from the pool, and keeps an online softmax for the query heads that share the kv head. Splits
-over the context keep the GPU busy at batch 1; their partial outputs merge by log-sum-exp weights in a
-second small kernel, or (with `counters`, option attn_last_merges) in the same kernel, by the last of a (row, kv
-head)'s split programs to finish.
+owns (row, kv head, context split): it walks its share of the row's block table, loads `blocks` 16-token
+blocks of K and V at a time straight from the pool, and keeps an online softmax for the query heads that share
+the kv head. Splits over the context keep the GPU busy at small batches; their partial outputs merge by
+log-sum-exp weights in a second small kernel, or (with `counters`, option attn_last_merges) in the same kernel,
+by the last of a (row, kv head)'s split programs to finish; with one split the kernel writes the output itself.
+attention.decode_plan picks splits and blocks.
 
 Triton is imported only here (CUDA, or its interpreter in tests: TRITON_INTERPRET=1 before the import).
 The op is a torch custom op, so torch.compile treats it as one opaque kernel and CUDA graphs capture it.
@@ -202,9 +203,9 @@ def paged_decode(
     blocks: int = 1,
 ) -> torch.Tensor:
     """q [B, hq, d]; pools [hkv, slots, d]; block_tables [B, M]; seq_lens [B] → [B, hq, d] (q's dtype).
-    window <= 0: no sliding window. splits: context splits (0: decode_plan's splits and blocks for B rows). Each row's result
-    depends only on its own inputs and on (splits, M): a verify that runs its k + 1 query tokens as rows
-    with the split count of the one-token step computes each token as that step does. pdl: both kernels as
+    window <= 0: no sliding window. splits: context splits (0: decode_plan's splits and blocks for B rows).
+    Each row's result depends only on its own inputs and on (splits, blocks, M): a verify that runs its k + 1
+    query tokens as rows with the plan of the one-token step computes each token as that step does. pdl: both kernels as
     programmatic dependent launches (sm90+, paged.use_kernel_pdl): each waits for the kernel before it first;
     early (with pdl; option fused_pdl): each lets the next kernel launch before its wait (`pdl_start`).
     counters (option attn_last_merges; int32, all 0, at least B x hkv of them): one kernel, whose last program of
