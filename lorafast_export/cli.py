@@ -702,10 +702,19 @@ def run_cmd(ctx: Ctx, artifact, prompt, max_new_tokens, device, draft, speculati
 @click.option("--new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @_draft_options
+@click.option(
+    "--baseline/--no-baseline",
+    default=True,
+    show_default=True,
+    help="With a draft: first the same benchmark without it (the artifact loaded alone), for the speed-up.",
+)
 @_runtime_option
 @click.pass_obj
-def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, speculative, runtime_options):
-    """Prefill/decode tokens/s, time to first token and peak memory per batch size (torch-compile target)."""
+def bench_cmd(
+    ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, speculative, baseline, runtime_options
+):
+    """Prefill/decode tokens/s, time to first token and peak memory per batch size (torch-compile target); with
+    a draft, the acceptance rate and the speed-up over the artifact alone."""
     from lorafast_export.runtime.api import bench
 
     try:
@@ -714,19 +723,72 @@ def bench_cmd(ctx: Ctx, artifact, batch, prompt_len, new_tokens, device, draft, 
         raise click.BadParameter(f"--batch {batch!r}: expected comma-separated integers") from None
     d, self_int4 = _draft_of(artifact, draft, speculative)
     ov = _runtime_overrides(runtime_options)
-    res = _run(ctx, bench, artifact, sizes, prompt_len, new_tokens, device, d, draft_int4=self_int4, **ov)
+    res = _run(
+        ctx,
+        bench,
+        artifact,
+        sizes,
+        prompt_len,
+        new_tokens,
+        device,
+        d,
+        baseline=baseline,
+        draft_int4=self_int4,
+        **ov,
+    )
+    ctx.emit(res, lambda: _show_bench(res))
 
-    def show():
-        t = Table(title=f"bench {artifact} ({device})")
-        rows = res.get("results") or res.get("rows") or []
-        cols = list(rows[0]) if rows else []
-        for c in cols:
-            t.add_column(c)
-        for r in rows:
-            t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
-        out.print(t)
 
-    ctx.emit(res, show)
+def _num(v, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _show_bench(res: dict) -> None:
+    """bench's rows as tables of what a reader compares (--json has every field): one row per batch size, and with
+    a draft a second table of the speculation (acceptance, rounds, the speed-up over the artifact alone) and
+    speculation auto's latest decision per batch size."""
+    t = Table(title=f"bench {res['artifact']} ({res['device']}, {res['dtype']})")
+    for h in ("batch", "tok/s", "decode tok/s", "ms/step", "prefill tok/s", "TTFT median ms", "peak GiB"):
+        t.add_column(h, justify="right")
+    for r in res["results"]:
+        peak = r.get("peak_memory_bytes")
+        t.add_row(
+            str(r["batch"]),
+            _num(r["tokens_per_s"]),
+            _num(r["decode_tokens_per_s"]),
+            _num(r["decode_step_ms"], ".2f"),
+            _num(r["prefill_tokens_per_s"], ".0f"),
+            _num(r["ttft_ms_median"]),
+            _num(None if peak is None else peak / 2**30, ".2f"),
+        )
+    out.print(t)
+    if "draft" not in res:
+        return
+    s = Table(title=f"speculation, draft {res['draft']}")
+    for h in ("batch", "acceptance", "rounds", "decode tok/s", "alone", "speed-up"):
+        s.add_column(h, justify="right")
+    plain = res.get("plain") or [None] * len(res["results"])
+    for r, alone in zip(res["results"], plain, strict=True):
+        acc, x = r.get("spec_acceptance"), r.get("decode_speedup")
+        s.add_row(
+            str(r["batch"]),
+            "-" if acc is None else f"{100 * acc:.1f}%",
+            str(r.get("spec_rounds", 0)),
+            _num(r["decode_tokens_per_s"]),
+            "-" if alone is None else _num(alone["decode_tokens_per_s"]),
+            "-" if x is None else f"{x:.2f}x",
+        )
+    out.print(s)
+    for r in res["results"]:  # speculation auto's latest decision for the row's batch bucket
+        mine = [d for d in r.get("spec_decisions") or [] if d.get("bucket", 0) >= r["batch"]]
+        if not mine:
+            continue
+        bucket = min(d["bucket"] for d in mine)
+        last = [d for d in mine if d["bucket"] == bucket][-1]
+        why = ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in last.items() if k not in ("bucket", "decision", "from")
+        )
+        out.print(f"batch {r['batch']}: speculation {last['decision']} ({escape(why)})", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- verify

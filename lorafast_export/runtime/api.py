@@ -53,17 +53,46 @@ def bench(
     new_tokens: int,
     device: str = "cpu",
     draft: str | Path | None = None,
+    baseline: bool = True,
     **overrides: Any,
 ) -> dict:
-    """Prefill/decode tokens/s, TTFT and peak memory per batch size (see runtime.bench), JSON-able; with a
-    draft artifact also the speculative acceptance rate."""
+    """Prefill/decode tokens/s, TTFT and peak memory per batch size (see runtime.bench), JSON-able. With a draft
+    artifact also the speculative acceptance rate, and (baseline) the same benchmark of the artifact loaded
+    without the draft, measured first and released before the draft's runtime loads (so they never share the
+    device's memory): `plain` holds its rows, and each row its `decode_speedup`, decode tokens/s with the draft over
+    those without (the runtime options the same, but for the draft's own)."""
+    plain = None
+    if draft is not None and baseline:
+        alone = {k: v for k, v in overrides.items() if k != "draft_int4"}
+        plain = _bench_loaded(artifact_dir, batch_sizes, prompt_len, new_tokens, device, None, alone)
+    run = _bench_loaded(artifact_dir, batch_sizes, prompt_len, new_tokens, device, draft, overrides)
+    res = {"artifact": str(artifact_dir), **run}
+    if draft is not None:
+        res["draft"] = str(draft) + (" (its linears int4 at load)" if overrides.get("draft_int4") else "")
+    if plain is not None:
+        res["plain"] = plain["results"]
+        for row, alone in zip(res["results"], plain["results"], strict=True):
+            spec, base = row["decode_tokens_per_s"], alone["decode_tokens_per_s"]
+            row["decode_speedup"] = spec / base if spec and base else None
+    return res
+
+
+def _bench_loaded(artifact_dir, batch_sizes, prompt_len, new_tokens, device, draft, overrides) -> dict:
+    """bench_runtime on the artifact loaded (with the draft, if any), its runtime released on return."""
+    import gc
+
+    import torch
+
     rt = load(artifact_dir, device, draft, **overrides)
     if max(batch_sizes) > rt.options.max_batch:
         rt = load(artifact_dir, device, draft, **{**overrides, "max_batch": max(batch_sizes)})
-    res = {"artifact": str(artifact_dir), **bench_runtime(rt, batch_sizes, prompt_len, new_tokens)}
-    if draft is not None:
-        res["draft"] = str(draft) + (" (its linears int4 at load)" if overrides.get("draft_int4") else "")
-    return res
+    try:
+        return bench_runtime(rt, batch_sizes, prompt_len, new_tokens)
+    finally:
+        del rt
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def generate_stream(

@@ -1,7 +1,9 @@
 """`run` and `bench` on a torch-compile artifact."""
 
 import json
+import re
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -102,6 +104,26 @@ def test_speculative_int4_drafts_with_the_artifact_itself(tmp_path):
     res = json.loads(b.stdout)
     assert (
         res["draft"].endswith("(its linears int4 at load)") and res["results"][0]["spec_rounds"] is not None
+    )
+    # the baseline: the artifact loaded alone (no draft: no rounds, no governor), and the speed-up over it
+    (spec,), (alone,) = res["results"], res["plain"]
+    assert alone["batch"] == 1 and alone["spec_rounds"] == 0 and alone["spec_decisions"] is None
+    assert spec["decode_speedup"] == pytest.approx(spec["decode_tokens_per_s"] / alone["decode_tokens_per_s"])
+    shown = cli("bench", "--artifact", tmp_path / "tc", "--batch", "1", "--prompt-len", "8", "--new-tokens", "6",
+                "--speculative", "int4", "--runtime-option", "speculation=always")  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.output  # an 80-column log shows every header whole
+    for head in ("decode", "TTFT median", "peak GiB", "acceptance", "rounds", "alone", "speed-up"):
+        assert head in shown.output, shown.output
+    assert re.search(r"│\s+1\s+│\s+\d+\.\d%\s+│\s+\d+\s+│[^│]+│[^│]+│\s+\d+\.\d\dx\s+│", shown.output), (
+        shown.output
+    )
+    bare = cli("--json", "bench", "--artifact", tmp_path / "tc", "--batch", "1", "--prompt-len", "8",
+               "--new-tokens", "6", "--speculative", "int4", "--no-baseline")  # fmt: skip
+    assert bare.exit_code == 0, bare.output
+    assert (
+        "plain" not in json.loads(bare.stdout)
+        and "decode_speedup" not in json.loads(bare.stdout)["results"][0]
     )
     both = cli(*run, "--speculative", "int4", "--draft", tmp_path / "tc")
     assert both.exit_code == 2 and "use one of them" in both.output
