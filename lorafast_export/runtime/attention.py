@@ -114,7 +114,10 @@ def packed_attention(q, k, v, seg_index: torch.Tensor, seg_flat: torch.Tensor, w
     return o.transpose(0, 1).reshape(hq, b * longest, d)[:, seg_flat][None]
 
 
-def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
+FITTED_SMS = 132  # the H100's SMs, where decode_plan was fitted; paged.use_device_sms gives a layer its GPU's
+
+
+def num_splits(batch: int, kv_heads: int, width: int, sms: int = FITTED_SMS) -> int:
     """Sessions 9-38's context splits of the Triton decode kernel (one cache block an iteration): batch x
     kv_heads x splits fills the GPU about twice, at most one per block. decode_plan replaced it in the runtime; it
     stays the baseline of torch_bench's attnplan sweep and bench/results/s39_plan.py, and the plan of the tests
@@ -122,7 +125,7 @@ def num_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
     return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
 
 
-def decode_plan(batch: int, kv_heads: int, width: int, sms: int = 132) -> tuple[int, int]:
+def decode_plan(batch: int, kv_heads: int, width: int, sms: int = FITTED_SMS) -> tuple[int, int]:
     """(context splits, cache blocks an iteration) of the Triton decode kernel for a step of `batch` rows over
     block tables `width` entries wide, from the H100 sweep of session 39 (bench/TORCH.md, torch_bench --sections
     attnplan: within 7% of the best of 24 plans at each of 12 (batch, context) points, 8B shape). Splits: the most
@@ -130,7 +133,8 @@ def decode_plan(batch: int, kv_heads: int, width: int, sms: int = 132) -> tuple[
     power of two, at most 32; tables of up to 8 entries take one (the kernel then writes the output itself: no
     merge kernel). Blocks: a split's whole share in one iteration while the programs fit in one wave and the share
     is at most 8 entries, else 4 an iteration; rounded up to a power of two (a table width the engine did not round,
-    max_blocks, can leave a share of 3, 5, 6 or 7)."""
+    max_blocks, can leave a share of 3, 5, 6 or 7). sms: the GPU's streaming multiprocessors (the runtime passes its
+    GPU's, paged.use_device_sms; the sweep's H100 has 132)."""
     rows = batch * kv_heads
     splits = 1 if width <= 8 else max(1, min(2 * sms // rows, width // 4, 32))
     splits = 1 << (splits.bit_length() - 1)

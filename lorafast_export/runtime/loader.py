@@ -25,6 +25,7 @@ from lorafast_export.runtime.paged import (
     build_model,
     triton_attention_fits,
     use_attn_last_merges,
+    use_device_sms,
     use_fused_decode,
     use_kernel_pdl,
 )
@@ -216,6 +217,8 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
             mma = fused_mma_from(opts, device, draft is not None)
             n = use_fused_decode(dec, rows, mma)
             log.info("fused decode kernels for %d layers (tensor cores from %s rows)", n, mma or "no")
+        if attention == "triton":
+            use_device_sms(dec, device)
         if opts.kernel_pdl and (n := use_kernel_pdl(dec, device, opts.fused_pdl)) is not None:
             log.info("programmatic dependent launch: attention and %d int4 MMA linears", n)
         if opts.attn_last_merges and attention == "triton":  # a verify's tokens are rows of the kernel too

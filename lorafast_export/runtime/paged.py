@@ -22,6 +22,7 @@ from lorafast_export.model.decoder import Decoder, Rotary
 from lorafast_export.model.spec import LM_HEAD, ModelConfig
 from lorafast_export.qform import concat_qtensors
 from lorafast_export.runtime.attention import (
+    FITTED_SMS,
     chunk_attention,
     chunk_mask,
     decode_flex,
@@ -335,7 +336,8 @@ def paged_layer(
             write_kv(v_pool, slots, v)
         b, hq, s, d = q.shape
         if kind == "triton" and s <= VERIFY_MAX:  # S > 1: each query token as a row of the decode kernel
-            splits, blocks = decode_plan(b, k_pool.shape[0], block_tables.shape[1])  # those of a 1-token step
+            sms = getattr(layer, "attn_sms", FITTED_SMS)  # use_device_sms: this GPU's
+            splits, blocks = decode_plan(b, k_pool.shape[0], block_tables.shape[1], sms)  # a 1-token step's
             o = torch.ops.lorafast.paged_decode(
                 q.transpose(1, 2).reshape(b * s, hq, d),
                 k_pool,
@@ -610,6 +612,19 @@ def use_kernel_pdl(dec: Decoder, device, dense: bool = False) -> int | None:
         if getattr(layer, "mma_fused", None) is not None:
             layer.mma_fused = [[ksb, minb, bits | cuda_int4.PDL] for ksb, minb, bits in layer.mma_fused]
     return n
+
+
+def use_device_sms(dec: Decoder, device) -> int | None:
+    """The layers' paged decode attention planned for this GPU's streaming multiprocessors (`attn_sms`, read by
+    attention.decode_plan in the compiled layer; without it the plan assumes the 132 of the H100 it was fitted on).
+    A verify's rows and the one-token step read the same attribute, so they keep one plan. Returns the count
+    (None off CUDA: the plan is then only that of the CPU tests, through Triton's interpreter)."""
+    if torch.device(device).type != "cuda":
+        return None
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for layer in dec.model.layers:
+        layer.attn_sms = sms
+    return sms
 
 
 def use_attn_last_merges(dec: Decoder, device, rows: int) -> None:

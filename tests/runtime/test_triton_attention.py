@@ -171,3 +171,28 @@ def test_layers_with_last_program_merges_give_the_two_kernel_logits(tmp_path, mo
     assert torch.equal(verify_last, verify) and all(
         torch.equal(a, b) for a, b in zip(steps_last, steps, strict=True)
     )
+
+
+def test_the_layers_plan_their_attention_for_their_gpu(tmp_path, monkeypatch):
+    """use_device_sms gives each layer its GPU's streaming multiprocessors (torch.cuda's properties, a stand-in here),
+    and the paged layer's decode steps and a verify's rows plan their attention (decode_plan) with that count;
+    off CUDA it changes nothing."""
+    import types
+
+    from lorafast_export.runtime import paged as paged_mod
+
+    from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
+
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
+    assert paged_mod.use_device_sms(pm.dec, "cpu") is None
+    assert not any(hasattr(layer, "attn_sms") for layer in pm.dec.model.layers)
+    props = types.SimpleNamespace(multi_processor_count=7)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert paged_mod.use_device_sms(pm.dec, "cuda") == 7
+    seen, plan = [], paged_mod.decode_plan
+    monkeypatch.setattr(
+        paged_mod, "decode_plan", lambda b, hkv, width, sms: seen.append(sms) or plan(b, hkv, width, sms)
+    )
+    verify_and_steps(pm, cache, DEV)
+    assert len(seen) >= 4 * md.config.num_layers and set(seen) == {7}  # 3 steps and the verify, each layer
