@@ -188,8 +188,9 @@ def test_the_layers_plan_their_attention_for_their_gpu(tmp_path, monkeypatch):
     assert paged_mod.use_device_sms(pm.dec, "cpu") is None
     assert not any(hasattr(layer, "attn_sms") for layer in pm.dec.model.layers)
     props = types.SimpleNamespace(multi_processor_count=7)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    assert paged_mod.use_device_sms(pm.dec, "cuda") == 7
+    with monkeypatch.context() as m:  # only around the call: on a GPU torch itself reads the properties later
+        m.setattr(torch.cuda, "get_device_properties", lambda device: props)
+        assert paged_mod.use_device_sms(pm.dec, "cuda") == 7
     seen, plan = [], paged_mod.decode_plan
     monkeypatch.setattr(
         paged_mod, "decode_plan", lambda b, hkv, width, sms: seen.append(sms) or plan(b, hkv, width, sms)
