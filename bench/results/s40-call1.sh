@@ -7,7 +7,7 @@ source bench/results/device_env.sh || exit 3
 LIMIT=${LIMIT:-590}
 BATCH=${BATCH:-1,32}
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_triton_fused.py tests/runtime/test_triton_attention.py -k "runtime_with_fused or speculative_runtime or verify_rows or decode or blocks or gpu" > $OUT/cuda_tests.txt 2>&1
+timeout 130 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_triton_fused.py tests/runtime/test_triton_attention.py -k "runtime_with_fused or speculative_runtime or verify_rows or decode or blocks or gpu" > $OUT/cuda_tests.txt 2>&1
 echo "tests rc $? at ${SECONDS}s"; tail -2 $OUT/cuda_tests.txt
 ab() {
   if [ $1 = new ]; then B=bench/torch_bench.py; else B=bench/results/s39_plan.py; fi
