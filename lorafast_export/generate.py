@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def generate_file(
         partial = out.parent / f".{out.name}.partial-{os.getpid()}"
         with create_new(partial) as f:
             kept = False  # the earlier records are all in the partial: replacing the output loses nothing
+            new_tokens, t0, spec0 = 0, time.perf_counter(), _spec_counts(session)
             try:
                 f.write(earlier)
                 f.flush()
@@ -150,7 +152,9 @@ def generate_file(
                     p.unlink(missing_ok=True)
                 for start in range(0, len(pending), batch_size):
                     chunk = pending[start : start + batch_size]
-                    f.write(_records(session, tok, chunk, max_new_tokens).encode("utf-8"))
+                    text, n = _records(session, tok, chunk, max_new_tokens)
+                    new_tokens += n
+                    f.write(text.encode("utf-8"))
                     f.flush()
                     os.fsync(f.fileno())
                     progress(len(todo) - len(pending) + start + len(chunk), len(todo))
@@ -160,26 +164,53 @@ def generate_file(
                     os.replace(partial, out)
                 else:
                     partial.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
     return {
         "prompts": len(todo),
         "generated": len(pending),
         "resumed_from": len(todo) - len(pending),
         "output": str(out),
+        "new_tokens": new_tokens,  # up to each completion's end of sequence, as written
+        "seconds": seconds,  # generating them (the load and the tokenizer excluded)
+        "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
+        "speculation": _speculation(session, spec0),
     }
 
 
-def _records(session, tok, chunk: list[tuple], max_new_tokens: int) -> str:
-    """One batch's jsonl records, as one string: written whole or not at all."""
+def _spec_counts(session) -> tuple[int, int, int] | None:
+    """(rounds, drafted, accepted) so far of a session that speculates (the torch-compile target's with a draft);
+    None for any other."""
+    counts = getattr(session, "speculation_counts", None)
+    return None if counts is None else counts()
+
+
+def _speculation(session, before: tuple[int, int, int] | None) -> dict | None:
+    """The speculative rounds of this file's generation and the share of the drafted tokens the model accepted."""
+    now = _spec_counts(session)
+    if now is None or before is None:
+        return None
+    rounds, drafted, accepted = (a - b for a, b in zip(now, before, strict=True))
+    return {
+        "rounds": rounds,
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance": accepted / drafted if drafted else None,
+    }
+
+
+def _records(session, tok, chunk: list[tuple], max_new_tokens: int) -> tuple[str, int]:
+    """One batch's jsonl records, as one string (written whole or not at all), and the new tokens they hold."""
     ids = [tok(r["prompt"])["input_ids"] for _, r in chunk]
     budgets = [int(r.get("max_new_tokens", max_new_tokens)) for _, r in chunk]
     outs = _generate(session, ids, budgets)
-    lines = []
+    lines, n = [], 0
     for (i, r), toks in zip(chunk, outs, strict=True):
         toks = _until_eos(toks, tok.eos_token_id)
+        n += len(toks)
         lines.append(
             json.dumps({"id": i, "prompt": r["prompt"], "completion": tok.decode(toks), "tokens": toks})
         )
-    return "".join(line + "\n" for line in lines)
+    return "".join(line + "\n" for line in lines), n
 
 
 def _generate(session, ids: list[list[int]], budgets: list[int]) -> list[list[int]]:

@@ -128,13 +128,23 @@ def test_speculative_int4_drafts_with_the_artifact_itself(tmp_path):
     both = cli(*run, "--speculative", "int4", "--draft", tmp_path / "tc")
     assert both.exit_code == 2 and "use one of them" in both.output
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "the model"}) + "\n")
-    g = cli("-q", "generate", "--artifact", tmp_path / "tc", "--input", tmp_path / "in.jsonl", "--output",
-            tmp_path / "out.jsonl", "--max-new-tokens", "8", "--speculative", "int4")  # fmt: skip
+    g = cli("--json", "generate", "--artifact", tmp_path / "tc", "--input", tmp_path / "in.jsonl", "--output",
+            tmp_path / "out.jsonl", "--max-new-tokens", "8", "--speculative", "int4",
+            "--runtime-option", "speculation=always")  # fmt: skip
     assert g.exit_code == 0, g.output
-    assert (
-        json.loads((tmp_path / "out.jsonl").read_text())["completion"]
-        == json.loads(plain.stdout)["completion"]
-    )
+    written = json.loads((tmp_path / "out.jsonl").read_text())
+    assert written["completion"] == json.loads(plain.stdout)["completion"]
+    # the summary: the tokens as written, and this file's speculative rounds (not the load's warm-up)
+    res, spec = json.loads(g.stdout), json.loads(g.stdout)["speculation"]
+    assert res["new_tokens"] == len(written["tokens"]) and res["tokens_per_s"] > 0
+    assert spec["rounds"] > 0 and 0 <= spec["accepted"] <= spec["drafted"] <= 4 * spec["rounds"]
+    assert spec["acceptance"] == pytest.approx(spec["accepted"] / spec["drafted"])
+    (tmp_path / "out.jsonl").unlink()
+    alone = cli("generate", "--artifact", tmp_path / "tc", "--input", tmp_path / "in.jsonl", "--output",
+                tmp_path / "out.jsonl", "--max-new-tokens", "8")  # fmt: skip
+    said = " ".join(alone.output.split())  # the line as printed, wherever the console wrapped it
+    assert alone.exit_code == 0 and f"; {len(written['tokens'])} tokens in" in said, said
+    assert "speculation" not in said
 
 
 def test_runtime_options_for_one_run(tmp_path):

@@ -38,6 +38,14 @@ class TorchCompileSession:
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | list[int]) -> list[list[int]]:
         return self.runtime.generate_batch(prompts, max_new_tokens)
 
+    def speculation_counts(self) -> tuple[int, int, int] | None:
+        """With a draft: the speculative rounds run so far, the tokens drafted and those the model accepted (the
+        load-time warm-up's included: a caller takes differences); None without a draft."""
+        eng = self.runtime.engine
+        if eng.draft_cache is None:
+            return None
+        return eng.stats.spec_rounds, eng.stats.drafted, eng.stats.accepted
+
 
 class TorchCompileTarget:
     name = "torch-compile"
