@@ -5,18 +5,8 @@
 source bench/results/device_env.sh || exit 3
 LIMIT=${LIMIT:-590}
 nvidia-smi --query-gpu=name --format=csv,noheader
-profile_summary() {
-  python3 -c "
-import json,sys; d=json.load(open(sys.argv[1])).get('profile', {})
-for k,v in d.items():
-    if not isinstance(v, dict) or 'top' not in v: continue
-    print(k, 'wall ms', round(v['wall_ms_per_step'],3), 'gpu us', round(v['gpu_us_per_step'],1), 'kernels', v['kernels_per_step'])
-    print('  groups', {g: round(u,1) for g,u in v['groups_us'].items()})
-    for t in v['top'][:12]: print('  ', json.dumps(t)[:160])
-" "$1"
-}
 timeout $((LIMIT - 10 - SECONDS)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections copy,bf16,int4h8,profile,mixed,e2e --profile bf16,int4h8 --batch 1,32 --single-step-peer 0 --mixed-peer none --mixed-policies default --e2e-repeats 5 --out $OUT/table.json > $OUT/table.log 2>&1
 echo "table rc $? at ${SECONDS}s"; grep -iE "error|Traceback" $OUT/table.log | head -3 | cut -c1-300; grep -E "^\[|mixed (first|default)|copy:" $OUT/table.log | cut -c1-200
 python3 bench/results/table_summary.py $OUT/table.json 2>&1 | tail -12
-profile_summary $OUT/table.json
+python3 bench/results/profile_summary.py $OUT/table.json
 (cd $OUT && tar czf /tmp/call.tgz . && rm -rf ./* && mv /tmp/call.tgz .)
