@@ -125,6 +125,12 @@ def num_splits(batch: int, kv_heads: int, width: int, sms: int = FITTED_SMS) -> 
     return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
 
 
+# Below this many (row, kv head) pairs a step keeps sessions 9-38's plan (num_splits x 1 block): end to end on an H100
+# (session 40, 8B, 128-token prompts) the fitted plan took an int4 + int8-head batch-1 step from 2.095 to 2.127 ms
+# (two runs), while at batch 32 it took a bf16 step from 6.78 to 6.60 ms; bench/TORCH.md.
+PLAN_MIN_ROWS = 64
+
+
 def decode_plan(batch: int, kv_heads: int, width: int, sms: int = FITTED_SMS) -> tuple[int, int]:
     """(context splits, cache blocks an iteration) of the Triton decode kernel for a step of `batch` rows over
     block tables `width` entries wide, from the H100 sweep of session 39 (bench/TORCH.md, torch_bench --sections
@@ -134,8 +140,11 @@ def decode_plan(batch: int, kv_heads: int, width: int, sms: int = FITTED_SMS) ->
     merge kernel). Blocks: a split's whole share in one iteration while the programs fit in one wave and the share
     is at most 8 entries, else 4 an iteration; rounded up to a power of two (a table width the engine did not round,
     max_blocks, can leave a share of 3, 5, 6 or 7). sms: the GPU's streaming multiprocessors (the runtime passes its
-    GPU's, paged.use_device_sms; the sweep's H100 has 132)."""
+    GPU's, paged.use_device_sms; the sweep's H100 has 132). Steps of fewer than PLAN_MIN_ROWS (row, kv head) pairs
+    keep num_splits' plan, one block an iteration (measured end to end, PLAN_MIN_ROWS)."""
     rows = batch * kv_heads
+    if rows < PLAN_MIN_ROWS:
+        return num_splits(batch, kv_heads, width, sms), 1
     splits = 1 if width <= 8 else max(1, min(2 * sms // rows, width // 4, 32))
     splits = 1 << (splits.bit_length() - 1)
     per = -(-width // splits)

@@ -8,7 +8,7 @@ import torch
 
 from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
 from lorafast_export.runtime.attention import decode_gather
-from lorafast_export.runtime.attention import decode_plan, num_splits
+from lorafast_export.runtime.attention import PLAN_MIN_ROWS, decode_plan, num_splits
 from lorafast_export.runtime.triton_attention import paged_decode
 from lorafast_export.testing import TRITON_DECODE_CASES as CASES
 from lorafast_export.testing import scattered_pool
@@ -87,10 +87,14 @@ def test_blocks_an_iteration_and_one_split(lengths, hkv, hq, d, window, splits, 
 
 def test_decode_plan_gives_the_kernel_powers_of_two():
     """decode_plan's blocks size the kernel's tile (tl.arange: a power of two) and its splits the grid, for any
-    table width the engine passes (max_blocks need not be a power of two)."""
-    for batch in (1, 3, 8, 32, 64):
+    table width the engine passes (max_blocks need not be a power of two); below PLAN_MIN_ROWS (row, kv head)
+    pairs it is num_splits' plan, one block an iteration."""
+    for batch in (1, 3, 7, 8, 32, 64):
         for width in range(1, 300):
             splits, blocks = decode_plan(batch, 8, width)
+            if batch * 8 < PLAN_MIN_ROWS:
+                assert (splits, blocks) == (num_splits(batch, 8, width), 1)
+                continue
             assert splits & (splits - 1) == 0 and blocks & (blocks - 1) == 0, (batch, width, splits, blocks)
             assert 1 <= splits <= max(1, width) and 1 <= blocks <= 8
 
