@@ -672,10 +672,7 @@ def _generated_rate(res: dict) -> str:
         text += f" ({res['tokens_per_s']:.1f} tok/s)"
     spec = res.get("speculation")
     if spec is not None:
-        acc = "-" if spec["acceptance"] is None else f"{100 * spec['acceptance']:.1f}%"
-        text += (
-            f"; speculation: {acc} of {spec['drafted']} drafted tokens accepted in {spec['rounds']} rounds"
-        )
+        text += f"; speculation: {_pct(spec['acceptance'])} of {spec['drafted']} drafted tokens accepted in {spec['rounds']} rounds"
     return text
 
 
@@ -758,6 +755,10 @@ def _num(v, fmt: str = ".1f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def _show_bench(res: dict) -> None:
     """bench's rows as tables of what a reader compares (--json has every field): one row per batch size, and with
     a draft a second table of the speculation (acceptance, rounds, the speed-up over the artifact alone) and
@@ -787,7 +788,7 @@ def _show_bench(res: dict) -> None:
         acc, x = r.get("spec_acceptance"), r.get("decode_speedup")
         s.add_row(
             str(r["batch"]),
-            "-" if acc is None else f"{100 * acc:.1f}%",
+            _pct(acc),
             str(r.get("spec_rounds", 0)),
             _num(r["decode_tokens_per_s"]),
             "-" if alone is None else _num(alone["decode_tokens_per_s"]),

@@ -119,9 +119,9 @@ FITTED_SMS = 132  # the H100's SMs, where decode_plan was fitted; paged.use_devi
 
 def num_splits(batch: int, kv_heads: int, width: int, sms: int = FITTED_SMS) -> int:
     """Sessions 9-38's context splits of the Triton decode kernel (one cache block an iteration): batch x
-    kv_heads x splits fills the GPU about twice, at most one per block. decode_plan replaced it in the runtime; it
-    stays the baseline of torch_bench's attnplan sweep and bench/results/s39_plan.py, and the plan of the tests
-    that need several splits."""
+    kv_heads x splits fills the GPU about twice, at most one per block. decode_plan's plan below PLAN_MIN_ROWS,
+    the baseline of torch_bench's attnplan sweep and bench/results/s39_plan.py, and the plan of the tests that
+    need several splits."""
     return max(1, min(width, -(-2 * sms // (batch * kv_heads)), 32))
 
 
@@ -133,15 +133,16 @@ PLAN_MIN_ROWS = 64
 
 def decode_plan(batch: int, kv_heads: int, width: int, sms: int = FITTED_SMS) -> tuple[int, int]:
     """(context splits, cache blocks an iteration) of the Triton decode kernel for a step of `batch` rows over
-    block tables `width` entries wide, from the H100 sweep of session 39 (bench/TORCH.md, torch_bench --sections
-    attnplan: within 7% of the best of 24 plans at each of 12 (batch, context) points, 8B shape). Splits: the most
+    block tables `width` entries wide. Steps of fewer than PLAN_MIN_ROWS (row, kv head) pairs: num_splits' plan,
+    one block an iteration (measured end to end, PLAN_MIN_ROWS). From there the rule fitted to the H100 sweep of
+    session 39 (bench/TORCH.md, torch_bench --sections attnplan: within 7% of the best of 24 plans at each of 12
+    (batch, context) points, 8B shape). Splits: the most
     that keep the programs (batch x kv_heads x splits) under twice the SMs and at least 4 table entries a split, a
     power of two, at most 32; tables of up to 8 entries take one (the kernel then writes the output itself: no
     merge kernel). Blocks: a split's whole share in one iteration while the programs fit in one wave and the share
     is at most 8 entries, else 4 an iteration; rounded up to a power of two (a table width the engine did not round,
     max_blocks, can leave a share of 3, 5, 6 or 7). sms: the GPU's streaming multiprocessors (the runtime passes its
-    GPU's, paged.use_device_sms; the sweep's H100 has 132). Steps of fewer than PLAN_MIN_ROWS (row, kv head) pairs
-    keep num_splits' plan, one block an iteration (measured end to end, PLAN_MIN_ROWS)."""
+    GPU's, paged.use_device_sms; the sweep's H100 has 132)."""
     rows = batch * kv_heads
     if rows < PLAN_MIN_ROWS:
         return num_splits(batch, kv_heads, width, sms), 1
