@@ -1494,7 +1494,7 @@ def sec_specdemo(a, dev, R):
     dtype = torch.bfloat16 if dev.type == "cuda" and a.specdemo_dtype == "bf16" else torch.float32
     model, tok = demo_merged(dev, dtype)
     cfg, state = config_of(model)
-    return _spec_trained(a, dev, R, "specdemo", cfg, state, code_prompts(tok, 5, 48), dtype, group=32)
+    return _spec_trained(a, dev, R, "specdemo", cfg, state, code_prompts(tok, 5, 48), dtype, 32, _draft_head(a))
 
 
 def sec_specwide(a, dev, R):
@@ -1522,20 +1522,31 @@ def sec_specwide(a, dev, R):
     cfg = ModelConfig.from_dict(hf_cfg)
     print(f"  specwide: the demo widened to {a.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
     return _spec_trained(
-        a, dev, R, "specwide", cfg, state, code_prompts(tok, 5, 48), torch.bfloat16, 128, a.quant_lm_head
+        a, dev, R, "specwide", cfg, state, code_prompts(tok, 5, 48), torch.bfloat16, 128, _draft_head(a)
     )
 
 
-def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head=False):
-    """bf16 alone, then with an int4 RTN draft (group, head) under each spec policy: acceptance over all prompts,
-    the median of --spec-repeats timed runs of one prompt, tokens equal to the model alone."""
-    fp4, q4 = quantize_linears(state, 4, group, False, head=head)
+def _draft_head(a) -> str:
+    """The spec sections' draft lm_head: --draft-head, int4 with --quant-lm-head (the flag of the int4 sections)."""
+    return "int4" if a.quant_lm_head else a.draft_head
+
+
+def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8"):
+    """bf16 alone, then with an int4 RTN draft (group; its lm_head `head`: stored, int8 per channel as
+    `--speculative int4` quantizes it at load, or int4 RTN g128) under each spec policy: acceptance over all
+    prompts, the median of --spec-repeats timed runs of one prompt, tokens equal to the model alone."""
+    fp4, q4 = quantize_linears(state, 4, group, False, head=head == "int4")
+    if head == "int8":
+        from lorafast_export.runtime.artifact import int8_head
+
+        fp4, extra, _ = int8_head(cfg, fp4, q4)
+        q4 = {**q4, **extra}
     new = min(a.new_tokens, 128)
     o = _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     base = build_runtime(cfg, state, None, dev, dtype, o)
     base.generate_batch(prompts[:1], 8)
     res = {"dtype": str(dtype), "prompts": len(prompts) - 1, "new_tokens": new, "dense_gemv": o.dense_gemv}
-    res["draft"] = {"bits": 4, "group": group, "lm_head_quantized": head}
+    res["draft"] = {"bits": 4, "group": group, "lm_head": head}
     want = base.generate_batch(prompts[1:], new)
     res["timed_repeats"] = a.spec_repeats
     res["bf16_alone"] = _median_run(base, prompts[1:2], new, a.spec_repeats)
@@ -2285,6 +2296,13 @@ def main() -> None:
     )
     p.add_argument(
         "--attn-last-merges", default="off", choices=("off", "on"), help="runtime option (most sections)"
+    )
+    p.add_argument(
+        "--draft-head",
+        default="int8",
+        choices=("stored", "int8", "int4"),
+        help="spec sections: the draft's lm_head (int8: as --speculative int4 quantizes it at load; until session 41 "
+        "the spec sections kept it as stored)",
     )
     p.add_argument(
         "--quant-lm-head",

@@ -353,6 +353,20 @@ def _int4_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
     return fp, q
 
 
+def _int8_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
+    """The lm_head int8 at load (per output channel, symmetric: the head a build's option lm_head gives a quantized
+    torch-compile artifact, runtime/artifact.int8_head), for the artifact as its own int4 draft (`--speculative
+    int4`): the draft is then the int4 artifact a build would make of it, head included. Left as it is, with one log
+    line, where the head is tied to the embeddings, absent or already quantized."""
+    from collections import ChainMap
+
+    from lorafast_export.runtime.artifact import int8_head
+
+    fp, made, how = int8_head(cfg, fp, q if q is not None else {})
+    log.info("%s: lm_head %s for drafting", model_dir, "int8 at load" if made else f"kept as stored ({how})")
+    return (fp, ChainMap(made, q if q is not None else {})) if made else (fp, q)
+
+
 def _int4_linears(fp: dict, q, model_dir: Path):
     """Every decoder linear that fp holds, int4 at load: the model as its own int4 draft (`--speculative int4`)."""
     fp, q, n = _int4_at_load(fp, q, [k for k in fp if ".layers." in k and k.endswith("_proj.weight")])
@@ -368,6 +382,7 @@ def open_runtime(
     *,
     int4_head: bool = False,
     int4_linears: bool = False,
+    int8_head: bool = False,
     draft_int4: bool = False,
     **overrides,
 ) -> Runtime:
@@ -376,7 +391,9 @@ def open_runtime(
     draft_dir: another artifact's model/ directory whose model drafts for speculative decoding (its lm_head
     quantized at load with option draft_int4_head). int4_head: this model's lm_head quantized at load
     (`_int4_head`; what the model that loads a draft asks of it). int4_linears: its decoder linears too
-    (`_int4_linears`); draft_int4: the draft's (`--speculative int4`: the artifact as its own int4 draft)."""
+    (`_int4_linears`); int8_head: its lm_head int8 (`_int8_head`; int4_head takes precedence); draft_int4: the
+    draft's linears int4 and its head int8 (`--speculative int4`: the artifact as its own int4 draft, as a build
+    would quantize it)."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -401,6 +418,7 @@ def open_runtime(
             warm_up="off",
             int4_head=opts.draft_int4_head,
             int4_linears=draft_int4,
+            int8_head=draft_int4,
             **keep,
         )
     fp, q = (None, None) if use else read_weights(model_dir, meta, dev)  # a package holds its own weights
@@ -408,6 +426,8 @@ def open_runtime(
         fp, q = _int4_linears(fp, q, model_dir)
     if int4_head and fp is not None:
         fp, q = _int4_head(cfg, fp, q, model_dir)
+    elif int8_head and fp is not None:
+        fp, q = _int8_head(cfg, fp, q, model_dir)
     return build_runtime(
         cfg,
         fp,

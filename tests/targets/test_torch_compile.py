@@ -256,8 +256,11 @@ def test_draft_int4_head_quantizes_only_the_drafts_head_and_keeps_the_output(tmp
 
 def test_draft_int4_makes_the_artifact_its_own_int4_draft(tmp_path):
     """open_runtime(draft_int4=True) (`--speculative int4`): the draft's decoder linears are int4 (RTN) at load and
-    compute the fake-quant product; the model's stay dense; the output is the model's greedy output."""
-    from lorafast_export.runtime.linear import Int4Linear
+    compute the fake-quant product, its lm_head int8 per channel (what a build's lm_head option gives a quantized
+    artifact) computing that fake-quant product; the model's stay dense; the output is the model's greedy output."""
+    from lorafast_export.qform import dequantize
+    from lorafast_export.quant.int8 import quantize_int8_weight
+    from lorafast_export.runtime.linear import Int4Linear, _QuantLinearBase
 
     md = tiny_checkpoint(tmp_path, hidden=128, intermediate_size=256)
     fp_dir = lower(md, tmp_path / "fp" / "model", max_seq_len=64)
@@ -266,7 +269,17 @@ def test_draft_int4_makes_the_artifact_its_own_int4_draft(tmp_path):
     rt = api.load(fp_dir, "cpu", draft=fp_dir, draft_int4=True, speculation="always")
     kinds = lambda dec: {type(m).__name__ for layer in dec.model.layers for m in layer.modules()}  # noqa: E731
     assert "Int4Linear" in kinds(rt.engine.draft.dec) and "Linear" not in kinds(rt.engine.draft.dec)
-    assert isinstance(rt.engine.draft.dec.lm_head, torch.nn.Linear)
-    assert not any(isinstance(m, Int4Linear) for m in rt.model.dec.modules())
+    draft_head, head = rt.engine.draft.dec.lm_head, rt.model.dec.lm_head
+    assert isinstance(draft_head, _QuantLinearBase) and isinstance(head, torch.nn.Linear)
+    fake = dequantize(quantize_int8_weight(head.weight.detach()))  # the int8 head's fake-quant reference
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got, exact, want_q = draft_head(x), head(x), x @ fake.T
+    assert (got - want_q).abs().max() <= 1e-5 * want_q.abs().max()
+    assert (got - exact).abs().max() > 1e-6 * exact.abs().max()  # it is not the stored head
+    assert not any(isinstance(m, _QuantLinearBase) for m in rt.model.dec.modules())
     assert rt.generate_batch([prompt], 20)[0] == want
     assert rt.engine.stats.spec_rounds > 0 and 0 < rt.engine.stats.accepted
+    # with draft_int4_head the draft's head is int4 instead
+    rt4 = api.load(fp_dir, "cpu", draft=fp_dir, draft_int4=True, speculation="always", draft_int4_head=True)
+    assert isinstance(rt4.engine.draft.dec.lm_head, Int4Linear)
