@@ -1494,7 +1494,9 @@ def sec_specdemo(a, dev, R):
     dtype = torch.bfloat16 if dev.type == "cuda" and a.specdemo_dtype == "bf16" else torch.float32
     model, tok = demo_merged(dev, dtype)
     cfg, state = config_of(model)
-    return _spec_trained(a, dev, R, "specdemo", cfg, state, code_prompts(tok, 5, 48), dtype, 32, _draft_head(a))
+    return _spec_trained(
+        a, dev, R, "specdemo", cfg, state, code_prompts(tok, 5, 48), dtype, 32, _draft_head(a)
+    )
 
 
 def sec_specwide(a, dev, R):
