@@ -1322,6 +1322,9 @@ SPEC_KEYS = (
     "decode_tokens_per_s",
     "speedup_decode_vs_bf16",
     "speedup_decode_vs_alone",
+    "tokens_equal_default",
+    "tokens_equal_default_positions",
+    "speedup_decode_vs_default_alone",
     "speculation",
     "pauses",
     "spec_rounds",
@@ -1544,6 +1547,17 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
         fp4, extra, _ = int8_head(cfg, fp4, q4)
         q4 = {**q4, **extra}
     new = min(a.new_tokens, 128)
+    default = None
+    if a.spec_vs_default:  # the default runtime alone first (released before the rows' runtimes load)
+        d_rt = build_runtime(
+            cfg, state, None, dev, dtype, _opts(a, [1], R, dense_gemv="auto", fused_decode="auto")
+        )
+        d_rt.generate_batch(prompts[:1], 8)
+        default = {"tokens": d_rt.generate_batch(prompts[1:], new)}
+        default["alone"] = _median_run(d_rt, prompts[1:2], new, a.spec_repeats)
+        del d_rt
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     o = _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     base = build_runtime(cfg, state, None, dev, dtype, o)
     base.generate_batch(prompts[:1], 8)
@@ -1552,6 +1566,9 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
     want = base.generate_batch(prompts[1:], new)
     res["timed_repeats"] = a.spec_repeats
     res["bf16_alone"] = _median_run(base, prompts[1:2], new, a.spec_repeats)
+    if default is not None:
+        res["default_alone"] = default["alone"]
+        res["alone_tokens_equal_default"] = want == default["tokens"]
     print(f"  {name} alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
@@ -1577,6 +1594,16 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
         r["tokens_equal_alone"] = got == want
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
+        if (
+            default is not None
+        ):  # against the default runtime alone (fused_decode and dense_gemv auto, no draft)
+            r["tokens_equal_default"] = got == default["tokens"]
+            r["tokens_equal_default_positions"] = sum(
+                x == y for g, w in zip(got, default["tokens"]) for x, y in zip(g, w)
+            )
+            r["speedup_decode_vs_default_alone"] = (
+                r["decode_tokens_per_s"] / default["alone"]["decode_tokens_per_s"]
+            )
         r["speculation"] = policy
         r["pauses"] = sum(g.pauses for g in govs) if govs else eng.governor.pauses  # auto: every timed run's
         if a.spec_profile == "on" and policy == "always":
@@ -2298,6 +2325,12 @@ def main() -> None:
     )
     p.add_argument(
         "--attn-last-merges", default="off", choices=("off", "on"), help="runtime option (most sections)"
+    )
+    p.add_argument(
+        "--spec-vs-default",
+        action="store_true",
+        help="spec sections: also the default runtime alone (fused_decode and dense_gemv auto, no draft): its "
+        "decode rate and whether each row's tokens equal its tokens",
     )
     p.add_argument(
         "--draft-head",
