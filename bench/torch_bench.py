@@ -164,6 +164,15 @@ def w8a8_linears(state: dict) -> tuple[dict, dict]:
     return fp, {p: with_fields(qt, act_quant=ACT_QUANT_INT8_PER_TOKEN) for p, qt in q.items()}
 
 
+def _int8_head(cfg: ModelConfig, fp: dict, q: dict | None) -> tuple[dict, dict, str]:
+    """fp without its lm_head and q with it int8 per channel, as the torch-compile target's option lm_head (auto)
+    stores a quantized artifact's head and `--speculative int4` its draft's (runtime/artifact.int8_head); and how."""
+    from lorafast_export.runtime.artifact import int8_head
+
+    fp, extra, how = int8_head(cfg, fp, q or {})
+    return fp, {**(q or {}), **extra}, how
+
+
 def bytes_per_step(rt) -> int:
     """Bytes of weights one decode step reads (everything but the embedding table)."""
     total = 0
@@ -518,10 +527,7 @@ def sec_model(a, dev, R, quant: bool | str, gemv: str | None = None, head8: bool
     attention = R.get("_attn_choice", a.attention)
     label = quant if quant in ("w8a8", "int8") else "int4" if quant else ("bf16g" if gemv == "on" else "bf16")
     if head8:
-        from lorafast_export.runtime.artifact import int8_head
-
-        fp, extra, head = int8_head(cfg, fp, q)
-        q = {**q, **extra}
+        fp, q, head = _int8_head(cfg, fp, q)
         label += "h8"
         print(f"  {label}: lm_head {head}", flush=True)
     eager = label == "bf16" and a.eager_peer
@@ -1542,10 +1548,7 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
     prompts, the median of --spec-repeats timed runs of one prompt, tokens equal to the model alone."""
     fp4, q4 = quantize_linears(state, 4, group, False, head=head == "int4")
     if head == "int8":
-        from lorafast_export.runtime.artifact import int8_head
-
-        fp4, extra, _ = int8_head(cfg, fp4, q4)
-        q4 = {**q4, **extra}
+        fp4, q4, _ = _int8_head(cfg, fp4, q4)
     new = min(a.new_tokens, 128)
     default = None
     if a.spec_vs_default:  # the default runtime alone first (released before the rows' runtimes load)
@@ -1594,9 +1597,7 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
         r["tokens_equal_alone"] = got == want
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
-        if (
-            default is not None
-        ):  # against the default runtime alone (fused_decode and dense_gemv auto, no draft)
+        if default is not None:  # against the default runtime alone (fused_decode, dense_gemv auto; no draft)
             r["tokens_equal_default"] = got == default["tokens"]
             r["tokens_equal_default_positions"] = sum(
                 x == y for g, w in zip(got, default["tokens"]) for x, y in zip(g, w)

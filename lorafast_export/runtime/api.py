@@ -84,9 +84,8 @@ def _bench_loaded(artifact_dir, batch_sizes, prompt_len, new_tokens, device, dra
     import torch
 
     rt = load(artifact_dir, device, draft, **overrides)
-    if (
-        max(batch_sizes) > rt.options.max_batch
-    ):  # loaded again for the larger batch, the first one released first
+    if max(batch_sizes) > rt.options.max_batch:
+        # loaded again for the larger batch, the first one released first
         rt = None
         gc.collect()
         rt = load(artifact_dir, device, draft, **{**overrides, "max_batch": max(batch_sizes)})

@@ -362,9 +362,10 @@ def _int8_head(cfg: ModelConfig, fp: dict, q, model_dir: Path):
 
     from lorafast_export.runtime.artifact import int8_head
 
-    fp, made, how = int8_head(cfg, fp, q if q is not None else {})
+    base = q if q is not None else {}
+    fp, made, how = int8_head(cfg, fp, base)
     log.info("%s: lm_head %s for drafting", model_dir, "int8 at load" if made else f"kept as stored ({how})")
-    return (fp, ChainMap(made, q if q is not None else {})) if made else (fp, q)
+    return fp, ChainMap(made, base) if made else q
 
 
 def _int4_linears(fp: dict, q, model_dir: Path):
