@@ -2232,6 +2232,22 @@ NEEDS_MODEL = {
 }
 
 
+def _fused_rows(spec: str) -> None:
+    """--fused-rows: a program a row, or ROWS_TABLE from a probe's fastest bit-identical configurations."""
+    from bench.fused_rows_probe import OPS
+    from lorafast_export.runtime import triton_fused as tf
+
+    if spec == "programs":
+        tf.ROWS_IN_PROGRAM = False
+        return
+    for row in json.loads(Path(spec).read_text())["ops"]:
+        ok = [c for c in row["cands"] if c.get("bits") and "us" in c]
+        if ok:
+            best = min(ok, key=lambda c: c["us"])
+            tf.ROWS_TABLE[OPS[row["op"]][0], row["n"], row["k"], row["rows"]] = (best["rb"], best["bn"])
+    print(f"  fused rows table {sorted(tf.ROWS_TABLE.items())}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -2341,6 +2357,13 @@ def main() -> None:
         "the spec sections kept it as stored)",
     )
     p.add_argument(
+        "--fused-rows",
+        default="rule",
+        help="the CUDA-core fused ops at 2-8 rows (a verify): 'rule' (runtime/triton_fused.rows_config), 'programs'"
+        " (a program a row, before session 42), or a bench/fused_rows_probe.py JSON whose fastest bit-identical"
+        " (rows a program, BN) of each op and row count go into ROWS_TABLE",
+    )
+    p.add_argument(
         "--quant-lm-head",
         action="store_true",
         help="int4 sections: quantize lm_head too (RTN g128, as a build with quant.quantize_lm_head)",
@@ -2390,6 +2413,8 @@ def main() -> None:
         attention.PREFILL_SDPA_BACKENDS = None
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.fused_rows != "rule":
+        _fused_rows(a.fused_rows)
     a.batches = [int(x) for x in a.batch.split(",")]
     dev = torch.device(a.device)
     t0 = a.t0 = time.perf_counter()

@@ -160,6 +160,107 @@ def _fused_kernel(
 
 
 @triton.jit
+def _fused_rows_kernel(
+    x_ptr,
+    d_ptr,
+    nw_ptr,
+    w_ptr,
+    r_ptr,
+    y_ptr,
+    xo_ptr,
+    b_ptr,
+    cos_ptr,
+    sin_ptr,
+    kp_ptr,
+    vp_ptr,
+    slot_ptr,
+    pool_stride,
+    M,
+    N,
+    K,
+    eps,
+    ITERS: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    RB: tl.constexpr,  # rows a program (a power of two): rows g * RB.. of row group g
+    ADD_IN: tl.constexpr,
+    NORM: tl.constexpr,
+    GLU: tl.constexpr,
+    ADD_OUT: tl.constexpr,
+    BIAS: tl.constexpr,
+    ROPE: tl.constexpr,
+    D: tl.constexpr,
+    QN: tl.constexpr,
+    KN: tl.constexpr,
+    EVEN: tl.constexpr,
+    PDL: tl.constexpr,
+    PF: tl.constexpr,
+    piece,
+):
+    """_fused_kernel's op with RB rows in one program (arguments as there): each weight tile is read once by
+    a program and multiplies its rows' activations, instead of a program a row reading it (one from memory,
+    the others from L2). Each row's operations are the one-row kernel's: the same float32 products added in the same k
+    order into its [BN, BK] slice of the accumulator, then the same sum over BK (a several-row call is only
+    bit-identical to the one-row call if Triton reduces a row's BK lanes in the same order in both kernels:
+    tests/runtime/test_triton_fused.py checks it on the device, bench/fused_rows_probe.py at the 8B shapes).
+    Rows past M compute row M - 1 again and store nothing."""
+    groups = tl.cdiv(M, RB)  # the programs of one weight tile (their row groups) are consecutive, as there
+    g = tl.program_id(0) % groups
+    j = tl.program_id(0) // groups
+    dt = y_ptr.dtype.element_ty
+    rn, r2, nmask = _columns(j, BN, N, ROPE, D)
+    rk = tl.arange(0, BK)
+    rm = g * RB + tl.arange(0, RB)
+    mc = tl.minimum(rm, M - 1)[:, None]  # [RB, 1]: the padding rows read row M - 1 (no load needs a mask)
+    if PF > 0:
+        if g == 0:
+            _l2_prefetch(w_ptr + tl.min(rn, 0).to(tl.int64) * K, piece, PF)
+            if GLU or ROPE:
+                _l2_prefetch(w_ptr + tl.min(r2, 0).to(tl.int64) * K, piece, PF)
+    pdl_start(PDL, False)
+    acc = tl.zeros([RB, BN, BK], tl.float32)
+    if GLU or ROPE:
+        acc2 = tl.zeros([RB, BN, BK], tl.float32)
+    if NORM:
+        ss = tl.zeros([RB, BK], tl.float32)
+    for it in range(0, ITERS):
+        kk = it * BK + rk
+        xf, sq = _act(x_ptr, d_ptr, nw_ptr, xo_ptr, mc, K, kk[None, :], j == 0, dt, ADD_IN, NORM, EVEN)
+        if NORM:
+            ss += sq
+        if EVEN:
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
+        else:
+            w = tl.load(
+                w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0
+            )
+        acc += w.to(tl.float32)[None, :, :] * xf[:, None, :]
+        if GLU or ROPE:
+            if EVEN:
+                w2 = tl.load(w_ptr + r2[:, None] * K + kk[None, :])
+            else:
+                w2 = tl.load(
+                    w_ptr + r2[:, None] * K + kk[None, :],
+                    mask=nmask[:, None] & (kk < K)[None, :],
+                    other=0.0,
+                )
+            acc2 += w2.to(tl.float32)[None, :, :] * xf[:, None, :]
+    y = tl.sum(acc, 2)  # [RB, BN]
+    inv = y  # unused unless NORM
+    if NORM:
+        inv = (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps))[:, None]
+    y2 = y  # unused unless GLU or ROPE
+    if GLU or ROPE:
+        y2 = tl.sum(acc2, 2)
+    mm = tl.broadcast_to(mc, [RB, BN])
+    _epilogue(
+        y, y2, inv, mm, tl.broadcast_to(rn[None, :], [RB, BN]), tl.broadcast_to(r2[None, :], [RB, BN]),
+        nmask[None, :] & (rm < M)[:, None], y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr,
+        pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
+    )  # fmt: skip
+
+
+@triton.jit
 def _columns(j, BN: tl.constexpr, N, ROPE: tl.constexpr, D: tl.constexpr):
     """Column block j's output columns rn, their partners r2 and which exist: rope's pair p is columns
     (p // (D/2)) * D + p % (D/2) and D/2 further, the two halves rope mixes; otherwise r2 = rn + N (GLU: the up
@@ -466,12 +567,31 @@ def _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, cfg) -> None:
     )  # fmt: skip
 
 
-def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None, pdl=False):
+def _launch(
+    x,
+    d,
+    nw,
+    w,
+    r,
+    n,
+    eps,
+    add_in,
+    norm,
+    glu,
+    add_out,
+    tiles,
+    out_dtype,
+    rope=None,
+    pdl=False,
+    rows=None,
+    op="",
+):
     """rope: (bias or None, cos [M, D], sin, k_pool, v_pool [HKV, slots, D], slots [M], q columns, D): w is a
     [q; k; v] projection; returns q [M, q columns] with rope applied and writes k (rope applied) and v into the
     pools at the rows' slots. pdl: a programmatic dependent launch (sm90+; paged.use_kernel_pdl), which asks L2
     for its weight rows, then waits for the kernel before it: the same output, bit for bit. tiles of 5 fields
-    (mma_config's): the product on the tensor cores (_mma_launch; pdl does not apply)."""
+    (mma_config's): the product on the tensor cores (_mma_launch; pdl does not apply). Several rows on the CUDA
+    cores run _fused_rows_kernel (ROWS_IN_PROGRAM) at rows_config's (rows a program, BN) for `op`, or at `rows`."""
     m, k = x.shape
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
         raise ValueError(
@@ -487,8 +607,12 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, tiles)
         return (xo, y) if add_in else y
     bn, bk, warps, stages = tiles
+    rb = 1
+    if m > 1 and ROWS_IN_PROGRAM:
+        rb, bn = rows_config(op, w.shape[0], k, tiles, m) if rows is None else rows
     even = cols % bn == 0 and k % bk == 0
-    _fused_kernel[(m * triton.cdiv(cols, bn),)](
+    kernel, extra = (_fused_kernel, {}) if rb == 1 else (_fused_rows_kernel, {"RB": rb})
+    kernel[(triton.cdiv(m, rb) * triton.cdiv(cols, bn),)](
         x,
         d,
         nw,
@@ -507,10 +631,36 @@ def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype
         EVEN=even,
         num_warps=warps,
         num_stages=stages,
+        **extra,
         **flags,
         **pdl_launch(pdl, w, bn, 32 * warps, even and (rope is None or flags["D"] // 2 % bn == 0)),
     )
     return (xo, y) if add_in else y
+
+
+ROWS_IN_PROGRAM = True  # several rows: _fused_rows_kernel (False: one program a row; benches)
+ROWS_ACC = 64  # float32 accumulator registers a thread that rows_config allows an accumulator
+
+
+# (op, n, k, rows) -> (rows a program, BN) of _fused_rows_kernel, measured (bench/fused_rows_probe.py)
+ROWS_TABLE: dict[tuple[str, int, int, int], tuple[int, int]] = {}
+
+
+def rows_config(op: str, n: int, k: int, tiles: tuple[int, int, int, int], m: int) -> tuple[int, int]:
+    """(rows a program, BN) of _fused_rows_kernel for m > 1 rows over an op's [n, k] weight whose one-row tiles
+    are `tiles`: ROWS_TABLE's, else all m rows in one program where a thread's accumulator stays within ROWS_ACC
+    registers, fewer columns a program first, then fewer rows. BK and the warps are the one-row kernel's (a
+    row's sum over K must be the one it computes)."""
+    if (op, n, k, m) in ROWS_TABLE:
+        return ROWS_TABLE[op, n, k, m]
+    bn, bk, warps, _ = tiles
+    rb = triton.next_power_of_2(m)
+    limit = ROWS_ACC * 32 * warps
+    while rb * bn * bk > limit and bn > 1:
+        bn //= 2
+    while rb * bn * bk > limit and rb > 1:
+        rb //= 2
+    return rb, bn
 
 
 def pdl_launch(pdl: bool, w: torch.Tensor, bn: int, threads: int, contiguous: bool) -> dict:
@@ -558,35 +708,103 @@ def launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, what):
     return n // 2 if rope is not None else n, y, xo, ptrs, {**flags, "D": hd, "QN": qn, "KN": kn}
 
 
-def gemv_launch(a, w, tiles, pdl=False):
+def gemv_launch(a, w, tiles, pdl=False, rows=None):
     return _launch(
-        a, None, None, w, None, w.shape[0], 0.0, False, False, False, False, tiles, a.dtype, None, pdl
+        a,
+        None,
+        None,
+        w,
+        None,
+        w.shape[0],
+        0.0,
+        False,
+        False,
+        False,
+        False,
+        tiles,
+        a.dtype,
+        None,
+        pdl,
+        rows,
+        "gemv",
     )
 
 
-def add_norm_gemv_launch(h, delta, nw, w, eps, tiles, pdl=False):
+def add_norm_gemv_launch(h, delta, nw, w, eps, tiles, pdl=False, rows=None):
     return _launch(
-        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, None, pdl
+        h,
+        delta,
+        nw,
+        w,
+        None,
+        w.shape[0],
+        eps,
+        True,
+        True,
+        False,
+        False,
+        tiles,
+        h.dtype,
+        None,
+        pdl,
+        rows,
+        "add_norm_gemv",
     )
 
 
 def add_norm_qkv_rope_launch(
-    h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles, pdl=False
+    h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles, pdl=False, rows=None
 ):
     """add_norm_gemv over a [q; k; v] weight with rope and the k/v write in its epilogue: (x = h + delta, q)."""
     rope = (bias, cos, sin, k_pool, v_pool, slots, q_cols, k_pool.shape[2])
     return _launch(
-        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, rope, pdl
+        h,
+        delta,
+        nw,
+        w,
+        None,
+        w.shape[0],
+        eps,
+        True,
+        True,
+        False,
+        False,
+        tiles,
+        h.dtype,
+        rope,
+        pdl,
+        rows,
+        "add_norm_qkv_rope",
     )
 
 
-def gemv_add_launch(a, w, r, tiles, pdl=False):
-    return _launch(a, None, None, w, r, w.shape[0], 0.0, False, False, False, True, tiles, a.dtype, None, pdl)
+def gemv_add_launch(a, w, r, tiles, pdl=False, rows=None):
+    return _launch(
+        a,
+        None,
+        None,
+        w,
+        r,
+        w.shape[0],
+        0.0,
+        False,
+        False,
+        False,
+        True,
+        tiles,
+        a.dtype,
+        None,
+        pdl,
+        rows,
+        "gemv_add",
+    )
 
 
-def norm_glu_launch(x, nw, w, eps, tiles, pdl=False):
+def norm_glu_launch(x, nw, w, eps, tiles, pdl=False, rows=None):
     n = w.shape[0] // 2
-    return _launch(x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype, None, pdl)
+    return _launch(
+        x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype, None, pdl, rows, "norm_glu"
+    )
 
 
 @torch.library.custom_op("lorafast::add_norm_gemv", mutates_args=())
