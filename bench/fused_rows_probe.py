@@ -9,7 +9,9 @@ For every op at the Llama-3-8B shapes (and its lm_head), at 1, 2, 3, 4, 5 and 8 
 the rows kernel at rows_config's (RB, BN) and at the other candidates, and the tensor-core kernels (mma_config),
 each replayed from CUDA graphs over weight copies (not L2-resident), microseconds a call; and for each rows-kernel
 result, whether every row equals the one-row call of the program-a-row kernel bit for bit (`bits`), which is
-what a verify needs (the one-row decode step runs `_fused_kernel`).
+what a verify needs (the one-row decode step runs `_fused_kernel`), and whether every row equals the rows kernel's
+own one-row call (RB = 1) at that BN (`bits_own`: what a runtime taking the rows kernel at every row would need;
+the 1-row lines time those).
 
     PYTHONPATH=. python bench/fused_rows_probe.py --out probe.json            # CUDA
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/fused_rows_probe.py --small  # CPU: the checks only (float32)
@@ -102,6 +104,11 @@ def _candidates(op, n, k, tiles, m):
     return out
 
 
+def _bns(tiles):
+    """The one-row tile's BN and every smaller power of two."""
+    return [tiles[0] >> i for i in range(tiles[0].bit_length())]
+
+
 def triton_next_pow2(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
@@ -119,6 +126,8 @@ def _probe(name, shape, rows, dev, act) -> list[dict]:
 
     tf.ROWS_IN_PROGRAM = False
     one = [run(0, slice(i, i + 1))[0] for i in range(8)]  # the one-row decode steps
+    # the rows kernel's own one-row results (RB = 1, each BN): what a runtime taking it at every row would decode
+    own = {bn: [run(0, slice(i, i + 1), rows=(1, bn))[0] for i in range(8)] for bn in _bns(tiles)}
     out = []
     for m in rows:
         row: dict = {"op": name, "n": n, "k": k, "rows": m, "tiles": list(tiles)}
@@ -128,11 +137,12 @@ def _probe(name, shape, rows, dev, act) -> list[dict]:
         row["mma_us"] = graph_us(lambda i, at=at: run(i, at, tf.mma_config(op, n, k)), len(ws))
         tf.ROWS_IN_PROGRAM = True
         row["cands"] = []
-        for rb, bn in _candidates(op, n, k, tiles, m) if m > 1 else []:
+        for rb, bn in _candidates(op, n, k, tiles, m) if m > 1 else [(1, b) for b in _bns(tiles)]:
             cell: dict = {"rb": rb, "bn": bn}
             try:
                 y = run(0, at, rows=(rb, bn))
                 cell["bits"] = all(torch.equal(y[i], one[i]) for i in range(m))
+                cell["bits_own"] = all(torch.equal(y[i], own[bn][i]) for i in range(m))
                 cell["us"] = graph_us(lambda i, at=at, c=(rb, bn): run(i, at, rows=c), len(ws))
             except Exception as ex:  # noqa: BLE001 - a configuration that fails is a result
                 cell["error"] = f"{type(ex).__name__}: {ex}"[:300]

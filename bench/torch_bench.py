@@ -2241,7 +2241,7 @@ def _fused_rows(spec: str) -> None:
         tf.ROWS_IN_PROGRAM = False
         return
     for row in json.loads(Path(spec).read_text())["ops"]:
-        ok = [c for c in row["cands"] if c.get("bits") and "us" in c]
+        ok = [c for c in row["cands"] if c.get("bits") and "us" in c and c["rb"] > 1]
         if ok:
             best = min(ok, key=lambda c: c["us"])
             tf.ROWS_TABLE[OPS[row["op"]][0], row["n"], row["k"], row["rows"]] = (best["rb"], best["bn"])

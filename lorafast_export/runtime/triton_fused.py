@@ -591,7 +591,7 @@ def _launch(
     pools at the rows' slots. pdl: a programmatic dependent launch (sm90+; paged.use_kernel_pdl), which asks L2
     for its weight rows, then waits for the kernel before it: the same output, bit for bit. tiles of 5 fields
     (mma_config's): the product on the tensor cores (_mma_launch; pdl does not apply). Several rows on the CUDA
-    cores run _fused_rows_kernel (ROWS_IN_PROGRAM) at rows_config's (rows a program, BN) for `op`, or at `rows`."""
+    cores run _fused_rows_kernel (ROWS_IN_PROGRAM) at rows_config's (rows a program, BN) for `op`, or at `rows` (then at any row count)."""
     m, k = x.shape
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
         raise ValueError(
@@ -608,10 +608,12 @@ def _launch(
         return (xo, y) if add_in else y
     bn, bk, warps, stages = tiles
     rb = 1
-    if m > 1 and ROWS_IN_PROGRAM:
-        rb, bn = rows_config(op, w.shape[0], k, tiles, m) if rows is None else rows
+    if rows is not None:
+        rb, bn = rows
+    elif m > 1 and ROWS_IN_PROGRAM:
+        rb, bn = rows_config(op, w.shape[0], k, tiles, m)
     even = cols % bn == 0 and k % bk == 0
-    kernel, extra = (_fused_kernel, {}) if rb == 1 else (_fused_rows_kernel, {"RB": rb})
+    kernel, extra = (_fused_kernel, {}) if rb == 1 and rows is None else (_fused_rows_kernel, {"RB": rb})
     kernel[(triton.cdiv(m, rb) * triton.cdiv(cols, bn),)](
         x,
         d,
