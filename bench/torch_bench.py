@@ -2003,7 +2003,7 @@ def sec_fused(a, dev, R):
             out["ops"].append(row)
             print(f"  fused op {json.dumps({k_: v_ for k_, v_ in row.items() if k_ != 'tiles'})}", flush=True)
     for row in out["ops"]:  # the runtimes below (and the table to commit) use this call's fastest tiles
-        if row["rows"] == 1 and "best" in row and a.fused_tiles in ("sweep", "mma-sweep"):
+        if row["rows"] == 1 and "best" in row and a.fused_tiles in ("sweep", "mma-sweep", "mma-one"):
             table = tf.MMA_TABLE if mma else tf.FUSED_TABLE
             table[ops[row["op"]]] = tuple(int(t) for t in row["best"].split("x"))
     table = tf.MMA_TABLE if mma else tf.FUSED_TABLE
@@ -2072,6 +2072,8 @@ def FUSED_SWEEP(a, op: str, n: int, k: int):  # noqa: N802 - the tiles the fused
         grid = [
             (bn, bk, sp, 4, st) for bn in (64, 128) for bk in (128, 256) for sp in (1, 2, 4) for st in (3, 4)
         ]
+        if a.fused_tiles == "mma-one":  # one split: _mma_one_kernel, no finishing kernel
+            grid = [(bn, bk, 1, 4, st) for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 4, 5)]
         return [shipped] + [c for c in grid if c != shipped]
     return FUSED_TILES if a.fused_tiles == "sweep" else [fused_config(op, n, k)]
 
@@ -2232,22 +2234,6 @@ NEEDS_MODEL = {
 }
 
 
-def _fused_rows(spec: str) -> None:
-    """--fused-rows: a program a row, or ROWS_TABLE from a probe's fastest bit-identical configurations."""
-    from bench.fused_rows_probe import OPS
-    from lorafast_export.runtime import triton_fused as tf
-
-    if spec == "programs":
-        tf.ROWS_IN_PROGRAM = False
-        return
-    for row in json.loads(Path(spec).read_text())["ops"]:
-        ok = [c for c in row["cands"] if c.get("bits") and "us" in c and c["rb"] > 1]
-        if ok:
-            best = min(ok, key=lambda c: c["us"])
-            tf.ROWS_TABLE[OPS[row["op"]][0], row["n"], row["k"], row["rows"]] = (best["rb"], best["bn"])
-    print(f"  fused rows table {sorted(tf.ROWS_TABLE.items())}", flush=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -2321,9 +2307,15 @@ def main() -> None:
     p.add_argument(
         "--fused-tiles",
         default="sweep",
-        choices=("sweep", "shipped", "mma-sweep", "mma-shipped"),
-        help="fused: tiles timed (mma-sweep: the tensor-core kernels' configurations, for MMA_TABLE; mma-shipped:"
-        " MMA_TABLE's); mma-*: the runtimes fused_decode on against mma",
+        choices=("sweep", "shipped", "mma-sweep", "mma-one", "mma-shipped"),
+        help="fused: tiles timed (mma-sweep: the tensor-core kernels' configurations, for MMA_TABLE; mma-one: those"
+        " of one split, the one-kernel op, at BN 16-64; mma-shipped: MMA_TABLE's); mma-*: the runtimes fused_decode"
+        " on against mma",
+    )
+    p.add_argument(
+        "--mma-table",
+        default="",
+        help="a torch_bench JSON whose fused section swept the tensor-core tiles: its table is MMA_TABLE",
     )
     p.add_argument("--spec-gemv", default="", choices=("", "off", "on"), help="spec/specdemo: dense_gemv")
     p.add_argument("--eager-peer", type=int, default=1, help="bf16: also time the eager runtime at batch 1")
@@ -2355,13 +2347,6 @@ def main() -> None:
         choices=("stored", "int8", "int4"),
         help="spec sections: the draft's lm_head (int8: as --speculative int4 quantizes it at load; until session 41 "
         "the spec sections kept it as stored)",
-    )
-    p.add_argument(
-        "--fused-rows",
-        default="rule",
-        help="the CUDA-core fused ops at 2-8 rows (a verify): 'rule' (runtime/triton_fused.rows_config), 'programs'"
-        " (a program a row, before session 42), or a bench/fused_rows_probe.py JSON whose fastest bit-identical"
-        " (rows a program, BN) of each op and row count go into ROWS_TABLE",
     )
     p.add_argument(
         "--quant-lm-head",
@@ -2413,8 +2398,13 @@ def main() -> None:
         attention.PREFILL_SDPA_BACKENDS = None
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.fused_rows != "rule":
-        _fused_rows(a.fused_rows)
+    if a.mma_table:
+        from lorafast_export.runtime import triton_fused as tf
+
+        for key, tiles in json.loads(Path(a.mma_table).read_text())["fused"]["table"].items():
+            op, n, k = key.split("/")
+            tf.MMA_TABLE[op, int(n), int(k)] = tuple(tiles)
+        print(f"  MMA_TABLE {tf.MMA_TABLE}", flush=True)
     a.batches = [int(x) for x in a.batch.split(",")]
     dev = torch.device(a.device)
     t0 = a.t0 = time.perf_counter()

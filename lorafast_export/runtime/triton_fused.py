@@ -160,107 +160,6 @@ def _fused_kernel(
 
 
 @triton.jit
-def _fused_rows_kernel(
-    x_ptr,
-    d_ptr,
-    nw_ptr,
-    w_ptr,
-    r_ptr,
-    y_ptr,
-    xo_ptr,
-    b_ptr,
-    cos_ptr,
-    sin_ptr,
-    kp_ptr,
-    vp_ptr,
-    slot_ptr,
-    pool_stride,
-    M,
-    N,
-    K,
-    eps,
-    ITERS: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    RB: tl.constexpr,  # rows a program (a power of two): rows g * RB.. of row group g
-    ADD_IN: tl.constexpr,
-    NORM: tl.constexpr,
-    GLU: tl.constexpr,
-    ADD_OUT: tl.constexpr,
-    BIAS: tl.constexpr,
-    ROPE: tl.constexpr,
-    D: tl.constexpr,
-    QN: tl.constexpr,
-    KN: tl.constexpr,
-    EVEN: tl.constexpr,
-    PDL: tl.constexpr,
-    PF: tl.constexpr,
-    piece,
-):
-    """_fused_kernel's op with RB rows in one program (arguments as there): each weight tile is read once by
-    a program and multiplies its rows' activations, instead of a program a row reading it (one from memory,
-    the others from L2). Each row's operations are the one-row kernel's: the same float32 products added in the same k
-    order into its [BN, BK] slice of the accumulator, then the same sum over BK (a several-row call is only
-    bit-identical to the one-row call if Triton reduces a row's BK lanes in the same order in both kernels:
-    tests/runtime/test_triton_fused.py checks it on the device, bench/fused_rows_probe.py at the 8B shapes).
-    Rows past M compute row M - 1 again and store nothing."""
-    groups = tl.cdiv(M, RB)  # the programs of one weight tile (their row groups) are consecutive, as there
-    g = tl.program_id(0) % groups
-    j = tl.program_id(0) // groups
-    dt = y_ptr.dtype.element_ty
-    rn, r2, nmask = _columns(j, BN, N, ROPE, D)
-    rk = tl.arange(0, BK)
-    rm = g * RB + tl.arange(0, RB)
-    mc = tl.minimum(rm, M - 1)[:, None]  # [RB, 1]: the padding rows read row M - 1 (no load needs a mask)
-    if PF > 0:
-        if g == 0:
-            _l2_prefetch(w_ptr + tl.min(rn, 0).to(tl.int64) * K, piece, PF)
-            if GLU or ROPE:
-                _l2_prefetch(w_ptr + tl.min(r2, 0).to(tl.int64) * K, piece, PF)
-    pdl_start(PDL, False)
-    acc = tl.zeros([RB, BN, BK], tl.float32)
-    if GLU or ROPE:
-        acc2 = tl.zeros([RB, BN, BK], tl.float32)
-    if NORM:
-        ss = tl.zeros([RB, BK], tl.float32)
-    for it in range(0, ITERS):
-        kk = it * BK + rk
-        xf, sq = _act(x_ptr, d_ptr, nw_ptr, xo_ptr, mc, K, kk[None, :], j == 0, dt, ADD_IN, NORM, EVEN)
-        if NORM:
-            ss += sq
-        if EVEN:
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
-        else:
-            w = tl.load(
-                w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0
-            )
-        acc += w.to(tl.float32)[None, :, :] * xf[:, None, :]
-        if GLU or ROPE:
-            if EVEN:
-                w2 = tl.load(w_ptr + r2[:, None] * K + kk[None, :])
-            else:
-                w2 = tl.load(
-                    w_ptr + r2[:, None] * K + kk[None, :],
-                    mask=nmask[:, None] & (kk < K)[None, :],
-                    other=0.0,
-                )
-            acc2 += w2.to(tl.float32)[None, :, :] * xf[:, None, :]
-    y = tl.sum(acc, 2)  # [RB, BN]
-    inv = y  # unused unless NORM
-    if NORM:
-        inv = (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps))[:, None]
-    y2 = y  # unused unless GLU or ROPE
-    if GLU or ROPE:
-        y2 = tl.sum(acc2, 2)
-    mm = tl.broadcast_to(mc, [RB, BN])
-    _epilogue(
-        y, y2, inv, mm, tl.broadcast_to(rn[None, :], [RB, BN]), tl.broadcast_to(r2[None, :], [RB, BN]),
-        nmask[None, :] & (rm < M)[:, None], y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr,
-        pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
-    )  # fmt: skip
-
-
-@triton.jit
 def _columns(j, BN: tl.constexpr, N, ROPE: tl.constexpr, D: tl.constexpr):
     """Column block j's output columns rn, their partners r2 and which exist: rope's pair p is columns
     (p // (D/2)) * D + p % (D/2) and D/2 further, the two halves rope mixes; otherwise r2 = rn + N (GLU: the up
@@ -423,6 +322,86 @@ def _mma_partial_kernel(
 
 
 @triton.jit
+def _mma_one_kernel(
+    x_ptr,  # [M, K] input rows
+    d_ptr,  # [M, K] added to x first (ADD_IN)
+    nw_ptr,  # [K] RMSNorm weight (NORM)
+    w_ptr,  # [N (x 2 with GLU), K] row-major weight
+    r_ptr,  # [M, N] residual added to the output (ADD_OUT)
+    y_ptr,  # [M, N] output
+    xo_ptr,  # [M, K] x + d written here by the program of column block 0 (ADD_IN)
+    b_ptr,  # the epilogue's (as _fused_kernel's)
+    cos_ptr,
+    sin_ptr,
+    kp_ptr,
+    vp_ptr,
+    slot_ptr,
+    pool_stride,
+    M,
+    N,
+    K,
+    eps,
+    ITERS: tl.constexpr,  # cdiv(K, BK)
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BM: tl.constexpr,  # 16: the rows' tile, whatever M (<= BM) is
+    ADD_IN: tl.constexpr,
+    NORM: tl.constexpr,
+    GLU: tl.constexpr,
+    ADD_OUT: tl.constexpr,
+    BIAS: tl.constexpr,
+    ROPE: tl.constexpr,
+    D: tl.constexpr,
+    QN: tl.constexpr,
+    KN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The tensor-core op of one split in one kernel: program j owns output columns j (_columns: with GLU the
+    gate rows and their up rows, with rope the pairs), runs _mma_partial_kernel's products and sum of squares
+    over the whole K, then the epilogue itself (no partials written, no finishing kernel). Row m's arithmetic
+    is the two-kernel path's with SPLIT = 1 (its finish adds the one partial to 0), and rows are an MMA's
+    independent columns: row i of any call is the 1-row call, bit for bit."""
+    j = tl.program_id(0)
+    dt = w_ptr.dtype.element_ty
+    rn, r2, nmask = _columns(j, BN, N, ROPE, D)
+    rm = tl.arange(0, BM)
+    mmask = rm < M
+    acc = tl.zeros([BN, BM], tl.float32)
+    acc2 = tl.zeros([BN, BM], tl.float32)
+    ss = tl.zeros([BM], tl.float32)
+    for it in range(0, ITERS):
+        rk = it * BK + tl.arange(0, BK)
+        xm = mmask[None, :] & (rk < K)[:, None]
+        xv = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)  # [BK, BM]: x^T
+        if ADD_IN:
+            dv = tl.load(d_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)
+            xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+            if j == 0:
+                tl.store(xo_ptr + rm[None, :] * K + rk[:, None], xv, mask=xm)
+        xf = xv.to(tl.float32)
+        if NORM:
+            ss += tl.sum(xf * xf, 0)
+            xf = xf * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
+        wm = nmask[:, None] & (rk < K)[None, :]
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=wm, other=0.0)
+        acc = tl.dot(w, xf.to(dt), acc, input_precision=PREC)
+        if GLU or ROPE:
+            w2 = tl.load(w_ptr + r2[:, None].to(tl.int64) * K + rk[None, :], mask=wm, other=0.0)
+            acc2 = tl.dot(w2, xf.to(dt), acc2, input_precision=PREC)
+    inv = ss[:, None]  # unused unless NORM
+    if NORM:
+        inv = (1.0 / tl.sqrt(ss / K + eps))[:, None]
+    mc = tl.broadcast_to(
+        tl.minimum(rm, M - 1)[:, None], [BM, BN]
+    )  # rows past M: row M - 1's indices, stored nowhere
+    _epilogue(
+        tl.trans(acc), tl.trans(acc2), inv, mc, tl.broadcast_to(rn[None, :], [BM, BN]),
+        tl.broadcast_to(r2[None, :], [BM, BN]), nmask[None, :] & mmask[:, None], y_ptr, r_ptr, b_ptr, cos_ptr,
+        sin_ptr, kp_ptr, vp_ptr, slot_ptr, pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
+    )  # fmt: skip
+
+
+@triton.jit
 def _mma_finish_kernel(
     p_ptr,  # [SPLIT, M, NW] float32 partial products (_mma_partial_kernel)
     ss_ptr,  # [SPLIT, M] partial sums of squares (NORM)
@@ -537,6 +516,7 @@ MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
     ("add_norm_gemv", 128256, 4096): (64, 256, 1, 4, 4),
 }
 MMA_DEFAULT = (64, 128, 1, 4, 3)
+MMA_ONE_KERNEL = True  # one split: _mma_one_kernel (False: the two kernels; benches)
 MMA_ROWS = 16  # the activation rows' tile of the tensor-core kernels (rows 1..MAX_ROWS padded to it)
 FINISH_BN = 128  # columns a program of the finishing kernel
 
@@ -549,9 +529,18 @@ def mma_config(op: str, n: int, k: int) -> tuple[int, int, int, int, int]:
 
 def _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, cfg) -> None:
     """_launch's product on the tensor cores, from its checked and prepared arguments: the partial products of
-    each split (one kernel), then their sum in a fixed order and the epilogue (a second)."""
+    each split (one kernel), then their sum in a fixed order and the epilogue (a second); one split: both in one
+    kernel (_mma_one_kernel, MMA_ONE_KERNEL)."""
     m, k = x.shape
     bn, bk, split, warps, stages = cfg
+    prec = "ieee" if w.dtype == torch.float32 else "tf32"
+    if split == 1 and MMA_ONE_KERNEL:
+        _mma_one_kernel[(triton.cdiv(cols, bn),)](
+            x, d, nw, w, r, y, xo, *ptrs, m, n, k, eps,
+            ITERS=triton.cdiv(k, bk), BN=bn, BK=bk, BM=MMA_ROWS, PREC=prec, num_warps=warps, num_stages=stages,
+            **flags,
+        )  # fmt: skip
+        return
     nwr = w.shape[0]
     p = torch.empty(split, m, nwr, device=x.device, dtype=torch.float32)
     ss = torch.empty(split, m, device=x.device, dtype=torch.float32) if flags["NORM"] else p
@@ -559,7 +548,7 @@ def _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, cfg) -> None:
     _mma_partial_kernel[(triton.cdiv(nwr, bn), split)](
         x, d, nw, w, p, ss, xo, m, nwr, k,
         KS=ks, BN=bn, BK=bk, BM=MMA_ROWS, ADD_IN=flags["ADD_IN"], NORM=flags["NORM"],
-        PREC="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        PREC=prec, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     _mma_finish_kernel[(m * triton.cdiv(cols, FINISH_BN),)](
         p, ss, y, r, *ptrs, m, n, nwr, k, eps,
@@ -567,31 +556,12 @@ def _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, cfg) -> None:
     )  # fmt: skip
 
 
-def _launch(
-    x,
-    d,
-    nw,
-    w,
-    r,
-    n,
-    eps,
-    add_in,
-    norm,
-    glu,
-    add_out,
-    tiles,
-    out_dtype,
-    rope=None,
-    pdl=False,
-    rows=None,
-    op="",
-):
+def _launch(x, d, nw, w, r, n, eps, add_in, norm, glu, add_out, tiles, out_dtype, rope=None, pdl=False):
     """rope: (bias or None, cos [M, D], sin, k_pool, v_pool [HKV, slots, D], slots [M], q columns, D): w is a
     [q; k; v] projection; returns q [M, q columns] with rope applied and writes k (rope applied) and v into the
     pools at the rows' slots. pdl: a programmatic dependent launch (sm90+; paged.use_kernel_pdl), which asks L2
     for its weight rows, then waits for the kernel before it: the same output, bit for bit. tiles of 5 fields
-    (mma_config's): the product on the tensor cores (_mma_launch; pdl does not apply). Several rows on the CUDA
-    cores run _fused_rows_kernel (ROWS_IN_PROGRAM) at rows_config's (rows a program, BN) for `op`, or at `rows` (then at any row count)."""
+    (mma_config's): the product on the tensor cores (_mma_launch; pdl does not apply)."""
     m, k = x.shape
     if m > MAX_ROWS or w.shape[1] != k or w.shape[0] != (2 * n if glu else n):
         raise ValueError(
@@ -607,14 +577,8 @@ def _launch(
         _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, tiles)
         return (xo, y) if add_in else y
     bn, bk, warps, stages = tiles
-    rb = 1
-    if rows is not None:
-        rb, bn = rows
-    elif m > 1 and ROWS_IN_PROGRAM:
-        rb, bn = rows_config(op, w.shape[0], k, tiles, m)
     even = cols % bn == 0 and k % bk == 0
-    kernel, extra = (_fused_kernel, {}) if rb == 1 and rows is None else (_fused_rows_kernel, {"RB": rb})
-    kernel[(triton.cdiv(m, rb) * triton.cdiv(cols, bn),)](
+    _fused_kernel[(m * triton.cdiv(cols, bn),)](
         x,
         d,
         nw,
@@ -633,36 +597,10 @@ def _launch(
         EVEN=even,
         num_warps=warps,
         num_stages=stages,
-        **extra,
         **flags,
         **pdl_launch(pdl, w, bn, 32 * warps, even and (rope is None or flags["D"] // 2 % bn == 0)),
     )
     return (xo, y) if add_in else y
-
-
-ROWS_IN_PROGRAM = True  # several rows: _fused_rows_kernel (False: one program a row; benches)
-ROWS_ACC = 64  # float32 accumulator registers a thread that rows_config allows an accumulator
-
-
-# (op, n, k, rows) -> (rows a program, BN) of _fused_rows_kernel, measured (bench/fused_rows_probe.py)
-ROWS_TABLE: dict[tuple[str, int, int, int], tuple[int, int]] = {}
-
-
-def rows_config(op: str, n: int, k: int, tiles: tuple[int, int, int, int], m: int) -> tuple[int, int]:
-    """(rows a program, BN) of _fused_rows_kernel for m > 1 rows over an op's [n, k] weight whose one-row tiles
-    are `tiles`: ROWS_TABLE's, else all m rows in one program where a thread's accumulator stays within ROWS_ACC
-    registers, fewer columns a program first, then fewer rows. BK and the warps are the one-row kernel's (a
-    row's sum over K must be the one it computes)."""
-    if (op, n, k, m) in ROWS_TABLE:
-        return ROWS_TABLE[op, n, k, m]
-    bn, bk, warps, _ = tiles
-    rb = triton.next_power_of_2(m)
-    limit = ROWS_ACC * 32 * warps
-    while rb * bn * bk > limit and bn > 1:
-        bn //= 2
-    while rb * bn * bk > limit and rb > 1:
-        rb //= 2
-    return rb, bn
 
 
 def pdl_launch(pdl: bool, w: torch.Tensor, bn: int, threads: int, contiguous: bool) -> dict:
@@ -710,103 +648,35 @@ def launch_parts(x, n, add_in, norm, glu, add_out, out_dtype, rope, what):
     return n // 2 if rope is not None else n, y, xo, ptrs, {**flags, "D": hd, "QN": qn, "KN": kn}
 
 
-def gemv_launch(a, w, tiles, pdl=False, rows=None):
+def gemv_launch(a, w, tiles, pdl=False):
     return _launch(
-        a,
-        None,
-        None,
-        w,
-        None,
-        w.shape[0],
-        0.0,
-        False,
-        False,
-        False,
-        False,
-        tiles,
-        a.dtype,
-        None,
-        pdl,
-        rows,
-        "gemv",
+        a, None, None, w, None, w.shape[0], 0.0, False, False, False, False, tiles, a.dtype, None, pdl
     )
 
 
-def add_norm_gemv_launch(h, delta, nw, w, eps, tiles, pdl=False, rows=None):
+def add_norm_gemv_launch(h, delta, nw, w, eps, tiles, pdl=False):
     return _launch(
-        h,
-        delta,
-        nw,
-        w,
-        None,
-        w.shape[0],
-        eps,
-        True,
-        True,
-        False,
-        False,
-        tiles,
-        h.dtype,
-        None,
-        pdl,
-        rows,
-        "add_norm_gemv",
+        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, None, pdl
     )
 
 
 def add_norm_qkv_rope_launch(
-    h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles, pdl=False, rows=None
+    h, delta, nw, w, eps, bias, cos, sin, k_pool, v_pool, slots, q_cols, tiles, pdl=False
 ):
     """add_norm_gemv over a [q; k; v] weight with rope and the k/v write in its epilogue: (x = h + delta, q)."""
     rope = (bias, cos, sin, k_pool, v_pool, slots, q_cols, k_pool.shape[2])
     return _launch(
-        h,
-        delta,
-        nw,
-        w,
-        None,
-        w.shape[0],
-        eps,
-        True,
-        True,
-        False,
-        False,
-        tiles,
-        h.dtype,
-        rope,
-        pdl,
-        rows,
-        "add_norm_qkv_rope",
+        h, delta, nw, w, None, w.shape[0], eps, True, True, False, False, tiles, h.dtype, rope, pdl
     )
 
 
-def gemv_add_launch(a, w, r, tiles, pdl=False, rows=None):
-    return _launch(
-        a,
-        None,
-        None,
-        w,
-        r,
-        w.shape[0],
-        0.0,
-        False,
-        False,
-        False,
-        True,
-        tiles,
-        a.dtype,
-        None,
-        pdl,
-        rows,
-        "gemv_add",
-    )
+def gemv_add_launch(a, w, r, tiles, pdl=False):
+    return _launch(a, None, None, w, r, w.shape[0], 0.0, False, False, False, True, tiles, a.dtype, None, pdl)
 
 
-def norm_glu_launch(x, nw, w, eps, tiles, pdl=False, rows=None):
+def norm_glu_launch(x, nw, w, eps, tiles, pdl=False):
     n = w.shape[0] // 2
-    return _launch(
-        x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype, None, pdl, rows, "norm_glu"
-    )
+    return _launch(x, None, nw, w, None, n, eps, False, True, True, False, tiles, x.dtype, None, pdl)
 
 
 @torch.library.custom_op("lorafast::add_norm_gemv", mutates_args=())
