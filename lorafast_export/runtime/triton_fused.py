@@ -357,7 +357,7 @@ def _mma_one_kernel(
     PREC: tl.constexpr,
 ):
     """The tensor-core op of one split in one kernel: program j owns output columns j (_columns: with GLU the
-    gate rows and their up rows, with rope the pairs), runs _mma_partial_kernel's products and sum of squares
+    gate rows and their up rows, with rope the pairs; _mma_launch takes it for plain products only), runs _mma_partial_kernel's products and sum of squares
     over the whole K, then the epilogue itself (no partials written, no finishing kernel). Row m's arithmetic
     is the two-kernel path's with SPLIT = 1 (its finish adds the one partial to 0), and rows are an MMA's
     independent columns: row i of any call is the 1-row call, bit for bit."""
@@ -505,14 +505,15 @@ def fused_config(op: str, n: int, k: int) -> tuple[int, int, int, int]:
 
 # (BN, BK, SPLIT, warps, stages) of the tensor-core kernels, (op, n, k) as FUSED_TABLE: the fastest fused op at one
 # row on the 8B shapes (torch_bench fused --fused-tiles mma-sweep, H100, bench/TORCH.md session 29, call A; us a call,
-# the FMA kernels' in brackets from session 28's probe)
+# the FMA kernels' in brackets from session 28's probe); the plain products of one split are one kernel since session
+# 42 (call 2, H100, --fused-tiles mma-one: us at 1 row, the earlier entry's in brackets where it changed)
 MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
-    ("add_norm_gemv", 6144, 4096): (64, 256, 1, 4, 4),  # qkv: 23.0 (19.3; session 28's table: 26.0)
+    ("add_norm_gemv", 6144, 4096): (64, 256, 1, 4, 4),  # qkv: 20.9 in one kernel (23.0; session 28's: 26.0)
     ("add_norm_qkv_rope", 6144, 4096): (64, 256, 1, 4, 4),  # 23.4 (26.6)
-    ("gemv_add", 4096, 4096): (64, 128, 2, 4, 5),  # o_proj: 15.2 (14.8)
+    ("gemv_add", 4096, 4096): (64, 256, 1, 4, 4),  # o_proj: 14.4 in one kernel ((64, 128, 2, 4, 5): 14.9)
     ("norm_glu", 28672, 4096): (64, 256, 2, 4, 4),  # gate_up: 83.7 (77.8; (64, 256, 2, 4, 3): 85.2)
-    ("gemv", 4096, 14336): (64, 128, 4, 4, 3),  # down_proj: 42.5 (40.8; (64, 256, 2, 4, 5): 42.9)
-    # the lm_head: 346.8 (333.7); 5 stages of the fused op's x and delta tiles overflow the H100's shared memory
+    ("gemv", 4096, 14336): (64, 256, 1, 4, 5),  # down_proj: 42.1 in one kernel ((64, 128, 4, 4, 3): 42.4)
+    # the lm_head: 342.1 in one kernel (346.8); 5 stages of the op's x and delta tiles overflow the H100's shared memory
     ("add_norm_gemv", 128256, 4096): (64, 256, 1, 4, 4),
 }
 MMA_DEFAULT = (64, 128, 1, 4, 3)
@@ -529,12 +530,14 @@ def mma_config(op: str, n: int, k: int) -> tuple[int, int, int, int, int]:
 
 def _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, cfg) -> None:
     """_launch's product on the tensor cores, from its checked and prepared arguments: the partial products of
-    each split (one kernel), then their sum in a fixed order and the epilogue (a second); one split: both in one
-    kernel (_mma_one_kernel, MMA_ONE_KERNEL)."""
+    each split (one kernel), then their sum in a fixed order and the epilogue (a second); one split of a plain
+    product (no GLU or rope pairs): both in one kernel (_mma_one_kernel, MMA_ONE_KERNEL). With pairs a program of
+    the one kernel owns twice the weight rows, so an op has half the programs: the 8B shape's qkv + rope took 42.9
+    us against 23.4 in two kernels on an H100 (bench/TORCH.md, session 42)."""
     m, k = x.shape
     bn, bk, split, warps, stages = cfg
     prec = "ieee" if w.dtype == torch.float32 else "tf32"
-    if split == 1 and MMA_ONE_KERNEL:
+    if split == 1 and MMA_ONE_KERNEL and not (flags["GLU"] or flags["ROPE"]):
         _mma_one_kernel[(triton.cdiv(cols, bn),)](
             x, d, nw, w, r, y, xo, *ptrs, m, n, k, eps,
             ITERS=triton.cdiv(k, bk), BN=bn, BK=bk, BM=MMA_ROWS, PREC=prec, num_warps=warps, num_stages=stages,
