@@ -132,15 +132,20 @@ MMA_AUTO_GPUS = ("h100",)
 
 def fused_mma_from(opts: RuntimeOptions, device: torch.device, speculative: bool) -> int:
     """From how many rows the dense fused ops run on the tensor cores (paged.use_fused_decode's `mma`; 0: never).
-    mma: every row count. auto, without a draft, on a GPU of MMA_AUTO_GPUS: the CUDA-core kernels at one row (the
-    faster there), the tensor cores at 2-8 rows. With a draft, auto keeps the CUDA-core kernels at every row: a
-    verify row computes what the runtime's own one-row step computes, bit for bit."""
+    mma: every row count. auto on a GPU of MMA_AUTO_GPUS: without a draft the CUDA-core kernels at one row (the
+    faster there: 185 against 174 tok/s at the 8B shape on an H100) and the tensor cores at 2-8 rows; with a draft
+    the tensor cores at every row (1), whose cost is about flat from 1 to 8 rows where the CUDA-core kernels pay
+    each row's FMAs: a 5-token verify of the 8B shape took ~12 ms against 5.5, and speculation decoded at 1.73x
+    the draft-less runtime against 1.21x (bench/TORCH.md, sessions 41-42). A verify row then computes what the
+    runtime's own one-row step computes, bit for bit; the draft-less runtime's one-row step rounds differently."""
     if opts.fused_decode == "mma":
         return 1
-    if opts.fused_decode != "auto" or speculative or device.type != "cuda":
+    if opts.fused_decode != "auto" or device.type != "cuda":
         return 0
     slug = int4_table.gpu_slug(torch.cuda.get_device_name(device))
-    return 2 if slug.startswith(MMA_AUTO_GPUS) else 0
+    if not slug.startswith(MMA_AUTO_GPUS):
+        return 0
+    return 1 if speculative else 2
 
 
 def dense_gemv_on(opts: RuntimeOptions, device: torch.device, speculative: bool) -> bool:

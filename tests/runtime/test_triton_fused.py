@@ -493,9 +493,9 @@ def test_auto_mma_from_two_rows_takes_each_rows_kernels(tmp_path):
     assert torch.equal(v2, v1)
 
 
-def test_fused_mma_from_is_auto_on_a_measured_gpu_without_a_draft(monkeypatch):
-    """loader.fused_mma_from: mma everywhere for fused_decode=mma; from 2 rows for auto on a GPU of MMA_AUTO_GPUS
-    (an H100) without a draft; never for on, off, another GPU, the CPU, or a runtime with a draft under auto."""
+def test_fused_mma_from_is_auto_on_a_measured_gpu(monkeypatch):
+    """loader.fused_mma_from: mma everywhere for fused_decode=mma; for auto on a GPU of MMA_AUTO_GPUS (an H100) from
+    2 rows without a draft and at every row with one; never for on, off, another GPU or the CPU."""
     from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
 
@@ -504,9 +504,12 @@ def test_fused_mma_from_is_auto_on_a_measured_gpu_without_a_draft(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="mma"), cpu, True) == 1
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 2
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, True) == 0
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, True) == 1
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="on"), cuda, False) == 0
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="on"), cuda, True) == 0
     assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cpu, False) == 0
-    for other in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"):  # not timed: cuBLAS stays
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cpu, True) == 0
+    for other in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"):  # not timed: the CUDA-core kernels stay
         name["value"] = other
         assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 0
+        assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, True) == 0
