@@ -326,7 +326,7 @@ def _mma_one_kernel(
     x_ptr,  # [M, K] input rows
     d_ptr,  # [M, K] added to x first (ADD_IN)
     nw_ptr,  # [K] RMSNorm weight (NORM)
-    w_ptr,  # [N (x 2 with GLU), K] row-major weight
+    w_ptr,  # [N, K] row-major weight
     r_ptr,  # [M, N] residual added to the output (ADD_OUT)
     y_ptr,  # [M, N] output
     xo_ptr,  # [M, K] x + d written here by the program of column block 0 (ADD_IN)
@@ -356,18 +356,18 @@ def _mma_one_kernel(
     KN: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The tensor-core op of one split in one kernel: program j owns output columns j (_columns: with GLU the
-    gate rows and their up rows, with rope the pairs; _mma_launch takes it for plain products only), runs _mma_partial_kernel's products and sum of squares
-    over the whole K, then the epilogue itself (no partials written, no finishing kernel). Row m's arithmetic
-    is the two-kernel path's with SPLIT = 1 (its finish adds the one partial to 0), and rows are an MMA's
-    independent columns: row i of any call is the 1-row call, bit for bit."""
+    """A plain tensor-core op of one split (no GLU or rope pairs) in one kernel: program j owns output columns j,
+    runs _mma_partial_kernel's products and sum of squares over the whole K, then the epilogue itself (no partials
+    written, no finishing kernel). Row m's arithmetic is the two-kernel path's with SPLIT = 1 (whose finish adds
+    the one partial to 0), and rows are an MMA's independent columns: row i of any call is the 1-row call, bit
+    for bit. (With pairs a program would own twice the weight rows, and an op half the programs: slower.)"""
+    tl.static_assert(not GLU and not ROPE)
     j = tl.program_id(0)
     dt = w_ptr.dtype.element_ty
-    rn, r2, nmask = _columns(j, BN, N, ROPE, D)
+    rn, _, nmask = _columns(j, BN, N, False, D)
     rm = tl.arange(0, BM)
     mmask = rm < M
     acc = tl.zeros([BN, BM], tl.float32)
-    acc2 = tl.zeros([BN, BM], tl.float32)
     ss = tl.zeros([BM], tl.float32)
     for it in range(0, ITERS):
         rk = it * BK + tl.arange(0, BK)
@@ -385,19 +385,16 @@ def _mma_one_kernel(
         wm = nmask[:, None] & (rk < K)[None, :]
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=wm, other=0.0)
         acc = tl.dot(w, xf.to(dt), acc, input_precision=PREC)
-        if GLU or ROPE:
-            w2 = tl.load(w_ptr + r2[:, None].to(tl.int64) * K + rk[None, :], mask=wm, other=0.0)
-            acc2 = tl.dot(w2, xf.to(dt), acc2, input_precision=PREC)
     inv = ss[:, None]  # unused unless NORM
     if NORM:
         inv = (1.0 / tl.sqrt(ss / K + eps))[:, None]
-    mc = tl.broadcast_to(
-        tl.minimum(rm, M - 1)[:, None], [BM, BN]
-    )  # rows past M: row M - 1's indices, stored nowhere
+    # rows past M: row M - 1's indices, stored nowhere
+    mc = tl.broadcast_to(tl.minimum(rm, M - 1)[:, None], [BM, BN])
+    rn2 = tl.broadcast_to(rn[None, :], [BM, BN])
+    y = tl.trans(acc)
     _epilogue(
-        tl.trans(acc), tl.trans(acc2), inv, mc, tl.broadcast_to(rn[None, :], [BM, BN]),
-        tl.broadcast_to(r2[None, :], [BM, BN]), nmask[None, :] & mmask[:, None], y_ptr, r_ptr, b_ptr, cos_ptr,
-        sin_ptr, kp_ptr, vp_ptr, slot_ptr, pool_stride, N, NORM, GLU, ADD_OUT, BIAS, ROPE, D, QN, KN,
+        y, y, inv, mc, rn2, rn2, nmask[None, :] & mmask[:, None], y_ptr, r_ptr, b_ptr, cos_ptr, sin_ptr, kp_ptr,
+        vp_ptr, slot_ptr, pool_stride, N, NORM, False, ADD_OUT, BIAS, False, D, QN, KN,
     )  # fmt: skip
 
 
