@@ -267,6 +267,28 @@ def _epilogue(
 
 
 @triton.jit
+def _mma_block(x_ptr, d_ptr, nw_ptr, w_ptr, xo_ptr, rn, nmask, rm, mmask, rk, K, write, acc, ss,
+               ADD_IN: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The tensor-core kernels' step over columns rk of K: the activation operand x^T [BK, BM] (ADD_IN: x + d
+    rounded as the plain step's residual add, stored at xo where `write`), its squares added to ss and the RMSNorm
+    weight applied (NORM), rounded to the weight's dtype, times weight rows rn (those of nmask) into acc."""
+    xm = mmask[None, :] & (rk < K)[:, None]
+    xv = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)  # [BK, BM]: x^T
+    if ADD_IN:
+        dv = tl.load(d_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)
+        xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        if write:
+            tl.store(xo_ptr + rm[None, :] * K + rk[:, None], xv, mask=xm)
+    xf = xv.to(tl.float32)
+    if NORM:
+        ss += tl.sum(xf * xf, 0)
+        xf = xf * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
+    w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
+                other=0.0)  # fmt: skip
+    return tl.dot(w, xf.to(w_ptr.dtype.element_ty), acc, input_precision=PREC), ss
+
+
+@triton.jit
 def _mma_partial_kernel(
     x_ptr,  # [M, K] input rows
     d_ptr,  # [M, K] added to x first (ADD_IN)
@@ -293,7 +315,6 @@ def _mma_partial_kernel(
     row m's partials are the same whatever M is: row i of any call is the 1-row call, bit for bit."""
     pn = tl.program_id(0)
     s = tl.program_id(1)
-    dt = w_ptr.dtype.element_ty
     rn = pn * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     mmask = rm < M
@@ -301,20 +322,8 @@ def _mma_partial_kernel(
     ss = tl.zeros([BM], tl.float32)
     for kb in range(0, KS, BK):
         rk = s * KS + kb + tl.arange(0, BK)
-        xm = mmask[None, :] & (rk < K)[:, None]
-        xv = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)  # [BK, BM]: x^T
-        if ADD_IN:
-            dv = tl.load(d_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)
-            xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(xo_ptr.dtype.element_ty)
-            if pn == 0:
-                tl.store(xo_ptr + rm[None, :] * K + rk[:, None], xv, mask=xm)
-        xf = xv.to(tl.float32)
-        if NORM:
-            ss += tl.sum(xf * xf, 0)
-            xf = xf * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=(rn < NW)[:, None] & (rk < K)[None, :],
-                    other=0.0)  # fmt: skip
-        acc = tl.dot(w, xf.to(dt), acc, input_precision=PREC)
+        acc, ss = _mma_block(x_ptr, d_ptr, nw_ptr, w_ptr, xo_ptr, rn, rn < NW, rm, mmask, rk, K, pn == 0, acc, ss,
+                             ADD_IN, NORM, PREC)  # fmt: skip
     tl.store(p_ptr + (s * M + rm[None, :]) * NW + rn[:, None], acc, mask=(rn < NW)[:, None] & mmask[None, :])
     if NORM:
         if pn == 0:
@@ -363,7 +372,6 @@ def _mma_one_kernel(
     for bit. (With pairs a program would own twice the weight rows, and an op half the programs: slower.)"""
     tl.static_assert(not GLU and not ROPE)
     j = tl.program_id(0)
-    dt = w_ptr.dtype.element_ty
     rn, _, nmask = _columns(j, BN, N, False, D)
     rm = tl.arange(0, BM)
     mmask = rm < M
@@ -371,20 +379,8 @@ def _mma_one_kernel(
     ss = tl.zeros([BM], tl.float32)
     for it in range(0, ITERS):
         rk = it * BK + tl.arange(0, BK)
-        xm = mmask[None, :] & (rk < K)[:, None]
-        xv = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)  # [BK, BM]: x^T
-        if ADD_IN:
-            dv = tl.load(d_ptr + rm[None, :] * K + rk[:, None], mask=xm, other=0.0)
-            xv = (xv.to(tl.float32) + dv.to(tl.float32)).to(xo_ptr.dtype.element_ty)
-            if j == 0:
-                tl.store(xo_ptr + rm[None, :] * K + rk[:, None], xv, mask=xm)
-        xf = xv.to(tl.float32)
-        if NORM:
-            ss += tl.sum(xf * xf, 0)
-            xf = xf * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
-        wm = nmask[:, None] & (rk < K)[None, :]
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=wm, other=0.0)
-        acc = tl.dot(w, xf.to(dt), acc, input_precision=PREC)
+        acc, ss = _mma_block(x_ptr, d_ptr, nw_ptr, w_ptr, xo_ptr, rn, nmask, rm, mmask, rk, K, j == 0, acc, ss,
+                             ADD_IN, NORM, PREC)  # fmt: skip
     inv = ss[:, None]  # unused unless NORM
     if NORM:
         inv = (1.0 / tl.sqrt(ss / K + eps))[:, None]
