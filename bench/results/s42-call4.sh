@@ -14,3 +14,5 @@ fi
 timeout $((LIMIT - SECONDS - 5)) python3 bench/torch_bench.py --device cuda --shape llama3-8b --sections specwide --overlap-rounds on --new-tokens 128 --spec-repeats 2 --spec-k 4 --draft-head int8 $FD --spec-vs-default --out $OUT/spec.json > $OUT/spec.log 2>&1
 echo "spec ($FD) rc $? at ${SECONDS}s"; grep -E "fused decode kernels|specwide k|alone:|rror" $OUT/spec.log | cut -c1-600
 python3 -c "import json; r=json.load(open('$OUT/spec.json'))['specwide']; print('default alone', r.get('default_alone',{}).get('decode_tokens_per_s'), 'alone tokens equal default', r.get('alone_tokens_equal_default'))" 2>&1 | tail -1
+timeout $((LIMIT - SECONDS - 3)) python3 -m pytest -q -x -p no:cacheprovider tests/runtime/test_triton_fused.py > $OUT/tests.log 2>&1
+echo "tests rc $? at ${SECONDS}s"; tail -2 $OUT/tests.log | cut -c1-300
