@@ -1279,12 +1279,14 @@ def spec_engine(base, draft, k: int, a, dev, speculation: str = "always", overla
     speculative path's own speed; "auto" (the runtime's default): rounds only while they beat plain decoding,
     which then runs in multi-step bursts of --decode-steps as the model alone does."""
     from lorafast_export.runtime.engine import Engine
+    from lorafast_export.runtime.loader import fused_mma_from
     from lorafast_export.runtime.paged import FUSED_MAX_ROWS, use_fused_decode
 
     dec = getattr(base.model, "dec", None)
     if dec is not None and any(getattr(layer, "fused_rows", 0) for layer in dec.model.layers):
-        # as loader.fused_mma_from: with a draft, the tensor cores at every row (mma) or at none (auto)
-        use_fused_decode(dec, FUSED_MAX_ROWS, 1 if getattr(dec, "fused_mma", 0) == 1 else 0)
+        # the loader's choice for a runtime loaded with a draft (until session 42 this mirrored it by hand, and
+        # missed that auto on an H100 takes the tensor cores at every row with a draft)
+        use_fused_decode(dec, FUSED_MAX_ROWS, fused_mma_from(base.options, dev, True))
     eng = Engine(
         base.model,
         base.cache,
