@@ -446,6 +446,43 @@ def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path,
     assert rt.engine.stats.accepted > 0 and (rt.engine.stats.queued_rounds > 0) == overlap
 
 
+def test_auto_on_an_h100_gives_a_runtime_with_a_draft_the_tensor_cores_at_every_row(tmp_path, monkeypatch):
+    """The loader's wiring of fused_decode=auto on an H100 (its name and CUDA stood in for; the kernels run where the
+    tests run): the runtime loaded without a draft takes the tensor cores from 2 rows, the one loaded with a draft at
+    every row, its verify's 8 rows included; the speculative tokens are the canonical decoder's greedy tokens (the
+    draft here is the model itself, so every token is accepted)."""
+    from lorafast_export.model.decoder import load_decoder
+    from lorafast_export.runtime import loader
+    from lorafast_export.runtime.options import RuntimeOptions
+    from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
+
+    real = loader.fused_mma_from
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(
+        loader,
+        "fused_mma_from",
+        lambda o, d, spec: real(o.replace(fused_decode="auto"), torch.device("cuda"), spec),
+    )
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    opts = RuntimeOptions(
+        compile="off",
+        fused_decode="on",  # fused here as auto fuses on CUDA; the choice of kernels is auto's (above)
+        max_seq_len=32,
+        max_batch=1,
+        batch_buckets=(1,),
+        spec_k=2,
+        speculation="always",
+    )
+    alone = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
+    rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=alone)
+    for dec, start in ((alone.model.dec, 2), (rt.model.dec, 1)):
+        assert dec.fused_mma == start and dec.fused_rows == 8
+        assert all(layer.fused_mma == start and layer.fused_rows == 8 for layer in dec.model.layers)
+    prompt, new = [5, 9, 1, 44, 3, 17, 2, 8, 60], 12
+    assert rt.generate_batch([prompt], new) == [greedy_reference(load_decoder(md), prompt, new)]
+    assert rt.engine.stats.accepted > 0
+
+
 def test_fused_decode_leaves_quantized_layers_alone(tmp_path):
     """A layer with a quantized linear is not fusable: it keeps the plain path, and so does the head."""
     from lorafast_export.runtime.paged import fusable_layer, use_fused_decode
