@@ -125,8 +125,9 @@ def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dty
 
 # GPUs (int4_table.gpu_slug prefixes) where fused_decode=auto runs the steps of 2-8 rows on the tensor cores: where
 # that was measured faster than cuBLAS's products with their own norm and add kernels (bench/TORCH.md, session 29:
-# H100 80GB HBM3, +5.3-7.8% at batch 2-8) and MMA_TABLE's configurations fit the shared memory. Not yet timed on
-# an H200, whose bandwidth could favour cuBLAS: it keeps cuBLAS until it is.
+# H100 80GB HBM3, +5.3-7.8% at batch 2-8) and MMA_TABLE's configurations fit the shared memory, and where a runtime
+# with a draft runs them at every row (session 42: 1.73x against 1.21x at 8B on an H100). Not yet timed on an H200,
+# whose bandwidth could favour cuBLAS and the CUDA-core kernels: it keeps those until it is.
 MMA_AUTO_GPUS = ("h100",)
 
 
