@@ -510,7 +510,6 @@ MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
     ("add_norm_gemv", 128256, 4096): (64, 256, 1, 4, 4),
 }
 MMA_DEFAULT = (64, 128, 1, 4, 3)
-MMA_ONE_KERNEL = True  # one split: _mma_one_kernel (False: the two kernels; benches)
 MMA_ROWS = 16  # the activation rows' tile of the tensor-core kernels (rows 1..MAX_ROWS padded to it)
 FINISH_BN = 128  # columns a program of the finishing kernel
 
@@ -524,13 +523,13 @@ def mma_config(op: str, n: int, k: int) -> tuple[int, int, int, int, int]:
 def _mma_launch(x, d, nw, w, r, y, xo, ptrs, flags, cols, n, eps, cfg) -> None:
     """_launch's product on the tensor cores, from its checked and prepared arguments: the partial products of
     each split (one kernel), then their sum in a fixed order and the epilogue (a second); one split of a plain
-    product (no GLU or rope pairs): both in one kernel (_mma_one_kernel, MMA_ONE_KERNEL). With pairs a program of
+    product (no GLU or rope pairs): both in one kernel (_mma_one_kernel). With pairs a program of
     the one kernel owns twice the weight rows, so an op has half the programs: the 8B shape's qkv + rope took 42.9
     us against 23.4 in two kernels on an H100 (bench/TORCH.md, session 42)."""
     m, k = x.shape
     bn, bk, split, warps, stages = cfg
     prec = "ieee" if w.dtype == torch.float32 else "tf32"
-    if split == 1 and MMA_ONE_KERNEL and not (flags["GLU"] or flags["ROPE"]):
+    if split == 1 and not (flags["GLU"] or flags["ROPE"]):
         _mma_one_kernel[(triton.cdiv(cols, bn),)](
             x, d, nw, w, r, y, xo, *ptrs, m, n, k, eps,
             ITERS=triton.cdiv(k, bk), BN=bn, BK=bk, BM=MMA_ROWS, PREC=prec, num_warps=warps, num_stages=stages,
