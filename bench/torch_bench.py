@@ -1284,9 +1284,8 @@ def spec_engine(base, draft, k: int, a, dev, speculation: str = "always", overla
 
     dec = getattr(base.model, "dec", None)
     if dec is not None and any(getattr(layer, "fused_rows", 0) for layer in dec.model.layers):
-        # the loader's choice for a runtime loaded with a draft (until session 42 this mirrored it by hand, and
-        # missed that auto on an H100 takes the tensor cores at every row with a draft)
-        use_fused_decode(dec, FUSED_MAX_ROWS, fused_mma_from(base.options, dev, True))
+        # the loader's choice for a runtime loaded with a draft (until session 42 this mirrored it by hand)
+        use_fused_decode(dec, FUSED_MAX_ROWS, fused_mma_from(base.options, dev))
     eng = Engine(
         base.model,
         base.cache,
@@ -1333,6 +1332,9 @@ SPEC_KEYS = (
     "tokens_equal_default",
     "tokens_equal_default_positions",
     "speedup_decode_vs_default_alone",
+    "tokens_equal_on",
+    "tokens_equal_on_positions",
+    "speedup_decode_vs_on_alone",
     "speculation",
     "pauses",
     "spec_rounds",
@@ -1552,17 +1554,19 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
     if head == "int8":
         fp4, q4, _ = _int8_head(cfg, fp4, q4)
     new = min(a.new_tokens, 128)
-    default = None
-    if a.spec_vs_default:  # the default runtime alone first (released before the rows' runtimes load)
-        d_rt = build_runtime(
-            cfg, state, None, dev, dtype, _opts(a, [1], R, dense_gemv="auto", fused_decode="auto")
-        )
-        d_rt.generate_batch(prompts[:1], 8)
-        default = {"tokens": d_rt.generate_batch(prompts[1:], new)}
-        default["alone"] = _median_run(d_rt, prompts[1:2], new, a.spec_repeats)
-        del d_rt
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    refs: dict = {}
+    if a.spec_vs_default:  # the draft-less runtimes alone first (each released before the next loads)
+        # the default options; on CUDA also the CUDA-core kernels (fused_decode on: the fastest at one row)
+        for ref, fused in (("default", "auto"), ("on", "on"))[: 2 if dev.type == "cuda" else 1]:
+            d_rt = build_runtime(
+                cfg, state, None, dev, dtype, _opts(a, [1], R, dense_gemv="auto", fused_decode=fused)
+            )
+            d_rt.generate_batch(prompts[:1], 8)
+            refs[ref] = {"tokens": d_rt.generate_batch(prompts[1:], new)}
+            refs[ref]["alone"] = _median_run(d_rt, prompts[1:2], new, a.spec_repeats)
+            del d_rt
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     o = _opts(a, [1], R, dense_gemv=a.spec_gemv or a.dense_gemv)
     base = build_runtime(cfg, state, None, dev, dtype, o)
     base.generate_batch(prompts[:1], 8)
@@ -1571,9 +1575,9 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
     want = base.generate_batch(prompts[1:], new)
     res["timed_repeats"] = a.spec_repeats
     res["bf16_alone"] = _median_run(base, prompts[1:2], new, a.spec_repeats)
-    if default is not None:
-        res["default_alone"] = default["alone"]
-        res["alone_tokens_equal_default"] = want == default["tokens"]
+    for ref, d in refs.items():
+        res[f"{ref}_alone"] = d["alone"]
+        res[f"alone_tokens_equal_{ref}"] = want == d["tokens"]
     print(f"  {name} alone: {res['bf16_alone']['decode_tokens_per_s']:.1f} tok/s, {res}"[:300], flush=True)
     draft = build_runtime(cfg, fp4, q4, dev, dtype, o)
     keep = base.engine
@@ -1599,14 +1603,12 @@ def _spec_trained(a, dev, R, name, cfg, state, prompts, dtype, group, head="int8
         r["tokens_equal_alone"] = got == want
         r["tokens_equal_positions"] = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         r["speedup_decode_vs_alone"] = r["decode_tokens_per_s"] / res["bf16_alone"]["decode_tokens_per_s"]
-        if default is not None:  # against the default runtime alone (fused_decode, dense_gemv auto; no draft)
-            r["tokens_equal_default"] = got == default["tokens"]
-            r["tokens_equal_default_positions"] = sum(
-                x == y for g, w in zip(got, default["tokens"]) for x, y in zip(g, w)
+        for ref, d in refs.items():  # against the default runtime alone (no draft), and fused_decode=on's
+            r[f"tokens_equal_{ref}"] = got == d["tokens"]
+            r[f"tokens_equal_{ref}_positions"] = sum(
+                x == y for g, w in zip(got, d["tokens"]) for x, y in zip(g, w)
             )
-            r["speedup_decode_vs_default_alone"] = (
-                r["decode_tokens_per_s"] / default["alone"]["decode_tokens_per_s"]
-            )
+            r[f"speedup_decode_vs_{ref}_alone"] = r["decode_tokens_per_s"] / d["alone"]["decode_tokens_per_s"]
         r["speculation"] = policy
         r["pauses"] = sum(g.pauses for g in govs) if govs else eng.governor.pauses  # auto: every timed run's
         if a.spec_profile == "on" and policy == "always":
@@ -2340,8 +2342,8 @@ def main() -> None:
     p.add_argument(
         "--spec-vs-default",
         action="store_true",
-        help="spec sections: also the default runtime alone (fused_decode and dense_gemv auto, no draft): its "
-        "decode rate and whether each row's tokens equal its tokens",
+        help="spec sections: also the default runtime alone (fused_decode and dense_gemv auto, no draft), and one "
+        "with fused_decode on (the CUDA-core kernels): their decode rates and whether each row's tokens equal theirs",
     )
     p.add_argument(
         "--draft-head",

@@ -123,30 +123,28 @@ def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dty
     )
 
 
-# GPUs (int4_table.gpu_slug prefixes) where fused_decode=auto runs the steps of 2-8 rows on the tensor cores: where
-# that was measured faster than cuBLAS's products with their own norm and add kernels (bench/TORCH.md, session 29:
-# H100 80GB HBM3, +5.3-7.8% at batch 2-8) and MMA_TABLE's configurations fit the shared memory, and where a runtime
-# with a draft runs them at every row (session 42: 1.73x against 1.21x at 8B on an H100). Not yet timed on an H200,
-# whose bandwidth could favour cuBLAS and the CUDA-core kernels: it keeps those until it is.
+# GPUs (int4_table.gpu_slug prefixes) where fused_decode=auto runs the dense fused ops on the tensor cores at every
+# row count: where that was measured faster than cuBLAS's products with their own norm and add kernels at 2-8 rows
+# (bench/TORCH.md, session 29: H100 80GB HBM3, +5.3-7.8% at batch 2-8), MMA_TABLE's configurations fit the shared
+# memory, and a runtime with a draft verifies on them at 1.73x the fastest draft-less runtime (session 43). Not yet
+# timed with a draft on an H200, whose bandwidth could favour cuBLAS and the CUDA-core kernels: it keeps those.
 MMA_AUTO_GPUS = ("h100",)
 
 
-def fused_mma_from(opts: RuntimeOptions, device: torch.device, speculative: bool) -> int:
+def fused_mma_from(opts: RuntimeOptions, device: torch.device) -> int:
     """From how many rows the dense fused ops run on the tensor cores (paged.use_fused_decode's `mma`; 0: never).
-    mma: every row count. auto on a GPU of MMA_AUTO_GPUS: without a draft the CUDA-core kernels at one row (the
-    faster there: 185 against 174 tok/s at the 8B shape on an H100) and the tensor cores at 2-8 rows; with a draft
-    the tensor cores at every row (1), whose cost is about flat from 1 to 8 rows where the CUDA-core kernels pay
-    each row's FMAs: a 5-token verify of the 8B shape took ~12 ms against 5.5, and speculation decoded at 1.73x
-    the draft-less runtime against 1.21x (bench/TORCH.md, sessions 41-42). A verify row then computes what the
-    runtime's own one-row step computes, bit for bit; the draft-less runtime's one-row step rounds differently."""
+    mma, and auto on a GPU of MMA_AUTO_GPUS: every row count (1), with or without a draft, so that a runtime's
+    greedy output does not depend on whether it was loaded with a draft: a verify row computes what the one-row
+    step computes, bit for bit, and a verify costs about one step (flat from 1 to 8 rows) where the CUDA-core
+    kernels pay each row's FMAs (a 5-token verify of the 8B shape ~12 ms against 5.5; speculation 1.21x against
+    1.75x). The price: the CUDA-core kernels' one-row step is ~5% faster (188.9 against 179.0 tok/s at the 8B shape
+    on an H100, bench/TORCH.md, session 43); fused_decode=on takes them (0), whose own speculation is 1.21x."""
     if opts.fused_decode == "mma":
         return 1
     if opts.fused_decode != "auto" or device.type != "cuda":
         return 0
     slug = int4_table.gpu_slug(torch.cuda.get_device_name(device))
-    if not slug.startswith(MMA_AUTO_GPUS):
-        return 0
-    return 1 if speculative else 2
+    return 1 if slug.startswith(MMA_AUTO_GPUS) else 0
 
 
 def dense_gemv_on(opts: RuntimeOptions, device: torch.device, speculative: bool) -> bool:
@@ -220,7 +218,7 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
             _use_gemv(dec, device)
         if fused_decode_on(opts, device, dtype):  # a verify's rows must compute what a decode step computes
             rows = FUSED_MAX_ROWS if draft is not None else 1  # mma: the dense ops at up to 8 rows anyway
-            mma = fused_mma_from(opts, device, draft is not None)
+            mma = fused_mma_from(opts, device)
             n = use_fused_decode(dec, rows, mma)
             log.info("fused decode kernels for %d layers (tensor cores from %s rows)", n, mma or "no")
         if attention == "triton":

@@ -56,7 +56,7 @@ class RuntimeOptions:
     attn_last_merges: bool = False  # the Triton paged decode attention as one kernel whose last program of each (row, kv head) merges the splits, no merge kernel (an int32 counter per pair); the same arithmetic; 0.14-0.16 ms slower a batch-1 8B step on an H100 (bench/TORCH.md, session 38)
     draft_int4_head: bool = False  # with a draft (--draft): its lm_head quantized to int4 at load (RTN g128) where stored in 16/32 bits and untied; the model verifies every token, so the output cannot change; a draft step reads a quarter of the head's bytes; not yet timed as a draft on a GPU
     dense_gemv: str = "auto"  # on: dense linears of <= 8 rows run our Triton GEMV (runtime/triton_gemv.py); auto: on CUDA with a draft
-    fused_decode: str = "auto"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16, and on an H100 the tensor cores at 2-8 rows (with a draft at 1-8: its verify); mma: the same ops on the tensor cores at 1-8 rows, with or without a draft
+    fused_decode: str = "auto"  # on: dense layers at <= 8 rows run runtime/triton_fused.py's kernels; auto: on CUDA in bf16/fp16, on an H100 on the tensor cores at 1-8 rows with or without a draft (the same output either way; ~5% slower at one row than on's CUDA-core kernels, bench/TORCH.md session 43); mma: the tensor cores at 1-8 rows on any GPU
     prefill_compile: str = (
         "auto"  # torch.compile the prefill too (dynamic in its length): auto = compiled runtimes on CUDA
     )

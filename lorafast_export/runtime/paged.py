@@ -545,8 +545,8 @@ def use_fused_decode(dec: Decoder, rows: int = 1, mma: int = 0) -> int:
     batch-1 decode step only (several rows are several programs over the same weight tile, slower than
     cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row computes what
     its decode step computes. mma: the dense layers' and head's fused ops on the tensor cores (`fused_mma`) from
-    this many rows on (0: never; 1: every row count, option fused_decode=mma, or auto on an H100 with a draft; 2:
-    the CUDA-core kernels at one row and the tensor cores at 2-8, fused_decode=auto on an H100 without a draft).
+    this many rows on (0: never; 1: every row count, option fused_decode=mma, or auto on an H100; 2: the CUDA-core
+    kernels at one row and the tensor cores at 2-8, which no option chooses since session 43).
     Their cost is about flat from 1 to 8 rows, so with mma the dense layers take FUSED_MAX_ROWS whatever `rows` is
     (an int4 layer's fused MMA ops keep `rows`). Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)

@@ -375,27 +375,22 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 
 
 # fused_pdl: on sm90+ CUDA the fused ops as PDL launches (a no-op elsewhere)
-@pytest.mark.parametrize(
-    "mode,fused_pdl", [("on", False), ("on", True), ("mma", False), ("hybrid", False)]
-)  # fmt: skip
+@pytest.mark.parametrize("mode,fused_pdl", [("on", False), ("on", True), ("mma", False)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
-def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, mode, fused_pdl, monkeypatch):
+def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, mode, fused_pdl):
     """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
-    steps and the prefills run the plain path. 'mma': the tensor-core kernels, batch-2 steps too. 'hybrid' (auto on
-    an H100, loader.fused_mma_from = 2): the FMA kernels at batch 1, the tensor-core ones at batch 2. Greedy tokens
-    equal the canonical decoder's."""
+    steps and the prefills run the plain path. 'mma' (auto's choice on an H100): the tensor-core kernels, batch-2
+    steps too. Greedy tokens equal the canonical decoder's."""
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
     from tests.runtime.helpers import fp_state, greedy_reference, tiny_checkpoint
 
-    start = {"on": 0, "mma": 1, "hybrid": 2}[mode]
-    if mode == "hybrid":  # what auto picks on an H100 without a draft, here where auto would not fuse at all
-        monkeypatch.setattr(loader, "fused_mma_from", lambda opts, device, speculative: 2)
+    start = {"on": 0, "mma": 1}[mode]
     md = tiny_checkpoint(tmp_path, family)
     opts = RuntimeOptions(
         compile="off",
-        fused_decode="on" if mode == "hybrid" else mode,
+        fused_decode=mode,
         max_seq_len=32,
         max_batch=2,
         batch_buckets=(1, 2),
@@ -446,11 +441,11 @@ def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path,
     assert rt.engine.stats.accepted > 0 and (rt.engine.stats.queued_rounds > 0) == overlap
 
 
-def test_auto_on_an_h100_gives_a_runtime_with_a_draft_the_tensor_cores_at_every_row(tmp_path, monkeypatch):
+def test_auto_on_an_h100_gives_runtimes_with_and_without_a_draft_the_same_kernels(tmp_path, monkeypatch):
     """The loader's wiring of fused_decode=auto on an H100 (its name and CUDA stood in for; the kernels run where the
-    tests run): the runtime loaded without a draft takes the tensor cores from 2 rows, the one loaded with a draft at
-    every row, its verify's 8 rows included; the speculative tokens are the canonical decoder's greedy tokens (the
-    draft here is the model itself, so every token is accepted)."""
+    tests run): the runtimes loaded with and without a draft both take the tensor cores at every row (a verify's 8
+    rows included), so the speculative tokens are the draft-less runtime's, here the canonical decoder's greedy
+    tokens (the draft is the model itself, so every token is accepted)."""
     from lorafast_export.model.decoder import load_decoder
     from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
@@ -459,9 +454,7 @@ def test_auto_on_an_h100_gives_a_runtime_with_a_draft_the_tensor_cores_at_every_
     real = loader.fused_mma_from
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(
-        loader,
-        "fused_mma_from",
-        lambda o, d, spec: real(o.replace(fused_decode="auto"), torch.device("cuda"), spec),
+        loader, "fused_mma_from", lambda o, d: real(o.replace(fused_decode="auto"), torch.device("cuda"))
     )
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     opts = RuntimeOptions(
@@ -475,11 +468,12 @@ def test_auto_on_an_h100_gives_a_runtime_with_a_draft_the_tensor_cores_at_every_
     )
     alone = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts)
     rt = loader.build_runtime(md.config, fp_state(md), None, DEV, torch.float32, opts, draft=alone)
-    for dec, start in ((alone.model.dec, 2), (rt.model.dec, 1)):
-        assert dec.fused_mma == start and dec.fused_rows == 8
-        assert all(layer.fused_mma == start and layer.fused_rows == 8 for layer in dec.model.layers)
+    for dec in (alone.model.dec, rt.model.dec):
+        assert dec.fused_mma == 1 and dec.fused_rows == 8
+        assert all(layer.fused_mma == 1 and layer.fused_rows == 8 for layer in dec.model.layers)
     prompt, new = [5, 9, 1, 44, 3, 17, 2, 8, 60], 12
-    assert rt.generate_batch([prompt], new) == [greedy_reference(load_decoder(md), prompt, new)]
+    want = greedy_reference(load_decoder(md), prompt, new)
+    assert rt.generate_batch([prompt], new) == alone.generate_batch([prompt], new) == [want]
     assert rt.engine.stats.accepted > 0
 
 
@@ -511,8 +505,9 @@ def test_verify_rows_equal_single_decode_steps_with_fused_decode(tmp_path, mma):
 
 
 def test_auto_mma_from_two_rows_takes_each_rows_kernels(tmp_path):
-    """use_fused_decode(mma=2), fused_decode=auto's choice on an H100 without a draft: a one-row step runs the CUDA-core
-    kernels (its logits those of mma=0, bit for bit) and a 3-row extend the tensor-core ones (those of mma=1)."""
+    """use_fused_decode(mma=2), the tensor cores from 2 rows on (no option chooses it since session 43; auto on an
+    H100 did without a draft): a one-row step runs the CUDA-core kernels (its logits those of mma=0, bit for bit)
+    and a 3-row extend the tensor-core ones (those of mma=1)."""
     from lorafast_export.runtime.paged import use_fused_decode
     from tests.runtime.helpers import paged, tiny_checkpoint, verify_and_steps
 
@@ -531,22 +526,19 @@ def test_auto_mma_from_two_rows_takes_each_rows_kernels(tmp_path):
 
 
 def test_fused_mma_from_is_auto_on_a_measured_gpu(monkeypatch):
-    """loader.fused_mma_from: mma everywhere for fused_decode=mma; for auto on a GPU of MMA_AUTO_GPUS (an H100) from
-    2 rows without a draft and at every row with one; never for on, off, another GPU or the CPU."""
+    """loader.fused_mma_from: the tensor cores at every row for fused_decode=mma, and for auto on a GPU of
+    MMA_AUTO_GPUS (an H100); never for on, off, another GPU or the CPU."""
     from lorafast_export.runtime import loader
     from lorafast_export.runtime.options import RuntimeOptions
 
     name = {"value": "NVIDIA H100 80GB HBM3"}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name["value"])
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="mma"), cpu, True) == 1
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 2
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, True) == 1
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="on"), cuda, False) == 0
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="on"), cuda, True) == 0
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cpu, False) == 0
-    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cpu, True) == 0
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="mma"), cpu) == 1
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda) == 1
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="on"), cuda) == 0
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="off"), cuda) == 0
+    assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cpu) == 0
     for other in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"):  # not timed: the CUDA-core kernels stay
         name["value"] = other
-        assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, False) == 0
-        assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda, True) == 0
+        assert loader.fused_mma_from(RuntimeOptions(fused_decode="auto"), cuda) == 0
