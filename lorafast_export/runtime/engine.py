@@ -202,6 +202,10 @@ class Engine:
         self.buckets = tuple(sorted({b for b in batch_buckets if b < max_batch} | {max_batch}))
         self.max_blocks = cache.blocks_for(max_seq_len)
         self.fixed_width = fixed_width  # flex attention skips unused blocks: one width, fewer graphs
+        # the graphs a model's compiled layer can need: its step and its verify (a draft's: its step and its
+        # catch-up) at each batch bucket and table width (the Triton decode attention's plan is the width's), so
+        # dynamo never meets its recompile limit, which fails a fullgraph compile (an 8B runtime's 9 widths did)
+        self.graph_room = 2 * len(self.buckets) * len(self.widths()) + 8
         self.compiled = compile
         self.cuda_graphs = compile and self.device.type == "cuda"
         if (draft is None) != (draft_cache is None) or spec_k < 1:
@@ -603,7 +607,7 @@ class Engine:
         pos, slots, tables = (t.to(self.device, non_blocking=True) for t in (pos, slots, tables))
         seq_lens = pos + 1  # padded rows: position 0, one slot of the pad block
         out = torch.empty(n, rows, dtype=torch.long, device=self.device)
-        with _recompile_room(8):
+        with _recompile_room(self.graph_room):
             for j in range(n):
                 tok = out[j].copy_(self.greedy_fn(tok, pos[j], tables, seq_lens[j], slots[j]))
         self.stats.decode_s += time.perf_counter() - t0
@@ -677,13 +681,13 @@ class Engine:
     @torch.no_grad()
     def _run_decode(self, reqs: list[Request]) -> torch.Tensor:
         inputs = self.decode_inputs(reqs)
-        with _recompile_room(8):  # per-layer graphs: a few shapes, then dynamo makes batch/width dynamic
+        with _recompile_room(self.graph_room):  # per-layer graphs: one a (bucket, width) at most
             return self.decode_fn(*inputs)[: len(reqs)]
 
     @torch.no_grad()
     def _run_greedy(self, reqs: list[Request]) -> list[int]:
         inputs = self.decode_inputs(reqs)
-        with _recompile_room(8):
+        with _recompile_room(self.graph_room):
             return self.greedy_fn(*inputs)[: len(reqs)].tolist()
 
     # ------------------------------------------------------------------------------------------- warm-up
@@ -719,7 +723,7 @@ class Engine:
         def pad(cache: PagedKVCache, *shape: int) -> torch.Tensor:
             return torch.full(shape, PAD_BLOCK * cache.block_size, dtype=torch.long, device=dev)
 
-        with _recompile_room(8):
+        with _recompile_room(self.graph_room):
             for rows in self.buckets:
                 for width in self.widths():
                     tables = torch.full((rows, width), PAD_BLOCK, dtype=torch.int32, device=dev)
@@ -910,7 +914,7 @@ class Engine:
         inputs = self._rows(dc, reqs, [r.draft_cached for r in reqs], toks, [len(p) for p in pend])
         # more after plain steps (a row near its end stops the drafts of all): ungraphed, no capture per length
         extend = self.draft_extend if width <= 2 else self.draft.extend
-        with _recompile_room(8):
+        with _recompile_room(self.graph_room):
             logits = extend(*inputs)
         # built on the host and copied without a wait: torch.tensor(..., device=) would wait for the catch-up
         last = torch.tensor([len(p) - 1 for p in pend]).to(logits.device, non_blocking=True)
@@ -957,7 +961,7 @@ class Engine:
         slots = _slots_of(tables, pos, self.cache.block_size).view(-1)
         tok = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
         tok[:n, 0], tok[:n, 1:] = last, drafts
-        with _recompile_room(8):
+        with _recompile_room(self.graph_room):
             greedy = self.argmax(self.extend_fn(tok, pos, tables, slots)[:n])  # [n, k + 1]
         # drafts the model agrees with, on the device: what a chained next round is derived from
         n_ok = torch.cumprod((drafts == greedy[:, :k]).long(), 1).sum(1) if self.overlap_rounds else None
@@ -1051,7 +1055,7 @@ class Engine:
         real = torch.zeros(rows, 2, dtype=torch.bool, device=dev)
         real[:n, 0], real[:n, 1] = True, full
         slots = torch.where(real, slots, PAD_BLOCK * dc.block_size)
-        with _recompile_room(8):
+        with _recompile_room(self.graph_room):
             logits = self.draft_extend(tok, pos, dtables, slots.view(-1))
         drafts = torch.empty(n, k, dtype=torch.long, device=dev)
         drafts[:, 0] = self.argmax(logits[torch.arange(n, device=dev), full.long()])
@@ -1072,7 +1076,7 @@ class Engine:
         pos, slots = pos.T.contiguous(), _slots_of(tables, pos, dc.block_size).T.contiguous()
         tok = torch.zeros(rows, dtype=torch.long, device=dev)
         tok[:n] = drafts[:, 0]
-        with _recompile_room(8):
+        with _recompile_room(self.graph_room):
             for j in range(1, k):
                 tok = self.draft_greedy(tok, pos[j - 1], tables, pos[j - 1] + 1, slots[j - 1])
                 drafts[:, j] = tok[:n]
@@ -1184,7 +1188,8 @@ def _sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> t
 
 @contextlib.contextmanager
 def _recompile_room(n: int):
-    """Each (batch bucket, table width) is one compiled graph: let dynamo keep that many, only here."""
+    """Each (batch bucket, table width) can be a compiled graph (Engine.graph_room): let dynamo keep that many,
+    only here."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     with cfg.patch(**{name: max(getattr(cfg, name), n)}):

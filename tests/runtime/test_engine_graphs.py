@@ -1,0 +1,33 @@
+"""A compiled engine lets dynamo keep a graph for every shape its steps take: each batch bucket x block-table width.
+On CUDA an 8B runtime compiled more than dynamo's default recompile limit (8) of them for its layer function, and a
+fullgraph compile then fails hard (`lorafast-export run --device cuda` at the 8B shape stopped with
+FailOnRecompileLimitHit; the benches had raised the limit for their whole process). Here dynamo's automatic dynamic
+shapes are off, so it compiles one graph a shape, as it did there; CUDA, or the CPU with Triton's interpreter and
+dynamo's eager backend standing in for inductor (the graphs, not their kernels, are the subject)."""
+# ruff: noqa: I001 - tests.runtime.triton_device must be imported before any kernel module
+
+import torch
+
+from tests.runtime.triton_device import DEV  # first: sets the interpreter flag before triton loads
+from lorafast_export.model.decoder import load_decoder
+from lorafast_export.runtime.engine import Engine
+from tests.runtime.helpers import greedy_reference, paged, tiny_checkpoint
+
+
+def test_compiled_engine_keeps_a_graph_for_each_table_width(tmp_path, monkeypatch):
+    real = torch.compile
+
+    def eager(fn, **kw):  # the engine's regional compile, traced by dynamo as it is, run without inductor
+        return real(fn, backend="eager", fullgraph=kw.get("fullgraph", False), dynamic=kw.get("dynamic"))
+
+    if DEV == "cpu":
+        monkeypatch.setattr(torch, "compile", eager)
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    torch._dynamo.reset()
+    md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
+    pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
+    eng = Engine(pm, cache, max_batch=1, max_seq_len=16 * 512, batch_buckets=(1,), compile=True, device=DEV)
+    assert len(eng.widths()) == 9 > torch._dynamo.config.recompile_limit
+    eng.warm_up()
+    prompt = [5, 9, 1, 44, 3]
+    assert eng.generate_batch([prompt], 6) == [greedy_reference(load_decoder(md), prompt, 6)]
