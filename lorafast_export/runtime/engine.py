@@ -203,8 +203,9 @@ class Engine:
         self.max_blocks = cache.blocks_for(max_seq_len)
         self.fixed_width = fixed_width  # flex attention skips unused blocks: one width, fewer graphs
         # the graphs a model's compiled layer can need: its step and its verify (a draft's: its step and its
-        # catch-up) at each batch bucket and table width (the Triton decode attention's plan is the width's), so
-        # dynamo never meets its recompile limit, which fails a fullgraph compile (an 8B runtime's 9 widths did)
+        # catch-up) at each batch bucket and table width, so that dynamo never meets its recompile limit, which
+        # fails a fullgraph compile: from 64 (row, kv head) pairs attention.decode_plan's powers of two specialize
+        # the graph to the width, and an 8B runtime at the default buckets needed more than dynamo's 8
         self.graph_room = 2 * len(self.buckets) * len(self.widths()) + 8
         self.compiled = compile
         self.cuda_graphs = compile and self.device.type == "cuda"
