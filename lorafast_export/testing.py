@@ -154,9 +154,12 @@ start = anon_kb(); peak = [start]; stop = False
 def poll():
     while not stop:
         peak[0] = max(peak[0], anon_kb()); time.sleep(0.002)
-t = threading.Thread(target=poll); t.start()
-merge(m, [a], Path(out), max_shard_bytes=shard)
-stop = True; t.join(); peak[0] = max(peak[0], anon_kb())
+t = threading.Thread(target=poll, daemon=True); t.start()
+try:  # a merge that raises (a full disk) exits non-zero; the poller never holds the interpreter open
+    merge(m, [a], Path(out), max_shard_bytes=shard)
+finally:
+    stop = True; t.join()
+peak[0] = max(peak[0], anon_kb())
 print(json.dumps({"peak_delta_mb": (peak[0] - start) / 1024}))
 """
 
@@ -189,8 +192,10 @@ def measure(layers: int, hidden: int, inter: int, shard_mb: int) -> dict:
             [sys.executable, "-c", CHILD, str(base), str(ad), str(Path(d) / "out"), str(shard_mb << 20)],
             capture_output=True,
             text=True,
-            check=True,
+            timeout=600,  # a hung child fails the caller instead of holding it
         )
+        if res.returncode:
+            raise RuntimeError(f"the merge child exited {res.returncode}:\n{res.stderr[-3000:]}")
         wall = time.perf_counter() - t0
         peak = json.loads(res.stdout.strip().splitlines()[-1])["peak_delta_mb"]
     return {
