@@ -25,12 +25,15 @@ def test_compiled_engine_keeps_a_graph_for_each_table_width(tmp_path, monkeypatc
 
     if DEV == "cpu":
         monkeypatch.setattr(torch, "compile", eager)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     torch._dynamo.reset()
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
     eng = Engine(pm, cache, max_batch=2, max_seq_len=16 * 512, batch_buckets=(1, 2), compile=True, device=DEV)
     assert len(eng.buckets) * len(eng.widths()) == 18 > torch._dynamo.config.recompile_limit
-    eng.warm_up()
     prompt = [5, 9, 1, 44, 3]
-    assert eng.generate_batch([prompt], 6) == [greedy_reference(load_decoder(md), prompt, 6)]
+    # one graph a shape (config.patch: pytest's monkeypatch would delete the option on undo)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        eng.warm_up()
+        got = eng.generate_batch([prompt], 6)
+    torch._dynamo.reset()  # the graphs compiled under the patch are not the other tests'
+    assert got == [greedy_reference(load_decoder(md), prompt, 6)]
