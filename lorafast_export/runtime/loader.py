@@ -131,20 +131,19 @@ def fused_decode_on(opts: RuntimeOptions, device: torch.device, dtype: torch.dty
 MMA_AUTO_GPUS = ("h100",)
 
 
-def fused_mma_from(opts: RuntimeOptions, device: torch.device) -> int:
-    """From how many rows the dense fused ops run on the tensor cores (paged.use_fused_decode's `mma`; 0: never).
-    mma, and auto on a GPU of MMA_AUTO_GPUS: every row count (1), with or without a draft, so that a runtime's
+def fused_mma_from(opts: RuntimeOptions, device: torch.device) -> bool:
+    """Whether the dense fused ops run on the tensor cores (paged.use_fused_decode's `mma`), at every row count:
+    for mma, and for auto on a GPU of MMA_AUTO_GPUS, with or without a draft, so that a runtime's
     greedy output does not depend on whether it was loaded with a draft: a verify row computes what the one-row
     step computes, bit for bit, and a verify costs about one step (flat from 1 to 8 rows) where the CUDA-core
     kernels pay each row's FMAs (a 5-token verify of the 8B shape ~12 ms against 5.5; speculation 1.21x against
-    1.75x). The price: the CUDA-core kernels' one-row step is ~5% faster (188.9 against 179.0 tok/s at the 8B shape
-    on an H100, bench/TORCH.md, session 43); fused_decode=on takes them (0), whose own speculation is 1.21x."""
+    1.73x). The price: the CUDA-core kernels' one-row step is ~5% faster (188.9 against 179.0 tok/s at the 8B shape
+    on an H100, bench/TORCH.md, session 43); fused_decode=on takes them, whose own speculation is 1.21x."""
     if opts.fused_decode == "mma":
-        return 1
+        return True
     if opts.fused_decode != "auto" or device.type != "cuda":
-        return 0
-    slug = int4_table.gpu_slug(torch.cuda.get_device_name(device))
-    return 1 if slug.startswith(MMA_AUTO_GPUS) else 0
+        return False
+    return int4_table.gpu_slug(torch.cuda.get_device_name(device)).startswith(MMA_AUTO_GPUS)
 
 
 def dense_gemv_on(opts: RuntimeOptions, device: torch.device, speculative: bool) -> bool:
@@ -220,7 +219,7 @@ def _build_runtime(cfg, fp, q, device, dtype, opts, aot_dir, aot_meta, draft) ->
             rows = FUSED_MAX_ROWS if draft is not None else 1  # mma: the dense ops at up to 8 rows anyway
             mma = fused_mma_from(opts, device)
             n = use_fused_decode(dec, rows, mma)
-            log.info("fused decode kernels for %d layers (tensor cores from %s rows)", n, mma or "no")
+            log.info("fused decode kernels for %d layers (tensor cores: %s)", n, "every row" if mma else "no")
         if attention == "triton":
             use_device_sms(dec, device)
         if opts.kernel_pdl and (n := use_kernel_pdl(dec, device, opts.fused_pdl)) is not None:

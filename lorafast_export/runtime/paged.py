@@ -278,7 +278,7 @@ def fused_parts(layer, h, delta, cos, sin, k_pool, v_pool, slots, attend):
     dense = isinstance(o, nn.Linear)
     lays = getattr(layer, "mma_fused", None)  # use_fused_decode's: the CUDA MMA kernels' fused ops
     pdl = getattr(layer, "fused_pdl", False)  # use_kernel_pdl's, for the dense ops
-    mma = mma_rows(layer, b * s)  # use_fused_decode's: the dense ops on the tensor cores at these rows
+    mma = getattr(layer, "fused_mma", False)  # use_fused_decode's: the dense ops on the tensor cores
     if dense:
         x, q = ops.add_norm_qkv_rope(hx, dx, n1.weight, qkv.weight, n1.eps, qkv.bias, *rope, pdl, mma)
     elif lays is not None:
@@ -520,7 +520,7 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
             w,
             eps,
             getattr(dec, "fused_pdl", False),
-            mma_rows(dec, b * s),
+            getattr(dec, "fused_mma", False),
         )
         return y.view(b, s, -1)
     if getattr(dec, "norm_kernel", False) and hid <= NORM_MAX_K:  # one kernel instead of torch's nine
@@ -531,31 +531,20 @@ def logits_of(dec: Decoder, h: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
     return dec.logits(h + delta)
 
 
-def mma_rows(obj, rows) -> bool:
-    """Whether a layer's (or the head's) dense fused ops run on the tensor cores at this many rows: from its
-    `fused_mma` rows on (use_fused_decode; 0: never)."""
-    start = int(getattr(obj, "fused_mma", 0))
-    return bool(start) and rows >= start
-
-
-def use_fused_decode(dec: Decoder, rows: int = 1, mma: int = 0) -> int:
+def use_fused_decode(dec: Decoder, rows: int = 1, mma: bool = False) -> int:
     """Every `fusable_layer` (and the head, when the lm_head is a plain product in the same dtype and every layer
     is fused) runs the fused kernels for products of at most `rows` rows (<= FUSED_MAX_ROWS), and at rows=1 every
     layer with `mma_layouts` the fused CUDA MMA ops (its `mma_fused`); returns how many layers. rows=1: the
     batch-1 decode step only (several rows are several programs over the same weight tile, slower than
     cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row computes what
-    its decode step computes. mma: the dense layers' and head's fused ops on the tensor cores (`fused_mma`) from
-    this many rows on (0: never; 1: every row count, option fused_decode=mma, or auto on an H100; 2: the CUDA-core
-    kernels at one row and the tensor cores at 2-8, which no option chooses since session 43).
-    Their cost is about flat from 1 to 8 rows, so with mma the dense layers take FUSED_MAX_ROWS whatever `rows` is
+    its decode step computes. mma: the dense layers' and head's fused ops on the tensor cores (`fused_mma`) at
+    every row count (option fused_decode=mma, or auto on an H100; loader.fused_mma_from). Their cost is about flat from 1 to 8 rows, so with mma the dense layers take FUSED_MAX_ROWS whatever `rows` is
     (an int4 layer's fused MMA ops keep `rows`). Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
     if not 1 <= rows <= FUSED_MAX_ROWS:
         raise ValueError(f"use_fused_decode: rows={rows}, must be 1..{FUSED_MAX_ROWS}")
-    mma = int(mma)
-    if not 0 <= mma <= FUSED_MAX_ROWS:
-        raise ValueError(f"use_fused_decode: mma={mma}, must be 0..{FUSED_MAX_ROWS}")
+    mma = bool(mma)
     n = 0
     for layer in dec.model.layers:
         # the fused MMA ops at one row only: their norm is computed per block, which at 8 rows cost 2-2.5x the
