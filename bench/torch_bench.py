@@ -87,6 +87,16 @@ SHAPES = {
         num_key_value_heads=4,
         max_position_embeddings=4096,
     ),
+    # no width of it in the kernel tables (but o_proj's 4096 x 4096): what every model but Llama-3-8B runs on
+    "llama2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
     "check": dict(
         vocab_size=1000,
         hidden_size=256,

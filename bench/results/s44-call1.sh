@@ -1,8 +1,7 @@
 # Session 44, call 1 (an H100 or H200): the CLI end to end at 8B after session 43's graph-room fix. The trained demo
 # widened to llama3-8b, built as a bf16 torch-compile artifact (--no-validate); `run` and `run --speculative int4`
 # on one prompt (the same text? the load times), `generate` of 16 prompts at batch 16 plain and speculative (the
-# same outputs?), then with time left `bench --speculative int4`, then the untabled "small" shape (hidden 512) at
-# batch 1 with fused_decode on (CUDA-core kernels) against mma (MMA_DEFAULT): what auto picks on an H100 there.
+# same outputs?), then with time left `bench --speculative int4`.
 source bench/results/device_env.sh || exit 3
 nvidia-smi --query-gpu=name --format=csv,noheader
 D=lorafast_export/data/demo
@@ -50,11 +49,4 @@ if (( REM > 60 )); then
   echo "bench rc $? at ${SECONDS}s"; tail -c 1200 $OUT/bench.json; echo; tail -2 $OUT/bench.err | cut -c1-300
 else
   echo "no time left for bench (${REM}s)"
-fi
-REM=$((580 - SECONDS))
-if (( REM > 60 )); then
-  timeout $REM python3 bench/torch_bench.py --device cuda --shape small --sections fused --fused-tiles mma-shipped --fused-batches 1 --out $OUT/small_fused.json > $OUT/small_fused.log 2>&1
-  echo "small fused rc $? at ${SECONDS}s"; grep -E "fused batch|rror" $OUT/small_fused.log | cut -c1-600
-else
-  echo "no time left for the small shape (${REM}s)"
 fi

@@ -509,7 +509,11 @@ MMA_TABLE: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {
     # the lm_head: 342.1 in one kernel (346.8); 5 stages of the op's x and delta tiles overflow the H100's shared memory
     ("add_norm_gemv", 128256, 4096): (64, 256, 1, 4, 4),
 }
-MMA_DEFAULT = (64, 128, 1, 4, 3)
+# other shapes (an H100 at one row runs these under fused_decode auto: every model but the 8B's widths): the table's
+# most common entry, within 6% of the best at every 8B op in both sweeps (session 29 call A, session 42 call 2: qkv
+# 23.0 / 20.9 us, o_proj 16.1 / 14.4, gate/up 85.7, down 44.9 / 42.7, lm_head 346.8 / 342.1), where the earlier
+# default (64, 128, 1, 4, 3) took 36.8 / 34.8, 19.6 / 18.0, 99.6 / 86.0, 58.6 / 56.3 and 349.5 / 350.3 (up to 1.66x)
+MMA_DEFAULT = (64, 256, 1, 4, 4)
 MMA_ROWS = 16  # the activation rows' tile of the tensor-core kernels (rows 1..MAX_ROWS padded to it)
 FINISH_BN = 128  # columns a program of the finishing kernel
 
