@@ -28,9 +28,28 @@ from lorafast_export.runtime.triton_fused import (
 from tests.runtime.helpers import rope_inputs
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
-TILES = [DEFAULT_TILES, (8, 128, 4, 1), (2, 64, 4, 3)]  # the default, a wide tile, a ragged K
+# the runtimes' tile on Triton's interpreter (interpreter_tiles): fewer programs, each of them Python there
+INTERPRETER_TILES = (16, 64, 4, 1)
+TILES = [
+    DEFAULT_TILES,
+    (8, 128, 4, 1),
+    (2, 64, 4, 3),
+    INTERPRETER_TILES,
+]  # the default, wide tiles, a ragged K
 # the tensor-core kernels' configurations (BN, BK, SPLIT, warps, stages): the default, 3 splits of a ragged K
 MMA_TILES = [MMA_DEFAULT, (32, 64, 3, 4, 2)]
+
+
+@pytest.fixture
+def interpreter_tiles(monkeypatch):
+    """On the CPU the runtime tests run the CUDA-core kernels at INTERPRETER_TILES in place of DEFAULT_TILES: the
+    interpreter runs each program in Python, and the default's 4 columns a program made the speculative runtime test
+    ~3.5x slower (~2 minutes). What a tile computes is the op tests' subject (both tiles are among TILES); these
+    tests are about the runtimes' wiring and tokens. On CUDA the shipped tiles."""
+    if DEV == "cpu":
+        from lorafast_export.runtime import triton_fused
+
+        monkeypatch.setattr(triton_fused, "DEFAULT_TILES", INTERPRETER_TILES)
 
 
 def _norm(k: int, g: torch.Generator, dtype) -> RMSNorm:
@@ -377,7 +396,9 @@ def test_programmatic_dependent_launch_gives_the_same_bits(graph):
 # fused_pdl: on sm90+ CUDA the fused ops as PDL launches (a no-op elsewhere)
 @pytest.mark.parametrize("mode,fused_pdl", [("on", False), ("on", True), ("mma", False)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias added after the fused product
-def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, mode, fused_pdl):
+def test_runtime_with_fused_decode_gives_the_reference_tokens(
+    tmp_path, interpreter_tiles, family, mode, fused_pdl
+):
     """fused_decode='on': batch-1 decode steps run the fused kernels in every layer and the head; the batch-2
     steps and the prefills run the plain path. 'mma' (auto's choice on an H100): the tensor-core kernels, batch-2
     steps too. Greedy tokens equal the canonical decoder's."""
@@ -411,7 +432,9 @@ def test_runtime_with_fused_decode_gives_the_reference_tokens(tmp_path, family, 
 
 
 @pytest.mark.parametrize("mode,overlap", [("on", False), ("mma", False), ("mma", True)])
-def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(tmp_path, mode, overlap):
+def test_speculative_runtime_with_fused_decode_gives_its_greedy_tokens(
+    tmp_path, interpreter_tiles, mode, overlap
+):
     """With a draft, the fused kernels take up to 8 rows (a verify's tokens), so the speculative output is the
     greedy output of the model alone, token for token, and it speculated. 'mma': the model alone (same option)
     decodes through the same tensor-core kernels, and gives the same tokens. overlap: rounds chained on the
