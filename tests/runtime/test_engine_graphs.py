@@ -4,7 +4,7 @@ which specializes the layer's graph to the table width there: an 8B runtime at t
 4,096 tokens: 8 widths) compiled more graphs of its layer function than dynamo's default recompile limit (8), and a
 fullgraph compile then fails hard (`lorafast-export run --device cuda` stopped with FailOnRecompileLimitHit; the
 benches had raised the limit for their whole process). Here dynamo's automatic dynamic shapes are off, so it
-compiles one graph a shape, the most the engine can need (a small model would need a bucket of 32 or more and
+compiles one graph a shape (10 here), the most the engine can need (a small model would need a bucket of 32 or more and
 minutes of the interpreter to specialize as the 8B did). CUDA, or the CPU with Triton's interpreter and dynamo's
 eager backend standing in for inductor (the graphs, not their kernels, are the subject)."""
 # ruff: noqa: I001 - tests.runtime.triton_device must be imported before any kernel module
@@ -28,8 +28,8 @@ def test_compiled_engine_keeps_a_graph_for_each_table_width(tmp_path, monkeypatc
     torch._dynamo.reset()
     md = tiny_checkpoint(tmp_path, hidden=64, intermediate_size=96)
     pm, cache = paged(md, attention="triton", block_size=16, num_blocks=8, device=DEV)
-    eng = Engine(pm, cache, max_batch=2, max_seq_len=16 * 512, batch_buckets=(1, 2), compile=True, device=DEV)
-    assert len(eng.buckets) * len(eng.widths()) == 18 > torch._dynamo.config.recompile_limit
+    eng = Engine(pm, cache, max_batch=2, max_seq_len=16 * 32, batch_buckets=(1, 2), compile=True, device=DEV)
+    assert len(eng.buckets) * len(eng.widths()) == 10 > torch._dynamo.config.recompile_limit
     prompt = [5, 9, 1, 44, 3]
     # one graph a shape (config.patch: pytest's monkeypatch would delete the option on undo)
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
