@@ -3,6 +3,7 @@
 # llama2-7b shape at batch 1 (fused_decode on against mma with the new MMA_DEFAULT), then generate at batch 16
 # plain and speculative (outputs compared), then bench --speculative int4.
 source bench/results/device_env.sh || exit 3
+L=${LIMIT:-590}
 nvidia-smi --query-gpu=name --format=csv,noheader
 D=lorafast_export/data/demo
 CLI="python3 -m lorafast_export.cli"
@@ -18,7 +19,7 @@ T0=$SECONDS; timeout 140 $CLI run --artifact /tmp/tc --prompt "$P" --max-new-tok
 echo "run --speculative rc $? in $((SECONDS - T0))s"; tail -2 $OUT/spec.err | cut -c1-300
 cmp $OUT/plain.txt $OUT/spec.txt && echo "run: SAME TEXT ($(wc -c < $OUT/plain.txt) bytes)" || echo "run: DIFFERENT"
 head -c 200 $OUT/plain.txt; echo
-REM=$((590 - SECONDS - 60))
+REM=$((L - SECONDS - 60))
 if (( REM > 120 )); then
   T0=$SECONDS; timeout $REM python3 bench/torch_bench.py --device cuda --shape llama2-7b --sections fused --fused-tiles mma-shipped --fused-batches 1 --new-tokens 128 --out $OUT/e2e.json > $OUT/e2e.log 2>&1
   echo "llama2-7b fused rc $? in $((SECONDS - T0))s"; grep -E "fused op|fused batch|rror" $OUT/e2e.log | cut -c1-500
@@ -33,7 +34,7 @@ for i in range(16):
 PY
 for mode in plain spec; do
   extra=""; [[ $mode == spec ]] && extra="--speculative int4"
-  REM=$((585 - SECONDS))
+  REM=$((L - 5 - SECONDS))
   (( REM > 50 )) || { echo "no time for generate $mode"; continue; }
   T0=$SECONDS; timeout $REM $CLI generate --artifact /tmp/tc --input /tmp/prompts.jsonl --output $OUT/gen_$mode.jsonl --max-new-tokens 64 --batch-size 16 $extra > $OUT/gen_$mode.log 2>&1
   echo "generate $mode rc $? in $((SECONDS - T0))s"; tail -1 $OUT/gen_$mode.log | cut -c1-200
