@@ -611,11 +611,14 @@ def _draft_of(artifact, draft, speculative) -> tuple[Path | None, bool]:
 )
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option(
+    "--device", default="cpu", show_default=True, help="cpu | cuda (as the artifact's runtime takes it)"
+)
 @_draft_options
 @_runtime_option
 @click.pass_obj
 def generate(
-    ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, draft, speculative, runtime_options
+    ctx: Ctx, artifact, inp, output, max_new_tokens, batch_size, device, draft, speculative, runtime_options
 ):
     """Greedy generation for every prompt of a file, through the artifact's runtime; resumes if interrupted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -651,6 +654,7 @@ def generate(
             progress,
             *drafting,
             _runtime_overrides(runtime_options),
+            device,
         )
     finally:
         if bar:

@@ -94,7 +94,13 @@ def _resume_from(out: Path) -> tuple[bytes, set, list[Path]]:
 
 
 def _session(
-    target, artifact: Path, draft: Path | None, draft_int4: bool = False, options: dict | None = None
+    target,
+    artifact: Path,
+    draft: Path | None,
+    draft_int4: bool = False,
+    options: dict | None = None,
+    device: str = "cpu",
+    batch_size: int | None = None,
 ):
     """The artifact's runtime session; with a draft artifact, speculative (torch-compile only); draft_int4: the
     draft's linears quantized to int4 at load (`--speculative int4`: the artifact as its own draft); options: the
@@ -112,7 +118,11 @@ def _session(
             f"{artifact} is a {target.name} artifact; {'; '.join(refused)} (build with --target torch-compile), "
             "or drop them."
         )
-    return target.load(artifact / "model", **kw)
+    if target.name == "torch-compile" and batch_size and "max_batch" not in kw:
+        # no step holds more rows than a batch of the file: its runtime warms (compiles and captures) no larger
+        # bucket (at 8B a runtime with a draft warmed 6 buckets x 8 table widths x 5 shapes at load)
+        kw["max_batch"] = batch_size
+    return target.load(artifact / "model", device, **kw)
 
 
 def generate_file(
@@ -125,6 +135,7 @@ def generate_file(
     draft: Path | None = None,
     draft_int4: bool = False,
     options: dict | None = None,
+    device: str = "cpu",
 ) -> dict:
     import transformers
 
@@ -133,7 +144,7 @@ def generate_file(
     _refuse_same_file(inp, out)
     todo = [(rec.get("id", n), rec) for n, rec in read_prompts(inp)]
     completed(out)  # an output that is not ours is refused before the model is loaded
-    session = _session(artifact_target(artifact), artifact, draft, draft_int4, options)
+    session = _session(artifact_target(artifact), artifact, draft, draft_int4, options, device, batch_size)
     tok = transformers.AutoTokenizer.from_pretrained(artifact / "model")
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):

@@ -172,3 +172,45 @@ def test_draft_gives_the_same_completions_and_is_refused_off_torch_compile(artif
     assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[0])
     r = gen(artifact, inp, tmp_path / "o.jsonl", "--draft", root / "art")
     assert r.exit_code == 2 and "speculative decoding runs on torch-compile artifacts" in r.output, r.output
+
+
+def test_generate_loads_on_the_device_asked_with_the_batch_as_max_batch(tmp_path, monkeypatch):
+    """`generate --device` reaches the artifact's runtime (it had no such option: on a GPU machine an 8B file was
+    generated on the CPU), and a torch-compile runtime is loaded with max_batch = --batch-size, so that its warm-up
+    compiles no larger bucket; the completions are those of the default batch size."""
+    from lorafast_export.targets.torch_compile.target import TorchCompileTarget
+
+    root = tmp_path / "tc"
+    save_base_and_adapter(root, target_modules=["q_proj"])
+    build = ["-q", "build", "--base", root / "base", "--adapter", root / "ad", "--out", root / "art"]
+    build += ["--target", "torch-compile", "--no-validate"]
+    assert CliRunner().invoke(main, [str(a) for a in build]).exit_code == 0
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": f"the model {i}"}) + "\n" for i in range(3)))
+    seen, real = [], TorchCompileTarget.load
+
+    def spy(self, model_dir, device="cpu", draft=None, **overrides):
+        session = real(self, model_dir, device, draft, **overrides)
+        seen.append((device, overrides.get("max_batch"), session.runtime.engine.buckets))
+        return session
+
+    monkeypatch.setattr(TorchCompileTarget, "load", spy)
+    r = gen(
+        root / "art",
+        inp,
+        tmp_path / "b2.jsonl",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "5",
+    )
+    assert r.exit_code == 0, r.output
+    assert gen(root / "art", inp, tmp_path / "b16.jsonl", "--max-new-tokens", "5").exit_code == 0
+    assert seen == [("cpu", 2, (1, 2)), ("cpu", 16, (1, 2, 4, 8, 16))]
+    tokens = [
+        [json.loads(x)["tokens"] for x in (tmp_path / f).read_text().splitlines()]
+        for f in ("b2.jsonl", "b16.jsonl")
+    ]
+    assert tokens[0] == tokens[1] and all(len(t) == 5 for t in tokens[0])

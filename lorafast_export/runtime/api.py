@@ -41,7 +41,11 @@ def run_prompt(
     draft: str | Path | None = None,
     **overrides: Any,
 ) -> list[int]:
-    """Greedy new tokens for one prompt (speculative with a draft artifact: the same tokens)."""
+    """Greedy new tokens for one prompt (speculative with a draft artifact: the same tokens). One row: the runtime
+    is loaded with max_batch 1 unless overrides set it, so its warm-up compiles and captures batch 1's shapes only
+    (the artifact's default buckets 1-32 made an 8B `run --speculative int4` spend minutes at load); a batch-1 step
+    is the same step at any max_batch."""
+    overrides.setdefault("max_batch", 1)
     rt = load(artifact_dir, device, draft, **overrides)
     return rt.generate_batch([list(prompt_ids)], max_new_tokens)[0]
 

@@ -47,6 +47,22 @@ def test_fp_round_trip_matches_transformers(tmp_path):
     assert api.run_prompt(tmp_path, prompt, 9) == session.generate(prompt, 9)  # artifact root or model/
 
 
+def test_run_prompt_loads_one_row(tmp_path, monkeypatch):
+    """`run` decodes one prompt: its runtime has max_batch 1 (one bucket to warm up, not the artifact's 1-32) unless
+    the caller sets it, and gives the tokens of the artifact's own runtime."""
+    hf = make_model("llama")
+    from lorafast_export.weights import open_model
+
+    out = lower(open_model(save_model(hf, tmp_path / "merged")), tmp_path / "model", max_seq_len=64)
+    loaded, real = [], api.load
+    monkeypatch.setattr(api, "load", lambda *a, **kw: loaded.append(real(*a, **kw)) or loaded[-1])
+    prompt = [5, 9, 1, 44, 3]
+    want = get_target("torch-compile").load(out, "cpu").generate(prompt, 6)
+    assert api.run_prompt(tmp_path, prompt, 6) == want
+    assert api.run_prompt(tmp_path, prompt, 6, max_batch=4) == want
+    assert [rt.engine.buckets for rt in loaded] == [(1,), (1, 2, 4)]
+
+
 def int8_rows(w: torch.Tensor) -> torch.Tensor:
     """w [out, in] through int8 per output channel, symmetric, written out here as an independent truth: the
     signed grid [-128, 127], scale = the row's value of largest magnitude / -128, codes rounded to nearest."""
