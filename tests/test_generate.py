@@ -91,6 +91,18 @@ def artifact(tmp_path_factory):
     return root / "art"
 
 
+def tc_artifact(tmp_path):
+    """(a root whose art/ is a torch-compile artifact of a tiny fine-tune, a prompt file of 3 prompts)."""
+    root = tmp_path / "tc"
+    save_base_and_adapter(root, target_modules=["q_proj"])
+    build = ["-q", "build", "--base", root / "base", "--adapter", root / "ad", "--out", root / "art"]
+    build += ["--target", "torch-compile", "--no-validate"]
+    assert CliRunner().invoke(main, [str(a) for a in build]).exit_code == 0
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": f"the model {i}"}) + "\n" for i in range(3)))
+    return root, inp
+
+
 def gen(artifact, inp, out, *extra):
     args = ["--json", "generate", "--artifact", artifact, "--input", inp, "--output", out]
     args += list(extra) or ["--max-new-tokens", "2"]
@@ -154,13 +166,7 @@ def test_prompt_ids_must_be_strings_or_integers(artifact, tmp_path):
 def test_draft_gives_the_same_completions_and_is_refused_off_torch_compile(artifact, tmp_path):
     """`generate --draft`: speculative decoding leaves the greedy output unchanged (the torch-compile
     artifact drafting for itself); an artifact of another target refuses --draft with exit 2."""
-    root = tmp_path / "tc"
-    save_base_and_adapter(root, target_modules=["q_proj"])
-    build = ["-q", "build", "--base", root / "base", "--adapter", root / "ad", "--out", root / "art"]
-    build += ["--target", "torch-compile", "--no-validate"]
-    assert CliRunner().invoke(main, [str(a) for a in build]).exit_code == 0
-    inp = tmp_path / "p.jsonl"
-    inp.write_text("".join(json.dumps({"prompt": f"the model {i}"}) + "\n" for i in range(3)))
+    root, inp = tc_artifact(tmp_path)
     r = gen(root / "art", inp, tmp_path / "spec.jsonl", "--draft", root / "art", "--max-new-tokens", "6")
     assert r.exit_code == 0, r.output
     plain = gen(root / "art", inp, tmp_path / "plain6.jsonl", "--max-new-tokens", "6")
@@ -180,13 +186,7 @@ def test_generate_loads_on_the_device_asked_with_the_batch_as_max_batch(tmp_path
     compiles no larger bucket; the completions are those of the default batch size."""
     from lorafast_export.targets.torch_compile.target import TorchCompileTarget
 
-    root = tmp_path / "tc"
-    save_base_and_adapter(root, target_modules=["q_proj"])
-    build = ["-q", "build", "--base", root / "base", "--adapter", root / "ad", "--out", root / "art"]
-    build += ["--target", "torch-compile", "--no-validate"]
-    assert CliRunner().invoke(main, [str(a) for a in build]).exit_code == 0
-    inp = tmp_path / "p.jsonl"
-    inp.write_text("".join(json.dumps({"prompt": f"the model {i}"}) + "\n" for i in range(3)))
+    root, inp = tc_artifact(tmp_path)
     seen, real = [], TorchCompileTarget.load
 
     def spy(self, model_dir, device="cpu", draft=None, **overrides):
