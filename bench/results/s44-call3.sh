@@ -36,7 +36,7 @@ for mode in plain spec; do
   extra=""; [[ $mode == spec ]] && extra="--speculative int4"
   REM=$((L - 5 - SECONDS))
   (( REM > 50 )) || { echo "no time for generate $mode"; continue; }
-  T0=$SECONDS; timeout $REM $CLI generate --artifact /tmp/tc --input /tmp/prompts.jsonl --output $OUT/gen_$mode.jsonl --max-new-tokens 64 --batch-size 16 $extra > $OUT/gen_$mode.log 2>&1
+  T0=$SECONDS; timeout $REM $CLI generate --artifact /tmp/tc --input /tmp/prompts.jsonl --output $OUT/gen_$mode.jsonl --max-new-tokens 64 --batch-size 16 --device cuda $extra > $OUT/gen_$mode.log 2>&1
   echo "generate $mode rc $? in $((SECONDS - T0))s"; tail -1 $OUT/gen_$mode.log | cut -c1-200
 done
 python3 - <<'PY'
