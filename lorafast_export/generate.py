@@ -120,8 +120,13 @@ def _session(
         )
     if target.name == "torch-compile" and batch_size and "max_batch" not in kw:
         # no step holds more rows than a batch of the file: its runtime warms (compiles and captures) no larger
-        # bucket (at 8B a runtime with a draft warmed 6 buckets x 8 table widths x 5 shapes at load)
-        kw["max_batch"] = batch_size
+        # bucket (at 8B a runtime with a draft warmed 6 buckets x 8 table widths x 5 shapes at load); an artifact
+        # built with a smaller max_batch keeps it
+        from lorafast_export.runtime.artifact import read_meta
+        from lorafast_export.runtime.options import RuntimeOptions
+
+        built = RuntimeOptions.from_dict(read_meta(artifact / "model")["options"]).max_batch
+        kw["max_batch"] = min(built, batch_size)
     return target.load(artifact / "model", device, **kw)
 
 

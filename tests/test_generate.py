@@ -91,12 +91,14 @@ def artifact(tmp_path_factory):
     return root / "art"
 
 
-def tc_artifact(tmp_path):
-    """(a root whose art/ is a torch-compile artifact of a tiny fine-tune, a prompt file of 3 prompts)."""
+def tc_artifact(tmp_path, *options):
+    """(a root whose art/ is a torch-compile artifact of a tiny fine-tune, built with these --target-option
+    KEY=VALUE, a prompt file of 3 prompts)."""
     root = tmp_path / "tc"
     save_base_and_adapter(root, target_modules=["q_proj"])
     build = ["-q", "build", "--base", root / "base", "--adapter", root / "ad", "--out", root / "art"]
     build += ["--target", "torch-compile", "--no-validate"]
+    build += [x for o in options for x in ("--target-option", o)]
     assert CliRunner().invoke(main, [str(a) for a in build]).exit_code == 0
     inp = tmp_path / "p.jsonl"
     inp.write_text("".join(json.dumps({"prompt": f"the model {i}"}) + "\n" for i in range(3)))
@@ -214,3 +216,18 @@ def test_generate_loads_on_the_device_asked_with_the_batch_as_max_batch(tmp_path
         for f in ("b2.jsonl", "b16.jsonl")
     ]
     assert tokens[0] == tokens[1] and all(len(t) == 5 for t in tokens[0])
+
+
+def test_generate_keeps_an_artifacts_smaller_max_batch(tmp_path, monkeypatch):
+    """An artifact built with max_batch 4 is not loaded with more rows than that by a larger --batch-size."""
+    from lorafast_export.targets.torch_compile.target import TorchCompileTarget
+
+    root, inp = tc_artifact(tmp_path, "max_batch=4")
+    seen, real = [], TorchCompileTarget.load
+    monkeypatch.setattr(
+        TorchCompileTarget,
+        "load",
+        lambda self, *a, **kw: seen.append(kw.get("max_batch")) or real(self, *a, **kw),
+    )
+    assert gen(root / "art", inp, tmp_path / "o.jsonl", "--max-new-tokens", "3").exit_code == 0
+    assert seen == [4]

@@ -538,8 +538,9 @@ def use_fused_decode(dec: Decoder, rows: int = 1, mma: bool = False) -> int:
     batch-1 decode step only (several rows are several programs over the same weight tile, slower than
     cuBLAS); a runtime that verifies a draft's tokens takes FUSED_MAX_ROWS, so that a verify row computes what
     its decode step computes. mma: the dense layers' and head's fused ops on the tensor cores (`fused_mma`) at
-    every row count (option fused_decode=mma, or auto on an H100; loader.fused_mma_from). Their cost is about flat from 1 to 8 rows, so with mma the dense layers take FUSED_MAX_ROWS whatever `rows` is
-    (an int4 layer's fused MMA ops keep `rows`). Registers the kernels' ops (imports Triton)."""
+    every row count (option fused_decode=mma, or auto on an H100; loader.fused_mma_from). Their cost is about flat
+    from 1 to 8 rows, so with mma the dense layers take FUSED_MAX_ROWS whatever `rows` is (an int4 layer's fused
+    MMA ops keep `rows`). Registers the kernels' ops (imports Triton)."""
     import lorafast_export.runtime.triton_fused  # noqa: F401  (registers torch.ops.lorafast)
 
     if not 1 <= rows <= FUSED_MAX_ROWS:

@@ -30,12 +30,8 @@ from tests.runtime.helpers import rope_inputs
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
 # the runtimes' tile on Triton's interpreter (interpreter_tiles): fewer programs, each of them Python there
 INTERPRETER_TILES = (16, 64, 4, 1)
-TILES = [
-    DEFAULT_TILES,
-    (8, 128, 4, 1),
-    (2, 64, 4, 3),
-    INTERPRETER_TILES,
-]  # the default, wide tiles, a ragged K
+# the default, wide tiles, a ragged K
+TILES = [DEFAULT_TILES, (8, 128, 4, 1), (2, 64, 4, 3), INTERPRETER_TILES]
 # the tensor-core kernels' configurations (BN, BK, SPLIT, warps, stages): the default, 3 splits of a ragged K
 MMA_TILES = [MMA_DEFAULT, (32, 64, 3, 4, 2)]
 
